@@ -1,0 +1,115 @@
+"""Multi-head attention whose mechanism is picked by registry name."""
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from big_attn import ops
+from big_attn.ops import common
+from big_attn.layers import op_params
+
+default_kernel_init = nn.initializers.lecun_normal()
+
+
+def _accepts(fn, name: str) -> bool:
+  return name in inspect.signature(fn).parameters
+
+
+class Attention(nn.Module):
+  """Self- or cross-attention with projections, GQA, optional qk-norm and any registered op.
+
+  Attributes:
+    num_heads: query heads.
+    num_kv_heads: key/value heads (GQA); `num_heads` when None.
+    head_dim: per-head width; `features // num_heads` when None.
+    op: registry name of the attention mechanism (`big_attn.ops.names()`).
+    op_args: keyword arguments of the op (mechanism hyper-parameters).
+    implementation: passed to ops that take it ("xla", "pallas", "cudnn" or None).
+    qk_norm: RMS-normalise queries and keys per head before the op.
+    use_bias: biases on the projections.
+  Parameters carry logical axis names (`embed`, `heads`, `kv_heads`, `head_dim`, `norm`).
+  """
+  num_heads: int
+  num_kv_heads: int | None = None
+  head_dim: int | None = None
+  op: str = "softmax"
+  op_args: Any = None
+  implementation: str | None = None
+  qk_norm: bool = False
+  use_bias: bool = False
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  kernel_init: Any = default_kernel_init
+
+  def _dense(self, features, axis, logical_axes, name):
+    return nn.DenseGeneral(
+        features=features, axis=axis, use_bias=self.use_bias, dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        kernel_init=nn.with_logical_partitioning(self.kernel_init, logical_axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                               logical_axes[len(axis) if isinstance(axis, tuple)
+                                                            else 1:]),
+        name=name)
+
+  @nn.compact
+  def __call__(self, inputs_q, inputs_kv=None, *, mask=None, is_causal=False,
+               segment_ids=None):
+    """`inputs_q: [batch, q_len, features]`; `inputs_kv` (cross-attention) defaults to it.
+
+    `mask` is boolean, broadcastable to `[batch, heads, q_len, kv_len]`; `segment_ids` as in
+    `big_attn.ops.dot_product_attention`.
+    """
+    if inputs_q.ndim != 3:
+      raise ValueError(f"inputs_q must be [batch, seq, features], got shape {inputs_q.shape}")
+    inputs_kv = inputs_q if inputs_kv is None else inputs_kv
+    if inputs_kv.ndim != 3:
+      raise ValueError(f"inputs_kv must be [batch, seq, features], got shape {inputs_kv.shape}")
+    features = inputs_q.shape[-1]
+    num_kv_heads = self.num_kv_heads or self.num_heads
+    if self.num_heads % num_kv_heads:
+      raise ValueError(
+          f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({num_kv_heads})")
+    if self.head_dim is None and features % self.num_heads:
+      raise ValueError(
+          f"features ({features}) must be divisible by num_heads ({self.num_heads}) "
+          "when head_dim is not given")
+    head_dim = self.head_dim or features // self.num_heads
+    op_fn = ops.get(self.op)
+    op_args = dict(self.op_args or {})
+
+    query = self._dense((self.num_heads, head_dim), -1, ("embed", "heads", "head_dim"),
+                        "query")(inputs_q)
+    key = self._dense((num_kv_heads, head_dim), -1, ("embed", "kv_heads", "head_dim"),
+                      "key")(inputs_kv)
+    value = self._dense((num_kv_heads, head_dim), -1, ("embed", "kv_heads", "head_dim"),
+                        "value")(inputs_kv)
+    if self.qk_norm:
+      norm = lambda name: nn.RMSNorm(  # pylint: disable=g-long-lambda
+          dtype=self.dtype, param_dtype=self.param_dtype, name=name,
+          scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)))
+      query, key = norm("query_norm")(query), norm("key_norm")(key)
+
+    params_cls = op_params.params_module(self.op)
+    if params_cls is not None:
+      op_args.update(params_cls(
+          num_heads=self.num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+          op_args=dict(self.op_args or {}), dtype=self.dtype, param_dtype=self.param_dtype,
+          name="op_params")(inputs_q, query, key, value))
+
+    if segment_ids is not None and not _accepts(op_fn, "segment_ids"):
+      dims = common.check_qkv(query, key, value)
+      mask = common.make_mask(dims, mask=mask, segment_ids=segment_ids)
+      segment_ids = None
+    if segment_ids is not None:
+      op_args["segment_ids"] = segment_ids
+    if self.implementation is not None:
+      if not _accepts(op_fn, "implementation"):
+        raise ValueError(f"attention op {self.op!r} takes no implementation argument, "
+                         f"got implementation={self.implementation!r}")
+      op_args["implementation"] = self.implementation
+    out = op_fn(query, key, value, mask=mask, is_causal=is_causal, **op_args)
+
+    return self._dense(features, (-2, -1), ("heads", "head_dim", "embed"), "out")(out)

@@ -1,0 +1,101 @@
+"""Softmax attention: the reference implementation and the dispatcher to faster backends."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from big_attn.ops import common
+from big_attn.ops.registry import register
+
+IMPLEMENTATIONS = (None, "xla", "pallas", "cudnn")
+
+
+def _xla_attention(query, key, value, bias, mask, dims, scale, logits_soft_cap):
+  logits = common.attention_logits(query, key, dims, scale)
+  if logits_soft_cap is not None:
+    logits = logits_soft_cap * jnp.tanh(logits / logits_soft_cap)
+  if bias is not None:
+    logits = logits + common.grouped(bias, dims).astype(jnp.float32)
+  probs = common.masked_softmax(logits, common.grouped(mask, dims))
+  return common.weighted_values(probs, value, dims).astype(query.dtype)
+
+
+def _cudnn_attention(query, key, value, bias, mask, scale, is_causal, local_window_size,
+                     logits_soft_cap, dims):
+  if logits_soft_cap is not None:
+    raise ValueError("implementation='cudnn' does not support logits_soft_cap")
+  if jax.default_backend() != "gpu":
+    raise ValueError(
+        f"implementation='cudnn' needs a GPU, the default backend is {jax.default_backend()!r}")
+  out = jax.nn.dot_product_attention(
+      query, key, value, bias, mask, scale=scale, is_causal=is_causal,
+      local_window_size=local_window_size, implementation="cudnn")
+  return common.apply_row_mask(out, mask, dims)
+
+
+def _pallas_attention(query, key, value, bias, mask, **kwargs):
+  raise NotImplementedError(
+      "implementation='pallas' needs the flash-attention kernel, which has not landed yet; "
+      "use implementation='xla'")
+
+
+def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None,
+                          is_causal=False, segment_ids=None, local_window_size=None,
+                          logits_soft_cap=None, implementation=None):
+  """Scaled dot-product attention (Attention Is All You Need), `[batch, seq, heads, head_dim]`.
+
+  out = softmax(cap·tanh(s·QKᵀ/cap) + B, masked) V, with the masks of `mask`, `is_causal`,
+  `segment_ids` and `local_window_size` combined. Softmax statistics are float32 for any input
+  dtype; a query row with nothing to attend to returns zeros. Keys and values may have fewer
+  heads than queries (GQA/MQA); they are never repeated in memory.
+
+  Args:
+    query: `[batch, q_len, num_heads, head_dim]`.
+    key: `[batch, kv_len, num_kv_heads, head_dim]`, `num_heads % num_kv_heads == 0`.
+    value: `[batch, kv_len, num_kv_heads, value_dim]`.
+    bias: optional additive logit bias broadcastable to `[batch, num_heads, q_len, kv_len]`.
+    mask: optional boolean mask (True = may attend), broadcastable like `bias`.
+    scale: logit scale; `1/sqrt(head_dim)` when None.
+    is_causal: query i attends to keys j <= i.
+    segment_ids: `[batch, seq]` ints (self-attention) or a pair `(q_segment_ids,
+      kv_segment_ids)`; tokens attend only within their segment.
+    local_window_size: int or `(left, right)`: query i attends keys in `[i-left, i+right]`.
+    logits_soft_cap: if set, logits become `cap * tanh(logits / cap)` (before the bias).
+    implementation: None (best available), "xla", "pallas" or "cudnn".
+
+  Returns:
+    `[batch, q_len, num_heads, value_dim]` in the query's dtype.
+  """
+  dims = common.check_qkv(query, key, value)
+  common.check_bias(bias, dims)
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+  if logits_soft_cap is not None and logits_soft_cap <= 0:
+    raise ValueError(f"logits_soft_cap must be positive, got {logits_soft_cap}")
+  scale = common.default_scale(dims.head_dim, scale)
+  if implementation == "pallas":
+    return _pallas_attention(
+        query, key, value, bias, mask, scale=scale, is_causal=is_causal,
+        segment_ids=segment_ids, local_window_size=local_window_size,
+        logits_soft_cap=logits_soft_cap)
+  full_mask = common.make_mask(dims, mask=mask, is_causal=is_causal, segment_ids=segment_ids,
+                               local_window_size=local_window_size)
+  if implementation == "cudnn":
+    segment_mask = common.make_mask(dims, mask=mask, segment_ids=segment_ids)
+    return _cudnn_attention(query, key, value, bias, segment_mask, scale, is_causal,
+                            common.normalize_window(local_window_size), logits_soft_cap, dims)
+  return _xla_attention(query, key, value, bias, full_mask, dims, scale, logits_soft_cap)
+
+
+@register("softmax")
+def softmax_attention(query, key, value, *, mask=None, is_causal=False, scale=None, bias=None,
+                      segment_ids=None, local_window_size=None, logits_soft_cap=None,
+                      implementation=None):
+  """Softmax attention (Attention Is All You Need): softmax(QKᵀ/√d + B) V.
+
+  The registry entry for `dot_product_attention`; takes the same arguments.
+  """
+  return dot_product_attention(
+      query, key, value, bias, mask, scale=scale, is_causal=is_causal, segment_ids=segment_ids,
+      local_window_size=local_window_size, logits_soft_cap=logits_soft_cap,
+      implementation=implementation)

@@ -1,0 +1,29 @@
+"""big_attn: attention mechanisms of the research literature, at scale, in JAX."""
+from setuptools import find_packages, setup
+
+setup(
+    name="big_attn",
+    version="0.1.0",
+    description="Attention ops, Pallas kernels, sequence parallelism and training in JAX/Flax.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["big_attn", "big_attn.*", "pallas_kernels", "pallas_kernels.*"]),
+    install_requires=[
+        "jax>=0.10.2,<0.12",
+        "flax>=0.12,<0.14",
+        "optax>=0.2.5,<0.3",
+        "orbax-checkpoint>=0.11,<0.13",
+        "chex>=0.1.90,<0.2",
+        "ml-collections>=1.0,<2",
+        "grain>=0.2.12,<0.3",
+        "absl-py>=2.1,<3",
+        "numpy>=1.26,<3",
+        "scikit-learn>=1.4,<2",
+        "matplotlib>=3.8,<4",
+    ],
+    extras_require={
+        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"],
+        "tfds": ["tensorflow-datasets>=4.9,<5"],
+    },
+)

@@ -1,0 +1,19 @@
+"""Test set-up: 8 simulated CPU devices (set before JAX is imported) and platform markers."""
+import os
+
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402  pylint: disable=g-import-not-at-top
+import pytest  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  platform = jax.default_backend()
+  for item in items:
+    if "gpu_only" in item.keywords and platform != "gpu":
+      item.add_marker(pytest.mark.skip(reason="needs a GPU"))
+    if "tpu_only" in item.keywords and platform != "tpu":
+      item.add_marker(pytest.mark.skip(reason="needs a TPU"))
