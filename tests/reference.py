@@ -17,7 +17,7 @@ def x64():
 
 
 def f64(*xs):
-  out = tuple(jnp.asarray(np.asarray(x, np.float64)) for x in xs)
+  out = tuple(jnp.asarray(x).astype(jnp.float64) for x in xs)
   return out if len(out) > 1 else out[0]
 
 
