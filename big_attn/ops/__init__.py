@@ -28,7 +28,8 @@ def as_attention_fn(name: str, **mechanism_args) -> Callable:
   """The op `name` as an `attention_fn` for `flax.linen.MultiHeadDotProductAttention`.
 
   Flax passes `(query, key, value, bias=..., mask=..., dropout_rate=..., deterministic=...,
-  dtype=...)`; the mask and bias are forwarded to the op, `mechanism_args` are bound.
+  dtype=...)`; the mask (Flax's masks may be float: nonzero = attend) and bias are forwarded
+  to the op, `mechanism_args` are bound.
   Attention-weight dropout is not supported (the ops never materialise weights for Flax).
   """
   op = get(name)
@@ -45,6 +46,8 @@ def as_attention_fn(name: str, **mechanism_args) -> Callable:
       if not accepts_bias:
         raise ValueError(f"attention op {name!r} takes no additive bias")
       kwargs["bias"] = bias
+    if mask is not None:
+      mask = mask.astype(bool)
     out = op(query, key, value, mask=mask, **kwargs)
     return out if dtype is None else out.astype(dtype)
 

@@ -1,0 +1,141 @@
+"""The op registry, `as_attention_fn` inside Flax, and the Linen `Attention` layer."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from big_attn import ops
+from big_attn.layers import Attention
+from big_attn.ops import registry
+from tests import reference as ref
+
+CORE_OPS = ("softmax", "sigmoid", "clipped_softmax", "gated_attention", "cog", "performer",
+            "focused_linear", "lognormal_linear", "lightning", "agent", "latte",
+            "neighborhood", "retention", "normalized")
+
+
+def test_core_ops_are_registered():
+  missing = set(CORE_OPS) - set(ops.names())
+  assert not missing, f"unregistered: {missing}"
+  assert ops.names() == sorted(ops.names())
+
+
+def test_unknown_name_lists_known_ops():
+  with pytest.raises(KeyError, match="unknown attention op 'nope'.*softmax"):
+    ops.get("nope")
+
+
+def test_duplicate_registration_raises():
+  with pytest.raises(ValueError, match="already registered"):
+    ops.register("softmax")(lambda q, k, v: q)
+  name = "test_only_identity"
+  try:
+    ops.register(name)(lambda q, k, v, **_: v)
+    assert ops.get(name) is not None
+    with pytest.raises(ValueError, match="already registered"):
+      ops.register(name)(lambda q, k, v, **_: q)
+  finally:
+    registry._OPS.pop(name, None)  # pylint: disable=protected-access
+
+
+def test_every_op_has_the_common_signature_and_a_docstring():
+  import inspect  # pylint: disable=g-import-not-at-top
+  for name in ops.names():
+    fn = ops.get(name)
+    params = inspect.signature(fn).parameters
+    assert list(params)[:3] == ["query", "key", "value"], name
+    for kw in ("mask", "is_causal", "scale"):
+      assert kw in params and params[kw].kind == inspect.Parameter.KEYWORD_ONLY, (name, kw)
+    assert fn.__doc__ and len(fn.__doc__.strip()) > 40, name
+
+
+def test_as_attention_fn_in_flax_multihead_attention():
+  x = jax.random.normal(jax.random.key(0), (2, 6, 16))
+  mask = nn.make_causal_mask(jnp.ones((2, 6)))
+  ours = nn.MultiHeadDotProductAttention(num_heads=4, attention_fn=ops.as_attention_fn("softmax"))
+  theirs = nn.MultiHeadDotProductAttention(num_heads=4)
+  params = theirs.init(jax.random.key(1), x, mask=mask)
+  np.testing.assert_allclose(ours.apply(params, x, mask=mask), theirs.apply(params, x, mask=mask),
+                             atol=1e-5, rtol=1e-5)
+
+
+def test_as_attention_fn_binds_mechanism_args():
+  x = jax.random.normal(jax.random.key(0), (2, 6, 16))
+  layer = nn.MultiHeadDotProductAttention(
+      num_heads=2, attention_fn=ops.as_attention_fn("softmax", logits_soft_cap=1.0))
+  params = layer.init(jax.random.key(1), x)
+  plain = nn.MultiHeadDotProductAttention(num_heads=2).apply(params, x)
+  capped = layer.apply(params, x)
+  assert capped.shape == plain.shape and not np.allclose(capped, plain)
+  dropout = nn.MultiHeadDotProductAttention(
+      num_heads=2, dropout_rate=0.1, deterministic=False,
+      attention_fn=ops.as_attention_fn("softmax"))
+  with pytest.raises(ValueError, match="dropout"):
+    dropout.init({"params": jax.random.key(1), "dropout": jax.random.key(2)}, x)
+
+
+def _layer_reference(params, x, context, num_heads, num_kv_heads, mask):
+  """The layer's forward written out: projections, repeated kv heads, softmax, output."""
+  p = jax.tree.map(lambda a: a.value if hasattr(a, "value") else a, params["params"],
+                   is_leaf=lambda a: hasattr(a, "value"))
+  q = jnp.einsum("btf,fnd->btnd", x, p["query"]["kernel"])
+  k = jnp.einsum("bsf,fnd->bsnd", context, p["key"]["kernel"])
+  v = jnp.einsum("bsf,fnd->bsnd", context, p["value"]["kernel"])
+  out = ref.softmax_attention(q, k, v, mask=mask)
+  del num_heads, num_kv_heads
+  return jnp.einsum("btnd,ndf->btf", out, ref.f64(p["out"]["kernel"]))
+
+
+@pytest.mark.parametrize("num_kv_heads", [None, 2, 1])
+def test_attention_layer_self_and_cross(num_kv_heads):
+  x = jax.random.normal(jax.random.key(0), (2, 5, 16))
+  ctx = jax.random.normal(jax.random.key(1), (2, 9, 16))
+  layer = Attention(num_heads=4, num_kv_heads=num_kv_heads)
+  params = layer.init(jax.random.key(2), x)
+  kv = num_kv_heads or 4
+  assert params["params"]["key"]["kernel"].value.shape == (16, kv, 4)
+  assert params["params"]["query"]["kernel"].names == ("embed", "heads", "head_dim")
+  out = layer.apply(params, x, is_causal=True)
+  cross = layer.apply(params, x, ctx)
+  with ref.x64():
+    causal = ref.full_mask(2, 4, 5, 5, is_causal=True)
+    expected = _layer_reference(params, ref.f64(x), ref.f64(x), 4, kv, causal)
+    expected_cross = _layer_reference(params, ref.f64(x), ref.f64(ctx), 4, kv, None)
+  np.testing.assert_allclose(out, expected, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(cross, expected_cross, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_layer_segments_qk_norm_and_bf16():
+  x = jax.random.normal(jax.random.key(0), (2, 8, 32))
+  seg = jnp.array([[0, 0, 0, 1, 1, 1, 1, 2]] * 2)
+  layer = Attention(num_heads=4, head_dim=16, qk_norm=True, use_bias=True, dtype=jnp.bfloat16)
+  params = layer.init(jax.random.key(1), x)
+  assert "query_norm" in params["params"] and params["params"]["out"]["bias"].names == ("embed",)
+  out = layer.apply(params, x, segment_ids=seg)
+  assert out.shape == (2, 8, 32) and out.dtype == jnp.bfloat16
+  # Tokens of segment 0 are blind to the other segments.
+  x2 = x.at[:, 3:].set(5.0)
+  out2 = layer.apply(params, x2, segment_ids=seg)
+  np.testing.assert_array_equal(out[:, :3], out2[:, :3])
+
+
+def test_attention_layer_gradients_flow():
+  x = jax.random.normal(jax.random.key(0), (2, 6, 16))
+  layer = Attention(num_heads=2, qk_norm=True)
+  params = layer.init(jax.random.key(1), x)
+  grads = jax.grad(lambda p: jnp.sum(layer.apply(p, x, is_causal=True) ** 2))(params)
+  for leaf in jax.tree.leaves(grads):
+    assert np.all(np.isfinite(leaf)) and np.any(leaf != 0)
+
+
+def test_attention_layer_bad_config():
+  x = jnp.ones((2, 6, 16))
+  with pytest.raises(ValueError, match="num_heads .* divisible by num_kv_heads"):
+    Attention(num_heads=4, num_kv_heads=3).init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match="features .* divisible by num_heads"):
+    Attention(num_heads=5).init(jax.random.key(0), x)
+  with pytest.raises(KeyError, match="unknown attention op"):
+    Attention(num_heads=4, op="nope").init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match="inputs_q must be"):
+    Attention(num_heads=4).init(jax.random.key(0), x[0])
