@@ -21,3 +21,17 @@ def triton_compiler_params(**kwargs):
     warnings.simplefilter("ignore", DeprecationWarning)
     from jax.experimental.pallas import triton as pltriton  # pylint: disable=g-import-not-at-top
   return pltriton.CompilerParams(**kwargs)
+
+
+def tpu_interpret_mode(interpret):
+  """The `interpret=` value that runs a Mosaic TPU `pallas_call` on CPU.
+
+  `True` picks the TPU interpreter (`pltpu.InterpretParams()`, JAX 0.7+), which simulates VMEM
+  scratch, DMAs and semaphores; the generic `interpret=True` HLO interpreter is the fallback on
+  releases without it. `False` and ready-made `InterpretParams` pass through.
+  """
+  if interpret is not True:
+    return interpret
+  from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
+  params = getattr(pltpu, "InterpretParams", None)
+  return True if params is None else params()
