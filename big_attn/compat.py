@@ -35,3 +35,25 @@ def tpu_interpret_mode(interpret):
   from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
   params = getattr(pltpu, "InterpretParams", None)
   return True if params is None else params()
+
+
+def shard_map(f, *, mesh, in_specs, out_specs, check_vma=True):
+  """`jax.shard_map` (JAX >= 0.7, `check_vma`), else `jax.experimental.shard_map` (`check_rep`)."""
+  if hasattr(jax, "shard_map"):
+    return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                         check_vma=check_vma)
+  from jax.experimental.shard_map import shard_map as legacy  # pylint: disable=g-import-not-at-top
+  return legacy(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=check_vma)
+
+
+def reshape_with_sharding(x, shape, sharding):
+  """Reshapes `x` to `shape` laid out as `sharding` (a `NamedSharding`) on any kind of mesh.
+
+  Explicit mesh axes (the `jax.make_mesh` default since 0.7) must be given the output sharding
+  on the reshape itself; Auto axes (`jax.sharding.Mesh`) take a sharding constraint.
+  """
+  explicit = getattr(jax.sharding, "AxisType", None)
+  axis_types = getattr(sharding.mesh, "axis_types", ()) or ()
+  if explicit is not None and any(t == explicit.Explicit for t in axis_types):
+    return jax.lax.reshape(x, tuple(shape), out_sharding=sharding)
+  return jax.lax.with_sharding_constraint(jax.lax.reshape(x, tuple(shape)), sharding)
