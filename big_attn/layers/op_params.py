@@ -44,3 +44,64 @@ class OpParams(nn.Module):
   op_args: Any = None
   dtype: Any = None
   param_dtype: Any = jnp.float32
+
+
+@register_params("gated_attention")
+class GatedAttentionParams(OpParams):
+  """The gate G(x) of gated attention (Quantizable Transformers, Bondarenko et al. 2023).
+
+  As in the paper, `inputs_q` is split into `num_heads` equal chunks along the features and
+  head h's logit is a linear map (with bias) of chunk h: `G(x)_{t,h} = x_{t,h,:}·w_h + b_h`.
+  The bias starts at logit(π_init) so every gate opens to `gate_init` (π_init = 0.25, the
+  authors' setting); the kernel uses PyTorch's default `Linear` initialisation
+  (U(±1/√fan_in)), as the authors' models did. Returns `{"gate_logits": [batch, q_len,
+  num_heads]}`.
+  """
+  gate_init: float = 0.25
+
+  @nn.compact
+  def __call__(self, inputs_q, query, key, value):
+    del query, key, value
+    features = inputs_q.shape[-1]
+    if features % self.num_heads:
+      raise ValueError(
+          f"gated_attention splits inputs_q into one chunk per head: features ({features}) "
+          f"must be divisible by num_heads ({self.num_heads})")
+    if not 0.0 < self.gate_init < 1.0:
+      raise ValueError(f"gate_init must be in (0, 1), got {self.gate_init}")
+    chunk = features // self.num_heads
+    kernel = self.param(
+        "gate_kernel",
+        nn.with_logical_partitioning(
+            nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform", in_axis=-1,
+                                             out_axis=(), batch_axis=0),
+            ("heads", None)),
+        (self.num_heads, chunk), self.param_dtype)
+    bias = self.param(
+        "gate_bias",
+        nn.with_logical_partitioning(
+            nn.initializers.constant(jnp.log(self.gate_init / (1.0 - self.gate_init))),
+            ("heads",)),
+        (self.num_heads,), self.param_dtype)
+    x, kernel, bias = nn.dtypes.promote_dtype(inputs_q, kernel, bias, dtype=self.dtype)
+    x = x.reshape(*x.shape[:-1], self.num_heads, chunk)
+    return {"gate_logits": jnp.einsum("...hc,hc->...h", x, kernel) + bias}
+
+
+@register_params("normalized")
+class NormalizedParams(OpParams):
+  """Per-head gain g (ones) and shift β (zeros) of normalized attention (Normalized Attention
+  Without Probability Cage, Richter & Wattenhofer 2020). Returns `{"gain", "shift"}`, each
+  `[num_heads]`."""
+
+  @nn.compact
+  def __call__(self, inputs_q, query, key, value):
+    del inputs_q, query, key, value
+    gain = self.param("gain", nn.with_logical_partitioning(nn.initializers.ones_init(),
+                                                           ("heads",)),
+                      (self.num_heads,), self.param_dtype)
+    shift = self.param("shift", nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                             ("heads",)),
+                       (self.num_heads,), self.param_dtype)
+    gain, shift = nn.dtypes.promote_dtype(gain, shift, dtype=self.dtype)
+    return {"gain": gain, "shift": shift}

@@ -1,1 +1,213 @@
-"""(being written in this session)"""
+"""Attention ops that change how scores become weights: clipped, gated, signed, normalised.
+
+Each op computes the scaled scores `s = scale·QKᵀ` in float32 (grouped-query layout, no copy
+of K/V per query head), combines `mask`, `is_causal`, `segment_ids` and `local_window_size`
+exactly as `dot_product_attention`, gives masked keys weight 0 and returns zeros for query rows
+with nothing to attend to.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from big_attn.ops import common
+from big_attn.ops.registry import register
+from big_attn.ops.softmax import dot_product_attention
+
+NORMALIZATIONS = ("standardize", "scale")
+DEFAULT_CLIP_ALPHA = 4.0
+
+
+def _scores(query, key, value, *, mask, is_causal, scale, segment_ids, local_window_size,
+            bias=None):
+  """Checked sizes, float32 grouped scores `[b, k, g, t, s]` (+ bias) and the grouped mask."""
+  dims = common.check_qkv(query, key, value)
+  common.check_bias(bias, dims)
+  full_mask = common.make_mask(dims, mask=mask, is_causal=is_causal, segment_ids=segment_ids,
+                               local_window_size=local_window_size)
+  logits = common.attention_logits(query, key, dims, common.default_scale(dims.head_dim, scale))
+  if bias is not None:
+    logits = logits + common.grouped(bias, dims).astype(jnp.float32)
+  return dims, logits, common.grouped(full_mask, dims)
+
+
+def _per_head(name: str, x, dims: common.Dims) -> jax.Array:
+  """A scalar or `[num_heads]` float parameter laid out like the grouped scores."""
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.floating) and not jnp.issubdtype(x.dtype, jnp.integer):
+    raise TypeError(f"{name} must be real, got dtype {x.dtype}")
+  if x.ndim == 0:
+    return x.astype(jnp.float32)
+  if x.shape != (dims.num_heads,):
+    raise ValueError(
+        f"{name} must be a scalar or have shape [num_heads] = ({dims.num_heads},), "
+        f"got shape {x.shape}")
+  return x.astype(jnp.float32).reshape(1, dims.num_kv_heads, dims.groups, 1, 1)
+
+
+@register("clipped_softmax")
+def clipped_softmax_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
+                              bias=None, zeta=1.0, gamma=None, alpha=None, segment_ids=None,
+                              local_window_size=None):
+  """Clipped softmax (Quantizable Transformers: Removing Outliers by Helping Attention Heads
+  Do Nothing, Bondarenko et al. 2023).
+
+  out = clip((ζ - γ)·softmax(s·QKᵀ + B) + γ, 0, 1) V, with γ ≤ 0 and ζ ≥ 1
+
+  The stretch lets a weight reach exactly 0 (or 1) with finite scores, so heads can "do
+  nothing" without pushing the softmax input to extremes. The paper sets ζ = 1 and
+  γ = -α/T with T the sequence length (here `kv_len`) and α tuned per model (about 3 for
+  BERT-base at T = 128, 12 for OPT); `gamma=None` uses that rule with `alpha` (4 when None).
+  Masked keys get weight 0 and do not enter the softmax.
+
+  Args:
+    query, key, value: `[batch, seq, heads, head_dim]`; key/value heads divide query heads.
+    mask, is_causal, scale, bias, segment_ids, local_window_size: as `dot_product_attention`.
+    zeta: upper stretch factor ζ ≥ 1.
+    gamma: lower stretch factor γ ≤ 0; `-alpha / kv_len` when None.
+    alpha: α of the rule γ = -α/T (4 when None); give `gamma` or `alpha`, not both.
+
+  Returns:
+    `[batch, q_len, num_heads, value_dim]` in the query's dtype.
+  """
+  dims, logits, gmask = _scores(query, key, value, mask=mask, is_causal=is_causal, scale=scale,
+                                segment_ids=segment_ids, local_window_size=local_window_size,
+                                bias=bias)
+  if gamma is not None and alpha is not None:
+    raise ValueError("pass either gamma or alpha (gamma = -alpha / kv_len), not both")
+  if gamma is None:
+    alpha = DEFAULT_CLIP_ALPHA if alpha is None else alpha
+    if alpha < 0:
+      raise ValueError(f"alpha must be non-negative, got {alpha}")
+    gamma = -alpha / dims.kv_len
+  if gamma > 0:
+    raise ValueError(f"gamma must be <= 0, got {gamma}")
+  if zeta < 1:
+    raise ValueError(f"zeta must be >= 1, got {zeta}")
+  probs = common.masked_softmax(logits, gmask)
+  weights = jnp.clip((zeta - gamma) * probs + gamma, 0.0, 1.0)
+  if gmask is not None:
+    weights = jnp.where(gmask, weights, 0.0)
+  return common.weighted_values(weights, value, dims).astype(query.dtype)
+
+
+@register("gated_attention")
+def gated_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
+                    gate_logits=None, bias=None, segment_ids=None, local_window_size=None,
+                    logits_soft_cap=None, implementation=None):
+  """Gated attention (Quantizable Transformers: Removing Outliers by Helping Attention Heads
+  Do Nothing, Bondarenko et al. 2023).
+
+  out_{t,h} = σ(G(x)_{t,h}) · softmax(s·QKᵀ + B)_{t,h} V
+
+  One gate per token and head lets a head switch its update off without extreme softmax
+  inputs. The op takes the gate's logits G(x); `big_attn.layers.op_params.GatedAttentionParams`
+  owns the paper's per-head linear map that produces them. The inner attention is
+  `dot_product_attention` with the same arguments (so `implementation` picks its backend).
+
+  Args:
+    query, key, value: `[batch, seq, heads, head_dim]`; key/value heads divide query heads.
+    mask, is_causal, scale, bias, segment_ids, local_window_size, logits_soft_cap,
+      implementation: as `dot_product_attention`.
+    gate_logits: required `[batch, q_len, num_heads]` gate logits G(x) (before the sigmoid).
+
+  Returns:
+    `[batch, q_len, num_heads, value_dim]` in the query's dtype.
+  """
+  dims = common.check_qkv(query, key, value)
+  want = (dims.batch, dims.q_len, dims.num_heads)
+  if gate_logits is None:
+    raise ValueError(f"gated_attention needs gate_logits of shape [batch, q_len, num_heads] = "
+                     f"{want}")
+  if not hasattr(gate_logits, "dtype") or not jnp.issubdtype(gate_logits.dtype, jnp.floating):
+    raise TypeError("gate_logits must be a floating array, got "
+                    f"{getattr(gate_logits, 'dtype', type(gate_logits).__name__)}")
+  if gate_logits.shape != want:
+    raise ValueError(f"gate_logits must have shape [batch, q_len, num_heads] = {want}, "
+                     f"got {gate_logits.shape}")
+  out = dot_product_attention(
+      query, key, value, bias, mask, scale=scale, is_causal=is_causal, segment_ids=segment_ids,
+      local_window_size=local_window_size, logits_soft_cap=logits_soft_cap,
+      implementation=implementation)
+  gate = jax.nn.sigmoid(gate_logits.astype(jnp.float32))[..., None]
+  return (gate * out.astype(jnp.float32)).astype(query.dtype)
+
+
+@register("cog")
+def cog_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
+                  segment_ids=None, local_window_size=None):
+  """Cog attention (More Expressive Attention with Negative Weights, Lv et al. 2024).
+
+  w_ij = sign(s_ij) · exp(|s_ij|) / Σ_{j' unmasked} exp(|s_ij'|),  s = scale·QKᵀ;  out = W V
+
+  The magnitudes are a softmax of |s| (stabilised by the row max of |s|, in float32) and the
+  signs come from the scores, so a head can add (copy) and subtract (delete) values at once.
+  Masked keys get weight 0 and do not enter the normaliser.
+
+  Args:
+    query, key, value: `[batch, seq, heads, head_dim]`; key/value heads divide query heads.
+    mask, is_causal, scale, segment_ids, local_window_size: as `dot_product_attention`.
+
+  Returns:
+    `[batch, q_len, num_heads, value_dim]` in the query's dtype.
+  """
+  dims, logits, gmask = _scores(query, key, value, mask=mask, is_causal=is_causal, scale=scale,
+                                segment_ids=segment_ids, local_window_size=local_window_size)
+  weights = jnp.sign(logits) * common.masked_softmax(jnp.abs(logits), gmask)
+  return common.weighted_values(weights, value, dims).astype(query.dtype)
+
+
+@register("normalized")
+def normalized_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
+                         gain=1.0, shift=0.0, normalization="standardize", epsilon=1e-3,
+                         segment_ids=None, local_window_size=None):
+  """Normalized attention (Normalized Attention Without Probability Cage, Richter &
+  Wattenhofer 2020).
+
+  The softmax is replaced by a normalisation of the scores s = scale·QKᵀ over the keys:
+
+    "standardize" (NAP, the paper's proposal):  w_ij = g·(s_ij - μ_i)/(σ_i + ε) + β
+    "scale" (its un-normalised ablation):       w_ij = g·s_ij/√n_i + β
+
+  with μ_i, σ_i the mean and (population) standard deviation of row i over its n_i unmasked
+  keys, g = `gain` and β = `shift` (per head; learned in the paper, initialised to 1 and 0 by
+  `big_attn.layers.op_params.NormalizedParams`). Weights are not confined to the probability
+  simplex; masked keys get weight 0 and are excluded from μ, σ and n.
+
+  Args:
+    query, key, value: `[batch, seq, heads, head_dim]`; key/value heads divide query heads.
+    mask, is_causal, scale, segment_ids, local_window_size: as `dot_product_attention`.
+    gain: scalar or `[num_heads]` gain g.
+    shift: scalar or `[num_heads]` offset β.
+    normalization: "standardize" or "scale".
+    epsilon: ε added to σ ("standardize"); 1e-3 as in the authors' code.
+
+  Returns:
+    `[batch, q_len, num_heads, value_dim]` in the query's dtype.
+  """
+  if normalization not in NORMALIZATIONS:
+    raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+  if epsilon <= 0:
+    raise ValueError(f"epsilon must be positive, got {epsilon}")
+  dims, logits, gmask = _scores(query, key, value, mask=mask, is_causal=is_causal, scale=scale,
+                                segment_ids=segment_ids, local_window_size=local_window_size)
+  g = _per_head("gain", gain, dims)
+  beta = _per_head("shift", shift, dims)
+  if gmask is None:
+    keep = jnp.ones((), jnp.float32)
+    count = jnp.float32(dims.kv_len)
+  else:
+    keep = gmask.astype(jnp.float32)
+    count = jnp.maximum(jnp.sum(keep, axis=-1, keepdims=True), 1.0)
+  if normalization == "scale":
+    normed = logits * jax.lax.rsqrt(count)
+  else:
+    mean = jnp.sum(logits * keep, axis=-1, keepdims=True) / count
+    centered = (logits - mean) * keep
+    var = jnp.sum(centered * centered, axis=-1, keepdims=True) / count
+    # sqrt has an infinite slope at 0 (one unmasked key, or equal scores): keep grads finite.
+    positive = var > 0.0
+    std = jnp.where(positive, jnp.sqrt(jnp.where(positive, var, 1.0)), 0.0)
+    normed = centered / (std + epsilon)
+  weights = (g * normed + beta) * keep
+  return common.weighted_values(weights, value, dims).astype(query.dtype)

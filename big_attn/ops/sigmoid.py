@@ -1,1 +1,78 @@
-"""(being written in this session)"""
+"""Sigmoid attention: an element-wise sigmoid in place of the row-wise softmax."""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from big_attn.ops import common
+from big_attn.ops.registry import register
+
+
+def _check_logit_bias(logit_bias, kv_len: int) -> jax.Array:
+  """The scalar `b` as a float32 array; `-log(kv_len)` when None."""
+  if logit_bias is None:
+    return jnp.float32(-math.log(kv_len))
+  if not isinstance(logit_bias, (int, float)) and not hasattr(logit_bias, "dtype"):
+    raise TypeError(
+        f"logit_bias must be a number or a scalar array, got {type(logit_bias).__name__}")
+  b = jnp.asarray(logit_bias)
+  if b.ndim != 0:
+    raise ValueError(f"logit_bias must be a scalar, got shape {b.shape}")
+  if not jnp.issubdtype(b.dtype, jnp.floating) and not jnp.issubdtype(b.dtype, jnp.integer):
+    raise TypeError(f"logit_bias must be real, got dtype {b.dtype}")
+  return b.astype(jnp.float32)
+
+
+@register("sigmoid")
+def sigmoid_attention(query, key, value, *, mask=None, is_causal=False, scale=None, bias=None,
+                      logit_bias=None, segment_ids=None, local_window_size=None,
+                      logits_soft_cap=None):
+  """Sigmoid attention (Theory, Analysis, and Best Practices for Sigmoid Self-Attention).
+
+  out_i = Σ_j m_ij σ(cap·tanh(s·q_i·k_j/cap) + B_ij + b) v_j, with b = -log n
+
+  where m is the combined mask (masked keys contribute 0), B the additive `bias` and n the
+  number of keys (`kv_len`), the paper's recommended bias that keeps the initial row sums of
+  the weights near 1. There is no normalisation over the keys, so a query row with nothing to
+  attend to returns zeros. The arguments mean what they mean in `dot_product_attention`
+  (the soft cap is applied before `bias`, then `b` is added); the sigmoid is evaluated in
+  float32 for any input dtype.
+
+  Args:
+    query: `[batch, q_len, num_heads, head_dim]`.
+    key: `[batch, kv_len, num_kv_heads, head_dim]`, `num_heads % num_kv_heads == 0`.
+    value: `[batch, kv_len, num_kv_heads, value_dim]`.
+    mask: optional boolean mask (True = may attend), broadcastable to
+      `[batch, num_heads, q_len, kv_len]`.
+    is_causal: query i attends to keys j <= i.
+    scale: logit scale; `1/sqrt(head_dim)` when None.
+    bias: optional additive logit bias broadcastable like `mask`.
+    logit_bias: the scalar b (a number or a scalar array, differentiable); `-log(kv_len)`
+      when None.
+    segment_ids: `[batch, seq]` ints or a pair `(q_segment_ids, kv_segment_ids)`.
+    local_window_size: int or `(left, right)`: query i attends keys in `[i-left, i+right]`.
+    logits_soft_cap: if set, logits become `cap * tanh(logits / cap)` (before the biases).
+
+  Returns:
+    `[batch, q_len, num_heads, value_dim]` in the query's dtype.
+  """
+  dims = common.check_qkv(query, key, value)
+  common.check_bias(bias, dims)
+  if logits_soft_cap is not None and logits_soft_cap <= 0:
+    raise ValueError(f"logits_soft_cap must be positive, got {logits_soft_cap}")
+  b = _check_logit_bias(logit_bias, dims.kv_len)
+  scale = common.default_scale(dims.head_dim, scale)
+  full_mask = common.make_mask(dims, mask=mask, is_causal=is_causal, segment_ids=segment_ids,
+                               local_window_size=local_window_size)
+
+  logits = common.attention_logits(query, key, dims, scale)
+  if logits_soft_cap is not None:
+    logits = logits_soft_cap * jnp.tanh(logits / logits_soft_cap)
+  if bias is not None:
+    logits = logits + common.grouped(bias, dims).astype(jnp.float32)
+  weights = jax.nn.sigmoid(logits + b)
+  if full_mask is not None:
+    weights = jnp.where(common.grouped(full_mask, dims), weights, 0.0)
+  return common.weighted_values(weights, value, dims).astype(query.dtype)
