@@ -1,0 +1,7 @@
+"""Pallas kernels of big_attn: each with a plain-JAX reference of the same signature, and an
+interpret mode that runs on CPU."""
+from pallas_kernels.flash_attention import BlockSizes
+from pallas_kernels.flash_attention import flash_attention
+from pallas_kernels.flash_attention import flash_attention_reference
+
+__all__ = ["BlockSizes", "flash_attention", "flash_attention_reference"]

@@ -1,0 +1,85 @@
+"""`flash_attention`: the public entry point, dispatching to the GPU (Triton) or TPU kernel."""
+from __future__ import annotations
+
+import inspect
+
+import jax
+
+from pallas_kernels.flash_attention import gpu_triton
+
+BACKENDS = (None, "gpu", "triton", "tpu")
+_TPU_HEAD_DIMS = (64, 128, 256)
+
+
+def _resolve_backend(backend: str | None, interpret: bool) -> str:
+  """"triton" or "tpu" for `backend` (None: by platform; the GPU kernel interprets on CPU)."""
+  if backend not in BACKENDS:
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+  if backend is not None:
+    return "tpu" if backend == "tpu" else "triton"
+  platform = jax.default_backend()
+  if platform == "tpu":
+    return "tpu"
+  if platform == "gpu" or interpret:
+    return "triton"
+  raise ValueError(
+      f"flash_attention has no compiled kernel for platform {platform!r}: pass interpret=True "
+      "to run a kernel in the Pallas interpreter, or use flash_attention_reference")
+
+
+def flash_attention(query, key, value, *, segment_ids=None, is_causal=False, scale=None,
+                    local_window_size=None, logits_soft_cap=None, normalizer="softmax",
+                    sigmoid_bias=None, block_sizes=None, backend=None, interpret=False):
+  """Memory-efficient exact attention (FlashAttention-2, Dao 2023) in Pallas; differentiable.
+
+  out = softmax(S) V, or σ(S + b) V for `normalizer="sigmoid"` (FlashSigmoid, Ramapuram et al.
+  2024), with S = cap·tanh(scale·QKᵀ/cap) (cap optional) restricted to the visible pairs. The
+  `[q_len, kv_len]` matrix is never stored: forward and backward work tile by tile and keep
+  only a float32 log-sum-exp per query row. Same semantics as
+  `big_attn.ops.dot_product_attention`; a query row with nothing to attend to returns zeros.
+
+  Args:
+    query: `[batch, q_len, num_heads, head_dim]`, float32 or bfloat16.
+    key: `[batch, kv_len, num_kv_heads, head_dim]`, `num_heads % num_kv_heads == 0` (GQA: K/V
+      are shared by query-head groups, never repeated).
+    value: `[batch, kv_len, num_kv_heads, value_dim]`.
+    segment_ids: `[batch, seq]` ints (self-attention) or a pair `(q_segment_ids,
+      kv_segment_ids)`; tokens attend only within their segment.
+    is_causal: query i attends to keys j <= i (top-left aligned, as `jax.nn`).
+    scale: logit scale (a Python number); `1/sqrt(head_dim)` when None.
+    local_window_size: int or `(left, right)`: query i attends keys in `[i-left, i+right]`.
+    logits_soft_cap: if set, logits become `cap * tanh(logits / cap)`.
+    normalizer: "softmax" or "sigmoid".
+    sigmoid_bias: the constant b of the sigmoid normalizer (a Python number); `-log(kv_len)`
+      when None.
+    block_sizes: the backend's tile sizes (`BlockSizes` for the GPU kernel); defaults if None.
+    backend: None (by platform: GPU -> Triton kernel, TPU -> Mosaic TPU kernel; on CPU the GPU
+      kernel in interpret mode when `interpret=True`), "gpu"/"triton" or "tpu".
+    interpret: run the kernel in the Pallas interpreter (on any platform, CPU included).
+
+  Returns:
+    `[batch, q_len, num_heads, value_dim]` in the query's dtype.
+  """
+  kwargs = dict(segment_ids=segment_ids, is_causal=is_causal, scale=scale,
+                local_window_size=local_window_size, logits_soft_cap=logits_soft_cap,
+                normalizer=normalizer, block_sizes=block_sizes, interpret=interpret)
+  if _resolve_backend(backend, interpret) == "triton":
+    return gpu_triton.flash_attention_triton(query, key, value, sigmoid_bias=sigmoid_bias,
+                                             **kwargs)
+  from pallas_kernels.flash_attention import tpu  # pylint: disable=g-import-not-at-top
+  if sigmoid_bias is not None:
+    if "sigmoid_bias" not in inspect.signature(tpu.flash_attention_tpu).parameters:
+      raise ValueError("backend='tpu' does not take sigmoid_bias (it uses -log(kv_len))")
+    kwargs["sigmoid_bias"] = sigmoid_bias
+  return tpu.flash_attention_tpu(query, key, value, **kwargs)
+
+
+def supports(query, key, value, *, bias=None, mask=None) -> bool:
+  """Whether this platform has a compiled kernel for these arguments (no bias or mask arrays,
+  supported head dims); `implementation=None` of `dot_product_attention` asks this."""
+  platform = jax.default_backend()
+  head_dims = {"gpu": gpu_triton.HEAD_DIMS, "tpu": _TPU_HEAD_DIMS}.get(platform)
+  if head_dims is None or bias is not None or mask is not None:
+    return False
+  return query.shape[-1] in head_dims and value.shape[-1] in head_dims and (
+      key.shape[-1] == query.shape[-1])

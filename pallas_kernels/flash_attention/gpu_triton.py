@@ -1,0 +1,495 @@
+"""Flash attention for GPUs in Pallas, lowered through Triton: fused forward and backward.
+
+FlashAttention-2 (Dao, 2023): for each query block, stream the key/value blocks and keep the
+running row maximum m, row sum l and unnormalised output, all in float32,
+
+  m' = max(m, rowmax(S)),  l' = 2^(m-m') l + rowsum(2^(S-m')),  O' = 2^(m-m') O + 2^(S-m') V,
+
+with S = log2(e) · cap·tanh(scale·QKᵀ/cap) (the soft cap is optional) in base 2, so every
+exponential is an `exp2`. The forward saves L = m + log2(l) per row; the backward recomputes
+P = 2^(S-L) block by block, with Δ = rowsum(dO ∘ O), dS = P ∘ (dO Vᵀ - Δ), dV = Pᵀ dO,
+dK = scale · dSᵀ Q, dQ = scale · dS K. dQ and dK/dV are two kernels, so neither needs atomics:
+the dQ kernel walks key blocks for a query block, the dK/dV kernel walks the query blocks of all
+query heads that share its key/value head (GQA without repeating K/V).
+
+`normalizer="sigmoid"` is FlashSigmoid (Ramapuram et al., 2024, "Theory, Analysis, and Best
+Practices for Sigmoid Self-Attention"): P = σ(S + b), b = -log(kv_len) by default, O = P V with
+no row statistics at all, and dS = (dO Vᵀ) ∘ P ∘ (1 - P).
+
+Masks never become arrays in memory. Causal (query i sees keys j <= i, top-left aligned as in
+`jax.nn.dot_product_attention`) and local windows (`(left, right)`: keys in [i-left, i+right])
+shorten every loop to the band of blocks that can hold a visible pair: the loop bounds are
+computed from the block indices, and blocks outside the band are never loaded. Inside the band,
+positions, segment ids and the ragged tail of a sequence that is not a multiple of the block
+size are masked elementwise. A query row with nothing to attend to returns zeros.
+
+Why Triton. JAX 0.9+ lowers GPU `pallas_call`s through Mosaic GPU by default, which is the
+speed path on Hopper (wgmma, TMA bulk copies, warp specialisation) but has its own
+programming model (`plgpu.kernel`, explicit SMEM pipelines) and no interpreter that runs this
+code on CPU for tests. The Triton lowering (selected by `compat.triton_compiler_params`) takes
+plain block-level array code, runs unchanged in `interpret=True` on CPU on JAX 0.10 and 0.11,
+and lets Triton's compiler pick Hopper MMA instructions itself. It is deprecated in JAX 0.11:
+a Mosaic GPU kernel is the successor for peak Hopper throughput.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+from jax import lax
+from jax.experimental import pallas as pl
+import jax.numpy as jnp
+import numpy as np
+
+from big_attn import compat
+from big_attn.ops import common
+
+HEAD_DIMS = (16, 32, 64, 128, 256)
+NORMALIZERS = ("softmax", "sigmoid")
+_LOG2E = math.log2(math.e)
+_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+_MIN_BLOCK = 16  # Triton's `tl.dot` needs every matmul dimension >= 16.
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BlockSizes:
+  """Tile sizes of the kernels (powers of two, >= 16; clipped to short sequences).
+
+  Attributes:
+    block_q: query rows per program of the forward kernel.
+    block_k: key rows per loop step of the forward kernel.
+    block_q_dkv: query rows per loop step of the dK/dV kernel.
+    block_kv_dkv: key rows per program of the dK/dV kernel.
+    block_q_dq: query rows per program of the dQ kernel.
+    block_kv_dq: key rows per loop step of the dQ kernel.
+  """
+  block_q: int = 128
+  block_k: int = 64
+  block_q_dkv: int = 32
+  block_kv_dkv: int = 128
+  block_q_dq: int = 128
+  block_kv_dq: int = 32
+
+  def __post_init__(self):
+    for field in dataclasses.fields(self):
+      size = getattr(self, field.name)
+      if (not isinstance(size, (int, np.integer)) or isinstance(size, bool) or size < _MIN_BLOCK
+          or size & (size - 1)):
+        raise ValueError(
+            f"BlockSizes.{field.name} must be a power of two >= {_MIN_BLOCK}, got {size!r}")
+
+  @classmethod
+  def get_default(cls, head_dim: int = 128) -> BlockSizes:
+    """Starting points for Hopper, not tuned on hardware yet; head_dim 256 gets half-size
+    tiles so that K/V tiles and float32 accumulators fit shared memory and registers."""
+    if head_dim > 128:
+      return cls(block_q=64, block_k=32, block_q_dkv=32, block_kv_dkv=64, block_q_dq=64,
+                 block_kv_dq=32)
+    return cls()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  """Static description of one attention problem, shared by all kernels."""
+  q_len: int
+  kv_len: int
+  scale: float
+  left: int | None    # largest visible i - j (None: unbounded)
+  right: int | None   # largest visible j - i (None: unbounded; 0 when causal)
+  soft_cap: float | None
+  sigmoid_bias: float | None  # None: softmax
+  kv_padded: bool
+
+  @property
+  def sigmoid(self) -> bool:
+    return self.sigmoid_bias is not None
+
+
+def _dot(a, b, *, trans_a=False, trans_b=False):
+  """`a @ b` (with either operand transposed) accumulated in float32."""
+  dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
+  return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+def _logits(q, k, cfg: _Config):
+  """Base-2 logits log2(e)·cap·tanh(scale·qkᵀ/cap) of a tile, and the tanh (None: no cap)."""
+  qk = _dot(q, k, trans_b=True)
+  if cfg.soft_cap is None:
+    return qk * (cfg.scale * _LOG2E), None
+  t = jnp.tanh(qk * (cfg.scale / cfg.soft_cap))
+  return t * (cfg.soft_cap * _LOG2E), t
+
+
+def _sigmoid2(s2, cfg: _Config):
+  """σ(s + b) from base-2 logits s2 = s·log2(e)."""
+  return 1.0 / (1.0 + jnp.exp2(-(s2 + cfg.sigmoid_bias * _LOG2E)))
+
+
+def _tile_mask(q_pos, k_pos, q_seg, kv_seg, cfg: _Config):
+  """Boolean `[len(q_pos), len(k_pos)]` visibility of a tile, or None when all is visible."""
+  mask = None
+
+  def conj(m):
+    return m if mask is None else jnp.logical_and(mask, m)
+
+  if cfg.left is not None:
+    mask = conj(q_pos[:, None] - k_pos[None, :] <= cfg.left)
+  if cfg.right is not None:
+    mask = conj(k_pos[None, :] - q_pos[:, None] <= cfg.right)
+  if cfg.kv_padded:
+    mask = conj(jnp.broadcast_to(k_pos[None, :] < cfg.kv_len, (q_pos.shape[0], k_pos.shape[0])))
+  if q_seg is not None:
+    mask = conj(q_seg[:, None] == kv_seg[None, :])
+  return mask
+
+
+def _kv_blocks(q_first, block_q, block_k, cfg: _Config):
+  """Key blocks `[lo, hi)` that query rows `q_first .. q_first+block_q-1` can see."""
+  q_last = jnp.minimum(q_first + block_q - 1, cfg.q_len - 1)
+  lo_key = 0 if cfg.left is None else jnp.maximum(q_first - cfg.left, 0)
+  hi_key = cfg.kv_len - 1
+  if cfg.right is not None:
+    hi_key = jnp.minimum(q_last + cfg.right, hi_key)
+  return lax.div(lo_key, block_k), lax.div(hi_key, block_k) + 1
+
+
+def _q_blocks(k_first, block_k, block_q, cfg: _Config):
+  """Query blocks `[lo, hi)` that see any of keys `k_first .. k_first+block_k-1`."""
+  k_last = jnp.minimum(k_first + block_k - 1, cfg.kv_len - 1)
+  lo_q = 0 if cfg.right is None else jnp.maximum(k_first - cfg.right, 0)
+  hi_q = cfg.q_len - 1
+  if cfg.left is not None:
+    hi_q = jnp.minimum(k_last + cfg.left, hi_q)
+  lo, hi = lax.div(lo_q, block_q), lax.div(hi_q, block_q) + 1
+  return lo, jnp.where(k_first < cfg.kv_len, hi, lo)  # A block of padding sees nothing.
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward.
+# ---------------------------------------------------------------------------------------------
+def _fwd_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, *lse_ref,
+                cfg: _Config, block_q: int, block_k: int):
+  q_first = pl.program_id(0) * block_q
+  q_pos = q_first + jnp.arange(block_q)
+  q = q_ref[...]
+  q_seg = None if q_seg_ref is None else q_seg_ref[...]
+
+  def tile(kb):
+    k_first = kb * block_k
+    kv_slice = pl.ds(k_first, block_k)
+    s2, _ = _logits(q, k_ref[kv_slice, :], cfg)
+    kv_seg = None if kv_seg_ref is None else kv_seg_ref[kv_slice]
+    return s2, v_ref[kv_slice, :], _tile_mask(q_pos, k_first + jnp.arange(block_k), q_seg,
+                                               kv_seg, cfg)
+
+  def sigmoid_body(kb, acc):
+    s2, v, mask = tile(kb)
+    p = _sigmoid2(s2, cfg)
+    if mask is not None:
+      p = jnp.where(mask, p, 0.0)
+    return acc + _dot(p.astype(v.dtype), v)
+
+  def softmax_body(kb, carry):
+    acc, m, l = carry
+    s2, v, mask = tile(kb)
+    if mask is not None:
+      s2 = jnp.where(mask, s2, _MASK_VALUE)
+    m_new = jnp.maximum(m, jnp.max(s2, axis=-1))
+    alpha = jnp.exp2(m - m_new)
+    p = jnp.exp2(s2 - m_new[:, None])
+    if mask is not None:
+      p = jnp.where(mask, p, 0.0)
+    l_new = alpha * l + jnp.sum(p, axis=-1)
+    acc_new = alpha[:, None] * acc + _dot(p.astype(v.dtype), v)
+    return acc_new, m_new, l_new
+
+  lo, hi = _kv_blocks(q_first, block_q, block_k, cfg)
+  acc = jnp.zeros((block_q, o_ref.shape[-1]), jnp.float32)
+  if cfg.sigmoid:
+    o_ref[...] = lax.fori_loop(lo, hi, sigmoid_body, acc).astype(o_ref.dtype)
+    return
+  m = jnp.full((block_q,), _MASK_VALUE, jnp.float32)
+  l = jnp.zeros((block_q,), jnp.float32)
+  acc, m, l = lax.fori_loop(lo, hi, softmax_body, (acc, m, l))
+  empty = l == 0.0  # Rows with nothing to attend to.
+  o_ref[...] = (acc / jnp.where(empty, 1.0, l)[:, None]).astype(o_ref.dtype)
+  lse_ref[0][...] = jnp.where(empty, 0.0, m + jnp.log2(jnp.where(empty, 1.0, l)))
+
+
+def _forward(q, k, v, q_seg, kv_seg, *, cfg: _Config, blocks: BlockSizes, interpret: bool):
+  """Padded `[b, t, n, d]` inputs -> (output, base-2 log-sum-exp `[b, n, t]` or None)."""
+  batch, q_pad, num_heads, head_dim = q.shape
+  kv_pad, num_kv_heads, value_dim = k.shape[1], k.shape[2], v.shape[3]
+  groups = num_heads // num_kv_heads
+  block_q, block_k = blocks.block_q, blocks.block_k
+  in_specs = [
+      pl.BlockSpec((None, block_q, None, head_dim), lambda i, b, h: (b, i, h, 0)),
+      pl.BlockSpec((None, kv_pad, None, head_dim), lambda i, b, h: (b, 0, h // groups, 0)),
+      pl.BlockSpec((None, kv_pad, None, value_dim), lambda i, b, h: (b, 0, h // groups, 0)),
+      None if q_seg is None else pl.BlockSpec((None, block_q), lambda i, b, h: (b, i)),
+      None if kv_seg is None else pl.BlockSpec((None, kv_pad), lambda i, b, h: (b, 0)),
+  ]
+  out_shape = [jax.ShapeDtypeStruct((batch, q_pad, num_heads, value_dim), q.dtype)]
+  out_specs = [pl.BlockSpec((None, block_q, None, value_dim), lambda i, b, h: (b, i, h, 0))]
+  if not cfg.sigmoid:
+    out_shape.append(jax.ShapeDtypeStruct((batch, num_heads, q_pad), jnp.float32))
+    out_specs.append(pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, i)))
+  outs = pl.pallas_call(
+      functools.partial(_fwd_kernel, cfg=cfg, block_q=block_q, block_k=block_k),
+      grid=(q_pad // block_q, batch, num_heads),
+      in_specs=in_specs,
+      out_specs=out_specs,
+      out_shape=out_shape,
+      compiler_params=compat.triton_compiler_params(
+          num_warps=4 if head_dim <= 64 else 8, num_stages=3 if head_dim <= 128 else 2),
+      interpret=interpret,
+      name="flash_attention_fwd",
+  )(q, k, v, q_seg, kv_seg)
+  return outs[0], (None if cfg.sigmoid else outs[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward.
+# ---------------------------------------------------------------------------------------------
+def _grad_logits(q, k, v, do, lse, delta, mask, cfg: _Config):
+  """(P, dS) of a tile; dS is the gradient w.r.t. scale·qkᵀ (before the soft cap)."""
+  s2, t = _logits(q, k, cfg)
+  if cfg.sigmoid:
+    p = _sigmoid2(s2, cfg)
+  else:
+    p = jnp.exp2(s2 - lse[:, None])
+  if mask is not None:
+    p = jnp.where(mask, p, 0.0)
+  dp = _dot(do, v, trans_b=True)
+  ds = dp * p * (1.0 - p) if cfg.sigmoid else p * (dp - delta[:, None])
+  if t is not None:
+    ds = ds * (1.0 - t * t)
+  return p, ds
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_seg_ref, dq_ref,
+               *, cfg: _Config, block_q: int, block_k: int):
+  q_first = pl.program_id(0) * block_q
+  q_pos = q_first + jnp.arange(block_q)
+  q, do = q_ref[...], do_ref[...]
+  lse = None if lse_ref is None else lse_ref[...]
+  delta = None if delta_ref is None else delta_ref[...]
+  q_seg = None if q_seg_ref is None else q_seg_ref[...]
+
+  def body(kb, dq):
+    k_first = kb * block_k
+    kv_slice = pl.ds(k_first, block_k)
+    k = k_ref[kv_slice, :]
+    kv_seg = None if kv_seg_ref is None else kv_seg_ref[kv_slice]
+    mask = _tile_mask(q_pos, k_first + jnp.arange(block_k), q_seg, kv_seg, cfg)
+    _, ds = _grad_logits(q, k, v_ref[kv_slice, :], do, lse, delta, mask, cfg)
+    return dq + _dot(ds.astype(k.dtype), k)
+
+  lo, hi = _kv_blocks(q_first, block_q, block_k, cfg)
+  dq = lax.fori_loop(lo, hi, body, jnp.zeros(dq_ref.shape, jnp.float32))
+  dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_seg_ref,
+                dk_ref, dv_ref, *, cfg: _Config, block_q: int, block_k: int, groups: int):
+  k_first = pl.program_id(0) * block_k
+  k_pos = k_first + jnp.arange(block_k)
+  k, v = k_ref[...], v_ref[...]
+  kv_seg = None if kv_seg_ref is None else kv_seg_ref[...]
+  lo, hi = _q_blocks(k_first, block_k, block_q, cfg)
+
+  def head_body(g, carry):  # Reduces over the query heads that share this kv head.
+    def body(qb, carry):
+      dk, dv = carry
+      q_first = qb * block_q
+      q_slice = pl.ds(q_first, block_q)
+      q, do = q_ref[q_slice, g, :], do_ref[q_slice, g, :]
+      lse = None if lse_ref is None else lse_ref[g, q_slice]
+      delta = None if delta_ref is None else delta_ref[g, q_slice]
+      q_seg = None if q_seg_ref is None else q_seg_ref[q_slice]
+      mask = _tile_mask(q_first + jnp.arange(block_q), k_pos, q_seg, kv_seg, cfg)
+      p, ds = _grad_logits(q, k, v, do, lse, delta, mask, cfg)
+      dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
+      dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
+      return dk, dv
+    return lax.fori_loop(lo, hi, body, carry)
+
+  dk = jnp.zeros(dk_ref.shape, jnp.float32)
+  dv = jnp.zeros(dv_ref.shape, jnp.float32)
+  dk, dv = lax.fori_loop(0, groups, head_body, (dk, dv))
+  dk_ref[...] = (dk * cfg.scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _backward(q, k, v, q_seg, kv_seg, out, lse, do, *, cfg: _Config, blocks: BlockSizes,
+              interpret: bool):
+  batch, q_pad, num_heads, head_dim = q.shape
+  kv_pad, num_kv_heads, value_dim = k.shape[1], k.shape[2], v.shape[3]
+  groups = num_heads // num_kv_heads
+  delta = None
+  if not cfg.sigmoid:  # Δ = rowsum(dO ∘ O): one fused elementwise-reduce pass, [b, n, t].
+    delta = jnp.einsum("btnd,btnd->bnt", out.astype(jnp.float32), do.astype(jnp.float32))
+  params = compat.triton_compiler_params(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
+
+  bq, bk = blocks.block_q_dq, blocks.block_kv_dq
+  row = None if cfg.sigmoid else pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
+  dq = pl.pallas_call(
+      functools.partial(_dq_kernel, cfg=cfg, block_q=bq, block_k=bk),
+      grid=(q_pad // bq, batch, num_heads),
+      in_specs=[
+          pl.BlockSpec((None, bq, None, head_dim), lambda i, b, h: (b, i, h, 0)),
+          pl.BlockSpec((None, kv_pad, None, head_dim), lambda i, b, h: (b, 0, h // groups, 0)),
+          pl.BlockSpec((None, kv_pad, None, value_dim), lambda i, b, h: (b, 0, h // groups, 0)),
+          pl.BlockSpec((None, bq, None, value_dim), lambda i, b, h: (b, i, h, 0)),
+          row, row,
+          None if q_seg is None else pl.BlockSpec((None, bq), lambda i, b, h: (b, i)),
+          None if kv_seg is None else pl.BlockSpec((None, kv_pad), lambda i, b, h: (b, 0)),
+      ],
+      out_specs=pl.BlockSpec((None, bq, None, head_dim), lambda i, b, h: (b, i, h, 0)),
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      compiler_params=params,
+      interpret=interpret,
+      name="flash_attention_dq",
+  )(q, k, v, do, lse, delta, q_seg, kv_seg)
+
+  bq, bk = blocks.block_q_dkv, blocks.block_kv_dkv
+  rows = None if cfg.sigmoid else pl.BlockSpec((None, groups, q_pad), lambda j, b, h: (b, h, 0))
+  dk, dv = pl.pallas_call(
+      functools.partial(_dkv_kernel, cfg=cfg, block_q=bq, block_k=bk, groups=groups),
+      grid=(kv_pad // bk, batch, num_kv_heads),
+      in_specs=[
+          pl.BlockSpec((None, q_pad, groups, head_dim), lambda j, b, h: (b, 0, h, 0)),
+          pl.BlockSpec((None, bk, None, head_dim), lambda j, b, h: (b, j, h, 0)),
+          pl.BlockSpec((None, bk, None, value_dim), lambda j, b, h: (b, j, h, 0)),
+          pl.BlockSpec((None, q_pad, groups, value_dim), lambda j, b, h: (b, 0, h, 0)),
+          rows, rows,
+          None if q_seg is None else pl.BlockSpec((None, q_pad), lambda j, b, h: (b, 0)),
+          None if kv_seg is None else pl.BlockSpec((None, bk), lambda j, b, h: (b, j)),
+      ],
+      out_specs=[pl.BlockSpec((None, bk, None, head_dim), lambda j, b, h: (b, j, h, 0)),
+                 pl.BlockSpec((None, bk, None, value_dim), lambda j, b, h: (b, j, h, 0))],
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      compiler_params=params,
+      interpret=interpret,
+      name="flash_attention_dkv",
+  )(q, k, v, do, lse, delta, q_seg, kv_seg)
+  return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------------------------
+# custom_vjp over padded arrays, and the public wrapper.
+# ---------------------------------------------------------------------------------------------
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _flash(q, k, v, q_seg, kv_seg, cfg, blocks, interpret):
+  return _forward(q, k, v, q_seg, kv_seg, cfg=cfg, blocks=blocks, interpret=interpret)[0]
+
+
+def _flash_fwd(q, k, v, q_seg, kv_seg, cfg, blocks, interpret):
+  out, lse = _forward(q, k, v, q_seg, kv_seg, cfg=cfg, blocks=blocks, interpret=interpret)
+  return out, (q, k, v, q_seg, kv_seg, out, lse)
+
+
+def _flash_bwd(cfg, blocks, interpret, res, do):
+  q, k, v, q_seg, kv_seg, out, lse = res
+  dq, dk, dv = _backward(q, k, v, q_seg, kv_seg, out, lse, do, cfg=cfg, blocks=blocks,
+                         interpret=interpret)
+  return dq, dk, dv, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _fit(block: int, length: int) -> int:
+  """A block no longer than needed for `length` rows (a power of two >= 16)."""
+  return min(block, max(_MIN_BLOCK, pl.next_power_of_2(length)))
+
+
+def _pad_to(x: Any, length: int, axis: int):
+  if x is None or x.shape[axis] == length:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, length - x.shape[axis])
+  return jnp.pad(x, widths)
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "is_causal", "scale", "window", "logits_soft_cap", "sigmoid_bias", "block_sizes",
+    "interpret"))
+def _flash_attention(query, key, value, segments, *, is_causal, scale, window, logits_soft_cap,
+                     sigmoid_bias, block_sizes, interpret):
+  q_len, kv_len = query.shape[1], key.shape[1]
+  blocks = BlockSizes(
+      block_q=_fit(block_sizes.block_q, q_len), block_k=_fit(block_sizes.block_k, kv_len),
+      block_q_dkv=_fit(block_sizes.block_q_dkv, q_len),
+      block_kv_dkv=_fit(block_sizes.block_kv_dkv, kv_len),
+      block_q_dq=_fit(block_sizes.block_q_dq, q_len),
+      block_kv_dq=_fit(block_sizes.block_kv_dq, kv_len))
+  # Powers of two: the largest block is a multiple of the others.
+  q_pad = pl.cdiv(q_len, m := max(blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq)) * m
+  kv_pad = pl.cdiv(kv_len, m := max(blocks.block_k, blocks.block_kv_dkv, blocks.block_kv_dq)) * m
+  left, right = window if window is not None else (None, None)
+  if is_causal:
+    right = 0 if right is None else min(right, 0)
+  cfg = _Config(q_len=q_len, kv_len=kv_len, scale=scale, left=left, right=right,
+                soft_cap=logits_soft_cap, sigmoid_bias=sigmoid_bias, kv_padded=kv_pad != kv_len)
+  q_seg, kv_seg = (None, None) if segments is None else segments
+  q_seg = None if q_seg is None else _pad_to(q_seg.astype(jnp.int32), q_pad, 1)
+  kv_seg = None if kv_seg is None else _pad_to(kv_seg.astype(jnp.int32), kv_pad, 1)
+  out = _flash(_pad_to(query, q_pad, 1), _pad_to(key, kv_pad, 1), _pad_to(value, kv_pad, 1),
+               q_seg, kv_seg, cfg, blocks, interpret)
+  return out[:, :q_len]
+
+
+def check_args(query, key, value, *, segment_ids, scale, local_window_size, logits_soft_cap,
+               normalizer, sigmoid_bias, block_sizes, head_dims=HEAD_DIMS):
+  """Validates the arguments of a flash-attention call; returns them normalised.
+
+  Returns `(dims, segments, scale, window, logits_soft_cap, sigmoid_bias, block_sizes)` with
+  `segments` a `(q_ids, kv_ids)` pair or None, `window` a `(left, right)` pair or None and
+  `sigmoid_bias` a float for the sigmoid normalizer (None for softmax). `head_dims` lists the
+  supported head dims (None: any).
+  """
+  dims = common.check_qkv(query, key, value, same_head_dim=True)
+  for name, size in (("head_dim", dims.head_dim), ("value head_dim", dims.value_dim)):
+    if head_dims is not None and size not in head_dims:
+      raise ValueError(f"flash attention supports {name} in {head_dims}, got {size}")
+  if normalizer not in NORMALIZERS:
+    raise ValueError(f"normalizer must be one of {NORMALIZERS}, got {normalizer!r}")
+  if logits_soft_cap is not None:
+    logits_soft_cap = float(logits_soft_cap)
+    if not logits_soft_cap > 0:
+      raise ValueError(f"logits_soft_cap must be positive, got {logits_soft_cap}")
+  if normalizer == "sigmoid":
+    sigmoid_bias = -math.log(dims.kv_len) if sigmoid_bias is None else float(sigmoid_bias)
+  elif sigmoid_bias is not None:
+    raise ValueError("sigmoid_bias is only meaningful with normalizer='sigmoid'")
+  if block_sizes is None:
+    block_sizes = BlockSizes.get_default(dims.head_dim)
+  elif not isinstance(block_sizes, BlockSizes):
+    raise TypeError(f"block_sizes must be a BlockSizes, got {type(block_sizes).__name__}")
+  segments = common.normalize_segment_ids(segment_ids, dims)
+  window = common.normalize_window(local_window_size)
+  return (dims, segments, common.default_scale(dims.head_dim, scale), window, logits_soft_cap,
+          sigmoid_bias, block_sizes)
+
+
+def flash_attention_triton(query, key, value, *, segment_ids=None, is_causal=False, scale=None,
+                           local_window_size=None, logits_soft_cap=None, normalizer="softmax",
+                           sigmoid_bias=None, block_sizes=None, interpret=False):
+  """Flash attention on GPU (Pallas, Triton lowering); the arguments of `flash_attention`.
+
+  `[batch, seq, heads, head_dim]` in and out; differentiable (fused backward). `sigmoid_bias`
+  is the constant b of `normalizer="sigmoid"` (a Python number; -log(kv_len) when None).
+  `interpret=True` runs the kernels in the Pallas interpreter (any backend, CPU included).
+  """
+  _, segments, scale, window, cap, sigmoid_bias, block_sizes = check_args(
+      query, key, value, segment_ids=segment_ids, scale=scale,
+      local_window_size=local_window_size, logits_soft_cap=logits_soft_cap,
+      normalizer=normalizer, sigmoid_bias=sigmoid_bias, block_sizes=block_sizes)
+  return _flash_attention(
+      query, key, value, segments, is_causal=bool(is_causal), scale=scale, window=window,
+      logits_soft_cap=cap, sigmoid_bias=sigmoid_bias, block_sizes=block_sizes,
+      interpret=bool(interpret))

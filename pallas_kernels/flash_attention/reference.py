@@ -1,0 +1,47 @@
+"""Plain-JAX reference for `flash_attention`: float32 einsums with explicit masks.
+
+Same signature and semantics as `pallas_kernels.flash_attention`; it builds the full
+`[batch, heads, q_len, kv_len]` logits, so it is the correctness baseline and the XLA fallback
+for short sequences, not a long-sequence path. `block_sizes`, `backend` and `interpret` are
+accepted and ignored.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from big_attn.ops import common
+from pallas_kernels.flash_attention import gpu_triton
+
+
+def flash_attention_reference(query, key, value, *, segment_ids=None, is_causal=False,
+                              scale=None, local_window_size=None, logits_soft_cap=None,
+                              normalizer="softmax", sigmoid_bias=None, block_sizes=None,
+                              backend=None, interpret=False):
+  """softmax(S) V or σ(S + b) V with S = cap·tanh(scale·QKᵀ/cap), masked, in float32.
+
+  Masked keys get zero weight; a query row with nothing to attend to returns zeros. K/V heads
+  are shared by groups of query heads (GQA) through a grouped einsum, never repeated.
+
+  Returns:
+    `[batch, q_len, num_heads, value_dim]` in the query's dtype.
+  """
+  del backend, interpret
+  dims, _, scale, window, cap, sigmoid_bias, _ = gpu_triton.check_args(
+      query, key, value, segment_ids=segment_ids, scale=scale,
+      local_window_size=local_window_size, logits_soft_cap=logits_soft_cap,
+      normalizer=normalizer, sigmoid_bias=sigmoid_bias, block_sizes=block_sizes,
+      head_dims=None)
+  mask = common.make_mask(dims, is_causal=is_causal, segment_ids=segment_ids,
+                          local_window_size=window)
+  mask = common.grouped(mask, dims)
+  logits = common.attention_logits(query, key, dims, scale)  # [b, k, g, t, s], float32
+  if cap is not None:
+    logits = cap * jnp.tanh(logits / cap)
+  if normalizer == "sigmoid":
+    weights = jax.nn.sigmoid(logits + sigmoid_bias)
+    if mask is not None:
+      weights = jnp.where(mask, weights, 0.0)
+  else:
+    weights = common.masked_softmax(logits, mask)
+  return common.weighted_values(weights, value, dims).astype(query.dtype)

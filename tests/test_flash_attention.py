@@ -1,0 +1,273 @@
+"""Pallas flash attention (GPU kernel, Triton lowering) in interpret mode on CPU.
+
+Forward and gradients against the float64 references of `tests/reference.py`, on lengths that
+are not multiples of the block size (16), q_len != kv_len, GQA, every mask feature and their
+combinations, the sigmoid normalizer and bfloat16; block skipping outside the causal/window
+band; linear compiled memory; dispatch from `big_attn.ops.dot_product_attention`; validation.
+"""
+import jax
+from jax import export
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from big_attn import ops
+from pallas_kernels import BlockSizes, flash_attention, flash_attention_reference
+from tests import reference
+
+BLOCKS = BlockSizes(16, 16, 16, 16, 16, 16)
+
+
+def _inputs(seed, b, t, s, n, k, d, dv, dtype=jnp.float32):
+  rng = np.random.default_rng(seed)
+  q = rng.normal(size=(b, t, n, d))
+  kk = rng.normal(size=(b, s, k, d))
+  v = rng.normal(size=(b, s, k, dv))
+  ct = rng.normal(size=(b, t, n, dv))
+  return tuple(jnp.asarray(x, dtype) for x in (q, kk, v, ct))
+
+
+def _segments(seed, b, t, s, num=3):
+  """Packed-sequence ids (sorted, so segments are contiguous), as a (q, kv) pair."""
+  rng = np.random.default_rng(seed + 1)
+  return (jnp.asarray(np.sort(rng.integers(0, num, (b, t)), axis=1), jnp.int32),
+          jnp.asarray(np.sort(rng.integers(0, num, (b, s)), axis=1), jnp.int32))
+
+
+def _kernel_vjp(q, k, v, ct, **kwargs):
+  """Output and (dq, dk, dv) of the kernel in interpret mode, in one compiled function."""
+  @jax.jit
+  def run(q, k, v, ct):
+    out, vjp = jax.vjp(
+        lambda q, k, v: flash_attention(q, k, v, block_sizes=BLOCKS, interpret=True, **kwargs),
+        q, k, v)
+    return out, vjp(ct.astype(out.dtype))
+  return run(q, k, v, ct)
+
+
+def _sigmoid_f64(q, k, v, *, mask, scale, soft_cap, bias):
+  """Σ_j m_ij σ(cap·tanh(scale·q_i·k_j/cap) + b) v_j in float64 (Ramapuram et al., 2024)."""
+  q, k, v = reference.f64(q, k, v)
+  n = q.shape[2]
+  k, v = reference.repeat_kv(k, n), reference.repeat_kv(v, n)
+  s = jnp.einsum("btnd,bsnd->bnts", q, k) * scale
+  if soft_cap is not None:
+    s = soft_cap * jnp.tanh(s / soft_cap)
+  w = jnp.where(mask, 1.0 / (1.0 + jnp.exp(-(s + bias))), 0.0)
+  return jnp.einsum("bnts,bsnd->btnd", w, v)
+
+
+def _reference_vjp(q, k, v, ct, *, segment_ids=None, is_causal=False, local_window_size=None,
+                   logits_soft_cap=None, normalizer="softmax", sigmoid_bias=None):
+  b, t, n, d = q.shape
+  s = k.shape[1]
+  mask = reference.full_mask(b, n, t, s, is_causal=is_causal, segment_ids=segment_ids,
+                             window=local_window_size)
+  scale = 1.0 / np.sqrt(d)
+  with reference.x64():
+    if normalizer == "sigmoid":
+      bias = -np.log(s) if sigmoid_bias is None else sigmoid_bias
+      fn = lambda q, k, v: _sigmoid_f64(q, k, v, mask=mask, scale=scale,
+                                        soft_cap=logits_soft_cap, bias=bias)
+    else:
+      fn = lambda q, k, v: reference.softmax_attention(q, k, v, mask=mask, scale=scale,
+                                                       soft_cap=logits_soft_cap)
+    out, vjp = jax.vjp(fn, *reference.f64(q, k, v))
+    grads = vjp(reference.f64(ct))
+    return np.asarray(out), [np.asarray(g) for g in grads]
+
+
+def _check(q, k, v, ct, tol, **kwargs):
+  out, grads = _kernel_vjp(q, k, v, ct, **kwargs)
+  assert out.shape == q.shape[:3] + v.shape[3:] and out.dtype == q.dtype
+  want_out, want_grads = _reference_vjp(q, k, v, ct, **kwargs)
+  np.testing.assert_allclose(np.asarray(out, np.float64), want_out, atol=tol, rtol=tol)
+  for name, got, want, x in zip(("dq", "dk", "dv"), grads, want_grads, (q, k, v)):
+    assert got.shape == x.shape and got.dtype == x.dtype, name
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=tol, rtol=tol,
+                               err_msg=name)
+
+
+# (batch, q_len, kv_len, heads, kv_heads, head_dim, value_dim), keyword arguments.
+CASES = {
+    "plain_mha": ((1, 37, 53, 2, 2, 16, 16), {}),
+    "causal_gqa4:2": ((2, 37, 53, 4, 2, 16, 32), dict(is_causal=True)),
+    "causal_gqa4:1_q_longer": ((1, 53, 37, 4, 1, 32, 16), dict(is_causal=True)),
+    "window_gqa4:1": ((1, 45, 45, 4, 1, 16, 16), dict(local_window_size=(5, 3))),
+    "causal_window_softcap": ((1, 50, 50, 2, 1, 16, 16),
+                              dict(is_causal=True, local_window_size=20, logits_soft_cap=2.0)),
+    "segments_causal_softcap_gqa": ((2, 37, 53, 4, 2, 16, 16),
+                                    dict(segments=True, is_causal=True, logits_soft_cap=3.0)),
+    "segments_window": ((1, 40, 40, 2, 2, 32, 32),
+                        dict(segments=True, local_window_size=(7, 0))),
+    "sigmoid_causal_gqa": ((1, 37, 53, 4, 2, 16, 16), dict(normalizer="sigmoid", is_causal=True)),
+    "sigmoid_segments_window_softcap_bias": (
+        (2, 45, 45, 4, 1, 16, 32),
+        dict(normalizer="sigmoid", segments=True, local_window_size=(6, 2), logits_soft_cap=2.0,
+             sigmoid_bias=-1.5)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_float64_reference(case):
+  shape, kwargs = CASES[case]
+  kwargs = dict(kwargs)
+  b, t, s, n, k, d, dv = shape
+  q, kk, v, ct = _inputs(0, b, t, s, n, k, d, dv)
+  if kwargs.pop("segments", False):
+    kwargs["segment_ids"] = _segments(0, b, t, s)
+  _check(q, kk, v, ct, 5e-5, **kwargs)
+
+
+@pytest.mark.parametrize("normalizer", ["softmax", "sigmoid"])
+def test_bfloat16(normalizer):
+  q, k, v, ct = _inputs(1, 1, 37, 53, 4, 2, 32, 32, jnp.bfloat16)
+  _check(q, k, v, ct, 3e-2, is_causal=True, normalizer=normalizer)
+
+
+def test_self_attention_segment_ids_array():
+  q, k, v, ct = _inputs(2, 2, 29, 29, 2, 1, 16, 16)
+  seg = _segments(2, 2, 29, 29)[0]
+  out, _ = _kernel_vjp(q, k, v, ct, segment_ids=seg)
+  want, _ = _reference_vjp(q, k, v, ct, segment_ids=(seg, seg))
+  np.testing.assert_allclose(out, want, atol=5e-5, rtol=5e-5)
+
+
+@pytest.mark.parametrize("normalizer", ["softmax", "sigmoid"])
+def test_fully_masked_rows_give_zeros(normalizer):
+  q, k, v, ct = _inputs(3, 1, 21, 34, 2, 1, 16, 16)
+  q_seg = jnp.asarray(np.r_[np.zeros(10), np.full(6, 7), np.ones(5)][None], jnp.int32)
+  kv_seg = jnp.asarray(np.r_[np.zeros(20), np.ones(14)][None], jnp.int32)  # No segment 7.
+  kwargs = dict(segment_ids=(q_seg, kv_seg), normalizer=normalizer)
+  out, grads = _kernel_vjp(q, k, v, ct, **kwargs)
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in (out, *grads))
+  np.testing.assert_array_equal(np.asarray(out[0, 10:16]), 0.0)
+  np.testing.assert_array_equal(np.asarray(grads[0][0, 10:16]), 0.0)
+  want_out, want_grads = _reference_vjp(q, k, v, ct, **kwargs)
+  np.testing.assert_allclose(out, want_out, atol=5e-5, rtol=5e-5)
+  for got, want in zip(grads, want_grads):
+    np.testing.assert_allclose(got, want, atol=5e-5, rtol=5e-5)
+
+
+@pytest.mark.parametrize("kwargs", [dict(is_causal=True), dict(local_window_size=(16, 0))],
+                         ids=["causal", "window"])
+def test_blocks_outside_the_band_are_never_loaded(kwargs):
+  """NaNs in keys/values/queries that no row of a block can see: a block that were loaded
+  and masked would still spread them (0 · NaN = NaN in the matmuls), a skipped one cannot."""
+  q, k, v, ct = _inputs(4, 1, 64, 64, 2, 1, 16, 16)
+  nan = jnp.float32(jnp.nan)
+  # Query block 0 (rows 0..15) sees only key block 0: keys/values 16.. never enter its loop.
+  out, (dq, _, _) = _kernel_vjp(q, k.at[:, 16:].set(nan), v.at[:, 16:].set(nan), ct, **kwargs)
+  want_out, (want_dq, _, _) = _reference_vjp(q, k, v, ct, **kwargs)
+  np.testing.assert_allclose(out[:, :16], want_out[:, :16], atol=5e-5, rtol=5e-5)
+  np.testing.assert_allclose(dq[:, :16], want_dq[:, :16], atol=5e-5, rtol=5e-5)
+  assert bool(jnp.all(jnp.isnan(out[:, 32:])))  # The poison does reach the rows that load it.
+  # Key block 3 (keys 48..63) is seen by query rows >= 48 only: queries 0..31 never load.
+  _, (_, dk, dv) = _kernel_vjp(q.at[:, :32].set(nan), k, v, ct, **kwargs)
+  _, (_, want_dk, want_dv) = _reference_vjp(q.at[:, :32].set(0.0), k, v, ct.at[:, :32].set(0.0),
+                                            **kwargs)
+  np.testing.assert_allclose(dk[:, 48:], want_dk[:, 48:], atol=5e-5, rtol=5e-5)
+  np.testing.assert_allclose(dv[:, 48:], want_dv[:, 48:], atol=5e-5, rtol=5e-5)
+
+
+def _temp_bytes(fn, seq_len):
+  x = jax.ShapeDtypeStruct((1, seq_len, 2, 32), jnp.float32)
+  step = jax.jit(jax.grad(lambda q, k, v: fn(q, k, v).sum(), argnums=(0, 1, 2)))
+  return step.lower(x, x, x).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_compiled_memory_grows_linearly():
+  """Forward + backward temporaries at 512 and 2048 tokens: 4x for the kernel (tiles and
+  per-row statistics), 16x for the reference that builds the [q_len, kv_len] matrix. The
+  interpreter lowers the kernels to XLA loops over the grid with block-sized buffers, so its
+  temporaries are the ones a compiled kernel would hold per program, times nothing else."""
+  blocks = BlockSizes(64, 64, 64, 64, 64, 64)
+  kernel = lambda q, k, v: flash_attention(q, k, v, is_causal=True, block_sizes=blocks,
+                                           interpret=True)
+  ref = lambda q, k, v: flash_attention_reference(q, k, v, is_causal=True)
+  kernel_growth = _temp_bytes(kernel, 2048) / _temp_bytes(kernel, 512)
+  ref_growth = _temp_bytes(ref, 2048) / _temp_bytes(ref, 512)
+  assert kernel_growth < 5.0, kernel_growth
+  assert ref_growth > 12.0, ref_growth
+
+
+def test_reference_matches_float64():
+  q, k, v, ct = _inputs(5, 2, 23, 31, 4, 2, 8, 8)  # Any head dim: plain JAX.
+  kwargs = dict(segment_ids=_segments(5, 2, 23, 31), is_causal=True, local_window_size=(9, 0),
+                logits_soft_cap=2.5)
+  out = flash_attention_reference(q, k, v, **kwargs)
+  want, _ = _reference_vjp(q, k, v, ct, **kwargs)
+  np.testing.assert_allclose(out, want, atol=2e-5, rtol=2e-5)
+
+
+def test_dot_product_attention_routes_to_the_kernel():
+  q, k, v, _ = _inputs(6, 1, 24, 24, 2, 1, 16, 16)
+  seg = _segments(6, 1, 24, 24)[0]
+  pallas = lambda q, k, v: ops.dot_product_attention(
+      q, k, v, is_causal=True, segment_ids=seg, implementation="pallas")
+  assert "pallas_call" in str(jax.make_jaxpr(pallas)(q, k, v))
+  # On CPU, implementation=None takes the XLA path.
+  default = lambda q, k, v: ops.dot_product_attention(q, k, v, is_causal=True, segment_ids=seg)
+  assert "pallas_call" not in str(jax.make_jaxpr(default)(q, k, v))
+  np.testing.assert_allclose(pallas(q, k, v), default(q, k, v), atol=5e-5, rtol=5e-5)
+  with pytest.raises(ValueError, match="mask"):
+    ops.dot_product_attention(q, k, v, mask=jnp.ones((1, 1, 24, 24), bool),
+                              implementation="pallas")
+  with pytest.raises(ValueError, match="bias"):
+    ops.dot_product_attention(q, k, v, bias=jnp.zeros((1, 1, 24, 24)), implementation="pallas")
+
+
+@pytest.mark.parametrize("head_dim,kv_heads,kwargs", [
+    (64, 4, dict(is_causal=True)),
+    (128, 2, dict(segments=True, local_window_size=(256, 0), logits_soft_cap=30.0)),
+    (256, 1, dict(normalizer="sigmoid", is_causal=True)),
+])
+def test_lowers_to_triton_for_cuda(head_dim, kv_heads, kwargs):
+  """The forward, dQ and dK/dV kernels lower through Pallas's Triton backend (cross-platform
+  export from CPU; the Triton-to-PTX step itself needs a GPU)."""
+  kwargs = dict(kwargs)
+  q = jax.ShapeDtypeStruct((2, 1000, 4, head_dim), jnp.bfloat16)
+  k = jax.ShapeDtypeStruct((2, 1000, kv_heads, head_dim), jnp.bfloat16)
+  seg = jax.ShapeDtypeStruct((2, 1000), jnp.int32) if kwargs.pop("segments", False) else None
+
+  def loss(q, k, v, seg):
+    return flash_attention(q, k, v, segment_ids=seg, backend="gpu", **kwargs).sum()
+
+  exported = export.export(
+      jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))), platforms=["cuda"],
+      disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+  )(q, k, k, seg)
+  assert exported.mlir_module().count("__gpu$xla.gpu.triton") == 3
+
+
+def test_invalid_arguments_raise():
+  q, k, v, _ = _inputs(7, 1, 16, 16, 2, 1, 16, 16)
+  with pytest.raises(ValueError, match="block_q"):
+    BlockSizes(block_q=24)
+  with pytest.raises(ValueError, match="block_kv_dq"):
+    BlockSizes(block_kv_dq=0)
+  with pytest.raises(ValueError, match="block_k"):
+    BlockSizes(block_k=-16)
+  with pytest.raises(TypeError, match="block_sizes"):
+    flash_attention(q, k, v, block_sizes=(16, 16), interpret=True)
+  q72, k72, v72, _ = _inputs(7, 1, 16, 16, 2, 1, 72, 72)
+  with pytest.raises(ValueError, match="head_dim"):
+    flash_attention(q72, k72, v72, interpret=True)
+  with pytest.raises(ValueError, match="value head_dim"):
+    flash_attention(q, k, v[..., :8], interpret=True)
+  with pytest.raises(ValueError, match="batch"):
+    flash_attention(q, k[:0], v, interpret=True)
+  with pytest.raises(ValueError, match="heads"):
+    flash_attention(q[:, :, :1], k.repeat(2, axis=2), v.repeat(2, axis=2), interpret=True)
+  with pytest.raises(ValueError, match="sequence length"):
+    flash_attention(q, k, v[:, :8], interpret=True)
+  with pytest.raises(ValueError, match="normalizer"):
+    flash_attention(q, k, v, normalizer="relu", interpret=True)
+  with pytest.raises(ValueError, match="sigmoid_bias"):
+    flash_attention(q, k, v, sigmoid_bias=-1.0, interpret=True)
+  with pytest.raises(ValueError, match="logits_soft_cap"):
+    flash_attention(q, k, v, logits_soft_cap=0.0, interpret=True)
+  with pytest.raises(ValueError, match="backend"):
+    flash_attention(q, k, v, backend="cuda", interpret=True)
+  with pytest.raises(ValueError, match="interpret=True"):
+    flash_attention(q, k, v)  # CPU: no compiled kernel.
