@@ -33,10 +33,24 @@ def _cudnn_attention(query, key, value, bias, mask, scale, is_causal, local_wind
   return common.apply_row_mask(out, mask, dims)
 
 
+def _pallas_supported(query, key, value, bias, mask) -> bool:
+  """Whether `implementation=None` takes the Pallas kernel: on GPU/TPU, for arguments it
+  supports (no bias or mask arrays, its head dims). Never on CPU, where it only interprets."""
+  if jax.default_backend() not in ("gpu", "tpu"):
+    return False
+  from pallas_kernels.flash_attention import api  # pylint: disable=g-import-not-at-top
+  return api.supports(query, key, value, bias=bias, mask=mask)
+
+
 def _pallas_attention(query, key, value, bias, mask, **kwargs):
-  raise NotImplementedError(
-      "implementation='pallas' needs the flash-attention kernel, which has not landed yet; "
-      "use implementation='xla'")
+  """`pallas_kernels.flash_attention`; on CPU it runs in the Pallas interpreter (slow: tests)."""
+  for name, x in (("bias", bias), ("mask", mask)):
+    if x is not None:
+      raise ValueError(
+          f"implementation='pallas' does not support a {name} array; express the mask with "
+          "is_causal, segment_ids or local_window_size, or use implementation='xla'")
+  from pallas_kernels import flash_attention  # pylint: disable=g-import-not-at-top
+  return flash_attention(query, key, value, interpret=jax.default_backend() == "cpu", **kwargs)
 
 
 def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None,
@@ -61,7 +75,9 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
       kv_segment_ids)`; tokens attend only within their segment.
     local_window_size: int or `(left, right)`: query i attends keys in `[i-left, i+right]`.
     logits_soft_cap: if set, logits become `cap * tanh(logits / cap)` (before the bias).
-    implementation: None (best available), "xla", "pallas" or "cudnn".
+    implementation: None (the Pallas kernel on GPU/TPU where it supports the arguments, XLA
+      otherwise and always on CPU), "xla", "pallas" (`pallas_kernels.flash_attention`; no
+      `bias`/`mask` arrays; on CPU it runs in the Pallas interpreter) or "cudnn".
 
   Returns:
     `[batch, q_len, num_heads, value_dim]` in the query's dtype.
@@ -73,6 +89,8 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
   if logits_soft_cap is not None and logits_soft_cap <= 0:
     raise ValueError(f"logits_soft_cap must be positive, got {logits_soft_cap}")
   scale = common.default_scale(dims.head_dim, scale)
+  if implementation is None and _pallas_supported(query, key, value, bias, mask):
+    implementation = "pallas"
   if implementation == "pallas":
     return _pallas_attention(
         query, key, value, bias, mask, scale=scale, is_causal=is_causal,
