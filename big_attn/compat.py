@@ -49,11 +49,13 @@ def shard_map(f, *, mesh, in_specs, out_specs, check_vma=True):
 def reshape_with_sharding(x, shape, sharding):
   """Reshapes `x` to `shape` laid out as `sharding` (a `NamedSharding`) on any kind of mesh.
 
-  Explicit mesh axes (the `jax.make_mesh` default since 0.7) must be given the output sharding
-  on the reshape itself; Auto axes (`jax.sharding.Mesh`) take a sharding constraint.
+  Explicit mesh axes (the `jax.make_mesh` default since 0.7) need the output sharding on the
+  reshape itself (a sharded dimension may not be split or merged otherwise), then a `reshard`
+  (the reshape ignores it for an unsharded input); Auto axes (`jax.sharding.Mesh`) take a
+  sharding constraint.
   """
   explicit = getattr(jax.sharding, "AxisType", None)
   axis_types = getattr(sharding.mesh, "axis_types", ()) or ()
   if explicit is not None and any(t == explicit.Explicit for t in axis_types):
-    return jax.lax.reshape(x, tuple(shape), out_sharding=sharding)
+    return jax.reshard(jax.lax.reshape(x, tuple(shape), out_sharding=sharding), sharding)
   return jax.lax.with_sharding_constraint(jax.lax.reshape(x, tuple(shape)), sharding)
