@@ -23,10 +23,13 @@ def test_mesh_sizes_rest_and_defaults():
   assert mesh.axis_names == mesh_lib.MESH_AXES
   assert dict(mesh.shape) == dict(data=2, fsdp=1, tensor=4, seq=1)
   assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in jax.devices())
+  # Without -1 a mesh may use the first devices only (a single-device run on a larger host).
+  single = mesh_lib.make_mesh([("data", 1)])
+  assert single.size == 1 and single.devices.flat[0] == jax.devices()[0]
 
 
 @pytest.mark.parametrize("spec, message", [
-    ([("data", 3)], "needs 3 devices but 8"),
+    ([("data", 16)], "needs 16 devices but 8"),
     ([("data", 3), ("fsdp", -1)], "does not divide"),
     ([("data", -1), ("fsdp", -1)], "one axis only"),
     ([("model", 8)], "not one of"),

@@ -68,7 +68,8 @@ def _check_axis_spec(mesh_config: Sequence[Any]) -> list[tuple[str, int]]:
 def mesh_shape(mesh_config: Sequence[Any], num_devices: int) -> dict[str, int]:
   """Sizes of all four mesh axes for `num_devices`; -1 takes the rest, unnamed axes are 1.
 
-  Raises `ValueError` saying why when the sizes cannot tile `num_devices` exactly.
+  Without -1 the mesh may use fewer devices than there are (the first ones). Raises
+  `ValueError` saying why when the sizes need more devices or -1 has no integer size.
   """
   pairs = _check_axis_spec(mesh_config)
   known = math.prod(s for _, s in pairs if s != -1)
@@ -79,9 +80,9 @@ def mesh_shape(mesh_config: Sequence[Any], num_devices: int) -> dict[str, int]:
       raise ValueError(f"config.mesh {pairs}: the fixed axes use {known} devices, which does "
                        f"not divide the {num_devices} available, so -1 has no integer size")
     sizes[rest[0]] = num_devices // known
-  elif known != num_devices:
+  elif known > num_devices:
     raise ValueError(f"config.mesh {pairs} needs {known} devices but {num_devices} are "
-                     "available; use -1 for one axis to take the rest")
+                     "available")
   return {axis: sizes.get(axis, 1) for axis in MESH_AXES}
 
 
@@ -90,6 +91,7 @@ def make_mesh(mesh_config: Sequence[Any], devices: Sequence[Any] | None = None) 
   devices = jax.devices() if devices is None else list(devices)
   shape = mesh_shape(mesh_config, len(devices))
   sizes = tuple(shape[a] for a in MESH_AXES)
+  devices = devices[:math.prod(sizes)]
   try:
     from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
     device_array = mesh_utils.create_device_mesh(sizes, devices)

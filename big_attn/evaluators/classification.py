@@ -1,0 +1,57 @@
+"""Classification accuracy and loss on a held-out split (one padded pass, padding masked)."""
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from big_attn import data
+from big_attn.parallel import mesh as mesh_lib
+from big_attn.train import step as step_lib
+
+
+class Evaluator:
+  """Top-1 accuracy and mean softmax cross-entropy of `model` on `split` of `input_config`.
+
+    for name, value in Evaluator(model, input_config=config.input, batch_size=256, mesh=mesh,
+                                 rules=config.sharding_rules).run(state):
+      ...   # ("accuracy", 0.97), ("loss", 0.11)
+  """
+
+  def __init__(self, model: nn.Module, *, input_config: Any, batch_size: int, mesh: Mesh,
+               rules: Any, split: str = "test", seed: int = 0):
+    divisor = mesh_lib.batch_divisor(mesh, rules)
+    if batch_size % divisor:
+      raise ValueError(f"evaluator batch_size {batch_size} must be a multiple of the {divisor} "
+                       "ways the mesh splits a batch")
+    self.dataset = data.get_dataset(
+        input_config, split=split, batch_size=batch_size, seed=seed, train=False,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    self.sharding = mesh_lib.data_sharding(mesh, rules)
+
+    @jax.jit
+    def eval_step(params, batch):
+      logits = model.apply({"params": params}, batch["image"], train=False)
+      mask = batch["mask"].astype(jnp.float32)
+      losses = step_lib.classification_losses(logits, batch["labels"])
+      correct = (jnp.argmax(logits, axis=-1) == batch["label"]).astype(jnp.float32)
+      return jnp.sum(losses * mask), jnp.sum(correct * mask), jnp.sum(mask)
+
+    self._eval_step = eval_step
+
+  def run(self, state: dict[str, Any]) -> Iterator[tuple[str, float]]:
+    """Yields `("accuracy", a)` and `("loss", l)` over the whole split."""
+    totals = np.zeros(3, np.float64)
+    for batch in self.dataset:
+      batch = {k: batch[k] for k in ("image", "labels", "label", "mask")}
+      sums = self._eval_step(state["params"], mesh_lib.shard_batch(batch, self.sharding))
+      totals += np.asarray(jax.device_get(sums), np.float64)
+    loss_sum, correct, count = totals
+    if count == 0:
+      raise ValueError("the evaluation split has no examples")
+    yield "accuracy", float(correct / count)
+    yield "loss", float(loss_sum / count)

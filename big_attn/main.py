@@ -1,0 +1,276 @@
+r"""Trains a model from a config; a run started again on the same workdir resumes.
+
+    python -m big_attn.main --config=configs/vit_digits.py --workdir=/tmp/vit_digits
+    python -m big_attn.main --config=configs/vit_i1k.py:variant=S/16 --workdir=DIR \
+        --config.lr=3e-3 --config.mesh="[('fsdp', -1)]"
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m big_attn.main \
+        --config=configs/vit_2b.py --workdir=/tmp/vit_2b --config.dry_run=True
+
+The run reads top to bottom: mesh, input, model, sharding, update step, checkpoint, evaluators,
+loop. The workdir receives `metrics.jsonl`, TensorBoard events (`tensorboard/`) and orbax
+checkpoints (`checkpoints/`).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from typing import Any
+
+from absl import app, flags, logging
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+
+from big_attn import data, evaluators, models
+from big_attn.parallel import mesh as mesh_lib
+from big_attn.train import checkpoint as ckpt_lib
+from big_attn.train import config_lib
+from big_attn.train import metrics as metrics_lib
+from big_attn.train import optim
+from big_attn.train import step as step_lib
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Training configuration (configs/NAME.py[:ARG]).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+
+_MODEL_DTYPE_KEYS = ("dtype", "param_dtype")
+_EVAL_RESERVED = ("type", "every")
+
+
+def maybe_initialize_distributed() -> None:
+  """`jax.distributed.initialize()` when the environment says this is one of several processes.
+
+  Recognised: `JAX_COORDINATOR_ADDRESS` (explicit set-up), SLURM and Open MPI with more than one
+  task, and multi-host TPU slices; JAX then detects the rest of the cluster itself.
+  """
+  env = os.environ
+  multi = (bool(env.get("JAX_COORDINATOR_ADDRESS"))
+           or int(env.get("SLURM_NTASKS", "1")) > 1
+           or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+           or len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1)
+  if multi:
+    jax.distributed.initialize()
+
+
+def check_config(config: Any) -> None:
+  """Raises `ValueError` for keys that no part of the run reads (typos) and bad values."""
+  known = set(config_lib.base_config().keys())
+  unknown = set(config.keys()) - known
+  if unknown:
+    raise ValueError(f"config has unknown keys {sorted(unknown)}; known keys: {sorted(known)}")
+  for key in ("total_steps", "log_every", "ckpt_every", "grad_accum_steps"):
+    if not isinstance(config[key], int) or config[key] < 1:
+      raise ValueError(f"config.{key} must be a positive int, got {config[key]!r}")
+  for name, cfg in config.evals.items():
+    if "type" not in cfg or "every" not in cfg:
+      raise ValueError(f"config.evals.{name} needs `type` and `every`, got {sorted(cfg.keys())}")
+
+
+def dataset_info(config: Any, input_config: dict[str, Any]) -> dict[str, Any]:
+  """`data.dataset_info`; a dry run without the data set falls back to the config.
+
+  The fallback (so that a large config compiles before its data is prepared) takes
+  `num_classes` from `config.model.num_classes` and images of `input.image_size` with
+  `input.channels` (default 3) channels.
+  """
+  try:
+    return data.dataset_info(input_config)
+  except (ImportError, FileNotFoundError) as e:
+    num_classes = config.model.get("num_classes")
+    if not config.dry_run or not num_classes:
+      raise
+    logging.warning("dry run without the data set (%s); num_classes=%d from config.model", e,
+                    num_classes)
+    size, channels = config.input.image_size, config.input.get("channels") or 3
+    return dict(num_classes=num_classes, image_shape=(size, size, channels))
+
+
+def _model_kwargs(config: Any, info: dict[str, Any]) -> dict[str, Any]:
+  kwargs = config.model.to_dict()
+  kwargs.setdefault("num_classes", info["num_classes"])
+  if kwargs["num_classes"] != info["num_classes"]:
+    raise ValueError(f"config.model.num_classes={kwargs['num_classes']} but the data set has "
+                     f"{info['num_classes']} classes")
+  for key in _MODEL_DTYPE_KEYS:
+    if isinstance(kwargs.get(key), str):
+      kwargs[key] = jnp.dtype(kwargs[key])
+  return kwargs
+
+
+def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
+  """Runs (or resumes) training; returns `{"step": last step, "preempted": bool}`.
+
+  With `config.dry_run` it only compiles one step and returns `{"parameters", "memory",
+  "flops"}` instead.
+  """
+  check_config(config)
+  rules = mesh_lib.check_rules(config.sharding_rules)
+  rng = jax.random.key(config.seed)
+  init_rng, train_rng = jax.random.split(rng)
+
+  # ---------------------------------------------------------------------------------------- Mesh
+  mesh = mesh_lib.make_mesh(config.mesh)
+  data_sharding = mesh_lib.data_sharding(mesh, rules)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  logging.info("mesh: %s over %d devices (%d processes)", dict(mesh.shape), mesh.size,
+               jax.process_count())
+
+  # --------------------------------------------------------------------------------------- Input
+  batch_size = config.input.batch_size
+  split_ways = mesh_lib.batch_divisor(mesh, rules) * config.grad_accum_steps
+  if batch_size % split_ways:
+    raise ValueError(f"config.input.batch_size {batch_size} must be a multiple of "
+                     f"{split_ways} (the ways the mesh splits a batch x grad_accum_steps)")
+  input_config = {k: v for k, v in config.input.items() if k != "batch_size"}
+  info = dataset_info(config, input_config)
+  image_shape = tuple(info["image_shape"])
+  train_iter = None
+  if not config.dry_run:
+    train_iter = iter(data.get_dataset(
+        input_config, split="train", batch_size=batch_size, seed=config.seed, train=True,
+        process_index=jax.process_index(), process_count=jax.process_count()))
+
+  # --------------------------------------------------------------------------------------- Model
+  try:
+    model = models.get(config.model_name).Model(**_model_kwargs(config, info))
+  except TypeError as e:
+    raise ValueError(f"config.model does not fit {config.model_name}.Model: {e}") from None
+  schedule = optim.make_schedule(config.lr, config.schedule, config.total_steps)
+  tx = optim.make_optimizer(config.optax_name, config.optax.to_dict(), schedule,
+                            config.grad_clip_norm)
+
+  # ------------------------------------------------------------------------------------ Sharding
+  boxed_state = step_lib.abstract_state(model, tx, image_shape)
+  state_shardings = step_lib.state_shardings(boxed_state, mesh, rules)
+  abstract_state = step_lib.with_shardings(boxed_state, state_shardings)
+  num_params = step_lib.count_params(boxed_state["params"])
+  logging.info("parameters: %d", num_params)
+
+  # --------------------------------------------------------------------------------- Update step
+  train_step = jax.jit(
+      step_lib.make_train_step(model, tx, schedule, grad_accum_steps=config.grad_accum_steps,
+                               micro_sharding=data_sharding),
+      in_shardings=(state_shardings, data_sharding, replicated),
+      out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+
+  if config.dry_run:
+    batch_spec = {
+        "image": jax.ShapeDtypeStruct((batch_size, *image_shape), jnp.float32,
+                                      sharding=data_sharding),
+        "labels": jax.ShapeDtypeStruct((batch_size, info["num_classes"]), jnp.float32,
+                                       sharding=data_sharding)}
+    rng_spec = jax.ShapeDtypeStruct(train_rng.shape, train_rng.dtype, sharding=replicated)
+    compiled = train_step.lower(abstract_state, batch_spec, rng_spec).compile()
+    return report_compiled(compiled, num_params, mesh.size,
+                           step_flops(model, tx, schedule, config, image_shape, batch_spec))
+
+  # ---------------------------------------------------------------------------------- Checkpoint
+  checkpointer = ckpt_lib.Checkpointer(
+      os.path.join(os.path.abspath(workdir), "checkpoints"), every=config.ckpt_every,
+      max_to_keep=config.max_to_keep)
+  restored = checkpointer.restore_latest(abstract_state, train_iter)
+  if restored is None:
+    state = jax.jit(step_lib.make_init_fn(model, tx, image_shape),
+                    out_shardings=state_shardings)(init_rng)
+    first_step = 0
+  else:
+    first_step, state = restored
+  logging.info("starting at step %d of %d", first_step, config.total_steps)
+
+  # ---------------------------------------------------------------------------------- Evaluators
+  evals = {}
+  for name, cfg in config.evals.items():
+    kwargs = {k: v for k, v in cfg.items() if k not in _EVAL_RESERVED}
+    kwargs.setdefault("input_config", input_config)
+    kwargs.setdefault("batch_size", batch_size)
+    evals[name] = (evaluators.get(cfg.type)(model, mesh=mesh, rules=rules, **kwargs), cfg.every)
+
+  # ---------------------------------------------------------------------------------------- Loop
+  writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
+  progress = metrics_lib.Progress(first_step, config.total_steps, batch_size)
+  preempted = threading.Event()
+  previous_handler = None
+  if threading.current_thread() is threading.main_thread():
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.set())
+  step = first_step
+  try:
+    while step < config.total_steps and not preempted.is_set():
+      batch = next(train_iter)
+      batch = mesh_lib.shard_batch({"image": batch["image"], "labels": batch["labels"]},
+                                   data_sharding)
+      state, metrics = train_step(state, batch, train_rng)
+      step += 1
+      last = step == config.total_steps or preempted.is_set()
+      if step % config.log_every == 0 or step % config.ckpt_every == 0 or last:
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        metrics_lib.check_finite(step, metrics)
+        if step % config.log_every == 0 or last:
+          metrics.update(progress.measure(step))
+          writer.write(step, metrics)
+          progress.log(step, metrics)
+      for name, (evaluator, every) in evals.items():
+        if step % every == 0 or step == config.total_steps:
+          results = {f"{name}/{key}": value for key, value in evaluator.run(state)}
+          writer.write(step, results)
+          logging.info("step %d: %s", step, results)
+      writer.flush()
+      checkpointer.save(step, state, train_iter,
+                        force=step == config.total_steps or preempted.is_set())
+    if preempted.is_set():
+      logging.warning("SIGTERM received: saved a checkpoint at step %d, exiting", step)
+  finally:
+    checkpointer.close()
+    writer.close()
+    if previous_handler is not None:
+      signal.signal(signal.SIGTERM, previous_handler)
+  return {"step": step, "preempted": preempted.is_set()}
+
+
+def step_flops(model: Any, tx: Any, schedule: Any, config: Any, image_shape: tuple[int, ...],
+               batch_spec: dict[str, Any]) -> float:
+  """FLOPs of one whole (global, unpartitioned) train step, from XLA's cost analysis.
+
+  XLA counts the body of a loop once, so a model whose layers are scanned is lowered again
+  with the layers unrolled (`scan_layers=False`); lowering traces only, nothing is compiled.
+  """
+  if getattr(model, "scan_layers", False):
+    model = model.clone(scan_layers=False)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                          nn.unbox(step_lib.abstract_state(model, tx, image_shape)))
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch_spec.items()}
+  step = step_lib.make_train_step(model, tx, schedule, grad_accum_steps=config.grad_accum_steps)
+  cost = jax.jit(step).lower(abstract, batch, jax.random.key(0)).cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float((cost or {}).get("flops", 0.0))
+
+
+def report_compiled(compiled: Any, num_params: int, num_devices: int,
+                    flops: float) -> dict[str, Any]:
+  """Prints parameter count, per-device memory of the compiled step and its FLOPs."""
+  memory = compiled.memory_analysis()
+  mem = {key: int(getattr(memory, f"{key}_size_in_bytes", 0) or 0)
+         for key in ("argument", "output", "temp", "alias", "generated_code")}
+  mem["peak_estimate"] = mem["argument"] + mem["output"] + mem["temp"] - mem["alias"]
+  gib = lambda b: f"{b / 2**30:.3f} GiB"  # pylint: disable=unnecessary-lambda-assignment
+  print(f"parameters: {num_params}")
+  print("memory per device: " + ", ".join(f"{k} {gib(v)}" for k, v in mem.items()))
+  print(f"flops per step: {flops:.4g} (about {flops / num_devices:.4g} per device on "
+        f"{num_devices} devices)")
+  return {"parameters": num_params, "memory": mem, "flops": flops}
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  maybe_initialize_distributed()
+  config = _CONFIG.value
+  if not config.dry_run and not _WORKDIR.value:
+    raise app.UsageError("--workdir is required (except with --config.dry_run=True)")
+  train_and_evaluate(config, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)

@@ -1,0 +1,68 @@
+"""Helpers for the Python configs in `configs/`: typed `arg` strings and the shared defaults."""
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+from big_attn.parallel import mesh as mesh_lib
+
+
+def _convert(key: str, value: str, default: Any) -> Any:
+  if isinstance(default, bool):
+    if value.lower() in ("", "true", "1", "yes"):
+      return True
+    if value.lower() in ("false", "0", "no"):
+      return False
+    raise ValueError(f"config arg {key!r} is a bool, got {value!r}")
+  if isinstance(default, int):
+    return int(value)
+  if isinstance(default, float):
+    return float(value)
+  return value
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """`"variant=B/16,runlocal"` -> ConfigDict of `defaults` with those keys replaced.
+
+  Values take the type of their default; a bare key sets a bool to True; an unknown key raises
+  `ValueError` listing the known ones (as big_vision's `parse_arg`).
+  """
+  out = dict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, _, value = item.partition("=")
+    key = key.strip()
+    if key not in defaults:
+      raise ValueError(f"unknown config arg {key!r}; known args: {', '.join(sorted(defaults))}")
+    try:
+      out[key] = _convert(key, value.strip(), defaults[key])
+    except ValueError as e:
+      raise ValueError(f"config arg {key!r}: cannot read {value!r} as "
+                       f"{type(defaults[key]).__name__} ({e})") from None
+  return ml_collections.ConfigDict(out)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The keys every training config has (DESIGN.md), with neutral defaults."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.model_name = "vit"
+  config.model = ml_collections.ConfigDict()
+  config.input = ml_collections.ConfigDict(dict(
+      name="digits", data_dir=None, image_size=32, batch_size=128,
+      augment=dict(crop_padding=0, flip=False), mixup=0.0))
+  config.mesh = [("data", -1)]
+  config.sharding_rules = list(mesh_lib.DEFAULT_RULES)
+  config.optax_name = "adamw"
+  config.optax = ml_collections.ConfigDict(dict(weight_decay=1e-4))
+  config.lr = 1e-3
+  config.schedule = ml_collections.ConfigDict(dict(warmup_steps=0, decay_type="cosine"))
+  config.grad_clip_norm = 1.0
+  config.grad_accum_steps = 1
+  config.total_steps = 1000
+  config.log_every = 50
+  config.ckpt_every = 500
+  config.max_to_keep = 2
+  config.evals = ml_collections.ConfigDict()
+  config.dry_run = False
+  return config

@@ -1,0 +1,125 @@
+"""Train state, its shardings, and the update step (with gradient accumulation).
+
+The state is a plain dict `{"step": int32[], "params": ..., "opt_state": ...}` so that orbax saves
+and restores it as an ordinary pytree.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from big_attn.parallel import mesh as mesh_lib
+
+
+def init_variables(model: nn.Module, rng: jax.Array, image_shape: tuple[int, ...]) -> Any:
+  """Boxed (logically annotated) params of `model` for images of `image_shape` ([h, w, c])."""
+  dummy = jnp.zeros((1, *image_shape), jnp.float32)
+  return model.init({"params": rng, "dropout": rng}, dummy, train=False)["params"]
+
+
+def abstract_state(model: nn.Module, tx: optax.GradientTransformation,
+                   image_shape: tuple[int, ...]) -> dict[str, Any]:
+  """Shapes of the state, with the logical names of params carried into the optimizer state."""
+  boxed = jax.eval_shape(lambda rng: init_variables(model, rng, image_shape),
+                         jax.random.key(0))
+  return {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": boxed,
+          "opt_state": jax.eval_shape(tx.init, boxed)}
+
+
+def state_shardings(boxed_abstract_state: Any, mesh, rules) -> Any:
+  """`NamedSharding` tree of the (unboxed) state under `rules`."""
+  return mesh_lib.logical_shardings(boxed_abstract_state, mesh, rules)
+
+
+def with_shardings(boxed_abstract_state: Any, shardings: Any) -> Any:
+  """`ShapeDtypeStruct`s of the unboxed state carrying `shardings` (for restore / dry run)."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      nn.unbox(boxed_abstract_state), shardings)
+
+
+def make_init_fn(model: nn.Module, tx: optax.GradientTransformation,
+                 image_shape: tuple[int, ...]) -> Callable[[jax.Array], dict[str, Any]]:
+  """`rng -> state` (jit it with `out_shardings=state_shardings(...)`)."""
+
+  def init(rng):
+    params = nn.unbox(init_variables(model, rng, image_shape))
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+  return init
+
+
+def classification_losses(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Per-example softmax cross-entropy in float32 against (soft) `labels` `[b, classes]`."""
+  return optax.softmax_cross_entropy(logits.astype(jnp.float32), labels.astype(jnp.float32))
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: Callable,
+                    *, grad_accum_steps: int = 1, micro_sharding: NamedSharding | None = None
+                    ) -> Callable:
+  """`(state, batch, rng) -> (state, metrics)`: one optimizer update on the whole batch.
+
+  With `grad_accum_steps > 1` the batch is split into that many microbatches (example `i` goes
+  to microbatch `i % grad_accum_steps`, so each stays spread over the data devices), scanned
+  with `lax.scan`, and the mean of their gradients is applied: the same update as the whole
+  batch at once. `micro_sharding` (batch dim over the data axes) keeps microbatches sharded.
+  The dropout key of step `s`, microbatch `m` is `fold_in(fold_in(rng, s), m)`.
+  """
+  if grad_accum_steps < 1:
+    raise ValueError(f"config.grad_accum_steps must be >= 1, got {grad_accum_steps}")
+
+  def loss_fn(params, images, labels, rng):
+    logits = model.apply({"params": params}, images, train=True, rngs={"dropout": rng})
+    return classification_losses(logits, labels).mean()
+
+  grad_fn = jax.value_and_grad(loss_fn)
+
+  def split(x):
+    b = x.shape[0]
+    if b % grad_accum_steps:
+      raise ValueError(f"batch size {b} is not divisible by grad_accum_steps "
+                       f"{grad_accum_steps}")
+    x = x.reshape(b // grad_accum_steps, grad_accum_steps, *x.shape[1:]).swapaxes(0, 1)
+    if micro_sharding is not None:
+      spec = PartitionSpec(None, *micro_sharding.spec)
+      x = jax.lax.with_sharding_constraint(x, NamedSharding(micro_sharding.mesh, spec))
+    return x
+
+  def train_step(state, batch, rng):
+    step = state["step"]
+    rng = jax.random.fold_in(rng, step)
+    params = state["params"]
+    if grad_accum_steps == 1:
+      loss, grads = grad_fn(params, batch["image"], batch["labels"], rng)
+    else:
+      images, labels = split(batch["image"]), split(batch["labels"])
+
+      def body(carry, xs):
+        loss_sum, grad_sum = carry
+        i, mb_images, mb_labels = xs
+        loss, grads = grad_fn(params, mb_images, mb_labels, jax.random.fold_in(rng, i))
+        return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+      zeros = jax.tree.map(jnp.zeros_like, params)
+      (loss, grads), _ = jax.lax.scan(
+          body, (jnp.zeros((), jnp.float32), zeros),
+          (jnp.arange(grad_accum_steps), images, labels))
+      loss = loss / grad_accum_steps
+      grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_state = {"step": step + 1, "params": optax.apply_updates(params, updates),
+                 "opt_state": opt_state}
+    metrics = {"train/loss": loss, "train/grad_norm": optax.tree_utils.tree_norm(grads),
+               "train/lr": schedule(step)}
+    return new_state, metrics
+
+  return train_step
+
+
+def count_params(params: Any) -> int:
+  """Number of scalars in a (possibly abstract or boxed) parameter tree."""
+  return int(sum(x.size for x in jax.tree.leaves(nn.unbox(params))))

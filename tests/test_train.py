@@ -1,0 +1,342 @@
+"""End-to-end training: loss falls, exact resume, SIGTERM, corrupted checkpoints, sharded runs
+matching a single device, NaN stop, dry run of the 2B config, and config errors.
+
+All runs use a tiny ViT on 8x8 digits (4 tokens) on 8 simulated CPU devices.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import struct
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from big_attn import data
+from big_attn import main as main_lib
+from big_attn import models
+from big_attn.train import config_lib
+from big_attn.train import metrics as metrics_lib
+from big_attn.train import optim
+from big_attn.train import step as step_lib
+from big_attn.train import tensorboard
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOTAL_STEPS = 12
+
+
+def _config_module(name):
+  return config_flags.config_flags._LoadConfigModule(  # pylint: disable=protected-access
+      name, os.path.join(ROOT, "configs", f"{name}.py"))
+
+
+def tiny_config(**overrides) -> ml_collections.ConfigDict:
+  """configs/vit_digits.py shrunk to a ViT of 4 tokens, width 16, on one device."""
+  config = _config_module("vit_digits").get_config("runlocal")
+  config.input.image_size = 8
+  config.input.batch_size = 16
+  config.input.augment = dict(crop_padding=1, flip=False)
+  config.model = dict(width=16, depth=1, mlp_dim=32, num_heads=2, patch_size=(4, 4),
+                      pool_type="gap", head_zeroinit=False, dtype="float32")
+  config.mesh = [("data", 1)]
+  config.lr = 3e-3
+  config.schedule = dict(warmup_steps=2, decay_type="cosine")
+  config.total_steps = TOTAL_STEPS
+  config.log_every = 1
+  config.ckpt_every = 4
+  config.max_to_keep = 2
+  config.evals = {}
+  for key, value in overrides.items():
+    target = config
+    *path, leaf = key.split(".")
+    for part in path:
+      target = target[part]
+    target[leaf] = value
+  return ml_collections.ConfigDict(config.to_dict())
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    return [json.loads(line) for line in f]
+
+
+def losses(workdir):
+  return {m["step"]: m["train/loss"] for m in read_metrics(workdir) if "train/loss" in m}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """An uninterrupted single-device run with an evaluator."""
+  workdir = str(tmp_path_factory.mktemp("reference"))
+  config = tiny_config()
+  config.evals = ml_collections.ConfigDict(dict(
+      eval=dict(type="classification", every=6, split="test", batch_size=64)))
+  result = main_lib.train_and_evaluate(config, workdir)
+  assert result == {"step": TOTAL_STEPS, "preempted": False}
+  return workdir
+
+
+def test_loss_falls_and_metrics_are_logged(reference):
+  records = read_metrics(reference)
+  assert [r["step"] for r in records] == list(range(1, TOTAL_STEPS + 1))
+  for r in records:
+    for key in ("train/loss", "train/lr", "train/grad_norm", "train/examples_per_sec",
+                "train/step_time"):
+      assert np.isfinite(r[key]) and (key == "train/loss" or r[key] >= 0), (key, r)
+  evals = {r["step"]: r for r in records if "eval/accuracy" in r}
+  assert sorted(evals) == [6, 12]
+  assert 0.0 <= evals[12]["eval/accuracy"] <= 1.0 and evals[12]["eval/loss"] > 0
+  loss = [r["train/loss"] for r in records]
+  assert np.mean(loss[-3:]) < np.mean(loss[:3]) - 0.1, loss
+  # Warmup then cosine: lr rises for two steps, then decays.
+  lr = [r["train/lr"] for r in records]
+  assert lr[0] < lr[1] <= lr[2] and lr[-1] < lr[3]
+
+
+def _read_events(path):
+  """Scalars of a TensorBoard event file, parsed independently of the writer."""
+
+  def varint(buf, i):
+    shift = value = 0
+    while True:
+      byte = buf[i]
+      i += 1
+      value |= (byte & 0x7F) << shift
+      shift += 7
+      if byte < 0x80:
+        return value, i
+
+  def fields(buf):
+    i = 0
+    while i < len(buf):
+      key, i = varint(buf, i)
+      number, wire = key >> 3, key & 7
+      if wire == 0:
+        value, i = varint(buf, i)
+      elif wire == 1:
+        value, i = buf[i:i + 8], i + 8
+      elif wire == 5:
+        value, i = buf[i:i + 4], i + 4
+      else:
+        size, i = varint(buf, i)
+        value, i = buf[i:i + size], i + size
+      yield number, value
+
+  data = open(path, "rb").read()
+  out, i = [], 0
+  while i < len(data):
+    (length,) = struct.unpack("<Q", data[i:i + 8])
+    header_crc, payload = data[i + 8:i + 12], data[i + 12:i + 12 + length]
+    assert struct.unpack("<I", header_crc)[0] == tensorboard.masked_crc32c(data[i:i + 8])
+    assert struct.unpack("<I", data[i + 12 + length:i + 16 + length])[0] == (
+        tensorboard.masked_crc32c(payload))
+    i += 16 + length
+    event = dict(fields(payload))
+    if 5 in event:
+      for _, value in fields(event[5]):
+        v = dict(fields(value))
+        out.append((event[2], v[1].decode(), struct.unpack("<f", v[2])[0]))
+  return out
+
+
+def test_tensorboard_events_hold_the_logged_scalars(reference):
+  assert tensorboard.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+  logdir = os.path.join(reference, "tensorboard")
+  (name,) = os.listdir(logdir)
+  assert name.startswith("events.out.tfevents.")
+  scalars = _read_events(os.path.join(logdir, name))
+  logged = losses(reference)
+  tb_loss = {step: value for step, tag, value in scalars if tag == "train/loss"}
+  assert sorted(tb_loss) == sorted(logged)
+  np.testing.assert_allclose([tb_loss[s] for s in sorted(tb_loss)],
+                             [logged[s] for s in sorted(logged)], rtol=1e-6)
+  assert any(tag == "eval/accuracy" for _, tag, _ in scalars)
+
+
+def test_sigterm_then_resume_continues_the_loss_curve_exactly(reference, tmp_path):
+  workdir = str(tmp_path)
+  result = _run_steps(tiny_config(), workdir, 5)
+  assert result == {"step": 5, "preempted": True}
+  assert sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))
+                if d.isdigit()) == [4, 5]
+  assert sorted(losses(workdir)) == [1, 2, 3, 4, 5]
+
+  result = main_lib.train_and_evaluate(tiny_config(), workdir)
+  assert result == {"step": TOTAL_STEPS, "preempted": False}
+  resumed, expected = losses(workdir), losses(reference)
+  assert sorted(resumed) == list(range(1, TOTAL_STEPS + 1))
+  np.testing.assert_allclose([resumed[s] for s in range(1, TOTAL_STEPS + 1)],
+                             [expected[s] for s in range(1, TOTAL_STEPS + 1)],
+                             rtol=1e-6, atol=1e-6)
+
+  # Corrupt the newest checkpoint (12): the run falls back to 8 and redoes steps 9..12.
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  assert sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) == [8, 12]
+  corrupted = 0
+  for root, _, files in os.walk(os.path.join(ckpt_dir, "12", "state")):
+    for f in files:
+      with open(os.path.join(root, f), "wb") as fh:
+        fh.write(b"\0garbage")
+      corrupted += 1
+  assert corrupted
+  os.remove(os.path.join(workdir, "metrics.jsonl"))
+  result = main_lib.train_and_evaluate(tiny_config(), workdir)
+  assert result == {"step": TOTAL_STEPS, "preempted": False}
+  redone = losses(workdir)
+  assert sorted(redone) == [9, 10, 11, 12]
+  np.testing.assert_allclose([redone[s] for s in redone], [expected[s] for s in redone],
+                             rtol=1e-6, atol=1e-6)
+
+
+def _run_steps(config, workdir, steps):
+  """Runs `config` and sends SIGTERM to this process once step `steps` is logged."""
+  write = metrics_lib.MetricWriter.write
+
+  def write_then_preempt(self, step, metrics):
+    write(self, step, metrics)
+    if step == steps:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(metrics_lib.MetricWriter, "write", write_then_preempt)
+    return main_lib.train_and_evaluate(config, workdir)
+
+
+@pytest.mark.parametrize("mesh, accum", [([("fsdp", 8)], 1), ([("data", 2), ("tensor", 4)], 2)])
+def test_sharded_run_matches_single_device(reference, tmp_path, mesh, accum):
+  # total_steps stays that of the reference (it shapes the cosine); the run is stopped at 6.
+  config = tiny_config(mesh=mesh, grad_accum_steps=accum, ckpt_every=100)
+  assert _run_steps(config, str(tmp_path), 6) == {"step": 6, "preempted": True}
+  sharded, expected = losses(str(tmp_path)), losses(reference)
+  assert sorted(sharded) == list(range(1, 7))
+  np.testing.assert_allclose([sharded[s] for s in range(1, 7)],
+                             [expected[s] for s in range(1, 7)], rtol=2e-4, atol=2e-5)
+
+
+def test_gradient_accumulation_equals_whole_batch():
+  vit = models.get("vit").Model(num_classes=10, width=16, depth=1, mlp_dim=32, num_heads=2,
+                                patch_size=(4, 4), head_zeroinit=False)
+  schedule = optim.make_schedule(1e-2, dict(decay_type="constant"), 10)
+  tx = optim.make_optimizer("sgd", dict(momentum=0.9, weight_decay=1e-3), schedule, 1.0)
+  state = jax.jit(step_lib.make_init_fn(vit, tx, (8, 8, 1)))(jax.random.key(0))
+  rng = np.random.default_rng(0)
+  batch = {"image": jnp.asarray(rng.normal(size=(12, 8, 8, 1)), jnp.float32),
+           "labels": jax.nn.one_hot(rng.integers(0, 10, 12), 10)}
+  outs = [jax.jit(step_lib.make_train_step(vit, tx, schedule, grad_accum_steps=k))(
+      state, batch, jax.random.key(1)) for k in (1, 3)]
+  (s1, m1), (s3, m3) = outs
+  np.testing.assert_allclose(m1["train/loss"], m3["train/loss"], rtol=1e-5)
+  np.testing.assert_allclose(m1["train/grad_norm"], m3["train/grad_norm"], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(s1["params"]), jax.tree.leaves(s3["params"])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="not divisible by grad_accum_steps 5"):
+    jax.jit(step_lib.make_train_step(vit, tx, schedule, grad_accum_steps=5))(
+        state, batch, jax.random.key(1))
+
+
+def test_nan_loss_stops_with_a_clear_error(tmp_path, monkeypatch):
+  get_dataset = data.get_dataset
+
+  def poisoned(*args, **kwargs):
+    """Train batches from the second on hold a NaN pixel."""
+    count = iter(range(1 << 30))
+
+    def poison(batch):
+      if next(count) >= 1:
+        batch = dict(batch, image=batch["image"].copy())
+        batch["image"][0, 0, 0, 0] = np.nan
+      return batch
+
+    ds = get_dataset(*args, **kwargs)
+    return ds.map(poison) if kwargs["train"] else ds
+
+  monkeypatch.setattr(data, "get_dataset", poisoned)
+  config = tiny_config(total_steps=4, ckpt_every=100)
+  with pytest.raises(FloatingPointError, match="train/loss is nan at step 2"):
+    main_lib.train_and_evaluate(config, str(tmp_path))
+  assert not os.path.exists(os.path.join(str(tmp_path), "checkpoints", "2"))
+
+
+def test_vit_2b_dry_run_reports_parameters_memory_and_flops(capsys):
+  config = _config_module("vit_2b").get_config("batch=8")
+  config.dry_run = True
+  report = main_lib.train_and_evaluate(config, None)
+  printed = capsys.readouterr().out
+  assert f"parameters: {report['parameters']}" in printed
+  assert 1.7e9 <= report["parameters"] <= 2.1e9
+  assert "memory per device" in printed and "flops per step" in printed
+  assert report["flops"] > 6 * report["parameters"] * 8  # at least 6 N per example
+  # FSDP over 8 devices: each device holds about an eighth of the f32 params and Adam moments.
+  assert report["memory"]["argument"] < 3 * 4 * report["parameters"] / 8 * 1.3
+
+
+def test_optimizers_and_weight_decay_mask():
+  params = {"kernel": jnp.ones((3, 4)), "bias": jnp.ones((4,)), "scale": jnp.ones((3,))}
+  assert optim.decay_mask(params) == {"kernel": True, "bias": False, "scale": False}
+  grads = jax.tree.map(jnp.zeros_like, params)
+  schedule = optim.make_schedule(0.1, dict(decay_type="constant"), 10)
+  for name in optim.OPTIMIZERS:
+    tx = optim.make_optimizer(name, dict(weight_decay=0.5), schedule)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    # Zero gradients: only weight decay moves the kernel; biases and scales stay put.
+    assert float(jnp.abs(updates["kernel"]).max()) > 0, name
+    assert float(jnp.abs(updates["bias"]).max()) == 0, name
+    assert float(jnp.abs(updates["scale"]).max()) == 0, name
+  rsqrt = optim.make_schedule(1.0, dict(warmup_steps=4, decay_type="rsqrt"), 100)
+  np.testing.assert_allclose([float(rsqrt(s)) for s in (2, 4, 12)],
+                             [0.5, 1.0, (4 / 12) ** 0.5], rtol=1e-6)
+  cosine = optim.make_schedule(1.0, dict(decay_type="cosine"), 10)
+  np.testing.assert_allclose([float(cosine(s)) for s in (0, 5, 10)], [1.0, 0.5, 0.0],
+                             atol=1e-6)
+  with pytest.raises(ValueError, match="optax_name must be one of"):
+    optim.make_optimizer("adam_typo", {}, schedule)
+  with pytest.raises(ValueError, match="does not take"):
+    optim.make_optimizer("sgd", dict(b2=0.9), schedule)
+  with pytest.raises(ValueError, match="decay_type must be one of"):
+    optim.make_schedule(1.0, dict(decay_type="linear_typo"), 10)
+
+
+def test_config_typos_and_impossible_meshes_raise(tmp_path):
+  path = os.path.join(ROOT, "configs", "vit_digits.py")
+
+  def parse(*argv):
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
+                                    sys_argv=["prog", *argv])
+    fv(["prog", *argv])
+    return fv.config
+
+  config = parse(f"--config={path}:steps=7", "--config.lr=0.5")
+  assert config.lr == 0.5 and config.total_steps == 7
+  with pytest.raises(flags.Error, match="lrr"):
+    parse(f"--config={path}", "--config.lrr=0.5")
+  with pytest.raises(ValueError, match="unknown config arg 'variantt'"):
+    _config_module("vit_i1k").get_config("variantt=B/16")
+  with pytest.raises(ValueError, match="cannot read 'many' as int"):
+    _config_module("vit_digits").get_config("steps=many")
+  with pytest.raises(ValueError, match=r"unknown keys \['lrr'\]"):
+    config = tiny_config()
+    config.lrr = 0.1
+    main_lib.train_and_evaluate(config, str(tmp_path))
+  with pytest.raises(ValueError, match="needs 16 devices but 8"):
+    main_lib.train_and_evaluate(tiny_config(mesh=[("data", 16)]), str(tmp_path))
+  with pytest.raises(ValueError, match="batch_size 16 must be a multiple of 32"):
+    main_lib.train_and_evaluate(tiny_config(mesh=[("data", -1)], grad_accum_steps=4),
+                                str(tmp_path))
+  with pytest.raises(ValueError, match="config.model does not fit"):
+    main_lib.train_and_evaluate(tiny_config(**{"model.widht": 8}), str(tmp_path))
+
+
+def test_every_config_builds():
+  for name, arg in (("vit_digits", None), ("vit_cifar10", "runlocal"), ("vit_i1k", None),
+                    ("vit_2b", None)):
+    config = _config_module(name).get_config(arg)
+    main_lib.check_config(config)
+    assert config_lib.base_config().keys() == config.keys()
+    assert f"configs/{name}.py" in _config_module(name).__doc__
