@@ -271,3 +271,14 @@ def test_invalid_arguments_raise():
     flash_attention(q, k, v, backend="cuda", interpret=True)
   with pytest.raises(ValueError, match="interpret=True"):
     flash_attention(q, k, v)  # CPU: no compiled kernel.
+
+
+def test_backend_tpu_dispatches_to_the_tpu_kernel():
+  q, k, v, _ = _inputs(8, 1, 40, 40, 2, 1, 16, 16)
+  tpu = lambda q, k, v: flash_attention(q, k, v, is_causal=True, backend="tpu", interpret=True)
+  gpu = lambda q, k, v: flash_attention(q, k, v, is_causal=True, backend="gpu", interpret=True)
+  assert "flash_attention_triton_fwd" in str(jax.make_jaxpr(gpu)(q, k, v))
+  tpu_jaxpr = str(jax.make_jaxpr(tpu)(q, k, v))
+  assert "pallas_call" in tpu_jaxpr and "flash_attention_triton_fwd" not in tpu_jaxpr
+  np.testing.assert_allclose(tpu(q, k, v), flash_attention_reference(q, k, v, is_causal=True),
+                             atol=5e-5, rtol=5e-5)

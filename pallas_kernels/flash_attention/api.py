@@ -1,8 +1,6 @@
 """`flash_attention`: the public entry point, dispatching to the GPU (Triton) or TPU kernel."""
 from __future__ import annotations
 
-import inspect
-
 import jax
 
 from pallas_kernels.flash_attention import gpu_triton
@@ -52,7 +50,8 @@ def flash_attention(query, key, value, *, segment_ids=None, is_causal=False, sca
     normalizer: "softmax" or "sigmoid".
     sigmoid_bias: the constant b of the sigmoid normalizer (a Python number); `-log(kv_len)`
       when None.
-    block_sizes: the backend's tile sizes (`BlockSizes` for the GPU kernel); defaults if None.
+    block_sizes: the backend's tile sizes (`pallas_kernels.BlockSizes` for the GPU kernel,
+      `pallas_kernels.flash_attention.tpu.BlockSizes` for TPU); its defaults if None.
     backend: None (by platform: GPU -> Triton kernel, TPU -> Mosaic TPU kernel; on CPU the GPU
       kernel in interpret mode when `interpret=True`), "gpu"/"triton" or "tpu".
     interpret: run the kernel in the Pallas interpreter (on any platform, CPU included).
@@ -62,15 +61,11 @@ def flash_attention(query, key, value, *, segment_ids=None, is_causal=False, sca
   """
   kwargs = dict(segment_ids=segment_ids, is_causal=is_causal, scale=scale,
                 local_window_size=local_window_size, logits_soft_cap=logits_soft_cap,
-                normalizer=normalizer, block_sizes=block_sizes, interpret=interpret)
+                normalizer=normalizer, sigmoid_bias=sigmoid_bias, block_sizes=block_sizes,
+                interpret=interpret)
   if _resolve_backend(backend, interpret) == "triton":
-    return gpu_triton.flash_attention_triton(query, key, value, sigmoid_bias=sigmoid_bias,
-                                             **kwargs)
+    return gpu_triton.flash_attention_triton(query, key, value, **kwargs)
   from pallas_kernels.flash_attention import tpu  # pylint: disable=g-import-not-at-top
-  if sigmoid_bias is not None:
-    if "sigmoid_bias" not in inspect.signature(tpu.flash_attention_tpu).parameters:
-      raise ValueError("backend='tpu' does not take sigmoid_bias (it uses -log(kv_len))")
-    kwargs["sigmoid_bias"] = sigmoid_bias
   return tpu.flash_attention_tpu(query, key, value, **kwargs)
 
 

@@ -128,43 +128,89 @@ def _sigmoid2(s2, cfg: _Config):
   return 1.0 / (1.0 + jnp.exp2(-(s2 + cfg.sigmoid_bias * _LOG2E)))
 
 
-def _tile_mask(q_pos, k_pos, q_seg, kv_seg, cfg: _Config):
-  """Boolean `[len(q_pos), len(k_pos)]` visibility of a tile, or None when all is visible."""
+def _tile_mask(q_pos, k_pos, q_seg, kv_seg, cfg: _Config, positions: bool):
+  """Boolean `[len(q_pos), len(k_pos)]` visibility of a tile, or None when all is visible.
+
+  `positions=False` leaves out the causal/window/ragged-tail terms: the caller knows the tile
+  lies inside the band, where they are all true.
+  """
   mask = None
 
   def conj(m):
     return m if mask is None else jnp.logical_and(mask, m)
 
-  if cfg.left is not None:
+  if positions and cfg.left is not None:
     mask = conj(q_pos[:, None] - k_pos[None, :] <= cfg.left)
-  if cfg.right is not None:
+  if positions and cfg.right is not None:
     mask = conj(k_pos[None, :] - q_pos[:, None] <= cfg.right)
-  if cfg.kv_padded:
+  if positions and cfg.kv_padded:
     mask = conj(jnp.broadcast_to(k_pos[None, :] < cfg.kv_len, (q_pos.shape[0], k_pos.shape[0])))
   if q_seg is not None:
     mask = conj(q_seg[:, None] == kv_seg[None, :])
   return mask
 
 
-def _kv_blocks(q_first, block_q, block_k, cfg: _Config):
-  """Key blocks `[lo, hi)` that query rows `q_first .. q_first+block_q-1` can see."""
+def _cdiv(x, y: int):
+  return lax.div(x + (y - 1), y)  # x >= 0
+
+
+def _clip(x, lo, hi):
+  return jnp.minimum(jnp.maximum(x, lo), hi)
+
+
+def _kv_band(q_first, block_q, block_k, cfg: _Config):
+  """Key blocks for query rows `q_first .. q_first+block_q-1`, as `(lo, full_lo, full_hi, hi)`.
+
+  `[lo, hi)` holds every block with a visible pair (the rest is never loaded); inside it
+  `[full_lo, full_hi)` are the blocks where every pair is visible by position (no causal,
+  window or ragged-tail mask needed).
+  """
   q_last = jnp.minimum(q_first + block_q - 1, cfg.q_len - 1)
   lo_key = 0 if cfg.left is None else jnp.maximum(q_first - cfg.left, 0)
   hi_key = cfg.kv_len - 1
   if cfg.right is not None:
     hi_key = jnp.minimum(q_last + cfg.right, hi_key)
-  return lax.div(lo_key, block_k), lax.div(hi_key, block_k) + 1
+  lo, hi = lax.div(lo_key, block_k), lax.div(hi_key, block_k) + 1
+  full_lo, full_hi = lo, hi
+  if cfg.left is not None:  # (q_first + block_q - 1) - k_first <= left.
+    full_lo = _cdiv(jnp.maximum(q_first + block_q - 1 - cfg.left, 0), block_k)
+  if cfg.right is not None:  # (k_first + block_k - 1) - q_first <= right.
+    full_hi = lax.div(q_first + cfg.right + 1, block_k)
+  if cfg.kv_padded:
+    full_hi = jnp.minimum(full_hi, cfg.kv_len // block_k)
+  full_lo = _clip(full_lo, lo, hi)
+  return lo, full_lo, _clip(full_hi, full_lo, hi), hi
 
 
-def _q_blocks(k_first, block_k, block_q, cfg: _Config):
-  """Query blocks `[lo, hi)` that see any of keys `k_first .. k_first+block_k-1`."""
+def _q_band(k_first, block_k, block_q, cfg: _Config):
+  """Query blocks that see keys `k_first .. k_first+block_k-1`, as in `_kv_band`."""
   k_last = jnp.minimum(k_first + block_k - 1, cfg.kv_len - 1)
   lo_q = 0 if cfg.right is None else jnp.maximum(k_first - cfg.right, 0)
   hi_q = cfg.q_len - 1
   if cfg.left is not None:
     hi_q = jnp.minimum(k_last + cfg.left, hi_q)
-  lo, hi = lax.div(lo_q, block_q), lax.div(hi_q, block_q) + 1
-  return lo, jnp.where(k_first < cfg.kv_len, hi, lo)  # A block of padding sees nothing.
+  lo = lax.div(lo_q, block_q)
+  hi = jnp.where(k_first < cfg.kv_len, lax.div(hi_q, block_q) + 1, lo)  # Padding sees nothing.
+  full_lo, full_hi = lo, hi
+  if cfg.right is not None:  # (k_first + block_k - 1) - q_first <= right.
+    full_lo = _cdiv(jnp.maximum(k_first + block_k - 1 - cfg.right, 0), block_q)
+  if cfg.left is not None:  # (q_first + block_q - 1) - k_first <= left.
+    full_hi = lax.div(k_first + cfg.left + 1, block_q)
+  if cfg.kv_padded:
+    full_hi = jnp.where(k_first + block_k <= cfg.kv_len, full_hi, full_lo)
+  full_lo = _clip(full_lo, lo, hi)
+  return lo, full_lo, _clip(full_hi, full_lo, hi), hi
+
+
+def _band_loop(band, body, carry, cfg: _Config):
+  """`carry = body(block, carry, positions)` over the band: the edge blocks with position
+  masks, the blocks in between without."""
+  lo, full_lo, full_hi, hi = band
+  if cfg.left is None and cfg.right is None and not cfg.kv_padded:
+    return lax.fori_loop(lo, hi, lambda i, c: body(i, c, False), carry)
+  carry = lax.fori_loop(lo, full_lo, lambda i, c: body(i, c, True), carry)
+  carry = lax.fori_loop(full_lo, full_hi, lambda i, c: body(i, c, False), carry)
+  return lax.fori_loop(full_hi, hi, lambda i, c: body(i, c, True), carry)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,24 +223,24 @@ def _fwd_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, *lse_ref,
   q = q_ref[...]
   q_seg = None if q_seg_ref is None else q_seg_ref[...]
 
-  def tile(kb):
+  def tile(kb, positions):
     k_first = kb * block_k
     kv_slice = pl.ds(k_first, block_k)
     s2, _ = _logits(q, k_ref[kv_slice, :], cfg)
     kv_seg = None if kv_seg_ref is None else kv_seg_ref[kv_slice]
-    return s2, v_ref[kv_slice, :], _tile_mask(q_pos, k_first + jnp.arange(block_k), q_seg,
-                                               kv_seg, cfg)
+    mask = _tile_mask(q_pos, k_first + jnp.arange(block_k), q_seg, kv_seg, cfg, positions)
+    return s2, v_ref[kv_slice, :], mask
 
-  def sigmoid_body(kb, acc):
-    s2, v, mask = tile(kb)
+  def sigmoid_body(kb, acc, positions):
+    s2, v, mask = tile(kb, positions)
     p = _sigmoid2(s2, cfg)
     if mask is not None:
       p = jnp.where(mask, p, 0.0)
     return acc + _dot(p.astype(v.dtype), v)
 
-  def softmax_body(kb, carry):
+  def softmax_body(kb, carry, positions):
     acc, m, l = carry
-    s2, v, mask = tile(kb)
+    s2, v, mask = tile(kb, positions)
     if mask is not None:
       s2 = jnp.where(mask, s2, _MASK_VALUE)
     m_new = jnp.maximum(m, jnp.max(s2, axis=-1))
@@ -206,14 +252,14 @@ def _fwd_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, *lse_ref,
     acc_new = alpha[:, None] * acc + _dot(p.astype(v.dtype), v)
     return acc_new, m_new, l_new
 
-  lo, hi = _kv_blocks(q_first, block_q, block_k, cfg)
+  band = _kv_band(q_first, block_q, block_k, cfg)
   acc = jnp.zeros((block_q, o_ref.shape[-1]), jnp.float32)
   if cfg.sigmoid:
-    o_ref[...] = lax.fori_loop(lo, hi, sigmoid_body, acc).astype(o_ref.dtype)
+    o_ref[...] = _band_loop(band, sigmoid_body, acc, cfg).astype(o_ref.dtype)
     return
   m = jnp.full((block_q,), _MASK_VALUE, jnp.float32)
   l = jnp.zeros((block_q,), jnp.float32)
-  acc, m, l = lax.fori_loop(lo, hi, softmax_body, (acc, m, l))
+  acc, m, l = _band_loop(band, softmax_body, (acc, m, l), cfg)
   empty = l == 0.0  # Rows with nothing to attend to.
   o_ref[...] = (acc / jnp.where(empty, 1.0, l)[:, None]).astype(o_ref.dtype)
   lse_ref[0][...] = jnp.where(empty, 0.0, m + jnp.log2(jnp.where(empty, 1.0, l)))
@@ -246,7 +292,7 @@ def _forward(q, k, v, q_seg, kv_seg, *, cfg: _Config, blocks: BlockSizes, interp
       compiler_params=compat.triton_compiler_params(
           num_warps=4 if head_dim <= 64 else 8, num_stages=3 if head_dim <= 128 else 2),
       interpret=interpret,
-      name="flash_attention_fwd",
+      name="flash_attention_triton_fwd",
   )(q, k, v, q_seg, kv_seg)
   return outs[0], (None if cfg.sigmoid else outs[1])
 
@@ -279,17 +325,17 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_se
   delta = None if delta_ref is None else delta_ref[...]
   q_seg = None if q_seg_ref is None else q_seg_ref[...]
 
-  def body(kb, dq):
+  def body(kb, dq, positions):
     k_first = kb * block_k
     kv_slice = pl.ds(k_first, block_k)
     k = k_ref[kv_slice, :]
     kv_seg = None if kv_seg_ref is None else kv_seg_ref[kv_slice]
-    mask = _tile_mask(q_pos, k_first + jnp.arange(block_k), q_seg, kv_seg, cfg)
+    mask = _tile_mask(q_pos, k_first + jnp.arange(block_k), q_seg, kv_seg, cfg, positions)
     _, ds = _grad_logits(q, k, v_ref[kv_slice, :], do, lse, delta, mask, cfg)
     return dq + _dot(ds.astype(k.dtype), k)
 
-  lo, hi = _kv_blocks(q_first, block_q, block_k, cfg)
-  dq = lax.fori_loop(lo, hi, body, jnp.zeros(dq_ref.shape, jnp.float32))
+  band = _kv_band(q_first, block_q, block_k, cfg)
+  dq = _band_loop(band, body, jnp.zeros(dq_ref.shape, jnp.float32), cfg)
   dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
 
 
@@ -299,10 +345,10 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_s
   k_pos = k_first + jnp.arange(block_k)
   k, v = k_ref[...], v_ref[...]
   kv_seg = None if kv_seg_ref is None else kv_seg_ref[...]
-  lo, hi = _q_blocks(k_first, block_k, block_q, cfg)
+  band = _q_band(k_first, block_k, block_q, cfg)
 
   def head_body(g, carry):  # Reduces over the query heads that share this kv head.
-    def body(qb, carry):
+    def body(qb, carry, positions):
       dk, dv = carry
       q_first = qb * block_q
       q_slice = pl.ds(q_first, block_q)
@@ -310,12 +356,12 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_s
       lse = None if lse_ref is None else lse_ref[g, q_slice]
       delta = None if delta_ref is None else delta_ref[g, q_slice]
       q_seg = None if q_seg_ref is None else q_seg_ref[q_slice]
-      mask = _tile_mask(q_first + jnp.arange(block_q), k_pos, q_seg, kv_seg, cfg)
+      mask = _tile_mask(q_first + jnp.arange(block_q), k_pos, q_seg, kv_seg, cfg, positions)
       p, ds = _grad_logits(q, k, v, do, lse, delta, mask, cfg)
       dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
       dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
       return dk, dv
-    return lax.fori_loop(lo, hi, body, carry)
+    return _band_loop(band, body, carry, cfg)
 
   dk = jnp.zeros(dk_ref.shape, jnp.float32)
   dv = jnp.zeros(dv_ref.shape, jnp.float32)
@@ -352,7 +398,7 @@ def _backward(q, k, v, q_seg, kv_seg, out, lse, do, *, cfg: _Config, blocks: Blo
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       compiler_params=params,
       interpret=interpret,
-      name="flash_attention_dq",
+      name="flash_attention_triton_dq",
   )(q, k, v, do, lse, delta, q_seg, kv_seg)
 
   bq, bk = blocks.block_q_dkv, blocks.block_kv_dkv
@@ -374,7 +420,7 @@ def _backward(q, k, v, q_seg, kv_seg, out, lse, do, *, cfg: _Config, blocks: Blo
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       compiler_params=params,
       interpret=interpret,
-      name="flash_attention_dkv",
+      name="flash_attention_triton_dkv",
   )(q, k, v, do, lse, delta, q_seg, kv_seg)
   return dq, dk, dv
 
