@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from big_attn import layers
 from big_attn import ops
 from pallas_kernels import BlockSizes, flash_attention, flash_attention_reference
 from tests import reference
@@ -215,6 +216,17 @@ def test_dot_product_attention_routes_to_the_kernel():
                               implementation="pallas")
   with pytest.raises(ValueError, match="bias"):
     ops.dot_product_attention(q, k, v, bias=jnp.zeros((1, 1, 24, 24)), implementation="pallas")
+
+
+def test_attention_layer_with_pallas_implementation():
+  x = jnp.asarray(np.random.default_rng(9).normal(size=(2, 21, 32)), jnp.float32)
+  make = lambda impl: layers.Attention(num_heads=4, num_kv_heads=2, head_dim=16,
+                                       implementation=impl)
+  params = make("xla").init(jax.random.key(0), x, is_causal=True)
+  pallas = lambda p, x: make("pallas").apply(p, x, is_causal=True)
+  assert "pallas_call" in str(jax.make_jaxpr(pallas)(params, x))
+  np.testing.assert_allclose(pallas(params, x), make("xla").apply(params, x, is_causal=True),
+                             atol=5e-5, rtol=5e-5)
 
 
 @pytest.mark.parametrize("head_dim,kv_heads,kwargs", [
