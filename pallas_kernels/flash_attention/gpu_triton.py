@@ -20,8 +20,9 @@ Masks never become arrays in memory. Causal (query i sees keys j <= i, top-left 
 `jax.nn.dot_product_attention`) and local windows (`(left, right)`: keys in [i-left, i+right])
 shorten every loop to the band of blocks that can hold a visible pair: the loop bounds are
 computed from the block indices, and blocks outside the band are never loaded. Inside the band,
-positions, segment ids and the ragged tail of a sequence that is not a multiple of the block
-size are masked elementwise. A query row with nothing to attend to returns zeros.
+only the edge blocks (and the ragged tail of a sequence that is not a multiple of the block
+size) build a position mask; interior blocks run unmasked. Segment ids (packed sequences) are
+compared in every visited block. A query row with nothing to attend to returns zeros.
 
 Why Triton. JAX 0.9+ lowers GPU `pallas_call`s through Mosaic GPU by default, which is the
 speed path on Hopper (wgmma, TMA bulk copies, warp specialisation) but has its own
