@@ -17,8 +17,9 @@ from big_attn.train import tensorboard
 
 
 def check_finite(step: int, metrics: Mapping[str, float]) -> None:
-  """Raises `FloatingPointError` naming the metric when a loss or norm is NaN or infinite."""
-  for name, value in metrics.items():
+  """Raises `FloatingPointError` naming the metric (losses first) that is NaN or infinite."""
+  for name in sorted(metrics, key=lambda k: "loss" not in k):
+    value = metrics[name]
     if not math.isfinite(value):
       raise FloatingPointError(
           f"{name} is {value} at step {step}: training diverged, stopping. Lower config.lr, "
@@ -39,7 +40,8 @@ class MetricWriter:
     self._pending: dict[str, Any] = {}
     if enabled:
       os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")  # pylint: disable=consider-using-with
+      path = os.path.join(workdir, "metrics.jsonl")
+      self._jsonl = open(path, "a", encoding="utf-8")  # pylint: disable=consider-using-with
       self._tb = tensorboard.SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
