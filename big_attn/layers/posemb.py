@@ -1,0 +1,51 @@
+"""Position embeddings for 2-D token grids: learned, or fixed 2-D sine-cosine (as big_vision)."""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+KINDS = ("learn", "sincos2d")
+
+
+def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.,
+                     dtype: Any = jnp.float32) -> jnp.ndarray:
+  """Fixed `[h * w, width]` embedding (MoCo v3 / "Better plain ViT baselines").
+
+  With ω_k = temperature^(-k / (width/4 - 1)), k < width/4, the token at row y, column x gets
+  [sin(x ω), cos(x ω), sin(y ω), cos(y ω)].
+  """
+  if width % 4:
+    raise ValueError(f"width must be a multiple of 4 for sincos2d position embeddings, got {width}")
+  y, x = np.mgrid[:h, :w]
+  omega = 1. / (temperature ** (np.arange(width // 4) / max(width // 4 - 1, 1)))
+  y = y.reshape(-1)[:, None] * omega[None, :]
+  x = x.reshape(-1)[:, None] * omega[None, :]
+  pe = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
+  return jnp.asarray(pe, dtype)
+
+
+class PositionEmbedding(nn.Module):
+  """`[h * w, width]` position embedding of a `seqshape = (h, w)` token grid, added by the caller.
+
+  Attributes:
+    kind: "learn" (a parameter `pos_embedding`, logical axes `("position", "embed")`, normal
+      init with stddev 1/sqrt(width)) or "sincos2d" (fixed, no parameter).
+  """
+  kind: str = "learn"
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, seqshape: tuple[int, int], width: int):
+    h, w = seqshape
+    if self.kind == "learn":
+      init = nn.initializers.normal(stddev=1 / np.sqrt(width))
+      pe = self.param("pos_embedding", nn.with_logical_partitioning(init, ("position", "embed")),
+                      (h * w, width), self.param_dtype)
+      return jnp.asarray(pe, self.dtype)
+    if self.kind == "sincos2d":
+      return posemb_sincos_2d(h, w, width, dtype=self.dtype)
+    raise ValueError(f"unknown position embedding {self.kind!r}; expected one of {KINDS}")

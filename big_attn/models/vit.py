@@ -1,0 +1,312 @@
+"""Vision Transformer (An Image is Worth 16x16 Words; Scaling Vision Transformers), big_vision style.
+
+    model = Model(num_classes=1000, variant="B/16", attention="sigmoid")
+    params = model.init(jax.random.key(0), images)["params"]     # images: [batch, H, W, C]
+    logits = model.apply({"params": params}, images, train=False)  # [batch, 1000]
+
+Patches are embedded by a strided convolution, position embeddings added (learned or fixed
+2-D sine-cosine), an optional class token prepended and `num_registers` learned register
+tokens appended (Vision Transformers Need Registers; discarded at the output), then `depth`
+pre-LayerNorm blocks x + Attn(LN(x)), x + MLP(LN(x)) and a final LayerNorm. The attention
+mechanism is any op of `big_attn.ops` by name. Pooling: "gap" (mean of the patch tokens),
+"cls"/"tok" (the class token), "map" (multihead attention pooling with a learned probe).
+
+Parameter counts (224x224x3 input, 1000 classes, pool "gap", learned position embedding;
+counted with `jax.eval_shape`, nothing allocated). A class token adds `width`; a MAP head adds
+a block's worth (ViT-B/16 "cls": 86,566,888; ViT-G/14 "map": 1,882,797,416). Scaling Vision
+Transformers reports 1,843M for ViT-G/14.
+
+| variant   | width | depth | mlp_dim | heads | parameters    |
+|-----------|-------|-------|---------|-------|---------------|
+| Ti/16     |   192 |    12 |     768 |     3 |     5,717,032 |
+| S/16      |   384 |    12 |    1536 |     6 |    22,049,896 |
+| M/16      |   512 |    12 |    2048 |     8 |    38,836,712 |
+| B/16      |   768 |    12 |    3072 |    12 |    86,566,120 |
+| L/16      |  1024 |    24 |    4096 |    16 |   304,324,584 |
+| So400m/14 |  1152 |    27 |    4304 |    16 |   413,595,352 |
+| H/14      |  1280 |    32 |    5120 |    16 |   632,043,240 |
+| g/14      |  1408 |    40 |    6144 |    16 | 1,012,608,616 |
+| G/14      |  1664 |    48 |    8192 |    16 | 1,844,437,352 |
+| e/14      |  1792 |    56 |   15360 |    16 | 3,807,210,728 |
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from big_attn.layers import Attention, MlpBlock, PositionEmbedding
+
+# Sizes as in big_vision's `decode_variant` (ViT-G/g from Scaling Vision Transformers,
+# So400m from "Getting ViT in Shape", ViT-e from PaLI).
+_WIDTH = {"Ti": 192, "S": 384, "M": 512, "B": 768, "L": 1024, "So400m": 1152, "H": 1280,
+          "g": 1408, "G": 1664, "e": 1792}
+_DEPTH = {"Ti": 12, "S": 12, "M": 12, "B": 12, "L": 24, "So400m": 27, "H": 32, "g": 40, "G": 48,
+          "e": 56}
+_MLP_DIM = {"Ti": 768, "S": 1536, "M": 2048, "B": 3072, "L": 4096, "So400m": 4304, "H": 5120,
+            "g": 6144, "G": 8192, "e": 15360}
+_NUM_HEADS = {"Ti": 3, "S": 6, "M": 8, "B": 12, "L": 16, "So400m": 16, "H": 16, "g": 16, "G": 16,
+              "e": 16}
+
+POOL_TYPES = ("gap", "cls", "tok", "map")
+# `jax.checkpoint_policies` usable as they are (the others are factories taking names).
+REMAT_POLICIES = ("none", "nothing_saveable", "everything_saveable", "dots_saveable",
+                  "dots_with_no_batch_dims_saveable", "checkpoint_dots",
+                  "checkpoint_dots_with_no_batch_dims")
+
+
+def decode_variant(variant: str) -> dict[str, Any]:
+  """"B/16" -> dict(width=768, depth=12, mlp_dim=3072, num_heads=12, patch_size=(16, 16)).
+
+  The patch part is optional ("B" gives no `patch_size`); sizes are Ti, S, M, B, L, So400m, H,
+  g, G, e.
+  """
+  match = re.fullmatch(r"([A-Za-z0-9]+?)(?:/(\d+))?", variant) if isinstance(variant, str) else None
+  if match is None or match.group(1) not in _WIDTH:
+    raise ValueError(f"unknown ViT variant {variant!r}; expected SIZE or SIZE/PATCH with SIZE in "
+                     f"{', '.join(_WIDTH)} (e.g. 'B/16', 'G/14')")
+  size, patch = match.groups()
+  out = dict(width=_WIDTH[size], depth=_DEPTH[size], mlp_dim=_MLP_DIM[size],
+             num_heads=_NUM_HEADS[size])
+  if patch is not None:
+    out["patch_size"] = (int(patch), int(patch))
+  return out
+
+
+def _layer_norm(dtype, param_dtype, name):
+  return nn.LayerNorm(
+      dtype=dtype, param_dtype=param_dtype, name=name,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)))
+
+
+class Encoder1DBlock(nn.Module):
+  """x + Dropout(Attn(LN(x))), then x + Dropout(MLP(LN(x))); returns `(x, None)` for `nn.scan`."""
+  num_heads: int
+  mlp_dim: int
+  num_kv_heads: int | None = None
+  attention: str = "softmax"
+  attention_args: Any = None
+  attention_impl: str | None = None
+  qk_norm: bool = False
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool = True):
+    constrain = lambda y: nn.with_logical_constraint(y, ("batch", "length", "embed"))
+    x = constrain(x)
+    y = _layer_norm(self.dtype, self.param_dtype, "LayerNorm_0")(x)
+    y = Attention(
+        num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, op=self.attention,
+        op_args=self.attention_args, implementation=self.attention_impl, qk_norm=self.qk_norm,
+        use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=nn.initializers.xavier_uniform(), name="MultiHeadAttention")(y)
+    y = nn.Dropout(rate=self.dropout)(y, deterministic)
+    x = constrain(x + y)
+    y = _layer_norm(self.dtype, self.param_dtype, "LayerNorm_1")(x)
+    y = MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout, dtype=self.dtype,
+                 param_dtype=self.param_dtype, name="MlpBlock")(y, deterministic)
+    y = nn.Dropout(rate=self.dropout)(y, deterministic)
+    return constrain(x + y), None
+
+
+class Encoder(nn.Module):
+  """`depth` blocks (a Python loop, or `nn.scan` with a leading `layers` axis) and a final LN."""
+  depth: int
+  block_args: Any
+  remat_policy: str = "none"
+  scan_layers: bool = False
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool = True):
+    block = Encoder1DBlock
+    if self.remat_policy != "none":
+      block = nn.remat(block, prevent_cse=not self.scan_layers, static_argnums=(2,),
+                       policy=getattr(jax.checkpoint_policies, self.remat_policy))
+    kwargs = dict(self.block_args, dtype=self.dtype, param_dtype=self.param_dtype)
+    if self.scan_layers:
+      stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True,
+                                                                      "dropout": True},
+                      in_axes=nn.broadcast, length=self.depth,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+      x, _ = stack(name="encoderblock", **kwargs)(x, deterministic)
+    else:
+      for i in range(self.depth):
+        x, _ = block(name=f"encoderblock_{i}", **kwargs)(x, deterministic)
+    return _layer_norm(self.dtype, self.param_dtype, "encoder_norm")(x)
+
+
+class MAPHead(nn.Module):
+  """Multihead attention pooling: a learned probe attends to the tokens (softmax), + MLP."""
+  num_heads: int
+  mlp_dim: int | None = None
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    n, _, d = x.shape
+    probe = self.param("probe", nn.with_logical_partitioning(nn.initializers.xavier_uniform(),
+                                                             (None, "embed")),
+                       (1, d), self.param_dtype)
+    probe = jnp.broadcast_to(jnp.asarray(probe, self.dtype), (n, 1, d))
+    x = Attention(num_heads=self.num_heads, use_bias=True, dtype=self.dtype,
+                  param_dtype=self.param_dtype, kernel_init=nn.initializers.xavier_uniform(),
+                  name="MultiHeadAttention")(probe, x)
+    y = _layer_norm(self.dtype, self.param_dtype, "LayerNorm_0")(x)
+    x = x + MlpBlock(mlp_dim=self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype,
+                     name="MlpBlock")(y)
+    return x[:, 0]
+
+
+class Model(nn.Module):
+  """ViT classifier: `[batch, H, W, C]` images -> `[batch, num_classes]` float32 logits.
+
+  Attributes:
+    num_classes: logits width; 0 returns the pooled pre-logits `[batch, width]`.
+    variant: size name for `decode_variant` ("B/16"); explicit fields below override it.
+    width, depth, mlp_dim, num_heads, patch_size: the sizes (`mlp_dim` defaults to 4·width,
+      `patch_size` to (16, 16)); `width`, `depth` and `num_heads` are needed without a variant.
+    posemb: "learn" or "sincos2d".
+    pool_type: "gap", "cls" (alias "tok", big_vision's name) or "map".
+    num_registers: learned register tokens appended to the sequence and dropped at the output.
+    attention: registry name of the attention op (`big_attn.ops.names()`).
+    attention_args: dict of op keyword arguments; attention_impl: the op's `implementation`.
+    qk_norm, num_kv_heads: as in `big_attn.layers.Attention`.
+    dropout: rate after the embeddings and inside every block.
+    head_zeroinit: zero-initialised classifier head (as big_vision).
+    remat_policy: "none" or a `jax.checkpoint_policies` name applied to every block.
+    scan_layers: stack the blocks with `nn.scan` (parameters get a leading `layers` axis).
+    dtype: compute dtype (e.g. bfloat16); param_dtype: parameter dtype.
+  Parameters carry the logical axis names embed, mlp, heads, kv_heads, head_dim, norm,
+  patch_h, patch_w, channels_in, position, classes and layers.
+  """
+  num_classes: int
+  variant: str | None = None
+  width: int | None = None
+  depth: int | None = None
+  mlp_dim: int | None = None
+  num_heads: int | None = None
+  patch_size: tuple[int, int] | None = None
+  posemb: str = "learn"
+  pool_type: str = "gap"
+  num_registers: int = 0
+  attention: str = "softmax"
+  attention_args: Any = None
+  attention_impl: str | None = None
+  qk_norm: bool = False
+  num_kv_heads: int | None = None
+  dropout: float = 0.0
+  head_zeroinit: bool = True
+  remat_policy: str = "none"
+  scan_layers: bool = False
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def sizes(self) -> dict[str, Any]:
+    """The resolved `width, depth, mlp_dim, num_heads, patch_size` (variant, then fields)."""
+    sizes = dict(mlp_dim=None, patch_size=(16, 16))
+    if self.variant is not None:
+      sizes.update(decode_variant(self.variant))
+    explicit = dict(width=self.width, depth=self.depth, mlp_dim=self.mlp_dim,
+                    num_heads=self.num_heads, patch_size=self.patch_size)
+    sizes.update({k: v for k, v in explicit.items() if v is not None})
+    missing = [k for k in ("width", "depth", "num_heads") if sizes.get(k) is None]
+    if missing:
+      raise ValueError(f"ViT Model needs a variant or explicit {', '.join(missing)}")
+    if sizes["mlp_dim"] is None:
+      sizes["mlp_dim"] = 4 * sizes["width"]
+    patch = sizes["patch_size"]
+    patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
+    if len(patch) != 2 or not all(isinstance(p, int) and p > 0 for p in patch):
+      raise ValueError(f"patch_size must be a positive int or a pair of them, got {patch!r}")
+    sizes["patch_size"] = patch
+    return sizes
+
+  def _check(self, images, sizes):
+    if self.pool_type not in POOL_TYPES:
+      raise ValueError(f"unknown pool_type {self.pool_type!r}; expected one of {POOL_TYPES}")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"unknown remat_policy {self.remat_policy!r}; expected one of "
+                       f"{REMAT_POLICIES}")
+    if self.num_registers < 0:
+      raise ValueError(f"num_registers must be >= 0, got {self.num_registers}")
+    if self.attention_args is not None and not hasattr(self.attention_args, "keys"):
+      raise TypeError(f"attention_args must be a dict, got {type(self.attention_args).__name__}")
+    if images.ndim != 4:
+      raise ValueError(f"images must be [batch, height, width, channels], got shape "
+                       f"{images.shape}")
+    (ph, pw), (h, w) = sizes["patch_size"], images.shape[1:3]
+    if h % ph or w % pw:
+      raise ValueError(f"image size {(h, w)} must be divisible by patch_size {(ph, pw)}")
+
+  @nn.compact
+  def __call__(self, images, *, train: bool = False):
+    sizes = self.sizes()
+    self._check(images, sizes)
+    width, patch = sizes["width"], sizes["patch_size"]
+    deterministic = not train
+    param = lambda name, init, shape, axes: jnp.asarray(  # pylint: disable=g-long-lambda
+        self.param(name, nn.with_logical_partitioning(init, axes), shape, self.param_dtype),
+        self.dtype)
+
+    x = jnp.asarray(images, self.dtype)
+    x = nn.Conv(width, patch, strides=patch, padding="VALID", dtype=self.dtype,
+                param_dtype=self.param_dtype, name="embedding",
+                kernel_init=nn.with_logical_partitioning(
+                    nn.initializers.lecun_normal(),
+                    ("patch_h", "patch_w", "channels_in", "embed")),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                       ("embed",)))(x)
+    n, gh, gw, _ = x.shape
+    x = jnp.reshape(x, (n, gh * gw, width))
+    x = x + PositionEmbedding(self.posemb, dtype=self.dtype, param_dtype=self.param_dtype,
+                              name="posemb")((gh, gw), width)[None]
+
+    num_prefix = 0
+    if self.pool_type in ("cls", "tok"):
+      cls = param("cls", nn.initializers.zeros_init(), (1, width), (None, "embed"))
+      x = jnp.concatenate([jnp.broadcast_to(cls[None], (n, 1, width)), x], axis=1)
+      num_prefix = 1
+    if self.num_registers:
+      reg = param("registers", nn.initializers.normal(stddev=0.02),
+                  (self.num_registers, width), (None, "embed"))
+      x = jnp.concatenate([x, jnp.broadcast_to(reg[None], (n,) + reg.shape)], axis=1)
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    x = nn.Dropout(rate=self.dropout)(x, deterministic)
+
+    block_args = dict(num_heads=sizes["num_heads"], mlp_dim=sizes["mlp_dim"],
+                      num_kv_heads=self.num_kv_heads, attention=self.attention,
+                      attention_args=None if self.attention_args is None
+                      else dict(self.attention_args),
+                      attention_impl=self.attention_impl, qk_norm=self.qk_norm,
+                      dropout=self.dropout)
+    x = Encoder(depth=sizes["depth"], block_args=block_args, remat_policy=self.remat_policy,
+                scan_layers=self.scan_layers, dtype=self.dtype, param_dtype=self.param_dtype,
+                name="Transformer")(x, deterministic)
+    if self.num_registers:
+      x = x[:, :-self.num_registers]
+
+    if self.pool_type == "map":
+      x = MAPHead(num_heads=sizes["num_heads"], mlp_dim=sizes["mlp_dim"], dtype=self.dtype,
+                  param_dtype=self.param_dtype, name="MAPHead")(x[:, num_prefix:])
+    elif self.pool_type == "gap":
+      x = jnp.mean(x, axis=1)
+    else:
+      x = x[:, 0]
+
+    if self.num_classes:
+      kernel_init = (nn.initializers.zeros_init() if self.head_zeroinit
+                     else nn.initializers.lecun_normal())
+      x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="head",
+                   kernel_init=nn.with_logical_partitioning(kernel_init, ("embed", "classes")),
+                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                          ("classes",)))(x)
+    return x.astype(jnp.float32)

@@ -1,0 +1,279 @@
+"""ViT model family: variants, pooling, registers, ops by name, remat, scan, bf16, counts."""
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from big_attn import models
+from big_attn.layers import posemb_sincos_2d
+from big_attn.models import vit
+
+TINY = dict(width=32, depth=2, num_heads=4, mlp_dim=64, patch_size=4)
+LOGICAL_NAMES = {"embed", "mlp", "heads", "kv_heads", "head_dim", "norm", "patch_h", "patch_w",
+                 "channels_in", "position", "classes", "layers", None}
+
+
+def _images(batch=2, size=16, channels=3, seed=0):
+  return jax.random.normal(jax.random.key(seed), (batch, size, size, channels))
+
+
+def _abstract(model, images):
+  """Boxed parameter shapes (jax.eval_shape: traced, never compiled or allocated)."""
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), images))["params"]
+
+
+def _init(model, images, seed=1):
+  """Random parameters of the right shapes, filled by NumPy (fast: no init is compiled)."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.3, s.shape), s.dtype),
+                      nn.meta.unbox(_abstract(model, images)))
+
+
+def _remats(jaxpr: str) -> int:
+  return sum(len(re.findall(pattern, jaxpr)) for pattern in (r"\bremat2?\[", r"\bcheckpoint\["))
+
+
+def _count(tree):
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def _abstract_count(model, size):
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
+  return _count(nn.meta.unbox(shapes))
+
+
+def test_registry():
+  assert "vit" in models.names()
+  assert models.get("vit") is vit
+  with pytest.raises(KeyError, match="vit"):
+    models.get("no_such_model")
+
+
+def test_decode_variant():
+  assert vit.decode_variant("B/16") == dict(width=768, depth=12, mlp_dim=3072, num_heads=12,
+                                            patch_size=(16, 16))
+  assert vit.decode_variant("G/14") == dict(width=1664, depth=48, mlp_dim=8192, num_heads=16,
+                                            patch_size=(14, 14))
+  assert vit.decode_variant("g/14")["width"] == 1408 and vit.decode_variant("g")["depth"] == 40
+  assert "patch_size" not in vit.decode_variant("L")
+  for bad in ("X/16", "B/", "B16", "", None):
+    with pytest.raises(ValueError, match="Ti, S"):
+      vit.decode_variant(bad)
+
+
+def test_parameter_counts():
+  # Scaling Vision Transformers: ViT-G/14 has 1,843M parameters; big_vision's ViT-B/16 86.6M.
+  g = _abstract_count(vit.Model(num_classes=1000, variant="G/14", scan_layers=True), 224)
+  assert abs(g - 1.843e9) / 1.843e9 < 0.02, g
+  b = _abstract_count(vit.Model(num_classes=1000, variant="B/16", pool_type="cls",
+                                scan_layers=True), 224)
+  assert abs(b - 86.6e6) / 86.6e6 < 0.005, b
+
+
+def test_tiny_parameter_count_formula():
+  d, m, depth, classes, p, c, n, regs = 32, 64, 2, 10, 4, 3, 16, 3
+  model = vit.Model(num_classes=classes, pool_type="cls", num_registers=regs, **TINY)
+  block = 4 * (d * d + d) + (2 * d * m + m + d) + 4 * d
+  expected = (p * p * c * d + d) + n * d + d + regs * d + depth * block + 2 * d + d * classes
+  expected += classes
+  assert _abstract_count(model, 16) == expected
+
+
+@pytest.mark.parametrize("pool_type", ["gap", "cls", "tok", "map"])
+def test_forward_pool_types(pool_type):
+  model = vit.Model(num_classes=10, pool_type=pool_type, head_zeroinit=False, **TINY)
+  x = _images()
+  params = _init(model, x)
+  logits = model.apply({"params": params}, x)
+  assert logits.shape == (2, 10) and logits.dtype == jnp.float32
+  assert np.all(np.isfinite(logits)) and np.abs(logits).max() > 0
+  assert ("cls" in params) == (pool_type in ("cls", "tok"))
+  assert ("MAPHead" in params) == (pool_type == "map")
+  pre = vit.Model(num_classes=0, pool_type=pool_type, **TINY).apply({"params": params}, x)
+  assert pre.shape == (2, 32)
+  np.testing.assert_allclose(pre @ params["head"]["kernel"] + params["head"]["bias"], logits,
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_head_zeroinit_and_examples_independent():
+  model = vit.Model(num_classes=10, **dict(TINY, depth=1))
+  x = _images(batch=3)
+  params = nn.meta.unbox(model.init(jax.random.key(0), x)["params"])
+  np.testing.assert_array_equal(model.apply({"params": params}, x), 0.0)
+  np.testing.assert_array_equal(params["Transformer"]["encoder_norm"]["scale"], 1.0)
+  pre = vit.Model(num_classes=0, **dict(TINY, depth=1))
+  full = pre.apply({"params": params}, x)
+  np.testing.assert_allclose(pre.apply({"params": params}, x[1:2]), full[1:2], atol=1e-5)
+
+
+def test_registers_take_part_and_are_discarded():
+  model = vit.Model(num_classes=0, num_registers=4, **TINY)
+  x = _images()
+  params = _init(model, x)
+  assert params["registers"].shape == (4, 32)
+  out = model.apply({"params": params}, x)
+  assert out.shape == (2, 32)
+  # New register values (a permutation, shift or scale would not show: attention is
+  # permutation-invariant over keys and LayerNorm removes shifts and scales).
+  moved = dict(params, registers=jnp.asarray(np.random.default_rng(5).normal(size=(4, 32)),
+                                             jnp.float32))
+  assert np.abs(model.apply({"params": moved}, x) - out).max() > 1e-4
+  without = {k: v for k, v in params.items() if k != "registers"}
+  plain = vit.Model(num_classes=0, **TINY).apply({"params": without}, x)
+  assert np.abs(plain - out).max() > 1e-4
+
+
+def test_sincos_posemb():
+  model = vit.Model(num_classes=0, posemb="sincos2d", **TINY)
+  x = _images()
+  params = _init(model, x)
+  assert "posemb" not in params and "posemb" in _init(vit.Model(num_classes=0, **TINY), x)
+  h, w, width = 3, 5, 8
+  pe = np.asarray(posemb_sincos_2d(h, w, width))
+  omega = 1.0 / 10_000 ** (np.arange(2) / 1.0)
+  for t in range(h * w):
+    y, xx = divmod(t, w)
+    want = np.concatenate([np.sin(xx * omega), np.cos(xx * omega), np.sin(y * omega),
+                           np.cos(y * omega)])
+    np.testing.assert_allclose(pe[t], want, rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match="multiple of 4"):
+    posemb_sincos_2d(2, 2, 6)
+
+
+def test_attention_op_by_name_and_args():
+  x = _images()
+  softmax = vit.Model(num_classes=0, **TINY)
+  params = _init(softmax, x)
+  out = softmax.apply({"params": params}, x)
+  sigmoid = vit.Model(num_classes=0, attention="sigmoid", **TINY)
+  out_sigmoid = sigmoid.apply({"params": params}, x)
+  assert np.all(np.isfinite(out_sigmoid)) and np.abs(out_sigmoid - out).max() > 1e-4
+  biased = vit.Model(num_classes=0, attention="sigmoid", attention_args={"logit_bias": 0.0},
+                     **TINY)
+  assert np.abs(biased.apply({"params": params}, x) - out_sigmoid).max() > 1e-4
+  capped = vit.Model(num_classes=0, attention_args={"logits_soft_cap": 1e-3}, **TINY)
+  assert np.abs(capped.apply({"params": params}, x) - out).max() > 1e-4
+  with pytest.raises(KeyError, match="softmax"):
+    vit.Model(num_classes=0, attention="no_such_op", **TINY).apply({"params": params}, x)
+
+
+def test_gqa_and_qk_norm():
+  x = _images()
+  model = vit.Model(num_classes=5, num_kv_heads=2, qk_norm=True, **TINY)
+  params = _init(model, x)
+  attn = params["Transformer"]["encoderblock_0"]["MultiHeadAttention"]
+  assert attn["key"]["kernel"].shape == (32, 2, 8) and "query_norm" in attn
+  assert model.apply({"params": params}, x).shape == (2, 5)
+
+
+def test_logical_axis_names():
+  x = _images()
+  boxed = _abstract(vit.Model(num_classes=10, pool_type="map", num_registers=2,
+                             scan_layers=True, **TINY), x)
+  leaves = jax.tree.leaves(boxed, is_leaf=lambda v: isinstance(v, nn.LogicallyPartitioned))
+  assert leaves and all(isinstance(v, nn.LogicallyPartitioned) for v in leaves)
+  for leaf in leaves:
+    assert set(leaf.names) <= LOGICAL_NAMES and len(leaf.names) == leaf.value.ndim, leaf.names
+  block = boxed["Transformer"]["encoderblock"]["MlpBlock"]["Dense_0"]["kernel"]
+  assert block.names == ("layers", "embed", "mlp") and block.value.shape == (2, 32, 64)
+
+
+def test_scan_matches_loop_and_remat_matches():
+  x = _images()
+  loop = vit.Model(num_classes=0, **TINY)
+  params = _init(loop, x)
+  out = loop.apply({"params": params}, x)
+  blocks = [params["Transformer"].pop(f"encoderblock_{i}") for i in range(2)]
+  scanned = dict(params, Transformer=dict(params["Transformer"],
+                                          encoderblock=jax.tree.map(lambda *v: jnp.stack(v),
+                                                                    *blocks)))
+  for i, b in enumerate(blocks):
+    params["Transformer"][f"encoderblock_{i}"] = b
+  scan = vit.Model(num_classes=0, scan_layers=True, **TINY)
+  np.testing.assert_allclose(scan.apply({"params": scanned}, x), out, rtol=1e-5, atol=1e-5)
+
+  def loss(model, p):
+    return jnp.sum(model.apply({"params": p}, x) ** 2)
+
+  for policy in ("nothing_saveable", "dots_saveable"):
+    remat = vit.Model(num_classes=0, remat_policy=policy, **TINY)
+    np.testing.assert_allclose(remat.apply({"params": params}, x), out, rtol=1e-5, atol=1e-5)
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda p, m=remat: loss(m, p)))(params))
+    assert _remats(jaxpr) == 2, policy  # one per block (the primitive is remat2/checkpoint)
+  assert _remats(str(jax.make_jaxpr(jax.grad(lambda p: loss(loop, p)))(params))) == 0
+  remat_scan = vit.Model(num_classes=0, remat_policy="nothing_saveable", scan_layers=True,
+                         **TINY)
+  np.testing.assert_allclose(remat_scan.apply({"params": scanned}, x), out, rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_bf16_compute():
+  x = _images()
+  f32 = vit.Model(num_classes=0, **TINY)
+  params = _init(f32, x)
+  bf16 = vit.Model(num_classes=0, dtype=jnp.bfloat16, **TINY)
+  assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(nn.meta.unbox(_abstract(bf16, x))))
+  out = bf16.apply({"params": params}, x)
+  assert out.dtype == jnp.float32
+  ref = f32.apply({"params": params}, x)
+  assert np.abs(out - ref).max() < 0.05 * np.abs(ref).max() + 0.05
+
+
+def test_dropout_uses_rng_in_train_only():
+  x = _images()
+  model = vit.Model(num_classes=0, dropout=0.5, **TINY)
+  params = _init(model, x)
+  np.testing.assert_array_equal(model.apply({"params": params}, x),
+                                model.apply({"params": params}, x))
+  a = model.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(0)})
+  b = model.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(1)})
+  assert np.abs(a - b).max() > 1e-4
+
+
+def test_training_steps_change_params_and_lower_loss():
+  x = _images(batch=4)
+  labels = jax.nn.one_hot(jnp.arange(4) % 3, 3)
+  model = vit.Model(num_classes=3, pool_type="cls", num_registers=2, **TINY)
+  params = _init(model, x)
+  tx = optax.adam(1e-2)
+  opt_state = tx.init(params)
+
+  @jax.jit
+  def step(params, opt_state):
+    def loss_fn(p):
+      return optax.softmax_cross_entropy(model.apply({"params": p}, x), labels).mean()
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  new, losses = params, []
+  for _ in range(5):
+    new, opt_state, loss = step(new, opt_state)
+    losses.append(float(loss))
+  changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), params, new)
+  assert all(jax.tree.leaves(changed)), changed
+  assert losses[-1] < losses[0]
+
+
+def test_bad_arguments():
+  x = _images()
+  with pytest.raises(ValueError, match="divisible by patch_size"):
+    _abstract(vit.Model(num_classes=2, **TINY), _images(size=18))
+  with pytest.raises(ValueError, match="pool_type"):
+    _abstract(vit.Model(num_classes=2, pool_type="max", **TINY), x)
+  with pytest.raises(ValueError, match="remat_policy"):
+    _abstract(vit.Model(num_classes=2, remat_policy="some", **TINY), x)
+  with pytest.raises(ValueError, match="width, depth"):
+    _abstract(vit.Model(num_classes=2, num_heads=2), x)
+  with pytest.raises(ValueError, match="images must be"):
+    _abstract(vit.Model(num_classes=2, **TINY), x[0])
+  with pytest.raises(ValueError, match="posemb|position embedding"):
+    _abstract(vit.Model(num_classes=2, posemb="rope", **TINY), x)
+  explicit = vit.Model(num_classes=2, variant="B/16", depth=1, width=64, num_heads=2,
+                       patch_size=8)
+  assert explicit.sizes() == dict(width=64, depth=1, mlp_dim=3072, num_heads=2,
+                                  patch_size=(8, 8))
