@@ -78,9 +78,10 @@ F32 = dict(rtol=2e-4, atol=2e-4)
 BF16 = dict(rtol=5e-2, atol=5e-2)
 
 
-def test_ragged_lengths_no_mask():
+def test_ragged_lengths_soft_cap():
   q, k, v, ct = _inputs(2, 200, 328, 2, 2, 32, seed=1)
-  _check(q, k, v, ct, mask=None, tol=F32)
+  q = q * 3.0  # logits well past the cap
+  _check(q, k, v, ct, mask=None, tol=F32, ref_kwargs=dict(soft_cap=2.0), logits_soft_cap=2.0)
 
 
 def test_aligned_lengths_gqa_4_2_value_dim_and_compute_sub_blocks():
@@ -90,8 +91,8 @@ def test_aligned_lengths_gqa_4_2_value_dim_and_compute_sub_blocks():
   _check(q, k, v, ct, mask=None, tol=F32, block_sizes=blocks)
 
 
-def test_causal_gqa_4_2():
-  q, k, v, ct = _inputs(1, 200, 328, 4, 2, 32, seed=3)
+def test_causal_gqa_4_2_lane_aligned_head_dim():
+  q, k, v, ct = _inputs(1, 200, 328, 4, 2, 128, seed=3)
   mask = ref.full_mask(1, 4, 200, 328, is_causal=True)
   _check(q, k, v, ct, mask=mask, tol=F32, is_causal=True)
 
@@ -115,16 +116,10 @@ def test_local_window_shrinks_the_grid():
   _check(q, k, v, ct, mask=mask, tol=F32, local_window_size=40)
 
 
-def test_soft_cap():
-  q, k, v, ct = _inputs(1, 200, 328, 2, 1, 32, seed=7)
-  q = q * 3.0
-  _check(q, k, v, ct, mask=None, tol=F32, ref_kwargs=dict(soft_cap=2.0), logits_soft_cap=2.0)
-
-
 def test_combination_causal_window_segments_soft_cap_scale_gqa():
-  q, k, v, ct = _inputs(2, 200, 328, 4, 1, 32, seed=8)
-  segs = (_segments(2, 200, 2, seed=8), _segments(2, 328, 2, seed=9))
-  mask = ref.full_mask(2, 4, 200, 328, is_causal=True, window=(100, 20), segment_ids=segs)
+  q, k, v, ct = _inputs(1, 200, 328, 4, 1, 32, seed=8)
+  segs = (_segments(1, 200, 2, seed=8), _segments(1, 328, 2, seed=9))
+  mask = ref.full_mask(1, 4, 200, 328, is_causal=True, window=(100, 20), segment_ids=segs)
   _check(q, k, v, ct, mask=mask, tol=F32, ref_kwargs=dict(soft_cap=5.0, scale=0.3),
          is_causal=True, local_window_size=(100, 20), segment_ids=segs, logits_soft_cap=5.0,
          scale=0.3)
@@ -147,7 +142,7 @@ def test_sigmoid_window_segments_soft_cap_bias():
 
 
 def test_bfloat16_causal_gqa():
-  q, k, v, ct = _inputs(1, 200, 328, 4, 2, 64, dtype=jnp.bfloat16, seed=12)
+  q, k, v, ct = _inputs(1, 200, 328, 4, 2, 128, dtype=jnp.bfloat16, seed=12)
   mask = ref.full_mask(1, 4, 200, 328, is_causal=True)
   _check(q, k, v, ct, mask=mask, tol=BF16, is_causal=True)
 
@@ -186,9 +181,10 @@ def test_block_visits_cover_exactly_the_band(is_causal, window, t, s, bq, bk):
       (window, window) if isinstance(window, int) else window)
   if is_causal:
     right = 0 if right is None else min(right, 0)
-  spec = tpu._Spec(q_len=t, kv_len=s, kv_padded=True, scale=1.0, left=left, right=right,
-                   soft_cap=None, normalizer="softmax", sigmoid_bias=None,
-                   block_sizes=BLOCKS_128)
+  spec = tpu._Spec(batch=1, num_heads=1, num_kv_heads=1, head_dim=32, value_dim=32, q_len=t,
+                   kv_len=s, q_padded_len=-(-t // bq) * bq, kv_padded_len=-(-s // bk) * bk,
+                   scale=1.0, left=left, right=right, soft_cap=None, normalizer="softmax",
+                   sigmoid_bias=None, block_sizes=BLOCKS_128)
   band = ref.full_mask(1, 1, t, s, is_causal=is_causal, window=window)[0, 0]
   directions = (  # (mask rows = outer positions, outer block, inner block, steps, visit)
       (band, bq, bk, tpu._num_steps(-(-t // bq), bq, bk, s, left, right),
@@ -212,6 +208,37 @@ def test_block_visits_cover_exactly_the_band(is_causal, window, t, s, bq, bk):
       assert visited == wanted, (i, visited, wanted)
     if isinstance(window, int):
       assert steps < num_inner
+
+
+@pytest.mark.parametrize("dtype,head_dim,segments,kwargs", [
+    (jnp.bfloat16, 128, True, dict(is_causal=True)),
+    (jnp.float32, 64, False, dict(local_window_size=(100, 20), logits_soft_cap=30.0)),
+    (jnp.bfloat16, 256, False, dict(is_causal=True, normalizer="sigmoid")),
+])
+def test_lowers_to_mosaic_tpu(dtype, head_dim, segments, kwargs):
+  """Forward and backward lower through Pallas' Mosaic TPU rules (no TPU needed for this)."""
+  if not hasattr(jax.sharding, "AbstractDevice"):
+    pytest.skip("this JAX cannot describe a TPU device abstractly")
+  b, t, s, n, k = 2, 1000, 1500, 4, 2
+  q = jax.ShapeDtypeStruct((b, t, n, head_dim), dtype)
+  kv = jax.ShapeDtypeStruct((b, s, k, head_dim), dtype)
+  seg = None
+  if segments:
+    seg = (jax.ShapeDtypeStruct((b, t), jnp.int32), jax.ShapeDtypeStruct((b, s), jnp.int32))
+
+  def loss(q, k, v, seg):
+    out = tpu.flash_attention_tpu(q, k, v, segment_ids=seg, **kwargs)
+    return jnp.sum(out.astype(jnp.float32))
+
+  device = jax.sharding.AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")
+  mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+  with jax.sharding.use_abstract_mesh(mesh):
+    lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv, seg).lower(
+        lowering_platforms=("tpu",))
+  text = lowered.as_text()
+  assert text.count("tpu_custom_call") == 3
+  for name in ("flash_attention_fwd", "flash_attention_bwd_dkv", "flash_attention_bwd_dq"):
+    assert name in text
 
 
 def test_interpret_true_picks_the_tpu_interpreter():

@@ -29,6 +29,12 @@ not the whole sequence), steps past the band are skipped with `pl.when` and thei
 to a block already in VMEM, so they cost neither compute nor DMA. Blocks entirely inside the band
 skip the element-wise mask. Sequences are padded to whole blocks outside the kernels and the
 ragged tail of the keys is masked inside them. Query rows with nothing to attend to give zeros.
+
+Inputs stay `[batch, seq, heads, head_dim]` in HBM when head_dim is a multiple of 128 (the kernels
+read a head's tile straight out of the `[batch, seq, heads·head_dim]` view); smaller head dims
+are transposed to `[batch, heads, seq, head_dim]` first, as TPU tiles need the full minor dim.
+`interpret=True` runs the kernels in the Pallas TPU interpreter (`pltpu.InterpretParams`), which
+simulates VMEM scratch and the pipeline on CPU.
 """
 from __future__ import annotations
 
@@ -106,10 +112,16 @@ class BlockSizes:
 
 @dataclasses.dataclass(frozen=True)
 class _Spec:
-  """Everything static about one call: true lengths, mask band, normalizer, tiles."""
+  """Everything static about one call: sizes, mask band, normalizer, tiles."""
+  batch: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  value_dim: int
   q_len: int
   kv_len: int
-  kv_padded: bool
+  q_padded_len: int  # lengths padded to whole blocks of every kernel
+  kv_padded_len: int
   scale: float
   left: int | None  # query i may see keys j >= i - left (None: no limit)
   right: int | None  # query i may see keys j <= i + right (None: no limit)
@@ -121,6 +133,52 @@ class _Spec:
   @property
   def banded(self) -> bool:
     return self.left is not None or self.right is not None
+
+  @property
+  def kv_padded(self) -> bool:
+    return self.kv_padded_len != self.kv_len
+
+  @property
+  def groups(self) -> int:
+    return self.num_heads // self.num_kv_heads
+
+
+# Layout in HBM. A `[b, t, h, d]` array whose head_dim is lane-aligned is viewed as
+# `[b, t, h·d]` (a free reshape) and a head's `(block, d)` tile is the block at column h;
+# other head dims are transposed to `[b, h, t, d]`. Either way a kernel sees `(block, d)` tiles.
+
+
+def _to_kernel_layout(x, length):
+  b, t, h, d = x.shape
+  x = jnp.pad(x, ((0, 0), (0, length - t), (0, 0), (0, 0)))
+  return x.reshape(b, length, h * d) if d % NUM_LANES == 0 else jnp.swapaxes(x, 1, 2)
+
+
+def _from_kernel_layout(x, num_heads):
+  """Kernel layout -> `[b, padded_len, h, d]`."""
+  if x.ndim == 3:
+    b, length, hd = x.shape
+    return x.reshape(b, length, num_heads, hd // num_heads)
+  return jnp.swapaxes(x, 1, 2)
+
+
+def _kernel_shape(batch, heads, length, dim, dtype):
+  shape = (batch, length, heads * dim) if dim % NUM_LANES == 0 else (batch, heads, length, dim)
+  return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def _tile(block, dim, index_map):
+  """BlockSpec of the `(block, dim)` tile `index_map(*grid) = (batch, head, seq_block)`."""
+  if dim % NUM_LANES == 0:
+    def fused(*grid):
+      bi, h, i = index_map(*grid)
+      return bi, i, h
+    return pl.BlockSpec((None, block, dim), fused)
+
+  def heads_major(*grid):
+    bi, h, i = index_map(*grid)
+    return bi, h, i, 0
+  return pl.BlockSpec((None, None, block, dim), heads_major)
 
 
 def _round_up(x: int, multiple: int) -> int:
@@ -140,12 +198,16 @@ def _lanes(x, width):
 
 
 def _span(idx, size, other_size, other_len, behind, ahead):
-  xp = np if isinstance(idx, np.ndarray) else jnp
+  # Every quantity divided is non-negative (`behind`, `ahead` >= 0), so truncating division
+  # (`lax.div`, no sign ops in the kernel) equals floor division.
+  static = isinstance(idx, np.ndarray)
+  xp = np if static else jnp
+  div = (lambda a, b: a // b) if static else lax.div
   start = idx * size
-  lo = 0 * idx if behind is None else xp.maximum(start - behind, 0) // other_size
+  lo = 0 * idx if behind is None else div(xp.maximum(start - behind, 0), other_size)
   last = other_len - 1
-  hi = last if ahead is None else xp.minimum(start + size - 1 + ahead, last)
-  return lo, xp.floor_divide(hi, other_size) + 0 * idx
+  hi = last + 0 * idx if ahead is None else xp.minimum(start + size - 1 + ahead, last)
+  return lo, div(hi, other_size)
 
 
 def _num_steps(num_blocks, size, other_size, other_len, behind, ahead) -> int:
@@ -332,10 +394,8 @@ def _segment_inputs(q_seg, kv_seg):
 
 
 def _forward(q, k, v, q_seg, kv_seg, spec: _Spec, interpret):
-  """`[b, n, tq, d]` heads-major padded inputs -> output (and `[b, n, tq]` lse for softmax)."""
-  b, n, tq, d = q.shape
-  num_kv_heads, dv = k.shape[1], v.shape[3]
-  groups = n // num_kv_heads
+  """Padded inputs in kernel layout -> output (and the `[b, n, tq]` lse for softmax)."""
+  b, n, d, dv, tq = spec.batch, spec.num_heads, spec.head_dim, spec.value_dim, spec.q_padded_len
   bq, bk = spec.block_sizes.block_q, spec.block_sizes.block_k
   num_q = tq // bq
   steps = _num_steps(num_q, bq, bk, spec.kv_len, spec.left, spec.right)
@@ -343,14 +403,16 @@ def _forward(q, k, v, q_seg, kv_seg, spec: _Spec, interpret):
 
   def q_map(bi, h, i, step):
     del step
-    return bi, h, i, 0
+    return bi, h, i
 
   def kv_map(bi, h, i, step):
-    return bi, h // groups, _kv_visit(spec, i, step, bq, bk)[0], 0
+    return bi, h // spec.groups, _kv_visit(spec, i, step, bq, bk)[0]
 
-  in_specs = [pl.BlockSpec((None, None, bq, d), q_map),
-              pl.BlockSpec((None, None, bk, d), kv_map),
-              pl.BlockSpec((None, None, bk, dv), kv_map)]
+  def lse_map(bi, h, i, step):
+    del step
+    return bi, h, i, 0
+
+  in_specs = [_tile(bq, d, q_map), _tile(bk, d, kv_map), _tile(bk, dv, kv_map)]
   args = [q, k, v]
   if has_segments:
     in_specs += [
@@ -358,12 +420,12 @@ def _forward(q, k, v, q_seg, kv_seg, spec: _Spec, interpret):
         pl.BlockSpec((None, NUM_SUBLANES, bk),
                      lambda bi, h, i, step: (bi, 0, _kv_visit(spec, i, step, bq, bk)[0]))]
     args += _segment_inputs(q_seg, kv_seg)
-  out_shape = [jax.ShapeDtypeStruct((b, n, tq, dv), q.dtype)]
-  out_specs = [pl.BlockSpec((None, None, bq, dv), q_map)]
+  out_shape = [_kernel_shape(b, n, tq, dv, q.dtype)]
+  out_specs = [_tile(bq, dv, q_map)]
   scratch = [pltpu.VMEM((bq, dv), jnp.float32)]
   if spec.normalizer == "softmax":
     out_shape.append(jax.ShapeDtypeStruct((b, n, tq, NUM_LANES), jnp.float32))
-    out_specs.append(pl.BlockSpec((None, None, bq, NUM_LANES), q_map))
+    out_specs.append(pl.BlockSpec((None, None, bq, NUM_LANES), lse_map))
     scratch += [pltpu.VMEM((bq, NUM_LANES), jnp.float32)] * 2
   kernel = functools.partial(_fwd_kernel, spec=spec, has_segments=has_segments,
                              num_steps=steps)
@@ -430,9 +492,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, *refs, spec: _Spec, has_segments: b
 
 
 def _backward_dkv(q, k, v, do, q_seg, kv_seg, lse, di, spec: _Spec, interpret):
-  b, n, tq, d = q.shape
-  num_kv_heads, tk, dv = k.shape[1], k.shape[2], v.shape[3]
-  groups = n // num_kv_heads
+  b, n, d, dv = spec.batch, spec.num_heads, spec.head_dim, spec.value_dim
+  num_kv_heads, groups = spec.num_kv_heads, spec.groups
+  tq, tk = spec.q_padded_len, spec.kv_padded_len
   bq, bk = spec.block_sizes.block_q_dkv, spec.block_sizes.block_k_dkv
   num_k = tk // bk
   steps = _num_steps(num_k, bk, bq, spec.q_len, spec.right, spec.left)
@@ -440,21 +502,19 @@ def _backward_dkv(q, k, v, do, q_seg, kv_seg, lse, di, spec: _Spec, interpret):
 
   def kv_map(bi, h, j, g, step):
     del g, step
-    return bi, h, j, 0
+    return bi, h, j
 
   def q_block(j, step):
     return _q_visit(spec, j, step, bk, bq)[0]
 
   def q_map(bi, h, j, g, step):
-    return bi, h * groups + g, q_block(j, step), 0
+    return bi, h * groups + g, q_block(j, step)
 
   def row_map(bi, h, j, g, step):
     return bi, h * groups + g, 0, q_block(j, step)
 
-  in_specs = [pl.BlockSpec((None, None, bq, d), q_map),
-              pl.BlockSpec((None, None, bk, d), kv_map),
-              pl.BlockSpec((None, None, bk, dv), kv_map),
-              pl.BlockSpec((None, None, bq, dv), q_map)]
+  in_specs = [_tile(bq, d, q_map), _tile(bk, d, kv_map), _tile(bk, dv, kv_map),
+              _tile(bq, dv, q_map)]
   args = [q, k, v, do]
   if has_segments:
     q_ids = lax.broadcast_in_dim(q_seg, (b, NUM_SUBLANES, tq), (0, 2))
@@ -472,8 +532,7 @@ def _backward_dkv(q, k, v, do, q_seg, kv_seg, lse, di, spec: _Spec, interpret):
                              num_steps=steps, groups=groups)
   return pl.pallas_call(
       kernel, grid=(b, num_kv_heads, num_k, groups, steps), in_specs=in_specs,
-      out_specs=[pl.BlockSpec((None, None, bk, d), kv_map),
-                 pl.BlockSpec((None, None, bk, dv), kv_map)],
+      out_specs=[_tile(bk, d, kv_map), _tile(bk, dv, kv_map)],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, dv), jnp.float32)],
       compiler_params=_dim_semantics("parallel", "parallel", "parallel", "arbitrary",
@@ -531,9 +590,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, *refs, spec: _Spec, has_segments: bo
 
 
 def _backward_dq(q, k, v, do, q_seg, kv_seg, lse, di, spec: _Spec, interpret):
-  b, n, tq, d = q.shape
-  num_kv_heads, dv = k.shape[1], v.shape[3]
-  groups = n // num_kv_heads
+  b, n, d, dv, tq = spec.batch, spec.num_heads, spec.head_dim, spec.value_dim, spec.q_padded_len
   bq, bk = spec.block_sizes.block_q_dq, spec.block_sizes.block_k_dq
   num_q = tq // bq
   steps = _num_steps(num_q, bq, bk, spec.kv_len, spec.left, spec.right)
@@ -541,15 +598,17 @@ def _backward_dq(q, k, v, do, q_seg, kv_seg, lse, di, spec: _Spec, interpret):
 
   def q_map(bi, h, i, step):
     del step
-    return bi, h, i, 0
+    return bi, h, i
 
   def kv_map(bi, h, i, step):
-    return bi, h // groups, _kv_visit(spec, i, step, bq, bk)[0], 0
+    return bi, h // spec.groups, _kv_visit(spec, i, step, bq, bk)[0]
 
-  in_specs = [pl.BlockSpec((None, None, bq, d), q_map),
-              pl.BlockSpec((None, None, bk, d), kv_map),
-              pl.BlockSpec((None, None, bk, dv), kv_map),
-              pl.BlockSpec((None, None, bq, dv), q_map)]
+  def col_map(bi, h, i, step):
+    del step
+    return bi, h, i, 0
+
+  in_specs = [_tile(bq, d, q_map), _tile(bk, d, kv_map), _tile(bk, dv, kv_map),
+              _tile(bq, dv, q_map)]
   args = [q, k, v, do]
   if has_segments:
     in_specs += [
@@ -559,13 +618,13 @@ def _backward_dq(q, k, v, do, q_seg, kv_seg, lse, di, spec: _Spec, interpret):
     args += _segment_inputs(q_seg, kv_seg)
   if spec.normalizer == "softmax":
     cols = lambda x: lax.broadcast_in_dim(x, (b, n, tq, NUM_LANES), (0, 1, 2))
-    in_specs += [pl.BlockSpec((None, None, bq, NUM_LANES), q_map)] * 2
+    in_specs += [pl.BlockSpec((None, None, bq, NUM_LANES), col_map)] * 2
     args += [cols(lse), cols(di)]
   kernel = functools.partial(_dq_kernel, spec=spec, has_segments=has_segments,
                              num_steps=steps)
   return pl.pallas_call(
       kernel, grid=(b, n, num_q, steps), in_specs=in_specs,
-      out_specs=pl.BlockSpec((None, None, bq, d), q_map),
+      out_specs=_tile(bq, d, q_map),
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)],
       compiler_params=_dim_semantics("parallel", "parallel", "parallel", "arbitrary"),
@@ -589,7 +648,8 @@ def _attention_bwd(spec, interpret, residuals, d_out):
   q, k, v, q_seg, kv_seg, out, lse = residuals
   di = None
   if spec.normalizer == "softmax":
-    di = jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32), axis=-1)
+    products = out.astype(jnp.float32) * d_out.astype(jnp.float32)
+    di = jnp.swapaxes(jnp.sum(_from_kernel_layout(products, spec.num_heads), axis=-1), 1, 2)
   dk, dv = _backward_dkv(q, k, v, d_out, q_seg, kv_seg, lse, di, spec, interpret)
   dq = _backward_dq(q, k, v, d_out, q_seg, kv_seg, lse, di, spec, interpret)
   return dq, dk, dv, None, None
@@ -598,18 +658,11 @@ def _attention_bwd(spec, interpret, residuals, d_out):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def _heads_major(x, length):
-  """`[b, t, h, d]` -> `[b, h, length, d]`, zero-padded along the sequence."""
-  x = jnp.swapaxes(x, 1, 2)
-  return jnp.pad(x, ((0, 0), (0, 0), (0, length - x.shape[2]), (0, 0)))
-
-
 @functools.partial(jax.jit, static_argnames=("spec", "interpret"))
 def _flash(query, key, value, q_seg, kv_seg, *, spec: _Spec, interpret):
-  sizes = spec.block_sizes
-  tq = _round_up(spec.q_len, math.lcm(sizes.block_q, sizes.block_q_dkv, sizes.block_q_dq))
-  tk = _round_up(spec.kv_len, math.lcm(sizes.block_k, sizes.block_k_dkv, sizes.block_k_dq))
-  q, k, v = _heads_major(query, tq), _heads_major(key, tk), _heads_major(value, tk)
+  tq, tk = spec.q_padded_len, spec.kv_padded_len
+  q = _to_kernel_layout(query, tq)
+  k, v = _to_kernel_layout(key, tk), _to_kernel_layout(value, tk)
   if q_seg is not None:
     # Padding gets ids of its own; the key tail is masked by position anyway.
     q_seg = jnp.pad(q_seg.astype(jnp.int32), ((0, 0), (0, tq - spec.q_len)),
@@ -617,7 +670,7 @@ def _flash(query, key, value, q_seg, kv_seg, *, spec: _Spec, interpret):
     kv_seg = jnp.pad(kv_seg.astype(jnp.int32), ((0, 0), (0, tk - spec.kv_len)),
                      constant_values=-2)
   out = _attention(q, k, v, q_seg, kv_seg, spec, interpret)
-  return jnp.swapaxes(out[:, :, :spec.q_len], 1, 2)
+  return _from_kernel_layout(out, spec.num_heads)[:, :spec.q_len]
 
 
 def _check_head_dim(name: str, size: int) -> None:
@@ -676,8 +729,12 @@ def flash_attention_tpu(query, key, value, *, segment_ids=None, is_causal=False,
     sigmoid_bias = -math.log(dims.kv_len)
   sizes = block_sizes
   spec = _Spec(
-      q_len=dims.q_len, kv_len=dims.kv_len,
-      kv_padded=dims.kv_len % math.lcm(sizes.block_k, sizes.block_k_dkv, sizes.block_k_dq) != 0,
+      batch=dims.batch, num_heads=dims.num_heads, num_kv_heads=dims.num_kv_heads,
+      head_dim=dims.head_dim, value_dim=dims.value_dim, q_len=dims.q_len, kv_len=dims.kv_len,
+      q_padded_len=_round_up(
+          dims.q_len, math.lcm(sizes.block_q, sizes.block_q_dkv, sizes.block_q_dq)),
+      kv_padded_len=_round_up(
+          dims.kv_len, math.lcm(sizes.block_k, sizes.block_k_dkv, sizes.block_k_dq)),
       scale=common.default_scale(dims.head_dim, scale), left=left, right=right,
       soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
       normalizer=normalizer, sigmoid_bias=None if sigmoid_bias is None else float(sigmoid_bias),
