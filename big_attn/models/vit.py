@@ -1,4 +1,4 @@
-"""Vision Transformer (An Image is Worth 16x16 Words; Scaling Vision Transformers), big_vision style.
+"""Vision Transformer (An Image is Worth 16x16 Words; Scaling Vision Transformers), as big_vision.
 
     model = Model(num_classes=1000, variant="B/16", attention="sigmoid")
     params = model.init(jax.random.key(0), images)["params"]     # images: [batch, H, W, C]

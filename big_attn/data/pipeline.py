@@ -1,0 +1,258 @@
+"""grain input pipelines: `get_dataset(input_config, ...)` and `dataset_info(input_config)`.
+
+    ds = get_dataset(config.input, split="train", batch_size=128, seed=0, train=True,
+                     process_index=jax.process_index(), process_count=jax.process_count())
+    it = iter(ds)
+    batch = next(it)       # {"image", "labels", "label", "mask"}, leading dim 128 // processes
+    state = it.get_state()  # saved with the checkpoint; it.set_state(state) resumes the order
+
+`input_config` (a ConfigDict or dict; absent keys take the defaults of the data set):
+  name: "digits" (embedded, scikit-learn's 8x8 digits) or "tfds:NAME" ("tfds:cifar10",
+    "tfds:imagenet2012", ...; ArrayRecord data prepared in `data_dir`, never downloaded).
+  data_dir: the TFDS data directory (None: TFDS's default).
+  image_size: output height = width (digits 32, cifar 32, imagenet2012 224).
+  channels: 3 repeats a grey image to RGB (digits have 1).
+  augment: crop_padding (zero-pad then random crop; digits 2, cifar 4), flip (random horizontal
+    flip; off for digits), inception_crop (random resized crop, imagenet2012's default) with
+    area_min (0.05).
+  mixup: Beta(α, α) parameter of batch-level mixup in training; 0 turns it off.
+  train_split, test_split: split names or TFDS slices ("train[:90%]"); the test split is
+    "validation" for imagenet2012 and "test" otherwise.
+  num_threads, prefetch: grain reader threads and the number of batches read ahead.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import grain
+import numpy as np
+
+from big_attn.data import digits, preprocess, tfds_source
+
+_DEFAULTS = {
+    "digits": dict(image_size=32, crop_padding=2, flip=False, inception_crop=False),
+    "tfds:cifar10": dict(image_size=32, crop_padding=4, flip=True, inception_crop=False),
+    "tfds:cifar100": dict(image_size=32, crop_padding=4, flip=True, inception_crop=False),
+    "tfds:imagenet2012": dict(image_size=224, crop_padding=0, flip=True, inception_crop=True,
+                              test_split="validation"),
+}
+_GENERIC = dict(crop_padding=0, flip=True, inception_crop=False)
+_AUGMENT_KEYS = ("crop_padding", "flip", "inception_crop", "area_min")
+
+
+def _get(cfg: Any, key: str, default: Any = None) -> Any:
+  if cfg is None:
+    return default
+  value = cfg.get(key, default)
+  return default if value is None else value
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+  """The input config with the data set's defaults filled in and every value checked."""
+  name: str
+  data_dir: str | None
+  image_size: int
+  channels: int | None
+  crop_padding: int
+  flip: bool
+  inception_crop: bool
+  area_min: float
+  mixup: float
+  train_split: str
+  test_split: str
+  num_threads: int
+  prefetch: int
+
+  @classmethod
+  def parse(cls, cfg: Any) -> _Spec:
+    name = _get(cfg, "name", "digits")
+    if not isinstance(name, str) or not (name == "digits" or name.startswith("tfds:")):
+      raise ValueError(f"input name must be 'digits' or 'tfds:NAME' (e.g. 'tfds:cifar10'), got "
+                       f"{name!r}")
+    defaults = dict(_DEFAULTS.get(name, _GENERIC))
+    augment = _get(cfg, "augment", {})
+    unknown = sorted(set(augment.keys()) - set(_AUGMENT_KEYS))
+    if unknown:
+      raise ValueError(f"unknown input.augment keys {unknown}; expected some of {_AUGMENT_KEYS}")
+    image_size = _get(cfg, "image_size", defaults.get("image_size"))
+    if not isinstance(image_size, int) or image_size <= 0:
+      raise ValueError(f"input.image_size must be a positive int, got {image_size!r}"
+                       + (" (no default for this data set)" if image_size is None else ""))
+    channels = _get(cfg, "channels")
+    if channels not in (None, 1, 3):
+      raise ValueError(f"input.channels must be 1 or 3, got {channels!r}")
+    spec = cls(
+        name=name, data_dir=_get(cfg, "data_dir"), image_size=image_size, channels=channels,
+        crop_padding=_get(augment, "crop_padding", defaults["crop_padding"]),
+        flip=bool(_get(augment, "flip", defaults["flip"])),
+        inception_crop=bool(_get(augment, "inception_crop", defaults["inception_crop"])),
+        area_min=float(_get(augment, "area_min", 0.05)),
+        mixup=float(_get(cfg, "mixup", 0.0)),
+        train_split=_get(cfg, "train_split", "train"),
+        test_split=_get(cfg, "test_split", defaults.get("test_split", "test")),
+        num_threads=_get(cfg, "num_threads", 4), prefetch=_get(cfg, "prefetch", 8))
+    if not isinstance(spec.crop_padding, int) or spec.crop_padding < 0:
+      raise ValueError(f"input.augment.crop_padding must be an int >= 0, got "
+                       f"{spec.crop_padding!r}")
+    if not 0.0 < spec.area_min <= 1.0:
+      raise ValueError(f"input.augment.area_min must be in (0, 1], got {spec.area_min}")
+    if spec.mixup < 0:
+      raise ValueError(f"input.mixup must be >= 0 (0 = off), got {spec.mixup}")
+    for key in ("num_threads", "prefetch"):
+      if not isinstance(getattr(spec, key), int) or getattr(spec, key) < 1:
+        raise ValueError(f"input.{key} must be a positive int, got {getattr(spec, key)!r}")
+    return spec
+
+  @property
+  def tfds_name(self) -> str:
+    return self.name[len("tfds:"):]
+
+  def split_name(self, split: str) -> str:
+    """"train"/"test" -> the configured split; any other name is passed through."""
+    return {"train": self.train_split, "test": self.test_split}.get(split, split)
+
+  def source(self, split: str):
+    if self.name == "digits":
+      return digits.DigitsSource(self.split_name(split))
+    return tfds_source.TfdsSource(self.tfds_name, self.split_name(split), self.data_dir)
+
+
+class _Preprocess:
+  """Example `{"image", "label"}` -> `{"image", "labels", "label", "mask"}`.
+
+  Augmented with `rng` in training; called without one (deterministic) for evaluation.
+  """
+
+  def __init__(self, spec: _Spec, num_classes: int):
+    self._spec, self._num_classes = spec, num_classes
+
+  def __call__(self, element, rng: np.random.Generator | None = None):
+    spec, size, train = self._spec, self._spec.image_size, rng is not None
+    image = preprocess.to_unit_float(element["image"])
+    if image.ndim == 2:
+      image = image[..., None]
+    if train and spec.inception_crop:
+      image = preprocess.random_resized_crop(image, size, rng, area_min=spec.area_min)
+    elif spec.inception_crop:
+      image = preprocess.central_crop(preprocess.resize_small(image, round(size * 8 / 7)), size)
+    else:
+      image = preprocess.resize(image, (size, size))
+    if train:
+      image = preprocess.pad_and_random_crop(image, spec.crop_padding, rng)
+      if spec.flip and rng.random() < 0.5:
+        image = image[:, ::-1]
+    if spec.channels == 3 and image.shape[-1] == 1:
+      image = np.repeat(image, 3, axis=-1)
+    label = np.int32(element["label"])
+    return {"image": np.ascontiguousarray(preprocess.normalize(image), np.float32),
+            "labels": np.eye(self._num_classes, dtype=np.float32)[label],
+            "label": label,
+            "mask": np.bool_(element.get("mask", True))}
+
+
+class _Mixup:
+
+  def __init__(self, alpha: float):
+    self._alpha = alpha
+
+  def __call__(self, batch, rng: np.random.Generator):
+    return preprocess.mixup(batch, self._alpha, rng)
+
+
+class _Padded:
+  """An eval split padded to whole batches.
+
+  Examples `indices` of `source` (`mask=True`), then copies of the first of them (`mask=False`)
+  up to `length`.
+  """
+
+  def __init__(self, source, indices: np.ndarray, length: int):
+    self._source, self._indices, self._length = source, indices, length
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __getitem__(self, index: int):
+    real = index < len(self._indices)
+    element = dict(self._source[int(self._indices[index if real else 0])])
+    element["mask"] = real
+    return element
+
+
+def _seed(*parts: int) -> int:
+  return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+def _num_classes(spec: _Spec) -> int:
+  if spec.name == "digits":
+    return digits.NUM_CLASSES
+  return tfds_source.features(spec.tfds_name, spec.data_dir)["num_classes"]
+
+
+def dataset_info(input_config: Any) -> dict[str, Any]:
+  """`dict(num_classes, image_shape=(H, W, C), num_examples={"train": n, "test": m})`."""
+  spec = _Spec.parse(input_config)
+  if spec.name == "digits":
+    channels = 1
+  else:
+    channels = tfds_source.features(spec.tfds_name, spec.data_dir)["channels"]
+  if spec.channels == 3:
+    channels = 3
+  return dict(num_classes=_num_classes(spec),
+              image_shape=(spec.image_size, spec.image_size, channels),
+              num_examples={s: len(spec.source(s)) for s in ("train", "test")})
+
+
+def get_dataset(input_config: Any, *, split: str, batch_size: int, seed: int, train: bool,
+                process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+  """The batched input pipeline of one process.
+
+  Args:
+    input_config: see the module docstring.
+    split: "train", "test" (the configured train/test splits) or a split name of the source.
+    batch_size: the global batch size; each process yields `batch_size // process_count`.
+    seed: shuffling and augmentation seed (train); the same seed gives the same batches.
+    train: shuffled per epoch, repeated forever, augmented, mixed up if configured, remainder
+      dropped. Otherwise one ordered pass without augmentation whose last batch is padded, with
+      `mask` False on the padding; every process yields the same number of batches.
+    process_index, process_count: this process takes examples `process_index::process_count`.
+
+  Returns:
+    A `grain.IterDataset` of `{"image": float32 [b, H, W, C] in [-1, 1], "labels": float32
+    [b, num_classes], "label": int32 [b], "mask": bool [b]}`; its iterators have
+    `get_state()`/`set_state()`.
+  """
+  if not isinstance(batch_size, int) or batch_size <= 0:
+    raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+  if not isinstance(process_count, int) or process_count <= 0:
+    raise ValueError(f"process_count must be a positive int, got {process_count!r}")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index must be in [0, {process_count}), got {process_index!r}")
+  if batch_size % process_count:
+    raise ValueError(f"batch_size ({batch_size}) must be divisible by process_count "
+                     f"({process_count})")
+  local_batch = batch_size // process_count
+  spec = _Spec.parse(input_config)
+  preprocess_fn = _Preprocess(spec, _num_classes(spec))
+  source = spec.source(split)
+  read = grain.ReadOptions(num_threads=spec.num_threads, prefetch_buffer_size=spec.prefetch)
+
+  if train:
+    ds = grain.MapDataset.source(source)[process_index::process_count]
+    if len(ds) < local_batch:
+      raise ValueError(f"split {split!r} has {len(ds)} examples for this process, fewer than "
+                       f"its batch of {local_batch}")
+    ds = ds.shuffle(seed=_seed(seed, process_index, 0)).repeat()
+    ds = ds.random_map(preprocess_fn, seed=_seed(seed, process_index, 1))
+    ds = ds.batch(local_batch, drop_remainder=True)
+    if spec.mixup > 0:
+      ds = ds.random_map(_Mixup(spec.mixup), seed=_seed(seed, process_index, 2))
+    return ds.to_iter_dataset(read)
+
+  indices = np.arange(process_index, len(source), process_count)
+  num_batches = math.ceil(len(source) / batch_size)
+  ds = grain.MapDataset.source(_Padded(source, indices, num_batches * local_batch))
+  return ds.map(preprocess_fn).batch(local_batch).to_iter_dataset(read)

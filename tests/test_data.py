@@ -1,0 +1,246 @@
+"""grain input pipelines: digits split, batches, determinism, sharding, eval padding, resume."""
+import collections
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+
+from big_attn import data
+from big_attn.data import digits, preprocess
+
+NO_AUGMENT = {"crop_padding": 0, "flip": False}
+
+
+def _cfg(**kw):
+  return dict(dict(name="digits", image_size=16, num_threads=2, prefetch=2), **kw)
+
+
+def _take(ds, n, it=None):
+  it = iter(ds) if it is None else it
+  return [next(it) for _ in range(n)]
+
+
+def _keys(images):
+  """Hashable identity of each image (rounded, so that float noise does not matter)."""
+  return [np.round(im, 4).tobytes() for im in np.asarray(images)]
+
+
+def _expected_eval_images(split, size):
+  """The split's images via sklearn and jax.image.resize (independent of the pipeline)."""
+  d = load_digits()
+  idx = digits.split_indices(split)
+  images = jnp.asarray(d.images[idx] / 16.0, jnp.float32)[..., None]
+  resized = jax.image.resize(images, (len(idx), size, size, 1), "bilinear", antialias=True)
+  return np.asarray(resized) * 2 - 1, d.target[idx]
+
+
+def test_digits_split_fixed_stratified_disjoint():
+  train, test = digits.split_indices("train"), digits.split_indices("test")
+  assert len(train) == 1497 and len(test) == 300
+  assert not set(train) & set(test) and len(set(train) | set(test)) == 1797
+  counts = np.bincount(load_digits().target[test], minlength=10)
+  assert counts.min() >= 29 and counts.max() <= 31
+  info = data.dataset_info(_cfg(image_size=32, channels=3))
+  assert info == dict(num_classes=10, image_shape=(32, 32, 3),
+                      num_examples={"train": 1497, "test": 300})
+
+
+def test_train_batch_shapes_dtypes_normalisation():
+  ds = data.get_dataset(_cfg(), split="train", batch_size=8, seed=0, train=True)
+  for batch in _take(ds, 2):
+    assert batch["image"].shape == (8, 16, 16, 1) and batch["image"].dtype == np.float32
+    assert batch["labels"].shape == (8, 10) and batch["labels"].dtype == np.float32
+    assert batch["label"].shape == (8,) and batch["label"].dtype == np.int32
+    assert batch["mask"].shape == (8,) and batch["mask"].dtype == np.bool_ and batch["mask"].all()
+    np.testing.assert_array_equal(batch["labels"].argmax(-1), batch["label"])
+    np.testing.assert_array_equal(batch["labels"].sum(-1), 1.0)
+    assert batch["image"].min() >= -1.0 and batch["image"].max() <= 1.0
+    assert batch["image"].min() == -1.0  # the digits' background
+  rgb = _take(data.get_dataset(_cfg(channels=3), split="train", batch_size=4, seed=0,
+                               train=True), 1)[0]["image"]
+  assert rgb.shape == (4, 16, 16, 3)
+  np.testing.assert_array_equal(rgb[..., 0], rgb[..., 2])
+
+
+def test_same_seed_same_batches_other_seed_differs():
+  make = lambda seed: data.get_dataset(_cfg(mixup=0.2), split="train", batch_size=8,
+                                       seed=seed, train=True)
+  a, b, c = _take(make(3), 3), _take(make(3), 3), _take(make(4), 3)
+  for x, y in zip(a, b):
+    for key in x:
+      np.testing.assert_array_equal(x[key], y[key])
+  assert any(np.any(x["image"] != z["image"]) for x, z in zip(a, c))
+
+
+def test_eval_covers_test_split_once_in_order_with_padding_mask():
+  ds = data.get_dataset(_cfg(), split="test", batch_size=128, seed=0, train=False)
+  batches = list(ds)
+  assert len(batches) == 3 and all(b["image"].shape == (128, 16, 16, 1) for b in batches)
+  mask = np.concatenate([b["mask"] for b in batches])
+  np.testing.assert_array_equal(mask, np.arange(384) < 300)
+  images = np.concatenate([b["image"] for b in batches])[mask]
+  labels = np.concatenate([b["label"] for b in batches])[mask]
+  want_images, want_labels = _expected_eval_images("test", 16)
+  np.testing.assert_array_equal(labels, want_labels)
+  np.testing.assert_allclose(images, want_images, atol=1e-5)
+  # A second pass over the same data set gives the same batches.
+  np.testing.assert_array_equal(list(ds)[1]["image"], batches[1]["image"])
+
+
+@pytest.mark.parametrize("process_count", [3, 4])
+def test_eval_processes_partition_test_split(process_count):
+  seen, num_batches = collections.Counter(), set()
+  for p in range(process_count):
+    batches = list(data.get_dataset(_cfg(), split="test", batch_size=24 * process_count,
+                                    seed=0, train=False, process_index=p,
+                                    process_count=process_count))
+    num_batches.add(len(batches))
+    for b in batches:
+      assert b["image"].shape[0] == 24
+      seen.update(_keys(b["image"][b["mask"]]))
+  assert len(num_batches) == 1  # every process runs the same number of eval steps
+  want, _ = _expected_eval_images("test", 16)
+  assert seen == collections.Counter(_keys(want))
+
+
+def test_train_processes_partition_train_split_and_reshuffle_each_epoch():
+  cfg = _cfg(augment=NO_AUGMENT)
+  reference = collections.Counter(_keys(_expected_eval_images("train", 16)[0]))
+  seen, first_epoch_order = collections.Counter(), None
+  for p in range(3):
+    # 1497 = 3 x 499: one batch of 499 per process is exactly its first epoch.
+    ds = data.get_dataset(cfg, split="train", batch_size=3 * 499, seed=7, train=True,
+                          process_index=p, process_count=3)
+    epoch1, epoch2 = _take(ds, 2)
+    keys1, keys2 = _keys(epoch1["image"]), _keys(epoch2["image"])
+    assert collections.Counter(keys1) == collections.Counter(keys2)  # same examples
+    assert keys1 != keys2  # in a new order
+    seen.update(keys1)
+    first_epoch_order = first_epoch_order or keys1
+  assert seen == reference
+  # The epoch is shuffled: not the source order.
+  assert first_epoch_order != _keys(_expected_eval_images("train", 16)[0][0::3])
+
+
+def test_iterator_state_resumes_same_batches():
+  cfg = ml_collections.ConfigDict(_cfg(mixup=0.5, augment={"crop_padding": 2, "flip": True},
+                                       batch_size=8))  # keys of the trainer are ignored
+  cfg.lock()
+  ds = data.get_dataset(cfg, split="train", batch_size=8, seed=1, train=True)
+  it = iter(ds)
+  _take(ds, 3, it)
+  state = it.get_state()
+  expected = _take(ds, 4, it)
+  fresh = iter(data.get_dataset(cfg, split="train", batch_size=8, seed=1, train=True))
+  fresh.set_state(state)
+  for want, got in zip(expected, _take(ds, 4, fresh)):
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_mixup_labels_sum_to_one():
+  ds = data.get_dataset(_cfg(mixup=1.0), split="train", batch_size=16, seed=0, train=True)
+  for batch in _take(ds, 3):
+    np.testing.assert_allclose(batch["labels"].sum(-1), 1.0, rtol=1e-6)
+    assert batch["labels"].max(-1).min() >= 0.5 - 1e-6
+    np.testing.assert_array_equal(batch["labels"].argmax(-1)[batch["labels"].max(-1) > 0.5],
+                                  batch["label"][batch["labels"].max(-1) > 0.5])
+  assert np.any((batch["labels"] > 0) & (batch["labels"] < 1))
+
+
+def test_augmentation_flip_and_crop():
+  rng = np.random.default_rng(0)
+  image = rng.random((6, 6, 1)).astype(np.float32)
+  cropped = preprocess.pad_and_random_crop(image, 2, rng)
+  assert cropped.shape == image.shape
+  # The crop is a translation of the zero-padded image.
+  padded = np.pad(image, ((2, 2), (2, 2), (0, 0)))
+  assert any(np.array_equal(cropped, padded[i:i + 6, j:j + 6])
+             for i in range(5) for j in range(5))
+  # Flips: with flip on, some batch images are mirrored versions of the unflipped pipeline's.
+  base = _take(data.get_dataset(_cfg(augment=NO_AUGMENT), split="train", batch_size=32,
+                                seed=0, train=True), 1)[0]["image"]
+  flip = _take(data.get_dataset(_cfg(augment={"crop_padding": 0, "flip": True}), split="train",
+                                batch_size=32, seed=0, train=True), 1)[0]["image"]
+  mirrored = [np.array_equal(f, b[:, ::-1]) and not np.array_equal(f, b)
+              for f, b in zip(flip, base)]
+  same = [np.array_equal(f, b) for f, b in zip(flip, base)]
+  assert any(mirrored) and any(same) and all(m or s for m, s in zip(mirrored, same))
+
+
+@pytest.mark.parametrize("shape,size", [((37, 29, 3), (16, 16)), ((8, 8, 1), (32, 24)),
+                                        ((5, 40, 2), (9, 7))])
+def test_resize_matches_jax_image_resize(shape, size):
+  image = np.random.default_rng(0).random(shape).astype(np.float32)
+  want = jax.image.resize(image, size + shape[2:], "bilinear", antialias=True)
+  np.testing.assert_allclose(preprocess.resize(image, size), want, atol=1e-5)
+
+
+def test_random_resized_crop_and_eval_crop():
+  rng = np.random.default_rng(0)
+  image = rng.random((50, 70, 3)).astype(np.float32)
+  for _ in range(5):
+    assert preprocess.random_resized_crop(image, 24, rng).shape == (24, 24, 3)
+  small = preprocess.resize_small(image, 20)
+  assert small.shape == (20, 28, 3)
+  assert preprocess.central_crop(small, 16).shape == (16, 16, 3)
+
+
+def test_bad_input_config():
+  ok = dict(split="train", batch_size=8, seed=0, train=True)
+  with pytest.raises(ValueError, match="'digits' or 'tfds:NAME'"):
+    data.get_dataset(_cfg(name="mnist"), **ok)
+  with pytest.raises(ValueError, match="augment keys"):
+    data.get_dataset(_cfg(augment={"crop_pading": 2}), **ok)
+  with pytest.raises(ValueError, match="image_size"):
+    data.get_dataset(_cfg(image_size=0), **ok)
+  with pytest.raises(ValueError, match="mixup"):
+    data.get_dataset(_cfg(mixup=-1.0), **ok)
+  with pytest.raises(ValueError, match="divisible by process_count"):
+    data.get_dataset(_cfg(), **dict(ok, batch_size=9), process_count=2)
+  with pytest.raises(ValueError, match="process_index"):
+    data.get_dataset(_cfg(), **ok, process_index=2, process_count=2)
+  with pytest.raises(ValueError, match="splits"):
+    data.get_dataset(_cfg(), **dict(ok, split="validation"))
+
+
+def test_missing_tfds_names_the_extra(monkeypatch):
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)
+  with pytest.raises(ImportError, match=r"big_attn\[tfds\]"):
+    data.dataset_info(_cfg(name="tfds:cifar10"))
+
+
+def test_tfds_cifar10_with_mock_data(tmp_path):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  cfg = dict(name="tfds:cifar10", data_dir=str(tmp_path), num_threads=2, prefetch=2)
+  with tfds.testing.mock_data(num_examples=20):
+    info = data.dataset_info(cfg)
+    assert info == dict(num_classes=10, image_shape=(32, 32, 3),
+                        num_examples={"train": 20, "test": 20})
+    train = _take(data.get_dataset(cfg, split="train", batch_size=8, seed=0, train=True), 3)
+    assert train[0]["image"].shape == (8, 32, 32, 3) and train[0]["labels"].shape == (8, 10)
+    assert train[0]["image"].min() >= -1 and train[0]["image"].max() <= 1
+    test = list(data.get_dataset(cfg, split="test", batch_size=8, seed=0, train=False))
+    assert len(test) == 3 and sum(int(b["mask"].sum()) for b in test) == 20
+    source = tfds.data_source("cifar10", split="test", data_dir=str(tmp_path))
+    want = np.stack([source[i]["image"] for i in range(20)]).astype(np.float32) / 127.5 - 1
+    got = np.concatenate([b["image"] for b in test])[:20]
+    np.testing.assert_allclose(got, want, atol=1e-6)
+  with pytest.raises(FileNotFoundError, match="data_dir"):
+    data.dataset_info(cfg)  # nothing prepared there, and nothing is downloaded
+
+
+def test_tfds_imagenet_crops_with_mock_data(tmp_path):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  cfg = dict(name="tfds:imagenet2012", data_dir=str(tmp_path), image_size=32, num_threads=2,
+             prefetch=2)
+  with tfds.testing.mock_data(num_examples=6):
+    assert data.dataset_info(cfg)["num_classes"] == 1000
+    batch = _take(data.get_dataset(cfg, split="train", batch_size=4, seed=0, train=True), 1)[0]
+    assert batch["image"].shape == (4, 32, 32, 3) and batch["labels"].shape == (4, 1000)
+    test = list(data.get_dataset(cfg, split="test", batch_size=4, seed=0, train=False))
+    assert len(test) == 2 and test[0]["image"].shape == (4, 32, 32, 3)
