@@ -110,7 +110,7 @@ def test_unmatched_segments_give_zero_rows_and_grads():
 
 def test_per_shard_functions_in_user_shard_map():
   """`ring_attention` / `striped_attention` inside the user's own shard_map (Auto mesh axes),
-  the user striping the tokens; MQA, a scale, an eager call."""
+  the user striping the tokens; MQA and a scale."""
   mesh = _mesh((4,), ("sp",), explicit=False)
   q, kk, v, _, seg = _inputs(2, 24, 3, 1, 8, 8, seed=5, segments=True)
   mask = reference.full_mask(2, 3, 24, 24, is_causal=True, segment_ids=seg)
@@ -122,17 +122,17 @@ def test_per_shard_functions_in_user_shard_map():
       (parallel.ring_attention, identity, identity),
       (parallel.striped_attention, functools.partial(parallel.stripe, num_shards=4),
        functools.partial(parallel.unstripe, num_shards=4))):
-    fn = compat.shard_map(
+    fn = jax.jit(compat.shard_map(
         lambda q, k, v, s, attend=attend: attend(
             q, k, v, axis_name="sp", is_causal=True, segment_ids=s, scale=0.5),
-        mesh=mesh, in_specs=(spec,) * 4, out_specs=spec)
+        mesh=mesh, in_specs=(spec,) * 4, out_specs=spec))
     out = fn(*(to_order(jnp.asarray(x)) for x in (q, kk, v, seg)))
     _assert_close(from_order(out), want, attend.__name__)
 
 
 def test_cross_attention_lengths():
-  """Non-causal attention with q_len != kv_len, every strategy (forward)."""
-  mesh = _mesh((8,), ("seq",))
+  """Non-causal attention with q_len != kv_len, every strategy (forward), Auto mesh axes."""
+  mesh = _mesh((8,), ("seq",), explicit=False)
   q, _, _, _, _ = _inputs(1, 16, 2, 2, 4, 4, seed=11, segments=False)
   _, kk, v, _, _ = _inputs(1, 24, 2, 2, 4, 4, seed=12, segments=False)
   with reference.x64():
@@ -152,6 +152,26 @@ def test_tensor_and_fsdp_axes_keep_their_sharding():
   with reference.x64():
     want = np.asarray(reference.softmax_attention(q, kk, v, mask=mask))
   _assert_close(out, want, "striped on fsdp x seq x tensor")
+
+
+def test_bfloat16_striped_causal():
+  """bfloat16 inputs: float32 statistics inside, outputs and gradients in bfloat16."""
+  mesh = _mesh((8,), ("seq",))
+  q, kk, v, ct, seg = _inputs(1, 32, 2, 1, 8, 8, seed=9, segments=True)
+  bf16 = lambda x: jnp.asarray(x, jnp.bfloat16)
+
+  def loss(q, kk, v):
+    out = parallel.sequence_parallel_attention(q, kk, v, mesh=mesh, segment_ids=seg)
+    return jnp.sum(out.astype(jnp.float32) * ct), out
+
+  grads, out = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(bf16(q), bf16(kk),
+                                                                        bf16(v))
+  rounded = [np.asarray(bf16(x), np.float32) for x in (q, kk, v)]
+  want_out, want_grads = _reference(*rounded, ct, is_causal=True, segment_ids=seg)
+  assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
+  _assert_close(out, want_out, "out", tol=3e-2)
+  for name, got, want in zip(("dq", "dk", "dv"), grads, want_grads):
+    _assert_close(got, want, name, tol=5e-2)
 
 
 def test_stripe_layout_and_inverse():

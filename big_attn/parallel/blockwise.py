@@ -50,7 +50,7 @@ def block_plan(schedule: str, is_causal: bool, q_shard, kv_shard):
   `kind` is SKIP (nothing visible), FULL (every key visible) or TRIANGLE (key index j visible
   to query index i iff j <= i + offset). Shard indices may be Python/NumPy ints (the result is
   then concrete) or traced scalars (inside the ring); the plan depends only on the order of the
-  two indices.
+  two indices. `offset` only matters for TRIANGLE blocks (it is None without `is_causal`).
 
   - "ring" (Ring Attention, Liu et al. 2023), contiguous shards: blocks below the diagonal are
     FULL, the diagonal block is causal (offset 0), blocks above it are skipped.
@@ -167,6 +167,13 @@ def _rows(x, start, stop, axis):
   return None if x is None else jax.lax.slice_in_dim(x, start, stop, axis=axis)
 
 
+def _check_square(dims: common.Dims) -> None:
+  if dims.q_len != dims.kv_len:
+    raise ValueError(
+        "a causal block (causal_offset set) needs as many queries as keys, got "
+        f"{dims.q_len} and {dims.kv_len}")
+
+
 def xla_block_forward(query, key, value, *, scale, causal_offset=None, q_segment_ids=None,
                       kv_segment_ids=None):
   """Block forward in XLA: `(out, lse)`; causal blocks only compute each chunk's key prefix."""
@@ -174,6 +181,7 @@ def xla_block_forward(query, key, value, *, scale, causal_offset=None, q_segment
   if causal_offset is None:
     mask = _block_mask(dims, None, 0, q_segment_ids, kv_segment_ids)
     return _piece_forward(query, key, value, mask, scale)
+  _check_square(dims)
   outs, lses = [], []
   for start, stop in triangle_chunks(dims.q_len):
     q = _rows(query, start, stop, 1)
@@ -193,6 +201,7 @@ def xla_block_backward(query, key, value, dout, lse, delta, *, scale, causal_off
   if causal_offset is None:
     mask = _block_mask(dims, None, 0, q_segment_ids, kv_segment_ids)
     return _piece_backward(query, key, value, dout, lse, delta, mask, scale)
+  _check_square(dims)
   dqs = []
   dk = jnp.zeros(key.shape, jnp.float32)
   dv = jnp.zeros(value.shape, jnp.float32)

@@ -95,18 +95,27 @@ def _diagonal_offset(cfg: RingConfig):
   return offset if kind == blockwise.TRIANGLE else None
 
 
-def _by_kind(kind, offset, compute, carry):
+def _off_diagonal_kinds(cfg: RingConfig) -> tuple[int, ...]:
+  """The block kinds of steps s > 0 (the plan depends only on the order of the two shards)."""
+  return tuple(sorted({blockwise.block_plan(cfg.schedule, cfg.is_causal, 1, 0)[0],
+                       blockwise.block_plan(cfg.schedule, cfg.is_causal, 0, 1)[0]}))
+
+
+def _by_kind(cfg: RingConfig, kind, offset, compute, carry):
   """Updates `carry` with `compute(causal_offset, carry)` as the block kind says.
 
-  A concrete kind calls its branch directly; a traced one selects it with `lax.switch`, so a
-  skipped block costs nothing (it is not computed and then masked).
+  A concrete kind calls its branch directly; a traced one selects among the kinds the schedule
+  can produce with `lax.switch`, so a skipped block costs nothing (it is not computed and then
+  masked).
   """
   branches = {blockwise.SKIP: lambda c: c,
               blockwise.FULL: lambda c: compute(None, c),
               blockwise.TRIANGLE: lambda c: compute(offset, c)}
   if isinstance(kind, int):
     return branches[kind](carry)
-  return lax.switch(kind, [branches[k] for k in range(len(branches))], carry)
+  kinds = _off_diagonal_kinds(cfg)
+  index = jnp.argmax(jnp.asarray(kinds) == kind)
+  return lax.switch(index, [branches[k] for k in kinds], carry)
 
 
 def _merge(acc, block):
@@ -134,7 +143,7 @@ def _forward(cfg: RingConfig, q, k, v, q_seg, kv_seg):
 
   def step(s, acc, travelling, kv):
     kind, offset = _plan(cfg, s)
-    return _by_kind(kind, offset, lambda o, c: _merge(c, attend(o, kv)), acc), travelling
+    return _by_kind(cfg, kind, offset, lambda o, c: _merge(c, attend(o, kv)), acc), travelling
 
   (out, lse), _ = _ring_loop(cfg, first, step, (k, v, kv_seg))
   return out.astype(q.dtype), lse
@@ -168,7 +177,7 @@ def _ring_core_bwd(cfg, residuals, dout):
       (dq, (dk, dv)), (dq_b, dk_b, dv_b) = carry, grads(offset, kv)
       return dq + dq_b, (dk + dk_b, dv + dv_b)
     kind, offset = _plan(cfg, s)
-    return _by_kind(kind, offset, accumulate, (dq, dkv))
+    return _by_kind(cfg, kind, offset, accumulate, (dq, dkv))
 
   dq, (dk, dv) = _ring_loop(cfg, first, step, (k, v, kv_seg))
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
