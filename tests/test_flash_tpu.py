@@ -103,8 +103,8 @@ def test_causal_queries_longer_than_keys_gqa_4_1():
   _check(q, k, v, ct, mask=mask, tol=F32, is_causal=True)
 
 
-def test_segment_ids_self_attention():
-  q, k, v, ct = _inputs(2, 200, 200, 2, 1, 32, seed=5)
+def test_segment_ids_self_attention_unaligned_wide_head_dim():
+  q, k, v, ct = _inputs(2, 200, 200, 2, 1, 136, seed=5)
   seg = _segments(2, 200, 3, seed=5)
   mask = ref.full_mask(2, 2, 200, 200, segment_ids=seg)
   _check(q, k, v, ct, mask=mask, tol=F32, segment_ids=seg)
@@ -283,6 +283,8 @@ def test_bad_arguments_raise():
     tpu.flash_attention_tpu(q, k, v, local_window_size=-1)
   with pytest.raises(ValueError, match="logits_soft_cap"):
     tpu.flash_attention_tpu(q, k, v, logits_soft_cap=0.0)
+  with pytest.raises(ValueError, match="non-empty"):
+    tpu.flash_attention_tpu(q[:, :0], k, v)
   with pytest.raises(ValueError, match="sigmoid_bias"):
     tpu.flash_attention_tpu(q, k, v, sigmoid_bias=-1.0)
   with pytest.raises(TypeError, match="block_sizes"):

@@ -58,7 +58,6 @@ MAX_HEAD_DIM = 256
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 NORMALIZERS = ("softmax", "sigmoid")
 NT_DIMS = (((1,), (1,)), ((), ()))  # a @ bᵀ
-TN_DIMS = (((0,), (0,)), ((), ()))  # aᵀ @ b
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,9 +186,9 @@ def _round_up(x: int, multiple: int) -> int:
 
 def _lanes(x, width):
   """A lane-replicated `[rows, 128]` statistic laid out as `[rows, width]`."""
-  if width % NUM_LANES == 0:
-    return jnp.tile(x, (1, width // NUM_LANES))
-  return x[:, :width]
+  repeats = -(-width // NUM_LANES)
+  x = x if repeats == 1 else jnp.tile(x, (1, repeats))
+  return x if width == x.shape[1] else x[:, :width]
 
 
 # Block bookkeeping. A block of `size` positions starting at `idx * size` on one axis meets the
@@ -224,8 +223,7 @@ def _visit(idx, step, size, other_size, other_len, behind, ahead):
   """
   lo, hi = _span(idx, size, other_size, other_len, behind, ahead)
   last_block = (other_len - 1) // other_size
-  block = jnp.minimum(lo + step, jnp.clip(hi, lo, last_block))
-  return jnp.minimum(block, last_block), lo + step <= hi
+  return jnp.minimum(lo + step, jnp.clip(hi, lo, last_block)), lo + step <= hi
 
 
 def _kv_visit(spec, i, step, block_q, block_k):
@@ -406,7 +404,7 @@ def _forward(q, k, v, q_seg, kv_seg, spec: _Spec, interpret):
     return bi, h, i
 
   def kv_map(bi, h, i, step):
-    return bi, h // spec.groups, _kv_visit(spec, i, step, bq, bk)[0]
+    return bi, lax.div(h, spec.groups), _kv_visit(spec, i, step, bq, bk)[0]
 
   def lse_map(bi, h, i, step):
     del step
@@ -443,7 +441,7 @@ def _forward(q, k, v, q_seg, kv_seg, spec: _Spec, interpret):
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, *refs, spec: _Spec, has_segments: bool,
-                num_steps: int, groups: int):
+                num_steps: int):
   if has_segments:
     q_ids_ref, kv_ids_ref, *refs = refs
   if spec.normalizer == "softmax":
@@ -485,7 +483,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, *refs, spec: _Spec, has_segments: b
                            block_k)
   _masked_or_not(spec, has_segments, run, needs_mask, body)
 
-  @pl.when(jnp.logical_and(g == groups - 1, step == num_steps - 1))
+  @pl.when(jnp.logical_and(g == spec.groups - 1, step == num_steps - 1))
   def _finish():
     dk_ref[...] = (dk_acc[...] * spec.scale).astype(dk_ref.dtype)
     dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
@@ -529,7 +527,7 @@ def _backward_dkv(q, k, v, do, q_seg, kv_seg, lse, di, spec: _Spec, interpret):
     in_specs += [pl.BlockSpec((None, None, NUM_SUBLANES, bq), row_map)] * 2
     args += [rows(lse), rows(di)]
   kernel = functools.partial(_dkv_kernel, spec=spec, has_segments=has_segments,
-                             num_steps=steps, groups=groups)
+                             num_steps=steps)
   return pl.pallas_call(
       kernel, grid=(b, num_kv_heads, num_k, groups, steps), in_specs=in_specs,
       out_specs=[_tile(bk, d, kv_map), _tile(bk, dv, kv_map)],
@@ -601,7 +599,7 @@ def _backward_dq(q, k, v, do, q_seg, kv_seg, lse, di, spec: _Spec, interpret):
     return bi, h, i
 
   def kv_map(bi, h, i, step):
-    return bi, h // spec.groups, _kv_visit(spec, i, step, bq, bk)[0]
+    return bi, lax.div(h, spec.groups), _kv_visit(spec, i, step, bq, bk)[0]
 
   def col_map(bi, h, i, step):
     del step
@@ -631,7 +629,7 @@ def _backward_dq(q, k, v, do, q_seg, kv_seg, lse, di, spec: _Spec, interpret):
       interpret=interpret, name="flash_attention_bwd_dq")(*args)
 
 
-# custom_vjp over heads-major, padded arrays.
+# custom_vjp over padded arrays in kernel layout.
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
@@ -708,6 +706,10 @@ def flash_attention_tpu(query, key, value, *, segment_ids=None, is_causal=False,
     `[batch, q_len, num_heads, value_dim]` in the query's dtype.
   """
   dims = common.check_qkv(query, key, value)
+  if not dims.q_len or not dims.kv_len:
+    raise ValueError(
+        f"query and key sequences must be non-empty, got q_len={dims.q_len}, "
+        f"kv_len={dims.kv_len}")
   _check_head_dim("head_dim", dims.head_dim)
   _check_head_dim("value head_dim", dims.value_dim)
   if normalizer not in NORMALIZERS:
