@@ -35,12 +35,12 @@ def _segments(seed, b, t, s, num=3):
           jnp.asarray(np.sort(rng.integers(0, num, (b, s)), axis=1), jnp.int32))
 
 
-def _kernel_vjp(q, k, v, ct, **kwargs):
+def _kernel_vjp(q, k, v, ct, blocks=BLOCKS, **kwargs):
   """Output and (dq, dk, dv) of the kernel in interpret mode, in one compiled function."""
   @jax.jit
   def run(q, k, v, ct):
     out, vjp = jax.vjp(
-        lambda q, k, v: flash_attention(q, k, v, block_sizes=BLOCKS, interpret=True, **kwargs),
+        lambda q, k, v: flash_attention(q, k, v, block_sizes=blocks, interpret=True, **kwargs),
         q, k, v)
     return out, vjp(ct.astype(out.dtype))
   return run(q, k, v, ct)
@@ -78,8 +78,8 @@ def _reference_vjp(q, k, v, ct, *, segment_ids=None, is_causal=False, local_wind
     return np.asarray(out), [np.asarray(g) for g in grads]
 
 
-def _check(q, k, v, ct, tol, **kwargs):
-  out, grads = _kernel_vjp(q, k, v, ct, **kwargs)
+def _check(q, k, v, ct, tol, blocks=BLOCKS, **kwargs):
+  out, grads = _kernel_vjp(q, k, v, ct, blocks, **kwargs)
   assert out.shape == q.shape[:3] + v.shape[3:] and out.dtype == q.dtype
   want_out, want_grads = _reference_vjp(q, k, v, ct, **kwargs)
   np.testing.assert_allclose(np.asarray(out, np.float64), want_out, atol=tol, rtol=tol)
@@ -95,8 +95,10 @@ CASES = {
     "causal_gqa4:2": ((2, 37, 53, 4, 2, 16, 32), dict(is_causal=True)),
     "causal_gqa4:1_q_longer": ((1, 53, 37, 4, 1, 32, 16), dict(is_causal=True)),
     "window_gqa4:1": ((1, 45, 45, 4, 1, 16, 16), dict(local_window_size=(5, 3))),
-    "causal_window_softcap": ((1, 50, 50, 2, 1, 16, 16),
-                              dict(is_causal=True, local_window_size=20, logits_soft_cap=2.0)),
+    "causal_window_softcap_mixed_blocks": (
+        (1, 50, 50, 2, 1, 16, 16),
+        dict(is_causal=True, local_window_size=20, logits_soft_cap=2.0,
+             blocks=BlockSizes(32, 16, 16, 32, 32, 16))),
     "segments_causal_softcap_gqa": ((2, 37, 53, 4, 2, 16, 16),
                                     dict(segments=True, is_causal=True, logits_soft_cap=3.0)),
     "segments_window": ((1, 40, 40, 2, 2, 32, 32),
