@@ -5,6 +5,7 @@ All runs use a tiny ViT on 8x8 digits (4 tokens) on 8 simulated CPU devices.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -33,8 +34,10 @@ TOTAL_STEPS = 12
 
 
 def _config_module(name):
-  return config_flags.config_flags._LoadConfigModule(  # pylint: disable=protected-access
-      name, os.path.join(ROOT, "configs", f"{name}.py"))
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def tiny_config(**overrides) -> ml_collections.ConfigDict:
@@ -276,7 +279,10 @@ def test_vit_2b_dry_run_reports_parameters_memory_and_flops(capsys):
   assert f"parameters: {report['parameters']}" in printed
   assert 1.7e9 <= report["parameters"] <= 2.1e9
   assert "memory per device" in printed and "flops per step" in printed
-  assert report["flops"] > 6 * report["parameters"] * 8  # at least 6 N per example
+  # Forward + backward is about 6 FLOPs per parameter per token (256 patches x 8 images),
+  # plus the rematerialised forward and attention: all 48 layers counted, not one scan body.
+  dense = 6 * report["parameters"] * 256 * 8
+  assert 0.9 * dense < report["flops"] < 2 * dense, report["flops"] / dense
   # FSDP over 8 devices: each device holds about an eighth of the f32 params and Adam moments.
   assert report["memory"]["argument"] < 3 * 4 * report["parameters"] / 8 * 1.3
 

@@ -11,6 +11,12 @@ annotate parameters and activations with logical names only (`embed`, `mlp`, `he
 ...); `logical_shardings` turns them into `NamedSharding`s with flax's priority rules (a mesh axis
 is used at most once per array, the first matching rule wins). A dimension that the assigned mesh
 axes do not divide is replicated instead (for example 10 classes over fsdp=8).
+
+Parameters, optimizer state and batches are placed by these rules (`jit` in/out shardings);
+XLA propagates the shardings of activations from them. The training loop does not make a mesh
+global (`jax.set_mesh`), so modules' `nn.with_logical_constraint` calls are inert: with a global
+mesh and rules, flax's `DenseGeneral` (in `big_attn.layers.Attention`) applies its kernel's
+3-axis logical constraint to the 2-D flattened kernel inside `param`'s shape check and fails.
 """
 from __future__ import annotations
 
