@@ -193,7 +193,7 @@ def _speed_table(rows, names, errors) -> str:
                  + " |\n|" + "---|" * (4 + len(cols)))
     for r in rows:
       vals = [r.get((n, mode)) for n in names]
-      cells = ["-" if x is None else f"{x:.1f}" for x in vals]
+      cells = ["-" if x is None else f"{x:.1f}" if x >= 10 else f"{x:.3g}" for x in vals]
       cells += [_ratio(r.get(("ours", mode)), r.get((b, mode))) for b in baselines]
       cells.append(_ratio(r.get(("ours_sigmoid", mode)), r.get(("ours", mode))))
       lines.append(f"| {r['head_dim']} | {r['causal']} | {r['seq']} | {r['batch']} | "
