@@ -116,13 +116,17 @@ def test_local_window_shrinks_the_grid():
   _check(q, k, v, ct, mask=mask, tol=F32, local_window_size=40)
 
 
-def test_combination_causal_window_segments_soft_cap_scale_gqa():
+def test_combination_causal_window_segments_soft_cap_scale_gqa_mixed_blocks():
+  # Different tiles per kernel: the keys pad to 512, so whole key blocks of the dK/dV kernel
+  # are padding; the forward's key block is computed in two sub-blocks.
   q, k, v, ct = _inputs(1, 200, 328, 4, 1, 32, seed=8)
   segs = (_segments(1, 200, 2, seed=8), _segments(1, 328, 2, seed=9))
   mask = ref.full_mask(1, 4, 200, 328, is_causal=True, window=(100, 20), segment_ids=segs)
+  blocks = tpu.BlockSizes(block_q=64, block_k=256, block_k_compute=128, block_q_dkv=128,
+                          block_k_dkv=64, block_q_dq=64, block_k_dq=128)
   _check(q, k, v, ct, mask=mask, tol=F32, ref_kwargs=dict(soft_cap=5.0, scale=0.3),
          is_causal=True, local_window_size=(100, 20), segment_ids=segs, logits_soft_cap=5.0,
-         scale=0.3)
+         scale=0.3, block_sizes=blocks)
 
 
 def test_sigmoid_causal_gqa_default_bias():

@@ -215,6 +215,18 @@ def _num_steps(num_blocks, size, other_size, other_len, behind, ahead) -> int:
   return max(1, int(np.max(np.asarray(hi) - np.asarray(lo) + 1)))
 
 
+def _cost(spec, num_blocks, size, other_size, other_len, behind, ahead, *, matmul_dims, args,
+          out_shape):
+  """`pl.CostEstimate` of a kernel from the tiles it computes (per head and batch row)."""
+  lo, hi = _span(np.arange(num_blocks), size, other_size, other_len, behind, ahead)
+  tiles = int(np.sum(np.maximum(np.asarray(hi) - np.asarray(lo) + 1, 0)))
+  pairs = spec.batch * spec.num_heads * tiles * size * other_size
+  arrays = [*args, *jax.tree.leaves(out_shape)]
+  return pl.CostEstimate(
+      flops=2 * pairs * matmul_dims, transcendentals=pairs * (2 if spec.soft_cap else 1),
+      bytes_accessed=sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in arrays))
+
+
 def _visit(idx, step, size, other_size, other_len, behind, ahead):
   """(block of the other axis to load at `step`, whether to compute it).
 
@@ -427,11 +439,13 @@ def _forward(q, k, v, q_seg, kv_seg, spec: _Spec, interpret):
     scratch += [pltpu.VMEM((bq, NUM_LANES), jnp.float32)] * 2
   kernel = functools.partial(_fwd_kernel, spec=spec, has_segments=has_segments,
                              num_steps=steps)
+  cost = _cost(spec, num_q, bq, bk, spec.kv_len, spec.left, spec.right, matmul_dims=d + dv,
+               args=args, out_shape=out_shape)
   outs = pl.pallas_call(
       kernel, grid=(b, n, num_q, steps), in_specs=in_specs, out_specs=out_specs,
       out_shape=out_shape, scratch_shapes=scratch,
       compiler_params=_dim_semantics("parallel", "parallel", "parallel", "arbitrary"),
-      interpret=interpret, name="flash_attention_fwd")(*args)
+      cost_estimate=cost, interpret=interpret, name="flash_attention_fwd")(*args)
   if spec.normalizer == "softmax":
     return outs[0], outs[1][..., 0]
   return outs[0], None
@@ -528,14 +542,16 @@ def _backward_dkv(q, k, v, do, q_seg, kv_seg, lse, di, spec: _Spec, interpret):
     args += [rows(lse), rows(di)]
   kernel = functools.partial(_dkv_kernel, spec=spec, has_segments=has_segments,
                              num_steps=steps)
+  out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
+  cost = _cost(spec, num_k, bk, bq, spec.q_len, spec.right, spec.left,
+               matmul_dims=2 * (d + dv), args=args, out_shape=out_shape)
   return pl.pallas_call(
       kernel, grid=(b, num_kv_heads, num_k, groups, steps), in_specs=in_specs,
-      out_specs=[_tile(bk, d, kv_map), _tile(bk, dv, kv_map)],
-      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      out_specs=[_tile(bk, d, kv_map), _tile(bk, dv, kv_map)], out_shape=out_shape,
       scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, dv), jnp.float32)],
       compiler_params=_dim_semantics("parallel", "parallel", "parallel", "arbitrary",
                                      "arbitrary"),
-      interpret=interpret, name="flash_attention_bwd_dkv")(*args)
+      cost_estimate=cost, interpret=interpret, name="flash_attention_bwd_dkv")(*args)
 
 
 # Backward: dQ (queries on sublanes, keys on lanes, as the forward).
@@ -620,13 +636,14 @@ def _backward_dq(q, k, v, do, q_seg, kv_seg, lse, di, spec: _Spec, interpret):
     args += [cols(lse), cols(di)]
   kernel = functools.partial(_dq_kernel, spec=spec, has_segments=has_segments,
                              num_steps=steps)
+  out_shape = jax.ShapeDtypeStruct(q.shape, q.dtype)
+  cost = _cost(spec, num_q, bq, bk, spec.kv_len, spec.left, spec.right,
+               matmul_dims=2 * d + dv, args=args, out_shape=out_shape)
   return pl.pallas_call(
-      kernel, grid=(b, n, num_q, steps), in_specs=in_specs,
-      out_specs=_tile(bq, d, q_map),
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)],
+      kernel, grid=(b, n, num_q, steps), in_specs=in_specs, out_specs=_tile(bq, d, q_map),
+      out_shape=out_shape, scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)],
       compiler_params=_dim_semantics("parallel", "parallel", "parallel", "arbitrary"),
-      interpret=interpret, name="flash_attention_bwd_dq")(*args)
+      cost_estimate=cost, interpret=interpret, name="flash_attention_bwd_dq")(*args)
 
 
 # custom_vjp over padded arrays in kernel layout.
