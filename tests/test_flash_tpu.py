@@ -161,8 +161,9 @@ def test_fully_masked_rows_give_zeros(normalizer):
   kv_seg = jnp.zeros((1, s), jnp.int32)
   mask = ref.full_mask(1, 2, t, s, window=(0, 0), segment_ids=(q_seg, kv_seg))
   extra = {}
-  if normalizer == "sigmoid":
-    extra = dict(reference=sigmoid_reference, ref_kwargs=dict(bias=-math.log(s)))
+  if normalizer == "sigmoid":  # also with the default tiles (one 384-query block here)
+    extra = dict(reference=sigmoid_reference, ref_kwargs=dict(bias=-math.log(s)),
+                 block_sizes=None)
   out, grads = _check(q, k, v, ct, mask=mask, tol=F32, local_window_size=(0, 0),
                       segment_ids=(q_seg, kv_seg), normalizer=normalizer, **extra)
   empty_rows = ~mask[0, 0].any(-1)
@@ -243,6 +244,13 @@ def test_lowers_to_mosaic_tpu(dtype, head_dim, segments, kwargs):
   assert text.count("tpu_custom_call") == 3
   for name in ("flash_attention_fwd", "flash_attention_bwd_dkv", "flash_attention_bwd_dq"):
     assert name in text
+
+
+def test_default_block_sizes_fit_short_sequences():
+  blocks = tpu.BlockSizes.get_default(200, 1000)
+  assert (blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq) == (256, 256, 256)
+  assert (blocks.block_k, blocks.block_k_dkv, blocks.block_k_dq) == (512, 512, 512)
+  assert tpu.BlockSizes.get_default() == tpu.BlockSizes()
 
 
 def test_interpret_true_picks_the_tpu_interpreter():
