@@ -179,7 +179,8 @@ def test_sigterm_then_resume_continues_the_loss_curve_exactly(reference, tmp_pat
                              [expected[s] for s in range(1, TOTAL_STEPS + 1)],
                              rtol=1e-6, atol=1e-6)
 
-  # Corrupt the newest checkpoint (12): the run falls back to 8 and redoes steps 9..12.
+  # Corrupt the newest checkpoint (12): it is set aside, the run falls back to 8 and redoes
+  # steps 9..12.
   ckpt_dir = os.path.join(workdir, "checkpoints")
   assert sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) == [8, 12]
   corrupted = 0
@@ -196,6 +197,7 @@ def test_sigterm_then_resume_continues_the_loss_curve_exactly(reference, tmp_pat
   result = main_lib.train_and_evaluate(tiny_config(), workdir)
   assert result == {"step": TOTAL_STEPS, "preempted": False}
   assert not os.path.exists(unfinished)
+  assert [d for d in os.listdir(ckpt_dir) if d.startswith("12.unreadable-")]
   redone = losses(workdir)
   assert sorted(redone) == [9, 10, 11, 12]
   np.testing.assert_allclose([redone[s] for s in redone], [expected[s] for s in redone],

@@ -7,28 +7,31 @@ iterator's position, one JSON file per process, grain's own orbax handler).
 Half-written checkpoints are never seen: orbax writes into a temporary directory and renames it
 (or writes a commit marker on object stores) when the save is complete, and `all_steps()` lists
 finished ones only. A finished checkpoint that fails to restore (a truncated or corrupted file) is
-reported, deleted, and the previous one is tried.
+reported and moved aside to `<step>.unreadable-<time>` (kept for inspection, invisible to
+orbax), and the previous one is tried.
 """
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 
 
 class Checkpointer:
   """Saves every `every` steps keeping `max_to_keep`; restores the newest readable checkpoint."""
 
-  def __init__(self, directory: str, *, every: int, max_to_keep: int | None,
-               async_save: bool = True):
+  def __init__(self, directory: str, *, every: int, max_to_keep: int | None):
     if every < 1:
       raise ValueError(f"config.ckpt_every must be >= 1, got {every}")
     self.every = every
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=True,
-        enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
+        max_to_keep=max_to_keep, create=True, enable_async_checkpointing=True,
+        cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(
         directory, options=options,
         item_handlers={"state": ocp.StandardCheckpointHandler(),
@@ -56,19 +59,20 @@ class Checkpointer:
                 state=ocp.args.StandardRestore(abstract_state),
                 data=grain.checkpoint.CheckpointRestore(data_iter)))
       except Exception as e:  # pylint: disable=broad-exception-caught
-        logging.warning("checkpoint at step %d cannot be restored (%s: %s); deleting it and "
+        logging.warning("checkpoint at step %d cannot be restored (%s: %s); moving it aside and "
                         "trying the previous one", step, type(e).__name__, e)
-        self.manager.delete(step)
+        self._set_aside(step)
         continue
       logging.info("restored checkpoint of step %d from %s", step, self.manager.directory)
       return step, restored["state"]
     return None
 
-  def all_steps(self) -> list[int]:
-    return list(self.manager.all_steps())
-
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
+  def _set_aside(self, step: int) -> None:
+    path = self.manager.directory / str(step)  # an etils.epath.Path (local or cloud)
+    if jax.process_index() == 0:
+      path.rename(path.parent / f"{step}.unreadable-{int(time.time())}")
+    multihost_utils.sync_global_devices(f"big_attn checkpoint {step} set aside")
+    self.manager.reload()
 
   def close(self) -> None:
     self.manager.wait_until_finished()
