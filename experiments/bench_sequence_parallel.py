@@ -198,7 +198,12 @@ def _markdown(args, rows, matrices, walls, blocks, mem):
           f"{r['efficiency']:.2f} | {s['busy']:.2f} | {s['critical_scores'] / full:.2f} | "
           f"{s['efficiency']:.2f} | {r['critical_gflop']:.1f} | {s['critical_gflop']:.1f} | "
           f"{row['ratio_xla']:.2f} | {row['ratio_ideal']:.2f} |")
-  lines += ["", "Work per device (columns) at each ring step (rows), P = 8, in full blocks "
+  totals = {k: m.sum() / full for k, m in matrices.items()}
+  lines += ["", f"Total work at P = 8 (all devices and steps, full blocks): ring "
+            f"{totals['ring']:.1f}, striped {totals['striped']:.1f}. Striping does not remove "
+            "work (with the XLA blocks it adds some: a causal block costs more than half a full "
+            "one); it spreads the work so that no device waits at a ring step.", "",
+            "Work per device (columns) at each ring step (rows), P = 8, in full blocks "
             "(XLA block implementation):", ""]
   for schedule, matrix in matrices.items():
     lines += [f"{schedule}:", "", "| step | " + " | ".join(f"d{i}" for i in range(8)) + " |",
@@ -228,7 +233,10 @@ def _markdown(args, rows, matrices, walls, blocks, mem):
         "## Compiled temporary memory per device, forward+backward (causal)", "",
         f"8 devices, batch 1, {args.heads} heads, head_dim {args.head_dim}, float32, MiB; "
         "*single*: XLA attention on one device; *scores*: the global [seq, seq] float32 score "
-        f"matrices of the {args.heads} heads.", "",
+        f"matrices of the {args.heads} heads. Saved activations are O(local sequence); the XLA "
+        "blocks also hold one [local, local] score block per head while they compute, so the "
+        "ring temporaries grow 4x per doubling of the local length (1/P² of the global "
+        "matrix); a fused block kernel would keep them linear.", "",
         "| seq | ring | striped | all_gather | single | scores |", "|---|---|---|---|---|---|"]
     for row in mem:
       lines.append(f"| {row['seq']} | {mib(row['ring'])} | {mib(row['striped'])} | "

@@ -43,7 +43,7 @@ def axis_size(axis_name, caller: str) -> int:
   """The size of a bound mesh axis; a `ValueError` that says so when it is not bound."""
   try:
     return lax.axis_size(axis_name)
-  except NameError:
+  except (NameError, ValueError):  # "unbound axis name" (the type differs across versions)
     raise ValueError(
         f"{caller}: axis_name {axis_name!r} is not a bound mesh axis; call it inside "
         "jax.shard_map over a mesh that has this axis (the axis that splits the sequence)"
