@@ -105,3 +105,25 @@ class NormalizedParams(OpParams):
                        (self.num_heads,), self.param_dtype)
     gain, shift = nn.dtypes.promote_dtype(gain, shift, dtype=self.dtype)
     return {"gain": gain, "shift": shift}
+
+
+@register_params("latte")
+class LatteParams(OpParams):
+  """Latent vectors w_l of Latte (Latent Attention for Linear Time Transformers, Dolga et al.
+  2024): `op_args["num_latents"]` per head, initialised N(0, 1) so that s·q·w_l (s = 1/√d) is
+  O(1). Returns `{"latents": [num_heads, num_latents, head_dim]}`."""
+
+  @nn.compact
+  def __call__(self, inputs_q, query, key, value):
+    del inputs_q, query, key, value
+    num_latents = (self.op_args or {}).get("num_latents")
+    if not isinstance(num_latents, int) or isinstance(num_latents, bool) or num_latents < 1:
+      raise ValueError(
+          f"op 'latte' needs op_args['num_latents'], a positive int, got {num_latents!r}")
+    latents = self.param(
+        "latents",
+        nn.with_logical_partitioning(nn.initializers.normal(stddev=1.0),
+                                     ("heads", "latents", "head_dim")),
+        (self.num_heads, num_latents, self.head_dim), self.param_dtype)
+    (latents,) = nn.dtypes.promote_dtype(latents, dtype=self.dtype)
+    return {"latents": latents}

@@ -1,1 +1,361 @@
-"""(being written in this session)"""
+"""Attention through a few latent or agent tokens: linear in the sequence length.
+
+- `agent`: Agent Attention (Han et al., 2023), softmax(QAᵀ)·softmax(AKᵀ)·V.
+- `latte`: Latte, Latent Attention for Linear Time Transformers (Dolga et al., 2024).
+
+Neither mechanism forms the `[q_len, kv_len]` score matrix, so only masks that act on keys can
+be honoured: a mask broadcastable to `[batch, heads, 1, kv_len]` (key padding), or a padding
+mask of outer-product form `[batch, heads, q_len, kv_len]` (query validity × key validity). A key
+is used when any query may attend to it; query rows with no key give zeros. Other masks (causal
+or local patterns) cannot be expressed by these mechanisms: pass `is_causal` where supported.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from big_attn.ops import common
+from big_attn.ops.registry import register
+
+Array = jax.Array
+
+
+def _key_mask(mask: Array | None, dims: common.Dims) -> Array | None:
+  """The validated mask reduced to keys: `[b|1, n|1, kv]`, True where some query may attend."""
+  full = common.make_mask(dims, mask=mask)
+  return None if full is None else jnp.any(full, axis=2)
+
+
+def _grouped_key_mask(key_mask: Array | None, dims: common.Dims) -> Array | None:
+  """`[b|1, n|1, s]` -> `[b|1, k|1, g|1, s]`."""
+  if key_mask is None:
+    return None
+  if key_mask.shape[1] == 1:
+    return key_mask[:, :, None]
+  return key_mask.reshape(key_mask.shape[0], dims.num_kv_heads, dims.groups, dims.kv_len)
+
+
+def _check_pair(name: str, value) -> tuple[int, int]:
+  try:
+    a, b = value
+  except (TypeError, ValueError):
+    a = b = None
+  if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1
+             for v in (a, b)):
+    raise ValueError(f"{name} must be a pair of positive ints, got {value!r}")
+  return int(a), int(b)
+
+
+def _check_bias(name: str, bias: Array | None, target: tuple[int, ...]) -> None:
+  if bias is None:
+    return
+  if not hasattr(bias, "shape") or not jnp.issubdtype(bias.dtype, jnp.floating):
+    raise TypeError(f"{name} must be a floating array")
+  if bias.ndim != len(target) or any(s not in (1, w) for s, w in zip(bias.shape, target)):
+    raise ValueError(
+        f"{name} must be broadcastable to [batch, heads, ...] = {target}, got shape {bias.shape}")
+
+
+def _grouped_bias(bias: Array | None, dims: common.Dims) -> Array | None:
+  """`[b|1, n|1, x, y]` -> `[b|1, k|1, g|1, x, y]` in float32."""
+  if bias is None:
+    return None
+  bias = bias.astype(jnp.float32)
+  if bias.shape[1] == 1:
+    return bias[:, :, None]
+  return bias.reshape(bias.shape[0], dims.num_kv_heads, dims.groups, *bias.shape[2:])
+
+
+def adaptive_pool_matrix(length: int, size: int) -> np.ndarray:
+  """`[size, length]` averaging matrix of adaptive average pooling (PyTorch's bins).
+
+  Bin i covers `[floor(i·length/size), ceil((i+1)·length/size))`.
+  """
+  out = np.zeros((size, length), np.float32)
+  for i in range(size):
+    start, end = (i * length) // size, -((-(i + 1) * length) // size)
+    out[i, start:end] = 1.0 / (end - start)
+  return out
+
+
+def _agent_pool(query: Array, num_agents, grid) -> Array:
+  """Adaptive average pooling of `[b, t, n, d]` queries to `[b, num_agents, n, d]` agents."""
+  t = query.shape[1]
+  if grid is None:
+    if not isinstance(num_agents, (int, np.integer)) or not 1 <= num_agents <= t:
+      raise ValueError(
+          f"num_agents must be an int in [1, q_len={t}] when agent_tokens is not given, "
+          f"got {num_agents!r}")
+    pool = adaptive_pool_matrix(t, int(num_agents))
+  else:
+    h, w = grid
+    if isinstance(num_agents, (int, np.integer)):
+      side = math.isqrt(int(num_agents))
+      if side * side != num_agents:
+        raise ValueError(
+            "with grid, num_agents must be a perfect square (a pool_size x pool_size grid of "
+            f"agents) or a pair (rows, cols), got {num_agents!r}")
+      ph = pw = side
+    else:
+      ph, pw = _check_pair("num_agents", num_agents)
+    if not (1 <= ph <= h and 1 <= pw <= w):
+      raise ValueError(f"num_agents grid {(ph, pw)} must fit in grid {(h, w)}")
+    pool = np.kron(adaptive_pool_matrix(h, ph), adaptive_pool_matrix(w, pw))
+  agents = jnp.einsum("at,btnd->band", jnp.asarray(pool), query,
+                      preferred_element_type=jnp.float32)
+  return agents.astype(query.dtype)
+
+
+def _check_dwc(kernel: Array | None, bias: Array | None, dims: common.Dims, grid) -> None:
+  if kernel is None:
+    if bias is not None:
+      raise ValueError("dwc_bias given without dwc_kernel")
+    return
+  if dims.kv_len != dims.q_len:
+    raise ValueError(f"dwc_kernel needs kv_len == q_len, got {dims.kv_len} and {dims.q_len}")
+  common._check_float("dwc_kernel", kernel)  # pylint: disable=protected-access
+  spatial_rank = 1 if grid is None else 2
+  tail = (dims.num_kv_heads, dims.value_dim)
+  if kernel.ndim != spatial_rank + 2 or kernel.shape[spatial_rank:] != tail:
+    want = "[kernel, " if grid is None else "[kh, kw, "
+    raise ValueError(
+        f"dwc_kernel must have shape {want}num_kv_heads={tail[0]}, value_dim={tail[1]}], "
+        f"got {kernel.shape}")
+  if bias is not None and bias.shape != tail:
+    raise ValueError(f"dwc_bias must have shape {tail}, got {bias.shape}")
+
+
+def _depthwise_conv(value: Array, kernel: Array, bias: Array | None, grid) -> Array:
+  """Depthwise convolution of `[b, s, k, dv]` values over the sequence (or the grid), 'same'."""
+  b, s, k, dv = value.shape
+  channels = k * dv
+  if grid is None:
+    spatial = (s,)
+  else:
+    spatial = tuple(grid)
+  lhs = value.reshape(b, *spatial, channels)
+  rhs = kernel.reshape(*kernel.shape[:-2], 1, channels)
+  dn = ("NWC", "WIO", "NWC") if grid is None else ("NHWC", "HWIO", "NHWC")
+  out = jax.lax.conv_general_dilated(
+      lhs.astype(jnp.float32), rhs.astype(jnp.float32), window_strides=(1,) * len(spatial),
+      padding="SAME", dimension_numbers=dn, feature_group_count=channels)
+  if bias is not None:
+    out = out + bias.reshape(channels).astype(jnp.float32)
+  return out.reshape(b, s, k, dv)
+
+
+@register("agent")
+def agent_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
+                    num_agents=None, agent_tokens=None, grid=None, query_agent_bias=None,
+                    agent_key_bias=None, dwc_kernel=None, dwc_bias=None):
+  """Agent Attention: On the Integration of Softmax and Linear Attention (Han et al., 2023).
+
+  A few agent tokens A aggregate the values for all queries, then broadcast them back:
+
+      O = softmax(s·QAᵀ + B₁) · softmax(s·AKᵀ + B₂) · V  [+ DWC(V)]
+
+  with A the adaptive average pooling of Q to `num_agents` tokens (over the sequence, or over
+  the `grid` image as in the paper) unless `agent_tokens` are given. Cost O((q_len + kv_len)·a).
+  Key masks apply to the agent-aggregation softmax (module docstring); no causal form, since
+  pooled agents see the whole sequence.
+
+  Args:
+    query: `[batch, q_len, num_heads, head_dim]`.
+    key: `[batch, kv_len, num_kv_heads, head_dim]`.
+    value: `[batch, kv_len, num_kv_heads, value_dim]`.
+    mask: boolean key-padding mask (see the module docstring).
+    is_causal: must be False.
+    scale: logit scale `s`; `1/sqrt(head_dim)` when None.
+    num_agents: number of pooled agents (int; with `grid` a perfect square p² for a p×p pool or
+      a pair `(rows, cols)`); with `agent_tokens` it is optional and checked against them.
+    agent_tokens: `[batch, num_agents, num_heads, head_dim]` agents used instead of pooling.
+    grid: `(height, width)` of the token grid (row-major tokens) for 2-D pooling and DWC.
+    query_agent_bias: B₁, broadcastable to `[batch, num_heads, q_len, num_agents]`.
+    agent_key_bias: B₂, broadcastable to `[batch, num_heads, num_agents, kv_len]`.
+    dwc_kernel: depthwise-convolution kernel over the values, `[kernel, num_kv_heads,
+      value_dim]` (1-D) or `[kh, kw, num_kv_heads, value_dim]` (with `grid`); 'same' zero
+      padding; needs `kv_len == q_len`. Its output is added to every query head of the group.
+    dwc_bias: `[num_kv_heads, value_dim]` bias of the depthwise convolution.
+
+  Returns:
+    `[batch, q_len, num_heads, value_dim]` in the query's dtype.
+  """
+  common.check_no_causal("agent", is_causal)
+  dims = common.check_qkv(query, key, value)
+  scale = common.default_scale(dims.head_dim, scale)
+  if grid is not None:
+    grid = _check_pair("grid", grid)
+    if grid[0] * grid[1] != dims.q_len:
+      raise ValueError(f"grid {grid} must have q_len = {dims.q_len} cells")
+
+  _check_dwc(dwc_kernel, dwc_bias, dims, grid)
+  if agent_tokens is None:
+    agents = _agent_pool(query, num_agents, grid)
+  else:
+    common._check_float("agent_tokens", agent_tokens)  # pylint: disable=protected-access
+    if (agent_tokens.ndim != 4 or agent_tokens.shape[0] != dims.batch
+        or agent_tokens.shape[2:] != (dims.num_heads, dims.head_dim)):
+      raise ValueError(
+          "agent_tokens must have shape [batch, num_agents, num_heads, head_dim] = "
+          f"[{dims.batch}, a, {dims.num_heads}, {dims.head_dim}], got {agent_tokens.shape}")
+    if num_agents is not None and num_agents != agent_tokens.shape[1]:
+      raise ValueError(
+          f"num_agents={num_agents!r} disagrees with agent_tokens of shape {agent_tokens.shape}")
+    agents = agent_tokens
+  a = agents.shape[1]
+  _check_bias("query_agent_bias", query_agent_bias, (dims.batch, dims.num_heads, dims.q_len, a))
+  _check_bias("agent_key_bias", agent_key_bias, (dims.batch, dims.num_heads, a, dims.kv_len))
+
+  agents_g = common.group_query(agents, dims.num_kv_heads)  # [b, a, k, g, d]
+  # Agent aggregation: each agent attends over the (unmasked) keys.
+  agent_logits = jnp.einsum("bakgd,bskd->bkgas", agents_g, key,
+                            preferred_element_type=jnp.float32) * jnp.float32(scale)
+  if agent_key_bias is not None:
+    agent_logits = agent_logits + _grouped_bias(agent_key_bias, dims)
+  key_mask = _grouped_key_mask(_key_mask(mask, dims), dims)
+  agent_probs = common.masked_softmax(
+      agent_logits, None if key_mask is None else key_mask[..., None, :])
+  agent_values = jnp.einsum("bkgas,bskd->bkgad", agent_probs, value,
+                            preferred_element_type=jnp.float32)
+  # Agent broadcast: each query attends over the agents.
+  query_logits = jnp.einsum("btkgd,bakgd->bkgta", common.group_query(query, dims.num_kv_heads),
+                            agents_g, preferred_element_type=jnp.float32) * jnp.float32(scale)
+  if query_agent_bias is not None:
+    query_logits = query_logits + _grouped_bias(query_agent_bias, dims)
+  query_probs = jax.nn.softmax(query_logits, axis=-1)
+  out = jnp.einsum("bkgta,bkgad->btkgd", query_probs, agent_values)
+
+  if dwc_kernel is not None:
+    out = out + _depthwise_conv(value, dwc_kernel, dwc_bias, grid)[:, :, :, None]
+
+  out = out.reshape(dims.batch, dims.q_len, dims.num_heads, dims.value_dim)
+  return common.apply_row_mask(out, common.make_mask(dims, mask=mask), dims).astype(query.dtype)
+
+
+def _latte_causal(probs_l, logits, valid, value, chunk_size):
+  """Chunked causal Latte in grouped layout, linear in the sequence length.
+
+  probs_l: `[b, t, k, g, L]` softmax over latents of the queries; logits: `[b, t, k, g, L]`
+  key-latent logits; valid: `[b|1, t, k|1, g|1, 1]` usable keys; value: `[b, t, k, dv]`.
+  The carry holds, per latent, the running max m, Σ exp(z_s − m) v_s and Σ exp(z_s − m).
+  Inside a chunk every (t, l) gets its own running max, so nothing under- or overflows.
+  """
+  b, t, k, g, num_latents = logits.shape
+  dv = value.shape[-1]
+  c = min(chunk_size, t)
+  pad = -t % c
+  if pad:
+    padding = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
+    probs_l, logits, value = padding(probs_l), padding(logits), padding(value)
+    valid = jnp.pad(jnp.broadcast_to(valid, (valid.shape[0], t) + valid.shape[2:]),
+                    [(0, 0), (0, pad), (0, 0), (0, 0), (0, 0)])
+  n_chunks = (t + pad) // c
+  logits = jnp.where(valid, logits, -jnp.inf)
+
+  def chunks(x):
+    return jnp.moveaxis(x.reshape(x.shape[0], n_chunks, c, *x.shape[2:]), 1, 0)
+
+  tri = jnp.tril(jnp.ones((c, c), bool))[None, :, :, None, None, None]  # [1, t, s, 1, 1, 1]
+
+  @jax.checkpoint
+  def step(carry, xs):
+    m_old, s_old, d_old = carry  # [b,k,g,L], [b,k,g,L,dv], [b,k,g,L]
+    p_c, z_c, v_c = xs  # [b,c,k,g,L], [b,c,k,g,L], [b,c,k,dv]
+    m_run = jax.lax.stop_gradient(
+        jnp.maximum(m_old[:, None], jax.lax.cummax(z_c, axis=1)))  # [b,c,k,g,L]
+    m_t = jnp.where(jnp.isfinite(m_run), m_run, 0.0)  # -inf while no usable key yet
+    decay = jnp.exp(m_old[:, None] - m_t)  # exp(-inf) = 0 before the first usable key
+    arg = jnp.where(tri, z_c[:, None] - m_t[:, :, None], -jnp.inf)  # [b,t,s,k,g,L]
+    weights = jnp.exp(arg)
+    denom = decay * d_old[:, None] + jnp.sum(weights, axis=2)  # [b,c,k,g,L]
+    coef = jnp.where(denom > 0, p_c / jnp.where(denom > 0, denom, 1.0), 0.0)
+    scores = jnp.einsum("btkgl,btskgl->btskg", coef, weights)
+    out = (jnp.einsum("btkgl,bkgld->btkgd", coef * decay, s_old)
+           + jnp.einsum("btskg,bskd->btkgd", scores, v_c.astype(jnp.float32)))
+    s_new = (decay[:, -1, ..., None] * s_old
+             + jnp.einsum("bskgl,bskd->bkgld", weights[:, -1], v_c.astype(jnp.float32)))
+    return (m_run[:, -1], s_new, denom[:, -1]), out
+
+  init = (jnp.full((b, k, g, num_latents), -jnp.inf, jnp.float32),
+          jnp.zeros((b, k, g, num_latents, dv), jnp.float32),
+          jnp.zeros((b, k, g, num_latents), jnp.float32))
+  _, out = jax.lax.scan(step, init, (chunks(probs_l), chunks(logits), chunks(value)))
+  out = jnp.moveaxis(out, 0, 1).reshape(b, n_chunks * c, k, g, dv)
+  return out[:, :t]
+
+
+@register("latte")
+def latte_attention(query, key, value, *, mask=None, is_causal=False, scale=None, latents=None,
+                    num_latents=None, chunk_size=64):
+  """Latte: Latent Attention for Linear Time Transformers (Dolga et al., 2024).
+
+  Attention factorised through L latent states l, p(s|t) = Σ_l p(l|t) p(s|l):
+
+      y_t = Σ_l softmax_l(s·q_t·w_l) · Σ_{s'} softmax_{s'}(s·k_{s'}·w_l) v_{s'}
+
+  with the key softmax over all s' (bidirectional) or over s' ≤ t (causal, computed by a scan
+  over chunks that carries, per latent, a running max, Σ exp(k·w_l) v and Σ exp(k·w_l): constant
+  state per step, linear time). The paper projects x to latent logits with matrices W_q, W_k;
+  here the projected heads q, k meet learned latent vectors w_l, so W_q·w_l and W_k·w_l play
+  their roles. Key masks only (module docstring).
+
+  Args:
+    query: `[batch, q_len, num_heads, head_dim]`.
+    key: `[batch, kv_len, num_kv_heads, head_dim]` (`kv_len == q_len` when causal).
+    value: `[batch, kv_len, num_kv_heads, value_dim]`.
+    mask: boolean key-padding mask (see the module docstring).
+    is_causal: token t mixes only tokens s ≤ t.
+    scale: logit scale `s`; `1/sqrt(head_dim)` when None.
+    latents: `[num_heads, num_latents, head_dim]` latent vectors w_l (required).
+    num_latents: optional; checked against `latents.shape[1]`.
+    chunk_size: chunk length of the causal scan (memory per chunk ∝ chunk_size²·L).
+
+  Returns:
+    `[batch, q_len, num_heads, value_dim]` in the query's dtype.
+  """
+  dims = common.check_qkv(query, key, value)
+  scale = common.default_scale(dims.head_dim, scale)
+  if latents is None:
+    raise ValueError("latte needs latents: [num_heads, num_latents, head_dim]")
+  common._check_float("latents", latents)  # pylint: disable=protected-access
+  if latents.ndim != 3 or latents.shape[0] != dims.num_heads or latents.shape[2] != dims.head_dim:
+    raise ValueError(
+        f"latents must have shape [num_heads={dims.num_heads}, num_latents, "
+        f"head_dim={dims.head_dim}], got {latents.shape}")
+  if num_latents is not None and num_latents != latents.shape[1]:
+    raise ValueError(f"num_latents={num_latents!r} disagrees with latents of shape "
+                     f"{latents.shape}")
+  if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+    raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+  if is_causal and dims.q_len != dims.kv_len:
+    raise ValueError(
+        f"causal latte needs q_len == kv_len, got {dims.q_len} and {dims.kv_len}")
+
+  k_heads, g = dims.num_kv_heads, dims.groups
+  w = latents.reshape(k_heads, g, latents.shape[1], dims.head_dim)
+  q_logits = jnp.einsum("btkgd,kgld->btkgl", common.group_query(query, k_heads), w,
+                        preferred_element_type=jnp.float32) * jnp.float32(scale)
+  probs_l = jax.nn.softmax(q_logits, axis=-1)
+  k_logits = jnp.einsum("bskd,kgld->bskgl", key, w,
+                        preferred_element_type=jnp.float32) * jnp.float32(scale)
+  key_mask = _grouped_key_mask(_key_mask(mask, dims), dims)  # [b|1, k|1, g|1, s]
+
+  if is_causal:
+    if key_mask is None:
+      valid = jnp.ones((1, dims.kv_len, 1, 1, 1), bool)
+    else:
+      valid = jnp.moveaxis(key_mask, -1, 1)[..., None]
+    out = _latte_causal(probs_l, k_logits, valid, value, int(chunk_size))
+    row_mask = common.make_mask(dims, mask=mask, is_causal=True)
+  else:
+    key_probs = common.masked_softmax(
+        jnp.moveaxis(k_logits, 1, -1),
+        None if key_mask is None else key_mask[:, :, :, None, :])  # [b, k, g, L, s]
+    state = jnp.einsum("bkgls,bskd->bkgld", key_probs, value, preferred_element_type=jnp.float32)
+    out = jnp.einsum("btkgl,bkgld->btkgd", probs_l, state)
+    row_mask = common.make_mask(dims, mask=mask)
+  out = out.reshape(dims.batch, dims.q_len, dims.num_heads, dims.value_dim)
+  return common.apply_row_mask(out, row_mask, dims).astype(query.dtype)

@@ -1,1 +1,156 @@
-"""(being written in this session)"""
+"""Local attention over token neighbourhoods: (dilated) neighborhood attention, 1-D and 2-D."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from big_attn.ops import common
+from big_attn.ops.registry import register
+
+
+def _as_pair(name: str, value, rank: int) -> tuple[int, ...]:
+  """An int (repeated) or a `rank`-tuple of positive ints."""
+  values = (value,) * rank if isinstance(value, (int, np.integer)) else value
+  try:
+    values = tuple(values)
+  except TypeError:
+    values = ()
+  if len(values) != rank or not all(
+      isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1 for v in values):
+    kind = "a positive int" if rank == 1 else f"a positive int or a {rank}-tuple of them"
+    raise ValueError(f"{name} must be {kind}, got {value!r}")
+  return tuple(int(v) for v in values)
+
+
+def neighbourhood_indices(length: int, kernel_size: int, dilation: int, is_causal: bool
+                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Neighbours of every position along one axis, as NATTEN defines them.
+
+  Position i belongs to the dilation group `i mod dilation` (positions r, r+δ, r+2δ, ...); its
+  index there is j = i // δ. Non-causal: the window of `kernel_size` group members is centred on j
+  and shifted (not truncated) at the borders. Causal: the `kernel_size` most recent members
+  j-k+1 .. j, fewer at the start.
+
+  Returns:
+    `(keys, valid, rel)`, each `[length, kernel_size]`: key positions, which of them exist, and
+    the relative-position-bias index `(kernel_size - 1) + (key - query) / δ`.
+  """
+  i = np.arange(length)
+  group, j = i % dilation, i // dilation
+  offsets = np.arange(kernel_size)
+  if is_causal:
+    members = j[:, None] - (kernel_size - 1) + offsets
+    valid = members >= 0
+    members = np.maximum(members, 0)
+  else:
+    group_len = (length - group + dilation - 1) // dilation
+    start = np.clip(j - kernel_size // 2, 0, group_len - kernel_size)
+    members = start[:, None] + offsets
+    valid = np.ones(members.shape, bool)
+  keys = group[:, None] + dilation * members
+  rel = members - j[:, None] + kernel_size - 1
+  return keys, valid, rel
+
+
+def _neighbours(shape, kernel, dilation, is_causal):
+  """Flattened neighbours of a row-major 1-D or 2-D grid: keys, valid, rel (each `[t, K]`)."""
+  if len(shape) == 1:
+    keys, valid, rel = neighbourhood_indices(shape[0], kernel[0], dilation[0], is_causal)
+    return keys, valid, (rel,)
+  (h, w), (kh, kw), (dh, dw) = shape, kernel, dilation
+  ky, _, ry = neighbourhood_indices(h, kh, dh, False)
+  kx, _, rx = neighbourhood_indices(w, kw, dw, False)
+  # token (y, x) -> neighbours (ky[y, a], kx[x, c]) for a < kh, c < kw, flattened to a*kw + c.
+  keys = (ky[:, None, :, None] * w + kx[None, :, None, :]).reshape(h * w, kh * kw)
+  rel_y = np.broadcast_to(ry[:, None, :, None], (h, w, kh, kw)).reshape(h * w, kh * kw)
+  rel_x = np.broadcast_to(rx[None, :, None, :], (h, w, kh, kw)).reshape(h * w, kh * kw)
+  return keys, np.ones(keys.shape, bool), (rel_y, rel_x)
+
+
+@register("neighborhood")
+def neighborhood_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
+                           kernel_size=7, dilation=1, grid=None, rpb=None):
+  """(Dilated) Neighborhood Attention: Neighborhood Attention Transformer (Hassani et al.,
+  2023) and Dilated Neighborhood Attention Transformer (Hassani & Shi, 2022).
+
+  Each query i attends to its `kernel_size` nearest neighbours ρ(i) among the tokens of its
+  dilation group (same index mod δ); the window is shifted, not truncated, at the borders, so
+  every query sees exactly `kernel_size` keys (per axis in 2-D):
+
+      out_i = Σ_{j∈ρ(i)} softmax_j(s·q_i·k_j + B[(j − i)/δ]) v_j
+
+  with B the optional relative position bias. Computed on gathered neighbour keys and values,
+  `[batch, seq, kernel_size, heads, head_dim]`: O(seq·kernel_size), no score matrix. Causal
+  (1-D only): the `kernel_size` most recent tokens at dilation δ (i, i−δ, ..., fewer at the
+  start).
+
+  Args:
+    query: `[batch, seq, num_heads, head_dim]`.
+    key: `[batch, seq, num_kv_heads, head_dim]` (self-attention: the same seq).
+    value: `[batch, seq, num_kv_heads, value_dim]`.
+    mask: optional boolean mask broadcastable to `[batch, num_heads, seq, seq]`, read at each
+      query's neighbours; a query with no neighbour left returns zeros.
+    is_causal: 1-D only; see above.
+    scale: logit scale `s`; `1/sqrt(head_dim)` when None.
+    kernel_size: odd neighbourhood size (int, or an int or `(kh, kw)` pair with `grid`).
+    dilation: δ (int, or an int or pair with `grid`); `kernel_size·δ <= length` per axis.
+    grid: `(height, width)`: tokens are a row-major image, neighbourhoods are kh×kw.
+    rpb: relative position bias, `[num_heads, 2k−1]` (1-D) or `[num_heads, 2kh−1, 2kw−1]`.
+
+  Returns:
+    `[batch, seq, num_heads, value_dim]` in the query's dtype.
+  """
+  dims = common.check_qkv(query, key, value)
+  if dims.q_len != dims.kv_len:
+    raise ValueError(
+        "neighborhood attention is self-attention: q_len must equal kv_len, got "
+        f"{dims.q_len} and {dims.kv_len}")
+  scale = common.default_scale(dims.head_dim, scale)
+  if grid is None:
+    shape = (dims.q_len,)
+  else:
+    shape = _as_pair("grid", grid, 2)
+    if shape[0] * shape[1] != dims.q_len:
+      raise ValueError(f"grid {shape} must have seq = {dims.q_len} cells")
+    if is_causal:
+      raise NotImplementedError(
+          "op 'neighborhood' has no causal form on a 2-D grid (is_causal=True with grid)")
+  rank = len(shape)
+  kernel = _as_pair("kernel_size", kernel_size, rank)
+  dil = _as_pair("dilation", dilation, rank)
+  for length, k, d in zip(shape, kernel, dil):
+    if k % 2 == 0:
+      raise ValueError(f"kernel_size must be odd (as in NAT), got {kernel_size!r}")
+    if k * d > length:
+      raise ValueError(
+          f"kernel_size * dilation = {k} * {d} exceeds the length {length} along an axis "
+          f"of shape {shape}")
+  if rpb is not None:
+    common._check_float("rpb", rpb)  # pylint: disable=protected-access
+    want = (dims.num_heads,) + tuple(2 * k - 1 for k in kernel)
+    if rpb.shape != want:
+      layout = "[num_heads, 2k-1]" if rank == 1 else "[num_heads, 2kh-1, 2kw-1]"
+      raise ValueError(f"rpb must have shape {layout} = {want}, got {rpb.shape}")
+  keys, valid, rel = _neighbours(shape, kernel, dil, is_causal)
+
+  k_heads, g = dims.num_kv_heads, dims.groups
+  key_n = key[:, keys]  # [b, t, K, k, d]
+  value_n = value[:, keys]
+  logits = jnp.einsum("btkgd,btjkd->btkgj", common.group_query(query, k_heads), key_n,
+                      preferred_element_type=jnp.float32) * jnp.float32(scale)
+  if rpb is not None:
+    bias = rpb.astype(jnp.float32)[(slice(None),) + rel]  # [n, t, K]
+    logits = logits + jnp.moveaxis(bias.reshape(k_heads, g, *bias.shape[1:]), 2, 0)
+
+  full = common.make_mask(dims, mask=mask)
+  neighbour_mask = jnp.asarray(valid)[:, None, None, :]  # [t, 1, 1, K]
+  if full is not None:
+    picked = full[:, :, np.arange(dims.q_len)[:, None], keys]  # [b|1, n|1, t, K]
+    picked = picked.reshape(picked.shape[0], *(
+        (k_heads, g) if picked.shape[1] != 1 else (1, 1)), dims.q_len, keys.shape[1])
+    neighbour_mask = jnp.logical_and(neighbour_mask, jnp.moveaxis(picked, 3, 1))
+  probs = common.masked_softmax(logits, None if (full is None and valid.all())
+                                else neighbour_mask)  # rows with no neighbour left: zeros
+  out = jnp.einsum("btkgj,btjkd->btkgd", probs.astype(value.dtype), value_n,
+                   preferred_element_type=jnp.float32)
+  return out.reshape(dims.batch, dims.q_len, dims.num_heads, dims.value_dim).astype(query.dtype)

@@ -1,1 +1,120 @@
-"""(being written in this session)"""
+"""Retention with explicit decay: RetNet's 1-D retention and RMT's 2-D Manhattan attention."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from big_attn.ops import common
+from big_attn.ops.registry import register
+
+Array = jax.Array
+
+
+def retnet_gammas(num_heads: int) -> np.ndarray:
+  """RetNet's per-head decays γ_h = 1 − 2^(−5−h)."""
+  return 1.0 - 2.0 ** (-5.0 - np.arange(num_heads))
+
+
+def rmt_gammas(num_heads: int, initial_value: float = 2.0, heads_range: float = 4.0
+               ) -> np.ndarray:
+  """RMT's per-head decays γ_h = 1 − 2^(−initial_value − heads_range·h/num_heads)."""
+  return 1.0 - 2.0 ** (-initial_value - heads_range * np.arange(num_heads) / num_heads)
+
+
+def _log_gamma(gamma, num_heads: int, default) -> Array:
+  """`[num_heads]` float32 log-decays from None (the default), a float or a `[num_heads]` array."""
+  if gamma is None:
+    return jnp.asarray(np.log(default(num_heads)), jnp.float32)
+  if isinstance(gamma, (float, int, np.floating, np.integer)) and not isinstance(gamma, bool):
+    if not 0.0 < gamma <= 1.0:
+      raise ValueError(f"gamma must be in (0, 1], got {gamma!r}")
+    return jnp.full((num_heads,), np.log(gamma), jnp.float32)
+  if not hasattr(gamma, "shape") or not jnp.issubdtype(gamma.dtype, jnp.floating):
+    raise TypeError(f"gamma must be a float or a floating [num_heads] array, got {gamma!r}")
+  if gamma.shape not in ((), (num_heads,)):
+    raise ValueError(f"gamma must be a scalar or have shape [num_heads] = ({num_heads},), "
+                     f"got {gamma.shape}")
+  return jnp.broadcast_to(jnp.log(gamma.astype(jnp.float32)), (num_heads,))
+
+
+def _check_grid(grid, dims: common.Dims) -> tuple[int, int]:
+  try:
+    h, w = (int(g) for g in grid)
+  except (TypeError, ValueError):
+    raise ValueError(f"grid must be a pair (height, width), got {grid!r}") from None
+  if h < 1 or w < 1 or h * w != dims.q_len or dims.kv_len != dims.q_len:
+    raise ValueError(
+        f"grid {grid!r} must be positive with height*width = q_len = kv_len, got q_len "
+        f"{dims.q_len} and kv_len {dims.kv_len}")
+  return h, w
+
+
+@register("retention")
+def retention(query, key, value, *, mask=None, is_causal=False, scale=None, gamma=None,
+              grid=None, renormalize=True):
+  """Retention: Retentive Network (Sun et al., 2023) and RMT: Retentive Networks Meet Vision
+  Transformers (Fan et al., 2024).
+
+  1-D (RetNet's parallel form, with its normalisations):
+
+      D_nm = γ^{n−m} (m ≤ n, else 0; causal) or γ^{|n−m|} (bidirectional),
+      D̃_nm = D_nm / sqrt(Σ_i D_ni),   R = s·QKᵀ ⊙ D̃,   out = (R_nm / max(|Σ_i R_ni|, 1)) V.
+
+  RetNet's GroupNorm, swish gate and xPos rotation live outside the op. 2-D (`grid`, RMT's
+  Manhattan self-attention, no causal form), with the decay applied to the softmax weights and
+  renormalised, as RMT's code does by adding log γ·dist to the logits:
+
+      out = softmax(s·QKᵀ + log γ · (|Δx| + |Δy|)) V,
+
+  or, with `renormalize=False`, the paper's literal (softmax(s·QKᵀ) ⊙ γ^{|Δx|+|Δy|}) V.
+  Masked pairs are dropped (D_nm = 0, or excluded from the softmax); rows with nothing to attend
+  to give zeros. Positions count from the start of each sequence.
+
+  Args:
+    query: `[batch, q_len, num_heads, head_dim]`.
+    key: `[batch, kv_len, num_kv_heads, head_dim]`.
+    value: `[batch, kv_len, num_kv_heads, value_dim]`.
+    mask: optional boolean mask broadcastable to `[batch, num_heads, q_len, kv_len]`.
+    is_causal: 1-D only: the causal decay γ^{n−m}, m ≤ n.
+    scale: logit scale `s`; `1/sqrt(head_dim)` when None.
+    gamma: decay per head, a float in (0, 1] or a `[num_heads]` array (differentiable). Default:
+      RetNet's 1 − 2^(−5−h) in 1-D, RMT's 1 − 2^(−2−4h/num_heads) in 2-D.
+    grid: `(height, width)` of a row-major token grid (`q_len == kv_len == height·width`).
+    renormalize: 2-D only; see above.
+
+  Returns:
+    `[batch, q_len, num_heads, value_dim]` in the query's dtype.
+  """
+  dims = common.check_qkv(query, key, value)
+  scale = common.default_scale(dims.head_dim, scale)
+  k_heads, g = dims.num_kv_heads, dims.groups
+
+  if grid is None:
+    log_gamma = _log_gamma(gamma, dims.num_heads, retnet_gammas).reshape(k_heads, g, 1, 1)
+    logits = common.attention_logits(query, key, dims, scale)  # [b, k, g, t, s]
+    dist = np.arange(dims.q_len)[:, None] - np.arange(dims.kv_len)[None, :]
+    full = common.make_mask(dims, mask=mask, is_causal=is_causal)
+    decay = jnp.exp(log_gamma * np.abs(dist))  # [k, g, t, s]
+    if full is not None:
+      decay = jnp.where(common.grouped(full, dims), decay, 0.0)
+    row_sum = jnp.sum(decay, axis=-1, keepdims=True)
+    decay = decay * jax.lax.rsqrt(jnp.where(row_sum > 0, row_sum, 1.0))
+    scores = logits * decay
+    scores = scores / jnp.maximum(jnp.abs(jnp.sum(scores, axis=-1, keepdims=True)), 1.0)
+    return common.weighted_values(scores, value, dims).astype(query.dtype)
+
+  common.check_no_causal("retention (2-D grid)", is_causal)
+  if not isinstance(renormalize, bool):
+    raise TypeError(f"renormalize must be a bool, got {renormalize!r}")
+  h, w = _check_grid(grid, dims)
+  log_gamma = _log_gamma(gamma, dims.num_heads, rmt_gammas).reshape(k_heads, g, 1, 1)
+  logits = common.attention_logits(query, key, dims, scale)
+  y, x = np.divmod(np.arange(h * w), w)
+  dist = np.abs(y[:, None] - y[None, :]) + np.abs(x[:, None] - x[None, :])
+  full = common.grouped(common.make_mask(dims, mask=mask), dims)
+  if renormalize:
+    probs = common.masked_softmax(logits + log_gamma * dist, full)
+  else:
+    probs = common.masked_softmax(logits, full) * jnp.exp(log_gamma * dist)
+  return common.weighted_values(probs, value, dims).astype(query.dtype)
