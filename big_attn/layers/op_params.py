@@ -127,3 +127,44 @@ class LatteParams(OpParams):
         (self.num_heads, num_latents, self.head_dim), self.param_dtype)
     (latents,) = nn.dtypes.promote_dtype(latents, dtype=self.dtype)
     return {"latents": latents}
+
+
+@register_params("focused_linear")
+class FocusedLinearParams(OpParams):
+  """Weights of focused linear attention (FLatten Transformer, Han et al. 2023).
+
+  - `dwc_kernel`, `dwc_bias`: the rank-restoring depthwise convolution of V, shared across
+    heads as in the official code: `[k, 1, head_dim]` over the sequence, or `[k, k, 1, head_dim]`
+    when `op_args["grid"] = (height, width)` (image tokens); `k = op_args["dwc_kernel_size"]`,
+    5 by default as the paper. PyTorch's Conv default init (U(±1/√fan_in)), zero bias.
+  - `feature_scale`: the learnable per-channel scale s of the focused map, `[num_kv_heads,
+    head_dim]`, stored as a zero-initialised parameter and returned through softplus (ln 2 at
+    init), as the paper.
+  """
+
+  @nn.compact
+  def __call__(self, inputs_q, query, key, value):
+    del inputs_q, query, key
+    op_args = dict(self.op_args or {})
+    size = op_args.get("dwc_kernel_size", 5)
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+      raise ValueError(f"op_args['dwc_kernel_size'] must be a positive int, got {size!r}")
+    image = op_args.get("grid") is not None
+    spatial, names = ((size, size), ("conv_height", "conv_width")) if image else (
+        (size,), ("conv_width",))
+    value_dim = value.shape[-1]
+    kernel = self.param(
+        "dwc_kernel",
+        nn.with_logical_partitioning(
+            nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"),
+            names + (None, "head_dim")),
+        spatial + (1, value_dim), self.param_dtype)
+    bias = self.param(
+        "dwc_bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), (None, "head_dim")),
+        (1, value_dim), self.param_dtype)
+    scale = self.param(
+        "feature_scale",
+        nn.with_logical_partitioning(nn.initializers.zeros_init(), ("kv_heads", "head_dim")),
+        (self.num_kv_heads, self.head_dim), self.param_dtype)
+    kernel, bias, scale = nn.dtypes.promote_dtype(kernel, bias, scale, dtype=self.dtype)
+    return {"dwc_kernel": kernel, "dwc_bias": bias, "feature_scale": nn.softplus(scale)}

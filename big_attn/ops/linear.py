@@ -1,1 +1,657 @@
-"""(being written in this session)"""
+"""Linear (kernelised) attention: Performer, focused linear, log-normal and lightning attention.
+
+Each op uses a kernel that factorises, κ(q, k) = φ_q(q)ᵀφ_k(k) ≥ 0, and computes
+
+    out_i = Σ_j κ(q_i, k_j) v_j / Σ_j κ(q_i, k_j)          (lightning: no denominator)
+
+without the `[q_len, kv_len]` matrix:
+
+- non-causal: out_i = φ_q(q_i)ᵀ(Σ_j φ_k(k_j) v_jᵀ) / φ_q(q_i)ᵀΣ_j φ_k(k_j);
+- causal: the sequence is cut into chunks of C tokens (padded internally to a multiple of C);
+  inside a chunk the masked quadratic form (φ_q(Q_c)φ_k(K_c)ᵀ ⊙ M)V_c is used, the earlier chunks
+  enter through a running state S = Σ_j φ_k(k_j)v_jᵀ and normaliser z = Σ_j φ_k(k_j), carried
+  by `lax.scan` over the chunks. Cost O(n·C·m + n·m·d_v) for m features.
+
+Masks: a key-padding mask (`mask.shape[2] == 1`, e.g. `[batch, 1, 1, kv_len]`) zeroes φ_k(k_j)
+of the masked keys and keeps the linear form. A general `[.., q_len, kv_len]` mask or
+`segment_ids` falls back to the exact quadratic form of the same kernel (O(q_len·kv_len)
+memory). Query rows with nothing to attend to return zeros. Keys and values may have fewer
+heads than queries (GQA): queries are grouped per kv head, K and V are never repeated. Inputs
+of any floating dtype are computed in (at least) float32 and returned in the query's dtype.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from big_attn.ops import common
+from big_attn.ops.registry import register
+
+Array = jax.Array
+
+
+# ------------------------------------------------------------------------------------------
+# Argument checks.
+# ------------------------------------------------------------------------------------------
+def _positive_int(name: str, value) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+    raise ValueError(f"{name} must be a positive int, got {value!r}")
+  return int(value)
+
+
+def _float_array(name: str, x) -> Array:
+  if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+    raise TypeError(f"{name} must be an array, got {type(x).__name__}")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
+  return x
+
+
+def _check_broadcast_to(name: str, x: Array, target: tuple[int, ...], layout: str) -> None:
+  if x.ndim > len(target) or any(
+      size not in (1, want) for size, want in zip(x.shape[::-1], target[::-1])):
+    raise ValueError(f"{name} must be broadcastable to {layout} = {target}, got shape {x.shape}")
+
+
+def _compute_dtype(*xs) -> jnp.dtype:
+  return jnp.promote_types(jnp.float32, jnp.result_type(*xs))
+
+
+# ------------------------------------------------------------------------------------------
+# Masks.
+# ------------------------------------------------------------------------------------------
+class _Masks(NamedTuple):
+  """How masking is applied: key validity (linear form) or a full mask (quadratic form)."""
+  key_valid: Array | None  # [b|1, kv_len, k|1, G] bool, G in {1, groups}
+  full: Array | None       # [b|1, n|1, q_len, kv_len] bool
+
+
+def _plan_masks(dims: common.Dims, mask, is_causal: bool, segment_ids) -> _Masks:
+  if segment_ids is not None or (
+      mask is not None and getattr(mask, "ndim", 0) == 4 and mask.shape[2] != 1):
+    return _Masks(None, common.make_mask(dims, mask=mask, is_causal=is_causal,
+                                         segment_ids=segment_ids))
+  if mask is None:
+    return _Masks(None, None)
+  mask = common.make_mask(dims, mask=mask)  # Validates dtype and shape.
+  valid = jnp.broadcast_to(mask[:, :, 0, :], (mask.shape[0], mask.shape[1], dims.kv_len))
+  valid = jnp.swapaxes(valid, 1, 2)  # [b|1, s, n|1]
+  kv_heads = dims.num_kv_heads if valid.shape[2] > 1 else 1
+  return _Masks(valid.reshape(valid.shape[0], dims.kv_len, kv_heads,
+                              valid.shape[2] // kv_heads), None)
+
+
+def _key_max(log_phi_k: Array, key_valid: Array | None) -> Array:
+  """Max of `[b, s, k, m]` key log-features over valid keys and features: `[b, 1, k, 1]`.
+
+  One constant per (batch, kv head) multiplies every φ_k(k_j) of that head, so it cancels in
+  the ratio; it only keeps exp() in range.
+  """
+  if key_valid is not None:
+    valid = jnp.any(key_valid, axis=-1)[..., None]
+    log_phi_k = jnp.where(valid, log_phi_k, -jnp.inf)
+  top = jnp.max(log_phi_k, axis=(1, 3), keepdims=True)
+  return jax.lax.stop_gradient(jnp.where(jnp.isfinite(top), top, 0.0))
+
+
+def _zero_empty_rows(out: Array, masks: _Masks, dims: common.Dims, is_causal: bool) -> Array:
+  """Zeros `[b, t, n, d]` rows that may attend to no key (needed where a term is added)."""
+  if masks.full is not None:
+    return common.apply_row_mask(out, masks.full, dims)
+  if masks.key_valid is None:
+    return out
+  valid = masks.key_valid
+  if is_causal:
+    seen = jnp.cumsum(valid, axis=1) > 0
+    has_key = seen[:, jnp.minimum(jnp.arange(dims.q_len), dims.kv_len - 1)]
+  else:
+    has_key = jnp.any(valid, axis=1, keepdims=True)
+  b, t, n, d = out.shape
+  groups = has_key.shape[-1]
+  out = out.reshape(b, t, dims.num_kv_heads, groups, n // (dims.num_kv_heads * groups), d)
+  out = jnp.where(has_key[..., None, None], out, jnp.zeros((), out.dtype))
+  return out.reshape(b, t, n, d)
+
+
+# ------------------------------------------------------------------------------------------
+# The linear-attention core shared by all ops.
+# ------------------------------------------------------------------------------------------
+def _linear_attention(phi_q: Array, phi_k: Array, value: Array, dims: common.Dims,
+                      masks: _Masks, *, is_causal: bool, chunk_size: int,
+                      log_decay: Array | None = None, normalize: bool = True) -> Array:
+  """Σ_j κ_ij v_j (/ Σ_j κ_ij) for κ_ij = λ^{i-j}·φ_q(q_i)ᵀφ_k(k_j).
+
+  Args:
+    phi_q: `[b, t, k, g, m]` query features, grouped by kv head.
+    phi_k: `[b, s, k, m]` key features.
+    value: `[b, s, k, dv]`.
+    dims: sizes of the inputs.
+    masks: from `_plan_masks`.
+    is_causal: query i sees keys j <= i.
+    chunk_size: tokens per chunk of the causal form.
+    log_decay: None or `[k|1, g|1]`, log λ per query head (causal only).
+    normalize: divide by the kernel's row sums (zero rows give zero).
+
+  Returns:
+    `[b, t, n, dv]` in the features' dtype.
+  """
+  b, t, k, g, m = phi_q.shape
+  groups = 1  # G: how many of a kv head's query heads need their own state.
+  if masks.key_valid is not None:
+    groups = max(groups, masks.key_valid.shape[-1])
+  if log_decay is not None:
+    groups = max(groups, log_decay.shape[-1])
+    log_decay = jnp.broadcast_to(log_decay, (k, groups))
+  phi_q = phi_q.reshape(b, t, k, groups, g // groups, m)
+  phi_k = phi_k[:, :, :, None, :]
+  if masks.key_valid is not None:
+    phi_k = jnp.where(masks.key_valid[..., None], phi_k, jnp.zeros((), phi_k.dtype))
+  phi_k = jnp.broadcast_to(phi_k, (b, dims.kv_len, k, groups, m))
+
+  if masks.full is not None:
+    num, den = _quadratic(phi_q, phi_k, value, masks.full, dims, log_decay)
+  elif is_causal:
+    num, den = _chunked(phi_q, phi_k, value, log_decay, chunk_size)
+  else:
+    num, den = _global(phi_q, phi_k, value)
+  if normalize:
+    num = num / jnp.where(den == 0, jnp.ones((), den.dtype), den)[..., None]
+  return num.reshape(b, t, dims.num_heads, dims.value_dim)
+
+
+def _global(phi_q, phi_k, value):
+  """Non-causal linear form: φ_q(Q)(φ_k(K)ᵀV) and φ_q(Q)Σφ_k(K)."""
+  kv = jnp.einsum("bskGm,bskd->bkGmd", phi_k, value)
+  num = jnp.einsum("btkGhm,bkGmd->btkGhd", phi_q, kv)
+  den = jnp.einsum("btkGhm,bkGm->btkGh", phi_q, jnp.sum(phi_k, axis=1))
+  return num, den
+
+
+def _quadratic(phi_q, phi_k, value, full_mask, dims, log_decay):
+  """Exact quadratic form (φ_q(Q)φ_k(K)ᵀ ⊙ M ⊙ Λ)V for general masks and segment ids."""
+  weights = jnp.einsum("btkGhm,bskGm->bkGhts", phi_q, phi_k)
+  mask = common.grouped(full_mask, dims)  # [b|1, k|1, g|1, t, s]
+  if mask.shape[2] == 1:
+    mask = mask[:, :, :, None]
+  else:
+    mask = mask.reshape(*mask.shape[:2], weights.shape[2], weights.shape[3], *mask.shape[3:])
+  weights = jnp.where(mask, weights, jnp.zeros((), weights.dtype))
+  if log_decay is not None:
+    dist = jnp.maximum(jnp.arange(dims.q_len)[:, None] - jnp.arange(dims.kv_len)[None, :], 0)
+    weights = weights * jnp.exp(log_decay[:, :, None, None, None] * dist)
+  num = jnp.einsum("bkGhts,bskd->btkGhd", weights, value)
+  den = jnp.moveaxis(jnp.sum(weights, axis=-1), -1, 1)
+  return num, den
+
+
+def _chunked(phi_q, phi_k, value, log_decay, chunk):
+  """Causal form: masked quadratic inside chunks, a state scanned across chunks."""
+  b, t, k, groups, h, m = phi_q.shape
+  s, dv = value.shape[1], value.shape[-1]
+  num_chunks = -(-max(t, s) // chunk)
+  length = num_chunks * chunk
+
+  def split(x, n):  # [b, n, ...] -> [num_chunks, b, chunk, ...], zero-padded.
+    x = jnp.pad(x, [(0, 0), (0, length - n)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape(b, num_chunks, chunk, *x.shape[2:]), 1, 0)
+
+  qc, kc, vc = split(phi_q, t), split(phi_k, s), split(value, s)
+  dtype = qc.dtype
+  pos = jnp.arange(chunk)
+  diff = pos[:, None] - pos[None, :]
+  if log_decay is None:
+    intra = (diff >= 0).astype(dtype)
+    qc_state, kc_state = qc, kc
+  else:
+    intra = jnp.where(diff >= 0, jnp.exp(log_decay[..., None, None] * jnp.maximum(diff, 0)),
+                      jnp.zeros((), dtype))[:, :, None]  # [k, G, 1, C, C]
+    # A key at offset e of the previous chunk reaches offset c of this chunk after
+    # (chunk - 1 - e) + (c + 1) steps; the state decays by λ^chunk per chunk in between.
+    q_decay = jnp.moveaxis(jnp.exp(log_decay[..., None] * (pos + 1)), -1, 0)
+    k_decay = jnp.moveaxis(jnp.exp(log_decay[..., None] * (chunk - 1 - pos)), -1, 0)
+    qc_state = qc * q_decay[:, :, :, None, None]
+    kc_state = kc * k_decay[:, :, :, None]
+    chunk_decay = jnp.exp(log_decay * chunk)
+  scores = jnp.einsum("nbckGhm,nbekGm->nbkGhce", qc, kc) * intra
+  intra_num = jnp.einsum("nbkGhce,nbekd->nbckGhd", scores, vc)
+  intra_den = jnp.moveaxis(jnp.sum(scores, axis=-1), -1, 2)
+
+  def step(carry, chunk_inputs):
+    state, norm = carry
+    q, kk, v = chunk_inputs
+    num = jnp.einsum("bckGhm,bkGmd->bckGhd", q, state)
+    den = jnp.einsum("bckGhm,bkGm->bckGh", q, norm)
+    if log_decay is not None:
+      state = state * chunk_decay[:, :, None, None]
+      norm = norm * chunk_decay[:, :, None]
+    state = state + jnp.einsum("bckGm,bckd->bkGmd", kk, v)
+    norm = norm + jnp.sum(kk, axis=1)
+    return (state, norm), (num, den)
+
+  init = (jnp.zeros((b, k, groups, m, dv), dtype), jnp.zeros((b, k, groups, m), dtype))
+  _, (inter_num, inter_den) = jax.lax.scan(step, init, (qc_state, kc_state, vc))
+  num = jnp.moveaxis(intra_num + inter_num, 0, 1).reshape(b, length, k, groups, h, dv)
+  den = jnp.moveaxis(intra_den + inter_den, 0, 1).reshape(b, length, k, groups, h)
+  return num[:, :t], den[:, :t]
+
+
+def _grouped_qk(query: Array, key: Array, dims: common.Dims, dtype) -> tuple[Array, Array]:
+  return common.group_query(query, dims.num_kv_heads).astype(dtype), key.astype(dtype)
+
+
+# ------------------------------------------------------------------------------------------
+# Performer (FAVOR+).
+# ------------------------------------------------------------------------------------------
+def default_num_features(head_dim: int) -> int:
+  """m = max(d, ⌈d·ln d⌉), the d·log d features the Performer paper recommends (267 for d=64)."""
+  head_dim = _positive_int("head_dim", head_dim)
+  return max(head_dim, math.ceil(head_dim * math.log(head_dim)))
+
+
+def orthogonal_random_features(key, num_features: int, head_dim: int, *,
+                               dtype=jnp.float32) -> Array:
+  """The random feature matrix W `[num_features, head_dim]` of FAVOR+ (Performer).
+
+  Rows come in blocks of `head_dim` exactly orthogonal directions (QR of a Gaussian matrix,
+  sign-corrected so each block is Haar-distributed; the last block is truncated) and are
+  rescaled by independent chi(head_dim)-distributed norms, i.e. the norms of Gaussian vectors,
+  so each row is marginally N(0, I) as the unbiased softmax-kernel estimator needs.
+
+  Args:
+    key: a PRNG key (typed or raw) or an int seed.
+    num_features: m, the number of rows.
+    head_dim: d, the number of columns.
+    dtype: of the result.
+  """
+  num_features = _positive_int("num_features", num_features)
+  head_dim = _positive_int("head_dim", head_dim)
+  if isinstance(key, (int, np.integer)):
+    key = jax.random.key(int(key))
+  return _orthogonal_random_features(key, num_features, head_dim, jnp.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _orthogonal_random_features(key, num_features, head_dim, dtype):
+  block_key, norm_key = jax.random.split(key)
+  num_blocks = -(-num_features // head_dim)
+  gaussian = jax.random.normal(block_key, (num_blocks, head_dim, head_dim), jnp.float32)
+  q, r = jnp.linalg.qr(gaussian)
+  q = q * jnp.sign(jnp.diagonal(r, axis1=-2, axis2=-1))[:, None, :]
+  rows = jnp.swapaxes(q, -1, -2).reshape(num_blocks * head_dim, head_dim)[:num_features]
+  norms = jnp.linalg.norm(
+      jax.random.normal(norm_key, (num_features, head_dim), jnp.float32), axis=-1)
+  return (rows * norms[:, None]).astype(dtype)
+
+
+def _performer_features(features, feature_key, num_features, head_dim: int) -> Array:
+  if (features is None) == (feature_key is None):
+    raise ValueError("performer needs exactly one of features ([num_features, head_dim] "
+                     "matrix W) or feature_key (a PRNG key or int seed to draw W)")
+  if features is None:
+    num = default_num_features(head_dim) if num_features is None else _positive_int(
+        "num_features", num_features)
+    return orthogonal_random_features(feature_key, num, head_dim)
+  _float_array("features", features)
+  if features.ndim != 2 or features.shape[1] != head_dim:
+    raise ValueError(f"features must have shape [num_features, head_dim={head_dim}], "
+                     f"got {features.shape}")
+  if num_features is not None and num_features != features.shape[0]:
+    raise ValueError(f"num_features={num_features!r} disagrees with features of shape "
+                     f"{features.shape}")
+  return features
+
+
+@register("performer")
+def performer_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
+                        features=None, feature_key=None, num_features=None, chunk_size=64,
+                        segment_ids=None):
+  """Performer attention, FAVOR+ (Rethinking Attention with Performers, Choromanski et al. 2021).
+
+  Positive orthogonal random features estimate the softmax kernel exp(s·q·k):
+
+      φ(x) = exp(W x' − ‖x'‖²/2) / √m,   x' = √s·x   (√s = d^{-1/4} by default),
+      out_i = φ(q_i)ᵀ Σ_j φ(k_j)v_jᵀ / φ(q_i)ᵀ Σ_j φ(k_j),
+
+  so E[φ(q)ᵀφ(k)] = exp(s·q·k) for rows of W distributed N(0, I). As in the reference
+  implementation the exponents are stabilised: each query's max over features and, per
+  (batch, kv head), the max over all (valid) keys and features are subtracted; both are
+  constants of the ratio and cancel.
+
+  Args:
+    query: `[batch, q_len, num_heads, head_dim]`.
+    key: `[batch, kv_len, num_kv_heads, head_dim]`.
+    value: `[batch, kv_len, num_kv_heads, value_dim]`.
+    mask: boolean, broadcastable to `[batch, heads, q_len, kv_len]`; key-padding masks
+      (`[.., 1, kv_len]`) keep the linear form, others use the quadratic form of the kernel.
+    is_causal: query i attends keys j <= i (chunked prefix sums).
+    scale: s of the estimated kernel exp(s·q·k); `1/sqrt(head_dim)` when None.
+    features: W `[num_features, head_dim]` (e.g. `orthogonal_random_features`); or
+    feature_key: PRNG key (or int seed) from which W is drawn on each call.
+    num_features: m when drawing W; `default_num_features(head_dim)` = max(d, ⌈d ln d⌉).
+    chunk_size: chunk length of the causal form.
+    segment_ids: as in `dot_product_attention` (quadratic form).
+
+  Returns:
+    `[batch, q_len, num_heads, value_dim]` in the query's dtype.
+  """
+  dims = common.check_qkv(query, key, value)
+  chunk_size = _positive_int("chunk_size", chunk_size)
+  scale = common.default_scale(dims.head_dim, scale)
+  if scale <= 0:
+    raise ValueError(f"performer estimates exp(scale·q·k) and needs scale > 0, got {scale}")
+  w = _performer_features(features, feature_key, num_features, dims.head_dim)
+  masks = _plan_masks(dims, mask, is_causal, segment_ids)
+  dtype = _compute_dtype(query, key, value)
+  q, k = _grouped_qk(query, key, dims, dtype)
+  w = w.astype(dtype)
+  root = math.sqrt(scale)
+  q, k = q * root, k * root
+  log_q = jnp.einsum("btkgd,md->btkgm", q, w) - 0.5 * jnp.sum(q * q, -1, keepdims=True)
+  log_k = jnp.einsum("bskd,md->bskm", k, w) - 0.5 * jnp.sum(k * k, -1, keepdims=True)
+  log_q = log_q - jax.lax.stop_gradient(jnp.max(log_q, axis=-1, keepdims=True))
+  log_k = log_k - _key_max(log_k, masks.key_valid)
+  norm = 1.0 / math.sqrt(w.shape[0])
+  out = _linear_attention(jnp.exp(log_q) * norm, jnp.exp(log_k) * norm, value.astype(dtype),
+                          dims, masks, is_causal=is_causal, chunk_size=chunk_size)
+  return out.astype(query.dtype)
+
+
+# ------------------------------------------------------------------------------------------
+# Focused linear attention (FLatten Transformer).
+# ------------------------------------------------------------------------------------------
+def _focused_map(x: Array, feature_scale: Array | None, power: float, eps: float) -> Array:
+  """φ_p(x) = ‖x'‖·x'^p/‖x'^p‖ with x' = (ReLU(x) + eps) / feature_scale, over the last axis."""
+  x = jax.nn.relu(x) + eps
+  if feature_scale is not None:
+    x = x / feature_scale
+  norm = jnp.linalg.norm(x, axis=-1, keepdims=True)
+  # x'^p/‖x'^p‖ is unchanged by rescaling x'; dividing by the max keeps x'^p in range.
+  focused = (x / jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True))) ** power
+  return norm * focused / jnp.linalg.norm(focused, axis=-1, keepdims=True)
+
+
+def _depthwise_conv(value: Array, kernel: Array, bias: Array | None, masks: _Masks,
+                    dims: common.Dims, is_causal: bool, grid) -> Array:
+  """DWC(V): depthwise conv of `[b, s, k, dv]` values over the sequence or the image grid."""
+  b, s, k, dv = value.shape
+  spatial = kernel.shape[:-2]
+  if masks.key_valid is not None:
+    valid = jnp.any(masks.key_valid, axis=-1)[..., None]
+    value = jnp.where(valid, value, jnp.zeros((), value.dtype))
+  channels = k * dv
+  x = value.reshape((b, *grid, channels) if len(spatial) == 2 else (b, s, channels))
+  kernel = jnp.broadcast_to(kernel, (*spatial, k, dv)).reshape(*spatial, 1, channels)
+  if is_causal:
+    padding = [(spatial[0] - 1, 0)]
+  else:
+    padding = [((n - 1) // 2, n - 1 - (n - 1) // 2) for n in spatial]
+  spec = ("NHWC", "HWIO", "NHWC") if len(spatial) == 2 else ("NWC", "WIO", "NWC")
+  out = jax.lax.conv_general_dilated(
+      x, kernel.astype(x.dtype), window_strides=(1,) * len(spatial), padding=padding,
+      dimension_numbers=spec, feature_group_count=channels)
+  out = out.reshape(b, s, k, dv)
+  return out if bias is None else out + bias.astype(out.dtype)
+
+
+def _check_dwc(kernel, bias, kernel_size, grid, dims: common.Dims, is_causal: bool):
+  """Validates the rank-restoration arguments; returns the grid (or None)."""
+  if kernel is None:
+    for name, arg in (("dwc_bias", bias), ("dwc_kernel_size", kernel_size), ("grid", grid)):
+      if arg is not None:
+        raise ValueError(f"{name} is only used with dwc_kernel, which is None")
+    return None
+  _float_array("dwc_kernel", kernel)
+  target = (dims.num_kv_heads, dims.value_dim)
+  if kernel.ndim not in (3, 4) or kernel.shape[-2] not in (1, target[0]) or (
+      kernel.shape[-1] != target[1]):
+    raise ValueError(
+        "dwc_kernel must be [kernel, kv_heads|1, value_dim] (1-D, over the sequence) or "
+        f"[kh, kw, kv_heads|1, value_dim] (2-D, with grid) with kv_heads={target[0]}, "
+        f"value_dim={target[1]}, got shape {kernel.shape}")
+  if kernel_size is not None:
+    size = _positive_int("dwc_kernel_size", kernel_size)
+    if any(n != size for n in kernel.shape[:-2]):
+      raise ValueError(
+          f"dwc_kernel_size={size} disagrees with dwc_kernel of shape {kernel.shape}")
+  if bias is not None:
+    _float_array("dwc_bias", bias)
+    _check_broadcast_to("dwc_bias", bias, target, "[kv_heads, value_dim]")
+  if dims.q_len != dims.kv_len:
+    raise ValueError("dwc_kernel adds DWC(V) to the output token by token and needs "
+                     f"q_len == kv_len, got {dims.q_len} and {dims.kv_len}")
+  if kernel.ndim == 3:
+    if grid is not None:
+      raise ValueError(f"grid={grid!r} is for a 2-D dwc_kernel, got a 1-D one of shape "
+                       f"{kernel.shape}")
+    return None
+  if is_causal:
+    raise ValueError("a 2-D dwc_kernel has no causal form; use a 1-D [kernel, heads, "
+                     "value_dim] kernel with is_causal=True")
+  if not isinstance(grid, (tuple, list)) or len(grid) != 2:
+    raise ValueError(f"a 2-D dwc_kernel needs grid=(height, width), got {grid!r}")
+  height, width = (_positive_int("grid", n) for n in grid)
+  if height * width != dims.kv_len:
+    raise ValueError(f"grid={grid!r} has {height * width} tokens, the sequence has "
+                     f"{dims.kv_len}")
+  return height, width
+
+
+@register("focused_linear")
+def focused_linear_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
+                             power=3.0, feature_scale=None, eps=1e-6, dwc_kernel=None,
+                             dwc_bias=None, dwc_kernel_size=None, grid=None, chunk_size=64,
+                             segment_ids=None):
+  """Focused linear attention (FLatten Transformer: Vision Transformer using Focused Linear
+  Attention, Han et al. 2023).
+
+      x' = (ReLU(x) + ε) / s,   φ_p(x) = ‖x'‖ · x'^p / ‖x'^p‖   (element-wise power p),
+      out_i = φ_p(q_i)ᵀ Σ_j φ_p(k_j)v_jᵀ / φ_p(q_i)ᵀ Σ_j φ_p(k_j)  +  DWC(V)_i.
+
+  The focusing power p sharpens the kernel while keeping the norm; s is the paper's learnable
+  per-channel scale (softplus of a parameter; `FocusedLinearParams` owns it) and ε = 1e-6 keeps
+  φ strictly positive. DWC is the rank-restoring depthwise convolution of V with 'SAME'
+  padding (causal padding when `is_causal`), 1-D over the sequence or 2-D over a `grid` of
+  image tokens (row-major). Differences from the official code: the norms are taken per head
+  (the code takes them over all heads' channels before splitting), exact division replaces
+  the `+1e-6` in the denominator (rows with no key give zeros), and the positional encoding
+  the code adds to K belongs to the layer.
+
+  Args:
+    query, key, value: `[batch, seq, heads, dim]`; keys/values may have fewer heads (GQA).
+    mask: boolean, broadcastable to `[batch, heads, q_len, kv_len]`; key-padding masks keep the
+      linear form (and zero the masked values in DWC), others use the quadratic form.
+    is_causal: query i attends keys j <= i (chunked prefix sums; causal 1-D DWC).
+    scale: not accepted (None): the kernel is invariant to a scalar scale of q and k.
+    power: focusing power p > 0 (3 in the paper).
+    feature_scale: s, positive, broadcastable to `[num_kv_heads, head_dim]`; None = 1.
+    eps: ε added after the ReLU.
+    dwc_kernel: `[kernel, kv_heads|1, value_dim]` (1-D) or `[kh, kw, kv_heads|1, value_dim]`
+      (2-D, needs `grid`); a heads axis of 1 shares the kernel across heads as the paper.
+    dwc_bias: broadcastable to `[kv_heads, value_dim]`.
+    dwc_kernel_size: if given, must equal the kernel's spatial size (set by the layer).
+    grid: `(height, width)` with height·width = seq, for a 2-D kernel.
+    chunk_size: chunk length of the causal form.
+    segment_ids: as in `dot_product_attention` (quadratic form).
+
+  Returns:
+    `[batch, q_len, num_heads, value_dim]` in the query's dtype.
+  """
+  dims = common.check_qkv(query, key, value)
+  chunk_size = _positive_int("chunk_size", chunk_size)
+  if scale is not None:
+    raise ValueError("focused_linear takes no scale: the focused kernel is invariant to a "
+                     f"scalar scale of q and k (use feature_scale), got scale={scale!r}")
+  if isinstance(power, bool) or not isinstance(power, (int, float)) or power <= 0:
+    raise ValueError(f"power must be a positive number, got {power!r}")
+  if not isinstance(eps, (int, float)) or eps <= 0:
+    raise ValueError(f"eps must be a positive number, got {eps!r}")
+  grid = _check_dwc(dwc_kernel, dwc_bias, dwc_kernel_size, grid, dims, is_causal)
+  dtype = _compute_dtype(query, key, value)
+  q, k = _grouped_qk(query, key, dims, dtype)
+  scale_q = scale_k = None
+  if feature_scale is not None:
+    _float_array("feature_scale", feature_scale)
+    _check_broadcast_to("feature_scale", feature_scale, (dims.num_kv_heads, dims.head_dim),
+                        "[num_kv_heads, head_dim]")
+    scale_k = jnp.broadcast_to(feature_scale, (dims.num_kv_heads, dims.head_dim)).astype(dtype)
+    scale_q = scale_k[:, None, :]
+  masks = _plan_masks(dims, mask, is_causal, segment_ids)
+  v = value.astype(dtype)
+  out = _linear_attention(_focused_map(q, scale_q, power, eps),
+                          _focused_map(k, scale_k, power, eps), v, dims, masks,
+                          is_causal=is_causal, chunk_size=chunk_size)
+  if dwc_kernel is not None:
+    conv = _depthwise_conv(v, dwc_kernel.astype(dtype), dwc_bias, masks, dims, is_causal, grid)
+    b, t, n, dv = out.shape
+    out = out.reshape(b, t, dims.num_kv_heads, dims.groups, dv) + conv[:, :, :, None]
+    out = _zero_empty_rows(out.reshape(b, t, n, dv), masks, dims, is_causal)
+  return out.astype(query.dtype)
+
+
+# ------------------------------------------------------------------------------------------
+# Linear log-normal attention.
+# ------------------------------------------------------------------------------------------
+# Linear fit σ²_sm ≈ a·σ²_lln + b between the log-variances of softmax and LLN attention
+# matrices, from the authors' implementation.
+_LLN_FIT_A = 0.14855178144710912
+_LLN_FIT_B = -0.35487039130661086
+
+
+def _scalar(name: str, x, dtype) -> Array:
+  if jnp.ndim(x) != 0:
+    raise ValueError(f"{name} must be a scalar, got shape {jnp.shape(x)}")
+  return jnp.asarray(x, dtype)
+
+
+@register("lognormal_linear")
+def lognormal_linear_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
+                               alpha=None, beta=None, chunk_size=64, segment_ids=None):
+  """Linear log-normal attention (Linear Log-Normal Attention with Unbiased Concentration,
+  Nahshan et al. 2023).
+
+      φ_q(q) = exp(α q),  φ_k(k) = exp(β k)   (element-wise; m = head_dim features),
+      out_i = φ_q(q_i)ᵀ Σ_j φ_k(k_j)v_jᵀ / φ_q(q_i)ᵀ Σ_j φ_k(k_j).
+
+  α, β are moment-matched so the LLN attention matrix has the log-normal spread of softmax
+  attention: with σ_q, σ_k the standard deviations of all query and key entries, softmax
+  logits s·q·k have variance σ²_sm = s²·d·σ_q²σ_k²; the LLN log-variance is
+  σ²_lln = α²σ_q² + β²σ_k², and the paper's linear fit σ²_sm ≈ a·σ²_lln + b
+  (a = 0.1486, b = −0.3549) with ασ_q = βσ_k = σ̃ gives σ̃² = (σ²_sm − b)/(2a), α = σ̃/σ_q,
+  β = σ̃/σ_k. The statistics are taken over the whole query/key arrays without gradient, as
+  the authors' code; with `is_causal` they therefore see every token: pass `alpha` and `beta`
+  (e.g. running estimates) for outputs that depend on no future token. Exponents are
+  stabilised as in that code (per-query max; per (batch, kv head) key max), which cancels.
+
+  Args:
+    query, key, value: `[batch, seq, heads, dim]`; keys/values may have fewer heads (GQA).
+    mask: boolean, broadcastable to `[batch, heads, q_len, kv_len]`; key-padding masks keep the
+      linear form, others use the quadratic form.
+    is_causal: query i attends keys j <= i (chunked prefix sums).
+    scale: s of the softmax attention being matched; `1/sqrt(head_dim)` when None.
+    alpha, beta: scalars overriding the moment-matched α and β.
+    chunk_size: chunk length of the causal form.
+    segment_ids: as in `dot_product_attention` (quadratic form).
+
+  Returns:
+    `[batch, q_len, num_heads, value_dim]` in the query's dtype.
+  """
+  dims = common.check_qkv(query, key, value)
+  chunk_size = _positive_int("chunk_size", chunk_size)
+  scale = common.default_scale(dims.head_dim, scale)
+  dtype = _compute_dtype(query, key, value)
+  q, k = _grouped_qk(query, key, dims, dtype)
+  if alpha is None or beta is None:
+    tiny = jnp.finfo(dtype).tiny
+    sigma_q = jnp.maximum(jnp.std(q), tiny)
+    sigma_k = jnp.maximum(jnp.std(k), tiny)
+    var_sm = scale ** 2 * dims.head_dim * sigma_q ** 2 * sigma_k ** 2
+    sigma = jnp.sqrt((var_sm - _LLN_FIT_B) / (2.0 * _LLN_FIT_A))
+    alpha = jax.lax.stop_gradient(sigma / sigma_q) if alpha is None else alpha
+    beta = jax.lax.stop_gradient(sigma / sigma_k) if beta is None else beta
+  alpha, beta = _scalar("alpha", alpha, dtype), _scalar("beta", beta, dtype)
+  masks = _plan_masks(dims, mask, is_causal, segment_ids)
+  log_q = alpha * q
+  log_q = log_q - jax.lax.stop_gradient(jnp.max(log_q, axis=-1, keepdims=True))
+  log_k = beta * k
+  log_k = log_k - _key_max(log_k, masks.key_valid)
+  out = _linear_attention(jnp.exp(log_q), jnp.exp(log_k), value.astype(dtype), dims, masks,
+                          is_causal=is_causal, chunk_size=chunk_size)
+  return out.astype(query.dtype)
+
+
+# ------------------------------------------------------------------------------------------
+# Lightning attention.
+# ------------------------------------------------------------------------------------------
+def _log_decay(decay, dims: common.Dims, dtype) -> Array | None:
+  """λ (float in (0, 1] or `[num_heads]` array) -> log λ as `[1, 1]` or `[k, g]`."""
+  if decay is None:
+    return None
+  if isinstance(decay, (int, float, np.floating, np.integer)) and not isinstance(decay, bool):
+    if not 0.0 < decay <= 1.0:
+      raise ValueError(f"decay must be in (0, 1], got {decay!r}")
+    return jnp.full((1, 1), math.log(decay), dtype)
+  _float_array("decay", decay)
+  if decay.ndim == 0:
+    return jnp.log(decay.astype(dtype)).reshape(1, 1)
+  if decay.shape != (dims.num_heads,):
+    raise ValueError(f"decay must be a float or have shape [num_heads] = ({dims.num_heads},), "
+                     f"got shape {decay.shape}")
+  return jnp.log(decay.astype(dtype)).reshape(dims.num_kv_heads, dims.groups)
+
+
+@register("lightning")
+def lightning_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
+                        decay=None, block_size=64, output_norm=False, norm_eps=1e-6,
+                        segment_ids=None):
+  """Lightning attention (Various Lengths, Constant Speed: Efficient Language Modeling with
+  Lightning Attention, Qin et al. 2024; Lightning Attention-2).
+
+  Linear attention without softmax or denominator, with TransNormerLLM's per-head decay λ:
+
+      out_t = Σ_{s≤t} λ^{t−s} (s_qk · q_t·k_s) v_s.
+
+  Causal: the sequence is tiled into blocks of `block_size`; the intra-block part is the
+  masked quadratic form ((QKᵀ) ⊙ Λ)V, the inter-block part is λ^{c+1}·q·KV with the running
+  state KV ← λ^B·KV + Σ_j λ^{B−1−j} k_j v_jᵀ, carried across blocks (no cumsum over the
+  sequence). Non-causal: the global linear form Q(KᵀV) (no decay). With `output_norm` the
+  output goes through TransNormerLLM's parameter-free SRMSNorm, x / RMS(x) over all heads of a
+  token; the feature activation of Q and K, the output gate and the projections of
+  TransNormerLLM belong to the layer.
+
+  Args:
+    query, key, value: `[batch, seq, heads, dim]`; keys/values may have fewer heads (GQA).
+    mask: boolean, broadcastable to `[batch, heads, q_len, kv_len]`; key-padding masks keep the
+      linear form, others use the quadratic form.
+    is_causal: query t attends keys s <= t.
+    scale: s_qk multiplying q·k; 1 when None (the paper does not scale).
+    decay: None (λ = 1), a float in (0, 1], or a `[num_heads]` array of values in (0, 1]
+      (differentiable); needs `is_causal`.
+    block_size: tokens per block of the causal form.
+    output_norm: apply SRMSNorm to the output.
+    norm_eps: ε of SRMSNorm, x / sqrt(mean(x²) + ε).
+    segment_ids: as in `dot_product_attention` (quadratic form).
+
+  Returns:
+    `[batch, q_len, num_heads, value_dim]` in the query's dtype.
+  """
+  dims = common.check_qkv(query, key, value)
+  block_size = _positive_int("block_size", block_size)
+  dtype = _compute_dtype(query, key, value)
+  log_decay = _log_decay(decay, dims, dtype)
+  if log_decay is not None and not is_causal:
+    raise ValueError("decay λ^(t−s) is defined for causal attention: pass is_causal=True or "
+                     "decay=None")
+  q, k = _grouped_qk(query, key, dims, dtype)
+  if scale is not None:
+    q = q * scale
+  masks = _plan_masks(dims, mask, is_causal, segment_ids)
+  out = _linear_attention(q, k, value.astype(dtype), dims, masks, is_causal=is_causal,
+                          chunk_size=block_size, log_decay=log_decay, normalize=False)
+  if output_norm:
+    out = out * jax.lax.rsqrt(jnp.mean(out * out, axis=(2, 3), keepdims=True) + norm_eps)
+  return out.astype(query.dtype)
