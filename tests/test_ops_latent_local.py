@@ -478,6 +478,15 @@ def test_retention_1d_matches_reference(kv_heads, is_causal, t, s):
                   [q, k, v, gamma])
 
 
+def test_retention_chunkwise_matches_reference():
+  q, k, v = _qkv(t=13, k=1)
+  gamma = jnp.asarray([0.5, 0.7, 0.9, 1.0], jnp.float32)
+  op = ops.get("retention")
+  _assert_matches(lambda q, k, v, g: op(q, k, v, is_causal=True, gamma=g, chunk_size=4),
+                  lambda q, k, v, g: _retention_ref(q, k, v, g, is_causal=True),
+                  [q, k, v, gamma])
+
+
 def test_retention_1d_mask_and_empty_rows():
   q, k, v = _qkv(t=13, k=2)
   m = np.random.default_rng(4).random((2, 1, 13, 13)) > 0.3
@@ -517,6 +526,10 @@ def test_retention_bad_args():
     op(q, k, v, gamma=jnp.ones((3,)))
   with pytest.raises(ValueError, match="grid"):
     op(q, k, v, grid=(5, 6))
+  with pytest.raises(ValueError, match="chunk_size"):
+    op(q, k, v, is_causal=True, chunk_size=4, mask=jnp.ones((1, 1, 35, 35), bool))
+  with pytest.raises(ValueError, match="chunk_size"):
+    op(q, k, v, chunk_size=4)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -50,9 +50,60 @@ def _check_grid(grid, dims: common.Dims) -> tuple[int, int]:
   return h, w
 
 
+def _chunkwise_causal(query, key, value, log_gamma, dims, scale, chunk_size):
+  """RetNet's chunkwise recurrent form of causal 1-D retention, normalisations included.
+
+  The state after position e is S = Σ_{m≤e} γ^{e−m} k_m v_mᵀ (and z = Σ γ^{e−m} k_m for the row
+  sums); inside a chunk the decay matrix γ^{i−j} applies, across chunks γ^{i+1}·q_i·S. Every
+  power of γ is of a non-negative exponent. `log_gamma` is `[k, g]`; returns `[b, t, k, g, dv]`.
+  """
+  b, t, k_heads, g, d, dv = (dims.batch, dims.q_len, dims.num_kv_heads, dims.groups,
+                             dims.head_dim, dims.value_dim)
+  c = min(chunk_size, t)
+  pad = -t % c
+  n_chunks = (t + pad) // c
+  # c_n² = Σ_{i≤n} γ^i, the row sums of the causal decay matrix.
+  row_norm = jnp.sqrt(jnp.cumsum(jnp.exp(log_gamma[..., None] * jnp.arange(t + pad)), -1))
+  pos = np.arange(c)
+  expo = pos[:, None] - pos[None, :]
+  intra = jnp.where(expo >= 0, jnp.exp(log_gamma[..., None, None] * np.maximum(expo, 0)), 0.0)
+  cross = jnp.exp(log_gamma[..., None] * (pos + 1))  # [k, g, c]: γ^{i+1}
+  carry_in = jnp.exp(log_gamma[..., None] * (c - 1 - pos))  # [k, g, c]: γ^{c−1−j}
+  chunk_decay = jnp.exp(log_gamma * c)  # [k, g]
+
+  def chunks(x):
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape(b, n_chunks, c, *x.shape[2:]), 1, 0)
+
+  def step(carry, xs):
+    state, z = carry  # [b, k, g, d, dv], [b, k, g, d]
+    q_c, k_c, v_c, norm_c = xs  # [b,c,k,g,d], [b,c,k,d], [b,c,k,dv], [k,g,c]
+    scores = jnp.einsum("bikgd,bjkd->bkgij", q_c, k_c,
+                        preferred_element_type=jnp.float32) * jnp.float32(scale) * intra
+    q_s = q_c.astype(jnp.float32) * jnp.float32(scale)
+    num = (jnp.einsum("bkgij,bjkd->bikgd", scores, v_c.astype(jnp.float32))
+           + jnp.einsum("bikgd,bkgde->bikge", q_s, state) * jnp.moveaxis(cross, -1, 0)[..., None])
+    row = (jnp.moveaxis(jnp.sum(scores, -1), -1, 1)
+           + jnp.einsum("bikgd,bkgd->bikg", q_s, z) * jnp.moveaxis(cross, -1, 0))
+    norm = jnp.moveaxis(norm_c, -1, 0)  # [c, k, g]
+    out = (num / norm[..., None]) / jnp.maximum(jnp.abs(row / norm), 1.0)[..., None]
+    k_w = k_c.astype(jnp.float32)[:, :, :, None] * jnp.moveaxis(carry_in, -1, 0)[..., None]
+    state = (chunk_decay[..., None, None] * state
+             + jnp.einsum("bjkgd,bjke->bkgde", k_w, v_c.astype(jnp.float32)))
+    z = chunk_decay[..., None] * z + jnp.sum(k_w, axis=1)
+    return (state, z), out
+
+  init = (jnp.zeros((b, k_heads, g, d, dv), jnp.float32), jnp.zeros((b, k_heads, g, d),
+                                                                   jnp.float32))
+  norms = jnp.moveaxis(row_norm.reshape(k_heads, g, n_chunks, c), 2, 0)
+  _, out = jax.lax.scan(step, init, (chunks(common.group_query(query, k_heads)), chunks(key),
+                                     chunks(value), norms))
+  return jnp.moveaxis(out, 0, 1).reshape(b, n_chunks * c, k_heads, g, dv)[:, :t]
+
+
 @register("retention")
 def retention(query, key, value, *, mask=None, is_causal=False, scale=None, gamma=None,
-              grid=None, renormalize=True):
+              grid=None, renormalize=True, chunk_size=None):
   """Retention: Retentive Network (Sun et al., 2023) and RMT: Retentive Networks Meet Vision
   Transformers (Fan et al., 2024).
 
@@ -82,6 +133,9 @@ def retention(query, key, value, *, mask=None, is_causal=False, scale=None, gamm
       RetNet's 1 − 2^(−5−h) in 1-D, RMT's 1 − 2^(−2−4h/num_heads) in 2-D.
     grid: `(height, width)` of a row-major token grid (`q_len == kv_len == height·width`).
     renormalize: 2-D only; see above.
+    chunk_size: causal 1-D self-attention without `mask` only: RetNet's chunkwise recurrent
+      form over chunks of this length (memory linear in the sequence), equal to the parallel
+      form; None computes the parallel form.
 
   Returns:
     `[batch, q_len, num_heads, value_dim]` in the query's dtype.
@@ -89,6 +143,19 @@ def retention(query, key, value, *, mask=None, is_causal=False, scale=None, gamm
   dims = common.check_qkv(query, key, value)
   scale = common.default_scale(dims.head_dim, scale)
   k_heads, g = dims.num_kv_heads, dims.groups
+
+  if chunk_size is not None:
+    if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+      raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if not is_causal or grid is not None or mask is not None or dims.q_len != dims.kv_len:
+      raise ValueError(
+          "chunk_size (the chunkwise form) needs is_causal=True, no grid, no mask and "
+          f"q_len == kv_len; got is_causal={is_causal}, grid={grid!r}, mask "
+          f"{'given' if mask is not None else None}, lengths {dims.q_len} and {dims.kv_len}")
+    log_gamma = _log_gamma(gamma, dims.num_heads, retnet_gammas).reshape(k_heads, g)
+    out = _chunkwise_causal(query, key, value, log_gamma, dims, scale, int(chunk_size))
+    return out.reshape(dims.batch, dims.q_len, dims.num_heads,
+                       dims.value_dim).astype(query.dtype)
 
   if grid is None:
     log_gamma = _log_gamma(gamma, dims.num_heads, retnet_gammas).reshape(k_heads, g, 1, 1)
