@@ -139,3 +139,21 @@ def test_attention_layer_bad_config():
     Attention(num_heads=4, op="nope").init(jax.random.key(0), x)
   with pytest.raises(ValueError, match="inputs_q must be"):
     Attention(num_heads=4).init(jax.random.key(0), x[0])
+
+
+def test_attention_layer_params_shard_by_logical_axes_under_a_mesh():
+  mesh = jax.make_mesh((4, 2), ("fsdp", "tensor"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  rules = (("embed", "fsdp"), ("heads", "tensor"), ("kv_heads", "tensor"), ("head_dim", None))
+  layer = Attention(num_heads=4, num_kv_heads=2, use_bias=True)
+  x = jnp.ones((2, 6, 16))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    abstract = jax.eval_shape(layer.init, jax.random.key(0), x)
+    specs = nn.get_partition_spec(abstract)
+    shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+    params = jax.jit(layer.init, out_shardings=shardings)(jax.random.key(0), x)
+    out = jax.jit(layer.apply)(params, x)
+  spec = params["params"]["query"]["kernel"].value.sharding.spec
+  assert tuple(spec) == ("fsdp", "tensor", None)
+  assert tuple(params["params"]["out"]["kernel"].value.sharding.spec) == ("tensor", None, "fsdp")
+  np.testing.assert_allclose(out, layer.apply(jax.device_get(params), x), atol=1e-5)
