@@ -183,6 +183,8 @@ def test_agent_bad_args():
     op(q, k, v, num_agents=3, dwc_kernel=jnp.zeros((3, 4, 8)))
   with pytest.raises(ValueError, match="agent_key_bias"):
     op(q, k, v, num_agents=3, agent_key_bias=jnp.zeros((1, 4, 2, 9)))
+  with pytest.raises(ValueError, match="key-padding masks"):
+    op(q, k, v, num_agents=3, mask=jnp.tril(jnp.ones((9, 9), bool))[None, None])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -278,6 +280,12 @@ def test_latte_bad_args():
   q2, _, _ = _qkv(t=7, s=9, k=2)
   with pytest.raises(ValueError, match="q_len == kv_len"):
     op(q2, k, v, latents=jnp.zeros((4, 5, 8)), is_causal=True)
+  causal = jnp.tril(jnp.ones((9, 9), bool))[None, None]
+  with pytest.raises(ValueError, match="is_causal=True"):  # a causal mask is no padding mask
+    op(q, k, v, latents=jnp.zeros((4, 5, 8)), mask=causal)
+  out = op(q, k, v, latents=_normal(1, (4, 5, 8)), mask=causal, is_causal=True)
+  want = op(q, k, v, latents=_normal(1, (4, 5, 8)), is_causal=True)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-6, atol=1e-6)
 
 
 def test_latte_layer_inits_and_runs():

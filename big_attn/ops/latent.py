@@ -8,6 +8,8 @@ be honoured: a mask broadcastable to `[batch, heads, 1, kv_len]` (key padding), 
 mask of outer-product form `[batch, heads, q_len, kv_len]` (query validity × key validity). A key
 is used when any query may attend to it; query rows with no key give zeros. Other masks (causal
 or local patterns) cannot be expressed by these mechanisms: pass `is_causal` where supported.
+A concrete mask of another form raises `ValueError`; a traced one (inside `jit`) cannot be
+inspected and is reduced as above.
 """
 from __future__ import annotations
 
@@ -23,10 +25,31 @@ from big_attn.ops.registry import register
 Array = jax.Array
 
 
-def _key_mask(mask: Array | None, dims: common.Dims) -> Array | None:
-  """The validated mask reduced to keys: `[b|1, n|1, kv]`, True where some query may attend."""
+def _key_mask(mask: Array | None, dims: common.Dims, name: str,
+              is_causal: bool = False) -> Array | None:
+  """The validated mask reduced to keys: `[b|1, n|1, kv]`, True where some query may attend.
+
+  A concrete (not traced) mask is checked to lose nothing in the reduction: it must equal
+  (query validity × key validity), within the causal pattern when `is_causal`.
+  """
   full = common.make_mask(dims, mask=mask)
-  return None if full is None else jnp.any(full, axis=2)
+  if full is None:
+    return None
+  try:
+    concrete = np.asarray(full)
+  except jax.errors.TracerArrayConversionError:
+    concrete = None
+  if concrete is not None and concrete.shape[2] > 1:
+    causal = (np.arange(dims.kv_len)[None, :] <= np.arange(dims.q_len)[:, None]
+              if is_causal else True)
+    wanted = concrete & causal
+    rows = wanted.any(-1, keepdims=True)
+    if not np.array_equal(wanted, rows & concrete.any(2, keepdims=True) & causal):
+      raise ValueError(
+          f"op {name!r} supports only key-padding masks (query validity x key validity), "
+          "not general [q_len, kv_len] patterns"
+          + ("; use is_causal=True for causal masking" if name == "latte" else ""))
+  return jnp.any(full, axis=2)
 
 
 def _grouped_key_mask(key_mask: Array | None, dims: common.Dims) -> Array | None:
@@ -215,7 +238,7 @@ def agent_attention(query, key, value, *, mask=None, is_causal=False, scale=None
                             preferred_element_type=jnp.float32) * jnp.float32(scale)
   if agent_key_bias is not None:
     agent_logits = agent_logits + _grouped_bias(agent_key_bias, dims)
-  key_mask = _grouped_key_mask(_key_mask(mask, dims), dims)
+  key_mask = _grouped_key_mask(_key_mask(mask, dims, "agent"), dims)
   agent_probs = common.masked_softmax(
       agent_logits, None if key_mask is None else key_mask[..., None, :])
   agent_values = jnp.einsum("bkgas,bskd->bkgad", agent_probs, value,
@@ -341,7 +364,7 @@ def latte_attention(query, key, value, *, mask=None, is_causal=False, scale=None
   probs_l = jax.nn.softmax(q_logits, axis=-1)
   k_logits = jnp.einsum("bskd,kgld->bskgl", key, w,
                         preferred_element_type=jnp.float32) * jnp.float32(scale)
-  key_mask = _grouped_key_mask(_key_mask(mask, dims), dims)  # [b|1, k|1, g|1, s]
+  key_mask = _grouped_key_mask(_key_mask(mask, dims, "latte", is_causal), dims)
 
   if is_causal:
     if key_mask is None:
