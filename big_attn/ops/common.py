@@ -196,6 +196,28 @@ def attention_logits(query: Array, key: Array, dims: Dims, scale: float) -> Arra
   return logits * jnp.float32(scale)
 
 
+def scores(query: Array, key: Array, value: Array, *, scale=None, bias=None, mask=None,
+           is_causal=False, segment_ids=None, local_window_size=None, logits_soft_cap=None
+           ) -> tuple[Dims, Array, Array | None]:
+  """Checked sizes, grouped float32 logits and grouped mask, as the score-based ops use them.
+
+  logits = cap·tanh(scale·QKᵀ/cap) + B, `[b, k, g, t, s]`; the mask combines `mask`,
+  `is_causal`, `segment_ids` and `local_window_size` (`make_mask`), laid out like the logits.
+  """
+  dims = check_qkv(query, key, value)
+  check_bias(bias, dims)
+  if logits_soft_cap is not None and logits_soft_cap <= 0:
+    raise ValueError(f"logits_soft_cap must be positive, got {logits_soft_cap}")
+  full_mask = make_mask(dims, mask=mask, is_causal=is_causal, segment_ids=segment_ids,
+                        local_window_size=local_window_size)
+  logits = attention_logits(query, key, dims, default_scale(dims.head_dim, scale))
+  if logits_soft_cap is not None:
+    logits = logits_soft_cap * jnp.tanh(logits / logits_soft_cap)
+  if bias is not None:
+    logits = logits + grouped(bias, dims).astype(jnp.float32)
+  return dims, logits, grouped(full_mask, dims)
+
+
 def grouped(x: Array | None, dims: Dims) -> Array | None:
   """A `[b|1, n|1, t, s]` bias or mask laid out like the grouped logits."""
   return None if x is None else _to_grouped_mask(x, dims)

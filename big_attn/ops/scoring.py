@@ -18,19 +18,6 @@ NORMALIZATIONS = ("standardize", "scale")
 DEFAULT_CLIP_ALPHA = 4.0
 
 
-def _scores(query, key, value, *, mask, is_causal, scale, segment_ids, local_window_size,
-            bias=None):
-  """Checked sizes, float32 grouped scores `[b, k, g, t, s]` (+ bias) and the grouped mask."""
-  dims = common.check_qkv(query, key, value)
-  common.check_bias(bias, dims)
-  full_mask = common.make_mask(dims, mask=mask, is_causal=is_causal, segment_ids=segment_ids,
-                               local_window_size=local_window_size)
-  logits = common.attention_logits(query, key, dims, common.default_scale(dims.head_dim, scale))
-  if bias is not None:
-    logits = logits + common.grouped(bias, dims).astype(jnp.float32)
-  return dims, logits, common.grouped(full_mask, dims)
-
-
 def _per_head(name: str, x, dims: common.Dims) -> jax.Array:
   """A scalar or `[num_heads]` float parameter laid out like the grouped scores."""
   x = jnp.asarray(x)
@@ -70,9 +57,9 @@ def clipped_softmax_attention(query, key, value, *, mask=None, is_causal=False, 
   Returns:
     `[batch, q_len, num_heads, value_dim]` in the query's dtype.
   """
-  dims, logits, gmask = _scores(query, key, value, mask=mask, is_causal=is_causal, scale=scale,
-                                segment_ids=segment_ids, local_window_size=local_window_size,
-                                bias=bias)
+  dims, logits, gmask = common.scores(query, key, value, mask=mask, is_causal=is_causal,
+                                      scale=scale, segment_ids=segment_ids,
+                                      local_window_size=local_window_size, bias=bias)
   if gamma is not None and alpha is not None:
     raise ValueError("pass either gamma or alpha (gamma = -alpha / kv_len), not both")
   if gamma is None:
@@ -151,8 +138,9 @@ def cog_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
   Returns:
     `[batch, q_len, num_heads, value_dim]` in the query's dtype.
   """
-  dims, logits, gmask = _scores(query, key, value, mask=mask, is_causal=is_causal, scale=scale,
-                                segment_ids=segment_ids, local_window_size=local_window_size)
+  dims, logits, gmask = common.scores(query, key, value, mask=mask, is_causal=is_causal,
+                                      scale=scale, segment_ids=segment_ids,
+                                      local_window_size=local_window_size)
   weights = jnp.sign(logits) * common.masked_softmax(jnp.abs(logits), gmask)
   return common.weighted_values(weights, value, dims).astype(query.dtype)
 
@@ -189,8 +177,9 @@ def normalized_attention(query, key, value, *, mask=None, is_causal=False, scale
     raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
   if epsilon <= 0:
     raise ValueError(f"epsilon must be positive, got {epsilon}")
-  dims, logits, gmask = _scores(query, key, value, mask=mask, is_causal=is_causal, scale=scale,
-                                segment_ids=segment_ids, local_window_size=local_window_size)
+  dims, logits, gmask = common.scores(query, key, value, mask=mask, is_causal=is_causal,
+                                      scale=scale, segment_ids=segment_ids,
+                                      local_window_size=local_window_size)
   g = _per_head("gain", gain, dims)
   beta = _per_head("shift", shift, dims)
   if gmask is None:

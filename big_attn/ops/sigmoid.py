@@ -58,21 +58,12 @@ def sigmoid_attention(query, key, value, *, mask=None, is_causal=False, scale=No
   Returns:
     `[batch, q_len, num_heads, value_dim]` in the query's dtype.
   """
-  dims = common.check_qkv(query, key, value)
-  common.check_bias(bias, dims)
-  if logits_soft_cap is not None and logits_soft_cap <= 0:
-    raise ValueError(f"logits_soft_cap must be positive, got {logits_soft_cap}")
+  dims, logits, gmask = common.scores(
+      query, key, value, scale=scale, bias=bias, mask=mask, is_causal=is_causal,
+      segment_ids=segment_ids, local_window_size=local_window_size,
+      logits_soft_cap=logits_soft_cap)
   b = _check_logit_bias(logit_bias, dims.kv_len)
-  scale = common.default_scale(dims.head_dim, scale)
-  full_mask = common.make_mask(dims, mask=mask, is_causal=is_causal, segment_ids=segment_ids,
-                               local_window_size=local_window_size)
-
-  logits = common.attention_logits(query, key, dims, scale)
-  if logits_soft_cap is not None:
-    logits = logits_soft_cap * jnp.tanh(logits / logits_soft_cap)
-  if bias is not None:
-    logits = logits + common.grouped(bias, dims).astype(jnp.float32)
   weights = jax.nn.sigmoid(logits + b)
-  if full_mask is not None:
-    weights = jnp.where(common.grouped(full_mask, dims), weights, 0.0)
+  if gmask is not None:
+    weights = jnp.where(gmask, weights, 0.0)
   return common.weighted_values(weights, value, dims).astype(query.dtype)

@@ -10,16 +10,6 @@ from big_attn.ops.registry import register
 IMPLEMENTATIONS = (None, "xla", "pallas", "cudnn")
 
 
-def _xla_attention(query, key, value, bias, mask, dims, scale, logits_soft_cap):
-  logits = common.attention_logits(query, key, dims, scale)
-  if logits_soft_cap is not None:
-    logits = logits_soft_cap * jnp.tanh(logits / logits_soft_cap)
-  if bias is not None:
-    logits = logits + common.grouped(bias, dims).astype(jnp.float32)
-  probs = common.masked_softmax(logits, common.grouped(mask, dims))
-  return common.weighted_values(probs, value, dims).astype(query.dtype)
-
-
 def _cudnn_attention(query, key, value, bias, mask, scale, is_causal, local_window_size,
                      logits_soft_cap, dims):
   if logits_soft_cap is not None:
@@ -96,13 +86,16 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
         query, key, value, bias, mask, scale=scale, is_causal=is_causal,
         segment_ids=segment_ids, local_window_size=local_window_size,
         logits_soft_cap=logits_soft_cap)
-  full_mask = common.make_mask(dims, mask=mask, is_causal=is_causal, segment_ids=segment_ids,
-                               local_window_size=local_window_size)
   if implementation == "cudnn":
     segment_mask = common.make_mask(dims, mask=mask, segment_ids=segment_ids)
     return _cudnn_attention(query, key, value, bias, segment_mask, scale, is_causal,
                             common.normalize_window(local_window_size), logits_soft_cap, dims)
-  return _xla_attention(query, key, value, bias, full_mask, dims, scale, logits_soft_cap)
+  dims, logits, gmask = common.scores(
+      query, key, value, scale=scale, bias=bias, mask=mask, is_causal=is_causal,
+      segment_ids=segment_ids, local_window_size=local_window_size,
+      logits_soft_cap=logits_soft_cap)
+  probs = common.masked_softmax(logits, gmask)
+  return common.weighted_values(probs, value, dims).astype(query.dtype)
 
 
 @register("softmax")
