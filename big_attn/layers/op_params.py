@@ -168,3 +168,105 @@ class FocusedLinearParams(OpParams):
         (self.num_kv_heads, self.head_dim), self.param_dtype)
     kernel, bias, scale = nn.dtypes.promote_dtype(kernel, bias, scale, dtype=self.dtype)
     return {"dwc_kernel": kernel, "dwc_bias": bias, "feature_scale": nn.softplus(scale)}
+
+
+def _op_pair(op_args, name: str, op: str) -> tuple[int, int]:
+  """`op_args[name]`, an int or a pair of positive ints, as a pair."""
+  value = (op_args or {}).get(name)
+  pair = (value, value) if isinstance(value, int) else value
+  try:
+    a, b = pair
+  except (TypeError, ValueError):
+    a = b = None
+  if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (a, b)):
+    raise ValueError(f"op {op!r} needs op_args[{name!r}], a positive int or a pair of them, "
+                     f"got {value!r}")
+  return a, b
+
+
+class _RelativePositionBiasParams(OpParams):
+  """A relative position bias table `rpb`, `[num_heads, 2a−1, 2c−1]` for groups of `a × c`
+  tokens (`op_args[size_arg]`), truncated-normal initialised with std 0.02 as in Swin."""
+  size_arg = ""
+
+  @nn.compact
+  def __call__(self, inputs_q, query, key, value):
+    del inputs_q, query, key, value
+    a, c = _op_pair(self.op_args, self.size_arg, self.size_arg.split("_")[0])
+    rpb = self.param(
+        "rpb", nn.with_logical_partitioning(nn.initializers.truncated_normal(stddev=0.02),
+                                            ("heads", None, None)),
+        (self.num_heads, 2 * a - 1, 2 * c - 1), self.param_dtype)
+    (rpb,) = nn.dtypes.promote_dtype(rpb, dtype=self.dtype)
+    return {"rpb": rpb}
+
+
+@register_params("window")
+class WindowParams(_RelativePositionBiasParams):
+  """Relative position bias of window attention (Swin; MaxViT block attention), sized by
+  `op_args["window_size"]`. Returns `{"rpb": [num_heads, 2a−1, 2c−1]}`."""
+  size_arg = "window_size"
+
+
+@register_params("grid")
+class GridParams(_RelativePositionBiasParams):
+  """Relative position bias of MaxViT grid attention, sized by `op_args["grid_size"]`.
+  Returns `{"rpb": [num_heads, 2a−1, 2c−1]}`."""
+  size_arg = "grid_size"
+
+
+@register_params("spatial_reduction")
+class SpatialReductionParams(OpParams):
+  """Depthwise strided reduction kernels of spatial-reduction attention with
+  `op_args["method"] == "conv"` (MViTv2 conv pooling; the PVT/Twins reduction applied to the
+  projected heads): `sr_key_kernel [r_h, r_w, head_dim]` and `sr_value_kernel [r_h, r_w,
+  value_dim]`, shared by the heads as in MViTv2, initialised to average pooling (1/(r_h·r_w)).
+  Returns `{}` for `method="avg"`, which has no weights.
+  """
+
+  @nn.compact
+  def __call__(self, inputs_q, query, key, value):
+    del inputs_q, query
+    if (self.op_args or {}).get("method", "avg") != "conv":
+      return {}
+    rh, rw = _op_pair(self.op_args, "reduction", "spatial_reduction")
+    init = nn.initializers.constant(1.0 / (rh * rw))
+    kernels = {}
+    for name, x in (("sr_key_kernel", key), ("sr_value_kernel", value)):
+      kernels[name] = self.param(
+          name, nn.with_logical_partitioning(init, ("conv_height", "conv_width", "head_dim")),
+          (rh, rw, x.shape[-1]), self.param_dtype)
+    key_kernel, value_kernel = nn.dtypes.promote_dtype(
+        kernels["sr_key_kernel"], kernels["sr_value_kernel"], dtype=self.dtype)
+    return {"sr_key_kernel": key_kernel, "sr_value_kernel": value_kernel}
+
+
+@register_params("mixture_of_heads")
+class MixtureOfHeadsParams(OpParams):
+  """The routers of MoH (Multi-Head Attention as Mixture-of-Head Attention, Jin et al. 2024):
+  `router [features, num_heads]` (W_s for the `op_args["shared_heads"]` first heads, then W_r)
+  and, when there are both shared and routed heads, `head_mix [features, 2]` (W_h). Linear maps
+  of `inputs_q` without bias, PyTorch's default `Linear` initialisation (U(±1/√fan_in)) as the
+  authors' code. Returns `{"router_logits": [batch, q_len, num_heads]}` and, with both kinds of
+  heads, `"head_mix_logits": [batch, q_len, 2]`.
+  """
+
+  @nn.compact
+  def __call__(self, inputs_q, query, key, value):
+    del query, key, value
+    shared = (self.op_args or {}).get("shared_heads", 0)
+    if not isinstance(shared, int) or isinstance(shared, bool) or not 0 <= shared <= self.num_heads:
+      raise ValueError(f"op_args['shared_heads'] must be an int in [0, {self.num_heads}], "
+                       f"got {shared!r}")
+    init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+    features = inputs_q.shape[-1]
+    router = self.param("router", nn.with_logical_partitioning(init, ("embed", "heads")),
+                        (features, self.num_heads), self.param_dtype)
+    x, router = nn.dtypes.promote_dtype(inputs_q, router, dtype=self.dtype)
+    out = {"router_logits": x @ router}
+    if 0 < shared < self.num_heads:
+      head_mix = self.param("head_mix", nn.with_logical_partitioning(init, ("embed", None)),
+                            (features, 2), self.param_dtype)
+      (head_mix,) = nn.dtypes.promote_dtype(head_mix, dtype=self.dtype)
+      out["head_mix_logits"] = x @ head_mix
+    return out

@@ -22,6 +22,9 @@ from big_attn.ops import linear as _linear  # noqa: F401
 from big_attn.ops import latent as _latent  # noqa: F401
 from big_attn.ops import local as _local  # noqa: F401
 from big_attn.ops import retention as _retention  # noqa: F401
+from big_attn.ops import windowed as _windowed  # noqa: F401
+from big_attn.ops import reduction as _reduction  # noqa: F401
+from big_attn.ops import routing as _routing  # noqa: F401
 
 
 def as_attention_fn(name: str, **mechanism_args) -> Callable:
