@@ -1,7 +1,7 @@
 """Attention over a reduced axis: spatially reduced keys/values, and attention across channels.
 
 - `spatial_reduction`: PVT / Twins-SVT global sub-sampled attention, MViTv2 pooling attention,
-  CvT's strided key/value projection: keys and values come from a downsampled token map.
+  CvT-style strided key/value reduction: keys and values come from a downsampled token map.
 - `channel_attention`: DaViT channel group attention, a `[head_dim, head_dim]` attention map
   per head with the sequence as the contracted axis: linear in the sequence length.
 """
@@ -59,10 +59,11 @@ def spatial_reduction_attention(query, key, value, *, mask=None, is_causal=False
 
   with R the average over the patch (`method="avg"`, MViTv2 average pooling) or a depthwise
   strided convolution with kernel size = stride = r (`method="conv"`: R(X)_p = Σ_{o∈r_h×r_w}
-  W_o ⊙ X_{p·r+o}, the reduction of PVT/Twins and of CvT's key/value projection) with separate
-  kernels for keys and values. The op acts on the projected heads, as MViTv2's pooling does;
-  PVT's convolution before the projection and the normalisation after the reduction are the
-  layer's business. Cost O(q_len·h·w/(r_h·r_w)). No causal form. Queries need not be on the
+  W_o ⊙ X_{p·r+o}, the patch geometry of PVT/Twins) with separate kernels for keys and values.
+  The op acts on the projected heads, as MViTv2's pooling does. Not covered here: PVT/Twins
+  convolve (channel-mixing) before the projection, CvT and MViTv2 use overlapping kernels
+  (3×3, stride r), and all of them normalise after the reduction; those are layer choices.
+  Cost O(q_len·h·w/(r_h·r_w)). No causal form. Queries need not be on the
   grid (cross-attention to a reduced image works).
 
   Args:
