@@ -59,3 +59,17 @@ def reshape_with_sharding(x, shape, sharding):
   if explicit is not None and any(t == explicit.Explicit for t in axis_types):
     return jax.reshard(jax.lax.reshape(x, tuple(shape), out_sharding=sharding), sharding)
   return jax.lax.with_sharding_constraint(jax.lax.reshape(x, tuple(shape)), sharding)
+
+
+def pallas_out_struct(shape, dtype, *like):
+  """`jax.ShapeDtypeStruct` for a `pallas_call` output that varies over the manual mesh axes
+  its inputs `like` vary over: `shard_map(check_vma=True)` requires it (JAX >= 0.10 spells it
+  `manual_axis_type`, 0.7-0.9 `vma`); outside a shard_map the set is empty and ignored."""
+  avals = [jax.typeof(x) for x in like if x is not None]
+  if avals and hasattr(avals[0], "manual_axis_type"):
+    varying = frozenset().union(*(a.manual_axis_type.varying for a in avals))
+    manual_axis_type = type(avals[0].manual_axis_type)(varying=varying)
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=manual_axis_type)
+  if avals and hasattr(avals[0], "vma"):
+    return jax.ShapeDtypeStruct(shape, dtype, vma=frozenset().union(*(a.vma for a in avals)))
+  return jax.ShapeDtypeStruct(shape, dtype)

@@ -3,5 +3,8 @@ interpret mode that runs on CPU."""
 from pallas_kernels.flash_attention import BlockSizes
 from pallas_kernels.flash_attention import flash_attention
 from pallas_kernels.flash_attention import flash_attention_reference
+from pallas_kernels.flash_attention import flash_block_backward
+from pallas_kernels.flash_attention import flash_block_forward
 
-__all__ = ["BlockSizes", "flash_attention", "flash_attention_reference"]
+__all__ = ["BlockSizes", "flash_attention", "flash_attention_reference", "flash_block_backward",
+           "flash_block_forward"]

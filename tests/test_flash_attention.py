@@ -14,6 +14,7 @@ import pytest
 from big_attn import layers
 from big_attn import ops
 from pallas_kernels import BlockSizes, flash_attention, flash_attention_reference
+from pallas_kernels import flash_block_backward, flash_block_forward
 from tests import reference
 
 BLOCKS = BlockSizes(16, 16, 16, 16, 16, 16)
@@ -321,3 +322,98 @@ def test_compiled_gpu_kernel_matches_reference(head_dim, kwargs):
   for name, x, y in zip(("out", "dq", "dk", "dv"), got, want):
     np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32),
                                atol=4e-2, rtol=4e-2, err_msg=name)
+
+
+def _block_reference(q, k, v, ct, mask):
+  """float64 output, natural-log lse (-inf: no visible key) and (dq, dk, dv) of masked
+  softmax attention."""
+  with reference.x64():
+    out, vjp = jax.vjp(lambda q, k, v: reference.softmax_attention(q, k, v, mask=mask),
+                       *reference.f64(q, k, v))
+    grads = vjp(reference.f64(ct))
+    qq, kk = reference.f64(q, reference.repeat_kv(k, q.shape[2]))
+    s = jnp.einsum("btnd,bsnd->bnts", qq, kk) / np.sqrt(q.shape[-1])
+    top = jnp.max(jnp.where(mask, s, -jnp.inf), axis=-1, keepdims=True)
+    top = jnp.where(jnp.isfinite(top), top, 0.0)
+    total = jnp.sum(jnp.where(mask, jnp.exp(s - top), 0.0), axis=-1)
+    lse = jnp.where(total > 0, top[..., 0] + jnp.log(jnp.where(total > 0, total, 1.0)),
+                    -jnp.inf)
+    return np.asarray(out), np.asarray(lse), [np.asarray(g) for g in grads]
+
+
+def _shifted_causal(b, n, t, s, offset, segment_ids=None):
+  i, j = np.arange(t)[:, None], np.arange(s)[None, :]
+  return reference.full_mask(b, n, t, s, mask=j <= i + offset, segment_ids=segment_ids)
+
+
+@pytest.mark.parametrize("causal_offset", [-1, 3])
+def test_block_api_causal_offset(causal_offset):
+  """`flash_block_forward` with the causal diagonal shifted (query i sees keys j <= i + c):
+  float32 out and lse against float64 (offset -1 leaves row 0 empty: zeros and lse -inf), then
+  `flash_block_backward` from that lse: the gradients of the block as a whole attention."""
+  b, t, n, k, d = 2, 21, 4, 2, 16
+  q, kk, v, ct = _inputs(5, b, t, t, n, k, d, d)
+  seg = _segments(5, b, t, t)
+
+  @jax.jit
+  def run(q, kk, v, ct):
+    kwargs = dict(causal_offset=causal_offset, segment_ids=seg, block_sizes=BLOCKS,
+                  interpret=True)
+    out, lse = flash_block_forward(q, kk, v, **kwargs)
+    return out, lse, flash_block_backward(q, kk, v, out, lse, ct, **kwargs)
+
+  out, lse, grads = run(q, kk, v, ct)
+  want_out, want_lse, want_grads = _block_reference(
+      q, kk, v, ct, _shifted_causal(b, n, t, t, causal_offset, seg))
+  assert out.dtype == lse.dtype == jnp.float32 and lse.shape == (b, n, t)
+  np.testing.assert_array_equal(np.isinf(lse), np.isinf(want_lse))
+  if causal_offset < 0:
+    assert np.isneginf(np.asarray(lse)[:, :, 0]).all()
+    np.testing.assert_array_equal(np.asarray(out)[:, 0], 0.0)
+  finite = np.isfinite(want_lse)
+  np.testing.assert_allclose(np.asarray(lse)[finite], want_lse[finite], atol=5e-5, rtol=5e-5)
+  np.testing.assert_allclose(out, want_out, atol=5e-5, rtol=5e-5)
+  for name, got, want, x in zip(("dq", "dk", "dv"), grads, want_grads, (q, kk, v)):
+    assert got.shape == x.shape and got.dtype == jnp.float32, name
+    np.testing.assert_allclose(got, want, atol=5e-5, rtol=5e-5, err_msg=name)
+
+
+def test_blocks_merge_through_lse_and_take_the_global_lse():
+  """Causal attention over keys split in two blocks (offsets 0 and -h: the second block's key
+  j' is key j' + h): the blocks' (out, lse) merged through the log-sum-exp, and each block's
+  gradients from the *global* lse and delta, summed, give causal attention (float64)."""
+  b, t, n, k, d, h = 1, 27, 4, 1, 16, 10
+  q, kk, v, ct = _inputs(6, b, t, t, n, k, d, d)
+  parts = ((0, slice(0, h)), (-h, slice(h, t)))
+
+  @jax.jit
+  def run(q, kk, v, ct):
+    blocks = [flash_block_forward(q, kk[:, keys], v[:, keys], causal_offset=offset,
+                                  block_sizes=BLOCKS, interpret=True)
+              for offset, keys in parts]
+    lse = jnp.logaddexp(blocks[0][1], blocks[1][1])
+    out = sum(o * jnp.exp(l - lse).transpose(0, 2, 1)[..., None] for o, l in blocks)
+    delta = jnp.einsum("btnd,btnd->bnt", out, ct)
+    grads = [flash_block_backward(q, kk[:, keys], v[:, keys], None, lse, ct, delta=delta,
+                                  causal_offset=offset, block_sizes=BLOCKS, interpret=True)
+             for offset, keys in parts]
+    dq = grads[0][0] + grads[1][0]
+    return out, (dq, *(jnp.concatenate([g[i] for g in grads], axis=1) for i in (1, 2)))
+
+  out, grads = run(q, kk, v, ct)
+  want_out, _, want_grads = _block_reference(q, kk, v, ct, reference.full_mask(
+      b, n, t, t, is_causal=True))
+  np.testing.assert_allclose(out, want_out, atol=5e-5, rtol=5e-5)
+  for name, got, want in zip(("dq", "dk", "dv"), grads, want_grads):
+    np.testing.assert_allclose(got, want, atol=5e-5, rtol=5e-5, err_msg=name)
+
+
+def test_block_api_invalid_arguments_raise():
+  q, k, v, _ = _inputs(7, 1, 16, 16, 2, 1, 16, 16)
+  with pytest.raises(TypeError, match="causal_offset"):
+    flash_block_forward(q, k, v, causal_offset=0.5, interpret=True)
+  out, lse = flash_block_forward(q, k, v, interpret=True)
+  with pytest.raises(ValueError, match="lse must have shape"):
+    flash_block_backward(q, k, v, out, lse[:, :, :8], out, interpret=True)
+  with pytest.raises(ValueError, match="needs the global `out` or `delta"):
+    flash_block_backward(q, k, v, None, lse, out, interpret=True)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from big_attn import compat
+from pallas_kernels.flash_attention import api
 from pallas_kernels.flash_attention import tpu
 from tests import reference as ref
 
@@ -178,6 +179,8 @@ def test_fully_masked_rows_give_zeros(normalizer):
     (False, 40, 520, 520, 128, 128),
     (True, (300, 7), 1000, 700, 64, 256),
     (False, (0, 0), 328, 200, 128, 128),
+    (False, (10**6, -1), 328, 328, 8, 128),  # causal_offset=-1 (the strict diagonal)
+    (False, (10**6, 130), 200, 328, 128, 128),  # causal_offset=130
 ])
 def test_block_visits_cover_exactly_the_band(is_causal, window, t, s, bq, bk):
   """Each block visits exactly the blocks of the other axis that meet the mask band, and steps
@@ -301,3 +304,42 @@ def test_bad_arguments_raise():
     tpu.flash_attention_tpu(q, k, v, sigmoid_bias=-1.0)
   with pytest.raises(TypeError, match="block_sizes"):
     tpu.flash_attention_tpu(q, k, v, block_sizes=(128, 128))
+
+
+@pytest.mark.parametrize("causal_offset", [-1, 2])
+def test_block_api_causal_offset(causal_offset):
+  """`flash_block_forward(backend="tpu")` with the causal diagonal shifted (query i sees keys
+  j <= i + c), segments and GQA: float32 out and natural-log lse (-inf for an empty row)
+  against float64, and `flash_block_backward` from that lse against the float64 gradients."""
+  b, t, n, k, d = 1, 21, 4, 2, 8
+  q, kk, v, ct = _inputs(b, t, t, n, k, d, seed=17)
+  seg = _segments(b, t, 3, seed=17)
+  i, j = np.arange(t)[:, None], np.arange(t)[None, :]
+  mask = ref.full_mask(b, n, t, t, mask=j <= i + causal_offset, segment_ids=seg)
+  blocks = tpu.BlockSizes(block_q=8, block_k=128, block_q_dkv=128, block_k_dkv=8,
+                          block_q_dq=8, block_k_dq=128)
+  kwargs = dict(causal_offset=causal_offset, segment_ids=seg, backend="tpu",
+                block_sizes=blocks, interpret=True)
+
+  def run(q, kk, v, ct):
+    out, lse = api.flash_block_forward(q, kk, v, **kwargs)
+    return out, lse, api.flash_block_backward(q, kk, v, out, lse, ct, **kwargs)
+
+  out, lse, grads = jax.jit(run).lower(q, kk, v, ct).compile(
+      compiler_options={"xla_backend_optimization_level": 0})(q, kk, v, ct)
+  with ref.x64():
+    want_out, vjp = jax.vjp(lambda q, k, v: ref.softmax_attention(q, k, v, mask=mask),
+                            *ref.f64(q, kk, v))
+    want_grads = vjp(ref.f64(ct))
+    s = jnp.einsum("btnd,bsnd->bnts", *ref.f64(q, ref.repeat_kv(kk, n))) / np.sqrt(d)
+    want_lse = np.asarray(jax.nn.logsumexp(jnp.where(mask, s, -jnp.inf), axis=-1))
+  assert out.dtype == lse.dtype == jnp.float32 and lse.shape == (b, n, t)
+  np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(want_lse))
+  if causal_offset < 0:
+    assert np.isneginf(np.asarray(lse)[:, :, 0]).all()
+  finite = np.isfinite(want_lse)
+  np.testing.assert_allclose(np.asarray(lse)[finite], want_lse[finite], **F32)
+  np.testing.assert_allclose(out, np.asarray(want_out), **F32)
+  for name, got, want, x in zip(("dq", "dk", "dv"), grads, want_grads, (q, kk, v)):
+    assert got.shape == x.shape and got.dtype == jnp.float32, name
+    np.testing.assert_allclose(got, np.asarray(want), err_msg=name, **F32)

@@ -257,5 +257,42 @@ def test_errors():
     parallel.sequence_parallel_attention(q, q[:, :8], q[:, :8], mesh=mesh)
   with pytest.raises(ValueError, match="block_impl must be one of"):
     blockwise.get_block_impl("triton")
-  with pytest.raises(NotImplementedError, match="block_impl='pallas'"):
-    blockwise.get_block_impl("pallas")
+
+
+def test_block_impl_selection():
+  """None takes the XLA blocks on CPU (the kernels would only interpret there)."""
+  q = jnp.zeros((1, 8, 2, 16))
+  assert blockwise.get_block_impl(None, q, q, q) is blockwise.XLA
+  assert blockwise.get_block_impl("xla") is blockwise.XLA
+  assert blockwise.get_block_impl("pallas") is blockwise.PALLAS
+  assert blockwise.get_block_impl(blockwise.PALLAS) is blockwise.PALLAS
+
+
+@pytest.mark.parametrize("schedule", blockwise.SCHEDULES)
+def test_pallas_blocks_match_reference(schedule):
+  """block_impl="pallas" (the flash kernels, interpreted on CPU): causal, packed segments and
+  GQA, local shards of 7 tokens (not a multiple of the kernels' 16-row tiles); striped passes
+  the traced diagonal offset (0 or -1) of its blocks to the kernels."""
+  shards = 4
+  mesh = _mesh((shards,), ("sp",), explicit=False)
+  q, kk, v, ct, seg = _inputs(2, 7 * shards, 4, 2, 16, 16, seed=21, segments=True)
+  attend = parallel.ring_attention if schedule == "ring" else parallel.striped_attention
+  to_order = from_order = lambda x: x
+  if schedule == "striped":
+    to_order = functools.partial(parallel.stripe, num_shards=shards)
+    from_order = functools.partial(parallel.unstripe, num_shards=shards)
+  spec = P(None, "sp")
+  sharded = compat.shard_map(
+      lambda q, k, v, s: attend(q, k, v, axis_name="sp", is_causal=True, segment_ids=s,
+                                block_impl="pallas"),
+      mesh=mesh, in_specs=(spec,) * 4, out_specs=spec)
+
+  def loss(q, kk, v):
+    out = from_order(sharded(*(to_order(x) for x in (q, kk, v, jnp.asarray(seg)))))
+    return jnp.sum(out * ct), out
+
+  grads, out = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(q, kk, v)
+  want_out, want_grads = _reference(q, kk, v, ct, is_causal=True, segment_ids=seg)
+  _assert_close(out, want_out, "out", tol=1e-4)
+  for name, got, want in zip(("dq", "dk", "dv"), grads, want_grads):
+    _assert_close(got, want, name, tol=1e-4)

@@ -12,7 +12,9 @@ order (FlashAttention-2, Dao 2023):
 Which blocks a device computes, and with which causal rule, is `block_plan`: the ring kernels
 and the load-balance report (`experiments/bench_sequence_parallel.py`) both use it.
 
-The block interface (`BlockImpl`) is what a fused kernel implements to plug in:
+The block interface (`BlockImpl`) is what a fused kernel implements to plug in; `XLA` (below)
+and `PALLAS` (the flash kernels of `pallas_kernels.flash_attention`, GPU Triton or TPU Mosaic;
+on CPU the GPU kernel in the Pallas interpreter, which only tests should do) implement it:
   forward(q, k, v, *, scale, causal_offset, q_segment_ids, kv_segment_ids) -> (out, lse)
   backward(q, k, v, dout, lse, delta, *, scale, causal_offset, q_segment_ids,
            kv_segment_ids) -> (dq, dk, dv)
@@ -219,20 +221,76 @@ def xla_block_backward(query, key, value, dout, lse, delta, *, scale, causal_off
 
 
 XLA = BlockImpl("xla", xla_block_forward, xla_block_backward)
+
+
+def _with_static_offset(fn, causal_offset):
+  """`fn(offset)` with a Python-int offset, as the Pallas kernels need (they skip blocks by it).
+
+  A traced offset (the striped schedule's `jnp.where(j <= i, 0, -1)`) selects between the two
+  compiled kernels with `lax.cond`; it must be 0 or -1, the offsets `block_plan` produces.
+  """
+  if causal_offset is None or isinstance(causal_offset, (int, np.integer)):
+    return fn(None if causal_offset is None else int(causal_offset))
+  return jax.lax.cond(causal_offset == 0, lambda: fn(0), lambda: fn(-1))
+
+
+def _pallas_options() -> dict:
+  """Kernel backend by platform; on CPU the GPU kernel in the Pallas interpreter (tests only)."""
+  return dict(backend=None, interpret=jax.default_backend() == "cpu")
+
+
+def _segments(q_segment_ids, kv_segment_ids):
+  return None if q_segment_ids is None else (q_segment_ids, kv_segment_ids)
+
+
+def pallas_block_forward(query, key, value, *, scale, causal_offset=None, q_segment_ids=None,
+                         kv_segment_ids=None):
+  """Block forward with the Pallas flash kernel (`pallas_kernels.flash_block_forward`)."""
+  from pallas_kernels.flash_attention import api  # pylint: disable=g-import-not-at-top
+  return _with_static_offset(
+      lambda offset: api.flash_block_forward(
+          query, key, value, causal_offset=offset, scale=scale,
+          segment_ids=_segments(q_segment_ids, kv_segment_ids), **_pallas_options()),
+      causal_offset)
+
+
+def pallas_block_backward(query, key, value, dout, lse, delta, *, scale, causal_offset=None,
+                          q_segment_ids=None, kv_segment_ids=None):
+  """Block backward with the Pallas flash kernels (`pallas_kernels.flash_block_backward`)."""
+  from pallas_kernels.flash_attention import api  # pylint: disable=g-import-not-at-top
+  return _with_static_offset(
+      lambda offset: api.flash_block_backward(
+          query, key, value, None, lse, dout, delta=delta, causal_offset=offset, scale=scale,
+          segment_ids=_segments(q_segment_ids, kv_segment_ids), **_pallas_options()),
+      causal_offset)
+
+
+PALLAS = BlockImpl("pallas", pallas_block_forward, pallas_block_backward)
 BLOCK_IMPLS = (None, "xla", "pallas")
 
 
-def get_block_impl(block_impl) -> BlockImpl:
-  """`None` or "xla" -> the XLA blocks; a `BlockImpl` is used as given; "pallas" needs a
-  block-level (out, lse) flash kernel, which `pallas_kernels` does not provide yet."""
+def _pallas_supported(query, key, value) -> bool:
+  """Whether `block_impl=None` takes the Pallas kernels: on GPU/TPU, for head dims they
+  support. Never on CPU, where they only run in the interpreter."""
+  if jax.default_backend() not in ("gpu", "tpu"):
+    return False
+  from pallas_kernels.flash_attention import api  # pylint: disable=g-import-not-at-top
+  return api.supports(query, key, value)
+
+
+def get_block_impl(block_impl, query=None, key=None, value=None) -> BlockImpl:
+  """The `BlockImpl` for `block_impl`: "xla" the blocks above, "pallas" the Pallas flash
+  kernels (on CPU in the Pallas interpreter: correct but slow, for tests), None "pallas" on
+  GPU/TPU when the kernels support these (local) query/key/value shards and "xla" otherwise
+  (always on CPU); a `BlockImpl` is used as given."""
   if isinstance(block_impl, BlockImpl):
     return block_impl
-  if block_impl is None or block_impl == "xla":
+  if block_impl is None:
+    supported = query is not None and _pallas_supported(query, key, value)
+    return PALLAS if supported else XLA
+  if block_impl == "xla":
     return XLA
   if block_impl == "pallas":
-    raise NotImplementedError(
-        "block_impl='pallas' needs a block-level flash kernel returning (out, lse) and taking "
-        "the global lse in its backward (see big_attn.parallel.blockwise.BlockImpl); "
-        "pallas_kernels does not provide one yet: use block_impl='xla'")
+    return PALLAS
   raise ValueError(
       f"block_impl must be one of {BLOCK_IMPLS} or a blockwise.BlockImpl, got {block_impl!r}")

@@ -199,7 +199,7 @@ def attention_over_ring(schedule: str, query: Array, key: Array, value: Array, *
   q_seg, kv_seg = (None, None) if segments is None else segments
   cfg = RingConfig(axis_name, num_shards, schedule, bool(is_causal),
                    common.default_scale(dims.head_dim, scale),
-                   blockwise.get_block_impl(block_impl))
+                   blockwise.get_block_impl(block_impl, query, key, value))
   return _ring_core(cfg, query, key, value, q_seg, kv_seg)
 
 
@@ -221,8 +221,10 @@ def ring_attention(query: Array, key: Array, value: Array, *, axis_name, is_caus
     segment_ids: local `[batch, t]` ints or a pair `(q_segment_ids, kv_segment_ids)`; the
       key/value ids travel around the ring with their block.
     scale: logit scale; `1/sqrt(head_dim)` when None.
-    block_impl: per-block compute: None or "xla" (blockwise XLA), "pallas" (a fused kernel,
-      not available yet), or a `blockwise.BlockImpl`.
+    block_impl: per-block compute: "xla" (blockwise XLA), "pallas" (the Pallas flash kernels;
+      on CPU they run in the Pallas interpreter, for tests only), None ("pallas" on GPU/TPU
+      when the kernels support the shapes, "xla" otherwise and always on CPU), or a
+      `blockwise.BlockImpl`.
 
   Returns:
     local `[batch, t, num_heads, value_dim]` in the query's dtype.

@@ -1,7 +1,10 @@
-"""`flash_attention`: the public entry point, dispatching to the GPU (Triton) or TPU kernel."""
+"""`flash_attention`: the public entry point, dispatching to the GPU (Triton) or TPU kernel;
+`flash_block_forward` / `flash_block_backward`: the same kernels as blocks of a blockwise
+schedule (`big_attn.parallel` ring and striped attention)."""
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from pallas_kernels.flash_attention import gpu_triton
 
@@ -65,8 +68,90 @@ def flash_attention(query, key, value, *, segment_ids=None, is_causal=False, sca
                 interpret=interpret)
   if _resolve_backend(backend, interpret) == "triton":
     return gpu_triton.flash_attention_triton(query, key, value, **kwargs)
+  return _tpu().flash_attention_tpu(query, key, value, **kwargs)
+
+
+def _tpu():
   from pallas_kernels.flash_attention import tpu  # pylint: disable=g-import-not-at-top
-  return tpu.flash_attention_tpu(query, key, value, **kwargs)
+  return tpu
+
+
+def flash_block_forward(query, key, value, *, causal_offset=None, segment_ids=None, scale=None,
+                        backend=None, block_sizes=None, interpret=False):
+  """One block of a blockwise schedule (ring / striped attention): `(out, lse)`.
+
+  out = softmax(s·QKᵀ, masked) V normalised *within the block*, lse = log Σ_j exp(s·q·k_j)
+  over the block's visible keys, so blocks merge exactly through the log-sum-exp
+  (FlashAttention's online softmax, one block at a time). No custom_vjp: the ring's own
+  backward pass calls `flash_block_backward` with the global statistics.
+
+  Args:
+    query: `[batch, q_len, num_heads, head_dim]`.
+    key: `[batch, kv_len, num_kv_heads, head_dim]` (GQA: K/V are never repeated).
+    value: `[batch, kv_len, num_kv_heads, value_dim]`.
+    causal_offset: None (no causal rule) or a Python int c: query i sees key j iff j <= i + c
+      (0: the usual causal diagonal, -1: the strict one of striped attention). The kernels skip
+      the key blocks the shifted band leaves out.
+    segment_ids: `[batch, seq]` or a `(q_segment_ids, kv_segment_ids)` pair.
+    scale: logit scale (a Python number); `1/sqrt(head_dim)` when None.
+    backend, block_sizes, interpret: as `flash_attention`.
+
+  Returns:
+    `out` float32 `[batch, q_len, num_heads, value_dim]` (zeros for a row with no visible key)
+    and `lse` float32 `[batch, num_heads, q_len]` (natural log; -inf for such a row), the
+    layout of `big_attn.parallel.blockwise.xla_block_forward`.
+  """
+  kwargs = dict(causal_offset=gpu_triton.check_causal_offset(causal_offset),
+                segment_ids=segment_ids, scale=scale, block_sizes=block_sizes,
+                interpret=interpret)
+  if _resolve_backend(backend, interpret) == "triton":
+    return gpu_triton.flash_block_forward_triton(query, key, value, **kwargs)
+  return _tpu().flash_block_forward_tpu(query, key, value, **kwargs)
+
+
+def _check_block_grad_args(query, value, out, lse, delta, dout):
+  batch, q_len, num_heads, _ = query.shape
+  rows = (batch, num_heads, q_len)
+  want = (batch, q_len, num_heads, value.shape[-1])
+  for name, x, shape in (("dout", dout, want), ("out", out, want), ("lse", lse, rows),
+                         ("delta", delta, rows)):
+    if x is not None and tuple(x.shape) != shape:
+      raise ValueError(f"{name} must have shape {shape}, got {tuple(x.shape)}")
+  if out is None and delta is None:
+    raise ValueError("flash_block_backward needs the global `out` or `delta = rowsum(dout*out)`")
+
+
+def flash_block_backward(query, key, value, out, lse, dout, *, delta=None, causal_offset=None,
+                         segment_ids=None, scale=None, backend=None, block_sizes=None,
+                         interpret=False):
+  """Gradients of one block given the *global* forward statistics: float32 `(dq, dk, dv)`.
+
+  With P = exp(s·QKᵀ - lse) restricted to the block's visible pairs (FlashAttention-2):
+  dV = PᵀdO, dS = P ∘ (dO Vᵀ - delta), dQ = s·dS K, dK = s·dSᵀ Q, where `lse` and
+  `delta = rowsum(dO ∘ O)` come from the finished forward pass over all blocks, so each block's
+  gradient is exact on its own and the blocks' contributions add up.
+
+  Args:
+    query, key, value, causal_offset, segment_ids, scale, backend, block_sizes, interpret: as
+      `flash_block_forward`.
+    out: the global output `[batch, q_len, num_heads, value_dim]`; only used for `delta` (may
+      be None when `delta` is given).
+    lse: the global log-sum-exp `[batch, num_heads, q_len]` (natural log, -inf: no key).
+    dout: the output cotangent, shaped as `out`.
+    delta: `rowsum(dout ∘ out)` `[batch, num_heads, q_len]`, if already computed.
+
+  Returns:
+    float32 `(dq, dk, dv)` in the shapes of query, key and value.
+  """
+  _check_block_grad_args(query, value, out, lse, delta, dout)
+  if delta is None:
+    delta = jnp.einsum("btnd,btnd->bnt", out.astype(jnp.float32), dout.astype(jnp.float32))
+  kwargs = dict(causal_offset=gpu_triton.check_causal_offset(causal_offset),
+                segment_ids=segment_ids, scale=scale, block_sizes=block_sizes,
+                interpret=interpret)
+  if _resolve_backend(backend, interpret) == "triton":
+    return gpu_triton.flash_block_backward_triton(query, key, value, lse, delta, dout, **kwargs)
+  return _tpu().flash_block_backward_tpu(query, key, value, lse, delta, dout, **kwargs)
 
 
 def supports(query, key, value, *, bias=None, mask=None) -> bool:

@@ -24,6 +24,11 @@ only the edge blocks (and the ragged tail of a sequence that is not a multiple o
 size) build a position mask; interior blocks run unmasked. Segment ids (packed sequences) are
 compared in every visited block. A query row with nothing to attend to returns zeros.
 
+`flash_block_forward_triton` / `flash_block_backward_triton` run the same kernels as one block
+of a blockwise schedule (ring / striped attention): float32 `(out, lse)` of the block, and the
+block's gradients from the *global* lse and Δ. Their `causal_offset` c (query i sees keys
+j <= i + c) is the causal band with its diagonal shifted by c, skipped block by block as above.
+
 Why Triton. JAX 0.9+ lowers GPU `pallas_call`s through Mosaic GPU by default, which is the
 speed path on Hopper (wgmma, TMA bulk copies, warp specialisation) but has its own
 programming model (`plgpu.kernel`, explicit SMEM pipelines) and no interpreter that runs this
@@ -203,15 +208,30 @@ def _q_band(k_first, block_k, block_q, cfg: _Config):
   return lo, full_lo, _clip(full_hi, full_lo, hi), hi
 
 
-def _band_loop(band, body, carry, cfg: _Config):
+def _band_loop(band, body, carry, cfg: _Config, heads: int = 1):
   """`carry = body(block, carry, positions)` over the band: the edge blocks with position
-  masks, the blocks in between without."""
+  masks, the blocks in between without.
+
+  With `heads > 1`, `body(block, carry, positions, head)` runs for every head of
+  `range(heads)` and block, in one flat loop per part of the band (loops nested in a kernel
+  lose the varying-axes type of their refs in the Pallas interpreter under `shard_map`).
+  """
   lo, full_lo, full_hi, hi = band
+
+  def part(start, stop, positions, carry):
+    if heads == 1:
+      return lax.fori_loop(start, stop, lambda i, c: body(i, c, positions), carry)
+    num = stop - start
+    safe = jnp.maximum(num, 1)
+    return lax.fori_loop(
+        0, heads * num, lambda i, c: body(start + lax.rem(i, safe), c, positions,
+                                          lax.div(i, safe)), carry)
+
   if cfg.left is None and cfg.right is None and not cfg.kv_padded:
-    return lax.fori_loop(lo, hi, lambda i, c: body(i, c, False), carry)
-  carry = lax.fori_loop(lo, full_lo, lambda i, c: body(i, c, True), carry)
-  carry = lax.fori_loop(full_lo, full_hi, lambda i, c: body(i, c, False), carry)
-  return lax.fori_loop(full_hi, hi, lambda i, c: body(i, c, True), carry)
+    return part(lo, hi, False, carry)
+  carry = part(lo, full_lo, True, carry)
+  carry = part(full_lo, full_hi, False, carry)
+  return part(full_hi, hi, True, carry)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,13 +281,15 @@ def _fwd_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, *lse_ref,
   m = jnp.full((block_q,), _MASK_VALUE, jnp.float32)
   l = jnp.zeros((block_q,), jnp.float32)
   acc, m, l = _band_loop(band, softmax_body, (acc, m, l), cfg)
-  empty = l == 0.0  # Rows with nothing to attend to.
+  empty = l == 0.0  # Rows with nothing to attend to: lse = +inf makes P = 2^(S-L) zero.
   o_ref[...] = (acc / jnp.where(empty, 1.0, l)[:, None]).astype(o_ref.dtype)
-  lse_ref[0][...] = jnp.where(empty, 0.0, m + jnp.log2(jnp.where(empty, 1.0, l)))
+  lse_ref[0][...] = jnp.where(empty, jnp.inf, m + jnp.log2(jnp.where(empty, 1.0, l)))
 
 
-def _forward(q, k, v, q_seg, kv_seg, *, cfg: _Config, blocks: BlockSizes, interpret: bool):
-  """Padded `[b, t, n, d]` inputs -> (output, base-2 log-sum-exp `[b, n, t]` or None)."""
+def _forward(q, k, v, q_seg, kv_seg, *, cfg: _Config, blocks: BlockSizes, interpret: bool,
+             out_dtype=None):
+  """Padded `[b, t, n, d]` inputs -> (output in `out_dtype` (default: the query's), base-2
+  log-sum-exp `[b, n, t]` (+inf for a row with no key) or None)."""
   batch, q_pad, num_heads, head_dim = q.shape
   kv_pad, num_kv_heads, value_dim = k.shape[1], k.shape[2], v.shape[3]
   groups = num_heads // num_kv_heads
@@ -279,10 +301,11 @@ def _forward(q, k, v, q_seg, kv_seg, *, cfg: _Config, blocks: BlockSizes, interp
       None if q_seg is None else pl.BlockSpec((None, block_q), lambda i, b, h: (b, i)),
       None if kv_seg is None else pl.BlockSpec((None, kv_pad), lambda i, b, h: (b, 0)),
   ]
-  out_shape = [jax.ShapeDtypeStruct((batch, q_pad, num_heads, value_dim), q.dtype)]
+  out_shape = [compat.pallas_out_struct((batch, q_pad, num_heads, value_dim),
+                                        out_dtype or q.dtype, q, k, v)]
   out_specs = [pl.BlockSpec((None, block_q, None, value_dim), lambda i, b, h: (b, i, h, 0))]
   if not cfg.sigmoid:
-    out_shape.append(jax.ShapeDtypeStruct((batch, num_heads, q_pad), jnp.float32))
+    out_shape.append(compat.pallas_out_struct((batch, num_heads, q_pad), jnp.float32, q, k, v))
     out_specs.append(pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, i)))
   outs = pl.pallas_call(
       functools.partial(_fwd_kernel, cfg=cfg, block_q=block_q, block_k=block_k),
@@ -348,37 +371,35 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_s
   kv_seg = None if kv_seg_ref is None else kv_seg_ref[...]
   band = _q_band(k_first, block_k, block_q, cfg)
 
-  def head_body(g, carry):  # Reduces over the query heads that share this kv head.
-    def body(qb, carry, positions):
-      dk, dv = carry
-      q_first = qb * block_q
-      q_slice = pl.ds(q_first, block_q)
-      q, do = q_ref[q_slice, g, :], do_ref[q_slice, g, :]
-      lse = None if lse_ref is None else lse_ref[g, q_slice]
-      delta = None if delta_ref is None else delta_ref[g, q_slice]
-      q_seg = None if q_seg_ref is None else q_seg_ref[q_slice]
-      mask = _tile_mask(q_first + jnp.arange(block_q), k_pos, q_seg, kv_seg, cfg, positions)
-      p, ds = _grad_logits(q, k, v, do, lse, delta, mask, cfg)
-      dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
-      dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
-      return dk, dv
-    return _band_loop(band, body, carry, cfg)
+  def body(qb, carry, positions, g=0):  # Sums over the query heads g sharing this kv head.
+    dk, dv = carry
+    q_first = qb * block_q
+    q_slice = pl.ds(q_first, block_q)
+    q, do = q_ref[q_slice, g, :], do_ref[q_slice, g, :]
+    lse = None if lse_ref is None else lse_ref[g, q_slice]
+    delta = None if delta_ref is None else delta_ref[g, q_slice]
+    q_seg = None if q_seg_ref is None else q_seg_ref[q_slice]
+    mask = _tile_mask(q_first + jnp.arange(block_q), k_pos, q_seg, kv_seg, cfg, positions)
+    p, ds = _grad_logits(q, k, v, do, lse, delta, mask, cfg)
+    dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
+    dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
+    return dk, dv
 
   dk = jnp.zeros(dk_ref.shape, jnp.float32)
   dv = jnp.zeros(dv_ref.shape, jnp.float32)
-  dk, dv = lax.fori_loop(0, groups, head_body, (dk, dv))
+  dk, dv = _band_loop(band, body, (dk, dv), cfg, heads=groups)
   dk_ref[...] = (dk * cfg.scale).astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _backward(q, k, v, q_seg, kv_seg, out, lse, do, *, cfg: _Config, blocks: BlockSizes,
-              interpret: bool):
+def _backward(q, k, v, q_seg, kv_seg, lse, delta, do, *, cfg: _Config, blocks: BlockSizes,
+              interpret: bool, grad_dtype=None):
+  """(dq, dk, dv) of padded inputs from the base-2 `lse` and `delta = rowsum(dO ∘ O)`, both
+  `[b, n, t]` (None for the sigmoid normalizer); gradients in `grad_dtype` (default: the
+  inputs' dtypes)."""
   batch, q_pad, num_heads, head_dim = q.shape
   kv_pad, num_kv_heads, value_dim = k.shape[1], k.shape[2], v.shape[3]
   groups = num_heads // num_kv_heads
-  delta = None
-  if not cfg.sigmoid:  # Δ = rowsum(dO ∘ O): one fused elementwise-reduce pass, [b, n, t].
-    delta = jnp.einsum("btnd,btnd->bnt", out.astype(jnp.float32), do.astype(jnp.float32))
   params = compat.triton_compiler_params(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
 
   bq, bk = blocks.block_q_dq, blocks.block_kv_dq
@@ -396,7 +417,7 @@ def _backward(q, k, v, q_seg, kv_seg, out, lse, do, *, cfg: _Config, blocks: Blo
           None if kv_seg is None else pl.BlockSpec((None, kv_pad), lambda i, b, h: (b, 0)),
       ],
       out_specs=pl.BlockSpec((None, bq, None, head_dim), lambda i, b, h: (b, i, h, 0)),
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      out_shape=compat.pallas_out_struct(q.shape, grad_dtype or q.dtype, q, k, v, do),
       compiler_params=params,
       interpret=interpret,
       name="flash_attention_triton_dq",
@@ -418,7 +439,8 @@ def _backward(q, k, v, q_seg, kv_seg, out, lse, do, *, cfg: _Config, blocks: Blo
       ],
       out_specs=[pl.BlockSpec((None, bk, None, head_dim), lambda j, b, h: (b, j, h, 0)),
                  pl.BlockSpec((None, bk, None, value_dim), lambda j, b, h: (b, j, h, 0))],
-      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      out_shape=[compat.pallas_out_struct(k.shape, grad_dtype or k.dtype, q, k, v, do),
+                 compat.pallas_out_struct(v.shape, grad_dtype or v.dtype, q, k, v, do)],
       compiler_params=params,
       interpret=interpret,
       name="flash_attention_triton_dkv",
@@ -429,6 +451,11 @@ def _backward(q, k, v, q_seg, kv_seg, out, lse, do, *, cfg: _Config, blocks: Blo
 # ---------------------------------------------------------------------------------------------
 # custom_vjp over padded arrays, and the public wrapper.
 # ---------------------------------------------------------------------------------------------
+def _delta(out, do):
+  """Δ = rowsum(dO ∘ O) `[b, n, t]` in float32: one fused elementwise-reduce pass."""
+  return jnp.einsum("btnd,btnd->bnt", out.astype(jnp.float32), do.astype(jnp.float32))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def _flash(q, k, v, q_seg, kv_seg, cfg, blocks, interpret):
   return _forward(q, k, v, q_seg, kv_seg, cfg=cfg, blocks=blocks, interpret=interpret)[0]
@@ -441,7 +468,8 @@ def _flash_fwd(q, k, v, q_seg, kv_seg, cfg, blocks, interpret):
 
 def _flash_bwd(cfg, blocks, interpret, res, do):
   q, k, v, q_seg, kv_seg, out, lse = res
-  dq, dk, dv = _backward(q, k, v, q_seg, kv_seg, out, lse, do, cfg=cfg, blocks=blocks,
+  delta = None if cfg.sigmoid else _delta(out, do)
+  dq, dk, dv = _backward(q, k, v, q_seg, kv_seg, lse, delta, do, cfg=cfg, blocks=blocks,
                          interpret=interpret)
   return dq, dk, dv, None, None
 
@@ -462,12 +490,8 @@ def _pad_to(x: Any, length: int, axis: int):
   return jnp.pad(x, widths)
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "is_causal", "scale", "window", "logits_soft_cap", "sigmoid_bias", "block_sizes",
-    "interpret"))
-def _flash_attention(query, key, value, segments, *, is_causal, scale, window, logits_soft_cap,
-                     sigmoid_bias, block_sizes, interpret):
-  q_len, kv_len = query.shape[1], key.shape[1]
+def _setup(q_len, kv_len, *, scale, left, right, logits_soft_cap, sigmoid_bias, block_sizes):
+  """Tiles fitted to the lengths, the padded lengths and the kernels' `_Config`."""
   blocks = BlockSizes(
       block_q=_fit(block_sizes.block_q, q_len), block_k=_fit(block_sizes.block_k, kv_len),
       block_q_dkv=_fit(block_sizes.block_q_dkv, q_len),
@@ -477,14 +501,31 @@ def _flash_attention(query, key, value, segments, *, is_causal, scale, window, l
   # Powers of two: the largest block is a multiple of the others.
   q_pad = pl.cdiv(q_len, m := max(blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq)) * m
   kv_pad = pl.cdiv(kv_len, m := max(blocks.block_k, blocks.block_kv_dkv, blocks.block_kv_dq)) * m
-  left, right = window if window is not None else (None, None)
-  if is_causal:
-    right = 0 if right is None else min(right, 0)
   cfg = _Config(q_len=q_len, kv_len=kv_len, scale=scale, left=left, right=right,
                 soft_cap=logits_soft_cap, sigmoid_bias=sigmoid_bias, kv_padded=kv_pad != kv_len)
+  return blocks, q_pad, kv_pad, cfg
+
+
+def _pad_segments(segments, q_pad: int, kv_pad: int):
   q_seg, kv_seg = (None, None) if segments is None else segments
   q_seg = None if q_seg is None else _pad_to(q_seg.astype(jnp.int32), q_pad, 1)
   kv_seg = None if kv_seg is None else _pad_to(kv_seg.astype(jnp.int32), kv_pad, 1)
+  return q_seg, kv_seg
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "is_causal", "scale", "window", "logits_soft_cap", "sigmoid_bias", "block_sizes",
+    "interpret"))
+def _flash_attention(query, key, value, segments, *, is_causal, scale, window, logits_soft_cap,
+                     sigmoid_bias, block_sizes, interpret):
+  q_len, kv_len = query.shape[1], key.shape[1]
+  left, right = window if window is not None else (None, None)
+  if is_causal:
+    right = 0 if right is None else min(right, 0)
+  blocks, q_pad, kv_pad, cfg = _setup(
+      q_len, kv_len, scale=scale, left=left, right=right, logits_soft_cap=logits_soft_cap,
+      sigmoid_bias=sigmoid_bias, block_sizes=block_sizes)
+  q_seg, kv_seg = _pad_segments(segments, q_pad, kv_pad)
   out = _flash(_pad_to(query, q_pad, 1), _pad_to(key, kv_pad, 1), _pad_to(value, kv_pad, 1),
                q_seg, kv_seg, cfg, blocks, interpret)
   return out[:, :q_len]
@@ -540,3 +581,82 @@ def flash_attention_triton(query, key, value, *, segment_ids=None, is_causal=Fal
       query, key, value, segments, is_causal=bool(is_causal), scale=scale, window=window,
       logits_soft_cap=cap, sigmoid_bias=sigmoid_bias, block_sizes=block_sizes,
       interpret=bool(interpret))
+
+
+# ---------------------------------------------------------------------------------------------
+# Block level: one (query block, key/value block) pair of a blockwise schedule (ring attention).
+# ---------------------------------------------------------------------------------------------
+@functools.partial(jax.jit, static_argnames=("causal_offset", "scale", "block_sizes",
+                                             "interpret"))
+def _block_forward(query, key, value, segments, *, causal_offset, scale, block_sizes, interpret):
+  q_len, kv_len = query.shape[1], key.shape[1]
+  blocks, q_pad, kv_pad, cfg = _setup(
+      q_len, kv_len, scale=scale, left=None, right=causal_offset, logits_soft_cap=None,
+      sigmoid_bias=None, block_sizes=block_sizes)
+  q_seg, kv_seg = _pad_segments(segments, q_pad, kv_pad)
+  out, lse2 = _forward(_pad_to(query, q_pad, 1), _pad_to(key, kv_pad, 1),
+                       _pad_to(value, kv_pad, 1), q_seg, kv_seg, cfg=cfg, blocks=blocks,
+                       interpret=interpret, out_dtype=jnp.float32)
+  lse = jnp.where(lse2 == jnp.inf, -jnp.inf, lse2 * math.log(2.0))
+  return out[:, :q_len], lse[..., :q_len]
+
+
+@functools.partial(jax.jit, static_argnames=("causal_offset", "scale", "block_sizes",
+                                             "interpret"))
+def _block_backward(query, key, value, lse, delta, dout, segments, *, causal_offset, scale,
+                    block_sizes, interpret):
+  q_len, kv_len = query.shape[1], key.shape[1]
+  blocks, q_pad, kv_pad, cfg = _setup(
+      q_len, kv_len, scale=scale, left=None, right=causal_offset, logits_soft_cap=None,
+      sigmoid_bias=None, block_sizes=block_sizes)
+  q_seg, kv_seg = _pad_segments(segments, q_pad, kv_pad)
+  # Natural-log lse (-inf: no key) -> the kernels' base 2 (+inf: no key, so P = 0).
+  lse2 = jnp.where(jnp.isfinite(lse), lse.astype(jnp.float32) * _LOG2E, jnp.inf)
+  lse2 = jnp.pad(lse2, ((0, 0), (0, 0), (0, q_pad - q_len)), constant_values=jnp.inf)
+  delta = _pad_to(delta.astype(jnp.float32), q_pad, 2)
+  dq, dk, dv = _backward(_pad_to(query, q_pad, 1), _pad_to(key, kv_pad, 1),
+                         _pad_to(value, kv_pad, 1), q_seg, kv_seg, lse2, delta,
+                         _pad_to(dout, q_pad, 1), cfg=cfg, blocks=blocks, interpret=interpret,
+                         grad_dtype=jnp.float32)
+  return dq[:, :q_len], dk[:, :kv_len], dv[:, :kv_len]
+
+
+def check_causal_offset(causal_offset) -> int | None:
+  """None, or the causal offset as a Python int (a `ValueError`/`TypeError` otherwise)."""
+  if causal_offset is None:
+    return None
+  if isinstance(causal_offset, bool) or not isinstance(causal_offset, (int, np.integer)):
+    raise TypeError(
+        f"causal_offset must be None or a Python int (static: the kernels skip blocks by it), "
+        f"got {causal_offset!r}")
+  return int(causal_offset)
+
+
+def flash_block_forward_triton(query, key, value, *, causal_offset=None, segment_ids=None,
+                               scale=None, block_sizes=None, interpret=False):
+  """Block forward on GPU: float32 `out [b, t, n, dv]` normalised within the block and its
+  natural-log `lse [b, n, t]` (-inf for a row with no visible key); no custom_vjp.
+
+  `causal_offset=c` admits key j for query i iff j <= i + c (None: no causal rule); the band
+  of key blocks each query block visits is shifted by c, as a causal mask with its diagonal
+  moved.
+  """
+  _, segments, scale, _, _, _, block_sizes = check_args(
+      query, key, value, segment_ids=segment_ids, scale=scale, local_window_size=None,
+      logits_soft_cap=None, normalizer="softmax", sigmoid_bias=None, block_sizes=block_sizes)
+  return _block_forward(query, key, value, segments,
+                        causal_offset=check_causal_offset(causal_offset), scale=scale,
+                        block_sizes=block_sizes, interpret=bool(interpret))
+
+
+def flash_block_backward_triton(query, key, value, lse, delta, dout, *, causal_offset=None,
+                                segment_ids=None, scale=None, block_sizes=None,
+                                interpret=False):
+  """Block gradients on GPU from the *global* natural-log `lse` and `delta = rowsum(dO ∘ O)`
+  (both `[b, n, t]`): float32 `(dq, dk, dv)` in the shapes of the inputs."""
+  _, segments, scale, _, _, _, block_sizes = check_args(
+      query, key, value, segment_ids=segment_ids, scale=scale, local_window_size=None,
+      logits_soft_cap=None, normalizer="softmax", sigmoid_bias=None, block_sizes=block_sizes)
+  return _block_backward(query, key, value, lse, delta, dout, segments,
+                         causal_offset=check_causal_offset(causal_offset), scale=scale,
+                         block_sizes=block_sizes, interpret=bool(interpret))

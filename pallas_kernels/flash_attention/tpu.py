@@ -30,6 +30,11 @@ to a block already in VMEM, so they cost neither compute nor DMA. Blocks entirel
 skip the element-wise mask. Sequences are padded to whole blocks outside the kernels and the
 ragged tail of the keys is masked inside them. Query rows with nothing to attend to give zeros.
 
+`flash_block_forward_tpu` / `flash_block_backward_tpu` run the same kernels as one block of a
+blockwise schedule (ring / striped attention): float32 `(out, lse)` of the block, and its
+gradients from the *global* lse and rowsum(dO ∘ O). Their `causal_offset` c (query i sees keys
+j <= i + c) is the causal band with its diagonal shifted by c, visited and skipped as above.
+
 Inputs stay `[batch, seq, heads, head_dim]` in HBM when head_dim is a multiple of 128 (the kernels
 read a head's tile straight out of the `[batch, seq, heads·head_dim]` view); smaller head dims
 are transposed to `[batch, heads, seq, head_dim]` first, as TPU tiles need the full minor dim.
@@ -161,9 +166,9 @@ def _from_kernel_layout(x, num_heads):
   return jnp.swapaxes(x, 1, 2)
 
 
-def _kernel_shape(batch, heads, length, dim, dtype):
+def _kernel_shape(batch, heads, length, dim, dtype, *like):
   shape = (batch, length, heads * dim) if dim % NUM_LANES == 0 else (batch, heads, length, dim)
-  return jax.ShapeDtypeStruct(shape, dtype)
+  return compat.pallas_out_struct(shape, dtype, *like)
 
 
 def _tile(block, dim, index_map):
@@ -197,8 +202,9 @@ def _lanes(x, width):
 
 
 def _span(idx, size, other_size, other_len, behind, ahead):
-  # Every quantity divided is non-negative (`behind`, `ahead` >= 0), so truncating division
-  # (`lax.div`, no sign ops in the kernel) equals floor division.
+  # Every quantity divided is non-negative (`behind`, `ahead` >= 0, or a causal offset `ahead`
+  # above -size), so truncating division (`lax.div`, no sign ops in the kernel) equals floor
+  # division. (With a lower offset a block that sees nothing may still be visited, masked.)
   static = isinstance(idx, np.ndarray)
   xp = np if static else jnp
   div = (lambda a, b: a // b) if static else lax.div
@@ -403,8 +409,9 @@ def _segment_inputs(q_seg, kv_seg):
           lax.broadcast_in_dim(kv_seg, (b, NUM_SUBLANES, tk), (0, 2)))
 
 
-def _forward(q, k, v, q_seg, kv_seg, spec: _Spec, interpret):
-  """Padded inputs in kernel layout -> output (and the `[b, n, tq]` lse for softmax)."""
+def _forward(q, k, v, q_seg, kv_seg, spec: _Spec, interpret, out_dtype=None):
+  """Padded inputs in kernel layout -> output in `out_dtype` (default: the query's) and, for
+  softmax, the `[b, n, tq]` lse (+inf for a row with no key, so that P = e^(S - lse) = 0)."""
   b, n, d, dv, tq = spec.batch, spec.num_heads, spec.head_dim, spec.value_dim, spec.q_padded_len
   bq, bk = spec.block_sizes.block_q, spec.block_sizes.block_k
   num_q = tq // bq
@@ -430,11 +437,11 @@ def _forward(q, k, v, q_seg, kv_seg, spec: _Spec, interpret):
         pl.BlockSpec((None, NUM_SUBLANES, bk),
                      lambda bi, h, i, step: (bi, 0, _kv_visit(spec, i, step, bq, bk)[0]))]
     args += _segment_inputs(q_seg, kv_seg)
-  out_shape = [_kernel_shape(b, n, tq, dv, q.dtype)]
+  out_shape = [_kernel_shape(b, n, tq, dv, out_dtype or q.dtype, q, k, v)]
   out_specs = [_tile(bq, dv, q_map)]
   scratch = [pltpu.VMEM((bq, dv), jnp.float32)]
   if spec.normalizer == "softmax":
-    out_shape.append(jax.ShapeDtypeStruct((b, n, tq, NUM_LANES), jnp.float32))
+    out_shape.append(compat.pallas_out_struct((b, n, tq, NUM_LANES), jnp.float32, q, k, v))
     out_specs.append(pl.BlockSpec((None, None, bq, NUM_LANES), lse_map))
     scratch += [pltpu.VMEM((bq, NUM_LANES), jnp.float32)] * 2
   kernel = functools.partial(_fwd_kernel, spec=spec, has_segments=has_segments,
@@ -503,7 +510,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, *refs, spec: _Spec, has_segments: b
     dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
 
 
-def _backward_dkv(q, k, v, do, q_seg, kv_seg, lse, di, spec: _Spec, interpret):
+def _backward_dkv(q, k, v, do, q_seg, kv_seg, lse, di, spec: _Spec, interpret, grad_dtype=None):
   b, n, d, dv = spec.batch, spec.num_heads, spec.head_dim, spec.value_dim
   num_kv_heads, groups = spec.num_kv_heads, spec.groups
   tq, tk = spec.q_padded_len, spec.kv_padded_len
@@ -542,7 +549,8 @@ def _backward_dkv(q, k, v, do, q_seg, kv_seg, lse, di, spec: _Spec, interpret):
     args += [rows(lse), rows(di)]
   kernel = functools.partial(_dkv_kernel, spec=spec, has_segments=has_segments,
                              num_steps=steps)
-  out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
+  out_shape = [compat.pallas_out_struct(k.shape, grad_dtype or k.dtype, q, k, v, do),
+               compat.pallas_out_struct(v.shape, grad_dtype or v.dtype, q, k, v, do)]
   cost = _cost(spec, num_k, bk, bq, spec.q_len, spec.right, spec.left,
                matmul_dims=2 * (d + dv), args=args, out_shape=out_shape)
   return pl.pallas_call(
@@ -603,7 +611,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, *refs, spec: _Spec, has_segments: bo
     dq_ref[...] = (dq_acc[...] * spec.scale).astype(dq_ref.dtype)
 
 
-def _backward_dq(q, k, v, do, q_seg, kv_seg, lse, di, spec: _Spec, interpret):
+def _backward_dq(q, k, v, do, q_seg, kv_seg, lse, di, spec: _Spec, interpret, grad_dtype=None):
   b, n, d, dv, tq = spec.batch, spec.num_heads, spec.head_dim, spec.value_dim, spec.q_padded_len
   bq, bk = spec.block_sizes.block_q_dq, spec.block_sizes.block_k_dq
   num_q = tq // bq
@@ -636,7 +644,7 @@ def _backward_dq(q, k, v, do, q_seg, kv_seg, lse, di, spec: _Spec, interpret):
     args += [cols(lse), cols(di)]
   kernel = functools.partial(_dq_kernel, spec=spec, has_segments=has_segments,
                              num_steps=steps)
-  out_shape = jax.ShapeDtypeStruct(q.shape, q.dtype)
+  out_shape = compat.pallas_out_struct(q.shape, grad_dtype or q.dtype, q, k, v, do)
   cost = _cost(spec, num_q, bq, bk, spec.kv_len, spec.left, spec.right,
                matmul_dims=2 * d + dv, args=args, out_shape=out_shape)
   return pl.pallas_call(
@@ -673,17 +681,24 @@ def _attention_bwd(spec, interpret, residuals, d_out):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
+def _pad_segments(q_seg, kv_seg, spec: _Spec):
+  """Segment ids padded to whole blocks: padding gets ids of its own (the key tail is masked
+  by position anyway)."""
+  if q_seg is None:
+    return None, None
+  q_seg = jnp.pad(q_seg.astype(jnp.int32), ((0, 0), (0, spec.q_padded_len - spec.q_len)),
+                  constant_values=-1)
+  kv_seg = jnp.pad(kv_seg.astype(jnp.int32), ((0, 0), (0, spec.kv_padded_len - spec.kv_len)),
+                   constant_values=-2)
+  return q_seg, kv_seg
+
+
 @functools.partial(jax.jit, static_argnames=("spec", "interpret"))
 def _flash(query, key, value, q_seg, kv_seg, *, spec: _Spec, interpret):
   tq, tk = spec.q_padded_len, spec.kv_padded_len
   q = _to_kernel_layout(query, tq)
   k, v = _to_kernel_layout(key, tk), _to_kernel_layout(value, tk)
-  if q_seg is not None:
-    # Padding gets ids of its own; the key tail is masked by position anyway.
-    q_seg = jnp.pad(q_seg.astype(jnp.int32), ((0, 0), (0, tq - spec.q_len)),
-                    constant_values=-1)
-    kv_seg = jnp.pad(kv_seg.astype(jnp.int32), ((0, 0), (0, tk - spec.kv_len)),
-                     constant_values=-2)
+  q_seg, kv_seg = _pad_segments(q_seg, kv_seg, spec)
   out = _attention(q, k, v, q_seg, kv_seg, spec, interpret)
   return _from_kernel_layout(out, spec.num_heads)[:, :spec.q_len]
 
@@ -693,6 +708,37 @@ def _check_head_dim(name: str, size: int) -> None:
     raise ValueError(
         f"{name} must be a multiple of {NUM_SUBLANES} no larger than {MAX_HEAD_DIM} "
         f"(64, 128 and 256 are the fast ones), got {size}")
+
+
+def _check_inputs(query, key, value) -> common.Dims:
+  dims = common.check_qkv(query, key, value)
+  if not dims.q_len or not dims.kv_len:
+    raise ValueError(
+        f"query and key sequences must be non-empty, got q_len={dims.q_len}, "
+        f"kv_len={dims.kv_len}")
+  _check_head_dim("head_dim", dims.head_dim)
+  _check_head_dim("value head_dim", dims.value_dim)
+  return dims
+
+
+def _make_spec(dims: common.Dims, *, scale, left, right, soft_cap, normalizer, sigmoid_bias,
+               block_sizes) -> _Spec:
+  """The static `_Spec` of a call (block sizes checked, lengths padded to whole blocks)."""
+  if block_sizes is None:
+    block_sizes = BlockSizes.get_default(dims.q_len, dims.kv_len)
+  elif not isinstance(block_sizes, BlockSizes):
+    raise TypeError(f"block_sizes must be a tpu.BlockSizes, got {type(block_sizes).__name__}")
+  sizes = block_sizes
+  return _Spec(
+      batch=dims.batch, num_heads=dims.num_heads, num_kv_heads=dims.num_kv_heads,
+      head_dim=dims.head_dim, value_dim=dims.value_dim, q_len=dims.q_len, kv_len=dims.kv_len,
+      q_padded_len=_round_up(
+          dims.q_len, math.lcm(sizes.block_q, sizes.block_q_dkv, sizes.block_q_dq)),
+      kv_padded_len=_round_up(
+          dims.kv_len, math.lcm(sizes.block_k, sizes.block_k_dkv, sizes.block_k_dq)),
+      scale=common.default_scale(dims.head_dim, scale), left=left, right=right,
+      soft_cap=soft_cap, normalizer=normalizer, sigmoid_bias=sigmoid_bias,
+      block_sizes=block_sizes)
 
 
 def flash_attention_tpu(query, key, value, *, segment_ids=None, is_causal=False, scale=None,
@@ -722,23 +768,13 @@ def flash_attention_tpu(query, key, value, *, segment_ids=None, is_causal=False,
   Returns:
     `[batch, q_len, num_heads, value_dim]` in the query's dtype.
   """
-  dims = common.check_qkv(query, key, value)
-  if not dims.q_len or not dims.kv_len:
-    raise ValueError(
-        f"query and key sequences must be non-empty, got q_len={dims.q_len}, "
-        f"kv_len={dims.kv_len}")
-  _check_head_dim("head_dim", dims.head_dim)
-  _check_head_dim("value head_dim", dims.value_dim)
+  dims = _check_inputs(query, key, value)
   if normalizer not in NORMALIZERS:
     raise ValueError(f"normalizer must be one of {NORMALIZERS}, got {normalizer!r}")
   if sigmoid_bias is not None and normalizer != "sigmoid":
     raise ValueError("sigmoid_bias is only meaningful with normalizer='sigmoid'")
   if logits_soft_cap is not None and logits_soft_cap <= 0:
     raise ValueError(f"logits_soft_cap must be positive, got {logits_soft_cap}")
-  if block_sizes is None:
-    block_sizes = BlockSizes.get_default(dims.q_len, dims.kv_len)
-  elif not isinstance(block_sizes, BlockSizes):
-    raise TypeError(f"block_sizes must be a tpu.BlockSizes, got {type(block_sizes).__name__}")
   window = common.normalize_window(local_window_size)
   segments = common.normalize_segment_ids(segment_ids, dims)
   left, right = window if window is not None else (None, None)
@@ -746,18 +782,78 @@ def flash_attention_tpu(query, key, value, *, segment_ids=None, is_causal=False,
     right = 0 if right is None else min(right, 0)
   if normalizer == "sigmoid" and sigmoid_bias is None:
     sigmoid_bias = -math.log(dims.kv_len)
-  sizes = block_sizes
-  spec = _Spec(
-      batch=dims.batch, num_heads=dims.num_heads, num_kv_heads=dims.num_kv_heads,
-      head_dim=dims.head_dim, value_dim=dims.value_dim, q_len=dims.q_len, kv_len=dims.kv_len,
-      q_padded_len=_round_up(
-          dims.q_len, math.lcm(sizes.block_q, sizes.block_q_dkv, sizes.block_q_dq)),
-      kv_padded_len=_round_up(
-          dims.kv_len, math.lcm(sizes.block_k, sizes.block_k_dkv, sizes.block_k_dq)),
-      scale=common.default_scale(dims.head_dim, scale), left=left, right=right,
-      soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
-      normalizer=normalizer, sigmoid_bias=None if sigmoid_bias is None else float(sigmoid_bias),
-      block_sizes=block_sizes)
+  spec = _make_spec(dims, scale=scale, left=left, right=right,
+                    soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
+                    normalizer=normalizer,
+                    sigmoid_bias=None if sigmoid_bias is None else float(sigmoid_bias),
+                    block_sizes=block_sizes)
   q_seg, kv_seg = segments if segments is not None else (None, None)
   return _flash(query, key, value, q_seg, kv_seg, spec=spec,
                 interpret=compat.tpu_interpret_mode(interpret))
+
+
+# Block level: one (query block, key/value block) pair of a blockwise schedule (ring attention).
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "interpret"))
+def _block_forward(query, key, value, q_seg, kv_seg, *, spec: _Spec, interpret):
+  q = _to_kernel_layout(query, spec.q_padded_len)
+  k = _to_kernel_layout(key, spec.kv_padded_len)
+  v = _to_kernel_layout(value, spec.kv_padded_len)
+  q_seg, kv_seg = _pad_segments(q_seg, kv_seg, spec)
+  out, lse = _forward(q, k, v, q_seg, kv_seg, spec, interpret, out_dtype=jnp.float32)
+  out = _from_kernel_layout(out, spec.num_heads)[:, :spec.q_len]
+  return out, jnp.where(lse == jnp.inf, -jnp.inf, lse)[..., :spec.q_len]
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "interpret"))
+def _block_backward(query, key, value, lse, delta, dout, q_seg, kv_seg, *, spec: _Spec,
+                    interpret):
+  tq, tk = spec.q_padded_len, spec.kv_padded_len
+  q, do = _to_kernel_layout(query, tq), _to_kernel_layout(dout, tq)
+  k, v = _to_kernel_layout(key, tk), _to_kernel_layout(value, tk)
+  q_seg, kv_seg = _pad_segments(q_seg, kv_seg, spec)
+  pad = ((0, 0), (0, 0), (0, tq - spec.q_len))
+  # -inf (no key anywhere) -> +inf, the kernels' convention: P = e^(S - lse) = 0.
+  lse = jnp.pad(jnp.where(jnp.isfinite(lse), lse.astype(jnp.float32), jnp.inf), pad,
+                constant_values=jnp.inf)
+  delta = jnp.pad(delta.astype(jnp.float32), pad)
+  dk, dv = _backward_dkv(q, k, v, do, q_seg, kv_seg, lse, delta, spec, interpret,
+                         grad_dtype=jnp.float32)
+  dq = _backward_dq(q, k, v, do, q_seg, kv_seg, lse, delta, spec, interpret,
+                    grad_dtype=jnp.float32)
+  return (_from_kernel_layout(dq, spec.num_heads)[:, :spec.q_len],
+          _from_kernel_layout(dk, spec.num_kv_heads)[:, :spec.kv_len],
+          _from_kernel_layout(dv, spec.num_kv_heads)[:, :spec.kv_len])
+
+
+def _block_spec(query, key, value, causal_offset, segment_ids, scale, block_sizes):
+  dims = _check_inputs(query, key, value)
+  spec = _make_spec(dims, scale=scale, left=None, right=causal_offset, soft_cap=None,
+                    normalizer="softmax", sigmoid_bias=None, block_sizes=block_sizes)
+  segments = common.normalize_segment_ids(segment_ids, dims)
+  return spec, *(segments if segments is not None else (None, None))
+
+
+def flash_block_forward_tpu(query, key, value, *, causal_offset=None, segment_ids=None,
+                            scale=None, block_sizes=None, interpret=False):
+  """Block forward on TPU: float32 `out [b, t, n, dv]` normalised within the block and its
+  `lse [b, n, t]` (-inf for a row with no visible key); no custom_vjp.
+
+  `causal_offset=c` (a Python int, or None) admits key j for query i iff j <= i + c: the
+  causal band with its diagonal shifted by c, so the grid skips the blocks it leaves out.
+  """
+  spec, q_seg, kv_seg = _block_spec(query, key, value, causal_offset, segment_ids, scale,
+                                    block_sizes)
+  return _block_forward(query, key, value, q_seg, kv_seg, spec=spec,
+                        interpret=compat.tpu_interpret_mode(interpret))
+
+
+def flash_block_backward_tpu(query, key, value, lse, delta, dout, *, causal_offset=None,
+                             segment_ids=None, scale=None, block_sizes=None, interpret=False):
+  """Block gradients on TPU from the *global* `lse` and `delta = rowsum(dO ∘ O)` (both
+  `[b, n, t]`): float32 `(dq, dk, dv)` in the shapes of the inputs."""
+  spec, q_seg, kv_seg = _block_spec(query, key, value, causal_offset, segment_ids, scale,
+                                    block_sizes)
+  return _block_backward(query, key, value, lse, delta, dout, q_seg, kv_seg, spec=spec,
+                         interpret=compat.tpu_interpret_mode(interpret))
