@@ -2,7 +2,7 @@
 from big_attn.layers.attention import Attention
 from big_attn.layers.mlp import MlpBlock
 from big_attn.layers.op_params import OpParams, params_module, register_params
-from big_attn.layers.posemb import PositionEmbedding, posemb_sincos_2d
+from big_attn.layers.posemb import PositionEmbedding, apply_rope, posemb_sincos_2d
 
-__all__ = ["Attention", "MlpBlock", "OpParams", "PositionEmbedding", "params_module",
-           "posemb_sincos_2d", "register_params"]
+__all__ = ["Attention", "MlpBlock", "OpParams", "PositionEmbedding", "apply_rope",
+           "params_module", "posemb_sincos_2d", "register_params"]

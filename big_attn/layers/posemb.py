@@ -49,3 +49,26 @@ class PositionEmbedding(nn.Module):
     if self.kind == "sincos2d":
       return posemb_sincos_2d(h, w, width, dtype=self.dtype)
     raise ValueError(f"unknown position embedding {self.kind!r}; expected one of {KINDS}")
+
+
+def apply_rope(x: jnp.ndarray, positions: jnp.ndarray, base: float = 10_000.) -> jnp.ndarray:
+  """Rotary position embedding (Su et al. 2021, "RoFormer") of `x: [batch, seq, heads, dim]`.
+
+  With ω_i = base^(-2i / dim), i < dim/2, and the halves x = [x1, x2], the token at position p
+  becomes [x1 cos(p ω) - x2 sin(p ω), x2 cos(p ω) + x1 sin(p ω)] (computed in float32). The
+  positions are explicit (`[batch, seq]` or `[seq]` ints), so any token order works.
+  """
+  if x.ndim != 4 or x.shape[-1] % 2:
+    raise ValueError(f"apply_rope needs [batch, seq, heads, dim] with an even dim, got shape "
+                     f"{x.shape}")
+  if positions.shape not in (x.shape[:2], x.shape[1:2]):
+    raise ValueError(f"positions must have shape [batch, seq] = {x.shape[:2]} or [seq], got "
+                     f"{positions.shape}")
+  half = x.shape[-1] // 2
+  freqs = base ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / x.shape[-1])
+  angles = positions.astype(jnp.float32)[..., None, None] * freqs  # [b|, t, 1, half]
+  if angles.ndim == 3:
+    angles = angles[None]
+  cos, sin = jnp.cos(angles), jnp.sin(angles)
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
