@@ -12,6 +12,7 @@ checkpoints (`checkpoints/`).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import threading
@@ -87,12 +88,19 @@ def dataset_info(config: Any, input_config: dict[str, Any]) -> dict[str, Any]:
     return dict(num_classes=num_classes, image_shape=(size, size, channels))
 
 
-def _model_kwargs(config: Any, info: dict[str, Any]) -> dict[str, Any]:
+def _model_kwargs(config: Any, info: dict[str, Any], model_cls: Any, mesh: Any
+                  ) -> dict[str, Any]:
+  """`config.model` with the output size from the data (`num_classes` or `vocab_size`), dtype
+  names as dtypes, and the mesh for models that take one (sequence parallelism)."""
   kwargs = config.model.to_dict()
-  kwargs.setdefault("num_classes", info["num_classes"])
-  if kwargs["num_classes"] != info["num_classes"]:
-    raise ValueError(f"config.model.num_classes={kwargs['num_classes']} but the data set has "
-                     f"{info['num_classes']} classes")
+  for key in ("num_classes", "vocab_size"):
+    if key not in info:
+      continue
+    kwargs.setdefault(key, info[key])
+    if kwargs[key] != info[key]:
+      raise ValueError(f"config.model.{key}={kwargs[key]} but the data set has {info[key]}")
+  if "mesh" in {f.name for f in dataclasses.fields(model_cls)}:
+    kwargs["mesh"] = mesh
   for key in _MODEL_DTYPE_KEYS:
     if isinstance(kwargs.get(key), str):
       kwargs[key] = jnp.dtype(kwargs[key])
@@ -125,7 +133,11 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
                      f"{split_ways} (the ways the mesh splits a batch x grad_accum_steps)")
   input_config = {k: v for k, v in config.input.items() if k != "batch_size"}
   info = dataset_info(config, input_config)
-  image_shape = tuple(info["image_shape"])
+  model_module = models.get(config.model_name)
+  task = getattr(model_module, "TASK", step_lib.CLASSIFICATION)
+  input_shape, input_dtype = task.example_input(info)
+  batch_spec = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=data_sharding)
+                for k, (shape, dtype) in task.batch_spec(info, batch_size).items()}
   train_iter = None
   if not config.dry_run:
     train_iter = iter(data.get_dataset(
@@ -134,7 +146,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
 
   # --------------------------------------------------------------------------------------- Model
   try:
-    model = models.get(config.model_name).Model(**_model_kwargs(config, info))
+    model = model_module.Model(**_model_kwargs(config, info, model_module.Model, mesh))
   except TypeError as e:
     raise ValueError(f"config.model does not fit {config.model_name}.Model: {e}") from None
   schedule = optim.make_schedule(config.lr, config.schedule, config.total_steps)
@@ -142,7 +154,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
                             config.grad_clip_norm)
 
   # ------------------------------------------------------------------------------------ Sharding
-  boxed_state = step_lib.abstract_state(model, tx, image_shape)
+  boxed_state = step_lib.abstract_state(model, tx, input_shape, input_dtype)
   state_shardings = step_lib.state_shardings(boxed_state, mesh, rules)
   abstract_state = step_lib.with_shardings(boxed_state, state_shardings)
   num_params = step_lib.count_params(boxed_state["params"])
@@ -151,20 +163,16 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   # --------------------------------------------------------------------------------- Update step
   train_step = jax.jit(
       step_lib.make_train_step(model, tx, schedule, grad_accum_steps=config.grad_accum_steps,
-                               micro_sharding=data_sharding),
+                               micro_sharding=data_sharding, loss_fn=task.loss),
       in_shardings=(state_shardings, data_sharding, replicated),
       out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
   if config.dry_run:
-    batch_spec = {
-        "image": jax.ShapeDtypeStruct((batch_size, *image_shape), jnp.float32,
-                                      sharding=data_sharding),
-        "labels": jax.ShapeDtypeStruct((batch_size, info["num_classes"]), jnp.float32,
-                                       sharding=data_sharding)}
     rng_spec = jax.ShapeDtypeStruct(train_rng.shape, train_rng.dtype, sharding=replicated)
     compiled = train_step.lower(abstract_state, batch_spec, rng_spec).compile()
     return report_compiled(compiled, num_params, mesh.size,
-                           step_flops(model, tx, schedule, config, image_shape, batch_spec))
+                           step_flops(model, tx, schedule, config, input_shape, batch_spec,
+                                      input_dtype=input_dtype, loss_fn=task.loss))
 
   # ---------------------------------------------------------------------------------- Checkpoint
   checkpointer = ckpt_lib.Checkpointer(
@@ -172,7 +180,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
       max_to_keep=config.max_to_keep)
   restored = checkpointer.restore_latest(abstract_state, train_iter)
   if restored is None:
-    state = jax.jit(step_lib.make_init_fn(model, tx, image_shape),
+    state = jax.jit(step_lib.make_init_fn(model, tx, input_shape, input_dtype),
                     out_shardings=state_shardings)(init_rng)
     first_step = 0
   else:
@@ -198,8 +206,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   try:
     while step < config.total_steps and not preempted.is_set():
       batch = next(train_iter)
-      batch = mesh_lib.shard_batch({"image": batch["image"], "labels": batch["labels"]},
-                                   data_sharding)
+      batch = mesh_lib.shard_batch({k: batch[k] for k in batch_spec}, data_sharding)
       state, metrics = train_step(state, batch, train_rng)
       step += 1
       last = step == config.total_steps or preempted.is_set()
@@ -229,7 +236,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
 
 
 def step_flops(model: Any, tx: Any, schedule: Any, config: Any, image_shape: tuple[int, ...],
-               batch_spec: dict[str, Any]) -> float:
+               batch_spec: dict[str, Any], *, input_dtype: Any = jnp.float32,
+               loss_fn: Any = step_lib.classification_loss) -> float:
   """FLOPs of one whole (global, unpartitioned) train step, from XLA's cost analysis.
 
   XLA counts the body of a loop once, so a model whose layers are scanned is lowered again
@@ -238,9 +246,11 @@ def step_flops(model: Any, tx: Any, schedule: Any, config: Any, image_shape: tup
   if getattr(model, "scan_layers", False):
     model = model.clone(scan_layers=False)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                          nn.unbox(step_lib.abstract_state(model, tx, image_shape)))
+                          nn.unbox(step_lib.abstract_state(model, tx, image_shape,
+                                                           input_dtype)))
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch_spec.items()}
-  step = step_lib.make_train_step(model, tx, schedule, grad_accum_steps=config.grad_accum_steps)
+  step = step_lib.make_train_step(model, tx, schedule, grad_accum_steps=config.grad_accum_steps,
+                                  loss_fn=loss_fn)
   cost = jax.jit(step).lower(abstract, batch, jax.random.key(0)).cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float((cost or {}).get("flops", 0.0))

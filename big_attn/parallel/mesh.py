@@ -46,6 +46,7 @@ DEFAULT_RULES = (
     ("channels_in", None),
     ("position", None),
     ("classes", None),
+    ("vocab", "tensor"),
     ("layers", None),
 )
 

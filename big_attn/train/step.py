@@ -5,6 +5,7 @@ and restores it as an ordinary pytree.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -16,16 +17,19 @@ from jax.sharding import NamedSharding, PartitionSpec
 from big_attn.parallel import mesh as mesh_lib
 
 
-def init_variables(model: nn.Module, rng: jax.Array, image_shape: tuple[int, ...]) -> Any:
-  """Boxed (logically annotated) params of `model` for images of `image_shape` ([h, w, c])."""
-  dummy = jnp.zeros((1, *image_shape), jnp.float32)
+def init_variables(model: nn.Module, rng: jax.Array, image_shape: tuple[int, ...],
+                   input_dtype: Any = jnp.float32) -> Any:
+  """Boxed (logically annotated) params of `model` for one input of `image_shape` ([h, w, c]
+  images, or any example shape such as `[length]` tokens with `input_dtype=jnp.int32`)."""
+  dummy = jnp.zeros((1, *image_shape), input_dtype)
   return model.init({"params": rng, "dropout": rng}, dummy, train=False)["params"]
 
 
 def abstract_state(model: nn.Module, tx: optax.GradientTransformation,
-                   image_shape: tuple[int, ...]) -> dict[str, Any]:
+                   image_shape: tuple[int, ...], input_dtype: Any = jnp.float32
+                   ) -> dict[str, Any]:
   """Shapes of the state, with the logical names of params carried into the optimizer state."""
-  boxed = jax.eval_shape(lambda rng: init_variables(model, rng, image_shape),
+  boxed = jax.eval_shape(lambda rng: init_variables(model, rng, image_shape, input_dtype),
                          jax.random.key(0))
   return {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": boxed,
           "opt_state": jax.eval_shape(tx.init, boxed)}
@@ -43,11 +47,12 @@ def with_shardings(boxed_abstract_state: Any, shardings: Any) -> Any:
 
 
 def make_init_fn(model: nn.Module, tx: optax.GradientTransformation,
-                 image_shape: tuple[int, ...]) -> Callable[[jax.Array], dict[str, Any]]:
+                 image_shape: tuple[int, ...], input_dtype: Any = jnp.float32
+                 ) -> Callable[[jax.Array], dict[str, Any]]:
   """`rng -> state` (jit it with `out_shardings=state_shardings(...)`)."""
 
   def init(rng):
-    params = nn.unbox(init_variables(model, rng, image_shape))
+    params = nn.unbox(init_variables(model, rng, image_shape, input_dtype))
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
   return init
@@ -58,9 +63,38 @@ def classification_losses(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy(logits.astype(jnp.float32), labels.astype(jnp.float32))
 
 
+def classification_loss(model: nn.Module, params: Any, batch: dict[str, Any],
+                        rng: jax.Array) -> jax.Array:
+  """Mean softmax cross-entropy of `model` on `batch["image"]` against `batch["labels"]`."""
+  logits = model.apply({"params": params}, batch["image"], train=True, rngs={"dropout": rng})
+  return classification_losses(logits, batch["labels"]).mean()
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """What the loop needs from a model family: its batch, its init input and its loss.
+
+  A model module may expose `TASK`; image classification (`CLASSIFICATION`) otherwise.
+  `batch_spec(info, batch_size)` gives `{key: (shape, dtype)}` of a global batch (the keys the
+  loop feeds the step), `example_input(info)` the `(shape, dtype)` of one model input (for
+  init), `loss(model, params, batch, rng)` the scalar training loss; `info` is
+  `data.dataset_info(config.input)`.
+  """
+  batch_spec: Callable[[dict[str, Any], int], dict[str, tuple[tuple[int, ...], Any]]]
+  example_input: Callable[[dict[str, Any]], tuple[tuple[int, ...], Any]]
+  loss: Callable[..., jax.Array]
+
+
+CLASSIFICATION = Task(
+    batch_spec=lambda info, b: {"image": ((b, *info["image_shape"]), jnp.float32),
+                                "labels": ((b, info["num_classes"]), jnp.float32)},
+    example_input=lambda info: (tuple(info["image_shape"]), jnp.float32),
+    loss=classification_loss)
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: Callable,
-                    *, grad_accum_steps: int = 1, micro_sharding: NamedSharding | None = None
-                    ) -> Callable:
+                    *, grad_accum_steps: int = 1, micro_sharding: NamedSharding | None = None,
+                    loss_fn: Callable[..., jax.Array] = classification_loss) -> Callable:
   """`(state, batch, rng) -> (state, metrics)`: one optimizer update on the whole batch.
 
   With `grad_accum_steps > 1` the batch is split into that many microbatches (example `i` goes
@@ -68,15 +102,13 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
   with `lax.scan`, and the mean of their gradients is applied: the same update as the whole
   batch at once. `micro_sharding` (batch dim over the data axes) keeps microbatches sharded.
   The dropout key of step `s`, microbatch `m` is `fold_in(fold_in(rng, s), m)`.
+  `loss_fn(model, params, batch, rng)` is the task's loss (a `Task.loss`); every array of the
+  batch is split along its leading dimension.
   """
   if grad_accum_steps < 1:
     raise ValueError(f"config.grad_accum_steps must be >= 1, got {grad_accum_steps}")
 
-  def loss_fn(params, images, labels, rng):
-    logits = model.apply({"params": params}, images, train=True, rngs={"dropout": rng})
-    return classification_losses(logits, labels).mean()
-
-  grad_fn = jax.value_and_grad(loss_fn)
+  grad_fn = jax.value_and_grad(lambda params, batch, rng: loss_fn(model, params, batch, rng))
 
   def split(x):
     b = x.shape[0]
@@ -94,20 +126,19 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
     rng = jax.random.fold_in(rng, step)
     params = state["params"]
     if grad_accum_steps == 1:
-      loss, grads = grad_fn(params, batch["image"], batch["labels"], rng)
+      loss, grads = grad_fn(params, batch, rng)
     else:
-      images, labels = split(batch["image"]), split(batch["labels"])
+      micro = jax.tree.map(split, batch)
 
       def body(carry, xs):
         loss_sum, grad_sum = carry
-        i, mb_images, mb_labels = xs
-        loss, grads = grad_fn(params, mb_images, mb_labels, jax.random.fold_in(rng, i))
+        i, mb = xs
+        loss, grads = grad_fn(params, mb, jax.random.fold_in(rng, i))
         return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
 
       zeros = jax.tree.map(jnp.zeros_like, params)
       (loss, grads), _ = jax.lax.scan(
-          body, (jnp.zeros((), jnp.float32), zeros),
-          (jnp.arange(grad_accum_steps), images, labels))
+          body, (jnp.zeros((), jnp.float32), zeros), (jnp.arange(grad_accum_steps), micro))
       loss = loss / grad_accum_steps
       grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
