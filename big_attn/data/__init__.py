@@ -1,9 +1,23 @@
-"""Input pipelines (grain): the embedded digits and TFDS ArrayRecord sources.
+"""Input pipelines (grain): the embedded digits, TFDS ArrayRecord sources, and byte-level text.
 
 `get_dataset(input_config, *, split, batch_size, seed, train, process_index=0,
 process_count=1)` returns a `grain.IterDataset` of batches; `dataset_info(input_config)` the
-number of classes, image shape and split sizes. See `big_attn.data.pipeline`.
+number of classes, image shape and split sizes (images, `big_attn.data.pipeline`) or the
+vocabulary size and sequence length (`name="bytes"`, `big_attn.data.text`).
 """
-from big_attn.data.pipeline import dataset_info, get_dataset
+from big_attn.data import pipeline, text
 
-__all__ = ["dataset_info", "get_dataset"]
+
+def dataset_info(input_config):
+  if text.is_text(input_config):
+    return text.dataset_info(input_config)
+  return pipeline.dataset_info(input_config)
+
+
+def get_dataset(input_config, **kwargs):
+  if text.is_text(input_config):
+    return text.get_dataset(input_config, **kwargs)
+  return pipeline.get_dataset(input_config, **kwargs)
+
+
+__all__ = ["dataset_info", "get_dataset", "text"]
