@@ -1,0 +1,285 @@
+"""The decoder-only LM: sequence parallelism equals one device, packing isolates documents,
+cached generation equals the full forward, the lean decode op equals attention, configs, and a
+short `lm_bytes` run lowering held-out bits per byte (8 simulated CPU devices)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from big_attn import ops
+from big_attn import main as main_lib
+from big_attn.data import text
+from big_attn.evaluators import lm as lm_eval
+from big_attn.layers import apply_rope
+from big_attn.models import lm
+from big_attn.ops import registry
+from big_attn.parallel import mesh as mesh_lib
+from big_attn.train import step as step_lib
+from tests import reference as ref
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = dict(vocab_size=text.VOCAB_SIZE, width=32, depth=2, num_heads=4, num_kv_heads=2,
+             mlp_dim=48, qk_norm=True)
+
+
+def _config_module(name):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _packed_batch(batch, seq_len, seed=0):
+  """Packed rows of random documents (several per row, with padding)."""
+  rng = np.random.default_rng(seed)
+  docs = [bytes(rng.integers(0, 256, n, dtype=np.uint8)) for n in rng.integers(1, 12, 40)]
+  rows = text.PackedDocuments(docs, seq_len)
+  picked = [rows[i] for i in range(batch)]
+  return {k: jnp.asarray(np.stack([r[k] for r in picked])) for k in lm.BATCH_KEYS}
+
+
+def _init(model, seq_len):
+  return nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, seq_len), jnp.int32))["params"])
+
+
+@pytest.mark.parametrize("strategy,mesh_config", [
+    ("striped", [("data", 2), ("seq", 4)]),
+    ("ring", [("seq", 8)]),
+    ("all_gather", [("data", 2), ("seq", 4)]),
+])
+def test_sequence_parallel_loss_and_grads_equal_single_device(strategy, mesh_config):
+  model = lm.Model(**SMALL, tie_embeddings=False)
+  batch = _packed_batch(4, 16)
+  params = _init(model, 16)
+  loss_grad = lambda m: jax.jit(jax.value_and_grad(  # pylint: disable=g-long-lambda
+      lambda p: lm.loss_fn(m, p, batch, jax.random.key(0))))(params)
+  loss, grads = loss_grad(model)
+  mesh = mesh_lib.make_mesh(mesh_config)
+  sp_model = model.clone(mesh=mesh, seq_strategy=strategy)
+  assert sp_model.seq_parallel().num_shards == mesh.shape["seq"]
+  sp_loss, sp_grads = loss_grad(sp_model)
+  np.testing.assert_allclose(sp_loss, loss, rtol=1e-5)
+  for path, g in jax.tree_util.tree_leaves_with_path(grads):
+    got = sp_grads
+    for key in path:
+      got = got[key.key]
+    np.testing.assert_allclose(got, g, rtol=2e-4, atol=2e-6, err_msg=str(path))
+  if strategy == "striped":  # logits come out in striped order
+    striped = lm.stripe_batch(sp_model, batch)
+    np.testing.assert_array_equal(striped["positions"][:, :4],
+                                  batch["positions"][:, ::4][:, :4])
+
+
+def test_packing_never_lets_a_document_see_another():
+  model = lm.Model(**SMALL)
+  batch = _packed_batch(2, 24, seed=3)
+  params = _init(model, 24)
+  apply = jax.jit(lambda tokens: model.apply({"params": params}, tokens,
+                                             positions=batch["positions"],
+                                             segment_ids=batch["segment_ids"]))
+  seg = np.asarray(batch["segment_ids"])
+  assert seg.max() >= 3
+  logits = apply(batch["inputs"])
+  changed = np.where(seg == 2, (np.asarray(batch["inputs"]) + 7) % 256, batch["inputs"])
+  new_logits = apply(jnp.asarray(changed))
+  others = seg != 2
+  np.testing.assert_allclose(np.asarray(new_logits)[others], np.asarray(logits)[others],
+                             rtol=1e-6, atol=1e-6)
+  assert not np.allclose(np.asarray(new_logits)[seg == 2], np.asarray(logits)[seg == 2])
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_generate_with_cache_equals_full_forward(scan_layers, monkeypatch):
+  model = lm.Model(**SMALL, scan_layers=scan_layers, rope_base=500.)
+  params = _init(model, 8)
+  prompt = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 5)), jnp.int32)
+  calls = []
+  lean = registry.get("lean_decode")
+  monkeypatch.setitem(registry._OPS, "lean_decode",  # pylint: disable=protected-access
+                      lambda *a, **k: calls.append(k["kv_length"]) or lean(*a, **k))
+  tokens, logits = lm.generate(model, params, prompt, 6, temperature=0.0, return_logits=True)
+  assert calls, "generate must attend through the lean_decode op"
+  assert tokens.shape == (2, 11)
+  np.testing.assert_array_equal(tokens[:, :5], prompt)
+  full = jax.jit(lambda t: model.apply({"params": params}, t))(tokens)
+  np.testing.assert_allclose(logits, full[:, 4:-1], rtol=1e-4, atol=1e-4)
+  np.testing.assert_array_equal(tokens[:, 5:], jnp.argmax(full[:, 4:-1], axis=-1))
+  if scan_layers:  # top_k=1 sampling is greedy
+    top1 = lm.generate(model, params, prompt, 6, temperature=1.0, top_k=1,
+                       rng=jax.random.key(1))
+    np.testing.assert_array_equal(top1, tokens)
+
+
+def test_generate_and_model_argument_errors():
+  model = lm.Model(**SMALL)
+  params = _init(model, 4)
+  prompt = jnp.zeros((1, 3), jnp.int32)
+  with pytest.raises(ValueError, match="needs rng"):
+    lm.generate(model, params, prompt, 2, temperature=1.0)
+  with pytest.raises(ValueError, match="top_k"):
+    lm.generate(model, params, prompt, 2, temperature=1.0, top_k=0, rng=jax.random.key(0))
+  with pytest.raises(ValueError, match="prompt must be integers"):
+    lm.generate(model, params, jnp.zeros((3,), jnp.int32), 2, temperature=0.0)
+  with pytest.raises(ValueError, match="seq_strategy"):
+    lm.Model(**SMALL, seq_strategy="zigzag").seq_parallel()
+  mesh = mesh_lib.make_mesh([("seq", 4)])
+  with pytest.raises(ValueError, match="softmax"):
+    lm.Model(**SMALL, attention="sigmoid", mesh=mesh, seq_strategy="ring").init(
+        jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+  with pytest.raises(ValueError, match="not divisible"):
+    lm.Model(**SMALL, mesh=mesh, seq_strategy="ring").init(
+        jax.random.key(0), jnp.zeros((1, 6), jnp.int32))
+  with pytest.raises(ValueError, match="unknown LM variant"):
+    lm.decode_variant("XXL")
+
+
+def test_rope_depends_only_on_relative_position():
+  rng = np.random.default_rng(0)
+  q, k = (jnp.asarray(rng.normal(size=(1, 1, 2, 8)), jnp.float32) for _ in range(2))
+  dot = lambda i, j: jnp.sum(apply_rope(q, jnp.array([i]), 100.)  # pylint: disable=g-long-lambda
+                             * apply_rope(k, jnp.array([j]), 100.), -1)
+  np.testing.assert_allclose(dot(7, 3), dot(104, 100), rtol=1e-4)
+  assert not np.allclose(dot(7, 3), dot(7, 4))
+  np.testing.assert_allclose(apply_rope(q, jnp.array([0]), 100.), q)
+
+
+def _reference_decode(q, k, v, *, kv_length, is_causal, mask=None):
+  """softmax(QKᵀ/√d, masked)V in float64 with the visible cache entries written out."""
+  b, t, n, d = q.shape
+  s = k.shape[1]
+  q, k, v = ref.f64(q, k, v)
+  k, v = ref.repeat_kv(k, n), ref.repeat_kv(v, n)
+  logits = jnp.einsum("btnd,bsnd->bnts", q, k) / np.sqrt(d)
+  lengths = np.broadcast_to(np.asarray(kv_length), (b,))
+  visible = np.zeros((b, n, t, s), bool)
+  for bi in range(b):
+    for i in range(t):
+      last = lengths[bi] - t + i if is_causal else lengths[bi] - 1
+      visible[bi, :, i, :max(0, min(last + 1, lengths[bi]))] = True
+  if mask is not None:
+    visible &= np.broadcast_to(mask, visible.shape)
+  logits = jnp.where(visible, logits, -jnp.inf)
+  p = jnp.exp(logits - jnp.max(jnp.where(visible, logits, -1e30), -1, keepdims=True))
+  p = jnp.where(visible, p, 0.0)
+  p = p / jnp.maximum(p.sum(-1, keepdims=True), 1e-300)
+  return jnp.einsum("bnts,bsnd->btnd", p, v)
+
+
+@pytest.mark.parametrize("t,s,n,kvh,block,kv_length,causal", [
+    (1, 13, 4, 2, 4, None, False),
+    (1, 13, 4, 1, 5, np.array([13, 6, 1]), True),
+    (3, 10, 6, 3, 3, np.array([10, 7, 3]), True),
+    (2, 9, 2, 2, 16, 9, False),
+])
+def test_lean_decode_matches_float64_reference(t, s, n, kvh, block, kv_length, causal):
+  rng = np.random.default_rng(t * 100 + s)
+  q = jnp.asarray(rng.normal(size=(3, t, n, 8)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(3, s, kvh, 8)), jnp.float32)
+  v = jnp.asarray(rng.normal(size=(3, s, kvh, 8)), jnp.float32)
+  kvl = None if kv_length is None else (kv_length if isinstance(kv_length, int)
+                                        else jnp.asarray(kv_length, jnp.int32))
+  ref_len = s if kv_length is None else kv_length
+  cot = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+
+  def with_cotangent(fn, cot):
+    def loss(q, k, v):
+      out = fn(q, k, v)
+      return jnp.sum(out * cot), out
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+
+  (_, out), grads = with_cotangent(lambda q, k, v: ops.get("lean_decode")(
+      q, k, v, is_causal=causal, kv_length=kvl, block_size=block), cot)(q, k, v)
+  with ref.x64():
+    (_, want), want_grads = with_cotangent(lambda q, k, v: _reference_decode(
+        q, k, v, kv_length=ref_len, is_causal=causal), ref.f64(cot))(*ref.f64(q, k, v))
+  np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+  for g, w in zip(grads, want_grads):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_lean_decode_mask_empty_rows_and_errors():
+  rng = np.random.default_rng(5)
+  q = jnp.asarray(rng.normal(size=(2, 2, 2, 4)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(2, 7, 2, 4)), jnp.float32) for _ in range(2))
+  mask = jnp.asarray(rng.random((2, 1, 2, 7)) < 0.5).at[0, 0, 1].set(False)
+  op = ops.get("lean_decode")
+  out = op(q, k, v, mask=mask, block_size=2)
+  with ref.x64():
+    want = _reference_decode(q, k, v, kv_length=7, is_causal=False, mask=np.asarray(mask))
+  np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(out[0, 1], 0.0)  # a row with nothing visible gives zeros
+  np.testing.assert_array_equal(op(q, k, v, kv_length=0), 0.0)
+  np.testing.assert_allclose(  # equals softmax attention over the whole cache
+      op(q, k, v, block_size=3), ops.dot_product_attention(q, k, v), rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="kv_length must be in"):
+    op(q, k, v, kv_length=8)
+  with pytest.raises(ValueError, match="block_size"):
+    op(q, k, v, block_size=0)
+  with pytest.raises(TypeError, match="kv_length"):
+    op(q, k, v, kv_length=2.5)
+
+
+def test_config_args_and_1b_size():
+  lm_bytes = _config_module("lm_bytes")
+  config = lm_bytes.get_config("seq_shards=4,strategy=ring,seq_len=128")
+  assert config.mesh == [("data", -1), ("seq", 4)]
+  assert config.model.seq_strategy == "ring" and config.input.seq_len == 128
+  assert lm_bytes.get_config(None).model.seq_strategy is None
+  with pytest.raises(ValueError, match="strategy must be one of"):
+    lm_bytes.get_config("seq_shards=2,strategy=zigzag")
+  with pytest.raises(ValueError, match="multiple of seq_shards"):
+    lm_bytes.get_config("seq_shards=3,seq_len=128")
+  with pytest.raises(ValueError, match="unknown config arg"):
+    lm_bytes.get_config("seq_shard=2")
+  big = _config_module("lm_1b_128k").get_config()
+  assert big.input.seq_len == 131_072 and big.model.seq_strategy == "striped"
+  model = lm.Model(vocab_size=text.VOCAB_SIZE, variant=big.model.variant,
+                   tie_embeddings=big.model.tie_embeddings, qk_norm=big.model.qk_norm)
+  assert 0.95e9 < lm.count_params(model) < 1.1e9
+
+
+def test_dry_run_of_the_long_context_config_compiles_sharded():
+  config = _config_module("lm_1b_128k").get_config("variant=tiny,seq_len=4096")
+  config.dry_run = True
+  out = main_lib.train_and_evaluate(ml_collections.ConfigDict(config.to_dict()), None)
+  assert out["parameters"] > 0 and out["flops"] > 0
+  assert out["memory"]["argument"] > 0
+
+
+def test_short_lm_bytes_run_lowers_heldout_bits_per_byte(tmp_path):
+  config = _config_module("lm_bytes").get_config("runlocal,seq_shards=2,strategy=striped,"
+                                                 "seq_len=64")
+  config.model.variant = None
+  config.model.update(width=48, depth=2, num_heads=4, num_kv_heads=2, mlp_dim=96)
+  config.input.batch_size = 8
+  config.lr = 1e-2
+  config.total_steps = 30
+  config.log_every = 10
+  config.ckpt_every = 30
+  config.evals.eval.update(every=30, batch_size=8, max_batches=3)
+  config = ml_collections.ConfigDict(config.to_dict())
+  workdir = str(tmp_path)
+  assert main_lib.train_and_evaluate(config, workdir)["step"] == 30
+
+  # The same evaluator on a freshly initialised model gives the "before" number.
+  mesh = mesh_lib.make_mesh(config.mesh)
+  model = lm.Model(vocab_size=text.VOCAB_SIZE, mesh=mesh,
+                   **dict(config.model.to_dict(), dtype=jnp.float32))
+  params = jax.jit(lambda r: nn.unbox(step_lib.init_variables(model, r, (64,), jnp.int32)))(
+      jax.random.key(0))
+  input_config = {k: v for k, v in config.input.items() if k != "batch_size"}
+  before = dict(lm_eval.Evaluator(model, input_config=input_config, batch_size=8, mesh=mesh,
+                                  rules=config.sharding_rules, max_batches=3).run(
+                                      {"params": params, "step": 0}))
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    after = [json.loads(line) for line in f if "eval/bits_per_byte" in line][-1]
+  assert 7.0 < before["bits_per_byte"] < 9.0  # about log2(259) = 8.02 at initialisation
+  assert after["eval/bits_per_byte"] < before["bits_per_byte"] - 1.5
