@@ -61,7 +61,10 @@ class _Spec:
     unknown = sorted(set(cfg.keys()) - set(_KEYS))
     if unknown:
       raise ValueError(f"unknown input keys {unknown} for name={NAME!r}; known: {_KEYS}")
-    get = lambda key, default: default if cfg.get(key) is None else cfg.get(key)  # pylint: disable=g-long-lambda
+
+    def get(key, default):
+      return default if cfg.get(key) is None else cfg.get(key)
+
     spec = cls(seq_len=get("seq_len", 512), root=get("root", sysconfig.get_paths()["stdlib"]),
                heldout=float(get("heldout", 0.05)), max_files=cfg.get("max_files"),
                num_threads=get("num_threads", 4), prefetch=get("prefetch", 8))
@@ -92,8 +95,8 @@ def list_files(root: str, split: str, heldout: float) -> list[str]:
     for name in files:
       if name.endswith(EXTENSIONS):
         paths.append(os.path.relpath(os.path.join(directory, name), root))
-  held = lambda p: zlib.crc32(p.encode()) % 10_000 < heldout * 10_000  # pylint: disable=g-long-lambda
-  return sorted(p for p in paths if held(p) == (split == "test"))
+  held_out = lambda p: zlib.crc32(p.encode()) % 10_000 < heldout * 10_000
+  return sorted(p for p in paths if held_out(p) == (split == "test"))
 
 
 class PackedDocuments:

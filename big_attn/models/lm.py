@@ -22,14 +22,15 @@ as `loss_fn` does); nothing is permuted between layers. Activations stay sharded
 Decoding (`decode=True`, used by `generate`): a key/value cache of `cache_len` entries per layer
 (collection "cache") and the split-KV decode op `lean_decode` (Lean Attention) over it.
 
-Sizes (`decode_variant`; parameters with untied 259-byte vocabulary counted by `jax.eval_shape`):
+Sizes (`decode_variant`; parameters for the 259-token byte vocabulary, tied / untied
+embeddings, without qk-norm; counted with `jax.eval_shape`, nothing allocated):
 
-| variant | width | depth | mlp_dim | heads | kv heads | parameters    |
-|---------|-------|-------|---------|-------|----------|---------------|
-| tiny    |   128 |     4 |     384 |     4 |        2 |       724,864 |
-| S       |   512 |     8 |    1408 |     8 |        4 |    23,334,400 |
-| M       |  1024 |    16 |    2816 |    16 |        4 |   176,703,488 |
-| 1B      |  2048 |    22 |    5632 |    16 |        4 | 1,000,000,000 |
+| variant | width | depth | mlp_dim | heads | kv heads | parameters (tied) | (untied)    |
+|---------|-------|-------|---------|-------|----------|-------------------|-------------|
+| tiny    |   128 |     4 |     384 |     4 |        2 |           820,736 |     853,888 |
+| S       |   512 |     8 |    1408 |     8 |        4 |        23,734,272 |  23,866,880 |
+| M       |  1024 |    16 |    2816 |    16 |        4 |       180,654,080 | 180,919,296 |
+| 1B      |  2048 |    22 |    5632 |    16 |        4 |       992,575,488 | 993,105,920 |
 """
 from __future__ import annotations
 
