@@ -254,7 +254,7 @@ def test_dry_run_of_the_long_context_config_compiles_sharded():
   assert out["memory"]["argument"] > 0
 
 
-def test_short_lm_bytes_run_lowers_heldout_bits_per_byte(tmp_path):
+def test_short_lm_bytes_run_lowers_heldout_bits_per_byte(tmp_path, capsys):
   config = _config_module("lm_bytes").get_config("runlocal,seq_shards=2,strategy=striped,"
                                                  "seq_len=64")
   config.model.variant = None
@@ -264,10 +264,12 @@ def test_short_lm_bytes_run_lowers_heldout_bits_per_byte(tmp_path):
   config.total_steps = 30
   config.log_every = 10
   config.ckpt_every = 30
-  config.evals.eval.update(every=30, batch_size=8, max_batches=3)
+  config.evals.eval.update(every=30, batch_size=8, max_batches=3, sample_prompt="def ",
+                           sample_tokens=12)
   config = ml_collections.ConfigDict(config.to_dict())
   workdir = str(tmp_path)
   assert main_lib.train_and_evaluate(config, workdir)["step"] == 30
+  assert "sample after step 30: def " in capsys.readouterr().out
 
   # The same evaluator on a freshly initialised model gives the "before" number.
   mesh = mesh_lib.make_mesh(config.mesh)
