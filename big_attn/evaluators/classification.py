@@ -6,11 +6,9 @@ from typing import Any, Iterator
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh
 
-from big_attn import data
-from big_attn.parallel import mesh as mesh_lib
+from big_attn.evaluators import _base
 from big_attn.train import step as step_lib
 
 
@@ -24,14 +22,8 @@ class Evaluator:
 
   def __init__(self, model: nn.Module, *, input_config: Any, batch_size: int, mesh: Mesh,
                rules: Any, split: str = "test", seed: int = 0):
-    divisor = mesh_lib.batch_divisor(mesh, rules)
-    if batch_size % divisor:
-      raise ValueError(f"evaluator batch_size {batch_size} must be a multiple of the {divisor} "
-                       "ways the mesh splits a batch")
-    self.dataset = data.get_dataset(
-        input_config, split=split, batch_size=batch_size, seed=seed, train=False,
-        process_index=jax.process_index(), process_count=jax.process_count())
-    self.sharding = mesh_lib.data_sharding(mesh, rules)
+    self.held_out = _base.HeldOut(input_config=input_config, batch_size=batch_size, mesh=mesh,
+                                  rules=rules, split=split, seed=seed)
 
     @jax.jit
     def eval_step(params, batch):
@@ -45,12 +37,8 @@ class Evaluator:
 
   def run(self, state: dict[str, Any]) -> Iterator[tuple[str, float]]:
     """Yields `("accuracy", a)` and `("loss", l)` over the whole split."""
-    totals = np.zeros(3, np.float64)
-    for batch in self.dataset:
-      batch = {k: batch[k] for k in ("image", "labels", "label", "mask")}
-      sums = self._eval_step(state["params"], mesh_lib.shard_batch(batch, self.sharding))
-      totals += np.asarray(jax.device_get(sums), np.float64)
-    loss_sum, correct, count = totals
+    loss_sum, correct, count = self.held_out.sums(
+        lambda batch: self._eval_step(state["params"], batch), ("image", "labels", "label", "mask"))
     if count == 0:
       raise ValueError("the evaluation split has no examples")
     yield "accuracy", float(correct / count)

@@ -12,10 +12,9 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from big_attn import data
 from big_attn.data import text
+from big_attn.evaluators import _base
 from big_attn.models import lm
-from big_attn.parallel import mesh as mesh_lib
 
 
 class Evaluator:
@@ -36,20 +35,14 @@ class Evaluator:
                rules: Any, split: str = "test", max_batches: int | None = None,
                sample_prompt: str | None = None, sample_tokens: int = 64,
                temperature: float = 0.8, top_k: int | None = 20, seed: int = 0):
-    divisor = mesh_lib.batch_divisor(mesh, rules)
-    if batch_size % divisor:
-      raise ValueError(f"evaluator batch_size {batch_size} must be a multiple of the {divisor} "
-                       "ways the mesh splits a batch")
     if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 1):
       raise ValueError(f"max_batches must be None or a positive int, got {max_batches!r}")
     if sample_prompt is not None and not isinstance(sample_prompt, str):
       raise TypeError(f"sample_prompt must be a string, got {type(sample_prompt).__name__}")
     self.model, self.max_batches = model, max_batches
     self.sample = (sample_prompt, sample_tokens, temperature, top_k, seed)
-    self.dataset = data.get_dataset(
-        input_config, split=split, batch_size=batch_size, seed=seed, train=False,
-        process_index=jax.process_index(), process_count=jax.process_count())
-    self.sharding = mesh_lib.data_sharding(mesh, rules)
+    self.held_out = _base.HeldOut(input_config=input_config, batch_size=batch_size, mesh=mesh,
+                                  rules=rules, split=split, seed=seed)
 
     @jax.jit
     def eval_step(params, batch):
@@ -62,12 +55,9 @@ class Evaluator:
 
   def run(self, state: dict[str, Any]) -> Iterator[tuple[str, float]]:
     """Yields `("loss", nats per token)` and `("bits_per_byte", bpb)`."""
-    totals = np.zeros(3, np.float64)
-    for batch in itertools.islice(self.dataset, self.max_batches):
-      batch = {k: batch[k] for k in lm.BATCH_KEYS}
-      sums = self._eval_step(state["params"], mesh_lib.shard_batch(batch, self.sharding))
-      totals += np.asarray(jax.device_get(sums), np.float64)
-    loss_sum, count, num_bytes = totals
+    loss_sum, count, num_bytes = self.held_out.sums(
+        lambda batch: self._eval_step(state["params"], batch), lm.BATCH_KEYS,
+        itertools.islice(self.held_out.dataset, self.max_batches))
     if count == 0 or num_bytes == 0:
       raise ValueError("the evaluation split has no targets")
     yield "loss", float(loss_sum / count)
