@@ -62,3 +62,43 @@ def softmax_attention(q, k, v, *, bias=None, mask=None, scale=None, soft_cap=Non
     e = jnp.where(mask, jnp.exp(s - s.max(-1, keepdims=True)), 0.0)
     p = e / jnp.maximum(e.sum(-1, keepdims=True), 1e-300)
   return jnp.einsum("bnts,bsnd->btnd", p, v)
+
+
+F32_TOL = dict(rtol=1e-4, atol=1e-4)
+BF16_TOL = dict(rtol=5e-2, atol=5e-2)
+
+
+def normal(seed, shape, dtype=jnp.float32, std=1.0):
+  """A seeded standard-normal array (NumPy's generator, so independent of JAX's PRNG)."""
+  return jnp.asarray(np.random.default_rng(seed).normal(size=shape) * std, dtype)
+
+
+def out_and_grads(fn, arrays, seed=7):
+  """`fn(*arrays)` and the gradients of `Σ fn(*arrays)·c` (c fixed, random), in one jit."""
+  shape = jax.eval_shape(fn, *arrays).shape
+  cot = np.random.default_rng(seed).normal(size=shape)
+
+  def run(*a):
+    out, vjp = jax.vjp(fn, *a)
+    return out, vjp(jnp.asarray(cot, out.dtype))
+
+  return jax.jit(run)(*arrays)
+
+
+def assert_matches(op_fn, ref_fn, arrays, tol=F32_TOL):
+  """Forward and gradients wrt every array of `op_fn(*arrays)` vs `ref_fn` in float64.
+
+  Returns the op's output.
+  """
+  out, grads = out_and_grads(op_fn, arrays)
+  with x64():
+    want, want_grads = out_and_grads(ref_fn, [jnp.asarray(a).astype(jnp.float64)
+                                              for a in arrays])
+    want, want_grads = np.asarray(want), [np.asarray(g) for g in want_grads]
+  assert out.dtype == arrays[0].dtype
+  np.testing.assert_allclose(np.asarray(out, np.float64), want, **tol)
+  for i, (g, w) in enumerate(zip(grads, want_grads)):
+    assert np.all(np.isfinite(np.asarray(g, np.float64))), f"non-finite gradient of arg {i}"
+    np.testing.assert_allclose(np.asarray(g, np.float64), w, err_msg=f"gradient of arg {i}",
+                               **tol)
+  return np.asarray(out, np.float64)

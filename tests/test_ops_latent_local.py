@@ -15,48 +15,13 @@ import pytest
 from big_attn import layers, ops
 from tests import reference as ref
 
-F32_TOL = dict(rtol=1e-4, atol=1e-4)
-BF16_TOL = dict(rtol=5e-2, atol=5e-2)
-
-
-def _normal(seed, shape, dtype=jnp.float32, std=1.0):
-  return jnp.asarray(np.random.default_rng(seed).normal(size=shape) * std, dtype)
+F32_TOL, BF16_TOL = ref.F32_TOL, ref.BF16_TOL
 
 
 def _qkv(b=2, t=13, s=None, n=4, k=2, d=8, dtype=jnp.float32, seed=0):
   s = t if s is None else s
-  return (_normal(seed, (b, t, n, d), dtype), _normal(seed + 1, (b, s, k, d), dtype),
-          _normal(seed + 2, (b, s, k, d), dtype))
-
-
-def _out_and_grads(fn, arrays, seed=7):
-  """`fn(*arrays)` and the gradients of `Σ fn(*arrays)·c` (c fixed, random), in one jit."""
-  shape = jax.eval_shape(fn, *arrays).shape
-  cot = np.random.default_rng(seed).normal(size=shape)
-
-  def run(*a):
-    out, vjp = jax.vjp(fn, *a)
-    return out, vjp(jnp.asarray(cot, out.dtype))
-
-  return jax.jit(run)(*arrays)
-
-
-def _assert_matches(op_fn, ref_fn, arrays, tol=F32_TOL):
-  """Forward and gradients wrt every array of `op_fn(*arrays)` vs `ref_fn` in float64.
-
-  Returns the op's output.
-  """
-  out, grads = _out_and_grads(op_fn, arrays)
-  with ref.x64():
-    want, want_grads = _out_and_grads(ref_fn, ref.f64(*arrays))
-    want, want_grads = np.asarray(want), [np.asarray(g) for g in want_grads]
-  assert out.dtype == arrays[0].dtype
-  np.testing.assert_allclose(np.asarray(out, np.float64), want, **tol)
-  for i, (g, w) in enumerate(zip(grads, want_grads)):
-    assert np.all(np.isfinite(np.asarray(g, np.float64))), f"non-finite gradient of arg {i}"
-    np.testing.assert_allclose(np.asarray(g, np.float64), w, err_msg=f"gradient of arg {i}",
-                               **tol)
-  return np.asarray(out, np.float64)
+  return (ref.normal(seed, (b, t, n, d), dtype), ref.normal(seed + 1, (b, s, k, d), dtype),
+          ref.normal(seed + 2, (b, s, k, d), dtype))
 
 
 def _masked_softmax64(logits, mask):
@@ -135,10 +100,10 @@ def _agent_ref(q, k, v, agents, *, b1=None, b2=None, mask=None, kernel=None, dwc
 def test_agent_pooled_matches_reference(kv_heads, t, s):
   """Pooled agents, both biases; with q_len == kv_len also the 1-D DWC(V) term."""
   q, k, v = _qkv(t=t, s=s, k=kv_heads)
-  b1, b2 = _normal(3, (1, 4, t, 5), std=0.5), _normal(4, (2, 4, 5, s), std=0.5)
-  kernel = _normal(13, (5, kv_heads, 8), std=0.3) if t == s else None
+  b1, b2 = ref.normal(3, (1, 4, t, 5), std=0.5), ref.normal(4, (2, 4, 5, s), std=0.5)
+  kernel = ref.normal(13, (5, kv_heads, 8), std=0.3) if t == s else None
   op = ops.get("agent")
-  _assert_matches(
+  ref.assert_matches(
       lambda q, k, v, b1, b2: op(q, k, v, num_agents=5, query_agent_bias=b1, agent_key_bias=b2,
                                  dwc_kernel=kernel),
       lambda q, k, v, b1, b2: _agent_ref(q, k, v, _pool_ref(q, 5), b1=b1, b2=b2,
@@ -148,19 +113,19 @@ def test_agent_pooled_matches_reference(kv_heads, t, s):
 
 def test_agent_given_tokens_and_padding_mask():
   q, k, v = _qkv(t=11, s=9, k=2)
-  agents = _normal(9, (2, 4, 4, 8))
+  agents = ref.normal(9, (2, 4, 4, 8))
   mask = jnp.asarray(_padding_mask(2, 11, 9))
   op = ops.get("agent")
-  out = _assert_matches(lambda q, k, v, a: op(q, k, v, agent_tokens=a, mask=mask),
+  out = ref.assert_matches(lambda q, k, v, a: op(q, k, v, agent_tokens=a, mask=mask),
                         lambda q, k, v, a: _agent_ref(q, k, v, a, mask=mask), [q, k, v, agents])
   np.testing.assert_array_equal(out[0, 2], 0.0)
 
 
 def test_agent_2d_pooling_and_dwc():
   q, k, v = _qkv(t=35, k=2)
-  kernel, bias = _normal(11, (3, 3, 2, 8), std=0.3), _normal(12, (2, 8), std=0.3)
+  kernel, bias = ref.normal(11, (3, 3, 2, 8), std=0.3), ref.normal(12, (2, 8), std=0.3)
   op = ops.get("agent")
-  _assert_matches(
+  ref.assert_matches(
       lambda q, k, v, kern, bias: op(q, k, v, num_agents=(2, 3), grid=(5, 7), dwc_kernel=kern,
                                      dwc_bias=bias),
       lambda q, k, v, kern, bias: _agent_ref(q, k, v, _pool_ref(q, (2, 3), (5, 7)),
@@ -217,9 +182,9 @@ def _latte_ref(q, k, v, w, *, is_causal=False, mask=None):
     (2, False, 13, 13, 64), (1, False, 9, 13, 64), (2, True, 13, 13, 5)])
 def test_latte_matches_reference(kv_heads, is_causal, t, s, chunk):
   q, k, v = _qkv(t=t, s=s, k=kv_heads)
-  w = _normal(3, (4, 5, 8))
+  w = ref.normal(3, (4, 5, 8))
   op = ops.get("latte")
-  _assert_matches(
+  ref.assert_matches(
       lambda q, k, v, w: op(q, k, v, latents=w, is_causal=is_causal, chunk_size=chunk),
       lambda q, k, v, w: _latte_ref(q, k, v, w, is_causal=is_causal), [q, k, v, w])
 
@@ -227,12 +192,12 @@ def test_latte_matches_reference(kv_heads, is_causal, t, s, chunk):
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_latte_padding_mask_and_empty_rows(is_causal):
   q, k, v = _qkv(t=13, k=1)
-  w = _normal(3, (4, 6, 8))
+  w = ref.normal(3, (4, 6, 8))
   m = _padding_mask(2, 13, 13)
   m[1, :, :, :3] = False  # batch 1: the first causal rows see no key at all
   mask = jnp.asarray(m)
   op = ops.get("latte")
-  out = _assert_matches(
+  out = ref.assert_matches(
       lambda q, k, v, w: op(q, k, v, latents=w, is_causal=is_causal, mask=mask, chunk_size=4),
       lambda q, k, v, w: _latte_ref(q, k, v, w, is_causal=is_causal, mask=mask), [q, k, v, w])
   assert np.all(out[0, 2] == 0.0)
@@ -242,7 +207,7 @@ def test_latte_padding_mask_and_empty_rows(is_causal):
 
 def test_latte_causal_chunked_is_stable_for_large_logits():
   q, k, v = _qkv(t=13, k=2)
-  w = _normal(3, (4, 5, 8), std=60.0)  # key logits spread over hundreds: exp over/underflows
+  w = ref.normal(3, (4, 5, 8), std=60.0)  # key logits spread over hundreds: exp over/underflows
   op = ops.get("latte")
   out = jax.jit(functools.partial(op, is_causal=True, chunk_size=3))(q, k, v, latents=w)
   with ref.x64():
@@ -251,15 +216,15 @@ def test_latte_causal_chunked_is_stable_for_large_logits():
 
 
 @pytest.mark.parametrize("name,args", [
-    ("latte", lambda: dict(latents=_normal(3, (4, 5, 8)), chunk_size=4)),
-    ("neighborhood", lambda: dict(kernel_size=3, dilation=2, rpb=_normal(4, (4, 5)))),
+    ("latte", lambda: dict(latents=ref.normal(3, (4, 5, 8)), chunk_size=4)),
+    ("neighborhood", lambda: dict(kernel_size=3, dilation=2, rpb=ref.normal(4, (4, 5)))),
     ("retention", lambda: dict()),
 ])
 def test_causal_ops_ignore_the_future(name, args):
   q, k, v = _qkv(t=13, k=2)
   op = jax.jit(functools.partial(ops.get(name), is_causal=True, **args()))
   out = op(q, k, v)
-  q2, k2, v2 = (x.at[:, 7:].set(_normal(20 + i, x[:, 7:].shape)) for i, x in enumerate((q, k, v)))
+  q2, k2, v2 = (x.at[:, 7:].set(ref.normal(20 + i, x[:, 7:].shape)) for i, x in enumerate((q, k, v)))
   out2 = op(q2, k2, v2)
   np.testing.assert_allclose(np.asarray(out[:, :7]), np.asarray(out2[:, :7]), rtol=1e-6,
                              atol=1e-6)
@@ -283,13 +248,13 @@ def test_latte_bad_args():
   causal = jnp.tril(jnp.ones((9, 9), bool))[None, None]
   with pytest.raises(ValueError, match="is_causal=True"):  # a causal mask is no padding mask
     op(q, k, v, latents=jnp.zeros((4, 5, 8)), mask=causal)
-  out = op(q, k, v, latents=_normal(1, (4, 5, 8)), mask=causal, is_causal=True)
-  want = op(q, k, v, latents=_normal(1, (4, 5, 8)), is_causal=True)
+  out = op(q, k, v, latents=ref.normal(1, (4, 5, 8)), mask=causal, is_causal=True)
+  want = op(q, k, v, latents=ref.normal(1, (4, 5, 8)), is_causal=True)
   np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-6, atol=1e-6)
 
 
 def test_latte_layer_inits_and_runs():
-  x = _normal(0, (2, 13, 32))
+  x = ref.normal(0, (2, 13, 32))
   layer = layers.Attention(num_heads=4, op="latte", op_args=dict(num_latents=8))
   params = jax.jit(layer.init)(jax.random.key(0), x)
   latents = params["params"]["op_params"]["latents"]
@@ -369,9 +334,9 @@ def _nat_ref(q, k, v, shape, kernel, dilation, rpb=None, causal=False, mask=None
     (2, 5, 1, False), (1, 3, 3, False), (2, 3, 4, False), (1, 5, 2, True)])
 def test_neighborhood_1d_matches_reference(kv_heads, kernel, dilation, causal):
   q, k, v = _qkv(t=13, k=kv_heads)
-  rpb = _normal(3, (4, 2 * kernel - 1))
+  rpb = ref.normal(3, (4, 2 * kernel - 1))
   op = ops.get("neighborhood")
-  _assert_matches(
+  ref.assert_matches(
       lambda q, k, v, rpb: op(q, k, v, kernel_size=kernel, dilation=dilation, rpb=rpb,
                               is_causal=causal),
       lambda q, k, v, rpb: _nat_ref(q, k, v, (13,), kernel, dilation, rpb, causal),
@@ -383,9 +348,9 @@ def test_neighborhood_2d_matches_reference(kernel, dilation):
   q, k, v = _qkv(t=35, k=2)
   kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
   dh, dw = (dilation, dilation) if isinstance(dilation, int) else dilation
-  rpb = _normal(3, (4, 2 * kh - 1, 2 * kw - 1))
+  rpb = ref.normal(3, (4, 2 * kh - 1, 2 * kw - 1))
   op = ops.get("neighborhood")
-  _assert_matches(
+  ref.assert_matches(
       lambda q, k, v, rpb: op(q, k, v, kernel_size=kernel, dilation=dilation, grid=(5, 7),
                               rpb=rpb),
       lambda q, k, v, rpb: _nat_ref(q, k, v, (5, 7), (kh, kw), (dh, dw), rpb), [q, k, v, rpb])
@@ -411,7 +376,7 @@ def test_neighborhood_mask_and_empty_rows():
   m[0, 1, 5] = False
   mask = jnp.asarray(m)
   op = ops.get("neighborhood")
-  out = _assert_matches(lambda q, k, v: op(q, k, v, kernel_size=5, dilation=2, mask=mask),
+  out = ref.assert_matches(lambda q, k, v: op(q, k, v, kernel_size=5, dilation=2, mask=mask),
                         lambda q, k, v: _nat_ref(q, k, v, (13,), 5, 2, mask=mask), [q, k, v])
   assert np.all(out[0, 5, 1] == 0.0)
 
@@ -481,7 +446,7 @@ def test_retention_1d_matches_reference(kv_heads, is_causal, t, s):
   q, k, v = _qkv(t=t, s=s, k=kv_heads)
   op = ops.get("retention")
   gamma = jnp.asarray([0.5, 0.7, 0.9, 1.0], jnp.float32)
-  _assert_matches(lambda q, k, v, g: op(q, k, v, is_causal=is_causal, gamma=g),
+  ref.assert_matches(lambda q, k, v, g: op(q, k, v, is_causal=is_causal, gamma=g),
                   lambda q, k, v, g: _retention_ref(q, k, v, g, is_causal=is_causal),
                   [q, k, v, gamma])
 
@@ -490,7 +455,7 @@ def test_retention_chunkwise_matches_reference():
   q, k, v = _qkv(t=13, k=1)
   gamma = jnp.asarray([0.5, 0.7, 0.9, 1.0], jnp.float32)
   op = ops.get("retention")
-  _assert_matches(lambda q, k, v, g: op(q, k, v, is_causal=True, gamma=g, chunk_size=4),
+  ref.assert_matches(lambda q, k, v, g: op(q, k, v, is_causal=True, gamma=g, chunk_size=4),
                   lambda q, k, v, g: _retention_ref(q, k, v, g, is_causal=True),
                   [q, k, v, gamma])
 
@@ -501,7 +466,7 @@ def test_retention_1d_mask_and_empty_rows():
   m[1, 0, 4] = False
   mask = jnp.asarray(m)
   op = ops.get("retention")
-  out = _assert_matches(
+  out = ref.assert_matches(
       lambda q, k, v: op(q, k, v, gamma=0.8, is_causal=True, mask=mask),
       lambda q, k, v: _retention_ref(q, k, v, jnp.full((4,), 0.8), is_causal=True, mask=mask),
       [q, k, v])
@@ -516,7 +481,7 @@ def test_retention_2d_manhattan_matches_reference(renormalize):
   m[0, 0, 3] = False
   mask = jnp.asarray(m)
   op = ops.get("retention")
-  out = _assert_matches(
+  out = ref.assert_matches(
       lambda q, k, v, g: op(q, k, v, gamma=g, grid=(5, 7), renormalize=renormalize, mask=mask),
       lambda q, k, v, g: _manhattan_ref(q, k, v, g, 5, 7, renormalize=renormalize, mask=m),
       [q, k, v, gamma])
@@ -548,7 +513,7 @@ def test_retention_bad_args():
 def test_bfloat16_inputs(name):
   t = 35 if name == "manhattan" else 13
   q, k, v = _qkv(t=t, k=2, dtype=jnp.bfloat16)
-  w = _normal(3, (4, 5, 8), jnp.bfloat16)
+  w = ref.normal(3, (4, 5, 8), jnp.bfloat16)
   g = jnp.asarray(1.0 - 2.0 ** (-5.0 - np.arange(4)))  # the defaults: RetNet's
   g2 = jnp.asarray(1.0 - 2.0 ** (-2.0 - np.arange(4)))  # and RMT's (heads_range 4, 4 heads)
   cases = {
@@ -565,4 +530,4 @@ def test_bfloat16_inputs(name):
                     lambda q, k, v: _manhattan_ref(q, k, v, g2, 5, 7)),
   }
   op_fn, ref_fn = cases[name]
-  _assert_matches(op_fn, ref_fn, [q, k, v], tol=BF16_TOL)
+  ref.assert_matches(op_fn, ref_fn, [q, k, v], tol=BF16_TOL)

@@ -16,47 +16,15 @@ import pytest
 from big_attn import layers, ops
 from tests import reference as ref
 
-F32_TOL = dict(rtol=1e-4, atol=1e-4)
-BF16_TOL = dict(rtol=5e-2, atol=5e-2)
+F32_TOL, BF16_TOL = ref.F32_TOL, ref.BF16_TOL
 GRID = (6, 8)
-
-
-def _normal(seed, shape, dtype=jnp.float32, std=1.0):
-  return jnp.asarray(np.random.default_rng(seed).normal(size=shape) * std, dtype)
 
 
 def _qkv(b=2, t=48, s=None, n=4, k=2, d=8, dv=None, dtype=jnp.float32, seed=0):
   s = t if s is None else s
   dv = d if dv is None else dv
-  return (_normal(seed, (b, t, n, d), dtype), _normal(seed + 1, (b, s, k, d), dtype),
-          _normal(seed + 2, (b, s, k, dv), dtype))
-
-
-def _out_and_grads(fn, arrays, seed=7):
-  """`fn(*arrays)` and the gradients of `Σ fn(*arrays)·c` (c fixed, random), in one jit."""
-  shape = jax.eval_shape(fn, *arrays).shape
-  cot = np.random.default_rng(seed).normal(size=shape)
-
-  def run(*a):
-    out, vjp = jax.vjp(fn, *a)
-    return out, vjp(jnp.asarray(cot, out.dtype))
-
-  return jax.jit(run)(*arrays)
-
-
-def _assert_matches(op_fn, ref_fn, arrays, tol=F32_TOL):
-  """Forward and gradients wrt every array, `op_fn` vs `ref_fn` in float64; the op's output."""
-  out, grads = _out_and_grads(op_fn, arrays)
-  with ref.x64():
-    want, want_grads = _out_and_grads(ref_fn, ref.f64(*arrays))
-    want, want_grads = np.asarray(want), [np.asarray(g) for g in want_grads]
-  assert out.dtype == arrays[0].dtype
-  np.testing.assert_allclose(np.asarray(out, np.float64), want, **tol)
-  for i, (g, w) in enumerate(zip(grads, want_grads)):
-    assert np.all(np.isfinite(np.asarray(g, np.float64))), f"non-finite gradient of arg {i}"
-    np.testing.assert_allclose(np.asarray(g, np.float64), w, err_msg=f"gradient of arg {i}",
-                               **tol)
-  return np.asarray(out, np.float64)
+  return (ref.normal(seed, (b, t, n, d), dtype), ref.normal(seed + 1, (b, s, k, d), dtype),
+          ref.normal(seed + 2, (b, s, k, dv), dtype))
 
 
 def _key_padding(b, t, seed=5, empty=()):
@@ -127,10 +95,10 @@ def _pattern_ref(q, k, v, allowed, offset, size, rpb=None, mask=None):
                                                  ((2, 2), (1, 1), 4), ((2, 2), (0, 1), 2)])
 def test_window_matches_reference(size, shift, kv_heads):
   q, k, v = _qkv(k=kv_heads, dv=6)
-  rpb = _normal(3, (4, 2 * size[0] - 1, 2 * size[1] - 1), std=0.5)
+  rpb = ref.normal(3, (4, 2 * size[0] - 1, 2 * size[1] - 1), std=0.5)
   allowed, offset = _window_pattern(GRID, size, shift)
   op = functools.partial(ops.get("window"), grid=GRID, window_size=size, shift=shift)
-  _assert_matches(lambda q, k, v, r: op(q, k, v, rpb=r),
+  ref.assert_matches(lambda q, k, v, r: op(q, k, v, rpb=r),
                   lambda q, k, v, r: _pattern_ref(q, k, v, allowed, offset, size, r),
                   (q, k, v, rpb))
 
@@ -155,10 +123,10 @@ def test_window_shift_mask_separates_wrapped_tokens():
 @pytest.mark.parametrize("size,kv_heads", [((2, 2), 2), ((3, 4), 1), ((6, 2), 4)])
 def test_grid_matches_reference(size, kv_heads):
   q, k, v = _qkv(k=kv_heads)
-  rpb = _normal(3, (4, 2 * size[0] - 1, 2 * size[1] - 1), std=0.5)
+  rpb = ref.normal(3, (4, 2 * size[0] - 1, 2 * size[1] - 1), std=0.5)
   allowed, offset = _grid_pattern(GRID, size)
   op = functools.partial(ops.get("grid"), grid=GRID, grid_size=size)
-  _assert_matches(lambda q, k, v, r: op(q, k, v, rpb=r),
+  ref.assert_matches(lambda q, k, v, r: op(q, k, v, rpb=r),
                   lambda q, k, v, r: _pattern_ref(q, k, v, allowed, offset, size, r),
                   (q, k, v, rpb))
 
@@ -176,7 +144,7 @@ def test_window_grid_key_padding_and_empty_rows(name):
     args, pattern = dict(grid_size=(2, 2)), _grid_pattern(GRID, (2, 2))
   mask = _key_padding(2, 48, empty=empty)
   op = functools.partial(ops.get(name), grid=GRID, mask=mask, **args)
-  out = _assert_matches(op, lambda q, k, v: _pattern_ref(q, k, v, *pattern, (2, 2), mask=mask),
+  out = ref.assert_matches(op, lambda q, k, v: _pattern_ref(q, k, v, *pattern, (2, 2), mask=mask),
                         (q, k, v))
   assert np.all(out[0, empty] == 0.0)
   has_key = (pattern[0][None] & mask[:, 0]).any(-1)  # [b, t]
@@ -206,11 +174,11 @@ def test_spatial_reduction_conv_matches_reference(t, size, kv_heads, per_head):
   """Strided depthwise reduction; q_len may differ from the key/value image (13 queries)."""
   q, k, v = _qkv(t=t, s=48, k=kv_heads, dv=6)
   head_shape = (kv_heads,) if per_head else ()
-  wk = _normal(11, size + head_shape + (8,), std=0.5)
-  wv = _normal(12, size + head_shape + (6,), std=0.5)
+  wk = ref.normal(11, size + head_shape + (8,), std=0.5)
+  wv = ref.normal(12, size + head_shape + (6,), std=0.5)
   op = functools.partial(ops.get("spatial_reduction"), grid=GRID, reduction=size,
                          method="conv")
-  _assert_matches(
+  ref.assert_matches(
       lambda q, k, v, wk, wv: op(q, k, v, sr_key_kernel=wk, sr_value_kernel=wv),
       lambda q, k, v, wk, wv: ref.softmax_attention(
           q, _reduce_ref(k, GRID, size, wk), _reduce_ref(v, GRID, size, wv)),
@@ -226,7 +194,7 @@ def test_spatial_reduction_avg_with_mask_matches_reference():
   qvalid[0, 4] = False
   mask = qvalid[:, None, :, None] & kvalid[:, None, None, :]
   op = functools.partial(ops.get("spatial_reduction"), grid=GRID, reduction=2, mask=mask)
-  out = _assert_matches(
+  out = ref.assert_matches(
       op, lambda q, k, v: ref.softmax_attention(
           q, _reduce_ref(k, GRID, (2, 2)), _reduce_ref(v, GRID, (2, 2)), mask=mask),
       (q, k, v))
@@ -259,7 +227,7 @@ def test_channel_attention_matches_reference(t, kv_heads, with_mask):
     qvalid[1, 3] = False
     mask = qvalid[:, None, :, None] & kvalid[:, None, None, :]
   op = functools.partial(ops.get("channel_attention"), mask=mask)
-  out = _assert_matches(op, lambda q, k, v: _channel_ref(q, k, v, mask), (q, k, v))
+  out = ref.assert_matches(op, lambda q, k, v: _channel_ref(q, k, v, mask), (q, k, v))
   if with_mask:
     assert np.all(out[1, 3] == 0.0)
 
@@ -302,7 +270,7 @@ def test_bilevel_routing_matches_reference(regions, topk, kv_heads, with_mask):
   full = allowed if mask is None else allowed & mask
   op = functools.partial(ops.get("bilevel_routing"), grid=GRID, num_regions=regions,
                          topk=topk, mask=mask)
-  out = _assert_matches(op, lambda q, k, v: ref.softmax_attention(q, k, v, mask=full),
+  out = ref.assert_matches(op, lambda q, k, v: ref.softmax_attention(q, k, v, mask=full),
                         (q, k, v))
   rows_empty = ~full.any(-1)[:, 0]  # [b, t]
   assert np.all(out[rows_empty] == 0.0)
@@ -338,8 +306,8 @@ def _moh_weights(logits, mix, shared, topk, scaling, chosen):
     (4, None, False, "paper", 2)])
 def test_mixture_of_heads_matches_reference(shared, topk, causal, scaling, kv_heads):
   q, k, v = _qkv(t=11, s=11, k=kv_heads, dv=6)
-  logits = _normal(8, (2, 11, 4))
-  mix = _normal(9, (2, 11, 2)) if 0 < shared < 4 else None
+  logits = ref.normal(8, (2, 11, 4))
+  mix = ref.normal(9, (2, 11, 2)) if 0 < shared < 4 else None
   mask = _key_padding(2, 11)
   arrays = (q, k, v, logits) + (() if mix is None else (mix,))
   op = functools.partial(ops.get("mixture_of_heads"), shared_heads=shared, topk=topk,
@@ -352,7 +320,7 @@ def test_mixture_of_heads_matches_reference(shared, topk, causal, scaling, kv_he
     weights = _moh_weights(logits, mix, shared, topk, scaling, chosen)
     return weights[..., None] * ref.softmax_attention(q, k, v, mask=full)
 
-  out = _assert_matches(lambda q, k, v, lg, *m: op(q, k, v, router_logits=lg,
+  out = ref.assert_matches(lambda q, k, v, lg, *m: op(q, k, v, router_logits=lg,
                                                    head_mix_logits=m[0] if m else None),
                         ref_fn, arrays)
   if topk is not None:
@@ -362,7 +330,7 @@ def test_mixture_of_heads_matches_reference(shared, topk, causal, scaling, kv_he
 def test_mixture_of_heads_layer_runs_and_trains_the_router():
   model = layers.Attention(num_heads=4, num_kv_heads=2, op="mixture_of_heads",
                            op_args=dict(shared_heads=1, topk=2))
-  x = _normal(0, (2, 9, 16))
+  x = ref.normal(0, (2, 9, 16))
   params = jax.jit(model.init)(jax.random.key(0), x)
   out = jax.jit(functools.partial(model.apply, is_causal=True))(params, x)
   assert out.shape == x.shape and np.all(np.isfinite(out))
@@ -380,14 +348,14 @@ def test_mixture_of_heads_layer_runs_and_trains_the_router():
     ("channel_attention", None)])
 def test_vision_layers_run(op, op_args):
   model = layers.Attention(num_heads=4, num_kv_heads=2, op=op, op_args=op_args)
-  x = _normal(0, (2, 12, 16))
+  x = ref.normal(0, (2, 12, 16))
   params = jax.jit(model.init)(jax.random.key(0), x)
   out = jax.jit(model.apply)(params, x)
   assert out.shape == x.shape and np.all(np.isfinite(out))
 
 
 def test_spatial_reduction_conv_params_start_as_average_pooling():
-  x = _normal(0, (2, 12, 16))
+  x = ref.normal(0, (2, 12, 16))
   conv = layers.Attention(num_heads=4, op="spatial_reduction",
                           op_args=dict(grid=(3, 4), reduction=(1, 2), method="conv"))
   avg = layers.Attention(num_heads=4, op="spatial_reduction",
@@ -404,7 +372,7 @@ def test_spatial_reduction_conv_params_start_as_average_pooling():
                                   "bilevel_routing", "mixture_of_heads"])
 def test_bfloat16_inputs(name):
   q, k, v = _qkv(dtype=jnp.bfloat16, seed=4)
-  logits = _normal(8, (2, 48, 4), jnp.bfloat16)
+  logits = ref.normal(8, (2, 48, 4), jnp.bfloat16)
   routed = _routing_allowed(q, k, GRID, (3, 2), 2)[:, None]
   chosen = _moh_choice(logits, 0, 2)
   cases = {
@@ -425,7 +393,7 @@ def test_bfloat16_inputs(name):
                            * ref.softmax_attention(q, k, v)),
   }
   args, ref_fn = cases[name]
-  _assert_matches(functools.partial(ops.get(name), **args), ref_fn, (q, k, v), tol=BF16_TOL)
+  ref.assert_matches(functools.partial(ops.get(name), **args), ref_fn, (q, k, v), tol=BF16_TOL)
 
 
 def _bad_calls():
