@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 from big_attn.ops import common
 from big_attn.ops.registry import register
