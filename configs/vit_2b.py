@@ -10,6 +10,10 @@ are scanned, and compute is bfloat16 with float32 parameters.
     XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \
         python -m big_attn.main --config=configs/vit_2b.py --config.dry_run=True
 
+Per-device memory scales with the batch per device: on 8 simulated devices the default global
+batch of 4096 is 512 images a device (the dry run reports ~250 GiB of temporaries); `:batch=64`
+(8 a device, as on a 512-chip pod) reports ~7.4 GiB peak.
+
 Args: variant (default G/14), attention (registry op name), batch (global batch size),
 steps, remat (a `jax.checkpoint_policies` name or none).
 """
