@@ -270,3 +270,85 @@ class MixtureOfHeadsParams(OpParams):
       (head_mix,) = nn.dtypes.promote_dtype(head_mix, dtype=self.dtype)
       out["head_mix_logits"] = x @ head_mix
     return out
+
+
+@register_params("gpsa")
+class GPSAParams(OpParams):
+  """Weights of ConViT's gated positional self-attention (d'Ascoli et al. 2021), initialised
+  "locally" as in the paper (locality strength α = 1): `pos_proj [num_heads, 3]` weighs the
+  offsets (δx, δy, δx² + δy²) with v_h = α(2Δx_h, 2Δy_h, −1), so head h attends around its own
+  offset Δ_h on a √heads × √heads square centred at 0 (heads beyond that square reuse its
+  offsets in order), and `gating [num_heads]` = 1 (the paper's λ init). Returns both.
+  """
+
+  @nn.compact
+  def __call__(self, inputs_q, query, key, value):
+    del inputs_q, query, key, value
+    side = max(1, int(self.num_heads ** 0.5))
+    center = (side - 1) / 2
+
+    def local_init(rng, shape, dtype):
+      del rng
+      heads = jnp.arange(shape[0]) % (side * side)
+      dy, dx = heads // side - center, heads % side - center
+      return jnp.stack([2 * dx, 2 * dy, -jnp.ones_like(dx)], -1).astype(dtype)
+
+    pos_proj = self.param("pos_proj", nn.with_logical_partitioning(local_init, ("heads", None)),
+                          (self.num_heads, 3), self.param_dtype)
+    gating = self.param("gating", nn.with_logical_partitioning(nn.initializers.ones_init(),
+                                                               ("heads",)),
+                        (self.num_heads,), self.param_dtype)
+    pos_proj, gating = nn.dtypes.promote_dtype(pos_proj, gating, dtype=self.dtype)
+    return {"pos_proj": pos_proj, "gating": gating}
+
+
+@register_params("levit_bias")
+class LeViTBiasParams(OpParams):
+  """LeViT's per-head attention bias table `attention_bias [num_heads, h, w]` over the absolute
+  offsets of the `op_args["grid"] = (h, w)` image, zero-initialised as in LeViT."""
+
+  @nn.compact
+  def __call__(self, inputs_q, query, key, value):
+    del inputs_q, query, key, value
+    h, w = _op_pair(self.op_args, "grid", "levit_bias")
+    table = self.param("attention_bias", nn.with_logical_partitioning(
+        nn.initializers.zeros_init(), ("heads", None, None)),
+                       (self.num_heads, h, w), self.param_dtype)
+    (table,) = nn.dtypes.promote_dtype(table, dtype=self.dtype)
+    return {"attention_bias": table}
+
+
+@register_params("decomposed_relpos")
+class DecomposedRelPosParams(OpParams):
+  """MViTv2's decomposed relative position tables `rel_h [2h − 1, head_dim]` and
+  `rel_w [2w − 1, head_dim]` for the `op_args["grid"] = (h, w)` image, shared by the heads and
+  truncated-normal initialised with std 0.02 as in MViTv2."""
+
+  @nn.compact
+  def __call__(self, inputs_q, query, key, value):
+    del inputs_q, query, key, value
+    h, w = _op_pair(self.op_args, "grid", "decomposed_relpos")
+    init = nn.with_logical_partitioning(nn.initializers.truncated_normal(stddev=0.02),
+                                        (None, "head_dim"))
+    rel_h = self.param("rel_h", init, (2 * h - 1, self.head_dim), self.param_dtype)
+    rel_w = self.param("rel_w", init, (2 * w - 1, self.head_dim), self.param_dtype)
+    rel_h, rel_w = nn.dtypes.promote_dtype(rel_h, rel_w, dtype=self.dtype)
+    return {"rel_h": rel_h, "rel_w": rel_w}
+
+
+@register_params("kernelized_rpe")
+class KernelizedRPEParams(OpParams):
+  """The relative positional encoding `rpe_bias [num_heads, 2·seq − 1]` of kernelized attention
+  with RPE (Luo et al. 2021), sized by the query length (a fixed-length model), zero-initialised
+  (no positional preference at the start). The random features come from
+  `op_args["feature_key"]` (or `"features"`), as for `performer`."""
+
+  @nn.compact
+  def __call__(self, inputs_q, query, key, value):
+    del inputs_q, key, value
+    length = query.shape[1]
+    rpe = self.param("rpe_bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                              ("heads", None)),
+                     (self.num_heads, 2 * length - 1), self.param_dtype)
+    (rpe,) = nn.dtypes.promote_dtype(rpe, dtype=self.dtype)
+    return {"rpe_bias": rpe}

@@ -26,6 +26,7 @@ from big_attn.ops import windowed as _windowed  # noqa: F401
 from big_attn.ops import reduction as _reduction  # noqa: F401
 from big_attn.ops import routing as _routing  # noqa: F401
 from big_attn.ops import decode as _decode  # noqa: F401
+from big_attn.ops import positional as _positional  # noqa: F401
 
 
 def as_attention_fn(name: str, **mechanism_args) -> Callable:

@@ -1,0 +1,292 @@
+"""Attention with learned positional terms: ConViT's GPSA, LeViT's attention bias, MViTv2's
+decomposed relative positions, and kernelized attention with relative positional encoding.
+
+- `gpsa`: gated positional self-attention (ConViT), a per-head gate between content attention
+  and a purely positional attention over 2-D offsets.
+- `levit_bias`, `decomposed_relpos`: softmax attention whose logits get a learned bias of the
+  relative position of query and key on the `grid=(h, w)` image (the positional-bias hooks).
+- `kernelized_rpe`: Performer features times `exp(b_{i−j})`, the Toeplitz sum done by FFT.
+
+Image tokens are row-major: token i sits at `(y_i, x_i) = (i // w, i % w)`.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from big_attn.ops import common
+from big_attn.ops import linear
+from big_attn.ops import windowed
+from big_attn.ops.registry import register
+from big_attn.ops.softmax import dot_product_attention
+
+Array = jax.Array
+
+
+def _self_grid(dims: common.Dims, grid, op: str) -> tuple[int, int]:
+  if dims.q_len != dims.kv_len:
+    raise ValueError(f"{op} is self-attention over one image: q_len must equal kv_len, got "
+                     f"{dims.q_len} and {dims.kv_len}")
+  return windowed.check_grid(grid, dims.q_len)
+
+
+def _offsets(grid: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+  """`(dy, dx)`, each `[t, t]`: key position minus query position on the row-major grid."""
+  h, w = grid
+  pos = np.arange(h * w)
+  ys, xs = pos // w, pos % w
+  return ys[None, :] - ys[:, None], xs[None, :] - xs[:, None]
+
+
+def _check_param(name: str, x, shape: tuple[int, ...], layout: str) -> None:
+  if x is None:
+    raise ValueError(f"{name} {layout} = {shape} is required")
+  common._check_float(name, x)  # pylint: disable=protected-access
+  if tuple(x.shape) != shape:
+    raise ValueError(f"{name} must have shape {layout} = {shape}, got {tuple(x.shape)}")
+
+
+# ------------------------------------------------------------------------------------------
+# ConViT gated positional self-attention.
+# ------------------------------------------------------------------------------------------
+@register("gpsa")
+def gpsa_attention(query, key, value, *, mask=None, is_causal=False, scale=None, grid=None,
+                   pos_proj=None, gating=None):
+  """Gated positional self-attention: ConViT, Improving Vision Transformers with Soft
+  Convolutional Inductive Biases (d'Ascoli et al., 2021).
+
+  Each head h mixes content attention with a positional attention over the relative offsets
+  r_ij = (δx, δy, δx² + δy²), δ = (x_j − x_i, y_j − y_i), through a learned gate λ_h:
+
+      A^h = (1 − σ(λ_h))·softmax_j(s·q_i·k_j) + σ(λ_h)·softmax_j(v_hᵀ r_ij),
+      out_i = Σ_j A^h_ij v_j.
+
+  With v_h = α(2Δx_h, 2Δy_h, −1) the positional term is ∝ exp(−α‖δ − Δ_h‖²): a soft
+  convolution kernel centred at offset Δ_h with locality strength α (the paper's local
+  initialisation, done by `big_attn.layers.op_params.GPSAParams`). The mask applies to both
+  softmaxes; a row with nothing to attend to gives zeros.
+
+  Args:
+    query: `[batch, h·w, num_heads, head_dim]`, tokens in row-major order.
+    key, value: `[batch, h·w, num_kv_heads, head_dim | value_dim]`.
+    mask: boolean, broadcastable to `[batch, num_heads, seq, seq]`.
+    is_causal: query i attends keys j <= i (in both softmaxes).
+    scale: content logit scale s; `1/sqrt(head_dim)` when None.
+    grid: required `(h, w)`, `h·w == seq`.
+    pos_proj: v_pos `[num_heads, 3]`, weights of (δx, δy, δx² + δy²).
+    gating: λ `[num_heads]`, the gate logits (σ(λ_h) is the positional share).
+
+  Returns:
+    `[batch, seq, num_heads, value_dim]` in the query's dtype.
+  """
+  dims, logits, full = common.scores(query, key, value, scale=scale, mask=mask,
+                                     is_causal=is_causal)
+  grid = _self_grid(dims, grid, "gpsa")
+  _check_param("pos_proj", pos_proj, (dims.num_heads, 3), "[num_heads, 3]")
+  _check_param("gating", gating, (dims.num_heads,), "[num_heads]")
+  dy, dx = _offsets(grid)
+  rel = jnp.asarray(np.stack([dx, dy, dx * dx + dy * dy], -1), jnp.float32)  # [t, t, 3]
+  pos_logits = jnp.einsum("tsc,nc->nts", rel, pos_proj.astype(jnp.float32))
+  pos_logits = pos_logits.reshape(dims.num_kv_heads, dims.groups, dims.q_len, dims.kv_len)
+  gate = jax.nn.sigmoid(gating.astype(jnp.float32)).reshape(
+      dims.num_kv_heads, dims.groups, 1, 1)
+  weights = ((1.0 - gate) * common.masked_softmax(logits, full)
+             + gate * common.masked_softmax(jnp.broadcast_to(pos_logits, logits.shape), full))
+  return common.weighted_values(weights, value, dims).astype(query.dtype)
+
+
+# ------------------------------------------------------------------------------------------
+# Positional-bias hooks around softmax attention.
+# ------------------------------------------------------------------------------------------
+@register("levit_bias")
+def levit_bias_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
+                         grid=None, attention_bias=None):
+  """Softmax attention with LeViT's attention bias: LeViT, a Vision Transformer in ConvNet's
+  Clothing for Faster Inference (Graham et al., 2021).
+
+  Each head has a table B_h indexed by the absolute offset between query and key on the grid,
+  a translation-invariant positional bias added to the logits:
+
+      out_i = Σ_j softmax_j(s·q_i·k_j + B_h[|y_i − y_j|, |x_i − x_j|]) v_j.
+
+  Args:
+    query: `[batch, h·w, num_heads, head_dim]`, tokens in row-major order.
+    key, value: `[batch, h·w, num_kv_heads, head_dim | value_dim]`.
+    mask: boolean, broadcastable to `[batch, num_heads, seq, seq]`.
+    is_causal: query i attends keys j <= i.
+    scale: logit scale s; `1/sqrt(head_dim)` when None.
+    grid: required `(h, w)`, `h·w == seq`.
+    attention_bias: B `[num_heads, h, w]`.
+
+  Returns:
+    `[batch, seq, num_heads, value_dim]` in the query's dtype.
+  """
+  dims = common.check_qkv(query, key, value)
+  grid = _self_grid(dims, grid, "levit_bias")
+  _check_param("attention_bias", attention_bias, (dims.num_heads,) + grid,
+               "[num_heads, h, w]")
+  dy, dx = _offsets(grid)
+  bias = attention_bias.astype(jnp.float32)[:, np.abs(dy), np.abs(dx)][None]
+  return dot_product_attention(query, key, value, bias=bias, mask=mask, scale=scale,
+                               is_causal=is_causal, implementation="xla")
+
+
+@register("decomposed_relpos")
+def decomposed_relpos_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
+                                grid=None, rel_h=None, rel_w=None):
+  """Softmax attention with MViTv2's decomposed relative position embeddings: MViTv2, Improved
+  Multiscale Vision Transformers for Classification and Detection (Li et al., 2022).
+
+  The relative position embedding R_{p(i), p(j)} is decomposed along height and width and
+  interacts with the (unscaled) query:
+
+      logits_ij = s·q_i·k_j + q_i·R_h[y_i − y_j + h − 1] + q_i·R_w[x_i − x_j + w − 1],
+      out_i = Σ_j softmax_j(logits_ij) v_j,
+
+  so only 2h−1 + 2w−1 embeddings are learned instead of (2h−1)(2w−1). As in MViTv2 the tables
+  are shared by the heads.
+
+  Args:
+    query: `[batch, h·w, num_heads, head_dim]`, tokens in row-major order.
+    key, value: `[batch, h·w, num_kv_heads, head_dim | value_dim]`.
+    mask: boolean, broadcastable to `[batch, num_heads, seq, seq]`.
+    is_causal: query i attends keys j <= i.
+    scale: logit scale s; `1/sqrt(head_dim)` when None.
+    grid: required `(h, w)`, `h·w == seq`.
+    rel_h: R_h `[2h − 1, head_dim]`.
+    rel_w: R_w `[2w − 1, head_dim]`.
+
+  Returns:
+    `[batch, seq, num_heads, value_dim]` in the query's dtype.
+  """
+  dims = common.check_qkv(query, key, value)
+  grid = _self_grid(dims, grid, "decomposed_relpos")
+  (h, w), d = grid, dims.head_dim
+  _check_param("rel_h", rel_h, (2 * h - 1, d), "[2h − 1, head_dim]")
+  _check_param("rel_w", rel_w, (2 * w - 1, d), "[2w − 1, head_dim]")
+  dy, dx = _offsets(grid)
+  q = query.astype(jnp.float32)
+  q_rh = jnp.einsum("btnd,rd->bntr", q, rel_h.astype(jnp.float32))  # [b, n, t, 2h−1]
+  q_rw = jnp.einsum("btnd,rd->bntr", q, rel_w.astype(jnp.float32))
+  rows = np.arange(dims.q_len)[:, None]
+  bias = q_rh[:, :, rows, h - 1 - dy] + q_rw[:, :, rows, w - 1 - dx]  # [b, n, t, t]
+  return dot_product_attention(query, key, value, bias=bias, mask=mask, scale=scale,
+                               is_causal=is_causal, implementation="xla")
+
+
+# ------------------------------------------------------------------------------------------
+# Kernelized attention with relative positional encoding (FFT).
+# ------------------------------------------------------------------------------------------
+def _toeplitz_matmul(coeffs: Array, x: Array) -> Array:
+  """y_i = Σ_j c_{i−j} x_j for i, j < n by FFT, O(n log n).
+
+  coeffs `[..., 2n − 1]` with `coeffs[..., n − 1 + r]` = c_r; x `[b, n, ...]` whose trailing axes
+  broadcast against the leading axes of `coeffs` moved after n. Returns `[b, n, ...]`.
+  """
+  n = x.shape[1]
+  size = 2 * n
+  # Circulant first column of size 2n: c_0..c_{n−1}, 0, c_{−(n−1)}..c_{−1}.
+  column = jnp.concatenate([coeffs[..., n - 1:], jnp.zeros_like(coeffs[..., :1]),
+                            coeffs[..., :n - 1]], axis=-1)
+  column_f = jnp.fft.rfft(column, n=size, axis=-1)  # [..., size//2+1]
+  x_f = jnp.fft.rfft(x, n=size, axis=1)  # [b, F, ...]
+  column_f = jnp.moveaxis(column_f, -1, 0)  # [F, ...]
+  column_f = column_f.reshape(column_f.shape + (1,) * (x_f.ndim - 1 - column_f.ndim))
+  return jnp.fft.irfft(x_f * column_f, n=size, axis=1)[:, :n]
+
+
+@register("kernelized_rpe")
+def kernelized_rpe_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
+                             rpe_bias=None, features=None, feature_key=None, num_features=None):
+  """Kernelized attention with relative positional encoding: Stable, Fast and Accurate:
+  Kernelized Attention with Relative Positional Encoding (Luo et al., 2021).
+
+  Softmax attention with an RPE bias, exp(s·q_i·k_j + b_{i−j}), is approximated with the
+  positive random features of Performer (`performer`, φ(x) = exp(Wx' − ‖x'‖²/2)/√m,
+  x' = √s·x):
+
+      out_i = Σ_j e^{b_{i−j}} φ(q_i)ᵀφ(k_j) v_j / Σ_j e^{b_{i−j}} φ(q_i)ᵀφ(k_j).
+
+  For every feature m, Σ_j e^{b_{i−j}} φ(k_j)_m [v_j, 1] is a Toeplitz matrix-vector product,
+  computed with the FFT in O(n log n) (the paper's algorithm) instead of O(n²). Causal: the
+  future offsets (j > i) get zero weight. Per query head, the exponent of b is stabilised by
+  its maximum, and the features as in `performer`; both cancel in the ratio.
+
+  Args:
+    query: `[batch, seq, num_heads, head_dim]`.
+    key: `[batch, seq, num_kv_heads, head_dim]`.
+    value: `[batch, seq, num_kv_heads, value_dim]`.
+    mask: optional key-padding mask broadcastable to `[batch, num_heads, 1, seq]`; a row with
+      no valid key returns zeros.
+    is_causal: query i attends keys j <= i.
+    scale: s of the estimated kernel exp(s·q·k); `1/sqrt(head_dim)` when None.
+    rpe_bias: b `[num_heads, 2·seq − 1]`, `rpe_bias[:, seq − 1 + r]` = b_r for r = i − j.
+    features: W `[num_features, head_dim]` (`big_attn.ops.linear.orthogonal_random_features`);
+      or
+    feature_key: PRNG key (or int seed) from which W is drawn on each call.
+    num_features: m when drawing W; `linear.default_num_features(head_dim)` when None.
+
+  Returns:
+    `[batch, seq, num_heads, value_dim]` in the query's dtype.
+  """
+  dims = common.check_qkv(query, key, value)
+  if dims.q_len != dims.kv_len:
+    raise ValueError("kernelized_rpe indexes b by i − j within one sequence: q_len must equal "
+                     f"kv_len, got {dims.q_len} and {dims.kv_len}")
+  n = dims.q_len
+  _check_param("rpe_bias", rpe_bias, (dims.num_heads, 2 * n - 1), "[num_heads, 2·seq − 1]")
+  scale = common.default_scale(dims.head_dim, scale)
+  if scale <= 0:
+    raise ValueError(f"kernelized_rpe estimates exp(scale·q·k) and needs scale > 0, got {scale}")
+  key_valid = None
+  if mask is not None:
+    full = common.make_mask(dims, mask=mask)
+    if full.shape[2] != 1:
+      raise ValueError("kernelized_rpe supports key-padding masks only: mask must broadcast to "
+                       f"[batch, num_heads, 1, seq], got shape {mask.shape}")
+    key_valid = jnp.broadcast_to(full[:, :, 0, :], (full.shape[0], dims.num_heads, n))
+  w = linear._performer_features(  # pylint: disable=protected-access
+      features, feature_key, num_features, dims.head_dim)
+  dtype = jnp.promote_types(jnp.float32, jnp.result_type(query, key, value))
+  root = jnp.sqrt(jnp.asarray(scale, dtype))
+  q = common.group_query(query, dims.num_kv_heads).astype(dtype) * root  # [b, t, k, g, d]
+  k = key.astype(dtype) * root
+  w = w.astype(dtype)
+  log_q = jnp.einsum("btkgd,md->btkgm", q, w) - 0.5 * jnp.sum(q * q, -1, keepdims=True)
+  log_k = jnp.einsum("bskd,md->bskm", k, w) - 0.5 * jnp.sum(k * k, -1, keepdims=True)
+  log_q = log_q - jax.lax.stop_gradient(jnp.max(log_q, axis=-1, keepdims=True))
+  log_k = log_k - jax.lax.stop_gradient(jnp.max(log_k, axis=(1, 3), keepdims=True))
+  phi_q, phi_k = jnp.exp(log_q), jnp.exp(log_k)  # the 1/√m factors cancel in the ratio
+
+  b = rpe_bias.astype(dtype)
+  if is_causal:  # offsets r = i − j < 0 are the future.
+    b = jnp.where(jnp.arange(2 * n - 1) >= n - 1, b, -jnp.inf)
+  b = b - jax.lax.stop_gradient(jnp.max(b, axis=-1, keepdims=True))
+  coeffs = jnp.exp(b).reshape(dims.num_kv_heads, dims.groups, 2 * n - 1)
+
+  v1 = jnp.concatenate([value.astype(dtype), jnp.ones(value.shape[:3] + (1,), dtype)], -1)
+  kv = phi_k[..., :, None] * v1[..., None, :]  # [b, s, k, m, dv + 1]
+  kv = jnp.broadcast_to(kv[:, :, :, None], kv.shape[:3] + (dims.groups,) + kv.shape[3:])
+  if key_valid is not None:
+    valid = jnp.swapaxes(key_valid, 1, 2).reshape(
+        key_valid.shape[0], n, dims.num_kv_heads, dims.groups)
+    kv = jnp.where(valid[..., None, None], kv, 0.0)
+  mixed = _toeplitz_matmul(coeffs[..., None, None, :], kv)  # [b, t, k, g, m, dv + 1]
+  both = jnp.einsum("btkgm,btkgmc->btkgc", phi_q, mixed)
+  num, den = both[..., :-1], both[..., -1:]
+  if key_valid is None:
+    out = num / den
+  else:
+    has_key = _any_valid_key(key_valid, dims, is_causal)[..., None]
+    out = jnp.where(has_key, num / jnp.where(has_key, den, 1.0), 0.0)
+  return out.reshape(dims.batch, n, dims.num_heads, dims.value_dim).astype(query.dtype)
+
+
+def _any_valid_key(key_valid: Array, dims: common.Dims, is_causal: bool) -> Array:
+  """`[b|1, n, s]` key validity -> `[b|1, t, k, g]`: whether query i has a key to attend to."""
+  seen = jnp.cumsum(key_valid, axis=-1) > 0 if is_causal else jnp.any(
+      key_valid, axis=-1, keepdims=True)
+  seen = jnp.broadcast_to(seen, key_valid.shape)
+  return jnp.swapaxes(seen, 1, 2).reshape(
+      key_valid.shape[0], dims.q_len, dims.num_kv_heads, dims.groups)

@@ -1,0 +1,298 @@
+"""`gpsa`, `levit_bias`, `decomposed_relpos`, `kernelized_rpe`, `switchhead` and `bottleneck`
+against float64 references.
+
+The references are written from the papers' formulas on explicit `[q, kv]` matrices: offsets on
+the grid come from loops over token positions, the RPE Toeplitz sum is the quadratic form,
+SwitchHead loops over heads and experts, the bottleneck runs its three attentions one by one.
+They never call `big_attn`.
+"""
+import functools
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from big_attn import layers, ops
+from tests import reference as ref
+
+F32_TOL, BF16_TOL = ref.F32_TOL, ref.BF16_TOL
+GRID = (3, 5)
+
+
+def _qkv(b=2, t=15, s=None, n=4, k=2, d=8, dv=None, dtype=jnp.float32, seed=0):
+  s = t if s is None else s
+  dv = d if dv is None else dv
+  return (ref.normal(seed, (b, t, n, d), dtype), ref.normal(seed + 1, (b, s, k, d), dtype),
+          ref.normal(seed + 2, (b, s, k, dv), dtype))
+
+
+def _key_padding(b, t, seed=5, empty_batch=None):
+  valid = np.random.default_rng(seed).random((b, t)) > 0.3
+  valid[:, 0] = True
+  if empty_batch is not None:
+    valid[empty_batch] = False
+  return valid[:, None, None, :]
+
+
+def _positions(grid):
+  """`[t, 2]` (y, x) of every token, by a loop over the row-major grid."""
+  h, w = grid
+  return np.array([(y, x) for y in range(h) for x in range(w)])
+
+
+def _probs(logits, mask):
+  """softmax over the last axis in float64 with a boolean mask; empty rows give zeros."""
+  logits = jnp.where(mask, logits, -1e300)
+  e = jnp.where(mask, jnp.exp(logits - logits.max(-1, keepdims=True)), 0.0)
+  return e / jnp.maximum(e.sum(-1, keepdims=True), 1e-300)
+
+
+def _content_logits(q, k, scale=None):
+  q, k = ref.f64(q, k)
+  k = ref.repeat_kv(k, q.shape[2])
+  scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
+  return jnp.einsum("btnd,bsnd->bnts", q, k) * scale
+
+
+# ----------------------------------------------------------------------------------------------
+# GPSA (ConViT).
+# ----------------------------------------------------------------------------------------------
+def _gpsa_ref(q, k, v, pos_proj, gating, grid, mask):
+  pos = _positions(grid)
+  t = len(pos)
+  rel = np.zeros((t, t, 3))
+  for i in range(t):
+    for j in range(t):
+      dy, dx = pos[j] - pos[i]
+      rel[i, j] = (dx, dy, dx * dx + dy * dy)
+  content = _probs(_content_logits(q, k), mask)
+  positional = _probs(jnp.einsum("tsc,nc->nts", rel, ref.f64(pos_proj))[None], mask)
+  gate = jax.nn.sigmoid(ref.f64(gating))[None, :, None, None]
+  attn = (1 - gate) * content + gate * positional
+  return jnp.einsum("bnts,bsnd->btnd", attn, ref.repeat_kv(ref.f64(v), q.shape[2]))
+
+
+@pytest.mark.parametrize("kv_heads,causal,masked", [(2, False, False), (1, True, False),
+                                                    (4, False, True)])
+def test_gpsa_matches_reference(kv_heads, causal, masked):
+  q, k, v = _qkv(k=kv_heads, dv=6)
+  pos_proj = ref.normal(3, (4, 3), std=0.5)
+  gating = ref.normal(4, (4,))
+  mask = _key_padding(2, 15, empty_batch=1) if masked else None
+  full = ref.full_mask(2, 4, 15, 15, mask=mask, is_causal=causal)
+  op = functools.partial(ops.get("gpsa"), grid=GRID, mask=mask, is_causal=causal)
+  out = ref.assert_matches(lambda q, k, v, p, g: op(q, k, v, pos_proj=p, gating=g),
+                           lambda q, k, v, p, g: _gpsa_ref(q, k, v, p, g, GRID, full),
+                           (q, k, v, pos_proj, gating))
+  if masked:
+    assert np.all(out[1] == 0.0)
+
+
+def test_gpsa_gate_limits():
+  """σ(λ) → 0 is plain softmax attention; σ(λ) → 1 ignores the content (queries and keys)."""
+  q, k, v = _qkv()
+  pos_proj = ref.normal(3, (4, 3))
+  op = functools.partial(ops.get("gpsa"), grid=GRID, pos_proj=pos_proj)
+  content = op(q, k, v, gating=jnp.full((4,), -40.0))
+  with ref.x64():
+    want = np.asarray(ref.softmax_attention(q, k, v))
+  np.testing.assert_allclose(content, want, **F32_TOL)
+  positional = op(q, k, v, gating=jnp.full((4,), 40.0))
+  np.testing.assert_allclose(positional, op(q * 3.0, -k, v, gating=jnp.full((4,), 40.0)),
+                             **F32_TOL)
+
+
+# ----------------------------------------------------------------------------------------------
+# LeViT attention bias and MViTv2 decomposed relative positions.
+# ----------------------------------------------------------------------------------------------
+def _levit_ref(q, k, v, table, grid, mask):
+  pos = _positions(grid)
+  t = len(pos)
+  bias = np.zeros((table.shape[0], t, t))
+  table = np.asarray(table, np.float64)
+  for i in range(t):
+    for j in range(t):
+      dy, dx = np.abs(pos[i] - pos[j])
+      bias[:, i, j] = table[:, dy, dx]
+  return _probs_out(_content_logits(q, k) + bias[None], mask, v, q.shape[2])
+
+
+def _probs_out(logits, mask, v, n):
+  return jnp.einsum("bnts,bsnd->btnd", _probs(logits, mask),
+                    ref.repeat_kv(ref.f64(v), n))
+
+
+@pytest.mark.parametrize("kv_heads,causal", [(2, False), (4, True)])
+def test_levit_bias_matches_reference(kv_heads, causal):
+  q, k, v = _qkv(k=kv_heads)
+  table = ref.normal(3, (4,) + GRID)
+  mask = _key_padding(2, 15)
+  full = ref.full_mask(2, 4, 15, 15, mask=mask, is_causal=causal)
+  op = functools.partial(ops.get("levit_bias"), grid=GRID, mask=mask, is_causal=causal)
+  # The table is not differentiated through the float64 reference's NumPy loop.
+  ref.assert_matches(lambda q, k, v: op(q, k, v, attention_bias=table),
+                     lambda q, k, v: _levit_ref(q, k, v, table, GRID, full), (q, k, v))
+
+
+def test_levit_bias_table_gradient():
+  """d out / d B: each table entry collects the gradient of every pair at its offset."""
+  q, k, v = _qkv()
+  table = ref.normal(3, (4,) + GRID)
+  op = functools.partial(ops.get("levit_bias"), grid=GRID)
+  full = np.ones((1, 1, 15, 15), bool)
+
+  def ref_fn(q, k, v, tb):
+    pos = _positions(GRID)
+    dy = np.abs(pos[:, None, 0] - pos[None, :, 0])
+    dx = np.abs(pos[:, None, 1] - pos[None, :, 1])
+    return _probs_out(_content_logits(q, k) + tb[:, dy, dx][None], full, v, 4)
+
+  ref.assert_matches(lambda q, k, v, tb: op(q, k, v, attention_bias=tb), ref_fn,
+                     (q, k, v, table))
+
+
+def _relpos_ref(q, k, v, rel_h, rel_w, grid, mask):
+  h, w = grid
+  pos = _positions(grid)
+  t = len(pos)
+  idx_h, idx_w = np.zeros((t, t), int), np.zeros((t, t), int)
+  for i in range(t):
+    for j in range(t):
+      idx_h[i, j] = pos[i][0] - pos[j][0] + h - 1
+      idx_w[i, j] = pos[i][1] - pos[j][1] + w - 1
+  r = rel_h[idx_h] + rel_w[idx_w]  # [t, s, d]
+  bias = jnp.einsum("btnd,tsd->bnts", ref.f64(q), r)
+  return _probs_out(_content_logits(q, k) + bias, mask, v, q.shape[2])
+
+
+@pytest.mark.parametrize("kv_heads,causal", [(2, False), (1, True)])
+def test_decomposed_relpos_matches_reference(kv_heads, causal):
+  q, k, v = _qkv(k=kv_heads, dv=5)
+  rel_h = ref.normal(3, (2 * GRID[0] - 1, 8), std=0.5)
+  rel_w = ref.normal(4, (2 * GRID[1] - 1, 8), std=0.5)
+  full = ref.full_mask(2, 4, 15, 15, is_causal=causal)
+  op = functools.partial(ops.get("decomposed_relpos"), grid=GRID, is_causal=causal)
+  ref.assert_matches(lambda q, k, v, a, c: op(q, k, v, rel_h=a, rel_w=c),
+                     lambda q, k, v, a, c: _relpos_ref(q, k, v, ref.f64(a), ref.f64(c), GRID,
+                                                       full),
+                     (q, k, v, rel_h, rel_w))
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernelized attention with RPE: FFT form vs the explicit quadratic form.
+# ----------------------------------------------------------------------------------------------
+def _krpe_ref(q, k, v, b, w, mask, scale=None):
+  """Σ_j e^{b_{i−j}} φ(q_i)·φ(k_j) v_j / Σ_j (same), φ(x) = exp(Wx' − |x'|²/2)/√m."""
+  q, k, v, b, w = ref.f64(q, k, v, b, w)
+  n, t = q.shape[2], q.shape[1]
+  k, v = ref.repeat_kv(k, n), ref.repeat_kv(v, n)
+  root = (1.0 / np.sqrt(q.shape[-1]) if scale is None else scale) ** 0.5
+  phi = lambda x: jnp.exp((x * root) @ w.T - 0.5 * jnp.sum((x * root) ** 2, -1, keepdims=True)
+                          ) / np.sqrt(w.shape[0])
+  kernel = jnp.einsum("btnm,bsnm->bnts", phi(q), phi(k))
+  offset = np.arange(t)[:, None] - np.arange(t)[None, :] + t - 1
+  weights = jnp.where(mask, kernel * jnp.exp(b[:, offset])[None], 0.0)
+  den = weights.sum(-1, keepdims=True)
+  return jnp.einsum("bnts,bsnd->btnd", weights / jnp.where(den > 0, den, 1.0), v)
+
+
+@pytest.mark.parametrize("t,kv_heads,causal,masked", [(13, 2, False, False), (13, 4, True, True),
+                                                      (8, 1, True, False),
+                                                      (9, 2, False, True)])
+def test_kernelized_rpe_fft_matches_quadratic(t, kv_heads, causal, masked):
+  q, k, v = _qkv(t=t, k=kv_heads, dv=6)
+  q, k = q * 0.5, k * 0.5
+  b = ref.normal(3, (4, 2 * t - 1))
+  w = ops.linear.orthogonal_random_features(0, 16, 8)
+  mask = _key_padding(2, t, empty_batch=1) if masked else None
+  full = ref.full_mask(2, 4, t, t, mask=mask, is_causal=causal)
+  op = functools.partial(ops.get("kernelized_rpe"), mask=mask, is_causal=causal)
+  out = ref.assert_matches(lambda q, k, v, b, w: op(q, k, v, rpe_bias=b, features=w),
+                           lambda q, k, v, b, w: _krpe_ref(q, k, v, b, w, full),
+                           (q, k, v, b, w))
+  if masked:
+    assert np.all(out[1] == 0.0)
+
+
+def test_kernelized_rpe_causal_ignores_future():
+  q, k, v = _qkv(t=11)
+  b = ref.normal(3, (4, 21))
+  op = functools.partial(ops.get("kernelized_rpe"), rpe_bias=b, feature_key=1, num_features=8,
+                         is_causal=True)
+  out = op(q, k, v)
+  changed = op(q, k.at[:, 6:].set(5.0), v.at[:, 6:].set(-3.0))
+  np.testing.assert_allclose(out[:, :6], changed[:, :6], **F32_TOL)
+  assert not np.allclose(out[:, 6:], changed[:, 6:], atol=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared: bad arguments, bf16, the layer.
+# ----------------------------------------------------------------------------------------------
+def _positional_args(t=15, n=4, d=8):
+  return {
+      "gpsa": dict(grid=GRID, pos_proj=jnp.zeros((n, 3)), gating=jnp.zeros((n,))),
+      "levit_bias": dict(grid=GRID, attention_bias=jnp.zeros((n,) + GRID)),
+      "decomposed_relpos": dict(grid=GRID, rel_h=jnp.zeros((5, d)), rel_w=jnp.zeros((9, d))),
+      "kernelized_rpe": dict(rpe_bias=jnp.zeros((n, 2 * t - 1)), feature_key=0, num_features=8),
+  }
+
+
+@pytest.mark.parametrize("name,bad,match", [
+    ("gpsa", dict(grid=(5, 5)), "grid"),
+    ("gpsa", dict(grid=None), "grid"),
+    ("gpsa", dict(pos_proj=jnp.zeros((4, 2))), "pos_proj"),
+    ("gpsa", dict(gating=None), "gating"),
+    ("levit_bias", dict(attention_bias=jnp.zeros((4, 5, 3))), "attention_bias"),
+    ("decomposed_relpos", dict(rel_w=jnp.zeros((9, 4))), "rel_w"),
+    ("decomposed_relpos", dict(rel_h=None), "rel_h"),
+    ("kernelized_rpe", dict(rpe_bias=jnp.zeros((4, 15))), "rpe_bias"),
+    ("kernelized_rpe", dict(mask=jnp.ones((1, 1, 15, 15), bool)), "key-padding"),
+    ("kernelized_rpe", dict(feature_key=None), "features"),
+])
+def test_positional_bad_args(name, bad, match):
+  q, k, v = _qkv()
+  with pytest.raises(ValueError, match=match):
+    ops.get(name)(q, k, v, **{**_positional_args()[name], **bad})
+
+
+@pytest.mark.parametrize("name", ["gpsa", "levit_bias", "decomposed_relpos", "kernelized_rpe"])
+def test_positional_bf16(name):
+  q, k, v = _qkv(k=2)
+  args = _positional_args()[name]
+  if name == "kernelized_rpe":
+    args = {**args, "num_features": 64}
+  op = functools.partial(ops.get(name), **args)
+  out = op(*(x.astype(jnp.bfloat16) for x in (q, k, v)))
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(out, np.float32), op(q, k, v), **BF16_TOL)
+
+
+@pytest.mark.parametrize("name,op_args", [
+    ("gpsa", dict(grid=GRID)), ("levit_bias", dict(grid=GRID)),
+    ("decomposed_relpos", dict(grid=GRID)), ("kernelized_rpe", dict(feature_key=0)),
+])
+def test_positional_layers(name, op_args):
+  x = ref.normal(0, (2, 15, 32))
+  layer = layers.Attention(num_heads=4, op=name, op_args=op_args)
+  params = layer.init(jax.random.key(0), x)
+  out = layer.apply(params, x)
+  assert out.shape == x.shape and np.all(np.isfinite(np.asarray(out)))
+  names = set(params["params"]["op_params"])
+  assert names == {"gpsa": {"pos_proj", "gating"}, "levit_bias": {"attention_bias"},
+                   "decomposed_relpos": {"rel_h", "rel_w"},
+                   "kernelized_rpe": {"rpe_bias"}}[name]
+
+
+def test_gpsa_local_init_centres_heads_on_offsets():
+  """The local init: v_h = (2Δx_h, 2Δy_h, −1), the 4 heads centred on the 4 offsets of a 2×2
+  square around 0, and gates λ = 1."""
+  params = jax.tree.map(np.asarray, flax.linen.unbox(
+      layers.op_params.GPSAParams(num_heads=4, num_kv_heads=4, head_dim=8).init(
+          jax.random.key(0), None, None, None, None)))["params"]
+  np.testing.assert_array_equal(params["gating"], 1.0)
+  pos_proj = params["pos_proj"]
+  np.testing.assert_array_equal(pos_proj[:, 2], -1.0)
+  centres = {tuple(np.asarray(p[:2]) / 2) for p in pos_proj}
+  assert centres == {(-0.5, -0.5), (0.5, -0.5), (-0.5, 0.5), (0.5, 0.5)}
