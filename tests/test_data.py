@@ -244,3 +244,10 @@ def test_tfds_imagenet_crops_with_mock_data(tmp_path):
     assert batch["image"].shape == (4, 32, 32, 3) and batch["labels"].shape == (4, 1000)
     test = list(data.get_dataset(cfg, split="test", batch_size=4, seed=0, train=False))
     assert len(test) == 2 and test[0]["image"].shape == (4, 32, 32, 3)
+
+
+def test_tfds_unprepared_data_dir_raises_file_not_found(tmp_path):
+  pytest.importorskip("tensorflow_datasets")
+  config = {"name": "tfds:cifar10", "data_dir": str(tmp_path), "image_size": 32}
+  with pytest.raises(FileNotFoundError, match="not prepared"):
+    data.dataset_info(config)

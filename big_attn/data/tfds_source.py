@@ -25,7 +25,7 @@ def data_source(name: str, split: str, data_dir: str | None):
   tfds = _tfds()
   try:
     return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-  except (FileNotFoundError, NotImplementedError, AssertionError, ValueError) as e:
+  except (FileNotFoundError, NotImplementedError, AssertionError, KeyError, ValueError) as e:
     raise FileNotFoundError(
         f"TFDS data set {name!r} split {split!r} is not prepared as ArrayRecord in "
         f"data_dir={data_dir!r} (nothing is downloaded; prepare it with tfds build "
