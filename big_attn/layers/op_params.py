@@ -352,3 +352,50 @@ class KernelizedRPEParams(OpParams):
                      (self.num_heads, 2 * length - 1), self.param_dtype)
     (rpe,) = nn.dtypes.promote_dtype(rpe, dtype=self.dtype)
     return {"rpe_bias": rpe}
+
+
+@register_params("neural_attention")
+class NeuralAttentionParams(OpParams):
+  """The scoring MLP of Neural Attention (DiGiugno & Mahmood 2025), per head: `w1 [num_heads,
+  2·head_dim, hidden]`, `b1 [num_heads, hidden]` (zeros), `w2 [num_heads, hidden]`, with
+  `hidden = op_args["hidden_dim"]` (head_dim when absent). Weights use PyTorch's default
+  `Linear` initialisation (U(±1/√fan_in)), as the authors' code. Returns `{"w1", "b1", "w2"}`.
+  """
+
+  @nn.compact
+  def __call__(self, inputs_q, query, key, value):
+    del inputs_q, query, key, value
+    hidden = (self.op_args or {}).get("hidden_dim") or self.head_dim
+    if not isinstance(hidden, int) or isinstance(hidden, bool) or hidden < 1:
+      raise ValueError(f"op_args['hidden_dim'] must be a positive int, got {hidden!r}")
+    init = lambda in_axis, out_axis: nn.initializers.variance_scaling(  # pylint: disable=g-long-lambda
+        1.0 / 3.0, "fan_in", "uniform", in_axis=in_axis, out_axis=out_axis, batch_axis=0)
+    w1 = self.param("w1", nn.with_logical_partitioning(init(-2, -1), ("heads", None, "mlp")),
+                    (self.num_heads, 2 * self.head_dim, hidden), self.param_dtype)
+    b1 = self.param("b1", nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                       ("heads", "mlp")),
+                    (self.num_heads, hidden), self.param_dtype)
+    w2 = self.param("w2", nn.with_logical_partitioning(init(-1, ()), ("heads", "mlp")),
+                    (self.num_heads, hidden), self.param_dtype)
+    w1, b1, w2 = nn.dtypes.promote_dtype(w1, b1, w2, dtype=self.dtype)
+    return {"w1": w1, "b1": b1, "w2": w2}
+
+
+@register_params("gatv2")
+class GATv2Params(OpParams):
+  """The attention vector a of GATv2 / additive attention (How Attentive are Graph Attention
+  Networks?, Brody et al. 2022), `[num_heads, head_dim]`, initialised U(±√(3/head_dim)) so
+  that aᵀφ(q + k) is O(1). Returns `{"attn_vec"}`."""
+
+  @nn.compact
+  def __call__(self, inputs_q, query, key, value):
+    del inputs_q, query, key, value
+    attn_vec = self.param(
+        "attn_vec",
+        nn.with_logical_partitioning(
+            nn.initializers.variance_scaling(1.0, "fan_in", "uniform", in_axis=-1,
+                                             out_axis=(), batch_axis=0),
+            ("heads", "head_dim")),
+        (self.num_heads, self.head_dim), self.param_dtype)
+    (attn_vec,) = nn.dtypes.promote_dtype(attn_vec, dtype=self.dtype)
+    return {"attn_vec": attn_vec}

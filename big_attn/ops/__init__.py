@@ -27,6 +27,9 @@ from big_attn.ops import reduction as _reduction  # noqa: F401
 from big_attn.ops import routing as _routing  # noqa: F401
 from big_attn.ops import decode as _decode  # noqa: F401
 from big_attn.ops import positional as _positional  # noqa: F401
+from big_attn.ops import quantized as _quantized  # noqa: F401
+from big_attn.ops import sparse as _sparse  # noqa: F401
+from big_attn.ops import learned_scoring as _learned_scoring  # noqa: F401
 
 
 def as_attention_fn(name: str, **mechanism_args) -> Callable:

@@ -1,0 +1,134 @@
+"""Attention whose scores come from a small learned network of (q_i, k_j) instead of q·k.
+
+Both ops materialise a `[batch, heads, q_len, kv_len, hidden]` tensor (memory n²·hidden) and
+take their weights as arguments; `big_attn.layers.op_params` owns them for the `Attention`
+layer. Masks, `is_causal`, `segment_ids` and `local_window_size` combine as in
+`dot_product_attention`; masked keys get weight 0 and fully masked rows return zeros.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from big_attn.ops import common
+from big_attn.ops.registry import register
+
+ACTIVATIONS = {"relu": jax.nn.relu, "gelu": jax.nn.gelu, "tanh": jnp.tanh}
+NONLINEARITIES = ("leaky_relu", "tanh")
+
+
+def _weight(name: str, x, shape: tuple[int, ...], what: str) -> jax.Array:
+  if x is None:
+    raise ValueError(f"{name} is required: {what} = {shape}")
+  if not hasattr(x, "dtype") or not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"{name} must be a floating array, got "
+                    f"{getattr(x, 'dtype', type(x).__name__)}")
+  if x.shape != shape:
+    raise ValueError(f"{name} must have shape {what} = {shape}, got {x.shape}")
+  return x.astype(jnp.float32)
+
+
+def _attend(logits, value, dims, query_dtype, mask, is_causal, segment_ids, local_window_size,
+            scale):
+  full_mask = common.make_mask(dims, mask=mask, is_causal=is_causal, segment_ids=segment_ids,
+                               local_window_size=local_window_size)
+  logits = logits * jnp.float32(1.0 if scale is None else scale)
+  probs = common.masked_softmax(logits, common.grouped(full_mask, dims))
+  return common.weighted_values(probs, value, dims).astype(query_dtype)
+
+
+@register("neural_attention")
+def neural_attention(query, key, value, *, mask=None, is_causal=False, scale=None, w1=None,
+                     b1=None, w2=None, hidden_dim=None, activation="relu", segment_ids=None,
+                     local_window_size=None):
+  """Neural Attention (Neural Attention: A Novel Mechanism for Enhanced Expressive Power in
+  Transformer Models, DiGiugno & Mahmood 2025): a feed-forward network scores each pair.
+
+    s_ij = c · w2ᵀ σ(W1 [q_i; k_j] + b1),   out = softmax_j(s_ij, masked) V
+
+  per head, with W1 `[2·head_dim, hidden]`, c = `scale` (1 when None) and σ = `activation`.
+  W1 [q; k] = W1_q q + W1_k k is evaluated as two projections added by broadcasting, so the
+  cost is one `[q_len, kv_len, hidden]` tensor per head (memory n²·hidden; the paper keeps
+  hidden small and uses the mechanism in few layers). The paper's output bias b_a is
+  omitted: it is the same for every key and cancels in the softmax. The paper's down-
+  projection of q and k to d' before concatenation is a factorisation of W1.
+
+  Args:
+    query, key, value: `[batch, seq, heads, head_dim]`; key/value heads divide query heads.
+    mask, is_causal, segment_ids, local_window_size: as `dot_product_attention`.
+    scale: multiplies the scores; 1 when None.
+    w1: `[num_heads, 2·head_dim, hidden]`, rows `[:head_dim]` act on q, the rest on k.
+    b1: `[num_heads, hidden]`.
+    w2: `[num_heads, hidden]`.
+    hidden_dim: optional; checked against `w1.shape[-1]`.
+    activation: σ, one of "relu", "gelu", "tanh".
+
+  Returns:
+    `[batch, q_len, num_heads, value_dim]` in the query's dtype.
+  """
+  dims = common.check_qkv(query, key, value)
+  if activation not in ACTIVATIONS:
+    raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
+  n, d = dims.num_heads, dims.head_dim
+  hidden = getattr(w1, "shape", (None,))[-1]
+  if hidden_dim is not None and hidden_dim != hidden:
+    raise ValueError(f"hidden_dim ({hidden_dim}) must equal w1.shape[-1] ({hidden})")
+  w1 = _weight("w1", w1, (n, 2 * d, hidden), "[num_heads, 2*head_dim, hidden]")
+  b1 = _weight("b1", b1, (n, hidden), "[num_heads, hidden]")
+  w2 = _weight("w2", w2, (n, hidden), "[num_heads, hidden]")
+  k, g = dims.num_kv_heads, dims.groups
+  w1 = w1.reshape(k, g, 2 * d, hidden)
+  q = common.group_query(query, k).astype(jnp.float32)
+  from_q = jnp.einsum("btkgd,kgdh->bkgth", q, w1[:, :, :d]) + b1.reshape(1, k, g, 1, hidden)
+  from_k = jnp.einsum("bskd,kgdh->bkgsh", key.astype(jnp.float32), w1[:, :, d:])
+  hidden_act = ACTIVATIONS[activation](from_q[:, :, :, :, None] + from_k[:, :, :, None])
+  logits = jnp.einsum("bkgtsh,kgh->bkgts", hidden_act, w2.reshape(k, g, hidden))
+  return _attend(logits, value, dims, query.dtype, mask, is_causal, segment_ids,
+                 local_window_size, scale)
+
+
+@register("gatv2")
+def gatv2_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
+                    attn_vec=None, nonlinearity="leaky_relu", negative_slope=0.2,
+                    segment_ids=None, local_window_size=None):
+  """Dynamic (GATv2) and additive (Bahdanau) attention scores.
+
+  GATv2 (How Attentive are Graph Attention Networks?, Brody et al. 2022), `nonlinearity=
+  "leaky_relu"`:      s_ij = c · aᵀ LeakyReLU(W_l h_i + W_r h_j)
+  Additive attention (Neural Machine Translation by Jointly Learning to Align and Translate,
+  Bahdanau et al. 2015), `nonlinearity="tanh"`:      s_ij = c · vᵀ tanh(W_1 h_i + W_2 h_j)
+  then out = softmax_j(s_ij, masked) V.
+
+  In attention terms q_i = W_l h_i and k_j = W_r h_j are the layer's query/key projections, so
+  s_ij = c · aᵀ φ(q_i + k_j) per head, with a = `attn_vec` and c = `scale` (1 when None).
+  The non-linearity after the sum makes the ranking of keys depend on the query ("dynamic"
+  attention), unlike GAT's aᵀ LeakyReLU([W h_i; W h_j]). Memory n²·head_dim per head.
+
+  Args:
+    query, key, value: `[batch, seq, heads, head_dim]`; key/value heads divide query heads.
+    mask, is_causal, segment_ids, local_window_size: as `dot_product_attention`.
+    scale: multiplies the scores; 1 when None.
+    attn_vec: `[num_heads, head_dim]`, the vector a (or Bahdanau's v).
+    nonlinearity: "leaky_relu" (GATv2) or "tanh" (additive).
+    negative_slope: LeakyReLU slope (0.2 as GATv2).
+
+  Returns:
+    `[batch, q_len, num_heads, value_dim]` in the query's dtype.
+  """
+  dims = common.check_qkv(query, key, value)
+  if nonlinearity not in NONLINEARITIES:
+    raise ValueError(f"nonlinearity must be one of {NONLINEARITIES}, got {nonlinearity!r}")
+  if not negative_slope >= 0:
+    raise ValueError(f"negative_slope must be non-negative, got {negative_slope}")
+  k, g, d = dims.num_kv_heads, dims.groups, dims.head_dim
+  attn_vec = _weight("attn_vec", attn_vec, (dims.num_heads, d), "[num_heads, head_dim]")
+  q = common.group_query(query, k).astype(jnp.float32)
+  pre = (jnp.transpose(q, (0, 2, 3, 1, 4))[:, :, :, :, None]
+         + jnp.transpose(key.astype(jnp.float32), (0, 2, 1, 3))[:, :, None, None])
+  if nonlinearity == "tanh":
+    act = jnp.tanh(pre)
+  else:
+    act = jax.nn.leaky_relu(pre, negative_slope)
+  logits = jnp.einsum("bkgtsd,kgd->bkgts", act, attn_vec.reshape(k, g, d))
+  return _attend(logits, value, dims, query.dtype, mask, is_causal, segment_ids,
+                 local_window_size, scale)

@@ -1,0 +1,122 @@
+"""Quantised attention: SageAttention's int8 QKᵀ with smoothed keys."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from big_attn.ops import common
+from big_attn.ops.registry import register
+
+INT8_MAX = 127.0
+PV_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+
+
+def _check_block(name: str, block) -> int:
+  if not isinstance(block, int) or isinstance(block, bool) or block < 1:
+    raise ValueError(f"{name} must be a positive int, got {block!r}")
+  return block
+
+
+def quantize_blocks(x: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
+  """Symmetric int8 per token block and head: `[b, t, h, d]` -> (int8 `[b, t, h, d]`,
+  float32 scales `[b, t, h]` with x ≈ int8 · scale; scale = max|x| / 127 over the block)."""
+  b, t, h, d = x.shape
+  num_blocks = -(-t // block)
+  x = x.astype(jnp.float32)
+  padded = jnp.pad(x, ((0, 0), (0, num_blocks * block - t), (0, 0), (0, 0)))
+  padded = padded.reshape(b, num_blocks, block, h, d)
+  amax = jnp.max(jnp.abs(padded), axis=(2, 4), keepdims=True)
+  scale = jnp.where(amax > 0.0, amax / INT8_MAX, 1.0)
+  q = jnp.clip(jnp.round(padded / scale), -INT8_MAX, INT8_MAX).astype(jnp.int8)
+  scale = jnp.broadcast_to(scale, (b, num_blocks, block, h, 1)).reshape(b, -1, h)
+  return q.reshape(b, -1, h, d)[:, :t], scale[:, :t]
+
+
+def _float_attention(query, key, value, bias, gmask, dims, scale):
+  """The float softmax attention whose backward pass the int8 op uses."""
+  logits = common.attention_logits(query, key, dims, scale)
+  if bias is not None:
+    logits = logits + bias.astype(jnp.float32)
+  probs = common.masked_softmax(logits, gmask)
+  return common.weighted_values(probs, value, dims).astype(query.dtype)
+
+
+def _int8_attention(query, key, value, bias, gmask, dims, scale, block_q, block_k, pv_dtype):
+  key = key.astype(jnp.float32)
+  key = key - jnp.mean(key, axis=1, keepdims=True)  # smoothing: q·mean(k) is constant per row
+  q8, q_scale = quantize_blocks(query, block_q)
+  k8, k_scale = quantize_blocks(key, block_k)
+  q8 = common.group_query(q8, dims.num_kv_heads)
+  qk = jnp.einsum("btkgd,bskd->bkgts", q8, k8, preferred_element_type=jnp.int32)
+  q_scale = q_scale.reshape(dims.batch, dims.q_len, dims.num_kv_heads, dims.groups)
+  logits = (qk.astype(jnp.float32) * jnp.float32(scale)
+            * jnp.transpose(q_scale, (0, 2, 3, 1))[..., None]
+            * jnp.transpose(k_scale, (0, 2, 1))[:, :, None, None, :])
+  if bias is not None:
+    logits = logits + bias.astype(jnp.float32)
+  probs = common.masked_softmax(logits, gmask)
+  out = common.weighted_values(probs.astype(pv_dtype), value.astype(pv_dtype), dims)
+  return out.astype(query.dtype)
+
+
+@register("sage_int8")
+def sage_int8_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
+                        bias=None, segment_ids=None, local_window_size=None, block_q=128,
+                        block_k=64, pv_dtype=jnp.bfloat16):
+  """SageAttention (SageAttention: Accurate 8-Bit Attention for Plug-and-play Inference
+  Acceleration, Zhang et al. 2024): int8 QKᵀ with smoothed keys, low-precision PV.
+
+    K̃ = K − mean_seq(K)                 (per batch and head; softmax(q·(k_j − μ)) = softmax(q·k_j))
+    Q̂ = int8(Q / δ_Q),  K̂ = int8(K̃ / δ_K),  δ = max|x| / 127 per block of `block_q` / `block_k`
+        tokens and head (symmetric, round to nearest)
+    S = s · (Q̂ K̂ᵀ)_int32 · δ_Q δ_K + B;   P = softmax(S) in float32
+    out = P V with P and V in `pv_dtype` (bfloat16 by default; the paper uses fp16) and float32
+        accumulation
+
+  The score matmul is a true int8×int8→int32 `dot_general`. Smoothing removes the large
+  channel-wise offset keys share, which otherwise dominates max|K| and wastes the int8 range.
+  Accuracy against float softmax attention on N(0, 1) inputs with keys offset by a shared
+  mean of 2 (`tests/test_ops_issue7a.py`, head_dim 32): relative L2 error 0.75-0.95% and cosine
+  similarity 0.99996-0.99997; the int8 rounding dominates, bfloat16 PV adds ~0.03%.
+
+  With `is_causal` the smoothing mean and the block scales of K still see every key (as in
+  the paper's kernels), so future keys change past outputs only at the level of int8 rounding.
+
+  Gradients are straight-through: the backward pass is that of float softmax attention on the
+  same inputs (the paper targets inference; this lets the op sit in a trained model).
+
+  Args:
+    query, key, value: `[batch, seq, heads, head_dim]`; key/value heads divide query heads.
+    mask, is_causal, scale, bias, segment_ids, local_window_size: as `dot_product_attention`.
+    block_q, block_k: token block sizes of the Q and K quantisation scales (paper: 128, 64).
+    pv_dtype: dtype of P and V in the PV matmul: bfloat16, float16 or float32.
+
+  Returns:
+    `[batch, q_len, num_heads, value_dim]` in the query's dtype.
+  """
+  dims = common.check_qkv(query, key, value)
+  common.check_bias(bias, dims)
+  _check_block("block_q", block_q)
+  _check_block("block_k", block_k)
+  if jnp.dtype(pv_dtype) not in [jnp.dtype(d) for d in PV_DTYPES]:
+    raise ValueError(f"pv_dtype must be bfloat16, float16 or float32, got {pv_dtype!r}")
+  full_mask = common.make_mask(dims, mask=mask, is_causal=is_causal, segment_ids=segment_ids,
+                               local_window_size=local_window_size)
+  gmask = common.grouped(full_mask, dims)
+  gbias = common.grouped(bias, dims)
+  scale = common.default_scale(dims.head_dim, scale)
+
+  @jax.custom_vjp
+  def attend(q, k, v, b, m):
+    return _int8_attention(q, k, v, b, m, dims, scale, block_q, block_k, pv_dtype)
+
+  def attend_fwd(q, k, v, b, m):
+    return attend(q, k, v, b, m), (q, k, v, b, m)
+
+  def attend_bwd(residuals, cotangent):
+    *arrays, m = residuals
+    float_fn = lambda q, k, v, b: _float_attention(q, k, v, b, m, dims, scale)
+    return (*jax.vjp(float_fn, *arrays)[1](cotangent), None)
+
+  attend.defvjp(attend_fwd, attend_bwd)
+  return attend(query, key, value, gbias, gmask)

@@ -1,0 +1,158 @@
+"""Block-sparse attention with a predicted block mask (SpargeAttn's first-stage filter)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from big_attn.ops import common
+from big_attn.ops.registry import register
+
+
+def _check_positive_int(name: str, x, optional: bool = False) -> None:
+  if optional and x is None:
+    return
+  if not isinstance(x, (int, np.integer)) or isinstance(x, bool) or x < 1:
+    raise ValueError(f"{name} must be a positive int{' or None' if optional else ''}, got {x!r}")
+
+
+def _pad_to(x: jax.Array, axis: int, size: int) -> jax.Array:
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, pad)
+
+
+def safeguard_blocks(q_len: int, kv_len: int, block_q: int, block_k: int) -> np.ndarray:
+  """`[q_blocks, kv_blocks]` blocks always computed: the first key block and the key blocks
+  sharing token positions with the query block (the diagonal)."""
+  i = np.arange(-(-q_len // block_q))[:, None]
+  j = np.arange(-(-kv_len // block_k))[None, :]
+  diagonal = (j * block_k < (i + 1) * block_q) & (i * block_q < (j + 1) * block_k)
+  return diagonal | (j == 0)
+
+
+def _block_means(x: jax.Array, block: int, num_blocks: int) -> jax.Array:
+  """`[b, t, h, d]` -> `[b, num_blocks, h, d]`: the mean of each block's real tokens."""
+  b, t, h, d = x.shape
+  sums = _pad_to(x.astype(jnp.float32), 1, num_blocks * block).reshape(
+      b, num_blocks, block, h, d).sum(axis=2)
+  counts = np.minimum(block, t - block * np.arange(num_blocks)).astype(np.float32)
+  return sums / counts[None, :, None, None]
+
+
+def _index(size: int, full: int, axis: int, ndim: int) -> jax.Array:
+  """Index array along `axis` of a `[.., size, ..]` dimension broadcast to `full`."""
+  shape = [1] * ndim
+  shape[axis] = full
+  ix = jnp.arange(full) if size == full else jnp.zeros(full, jnp.int32)
+  return ix.reshape(shape)
+
+
+@register("sparse_blocks")
+def sparse_blocks_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
+                            block_q=64, block_k=64, cdf_threshold=0.95, topk_blocks=None,
+                            segment_ids=None, local_window_size=None):
+  """Predicted block-sparse attention (SpargeAttn: Accurate Sparse Attention Accelerating Any
+  Model Inference, Zhang et al. 2025), its first-stage filter with exact attention in the kept
+  blocks.
+
+  1. Pool: q̄_I = mean of query block I, k̄_J = mean of key block J (real tokens only).
+  2. Predict: P̃_I = softmax_J(s·q̄_I·k̄_J) over the allowed key blocks J (those with at least
+     one (i, j) pair the masks allow; with `is_causal` the prediction never looks ahead).
+  3. Select (TopCdf): sort P̃_I descending and keep the shortest prefix whose mass reaches
+     `cdf_threshold` (block J is kept when the mass ranked before it is < τ; τ ≥ 1 keeps every
+     allowed block); with `topk_blocks` at most that many of them. The first key block and the
+     diagonal blocks (sharing positions with query block I) are always kept, as safeguards for
+     attention sinks and local attention.
+  4. Attend: out_i = softmax_j(s·q_i·k_j, masked, j in kept blocks of I) V, computed on the kept
+     key/value blocks gathered per query block, `[q_blocks, slots, block_q, block_k]` scores;
+     slots = all key blocks, or `topk_blocks` + the safeguards when it is given: O(n·k·block).
+
+  The paper's second stage (skipping PV products of negligible online-softmax blocks) and its
+  quantisation are kernel-level optimisations not reproduced here; neither is its fallback to
+  dense attention for non-self-similar blocks. The block selection has no gradient.
+
+  Args:
+    query, key, value: `[batch, seq, heads, head_dim]`; key/value heads divide query heads.
+    mask, is_causal, scale, segment_ids, local_window_size: as `dot_product_attention`.
+    block_q, block_k: query and key block sizes (any sequence length: the last block may be
+      partial).
+    cdf_threshold: τ in (0, 1]: cumulative pooled mass kept per query block.
+    topk_blocks: optional cap on the selected key blocks per query block (safeguards extra).
+
+  Returns:
+    `[batch, q_len, num_heads, value_dim]` in the query's dtype.
+  """
+  dims = common.check_qkv(query, key, value)
+  _check_positive_int("block_q", block_q)
+  _check_positive_int("block_k", block_k)
+  _check_positive_int("topk_blocks", topk_blocks, optional=True)
+  if not 0.0 < cdf_threshold <= 1.0:
+    raise ValueError(f"cdf_threshold must be in (0, 1], got {cdf_threshold!r}")
+  scale = common.default_scale(dims.head_dim, scale)
+  b, t, s = dims.batch, dims.q_len, dims.kv_len
+  k, g, dv = dims.num_kv_heads, dims.groups, dims.value_dim
+  nq, nk = -(-t // block_q), -(-s // block_k)
+  full_mask = common.make_mask(dims, mask=mask, is_causal=is_causal, segment_ids=segment_ids,
+                               local_window_size=local_window_size)
+
+  # Token mask in blocks `[b|1, k|1, g|1, nq, nk, block_q, block_k]` (padding is masked) and
+  # the blocks it allows.
+  if full_mask is None:
+    token_blocks = None
+    allowed = jnp.ones((1, 1, 1, nq, nk), bool)
+  else:
+    padded = jnp.broadcast_to(full_mask, (*full_mask.shape[:2], t, s))
+    padded = _pad_to(_pad_to(padded, 2, nq * block_q), 3, nk * block_k)
+    grouped = common.grouped(padded, dims)
+    token_blocks = grouped.reshape(*grouped.shape[:3], nq, block_q, nk, block_k)
+    token_blocks = jnp.swapaxes(token_blocks, 4, 5)
+    allowed = jnp.any(token_blocks, axis=(-2, -1))
+
+  # Predict and select the blocks.
+  pooled_q = common.group_query(_block_means(query, block_q, nq), k)
+  pooled_k = _block_means(key, block_k, nk)
+  pooled = jnp.einsum("bqkgd,bckd->bkgqc", pooled_q, pooled_k) * jnp.float32(scale)
+  probs = jax.lax.stop_gradient(common.masked_softmax(pooled, allowed))
+  order = jnp.argsort(-probs, axis=-1, stable=True)
+  ranked = jnp.take_along_axis(probs, order, axis=-1)
+  keep_ranked = jnp.ones(ranked.shape, bool)
+  if cdf_threshold < 1.0:
+    keep_ranked = jnp.cumsum(ranked, axis=-1) - ranked < cdf_threshold
+  if topk_blocks is not None:
+    keep_ranked &= jnp.arange(nk) < topk_blocks
+  rank = jnp.argsort(order, axis=-1)
+  safe = safeguard_blocks(t, s, block_q, block_k)
+  keep = (jnp.take_along_axis(keep_ranked, rank, axis=-1) | safe) & allowed
+
+  # Gather the kept key/value blocks per query block: slots in order of predicted mass.
+  slots = nk if topk_blocks is None else min(nk, topk_blocks + int(safe.sum(-1).max()))
+  keep = jnp.broadcast_to(keep, (b, k, g, nq, nk))
+  slot_block = jnp.argsort(jnp.where(keep, rank, rank + nk), axis=-1)[..., :slots]
+  slot_on = jnp.take_along_axis(keep, slot_block, axis=-1)  # [b, k, g, nq, slots]
+  bi, ki = _index(b, b, 0, 5), _index(k, k, 1, 5)
+
+  def blocks(x):  # [b, s, k, d] -> [b, k, g, nq, slots, block_k, d]
+    x = _pad_to(x, 1, nk * block_k).reshape(b, nk, block_k, k, x.shape[-1])
+    return jnp.transpose(x, (0, 3, 1, 2, 4))[bi, ki, slot_block]
+
+  if token_blocks is None:
+    key_pos = slot_block[..., None] * block_k + jnp.arange(block_k)
+    slot_mask = jnp.broadcast_to((key_pos < s)[:, :, :, :, None],
+                                 (b, k, g, nq, block_q, slots, block_k))
+  else:
+    shape = token_blocks.shape
+    gathered = token_blocks[_index(shape[0], b, 0, 5), _index(shape[1], k, 1, 5),
+                            _index(shape[2], g, 2, 5), _index(nq, nq, 3, 5), slot_block]
+    slot_mask = jnp.swapaxes(gathered, 4, 5)  # [b, k, g, nq, block_q, slots, block_k]
+  slot_mask &= slot_on[:, :, :, :, None, :, None]
+
+  q = _pad_to(query, 1, nq * block_q).reshape(b, nq, block_q, k, g, dims.head_dim)
+  logits = jnp.einsum("bqikgd,bkgqcjd->bkgqicj", q, blocks(key),
+                      preferred_element_type=jnp.float32) * jnp.float32(scale)
+  flat = (b, k, g, nq, block_q, slots * block_k)
+  weights = common.masked_softmax(logits.reshape(flat), slot_mask.reshape(flat))
+  out = jnp.einsum("bkgqicj,bkgqcjd->bqikgd",
+                   weights.reshape(logits.shape).astype(value.dtype), blocks(value),
+                   preferred_element_type=jnp.float32)
+  return out.reshape(b, nq * block_q, dims.num_heads, dv)[:, :t].astype(query.dtype)
