@@ -13,10 +13,10 @@ is used at most once per array, the first matching rule wins). A dimension that 
 axes do not divide is replicated instead (for example 10 classes over fsdp=8).
 
 Parameters, optimizer state and batches are placed by these rules (`jit` in/out shardings);
-XLA propagates the shardings of activations from them. The training loop does not make a mesh
-global (`jax.set_mesh`), so modules' `nn.with_logical_constraint` calls are inert: with a global
-mesh and rules, flax's `DenseGeneral` (in `big_attn.layers.Attention`) applies its kernel's
-3-axis logical constraint to the 2-D flattened kernel inside `param`'s shape check and fails.
+XLA propagates the shardings of activations from them. The training loop does not make the
+mesh global (`jax.set_mesh`), so modules' `nn.with_logical_constraint` calls on activations are
+inert there; models that need an explicit activation layout (the LM's sequence parallelism)
+take the mesh as a field and use `shard_map`.
 """
 from __future__ import annotations
 
