@@ -296,3 +296,180 @@ def test_gpsa_local_init_centres_heads_on_offsets():
   np.testing.assert_array_equal(pos_proj[:, 2], -1.0)
   centres = {tuple(np.asarray(p[:2]) / 2) for p in pos_proj}
   assert centres == {(-0.5, -0.5), (0.5, -0.5), (-0.5, 0.5), (0.5, 0.5)}
+
+
+# ----------------------------------------------------------------------------------------------
+# SwitchHead: an explicit loop over heads, tokens and experts.
+# ----------------------------------------------------------------------------------------------
+def _switchhead_ref(q, k, value_experts, rv, ro, out_experts, pick_v, pick_o, mask):
+  """Per head h and token, the experts `pick_v`/`pick_o` (the top-k by router logit, picked
+  in NumPy by the caller), then v = Σ σ·V_e, o = softmax attention, y = Σ σ·o W^O_e."""
+  q, k, value_experts, rv, ro, out_experts = ref.f64(q, k, value_experts, rv, ro, out_experts)
+  n = q.shape[2]
+  kv_heads, num = value_experts.shape[2:4]
+  values = []
+  for h in range(kv_heads):
+    v_h = 0.0
+    for e in range(num):
+      chosen = (pick_v[:, :, h] == e).any(-1)[..., None]  # [b, s, 1]
+      v_h = v_h + jnp.where(chosen, jax.nn.sigmoid(rv[:, :, h, e])[..., None]
+                            * value_experts[:, :, h, e], 0.0)
+    values.append(v_h)
+  v = jnp.stack(values, 2)
+  heads = jnp.einsum("bnts,bsnd->btnd", _probs(_content_logits(q, k), mask),
+                     ref.repeat_kv(v, n))
+  outs = []
+  for h in range(n):
+    y_h = 0.0
+    for e in range(num):
+      chosen = (pick_o[:, :, h] == e).any(-1)[..., None]
+      y_h = y_h + jnp.where(chosen, jax.nn.sigmoid(ro[:, :, h, e])[..., None]
+                            * (heads[:, :, h] @ out_experts[h, e]), 0.0)
+    outs.append(y_h)
+  return jnp.stack(outs, 2)
+
+
+def _switchhead_inputs(t=9, s=None, n=4, k=2, num=3, dv=6, dout=5, seed=0):
+  s = t if s is None else s
+  q, key, _ = _qkv(t=t, s=s, n=n, k=k, seed=seed)
+  return (q, key, ref.normal(seed + 3, (2, s, k, num, dv)), ref.normal(seed + 4, (2, s, k, num)),
+          ref.normal(seed + 5, (2, t, n, num)), ref.normal(seed + 6, (n, num, dv, dout), std=0.4))
+
+
+@pytest.mark.parametrize("t,s,kv_heads,topk,causal", [(9, 9, 2, 2, True), (7, 11, 4, 1, False),
+                                                      (9, 9, 1, 3, False)])
+def test_switchhead_matches_expert_loop(t, s, kv_heads, topk, causal):
+  arrays = _switchhead_inputs(t=t, s=s, k=kv_heads)
+  mask = _key_padding(2, s)
+  full = ref.full_mask(2, 4, t, s, mask=mask, is_causal=causal)
+  dense_v = jnp.zeros((2, s, kv_heads, 1))
+
+  def op(q, key, ve, rv, ro, oe):
+    return ops.get("switchhead")(q, key, dense_v, mask=mask, is_causal=causal, value_experts=ve,
+                                 router_logits_v=rv, router_logits_o=ro, out_experts=oe,
+                                 topk=topk)
+
+  pick_v, pick_o = (np.argsort(-np.asarray(r), -1)[..., :topk] for r in arrays[3:5])
+  ref.assert_matches(op, lambda *a: _switchhead_ref(*a, pick_v, pick_o, full), arrays)
+
+
+def test_switchhead_causal_ignores_future_and_bf16():
+  q, key, ve, rv, ro, oe = _switchhead_inputs()
+  op = functools.partial(ops.get("switchhead"), is_causal=True, out_experts=oe, num_experts=3)
+  dense_v = jnp.zeros((2, 9, 2, 1))
+  out = op(q, key, dense_v, value_experts=ve, router_logits_v=rv, router_logits_o=ro)
+  changed = op(q, key.at[:, 5:].set(2.0), dense_v, value_experts=ve.at[:, 5:].set(-1.0),
+               router_logits_v=rv.at[:, 5:].set(3.0), router_logits_o=ro)
+  np.testing.assert_allclose(out[:, :5], changed[:, :5], **F32_TOL)
+  assert not np.allclose(out[:, 5:], changed[:, 5:], atol=1e-3)
+  bf = lambda x: x.astype(jnp.bfloat16)
+  low = op(bf(q), bf(key), bf(dense_v), value_experts=bf(ve), router_logits_v=rv,
+           router_logits_o=ro)
+  assert low.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(low, np.float32), out, rtol=5e-2, atol=1e-1)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(value_experts=None), "value_experts"),
+    (dict(value_experts=jnp.zeros((2, 9, 1, 3, 6))), "value_experts"),
+    (dict(router_logits_v=jnp.zeros((2, 9, 2, 4))), "router_logits_v"),
+    (dict(router_logits_o=jnp.zeros((2, 9, 2, 3))), "router_logits_o"),
+    (dict(out_experts=jnp.zeros((4, 3, 5, 5))), "out_experts"),
+    (dict(topk=4), "topk"),
+    (dict(topk=0), "topk"),
+    (dict(num_experts=2), "num_experts"),
+])
+def test_switchhead_bad_args(change, match):
+  q, key, ve, rv, ro, oe = _switchhead_inputs()
+  args = dict(value_experts=ve, router_logits_v=rv, router_logits_o=ro, out_experts=oe)
+  with pytest.raises(ValueError, match=match):
+    ops.get("switchhead")(q, key, jnp.zeros((2, 9, 2, 1)), **{**args, **change})
+
+
+def test_switchhead_layer():
+  x = ref.normal(0, (2, 9, 32))
+  layer = layers.Attention(num_heads=4, num_kv_heads=2, op="switchhead",
+                           op_args=dict(num_experts=3, topk=2))
+  params = layer.init(jax.random.key(0), x)
+  out = layer.apply(params, x, is_causal=True)
+  assert out.shape == x.shape and np.all(np.isfinite(np.asarray(out)))
+  assert set(params["params"]["op_params"]) == {"value_expert_kernel", "router_v", "router_o",
+                                                "out_experts"}
+  grads = jax.grad(lambda p: jnp.sum(layer.apply(p, x) ** 2))(params)
+  assert np.any(np.asarray(flax.linen.unbox(grads)["params"]["op_params"]["router_o"]) != 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bottleneck tokens: the three attentions one by one.
+# ----------------------------------------------------------------------------------------------
+def _bottleneck_ref(q, k, v, bq, mask):
+  """gather Z = softmax(B Kᵀ s) V, then Z' = softmax(Z Zᵀ s) Z, then softmax(Q Z'ᵀ s) Z'."""
+  q, k, v, bq = ref.f64(q, k, v, bq)
+  n = q.shape[2]
+  k, v = ref.repeat_kv(k, n), ref.repeat_kv(v, n)
+  scale = 1.0 / np.sqrt(q.shape[-1])
+
+  def attend(a, b, c, m):
+    logits = jnp.einsum("btnd,bsnd->bnts", a, b) * scale
+    return jnp.einsum("bnts,bsnd->btnd", _probs(logits, m), c)
+
+  every = np.ones((1, 1, 1, 1), bool)
+  z = attend(bq, k, v, every if mask is None else mask)
+  z = attend(z, z, z, every)
+  return attend(q, z, z, every)
+
+
+def _segment_means(q, num):
+  """Means of `num` contiguous segments, summed token by token."""
+  seg = q.shape[1] // num
+  return jnp.stack([sum(q[:, p * seg + i] for i in range(seg)) / seg for p in range(num)], 1)
+
+
+@pytest.mark.parametrize("t,s,kv_heads,masked", [(12, 12, 2, False), (15, 10, 4, True),
+                                                 (9, 13, 1, True)])
+def test_bottleneck_pooled_matches_reference(t, s, kv_heads, masked):
+  q, k, v = _qkv(t=t, s=s, k=kv_heads)
+  mask = _key_padding(2, s, empty_batch=1) if masked else None
+  op = functools.partial(ops.get("bottleneck"), num_tokens=3, mask=mask)
+  out = ref.assert_matches(op, lambda q, k, v: _bottleneck_ref(q, k, v, _segment_means(q, 3),
+                                                               mask), (q, k, v))
+  if masked:
+    assert np.all(out[1] == 0.0)
+
+
+def test_bottleneck_given_queries_matches_reference():
+  q, k, v = _qkv(t=11, s=7, k=2)
+  bq = ref.normal(9, (1, 4, 4, 8))
+  op = ops.get("bottleneck")
+  ref.assert_matches(lambda q, k, v, b: op(q, k, v, bottleneck_queries=b),
+                     lambda q, k, v, b: _bottleneck_ref(q, k, v, jnp.broadcast_to(
+                         b, (2,) + b.shape[1:]), None), (q, k, v, bq))
+  low = op(*(x.astype(jnp.bfloat16) for x in (q, k, v)), bottleneck_queries=bq)
+  assert low.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(low, np.float32), op(q, k, v, bottleneck_queries=bq),
+                             **BF16_TOL)
+
+
+@pytest.mark.parametrize("args,match,error", [
+    (dict(), "num_tokens", ValueError),
+    (dict(num_tokens=5), "num_tokens", ValueError),
+    (dict(num_tokens=0), "num_tokens", ValueError),
+    (dict(bottleneck_queries=jnp.zeros((2, 3, 4, 4))), "bottleneck_queries", ValueError),
+    (dict(num_tokens=2, bottleneck_queries=jnp.zeros((2, 3, 4, 8))), "bottleneck_queries",
+     ValueError),
+    (dict(num_tokens=3, mask=jnp.ones((2, 1, 12, 12), bool)), "key-padding", ValueError),
+    (dict(num_tokens=3, is_causal=True), "causal", NotImplementedError),
+])
+def test_bottleneck_bad_args(args, match, error):
+  q, k, v = _qkv(t=12)
+  with pytest.raises(error, match=match):
+    ops.get("bottleneck")(q, k, v, **args)
+  with pytest.raises(ValueError, match="value"):
+    ops.get("bottleneck")(q, k, v[..., :4], num_tokens=3)
+
+
+def test_bottleneck_layer():
+  x = ref.normal(0, (2, 12, 32))
+  layer = layers.Attention(num_heads=4, op="bottleneck", op_args=dict(num_tokens=4))
+  out = layer.apply(layer.init(jax.random.key(0), x), x)
+  assert out.shape == x.shape and np.all(np.isfinite(np.asarray(out)))

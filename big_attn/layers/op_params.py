@@ -399,3 +399,53 @@ class GATv2Params(OpParams):
         (self.num_heads, self.head_dim), self.param_dtype)
     (attn_vec,) = nn.dtypes.promote_dtype(attn_vec, dtype=self.dtype)
     return {"attn_vec": attn_vec}
+
+
+@register_params("switchhead")
+class SwitchHeadParams(OpParams):
+  """The experts and routers of SwitchHead (Csordás et al. 2024; MoEUT's attention).
+
+  `op_args["num_experts"]` E (4 by default) and `op_args["topk"]` k (2 by default). Owns, per
+  head, the value experts `value_expert_kernel [features, num_kv_heads, E, head_dim]`, the
+  routers `router_v [features, num_kv_heads, E]` and `router_o [features, num_heads, E]`, and
+  the output experts `out_experts [num_heads, E, head_dim, head_dim]`, all fan-in scaled
+  normal (variance 1/fan_in). From `inputs_q` (self-attention: keys and values come from the
+  same tokens) it returns `value_experts`, `router_logits_v`, `router_logits_o` and
+  `out_experts` for the `switchhead` op. The layer's dense value projection is then unused by
+  the op, and its output projection follows the output experts.
+  """
+
+  @nn.compact
+  def __call__(self, inputs_q, query, key, value):
+    del query, value
+    op_args = self.op_args or {}
+    num = op_args.get("num_experts", 4)
+    topk = op_args.get("topk", 2)
+    if not isinstance(num, int) or isinstance(num, bool) or num < 1:
+      raise ValueError(f"op_args['num_experts'] must be a positive int, got {num!r}")
+    if not isinstance(topk, int) or isinstance(topk, bool) or not 1 <= topk <= num:
+      raise ValueError(f"op_args['topk'] must be an int in [1, {num}], got {topk!r}")
+    if inputs_q.shape[1] != key.shape[1]:
+      raise ValueError("switchhead's parameters are computed from inputs_q: it supports "
+                       f"self-attention only, got q_len {inputs_q.shape[1]} and kv_len "
+                       f"{key.shape[1]}")
+    features, d = inputs_q.shape[-1], self.head_dim
+    init = lambda fan_in: nn.initializers.normal(stddev=fan_in ** -0.5)  # pylint: disable=g-long-lambda
+    kernel = self.param("value_expert_kernel", nn.with_logical_partitioning(
+        init(features), ("embed", "kv_heads", "experts", "head_dim")),
+                        (features, self.num_kv_heads, num, d), self.param_dtype)
+    router_v = self.param("router_v", nn.with_logical_partitioning(
+        init(features), ("embed", "kv_heads", "experts")),
+                          (features, self.num_kv_heads, num), self.param_dtype)
+    router_o = self.param("router_o", nn.with_logical_partitioning(
+        init(features), ("embed", "heads", "experts")),
+                          (features, self.num_heads, num), self.param_dtype)
+    out_experts = self.param("out_experts", nn.with_logical_partitioning(
+        init(d), ("heads", "experts", "head_dim", None)),
+                             (self.num_heads, num, d, d), self.param_dtype)
+    x, kernel, router_v, router_o, out_experts = nn.dtypes.promote_dtype(
+        inputs_q, kernel, router_v, router_o, out_experts, dtype=self.dtype)
+    return {"value_experts": jnp.einsum("bsf,fked->bsked", x, kernel),
+            "router_logits_v": jnp.einsum("bsf,fke->bske", x, router_v),
+            "router_logits_o": jnp.einsum("bsf,fne->bsne", x, router_o),
+            "out_experts": out_experts}

@@ -30,6 +30,8 @@ from big_attn.ops import positional as _positional  # noqa: F401
 from big_attn.ops import quantized as _quantized  # noqa: F401
 from big_attn.ops import sparse as _sparse  # noqa: F401
 from big_attn.ops import learned_scoring as _learned_scoring  # noqa: F401
+from big_attn.ops import experts as _experts  # noqa: F401
+from big_attn.ops import bottleneck as _bottleneck  # noqa: F401
 
 
 def as_attention_fn(name: str, **mechanism_args) -> Callable:

@@ -1,0 +1,112 @@
+"""Mixture-of-experts attention: SwitchHead (value and output projections picked per token).
+
+The top-k choices are discrete: gradients flow through the selected experts and their gate
+values, not through the selection.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from big_attn.ops import common
+from big_attn.ops.registry import register
+from big_attn.ops.softmax import dot_product_attention
+
+Array = jax.Array
+
+
+def sigmoid_topk_gate(logits: Array, topk: int) -> Array:
+  """σ(logits) on the `topk` largest entries of the last axis, 0 elsewhere (float32).
+
+  SwitchHead's non-competitive gate: the selected scores are not renormalised.
+  """
+  scores = jax.nn.sigmoid(logits.astype(jnp.float32))
+  _, chosen = jax.lax.top_k(jax.lax.stop_gradient(scores), topk)
+  selected = jnp.sum(jax.nn.one_hot(chosen, scores.shape[-1], dtype=scores.dtype), axis=-2)
+  return scores * selected
+
+
+def _check_shape(name: str, x, shape: tuple[int, ...], layout: str) -> None:
+  if x is None:
+    raise ValueError(f"switchhead needs {name} {layout}")
+  common._check_float(name, x)  # pylint: disable=protected-access
+  if tuple(x.shape) != shape:
+    raise ValueError(f"{name} must have shape {layout} = {shape}, got {tuple(x.shape)}")
+
+
+@register("switchhead")
+def switchhead_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
+                         value_experts=None, router_logits_v=None, router_logits_o=None,
+                         out_experts=None, topk=2, num_experts=None, segment_ids=None):
+  """SwitchHead: Accelerating Transformers with Mixture-of-Experts Attention (Csordás et al.,
+  2024), the attention of MoEUT.
+
+  Each head h has E value projections and E output projections; a sigmoid router picks the
+  top-k of each per token, non-competitively (σ scores, no renormalisation):
+
+      s^V_j = σ(x_j W^V_S),   v_j = Σ_{e ∈ topk(s^V_j)} s^V_{j,e} x_j W^V_e,
+      o_i = Σ_j softmax_j(s·q_i·k_j) v_j,
+      s^O_i = σ(x_i W^O_S),   y_i = Σ_{e ∈ topk(s^O_i)} s^O_{i,e} o_i W^O_e,
+
+  per head (queries and keys are dense, as in the paper's final form).
+
+  Split of responsibilities: this op receives the per-expert projected values x_j W^V_e
+  (`value_experts`), the router logits and the output-expert matrices; the Linen module
+  `big_attn.layers.op_params.SwitchHeadParams` owns W^V_e, W^V_S, W^O_S and W^O_e and computes
+  the first three from `inputs_q` (self-attention). The op returns y per head; summing the heads
+  gives the paper's output (`big_attn.layers.Attention` applies its shared output projection
+  after it). The dense `value` argument only fixes the layout (batch, kv_len, kv heads); its
+  entries are not used.
+
+  Args:
+    query: `[batch, q_len, num_heads, head_dim]`.
+    key: `[batch, kv_len, num_kv_heads, head_dim]`.
+    value: `[batch, kv_len, num_kv_heads, any]`, layout only.
+    mask: boolean, broadcastable to `[batch, num_heads, q_len, kv_len]`.
+    is_causal: query i attends keys j <= i.
+    scale: logit scale s; `1/sqrt(head_dim)` when None.
+    value_experts: x_j W^V_e `[batch, kv_len, num_kv_heads, E, value_dim]`.
+    router_logits_v: x_j W^V_S `[batch, kv_len, num_kv_heads, E]`.
+    router_logits_o: x_i W^O_S `[batch, q_len, num_heads, E]`.
+    out_experts: W^O_e `[num_heads, E, value_dim, out_dim]`.
+    topk: experts chosen per token and head, in [1, E].
+    num_experts: E, checked against the arrays when given.
+    segment_ids: as in `dot_product_attention`.
+
+  Returns:
+    `[batch, q_len, num_heads, out_dim]` in the query's dtype.
+  """
+  dims = common.check_qkv(query, key, value)
+  if value_experts is None or getattr(value_experts, "ndim", 0) != 5:
+    raise ValueError("switchhead needs value_experts [batch, kv_len, num_kv_heads, E, "
+                     f"value_dim], got {getattr(value_experts, 'shape', value_experts)!r}")
+  num, dv = value_experts.shape[3:]
+  _check_shape("value_experts", value_experts, (dims.batch, dims.kv_len, dims.num_kv_heads,
+                                                num, dv),
+               "[batch, kv_len, num_kv_heads, E, value_dim]")
+  if num_experts is not None and num_experts != num:
+    raise ValueError(f"num_experts={num_experts!r} disagrees with value_experts of shape "
+                     f"{value_experts.shape} (E = {num})")
+  _check_shape("router_logits_v", router_logits_v,
+               (dims.batch, dims.kv_len, dims.num_kv_heads, num),
+               "[batch, kv_len, num_kv_heads, E]")
+  _check_shape("router_logits_o", router_logits_o, (dims.batch, dims.q_len, dims.num_heads, num),
+               "[batch, q_len, num_heads, E]")
+  if out_experts is None or getattr(out_experts, "ndim", 0) != 4:
+    raise ValueError("switchhead needs out_experts [num_heads, E, value_dim, out_dim], got "
+                     f"{getattr(out_experts, 'shape', out_experts)!r}")
+  _check_shape("out_experts", out_experts, (dims.num_heads, num, dv, out_experts.shape[-1]),
+               "[num_heads, E, value_dim, out_dim]")
+  if isinstance(topk, bool) or not isinstance(topk, (int, np.integer)) or not 1 <= topk <= num:
+    raise ValueError(f"topk must be an int in [1, {num}], got {topk!r}")
+
+  gate_v = sigmoid_topk_gate(router_logits_v, int(topk))
+  mixed = jnp.einsum("bske,bsked->bskd", gate_v.astype(value_experts.dtype), value_experts,
+                     preferred_element_type=jnp.float32).astype(value_experts.dtype)
+  heads = dot_product_attention(query, key, mixed, mask=mask, scale=scale, is_causal=is_causal,
+                                segment_ids=segment_ids, implementation="xla")
+  gate_o = sigmoid_topk_gate(router_logits_o, int(topk))
+  out = jnp.einsum("btne,btnd,nedo->btno", gate_o, heads.astype(jnp.float32),
+                   out_experts.astype(jnp.float32))
+  return out.astype(query.dtype)
