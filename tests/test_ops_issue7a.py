@@ -122,7 +122,13 @@ def test_sage_int8_gradients_are_float_attention_gradients():
 # ----------------------------------------------------------------------------------------------
 # SpargeAttn block selection.
 # ----------------------------------------------------------------------------------------------
-def _sparge_block_mask(q, k, full, block_q, block_k, tau, topk):
+def _self_similar(x, theta):
+  """Mean pairwise cosine similarity of a block's tokens > theta (None: always True)."""
+  unit = x / np.linalg.norm(x, axis=-1, keepdims=True)
+  return theta is None or (unit @ unit.T).mean() > theta
+
+
+def _sparge_block_mask(q, k, full, block_q, block_k, tau, topk, theta=None):
   """Kept `[b, n, q_blocks, kv_blocks]` blocks, by loops over batches, heads and blocks."""
   q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
   b, t, n, d = q.shape
@@ -136,25 +142,26 @@ def _sparge_block_mask(q, k, full, block_q, block_k, tau, topk):
         rows = slice(i * block_q, (i + 1) * block_q)
         q_mean = q[bi, rows, h].mean(0)
         allowed = np.zeros(nk, bool)
+        dense = np.full(nk, not _self_similar(q[bi, rows, h], theta))
         score = np.full(nk, -np.inf)
         for j in range(nk):
           cols = slice(j * block_k, (j + 1) * block_k)
           allowed[j] = full[bi, h, rows, cols].any()
-          if allowed[j]:
+          dense[j] |= not _self_similar(k[bi, cols, kh], theta)
+          if allowed[j] and _self_similar(k[bi, cols, kh], theta):
             score[j] = q_mean @ k[bi, cols, kh].mean(0) / np.sqrt(d)
-        if not allowed.any():
-          continue
-        p = np.exp(score - score.max())
-        p /= p.sum()
-        mass = 0.0
-        for rank, j in enumerate(np.argsort(-p, kind="stable")):
-          if (tau >= 1.0 or mass < tau) and (topk is None or rank < topk):
-            keep[bi, h, i, j] = True
-          mass += p[j]
+        if np.isfinite(score).any():
+          p = np.exp(score - score.max())
+          p /= p.sum()
+          mass = 0.0
+          for rank, j in enumerate(np.argsort(-p, kind="stable")):
+            if (tau >= 1.0 or mass < tau) and (topk is None or rank < topk) and p[j] > 0:
+              keep[bi, h, i, j] = True
+            mass += p[j]
         for j in range(nk):
           first_or_diagonal = j == 0 or (j * block_k < (i + 1) * block_q
                                          and i * block_q < (j + 1) * block_k)
-          keep[bi, h, i, j] = (keep[bi, h, i, j] or first_or_diagonal) and allowed[j]
+          keep[bi, h, i, j] = (keep[bi, h, i, j] or first_or_diagonal or dense[j]) and allowed[j]
   return keep
 
 
@@ -187,6 +194,24 @@ def test_sparse_blocks_match_independent_block_mask(is_causal, tau, topk, paddin
   op = functools.partial(ops.get("sparse_blocks"), mask=None if mask is None else jnp.asarray(mask),
                          is_causal=is_causal, block_q=bq, block_k=bk, cdf_threshold=tau,
                          topk_blocks=topk)
+  ref.assert_matches(op, lambda q, k, v: ref.softmax_attention(q, k, v, mask=sparse), (q, k, v))
+
+
+def test_sparse_blocks_self_similarity_rule():
+  """Even blocks of q and k share a direction (self-similar); odd blocks are noise."""
+  t, bq, bk, theta = 40, 8, 5, 0.5
+  q, k, v = _qkv(t=t, seed=4)
+  shared = ref.normal(30, (2, 1, 4, 8), std=3.0)
+  q = q + shared * ((np.arange(t) // bq) % 2 == 0)[None, :, None, None]
+  k = k + shared[:, :, ::2] * ((np.arange(t) // bk) % 2 == 0)[None, :, None, None]
+  full = ref.full_mask(2, 4, t, t, is_causal=True)
+  keep = _sparge_block_mask(q, k, full, bq, bk, 0.3, None, theta)
+  plain = _sparge_block_mask(q, k, full, bq, bk, 0.3, None)
+  assert (keep & ~plain).any()  # the rule adds dense rows and columns
+  sparse = full & _expand_blocks(keep, t, t, bq, bk)
+  assert sparse.sum() < full.sum()
+  op = functools.partial(ops.get("sparse_blocks"), is_causal=True, block_q=bq, block_k=bk,
+                         cdf_threshold=0.3, similarity_threshold=theta)
   ref.assert_matches(op, lambda q, k, v: ref.softmax_attention(q, k, v, mask=sparse), (q, k, v))
 
 
@@ -320,6 +345,7 @@ def test_layer_runs(name, op_args, param_shapes):
     ("sparse_blocks", dict(cdf_threshold=1.5), "cdf_threshold"),
     ("sparse_blocks", dict(topk_blocks=0), "topk_blocks"),
     ("sparse_blocks", dict(block_k=-1), "block_k"),
+    ("sparse_blocks", dict(similarity_threshold="0.1"), "similarity_threshold"),
     ("neural_attention", dict(w1=None), "w1"),
     ("neural_attention", dict(b1=jnp.zeros((4, 7))), "b1"),
     ("neural_attention", dict(w2=jnp.zeros((3, 5))), "w2"),

@@ -40,6 +40,18 @@ def _block_means(x: jax.Array, block: int, num_blocks: int) -> jax.Array:
   return sums / counts[None, :, None, None]
 
 
+def block_self_similarity(x: jax.Array, block: int, num_blocks: int) -> jax.Array:
+  """`[b, t, h, d]` -> `[b, num_blocks, h]`: the mean cosine similarity over all token pairs of
+  each block (its real tokens, pairs (i, i) included) = |Σ_i x_i/|x_i||² / count²."""
+  b, t, h, d = x.shape
+  x = x.astype(jnp.float32)
+  norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
+  unit = x / jnp.where(norm > 0.0, norm, 1.0)
+  sums = _pad_to(unit, 1, num_blocks * block).reshape(b, num_blocks, block, h, d).sum(axis=2)
+  counts = np.minimum(block, t - block * np.arange(num_blocks)).astype(np.float32)
+  return jnp.sum(sums * sums, axis=-1) / (counts * counts)[None, :, None]
+
+
 def _index(size: int, full: int, axis: int, ndim: int) -> jax.Array:
   """Index array along `axis` of a `[.., size, ..]` dimension broadcast to `full`."""
   shape = [1] * ndim
@@ -51,26 +63,34 @@ def _index(size: int, full: int, axis: int, ndim: int) -> jax.Array:
 @register("sparse_blocks")
 def sparse_blocks_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                             block_q=64, block_k=64, cdf_threshold=0.95, topk_blocks=None,
-                            segment_ids=None, local_window_size=None):
+                            similarity_threshold=None, segment_ids=None,
+                            local_window_size=None):
   """Predicted block-sparse attention (SpargeAttn: Accurate Sparse Attention Accelerating Any
   Model Inference, Zhang et al. 2025), its first-stage filter with exact attention in the kept
   blocks.
 
   1. Pool: q̄_I = mean of query block I, k̄_J = mean of key block J (real tokens only).
   2. Predict: P̃_I = softmax_J(s·q̄_I·k̄_J) over the allowed key blocks J (those with at least
-     one (i, j) pair the masks allow; with `is_causal` the prediction never looks ahead).
+     one (i, j) pair the masks allow; with `is_causal` the prediction never looks ahead),
+     leaving out the key blocks that are not self-similar (below).
   3. Select (TopCdf): sort P̃_I descending and keep the shortest prefix whose mass reaches
      `cdf_threshold` (block J is kept when the mass ranked before it is < τ; τ ≥ 1 keeps every
      allowed block); with `topk_blocks` at most that many of them. The first key block and the
      diagonal blocks (sharing positions with query block I) are always kept, as safeguards for
      attention sinks and local attention.
+     Self-similarity (with `similarity_threshold` θ, the paper's fix for blocks a mean does not
+     summarise): a block's similarity is the mean cosine similarity of its token pairs; a
+     query block with similarity ≤ θ keeps every allowed key block, and a key block with
+     similarity ≤ θ is kept by every query block (the authors' code uses θ = 0.1).
   4. Attend: out_i = softmax_j(s·q_i·k_j, masked, j in kept blocks of I) V, computed on the kept
      key/value blocks gathered per query block, `[q_blocks, slots, block_q, block_k]` scores;
      slots = all key blocks, or `topk_blocks` + the safeguards when it is given: O(n·k·block).
 
   The paper's second stage (skipping PV products of negligible online-softmax blocks) and its
-  quantisation are kernel-level optimisations not reproduced here; neither is its fallback to
-  dense attention for non-self-similar blocks. The block selection has no gradient.
+  quantisation are kernel-level optimisations not reproduced here. Differences from the
+  authors' code: it keeps the blocks whose inclusive cumulative mass is ≤ τ (at least one),
+  here the mass is reached; its `topk` is a fraction of the blocks, here a count; its sink block
+  is optional and it has no diagonal safeguard. The block selection has no gradient.
 
   Args:
     query, key, value: `[batch, seq, heads, head_dim]`; key/value heads divide query heads.
@@ -79,6 +99,8 @@ def sparse_blocks_attention(query, key, value, *, mask=None, is_causal=False, sc
       partial).
     cdf_threshold: τ in (0, 1]: cumulative pooled mass kept per query block.
     topk_blocks: optional cap on the selected key blocks per query block (safeguards extra).
+    similarity_threshold: θ of the self-similarity rule; None turns it off. With θ set, the
+      slots are all key blocks (a dense row or column has no bound).
 
   Returns:
     `[batch, q_len, num_heads, value_dim]` in the query's dtype.
@@ -89,6 +111,11 @@ def sparse_blocks_attention(query, key, value, *, mask=None, is_causal=False, sc
   _check_positive_int("topk_blocks", topk_blocks, optional=True)
   if not 0.0 < cdf_threshold <= 1.0:
     raise ValueError(f"cdf_threshold must be in (0, 1], got {cdf_threshold!r}")
+  if similarity_threshold is not None and (
+      not isinstance(similarity_threshold, (int, float, np.floating))
+      or isinstance(similarity_threshold, bool)):
+    raise ValueError(f"similarity_threshold must be a number or None, got "
+                     f"{similarity_threshold!r}")
   scale = common.default_scale(dims.head_dim, scale)
   b, t, s = dims.batch, dims.q_len, dims.kv_len
   k, g, dv = dims.num_kv_heads, dims.groups, dims.value_dim
@@ -113,7 +140,17 @@ def sparse_blocks_attention(query, key, value, *, mask=None, is_causal=False, sc
   pooled_q = common.group_query(_block_means(query, block_q, nq), k)
   pooled_k = _block_means(key, block_k, nk)
   pooled = jnp.einsum("bqkgd,bckd->bkgqc", pooled_q, pooled_k) * jnp.float32(scale)
-  probs = jax.lax.stop_gradient(common.masked_softmax(pooled, allowed))
+  dense = jnp.zeros((1, 1, 1, nq, nk), bool)
+  if similarity_threshold is not None:
+    q_sim = block_self_similarity(query, block_q, nq).reshape(b, nq, k, g)
+    k_sim = block_self_similarity(key, block_k, nk)
+    dense_rows = jnp.transpose(q_sim, (0, 2, 3, 1))[..., None] <= similarity_threshold
+    dense_cols = jnp.transpose(k_sim, (0, 2, 1))[:, :, None, None, :] <= similarity_threshold
+    dense = jax.lax.stop_gradient(dense_rows | dense_cols)
+    predicted = allowed & ~dense_cols
+  else:
+    predicted = allowed
+  probs = jax.lax.stop_gradient(common.masked_softmax(pooled, predicted))
   order = jnp.argsort(-probs, axis=-1, stable=True)
   ranked = jnp.take_along_axis(probs, order, axis=-1)
   keep_ranked = jnp.ones(ranked.shape, bool)
@@ -123,10 +160,12 @@ def sparse_blocks_attention(query, key, value, *, mask=None, is_causal=False, sc
     keep_ranked &= jnp.arange(nk) < topk_blocks
   rank = jnp.argsort(order, axis=-1)
   safe = safeguard_blocks(t, s, block_q, block_k)
-  keep = (jnp.take_along_axis(keep_ranked, rank, axis=-1) | safe) & allowed
+  keep = ((jnp.take_along_axis(keep_ranked, rank, axis=-1) & predicted) | safe | dense) & allowed
 
   # Gather the kept key/value blocks per query block: slots in order of predicted mass.
-  slots = nk if topk_blocks is None else min(nk, topk_blocks + int(safe.sum(-1).max()))
+  slots = nk
+  if topk_blocks is not None and similarity_threshold is None:
+    slots = min(nk, topk_blocks + int(safe.sum(-1).max()))
   keep = jnp.broadcast_to(keep, (b, k, g, nq, nk))
   slot_block = jnp.argsort(jnp.where(keep, rank, rank + nk), axis=-1)[..., :slots]
   slot_on = jnp.take_along_axis(keep, slot_block, axis=-1)  # [b, k, g, nq, slots]
