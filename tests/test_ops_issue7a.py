@@ -107,12 +107,15 @@ def test_sage_int8_gradients_are_float_attention_gradients():
   segments = (jnp.asarray(np.arange(19)[None].repeat(2, 0) // 10, jnp.int32),
               jnp.asarray(np.arange(23)[None].repeat(2, 0) // 12, jnp.int32))
   full = ref.full_mask(2, 4, 19, 23, mask=padding, segment_ids=segments)
-  op = lambda q, k, v: ops.get("sage_int8")(q, k, v, mask=jnp.asarray(padding),
-                                            segment_ids=segments, block_q=8, block_k=8)
-  out, grads = ref.out_and_grads(op, (q, k, v))
+  bias = ref.normal(8, (1, 4, 19, 23))
+  op = lambda q, k, v, bias: ops.get("sage_int8")(
+      q, k, v, bias=bias, mask=jnp.asarray(padding), segment_ids=segments, block_q=8,
+      block_k=8)
+  out, grads = ref.out_and_grads(op, (q, k, v, bias))
   with ref.x64():
     want, want_grads = ref.out_and_grads(
-        lambda q, k, v: ref.softmax_attention(q, k, v, mask=full), ref.f64(q, k, v))
+        lambda q, k, v, bias: ref.softmax_attention(q, k, v, bias=bias, mask=full),
+        ref.f64(q, k, v, bias))
   assert np.all(np.asarray(out)[0] == 0.0)  # batch 0 has no keys: zeros, no NaN
   np.testing.assert_allclose(out, want, rtol=3e-2, atol=3e-2)
   for g, w in zip(grads, want_grads):

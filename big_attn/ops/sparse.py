@@ -74,7 +74,7 @@ def sparse_blocks_attention(query, key, value, *, mask=None, is_causal=False, sc
      one (i, j) pair the masks allow; with `is_causal` the prediction never looks ahead),
      leaving out the key blocks that are not self-similar (below).
   3. Select (TopCdf): sort P̃_I descending and keep the shortest prefix whose mass reaches
-     `cdf_threshold` (block J is kept when the mass ranked before it is < τ; τ ≥ 1 keeps every
+     `cdf_threshold` (block J is kept when the mass ranked before it is < τ; τ = 1 keeps every
      allowed block); with `topk_blocks` at most that many of them. The first key block and the
      diagonal blocks (sharing positions with query block I) are always kept, as safeguards for
      attention sinks and local attention.
