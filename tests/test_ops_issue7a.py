@@ -344,6 +344,7 @@ def test_layer_runs(name, op_args, param_shapes):
     ("sage_int8", dict(block_q=0), "block_q"),
     ("sage_int8", dict(block_k=2.5), "block_k"),
     ("sage_int8", dict(pv_dtype=jnp.int8), "pv_dtype"),
+    ("sage_int8", dict(pv_dtype="half-ish"), "pv_dtype"),
     ("sparse_blocks", dict(cdf_threshold=0.0), "cdf_threshold"),
     ("sparse_blocks", dict(cdf_threshold=1.5), "cdf_threshold"),
     ("sparse_blocks", dict(topk_blocks=0), "topk_blocks"),

@@ -98,7 +98,11 @@ def sage_int8_attention(query, key, value, *, mask=None, is_causal=False, scale=
   common.check_bias(bias, dims)
   _check_block("block_q", block_q)
   _check_block("block_k", block_k)
-  if jnp.dtype(pv_dtype) not in [jnp.dtype(d) for d in PV_DTYPES]:
+  try:
+    pv = jnp.dtype(pv_dtype)
+  except TypeError:
+    pv = None
+  if pv not in [jnp.dtype(d) for d in PV_DTYPES]:
     raise ValueError(f"pv_dtype must be bfloat16, float16 or float32, got {pv_dtype!r}")
   full_mask = common.make_mask(dims, mask=mask, is_causal=is_causal, segment_ids=segment_ids,
                                local_window_size=local_window_size)
@@ -108,7 +112,7 @@ def sage_int8_attention(query, key, value, *, mask=None, is_causal=False, scale=
 
   @jax.custom_vjp
   def attend(q, k, v, b, m):
-    return _int8_attention(q, k, v, b, m, dims, scale, block_q, block_k, pv_dtype)
+    return _int8_attention(q, k, v, b, m, dims, scale, block_q, block_k, pv)
 
   def attend_fwd(q, k, v, b, m):
     return attend(q, k, v, b, m), (q, k, v, b, m)
