@@ -74,8 +74,7 @@ def _gpsa_ref(q, k, v, pos_proj, gating, grid, mask):
   return jnp.einsum("bnts,bsnd->btnd", attn, ref.repeat_kv(ref.f64(v), q.shape[2]))
 
 
-@pytest.mark.parametrize("kv_heads,causal,masked", [(2, False, False), (1, True, False),
-                                                    (4, False, True)])
+@pytest.mark.parametrize("kv_heads,causal,masked", [(1, True, False), (4, False, True)])
 def test_gpsa_matches_reference(kv_heads, causal, masked):
   q, k, v = _qkv(k=kv_heads, dv=6)
   pos_proj = ref.normal(3, (4, 3), std=0.5)
@@ -94,7 +93,7 @@ def test_gpsa_gate_limits():
   """σ(λ) → 0 is plain softmax attention; σ(λ) → 1 ignores the content (queries and keys)."""
   q, k, v = _qkv()
   pos_proj = ref.normal(3, (4, 3))
-  op = functools.partial(ops.get("gpsa"), grid=GRID, pos_proj=pos_proj)
+  op = jax.jit(functools.partial(ops.get("gpsa"), grid=GRID, pos_proj=pos_proj))
   content = op(q, k, v, gating=jnp.full((4,), -40.0))
   with ref.x64():
     want = np.asarray(ref.softmax_attention(q, k, v))
@@ -109,14 +108,9 @@ def test_gpsa_gate_limits():
 # ----------------------------------------------------------------------------------------------
 def _levit_ref(q, k, v, table, grid, mask):
   pos = _positions(grid)
-  t = len(pos)
-  bias = np.zeros((table.shape[0], t, t))
-  table = np.asarray(table, np.float64)
-  for i in range(t):
-    for j in range(t):
-      dy, dx = np.abs(pos[i] - pos[j])
-      bias[:, i, j] = table[:, dy, dx]
-  return _probs_out(_content_logits(q, k) + bias[None], mask, v, q.shape[2])
+  dy = np.abs(pos[:, None, 0] - pos[None, :, 0])
+  dx = np.abs(pos[:, None, 1] - pos[None, :, 1])
+  return _probs_out(_content_logits(q, k) + ref.f64(table)[:, dy, dx][None], mask, v, q.shape[2])
 
 
 def _probs_out(logits, mask, v, n):
@@ -131,26 +125,8 @@ def test_levit_bias_matches_reference(kv_heads, causal):
   mask = _key_padding(2, 15)
   full = ref.full_mask(2, 4, 15, 15, mask=mask, is_causal=causal)
   op = functools.partial(ops.get("levit_bias"), grid=GRID, mask=mask, is_causal=causal)
-  # The table is not differentiated through the float64 reference's NumPy loop.
-  ref.assert_matches(lambda q, k, v: op(q, k, v, attention_bias=table),
-                     lambda q, k, v: _levit_ref(q, k, v, table, GRID, full), (q, k, v))
-
-
-def test_levit_bias_table_gradient():
-  """d out / d B: each table entry collects the gradient of every pair at its offset."""
-  q, k, v = _qkv()
-  table = ref.normal(3, (4,) + GRID)
-  op = functools.partial(ops.get("levit_bias"), grid=GRID)
-  full = np.ones((1, 1, 15, 15), bool)
-
-  def ref_fn(q, k, v, tb):
-    pos = _positions(GRID)
-    dy = np.abs(pos[:, None, 0] - pos[None, :, 0])
-    dx = np.abs(pos[:, None, 1] - pos[None, :, 1])
-    return _probs_out(_content_logits(q, k) + tb[:, dy, dx][None], full, v, 4)
-
-  ref.assert_matches(lambda q, k, v, tb: op(q, k, v, attention_bias=tb), ref_fn,
-                     (q, k, v, table))
+  ref.assert_matches(lambda q, k, v, tb: op(q, k, v, attention_bias=tb),
+                     lambda q, k, v, tb: _levit_ref(q, k, v, tb, GRID, full), (q, k, v, table))
 
 
 def _relpos_ref(q, k, v, rel_h, rel_w, grid, mask):
@@ -199,8 +175,7 @@ def _krpe_ref(q, k, v, b, w, mask, scale=None):
 
 
 @pytest.mark.parametrize("t,kv_heads,causal,masked", [(13, 2, False, False), (13, 4, True, True),
-                                                      (8, 1, True, False),
-                                                      (9, 2, False, True)])
+                                                      (8, 1, True, False)])
 def test_kernelized_rpe_fft_matches_quadratic(t, kv_heads, causal, masked):
   q, k, v = _qkv(t=t, k=kv_heads, dv=6)
   q, k = q * 0.5, k * 0.5
@@ -219,8 +194,8 @@ def test_kernelized_rpe_fft_matches_quadratic(t, kv_heads, causal, masked):
 def test_kernelized_rpe_causal_ignores_future():
   q, k, v = _qkv(t=11)
   b = ref.normal(3, (4, 21))
-  op = functools.partial(ops.get("kernelized_rpe"), rpe_bias=b, feature_key=1, num_features=8,
-                         is_causal=True)
+  op = jax.jit(functools.partial(ops.get("kernelized_rpe"), rpe_bias=b, feature_key=1,
+                                 num_features=8, is_causal=True))
   out = op(q, k, v)
   changed = op(q, k.at[:, 6:].set(5.0), v.at[:, 6:].set(-3.0))
   np.testing.assert_allclose(out[:, :6], changed[:, :6], **F32_TOL)
@@ -263,7 +238,7 @@ def test_positional_bf16(name):
   args = _positional_args()[name]
   if name == "kernelized_rpe":
     args = {**args, "num_features": 64}
-  op = functools.partial(ops.get(name), **args)
+  op = jax.jit(functools.partial(ops.get(name), **args))
   out = op(*(x.astype(jnp.bfloat16) for x in (q, k, v)))
   assert out.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(out, np.float32), op(q, k, v), **BF16_TOL)
@@ -276,8 +251,8 @@ def test_positional_bf16(name):
 def test_positional_layers(name, op_args):
   x = ref.normal(0, (2, 15, 32))
   layer = layers.Attention(num_heads=4, op=name, op_args=op_args)
-  params = layer.init(jax.random.key(0), x)
-  out = layer.apply(params, x)
+  params = jax.jit(layer.init)(jax.random.key(0), x)
+  out = jax.jit(layer.apply)(params, x)
   assert out.shape == x.shape and np.all(np.isfinite(np.asarray(out)))
   names = set(params["params"]["op_params"])
   assert names == {"gpsa": {"pos_proj", "gating"}, "levit_bias": {"attention_bias"},
@@ -336,8 +311,7 @@ def _switchhead_inputs(t=9, s=None, n=4, k=2, num=3, dv=6, dout=5, seed=0):
           ref.normal(seed + 5, (2, t, n, num)), ref.normal(seed + 6, (n, num, dv, dout), std=0.4))
 
 
-@pytest.mark.parametrize("t,s,kv_heads,topk,causal", [(9, 9, 2, 2, True), (7, 11, 4, 1, False),
-                                                      (9, 9, 1, 3, False)])
+@pytest.mark.parametrize("t,s,kv_heads,topk,causal", [(9, 9, 2, 2, True), (7, 11, 1, 3, False)])
 def test_switchhead_matches_expert_loop(t, s, kv_heads, topk, causal):
   arrays = _switchhead_inputs(t=t, s=s, k=kv_heads)
   mask = _key_padding(2, s)
@@ -355,7 +329,8 @@ def test_switchhead_matches_expert_loop(t, s, kv_heads, topk, causal):
 
 def test_switchhead_causal_ignores_future_and_bf16():
   q, key, ve, rv, ro, oe = _switchhead_inputs()
-  op = functools.partial(ops.get("switchhead"), is_causal=True, out_experts=oe, num_experts=3)
+  op = jax.jit(functools.partial(ops.get("switchhead"), is_causal=True, out_experts=oe,
+                                 num_experts=3))
   dense_v = jnp.zeros((2, 9, 2, 1))
   out = op(q, key, dense_v, value_experts=ve, router_logits_v=rv, router_logits_o=ro)
   changed = op(q, key.at[:, 5:].set(2.0), dense_v, value_experts=ve.at[:, 5:].set(-1.0),
@@ -390,12 +365,12 @@ def test_switchhead_layer():
   x = ref.normal(0, (2, 9, 32))
   layer = layers.Attention(num_heads=4, num_kv_heads=2, op="switchhead",
                            op_args=dict(num_experts=3, topk=2))
-  params = layer.init(jax.random.key(0), x)
-  out = layer.apply(params, x, is_causal=True)
+  params = jax.jit(layer.init)(jax.random.key(0), x)
+  out = jax.jit(functools.partial(layer.apply, is_causal=True))(params, x)
   assert out.shape == x.shape and np.all(np.isfinite(np.asarray(out)))
   assert set(params["params"]["op_params"]) == {"value_expert_kernel", "router_v", "router_o",
                                                 "out_experts"}
-  grads = jax.grad(lambda p: jnp.sum(layer.apply(p, x) ** 2))(params)
+  grads = jax.jit(jax.grad(lambda p: jnp.sum(layer.apply(p, x) ** 2)))(params)
   assert np.any(np.asarray(flax.linen.unbox(grads)["params"]["op_params"]["router_o"]) != 0)
 
 
@@ -425,8 +400,7 @@ def _segment_means(q, num):
   return jnp.stack([sum(q[:, p * seg + i] for i in range(seg)) / seg for p in range(num)], 1)
 
 
-@pytest.mark.parametrize("t,s,kv_heads,masked", [(12, 12, 2, False), (15, 10, 4, True),
-                                                 (9, 13, 1, True)])
+@pytest.mark.parametrize("t,s,kv_heads,masked", [(12, 12, 2, False), (9, 13, 1, True)])
 def test_bottleneck_pooled_matches_reference(t, s, kv_heads, masked):
   q, k, v = _qkv(t=t, s=s, k=kv_heads)
   mask = _key_padding(2, s, empty_batch=1) if masked else None
@@ -444,6 +418,7 @@ def test_bottleneck_given_queries_matches_reference():
   ref.assert_matches(lambda q, k, v, b: op(q, k, v, bottleneck_queries=b),
                      lambda q, k, v, b: _bottleneck_ref(q, k, v, jnp.broadcast_to(
                          b, (2,) + b.shape[1:]), None), (q, k, v, bq))
+  op = jax.jit(op)
   low = op(*(x.astype(jnp.bfloat16) for x in (q, k, v)), bottleneck_queries=bq)
   assert low.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(low, np.float32), op(q, k, v, bottleneck_queries=bq),
@@ -471,5 +446,5 @@ def test_bottleneck_bad_args(args, match, error):
 def test_bottleneck_layer():
   x = ref.normal(0, (2, 12, 32))
   layer = layers.Attention(num_heads=4, op="bottleneck", op_args=dict(num_tokens=4))
-  out = layer.apply(layer.init(jax.random.key(0), x), x)
+  out = jax.jit(layer.apply)(jax.jit(layer.init)(jax.random.key(0), x), x)
   assert out.shape == x.shape and np.all(np.isfinite(np.asarray(out)))

@@ -55,7 +55,9 @@ def bottleneck_attention(query, key, value, *, mask=None, is_causal=False, scale
       when the bottleneck gathers; a batch row without valid keys returns zeros.
     is_causal: must be False (the bottleneck mixes all positions).
     scale: logit scale s of the three attentions; `1/sqrt(head_dim)` when None.
-    num_tokens: P; needed when `bottleneck_queries` is None (then it must divide q_len).
+    num_tokens: P; needed when `bottleneck_queries` is None (then it must divide q_len; the
+      pooled means include every query token, padding too: pass `bottleneck_queries` pooled
+      over the valid tokens when the queries are padded).
     bottleneck_queries: B `[batch | 1, P, num_heads, head_dim]`.
 
   Returns:

@@ -80,11 +80,12 @@ def gpsa_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
   Returns:
     `[batch, seq, num_heads, value_dim]` in the query's dtype.
   """
-  dims, logits, full = common.scores(query, key, value, scale=scale, mask=mask,
-                                     is_causal=is_causal)
+  dims = common.check_qkv(query, key, value)
   grid = _self_grid(dims, grid, "gpsa")
   _check_param("pos_proj", pos_proj, (dims.num_heads, 3), "[num_heads, 3]")
   _check_param("gating", gating, (dims.num_heads,), "[num_heads]")
+  _, logits, full = common.scores(query, key, value, scale=scale, mask=mask,
+                                  is_causal=is_causal)
   dy, dx = _offsets(grid)
   rel = jnp.asarray(np.stack([dx, dy, dx * dx + dy * dy], -1), jnp.float32)  # [t, t, 3]
   pos_logits = jnp.einsum("tsc,nc->nts", rel, pos_proj.astype(jnp.float32))
@@ -211,7 +212,9 @@ def kernelized_rpe_attention(query, key, value, *, mask=None, is_causal=False, s
   For every feature m, Σ_j e^{b_{i−j}} φ(k_j)_m [v_j, 1] is a Toeplitz matrix-vector product,
   computed with the FFT in O(n log n) (the paper's algorithm) instead of O(n²). Causal: the
   future offsets (j > i) get zero weight. Per query head, the exponent of b is stabilised by
-  its maximum, and the features as in `performer`; both cancel in the ratio.
+  its maximum, and the features as in `performer`; both cancel in the ratio. The FFT's
+  round-off is relative to the largest term: in float32, terms with e^{b − max b} below ~1e-6
+  are not resolved (compute in float64 for extreme biases).
 
   Args:
     query: `[batch, seq, num_heads, head_dim]`.
