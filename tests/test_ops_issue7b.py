@@ -448,3 +448,35 @@ def test_bottleneck_layer():
   layer = layers.Attention(num_heads=4, op="bottleneck", op_args=dict(num_tokens=4))
   out = jax.jit(layer.apply)(jax.jit(layer.init)(jax.random.key(0), x), x)
   assert out.shape == x.shape and np.all(np.isfinite(np.asarray(out)))
+
+
+def test_gpsa_local_init_attends_around_each_heads_offset():
+  """Purely positional heads (σ(λ) → 1) with the local init: at an interior token of a 5×5
+  image, head h's 4 largest weights sit on the offsets {0, 1}² shifted to its centre Δ_h."""
+  grid, t = (5, 5), 25
+  params = flax.linen.unbox(layers.op_params.GPSAParams(
+      num_heads=4, num_kv_heads=4, head_dim=8).init(jax.random.key(0), None, None, None, None))
+  pos_proj = params["params"]["pos_proj"]
+  q, k, _ = _qkv(b=1, t=t, k=4)
+  eye = jnp.eye(t)[None, :, None, :] * jnp.ones((1, 1, 4, 1))  # value j = one-hot(j)
+  weights = ops.get("gpsa")(q, k, eye, grid=grid, pos_proj=pos_proj,
+                            gating=jnp.full((4,), 40.0))[0, 12]  # token (2, 2): [heads, t]
+  for h in range(4):
+    centre = np.asarray(pos_proj[h, :2]) / 2  # (Δx, Δy)
+    want = {(2 + int(np.floor(centre[1])) + a) * 5 + 2 + int(np.floor(centre[0])) + c
+            for a in (0, 1) for c in (0, 1)}
+    assert set(np.argsort(-np.asarray(weights[h]))[:4]) == want, h
+
+
+def test_kernelized_rpe_estimates_softmax_with_rpe():
+  """With many random features the estimate approaches softmax(s·QKᵀ + b_{i−j}) V."""
+  t = 8
+  q, k, v = _qkv(b=1, t=t, k=4)
+  q, k = q * 0.3, k * 0.3
+  b = ref.normal(3, (4, 2 * t - 1))
+  out = jax.jit(functools.partial(ops.get("kernelized_rpe"), rpe_bias=b, feature_key=0,
+                                  num_features=4096))(q, k, v)
+  offset = np.arange(t)[:, None] - np.arange(t)[None, :] + t - 1
+  with ref.x64():
+    want = np.asarray(ref.softmax_attention(q, k, v, bias=ref.f64(b)[:, offset][None]))
+  np.testing.assert_allclose(out, want, atol=0.05)
