@@ -182,18 +182,16 @@ def decomposed_relpos_attention(query, key, value, *, mask=None, is_causal=False
 def _toeplitz_matmul(coeffs: Array, x: Array) -> Array:
   """y_i = Σ_j c_{i−j} x_j for i, j < n by FFT, O(n log n).
 
-  coeffs `[..., 2n − 1]` with `coeffs[..., n − 1 + r]` = c_r; x `[b, n, ...]` whose trailing axes
-  broadcast against the leading axes of `coeffs` moved after n. Returns `[b, n, ...]`.
+  x `[b, n, *rest]`; coeffs `[*rest', 2n − 1]` with `coeffs[..., n − 1 + r]` = c_r, where
+  `rest'` has len(rest) axes broadcasting against `rest`. Returns `[b, n, *rest]`.
   """
   n = x.shape[1]
   size = 2 * n
   # Circulant first column of size 2n: c_0..c_{n−1}, 0, c_{−(n−1)}..c_{−1}.
   column = jnp.concatenate([coeffs[..., n - 1:], jnp.zeros_like(coeffs[..., :1]),
                             coeffs[..., :n - 1]], axis=-1)
-  column_f = jnp.fft.rfft(column, n=size, axis=-1)  # [..., size//2+1]
-  x_f = jnp.fft.rfft(x, n=size, axis=1)  # [b, F, ...]
-  column_f = jnp.moveaxis(column_f, -1, 0)  # [F, ...]
-  column_f = column_f.reshape(column_f.shape + (1,) * (x_f.ndim - 1 - column_f.ndim))
+  column_f = jnp.moveaxis(jnp.fft.rfft(column, n=size, axis=-1), -1, 0)  # [F, *rest']
+  x_f = jnp.fft.rfft(x, n=size, axis=1)  # [b, F, *rest]
   return jnp.fft.irfft(x_f * column_f, n=size, axis=1)[:, :n]
 
 
