@@ -366,11 +366,12 @@ def test_switchhead_layer():
   layer = layers.Attention(num_heads=4, num_kv_heads=2, op="switchhead",
                            op_args=dict(num_experts=3, topk=2))
   params = jax.jit(layer.init)(jax.random.key(0), x)
-  out = jax.jit(functools.partial(layer.apply, is_causal=True))(params, x)
+  apply = lambda p: layer.apply(p, x, is_causal=True)
+  out, grads = jax.jit(lambda p: (apply(p), jax.grad(lambda p: jnp.sum(apply(p) ** 2))(p)))(
+      params)
   assert out.shape == x.shape and np.all(np.isfinite(np.asarray(out)))
   assert set(params["params"]["op_params"]) == {"value_expert_kernel", "router_v", "router_o",
                                                 "out_experts"}
-  grads = jax.jit(jax.grad(lambda p: jnp.sum(layer.apply(p, x) ** 2)))(params)
   assert np.any(np.asarray(flax.linen.unbox(grads)["params"]["op_params"]["router_o"]) != 0)
 
 
@@ -400,7 +401,7 @@ def _segment_means(q, num):
   return jnp.stack([sum(q[:, p * seg + i] for i in range(seg)) / seg for p in range(num)], 1)
 
 
-@pytest.mark.parametrize("t,s,kv_heads,masked", [(12, 12, 2, False), (9, 13, 1, True)])
+@pytest.mark.parametrize("t,s,kv_heads,masked", [(9, 13, 2, True)])
 def test_bottleneck_pooled_matches_reference(t, s, kv_heads, masked):
   q, k, v = _qkv(t=t, s=s, k=kv_heads)
   mask = _key_padding(2, s, empty_batch=1) if masked else None
