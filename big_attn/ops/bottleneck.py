@@ -81,8 +81,7 @@ def bottleneck_attention(query, key, value, *, mask=None, is_causal=False, scale
       raise ValueError("bottleneck needs num_tokens (pooled queries) or bottleneck_queries")
     tokens = _pooled_queries(query, int(num_tokens))
   else:
-    common._check_float(  # pylint: disable=protected-access
-        "bottleneck_queries", bottleneck_queries)
+    common.check_float("bottleneck_queries", bottleneck_queries)
     want = (dims.num_heads, dims.head_dim)
     if (bottleneck_queries.ndim != 4 or bottleneck_queries.shape[0] not in (1, dims.batch)
         or tuple(bottleneck_queries.shape[2:]) != want

@@ -31,7 +31,8 @@ class Dims(NamedTuple):
     return self.num_heads // self.num_kv_heads
 
 
-def _check_float(name: str, x: Any) -> None:
+def check_float(name: str, x: Any) -> None:
+  """`TypeError` naming `name` unless `x` is an array of a floating dtype."""
   if not hasattr(x, "shape") or not hasattr(x, "dtype"):
     raise TypeError(f"{name} must be an array, got {type(x).__name__}")
   if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -46,7 +47,7 @@ def check_qkv(query: Array, key: Array, value: Array, *,
   ranks, batch/length/head-dim mismatches, or query heads not divisible by kv heads.
   """
   for name, x in (("query", query), ("key", key), ("value", value)):
-    _check_float(name, x)
+    check_float(name, x)
     if x.ndim != 4:
       raise ValueError(
           f"{name} must have rank 4 [batch, seq, heads, head_dim], got shape {x.shape}")
@@ -69,6 +70,15 @@ def check_qkv(query: Array, key: Array, value: Array, *,
   return Dims(b, t, s, n, k, d, dv)
 
 
+def check_weight(name: str, x: Any, shape: tuple[int, ...], layout: str) -> None:
+  """A required floating array argument of exactly `shape`; errors name it and its `layout`."""
+  if x is None:
+    raise ValueError(f"{name} {layout} = {tuple(shape)} is required")
+  check_float(name, x)
+  if tuple(x.shape) != tuple(shape):
+    raise ValueError(f"{name} must have shape {layout} = {tuple(shape)}, got {tuple(x.shape)}")
+
+
 def default_scale(head_dim: int, scale: float | None) -> float:
   return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
 
@@ -89,7 +99,7 @@ def _check_broadcastable(name: str, x: Array, dims: Dims) -> None:
 def check_bias(bias: Array | None, dims: Dims) -> None:
   if bias is None:
     return
-  _check_float("bias", bias)
+  check_float("bias", bias)
   _check_broadcastable("bias", bias, dims)
 
 

@@ -27,14 +27,6 @@ def sigmoid_topk_gate(logits: Array, topk: int) -> Array:
   return scores * selected
 
 
-def _check_shape(name: str, x, shape: tuple[int, ...], layout: str) -> None:
-  if x is None:
-    raise ValueError(f"switchhead needs {name} {layout}")
-  common._check_float(name, x)  # pylint: disable=protected-access
-  if tuple(x.shape) != shape:
-    raise ValueError(f"{name} must have shape {layout} = {shape}, got {tuple(x.shape)}")
-
-
 @register("switchhead")
 def switchhead_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                          value_experts=None, router_logits_v=None, router_logits_o=None,
@@ -82,22 +74,24 @@ def switchhead_attention(query, key, value, *, mask=None, is_causal=False, scale
     raise ValueError("switchhead needs value_experts [batch, kv_len, num_kv_heads, E, "
                      f"value_dim], got {getattr(value_experts, 'shape', value_experts)!r}")
   num, dv = value_experts.shape[3:]
-  _check_shape("value_experts", value_experts, (dims.batch, dims.kv_len, dims.num_kv_heads,
-                                                num, dv),
-               "[batch, kv_len, num_kv_heads, E, value_dim]")
+  common.check_weight("value_experts", value_experts,
+                      (dims.batch, dims.kv_len, dims.num_kv_heads, num, dv),
+                      "[batch, kv_len, num_kv_heads, E, value_dim]")
   if num_experts is not None and num_experts != num:
     raise ValueError(f"num_experts={num_experts!r} disagrees with value_experts of shape "
                      f"{value_experts.shape} (E = {num})")
-  _check_shape("router_logits_v", router_logits_v,
-               (dims.batch, dims.kv_len, dims.num_kv_heads, num),
-               "[batch, kv_len, num_kv_heads, E]")
-  _check_shape("router_logits_o", router_logits_o, (dims.batch, dims.q_len, dims.num_heads, num),
-               "[batch, q_len, num_heads, E]")
+  common.check_weight("router_logits_v", router_logits_v,
+                      (dims.batch, dims.kv_len, dims.num_kv_heads, num),
+                      "[batch, kv_len, num_kv_heads, E]")
+  common.check_weight("router_logits_o", router_logits_o,
+                      (dims.batch, dims.q_len, dims.num_heads, num),
+                      "[batch, q_len, num_heads, E]")
   if out_experts is None or getattr(out_experts, "ndim", 0) != 4:
     raise ValueError("switchhead needs out_experts [num_heads, E, value_dim, out_dim], got "
                      f"{getattr(out_experts, 'shape', out_experts)!r}")
-  _check_shape("out_experts", out_experts, (dims.num_heads, num, dv, out_experts.shape[-1]),
-               "[num_heads, E, value_dim, out_dim]")
+  common.check_weight("out_experts", out_experts,
+                      (dims.num_heads, num, dv, out_experts.shape[-1]),
+                      "[num_heads, E, value_dim, out_dim]")
   if isinstance(topk, bool) or not isinstance(topk, (int, np.integer)) or not 1 <= topk <= num:
     raise ValueError(f"topk must be an int in [1, {num}], got {topk!r}")
 

@@ -139,7 +139,7 @@ def _check_dwc(kernel: Array | None, bias: Array | None, dims: common.Dims, grid
     return
   if dims.kv_len != dims.q_len:
     raise ValueError(f"dwc_kernel needs kv_len == q_len, got {dims.kv_len} and {dims.q_len}")
-  common._check_float("dwc_kernel", kernel)  # pylint: disable=protected-access
+  common.check_float("dwc_kernel", kernel)
   spatial_rank = 1 if grid is None else 2
   tail = (dims.num_kv_heads, dims.value_dim)
   if kernel.ndim != spatial_rank + 2 or kernel.shape[spatial_rank:] != tail:
@@ -218,7 +218,7 @@ def agent_attention(query, key, value, *, mask=None, is_causal=False, scale=None
   if agent_tokens is None:
     agents = _agent_pool(query, num_agents, grid)
   else:
-    common._check_float("agent_tokens", agent_tokens)  # pylint: disable=protected-access
+    common.check_float("agent_tokens", agent_tokens)
     if (agent_tokens.ndim != 4 or agent_tokens.shape[0] != dims.batch
         or agent_tokens.shape[2:] != (dims.num_heads, dims.head_dim)):
       raise ValueError(
@@ -343,7 +343,7 @@ def latte_attention(query, key, value, *, mask=None, is_causal=False, scale=None
   scale = common.default_scale(dims.head_dim, scale)
   if latents is None:
     raise ValueError("latte needs latents: [num_heads, num_latents, head_dim]")
-  common._check_float("latents", latents)  # pylint: disable=protected-access
+  common.check_float("latents", latents)
   if latents.ndim != 3 or latents.shape[0] != dims.num_heads or latents.shape[2] != dims.head_dim:
     raise ValueError(
         f"latents must have shape [num_heads={dims.num_heads}, num_latents, "

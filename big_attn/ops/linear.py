@@ -288,7 +288,7 @@ def _performer_features(features, feature_key, num_features, head_dim: int) -> A
     num = default_num_features(head_dim) if num_features is None else _positive_int(
         "num_features", num_features)
     return orthogonal_random_features(feature_key, num, head_dim)
-  common._check_float("features", features)
+  common.check_float("features", features)
   if features.ndim != 2 or features.shape[1] != head_dim:
     raise ValueError(f"features must have shape [num_features, head_dim={head_dim}], "
                      f"got {features.shape}")
@@ -397,7 +397,7 @@ def _check_dwc(kernel, bias, kernel_size, grid, dims: common.Dims, is_causal: bo
       if arg is not None:
         raise ValueError(f"{name} is only used with dwc_kernel, which is None")
     return None
-  common._check_float("dwc_kernel", kernel)
+  common.check_float("dwc_kernel", kernel)
   target = (dims.num_kv_heads, dims.value_dim)
   if kernel.ndim not in (3, 4) or kernel.shape[-2] not in (1, target[0]) or (
       kernel.shape[-1] != target[1]):
@@ -411,7 +411,7 @@ def _check_dwc(kernel, bias, kernel_size, grid, dims: common.Dims, is_causal: bo
       raise ValueError(
           f"dwc_kernel_size={size} disagrees with dwc_kernel of shape {kernel.shape}")
   if bias is not None:
-    common._check_float("dwc_bias", bias)
+    common.check_float("dwc_bias", bias)
     _check_broadcast_to("dwc_bias", bias, target, "[kv_heads, value_dim]")
   if dims.q_len != dims.kv_len:
     raise ValueError("dwc_kernel adds DWC(V) to the output token by token and needs "
@@ -487,7 +487,7 @@ def focused_linear_attention(query, key, value, *, mask=None, is_causal=False, s
   q, k = _grouped_qk(query, key, dims, dtype)
   scale_q = scale_k = None
   if feature_scale is not None:
-    common._check_float("feature_scale", feature_scale)
+    common.check_float("feature_scale", feature_scale)
     _check_broadcast_to("feature_scale", feature_scale, (dims.num_kv_heads, dims.head_dim),
                         "[num_kv_heads, head_dim]")
     scale_k = jnp.broadcast_to(feature_scale, (dims.num_kv_heads, dims.head_dim)).astype(dtype)
@@ -587,7 +587,7 @@ def _log_decay(decay, dims: common.Dims, dtype) -> Array | None:
     if not 0.0 < decay <= 1.0:
       raise ValueError(f"decay must be in (0, 1], got {decay!r}")
     return jnp.full((1, 1), math.log(decay), dtype)
-  common._check_float("decay", decay)
+  common.check_float("decay", decay)
   if decay.ndim == 0:
     return jnp.log(decay.astype(dtype)).reshape(1, 1)
   if decay.shape != (dims.num_heads,):

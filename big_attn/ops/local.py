@@ -126,7 +126,7 @@ def neighborhood_attention(query, key, value, *, mask=None, is_causal=False, sca
           f"kernel_size * dilation = {k} * {d} exceeds the length {length} along an axis "
           f"of shape {shape}")
   if rpb is not None:
-    common._check_float("rpb", rpb)  # pylint: disable=protected-access
+    common.check_float("rpb", rpb)
     want = (dims.num_heads,) + tuple(2 * k - 1 for k in kernel)
     if rpb.shape != want:
       layout = "[num_heads, 2k-1]" if rank == 1 else "[num_heads, 2kh-1, 2kw-1]"

@@ -39,14 +39,6 @@ def _offsets(grid: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
   return ys[None, :] - ys[:, None], xs[None, :] - xs[:, None]
 
 
-def _check_param(name: str, x, shape: tuple[int, ...], layout: str) -> None:
-  if x is None:
-    raise ValueError(f"{name} {layout} = {shape} is required")
-  common._check_float(name, x)  # pylint: disable=protected-access
-  if tuple(x.shape) != shape:
-    raise ValueError(f"{name} must have shape {layout} = {shape}, got {tuple(x.shape)}")
-
-
 # ------------------------------------------------------------------------------------------
 # ConViT gated positional self-attention.
 # ------------------------------------------------------------------------------------------
@@ -82,8 +74,8 @@ def gpsa_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
   """
   dims = common.check_qkv(query, key, value)
   grid = _self_grid(dims, grid, "gpsa")
-  _check_param("pos_proj", pos_proj, (dims.num_heads, 3), "[num_heads, 3]")
-  _check_param("gating", gating, (dims.num_heads,), "[num_heads]")
+  common.check_weight("pos_proj", pos_proj, (dims.num_heads, 3), "[num_heads, 3]")
+  common.check_weight("gating", gating, (dims.num_heads,), "[num_heads]")
   _, logits, full = common.scores(query, key, value, scale=scale, mask=mask,
                                   is_causal=is_causal)
   dy, dx = _offsets(grid)
@@ -125,8 +117,8 @@ def levit_bias_attention(query, key, value, *, mask=None, is_causal=False, scale
   """
   dims = common.check_qkv(query, key, value)
   grid = _self_grid(dims, grid, "levit_bias")
-  _check_param("attention_bias", attention_bias, (dims.num_heads,) + grid,
-               "[num_heads, h, w]")
+  common.check_weight("attention_bias", attention_bias, (dims.num_heads,) + grid,
+                      "[num_heads, h, w]")
   dy, dx = _offsets(grid)
   bias = attention_bias.astype(jnp.float32)[:, np.abs(dy), np.abs(dx)][None]
   return dot_product_attention(query, key, value, bias=bias, mask=mask, scale=scale,
@@ -164,8 +156,8 @@ def decomposed_relpos_attention(query, key, value, *, mask=None, is_causal=False
   dims = common.check_qkv(query, key, value)
   grid = _self_grid(dims, grid, "decomposed_relpos")
   (h, w), d = grid, dims.head_dim
-  _check_param("rel_h", rel_h, (2 * h - 1, d), "[2h − 1, head_dim]")
-  _check_param("rel_w", rel_w, (2 * w - 1, d), "[2w − 1, head_dim]")
+  common.check_weight("rel_h", rel_h, (2 * h - 1, d), "[2h − 1, head_dim]")
+  common.check_weight("rel_w", rel_w, (2 * w - 1, d), "[2w − 1, head_dim]")
   dy, dx = _offsets(grid)
   q = query.astype(jnp.float32)
   q_rh = jnp.einsum("btnd,rd->bntr", q, rel_h.astype(jnp.float32))  # [b, n, t, 2h−1]
@@ -236,7 +228,8 @@ def kernelized_rpe_attention(query, key, value, *, mask=None, is_causal=False, s
     raise ValueError("kernelized_rpe indexes b by i − j within one sequence: q_len must equal "
                      f"kv_len, got {dims.q_len} and {dims.kv_len}")
   n = dims.q_len
-  _check_param("rpe_bias", rpe_bias, (dims.num_heads, 2 * n - 1), "[num_heads, 2·seq − 1]")
+  common.check_weight("rpe_bias", rpe_bias, (dims.num_heads, 2 * n - 1),
+                      "[num_heads, 2·seq − 1]")
   scale = common.default_scale(dims.head_dim, scale)
   if scale <= 0:
     raise ValueError(f"kernelized_rpe estimates exp(scale·q·k) and needs scale > 0, got {scale}")

@@ -25,7 +25,7 @@ def _check_sr_kernel(name: str, kernel, size: tuple[int, int], num_kv_heads: int
   if kernel is None:
     raise ValueError(f"method='conv' needs {name}: [rh, rw, channels] or "
                      f"[rh, rw, num_kv_heads, channels] with (rh, rw) = {size}")
-  common._check_float(name, kernel)  # pylint: disable=protected-access
+  common.check_float(name, kernel)
   shared, per_head = size + (channels,), size + (num_kv_heads, channels)
   if kernel.shape not in (shared, per_head):
     raise ValueError(f"{name} must have shape {shared} (shared by the heads) or {per_head}, "

@@ -117,14 +117,6 @@ def bilevel_routing_attention(query, key, value, *, mask=None, is_causal=False, 
   return windowed.from_groups(out, grid, size, dilated=False).astype(query.dtype)
 
 
-def _check_logits(name: str, x, want: tuple[int, ...], layout: str):
-  if x is None:
-    raise ValueError(f"mixture_of_heads needs {name} of shape {layout} = {want}")
-  common._check_float(name, x)  # pylint: disable=protected-access
-  if x.shape != want:
-    raise ValueError(f"{name} must have shape {layout} = {want}, got {x.shape}")
-
-
 def head_weights(router_logits, head_mix_logits, shared_heads: int, topk: int,
                  gate_scaling: str):
   """MoH's two-stage head weights g `[batch, q_len, num_heads]` in float32 (see the op)."""
@@ -199,11 +191,11 @@ def mixture_of_heads_attention(query, key, value, *, mask=None, is_causal=False,
     raise ValueError(f"topk must be None or 0 when every head is shared, got {topk!r}")
   if gate_scaling not in GATE_SCALINGS:
     raise ValueError(f"gate_scaling must be one of {GATE_SCALINGS}, got {gate_scaling!r}")
-  _check_logits("router_logits", router_logits, (dims.batch, dims.q_len, dims.num_heads),
-                "[batch, q_len, num_heads]")
+  common.check_weight("router_logits", router_logits, (dims.batch, dims.q_len, dims.num_heads),
+                      "[batch, q_len, num_heads]")
   if shared_heads and num_routed:
-    _check_logits("head_mix_logits", head_mix_logits, (dims.batch, dims.q_len, 2),
-                  "[batch, q_len, 2]")
+    common.check_weight("head_mix_logits", head_mix_logits, (dims.batch, dims.q_len, 2),
+                        "[batch, q_len, 2]")
   elif head_mix_logits is not None:
     raise ValueError("head_mix_logits weighs shared against routed heads: it needs both, got "
                      f"shared_heads={shared_heads} of num_heads={dims.num_heads}")

@@ -88,7 +88,7 @@ def grouped_group_mask(picked: Array, dims: common.Dims) -> Array:
 def check_rpb(rpb: Array | None, dims: common.Dims, size: tuple[int, int]) -> None:
   if rpb is None:
     return
-  common._check_float("rpb", rpb)  # pylint: disable=protected-access
+  common.check_float("rpb", rpb)
   want = (dims.num_heads, 2 * size[0] - 1, 2 * size[1] - 1)
   if rpb.shape != want:
     raise ValueError(f"rpb must have shape [num_heads, 2*rows-1, 2*cols-1] = {want}, "
