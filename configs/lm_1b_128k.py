@@ -14,18 +14,13 @@ Args: seq_shards (size of the `seq` axis, default 8; `fsdp` takes the other devi
 strategy ("striped", "ring", "all_gather"), seq_len, batch (global sequences per step),
 variant, steps, remat (a `jax.checkpoint_policies` name or none).
 """
-from big_attn.parallel import STRATEGIES
 from big_attn.train import config_lib
 
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, seq_shards=8, strategy="striped", seq_len=131_072, batch=1,
                              variant="1B", steps=50_000, remat="nothing_saveable")
-  if arg.strategy not in STRATEGIES:
-    raise ValueError(f"config arg strategy must be one of {STRATEGIES}, got {arg.strategy!r}")
-  if arg.seq_shards < 1 or arg.seq_len % arg.seq_shards:
-    raise ValueError(f"config arg seq_len ({arg.seq_len}) must be a multiple of seq_shards "
-                     f"({arg.seq_shards} >= 1)")
+  config_lib.check_sequence_parallel_arg(arg)
   config = config_lib.base_config()
 
   config.input = dict(name="bytes", seq_len=arg.seq_len, batch_size=arg.batch, heldout=0.05)

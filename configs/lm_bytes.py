@@ -17,18 +17,13 @@ Args (`--config=configs/lm_bytes.py:seq_len=512,steps=2000`):
   runlocal: a few steps on a few files, for smoke tests.
 Measured numbers are in experiments/results/lm_bytes.md.
 """
-from big_attn.parallel import STRATEGIES
 from big_attn.train import config_lib
 
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, seq_shards=1, strategy="striped", seq_len=256, steps=800,
                              variant="tiny", attention="softmax", runlocal=False)
-  if arg.strategy not in STRATEGIES:
-    raise ValueError(f"config arg strategy must be one of {STRATEGIES}, got {arg.strategy!r}")
-  if arg.seq_shards < 1 or arg.seq_len % arg.seq_shards:
-    raise ValueError(f"config arg seq_len ({arg.seq_len}) must be a multiple of seq_shards "
-                     f"({arg.seq_shards} >= 1)")
+  config_lib.check_sequence_parallel_arg(arg)
   config = config_lib.base_config()
   config.seed = 0
 

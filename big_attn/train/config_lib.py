@@ -5,6 +5,7 @@ from typing import Any
 
 import ml_collections
 
+from big_attn.parallel import STRATEGIES
 from big_attn.parallel import mesh as mesh_lib
 
 
@@ -40,6 +41,15 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
       raise ValueError(f"config arg {key!r}: cannot read {value!r} as "
                        f"{type(defaults[key]).__name__} ({e})") from None
   return ml_collections.ConfigDict(out)
+
+
+def check_sequence_parallel_arg(arg: ml_collections.ConfigDict) -> None:
+  """Checks the `seq_shards`, `strategy` and `seq_len` options of a sequence-parallel config."""
+  if arg.strategy not in STRATEGIES:
+    raise ValueError(f"config arg strategy must be one of {STRATEGIES}, got {arg.strategy!r}")
+  if arg.seq_shards < 1 or arg.seq_len % arg.seq_shards:
+    raise ValueError(f"config arg seq_len ({arg.seq_len}) must be a multiple of seq_shards "
+                     f"({arg.seq_shards} >= 1)")
 
 
 def base_config() -> ml_collections.ConfigDict:
