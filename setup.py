@@ -23,7 +23,9 @@ setup(
         "matplotlib>=3.8,<4",
     ],
     extras_require={
-        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "tensorflow-datasets>=4.9,<5"],
+        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "tensorflow-datasets>=4.9,<5",
+                 "nbclient>=0.10,<1", "nbformat>=5.10,<6", "ipykernel>=6.29,<8"],
+        "notebooks": ["jupyterlab>=4,<5", "ipykernel>=6.29,<8"],
         "tfds": ["tensorflow-datasets>=4.9,<5"],
     },
 )
