@@ -1,0 +1,193 @@
+"""ConvNeXt (A ConvNet for the 2020s, Liu et al. 2022): a ResNet modernised towards the Swin layout.
+
+    model = Model(num_classes=1000, variant="T")
+    params = model.init(jax.random.key(0), images)["params"]     # images: [batch, H, W, C]
+    logits = model.apply({"params": params}, images, train=False)  # [batch, 1000]
+
+A "patchify" stem (a `stem_size` x `stem_size` convolution of stride `stem_size`, 4 in the paper,
+then LayerNorm), then stages of blocks; between stages a LayerNorm and a 2x2 convolution of stride
+2 halve the resolution. A block is
+
+    x + DropPath(gamma * Dense(GELU(Dense_4C(LN(DWConv7x7(x))))))
+
+with a per-channel layer scale `gamma` initialised to `layer_scale_init` (1e-6) and stochastic
+depth whose rate rises linearly from 0 to `drop_path_rate` over the blocks. The head is global
+average pooling, LayerNorm and a linear classifier. All LayerNorms act over channels (eps 1e-6).
+The network has no attention; it is here as the convnet of the literature's comparisons and as a
+distillation teacher (`big_attn.models.deit`).
+
+Parameter counts (224x224x3 input, 1000 classes; counted with `jax.eval_shape`, nothing
+allocated) against the paper's Table (ImageNet-1K results, 224²):
+
+| variant | depths        | dims                  | parameters  | paper  |
+|---------|---------------|-----------------------|-------------|--------|
+| T       | (3, 3, 9, 3)  | (96, 192, 384, 768)   |  28,589,128 |  28.6M |
+| S       | (3, 3, 27, 3) | (96, 192, 384, 768)   |  50,223,688 |  50.2M |
+| B       | (3, 3, 27, 3) | (128, 256, 512, 1024) |  88,591,464 |  88.6M |
+| L       | (3, 3, 27, 3) | (192, 384, 768, 1536) | 197,767,336 | 197.8M |
+| XL      | (3, 3, 27, 3) | (256, 512, 1024, 2048)| 350,196,968 | 350.2M |
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+_DEPTHS = {"T": (3, 3, 9, 3), "S": (3, 3, 27, 3), "B": (3, 3, 27, 3), "L": (3, 3, 27, 3),
+           "XL": (3, 3, 27, 3)}
+_DIMS = {"T": (96, 192, 384, 768), "S": (96, 192, 384, 768), "B": (128, 256, 512, 1024),
+         "L": (192, 384, 768, 1536), "XL": (256, 512, 1024, 2048)}
+
+_INIT = nn.initializers.truncated_normal(stddev=0.02)
+
+
+def decode_variant(variant: str) -> dict[str, Any]:
+  """"T" -> dict(depths=(3, 3, 9, 3), dims=(96, 192, 384, 768)); sizes T, S, B, L, XL."""
+  if not isinstance(variant, str) or variant not in _DEPTHS:
+    raise ValueError(f"unknown ConvNeXt variant {variant!r}; expected one of "
+                     f"{', '.join(_DEPTHS)}")
+  return dict(depths=_DEPTHS[variant], dims=_DIMS[variant])
+
+
+def _layer_norm(dtype, param_dtype, name):
+  return nn.LayerNorm(
+      epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, name=name,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)))
+
+
+def _conv(features, size, *, groups=1, in_axis="channels_in", dtype, param_dtype, name):
+  """Conv of stride `size` ("patchify", downsampling) or, with `groups`, same-padded depthwise."""
+  stride = 1 if groups > 1 else size
+  return nn.Conv(
+      features, (size, size), strides=(stride, stride),
+      padding="SAME" if groups > 1 else "VALID", feature_group_count=groups, dtype=dtype,
+      param_dtype=param_dtype, name=name,
+      kernel_init=nn.with_logical_partitioning(
+          _INIT, ("conv_height", "conv_width", in_axis, "embed")),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)))
+
+
+class Block(nn.Module):
+  """x + DropPath(gamma * MLP(LN(DWConv7x7(x)))) on `[batch, H, W, C]`."""
+  drop_path: float = 0.0
+  layer_scale_init: float = 1e-6
+  kernel_size: int = 7
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool = True):
+    dim = x.shape[-1]
+    dense = lambda width, axes, name: nn.Dense(  # pylint: disable=g-long-lambda
+        width, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
+        kernel_init=nn.with_logical_partitioning(_INIT, axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[1:]))
+    y = _conv(dim, self.kernel_size, groups=dim, in_axis=None, dtype=self.dtype,
+              param_dtype=self.param_dtype, name="dwconv")(x)
+    y = _layer_norm(self.dtype, self.param_dtype, "norm")(y)
+    y = nn.gelu(dense(4 * dim, ("embed", "mlp"), "pwconv1")(y), approximate=False)
+    y = dense(dim, ("mlp", "embed"), "pwconv2")(y)
+    if self.layer_scale_init > 0:
+      gamma = self.param("gamma", nn.with_logical_partitioning(
+          nn.initializers.constant(self.layer_scale_init), ("embed",)), (dim,),
+                         self.param_dtype)
+      y = y * jnp.asarray(gamma, self.dtype)
+    # Stochastic depth: the whole residual branch of an example is dropped (and the kept ones
+    # rescaled by 1 / (1 - rate)), i.e. dropout broadcast over every non-batch axis.
+    y = nn.Dropout(rate=self.drop_path, broadcast_dims=(1, 2, 3))(y, deterministic)
+    return x + y
+
+
+class Model(nn.Module):
+  """ConvNeXt classifier: `[batch, H, W, C]` images -> `[batch, num_classes]` float32 logits.
+
+  Attributes:
+    num_classes: logits width; 0 returns the pooled, normalised features `[batch, dims[-1]]`.
+    variant: size name for `decode_variant` ("T"); explicit `depths`/`dims` override it.
+    depths, dims: blocks and channels per stage (equal lengths; 4 stages in the paper).
+    stem_size: stem convolution size and stride (4 in the paper; 2 or 1 for tiny images).
+    kernel_size: depthwise convolution size (7).
+    drop_path_rate: stochastic depth rate of the last block (linear from 0).
+    layer_scale_init: initial layer scale; 0 disables it.
+    head_init_scale: multiplies the initial classifier weights (1.0; the paper fine-tunes with
+      0.001).
+    dtype: compute dtype; param_dtype: parameter dtype.
+  Parameters carry the logical axis names conv_height, conv_width, channels_in, embed, mlp, norm
+  and classes. Image sides must be divisible by `stem_size * 2**(len(depths) - 1)`.
+  """
+  num_classes: int
+  variant: str | None = None
+  depths: tuple[int, ...] | None = None
+  dims: tuple[int, ...] | None = None
+  stem_size: int = 4
+  kernel_size: int = 7
+  drop_path_rate: float = 0.0
+  layer_scale_init: float = 1e-6
+  head_init_scale: float = 1.0
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def sizes(self) -> dict[str, tuple[int, ...]]:
+    """The resolved `depths` and `dims` (variant, then explicit fields)."""
+    sizes = decode_variant(self.variant) if self.variant is not None else {}
+    if self.depths is not None:
+      sizes["depths"] = tuple(self.depths)
+    if self.dims is not None:
+      sizes["dims"] = tuple(self.dims)
+    if "depths" not in sizes or "dims" not in sizes:
+      raise ValueError("ConvNeXt Model needs a variant or explicit depths and dims")
+    depths, dims = sizes["depths"], sizes["dims"]
+    if (not depths or len(depths) != len(dims)
+        or not all(isinstance(v, int) and v > 0 for v in depths + dims)):
+      raise ValueError(f"depths and dims must be equally long, non-empty tuples of positive "
+                       f"ints, got depths={depths}, dims={dims}")
+    return sizes
+
+  def _check(self, images, depths):
+    if not 0.0 <= self.drop_path_rate < 1.0:
+      raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+    for name in ("stem_size", "kernel_size"):
+      if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+        raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+    if images.ndim != 4:
+      raise ValueError(f"images must be [batch, height, width, channels], got shape "
+                       f"{images.shape}")
+    factor = self.stem_size * 2 ** (len(depths) - 1)
+    if images.shape[1] % factor or images.shape[2] % factor:
+      raise ValueError(f"image size {images.shape[1:3]} must be divisible by {factor} "
+                       f"(stem_size {self.stem_size} x 2 per later stage)")
+
+  @nn.compact
+  def __call__(self, images, *, train: bool = False):
+    sizes = self.sizes()
+    depths, dims = sizes["depths"], sizes["dims"]
+    self._check(images, depths)
+    deterministic = not train
+    norm = lambda name: _layer_norm(self.dtype, self.param_dtype, name)
+    conv = lambda features, size, name: _conv(  # pylint: disable=g-long-lambda
+        features, size, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+
+    x = jnp.asarray(images, self.dtype)
+    x = norm("stem_norm")(conv(dims[0], self.stem_size, "stem")(x))
+    rates = np.linspace(0.0, self.drop_path_rate, sum(depths))
+    block = 0
+    for stage, (depth, dim) in enumerate(zip(depths, dims)):
+      if stage:
+        x = conv(dim, 2, f"downsample_{stage}")(norm(f"downsample_norm_{stage}")(x))
+      for i in range(depth):
+        x = Block(drop_path=float(rates[block]), layer_scale_init=self.layer_scale_init,
+                  kernel_size=self.kernel_size, dtype=self.dtype, param_dtype=self.param_dtype,
+                  name=f"stage_{stage}_block_{i}")(x, deterministic)
+        block += 1
+    x = norm("head_norm")(jnp.mean(x, axis=(1, 2)))
+    if self.num_classes:
+      scaled = lambda key, shape, dtype: _INIT(key, shape, dtype) * self.head_init_scale
+      x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
+                   name="head",
+                   kernel_init=nn.with_logical_partitioning(scaled, ("embed", "classes")),
+                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                          ("classes",)))(x)
+    return x.astype(jnp.float32)

@@ -1,0 +1,299 @@
+"""CvT (CvT: Introducing Convolutions to Vision Transformers, Wu et al. 2021).
+
+    model = Model(num_classes=1000, variant="CvT-13", attention="softmax")
+    params = model.init(jax.random.key(0), images)["params"]     # images: [batch, H, W, C]
+    logits = model.apply({"params": params}, images, train=False)  # [batch, 1000]
+
+Three stages, each opened by a convolutional token embedding: an overlapping strided convolution
+(7x7/4 with padding 2, then 3x3/2 with padding 1) and LayerNorm turn the image (or the previous
+stage's tokens, reshaped back to a map) into a token map. No position embedding. Each block is
+
+    x + DropPath(Attn(LN(x))),   x + DropPath(MLP(LN(x)))
+
+where the attention takes its queries, keys and values through a convolutional projection: the
+token map goes through a 3x3 depthwise convolution (stride 1 for queries, `stride_kv` = 2 for
+keys and values, which shortens the key sequence 4x) and a normalisation, then a linear
+projection per head. The attention itself is any op of `big_attn.ops` by name (default softmax).
+A class token joins only in the last stage; it skips the convolutions (it is concatenated to the
+projected maps) and is classified after a final LayerNorm.
+
+Deviation from the paper: the projection's normalisation is LayerNorm over channels, not
+BatchNorm. BatchNorm's running statistics are mutable state that the training loop
+(`big_attn.train.step`, `model.apply({"params": ...})`) does not carry; LayerNorm has the same
+two parameters per channel, so the counts are the paper's. The attention scale is the op's
+default 1/sqrt(head_dim) (the official code uses 1/sqrt(stage width)).
+
+Parameter counts (224x224x3 input, 1000 classes; counted with `jax.eval_shape`, nothing
+allocated) against the paper's Table 2:
+
+| variant  | dims             | heads       | depths      | parameters  | paper |
+|----------|------------------|-------------|-------------|-------------|-------|
+| CvT-13   | (64, 192, 384)   | (1, 3, 6)   | (1, 2, 10)  |  19,997,480 |  20M  |
+| CvT-21   | (64, 192, 384)   | (1, 3, 6)   | (1, 4, 16)  |  31,622,696 |  32M  |
+| CvT-W24  | (192, 768, 1024) | (3, 12, 16) | (2, 2, 20)  | 277,196,392 | 277M  |
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from big_attn import ops
+from big_attn.layers import MlpBlock
+from big_attn.layers import op_params
+from big_attn.layers.attention import Projection
+
+_DIMS = {"13": (64, 192, 384), "21": (64, 192, 384), "W24": (192, 768, 1024)}
+_HEADS = {"13": (1, 3, 6), "21": (1, 3, 6), "W24": (3, 12, 16)}
+_DEPTHS = {"13": (1, 2, 10), "21": (1, 4, 16), "W24": (2, 2, 20)}
+# Convolutional token embedding of each stage (kernel, stride, padding), as the paper's configs.
+PATCH_SIZE = (7, 3, 3)
+PATCH_STRIDE = (4, 2, 2)
+PATCH_PADDING = (2, 1, 1)
+
+_INIT = nn.initializers.truncated_normal(stddev=0.02)
+
+
+def decode_variant(variant: str) -> dict[str, Any]:
+  """"CvT-13" (or "13") -> dict(dims=(64, 192, 384), num_heads=(1, 3, 6), depths=(1, 2, 10)).
+
+  Sizes: 13, 21, W24.
+  """
+  size = variant[4:] if isinstance(variant, str) and variant.startswith("CvT-") else variant
+  if not isinstance(size, str) or size not in _DIMS:
+    raise ValueError(f"unknown CvT variant {variant!r}; expected CvT-13, CvT-21 or CvT-W24 "
+                     "(or 13, 21, W24)")
+  return dict(dims=_DIMS[size], num_heads=_HEADS[size], depths=_DEPTHS[size])
+
+
+def _layer_norm(dtype, param_dtype, name):
+  return nn.LayerNorm(
+      dtype=dtype, param_dtype=param_dtype, name=name,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)))
+
+
+class ConvProjectionAttention(nn.Module):
+  """Multi-head attention with CvT's convolutional projection of queries, keys and values.
+
+  `x: [batch, num_prefix + h * w, dim]` (prefix tokens first, e.g. the class token) with the
+  token map of size `grid = (h, w)`. For each of q, k, v: depthwise `kernel_size` convolution
+  of the map (stride `stride_q` for q, `stride_kv` for k and v; no bias), LayerNorm, flatten,
+  prefix tokens prepended unconvolved, then a linear projection to `[.., heads, head_dim]`. The
+  op `op` (registry name, with `op_args`) attends and a linear layer maps the heads back.
+  """
+  num_heads: int
+  op: str = "softmax"
+  op_args: Any = None
+  implementation: str | None = None
+  kernel_size: int = 3
+  stride_q: int = 1
+  stride_kv: int = 2
+  num_prefix: int = 0
+  use_bias: bool = True
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def _conv_proj(self, prefix, x_map, stride, name):
+    dim = x_map.shape[-1]
+    pad = self.kernel_size // 2
+    y = nn.Conv(dim, (self.kernel_size, self.kernel_size), strides=(stride, stride),
+                padding=((pad, pad), (pad, pad)), feature_group_count=dim, use_bias=False,
+                dtype=self.dtype, param_dtype=self.param_dtype, name=f"conv_proj_{name}",
+                kernel_init=nn.with_logical_partitioning(
+                    _INIT, ("conv_height", "conv_width", None, "embed")))(x_map)
+    y = _layer_norm(self.dtype, self.param_dtype, f"conv_proj_{name}_norm")(y)
+    n, h, w, _ = y.shape
+    y = jnp.concatenate([prefix, jnp.reshape(y, (n, h * w, dim))], axis=1)
+    return nn.with_logical_constraint(y, ("batch", "length", "embed"))
+
+  @nn.compact
+  def __call__(self, x, grid: tuple[int, int]):
+    n, length, dim = x.shape
+    h, w = grid
+    if length != self.num_prefix + h * w:
+      raise ValueError(f"x has {length} tokens; expected num_prefix {self.num_prefix} + "
+                       f"grid {grid} = {self.num_prefix + h * w}")
+    if dim % self.num_heads:
+      raise ValueError(f"width {dim} must be divisible by num_heads {self.num_heads}")
+    head_dim = dim // self.num_heads
+    prefix, x_map = x[:, :self.num_prefix], jnp.reshape(x[:, self.num_prefix:], (n, h, w, dim))
+    proj = lambda name: Projection(  # pylint: disable=g-long-lambda
+        shape=(dim, self.num_heads, head_dim), logical_axes=("embed", "heads", "head_dim"),
+        use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=_INIT, name=name)
+    inputs_q = self._conv_proj(prefix, x_map, self.stride_q, "q")
+    query = proj("query")(inputs_q)
+    key = proj("key")(self._conv_proj(prefix, x_map, self.stride_kv, "k"))
+    value = proj("value")(self._conv_proj(prefix, x_map, self.stride_kv, "v"))
+
+    op_fn = ops.get(self.op)
+    op_args = dict(self.op_args or {})
+    params_cls = op_params.params_module(self.op)
+    if params_cls is not None:
+      op_args.update(params_cls(
+          num_heads=self.num_heads, num_kv_heads=self.num_heads, head_dim=head_dim,
+          op_args=dict(self.op_args or {}), dtype=self.dtype, param_dtype=self.param_dtype,
+          name="op_params")(inputs_q, query, key, value))
+    if self.implementation is not None:
+      op_args["implementation"] = self.implementation
+    out = op_fn(query, key, value, **op_args)
+    return Projection(shape=(self.num_heads, head_dim, dim),
+                      logical_axes=("heads", "head_dim", "embed"), contract=2, use_bias=True,
+                      dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_INIT,
+                      name="out")(out)
+
+
+class Block(nn.Module):
+  """x + DropPath(ConvAttn(LN(x))), then x + DropPath(MLP(LN(x)))."""
+  attention_args: Any
+  mlp_ratio: float = 4.0
+  drop_path: float = 0.0
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, grid, deterministic: bool = True):
+    drop_path = nn.Dropout(rate=self.drop_path, broadcast_dims=(1, 2))
+    y = _layer_norm(self.dtype, self.param_dtype, "LayerNorm_0")(x)
+    y = ConvProjectionAttention(**self.attention_args, dtype=self.dtype,
+                                param_dtype=self.param_dtype, name="attention")(y, grid)
+    y = nn.Dropout(rate=self.dropout)(y, deterministic)
+    x = x + drop_path(y, deterministic)
+    y = _layer_norm(self.dtype, self.param_dtype, "LayerNorm_1")(x)
+    y = MlpBlock(mlp_dim=int(self.mlp_ratio * x.shape[-1]), dropout=self.dropout,
+                 kernel_init=_INIT, bias_init=nn.initializers.zeros_init(), dtype=self.dtype,
+                 param_dtype=self.param_dtype, name="MlpBlock")(y, deterministic)
+    y = nn.Dropout(rate=self.dropout)(y, deterministic)
+    return nn.with_logical_constraint(x + drop_path(y, deterministic),
+                                      ("batch", "length", "embed"))
+
+
+class Model(nn.Module):
+  """CvT classifier: `[batch, H, W, C]` images -> `[batch, num_classes]` float32 logits.
+
+  Attributes:
+    num_classes: logits width; 0 returns the normalised class token `[batch, dims[-1]]`.
+    variant: size name for `decode_variant` ("CvT-13"); explicit `dims`, `num_heads`,
+      `depths` override it.
+    dims, num_heads, depths: width, heads and blocks of each stage (equal lengths).
+    patch_size, patch_stride, patch_padding: the token embedding convolution of each stage
+      (defaults: the paper's (7, 3, 3), (4, 2, 2), (2, 1, 1)).
+    kernel_size, stride_kv: convolutional projection (3, and 2 for keys and values).
+    mlp_ratio: MLP width over the stage width (4).
+    attention: registry name of the attention op (`big_attn.ops.names()`); attention_args its
+      keyword arguments; attention_impl its `implementation`.
+    dropout: rate on the attention and MLP outputs.
+    drop_path_rate: stochastic depth rate, rising linearly over the last stage's blocks (the
+      official configs use 0 in the earlier stages).
+    dtype: compute dtype; param_dtype: parameter dtype.
+  Parameters carry the logical axis names conv_height, conv_width, channels_in, embed, heads,
+  head_dim, mlp, norm and classes.
+  """
+  num_classes: int
+  variant: str | None = None
+  dims: tuple[int, ...] | None = None
+  num_heads: tuple[int, ...] | None = None
+  depths: tuple[int, ...] | None = None
+  patch_size: tuple[int, ...] = PATCH_SIZE
+  patch_stride: tuple[int, ...] = PATCH_STRIDE
+  patch_padding: tuple[int, ...] = PATCH_PADDING
+  kernel_size: int = 3
+  stride_kv: int = 2
+  mlp_ratio: float = 4.0
+  attention: str = "softmax"
+  attention_args: Any = None
+  attention_impl: str | None = None
+  dropout: float = 0.0
+  drop_path_rate: float = 0.0
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def sizes(self) -> dict[str, tuple[int, ...]]:
+    """The resolved per-stage `dims`, `num_heads`, `depths` and token embedding sizes."""
+    sizes = decode_variant(self.variant) if self.variant is not None else {}
+    explicit = dict(dims=self.dims, num_heads=self.num_heads, depths=self.depths)
+    sizes.update({k: tuple(v) for k, v in explicit.items() if v is not None})
+    missing = [k for k in explicit if k not in sizes]
+    if missing:
+      raise ValueError(f"CvT Model needs a variant or explicit {', '.join(missing)}")
+    sizes.update(patch_size=tuple(self.patch_size), patch_stride=tuple(self.patch_stride),
+                 patch_padding=tuple(self.patch_padding))
+    stages = len(sizes["dims"])
+    for key, value in sizes.items():
+      low = 0 if key == "patch_padding" else 1
+      if len(value) != stages or not all(isinstance(v, int) and v >= low for v in value):
+        raise ValueError(f"{key} must be {stages} ints >= {low} (one per stage, as dims), got "
+                         f"{value}")
+    for dim, heads in zip(sizes["dims"], sizes["num_heads"]):
+      if dim % heads:
+        raise ValueError(f"dims {sizes['dims']} must be divisible by num_heads "
+                         f"{sizes['num_heads']}")
+    return sizes
+
+  def _check(self, images):
+    if images.ndim != 4:
+      raise ValueError(f"images must be [batch, height, width, channels], got shape "
+                       f"{images.shape}")
+    if self.attention_args is not None and not hasattr(self.attention_args, "keys"):
+      raise TypeError(f"attention_args must be a dict, got {type(self.attention_args).__name__}")
+    if not 0.0 <= self.drop_path_rate < 1.0:
+      raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+    for name in ("kernel_size", "stride_kv"):
+      if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+        raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+
+  @nn.compact
+  def __call__(self, images, *, train: bool = False):
+    sizes = self.sizes()
+    self._check(images)
+    ops.get(self.attention)  # an unknown op name raises here, before any tracing
+    deterministic = not train
+    stages = len(sizes["dims"])
+    x = jnp.asarray(images, self.dtype)
+    for stage in range(stages):
+      dim, size = sizes["dims"][stage], sizes["patch_size"][stage]
+      stride, pad = sizes["patch_stride"][stage], sizes["patch_padding"][stage]
+      x = nn.Conv(dim, (size, size), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+                  dtype=self.dtype, param_dtype=self.param_dtype, name=f"stage_{stage}_embed",
+                  kernel_init=nn.with_logical_partitioning(
+                      _INIT, ("conv_height", "conv_width", "channels_in", "embed")),
+                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                         ("embed",)))(x)
+      n, h, w, _ = x.shape
+      x = _layer_norm(self.dtype, self.param_dtype, f"stage_{stage}_embed_norm")(
+          jnp.reshape(x, (n, h * w, dim)))
+      num_prefix = 0
+      if stage == stages - 1:
+        cls = self.param("cls", nn.with_logical_partitioning(_INIT, (None, "embed")), (1, dim),
+                         self.param_dtype)
+        cls = jnp.broadcast_to(jnp.asarray(cls, self.dtype)[None], (n, 1, dim))
+        x = jnp.concatenate([cls, x], axis=1)
+        num_prefix = 1
+      x = nn.Dropout(rate=self.dropout)(x, deterministic)
+      depth = sizes["depths"][stage]
+      rates = (np.linspace(0.0, self.drop_path_rate, depth) if stage == stages - 1
+               else np.zeros(depth))
+      attention_args = dict(
+          num_heads=sizes["num_heads"][stage], op=self.attention,
+          op_args=None if self.attention_args is None else dict(self.attention_args),
+          implementation=self.attention_impl, kernel_size=self.kernel_size,
+          stride_kv=self.stride_kv, num_prefix=num_prefix)
+      for i in range(depth):
+        x = Block(attention_args=attention_args, mlp_ratio=self.mlp_ratio,
+                  drop_path=float(rates[i]), dropout=self.dropout, dtype=self.dtype,
+                  param_dtype=self.param_dtype, name=f"stage_{stage}_block_{i}")(
+                      x, (h, w), deterministic)
+      if stage < stages - 1:
+        x = jnp.reshape(x, (n, h, w, dim))  # back to a map for the next token embedding
+
+    x = _layer_norm(self.dtype, self.param_dtype, "norm")(x[:, 0])
+    if self.num_classes:
+      x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="head",
+                   kernel_init=nn.with_logical_partitioning(_INIT, ("embed", "classes")),
+                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                          ("classes",)))(x)
+    return x.astype(jnp.float32)
