@@ -1,0 +1,22 @@
+"""Interpretability: attention maps of any `Attention`-based model, relevance and plots.
+
+    maps = interpret.capture_attention(model, variables, images)      # {layer path: [b, h, q, kv]}
+    roll = interpret.attention_rollout(interpret.self_attention_maps(maps))   # [b, n, n]
+
+`capture` reads and steers attention without changing model code; `relevance` computes
+rollout, flow, gradient-weighted rollout, AtMan, attention distances and high-norm tokens;
+`plots` draws them (and benchmark curves). `python -m big_attn.interpret` explains a test image
+with the latest checkpoint of a `big_attn.main` run.
+"""
+from big_attn.interpret.capture import (apply_with_hook, attention_gradients, block_outputs,
+                                        capture_attention, hook_ops, mixing_matrix,
+                                        suppression_hook)
+from big_attn.interpret.relevance import (atman, attention_distance, attention_flow,
+                                          attention_rollout, gradient_rollout, high_norm_tokens,
+                                          max_flow, self_attention_maps, token_norms,
+                                          token_relevance)
+
+__all__ = ["apply_with_hook", "atman", "attention_distance", "attention_flow",
+           "attention_gradients", "attention_rollout", "block_outputs", "capture_attention",
+           "gradient_rollout", "high_norm_tokens", "hook_ops", "max_flow", "mixing_matrix",
+           "self_attention_maps", "suppression_hook", "token_norms", "token_relevance"]

@@ -1,0 +1,170 @@
+r"""Explains one test image with the latest checkpoint of a `big_attn.main` image-classifier run.
+
+    python -m big_attn.interpret --config=configs/vit_digits.py --workdir=/tmp/vit_digits \
+        --image=3 [--out=DIR] [--target=-1] [--flow_max_tokens=16]
+
+The work directory holds checkpoints but not the config: pass the run's `--config` (with the
+same `:ARG` and `--config.KEY=VALUE` overrides). Writes into `--out` (default
+`WORKDIR/interpret/image_N`):
+  attention_maps.png  every layer's and head's attention to the patches, over the image;
+  relevance.png       attention rollout, attention flow, gradient-weighted rollout and AtMan;
+  distances.png       mean attention distance of every head against depth;
+  token_norms.png     histograms of the blocks' output token norms;
+  summary.json        prediction, the numbers behind the figures and the high-norm tokens.
+Models are ViT-like (`Model.sizes()` gives `patch_size`; a class token when `pool_type` is
+"cls"/"tok"; `num_registers` register tokens at the end).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from big_attn import data, models
+from big_attn import main as main_lib
+from big_attn.interpret import capture, plots, relevance
+from big_attn.parallel import mesh as mesh_lib
+from big_attn.train import optim
+from big_attn.train import step as step_lib
+
+# --config and --workdir are big_attn.main's flags (imported above), read the same way.
+_IMAGE = flags.DEFINE_integer("image", None, "Index of the test image to explain.")
+_OUT = flags.DEFINE_string("out", None, "Output directory (default WORKDIR/interpret/image_N).")
+_TARGET = flags.DEFINE_integer("target", -1, "Class to explain; -1: the predicted class.")
+_FLOW_MAX_TOKENS = flags.DEFINE_integer(
+    "flow_max_tokens", 16, "Attention flow (n² max-flows) only for at most this many tokens.")
+
+
+def load_run(config: Any, workdir: str) -> tuple[Any, Any, int, dict[str, Any]]:
+  """`(model, params, step, dataset info)` from the newest checkpoint in `workdir/checkpoints`."""
+  input_config = {k: v for k, v in config.input.items() if k != "batch_size"}
+  info = data.dataset_info(input_config)
+  model_module = models.get(config.model_name)
+  task = getattr(model_module, "TASK", step_lib.CLASSIFICATION)
+  mesh = mesh_lib.make_mesh([("data", 1)])
+  model = model_module.Model(**main_lib._model_kwargs(  # pylint: disable=protected-access
+      config, info, model_module.Model, mesh))
+  tx = optim.make_optimizer(config.optax_name, config.optax.to_dict(),
+                            optim.make_schedule(config.lr, config.schedule, config.total_steps),
+                            config.grad_clip_norm)
+  input_shape, input_dtype = task.example_input(info)
+  boxed = step_lib.abstract_state(model, tx, input_shape, input_dtype)
+  abstract = step_lib.with_shardings(boxed, step_lib.state_shardings(
+      boxed, mesh, mesh_lib.check_rules(config.sharding_rules)))
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"no checkpoints in {workdir!r} (expected {directory})")
+  manager = ocp.CheckpointManager(directory,
+                                  item_handlers={"state": ocp.StandardCheckpointHandler()})
+  try:
+    step = manager.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"no finished checkpoint in {directory}")
+    state = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract)))["state"]
+  finally:
+    manager.close()
+  return model, state["params"], step, info
+
+
+def load_test_image(config: Any, index: int, num_test: int) -> dict[str, np.ndarray]:
+  """Example `index` of the test split, preprocessed as the evaluators see it."""
+  if not 0 <= index < num_test:
+    raise ValueError(f"--image must be in [0, {num_test}) (the test split), got {index}")
+  input_config = {k: v for k, v in config.input.items() if k != "batch_size"}
+  batch = next(iter(data.get_dataset(input_config, split="test", batch_size=index + 1, seed=0,
+                                     train=False)))
+  return {k: np.asarray(v[index]) for k, v in batch.items()}
+
+
+def token_layout(model: Any, image_shape: tuple[int, ...]) -> dict[str, Any]:
+  """Patch grid, patch size, class-token prefix and total token count of a ViT-like model."""
+  if not hasattr(model, "sizes"):
+    raise ValueError(f"{type(model).__module__}.Model has no sizes(): not a ViT-like model")
+  ph, pw = model.sizes()["patch_size"]
+  grid = (image_shape[0] // ph, image_shape[1] // pw)
+  num_prefix = int(getattr(model, "pool_type", "gap") in ("cls", "tok"))
+  num_tokens = num_prefix + grid[0] * grid[1] + getattr(model, "num_registers", 0)
+  return dict(grid=grid, patch_size=(ph, pw), num_prefix=num_prefix, num_tokens=num_tokens,
+              query=0 if num_prefix else None)
+
+
+def explain(config: Any, workdir: str, image_index: int, out_dir: str | None = None, *,
+            target: int = -1, flow_max_tokens: int = 16) -> dict[str, Any]:
+  """Writes the figures and `summary.json` of the module docstring; returns the summary."""
+  model, params, step, info = load_run(config, workdir)
+  example = load_test_image(config, image_index, info["num_examples"]["test"])
+  out_dir = out_dir or os.path.join(workdir, "interpret", f"image_{image_index}")
+  layout = token_layout(model, info["image_shape"])
+  grid, num_prefix = layout["grid"], layout["num_prefix"]
+  variables = {"params": params}
+  images = jnp.asarray(example["image"][None])
+
+  logits = np.asarray(jax.jit(model.apply)(variables, images))[0]
+  target = int(np.argmax(logits)) if target < 0 else target
+  maps, grads = capture.attention_gradients(
+      model, variables, lambda out: out[:, target].sum(), images)
+  layers = [p for p, m in maps.items() if m.shape[-2:] == (layout["num_tokens"],) * 2]
+  self_maps = [maps[p] for p in layers]
+  as_grid = lambda rel: rel[0].reshape(grid)  # pylint: disable=unnecessary-lambda-assignment
+  patch_relevance = lambda r: relevance.token_relevance(  # pylint: disable=g-long-lambda
+      r, query=layout["query"], num_prefix=num_prefix, num_patches=grid[0] * grid[1])
+
+  heatmaps = {"rollout": as_grid(patch_relevance(relevance.attention_rollout(self_maps))),
+              "gradient rollout": as_grid(patch_relevance(relevance.gradient_rollout(
+                  self_maps, [grads[p] for p in layers])))}
+  if layout["num_tokens"] <= flow_max_tokens:
+    outputs = ([layout["query"]] if layout["query"] is not None
+               else range(num_prefix, num_prefix + grid[0] * grid[1]))
+    flow = relevance.attention_flow(self_maps, outputs=outputs)
+    heatmaps["flow"] = as_grid(flow.mean(1)[:, num_prefix:num_prefix + grid[0] * grid[1]])
+  tokens = range(num_prefix, num_prefix + grid[0] * grid[1])
+  heatmaps["AtMan"] = as_grid(relevance.atman(
+      model, variables, lambda out: -jax.nn.log_softmax(out)[:, target], images,
+      num_tokens=layout["num_tokens"], tokens=tokens))
+  distances = {p: relevance.attention_distance(
+      maps[p], grid, patch_size=layout["patch_size"], num_prefix=num_prefix) for p in layers}
+  norms = relevance.token_norms(capture.block_outputs(model, variables, images))
+
+  plots.plot_attention_maps(example["image"], {p.split("/")[-2]: maps[p][0] for p in layers},
+                            grid, os.path.join(out_dir, "attention_maps.png"),
+                            num_prefix=num_prefix, query=layout["query"])
+  plots.plot_heatmaps(example["image"], heatmaps, os.path.join(out_dir, "relevance.png"))
+  plots.plot_distances(list(distances.values()), os.path.join(out_dir, "distances.png"),
+                       title=f"{config.model_name}, step {step}")
+  plots.plot_token_norms(norms, os.path.join(out_dir, "token_norms.png"))
+
+  summary = dict(
+      workdir=os.path.abspath(workdir), out=os.path.abspath(out_dir), step=int(step), image=image_index,
+      label=int(example["label"]), prediction=int(np.argmax(logits)), target=target,
+      logits=logits.tolist(), layers=layers, grid=list(grid), num_prefix=num_prefix,
+      attention_distance={p: d.tolist() for p, d in distances.items()},
+      relevance={k: np.asarray(v).tolist() for k, v in heatmaps.items()},
+      token_norms={p: dict(mean=float(n.mean()), median=float(np.median(n)),
+                           max=float(n.max()),
+                           high_norm_tokens=np.flatnonzero(
+                               relevance.high_norm_tokens(n[0])).tolist())
+                   for p, n in norms.items()})
+  with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
+    json.dump(summary, f, indent=1)
+  return summary
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  summary = explain(main_lib._CONFIG.value, main_lib._WORKDIR.value, _IMAGE.value,  # pylint: disable=protected-access
+                    _OUT.value, target=_TARGET.value, flow_max_tokens=_FLOW_MAX_TOKENS.value)
+  print(f"step {summary['step']}: image {summary['image']} label {summary['label']} "
+        f"predicted {summary['prediction']}; figures in {summary['out']}")
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir", "image"])
+  app.run(main)
