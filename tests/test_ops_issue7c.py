@@ -18,7 +18,8 @@ F32_TOL = ref.F32_TOL
 
 def _qkv(b=2, t=11, n=4, k=2, d=8, dv=None, dtype=jnp.float32, seed=0, std=1.0):
   dv = d if dv is None else dv
-  return (ref.normal(seed, (b, t, n, d), dtype, std), ref.normal(seed + 1, (b, t, k, d), dtype, std),
+  return (ref.normal(seed, (b, t, n, d), dtype, std),
+          ref.normal(seed + 1, (b, t, k, d), dtype, std),
           ref.normal(seed + 2, (b, t, k, dv), dtype, std))
 
 

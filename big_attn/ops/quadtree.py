@@ -46,9 +46,10 @@ def quadtree_attention(query, key, value, *, mask=None, is_causal=False, scale=N
   patches of 2^(levels−1−l) × 2^(levels−1−l) tokens. With s the logit scale:
 
       level 0:  w⁰_ij = softmax_j(s·q⁰_i·k⁰_j) over all coarse key patches j
-      level l:  w^l_ij = w^(l−1)_{P(i) P(j)} · exp(s·q^l_i·k^l_j) / Σ_{j'∈C(P(j))} exp(s·q^l_i·k^l_j')
-                for j a child of one of the top-K key patches T^(l−1)_{P(i)} (by weight) of the
-                query's parent P(i); C(p) are p's 4 children
+      level l:  w^l_ij = w^(l−1)_{P(i) P(j)} · softmax_{j ∈ C(P(j))}(s·q^l_i·k^l_j)
+                for j a child of one of the top-K key patches T^(l−1)_{P(i)} (largest
+                weights) of the query's parent P(i); C(p) are p's 4 children, so the
+                softmax runs over j's siblings
       m^l_i = Σ_{j ∉ T^l_i} w^l_ij v^l_j   (at the finest level every candidate j),
       out_i = Σ_l m^l_{a_l(i)},  a_l(i) the level-l patch holding token i.
 
@@ -110,6 +111,7 @@ def quadtree_attention(query, key, value, *, mask=None, is_causal=False, scale=N
   q, k, v = pyramid(0)
   weights = jax.nn.softmax(jnp.einsum("bkgid,bkjd->bkgij", q, k) * scale, axis=-1)
   candidates = jnp.broadcast_to(jnp.arange(num_coarse), weights.shape)  # key patch ids
+  kept_ids = kept_w = None  # the top-K key patches of every query patch, and their weights
   values = v[:, :, None, None]  # [b, k, 1, 1, N₀, dv]: every query patch sees every key patch
   for l in range(levels):
     if l > 0:
