@@ -48,7 +48,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from big_attn import compat, ops, parallel
-from big_attn.layers import Attention
+from big_attn.layers import Attention, apply_rope
+from big_attn.ops import experts as experts_ops
+from big_attn.ops import ngpt as ngpt_ops
 from big_attn.train import step as step_lib
 
 _VARIANTS = {  # width, depth, mlp_dim, num_heads, num_kv_heads
@@ -61,6 +63,14 @@ STRATEGIES = parallel.STRATEGIES
 REMAT_POLICIES = ("none", "nothing_saveable", "everything_saveable", "dots_saveable",
                   "dots_with_no_batch_dims_saveable")
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "weights")
+BLOCKS = ("pre_norm", "ngpt", "moeut")
+# nGPT's eigen learning rates and scalings, `(init, scale)`: a parameter stored as `scale` and
+# used as param·(init/scale) (Loshchilov et al. 2024, Section 2.6); None = 1/√width.
+NGPT_ALPHA = (0.05, None)
+NGPT_S_UV = (1.0, 1.0)
+NGPT_S_Z = (1.0, None)
+MOE_DEFAULTS = dict(num_experts=None, expert_dim=128, topk=None, att_experts=None, att_topk=2,
+                    entropy_reg=0.01, att_entropy_reg=0.001)
 
 
 def decode_variant(variant: str) -> dict[str, Any]:
@@ -107,17 +117,39 @@ class SeqParallel:
     return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
 
 
-def _sequence_parallel_op(op_fn, *, sp: SeqParallel):
+def _ngpt_prepare(query, key, scale, **op_args):
+  query, key = ngpt_ops.normalize_qk(query, key, **op_args)
+  return query, key, ngpt_ops.ngpt_scale(query.shape[-1], scale)
+
+
+# Ops that are softmax attention of transformed queries and keys, with the transformation
+# `(query, key, scale, **op_args) -> (query, key, scale)`: these run sequence-parallel and in
+# decoding (the ring / the cache see the transformed queries and keys).
+SOFTMAX_FORMS = {"softmax": None, "ngpt": _ngpt_prepare}
+
+
+def _prepared(query, key, scale, op_args, prepare):
+  if prepare is None:
+    if op_args:
+      raise ValueError(f"softmax attention takes no op arguments, got {sorted(op_args)}")
+    return query, key, scale
+  return prepare(query, key, scale, **op_args)
+
+
+def _sequence_parallel_op(op_fn, *, sp: SeqParallel, prepare=None):
   """`Attention.op_wrapper`: softmax attention of the sequence shards inside `shard_map`.
 
-  The registered op (`op_fn`, softmax) is replaced by its sequence-parallel form; the
-  activations arrive already in the strategy's order (striped or contiguous).
+  The registered op (`op_fn`, softmax or one of `SOFTMAX_FORMS` whose query/key transform is
+  `prepare`) is replaced by its sequence-parallel form; the activations arrive already in the
+  strategy's order (striped or contiguous).
   """
-  del op_fn  # the model checks that the op is softmax; the ring computes it shard by shard
+  del op_fn  # the model checks the op; the ring computes softmax shard by shard
 
-  def attend(query, key, value, *, mask=None, is_causal=False, segment_ids=None, scale=None):
+  def attend(query, key, value, *, mask=None, is_causal=False, segment_ids=None, scale=None,
+             **op_args):
     if mask is not None:
       raise ValueError("sequence-parallel attention takes segment_ids and is_causal, not a mask")
+    query, key, scale = _prepared(query, key, scale, op_args, prepare)
     batch_axes = sp.batch_axes(query.shape[0])
     heads = sp.head_axis(query.shape[2], key.shape[2])
     qkv_spec, seg_spec = P(batch_axes, sp.axis, heads, None), P(batch_axes, sp.axis)
@@ -141,14 +173,17 @@ def _sequence_parallel_op(op_fn, *, sp: SeqParallel):
 
 
 # -------------------------------------------------------------------------------------- cache
-def _cached_decode_op(op_fn, *, cache_key, cache_value, index):
+def _cached_decode_op(op_fn, *, cache_key, cache_value, index, prepare=None):
   """`Attention.op_wrapper` in decoding: appends the new keys/values to the cache variables and
-  attends the new queries to the valid cache with the split-KV op `lean_decode`."""
+  attends the new queries to the valid cache with the split-KV op `lean_decode` (keys and
+  queries transformed by `prepare` first, see `SOFTMAX_FORMS`)."""
   del op_fn  # softmax, computed over the cache by lean_decode
 
-  def attend(query, key, value, *, mask=None, is_causal=False, segment_ids=None, scale=None):
+  def attend(query, key, value, *, mask=None, is_causal=False, segment_ids=None, scale=None,
+             **op_args):
     if mask is not None or segment_ids is not None:
       raise ValueError("decoding takes one document per sequence: no mask or segment_ids")
+    query, key, scale = _prepared(query, key, scale, op_args, prepare)
     start = index.value
     cache_key.value = jax.lax.dynamic_update_slice(
         cache_key.value, key.astype(cache_key.value.dtype), (0, start, 0, 0))
@@ -161,10 +196,47 @@ def _cached_decode_op(op_fn, *, cache_key, cache_value, index):
   return attend
 
 
+def _op_wrapper(module: nn.Module, *, num_kv_heads: int, head_dim: int, value_dim: int,
+                batch: int, prepare=None):
+  """The `Attention.op_wrapper` of a block (`module`, inside its compact call): the sequence-
+  parallel form, or in decoding the cache variables of this layer and the cached op."""
+  if module.decode:
+    def cache(name, dim):
+      return module.variable("cache", name, jnp.zeros,
+                             (batch, module.cache_len, num_kv_heads, dim), module.dtype)
+    return functools.partial(
+        _cached_decode_op, cache_key=cache("key", head_dim), cache_value=cache("value", value_dim),
+        index=module.variable("cache", "index", lambda: jnp.zeros((), jnp.int32)),
+        prepare=prepare)
+  if module.seq_parallel is not None:
+    return functools.partial(_sequence_parallel_op, sp=module.seq_parallel, prepare=prepare)
+  return None
+
+
+def _constrain(module: nn.Module):
+  return module.seq_parallel.constrain if module.seq_parallel else lambda y: y
+
+
+def _restored(module: nn.Module, name: str, size: int, init_scale: tuple[float, float | None],
+              width: int, axis: str):
+  """A learned vector `[size]` stored as `scale` and used as param·(init/scale) (nGPT)."""
+  init, scale = init_scale
+  scale = width ** -0.5 if scale is None else scale
+  param = module.param(name, nn.with_logical_partitioning(nn.initializers.constant(scale),
+                                                          (axis,)),
+                       (size,), module.param_dtype)
+  return param.astype(jnp.float32) * (init / scale)
+
+
 # ------------------------------------------------------------------------------------- blocks
 class SwiGLU(nn.Module):
-  """W_out (silu(x W_gate) ⊙ x W_up) (Shazeer 2020, "GLU Variants Improve Transformer")."""
+  """W_out (silu(x W_gate) ⊙ x W_up) (Shazeer 2020, "GLU Variants Improve Transformer").
+
+  With `ngpt_scaling` (nGPT, Section 2.5): u = x W_up ⊙ s_u, ν = x W_gate ⊙ s_ν √width,
+  learned `[mlp_dim]` scalings s_u, s_ν (init 1, scale 1), and W_out (silu(ν) ⊙ u).
+  """
   mlp_dim: int
+  ngpt_scaling: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -176,11 +248,18 @@ class SwiGLU(nn.Module):
                           nn.initializers.lecun_normal(), axes))
     gate = dense(self.mlp_dim, ("embed", "mlp"), "wi_gate")(x)
     up = dense(self.mlp_dim, ("embed", "mlp"), "wi_up")(x)
+    if self.ngpt_scaling:
+      width = x.shape[-1]
+      s_u = _restored(self, "s_u", self.mlp_dim, NGPT_S_UV, width, "mlp")
+      s_v = _restored(self, "s_v", self.mlp_dim, NGPT_S_UV, width, "mlp")
+      up = (up * s_u).astype(up.dtype)
+      gate = (gate * (s_v * width ** 0.5)).astype(gate.dtype)
     return dense(x.shape[-1], ("mlp", "embed"), "wo")(nn.silu(gate) * up)
 
 
 class DecoderBlock(nn.Module):
-  """x + Attn(RMSNorm(x)) then x + SwiGLU(RMSNorm(x)); returns `(x, None)` for `nn.scan`."""
+  """x + Attn(RMSNorm(x)) then x + SwiGLU(RMSNorm(x)); returns `(x, {})` for `nn.scan` (the
+  second output holds per-layer auxiliary values, here none)."""
   num_heads: int
   num_kv_heads: int
   head_dim: int
@@ -199,17 +278,10 @@ class DecoderBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, positions, segment_ids, deterministic: bool = True):
-    constrain = self.seq_parallel.constrain if self.seq_parallel else lambda y: y
-    op_wrapper = None
-    if self.seq_parallel is not None:
-      op_wrapper = functools.partial(_sequence_parallel_op, sp=self.seq_parallel)
-    if self.decode:
-      shape = (x.shape[0], self.cache_len, self.num_kv_heads, self.head_dim)
-      op_wrapper = functools.partial(
-          _cached_decode_op,
-          cache_key=self.variable("cache", "key", jnp.zeros, shape, self.dtype),
-          cache_value=self.variable("cache", "value", jnp.zeros, shape, self.dtype),
-          index=self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32)))
+    constrain = _constrain(self)
+    op_wrapper = _op_wrapper(self, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+                             value_dim=self.head_dim, batch=x.shape[0],
+                             prepare=SOFTMAX_FORMS.get(self.attention))
     y = _rms_norm(self.dtype, self.param_dtype, "attention_norm")(x)
     y = Attention(num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
                   head_dim=self.head_dim, op=self.attention, op_args=self.attention_args,
@@ -220,7 +292,315 @@ class DecoderBlock(nn.Module):
     x = constrain(x + nn.Dropout(rate=self.dropout)(y, deterministic))
     y = _rms_norm(self.dtype, self.param_dtype, "mlp_norm")(x)
     y = SwiGLU(self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")(y)
-    return constrain(x + nn.Dropout(rate=self.dropout)(y, deterministic)), None
+    return constrain(x + nn.Dropout(rate=self.dropout)(y, deterministic)), {}
+
+
+def _interpolate(module: nn.Module, name: str, h, y):
+  """nGPT's normalised residual step h ← Norm(h + α(Norm(y) − h)) with learned `[width]`
+  eigen learning rates α (init 0.05, scale 1/√width)."""
+  alpha = _restored(module, name, h.shape[-1], NGPT_ALPHA, h.shape[-1], "embed")
+  h32 = h.astype(jnp.float32)
+  step = ngpt_ops.l2_normalize(y.astype(jnp.float32)) - h32
+  return ngpt_ops.l2_normalize(h32 + alpha * step).astype(h.dtype)
+
+
+class NGPTBlock(nn.Module):
+  """nGPT block (Loshchilov et al. 2024, Section 2.2): no norms, hidden states on the sphere,
+
+      h ← Norm(h + α_A (Norm(Attn(h)) − h)),   h ← Norm(h + α_M (Norm(SwiGLU(h)) − h)),
+
+  attention by `attention` (the `ngpt` op: unit-norm q, k scaled by s_qk, softmax scale √d_k)
+  and nGPT's scaled SwiGLU. Weights are kept unit-norm along the embedding axis by
+  `normalize_params` after each update. Returns `(h, {})`.
+  """
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  attention: str = "ngpt"
+  attention_args: Any = None
+  attention_impl: str | None = None
+  rope_base: float = 10_000.
+  seq_parallel: SeqParallel | None = None
+  decode: bool = False
+  cache_len: int = 0
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, positions, segment_ids, deterministic: bool = True):
+    del deterministic  # no dropout in nGPT
+    constrain = _constrain(self)
+    op_wrapper = _op_wrapper(self, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+                             value_dim=self.head_dim, batch=x.shape[0],
+                             prepare=SOFTMAX_FORMS.get(self.attention))
+    y = Attention(num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+                  head_dim=self.head_dim, op=self.attention, op_args=self.attention_args,
+                  implementation=self.attention_impl, rope_base=self.rope_base,
+                  op_wrapper=op_wrapper, dtype=self.dtype, param_dtype=self.param_dtype,
+                  name="attention")(x, is_causal=True, segment_ids=segment_ids,
+                                    positions=positions)
+    x = constrain(_interpolate(self, "alpha_attention", x, y))
+    y = SwiGLU(self.mlp_dim, ngpt_scaling=True, dtype=self.dtype, param_dtype=self.param_dtype,
+               name="mlp")(x)
+    return constrain(_interpolate(self, "alpha_mlp", x, y)), {}
+
+
+def _unit_rows_normal(stddev: float, axis: int):
+  """Normal(0, stddev²) rescaled so every slice along `axis` has norm stddev·√size (MoEUT's
+  router init: equal-norm expert vectors)."""
+
+  def init(key, shape, dtype=jnp.float32):
+    w = jax.random.normal(key, shape, jnp.float32)
+    w = w * (stddev * shape[axis] ** 0.5) / jnp.linalg.norm(w, axis=axis, keepdims=True)
+    return w.astype(dtype)
+
+  return init
+
+
+def sigma_moe(x, router_logits, w_in, w_out, topk: int):
+  """σ-MoE feed-forward (Csordás et al. 2023, "Approximating Two-Layer Feedforward Networks for
+  Efficient Transformers"; MoEUT eq. 3-5):
+
+      s = σ(x_r W_S),   y = Σ_{e ∈ topk(s)} s_e ReLU(x W_1^e) W_2^e.
+
+  Only the selected experts are computed: the `tokens·topk` (token, expert) pairs are sorted by
+  expert and multiplied with `jax.lax.ragged_dot`. Gradients flow through the selected experts
+  and their gates, not through the selection.
+
+  Args:
+    x: `[..., d]` expert inputs.
+    router_logits: `[..., E]` x_r W_S (the router may see a normalised x_r).
+    w_in: `[E, d, expert_dim]`; w_out: `[E, expert_dim, d_out]`.
+    topk: experts per token.
+  Returns:
+    `[..., d_out]` in x's dtype.
+  """
+  num, d = w_in.shape[0], x.shape[-1]
+  if w_in.shape[1] != d or w_out.shape[:2] != (num, w_in.shape[2]):
+    raise ValueError(f"w_in must be [E, d={d}, expert_dim] and w_out [E, expert_dim, d_out], "
+                     f"got {w_in.shape} and {w_out.shape}")
+  if router_logits.shape != x.shape[:-1] + (num,):
+    raise ValueError(f"router_logits must be {x.shape[:-1] + (num,)}, got "
+                     f"{router_logits.shape}")
+  if not 1 <= topk <= num:
+    raise ValueError(f"topk must be in [1, {num}], got {topk}")
+  scores = jax.nn.sigmoid(router_logits.astype(jnp.float32)).reshape(-1, num)
+  _, chosen = jax.lax.top_k(jax.lax.stop_gradient(scores), topk)       # [n, k]
+  gates = jnp.take_along_axis(scores, chosen, axis=-1).reshape(-1)     # [n·k]
+  experts = chosen.reshape(-1)
+  order = jnp.argsort(experts, stable=True)
+  token = order // topk
+  sizes = jnp.bincount(experts, length=num).astype(jnp.int32)
+  xs = x.reshape(-1, d)[token]
+  h = jax.nn.relu(jax.lax.ragged_dot(xs, w_in.astype(xs.dtype), sizes,
+                                     preferred_element_type=jnp.float32))
+  ys = jax.lax.ragged_dot(h.astype(x.dtype), w_out.astype(x.dtype), sizes,
+                          preferred_element_type=jnp.float32)
+  ys = ys * gates[order][:, None]
+  out = jnp.zeros((scores.shape[0], w_out.shape[-1]), jnp.float32).at[token].add(ys)
+  return out.reshape(x.shape[:-1] + (w_out.shape[-1],)).astype(x.dtype)
+
+
+class SigmaMoE(nn.Module):
+  """MoEUT's feed-forward layer: `sigma_moe` over `num_experts` ReLU experts of `expert_dim`
+  units, `topk` per token; the router sees `router_input` (peri-layernorm: LN(x)), the experts
+  the raw residual x. Returns `(y, router_logits)`."""
+  num_experts: int
+  expert_dim: int
+  topk: int
+  init_scale: float = 1.0
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, router_input):
+    d, num, size = x.shape[-1], self.num_experts, self.expert_dim
+    normal = lambda fan_in: nn.initializers.normal(  # pylint: disable=g-long-lambda
+        self.init_scale * fan_in ** -0.5)
+    w_in = self.param("w_in", nn.with_logical_partitioning(normal(d),
+                                                           ("experts", "embed", "mlp")),
+                      (num, d, size), self.param_dtype)
+    w_out = self.param("w_out", nn.with_logical_partitioning(normal(num * size),
+                                                             ("experts", "mlp", "embed")),
+                       (num, size, d), self.param_dtype)
+    router = self.param("router", nn.with_logical_partitioning(
+        _unit_rows_normal(self.init_scale * d ** -0.5, 0), ("embed", "experts")),
+                        (d, num), self.param_dtype)
+    x, router_input, w_in, w_out, router = nn.dtypes.promote_dtype(
+        x, router_input, w_in, w_out, router, dtype=self.dtype)
+    logits = router_input @ router
+    return sigma_moe(x, logits, w_in, w_out, self.topk), logits
+
+
+class SwitchHeadAttention(nn.Module):
+  """MoEUT's attention: SwitchHead (Csordás et al. 2024), the `switchhead` op's mechanism with
+  the paper's weights: dense queries/keys from LN(x), per-head value experts of the raw residual
+  x (peri-layernorm), routers from LN(x), output experts W^O_e `[heads, E, head_dim, width]`
+  mapping straight to the residual (no shared output projection), RoPE on half the head dims,
+  logit scale 1/√head_dim. The values are mixed before attention, so the softmax part can run
+  sequence-parallel or over a key/value cache (`op_wrapper`). Returns `(y, (logits_v,
+  logits_o))` with the router logits `[batch, seq, heads, E]`.
+  """
+  num_heads: int
+  head_dim: int
+  num_experts: int
+  topk: int
+  rope_base: float = 10_000.
+  init_scale: float = 1.0
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_norm, x, positions, segment_ids, op_wrapper=None):
+    d, h, hd, num = x.shape[-1], self.num_heads, self.head_dim, self.num_experts
+    normal = lambda fan_in: nn.initializers.normal(  # pylint: disable=g-long-lambda
+        self.init_scale * fan_in ** -0.5)
+
+    def param(name, init, shape, axes):
+      return self.param(name, nn.with_logical_partitioning(init, axes), shape, self.param_dtype)
+
+    wq = param("query", normal(d), (d, h, hd), ("embed", "heads", "head_dim"))
+    wk = param("key", normal(d), (d, h, hd), ("embed", "heads", "head_dim"))
+    wv = param("value_experts", normal(d), (d, h, num, hd),
+               ("embed", "heads", "experts", "head_dim"))
+    wo = param("out_experts", normal(h * hd), (h, num, hd, d),
+               ("heads", "experts", "head_dim", "embed"))
+    router_init = _unit_rows_normal(self.init_scale * d ** -0.5, 0)
+    rv = param("router_v", router_init, (d, h, num), ("embed", "heads", "experts"))
+    ro = param("router_o", router_init, (d, h, num), ("embed", "heads", "experts"))
+    x_norm, x, wq, wk, wv, wo, rv, ro = nn.dtypes.promote_dtype(
+        x_norm, x, wq, wk, wv, wo, rv, ro, dtype=self.dtype)
+    query = jnp.einsum("btd,dhk->bthk", x_norm, wq)
+    key = jnp.einsum("btd,dhk->bthk", x_norm, wk)
+    rot = hd // 2 - (hd // 2) % 2
+    if rot:
+      rope = lambda y: jnp.concatenate(  # pylint: disable=g-long-lambda
+          [apply_rope(y[..., :rot], positions, self.rope_base), y[..., rot:]], axis=-1)
+      query, key = rope(query), rope(key)
+    logits_v = jnp.einsum("btd,dhe->bthe", x_norm, rv)
+    logits_o = jnp.einsum("btd,dhe->bthe", x_norm, ro)
+    gate_v = experts_ops.sigmoid_topk_gate(logits_v, self.topk).astype(x.dtype)
+    value = jnp.einsum("btd,dhek,bthe->bthk", x, wv, gate_v)
+    attend = functools.partial(ops.dot_product_attention, implementation="xla")
+    if op_wrapper is not None:
+      attend = op_wrapper(attend)
+    heads = attend(query, key, value, is_causal=True, segment_ids=segment_ids,
+                   scale=hd ** -0.5)
+    gate_o = experts_ops.sigmoid_topk_gate(logits_o, self.topk).astype(x.dtype)
+    return jnp.einsum("bthe,bthk,hekd->btd", gate_o, heads, wo), (logits_v, logits_o)
+
+
+def _mean_router_probs(logits):
+  """softmax over experts, averaged over the tokens: `[batch, seq, ..., E] -> [batch, ..., E]`
+  (float32), the per-layer statistic of MoEUT's entropy regulariser."""
+  return jnp.mean(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), axis=1)
+
+
+class MoEUTBlock(nn.Module):
+  """MoEUT layer (Csordás et al. 2024) with peri-layernorm (Section 2.3): layer norms only
+  where a linear map feeds a softmax/sigmoid (queries, keys, routers), none on the residual
+  or the value/expert paths:
+
+      x ← x + SwitchHead(q, k, routers of LN₁(x); values of x),
+      x ← x + σ-MoE(experts of x; router of LN₂(x)).
+
+  Returns `(x, aux)` with aux the token-averaged router probabilities (`_mean_router_probs`)
+  of the feed-forward ("ffn" `[batch, E]`) and attention ("att_v", "att_o" `[batch, heads,
+  E]`) routers.
+  """
+  num_heads: int
+  head_dim: int
+  moe: Any
+  rope_base: float = 10_000.
+  dropout: float = 0.0
+  init_scale: float = 1.0
+  seq_parallel: SeqParallel | None = None
+  decode: bool = False
+  cache_len: int = 0
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, positions, segment_ids, deterministic: bool = True):
+    constrain = _constrain(self)
+    op_wrapper = _op_wrapper(self, num_kv_heads=self.num_heads, head_dim=self.head_dim,
+                             value_dim=self.head_dim, batch=x.shape[0])
+    norm = lambda name: nn.LayerNorm(  # pylint: disable=g-long-lambda
+        dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    y, (logits_v, logits_o) = SwitchHeadAttention(
+        self.num_heads, self.head_dim, self.moe["att_experts"], self.moe["att_topk"],
+        rope_base=self.rope_base, init_scale=self.init_scale, dtype=self.dtype,
+        param_dtype=self.param_dtype, name="attention")(
+            norm("attention_norm")(x), x, positions, segment_ids, op_wrapper)
+    x = constrain(x + nn.Dropout(rate=self.dropout)(y, deterministic))
+    y, logits_f = SigmaMoE(self.moe["num_experts"], self.moe["expert_dim"], self.moe["topk"],
+                           init_scale=self.init_scale, dtype=self.dtype,
+                           param_dtype=self.param_dtype, name="mlp")(x, norm("mlp_norm")(x))
+    x = constrain(x + nn.Dropout(rate=self.dropout)(y, deterministic))
+    return x, {"ffn": _mean_router_probs(logits_f), "att_v": _mean_router_probs(logits_v),
+               "att_o": _mean_router_probs(logits_o)}
+
+
+def _neg_entropy_of_mean(probs):
+  """−H(mean over axis 0 of `probs`), averaged over the rest but the last (experts) axis."""
+  p = jnp.mean(probs, axis=0)
+  return jnp.mean(jnp.sum(p * jnp.log(jnp.maximum(p, 1e-30)), axis=-1))
+
+
+def router_entropy_loss(aux_per_layer, moe) -> jax.Array:
+  """MoEUT's router regulariser (Section 2.1, following σ-MoE): for each distinct (shared)
+  layer, the negative entropy of the router's softmax averaged over all tokens and over the
+  repeats of that layer, weighted `moe["entropy_reg"]` (γ, feed-forward) and
+  `moe["att_entropy_reg"]` (δ, each of SwitchHead's two routers); summed over the layers.
+  `aux_per_layer`: one dict per distinct layer with arrays `[repeats, batch, ..., E]`."""
+  loss = jnp.zeros((), jnp.float32)
+  for aux in aux_per_layer:
+    loss += moe["entropy_reg"] * _neg_entropy_of_mean(aux["ffn"])
+    loss += moe["att_entropy_reg"] * (_neg_entropy_of_mean(aux["att_v"]) +
+                                      _neg_entropy_of_mean(aux["att_o"]))
+  return loss
+
+
+class _BlockGroup(nn.Module):
+  """G distinct blocks applied in order (MoEUT's layer group); returns `(x, [aux_0..aux_G-1])`."""
+  block: Any
+  size: int
+  block_args: Any
+
+  @nn.compact
+  def __call__(self, x, positions, segment_ids, deterministic: bool = True):
+    aux = []
+    for i in range(self.size):
+      x, a = self.block(name=f"layers_{i}", **self.block_args)(x, positions, segment_ids,
+                                                              deterministic)
+      aux.append(a)
+    return x, aux
+
+
+_EMBED_AXIS = {  # nGPT: the embedding axis of each weight matrix, by the end of its path
+    ("embedding", "embedding"): -1, ("unembedding", "kernel"): -2,
+    ("attention", "query", "kernel"): -3, ("attention", "key", "kernel"): -3,
+    ("attention", "value", "kernel"): -3, ("attention", "out", "kernel"): -1,
+    ("mlp", "wi_gate", "kernel"): -2, ("mlp", "wi_up", "kernel"): -2,
+    ("mlp", "wo", "kernel"): -1,
+}
+
+
+def normalize_params(params: Any) -> Any:
+  """nGPT's weight normalisation (Section 2.6): every weight matrix of the LM (embeddings,
+  attention and MLP projections) rescaled to unit norm along its embedding axis; the other
+  parameters (scalings, eigen learning rates) unchanged. Also works on scanned (stacked) layers.
+  """
+
+  def normalize(path, x):
+    names = tuple(getattr(k, "key", getattr(k, "name", None)) for k in path)
+    for suffix, axis in _EMBED_AXIS.items():
+      if names[-len(suffix):] == suffix:
+        return ngpt_ops.l2_normalize(x, axis=axis)
+    return x
+
+  return jax.tree_util.tree_map_with_path(normalize, params)
 
 
 class Model(nn.Module):
@@ -243,6 +623,17 @@ class Model(nn.Module):
     decode, cache_len: decoding with a key/value cache of `cache_len` tokens (see `generate`).
     remat_policy: "none" or a `jax.checkpoint_policies` name applied to every block.
     scan_layers: stack the blocks with `nn.scan` (parameters get a leading `layers` axis).
+    block: "pre_norm" (the LLaMA-style block above), "ngpt" (`NGPTBlock`: normalised
+      Transformer, with `attention="ngpt"`; no norms, unit-norm embeddings scaled logits, and
+      `post_update` = `normalize_params` after every optimizer step) or "moeut"
+      (`MoEUTBlock`: σ-MoE feed-forward and SwitchHead attention with peri-layernorm, needs
+      `attention="switchhead"` and `moe`; its router entropy regulariser is sown into the
+      "losses" collection and added by `loss_fn`).
+    moe: MoEUT sizes, dict(num_experts, expert_dim=128, topk, att_experts, att_topk=2,
+      entropy_reg=0.01, att_entropy_reg=0.001).
+    layer_group_size: G: only G distinct blocks, applied in order depth/G times with shared
+      weights (MoEUT's layer grouping; G = 1 is a Universal Transformer); None: depth distinct
+      blocks. The repeats run under `nn.scan` (per-repeat caches in decoding).
     dtype: compute dtype; param_dtype: parameter dtype.
   Parameters carry the logical axis names vocab, embed, mlp, heads, kv_heads, head_dim, norm
   and layers.
@@ -269,6 +660,9 @@ class Model(nn.Module):
   cache_len: int = 0
   remat_policy: str = "none"
   scan_layers: bool = False
+  block: str = "pre_norm"
+  moe: Any = None
+  layer_group_size: int | None = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -293,7 +687,32 @@ class Model(nn.Module):
     if head_dim % 2:
       raise ValueError(f"head_dim must be even for RoPE, got {head_dim}")
     sizes["head_dim"] = head_dim
+    group = self.layer_group_size
+    if group is not None and (not isinstance(group, int) or group < 1 or sizes["depth"] % group):
+      raise ValueError(f"layer_group_size must be a positive divisor of depth "
+                       f"{sizes['depth']}, got {group!r}")
     return sizes
+
+  def moe_sizes(self) -> dict[str, Any]:
+    """`moe` completed with `MOE_DEFAULTS` and checked (block="moeut")."""
+    unknown = set(self.moe or {}) - set(MOE_DEFAULTS)
+    if unknown:
+      raise ValueError(f"unknown moe keys {sorted(unknown)}; expected {sorted(MOE_DEFAULTS)}")
+    moe = {**MOE_DEFAULTS, **dict(self.moe or {})}
+    for name in ("num_experts", "expert_dim", "topk", "att_experts", "att_topk"):
+      if not isinstance(moe[name], int) or moe[name] < 1:
+        raise ValueError(f"block='moeut' needs moe[{name!r}], a positive int, got "
+                         f"{moe[name]!r}")
+    if moe["topk"] > moe["num_experts"] or moe["att_topk"] > moe["att_experts"]:
+      raise ValueError(f"moe topk must not exceed the experts: topk {moe['topk']} of "
+                       f"{moe['num_experts']}, att_topk {moe['att_topk']} of "
+                       f"{moe['att_experts']}")
+    return moe
+
+  def post_update(self, params: Any) -> Any:
+    """Applied by the training loop after init and every update (`step.post_update_fn`): nGPT
+    projects its weight matrices back onto the unit sphere; the identity otherwise."""
+    return normalize_params(params) if self.block == "ngpt" else params
 
   def seq_parallel(self) -> SeqParallel | None:
     """The sequence-parallel layout, or None when off (no strategy, no mesh or one shard)."""
@@ -314,8 +733,18 @@ class Model(nn.Module):
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"unknown remat_policy {self.remat_policy!r}; expected one of "
                        f"{REMAT_POLICIES}")
-    if (sp is not None or self.decode) and self.attention != "softmax":
-      raise ValueError(f"sequence parallelism and decoding compute softmax attention; got "
+    if self.block not in BLOCKS:
+      raise ValueError(f"block must be one of {BLOCKS}, got {self.block!r}")
+    if (self.block == "moeut") != (self.attention == "switchhead"):
+      raise ValueError(f"block='moeut' computes SwitchHead attention and SwitchHead runs only in "
+                       f"it: set attention='switchhead' with block='moeut' (got "
+                       f"block={self.block!r}, attention={self.attention!r})")
+    if self.block == "ngpt" and (self.qk_norm or self.dropout):
+      raise ValueError("block='ngpt' normalises queries and keys itself and has no dropout: set "
+                       f"qk_norm=False and dropout=0 (got {self.qk_norm}, {self.dropout})")
+    if (sp is not None or self.decode) and self.attention not in (*SOFTMAX_FORMS, "switchhead"):
+      raise ValueError(f"sequence parallelism and decoding compute softmax attention (of "
+                       f"{sorted(SOFTMAX_FORMS)} or SwitchHead in block='moeut'); got "
                        f"attention={self.attention!r}")
     if sp is not None and tokens.shape[1] % sp.num_shards:
       raise ValueError(f"sequence length {tokens.shape[1]} is not divisible by the "
@@ -352,40 +781,69 @@ class Model(nn.Module):
     x = embed(tokens)
     if sp is not None:
       x = sp.constrain(x)
-    block_args = dict(num_heads=sizes["num_heads"], num_kv_heads=sizes["num_kv_heads"],
-                      head_dim=sizes["head_dim"], mlp_dim=sizes["mlp_dim"],
-                      attention=self.attention,
-                      attention_args=None if self.attention_args is None
-                      else dict(self.attention_args),
-                      attention_impl=self.attention_impl, qk_norm=self.qk_norm,
-                      rope_base=self.rope_base, dropout=self.dropout, seq_parallel=sp,
-                      decode=self.decode, cache_len=self.cache_len, dtype=self.dtype,
-                      param_dtype=self.param_dtype)
-    block = DecoderBlock
+    block, block_args = self._block(sizes, sp)
     if self.remat_policy != "none" and not self.decode:
       block = nn.remat(block, prevent_cse=not self.scan_layers, static_argnums=(4,),
                        policy=getattr(jax.checkpoint_policies, self.remat_policy))
     deterministic = not train
-    if self.scan_layers:
+    in_axes = (nn.broadcast, nn.broadcast, nn.broadcast)
+    if self.layer_group_size is not None:
+      group = self.layer_group_size
+      stack = nn.scan(_BlockGroup, variable_broadcast="params", variable_axes={"cache": 0},
+                      split_rngs={"params": False, "dropout": True}, in_axes=in_axes,
+                      length=sizes["depth"] // group)
+      x, aux = stack(block=block, size=group, block_args=block_args, name="layers")(
+          x, positions, segment_ids, deterministic)           # aux: G dicts of [repeats, ...]
+    elif self.scan_layers:
       stack = nn.scan(block, variable_axes={"params": 0, "cache": 0},
                       split_rngs={"params": True, "dropout": True},
-                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=sizes["depth"],
+                      in_axes=in_axes, length=sizes["depth"],
                       metadata_params={nn.PARTITION_NAME: "layers"})
-      x, _ = stack(name="layers", **block_args)(x, positions, segment_ids, deterministic)
+      x, stacked = stack(name="layers", **block_args)(x, positions, segment_ids, deterministic)
+      aux = [jax.tree.map(lambda a, i=i: a[i:i + 1], stacked) for i in range(sizes["depth"])]
     else:
+      aux = []
       for i in range(sizes["depth"]):
-        x, _ = block(name=f"layers_{i}", **block_args)(x, positions, segment_ids,
+        x, a = block(name=f"layers_{i}", **block_args)(x, positions, segment_ids,
                                                        deterministic)
-    x = _rms_norm(self.dtype, self.param_dtype, "final_norm")(x)
+        aux.append(jax.tree.map(lambda y: y[None], a))
+    if self.block == "moeut":
+      self.sow("losses", "router_entropy", router_entropy_loss(aux, self.moe_sizes()))
+    if self.block == "pre_norm":
+      x = _rms_norm(self.dtype, self.param_dtype, "final_norm")(x)
+    elif self.block == "moeut":
+      x = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="final_norm")(x)
     if self.tie_embeddings:
       logits = embed.attend(x)
     else:
-      logits = nn.Dense(self.vocab_size, use_bias=False, dtype=self.dtype,
+      logits = nn.Dense(self.vocab_size, use_bias=self.block == "moeut", dtype=self.dtype,
                         param_dtype=self.param_dtype, name="unembedding",
                         kernel_init=nn.with_logical_partitioning(
                             nn.initializers.normal(stddev=width ** -0.5),
                             ("embed", "vocab")))(x)
-    return logits.astype(jnp.float32)
+    logits = logits.astype(jnp.float32)
+    if self.block == "ngpt":  # z ← z ⊙ s_z, s_z restored from init 1, scale 1/√width
+      logits = logits * _restored(self, "s_z", self.vocab_size, NGPT_S_Z, width, "vocab")
+    return logits
+
+  def _block(self, sizes, sp):
+    """The block class of `self.block` and its arguments."""
+    common = dict(seq_parallel=sp, decode=self.decode, cache_len=self.cache_len,
+                  dtype=self.dtype, param_dtype=self.param_dtype, rope_base=self.rope_base)
+    if self.block == "moeut":
+      if sizes["num_kv_heads"] != sizes["num_heads"]:
+        raise ValueError("block='moeut' has one key/value head per head (SwitchHead), got "
+                         f"num_kv_heads={sizes['num_kv_heads']}")
+      return MoEUTBlock, dict(num_heads=sizes["num_heads"], head_dim=sizes["head_dim"],
+                              moe=self.moe_sizes(), dropout=self.dropout,
+                              init_scale=(2 / sizes["depth"]) ** 0.5, **common)
+    args = dict(num_heads=sizes["num_heads"], num_kv_heads=sizes["num_kv_heads"],
+                head_dim=sizes["head_dim"], mlp_dim=sizes["mlp_dim"], attention=self.attention,
+                attention_args=None if self.attention_args is None else dict(self.attention_args),
+                attention_impl=self.attention_impl, **common)
+    if self.block == "ngpt":
+      return NGPTBlock, args
+    return DecoderBlock, dict(args, qk_norm=self.qk_norm, dropout=self.dropout)
 
 
 # ----------------------------------------------------------------------------- training task
@@ -398,21 +856,28 @@ def stripe_batch(model: Model, batch: dict[str, Any]) -> dict[str, Any]:
           for k, v in batch.items()}
 
 
+def _token_losses_and_aux(model, params, batch, *, train, rng):
+  batch = stripe_batch(model, batch)
+  logits, sown = model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
+                             segment_ids=batch["segment_ids"], train=train,
+                             rngs=None if rng is None else {"dropout": rng}, mutable=["losses"])
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+  aux = sum(jax.tree.leaves(sown.get("losses", {})), jnp.zeros((), jnp.float32))
+  return losses, batch["weights"].astype(jnp.float32), aux
+
+
 def token_losses(model: Model, params: Any, batch: dict[str, Any], *, train: bool = False,
                  rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Per-token cross-entropy (nats) and loss weights, both `[batch, length]` in model order."""
-  batch = stripe_batch(model, batch)
-  logits = model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
-                       segment_ids=batch["segment_ids"], train=train,
-                       rngs=None if rng is None else {"dropout": rng})
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-  return losses, batch["weights"].astype(jnp.float32)
+  losses, weights, _ = _token_losses_and_aux(model, params, batch, train=train, rng=rng)
+  return losses, weights
 
 
 def loss_fn(model: Model, params: Any, batch: dict[str, Any], rng: jax.Array) -> jax.Array:
-  """Mean next-token cross-entropy over the weighted (non-padding) targets of the batch."""
-  losses, weights = token_losses(model, params, batch, train=True, rng=rng)
-  return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+  """Mean next-token cross-entropy over the weighted (non-padding) targets of the batch, plus
+  the auxiliary losses the model sows into "losses" (MoEUT's router entropy regulariser)."""
+  losses, weights, aux = _token_losses_and_aux(model, params, batch, train=True, rng=rng)
+  return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0) + aux
 
 
 def _batch_spec(info: dict[str, Any], batch_size: int) -> dict[str, tuple[tuple[int, ...], Any]]:

@@ -46,13 +46,23 @@ def with_shardings(boxed_abstract_state: Any, shardings: Any) -> Any:
                       nn.unbox(boxed_abstract_state), shardings)
 
 
+def post_update_fn(model: nn.Module) -> Callable[[Any], Any]:
+  """`params -> params` applied after init and after every optimizer update: the model's
+  `post_update` method when it has one (nGPT projects its weights back onto the unit sphere),
+  the identity otherwise."""
+  post_update = getattr(model, "post_update", None)
+  return post_update if callable(post_update) else (lambda params: params)
+
+
 def make_init_fn(model: nn.Module, tx: optax.GradientTransformation,
                  image_shape: tuple[int, ...], input_dtype: Any = jnp.float32
                  ) -> Callable[[jax.Array], dict[str, Any]]:
   """`rng -> state` (jit it with `out_shardings=state_shardings(...)`)."""
 
+  post_update = post_update_fn(model)
+
   def init(rng):
-    params = nn.unbox(init_variables(model, rng, image_shape, input_dtype))
+    params = post_update(nn.unbox(init_variables(model, rng, image_shape, input_dtype)))
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
   return init
@@ -101,7 +111,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
   to microbatch `i % grad_accum_steps`, so each stays spread over the data devices), scanned
   with `lax.scan`, and the mean of their gradients is applied: the same update as the whole
   batch at once. `micro_sharding` (batch dim over the data axes) keeps microbatches sharded.
-  The dropout key of step `s`, microbatch `m` is `fold_in(fold_in(rng, s), m)`.
+  The dropout key of step `s`, microbatch `m` is `fold_in(fold_in(rng, s), m)`. The updated
+  params go through `post_update_fn(model)` (the model's `post_update`, e.g. nGPT's weight
+  normalisation).
   `loss_fn(model, params, batch, rng)` is the task's loss (a `Task.loss`); every array of the
   batch is split along its leading dimension.
   """
@@ -109,6 +121,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
     raise ValueError(f"config.grad_accum_steps must be >= 1, got {grad_accum_steps}")
 
   grad_fn = jax.value_and_grad(lambda params, batch, rng: loss_fn(model, params, batch, rng))
+  post_update = post_update_fn(model)
 
   def split(x):
     b = x.shape[0]
@@ -142,7 +155,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
       loss = loss / grad_accum_steps
       grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
-    new_state = {"step": step + 1, "params": optax.apply_updates(params, updates),
+    new_state = {"step": step + 1,
+                 "params": post_update(optax.apply_updates(params, updates)),
                  "opt_state": opt_state}
     metrics = {"train/loss": loss, "train/grad_norm": optax.tree_utils.tree_norm(grads),
                "train/lr": schedule(step)}
