@@ -71,7 +71,7 @@ def test_capture_and_gradients_match_reference(num_kv_heads, is_causal):
   with reference.x64():
     q, k, v, wo = _projections(variables["params"], x)
     want = _reference_map(q, k, is_causal=is_causal)
-    # out[b,i,h,:] = Σ_j A[b,h,i,j] v[b,j,h,:], y = Σ out·Wo ⊙ c, so ∂y/∂A = (c Woᵀ) vᵀ.
+    # out[b,i,h] = Σ_j A[b,h,i,j] v[b,j,h], y = Σ (out·Wo) ⊙ c, so ∂y/∂A = (c Woᵀ) vᵀ.
     dout = jnp.einsum("btf,hdf->bthd", reference.f64(c), wo)
     want_grad = jnp.einsum("bthd,bshd->bhts", dout, reference.repeat_kv(v, 2))
   np.testing.assert_allclose(maps["attn"], want, atol=2e-6)
@@ -176,6 +176,21 @@ def test_max_flow_against_a_known_network():
   assert interpret.max_flow(c, 5, 0) == 0.0
   with pytest.raises(ValueError, match="non-negative"):
     interpret.max_flow(-c, 0, 5)
+
+
+def test_flow_matches_networkx_on_three_layers():
+  nx = pytest.importorskip("networkx")
+  rng = np.random.default_rng(0)
+  maps = [rng.dirichlet(np.ones(4), size=(1, 2, 4)) for _ in range(3)]
+  flow = interpret.attention_flow(maps, outputs=[0, 3])
+  graph = nx.DiGraph()
+  for l, a in enumerate(maps):
+    t = 0.5 * a[0].mean(0) + 0.5 * np.eye(4)
+    for i in range(4):
+      for j in range(4):
+        graph.add_edge((l, j), (l + 1, i), capacity=t[i, j])
+  want = [[nx.maximum_flow_value(graph, (0, j), (3, i)) for j in range(4)] for i in (0, 3)]
+  np.testing.assert_allclose(flow[0], want, atol=1e-12)
 
 
 def test_gradient_rollout_by_hand():

@@ -141,7 +141,8 @@ def explain(config: Any, workdir: str, image_index: int, out_dir: str | None = N
   plots.plot_token_norms(norms, os.path.join(out_dir, "token_norms.png"))
 
   summary = dict(
-      workdir=os.path.abspath(workdir), out=os.path.abspath(out_dir), step=int(step), image=image_index,
+      workdir=os.path.abspath(workdir), out=os.path.abspath(out_dir), step=int(step),
+      image=image_index,
       label=int(example["label"]), prediction=int(np.argmax(logits)), target=target,
       logits=logits.tolist(), layers=layers, grid=list(grid), num_prefix=num_prefix,
       attention_distance={p: d.tolist() for p, d in distances.items()},
@@ -159,8 +160,10 @@ def explain(config: Any, workdir: str, image_index: int, out_dir: str | None = N
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  summary = explain(main_lib._CONFIG.value, main_lib._WORKDIR.value, _IMAGE.value,  # pylint: disable=protected-access
-                    _OUT.value, target=_TARGET.value, flow_max_tokens=_FLOW_MAX_TOKENS.value)
+  # pylint: disable-next=protected-access
+  config, workdir = main_lib._CONFIG.value, main_lib._WORKDIR.value
+  summary = explain(config, workdir, _IMAGE.value, _OUT.value, target=_TARGET.value,
+                    flow_max_tokens=_FLOW_MAX_TOKENS.value)
   print(f"step {summary['step']}: image {summary['image']} label {summary['label']} "
         f"predicted {summary['prediction']}; figures in {summary['out']}")
 

@@ -8,14 +8,19 @@ qk-norm, RoPE and the op's own parameters) and a hook may observe or replace its
 
 What is captured is the op's *effective mixing matrix*: for an op linear in the values,
 `out[b, i, h] = Σ_j M[b, h, i, j] · v[b, j, h]`, found by evaluating the op on one-hot values
-(`M = op(q, k, I)`, in chunks of `value_dim` columns, so every op sees its usual shapes).
-For softmax-like ops (softmax, sigmoid, ALiBi, windows, sparse masks, ...) M is the attention
-map after normalisation and masking; for linear attention it is the (causal) normalised kernel
-matrix `φ(q)·φ(k)ᵀ / z`; for retention the decayed score matrix; for ops that route or pool
-keys (bilevel routing, spatial reduction, bottleneck tokens) it is the composite map from the
-original keys to the outputs. Ops that are not linear in the values (learned value experts,
-quantised P·V) have no exact map: `capture_attention` compares `M·v` with the op's output and
-raises `ValueError` when they differ by more than `tolerance`.
+(`M = op(q, k, I)`, in chunks of `value_dim` columns, so every op sees its usual shapes). For
+softmax-like ops M is the attention map after normalisation and masking; for linear attention
+the normalised kernel matrix `φ(q)·φ(k)ᵀ / z`; for retention the decayed score matrix; for ops
+that pool or route keys the composite map from the original keys to the outputs. Checked on a
+tiny ViT: softmax, sigmoid, clipped_softmax, cog, gated_attention, gatv2, neural_attention,
+normalized, ngpt, lean_decode, lightning, lognormal_linear, performer, retention, latte, agent,
+mixture_of_heads, window, grid, neighborhood, gpsa, levit_bias, decomposed_relpos,
+spatial_reduction, bilevel_routing and sparse_blocks have exact maps. Ops that are not linear in
+the values, or whose mixing differs per value channel, have none: channel_attention (mixes
+channels), focused_linear (a depthwise convolution of V per channel), switchhead (value
+experts), bottleneck (gathered values become keys) and sage_int8 (quantised P·V, off by ~1e-3);
+`capture_attention` compares `M·v` with the op's output and raises `ValueError` when they differ
+by more than `tolerance`.
 
 Layers run inside `nn.scan` (`scan_layers=True`) are traced once for all layers; capture them
 from the same model built with `scan_layers=False` (the parameters differ only by the stacked
@@ -79,14 +84,15 @@ def hook_ops(hook: OpHook):
         inside_op[0] = False
     return hooked
 
-  saved = dict(registry._OPS)  # pylint: disable=protected-access
-  registry._OPS.update({name: wrap(fn) for name, fn in saved.items()})  # pylint: disable=protected-access
+  table = registry._OPS  # pylint: disable=protected-access
+  saved = dict(table)
+  table.update({name: wrap(fn) for name, fn in saved.items()})
   try:
     with nn.intercept_methods(interceptor):
       yield
   finally:
-    registry._OPS.clear()  # pylint: disable=protected-access
-    registry._OPS.update(saved)  # pylint: disable=protected-access
+    table.clear()
+    table.update(saved)
 
 
 def mixing_matrix(op_fn: Callable, query: Array, key: Array, value: Array,

@@ -84,6 +84,7 @@ def plot_distances(distances: Sequence[Any], path: str, *, title: str = "") -> s
   for layer, d in enumerate(distances):
     d = np.asarray(d)
     ax.scatter(np.full(d.shape, layer), d, s=12, c=np.arange(d.size), cmap="tab10")
+  ax.set_xticks(range(len(distances)))
   ax.set_xlabel("layer")
   ax.set_ylabel("mean attention distance (pixels)")
   ax.set_title(title, fontsize=8)

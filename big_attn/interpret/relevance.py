@@ -53,7 +53,8 @@ def _residual(a: np.ndarray, residual: float) -> np.ndarray:
 def attention_rollout(maps: Sequence[Any], *, residual: float = 0.5) -> np.ndarray:
   """Attention rollout (Quantifying Attention Flow in Transformers, Abnar & Zuidema 2020).
 
-  Ã_l = norm(0.5·mean_heads(A_l) + 0.5·I), rollout = Ã_L ··· Ã_1: `[batch, n, n]`, rows sum to 1.
+  Ã_l = norm(0.5·mean_heads(A_l) + 0.5·I), rollout = Ã_L ··· Ã_1: `[batch, n, n]` whose rows
+  sum to 1.
   `maps` are the layers' `[batch, heads, n, n]` maps, first layer first.
   """
   maps = _check_maps("maps", maps)
@@ -136,8 +137,9 @@ def gradient_rollout(maps: Sequence[Any], grads: Sequence[Any]) -> np.ndarray:
   The rule of Generic Attention-model Explainability for Interpreting Bi-Modal and
   Encoder-Decoder Transformers (Chefer, Gur & Wolf 2021), the follow-up of Transformer
   Interpretability Beyond Attention Visualization: R = I, then for each layer
-  Ā = mean_heads((∇A ⊙ A)⁺), R ← R + Ā·R. (The earlier paper's full LRP propagation through
-  every layer is not implemented.) `grads` are `∂target/∂A` (`capture.attention_gradients`).
+  Ā = mean_heads((∇A ⊙ A)⁺), R ← R + Ā·R. (The earlier paper's full LRP propagation
+  through every layer is not implemented.) `grads` are `∂target/∂A`
+  (`capture.attention_gradients`).
   """
   maps = _check_maps("maps", maps)
   grads = _check_maps("grads", grads)
