@@ -195,7 +195,7 @@ def test_implicit_filter_is_the_windowed_sine_network():
   module = hyena_layers.ImplicitFilter(order=2, num_heads=2, head_dim=3, hidden=8, depth=2,
                                        bands=2)
   params = nn.unbox(module.init(jax.random.key(0), (4,)))["params"]
-  h = np.asarray(module.apply({"params": params}, (4,)))
+  h = np.asarray(jax.jit(lambda p: module.apply({"params": p}, (4,)))(params))
   assert h.shape == (2, 7, 2, 3)
   p = jax.tree.map(np.asarray, params)
   rows = []
@@ -214,7 +214,7 @@ def test_attention_layer_runs_hyena_with_its_weights():
   x = ref.normal(0, (2, 12, 16))
   layer = layers.Attention(num_heads=2, op="hyena", op_args=dict(order=3, grid=(3, 4),
                                                                   max_len=(4, 4)))
-  variables = layer.init(jax.random.key(0), x)
+  variables = jax.jit(layer.init)(jax.random.key(0), x)
   weights = nn.unbox(variables)["params"]["op_params"]
   assert weights["filter_bias"].shape == (3, 2, 8)
   assert weights["short_filters"].shape == (4, 3, 3, 2, 8)
@@ -224,7 +224,7 @@ def test_attention_layer_runs_hyena_with_its_weights():
   def loss(v):
     return jnp.sum(layer.apply(v, x) ** 2)
 
-  grads = nn.unbox(jax.grad(loss)(variables))["params"]
+  grads = nn.unbox(jax.jit(jax.grad(loss))(variables))["params"]
   for leaf in jax.tree.leaves(grads):
     assert np.all(np.isfinite(leaf)) and np.any(leaf != 0)
   with pytest.raises(ValueError, match="order"):
@@ -237,22 +237,28 @@ def test_attention_layer_runs_hyena_with_its_weights():
 def test_hyena_operator_sequence_image_and_any_length():
   op = layers.HyenaOperator(num_heads=2, max_len=10)
   x = ref.normal(0, (2, 10, 8))
-  variables = op.init(jax.random.key(0), x, is_causal=True)
-  y = op.apply(variables, x, is_causal=True)
+  image = ref.normal(1, (2, 3, 4, 8))
+  pixel = layers.HyenaOperator()  # HyenaPixel: 2-D filters scaled to each image
+
+  @jax.jit
+  def run(x, image):
+    variables = op.init(jax.random.key(0), x, is_causal=True)
+    y, prefix = (op.apply(variables, a, is_causal=True) for a in (x, x[:, :6]))
+    pixel_vars = pixel.init(jax.random.key(1), image)
+    out = pixel.apply(pixel_vars, image)
+    flat = pixel.apply(pixel_vars, image.reshape(2, 12, 8), grid=(3, 4))
+    crop = pixel.apply(pixel_vars, image[:, :2, :3])
+    return variables, y, prefix, out, flat, crop
+
+  variables, y, prefix, out, flat, crop = run(x, image)
   assert y.shape == x.shape and np.all(np.isfinite(y))
   # Causal: a prefix gives the prefix of the outputs; the same weights serve any length.
-  np.testing.assert_allclose(op.apply(variables, x[:, :6], is_causal=True), y[:, :6],
-                             rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(prefix, y[:, :6], rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(out.reshape(2, 12, 8), flat, rtol=1e-5, atol=1e-6)
+  assert np.abs(crop - out[:, :2, :3]).max() > 1e-4  # not causal: the crop loses context
   with pytest.raises(ValueError, match="max_len"):
     layers.HyenaOperator(num_heads=2, max_len=8).apply(variables, x)
   with pytest.raises(ValueError, match="HyenaOperator takes"):
     op.apply(variables, x[0])
-  image = ref.normal(1, (2, 3, 4, 8))
-  pixel = layers.HyenaOperator()  # HyenaPixel: 2-D filters scaled to each image
-  variables = pixel.init(jax.random.key(1), image)
-  out = pixel.apply(variables, image)
-  flat = pixel.apply(variables, image.reshape(2, 12, 8), grid=(3, 4))
-  np.testing.assert_allclose(out.reshape(2, 12, 8), flat, rtol=1e-5, atol=1e-6)
-  assert np.abs(pixel.apply(variables, image[:, :2, :3]) - out[:, :2, :3]).max() > 1e-4
   with pytest.raises(ValueError, match="grid is read off"):
     pixel.apply(variables, image, grid=(3, 4))

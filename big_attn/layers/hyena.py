@@ -1,4 +1,5 @@
-"""Linen modules of Hyena (Hyena Hierarchy, Poli et al. 2023; HyenaPixel, Spravil et al. 2024).
+"""Linen modules of Hyena (Hyena Hierarchy, Poli et al. 2023; HyenaPixel: Global Image Context
+with Convolutions, Spravil et al. 2024).
 
 - `ImplicitFilter`: the long filters h_n(r) = FFN(PE(r)) · exp(−α_c‖r‖), one per order and
   channel, evaluated at every offset of the sequence or image (so the weights do not depend on
@@ -148,7 +149,7 @@ class HyenaParams(op_params.OpParams):
                          ("embed", None, "heads", "head_dim"), dtype=self.dtype,
                          param_dtype=self.param_dtype, name="gates")(inputs_q)
       out["gates"] = jnp.moveaxis(gates, 2, 0)
-    out["filter_bias"], = nn.dtypes.promote_dtype(out["filter_bias"], dtype=self.dtype)
+    (out["filter_bias"],) = nn.dtypes.promote_dtype(out["filter_bias"], dtype=self.dtype)
     return out
 
 

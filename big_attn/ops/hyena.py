@@ -1,9 +1,9 @@
 """Hyena: data-controlled gating of implicit long convolutions, evaluated by FFT.
 
 Hyena Hierarchy: Towards Larger Convolutional Language Models (Poli et al., 2023), and its 2-D
-form over image tokens, HyenaPixel (Hyena in Vision; Spravil et al., 2024). The op takes the
-projections and the filters; `big_attn.layers.hyena` owns the implicit filter network, the short
-convolutions and the extra gate projections of orders above 2.
+form over image tokens (HyenaPixel: Global Image Context with Convolutions, Spravil et al.,
+2024). The op takes the projections and the filters; `big_attn.layers.hyena` owns the implicit
+filter network, the short convolutions and the extra gate projections of orders above 2.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from big_attn.ops import common
-from big_attn.ops import local
+from big_attn.ops import windowed
 from big_attn.ops.registry import register
 
 Array = jax.Array
@@ -19,12 +19,7 @@ Array = jax.Array
 
 def _spatial(grid, length: int) -> tuple[int, ...]:
   """The token layout: `(length,)` for a sequence, `(h, w)` for a row-major `grid`."""
-  if grid is None:
-    return (length,)
-  h, w = local._as_pair("grid", grid, 2)  # pylint: disable=protected-access
-  if h * w != length:
-    raise ValueError(f"grid {(h, w)} has {h * w} cells but the sequence has {length} tokens")
-  return h, w
+  return (length,) if grid is None else windowed.check_grid(grid, length)
 
 
 def _filter_layout(filters: Array, order: int, spatial: tuple[int, ...], heads: int,
