@@ -13,6 +13,7 @@ checkpoints (`checkpoints/`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import signal
 import threading
@@ -161,18 +162,31 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   logging.info("parameters: %d", num_params)
 
   # --------------------------------------------------------------------------------- Update step
+  # A task may have `constants(model, info)`: frozen arrays its loss reads (a distillation
+  # teacher's parameters), loaded once and passed replicated to every step as an argument,
+  # `loss(..., constants=...)`, so that they are neither trained nor compiled into the step.
+  constants_fn = getattr(task, "constants", None)
+  constants = (None if constants_fn is None
+               else jax.device_put(constants_fn(model, info), replicated))
+
+  def task_loss(c):
+    return task.loss if constants_fn is None else functools.partial(task.loss, constants=c)
+
+  def update(state, batch, rng, c):
+    return step_lib.make_train_step(
+        model, tx, schedule, grad_accum_steps=config.grad_accum_steps,
+        micro_sharding=data_sharding, loss_fn=task_loss(c))(state, batch, rng)
+
   train_step = jax.jit(
-      step_lib.make_train_step(model, tx, schedule, grad_accum_steps=config.grad_accum_steps,
-                               micro_sharding=data_sharding, loss_fn=task.loss),
-      in_shardings=(state_shardings, data_sharding, replicated),
+      update, in_shardings=(state_shardings, data_sharding, replicated, replicated),
       out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
   if config.dry_run:
     rng_spec = jax.ShapeDtypeStruct(train_rng.shape, train_rng.dtype, sharding=replicated)
-    compiled = train_step.lower(abstract_state, batch_spec, rng_spec).compile()
+    compiled = train_step.lower(abstract_state, batch_spec, rng_spec, constants).compile()
     return report_compiled(compiled, num_params, mesh.size,
                            step_flops(model, tx, schedule, config, input_shape, batch_spec,
-                                      input_dtype=input_dtype, loss_fn=task.loss))
+                                      input_dtype=input_dtype, loss_fn=task_loss(constants)))
 
   # ---------------------------------------------------------------------------------- Checkpoint
   checkpointer = ckpt_lib.Checkpointer(
@@ -207,7 +221,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     while step < config.total_steps and not preempted.is_set():
       batch = next(train_iter)
       batch = mesh_lib.shard_batch({k: batch[k] for k in batch_spec}, data_sharding)
-      state, metrics = train_step(state, batch, train_rng)
+      state, metrics = train_step(state, batch, train_rng, constants)
       step += 1
       last = step == config.total_steps or preempted.is_set()
       if step % config.log_every == 0 or step % config.ckpt_every == 0 or last:
