@@ -1,0 +1,61 @@
+r"""A tiny hierarchical local-global ViT (big_attn/models/hvit.py) on the embedded digits.
+
+    python -m big_attn.main --config=configs/hvit_digits.py:family=davit --workdir=/tmp/hvit
+
+Args (`--config=configs/hvit_digits.py:family=rmt,steps=500`):
+  family: davit, twins_svt, dinat, biformer or rmt (each with its own ops and layers).
+  local_op, global_op: registry names replacing the family's ops ("" keeps them).
+  steps: training steps.
+  runlocal: a few steps only, for smoke tests.
+16x16 images, stem stride 2, so the four stages see 8x8, 4x4, 2x2 and 1x1 maps; windows,
+neighbourhoods and regions are shrunk to fit (window 2, kernel 3, 2x2 regions).
+"""
+from big_attn.models import hvit
+from big_attn.train import config_lib
+
+# Per-family settings sized for 8x8 .. 1x1 maps.
+FAMILY_ARGS = {
+    "davit": dict(window_size=2),
+    "twins_svt": dict(window_size=2, sr_ratios=(2, 2, 1, 1)),
+    "dinat": dict(kernel_size=3),
+    "biformer": dict(num_regions=2, topks=(1, 2, 2, -1)),
+    "rmt": dict(decays=((2, 4),) * 4, decomposed=(True, True, False, False)),
+}
+
+
+def get_config(arg=None):
+  arg = config_lib.parse_arg(arg, family="davit", local_op="", global_op="", steps=1000,
+                             runlocal=False)
+  if arg.family not in hvit.FAMILIES:
+    raise ValueError(f"config arg family must be one of {hvit.FAMILIES}, got {arg.family!r}")
+  config = config_lib.base_config()
+  config.seed = 0
+
+  config.input.name = "digits"
+  config.input.image_size = 16
+  config.input.batch_size = 64
+  config.input.augment = dict(crop_padding=2, flip=False)
+  config.input.mixup = 0.0
+
+  config.model_name = "hvit"
+  config.model = dict(family=arg.family, embed_dims=(16, 32, 48, 64), depths=(2, 2, 2, 2),
+                      num_heads=(2, 2, 4, 4), mlp_ratios=2, patch_size=2, drop_path=0.0,
+                      dtype="float32", **FAMILY_ARGS[arg.family])
+  if arg.local_op:
+    config.model["local_op"] = arg.local_op
+  if arg.global_op:
+    config.model["global_op"] = arg.global_op
+
+  config.mesh = [("data", -1)]
+  config.optax_name = "adamw"
+  config.optax = dict(b2=0.99, weight_decay=1e-4)
+  config.lr = 2e-3
+  config.schedule = dict(warmup_steps=2 if arg.runlocal else 100, decay_type="cosine")
+  config.grad_clip_norm = 1.0
+  config.total_steps = 20 if arg.runlocal else arg.steps
+  config.log_every = 10 if arg.runlocal else 100
+  config.ckpt_every = 10 if arg.runlocal else 500
+  config.max_to_keep = 2
+  config.evals.eval = dict(type="classification", every=config.total_steps // 3 or 1,
+                           split="test", batch_size=128)
+  return config
