@@ -18,7 +18,7 @@ from big_attn import main as main_lib
 from big_attn.interpret import __main__ as cli
 from big_attn.interpret import plots
 from big_attn.layers import Attention
-from big_attn.models import vit
+from big_attn.models import lm, vit
 from tests import reference
 from tests.test_train import tiny_config
 
@@ -108,6 +108,24 @@ def test_capture_leaves_the_output_and_registry_unchanged(small_vit):
   for m in maps.values():
     np.testing.assert_allclose(m.sum(-1), 1.0, atol=1e-5)
   assert [m.shape for m in interpret.self_attention_maps(maps)] == [(2, 2, 5, 5)] * 2
+
+
+def test_capture_causal_lm_and_scanned_layers():
+  model = lm.Model(vocab_size=11, width=16, depth=2, num_heads=2, num_kv_heads=1, qk_norm=True)
+  tokens = jnp.arange(12).reshape(2, 6) % 11
+  maps = interpret.capture_attention(model, _init(model, tokens), tokens)
+  assert list(maps) == ["layers_0/attention", "layers_1/attention"]
+  for m in maps.values():  # causal (RoPE, qk-norm and GQA inside), rows sum to 1
+    assert m.shape == (2, 2, 6, 6)
+    np.testing.assert_array_equal(np.triu(m, 1), 0.0)
+    np.testing.assert_allclose(m.sum(-1), 1.0, atol=1e-5)
+  scanned = vit.Model(num_classes=3, width=16, depth=2, mlp_dim=32, num_heads=2,
+                      patch_size=(4, 4), scan_layers=True)
+  x = jnp.ones((1, 8, 8, 1))
+  shapes = nn.unbox(jax.eval_shape(scanned.init, jax.random.key(0), x))
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)  # it fails when tracing
+  with pytest.raises(ValueError, match="ran twice"):
+    interpret.capture_attention(scanned, zeros, x)
 
 
 def test_capture_rejects_ops_not_linear_in_values():
