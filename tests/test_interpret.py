@@ -373,3 +373,5 @@ def test_cli_explains_a_checkpointed_run(tmp_path):
   assert values.size > 20 and np.all(np.isfinite(values))
   with pytest.raises(ValueError, match="--image"):
     cli.explain(config, workdir, 10**6, out)
+  with pytest.raises(ValueError, match="--target"):
+    cli.explain(config, workdir, 0, out, target=10)

@@ -108,6 +108,8 @@ def explain(config: Any, workdir: str, image_index: int, out_dir: str | None = N
 
   logits = np.asarray(jax.jit(model.apply)(variables, images))[0]
   target = int(np.argmax(logits)) if target < 0 else target
+  if target >= logits.size:
+    raise ValueError(f"--target must be -1 or a class in [0, {logits.size}), got {target}")
   maps, grads = capture.attention_gradients(
       model, variables, lambda out: out[:, target].sum(), images)
   layers = [p for p, m in maps.items() if m.shape[-2:] == (layout["num_tokens"],) * 2]
