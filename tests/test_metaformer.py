@@ -12,6 +12,7 @@ import pytest
 from big_attn import main as main_lib
 from big_attn import models
 from big_attn.models import metaformer
+from big_attn.train import config_lib
 from tests import reference as ref
 from tests.test_train import _config_module, losses
 
@@ -213,12 +214,18 @@ def test_bad_arguments():
 
 def test_every_config_builds():
   digits = _config_module("metaformer_digits")
+  i1k = _config_module("poolformer_i1k")
+  for name, module, arg in (("metaformer_digits", digits, None),
+                            ("poolformer_i1k", i1k, "variant=M48")):
+    config = module.get_config(arg)
+    main_lib.check_config(config)
+    assert config_lib.base_config().keys() == config.keys()
+    assert f"configs/{name}.py" in module.__doc__
   for arg in ("", "runlocal", "mixer=hyena",
               "mixer=conv+conv+attention+attention,attention=sigmoid"):
     config = digits.get_config(arg)
     model = metaformer.Model(num_classes=10, **config.model.to_dict())
     assert _count(model, config.input.image_size) > 0
-  i1k = _config_module("poolformer_i1k")
   config = i1k.get_config("variant=S24")
   assert config.model.variant == "S24" and config.model.drop_path == 0.1
   assert metaformer.Model(**config.model.to_dict()).sizes()["depths"] == (4, 4, 12, 4)
