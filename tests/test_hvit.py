@@ -23,12 +23,13 @@ from tests import reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Parameters (millions) the papers report at 224x224, 1000 classes:
-# DaViT (Ding et al., ECCV 2022) Table 2: T/S/B 28.3/49.7/87.9M.
-# Twins (Chu et al., NeurIPS 2021) Table 3: SVT-S/B/L 24.0/56.0/99.2M.
+# Parameters (millions) the papers report at 224x224, 1000 classes, in their ImageNet-1K
+# comparison tables:
+# DaViT (Ding et al., ECCV 2022): T/S/B 28.3/49.7/87.9M.
+# Twins (Chu et al., NeurIPS 2021): SVT-S/B/L 24.0/56.0/99.2M.
 # DiNAT (Hassani & Shi, 2022) Table 1: M/T/S/B 20/28/51/90M.
-# BiFormer (Zhu et al., CVPR 2023) Table 1: T/S/B 13.1/25.5/57M.
-# RMT (Fan et al., CVPR 2024) Table 1: T/S/B/L 14/27/54/95M.
+# BiFormer (Zhu et al., CVPR 2023): T/S/B 13.1/25.5/57M.
+# RMT (Fan et al., CVPR 2024): T/S/B/L 14/27/54/95M.
 # The papers round to whole millions where they give no decimal (DiNAT, BiFormer-B, RMT): there
 # the tolerance is 2% or the rounding, ±0.5M (RMT-T: the authors' RMT_T3 has 14.33M, "14M").
 PAPER = {"davit_t": 28.3, "davit_s": 49.7, "davit_b": 87.9,
@@ -206,7 +207,10 @@ def test_configs_build():
 
 def test_bad_arguments():
   images = jnp.zeros((1, 16, 16, 3))
-  init = lambda model, x=images: _abstract(model, x)  # pylint: disable=unnecessary-lambda-assignment
+
+  def init(model, x=images):
+    return _abstract(model, x)
+
   cases = [
       (dict(), "needs a variant"),
       (dict(family="swin"), "unknown hvit family"),

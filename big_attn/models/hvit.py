@@ -59,12 +59,28 @@ The head is global average pooling, LayerNorm and the classifier (RMT: the proje
 Stochastic depth (`drop_path`) rises linearly over the blocks, as in all five papers.
 
 Parameter counts (224x224x3 input, 1000 classes; `jax.eval_shape`, nothing allocated), next to
-the papers' tables (DaViT Table 1; Twins Table 3; DiNAT Table 1 (= NAT's); BiFormer Table 1;
-RMT Table 1 / 2):
+the papers' ImageNet-1K comparison tables (DiNAT's Table 1 repeats NAT's counts). RMT-T is
+2.4% above the paper's rounded "14M"; the authors' RMT_T3 code builds the same 14.33M.
 
-| variant    | embed dims          | depths (blocks) | parameters | paper  |
-|------------|---------------------|-----------------|------------|--------|
-PARAM_TABLE
+| variant     | embed dims          | depths (blocks) | parameters | paper  |
+|-------------|---------------------|-----------------|------------|--------|
+| davit_t     | 96, 192, 384, 768   | 2, 2, 6, 2      | 28,360,168 | 28.3M  |
+| davit_s     | 96, 192, 384, 768   | 2, 2, 18, 2     | 49,745,896 | 49.7M  |
+| davit_b     | 128, 256, 512, 1024 | 2, 2, 18, 2     | 87,954,408 | 87.9M  |
+| twins_svt_s | 64, 128, 256, 512   | 2, 2, 10, 4     | 24,060,776 | 24.0M  |
+| twins_svt_b | 96, 192, 384, 768   | 2, 2, 18, 2     | 56,070,952 | 56.0M  |
+| twins_svt_l | 128, 256, 512, 1024 | 2, 2, 18, 2     | 99,271,400 | 99.2M  |
+| dinat_m     | 64, 128, 256, 512   | 3, 4, 6, 5      | 19,984,174 | 20M    |
+| dinat_t     | 64, 128, 256, 512   | 3, 4, 18, 5     | 27,901,582 | 28M    |
+| dinat_s     | 96, 192, 384, 768   | 3, 4, 18, 5     | 50,743,297 | 51M    |
+| dinat_b     | 128, 256, 512, 1024 | 3, 4, 18, 5     | 89,769,652 | 90M    |
+| biformer_t  | 64, 128, 256, 512   | 2, 2, 8, 2      | 13,145,832 | 13.1M  |
+| biformer_s  | 64, 128, 256, 512   | 4, 4, 18, 4     | 25,542,376 | 25.5M  |
+| biformer_b  | 96, 192, 384, 768   | 4, 4, 18, 4     | 56,814,184 | 57M    |
+| rmt_t       | 64, 128, 256, 512   | 2, 2, 8, 2      | 14,334,216 | 14M    |
+| rmt_s       | 64, 128, 256, 512   | 3, 4, 18, 4     | 26,967,240 | 27M    |
+| rmt_b       | 80, 160, 320, 512   | 4, 8, 25, 8     | 54,154,896 | 54M    |
+| rmt_l       | 112, 224, 448, 640  | 4, 8, 25, 8     | 95,464,864 | 95M    |
 
 Variant names (`decode_variant`): davit_t, davit_s, davit_b; twins_svt_s, twins_svt_b,
 twins_svt_l; dinat_m, dinat_t, dinat_s, dinat_b; biformer_t, biformer_s, biformer_b; rmt_t,
