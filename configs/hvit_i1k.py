@@ -3,9 +3,10 @@ r"""Hierarchical local-global ViTs (DaViT, Twins-SVT, DiNAT, BiFormer, RMT) on I
     python -m big_attn.main --config=configs/hvit_i1k.py:variant=davit_t --workdir=DIR \
         --config.input.data_dir=gs://BUCKET/tensorflow_datasets
 
-The DeiT recipe the five papers share: 300 epochs, batch 1024, AdamW (lr 1e-3, weight decay
-0.05), 20 warm-up epochs (BiFormer, RMT: 5), cosine decay, mixup, stochastic depth per size as
-in the authors' configs; gradient clipping at norm 5 (Swin's).
+A DeiT/Swin-style recipe, as these papers train: 300 epochs, batch 1024, AdamW (lr 1e-3,
+weight decay 0.05), cosine decay after 20 warm-up epochs (5 for BiFormer and RMT, whose
+training code is DeiT's), mixup, gradient clipping at norm 5, stochastic depth per size as in
+the authors' configs.
 
 Args: variant (davit_t, davit_s, davit_b, twins_svt_s/b/l, dinat_m/t/s/b, biformer_t/s/b,
 rmt_t/s/b/l; see `big_attn.models.hvit.decode_variant`), local_op / global_op (registry names
