@@ -7,8 +7,9 @@ r"""Trains a model from a config; a run started again on the same workdir resume
         --config=configs/vit_2b.py --workdir=/tmp/vit_2b --config.dry_run=True
 
 The run reads top to bottom: mesh, input, model, sharding, update step, checkpoint, evaluators,
-loop. The workdir receives `metrics.jsonl`, TensorBoard events (`tensorboard/`) and orbax
-checkpoints (`checkpoints/`).
+loop. The workdir receives the run's config (`config.json`, read back by `python -m
+big_attn.interpret`), `metrics.jsonl`, TensorBoard events (`tensorboard/`) and orbax checkpoints
+(`checkpoints/`).
 """
 from __future__ import annotations
 
@@ -189,6 +190,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
                                       input_dtype=input_dtype, loss_fn=task_loss(constants)))
 
   # ---------------------------------------------------------------------------------- Checkpoint
+  if jax.process_index() == 0:
+    config_lib.save_config(config, workdir)
   checkpointer = ckpt_lib.Checkpointer(
       os.path.join(os.path.abspath(workdir), "checkpoints"), every=config.ckpt_every,
       max_to_keep=config.max_to_keep)

@@ -357,7 +357,7 @@ def test_cli_explains_a_checkpointed_run(tmp_path):
   workdir, out = str(tmp_path / "run"), str(tmp_path / "out")
   config = tiny_config(total_steps=4, ckpt_every=4, **{"model.depth": 2, "model.pool_type": "cls"})
   assert main_lib.train_and_evaluate(config, workdir)["step"] == 4
-  summary = cli.explain(config, workdir, 3, out)
+  summary = cli.explain(None, workdir, 3, out)  # the config saved in the workdir
   for name in ("attention_maps", "relevance", "distances", "token_norms"):
     _assert_png(os.path.join(out, f"{name}.png"))
   with open(os.path.join(out, "summary.json"), encoding="utf-8") as f:
@@ -371,6 +371,9 @@ def test_cli_explains_a_checkpointed_run(tmp_path):
              [[v["mean"], v["max"], v["median"]] for v in written["token_norms"].values()]]
   values = np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in numbers])
   assert values.size > 20 and np.all(np.isfinite(values))
+  assert cli.explain(config, workdir, 3, out)["logits"] == summary["logits"]
+  with pytest.raises(FileNotFoundError, match="config.json"):
+    cli.explain(None, str(tmp_path), 3, out)
   with pytest.raises(ValueError, match="--image"):
     cli.explain(config, workdir, 10**6, out)
   with pytest.raises(ValueError, match="--target"):

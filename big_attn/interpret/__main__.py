@@ -1,10 +1,10 @@
 r"""Explains one test image with the latest checkpoint of a `big_attn.main` image-classifier run.
 
-    python -m big_attn.interpret --config=configs/vit_digits.py --workdir=/tmp/vit_digits \
-        --image=3 [--out=DIR] [--target=-1] [--flow_max_tokens=16]
+    python -m big_attn.interpret --workdir=/tmp/vit_digits --image=3 [--out=DIR] [--target=-1] \
+        [--flow_max_tokens=16] [--config=configs/vit_digits.py]
 
-The work directory holds checkpoints but not the config: pass the run's `--config` (with the
-same `:ARG` and `--config.KEY=VALUE` overrides). Writes into `--out` (default
+The run's config is read from `WORKDIR/config.json` (saved by `big_attn.main`); `--config`
+(with the run's `:ARG` and `--config.KEY=VALUE` overrides) replaces it. Writes into `--out` (default
 `WORKDIR/interpret/image_N`):
   attention_maps.png  every layer's and head's attention to the patches, over the image;
   relevance.png       attention rollout, attention flow, gradient-weighted rollout and AtMan;
@@ -30,6 +30,7 @@ from big_attn import data, models
 from big_attn import main as main_lib
 from big_attn.interpret import capture, plots, relevance
 from big_attn.parallel import mesh as mesh_lib
+from big_attn.train import config_lib
 from big_attn.train import optim
 from big_attn.train import step as step_lib
 
@@ -97,7 +98,12 @@ def token_layout(model: Any, image_shape: tuple[int, ...]) -> dict[str, Any]:
 
 def explain(config: Any, workdir: str, image_index: int, out_dir: str | None = None, *,
             target: int = -1, flow_max_tokens: int = 16) -> dict[str, Any]:
-  """Writes the figures and `summary.json` of the module docstring; returns the summary."""
+  """Writes the figures and `summary.json` of the module docstring; returns the summary.
+
+  `config` None reads the run's own config from the workdir.
+  """
+  if config is None:
+    config = config_lib.load_config(workdir)
   model, params, step, info = load_run(config, workdir)
   example = load_test_image(config, image_index, info["num_examples"]["test"])
   out_dir = out_dir or os.path.join(workdir, "interpret", f"image_{image_index}")
@@ -171,5 +177,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "workdir", "image"])
+  flags.mark_flags_as_required(["workdir", "image"])
   app.run(main)

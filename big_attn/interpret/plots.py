@@ -1,4 +1,4 @@
-"""PNG figures (matplotlib, Agg backend): attention over an image, relevance heat maps, attention
+"""PNG figures (matplotlib figures drawn off-screen, whatever the pyplot backend): attention over an image, relevance heat maps, attention
 distances per head, token-norm histograms, and benchmark curves from CSV/JSON rows."""
 from __future__ import annotations
 
@@ -8,17 +8,13 @@ import json
 import os
 from typing import Any, Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
-import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np
+from matplotlib.figure import Figure
 
 
 def _save(fig, path: str) -> str:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path, dpi=100, bbox_inches="tight")
-  plt.close(fig)
   return path
 
 
@@ -50,8 +46,8 @@ def plot_attention_maps(image: Any, maps: dict[str, Any], grid: tuple[int, int],
   gh, gw = grid
   patches = slice(num_prefix, num_prefix + gh * gw)
   heads = max(np.asarray(m).shape[0] for m in maps.values())
-  fig, axes = plt.subplots(len(maps), heads, figsize=(1.6 * heads, 1.7 * len(maps)),
-                           squeeze=False)
+  fig = Figure(figsize=(1.6 * heads, 1.7 * len(maps)))
+  axes = fig.subplots(len(maps), heads, squeeze=False)
   for row, (name, m) in enumerate(maps.items()):
     m = np.asarray(m, np.float64)
     rows = m[:, query] if query is not None else m[:, patches].mean(1)
@@ -67,8 +63,8 @@ def plot_attention_maps(image: Any, maps: dict[str, Any], grid: tuple[int, int],
 def plot_heatmaps(image: Any, heatmaps: dict[str, Any], path: str) -> str:
   """The image, then each `[gh, gw]` heat map (rollout, flow, ...) over it, in one row."""
   image = display_image(image)
-  fig, axes = plt.subplots(1, len(heatmaps) + 1, figsize=(2.2 * (len(heatmaps) + 1), 2.4),
-                           squeeze=False)
+  fig = Figure(figsize=(2.2 * (len(heatmaps) + 1), 2.4))
+  axes = fig.subplots(1, len(heatmaps) + 1, squeeze=False)
   axes[0, 0].imshow(image, cmap="gray" if image.ndim == 2 else None)
   axes[0, 0].set_title("input", fontsize=8)
   axes[0, 0].axis("off")
@@ -80,7 +76,8 @@ def plot_heatmaps(image: Any, heatmaps: dict[str, Any], path: str) -> str:
 def plot_distances(distances: Sequence[Any], path: str, *, title: str = "") -> str:
   """Mean attention distance of every head against depth (ViT's Figure 7): `distances[l]` is
   layer l's `[heads]` distances in pixels."""
-  fig, ax = plt.subplots(figsize=(4, 3))
+  fig = Figure(figsize=(4, 3))
+  ax = fig.subplots()
   for layer, d in enumerate(distances):
     d = np.asarray(d)
     ax.scatter(np.full(d.shape, layer), d, s=12, c=np.arange(d.size), cmap="tab10")
@@ -93,7 +90,8 @@ def plot_distances(distances: Sequence[Any], path: str, *, title: str = "") -> s
 
 def plot_token_norms(norms: dict[str, Any], path: str, *, bins: int = 30) -> str:
   """Histogram of the output token norms of each block (Vision Transformers Need Registers)."""
-  fig, axes = plt.subplots(len(norms), 1, figsize=(4, 1.4 * len(norms) + 0.4), squeeze=False)
+  fig = Figure(figsize=(4, 1.4 * len(norms) + 0.4))
+  axes = fig.subplots(len(norms), 1, squeeze=False)
   fig.subplots_adjust(hspace=0.8)
   for ax, (name, n) in zip(axes[:, 0], norms.items()):
     ax.hist(np.ravel(np.asarray(n)), bins=bins, log=True)
@@ -141,7 +139,8 @@ def plot_curves(rows: Sequence[dict[str, Any]], *, x: str, y: str, path: str,
     lines[", ".join(f"{row.get(k)}" for k in keys)].append(point)
   if not lines:
     raise ValueError(f"no row has numeric {x!r} and {y!r}")
-  fig, ax = plt.subplots(figsize=(5, 3.5))
+  fig = Figure(figsize=(5, 3.5))
+  ax = fig.subplots()
   for label, points in sorted(lines.items()):
     xs, ys = zip(*sorted(points))
     ax.plot(xs, ys, marker="o", markersize=3, label=label or None)

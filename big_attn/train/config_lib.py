@@ -1,6 +1,9 @@
-"""Helpers for the Python configs in `configs/`: typed `arg` strings and the shared defaults."""
+"""Helpers for the Python configs in `configs/`: typed `arg` strings, the shared defaults, and
+the copy of a run's config saved in its workdir."""
 from __future__ import annotations
 
+import json
+import os
 from typing import Any
 
 import ml_collections
@@ -75,4 +78,39 @@ def base_config() -> ml_collections.ConfigDict:
   config.max_to_keep = 2
   config.evals = ml_collections.ConfigDict()
   config.dry_run = False
+  return config
+
+
+CONFIG_FILE = "config.json"
+
+
+def _tuples(value: Any) -> Any:
+  """JSON lists back to the tuples the configs use (meshes, rules, patch sizes)."""
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  return value
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Writes `config` to `workdir/config.json` (atomically: a temporary file, then a rename)."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, CONFIG_FILE)
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write(config.to_json_best_effort(indent=1, sort_keys=True))
+  os.replace(tmp, path)
+  return path
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a `big_attn.main` run saved in `workdir` (locked, as on the command line)."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: {workdir!r} is not the workdir of a big_attn.main "
+                            "run (pass the run's --config instead)")
+  with open(path, encoding="utf-8") as f:
+    config = ml_collections.ConfigDict(_tuples(json.load(f)))
+  config.lock()
   return config
