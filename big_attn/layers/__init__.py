@@ -1,8 +1,10 @@
 """Flax Linen layers: attention with the mechanism picked by name, and its building blocks."""
 from big_attn.layers.attention import Attention
+from big_attn.layers.hyena import HyenaOperator, ImplicitFilter
 from big_attn.layers.mlp import MlpBlock
 from big_attn.layers.op_params import OpParams, params_module, register_params
 from big_attn.layers.posemb import PositionEmbedding, apply_rope, posemb_sincos_2d
 
-__all__ = ["Attention", "MlpBlock", "OpParams", "PositionEmbedding", "apply_rope",
-           "params_module", "posemb_sincos_2d", "register_params"]
+__all__ = ["Attention", "HyenaOperator", "ImplicitFilter", "MlpBlock", "OpParams",
+           "PositionEmbedding", "apply_rope", "params_module", "posemb_sincos_2d",
+           "register_params"]

@@ -186,12 +186,15 @@ def _op_pair(op_args, name: str, op: str) -> tuple[int, int]:
 
 class _RelativePositionBiasParams(OpParams):
   """A relative position bias table `rpb`, `[num_heads, 2a−1, 2c−1]` for groups of `a × c`
-  tokens (`op_args[size_arg]`), truncated-normal initialised with std 0.02 as in Swin."""
+  tokens (`op_args[size_arg]`), truncated-normal initialised with std 0.02 as in Swin.
+  `op_args["rpb"] = None` asks for no bias (Twins LSA, DaViT): no table, `{}` returned."""
   size_arg = ""
 
   @nn.compact
   def __call__(self, inputs_q, query, key, value):
     del inputs_q, query, key, value
+    if "rpb" in (self.op_args or {}) and self.op_args["rpb"] is None:
+      return {}
     a, c = _op_pair(self.op_args, self.size_arg, self.size_arg.split("_")[0])
     rpb = self.param(
         "rpb", nn.with_logical_partitioning(nn.initializers.truncated_normal(stddev=0.02),
@@ -449,3 +452,27 @@ class SwitchHeadParams(OpParams):
             "router_logits_v": jnp.einsum("bsf,fke->bske", x, router_v),
             "router_logits_o": jnp.einsum("bsf,fne->bsne", x, router_o),
             "out_experts": out_experts}
+
+
+@register_params("ngpt")
+class NGPTParams(OpParams):
+  """nGPT's query/key scaling s_qk (Loshchilov et al. 2024, Section 2.3), `[num_heads,
+  head_dim]`, stored as s_qk_scale = 1/√features and restored as s_qk·(s_qk_init/s_qk_scale)
+  with s_qk_init = 1 (the paper's reparametrisation). With grouped-query attention a second
+  `s_k [num_kv_heads, head_dim]` scales the keys. Returns `{"s_qk"}` (and `{"s_k"}`).
+  """
+
+  @nn.compact
+  def __call__(self, inputs_q, query, key, value):
+    del query, key, value
+    scale = inputs_q.shape[-1] ** -0.5
+    out = {}
+    for name, heads in (("s_qk", self.num_heads), ("s_k", self.num_kv_heads)):
+      if name == "s_k" and heads == self.num_heads:
+        break
+      s = self.param(name, nn.with_logical_partitioning(nn.initializers.constant(scale),
+                                                        ("heads", "head_dim")),
+                     (heads, self.head_dim), self.param_dtype)
+      (s,) = nn.dtypes.promote_dtype(s / scale, dtype=self.dtype)
+      out[name] = s
+    return out

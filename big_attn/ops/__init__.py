@@ -32,6 +32,10 @@ from big_attn.ops import sparse as _sparse  # noqa: F401
 from big_attn.ops import learned_scoring as _learned_scoring  # noqa: F401
 from big_attn.ops import experts as _experts  # noqa: F401
 from big_attn.ops import bottleneck as _bottleneck  # noqa: F401
+from big_attn.ops import combiner as _combiner  # noqa: F401
+from big_attn.ops import quadtree as _quadtree  # noqa: F401
+from big_attn.ops import ngpt as _ngpt  # noqa: F401
+from big_attn.ops import hyena as _hyena  # noqa: F401
 
 
 def as_attention_fn(name: str, **mechanism_args) -> Callable:
