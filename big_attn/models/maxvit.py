@@ -1,0 +1,384 @@
+"""MaxViT: Multi-Axis Vision Transformer (Tu et al., ECCV 2022).
+
+    model = Model(num_classes=1000, variant="T")
+    params = model.init(jax.random.key(0), images)["params"]      # images: [batch, H, W, C]
+    logits = model.apply({"params": params}, images, train=False)   # [batch, 1000]
+
+A convolutional stem (3x3 stride 2, norm, GELU, 3x3) halves the image; then stages of MaxViT
+blocks, the first block of each stage striding by 2. A block is
+
+    x = MBConv(x)                  # pre-norm, 1x1 expand (4x), depthwise 3x3, SE (0.25), 1x1
+    x = x + Attn_block(LN(x));  x = x + MLP(LN(x))     # attention inside P x P windows
+    x = x + Attn_grid(LN(x));   x = x + MLP(LN(x))     # attention across a dilated G x G grid
+
+with stochastic depth on every residual branch (rate rising linearly over the blocks). The
+head is global average pooling, LayerNorm, a pre-logits Dense + tanh (the paper's classifier,
+as in the released weights) and the classifier. Block and grid attention go through
+`big_attn.layers.Attention` with ops `window` and `grid` (registry names, so any op can be
+swapped in by config) and own a relative position bias per head ([heads, 2P−1, 2P−1], through
+`big_attn.layers.op_params`). The partition size P = G is 7 at 224x224 (the feature maps are
+56, 28, 14, 7).
+
+Normalisation (a documented deviation): the paper's MBConv and stem use BatchNorm. The training
+loop applies models as `model.apply({"params": params}, ...)` with no mutable `batch_stats`
+collection, so the convolutional part uses LayerNorm over channels at every pixel instead
+(as ConvNeXt, and the ConvNeXt conv blocks of timm's MaxxViT): stateless, the same at train and
+test time, and with the same parameters (a scale and a bias per channel) as BatchNorm.
+
+Parameter counts (224x224x3 input, 1000 classes; `jax.eval_shape`, nothing allocated) next to
+the paper's (its ImageNet-1K results table: 31M, 69M, 120M, 212M) and timm's counts of the
+weights ported from the authors' TensorFlow code (maxvit_{tiny,small,base,large}_tf_224), whose
+layer shapes this model reproduces:
+
+| variant | embed dims            | depths        | stem | parameters  | timm   | paper |
+|---------|-----------------------|---------------|------|-------------|--------|-------|
+| T       | 64, 128, 256, 512     | 2, 2, 5, 2    |   64 |  30,916,528 |  30.9M |   31M |
+| S       | 96, 192, 384, 768     | 2, 2, 5, 2    |   64 |  68,927,956 |  68.9M |   69M |
+| B       | 96, 192, 384, 768     | 2, 6, 14, 2   |   64 | 119,467,708 | 119.5M |  120M |
+| L       | 128, 256, 512, 1024   | 2, 6, 14, 2   |  128 | 211,785,560 | 211.8M |  212M |
+
+Heads are `dim // 32` at every stage; the pre-logits width is the last embed dim.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from big_attn import ops
+from big_attn.layers import Attention, MlpBlock
+from big_attn.layers import attention as attention_lib
+from big_attn.models import vit
+
+# MaxViT Section 3.4; stem widths as the authors' maxvit/models/hp/vision.py.
+_EMBED_DIMS = {"T": (64, 128, 256, 512), "S": (96, 192, 384, 768), "B": (96, 192, 384, 768),
+               "L": (128, 256, 512, 1024)}
+_DEPTHS = {"T": (2, 2, 5, 2), "S": (2, 2, 5, 2), "B": (2, 6, 14, 2), "L": (2, 6, 14, 2)}
+_STEM_WIDTH = {"T": 64, "S": 64, "B": 64, "L": 128}
+# Stochastic depth rates of the ImageNet-1k training (1 − survival_prob of the authors'
+# maxvit/models/hp/vision_i1k.py).
+DROP_PATH = {"T": 0.2, "S": 0.3, "B": 0.4, "L": 0.6}
+_layer_norm = vit._layer_norm  # pylint: disable=protected-access
+# Filled in by the model per stage: the feature map and the partition size.
+_SPATIAL_ARGS = ("grid", "window_size", "grid_size")
+
+
+def decode_variant(variant: str) -> dict[str, Any]:
+  """"T" -> dict(embed_dims=(64, 128, 256, 512), depths=(2, 2, 5, 2), stem_width=64,
+  head_hidden=512); sizes are T, S, B, L."""
+  if not isinstance(variant, str) or variant not in _EMBED_DIMS:
+    raise ValueError(f"unknown MaxViT variant {variant!r}; expected one of "
+                     f"{', '.join(_EMBED_DIMS)}")
+  dims = _EMBED_DIMS[variant]
+  return dict(embed_dims=dims, depths=_DEPTHS[variant], stem_width=_STEM_WIDTH[variant],
+              head_hidden=dims[-1])
+
+
+def _dense(features, axes, dtype, param_dtype, name, use_bias=True):
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+                  kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
+                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[1:]))
+
+
+def _conv(features, strides, axes, dtype, param_dtype, name, groups=1, use_bias=True):
+  """3x3 convolution, "SAME" padding (the TensorFlow models')."""
+  return nn.Conv(features, (3, 3), strides=strides, padding="SAME",
+                 feature_group_count=groups, use_bias=use_bias, dtype=dtype,
+                 param_dtype=param_dtype, name=name,
+                 kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
+                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[-1:]))
+
+
+def drop_path_rates(depths: tuple[int, ...], rate: float) -> list[list[float]]:
+  """Per-stage stochastic depth rates rising linearly from 0 (first block) to `rate` (last)."""
+  total = sum(depths)
+  rates = [rate * i / max(total - 1, 1) for i in range(total)]
+  starts = [sum(depths[:s]) for s in range(len(depths))]
+  return [rates[start:start + depth] for start, depth in zip(starts, depths)]
+
+
+def _drop_path(rate: float, x, deterministic: bool):
+  """Stochastic depth: the whole branch of an example dropped with probability `rate`."""
+  return nn.Dropout(rate=rate, broadcast_dims=tuple(range(1, x.ndim)))(x, deterministic)
+
+
+class MBConv(nn.Module):
+  """Pre-norm inverted bottleneck (MobileNetV2/EfficientNet) with squeeze-excitation.
+
+  `shortcut(x) + DropPath(W3 · SE(GELU(N(DW3x3(GELU(N(W1 · N(x))))))))` with W1 expanding to
+  `expansion · features` channels, SE reducing to `se_ratio · features` (SiLU, sigmoid gate)
+  and W3 projecting to `features`. With `strides=2` the depthwise conv strides and the
+  shortcut is 2x2 average pooling followed, if the width changes, by a 1x1 conv (with bias).
+  """
+  features: int
+  strides: int = 1
+  expansion: float = 4.0
+  se_ratio: float = 0.25
+  drop_path: float = 0.0
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool = True):
+    norm = lambda name: _layer_norm(self.dtype, self.param_dtype, name)
+    dense = lambda width, axes, name, use_bias=True: _dense(  # pylint: disable=g-long-lambda
+        width, axes, self.dtype, self.param_dtype, name, use_bias)
+    mid = int(self.features * self.expansion)
+    shortcut = x
+    if self.strides > 1:
+      shortcut = nn.avg_pool(x, (self.strides,) * 2, (self.strides,) * 2, padding="SAME",
+                             count_include_pad=False)
+    if x.shape[-1] != self.features:
+      shortcut = dense(self.features, ("channels_in", "embed"), "shortcut")(shortcut)
+
+    y = norm("pre_norm")(x)
+    y = nn.gelu(norm("norm_1")(dense(mid, ("embed", "mlp"), "expand", use_bias=False)(y)))
+    y = _conv(mid, (self.strides,) * 2, ("conv_height", "conv_width", None, "mlp"), self.dtype,
+              self.param_dtype, "depthwise", groups=mid, use_bias=False)(y)
+    y = nn.gelu(norm("norm_2")(y))
+    s = jnp.mean(y, axis=(1, 2), keepdims=True)
+    reduced = max(1, int(self.features * self.se_ratio))
+    s = nn.silu(dense(reduced, ("mlp", None), "se_reduce")(s))
+    y = y * nn.sigmoid(dense(mid, (None, "mlp"), "se_expand")(s))
+    y = dense(self.features, ("mlp", "embed"), "project")(y)
+    return shortcut + _drop_path(self.drop_path, y, deterministic)
+
+
+class PartitionAttention(nn.Module):
+  """`x + DropPath(Attn(LN(x)))`, then `x + DropPath(MLP(LN(x)))` on `[batch, h, w, c]` maps,
+  the tokens flattened row-major; the op (`window`, `grid` or any other) gets `op_args`."""
+  num_heads: int
+  op: str
+  op_args: Any
+  mlp_ratio: float = 4.0
+  drop_path: float = 0.0
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool = True):
+    b, h, w, c = x.shape
+    x = jnp.reshape(x, (b, h * w, c))
+    y = _layer_norm(self.dtype, self.param_dtype, "LayerNorm_0")(x)
+    y = Attention(num_heads=self.num_heads, op=self.op, op_args=self.op_args, use_bias=True,
+                  dtype=self.dtype, param_dtype=self.param_dtype,
+                  kernel_init=nn.initializers.xavier_uniform(), name="MultiHeadAttention")(y)
+    x = x + _drop_path(self.drop_path, y, deterministic)
+    y = _layer_norm(self.dtype, self.param_dtype, "LayerNorm_1")(x)
+    y = MlpBlock(mlp_dim=int(c * self.mlp_ratio), dtype=self.dtype, param_dtype=self.param_dtype,
+                 name="MlpBlock")(y, deterministic)
+    x = x + _drop_path(self.drop_path, y, deterministic)
+    return jnp.reshape(x, (b, h, w, c))
+
+
+def _op_args(op: str, user_args: Any, grid: tuple[int, int], partition: tuple[int, int]
+             ) -> dict[str, Any]:
+  """`user_args` plus `grid=(h, w)` and `window_size`/`grid_size=partition` for an op taking
+  them."""
+  args = dict(user_args or {})
+  op_fn = ops.get(op)
+  for name, value in (("grid", grid), ("window_size", partition), ("grid_size", partition)):
+    if attention_lib._accepts(op_fn, name):  # pylint: disable=protected-access
+      args[name] = value
+  return args
+
+
+class MaxViTBlock(nn.Module):
+  """MBConv, then block attention, then grid attention (each attention with its MLP)."""
+  features: int
+  strides: int
+  num_heads: int
+  partition: tuple[int, int]
+  block_attention: str
+  block_attention_args: Any
+  grid_attention: str
+  grid_attention_args: Any
+  expansion: float = 4.0
+  se_ratio: float = 0.25
+  mlp_ratio: float = 4.0
+  drop_path: float = 0.0
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool = True):
+    common = dict(drop_path=self.drop_path, dtype=self.dtype, param_dtype=self.param_dtype)
+    x = MBConv(self.features, self.strides, self.expansion, self.se_ratio, name="MBConv",
+               **common)(x, deterministic)
+    grid = x.shape[1:3]
+    for kind, op, args in (("block", self.block_attention, self.block_attention_args),
+                           ("grid", self.grid_attention, self.grid_attention_args)):
+      x = PartitionAttention(self.num_heads, op, _op_args(op, args, grid, self.partition),
+                             self.mlp_ratio, name=f"{kind}_attention", **common)(x, deterministic)
+    return x
+
+
+class Model(nn.Module):
+  """MaxViT classifier: `[batch, H, W, C]` images -> `[batch, num_classes]` float32 logits.
+
+  Attributes:
+    num_classes: logits width; 0 returns the pre-logits `[batch, head_hidden or last dim]`.
+    variant: "T", "S", "B" or "L" (`decode_variant`); explicit sizes below override it.
+    embed_dims, depths: per-stage widths and block counts (tuples of equal length, any number
+      of stages; each stage halves the feature map). Needed without a variant.
+    stem_width: width of the stem convs; `embed_dims[0]` when None.
+    head_hidden: width of the pre-logits Dense + tanh; 0 for none. The variant's last embed
+      dim (the paper's), or 0 without a variant, when None.
+    head_dim: attention head width (heads per stage are `dim // head_dim`).
+    partition_size: P of the P x P windows and the G x G grid (int or pair): 7 at 224x224. It
+      must divide every stage's feature map.
+    block_attention, grid_attention: registry names of the two attention ops ("window",
+      "grid"); `*_attention_args` are their extra op arguments. Every op that takes `grid`,
+      `window_size` or `grid_size` gets the stage's feature map `(h, w)` and the partition
+      size from the model (so those three keys may not be given).
+    expansion, se_ratio: MBConv expansion and squeeze-excitation ratios (4, 0.25).
+    mlp_ratio: the attention blocks' MLP width over the embed dim (4).
+    drop_path: stochastic depth rate of the last block, linearly rising from 0 at the first
+      (the paper's 0.2/0.3/0.4/0.6 for T/S/B/L on ImageNet-1k are in `DROP_PATH`).
+    head_zeroinit: zero-initialised classifier (as the ViT here).
+    remat_policy: "none" or a `jax.checkpoint_policies` name applied to every block.
+    dtype: compute dtype (e.g. bfloat16); param_dtype: parameter dtype.
+  Parameters carry the logical axis names embed, mlp, heads, kv_heads, head_dim, norm,
+  conv_height, conv_width, channels_in and classes.
+  """
+  num_classes: int
+  variant: str | None = None
+  embed_dims: tuple[int, ...] | None = None
+  depths: tuple[int, ...] | None = None
+  stem_width: int | None = None
+  head_hidden: int | None = None
+  head_dim: int = 32
+  partition_size: Any = 7
+  block_attention: str = "window"
+  block_attention_args: Any = None
+  grid_attention: str = "grid"
+  grid_attention_args: Any = None
+  expansion: float = 4.0
+  se_ratio: float = 0.25
+  mlp_ratio: float = 4.0
+  drop_path: float = 0.0
+  head_zeroinit: bool = True
+  remat_policy: str = "none"
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def sizes(self) -> dict[str, Any]:
+    """The resolved `embed_dims, depths, stem_width, head_hidden` (variant, then fields)."""
+    sizes = dict(stem_width=None, head_hidden=0)
+    if self.variant is not None:
+      sizes.update(decode_variant(self.variant))
+    explicit = dict(embed_dims=self.embed_dims, depths=self.depths, stem_width=self.stem_width,
+                    head_hidden=self.head_hidden)
+    sizes.update({k: v for k, v in explicit.items() if v is not None})
+    missing = [k for k in ("embed_dims", "depths") if sizes.get(k) is None]
+    if missing:
+      raise ValueError(f"MaxViT Model needs a variant or explicit {', '.join(missing)}")
+    dims, depths = tuple(sizes["embed_dims"]), tuple(sizes["depths"])
+    if not dims or len(dims) != len(depths):
+      raise ValueError(f"embed_dims {dims} and depths {depths} must be non-empty and of equal "
+                       "length (one entry per stage)")
+    if not all(_positive_int(v) for v in dims + depths):
+      raise ValueError(f"embed_dims {dims} and depths {depths} must hold positive ints")
+    if not _positive_int(self.head_dim) or any(d % self.head_dim for d in dims):
+      raise ValueError(f"embed_dims {dims} must be multiples of head_dim {self.head_dim!r}")
+    sizes.update(embed_dims=dims, depths=depths)
+    if sizes["stem_width"] is None:
+      sizes["stem_width"] = dims[0]
+    if not _positive_int(sizes["stem_width"]):
+      raise ValueError(f"stem_width must be a positive int, got {sizes['stem_width']!r}")
+    if not _positive_int(sizes["head_hidden"]) and sizes["head_hidden"] != 0:
+      raise ValueError(f"head_hidden must be a non-negative int, got {sizes['head_hidden']!r}")
+    return sizes
+
+  def _partition(self) -> tuple[int, int]:
+    p = self.partition_size
+    pair = (p, p) if isinstance(p, int) else p
+    if not (isinstance(pair, (tuple, list)) and len(pair) == 2
+            and all(_positive_int(v) for v in pair)):
+      raise ValueError(f"partition_size must be a positive int or a pair of them, got {p!r}")
+    return tuple(pair)
+
+  def _check(self, images, sizes, partition):
+    if self.remat_policy not in vit.REMAT_POLICIES:
+      raise ValueError(f"unknown remat_policy {self.remat_policy!r}; expected one of "
+                       f"{vit.REMAT_POLICIES}")
+    if not 0.0 <= self.drop_path < 1.0:
+      raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path!r}")
+    for name in ("expansion", "se_ratio", "mlp_ratio"):
+      value = getattr(self, name)
+      if not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    for name in ("block_attention", "grid_attention"):
+      ops.get(getattr(self, name))  # a KeyError listing the registered ops
+      args = getattr(self, f"{name}_args")
+      if args is None:
+        continue
+      if not hasattr(args, "keys"):
+        raise TypeError(f"{name}_args must be a dict, got {type(args).__name__}")
+      reserved = sorted(set(args) & set(_SPATIAL_ARGS))
+      if reserved:
+        raise ValueError(f"{name}_args may not set {reserved}: the model gives each stage its "
+                         "feature map (grid) and partition_size")
+    if images.ndim != 4:
+      raise ValueError(f"images must be [batch, height, width, channels], got shape "
+                       f"{images.shape}")
+    h, w = images.shape[1:3]
+    h, w = -(-h // 2), -(-w // 2)  # the stem, then the first block of each stage, stride 2
+    for stage in range(len(sizes["depths"])):
+      h, w = -(-h // 2), -(-w // 2)
+      if h % partition[0] or w % partition[1]:
+        raise ValueError(
+            f"partition_size {partition} must divide every stage's feature map: images of "
+            f"{tuple(images.shape[1:3])} give {(h, w)} at stage {stage + 1}")
+
+  @nn.compact
+  def __call__(self, images, *, train: bool = False):
+    sizes = self.sizes()
+    partition = self._partition()
+    self._check(images, sizes, partition)
+    deterministic = not train
+    dims, depths = sizes["embed_dims"], sizes["depths"]
+
+    x = jnp.asarray(images, self.dtype)
+    x = _conv(sizes["stem_width"], (2, 2), ("conv_height", "conv_width", "channels_in", "embed"),
+              self.dtype, self.param_dtype, "stem_conv_0")(x)
+    x = nn.gelu(_layer_norm(self.dtype, self.param_dtype, "stem_norm")(x))
+    x = _conv(sizes["stem_width"], (1, 1), ("conv_height", "conv_width", "channels_in", "embed"),
+              self.dtype, self.param_dtype, "stem_conv_1")(x)
+
+    block = MaxViTBlock
+    if self.remat_policy != "none":
+      block = nn.remat(block, static_argnums=(2,),
+                       policy=getattr(jax.checkpoint_policies, self.remat_policy))
+    rates = drop_path_rates(depths, self.drop_path)
+    for stage, (dim, depth) in enumerate(zip(dims, depths)):
+      for i in range(depth):
+        x = block(features=dim, strides=2 if i == 0 else 1, num_heads=dim // self.head_dim,
+                  partition=partition, block_attention=self.block_attention,
+                  block_attention_args=self.block_attention_args,
+                  grid_attention=self.grid_attention,
+                  grid_attention_args=self.grid_attention_args, expansion=self.expansion,
+                  se_ratio=self.se_ratio, mlp_ratio=self.mlp_ratio, drop_path=rates[stage][i],
+                  dtype=self.dtype, param_dtype=self.param_dtype,
+                  name=f"stage_{stage}_block_{i}")(x, deterministic)
+
+    x = jnp.mean(x, axis=(1, 2))
+    x = _layer_norm(self.dtype, self.param_dtype, "head_norm")(x)
+    if sizes["head_hidden"]:
+      x = jnp.tanh(_dense(sizes["head_hidden"], ("embed", "mlp"), self.dtype, self.param_dtype,
+                          "pre_logits")(x))
+    if self.num_classes:
+      kernel_init = (nn.initializers.zeros_init() if self.head_zeroinit
+                     else nn.initializers.lecun_normal())
+      axes = ("mlp" if sizes["head_hidden"] else "embed", "classes")
+      x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="head",
+                   kernel_init=nn.with_logical_partitioning(kernel_init, axes),
+                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                          ("classes",)))(x)
+    return x.astype(jnp.float32)
+
+
+def _positive_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool) and value > 0
