@@ -10,6 +10,8 @@ Args (`--config=configs/maxvit_digits.py:block_attention=window,steps=500`):
     (`big_attn.ops.names()`); defaults "window" and "grid".
   steps: training steps.
   runlocal: a few steps only, for smoke tests.
+Measured (`steps=300`, seed 0, float32, a shared 2-core CPU, about 4 minutes): test accuracy
+58.7% at step 100, 89.7% at 200, 96.0% at 300 (eval loss 0.29).
 """
 from big_attn.train import config_lib
 
