@@ -12,8 +12,12 @@ Args (`--config=configs/dit_digits.py:conditioning=cross,attention=sigmoid,steps
 
 The digits' 17 grey levels are not the 8-bit data the variational bound's decoder term assumes,
 so this config trains with `learn_sigma=False` (ε-MSE only; the sampler is DDIM, which needs no
-variance). Measured (2 shared CPU cores, default args, 300 steps, batch 64): held-out loss
-(ε-MSE at uniform t) 1.00 at init -> see eval/loss in metrics.jsonl: 0.{RESULT} after 300 steps.
+variance). Measured on 2 shared CPU cores (held-out ε-MSE at uniform t over the 300 test digits;
+1.0 at init, where the zero-initialised output layer predicts ε = 0):
+  steps=300:  0.169 (step 100), 0.151 (200), 0.147 (300)
+  default (1000 steps): 0.135 (step 333), 0.121 (666), 0.115 (1000)
+At these step counts the samples are blurry digit shapes, still noisy; ε-MSE by t (256 digits)
+after 1500 steps at batch 128: 0.81 (t=1), 0.31 (t=100), 0.097 (t=300), 0.007 (t=600).
 """
 from big_attn.train import config_lib
 
@@ -54,5 +58,5 @@ def get_config(arg=None):
   config.max_to_keep = 2
   config.evals.eval = dict(type="diffusion", every=config.total_steps // 3 or 1, split="test",
                            batch_size=100, guidance_scale=2.0, sample_steps=50,
-                           sample_dir=arg.sample_dir or None)
+                           clip_denoised=True, sample_dir=arg.sample_dir or None)
   return config

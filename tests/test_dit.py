@@ -252,8 +252,10 @@ def test_vlb_terms_against_float64_formulas():
       log_min = math.log(s["posterior_variance"][1] if k == 0 else post_var)
       log_var = (v[i] + 1) / 2 * math.log(beta) + (1 - v[i]) / 2 * log_min
       pred_x0 = (x_t[i] - math.sqrt(1 - ab) * eps[i]) / math.sqrt(ab)
-      mean = lambda a: (math.sqrt(ab_prev) * beta * a + math.sqrt(1 - beta) * (1 - ab_prev)  # noqa: E731
-                        * x_t[i]) / (1 - ab)
+      def mean(a, ab=ab, ab_prev=ab_prev, beta=beta, x_t=x_t[i]):
+        return (math.sqrt(ab_prev) * beta * a + math.sqrt(1 - beta) * (1 - ab_prev) * x_t) / (
+            1 - ab)
+
       mu_q, mu_p = mean(x0[i].astype(np.float64)), mean(pred_x0.astype(np.float64))
       if k == 0:
         sd = np.exp(0.5 * log_var)
@@ -297,7 +299,7 @@ def test_train_steps_lower_the_loss():
   assert spec == {"image": ((4, 8, 8, 1), jnp.float32), "labels": ((4, 10), jnp.float32)}
 
 
-def _ddim_reference(eps_fn, x, num_steps, num_timesteps=1000):
+def _ddim_reference(eps_fn, x, num_steps, num_timesteps=1000, clip=False):
   """Deterministic DDIM (η = 0) in float64 NumPy, written from the DDIM update."""
   betas = np.linspace(1e-4 * 1000 / num_timesteps, 0.02 * 1000 / num_timesteps, num_timesteps)
   ab = np.cumprod(1 - betas)
@@ -308,6 +310,9 @@ def _ddim_reference(eps_fn, x, num_steps, num_timesteps=1000):
     a_prev = ab[steps[i - 1]] if i > 0 else 1.0
     eps = np.asarray(eps_fn(jnp.asarray(x, jnp.float32), steps[i]), np.float64)
     x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
+    if clip:
+      x0 = np.clip(x0, -1, 1)
+      eps = (x - math.sqrt(a) * x0) / math.sqrt(1 - a)
     x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
   return x
 
@@ -325,11 +330,13 @@ def test_sampler_guidance():
   one = dit.sample(model, params, labels, rng, 4, 1.0, image_shape=(8, 8, 1))
   assert one.shape == (2, 8, 8, 1)
   np.testing.assert_allclose(one, _ddim_reference(eps, x_t, 4), rtol=1e-4, atol=1e-4)
-  guided = dit.sample(model, params, labels, rng, 4, 3.0, image_shape=(8, 8, 1))
+  guided = dit.sample(model, params, labels, rng, 4, 3.0, image_shape=(8, 8, 1),
+                      clip_denoised=True)
   drop = jnp.array([True, True])
   want = _ddim_reference(lambda x, t: eps(x, t, force_drop=drop) + 3.0 * (
-      eps(x, t) - eps(x, t, force_drop=drop)), x_t, 4)
+      eps(x, t) - eps(x, t, force_drop=drop)), x_t, 4, clip=True)
   np.testing.assert_allclose(guided, want, rtol=1e-4, atol=1e-4)
+  assert np.abs(guided).max() <= 1.0 + 1e-5
   assert np.abs(guided - one).max() > 1e-3
   no_null = model.clone(class_dropout=0.0)
   with pytest.raises(ValueError, match="null class"):

@@ -267,14 +267,13 @@ class Model(nn.Module):
                          f" got shape {cond_tokens.shape}")
 
   def _drop(self, b, labels, force_drop, train):
-    """`[b]` bool: the examples whose condition is replaced by the null one."""
-    drop = jnp.zeros((b,), bool) if force_drop is None else jnp.asarray(force_drop, bool)
-    if labels is not None:
-      drop = drop | (labels >= self.num_classes)
-    if train and self.class_dropout > 0:
-      drop = drop | (jax.random.uniform(self.make_rng("dropout"), (b,)) < self.class_dropout)
+    """`[b]` bool: the examples whose condition is replaced by the null one (None: no null)."""
     if not self.has_null_class:
       return None
+    drop = jnp.zeros((b,), bool) if force_drop is None else jnp.asarray(force_drop, bool)
+    drop = drop | (labels >= self.num_classes)
+    if train:
+      drop = drop | (jax.random.uniform(self.make_rng("dropout"), (b,)) < self.class_dropout)
     return drop
 
   def _condition_tokens(self, b, labels, drop, cond_tokens, cond_mask, width):
@@ -526,13 +525,15 @@ def ddim_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
 def sample(model: Model, params: Any, labels: jax.Array, rng: jax.Array, num_steps: int = 50,
            guidance_scale: float = 1.0, *, image_shape: tuple[int, int, int],
            cond_tokens: jax.Array | None = None, cond_mask: jax.Array | None = None,
-           eta: float = 0.0) -> jax.Array:
+           eta: float = 0.0, clip_denoised: bool = False) -> jax.Array:
   """DDIM samples `[b, *image_shape]` for class `labels` `[b]`, with classifier-free guidance.
 
   From x_T ~ N(0, I), each visited step τ_i -> τ_{i-1} computes ε̂ (guided:
   ε̂ = ε_∅ + s (ε_y - ε_∅), one batched call; s = 1 calls the conditional model only),
   x̂_0 = (x - √(1 - ᾱ) ε̂) / √ᾱ, σ = η √((1 - ᾱ') / (1 - ᾱ)) √(1 - ᾱ / ᾱ') and
   x' = √ᾱ' x̂_0 + √(1 - ᾱ' - σ²) ε̂ + σ z (ᾱ' = 1 after the last step). η = 1 is DDPM-like.
+  `clip_denoised` clips x̂_0 to [-1, 1] and recomputes ε̂ from it (pixel data; DiT's latents
+  are not clipped).
   """
   labels = jnp.asarray(labels, jnp.int32)
   if labels.ndim != 1:
@@ -558,7 +559,9 @@ def sample(model: Model, params: Any, labels: jax.Array, rng: jax.Array, num_ste
       out = model.apply({"params": params}, x, t, labels, cond_tokens=cond_tokens,
                         cond_mask=cond_mask)
       return out[..., :channels]
-    double = lambda a: None if a is None else jnp.concatenate([a, a])  # pylint: disable=g-long-lambda
+    def double(a):
+      return None if a is None else jnp.concatenate([a, a])
+
     out = model.apply({"params": params}, double(x), double(t), double(labels),
                       cond_tokens=double(cond_tokens), cond_mask=double(cond_mask),
                       force_drop=jnp.arange(2 * b) >= b)[..., :channels]
@@ -573,6 +576,9 @@ def sample(model: Model, params: Any, labels: jax.Array, rng: jax.Array, num_ste
       t, a, a_prev, key = xs
       eps = eps_fn(params, x, jnp.full((b,), t, jnp.int32))
       x0 = (x - jnp.sqrt(1.0 - a) * eps) / jnp.sqrt(a)
+      if clip_denoised:
+        x0 = jnp.clip(x0, -1.0, 1.0)
+        eps = (x - jnp.sqrt(a) * x0) / jnp.sqrt(1.0 - a)
       sigma = eta * jnp.sqrt((1.0 - a_prev) / (1.0 - a)) * jnp.sqrt(1.0 - a / a_prev)
       x = (jnp.sqrt(a_prev) * x0 + jnp.sqrt(1.0 - a_prev - sigma ** 2) * eps
            + sigma * jax.random.normal(key, x.shape, jnp.float32))
