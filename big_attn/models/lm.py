@@ -22,6 +22,24 @@ as `loss_fn` does); nothing is permuted between layers. Activations stay sharded
 Decoding (`decode=True`, used by `generate`): a key/value cache of `cache_len` entries per layer
 (collection "cache") and the split-KV decode op `lean_decode` (Lean Attention) over it.
 
+Block families (`block`):
+- "pre_norm": the block above.
+- "ngpt" (nGPT, Loshchilov et al. 2024, "Normalized Transformer with Representation Learning on
+  the Hypersphere"): embeddings and hidden states on the unit sphere, no norms,
+  h ← Norm(h + α_A(Norm(Attn(h)) − h)) and the same with α_M for the SwiGLU (with scalings
+  s_u, s_ν), attention op "ngpt" (unit-norm q, k times s_qk, softmax scale √d_k), logits scaled
+  by s_z; the scalings use the paper's init/scale reparametrisation. The weight matrices are
+  projected to unit norm along the embedding axis by `normalize_params`, which the training
+  loop applies after init and every update (`Model.post_update`). Sequence parallelism and
+  decoding work (the cache holds the normalised, scaled keys).
+- "moeut" (MoEUT, Csordás et al. 2024, "Mixture-of-Experts Universal Transformers"): σ-MoE
+  feed-forward (`sigma_moe`, top-k sigmoid-gated small ReLU experts), SwitchHead attention
+  (`SwitchHeadAttention`, the `switchhead` op's mechanism with output experts to the residual),
+  peri-layernorm (LayerNorm only before queries, keys and routers), `layer_group_size` G shared
+  layers repeated depth/G times, and the router entropy regulariser (`router_entropy_loss`)
+  added by `loss_fn`. Sequence parallelism and decoding work (the cache holds the keys and the
+  expert-mixed values); `layer_group_size` also applies to the other blocks.
+
 Sizes (`decode_variant`; parameters for the 259-token byte vocabulary, tied / untied
 embeddings, without qk-norm; counted with `jax.eval_shape`, nothing allocated):
 
@@ -31,6 +49,17 @@ embeddings, without qk-norm; counted with `jax.eval_shape`, nothing allocated):
 | S       |   512 |     8 |    1408 |     8 |        4 |        23,734,272 |  23,866,880 |
 | M       |  1024 |    16 |    2816 |    16 |        4 |       180,654,080 | 180,919,296 |
 | 1B      |  2048 |    22 |    5632 |    16 |        4 |       992,575,488 | 993,105,920 |
+
+nGPT and MoEUT at the papers' sizes, with the papers' vocabularies (configs/ngpt_1b.py,
+configs/moeut_244m.py; checked in tests/test_lm_ngpt_moeut.py):
+
+| model                 | width | depth | heads | FF                       | parameters    | paper |
+|-----------------------|-------|-------|-------|--------------------------|---------------|-------|
+| nGPT tiny (bytes)     |   128 |     4 |     4 | SwiGLU 384               |       857,859 |       |
+| nGPT 0.5B (V=32,000)  |  1024 |    24 |    16 | SwiGLU 4096              |   468,491,520 |  0.5B |
+| nGPT 1B (V=32,000)    |  1280 |    36 |    20 | SwiGLU 5120              | 1,026,177,280 |    1B |
+| MoEUT bytes (G=2)     |   128 |     8 |     4 | 32 × 32, k=4; 4 att. exp |       936,195 |       |
+| MoEUT 244M (V=8,000)  |  1024 |    18 |     4 | 387 × 128, k=16; G=2     |   243,326,784 |  244M |
 """
 from __future__ import annotations
 
@@ -735,14 +764,14 @@ class Model(nn.Module):
                        f"{REMAT_POLICIES}")
     if self.block not in BLOCKS:
       raise ValueError(f"block must be one of {BLOCKS}, got {self.block!r}")
-    if (self.block == "moeut") != (self.attention == "switchhead"):
-      raise ValueError(f"block='moeut' computes SwitchHead attention and SwitchHead runs only in "
-                       f"it: set attention='switchhead' with block='moeut' (got "
-                       f"block={self.block!r}, attention={self.attention!r})")
+    if self.block == "moeut" and self.attention != "switchhead":
+      raise ValueError(f"block='moeut' computes SwitchHead attention: set "
+                       f"attention='switchhead', got {self.attention!r}")
     if self.block == "ngpt" and (self.qk_norm or self.dropout):
       raise ValueError("block='ngpt' normalises queries and keys itself and has no dropout: set "
                        f"qk_norm=False and dropout=0 (got {self.qk_norm}, {self.dropout})")
-    if (sp is not None or self.decode) and self.attention not in (*SOFTMAX_FORMS, "switchhead"):
+    if (sp is not None or self.decode) and not (self.attention in SOFTMAX_FORMS or
+                                                self.block == "moeut"):
       raise ValueError(f"sequence parallelism and decoding compute softmax attention (of "
                        f"{sorted(SOFTMAX_FORMS)} or SwitchHead in block='moeut'); got "
                        f"attention={self.attention!r}")
