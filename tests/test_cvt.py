@@ -17,6 +17,9 @@ from tests.test_train import _config_module
 # Three stages on 16x16 images: 3x3/2 token embeddings -> 8x8, 4x4, 2x2 maps.
 TINY = dict(dims=(8, 16, 16), num_heads=(1, 2, 2), depths=(1, 1, 2), patch_size=(3, 3, 3),
             patch_stride=(2, 2, 2), patch_padding=(1, 1, 1))
+# Two stages (8x8, 4x4 token maps): the cheapest model with a stage before the class token's.
+TWO_STAGES = dict(dims=(8, 16), num_heads=(1, 2), depths=(1, 1), patch_size=(3, 3),
+                  patch_stride=(2, 2), patch_padding=(1, 1))
 LOGICAL_NAMES = {"conv_height", "conv_width", "channels_in", "embed", "heads", "head_dim", "mlp",
                  "norm", "classes", None}
 
@@ -128,13 +131,13 @@ def test_forward_attention_ops_by_name():
 
 def test_training_steps_change_params_and_lower_loss():
   x = images(batch=4, size=16)
-  model = cvt.Model(num_classes=3, drop_path_rate=0.1, **dict(TINY, depths=(1, 1, 1)))
+  model = cvt.Model(num_classes=3, drop_path_rate=0.1, **TWO_STAGES)
   before, after, losses = train_steps(model, x, jax.nn.one_hot(jnp.arange(4) % 3, 3))
   unchanged = {jax.tree_util.keystr(path) for path, changed in jax.tree_util.tree_leaves_with_path(
       jax.tree.map(lambda a, b: bool(np.any(a != b)), before, after)) if not changed}
   # Only the class token is classified and it skips the convolutions, so the last block's
   # query convolution (which only the patch tokens' queries go through) gets no gradient.
-  last = "['stage_2_block_0']['attention']"
+  last = "['stage_1_block_0']['attention']"
   assert unchanged == {f"{last}['conv_proj_q']['kernel']", f"{last}['conv_proj_q_norm']['bias']",
                        f"{last}['conv_proj_q_norm']['scale']"}, unchanged
   assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
@@ -184,5 +187,4 @@ def test_every_config_builds():
 
 
 def test_tiny_config_trains_through_main(tmp_path):
-  run_tiny_config("cvt_digits", tmp_path, dims=(16, 32, 32), num_heads=(1, 2, 2),
-                  depths=(1, 1, 1))
+  run_tiny_config("cvt_digits", tmp_path, **dict(TWO_STAGES, dims=(16, 32)))

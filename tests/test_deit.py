@@ -141,6 +141,8 @@ def test_bad_arguments():
     abstract(deit.Model(num_classes=0, **TINY), x)
   with pytest.raises(TypeError, match="teacher must be None, a callable or a dict"):
     abstract(deit.Model(num_classes=2, teacher="/tmp/teacher", **TINY), x)
+  with pytest.raises(ValueError, match="teacher needs distilled=True"):
+    abstract(deit.Model(num_classes=2, teacher=jnp.tanh, distilled=False, **TINY), x)
   with pytest.raises(ValueError, match="divisible by patch_size"):
     abstract(deit.Model(num_classes=2, **TINY), images(size=6))
   with pytest.raises(ValueError, match="images must be"):
@@ -194,3 +196,11 @@ def test_convnext_teacher_then_deit_through_main(tmp_path, caplog):
   restored = deit.restore_teacher(teacher, 10, (16, 16, 1))
   assert jax.tree.structure(restored) == jax.tree.structure(saved)
   jax.tree.map(np.testing.assert_array_equal, restored, saved)
+  # A dry run compiles the step with the teacher's parameters as an argument.
+  config = _config_module("deit_digits").get_config(f"runlocal,teacher_workdir={teacher_dir}")
+  config.model.update(width=16, depth=1, num_heads=2, mlp_dim=32)
+  config.mesh, config.dry_run = [("data", 1)], True
+  report = main_lib.train_and_evaluate(config, None)
+  student = deit.Model(num_classes=10, **dict(config.model.to_dict(), dtype=jnp.float32))
+  assert report["parameters"] == count(abstract(student, jnp.zeros((1, 16, 16, 1))))
+  assert report["flops"] > 0

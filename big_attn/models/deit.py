@@ -113,6 +113,8 @@ class Model(nn.Module):
     if not (self.teacher is None or callable(self.teacher) or hasattr(self.teacher, "keys")):
       raise TypeError(f"teacher must be None, a callable or a dict, got "
                       f"{type(self.teacher).__name__}")
+    if self.teacher is not None and not self.distilled:
+      raise ValueError("a teacher needs distilled=True (the distillation token learns from it)")
     if images.ndim != 4:
       raise ValueError(f"images must be [batch, height, width, channels], got shape "
                        f"{images.shape}")
