@@ -163,15 +163,13 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   logging.info("parameters: %d", num_params)
 
   # --------------------------------------------------------------------------------- Update step
-  # A task may have `constants(model, info)`: frozen arrays its loss reads (a distillation
-  # teacher's parameters), loaded once and passed replicated to every step as an argument,
-  # `loss(..., constants=...)`, so that they are neither trained nor compiled into the step.
-  constants_fn = getattr(task, "constants", None)
-  constants = (None if constants_fn is None
-               else jax.device_put(constants_fn(model, info), replicated))
+  # `task.constants` (a distillation teacher's parameters) are loaded once, replicated, and
+  # passed to every step as an argument.
+  constants = (None if task.constants is None
+               else jax.device_put(task.constants(model, info), replicated))
 
   def task_loss(c):
-    return task.loss if constants_fn is None else functools.partial(task.loss, constants=c)
+    return task.loss if task.constants is None else functools.partial(task.loss, constants=c)
 
   def update(state, batch, rng, c):
     return step_lib.make_train_step(

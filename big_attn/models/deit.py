@@ -42,9 +42,8 @@ allocated) against the paper's Table 1 (and the distilled model of Table 5):
 """
 from __future__ import annotations
 
-import dataclasses
 import os
-from typing import Any, Callable
+from typing import Any
 
 from absl import logging
 import flax.linen as nn
@@ -267,13 +266,6 @@ def distillation_loss(model: Model, params: Any, batch: dict[str, Any], rng: jax
   return hard_distillation_loss(*out, batch["labels"], teacher).mean()
 
 
-@dataclasses.dataclass(frozen=True)
-class DistillationTask(step_lib.Task):
-  """Image classification with frozen inputs to the loss: `constants(model, info)` (loaded once
-  by the loop and passed to every step, `loss(..., constants=...)`)."""
-  constants: Callable[[Any, dict[str, Any]], Any] | None = None
-
-
-TASK = DistillationTask(batch_spec=step_lib.CLASSIFICATION.batch_spec,
-                        example_input=step_lib.CLASSIFICATION.example_input,
-                        loss=distillation_loss, constants=teacher_constants)
+TASK = step_lib.Task(batch_spec=step_lib.CLASSIFICATION.batch_spec,
+                     example_input=step_lib.CLASSIFICATION.example_input,
+                     loss=distillation_loss, constants=teacher_constants)

@@ -88,11 +88,15 @@ class Task:
   `batch_spec(info, batch_size)` gives `{key: (shape, dtype)}` of a global batch (the keys the
   loop feeds the step), `example_input(info)` the `(shape, dtype)` of one model input (for
   init), `loss(model, params, batch, rng)` the scalar training loss; `info` is
-  `data.dataset_info(config.input)`.
+  `data.dataset_info(config.input)`. Optional `constants(model, info)`: frozen arrays the loss
+  reads (a distillation teacher's parameters), loaded once by the loop, placed on every device
+  and passed to each step as an argument, `loss(..., constants=...)`: neither trained nor
+  compiled into the step.
   """
   batch_spec: Callable[[dict[str, Any], int], dict[str, tuple[tuple[int, ...], Any]]]
   example_input: Callable[[dict[str, Any]], tuple[tuple[int, ...], Any]]
   loss: Callable[..., jax.Array]
+  constants: Callable[[Any, dict[str, Any]], Any] | None = None
 
 
 CLASSIFICATION = Task(
