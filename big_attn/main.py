@@ -90,7 +90,7 @@ def dataset_info(config: Any, input_config: dict[str, Any]) -> dict[str, Any]:
     return dict(num_classes=num_classes, image_shape=(size, size, channels))
 
 
-def _model_kwargs(config: Any, info: dict[str, Any], model_cls: Any, mesh: Any
+def model_kwargs(config: Any, info: dict[str, Any], model_cls: Any, mesh: Any
                   ) -> dict[str, Any]:
   """`config.model` with the output size from the data (`num_classes` or `vocab_size`), dtype
   names as dtypes, and the mesh for models that take one (sequence parallelism)."""
@@ -148,7 +148,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
 
   # --------------------------------------------------------------------------------------- Model
   try:
-    model = model_module.Model(**_model_kwargs(config, info, model_module.Model, mesh))
+    model = model_module.Model(**model_kwargs(config, info, model_module.Model, mesh))
   except TypeError as e:
     raise ValueError(f"config.model does not fit {config.model_name}.Model: {e}") from None
   schedule = optim.make_schedule(config.lr, config.schedule, config.total_steps)

@@ -49,7 +49,7 @@ def load_run(config: Any, workdir: str) -> tuple[Any, Any, int, dict[str, Any]]:
   model_module = models.get(config.model_name)
   task = getattr(model_module, "TASK", step_lib.CLASSIFICATION)
   mesh = mesh_lib.make_mesh([("data", 1)])
-  model = model_module.Model(**main_lib._model_kwargs(  # pylint: disable=protected-access
+  model = model_module.Model(**main_lib.model_kwargs(
       config, info, model_module.Model, mesh))
   tx = optim.make_optimizer(config.optax_name, config.optax.to_dict(),
                             optim.make_schedule(config.lr, config.schedule, config.total_steps),

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -84,15 +83,8 @@ def hook_ops(hook: OpHook):
         inside_op[0] = False
     return hooked
 
-  table = registry._OPS  # pylint: disable=protected-access
-  saved = dict(table)
-  table.update({name: wrap(fn) for name, fn in saved.items()})
-  try:
-    with nn.intercept_methods(interceptor):
-      yield
-  finally:
-    table.clear()
-    table.update(saved)
+  with registry.wrapped(wrap), nn.intercept_methods(interceptor):
+    yield
 
 
 def mixing_matrix(op_fn: Callable, query: Array, key: Array, value: Array,
@@ -213,7 +205,7 @@ def suppression_hook(token: Array | int, factor: float, *, num_tokens: int,
   def hook(path, op_fn, query, key, value, op_kwargs):
     if key.shape[1] != num_tokens or factor == 0.0:
       return op_fn(query, key, value, **op_kwargs)
-    if "bias" not in inspect.signature(op_fn).parameters:
+    if not registry.accepts(op_fn, "bias"):
       raise ValueError(f"attention layer {path!r}: its op takes no `bias`, so AtMan cannot "
                        "suppress a token in it")
     column = (jnp.arange(num_tokens) == token)[None, None, None, :]  # [1, 1, 1, s]

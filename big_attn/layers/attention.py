@@ -1,7 +1,6 @@
 """Multi-head attention whose mechanism is picked by registry name."""
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Any
 
@@ -47,10 +46,6 @@ class Projection(nn.Module):
                         self.param_dtype)
       y = y + bias.astype(y.dtype)
     return y
-
-
-def _accepts(fn, name: str) -> bool:
-  return name in inspect.signature(fn).parameters
 
 
 class Attention(nn.Module):
@@ -147,14 +142,14 @@ class Attention(nn.Module):
           op_args=dict(self.op_args or {}), dtype=self.dtype, param_dtype=self.param_dtype,
           name="op_params")(inputs_q, query, key, value))
 
-    if segment_ids is not None and not _accepts(op_fn, "segment_ids"):
+    if segment_ids is not None and not ops.accepts(op_fn, "segment_ids"):
       dims = common.check_qkv(query, key, value)
       mask = common.make_mask(dims, mask=mask, segment_ids=segment_ids)
       segment_ids = None
     if segment_ids is not None:
       op_args["segment_ids"] = segment_ids
     if self.implementation is not None:
-      if not _accepts(op_fn, "implementation"):
+      if not ops.accepts(op_fn, "implementation"):
         raise ValueError(f"attention op {self.op!r} takes no implementation argument, "
                          f"got implementation={self.implementation!r}")
       op_args["implementation"] = self.implementation

@@ -35,6 +35,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from big_attn.layers import layer_norm
+
 _DEPTHS = {"T": (3, 3, 9, 3), "S": (3, 3, 27, 3), "B": (3, 3, 27, 3), "L": (3, 3, 27, 3),
            "XL": (3, 3, 27, 3)}
 _DIMS = {"T": (96, 192, 384, 768), "S": (96, 192, 384, 768), "B": (128, 256, 512, 1024),
@@ -49,13 +51,6 @@ def decode_variant(variant: str) -> dict[str, Any]:
     raise ValueError(f"unknown ConvNeXt variant {variant!r}; expected one of "
                      f"{', '.join(_DEPTHS)}")
   return dict(depths=_DEPTHS[variant], dims=_DIMS[variant])
-
-
-def _layer_norm(dtype, param_dtype, name):
-  return nn.LayerNorm(
-      epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, name=name,
-      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)))
 
 
 def _conv(features, size, *, groups=1, in_axis="channels_in", dtype, param_dtype, name):
@@ -87,7 +82,7 @@ class Block(nn.Module):
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[1:]))
     y = _conv(dim, self.kernel_size, groups=dim, in_axis=None, dtype=self.dtype,
               param_dtype=self.param_dtype, name="dwconv")(x)
-    y = _layer_norm(self.dtype, self.param_dtype, "norm")(y)
+    y = layer_norm(self.dtype, self.param_dtype, "norm")(y)
     y = nn.gelu(dense(4 * dim, ("embed", "mlp"), "pwconv1")(y), approximate=False)
     y = dense(dim, ("mlp", "embed"), "pwconv2")(y)
     if self.layer_scale_init > 0:
@@ -166,7 +161,7 @@ class Model(nn.Module):
     depths, dims = sizes["depths"], sizes["dims"]
     self._check(images, depths)
     deterministic = not train
-    norm = lambda name: _layer_norm(self.dtype, self.param_dtype, name)
+    norm = lambda name: layer_norm(self.dtype, self.param_dtype, name)
     conv = lambda features, size, name: _conv(  # pylint: disable=g-long-lambda
         features, size, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
 

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from big_attn import ops
-from big_attn.layers import MlpBlock
+from big_attn.layers import MlpBlock, layer_norm
 from big_attn.layers import op_params
 from big_attn.layers.attention import Projection
 
@@ -66,13 +66,6 @@ def decode_variant(variant: str) -> dict[str, Any]:
     raise ValueError(f"unknown CvT variant {variant!r}; expected CvT-13, CvT-21 or CvT-W24 "
                      "(or 13, 21, W24)")
   return dict(dims=_DIMS[size], num_heads=_HEADS[size], depths=_DEPTHS[size])
-
-
-def _layer_norm(dtype, param_dtype, name):
-  return nn.LayerNorm(
-      dtype=dtype, param_dtype=param_dtype, name=name,
-      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)))
 
 
 class ConvProjectionAttention(nn.Module):
@@ -104,7 +97,7 @@ class ConvProjectionAttention(nn.Module):
                 dtype=self.dtype, param_dtype=self.param_dtype, name=f"conv_proj_{name}",
                 kernel_init=nn.with_logical_partitioning(
                     _INIT, ("conv_height", "conv_width", None, "embed")))(x_map)
-    y = _layer_norm(self.dtype, self.param_dtype, f"conv_proj_{name}_norm")(y)
+    y = layer_norm(self.dtype, self.param_dtype, f"conv_proj_{name}_norm")(y)
     n, h, w, _ = y.shape
     y = jnp.concatenate([prefix, jnp.reshape(y, (n, h * w, dim))], axis=1)
     return nn.with_logical_constraint(y, ("batch", "length", "embed"))
@@ -158,12 +151,12 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x, grid, deterministic: bool = True):
     drop_path = nn.Dropout(rate=self.drop_path, broadcast_dims=(1, 2))
-    y = _layer_norm(self.dtype, self.param_dtype, "LayerNorm_0")(x)
+    y = layer_norm(self.dtype, self.param_dtype, "LayerNorm_0")(x)
     y = ConvProjectionAttention(**self.attention_args, dtype=self.dtype,
                                 param_dtype=self.param_dtype, name="attention")(y, grid)
     y = nn.Dropout(rate=self.dropout)(y, deterministic)
     x = x + drop_path(y, deterministic)
-    y = _layer_norm(self.dtype, self.param_dtype, "LayerNorm_1")(x)
+    y = layer_norm(self.dtype, self.param_dtype, "LayerNorm_1")(x)
     y = MlpBlock(mlp_dim=int(self.mlp_ratio * x.shape[-1]), dropout=self.dropout,
                  kernel_init=_INIT, bias_init=nn.initializers.zeros_init(), dtype=self.dtype,
                  param_dtype=self.param_dtype, name="MlpBlock")(y, deterministic)
@@ -264,7 +257,7 @@ class Model(nn.Module):
                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(),
                                                          ("embed",)))(x)
       n, h, w, _ = x.shape
-      x = _layer_norm(self.dtype, self.param_dtype, f"stage_{stage}_embed_norm")(
+      x = layer_norm(self.dtype, self.param_dtype, f"stage_{stage}_embed_norm")(
           jnp.reshape(x, (n, h * w, dim)))
       num_prefix = 0
       if stage == stages - 1:
@@ -290,7 +283,7 @@ class Model(nn.Module):
       if stage < stages - 1:
         x = jnp.reshape(x, (n, h, w, dim))  # back to a map for the next token embedding
 
-    x = _layer_norm(self.dtype, self.param_dtype, "norm")(x[:, 0])
+    x = layer_norm(self.dtype, self.param_dtype, "norm")(x[:, 0])
     if self.num_classes:
       x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="head",
                    kernel_init=nn.with_logical_partitioning(_INIT, ("embed", "classes")),

@@ -88,7 +88,6 @@ rmt_s, rmt_b, rmt_l. Depths count attention blocks (a DaViT "dual block" is two)
 """
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Any
 
@@ -98,7 +97,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from big_attn import ops
-from big_attn.layers import Attention, MlpBlock
+from big_attn.layers import Attention, MlpBlock, layer_norm
 from big_attn.ops import retention as retention_lib
 
 FAMILIES = ("davit", "twins_svt", "dinat", "biformer", "rmt")
@@ -205,13 +204,6 @@ def _stage_tuple(name: str, value, kind=int, optional=False) -> tuple:
   return values
 
 
-def _layer_norm(eps, dtype, param_dtype, name):
-  return nn.LayerNorm(
-      epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name,
-      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)))
-
-
 def _conv(features, kernel, stride, dtype, param_dtype, name, groups=1, use_bias=True,
           padding=None):
   """Convolution with padding `kernel // 2` (PyTorch's `padding=k//2`) unless given."""
@@ -241,7 +233,7 @@ def _drop_path(rate: float, x, deterministic: bool):
 
 
 def _takes_grid(op: str) -> bool:
-  return "grid" in inspect.signature(ops.get(op)).parameters
+  return ops.accepts(op, "grid")
 
 
 def _decomposed(op_fn, query, key, value, grid, **kwargs):
@@ -307,12 +299,12 @@ class Block(nn.Module):
     dt, pdt = self.dtype, self.param_dtype
     if self.cpe:
       x = x + _conv(c, 3, 1, dt, pdt, "cpe", groups=c)(x)
-    y = _layer_norm(self.norm_eps, dt, pdt, "norm1")(x)
+    y = layer_norm(dt, pdt, "norm1", epsilon=self.norm_eps)(x)
     kv, kv_grid = None, (h, w)
     if self.kv_reduction > 1:
       r = self.kv_reduction
       kv = _conv(c, r, r, dt, pdt, "sr", padding=0)(y)
-      kv = _layer_norm(self.norm_eps, dt, pdt, "sr_norm")(kv)
+      kv = layer_norm(dt, pdt, "sr_norm", epsilon=self.norm_eps)(kv)
       kv_grid = kv.shape[1:3]
       kv = kv.reshape(b, -1, c)
     op_args = dict(self.op_args or {})
@@ -361,7 +353,7 @@ class Block(nn.Module):
                        deterministic)
     if self.cpe_mlp:
       x = x + _conv(c, 3, 1, dt, pdt, "cpe_mlp", groups=c)(x)
-    y = _layer_norm(self.norm_eps, dt, pdt, "norm2")(x)
+    y = layer_norm(dt, pdt, "norm2", epsilon=self.norm_eps)(x)
     if self.ffn_conv:
       y = nn.gelu(_dense(self.mlp_dim, ("embed", "mlp"), dt, pdt, "fc1")(y))
       y = y + _conv(self.mlp_dim, 3, 1, dt, pdt, "ffn_conv", groups=self.mlp_dim)(y)
@@ -555,7 +547,7 @@ class Model(nn.Module):
   def _stem(self, spec, x):
     family, p, dim = spec["family"], spec["patch_size"], spec["embed_dims"][0]
     dt, pdt, eps = self.dtype, self.param_dtype, spec["norm_eps"]
-    norm = lambda name, y: _layer_norm(eps, dt, pdt, name)(y)  # pylint: disable=g-long-lambda
+    norm = lambda name, y: layer_norm(dt, pdt, name, epsilon=eps)(y)  # pylint: disable=g-long-lambda
     if family == "davit":
       return norm("stem_norm", _conv(dim, 2 * p - 1, p, dt, pdt, "stem")(x))
     if family == "twins_svt":
@@ -579,13 +571,13 @@ class Model(nn.Module):
     dt, pdt, eps = self.dtype, self.param_dtype, spec["norm_eps"]
     name = f"downsample_{stage}"
     if family == "davit":
-      x = _layer_norm(eps, dt, pdt, f"{name}_norm")(x)
+      x = layer_norm(dt, pdt, f"{name}_norm", epsilon=eps)(x)
       return _conv(dim, 2, 2, dt, pdt, name, padding=0)(x)
     if family == "twins_svt":
       x = _conv(dim, 2, 2, dt, pdt, name, padding=0)(x)
     else:
       x = _conv(dim, 3, 2, dt, pdt, name, use_bias=family != "dinat")(x)
-    return _layer_norm(eps, dt, pdt, f"{name}_norm")(x)
+    return layer_norm(dt, pdt, f"{name}_norm", epsilon=eps)(x)
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
@@ -641,10 +633,10 @@ class Model(nn.Module):
     x = x.reshape(b, h * w, c)
     if spec.get("head_projection"):
       x = _dense(spec["head_projection"], ("embed", "mlp"), dt, pdt, "head_projection")(x)
-      x = nn.swish(_layer_norm(spec["norm_eps"], dt, pdt, "norm")(x))
+      x = nn.swish(layer_norm(dt, pdt, "norm", epsilon=spec["norm_eps"])(x))
       x = jnp.mean(x, axis=1)
     else:
-      x = _layer_norm(spec["norm_eps"], dt, pdt, "norm")(jnp.mean(x, axis=1))
+      x = layer_norm(dt, pdt, "norm", epsilon=spec["norm_eps"])(jnp.mean(x, axis=1))
     if self.num_classes:
       x = _dense(self.num_classes, ("embed", "classes"), dt, pdt, "head",
                  zero=self.head_zeroinit)(x)

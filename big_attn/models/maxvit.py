@@ -48,8 +48,7 @@ import jax
 import jax.numpy as jnp
 
 from big_attn import ops
-from big_attn.layers import Attention, MlpBlock
-from big_attn.layers import attention as attention_lib
+from big_attn.layers import Attention, MlpBlock, layer_norm
 from big_attn.models import vit
 
 # MaxViT Section 3.4; stem widths as the authors' maxvit/models/hp/vision.py.
@@ -60,7 +59,6 @@ _STEM_WIDTH = {"T": 64, "S": 64, "B": 64, "L": 128}
 # Stochastic depth rates of the ImageNet-1k training (1 − survival_prob of the authors'
 # maxvit/models/hp/vision_i1k.py).
 DROP_PATH = {"T": 0.2, "S": 0.3, "B": 0.4, "L": 0.6}
-_layer_norm = vit._layer_norm  # pylint: disable=protected-access
 # Filled in by the model per stage: the feature map and the partition size.
 _SPATIAL_ARGS = ("grid", "window_size", "grid_size")
 
@@ -122,7 +120,7 @@ class MBConv(nn.Module):
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
-    norm = lambda name: _layer_norm(self.dtype, self.param_dtype, name)
+    norm = lambda name: layer_norm(self.dtype, self.param_dtype, name)
     dense = lambda width, axes, name, use_bias=True: _dense(  # pylint: disable=g-long-lambda
         width, axes, self.dtype, self.param_dtype, name, use_bias)
     mid = int(self.features * self.expansion)
@@ -161,12 +159,12 @@ class PartitionAttention(nn.Module):
   def __call__(self, x, deterministic: bool = True):
     b, h, w, c = x.shape
     x = jnp.reshape(x, (b, h * w, c))
-    y = _layer_norm(self.dtype, self.param_dtype, "LayerNorm_0")(x)
+    y = layer_norm(self.dtype, self.param_dtype, "LayerNorm_0")(x)
     y = Attention(num_heads=self.num_heads, op=self.op, op_args=self.op_args, use_bias=True,
                   dtype=self.dtype, param_dtype=self.param_dtype,
                   kernel_init=nn.initializers.xavier_uniform(), name="MultiHeadAttention")(y)
     x = x + _drop_path(self.drop_path, y, deterministic)
-    y = _layer_norm(self.dtype, self.param_dtype, "LayerNorm_1")(x)
+    y = layer_norm(self.dtype, self.param_dtype, "LayerNorm_1")(x)
     y = MlpBlock(mlp_dim=int(c * self.mlp_ratio), dtype=self.dtype, param_dtype=self.param_dtype,
                  name="MlpBlock")(y, deterministic)
     x = x + _drop_path(self.drop_path, y, deterministic)
@@ -180,7 +178,7 @@ def _op_args(op: str, user_args: Any, grid: tuple[int, int], partition: tuple[in
   args = dict(user_args or {})
   op_fn = ops.get(op)
   for name, value in (("grid", grid), ("window_size", partition), ("grid_size", partition)):
-    if attention_lib._accepts(op_fn, name):  # pylint: disable=protected-access
+    if ops.accepts(op_fn, name):
       args[name] = value
   return args
 
@@ -344,7 +342,7 @@ class Model(nn.Module):
     x = jnp.asarray(images, self.dtype)
     x = _conv(sizes["stem_width"], (2, 2), ("conv_height", "conv_width", "channels_in", "embed"),
               self.dtype, self.param_dtype, "stem_conv_0")(x)
-    x = nn.gelu(_layer_norm(self.dtype, self.param_dtype, "stem_norm")(x))
+    x = nn.gelu(layer_norm(self.dtype, self.param_dtype, "stem_norm")(x))
     x = _conv(sizes["stem_width"], (1, 1), ("conv_height", "conv_width", "channels_in", "embed"),
               self.dtype, self.param_dtype, "stem_conv_1")(x)
 
@@ -365,7 +363,7 @@ class Model(nn.Module):
                   name=f"stage_{stage}_block_{i}")(x, deterministic)
 
     x = jnp.mean(x, axis=(1, 2))
-    x = _layer_norm(self.dtype, self.param_dtype, "head_norm")(x)
+    x = layer_norm(self.dtype, self.param_dtype, "head_norm")(x)
     if sizes["head_hidden"]:
       x = jnp.tanh(_dense(sizes["head_hidden"], ("embed", "mlp"), self.dtype, self.param_dtype,
                           "pre_logits")(x))

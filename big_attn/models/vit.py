@@ -38,7 +38,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from big_attn.layers import Attention, MlpBlock, PositionEmbedding
+from big_attn.layers import Attention, MlpBlock, PositionEmbedding, layer_norm
 
 # Sizes as in big_vision's `decode_variant` (ViT-G/g from Scaling Vision Transformers,
 # So400m from "Getting ViT in Shape", ViT-e from PaLI).
@@ -76,13 +76,6 @@ def decode_variant(variant: str) -> dict[str, Any]:
   return out
 
 
-def _layer_norm(dtype, param_dtype, name):
-  return nn.LayerNorm(
-      dtype=dtype, param_dtype=param_dtype, name=name,
-      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)))
-
-
 class Encoder1DBlock(nn.Module):
   """x + Dropout(Attn(LN(x))), then x + Dropout(MLP(LN(x))); returns `(x, None)` for `nn.scan`."""
   num_heads: int
@@ -100,7 +93,7 @@ class Encoder1DBlock(nn.Module):
   def __call__(self, x, deterministic: bool = True):
     constrain = lambda y: nn.with_logical_constraint(y, ("batch", "length", "embed"))
     x = constrain(x)
-    y = _layer_norm(self.dtype, self.param_dtype, "LayerNorm_0")(x)
+    y = layer_norm(self.dtype, self.param_dtype, "LayerNorm_0")(x)
     y = Attention(
         num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, op=self.attention,
         op_args=self.attention_args, implementation=self.attention_impl, qk_norm=self.qk_norm,
@@ -108,7 +101,7 @@ class Encoder1DBlock(nn.Module):
         kernel_init=nn.initializers.xavier_uniform(), name="MultiHeadAttention")(y)
     y = nn.Dropout(rate=self.dropout)(y, deterministic)
     x = constrain(x + y)
-    y = _layer_norm(self.dtype, self.param_dtype, "LayerNorm_1")(x)
+    y = layer_norm(self.dtype, self.param_dtype, "LayerNorm_1")(x)
     y = MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout, dtype=self.dtype,
                  param_dtype=self.param_dtype, name="MlpBlock")(y, deterministic)
     y = nn.Dropout(rate=self.dropout)(y, deterministic)
@@ -140,7 +133,7 @@ class Encoder(nn.Module):
     else:
       for i in range(self.depth):
         x, _ = block(name=f"encoderblock_{i}", **kwargs)(x, deterministic)
-    return _layer_norm(self.dtype, self.param_dtype, "encoder_norm")(x)
+    return layer_norm(self.dtype, self.param_dtype, "encoder_norm")(x)
 
 
 class MAPHead(nn.Module):
@@ -160,7 +153,7 @@ class MAPHead(nn.Module):
     x = Attention(num_heads=self.num_heads, use_bias=True, dtype=self.dtype,
                   param_dtype=self.param_dtype, kernel_init=nn.initializers.xavier_uniform(),
                   name="MultiHeadAttention")(probe, x)
-    y = _layer_norm(self.dtype, self.param_dtype, "LayerNorm_0")(x)
+    y = layer_norm(self.dtype, self.param_dtype, "LayerNorm_0")(x)
     x = x + MlpBlock(mlp_dim=self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype,
                      name="MlpBlock")(y)
     return x[:, 0]

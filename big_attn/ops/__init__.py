@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 from typing import Callable
 
-from big_attn.ops.registry import get, names, register
+from big_attn.ops.registry import accepts, get, names, register
 from big_attn.ops.softmax import dot_product_attention
 
 # Importing a family module registers its ops.
@@ -47,7 +47,7 @@ def as_attention_fn(name: str, **mechanism_args) -> Callable:
   Attention-weight dropout is not supported (the ops never materialise weights for Flax).
   """
   op = get(name)
-  accepts_bias = "bias" in inspect.signature(op).parameters
+  accepts_bias = accepts(op, "bias")
 
   def attention_fn(query, key, value, bias=None, mask=None, dropout_rate=0.0,
                    deterministic=True, dtype=None):
@@ -69,4 +69,4 @@ def as_attention_fn(name: str, **mechanism_args) -> Callable:
   return attention_fn
 
 
-__all__ = ["as_attention_fn", "dot_product_attention", "get", "names", "register"]
+__all__ = ["accepts", "as_attention_fn", "dot_product_attention", "get", "names", "register"]

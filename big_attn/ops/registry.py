@@ -1,7 +1,9 @@
 """Registry of attention ops by name."""
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+import inspect
+from typing import Callable, Iterator
 
 _OPS: dict[str, Callable] = {}
 
@@ -26,6 +28,24 @@ def get(name: str) -> Callable:
     return _OPS[name]
   except KeyError:
     raise KeyError(f"unknown attention op {name!r}; known ops: {', '.join(names())}") from None
+
+
+def accepts(op: str | Callable, argument: str) -> bool:
+  """Whether op `op` (a registered name or the function) takes keyword `argument`."""
+  return argument in inspect.signature(get(op) if isinstance(op, str) else op).parameters
+
+
+@contextlib.contextmanager
+def wrapped(wrap: Callable[[Callable], Callable]) -> Iterator[None]:
+  """Within the context, `get(name)` returns `wrap(op)` for every registered op (process-wide:
+  for tools that observe ops without changing the code calling them); restored on exit."""
+  saved = dict(_OPS)
+  _OPS.update({name: wrap(fn) for name, fn in saved.items()})
+  try:
+    yield
+  finally:
+    _OPS.clear()
+    _OPS.update(saved)
 
 
 def names() -> list[str]:
