@@ -28,14 +28,7 @@ def get_config(arg=None):
                              runlocal=False)
   if arg.family not in hvit.FAMILIES:
     raise ValueError(f"config arg family must be one of {hvit.FAMILIES}, got {arg.family!r}")
-  config = config_lib.base_config()
-  config.seed = 0
-
-  config.input.name = "digits"
-  config.input.image_size = 16
-  config.input.batch_size = 64
-  config.input.augment = dict(crop_padding=2, flip=False)
-  config.input.mixup = 0.0
+  config = config_lib.digits_config(arg)
 
   config.model_name = "hvit"
   config.model = dict(family=arg.family, embed_dims=(16, 32, 48, 64), depths=(2, 2, 2, 2),
@@ -45,17 +38,4 @@ def get_config(arg=None):
     config.model["local_op"] = arg.local_op
   if arg.global_op:
     config.model["global_op"] = arg.global_op
-
-  config.mesh = [("data", -1)]
-  config.optax_name = "adamw"
-  config.optax = dict(b2=0.99, weight_decay=1e-4)
-  config.lr = 2e-3
-  config.schedule = dict(warmup_steps=2 if arg.runlocal else 100, decay_type="cosine")
-  config.grad_clip_norm = 1.0
-  config.total_steps = 20 if arg.runlocal else arg.steps
-  config.log_every = 10 if arg.runlocal else 100
-  config.ckpt_every = 10 if arg.runlocal else 500
-  config.max_to_keep = 2
-  config.evals.eval = dict(type="classification", every=config.total_steps // 3 or 1,
-                           split="test", batch_size=128)
   return config

@@ -19,30 +19,10 @@ from big_attn.train import config_lib
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, block_attention="window", grid_attention="grid", steps=1000,
                              runlocal=False)
-  config = config_lib.base_config()
-  config.seed = 0
-
-  config.input.name = "digits"
-  config.input.image_size = 16
-  config.input.batch_size = 64
-  config.input.augment = dict(crop_padding=2, flip=False)
-  config.input.mixup = 0.0
+  config = config_lib.digits_config(arg)
 
   config.model_name = "maxvit"
   config.model = dict(embed_dims=(32, 64), depths=(1, 1), stem_width=32, head_hidden=64,
                       head_dim=16, partition_size=2, block_attention=arg.block_attention,
                       grid_attention=arg.grid_attention, drop_path=0.0, dtype="float32")
-
-  config.mesh = [("data", -1)]
-  config.optax_name = "adamw"
-  config.optax = dict(b2=0.99, weight_decay=1e-4)
-  config.lr = 2e-3
-  config.schedule = dict(warmup_steps=2 if arg.runlocal else 100, decay_type="cosine")
-  config.grad_clip_norm = 1.0
-  config.total_steps = 20 if arg.runlocal else arg.steps
-  config.log_every = 10 if arg.runlocal else 100
-  config.ckpt_every = 10 if arg.runlocal else 500
-  config.max_to_keep = 2
-  config.evals.eval = dict(type="classification", every=config.total_steps // 3 or 1,
-                           split="test", batch_size=128)
   return config

@@ -19,31 +19,11 @@ def get_config(arg=None):
   if len(mixers) not in (1, 4):
     raise ValueError(f"config arg mixer must be one mixer name or four joined by '+', got "
                      f"{arg.mixer!r}")
-  config = config_lib.base_config()
-  config.seed = 0
-
-  config.input.name = "digits"
-  config.input.image_size = 32  # stages of 8x8, 4x4, 2x2 and 1x1 tokens
-  config.input.batch_size = 64
-  config.input.augment = dict(crop_padding=2, flip=False)
-  config.input.mixup = 0.0
+  config = config_lib.digits_config(arg, image_size=32)
 
   config.model_name = "metaformer"
   config.model = dict(depths=(1, 1, 2, 1), dims=(16, 32, 64, 64),
                       mixers=mixers[0] if len(mixers) == 1 else tuple(mixers),
                       mixer_args=dict(attention=dict(op=arg.attention, head_dim=16)),
                       layer_scale_init=1e-2, drop_path=0.0, dtype="float32")
-
-  config.mesh = [("data", -1)]
-  config.optax_name = "adamw"
-  config.optax = dict(b2=0.99, weight_decay=1e-4)
-  config.lr = 2e-3
-  config.schedule = dict(warmup_steps=2 if arg.runlocal else 100, decay_type="cosine")
-  config.grad_clip_norm = 1.0
-  config.total_steps = 20 if arg.runlocal else arg.steps
-  config.log_every = 10 if arg.runlocal else 100
-  config.ckpt_every = 10 if arg.runlocal else 500
-  config.max_to_keep = 2
-  config.evals.eval = dict(type="classification", every=config.total_steps // 3 or 1,
-                           split="test", batch_size=128)
   return config

@@ -114,3 +114,29 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict(_tuples(json.load(f)))
   config.lock()
   return config
+
+
+def digits_config(arg: ml_collections.ConfigDict, *, image_size: int = 16,
+                  weight_decay: float = 1e-4) -> ml_collections.ConfigDict:
+  """`base_config()` for a classifier on the embedded digits, as the `*_digits` configs share it:
+  `arg.steps` AdamW steps at 2e-3 (100 warmup, cosine), batch 64, crop augmentation, held-out
+  evaluation three times; `arg.runlocal` shrinks it to 20 steps. The caller sets the model."""
+  config = base_config()
+  config.input.name = "digits"
+  config.input.image_size = image_size
+  config.input.batch_size = 64
+  config.input.augment = dict(crop_padding=2, flip=False)
+  config.input.mixup = 0.0
+  config.mesh = [("data", -1)]
+  config.optax_name = "adamw"
+  config.optax = dict(b2=0.99, weight_decay=weight_decay)
+  config.lr = 2e-3
+  config.schedule = dict(warmup_steps=2 if arg.runlocal else 100, decay_type="cosine")
+  config.grad_clip_norm = 1.0
+  config.total_steps = 20 if arg.runlocal else arg.steps
+  config.log_every = 10 if arg.runlocal else 100
+  config.ckpt_every = 10 if arg.runlocal else 500
+  config.max_to_keep = 2
+  config.evals.eval = dict(type="classification", every=config.total_steps // 3 or 1,
+                           split="test", batch_size=128)
+  return config
