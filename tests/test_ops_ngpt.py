@@ -17,7 +17,7 @@ from tests import reference as ref
 def _ngpt_ref(q, k, v, s_q, s_k, full_mask):
   """softmax(√d · (s_q ⊙ q/‖q‖)·(s_k ⊙ k/‖k‖)) v, K/V heads repeated, in float64."""
   q, k, v, s_q, s_k = ref.f64(q, k, v, s_q, s_k)
-  n, d = q.shape[2], q.shape[3]
+  d = q.shape[3]
   q = q / jnp.sqrt(jnp.sum(q * q, -1, keepdims=True)) * s_q
   k = k / jnp.sqrt(jnp.sum(k * k, -1, keepdims=True)) * s_k
   return ref.softmax_attention(q, k, v, mask=full_mask, scale=np.sqrt(d))
