@@ -39,6 +39,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pallas_kernels import flash_attention, flash_attention_reference  # noqa: E402  pylint: disable=g-import-not-at-top
+from big_attn.interpret import plots  # noqa: E402  pylint: disable=g-import-not-at-top
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -290,21 +291,11 @@ def run_memory(args) -> None:
   stem = os.path.join(RESULTS, f"flash_memory_{platform}")
   with open(stem + ".md", "w", encoding="utf-8") as f:
     f.write(table)
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(5, 4))
-  for n in names:
-    pts = [(r["seq"], r[n] / 2**20) for r in rows if r[n]]
-    ax.plot(*zip(*pts), marker="o", label=n)
-  ax.set_xscale("log", base=2)
-  ax.set_yscale("log", base=2)
-  ax.set_xlabel("sequence length")
-  ax.set_ylabel("temp MiB (fwd+bwd)")
-  ax.set_title(f"compiled temporaries, {platform}", fontsize=9)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(stem + ".png", dpi=120)
+  plots.plot_curves(
+      [{"sequence length": r["seq"], "temp MiB (fwd+bwd)": r[n] / 2**20, "implementation": n}
+       for r in rows for n in names if r[n]],
+      x="sequence length", y="temp MiB (fwd+bwd)", by="implementation", logx=True, logy=True,
+      title=f"compiled temporaries, {platform}", path=stem + ".png")
 
 
 def _ints(text: str) -> list[int]:
