@@ -365,7 +365,7 @@ def test_cli_explains_a_checkpointed_run(tmp_path):
   assert written == json.loads(json.dumps(summary))
   assert written["step"] == 4 and written["image"] == 3 and written["grid"] == [2, 2]
   assert len(written["layers"]) == 2 and written["num_prefix"] == 1
-  assert set(written["relevance"]) == {"rollout", "gradient rollout", "flow", "AtMan"}
+  assert set(written["relevance"]) == {"rollout", "gradient rollout", "flow", "AtMan", "LRP"}
   numbers = [written["logits"], list(written["attention_distance"].values()),
              list(written["relevance"].values()),
              [[v["mean"], v["max"], v["median"]] for v in written["token_norms"].values()]]

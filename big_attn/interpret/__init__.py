@@ -5,12 +5,15 @@
 
 `capture` reads and steers attention without changing model code; `relevance` computes
 rollout, flow, gradient-weighted rollout, AtMan, attention distances and high-norm tokens;
+`lrp` the relevance propagation of Transformer Interpretability Beyond Attention
+Visualization (ViT);
 `plots` draws them (and benchmark curves). `python -m big_attn.interpret` explains a test image
 with the latest checkpoint of a `big_attn.main` run.
 """
 from big_attn.interpret.capture import (apply_with_hook, attention_gradients, block_outputs,
                                         capture_attention, hook_ops, mixing_matrix,
                                         suppression_hook)
+from big_attn.interpret.lrp import lrp_relevance, transformer_attribution
 from big_attn.interpret.relevance import (atman, attention_distance, attention_flow,
                                           attention_rollout, gradient_rollout, high_norm_tokens,
                                           max_flow, self_attention_maps, token_norms,
@@ -18,5 +21,6 @@ from big_attn.interpret.relevance import (atman, attention_distance, attention_f
 
 __all__ = ["apply_with_hook", "atman", "attention_distance", "attention_flow",
            "attention_gradients", "attention_rollout", "block_outputs", "capture_attention",
-           "gradient_rollout", "high_norm_tokens", "hook_ops", "max_flow", "mixing_matrix",
-           "self_attention_maps", "suppression_hook", "token_norms", "token_relevance"]
+           "gradient_rollout", "high_norm_tokens", "hook_ops", "lrp_relevance", "max_flow",
+           "mixing_matrix", "self_attention_maps", "suppression_hook", "token_norms",
+           "token_relevance", "transformer_attribution"]

@@ -7,7 +7,8 @@ The run's config is read from `WORKDIR/config.json` (saved by `big_attn.main`); 
 (with the run's `:ARG` and `--config.KEY=VALUE` overrides) replaces it. Writes into `--out` (default
 `WORKDIR/interpret/image_N`):
   attention_maps.png  every layer's and head's attention to the patches, over the image;
-  relevance.png       attention rollout, attention flow, gradient-weighted rollout and AtMan;
+  relevance.png       attention rollout, attention flow, gradient-weighted rollout, AtMan and
+                      (softmax ViTs) the LRP transformer attribution;
   distances.png       mean attention distance of every head against depth;
   token_norms.png     histograms of the blocks' output token norms;
   summary.json        prediction, the numbers behind the figures and the high-norm tokens.
@@ -28,7 +29,7 @@ import orbax.checkpoint as ocp
 
 from big_attn import data, models
 from big_attn import main as main_lib
-from big_attn.interpret import capture, plots, relevance
+from big_attn.interpret import capture, lrp, plots, relevance
 from big_attn.parallel import mesh as mesh_lib
 from big_attn.train import config_lib
 from big_attn.train import optim
@@ -127,6 +128,8 @@ def explain(config: Any, workdir: str, image_index: int, out_dir: str | None = N
   heatmaps = {"rollout": as_grid(patch_relevance(relevance.attention_rollout(self_maps))),
               "gradient rollout": as_grid(patch_relevance(relevance.gradient_rollout(
                   self_maps, [grads[p] for p in layers])))}
+  if lrp.supports(model):
+    heatmaps["LRP"] = as_grid(lrp.transformer_attribution(model, variables, images, target))
   if layout["num_tokens"] <= flow_max_tokens:
     outputs = ([layout["query"]] if layout["query"] is not None
                else range(num_prefix, num_prefix + grid[0] * grid[1]))

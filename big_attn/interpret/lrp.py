@@ -127,10 +127,11 @@ class LRP(NamedTuple):
   logits: Array
 
 
-def _check(model: Any, images: Any, target: Any) -> tuple[Array, Array]:
+def unsupported(model: Any) -> str | None:
+  """Why relevance propagation cannot explain `model`, or None when it can."""
   if not isinstance(model, vit.Model):
-    raise ValueError(f"model must be a big_attn.models.vit.Model, got {type(model).__name__}")
-  unsupported = {
+    return f"a big_attn.models.vit.Model, got {type(model).__name__}"
+  requirements = {
       "attention": (model.attention != "softmax", f"the softmax op, got {model.attention!r}"),
       "attention_args": (bool(model.attention_args), "no op arguments"),
       "qk_norm": (model.qk_norm, "qk_norm=False"),
@@ -141,9 +142,21 @@ def _check(model: Any, images: Any, target: Any) -> tuple[Array, Array]:
                       "'layers' axis unstacked)"),
       "num_classes": (not model.num_classes, "a classifier head (num_classes > 0)"),
   }
-  for name, (bad, expected) in unsupported.items():
+  for name, (bad, expected) in requirements.items():
     if bad:
-      raise ValueError(f"relevance propagation needs {expected} (model.{name})")
+      return f"{expected} (model.{name})"
+  return None
+
+
+def supports(model: Any) -> bool:
+  """Whether `lrp_relevance`/`transformer_attribution` can explain `model`."""
+  return unsupported(model) is None
+
+
+def _check(model: Any, images: Any, target: Any) -> tuple[Array, Array]:
+  reason = unsupported(model)
+  if reason is not None:
+    raise ValueError(f"relevance propagation needs {reason}")
   images = jnp.asarray(images)
   if images.ndim != 4:
     raise ValueError(f"images must be [batch, height, width, channels], got shape "

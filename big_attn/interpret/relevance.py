@@ -137,8 +137,8 @@ def gradient_rollout(maps: Sequence[Any], grads: Sequence[Any]) -> np.ndarray:
   The rule of Generic Attention-model Explainability for Interpreting Bi-Modal and
   Encoder-Decoder Transformers (Chefer, Gur & Wolf 2021), the follow-up of Transformer
   Interpretability Beyond Attention Visualization: R = I, then for each layer
-  Ā = mean_heads((∇A ⊙ A)⁺), R ← R + Ā·R. (The earlier paper's full LRP propagation
-  through every layer is not implemented.) `grads` are `∂target/∂A`
+  Ā = mean_heads((∇A ⊙ A)⁺), R ← R + Ā·R. The earlier paper's form, with the LRP relevance
+  of each map in place of A, is `interpret.lrp.transformer_attribution`. `grads` are `∂target/∂A`
   (`capture.attention_gradients`).
   """
   maps = _check_maps("maps", maps)
