@@ -1,11 +1,8 @@
 """Test set-up: 8 simulated CPU devices (set before JAX is imported) and platform markers."""
 import os
 
-# 8 simulated devices; LLVM's backend optimisations off: the tests are bound by compile time,
-# and the programs' results do not depend on them.
 os.environ["XLA_FLAGS"] = " ".join(
-    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8",
-     "--xla_backend_optimization_level=0"]).strip()
+    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402  pylint: disable=g-import-not-at-top
