@@ -104,22 +104,12 @@ class Model(nn.Module):
   def _check(self, images, sizes):
     if not isinstance(self.num_classes, int) or self.num_classes < 1:
       raise ValueError(f"num_classes must be a positive int, got {self.num_classes!r}")
-    if self.remat_policy not in vit.REMAT_POLICIES:
-      raise ValueError(f"unknown remat_policy {self.remat_policy!r}; expected one of "
-                       f"{vit.REMAT_POLICIES}")
-    if self.attention_args is not None and not hasattr(self.attention_args, "keys"):
-      raise TypeError(f"attention_args must be a dict, got {type(self.attention_args).__name__}")
     if not (self.teacher is None or callable(self.teacher) or hasattr(self.teacher, "keys")):
       raise TypeError(f"teacher must be None, a callable or a dict, got "
                       f"{type(self.teacher).__name__}")
     if self.teacher is not None and not self.distilled:
       raise ValueError("a teacher needs distilled=True (the distillation token learns from it)")
-    if images.ndim != 4:
-      raise ValueError(f"images must be [batch, height, width, channels], got shape "
-                       f"{images.shape}")
-    (ph, pw), (h, w) = sizes["patch_size"], images.shape[1:3]
-    if h % ph or w % pw:
-      raise ValueError(f"image size {(h, w)} must be divisible by patch_size {(ph, pw)}")
+    vit.check_encoder_inputs(self, images, sizes)
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):

@@ -159,6 +159,21 @@ class MAPHead(nn.Module):
     return x[:, 0]
 
 
+def check_encoder_inputs(model: nn.Module, images, sizes: dict[str, Any]) -> None:
+  """The checks a ViT-like `model` (remat_policy, attention_args fields) makes of its images."""
+  if model.remat_policy not in REMAT_POLICIES:
+    raise ValueError(f"unknown remat_policy {model.remat_policy!r}; expected one of "
+                     f"{REMAT_POLICIES}")
+  if model.attention_args is not None and not hasattr(model.attention_args, "keys"):
+    raise TypeError(f"attention_args must be a dict, got {type(model.attention_args).__name__}")
+  if images.ndim != 4:
+    raise ValueError(f"images must be [batch, height, width, channels], got shape "
+                     f"{images.shape}")
+  (ph, pw), (h, w) = sizes["patch_size"], images.shape[1:3]
+  if h % ph or w % pw:
+    raise ValueError(f"image size {(h, w)} must be divisible by patch_size {(ph, pw)}")
+
+
 class Model(nn.Module):
   """ViT classifier: `[batch, H, W, C]` images -> `[batch, num_classes]` float32 logits.
 
@@ -226,19 +241,9 @@ class Model(nn.Module):
   def _check(self, images, sizes):
     if self.pool_type not in POOL_TYPES:
       raise ValueError(f"unknown pool_type {self.pool_type!r}; expected one of {POOL_TYPES}")
-    if self.remat_policy not in REMAT_POLICIES:
-      raise ValueError(f"unknown remat_policy {self.remat_policy!r}; expected one of "
-                       f"{REMAT_POLICIES}")
     if self.num_registers < 0:
       raise ValueError(f"num_registers must be >= 0, got {self.num_registers}")
-    if self.attention_args is not None and not hasattr(self.attention_args, "keys"):
-      raise TypeError(f"attention_args must be a dict, got {type(self.attention_args).__name__}")
-    if images.ndim != 4:
-      raise ValueError(f"images must be [batch, height, width, channels], got shape "
-                       f"{images.shape}")
-    (ph, pw), (h, w) = sizes["patch_size"], images.shape[1:3]
-    if h % ph or w % pw:
-      raise ValueError(f"image size {(h, w)} must be divisible by patch_size {(ph, pw)}")
+    check_encoder_inputs(self, images, sizes)
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
