@@ -53,7 +53,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from big_attn import models
-from big_attn.layers import PositionEmbedding
 from big_attn.models import vit
 from big_attn.train import step as step_lib
 
@@ -118,18 +117,8 @@ class Model(nn.Module):
     width, patch = sizes["width"], sizes["patch_size"]
     deterministic = not train
 
-    x = jnp.asarray(images, self.dtype)
-    x = nn.Conv(width, patch, strides=patch, padding="VALID", dtype=self.dtype,
-                param_dtype=self.param_dtype, name="embedding",
-                kernel_init=nn.with_logical_partitioning(
-                    nn.initializers.lecun_normal(),
-                    ("patch_h", "patch_w", "channels_in", "embed")),
-                bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(),
-                                                       ("embed",)))(x)
-    n, gh, gw, _ = x.shape
-    x = jnp.reshape(x, (n, gh * gw, width))
-    x = x + PositionEmbedding(self.posemb, dtype=self.dtype, param_dtype=self.param_dtype,
-                              name="posemb")((gh, gw), width)[None]
+    x = vit.embed_patches(images, width, patch, self.posemb, self.dtype, self.param_dtype)
+    n = x.shape[0]
     token_names = ("cls", "dist") if self.distilled else ("cls",)
     tokens = [jnp.asarray(self.param(name, nn.with_logical_partitioning(
         nn.initializers.normal(stddev=0.02), (None, "embed")), (1, width), self.param_dtype),

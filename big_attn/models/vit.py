@@ -159,6 +159,22 @@ class MAPHead(nn.Module):
     return x[:, 0]
 
 
+def embed_patches(images, width: int, patch: tuple[int, int], posemb: str, dtype: Any,
+                  param_dtype: Any):
+  """`[b, H, W, C]` -> `[b, patches, width]`: strided-conv patch embedding plus the position
+  embedding. Called inside a compact method, it creates the caller's `embedding` and `posemb`."""
+  x = nn.Conv(width, patch, strides=patch, padding="VALID", dtype=dtype, param_dtype=param_dtype,
+              name="embedding",
+              kernel_init=nn.with_logical_partitioning(
+                  nn.initializers.lecun_normal(), ("patch_h", "patch_w", "channels_in", "embed")),
+              bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",))
+              )(jnp.asarray(images, dtype))
+  n, gh, gw, _ = x.shape
+  x = jnp.reshape(x, (n, gh * gw, width))
+  return x + PositionEmbedding(posemb, dtype=dtype, param_dtype=param_dtype,
+                               name="posemb")((gh, gw), width)[None]
+
+
 def check_encoder_inputs(model: nn.Module, images, sizes: dict[str, Any]) -> None:
   """The checks a ViT-like `model` (remat_policy, attention_args fields) makes of its images."""
   if model.remat_policy not in REMAT_POLICIES:
@@ -255,18 +271,8 @@ class Model(nn.Module):
         self.param(name, nn.with_logical_partitioning(init, axes), shape, self.param_dtype),
         self.dtype)
 
-    x = jnp.asarray(images, self.dtype)
-    x = nn.Conv(width, patch, strides=patch, padding="VALID", dtype=self.dtype,
-                param_dtype=self.param_dtype, name="embedding",
-                kernel_init=nn.with_logical_partitioning(
-                    nn.initializers.lecun_normal(),
-                    ("patch_h", "patch_w", "channels_in", "embed")),
-                bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(),
-                                                       ("embed",)))(x)
-    n, gh, gw, _ = x.shape
-    x = jnp.reshape(x, (n, gh * gw, width))
-    x = x + PositionEmbedding(self.posemb, dtype=self.dtype, param_dtype=self.param_dtype,
-                              name="posemb")((gh, gw), width)[None]
+    x = embed_patches(images, width, patch, self.posemb, self.dtype, self.param_dtype)
+    n = x.shape[0]
 
     num_prefix = 0
     if self.pool_type in ("cls", "tok"):
