@@ -17,13 +17,16 @@ import dataclasses
 import functools
 import os
 import signal
+import sys
 import threading
+import time
 from typing import Any
 
 from absl import app, flags, logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from big_attn import data, evaluators, models
@@ -55,6 +58,96 @@ def maybe_initialize_distributed() -> None:
            or len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1)
   if multi:
     jax.distributed.initialize()
+
+
+class RunRefused(ValueError):
+  """The workdir holds a run that this config may not continue; nothing was touched."""
+
+
+class StopRequest:
+  """SIGTERM or SIGINT at any time (start-up, restore, compile, loop) asks the run to stop.
+
+  Installed first thing in `train_and_evaluate`; the loop stops at the next step boundary and
+  saves a checkpoint. A second SIGINT interrupts at once (KeyboardInterrupt). With several
+  processes, JAX's preemption service catches SIGTERM and the processes agree on the step at
+  which all of them stop (`multihost_utils.reached_preemption_sync_point`).
+  """
+
+  def __init__(self):
+    self._event = threading.Event()
+    self._previous = {}
+    if threading.current_thread() is not threading.main_thread():
+      return
+    signals = [signal.SIGINT] + ([signal.SIGTERM] if jax.process_count() == 1 else [])
+    for sig in signals:
+      self._previous[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    if signum == signal.SIGINT and self._event.is_set():
+      raise KeyboardInterrupt
+    logging.warning("%s received: stopping at the next step and saving a checkpoint",
+                    signal.Signals(signum).name)
+    self._event.set()
+
+  def requested(self, step: int) -> bool:
+    if jax.process_count() > 1 and multihost_utils.reached_preemption_sync_point(step):
+      self._event.set()
+    return self._event.is_set()
+
+  def restore_handlers(self) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous = {}
+
+
+def prepare_workdir(config: Any, workdir: str) -> None:
+  """Checks that `config` may run in `workdir`, then records it there as `config.json`.
+
+  A workdir whose checkpoints come from a config that differs outside
+  `config_lib.RESUMABLE_KEYS` is refused (`RunRefused`, nothing touched) unless
+  `config.resume_policy` is "accept_changes" (resume; the previous config is kept as
+  `config.<time>.json`) or "restart" (the previous run's checkpoints, checksums, metrics and
+  TensorBoard events are moved to `*.previous-<time>` and training starts at step 0).
+  """
+  if config.resume_policy not in config_lib.RESUME_POLICIES:
+    raise ValueError(f"config.resume_policy must be one of {config_lib.RESUME_POLICIES}, got "
+                     f"{config.resume_policy!r}")
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise RunRefused(f"--workdir={workdir} exists and is not a directory")
+  checkpoints = os.path.join(workdir, "checkpoints")
+  has_run = os.path.isdir(checkpoints) and any(
+      name.isdigit() or ".corrupt-" in name for name in os.listdir(checkpoints))
+  stamp = time.strftime("%Y%m%d-%H%M%S")
+  saved = os.path.join(workdir, config_lib.CONFIG_FILE)
+  if has_run and config.resume_policy == "restart":
+    if jax.process_index() == 0:
+      for name in ("checkpoints", "checkpoints-sha256", "metrics.jsonl", "tensorboard",
+                   config_lib.CONFIG_FILE):
+        path = os.path.join(workdir, name)
+        if os.path.exists(path):
+          stem, ext = os.path.splitext(path)
+          os.rename(path, f"{stem}.previous-{stamp}{ext}")
+    multihost_utils.sync_global_devices("big_attn workdir restarted")
+    logging.warning("resume_policy=restart: the previous run in %s was moved to "
+                    "*.previous-%s; starting at step 0", workdir, stamp)
+  elif has_run and os.path.exists(saved):
+    changes = config_lib.config_changes(config_lib.load_config(workdir), config)
+    if changes and config.resume_policy == "resume":
+      lines = "\n".join(f"  {key}: {old!r} -> {new!r}" for key, old, new in changes)
+      raise RunRefused(
+          f"--workdir={workdir} holds checkpoints of a run whose config differs from this one "
+          f"in keys that change the train state or its meaning:\n{lines}\nNothing was changed. "
+          "To continue that run, pass its config again (keys that may change on a restart: "
+          f"{', '.join(config_lib.RESUMABLE_KEYS)}). To start a new run, use another --workdir, "
+          "or --config.resume_policy=restart to keep the old run aside and start at step 0; "
+          "--config.resume_policy=accept_changes resumes the checkpoints with this config.")
+    if changes and jax.process_index() == 0:
+      os.replace(saved, os.path.join(workdir, f"config.{stamp}.json"))
+      logging.warning("resume_policy=accept_changes: resuming with changed %s (the previous "
+                      "config is config.%s.json)", [k for k, _, _ in changes], stamp)
+  if jax.process_index() == 0:
+    config_lib.save_config(config, workdir)
 
 
 def check_config(config: Any) -> None:
@@ -115,7 +208,17 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   With `config.dry_run` it only compiles one step and returns `{"parameters", "memory",
   "flops"}` instead.
   """
+  stop = StopRequest()
+  try:
+    return _train_and_evaluate(config, workdir, stop)
+  finally:
+    stop.restore_handlers()
+
+
+def _train_and_evaluate(config: Any, workdir: str, stop: StopRequest) -> dict[str, Any]:
   check_config(config)
+  if not config.dry_run:
+    prepare_workdir(config, workdir)
   rules = mesh_lib.check_rules(config.sharding_rules)
   rng = jax.random.key(config.seed)
   init_rng, train_rng = jax.random.split(rng)
@@ -188,8 +291,6 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
                                       input_dtype=input_dtype, loss_fn=task_loss(constants)))
 
   # ---------------------------------------------------------------------------------- Checkpoint
-  if jax.process_index() == 0:
-    config_lib.save_config(config, workdir)
   checkpointer = ckpt_lib.Checkpointer(
       os.path.join(os.path.abspath(workdir), "checkpoints"), every=config.ckpt_every,
       max_to_keep=config.max_to_keep)
@@ -211,20 +312,17 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     evals[name] = (evaluators.get(cfg.type)(model, mesh=mesh, rules=rules, **kwargs), cfg.every)
 
   # ---------------------------------------------------------------------------------------- Loop
-  writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
+  writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0,
+                                    resume_step=first_step)
   progress = metrics_lib.Progress(first_step, config.total_steps, batch_size)
-  preempted = threading.Event()
-  previous_handler = None
-  if threading.current_thread() is threading.main_thread():
-    previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.set())
   step = first_step
   try:
-    while step < config.total_steps and not preempted.is_set():
+    while step < config.total_steps and not stop.requested(step):
       batch = next(train_iter)
       batch = mesh_lib.shard_batch({k: batch[k] for k in batch_spec}, data_sharding)
       state, metrics = train_step(state, batch, train_rng, constants)
       step += 1
-      last = step == config.total_steps or preempted.is_set()
+      last = step == config.total_steps or stop.requested(step)
       if step % config.log_every == 0 or step % config.ckpt_every == 0 or last:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         metrics_lib.check_finite(step, metrics)
@@ -238,16 +336,15 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
           writer.write(step, results)
           logging.info("step %d: %s", step, results)
       writer.flush()
-      checkpointer.save(step, state, train_iter,
-                        force=step == config.total_steps or preempted.is_set())
-    if preempted.is_set():
-      logging.warning("SIGTERM received: saved a checkpoint at step %d, exiting", step)
+      checkpointer.save(step, state, train_iter, force=last)
+    preempted = stop.requested(step) and step < config.total_steps
+    if preempted:
+      checkpointer.save(step, state, train_iter, force=True)
+      logging.warning("stopped on request: checkpoint of step %d saved, exiting", step)
   finally:
     checkpointer.close()
     writer.close()
-    if previous_handler is not None:
-      signal.signal(signal.SIGTERM, previous_handler)
-  return {"step": step, "preempted": preempted.is_set()}
+  return {"step": step, "preempted": preempted}
 
 
 def step_flops(model: Any, tx: Any, schedule: Any, config: Any, image_shape: tuple[int, ...],
@@ -293,7 +390,11 @@ def main(argv):
   config = _CONFIG.value
   if not config.dry_run and not _WORKDIR.value:
     raise app.UsageError("--workdir is required (except with --config.dry_run=True)")
-  train_and_evaluate(config, _WORKDIR.value)
+  try:
+    train_and_evaluate(config, _WORKDIR.value)
+  except (RunRefused, ckpt_lib.RestoreError) as e:
+    print(f"big_attn.main: {e}", file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -197,7 +197,7 @@ def test_sigterm_then_resume_continues_the_loss_curve_exactly(reference, tmp_pat
   result = main_lib.train_and_evaluate(tiny_config(), workdir)
   assert result == {"step": TOTAL_STEPS, "preempted": False}
   assert not os.path.exists(unfinished)
-  assert [d for d in os.listdir(ckpt_dir) if d.startswith("12.unreadable-")]
+  assert [d for d in os.listdir(ckpt_dir) if d.startswith("12.corrupt-")]
   redone = losses(workdir)
   assert sorted(redone) == [9, 10, 11, 12]
   np.testing.assert_array_equal([redone[s] for s in redone], [expected[s] for s in redone])

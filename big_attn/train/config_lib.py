@@ -78,7 +78,41 @@ def base_config() -> ml_collections.ConfigDict:
   config.max_to_keep = 2
   config.evals = ml_collections.ConfigDict()
   config.dry_run = False
+  config.resume_policy = "resume"
   return config
+
+
+# Keys that may change when a run is started again on its workdir: cadences, the run's length,
+# the layout over devices and where the data lives. Any other difference changes the state's
+# structure or meaning and is refused unless `resume_policy` says otherwise. A key names itself
+# and everything below it.
+RESUMABLE_KEYS = ("total_steps", "log_every", "ckpt_every", "max_to_keep", "evals", "mesh",
+                  "sharding_rules", "grad_accum_steps", "dry_run", "resume_policy",
+                  "input.data_dir", "input.root", "input.num_threads", "input.prefetch")
+RESUME_POLICIES = ("resume", "accept_changes", "restart")
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+  if isinstance(tree, dict):
+    out = {}
+    for key, value in tree.items():
+      out.update(_flatten(value, f"{prefix}{key}."))
+    return out or {prefix[:-1]: {}}
+  return {prefix[:-1]: tree}
+
+
+def config_changes(old: Any, new: Any) -> list[tuple[str, Any, Any]]:
+  """`[(key, old value, new value)]` for each differing key outside `RESUMABLE_KEYS`.
+
+  Both configs are compared as their JSON form (`load_config`'s view of a saved config), so
+  tuples and lists are equal; a key absent from one side shows as `<absent>`.
+  """
+  as_json = lambda c: _flatten(json.loads(c.to_json_best_effort()))  # pylint: disable=unnecessary-lambda-assignment
+  old_flat, new_flat = as_json(old), as_json(new)
+  resumable = lambda k: any(k == r or k.startswith(r + ".") for r in RESUMABLE_KEYS)  # pylint: disable=unnecessary-lambda-assignment
+  return [(k, old_flat.get(k, "<absent>"), new_flat.get(k, "<absent>"))
+          for k in sorted(set(old_flat) | set(new_flat))
+          if not resumable(k) and old_flat.get(k, "<absent>") != new_flat.get(k, "<absent>")]
 
 
 CONFIG_FILE = "config.json"

@@ -26,23 +26,45 @@ def check_finite(step: int, metrics: Mapping[str, float]) -> None:
           "set config.grad_clip_norm, or check the input data.")
 
 
+def _drop_lines_after(path: str, step: int) -> None:
+  """Rewrites `path` (JSON lines with a `step`) without the lines of steps after `step`."""
+  if not os.path.exists(path):
+    return
+  with open(path, encoding="utf-8") as f:
+    lines = f.readlines()
+  kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+  if len(kept) == len(lines):
+    return
+  with open(f"{path}.tmp", "w", encoding="utf-8") as f:
+    f.writelines(kept)
+  os.replace(f"{path}.tmp", path)
+
+
 class MetricWriter:
   """Collects the metrics of a step and writes them as one line of `workdir/metrics.jsonl`.
 
   `write(step, metrics)` may be called several times for a step (train, then eval metrics);
   `flush()` (or the first write of a later step) emits the step's JSON object and TensorBoard
   scalars.
+
+  A run resumed at `resume_step` reads as one run: the lines of later steps (written after that
+  checkpoint, before the run stopped) are dropped from `metrics.jsonl` (rewritten atomically),
+  and TensorBoard gets a `SessionLog.START` at `resume_step + 1`, which makes it discard the
+  earlier events of the steps that follow.
   """
 
-  def __init__(self, workdir: str, *, enabled: bool = True):
+  def __init__(self, workdir: str, *, enabled: bool = True, resume_step: int = 0):
     self.enabled = enabled
     self._step = None
     self._pending: dict[str, Any] = {}
     if enabled:
       os.makedirs(workdir, exist_ok=True)
       path = os.path.join(workdir, "metrics.jsonl")
+      _drop_lines_after(path, resume_step)
       self._jsonl = open(path, "a", encoding="utf-8")  # pylint: disable=consider-using-with
       self._tb = tensorboard.SummaryWriter(os.path.join(workdir, "tensorboard"))
+      if resume_step:
+        self._tb.session_start(resume_step + 1)
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
     if self._step is not None and step != self._step:

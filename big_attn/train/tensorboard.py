@@ -64,11 +64,14 @@ def _length_delimited(field: int, payload: bytes) -> bytes:
 
 
 def encode_event(wall_time: float, step: int, *, file_version: str | None = None,
-                 scalars: Mapping[str, float] | None = None) -> bytes:
-  """The wire bytes of one `Event` message."""
+                 scalars: Mapping[str, float] | None = None,
+                 session_start: bool = False) -> bytes:
+  """The wire bytes of one `Event` message (`session_start`: a `SessionLog` of status START)."""
   out = _varint(1 << 3 | 1) + struct.pack("<d", wall_time) + _varint(2 << 3) + _varint(step)
   if file_version is not None:
     out += _length_delimited(3, file_version.encode())
+  if session_start:
+    out += _length_delimited(7, _varint(1 << 3) + _varint(1))
   if scalars:
     values = b"".join(
         _length_delimited(1, _length_delimited(1, tag.encode())
@@ -95,6 +98,12 @@ class SummaryWriter:
 
   def scalars(self, step: int, values: Mapping[str, float]) -> None:
     self._write(encode_event(time.time(), step, scalars=values))
+    self._file.flush()
+
+  def session_start(self, step: int) -> None:
+    """Marks a restart at `step`: TensorBoard discards the events of steps >= `step` that
+    earlier files hold."""
+    self._write(encode_event(time.time(), step, session_start=True))
     self._file.flush()
 
   def close(self) -> None:
