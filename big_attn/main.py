@@ -224,7 +224,7 @@ def _train_and_evaluate(config: Any, workdir: str, stop: StopRequest) -> dict[st
   init_rng, train_rng = jax.random.split(rng)
 
   # ---------------------------------------------------------------------------------------- Mesh
-  mesh = mesh_lib.make_mesh(config.mesh)
+  mesh = mesh_lib.make_mesh(config.mesh, allow_subset=config.mesh_subset)
   data_sharding = mesh_lib.data_sharding(mesh, rules)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   logging.info("mesh: %s over %d devices (%d processes)", dict(mesh.shape), mesh.size,
@@ -243,11 +243,7 @@ def _train_and_evaluate(config: Any, workdir: str, stop: StopRequest) -> dict[st
   input_shape, input_dtype = task.example_input(info)
   batch_spec = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=data_sharding)
                 for k, (shape, dtype) in task.batch_spec(info, batch_size).items()}
-  train_iter = None
-  if not config.dry_run:
-    train_iter = iter(data.get_dataset(
-        input_config, split="train", batch_size=batch_size, seed=config.seed, train=True,
-        process_index=jax.process_index(), process_count=jax.process_count()))
+  process_rows = mesh_lib.process_rows(data_sharding, batch_size)
 
   # --------------------------------------------------------------------------------------- Model
   try:
@@ -294,7 +290,7 @@ def _train_and_evaluate(config: Any, workdir: str, stop: StopRequest) -> dict[st
   checkpointer = ckpt_lib.Checkpointer(
       os.path.join(os.path.abspath(workdir), "checkpoints"), every=config.ckpt_every,
       max_to_keep=config.max_to_keep)
-  restored = checkpointer.restore_latest(abstract_state, train_iter)
+  restored = checkpointer.restore_latest(abstract_state)
   if restored is None:
     state = jax.jit(step_lib.make_init_fn(model, tx, input_shape, input_dtype),
                     out_shardings=state_shardings)(init_rng)
@@ -302,6 +298,10 @@ def _train_and_evaluate(config: Any, workdir: str, stop: StopRequest) -> dict[st
   else:
     first_step, state = restored
   logging.info("starting at step %d of %d", first_step, config.total_steps)
+  # The data order depends on the seed and the global batch only: step s reads global batch s.
+  train_iter = iter(data.get_dataset(
+      input_config, split="train", batch_size=batch_size, seed=config.seed, train=True,
+      rows=process_rows, start_batch=first_step))
 
   # ---------------------------------------------------------------------------------- Evaluators
   evals = {}
@@ -319,7 +319,7 @@ def _train_and_evaluate(config: Any, workdir: str, stop: StopRequest) -> dict[st
   try:
     while step < config.total_steps and not stop.requested(step):
       batch = next(train_iter)
-      batch = mesh_lib.shard_batch({k: batch[k] for k in batch_spec}, data_sharding)
+      batch = mesh_lib.shard_batch({k: batch[k] for k in batch_spec}, data_sharding, batch_size)
       state, metrics = train_step(state, batch, train_rng, constants)
       step += 1
       last = step == config.total_steps or stop.requested(step)
@@ -336,10 +336,10 @@ def _train_and_evaluate(config: Any, workdir: str, stop: StopRequest) -> dict[st
           writer.write(step, results)
           logging.info("step %d: %s", step, results)
       writer.flush()
-      checkpointer.save(step, state, train_iter, force=last)
+      checkpointer.save(step, state, force=last)
     preempted = stop.requested(step) and step < config.total_steps
     if preempted:
-      checkpointer.save(step, state, train_iter, force=True)
+      checkpointer.save(step, state, force=True)
       logging.warning("stopped on request: checkpoint of step %d saved, exiting", step)
   finally:
     checkpointer.close()

@@ -64,7 +64,7 @@ def _config(attention: str, seed: int, steps: int, smoke: bool, num_registers: i
   config = module.get_config(f"attention={attention},steps={steps}")
   config.seed = seed
   config.model.num_registers = num_registers
-  config.mesh = [("data", 1)]
+  config.mesh, config.mesh_subset = [("data", 1)], True
   config.log_every = steps
   config.ckpt_every = steps
   config.max_to_keep = 1

@@ -65,7 +65,7 @@ def run_tiny_config(name, workdir, steps=10, arg="runlocal", **model):
   """The family's digits config shrunk to `steps` steps on one device through main."""
   config = _config_module(name).get_config(arg)
   config.input.batch_size = 32
-  config.mesh = [("data", 1)]
+  config.mesh, config.mesh_subset = [("data", 1)], True
   config.total_steps = steps
   config.log_every = 1
   config.ckpt_every = steps

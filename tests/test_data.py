@@ -91,55 +91,54 @@ def test_eval_covers_test_split_once_in_order_with_padding_mask():
   np.testing.assert_array_equal(list(ds)[1]["image"], batches[1]["image"])
 
 
-@pytest.mark.parametrize("process_count", [3, 4])
-def test_eval_processes_partition_test_split(process_count):
-  seen, num_batches = collections.Counter(), set()
-  for p in range(process_count):
-    batches = list(data.get_dataset(_cfg(), split="test", batch_size=24 * process_count,
-                                    seed=0, train=False, process_index=p,
-                                    process_count=process_count))
-    num_batches.add(len(batches))
-    for b in batches:
-      assert b["image"].shape[0] == 24
-      seen.update(_keys(b["image"][b["mask"]]))
-  assert len(num_batches) == 1  # every process runs the same number of eval steps
+def _concat(parts):
+  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+@pytest.mark.parametrize("splits", [[(0, 24), (24, 48), (48, 72)], [(0, 5), (5, 72)]])
+def test_eval_rows_of_processes_make_the_global_batches(splits):
+  whole = list(data.get_dataset(_cfg(), split="test", batch_size=72, seed=0, train=False))
+  parts = [list(data.get_dataset(_cfg(), split="test", batch_size=72, seed=0, train=False,
+                                 rows=slice(*s))) for s in splits]
+  assert {len(p) for p in parts} == {len(whole)}  # every process runs the same eval steps
+  for b, batch in enumerate(whole):
+    got = _concat([p[b] for p in parts])
+    for key in batch:
+      np.testing.assert_array_equal(got[key], batch[key])
   want, _ = _expected_eval_images("test", 16)
+  seen = collections.Counter(_keys(np.concatenate([b["image"][b["mask"]] for b in whole])))
   assert seen == collections.Counter(_keys(want))
 
 
-def test_train_processes_partition_train_split_and_reshuffle_each_epoch():
+def test_train_order_depends_on_seed_and_global_batch_only():
+  """Rows read by 1, 2 or 3 "processes" (any split of the batch) make the same global batches,
+  mixup and augmentation included, and a resume at batch s reads batch s."""
+  cfg = _cfg(mixup=0.5, augment={"crop_padding": 2, "flip": True})
+  make = lambda rows=None, start=0: data.get_dataset(  # pylint: disable=unnecessary-lambda-assignment
+      cfg, split="train", batch_size=12, seed=1, train=True, rows=rows, start_batch=start)
+  whole = _take(make(), 4)
+  for splits in ([(0, 6), (6, 12)], [(0, 1), (1, 7), (7, 12)]):
+    parts = [_take(make(slice(*s)), 4) for s in splits]
+    for b in range(4):
+      got = _concat([p[b] for p in parts])
+      for key in whole[b]:
+        np.testing.assert_array_equal(got[key], whole[b][key])
+  resumed = _take(make(slice(3, 9), start=2), 2)
+  for got, want in zip(resumed, whole[2:]):
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key][3:9])
+
+
+def test_train_epochs_cover_the_split_and_reshuffle():
   cfg = _cfg(augment=NO_AUGMENT)
   reference = collections.Counter(_keys(_expected_eval_images("train", 16)[0]))
-  seen, first_epoch_order = collections.Counter(), None
-  for p in range(3):
-    # 1497 = 3 x 499: one batch of 499 per process is exactly its first epoch.
-    ds = data.get_dataset(cfg, split="train", batch_size=3 * 499, seed=7, train=True,
-                          process_index=p, process_count=3)
-    epoch1, epoch2 = _take(ds, 2)
-    keys1, keys2 = _keys(epoch1["image"]), _keys(epoch2["image"])
-    assert collections.Counter(keys1) == collections.Counter(keys2)  # same examples
-    assert keys1 != keys2  # in a new order
-    seen.update(keys1)
-    first_epoch_order = first_epoch_order or keys1
-  assert seen == reference
-  # The epoch is shuffled: not the source order.
-  assert first_epoch_order != _keys(_expected_eval_images("train", 16)[0][0::3])
-
-
-def test_iterator_state_resumes_same_batches():
-  cfg = ml_collections.ConfigDict(_cfg(mixup=0.5, augment={"crop_padding": 2, "flip": True},
-                                       batch_size=8))  # keys of the trainer are ignored
-  cfg.lock()
-  ds = data.get_dataset(cfg, split="train", batch_size=8, seed=1, train=True)
-  it = iter(ds)
-  _take(ds, 3, it)
-  state = it.get_state()
-  expected = _take(ds, 4, it)
-  fresh = iter(data.get_dataset(cfg, split="train", batch_size=8, seed=1, train=True))
-  fresh.set_state(state)
-  for want, got in zip(expected, _take(ds, 4, fresh)):
-    for key in want:
-      np.testing.assert_array_equal(got[key], want[key])
+  # 1497 examples: one global batch is exactly one epoch.
+  epoch1, epoch2 = _take(data.get_dataset(cfg, split="train", batch_size=1497, seed=7,
+                                          train=True, rows=slice(0, 1497)), 2)
+  keys1, keys2 = _keys(epoch1["image"]), _keys(epoch2["image"])
+  assert collections.Counter(keys1) == reference == collections.Counter(keys2)
+  assert keys1 != keys2  # a new order each epoch
+  assert keys1 != _keys(_expected_eval_images("train", 16)[0])  # shuffled
 
 
 def test_mixup_labels_sum_to_one():
@@ -200,10 +199,12 @@ def test_bad_input_config():
     data.get_dataset(_cfg(image_size=0), **ok)
   with pytest.raises(ValueError, match="mixup"):
     data.get_dataset(_cfg(mixup=-1.0), **ok)
-  with pytest.raises(ValueError, match="divisible by process_count"):
-    data.get_dataset(_cfg(), **dict(ok, batch_size=9), process_count=2)
-  with pytest.raises(ValueError, match="process_index"):
-    data.get_dataset(_cfg(), **ok, process_index=2, process_count=2)
+  with pytest.raises(ValueError, match="rows 4:9 must lie in the global batch of 8"):
+    data.get_dataset(_cfg(), **ok, rows=slice(4, 9))
+  with pytest.raises(TypeError, match="rows must be a slice"):
+    data.get_dataset(_cfg(), **ok, rows=(0, 4))
+  with pytest.raises(ValueError, match="start_batch"):
+    data.get_dataset(_cfg(), **ok, start_batch=-1)
   with pytest.raises(ValueError, match="splits"):
     data.get_dataset(_cfg(), **dict(ok, split="validation"))
 

@@ -198,7 +198,7 @@ def test_convnext_teacher_then_deit_through_main(tmp_path, caplog):
   # A dry run compiles the step with the teacher's parameters as an argument.
   config = _config_module("deit_digits").get_config(f"runlocal,teacher_workdir={teacher_dir}")
   config.model.update(width=16, depth=1, num_heads=2, mlp_dim=32)
-  config.mesh, config.dry_run = [("data", 1)], True
+  config.mesh, config.mesh_subset, config.dry_run = [("data", 1)], True, True
   report = main_lib.train_and_evaluate(config, None)
   student = deit.Model(num_classes=10, **dict(config.model.to_dict(), dtype=jnp.float32))
   assert report["parameters"] == count(abstract(student, jnp.zeros((1, 16, 16, 1))))

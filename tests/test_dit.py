@@ -416,7 +416,7 @@ def test_digits_config_through_main(tmp_path):
   config = _config_module("dit_digits").get_config("runlocal,conditioning=both")
   config.model.update(width=16, depth=1, num_heads=2, mlp_dim=32)
   config.input.batch_size = 16
-  config.mesh = [("data", 1)]
+  config.mesh, config.mesh_subset = [("data", 1)], True
   config.total_steps = 10
   config.log_every = 5
   config.ckpt_every = 10

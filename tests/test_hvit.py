@@ -243,7 +243,7 @@ def test_tiny_config_trains_through_main(tmp_path):
   config = _config_module("hvit_digits").get_config("family=davit,runlocal")
   config.model["depths"] = (2, 1, 1, 1)
   config.input.batch_size = 16
-  config.mesh = [("data", 1)]
+  config.mesh, config.mesh_subset = [("data", 1)], True
   config.total_steps = 10
   config.log_every = 1
   config.ckpt_every = 10

@@ -247,7 +247,7 @@ def test_tiny_config_trains_through_main(tmp_path):
   config.input.batch_size = 32
   config.input.augment = dict(crop_padding=1, flip=False)
   config.model = dict(config.model.to_dict(), **ONE_STAGE, head_hidden=16, head_zeroinit=False)
-  config.mesh = [("data", 1)]
+  config.mesh, config.mesh_subset = [("data", 1)], True
   config.total_steps = 10
   config.log_every = 1
   config.ckpt_every = 10

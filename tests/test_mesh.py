@@ -113,3 +113,44 @@ def test_shard_batch_places_process_data_with_the_data_sharding():
   assert out.sharding == sharding
   np.testing.assert_array_equal(np.asarray(out), x)
   assert {s.data.shape for s in out.addressable_shards} == {(2, 3)}
+
+
+class _FakeSharding:
+  """What `process_rows` reads of a sharding: the row slices of this process's devices."""
+
+  def __init__(self, slices):
+    self._slices = slices
+
+  def addressable_devices_indices_map(self, shape):
+    del shape
+    return {i: (s,) for i, s in enumerate(self._slices)}
+
+
+def test_process_rows_are_the_rows_this_process_holds():
+  mesh = mesh_lib.make_mesh([("data", 2), ("fsdp", 4)])
+  assert mesh_lib.process_rows(mesh_lib.data_sharding(mesh, RULES), 16) == slice(0, 16)
+  seq = mesh_lib.make_mesh([("seq", -1)])  # batch replicated: every process reads it all
+  assert mesh_lib.process_rows(mesh_lib.data_sharding(seq, RULES), 16) == slice(0, 16)
+  # Two of four data shards (rows 8:16), each replicated over a model axis.
+  held = [slice(8, 12), slice(12, 16), slice(8, 12), slice(12, 16)]
+  assert mesh_lib.process_rows(_FakeSharding(held), 16) == slice(8, 16)
+  with pytest.raises(ValueError, match="not contiguous"):
+    mesh_lib.process_rows(_FakeSharding([slice(0, 4), slice(8, 12)]), 16)
+  with pytest.raises(ValueError, match="holds no device"):
+    mesh_lib.process_rows(_FakeSharding([]), 16)
+
+
+def test_shard_batch_with_the_global_batch_size():
+  mesh = mesh_lib.make_mesh([("data", -1)])
+  sharding = mesh_lib.data_sharding(mesh, RULES)
+  x = np.arange(8 * 2, dtype=np.float32).reshape(8, 2)
+  out = mesh_lib.shard_batch({"x": x}, sharding, 8)["x"]
+  assert out.shape == (8, 2)
+  np.testing.assert_array_equal(np.asarray(out), x)
+
+
+def test_a_mesh_that_leaves_devices_unused_needs_mesh_subset():
+  with pytest.raises(ValueError, match=r"uses 3 of the 8 devices.*config.mesh_subset=True"):
+    mesh_lib.make_mesh([("data", 3)], allow_subset=False)
+  assert mesh_lib.make_mesh([("data", 3)], allow_subset=True).size == 3
+  assert mesh_lib.make_mesh([("data", 2), ("fsdp", -1)], allow_subset=False).size == 8

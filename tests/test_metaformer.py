@@ -242,7 +242,7 @@ def test_tiny_config_trains_through_main(tmp_path):
   config.input.batch_size = 16
   config.model = dict(depths=(1, 1), dims=(8, 16), mixers="pool", layer_scale_init=1.0,
                       head_zeroinit=False, dtype="float32")
-  config.mesh = [("data", 1)]
+  config.mesh, config.mesh_subset = [("data", 1)], True
   config.lr = 3e-3
   config.total_steps = 10
   config.log_every = 1

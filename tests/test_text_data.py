@@ -76,22 +76,22 @@ def test_packing_round_trips_documents_with_restarting_positions(seq_len):
   assert sum(int(r["weights"].sum()) for r in rows) == sum(len(d) + 1 for d in docs)
 
 
-def test_resumable_iterator_and_padded_eval(tmp_path):
+def test_resumed_and_split_batches_and_padded_eval(tmp_path):
   _write_corpus(str(tmp_path))
   cfg = dict(name="bytes", seq_len=8, root=str(tmp_path), heldout=0.3, num_threads=1)
   assert data.dataset_info(cfg) == dict(vocab_size=text.VOCAB_SIZE, seq_len=8)
-  ds = data.get_dataset(cfg, split="train", batch_size=4, seed=3, train=True)
-  it = iter(ds)
-  for _ in range(3):
-    next(it)
-  state = it.get_state()
-  expected = [next(it) for _ in range(4)]
-  resumed = iter(data.get_dataset(cfg, split="train", batch_size=4, seed=3, train=True))
-  resumed.set_state(state)
+  it = iter(data.get_dataset(cfg, split="train", batch_size=4, seed=3, train=True))
+  expected = [next(it) for _ in range(7)][3:]
+  resumed = iter(data.get_dataset(cfg, split="train", batch_size=4, seed=3, train=True,
+                                  start_batch=3))
+  halves = [iter(data.get_dataset(cfg, split="train", batch_size=4, seed=3, train=True,
+                                  rows=rows, start_batch=3)) for rows in (slice(0, 1),
+                                                                         slice(1, 4))]
   for want in expected:
-    got = next(resumed)
+    got, parts = next(resumed), [next(h) for h in halves]
     for key in want:
       np.testing.assert_array_equal(got[key], want[key])
+      np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), want[key])
   assert expected[0]["inputs"].shape == (4, 8) and expected[0]["inputs"].dtype == np.int32
 
   rows = text.source(cfg, "train")
@@ -100,10 +100,14 @@ def test_resumable_iterator_and_padded_eval(tmp_path):
   weights = np.concatenate([b["weights"] for b in batches])
   assert weights.sum() == sum(rows[i]["weights"].sum() for i in range(len(rows)))
   assert np.all(weights[len(rows):] == 0)
-  # Two processes split the rows and yield the same number of batches.
-  parts = [list(data.get_dataset(cfg, split="train", batch_size=4, seed=0, train=False,
-                                 process_index=p, process_count=2)) for p in range(2)]
-  assert len(parts[0]) == len(parts[1])
+  # Two processes reading rows 0:1 and 1:3 yield the same number of batches, which together
+  # are the global ones.
+  parts = [list(data.get_dataset(cfg, split="train", batch_size=3, seed=0, train=False,
+                                 rows=rows)) for rows in (slice(0, 1), slice(1, 3))]
+  assert len(parts[0]) == len(parts[1]) == len(batches)
+  for whole, first, rest in zip(batches, *parts):
+    np.testing.assert_array_equal(np.concatenate([first["inputs"], rest["inputs"]]),
+                                  whole["inputs"])
 
 
 def test_input_config_errors(tmp_path):

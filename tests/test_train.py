@@ -49,6 +49,7 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
   config.model = dict(width=16, depth=1, mlp_dim=32, num_heads=2, patch_size=(4, 4),
                       pool_type="gap", head_zeroinit=False, dtype="float32")
   config.mesh = [("data", 1)]
+  config.mesh_subset = True
   config.lr = 3e-3
   config.schedule = dict(warmup_steps=2, decay_type="cosine")
   config.total_steps = TOTAL_STEPS

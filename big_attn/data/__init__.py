@@ -1,7 +1,7 @@
 """Input pipelines (grain): the embedded digits, TFDS ArrayRecord sources, and byte-level text.
 
-`get_dataset(input_config, *, split, batch_size, seed, train, process_index=0,
-process_count=1)` returns a `grain.IterDataset` of batches; `dataset_info(input_config)` the
+`get_dataset(input_config, *, split, batch_size, seed, train, rows=None, start_batch=0)`
+returns a `grain.IterDataset` of this process's rows of global batches (`data.batching`); `dataset_info(input_config)` the
 number of classes, image shape and split sizes (images, `big_attn.data.pipeline`) or the
 vocabulary size and sequence length (`name="bytes"`, `big_attn.data.text`).
 """

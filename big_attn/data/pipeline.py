@@ -1,10 +1,9 @@
 """grain input pipelines: `get_dataset(input_config, ...)` and `dataset_info(input_config)`.
 
     ds = get_dataset(config.input, split="train", batch_size=128, seed=0, train=True,
-                     process_index=jax.process_index(), process_count=jax.process_count())
-    it = iter(ds)
-    batch = next(it)       # {"image", "labels", "label", "mask"}, leading dim 128 // processes
-    state = it.get_state()  # saved with the checkpoint; it.set_state(state) resumes the order
+                     rows=slice(0, 64), start_batch=step)
+    batch = next(iter(ds))  # {"image", "labels", "label", "mask"}: rows 0..63 of global batch
+                            # `step`; the order depends on the seed and batch size only
 
 `input_config` (a ConfigDict or dict; absent keys take the defaults of the data set):
   name: "digits" (embedded, scikit-learn's 8x8 digits) or "tfds:NAME" ("tfds:cifar10",
@@ -29,7 +28,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from big_attn.data import digits, preprocess, tfds_source
+from big_attn.data import batching, digits, preprocess, tfds_source
 
 _DEFAULTS = {
     "digits": dict(image_size=32, crop_padding=2, flip=False, inception_crop=False),
@@ -154,12 +153,19 @@ class _Preprocess:
 
 
 class _Mixup:
+  """Row r of global batch b mixed with row r - 1 (mod batch) of the same global batch, with one
+  λ per global batch: `preprocess.mixup` of the whole batch, computed for one row."""
 
-  def __init__(self, alpha: float):
-    self._alpha = alpha
+  def __init__(self, alpha: float, batch_size: int, seed: int):
+    self._alpha, self._batch_size, self._seed = alpha, batch_size, seed
 
-  def __call__(self, batch, rng: np.random.Generator):
-    return preprocess.mixup(batch, self._alpha, rng)
+  def __call__(self, b: int, r: int, stream):
+    first = b * self._batch_size
+    row, previous = stream[first + r], stream[first + (r - 1) % self._batch_size]
+    pair = {key: np.stack([row[key], previous[key]]) for key in ("image", "labels")}
+    rng = np.random.default_rng(batching.seed(self._seed, 3, b))
+    mixed = preprocess.mixup(pair, self._alpha, rng)  # row 0 mixed with row 1 (its roll)
+    return dict(row, image=mixed["image"][0], labels=mixed["labels"][0])
 
 
 class _Padded:
@@ -180,10 +186,6 @@ class _Padded:
     element = dict(self._source[int(self._indices[index if real else 0])])
     element["mask"] = real
     return element
-
-
-def _seed(*parts: int) -> int:
-  return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
 def _num_classes(spec: _Spec) -> int:
@@ -207,52 +209,43 @@ def dataset_info(input_config: Any) -> dict[str, Any]:
 
 
 def get_dataset(input_config: Any, *, split: str, batch_size: int, seed: int, train: bool,
-                process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-  """The batched input pipeline of one process.
+                rows: slice | None = None, start_batch: int = 0) -> grain.IterDataset:
+  """The batched input pipeline of one process (`big_attn.data.batching`).
 
   Args:
     input_config: see the module docstring.
     split: "train", "test" (the configured train/test splits) or a split name of the source.
-    batch_size: the global batch size; each process yields `batch_size // process_count`.
+    batch_size: the global batch size.
     seed: shuffling and augmentation seed (train); the same seed gives the same batches.
-    train: shuffled per epoch, repeated forever, augmented, mixed up if configured, remainder
+    train: shuffled per epoch, repeated forever, augmented (each example with its own random
+      stream, keyed by its position in the global order), mixed up if configured, remainder
       dropped. Otherwise one ordered pass without augmentation whose last batch is padded, with
-      `mask` False on the padding; every process yields the same number of batches.
-    process_index, process_count: this process takes examples `process_index::process_count`.
+      `mask` False on the padding.
+    rows: the rows of each global batch this process reads (None: all).
+    start_batch: the first global batch (training resumes at its step).
 
   Returns:
     A `grain.IterDataset` of `{"image": float32 [b, H, W, C] in [-1, 1], "labels": float32
-    [b, num_classes], "label": int32 [b], "mask": bool [b]}`; its iterators have
-    `get_state()`/`set_state()`.
+    [b, num_classes], "label": int32 [b], "mask": bool [b]}` (b = the rows read).
   """
-  if not isinstance(batch_size, int) or batch_size <= 0:
-    raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-  if not isinstance(process_count, int) or process_count <= 0:
-    raise ValueError(f"process_count must be a positive int, got {process_count!r}")
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index must be in [0, {process_count}), got {process_index!r}")
-  if batch_size % process_count:
-    raise ValueError(f"batch_size ({batch_size}) must be divisible by process_count "
-                     f"({process_count})")
-  local_batch = batch_size // process_count
+  rows = batching.check_rows(rows, batch_size)
   spec = _Spec.parse(input_config)
   preprocess_fn = _Preprocess(spec, _num_classes(spec))
   source = spec.source(split)
   read = grain.ReadOptions(num_threads=spec.num_threads, prefetch_buffer_size=spec.prefetch)
 
   if train:
-    ds = grain.MapDataset.source(source)[process_index::process_count]
-    if len(ds) < local_batch:
-      raise ValueError(f"split {split!r} has {len(ds)} examples for this process, fewer than "
-                       f"its batch of {local_batch}")
-    ds = ds.shuffle(seed=_seed(seed, process_index, 0)).repeat()
-    ds = ds.random_map(preprocess_fn, seed=_seed(seed, process_index, 1))
-    ds = ds.batch(local_batch, drop_remainder=True)
-    if spec.mixup > 0:
-      ds = ds.random_map(_Mixup(spec.mixup), seed=_seed(seed, process_index, 2))
-    return ds.to_iter_dataset(read)
+    if len(source) < batch_size:
+      raise ValueError(f"split {split!r} has {len(source)} examples, fewer than the batch of "
+                       f"{batch_size}")
+    stream = grain.MapDataset.source(source).shuffle(seed=batching.seed(seed, 0)).repeat()
+    stream = stream.random_map(preprocess_fn, seed=batching.seed(seed, 1))
+    combine = _Mixup(spec.mixup, batch_size, seed) if spec.mixup > 0 else None
+    return batching.batches(stream, batch_size=batch_size, rows=rows, read=read,
+                            start_batch=start_batch, combine=combine)
 
-  indices = np.arange(process_index, len(source), process_count)
   num_batches = math.ceil(len(source) / batch_size)
-  ds = grain.MapDataset.source(_Padded(source, indices, num_batches * local_batch))
-  return ds.map(preprocess_fn).batch(local_batch).to_iter_dataset(read)
+  padded = _Padded(source, np.arange(len(source)), num_batches * batch_size)
+  stream = grain.MapDataset.source(padded).map(preprocess_fn)
+  return batching.batches(stream, batch_size=batch_size, rows=rows, read=read,
+                          num_batches=num_batches)

@@ -1,10 +1,8 @@
 """Byte-level text: the Python standard library's own source and docs, packed for an LM.
 
     ds = get_dataset(dict(name="bytes", seq_len=512), split="train", batch_size=32, seed=0,
-                     train=True)
-    it = iter(ds)
-    batch = next(it)       # {"inputs", "targets", "positions", "segment_ids", "weights"}
-    state = it.get_state()  # saved with the checkpoint; it.set_state(state) resumes the order
+                     train=True, start_batch=step)
+    batch = next(iter(ds))  # {"inputs", "targets", "positions", "segment_ids", "weights"}
 
 Every machine with Python has the corpus offline: the `.py`, `.txt` and `.rst` files under
 `sysconfig.get_paths()["stdlib"]` (site-packages excluded), or under `input.root`. Files are
@@ -34,6 +32,8 @@ from typing import Any
 
 import grain
 import numpy as np
+
+from big_attn.data import batching
 
 NAME = "bytes"
 PAD, BOS, EOS = 256, 257, 258
@@ -193,40 +193,30 @@ def dataset_info(input_config: Any) -> dict[str, Any]:
   return dict(vocab_size=VOCAB_SIZE, seq_len=spec.seq_len)
 
 
-def _seed(*parts: int) -> int:
-  return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
-
-
 def get_dataset(input_config: Any, *, split: str, batch_size: int, seed: int, train: bool,
-                process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-  """Batches of packed rows for one process.
+                rows: slice | None = None, start_batch: int = 0) -> grain.IterDataset:
+  """Batches of packed rows for one process (`big_attn.data.batching`).
 
-  train: rows shuffled per epoch, repeated forever, remainder dropped. Otherwise one ordered
-  pass whose last batch is completed with empty rows (weights 0); every process yields the same
-  number of batches. Each process takes rows `process_index::process_count`.
+  train: rows shuffled per epoch, repeated forever, remainder dropped, from global batch
+  `start_batch` on. Otherwise one ordered pass whose last batch is completed with empty rows
+  (weights 0). `rows` are the rows of each global batch of `batch_size` this process reads
+  (None: all).
 
   Returns a `grain.IterDataset` of `{"inputs", "targets", "positions", "segment_ids": int32
-  [b, seq_len], "weights": float32 [b, seq_len]}` (b = batch_size // process_count) whose
-  iterators have `get_state()`/`set_state()`.
+  [b, seq_len], "weights": float32 [b, seq_len]}` (b = the rows read).
   """
-  if not isinstance(batch_size, int) or batch_size <= 0:
-    raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-  if not isinstance(process_count, int) or process_count <= 0 or batch_size % process_count:
-    raise ValueError(f"batch_size ({batch_size}) must be divisible by process_count "
-                     f"({process_count})")
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index must be in [0, {process_count}), got {process_index!r}")
+  rows = batching.check_rows(rows, batch_size)
   spec = _Spec.parse(input_config)
-  rows = source(input_config, split)
-  local_batch = batch_size // process_count
+  packed = source(input_config, split)
   read = grain.ReadOptions(num_threads=spec.num_threads, prefetch_buffer_size=spec.prefetch)
   if train:
-    ds = grain.MapDataset.source(rows)[process_index::process_count]
-    if len(ds) < local_batch:
-      raise ValueError(f"split {split!r} has {len(ds)} rows for this process, fewer than its "
-                       f"batch of {local_batch}")
-    ds = ds.shuffle(seed=_seed(seed, process_index)).repeat()
-    return ds.batch(local_batch, drop_remainder=True).to_iter_dataset(read)
-  total = math.ceil(len(rows) / batch_size) * batch_size
-  ds = grain.MapDataset.source(_Padded(rows, total))[process_index::process_count]
-  return ds.batch(local_batch).to_iter_dataset(read)
+    if len(packed) < batch_size:
+      raise ValueError(f"split {split!r} has {len(packed)} rows, fewer than the batch of "
+                       f"{batch_size}")
+    stream = grain.MapDataset.source(packed).shuffle(seed=batching.seed(seed, 0)).repeat()
+    return batching.batches(stream, batch_size=batch_size, rows=rows, read=read,
+                            start_batch=start_batch)
+  num_batches = math.ceil(len(packed) / batch_size)
+  stream = grain.MapDataset.source(_Padded(packed, num_batches * batch_size))
+  return batching.batches(stream, batch_size=batch_size, rows=rows, read=read,
+                          num_batches=num_batches)

@@ -20,10 +20,11 @@ class HeldOut:
     if batch_size % divisor:
       raise ValueError(f"evaluator batch_size {batch_size} must be a multiple of the {divisor} "
                        "ways the mesh splits a batch")
+    self.sharding = mesh_lib.data_sharding(mesh, rules)
+    self.batch_size = batch_size
     self.dataset = data.get_dataset(
         input_config, split=split, batch_size=batch_size, seed=seed, train=False,
-        process_index=jax.process_index(), process_count=jax.process_count())
-    self.sharding = mesh_lib.data_sharding(mesh, rules)
+        rows=mesh_lib.process_rows(self.sharding, batch_size))
 
   def sums(self, step: Callable[[Any], Any], keys: Iterable[str],
            batches: Iterable[Any] | None = None) -> np.ndarray:
@@ -31,7 +32,8 @@ class HeldOut:
     keys = tuple(keys)
     totals = None
     for batch in self.dataset if batches is None else batches:
-      sharded = mesh_lib.shard_batch({k: batch[k] for k in keys}, self.sharding)
+      sharded = mesh_lib.shard_batch({k: batch[k] for k in keys}, self.sharding,
+                                     self.batch_size)
       values = np.asarray(jax.device_get(step(sharded)), np.float64)
       totals = values if totals is None else totals + values
     if totals is None:

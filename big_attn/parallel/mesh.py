@@ -72,11 +72,13 @@ def _check_axis_spec(mesh_config: Sequence[Any]) -> list[tuple[str, int]]:
   return pairs
 
 
-def mesh_shape(mesh_config: Sequence[Any], num_devices: int) -> dict[str, int]:
+def mesh_shape(mesh_config: Sequence[Any], num_devices: int, *,
+               allow_subset: bool = True) -> dict[str, int]:
   """Sizes of all four mesh axes for `num_devices`; -1 takes the rest, unnamed axes are 1.
 
-  Without -1 the mesh may use fewer devices than there are (the first ones). Raises
-  `ValueError` saying why when the sizes need more devices or -1 has no integer size.
+  Without -1 the mesh may use fewer devices than there are (the first ones) when
+  `allow_subset`. Raises `ValueError` saying why when the sizes need more devices, leave
+  devices unused without `allow_subset`, or -1 has no integer size.
   """
   pairs = _check_axis_spec(mesh_config)
   known = math.prod(s for _, s in pairs if s != -1)
@@ -90,13 +92,18 @@ def mesh_shape(mesh_config: Sequence[Any], num_devices: int) -> dict[str, int]:
   elif known > num_devices:
     raise ValueError(f"config.mesh {pairs} needs {known} devices but {num_devices} are "
                      "available")
+  elif known < num_devices and not allow_subset:
+    raise ValueError(f"config.mesh {pairs} uses {known} of the {num_devices} devices; give one "
+                     "axis size -1 (the rest) to use them all, or set config.mesh_subset=True "
+                     f"to run on the first {known}")
   return {axis: sizes.get(axis, 1) for axis in MESH_AXES}
 
 
-def make_mesh(mesh_config: Sequence[Any], devices: Sequence[Any] | None = None) -> Mesh:
+def make_mesh(mesh_config: Sequence[Any], devices: Sequence[Any] | None = None, *,
+              allow_subset: bool = True) -> Mesh:
   """A `Mesh` with axes `data, fsdp, tensor, seq` (auto sharding) from `[(axis, size)]`."""
   devices = jax.devices() if devices is None else list(devices)
-  shape = mesh_shape(mesh_config, len(devices))
+  shape = mesh_shape(mesh_config, len(devices), allow_subset=allow_subset)
   sizes = tuple(shape[a] for a in MESH_AXES)
   devices = devices[:math.prod(sizes)]
   try:
@@ -172,8 +179,34 @@ def batch_divisor(mesh: Mesh, rules: Sequence[Any]) -> int:
   return math.prod(mesh.shape[a] for a in names)
 
 
-def shard_batch(batch: Any, sharding: NamedSharding) -> Any:
-  """Global arrays from this process's part of a batch (leading dimension split by `sharding`)."""
-  return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+def process_rows(sharding: NamedSharding, batch_size: int) -> slice:
+  """The rows of a global batch that this process's devices hold under `sharding`.
+
+  Processes whose devices hold the same rows (a model axis across hosts) get the same slice, so
+  they read the same examples. Raises `ValueError` when this process holds no rows or rows
+  that are not contiguous (a device order the input pipeline cannot serve).
+  """
+  spans = sorted({(index[0].start or 0, batch_size if index[0].stop is None else index[0].stop)
+                  for index in sharding.addressable_devices_indices_map((batch_size,)).values()})
+  if not spans:
+    raise ValueError(f"process {jax.process_index()} holds no device of the mesh; every "
+                     "process must take part in config.mesh")
+  start, stop = spans[0]
+  for begin, end in spans[1:]:
+    if begin > stop:
+      raise ValueError(f"process {jax.process_index()} holds rows {spans} of the batch, which "
+                       "are not contiguous; order config.mesh so that each process's devices "
+                       "are neighbours along the batch axes")
+    stop = max(stop, end)
+  return slice(start, stop)
+
+
+def shard_batch(batch: Any, sharding: NamedSharding, batch_size: int | None = None) -> Any:
+  """Global arrays of `batch_size` rows from this process's rows of them (`process_rows`);
+  `batch_size` None: the process holds the whole batch or its even share of it."""
+  def place(x):
+    x = np.asarray(x)
+    shape = None if batch_size is None else (batch_size,) + x.shape[1:]
+    return jax.make_array_from_process_local_data(sharding, x, shape)
+  return jax.tree.map(place, batch)
 

@@ -1,9 +1,10 @@
-"""Checkpoints of the train state and the grain iterator state (orbax `CheckpointManager`),
-verified by checksums on restore.
+"""Checkpoints of the train state (orbax `CheckpointManager`), verified by checksums on restore.
 
-Each checkpoint `checkpoints/<step>/` holds two items: `state` (params, optimizer state, step;
-saved asynchronously, restored directly into its shardings) and `data` (the input iterator's
-position, one JSON file per process, grain's own orbax handler).
+Each checkpoint `checkpoints/<step>/state` holds params, optimizer state and step, saved
+asynchronously and restored directly into the shardings of the current mesh (which may differ
+from the saving run's, on any number of processes). The input position needs no item of its
+own: the data order is a function of the seed and the global batch, and a run resumed at step s
+reads from global batch s on (`big_attn.data.batching`).
 
 Nothing is lost:
 - Half-written checkpoints are never seen: orbax writes into a temporary directory and renames it
@@ -26,7 +27,6 @@ import os
 import time
 from typing import Any
 
-import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -76,8 +76,7 @@ class Checkpointer:
         cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
-        item_handlers={"state": ocp.StandardCheckpointHandler(),
-                       "data": grain.checkpoint.CheckpointHandler()})
+        item_handlers={"state": ocp.StandardCheckpointHandler()})
     self._unhashed: list[int] = []
     self._last_saved: int | None = None
 
@@ -85,8 +84,8 @@ class Checkpointer:
     """The finished checkpoints' steps, ascending."""
     return sorted(self.manager.all_steps())
 
-  def save(self, step: int, state: Any, data_iter: Any, *, force: bool = False) -> bool:
-    """Starts saving `state` and `data_iter`'s position at `step` when due (or `force`)."""
+  def save(self, step: int, state: Any, *, force: bool = False) -> bool:
+    """Starts saving `state` at `step` when due (or `force`)."""
     if not force and step % self.every:
       return False
     if step == self._last_saved or step in self.manager.all_steps():
@@ -94,8 +93,7 @@ class Checkpointer:
     self.write_checksums()  # of the previous save, once it has finished
     saved = self.manager.save(
         step, force=force,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                data=grain.checkpoint.CheckpointSave(data_iter)))
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
     if saved:
       self._unhashed.append(step)
       self._last_saved = step
@@ -160,11 +158,11 @@ class Checkpointer:
       return True, ""
     return False, problem or "a file of another process does not match its checksum"
 
-  def restore_latest(self, abstract_state: Any, data_iter: Any) -> tuple[int, Any] | None:
+  def restore_latest(self, abstract_state: Any) -> tuple[int, Any] | None:
     """`(step, state)` from the newest verified checkpoint; None when there are none.
 
     `abstract_state` holds `ShapeDtypeStruct`s with shardings, so arrays come back already
-    sharded; `data_iter` is moved to the saved position in place. Raises `RestoreError` when
+    sharded. Raises `RestoreError` when
     checkpoints exist but none verifies, or when a verified one fails to restore.
     """
     steps = self.steps()
@@ -179,9 +177,7 @@ class Checkpointer:
         logging.warning("checkpoint at step %d is restored unverified: %s", step, why)
       try:
         restored = self.manager.restore(
-            step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
-                data=grain.checkpoint.CheckpointRestore(data_iter)))
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
       except Exception as e:  # pylint: disable=broad-exception-caught
         raise RestoreError(
             f"checkpoint at step {step} in {self.directory} could not be restored "

@@ -65,6 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
       name="digits", data_dir=None, image_size=32, batch_size=128,
       augment=dict(crop_padding=0, flip=False), mixup=0.0))
   config.mesh = [("data", -1)]
+  config.mesh_subset = False
   config.sharding_rules = list(mesh_lib.DEFAULT_RULES)
   config.optax_name = "adamw"
   config.optax = ml_collections.ConfigDict(dict(weight_decay=1e-4))
@@ -86,7 +87,7 @@ def base_config() -> ml_collections.ConfigDict:
 # the layout over devices and where the data lives. Any other difference changes the state's
 # structure or meaning and is refused unless `resume_policy` says otherwise. A key names itself
 # and everything below it.
-RESUMABLE_KEYS = ("total_steps", "log_every", "ckpt_every", "max_to_keep", "evals", "mesh",
+RESUMABLE_KEYS = ("total_steps", "log_every", "ckpt_every", "max_to_keep", "evals", "mesh", "mesh_subset",
                   "sharding_rules", "grad_accum_steps", "dry_run", "resume_policy",
                   "input.data_dir", "input.root", "input.num_threads", "input.prefetch")
 RESUME_POLICIES = ("resume", "accept_changes", "restart")
