@@ -73,3 +73,13 @@ def pallas_out_struct(shape, dtype, *like):
   if avals and hasattr(avals[0], "vma"):
     return jax.ShapeDtypeStruct(shape, dtype, vma=frozenset().union(*(a.vma for a in avals)))
   return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def tpu_cluster_types():
+  """JAX's TPU pod detectors (private in every JAX we run on): classes with `is_env_present()`."""
+  try:
+    from jax._src.clusters import cloud_tpu_cluster  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return ()
+  return tuple(getattr(cloud_tpu_cluster, name) for name in ("GceTpuCluster", "GkeTpuCluster")
+               if hasattr(cloud_tpu_cluster, name))

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from big_attn import data, evaluators, models
+from big_attn import compat, data, evaluators, models
 from big_attn.parallel import mesh as mesh_lib
 from big_attn.train import checkpoint as ckpt_lib
 from big_attn.train import config_lib
@@ -45,19 +45,76 @@ _MODEL_DTYPE_KEYS = ("dtype", "param_dtype")
 _EVAL_RESERVED = ("type", "every")
 
 
-def maybe_initialize_distributed() -> None:
-  """`jax.distributed.initialize()` when the environment says this is one of several processes.
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "HOST:PORT of process 0's coordinator, for a manual multi-host "
+    "launch (or JAX_COORDINATOR_ADDRESS).")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Number of processes of a manual launch (or JAX_NUM_PROCESSES).")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "This process's index in [0, num_processes) (or JAX_PROCESS_ID).")
 
-  Recognised: `JAX_COORDINATOR_ADDRESS` (explicit set-up), SLURM and Open MPI with more than one
-  task, and multi-host TPU slices; JAX then detects the rest of the cluster itself.
+
+def _tpu_pod_detected() -> bool:
+  return any(cluster.is_env_present() for cluster in compat.tpu_cluster_types())
+
+
+def distributed_args(env: Any, *, coordinator_address: str | None = None,
+                     num_processes: int | None = None, process_id: int | None = None,
+                     tpu_pod: bool = False) -> dict[str, Any] | None:
+  """The arguments of `jax.distributed.initialize` for this launch, or None for one process.
+
+  A manual launch gives the coordinator, process count and id (flags, else JAX_COORDINATOR_
+  ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID); count and id may come from Open MPI
+  (OMPI_COMM_WORLD_SIZE/RANK) or an srun step (SLURM_NTASKS/SLURM_PROCID). Otherwise the
+  cluster is detected: an srun step of several tasks, Open MPI with its coordinator URI (Open MPI
+  4), a TPU pod. A SLURM allocation without an srun step runs one process. Raises `ValueError`
+  naming what is missing.
   """
-  env = os.environ
-  multi = (bool(env.get("JAX_COORDINATOR_ADDRESS"))
-           or int(env.get("SLURM_NTASKS", "1")) > 1
-           or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
-           or len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1)
-  if multi:
-    jax.distributed.initialize()
+  in_srun = "SLURM_STEP_ID" in env and "SLURM_PROCID" in env
+  coordinator_address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS") or None
+  if num_processes is None:
+    count = (env.get("JAX_NUM_PROCESSES") or env.get("OMPI_COMM_WORLD_SIZE")
+             or (env.get("SLURM_NTASKS") if in_srun else None))
+    num_processes = int(count) if count else None
+  if process_id is None:
+    index = (env.get("JAX_PROCESS_ID") or env.get("OMPI_COMM_WORLD_RANK")
+             or (env.get("SLURM_PROCID") if in_srun else None))
+    process_id = int(index) if index else None
+  if coordinator_address:
+    missing = [name for name, value in (("--num_processes", num_processes),
+                                        ("--process_id", process_id)) if value is None]
+    if missing:
+      raise ValueError(f"--coordinator_address={coordinator_address} is given but not "
+                       f"{' and '.join(missing)} (nor their JAX_* environment variables, Open MPI's "
+                       "or an srun step's)")
+    if not 0 <= process_id < num_processes:
+      raise ValueError(f"--process_id={process_id} must be in [0, --num_processes="
+                       f"{num_processes})")
+    return dict(coordinator_address=coordinator_address, num_processes=num_processes,
+                process_id=process_id)
+  if in_srun and int(env.get("SLURM_NTASKS", "1")) > 1:
+    return {}  # JAX's SLURM detection: coordinator on the step's first node
+  if int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+    if not env.get("OMPI_MCA_orte_hnp_uri"):
+      raise ValueError("Open MPI started several processes but sets no OMPI_MCA_orte_hnp_uri "
+                       "(Open MPI 5): pass --coordinator_address=HOST:PORT (a free port on rank "
+                       "0's host); the process count and id are taken from Open MPI")
+    return {}
+  if tpu_pod:
+    return {}
+  return None
+
+
+def initialize_distributed() -> None:
+  """`jax.distributed.initialize` for a multi-process launch; logs a single-process one."""
+  args = distributed_args(os.environ, coordinator_address=_COORDINATOR.value,
+                          num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
+                          tpu_pod=_tpu_pod_detected())
+  if args is None:
+    logging.info("one process (no --coordinator_address, srun step, Open MPI or TPU pod found)")
+    return
+  jax.distributed.initialize(**args)
+  logging.info("process %d of %d", jax.process_index(), jax.process_count())
 
 
 class RunRefused(ValueError):
@@ -386,7 +443,11 @@ def report_compiled(compiled: Any, num_params: int, num_devices: int,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  maybe_initialize_distributed()
+  try:
+    initialize_distributed()
+  except ValueError as e:
+    print(f"big_attn.main: {e}", file=sys.stderr)
+    sys.exit(1)
   config = _CONFIG.value
   if not config.dry_run and not _WORKDIR.value:
     raise app.UsageError("--workdir is required (except with --config.dry_run=True)")
