@@ -26,6 +26,7 @@ from absl import app, flags, logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
@@ -124,10 +125,10 @@ class RunRefused(ValueError):
 class StopRequest:
   """SIGTERM or SIGINT at any time (start-up, restore, compile, loop) asks the run to stop.
 
-  Installed first thing in `train_and_evaluate`; the loop stops at the next step boundary and
-  saves a checkpoint. A second SIGINT interrupts at once (KeyboardInterrupt). With several
-  processes, JAX's preemption service catches SIGTERM and the processes agree on the step at
-  which all of them stop (`multihost_utils.reached_preemption_sync_point`).
+  Installed first thing in `train_and_evaluate`; the loop stops at a step boundary and saves a
+  checkpoint. A second SIGINT interrupts at once (KeyboardInterrupt). With several processes
+  the request is shared: at every `every`-th step (the log steps, where the loop syncs with the
+  host anyway) the processes all-gather their flags, and all stop at that step if any was asked.
   """
 
   def __init__(self):
@@ -135,8 +136,7 @@ class StopRequest:
     self._previous = {}
     if threading.current_thread() is not threading.main_thread():
       return
-    signals = [signal.SIGINT] + ([signal.SIGTERM] if jax.process_count() == 1 else [])
-    for sig in signals:
+    for sig in (signal.SIGINT, signal.SIGTERM):
       self._previous[sig] = signal.signal(sig, self._handle)
 
   def _handle(self, signum, frame):
@@ -147,14 +147,21 @@ class StopRequest:
                     signal.Signals(signum).name)
     self._event.set()
 
-  def requested(self, step: int) -> bool:
-    if jax.process_count() > 1 and multihost_utils.reached_preemption_sync_point(step):
-      self._event.set()
-    return self._event.is_set()
+  def agreed(self, step: int, every: int) -> bool:
+    """Whether the run stops before `step + 1`: this process was asked (one process), or any
+    process was (several; decided at steps that are multiples of `every` only)."""
+    if jax.process_count() == 1:
+      return self._event.is_set()
+    if step % every:
+      return False
+    flags_ = multihost_utils.process_allgather(np.asarray(self._event.is_set()))
+    return bool(np.any(flags_))
 
   def restore_handlers(self) -> None:
     for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
+      # None: a handler installed outside Python (JAX's preemption notifier), which cannot be
+      # put back; the default disposition then.
+      signal.signal(sig, signal.SIG_DFL if handler is None else handler)
     self._previous = {}
 
 
@@ -372,14 +379,17 @@ def _train_and_evaluate(config: Any, workdir: str, stop: StopRequest) -> dict[st
   writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0,
                                     resume_step=first_step)
   progress = metrics_lib.Progress(first_step, config.total_steps, batch_size)
-  step = first_step
+  step, preempted = first_step, False
   try:
-    while step < config.total_steps and not stop.requested(step):
+    while step < config.total_steps:
+      if stop.agreed(step, config.log_every):
+        preempted = True
+        break
       batch = next(train_iter)
       batch = mesh_lib.shard_batch({k: batch[k] for k in batch_spec}, data_sharding, batch_size)
       state, metrics = train_step(state, batch, train_rng, constants)
       step += 1
-      last = step == config.total_steps or stop.requested(step)
+      last = step == config.total_steps
       if step % config.log_every == 0 or step % config.ckpt_every == 0 or last:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         metrics_lib.check_finite(step, metrics)
@@ -394,7 +404,6 @@ def _train_and_evaluate(config: Any, workdir: str, stop: StopRequest) -> dict[st
           logging.info("step %d: %s", step, results)
       writer.flush()
       checkpointer.save(step, state, force=last)
-    preempted = stop.requested(step) and step < config.total_steps
     if preempted:
       checkpointer.save(step, state, force=True)
       logging.warning("stopped on request: checkpoint of step %d saved, exiting", step)

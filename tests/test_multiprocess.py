@@ -1,0 +1,127 @@
+"""Several hosts, simulated: 2 processes x 4 CPU devices (gloo collectives over 127.0.0.1) train
+exactly as 1 process x 8 devices — data parallel, FSDP, tensor parallel and the LM's striped
+sequence parallelism across hosts — resume a 1-process run on 2 processes and a 2-process run on
+1, and stop together at one step with one checkpoint when one process gets SIGTERM.
+
+One launch of `tests/multiprocess_worker.py` runs every case; each process has a time limit.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import ml_collections
+import numpy as np
+import pytest
+
+from big_attn import main as main_lib
+from tests.test_train import ROOT, _config_module, _run_steps, losses, tiny_config
+
+SCENARIOS = ("data", "fsdp", "tensor", "lm_seq_striped")
+_MESHES = {"data": [("data", -1)], "fsdp": [("fsdp", -1)], "tensor": [("tensor", -1)]}
+TIMEOUT_S = 600
+
+
+def scenario_config(name: str, total_steps: int = 4) -> ml_collections.ConfigDict:
+  """A tiny ViT on digits over `_MESHES[name]`, or a tiny byte LM whose sequences are split
+  over all 8 devices (striped), so over both processes."""
+  if name == "lm_seq_striped":
+    config = _config_module("lm_bytes").get_config("runlocal,seq_shards=8,strategy=striped,"
+                                                   "seq_len=32")
+    config.model.variant = None
+    config.model.update(width=32, depth=1, num_heads=4, num_kv_heads=2, mlp_dim=64,
+                        dtype="float32")
+    config.input.update(batch_size=2, max_files=40)
+    config.update(total_steps=total_steps, log_every=1, ckpt_every=100, lr=1e-2)
+    config.evals = {}
+    return ml_collections.ConfigDict(config.to_dict())
+  return tiny_config(mesh=_MESHES[name], mesh_subset=False, total_steps=total_steps,
+                     ckpt_every=3)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _launch(root: str) -> list[dict[str, dict]]:
+  """Runs the 2 worker processes to the end (or kills both at `TIMEOUT_S`); their results."""
+  port = _free_port()
+  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  env.pop("XLA_FLAGS", None)
+  procs = [subprocess.Popen(  # pylint: disable=consider-using-with
+      [sys.executable, "-m", "tests.multiprocess_worker", str(i), str(port), root], cwd=ROOT,
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outputs = []
+  try:
+    for proc in procs:
+      out, _ = proc.communicate(timeout=TIMEOUT_S)
+      outputs.append(out)
+  finally:
+    for proc in procs:
+      proc.kill()
+  for i, (proc, out) in enumerate(zip(procs, outputs)):
+    with open(os.path.join(root, f"process_{i}.log"), "w", encoding="utf-8") as f:
+      f.write(out)
+    assert proc.returncode == 0, out[-4000:]
+  return [{line.split()[1]: json.loads(line.split(maxsplit=2)[2])
+           for line in out.splitlines() if line.startswith("RESULT ")} for out in outputs]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp("multiprocess"))
+  reference = str(tmp_path_factory.mktemp("reference"))
+  expected = {name: losses(_train(scenario_config(name), os.path.join(reference, name)))
+              for name in SCENARIOS}
+  expected["six_steps"] = losses(_train(scenario_config("data", 6),
+                                        os.path.join(reference, "six_steps")))
+  # A 1-process run stopped after step 3, for the 2 processes to resume.
+  stopped = _run_steps(scenario_config("data", total_steps=6), os.path.join(root, "resume_1to2"),
+                       3)
+  assert stopped == {"step": 3, "preempted": True}
+  return root, expected, _launch(root)
+
+
+def _train(config, workdir):
+  assert not main_lib.train_and_evaluate(config, workdir)["preempted"]
+  return workdir
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_two_processes_train_as_one_with_eight_devices(runs, name):
+  root, expected, results = runs
+  assert [r[name] for r in results] == [{"step": 4, "preempted": False}] * 2
+  got = losses(os.path.join(root, name))
+  assert sorted(got) == sorted(expected[name]) == [1, 2, 3, 4]
+  np.testing.assert_allclose([got[s] for s in sorted(got)],
+                             [expected[name][s] for s in sorted(got)], rtol=1e-5)
+
+
+def test_a_one_process_run_resumes_on_two(runs):
+  root, expected, results = runs
+  assert [r["resume_1to2"] for r in results] == [{"step": 6, "preempted": False}] * 2
+  got, want = losses(os.path.join(root, "resume_1to2")), expected["six_steps"]
+  assert sorted(got) == list(range(1, 7))
+  np.testing.assert_allclose([got[s] for s in got], [want[s] for s in got], rtol=1e-5)
+
+
+def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_on_one(runs):
+  root, expected, results = runs
+  stopped = [r["preempt"] for r in results]
+  assert stopped[0] == stopped[1] and stopped[0]["preempted"], stopped
+  step = stopped[0]["step"]
+  assert 3 <= step < 6
+  workdir = os.path.join(root, "preempt")
+  assert step in [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))
+                  if d.isdigit()]
+  # Resumed by one process with 8 devices: the same losses as the uninterrupted run.
+  assert main_lib.train_and_evaluate(scenario_config("data", 6), workdir) == {
+      "step": 6, "preempted": False}
+  got, want = losses(workdir), expected["six_steps"]
+  assert sorted(got) == list(range(1, 7))
+  np.testing.assert_allclose([got[s] for s in got], [want[s] for s in got], rtol=1e-5)
