@@ -86,9 +86,9 @@ def _key_max(log_phi_k: Array, key_valid: Array | None) -> Array:
   """
   if key_valid is not None:
     valid = jnp.any(key_valid, axis=-1)[..., None]
-    log_phi_k = jnp.where(valid, log_phi_k, -jnp.inf)
-  top = jnp.max(log_phi_k, axis=(1, 3), keepdims=True)
-  return jax.lax.stop_gradient(jnp.where(jnp.isfinite(top), top, 0.0))
+    log_phi_k = jnp.where(valid, log_phi_k, common.MASKED_LOGIT)
+  top = jnp.max(log_phi_k, axis=(1, 3), keepdims=True, initial=common.MASKED_LOGIT)
+  return jax.lax.stop_gradient(jnp.where(top > common.MASKED_LOGIT, top, 0.0))
 
 
 def _zero_empty_rows(out: Array, masks: _Masks, dims: common.Dims, is_causal: bool) -> Array:
@@ -520,6 +520,44 @@ def _scalar(name: str, x, dtype) -> Array:
   return jnp.asarray(x, dtype)
 
 
+def _std(x: Array, is_causal: bool) -> Array:
+  """Standard deviation of all entries of each example `[b, t, ...]`: `[b, 1]`, or with
+  `is_causal` of the entries of tokens 0..i, `[b, t]` (a prefix statistic)."""
+  b, t = x.shape[:2]
+  flat = x.reshape(b, t, math.prod(x.shape[2:]))
+  total, squares = jnp.sum(flat, -1), jnp.sum(flat * flat, -1)
+  if is_causal:
+    count = flat.shape[-1] * jnp.arange(1, t + 1, dtype=x.dtype)
+    mean = jnp.cumsum(total, 1) / count
+    var = jnp.cumsum(squares, 1) / count - mean * mean
+  else:
+    count = max(flat.shape[-1] * t, 1)
+    mean = jnp.sum(total, 1, keepdims=True) / count
+    var = jnp.sum(squares, 1, keepdims=True) / count - mean * mean
+  return jnp.sqrt(jnp.maximum(var, 0.0))
+
+
+def _lln_moments(q: Array, k: Array, scale: float, head_dim: int, is_causal: bool
+                 ) -> tuple[Array, Array]:
+  """Moment-matched α `[b, t|1]` and β `[b, s|1]` of linear log-normal attention."""
+  tiny = jnp.finfo(q.dtype).tiny
+  sigma_q = jnp.maximum(_std(q, is_causal), tiny)
+  sigma_k = jnp.maximum(_std(k, is_causal), tiny)
+
+  def sigma_lln(sq, sk):
+    var_sm = scale ** 2 * head_dim * sq ** 2 * sk ** 2
+    return jnp.sqrt((var_sm - _LLN_FIT_B) / (2.0 * _LLN_FIT_A))
+
+  if is_causal:  # Token i's feature map uses the statistics of tokens 0..i of both arrays.
+    t, s = sigma_q.shape[1], sigma_k.shape[1]
+    alpha = sigma_lln(sigma_q, sigma_k[:, jnp.minimum(jnp.arange(t), s - 1)]) / sigma_q
+    beta = sigma_lln(sigma_q[:, jnp.minimum(jnp.arange(s), t - 1)], sigma_k) / sigma_k
+  else:
+    sigma = sigma_lln(sigma_q, sigma_k)
+    alpha, beta = sigma / sigma_q, sigma / sigma_k
+  return jax.lax.stop_gradient(alpha), jax.lax.stop_gradient(beta)
+
+
 @register("lognormal_linear")
 def lognormal_linear_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                                alpha=None, beta=None, chunk_size=64, segment_ids=None):
@@ -534,10 +572,12 @@ def lognormal_linear_attention(query, key, value, *, mask=None, is_causal=False,
   logits s·q·k have variance σ²_sm = s²·d·σ_q²σ_k²; the LLN log-variance is
   σ²_lln = α²σ_q² + β²σ_k², and the paper's linear fit σ²_sm ≈ a·σ²_lln + b
   (a = 0.1486, b = −0.3549) with ασ_q = βσ_k = σ̃ gives σ̃² = (σ²_sm − b)/(2a), α = σ̃/σ_q,
-  β = σ̃/σ_k. The statistics are taken over the whole query/key arrays without gradient, as
-  the authors' code; with `is_causal` they therefore see every token: pass `alpha` and `beta`
-  (e.g. running estimates) for outputs that depend on no future token. Exponents are
-  stabilised as in that code (per-query max; per (batch, kv head) key max), which cancels.
+  β = σ̃/σ_k. The statistics are taken without gradient, as in the authors' code, over each
+  example's whole query/key arrays (never across the batch). With `is_causal` they are
+  prefix statistics: token i's α_i (and β_i) come from σ_q, σ_k over tokens 0..i, so
+  φ_q(q_i) = exp(α_i q_i), φ_k(k_j) = exp(β_j k_j) and no output depends on a later token.
+  Exponents are stabilised as in that code (per-query max; per (batch, kv head) key max),
+  which cancels.
 
   Args:
     query, key, value: `[batch, seq, heads, dim]`; keys/values may have fewer heads (GQA).
@@ -557,15 +597,12 @@ def lognormal_linear_attention(query, key, value, *, mask=None, is_causal=False,
   scale = common.default_scale(dims.head_dim, scale)
   dtype = _compute_dtype(query, key, value)
   q, k = _grouped_qk(query, key, dims, dtype)
+  alpha = None if alpha is None else _scalar("alpha", alpha, dtype)
+  beta = None if beta is None else _scalar("beta", beta, dtype)
   if alpha is None or beta is None:
-    tiny = jnp.finfo(dtype).tiny
-    sigma_q = jnp.maximum(jnp.std(q), tiny)
-    sigma_k = jnp.maximum(jnp.std(k), tiny)
-    var_sm = scale ** 2 * dims.head_dim * sigma_q ** 2 * sigma_k ** 2
-    sigma = jnp.sqrt((var_sm - _LLN_FIT_B) / (2.0 * _LLN_FIT_A))
-    alpha = jax.lax.stop_gradient(sigma / sigma_q) if alpha is None else alpha
-    beta = jax.lax.stop_gradient(sigma / sigma_k) if beta is None else beta
-  alpha, beta = _scalar("alpha", alpha, dtype), _scalar("beta", beta, dtype)
+    matched_alpha, matched_beta = _lln_moments(q, k, scale, dims.head_dim, is_causal)
+    alpha = matched_alpha[:, :, None, None, None] if alpha is None else alpha
+    beta = matched_beta[:, :, None, None] if beta is None else beta
   masks = _plan_masks(dims, mask, is_causal, segment_ids)
   log_q = alpha * q
   log_q = log_q - jax.lax.stop_gradient(jnp.max(log_q, axis=-1, keepdims=True))

@@ -1,0 +1,142 @@
+"""Properties every registered op must have, checked over the whole registry.
+
+- causal: with `is_causal=True` the output at t depends on nothing after t (statistics,
+  normalisers and quantisation scales included);
+- batch: examples are independent (changing example 0 leaves example 1 bit-identical);
+- NaN: a NaN input gives NaN in the rows it reaches (never a finite result);
+- zero length: an empty sequence gives the empty result or a clear ValueError;
+- `jax.debug_infs`: masked and causal calls outside `jit` raise no FloatingPointError.
+
+Inputs are tiny (batch 2, 12 tokens = a 2×6 grid, 2 heads, head_dim 8), with block and chunk
+sizes that do not divide the length. `_op_args` is the one table of per-op arguments: weights
+are fixed, arrays laid out `[batch, seq, ...]` are per-token inputs and change with q, k, v.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from big_attn import ops
+
+B, T, N, D = 2, 12, 2, 8
+GRID = (2, 6)
+CUT = 5  # The causal test changes tokens CUT.. and compares the outputs before CUT.
+
+
+def _op_args(name, t, weight, token):
+  """Arguments of op `name` beyond q, k, v for length t; `weight(shape, std)` draws a fixed
+  array, `token(shape, std)` a per-token input `[batch, t, ...]`."""
+  table = {
+      "agent": lambda: dict(num_agents=4),
+      "bilevel_routing": lambda: dict(grid=GRID, num_regions=(1, 2), topk=1),
+      "bottleneck": lambda: dict(num_tokens=3),
+      "combiner": lambda: dict(block_size=5),
+      "decomposed_relpos": lambda: dict(grid=GRID, rel_h=weight((3, D)), rel_w=weight((11, D))),
+      "focused_linear": lambda: dict(chunk_size=5),
+      "gated_attention": lambda: dict(gate_logits=token((B, t, N))),
+      "gatv2": lambda: dict(attn_vec=weight((N, D))),
+      "gpsa": lambda: dict(grid=GRID, pos_proj=weight((N, 3)), gating=weight((N,))),
+      "grid": lambda: dict(grid=GRID, grid_size=(1, 3)),
+      "hyena": lambda: dict(filters=weight((2, max(2 * t - 1, 0), N, D), 0.3)),
+      "kernelized_rpe": lambda: dict(rpe_bias=weight((N, max(2 * t - 1, 0))), feature_key=0,
+                                     num_features=8),
+      "latte": lambda: dict(latents=weight((N, 3, D)), chunk_size=5),
+      "lean_decode": lambda: dict(block_size=5),
+      "levit_bias": lambda: dict(grid=GRID, attention_bias=weight((N,) + GRID)),
+      "lightning": lambda: dict(block_size=5),
+      "lognormal_linear": lambda: dict(chunk_size=5),
+      "mixture_of_heads": lambda: dict(router_logits=token((B, t, N)), topk=1),
+      "neighborhood": lambda: dict(kernel_size=3),
+      "neural_attention": lambda: dict(w1=weight((N, 2 * D, 5), 0.3), b1=weight((N, 5), 0.3),
+                                       w2=weight((N, 5), 0.5)),
+      "performer": lambda: dict(features=weight((16, D)), chunk_size=5),
+      "quadtree": lambda: dict(grid=GRID, levels=2, topk=2),
+      "sage_int8": lambda: dict(block_q=5, block_k=3),
+      "sparse_blocks": lambda: dict(block_q=5, block_k=3),
+      "spatial_reduction": lambda: dict(grid=GRID, reduction=2),
+      "switchhead": lambda: dict(value_experts=token((B, t, N, 3, D)),
+                                 router_logits_v=token((B, t, N, 3)),
+                                 router_logits_o=token((B, t, N, 3)),
+                                 out_experts=weight((N, 3, D, D), 0.4)),
+      "window": lambda: dict(grid=GRID, window_size=(1, 3)),
+  }
+  return table.get(name, dict)()
+
+
+def _inputs(name, seed, t=T, std=1.0):
+  """`[q, k, v]` and the op's arguments; everything per token is drawn from `seed`."""
+  tokens, weights = np.random.default_rng(seed), np.random.default_rng(1234)
+  weight = lambda shape, s=1.0: jnp.asarray(weights.normal(size=shape) * s, jnp.float32)
+  token = lambda shape, s=1.0: jnp.asarray(tokens.normal(size=shape) * s * std, jnp.float32)
+  return [token((B, t, N, D)) for _ in range(3)], _op_args(name, t, weight, token)
+
+
+def _is_token_input(x):
+  return isinstance(x, jax.Array) and x.shape[:2] == (B, T)
+
+
+def _splice(base, other, select):
+  """`base` with the entries where `select[batch, token]` is True taken from `other`, in q, k,
+  v and every per-token argument."""
+  (arrays, args), (other_arrays, other_args) = base, other
+
+  def pick(x, y):
+    where = select.reshape(select.shape + (1,) * (x.ndim - 2))
+    return jnp.where(where, y, x)
+
+  return ([pick(x, y) for x, y in zip(arrays, other_arrays)],
+          {n: pick(a, other_args[n]) if _is_token_input(a) else a for n, a in args.items()})
+
+
+def _call(name, inputs, **kwargs):
+  arrays, args = inputs
+  return np.asarray(ops.get(name)(*arrays, **args, **kwargs))
+
+
+def _causal_form_or_skip(name, inputs):
+  try:
+    return _call(name, inputs, is_causal=True)
+  except NotImplementedError as e:
+    assert "no causal form" in str(e)
+    pytest.skip(f"{name} has no causal form: {e}")
+
+
+@pytest.mark.parametrize("name", ops.names())
+def test_causal_output_ignores_later_tokens(name):
+  base = _inputs(name, 0)
+  out = _causal_form_or_skip(name, base)
+  later = np.broadcast_to(np.arange(T) >= CUT, (B, T))
+  changed = _call(name, _splice(base, _inputs(name, 1, std=4.0), later), is_causal=True)
+  np.testing.assert_allclose(changed[:, :CUT], out[:, :CUT], rtol=1e-6, atol=1e-6)
+  assert not np.allclose(changed[:, CUT:], out[:, CUT:], atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ops.names())
+def test_batch_examples_are_independent(name):
+  base = _inputs(name, 0)
+  out = _call(name, base)
+  first = np.broadcast_to((np.arange(B) == 0)[:, None], (B, T))
+  changed = _call(name, _splice(base, _inputs(name, 1, std=4.0), first))
+  np.testing.assert_array_equal(changed[1:], out[1:])
+  assert not np.allclose(changed[0], out[0], atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ops.names())
+def test_nan_input_gives_nan_output(name):
+  token = np.zeros((B, T), bool)
+  token[0, CUT] = True
+  base = _inputs(name, 0)
+  out = _call(name, _splice(base, _inputs(name, 1, std=np.nan), jnp.asarray(token)))
+  assert np.isnan(out[0, CUT]).all(), "a NaN token must give NaN in its own row"
+  assert np.isfinite(out[1]).all(), "a NaN in example 0 must not reach example 1"
+
+
+@pytest.mark.parametrize("name", ops.names())
+def test_zero_length_is_empty_or_value_error(name):
+  arrays, args = _inputs(name, 0, t=0)
+  try:
+    out = ops.get(name)(*arrays, **args)
+  except ValueError as e:
+    assert "0" in str(e) or "empty" in str(e), f"unclear error for a zero-length input: {e}"
+    return
+  assert out.shape == (B, 0, N, D)
