@@ -3,7 +3,7 @@
 - causal: with `is_causal=True` the output at t depends on nothing after t (statistics,
   normalisers and quantisation scales included);
 - batch: examples are independent (changing example 0 leaves example 1 bit-identical);
-- NaN: a NaN input gives NaN in the rows it reaches (never a finite result);
+- NaN: a NaN query, key or value gives NaN in the rows it reaches (never a finite result);
 - zero length: an empty sequence gives the empty result or a clear ValueError;
 - `jax.debug_infs`: masked and causal calls outside `jit` raise no FloatingPointError.
 
@@ -20,7 +20,7 @@ from big_attn import ops
 
 B, T, N, D = 2, 12, 2, 8
 GRID = (2, 6)
-CUT = 5  # The causal test changes tokens CUT.. and compares the outputs before CUT.
+CUT = 7  # The causal test changes tokens CUT.. and compares the outputs before CUT.
 
 
 def _op_args(name, t, weight, token):
@@ -52,7 +52,7 @@ def _op_args(name, t, weight, token):
       "performer": lambda: dict(features=weight((16, D)), chunk_size=5),
       "quadtree": lambda: dict(grid=GRID, levels=2, topk=2),
       "sage_int8": lambda: dict(block_q=5, block_k=3),
-      "sparse_blocks": lambda: dict(block_q=5, block_k=3),
+      "sparse_blocks": lambda: dict(block_q=5, block_k=2, cdf_threshold=0.3),
       "spatial_reduction": lambda: dict(grid=GRID, reduction=2),
       "switchhead": lambda: dict(value_experts=token((B, t, N, 3, D)),
                                  router_logits_v=token((B, t, N, 3)),
@@ -107,7 +107,9 @@ def test_causal_output_ignores_later_tokens(name):
   out = _causal_form_or_skip(name, base)
   later = np.broadcast_to(np.arange(T) >= CUT, (B, T))
   changed = _call(name, _splice(base, _inputs(name, 1, std=4.0), later), is_causal=True)
-  np.testing.assert_allclose(changed[:, :CUT], out[:, :CUT], rtol=1e-6, atol=1e-6)
+  # Float32 FFT convolutions (hyena, kernelized_rpe) mix every token into every output at
+  # round-off level (~2e-5 here); int8 rounding or a statistic seeing the future moves more.
+  np.testing.assert_allclose(changed[:, :CUT], out[:, :CUT], rtol=5e-5, atol=5e-5)
   assert not np.allclose(changed[:, CUT:], out[:, CUT:], atol=1e-3)
 
 
@@ -123,12 +125,23 @@ def test_batch_examples_are_independent(name):
 
 @pytest.mark.parametrize("name", ops.names())
 def test_nan_input_gives_nan_output(name):
-  token = np.zeros((B, T), bool)
-  token[0, CUT] = True
-  base = _inputs(name, 0)
-  out = _call(name, _splice(base, _inputs(name, 1, std=np.nan), jnp.asarray(token)))
-  assert np.isnan(out[0, CUT]).all(), "a NaN token must give NaN in its own row"
-  assert np.isfinite(out[1]).all(), "a NaN in example 0 must not reach example 1"
+  """A NaN at token CUT of example 0, in q, k, v or a per-token argument: each (row, head) of
+  the output is all NaN or unchanged, never a finite change; the query's own row is NaN."""
+  arrays, args = _inputs(name, 0)
+  clean = _call(name, (arrays, args))
+  sources = {"query": 0, "key": 1, "value": 2,
+             **{n: n for n, a in args.items() if _is_token_input(a)}}
+  for source, where in sources.items():
+    poisoned_arrays, poisoned_args = list(arrays), dict(args)
+    target = poisoned_arrays if isinstance(where, int) else poisoned_args
+    target[where] = target[where].at[0, CUT].set(jnp.nan)
+    out = _call(name, (poisoned_arrays, poisoned_args))
+    nan = np.isnan(out).all(-1)
+    same = (out == clean).all(-1)
+    assert (nan | same).all(), f"a NaN {source} changed (row, head)s {np.argwhere(~nan & ~same)}"
+    assert same[1].all(), f"a NaN {source} in example 0 reached example 1"
+    if source == "query":
+      assert nan[0, CUT].all(), "a NaN query must give NaN in its own row"
 
 
 @pytest.mark.parametrize("name", ops.names())
