@@ -153,3 +153,25 @@ def test_zero_length_is_empty_or_value_error(name):
     assert "0" in str(e) or "empty" in str(e), f"unclear error for a zero-length input: {e}"
     return
   assert out.shape == (B, 0, N, D)
+
+
+@pytest.mark.parametrize("name", ops.names())
+def test_masked_and_causal_calls_under_debug_infs(name):
+  """Outside `jit`, `jax.debug_infs` checks every primitive: masking must not make an inf.
+  The key-padding mask leaves example 1 no key at all (its rows are zeros); ops whose mask is
+  not a `[batch, 1, 1, kv_len]` key mask reject it with a ValueError naming `mask`."""
+  arrays, args = _inputs(name, 0)
+  valid = np.ones((B, 1, 1, T), bool)
+  valid[0, ..., CUT:] = False
+  valid[1] = False
+  with jax.debug_infs(True):
+    try:
+      ops.get(name)(*arrays, **args, is_causal=True)
+    except NotImplementedError as e:
+      assert "no causal form" in str(e)
+    try:
+      out = ops.get(name)(*arrays, **args, mask=jnp.asarray(valid))
+    except ValueError as e:
+      assert "mask" in str(e)
+    else:
+      np.testing.assert_array_equal(np.asarray(out[1]), 0.0)
