@@ -106,10 +106,12 @@ def test_causal_output_ignores_later_tokens(name):
   base = _inputs(name, 0)
   out = _causal_form_or_skip(name, base)
   later = np.broadcast_to(np.arange(T) >= CUT, (B, T))
-  changed = _call(name, _splice(base, _inputs(name, 1, std=4.0), later), is_causal=True)
+  changed = _call(name, _splice(base, _inputs(name, 1, std=30.0), later), is_causal=True)
   # Float32 FFT convolutions (hyena, kernelized_rpe) mix every token into every output at
-  # round-off level (~2e-5 here); int8 rounding or a statistic seeing the future moves more.
-  np.testing.assert_allclose(changed[:, :CUT], out[:, :CUT], rtol=5e-5, atol=5e-5)
+  # round-off level, relative to the largest output; int8 rounding, a statistic or an
+  # exponent stabiliser that sees the (30 times larger) future moves far more.
+  atol = 1e-6 * max(1.0, np.abs(changed).max())
+  np.testing.assert_allclose(changed[:, :CUT], out[:, :CUT], rtol=1e-5, atol=atol)
   assert not np.allclose(changed[:, CUT:], out[:, CUT:], atol=1e-3)
 
 
