@@ -19,30 +19,32 @@ import pytest
 from big_attn import ops
 
 B, T, N, D = 2, 12, 2, 8
-GRID = (2, 6)
+WIDTH = 6  # Tokens are also a (T / WIDTH) × WIDTH grid for the 2-D ops.
 CUT = 7  # The causal test changes tokens CUT.. and compares the outputs before CUT.
 
 
 def _op_args(name, t, weight, token):
   """Arguments of op `name` beyond q, k, v for length t; `weight(shape, std)` draws a fixed
   array, `token(shape, std)` a per-token input `[batch, t, ...]`."""
+  grid = (t // WIDTH, WIDTH)
   table = {
       "agent": lambda: dict(num_agents=4),
-      "bilevel_routing": lambda: dict(grid=GRID, num_regions=(1, 2), topk=1),
+      "bilevel_routing": lambda: dict(grid=grid, num_regions=(1, 2), topk=1),
       "bottleneck": lambda: dict(num_tokens=3),
       "combiner": lambda: dict(block_size=5),
-      "decomposed_relpos": lambda: dict(grid=GRID, rel_h=weight((3, D)), rel_w=weight((11, D))),
+      "decomposed_relpos": lambda: dict(grid=grid, rel_h=weight((max(2 * grid[0] - 1, 0), D)),
+                                         rel_w=weight((2 * WIDTH - 1, D))),
       "focused_linear": lambda: dict(chunk_size=5),
       "gated_attention": lambda: dict(gate_logits=token((B, t, N))),
       "gatv2": lambda: dict(attn_vec=weight((N, D))),
-      "gpsa": lambda: dict(grid=GRID, pos_proj=weight((N, 3)), gating=weight((N,))),
-      "grid": lambda: dict(grid=GRID, grid_size=(1, 3)),
+      "gpsa": lambda: dict(grid=grid, pos_proj=weight((N, 3)), gating=weight((N,))),
+      "grid": lambda: dict(grid=grid, grid_size=(1, 3)),
       "hyena": lambda: dict(filters=weight((2, max(2 * t - 1, 0), N, D), 0.3)),
       "kernelized_rpe": lambda: dict(rpe_bias=weight((N, max(2 * t - 1, 0))), feature_key=0,
                                      num_features=8),
       "latte": lambda: dict(latents=weight((N, 3, D)), chunk_size=5),
       "lean_decode": lambda: dict(block_size=5),
-      "levit_bias": lambda: dict(grid=GRID, attention_bias=weight((N,) + GRID)),
+      "levit_bias": lambda: dict(grid=grid, attention_bias=weight((N,) + grid)),
       "lightning": lambda: dict(block_size=5),
       "lognormal_linear": lambda: dict(chunk_size=5),
       "mixture_of_heads": lambda: dict(router_logits=token((B, t, N)), topk=1),
@@ -50,15 +52,15 @@ def _op_args(name, t, weight, token):
       "neural_attention": lambda: dict(w1=weight((N, 2 * D, 5), 0.3), b1=weight((N, 5), 0.3),
                                        w2=weight((N, 5), 0.5)),
       "performer": lambda: dict(features=weight((16, D)), chunk_size=5),
-      "quadtree": lambda: dict(grid=GRID, levels=2, topk=2),
+      "quadtree": lambda: dict(grid=grid, levels=2, topk=2),
       "sage_int8": lambda: dict(block_q=5, block_k=3),
       "sparse_blocks": lambda: dict(block_q=5, block_k=2, cdf_threshold=0.3),
-      "spatial_reduction": lambda: dict(grid=GRID, reduction=2),
+      "spatial_reduction": lambda: dict(grid=grid, reduction=2),
       "switchhead": lambda: dict(value_experts=token((B, t, N, 3, D)),
                                  router_logits_v=token((B, t, N, 3)),
                                  router_logits_o=token((B, t, N, 3)),
                                  out_experts=weight((N, 3, D, D), 0.4)),
-      "window": lambda: dict(grid=GRID, window_size=(1, 3)),
+      "window": lambda: dict(grid=grid, window_size=(1, 3)),
   }
   return table.get(name, dict)()
 
