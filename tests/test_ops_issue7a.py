@@ -40,22 +40,36 @@ def _rel_err_and_cosine(out, want):
 # ----------------------------------------------------------------------------------------------
 # SageAttention.
 # ----------------------------------------------------------------------------------------------
-def _sage_reference(q, k, v, block_q, block_k, mask):
-  """Smoothed K, symmetric int8 per (block, head), dequantised scores; float64 elsewhere."""
+def _sage_reference(q, k, v, block_q, block_k, mask, is_causal=False):
+  """Smoothed K, symmetric int8 per (block, head), dequantised scores; float64 elsewhere.
+
+  Causal: each token's scale is the max over its block up to itself; key block r is smoothed
+  with μ_r = mean(k_0..k_{r·block_k}) and q·μ_r is added back to the scores.
+  """
   q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-  k = k - k.mean(axis=1, keepdims=True)
+  b, s = k.shape[:2]
+  if is_causal:
+    starts = np.arange(s) // block_k * block_k
+    mean = np.stack([k[:, :p + 1].mean(axis=1) for p in starts], axis=1)
+  else:
+    mean = np.broadcast_to(k.mean(axis=1, keepdims=True), k.shape)
 
   def quantize(x, block):
     out = np.empty_like(x)
-    for start in range(0, x.shape[1], block):
-      chunk = x[:, start:start + block]
-      scale = np.abs(chunk).max(axis=(1, 3), keepdims=True) / 127.0
-      out[:, start:start + block] = np.clip(np.round(chunk / scale), -127, 127) * scale
+    for i in range(x.shape[1]):
+      start = i // block * block
+      end = i + 1 if is_causal else start + block
+      scale = np.abs(x[:, start:end]).max(axis=(1, 3), keepdims=True) / 127.0
+      scale = np.where(scale == 0.0, 1.0, scale)  # An all-zero block stays zero.
+      out[:, i:i + 1] = np.clip(np.round(x[:, i:i + 1] / scale), -127, 127) * scale
     return out
 
-  qd, kd = quantize(q, block_q), quantize(k, block_k)
+  qd, kd = quantize(q, block_q), quantize(k - mean, block_k)
+  # Scores qd·kd + q·μ_j as one dot product over concatenated features.
   with ref.x64():
-    return np.asarray(ref.softmax_attention(qd, kd, v, mask=mask))
+    return np.asarray(ref.softmax_attention(
+        np.concatenate([qd, q], -1), np.concatenate([kd, mean], -1), v, mask=mask,
+        scale=1.0 / np.sqrt(q.shape[-1])))
 
 
 @pytest.mark.parametrize("is_causal", [False, True])
@@ -64,7 +78,7 @@ def test_sage_int8_matches_int8_formula_and_is_close_to_softmax(is_causal):
   op = ops.get("sage_int8")
   full = ref.full_mask(2, 4, 45, 45, is_causal=is_causal)
   kw = dict(block_q=16, block_k=8, is_causal=is_causal)
-  exact = _sage_reference(q, k, v, 16, 8, full)
+  exact = _sage_reference(q, k, v, 16, 8, full, is_causal)
   out32 = op(q, k, v, pv_dtype=jnp.float32, **kw)
   np.testing.assert_allclose(np.asarray(out32, np.float64), exact, rtol=2e-3, atol=2e-3)
   with ref.x64():
@@ -131,8 +145,11 @@ def _self_similar(x, theta):
   return theta is None or (unit @ unit.T).mean() > theta
 
 
-def _sparge_block_mask(q, k, full, block_q, block_k, tau, topk, theta=None):
-  """Kept `[b, n, q_blocks, kv_blocks]` blocks, by loops over batches, heads and blocks."""
+def _sparge_block_mask(q, k, full, block_q, block_k, tau, topk, theta=None, is_causal=False):
+  """Kept `[b, n, q_blocks, kv_blocks]` blocks, by loops over batches, heads and blocks.
+
+  Causal: predicted from the block's first query and the key blocks it sees entirely.
+  """
   q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
   b, t, n, d = q.shape
   s, kv_heads = k.shape[1], k.shape[2]
@@ -143,15 +160,17 @@ def _sparge_block_mask(q, k, full, block_q, block_k, tau, topk, theta=None):
       kh = h // (n // kv_heads)
       for i in range(nq):
         rows = slice(i * block_q, (i + 1) * block_q)
-        q_mean = q[bi, rows, h].mean(0)
+        first = i * block_q
+        q_mean = q[bi, first, h] if is_causal else q[bi, rows, h].mean(0)
         allowed = np.zeros(nk, bool)
-        dense = np.full(nk, not _self_similar(q[bi, rows, h], theta))
+        dense = np.full(nk, not is_causal and not _self_similar(q[bi, rows, h], theta))
         score = np.full(nk, -np.inf)
         for j in range(nk):
           cols = slice(j * block_k, (j + 1) * block_k)
           allowed[j] = full[bi, h, rows, cols].any()
           dense[j] |= not _self_similar(k[bi, cols, kh], theta)
-          if allowed[j] and _self_similar(k[bi, cols, kh], theta):
+          seen_by_first = not is_causal or (j + 1) * block_k - 1 <= first
+          if allowed[j] and seen_by_first and _self_similar(k[bi, cols, kh], theta):
             score[j] = q_mean @ k[bi, cols, kh].mean(0) / np.sqrt(d)
         if np.isfinite(score).any():
           p = np.exp(score - score.max())
@@ -191,7 +210,7 @@ def test_sparse_blocks_match_independent_block_mask(is_causal, tau, topk, paddin
   q, k, v = _qkv(t=t, s=s, seed=3)
   mask = _key_padding(2, s, seed=9) if padding else None
   full = ref.full_mask(2, 4, t, s, mask=mask, is_causal=is_causal)
-  keep = _sparge_block_mask(q, k, full, bq, bk, tau, topk)
+  keep = _sparge_block_mask(q, k, full, bq, bk, tau, topk, is_causal=is_causal)
   sparse = full & _expand_blocks(keep, t, s, bq, bk)
   assert sparse.sum() < 0.95 * full.sum()  # the prediction really drops blocks
   op = functools.partial(ops.get("sparse_blocks"), mask=None if mask is None else jnp.asarray(mask),
@@ -208,8 +227,8 @@ def test_sparse_blocks_self_similarity_rule():
   q = q + shared * ((np.arange(t) // bq) % 2 == 0)[None, :, None, None]
   k = k + shared[:, :, ::2] * ((np.arange(t) // bk) % 2 == 0)[None, :, None, None]
   full = ref.full_mask(2, 4, t, t, is_causal=True)
-  keep = _sparge_block_mask(q, k, full, bq, bk, 0.3, None, theta)
-  plain = _sparge_block_mask(q, k, full, bq, bk, 0.3, None)
+  keep = _sparge_block_mask(q, k, full, bq, bk, 0.3, None, theta, is_causal=True)
+  plain = _sparge_block_mask(q, k, full, bq, bk, 0.3, None, is_causal=True)
   assert (keep & ~plain).any()  # the rule adds dense rows and columns
   sparse = full & _expand_blocks(keep, t, t, bq, bk)
   assert sparse.sum() < full.sum()
@@ -305,10 +324,7 @@ def test_causal_ignores_future_keys(name):
   op = jax.jit(functools.partial(ops.get(name), is_causal=True, **_op_args(name)))
   k2 = k.at[:, 9:].add(5.0)
   v2 = v.at[:, 9:].add(-3.0)
-  # sage_int8: future keys move the smoothing mean and the int8 block scales, so they leak
-  # only as rounding noise.
-  tol = 3e-2 if name == "sage_int8" else 1e-6
-  np.testing.assert_allclose(op(q, k, v)[:, :9], op(q, k2, v2)[:, :9], rtol=tol, atol=tol)
+  np.testing.assert_allclose(op(q, k, v)[:, :9], op(q, k2, v2)[:, :9], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", NAMES)

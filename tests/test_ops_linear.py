@@ -93,11 +93,24 @@ def depthwise_conv(v, w, bias, *, causal=False, grid=None):
   return out + bias
 
 
-def lognormal_alpha_beta(q, k, scale):
-  sq, sk = np.std(np.asarray(q, np.float64)), np.std(np.asarray(k, np.float64))
-  var_sm = scale ** 2 * q.shape[-1] * sq ** 2 * sk ** 2
-  sigma = math.sqrt((var_sm - LLN_B) / (2 * LLN_A))
-  return sigma / sq, sigma / sk
+def lognormal_alpha_beta(q, k, scale, is_causal=False):
+  """α `[b, t|1, 1, 1]`, β `[b, s|1, 1, 1]`: per example; causal: from tokens 0..i only."""
+  q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
+
+  def matched(qs, ks):  # The statistics of one example's (prefix of) queries and keys.
+    sq, sk = np.std(qs), np.std(ks)
+    sigma = math.sqrt((scale ** 2 * q.shape[-1] * sq ** 2 * sk ** 2 - LLN_B) / (2 * LLN_A))
+    return sigma / sq, sigma / sk
+
+  b, t, s = q.shape[0], q.shape[1], k.shape[1]
+  if not is_causal:
+    alpha, beta = np.array([matched(q[i], k[i]) for i in range(b)]).T
+    return alpha.reshape(b, 1, 1, 1), beta.reshape(b, 1, 1, 1)
+  alpha = np.array([[matched(q[i, :p + 1], k[i, :min(p, s - 1) + 1])[0] for p in range(t)]
+                    for i in range(b)])
+  beta = np.array([[matched(q[i, :min(p, t - 1) + 1], k[i, :p + 1])[1] for p in range(s)]
+                   for i in range(b)])
+  return alpha.reshape(b, t, 1, 1), beta.reshape(b, s, 1, 1)
 
 
 def reference(name, q, k, v, arrays, mask, *, is_causal=False, segment_ids=None,
@@ -114,7 +127,7 @@ def reference(name, q, k, v, arrays, mask, *, is_causal=False, segment_ids=None,
   if name == "lognormal_linear":
     alpha, beta = kwargs.get("alpha"), kwargs.get("beta")
     if alpha is None:
-      alpha, beta = lognormal_alpha_beta(q, k, scale_d)
+      alpha, beta = lognormal_alpha_beta(q, k, scale_d, is_causal)
     return kernel_attention(jnp.exp(alpha * q), jnp.exp(beta * k), v, full)
   if name == "lightning":
     qs = q if scale is None else q * scale
@@ -216,7 +229,8 @@ def test_forward_and_grad_match_reference(name, config_name):
   (_, out), grads = value_and_grad(op_loss)(q, k, v, arrays)
   with ref.x64():
     # Moment-matched α, β carry no gradient: fix them from the float32 inputs.
-    fixed = dict(zip(("alpha", "beta"), lognormal_alpha_beta(q, k, 1 / math.sqrt(q.shape[-1]))))
+    fixed = dict(zip(("alpha", "beta"), lognormal_alpha_beta(q, k, 1 / math.sqrt(q.shape[-1]),
+                                                             config["causal"])))
     fixed = fixed if name == "lognormal_linear" else {}
 
     def ref_loss(q, k, v, arrays):
@@ -244,8 +258,6 @@ def test_causal_chunks_future_tokens_and_bfloat16(name):
   config = dict(CONFIGS["causal_mqa_padding"], kv_heads=2)
   q, k, v, _ = make_inputs(config, seed=3)
   arrays = op_arrays(name, config)
-  if name == "lognormal_linear":  # The moment-matched α, β see every token: fix them.
-    arrays.update(alpha=jnp.float32(0.8), beta=jnp.float32(0.6))
   causal_mask = jnp.asarray(np.tril(np.ones((13, 13), bool)))[None, None]
   # A general [q, kv] mask takes the quadratic form of the same kernel.
   quadratic = bound(name, is_causal=True)(q, k, v, arrays, causal_mask)

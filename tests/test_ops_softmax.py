@@ -111,6 +111,57 @@ def test_matches_jax_nn_dot_product_attention(kwargs):
   np.testing.assert_allclose(out, expected, atol=1e-5, rtol=1e-5)
 
 
+def _with_cotangents(fn, *arrays):
+  """`fn(*arrays)` (an output or (output, residual)) and the gradients of Σ out·c wrt arrays."""
+  def loss(*a):
+    result = fn(*a)
+    out = result[0] if isinstance(result, tuple) else result
+    return jnp.sum(out * jnp.cos(jnp.arange(out.size).reshape(out.shape))), result
+  (_, result), grads = jax.value_and_grad(loss, range(len(arrays)), has_aux=True)(*arrays)
+  return result, grads
+
+
+@pytest.mark.parametrize("case", ["unbatched_rank3_mask", "seq_lengths_rank3_bias",
+                                  "residual_gqa", "residual_unbatched_window"])
+def test_drop_in_for_jax_nn_dot_product_attention(case):
+  """What `jax.nn.dot_product_attention` accepts gives its result, forward and gradient."""
+  q, k, v = _qkv(t=6, s=9, k=2)
+  rng = np.random.default_rng(3)
+  mask = jnp.asarray(rng.random((4, 6, 9)) > 0.3) | jnp.eye(6, 9, dtype=bool)  # [n, t, s]
+  bias = jnp.asarray(rng.normal(size=(4, 6, 9)), jnp.float32)
+  lengths = dict(query_seq_lengths=jnp.array([6, 4], jnp.int32),
+                 key_value_seq_lengths=jnp.array([9, 5], jnp.int32))
+  arrays, kwargs = (q, k, v), {}
+  if case == "unbatched_rank3_mask":
+    arrays, kwargs = (q[1], k[1], v[1]), dict(mask=mask, is_causal=True)
+  elif case == "seq_lengths_rank3_bias":
+    arrays, kwargs = (q, k, v, bias), dict(lengths, is_causal=True)
+  elif case == "residual_gqa":
+    kwargs = dict(mask=mask, return_residual=True)
+  else:
+    arrays, kwargs = (q[0], k[0], v[0], bias), dict(return_residual=True, local_window_size=2)
+  ours, our_grads = _with_cotangents(
+      lambda *a: ops.dot_product_attention(*a, **kwargs), *arrays)
+  theirs, their_grads = _with_cotangents(
+      lambda *a: jax.nn.dot_product_attention(*a, **kwargs), *arrays)
+  for got, want in zip(jax.tree.leaves((ours, our_grads)), jax.tree.leaves((theirs, their_grads))):
+    assert got.shape == want.shape and got.dtype == want.dtype
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+  if kwargs.get("return_residual"):  # The log-sum-exp of the attended logits.
+    out, lse = ours
+    assert lse.shape == out.shape[:-1]
+
+
+def test_seq_lengths_errors_like_jax_nn():
+  q, k, v = _qkv(t=6, s=9)
+  for bad in (dict(query_seq_lengths=jnp.array([6.0, 4.0])),
+              dict(key_value_seq_lengths=jnp.array([9, 5, 1], jnp.int32))):
+    with pytest.raises(ValueError):
+      jax.nn.dot_product_attention(q, k, v, **bad)
+    with pytest.raises(ValueError, match="seq_lengths must"):
+      ops.dot_product_attention(q, k, v, **bad)
+
+
 def test_fully_masked_rows_give_zeros_and_finite_grads():
   q, k, v = _qkv(t=6, s=6, k=4)
   mask = np.ones((2, 1, 6, 6), bool)
@@ -180,7 +231,9 @@ def test_bad_arguments_raise_naming_them():
   with pytest.raises(TypeError, match="mask must be boolean"):
     ops.dot_product_attention(q, k, v, mask=jnp.ones((2, 4, 7, 11)))
   with pytest.raises(ValueError, match="bias must have rank 4"):
-    ops.dot_product_attention(q, k, v, bias=jnp.ones((7, 11)))
+    ops.dot_product_attention(q, k, v, bias=jnp.ones((1, 2, 4, 7, 11)))
+  with pytest.raises(ValueError, match="bias of shape"):
+    ops.dot_product_attention(q, k, v, bias=jnp.ones((7, 10)))
   with pytest.raises(ValueError, match="q_segment_ids must have shape"):
     ops.dot_product_attention(q, k, v, segment_ids=jnp.zeros((2, 11), jnp.int32))
   with pytest.raises(TypeError, match="segment_ids must have an integer dtype"):

@@ -68,11 +68,44 @@ def test_as_attention_fn_binds_mechanism_args():
   plain = nn.MultiHeadDotProductAttention(num_heads=2).apply(params, x)
   capped = layer.apply(params, x)
   assert capped.shape == plain.shape and not np.allclose(capped, plain)
-  dropout = nn.MultiHeadDotProductAttention(
-      num_heads=2, dropout_rate=0.1, deterministic=False,
-      attention_fn=ops.as_attention_fn("softmax"))
-  with pytest.raises(ValueError, match="dropout"):
-    dropout.init({"params": jax.random.key(1), "dropout": jax.random.key(2)}, x)
+
+
+@pytest.mark.parametrize("batch_shape", [(), (3, 2)])
+def test_as_attention_fn_is_flax_default_attention(batch_shape):
+  """Unbatched and several batch axes, attention dropout and `sow_weights`: the softmax op
+  gives what Flax's default `attention_fn` gives (outputs, sown weights, gradients)."""
+  x = jax.random.normal(jax.random.key(0), batch_shape + (6, 16))
+  mask = nn.make_causal_mask(jnp.ones(batch_shape + (6,)))
+  ours, theirs = (nn.MultiHeadDotProductAttention(num_heads=4, dropout_rate=0.3, **fn)
+                  for fn in (dict(attention_fn=ops.as_attention_fn("softmax")), {}))
+  params = theirs.init(jax.random.key(1), x, mask=mask, deterministic=True)
+
+  def run(layer):  # Output, sown weights and parameter gradients in one compiled call.
+    def loss(p):
+      out, sown = layer.apply(p, x, mask=mask, deterministic=False, sow_weights=True,
+                              rngs={"dropout": jax.random.key(2)}, mutable=["intermediates"])
+      return jnp.sum(out ** 2), (out, sown["intermediates"]["attention_weights"][0])
+    (_, aux), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    return aux, grads
+
+  ((out, weights), grads), ((want, want_weights), want_grads) = run(ours), run(theirs)
+  assert out.shape == batch_shape + (6, 16)
+  np.testing.assert_allclose(out, want, atol=1e-5, rtol=1e-5)
+  assert weights.shape == batch_shape + (4, 6, 6)
+  np.testing.assert_allclose(weights, want_weights, atol=1e-6)
+  for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4)
+
+
+def test_as_attention_fn_bad_dtypes_and_missing_dropout_rng():
+  fn = ops.as_attention_fn("softmax")
+  q = jnp.ones((2, 5, 2, 4))
+  with pytest.raises(TypeError, match="dtype must be floating"):
+    fn(q, q, q, dtype=jnp.int32)
+  with pytest.raises(TypeError, match="query must have a floating dtype"):
+    fn(q.astype(jnp.int32), q, q)
+  with pytest.raises(ValueError, match="dropout_rng"):
+    fn(q, q, q, dropout_rate=0.1, deterministic=False)
 
 
 def _layer_reference(params, x, context, num_heads, num_kv_heads, mask):

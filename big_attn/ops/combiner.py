@@ -96,7 +96,7 @@ def combiner_attention(query, key, value, *, mask=None, is_causal=False, scale=N
   if key_pool == "mean":
     k_sum = jnp.sum(jnp.where(key_valid, k_g, 0.0), axis=2) / jnp.maximum(count, 1)
   else:
-    k_sum = jnp.max(jnp.where(key_valid, k_g, -jnp.inf), axis=2)
+    k_sum = jnp.max(jnp.where(key_valid, k_g, common.MASKED_LOGIT), axis=2)
     k_sum = jnp.where(has_key[..., None], k_sum, 0.0)
   v_sum = jnp.sum(jnp.where(key_valid, v_g, 0.0), axis=2) / jnp.maximum(count, 1)
   k_sum, v_sum = (jnp.broadcast_to(x, x.shape[:3] + (dims.groups, x.shape[-1]))

@@ -173,15 +173,19 @@ def make_mask(dims: Dims, *, mask: Array | None = None, is_causal: bool = False,
   return combined
 
 
+# Stands for -inf at masked logits: finite (as `jax.nn.dot_product_attention`'s), so masked
+# calls raise nothing under `jax.debug_infs(True)`; exp(MASKED_LOGIT - max) is exactly 0.
+MASKED_LOGIT = -0.7 * float(np.finfo(np.float32).max)
+
+
 def masked_softmax(logits: Array, mask: Array | None) -> Array:
   """Softmax over the last axis in float32; rows with nothing to attend to give zeros."""
   logits = logits.astype(jnp.float32)
   if mask is None:
     return jax.nn.softmax(logits, axis=-1)
-  logits = jnp.where(mask, logits, -jnp.inf)
-  row_max = jnp.max(logits, axis=-1, keepdims=True)
-  row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
-  unnormalized = jnp.where(mask, jnp.exp(logits - row_max), 0.0)
+  logits = jnp.where(mask, logits, MASKED_LOGIT)
+  row_max = jnp.max(logits, axis=-1, keepdims=True, initial=MASKED_LOGIT)
+  unnormalized = jnp.where(mask, jnp.exp(logits - jax.lax.stop_gradient(row_max)), 0.0)
   denom = jnp.sum(unnormalized, axis=-1, keepdims=True)
   return unnormalized / jnp.where(denom == 0.0, 1.0, denom)
 

@@ -104,20 +104,20 @@ def lean_decode_attention(query: Array, key: Array, value: Array, *, mask: Array
       visible.shape[:4] + (splits, block))
 
   # Partial states of every split.
-  logits = jnp.where(visible, logits, -jnp.inf)
+  logits = jnp.where(visible, logits, common.MASKED_LOGIT)
   m = jnp.max(logits, axis=-1, keepdims=True)
-  m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
+  m = jax.lax.stop_gradient(jnp.where(m > common.MASKED_LOGIT, m, 0.0))
   p = jnp.where(visible, jnp.exp(logits - m), 0.0)
   l = jnp.sum(p, axis=-1)  # [b, k, g, t, c]
   v = value.reshape(b, splits, block, k, dims.value_dim)
   o = jnp.einsum("bkgtcs,bcskd->bkgtcd", p.astype(value.dtype), v,
                  preferred_element_type=jnp.float32)
   o = o / jnp.where(l > 0, l, 1.0)[..., None]
-  lse = jnp.where(l > 0, m[..., 0] + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
+  lse = jnp.where(l > 0, m[..., 0] + jnp.log(jnp.where(l > 0, l, 1.0)), common.MASKED_LOGIT)
 
   # Log-sum-exp merge of the splits.
   top = jax.lax.stop_gradient(jnp.max(lse, axis=-1, keepdims=True))
-  top = jnp.where(jnp.isfinite(top), top, 0.0)
+  top = jnp.where(top > common.MASKED_LOGIT, top, 0.0)
   w = jnp.exp(lse - top)  # 0 for empty splits
   total = jnp.sum(w, axis=-1, keepdims=True)
   w = w / jnp.where(total > 0, total, 1.0)

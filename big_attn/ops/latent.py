@@ -276,7 +276,7 @@ def _latte_causal(probs_l, logits, valid, value, chunk_size):
     valid = jnp.pad(jnp.broadcast_to(valid, (valid.shape[0], t) + valid.shape[2:]),
                     [(0, 0), (0, pad), (0, 0), (0, 0), (0, 0)])
   n_chunks = (t + pad) // c
-  logits = jnp.where(valid, logits, -jnp.inf)
+  logits = jnp.where(valid, logits, common.MASKED_LOGIT)
 
   def chunks(x):
     return jnp.moveaxis(x.reshape(x.shape[0], n_chunks, c, *x.shape[2:]), 1, 0)
@@ -289,9 +289,10 @@ def _latte_causal(probs_l, logits, valid, value, chunk_size):
     p_c, z_c, v_c = xs  # [b,c,k,g,L], [b,c,k,g,L], [b,c,k,dv]
     m_run = jax.lax.stop_gradient(
         jnp.maximum(m_old[:, None], jax.lax.cummax(z_c, axis=1)))  # [b,c,k,g,L]
-    m_t = jnp.where(jnp.isfinite(m_run), m_run, 0.0)  # -inf while no usable key yet
-    decay = jnp.exp(m_old[:, None] - m_t)  # exp(-inf) = 0 before the first usable key
-    arg = jnp.where(tri, z_c[:, None] - m_t[:, :, None], -jnp.inf)  # [b,t,s,k,g,L]
+    # MASKED_LOGIT stands for -inf (finite for jax.debug_infs): no usable key yet.
+    m_t = jnp.where(m_run > common.MASKED_LOGIT, m_run, 0.0)
+    decay = jnp.exp(m_old[:, None] - m_t)  # 0 before the first usable key
+    arg = jnp.where(tri, z_c[:, None] - m_t[:, :, None], common.MASKED_LOGIT)  # [b,t,s,k,g,L]
     weights = jnp.exp(arg)
     denom = decay * d_old[:, None] + jnp.sum(weights, axis=2)  # [b,c,k,g,L]
     coef = jnp.where(denom > 0, p_c / jnp.where(denom > 0, denom, 1.0), 0.0)
@@ -302,7 +303,7 @@ def _latte_causal(probs_l, logits, valid, value, chunk_size):
              + jnp.einsum("bskgl,bskd->bkgld", weights[:, -1], v_c.astype(jnp.float32)))
     return (m_run[:, -1], s_new, denom[:, -1]), out
 
-  init = (jnp.full((b, k, g, num_latents), -jnp.inf, jnp.float32),
+  init = (jnp.full((b, k, g, num_latents), common.MASKED_LOGIT, jnp.float32),
           jnp.zeros((b, k, g, num_latents, dv), jnp.float32),
           jnp.zeros((b, k, g, num_latents), jnp.float32))
   _, out = jax.lax.scan(step, init, (chunks(probs_l), chunks(logits), chunks(value)))

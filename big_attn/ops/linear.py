@@ -78,17 +78,37 @@ def _plan_masks(dims: common.Dims, mask, is_causal: bool, segment_ids) -> _Masks
                               valid.shape[2] // kv_heads), None)
 
 
-def _key_max(log_phi_k: Array, key_valid: Array | None) -> Array:
-  """Max of `[b, s, k, m]` key log-features over valid keys and features: `[b, 1, k, 1]`.
+def _stable_key_features(log_phi_k: Array, key_valid: Array | None, is_causal: bool
+                         ) -> tuple[Array, Array | None]:
+  """φ_k = exp(log φ_k − M) for `[b, s, k, m]` key log-features, and M for the causal form.
 
-  One constant per (batch, kv head) multiplies every φ_k(k_j) of that head, so it cancels in
-  the ratio; it only keeps exp() in range.
+  Non-causal: M is one constant per (batch, kv head), the max over valid keys and features;
+  it cancels in the ratio and only keeps exp() in range. Causal: a constant over all keys
+  would see the future, so M_j is the prefix max over valid keys 0..j, `[b, s, k, 1]` (None
+  is returned for the non-causal constant); `_linear_attention` then weighs key j for query i
+  by exp(M_j − M_i) ≤ 1, and the per-row factor exp(M_i) cancels. Masked keys give M_j =
+  `common.MASKED_LOGIT` until the first valid one.
   """
   if key_valid is not None:
     valid = jnp.any(key_valid, axis=-1)[..., None]
-    log_phi_k = jnp.where(valid, log_phi_k, -jnp.inf)
-  top = jnp.max(log_phi_k, axis=(1, 3), keepdims=True)
-  return jax.lax.stop_gradient(jnp.where(jnp.isfinite(top), top, 0.0))
+    log_phi_k = jnp.where(valid, log_phi_k, common.MASKED_LOGIT)
+  if is_causal:
+    top = jax.lax.cummax(jnp.max(log_phi_k, axis=3, keepdims=True,
+                                 initial=common.MASKED_LOGIT), axis=1)
+    top = jax.lax.stop_gradient(top)
+    # Only masked keys exceed M (where M is still MASKED_LOGIT): 0, not an overflow.
+    return jnp.exp(jnp.where(log_phi_k <= top, log_phi_k - top, 0.0)), top
+  top = jnp.max(log_phi_k, axis=(1, 3), keepdims=True, initial=common.MASKED_LOGIT)
+  top = jax.lax.stop_gradient(jnp.where(top > common.MASKED_LOGIT, top, 0.0))
+  return jnp.exp(log_phi_k - top), None
+
+
+def _key_scale(key_log_max: Array, q_len: int) -> Array:
+  """exp(M_j − M_i) ≤ 1 for query i (M at min(i, kv_len − 1)) and key j ≤ i: `[b, t, s, k]`."""
+  s = key_log_max.shape[1]
+  m = key_log_max[..., 0]  # [b, s, k]
+  m_q = m[:, jnp.minimum(jnp.arange(q_len), s - 1)]
+  return jnp.exp(jnp.minimum(m[:, None] - m_q[:, :, None], 0.0))
 
 
 def _zero_empty_rows(out: Array, masks: _Masks, dims: common.Dims, is_causal: bool) -> Array:
@@ -115,7 +135,8 @@ def _zero_empty_rows(out: Array, masks: _Masks, dims: common.Dims, is_causal: bo
 # ------------------------------------------------------------------------------------------
 def _linear_attention(phi_q: Array, phi_k: Array, value: Array, dims: common.Dims,
                       masks: _Masks, *, is_causal: bool, chunk_size: int,
-                      log_decay: Array | None = None, normalize: bool = True) -> Array:
+                      log_decay: Array | None = None, key_log_max: Array | None = None,
+                      normalize: bool = True) -> Array:
   """Σ_j κ_ij v_j (/ Σ_j κ_ij) for κ_ij = λ^{i-j}·φ_q(q_i)ᵀφ_k(k_j).
 
   Args:
@@ -127,6 +148,8 @@ def _linear_attention(phi_q: Array, phi_k: Array, value: Array, dims: common.Dim
     is_causal: query i sees keys j <= i.
     chunk_size: tokens per chunk of the causal form.
     log_decay: None or `[k|1, g|1]`, log λ per query head (causal only).
+    key_log_max: None or the causal prefix max M `[b, s, k, 1]` of `_stable_key_features`
+      (causal only, without `log_decay`): κ_ij is weighed by exp(M_j − M_i).
     normalize: divide by the kernel's row sums (zero rows give zero).
 
   Returns:
@@ -145,10 +168,12 @@ def _linear_attention(phi_q: Array, phi_k: Array, value: Array, dims: common.Dim
     phi_k = jnp.where(masks.key_valid[..., None], phi_k, jnp.zeros((), phi_k.dtype))
   phi_k = jnp.broadcast_to(phi_k, (b, dims.kv_len, k, groups, m))
 
+  if key_log_max is not None and dims.kv_len == 0:
+    key_log_max = None  # No keys: nothing to weigh.
   if masks.full is not None:
-    num, den = _quadratic(phi_q, phi_k, value, masks.full, dims, log_decay)
+    num, den = _quadratic(phi_q, phi_k, value, masks.full, dims, log_decay, key_log_max)
   elif is_causal:
-    num, den = _chunked(phi_q, phi_k, value, log_decay, chunk_size)
+    num, den = _chunked(phi_q, phi_k, value, log_decay, chunk_size, key_log_max)
   else:
     num, den = _global(phi_q, phi_k, value)
   if normalize:
@@ -164,9 +189,12 @@ def _global(phi_q, phi_k, value):
   return num, den
 
 
-def _quadratic(phi_q, phi_k, value, full_mask, dims, log_decay):
+def _quadratic(phi_q, phi_k, value, full_mask, dims, log_decay, key_log_max):
   """Exact quadratic form (φ_q(Q)φ_k(K)ᵀ ⊙ M ⊙ Λ)V for general masks and segment ids."""
   weights = jnp.einsum("btkGhm,bskGm->bkGhts", phi_q, phi_k)
+  if key_log_max is not None:
+    scale = _key_scale(key_log_max, dims.q_len)  # [b, t, s, k]
+    weights = weights * jnp.transpose(scale, (0, 3, 1, 2))[:, :, None, None]
   mask = common.grouped(full_mask, dims)  # [b|1, k|1, g|1, t, s]
   if mask.shape[2] == 1:
     mask = mask[:, :, :, None]
@@ -181,8 +209,12 @@ def _quadratic(phi_q, phi_k, value, full_mask, dims, log_decay):
   return num, den
 
 
-def _chunked(phi_q, phi_k, value, log_decay, chunk):
-  """Causal form: masked quadratic inside chunks, a state scanned across chunks."""
+def _chunked(phi_q, phi_k, value, log_decay, chunk, key_log_max=None):
+  """Causal form: masked quadratic inside chunks, a state scanned across chunks.
+
+  With `key_log_max` M the state is kept relative to M at the end of the last chunk and
+  rescaled by exp(M_old − M_new) ≤ 1 as the prefix max grows (as an online softmax).
+  """
   b, t, k, groups, h, m = phi_q.shape
   s, dv = value.shape[1], value.shape[-1]
   num_chunks = -(-max(t, s) // chunk)
@@ -210,23 +242,38 @@ def _chunked(phi_q, phi_k, value, log_decay, chunk):
     kc_state = kc * k_decay[:, :, :, None]
     chunk_decay = jnp.exp(log_decay * chunk)
   scores = jnp.einsum("nbckGhm,nbekGm->nbkGhce", qc, kc) * intra
+  if key_log_max is None:
+    mc = jnp.zeros((num_chunks, b, chunk, k), dtype)
+  else:  # M per position (queries past kv_len use M at kv_len - 1), [n, b, C, k].
+    mc = split(key_log_max[..., 0][:, jnp.minimum(jnp.arange(length), s - 1)], length)
+    scale = jnp.exp(jnp.minimum(mc[:, :, None] - mc[:, :, :, None], 0.0))  # [n, b, c, e, k]
+    scores = scores * jnp.moveaxis(scale, -1, 2)[:, :, :, None, None]
   intra_num = jnp.einsum("nbkGhce,nbekd->nbckGhd", scores, vc)
   intra_den = jnp.moveaxis(jnp.sum(scores, axis=-1), -1, 2)
 
   def step(carry, chunk_inputs):
-    state, norm = carry
-    q, kk, v = chunk_inputs
+    state, norm, m_old = carry
+    q, kk, v, m_new = chunk_inputs
     num = jnp.einsum("bckGhm,bkGmd->bckGhd", q, state)
     den = jnp.einsum("bckGhm,bkGm->bckGh", q, norm)
+    if key_log_max is not None:  # The state is relative to m_old; row c to M_c.
+      to_row = jnp.exp(jnp.minimum(m_old[:, None] - m_new, 0.0))[..., None, None]
+      num, den = num * to_row[..., None], den * to_row
+      to_end = jnp.exp(jnp.minimum(m_new - m_new[:, -1:], 0.0))[..., None, None]
+      kk = kk * to_end
+      rescale = jnp.exp(jnp.minimum(m_old - m_new[:, -1], 0.0))[..., None, None]
+      state, norm = state * rescale[..., None], norm * rescale
+      m_old = m_new[:, -1]
     if log_decay is not None:
       state = state * chunk_decay[:, :, None, None]
       norm = norm * chunk_decay[:, :, None]
     state = state + jnp.einsum("bckGm,bckd->bkGmd", kk, v)
     norm = norm + jnp.sum(kk, axis=1)
-    return (state, norm), (num, den)
+    return (state, norm, m_old), (num, den)
 
-  init = (jnp.zeros((b, k, groups, m, dv), dtype), jnp.zeros((b, k, groups, m), dtype))
-  _, (inter_num, inter_den) = jax.lax.scan(step, init, (qc_state, kc_state, vc))
+  init = (jnp.zeros((b, k, groups, m, dv), dtype), jnp.zeros((b, k, groups, m), dtype),
+          jnp.full((b, k), common.MASKED_LOGIT, dtype))
+  _, (inter_num, inter_den) = jax.lax.scan(step, init, (qc_state, kc_state, vc, mc))
   num = jnp.moveaxis(intra_num + inter_num, 0, 1).reshape(b, length, k, groups, h, dv)
   den = jnp.moveaxis(intra_den + inter_den, 0, 1).reshape(b, length, k, groups, h)
   return num[:, :t], den[:, :t]
@@ -312,7 +359,8 @@ def performer_attention(query, key, value, *, mask=None, is_causal=False, scale=
   so E[φ(q)ᵀφ(k)] = exp(s·q·k) for rows of W distributed N(0, I). As in the reference
   implementation the exponents are stabilised: each query's max over features and, per
   (batch, kv head), the max over all (valid) keys and features are subtracted; both are
-  constants of the ratio and cancel.
+  constants of the ratio and cancel. With `is_causal` the key max is a prefix max over keys
+  0..j, so no output depends on a later token (`_stable_key_features`).
 
   Args:
     query: `[batch, q_len, num_heads, head_dim]`.
@@ -346,10 +394,11 @@ def performer_attention(query, key, value, *, mask=None, is_causal=False, scale=
   log_q = jnp.einsum("btkgd,md->btkgm", q, w) - 0.5 * jnp.sum(q * q, -1, keepdims=True)
   log_k = jnp.einsum("bskd,md->bskm", k, w) - 0.5 * jnp.sum(k * k, -1, keepdims=True)
   log_q = log_q - jax.lax.stop_gradient(jnp.max(log_q, axis=-1, keepdims=True))
-  log_k = log_k - _key_max(log_k, masks.key_valid)
+  phi_k, key_log_max = _stable_key_features(log_k, masks.key_valid, is_causal)
   norm = 1.0 / math.sqrt(w.shape[0])
-  out = _linear_attention(jnp.exp(log_q) * norm, jnp.exp(log_k) * norm, value.astype(dtype),
-                          dims, masks, is_causal=is_causal, chunk_size=chunk_size)
+  out = _linear_attention(jnp.exp(log_q) * norm, phi_k * norm, value.astype(dtype),
+                          dims, masks, is_causal=is_causal, chunk_size=chunk_size,
+                          key_log_max=key_log_max)
   return out.astype(query.dtype)
 
 
@@ -520,6 +569,44 @@ def _scalar(name: str, x, dtype) -> Array:
   return jnp.asarray(x, dtype)
 
 
+def _std(x: Array, is_causal: bool) -> Array:
+  """Standard deviation of all entries of each example `[b, t, ...]`: `[b, 1]`, or with
+  `is_causal` of the entries of tokens 0..i, `[b, t]` (a prefix statistic)."""
+  b, t = x.shape[:2]
+  flat = x.reshape(b, t, math.prod(x.shape[2:]))
+  total, squares = jnp.sum(flat, -1), jnp.sum(flat * flat, -1)
+  if is_causal:
+    count = flat.shape[-1] * jnp.arange(1, t + 1, dtype=x.dtype)
+    mean = jnp.cumsum(total, 1) / count
+    var = jnp.cumsum(squares, 1) / count - mean * mean
+  else:
+    count = max(flat.shape[-1] * t, 1)
+    mean = jnp.sum(total, 1, keepdims=True) / count
+    var = jnp.sum(squares, 1, keepdims=True) / count - mean * mean
+  return jnp.sqrt(jnp.maximum(var, 0.0))
+
+
+def _lln_moments(q: Array, k: Array, scale: float, head_dim: int, is_causal: bool
+                 ) -> tuple[Array, Array]:
+  """Moment-matched α `[b, t|1]` and β `[b, s|1]` of linear log-normal attention."""
+  tiny = jnp.finfo(q.dtype).tiny
+  sigma_q = jnp.maximum(_std(q, is_causal), tiny)
+  sigma_k = jnp.maximum(_std(k, is_causal), tiny)
+
+  def sigma_lln(sq, sk):
+    var_sm = scale ** 2 * head_dim * sq ** 2 * sk ** 2
+    return jnp.sqrt((var_sm - _LLN_FIT_B) / (2.0 * _LLN_FIT_A))
+
+  if is_causal:  # Token i's feature map uses the statistics of tokens 0..i of both arrays.
+    t, s = sigma_q.shape[1], sigma_k.shape[1]
+    alpha = sigma_lln(sigma_q, sigma_k[:, jnp.minimum(jnp.arange(t), s - 1)]) / sigma_q
+    beta = sigma_lln(sigma_q[:, jnp.minimum(jnp.arange(s), t - 1)], sigma_k) / sigma_k
+  else:
+    sigma = sigma_lln(sigma_q, sigma_k)
+    alpha, beta = sigma / sigma_q, sigma / sigma_k
+  return jax.lax.stop_gradient(alpha), jax.lax.stop_gradient(beta)
+
+
 @register("lognormal_linear")
 def lognormal_linear_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                                alpha=None, beta=None, chunk_size=64, segment_ids=None):
@@ -534,10 +621,12 @@ def lognormal_linear_attention(query, key, value, *, mask=None, is_causal=False,
   logits s·q·k have variance σ²_sm = s²·d·σ_q²σ_k²; the LLN log-variance is
   σ²_lln = α²σ_q² + β²σ_k², and the paper's linear fit σ²_sm ≈ a·σ²_lln + b
   (a = 0.1486, b = −0.3549) with ασ_q = βσ_k = σ̃ gives σ̃² = (σ²_sm − b)/(2a), α = σ̃/σ_q,
-  β = σ̃/σ_k. The statistics are taken over the whole query/key arrays without gradient, as
-  the authors' code; with `is_causal` they therefore see every token: pass `alpha` and `beta`
-  (e.g. running estimates) for outputs that depend on no future token. Exponents are
-  stabilised as in that code (per-query max; per (batch, kv head) key max), which cancels.
+  β = σ̃/σ_k. The statistics are taken without gradient, as in the authors' code, over each
+  example's whole query/key arrays (never across the batch). With `is_causal` they are
+  prefix statistics: token i's α_i (and β_i) come from σ_q, σ_k over tokens 0..i, so
+  φ_q(q_i) = exp(α_i q_i), φ_k(k_j) = exp(β_j k_j) and no output depends on a later token.
+  Exponents are stabilised as in that code (per-query max; per (batch, kv head) key max, with
+  `is_causal` a prefix max over keys 0..j: `_stable_key_features`), which cancels.
 
   Args:
     query, key, value: `[batch, seq, heads, dim]`; keys/values may have fewer heads (GQA).
@@ -557,22 +646,18 @@ def lognormal_linear_attention(query, key, value, *, mask=None, is_causal=False,
   scale = common.default_scale(dims.head_dim, scale)
   dtype = _compute_dtype(query, key, value)
   q, k = _grouped_qk(query, key, dims, dtype)
+  alpha = None if alpha is None else _scalar("alpha", alpha, dtype)
+  beta = None if beta is None else _scalar("beta", beta, dtype)
   if alpha is None or beta is None:
-    tiny = jnp.finfo(dtype).tiny
-    sigma_q = jnp.maximum(jnp.std(q), tiny)
-    sigma_k = jnp.maximum(jnp.std(k), tiny)
-    var_sm = scale ** 2 * dims.head_dim * sigma_q ** 2 * sigma_k ** 2
-    sigma = jnp.sqrt((var_sm - _LLN_FIT_B) / (2.0 * _LLN_FIT_A))
-    alpha = jax.lax.stop_gradient(sigma / sigma_q) if alpha is None else alpha
-    beta = jax.lax.stop_gradient(sigma / sigma_k) if beta is None else beta
-  alpha, beta = _scalar("alpha", alpha, dtype), _scalar("beta", beta, dtype)
+    matched_alpha, matched_beta = _lln_moments(q, k, scale, dims.head_dim, is_causal)
+    alpha = matched_alpha[:, :, None, None, None] if alpha is None else alpha
+    beta = matched_beta[:, :, None, None] if beta is None else beta
   masks = _plan_masks(dims, mask, is_causal, segment_ids)
   log_q = alpha * q
   log_q = log_q - jax.lax.stop_gradient(jnp.max(log_q, axis=-1, keepdims=True))
-  log_k = beta * k
-  log_k = log_k - _key_max(log_k, masks.key_valid)
-  out = _linear_attention(jnp.exp(log_q), jnp.exp(log_k), value.astype(dtype), dims, masks,
-                          is_causal=is_causal, chunk_size=chunk_size)
+  phi_k, key_log_max = _stable_key_features(beta * k, masks.key_valid, is_causal)
+  out = _linear_attention(jnp.exp(log_q), phi_k, value.astype(dtype), dims, masks,
+                          is_causal=is_causal, chunk_size=chunk_size, key_log_max=key_log_max)
   return out.astype(query.dtype)
 
 

@@ -255,7 +255,7 @@ def kernelized_rpe_attention(query, key, value, *, mask=None, is_causal=False, s
 
   b = rpe_bias.astype(dtype)
   if is_causal:  # offsets r = i − j < 0 are the future.
-    b = jnp.where(jnp.arange(2 * n - 1) >= n - 1, b, -jnp.inf)
+    b = jnp.where(jnp.arange(2 * n - 1) >= n - 1, b, common.MASKED_LOGIT)
   b = b - jax.lax.stop_gradient(jnp.max(b, axis=-1, keepdims=True))
   coeffs = jnp.exp(b).reshape(dims.num_kv_heads, dims.groups, 2 * n - 1)
 

@@ -17,19 +17,38 @@ def _check_block(name: str, block) -> int:
   return block
 
 
-def quantize_blocks(x: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
+def quantize_blocks(x: jax.Array, block: int, is_causal: bool = False
+                    ) -> tuple[jax.Array, jax.Array]:
   """Symmetric int8 per token block and head: `[b, t, h, d]` -> (int8 `[b, t, h, d]`,
-  float32 scales `[b, t, h]` with x ≈ int8 · scale; scale = max|x| / 127 over the block)."""
+  float32 scales `[b, t, h]` with x ≈ int8 · scale; scale = max|x| / 127 over the block).
+
+  With `is_causal` token i's scale is the max over the tokens of its block up to i (a prefix
+  max), so no quantised token depends on a later one. A NaN makes its scale NaN.
+  """
   b, t, h, d = x.shape
   num_blocks = -(-t // block)
   x = x.astype(jnp.float32)
   padded = jnp.pad(x, ((0, 0), (0, num_blocks * block - t), (0, 0), (0, 0)))
   padded = padded.reshape(b, num_blocks, block, h, d)
-  amax = jnp.max(jnp.abs(padded), axis=(2, 4), keepdims=True)
-  scale = jnp.where(amax > 0.0, amax / INT8_MAX, 1.0)
+  amax = jnp.max(jnp.abs(padded), axis=4, keepdims=True)
+  if is_causal:
+    amax = jax.lax.cummax(amax, axis=2)
+  else:
+    amax = jnp.broadcast_to(jnp.max(amax, axis=2, keepdims=True), amax.shape)
+  scale = jnp.where(amax == 0.0, 1.0, amax / INT8_MAX)
   q = jnp.clip(jnp.round(padded / scale), -INT8_MAX, INT8_MAX).astype(jnp.int8)
-  scale = jnp.broadcast_to(scale, (b, num_blocks, block, h, 1)).reshape(b, -1, h)
-  return q.reshape(b, -1, h, d)[:, :t], scale[:, :t]
+  return q.reshape(b, -1, h, d)[:, :t], scale.reshape(b, -1, h)[:, :t]
+
+
+def _smoothing_mean(key: jax.Array, block_k: int, is_causal: bool) -> jax.Array:
+  """The mean μ subtracted from the keys, per key token `[b, s, h, d]`: over all keys, or with
+  `is_causal` over keys 0..start of the token's block (keys every query of the block sees)."""
+  if not is_causal:
+    return jnp.broadcast_to(jnp.mean(key, axis=1, keepdims=True), key.shape)
+  s = key.shape[1]
+  starts = jnp.arange(s) // block_k * block_k
+  return (jnp.cumsum(key, axis=1)[:, starts]
+          / (starts + 1).astype(key.dtype)[None, :, None, None])
 
 
 def _float_attention(query, key, value, bias, gmask, dims, scale):
@@ -41,17 +60,22 @@ def _float_attention(query, key, value, bias, gmask, dims, scale):
   return common.weighted_values(probs, value, dims).astype(query.dtype)
 
 
-def _int8_attention(query, key, value, bias, gmask, dims, scale, block_q, block_k, pv_dtype):
+def _int8_attention(query, key, value, bias, gmask, dims, scale, block_q, block_k, pv_dtype,
+                    is_causal):
   key = key.astype(jnp.float32)
-  key = key - jnp.mean(key, axis=1, keepdims=True)  # smoothing: q·mean(k) is constant per row
-  q8, q_scale = quantize_blocks(query, block_q)
-  k8, k_scale = quantize_blocks(key, block_k)
+  mean = _smoothing_mean(key, block_k, is_causal)
+  q8, q_scale = quantize_blocks(query, block_q, is_causal)
+  k8, k_scale = quantize_blocks(key - mean, block_k, is_causal)
   q8 = common.group_query(q8, dims.num_kv_heads)
   qk = jnp.einsum("btkgd,bskd->bkgts", q8, k8, preferred_element_type=jnp.int32)
   q_scale = q_scale.reshape(dims.batch, dims.q_len, dims.num_kv_heads, dims.groups)
   logits = (qk.astype(jnp.float32) * jnp.float32(scale)
             * jnp.transpose(q_scale, (0, 2, 3, 1))[..., None]
             * jnp.transpose(k_scale, (0, 2, 1))[:, :, None, None, :])
+  if is_causal:  # μ differs between key blocks: add back s·q_i·μ_j (one term per block).
+    starts = jnp.arange(0, dims.kv_len, block_k)
+    q_mean = common.attention_logits(query, mean[:, starts], dims, scale)  # [b, k, g, t, S]
+    logits = logits + q_mean[..., jnp.arange(dims.kv_len) // block_k]
   if bias is not None:
     logits = logits + bias.astype(jnp.float32)
   probs = common.masked_softmax(logits, gmask)
@@ -79,8 +103,13 @@ def sage_int8_attention(query, key, value, *, mask=None, is_causal=False, scale=
   mean of 2 (`tests/test_ops_issue7a.py`, head_dim 32): relative L2 error 0.75-0.95% and cosine
   similarity 0.99996-0.99997; the int8 rounding dominates, bfloat16 PV adds ~0.03%.
 
-  With `is_causal` the smoothing mean and the block scales of K still see every key (as in
-  the paper's kernels), so future keys change past outputs only at the level of int8 rounding.
+  With `is_causal` no output depends on a later token: each token's scale δ is the max over
+  its block's tokens up to itself (a prefix max, at least as fine as the block's), and the
+  keys of block r are smoothed with μ_r = mean(k_0..k_{r·block_k}), the keys every query of
+  the block sees; as μ_r differs between blocks, s·q_i·μ_r is added back to the logits in
+  float (a [q_len, kv_len / block_k] product), so the smoothing stays exact.
+  A NaN input makes the scale of its quantisation block NaN, so the rows of that block (or
+  every row, for a key moving μ) give NaN instead of a finite result.
 
   Gradients are straight-through: the backward pass is that of float softmax attention on the
   same inputs (the paper targets inference; this lets the op sit in a trained model).
@@ -112,7 +141,7 @@ def sage_int8_attention(query, key, value, *, mask=None, is_causal=False, scale=
 
   @jax.custom_vjp
   def attend(q, k, v, b, m):
-    return _int8_attention(q, k, v, b, m, dims, scale, block_q, block_k, pv)
+    return _int8_attention(q, k, v, b, m, dims, scale, block_q, block_k, pv, is_causal)
 
   def attend_fwd(q, k, v, b, m):
     return attend(q, k, v, b, m), (q, k, v, b, m)

@@ -99,6 +99,9 @@ def bilevel_routing_attention(query, key, value, *, mask=None, is_causal=False, 
   q_mean = q_mean.reshape(*q_mean.shape[:2], dims.num_kv_heads, dims.groups, dims.head_dim)
   affinity = jnp.einsum("bikgd,bjkd->bij", q_mean, k_mean)
   _, routes = jax.lax.top_k(jax.lax.stop_gradient(affinity), topk)  # [b, S, topk]
+  # A NaN affinity leaves the routing undefined: that query region's rows give NaN.
+  undefined = jnp.where(jnp.isnan(affinity).any(-1), jnp.nan, 0.0)  # [b, S]
+  q_reg = q_reg + undefined[:, :, None, None, None].astype(q_reg.dtype)
 
   batch_index = jnp.arange(dims.batch)[:, None, None]
   members = size[0] * size[1]

@@ -51,7 +51,7 @@ def clipped_softmax_attention(query, key, value, *, mask=None, is_causal=False, 
     query, key, value: `[batch, seq, heads, head_dim]`; key/value heads divide query heads.
     mask, is_causal, scale, bias, segment_ids, local_window_size: as `dot_product_attention`.
     zeta: upper stretch factor ζ ≥ 1.
-    gamma: lower stretch factor γ ≤ 0; `-alpha / kv_len` when None.
+    gamma: lower stretch factor γ ≤ 0; `-alpha / kv_len` when None (`-alpha` for no keys).
     alpha: α of the rule γ = -α/T (4 when None); give `gamma` or `alpha`, not both.
 
   Returns:
@@ -66,7 +66,7 @@ def clipped_softmax_attention(query, key, value, *, mask=None, is_causal=False, 
     alpha = DEFAULT_CLIP_ALPHA if alpha is None else alpha
     if alpha < 0:
       raise ValueError(f"alpha must be non-negative, got {alpha}")
-    gamma = -alpha / dims.kv_len
+    gamma = -alpha / max(dims.kv_len, 1)  # No keys (kv_len 0): an empty sum, any γ.
   if gamma > 0:
     raise ValueError(f"gamma must be <= 0, got {gamma}")
   if zeta < 1:

@@ -11,9 +11,10 @@ from big_attn.ops.registry import register
 
 
 def _check_logit_bias(logit_bias, kv_len: int) -> jax.Array:
-  """The scalar `b` as a float32 array; `-log(kv_len)` when None."""
+  """The scalar `b` as a float32 array; `-log(kv_len)` when None (0 for no keys: the sum over
+  keys is empty)."""
   if logit_bias is None:
-    return jnp.float32(-math.log(kv_len))
+    return jnp.float32(-math.log(max(kv_len, 1)))
   if not isinstance(logit_bias, (int, float)) and not hasattr(logit_bias, "dtype"):
     raise TypeError(
         f"logit_bias must be a number or a scalar array, got {type(logit_bias).__name__}")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from big_attn.ops import common
 from big_attn.ops.registry import register
@@ -42,18 +43,53 @@ def _pallas_attention(query, key, value, bias, mask, **kwargs):
   return flash_attention(query, key, value, interpret=jax.default_backend() == "cpu", **kwargs)
 
 
+def _seq_length_mask(name: str, lengths, batch: int, length: int) -> jax.Array | None:
+  """`[batch]` valid lengths -> `[batch, length]` validity, as `jax.nn.dot_product_attention`."""
+  if lengths is None:
+    return None
+  lengths = jnp.asarray(lengths)
+  if not jnp.issubdtype(lengths.dtype, jnp.integer):
+    raise ValueError(f"{name} must have an integer dtype, got {lengths.dtype}")
+  if lengths.shape != (batch,):
+    raise ValueError(f"{name} must have shape [batch] = ({batch},), got {lengths.shape}")
+  return jnp.arange(length)[None, :] < lengths[:, None]
+
+
+def _as_4d(x):
+  """A mask or bias of rank < 4 gets leading axes of size 1, as in `jax.nn`."""
+  if x is None or getattr(x, "ndim", 4) >= 4:
+    return x
+  return x.reshape((1,) * (4 - x.ndim) + x.shape)
+
+
+def _log_sum_exp(logits: jax.Array, gmask: jax.Array | None, dims: common.Dims, dtype
+                 ) -> jax.Array:
+  """log Σ_j exp(logit_ij) over the attended keys, `[b, t, n]` without gradient; a row with
+  nothing to attend to gives `common.MASKED_LOGIT` (finite, as `jax.nn`)."""
+  if gmask is not None:
+    logits = jnp.where(gmask, logits, common.MASKED_LOGIT)
+  lse = jax.nn.logsumexp(logits, axis=-1)  # [b, k, g, t]
+  lse = jnp.moveaxis(lse, -1, 1).reshape(dims.batch, dims.q_len, dims.num_heads)
+  return jax.lax.stop_gradient(lse.astype(dtype))
+
+
 def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None,
                           is_causal=False, segment_ids=None, local_window_size=None,
-                          logits_soft_cap=None, implementation=None):
+                          logits_soft_cap=None, query_seq_lengths=None,
+                          key_value_seq_lengths=None, return_residual=False,
+                          implementation=None):
   """Scaled dot-product attention (Attention Is All You Need), `[batch, seq, heads, head_dim]`.
 
   out = softmax(cap·tanh(s·QKᵀ/cap) + B, masked) V, with the masks of `mask`, `is_causal`,
-  `segment_ids` and `local_window_size` combined. Softmax statistics are float32 for any input
-  dtype; a query row with nothing to attend to returns zeros. Keys and values may have fewer
-  heads than queries (GQA/MQA); they are never repeated in memory.
+  `segment_ids`, `local_window_size` and the sequence lengths combined. Softmax statistics
+  are float32 for any input dtype; a query row with nothing to attend to returns zeros (where
+  `jax.nn.dot_product_attention` averages every value). Keys and values may have fewer heads
+  than queries (GQA/MQA); they are never repeated in memory. Accepts what
+  `jax.nn.dot_product_attention` accepts: unbatched `[seq, heads, head_dim]` inputs, masks and
+  biases of any rank up to 4 (leading axes of size 1 added), sequence lengths and the residual.
 
   Args:
-    query: `[batch, q_len, num_heads, head_dim]`.
+    query: `[batch, q_len, num_heads, head_dim]` (or `[q_len, num_heads, head_dim]`).
     key: `[batch, kv_len, num_kv_heads, head_dim]`, `num_heads % num_kv_heads == 0`.
     value: `[batch, kv_len, num_kv_heads, value_dim]`.
     bias: optional additive logit bias broadcastable to `[batch, num_heads, q_len, kv_len]`.
@@ -61,16 +97,53 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
     scale: logit scale; `1/sqrt(head_dim)` when None.
     is_causal: query i attends to keys j <= i.
     segment_ids: `[batch, seq]` ints (self-attention) or a pair `(q_segment_ids,
-      kv_segment_ids)`; tokens attend only within their segment.
+      kv_segment_ids)`; tokens attend only within their segment (`[seq]` when unbatched).
     local_window_size: int or `(left, right)`: query i attends keys in `[i-left, i+right]`.
     logits_soft_cap: if set, logits become `cap * tanh(logits / cap)` (before the bias).
+    query_seq_lengths: int `[batch]`: queries at and after it are padding (zero output).
+    key_value_seq_lengths: int `[batch]`: keys at and after it are ignored.
+    return_residual: also return the log-sum-exp of each row's logits, `[batch, q_len,
+      num_heads]` in the key's dtype, without gradient (as `jax.nn.dot_product_attention`).
     implementation: None (the Pallas kernel on GPU/TPU where it supports the arguments, XLA
       otherwise and always on CPU), "xla", "pallas" (`pallas_kernels.flash_attention`; no
       `bias`/`mask` arrays; on CPU it runs in the Pallas interpreter) or "cudnn".
 
   Returns:
-    `[batch, q_len, num_heads, value_dim]` in the query's dtype.
+    `[batch, q_len, num_heads, value_dim]` in the query's dtype (the query's rank), and with
+    `return_residual` the pair `(out, log_sum_exp)`.
   """
+  unbatched = all(getattr(x, "ndim", None) == 3 for x in (query, key, value))
+  if unbatched:
+    query, key, value = query[None], key[None], value[None]
+    if segment_ids is not None:
+      segment_ids = (tuple(s[None] for s in segment_ids)
+                     if isinstance(segment_ids, (tuple, list)) else segment_ids[None])
+  bias, mask = _as_4d(bias), _as_4d(mask)
+  dims = common.check_qkv(query, key, value)
+  q_valid = _seq_length_mask("query_seq_lengths", query_seq_lengths, dims.batch, dims.q_len)
+  kv_valid = _seq_length_mask("key_value_seq_lengths", key_value_seq_lengths, dims.batch,
+                              dims.kv_len)
+  for valid, where in ((q_valid, (slice(None), None, slice(None), None)),
+                       (kv_valid, (slice(None), None, None, slice(None)))):
+    if valid is not None:
+      common.make_mask(dims, mask=mask)  # Checks the user's mask before combining.
+      mask = valid[where] if mask is None else jnp.logical_and(mask, valid[where])
+  out = _attention(query, key, value, bias, mask, scale=scale, is_causal=is_causal,
+                   segment_ids=segment_ids, local_window_size=local_window_size,
+                   logits_soft_cap=logits_soft_cap, implementation=implementation)
+  if return_residual:  # From the XLA logits (under jit XLA shares them with the XLA path).
+    _, logits, gmask = common.scores(
+        query, key, value, scale=scale, bias=bias, mask=mask, is_causal=is_causal,
+        segment_ids=segment_ids, local_window_size=local_window_size,
+        logits_soft_cap=logits_soft_cap)
+    residual = _log_sum_exp(logits, gmask, dims, key.dtype)
+    return (out[0], residual[0]) if unbatched else (out, residual)
+  return out[0] if unbatched else out
+
+
+def _attention(query, key, value, bias, mask, *, scale, is_causal, segment_ids,
+               local_window_size, logits_soft_cap, implementation):
+  """`dot_product_attention` on rank-4 arrays through the chosen backend."""
   dims = common.check_qkv(query, key, value)
   common.check_bias(bias, dims)
   if implementation not in IMPLEMENTATIONS:

@@ -71,8 +71,11 @@ def sparse_blocks_attention(query, key, value, *, mask=None, is_causal=False, sc
 
   1. Pool: q̄_I = mean of query block I, k̄_J = mean of key block J (real tokens only).
   2. Predict: P̃_I = softmax_J(s·q̄_I·k̄_J) over the allowed key blocks J (those with at least
-     one (i, j) pair the masks allow; with `is_causal` the prediction never looks ahead),
-     leaving out the key blocks that are not self-similar (below).
+     one (i, j) pair the masks allow), leaving out the key blocks that are not self-similar
+     (below). With `is_causal` the prediction uses only what the block's first query i₀
+     sees, so no output depends on a later token: q̄_I = q_{i₀} and J ranges over the key
+     blocks ending at or before i₀ (the others are diagonal safeguards, always kept); query blocks
+     are not tested for self-similarity. A NaN in the pooled scores gives NaN rows.
   3. Select (TopCdf): sort P̃_I descending and keep the shortest prefix whose mass reaches
      `cdf_threshold` (block J is kept when the mass ranked before it is < τ; τ = 1 keeps every
      allowed block); with `topk_blocks` at most that many of them. The first key block and the
@@ -136,21 +139,33 @@ def sparse_blocks_attention(query, key, value, *, mask=None, is_causal=False, sc
     token_blocks = jnp.swapaxes(token_blocks, 4, 5)
     allowed = jnp.any(token_blocks, axis=(-2, -1))
 
-  # Predict and select the blocks.
-  pooled_q = common.group_query(_block_means(query, block_q, nq), k)
+  # Predict and select the blocks. Causal: from what the block's first query sees.
+  safe = safeguard_blocks(t, s, block_q, block_k)
+  if is_causal:
+    pooled_q = _pad_to(query.astype(jnp.float32), 1, nq * block_q)[:, ::block_q]
+    last_key = (np.arange(nk) + 1) * block_k - 1
+    allowed_pred = allowed & (last_key[None, :] <= np.arange(nq)[:, None] * block_q)
+  else:
+    pooled_q = _block_means(query, block_q, nq)
+    allowed_pred = allowed
+  pooled_q = common.group_query(pooled_q, k)
   pooled_k = _block_means(key, block_k, nk)
   pooled = jnp.einsum("bqkgd,bckd->bkgqc", pooled_q, pooled_k) * jnp.float32(scale)
   dense = jnp.zeros((1, 1, 1, nq, nk), bool)
   if similarity_threshold is not None:
-    q_sim = block_self_similarity(query, block_q, nq).reshape(b, nq, k, g)
     k_sim = block_self_similarity(key, block_k, nk)
-    dense_rows = jnp.transpose(q_sim, (0, 2, 3, 1))[..., None] <= similarity_threshold
     dense_cols = jnp.transpose(k_sim, (0, 2, 1))[:, :, None, None, :] <= similarity_threshold
-    dense = jax.lax.stop_gradient(dense_rows | dense_cols)
-    predicted = allowed & ~dense_cols
+    dense = dense_cols
+    if not is_causal:
+      q_sim = block_self_similarity(query, block_q, nq).reshape(b, nq, k, g)
+      dense = dense | (jnp.transpose(q_sim, (0, 2, 3, 1))[..., None] <= similarity_threshold)
+    dense = jax.lax.stop_gradient(dense)
+    predicted = allowed_pred & ~dense_cols
   else:
-    predicted = allowed
+    predicted = allowed_pred
   probs = jax.lax.stop_gradient(common.masked_softmax(pooled, predicted))
+  # A NaN in the pooled blocks leaves the selection undefined: the block's rows give NaN.
+  undefined = jnp.where(jnp.isnan(pooled).any(-1), jnp.nan, 0.0)  # [b, k, g, nq]
   order = jnp.argsort(-probs, axis=-1, stable=True)
   ranked = jnp.take_along_axis(probs, order, axis=-1)
   keep_ranked = jnp.ones(ranked.shape, bool)
@@ -159,7 +174,6 @@ def sparse_blocks_attention(query, key, value, *, mask=None, is_causal=False, sc
   if topk_blocks is not None:
     keep_ranked &= jnp.arange(nk) < topk_blocks
   rank = jnp.argsort(order, axis=-1)
-  safe = safeguard_blocks(t, s, block_q, block_k)
   keep = ((jnp.take_along_axis(keep_ranked, rank, axis=-1) & predicted) | safe | dense) & allowed
 
   # Gather the kept key/value blocks per query block: slots in order of predicted mass.
@@ -189,6 +203,7 @@ def sparse_blocks_attention(query, key, value, *, mask=None, is_causal=False, sc
   q = _pad_to(query, 1, nq * block_q).reshape(b, nq, block_q, k, g, dims.head_dim)
   logits = jnp.einsum("bqikgd,bkgqcjd->bkgqicj", q, blocks(key),
                       preferred_element_type=jnp.float32) * jnp.float32(scale)
+  logits = logits + undefined[:, :, :, :, None, None, None]
   flat = (b, k, g, nq, block_q, slots * block_k)
   weights = common.masked_softmax(logits.reshape(flat), slot_mask.reshape(flat))
   out = jnp.einsum("bkgqicj,bkgqcjd->bqikgd",
