@@ -29,9 +29,11 @@ of a blockwise schedule (ring / striped attention): float32 `(out, lse)` of the 
 block's gradients from the *global* lse and Δ. Their `causal_offset` c (query i sees keys
 j <= i + c) is the causal band with its diagonal shifted by c, skipped block by block as above.
 
-Head dims. Any head dim from 1 to 256 (and any value dim): inputs are zero-padded to a power
-of two >= 16 (`padded_head_dim`, Triton's tile rule, as JAX's own Pallas attention pads),
-which leaves QKᵀ unchanged; the padded output and gradient columns are cut off.
+Head dims. Any head dim from 1 to 256 (and any value dim): the jitted wrapper zero-pads the
+inputs to a power of two >= 16 (`padded_head_dim`, Triton's tile rule) before the kernels,
+which leaves QKᵀ unchanged, and cuts the padded output and gradient columns off. JAX's own
+Pallas attention pads the same way but inside the kernel, with masked loads; that saves the
+padded copy (one XLA pad) and is the step to take once a GPU can test it.
 
 What only hardware shows, and what reading settled (no GPU has run this file yet):
 - Precision: float32 operands under DEFAULT precision lower to TF32 tensor-core matmuls; the
