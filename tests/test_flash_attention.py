@@ -240,7 +240,7 @@ def test_attention_layer_with_pallas_implementation():
 
 @pytest.mark.parametrize("head_dim,kv_heads,kwargs", [
     (64, 4, dict(is_causal=True)),
-    (72, 2, dict()),
+    (72, 2, dict(dtype=jnp.float32)),  # float32: IEEE matmuls (precision=HIGHEST)
     (128, 2, dict(segments=True, local_window_size=(256, 0), logits_soft_cap=30.0)),
     (256, 1, dict(normalizer="sigmoid", is_causal=True)),
 ])
@@ -248,8 +248,9 @@ def test_lowers_to_triton_for_cuda(head_dim, kv_heads, kwargs):
   """The forward, dQ and dK/dV kernels lower through Pallas's Triton backend (cross-platform
   export from CPU; the Triton-to-PTX step itself needs a GPU)."""
   kwargs = dict(kwargs)
-  q = jax.ShapeDtypeStruct((2, 1000, 4, head_dim), jnp.bfloat16)
-  k = jax.ShapeDtypeStruct((2, 1000, kv_heads, head_dim), jnp.bfloat16)
+  dtype = kwargs.pop("dtype", jnp.bfloat16)
+  q = jax.ShapeDtypeStruct((2, 1000, 4, head_dim), dtype)
+  k = jax.ShapeDtypeStruct((2, 1000, kv_heads, head_dim), dtype)
   seg = jax.ShapeDtypeStruct((2, 1000), jnp.int32) if kwargs.pop("segments", False) else None
 
   def loss(q, k, v, seg):

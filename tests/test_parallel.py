@@ -127,6 +127,27 @@ def test_mesh_kinds_eager(strategy, explicit, set_mesh):
   _mesh_kinds_case(strategy, explicit, use_jit=False, set_mesh=set_mesh)
 
 
+def test_explicitly_sharded_inputs_keep_their_type():
+  """Inputs typed as sharded over an Explicit mesh (inside `jax.set_mesh`), with segments:
+  the striped reshapes and their gradients stay on the Explicit path, gradients typed like
+  the inputs."""
+  mesh = jax.make_mesh((2, 2), ("data", "seq"), devices=jax.devices()[:4])
+  q, kk, v, ct, seg = _inputs(2, 8, 2, 1, 8, 8, seed=11, segments=True)
+
+  def loss(q, kk, v):
+    out = parallel.sequence_parallel_attention(q, kk, v, mesh=mesh, segment_ids=seg)
+    return jnp.sum(out * ct), out
+
+  with jax.set_mesh(mesh):
+    args = [jax.device_put(x, NamedSharding(mesh, P("data", "seq"))) for x in (q, kk, v)]
+    grads, out = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(*args)
+  want_out, want_grads = _reference(q, kk, v, ct, is_causal=True, segment_ids=seg)
+  _assert_close(out, want_out, "out")
+  for name, got, want in zip(("dq", "dk", "dv"), grads, want_grads):
+    _assert_close(got, want, name)
+    assert jax.typeof(got).sharding.spec[:2] == P("data", "seq")[:2], name
+
+
 def test_unmatched_segments_give_zero_rows_and_grads():
   """Query tokens whose segment has no key anywhere get zeros, and no NaN gradients."""
   mesh = _mesh((8,), ("seq",))
