@@ -44,16 +44,17 @@ try:
 except ImportError as e: print('tokamax: not importable:', e)
 "
 
-
 # GPU-only tests: the compiled kernels (default block sizes, bf16, ragged lengths, GQA,
 # segments, windows, soft cap, sigmoid) against the reference, forward and gradients.
 step gpu_tests 110 python -m pytest -q -m gpu_only tests/test_flash_attention.py
 
-# Every kernel feature on the GPU in float32 and bf16 against the float64 references (ragged
-# lengths, GQA/MQA, causal, windows, segments, soft cap, sigmoid, empty rows, residuals, block
-# skipping): the CPU suite's comparisons, which compile the kernels when the backend is a GPU.
-step kernel_vs_reference 100 python -m pytest -q tests/test_flash_attention.py \
-  -k "float64_reference or bfloat16 or fully_masked or residuals or outside_the_band"
+# Every kernel (forward, dQ, dK/dV; whole-sequence and block API) on the GPU in float32 and
+# bf16 against the float64 references (ragged lengths, GQA/MQA, causal, windows, segments, soft
+# cap, sigmoid, empty rows, residuals, block skipping, shifted causal blocks): the CPU suite's
+# comparisons, which compile the kernels when the backend is a GPU.
+CASES="float64_reference or bfloat16 or fully_masked or residuals or outside_the_band"
+CASES="$CASES or block_api_causal or blocks_merge"
+step kernel_vs_reference 100 python -m pytest -q tests/test_flash_attention.py -k "$CASES"
 
 # Speed: headline shapes; each timing preceded by a correctness check on the first rows.
 # d128 first: the headline; a row is written as soon as it is measured.

@@ -370,7 +370,7 @@ def test_block_api_causal_offset(causal_offset):
   @jax.jit
   def run(q, kk, v, ct):
     kwargs = dict(causal_offset=causal_offset, segment_ids=seg, block_sizes=BLOCKS,
-                  interpret=True)
+                  interpret=INTERPRET)
     out, lse = flash_block_forward(q, kk, v, **kwargs)
     return out, lse, flash_block_backward(q, kk, v, out, lse, ct, **kwargs)
 
@@ -401,13 +401,13 @@ def test_blocks_merge_through_lse_and_take_the_global_lse():
   @jax.jit
   def run(q, kk, v, ct):
     blocks = [flash_block_forward(q, kk[:, keys], v[:, keys], causal_offset=offset,
-                                  block_sizes=BLOCKS, interpret=True)
+                                  block_sizes=BLOCKS, interpret=INTERPRET)
               for offset, keys in parts]
     lse = jnp.logaddexp(blocks[0][1], blocks[1][1])
     out = sum(o * jnp.exp(l - lse).transpose(0, 2, 1)[..., None] for o, l in blocks)
     delta = jnp.einsum("btnd,btnd->bnt", out, ct)
     grads = [flash_block_backward(q, kk[:, keys], v[:, keys], None, lse, ct, delta=delta,
-                                  causal_offset=offset, block_sizes=BLOCKS, interpret=True)
+                                  causal_offset=offset, block_sizes=BLOCKS, interpret=INTERPRET)
              for offset, keys in parts]
     dq = grads[0][0] + grads[1][0]
     return out, (dq, *(jnp.concatenate([g[i] for g in grads], axis=1) for i in (1, 2)))
