@@ -43,6 +43,7 @@ GPU_CASES = {
     "full_mask": (_qkv(), dict(mask=jnp.ones((2, 1, 64, 64), bool)), "cudnn"),
     "broadcast_bias": (_qkv(), dict(bias=jnp.zeros((1, 1, 1, 64))), "xla"),
     "empty_keys": ((_qkv()[0], *_qkv(length=0)[1:]), {}, "xla"),
+    "rank3": (tuple(x[0] for x in _qkv()), {}, "xla"),
 }
 
 

@@ -42,7 +42,7 @@ def _cudnn_supports(query, key, value, bias, mask, *, is_causal, window, logits_
   dtypes = {str(x.dtype) for x in (query, key, value)}
   head_dim, q_len, kv_len = query.shape[-1], query.shape[1], key.shape[1]
   masked = bias is not None or mask is not None or has_segments
-  return (query.ndim == 4 and len(dtypes) == 1 and dtypes.pop() in CUDNN_DTYPES
+  return (len(dtypes) == 1 and dtypes.pop() in CUDNN_DTYPES
           and logits_soft_cap is None and value.shape[-1] == head_dim
           and head_dim <= CUDNN_MAX_HEAD_DIM and head_dim % 8 == 0
           and q_len > 0 and kv_len > 0
@@ -60,6 +60,8 @@ def default_implementation(query, key, value, bias=None, mask=None, *, is_causal
   on the default backend: "pallas" for a case of `KERNEL_RUNS` the kernel supports, else
   "cudnn" on GPU where jax.nn supports the arguments, else "xla"."""
   platform = jax.default_backend()
+  if query.ndim != 4:  # The fused paths take [batch, seq, heads, head_dim] only.
+    return "xla"
   if platform in ("gpu", "tpu"):
     from pallas_kernels.flash_attention import api  # pylint: disable=g-import-not-at-top
     case = (platform, str(query.dtype), query.shape[-1], bool(is_causal))
