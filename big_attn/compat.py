@@ -11,18 +11,21 @@ import jax
 JAX_VERSION = tuple(int(p) for p in jax.__version__.split(".")[:3] if p.isdigit())
 
 
-def triton_compiler_params(**kwargs):
-  """Pallas `CompilerParams` that select the Triton GPU lowering for a `pallas_call`.
-
-  JAX 0.9+ lowers GPU `pallas_call`s through Mosaic GPU unless these are passed; the Triton
-  module lives at `jax.experimental.pallas.triton` on 0.10 and 0.11 (deprecated on 0.11, so its
-  import warning is silenced here).
-  """
+def pallas_triton():
+  """The Pallas Triton module (`CompilerParams`, masked `load`/`store`): it lives at
+  `jax.experimental.pallas.triton` on 0.10 and 0.11 (deprecated on 0.11, so its import warning
+  is silenced here)."""
   import warnings  # pylint: disable=g-import-not-at-top
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     from jax.experimental.pallas import triton as pltriton  # pylint: disable=g-import-not-at-top
-  return pltriton.CompilerParams(**kwargs)
+  return pltriton
+
+
+def triton_compiler_params(**kwargs):
+  """Pallas `CompilerParams` that select the Triton GPU lowering for a `pallas_call` (JAX 0.9+
+  lowers GPU `pallas_call`s through Mosaic GPU unless these are passed)."""
+  return pallas_triton().CompilerParams(**kwargs)
 
 
 def tpu_interpret_mode(interpret):

@@ -29,11 +29,10 @@ of a blockwise schedule (ring / striped attention): float32 `(out, lse)` of the 
 block's gradients from the *global* lse and Δ. Their `causal_offset` c (query i sees keys
 j <= i + c) is the causal band with its diagonal shifted by c, skipped block by block as above.
 
-Head dims. Any head dim from 1 to 256 (and any value dim): the jitted wrapper zero-pads the
-inputs to a power of two >= 16 (`padded_head_dim`, Triton's tile rule) before the kernels,
-which leaves QKᵀ unchanged, and cuts the padded output and gradient columns off. JAX's own
-Pallas attention pads the same way but inside the kernel, with masked loads; that saves the
-padded copy (one XLA pad) and is the step to take once a GPU can test it.
+Head dims. Any head dim and value dim from 1 to 256: the kernels' tiles are
+`padded_head_dim` wide (a power of two >= 16, Triton's tile rule), loaded with the columns past
+the array's head dim masked to zero and stored with them masked off, as JAX's own Pallas
+attention does; zero columns leave QKᵀ unchanged, and no padded copy of the inputs is made.
 
 What only hardware shows, and what reading settled (no GPU has run this file yet):
 - Precision: float32 operands under DEFAULT precision lower to TF32 tensor-core matmuls; the
@@ -204,6 +203,8 @@ class _Config:
   soft_cap: float | None
   sigmoid_bias: float | None  # None: softmax
   kv_padded: bool
+  head_dim: int   # the arrays' sizes; tiles are `padded_head_dim` wide
+  value_dim: int
 
   @property
   def sigmoid(self) -> bool:
@@ -216,6 +217,25 @@ def _dot(a, b, *, trans_a=False, trans_b=False):
   dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
   precision = FLOAT32_PRECISION if jnp.float32 in (a.dtype, b.dtype) else None
   return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
+
+
+def _load(ref, idx, size: int):
+  """`ref[idx]` (`idx` None: the whole ref) of a tile whose last dim is padded past the array's
+  `size` columns: those read as zeros (a masked load, as in JAX's Pallas attention)."""
+  target = ref if idx is None else ref.at[idx]
+  if ref.shape[-1] == size:
+    return target[...]
+  columns = (jnp.arange(ref.shape[-1]) < size)[None, :]
+  return compat.pallas_triton().load(target, mask=columns, other=0)
+
+
+def _store(ref, value, size: int):
+  """`ref[...] = value` for the first `size` columns only (the rest is head-dim padding)."""
+  if ref.shape[-1] == size:
+    ref[...] = value.astype(ref.dtype)
+    return
+  columns = (jnp.arange(ref.shape[-1]) < size)[None, :]
+  compat.pallas_triton().store(ref, value.astype(ref.dtype), mask=columns)
 
 
 def _logits(q, k, cfg: _Config):
@@ -339,16 +359,16 @@ def _fwd_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, *lse_ref,
                 cfg: _Config, block_q: int, block_k: int):
   q_first = pl.program_id(0) * block_q
   q_pos = q_first + jnp.arange(block_q)
-  q = q_ref[...]
+  q = _load(q_ref, None, cfg.head_dim)
   q_seg = None if q_seg_ref is None else q_seg_ref[...]
 
   def tile(kb, positions):
     k_first = kb * block_k
-    kv_slice = pl.ds(k_first, block_k)
-    s2, _ = _logits(q, k_ref[kv_slice, :], cfg)
-    kv_seg = None if kv_seg_ref is None else kv_seg_ref[kv_slice]
+    rows = (pl.ds(k_first, block_k), slice(None))
+    s2, _ = _logits(q, _load(k_ref, rows, cfg.head_dim), cfg)
+    kv_seg = None if kv_seg_ref is None else kv_seg_ref[rows[0]]
     mask = _tile_mask(q_pos, k_first + jnp.arange(block_k), q_seg, kv_seg, cfg, positions)
-    return s2, v_ref[kv_slice, :], mask
+    return s2, _load(v_ref, rows, cfg.value_dim), mask
 
   def sigmoid_body(kb, acc, positions):
     s2, v, mask = tile(kb, positions)
@@ -374,13 +394,13 @@ def _fwd_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, *lse_ref,
   band = _kv_band(q_first, block_q, block_k, cfg)
   acc = jnp.zeros((block_q, o_ref.shape[-1]), jnp.float32)
   if cfg.sigmoid:
-    o_ref[...] = _band_loop(band, sigmoid_body, acc, cfg).astype(o_ref.dtype)
+    _store(o_ref, _band_loop(band, sigmoid_body, acc, cfg), cfg.value_dim)
     return
   m = jnp.full((block_q,), _MASK_VALUE, jnp.float32)
   l = jnp.zeros((block_q,), jnp.float32)
   acc, m, l = _band_loop(band, softmax_body, (acc, m, l), cfg)
   empty = l == 0.0  # Rows with nothing to attend to: lse = +inf makes P = 2^(S-L) zero.
-  o_ref[...] = (acc / jnp.where(empty, 1.0, l)[:, None]).astype(o_ref.dtype)
+  _store(o_ref, acc / jnp.where(empty, 1.0, l)[:, None], cfg.value_dim)
   lse_ref[0][...] = jnp.where(empty, jnp.inf, m + jnp.log2(jnp.where(empty, 1.0, l)))
 
 
@@ -388,8 +408,9 @@ def _forward(q, k, v, q_seg, kv_seg, *, cfg: _Config, blocks: BlockSizes, interp
              out_dtype=None):
   """Padded `[b, t, n, d]` inputs -> (output in `out_dtype` (default: the query's), base-2
   log-sum-exp `[b, n, t]` (+inf for a row with no key) or None)."""
-  batch, q_pad, num_heads, head_dim = q.shape
-  kv_pad, num_kv_heads, value_dim = k.shape[1], k.shape[2], v.shape[3]
+  batch, q_pad, num_heads, _ = q.shape
+  kv_pad, num_kv_heads = k.shape[1], k.shape[2]
+  head_dim, value_dim = padded_head_dim(cfg.head_dim), padded_head_dim(cfg.value_dim)
   groups = num_heads // num_kv_heads
   block_q, block_k = blocks.block_q, blocks.block_k
   in_specs = [
@@ -399,7 +420,7 @@ def _forward(q, k, v, q_seg, kv_seg, *, cfg: _Config, blocks: BlockSizes, interp
       None if q_seg is None else pl.BlockSpec((None, block_q), lambda i, b, h: (b, i)),
       None if kv_seg is None else pl.BlockSpec((None, kv_pad), lambda i, b, h: (b, 0)),
   ]
-  out_shape = [compat.pallas_out_struct((batch, q_pad, num_heads, value_dim),
+  out_shape = [compat.pallas_out_struct((batch, q_pad, num_heads, cfg.value_dim),
                                         out_dtype or q.dtype, q, k, v)]
   out_specs = [pl.BlockSpec((None, block_q, None, value_dim), lambda i, b, h: (b, i, h, 0))]
   if not cfg.sigmoid:
@@ -441,30 +462,30 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_se
                *, cfg: _Config, block_q: int, block_k: int):
   q_first = pl.program_id(0) * block_q
   q_pos = q_first + jnp.arange(block_q)
-  q, do = q_ref[...], do_ref[...]
+  q, do = _load(q_ref, None, cfg.head_dim), _load(do_ref, None, cfg.value_dim)
   lse = None if lse_ref is None else lse_ref[...]
   delta = None if delta_ref is None else delta_ref[...]
   q_seg = None if q_seg_ref is None else q_seg_ref[...]
 
   def body(kb, dq, positions):
     k_first = kb * block_k
-    kv_slice = pl.ds(k_first, block_k)
-    k = k_ref[kv_slice, :]
-    kv_seg = None if kv_seg_ref is None else kv_seg_ref[kv_slice]
+    rows = (pl.ds(k_first, block_k), slice(None))
+    k = _load(k_ref, rows, cfg.head_dim)
+    kv_seg = None if kv_seg_ref is None else kv_seg_ref[rows[0]]
     mask = _tile_mask(q_pos, k_first + jnp.arange(block_k), q_seg, kv_seg, cfg, positions)
-    _, ds = _grad_logits(q, k, v_ref[kv_slice, :], do, lse, delta, mask, cfg)
+    _, ds = _grad_logits(q, k, _load(v_ref, rows, cfg.value_dim), do, lse, delta, mask, cfg)
     return dq + _dot(ds.astype(k.dtype), k)
 
   band = _kv_band(q_first, block_q, block_k, cfg)
   dq = _band_loop(band, body, jnp.zeros(dq_ref.shape, jnp.float32), cfg)
-  dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
+  _store(dq_ref, dq * cfg.scale, cfg.head_dim)
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_seg_ref,
                 dk_ref, dv_ref, *, cfg: _Config, block_q: int, block_k: int, groups: int):
   k_first = pl.program_id(0) * block_k
   k_pos = k_first + jnp.arange(block_k)
-  k, v = k_ref[...], v_ref[...]
+  k, v = _load(k_ref, None, cfg.head_dim), _load(v_ref, None, cfg.value_dim)
   kv_seg = None if kv_seg_ref is None else kv_seg_ref[...]
   band = _q_band(k_first, block_k, block_q, cfg)
 
@@ -472,7 +493,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_s
     dk, dv = carry
     q_first = qb * block_q
     q_slice = pl.ds(q_first, block_q)
-    q, do = q_ref[q_slice, g, :], do_ref[q_slice, g, :]
+    rows = (q_slice, g, slice(None))
+    q, do = _load(q_ref, rows, cfg.head_dim), _load(do_ref, rows, cfg.value_dim)
     lse = None if lse_ref is None else lse_ref[g, q_slice]
     delta = None if delta_ref is None else delta_ref[g, q_slice]
     q_seg = None if q_seg_ref is None else q_seg_ref[q_slice]
@@ -485,8 +507,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_s
   dk = jnp.zeros(dk_ref.shape, jnp.float32)
   dv = jnp.zeros(dv_ref.shape, jnp.float32)
   dk, dv = _band_loop(band, body, (dk, dv), cfg, heads=groups)
-  dk_ref[...] = (dk * cfg.scale).astype(dk_ref.dtype)
-  dv_ref[...] = dv.astype(dv_ref.dtype)
+  _store(dk_ref, dk * cfg.scale, cfg.head_dim)
+  _store(dv_ref, dv, cfg.value_dim)
 
 
 def _backward(q, k, v, q_seg, kv_seg, lse, delta, do, *, cfg: _Config, blocks: BlockSizes,
@@ -494,8 +516,9 @@ def _backward(q, k, v, q_seg, kv_seg, lse, delta, do, *, cfg: _Config, blocks: B
   """(dq, dk, dv) of padded inputs from the base-2 `lse` and `delta = rowsum(dO ∘ O)`, both
   `[b, n, t]` (None for the sigmoid normalizer); gradients in `grad_dtype` (default: the
   inputs' dtypes)."""
-  batch, q_pad, num_heads, head_dim = q.shape
-  kv_pad, num_kv_heads, value_dim = k.shape[1], k.shape[2], v.shape[3]
+  batch, q_pad, num_heads, _ = q.shape
+  kv_pad, num_kv_heads = k.shape[1], k.shape[2]
+  head_dim, value_dim = padded_head_dim(cfg.head_dim), padded_head_dim(cfg.value_dim)
   groups = num_heads // num_kv_heads
 
   bq, bk = blocks.block_q_dq, blocks.block_kv_dq
@@ -582,8 +605,8 @@ def _fit(block: int, length: int) -> int:
 
 
 def padded_head_dim(size: int) -> int:
-  """The head dim the kernels compute with: a power of two >= 16 (Triton's tile rule); the
-  extra columns are zeros, which leave QKᵀ unchanged and give output columns that are cut."""
+  """The width of the kernels' head-dim tiles: a power of two >= 16 (Triton's tile rule); the
+  columns past the array's head dim load as zeros (leaving QKᵀ unchanged) and are not stored."""
   return max(_MIN_BLOCK, pl.next_power_of_2(size))
 
 
@@ -593,10 +616,8 @@ def _natural_lse(lse2):
 
 
 def _pad_inputs(query, key, value, q_pad: int, kv_pad: int):
-  """Sequences padded to whole blocks and head dims to `padded_head_dim`, with zeros."""
-  head = padded_head_dim(query.shape[3])
-  return (_pad_to(_pad_to(query, q_pad, 1), head, 3), _pad_to(_pad_to(key, kv_pad, 1), head, 3),
-          _pad_to(_pad_to(value, kv_pad, 1), padded_head_dim(value.shape[3]), 3))
+  """Sequences padded with zeros to whole blocks (head dims are padded inside the kernels)."""
+  return _pad_to(query, q_pad, 1), _pad_to(key, kv_pad, 1), _pad_to(value, kv_pad, 1)
 
 
 def _pad_to(x: Any, length: int, axis: int):
@@ -607,7 +628,8 @@ def _pad_to(x: Any, length: int, axis: int):
   return jnp.pad(x, widths)
 
 
-def _setup(q_len, kv_len, *, scale, left, right, logits_soft_cap, sigmoid_bias, block_sizes):
+def _setup(q_len, kv_len, head_dim, value_dim, *, scale, left, right, logits_soft_cap,
+           sigmoid_bias, block_sizes):
   """Tiles fitted to the lengths, the padded lengths and the kernels' `_Config`."""
   blocks = BlockSizes(
       block_q=_fit(block_sizes.block_q, q_len), block_k=_fit(block_sizes.block_k, kv_len),
@@ -619,7 +641,8 @@ def _setup(q_len, kv_len, *, scale, left, right, logits_soft_cap, sigmoid_bias, 
   q_pad = pl.cdiv(q_len, m := max(blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq)) * m
   kv_pad = pl.cdiv(kv_len, m := max(blocks.block_k, blocks.block_kv_dkv, blocks.block_kv_dq)) * m
   cfg = _Config(q_len=q_len, kv_len=kv_len, scale=scale, left=left, right=right,
-                soft_cap=logits_soft_cap, sigmoid_bias=sigmoid_bias, kv_padded=kv_pad != kv_len)
+                soft_cap=logits_soft_cap, sigmoid_bias=sigmoid_bias, kv_padded=kv_pad != kv_len,
+                head_dim=head_dim, value_dim=value_dim)
   return blocks, q_pad, kv_pad, cfg
 
 
@@ -640,12 +663,12 @@ def _flash_attention(query, key, value, segments, *, is_causal, scale, window, l
   if is_causal:
     right = 0 if right is None else min(right, 0)
   blocks, q_pad, kv_pad, cfg = _setup(
-      q_len, kv_len, scale=scale, left=left, right=right, logits_soft_cap=logits_soft_cap,
+      q_len, kv_len, query.shape[3], value.shape[3], scale=scale, left=left, right=right, logits_soft_cap=logits_soft_cap,
       sigmoid_bias=sigmoid_bias, block_sizes=block_sizes)
   q_seg, kv_seg = _pad_segments(segments, q_pad, kv_pad)
   out, lse2 = _flash(*_pad_inputs(query, key, value, q_pad, kv_pad), q_seg, kv_seg, cfg, blocks,
                      interpret)
-  out = out[:, :q_len, :, :value.shape[3]]
+  out = out[:, :q_len]
   if not return_residuals:
     return out
   lse = jnp.swapaxes(_natural_lse(lse2[..., :q_len]), 1, 2)
@@ -726,12 +749,12 @@ def flash_attention_triton(query, key, value, *, segment_ids=None, is_causal=Fal
 def _block_forward(query, key, value, segments, *, causal_offset, scale, block_sizes, interpret):
   q_len, kv_len = query.shape[1], key.shape[1]
   blocks, q_pad, kv_pad, cfg = _setup(
-      q_len, kv_len, scale=scale, left=None, right=causal_offset, logits_soft_cap=None,
+      q_len, kv_len, query.shape[3], value.shape[3], scale=scale, left=None, right=causal_offset, logits_soft_cap=None,
       sigmoid_bias=None, block_sizes=block_sizes)
   q_seg, kv_seg = _pad_segments(segments, q_pad, kv_pad)
   out, lse2 = _forward(*_pad_inputs(query, key, value, q_pad, kv_pad), q_seg, kv_seg, cfg=cfg,
                        blocks=blocks, interpret=interpret, out_dtype=jnp.float32)
-  return out[:, :q_len, :, :value.shape[3]], _natural_lse(lse2[..., :q_len])
+  return out[:, :q_len], _natural_lse(lse2[..., :q_len])
 
 
 @functools.partial(jax.jit, static_argnames=("causal_offset", "scale", "block_sizes",
@@ -740,19 +763,17 @@ def _block_backward(query, key, value, lse, delta, dout, segments, *, causal_off
                     block_sizes, interpret):
   q_len, kv_len = query.shape[1], key.shape[1]
   blocks, q_pad, kv_pad, cfg = _setup(
-      q_len, kv_len, scale=scale, left=None, right=causal_offset, logits_soft_cap=None,
+      q_len, kv_len, query.shape[3], value.shape[3], scale=scale, left=None, right=causal_offset, logits_soft_cap=None,
       sigmoid_bias=None, block_sizes=block_sizes)
   q_seg, kv_seg = _pad_segments(segments, q_pad, kv_pad)
   # Natural-log lse (-inf: no key) -> the kernels' base 2 (+inf: no key, so P = 0).
   lse2 = jnp.where(jnp.isfinite(lse), lse.astype(jnp.float32) * _LOG2E, jnp.inf)
   lse2 = jnp.pad(lse2, ((0, 0), (0, 0), (0, q_pad - q_len)), constant_values=jnp.inf)
   delta = _pad_to(delta.astype(jnp.float32), q_pad, 2)
-  dout = _pad_to(_pad_to(dout, q_pad, 1), padded_head_dim(dout.shape[3]), 3)
   dq, dk, dv = _backward(*_pad_inputs(query, key, value, q_pad, kv_pad), q_seg, kv_seg, lse2,
-                         delta, dout, cfg=cfg, blocks=blocks, interpret=interpret,
-                         grad_dtype=jnp.float32)
-  return (dq[:, :q_len, :, :query.shape[3]], dk[:, :kv_len, :, :key.shape[3]],
-          dv[:, :kv_len, :, :value.shape[3]])
+                         delta, _pad_to(dout, q_pad, 1), cfg=cfg, blocks=blocks,
+                         interpret=interpret, grad_dtype=jnp.float32)
+  return dq[:, :q_len], dk[:, :kv_len], dv[:, :kv_len]
 
 
 def check_causal_offset(causal_offset) -> int | None:
