@@ -32,7 +32,7 @@ j <= i + c) is the causal band with its diagonal shifted by c, skipped block by 
 Head dims. Any head dim and value dim from 1 to 256: the kernels' tiles are
 `padded_head_dim` wide (a power of two >= 16, Triton's tile rule), loaded with the columns past
 the array's head dim masked to zero and stored with them masked off, as JAX's own Pallas
-attention does; zero columns leave QKᵀ unchanged, and no padded copy of the inputs is made.
+attention does; zero columns leave QKᵀ unchanged, and the head dim costs no padded copy.
 
 What only hardware shows, and what reading settled (no GPU has run this file yet):
 - Precision: float32 operands under DEFAULT precision lower to TF32 tensor-core matmuls; the
