@@ -4,23 +4,28 @@ Every difference between JAX versions is bridged here, and only here.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 
 JAX_VERSION = tuple(int(p) for p in jax.__version__.split(".")[:3] if p.isdigit())
 
 
-def triton_compiler_params(**kwargs):
-  """Pallas `CompilerParams` that select the Triton GPU lowering for a `pallas_call`.
-
-  JAX 0.9+ lowers GPU `pallas_call`s through Mosaic GPU unless these are passed; the Triton
-  module lives at `jax.experimental.pallas.triton` on 0.10 and 0.11 (deprecated on 0.11, so its
-  import warning is silenced here).
-  """
+def pallas_triton():
+  """The Pallas Triton module (`CompilerParams`, masked `load`/`store`): it lives at
+  `jax.experimental.pallas.triton` on 0.10 and 0.11 (deprecated on 0.11, so its import warning
+  is silenced here)."""
   import warnings  # pylint: disable=g-import-not-at-top
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     from jax.experimental.pallas import triton as pltriton  # pylint: disable=g-import-not-at-top
-  return pltriton.CompilerParams(**kwargs)
+  return pltriton
+
+
+def triton_compiler_params(**kwargs):
+  """Pallas `CompilerParams` that select the Triton GPU lowering for a `pallas_call` (JAX 0.9+
+  lowers GPU `pallas_call`s through Mosaic GPU unless these are passed)."""
+  return pallas_triton().CompilerParams(**kwargs)
 
 
 def tpu_interpret_mode(interpret):
@@ -51,14 +56,51 @@ def reshape_with_sharding(x, shape, sharding):
 
   Explicit mesh axes (the `jax.make_mesh` default since 0.7) need the output sharding on the
   reshape itself (a sharded dimension may not be split or merged otherwise), then a `reshard`
-  (the reshape ignores it for an unsharded input); Auto axes (`jax.sharding.Mesh`) take a
-  sharding constraint.
+  (the reshape ignores it for an unsharded input), and the same on the way back (the gradient
+  goes to `x`'s own sharding, which must be expressible for the merged shape: lay `x` out with
+  `constrain` first); Auto axes (`jax.sharding.Mesh`) take a sharding constraint.
   """
-  explicit = getattr(jax.sharding, "AxisType", None)
-  axis_types = getattr(sharding.mesh, "axis_types", ()) or ()
-  if explicit is not None and any(t == explicit.Explicit for t in axis_types):
-    return jax.reshard(jax.lax.reshape(x, tuple(shape), out_sharding=sharding), sharding)
+  if _has_explicit_axes(sharding.mesh):
+    return _explicit_reshape(x, tuple(shape), sharding, jax.typeof(x).sharding)
   return jax.lax.with_sharding_constraint(jax.lax.reshape(x, tuple(shape)), sharding)
+
+
+def _has_explicit_axes(mesh) -> bool:
+  explicit = getattr(jax.sharding, "AxisType", None)
+  return explicit is not None and explicit.Explicit in tuple(getattr(mesh, "axis_types", ()))
+
+
+def constrain(x, sharding):
+  """Lays `x` out as `sharding`: `jax.reshard` on Explicit axes (which also sets its type), a
+  sharding constraint on Auto axes."""
+  if _has_explicit_axes(sharding.mesh):
+    return jax.reshard(x, sharding)
+  return jax.lax.with_sharding_constraint(x, sharding)
+
+
+def _reshape_to(x, shape, sharding):
+  return jax.reshard(jax.lax.reshape(x, shape, out_sharding=sharding), sharding)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _explicit_reshape(x, shape, sharding, in_sharding):
+  """A reshape onto Explicit axes whose transpose names the input's sharding (JAX's own
+  transpose of `lax.reshape` passes none, which Explicit axes reject when a sharded
+  dimension is split or merged)."""
+  del in_sharding
+  return _reshape_to(x, shape, sharding)
+
+
+def _explicit_reshape_fwd(x, shape, sharding, in_sharding):
+  return _explicit_reshape(x, shape, sharding, in_sharding), x.shape
+
+
+def _explicit_reshape_bwd(shape, sharding, in_sharding, in_shape, ct):
+  del shape, sharding
+  return (_reshape_to(ct, in_shape, in_sharding),)
+
+
+_explicit_reshape.defvjp(_explicit_reshape_fwd, _explicit_reshape_bwd)
 
 
 def pallas_out_struct(shape, dtype, *like):

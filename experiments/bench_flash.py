@@ -1,25 +1,34 @@
 """Flash-attention benchmark: speed (GPU/TPU) and compiled memory (any platform, CPU included).
 
-  python experiments/bench_flash.py                    # both parts; speed is skipped on CPU
-  python experiments/bench_flash.py --only=memory      # memory only (runs on CPU)
+  python experiments/bench_flash.py --out=DIR                   # both parts; speed skipped on CPU
+  python experiments/bench_flash.py --only=memory               # memory only (runs on CPU)
   python experiments/bench_flash.py --only=speed --seq_lens=1024,8192 --head_dims=128
+  python experiments/bench_flash.py --only=speed --smoke        # tiny shapes, any platform
 
 Speed: TFLOP/s of the forward and of forward+backward, bfloat16, head dims 64/128, causal and
-not, sequence 1k..32k at a fixed token count per step (batch = tokens // seq, heads = 2048 //
-head_dim), side by side: our kernel (`pallas_kernels.flash_attention`, softmax and sigmoid),
-`jax.nn.dot_product_attention` (XLA, cuDNN), JAX's bundled Pallas attention (GPU: the Triton
-`ops.gpu.attention.mha` and the Mosaic GPU `ops.gpu.attention_mgpu.attention`; TPU:
-`ops.tpu.flash_attention`) and tokamax when it imports. FLOPs count the two forward matmuls
-(4·b·h·t·s·d, halved when causal) and 2.5x that for the backward. A combination that fails
-(unsupported, out of memory) is reported as "-" with its error below the table.
+not, sequence 1k..16k at a fixed token count per step (batch = tokens // seq, heads =
+model_dim // head_dim), side by side: our kernel (`pallas_kernels.flash_attention`, softmax
+and sigmoid), `jax.nn.dot_product_attention` (XLA, cuDNN), JAX's bundled Pallas attention
+(GPU: the Triton `ops.gpu.attention.mha` and the Mosaic GPU `ops.gpu.attention_mgpu.attention`;
+TPU: `ops.tpu.flash_attention`) and tokamax when it imports (its default and each of
+`TOKAMAX_IMPLEMENTATIONS`, one column each, so the table says which of them ran). `--impls`
+picks a subset. FLOPs count the two forward matmuls (4·b·h·t·s·d, halved when causal) and 2.5x
+that for the backward. Before it is timed, each implementation's output (and, with the
+backward, dQ) on the first query rows is compared with the float32 reference on those rows
+(exact for them: causal masks are top-left aligned, dQ of a row needs only that row); a
+mismatch is flagged in the table. A combination that fails (unsupported, out of memory) is
+reported as "-" with its error below the table. The table is rewritten after every row, so a
+run cut short keeps what it measured.
 
 Memory: `jit(...).lower(...).compile().memory_analysis().temp_size_in_bytes` of forward+backward
 against sequence length for our kernel, its plain-JAX reference and `jax.nn` XLA attention (on
 CPU the kernel runs in the Pallas interpreter, whose XLA loops hold one block per buffer: the
 same asymptotics as the compiled kernel).
 
-Both parts print a markdown table and write it, with a PNG plot, to experiments/results/
-(file names carry the platform or device kind; each file starts with device, versions, date).
+Both parts print a markdown table and write it, with a PNG plot, to `--out` (default
+experiments/results/; file names carry the platform or device kind; each file starts with
+device, versions, date). `--smoke` runs the speed part on tiny shapes (on CPU our kernel in the
+Pallas interpreter): it checks the script, not the speed.
 """
 from __future__ import annotations
 
@@ -59,10 +68,11 @@ def _slug(text: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # Implementations: name -> f(head_dim, causal) returning attention(q, k, v) on [b, t, n, d].
 # ---------------------------------------------------------------------------------------------
-def _ours(normalizer):
+def _ours(normalizer, interpret=False):
   def make(head_dim, causal):
     del head_dim
-    return functools.partial(flash_attention, is_causal=causal, normalizer=normalizer)
+    return functools.partial(flash_attention, is_causal=causal, normalizer=normalizer,
+                             interpret=interpret)
   return make
 
 
@@ -98,14 +108,21 @@ def _jax_pallas_tpu(head_dim, causal):
   return fn
 
 
-def _tokamax(head_dim, causal):
-  del head_dim
-  import tokamax  # pylint: disable=g-import-not-at-top
-  return functools.partial(tokamax.dot_product_attention, is_causal=causal)
+TOKAMAX_IMPLEMENTATIONS = ("mosaic", "triton", "cudnn", "xla")
 
 
-def _implementations(platform: str) -> dict:
-  impls = {"ours": _ours("softmax"), "ours_sigmoid": _ours("sigmoid"), "xla": _jax_nn("xla")}
+def _tokamax(implementation):
+  def make(head_dim, causal):
+    del head_dim
+    import tokamax  # pylint: disable=g-import-not-at-top
+    kwargs = {} if implementation is None else dict(implementation=implementation)
+    return functools.partial(tokamax.dot_product_attention, is_causal=causal, **kwargs)
+  return make
+
+
+def _implementations(platform: str, interpret: bool = False) -> dict:
+  impls = {"ours": _ours("softmax", interpret), "ours_sigmoid": _ours("sigmoid", interpret),
+           "xla": _jax_nn("xla")}
   if platform == "gpu":
     impls.update(cudnn=_jax_nn("cudnn"), jax_pallas_triton=_jax_pallas_triton,
                  jax_pallas_mgpu=_jax_pallas_mgpu)
@@ -113,7 +130,8 @@ def _implementations(platform: str) -> dict:
     impls.update(jax_pallas_tpu=_jax_pallas_tpu)
   try:
     import tokamax  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-    impls["tokamax"] = _tokamax
+    impls["tokamax"] = _tokamax(None)
+    impls.update({f"tokamax_{name}": _tokamax(name) for name in TOKAMAX_IMPLEMENTATIONS})
   except ImportError:
     pass
   return impls
@@ -144,12 +162,53 @@ def _fwd_bwd(attn):
   return jax.jit(step)
 
 
+CHECK_ROWS = 128
+CHECK_TOL = 3e-2  # bf16 inputs, float32 reference, relative to the largest reference value
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "normalizer"))
+def _reference_rows(q, k, v, do, *, causal, normalizer):
+  """The float32 reference's output (and dQ when `do` is given) for the query rows of `q`."""
+  def ref(q, k, v):
+    return flash_attention_reference(q, k, v, is_causal=causal, normalizer=normalizer)
+  q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+  if do is None:
+    return (ref(q, k, v),)
+  out, vjp = jax.vjp(ref, q, k, v)
+  return out, vjp(do.astype(jnp.float32))[0]
+
+
+def check_against_reference(fn, args, *, causal, normalizer="softmax", rows=CHECK_ROWS):
+  """Max error of `fn`'s output (and dQ, for a forward+backward `fn`) on the first `rows`
+  query rows against the float32 reference on those rows, relative to the largest reference
+  value; `(error, ok)`."""
+  rows = min(rows, args[0].shape[1])
+  got = fn(*args)
+  got = (got[0], got[1][0]) if isinstance(got, tuple) else (got,)  # (out, dq) or (out,)
+  q, k, v = args[0][:, :rows], args[1], args[2]
+  do = args[3][:, :rows] if len(args) == 4 else None
+  want = _reference_rows(q, k, v, do, causal=causal, normalizer=normalizer)
+  error = 0.0
+  for x, y in zip(got, want):
+    y = np.asarray(y, np.float32)
+    scale = max(1.0, float(np.abs(y).max()))
+    error = max(error, float(np.abs(np.asarray(x[:, :rows], np.float32) - y).max()) / scale)
+  return error, error <= CHECK_TOL
+
+
 def run_speed(args) -> None:
   platform = jax.default_backend()
-  impls = _implementations(platform)
-  rows, errors = [], {}
+  impls = _implementations(platform, interpret=platform == "cpu")
+  if args.impls:
+    unknown = set(args.impls) - set(impls)
+    if unknown:
+      print(f"speed: not available here, skipped: {sorted(unknown)}")
+    impls = {n: f for n, f in impls.items() if n in args.impls}
+  names = list(impls)
+  rows, errors, wrong = [], {}, {}
+  stem = os.path.join(args.out, f"flash_speed_{_slug(jax.devices()[0].device_kind)}")
   for head_dim in args.head_dims:
-    heads = args.model_dim // head_dim
+    heads = max(1, args.model_dim // head_dim)
     for causal in (False, True):
       for seq in args.seq_lens:
         batch = max(1, args.tokens // seq)
@@ -162,7 +221,13 @@ def run_speed(args) -> None:
               attn = make(head_dim, causal)
               fn = jax.jit(attn) if mode == "fwd" else _fwd_bwd(attn)
               fn_args = (q, k, v) if mode == "fwd" else (q, k, v, do)
+              error, ok = check_against_reference(
+                  fn, fn_args, causal=causal,
+                  normalizer="sigmoid" if name == "ours_sigmoid" else "softmax")
+              if not ok:
+                wrong[f"{name} {mode} d={head_dim} causal={causal} seq={seq}"] = error
               row[(name, mode)] = mult * flops / _seconds(fn, fn_args, args.iters) / 1e12
+              row[(name, mode, "ok")] = ok
             except Exception as e:  # pylint: disable=broad-except
               row[(name, mode)] = None
               errors.setdefault(f"{name} {mode}", f"{type(e).__name__}: {str(e)[:200]}")
@@ -170,22 +235,29 @@ def run_speed(args) -> None:
                 traceback.print_exc()
         rows.append(row)
         print(f"d={head_dim} causal={causal} seq={seq}: " + ", ".join(
-            f"{n}/{m}={'-' if x is None else f'{x:.1f}'}" for (n, m), x in
-            ((key, val) for key, val in row.items() if isinstance(key, tuple))), flush=True)
-  table = _speed_table(rows, list(impls), errors)
-  print(table)
-  stem = os.path.join(RESULTS, f"flash_speed_{_slug(jax.devices()[0].device_kind)}")
-  with open(stem + ".md", "w", encoding="utf-8") as f:
-    f.write(table)
-  _speed_plot(rows, list(impls), stem + ".png")
+            f"{n}/{m}={'-' if row.get((n, m)) is None else f'{row[(n, m)]:.1f}'}"
+            for n in names for m in ("fwd", "fwd_bwd")), flush=True)
+        _write(stem + ".md", _speed_table(rows, names, errors, wrong))
+  print(_speed_table(rows, names, errors, wrong))
+  _speed_plot(rows, names, stem + ".png")
+
+
+def _write(path: str, text: str) -> None:
+  """Writes `text` to `path` through a temporary file, so a reader never sees half a table."""
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    f.write(text)
+  os.replace(path + ".tmp", path)
 
 
 def _ratio(a, b):
   return "-" if a is None or b is None else f"{a / b:.2f}"
 
 
-def _speed_table(rows, names, errors) -> str:
-  lines = [f"# Flash attention speed (TFLOP/s, bf16)\n\n{_header()}\n"]
+def _speed_table(rows, names, errors, wrong) -> str:
+  lines = [f"# Flash attention speed (TFLOP/s, bf16)\n\n{_header()}\n\n"
+           f"Each timing follows a check of the output (and dQ) on the first {CHECK_ROWS} "
+           f"query rows against the float32 reference; `!` marks a result off by more than "
+           f"{CHECK_TOL} (relative), listed below.\n"]
   for mode in ("fwd", "fwd_bwd"):
     baselines = [n for n in ("cudnn", "jax_pallas_triton", "jax_pallas_mgpu", "jax_pallas_tpu",
                              "tokamax") if n in names]
@@ -194,11 +266,15 @@ def _speed_table(rows, names, errors) -> str:
                  + " |\n|" + "---|" * (4 + len(cols)))
     for r in rows:
       vals = [r.get((n, mode)) for n in names]
-      cells = ["-" if x is None else f"{x:.1f}" if x >= 10 else f"{x:.3g}" for x in vals]
+      cells = ["-" if x is None else (f"{x:.1f}" if x >= 10 else f"{x:.3g}")
+               + ("" if r.get((n, mode, "ok"), True) else "!") for n, x in zip(names, vals)]
       cells += [_ratio(r.get(("ours", mode)), r.get((b, mode))) for b in baselines]
       cells.append(_ratio(r.get(("ours_sigmoid", mode)), r.get(("ours", mode))))
       lines.append(f"| {r['head_dim']} | {r['causal']} | {r['seq']} | {r['batch']} | "
                    + " | ".join(cells) + " |")
+  if wrong:
+    lines.append("\nWrong results (max error relative to the reference):\n")
+    lines += [f"- {k}: {v:.3g}" for k, v in sorted(wrong.items())]
   if errors:
     lines.append("\nFailures (first error per implementation and pass):\n")
     lines += [f"- {k}: {v}" for k, v in sorted(errors.items())]
@@ -288,7 +364,7 @@ def run_memory(args) -> None:
     lines.append(f"| {row['seq']} | " + " | ".join(cells) + " |")
   table = "\n".join(lines) + "\n"
   print(table)
-  stem = os.path.join(RESULTS, f"flash_memory_{platform}")
+  stem = os.path.join(args.out, f"flash_memory_{platform}")
   with open(stem + ".md", "w", encoding="utf-8") as f:
     f.write(table)
   plots.plot_curves(
@@ -302,10 +378,19 @@ def _ints(text: str) -> list[int]:
   return [int(x) for x in text.split(",") if x]
 
 
+def _names(text: str) -> list[str]:
+  return [x for x in text.split(",") if x]
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--only", choices=("speed", "memory"), default=None)
-  parser.add_argument("--seq_lens", type=_ints, default=_ints("1024,2048,4096,8192,16384,32768"))
+  parser.add_argument("--out", default=RESULTS, help="directory for tables and plots")
+  parser.add_argument("--impls", type=_names, default=None,
+                      help="comma-separated implementations to time (default: all available)")
+  parser.add_argument("--smoke", action="store_true",
+                      help="tiny shapes and one iteration: checks the script, not the speed")
+  parser.add_argument("--seq_lens", type=_ints, default=_ints("1024,4096,16384"))
   parser.add_argument("--head_dims", type=_ints, default=_ints("64,128"))
   parser.add_argument("--tokens", type=int, default=16384, help="batch = tokens // seq")
   parser.add_argument("--model_dim", type=int, default=2048, help="heads = model_dim // d")
@@ -315,12 +400,16 @@ def main(argv=None) -> None:
   parser.add_argument("--memory_head_dim", type=int, default=64)
   parser.add_argument("--verbose", action="store_true")
   args = parser.parse_args(argv)
-  os.makedirs(RESULTS, exist_ok=True)
+  if args.smoke:
+    args.seq_lens, args.head_dims, args.tokens, args.model_dim, args.iters = [48], [16], 48, 32, 1
+    args.memory_seq_lens = [64, 128]
+  os.makedirs(args.out, exist_ok=True)
   if args.only in (None, "memory"):
     run_memory(args)
   if args.only in (None, "speed"):
-    if jax.default_backend() == "cpu":
-      print("speed: skipped, no GPU or TPU (Pallas kernels only interpret on CPU)")
+    if jax.default_backend() == "cpu" and not args.smoke:
+      print("speed: skipped, no GPU or TPU (Pallas kernels only interpret on CPU; --smoke "
+            "runs tiny shapes)")
     else:
       run_speed(args)
 

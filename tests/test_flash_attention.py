@@ -15,9 +15,11 @@ from big_attn import layers
 from big_attn import ops
 from pallas_kernels import BlockSizes, flash_attention, flash_attention_reference
 from pallas_kernels import flash_block_backward, flash_block_forward
+from pallas_kernels.flash_attention import gpu_triton
 from tests import reference
 
 BLOCKS = BlockSizes(16, 16, 16, 16, 16, 16)
+INTERPRET = jax.default_backend() != "gpu"  # The comparisons run compiled on a GPU.
 
 
 def _inputs(seed, b, t, s, n, k, d, dv, dtype=jnp.float32):
@@ -37,11 +39,13 @@ def _segments(seed, b, t, s, num=3):
 
 
 def _kernel_vjp(q, k, v, ct, blocks=BLOCKS, **kwargs):
-  """Output and (dq, dk, dv) of the kernel in interpret mode, in one compiled function."""
+  """Output and (dq, dk, dv) of the kernel in one compiled function: interpreted, or compiled
+  on a GPU (`experiments/gpu_check.sh` runs these tests there)."""
   @jax.jit
   def run(q, k, v, ct):
     out, vjp = jax.vjp(
-        lambda q, k, v: flash_attention(q, k, v, block_sizes=blocks, interpret=True, **kwargs),
+        lambda q, k, v: flash_attention(q, k, v, block_sizes=blocks, interpret=INTERPRET,
+                                        **kwargs),
         q, k, v)
     return out, vjp(ct.astype(out.dtype))
   return run(q, k, v, ct)
@@ -105,6 +109,8 @@ CASES = {
     "segments_window": ((1, 40, 40, 2, 2, 32, 32),
                         dict(segments=True, local_window_size=(7, 0))),
     "sigmoid_causal_gqa": ((1, 37, 53, 4, 2, 16, 16), dict(normalizer="sigmoid", is_causal=True)),
+    # A head dim that is not a power of two (zero-padded inside to 128).
+    "head_dim72_causal_gqa": ((1, 37, 53, 4, 2, 72, 72), dict(is_causal=True)),
     "sigmoid_segments_window_softcap_bias": (
         (2, 45, 45, 4, 1, 16, 32),
         dict(normalizer="sigmoid", segments=True, local_window_size=(6, 2), logits_soft_cap=2.0,
@@ -234,6 +240,7 @@ def test_attention_layer_with_pallas_implementation():
 
 @pytest.mark.parametrize("head_dim,kv_heads,kwargs", [
     (64, 4, dict(is_causal=True)),
+    (72, 2, dict(dtype=jnp.float32)),  # float32: IEEE matmuls (precision=HIGHEST)
     (128, 2, dict(segments=True, local_window_size=(256, 0), logits_soft_cap=30.0)),
     (256, 1, dict(normalizer="sigmoid", is_causal=True)),
 ])
@@ -241,8 +248,9 @@ def test_lowers_to_triton_for_cuda(head_dim, kv_heads, kwargs):
   """The forward, dQ and dK/dV kernels lower through Pallas's Triton backend (cross-platform
   export from CPU; the Triton-to-PTX step itself needs a GPU)."""
   kwargs = dict(kwargs)
-  q = jax.ShapeDtypeStruct((2, 1000, 4, head_dim), jnp.bfloat16)
-  k = jax.ShapeDtypeStruct((2, 1000, kv_heads, head_dim), jnp.bfloat16)
+  dtype = kwargs.pop("dtype", jnp.bfloat16)
+  q = jax.ShapeDtypeStruct((2, 1000, 4, head_dim), dtype)
+  k = jax.ShapeDtypeStruct((2, 1000, kv_heads, head_dim), dtype)
   seg = jax.ShapeDtypeStruct((2, 1000), jnp.int32) if kwargs.pop("segments", False) else None
 
   def loss(q, k, v, seg):
@@ -265,11 +273,15 @@ def test_invalid_arguments_raise():
     BlockSizes(block_k=-16)
   with pytest.raises(TypeError, match="block_sizes"):
     flash_attention(q, k, v, block_sizes=(16, 16), interpret=True)
-  q72, k72, v72, _ = _inputs(7, 1, 16, 16, 2, 1, 72, 72)
-  with pytest.raises(ValueError, match="head_dim"):
-    flash_attention(q72, k72, v72, interpret=True)
-  with pytest.raises(ValueError, match="value head_dim"):
-    flash_attention(q, k, v[..., :8], interpret=True)
+  q264, k264, v264, _ = _inputs(7, 1, 16, 16, 2, 1, 264, 264)
+  with pytest.raises(ValueError, match="head_dim from 1 to 256"):
+    flash_attention(q264, k264, v264, interpret=True)
+  with pytest.raises(ValueError, match="return_residuals"):
+    flash_attention(q, k, v, normalizer="sigmoid", return_residuals=True, interpret=True)
+  with pytest.raises(ValueError, match="return_residuals"):
+    flash_attention(q, k, v, return_residuals=True, backend="tpu", interpret=True)
+  with pytest.raises(ValueError, match="value head_dim from 1 to 256"):
+    flash_attention(q, k, jnp.zeros(v.shape[:3] + (300,)), interpret=True)
   with pytest.raises(ValueError, match="batch"):
     flash_attention(q, k[:0], v, interpret=True)
   with pytest.raises(ValueError, match="heads"):
@@ -358,7 +370,7 @@ def test_block_api_causal_offset(causal_offset):
   @jax.jit
   def run(q, kk, v, ct):
     kwargs = dict(causal_offset=causal_offset, segment_ids=seg, block_sizes=BLOCKS,
-                  interpret=True)
+                  interpret=INTERPRET)
     out, lse = flash_block_forward(q, kk, v, **kwargs)
     return out, lse, flash_block_backward(q, kk, v, out, lse, ct, **kwargs)
 
@@ -389,13 +401,13 @@ def test_blocks_merge_through_lse_and_take_the_global_lse():
   @jax.jit
   def run(q, kk, v, ct):
     blocks = [flash_block_forward(q, kk[:, keys], v[:, keys], causal_offset=offset,
-                                  block_sizes=BLOCKS, interpret=True)
+                                  block_sizes=BLOCKS, interpret=INTERPRET)
               for offset, keys in parts]
     lse = jnp.logaddexp(blocks[0][1], blocks[1][1])
     out = sum(o * jnp.exp(l - lse).transpose(0, 2, 1)[..., None] for o, l in blocks)
     delta = jnp.einsum("btnd,btnd->bnt", out, ct)
     grads = [flash_block_backward(q, kk[:, keys], v[:, keys], None, lse, ct, delta=delta,
-                                  causal_offset=offset, block_sizes=BLOCKS, interpret=True)
+                                  causal_offset=offset, block_sizes=BLOCKS, interpret=INTERPRET)
              for offset, keys in parts]
     dq = grads[0][0] + grads[1][0]
     return out, (dq, *(jnp.concatenate([g[i] for g in grads], axis=1) for i in (1, 2)))
@@ -417,3 +429,97 @@ def test_block_api_invalid_arguments_raise():
     flash_block_backward(q, k, v, out, lse[:, :, :8], out, interpret=True)
   with pytest.raises(ValueError, match="needs the global `out` or `delta"):
     flash_block_backward(q, k, v, None, lse, out, interpret=True)
+
+
+def test_return_residuals_is_the_log_sum_exp():
+  """`(out, lse)`: lse = log Σ_j exp(S_ij) over visible keys in float64 terms, -inf for a row
+  with none; head dim 24, value dim 20 (padded inside to 32); the gradient of `out` is
+  unchanged by asking."""
+  q, k, v, ct = _inputs(12, 1, 21, 34, 2, 1, 24, 20)
+  q_seg = jnp.asarray(np.r_[np.zeros(10), np.full(6, 7), np.ones(5)][None], jnp.int32)
+  kv_seg = jnp.asarray(np.r_[np.zeros(20), np.ones(14)][None], jnp.int32)  # No segment 7.
+  kwargs = dict(segment_ids=(q_seg, kv_seg), is_causal=True)
+
+  @jax.jit
+  def run(q, k, v):
+    (out, lse), vjp = jax.vjp(lambda q, k, v: flash_attention(
+        q, k, v, block_sizes=BLOCKS, interpret=INTERPRET, return_residuals=True, **kwargs),
+        q, k, v)
+    return out, lse, vjp((ct, jnp.ones_like(lse)))
+
+  out, lse, grads = run(q, k, v)
+  mask = reference.full_mask(1, 2, 21, 34, is_causal=True, segment_ids=(q_seg, kv_seg))
+  want_out, want_lse, want_grads = _block_reference(q, k, v, ct, mask)
+  assert lse.shape == (1, 21, 2) and lse.dtype == jnp.float32
+  np.testing.assert_allclose(out, want_out, atol=5e-5, rtol=5e-5)
+  np.testing.assert_allclose(lse, want_lse.transpose(0, 2, 1), atol=5e-5, rtol=5e-5)
+  assert np.all(np.isneginf(np.asarray(lse)[0, 10:16]))
+  for got, want in zip(grads, want_grads):
+    np.testing.assert_allclose(got, want, atol=5e-5, rtol=5e-5)
+  ref_out, ref_lse = flash_attention_reference(q, k, v, return_residuals=True, **kwargs)
+  np.testing.assert_allclose(ref_out, want_out, atol=5e-5, rtol=5e-5)
+  np.testing.assert_allclose(ref_lse, want_lse.transpose(0, 2, 1), atol=5e-5, rtol=5e-5)
+
+
+def test_zero_length_sequences():
+  """An empty query gives an empty output; an empty key sequence zeros (nothing to attend to)
+  with lse -inf and zero gradients; the block API refuses both with a ValueError."""
+  q, k, v, _ = _inputs(13, 2, 8, 8, 2, 1, 16, 8)
+  out = flash_attention(q[:, :0], k, v, interpret=True)
+  assert out.shape == (2, 0, 2, 8) and out.dtype == q.dtype
+  loss = lambda q, k, v: jnp.sum(flash_attention(q, k, v, interpret=True) ** 2)
+  empty_k, empty_v = k[:, :0], v[:, :0]
+  out, lse = flash_attention(q, empty_k, empty_v, interpret=True, return_residuals=True)
+  np.testing.assert_array_equal(out, np.zeros((2, 8, 2, 8)))
+  assert np.all(np.isneginf(np.asarray(lse))) and lse.shape == (2, 8, 2)
+  for grad in jax.grad(loss, argnums=(0, 1, 2))(q, empty_k, empty_v):
+    assert not np.any(np.asarray(grad))
+  with pytest.raises(ValueError, match="non-empty"):
+    flash_block_forward(q, empty_k, empty_v, interpret=True)
+
+
+@pytest.mark.parametrize("head_dim", [16, 64, 72, 128, 256])
+def test_default_tiles_fit_shared_memory(head_dim):
+  """For every head dim and bf16/float32, the default tiles of all three kernels fit Hopper's
+  227 KiB with a pipeline of >= 2 stages, and bf16 tensor-core matmuls have >= 64 rows."""
+  for itemsize in (2, 4):
+    blocks = BlockSizes.get_default(head_dim, itemsize)
+    for kernel in gpu_triton.KERNELS:
+      stages = gpu_triton.compiler_params(kernel, blocks, head_dim, head_dim, itemsize).num_stages
+      assert stages >= 2, (kernel, itemsize)
+      used = gpu_triton.shared_memory_bytes(kernel, blocks, head_dim, head_dim, itemsize, stages)
+      assert used <= gpu_triton.SHARED_MEMORY_BYTES, (kernel, itemsize, used)
+    if itemsize == 2:
+      assert min(blocks.block_q, blocks.block_q_dkv, blocks.block_kv_dkv, blocks.block_q_dq) >= 64
+
+
+def test_shared_memory_estimate():
+  """The estimate counted tile by tile (forward, head dim 128 bf16: Q [128, 128] resident,
+  K and V [64, 128] per stage, P [128, 64]); the old 3-stage forward overflows in float32, and
+  tiles no stage fits raise a ValueError naming the kernel."""
+  blocks = BlockSizes(128, 64, 32, 128, 128, 32)
+  want = (128 * 128 + 3 * (64 * 128 + 64 * 128) + 128 * 64) * 2
+  assert gpu_triton.shared_memory_bytes("forward", blocks, 128, 128, 2, 3) == want
+  assert gpu_triton.shared_memory_bytes("forward", blocks, 72, 72, 2, 3) == want  # padded
+  assert gpu_triton.shared_memory_bytes("forward", blocks, 128, 128, 4, 3) > 227 * 1024
+  assert gpu_triton.compiler_params("forward", blocks, 128, 128, 4).num_stages == 2
+  dkv = (128 * 256 + 2 * 32 * 256 + 2 * 128 * 32) * 4  # K, V resident; Q, dO streamed
+  assert gpu_triton.shared_memory_bytes("dkv", blocks, 128, 128, 4, 2) == dkv
+  with pytest.raises(ValueError, match="dkv kernel"):
+    gpu_triton.compiler_params("dkv", BlockSizes(*(256,) * 6), 256, 256, 4)
+  with pytest.raises(ValueError, match="kernel must be"):
+    gpu_triton.shared_memory_bytes("fwd", blocks, 128, 128, 2, 1)
+
+
+def test_float32_matmuls_are_not_tf32():
+  """float32 inputs: every matmul of the kernels asks for HIGHEST precision (IEEE float32 in
+  Triton, not TF32); bf16 inputs keep the default."""
+  def jaxpr(dtype):
+    q = jax.ShapeDtypeStruct((1, 32, 2, 16), dtype)
+    fn = lambda q, k, v: flash_attention(q, k, v, interpret=True).sum()
+    return str(jax.make_jaxpr(jax.grad(fn, argnums=(0, 1, 2)))(q, q, q))
+  f32, bf16 = jaxpr(jnp.float32), jaxpr(jnp.bfloat16)
+  assert f32.count("dot_general") >= 7  # QKᵀ, PV; QKᵀ, dO Vᵀ, dS K; QKᵀ, dO Vᵀ, PᵀdO, dSᵀQ
+  assert f32.count("precision=(Precision.HIGHEST, Precision.HIGHEST)") == f32.count(
+      "dot_general")
+  assert "Precision.HIGHEST" not in bf16

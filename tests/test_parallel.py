@@ -3,6 +3,7 @@
 Every sharded result (forward and dQ, dK, dV) is compared with an independent float64 reference
 of softmax attention (`tests.reference`) evaluated on the whole, unsharded sequence.
 """
+import contextlib
 import functools
 
 import jax
@@ -10,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import Mesh
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from big_attn import compat
@@ -80,10 +82,70 @@ def test_matches_reference(strategy, mesh_name, is_causal):
   want_out, want_grads = _reference(q, kk, v, ct, is_causal=is_causal, segment_ids=seg)
   assert out.shape == (b, s, n, 6) and out.dtype == jnp.float32
   if "data" in names:  # the batch stays sharded over data, the sequence over seq
-    assert out.sharding.spec == P(("data",), "seq", None, None)
+    assert out.sharding.is_equivalent_to(NamedSharding(mesh, P("data", "seq", None, None)), 4)
   _assert_close(out, want_out, "out")
   for name, got, want in zip(("dq", "dk", "dv"), grads, want_grads):
     _assert_close(got, want, name)
+
+
+def _mesh_kinds_case(strategy, explicit, use_jit, set_mesh):
+  """Forward and gradients through `sequence_parallel_attention` on a 2-device mesh built by
+  `jax.make_mesh` (Explicit or Auto axes), jitted or eager, inside `jax.set_mesh` or not."""
+  axis_type = jax.sharding.AxisType.Explicit if explicit else jax.sharding.AxisType.Auto
+  mesh = jax.make_mesh((2,), ("seq",), axis_types=(axis_type,), devices=jax.devices()[:2])
+  q, kk, v, ct, _ = _inputs(1, 6, 2, 1, 8, 8, seed=3, segments=False)
+
+  def loss(q, kk, v):
+    out = parallel.sequence_parallel_attention(q, kk, v, mesh=mesh, strategy=strategy)
+    return jnp.sum(out * ct), out
+
+  grad_fn = jax.grad(loss, argnums=(0, 1, 2), has_aux=True)
+  with jax.set_mesh(mesh) if set_mesh else contextlib.nullcontext():
+    grads, out = (jax.jit(grad_fn) if use_jit else grad_fn)(q, kk, v)
+  want_out, want_grads = _reference(q, kk, v, ct, is_causal=True, segment_ids=None)
+  _assert_close(out, want_out, "out")
+  for name, got, want in zip(("dq", "dk", "dv"), grads, want_grads):
+    _assert_close(got, want, name)
+  # Laid out over the sequence axis; typed as sharded only where the caller's mesh context is
+  # Explicit (elsewhere an Explicit type could not be used: no mesh to resolve it).
+  assert out.sharding.is_equivalent_to(NamedSharding(mesh, P(None, "seq", None, None)), 4)
+  assert (jax.typeof(out).sharding.spec[1] == "seq") == (explicit and set_mesh)
+
+
+@pytest.mark.parametrize("strategy", parallel.STRATEGIES)
+@pytest.mark.parametrize("explicit", [True, False], ids=["explicit", "auto"])
+@pytest.mark.parametrize("set_mesh", [False, True], ids=["no_set_mesh", "set_mesh"])
+def test_mesh_kinds_jit(strategy, explicit, set_mesh):
+  _mesh_kinds_case(strategy, explicit, use_jit=True, set_mesh=set_mesh)
+
+
+@pytest.mark.parametrize("strategy,explicit,set_mesh", [
+    ("ring", True, False),  # the README's call: jax.make_mesh, no mesh context, jax.grad
+    ("all_gather", True, False), ("all_gather", True, True), ("all_gather", False, False)])
+def test_mesh_kinds_eager(strategy, explicit, set_mesh):
+  """Without `jit` (each op dispatched on its own; ring eager is the slow one, ~15 s)."""
+  _mesh_kinds_case(strategy, explicit, use_jit=False, set_mesh=set_mesh)
+
+
+def test_explicitly_sharded_inputs_keep_their_type():
+  """Inputs typed as sharded over an Explicit mesh (inside `jax.set_mesh`), with segments:
+  the striped reshapes and their gradients stay on the Explicit path, gradients typed like
+  the inputs."""
+  mesh = jax.make_mesh((2, 2), ("data", "seq"), devices=jax.devices()[:4])
+  q, kk, v, ct, seg = _inputs(2, 8, 2, 1, 8, 8, seed=11, segments=True)
+
+  def loss(q, kk, v):
+    out = parallel.sequence_parallel_attention(q, kk, v, mesh=mesh, segment_ids=seg)
+    return jnp.sum(out * ct), out
+
+  with jax.set_mesh(mesh):
+    args = [jax.device_put(x, NamedSharding(mesh, P("data", "seq"))) for x in (q, kk, v)]
+    grads, out = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(*args)
+  want_out, want_grads = _reference(q, kk, v, ct, is_causal=True, segment_ids=seg)
+  _assert_close(out, want_out, "out")
+  for name, got, want in zip(("dq", "dk", "dv"), grads, want_grads):
+    _assert_close(got, want, name)
+    assert jax.typeof(got).sharding.spec[:2] == P("data", "seq")[:2], name
 
 
 def test_unmatched_segments_give_zero_rows_and_grads():
@@ -147,7 +209,7 @@ def test_tensor_and_fsdp_axes_keep_their_sharding():
   mesh = _mesh((2, 2, 2), ("fsdp", "seq", "tensor"))
   q, kk, v, _, _ = _inputs(2, 12, 4, 2, 8, 8, seed=7, segments=False)
   out = jax.jit(functools.partial(parallel.sequence_parallel_attention, mesh=mesh))(q, kk, v)
-  assert out.sharding.spec == P(("fsdp",), "seq", "tensor", None)
+  assert out.sharding.is_equivalent_to(NamedSharding(mesh, P("fsdp", "seq", "tensor", None)), 4)
   mask = reference.full_mask(2, 4, 12, 12, is_causal=True)
   with reference.x64():
     want = np.asarray(reference.softmax_attention(q, kk, v, mask=mask))

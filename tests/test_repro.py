@@ -1,20 +1,15 @@
 """experiments/repro.py: the smoke mode runs end to end and writes tables with the right rows."""
-import importlib.util
 import os
 
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import experiments
 
 
 @pytest.fixture(scope="module")
 def repro():
-  spec = importlib.util.spec_from_file_location(
-      "repro", os.path.join(ROOT, "experiments", "repro.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return experiments.load("repro")
 
 
 def _rows(text):

@@ -23,13 +23,57 @@ def _cudnn_attention(query, key, value, bias, mask, scale, is_causal, local_wind
   return common.apply_row_mask(out, mask, dims)
 
 
-def _pallas_supported(query, key, value, bias, mask) -> bool:
-  """Whether `implementation=None` takes the Pallas kernel: on GPU/TPU, for arguments it
-  supports (no bias or mask arrays, its head dims). Never on CPU, where it only interprets."""
-  if jax.default_backend() not in ("gpu", "tpu"):
-    return False
-  from pallas_kernels.flash_attention import api  # pylint: disable=g-import-not-at-top
-  return api.supports(query, key, value, bias=bias, mask=mask)
+# The dispatch table of `implementation=None`. The Pallas kernel serves a case only through a
+# recorded hardware run that shows it correct and at least as fast as the alternative for the
+# case (cuDNN on GPU, XLA on TPU): the entry is that run's table in experiments/results/, which
+# names the device, JAX version and date. A case is (platform, dtype, head_dim, is_causal), e.g.
+#   ("gpu", "bfloat16", 128, True): "experiments/results/gpu_<date>/flash_speed.md",
+# No run is recorded yet, so None picks cuDNN on GPU where jax.nn supports the arguments, and
+# XLA otherwise (TPU and CPU included). `implementation="pallas"` is always available.
+KERNEL_RUNS: dict[tuple[str, str, int, bool], str] = {}
+
+CUDNN_DTYPES = ("bfloat16", "float16")
+CUDNN_MAX_HEAD_DIM = 128  # 256 on Hopper with recent cuDNN; 128 holds on every GPU.
+
+
+def _cudnn_supports(query, key, value, bias, mask, *, is_causal, window, logits_soft_cap,
+                    has_segments) -> bool:
+  """Whether `jax.nn.dot_product_attention(implementation="cudnn")` takes these arguments
+  (its fused flash-attention conditions, decided from shapes and dtypes alone)."""
+  dtypes = {str(x.dtype) for x in (query, key, value)}
+  head_dim, q_len, kv_len = query.shape[-1], query.shape[1], key.shape[1]
+  masked = bias is not None or mask is not None or has_segments
+  return (len(dtypes) == 1 and dtypes.pop() in CUDNN_DTYPES
+          and logits_soft_cap is None and value.shape[-1] == head_dim
+          and head_dim <= CUDNN_MAX_HEAD_DIM and head_dim % 8 == 0
+          and q_len > 0 and kv_len > 0
+          # A bias (masks become one) must be full [.., q_len, kv_len], lengths even.
+          and not (masked and (q_len % 2 or kv_len % 2))
+          and all(x is None or x.shape[-2:] == (q_len, kv_len) for x in (bias, mask))
+          # Windows: left only, or any with the causal mask.
+          and (window is None or window[1] == 0 or is_causal))
+
+
+def default_implementation(query, key, value, bias=None, mask=None, *, is_causal=False,
+                           segment_ids=None, local_window_size=None,
+                           logits_soft_cap=None) -> str:
+  """The implementation `dot_product_attention(implementation=None)` takes for these arguments
+  on the default backend: "pallas" for a case of `KERNEL_RUNS` the kernel supports, else
+  "cudnn" on GPU where jax.nn supports the arguments, else "xla"."""
+  platform = jax.default_backend()
+  if query.ndim != 4:  # The fused paths take [batch, seq, heads, head_dim] only.
+    return "xla"
+  if platform in ("gpu", "tpu"):
+    from pallas_kernels.flash_attention import api  # pylint: disable=g-import-not-at-top
+    case = (platform, str(query.dtype), query.shape[-1], bool(is_causal))
+    if case in KERNEL_RUNS and api.supports(query, key, value, bias=bias, mask=mask):
+      return "pallas"
+  if platform == "gpu" and _cudnn_supports(
+      query, key, value, bias, mask, is_causal=is_causal,
+      window=common.normalize_window(local_window_size), logits_soft_cap=logits_soft_cap,
+      has_segments=segment_ids is not None):
+    return "cudnn"
+  return "xla"
 
 
 def _pallas_attention(query, key, value, bias, mask, **kwargs):
@@ -104,9 +148,10 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
     key_value_seq_lengths: int `[batch]`: keys at and after it are ignored.
     return_residual: also return the log-sum-exp of each row's logits, `[batch, q_len,
       num_heads]` in the key's dtype, without gradient (as `jax.nn.dot_product_attention`).
-    implementation: None (the Pallas kernel on GPU/TPU where it supports the arguments, XLA
-      otherwise and always on CPU), "xla", "pallas" (`pallas_kernels.flash_attention`; no
-      `bias`/`mask` arrays; on CPU it runs in the Pallas interpreter) or "cudnn".
+    implementation: None (`default_implementation`: the table `KERNEL_RUNS` of recorded
+      hardware runs, else cuDNN on GPU where jax.nn supports the arguments, else XLA), "xla",
+      "pallas" (`pallas_kernels.flash_attention`; no `bias`/`mask` arrays; on CPU it runs in
+      the Pallas interpreter) or "cudnn".
 
   Returns:
     `[batch, q_len, num_heads, value_dim]` in the query's dtype (the query's rank), and with
@@ -151,8 +196,10 @@ def _attention(query, key, value, bias, mask, *, scale, is_causal, segment_ids,
   if logits_soft_cap is not None and logits_soft_cap <= 0:
     raise ValueError(f"logits_soft_cap must be positive, got {logits_soft_cap}")
   scale = common.default_scale(dims.head_dim, scale)
-  if implementation is None and _pallas_supported(query, key, value, bias, mask):
-    implementation = "pallas"
+  if implementation is None:
+    implementation = default_implementation(
+        query, key, value, bias, mask, is_causal=is_causal, segment_ids=segment_ids,
+        local_window_size=local_window_size, logits_soft_cap=logits_soft_cap)
   if implementation == "pallas":
     return _pallas_attention(
         query, key, value, bias, mask, scale=scale, is_causal=is_causal,

@@ -61,6 +61,25 @@ def _layout(mesh, seq_axis: str, dims: common.Dims):
   return (batch_axes or None), head_axis
 
 
+def _working_mesh(mesh, *arrays):
+  """`mesh`, or its Auto-axes view when neither the inputs' types nor a `jax.set_mesh`
+  context carry Explicit axes.
+
+  An output typed as sharded over Explicit axes can only be used where a mesh context exists
+  (`jax.grad` builds its cotangent from the output's type), so the result's type follows the
+  caller: Explicit in, Explicit out; unsharded in (an Explicit `jax.make_mesh` passed without
+  `jax.set_mesh`), an array laid out on the mesh whose type is unsharded.
+  """
+  explicit = jax.sharding.AxisType.Explicit
+  if explicit not in tuple(getattr(mesh, "axis_types", ())):
+    return mesh
+  typed = [jax.typeof(x).sharding.mesh for x in arrays if x is not None]
+  if any(explicit in tuple(m.axis_types) for m in typed + [jax.sharding.get_abstract_mesh()]
+         if not m.empty):
+    return mesh
+  return mesh.update(axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names))
+
+
 def sequence_parallel_attention(query: Array, key: Array, value: Array, *, mesh,
                                 seq_axis: str = "seq", strategy: str = "striped",
                                 is_causal: bool = True, segment_ids=None,
@@ -112,6 +131,7 @@ def sequence_parallel_attention(query: Array, key: Array, value: Array, *, mesh,
           f"{name} sequence length {length} is not divisible by the size {num_shards} of "
           f"mesh axis {seq_axis!r}")
   batch_axes, head_axis = _layout(mesh, seq_axis, dims)
+  mesh = _working_mesh(mesh, query, key, value)
   scale = common.default_scale(dims.head_dim, scale)
 
   # The sequence viewed as [shard, token] (contiguous) or [token, shard] (striped); the shard
@@ -121,9 +141,12 @@ def sequence_parallel_attention(query: Array, key: Array, value: Array, *, mesh,
     b, length = x.shape[:2]
     pair = (length // num_shards, num_shards) if shard_dim == 2 else (num_shards,
                                                                        length // num_shards)
-    spec = [batch_axes, None, None] + ([head_axis, None] if with_heads else [])
+    rest = [head_axis, None] if with_heads else []
+    spec = [batch_axes, None, None] + rest
     spec[shard_dim] = seq_axis
     spec = P(*spec)
+    # Contiguous over seq_axis first: the gradient's way back to the input's layout.
+    x = compat.constrain(x, NamedSharding(mesh, P(batch_axes, seq_axis, *rest)))
     x = compat.reshape_with_sharding(x, (b,) + pair + x.shape[2:], NamedSharding(mesh, spec))
     return x, spec
 

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from big_attn.ops import common
+from big_attn.ops import softmax
 
 Array = jax.Array
 
@@ -269,24 +270,23 @@ PALLAS = BlockImpl("pallas", pallas_block_forward, pallas_block_backward)
 BLOCK_IMPLS = (None, "xla", "pallas")
 
 
-def _pallas_supported(query, key, value) -> bool:
-  """Whether `block_impl=None` takes the Pallas kernels: on GPU/TPU, for head dims they
-  support. Never on CPU, where they only run in the interpreter."""
-  if jax.default_backend() not in ("gpu", "tpu"):
-    return False
-  from pallas_kernels.flash_attention import api  # pylint: disable=g-import-not-at-top
-  return api.supports(query, key, value)
+def _pallas_supported(query, key, value, is_causal) -> bool:
+  """Whether `block_impl=None` takes the Pallas kernels: where the dispatch table of
+  `big_attn.ops.softmax` (`KERNEL_RUNS`, recorded hardware runs) picks them for the shards."""
+  return softmax.default_implementation(query, key, value, is_causal=is_causal) == "pallas"
 
 
-def get_block_impl(block_impl, query=None, key=None, value=None) -> BlockImpl:
+def get_block_impl(block_impl, query=None, key=None, value=None,
+                   is_causal=False) -> BlockImpl:
   """The `BlockImpl` for `block_impl`: "xla" the blocks above, "pallas" the Pallas flash
-  kernels (on CPU in the Pallas interpreter: correct but slow, for tests), None "pallas" on
-  GPU/TPU when the kernels support these (local) query/key/value shards and "xla" otherwise
-  (always on CPU); a `BlockImpl` is used as given."""
+  kernels (on CPU in the Pallas interpreter: correct but slow, for tests), None "pallas" where
+  a recorded hardware run (`big_attn.ops.softmax.KERNEL_RUNS`) shows the kernels correct and
+  fast for these (local) shards, "xla" otherwise (always on CPU); a `BlockImpl` is used as
+  given."""
   if isinstance(block_impl, BlockImpl):
     return block_impl
   if block_impl is None:
-    supported = query is not None and _pallas_supported(query, key, value)
+    supported = query is not None and _pallas_supported(query, key, value, is_causal)
     return PALLAS if supported else XLA
   if block_impl == "xla":
     return XLA

@@ -199,7 +199,7 @@ def attention_over_ring(schedule: str, query: Array, key: Array, value: Array, *
   q_seg, kv_seg = (None, None) if segments is None else segments
   cfg = RingConfig(axis_name, num_shards, schedule, bool(is_causal),
                    common.default_scale(dims.head_dim, scale),
-                   blockwise.get_block_impl(block_impl, query, key, value))
+                   blockwise.get_block_impl(block_impl, query, key, value, is_causal))
   return _ring_core(cfg, query, key, value, q_seg, kv_seg)
 
 

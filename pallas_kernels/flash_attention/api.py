@@ -4,7 +4,6 @@ schedule (`big_attn.parallel` ring and striped attention)."""
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 from pallas_kernels.flash_attention import gpu_triton
 
@@ -30,7 +29,8 @@ def _resolve_backend(backend: str | None, interpret: bool) -> str:
 
 def flash_attention(query, key, value, *, segment_ids=None, is_causal=False, scale=None,
                     local_window_size=None, logits_soft_cap=None, normalizer="softmax",
-                    sigmoid_bias=None, block_sizes=None, backend=None, interpret=False):
+                    sigmoid_bias=None, block_sizes=None, backend=None, interpret=False,
+                    return_residuals=False):
   """Memory-efficient exact attention (FlashAttention-2, Dao 2023) in Pallas; differentiable.
 
   out = softmax(S) V, or σ(S + b) V for `normalizer="sigmoid"` (FlashSigmoid, Ramapuram et al.
@@ -40,7 +40,10 @@ def flash_attention(query, key, value, *, segment_ids=None, is_causal=False, sca
   `big_attn.ops.dot_product_attention`; a query row with nothing to attend to returns zeros.
 
   Args:
-    query: `[batch, q_len, num_heads, head_dim]`, float32 or bfloat16.
+    query: `[batch, q_len, num_heads, head_dim]`, float32 or bfloat16; the GPU kernel takes
+      any head_dim from 1 to 256 (zero-padded inside to a power of two >= 16), the TPU kernel
+      multiples of 8 up to 256. An empty query or key sequence gives the empty output or zeros
+      on GPU and a ValueError on TPU.
     key: `[batch, kv_len, num_kv_heads, head_dim]`, `num_heads % num_kv_heads == 0` (GQA: K/V
       are shared by query-head groups, never repeated).
     value: `[batch, kv_len, num_kv_heads, value_dim]`.
@@ -58,16 +61,24 @@ def flash_attention(query, key, value, *, segment_ids=None, is_causal=False, sca
     backend: None (by platform: GPU -> Triton kernel, TPU -> Mosaic TPU kernel; on CPU the GPU
       kernel in interpret mode when `interpret=True`), "gpu"/"triton" or "tpu".
     interpret: run the kernel in the Pallas interpreter (on any platform, CPU included).
+    return_residuals: also return the log-sum-exp of each query row (as `jax.nn`'s
+      `return_residual`; softmax only, GPU kernel only).
 
   Returns:
-    `[batch, q_len, num_heads, value_dim]` in the query's dtype.
+    `[batch, q_len, num_heads, value_dim]` in the query's dtype; with `return_residuals`, the
+    pair `(out, lse)`, lse float32 `[batch, q_len, num_heads]` = log Σ_j exp(S_ij) over the
+    visible keys (natural log, -inf for a row with nothing to attend to, not differentiated).
   """
   kwargs = dict(segment_ids=segment_ids, is_causal=is_causal, scale=scale,
                 local_window_size=local_window_size, logits_soft_cap=logits_soft_cap,
                 normalizer=normalizer, sigmoid_bias=sigmoid_bias, block_sizes=block_sizes,
                 interpret=interpret)
   if _resolve_backend(backend, interpret) == "triton":
-    return gpu_triton.flash_attention_triton(query, key, value, **kwargs)
+    return gpu_triton.flash_attention_triton(query, key, value,
+                                             return_residuals=return_residuals, **kwargs)
+  if return_residuals:
+    raise ValueError("return_residuals=True is implemented by the GPU kernel only "
+                     "(backend 'gpu'), not by the TPU kernel")
   return _tpu().flash_attention_tpu(query, key, value, **kwargs)
 
 
@@ -145,7 +156,7 @@ def flash_block_backward(query, key, value, out, lse, dout, *, delta=None, causa
   """
   _check_block_grad_args(query, value, out, lse, delta, dout)
   if delta is None:
-    delta = jnp.einsum("btnd,btnd->bnt", out.astype(jnp.float32), dout.astype(jnp.float32))
+    delta = gpu_triton.row_delta(out, dout)
   kwargs = dict(causal_offset=gpu_triton.check_causal_offset(causal_offset),
                 segment_ids=segment_ids, scale=scale, block_sizes=block_sizes,
                 interpret=interpret)
@@ -156,10 +167,13 @@ def flash_block_backward(query, key, value, out, lse, dout, *, delta=None, causa
 
 def supports(query, key, value, *, bias=None, mask=None) -> bool:
   """Whether this platform has a compiled kernel for these arguments (no bias or mask arrays,
-  supported head dims); `implementation=None` of `dot_product_attention` asks this."""
+  non-empty sequences, the backend's head dims); the dispatch table of
+  `big_attn.ops.softmax` asks this before it asks for a recorded hardware run."""
   platform = jax.default_backend()
-  head_dims = {"gpu": gpu_triton.HEAD_DIMS, "tpu": _TPU_HEAD_DIMS}.get(platform)
-  if head_dims is None or bias is not None or mask is not None:
+  if platform not in ("gpu", "tpu") or bias is not None or mask is not None:
     return False
-  return query.shape[-1] in head_dims and value.shape[-1] in head_dims and (
-      key.shape[-1] == query.shape[-1])
+  if not query.shape[1] or not key.shape[1] or key.shape[-1] != query.shape[-1]:
+    return False
+  head_ok = {"gpu": lambda d: 1 <= d <= gpu_triton.MAX_HEAD_DIM,
+             "tpu": lambda d: d in _TPU_HEAD_DIMS}[platform]
+  return head_ok(query.shape[-1]) and head_ok(value.shape[-1])

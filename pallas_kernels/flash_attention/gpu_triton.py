@@ -29,13 +29,36 @@ of a blockwise schedule (ring / striped attention): float32 `(out, lse)` of the 
 block's gradients from the *global* lse and Δ. Their `causal_offset` c (query i sees keys
 j <= i + c) is the causal band with its diagonal shifted by c, skipped block by block as above.
 
-Why Triton. JAX 0.9+ lowers GPU `pallas_call`s through Mosaic GPU by default, which is the
-speed path on Hopper (wgmma, TMA bulk copies, warp specialisation) but has its own
-programming model (`plgpu.kernel`, explicit SMEM pipelines) and no interpreter that runs this
-code on CPU for tests. The Triton lowering (selected by `compat.triton_compiler_params`) takes
-plain block-level array code, runs unchanged in `interpret=True` on CPU on JAX 0.10 and 0.11,
-and lets Triton's compiler pick Hopper MMA instructions itself. It is deprecated in JAX 0.11:
-a Mosaic GPU kernel is the successor for peak Hopper throughput.
+Head dims. Any head dim and value dim from 1 to 256: the kernels' tiles are
+`padded_head_dim` wide (a power of two >= 16, Triton's tile rule), loaded with the columns past
+the array's head dim masked to zero and stored with them masked off, as JAX's own Pallas
+attention does; zero columns leave QKᵀ unchanged, and the head dim costs no padded copy.
+
+What only hardware shows, and what reading settled (no GPU has run this file yet):
+- Precision: float32 operands under DEFAULT precision lower to TF32 tensor-core matmuls; the
+  kernels ask for `FLOAT32_PRECISION` (IEEE float32), so float32 training gets float32 results.
+- Shared memory: `shared_memory_bytes` estimates each kernel's tiles (resident, `num_stages`
+  pipelined copies of the streamed ones, the P/dS matmul operands); `BlockSizes.get_default`
+  halves tiles until all fit `SHARED_MEMORY_BYTES` (227 KiB on Hopper) with double buffering,
+  and `compiler_params` picks the deepest pipeline (<= 3 stages) that fits. The old forward
+  default (head dim 128, 3 stages) needed ~288 KiB for float32 inputs.
+- Tile shapes: for 2-byte inputs every tensor-core matmul has >= 64 rows (one warpgroup's
+  wgmma M), the backward's former [32, 128] dK/dV tiles included.
+Open until a hardware run: Triton's real allocation (it may add layout-conversion scratch),
+register pressure of the [128, d] float32 accumulators, and speed against cuDNN.
+
+Why Triton, and what a Mosaic GPU kernel needs. JAX 0.9+ lowers GPU `pallas_call`s through
+Mosaic GPU by default, and JAX 0.11 deprecates the Triton lowering; it still works there, and
+`compat.triton_compiler_params` keeps selecting it (every version difference lives in
+`big_attn.compat`). Triton takes plain block-level array code, runs unchanged in
+`interpret=True` on CPU on JAX 0.10 and 0.11, and picks Hopper MMA instructions itself. A
+Mosaic GPU successor (`jax.experimental.pallas.mosaic_gpu`, Hopper sm_90a and later) has to
+spell out what Triton decides: a `plgpu.kernel` with explicit SMEM buffers and barriers, TMA
+copies of swizzled tiles (rows of 64/128 bytes) pipelined by `plgpu.emit_pipeline`, wgmma on
+64-row warpgroup tiles with accumulators in registers, warp specialisation (a producer
+warpgroup issuing TMA, consumer warpgroups computing), the ragged tail and masks as explicit
+predicates, and GQA / segment ids / windows in the index maps; it has no CPU interpreter, so
+its tests run on hardware only (JAX's `ops/gpu/attention_mgpu.py` is the model to follow).
 """
 from __future__ import annotations
 
@@ -53,11 +76,21 @@ import numpy as np
 from big_attn import compat
 from big_attn.ops import common
 
-HEAD_DIMS = (16, 32, 64, 128, 256)
+MAX_HEAD_DIM = 256
 NORMALIZERS = ("softmax", "sigmoid")
 _LOG2E = math.log2(math.e)
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 _MIN_BLOCK = 16  # Triton's `tl.dot` needs every matmul dimension >= 16.
+# Float32 inputs: DEFAULT precision lowers to TF32 tensor-core matmuls (10-bit mantissa, about
+# 1e-3 relative error), which float32 training does not expect; HIGHEST lowers to IEEE float32
+# (exact to float32 rounding, slower). bf16/fp16 inputs are unaffected.
+FLOAT32_PRECISION = lax.Precision.HIGHEST
+# Shared memory one thread block may use on Hopper (H100/H200: 227 KiB), and the software
+# pipeline depth the kernels start from before `_fit_stages` shortens it.
+SHARED_MEMORY_BYTES = 227 * 1024
+MAX_STAGES = 3
+MIN_STAGES = 2  # The default tiles keep at least double buffering.
+KERNELS = ("forward", "dq", "dkv")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -74,10 +107,10 @@ class BlockSizes:
   """
   block_q: int = 128
   block_k: int = 64
-  block_q_dkv: int = 32
+  block_q_dkv: int = 64
   block_kv_dkv: int = 128
   block_q_dq: int = 128
-  block_kv_dq: int = 32
+  block_kv_dq: int = 64
 
   def __post_init__(self):
     for field in dataclasses.fields(self):
@@ -88,13 +121,75 @@ class BlockSizes:
             f"BlockSizes.{field.name} must be a power of two >= {_MIN_BLOCK}, got {size!r}")
 
   @classmethod
-  def get_default(cls, head_dim: int = 128) -> BlockSizes:
-    """Starting points for Hopper, not tuned on hardware yet; head_dim 256 gets half-size
-    tiles so that K/V tiles and float32 accumulators fit shared memory and registers."""
-    if head_dim > 128:
-      return cls(block_q=64, block_k=32, block_q_dkv=32, block_kv_dkv=64, block_q_dq=64,
-                 block_kv_dq=32)
-    return cls()
+  def get_default(cls, head_dim: int = 128, itemsize: int = 2) -> BlockSizes:
+    """Starting points for Hopper, not tuned on hardware yet, fitted to shared memory.
+
+    For 2-byte inputs every tensor-core matmul has >= 64 rows (the M of one warpgroup's
+    wgmma; smaller tiles fall back to Ampere-style mma); head dims above 128 get half-size
+    tiles so that the float32 accumulators fit the registers. Then all tiles are halved
+    until every kernel fits `SHARED_MEMORY_BYTES` with a pipeline of `MIN_STAGES` (float32
+    inputs, `itemsize=4`, need it: their IEEE matmuls do not use wgmma anyway).
+    """
+    if padded_head_dim(head_dim) > 128:
+      blocks = cls(block_q=64, block_k=32, block_q_dkv=64, block_kv_dkv=64, block_q_dq=64,
+                   block_kv_dq=32)
+    else:
+      blocks = cls()
+    while not all(shared_memory_bytes(kernel, blocks, head_dim, head_dim, itemsize, MIN_STAGES)
+                  <= SHARED_MEMORY_BYTES for kernel in KERNELS):
+      if min(dataclasses.astuple(blocks)) == _MIN_BLOCK:
+        break  # Cannot happen for head dims <= 256; `_fit_stages` names the sizes if it does.
+      blocks = cls(*(max(_MIN_BLOCK, size // 2) for size in dataclasses.astuple(blocks)))
+    return blocks
+
+
+def shared_memory_bytes(kernel: str, blocks: BlockSizes, head_dim: int, value_dim: int,
+                        itemsize: int, num_stages: int) -> int:
+  """Estimated shared memory of one program of `kernel` ("forward", "dq" or "dkv").
+
+  Triton keeps `num_stages` copies of the tiles a loop streams (software pipelining), one
+  copy of the tiles a program loads once, and stages through shared memory each register
+  tile that becomes a matmul operand (P in the forward; P and dS in the backward). Padded
+  head dims count (`padded_head_dim`); the per-row float32 statistics are negligible.
+  """
+  d, dv = padded_head_dim(head_dim), padded_head_dim(value_dim)
+  if kernel == "forward":  # Q resident; K, V streamed; P [block_q, block_k].
+    rows, streamed_rows = blocks.block_q, blocks.block_k
+    resident, streamed, operands = rows * d, streamed_rows * (d + dv), 1
+  elif kernel == "dq":  # Q, dO resident; K, V streamed; dS [block_q, block_kv].
+    rows, streamed_rows = blocks.block_q_dq, blocks.block_kv_dq
+    resident, streamed, operands = rows * (d + dv), streamed_rows * (d + dv), 1
+  elif kernel == "dkv":  # K, V resident; Q, dO streamed; P and dS [block_q, block_kv].
+    rows, streamed_rows = blocks.block_kv_dkv, blocks.block_q_dkv
+    resident, streamed, operands = rows * (d + dv), streamed_rows * (d + dv), 2
+  else:
+    raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+  tiles = resident + num_stages * streamed + operands * rows * streamed_rows
+  return tiles * itemsize
+
+
+def _fit_stages(kernel: str, blocks: BlockSizes, head_dim: int, value_dim: int,
+                itemsize: int) -> int:
+  """The deepest pipeline (<= MAX_STAGES) whose tiles fit `SHARED_MEMORY_BYTES`; a
+  `ValueError` naming the sizes if not even one stage fits."""
+  for stages in range(MAX_STAGES, 0, -1):
+    if shared_memory_bytes(kernel, blocks, head_dim, value_dim, itemsize,
+                           stages) <= SHARED_MEMORY_BYTES:
+      return stages
+  need = shared_memory_bytes(kernel, blocks, head_dim, value_dim, itemsize, 1)
+  raise ValueError(
+      f"the {kernel} kernel's tiles need ~{need // 1024} KiB of shared memory with {blocks} "
+      f"at head_dim {head_dim}, value_dim {value_dim}, {itemsize}-byte inputs (limit "
+      f"{SHARED_MEMORY_BYTES // 1024} KiB): pass smaller block_sizes")
+
+
+def compiler_params(kernel: str, blocks: BlockSizes, head_dim: int, value_dim: int,
+                    itemsize: int):
+  """Triton `CompilerParams` of `kernel`: 4 warps up to head_dim 64, else 8, and the
+  pipeline depth that fits shared memory."""
+  return compat.triton_compiler_params(
+      num_warps=4 if padded_head_dim(head_dim) <= 64 else 8,
+      num_stages=_fit_stages(kernel, blocks, head_dim, value_dim, itemsize))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +203,8 @@ class _Config:
   soft_cap: float | None
   sigmoid_bias: float | None  # None: softmax
   kv_padded: bool
+  head_dim: int   # the arrays' sizes; tiles are `padded_head_dim` wide
+  value_dim: int
 
   @property
   def sigmoid(self) -> bool:
@@ -115,9 +212,30 @@ class _Config:
 
 
 def _dot(a, b, *, trans_a=False, trans_b=False):
-  """`a @ b` (with either operand transposed) accumulated in float32."""
+  """`a @ b` (with either operand transposed) accumulated in float32; float32 operands are
+  multiplied in full float32 (`FLOAT32_PRECISION`), not TF32."""
   dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
-  return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+  precision = FLOAT32_PRECISION if jnp.float32 in (a.dtype, b.dtype) else None
+  return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
+
+
+def _load(ref, idx, size: int):
+  """`ref[idx]` (`idx` None: the whole ref) of a tile whose last dim is padded past the array's
+  `size` columns: those read as zeros (a masked load, as in JAX's Pallas attention)."""
+  target = ref if idx is None else ref.at[idx]
+  if ref.shape[-1] == size:
+    return target[...]
+  columns = (jnp.arange(ref.shape[-1]) < size)[None, :]
+  return compat.pallas_triton().load(target, mask=columns, other=0)
+
+
+def _store(ref, value, size: int):
+  """`ref[...] = value` for the first `size` columns only (the rest is head-dim padding)."""
+  if ref.shape[-1] == size:
+    ref[...] = value.astype(ref.dtype)
+    return
+  columns = (jnp.arange(ref.shape[-1]) < size)[None, :]
+  compat.pallas_triton().store(ref, value.astype(ref.dtype), mask=columns)
 
 
 def _logits(q, k, cfg: _Config):
@@ -241,16 +359,16 @@ def _fwd_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, *lse_ref,
                 cfg: _Config, block_q: int, block_k: int):
   q_first = pl.program_id(0) * block_q
   q_pos = q_first + jnp.arange(block_q)
-  q = q_ref[...]
+  q = _load(q_ref, None, cfg.head_dim)
   q_seg = None if q_seg_ref is None else q_seg_ref[...]
 
   def tile(kb, positions):
     k_first = kb * block_k
-    kv_slice = pl.ds(k_first, block_k)
-    s2, _ = _logits(q, k_ref[kv_slice, :], cfg)
-    kv_seg = None if kv_seg_ref is None else kv_seg_ref[kv_slice]
+    rows = (pl.ds(k_first, block_k), slice(None))
+    s2, _ = _logits(q, _load(k_ref, rows, cfg.head_dim), cfg)
+    kv_seg = None if kv_seg_ref is None else kv_seg_ref[rows[0]]
     mask = _tile_mask(q_pos, k_first + jnp.arange(block_k), q_seg, kv_seg, cfg, positions)
-    return s2, v_ref[kv_slice, :], mask
+    return s2, _load(v_ref, rows, cfg.value_dim), mask
 
   def sigmoid_body(kb, acc, positions):
     s2, v, mask = tile(kb, positions)
@@ -276,13 +394,13 @@ def _fwd_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, *lse_ref,
   band = _kv_band(q_first, block_q, block_k, cfg)
   acc = jnp.zeros((block_q, o_ref.shape[-1]), jnp.float32)
   if cfg.sigmoid:
-    o_ref[...] = _band_loop(band, sigmoid_body, acc, cfg).astype(o_ref.dtype)
+    _store(o_ref, _band_loop(band, sigmoid_body, acc, cfg), cfg.value_dim)
     return
   m = jnp.full((block_q,), _MASK_VALUE, jnp.float32)
   l = jnp.zeros((block_q,), jnp.float32)
   acc, m, l = _band_loop(band, softmax_body, (acc, m, l), cfg)
   empty = l == 0.0  # Rows with nothing to attend to: lse = +inf makes P = 2^(S-L) zero.
-  o_ref[...] = (acc / jnp.where(empty, 1.0, l)[:, None]).astype(o_ref.dtype)
+  _store(o_ref, acc / jnp.where(empty, 1.0, l)[:, None], cfg.value_dim)
   lse_ref[0][...] = jnp.where(empty, jnp.inf, m + jnp.log2(jnp.where(empty, 1.0, l)))
 
 
@@ -290,8 +408,9 @@ def _forward(q, k, v, q_seg, kv_seg, *, cfg: _Config, blocks: BlockSizes, interp
              out_dtype=None):
   """Padded `[b, t, n, d]` inputs -> (output in `out_dtype` (default: the query's), base-2
   log-sum-exp `[b, n, t]` (+inf for a row with no key) or None)."""
-  batch, q_pad, num_heads, head_dim = q.shape
-  kv_pad, num_kv_heads, value_dim = k.shape[1], k.shape[2], v.shape[3]
+  batch, q_pad, num_heads, _ = q.shape
+  kv_pad, num_kv_heads = k.shape[1], k.shape[2]
+  head_dim, value_dim = padded_head_dim(cfg.head_dim), padded_head_dim(cfg.value_dim)
   groups = num_heads // num_kv_heads
   block_q, block_k = blocks.block_q, blocks.block_k
   in_specs = [
@@ -301,7 +420,7 @@ def _forward(q, k, v, q_seg, kv_seg, *, cfg: _Config, blocks: BlockSizes, interp
       None if q_seg is None else pl.BlockSpec((None, block_q), lambda i, b, h: (b, i)),
       None if kv_seg is None else pl.BlockSpec((None, kv_pad), lambda i, b, h: (b, 0)),
   ]
-  out_shape = [compat.pallas_out_struct((batch, q_pad, num_heads, value_dim),
+  out_shape = [compat.pallas_out_struct((batch, q_pad, num_heads, cfg.value_dim),
                                         out_dtype or q.dtype, q, k, v)]
   out_specs = [pl.BlockSpec((None, block_q, None, value_dim), lambda i, b, h: (b, i, h, 0))]
   if not cfg.sigmoid:
@@ -313,8 +432,7 @@ def _forward(q, k, v, q_seg, kv_seg, *, cfg: _Config, blocks: BlockSizes, interp
       in_specs=in_specs,
       out_specs=out_specs,
       out_shape=out_shape,
-      compiler_params=compat.triton_compiler_params(
-          num_warps=4 if head_dim <= 64 else 8, num_stages=3 if head_dim <= 128 else 2),
+      compiler_params=compiler_params("forward", blocks, head_dim, value_dim, q.dtype.itemsize),
       interpret=interpret,
       name="flash_attention_triton_fwd",
   )(q, k, v, q_seg, kv_seg)
@@ -344,30 +462,30 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_se
                *, cfg: _Config, block_q: int, block_k: int):
   q_first = pl.program_id(0) * block_q
   q_pos = q_first + jnp.arange(block_q)
-  q, do = q_ref[...], do_ref[...]
+  q, do = _load(q_ref, None, cfg.head_dim), _load(do_ref, None, cfg.value_dim)
   lse = None if lse_ref is None else lse_ref[...]
   delta = None if delta_ref is None else delta_ref[...]
   q_seg = None if q_seg_ref is None else q_seg_ref[...]
 
   def body(kb, dq, positions):
     k_first = kb * block_k
-    kv_slice = pl.ds(k_first, block_k)
-    k = k_ref[kv_slice, :]
-    kv_seg = None if kv_seg_ref is None else kv_seg_ref[kv_slice]
+    rows = (pl.ds(k_first, block_k), slice(None))
+    k = _load(k_ref, rows, cfg.head_dim)
+    kv_seg = None if kv_seg_ref is None else kv_seg_ref[rows[0]]
     mask = _tile_mask(q_pos, k_first + jnp.arange(block_k), q_seg, kv_seg, cfg, positions)
-    _, ds = _grad_logits(q, k, v_ref[kv_slice, :], do, lse, delta, mask, cfg)
+    _, ds = _grad_logits(q, k, _load(v_ref, rows, cfg.value_dim), do, lse, delta, mask, cfg)
     return dq + _dot(ds.astype(k.dtype), k)
 
   band = _kv_band(q_first, block_q, block_k, cfg)
   dq = _band_loop(band, body, jnp.zeros(dq_ref.shape, jnp.float32), cfg)
-  dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
+  _store(dq_ref, dq * cfg.scale, cfg.head_dim)
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_seg_ref,
                 dk_ref, dv_ref, *, cfg: _Config, block_q: int, block_k: int, groups: int):
   k_first = pl.program_id(0) * block_k
   k_pos = k_first + jnp.arange(block_k)
-  k, v = k_ref[...], v_ref[...]
+  k, v = _load(k_ref, None, cfg.head_dim), _load(v_ref, None, cfg.value_dim)
   kv_seg = None if kv_seg_ref is None else kv_seg_ref[...]
   band = _q_band(k_first, block_k, block_q, cfg)
 
@@ -375,7 +493,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_s
     dk, dv = carry
     q_first = qb * block_q
     q_slice = pl.ds(q_first, block_q)
-    q, do = q_ref[q_slice, g, :], do_ref[q_slice, g, :]
+    rows = (q_slice, g, slice(None))
+    q, do = _load(q_ref, rows, cfg.head_dim), _load(do_ref, rows, cfg.value_dim)
     lse = None if lse_ref is None else lse_ref[g, q_slice]
     delta = None if delta_ref is None else delta_ref[g, q_slice]
     q_seg = None if q_seg_ref is None else q_seg_ref[q_slice]
@@ -388,8 +507,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_s
   dk = jnp.zeros(dk_ref.shape, jnp.float32)
   dv = jnp.zeros(dv_ref.shape, jnp.float32)
   dk, dv = _band_loop(band, body, (dk, dv), cfg, heads=groups)
-  dk_ref[...] = (dk * cfg.scale).astype(dk_ref.dtype)
-  dv_ref[...] = dv.astype(dv_ref.dtype)
+  _store(dk_ref, dk * cfg.scale, cfg.head_dim)
+  _store(dv_ref, dv, cfg.value_dim)
 
 
 def _backward(q, k, v, q_seg, kv_seg, lse, delta, do, *, cfg: _Config, blocks: BlockSizes,
@@ -397,10 +516,10 @@ def _backward(q, k, v, q_seg, kv_seg, lse, delta, do, *, cfg: _Config, blocks: B
   """(dq, dk, dv) of padded inputs from the base-2 `lse` and `delta = rowsum(dO ∘ O)`, both
   `[b, n, t]` (None for the sigmoid normalizer); gradients in `grad_dtype` (default: the
   inputs' dtypes)."""
-  batch, q_pad, num_heads, head_dim = q.shape
-  kv_pad, num_kv_heads, value_dim = k.shape[1], k.shape[2], v.shape[3]
+  batch, q_pad, num_heads, _ = q.shape
+  kv_pad, num_kv_heads = k.shape[1], k.shape[2]
+  head_dim, value_dim = padded_head_dim(cfg.head_dim), padded_head_dim(cfg.value_dim)
   groups = num_heads // num_kv_heads
-  params = compat.triton_compiler_params(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
 
   bq, bk = blocks.block_q_dq, blocks.block_kv_dq
   row = None if cfg.sigmoid else pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
@@ -418,7 +537,7 @@ def _backward(q, k, v, q_seg, kv_seg, lse, delta, do, *, cfg: _Config, blocks: B
       ],
       out_specs=pl.BlockSpec((None, bq, None, head_dim), lambda i, b, h: (b, i, h, 0)),
       out_shape=compat.pallas_out_struct(q.shape, grad_dtype or q.dtype, q, k, v, do),
-      compiler_params=params,
+      compiler_params=compiler_params("dq", blocks, head_dim, value_dim, q.dtype.itemsize),
       interpret=interpret,
       name="flash_attention_triton_dq",
   )(q, k, v, do, lse, delta, q_seg, kv_seg)
@@ -441,7 +560,7 @@ def _backward(q, k, v, q_seg, kv_seg, lse, delta, do, *, cfg: _Config, blocks: B
                  pl.BlockSpec((None, bk, None, value_dim), lambda j, b, h: (b, j, h, 0))],
       out_shape=[compat.pallas_out_struct(k.shape, grad_dtype or k.dtype, q, k, v, do),
                  compat.pallas_out_struct(v.shape, grad_dtype or v.dtype, q, k, v, do)],
-      compiler_params=params,
+      compiler_params=compiler_params("dkv", blocks, head_dim, value_dim, q.dtype.itemsize),
       interpret=interpret,
       name="flash_attention_triton_dkv",
   )(q, k, v, do, lse, delta, q_seg, kv_seg)
@@ -451,24 +570,27 @@ def _backward(q, k, v, q_seg, kv_seg, lse, delta, do, *, cfg: _Config, blocks: B
 # ---------------------------------------------------------------------------------------------
 # custom_vjp over padded arrays, and the public wrapper.
 # ---------------------------------------------------------------------------------------------
-def _delta(out, do):
-  """Δ = rowsum(dO ∘ O) `[b, n, t]` in float32: one fused elementwise-reduce pass."""
-  return jnp.einsum("btnd,btnd->bnt", out.astype(jnp.float32), do.astype(jnp.float32))
+def row_delta(out, do):
+  """Δ = rowsum(dO ∘ O) `[b, n, t]` in float32: an elementwise product and a sum (no
+  matmul, so no TF32 on GPU), fused by XLA into one pass."""
+  return jnp.swapaxes(jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1), 1, 2)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def _flash(q, k, v, q_seg, kv_seg, cfg, blocks, interpret):
-  return _forward(q, k, v, q_seg, kv_seg, cfg=cfg, blocks=blocks, interpret=interpret)[0]
+  """(output, base-2 lse or None): the lse is handed out as a residual, not differentiated."""
+  return _forward(q, k, v, q_seg, kv_seg, cfg=cfg, blocks=blocks, interpret=interpret)
 
 
 def _flash_fwd(q, k, v, q_seg, kv_seg, cfg, blocks, interpret):
   out, lse = _forward(q, k, v, q_seg, kv_seg, cfg=cfg, blocks=blocks, interpret=interpret)
-  return out, (q, k, v, q_seg, kv_seg, out, lse)
+  return (out, lse), (q, k, v, q_seg, kv_seg, out, lse)
 
 
-def _flash_bwd(cfg, blocks, interpret, res, do):
+def _flash_bwd(cfg, blocks, interpret, res, cotangents):
+  do, _ = cotangents
   q, k, v, q_seg, kv_seg, out, lse = res
-  delta = None if cfg.sigmoid else _delta(out, do)
+  delta = None if cfg.sigmoid else row_delta(out, do)
   dq, dk, dv = _backward(q, k, v, q_seg, kv_seg, lse, delta, do, cfg=cfg, blocks=blocks,
                          interpret=interpret)
   return dq, dk, dv, None, None
@@ -482,6 +604,22 @@ def _fit(block: int, length: int) -> int:
   return min(block, max(_MIN_BLOCK, pl.next_power_of_2(length)))
 
 
+def padded_head_dim(size: int) -> int:
+  """The width of the kernels' head-dim tiles: a power of two >= 16 (Triton's tile rule); the
+  columns past the array's head dim load as zeros (leaving QKᵀ unchanged) and are not stored."""
+  return max(_MIN_BLOCK, pl.next_power_of_2(size))
+
+
+def _natural_lse(lse2):
+  """Base-2 log-sum-exp (+inf: no visible key) -> natural log (-inf: no visible key)."""
+  return jnp.where(lse2 == jnp.inf, -jnp.inf, lse2 * math.log(2.0))
+
+
+def _pad_inputs(query, key, value, q_pad: int, kv_pad: int):
+  """Sequences padded with zeros to whole blocks (head dims are padded inside the kernels)."""
+  return _pad_to(query, q_pad, 1), _pad_to(key, kv_pad, 1), _pad_to(value, kv_pad, 1)
+
+
 def _pad_to(x: Any, length: int, axis: int):
   if x is None or x.shape[axis] == length:
     return x
@@ -490,7 +628,8 @@ def _pad_to(x: Any, length: int, axis: int):
   return jnp.pad(x, widths)
 
 
-def _setup(q_len, kv_len, *, scale, left, right, logits_soft_cap, sigmoid_bias, block_sizes):
+def _setup(q_len, kv_len, head_dim, value_dim, *, scale, left, right, logits_soft_cap,
+           sigmoid_bias, block_sizes):
   """Tiles fitted to the lengths, the padded lengths and the kernels' `_Config`."""
   blocks = BlockSizes(
       block_q=_fit(block_sizes.block_q, q_len), block_k=_fit(block_sizes.block_k, kv_len),
@@ -502,7 +641,8 @@ def _setup(q_len, kv_len, *, scale, left, right, logits_soft_cap, sigmoid_bias, 
   q_pad = pl.cdiv(q_len, m := max(blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq)) * m
   kv_pad = pl.cdiv(kv_len, m := max(blocks.block_k, blocks.block_kv_dkv, blocks.block_kv_dq)) * m
   cfg = _Config(q_len=q_len, kv_len=kv_len, scale=scale, left=left, right=right,
-                soft_cap=logits_soft_cap, sigmoid_bias=sigmoid_bias, kv_padded=kv_pad != kv_len)
+                soft_cap=logits_soft_cap, sigmoid_bias=sigmoid_bias, kv_padded=kv_pad != kv_len,
+                head_dim=head_dim, value_dim=value_dim)
   return blocks, q_pad, kv_pad, cfg
 
 
@@ -515,37 +655,45 @@ def _pad_segments(segments, q_pad: int, kv_pad: int):
 
 @functools.partial(jax.jit, static_argnames=(
     "is_causal", "scale", "window", "logits_soft_cap", "sigmoid_bias", "block_sizes",
-    "interpret"))
+    "interpret", "return_residuals"))
 def _flash_attention(query, key, value, segments, *, is_causal, scale, window, logits_soft_cap,
-                     sigmoid_bias, block_sizes, interpret):
+                     sigmoid_bias, block_sizes, interpret, return_residuals):
   q_len, kv_len = query.shape[1], key.shape[1]
   left, right = window if window is not None else (None, None)
   if is_causal:
     right = 0 if right is None else min(right, 0)
   blocks, q_pad, kv_pad, cfg = _setup(
-      q_len, kv_len, scale=scale, left=left, right=right, logits_soft_cap=logits_soft_cap,
+      q_len, kv_len, query.shape[3], value.shape[3], scale=scale, left=left, right=right, logits_soft_cap=logits_soft_cap,
       sigmoid_bias=sigmoid_bias, block_sizes=block_sizes)
   q_seg, kv_seg = _pad_segments(segments, q_pad, kv_pad)
-  out = _flash(_pad_to(query, q_pad, 1), _pad_to(key, kv_pad, 1), _pad_to(value, kv_pad, 1),
-               q_seg, kv_seg, cfg, blocks, interpret)
-  return out[:, :q_len]
+  out, lse2 = _flash(*_pad_inputs(query, key, value, q_pad, kv_pad), q_seg, kv_seg, cfg, blocks,
+                     interpret)
+  out = out[:, :q_len]
+  if not return_residuals:
+    return out
+  lse = jnp.swapaxes(_natural_lse(lse2[..., :q_len]), 1, 2)
+  return out, lax.stop_gradient(lse)
 
 
 def check_args(query, key, value, *, segment_ids, scale, local_window_size, logits_soft_cap,
-               normalizer, sigmoid_bias, block_sizes, head_dims=HEAD_DIMS):
+               normalizer, sigmoid_bias, block_sizes, max_head_dim=MAX_HEAD_DIM,
+               return_residuals=False):
   """Validates the arguments of a flash-attention call; returns them normalised.
 
   Returns `(dims, segments, scale, window, logits_soft_cap, sigmoid_bias, block_sizes)` with
   `segments` a `(q_ids, kv_ids)` pair or None, `window` a `(left, right)` pair or None and
-  `sigmoid_bias` a float for the sigmoid normalizer (None for softmax). `head_dims` lists the
-  supported head dims (None: any).
+  `sigmoid_bias` a float for the sigmoid normalizer (None for softmax). `max_head_dim` bounds
+  the head dims (None: any).
   """
   dims = common.check_qkv(query, key, value, same_head_dim=True)
   for name, size in (("head_dim", dims.head_dim), ("value head_dim", dims.value_dim)):
-    if head_dims is not None and size not in head_dims:
-      raise ValueError(f"flash attention supports {name} in {head_dims}, got {size}")
+    if max_head_dim is not None and not 1 <= size <= max_head_dim:
+      raise ValueError(f"flash attention supports {name} from 1 to {max_head_dim}, got {size}")
   if normalizer not in NORMALIZERS:
     raise ValueError(f"normalizer must be one of {NORMALIZERS}, got {normalizer!r}")
+  if return_residuals and normalizer != "softmax":
+    raise ValueError("return_residuals=True needs normalizer='softmax' (the sigmoid normalizer "
+                     "has no log-sum-exp)")
   if logits_soft_cap is not None:
     logits_soft_cap = float(logits_soft_cap)
     if not logits_soft_cap > 0:
@@ -555,7 +703,8 @@ def check_args(query, key, value, *, segment_ids, scale, local_window_size, logi
   elif sigmoid_bias is not None:
     raise ValueError("sigmoid_bias is only meaningful with normalizer='sigmoid'")
   if block_sizes is None:
-    block_sizes = BlockSizes.get_default(dims.head_dim)
+    block_sizes = BlockSizes.get_default(max(dims.head_dim, dims.value_dim),
+                                         query.dtype.itemsize)
   elif not isinstance(block_sizes, BlockSizes):
     raise TypeError(f"block_sizes must be a BlockSizes, got {type(block_sizes).__name__}")
   segments = common.normalize_segment_ids(segment_ids, dims)
@@ -566,21 +715,30 @@ def check_args(query, key, value, *, segment_ids, scale, local_window_size, logi
 
 def flash_attention_triton(query, key, value, *, segment_ids=None, is_causal=False, scale=None,
                            local_window_size=None, logits_soft_cap=None, normalizer="softmax",
-                           sigmoid_bias=None, block_sizes=None, interpret=False):
+                           sigmoid_bias=None, block_sizes=None, interpret=False,
+                           return_residuals=False):
   """Flash attention on GPU (Pallas, Triton lowering); the arguments of `flash_attention`.
 
   `[batch, seq, heads, head_dim]` in and out; differentiable (fused backward). `sigmoid_bias`
   is the constant b of `normalizer="sigmoid"` (a Python number; -log(kv_len) when None).
   `interpret=True` runs the kernels in the Pallas interpreter (any backend, CPU included).
+  `return_residuals=True` also returns the float32 natural-log log-sum-exp `[batch, q_len,
+  num_heads]` (-inf for a row with nothing to attend to; not differentiated). An empty query
+  gives an empty output, an empty key sequence zeros (nothing to attend to), without a kernel.
   """
-  _, segments, scale, window, cap, sigmoid_bias, block_sizes = check_args(
+  dims, segments, scale, window, cap, sigmoid_bias, block_sizes = check_args(
       query, key, value, segment_ids=segment_ids, scale=scale,
       local_window_size=local_window_size, logits_soft_cap=logits_soft_cap,
-      normalizer=normalizer, sigmoid_bias=sigmoid_bias, block_sizes=block_sizes)
+      normalizer=normalizer, sigmoid_bias=sigmoid_bias, block_sizes=block_sizes,
+      return_residuals=return_residuals)
+  if not dims.q_len or not dims.kv_len:
+    out = jnp.zeros((dims.batch, dims.q_len, dims.num_heads, dims.value_dim), query.dtype)
+    lse = jnp.full((dims.batch, dims.q_len, dims.num_heads), -jnp.inf, jnp.float32)
+    return (out, lse) if return_residuals else out
   return _flash_attention(
       query, key, value, segments, is_causal=bool(is_causal), scale=scale, window=window,
       logits_soft_cap=cap, sigmoid_bias=sigmoid_bias, block_sizes=block_sizes,
-      interpret=bool(interpret))
+      interpret=bool(interpret), return_residuals=bool(return_residuals))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -591,14 +749,12 @@ def flash_attention_triton(query, key, value, *, segment_ids=None, is_causal=Fal
 def _block_forward(query, key, value, segments, *, causal_offset, scale, block_sizes, interpret):
   q_len, kv_len = query.shape[1], key.shape[1]
   blocks, q_pad, kv_pad, cfg = _setup(
-      q_len, kv_len, scale=scale, left=None, right=causal_offset, logits_soft_cap=None,
+      q_len, kv_len, query.shape[3], value.shape[3], scale=scale, left=None, right=causal_offset, logits_soft_cap=None,
       sigmoid_bias=None, block_sizes=block_sizes)
   q_seg, kv_seg = _pad_segments(segments, q_pad, kv_pad)
-  out, lse2 = _forward(_pad_to(query, q_pad, 1), _pad_to(key, kv_pad, 1),
-                       _pad_to(value, kv_pad, 1), q_seg, kv_seg, cfg=cfg, blocks=blocks,
-                       interpret=interpret, out_dtype=jnp.float32)
-  lse = jnp.where(lse2 == jnp.inf, -jnp.inf, lse2 * math.log(2.0))
-  return out[:, :q_len], lse[..., :q_len]
+  out, lse2 = _forward(*_pad_inputs(query, key, value, q_pad, kv_pad), q_seg, kv_seg, cfg=cfg,
+                       blocks=blocks, interpret=interpret, out_dtype=jnp.float32)
+  return out[:, :q_len], _natural_lse(lse2[..., :q_len])
 
 
 @functools.partial(jax.jit, static_argnames=("causal_offset", "scale", "block_sizes",
@@ -607,17 +763,16 @@ def _block_backward(query, key, value, lse, delta, dout, segments, *, causal_off
                     block_sizes, interpret):
   q_len, kv_len = query.shape[1], key.shape[1]
   blocks, q_pad, kv_pad, cfg = _setup(
-      q_len, kv_len, scale=scale, left=None, right=causal_offset, logits_soft_cap=None,
+      q_len, kv_len, query.shape[3], value.shape[3], scale=scale, left=None, right=causal_offset, logits_soft_cap=None,
       sigmoid_bias=None, block_sizes=block_sizes)
   q_seg, kv_seg = _pad_segments(segments, q_pad, kv_pad)
   # Natural-log lse (-inf: no key) -> the kernels' base 2 (+inf: no key, so P = 0).
   lse2 = jnp.where(jnp.isfinite(lse), lse.astype(jnp.float32) * _LOG2E, jnp.inf)
   lse2 = jnp.pad(lse2, ((0, 0), (0, 0), (0, q_pad - q_len)), constant_values=jnp.inf)
   delta = _pad_to(delta.astype(jnp.float32), q_pad, 2)
-  dq, dk, dv = _backward(_pad_to(query, q_pad, 1), _pad_to(key, kv_pad, 1),
-                         _pad_to(value, kv_pad, 1), q_seg, kv_seg, lse2, delta,
-                         _pad_to(dout, q_pad, 1), cfg=cfg, blocks=blocks, interpret=interpret,
-                         grad_dtype=jnp.float32)
+  dq, dk, dv = _backward(*_pad_inputs(query, key, value, q_pad, kv_pad), q_seg, kv_seg, lse2,
+                         delta, _pad_to(dout, q_pad, 1), cfg=cfg, blocks=blocks,
+                         interpret=interpret, grad_dtype=jnp.float32)
   return dq[:, :q_len], dk[:, :kv_len], dv[:, :kv_len]
 
 
@@ -632,6 +787,16 @@ def check_causal_offset(causal_offset) -> int | None:
   return int(causal_offset)
 
 
+def _check_block_args(query, key, value, segment_ids, scale, block_sizes):
+  dims, segments, scale, _, _, _, block_sizes = check_args(
+      query, key, value, segment_ids=segment_ids, scale=scale, local_window_size=None,
+      logits_soft_cap=None, normalizer="softmax", sigmoid_bias=None, block_sizes=block_sizes)
+  if not dims.q_len or not dims.kv_len:
+    raise ValueError(f"a block needs non-empty query and key/value sequences, got "
+                     f"q_len={dims.q_len}, kv_len={dims.kv_len}")
+  return segments, scale, block_sizes
+
+
 def flash_block_forward_triton(query, key, value, *, causal_offset=None, segment_ids=None,
                                scale=None, block_sizes=None, interpret=False):
   """Block forward on GPU: float32 `out [b, t, n, dv]` normalised within the block and its
@@ -641,9 +806,8 @@ def flash_block_forward_triton(query, key, value, *, causal_offset=None, segment
   of key blocks each query block visits is shifted by c, as a causal mask with its diagonal
   moved.
   """
-  _, segments, scale, _, _, _, block_sizes = check_args(
-      query, key, value, segment_ids=segment_ids, scale=scale, local_window_size=None,
-      logits_soft_cap=None, normalizer="softmax", sigmoid_bias=None, block_sizes=block_sizes)
+  segments, scale, block_sizes = _check_block_args(query, key, value, segment_ids, scale,
+                                                   block_sizes)
   return _block_forward(query, key, value, segments,
                         causal_offset=check_causal_offset(causal_offset), scale=scale,
                         block_sizes=block_sizes, interpret=bool(interpret))
@@ -654,9 +818,8 @@ def flash_block_backward_triton(query, key, value, lse, delta, dout, *, causal_o
                                 interpret=False):
   """Block gradients on GPU from the *global* natural-log `lse` and `delta = rowsum(dO ∘ O)`
   (both `[b, n, t]`): float32 `(dq, dk, dv)` in the shapes of the inputs."""
-  _, segments, scale, _, _, _, block_sizes = check_args(
-      query, key, value, segment_ids=segment_ids, scale=scale, local_window_size=None,
-      logits_soft_cap=None, normalizer="softmax", sigmoid_bias=None, block_sizes=block_sizes)
+  segments, scale, block_sizes = _check_block_args(query, key, value, segment_ids, scale,
+                                                   block_sizes)
   return _block_backward(query, key, value, lse, delta, dout, segments,
                          causal_offset=check_causal_offset(causal_offset), scale=scale,
                          block_sizes=block_sizes, interpret=bool(interpret))

@@ -17,21 +17,23 @@ from pallas_kernels.flash_attention import gpu_triton
 def flash_attention_reference(query, key, value, *, segment_ids=None, is_causal=False,
                               scale=None, local_window_size=None, logits_soft_cap=None,
                               normalizer="softmax", sigmoid_bias=None, block_sizes=None,
-                              backend=None, interpret=False):
+                              backend=None, interpret=False, return_residuals=False):
   """softmax(S) V or σ(S + b) V with S = cap·tanh(scale·QKᵀ/cap), masked, in float32.
 
   Masked keys get zero weight; a query row with nothing to attend to returns zeros. K/V heads
   are shared by groups of query heads (GQA) through a grouped einsum, never repeated.
 
   Returns:
-    `[batch, q_len, num_heads, value_dim]` in the query's dtype.
+    `[batch, q_len, num_heads, value_dim]` in the query's dtype; with `return_residuals`,
+    `(out, lse)` with the float32 natural-log log-sum-exp `[batch, q_len, num_heads]` of the
+    visible logits (-inf for a row with nothing to attend to, not differentiated).
   """
   del backend, interpret
   dims, _, scale, window, cap, sigmoid_bias, _ = gpu_triton.check_args(
       query, key, value, segment_ids=segment_ids, scale=scale,
       local_window_size=local_window_size, logits_soft_cap=logits_soft_cap,
       normalizer=normalizer, sigmoid_bias=sigmoid_bias, block_sizes=block_sizes,
-      head_dims=None)
+      max_head_dim=None, return_residuals=return_residuals)
   mask = common.make_mask(dims, is_causal=is_causal, segment_ids=segment_ids,
                           local_window_size=window)
   mask = common.grouped(mask, dims)
@@ -44,4 +46,10 @@ def flash_attention_reference(query, key, value, *, segment_ids=None, is_causal=
       weights = jnp.where(mask, weights, 0.0)
   else:
     weights = common.masked_softmax(logits, mask)
-  return common.weighted_values(weights, value, dims).astype(query.dtype)
+  out = common.weighted_values(weights, value, dims).astype(query.dtype)
+  if not return_residuals:
+    return out
+  visible = logits if mask is None else jnp.where(mask, logits, -jnp.inf)
+  lse = jax.nn.logsumexp(visible, axis=-1)  # [b, k, g, t]
+  lse = lse.reshape(dims.batch, dims.num_heads, dims.q_len).transpose(0, 2, 1)
+  return out, jax.lax.stop_gradient(lse)
