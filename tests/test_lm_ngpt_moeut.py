@@ -269,6 +269,7 @@ def test_bad_options_raise(kwargs, match):
 
 
 # ---------------------------------------------------------------------- configs and main runs
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["lm_ngpt_bytes", "lm_moeut_bytes"])
 def test_tiny_config_trains_through_main(name, tmp_path):
   config = _config_module(name).get_config("runlocal,seq_len=32")
