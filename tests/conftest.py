@@ -1,4 +1,5 @@
-"""Test set-up: 8 simulated CPU devices (set before JAX is imported) and platform markers."""
+"""Test set-up: 8 simulated CPU devices (set before JAX is imported), platform markers, and the
+tests marked `slow` run first."""
 import os
 
 os.environ["XLA_FLAGS"] = " ".join(
@@ -17,3 +18,6 @@ def pytest_collection_modifyitems(config, items):
       item.add_marker(pytest.mark.skip(reason="needs a GPU"))
     if "tpu_only" in item.keywords and platform != "tpu":
       item.add_marker(pytest.mark.skip(reason="needs a TPU"))
+  # pytest-xdist hands tests out in this order: long ones started first leave no worker running a
+  # long test alone at the end of the run.
+  items.sort(key=lambda item: "slow" not in item.keywords)

@@ -177,6 +177,7 @@ def test_every_config_builds():
     _config_module("deit_digits").get_config("teacher=/t")
 
 
+@pytest.mark.slow
 def test_convnext_teacher_then_deit_through_main(tmp_path, caplog):
   # The two commands of configs/deit_digits.py: its ConvNeXt teacher as configured, then a
   # (shrunk) student distilled from it.

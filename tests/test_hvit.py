@@ -239,6 +239,7 @@ def test_bad_arguments():
     init(_tiny("rmt", num_heads=(8, 2, 4, 4)))
 
 
+@pytest.mark.slow
 def test_tiny_config_trains_through_main(tmp_path):
   config = _config_module("hvit_digits").get_config("family=davit,runlocal")
   config.model["depths"] = (2, 1, 1, 1)

@@ -353,6 +353,7 @@ def test_plots(tmp_path):
                                      str(tmp_path / "norms.png")))
 
 
+@pytest.mark.slow
 def test_cli_explains_a_checkpointed_run(tmp_path):
   workdir, out = str(tmp_path / "run"), str(tmp_path / "out")
   config = tiny_config(total_steps=4, ckpt_every=4, **{"model.depth": 2, "model.pool_type": "cls"})

@@ -246,6 +246,7 @@ def test_config_args_and_1b_size():
   assert 0.95e9 < lm.count_params(model) < 1.1e9
 
 
+@pytest.mark.slow
 def test_dry_run_of_the_long_context_config_compiles_sharded():
   config = _config_module("lm_1b_128k").get_config("variant=tiny,seq_len=4096")
   config.dry_run = True
@@ -254,6 +255,7 @@ def test_dry_run_of_the_long_context_config_compiles_sharded():
   assert out["memory"]["argument"] > 0
 
 
+@pytest.mark.slow
 def test_short_lm_bytes_run_lowers_heldout_bits_per_byte(tmp_path, capsys):
   config = _config_module("lm_bytes").get_config("runlocal,seq_shards=2,strategy=striped,"
                                                  "seq_len=64")

@@ -76,6 +76,17 @@ def _init(model, tokens):
                                                                tokens)["params"])))()
 
 
+@functools.cache
+def _moeut_params():
+  """`MOEUT`'s parameters, compiled and initialised once: any depth of it has the same
+  `layer_group_size` distinct layers, and no parameter depends on the sequence length."""
+  return _init(lm.Model(**MOEUT), _tokens())
+
+
+def _params(model, tokens):
+  return _moeut_params() if model.block == "moeut" else _init(model, tokens)
+
+
 def test_normalize_params_projects_matrices_and_keeps_scalings():
   """Scanned layers (a leading `layers` axis), tied embeddings, GQA (s_k)."""
   model = lm.Model(**dict(NGPT, scan_layers=True, tie_embeddings=True, num_kv_heads=2))
@@ -134,7 +145,7 @@ def test_ngpt_train_step_keeps_weights_and_hidden_states_unit_norm():
 def test_sequence_parallel_equals_single_device(kwargs, strategy):
   """Loss and gradients (nGPT; the loss only for MoEUT, to keep the test short)."""
   model = lm.Model(**kwargs)
-  params = _init(model, _tokens(t=16))
+  params = _params(model, _tokens(t=16))
   batch = _batch(t=16)
   loss_fn = lambda m, p: lm.loss_fn(m, p, batch, jax.random.key(0))  # pylint: disable=g-long-lambda
   sp_model = model.clone(mesh=mesh_lib.make_mesh([("data", 2), ("seq", 4)]),
@@ -154,7 +165,7 @@ def test_sequence_parallel_equals_single_device(kwargs, strategy):
                          ids=["ngpt", "moeut"])
 def test_generate_with_cache_equals_full_forward(kwargs):
   model = lm.Model(**kwargs)
-  params = _init(model, _tokens())
+  params = _params(model, _tokens())
   prompt = _tokens(2, 4, seed=3)
   tokens, logits = lm.generate(model, params, prompt, 5, temperature=0.0, return_logits=True)
   full = jax.jit(lambda t: model.apply({"params": params}, t))(tokens)
@@ -269,6 +280,7 @@ def test_bad_options_raise(kwargs, match):
 
 
 # ---------------------------------------------------------------------- configs and main runs
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["lm_ngpt_bytes", "lm_moeut_bytes"])
 def test_tiny_config_trains_through_main(name, tmp_path):
   config = _config_module(name).get_config("runlocal,seq_len=32")

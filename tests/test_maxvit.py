@@ -240,6 +240,7 @@ def test_every_config_builds():
     _config_module("maxvit_digits").get_config("attention=window")
 
 
+@pytest.mark.slow
 def test_tiny_config_trains_through_main(tmp_path):
   """configs/maxvit_digits.py shrunk to one stage on 8x8 digits, 10 steps on one device."""
   config = _config_module("maxvit_digits").get_config("runlocal")

@@ -39,6 +39,7 @@ def test_every_notebook_is_tested():
   assert sorted(f for f in os.listdir(NOTEBOOKS) if f.endswith(".ipynb")) == sorted(EXPECTED)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_notebook_runs_and_plots(name):
   notebook = _execute(name)

@@ -3,10 +3,12 @@ import pathlib
 import re
 
 import jax
+import pytest
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
+@pytest.mark.slow
 def test_readme_python_snippets_run():
   blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
   assert len(blocks) >= 4

@@ -18,6 +18,7 @@ def _rows(text):
   return [[c.strip() for c in l.strip("|").split("|")] for l in lines[1:]]
 
 
+@pytest.mark.slow
 def test_smoke_trains_and_writes_tables(repro, tmp_path):
   written = repro.main(["--smoke", "--which=cog,registers,striped",
                         f"--results_dir={tmp_path}"])
