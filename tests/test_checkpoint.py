@@ -16,7 +16,7 @@ import pytest
 from big_attn import main as main_lib
 from big_attn.train import checkpoint as ckpt_lib
 from big_attn.train import config_lib
-from tests.test_train import ROOT, losses, read_metrics, tiny_config
+from tests.test_train import ROOT, _read_events, losses, read_metrics, tiny_config
 
 STEPS = 8
 
@@ -144,20 +144,28 @@ def test_metrics_hold_each_step_once_after_dying_past_a_checkpoint(run, finished
   assert steps == list(range(1, STEPS + 1))
   resumed, expected = losses(run), losses(finished)
   np.testing.assert_array_equal([resumed[s] for s in steps], [expected[s] for s in steps])
+  # TensorBoard: the resumed run's file starts with SessionLog.START (status 1) at step 5,
+  # which makes TensorBoard drop the first run's events of steps 5.. .
+  logdir = os.path.join(run, "tensorboard")
+  starts = [e for name in os.listdir(logdir) for e in _read_events(os.path.join(logdir, name))
+            if e[1] == "session_log"]
+  assert starts == [(5, "session_log", 1)]
 
 
-def test_sigterm_during_restore_stops_cleanly_without_a_new_checkpoint(run, monkeypatch):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_during_restore_stops_cleanly_without_a_new_checkpoint(run, monkeypatch, signum):
   shutil.rmtree(os.path.join(run, "checkpoints", "8"))
   restore = ckpt_lib.Checkpointer.restore_latest
 
   def preempted_restore(self, *args):
-    os.kill(os.getpid(), signal.SIGTERM)  # main's handler only records it
+    os.kill(os.getpid(), signum)  # main's handler only records it
     return restore(self, *args)
 
   monkeypatch.setattr(ckpt_lib.Checkpointer, "restore_latest", preempted_restore)
   assert main_lib.train_and_evaluate(_config(), run) == {"step": 4, "preempted": True}
   assert _checkpoint_steps(run) == [4]
-  assert signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, signal.default_int_handler, None)
+  assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers put back
+  assert signal.getsignal(signal.SIGINT) == signal.default_int_handler
 
 
 def test_command_line_refusal_exits_non_zero_without_a_traceback(tmp_path):

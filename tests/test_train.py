@@ -105,7 +105,8 @@ def test_loss_falls_and_metrics_are_logged(reference):
 
 
 def _read_events(path):
-  """Scalars of a TensorBoard event file, parsed independently of the writer."""
+  """Scalars of a TensorBoard event file, parsed independently of the writer; a `SessionLog`
+  shows as `(step, "session_log", status)`."""
 
   def varint(buf, i):
     shift = value = 0
@@ -143,6 +144,8 @@ def _read_events(path):
         tensorboard.masked_crc32c(payload))
     i += 16 + length
     event = dict(fields(payload))
+    if 7 in event:
+      out.append((event[2], "session_log", dict(fields(event[7]))[1]))
     if 5 in event:
       for _, value in fields(event[5]):
         v = dict(fields(value))
