@@ -182,6 +182,8 @@ def prepare_workdir(config: Any, workdir: str) -> None:
   checkpoints = os.path.join(workdir, "checkpoints")
   has_run = os.path.isdir(checkpoints) and any(
       name.isdigit() or ".corrupt-" in name for name in os.listdir(checkpoints))
+  if jax.process_count() > 1:  # every process has looked before any of them changes a thing
+    multihost_utils.sync_global_devices("big_attn workdir inspected")
   stamp = time.strftime("%Y%m%d-%H%M%S")
   saved = os.path.join(workdir, config_lib.CONFIG_FILE)
   if has_run and config.resume_policy == "restart":
@@ -206,6 +208,8 @@ def prepare_workdir(config: Any, workdir: str) -> None:
           f"{', '.join(config_lib.RESUMABLE_KEYS)}). To start a new run, use another --workdir, "
           "or --config.resume_policy=restart to keep the old run aside and start at step 0; "
           "--config.resume_policy=accept_changes resumes the checkpoints with this config.")
+    if jax.process_count() > 1:  # every process has read the saved config before it moves
+      multihost_utils.sync_global_devices("big_attn config compared")
     if changes and jax.process_index() == 0:
       os.replace(saved, os.path.join(workdir, f"config.{stamp}.json"))
       logging.warning("resume_policy=accept_changes: resuming with changed %s (the previous "
