@@ -187,4 +187,4 @@ def test_every_config_builds():
 
 
 def test_tiny_config_trains_through_main(tmp_path):
-  run_tiny_config("cvt_digits", tmp_path, **dict(TWO_STAGES, dims=(16, 32)))
+  run_tiny_config("cvt_digits", tmp_path, steps=20, **dict(TWO_STAGES, dims=(16, 32)))
