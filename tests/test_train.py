@@ -294,6 +294,17 @@ def test_vit_2b_dry_run_reports_parameters_memory_and_flops(capsys):
   assert report["memory"]["argument"] < 3 * 4 * report["parameters"] / 8 * 1.3
 
 
+def test_warmup_longer_than_the_run_shrinks_to_a_tenth():
+  # vit_digits' 100 warmup steps in a 50-step run: warm up over 5 steps, then the cosine.
+  fn = optim.make_schedule(1.0, dict(warmup_steps=100, decay_type="cosine"), 50)
+  np.testing.assert_allclose([float(fn(s)) for s in (0, 1, 5, 50)],
+                             [0.0, 0.2, 1.0, 0.0], atol=1e-6)
+  # steps=1: no warmup, the one update (optimizer count 0) takes the full rate.
+  assert float(optim.make_schedule(1.0, dict(warmup_steps=100), 1)(0)) == 1.0
+  with pytest.raises(ValueError, match="warmup_steps must be >= 0"):
+    optim.make_schedule(1.0, dict(warmup_steps=-1), 50)
+
+
 def test_optimizers_and_weight_decay_mask():
   params = {"kernel": jnp.ones((3, 4)), "bias": jnp.ones((4,)), "scale": jnp.ones((3,))}
   assert optim.decay_mask(params) == {"kernel": True, "bias": False, "scale": False}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import optax
@@ -33,7 +34,8 @@ def make_schedule(lr: float, schedule: Mapping[str, Any] | None,
   cosine: `lr * (r + (1 - r) * (1 + cos(pi * t)) / 2)` with `t` the fraction of the post-warmup
   steps done and `r = end_lr_ratio` (default 0); rsqrt: `lr * sqrt(timescale / (timescale + s))`
   with `s` the steps after warmup (`timescale` defaults to `warmup_steps` or 1, big_vision's
-  form); constant: `lr`.
+  form); constant: `lr`. A warmup longer than the run shrinks to a tenth of it (logged), so a
+  short run of any config works.
   """
   schedule = dict(schedule or {})
   unknown = set(schedule) - _SCHEDULE_KEYS
@@ -45,9 +47,13 @@ def make_schedule(lr: float, schedule: Mapping[str, Any] | None,
   if decay_type not in DECAY_TYPES:
     raise ValueError(f"config.schedule.decay_type must be one of {DECAY_TYPES}, "
                      f"got {decay_type!r}")
-  if warmup < 0 or warmup > total_steps:
-    raise ValueError(f"config.schedule.warmup_steps must be in [0, total_steps={total_steps}], "
-                     f"got {warmup}")
+  if warmup < 0:
+    raise ValueError(f"config.schedule.warmup_steps must be >= 0, got {warmup}")
+  if warmup > total_steps:  # a short run of a config made for a long one (`steps=50`)
+    logging.warning("config.schedule.warmup_steps=%d is longer than total_steps=%d: warming up "
+                    "over the first tenth of the run (%d steps) instead", warmup, total_steps,
+                    total_steps // 10)
+    warmup = total_steps // 10
   end_ratio = float(schedule.get("end_lr_ratio", 0.0))
   timescale = float(schedule.get("timescale", max(warmup, 1)))
   decay_steps = max(total_steps - warmup, 1)
