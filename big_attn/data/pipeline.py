@@ -169,21 +169,18 @@ class _Mixup:
 
 
 class _Padded:
-  """An eval split padded to whole batches.
+  """An eval split padded to whole batches: the examples of `source` (`mask=True`), then copies
+  of its first (`mask=False`) up to `length`."""
 
-  Examples `indices` of `source` (`mask=True`), then copies of the first of them (`mask=False`)
-  up to `length`.
-  """
-
-  def __init__(self, source, indices: np.ndarray, length: int):
-    self._source, self._indices, self._length = source, indices, length
+  def __init__(self, source, length: int):
+    self._source, self._length = source, length
 
   def __len__(self) -> int:
     return self._length
 
   def __getitem__(self, index: int):
-    real = index < len(self._indices)
-    element = dict(self._source[int(self._indices[index if real else 0])])
+    real = index < len(self._source)
+    element = dict(self._source[index if real else 0])
     element["mask"] = real
     return element
 
@@ -245,7 +242,7 @@ def get_dataset(input_config: Any, *, split: str, batch_size: int, seed: int, tr
                             start_batch=start_batch, combine=combine)
 
   num_batches = math.ceil(len(source) / batch_size)
-  padded = _Padded(source, np.arange(len(source)), num_batches * batch_size)
+  padded = _Padded(source, num_batches * batch_size)
   stream = grain.MapDataset.source(padded).map(preprocess_fn)
   return batching.batches(stream, batch_size=batch_size, rows=rows, read=read,
                           num_batches=num_batches)
