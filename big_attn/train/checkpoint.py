@@ -111,10 +111,11 @@ class Checkpointer:
       if step not in finished:  # already removed by max_to_keep
         continue
       root = os.path.join(self.directory, str(step))
-      sums = {f: sha256(os.path.join(root, f)) for f in _files(root)[index::count]}
+      files = _files(root)
+      sums = {f: sha256(os.path.join(root, f)) for f in files[index::count]}
       path = os.path.join(self.checksum_dir, f"{step}.p{index}of{count}.json")
       with open(f"{path}.tmp", "w", encoding="utf-8") as f:
-        json.dump({"files": sums, "num_files": len(_files(root))}, f, indent=0)
+        json.dump({"files": sums, "num_files": len(files)}, f, indent=0)
       os.replace(f"{path}.tmp", path)
     self._unhashed = []
     self._drop_stale_checksums(finished)
