@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from big_attn.ops import common
-from big_attn.ops.registry import accepts, get, names, register
+from big_attn.ops.registry import accepts, get, has_causal_form, names, register
 from big_attn.ops.softmax import dot_product_attention
 
 # Importing a family module registers its ops.
@@ -118,4 +118,5 @@ def as_attention_fn(name: str, **mechanism_args) -> Callable:
   return attention_fn
 
 
-__all__ = ["accepts", "as_attention_fn", "dot_product_attention", "get", "names", "register"]
+__all__ = ["accepts", "as_attention_fn", "dot_product_attention", "get", "has_causal_form", "names",
+           "register"]

@@ -28,7 +28,7 @@ def _pooled_queries(query: Array, num_tokens: int) -> Array:
   return pooled.astype(query.dtype)
 
 
-@register("bottleneck")
+@register("bottleneck", causal=False)
 def bottleneck_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                          num_tokens=None, bottleneck_queries=None):
   """Bottleneck-token attention: proxy tokens of Qihoo-T2X (Wang et al., 2024, pyramid proxy

@@ -44,7 +44,7 @@ def _reduce(x, grid, size, kernel):
   return out.astype(x.dtype)
 
 
-@register("spatial_reduction")
+@register("spatial_reduction", causal=False)
 def spatial_reduction_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                                 grid=None, reduction=None, method="avg", sr_key_kernel=None,
                                 sr_value_kernel=None, implementation=None):
@@ -105,7 +105,7 @@ def spatial_reduction_attention(query, key, value, *, mask=None, is_causal=False
                                implementation=implementation)
 
 
-@register("channel_attention")
+@register("channel_attention", causal=False)
 def channel_attention(query, key, value, *, mask=None, is_causal=False, scale=None):
   """Channel group attention: DaViT, Dual Attention Vision Transformers (Ding et al., 2022).
 

@@ -6,17 +6,26 @@ import inspect
 from typing import Callable, Iterator
 
 _OPS: dict[str, Callable] = {}
+_WITHOUT_CAUSAL_FORM: set[str] = set()
 
 
-def register(name: str) -> Callable[[Callable], Callable]:
-  """Decorator registering an op under `name`; a second registration of a name raises."""
+def register(name: str, *, causal: bool = True) -> Callable[[Callable], Callable]:
+  """Decorator registering an op under `name`; a second registration of a name raises.
+
+  `causal=False` marks an op without a causal form (it raises `NotImplementedError` for
+  `is_causal=True`).
+  """
   if not isinstance(name, str) or not name:
     raise TypeError(f"op name must be a non-empty string, got {name!r}")
+  if not isinstance(causal, bool):
+    raise TypeError(f"register({name!r}): causal must be a bool, got {causal!r}")
 
   def decorator(fn: Callable) -> Callable:
     if name in _OPS:
       raise ValueError(f"attention op {name!r} is already registered ({_OPS[name].__module__})")
     _OPS[name] = fn
+    if not causal:
+      _WITHOUT_CAUSAL_FORM.add(name)
     return fn
 
   return decorator
@@ -28,6 +37,12 @@ def get(name: str) -> Callable:
     return _OPS[name]
   except KeyError:
     raise KeyError(f"unknown attention op {name!r}; known ops: {', '.join(names())}") from None
+
+
+def has_causal_form(name: str) -> bool:
+  """Whether op `name` takes `is_causal=True` (it was not registered with `causal=False`)."""
+  get(name)
+  return name not in _WITHOUT_CAUSAL_FORM
 
 
 def accepts(op: str | Callable, argument: str) -> bool:

@@ -44,7 +44,7 @@ def _routed_mask(full, tokens, gathered, dims):
   return windowed.grouped_group_mask(picked, dims)
 
 
-@register("bilevel_routing")
+@register("bilevel_routing", causal=False)
 def bilevel_routing_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                               grid=None, num_regions=None, topk=None):
   """Bi-level routing attention: BiFormer, Vision Transformer with Bi-Level Routing Attention
