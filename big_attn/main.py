@@ -1,11 +1,16 @@
 r"""Trains a model from a config; a run started again on the same workdir resumes.
 
+    python -m big_attn.main --list          # configs with their options, models, attention ops
     python -m big_attn.main --config=configs/vit_digits.py --workdir=/tmp/vit_digits
+    python -m big_attn.main --config=configs/vit_digits.py:runlocal --workdir=/tmp/smoke
     python -m big_attn.main --config=configs/vit_i1k.py:variant=S/16 --workdir=DIR \
         --config.lr=3e-3 --config.mesh="[('fsdp', -1)]"
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m big_attn.main \
         --config=configs/vit_2b.py --workdir=/tmp/vit_2b --config.dry_run=True
 
+`--config=configs/NAME.py:ARG` passes ARG (`option=value,...`; `runlocal` a smoke run of a few
+steps, `steps=N` the run's length) to the config's `get_config`; `--config.KEY=VALUE` then
+overrides any key, read as the type of its value (lists and tuples as Python literals).
 The run reads top to bottom: mesh, input, model, sharding, update step, checkpoint, evaluators,
 loop. The workdir receives the run's config (`config.json`, read back by `python -m
 big_attn.interpret`), `metrics.jsonl`, TensorBoard events (`tensorboard/`) and orbax checkpoints
@@ -16,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import re
 import signal
 import sys
 import threading
@@ -30,7 +36,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from big_attn import compat, data, evaluators, models
+from big_attn import catalog, compat, data, evaluators, models
 from big_attn.parallel import mesh as mesh_lib
 from big_attn.train import checkpoint as ckpt_lib
 from big_attn.train import config_lib
@@ -39,8 +45,35 @@ from big_attn.train import optim
 from big_attn.train import step as step_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Training configuration (configs/NAME.py[:ARG]).", lock_config=True)
+    "config", None, "Training configuration configs/NAME.py[:ARG] (see --list); "
+    "--config.KEY=VALUE overrides a key.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+_LIST = flags.DEFINE_bool(
+    "list", False, "List the configs with their options, the model families and the attention "
+    "ops, then exit.")
+
+
+class _LiteralOverride(flags.ArgumentParser):
+  """ml_collections' parser of `--config.KEY=VALUE` for keys whose value is a list or None, for
+  which it has none: `config_lib.read_override` (a Python literal; the string for None)."""
+
+  def __init__(self, example: Any):
+    self._example = example
+
+  def parse(self, argument):
+    if not isinstance(argument, str):  # the flag's default: the key's current value
+      return argument
+    return config_lib.read_override("KEY", argument, self._example)
+
+  def flag_type(self):
+    return "config_literal"
+
+
+for _example in ([], None):
+  config_flags.register_flag_parser_for_type(type(_example), _LiteralOverride(_example))
+
+_OVERRIDE = re.compile(r"-{1,2}(no)?config\.([^=]+)(?:=(.*))?", re.S)
+_HELP_FLAGS = ("-h", "-help", "--help", "-?", "--helpshort", "-helpshort")
 
 _MODEL_DTYPE_KEYS = ("dtype", "param_dtype")
 _EVAL_RESERVED = ("type", "every")
@@ -224,9 +257,10 @@ def check_config(config: Any) -> None:
   unknown = set(config.keys()) - known
   if unknown:
     raise ValueError(f"config has unknown keys {sorted(unknown)}; known keys: {sorted(known)}")
-  for key in ("total_steps", "log_every", "ckpt_every", "grad_accum_steps"):
-    if not isinstance(config[key], int) or config[key] < 1:
-      raise ValueError(f"config.{key} must be a positive int, got {config[key]!r}")
+  for key in ("total_steps", "log_every", "ckpt_every", "grad_accum_steps", "input.batch_size"):
+    value = functools.reduce(lambda c, k: c[k], key.split("."), config)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      raise ValueError(f"config.{key} must be a positive int, got {value!r}")
   for name, cfg in config.evals.items():
     if "type" not in cfg or "every" not in cfg:
       raise ValueError(f"config.evals.{name} needs `type` and `every`, got {sorted(cfg.keys())}")
@@ -453,24 +487,119 @@ def report_compiled(compiled: Any, num_params: int, num_devices: int,
   return {"parameters": num_params, "memory": mem, "flops": flops}
 
 
+def exit_with_error(program: str, error: Exception | str) -> None:
+  """Prints `PROGRAM: error` on stderr, without a traceback, and exits with status 1."""
+  print(f"{program}: {error}", file=sys.stderr)
+  sys.exit(1)
+
+
+def _config_spec(args: list[str]) -> str | None:
+  """The value of the last `--config` in `args` (absl's flags, before `--`)."""
+  spec = None
+  for i, arg in enumerate(args):
+    if arg == "--":
+      break
+    match = re.fullmatch(r"-{1,2}config(?:=(.*))?", arg, re.S)
+    if match:
+      spec = match.group(1) if match.group(1) is not None else next(iter(args[i + 1:i + 2]), None)
+  return spec
+
+
+def _is_bool(config: Any, key: str) -> bool:
+  try:
+    return isinstance(functools.reduce(lambda c, k: c[k], key.split("."), config), bool)
+  except (KeyError, TypeError, AttributeError):
+    return False
+
+
+def config_overrides(args: list[str], config: Any) -> list[tuple[str, str | None]]:
+  """`[(KEY, VALUE)]` of the `--config.KEY=VALUE` overrides in `args`, as absl reads them:
+  `--config.KEY VALUE` takes the next argument unless KEY is a bool; VALUE is None for a bare
+  `--config.KEY` or `--noconfig.KEY`."""
+  out, i = [], 0
+  while i < len(args) and args[i] != "--":
+    match = _OVERRIDE.fullmatch(args[i])
+    if match:
+      negated, key, value = match.groups()
+      if value is None and not negated and not _is_bool(config, key) and i + 1 < len(args):
+        i += 1
+        value = args[i]
+      out.append((key, value))
+    i += 1
+  return out
+
+
+def parse_flags(argv: list[str], *, program: str = "big_attn.main") -> list[str]:
+  """`app.run`'s flag parser: absl's, after checking that `--config` loads and that its
+  `--config.KEY=VALUE` overrides name existing keys with values of their type. An error is
+  printed as one paragraph `PROGRAM: message` (cause first, full key named) and the process
+  exits with status 1."""
+  try:
+    args = flags.FLAGS.read_flags_from_files(argv[1:], force_gnu=False)
+    spec = _config_spec(args)
+    if spec is not None:
+      config = config_lib.load_config_file(spec)
+      config_lib.check_overrides(config, config_overrides(args, config))
+    return flags.FLAGS(argv)
+  except (ValueError, flags.Error) as e:
+    exit_with_error(program, e)
+
+
+def usage() -> str:
+  """`--help`: this module's docstring, its flags and `--list`'s listing."""
+  own_flags = flags.FLAGS.module_help(__name__).strip().split("\n", 1)[1]  # without its title
+  return "\n\n".join([__doc__.strip(), "Flags:\n" + own_flags, catalog.format_listing(),
+                       "All flags: --helpfull."])
+
+
+def parse_main_flags(argv: list[str]) -> list[str]:
+  """`parse_flags`, with `--help` printing `usage()` (exit status 0)."""
+  if any(arg in _HELP_FLAGS for arg in argv[1:argv.index("--") if "--" in argv else None]):
+    print(usage())
+    sys.exit(0)
+  return parse_flags(argv)
+
+
+def check_workdir(workdir: str | None) -> None:
+  """Raises `ValueError` unless `workdir` is a writable directory or can be created as one."""
+  if not workdir:
+    raise ValueError("--workdir is required (except with --config.dry_run=True)")
+  target = workdir
+  if os.path.exists(workdir):
+    if not os.path.isdir(workdir):
+      raise ValueError(f"--workdir={workdir} exists and is not a directory")
+  else:
+    while not os.path.exists(target):
+      target = os.path.dirname(os.path.abspath(target))
+    if not os.path.isdir(target):
+      raise ValueError(f"--workdir={workdir} cannot be created: {target} is a file, not a "
+                       "directory")
+  if not os.access(target, os.W_OK | os.X_OK):
+    raise ValueError(f"--workdir={workdir} is not writable: no write permission on {target}")
+
+
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    exit_with_error("big_attn.main", f"unexpected arguments {argv[1:]}; flags are --NAME=VALUE "
+                    "(see --help)")
+  if _LIST.value:
+    print(catalog.format_listing())
+    return
+  config, workdir = _CONFIG.value, _WORKDIR.value
   try:
+    if config is None:
+      raise ValueError("--config=configs/NAME.py[:ARG] is required (the configs: --list)")
+    check_config(config)
+    if not config.dry_run:
+      check_workdir(workdir)
     initialize_distributed()
   except ValueError as e:
-    print(f"big_attn.main: {e}", file=sys.stderr)
-    sys.exit(1)
-  config = _CONFIG.value
-  if not config.dry_run and not _WORKDIR.value:
-    raise app.UsageError("--workdir is required (except with --config.dry_run=True)")
+    exit_with_error("big_attn.main", e)
   try:
-    train_and_evaluate(config, _WORKDIR.value)
+    train_and_evaluate(config, workdir)
   except (RunRefused, ckpt_lib.RestoreError) as e:
-    print(f"big_attn.main: {e}", file=sys.stderr)
-    sys.exit(1)
+    exit_with_error("big_attn.main", e)
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config"])
-  app.run(main)
+  app.run(main, flags_parser=parse_main_flags)

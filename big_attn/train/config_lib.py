@@ -1,10 +1,16 @@
-"""Helpers for the Python configs in `configs/`: typed `arg` strings, the shared defaults, and
-the copy of a run's config saved in its workdir."""
+"""Helpers for the Python configs in `configs/`: loading `configs/NAME.py[:ARG]`, typed `arg`
+strings, `--config.KEY=VALUE` overrides, the shared defaults, and the copy of a run's config
+saved in its workdir."""
 from __future__ import annotations
 
+import ast
+import contextlib
+import difflib
+import importlib.util
 import json
 import os
-from typing import Any
+import traceback
+from typing import Any, Callable, Iterator
 
 import ml_collections
 
@@ -26,12 +32,16 @@ def _convert(key: str, value: str, default: Any) -> Any:
   return value
 
 
+_SEEN_ARG_DEFAULTS: list[dict[str, Any]] = []  # what `parse_arg` got, while `arg_defaults` runs
+
+
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
   """`"variant=B/16,runlocal"` -> ConfigDict of `defaults` with those keys replaced.
 
   Values take the type of their default; a bare key sets a bool to True; an unknown key raises
   `ValueError` listing the known ones (as big_vision's `parse_arg`).
   """
+  _SEEN_ARG_DEFAULTS.append(dict(defaults))
   out = dict(defaults)
   for item in filter(None, (arg or "").split(",")):
     key, _, value = item.partition("=")
@@ -44,6 +54,143 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
       raise ValueError(f"config arg {key!r}: cannot read {value!r} as "
                        f"{type(defaults[key]).__name__} ({e})") from None
   return ml_collections.ConfigDict(out)
+
+
+def arg_defaults(get_config: Callable[..., Any]) -> dict[str, Any]:
+  """The options of a config's `arg` with their defaults: what `get_config()` passes to
+  `parse_arg` (empty for a config without options)."""
+  start = len(_SEEN_ARG_DEFAULTS)
+  try:
+    get_config()
+    return _SEEN_ARG_DEFAULTS[start] if len(_SEEN_ARG_DEFAULTS) > start else {}
+  finally:
+    del _SEEN_ARG_DEFAULTS[start:]
+
+
+def _failure_site(error: BaseException, path: str) -> str:
+  """` (FILE, line N)` of the innermost frame of `error` in file `path`, or ""."""
+  frames = [f for f in traceback.extract_tb(error.__traceback__)
+            if os.path.abspath(f.filename) == os.path.abspath(path)]
+  return f" ({path}, line {frames[-1].lineno})" if frames else ""
+
+
+def load_config_module(path: str) -> Any:
+  """The Python module of config file `path`; a `ValueError` with the cause otherwise."""
+  if not path.endswith(".py"):
+    raise ValueError(f"config file {path!r} must be a Python file configs/NAME.py (the configs: "
+                     "python -m big_attn.main --list)")
+  if not os.path.isfile(path):
+    raise ValueError(f"config file {path!r} not found (relative to the current directory "
+                     f"{os.getcwd()}; the configs: python -m big_attn.main --list)")
+  name = "big_attn_config_" + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise ValueError(f"config file {path} cannot be loaded: SyntaxError: {e.msg} ({path}, line "
+                     f"{e.lineno})") from None
+  except Exception as e:  # pylint: disable=broad-exception-caught  # reported with its cause
+    raise ValueError(f"config file {path} cannot be loaded: {type(e).__name__}: {e}"
+                     f"{_failure_site(e, path)}") from None
+  if not callable(getattr(module, "get_config", None)):
+    raise ValueError(f"config file {path} defines no get_config(arg=None)")
+  return module
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """`configs/NAME.py[:ARG]` -> `get_config(ARG)` of that file (unlocked), as ml_collections'
+  `DEFINE_config_file` loads it; a `ValueError` naming the file and the cause otherwise."""
+  path, colon, arg = spec.partition(":")
+  get_config = load_config_module(path).get_config
+  try:
+    config = get_config(arg) if colon else get_config()
+  except (ValueError, TypeError, KeyError) as e:
+    message = e.args[0] if isinstance(e, KeyError) and e.args else e
+    raise ValueError(f"--config={spec}: {message}") from None
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ValueError(f"--config={spec}: get_config returned {type(config).__name__}, not a "
+                     "ConfigDict")
+  return config
+
+
+def read_override(key: str, text: str | None, current: Any) -> Any:
+  """The value of `--config.KEY=TEXT` for a key whose value is now `current`.
+
+  `TEXT` is read as the type of `current`: bool (true/false/1/0, or None for the bare flags
+  `--config.KEY` and `--noconfig.KEY`), int, float, str; lists, tuples and dicts as Python literals
+  (`"[('fsdp', -1)]"`); a key that is None now takes a Python literal or else the string.
+  A `ValueError` naming `config.KEY`, its type and the text otherwise.
+  """
+  kind = ("a bool" if isinstance(current, bool) else
+          f"{'an' if type(current).__name__[0] in 'aeiou' else 'a'} {type(current).__name__}")
+  if isinstance(current, ml_collections.ConfigDict):
+    current, kind = current.to_dict(), "a dict"
+
+  def refuse(why: str = "") -> ValueError:
+    return ValueError(f"--config.{key}={text}: config.{key} is {kind} (now {current!r}), cannot "
+                      f"read {text!r} as one{why}")
+
+  if text is None:  # `--config.KEY` or `--noconfig.KEY`
+    if isinstance(current, bool):
+      return True
+    raise ValueError(f"--config.{key} without a value: config.{key} is {kind} (now "
+                     f"{current!r}), not a bool; pass --config.{key}=VALUE")
+  if isinstance(current, bool):
+    if text.lower() in ("true", "t", "1"):
+      return True
+    if text.lower() in ("false", "f", "0"):
+      return False
+    raise refuse(" (true or false)")
+  if isinstance(current, (int, float, str)):
+    try:
+      return type(current)(text)
+    except ValueError:
+      raise refuse() from None
+  try:
+    value = ast.literal_eval(text)
+  except (SyntaxError, ValueError):
+    if current is None:
+      return text
+    raise refuse(" (a Python literal)") from None
+  if current is None:
+    return value
+  if isinstance(current, (list, tuple)) and isinstance(value, (list, tuple)):
+    return type(current)(value)
+  if isinstance(current, dict) and isinstance(value, dict):
+    return value
+  raise refuse(f" (it is {'an' if type(value).__name__[0] in 'aeiou' else 'a'} "
+               f"{type(value).__name__})")
+
+
+def _keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  """Every key of `config` and of its nested ConfigDicts, as dotted paths."""
+  out = []
+  for key, value in config.items():
+    out.append(prefix + key)
+    if isinstance(value, ml_collections.ConfigDict):
+      out.extend(_keys(value, f"{prefix}{key}."))
+  return out
+
+
+def check_overrides(config: ml_collections.ConfigDict,
+                    overrides: list[tuple[str, str | None]]) -> None:
+  """Checks `--config.KEY=TEXT` overrides `[(KEY, TEXT)]` against `config` before they apply:
+  every KEY exists (else "did you mean" the closest keys) and TEXT reads as its type
+  (`read_override`). Raises `ValueError` naming the full key."""
+  for key, text in overrides:
+    holder, parts = config, key.split(".")
+    for depth, part in enumerate(parts):
+      parent = ".".join(["config", *parts[:depth]])
+      if not isinstance(holder, ml_collections.ConfigDict):
+        raise ValueError(f"--config.{key}: {parent} is {holder!r}, which has no keys")
+      if part not in holder:
+        close = difflib.get_close_matches(key, _keys(config), n=3, cutoff=0.6)
+        hint = (f"did you mean {' or '.join(f'config.{k}' for k in close)}?" if close else
+                f"{parent} has keys {', '.join(sorted(holder))}")
+        raise ValueError(f"--config.{key}: unknown config key config.{key}; {hint}")
+      holder = holder[part]
+    read_override(key, text, holder)
 
 
 def check_sequence_parallel_arg(arg: ml_collections.ConfigDict) -> None:
