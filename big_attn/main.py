@@ -258,7 +258,7 @@ def check_config(config: Any) -> None:
   if unknown:
     raise ValueError(f"config has unknown keys {sorted(unknown)}; known keys: {sorted(known)}")
   for key in ("total_steps", "log_every", "ckpt_every", "grad_accum_steps", "input.batch_size"):
-    value = functools.reduce(lambda c, k: c[k], key.split("."), config)
+    value = config_lib.lookup(config, key)
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
       raise ValueError(f"config.{key} must be a positive int, got {value!r}")
   for name, cfg in config.evals.items():
@@ -507,8 +507,8 @@ def _config_spec(args: list[str]) -> str | None:
 
 def _is_bool(config: Any, key: str) -> bool:
   try:
-    return isinstance(functools.reduce(lambda c, k: c[k], key.split("."), config), bool)
-  except (KeyError, TypeError, AttributeError):
+    return isinstance(config_lib.lookup(config, key), bool)
+  except KeyError:
     return False
 
 

@@ -12,11 +12,13 @@ The run's config is read from `WORKDIR/config.json` (saved by `big_attn.main`); 
   distances.png       mean attention distance of every head against depth;
   token_norms.png     histograms of the blocks' output token norms;
   summary.json        prediction, the numbers behind the figures and the high-norm tokens.
-Models are ViT-like (`Model.sizes()` gives `patch_size`; a class token when `pool_type` is
-"cls"/"tok"; `num_registers` register tokens at the end).
+Models are ViT-like image classifiers (`Model.sizes()` gives `patch_size`; a class token when
+`pool_type` is "cls"/"tok"; `num_registers` register tokens at the end); another run (a language
+model, a diffusion model) is refused with a message saying so.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Any
@@ -41,6 +43,22 @@ _OUT = flags.DEFINE_string("out", None, "Output directory (default WORKDIR/inter
 _TARGET = flags.DEFINE_integer("target", -1, "Class to explain; -1: the predicted class.")
 _FLOW_MAX_TOKENS = flags.DEFINE_integer(
     "flow_max_tokens", 16, "Attention flow (n² max-flows) only for at most this many tokens.")
+
+
+def _is_image_classifier(model_name: str) -> bool:
+  task = getattr(models.get(model_name), "TASK", step_lib.CLASSIFICATION)
+  return task.batch_spec is step_lib.CLASSIFICATION.batch_spec
+
+
+def check_supported(config: Any) -> None:
+  """Raises `ValueError` unless the run's model is an image classifier (its batches are
+  `step_lib.CLASSIFICATION`'s images and labels), naming the model families that are."""
+  if config.model_name not in models.names() or not _is_image_classifier(config.model_name):
+    classifiers = [name for name in models.names() if _is_image_classifier(name)]
+    raise ValueError(
+        f"the run trains model_name={config.model_name!r}, which big_attn.interpret does not "
+        "explain: it explains ViT-like image classifiers (Model.sizes() gives a patch_size), of "
+        f"the image-classification families {', '.join(classifiers)}")
 
 
 def load_run(config: Any, workdir: str) -> tuple[Any, Any, int, dict[str, Any]]:
@@ -87,9 +105,11 @@ def load_test_image(config: Any, index: int, num_test: int) -> dict[str, np.ndar
 
 def token_layout(model: Any, image_shape: tuple[int, ...]) -> dict[str, Any]:
   """Patch grid, patch size, class-token prefix and total token count of a ViT-like model."""
-  if not hasattr(model, "sizes"):
-    raise ValueError(f"{type(model).__module__}.Model has no sizes(): not a ViT-like model")
-  ph, pw = model.sizes()["patch_size"]
+  sizes = model.sizes() if hasattr(model, "sizes") else {}
+  if "patch_size" not in sizes:
+    raise ValueError(f"{type(model).__module__}.Model has no patch grid (sizes() gives no "
+                     "patch_size): big_attn.interpret explains ViT-like image classifiers")
+  ph, pw = sizes["patch_size"]
   grid = (image_shape[0] // ph, image_shape[1] // pw)
   num_prefix = int(getattr(model, "pool_type", "gap") in ("cls", "tok"))
   num_tokens = num_prefix + grid[0] * grid[1] + getattr(model, "num_registers", 0)
@@ -105,6 +125,7 @@ def explain(config: Any, workdir: str, image_index: int, out_dir: str | None = N
   """
   if config is None:
     config = config_lib.load_config(workdir)
+  check_supported(config)
   model, params, step, info = load_run(config, workdir)
   example = load_test_image(config, image_index, info["num_examples"]["test"])
   out_dir = out_dir or os.path.join(workdir, "interpret", f"image_{image_index}")
@@ -170,15 +191,19 @@ def explain(config: Any, workdir: str, image_index: int, out_dir: str | None = N
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    main_lib.exit_with_error("big_attn.interpret", f"unexpected arguments {argv[1:]}")
   # pylint: disable-next=protected-access
   config, workdir = main_lib._CONFIG.value, main_lib._WORKDIR.value
-  summary = explain(config, workdir, _IMAGE.value, _OUT.value, target=_TARGET.value,
-                    flow_max_tokens=_FLOW_MAX_TOKENS.value)
+  try:
+    summary = explain(config, workdir, _IMAGE.value, _OUT.value, target=_TARGET.value,
+                      flow_max_tokens=_FLOW_MAX_TOKENS.value)
+  except (ValueError, FileNotFoundError) as e:
+    main_lib.exit_with_error("big_attn.interpret", e)
   print(f"step {summary['step']}: image {summary['image']} label {summary['label']} "
         f"predicted {summary['prediction']}; figures in {summary['out']}")
 
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["workdir", "image"])
-  app.run(main)
+  app.run(main, flags_parser=functools.partial(main_lib.parse_flags,
+                                               program="big_attn.interpret"))

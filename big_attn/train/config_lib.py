@@ -163,6 +163,16 @@ def read_override(key: str, text: str | None, current: Any) -> Any:
                f"{type(value).__name__})")
 
 
+def lookup(config: ml_collections.ConfigDict, key: str) -> Any:
+  """The value of dotted `key` ("input.batch_size") in `config`; `KeyError` if absent."""
+  value = config
+  for part in key.split("."):
+    if not isinstance(value, (ml_collections.ConfigDict, dict)):
+      raise KeyError(key)
+    value = value[part]
+  return value
+
+
 def _keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
   """Every key of `config` and of its nested ConfigDicts, as dotted paths."""
   out = []
