@@ -111,7 +111,7 @@ def test_resumed_and_split_batches_and_padded_eval(tmp_path):
 
 
 def test_input_config_errors(tmp_path):
-  with pytest.raises(ValueError, match="unknown input keys"):
+  with pytest.raises(ValueError, match="unknown config.input keys"):
     data.dataset_info(dict(name="bytes", seq_len=8, image_size=32))
   with pytest.raises(ValueError, match="seq_len must be an int >= 2"):
     data.dataset_info(dict(name="bytes", seq_len=1))

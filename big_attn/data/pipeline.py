@@ -69,20 +69,21 @@ class _Spec:
   def parse(cls, cfg: Any) -> _Spec:
     name = _get(cfg, "name", "digits")
     if not isinstance(name, str) or not (name == "digits" or name.startswith("tfds:")):
-      raise ValueError(f"input name must be 'digits' or 'tfds:NAME' (e.g. 'tfds:cifar10'), got "
-                       f"{name!r}")
+      raise ValueError("config.input.name must be 'digits' or 'tfds:NAME' (e.g. 'tfds:cifar10'), "
+                       f"got {name!r}")
     defaults = dict(_DEFAULTS.get(name, _GENERIC))
     augment = _get(cfg, "augment", {})
     unknown = sorted(set(augment.keys()) - set(_AUGMENT_KEYS))
     if unknown:
-      raise ValueError(f"unknown input.augment keys {unknown}; expected some of {_AUGMENT_KEYS}")
+      raise ValueError(f"unknown config.input.augment keys {unknown}; expected some of "
+                       f"{_AUGMENT_KEYS}")
     image_size = _get(cfg, "image_size", defaults.get("image_size"))
     if not isinstance(image_size, int) or image_size <= 0:
-      raise ValueError(f"input.image_size must be a positive int, got {image_size!r}"
+      raise ValueError(f"config.input.image_size must be a positive int, got {image_size!r}"
                        + (" (no default for this data set)" if image_size is None else ""))
     channels = _get(cfg, "channels")
     if channels not in (None, 1, 3):
-      raise ValueError(f"input.channels must be 1 or 3, got {channels!r}")
+      raise ValueError(f"config.input.channels must be 1 or 3, got {channels!r}")
     spec = cls(
         name=name, data_dir=_get(cfg, "data_dir"), image_size=image_size, channels=channels,
         crop_padding=_get(augment, "crop_padding", defaults["crop_padding"]),
@@ -94,15 +95,15 @@ class _Spec:
         test_split=_get(cfg, "test_split", defaults.get("test_split", "test")),
         num_threads=_get(cfg, "num_threads", 4), prefetch=_get(cfg, "prefetch", 8))
     if not isinstance(spec.crop_padding, int) or spec.crop_padding < 0:
-      raise ValueError(f"input.augment.crop_padding must be an int >= 0, got "
+      raise ValueError(f"config.input.augment.crop_padding must be an int >= 0, got "
                        f"{spec.crop_padding!r}")
     if not 0.0 < spec.area_min <= 1.0:
-      raise ValueError(f"input.augment.area_min must be in (0, 1], got {spec.area_min}")
+      raise ValueError(f"config.input.augment.area_min must be in (0, 1], got {spec.area_min}")
     if spec.mixup < 0:
-      raise ValueError(f"input.mixup must be >= 0 (0 = off), got {spec.mixup}")
+      raise ValueError(f"config.input.mixup must be >= 0 (0 = off), got {spec.mixup}")
     for key in ("num_threads", "prefetch"):
       if not isinstance(getattr(spec, key), int) or getattr(spec, key) < 1:
-        raise ValueError(f"input.{key} must be a positive int, got {getattr(spec, key)!r}")
+        raise ValueError(f"config.input.{key} must be a positive int, got {getattr(spec, key)!r}")
     return spec
 
   @property

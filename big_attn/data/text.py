@@ -60,7 +60,7 @@ class _Spec:
   def parse(cls, cfg: Any) -> _Spec:
     unknown = sorted(set(cfg.keys()) - set(_KEYS))
     if unknown:
-      raise ValueError(f"unknown input keys {unknown} for name={NAME!r}; known: {_KEYS}")
+      raise ValueError(f"unknown config.input keys {unknown} for name={NAME!r}; known: {_KEYS}")
 
     def get(key, default):
       return default if cfg.get(key) is None else cfg.get(key)
@@ -69,18 +69,18 @@ class _Spec:
                heldout=float(get("heldout", 0.05)), max_files=cfg.get("max_files"),
                num_threads=get("num_threads", 4), prefetch=get("prefetch", 8))
     if not isinstance(spec.seq_len, int) or spec.seq_len < 2:
-      raise ValueError(f"input.seq_len must be an int >= 2, got {spec.seq_len!r}")
+      raise ValueError(f"config.input.seq_len must be an int >= 2, got {spec.seq_len!r}")
     if not 0.0 < spec.heldout < 1.0:
-      raise ValueError(f"input.heldout must be in (0, 1), got {spec.heldout}")
+      raise ValueError(f"config.input.heldout must be in (0, 1), got {spec.heldout}")
     if spec.max_files is not None and (not isinstance(spec.max_files, int)
                                        or spec.max_files < 1):
-      raise ValueError(f"input.max_files must be None or a positive int, got "
+      raise ValueError(f"config.input.max_files must be None or a positive int, got "
                        f"{spec.max_files!r}")
     if not os.path.isdir(spec.root):
-      raise FileNotFoundError(f"input.root {spec.root!r} is not a directory")
+      raise FileNotFoundError(f"config.input.root {spec.root!r} is not a directory")
     for key in ("num_threads", "prefetch"):
       if not isinstance(getattr(spec, key), int) or getattr(spec, key) < 1:
-        raise ValueError(f"input.{key} must be a positive int, got {getattr(spec, key)!r}")
+        raise ValueError(f"config.input.{key} must be a positive int, got {getattr(spec, key)!r}")
     return spec
 
 
