@@ -58,6 +58,11 @@ def _entry(name: str, text: str, indent: int) -> str:
   return "\n".join([f"{name:<{indent - 1}} {lines[0]}".rstrip()] + [pad + l for l in lines[1:]])
 
 
+def _short(value: Any, limit: int = 30) -> str:
+  text = repr(value)
+  return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def format_ops() -> str:
   """The op table: name, causal form, learned parameters and summary."""
   rows = op_rows()
@@ -83,6 +88,10 @@ def format_listing() -> str:
     out.append(_entry("  " + r["path"], r["summary"], width))
     args = ", ".join(f"{k}={v!r}" for k, v in r["args"].items()) or "(no options)"
     out.extend(" " * width + l for l in textwrap.wrap(args, _WIDTH - width))
+  out.append("\nKeys of every config (base_config's values; each config sets its own):")
+  keys = [f"{key}={_short(value)}" for key, value in config_lib.flat_items(
+      config_lib.base_config())]
+  out.extend("  " + line for line in textwrap.wrap(", ".join(keys), _WIDTH - 2))
   out.append("\nModels (config.model_name):")
   width = max(len(n) for n in models.names()) + 5
   out.extend(_entry("  " + r["name"], r["summary"], width) for r in model_rows())

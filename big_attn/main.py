@@ -26,7 +26,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 from absl import app, flags, logging
 import flax.linen as nn
@@ -63,7 +63,11 @@ class _LiteralOverride(flags.ArgumentParser):
   def parse(self, argument):
     if not isinstance(argument, str):  # the flag's default: the key's current value
       return argument
-    return config_lib.read_override("KEY", argument, self._example)
+    try:
+      return config_lib.read_override("KEY", argument, self._example)
+    except ValueError:  # absl names the flag; only a list can be refused
+      raise ValueError(f"expected a Python list such as \"[('fsdp', -1)]\", got {argument!r}"
+                       ) from None
 
   def flag_type(self):
     return "config_literal"
@@ -487,7 +491,7 @@ def report_compiled(compiled: Any, num_params: int, num_devices: int,
   return {"parameters": num_params, "memory": mem, "flops": flops}
 
 
-def exit_with_error(program: str, error: Exception | str) -> None:
+def exit_with_error(program: str, error: Exception | str) -> NoReturn:
   """Prints `PROGRAM: error` on stderr, without a traceback, and exits with status 1."""
   print(f"{program}: {error}", file=sys.stderr)
   sys.exit(1)

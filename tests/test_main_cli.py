@@ -126,6 +126,9 @@ def test_help_lists_flags_configs_models_and_ops(capsys):
     assert f"configs/{os.path.basename(path)} " in out
     assert catalog.summary(module.__doc__)[:40] in " ".join(out.split())
   assert "attention='softmax', steps=1500, runlocal=False" in out  # vit_digits' options
+  for key in ("total_steps=1000", "schedule.warmup_steps=0", "input.batch_size=128",
+              "mesh=[('data', -1)]"):  # the keys every config has, with base_config's values
+    assert key in out
   for name in models.names() + ops.names():
     assert f"  {name} " in out
   rows = {r["name"]: r for r in catalog.op_rows()}

@@ -4,13 +4,12 @@ saved in its workdir."""
 from __future__ import annotations
 
 import ast
-import contextlib
 import difflib
 import importlib.util
 import json
 import os
 import traceback
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import ml_collections
 
@@ -171,6 +170,19 @@ def lookup(config: ml_collections.ConfigDict, key: str) -> Any:
       raise KeyError(key)
     value = value[part]
   return value
+
+
+def flat_items(config: ml_collections.ConfigDict, prefix: str = "") -> list[tuple[str, Any]]:
+  """`[(dotted key, value)]` of the leaves of `config` (a nested ConfigDict is not a leaf,
+  unless empty)."""
+  out = []
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict) and value:
+      out.extend(flat_items(value, f"{prefix}{key}."))
+    else:
+      out.append((prefix + key, value.to_dict() if isinstance(
+          value, ml_collections.ConfigDict) else value))
+  return out
 
 
 def _keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
