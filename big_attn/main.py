@@ -582,6 +582,13 @@ def check_workdir(workdir: str | None) -> None:
     raise ValueError(f"--workdir={workdir} is not writable: no write permission on {target}")
 
 
+def check_mesh(config: Any) -> None:
+  """Raises `ValueError` unless `config.mesh` fits the devices and `config.sharding_rules` map
+  to its axes (what the run checks when it builds the mesh, before anything is compiled)."""
+  mesh_lib.mesh_shape(config.mesh, jax.device_count(), allow_subset=config.mesh_subset)
+  mesh_lib.check_rules(config.sharding_rules)
+
+
 def main(argv):
   if len(argv) > 1:
     exit_with_error("big_attn.main", f"unexpected arguments {argv[1:]}; flags are --NAME=VALUE "
@@ -597,6 +604,7 @@ def main(argv):
     if not config.dry_run:
       check_workdir(workdir)
     initialize_distributed()
+    check_mesh(config)
   except ValueError as e:
     exit_with_error("big_attn.main", e)
   try:

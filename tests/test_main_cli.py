@@ -73,7 +73,7 @@ def test_config_file_errors_give_the_cause_first(capsys, tmp_path):
   assert "defines no get_config" in _exit_message(capsys, f"--config={broken}")
 
 
-def test_workdir_and_config_values_are_checked_before_the_run(tmp_path):
+def test_workdir_and_config_values_are_checked_before_the_run(tmp_path, monkeypatch):
   a_file = tmp_path / "file"
   a_file.write_text("")
   with pytest.raises(ValueError, match="exists and is not a directory"):
@@ -84,10 +84,19 @@ def test_workdir_and_config_values_are_checked_before_the_run(tmp_path):
     main_lib.check_workdir(None)
   main_lib.check_workdir(str(tmp_path / "new" / "run"))  # creatable: fine, nothing created
   assert sorted(os.listdir(tmp_path)) == ["file"]
+  monkeypatch.setattr(os, "access", lambda path, mode: False)
+  with pytest.raises(ValueError, match=f"is not writable: no write permission on {tmp_path}"):
+    main_lib.check_workdir(str(tmp_path / "new"))
   config = config_lib.load_config_file(f"{VIT_DIGITS}:runlocal")
   config.input.batch_size = 0
   with pytest.raises(ValueError, match="config.input.batch_size must be a positive int, got 0"):
     main_lib.check_config(config)
+  config = config_lib.load_config_file(VIT_DIGITS)
+  config.mesh = [("fsdp", 16)]
+  with pytest.raises(ValueError, match=r"config.mesh \[\('fsdp', 16\)\] needs 16 devices"):
+    main_lib.check_mesh(config)
+  config.mesh = [("fsdp", -1)]
+  main_lib.check_mesh(config)
 
 
 def test_list_tuple_and_none_keys_are_overridable():
