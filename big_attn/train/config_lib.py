@@ -113,18 +113,23 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
   return config
 
 
+def _a_type(value: Any) -> str:
+  """"an int", "a list", ...: the type of `value` with its article."""
+  name = type(value).__name__
+  return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
 def read_override(key: str, text: str | None, current: Any) -> Any:
   """The value of `--config.KEY=TEXT` for a key whose value is now `current`.
 
   `TEXT` is read as the type of `current`: bool (true/false/1/0, or None for the bare flags
-  `--config.KEY` and `--noconfig.KEY`), int, float, str; lists, tuples and dicts as Python literals
-  (`"[('fsdp', -1)]"`); a key that is None now takes a Python literal or else the string.
+  `--config.KEY` and `--noconfig.KEY`), int, float, str; lists, tuples and dicts as Python
+  literals (`"[('fsdp', -1)]"`); a key that is None now takes a Python literal, else the string.
   A `ValueError` naming `config.KEY`, its type and the text otherwise.
   """
-  kind = ("a bool" if isinstance(current, bool) else
-          f"{'an' if type(current).__name__[0] in 'aeiou' else 'a'} {type(current).__name__}")
   if isinstance(current, ml_collections.ConfigDict):
-    current, kind = current.to_dict(), "a dict"
+    current = current.to_dict()
+  kind = _a_type(current)
 
   def refuse(why: str = "") -> ValueError:
     return ValueError(f"--config.{key}={text}: config.{key} is {kind} (now {current!r}), cannot "
@@ -158,8 +163,7 @@ def read_override(key: str, text: str | None, current: Any) -> Any:
     return type(current)(value)
   if isinstance(current, dict) and isinstance(value, dict):
     return value
-  raise refuse(f" (it is {'an' if type(value).__name__[0] in 'aeiou' else 'a'} "
-               f"{type(value).__name__})")
+  raise refuse(f" (it is {_a_type(value)})")
 
 
 def lookup(config: ml_collections.ConfigDict, key: str) -> Any:
