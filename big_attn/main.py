@@ -544,6 +544,9 @@ def parse_flags(argv: list[str], *, program: str = "big_attn.main") -> list[str]
     if spec is not None:
       config = config_lib.load_config_file(spec)
       config_lib.check_overrides(config, config_overrides(args, config))
+    elif config_overrides(args, None):
+      raise ValueError("--config.KEY=VALUE overrides a key of --config=configs/NAME.py[:ARG], "
+                       "which is missing (the configs: --list)")
     return flags.FLAGS(argv)
   except (ValueError, flags.Error) as e:
     exit_with_error(program, e)

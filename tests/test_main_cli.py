@@ -62,6 +62,7 @@ def test_config_file_errors_give_the_cause_first(capsys, tmp_path):
           in _exit_message(capsys, f"--config={VIT_DIGITS}:badarg=1"))
   assert ("config arg 'steps': cannot read 'many' as int"
           in _exit_message(capsys, "--config", f"{VIT_DIGITS}:steps=many"))
+  assert "which is missing" in _exit_message(capsys, "--config.lr=0.1")
   broken = tmp_path / "broken.py"
   broken.write_text("import os\nimport big_attn_no_such_module\n")
   assert (f"config file {broken} cannot be loaded: ModuleNotFoundError: No module named "
