@@ -75,7 +75,8 @@ def plot_attention_maps(image: Any, maps: dict[str, Any], grid: tuple[int, int],
         ax.axis("off")
         continue
       _overlay(fig, ax, image, rows[h, patches].reshape(gh, gw), f"{name} h{h}")
-  reader = f"token {query}" if query is not None else "the patches (mean)"
+  reader = ("the patches (mean)" if query is None
+            else "the class token" if query < num_prefix else f"token {query}")
   fig.suptitle("\n".join(filter(None, [title, f"attention of {reader} to each patch"])),
                fontsize=8)
   return _save(fig, path)
@@ -137,6 +138,10 @@ def plot_token_norms(norms: dict[str, Any], path: str, *, labels: Sequence[str] 
   `norms`: `{block: [..., n]}`, averaged over any leading (batch) axes; `labels`: the n token
   names (`token_labels`); `high_norm`: `{block: bool [n]}` tokens drawn in red.
   """
+  count = np.asarray(next(iter(norms.values()))).shape[-1]
+  labels = list(labels) if labels is not None else [str(i) for i in range(count)]
+  if len(labels) != count:
+    raise ValueError(f"labels must name the {count} tokens, got {len(labels)}")
   fig = Figure(figsize=(5.5, 1.3 * len(norms) + 0.7), layout="constrained")
   axes = fig.subplots(len(norms), 1, squeeze=False, sharex=True)
   for ax, (name, n) in zip(axes[:, 0], norms.items()):
@@ -148,10 +153,6 @@ def plot_token_norms(norms: dict[str, Any], path: str, *, labels: Sequence[str] 
     ax.set_title(name + (" (red: high-norm)" if flagged.any() else ""), fontsize=7)
     ax.set_ylabel("L2 norm", fontsize=7)
     ax.tick_params(labelsize=6)
-  count = np.asarray(next(iter(norms.values()))).shape[-1]
-  labels = list(labels) if labels is not None else [str(i) for i in range(count)]
-  if len(labels) != count:
-    raise ValueError(f"labels must name the {count} tokens, got {len(labels)}")
   ticks = np.arange(0, count, max(1, count // 32))
   axes[-1, 0].set_xticks(ticks, [labels[i] for i in ticks], rotation=90 if count > 24 else 0,
                          fontsize=6)
