@@ -49,6 +49,7 @@ def test_every_python_snippet_has_expectations():
   assert sorted(sections) == sorted(EXPECTED)  # one snippet a section: the test ids stay unique
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("section", sorted(EXPECTED))
 def test_python_snippet_runs_alone(section, monkeypatch):
   (code,) = [code for s, code in _blocks("python") if s == section]
