@@ -109,6 +109,7 @@ def _load_config(args: list[str]):
   return flag_values.config
 
 
+@pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")  # ml_collections'
 def test_shell_commands_name_what_exists():
   commands = _commands()
   checked = 0
