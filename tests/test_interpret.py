@@ -387,6 +387,8 @@ def test_plots_show_scales_heads_tokens_and_titles(tmp_path, monkeypatch):
   assert bars.get_yscale() == "linear" and bars.get_ylabel() == "L2 norm"
   assert [p.get_height() for p in bars.patches] == [1.0, 1.0, 9.0, 1.0, 1.0, 1.0]
   assert bars.patches[2].get_facecolor() != bars.patches[0].get_facecolor()  # high-norm token
+  with pytest.warns(DeprecationWarning, match="bins"):
+    plots.plot_token_norms(norms, str(tmp_path / "norms.png"), bins=30)
   with pytest.raises(ValueError, match="labels must name the 6 tokens"):
     plots.plot_token_norms(norms, str(tmp_path / "x.png"), labels=labels[:5])
   with pytest.raises(ValueError, match="num_tokens 2"):

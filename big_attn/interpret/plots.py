@@ -7,6 +7,7 @@ import collections
 import csv
 import json
 import os
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -131,13 +132,18 @@ def token_labels(num_tokens: int, *, num_prefix: int = 0, num_registers: int = 0
 
 
 def plot_token_norms(norms: dict[str, Any], path: str, *, labels: Sequence[str] | None = None,
-                     high_norm: dict[str, Any] | None = None, title: str = "") -> str:
+                     high_norm: dict[str, Any] | None = None, title: str = "",
+                     bins: int | None = None) -> str:
   """The L2 norm of every output token of each block, one bar per token (Vision Transformers
   Need Registers: high-norm artefact tokens stand out).
 
   `norms`: `{block: [..., n]}`, averaged over any leading (batch) axes; `labels`: the n token
-  names (`token_labels`); `high_norm`: `{block: bool [n]}` tokens drawn in red.
+  names (`token_labels`); `high_norm`: `{block: bool [n]}` tokens drawn in red. `bins` is
+  deprecated and ignored (the figure was a histogram).
   """
+  if bins is not None:
+    warnings.warn("plot_token_norms(bins=...) is ignored: token norms are drawn one bar per "
+                  "token, not as a histogram", DeprecationWarning, stacklevel=2)
   count = np.asarray(next(iter(norms.values()))).shape[-1]
   labels = list(labels) if labels is not None else [str(i) for i in range(count)]
   if len(labels) != count:
