@@ -1,6 +1,16 @@
 """big_attn: attention mechanisms of the research literature, at scale, in JAX."""
 from setuptools import find_packages, setup
 
+EXTRAS = {
+    "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "tensorflow-datasets>=4.9,<5",
+             "nbclient>=0.10,<1", "nbformat>=5.10,<6", "ipykernel>=6.29,<8"],
+    "notebooks": ["jupyterlab>=4,<5", "ipykernel>=6.29,<8"],
+    "tfds": ["tensorflow-datasets>=4.9,<5"],
+    "tensorboard": ["tensorboard>=2.16,<3"],
+}
+# Every optional feature; the test tools are not one.
+EXTRAS["all"] = sorted({req for name, reqs in EXTRAS.items() if name != "test" for req in reqs})
+
 setup(
     name="big_attn",
     version="0.1.0",
@@ -22,10 +32,5 @@ setup(
         "scikit-learn>=1.4,<2",
         "matplotlib>=3.8,<4",
     ],
-    extras_require={
-        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "tensorflow-datasets>=4.9,<5",
-                 "nbclient>=0.10,<1", "nbformat>=5.10,<6", "ipykernel>=6.29,<8"],
-        "notebooks": ["jupyterlab>=4,<5", "ipykernel>=6.29,<8"],
-        "tfds": ["tensorflow-datasets>=4.9,<5"],
-    },
+    extras_require=EXTRAS,
 )

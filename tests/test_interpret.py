@@ -353,6 +353,48 @@ def test_plots(tmp_path):
                                      str(tmp_path / "norms.png")))
 
 
+def test_plots_show_scales_heads_tokens_and_titles(tmp_path, monkeypatch):
+  figures = {}
+  save = plots._save  # pylint: disable=protected-access
+
+  def keep_and_save(fig, path):
+    figures[os.path.basename(path)] = fig
+    return save(fig, path)
+
+  monkeypatch.setattr(plots, "_save", keep_and_save)
+  image = np.linspace(-1, 1, 64).reshape(8, 8, 1)
+  maps = {"layer0": np.full((2, 5, 5), 0.2), "layer1": np.full((3, 5, 5), 0.2)}
+  plots.plot_attention_maps(image, maps, (2, 2), str(tmp_path / "maps.png"), num_prefix=1,
+                            query=0, title="label 3, predicted 5")
+  plots.plot_heatmaps(image, {"rollout": np.eye(2), "AtMan": -np.eye(2)},
+                      str(tmp_path / "heat.png"), title="label 3, predicted 5")
+  plots.plot_distances([np.array([1.0, 2.0]), np.array([3.0, 1.0, 2.0])],
+                       str(tmp_path / "dist.png"))
+  norms = {"block0": np.array([[1.0, 1.0, 9.0, 1.0, 1.0, 1.0]])}
+  labels = plots.token_labels(6, num_prefix=1, num_registers=1)
+  assert labels == ["CLS", "0", "1", "2", "3", "reg 0"]
+  plots.plot_token_norms(norms, str(tmp_path / "norms.png"), labels=labels,
+                         high_norm={"block0": [False, False, True, False, False, False]})
+  colorbars = lambda fig: sum(ax.get_label() == "<colorbar>" for ax in fig.axes)
+  assert colorbars(figures["maps.png"]) == 5  # one per head of each layer
+  assert colorbars(figures["heat.png"]) == 2
+  assert "predicted 5" in figures["maps.png"].get_suptitle()
+  assert "predicted 5" in figures["heat.png"].get_suptitle()
+  legend = figures["dist.png"].axes[0].get_legend()
+  assert [t.get_text() for t in legend.get_texts()] == ["head 0", "head 1", "head 2"]
+  (bars,) = figures["norms.png"].axes
+  assert [t.get_text() for t in bars.get_xticklabels()] == labels
+  assert bars.get_yscale() == "linear" and bars.get_ylabel() == "L2 norm"
+  assert [p.get_height() for p in bars.patches] == [1.0, 1.0, 9.0, 1.0, 1.0, 1.0]
+  assert bars.patches[2].get_facecolor() != bars.patches[0].get_facecolor()  # high-norm token
+  with pytest.warns(DeprecationWarning, match="bins"):
+    plots.plot_token_norms(norms, str(tmp_path / "norms.png"), bins=30)
+  with pytest.raises(ValueError, match="labels must name the 6 tokens"):
+    plots.plot_token_norms(norms, str(tmp_path / "x.png"), labels=labels[:5])
+  with pytest.raises(ValueError, match="num_tokens 2"):
+    plots.token_labels(2, num_prefix=1, num_registers=2)
+
+
 @pytest.mark.slow
 def test_cli_explains_a_checkpointed_run(tmp_path):
   workdir, out = str(tmp_path / "run"), str(tmp_path / "out")

@@ -10,8 +10,9 @@ The run's config is read from `WORKDIR/config.json` (saved by `big_attn.main`); 
   relevance.png       attention rollout, attention flow, gradient-weighted rollout, AtMan and
                       (softmax ViTs) the LRP transformer attribution;
   distances.png       mean attention distance of every head against depth;
-  token_norms.png     histograms of the blocks' output token norms;
+  token_norms.png     every token's output norm per block (CLS, patch indices, registers);
   summary.json        prediction, the numbers behind the figures and the high-norm tokens.
+Each figure's title names the true and the predicted class; heat maps have colour bars.
 Models are ViT-like image classifiers (`Model.sizes()` gives `patch_size`; a class token when
 `pool_type` is "cls"/"tok"; `num_registers` register tokens at the end); another run (a language
 model, a diffusion model) is refused with a message saying so.
@@ -112,9 +113,10 @@ def token_layout(model: Any, image_shape: tuple[int, ...]) -> dict[str, Any]:
   ph, pw = sizes["patch_size"]
   grid = (image_shape[0] // ph, image_shape[1] // pw)
   num_prefix = int(getattr(model, "pool_type", "gap") in ("cls", "tok"))
-  num_tokens = num_prefix + grid[0] * grid[1] + getattr(model, "num_registers", 0)
+  num_registers = getattr(model, "num_registers", 0)
+  num_tokens = num_prefix + grid[0] * grid[1] + num_registers
   return dict(grid=grid, patch_size=(ph, pw), num_prefix=num_prefix, num_tokens=num_tokens,
-              query=0 if num_prefix else None)
+              num_registers=num_registers, query=0 if num_prefix else None)
 
 
 def explain(config: Any, workdir: str, image_index: int, out_dir: str | None = None, *,
@@ -164,25 +166,33 @@ def explain(config: Any, workdir: str, image_index: int, out_dir: str | None = N
       maps[p], grid, patch_size=layout["patch_size"], num_prefix=num_prefix) for p in layers}
   norms = relevance.token_norms(capture.block_outputs(model, variables, images))
 
+  high_norm = {p: relevance.high_norm_tokens(n[0]) for p, n in norms.items()}
+  prediction = int(np.argmax(logits))
+  title = (f"{config.model_name}, step {step}, test image {image_index}: label "
+           f"{int(example['label'])}, predicted {prediction} "
+           f"(p={float(jax.nn.softmax(logits)[prediction]):.2f})")
   plots.plot_attention_maps(example["image"], {p.split("/")[-2]: maps[p][0] for p in layers},
                             grid, os.path.join(out_dir, "attention_maps.png"),
-                            num_prefix=num_prefix, query=layout["query"])
-  plots.plot_heatmaps(example["image"], heatmaps, os.path.join(out_dir, "relevance.png"))
+                            num_prefix=num_prefix, query=layout["query"], title=title)
+  plots.plot_heatmaps(example["image"], heatmaps, os.path.join(out_dir, "relevance.png"),
+                      title=f"{title}\nrelevance for class {target}")
   plots.plot_distances(list(distances.values()), os.path.join(out_dir, "distances.png"),
-                       title=f"{config.model_name}, step {step}")
-  plots.plot_token_norms(norms, os.path.join(out_dir, "token_norms.png"))
+                       title=title)
+  plots.plot_token_norms(
+      norms, os.path.join(out_dir, "token_norms.png"), high_norm=high_norm, title=title,
+      labels=plots.token_labels(layout["num_tokens"], num_prefix=num_prefix,
+                                num_registers=layout["num_registers"]))
 
   summary = dict(
       workdir=os.path.abspath(workdir), out=os.path.abspath(out_dir), step=int(step),
       image=image_index,
-      label=int(example["label"]), prediction=int(np.argmax(logits)), target=target,
+      label=int(example["label"]), prediction=prediction, target=target,
       logits=logits.tolist(), layers=layers, grid=list(grid), num_prefix=num_prefix,
       attention_distance={p: d.tolist() for p, d in distances.items()},
       relevance={k: np.asarray(v).tolist() for k, v in heatmaps.items()},
       token_norms={p: dict(mean=float(n.mean()), median=float(np.median(n)),
                            max=float(n.max()),
-                           high_norm_tokens=np.flatnonzero(
-                               relevance.high_norm_tokens(n[0])).tolist())
+                           high_norm_tokens=np.flatnonzero(high_norm[p]).tolist())
                    for p, n in norms.items()})
   with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
     json.dump(summary, f, indent=1)
