@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -131,8 +132,22 @@ def sequence_parallel_attention(query: Array, key: Array, value: Array, *, mesh,
           f"{name} sequence length {length} is not divisible by the size {num_shards} of "
           f"mesh axis {seq_axis!r}")
   batch_axes, head_axis = _layout(mesh, seq_axis, dims)
-  mesh = _working_mesh(mesh, query, key, value)
-  scale = common.default_scale(dims.head_dim, scale)
+  return _sharded_attention(
+      query, key, value, segments, mesh=_working_mesh(mesh, query, key, value),
+      seq_axis=seq_axis, strategy=strategy, is_causal=is_causal,
+      scale=common.default_scale(dims.head_dim, scale), batch_axes=batch_axes,
+      head_axis=head_axis)
+
+
+# Jitted so that a call outside `jax.jit` compiles the `shard_map` once instead of running its
+# body op by op; under an outer `jit` it is inlined.
+@functools.partial(jax.jit, static_argnames=("mesh", "seq_axis", "strategy", "is_causal",
+                                             "scale", "batch_axes", "head_axis"))
+def _sharded_attention(query, key, value, segments, *, mesh, seq_axis, strategy, is_causal,
+                       scale, batch_axes, head_axis):
+  """`sequence_parallel_attention` after its checks: the shard_map and the layout around it."""
+  dims = common.check_qkv(query, key, value)
+  num_shards = mesh.shape[seq_axis]
 
   # The sequence viewed as [shard, token] (contiguous) or [token, shard] (striped); the shard
   # dimension is the one split over seq_axis.
