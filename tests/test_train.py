@@ -208,18 +208,18 @@ def test_sigterm_then_resume_continues_the_loss_curve_exactly(reference, tmp_pat
 
 
 def _run_steps(config, workdir, steps):
-  """Runs `config` and sends SIGTERM to this process once step `steps` is logged."""
-  write = metrics_lib.MetricWriter.write
+  """Runs `config` and sends SIGTERM to this process once step `steps` is done."""
+  agreed = main_lib.StopRequest.agreed
 
-  def write_then_preempt(self, step, metrics):
-    write(self, step, metrics)
+  def preempt_then_agree(self, step, every):
     if step == steps:
       # main's handler, not the default one that would end the test process.
       assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN, None)
       os.kill(os.getpid(), signal.SIGTERM)
+    return agreed(self, step, every)
 
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(metrics_lib.MetricWriter, "write", write_then_preempt)
+    mp.setattr(main_lib.StopRequest, "agreed", preempt_then_agree)
     return main_lib.train_and_evaluate(config, workdir)
 
 
