@@ -354,13 +354,16 @@ def _train_and_evaluate(config: Any, workdir: str, stop: StopRequest) -> dict[st
 
   rng_spec = jax.ShapeDtypeStruct(train_rng.shape, train_rng.dtype, sharding=replicated)
 
-  def flops_per_step():
-    return step_flops(model, tx, schedule, config, input_shape, batch_spec,
-                      input_dtype=input_dtype, loss_fn=task_loss(constants))
+
+  def lower_and_count():
+    lowered = train_step.lower(abstract_state, batch_spec, rng_spec, constants)
+    return lowered, step_flops(model, tx, schedule, config, input_shape, batch_spec,
+                               input_dtype=input_dtype, loss_fn=task_loss(constants),
+                               lowered=lowered)
 
   if config.dry_run:
-    compiled = train_step.lower(abstract_state, batch_spec, rng_spec, constants).compile()
-    return report_compiled(compiled, num_params, mesh.size, flops_per_step())
+    lowered, flops = lower_and_count()
+    return report_compiled(lowered.compile(), num_params, mesh.size, flops)
 
   # ---------------------------------------------------------------------------------- Checkpoint
   checkpointer = ckpt_lib.Checkpointer(
@@ -384,7 +387,8 @@ def _train_and_evaluate(config: Any, workdir: str, stop: StopRequest) -> dict[st
   # ------------------------------------------------------------------ Compile (before the loop)
   logging.info("compiling the train step...")
   start = time.perf_counter()
-  compiled_step = train_step.lower(abstract_state, batch_spec, rng_spec, constants).compile()
+  lowered, flops = lower_and_count()
+  compiled_step = lowered.compile()
   logging.info("compiled the train step in %.1f s", time.perf_counter() - start)
   train_rng = jax.device_put(train_rng, replicated)
 
@@ -409,7 +413,7 @@ def _train_and_evaluate(config: Any, workdir: str, stop: StopRequest) -> dict[st
   progress = metrics_lib.Progress(
       first_step, config.total_steps, batch_size,
       tokens_per_example=task.tokens_per_example and task.tokens_per_example(info),
-      flops_per_step=flops_per_step(), num_devices=mesh.size,
+      flops_per_step=flops, num_devices=mesh.size,
       peak_flops_per_device=metrics_lib.peak_flops_per_device(list(mesh.devices.flat)),
       elapsed=earlier[-1] if earlier else 0.0)
   # The data order depends on the seed and the global batch only: step s reads global batch s.
@@ -477,22 +481,29 @@ def _train_and_evaluate(config: Any, workdir: str, stop: StopRequest) -> dict[st
 
 def step_flops(model: Any, tx: Any, schedule: Any, config: Any, image_shape: tuple[int, ...],
                batch_spec: dict[str, Any], *, input_dtype: Any = jnp.float32,
-               loss_fn: Any = step_lib.classification_loss) -> float:
+               loss_fn: Any = step_lib.classification_loss, lowered: Any = None) -> float:
   """FLOPs of one whole (global, unpartitioned) train step, from XLA's cost analysis.
 
   XLA counts the body of a loop once, so a model whose layers are scanned is lowered again
   with the layers unrolled (`scan_layers=False`), and the step without gradient accumulation
   (the same FLOPs: one pass over the whole batch); lowering traces only, nothing is compiled.
+  `lowered`, the train step already lowered, is counted instead when it has no such loop.
   """
-  if getattr(model, "scan_layers", False):
+  scanned = getattr(model, "scan_layers", False)
+  if lowered is not None and not scanned and config.grad_accum_steps == 1:
+    return _flops(lowered)
+  if scanned:
     model = model.clone(scan_layers=False)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                           nn.unbox(step_lib.abstract_state(model, tx, image_shape,
                                                            input_dtype)))
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch_spec.items()}
-  del config  # the FLOPs do not depend on how the batch is split
   step = step_lib.make_train_step(model, tx, schedule, loss_fn=loss_fn)
-  cost = jax.jit(step).lower(abstract, batch, jax.random.key(0)).cost_analysis()
+  return _flops(jax.jit(step).lower(abstract, batch, jax.random.key(0)))
+
+
+def _flops(lowered: Any) -> float:
+  cost = lowered.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float((cost or {}).get("flops", 0.0))
 

@@ -297,15 +297,16 @@ class _ConsoleFilter(py_logging.Filter):
     return record.levelno >= self.level or record.pathname.startswith(_PACKAGE_DIR)
 
 
-def configure_console(level: str = "warning") -> None:
+def configure_console(level: str | None = "warning") -> None:
   """Shows big_attn's own log lines from INFO up and other libraries' (orbax, grain, absl, jax)
-  from `level` up ("info" or "debug" show everything). Calling it again replaces the setting."""
-  if level not in LOG_LEVELS:
+  from `level` up ("info" or "debug" show everything; None undoes the setting)."""
+  if level is not None and level not in LOG_LEVELS:
     raise ValueError(f"--log_level must be one of {LOG_LEVELS}, got {level!r}")
-  number = py_logging.getLevelName(level.upper())
   absl_logger = py_logging.getLogger("absl")  # orbax and grain log through absl
   for old in [f for f in absl_logger.filters if isinstance(f, _ConsoleFilter)]:
     absl_logger.removeFilter(old)
-  absl_logger.addFilter(_ConsoleFilter(number))
+  number = py_logging.NOTSET if level is None else py_logging.getLevelName(level.upper())
+  if level is not None:
+    absl_logger.addFilter(_ConsoleFilter(number))
   for name in _LIBRARY_LOGGERS:
     py_logging.getLogger(name).setLevel(number)
