@@ -354,7 +354,6 @@ def _train_and_evaluate(config: Any, workdir: str, stop: StopRequest) -> dict[st
 
   rng_spec = jax.ShapeDtypeStruct(train_rng.shape, train_rng.dtype, sharding=replicated)
 
-
   def lower_and_count():
     lowered = train_step.lower(abstract_state, batch_spec, rng_spec, constants)
     return lowered, step_flops(model, tx, schedule, config, input_shape, batch_spec,
@@ -384,7 +383,7 @@ def _train_and_evaluate(config: Any, workdir: str, stop: StopRequest) -> dict[st
     return {"step": first_step, "preempted": False}
   logging.info("starting at step %d of %d", first_step, config.total_steps)
 
-  # ------------------------------------------------------------------ Compile (before the loop)
+  # ------------------------------------------------------------------- Compile (before the loop)
   logging.info("compiling the train step...")
   start = time.perf_counter()
   lowered, flops = lower_and_count()
