@@ -389,7 +389,8 @@ def _train_and_evaluate(config: Any, workdir: str, stop: StopRequest) -> dict[st
   lowered, flops = lower_and_count()
   compiled_step = lowered.compile()
   logging.info("compiled the train step in %.1f s", time.perf_counter() - start)
-  train_rng = jax.device_put(train_rng, replicated)
+  train_rng = jax.jit(lambda key: key, in_shardings=replicated, out_shardings=replicated)(
+      train_rng)  # as the compiled step takes it (a global array with several processes)
 
   # ---------------------------------------------------------------------------------- Evaluators
   evals = {}

@@ -125,7 +125,7 @@ def cpu_matmul_flops() -> float:
   """Float32 FLOP/s of this process's CPU cores: the best of five 1024x1024 matmuls (measured
   once per process, about 0.2 s)."""
   n = 1024
-  x = jax.device_put(jnp.ones((n, n), jnp.float32), jax.devices("cpu")[0])
+  x = jax.device_put(jnp.ones((n, n), jnp.float32), jax.local_devices(backend="cpu")[0])
   matmul = jax.jit(lambda a: a @ a)
   matmul(x).block_until_ready()
   best = math.inf
