@@ -533,3 +533,24 @@ def test_prefetch_keeps_the_data_order():
   batches.close()
   with pytest.raises(ValueError, match="depth must be a positive int"):
     prefetch_lib.Prefetch([], lambda x: x, depth=0)
+
+
+def test_progress_eta_runs_on_the_steady_pace_and_step_time_leaves_out_pauses(monkeypatch):
+  clock = [100.0]
+  monkeypatch.setattr(metrics_lib.time, "perf_counter", lambda: clock[0])
+  progress = metrics_lib.Progress(0, 100, 8, tokens_per_example=4, flops_per_step=2e12,
+                                  num_devices=2, peak_flops_per_device=4e12, elapsed=50.0)
+  clock[0] += 10.0  # step 1: a slow first step
+  first = progress.measure(1)
+  assert first["train/step_time"] == 10.0 and progress.eta(1) == 99 * 10.0
+  for step in range(2, 6):  # then 1 s per step, and a 3 s evaluation after step 3
+    clock[0] += 1.0
+    if step == 4:
+      with progress.paused():
+        clock[0] += 3.0
+  out = progress.measure(5)
+  assert out["train/step_time"] == 1.0 and out["train/examples_per_sec"] == 8.0
+  assert out["train/tokens_per_sec"] == 32.0 and out["train/tflops_per_device"] == 1.0
+  assert out["train/mfu"] == 0.25 and out["train/elapsed_time"] == 50.0 + 17.0
+  # ETA: 95 steps at the pace since step 1 (wall time, evaluation included): 7 s / 4 steps.
+  assert progress.eta(5) == 95 * 7.0 / 4

@@ -100,7 +100,6 @@ class MetricWriter:
       self._tb.close()
 
 
-
 def read_records(workdir: str) -> list[dict[str, Any]]:
   """The JSON objects of `workdir/metrics.jsonl` (none when it does not exist)."""
   path = os.path.join(workdir, "metrics.jsonl")
