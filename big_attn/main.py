@@ -42,6 +42,7 @@ from big_attn.train import checkpoint as ckpt_lib
 from big_attn.train import config_lib
 from big_attn.train import metrics as metrics_lib
 from big_attn.train import optim
+from big_attn.train import prefetch as prefetch_lib
 from big_attn.train import step as step_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -78,6 +79,11 @@ for _example in ([], None):
 
 _OVERRIDE = re.compile(r"-{1,2}(no)?config\.([^=]+)(?:=(.*))?", re.S)
 _HELP_FLAGS = ("-h", "-help", "--help", "-?", "--helpshort", "-helpshort")
+
+_LOG_LEVEL = flags.DEFINE_enum(
+    "log_level", "warning", metrics_lib.LOG_LEVELS, "Console lines of other libraries (orbax, "
+    "grain, absl, jax) from this level up; big_attn's own progress lines always show. 'info' "
+    "shows everything.")
 
 _MODEL_DTYPE_KEYS = ("dtype", "param_dtype")
 _EVAL_RESERVED = ("type", "every")
@@ -385,12 +391,17 @@ def _train_and_evaluate(config: Any, workdir: str, stop: StopRequest) -> dict[st
       update, in_shardings=(state_shardings, data_sharding, replicated, replicated),
       out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
+  rng_spec = jax.ShapeDtypeStruct(train_rng.shape, train_rng.dtype, sharding=replicated)
+
+  def lower_and_count():
+    lowered = train_step.lower(abstract_state, batch_spec, rng_spec, constants)
+    return lowered, step_flops(model, tx, schedule, config, input_shape, batch_spec,
+                               input_dtype=input_dtype, loss_fn=task_loss(constants),
+                               lowered=lowered)
+
   if config.dry_run:
-    rng_spec = jax.ShapeDtypeStruct(train_rng.shape, train_rng.dtype, sharding=replicated)
-    compiled = train_step.lower(abstract_state, batch_spec, rng_spec, constants).compile()
-    return report_compiled(compiled, num_params, mesh.size,
-                           step_flops(model, tx, schedule, config, input_shape, batch_spec,
-                                      input_dtype=input_dtype, loss_fn=task_loss(constants)))
+    lowered, flops = lower_and_count()
+    return report_compiled(lowered.compile(), num_params, mesh.size, flops)
 
   # ---------------------------------------------------------------------------------- Checkpoint
   checkpointer = ckpt_lib.Checkpointer(
@@ -403,11 +414,22 @@ def _train_and_evaluate(config: Any, workdir: str, stop: StopRequest) -> dict[st
     first_step = 0
   else:
     first_step, state = restored
+  if first_step >= config.total_steps:
+    checkpointer.close()
+    if jax.process_index() == 0:
+      logging.info("the run in %s has finished (step %d of %d):\n%s", workdir, first_step,
+                   config.total_steps, metrics_lib.summary(workdir))
+    return {"step": first_step, "preempted": False}
   logging.info("starting at step %d of %d", first_step, config.total_steps)
-  # The data order depends on the seed and the global batch only: step s reads global batch s.
-  train_iter = iter(data.get_dataset(
-      input_config, split="train", batch_size=batch_size, seed=config.seed, train=True,
-      rows=process_rows, start_batch=first_step))
+
+  # ------------------------------------------------------------------- Compile (before the loop)
+  logging.info("compiling the train step...")
+  start = time.perf_counter()
+  lowered, flops = lower_and_count()
+  compiled_step = lowered.compile()
+  logging.info("compiled the train step in %.1f s", time.perf_counter() - start)
+  train_rng = jax.jit(lambda key: key, in_shardings=replicated, out_shardings=replicated)(
+      train_rng)  # as the compiled step takes it (a global array with several processes)
 
   # ---------------------------------------------------------------------------------- Evaluators
   evals = {}
@@ -416,62 +438,111 @@ def _train_and_evaluate(config: Any, workdir: str, stop: StopRequest) -> dict[st
     kwargs.setdefault("input_config", input_config)
     kwargs.setdefault("batch_size", batch_size)
     evals[name] = (evaluators.get(cfg.type)(model, mesh=mesh, rules=rules, **kwargs), cfg.every)
+  if evals:
+    start = time.perf_counter()
+    for evaluator, _ in evals.values():
+      evaluator.compile(abstract_state)
+    logging.info("compiled %d evaluator(s) in %.1f s", len(evals), time.perf_counter() - start)
 
   # ---------------------------------------------------------------------------------------- Loop
   writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0,
                                     resume_step=first_step)
-  progress = metrics_lib.Progress(first_step, config.total_steps, batch_size)
-  step, preempted = first_step, False
+  earlier = [r["train/elapsed_time"] for r in metrics_lib.read_records(workdir)
+             if "train/elapsed_time" in r] if writer.enabled else []
+  progress = metrics_lib.Progress(
+      first_step, config.total_steps, batch_size,
+      tokens_per_example=task.tokens_per_example and task.tokens_per_example(info),
+      flops_per_step=flops, num_devices=mesh.size,
+      peak_flops_per_device=metrics_lib.peak_flops_per_device(list(mesh.devices.flat)),
+      elapsed=earlier[-1] if earlier else 0.0)
+  # The data order depends on the seed and the global batch only: step s reads global batch s.
+  # Batches are read and placed on the devices ahead of the step (`Prefetch`).
+  batches = prefetch_lib.Prefetch(
+      data.get_dataset(input_config, split="train", batch_size=batch_size, seed=config.seed,
+                       train=True, rows=process_rows, start_batch=first_step),
+      lambda batch: mesh_lib.shard_batch({k: batch[k] for k in batch_spec}, data_sharding,
+                                         batch_size),
+      count=config.total_steps - first_step)
+
+  def report(step, metrics):
+    """Fetches a step's metrics (copied to the host since the step), stops on NaN, logs them."""
+    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    metrics_lib.check_finite(step, values)
+    if step % config.log_every == 0 or step == config.total_steps:
+      values.update(progress.measure(step))
+      writer.write(step, values)
+      progress.log(step, values)
+
+  step, preempted, pending = first_step, False, None
   try:
     while step < config.total_steps:
       if stop.agreed(step, config.log_every):
         preempted = True
         break
-      batch = next(train_iter)
-      batch = mesh_lib.shard_batch({k: batch[k] for k in batch_spec}, data_sharding, batch_size)
-      state, metrics = train_step(state, batch, train_rng, constants)
+      state, metrics = compiled_step(state, next(batches), train_rng, constants)
       step += 1
+      # The previous log step's metrics are read once this step is queued: no host sync per step.
+      if pending is not None:
+        report(*pending)
+        pending = None
       last = step == config.total_steps
-      if step % config.log_every == 0 or step % config.ckpt_every == 0 or last:
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        metrics_lib.check_finite(step, metrics)
-        if step % config.log_every == 0 or last:
-          metrics.update(progress.measure(step))
-          writer.write(step, metrics)
-          progress.log(step, metrics)
-      for name, (evaluator, every) in evals.items():
-        if step % every == 0 or step == config.total_steps:
-          results = {f"{name}/{key}": value for key, value in evaluator.run(state)}
+      due_evals = [name for name, (_, every) in evals.items() if last or (
+          step % every == 0 and config.total_steps - step >= every)]
+      due_checkpoint = step % config.ckpt_every == 0 or last
+      if step % config.log_every == 0 or due_checkpoint:
+        for value in metrics.values():
+          value.copy_to_host_async()
+        pending = (step, metrics)
+      if pending is not None and (due_evals or due_checkpoint):
+        report(*pending)  # no NaN checkpoint; eval metrics join the step's line
+        pending = None
+      with progress.paused():
+        for name in due_evals:
+          results = {f"{name}/{key}": value for key, value in evals[name][0].run(state)}
           writer.write(step, results)
-          logging.info("step %d: %s", step, results)
-      writer.flush()
-      checkpointer.save(step, state, force=last)
+          logging.info("step %d: %s", step, metrics_lib.format_metrics(results))
+        writer.flush()
+        checkpointer.save(step, state, force=last)
+    if pending is not None:
+      report(*pending)
     if preempted:
       checkpointer.save(step, state, force=True)
       logging.warning("stopped on request: checkpoint of step %d saved, exiting", step)
   finally:
+    batches.close()
     checkpointer.close()
     writer.close()
+  if writer.enabled:
+    logging.info("%s at step %d of %d:\n%s", "stopped" if preempted else "finished", step,
+                 config.total_steps, metrics_lib.summary(workdir))
   return {"step": step, "preempted": preempted}
 
 
 def step_flops(model: Any, tx: Any, schedule: Any, config: Any, image_shape: tuple[int, ...],
                batch_spec: dict[str, Any], *, input_dtype: Any = jnp.float32,
-               loss_fn: Any = step_lib.classification_loss) -> float:
+               loss_fn: Any = step_lib.classification_loss, lowered: Any = None) -> float:
   """FLOPs of one whole (global, unpartitioned) train step, from XLA's cost analysis.
 
   XLA counts the body of a loop once, so a model whose layers are scanned is lowered again
-  with the layers unrolled (`scan_layers=False`); lowering traces only, nothing is compiled.
+  with the layers unrolled (`scan_layers=False`), and the step without gradient accumulation
+  (the same FLOPs: one pass over the whole batch); lowering traces only, nothing is compiled.
+  `lowered`, the train step already lowered, is counted instead when it has no such loop.
   """
-  if getattr(model, "scan_layers", False):
+  scanned = getattr(model, "scan_layers", False)
+  if lowered is not None and not scanned and config.grad_accum_steps == 1:
+    return _flops(lowered)
+  if scanned:
     model = model.clone(scan_layers=False)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                           nn.unbox(step_lib.abstract_state(model, tx, image_shape,
                                                            input_dtype)))
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch_spec.items()}
-  step = step_lib.make_train_step(model, tx, schedule, grad_accum_steps=config.grad_accum_steps,
-                                  loss_fn=loss_fn)
-  cost = jax.jit(step).lower(abstract, batch, jax.random.key(0)).cost_analysis()
+  step = step_lib.make_train_step(model, tx, schedule, loss_fn=loss_fn)
+  return _flops(jax.jit(step).lower(abstract, batch, jax.random.key(0)))
+
+
+def _flops(lowered: Any) -> float:
+  cost = lowered.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float((cost or {}).get("flops", 0.0))
 
@@ -596,6 +667,7 @@ def main(argv):
   if len(argv) > 1:
     exit_with_error("big_attn.main", f"unexpected arguments {argv[1:]}; flags are --NAME=VALUE "
                     "(see --help)")
+  metrics_lib.configure_console(_LOG_LEVEL.value)
   if _LIST.value:
     print(catalog.format_listing())
     return

@@ -284,6 +284,9 @@ def test_short_lm_bytes_run_lowers_heldout_bits_per_byte(tmp_path, capsys):
                                   rules=config.sharding_rules, max_batches=3).run(
                                       {"params": params, "step": 0}))
   with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-    after = [json.loads(line) for line in f if "eval/bits_per_byte" in line][-1]
+    records = [json.loads(line) for line in f]
+  after = [r for r in records if "eval/bits_per_byte" in r][-1]
+  for r in records:  # throughput in tokens: 64 per row
+    np.testing.assert_allclose(r["train/tokens_per_sec"], 64 * r["train/examples_per_sec"])
   assert 7.0 < before["bits_per_byte"] < 9.0  # about log2(259) = 8.02 at initialisation
   assert after["eval/bits_per_byte"] < before["bits_per_byte"] - 1.5

@@ -6,11 +6,15 @@ All runs use a tiny ViT on 8x8 digits (4 tokens) on 8 simulated CPU devices.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
+import logging
 import os
+import re
 import shutil
 import signal
 import struct
+import types
 
 import jax
 import jax.numpy as jnp
@@ -23,9 +27,11 @@ from ml_collections import config_flags
 from big_attn import data
 from big_attn import main as main_lib
 from big_attn import models
+from big_attn.parallel import mesh as mesh_lib
 from big_attn.train import config_lib
 from big_attn.train import metrics as metrics_lib
 from big_attn.train import optim
+from big_attn.train import prefetch as prefetch_lib
 from big_attn.train import step as step_lib
 from big_attn.train import tensorboard
 
@@ -76,15 +82,59 @@ def losses(workdir):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-  """An uninterrupted single-device run with an evaluator."""
+def reference_run(tmp_path_factory):
+  """An uninterrupted single-device run with an evaluator; its console lines (as `big_attn.main`
+  sets them up) and the XLA compilations of its loop after step 1 (`jax.monitoring`)."""
   workdir = str(tmp_path_factory.mktemp("reference"))
   config = tiny_config()
   config.evals = ml_collections.ConfigDict(dict(
-      eval=dict(type="classification", every=6, split="test", batch_size=64)))
-  result = main_lib.train_and_evaluate(config, workdir)
+      eval=dict(type="classification", every=5, split="test", batch_size=64)))
+  step, late_compiles = [0], []
+
+  def count(event, duration, fun_name="?", **kwargs):
+    del duration, kwargs
+    if event == "/jax/core/compile/backend_compile_duration" and step[0] >= 1:
+      late_compiles.append(fun_name)
+
+  agreed = main_lib.StopRequest.agreed
+
+  def note_step(self, current, every):
+    step[0] = current
+    return agreed(self, current, every)
+
+  console = _Records()
+  root = logging.getLogger()
+  root_level = root.level
+  root.addHandler(console)
+  root.setLevel(logging.INFO)
+  metrics_lib.configure_console("warning")
+  jax.monitoring.register_event_duration_secs_listener(count)
+  try:
+    with pytest.MonkeyPatch.context() as mp:
+      mp.setattr(main_lib.StopRequest, "agreed", note_step)
+      result = main_lib.train_and_evaluate(config, workdir)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(count)
+    metrics_lib.configure_console(None)
+    root.removeHandler(console)
+    root.setLevel(root_level)
   assert result == {"step": TOTAL_STEPS, "preempted": False}
-  return workdir
+  return types.SimpleNamespace(workdir=workdir, late_compiles=late_compiles,
+                               console=console.records)
+
+
+class _Records(logging.Handler):
+  def __init__(self):
+    super().__init__(logging.DEBUG)
+    self.records = []
+
+  def emit(self, record):
+    self.records.append(record)
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run):
+  return reference_run.workdir
 
 
 def test_loss_falls_and_metrics_are_logged(reference):
@@ -95,7 +145,7 @@ def test_loss_falls_and_metrics_are_logged(reference):
                 "train/step_time"):
       assert np.isfinite(r[key]) and (key == "train/loss" or r[key] >= 0), (key, r)
   evals = {r["step"]: r for r in records if "eval/accuracy" in r}
-  assert sorted(evals) == [6, 12]
+  assert sorted(evals) == [5, 12]  # not at 10 as well, two steps before the end
   assert 0.0 <= evals[12]["eval/accuracy"] <= 1.0 and evals[12]["eval/loss"] > 0
   loss = [r["train/loss"] for r in records]
   assert np.mean(loss[-3:]) < np.mean(loss[:3]) - 0.1, loss
@@ -208,18 +258,18 @@ def test_sigterm_then_resume_continues_the_loss_curve_exactly(reference, tmp_pat
 
 
 def _run_steps(config, workdir, steps):
-  """Runs `config` and sends SIGTERM to this process once step `steps` is logged."""
-  write = metrics_lib.MetricWriter.write
+  """Runs `config` and sends SIGTERM to this process once step `steps` is done."""
+  agreed = main_lib.StopRequest.agreed
 
-  def write_then_preempt(self, step, metrics):
-    write(self, step, metrics)
+  def preempt_then_agree(self, step, every):
     if step == steps:
       # main's handler, not the default one that would end the test process.
       assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN, None)
       os.kill(os.getpid(), signal.SIGTERM)
+    return agreed(self, step, every)
 
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(metrics_lib.MetricWriter, "write", write_then_preempt)
+    mp.setattr(main_lib.StopRequest, "agreed", preempt_then_agree)
     return main_lib.train_and_evaluate(config, workdir)
 
 
@@ -369,3 +419,138 @@ def test_every_config_builds():
     main_lib.check_config(config)
     assert config_lib.base_config().keys() == config.keys()
     assert f"configs/{name}.py" in _config_module(name).__doc__
+
+
+def test_no_compilation_after_the_first_step(reference_run):
+  # Train step and evaluator are compiled before the loop; logging, evaluation at steps 5 and
+  # 12 and checkpoint saves compile nothing.
+  assert reference_run.late_compiles == []
+
+
+def test_throughput_and_mfu_are_logged(reference):
+  peak = metrics_lib.peak_flops_per_device(jax.devices()[:1])
+  for r in read_metrics(reference):
+    np.testing.assert_allclose(r["train/examples_per_sec"] * r["train/step_time"], 16)
+    assert r["train/tflops_per_device"] > 0 and "train/tokens_per_sec" not in r
+    np.testing.assert_allclose(r["train/mfu"], r["train/tflops_per_device"] * 1e12 / peak)
+  steps = [r["train/elapsed_time"] for r in read_metrics(reference)]
+  assert steps == sorted(steps) and steps[0] > 0
+  # One step of the tiny ViT: about 6 FLOPs per parameter per token (16 images x 4 patches).
+  vit = models.get("vit").Model(num_classes=10, **dict(tiny_config().model.to_dict(),
+                                                         dtype=jnp.float32))
+  params = step_lib.count_params(jax.eval_shape(
+      lambda: step_lib.init_variables(vit, jax.random.key(0), (8, 8, 1))))
+  r = read_metrics(reference)[-1]
+  flops = r["train/tflops_per_device"] * 1e12 * r["train/step_time"]
+  assert 4 * params * 64 < flops < 12 * params * 64, flops / (params * 64)
+  scalars = _read_events(os.path.join(reference, "tensorboard",
+                                      os.listdir(os.path.join(reference, "tensorboard"))[0]))
+  assert {"train/mfu", "train/examples_per_sec"} <= {tag for _, tag, _ in scalars}
+
+
+def test_peak_flops_per_device_from_device_kind():
+  def device(kind, platform="gpu"):
+    return types.SimpleNamespace(device_kind=kind, platform=platform, process_index=0)
+
+  assert metrics_lib.peak_flops_per_device([device("NVIDIA H100 80GB HBM3")]) == 989e12
+  assert metrics_lib.peak_flops_per_device([device("NVIDIA H100 PCIe")]) == 756e12
+  assert metrics_lib.peak_flops_per_device([device("NVIDIA A100-SXM4-40GB")]) == 312e12
+  assert metrics_lib.peak_flops_per_device([device("TPU v5 lite", "tpu")]) == 197e12
+  assert metrics_lib.peak_flops_per_device([device("TPU v5", "tpu")]) == 459e12
+  assert metrics_lib.peak_flops_per_device([device("TPU v6 lite", "tpu")]) == 918e12
+  assert metrics_lib.peak_flops_per_device([device("a new chip")]) is None
+  # CPU: the cores are shared by the process's devices in the mesh.
+  cpu = metrics_lib.peak_flops_per_device(jax.devices()[:1])
+  np.testing.assert_allclose(metrics_lib.peak_flops_per_device(jax.devices()[:4]), cpu / 4)
+
+
+def test_rerunning_a_finished_workdir_prints_its_summary(reference, caplog):
+  before = read_metrics(reference)
+  with caplog.at_level(logging.INFO):
+    assert main_lib.train_and_evaluate(tiny_config(), reference) == {
+        "step": TOTAL_STEPS, "preempted": False}
+  assert read_metrics(reference) == before
+  summary = metrics_lib.summary(reference)
+  assert summary in caplog.text and "compiling" not in caplog.text
+  evals = {r["step"]: r for r in before if "eval/accuracy" in r}
+  best = max(evals.values(), key=lambda r: r["eval/accuracy"])
+  assert f"last eval (step 12): eval/accuracy={evals[12]['eval/accuracy']:.4g}" in summary
+  assert f"eval/accuracy={best['eval/accuracy']:.4g} (step {best['step']})" in summary
+  assert f"trained {TOTAL_STEPS} steps in " in summary
+  assert f"checkpoints: {os.path.join(reference, 'checkpoints')} (steps 8, 12)" in summary
+  assert f"tensorboard --logdir={os.path.join(reference, 'tensorboard')}" in summary
+
+
+def test_console_shows_progress_compile_time_evals_and_a_summary(reference_run):
+  records = reference_run.console
+  # No orbax, grain, absl or jax INFO lines: every line below WARNING comes from big_attn.
+  package = os.path.join(ROOT, "big_attn")
+  assert all(r.pathname.startswith(package) for r in records if r.levelno < logging.WARNING), {
+      r.pathname for r in records if not r.pathname.startswith(package)}
+  lines = [r.getMessage() for r in records]
+  assert any(re.fullmatch(r"compiled the train step in \d+\.\d s", line) for line in lines)
+  progress = [line for line in lines if "ETA" in line]
+  assert [int(re.search(r"step (\d+)/12", line)[1]) for line in progress] == list(range(1, 13))
+  assert all("ex/s" in line and "MFU" in line for line in progress)
+  # Metrics on the console with 4 significant digits (metrics.jsonl keeps them all).
+  last = read_metrics(reference_run.workdir)[-1]
+  assert f"loss={last['train/loss']:.4g} " in progress[-1]
+  assert [re.match(r"step (\d+): eval/accuracy=", line)[1] for line in lines
+          if re.match(r"step \d+: eval/", line)] == ["5", "12"]
+  assert f"eval/accuracy={last['eval/accuracy']:.4g} " in lines[-2]
+  assert lines[-1].endswith(metrics_lib.summary(reference_run.workdir))
+  with pytest.raises(ValueError, match="--log_level must be one of"):
+    metrics_lib.configure_console("loud")
+
+
+def test_prefetch_keeps_the_data_order():
+  input_config = dict(name="digits", image_size=8, augment=dict(crop_padding=1, flip=False))
+  mesh = mesh_lib.make_mesh([("data", 2), ("tensor", 4)])
+  sharding = mesh_lib.data_sharding(mesh, mesh_lib.DEFAULT_RULES)
+
+  def dataset(**kwargs):
+    return data.get_dataset(input_config, split="train", batch_size=8, seed=3, train=True,
+                            start_batch=5, **kwargs)
+
+  expected = list(itertools.islice(iter(dataset()), 4))
+  batches = prefetch_lib.Prefetch(
+      dataset(), lambda b: mesh_lib.shard_batch({"image": b["image"]}, sharding, 8), count=4)
+  got = list(batches)
+  batches.close()
+  assert len(got) == 4
+  for batch, want in zip(got, expected):
+    assert batch["image"].sharding == sharding
+    np.testing.assert_array_equal(np.asarray(batch["image"]), want["image"])
+
+  def failing():
+    yield 1
+    raise OSError("disk gone")
+
+  batches = prefetch_lib.Prefetch(failing(), lambda x: x * 2)
+  assert next(batches) == 2
+  with pytest.raises(OSError, match="disk gone"):
+    next(batches)
+  batches.close()
+  with pytest.raises(ValueError, match="depth must be a positive int"):
+    prefetch_lib.Prefetch([], lambda x: x, depth=0)
+
+
+def test_progress_eta_runs_on_the_steady_pace_and_step_time_leaves_out_pauses(monkeypatch):
+  clock = [100.0]
+  monkeypatch.setattr(metrics_lib.time, "perf_counter", lambda: clock[0])
+  progress = metrics_lib.Progress(0, 100, 8, tokens_per_example=4, flops_per_step=2e12,
+                                  num_devices=2, peak_flops_per_device=4e12, elapsed=50.0)
+  clock[0] += 10.0  # step 1: a slow first step
+  first = progress.measure(1)
+  assert first["train/step_time"] == 10.0 and progress.eta(1) == 99 * 10.0
+  for step in range(2, 6):  # then 1 s per step, and a 3 s evaluation after step 3
+    clock[0] += 1.0
+    if step == 4:
+      with progress.paused():
+        clock[0] += 3.0
+  out = progress.measure(5)
+  assert out["train/step_time"] == 1.0 and out["train/examples_per_sec"] == 8.0
+  assert out["train/tokens_per_sec"] == 32.0 and out["train/tflops_per_device"] == 1.0
+  assert out["train/mfu"] == 0.25 and out["train/elapsed_time"] == 50.0 + 17.0
+  # ETA: 95 steps at the pace since step 1 (wall time, evaluation included): 7 s / 4 steps.
+  assert progress.eta(5) == 95 * 7.0 / 4

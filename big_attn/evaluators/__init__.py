@@ -1,7 +1,8 @@
 """Evaluators by name: `get("classification")` is the `Evaluator` class of that module.
 
 Each evaluator is built as `Evaluator(model, **config.evals[NAME] minus type/every, mesh=...,
-rules=...)` and its `run(state)` yields `(metric_name, value)` pairs, which the loop logs as
+rules=...)`; its `compile(state)` compiles its step before the training loop (`state` may be
+abstract), and its `run(state)` yields `(metric_name, value)` pairs, which the loop logs as
 `NAME/metric_name`.
 """
 from __future__ import annotations

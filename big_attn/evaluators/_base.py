@@ -26,6 +26,14 @@ class HeldOut:
         input_config, split=split, batch_size=batch_size, seed=seed, train=False,
         rows=mesh_lib.process_rows(self.sharding, batch_size))
 
+  def abstract_batch(self, keys: Iterable[str]) -> dict[str, jax.ShapeDtypeStruct]:
+    """Global shape, dtype and sharding of the `keys` of the batches `sums` feeds its step (read
+    from the first batch), to compile the step ahead of the first pass."""
+    first = next(iter(self.dataset))
+    return {k: jax.ShapeDtypeStruct((self.batch_size, *np.shape(first[k])[1:]),
+                                    np.asarray(first[k]).dtype, sharding=self.sharding)
+            for k in keys}
+
   def sums(self, step: Callable[[Any], Any], keys: Iterable[str],
            batches: Iterable[Any] | None = None) -> np.ndarray:
     """Σ over the pass (or `batches` of it) of `step(sharded batch)`'s tuple, in float64."""

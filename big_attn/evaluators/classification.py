@@ -11,6 +11,8 @@ from jax.sharding import Mesh
 from big_attn.evaluators import _base
 from big_attn.train import step as step_lib
 
+_KEYS = ("image", "labels", "label", "mask")
+
 
 class Evaluator:
   """Top-1 accuracy and mean softmax cross-entropy of `model` on `split` of `input_config`.
@@ -35,10 +37,15 @@ class Evaluator:
 
     self._eval_step = eval_step
 
+  def compile(self, state: dict[str, Any]) -> None:
+    """Compiles the evaluation step for `state` (arrays or `ShapeDtypeStruct`s with shardings)
+    before the first `run`."""
+    self._eval_step.lower(state["params"], self.held_out.abstract_batch(_KEYS)).compile()
+
   def run(self, state: dict[str, Any]) -> Iterator[tuple[str, float]]:
     """Yields `("accuracy", a)` and `("loss", l)` over the whole split."""
     loss_sum, correct, count = self.held_out.sums(
-        lambda batch: self._eval_step(state["params"], batch), ("image", "labels", "label", "mask"))
+        lambda batch: self._eval_step(state["params"], batch), _KEYS)
     if count == 0:
       raise ValueError("the evaluation split has no examples")
     yield "accuracy", float(correct / count)

@@ -14,6 +14,8 @@ from jax.sharding import Mesh
 from big_attn.evaluators import _base
 from big_attn.models import dit
 
+_KEYS = ("image", "label", "mask")
+
 
 class Evaluator:
   """Mean ε-MSE (and VLB term, with `learn_sigma`) of `model` on `split`, padding masked.
@@ -54,6 +56,12 @@ class Evaluator:
 
     self._eval_step = eval_step
 
+  def compile(self, state: dict[str, Any]) -> None:
+    """Compiles the evaluation step for `state` (arrays or `ShapeDtypeStruct`s with shardings)
+    before the first `run`."""
+    self._eval_step.lower(state["params"], self.held_out.abstract_batch(_KEYS),
+                          jax.random.fold_in(jax.random.key(self.seed), 0)).compile()
+
   def run(self, state: dict[str, Any]) -> Iterator[tuple[str, float]]:
     """Yields `("loss", mse + vb)`, `("mse", ε-MSE)` and, with `learn_sigma`, `("vb", ...)`."""
     key = jax.random.key(self.seed)
@@ -61,7 +69,7 @@ class Evaluator:
     mse, vb, count = self.held_out.sums(
         lambda batch: self._eval_step(state["params"], batch,
                                       jax.random.fold_in(key, next(index))),
-        ("image", "label", "mask"), itertools.islice(self.held_out.dataset, self.max_batches))
+        _KEYS, itertools.islice(self.held_out.dataset, self.max_batches))
     if count == 0:
       raise ValueError("the evaluation split has no examples")
     yield "loss", float((mse + vb) / count)

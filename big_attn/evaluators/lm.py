@@ -53,6 +53,11 @@ class Evaluator:
 
     self._eval_step = eval_step
 
+  def compile(self, state: dict[str, Any]) -> None:
+    """Compiles the evaluation step for `state` (arrays or `ShapeDtypeStruct`s with shardings)
+    before the first `run`."""
+    self._eval_step.lower(state["params"], self.held_out.abstract_batch(lm.BATCH_KEYS)).compile()
+
   def run(self, state: dict[str, Any]) -> Iterator[tuple[str, float]]:
     """Yields `("loss", nats per token)` and `("bits_per_byte", bpb)`."""
     loss_sum, count, num_bytes = self.held_out.sums(

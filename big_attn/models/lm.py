@@ -918,7 +918,7 @@ def _batch_spec(info: dict[str, Any], batch_size: int) -> dict[str, tuple[tuple[
 
 TASK = step_lib.Task(batch_spec=_batch_spec,
                      example_input=lambda info: ((info["seq_len"],), jnp.int32),
-                     loss=loss_fn)
+                     loss=loss_fn, tokens_per_example=lambda info: info["seq_len"])
 
 
 # -------------------------------------------------------------------------------- generation

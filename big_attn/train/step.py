@@ -91,12 +91,14 @@ class Task:
   `data.dataset_info(config.input)`. Optional `constants(model, info)`: frozen arrays the loss
   reads (a distillation teacher's parameters), loaded once by the loop, placed on every device
   and passed to each step as an argument, `loss(..., constants=...)`: neither trained nor
-  compiled into the step.
+  compiled into the step. Optional `tokens_per_example(info)`: the tokens of one example of a
+  sequence model, for the loop's tokens/s.
   """
   batch_spec: Callable[[dict[str, Any], int], dict[str, tuple[tuple[int, ...], Any]]]
   example_input: Callable[[dict[str, Any]], tuple[tuple[int, ...], Any]]
   loss: Callable[..., jax.Array]
   constants: Callable[[Any, dict[str, Any]], Any] | None = None
+  tokens_per_example: Callable[[dict[str, Any]], int] | None = None
 
 
 CLASSIFICATION = Task(
