@@ -1,0 +1,408 @@
+"""timm (PyTorch Image Models) checkpoints as big_attn models computing the same function.
+
+    model = timm.create_model("vit_base_patch16_224", pretrained=True).eval()
+    module, variables = from_timm(model)                      # big_attn.models.vit.Model
+    logits = module.apply(variables, images_nhwc, train=False)
+
+    state_dict = torch.load("vit_base_patch16_224.pth")       # or safetensors.torch.load_file
+    module, variables = from_timm("vit_base_patch16_224", state_dict)
+
+Supported: timm's VisionTransformer (`vit_*`, with registers, "token"/"avg"/"map" pooling),
+DeiT (`deit_*`, distilled ones averaging the two heads at eval), ConvNeXt (`convnext_*`), MaxViT
+(`maxvit_*`), PoolFormer v1 (`poolformer_*`) and DaViT (`davit_*`). The converted model takes
+`[batch, H, W, C]` images (timm's are `[batch, C, H, W]`); keyword overrides go to the big_attn
+model (e.g. `attention="sigmoid"` to fine-tune the weights with another op). A configuration
+the big_attn family cannot express raises `ConversionError` naming the timm field.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+
+from big_attn.models import convnext, deit, vit
+from big_attn.pretrained._common import ConversionError, StateDict, conv_kernel, dense_kernel
+
+
+def from_timm(model: Any, state_dict: Any = None, **overrides) -> tuple[Any, dict[str, Any]]:
+  """`(big_attn Model, variables)` computing the function of a timm model in eval mode.
+
+  Args:
+    model: a timm model (its own weights are converted), or a timm model name such as
+      "vit_base_patch16_224" (the architecture is built with random weights, then `state_dict`
+      loaded into it; its classifier width is read from the state dict).
+    state_dict: with a name: the checkpoint's tensors (`torch.load` / safetensors); with a
+      model: optional tensors that replace the model's own.
+    **overrides: fields of the big_attn Model (attention op, dtype, dropout, ...).
+  """
+  import timm  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  if isinstance(model, str):
+    if state_dict is None:
+      raise ValueError(f"from_timm({model!r}) needs the checkpoint's state_dict (nothing is "
+                       "downloaded)")
+    model = _create(timm, model, state_dict)
+  if not isinstance(model, torch.nn.Module):
+    raise TypeError(f"model must be a timm model or a timm model name, got "
+                    f"{type(model).__name__}")
+  if state_dict is not None:
+    try:
+      model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:
+      raise ConversionError(f"state_dict does not fit {type(model).__name__}: {e}") from e
+  for cls_name, converter in _CONVERTERS:
+    if type(model).__name__ == cls_name:
+      name = getattr(model, "pretrained_cfg", {}).get("architecture") or cls_name
+      sd = StateDict(model.state_dict(), source=name)
+      module_cls, kwargs, params, extra = converter(model, sd)
+      sd.check_all_read()
+      module = module_cls(**{**kwargs, **overrides})
+      if overrides.get("scan_layers"):
+        params = _scan_blocks(params)
+      return module, {"params": params, **extra}
+  raise ConversionError(f"timm model class {type(model).__name__} has no big_attn converter; "
+                        f"supported: {', '.join(name for name, _ in _CONVERTERS)}")
+
+
+def _create(timm: Any, name: str, state_dict: Any) -> Any:
+  """The timm architecture `name` with random weights and the state dict's classifier width."""
+  probe = timm.create_model(name, pretrained=False)
+  classifier = probe.pretrained_cfg.get("classifier", "head")
+  classifier = classifier[0] if isinstance(classifier, (tuple, list)) else classifier
+  weight = state_dict.get(f"{classifier}.weight")
+  num_classes = 0 if weight is None else int(weight.shape[0])
+  if num_classes == probe.num_classes:
+    return probe
+  return timm.create_model(name, pretrained=False, num_classes=num_classes)
+
+
+def _scan_blocks(params: dict[str, Any]) -> dict[str, Any]:
+  """ViT parameters with `encoderblock_{i}` stacked into one `encoderblock` (`scan_layers`)."""
+  encoder = dict(params["Transformer"])
+  names = sorted((k for k in encoder if k.startswith("encoderblock_")),
+                 key=lambda k: int(k.rsplit("_", 1)[1]))
+  blocks = [encoder.pop(k) for k in names]
+  encoder["encoderblock"] = _tree_stack(blocks)
+  return {**params, "Transformer": encoder}
+
+
+def _tree_stack(trees: list[Any]) -> Any:
+  if isinstance(trees[0], dict):
+    return {k: _tree_stack([t[k] for t in trees]) for k in trees[0]}
+  return np.stack(trees)
+
+
+# --------------------------------------------------------------------------------- Shared pieces
+def _require(condition: bool, source: str, field: str, message: str) -> None:
+  if not condition:
+    raise ConversionError(f"{source}: {field} {message}")
+
+
+def _norm(sd: StateDict, prefix: str) -> dict[str, np.ndarray]:
+  """LayerNorm / LayerNorm2d / GroupNorm(1) / affine: `{scale, bias}`."""
+  return {"scale": sd.take(f"{prefix}.weight"), "bias": sd.take(f"{prefix}.bias")}
+
+
+def _dense(sd: StateDict, prefix: str, bias: bool = True) -> dict[str, np.ndarray]:
+  out = {"kernel": dense_kernel(sd.take(f"{prefix}.weight"))}
+  if bias:
+    out["bias"] = sd.take(f"{prefix}.bias")
+  return out
+
+
+def _conv(sd: StateDict, prefix: str, bias: bool = True) -> dict[str, np.ndarray]:
+  out = {"kernel": conv_kernel(sd.take(f"{prefix}.weight"))}
+  if bias:
+    out["bias"] = sd.take(f"{prefix}.bias")
+  return out
+
+
+def _eps(module: Any) -> float | None:
+  return getattr(module, "eps", None)
+
+
+def _check_eps(source: str, field: str, module: Any, expected: float) -> None:
+  eps = _eps(module)
+  _require(eps is not None and np.isclose(eps, expected, rtol=1e-3, atol=0), source,
+           f"{field}.eps", f"is {eps}; the big_attn model uses {expected}")
+
+
+def _check_gelu(source: str, field: str, act: Any) -> bool:
+  """True for a tanh-approximate GELU, False for the exact one; other activations refused."""
+  import timm  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  if isinstance(act, torch.nn.GELU):
+    return act.approximate == "tanh"
+  if isinstance(act, (timm.layers.activations.GELU, timm.layers.activations.GELUTanh)):
+    return isinstance(act, timm.layers.activations.GELUTanh)
+  raise ConversionError(f"{source}: {field} is {type(act).__name__}; the big_attn model uses "
+                        "GELU")
+
+
+def _attention(qkv_weight: np.ndarray, qkv_bias: np.ndarray | None, proj: dict[str, np.ndarray],
+               num_heads: int) -> dict[str, Any]:
+  """A fused `qkv` Linear (`[3·D, D]`) and its output projection -> `layers.Attention` params."""
+  width = qkv_weight.shape[1]
+  head_dim = qkv_weight.shape[0] // 3 // num_heads
+  q, k, v = np.split(qkv_weight, 3, axis=0)
+  biases = np.split(qkv_bias, 3) if qkv_bias is not None else (None,) * 3
+  out = {}
+  for name, weight, bias in zip(("query", "key", "value"), (q, k, v), biases):
+    out[name] = {"kernel": weight.T.reshape(width, num_heads, head_dim)}
+    if bias is not None:
+      out[name]["bias"] = bias.reshape(num_heads, head_dim)
+  out["out"] = {"kernel": proj["kernel"].reshape(num_heads, head_dim, -1)}
+  if "bias" in proj:
+    out["out"]["bias"] = proj["bias"]
+  return out
+
+
+# ------------------------------------------------------------------------------ ViT and DeiT
+def _vit_blocks(model: Any, sd: StateDict, source: str) -> tuple[dict[str, Any], bool]:
+  """timm `blocks.{i}` -> `encoderblock_{i}` parameters, and whether GELU is tanh-approximate."""
+  import timm  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  blocks, approximate = {}, None
+  for i, block in enumerate(model.blocks):
+    field = f"blocks.{i}"
+    _require(type(block) is timm.models.vision_transformer.Block, source, field,
+             f"is {type(block).__name__}; only the pre-norm Block converts")
+    for name in ("ls1", "ls2"):
+      _require(isinstance(getattr(block, name), torch.nn.Identity), source,
+               f"{field}.{name}", "is a LayerScale (init_values); the big_attn ViT has none")
+    attn, mlp = block.attn, block.mlp
+    _require(type(attn) is timm.models.vision_transformer.Attention, source, f"{field}.attn",
+             f"is {type(attn).__name__}; only timm's Attention converts")
+    for name in ("q_norm", "k_norm", "norm"):
+      _require(isinstance(getattr(attn, name, torch.nn.Identity()), torch.nn.Identity), source,
+               f"{field}.attn.{name}", "is set (qk_norm / scale_attn_norm); not supported")
+    _require(type(mlp) is timm.layers.Mlp and isinstance(mlp.norm, torch.nn.Identity), source,
+             f"{field}.mlp", f"is {type(mlp).__name__} with norm {type(mlp.norm).__name__}; "
+             "only the plain Mlp converts")
+    approximate = _check_gelu(source, f"{field}.mlp.act", mlp.act)
+    for name in ("norm1", "norm2"):
+      _check_eps(source, f"{field}.{name}", getattr(block, name), 1e-6)
+    qkv_bias = sd.take(f"{field}.attn.qkv.bias") if attn.qkv.bias is not None else None
+    blocks[f"encoderblock_{i}"] = {
+        "LayerNorm_0": _norm(sd, f"{field}.norm1"),
+        "MultiHeadAttention": _attention(
+            sd.take(f"{field}.attn.qkv.weight"), qkv_bias,
+            _dense(sd, f"{field}.attn.proj", attn.proj.bias is not None), attn.num_heads),
+        "LayerNorm_1": _norm(sd, f"{field}.norm2"),
+        "MlpBlock": {"Dense_0": _dense(sd, f"{field}.mlp.fc1"),
+                     "Dense_1": _dense(sd, f"{field}.mlp.fc2")}}
+    _require(attn.qkv.bias is not None and attn.proj.bias is not None, source,
+             f"{field}.attn", "has no qkv/proj bias (qkv_bias=False); big_attn's ViT has both")
+  return blocks, approximate
+
+
+def _vit_embedding(model: Any, sd: StateDict, source: str, token_names: tuple[str, ...]
+                   ) -> dict[str, Any]:
+  """Patch embedding, position embedding (patches only) and the prefix tokens with their
+  position embeddings folded in (a learned token plus a learned position is one vector)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  embed = model.patch_embed
+  proj = embed.proj
+  _require(isinstance(proj, torch.nn.Conv2d) and proj.kernel_size == proj.stride
+           and proj.padding == (0, 0), source, "patch_embed.proj",
+           "must be a non-overlapping patch convolution")
+  _require(isinstance(embed.norm, torch.nn.Identity), source, "patch_embed.norm",
+           "is set (embed_norm_layer); not supported")
+  _require(not getattr(model, "dynamic_img_size", False)
+           and not getattr(embed, "dynamic_img_pad", False), source, "dynamic_img_size",
+           "is set; the big_attn model has a fixed token grid")
+  _require(model.pos_embed is not None, source, "pos_embed",
+           "is None (pos_embed='none'); the big_attn ViT adds a learned position embedding")
+  _require(isinstance(model.norm_pre, torch.nn.Identity), source, "norm_pre",
+           "is set (pre_norm); the big_attn ViT has no norm before the blocks")
+  params = {"embedding": _conv(sd, "patch_embed.proj")}
+  pos = sd.take("pos_embed")[0]
+  tokens = [sd.take(key)[0] for key in token_names]  # each [n, width]
+  num_prefix = sum(len(t) for t in tokens)
+  if not model.no_embed_class:
+    prefix_pos, pos = pos[:num_prefix], pos[num_prefix:]
+    offsets = np.cumsum([0] + [len(t) for t in tokens])
+    tokens = [t + prefix_pos[a:b] for t, a, b in zip(tokens, offsets[:-1], offsets[1:])]
+  params["posemb"] = {"pos_embedding": pos}
+  for key, value in zip(token_names, tokens):
+    params[key] = value
+  return params
+
+
+def _vit_final_norm(model: Any, sd: StateDict, source: str, fc_norm: bool
+                    ) -> dict[str, np.ndarray]:
+  """The final LayerNorm's parameters (timm's `fc_norm` after pooling, or `norm` before it)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  if fc_norm:
+    _require(isinstance(model.norm, torch.nn.Identity), source, "norm",
+             "and fc_norm are both set; the big_attn ViT has one final norm")
+  else:
+    _require(not isinstance(model.norm, torch.nn.Identity), source, "norm",
+             "is Identity (final_norm=False); the big_attn ViT has a final norm")
+  name = "fc_norm" if fc_norm else "norm"
+  _check_eps(source, name, getattr(model, name), 1e-6)
+  return _norm(sd, name)
+
+
+def _convert_vit(model: Any, sd: StateDict):
+  """timm VisionTransformer -> `big_attn.models.vit.Model` (or `deit.Model` for `deit_*`)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  source = sd.source
+  pool = model.global_pool
+  _require(pool in ("token", "avg", "map"), source, "global_pool",
+           f"is {pool!r}; big_attn's ViT pools with 'token', 'avg' or 'map'")
+  _require(not model.pool_include_prefix, source, "pool_include_prefix",
+           "is set; big_attn pools over the patch tokens only")
+  if pool == "token":
+    _require(model.has_class_token, source, "class_token", "is False with global_pool='token'")
+  else:
+    _require(not model.has_class_token, source, "class_token",
+             f"is True with global_pool={pool!r}; big_attn's ViT has a class token only for "
+             "'token' pooling")
+  fc_norm = not isinstance(model.fc_norm, torch.nn.Identity)
+  token_names = (("cls_token",) if model.has_class_token else ()) + (
+      ("reg_token",) if model.num_reg_tokens else ())
+  embedding = _vit_embedding(model, sd, source, token_names)
+  blocks, approximate = _vit_blocks(model, sd, source)
+  params = {"embedding": embedding["embedding"], "posemb": embedding["posemb"],
+            "Transformer": blocks}
+  if model.has_class_token:
+    params["cls"] = embedding["cls_token"]
+  if model.num_reg_tokens:
+    params["registers"] = embedding["reg_token"]
+  if fc_norm:
+    params["fc_norm"] = _vit_final_norm(model, sd, source, fc_norm)
+  else:
+    params["Transformer"]["encoder_norm"] = _vit_final_norm(model, sd, source, fc_norm)
+  if pool == "map":
+    params["MAPHead"] = _map_head(model.attn_pool, sd, source, approximate)
+  num_classes = model.num_classes
+  if num_classes:
+    params["head"] = _dense(sd, "head")
+  block = model.blocks[0]
+  kwargs = dict(num_classes=num_classes, width=model.embed_dim, depth=len(model.blocks),
+                num_heads=block.attn.num_heads, mlp_dim=block.mlp.fc1.out_features,
+                patch_size=tuple(model.patch_embed.proj.kernel_size),
+                approximate_gelu=approximate)
+  if source.startswith("deit") and pool == "token" and not model.num_reg_tokens and not fc_norm:
+    return deit.Model, dict(kwargs, distilled=False), params, {}
+  kwargs.update(pool_type={"token": "cls", "avg": "gap", "map": "map"}[pool], fc_norm=fc_norm,
+                num_registers=model.num_reg_tokens)
+  return vit.Model, kwargs, params, {}
+
+
+def _map_head(pool: Any, sd: StateDict, source: str, approximate: bool) -> dict[str, Any]:
+  """timm AttentionPoolLatent -> `vit.MAPHead` parameters."""
+  import torch  # pylint: disable=import-outside-toplevel
+  _require(pool.latent_len == 1 and pool.pool == "token" and pool.pos_embed is None, source,
+           "attn_pool", "must have one latent query, token pooling and no position embedding")
+  _require(isinstance(pool.q_norm, torch.nn.Identity), source, "attn_pool.q_norm",
+           "is set (qk_norm); not supported")
+  _require(pool.mlp is not None, source, "attn_pool.mlp", "is None; big_attn's MAPHead has one")
+  _require(_check_gelu(source, "attn_pool.mlp.act", pool.mlp.act) == approximate, source,
+           "attn_pool.mlp.act", "differs from the blocks' GELU")
+  _check_eps(source, "attn_pool.norm", pool.norm, 1e-6)
+  prefix = "attn_pool"
+  kv = sd.take(f"{prefix}.kv.weight")
+  kv_bias = sd.take(f"{prefix}.kv.bias")
+  q = _dense(sd, f"{prefix}.q")
+  weight = np.concatenate([q["kernel"].T, kv], axis=0)
+  bias = np.concatenate([q["bias"], kv_bias])
+  return {"probe": sd.take(f"{prefix}.latent")[0],
+          "MultiHeadAttention": _attention(weight, bias, _dense(sd, f"{prefix}.proj"),
+                                           pool.num_heads),
+          "LayerNorm_0": _norm(sd, f"{prefix}.norm"),
+          "MlpBlock": {"Dense_0": _dense(sd, f"{prefix}.mlp.fc1"),
+                       "Dense_1": _dense(sd, f"{prefix}.mlp.fc2")}}
+
+
+def _convert_deit_distilled(model: Any, sd: StateDict):
+  """timm VisionTransformerDistilled -> `big_attn.models.deit.Model` (distilled)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  source = sd.source
+  _require(model.global_pool == "token" and not model.num_reg_tokens
+           and isinstance(model.fc_norm, torch.nn.Identity), source, "global_pool",
+           "must be 'token' without registers or fc_norm for a distilled DeiT")
+  embedding = _vit_embedding(model, sd, source, ("cls_token", "dist_token"))
+  blocks, approximate = _vit_blocks(model, sd, source)
+  blocks["encoder_norm"] = _vit_final_norm(model, sd, source, fc_norm=False)
+  _require(model.num_classes > 0, source, "num_classes", "is 0; a distilled DeiT has heads")
+  params = {"embedding": embedding["embedding"], "posemb": embedding["posemb"],
+            "cls": embedding["cls_token"], "dist": embedding["dist_token"],
+            "Transformer": blocks, "head": _dense(sd, "head"),
+            "head_dist": _dense(sd, "head_dist")}
+  block = model.blocks[0]
+  kwargs = dict(num_classes=model.num_classes, width=model.embed_dim, depth=len(model.blocks),
+                num_heads=block.attn.num_heads, mlp_dim=block.mlp.fc1.out_features,
+                patch_size=tuple(model.patch_embed.proj.kernel_size), distilled=True,
+                approximate_gelu=approximate)
+  return deit.Model, kwargs, params, {}
+
+
+# ---------------------------------------------------------------------------------- ConvNeXt
+def _convert_convnext(model: Any, sd: StateDict):
+  """timm ConvNeXt -> `big_attn.models.convnext.Model`."""
+  import timm  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  source = sd.source
+  stem = model.stem
+  _require(isinstance(stem[0], torch.nn.Conv2d) and stem[0].kernel_size == stem[0].stride
+           and len(stem) == 2, source, "stem", "must be a patchify conv and a norm ('patch')")
+  _check_eps(source, "stem.1", stem[1], 1e-6)
+  stem_size = stem[0].kernel_size[0]
+  params = {"stem": _conv(sd, "stem.0"), "stem_norm": _norm(sd, "stem.1")}
+  depths, dims, kernel, layer_scale = [], [], None, None
+  for s, stage in enumerate(model.stages):
+    if s:
+      down = stage.downsample
+      _require(len(down) == 2 and down[1].kernel_size == (2, 2) == down[1].stride, source,
+               f"stages.{s}.downsample", "must be a norm and a 2x2 stride-2 conv")
+      _check_eps(source, f"stages.{s}.downsample.0", down[0], 1e-6)
+      params[f"downsample_norm_{s}"] = _norm(sd, f"stages.{s}.downsample.0")
+      params[f"downsample_{s}"] = _conv(sd, f"stages.{s}.downsample.1")
+    else:
+      _require(isinstance(stage.downsample, torch.nn.Identity), source,
+               "stages.0.downsample", "is set; the big_attn ConvNeXt's first stage keeps the "
+               "stem's resolution")
+    for i, block in enumerate(stage.blocks):
+      field = f"stages.{s}.blocks.{i}"
+      _require(isinstance(block.shortcut, torch.nn.Identity), source, f"{field}.shortcut",
+               "is set; not supported")
+      mlp = block.mlp
+      _require(type(mlp) in (timm.layers.Mlp,) and isinstance(mlp.norm, torch.nn.Identity),
+               source, f"{field}.mlp", f"is {type(mlp).__name__} (GRN of ConvNeXt V2?); only "
+               "the plain MLP converts")
+      _require(not _check_gelu(source, f"{field}.mlp.act", mlp.act), source,
+               f"{field}.mlp.act", "is tanh-approximate; the big_attn ConvNeXt uses exact GELU")
+      _check_eps(source, f"{field}.norm", block.norm, 1e-6)
+      kernel = block.conv_dw.kernel_size[0]
+      layer_scale = block.gamma is not None
+      p = {"dwconv": _conv(sd, f"{field}.conv_dw"), "norm": _norm(sd, f"{field}.norm"),
+           "pwconv1": _dense(sd, f"{field}.mlp.fc1"), "pwconv2": _dense(sd, f"{field}.mlp.fc2")}
+      if layer_scale:
+        p["gamma"] = sd.take(f"{field}.gamma")
+      params[f"stage_{s}_block_{i}"] = p
+    depths.append(len(stage.blocks))
+    dims.append(stage.blocks[0].conv_dw.out_channels)
+  head = model.head
+  _require(type(head) is timm.layers.NormMlpClassifierHead and head.global_pool.pool_type == "avg"
+           and isinstance(head.pre_logits, torch.nn.Identity), source, "head",
+           "must be average pooling, norm and a linear classifier (no head_hidden_size)")
+  _check_eps(source, "head.norm", head.norm, 1e-6)
+  params["head_norm"] = _norm(sd, "head.norm")
+  if model.num_classes:
+    params["head"] = _dense(sd, "head.fc")
+  kwargs = dict(num_classes=model.num_classes, depths=tuple(depths), dims=tuple(dims),
+                stem_size=stem_size, kernel_size=kernel,
+                layer_scale_init=1e-6 if layer_scale else 0.0)
+  return convnext.Model, kwargs, params, {}
+
+
+# timm class name -> converter returning (big_attn Model class, fields, params, other collections)
+_CONVERTERS: list[tuple[str, Callable[..., Any]]] = [
+    ("VisionTransformer", _convert_vit),
+    ("VisionTransformerDistilled", _convert_deit_distilled),
+    ("ConvNeXt", _convert_convnext),
+]
+
+__all__ = ["ConversionError", "from_timm"]
