@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from big_attn.models import convnext, deit, vit
+from big_attn.models import convnext, deit, maxvit, vit
 from big_attn.pretrained._common import ConversionError, StateDict, conv_kernel, dense_kernel
 
 
@@ -398,11 +398,159 @@ def _convert_convnext(model: Any, sd: StateDict):
   return convnext.Model, kwargs, params, {}
 
 
+# ------------------------------------------------------------------------------------ MaxViT
+def _batch_norm(model_bn: Any, sd: StateDict, prefix: str, stats: dict[str, Any], name: str,
+                source: str, eps: float) -> dict[str, np.ndarray]:
+  """A torch BatchNorm2d: `{scale, bias}` returned, `{mean, var}` put in `stats[name]`."""
+  _require(model_bn.affine and model_bn.track_running_stats, source, prefix,
+           "must be an affine BatchNorm with running statistics")
+  _check_eps(source, prefix, model_bn, eps)
+  stats[name] = {"mean": sd.take(f"{prefix}.running_mean"),
+                 "var": sd.take(f"{prefix}.running_var")}
+  sd.skip(f"{prefix}.num_batches_tracked")
+  return _norm(sd, prefix)
+
+
+def _partition_attention(block: Any, sd: StateDict, prefix: str, source: str) -> dict[str, Any]:
+  """timm PartitionAttentionCl (TF layout) -> `maxvit.PartitionAttention` parameters."""
+  import timm  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  attn = block.attn
+  _require(not attn.head_first, source, f"{prefix}.attn.head_first",
+           "is True (timm's own `_rw` layout); only the TensorFlow MaxViT layout converts")
+  _require(type(attn.rel_pos) is timm.layers.RelPosBiasTf, source, f"{prefix}.attn.rel_pos",
+           f"is {type(attn.rel_pos).__name__}; big_attn's window/grid ops take the TensorFlow "
+           "relative position bias (rel_pos_type='bias_tf')")
+  for name in ("ls1", "ls2"):
+    _require(isinstance(getattr(block, name), torch.nn.Identity), source, f"{prefix}.{name}",
+             "is a LayerScale (init_values); not supported")
+  _require(_check_gelu(source, f"{prefix}.mlp.act", block.mlp.act), source, f"{prefix}.mlp.act",
+           "is the exact GELU; big_attn's MaxViT uses the tanh approximation (act_layer "
+           "'gelu_tanh')")
+  proj = _dense(sd, f"{prefix}.attn.proj")
+  mha = _attention(sd.take(f"{prefix}.attn.qkv.weight"), sd.take(f"{prefix}.attn.qkv.bias"),
+                   proj, attn.num_heads)
+  # timm (the TensorFlow code) indexes the table by key minus query position; big_attn's ops
+  # by query minus key (Swin): the same table flipped along both offsets.
+  table = sd.take(f"{prefix}.attn.rel_pos.relative_position_bias_table")
+  mha["op_params"] = {"rpb": np.ascontiguousarray(table[:, ::-1, ::-1])}
+  return {"LayerNorm_0": _norm(sd, f"{prefix}.norm1"), "MultiHeadAttention": mha,
+          "LayerNorm_1": _norm(sd, f"{prefix}.norm2"),
+          "MlpBlock": {"Dense_0": _dense(sd, f"{prefix}.mlp.fc1"),
+                       "Dense_1": _dense(sd, f"{prefix}.mlp.fc2")}}
+
+
+def _convert_maxvit(model: Any, sd: StateDict):
+  """timm MaxxVit with MaxViT blocks in the TensorFlow layout (`maxvit_*_tf_*`) ->
+  `big_attn.models.maxvit.Model` (BatchNorm statistics in `batch_stats`)."""
+  import timm  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  mx = timm.models.maxxvit
+  source = sd.source
+  stem = model.stem
+  _require(isinstance(stem.norm1, timm.layers.BatchNormAct2d), source, "stem.norm1",
+           f"is {type(stem.norm1).__name__}; expected BatchNorm")
+  bn_eps = stem.norm1.eps
+  _require(stem.conv1.stride == (2, 2) and stem.conv1.bias is not None
+           and stem.conv2.bias is not None, source, "stem",
+           "must be a 3x3/2 and a 3x3 conv with biases (stem_bias=True)")
+  _require(_check_gelu(source, "stem.norm1.act", stem.norm1.act), source, "stem.norm1.act",
+           "is the exact GELU; big_attn's MaxViT uses the tanh approximation")
+  stats = {}
+  params = {"stem_conv_0": _conv(sd, "stem.conv1"),
+            "stem_norm": _batch_norm(stem.norm1, sd, "stem.norm1", stats, "stem_norm", source,
+                                     bn_eps),
+            "stem_conv_1": _conv(sd, "stem.conv2")}
+  dims, depths, partition, head_dim, ln_eps = [], [], None, None, None
+  for s, stage in enumerate(model.stages):
+    for i, block in enumerate(stage.blocks):
+      field = f"stages.{s}.blocks.{i}"
+      _require(type(block) is mx.MaxxVitBlock and block.nchw_attn is False, source, field,
+               f"is {type(block).__name__}; only MaxViT blocks (channels-last attention) "
+               "convert")
+      conv = block.conv
+      _require(type(conv) is mx.MbConvBlock, source, f"{field}.conv",
+               f"is {type(conv).__name__}; expected MbConvBlock")
+      _require(isinstance(conv.pre_norm.act, torch.nn.Identity), source,
+               f"{field}.conv.pre_norm", "has an activation (pre_norm_act); not supported")
+      _require(isinstance(conv.down, torch.nn.Identity), source, f"{field}.conv.down",
+               "is set (stride_mode 'pool' or '1x1'); big_attn strides the depthwise conv")
+      _require(type(conv.se) is timm.layers.SEModule
+               and isinstance(conv.se.act, torch.nn.SiLU), source, f"{field}.conv.se",
+               "must be squeeze-excitation with SiLU (attn_layer 'se', attn_act_layer 'silu')")
+      for name in ("norm1", "norm2"):
+        _require(_check_gelu(source, f"{field}.conv.{name}.act", getattr(conv, name).act),
+                 source, f"{field}.conv.{name}.act", "is the exact GELU; big_attn's MaxViT "
+                 "uses the tanh approximation")
+      p = f"{field}.conv"
+      mb, mb_stats = {}, {}
+      mb["pre_norm"] = _batch_norm(conv.pre_norm, sd, f"{p}.pre_norm", mb_stats, "pre_norm",
+                                   source, bn_eps)
+      if not isinstance(conv.shortcut, torch.nn.Identity):
+        shortcut = conv.shortcut
+        _require(isinstance(shortcut.expand, torch.nn.Identity) or shortcut.expand.bias
+                 is not None, source, f"{p}.shortcut.expand", "has no bias (output_bias)")
+        if not isinstance(shortcut.expand, torch.nn.Identity):
+          mb["shortcut"] = _dense(sd, f"{p}.shortcut.expand")
+      mb["expand"] = _dense(sd, f"{p}.conv1_1x1", bias=False)
+      mb["norm_1"] = _batch_norm(conv.norm1, sd, f"{p}.norm1", mb_stats, "norm_1", source,
+                                 bn_eps)
+      mb["depthwise"] = _conv(sd, f"{p}.conv2_kxk", bias=False)
+      mb["norm_2"] = _batch_norm(conv.norm2, sd, f"{p}.norm2", mb_stats, "norm_2", source,
+                                 bn_eps)
+      mb["se_reduce"] = _dense(sd, f"{p}.se.fc1")
+      mb["se_expand"] = _dense(sd, f"{p}.se.fc2")
+      mb["project"] = _dense(sd, f"{p}.conv3_1x1")
+      _require(block.attn_block is not None, source, f"{field}.attn_block",
+               "is None (no_block_attn); big_attn's MaxViT has block and grid attention")
+      params[f"stage_{s}_block_{i}"] = {
+          "MBConv": mb,
+          "block_attention": _partition_attention(block.attn_block, sd, f"{field}.attn_block",
+                                                  source),
+          "grid_attention": _partition_attention(block.attn_grid, sd, f"{field}.attn_grid",
+                                                 source)}
+      stats[f"stage_{s}_block_{i}"] = {"MBConv": mb_stats}
+      window = tuple(block.attn_block.partition_size)
+      _require(window == tuple(block.attn_grid.partition_size)
+               and partition in (None, window), source, f"{field}.attn_grid.partition_size",
+               f"{block.attn_grid.partition_size} differs from the window {window} or from "
+               f"earlier stages' {partition}")
+      partition = window
+      head_dim = block.attn_block.attn.dim_head
+      ln_eps = block.attn_block.norm1.eps
+    depths.append(len(stage.blocks))
+    dims.append(stage.blocks[0].conv.conv3_1x1.out_channels)
+  _require(isinstance(model.norm, torch.nn.Identity), source, "norm",
+           "is set; big_attn's MaxViT norms in the head")
+  head = model.head
+  _require(type(head) is timm.layers.NormMlpClassifierHead
+           and head.global_pool.pool_type == "avg", source, "head",
+           "must be average pooling, norm, optional pre-logits and a classifier")
+  _check_eps(source, "head.norm", head.norm, ln_eps)
+  params["head_norm"] = _norm(sd, "head.norm")
+  head_hidden = 0
+  if not isinstance(head.pre_logits, torch.nn.Identity):
+    _require(isinstance(head.pre_logits.act, (torch.nn.Tanh, timm.layers.activations.Tanh)),
+             source, "head.pre_logits.act",
+             "must be tanh")
+    params["pre_logits"] = _dense(sd, "head.pre_logits.fc")
+    head_hidden = head.pre_logits.fc.out_features
+  if model.num_classes:
+    params["head"] = _dense(sd, "head.fc")
+  kwargs = dict(num_classes=model.num_classes, embed_dims=tuple(dims), depths=tuple(depths),
+                stem_width=stem.conv1.out_channels, head_hidden=head_hidden, head_dim=head_dim,
+                partition_size=partition,
+                expansion=model.stages[0].blocks[0].conv.conv1_1x1.out_channels / dims[0],
+                conv_norm="batch", batch_norm_eps=bn_eps, layer_norm_eps=ln_eps)
+  return maxvit.Model, kwargs, params, {"batch_stats": stats}
+
+
 # timm class name -> converter returning (big_attn Model class, fields, params, other collections)
 _CONVERTERS: list[tuple[str, Callable[..., Any]]] = [
     ("VisionTransformer", _convert_vit),
     ("VisionTransformerDistilled", _convert_deit_distilled),
     ("ConvNeXt", _convert_convnext),
+    ("MaxxVit", _convert_maxvit),
 ]
 
 __all__ = ["ConversionError", "from_timm"]
