@@ -26,8 +26,8 @@ class Evaluator:
                                   rules=rules, split=split, seed=seed)
 
     @jax.jit
-    def eval_step(params, batch):
-      logits = model.apply({"params": params}, batch["image"], train=False)
+    def eval_step(variables, batch):
+      logits = model.apply(variables, batch["image"], train=False)
       mask = batch["mask"].astype(jnp.float32)
       losses = step_lib.classification_losses(logits, batch["labels"])
       correct = (jnp.argmax(logits, axis=-1) == batch["label"]).astype(jnp.float32)
@@ -38,7 +38,8 @@ class Evaluator:
   def run(self, state: dict[str, Any]) -> Iterator[tuple[str, float]]:
     """Yields `("accuracy", a)` and `("loss", l)` over the whole split."""
     loss_sum, correct, count = self.held_out.sums(
-        lambda batch: self._eval_step(state["params"], batch), ("image", "labels", "label", "mask"))
+        lambda batch: self._eval_step(step_lib.model_variables(state), batch),
+        ("image", "labels", "label", "mask"))
     if count == 0:
       raise ValueError("the evaluation split has no examples")
     yield "accuracy", float(correct / count)
