@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from big_attn.models import convnext, deit, maxvit, vit
+from big_attn.models import convnext, deit, maxvit, metaformer, vit
 from big_attn.pretrained._common import ConversionError, StateDict, conv_kernel, dense_kernel
 
 
@@ -545,12 +545,72 @@ def _convert_maxvit(model: Any, sd: StateDict):
   return maxvit.Model, kwargs, params, {"batch_stats": stats}
 
 
+# -------------------------------------------------------------------------------- PoolFormer
+def _convert_poolformer(model: Any, sd: StateDict):
+  """timm MetaFormer with pooling mixers (`poolformer_*`, v1) -> `big_attn.models.metaformer`."""
+  import timm  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  mf = timm.models.metaformer
+  source = sd.source
+  _require(isinstance(model.stem.norm, torch.nn.Identity)
+           and model.stem.conv.kernel_size == (7, 7) and model.stem.conv.stride == (4, 4)
+           and model.stem.conv.padding == (2, 2), source, "stem",
+           "must be PoolFormer's 7x7/4 conv (padding 2) without a norm")
+  params = {"stem": _conv(sd, "stem.conv")}
+  depths, dims, approximate, mlp_ratio = [], [], None, None
+  for s, stage in enumerate(model.stages):
+    if s:
+      down = stage.downsample
+      _require(isinstance(down.norm, torch.nn.Identity) and down.conv.kernel_size == (3, 3)
+               and down.conv.stride == (2, 2) and down.conv.padding == (1, 1), source,
+               f"stages.{s}.downsample", "must be a 3x3/2 conv (padding 1) without a norm")
+      params[f"downsample_{s}"] = _conv(sd, f"stages.{s}.downsample.conv")
+    for i, block in enumerate(stage.blocks):
+      field = f"stages.{s}.blocks.{i}"
+      mixer = block.token_mixer
+      _require(type(mixer) is mf.Pooling and mixer.pool.kernel_size == 3
+               and not mixer.pool.count_include_pad, source, f"{field}.token_mixer",
+               f"is {type(mixer).__name__}; only PoolFormer's 3x3 pooling converts")
+      for name in ("norm1", "norm2"):
+        norm = getattr(block, name)
+        _require(type(norm) is timm.layers.GroupNorm1 and norm.affine, source,
+                 f"{field}.{name}", f"is {type(norm).__name__}; expected GroupNorm(1) (v1)")
+        _check_eps(source, f"{field}.{name}", norm, 1e-5)
+      for name in ("res_scale1", "res_scale2"):
+        _require(isinstance(getattr(block, name), torch.nn.Identity), source,
+                 f"{field}.{name}", "is set (res_scale); not supported")
+      _require(isinstance(block.mlp.norm, torch.nn.Identity), source, f"{field}.mlp.norm",
+               "is set; not supported")
+      approximate = _check_gelu(source, f"{field}.mlp.act", block.mlp.act)
+      mlp_ratio = block.mlp.fc1.out_channels / block.mlp.fc1.in_channels
+      params[f"stage_{s}_block_{i}"] = {
+          "norm1": _norm(sd, f"{field}.norm1"), "norm2": _norm(sd, f"{field}.norm2"),
+          "layer_scale1": sd.take(f"{field}.layer_scale1.scale").reshape(-1),
+          "layer_scale2": sd.take(f"{field}.layer_scale2.scale").reshape(-1),
+          "mlp": {"Dense_0": _dense(sd, f"{field}.mlp.fc1"),
+                  "Dense_1": _dense(sd, f"{field}.mlp.fc2")}}
+    depths.append(len(stage.blocks))
+    dims.append(stage.blocks[0].mlp.fc2.out_channels)
+  head = model.head
+  _require(head.global_pool.pool_type == "avg" and not hasattr(head.fc, "fc1"), source, "head",
+           "must be average pooling, norm and a linear classifier (no MLP head)")
+  _check_eps(source, "head.norm", head.norm, 1e-6)
+  params["norm"] = _norm(sd, "head.norm")
+  if model.num_classes:
+    params["head"] = _dense(sd, "head.fc")
+  kwargs = dict(num_classes=model.num_classes, depths=tuple(depths), dims=tuple(dims),
+                mlp_ratio=mlp_ratio, mixers="pool", approximate_gelu=approximate,
+                head_norm="layer")
+  return metaformer.Model, kwargs, params, {}
+
+
 # timm class name -> converter returning (big_attn Model class, fields, params, other collections)
 _CONVERTERS: list[tuple[str, Callable[..., Any]]] = [
     ("VisionTransformer", _convert_vit),
     ("VisionTransformerDistilled", _convert_deit_distilled),
     ("ConvNeXt", _convert_convnext),
     ("MaxxVit", _convert_maxvit),
+    ("MetaFormer", _convert_poolformer),
 ]
 
 __all__ = ["ConversionError", "from_timm"]
