@@ -274,6 +274,7 @@ class Block(nn.Module):
     rope_base: rotary embedding base of `Attention` (RMT); None: none.
     ffn_conv: residual depthwise 3x3 conv between the FFN's layers (RMT).
     layer_scale: initial γ (per channel, learned); None: no layer scale.
+    approximate_gelu: tanh-approximate GELU in the FFN; False: exact (the papers' PyTorch code).
   """
   num_heads: int
   mlp_dim: int
@@ -290,6 +291,7 @@ class Block(nn.Module):
   layer_scale: float | None = None
   drop_path: float = 0.0
   norm_eps: float = 1e-6
+  approximate_gelu: bool = True
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -355,11 +357,13 @@ class Block(nn.Module):
       x = x + _conv(c, 3, 1, dt, pdt, "cpe_mlp", groups=c)(x)
     y = layer_norm(dt, pdt, "norm2", epsilon=self.norm_eps)(x)
     if self.ffn_conv:
-      y = nn.gelu(_dense(self.mlp_dim, ("embed", "mlp"), dt, pdt, "fc1")(y))
+      y = nn.gelu(_dense(self.mlp_dim, ("embed", "mlp"), dt, pdt, "fc1")(y),
+                  approximate=self.approximate_gelu)
       y = y + _conv(self.mlp_dim, 3, 1, dt, pdt, "ffn_conv", groups=self.mlp_dim)(y)
       y = _dense(c, ("mlp", "embed"), dt, pdt, "fc2")(y)
     else:
-      y = MlpBlock(mlp_dim=self.mlp_dim, dtype=dt, param_dtype=pdt, name="mlp")(y)
+      y = MlpBlock(mlp_dim=self.mlp_dim, approximate_gelu=self.approximate_gelu, dtype=dt,
+                   param_dtype=pdt, name="mlp")(y)
     return x + _drop_path(self.drop_path, self._scale("gamma2", y), deterministic)
 
   def _scale(self, name, y):
@@ -396,6 +400,7 @@ class Model(nn.Module):
       local_op_args, global_op_args: their extra arguments (merged over the family's when the
       op is the family's own); the stage's `grid` is filled in for ops that take one.
     drop_path: stochastic depth rate of the last block (linear from 0).
+    approximate_gelu: tanh-approximate GELU in the FFNs; False: exact (timm's weights).
     head_zeroinit: zero-initialised classifier.
     dtype: compute dtype; param_dtype: parameter dtype.
   Parameters carry the logical names embed, mlp, heads, head_dim, norm, conv_height,
@@ -424,6 +429,7 @@ class Model(nn.Module):
   local_op_args: Any = None
   global_op_args: Any = None
   drop_path: float = 0.0
+  approximate_gelu: bool = True
   head_zeroinit: bool = True
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -623,8 +629,8 @@ class Model(nn.Module):
             decomposed=family == "rmt" and op == "retention" and spec["decomposed"][stage],
             rope_base=rope_base, ffn_conv=family == "rmt",
             layer_scale=spec["layer_scale"][stage], drop_path=float(rates[block_index]),
-            norm_eps=spec["norm_eps"], dtype=dt, param_dtype=pdt,
-            name=f"stage{stage}_block{j}")(x, deterministic)
+            norm_eps=spec["norm_eps"], approximate_gelu=self.approximate_gelu, dtype=dt,
+            param_dtype=pdt, name=f"stage{stage}_block{j}")(x, deterministic)
         block_index += 1
         if family == "twins_svt" and j == 0:
           x = x + _conv(dim, 3, 1, dt, pdt, f"stage{stage}_peg", groups=dim)(x)

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from big_attn.models import convnext, deit, maxvit, metaformer, vit
+from big_attn.models import convnext, deit, hvit, maxvit, metaformer, vit
 from big_attn.pretrained._common import ConversionError, StateDict, conv_kernel, dense_kernel
 
 
@@ -604,6 +604,93 @@ def _convert_poolformer(model: Any, sd: StateDict):
   return metaformer.Model, kwargs, params, {}
 
 
+# ------------------------------------------------------------------------------------- DaViT
+def _convert_davit(model: Any, sd: StateDict):
+  """timm DaVit -> `big_attn.models.hvit.Model(family="davit")`.
+
+  timm pads a stage's map up to a multiple of the window; big_attn's windows must divide the
+  map (or are clipped to a smaller map), so the two agree where every stage's map is a multiple
+  of `window_size` (224x224 with windows of 7).
+  """
+  import timm  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  dv = timm.models.davit
+  source = sd.source
+  stem = model.stem
+  _require(stem.conv.kernel_size == (7, 7) and stem.conv.stride == (4, 4)
+           and stem.conv.padding == (3, 3), source, "stem.conv",
+           "must be DaViT's 7x7/4 conv (padding 3)")
+  eps = _eps(stem.norm)
+  params = {"stem": _conv(sd, "stem.conv"), "stem_norm": _norm(sd, "stem.norm")}
+  dims, depths, heads, mlp_ratio, window, approximate = [], [], [], None, None, None
+  for s, stage in enumerate(model.stages):
+    if s:
+      _require(stage.downsample.conv.kernel_size == (2, 2) == stage.downsample.conv.stride,
+               source, f"stages.{s}.downsample", "must be a norm and a 2x2/2 conv")
+      _check_eps(source, f"stages.{s}.downsample.norm", stage.downsample.norm, eps)
+      params[f"downsample_{s}_norm"] = _norm(sd, f"stages.{s}.downsample.norm")
+      params[f"downsample_{s}"] = _conv(sd, f"stages.{s}.downsample.conv")
+    j = 0
+    for p, pair in enumerate(stage.blocks):
+      for q, block in enumerate(pair):
+        field = f"stages.{s}.blocks.{p}.{q}"
+        expected = (dv.SpatialBlock, dv.ChannelBlock)[q]
+        _require(type(block) is expected, source, field,
+                 f"is {type(block).__name__}; expected {expected.__name__} (DaViT v1 order)")
+        qkv_weight = sd.take(f"{field}.attn.qkv.weight")
+        qkv_bias = sd.take(f"{field}.attn.qkv.bias")
+        if q == 0:
+          window = tuple(block.window_size)
+        else:
+          _require(type(block.attn) is dv.ChannelAttention, source, f"{field}.attn",
+                   f"is {type(block.attn).__name__}; only DaViT v1's ChannelAttention converts")
+          # timm computes softmax(s·kᵀv) applied to q; big_attn's op softmax(s·QᵀK) applied
+          # to V: the projections take the roles (Q, K, V) = (k, v, q).
+          qkv_weight, qkv_bias = (np.concatenate([np.split(t, 3)[i] for i in (1, 2, 0)])
+                                  for t in (qkv_weight, qkv_bias))
+        for name in ("cpe1", "cpe2"):
+          _require(isinstance(getattr(block, name).act, torch.nn.Identity), source,
+                   f"{field}.{name}.act", "is set (cpe_act); not supported")
+        for name in ("norm1", "norm2"):
+          _check_eps(source, f"{field}.{name}", getattr(block, name), eps)
+        for name in ("ls1", "ls2"):
+          _require(isinstance(getattr(block, name, torch.nn.Identity()), torch.nn.Identity),
+                   source, f"{field}.{name}", "is a LayerScale; not supported")
+        approximate = _check_gelu(source, f"{field}.mlp.act", block.mlp.act)
+        mlp_ratio = block.mlp.fc1.out_features // block.mlp.fc1.in_features
+        attn = block.attn
+        params[f"stage{s}_block{j}"] = {
+            "cpe": _conv(sd, f"{field}.cpe1.proj"), "norm1": _norm(sd, f"{field}.norm1"),
+            "attention": _attention(qkv_weight, qkv_bias, _dense(sd, f"{field}.attn.proj"),
+                                    attn.num_heads),
+            "cpe_mlp": _conv(sd, f"{field}.cpe2.proj"), "norm2": _norm(sd, f"{field}.norm2"),
+            "mlp": {"Dense_0": _dense(sd, f"{field}.mlp.fc1"),
+                    "Dense_1": _dense(sd, f"{field}.mlp.fc2")}}
+        j += 1
+    dims.append(stage.blocks[0][0].norm1.normalized_shape[0])
+    depths.append(j)
+    heads.append(stage.blocks[0][0].attn.num_heads)
+  _require(_ensure_four(depths), source, "depths", f"is {tuple(depths)}; hvit has four stages")
+  head = model.head
+  _require(isinstance(model.norm_pre, torch.nn.Identity) and head.global_pool.pool_type == "avg"
+           and isinstance(head.pre_logits, torch.nn.Identity), source, "head",
+           "must be average pooling, norm and a linear classifier")
+  _check_eps(source, "head.norm", head.norm, eps)
+  params["norm"] = _norm(sd, "head.norm")
+  if model.num_classes:
+    params["head"] = _dense(sd, "head.fc")
+  _require(window[0] == window[1], source, "window_size", f"is {window}; hvit's is square")
+  _require(np.isclose(eps, 1e-5), source, "norm_layer.eps", f"is {eps}; DaViT's is 1e-5")
+  kwargs = dict(num_classes=model.num_classes, family="davit", embed_dims=tuple(dims),
+                depths=tuple(depths), num_heads=tuple(heads), mlp_ratios=mlp_ratio,
+                window_size=window[0], approximate_gelu=approximate)
+  return hvit.Model, kwargs, params, {}
+
+
+def _ensure_four(stages: list[Any]) -> bool:
+  return len(stages) == 4
+
+
 # timm class name -> converter returning (big_attn Model class, fields, params, other collections)
 _CONVERTERS: list[tuple[str, Callable[..., Any]]] = [
     ("VisionTransformer", _convert_vit),
@@ -611,6 +698,7 @@ _CONVERTERS: list[tuple[str, Callable[..., Any]]] = [
     ("ConvNeXt", _convert_convnext),
     ("MaxxVit", _convert_maxvit),
     ("MetaFormer", _convert_poolformer),
+    ("DaVit", _convert_davit),
 ]
 
 __all__ = ["ConversionError", "from_timm"]
