@@ -7,12 +7,15 @@
     state_dict = torch.load("vit_base_patch16_224.pth")       # or safetensors.torch.load_file
     module, variables = from_timm("vit_base_patch16_224", state_dict)
 
-Supported: timm's VisionTransformer (`vit_*`, with registers, "token"/"avg"/"map" pooling),
-DeiT (`deit_*`, distilled ones averaging the two heads at eval), ConvNeXt (`convnext_*`), MaxViT
-(`maxvit_*`), PoolFormer v1 (`poolformer_*`) and DaViT (`davit_*`). The converted model takes
-`[batch, H, W, C]` images (timm's are `[batch, C, H, W]`); keyword overrides go to the big_attn
-model (e.g. `attention="sigmoid"` to fine-tune the weights with another op). A configuration
-the big_attn family cannot express raises `ConversionError` naming the timm field.
+Supported: timm's VisionTransformer (`vit_*`, with registers, "token"/"avg"/"map" pooling; the
+DeiTs without distillation), distilled DeiT (`deit_*_distilled_*`, the two heads averaged at
+eval), ConvNeXt (`convnext_*`), MaxViT in the authors' TensorFlow layout (`maxvit_*_tf_*`,
+BatchNorm statistics in `variables["batch_stats"]`), PoolFormer v1 (`poolformer_*`) and DaViT
+(`davit_*`). The converted model takes `[batch, H, W, C]` images (timm's are `[batch, C, H, W]`)
+of the timm model's own size (timm's `dynamic_img_size` resampling is not reproduced). Keyword
+overrides go to the big_attn model (e.g. `attention="sigmoid"` to fine-tune the weights with
+another op, `scan_layers=True`). A configuration the big_attn family cannot express raises
+`ConversionError` naming the timm field.
 """
 from __future__ import annotations
 
@@ -208,9 +211,6 @@ def _vit_embedding(model: Any, sd: StateDict, source: str, token_names: tuple[st
            "must be a non-overlapping patch convolution")
   _require(isinstance(embed.norm, torch.nn.Identity), source, "patch_embed.norm",
            "is set (embed_norm_layer); not supported")
-  _require(not getattr(model, "dynamic_img_size", False)
-           and not getattr(embed, "dynamic_img_pad", False), source, "dynamic_img_size",
-           "is set; the big_attn model has a fixed token grid")
   _require(model.pos_embed is not None, source, "pos_embed",
            "is None (pos_embed='none'); the big_attn ViT adds a learned position embedding")
   _require(isinstance(model.norm_pre, torch.nn.Identity), source, "norm_pre",
@@ -245,7 +245,8 @@ def _vit_final_norm(model: Any, sd: StateDict, source: str, fc_norm: bool
 
 
 def _convert_vit(model: Any, sd: StateDict):
-  """timm VisionTransformer -> `big_attn.models.vit.Model` (or `deit.Model` for `deit_*`)."""
+  """timm VisionTransformer (`vit_*`, and the DeiTs without distillation) ->
+  `big_attn.models.vit.Model`."""
   import torch  # pylint: disable=import-outside-toplevel
   source = sd.source
   pool = model.global_pool
@@ -284,8 +285,6 @@ def _convert_vit(model: Any, sd: StateDict):
                 num_heads=block.attn.num_heads, mlp_dim=block.mlp.fc1.out_features,
                 patch_size=tuple(model.patch_embed.proj.kernel_size),
                 approximate_gelu=approximate)
-  if source.startswith("deit") and pool == "token" and not model.num_reg_tokens and not fc_norm:
-    return deit.Model, dict(kwargs, distilled=False), params, {}
   kwargs.update(pool_type={"token": "cls", "avg": "gap", "map": "map"}[pool], fc_norm=fc_norm,
                 num_registers=model.num_reg_tokens)
   return vit.Model, kwargs, params, {}
@@ -561,6 +560,8 @@ def _convert_poolformer(model: Any, sd: StateDict):
   for s, stage in enumerate(model.stages):
     if s:
       down = stage.downsample
+      _require(not isinstance(down, torch.nn.Identity), source, f"stages.{s}.downsample",
+               "is Identity (equal widths); big_attn's MetaFormer downsamples every stage")
       _require(isinstance(down.norm, torch.nn.Identity) and down.conv.kernel_size == (3, 3)
                and down.conv.stride == (2, 2) and down.conv.padding == (1, 1), source,
                f"stages.{s}.downsample", "must be a 3x3/2 conv (padding 1) without a norm")
