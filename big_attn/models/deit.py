@@ -19,8 +19,9 @@ Hard-label distillation (the paper's best): with `teacher` logits Z_t,
 `TASK` is this loss for `big_attn.main`. `teacher` is either a callable `images -> logits` or a
 dict `dict(model_name=..., model={...}, workdir=DIR)` naming a classifier trained by
 `big_attn.main` in `DIR` (its `config.model_name` and `config.model`; `num_classes` defaults to
-the student's). The loop restores that teacher's parameters once (`TASK.constants`, orbax) and
-passes them to every step as arguments, so they are neither trained nor compiled into the step.
+the student's). The loop restores that teacher's parameters (and BatchNorm statistics) once
+(`TASK.constants`, orbax) and passes them to every step as arguments, so they are neither
+trained nor compiled into the step.
 Without a teacher the distillation head is trained on the labels (`y` in both terms), and a
 warning says so. With `distilled=False` the model is the plain DeiT (class token, one head).
 
@@ -172,10 +173,11 @@ def _teacher_spec(teacher: Any, num_classes: int) -> tuple[Any, str]:
 
 
 def restore_teacher(teacher: Any, num_classes: int, image_shape: tuple[int, ...]) -> Any:
-  """Parameters of a teacher dict's model from the newest checkpoint of its workdir.
+  """Variables of a teacher dict's model from the newest checkpoint of its workdir:
+  `{"params": ...}`, plus `"batch_stats"` for a teacher with BatchNorm (MaxViT, CvT).
 
-  Only `params` of the saved train state are read (orbax partial restore), as host arrays.
-  Raises `FileNotFoundError` when the workdir holds no checkpoint.
+  Only those entries of the saved train state are read (orbax partial restore), as host
+  arrays. Raises `FileNotFoundError` when the workdir holds no checkpoint.
   """
   module, workdir = _teacher_spec(teacher, num_classes)
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
@@ -185,9 +187,9 @@ def restore_teacher(teacher: Any, num_classes: int, image_shape: tuple[int, ...]
     step = manager.latest_step()
     if step is None:
       raise FileNotFoundError(f"teacher workdir {workdir!r} has no checkpoint in {directory}")
-    abstract = nn.unbox(jax.eval_shape(
-        lambda rng: step_lib.init_variables(module, rng, image_shape), jax.random.key(0)))
-    item = {"params": abstract}
+    item = nn.unbox(jax.eval_shape(
+        lambda rng: step_lib.init_model_variables(module, rng, image_shape),
+        jax.random.key(0)))
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=item,
         restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item),
@@ -196,11 +198,11 @@ def restore_teacher(teacher: Any, num_classes: int, image_shape: tuple[int, ...]
     manager.close()
   logging.info("DeiT teacher %s restored from step %d of %s", type(module).__module__, step,
                directory)
-  return restored["state"]["params"]
+  return restored["state"]
 
 
 def teacher_constants(model: Model, info: dict[str, Any]) -> Any:
-  """`Task.constants`: the teacher dict's restored parameters; None for other teachers."""
+  """`Task.constants`: the teacher dict's restored variables; None for other teachers."""
   if model.teacher is None:
     logging.warning("DeiT without a teacher: the distillation head is trained on the labels")
   if model.teacher is None or callable(model.teacher):
@@ -218,7 +220,7 @@ def teacher_logits(model: Model, images: jax.Array, constants: Any = None) -> ja
     if constants is None:
       raise ValueError("a teacher dict needs its restored parameters (`teacher_constants`)")
     module, _ = _teacher_spec(model.teacher, model.num_classes)
-    logits = module.apply({"params": constants}, images, train=False)
+    logits = module.apply(constants, images, train=False)
   return jax.lax.stop_gradient(jnp.asarray(logits, jnp.float32))
 
 
