@@ -120,9 +120,27 @@ def test_state_dict_and_name_give_the_models_own_conversion():
       np.shape, nn.meta.unbox(abstract))
 
 
+def test_an_op_with_its_own_parameters_gets_them_from_the_model():
+  model = _randomize(timm_vit.VisionTransformer(**VIT))
+  _, converted = from_timm(model)
+  module, variables = from_timm(model, attention="gated_attention")
+  block = variables["params"]["Transformer"]["encoderblock_1"]["MultiHeadAttention"]
+  assert module.attention == "gated_attention" and "op_params" in block
+  np.testing.assert_array_equal(
+      block["query"]["kernel"],
+      converted["params"]["Transformer"]["encoderblock_1"]["MultiHeadAttention"]["query"][
+          "kernel"])
+
+
+def test_vit_layer_scale():
+  module, _ = _check_parity(_randomize(timm_vit.VisionTransformer(**VIT, init_values=1e-5)), 32,
+                            vit.Model)
+  assert module.layer_scale_init is not None
+
+
 def test_unsupported_configurations_are_refused_naming_the_field():
-  with pytest.raises(ConversionError, match="blocks.0.ls1"):
-    from_timm(timm_vit.VisionTransformer(**VIT, init_values=1e-5))
+  with pytest.raises(ConversionError, match="not created by it.*layer_scale_1"):
+    from_timm(timm_deit.VisionTransformerDistilled(**VIT, init_values=1e-5))
   with pytest.raises(ConversionError, match="blocks.0.attn.q_norm"):
     from_timm(timm_vit.VisionTransformer(**VIT, qk_norm=True))
   with pytest.raises(ConversionError, match="class_token"):

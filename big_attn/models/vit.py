@@ -77,7 +77,11 @@ def decode_variant(variant: str) -> dict[str, Any]:
 
 
 class Encoder1DBlock(nn.Module):
-  """x + Dropout(Attn(LN(x))), then x + Dropout(MLP(LN(x))); returns `(x, None)` for `nn.scan`."""
+  """x + Dropout(Attn(LN(x))), then x + Dropout(MLP(LN(x))); returns `(x, None)` for `nn.scan`.
+
+  With `layer_scale_init` each branch is first multiplied by a learned per-channel scale
+  initialised to it (LayerScale of "Going deeper with Image Transformers"; DeiT III, DINOv2).
+  """
   num_heads: int
   mlp_dim: int
   num_kv_heads: int | None = None
@@ -87,8 +91,17 @@ class Encoder1DBlock(nn.Module):
   qk_norm: bool = False
   dropout: float = 0.0
   approximate_gelu: bool = True
+  layer_scale_init: float | None = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+
+  def _scale(self, name, y):
+    if self.layer_scale_init is None:
+      return y
+    gamma = self.param(name, nn.with_logical_partitioning(
+        nn.initializers.constant(self.layer_scale_init), ("embed",)), (y.shape[-1],),
+                       self.param_dtype)
+    return y * jnp.asarray(gamma, y.dtype)
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
@@ -101,13 +114,13 @@ class Encoder1DBlock(nn.Module):
         use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype,
         kernel_init=nn.initializers.xavier_uniform(), name="MultiHeadAttention")(y)
     y = nn.Dropout(rate=self.dropout)(y, deterministic)
-    x = constrain(x + y)
+    x = constrain(x + self._scale("layer_scale_1", y))
     y = layer_norm(self.dtype, self.param_dtype, "LayerNorm_1")(x)
     y = MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout,
                  approximate_gelu=self.approximate_gelu, dtype=self.dtype,
                  param_dtype=self.param_dtype, name="MlpBlock")(y, deterministic)
     y = nn.Dropout(rate=self.dropout)(y, deterministic)
-    return constrain(x + y), None
+    return constrain(x + self._scale("layer_scale_2", y)), None
 
 
 class Encoder(nn.Module):
@@ -215,6 +228,8 @@ class Model(nn.Module):
     qk_norm, num_kv_heads: as in `big_attn.layers.Attention`.
     dropout: rate after the embeddings and inside every block.
     approximate_gelu: tanh-approximate GELU in the MLPs (big_vision's); False: exact (timm's).
+    layer_scale_init: per-channel LayerScale of both branches of every block, initialised to
+      this value (DeiT III, DINOv2, timm's `init_values`); None: none.
     head_zeroinit: zero-initialised classifier head (as big_vision).
     remat_policy: "none" or a `jax.checkpoint_policies` name applied to every block.
     scan_layers: stack the blocks with `nn.scan` (parameters get a leading `layers` axis).
@@ -240,6 +255,7 @@ class Model(nn.Module):
   num_kv_heads: int | None = None
   dropout: float = 0.0
   approximate_gelu: bool = True
+  layer_scale_init: float | None = None
   head_zeroinit: bool = True
   remat_policy: str = "none"
   scan_layers: bool = False
@@ -303,7 +319,8 @@ class Model(nn.Module):
                       attention_args=None if self.attention_args is None
                       else dict(self.attention_args),
                       attention_impl=self.attention_impl, qk_norm=self.qk_norm,
-                      dropout=self.dropout, approximate_gelu=self.approximate_gelu)
+                      dropout=self.dropout, approximate_gelu=self.approximate_gelu,
+                      layer_scale_init=self.layer_scale_init)
     x = Encoder(depth=sizes["depth"], block_args=block_args, remat_policy=self.remat_policy,
                 scan_layers=self.scan_layers, final_norm=not self.fc_norm, dtype=self.dtype,
                 param_dtype=self.param_dtype, name="Transformer")(x, deterministic)

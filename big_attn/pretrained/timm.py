@@ -21,6 +21,10 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from absl import logging
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from big_attn.models import convnext, deit, hvit, maxvit, metaformer, vit
@@ -57,12 +61,12 @@ def from_timm(model: Any, state_dict: Any = None, **overrides) -> tuple[Any, dic
     if type(model).__name__ == cls_name:
       name = getattr(model, "pretrained_cfg", {}).get("architecture") or cls_name
       sd = StateDict(model.state_dict(), source=name)
-      module_cls, kwargs, params, extra = converter(model, sd)
+      module_cls, kwargs, params, extra, image_hw = converter(model, sd)
       sd.check_all_read()
       module = module_cls(**{**kwargs, **overrides})
       if overrides.get("scan_layers"):
         params = _scan_blocks(params)
-      return module, {"params": params, **extra}
+      return module, _fit(module, {"params": params, **extra}, image_hw, name)
   raise ConversionError(f"timm model class {type(model).__name__} has no big_attn converter; "
                         f"supported: {', '.join(name for name, _ in _CONVERTERS)}")
 
@@ -77,6 +81,36 @@ def _create(timm: Any, name: str, state_dict: Any) -> Any:
   if num_classes == probe.num_classes:
     return probe
   return timm.create_model(name, pretrained=False, num_classes=num_classes)
+
+
+def _fit(module: Any, variables: dict[str, Any], image_hw: tuple[int, int], source: str
+         ) -> dict[str, Any]:
+  """`variables` checked against the shapes `module` creates for `[1, *image_hw, 3]` images.
+
+  A converted tensor the module does not create, or of another shape, is a ConversionError.
+  Variables the checkpoint cannot provide (an overriding attention op's own parameters) are
+  initialised by the module, and logged.
+  """
+  images = jax.ShapeDtypeStruct((1, *image_hw, 3), jnp.float32)
+  init = lambda rng, x: nn.meta.unbox(module.init(rng, x, train=False))
+  expected = jax.eval_shape(init, jax.random.key(0), images)
+  flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(variables)}
+  want = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(expected)}
+  extra = sorted(set(flat) - set(want))
+  wrong = sorted(k for k in set(flat) & set(want) if np.shape(flat[k]) != want[k].shape)
+  if extra or wrong:
+    raise ConversionError(
+        f"{source}: the converted tensors do not fit {type(module).__module__}.Model: "
+        f"not created by it: {extra[:6]}; other shapes: "
+        f"{[(k, np.shape(flat[k]), want[k].shape) for k in wrong[:6]]}")
+  missing = sorted(set(want) - set(flat))
+  if not missing:
+    return variables
+  logging.info("%s: initialising %d tensors the checkpoint has no values for: %s", source,
+               len(missing), ", ".join(missing[:8]))
+  fresh = jax.jit(init)(jax.random.key(0), jnp.zeros(images.shape, images.dtype))
+  return jax.tree_util.tree_map_with_path(
+      lambda path, leaf: flat.get(jax.tree_util.keystr(path), leaf), fresh)
 
 
 def _scan_blocks(params: dict[str, Any]) -> dict[str, Any]:
@@ -162,17 +196,19 @@ def _attention(qkv_weight: np.ndarray, qkv_bias: np.ndarray | None, proj: dict[s
 
 # ------------------------------------------------------------------------------ ViT and DeiT
 def _vit_blocks(model: Any, sd: StateDict, source: str) -> tuple[dict[str, Any], bool]:
-  """timm `blocks.{i}` -> `encoderblock_{i}` parameters, and whether GELU is tanh-approximate."""
+  """timm `blocks.{i}` -> `encoderblock_{i}` parameters (LayerScales included), and whether
+  GELU is tanh-approximate."""
   import timm  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
   blocks, approximate = {}, None
+  layer_scale = not isinstance(model.blocks[0].ls1, torch.nn.Identity)
   for i, block in enumerate(model.blocks):
     field = f"blocks.{i}"
     _require(type(block) is timm.models.vision_transformer.Block, source, field,
              f"is {type(block).__name__}; only the pre-norm Block converts")
     for name in ("ls1", "ls2"):
-      _require(isinstance(getattr(block, name), torch.nn.Identity), source,
-               f"{field}.{name}", "is a LayerScale (init_values); the big_attn ViT has none")
+      _require(isinstance(getattr(block, name), torch.nn.Identity) != layer_scale, source,
+               f"{field}.{name}", "must be a LayerScale in every block or in none")
     attn, mlp = block.attn, block.mlp
     _require(type(attn) is timm.models.vision_transformer.Attention, source, f"{field}.attn",
              f"is {type(attn).__name__}; only timm's Attention converts")
@@ -194,9 +230,20 @@ def _vit_blocks(model: Any, sd: StateDict, source: str) -> tuple[dict[str, Any],
         "LayerNorm_1": _norm(sd, f"{field}.norm2"),
         "MlpBlock": {"Dense_0": _dense(sd, f"{field}.mlp.fc1"),
                      "Dense_1": _dense(sd, f"{field}.mlp.fc2")}}
+    if layer_scale:
+      blocks[f"encoderblock_{i}"].update(layer_scale_1=sd.take(f"{field}.ls1.gamma"),
+                                         layer_scale_2=sd.take(f"{field}.ls2.gamma"))
     _require(attn.qkv.bias is not None and attn.proj.bias is not None, source,
              f"{field}.attn", "has no qkv/proj bias (qkv_bias=False); big_attn's ViT has both")
   return blocks, approximate
+
+
+def _layer_scale_init(model: Any) -> float | None:
+  """timm's `init_values` as the big_attn ViT's `layer_scale_init` (None without LayerScale);
+  only the initialiser, the converted scales are the checkpoint's."""
+  import torch  # pylint: disable=import-outside-toplevel
+  ls1 = model.blocks[0].ls1
+  return None if isinstance(ls1, torch.nn.Identity) else 1e-5
 
 
 def _vit_embedding(model: Any, sd: StateDict, source: str, token_names: tuple[str, ...]
@@ -284,10 +331,10 @@ def _convert_vit(model: Any, sd: StateDict):
   kwargs = dict(num_classes=num_classes, width=model.embed_dim, depth=len(model.blocks),
                 num_heads=block.attn.num_heads, mlp_dim=block.mlp.fc1.out_features,
                 patch_size=tuple(model.patch_embed.proj.kernel_size),
-                approximate_gelu=approximate)
+                approximate_gelu=approximate, layer_scale_init=_layer_scale_init(model))
   kwargs.update(pool_type={"token": "cls", "avg": "gap", "map": "map"}[pool], fc_norm=fc_norm,
                 num_registers=model.num_reg_tokens)
-  return vit.Model, kwargs, params, {}
+  return vit.Model, kwargs, params, {}, tuple(model.patch_embed.img_size)
 
 
 def _map_head(pool: Any, sd: StateDict, source: str, approximate: bool) -> dict[str, Any]:
@@ -335,7 +382,7 @@ def _convert_deit_distilled(model: Any, sd: StateDict):
                 num_heads=block.attn.num_heads, mlp_dim=block.mlp.fc1.out_features,
                 patch_size=tuple(model.patch_embed.proj.kernel_size), distilled=True,
                 approximate_gelu=approximate)
-  return deit.Model, kwargs, params, {}
+  return deit.Model, kwargs, params, {}, tuple(model.patch_embed.img_size)
 
 
 # ---------------------------------------------------------------------------------- ConvNeXt
@@ -394,7 +441,8 @@ def _convert_convnext(model: Any, sd: StateDict):
   kwargs = dict(num_classes=model.num_classes, depths=tuple(depths), dims=tuple(dims),
                 stem_size=stem_size, kernel_size=kernel,
                 layer_scale_init=1e-6 if layer_scale else 0.0)
-  return convnext.Model, kwargs, params, {}
+  side = stem_size * 2 ** (len(depths) - 1)
+  return convnext.Model, kwargs, params, {}, (side, side)
 
 
 # ------------------------------------------------------------------------------------ MaxViT
@@ -541,7 +589,9 @@ def _convert_maxvit(model: Any, sd: StateDict):
                 partition_size=partition,
                 expansion=model.stages[0].blocks[0].conv.conv1_1x1.out_channels / dims[0],
                 conv_norm="batch", batch_norm_eps=bn_eps, layer_norm_eps=ln_eps)
-  return maxvit.Model, kwargs, params, {"batch_stats": stats}
+  factor = 2 ** (len(depths) + 1)  # the stem and every stage halve the map
+  return (maxvit.Model, kwargs, params, {"batch_stats": stats},
+          (factor * partition[0], factor * partition[1]))
 
 
 # -------------------------------------------------------------------------------- PoolFormer
@@ -602,7 +652,7 @@ def _convert_poolformer(model: Any, sd: StateDict):
   kwargs = dict(num_classes=model.num_classes, depths=tuple(depths), dims=tuple(dims),
                 mlp_ratio=mlp_ratio, mixers="pool", approximate_gelu=approximate,
                 head_norm="layer")
-  return metaformer.Model, kwargs, params, {}
+  return metaformer.Model, kwargs, params, {}, (32, 32)
 
 
 # ------------------------------------------------------------------------------------- DaViT
@@ -685,14 +735,15 @@ def _convert_davit(model: Any, sd: StateDict):
   kwargs = dict(num_classes=model.num_classes, family="davit", embed_dims=tuple(dims),
                 depths=tuple(depths), num_heads=tuple(heads), mlp_ratios=mlp_ratio,
                 window_size=window[0], approximate_gelu=approximate)
-  return hvit.Model, kwargs, params, {}
+  return hvit.Model, kwargs, params, {}, (32 * window[0], 32 * window[0])
 
 
 def _ensure_four(stages: list[Any]) -> bool:
   return len(stages) == 4
 
 
-# timm class name -> converter returning (big_attn Model class, fields, params, other collections)
+# timm class name -> converter returning (big_attn Model class, its fields, params, other
+# collections, an image size (h, w) the model accepts)
 _CONVERTERS: list[tuple[str, Callable[..., Any]]] = [
     ("VisionTransformer", _convert_vit),
     ("VisionTransformerDistilled", _convert_deit_distilled),
