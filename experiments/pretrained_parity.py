@@ -101,9 +101,14 @@ def main() -> None:
   for source, name, build in CASES:
     if wanted and not any(w in name for w in wanted):
       continue
-    row = run_case(source, name, build)
-    print(f"{source} {name}: {row['params']:,} parameters, max relative error "
-          f"{row['error']:.1e}, converted in {row['convert_s']:.3f} s", flush=True)
+    try:
+      row = run_case(source, name, build)
+    except pretrained.ConversionError as e:  # recorded as a row: what is not supported, and why
+      row = dict(source=source, name=name, refused=str(e))
+      print(f"{source} {name}: refused: {e}", flush=True)
+    else:
+      print(f"{source} {name}: {row['params']:,} parameters, max relative error "
+            f"{row['error']:.1e}, converted in {row['convert_s']:.3f} s", flush=True)
     rows.append(row)
   import timm  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
@@ -118,7 +123,8 @@ def main() -> None:
       "",
       "| source | model | big_attn family | parameters | max rel. error | convert (s) |",
       "|--------|-------|-----------------|-----------:|---------------:|------------:|"]
-  lines += [f"| {r['source']} | {r['name']} | {r['family']} | {r['params']:,} | "
+  lines += [f"| {r['source']} | {r['name']} | refused: {r['refused']} | | | |" if "refused" in r
+            else f"| {r['source']} | {r['name']} | {r['family']} | {r['params']:,} | "
             f"{r['error']:.1e} | {r['convert_s']:.3f} |" for r in rows]
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w", encoding="utf-8") as f:
