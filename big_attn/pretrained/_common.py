@@ -11,13 +11,14 @@ class ConversionError(ValueError):
 
 
 def to_numpy(tensor: Any) -> np.ndarray:
-  """A torch tensor (any dtype, device, requires_grad) or array as a float32 NumPy array."""
+  """A torch tensor (any dtype, device, requires_grad) or array as a float32 NumPy array that
+  owns its memory (later changes to the tensor do not reach it)."""
   if hasattr(tensor, "detach"):
     tensor = tensor.detach().cpu()
     if tensor.is_floating_point():
       tensor = tensor.float()
     tensor = tensor.numpy()
-  return np.asarray(tensor, np.float32)
+  return np.array(tensor, np.float32, copy=True)
 
 
 def dense_kernel(weight: Any) -> np.ndarray:

@@ -85,7 +85,8 @@ def _create(timm: Any, name: str, state_dict: Any) -> Any:
 
 def _fit(module: Any, variables: dict[str, Any], image_hw: tuple[int, int], source: str
          ) -> dict[str, Any]:
-  """`variables` checked against the shapes `module` creates for `[1, *image_hw, 3]` images.
+  """`variables` checked against the shapes `module` creates for `[1, *image_hw, 3]` images,
+  and cast to its dtypes (a `param_dtype` override).
 
   A converted tensor the module does not create, or of another shape, is a ConversionError.
   Variables the checkpoint cannot provide (an overriding attention op's own parameters) are
@@ -103,9 +104,11 @@ def _fit(module: Any, variables: dict[str, Any], image_hw: tuple[int, int], sour
         f"{source}: the converted tensors do not fit {type(module).__module__}.Model: "
         f"not created by it: {extra[:6]}; other shapes: "
         f"{[(k, np.shape(flat[k]), want[k].shape) for k in wrong[:6]]}")
+  flat = {k: np.asarray(v, want[k].dtype) for k, v in flat.items()}
   missing = sorted(set(want) - set(flat))
   if not missing:
-    return variables
+    return jax.tree_util.tree_map_with_path(lambda path, _: flat[jax.tree_util.keystr(path)],
+                                            variables)
   logging.info("%s: initialising %d tensors the checkpoint has no values for: %s", source,
                len(missing), ", ".join(missing[:8]))
   fresh = jax.jit(init)(jax.random.key(0), jnp.zeros(images.shape, images.dtype))
