@@ -32,7 +32,7 @@ def dense_kernel(weight: Any) -> np.ndarray:
 
 
 def conv_kernel(weight: Any) -> np.ndarray:
-  """torch `Conv2d.weight` `[out, in/groups, kh, kw]` -> Flax `nn.Conv` `[kh, kw, in/groups, out]`."""
+  """torch `Conv2d.weight` `[out, in/groups, kh, kw]` -> Flax `[kh, kw, in/groups, out]`."""
   return to_numpy(weight).transpose(2, 3, 1, 0)
 
 
