@@ -1,10 +1,10 @@
 """Train state, its shardings, and the update step (with gradient accumulation).
 
 The state is a plain dict `{"step": int32[], "params": ..., "opt_state": ...}` so that orbax saves
-and restores it as an ordinary pytree. A model with BatchNorm (MaxViT's and CvT's `conv_norm=
-"batch"`) adds `"batch_stats"`: its running statistics, updated by every train step (the model is
-applied with `mutable=["batch_stats"]`), replicated, saved in checkpoints and read by evaluators
-(`model_variables(state)`).
+and restores it as an ordinary pytree. A model with BatchNorm (`conv_norm="batch"` of MaxViT,
+CvT, BiFormer and RMT) adds `"batch_stats"`: its running statistics, updated by every train step
+(the model is applied with `mutable=["batch_stats"]`), replicated, saved in checkpoints and read
+by evaluators (`model_variables(state)`).
 """
 from __future__ import annotations
 
