@@ -379,13 +379,16 @@ def _train_and_evaluate(config: Any, workdir: str, stop: StopRequest) -> dict[st
   constants = (None if task.constants is None
                else jax.device_put(task.constants(model, info), replicated))
 
-  def task_loss(c):
-    return task.loss if task.constants is None else functools.partial(task.loss, constants=c)
+  def task_loss(c, loss):
+    if loss is None or task.constants is None:
+      return loss
+    return functools.partial(loss, constants=c)
 
   def update(state, batch, rng, c):
     return step_lib.make_train_step(
         model, tx, schedule, grad_accum_steps=config.grad_accum_steps,
-        micro_sharding=data_sharding, loss_fn=task_loss(c))(state, batch, rng)
+        micro_sharding=data_sharding, loss_fn=task_loss(c, task.loss),
+        loss_with_stats_fn=task_loss(c, task.loss_with_stats))(state, batch, rng)
 
   train_step = jax.jit(
       update, in_shardings=(state_shardings, data_sharding, replicated, replicated),
@@ -396,7 +399,8 @@ def _train_and_evaluate(config: Any, workdir: str, stop: StopRequest) -> dict[st
   def lower_and_count():
     lowered = train_step.lower(abstract_state, batch_spec, rng_spec, constants)
     return lowered, step_flops(model, tx, schedule, config, input_shape, batch_spec,
-                               input_dtype=input_dtype, loss_fn=task_loss(constants),
+                               input_dtype=input_dtype, loss_fn=task_loss(constants, task.loss),
+                               loss_with_stats_fn=task_loss(constants, task.loss_with_stats),
                                lowered=lowered)
 
   if config.dry_run:
@@ -520,7 +524,9 @@ def _train_and_evaluate(config: Any, workdir: str, stop: StopRequest) -> dict[st
 
 def step_flops(model: Any, tx: Any, schedule: Any, config: Any, image_shape: tuple[int, ...],
                batch_spec: dict[str, Any], *, input_dtype: Any = jnp.float32,
-               loss_fn: Any = step_lib.classification_loss, lowered: Any = None) -> float:
+               loss_fn: Any = step_lib.classification_loss,
+               loss_with_stats_fn: Any = step_lib.classification_loss_with_stats,
+               lowered: Any = None) -> float:
   """FLOPs of one whole (global, unpartitioned) train step, from XLA's cost analysis.
 
   XLA counts the body of a loop once, so a model whose layers are scanned is lowered again
@@ -537,7 +543,8 @@ def step_flops(model: Any, tx: Any, schedule: Any, config: Any, image_shape: tup
                           nn.unbox(step_lib.abstract_state(model, tx, image_shape,
                                                            input_dtype)))
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch_spec.items()}
-  step = step_lib.make_train_step(model, tx, schedule, loss_fn=loss_fn)
+  step = step_lib.make_train_step(model, tx, schedule, loss_fn=loss_fn,
+                                  loss_with_stats_fn=loss_with_stats_fn)
   return _flops(jax.jit(step).lower(abstract, batch, jax.random.key(0)))
 
 

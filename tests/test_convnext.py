@@ -38,6 +38,17 @@ def random_params(model, x, seed=1, scale=0.2):
                       nn.meta.unbox(abstract(model, x)))
 
 
+def init_batch_stats(model, x):
+  """`{"batch_stats": ...}` as init makes them (means 0, variances 1), or `{}` without
+  BatchNorm; filled by NumPy."""
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
+  if "batch_stats" not in variables:
+    return {}
+  return {"batch_stats": jax.tree_util.tree_map_with_path(
+      lambda path, s: np.full(s.shape, float(path[-1].key == "var"), s.dtype),
+      variables["batch_stats"])}
+
+
 def count(tree):
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.meta.unbox(tree)))
 
@@ -52,7 +63,8 @@ def train_steps(model, x, labels, steps=4, lr=1e-2, loss_fn=step_lib.classificat
   params = random_params(model, x, scale=0.1)
   tx = optax.adam(lr)
   step = jax.jit(step_lib.make_train_step(model, tx, lambda s: lr, loss_fn=loss_fn))
-  state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+  state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+           **init_batch_stats(model, x)}
   batch = {"image": x, "labels": labels}
   losses = []
   for _ in range(steps):

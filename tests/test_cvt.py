@@ -10,8 +10,8 @@ from big_attn import main as main_lib
 from big_attn import models
 from big_attn.models import cvt
 from big_attn.train import config_lib
-from tests.test_convnext import (abstract, count, full_size_count, images, random_params,
-                                 run_tiny_config, train_steps)
+from tests.test_convnext import (abstract, count, full_size_count, images, init_batch_stats,
+                                 random_params, run_tiny_config, train_steps)
 from tests.test_train import _config_module
 
 # Three stages on 16x16 images: 3x3/2 token embeddings -> 8x8, 4x4, 2x2 maps.
@@ -67,8 +67,9 @@ def test_structure_and_logical_names():
   assert count(params) == expected
 
 
-def _reference_attention(p, x, grid, heads, num_prefix, stride_kv):
-  """CvT's convolutional projection and softmax attention in float64 NumPy, from the paper."""
+def _reference_attention(p, x, grid, heads, num_prefix, stride_kv, stats=None):
+  """CvT's convolutional projection and softmax attention in float64 NumPy, from the paper
+  (BatchNorm with running statistics `stats`, or LayerNorm without)."""
   b, _, d = x.shape
   h, w = grid
   prefix, fmap = x[:, :num_prefix], x[:, num_prefix:].reshape(b, h, w, d)
@@ -83,7 +84,11 @@ def _reference_attention(p, x, grid, heads, num_prefix, stride_kv):
         y[:, i, j] = np.einsum("bxyc,xyc->bc",
                                padded[:, i * stride:i * stride + 3, j * stride:j * stride + 3], k)
     norm = p[f"conv_proj_{name}_norm"]
-    y = (y - y.mean(-1, keepdims=True)) / np.sqrt(y.var(-1, keepdims=True) + 1e-6)
+    if stats is None:
+      y = (y - y.mean(-1, keepdims=True)) / np.sqrt(y.var(-1, keepdims=True) + 1e-6)
+    else:
+      running = stats[f"conv_proj_{name}_norm"]
+      y = (y - running["mean"]) / np.sqrt(running["var"] + 1e-5)
     y = y * norm["scale"] + norm["bias"]
     tokens = np.concatenate([prefix, y.reshape(b, oh * ow, d)], axis=1)
     proj = {"q": "query", "k": "key", "v": "value"}[name]
@@ -97,19 +102,25 @@ def _reference_attention(p, x, grid, heads, num_prefix, stride_kv):
   return np.einsum("bqhk,hkd->bqd", out, p["out"]["kernel"]) + p["out"]["bias"]
 
 
-@pytest.mark.parametrize("num_prefix,stride_kv", [(0, 2), (1, 2), (1, 1)])
-def test_conv_projection_attention_matches_reference(num_prefix, stride_kv):
+@pytest.mark.parametrize("num_prefix,stride_kv,norm", [(0, 2, "layer"), (1, 2, "batch"),
+                                                       (1, 1, "layer")])
+def test_conv_projection_attention_matches_reference(num_prefix, stride_kv, norm):
   grid, dim, heads = (4, 3), 8, 2
   x = jax.random.normal(jax.random.key(0), (2, num_prefix + 12, dim))
   layer = cvt.ConvProjectionAttention(num_heads=heads, stride_kv=stride_kv,
-                                      num_prefix=num_prefix)
-  params = nn.meta.unbox(
-      jax.eval_shape(lambda: layer.init(jax.random.key(0), x, grid))["params"])
+                                      num_prefix=num_prefix, conv_norm=norm)
+  variables = nn.meta.unbox(jax.eval_shape(lambda: layer.init(jax.random.key(0), x, grid)))
   rng = np.random.default_rng(0)
-  params = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.4, s.shape), s.dtype), params)
-  out = jax.jit(layer.apply, static_argnums=2)({"params": params}, x, grid)
+  params = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.4, s.shape), s.dtype),
+                        variables["params"])
+  stats = jax.tree_util.tree_map_with_path(  # running means ~ N(0, 0.4), variances in [0.5, 2)
+      lambda path, s: rng.uniform(0.5, 2, s.shape) if path[-1].key == "var"
+      else rng.normal(0, 0.4, s.shape), variables.get("batch_stats", {}))
+  out = jax.jit(layer.apply, static_argnums=2)(
+      {"params": params, **({"batch_stats": stats} if stats else {})}, x, grid)
   ref = _reference_attention(jax.tree.map(lambda a: np.asarray(a, np.float64), params),
-                             np.asarray(x, np.float64), grid, heads, num_prefix, stride_kv)
+                             np.asarray(x, np.float64), grid, heads, num_prefix, stride_kv,
+                             stats or None)
   assert out.shape == x.shape
   np.testing.assert_allclose(out, ref, rtol=2e-4, atol=2e-4)
 
@@ -118,7 +129,8 @@ def test_forward_attention_ops_by_name():
   x = images(batch=3, size=16)
   model = cvt.Model(num_classes=5, **TINY)
   params = random_params(model, x)
-  apply = jax.jit(lambda m, p, x: m.apply({"params": p}, x), static_argnums=0)
+  stats = init_batch_stats(model, x)
+  apply = jax.jit(lambda m, p, x: m.apply({"params": p, **stats}, x), static_argnums=0)
   logits = apply(model, params, x)
   assert logits.shape == (3, 5) and logits.dtype == jnp.float32 and np.all(np.isfinite(logits))
   sigmoid = apply(model.clone(attention="sigmoid"), params, x)

@@ -20,6 +20,7 @@ from big_attn.layers import apply_rope
 from big_attn.models import hvit
 from big_attn.train import config_lib
 from tests import reference
+from tests.test_convnext import init_batch_stats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -104,14 +105,16 @@ def test_forward_and_train_step(family):
   images = reference.normal(0, (2, 16, 16, 3))
   labels = jax.nn.one_hot(jnp.array([3, 7]), 10)
   params = _filled(model, images)
+  stats = init_batch_stats(model, images)  # BiFormer's and RMT's BatchNorms
+  assert bool(stats) == (family in ("biformer", "rmt"))
   first = set(params["stage0_block0"]) | set(params["stage0_block1"])
   assert FAMILY_PARAMS[family] <= first | set(params), sorted(first)
   tx = optax.sgd(0.1)
 
   def step(params, opt_state):
     def loss_fn(p):
-      logits = model.apply({"params": p}, images, train=True,
-                           rngs={"dropout": jax.random.key(2)})
+      logits, _ = model.apply({"params": p, **stats}, images, train=True,
+                              rngs={"dropout": jax.random.key(2)}, mutable=["batch_stats"])
       return optax.softmax_cross_entropy(logits, labels).mean(), logits
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state)

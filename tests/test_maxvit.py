@@ -42,6 +42,19 @@ def _init(model, images, seed=1):
                       nn.meta.unbox(_abstract(model, images)))
 
 
+def _batch_stats(model, images, params=None):
+  """`{"batch_stats": ...}`: as init makes them (means 0, variances 1), or with `params` the
+  statistics of `images` (one training-mode pass with momentum 0)."""
+  abstract = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)["batch_stats"]
+  stats = {"batch_stats": jax.tree_util.tree_map_with_path(
+      lambda path, s: np.full(s.shape, float(path[-1].key == "var"), s.dtype), abstract)}
+  if params is None:
+    return stats
+  _, updates = jax.jit(lambda p, x: model.clone(batch_norm_momentum=0.0).apply(
+      {"params": p, **stats}, x, train=True, mutable=["batch_stats"]))(params, images)
+  return jax.device_get(updates)
+
+
 def _count(tree):
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.meta.unbox(tree)))
 
@@ -106,7 +119,8 @@ def test_forward_and_the_ops_get_each_stage_grid_and_partition():
   x = _images(size=8)
   model = maxvit.Model(num_classes=10, head_zeroinit=False, **ONE_STAGE)
   params = _init(model, x)
-  run = jax.jit(lambda p, images: model.apply({"params": p}, images))
+  stats = _batch_stats(model, x, params)
+  run = jax.jit(lambda p, images: model.apply({"params": p, **stats}, images))
   logits = run(params, x)
   assert logits.shape == (2, 10) and logits.dtype == jnp.float32
   assert np.all(np.isfinite(logits)) and np.abs(logits).max() > 0
@@ -128,7 +142,8 @@ def test_forward_and_the_ops_get_each_stage_grid_and_partition():
   assert jax.tree.structure(dense_params) == jax.tree.structure(
       nn.meta.unbox(_abstract(dense, x)))
   out = run(zero_bias, x)
-  np.testing.assert_allclose(out, jax.jit(lambda p: dense.apply({"params": p}, x))(dense_params),
+  np.testing.assert_allclose(out, jax.jit(lambda p: dense.apply({"params": p, **stats}, x))(
+      dense_params),
                              rtol=1e-5, atol=1e-5)
   assert np.abs(out - logits).max() > 1e-4  # the (random) biases reach the ops
 
@@ -157,8 +172,10 @@ def test_training_step_changes_params():
   labels = np.eye(3, dtype=np.float32)[np.arange(4) % 3]
   model = maxvit.Model(num_classes=3, **ONE_STAGE)
   params = _init(model, x)
+  stats = _batch_stats(model, x)
   value_and_grad = jax.jit(jax.value_and_grad(lambda p: optax.softmax_cross_entropy(
-      model.apply({"params": p}, x, train=True), labels).mean()))
+      model.apply({"params": p, **stats}, x, train=True, mutable=["batch_stats"])[0],
+      labels).mean()))
   loss, grads = value_and_grad(params)
   assert np.isfinite(loss)
   new = jax.tree.map(lambda p, g: p - 0.05 * np.asarray(g), params, grads)  # one SGD step
@@ -166,7 +183,10 @@ def test_training_step_changes_params():
       jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(new))}
   # The key bias adds q·b_k to a whole row of logits: softmax ignores it, its gradient is 0.
   key_bias = {k for k in changed if k.endswith("['key']['bias']")}
-  assert len(key_bias) == 2 and all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+  # So is a bias that a training-mode BatchNorm's batch mean removes: the stem conv's, and the
+  # pre-norm's (the 1x1 expansion after it has no bias, BatchNorm follows).
+  key_bias |= {"['stem_conv_0']['bias']", "['stage_0_block_0']['MBConv']['pre_norm']['bias']"}
+  assert len(key_bias) == 4 and all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
   assert all(v for k, v in changed.items() if k not in key_bias), changed
   assert value_and_grad(new)[0] < loss
 
@@ -176,8 +196,9 @@ def test_remat_bf16_and_shapes_without_compiling():
   small = _images(size=8)
   remat = maxvit.Model(num_classes=0, remat_policy="nothing_saveable", **ONE_STAGE)
   params = nn.meta.unbox(_abstract(remat, small))
+  stats = _batch_stats(remat, small)
   jaxpr = str(jax.make_jaxpr(jax.grad(
-      lambda p: jnp.sum(remat.apply({"params": p}, small) ** 2)))(params))
+      lambda p: jnp.sum(remat.apply({"params": p, **stats}, small) ** 2)))(params))
   assert sum(len(re.findall(p, jaxpr)) for p in (r"\bremat2?\[", r"\bcheckpoint\[")) == 1
   bf16 = maxvit.Model(num_classes=5, dtype=jnp.bfloat16, **TINY)
   assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(nn.meta.unbox(_abstract(bf16, x))))

@@ -16,18 +16,22 @@ import signal
 import struct
 import types
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 from absl import flags
 from ml_collections import config_flags
 
 from big_attn import data
+from big_attn import layers
 from big_attn import main as main_lib
 from big_attn import models
 from big_attn.parallel import mesh as mesh_lib
+from big_attn.train import checkpoint as ckpt_lib
 from big_attn.train import config_lib
 from big_attn.train import metrics as metrics_lib
 from big_attn.train import optim
@@ -554,3 +558,59 @@ def test_progress_eta_runs_on_the_steady_pace_and_step_time_leaves_out_pauses(mo
   assert out["train/mfu"] == 0.25 and out["train/elapsed_time"] == 50.0 + 17.0
   # ETA: 95 steps at the pace since step 1 (wall time, evaluation included): 7 s / 4 steps.
   assert progress.eta(5) == 95 * 7.0 / 4
+
+
+class _BatchNormNet(nn.Module):
+  """Dense -> BatchNorm -> Dense: the smallest classifier with batch statistics."""
+
+  @nn.compact
+  def __call__(self, images, *, train: bool = False):
+    x = nn.Dense(4, name="dense")(images.reshape(images.shape[0], -1))
+    x = layers.batch_norm(not train, name="bn")(x)
+    return nn.Dense(3, name="head")(x)
+
+
+def test_batch_stats_are_updated_by_the_step_saved_and_restored(tmp_path):
+  """BatchNorm statistics live in the state: each (micro)batch moves them by momentum 0.99
+  towards its own statistics, in order; checkpoints carry them; evaluation reads them."""
+  model, tx = _BatchNormNet(), optax.sgd(0.1)
+  x = np.random.default_rng(0).normal(size=(4, 2, 2, 1)).astype(np.float32)
+  batch = {"image": x, "labels": np.eye(3, dtype=np.float32)[[0, 1, 2, 0]]}
+  state = jax.jit(step_lib.make_init_fn(model, tx, (2, 2, 1)))(jax.random.key(0))
+  assert set(state) == {"step", "params", "opt_state", "batch_stats"}
+  dense = state["params"]["dense"]
+  hidden = x.reshape(4, -1).astype(np.float64) @ dense["kernel"] + dense["bias"]
+
+  def moved(stats, h):
+    return {"mean": 0.99 * stats["mean"] + 0.01 * h.mean(0),
+            "var": 0.99 * stats["var"] + 0.01 * h.var(0)}
+
+  start = {"mean": np.zeros(4), "var": np.ones(4)}
+  for accum, expected in ((1, moved(start, hidden)),
+                          (2, moved(moved(start, hidden[0::2]), hidden[1::2]))):
+    new, metrics = jax.jit(step_lib.make_train_step(
+        model, tx, lambda s: 0.1, grad_accum_steps=accum))(state, batch, jax.random.key(1))
+    assert np.isfinite(metrics["train/loss"])
+    for key in ("mean", "var"):
+      np.testing.assert_allclose(new["batch_stats"]["bn"][key], expected[key], rtol=1e-5,
+                                 atol=1e-6)
+  variables = step_lib.model_variables(new)
+  assert set(variables) == {"params", "batch_stats"}
+  h = x.reshape(4, -1) @ new["params"]["dense"]["kernel"] + new["params"]["dense"]["bias"]
+  bn, stats = new["params"]["bn"], new["batch_stats"]["bn"]
+  want = ((h - stats["mean"]) / np.sqrt(stats["var"] + 1e-3) * bn["scale"] + bn["bias"]) \
+      @ new["params"]["head"]["kernel"] + new["params"]["head"]["bias"]
+  np.testing.assert_allclose(jax.jit(model.apply)(variables, x), want, rtol=1e-4, atol=1e-5)
+
+  mesh = mesh_lib.make_mesh([("data", -1)])
+  boxed = step_lib.abstract_state(model, tx, (2, 2, 1))
+  abstract = step_lib.with_shardings(boxed, step_lib.state_shardings(
+      boxed, mesh, mesh_lib.DEFAULT_RULES))
+  checkpointer = ckpt_lib.Checkpointer(str(tmp_path / "ckpt"), every=1, max_to_keep=1)
+  checkpointer.save(1, new, force=True)
+  checkpointer.close()
+  checkpointer = ckpt_lib.Checkpointer(str(tmp_path / "ckpt"), every=1, max_to_keep=1)
+  step, restored = checkpointer.restore_latest(abstract)
+  checkpointer.close()
+  assert step == 1
+  jax.tree.map(np.testing.assert_array_equal, restored["batch_stats"], new["batch_stats"])

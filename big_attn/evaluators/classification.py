@@ -28,8 +28,8 @@ class Evaluator:
                                   rules=rules, split=split, seed=seed)
 
     @jax.jit
-    def eval_step(params, batch):
-      logits = model.apply({"params": params}, batch["image"], train=False)
+    def eval_step(variables, batch):
+      logits = model.apply(variables, batch["image"], train=False)
       mask = batch["mask"].astype(jnp.float32)
       losses = step_lib.classification_losses(logits, batch["labels"])
       correct = (jnp.argmax(logits, axis=-1) == batch["label"]).astype(jnp.float32)
@@ -40,12 +40,13 @@ class Evaluator:
   def compile(self, state: dict[str, Any]) -> None:
     """Compiles the evaluation step for `state` (arrays or `ShapeDtypeStruct`s with shardings)
     before the first `run`."""
-    self._eval_step.lower(state["params"], self.held_out.abstract_batch(_KEYS)).compile()
+    self._eval_step.lower(step_lib.model_variables(state),
+                          self.held_out.abstract_batch(_KEYS)).compile()
 
   def run(self, state: dict[str, Any]) -> Iterator[tuple[str, float]]:
     """Yields `("accuracy", a)` and `("loss", l)` over the whole split."""
     loss_sum, correct, count = self.held_out.sums(
-        lambda batch: self._eval_step(state["params"], batch), _KEYS)
+        lambda batch: self._eval_step(step_lib.model_variables(state), batch), _KEYS)
     if count == 0:
       raise ValueError("the evaluation split has no examples")
     yield "accuracy", float(correct / count)

@@ -17,10 +17,10 @@ projection per head. The attention itself is any op of `big_attn.ops` by name (d
 A class token joins only in the last stage; it skips the convolutions (it is concatenated to the
 projected maps) and is classified after a final LayerNorm.
 
-Deviation from the paper: the projection's normalisation is LayerNorm over channels, not
-BatchNorm. BatchNorm's running statistics are mutable state that the training loop
-(`big_attn.train.step`, `model.apply({"params": ...})`) does not carry; LayerNorm has the same
-two parameters per channel, so the counts are the paper's. The attention scale is the op's
+The projection's normalisation is BatchNorm as in the paper (`conv_norm="batch"`, PyTorch's eps
+1e-5 and momentum 0.1, i.e. 0.9 in Flax's convention; running statistics in the `batch_stats`
+collection, which the train step carries), or LayerNorm over channels (`conv_norm="layer"`:
+stateless, the same two parameters per channel). Deviation: the attention scale is the op's
 default 1/sqrt(head_dim) (the official code uses 1/sqrt(stage width)).
 
 Parameter counts (224x224x3 input, 1000 classes; counted with `jax.eval_shape`, nothing
@@ -41,7 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from big_attn import ops
-from big_attn.layers import MlpBlock, layer_norm
+from big_attn.layers import MlpBlock, conv_norm, layer_norm
+from big_attn.layers.norm import CONV_NORMS
 from big_attn.layers import op_params
 from big_attn.layers.attention import Projection
 
@@ -73,8 +74,9 @@ class ConvProjectionAttention(nn.Module):
 
   `x: [batch, num_prefix + h * w, dim]` (prefix tokens first, e.g. the class token) with the
   token map of size `grid = (h, w)`. For each of q, k, v: depthwise `kernel_size` convolution
-  of the map (stride `stride_q` for q, `stride_kv` for k and v; no bias), LayerNorm, flatten,
-  prefix tokens prepended unconvolved, then a linear projection to `[.., heads, head_dim]`. The
+  of the map (stride `stride_q` for q, `stride_kv` for k and v; no bias), `conv_norm`
+  (BatchNorm: batch statistics unless `deterministic`), flatten, prefix tokens prepended
+  unconvolved, then a linear projection to `[.., heads, head_dim]`. The
   op `op` (registry name, with `op_args`) attends and a linear layer maps the heads back.
   """
   num_heads: int
@@ -86,10 +88,13 @@ class ConvProjectionAttention(nn.Module):
   stride_kv: int = 2
   num_prefix: int = 0
   use_bias: bool = True
+  conv_norm: str = "batch"
+  batch_norm_eps: float = 1e-5
+  batch_norm_momentum: float = 0.9
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
-  def _conv_proj(self, prefix, x_map, stride, name):
+  def _conv_proj(self, prefix, x_map, stride, name, deterministic):
     dim = x_map.shape[-1]
     pad = self.kernel_size // 2
     y = nn.Conv(dim, (self.kernel_size, self.kernel_size), strides=(stride, stride),
@@ -97,13 +102,15 @@ class ConvProjectionAttention(nn.Module):
                 dtype=self.dtype, param_dtype=self.param_dtype, name=f"conv_proj_{name}",
                 kernel_init=nn.with_logical_partitioning(
                     _INIT, ("conv_height", "conv_width", None, "embed")))(x_map)
-    y = layer_norm(self.dtype, self.param_dtype, f"conv_proj_{name}_norm")(y)
+    y = conv_norm(self.conv_norm, not deterministic, self.dtype, self.param_dtype,
+                  f"conv_proj_{name}_norm", batch_norm_eps=self.batch_norm_eps,
+                  batch_norm_momentum=self.batch_norm_momentum)(y)
     n, h, w, _ = y.shape
     y = jnp.concatenate([prefix, jnp.reshape(y, (n, h * w, dim))], axis=1)
     return nn.with_logical_constraint(y, ("batch", "length", "embed"))
 
   @nn.compact
-  def __call__(self, x, grid: tuple[int, int]):
+  def __call__(self, x, grid: tuple[int, int], deterministic: bool = True):
     n, length, dim = x.shape
     h, w = grid
     if length != self.num_prefix + h * w:
@@ -117,10 +124,10 @@ class ConvProjectionAttention(nn.Module):
         shape=(dim, self.num_heads, head_dim), logical_axes=("embed", "heads", "head_dim"),
         use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
         kernel_init=_INIT, name=name)
-    inputs_q = self._conv_proj(prefix, x_map, self.stride_q, "q")
+    inputs_q = self._conv_proj(prefix, x_map, self.stride_q, "q", deterministic)
     query = proj("query")(inputs_q)
-    key = proj("key")(self._conv_proj(prefix, x_map, self.stride_kv, "k"))
-    value = proj("value")(self._conv_proj(prefix, x_map, self.stride_kv, "v"))
+    key = proj("key")(self._conv_proj(prefix, x_map, self.stride_kv, "k", deterministic))
+    value = proj("value")(self._conv_proj(prefix, x_map, self.stride_kv, "v", deterministic))
 
     op_fn = ops.get(self.op)
     op_args = dict(self.op_args or {})
@@ -153,7 +160,8 @@ class Block(nn.Module):
     drop_path = nn.Dropout(rate=self.drop_path, broadcast_dims=(1, 2))
     y = layer_norm(self.dtype, self.param_dtype, "LayerNorm_0")(x)
     y = ConvProjectionAttention(**self.attention_args, dtype=self.dtype,
-                                param_dtype=self.param_dtype, name="attention")(y, grid)
+                                param_dtype=self.param_dtype, name="attention")(
+                                    y, grid, deterministic)
     y = nn.Dropout(rate=self.dropout)(y, deterministic)
     x = x + drop_path(y, deterministic)
     y = layer_norm(self.dtype, self.param_dtype, "LayerNorm_1")(x)
@@ -182,6 +190,8 @@ class Model(nn.Module):
     dropout: rate on the attention and MLP outputs.
     drop_path_rate: stochastic depth rate, rising linearly over the last stage's blocks (the
       official configs use 0 in the earlier stages).
+    conv_norm: the convolutional projection's norm, "batch" (the paper's) or "layer";
+      batch_norm_eps, batch_norm_momentum: BatchNorm's (PyTorch's 1e-5 and 0.9).
     dtype: compute dtype; param_dtype: parameter dtype.
   Parameters carry the logical axis names conv_height, conv_width, channels_in, embed, heads,
   head_dim, mlp, norm and classes.
@@ -202,6 +212,9 @@ class Model(nn.Module):
   attention_impl: str | None = None
   dropout: float = 0.0
   drop_path_rate: float = 0.0
+  conv_norm: str = "batch"
+  batch_norm_eps: float = 1e-5
+  batch_norm_momentum: float = 0.9
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -238,6 +251,11 @@ class Model(nn.Module):
     for name in ("kernel_size", "stride_kv"):
       if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
         raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+    if self.conv_norm not in CONV_NORMS:
+      raise ValueError(f"unknown conv_norm {self.conv_norm!r}; expected one of {CONV_NORMS}")
+    if not 0.0 <= self.batch_norm_momentum < 1.0 or not self.batch_norm_eps > 0:
+      raise ValueError(f"batch_norm_momentum must be in [0, 1) and batch_norm_eps positive, got "
+                       f"{self.batch_norm_momentum!r} and {self.batch_norm_eps!r}")
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
@@ -274,7 +292,8 @@ class Model(nn.Module):
           num_heads=sizes["num_heads"][stage], op=self.attention,
           op_args=None if self.attention_args is None else dict(self.attention_args),
           implementation=self.attention_impl, kernel_size=self.kernel_size,
-          stride_kv=self.stride_kv, num_prefix=num_prefix)
+          stride_kv=self.stride_kv, num_prefix=num_prefix, conv_norm=self.conv_norm,
+          batch_norm_eps=self.batch_norm_eps, batch_norm_momentum=self.batch_norm_momentum)
       for i in range(depth):
         x = Block(attention_args=attention_args, mlp_ratio=self.mlp_ratio,
                   drop_path=float(rates[i]), dropout=self.dropout, dtype=self.dtype,

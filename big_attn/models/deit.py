@@ -19,8 +19,9 @@ Hard-label distillation (the paper's best): with `teacher` logits Z_t,
 `TASK` is this loss for `big_attn.main`. `teacher` is either a callable `images -> logits` or a
 dict `dict(model_name=..., model={...}, workdir=DIR)` naming a classifier trained by
 `big_attn.main` in `DIR` (its `config.model_name` and `config.model`; `num_classes` defaults to
-the student's). The loop restores that teacher's parameters once (`TASK.constants`, orbax) and
-passes them to every step as arguments, so they are neither trained nor compiled into the step.
+the student's). The loop restores that teacher's parameters (and BatchNorm statistics) once
+(`TASK.constants`, orbax) and passes them to every step as arguments, so they are neither
+trained nor compiled into the step.
 Without a teacher the distillation head is trained on the labels (`y` in both terms), and a
 warning says so. With `distilled=False` the model is the plain DeiT (class token, one head).
 
@@ -73,8 +74,9 @@ class Model(nn.Module):
     teacher: the distillation teacher read by `TASK`'s loss (not by `__call__`): None, a
       callable `images -> logits`, or `dict(model_name=..., model={...}, workdir=DIR)`.
     posemb: "learn" or "sincos2d" (patch position embedding).
-    attention, attention_args, attention_impl, qk_norm, num_kv_heads, dropout, head_zeroinit,
-      remat_policy, scan_layers, dtype, param_dtype: as in `big_attn.models.vit.Model`.
+    attention, attention_args, attention_impl, qk_norm, num_kv_heads, dropout,
+      approximate_gelu, head_zeroinit, remat_policy, scan_layers, dtype, param_dtype: as in
+      `big_attn.models.vit.Model`.
   """
   num_classes: int
   variant: str | None = None
@@ -92,6 +94,7 @@ class Model(nn.Module):
   qk_norm: bool = False
   num_kv_heads: int | None = None
   dropout: float = 0.0
+  approximate_gelu: bool = True
   head_zeroinit: bool = True
   remat_policy: str = "none"
   scan_layers: bool = False
@@ -132,7 +135,7 @@ class Model(nn.Module):
                       attention_args=None if self.attention_args is None
                       else dict(self.attention_args),
                       attention_impl=self.attention_impl, qk_norm=self.qk_norm,
-                      dropout=self.dropout)
+                      dropout=self.dropout, approximate_gelu=self.approximate_gelu)
     x = vit.Encoder(depth=sizes["depth"], block_args=block_args, remat_policy=self.remat_policy,
                     scan_layers=self.scan_layers, dtype=self.dtype,
                     param_dtype=self.param_dtype, name="Transformer")(x, deterministic)
@@ -170,10 +173,11 @@ def _teacher_spec(teacher: Any, num_classes: int) -> tuple[Any, str]:
 
 
 def restore_teacher(teacher: Any, num_classes: int, image_shape: tuple[int, ...]) -> Any:
-  """Parameters of a teacher dict's model from the newest checkpoint of its workdir.
+  """Variables of a teacher dict's model from the newest checkpoint of its workdir:
+  `{"params": ...}`, plus `"batch_stats"` for a teacher with BatchNorm (MaxViT, CvT).
 
-  Only `params` of the saved train state are read (orbax partial restore), as host arrays.
-  Raises `FileNotFoundError` when the workdir holds no checkpoint.
+  Only those entries of the saved train state are read (orbax partial restore), as host
+  arrays. Raises `FileNotFoundError` when the workdir holds no checkpoint.
   """
   module, workdir = _teacher_spec(teacher, num_classes)
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
@@ -183,9 +187,9 @@ def restore_teacher(teacher: Any, num_classes: int, image_shape: tuple[int, ...]
     step = manager.latest_step()
     if step is None:
       raise FileNotFoundError(f"teacher workdir {workdir!r} has no checkpoint in {directory}")
-    abstract = nn.unbox(jax.eval_shape(
-        lambda rng: step_lib.init_variables(module, rng, image_shape), jax.random.key(0)))
-    item = {"params": abstract}
+    item = nn.unbox(jax.eval_shape(
+        lambda rng: step_lib.init_model_variables(module, rng, image_shape),
+        jax.random.key(0)))
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=item,
         restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item),
@@ -194,11 +198,11 @@ def restore_teacher(teacher: Any, num_classes: int, image_shape: tuple[int, ...]
     manager.close()
   logging.info("DeiT teacher %s restored from step %d of %s", type(module).__module__, step,
                directory)
-  return restored["state"]["params"]
+  return restored["state"]
 
 
 def teacher_constants(model: Model, info: dict[str, Any]) -> Any:
-  """`Task.constants`: the teacher dict's restored parameters; None for other teachers."""
+  """`Task.constants`: the teacher dict's restored variables; None for other teachers."""
   if model.teacher is None:
     logging.warning("DeiT without a teacher: the distillation head is trained on the labels")
   if model.teacher is None or callable(model.teacher):
@@ -216,7 +220,7 @@ def teacher_logits(model: Model, images: jax.Array, constants: Any = None) -> ja
     if constants is None:
       raise ValueError("a teacher dict needs its restored parameters (`teacher_constants`)")
     module, _ = _teacher_spec(model.teacher, model.num_classes)
-    logits = module.apply({"params": constants}, images, train=False)
+    logits = module.apply(constants, images, train=False)
   return jax.lax.stop_gradient(jnp.asarray(logits, jnp.float32))
 
 

@@ -53,9 +53,11 @@ filled in (for ops that take one), so a config can swap either op (`local_op`, `
   5x5 of V); FFN with a residual depthwise 3x3 conv between its layers; layer scale 1e-6 in the
   last two stages of B and L; head: Dense(1024) + norm + swish per token before pooling.
 
-Deviation: the papers' BatchNorms (BiFormer, RMT stems, downsamplings, final norms) are
-LayerNorms over channels (the training loop has no mutable `batch_stats`; same parameters).
-The head is global average pooling, LayerNorm and the classifier (RMT: the projection first).
+BiFormer's and RMT's stems, downsamplings and final norms are BatchNorm as in their code
+(`conv_norm="batch"`, PyTorch's eps 1e-5 and momentum 0.1; statistics in `batch_stats`, which
+the train step carries; BiFormer normalises the last map before pooling), or LayerNorm over
+channels (`conv_norm="layer"`: stateless, same parameters). The head is global average
+pooling, LayerNorm and the classifier (RMT: the projection, norm and swish first).
 Stochastic depth (`drop_path`) rises linearly over the blocks, as in all five papers.
 
 Parameter counts (224x224x3 input, 1000 classes; `jax.eval_shape`, nothing allocated), next to
@@ -97,7 +99,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from big_attn import ops
-from big_attn.layers import Attention, MlpBlock, layer_norm
+from big_attn.layers import Attention, MlpBlock, conv_norm, layer_norm
+from big_attn.layers.norm import CONV_NORMS
 from big_attn.ops import retention as retention_lib
 
 FAMILIES = ("davit", "twins_svt", "dinat", "biformer", "rmt")
@@ -274,6 +277,7 @@ class Block(nn.Module):
     rope_base: rotary embedding base of `Attention` (RMT); None: none.
     ffn_conv: residual depthwise 3x3 conv between the FFN's layers (RMT).
     layer_scale: initial γ (per channel, learned); None: no layer scale.
+    approximate_gelu: tanh-approximate GELU in the FFN; False: exact (the papers' PyTorch code).
   """
   num_heads: int
   mlp_dim: int
@@ -290,6 +294,7 @@ class Block(nn.Module):
   layer_scale: float | None = None
   drop_path: float = 0.0
   norm_eps: float = 1e-6
+  approximate_gelu: bool = True
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -355,11 +360,13 @@ class Block(nn.Module):
       x = x + _conv(c, 3, 1, dt, pdt, "cpe_mlp", groups=c)(x)
     y = layer_norm(dt, pdt, "norm2", epsilon=self.norm_eps)(x)
     if self.ffn_conv:
-      y = nn.gelu(_dense(self.mlp_dim, ("embed", "mlp"), dt, pdt, "fc1")(y))
+      y = nn.gelu(_dense(self.mlp_dim, ("embed", "mlp"), dt, pdt, "fc1")(y),
+                  approximate=self.approximate_gelu)
       y = y + _conv(self.mlp_dim, 3, 1, dt, pdt, "ffn_conv", groups=self.mlp_dim)(y)
       y = _dense(c, ("mlp", "embed"), dt, pdt, "fc2")(y)
     else:
-      y = MlpBlock(mlp_dim=self.mlp_dim, dtype=dt, param_dtype=pdt, name="mlp")(y)
+      y = MlpBlock(mlp_dim=self.mlp_dim, approximate_gelu=self.approximate_gelu, dtype=dt,
+                   param_dtype=pdt, name="mlp")(y)
     return x + _drop_path(self.drop_path, self._scale("gamma2", y), deterministic)
 
   def _scale(self, name, y):
@@ -396,6 +403,9 @@ class Model(nn.Module):
       local_op_args, global_op_args: their extra arguments (merged over the family's when the
       op is the family's own); the stage's `grid` is filled in for ops that take one.
     drop_path: stochastic depth rate of the last block (linear from 0).
+    approximate_gelu: tanh-approximate GELU in the FFNs; False: exact (timm's weights).
+    conv_norm: BiFormer's and RMT's stem, downsampling and final norms, "batch" (their
+      papers') or "layer"; the other families use LayerNorm.
     head_zeroinit: zero-initialised classifier.
     dtype: compute dtype; param_dtype: parameter dtype.
   Parameters carry the logical names embed, mlp, heads, head_dim, norm, conv_height,
@@ -424,9 +434,18 @@ class Model(nn.Module):
   local_op_args: Any = None
   global_op_args: Any = None
   drop_path: float = 0.0
+  approximate_gelu: bool = True
+  conv_norm: str = "batch"
   head_zeroinit: bool = True
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+
+  def _norm(self, spec, name: str, train: bool):
+    """The family's stem / downsampling / final norm: BatchNorm for BiFormer and RMT (with
+    `conv_norm="batch"`), LayerNorm (the family's eps) otherwise."""
+    kind = self.conv_norm if spec["family"] in ("biformer", "rmt") else "layer"
+    return conv_norm(kind, train, self.dtype, self.param_dtype, name, batch_norm_eps=1e-5,
+                     batch_norm_momentum=0.9, layer_norm_eps=spec["norm_eps"])
 
   def spec(self) -> dict[str, Any]:
     """The resolved settings: family defaults, then the variant's, then explicit fields."""
@@ -434,6 +453,8 @@ class Model(nn.Module):
     if len(names) > 1:
       raise ValueError(f"family {self.family!r} and arch {self.arch!r} disagree")
     family = names.pop() if names else None
+    if self.conv_norm not in CONV_NORMS:
+      raise ValueError(f"unknown conv_norm {self.conv_norm!r}; expected one of {CONV_NORMS}")
     spec = {}
     if self.variant is not None:
       spec = decode_variant(self.variant)
@@ -544,10 +565,10 @@ class Model(nn.Module):
     args.update((self.global_op_args if slot else self.local_op_args) or {})
     return args
 
-  def _stem(self, spec, x):
+  def _stem(self, spec, x, train):
     family, p, dim = spec["family"], spec["patch_size"], spec["embed_dims"][0]
-    dt, pdt, eps = self.dtype, self.param_dtype, spec["norm_eps"]
-    norm = lambda name, y: layer_norm(dt, pdt, name, epsilon=eps)(y)  # pylint: disable=g-long-lambda
+    dt, pdt = self.dtype, self.param_dtype
+    norm = lambda name, y: self._norm(spec, name, train)(y)  # pylint: disable=g-long-lambda
     if family == "davit":
       return norm("stem_norm", _conv(dim, 2 * p - 1, p, dt, pdt, "stem")(x))
     if family == "twins_svt":
@@ -566,18 +587,18 @@ class Model(nn.Module):
         x = norm(f"stem_norm_{i}_1", x)
     return norm("stem_norm", x) if family == "dinat" else x
 
-  def _downsample(self, spec, x, stage):
+  def _downsample(self, spec, x, stage, train):
     family, dim = spec["family"], spec["embed_dims"][stage]
-    dt, pdt, eps = self.dtype, self.param_dtype, spec["norm_eps"]
+    dt, pdt = self.dtype, self.param_dtype
     name = f"downsample_{stage}"
     if family == "davit":
-      x = layer_norm(dt, pdt, f"{name}_norm", epsilon=eps)(x)
+      x = self._norm(spec, f"{name}_norm", train)(x)
       return _conv(dim, 2, 2, dt, pdt, name, padding=0)(x)
     if family == "twins_svt":
       x = _conv(dim, 2, 2, dt, pdt, name, padding=0)(x)
     else:
       x = _conv(dim, 3, 2, dt, pdt, name, use_bias=family != "dinat")(x)
-    return layer_norm(dt, pdt, f"{name}_norm", epsilon=eps)(x)
+    return self._norm(spec, f"{name}_norm", train)(x)
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
@@ -594,12 +615,12 @@ class Model(nn.Module):
     dt, pdt = self.dtype, self.param_dtype
     total = sum(spec["depths"])
     rates = np.linspace(0.0, self.drop_path, total) if total > 1 else np.zeros(total)
-    x = self._stem(spec, jnp.asarray(images, dt))
+    x = self._stem(spec, jnp.asarray(images, dt), train)
     block_index = 0
     for stage, (dim, depth, heads, ratio) in enumerate(zip(
         spec["embed_dims"], spec["depths"], spec["num_heads"], spec["mlp_ratios"])):
       if stage:
-        x = self._downsample(spec, x, stage)
+        x = self._downsample(spec, x, stage, train)
       grid = x.shape[1:3]
       head_dim = dim // heads
       rope_base = None
@@ -623,8 +644,8 @@ class Model(nn.Module):
             decomposed=family == "rmt" and op == "retention" and spec["decomposed"][stage],
             rope_base=rope_base, ffn_conv=family == "rmt",
             layer_scale=spec["layer_scale"][stage], drop_path=float(rates[block_index]),
-            norm_eps=spec["norm_eps"], dtype=dt, param_dtype=pdt,
-            name=f"stage{stage}_block{j}")(x, deterministic)
+            norm_eps=spec["norm_eps"], approximate_gelu=self.approximate_gelu, dtype=dt,
+            param_dtype=pdt, name=f"stage{stage}_block{j}")(x, deterministic)
         block_index += 1
         if family == "twins_svt" and j == 0:
           x = x + _conv(dim, 3, 1, dt, pdt, f"stage{stage}_peg", groups=dim)(x)
@@ -633,10 +654,12 @@ class Model(nn.Module):
     x = x.reshape(b, h * w, c)
     if spec.get("head_projection"):
       x = _dense(spec["head_projection"], ("embed", "mlp"), dt, pdt, "head_projection")(x)
-      x = nn.swish(layer_norm(dt, pdt, "norm", epsilon=spec["norm_eps"])(x))
+      x = nn.swish(self._norm(spec, "norm", train)(x))
       x = jnp.mean(x, axis=1)
+    elif family == "biformer" and self.conv_norm == "batch":
+      x = jnp.mean(self._norm(spec, "norm", train)(x), axis=1)
     else:
-      x = layer_norm(dt, pdt, "norm", epsilon=spec["norm_eps"])(jnp.mean(x, axis=1))
+      x = self._norm(spec, "norm", train)(jnp.mean(x, axis=1))
     if self.num_classes:
       x = _dense(self.num_classes, ("embed", "classes"), dt, pdt, "head",
                  zero=self.head_zeroinit)(x)

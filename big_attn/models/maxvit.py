@@ -19,11 +19,15 @@ swapped in by config) and own a relative position bias per head ([heads, 2P−1,
 `big_attn.layers.op_params`). The partition size P = G is 7 at 224x224 (the feature maps are
 56, 28, 14, 7).
 
-Normalisation (a documented deviation): the paper's MBConv and stem use BatchNorm. The training
-loop applies models as `model.apply({"params": params}, ...)` with no mutable `batch_stats`
-collection, so the convolutional part uses LayerNorm over channels at every pixel instead
-(as ConvNeXt, and the ConvNeXt conv blocks of timm's MaxxViT): stateless, the same at train and
-test time, and with the same parameters (a scale and a bias per channel) as BatchNorm.
+Normalisation: the MBConv and stem norms are BatchNorm as in the paper (`conv_norm="batch"`,
+TensorFlow's eps 1e-3 and momentum 0.99; running statistics in the `batch_stats` collection,
+which the train step carries), or LayerNorm over channels at every pixel (`conv_norm="layer"`:
+stateless, the same parameters). The attention blocks and the head use LayerNorm
+(`layer_norm_eps`; the authors' and timm's `maxvit_*_tf` weights use 1e-5).
+
+    variables = model.init(rng, images)           # {"params": ..., "batch_stats": ...}
+    logits = model.apply(variables, images)       # running statistics
+    logits, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
 
 Parameter counts (224x224x3 input, 1000 classes; `jax.eval_shape`, nothing allocated) next to
 the paper's (its ImageNet-1K results table: 31M, 69M, 120M, 212M) and timm's counts of the
@@ -48,7 +52,8 @@ import jax
 import jax.numpy as jnp
 
 from big_attn import ops
-from big_attn.layers import Attention, MlpBlock, layer_norm
+from big_attn.layers import Attention, MlpBlock, conv_norm, layer_norm
+from big_attn.layers.norm import CONV_NORMS
 from big_attn.models import vit
 
 # MaxViT Section 3.4; stem widths as the authors' maxvit/models/hp/vision.py.
@@ -102,6 +107,13 @@ def _drop_path(rate: float, x, deterministic: bool):
   return nn.Dropout(rate=rate, broadcast_dims=tuple(range(1, x.ndim)))(x, deterministic)
 
 
+def _norm(norm_args: Any, deterministic: bool, dtype: Any, param_dtype: Any, name: str):
+  """`layers.conv_norm` of `norm_args = dict(kind=..., batch_norm_eps=..., ...)` (BatchNorm with
+  TensorFlow's defaults when None); batch statistics when not `deterministic`."""
+  args = dict(norm_args or {})
+  return conv_norm(args.pop("kind", "batch"), not deterministic, dtype, param_dtype, name, **args)
+
+
 class MBConv(nn.Module):
   """Pre-norm inverted bottleneck (MobileNetV2/EfficientNet) with squeeze-excitation.
 
@@ -109,18 +121,20 @@ class MBConv(nn.Module):
   `expansion · features` channels, SE reducing to `se_ratio · features` (SiLU, sigmoid gate)
   and W3 projecting to `features`. With `strides=2` the depthwise conv strides and the
   shortcut is 2x2 average pooling followed, if the width changes, by a 1x1 conv (with bias).
+  N is `layers.conv_norm` with `norm_args` (kind, eps, momentum; BatchNorm by default).
   """
   features: int
   strides: int = 1
   expansion: float = 4.0
   se_ratio: float = 0.25
   drop_path: float = 0.0
+  norm_args: Any = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
-    norm = lambda name: layer_norm(self.dtype, self.param_dtype, name)
+    norm = lambda name: _norm(self.norm_args, deterministic, self.dtype, self.param_dtype, name)
     dense = lambda width, axes, name, use_bias=True: _dense(  # pylint: disable=g-long-lambda
         width, axes, self.dtype, self.param_dtype, name, use_bias)
     mid = int(self.features * self.expansion)
@@ -152,6 +166,7 @@ class PartitionAttention(nn.Module):
   op_args: Any
   mlp_ratio: float = 4.0
   drop_path: float = 0.0
+  layer_norm_eps: float = 1e-6
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -159,12 +174,14 @@ class PartitionAttention(nn.Module):
   def __call__(self, x, deterministic: bool = True):
     b, h, w, c = x.shape
     x = jnp.reshape(x, (b, h * w, c))
-    y = layer_norm(self.dtype, self.param_dtype, "LayerNorm_0")(x)
+    norm = lambda name: layer_norm(self.dtype, self.param_dtype, name,
+                                   epsilon=self.layer_norm_eps)
+    y = norm("LayerNorm_0")(x)
     y = Attention(num_heads=self.num_heads, op=self.op, op_args=self.op_args, use_bias=True,
                   dtype=self.dtype, param_dtype=self.param_dtype,
                   kernel_init=nn.initializers.xavier_uniform(), name="MultiHeadAttention")(y)
     x = x + _drop_path(self.drop_path, y, deterministic)
-    y = layer_norm(self.dtype, self.param_dtype, "LayerNorm_1")(x)
+    y = norm("LayerNorm_1")(x)
     y = MlpBlock(mlp_dim=int(c * self.mlp_ratio), dtype=self.dtype, param_dtype=self.param_dtype,
                  name="MlpBlock")(y, deterministic)
     x = x + _drop_path(self.drop_path, y, deterministic)
@@ -197,6 +214,7 @@ class MaxViTBlock(nn.Module):
   se_ratio: float = 0.25
   mlp_ratio: float = 4.0
   drop_path: float = 0.0
+  norm_args: Any = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -204,12 +222,15 @@ class MaxViTBlock(nn.Module):
   def __call__(self, x, deterministic: bool = True):
     common = dict(drop_path=self.drop_path, dtype=self.dtype, param_dtype=self.param_dtype)
     x = MBConv(self.features, self.strides, self.expansion, self.se_ratio, name="MBConv",
-               **common)(x, deterministic)
+               norm_args=self.norm_args, **common)(x, deterministic)
     grid = x.shape[1:3]
     for kind, op, args in (("block", self.block_attention, self.block_attention_args),
                            ("grid", self.grid_attention, self.grid_attention_args)):
       x = PartitionAttention(self.num_heads, op, _op_args(op, args, grid, self.partition),
-                             self.mlp_ratio, name=f"{kind}_attention", **common)(x, deterministic)
+                             self.mlp_ratio, name=f"{kind}_attention",
+                             layer_norm_eps=dict(self.norm_args or {}).get("layer_norm_eps",
+                                                                           1e-6),
+                             **common)(x, deterministic)
     return x
 
 
@@ -235,6 +256,9 @@ class Model(nn.Module):
     mlp_ratio: the attention blocks' MLP width over the embed dim (4).
     drop_path: stochastic depth rate of the last block, linearly rising from 0 at the first
       (the paper's 0.2/0.3/0.4/0.6 for T/S/B/L on ImageNet-1k are in `DROP_PATH`).
+    conv_norm: norm of the stem and the MBConvs, "batch" (the paper's) or "layer".
+    batch_norm_eps, batch_norm_momentum: BatchNorm's (TensorFlow's 1e-3 and 0.99).
+    layer_norm_eps: epsilon of every LayerNorm (1e-6; the authors' weights use 1e-5).
     head_zeroinit: zero-initialised classifier (as the ViT here).
     remat_policy: "none" or a `jax.checkpoint_policies` name applied to every block.
     dtype: compute dtype (e.g. bfloat16); param_dtype: parameter dtype.
@@ -257,6 +281,10 @@ class Model(nn.Module):
   se_ratio: float = 0.25
   mlp_ratio: float = 4.0
   drop_path: float = 0.0
+  conv_norm: str = "batch"
+  batch_norm_eps: float = 1e-3
+  batch_norm_momentum: float = 0.99
+  layer_norm_eps: float = 1e-6
   head_zeroinit: bool = True
   remat_policy: str = "none"
   dtype: Any = jnp.float32
@@ -304,10 +332,14 @@ class Model(nn.Module):
                        f"{vit.REMAT_POLICIES}")
     if not 0.0 <= self.drop_path < 1.0:
       raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path!r}")
-    for name in ("expansion", "se_ratio", "mlp_ratio"):
+    for name in ("expansion", "se_ratio", "mlp_ratio", "batch_norm_eps", "layer_norm_eps"):
       value = getattr(self, name)
       if not isinstance(value, (int, float)) or value <= 0:
         raise ValueError(f"{name} must be a positive number, got {value!r}")
+    if self.conv_norm not in CONV_NORMS:
+      raise ValueError(f"unknown conv_norm {self.conv_norm!r}; expected one of {CONV_NORMS}")
+    if not 0.0 <= self.batch_norm_momentum < 1.0:
+      raise ValueError(f"batch_norm_momentum must be in [0, 1), got {self.batch_norm_momentum!r}")
     for name in ("block_attention", "grid_attention"):
       ops.get(getattr(self, name))  # a KeyError listing the registered ops
       args = getattr(self, f"{name}_args")
@@ -339,10 +371,13 @@ class Model(nn.Module):
     deterministic = not train
     dims, depths = sizes["embed_dims"], sizes["depths"]
 
+    norm_args = dict(kind=self.conv_norm, batch_norm_eps=self.batch_norm_eps,
+                     batch_norm_momentum=self.batch_norm_momentum,
+                     layer_norm_eps=self.layer_norm_eps)
     x = jnp.asarray(images, self.dtype)
     x = _conv(sizes["stem_width"], (2, 2), ("conv_height", "conv_width", "channels_in", "embed"),
               self.dtype, self.param_dtype, "stem_conv_0")(x)
-    x = nn.gelu(layer_norm(self.dtype, self.param_dtype, "stem_norm")(x))
+    x = nn.gelu(_norm(norm_args, deterministic, self.dtype, self.param_dtype, "stem_norm")(x))
     x = _conv(sizes["stem_width"], (1, 1), ("conv_height", "conv_width", "channels_in", "embed"),
               self.dtype, self.param_dtype, "stem_conv_1")(x)
 
@@ -359,11 +394,11 @@ class Model(nn.Module):
                   grid_attention=self.grid_attention,
                   grid_attention_args=self.grid_attention_args, expansion=self.expansion,
                   se_ratio=self.se_ratio, mlp_ratio=self.mlp_ratio, drop_path=rates[stage][i],
-                  dtype=self.dtype, param_dtype=self.param_dtype,
+                  norm_args=norm_args, dtype=self.dtype, param_dtype=self.param_dtype,
                   name=f"stage_{stage}_block_{i}")(x, deterministic)
 
     x = jnp.mean(x, axis=(1, 2))
-    x = layer_norm(self.dtype, self.param_dtype, "head_norm")(x)
+    x = layer_norm(self.dtype, self.param_dtype, "head_norm", epsilon=self.layer_norm_eps)(x)
     if sizes["head_hidden"]:
       x = jnp.tanh(_dense(sizes["head_hidden"], ("embed", "mlp"), self.dtype, self.param_dtype,
                           "pre_logits")(x))

@@ -12,7 +12,8 @@ embedding from the second on) `depths[i]` blocks
 
 with GroupNorm of one group (PoolFormer's norm over channels and positions), per-channel layer
 scale initialised to 1e-5, optional stochastic depth, a final GroupNorm, global average pooling
-and a linear head. The token mixer is picked per stage by name from a registry
+and a linear head (`head_norm="layer"`: pooling first, then LayerNorm, as MetaFormer Baselines
+and timm's `poolformer_*`). The token mixer is picked per stage by name from a registry
 (`register_mixer`, `mixer_names`, `get_mixer`):
 
 - `pool`: PoolFormer's AvgPool3x3(x) − x (padding not counted).
@@ -46,7 +47,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from big_attn import ops
-from big_attn.layers import Attention, HyenaOperator, MlpBlock
+from big_attn.layers import Attention, HyenaOperator, MlpBlock, layer_norm
 
 _DEPTHS = {"S12": (2, 2, 6, 2), "S24": (4, 4, 12, 4), "S36": (6, 6, 18, 6),
            "M36": (6, 6, 18, 6), "M48": (8, 8, 24, 8)}
@@ -279,6 +280,7 @@ class MetaFormerBlock(nn.Module):
   mlp_ratio: float = 4.0
   layer_scale_init: float = 1e-5
   drop_path: float = 0.0
+  approximate_gelu: bool = True
   dtype: Any = None
   param_dtype: Any = jnp.float32
 
@@ -297,8 +299,8 @@ class MetaFormerBlock(nn.Module):
                               param_dtype=self.param_dtype, name="mixer")(y)
     x = residual(y, "layer_scale1")
     y = _group_norm(self.dtype, self.param_dtype, "norm2")(x)
-    y = MlpBlock(mlp_dim=int(self.mlp_ratio * c), dtype=self.dtype,
-                 param_dtype=self.param_dtype, name="mlp")(y)
+    y = MlpBlock(mlp_dim=int(self.mlp_ratio * c), approximate_gelu=self.approximate_gelu,
+                 dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")(y)
     return residual(y, "layer_scale2")
 
 
@@ -314,6 +316,9 @@ class Model(nn.Module):
     mixer_args: `{mixer name: dict of its options}`, e.g. `{"attention": {"op": "sigmoid"}}`.
     layer_scale_init: initial layer scale (1e-5, PoolFormer).
     drop_path: stochastic depth rate of the last block (linear from 0 over the blocks).
+    approximate_gelu: tanh-approximate GELU in the MLPs; False: exact (PoolFormer's, timm's).
+    head_norm: "group" (GroupNorm of the last map, then pooling: PoolFormer) or "layer"
+      (pooling, then LayerNorm with eps 1e-6: MetaFormer Baselines, timm).
     head_zeroinit: zero-initialised classifier (as big_vision).
     dtype: compute dtype; param_dtype: parameter dtype.
   Parameters carry the logical axis names embed, mlp, norm, patch_h, patch_w, channels_in,
@@ -328,6 +333,8 @@ class Model(nn.Module):
   mixer_args: Any = None
   layer_scale_init: float = 1e-5
   drop_path: float = 0.0
+  approximate_gelu: bool = True
+  head_norm: str = "group"
   head_zeroinit: bool = True
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -362,6 +369,8 @@ class Model(nn.Module):
         raise TypeError(f"mixer_args[{name!r}] must be a dict, got {type(value).__name__}")
     if not 0.0 <= self.drop_path < 1.0:
       raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path!r}")
+    if self.head_norm not in ("group", "layer"):
+      raise ValueError(f"unknown head_norm {self.head_norm!r}; expected 'group' or 'layer'")
     return dict(depths=depths, dims=dims, mlp_ratio=sizes["mlp_ratio"], mixers=mixers)
 
   @nn.compact
@@ -383,11 +392,14 @@ class Model(nn.Module):
         rate = self.drop_path * index / max(total - 1, 1)
         x = MetaFormerBlock(
             mixer=mixer, mixer_args=dict(args.get(mixer, {})), mlp_ratio=sizes["mlp_ratio"],
-            layer_scale_init=self.layer_scale_init, drop_path=rate, dtype=self.dtype,
+            layer_scale_init=self.layer_scale_init, drop_path=rate,
+            approximate_gelu=self.approximate_gelu, dtype=self.dtype,
             param_dtype=self.param_dtype, name=f"stage_{stage}_block_{i}")(x, not train)
         index += 1
-    x = _group_norm(self.dtype, self.param_dtype, "norm")(x)
-    x = jnp.mean(x, axis=(1, 2))
+    if self.head_norm == "group":
+      x = jnp.mean(_group_norm(self.dtype, self.param_dtype, "norm")(x), axis=(1, 2))
+    else:
+      x = layer_norm(self.dtype, self.param_dtype, "norm")(jnp.mean(x, axis=(1, 2)))
     if self.num_classes:
       kernel_init = (nn.initializers.zeros_init() if self.head_zeroinit
                      else nn.initializers.lecun_normal())

@@ -77,7 +77,11 @@ def decode_variant(variant: str) -> dict[str, Any]:
 
 
 class Encoder1DBlock(nn.Module):
-  """x + Dropout(Attn(LN(x))), then x + Dropout(MLP(LN(x))); returns `(x, None)` for `nn.scan`."""
+  """x + Dropout(Attn(LN(x))), then x + Dropout(MLP(LN(x))); returns `(x, None)` for `nn.scan`.
+
+  With `layer_scale_init` each branch is first multiplied by a learned per-channel scale
+  initialised to it (LayerScale of "Going deeper with Image Transformers"; DeiT III, DINOv2).
+  """
   num_heads: int
   mlp_dim: int
   num_kv_heads: int | None = None
@@ -86,8 +90,18 @@ class Encoder1DBlock(nn.Module):
   attention_impl: str | None = None
   qk_norm: bool = False
   dropout: float = 0.0
+  approximate_gelu: bool = True
+  layer_scale_init: float | None = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+
+  def _scale(self, name, y):
+    if self.layer_scale_init is None:
+      return y
+    gamma = self.param(name, nn.with_logical_partitioning(
+        nn.initializers.constant(self.layer_scale_init), ("embed",)), (y.shape[-1],),
+                       self.param_dtype)
+    return y * jnp.asarray(gamma, y.dtype)
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
@@ -100,20 +114,23 @@ class Encoder1DBlock(nn.Module):
         use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype,
         kernel_init=nn.initializers.xavier_uniform(), name="MultiHeadAttention")(y)
     y = nn.Dropout(rate=self.dropout)(y, deterministic)
-    x = constrain(x + y)
+    x = constrain(x + self._scale("layer_scale_1", y))
     y = layer_norm(self.dtype, self.param_dtype, "LayerNorm_1")(x)
-    y = MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout, dtype=self.dtype,
+    y = MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout,
+                 approximate_gelu=self.approximate_gelu, dtype=self.dtype,
                  param_dtype=self.param_dtype, name="MlpBlock")(y, deterministic)
     y = nn.Dropout(rate=self.dropout)(y, deterministic)
-    return constrain(x + y), None
+    return constrain(x + self._scale("layer_scale_2", y)), None
 
 
 class Encoder(nn.Module):
-  """`depth` blocks (a Python loop, or `nn.scan` with a leading `layers` axis) and a final LN."""
+  """`depth` blocks (a Python loop, or `nn.scan` with a leading `layers` axis) and a final LN
+  (`final_norm=False`: none)."""
   depth: int
   block_args: Any
   remat_policy: str = "none"
   scan_layers: bool = False
+  final_norm: bool = True
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -133,6 +150,8 @@ class Encoder(nn.Module):
     else:
       for i in range(self.depth):
         x, _ = block(name=f"encoderblock_{i}", **kwargs)(x, deterministic)
+    if not self.final_norm:
+      return x
     return layer_norm(self.dtype, self.param_dtype, "encoder_norm")(x)
 
 
@@ -140,6 +159,7 @@ class MAPHead(nn.Module):
   """Multihead attention pooling: a learned probe attends to the tokens (softmax), + MLP."""
   num_heads: int
   mlp_dim: int | None = None
+  approximate_gelu: bool = True
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -154,8 +174,8 @@ class MAPHead(nn.Module):
                   param_dtype=self.param_dtype, kernel_init=nn.initializers.xavier_uniform(),
                   name="MultiHeadAttention")(probe, x)
     y = layer_norm(self.dtype, self.param_dtype, "LayerNorm_0")(x)
-    x = x + MlpBlock(mlp_dim=self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype,
-                     name="MlpBlock")(y)
+    x = x + MlpBlock(mlp_dim=self.mlp_dim, approximate_gelu=self.approximate_gelu,
+                     dtype=self.dtype, param_dtype=self.param_dtype, name="MlpBlock")(y)
     return x[:, 0]
 
 
@@ -200,11 +220,16 @@ class Model(nn.Module):
       `patch_size` to (16, 16)); `width`, `depth` and `num_heads` are needed without a variant.
     posemb: "learn" or "sincos2d".
     pool_type: "gap", "cls" (alias "tok", big_vision's name) or "map".
+    fc_norm: the final LayerNorm after pooling (`fc_norm`) instead of on every token before it
+      (timm's default for "gap", MAE's).
     num_registers: learned register tokens appended to the sequence and dropped at the output.
     attention: registry name of the attention op (`big_attn.ops.names()`).
     attention_args: dict of op keyword arguments; attention_impl: the op's `implementation`.
     qk_norm, num_kv_heads: as in `big_attn.layers.Attention`.
     dropout: rate after the embeddings and inside every block.
+    approximate_gelu: tanh-approximate GELU in the MLPs (big_vision's); False: exact (timm's).
+    layer_scale_init: per-channel LayerScale of both branches of every block, initialised to
+      this value (DeiT III, DINOv2, timm's `init_values`); None: none.
     head_zeroinit: zero-initialised classifier head (as big_vision).
     remat_policy: "none" or a `jax.checkpoint_policies` name applied to every block.
     scan_layers: stack the blocks with `nn.scan` (parameters get a leading `layers` axis).
@@ -221,6 +246,7 @@ class Model(nn.Module):
   patch_size: tuple[int, int] | None = None
   posemb: str = "learn"
   pool_type: str = "gap"
+  fc_norm: bool = False
   num_registers: int = 0
   attention: str = "softmax"
   attention_args: Any = None
@@ -228,6 +254,8 @@ class Model(nn.Module):
   qk_norm: bool = False
   num_kv_heads: int | None = None
   dropout: float = 0.0
+  approximate_gelu: bool = True
+  layer_scale_init: float | None = None
   head_zeroinit: bool = True
   remat_policy: str = "none"
   scan_layers: bool = False
@@ -291,20 +319,24 @@ class Model(nn.Module):
                       attention_args=None if self.attention_args is None
                       else dict(self.attention_args),
                       attention_impl=self.attention_impl, qk_norm=self.qk_norm,
-                      dropout=self.dropout)
+                      dropout=self.dropout, approximate_gelu=self.approximate_gelu,
+                      layer_scale_init=self.layer_scale_init)
     x = Encoder(depth=sizes["depth"], block_args=block_args, remat_policy=self.remat_policy,
-                scan_layers=self.scan_layers, dtype=self.dtype, param_dtype=self.param_dtype,
-                name="Transformer")(x, deterministic)
+                scan_layers=self.scan_layers, final_norm=not self.fc_norm, dtype=self.dtype,
+                param_dtype=self.param_dtype, name="Transformer")(x, deterministic)
     if self.num_registers:
       x = x[:, :-self.num_registers]
 
     if self.pool_type == "map":
-      x = MAPHead(num_heads=sizes["num_heads"], mlp_dim=sizes["mlp_dim"], dtype=self.dtype,
+      x = MAPHead(num_heads=sizes["num_heads"], mlp_dim=sizes["mlp_dim"],
+                  approximate_gelu=self.approximate_gelu, dtype=self.dtype,
                   param_dtype=self.param_dtype, name="MAPHead")(x[:, num_prefix:])
     elif self.pool_type == "gap":
       x = jnp.mean(x, axis=1)
     else:
       x = x[:, 0]
+    if self.fc_norm:
+      x = layer_norm(self.dtype, self.param_dtype, "fc_norm")(x)
 
     if self.num_classes:
       kernel_init = (nn.initializers.zeros_init() if self.head_zeroinit

@@ -1,7 +1,10 @@
 """Train state, its shardings, and the update step (with gradient accumulation).
 
 The state is a plain dict `{"step": int32[], "params": ..., "opt_state": ...}` so that orbax saves
-and restores it as an ordinary pytree.
+and restores it as an ordinary pytree. A model with BatchNorm (`conv_norm="batch"` of MaxViT,
+CvT, BiFormer and RMT) adds `"batch_stats"`: its running statistics, updated by every train step
+(the model is applied with `mutable=["batch_stats"]`), replicated, saved in checkpoints and read
+by evaluators (`model_variables(state)`).
 """
 from __future__ import annotations
 
@@ -17,22 +20,39 @@ from jax.sharding import NamedSharding, PartitionSpec
 from big_attn.parallel import mesh as mesh_lib
 
 
+BATCH_STATS = "batch_stats"
+
+
+def init_model_variables(model: nn.Module, rng: jax.Array, image_shape: tuple[int, ...],
+                         input_dtype: Any = jnp.float32) -> dict[str, Any]:
+  """`{"params": boxed params}` of `model` for one input of `image_shape` ([h, w, c] images, or
+  any example shape such as `[length]` tokens with `input_dtype=jnp.int32`), plus
+  `"batch_stats"` when the model has BatchNorm."""
+  dummy = jnp.zeros((1, *image_shape), input_dtype)
+  variables = model.init({"params": rng, "dropout": rng}, dummy, train=False)
+  return {k: v for k, v in variables.items() if k in ("params", BATCH_STATS)}
+
+
 def init_variables(model: nn.Module, rng: jax.Array, image_shape: tuple[int, ...],
                    input_dtype: Any = jnp.float32) -> Any:
-  """Boxed (logically annotated) params of `model` for one input of `image_shape` ([h, w, c]
-  images, or any example shape such as `[length]` tokens with `input_dtype=jnp.int32`)."""
-  dummy = jnp.zeros((1, *image_shape), input_dtype)
-  return model.init({"params": rng, "dropout": rng}, dummy, train=False)["params"]
+  """Boxed (logically annotated) params of `model` (`init_model_variables`' `params`)."""
+  return init_model_variables(model, rng, image_shape, input_dtype)["params"]
+
+
+def model_variables(state: dict[str, Any]) -> dict[str, Any]:
+  """The variables to apply the model with in evaluation: params and any batch statistics."""
+  return {k: state[k] for k in ("params", BATCH_STATS) if k in state}
 
 
 def abstract_state(model: nn.Module, tx: optax.GradientTransformation,
                    image_shape: tuple[int, ...], input_dtype: Any = jnp.float32
                    ) -> dict[str, Any]:
   """Shapes of the state, with the logical names of params carried into the optimizer state."""
-  boxed = jax.eval_shape(lambda rng: init_variables(model, rng, image_shape, input_dtype),
-                         jax.random.key(0))
+  variables = jax.eval_shape(
+      lambda rng: init_model_variables(model, rng, image_shape, input_dtype), jax.random.key(0))
+  boxed = variables.pop("params")
   return {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": boxed,
-          "opt_state": jax.eval_shape(tx.init, boxed)}
+          "opt_state": jax.eval_shape(tx.init, boxed), **variables}
 
 
 def state_shardings(boxed_abstract_state: Any, mesh, rules) -> Any:
@@ -62,8 +82,10 @@ def make_init_fn(model: nn.Module, tx: optax.GradientTransformation,
   post_update = post_update_fn(model)
 
   def init(rng):
-    params = post_update(nn.unbox(init_variables(model, rng, image_shape, input_dtype)))
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+    variables = nn.unbox(init_model_variables(model, rng, image_shape, input_dtype))
+    params = post_update(variables.pop("params"))
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+            **variables}
 
   return init
 
@@ -80,6 +102,16 @@ def classification_loss(model: nn.Module, params: Any, batch: dict[str, Any],
   return classification_losses(logits, batch["labels"]).mean()
 
 
+def classification_loss_with_stats(model: nn.Module, variables: dict[str, Any],
+                                   batch: dict[str, Any], rng: jax.Array
+                                   ) -> tuple[jax.Array, Any]:
+  """`classification_loss` of a model with BatchNorm: `variables` holds `params` and
+  `batch_stats`; returns the loss and the updated `batch_stats`."""
+  logits, updates = model.apply(variables, batch["image"], train=True, rngs={"dropout": rng},
+                                mutable=[BATCH_STATS])
+  return classification_losses(logits, batch["labels"]).mean(), updates[BATCH_STATS]
+
+
 @dataclasses.dataclass(frozen=True)
 class Task:
   """What the loop needs from a model family: its batch, its init input and its loss.
@@ -93,24 +125,30 @@ class Task:
   and passed to each step as an argument, `loss(..., constants=...)`: neither trained nor
   compiled into the step. Optional `tokens_per_example(info)`: the tokens of one example of a
   sequence model, for the loop's tokens/s.
+  compiled into the step. Optional `loss_with_stats(model, variables, batch, rng) -> (loss,
+  batch_stats)`: the loss of a model with BatchNorm (`variables` holds `params` and
+  `batch_stats`), used when the state has batch statistics.
   """
   batch_spec: Callable[[dict[str, Any], int], dict[str, tuple[tuple[int, ...], Any]]]
   example_input: Callable[[dict[str, Any]], tuple[tuple[int, ...], Any]]
   loss: Callable[..., jax.Array]
   constants: Callable[[Any, dict[str, Any]], Any] | None = None
   tokens_per_example: Callable[[dict[str, Any]], int] | None = None
+  loss_with_stats: Callable[..., tuple[jax.Array, Any]] | None = None
 
 
 CLASSIFICATION = Task(
     batch_spec=lambda info, b: {"image": ((b, *info["image_shape"]), jnp.float32),
                                 "labels": ((b, info["num_classes"]), jnp.float32)},
     example_input=lambda info: (tuple(info["image_shape"]), jnp.float32),
-    loss=classification_loss)
+    loss=classification_loss, loss_with_stats=classification_loss_with_stats)
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: Callable,
                     *, grad_accum_steps: int = 1, micro_sharding: NamedSharding | None = None,
-                    loss_fn: Callable[..., jax.Array] = classification_loss) -> Callable:
+                    loss_fn: Callable[..., jax.Array] = classification_loss,
+                    loss_with_stats_fn: Callable[..., Any] | None = classification_loss_with_stats
+                    ) -> Callable:
   """`(state, batch, rng) -> (state, metrics)`: one optimizer update on the whole batch.
 
   With `grad_accum_steps > 1` the batch is split into that many microbatches (example `i` goes
@@ -121,12 +159,22 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
   params go through `post_update_fn(model)` (the model's `post_update`, e.g. nGPT's weight
   normalisation).
   `loss_fn(model, params, batch, rng)` is the task's loss (a `Task.loss`); every array of the
-  batch is split along its leading dimension.
+  batch is split along its leading dimension. A state with `batch_stats` is trained with
+  `loss_with_stats_fn` (a `Task.loss_with_stats`) instead, and the statistics it returns are
+  carried from microbatch to microbatch into the new state.
   """
   if grad_accum_steps < 1:
     raise ValueError(f"config.grad_accum_steps must be >= 1, got {grad_accum_steps}")
 
-  grad_fn = jax.value_and_grad(lambda params, batch, rng: loss_fn(model, params, batch, rng))
+  def loss_and_stats(params, stats, batch, rng):
+    if stats is None:
+      return loss_fn(model, params, batch, rng), None
+    if loss_with_stats_fn is None:
+      raise ValueError(f"{type(model).__name__} has batch statistics (BatchNorm) but its task "
+                       "has no loss_with_stats")
+    return loss_with_stats_fn(model, {"params": params, BATCH_STATS: stats}, batch, rng)
+
+  grad_fn = jax.value_and_grad(loss_and_stats, has_aux=True)
   post_update = post_update_fn(model)
 
   def split(x):
@@ -143,27 +191,30 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
   def train_step(state, batch, rng):
     step = state["step"]
     rng = jax.random.fold_in(rng, step)
-    params = state["params"]
+    params, stats = state["params"], state.get(BATCH_STATS)
     if grad_accum_steps == 1:
-      loss, grads = grad_fn(params, batch, rng)
+      (loss, stats), grads = grad_fn(params, stats, batch, rng)
     else:
       micro = jax.tree.map(split, batch)
 
       def body(carry, xs):
-        loss_sum, grad_sum = carry
+        loss_sum, grad_sum, stats = carry
         i, mb = xs
-        loss, grads = grad_fn(params, mb, jax.random.fold_in(rng, i))
-        return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+        (loss, stats), grads = grad_fn(params, stats, mb, jax.random.fold_in(rng, i))
+        return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads), stats), None
 
       zeros = jax.tree.map(jnp.zeros_like, params)
-      (loss, grads), _ = jax.lax.scan(
-          body, (jnp.zeros((), jnp.float32), zeros), (jnp.arange(grad_accum_steps), micro))
+      (loss, grads, stats), _ = jax.lax.scan(
+          body, (jnp.zeros((), jnp.float32), zeros, stats),
+          (jnp.arange(grad_accum_steps), micro))
       loss = loss / grad_accum_steps
       grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_state = {"step": step + 1,
                  "params": post_update(optax.apply_updates(params, updates)),
                  "opt_state": opt_state}
+    if stats is not None:
+      new_state[BATCH_STATS] = stats
     metrics = {"train/loss": loss, "train/grad_norm": optax.tree_utils.tree_norm(grads),
                "train/lr": schedule(step)}
     return new_state, metrics

@@ -1,0 +1,136 @@
+r"""Do converted checkpoints compute the same function? Full-size models, random weights, CPU.
+
+  python experiments/pretrained_parity.py                  # every case
+  python experiments/pretrained_parity.py --only=maxvit,deit --out=/tmp/parity.md
+
+Each case builds a framework model at its real size with random weights (nothing is
+downloaded), converts it with `big_attn.pretrained`, and compares the logits of one random image
+of the model's input size in float32: the maximum absolute difference over the largest absolute
+logit. Layer scales (initialised near 0 by timm, which would hide the blocks) and BatchNorm
+running statistics are re-drawn so that every converted tensor matters. The table goes to
+`experiments/results/pretrained_parity.md` with the command, date, machine and versions.
+
+A case is `(source, name, build_fn)`: `build_fn()` returns the framework model in eval mode;
+`CONVERTERS[source]` converts it. Add rows by appending to `CASES`.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import shlex
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from big_attn import pretrained  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+
+RESULTS = os.path.join(ROOT, "experiments", "results")
+
+
+def _timm(name: str) -> Callable[[], Any]:
+  """A full-size timm model with random weights, layer scales and BatchNorm statistics."""
+
+  def build():
+    import timm  # pylint: disable=import-outside-toplevel
+    import torch  # pylint: disable=import-outside-toplevel
+    model = timm.create_model(name, pretrained=False)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+      for key, tensor in model.state_dict().items():
+        if key.endswith(("gamma", "layer_scale1.scale", "layer_scale2.scale")):
+          tensor.uniform_(0.05, 0.2, generator=gen)
+        elif key.endswith("running_mean"):
+          tensor.normal_(0.0, 0.2, generator=gen)
+        elif key.endswith("running_var"):
+          tensor.uniform_(0.5, 1.5, generator=gen)
+    return model.eval()
+
+  return build
+
+
+CASES: list[tuple[str, str, Callable[[], Any]]] = [
+    ("timm", name, _timm(name)) for name in (
+        "vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224",
+        "vit_medium_patch16_reg4_gap_256", "vit_base_patch16_siglip_224",
+        "deit_tiny_distilled_patch16_224", "deit_small_patch16_224", "convnext_atto",
+        "convnext_tiny", "maxvit_tiny_tf_224", "poolformer_s12", "davit_tiny")]
+
+CONVERTERS: dict[str, Callable[..., Any]] = {"timm": pretrained.from_timm}
+
+
+def _input(source: str, model: Any) -> np.ndarray:
+  """One random image `[1, C, H, W]` of the framework model's input size."""
+  if source == "timm":
+    shape = model.pretrained_cfg["input_size"]
+  else:
+    raise ValueError(f"no input rule for source {source!r}")
+  return np.random.default_rng(0).normal(size=(1, *shape)).astype(np.float32)
+
+
+def run_case(source: str, name: str, build: Callable[[], Any]) -> dict[str, Any]:
+  import torch  # pylint: disable=import-outside-toplevel
+  model = build()
+  images = _input(source, model)
+  with torch.no_grad():
+    want = model(torch.from_numpy(images)).numpy()
+  start = time.perf_counter()
+  module, variables = CONVERTERS[source](model)
+  convert_s = time.perf_counter() - start
+  got = np.asarray(jax.jit(lambda v, x: module.apply(v, x, train=False))(
+      variables, images.transpose(0, 2, 3, 1)))
+  params = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(variables["params"]))
+  return dict(source=source, name=name, family=type(module).__module__.rsplit(".", 1)[-1],
+              params=params, error=float(np.abs(got - want).max() / np.abs(want).max()),
+              convert_s=convert_s)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--only", default="", help="comma-separated substrings of case names")
+  parser.add_argument("--out", default=os.path.join(RESULTS, "pretrained_parity.md"))
+  args = parser.parse_args()
+  wanted = [s for s in args.only.split(",") if s]
+  rows = []
+  for source, name, build in CASES:
+    if wanted and not any(w in name for w in wanted):
+      continue
+    try:
+      row = run_case(source, name, build)
+    except pretrained.ConversionError as e:  # recorded as a row: what is not supported, and why
+      row = dict(source=source, name=name, refused=str(e))
+      print(f"{source} {name}: refused: {e}", flush=True)
+    else:
+      print(f"{source} {name}: {row['params']:,} parameters, max relative error "
+            f"{row['error']:.1e}, converted in {row['convert_s']:.3f} s", flush=True)
+    rows.append(row)
+  import timm  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  lines = [
+      "# Converted checkpoints: same logits as the framework model",
+      "",
+      "`" + shlex.join(["python", "experiments/pretrained_parity.py", *sys.argv[1:]]) + "`",
+      f"on {datetime.date.today()}, {platform.machine()} CPU, jax {jax.__version__}, "
+      f"torch {torch.__version__}, timm {timm.__version__}. Random weights (full size), one "
+      "random image of the model's input size, float32; error = max |big_attn − framework| / "
+      "max |framework| over the logits. Conversion time excludes building the framework model.",
+      "",
+      "| source | model | big_attn family | parameters | max rel. error | convert (s) |",
+      "|--------|-------|-----------------|-----------:|---------------:|------------:|"]
+  lines += [f"| {r['source']} | {r['name']} | refused: {r['refused']} | | | |" if "refused" in r
+            else f"| {r['source']} | {r['name']} | {r['family']} | {r['params']:,} | "
+            f"{r['error']:.1e} | {r['convert_s']:.3f} |" for r in rows]
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  with open(args.out, "w", encoding="utf-8") as f:
+    f.write("\n".join(lines) + "\n")
+  print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()
