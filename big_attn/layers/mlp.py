@@ -13,11 +13,14 @@ class MlpBlock(nn.Module):
   Attributes:
     mlp_dim: hidden width; 4x the input width when None.
     dropout: dropout rate on the hidden activations.
+    approximate_gelu: the tanh approximation of GELU (big_vision); False: the exact erf form
+      (PyTorch's default).
   Parameters carry logical axis names (`embed`, `mlp`); 3-D activations are constrained to
   `("batch", "length", "mlp")`.
   """
   mlp_dim: int | None = None
   dropout: float = 0.0
+  approximate_gelu: bool = True
   dtype: Any = None
   param_dtype: Any = jnp.float32
   kernel_init: Any = nn.initializers.xavier_uniform()
@@ -37,6 +40,6 @@ class MlpBlock(nn.Module):
     x = dense(mlp_dim, ("embed", "mlp"), "Dense_0")(x)
     if x.ndim == 3:
       x = nn.with_logical_constraint(x, ("batch", "length", "mlp"))
-    x = nn.gelu(x)
+    x = nn.gelu(x, approximate=self.approximate_gelu)
     x = nn.Dropout(rate=self.dropout)(x, deterministic)
     return dense(features, ("mlp", "embed"), "Dense_1")(x)

@@ -86,6 +86,8 @@ class Encoder1DBlock(nn.Module):
   attention_impl: str | None = None
   qk_norm: bool = False
   dropout: float = 0.0
+  norm_eps: float = 1e-6
+  approximate_gelu: bool = True
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -93,7 +95,7 @@ class Encoder1DBlock(nn.Module):
   def __call__(self, x, deterministic: bool = True):
     constrain = lambda y: nn.with_logical_constraint(y, ("batch", "length", "embed"))
     x = constrain(x)
-    y = layer_norm(self.dtype, self.param_dtype, "LayerNorm_0")(x)
+    y = layer_norm(self.dtype, self.param_dtype, "LayerNorm_0", epsilon=self.norm_eps)(x)
     y = Attention(
         num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, op=self.attention,
         op_args=self.attention_args, implementation=self.attention_impl, qk_norm=self.qk_norm,
@@ -101,8 +103,9 @@ class Encoder1DBlock(nn.Module):
         kernel_init=nn.initializers.xavier_uniform(), name="MultiHeadAttention")(y)
     y = nn.Dropout(rate=self.dropout)(y, deterministic)
     x = constrain(x + y)
-    y = layer_norm(self.dtype, self.param_dtype, "LayerNorm_1")(x)
-    y = MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout, dtype=self.dtype,
+    y = layer_norm(self.dtype, self.param_dtype, "LayerNorm_1", epsilon=self.norm_eps)(x)
+    y = MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout,
+                 approximate_gelu=self.approximate_gelu, dtype=self.dtype,
                  param_dtype=self.param_dtype, name="MlpBlock")(y, deterministic)
     y = nn.Dropout(rate=self.dropout)(y, deterministic)
     return constrain(x + y), None
@@ -133,7 +136,8 @@ class Encoder(nn.Module):
     else:
       for i in range(self.depth):
         x, _ = block(name=f"encoderblock_{i}", **kwargs)(x, deterministic)
-    return layer_norm(self.dtype, self.param_dtype, "encoder_norm")(x)
+    return layer_norm(self.dtype, self.param_dtype, "encoder_norm",
+                      epsilon=kwargs.get("norm_eps", 1e-6))(x)
 
 
 class MAPHead(nn.Module):
@@ -205,6 +209,8 @@ class Model(nn.Module):
     attention_args: dict of op keyword arguments; attention_impl: the op's `implementation`.
     qk_norm, num_kv_heads: as in `big_attn.layers.Attention`.
     dropout: rate after the embeddings and inside every block.
+    norm_eps: epsilon of the LayerNorms (1e-6; Hugging Face's ViT uses 1e-12).
+    approximate_gelu: tanh-approximated GELU in the MLPs (big_vision); False: exact (PyTorch).
     head_zeroinit: zero-initialised classifier head (as big_vision).
     remat_policy: "none" or a `jax.checkpoint_policies` name applied to every block.
     scan_layers: stack the blocks with `nn.scan` (parameters get a leading `layers` axis).
@@ -228,6 +234,8 @@ class Model(nn.Module):
   qk_norm: bool = False
   num_kv_heads: int | None = None
   dropout: float = 0.0
+  norm_eps: float = 1e-6
+  approximate_gelu: bool = True
   head_zeroinit: bool = True
   remat_policy: str = "none"
   scan_layers: bool = False
@@ -291,7 +299,8 @@ class Model(nn.Module):
                       attention_args=None if self.attention_args is None
                       else dict(self.attention_args),
                       attention_impl=self.attention_impl, qk_norm=self.qk_norm,
-                      dropout=self.dropout)
+                      dropout=self.dropout, norm_eps=self.norm_eps,
+                      approximate_gelu=self.approximate_gelu)
     x = Encoder(depth=sizes["depth"], block_args=block_args, remat_policy=self.remat_policy,
                 scan_layers=self.scan_layers, dtype=self.dtype, param_dtype=self.param_dtype,
                 name="Transformer")(x, deterministic)

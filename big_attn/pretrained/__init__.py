@@ -1,2 +1,3 @@
 """Converters from timm / Hugging Face transformers checkpoints to big_attn models."""
 from big_attn.pretrained._common import ConversionError
+from big_attn.pretrained.transformers import from_transformers
