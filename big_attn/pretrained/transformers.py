@@ -10,7 +10,9 @@ Supported (`config.model_type` -> big_attn model):
   RoPE with "linear", "dynamic" or "llama3" scaling, grouped-query attention, tied or untied
   embeddings, Qwen2's query/key/value biases, Mistral's sliding window).
 - "vit" (`ViTForImageClassification`) -> `big_attn.models.vit` (pool_type="cls").
-- "deit" (`DeiTForImageClassification`, `...WithTeacher`) -> `big_attn.models.deit`.
+- "deit" (`DeiTForImageClassificationWithTeacher`) -> `big_attn.models.deit` (distilled). The
+  plain `DeiTForImageClassification` is refused: its distillation token attends without a head,
+  which big_attn's DeiT does not compute.
 - "convnext" (`ConvNextForImageClassification`) -> `big_attn.models.convnext`.
 Images go in as `[batch, H, W, C]` (transformers takes `[batch, C, H, W]`). The class and
 distillation tokens absorb their position embeddings (a constant token plus a constant position
@@ -194,20 +196,14 @@ def _vit(config: Any, sd: StateDict, cls_name: str) -> tuple[Any, dict[str, Any]
 
 
 def _deit(config: Any, sd: StateDict, cls_name: str) -> tuple[Any, dict[str, Any]]:
-  _require_class(cls_name, ("DeiTForImageClassification",
-                            "DeiTForImageClassificationWithTeacher"))
-  distilled = cls_name.endswith("WithTeacher")
-  model = deit.Model(distilled=distilled, **_encoder_config(config))
+  _require_class(cls_name, ("DeiTForImageClassificationWithTeacher",))
+  model = deit.Model(distilled=True, **_encoder_config(config))
   params = _encoder_params(config, sd, "deit", 2)
   tokens = params.pop("tokens")
   params["cls"] = sd.take("deit.embeddings.cls_token")[0] + tokens[:1]
-  if distilled:
-    params["dist"] = sd.take("deit.embeddings.distillation_token")[0] + tokens[1:2]
-    params["head"] = _dense(sd, "cls_classifier")
-    params["head_dist"] = _dense(sd, "distillation_classifier")
-  else:
-    sd.skip("deit.embeddings.distillation_token")  # created but unused by the plain classifier
-    params["head"] = _dense(sd, "classifier")
+  params["dist"] = sd.take("deit.embeddings.distillation_token")[0] + tokens[1:2]
+  params["head"] = _dense(sd, "cls_classifier")
+  params["head_dist"] = _dense(sd, "distillation_classifier")
   return model, params
 
 
