@@ -13,8 +13,8 @@ class MlpBlock(nn.Module):
   Attributes:
     mlp_dim: hidden width; 4x the input width when None.
     dropout: dropout rate on the hidden activations.
-    approximate_gelu: the tanh approximation of GELU (big_vision); False: the exact erf form
-      (PyTorch's default).
+    approximate_gelu: tanh approximation of GELU (big_vision's); False is the exact erf form
+      (PyTorch's `nn.GELU()`, so timm's weights).
   Parameters carry logical axis names (`embed`, `mlp`); 3-D activations are constrained to
   `("batch", "length", "mlp")`.
   """

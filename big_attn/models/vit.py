@@ -210,7 +210,7 @@ class Model(nn.Module):
     qk_norm, num_kv_heads: as in `big_attn.layers.Attention`.
     dropout: rate after the embeddings and inside every block.
     norm_eps: epsilon of the LayerNorms (1e-6; Hugging Face's ViT uses 1e-12).
-    approximate_gelu: tanh-approximated GELU in the MLPs (big_vision); False: exact (PyTorch).
+    approximate_gelu: tanh-approximate GELU in the MLPs (big_vision's); False: exact (timm's).
     head_zeroinit: zero-initialised classifier head (as big_vision).
     remat_policy: "none" or a `jax.checkpoint_policies` name applied to every block.
     scan_layers: stack the blocks with `nn.scan` (parameters get a leading `layers` axis).
