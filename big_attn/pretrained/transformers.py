@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import jax
 import numpy as np
 
 from big_attn.models import convnext, deit, lm, vit
@@ -247,7 +248,7 @@ def from_transformers(model: Any) -> tuple[Any, dict[str, Any]]:
       e.g. `LlamaForCausalLM.from_pretrained(DIR)`.
   Returns:
     The big_attn Flax module (its `attention` field picks the op; any registered op runs with
-    the converted weights) and `{"params": ...}` float32 NumPy arrays.
+    the converted weights) and `{"params": ...}` float32 NumPy arrays (copies).
   Raises:
     ConversionError: an unsupported class, or a config field without a big_attn equivalent.
   """
@@ -260,4 +261,5 @@ def from_transformers(model: Any) -> tuple[Any, dict[str, Any]]:
   sd = StateDict(model.state_dict(), source=cls_name)
   big_model, params = _CONVERTERS[kind](config, sd, cls_name)
   sd.check_all_read()
-  return big_model, {"params": params}
+  # copies: NumPy views would share memory with the torch tensors (and see later updates)
+  return big_model, {"params": jax.tree.map(np.array, params)}
