@@ -54,6 +54,9 @@ CASES = [
     ("convnext_t", "ConvNeXt-T 224 (ConvNextForImageClassification)",
      transformers.ConvNextForImageClassification,
      transformers.ConvNextConfig(num_labels=1000), lambda c: _images(c, 224)),
+    ("poolformer_s12", "PoolFormer-S12 224 (PoolFormerForImageClassification)",
+     transformers.PoolFormerForImageClassification,
+     transformers.PoolFormerConfig(num_labels=1000), lambda c: _images(c, 224)),
     ("llama", "Llama-3-style, 8 layers, width 512, GQA 8/2, llama3 RoPE (LlamaForCausalLM)",
      transformers.LlamaForCausalLM, transformers.LlamaConfig(
          **LLAMA_3, max_position_embeddings=131_072, rope_parameters=dict(rope_type="llama3", rope_theta=500_000., factor=8.,

@@ -89,6 +89,11 @@ VISION = {
                                      transformers.ConvNextConfig(
                                          hidden_sizes=[16, 32], depths=[1, 2], num_stages=2,
                                          num_labels=3, layer_scale_init_value=0.5)),
+    "poolformer": lambda: random_model(transformers.PoolFormerForImageClassification,
+                                       transformers.PoolFormerConfig(
+                                           hidden_sizes=[16, 32], depths=[1, 2],
+                                           num_encoder_blocks=2, num_labels=3,
+                                           layer_scale_init_value=0.5)),
 }
 
 

@@ -279,6 +279,7 @@ class MetaFormerBlock(nn.Module):
   mlp_ratio: float = 4.0
   layer_scale_init: float = 1e-5
   drop_path: float = 0.0
+  approximate_gelu: bool = True
   dtype: Any = None
   param_dtype: Any = jnp.float32
 
@@ -297,8 +298,8 @@ class MetaFormerBlock(nn.Module):
                               param_dtype=self.param_dtype, name="mixer")(y)
     x = residual(y, "layer_scale1")
     y = _group_norm(self.dtype, self.param_dtype, "norm2")(x)
-    y = MlpBlock(mlp_dim=int(self.mlp_ratio * c), dtype=self.dtype,
-                 param_dtype=self.param_dtype, name="mlp")(y)
+    y = MlpBlock(mlp_dim=int(self.mlp_ratio * c), approximate_gelu=self.approximate_gelu,
+                 dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")(y)
     return residual(y, "layer_scale2")
 
 
@@ -314,6 +315,8 @@ class Model(nn.Module):
     mixer_args: `{mixer name: dict of its options}`, e.g. `{"attention": {"op": "sigmoid"}}`.
     layer_scale_init: initial layer scale (1e-5, PoolFormer).
     drop_path: stochastic depth rate of the last block (linear from 0 over the blocks).
+    approximate_gelu: tanh-approximate GELU in the MLPs (big_vision's); False: exact
+      (PoolFormer's `nn.GELU()`).
     head_zeroinit: zero-initialised classifier (as big_vision).
     dtype: compute dtype; param_dtype: parameter dtype.
   Parameters carry the logical axis names embed, mlp, norm, patch_h, patch_w, channels_in,
@@ -328,6 +331,7 @@ class Model(nn.Module):
   mixer_args: Any = None
   layer_scale_init: float = 1e-5
   drop_path: float = 0.0
+  approximate_gelu: bool = True
   head_zeroinit: bool = True
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -383,7 +387,8 @@ class Model(nn.Module):
         rate = self.drop_path * index / max(total - 1, 1)
         x = MetaFormerBlock(
             mixer=mixer, mixer_args=dict(args.get(mixer, {})), mlp_ratio=sizes["mlp_ratio"],
-            layer_scale_init=self.layer_scale_init, drop_path=rate, dtype=self.dtype,
+            layer_scale_init=self.layer_scale_init, drop_path=rate,
+            approximate_gelu=self.approximate_gelu, dtype=self.dtype,
             param_dtype=self.param_dtype, name=f"stage_{stage}_block_{i}")(x, not train)
         index += 1
     x = _group_norm(self.dtype, self.param_dtype, "norm")(x)

@@ -14,6 +14,8 @@ Supported (`config.model_type` -> big_attn model):
   plain `DeiTForImageClassification` is refused: its distillation token attends without a head,
   which big_attn's DeiT does not compute.
 - "convnext" (`ConvNextForImageClassification`) -> `big_attn.models.convnext`.
+- "poolformer" (`PoolFormerForImageClassification`) -> `big_attn.models.metaformer` (the
+  "pool" mixer; without layer scale the scales are ones).
 Images go in as `[batch, H, W, C]` (transformers takes `[batch, C, H, W]`). The class and
 distillation tokens absorb their position embeddings (a constant token plus a constant position
 is one vector), so the results are equal. A configuration big_attn has no equivalent for raises
@@ -26,7 +28,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from big_attn.models import convnext, deit, lm, vit
+from big_attn.models import convnext, deit, lm, metaformer, vit
 from big_attn.pretrained._common import ConversionError, StateDict, conv_kernel, dense_kernel
 
 _ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
@@ -235,9 +237,43 @@ def _convnext(config: Any, sd: StateDict, cls_name: str) -> tuple[Any, dict[str,
   return model, params
 
 
+def _poolformer(config: Any, sd: StateDict, cls_name: str) -> tuple[Any, dict[str, Any]]:
+  _require_class(cls_name, ("PoolFormerForImageClassification",))
+  _require(config, "hidden_act", config.hidden_act in _GELU, f"one of {sorted(_GELU)}")
+  stages = config.num_encoder_blocks
+  embeddings = (tuple(config.patch_sizes[:stages]), tuple(config.strides[:stages]),
+                tuple(config.padding[:stages]))
+  expected = ((7,) + (3,) * (stages - 1), (4,) + (2,) * (stages - 1),
+              (2,) + (1,) * (stages - 1))
+  _require(config, "patch_sizes/strides/padding", embeddings == expected,
+           f"{expected} (PoolFormer's 7x7 stride-4 stem, 3x3 stride-2 downsampling)")
+  dims, depths = tuple(config.hidden_sizes[:stages]), tuple(config.depths[:stages])
+  model = metaformer.Model(num_classes=config.num_labels, depths=depths, dims=dims,
+                           mlp_ratio=float(config.mlp_ratio), mixers="pool",
+                           mixer_args={"pool": {"pool_size": int(config.pool_size)}},
+                           approximate_gelu=_GELU[config.hidden_act])
+  group_norm = lambda name: _layer_norm(sd, name)  # pylint: disable=unnecessary-lambda-assignment
+  params = {}
+  for stage, depth in enumerate(depths):
+    embed = "stem" if stage == 0 else f"downsample_{stage}"
+    params[embed] = _conv(sd, f"poolformer.encoder.patch_embeddings.{stage}.projection")
+    for i in range(depth):
+      p = f"poolformer.encoder.block.{stage}.{i}"
+      block = {"norm1": group_norm(f"{p}.before_norm"), "norm2": group_norm(f"{p}.after_norm"),
+               "mlp": {"Dense_0": _dense(sd, f"{p}.output.conv1"),
+                       "Dense_1": _dense(sd, f"{p}.output.conv2")}}
+      for ours, theirs in (("layer_scale1", "layer_scale_1"), ("layer_scale2", "layer_scale_2")):
+        block[ours] = (sd.take(f"{p}.{theirs}") if config.use_layer_scale
+                       else np.ones(dims[stage], np.float32))
+      params[f"stage_{stage}_block_{i}"] = block
+  params["norm"] = group_norm("norm")
+  params["head"] = _dense(sd, "classifier")
+  return model, params
+
+
 _CONVERTERS: dict[str, Callable[..., tuple[Any, dict[str, Any]]]] = {
     "llama": _causal_lm, "qwen2": _causal_lm, "mistral": _causal_lm, "vit": _vit,
-    "deit": _deit, "convnext": _convnext}
+    "deit": _deit, "convnext": _convnext, "poolformer": _poolformer}
 
 
 def from_transformers(model: Any) -> tuple[Any, dict[str, Any]]:
