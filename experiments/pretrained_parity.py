@@ -59,9 +59,9 @@ CASES = [
      transformers.PoolFormerConfig(num_labels=1000), lambda c: _images(c, 224)),
     ("llama", "Llama-3-style, 8 layers, width 512, GQA 8/2, llama3 RoPE (LlamaForCausalLM)",
      transformers.LlamaForCausalLM, transformers.LlamaConfig(
-         **LLAMA_3, max_position_embeddings=131_072, rope_parameters=dict(rope_type="llama3", rope_theta=500_000., factor=8.,
-                                         low_freq_factor=1., high_freq_factor=4.,
-                                         original_max_position_embeddings=8192)), _tokens),
+         **LLAMA_3, max_position_embeddings=131_072, rope_parameters=dict(
+             rope_type="llama3", rope_theta=500_000., factor=8., low_freq_factor=1.,
+             high_freq_factor=4., original_max_position_embeddings=8192)), _tokens),
     ("qwen2", "Qwen2-style, qkv biases, tied embeddings (Qwen2ForCausalLM)",
      transformers.Qwen2ForCausalLM, transformers.Qwen2Config(**LLAMA_3, tie_word_embeddings=True),
      _tokens),
@@ -107,6 +107,7 @@ def main(argv=None):
       "",
       f"{datetime.date.today()}, {jax.devices()[0].device_kind} ({os.cpu_count()} cores), "
       f"jax {jax.__version__}, torch {torch.__version__}, transformers {transformers.__version__}."
+      f" (load average {os.getloadavg()[0]:.1f}: times are noisy)."
       f" `python experiments/pretrained_parity.py`; random weights at the published sizes, "
       "float32; error = max|big_attn − framework| / max|framework| of the logits.",
       "",

@@ -150,5 +150,6 @@ def test_convert_cli_writes_a_checkpoint_init_from_reads(hf_vit_dir, tmp_path, c
   expected, got = flat(converted), flat(restored)
   assert set(expected) == set(got)
   assert all(np.array_equal(expected[k], got[k]) for k in expected)
-  assert cli.main(["convert", "--source=transformers", f"--in={tmp_path}/none", f"--out={out}"]) == 1
+  missing = f"--in={tmp_path}/none"
+  assert cli.main(["convert", "--source=transformers", missing, f"--out={out}"]) == 1
   assert "init_from.path must be an existing" in capsys.readouterr().err

@@ -10,7 +10,8 @@ transformers = pytest.importorskip("transformers")
 import jax.numpy as jnp  # noqa: E402  pylint: disable=g-import-not-at-top
 
 from big_attn.models import lm  # noqa: E402  pylint: disable=g-import-not-at-top
-from big_attn.pretrained import ConversionError, from_transformers  # noqa: E402  pylint: disable=g-import-not-at-top
+from big_attn.pretrained import ConversionError  # noqa: E402  pylint: disable=g-import-not-at-top
+from big_attn.pretrained import from_transformers  # noqa: E402  pylint: disable=g-import-not-at-top
 
 LM_SIZES = dict(vocab_size=50, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2)
@@ -56,7 +57,7 @@ def test_causal_lm_logits_and_greedy_generation_match(name):
   # and llama3's long wavelengths all act inside the cache.
   prompt = tokens[:, :5]
   with torch.no_grad():
-    out = hf.generate(torch.tensor(prompt), attention_mask=torch.ones(prompt.shape, dtype=torch.long),
+    out = hf.generate(torch.tensor(prompt), attention_mask=torch.ones_like(torch.tensor(prompt)),
                       max_new_tokens=4, do_sample=False, output_logits=True,
                       return_dict_in_generate=True, pad_token_id=0)
   ours, logits = lm.generate(model, variables["params"], jnp.asarray(prompt), 4,

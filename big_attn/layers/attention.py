@@ -89,7 +89,8 @@ class Attention(nn.Module):
 
   def _projection(self, shape, logical_axes, name, contract=1, use_bias=None):
     return Projection(shape=shape, logical_axes=logical_axes, contract=contract,
-                      use_bias=self.use_bias if use_bias is None else use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                      use_bias=self.use_bias if use_bias is None else use_bias,
+                      dtype=self.dtype, param_dtype=self.param_dtype,
                       kernel_init=self.kernel_init, name=name)
 
   @nn.compact

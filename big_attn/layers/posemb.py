@@ -61,8 +61,9 @@ def rope_frequencies(dim: int, base: float = 10_000., scaling: Any = None,
   `scaling` is None or a dict with `rope_type` (the names and keys of Hugging Face
   transformers' `rope_parameters`) and `factor` s:
   - "linear" (position interpolation, Chen et al. 2023): ω / s.
-  - "dynamic" (dynamic NTK, with `max_position_embeddings` M): base·(s·L/M − (s − 1))^(dim/(dim−2))
-    with L = max(max(positions) + 1, M), the longest position of the call.
+  - "dynamic" (dynamic NTK, with `max_position_embeddings` M): the base becomes
+    base·(s·L/M − (s − 1))^(dim/(dim−2)) with L = max(max(positions) + 1, M), the longest
+    position of the call (transformers keeps the longest seen so far: the same in generation).
   - "llama3" (Llama 3.1; `low_freq_factor`, `high_freq_factor`,
     `original_max_position_embeddings` C): wavelengths above C/low_freq_factor are divided by s,
     those below C/high_freq_factor kept, the band between interpolated smoothly.

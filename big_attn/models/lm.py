@@ -217,7 +217,8 @@ def _cached_decode_op(op_fn, *, cache_key, cache_value, index, prepare=None):
     start = index.value
     if window is not None:
       query_pos = start + jnp.arange(query.shape[1])[:, None]
-      mask = (jnp.arange(cache_key.value.shape[1])[None, :] >= query_pos - window[0])[None, None]
+      visible = jnp.arange(cache_key.value.shape[1])[None, :] >= query_pos - window[0]
+      mask = visible[None, None]
     cache_key.value = jax.lax.dynamic_update_slice(
         cache_key.value, key.astype(cache_key.value.dtype), (0, start, 0, 0))
     cache_value.value = jax.lax.dynamic_update_slice(

@@ -315,8 +315,7 @@ class Model(nn.Module):
     mixer_args: `{mixer name: dict of its options}`, e.g. `{"attention": {"op": "sigmoid"}}`.
     layer_scale_init: initial layer scale (1e-5, PoolFormer).
     drop_path: stochastic depth rate of the last block (linear from 0 over the blocks).
-    approximate_gelu: tanh-approximate GELU in the MLPs (big_vision's); False: exact
-      (PoolFormer's `nn.GELU()`).
+    approximate_gelu: tanh-approximate GELU in the MLPs; False: exact (PoolFormer's, timm's).
     head_zeroinit: zero-initialised classifier (as big_vision).
     dtype: compute dtype; param_dtype: parameter dtype.
   Parameters carry the logical axis names embed, mlp, norm, patch_h, patch_w, channels_in,
