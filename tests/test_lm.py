@@ -143,14 +143,14 @@ def test_generate_and_model_argument_errors():
 
 def test_llama_family_options_are_checked():
   tokens = jnp.zeros((1, 8), jnp.int32)
-  init = lambda **kw: lm.Model(**SMALL, **kw).init(jax.random.key(0), tokens)  # pylint: disable=unnecessary-lambda-assignment
+  init = lambda **kw: lm.Model(**dict(SMALL, **kw)).init(jax.random.key(0), tokens)  # pylint: disable=unnecessary-lambda-assignment
   with pytest.raises(ValueError, match="sliding_window needs attention='softmax'"):
     init(sliding_window=4, attention="sigmoid")
   with pytest.raises(ValueError, match="sliding_window must be None or a positive int"):
     init(sliding_window=0)
   with pytest.raises(ValueError, match="rope_scaling, qkv_bias need block='pre_norm'"):
     init(rope_scaling={"rope_type": "linear", "factor": 2.0}, qkv_bias=True, block="ngpt",
-         attention="ngpt")
+         attention="ngpt", qk_norm=False)
   with pytest.raises(ValueError, match="rope_type in .'linear', 'dynamic', 'llama3'"):
     init(rope_scaling={"rope_type": "yarn", "factor": 2.0})
   params = init(qkv_bias=True)["params"]["layers_0"]["attention"]

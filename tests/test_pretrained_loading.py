@@ -18,6 +18,7 @@ from big_attn.models import vit
 from big_attn.pretrained import ConversionError, load_weights, read_checkpoint, save_npz
 from big_attn.pretrained import __main__ as cli
 from big_attn.pretrained import loading
+from big_attn.train import config_lib
 from tests.test_train import _config_module
 
 torch = pytest.importorskip("torch")
@@ -44,8 +45,12 @@ def flat(params):
 
 
 def test_finetune_config_loads_the_checkpoint_then_resume_wins(hf_vit_dir, tmp_path, caplog):
-  config = _config_module("vit_digits_finetune").get_config(f"path={hf_vit_dir},runlocal")
+  module = _config_module("vit_digits_finetune")
+  assert "configs/vit_digits_finetune.py" in module.__doc__
+  config = module.get_config(f"path={hf_vit_dir},runlocal")
   assert config.init_from.path == hf_vit_dir and config.model.attention == "sigmoid"
+  assert config_lib.base_config().keys() == config.keys()
+  main_lib.check_config(config)
   config.model.update(TINY)
   config.input.batch_size = 16
   config.mesh, config.mesh_subset = [("data", 1)], True
