@@ -143,7 +143,8 @@ def test_generate_and_model_argument_errors():
 
 def test_llama_family_options_are_checked():
   tokens = jnp.zeros((1, 8), jnp.int32)
-  init = lambda **kw: lm.Model(**dict(SMALL, **kw)).init(jax.random.key(0), tokens)  # pylint: disable=unnecessary-lambda-assignment
+  init = lambda **kw: jax.eval_shape(  # pylint: disable=unnecessary-lambda-assignment
+      lm.Model(**dict(SMALL, **kw)).init, jax.random.key(0), tokens)
   with pytest.raises(ValueError, match="sliding_window needs attention='softmax'"):
     init(sliding_window=4, attention="sigmoid")
   with pytest.raises(ValueError, match="sliding_window must be None or a positive int"):
