@@ -1,5 +1,5 @@
 """big_attn.pretrained.loading: `config.init_from` through main (configs/vit_digits_finetune.py
-from a saved transformers ViT, resume winning over it), fitting converted weights to a model
+from a saved transformers ViT onto a sharded mesh, resume winning over it), fitting converted weights to a model
 (fresh heads and op parameters, mismatches named), the files it reads and the convert CLI."""
 import json
 import logging
@@ -18,6 +18,7 @@ from big_attn.models import vit
 from big_attn.pretrained import ConversionError, load_weights, read_checkpoint, save_npz
 from big_attn.pretrained import __main__ as cli
 from big_attn.pretrained import loading
+from big_attn.train import checkpoint as ckpt_lib
 from big_attn.train import config_lib
 from tests.test_train import _config_module
 
@@ -53,22 +54,29 @@ def test_finetune_config_loads_the_checkpoint_then_resume_wins(hf_vit_dir, tmp_p
   main_lib.check_config(config)
   config.model.update(TINY)
   config.input.batch_size = 16
-  config.mesh, config.mesh_subset = [("data", 1)], True
-  config.total_steps, config.log_every, config.ckpt_every = 3, 1, 3
+  config.mesh, config.mesh_subset = [("fsdp", 2)], True  # parameters sharded over 2 devices
+  config.lr = 0.0  # so the saved parameters are the loaded ones
+  config.total_steps, config.log_every, config.ckpt_every = 2, 1, 2
   config.evals = {}
   config = ml_collections.ConfigDict(config.to_dict())
   with caplog.at_level(logging.INFO):
-    assert main_lib.train_and_evaluate(config, str(tmp_path))["step"] == 3
+    assert main_lib.train_and_evaluate(config, str(tmp_path))["step"] == 2
   assert "initialised fresh (not taken from the checkpoint): head/bias, head/kernel" in caplog.text
-  assert "parameters loaded from" in caplog.text
+  assert "22 parameters loaded from" in caplog.text
+  checkpoints = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints"), every=1, max_to_keep=None)
+  saved = flat(checkpoints.restore_as_saved()[1]["params"])
+  converted = flat(read_checkpoint(config.init_from)[1])
+  assert converted["head/kernel"].shape == (16, 7) and saved["head/kernel"].shape == (16, 10)
+  for key in set(saved) - {"head/kernel", "head/bias"}:
+    np.testing.assert_array_equal(saved[key], converted[key])
   # The workdir's checkpoint wins over init_from: resuming does not read the (moved) file.
   moved = hf_vit_dir + "_moved"
   shutil.move(hf_vit_dir, moved)
   try:
-    config.total_steps = 4
+    config.total_steps = 3
     caplog.clear()
     with caplog.at_level(logging.INFO):
-      assert main_lib.train_and_evaluate(config, str(tmp_path))["step"] == 4
+      assert main_lib.train_and_evaluate(config, str(tmp_path))["step"] == 3
     assert "init_from" not in caplog.text
   finally:
     shutil.move(moved, hf_vit_dir)
