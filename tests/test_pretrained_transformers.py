@@ -1,6 +1,6 @@
 """big_attn.pretrained.transformers: tiny transformers models with random weights (2 layers,
-width 64, float32) converted and compared with transformers' own forward pass and `generate`;
-unsupported configurations refused naming the field."""
+width 64, float32) converted and compared with transformers' own forward pass and `generate`,
+and converted back; unsupported configurations refused naming the field."""
 import numpy as np
 import pytest
 
@@ -12,6 +12,7 @@ import jax.numpy as jnp  # noqa: E402  pylint: disable=g-import-not-at-top
 from big_attn.models import lm  # noqa: E402  pylint: disable=g-import-not-at-top
 from big_attn.pretrained import ConversionError  # noqa: E402  pylint: disable=g-import-not-at-top
 from big_attn.pretrained import from_transformers  # noqa: E402  pylint: disable=g-import-not-at-top
+from big_attn.pretrained import to_transformers  # noqa: E402  pylint: disable=g-import-not-at-top
 
 LM_SIZES = dict(vocab_size=50, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2)
@@ -53,6 +54,10 @@ def test_causal_lm_logits_and_greedy_generation_match(name):
   with torch.no_grad():
     ref = hf(torch.tensor(tokens)).logits.numpy()
   assert relative_error(model.apply(variables, jnp.asarray(tokens)), ref) <= 1e-4
+  back = to_transformers(model, variables)  # and back: the same class and function
+  assert type(back) is type(hf)
+  with torch.no_grad():
+    assert relative_error(back(torch.tensor(tokens)).logits.numpy(), ref) <= 1e-6
   # 5 prompt tokens and 4 greedy steps: the window (4), the dynamic scaling (past 8 positions)
   # and llama3's long wavelengths all act inside the cache.
   prompt = tokens[:, :5]
@@ -132,6 +137,9 @@ def test_unsupported_configurations_are_refused_naming_the_field():
         transformers.DeiTConfig(**VISION_SIZES)))
   with pytest.raises(ConversionError, match="LlamaModel is not supported"):
     from_transformers(transformers.LlamaModel(transformers.LlamaConfig(**LM_SIZES)))
+  with pytest.raises(ConversionError, match="lm.Model.attention='sigmoid' has no transformers"):
+    model, variables = from_transformers(LMS["qwen2_tied_linear"]())
+    to_transformers(model.clone(attention="sigmoid"), variables)
   with pytest.raises(ConversionError, match="model_type='bert'"):
     from_transformers(transformers.BertModel(transformers.BertConfig(
         hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=96)))

@@ -19,7 +19,8 @@ Supported (`config.model_type` -> big_attn model):
 Images go in as `[batch, H, W, C]` (transformers takes `[batch, C, H, W]`). The class and
 distillation tokens absorb their position embeddings (a constant token plus a constant position
 is one vector), so the results are equal. A configuration big_attn has no equivalent for raises
-`ConversionError` naming the config field.
+`ConversionError` naming the config field. `to_transformers(model, variables)` converts a
+Llama-family `lm.Model` back.
 """
 from __future__ import annotations
 
@@ -97,8 +98,9 @@ def _rope(config: Any) -> tuple[float, dict[str, Any] | None]:
   if kind == "dynamic":
     scaling["max_position_embeddings"] = int(config.max_position_embeddings)
   if kind == "llama3":
-    scaling.update({k: float(rope[k]) for k in ("low_freq_factor", "high_freq_factor",
-                                                "original_max_position_embeddings")})
+    scaling.update(low_freq_factor=float(rope["low_freq_factor"]),
+                   high_freq_factor=float(rope["high_freq_factor"]),
+                   original_max_position_embeddings=int(rope["original_max_position_embeddings"]))
   return base, scaling
 
 
@@ -274,6 +276,77 @@ def _poolformer(config: Any, sd: StateDict, cls_name: str) -> tuple[Any, dict[st
 _CONVERTERS: dict[str, Callable[..., tuple[Any, dict[str, Any]]]] = {
     "llama": _causal_lm, "qwen2": _causal_lm, "mistral": _causal_lm, "vit": _vit,
     "deit": _deit, "convnext": _convnext, "poolformer": _poolformer}
+
+
+def to_transformers(model: Any, variables: Any) -> Any:
+  """The transformers causal LM computing the same function as a big_attn `lm.Model` of the
+  Llama family (the way back of `from_transformers`): `LlamaForCausalLM`, `Qwen2ForCausalLM`
+  (query/key/value biases only) or `MistralForCausalLM` (sliding window), in eval mode.
+
+  Raises `ConversionError` naming the field for a model transformers' classes cannot express
+  (another block, attention op, qk-norm, scanned or grouped layers).
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top,redefined-outer-name
+  if not isinstance(model, lm.Model):
+    raise ConversionError(f"to_transformers converts big_attn.models.lm.Model, got "
+                          f"{type(model).__name__}")
+  for field, ok in (("block", model.block == "pre_norm"),
+                    ("attention", model.attention == "softmax"), ("qk_norm", not model.qk_norm),
+                    ("scan_layers", not model.scan_layers),
+                    ("layer_group_size", model.layer_group_size is None)):
+    if not ok:
+      raise ConversionError(f"lm.Model.{field}={getattr(model, field)!r} has no transformers "
+                            "Llama-family equivalent")
+  if model.out_bias and not model.qkv_bias:
+    raise ConversionError("lm.Model.out_bias=True without qkv_bias has no transformers class")
+  sizes = model.sizes()
+  width, heads, kv_heads, head_dim = (sizes["width"], sizes["num_heads"], sizes["num_kv_heads"],
+                                      sizes["head_dim"])
+  rope = dict(model.rope_scaling or {"rope_type": "default"}, rope_theta=float(model.rope_base))
+  kwargs = dict(vocab_size=model.vocab_size, hidden_size=width,
+                intermediate_size=sizes["mlp_dim"], num_hidden_layers=sizes["depth"],
+                num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+                rms_norm_eps=model.norm_eps, tie_word_embeddings=model.tie_embeddings,
+                max_position_embeddings=int(rope.pop("max_position_embeddings", 4096)),
+                rope_parameters=rope)
+  if model.qkv_bias and not model.out_bias:
+    kwargs.update(use_sliding_window=model.sliding_window is not None, max_window_layers=0,
+                  sliding_window=model.sliding_window)
+    cls, config = transformers.Qwen2ForCausalLM, transformers.Qwen2Config(**kwargs)
+  elif model.sliding_window is not None:
+    if model.qkv_bias:
+      raise ConversionError("lm.Model.qkv_bias with a sliding_window has no transformers class")
+    cls, config = transformers.MistralForCausalLM, transformers.MistralConfig(
+        sliding_window=model.sliding_window, **kwargs)
+  else:
+    cls, config = transformers.LlamaForCausalLM, transformers.LlamaConfig(
+        attention_bias=model.qkv_bias, **kwargs)
+  params = variables["params"]
+  tensor = lambda x: torch.tensor(np.array(x, np.float32))  # pylint: disable=unnecessary-lambda-assignment
+  state = {"model.embed_tokens.weight": tensor(params["embedding"]["embedding"]),
+           "model.norm.weight": tensor(params["final_norm"]["scale"])}
+  for i in range(sizes["depth"]):
+    layer, p = params[f"layers_{i}"], f"model.layers.{i}"
+    state[f"{p}.input_layernorm.weight"] = tensor(layer["attention_norm"]["scale"])
+    state[f"{p}.post_attention_layernorm.weight"] = tensor(layer["mlp_norm"]["scale"])
+    for name in ("query", "key", "value"):
+      proj = layer["attention"][name]
+      state[f"{p}.self_attn.{name[0]}_proj.weight"] = tensor(
+          np.reshape(proj["kernel"], (width, -1)).T)
+      if "bias" in proj:
+        state[f"{p}.self_attn.{name[0]}_proj.bias"] = tensor(np.reshape(proj["bias"], -1))
+    out = layer["attention"]["out"]
+    state[f"{p}.self_attn.o_proj.weight"] = tensor(np.reshape(out["kernel"], (-1, width)).T)
+    if "bias" in out:
+      state[f"{p}.self_attn.o_proj.bias"] = tensor(out["bias"])
+    for ours, theirs in (("wi_gate", "gate_proj"), ("wi_up", "up_proj"), ("wo", "down_proj")):
+      state[f"{p}.mlp.{theirs}.weight"] = tensor(np.asarray(layer["mlp"][ours]["kernel"]).T)
+  state["lm_head.weight"] = (state["model.embed_tokens.weight"] if model.tie_embeddings
+                             else tensor(np.asarray(params["unembedding"]["kernel"]).T))
+  framework = cls(config)
+  framework.load_state_dict(state, strict=True)
+  return framework.eval()
 
 
 def from_transformers(model: Any) -> tuple[Any, dict[str, Any]]:
