@@ -1,9 +1,16 @@
 """big_attn: attention mechanisms of the research literature, at scale, in JAX."""
 from setuptools import find_packages, setup
 
+# Converters from timm / transformers checkpoints (big_attn.pretrained), CPU is enough. torch is
+# pinned because torchvision (which timm imports) imports only as the pair torch==2.14.1 /
+# torchvision==0.29.1 on these machines: CPU-only torch 2.13.0 has no torchvision that imports
+# beside it.
+PRETRAINED = ["torch==2.14.1", "torchvision==0.29.1", "timm>=1.0.20,<2",
+              "transformers>=5.24,<6", "safetensors>=0.4,<1"]
 EXTRAS = {
     "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "tensorflow-datasets>=4.9,<5",
-             "nbclient>=0.10,<1", "nbformat>=5.10,<6", "ipykernel>=6.29,<8"],
+             "nbclient>=0.10,<1", "nbformat>=5.10,<6", "ipykernel>=6.29,<8", *PRETRAINED],
+    "pretrained": PRETRAINED,
     "notebooks": ["jupyterlab>=4,<5", "ipykernel>=6.29,<8"],
     "tfds": ["tensorflow-datasets>=4.9,<5"],
     "tensorboard": ["tensorboard>=2.16,<3"],

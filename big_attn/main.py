@@ -36,7 +36,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from big_attn import catalog, compat, data, evaluators, models
+from big_attn import catalog, compat, data, evaluators, models, pretrained
 from big_attn.parallel import mesh as mesh_lib
 from big_attn.train import checkpoint as ckpt_lib
 from big_attn.train import config_lib
@@ -415,6 +415,7 @@ def _train_and_evaluate(config: Any, workdir: str, stop: StopRequest) -> dict[st
   if restored is None:
     state = jax.jit(step_lib.make_init_fn(model, tx, input_shape, input_dtype),
                     out_shardings=state_shardings)(init_rng)
+    state = pretrained.init_state(config.init_from, model, tx, state, state_shardings)
     first_step = 0
   else:
     first_step, state = restored

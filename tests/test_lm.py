@@ -141,6 +141,28 @@ def test_generate_and_model_argument_errors():
     lm.decode_variant("XXL")
 
 
+def test_llama_family_options_are_checked():
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  init = lambda **kw: jax.eval_shape(  # pylint: disable=unnecessary-lambda-assignment
+      lm.Model(**dict(SMALL, **kw)).init, jax.random.key(0), tokens)
+  with pytest.raises(ValueError, match="sliding_window needs attention='softmax'"):
+    init(sliding_window=4, attention="sigmoid")
+  with pytest.raises(ValueError, match="sliding_window must be None or a positive int"):
+    init(sliding_window=0)
+  with pytest.raises(ValueError, match="rope_scaling, qkv_bias need block='pre_norm'"):
+    init(rope_scaling={"rope_type": "linear", "factor": 2.0}, qkv_bias=True, block="ngpt",
+         attention="ngpt", qk_norm=False)
+  with pytest.raises(ValueError, match="rope_type in .'linear', 'dynamic', 'llama3'"):
+    init(rope_scaling={"rope_type": "yarn", "factor": 2.0})
+  params = init(qkv_bias=True)["params"]["layers_0"]["attention"]
+  assert "bias" in params["query"] and "bias" not in params["out"]
+  # linear scaling by s is RoPE at positions p / s
+  q = jnp.asarray(np.random.default_rng(0).normal(size=(1, 3, 2, 8)), jnp.float32)
+  np.testing.assert_allclose(
+      apply_rope(q, jnp.arange(3) * 2, 100., {"rope_type": "linear", "factor": 2.0}),
+      apply_rope(q, jnp.arange(3), 100.), rtol=1e-5, atol=1e-6)
+
+
 def test_rope_depends_only_on_relative_position():
   rng = np.random.default_rng(0)
   q, k = (jnp.asarray(rng.normal(size=(1, 1, 2, 8)), jnp.float32) for _ in range(2))

@@ -60,8 +60,12 @@ class Attention(nn.Module):
     implementation: passed to ops that take it ("xla", "pallas", "cudnn" or None).
     qk_norm: RMS-normalise queries and keys per head before the op.
     use_bias: biases on the projections.
+    out_bias: bias on the output projection; None: `use_bias` (Qwen2 has query/key/value
+      biases only).
     rope_base: rotary position embedding (`posemb.apply_rope`) of queries and keys with this
       base, at the `positions` given to the call (self-attention); None: no RoPE.
+    rope_scaling: RoPE frequency scaling for long contexts (`posemb.rope_frequencies`: None or
+      a dict with `rope_type` "linear", "dynamic" or "llama3").
     op_wrapper: optional `op_fn -> op_fn` applied to the registered op before it is called (the
       LM's sequence-parallel `shard_map`, or its key/value cache in decoding).
     kernel_init: projection initialiser, called with the 2-D `(fan_in, fan_out)` shape.
@@ -75,15 +79,18 @@ class Attention(nn.Module):
   implementation: str | None = None
   qk_norm: bool = False
   use_bias: bool = False
+  out_bias: bool | None = None
   rope_base: float | None = None
+  rope_scaling: Any = None
   op_wrapper: Any = None
   dtype: Any = None
   param_dtype: Any = jnp.float32
   kernel_init: Any = nn.initializers.lecun_normal()
 
-  def _projection(self, shape, logical_axes, name, contract=1):
+  def _projection(self, shape, logical_axes, name, contract=1, use_bias=None):
     return Projection(shape=shape, logical_axes=logical_axes, contract=contract,
-                      use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                      use_bias=self.use_bias if use_bias is None else use_bias,
+                      dtype=self.dtype, param_dtype=self.param_dtype,
                       kernel_init=self.kernel_init, name=name)
 
   @nn.compact
@@ -132,8 +139,8 @@ class Attention(nn.Module):
         raise ValueError("rope_base is for self-attention; got a separate inputs_kv")
       if positions is None:
         positions = jnp.arange(inputs_q.shape[1])
-      query = posemb.apply_rope(query, positions, self.rope_base)
-      key = posemb.apply_rope(key, positions, self.rope_base)
+      query = posemb.apply_rope(query, positions, self.rope_base, self.rope_scaling)
+      key = posemb.apply_rope(key, positions, self.rope_base, self.rope_scaling)
 
     params_cls = op_params.params_module(self.op)
     if params_cls is not None:
@@ -156,4 +163,5 @@ class Attention(nn.Module):
     out = op_fn(query, key, value, mask=mask, is_causal=is_causal, **op_args)
 
     return self._projection((self.num_heads, head_dim, features),
-                            ("heads", "head_dim", "embed"), "out", contract=2)(out)
+                            ("heads", "head_dim", "embed"), "out", contract=2,
+                            use_bias=self.out_bias)(out)

@@ -51,12 +51,56 @@ class PositionEmbedding(nn.Module):
     raise ValueError(f"unknown position embedding {self.kind!r}; expected one of {KINDS}")
 
 
-def apply_rope(x: jnp.ndarray, positions: jnp.ndarray, base: float = 10_000.) -> jnp.ndarray:
+ROPE_SCALING_TYPES = ("linear", "dynamic", "llama3")
+
+
+def rope_frequencies(dim: int, base: float = 10_000., scaling: Any = None,
+                     positions: jnp.ndarray | None = None) -> jnp.ndarray:
+  """The `[dim/2]` float32 RoPE frequencies ω_i = base^(-2i / dim), optionally rescaled.
+
+  `scaling` is None or a dict with `rope_type` (the names and keys of Hugging Face
+  transformers' `rope_parameters`) and `factor` s:
+  - "linear" (position interpolation, Chen et al. 2023): ω / s.
+  - "dynamic" (dynamic NTK, with `max_position_embeddings` M): the base becomes
+    base·(s·L/M − (s − 1))^(dim/(dim−2)) with L = max(max(positions) + 1, M), the longest
+    position of the call (transformers keeps the longest seen so far: the same in generation).
+  - "llama3" (Llama 3.1; `low_freq_factor`, `high_freq_factor`,
+    `original_max_position_embeddings` C): wavelengths above C/low_freq_factor are divided by s,
+    those below C/high_freq_factor kept, the band between interpolated smoothly.
+  """
+  exponents = jnp.arange(dim // 2, dtype=jnp.float32) * 2.0 / dim
+  if scaling is None:
+    return base ** -exponents
+  kind = scaling.get("rope_type") if hasattr(scaling, "get") else None
+  if kind not in ROPE_SCALING_TYPES:
+    raise ValueError(f"rope_scaling must be None or a dict with rope_type in "
+                     f"{ROPE_SCALING_TYPES}, got {scaling!r}")
+  factor = float(scaling["factor"])
+  if kind == "linear":
+    return base ** -exponents / factor
+  if kind == "dynamic":
+    max_len = float(scaling["max_position_embeddings"])
+    length = jnp.maximum(jnp.max(positions).astype(jnp.float32) + 1, max_len)
+    base = base * (factor * length / max_len - (factor - 1)) ** (dim / (dim - 2))
+    return base ** -exponents
+  freqs = base ** -exponents
+  context = float(scaling["original_max_position_embeddings"])
+  low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+  wavelength = 2 * np.pi / freqs
+  smooth = (context / wavelength - low) / (high - low)
+  smoothed = (1 - smooth) * freqs / factor + smooth * freqs
+  return jnp.where(wavelength > context / low, freqs / factor,
+                   jnp.where(wavelength < context / high, freqs, smoothed))
+
+
+def apply_rope(x: jnp.ndarray, positions: jnp.ndarray, base: float = 10_000.,
+               scaling: Any = None) -> jnp.ndarray:
   """Rotary position embedding (Su et al. 2021, "RoFormer") of `x: [batch, seq, heads, dim]`.
 
   With ω_i = base^(-2i / dim), i < dim/2, and the halves x = [x1, x2], the token at position p
   becomes [x1 cos(p ω) - x2 sin(p ω), x2 cos(p ω) + x1 sin(p ω)] (computed in float32). The
-  positions are explicit (`[batch, seq]` or `[seq]` ints), so any token order works.
+  positions are explicit (`[batch, seq]` or `[seq]` ints), so any token order works. `scaling`
+  rescales ω for longer contexts (`rope_frequencies`).
   """
   if x.ndim != 4 or x.shape[-1] % 2:
     raise ValueError(f"apply_rope needs [batch, seq, heads, dim] with an even dim, got shape "
@@ -64,8 +108,7 @@ def apply_rope(x: jnp.ndarray, positions: jnp.ndarray, base: float = 10_000.) ->
   if positions.shape not in (x.shape[:2], x.shape[1:2]):
     raise ValueError(f"positions must have shape [batch, seq] = {x.shape[:2]} or [seq], got "
                      f"{positions.shape}")
-  half = x.shape[-1] // 2
-  freqs = base ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / x.shape[-1])
+  freqs = rope_frequencies(x.shape[-1], base, scaling, positions)
   angles = positions.astype(jnp.float32)[..., None, None] * freqs  # [b|, t, 1, half]
   if angles.ndim == 3:
     angles = angles[None]

@@ -107,6 +107,7 @@ class Model(nn.Module):
     kernel_size: depthwise convolution size (7).
     drop_path_rate: stochastic depth rate of the last block (linear from 0).
     layer_scale_init: initial layer scale; 0 disables it.
+    head_norm_eps: epsilon of the head's LayerNorm (1e-6; Hugging Face's ConvNeXt uses 1e-12).
     head_init_scale: multiplies the initial classifier weights (1.0; the paper fine-tunes with
       0.001).
     dtype: compute dtype; param_dtype: parameter dtype.
@@ -121,6 +122,7 @@ class Model(nn.Module):
   kernel_size: int = 7
   drop_path_rate: float = 0.0
   layer_scale_init: float = 1e-6
+  head_norm_eps: float = 1e-6
   head_init_scale: float = 1.0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -177,7 +179,8 @@ class Model(nn.Module):
                   kernel_size=self.kernel_size, dtype=self.dtype, param_dtype=self.param_dtype,
                   name=f"stage_{stage}_block_{i}")(x, deterministic)
         block += 1
-    x = norm("head_norm")(jnp.mean(x, axis=(1, 2)))
+    x = layer_norm(self.dtype, self.param_dtype, "head_norm", epsilon=self.head_norm_eps)(
+        jnp.mean(x, axis=(1, 2)))
     if self.num_classes:
       scaled = lambda key, shape, dtype: _INIT(key, shape, dtype) * self.head_init_scale
       x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,

@@ -74,7 +74,7 @@ class Model(nn.Module):
     teacher: the distillation teacher read by `TASK`'s loss (not by `__call__`): None, a
       callable `images -> logits`, or `dict(model_name=..., model={...}, workdir=DIR)`.
     posemb: "learn" or "sincos2d" (patch position embedding).
-    attention, attention_args, attention_impl, qk_norm, num_kv_heads, dropout,
+    attention, attention_args, attention_impl, qk_norm, num_kv_heads, dropout, norm_eps,
       approximate_gelu, head_zeroinit, remat_policy, scan_layers, dtype, param_dtype: as in
       `big_attn.models.vit.Model`.
   """
@@ -94,6 +94,7 @@ class Model(nn.Module):
   qk_norm: bool = False
   num_kv_heads: int | None = None
   dropout: float = 0.0
+  norm_eps: float = 1e-6
   approximate_gelu: bool = True
   head_zeroinit: bool = True
   remat_policy: str = "none"
@@ -135,7 +136,8 @@ class Model(nn.Module):
                       attention_args=None if self.attention_args is None
                       else dict(self.attention_args),
                       attention_impl=self.attention_impl, qk_norm=self.qk_norm,
-                      dropout=self.dropout, approximate_gelu=self.approximate_gelu)
+                      dropout=self.dropout, norm_eps=self.norm_eps,
+                      approximate_gelu=self.approximate_gelu)
     x = vit.Encoder(depth=sizes["depth"], block_args=block_args, remat_policy=self.remat_policy,
                     scan_layers=self.scan_layers, dtype=self.dtype,
                     param_dtype=self.param_dtype, name="Transformer")(x, deterministic)

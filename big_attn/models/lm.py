@@ -110,8 +110,8 @@ def decode_variant(variant: str) -> dict[str, Any]:
                   _VARIANTS[variant]))
 
 
-def _rms_norm(dtype, param_dtype, name):
-  return nn.RMSNorm(dtype=dtype, param_dtype=param_dtype, name=name,
+def _rms_norm(dtype, param_dtype, name, epsilon=1e-6):
+  return nn.RMSNorm(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, name=name,
                     scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(),
                                                             ("norm",)))
 
@@ -212,15 +212,20 @@ def _cached_decode_op(op_fn, *, cache_key, cache_value, index, prepare=None):
              **op_args):
     if mask is not None or segment_ids is not None:
       raise ValueError("decoding takes one document per sequence: no mask or segment_ids")
+    window = op_args.pop("local_window_size", None)  # (left, 0): the LM's sliding window
     query, key, scale = _prepared(query, key, scale, op_args, prepare)
     start = index.value
+    if window is not None:
+      query_pos = start + jnp.arange(query.shape[1])[:, None]
+      visible = jnp.arange(cache_key.value.shape[1])[None, :] >= query_pos - window[0]
+      mask = visible[None, None]
     cache_key.value = jax.lax.dynamic_update_slice(
         cache_key.value, key.astype(cache_key.value.dtype), (0, start, 0, 0))
     cache_value.value = jax.lax.dynamic_update_slice(
         cache_value.value, value.astype(cache_value.value.dtype), (0, start, 0, 0))
     index.value = start + query.shape[1]
-    return ops.get("lean_decode")(query, cache_key.value, cache_value.value, is_causal=is_causal,
-                                  scale=scale, kv_length=index.value)
+    return ops.get("lean_decode")(query, cache_key.value, cache_value.value, mask=mask,
+                                  is_causal=is_causal, scale=scale, kv_length=index.value)
 
   return attend
 
@@ -298,6 +303,11 @@ class DecoderBlock(nn.Module):
   attention_impl: str | None = None
   qk_norm: bool = False
   rope_base: float = 10_000.
+  rope_scaling: Any = None
+  qkv_bias: bool = False
+  out_bias: bool = False
+  sliding_window: int | None = None
+  norm_eps: float = 1e-6
   dropout: float = 0.0
   seq_parallel: SeqParallel | None = None
   decode: bool = False
@@ -311,15 +321,19 @@ class DecoderBlock(nn.Module):
     op_wrapper = _op_wrapper(self, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
                              value_dim=self.head_dim, batch=x.shape[0],
                              prepare=SOFTMAX_FORMS.get(self.attention))
-    y = _rms_norm(self.dtype, self.param_dtype, "attention_norm")(x)
+    op_args = self.attention_args
+    if self.sliding_window is not None:
+      op_args = dict(op_args or {}, local_window_size=(self.sliding_window - 1, 0))
+    y = _rms_norm(self.dtype, self.param_dtype, "attention_norm", self.norm_eps)(x)
     y = Attention(num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
-                  head_dim=self.head_dim, op=self.attention, op_args=self.attention_args,
+                  head_dim=self.head_dim, op=self.attention, op_args=op_args,
                   implementation=self.attention_impl, qk_norm=self.qk_norm,
-                  rope_base=self.rope_base, op_wrapper=op_wrapper, dtype=self.dtype,
+                  use_bias=self.qkv_bias, out_bias=self.out_bias, rope_base=self.rope_base,
+                  rope_scaling=self.rope_scaling, op_wrapper=op_wrapper, dtype=self.dtype,
                   param_dtype=self.param_dtype, name="attention")(
                       y, is_causal=True, segment_ids=segment_ids, positions=positions)
     x = constrain(x + nn.Dropout(rate=self.dropout)(y, deterministic))
-    y = _rms_norm(self.dtype, self.param_dtype, "mlp_norm")(x)
+    y = _rms_norm(self.dtype, self.param_dtype, "mlp_norm", self.norm_eps)(x)
     y = SwiGLU(self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")(y)
     return constrain(x + nn.Dropout(rate=self.dropout)(y, deterministic)), {}
 
@@ -642,6 +656,13 @@ class Model(nn.Module):
     width, depth, mlp_dim (default 8/3·width rounded up to 128), num_heads, num_kv_heads
       (GQA; default num_heads), head_dim (default width // num_heads).
     rope_base: RoPE base (e.g. 10_000; 500_000 or more for long contexts).
+    rope_scaling: None or a dict of RoPE frequency scaling, `rope_type` "linear", "dynamic" or
+      "llama3" with Hugging Face's keys (`big_attn.layers.posemb.rope_frequencies`).
+    qkv_bias, out_bias: biases on the query/key/value and on the output projections (Qwen2:
+      qkv_bias; Llama's attention_bias: both).
+    sliding_window: a token attends to itself and the `sliding_window - 1` tokens before it
+      (Mistral); None: the whole prefix. Needs attention="softmax".
+    norm_eps: epsilon of the RMSNorms.
     qk_norm: RMS-normalise queries and keys per head.
     tie_embeddings: the output projection is the transposed input embedding.
     attention, attention_args, attention_impl: the op by registry name, its arguments and
@@ -676,6 +697,11 @@ class Model(nn.Module):
   num_kv_heads: int | None = None
   head_dim: int | None = None
   rope_base: float = 10_000.
+  rope_scaling: Any = None
+  qkv_bias: bool = False
+  out_bias: bool = False
+  sliding_window: int | None = None
+  norm_eps: float = 1e-6
   qk_norm: bool = False
   tie_embeddings: bool = True
   attention: str = "softmax"
@@ -780,6 +806,19 @@ class Model(nn.Module):
                        f"{sp.num_shards} shards of mesh axis {sp.axis!r}")
     if self.decode and self.cache_len < 1:
       raise ValueError(f"decode=True needs cache_len >= 1, got {self.cache_len}")
+    llama_fields = dict(rope_scaling=self.rope_scaling, qkv_bias=self.qkv_bias,
+                        out_bias=self.out_bias, sliding_window=self.sliding_window)
+    if self.block != "pre_norm" and any(llama_fields.values()):
+      raise ValueError(f"{', '.join(k for k, v in llama_fields.items() if v)} need "
+                       f"block='pre_norm', got block={self.block!r}")
+    if self.sliding_window is not None:
+      if not isinstance(self.sliding_window, int) or self.sliding_window < 1:
+        raise ValueError(f"sliding_window must be None or a positive int, got "
+                         f"{self.sliding_window!r}")
+      if self.attention != "softmax" or sp is not None:
+        raise ValueError(f"sliding_window needs attention='softmax' without sequence "
+                         f"parallelism, got attention={self.attention!r}, "
+                         f"seq_strategy={self.seq_strategy!r}")
 
   @nn.compact
   def __call__(self, tokens, *, positions=None, segment_ids=None, train: bool = False):
@@ -839,7 +878,7 @@ class Model(nn.Module):
     if self.block == "moeut":
       self.sow("losses", "router_entropy", router_entropy_loss(aux, self.moe_sizes()))
     if self.block == "pre_norm":
-      x = _rms_norm(self.dtype, self.param_dtype, "final_norm")(x)
+      x = _rms_norm(self.dtype, self.param_dtype, "final_norm", self.norm_eps)(x)
     elif self.block == "moeut":
       x = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="final_norm")(x)
     if self.tie_embeddings:
@@ -872,7 +911,10 @@ class Model(nn.Module):
                 attention_impl=self.attention_impl, **common)
     if self.block == "ngpt":
       return NGPTBlock, args
-    return DecoderBlock, dict(args, qk_norm=self.qk_norm, dropout=self.dropout)
+    return DecoderBlock, dict(args, qk_norm=self.qk_norm, dropout=self.dropout,
+                              rope_scaling=self.rope_scaling, qkv_bias=self.qkv_bias,
+                              out_bias=self.out_bias, sliding_window=self.sliding_window,
+                              norm_eps=self.norm_eps)
 
 
 # ----------------------------------------------------------------------------- training task

@@ -90,6 +90,7 @@ class Encoder1DBlock(nn.Module):
   attention_impl: str | None = None
   qk_norm: bool = False
   dropout: float = 0.0
+  norm_eps: float = 1e-6
   approximate_gelu: bool = True
   layer_scale_init: float | None = None
   dtype: Any = jnp.float32
@@ -107,7 +108,7 @@ class Encoder1DBlock(nn.Module):
   def __call__(self, x, deterministic: bool = True):
     constrain = lambda y: nn.with_logical_constraint(y, ("batch", "length", "embed"))
     x = constrain(x)
-    y = layer_norm(self.dtype, self.param_dtype, "LayerNorm_0")(x)
+    y = layer_norm(self.dtype, self.param_dtype, "LayerNorm_0", epsilon=self.norm_eps)(x)
     y = Attention(
         num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, op=self.attention,
         op_args=self.attention_args, implementation=self.attention_impl, qk_norm=self.qk_norm,
@@ -115,7 +116,7 @@ class Encoder1DBlock(nn.Module):
         kernel_init=nn.initializers.xavier_uniform(), name="MultiHeadAttention")(y)
     y = nn.Dropout(rate=self.dropout)(y, deterministic)
     x = constrain(x + self._scale("layer_scale_1", y))
-    y = layer_norm(self.dtype, self.param_dtype, "LayerNorm_1")(x)
+    y = layer_norm(self.dtype, self.param_dtype, "LayerNorm_1", epsilon=self.norm_eps)(x)
     y = MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout,
                  approximate_gelu=self.approximate_gelu, dtype=self.dtype,
                  param_dtype=self.param_dtype, name="MlpBlock")(y, deterministic)
@@ -152,7 +153,8 @@ class Encoder(nn.Module):
         x, _ = block(name=f"encoderblock_{i}", **kwargs)(x, deterministic)
     if not self.final_norm:
       return x
-    return layer_norm(self.dtype, self.param_dtype, "encoder_norm")(x)
+    return layer_norm(self.dtype, self.param_dtype, "encoder_norm",
+                      epsilon=kwargs.get("norm_eps", 1e-6))(x)
 
 
 class MAPHead(nn.Module):
@@ -227,6 +229,7 @@ class Model(nn.Module):
     attention_args: dict of op keyword arguments; attention_impl: the op's `implementation`.
     qk_norm, num_kv_heads: as in `big_attn.layers.Attention`.
     dropout: rate after the embeddings and inside every block.
+    norm_eps: epsilon of the LayerNorms (1e-6; Hugging Face's ViT uses 1e-12).
     approximate_gelu: tanh-approximate GELU in the MLPs (big_vision's); False: exact (timm's).
     layer_scale_init: per-channel LayerScale of both branches of every block, initialised to
       this value (DeiT III, DINOv2, timm's `init_values`); None: none.
@@ -254,6 +257,7 @@ class Model(nn.Module):
   qk_norm: bool = False
   num_kv_heads: int | None = None
   dropout: float = 0.0
+  norm_eps: float = 1e-6
   approximate_gelu: bool = True
   layer_scale_init: float | None = None
   head_zeroinit: bool = True
@@ -319,7 +323,8 @@ class Model(nn.Module):
                       attention_args=None if self.attention_args is None
                       else dict(self.attention_args),
                       attention_impl=self.attention_impl, qk_norm=self.qk_norm,
-                      dropout=self.dropout, approximate_gelu=self.approximate_gelu,
+                      dropout=self.dropout, norm_eps=self.norm_eps,
+                      approximate_gelu=self.approximate_gelu,
                       layer_scale_init=self.layer_scale_init)
     x = Encoder(depth=sizes["depth"], block_args=block_args, remat_policy=self.remat_policy,
                 scan_layers=self.scan_layers, final_norm=not self.fc_norm, dtype=self.dtype,

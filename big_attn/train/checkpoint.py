@@ -195,6 +195,23 @@ class Checkpointer:
           "--config.resume_policy=restart to start again from step 0.")
     return None
 
+  def restore_as_saved(self, step: int | None = None) -> tuple[int, Any]:
+    """`(step, state)` of checkpoint `step` (default: the newest) as saved, NumPy arrays on the
+    host, with no model to describe it (a checkpoint written by `python -m big_attn.pretrained
+    convert`). Raises `RestoreError` when there is none or it does not verify."""
+    steps = self.steps()
+    step = steps[-1] if step is None and steps else step
+    if step not in steps:
+      raise RestoreError(f"no checkpoint {'' if step is None else step} in {self.directory}")
+    verified, why = self.verify(step)
+    if verified is False:
+      raise RestoreError(f"checkpoint at step {step} in {self.directory} is corrupt: {why}")
+    saved = self.manager.item_metadata(step)["state"]
+    item = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), getattr(saved, "tree", saved))
+    restored = self.manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(item)))
+    return step, restored["state"]
+
   def _set_aside(self, step: int) -> None:
     path = os.path.join(self.directory, str(step))
     if jax.process_index() == 0:

@@ -253,15 +253,19 @@ def base_config() -> ml_collections.ConfigDict:
   config.evals = ml_collections.ConfigDict()
   config.dry_run = False
   config.resume_policy = "resume"
+  # Fine-tuning: weights loaded before step 0 when the workdir has no checkpoint
+  # (`big_attn.pretrained.loading`; no `path`: none).
+  config.init_from = ml_collections.ConfigDict(dict(path=None, source="big_attn", name=None,
+                                                    model_args={}))
   return config
 
 
 # Keys that may change when a run is started again on its workdir: cadences, the run's length,
 # the layout over devices and where the data lives. Any other difference changes the state's
 # structure or meaning and is refused unless `resume_policy` says otherwise. A key names itself
-# and everything below it.
+# and everything below it. `init_from` is read only before step 0, so a resume ignores it.
 RESUMABLE_KEYS = ("total_steps", "log_every", "ckpt_every", "max_to_keep", "evals", "mesh", "mesh_subset",
-                  "sharding_rules", "grad_accum_steps", "dry_run", "resume_policy",
+                  "sharding_rules", "grad_accum_steps", "dry_run", "resume_policy", "init_from",
                   "input.data_dir", "input.root", "input.num_threads", "input.prefetch")
 RESUME_POLICIES = ("resume", "accept_changes", "restart")
 
