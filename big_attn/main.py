@@ -331,12 +331,14 @@ def _train_and_evaluate(config: Any, workdir: str, stop: StopRequest) -> dict[st
   check_config(config)
   if not config.dry_run:
     prepare_workdir(config, workdir)
-  rules = mesh_lib.check_rules(config.sharding_rules)
+  with config_lib.naming("config.sharding_rules"):
+    rules = mesh_lib.check_rules(config.sharding_rules)
   rng = jax.random.key(config.seed)
   init_rng, train_rng = jax.random.split(rng)
 
   # ---------------------------------------------------------------------------------------- Mesh
-  mesh = mesh_lib.make_mesh(config.mesh, allow_subset=config.mesh_subset)
+  with config_lib.naming("config.mesh"):
+    mesh = mesh_lib.make_mesh(config.mesh, allow_subset=config.mesh_subset)
   data_sharding = mesh_lib.data_sharding(mesh, rules)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   logging.info("mesh: %s over %d devices (%d processes)", dict(mesh.shape), mesh.size,
@@ -349,8 +351,10 @@ def _train_and_evaluate(config: Any, workdir: str, stop: StopRequest) -> dict[st
     raise ValueError(f"config.input.batch_size {batch_size} must be a multiple of "
                      f"{split_ways} (the ways the mesh splits a batch x grad_accum_steps)")
   input_config = {k: v for k, v in config.input.items() if k != "batch_size"}
-  info = dataset_info(config, input_config)
-  model_module = models.get(config.model_name)
+  with config_lib.naming("config.input"):
+    info = dataset_info(config, input_config)
+  with config_lib.naming("config.model_name"):
+    model_module = models.get(config.model_name)
   task = getattr(model_module, "TASK", step_lib.CLASSIFICATION)
   input_shape, input_dtype = task.example_input(info)
   batch_spec = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=data_sharding)
@@ -361,13 +365,16 @@ def _train_and_evaluate(config: Any, workdir: str, stop: StopRequest) -> dict[st
   try:
     model = model_module.Model(**model_kwargs(config, info, model_module.Model, mesh))
   except TypeError as e:
-    raise ValueError(f"config.model does not fit {config.model_name}.Model: {e}") from None
-  schedule = optim.make_schedule(config.lr, config.schedule, config.total_steps)
-  tx = optim.make_optimizer(config.optax_name, config.optax.to_dict(), schedule,
-                            config.grad_clip_norm)
+    raise config_lib.ConfigError(
+        f"config.model does not fit {config.model_name}.Model: {e}") from None
+  with config_lib.naming("config.optax"):
+    schedule = optim.make_schedule(config.lr, config.schedule, config.total_steps)
+    tx = optim.make_optimizer(config.optax_name, config.optax.to_dict(), schedule,
+                              config.grad_clip_norm)
 
   # ------------------------------------------------------------------------------------ Sharding
-  boxed_state = step_lib.abstract_state(model, tx, input_shape, input_dtype)
+  with config_lib.naming("config.model"):  # the model's own checks run when it is traced
+    boxed_state = step_lib.abstract_state(model, tx, input_shape, input_dtype)
   state_shardings = step_lib.state_shardings(boxed_state, mesh, rules)
   abstract_state = step_lib.with_shardings(boxed_state, state_shardings)
   num_params = step_lib.count_params(boxed_state["params"])
@@ -407,6 +414,16 @@ def _train_and_evaluate(config: Any, workdir: str, stop: StopRequest) -> dict[st
     lowered, flops = lower_and_count()
     return report_compiled(lowered.compile(), num_params, mesh.size, flops)
 
+  # ---------------------------------------------------------------------------------- Evaluators
+  evals = {}
+  for name, cfg in config.evals.items():
+    kwargs = {k: v for k, v in cfg.items() if k not in _EVAL_RESERVED}
+    kwargs.setdefault("input_config", input_config)
+    kwargs.setdefault("batch_size", batch_size)
+    with config_lib.naming(f"config.evals.{name}"):
+      evals[name] = (evaluators.get(cfg.type)(model, mesh=mesh, rules=rules, **kwargs),
+                     cfg.every)
+
   # ---------------------------------------------------------------------------------- Checkpoint
   checkpointer = ckpt_lib.Checkpointer(
       os.path.join(os.path.abspath(workdir), "checkpoints"), every=config.ckpt_every,
@@ -415,7 +432,8 @@ def _train_and_evaluate(config: Any, workdir: str, stop: StopRequest) -> dict[st
   if restored is None:
     state = jax.jit(step_lib.make_init_fn(model, tx, input_shape, input_dtype),
                     out_shardings=state_shardings)(init_rng)
-    state = pretrained.init_state(config.init_from, model, tx, state, state_shardings)
+    with config_lib.naming("config.init_from"):
+      state = pretrained.init_state(config.init_from, model, tx, state, state_shardings)
     first_step = 0
   else:
     first_step, state = restored
@@ -436,14 +454,7 @@ def _train_and_evaluate(config: Any, workdir: str, stop: StopRequest) -> dict[st
   train_rng = jax.jit(lambda key: key, in_shardings=replicated, out_shardings=replicated)(
       train_rng)  # as the compiled step takes it (a global array with several processes)
 
-  # ---------------------------------------------------------------------------------- Evaluators
-  evals = {}
-  for name, cfg in config.evals.items():
-    kwargs = {k: v for k, v in cfg.items() if k not in _EVAL_RESERVED}
-    kwargs.setdefault("input_config", input_config)
-    kwargs.setdefault("batch_size", batch_size)
-    evals[name] = (evaluators.get(cfg.type)(model, mesh=mesh, rules=rules, **kwargs), cfg.every)
-  if evals:
+  if evals:  # the evaluators' steps, compiled before the loop too
     start = time.perf_counter()
     for evaluator, _ in evals.values():
       evaluator.compile(abstract_state)
@@ -692,7 +703,7 @@ def main(argv):
     exit_with_error("big_attn.main", e)
   try:
     train_and_evaluate(config, workdir)
-  except (RunRefused, ckpt_lib.RestoreError) as e:
+  except (RunRefused, ckpt_lib.RestoreError, config_lib.ConfigError) as e:
     exit_with_error("big_attn.main", e)
 
 

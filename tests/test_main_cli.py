@@ -167,6 +167,28 @@ def test_interpret_refuses_a_language_model_run(tmp_path):
     interpret_cli.explain(None, workdir, 0)
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("optax_name", "adamx", "config.optax_name must be one of ('adamw', 'lion', 'sgd')"),
+    ("model.attention", "window", "config.model: op 'window' needs op_args['window_size']"),
+    ("evals.eval.batch_size", 0, "config.evals.eval: batch_size must be a positive int, got 0"),
+    ("model_name", "vit9", "config.model_name: unknown model 'vit9'; known models:"),
+])
+def test_setup_errors_name_their_config_key(tmp_path, key, value, message):
+  # Raised before anything is compiled or written to a checkpoint; main() prints them as one
+  # line with exit status 1 (`ConfigError`, as for RunRefused above).
+  config = config_lib.load_config_file(f"{VIT_DIGITS}:runlocal")
+  *parents, leaf = key.split(".")
+  node = config
+  for part in parents:
+    node = node[part]
+  with node.unlocked():
+    node[leaf] = value
+  with pytest.raises(config_lib.ConfigError) as e:
+    main_lib.train_and_evaluate(config, str(tmp_path / "run"))
+  assert str(e.value).startswith(message), str(e.value)
+  assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
 def _run(*argv):
   return subprocess.run([sys.executable, "-m", *argv], cwd=ROOT, capture_output=True, text=True,
                         timeout=300, check=False)

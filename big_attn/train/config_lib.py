@@ -4,6 +4,7 @@ saved in its workdir."""
 from __future__ import annotations
 
 import ast
+import contextlib
 import difflib
 import importlib.util
 import json
@@ -15,6 +16,25 @@ import ml_collections
 
 from big_attn.parallel import STRATEGIES
 from big_attn.parallel import mesh as mesh_lib
+
+
+class ConfigError(ValueError):
+  """A config value the run cannot use, with the key named; `big_attn.main` prints it without
+  a traceback and exits with status 1."""
+
+
+@contextlib.contextmanager
+def naming(key: str):
+  """Re-raises a ValueError, TypeError, KeyError or FileNotFoundError of the block as a
+  `ConfigError` naming `key` (unless its message names a `config.` key already)."""
+  try:
+    yield
+  except ConfigError:
+    raise
+  except (ValueError, TypeError, KeyError, FileNotFoundError) as e:
+    message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    raise ConfigError(message if str(message).startswith("config.") else f"{key}: {message}"
+                      ) from e
 
 
 def _convert(key: str, value: str, default: Any) -> Any:
