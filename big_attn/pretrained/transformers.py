@@ -269,12 +269,18 @@ def _cvt(config: Any, sd: StateDict, cls_name: str) -> tuple[Any, dict[str, Any]
   the BatchNorm running statistics go to `batch_stats`."""
   _require_class(cls_name, ("CvtForImageClassification",))
   stages = len(config.depth)
-  same = lambda field, value: _require(  # pylint: disable=unnecessary-lambda-assignment
-      config, field, tuple(getattr(config, field)) == (value,) * stages, f"{(value,) * stages}")
+
+  def per_stage(field):  # the config's lists may be longer than `depth`
+    return tuple(getattr(config, field)[:stages])
+
+  def same(field, value):  # big_attn's CvT has one value for every stage
+    _require(config, field, per_stage(field) == (value,) * stages,
+             f"{(value,) * stages} (one value in every stage)")
+
   same("qkv_projection_method", "dw_bn")
   same("qkv_bias", True)
   same("stride_q", 1)
-  _require(config, "cls_token", tuple(config.cls_token) == (False,) * (stages - 1) + (True,),
+  _require(config, "cls_token", per_stage("cls_token") == (False,) * (stages - 1) + (True,),
            "a class token in the last stage only")
   for field in ("kernel_qkv", "stride_kv", "mlp_ratio"):
     same(field, getattr(config, field)[0])
@@ -282,10 +288,10 @@ def _cvt(config: Any, sd: StateDict, cls_name: str) -> tuple[Any, dict[str, Any]
   same("padding_q", kernel // 2)
   same("padding_kv", kernel // 2)
   model = cvt.Model(
-      num_classes=config.num_labels, dims=tuple(config.embed_dim),
-      num_heads=tuple(config.num_heads), depths=tuple(config.depth),
-      patch_size=tuple(config.patch_sizes), patch_stride=tuple(config.patch_stride),
-      patch_padding=tuple(config.patch_padding), kernel_size=kernel,
+      num_classes=config.num_labels, dims=per_stage("embed_dim"),
+      num_heads=per_stage("num_heads"), depths=tuple(config.depth),
+      patch_size=per_stage("patch_sizes"), patch_stride=per_stage("patch_stride"),
+      patch_padding=per_stage("patch_padding"), kernel_size=kernel,
       stride_kv=config.stride_kv[0], mlp_ratio=float(config.mlp_ratio[0]), conv_norm="batch",
       norm_eps=1e-5, approximate_gelu=False, attention_scale="width")
   params, stats = {}, {}
