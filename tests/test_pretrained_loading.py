@@ -11,9 +11,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from big_attn import main as main_lib
+from big_attn import pretrained
 from big_attn.models import vit
 from big_attn.pretrained import ConversionError, load_weights, read_checkpoint, save_npz
 from big_attn.pretrained import __main__ as cli
@@ -167,3 +169,29 @@ def test_convert_cli_writes_a_checkpoint_init_from_reads(hf_vit_dir, tmp_path, c
   missing = f"--in={tmp_path}/none"
   assert cli.main(["convert", "--source=transformers", missing, f"--out={out}"]) == 1
   assert "init_from.path must be an existing" in capsys.readouterr().err
+
+
+def test_init_state_from_a_timm_state_dict_keeps_a_fresh_head(tmp_path, caplog):
+  timm = pytest.importorskip("timm")
+  model_args = dict(img_size=8, patch_size=4, depth=1, embed_dim=32, num_heads=2, num_classes=3)
+  torch.manual_seed(0)
+  framework = timm.create_model("vit_tiny_patch16_224", pretrained=False, **model_args).eval()
+  path = str(tmp_path / "vit.pth")
+  torch.save(framework.state_dict(), path)
+  init_from = config_lib.base_config().init_from
+  init_from.update(path=path, source="timm", name="vit_tiny_patch16_224", model_args=model_args)
+  converted, _ = pretrained.from_timm(framework)
+  model = converted.clone(num_classes=5)
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, 8, 8, 3)))["params"])
+  tx = optax.sgd(0.1)
+  state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+  shardings = jax.tree.map(lambda x: x.sharding, state)
+  with caplog.at_level(logging.INFO):
+    loaded = loading.init_state(init_from, model, tx, state, shardings)
+  assert "initialised fresh (not taken from the checkpoint): head/bias, head/kernel" in caplog.text
+  got, fresh = flat(loaded["params"]), flat(params)
+  expected = flat(read_checkpoint(init_from)[1])
+  assert expected["head/kernel"].shape == (32, 3) and got["head/kernel"].shape == (32, 5)
+  for key in got:
+    np.testing.assert_array_equal(got[key], fresh[key] if key.startswith("head/") else
+                                  expected[key])
