@@ -1,6 +1,7 @@
 """big_attn.pretrained.loading: `config.init_from` through main (configs/vit_digits_finetune.py
-from a saved transformers ViT onto a sharded mesh, resume winning over it), fitting converted weights to a model
-(fresh heads and op parameters, mismatches named), the files it reads and the convert CLI."""
+from a saved transformers ViT onto a sharded mesh, resume winning over it), fitting converted
+weights to a model (fresh heads and op parameters, mismatches named), the files it reads, the
+convert CLI, and `init_state` from a timm state dict and with BatchNorm running statistics."""
 import json
 import logging
 import os
