@@ -126,6 +126,9 @@ class ConvProjectionAttention(nn.Module):
                        f"grid {grid} = {self.num_prefix + h * w}")
     if dim % self.num_heads:
       raise ValueError(f"width {dim} must be divisible by num_heads {self.num_heads}")
+    if self.attention_scale not in ATTENTION_SCALES:
+      raise ValueError(f"unknown attention_scale {self.attention_scale!r}; expected one of "
+                       f"{ATTENTION_SCALES}")
     head_dim = dim // self.num_heads
     prefix, x_map = x[:, :self.num_prefix], jnp.reshape(x[:, self.num_prefix:], (n, h, w, dim))
     proj = lambda name: Projection(  # pylint: disable=g-long-lambda
@@ -278,9 +281,6 @@ class Model(nn.Module):
                        f"{self.batch_norm_momentum!r} and {self.batch_norm_eps!r}")
     if not self.norm_eps > 0:
       raise ValueError(f"norm_eps must be positive, got {self.norm_eps!r}")
-    if self.attention_scale not in ATTENTION_SCALES:
-      raise ValueError(f"unknown attention_scale {self.attention_scale!r}; expected one of "
-                       f"{ATTENTION_SCALES}")
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
