@@ -34,23 +34,27 @@ from big_attn import pretrained  # noqa: E402  pylint: disable=g-import-not-at-t
 RESULTS = os.path.join(ROOT, "experiments", "results")
 
 
+def _redraw(model: Any) -> Any:
+  """`model` in eval mode with its layer scales and BatchNorm running statistics re-drawn."""
+  import torch  # pylint: disable=import-outside-toplevel
+  gen = torch.Generator().manual_seed(0)
+  with torch.no_grad():
+    for key, tensor in model.state_dict().items():
+      if key.endswith(("gamma", "layer_scale1.scale", "layer_scale2.scale")):
+        tensor.uniform_(0.05, 0.2, generator=gen)
+      elif key.endswith("running_mean"):
+        tensor.normal_(0.0, 0.2, generator=gen)
+      elif key.endswith("running_var"):
+        tensor.uniform_(0.5, 1.5, generator=gen)
+  return model.eval()
+
+
 def _timm(name: str) -> Callable[[], Any]:
   """A full-size timm model with random weights, layer scales and BatchNorm statistics."""
 
   def build():
     import timm  # pylint: disable=import-outside-toplevel
-    import torch  # pylint: disable=import-outside-toplevel
-    model = timm.create_model(name, pretrained=False)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-      for key, tensor in model.state_dict().items():
-        if key.endswith(("gamma", "layer_scale1.scale", "layer_scale2.scale")):
-          tensor.uniform_(0.05, 0.2, generator=gen)
-        elif key.endswith("running_mean"):
-          tensor.normal_(0.0, 0.2, generator=gen)
-        elif key.endswith("running_var"):
-          tensor.uniform_(0.5, 1.5, generator=gen)
-    return model.eval()
+    return _redraw(timm.create_model(name, pretrained=False))
 
   return build
 
@@ -64,14 +68,15 @@ CASES: list[tuple[str, str, Callable[[], Any]]] = [
 
 
 def _transformers(class_name: str, config_name: str, **config: Any) -> Callable[[], Any]:
-  """A transformers model of `config` with random weights (seeded), in eval mode."""
+  """A transformers model of `config` with random weights (seeded) and BatchNorm statistics, in
+  eval mode."""
 
   def build():
     import torch  # pylint: disable=import-outside-toplevel
     import transformers  # pylint: disable=import-outside-toplevel
     torch.manual_seed(0)
     model_config = getattr(transformers, config_name)(**config)
-    return getattr(transformers, class_name)(model_config).eval()
+    return _redraw(getattr(transformers, class_name)(model_config))
 
   return build
 
@@ -89,6 +94,8 @@ CASES += [
         "ConvNextForImageClassification", "ConvNextConfig", num_labels=1000)),
     ("transformers", "PoolFormer-S12 224", _transformers(
         "PoolFormerForImageClassification", "PoolFormerConfig", num_labels=1000)),
+    ("transformers", "CvT-13 224", _transformers(
+        "CvtForImageClassification", "CvtConfig", num_labels=1000)),
     ("transformers", "Llama-3-style, llama3 RoPE scaling", _transformers(
         "LlamaForCausalLM", "LlamaConfig", **_LLAMA_3, max_position_embeddings=131_072,
         rope_parameters=dict(rope_type="llama3", rope_theta=500_000., factor=8.,

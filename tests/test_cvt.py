@@ -67,9 +67,10 @@ def test_structure_and_logical_names():
   assert count(params) == expected
 
 
-def _reference_attention(p, x, grid, heads, num_prefix, stride_kv, stats=None):
+def _reference_attention(p, x, grid, heads, num_prefix, stride_kv, stats=None, scale_dim=None):
   """CvT's convolutional projection and softmax attention in float64 NumPy, from the paper
-  (BatchNorm with running statistics `stats`, or LayerNorm without)."""
+  (BatchNorm with running statistics `stats`, or LayerNorm without; logits over
+  sqrt(`scale_dim`), the head dimension by default)."""
   b, _, d = x.shape
   h, w = grid
   prefix, fmap = x[:, :num_prefix], x[:, num_prefix:].reshape(b, h, w, d)
@@ -95,20 +96,21 @@ def _reference_attention(p, x, grid, heads, num_prefix, stride_kv, stats=None):
     return np.einsum("bnd,dhk->bnhk", tokens, p[proj]["kernel"]) + p[proj]["bias"]
 
   q, k, v = conv_proj("q", 1), conv_proj("k", stride_kv), conv_proj("v", stride_kv)
-  logits = np.einsum("bqhk,bshk->bhqs", q, k) / np.sqrt(d // heads)
+  logits = np.einsum("bqhk,bshk->bhqs", q, k) / np.sqrt(scale_dim or d // heads)
   weights = np.exp(logits - logits.max(-1, keepdims=True))
   weights /= weights.sum(-1, keepdims=True)
   out = np.einsum("bhqs,bshk->bqhk", weights, v)
   return np.einsum("bqhk,hkd->bqd", out, p["out"]["kernel"]) + p["out"]["bias"]
 
 
-@pytest.mark.parametrize("num_prefix,stride_kv,norm", [(0, 2, "layer"), (1, 2, "batch"),
-                                                       (1, 1, "layer")])
-def test_conv_projection_attention_matches_reference(num_prefix, stride_kv, norm):
+@pytest.mark.parametrize("num_prefix,stride_kv,norm,scale", [
+    (0, 2, "layer", "head_dim"), (1, 2, "batch", "width"), (1, 1, "layer", "head_dim")])
+def test_conv_projection_attention_matches_reference(num_prefix, stride_kv, norm, scale):
   grid, dim, heads = (4, 3), 8, 2
   x = jax.random.normal(jax.random.key(0), (2, num_prefix + 12, dim))
   layer = cvt.ConvProjectionAttention(num_heads=heads, stride_kv=stride_kv,
-                                      num_prefix=num_prefix, conv_norm=norm)
+                                      num_prefix=num_prefix, conv_norm=norm,
+                                      attention_scale=scale)
   variables = nn.meta.unbox(jax.eval_shape(lambda: layer.init(jax.random.key(0), x, grid)))
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.4, s.shape), s.dtype),
@@ -120,7 +122,7 @@ def test_conv_projection_attention_matches_reference(num_prefix, stride_kv, norm
       {"params": params, **({"batch_stats": stats} if stats else {})}, x, grid)
   ref = _reference_attention(jax.tree.map(lambda a: np.asarray(a, np.float64), params),
                              np.asarray(x, np.float64), grid, heads, num_prefix, stride_kv,
-                             stats or None)
+                             stats or None, dim if scale == "width" else None)
   assert out.shape == x.shape
   np.testing.assert_allclose(out, ref, rtol=2e-4, atol=2e-4)
 
@@ -171,6 +173,10 @@ def test_bad_arguments():
     abstract(cvt.Model(num_classes=2, drop_path_rate=-0.1, **TINY), x)
   with pytest.raises(ValueError, match="stride_kv"):
     abstract(cvt.Model(num_classes=2, stride_kv=0, **TINY), x)
+  with pytest.raises(ValueError, match="unknown attention_scale 'dim'"):
+    abstract(cvt.Model(num_classes=2, attention_scale="dim", **TINY), x)
+  with pytest.raises(ValueError, match="norm_eps must be positive"):
+    abstract(cvt.Model(num_classes=2, norm_eps=0.0, **TINY), x)
   with pytest.raises(TypeError, match="attention_args must be a dict"):
     abstract(cvt.Model(num_classes=2, attention_args=3, **TINY), x)
   with pytest.raises(KeyError, match="no_such_op"):

@@ -1,6 +1,7 @@
 """big_attn.pretrained.loading: `config.init_from` through main (configs/vit_digits_finetune.py
-from a saved transformers ViT onto a sharded mesh, resume winning over it), fitting converted weights to a model
-(fresh heads and op parameters, mismatches named), the files it reads and the convert CLI."""
+from a saved transformers ViT onto a sharded mesh, resume winning over it), fitting converted
+weights to a model (fresh heads and op parameters, mismatches named), the files it reads, the
+convert CLI, and `init_state` from a timm state dict and with BatchNorm running statistics."""
 import json
 import logging
 import os
@@ -11,9 +12,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from big_attn import main as main_lib
+from big_attn import pretrained
 from big_attn.models import vit
 from big_attn.pretrained import ConversionError, load_weights, read_checkpoint, save_npz
 from big_attn.pretrained import __main__ as cli
@@ -167,3 +170,71 @@ def test_convert_cli_writes_a_checkpoint_init_from_reads(hf_vit_dir, tmp_path, c
   missing = f"--in={tmp_path}/none"
   assert cli.main(["convert", "--source=transformers", missing, f"--out={out}"]) == 1
   assert "init_from.path must be an existing" in capsys.readouterr().err
+
+
+def with_new_head(params, num_classes):
+  """`params` with a random head of `num_classes` (a model's fresh parameters, without the
+  cost of compiling its init)."""
+  width = params["head"]["kernel"].shape[0]
+  head = {"kernel": np.random.RandomState(0).randn(width, num_classes).astype(np.float32),
+          "bias": np.ones(num_classes, np.float32)}
+  return dict(params, head=head)
+
+
+def init_state_logged(init_from, model, variables, caplog):
+  tx = optax.sgd(0.1)
+  state = jax.tree.map(jnp.asarray, dict(variables, step=0))
+  state["opt_state"] = tx.init(state["params"])
+  with caplog.at_level(logging.INFO):
+    return loading.init_state(init_from, model, tx, state,
+                              jax.tree.map(lambda x: x.sharding, state))
+
+
+def test_init_state_from_a_timm_state_dict_keeps_a_fresh_head(tmp_path, caplog):
+  timm = pytest.importorskip("timm")
+  model_args = dict(img_size=8, patch_size=4, depth=1, embed_dim=32, num_heads=2, num_classes=3)
+  torch.manual_seed(0)
+  framework = timm.create_model("vit_tiny_patch16_224", pretrained=False, **model_args).eval()
+  path = str(tmp_path / "vit.pth")
+  torch.save(framework.state_dict(), path)
+  init_from = config_lib.base_config().init_from
+  init_from.update(path=path, source="timm", name="vit_tiny_patch16_224", model_args=model_args)
+  converted, variables = pretrained.from_timm(framework)
+  params = with_new_head(variables["params"], 5)
+  loaded = init_state_logged(init_from, converted.clone(num_classes=5), {"params": params}, caplog)
+  assert "initialised fresh (not taken from the checkpoint): head/bias, head/kernel" in caplog.text
+  got, fresh = flat(loaded["params"]), flat(params)
+  expected = flat(read_checkpoint(init_from)[1])
+  assert expected["head/kernel"].shape == (32, 3) and got["head/kernel"].shape == (32, 5)
+  for key in got:
+    np.testing.assert_array_equal(got[key], fresh[key] if key.startswith("head/") else
+                                  expected[key])
+
+
+def test_init_state_takes_batch_norm_statistics(tmp_path, caplog):
+  torch.manual_seed(0)
+  config = transformers.CvtConfig(embed_dim=[8, 16], num_heads=[1, 2], depth=[1, 2],
+                                  cls_token=[False, True], num_labels=3)
+  framework = transformers.CvtForImageClassification(config)
+  with torch.no_grad():
+    for key, tensor in framework.state_dict().items():
+      if key.endswith("running_mean"):
+        tensor.normal_()
+  framework.save_pretrained(str(tmp_path))
+  init_from = dict(path=str(tmp_path), source="transformers")
+  converted, variables = pretrained.from_transformers(framework)
+  fresh = {"params": with_new_head(variables["params"], 5),
+           "batch_stats": jax.tree.map(np.zeros_like, variables["batch_stats"])}
+  loaded = init_state_logged(init_from, converted.clone(num_classes=5), fresh, caplog)
+  got, want = flat(loaded["batch_stats"]), flat(variables["batch_stats"])
+  assert set(got) == set(want) and len(got) == 18  # 3 blocks x q/k/v x mean/var
+  for key in got:
+    np.testing.assert_array_equal(got[key], want[key])
+  assert "18 running statistics loaded" in caplog.text
+  assert loaded["params"]["head"]["kernel"].shape == (16, 5)
+  # a checkpoint without statistics (big_attn's .npz of params) keeps the fresh ones
+  save_npz(variables["params"], str(tmp_path / "params.npz"))
+  loaded = init_state_logged(dict(path=str(tmp_path / "params.npz"), source="big_attn"),
+                             converted, dict(fresh, params=variables["params"]), caplog)
+  assert "has no BatchNorm running statistics; they start fresh" in caplog.text
+  assert all(np.all(x == 0) for x in jax.tree.leaves(loaded["batch_stats"]))

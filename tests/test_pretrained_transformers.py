@@ -7,6 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+import jax  # noqa: E402  pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # noqa: E402  pylint: disable=g-import-not-at-top
 
 from big_attn.models import lm  # noqa: E402  pylint: disable=g-import-not-at-top
@@ -114,6 +115,34 @@ def test_vision_logits_match(name):
   assert out.shape == (2, 3) and relative_error(out, ref) <= 1e-4
 
 
+CVT_SIZES = dict(embed_dim=[8, 16], num_heads=[1, 2], depth=[1, 2], cls_token=[False, True],
+                 num_labels=3)
+
+
+def test_cvt_logits_match_with_batch_norm_statistics():
+  hf = random_model(transformers.CvtForImageClassification, transformers.CvtConfig(**CVT_SIZES))
+  gen = torch.Generator().manual_seed(1)
+  with torch.no_grad():  # weights of unit gain (so that the image matters), norms and running
+    for key, tensor in hf.state_dict().items():  # statistics away from their 0/1 initial values
+      if key.endswith("running_var"):
+        tensor.uniform_(0.3, 2.0, generator=gen)
+      elif key.endswith(("running_mean", "bias", "normalization.weight")):
+        tensor.normal_(float(key.endswith("weight")), 0.5, generator=gen)
+      elif tensor.ndim >= 2:
+        tensor.normal_(0.0, float(np.prod(tensor.shape[1:])) ** -0.5, generator=gen)
+  model, variables = from_transformers(hf)
+  assert variables["batch_stats"]["stage_1_block_1"]["attention"]["conv_proj_k_norm"][
+      "var"].shape == (16,)
+  images = np.random.RandomState(0).randn(2, 3, 32, 32).astype(np.float32)
+  with torch.no_grad():
+    ref = hf(torch.tensor(images)).logits.numpy()
+  apply = jax.jit(model.apply)
+  images = jnp.asarray(images.transpose(0, 2, 3, 1))
+  assert relative_error(apply(variables, images), ref) <= 1e-4
+  halved = dict(variables, batch_stats=jax.tree.map(lambda x: x / 2, variables["batch_stats"]))
+  assert relative_error(apply(halved, images), ref) > 1e-2  # the statistics matter
+
+
 def test_unsupported_configurations_are_refused_naming_the_field():
   yarn = transformers.LlamaConfig(**LM_SIZES, rope_parameters=dict(
       rope_type="yarn", rope_theta=10_000., factor=4., original_max_position_embeddings=8))
@@ -140,6 +169,11 @@ def test_unsupported_configurations_are_refused_naming_the_field():
   with pytest.raises(ConversionError, match="lm.Model.attention='sigmoid' has no transformers"):
     model, variables = from_transformers(LMS["qwen2_tied_linear"]())
     to_transformers(model.clone(attention="sigmoid"), variables)
+  for field, value in (("qkv_projection_method", ["dw_bn", "avg"]), ("cls_token", [True, True]),
+                       ("stride_q", [1, 2]), ("kernel_qkv", [3, 5])):
+    with pytest.raises(ConversionError, match=f"CvtConfig.{field}="):
+      from_transformers(transformers.CvtForImageClassification(
+          transformers.CvtConfig(**dict(CVT_SIZES, **{field: value}))))
   with pytest.raises(ConversionError, match="model_type='bert'"):
     from_transformers(transformers.BertModel(transformers.BertConfig(
         hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=96)))

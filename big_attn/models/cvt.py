@@ -20,8 +20,10 @@ projected maps) and is classified after a final LayerNorm.
 The projection's normalisation is BatchNorm as in the paper (`conv_norm="batch"`, PyTorch's eps
 1e-5 and momentum 0.1, i.e. 0.9 in Flax's convention; running statistics in the `batch_stats`
 collection, which the train step carries), or LayerNorm over channels (`conv_norm="layer"`:
-stateless, the same two parameters per channel). Deviation: the attention scale is the op's
-default 1/sqrt(head_dim) (the official code uses 1/sqrt(stage width)).
+stateless, the same two parameters per channel). Deviations by default, each a field: the
+attention scale is the op's 1/sqrt(head_dim) (`attention_scale="width"`: the official code's
+1/sqrt(stage width)), LayerNorm eps 1e-6 (`norm_eps`; PyTorch's 1e-5) and tanh-approximate
+GELU (`approximate_gelu=False`: exact, PyTorch's `nn.GELU()`).
 
 Parameter counts (224x224x3 input, 1000 classes; counted with `jax.eval_shape`, nothing
 allocated) against the paper's Table 2:
@@ -53,6 +55,7 @@ _DEPTHS = {"13": (1, 2, 10), "21": (1, 4, 16), "W24": (2, 2, 20)}
 PATCH_SIZE = (7, 3, 3)
 PATCH_STRIDE = (4, 2, 2)
 PATCH_PADDING = (2, 1, 1)
+ATTENTION_SCALES = ("head_dim", "width")
 
 _INIT = nn.initializers.truncated_normal(stddev=0.02)
 
@@ -78,6 +81,8 @@ class ConvProjectionAttention(nn.Module):
   (BatchNorm: batch statistics unless `deterministic`), flatten, prefix tokens prepended
   unconvolved, then a linear projection to `[.., heads, head_dim]`. The
   op `op` (registry name, with `op_args`) attends and a linear layer maps the heads back.
+  `attention_scale="width"` multiplies the queries by sqrt(head_dim / width), so that the op's
+  1/sqrt(head_dim) logit scale becomes the official code's 1/sqrt(width).
   """
   num_heads: int
   op: str = "softmax"
@@ -91,6 +96,8 @@ class ConvProjectionAttention(nn.Module):
   conv_norm: str = "batch"
   batch_norm_eps: float = 1e-5
   batch_norm_momentum: float = 0.9
+  layer_norm_eps: float = 1e-6
+  attention_scale: str = "head_dim"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -104,7 +111,8 @@ class ConvProjectionAttention(nn.Module):
                     _INIT, ("conv_height", "conv_width", None, "embed")))(x_map)
     y = conv_norm(self.conv_norm, not deterministic, self.dtype, self.param_dtype,
                   f"conv_proj_{name}_norm", batch_norm_eps=self.batch_norm_eps,
-                  batch_norm_momentum=self.batch_norm_momentum)(y)
+                  batch_norm_momentum=self.batch_norm_momentum,
+                  layer_norm_eps=self.layer_norm_eps)(y)
     n, h, w, _ = y.shape
     y = jnp.concatenate([prefix, jnp.reshape(y, (n, h * w, dim))], axis=1)
     return nn.with_logical_constraint(y, ("batch", "length", "embed"))
@@ -118,6 +126,9 @@ class ConvProjectionAttention(nn.Module):
                        f"grid {grid} = {self.num_prefix + h * w}")
     if dim % self.num_heads:
       raise ValueError(f"width {dim} must be divisible by num_heads {self.num_heads}")
+    if self.attention_scale not in ATTENTION_SCALES:
+      raise ValueError(f"unknown attention_scale {self.attention_scale!r}; expected one of "
+                       f"{ATTENTION_SCALES}")
     head_dim = dim // self.num_heads
     prefix, x_map = x[:, :self.num_prefix], jnp.reshape(x[:, self.num_prefix:], (n, h, w, dim))
     proj = lambda name: Projection(  # pylint: disable=g-long-lambda
@@ -126,6 +137,8 @@ class ConvProjectionAttention(nn.Module):
         kernel_init=_INIT, name=name)
     inputs_q = self._conv_proj(prefix, x_map, self.stride_q, "q", deterministic)
     query = proj("query")(inputs_q)
+    if self.attention_scale == "width":
+      query = query * jnp.asarray((head_dim / dim) ** 0.5, query.dtype)
     key = proj("key")(self._conv_proj(prefix, x_map, self.stride_kv, "k", deterministic))
     value = proj("value")(self._conv_proj(prefix, x_map, self.stride_kv, "v", deterministic))
 
@@ -152,20 +165,23 @@ class Block(nn.Module):
   mlp_ratio: float = 4.0
   drop_path: float = 0.0
   dropout: float = 0.0
+  norm_eps: float = 1e-6
+  approximate_gelu: bool = True
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, grid, deterministic: bool = True):
     drop_path = nn.Dropout(rate=self.drop_path, broadcast_dims=(1, 2))
-    y = layer_norm(self.dtype, self.param_dtype, "LayerNorm_0")(x)
+    y = layer_norm(self.dtype, self.param_dtype, "LayerNorm_0", epsilon=self.norm_eps)(x)
     y = ConvProjectionAttention(**self.attention_args, dtype=self.dtype,
                                 param_dtype=self.param_dtype, name="attention")(
                                     y, grid, deterministic)
     y = nn.Dropout(rate=self.dropout)(y, deterministic)
     x = x + drop_path(y, deterministic)
-    y = layer_norm(self.dtype, self.param_dtype, "LayerNorm_1")(x)
+    y = layer_norm(self.dtype, self.param_dtype, "LayerNorm_1", epsilon=self.norm_eps)(x)
     y = MlpBlock(mlp_dim=int(self.mlp_ratio * x.shape[-1]), dropout=self.dropout,
+                 approximate_gelu=self.approximate_gelu,
                  kernel_init=_INIT, bias_init=nn.initializers.zeros_init(), dtype=self.dtype,
                  param_dtype=self.param_dtype, name="MlpBlock")(y, deterministic)
     y = nn.Dropout(rate=self.dropout)(y, deterministic)
@@ -192,6 +208,10 @@ class Model(nn.Module):
       official configs use 0 in the earlier stages).
     conv_norm: the convolutional projection's norm, "batch" (the paper's) or "layer";
       batch_norm_eps, batch_norm_momentum: BatchNorm's (PyTorch's 1e-5 and 0.9).
+    norm_eps: every LayerNorm's eps (1e-6; the official code and transformers use 1e-5).
+    approximate_gelu: tanh-approximate GELU in the MLPs (True); False is the exact erf form.
+    attention_scale: "head_dim" (the op's 1/sqrt(head_dim)) or "width" (the official code's
+      1/sqrt(stage width), which converted transformers checkpoints need).
     dtype: compute dtype; param_dtype: parameter dtype.
   Parameters carry the logical axis names conv_height, conv_width, channels_in, embed, heads,
   head_dim, mlp, norm and classes.
@@ -215,6 +235,9 @@ class Model(nn.Module):
   conv_norm: str = "batch"
   batch_norm_eps: float = 1e-5
   batch_norm_momentum: float = 0.9
+  norm_eps: float = 1e-6
+  approximate_gelu: bool = True
+  attention_scale: str = "head_dim"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -256,6 +279,8 @@ class Model(nn.Module):
     if not 0.0 <= self.batch_norm_momentum < 1.0 or not self.batch_norm_eps > 0:
       raise ValueError(f"batch_norm_momentum must be in [0, 1) and batch_norm_eps positive, got "
                        f"{self.batch_norm_momentum!r} and {self.batch_norm_eps!r}")
+    if not self.norm_eps > 0:
+      raise ValueError(f"norm_eps must be positive, got {self.norm_eps!r}")
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
@@ -275,7 +300,8 @@ class Model(nn.Module):
                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(),
                                                          ("embed",)))(x)
       n, h, w, _ = x.shape
-      x = layer_norm(self.dtype, self.param_dtype, f"stage_{stage}_embed_norm")(
+      x = layer_norm(self.dtype, self.param_dtype, f"stage_{stage}_embed_norm",
+                     epsilon=self.norm_eps)(
           jnp.reshape(x, (n, h * w, dim)))
       num_prefix = 0
       if stage == stages - 1:
@@ -293,16 +319,18 @@ class Model(nn.Module):
           op_args=None if self.attention_args is None else dict(self.attention_args),
           implementation=self.attention_impl, kernel_size=self.kernel_size,
           stride_kv=self.stride_kv, num_prefix=num_prefix, conv_norm=self.conv_norm,
-          batch_norm_eps=self.batch_norm_eps, batch_norm_momentum=self.batch_norm_momentum)
+          batch_norm_eps=self.batch_norm_eps, batch_norm_momentum=self.batch_norm_momentum,
+          layer_norm_eps=self.norm_eps, attention_scale=self.attention_scale)
       for i in range(depth):
         x = Block(attention_args=attention_args, mlp_ratio=self.mlp_ratio,
-                  drop_path=float(rates[i]), dropout=self.dropout, dtype=self.dtype,
+                  drop_path=float(rates[i]), dropout=self.dropout, norm_eps=self.norm_eps,
+                  approximate_gelu=self.approximate_gelu, dtype=self.dtype,
                   param_dtype=self.param_dtype, name=f"stage_{stage}_block_{i}")(
                       x, (h, w), deterministic)
       if stage < stages - 1:
         x = jnp.reshape(x, (n, h, w, dim))  # back to a map for the next token embedding
 
-    x = layer_norm(self.dtype, self.param_dtype, "norm")(x[:, 0])
+    x = layer_norm(self.dtype, self.param_dtype, "norm", epsilon=self.norm_eps)(x[:, 0])
     if self.num_classes:
       x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="head",
                    kernel_init=nn.with_logical_partitioning(_INIT, ("embed", "classes")),

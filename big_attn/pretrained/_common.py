@@ -72,3 +72,34 @@ class StateDict:
     if unread:
       shown = ", ".join(unread[:8]) + (f", ... ({len(unread)} in all)" if len(unread) > 8 else "")
       raise ConversionError(f"{self.source}: tensors with no big_attn equivalent: {shown}")
+
+
+def take_norm(sd: StateDict, prefix: str) -> dict[str, np.ndarray]:
+  """LayerNorm / LayerNorm2d / GroupNorm(1) / BatchNorm's affine part: `{scale, bias}`."""
+  return {"scale": sd.take(f"{prefix}.weight"), "bias": sd.take(f"{prefix}.bias")}
+
+
+def take_dense(sd: StateDict, prefix: str, bias: bool = True) -> dict[str, np.ndarray]:
+  """A torch `Linear` (or 1x1 conv): `{kernel, bias}` of `nn.Dense`."""
+  out = {"kernel": dense_kernel(sd.take(f"{prefix}.weight"))}
+  if bias:
+    out["bias"] = sd.take(f"{prefix}.bias")
+  return out
+
+
+def take_conv(sd: StateDict, prefix: str, bias: bool = True) -> dict[str, np.ndarray]:
+  """A torch `Conv2d`: `{kernel, bias}` of `nn.Conv`."""
+  out = {"kernel": conv_kernel(sd.take(f"{prefix}.weight"))}
+  if bias:
+    out["bias"] = sd.take(f"{prefix}.bias")
+  return out
+
+
+def take_batch_norm(sd: StateDict, prefix: str, stats: dict[str, Any],
+                    name: str) -> dict[str, np.ndarray]:
+  """A torch `BatchNorm2d`: `{scale, bias}` returned, the running `{mean, var}` put in
+  `stats[name]` (for `variables["batch_stats"]`)."""
+  stats[name] = {"mean": sd.take(f"{prefix}.running_mean"),
+                 "var": sd.take(f"{prefix}.running_var")}
+  sd.skip(f"{prefix}.num_batches_tracked")
+  return take_norm(sd, prefix)

@@ -105,17 +105,24 @@ def _names(path) -> tuple[str, ...]:
 def read_checkpoint(init_from: Any) -> tuple[Any, dict[str, Any]]:
   """`(model or None, params)` of `init_from`'s file, converted to big_attn (the model is the
   converter's, None for big_attn's own files)."""
+  model, variables = read_variables(init_from)
+  return model, variables["params"]
+
+
+def read_variables(init_from: Any) -> tuple[Any, dict[str, Any]]:
+  """`read_checkpoint` with all the variables: `{"params": ...}` and, for a model with
+  BatchNorm, `"batch_stats"`."""
   check_init_from(init_from)
   source, path = init_from["source"], init_from["path"]
   if source == "big_attn":
     if os.path.isdir(path):
       _, state = ckpt_lib.Checkpointer(path, every=1, max_to_keep=None).restore_as_saved()
-      return None, state["params"]
+      return None, {k: v for k, v in state.items() if k in ("params", step_lib.BATCH_STATS)}
     if not path.endswith(".npz"):
       raise ValueError(f"config.init_from.path {path!r}: source='big_attn' reads a .npz file "
                        "or a directory written by `python -m big_attn.pretrained convert`")
     with np.load(path) as data:
-      return None, _unflatten(dict(data))
+      return None, {"params": _unflatten(dict(data))}
   if source == "transformers":
     import transformers  # pylint: disable=g-import-not-at-top
     from big_attn.pretrained import from_transformers  # pylint: disable=g-import-not-at-top
@@ -134,7 +141,7 @@ def read_checkpoint(init_from: Any) -> tuple[Any, dict[str, Any]]:
                                         **dict(init_from.get("model_args") or {}))
     framework_model.load_state_dict(read_state_dict(path))
     model, variables = from_timm(framework_model.eval())
-  return model, variables["params"]
+  return model, variables
 
 
 def _field_differences(source_model: Any, model: Any) -> list[str]:
@@ -155,25 +162,36 @@ def load_weights(init_from: Any, model: Any, params: Any) -> Any:
   number of classes, op-specific parameters). Raises `ConversionError` naming the first
   parameter that does not fit.
   """
-  source_model, source = read_checkpoint(init_from)
+  return _fit(init_from, model, _read_for(init_from, model)["params"], params)
+
+
+def _read_for(init_from: Any, model: Any) -> dict[str, Any]:
+  """`read_variables`, logging where the checkpoint's converted model differs from `model`."""
+  source_model, variables = read_variables(init_from)
   for difference in _field_differences(source_model, model):
     logging.warning("init_from: the checkpoint's model differs: %s", difference)
+  return variables
+
+
+def _fit(init_from: Any, model: Any, source: Any, params: Any, heads: tuple[str, ...] = HEADS,
+         kind: str = "parameter") -> Any:
+  """`params` with `source`'s values (see `load_weights`); `heads` may differ or be missing."""
   source_flat = {_names(k): v for k, v in jax.tree_util.tree_flatten_with_path(source)[0]}
   used, fresh, loaded = set(), [], []
 
   def fit(path, target):
     names = _names(path)
     value = source_flat.get(names)
-    head = names[0] in HEADS
+    head = names[0] in heads
     if value is not None and tuple(value.shape) == tuple(target.shape):
       used.add(names)
       loaded.append(names)
       return np.asarray(value, target.dtype)
     if value is None and not (head or FRESH in names):
-      raise ConversionError(f"parameter {'/'.join(names)} {tuple(target.shape)} of "
+      raise ConversionError(f"{kind} {'/'.join(names)} {tuple(target.shape)} of "
                             f"{type(model).__name__} is not in {init_from['path']}")
     if value is not None and not head:
-      raise ConversionError(f"parameter {'/'.join(names)}: {init_from['path']} has shape "
+      raise ConversionError(f"{kind} {'/'.join(names)}: {init_from['path']} has shape "
                             f"{tuple(value.shape)}, the model {tuple(target.shape)}")
     used.add(names)
     fresh.append("/".join(names))
@@ -181,17 +199,17 @@ def load_weights(init_from: Any, model: Any, params: Any) -> Any:
 
   fitted = jax.tree_util.tree_map_with_path(fit, params)
   unused = [n for n in source_flat if n not in used]
-  extra = ["/".join(n) for n in unused if n[0] not in HEADS]
+  extra = ["/".join(n) for n in unused if n[0] not in heads]
   if extra:
-    raise ConversionError(f"{init_from['path']} has parameters {type(model).__name__} lacks: "
+    raise ConversionError(f"{init_from['path']} has {kind}s {type(model).__name__} lacks: "
                           f"{', '.join(extra[:8])}{' ...' if len(extra) > 8 else ''}")
   if fresh:
     logging.info("init_from: initialised fresh (not taken from the checkpoint): %s",
                  ", ".join(fresh))
   if unused:
-    logging.info("init_from: checkpoint parameters dropped: %s",
+    logging.info("init_from: checkpoint %ss dropped: %s", kind,
                  ", ".join("/".join(n) for n in unused))
-  logging.info("init_from: %d parameters loaded from %s (%s)", len(loaded),
+  logging.info("init_from: %d %ss loaded from %s (%s)", len(loaded), kind,
                init_from["path"], init_from["source"])
   return fitted
 
@@ -200,17 +218,28 @@ def init_state(init_from: Any, model: Any, tx: Any, state: dict[str, Any],
                state_shardings: Any) -> dict[str, Any]:
   """The fresh train state of `big_attn.main` with `init_from`'s weights (`load_weights`), the
   model's `post_update` applied and the optimizer state initialised from them; `state` itself
-  when `init_from` has no `path`."""
+  when `init_from` has no `path`. A state with BatchNorm `batch_stats` takes the checkpoint's
+  running statistics (every one must fit), or keeps its fresh ones when the checkpoint has none
+  (logged)."""
   if not init_from or not init_from.get("path"):
     return state
-  params = load_weights(init_from, model, state["params"])
+  variables = _read_for(init_from, model)
+  loaded = {"params": _fit(init_from, model, variables["params"], state["params"])}
+  stats = step_lib.BATCH_STATS
+  if stats in state and stats in variables:
+    loaded[stats] = _fit(init_from, model, variables[stats], state[stats], heads=(),
+                         kind="running statistic")
+  elif stats in state:
+    logging.warning("init_from: %s has no BatchNorm running statistics; they start fresh",
+                    init_from["path"])
+    loaded[stats] = state[stats]
   post_update = step_lib.post_update_fn(model)
 
-  def build(params):
-    params = post_update(params)
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+  def build(loaded):
+    params = post_update(loaded["params"])
+    return dict(loaded, step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
-  return jax.jit(build, out_shardings=state_shardings)(params)
+  return jax.jit(build, out_shardings=state_shardings)(loaded)
 
 
 def model_fields(model: Any) -> dict[str, Any]:
@@ -227,16 +256,17 @@ def model_fields(model: Any) -> dict[str, Any]:
 
 def convert(init_from: Any, out_dir: str) -> str:
   """Converts `init_from`'s file to an orbax checkpoint in `out_dir` (state `{"step": 0,
-  "params": ...}`, read back by `init_from.source="big_attn"`), with `model.json` holding
-  `model_name` and the `model` fields to fine-tune it with. Returns the model name."""
-  model, params = read_checkpoint(init_from)
+  "params": ...}`, and `"batch_stats"` for a model with BatchNorm, read back by
+  `init_from.source="big_attn"`), with `model.json` holding `model_name` and the `model` fields
+  to fine-tune it with. Returns the model name."""
+  model, variables = read_variables(init_from)
   if model is None:
     raise ValueError("convert reads a timm or transformers checkpoint (source 'timm' or "
                      "'transformers')")
   model_name = type(model).__module__.rsplit(".", 1)[-1]
   checkpointer = ckpt_lib.Checkpointer(out_dir, every=1, max_to_keep=None)
   try:
-    checkpointer.save(0, {"step": np.zeros((), np.int32), "params": params}, force=True)
+    checkpointer.save(0, dict(variables, step=np.zeros((), np.int32)), force=True)
   finally:
     checkpointer.close()
   with open(os.path.join(out_dir, MODEL_FILE), "w", encoding="utf-8") as f:

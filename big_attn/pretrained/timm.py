@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from big_attn.models import convnext, deit, hvit, maxvit, metaformer, vit
-from big_attn.pretrained._common import ConversionError, StateDict, conv_kernel, dense_kernel
+from big_attn.pretrained._common import (ConversionError, StateDict, take_batch_norm, take_conv,
+                                         take_dense, take_norm)
 
 
 def from_timm(model: Any, state_dict: Any = None, **overrides) -> tuple[Any, dict[str, Any]]:
@@ -138,25 +139,6 @@ def _require(condition: bool, source: str, field: str, message: str) -> None:
     raise ConversionError(f"{source}: {field} {message}")
 
 
-def _norm(sd: StateDict, prefix: str) -> dict[str, np.ndarray]:
-  """LayerNorm / LayerNorm2d / GroupNorm(1) / affine: `{scale, bias}`."""
-  return {"scale": sd.take(f"{prefix}.weight"), "bias": sd.take(f"{prefix}.bias")}
-
-
-def _dense(sd: StateDict, prefix: str, bias: bool = True) -> dict[str, np.ndarray]:
-  out = {"kernel": dense_kernel(sd.take(f"{prefix}.weight"))}
-  if bias:
-    out["bias"] = sd.take(f"{prefix}.bias")
-  return out
-
-
-def _conv(sd: StateDict, prefix: str, bias: bool = True) -> dict[str, np.ndarray]:
-  out = {"kernel": conv_kernel(sd.take(f"{prefix}.weight"))}
-  if bias:
-    out["bias"] = sd.take(f"{prefix}.bias")
-  return out
-
-
 def _eps(module: Any) -> float | None:
   return getattr(module, "eps", None)
 
@@ -226,13 +208,13 @@ def _vit_blocks(model: Any, sd: StateDict, source: str) -> tuple[dict[str, Any],
       _check_eps(source, f"{field}.{name}", getattr(block, name), 1e-6)
     qkv_bias = sd.take(f"{field}.attn.qkv.bias") if attn.qkv.bias is not None else None
     blocks[f"encoderblock_{i}"] = {
-        "LayerNorm_0": _norm(sd, f"{field}.norm1"),
+        "LayerNorm_0": take_norm(sd, f"{field}.norm1"),
         "MultiHeadAttention": _attention(
             sd.take(f"{field}.attn.qkv.weight"), qkv_bias,
-            _dense(sd, f"{field}.attn.proj", attn.proj.bias is not None), attn.num_heads),
-        "LayerNorm_1": _norm(sd, f"{field}.norm2"),
-        "MlpBlock": {"Dense_0": _dense(sd, f"{field}.mlp.fc1"),
-                     "Dense_1": _dense(sd, f"{field}.mlp.fc2")}}
+            take_dense(sd, f"{field}.attn.proj", attn.proj.bias is not None), attn.num_heads),
+        "LayerNorm_1": take_norm(sd, f"{field}.norm2"),
+        "MlpBlock": {"Dense_0": take_dense(sd, f"{field}.mlp.fc1"),
+                     "Dense_1": take_dense(sd, f"{field}.mlp.fc2")}}
     if layer_scale:
       blocks[f"encoderblock_{i}"].update(layer_scale_1=sd.take(f"{field}.ls1.gamma"),
                                          layer_scale_2=sd.take(f"{field}.ls2.gamma"))
@@ -265,7 +247,7 @@ def _vit_embedding(model: Any, sd: StateDict, source: str, token_names: tuple[st
            "is None (pos_embed='none'); the big_attn ViT adds a learned position embedding")
   _require(isinstance(model.norm_pre, torch.nn.Identity), source, "norm_pre",
            "is set (pre_norm); the big_attn ViT has no norm before the blocks")
-  params = {"embedding": _conv(sd, "patch_embed.proj")}
+  params = {"embedding": take_conv(sd, "patch_embed.proj")}
   pos = sd.take("pos_embed")[0]
   tokens = [sd.take(key)[0] for key in token_names]  # each [n, width]
   num_prefix = sum(len(t) for t in tokens)
@@ -291,7 +273,7 @@ def _vit_final_norm(model: Any, sd: StateDict, source: str, fc_norm: bool
              "is Identity (final_norm=False); the big_attn ViT has a final norm")
   name = "fc_norm" if fc_norm else "norm"
   _check_eps(source, name, getattr(model, name), 1e-6)
-  return _norm(sd, name)
+  return take_norm(sd, name)
 
 
 def _convert_vit(model: Any, sd: StateDict):
@@ -329,7 +311,7 @@ def _convert_vit(model: Any, sd: StateDict):
     params["MAPHead"] = _map_head(model.attn_pool, sd, source, approximate)
   num_classes = model.num_classes
   if num_classes:
-    params["head"] = _dense(sd, "head")
+    params["head"] = take_dense(sd, "head")
   block = model.blocks[0]
   kwargs = dict(num_classes=num_classes, width=model.embed_dim, depth=len(model.blocks),
                 num_heads=block.attn.num_heads, mlp_dim=block.mlp.fc1.out_features,
@@ -354,15 +336,15 @@ def _map_head(pool: Any, sd: StateDict, source: str, approximate: bool) -> dict[
   prefix = "attn_pool"
   kv = sd.take(f"{prefix}.kv.weight")
   kv_bias = sd.take(f"{prefix}.kv.bias")
-  q = _dense(sd, f"{prefix}.q")
+  q = take_dense(sd, f"{prefix}.q")
   weight = np.concatenate([q["kernel"].T, kv], axis=0)
   bias = np.concatenate([q["bias"], kv_bias])
   return {"probe": sd.take(f"{prefix}.latent")[0],
-          "MultiHeadAttention": _attention(weight, bias, _dense(sd, f"{prefix}.proj"),
+          "MultiHeadAttention": _attention(weight, bias, take_dense(sd, f"{prefix}.proj"),
                                            pool.num_heads),
-          "LayerNorm_0": _norm(sd, f"{prefix}.norm"),
-          "MlpBlock": {"Dense_0": _dense(sd, f"{prefix}.mlp.fc1"),
-                       "Dense_1": _dense(sd, f"{prefix}.mlp.fc2")}}
+          "LayerNorm_0": take_norm(sd, f"{prefix}.norm"),
+          "MlpBlock": {"Dense_0": take_dense(sd, f"{prefix}.mlp.fc1"),
+                       "Dense_1": take_dense(sd, f"{prefix}.mlp.fc2")}}
 
 
 def _convert_deit_distilled(model: Any, sd: StateDict):
@@ -378,8 +360,8 @@ def _convert_deit_distilled(model: Any, sd: StateDict):
   _require(model.num_classes > 0, source, "num_classes", "is 0; a distilled DeiT has heads")
   params = {"embedding": embedding["embedding"], "posemb": embedding["posemb"],
             "cls": embedding["cls_token"], "dist": embedding["dist_token"],
-            "Transformer": blocks, "head": _dense(sd, "head"),
-            "head_dist": _dense(sd, "head_dist")}
+            "Transformer": blocks, "head": take_dense(sd, "head"),
+            "head_dist": take_dense(sd, "head_dist")}
   block = model.blocks[0]
   kwargs = dict(num_classes=model.num_classes, width=model.embed_dim, depth=len(model.blocks),
                 num_heads=block.attn.num_heads, mlp_dim=block.mlp.fc1.out_features,
@@ -399,7 +381,7 @@ def _convert_convnext(model: Any, sd: StateDict):
            and len(stem) == 2, source, "stem", "must be a patchify conv and a norm ('patch')")
   _check_eps(source, "stem.1", stem[1], 1e-6)
   stem_size = stem[0].kernel_size[0]
-  params = {"stem": _conv(sd, "stem.0"), "stem_norm": _norm(sd, "stem.1")}
+  params = {"stem": take_conv(sd, "stem.0"), "stem_norm": take_norm(sd, "stem.1")}
   depths, dims, kernel, layer_scale = [], [], None, None
   for s, stage in enumerate(model.stages):
     if s:
@@ -407,8 +389,8 @@ def _convert_convnext(model: Any, sd: StateDict):
       _require(len(down) == 2 and down[1].kernel_size == (2, 2) == down[1].stride, source,
                f"stages.{s}.downsample", "must be a norm and a 2x2 stride-2 conv")
       _check_eps(source, f"stages.{s}.downsample.0", down[0], 1e-6)
-      params[f"downsample_norm_{s}"] = _norm(sd, f"stages.{s}.downsample.0")
-      params[f"downsample_{s}"] = _conv(sd, f"stages.{s}.downsample.1")
+      params[f"downsample_norm_{s}"] = take_norm(sd, f"stages.{s}.downsample.0")
+      params[f"downsample_{s}"] = take_conv(sd, f"stages.{s}.downsample.1")
     else:
       _require(isinstance(stage.downsample, torch.nn.Identity), source,
                "stages.0.downsample", "is set; the big_attn ConvNeXt's first stage keeps the "
@@ -426,8 +408,9 @@ def _convert_convnext(model: Any, sd: StateDict):
       _check_eps(source, f"{field}.norm", block.norm, 1e-6)
       kernel = block.conv_dw.kernel_size[0]
       layer_scale = block.gamma is not None
-      p = {"dwconv": _conv(sd, f"{field}.conv_dw"), "norm": _norm(sd, f"{field}.norm"),
-           "pwconv1": _dense(sd, f"{field}.mlp.fc1"), "pwconv2": _dense(sd, f"{field}.mlp.fc2")}
+      p = {"dwconv": take_conv(sd, f"{field}.conv_dw"), "norm": take_norm(sd, f"{field}.norm"),
+           "pwconv1": take_dense(sd, f"{field}.mlp.fc1"),
+           "pwconv2": take_dense(sd, f"{field}.mlp.fc2")}
       if layer_scale:
         p["gamma"] = sd.take(f"{field}.gamma")
       params[f"stage_{s}_block_{i}"] = p
@@ -438,9 +421,9 @@ def _convert_convnext(model: Any, sd: StateDict):
            and isinstance(head.pre_logits, torch.nn.Identity), source, "head",
            "must be average pooling, norm and a linear classifier (no head_hidden_size)")
   _check_eps(source, "head.norm", head.norm, 1e-6)
-  params["head_norm"] = _norm(sd, "head.norm")
+  params["head_norm"] = take_norm(sd, "head.norm")
   if model.num_classes:
-    params["head"] = _dense(sd, "head.fc")
+    params["head"] = take_dense(sd, "head.fc")
   kwargs = dict(num_classes=model.num_classes, depths=tuple(depths), dims=tuple(dims),
                 stem_size=stem_size, kernel_size=kernel,
                 layer_scale_init=1e-6 if layer_scale else 0.0)
@@ -455,10 +438,7 @@ def _batch_norm(model_bn: Any, sd: StateDict, prefix: str, stats: dict[str, Any]
   _require(model_bn.affine and model_bn.track_running_stats, source, prefix,
            "must be an affine BatchNorm with running statistics")
   _check_eps(source, prefix, model_bn, eps)
-  stats[name] = {"mean": sd.take(f"{prefix}.running_mean"),
-                 "var": sd.take(f"{prefix}.running_var")}
-  sd.skip(f"{prefix}.num_batches_tracked")
-  return _norm(sd, prefix)
+  return take_batch_norm(sd, prefix, stats, name)
 
 
 def _partition_attention(block: Any, sd: StateDict, prefix: str, source: str) -> dict[str, Any]:
@@ -477,17 +457,17 @@ def _partition_attention(block: Any, sd: StateDict, prefix: str, source: str) ->
   _require(_check_gelu(source, f"{prefix}.mlp.act", block.mlp.act), source, f"{prefix}.mlp.act",
            "is the exact GELU; big_attn's MaxViT uses the tanh approximation (act_layer "
            "'gelu_tanh')")
-  proj = _dense(sd, f"{prefix}.attn.proj")
+  proj = take_dense(sd, f"{prefix}.attn.proj")
   mha = _attention(sd.take(f"{prefix}.attn.qkv.weight"), sd.take(f"{prefix}.attn.qkv.bias"),
                    proj, attn.num_heads)
   # timm (the TensorFlow code) indexes the table by key minus query position; big_attn's ops
   # by query minus key (Swin): the same table flipped along both offsets.
   table = sd.take(f"{prefix}.attn.rel_pos.relative_position_bias_table")
   mha["op_params"] = {"rpb": np.ascontiguousarray(table[:, ::-1, ::-1])}
-  return {"LayerNorm_0": _norm(sd, f"{prefix}.norm1"), "MultiHeadAttention": mha,
-          "LayerNorm_1": _norm(sd, f"{prefix}.norm2"),
-          "MlpBlock": {"Dense_0": _dense(sd, f"{prefix}.mlp.fc1"),
-                       "Dense_1": _dense(sd, f"{prefix}.mlp.fc2")}}
+  return {"LayerNorm_0": take_norm(sd, f"{prefix}.norm1"), "MultiHeadAttention": mha,
+          "LayerNorm_1": take_norm(sd, f"{prefix}.norm2"),
+          "MlpBlock": {"Dense_0": take_dense(sd, f"{prefix}.mlp.fc1"),
+                       "Dense_1": take_dense(sd, f"{prefix}.mlp.fc2")}}
 
 
 def _convert_maxvit(model: Any, sd: StateDict):
@@ -507,10 +487,10 @@ def _convert_maxvit(model: Any, sd: StateDict):
   _require(_check_gelu(source, "stem.norm1.act", stem.norm1.act), source, "stem.norm1.act",
            "is the exact GELU; big_attn's MaxViT uses the tanh approximation")
   stats = {}
-  params = {"stem_conv_0": _conv(sd, "stem.conv1"),
+  params = {"stem_conv_0": take_conv(sd, "stem.conv1"),
             "stem_norm": _batch_norm(stem.norm1, sd, "stem.norm1", stats, "stem_norm", source,
                                      bn_eps),
-            "stem_conv_1": _conv(sd, "stem.conv2")}
+            "stem_conv_1": take_conv(sd, "stem.conv2")}
   dims, depths, partition, head_dim, ln_eps = [], [], None, None, None
   for s, stage in enumerate(model.stages):
     for i, block in enumerate(stage.blocks):
@@ -541,16 +521,16 @@ def _convert_maxvit(model: Any, sd: StateDict):
         _require(isinstance(shortcut.expand, torch.nn.Identity) or shortcut.expand.bias
                  is not None, source, f"{p}.shortcut.expand", "has no bias (output_bias)")
         if not isinstance(shortcut.expand, torch.nn.Identity):
-          mb["shortcut"] = _dense(sd, f"{p}.shortcut.expand")
-      mb["expand"] = _dense(sd, f"{p}.conv1_1x1", bias=False)
+          mb["shortcut"] = take_dense(sd, f"{p}.shortcut.expand")
+      mb["expand"] = take_dense(sd, f"{p}.conv1_1x1", bias=False)
       mb["norm_1"] = _batch_norm(conv.norm1, sd, f"{p}.norm1", mb_stats, "norm_1", source,
                                  bn_eps)
-      mb["depthwise"] = _conv(sd, f"{p}.conv2_kxk", bias=False)
+      mb["depthwise"] = take_conv(sd, f"{p}.conv2_kxk", bias=False)
       mb["norm_2"] = _batch_norm(conv.norm2, sd, f"{p}.norm2", mb_stats, "norm_2", source,
                                  bn_eps)
-      mb["se_reduce"] = _dense(sd, f"{p}.se.fc1")
-      mb["se_expand"] = _dense(sd, f"{p}.se.fc2")
-      mb["project"] = _dense(sd, f"{p}.conv3_1x1")
+      mb["se_reduce"] = take_dense(sd, f"{p}.se.fc1")
+      mb["se_expand"] = take_dense(sd, f"{p}.se.fc2")
+      mb["project"] = take_dense(sd, f"{p}.conv3_1x1")
       _require(block.attn_block is not None, source, f"{field}.attn_block",
                "is None (no_block_attn); big_attn's MaxViT has block and grid attention")
       params[f"stage_{s}_block_{i}"] = {
@@ -577,16 +557,16 @@ def _convert_maxvit(model: Any, sd: StateDict):
            and head.global_pool.pool_type == "avg", source, "head",
            "must be average pooling, norm, optional pre-logits and a classifier")
   _check_eps(source, "head.norm", head.norm, ln_eps)
-  params["head_norm"] = _norm(sd, "head.norm")
+  params["head_norm"] = take_norm(sd, "head.norm")
   head_hidden = 0
   if not isinstance(head.pre_logits, torch.nn.Identity):
     _require(isinstance(head.pre_logits.act, (torch.nn.Tanh, timm.layers.activations.Tanh)),
              source, "head.pre_logits.act",
              "must be tanh")
-    params["pre_logits"] = _dense(sd, "head.pre_logits.fc")
+    params["pre_logits"] = take_dense(sd, "head.pre_logits.fc")
     head_hidden = head.pre_logits.fc.out_features
   if model.num_classes:
-    params["head"] = _dense(sd, "head.fc")
+    params["head"] = take_dense(sd, "head.fc")
   kwargs = dict(num_classes=model.num_classes, embed_dims=tuple(dims), depths=tuple(depths),
                 stem_width=stem.conv1.out_channels, head_hidden=head_hidden, head_dim=head_dim,
                 partition_size=partition,
@@ -608,7 +588,7 @@ def _convert_poolformer(model: Any, sd: StateDict):
            and model.stem.conv.kernel_size == (7, 7) and model.stem.conv.stride == (4, 4)
            and model.stem.conv.padding == (2, 2), source, "stem",
            "must be PoolFormer's 7x7/4 conv (padding 2) without a norm")
-  params = {"stem": _conv(sd, "stem.conv")}
+  params = {"stem": take_conv(sd, "stem.conv")}
   depths, dims, approximate, mlp_ratio = [], [], None, None
   for s, stage in enumerate(model.stages):
     if s:
@@ -618,7 +598,7 @@ def _convert_poolformer(model: Any, sd: StateDict):
       _require(isinstance(down.norm, torch.nn.Identity) and down.conv.kernel_size == (3, 3)
                and down.conv.stride == (2, 2) and down.conv.padding == (1, 1), source,
                f"stages.{s}.downsample", "must be a 3x3/2 conv (padding 1) without a norm")
-      params[f"downsample_{s}"] = _conv(sd, f"stages.{s}.downsample.conv")
+      params[f"downsample_{s}"] = take_conv(sd, f"stages.{s}.downsample.conv")
     for i, block in enumerate(stage.blocks):
       field = f"stages.{s}.blocks.{i}"
       mixer = block.token_mixer
@@ -638,20 +618,20 @@ def _convert_poolformer(model: Any, sd: StateDict):
       approximate = _check_gelu(source, f"{field}.mlp.act", block.mlp.act)
       mlp_ratio = block.mlp.fc1.out_channels / block.mlp.fc1.in_channels
       params[f"stage_{s}_block_{i}"] = {
-          "norm1": _norm(sd, f"{field}.norm1"), "norm2": _norm(sd, f"{field}.norm2"),
+          "norm1": take_norm(sd, f"{field}.norm1"), "norm2": take_norm(sd, f"{field}.norm2"),
           "layer_scale1": sd.take(f"{field}.layer_scale1.scale").reshape(-1),
           "layer_scale2": sd.take(f"{field}.layer_scale2.scale").reshape(-1),
-          "mlp": {"Dense_0": _dense(sd, f"{field}.mlp.fc1"),
-                  "Dense_1": _dense(sd, f"{field}.mlp.fc2")}}
+          "mlp": {"Dense_0": take_dense(sd, f"{field}.mlp.fc1"),
+                  "Dense_1": take_dense(sd, f"{field}.mlp.fc2")}}
     depths.append(len(stage.blocks))
     dims.append(stage.blocks[0].mlp.fc2.out_channels)
   head = model.head
   _require(head.global_pool.pool_type == "avg" and not hasattr(head.fc, "fc1"), source, "head",
            "must be average pooling, norm and a linear classifier (no MLP head)")
   _check_eps(source, "head.norm", head.norm, 1e-6)
-  params["norm"] = _norm(sd, "head.norm")
+  params["norm"] = take_norm(sd, "head.norm")
   if model.num_classes:
-    params["head"] = _dense(sd, "head.fc")
+    params["head"] = take_dense(sd, "head.fc")
   kwargs = dict(num_classes=model.num_classes, depths=tuple(depths), dims=tuple(dims),
                 mlp_ratio=mlp_ratio, mixers="pool", approximate_gelu=approximate,
                 head_norm="layer")
@@ -675,15 +655,15 @@ def _convert_davit(model: Any, sd: StateDict):
            and stem.conv.padding == (3, 3), source, "stem.conv",
            "must be DaViT's 7x7/4 conv (padding 3)")
   eps = _eps(stem.norm)
-  params = {"stem": _conv(sd, "stem.conv"), "stem_norm": _norm(sd, "stem.norm")}
+  params = {"stem": take_conv(sd, "stem.conv"), "stem_norm": take_norm(sd, "stem.norm")}
   dims, depths, heads, mlp_ratio, window, approximate = [], [], [], None, None, None
   for s, stage in enumerate(model.stages):
     if s:
       _require(stage.downsample.conv.kernel_size == (2, 2) == stage.downsample.conv.stride,
                source, f"stages.{s}.downsample", "must be a norm and a 2x2/2 conv")
       _check_eps(source, f"stages.{s}.downsample.norm", stage.downsample.norm, eps)
-      params[f"downsample_{s}_norm"] = _norm(sd, f"stages.{s}.downsample.norm")
-      params[f"downsample_{s}"] = _conv(sd, f"stages.{s}.downsample.conv")
+      params[f"downsample_{s}_norm"] = take_norm(sd, f"stages.{s}.downsample.norm")
+      params[f"downsample_{s}"] = take_conv(sd, f"stages.{s}.downsample.conv")
     j = 0
     for p, pair in enumerate(stage.blocks):
       for q, block in enumerate(pair):
@@ -714,12 +694,13 @@ def _convert_davit(model: Any, sd: StateDict):
         mlp_ratio = block.mlp.fc1.out_features // block.mlp.fc1.in_features
         attn = block.attn
         params[f"stage{s}_block{j}"] = {
-            "cpe": _conv(sd, f"{field}.cpe1.proj"), "norm1": _norm(sd, f"{field}.norm1"),
-            "attention": _attention(qkv_weight, qkv_bias, _dense(sd, f"{field}.attn.proj"),
+            "cpe": take_conv(sd, f"{field}.cpe1.proj"), "norm1": take_norm(sd, f"{field}.norm1"),
+            "attention": _attention(qkv_weight, qkv_bias, take_dense(sd, f"{field}.attn.proj"),
                                     attn.num_heads),
-            "cpe_mlp": _conv(sd, f"{field}.cpe2.proj"), "norm2": _norm(sd, f"{field}.norm2"),
-            "mlp": {"Dense_0": _dense(sd, f"{field}.mlp.fc1"),
-                    "Dense_1": _dense(sd, f"{field}.mlp.fc2")}}
+            "cpe_mlp": take_conv(sd, f"{field}.cpe2.proj"),
+            "norm2": take_norm(sd, f"{field}.norm2"),
+            "mlp": {"Dense_0": take_dense(sd, f"{field}.mlp.fc1"),
+                    "Dense_1": take_dense(sd, f"{field}.mlp.fc2")}}
         j += 1
     dims.append(stage.blocks[0][0].norm1.normalized_shape[0])
     depths.append(j)
@@ -730,9 +711,9 @@ def _convert_davit(model: Any, sd: StateDict):
            and isinstance(head.pre_logits, torch.nn.Identity), source, "head",
            "must be average pooling, norm and a linear classifier")
   _check_eps(source, "head.norm", head.norm, eps)
-  params["norm"] = _norm(sd, "head.norm")
+  params["norm"] = take_norm(sd, "head.norm")
   if model.num_classes:
-    params["head"] = _dense(sd, "head.fc")
+    params["head"] = take_dense(sd, "head.fc")
   _require(window[0] == window[1], source, "window_size", f"is {window}; hvit's is square")
   _require(np.isclose(eps, 1e-5), source, "norm_layer.eps", f"is {eps}; DaViT's is 1e-5")
   kwargs = dict(num_classes=model.num_classes, family="davit", embed_dims=tuple(dims),

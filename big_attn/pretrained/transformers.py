@@ -16,6 +16,9 @@ Supported (`config.model_type` -> big_attn model):
 - "convnext" (`ConvNextForImageClassification`) -> `big_attn.models.convnext`.
 - "poolformer" (`PoolFormerForImageClassification`) -> `big_attn.models.metaformer` (the
   "pool" mixer; without layer scale the scales are ones).
+- "cvt" (`CvtForImageClassification`) -> `big_attn.models.cvt` (BatchNorm convolutional
+  projection, running statistics in `variables["batch_stats"]`; class token in the last stage;
+  `attention_scale="width"`, `norm_eps=1e-5`, `approximate_gelu=False` as the official code).
 Images go in as `[batch, H, W, C]` (transformers takes `[batch, C, H, W]`). The class and
 distillation tokens absorb their position embeddings (a constant token plus a constant position
 is one vector), so the results are equal. A configuration big_attn has no equivalent for raises
@@ -29,8 +32,9 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from big_attn.models import convnext, deit, lm, metaformer, vit
-from big_attn.pretrained._common import ConversionError, StateDict, conv_kernel, dense_kernel
+from big_attn.models import convnext, cvt, deit, lm, metaformer, vit
+from big_attn.pretrained._common import (ConversionError, StateDict, dense_kernel, take_batch_norm,
+                                         take_conv, take_dense, take_norm)
 
 _ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 _GELU = {"gelu": False, "gelu_new": True, "gelu_pytorch_tanh": True}  # -> approximate_gelu
@@ -45,21 +49,6 @@ def _require(config: Any, field: str, ok: bool, expected: str) -> None:
 def _require_class(cls_name: str, allowed: tuple[str, ...]) -> None:
   if cls_name not in allowed:
     raise ConversionError(f"{cls_name} is not supported; convert one of {', '.join(allowed)}")
-
-
-def _layer_norm(sd: StateDict, name: str) -> dict[str, np.ndarray]:
-  return {"scale": sd.take(f"{name}.weight"), "bias": sd.take(f"{name}.bias")}
-
-
-def _dense(sd: StateDict, name: str, bias: bool = True) -> dict[str, np.ndarray]:
-  out = {"kernel": dense_kernel(sd.take(f"{name}.weight"))}
-  if bias:
-    out["bias"] = sd.take(f"{name}.bias")
-  return out
-
-
-def _conv(sd: StateDict, name: str) -> dict[str, np.ndarray]:
-  return {"kernel": conv_kernel(sd.take(f"{name}.weight")), "bias": sd.take(f"{name}.bias")}
 
 
 def _attention(sd: StateDict, prefix: str, *, width: int, num_heads: int, num_kv_heads: int,
@@ -143,15 +132,15 @@ def _causal_lm(config: Any, sd: StateDict, cls_name: str) -> tuple[Any, dict[str
                                 num_kv_heads=kv_heads, head_dim=head_dim, qkv_bias=qkv_bias,
                                 out_bias=out_bias),
         "mlp_norm": {"scale": sd.take(f"{p}.post_attention_layernorm.weight")},
-        "mlp": {"wi_gate": _dense(sd, f"{p}.mlp.gate_proj", bias=False),
-                "wi_up": _dense(sd, f"{p}.mlp.up_proj", bias=False),
-                "wo": _dense(sd, f"{p}.mlp.down_proj", bias=False)}}
+        "mlp": {"wi_gate": take_dense(sd, f"{p}.mlp.gate_proj", bias=False),
+                "wi_up": take_dense(sd, f"{p}.mlp.up_proj", bias=False),
+                "wo": take_dense(sd, f"{p}.mlp.down_proj", bias=False)}}
   params["final_norm"] = {"scale": sd.take("model.norm.weight")}
   if tied:
     sd.skip("lm_head.weight")  # the same tensor as the input embedding
   else:
-    params["unembedding"] = _dense(sd, "lm_head", bias=False)
-  return model, params
+    params["unembedding"] = take_dense(sd, "lm_head", bias=False)
+  return model, {"params": params}
 
 
 # ----------------------------------------------------------------------------- vision encoders
@@ -173,19 +162,20 @@ def _encoder_params(config: Any, sd: StateDict, prefix: str, num_tokens: int) ->
   the class/distillation tokens, are returned folded into those tokens) and the blocks."""
   width, heads = config.hidden_size, config.num_attention_heads
   pos = sd.take(f"{prefix}.embeddings.position_embeddings")[0]
-  params = {"embedding": _conv(sd, f"{prefix}.embeddings.patch_embeddings.projection"),
+  params = {"embedding": take_conv(sd, f"{prefix}.embeddings.patch_embeddings.projection"),
             "posemb": {"pos_embedding": pos[num_tokens:]}}
   blocks = {}
   for i in range(config.num_hidden_layers):
     p = f"{prefix}.layers.{i}"
     blocks[f"encoderblock_{i}"] = {
-        "LayerNorm_0": _layer_norm(sd, f"{p}.layernorm_before"),
+        "LayerNorm_0": take_norm(sd, f"{p}.layernorm_before"),
         "MultiHeadAttention": _attention(sd, f"{p}.attention", width=width, num_heads=heads,
                                          num_kv_heads=heads, head_dim=width // heads,
                                          qkv_bias=True, out_bias=True),
-        "LayerNorm_1": _layer_norm(sd, f"{p}.layernorm_after"),
-        "MlpBlock": {"Dense_0": _dense(sd, f"{p}.mlp.fc1"), "Dense_1": _dense(sd, f"{p}.mlp.fc2")}}
-  blocks["encoder_norm"] = _layer_norm(sd, f"{prefix}.layernorm")
+        "LayerNorm_1": take_norm(sd, f"{p}.layernorm_after"),
+        "MlpBlock": {"Dense_0": take_dense(sd, f"{p}.mlp.fc1"),
+                     "Dense_1": take_dense(sd, f"{p}.mlp.fc2")}}
+  blocks["encoder_norm"] = take_norm(sd, f"{prefix}.layernorm")
   params["Transformer"] = blocks
   params["tokens"] = pos[:num_tokens]
   return params
@@ -196,8 +186,8 @@ def _vit(config: Any, sd: StateDict, cls_name: str) -> tuple[Any, dict[str, Any]
   model = vit.Model(pool_type="cls", **_encoder_config(config))
   params = _encoder_params(config, sd, "vit", 1)
   params["cls"] = sd.take("vit.embeddings.cls_token")[0] + params.pop("tokens")[:1]
-  params["head"] = _dense(sd, "classifier")
-  return model, params
+  params["head"] = take_dense(sd, "classifier")
+  return model, {"params": params}
 
 
 def _deit(config: Any, sd: StateDict, cls_name: str) -> tuple[Any, dict[str, Any]]:
@@ -207,9 +197,9 @@ def _deit(config: Any, sd: StateDict, cls_name: str) -> tuple[Any, dict[str, Any
   tokens = params.pop("tokens")
   params["cls"] = sd.take("deit.embeddings.cls_token")[0] + tokens[:1]
   params["dist"] = sd.take("deit.embeddings.distillation_token")[0] + tokens[1:2]
-  params["head"] = _dense(sd, "cls_classifier")
-  params["head_dist"] = _dense(sd, "distillation_classifier")
-  return model, params
+  params["head"] = take_dense(sd, "cls_classifier")
+  params["head_dist"] = take_dense(sd, "distillation_classifier")
+  return model, {"params": params}
 
 
 def _convnext(config: Any, sd: StateDict, cls_name: str) -> tuple[Any, dict[str, Any]]:
@@ -220,23 +210,23 @@ def _convnext(config: Any, sd: StateDict, cls_name: str) -> tuple[Any, dict[str,
   model = convnext.Model(num_classes=config.num_labels, depths=depths, dims=dims,
                          stem_size=config.patch_size, layer_scale_init=layer_scale,
                          head_norm_eps=float(config.layer_norm_eps))
-  params = {"stem": _conv(sd, "convnext.embeddings.patch_embeddings"),
-            "stem_norm": _layer_norm(sd, "convnext.embeddings.layernorm")}
+  params = {"stem": take_conv(sd, "convnext.embeddings.patch_embeddings"),
+            "stem_norm": take_norm(sd, "convnext.embeddings.layernorm")}
   for stage, depth in enumerate(depths):
     p = f"convnext.encoder.stages.{stage}"
     if stage:
-      params[f"downsample_norm_{stage}"] = _layer_norm(sd, f"{p}.downsampling_layer.0")
-      params[f"downsample_{stage}"] = _conv(sd, f"{p}.downsampling_layer.1")
+      params[f"downsample_norm_{stage}"] = take_norm(sd, f"{p}.downsampling_layer.0")
+      params[f"downsample_{stage}"] = take_conv(sd, f"{p}.downsampling_layer.1")
     for i in range(depth):
       q = f"{p}.layers.{i}"
-      block = {"dwconv": _conv(sd, f"{q}.dwconv"), "norm": _layer_norm(sd, f"{q}.layernorm"),
-               "pwconv1": _dense(sd, f"{q}.pwconv1"), "pwconv2": _dense(sd, f"{q}.pwconv2")}
+      block = {"dwconv": take_conv(sd, f"{q}.dwconv"), "norm": take_norm(sd, f"{q}.layernorm"),
+               "pwconv1": take_dense(sd, f"{q}.pwconv1"), "pwconv2": take_dense(sd, f"{q}.pwconv2")}
       if layer_scale > 0:
         block["gamma"] = sd.take(f"{q}.layer_scale_parameter")
       params[f"stage_{stage}_block_{i}"] = block
-  params["head_norm"] = _layer_norm(sd, "convnext.layernorm")
-  params["head"] = _dense(sd, "classifier")
-  return model, params
+  params["head_norm"] = take_norm(sd, "convnext.layernorm")
+  params["head"] = take_dense(sd, "classifier")
+  return model, {"params": params}
 
 
 def _poolformer(config: Any, sd: StateDict, cls_name: str) -> tuple[Any, dict[str, Any]]:
@@ -254,28 +244,94 @@ def _poolformer(config: Any, sd: StateDict, cls_name: str) -> tuple[Any, dict[st
                            mlp_ratio=float(config.mlp_ratio), mixers="pool",
                            mixer_args={"pool": {"pool_size": int(config.pool_size)}},
                            approximate_gelu=_GELU[config.hidden_act])
-  group_norm = lambda name: _layer_norm(sd, name)  # pylint: disable=unnecessary-lambda-assignment
   params = {}
   for stage, depth in enumerate(depths):
     embed = "stem" if stage == 0 else f"downsample_{stage}"
-    params[embed] = _conv(sd, f"poolformer.encoder.patch_embeddings.{stage}.projection")
+    params[embed] = take_conv(sd, f"poolformer.encoder.patch_embeddings.{stage}.projection")
     for i in range(depth):
       p = f"poolformer.encoder.block.{stage}.{i}"
-      block = {"norm1": group_norm(f"{p}.before_norm"), "norm2": group_norm(f"{p}.after_norm"),
-               "mlp": {"Dense_0": _dense(sd, f"{p}.output.conv1"),
-                       "Dense_1": _dense(sd, f"{p}.output.conv2")}}
+      block = {"norm1": take_norm(sd, f"{p}.before_norm"),
+               "norm2": take_norm(sd, f"{p}.after_norm"),
+               "mlp": {"Dense_0": take_dense(sd, f"{p}.output.conv1"),
+                       "Dense_1": take_dense(sd, f"{p}.output.conv2")}}
       for ours, theirs in (("layer_scale1", "layer_scale_1"), ("layer_scale2", "layer_scale_2")):
         block[ours] = (sd.take(f"{p}.{theirs}") if config.use_layer_scale
                        else np.ones(dims[stage], np.float32))
       params[f"stage_{stage}_block_{i}"] = block
-  params["norm"] = group_norm("norm")
-  params["head"] = _dense(sd, "classifier")
-  return model, params
+  params["norm"] = take_norm(sd, "norm")
+  params["head"] = take_dense(sd, "classifier")
+  return model, {"params": params}
+
+
+def _cvt(config: Any, sd: StateDict, cls_name: str) -> tuple[Any, dict[str, Any]]:
+  """CvT-13/21/W24-like -> `cvt.Model` with the official code's attention scale, LayerNorm eps
+  1e-5 (`nn.LayerNorm`'s default; transformers ignores `config.layer_norm_eps`) and exact GELU;
+  the BatchNorm running statistics go to `batch_stats`."""
+  _require_class(cls_name, ("CvtForImageClassification",))
+  stages = len(config.depth)
+
+  def per_stage(field):  # the config's lists may be longer than `depth`
+    return tuple(getattr(config, field)[:stages])
+
+  def same(field, value):  # big_attn's CvT has one value for every stage
+    _require(config, field, per_stage(field) == (value,) * stages,
+             f"{(value,) * stages} (one value in every stage)")
+
+  same("qkv_projection_method", "dw_bn")
+  same("qkv_bias", True)
+  same("stride_q", 1)
+  _require(config, "cls_token", per_stage("cls_token") == (False,) * (stages - 1) + (True,),
+           "a class token in the last stage only")
+  for field in ("kernel_qkv", "stride_kv", "mlp_ratio"):
+    same(field, getattr(config, field)[0])
+  kernel = config.kernel_qkv[0]
+  same("padding_q", kernel // 2)
+  same("padding_kv", kernel // 2)
+  model = cvt.Model(
+      num_classes=config.num_labels, dims=per_stage("embed_dim"),
+      num_heads=per_stage("num_heads"), depths=tuple(config.depth),
+      patch_size=per_stage("patch_sizes"), patch_stride=per_stage("patch_stride"),
+      patch_padding=per_stage("patch_padding"), kernel_size=kernel,
+      stride_kv=config.stride_kv[0], mlp_ratio=float(config.mlp_ratio[0]), conv_norm="batch",
+      norm_eps=1e-5, approximate_gelu=False, attention_scale="width")
+  params, stats = {}, {}
+  for stage, depth in enumerate(config.depth):
+    p = f"cvt.encoder.stages.{stage}"
+    embed = f"{p}.embedding.convolution_embeddings"
+    params[f"stage_{stage}_embed"] = take_conv(sd, f"{embed}.projection")
+    params[f"stage_{stage}_embed_norm"] = take_norm(sd, f"{embed}.normalization")
+    if stage == stages - 1:
+      params["cls"] = sd.take(f"{p}.cls_token")[0]
+    for i in range(depth):
+      q = f"{p}.layers.{i}"
+      heads, dim = config.num_heads[stage], config.embed_dim[stage]
+      attention, attention_stats = {}, {}
+      for name in ("query", "key", "value"):
+        conv = f"{q}.attention.attention.convolution_projection_{name}.convolution_projection"
+        attention[f"conv_proj_{name[0]}"] = take_conv(sd, f"{conv}.convolution", bias=False)
+        attention[f"conv_proj_{name[0]}_norm"] = take_batch_norm(
+            sd, f"{conv}.normalization", attention_stats, f"conv_proj_{name[0]}_norm")
+        proj = take_dense(sd, f"{q}.attention.attention.projection_{name}")
+        attention[name] = {"kernel": proj["kernel"].reshape(dim, heads, dim // heads),
+                           "bias": proj["bias"].reshape(heads, dim // heads)}
+      out = take_dense(sd, f"{q}.attention.output.dense")
+      attention["out"] = {"kernel": out["kernel"].reshape(heads, dim // heads, dim),
+                          "bias": out["bias"]}
+      params[f"stage_{stage}_block_{i}"] = {
+          "LayerNorm_0": take_norm(sd, f"{q}.layernorm_before"), "attention": attention,
+          "LayerNorm_1": take_norm(sd, f"{q}.layernorm_after"),
+          "MlpBlock": {"Dense_0": take_dense(sd, f"{q}.intermediate.dense"),
+                       "Dense_1": take_dense(sd, f"{q}.output.dense")}}
+      stats[f"stage_{stage}_block_{i}"] = {"attention": attention_stats}
+  params["norm"] = take_norm(sd, "layernorm")
+  if config.num_labels:
+    params["head"] = take_dense(sd, "classifier")
+  return model, {"params": params, "batch_stats": stats}
 
 
 _CONVERTERS: dict[str, Callable[..., tuple[Any, dict[str, Any]]]] = {
     "llama": _causal_lm, "qwen2": _causal_lm, "mistral": _causal_lm, "vit": _vit,
-    "deit": _deit, "convnext": _convnext, "poolformer": _poolformer}
+    "deit": _deit, "convnext": _convnext, "poolformer": _poolformer, "cvt": _cvt}
 
 
 def to_transformers(model: Any, variables: Any) -> Any:
@@ -357,7 +413,8 @@ def from_transformers(model: Any) -> tuple[Any, dict[str, Any]]:
       e.g. `LlamaForCausalLM.from_pretrained(DIR)`.
   Returns:
     The big_attn Flax module (its `attention` field picks the op; any registered op runs with
-    the converted weights) and `{"params": ...}` float32 NumPy arrays (copies).
+    the converted weights) and its variables as float32 NumPy arrays (copies): `{"params":
+    ...}`, and `"batch_stats"` (BatchNorm running statistics) for CvT.
   Raises:
     ConversionError: an unsupported class, or a config field without a big_attn equivalent.
   """
@@ -368,7 +425,7 @@ def from_transformers(model: Any) -> tuple[Any, dict[str, Any]]:
                           f"supported; expected one of {sorted(_CONVERTERS)}")
   cls_name = type(model).__name__
   sd = StateDict(model.state_dict(), source=cls_name)
-  big_model, params = _CONVERTERS[kind](config, sd, cls_name)
+  big_model, variables = _CONVERTERS[kind](config, sd, cls_name)
   sd.check_all_read()
   # copies: NumPy views would share memory with the torch tensors (and see later updates)
-  return big_model, {"params": jax.tree.map(np.array, params)}
+  return big_model, jax.tree.map(np.array, variables)
