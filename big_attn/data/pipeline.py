@@ -182,13 +182,12 @@ class _ArrayBatches:
     self._pad = spec.crop_padding if train else 0
     pad = ((0, 0), (self._pad, self._pad), (self._pad, self._pad), (0, 0))
     self._padded = np.pad(images, pad, constant_values=np.float32(preprocess.normalize(0.0)))
-    self._labels, self._train = source.labels, train
+    self._labels, self._train, self._seed = source.labels, train, seed
+    self._mixup = spec.mixup if train else 0.0
     if train:
       self._order = grain.MapDataset.range(len(source)).shuffle(
           seed=batching.seed(seed, 0)).repeat()
       self._key = np.random.Philox(batching.seed(seed, 1)).state["state"]["key"]
-      self._mixup = spec.mixup
-      self._mixup_seed = seed
 
   def _examples(self, positions: np.ndarray) -> dict[str, np.ndarray]:
     n, spec, size = len(positions), self._spec, self._spec.image_size
@@ -218,12 +217,12 @@ class _ArrayBatches:
 
   def __call__(self, b: int, rows: np.ndarray) -> dict[str, np.ndarray]:
     first = b * self._batch_size
-    if not (self._train and self._mixup > 0):
+    if self._mixup <= 0:
       return self._examples(first + rows)
     # Row r is mixed with row r - 1 (mod batch) of the same global batch, as `_Mixup`.
     before = np.concatenate([[(rows[0] - 1) % self._batch_size], rows])
     examples = self._examples(first + before)
-    rng = np.random.default_rng(batching.seed(self._mixup_seed, 3, b))
+    rng = np.random.default_rng(batching.seed(self._seed, 3, b))
     mixed = preprocess.mixup(examples, self._mixup, rng)  # row i mixed with row i - 1
     return {key: value[1:] for key, value in mixed.items()}
 
