@@ -1,7 +1,9 @@
 """grain input pipelines: digits split, batches, determinism, sharding, eval padding, resume."""
 import collections
+import hashlib
 import sys
 
+import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -10,7 +12,7 @@ import pytest
 from sklearn.datasets import load_digits
 
 from big_attn import data
-from big_attn.data import digits, preprocess
+from big_attn.data import batching, digits, pipeline, preprocess
 
 NO_AUGMENT = {"crop_padding": 0, "flip": False}
 
@@ -149,6 +151,58 @@ def test_mixup_labels_sum_to_one():
     np.testing.assert_array_equal(batch["labels"].argmax(-1)[batch["labels"].max(-1) > 0.5],
                                   batch["label"][batch["labels"].max(-1) > 0.5])
   assert np.any((batch["labels"] > 0) & (batch["labels"] < 1))
+
+
+_PINNED = {  # computed with the per-example pipeline before the batch-level digits path existed
+    "default": ((dict(name="digits", num_threads=2, prefetch=2),
+                 dict(split="train", batch_size=64, seed=0, train=True)),
+                ["12a11ffe08a552b1", "0a57f4dd15c10eaa"]),
+    "mixup_flip_rows_resume": (
+        (_cfg(mixup=0.5, augment={"crop_padding": 2, "flip": True}),
+         dict(split="train", batch_size=12, seed=1, train=True, rows=slice(3, 9), start_batch=2)),
+        ["1b6172e66230ef61", "a181facd6b0b556f"]),
+    "rgb_shrink_next_epoch": (
+        (_cfg(image_size=6, channels=3, augment={"crop_padding": 1}),
+         dict(split="train", batch_size=10, seed=5, train=True, rows=slice(2, 7),
+              start_batch=150)),
+        ["00f60793062b4739", "6ae5509872a23d02"]),
+    "eval": ((_cfg(), dict(split="test", batch_size=128, seed=0, train=False)),
+             ["a9f2992f75e9c0e9", "e6416d50003817bf", "dd59cfa27accc9d1"]),
+}
+
+
+def _digest(batch):
+  digest = hashlib.sha256()
+  for key in sorted(batch):
+    value = np.ascontiguousarray(batch[key])
+    digest.update(f"{key}{value.dtype}{value.shape}".encode() + value.tobytes())
+  return digest.hexdigest()[:16]
+
+
+@pytest.mark.parametrize("case", sorted(_PINNED))
+def test_digits_batches_pinned_bit_for_bit(case):
+  """Same seed, batch size, rows and start batch: the same bytes as the per-example pipeline
+  (whose batches these digests are), and as that pipeline run now (`_Preprocess`, `_Mixup`)."""
+  (cfg, kwargs), want = _PINNED[case]
+  got = _take(data.get_dataset(cfg, **kwargs), len(want))
+  assert [_digest(b) for b in got] == want
+  if not kwargs["train"]:
+    return
+  # pylint: disable=protected-access
+  spec = pipeline._Spec.parse(cfg)
+  seed, batch_size = kwargs["seed"], kwargs["batch_size"]
+  stream = grain.MapDataset.source(spec.source("train")).shuffle(seed=batching.seed(seed, 0))
+  stream = stream.repeat().random_map(pipeline._Preprocess(spec, 10),
+                                      seed=batching.seed(seed, 1))
+  combine = pipeline._Mixup(spec.mixup, batch_size, seed) if spec.mixup > 0 else None
+  # pylint: enable=protected-access
+  per_example = _take(batching.batches(
+      stream, batch_size=batch_size, rows=kwargs.get("rows"), read=grain.ReadOptions(),
+      start_batch=kwargs.get("start_batch", 0), combine=combine), len(want))
+  for batch, expected in zip(got, per_example):
+    for key in expected:
+      np.testing.assert_array_equal(batch[key], expected[key])
+      assert batch[key].dtype == expected[key].dtype
 
 
 def test_augmentation_flip_and_crop():

@@ -56,6 +56,12 @@ class _Rows:
     return self._stream[b * self._batch_size + r]
 
 
+def _check_start(start_batch: int, num_batches: int | None, batch_size: int) -> int:
+  if not isinstance(start_batch, int) or start_batch < 0:
+    raise ValueError(f"start_batch must be an int >= 0, got {start_batch!r}")
+  return sys.maxsize // (2 * batch_size) if num_batches is None else num_batches
+
+
 def batches(stream: grain.MapDataset, *, batch_size: int, rows: slice | None,
             read: grain.ReadOptions, num_batches: int | None = None, start_batch: int = 0,
             combine: Callable[[int, int, Any], Any] | None = None) -> grain.IterDataset:
@@ -64,10 +70,31 @@ def batches(stream: grain.MapDataset, *, batch_size: int, rows: slice | None,
   `num_batches` None means as many as an endless `stream` has (training).
   """
   rows = check_rows(rows, batch_size)
-  if not isinstance(start_batch, int) or start_batch < 0:
-    raise ValueError(f"start_batch must be an int >= 0, got {start_batch!r}")
-  if num_batches is None:
-    num_batches = sys.maxsize // (2 * batch_size)
+  num_batches = _check_start(start_batch, num_batches, batch_size)
   local = rows.stop - rows.start
   ds = grain.MapDataset.source(_Rows(stream, batch_size, rows, num_batches, combine))
   return ds[start_batch * local:].batch(local, drop_remainder=True).to_iter_dataset(read)
+
+
+class _Made:
+  """Global batch b -> `make(b, rows)`, rows = this process's row numbers (an int array)."""
+
+  def __init__(self, make: Callable[[int, np.ndarray], Any], rows: slice, num_batches: int):
+    self._make, self._rows, self._length = make, np.arange(rows.start, rows.stop), num_batches
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __getitem__(self, b: int):
+    return self._make(int(b), self._rows)
+
+
+def made_batches(make: Callable[[int, np.ndarray], Any], *, batch_size: int,
+                 rows: slice | None, read: grain.ReadOptions, num_batches: int | None = None,
+                 start_batch: int = 0) -> grain.IterDataset:
+  """As `batches`, for a source that builds a whole batch at once: `make(b, rows)` returns the
+  rows `rows` (global row numbers, so example `b * batch_size + rows`) of global batch b."""
+  rows = check_rows(rows, batch_size)
+  num_batches = _check_start(start_batch, num_batches, batch_size)
+  ds = grain.MapDataset.source(_Made(make, rows, num_batches))
+  return ds[start_batch:].to_iter_dataset(read)

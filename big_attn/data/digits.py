@@ -44,6 +44,15 @@ class DigitsSource:
     idx = split_indices(split)
     self._images, self._labels = images[idx], labels[idx]
 
+  @property
+  def images(self) -> np.ndarray:
+    """All images of the split, float32 `[n, 8, 8, 1]` in [0, 1]."""
+    return self._images
+
+  @property
+  def labels(self) -> np.ndarray:
+    return self._labels
+
   def __len__(self) -> int:
     return len(self._labels)
 

@@ -131,9 +131,7 @@ class _Preprocess:
 
   def __call__(self, element, rng: np.random.Generator | None = None):
     spec, size, train = self._spec, self._spec.image_size, rng is not None
-    image = preprocess.to_unit_float(element["image"])
-    if image.ndim == 2:
-      image = image[..., None]
+    image = _unit_image(element["image"])
     if train and spec.inception_crop:
       image = preprocess.random_resized_crop(image, size, rng, area_min=spec.area_min)
     elif spec.inception_crop:
@@ -144,13 +142,89 @@ class _Preprocess:
       image = preprocess.pad_and_random_crop(image, spec.crop_padding, rng)
       if spec.flip and rng.random() < 0.5:
         image = image[:, ::-1]
-    if spec.channels == 3 and image.shape[-1] == 1:
-      image = np.repeat(image, 3, axis=-1)
     label = np.int32(element["label"])
-    return {"image": np.ascontiguousarray(preprocess.normalize(image), np.float32),
+    return {"image": _finish_image(spec, image),
             "labels": np.eye(self._num_classes, dtype=np.float32)[label],
             "label": label,
             "mask": np.bool_(element.get("mask", True))}
+
+
+def _unit_image(image) -> np.ndarray:
+  """Float32 `[h, w, c]` in [0, 1]."""
+  image = preprocess.to_unit_float(image)
+  return image[..., None] if image.ndim == 2 else image
+
+
+def _finish_image(spec: _Spec, image: np.ndarray) -> np.ndarray:
+  """`[H, W, c]` in [0, 1] -> float32 `[H, W, channels]` in [-1, 1]."""
+  if spec.channels == 3 and image.shape[-1] == 1:
+    image = np.repeat(image, 3, axis=-1)
+  return np.ascontiguousarray(preprocess.normalize(image), np.float32)
+
+
+class _ArrayBatches:
+  """Whole batches of an in-memory source (digits, without inception crop), the same values as
+  `_Preprocess` per example (and `_Mixup`) at a fraction of the cost.
+
+  The deterministic part (unit float, resize, channels, [-1, 1]) is computed once per image and
+  the zero padding of the random crop once per split (as -1, the normalised 0); a batch is then
+  one gather of its crops (flips as reversed column indices). Each example's random stream is
+  grain's `random_map` stream of its global position p (Philox with the map's seed as key and
+  counter [0, 0, 0, p]), and data order the same shuffled, repeated index stream.
+  """
+
+  def __init__(self, spec: _Spec, source, num_classes: int, *, batch_size: int, seed: int,
+               train: bool):
+    self._spec, self._num_classes, self._batch_size = spec, num_classes, batch_size
+    size = spec.image_size
+    images = np.stack([_finish_image(spec, preprocess.resize(_unit_image(image), (size, size)))
+                       for image in source.images])
+    self._pad = spec.crop_padding if train else 0
+    pad = ((0, 0), (self._pad, self._pad), (self._pad, self._pad), (0, 0))
+    self._padded = np.pad(images, pad, constant_values=np.float32(preprocess.normalize(0.0)))
+    self._labels, self._train, self._seed = source.labels, train, seed
+    self._mixup = spec.mixup if train else 0.0
+    if train:
+      self._order = grain.MapDataset.range(len(source)).shuffle(
+          seed=batching.seed(seed, 0)).repeat()
+      self._key = np.random.Philox(batching.seed(seed, 1)).state["state"]["key"]
+
+  def _examples(self, positions: np.ndarray) -> dict[str, np.ndarray]:
+    n, spec, size = len(positions), self._spec, self._spec.image_size
+    offsets = np.full((n, 2), self._pad)
+    flips = np.zeros(n, bool)
+    if self._train:
+      index = np.array([self._order[int(p)] for p in positions])
+      mask = np.ones(n, bool)
+      if self._pad or spec.flip:
+        for i, p in enumerate(positions):
+          rng = np.random.Generator(np.random.Philox(
+              counter=np.array([0, 0, 0, p], np.uint64), key=self._key))
+          if self._pad:
+            offsets[i] = rng.integers(0, 2 * self._pad + 1, size=2)
+          flips[i] = spec.flip and rng.random() < 0.5
+    else:
+      mask = positions < len(self._labels)
+      index = np.where(mask, positions, 0)
+    rows = offsets[:, :1] + np.arange(size)
+    cols = offsets[:, 1:] + np.arange(size)
+    cols = np.where(flips[:, None], cols[:, ::-1], cols)
+    label = self._labels[index].astype(np.int32)
+    labels = np.zeros((n, self._num_classes), np.float32)
+    labels[np.arange(n), label] = 1.0
+    return {"image": self._padded[index[:, None, None], rows[:, :, None], cols[:, None, :]],
+            "labels": labels, "label": label, "mask": mask}
+
+  def __call__(self, b: int, rows: np.ndarray) -> dict[str, np.ndarray]:
+    first = b * self._batch_size
+    if self._mixup <= 0:
+      return self._examples(first + rows)
+    # Row r is mixed with row r - 1 (mod batch) of the same global batch, as `_Mixup`.
+    before = np.concatenate([[(rows[0] - 1) % self._batch_size], rows])
+    examples = self._examples(first + before)
+    rng = np.random.default_rng(batching.seed(self._seed, 3, b))
+    mixed = preprocess.mixup(examples, self._mixup, rng)  # row i mixed with row i - 1
+    return {key: value[1:] for key, value in mixed.items()}
 
 
 class _Mixup:
@@ -228,14 +302,21 @@ def get_dataset(input_config: Any, *, split: str, batch_size: int, seed: int, tr
   """
   rows = batching.check_rows(rows, batch_size)
   spec = _Spec.parse(input_config)
-  preprocess_fn = _Preprocess(spec, _num_classes(spec))
+  num_classes = _num_classes(spec)
   source = spec.source(split)
   read = grain.ReadOptions(num_threads=spec.num_threads, prefetch_buffer_size=spec.prefetch)
 
+  if train and len(source) < batch_size:
+    raise ValueError(f"split {split!r} has {len(source)} examples, fewer than the batch of "
+                     f"{batch_size}")
+  if spec.name == "digits" and not spec.inception_crop:
+    make = _ArrayBatches(spec, source, num_classes, batch_size=batch_size, seed=seed,
+                         train=train)
+    return batching.made_batches(
+        make, batch_size=batch_size, rows=rows, read=read, start_batch=start_batch if train else 0,
+        num_batches=None if train else math.ceil(len(source) / batch_size))
+  preprocess_fn = _Preprocess(spec, num_classes)
   if train:
-    if len(source) < batch_size:
-      raise ValueError(f"split {split!r} has {len(source)} examples, fewer than the batch of "
-                       f"{batch_size}")
     stream = grain.MapDataset.source(source).shuffle(seed=batching.seed(seed, 0)).repeat()
     stream = stream.random_map(preprocess_fn, seed=batching.seed(seed, 1))
     combine = _Mixup(spec.mixup, batch_size, seed) if spec.mixup > 0 else None
