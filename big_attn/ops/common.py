@@ -190,7 +190,7 @@ def _masked_softmax(logits: Array, mask: Array | None) -> Array:
   # are all MASKED_LOGIT, a uniform row before the flag).
   if mask is not None:
     logits = jnp.where(mask, logits, MASKED_LOGIT)
-  unnormalized = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+  unnormalized = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True, initial=-jnp.inf))
   probs = unnormalized / jnp.sum(unnormalized, axis=-1, keepdims=True)
   return probs if mask is None else probs * jnp.any(mask, axis=-1, keepdims=True)
 
