@@ -310,7 +310,11 @@ def orthogonal_random_features(key, num_features: int, head_dim: int, *,
   num_features = _positive_int("num_features", num_features)
   head_dim = _positive_int("head_dim", head_dim)
   if isinstance(key, (int, np.integer)):
-    key = jax.random.key(int(key))
+    # A seed fixes W: drawn while tracing, so a jitted caller holds a constant instead of
+    # running the QR on every call (at 512 tokens that QR cost as much as the attention).
+    with jax.ensure_compile_time_eval():
+      return _orthogonal_random_features(jax.random.key(int(key)), num_features, head_dim,
+                                         jnp.dtype(dtype))
   return _orthogonal_random_features(key, num_features, head_dim, jnp.dtype(dtype))
 
 
