@@ -20,7 +20,7 @@ Sections (`--sections`, comma-separated):
   exists (skipped with a note otherwise).
 
 Timings: within a row (one shape) the implementations are timed in turn, one call each per
-round, `--rounds` times; the table gives medians and ratios of medians of the same run. The
+round, `--rounds` times (more for short rows); the table gives medians and ratios of medians of the same run. The
 2-core machine is shared, so single timings are noisy; ratios from alternating rounds are what
 to read. The tables go to `--out`/cpu_paths.md and the linear section's plot to cpu_paths.png.
 """
@@ -82,17 +82,27 @@ def temp_mib(compiled) -> float:
   return compiled.memory_analysis().temp_size_in_bytes / MIB
 
 
-def alternating_medians(compiled: dict, args, rounds: int) -> dict:
-  """name -> median seconds of one call, the implementations timed in turn in each round."""
+def rounds_at(rounds: int, length: int) -> int:
+  """`rounds` from 2048 tokens up, more below (up to 8x at 256): short rows are noisier and
+  cheap, so every row takes about as long."""
+  return rounds * min(8, max(1, 2048 // length))
+
+
+def alternating_medians(compiled: dict, args, rounds: int) -> tuple[dict, dict]:
+  """name -> median seconds of one call, wall-clock and CPU time of this process (all its
+  threads; steadier than wall-clock on a loaded machine), the implementations timed in turn
+  in each round."""
   for fn in compiled.values():
     jax.block_until_ready(fn(*args))  # Warm up.
-  times = {name: [] for name in compiled}
+  wall, cpu = ({name: [] for name in compiled} for _ in range(2))
   for _ in range(rounds):
     for name, fn in compiled.items():
-      start = time.perf_counter()
+      start, start_cpu = time.perf_counter(), time.process_time()
       jax.block_until_ready(fn(*args))
-      times[name].append(time.perf_counter() - start)
-  return {name: float(np.median(t)) for name, t in times.items()}
+      wall[name].append(time.perf_counter() - start)
+      cpu[name].append(time.process_time() - start_cpu)
+  return ({name: float(np.median(t)) for name, t in wall.items()},
+          {name: float(np.median(t)) for name, t in cpu.items()})
 
 
 def max_relative_error(got, want) -> float:
@@ -166,13 +176,14 @@ def run_ops(lengths, cases, rounds: int, window: int) -> list[dict]:
                                {n: _fwd_bwd(f) for n, f in fns.items()}, args)
         want = compiled["jax.nn"](*args)
         errors = {n: max_relative_error(compiled[n](*args), want) for n in ("ours", "einsum")}
-        seconds = alternating_medians(compiled, args, rounds)
+        seconds, cpu = alternating_medians(compiled, args, rounds_at(rounds, length))
         row = dict(case=case, length=length, mode=mode)
         for name in compiled:
           row[f"{name} ms"] = 1e3 * seconds[name]
           row[f"{name} MiB"] = temp_mib(compiled[name])
         for name in ("ours", "einsum"):
           row[f"{name} time"] = seconds[name] / seconds["jax.nn"]
+          row[f"{name} cpu"] = cpu[name] / cpu["jax.nn"]
           row[f"{name} mem"] = row[f"{name} MiB"] / max(row["jax.nn MiB"], 1e-9)
           row[f"{name} ok"] = errors[name] <= CHECK_TOL
         rows.append(row)
@@ -180,7 +191,8 @@ def run_ops(lengths, cases, rounds: int, window: int) -> list[dict]:
   return rows
 
 
-OPS_COLUMNS = ("case", "length", "mode", "ours time", "einsum time", "ours mem", "einsum mem",
+OPS_COLUMNS = ("case", "length", "mode", "ours time", "ours cpu", "einsum time", "einsum cpu",
+               "ours mem", "einsum mem",
                "ours ms", "jax.nn ms", "einsum ms", "ours MiB", "jax.nn MiB", "einsum MiB")
 
 
@@ -188,8 +200,8 @@ def _ops_line(row: dict) -> str:
   cells = []
   for col in OPS_COLUMNS:
     value = row[col]
-    if col.endswith(" time"):
-      value = f"{value:.2f}" + ("" if row[col.replace("time", "ok")] else " !")
+    if col.endswith((" time", " cpu")):
+      value = f"{value:.2f}" + ("" if row[col.split()[0] + " ok"] else " !")
     elif isinstance(value, float):
       value = f"{value:.2f}" if col.endswith("mem") else f"{value:.1f}"
     cells.append(str(value))
@@ -197,7 +209,8 @@ def _ops_line(row: dict) -> str:
 
 
 def ops_table(rows: list[dict]) -> str:
-  header = ("| case | L | mode | ours / jax.nn time | einsum / jax.nn time | ours / jax.nn "
+  header = ("| case | L | mode | ours / jax.nn time | ours / jax.nn CPU time | einsum / "
+            "jax.nn time | einsum / jax.nn CPU time | ours / jax.nn "
             "temp | einsum / jax.nn temp | ours ms | jax.nn ms | einsum ms | ours temp MiB | "
             "jax.nn temp MiB | einsum temp MiB |")
   lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
@@ -242,9 +255,10 @@ def run_linear(lengths, names, rounds: int, max_temp_mib: float
         for name, mib in big.items():
           skipped.append(f"{name} causal={causal} {mode} L={length}: {mib:.0f} MiB temporary")
           del compiled[name]
-        seconds = alternating_medians(compiled, args, rounds)
+        seconds, cpu = alternating_medians(compiled, args, rounds_at(rounds, length))
         for name, sec in seconds.items():
-          rows.append(dict(op=name, causal=causal, mode=mode, length=length, ms=1e3 * sec))
+          rows.append(dict(op=name, causal=causal, mode=mode, length=length, ms=1e3 * sec,
+                           cpu_ms=1e3 * cpu[name]))
         print(f"causal={causal} {mode} L={length}: " + ", ".join(
             f"{n} {1e3 * s:.1f} ms" for n, s in seconds.items()), flush=True)
   return rows, skipped
@@ -269,9 +283,11 @@ def crossover(lengths, op_seconds, softmax_seconds) -> str:
   return f"> {lengths[-1]}"
 
 
-def linear_table(rows: list[dict]) -> str:
+def linear_table(rows: list[dict], key: str = "ms") -> str:
+  """Rows of `run_linear` by op, causal and mode; times from `key` ("ms": wall-clock,
+  "cpu_ms": CPU time)."""
   lengths = sorted({r["length"] for r in rows})
-  timed = {(r["op"], r["causal"], r["mode"], r["length"]): r["ms"] for r in rows}
+  timed = {(r["op"], r["causal"], r["mode"], r["length"]): r[key] for r in rows}
   header = ("| op | causal | mode | " + " | ".join(f"L={n} ms (/ softmax)" for n in lengths)
             + " | exponent | faster than softmax from L |")
   lines = [header, "|" + "---|" * (header.count(" | ") + 1)]
@@ -371,7 +387,8 @@ def main(argv=None) -> str:
   path = os.path.join(args.out, "cpu_paths.md")
   parts = ["# CPU attention paths against jax.nn", _header(),
            f"Command: `python experiments/bench_cpu.py {' '.join(argv or sys.argv[1:])}`; "
-           f"{args.rounds} alternating rounds per row, medians."]
+           f"{args.rounds} alternating rounds per row from 2048 tokens up, more below "
+           "(`rounds_at`: 8x at 256), medians."]
 
   def write():
     with open(path, "w") as f:
@@ -391,8 +408,9 @@ def main(argv=None) -> str:
     parts += ["## Linear ops vs softmax: time against length",
               f"float32, batch 1, {HEADS} heads, head dim {HEAD_DIM}, each op's default "
               f"hyper-parameters (latte: {NUM_LATENTS} latents); cells: ms (ratio to softmax, "
-              "our XLA path); exponent p of t ∝ L^p fitted over the lengths.",
-              linear_table(rows)]
+              "our XLA path); exponent p of t ∝ L^p fitted over the lengths. Wall-clock:",
+              linear_table(rows), "CPU time of the process (all threads):",
+              linear_table(rows, "cpu_ms")]
     if skipped:
       parts.append("Skipped (over --max_temp_mib): " + "; ".join(skipped) + ".")
     png = plots.plot_curves(

@@ -27,7 +27,7 @@ def test_smoke_writes_checked_tables_and_plot(bench, tmp_path, capsys):
   assert "!" not in "".join(ops_rows)  # Ours and the einsum agree with jax.nn.
   linear_rows = [line.split(" | ") for line in text.splitlines()
                  if line.startswith(("| softmax |", "| lightning |"))]
-  assert len(linear_rows) == 8  # 2 ops x causal or not x fwd, fwd+bwd
+  assert len(linear_rows) == 16  # (wall, CPU) x 2 ops x causal or not x fwd, fwd+bwd
   for row in linear_rows:
     assert math.isfinite(float(row[-2]))  # The fitted exponent.
   assert "loop" not in capsys.readouterr().out
