@@ -336,8 +336,10 @@ def latte_attention(query, key, value, *, mask=None, is_causal=False, scale=None
     latents: `[num_heads, num_latents, head_dim]` latent vectors w_l (required).
     num_latents: optional; checked against `latents.shape[1]`.
     chunk_size: chunk length of the causal scan (memory per chunk ∝ chunk_size²·L). 16 is
-      the fastest on CPU (experiments/results/cpu_paths.md: 64 was 2.4x softmax's time at 512
-      tokens, its [chunk, chunk, L] weights outgrow the cache; 16 is below softmax there).
+      the fastest on CPU: with 64 (the former default) causal latte took 2.4x softmax's time
+      at 512 tokens, its [chunk, chunk, L] weights outgrowing the cache; with 16 it breaks
+      even there (0.94x forward, 1.0x forward+backward, 0.1x at 4096; 64 latents,
+      experiments/results/cpu_paths.md).
 
   Returns:
     `[batch, q_len, num_heads, value_dim]` in the query's dtype.

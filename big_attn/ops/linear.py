@@ -380,6 +380,13 @@ def performer_attention(query, key, value, *, mask=None, is_causal=False, scale=
     chunk_size: chunk length of the causal form.
     segment_ids: as in `dot_product_attention` (quadratic form).
 
+  Cost: with the paper's m = d·ln d features (267 for d = 64) the causal form does more
+  arithmetic per token than softmax does at short lengths. On CPU (float32, 8 heads, d = 64;
+  experiments/results/cpu_paths.md) causal performer is slower than softmax below ~900 tokens
+  forward and ~1100–1300 forward+backward (1.8x / 2.6x CPU time at 512), 0.3x at 4096; fewer
+  features (`num_features=64`: ~1x at 512) or the non-causal form (~550 / ~700) cross earlier.
+  A seeded `feature_key` is drawn while tracing, so a jitted call holds W as a constant.
+
   Returns:
     `[batch, q_len, num_heads, value_dim]` in the query's dtype.
   """
