@@ -180,14 +180,29 @@ MASKED_LOGIT = -0.7 * float(np.finfo(np.float32).max)
 
 def masked_softmax(logits: Array, mask: Array | None) -> Array:
   """Softmax over the last axis in float32; rows with nothing to attend to give zeros."""
-  logits = logits.astype(jnp.float32)
-  if mask is None:
-    return jax.nn.softmax(logits, axis=-1)
-  logits = jnp.where(mask, logits, MASKED_LOGIT)
-  row_max = jnp.max(logits, axis=-1, keepdims=True, initial=MASKED_LOGIT)
-  unnormalized = jnp.where(mask, jnp.exp(logits - jax.lax.stop_gradient(row_max)), 0.0)
-  denom = jnp.sum(unnormalized, axis=-1, keepdims=True)
-  return unnormalized / jnp.where(denom == 0.0, 1.0, denom)
+  return _masked_softmax(logits.astype(jnp.float32), mask)
+
+
+@jax.custom_jvp
+def _masked_softmax(logits: Array, mask: Array | None) -> Array:
+  # The max/exp/sum/divide chain of `jax.nn.softmax`, which XLA fuses into one pass over the
+  # logits; the empty rows are zeroed by a row flag read off the mask (their masked logits
+  # are all MASKED_LOGIT, a uniform row before the flag).
+  if mask is not None:
+    logits = jnp.where(mask, logits, MASKED_LOGIT)
+  unnormalized = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True, initial=-jnp.inf))
+  probs = unnormalized / jnp.sum(unnormalized, axis=-1, keepdims=True)
+  return probs if mask is None else probs * jnp.any(mask, axis=-1, keepdims=True)
+
+
+@_masked_softmax.defjvp
+def _masked_softmax_jvp(primals, tangents):
+  # Keeps only the probabilities for the backward pass (zero where masked, so masked logits
+  # get zero gradient): one [.., q, kv] residual where autodiff of the chain above keeps three.
+  logits, mask = primals
+  logits_dot, _ = tangents
+  probs = _masked_softmax(logits, mask)
+  return probs, probs * (logits_dot - jnp.sum(probs * logits_dot, axis=-1, keepdims=True))
 
 
 def group_query(query: Array, num_kv_heads: int) -> Array:
@@ -205,8 +220,10 @@ def _to_grouped_mask(m: Array, dims: Dims) -> Array:
 
 def attention_logits(query: Array, key: Array, dims: Dims, scale: float) -> Array:
   """Scaled `q·k` in float32, grouped: `[b, k, g, t, s]` (no copy of K per query head)."""
-  q = group_query(query, dims.num_kv_heads)
-  logits = jnp.einsum("btkgd,bskd->bkgts", q, key, preferred_element_type=jnp.float32)
+  # Query in the logits' order [b, k, g, t, d] first (a transpose of the small array), so the
+  # matmul writes [b, k, g, t, s] directly, and the scale fuses into it.
+  q = jnp.transpose(group_query(query, dims.num_kv_heads), (0, 2, 3, 1, 4))
+  logits = jnp.einsum("bkgtd,bskd->bkgts", q, key, preferred_element_type=jnp.float32)
   return logits * jnp.float32(scale)
 
 

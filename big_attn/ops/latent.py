@@ -313,7 +313,7 @@ def _latte_causal(probs_l, logits, valid, value, chunk_size):
 
 @register("latte")
 def latte_attention(query, key, value, *, mask=None, is_causal=False, scale=None, latents=None,
-                    num_latents=None, chunk_size=64):
+                    num_latents=None, chunk_size=16):
   """Latte: Latent Attention for Linear Time Transformers (Dolga et al., 2024).
 
   Attention factorised through L latent states l, p(s|t) = Σ_l p(l|t) p(s|l):
@@ -335,7 +335,11 @@ def latte_attention(query, key, value, *, mask=None, is_causal=False, scale=None
     scale: logit scale `s`; `1/sqrt(head_dim)` when None.
     latents: `[num_heads, num_latents, head_dim]` latent vectors w_l (required).
     num_latents: optional; checked against `latents.shape[1]`.
-    chunk_size: chunk length of the causal scan (memory per chunk ∝ chunk_size²·L).
+    chunk_size: chunk length of the causal scan (memory per chunk ∝ chunk_size²·L). 16 is
+      the fastest on CPU: with 64 (the former default) causal latte took 2.4x softmax's time
+      at 512 tokens, its [chunk, chunk, L] weights outgrowing the cache; with 16 it breaks
+      even there (0.94x forward, 1.0x forward+backward, 0.1x at 4096; 64 latents,
+      experiments/results/cpu_paths.md).
 
   Returns:
     `[batch, q_len, num_heads, value_dim]` in the query's dtype.

@@ -310,7 +310,11 @@ def orthogonal_random_features(key, num_features: int, head_dim: int, *,
   num_features = _positive_int("num_features", num_features)
   head_dim = _positive_int("head_dim", head_dim)
   if isinstance(key, (int, np.integer)):
-    key = jax.random.key(int(key))
+    # A seed fixes W: drawn while tracing, so a jitted caller holds a constant instead of
+    # running the QR on every call (at 512 tokens that QR cost as much as the attention).
+    with jax.ensure_compile_time_eval():
+      return _orthogonal_random_features(jax.random.key(int(key)), num_features, head_dim,
+                                         jnp.dtype(dtype))
   return _orthogonal_random_features(key, num_features, head_dim, jnp.dtype(dtype))
 
 
@@ -375,6 +379,13 @@ def performer_attention(query, key, value, *, mask=None, is_causal=False, scale=
     num_features: m when drawing W; `default_num_features(head_dim)` = max(d, ⌈d ln d⌉).
     chunk_size: chunk length of the causal form.
     segment_ids: as in `dot_product_attention` (quadratic form).
+
+  Cost: with the paper's m = d·ln d features (267 for d = 64) the causal form does more
+  arithmetic per token than softmax does at short lengths. On CPU (float32, 8 heads, d = 64;
+  experiments/results/cpu_paths.md) causal performer is slower than softmax below ~900 tokens
+  forward and ~1100–1300 forward+backward (1.8x / 2.6x CPU time at 512), 0.3x at 4096; fewer
+  features (`num_features=64`: ~1x at 512) or the non-causal form (~550 / ~700) cross earlier.
+  A seeded `feature_key` is drawn while tracing, so a jitted call holds W as a constant.
 
   Returns:
     `[batch, q_len, num_heads, value_dim]` in the query's dtype.
