@@ -16,8 +16,7 @@ Sections (`--sections`, comma-separated):
   forward+backward: time against length, the exponent of a power-law fit t ∝ L^p, and the
   length where each op becomes faster than softmax (log-log interpolation between lengths).
 - loop: the training loop against a hand-written loop and the compile time of the first step,
-  from `experiments/bench_train_loop.py`'s `measure(config_name, rounds)` where that module
-  exists (skipped with a note otherwise).
+  from `experiments/bench_train_loop.py`'s `measure(config_name, rounds)`.
 
 Timings: within a row (one shape) the implementations are timed in turn, one call each per
 round, `--rounds` times (more for short rows); the table gives medians and ratios of medians of the same run. The
@@ -314,27 +313,18 @@ def linear_table(rows: list[dict], key: str = "ms") -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# loop: experiments/bench_train_loop.py, where it exists.
+# loop: experiments/bench_train_loop.py.
 # ---------------------------------------------------------------------------------------------
 def train_loop_module():
-  """`experiments/bench_train_loop.py` as a module, or None where it does not exist."""
+  """`experiments/bench_train_loop.py` as a module."""
   if EXPERIMENTS not in sys.path:
     sys.path.insert(0, EXPERIMENTS)
-  try:
-    return importlib.import_module("bench_train_loop")
-  except ModuleNotFoundError as e:
-    if e.name != "bench_train_loop":
-      raise
-    return None
+  return importlib.import_module("bench_train_loop")
 
 
-def run_loop(config_names, rounds: int) -> str | None:
-  """A table of `measure(config, rounds)` per config, or None (with a printed note) where
-  `experiments/bench_train_loop.py` does not exist."""
+def run_loop(config_names, rounds: int) -> str:
+  """A table of `bench_train_loop.measure(config, rounds)` per config."""
   module = train_loop_module()
-  if module is None:
-    print("loop: experiments/bench_train_loop.py is not there; section skipped", flush=True)
-    return None
   results = [(name, module.measure(name, rounds)) for name in config_names]
   keys = list(dict.fromkeys(k for _, result in results for k in result))
   lines = ["| config | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
@@ -421,10 +411,9 @@ def main(argv=None) -> str:
     parts.append(f"Plot: `{os.path.basename(png)}` (forward+backward).")
     write()
   if "loop" in args.sections:
-    table = run_loop(args.loop_configs, args.rounds)
-    if table is not None:
-      parts += ["## Training loop: main vs a hand-written loop", table]
-      write()
+    parts += ["## Training loop: main vs a hand-written loop",
+              run_loop(args.loop_configs, args.rounds)]
+    write()
   write()
   print(f"wrote {path}")
   return path

@@ -41,7 +41,7 @@ def test_exponent_and_crossover(bench):
   assert bench.crossover(lengths, [1, 1, 1], [2, 2, 2]) == "< 512"
 
 
-def test_loop_section_calls_measure_or_is_skipped(bench, monkeypatch, capsys):
+def test_loop_section_calls_measure(bench, monkeypatch):
   calls = []
   def measure(config_name, rounds):
     calls.append((config_name, rounds))
@@ -51,6 +51,4 @@ def test_loop_section_calls_measure_or_is_skipped(bench, monkeypatch, capsys):
   assert calls == [("vit_digits", 2)]
   assert table.splitlines()[0] == "| config | step ratio | compile s |"
   assert table.splitlines()[2] == "| vit_digits | 1.25 | 3 |"
-  monkeypatch.setattr(bench, "train_loop_module", lambda: None)
-  assert bench.run_loop(("vit_digits",), rounds=2) is None
-  assert "section skipped" in capsys.readouterr().out
+  assert hasattr(bench.train_loop_module(), "measure")
