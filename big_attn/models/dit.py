@@ -115,11 +115,12 @@ def timestep_features(t: jax.Array, dim: int = _FREQ_DIM, max_period: float = 10
 class _CrossAttention(Attention):
   """`Attention` whose output projection starts at zero (PixArt-α's cross-attention init)."""
 
-  def _projection(self, shape, logical_axes, name, contract=1):
+  def _projection(self, shape, logical_axes, name, contract=1, use_bias=None):
     if name != "out":
-      return super()._projection(shape, logical_axes, name, contract)
+      return super()._projection(shape, logical_axes, name, contract, use_bias)
     return Projection(shape=shape, logical_axes=logical_axes, contract=contract,
-                      use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                      use_bias=self.use_bias if use_bias is None else use_bias,
+                      dtype=self.dtype, param_dtype=self.param_dtype,
                       kernel_init=nn.initializers.zeros_init(), name=name)
 
 
