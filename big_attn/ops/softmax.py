@@ -6,6 +6,7 @@ import jax.numpy as jnp
 
 from big_attn.ops import common
 from big_attn.ops.registry import register
+from pallas_kernels.flash_attention import api as flash_api
 
 IMPLEMENTATIONS = (None, "xla", "pallas", "cudnn")
 
@@ -64,9 +65,8 @@ def default_implementation(query, key, value, bias=None, mask=None, *, is_causal
   if query.ndim != 4:  # The fused paths take [batch, seq, heads, head_dim] only.
     return "xla"
   if platform in ("gpu", "tpu"):
-    from pallas_kernels.flash_attention import api  # pylint: disable=g-import-not-at-top
     case = (platform, str(query.dtype), query.shape[-1], bool(is_causal))
-    if case in KERNEL_RUNS and api.supports(query, key, value, bias=bias, mask=mask):
+    if case in KERNEL_RUNS and flash_api.supports(query, key, value, bias=bias, mask=mask):
       return "pallas"
   if platform == "gpu" and _cudnn_supports(
       query, key, value, bias, mask, is_causal=is_causal,
@@ -83,8 +83,8 @@ def _pallas_attention(query, key, value, bias, mask, **kwargs):
       raise ValueError(
           f"implementation='pallas' does not support a {name} array; express the mask with "
           "is_causal, segment_ids or local_window_size, or use implementation='xla'")
-  from pallas_kernels import flash_attention  # pylint: disable=g-import-not-at-top
-  return flash_attention(query, key, value, interpret=jax.default_backend() == "cpu", **kwargs)
+  return flash_api.flash_attention(query, key, value, interpret=jax.default_backend() == "cpu",
+                                   **kwargs)
 
 
 def _seq_length_mask(name: str, lengths, batch: int, length: int) -> jax.Array | None:

@@ -74,7 +74,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from big_attn import compat
-from big_attn.ops import common
+from pallas_kernels import common
 
 MAX_HEAD_DIM = 256
 NORMALIZERS = ("softmax", "sigmoid")

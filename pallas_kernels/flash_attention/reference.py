@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from big_attn.ops import common
+from pallas_kernels import common
 from pallas_kernels.flash_attention import gpu_triton
 
 

@@ -55,7 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from big_attn import compat
-from big_attn.ops import common
+from pallas_kernels import common
 
 NUM_LANES = 128
 NUM_SUBLANES = 8
