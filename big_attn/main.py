@@ -581,6 +581,12 @@ def report_compiled(compiled: Any, num_params: int, num_devices: int,
   return {"parameters": num_params, "memory": mem, "flops": flops}
 
 
+def config_and_workdir() -> tuple[Any, str | None]:
+  """The parsed `--config` (its `:ARG` and `--config.KEY=VALUE` overrides applied) and
+  `--workdir`: for the command lines that take this module's flags (`big_attn.interpret`)."""
+  return _CONFIG.value, _WORKDIR.value
+
+
 def exit_with_error(program: str, error: Exception | str) -> NoReturn:
   """Prints `PROGRAM: error` on stderr, without a traceback, and exits with status 1."""
   print(f"{program}: {error}", file=sys.stderr)

@@ -202,8 +202,7 @@ def explain(config: Any, workdir: str, image_index: int, out_dir: str | None = N
 def main(argv):
   if len(argv) > 1:
     main_lib.exit_with_error("big_attn.interpret", f"unexpected arguments {argv[1:]}")
-  # pylint: disable-next=protected-access
-  config, workdir = main_lib._CONFIG.value, main_lib._WORKDIR.value
+  config, workdir = main_lib.config_and_workdir()
   try:
     summary = explain(config, workdir, _IMAGE.value, _OUT.value, target=_TARGET.value,
                       flow_max_tokens=_FLOW_MAX_TOKENS.value)

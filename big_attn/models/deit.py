@@ -53,9 +53,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from big_attn import models
+from big_attn import models, tasks
 from big_attn.models import vit
-from big_attn.train import step as step_lib
 
 decode_variant = vit.decode_variant  # DeiT-Ti/S/B are ViT-Ti/S/B (the paper's Table 1)
 
@@ -190,7 +189,7 @@ def restore_teacher(teacher: Any, num_classes: int, image_shape: tuple[int, ...]
     if step is None:
       raise FileNotFoundError(f"teacher workdir {workdir!r} has no checkpoint in {directory}")
     item = nn.unbox(jax.eval_shape(
-        lambda rng: step_lib.init_model_variables(module, rng, image_shape),
+        lambda rng: tasks.init_model_variables(module, rng, image_shape),
         jax.random.key(0)))
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=item,
@@ -237,8 +236,8 @@ def hard_distillation_loss(cls_logits: jax.Array, dist_logits: jax.Array, labels
     targets = labels
   else:
     targets = jax.nn.one_hot(jnp.argmax(teacher, axis=-1), dist_logits.shape[-1])
-  return 0.5 * (step_lib.classification_losses(cls_logits, labels)
-                + step_lib.classification_losses(dist_logits, targets))
+  return 0.5 * (tasks.classification_losses(cls_logits, labels)
+                + tasks.classification_losses(dist_logits, targets))
 
 
 def distillation_loss(model: Model, params: Any, batch: dict[str, Any], rng: jax.Array,
@@ -246,11 +245,11 @@ def distillation_loss(model: Model, params: Any, batch: dict[str, Any], rng: jax
   """`Task.loss`: mean hard-label distillation loss (plain cross-entropy when not distilled)."""
   out = model.apply({"params": params}, batch["image"], train=True, rngs={"dropout": rng})
   if not model.distilled:
-    return step_lib.classification_losses(out, batch["labels"]).mean()
+    return tasks.classification_losses(out, batch["labels"]).mean()
   teacher = teacher_logits(model, batch["image"], constants)
   return hard_distillation_loss(*out, batch["labels"], teacher).mean()
 
 
-TASK = step_lib.Task(batch_spec=step_lib.CLASSIFICATION.batch_spec,
-                     example_input=step_lib.CLASSIFICATION.example_input,
-                     loss=distillation_loss, constants=teacher_constants)
+TASK = tasks.Task(batch_spec=tasks.CLASSIFICATION.batch_spec,
+                  example_input=tasks.CLASSIFICATION.example_input,
+                  loss=distillation_loss, constants=teacher_constants)

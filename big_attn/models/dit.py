@@ -69,7 +69,7 @@ import numpy as np
 from big_attn.layers import Attention, MlpBlock, posemb_sincos_2d
 from big_attn.layers.attention import Projection
 from big_attn.models.vit import REMAT_POLICIES
-from big_attn.train import step as step_lib
+from big_attn import tasks
 
 # DiT Table 1 (models.py of facebookresearch/DiT): width, depth, heads.
 _SIZES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
@@ -509,7 +509,7 @@ def loss_fn(model: Model, params: Any, batch: dict[str, Any], rng: jax.Array) ->
   return jnp.mean(mse + vb)
 
 
-TASK = step_lib.Task(
+TASK = tasks.Task(
     batch_spec=lambda info, b: {"image": ((b, *info["image_shape"]), jnp.float32),
                                 "labels": ((b, info["num_classes"]), jnp.float32)},
     example_input=lambda info: (tuple(info["image_shape"]), jnp.float32),
@@ -596,4 +596,4 @@ def count_params(model: Model, image_shape: tuple[int, int, int] = (32, 32, 4)) 
   """Parameters of `model` for `image_shape` inputs, from `jax.eval_shape` (nothing allocated)."""
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0),
                                              jnp.zeros((1, *image_shape), jnp.float32)))
-  return step_lib.count_params(shapes["params"])
+  return tasks.count_params(shapes["params"])

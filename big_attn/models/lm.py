@@ -80,7 +80,7 @@ from big_attn import compat, ops, parallel
 from big_attn.layers import Attention, apply_rope
 from big_attn.ops import experts as experts_ops
 from big_attn.ops import ngpt as ngpt_ops
-from big_attn.train import step as step_lib
+from big_attn import tasks
 
 _VARIANTS = {  # width, depth, mlp_dim, num_heads, num_kv_heads
     "tiny": (128, 4, 384, 4, 2),
@@ -958,9 +958,9 @@ def _batch_spec(info: dict[str, Any], batch_size: int) -> dict[str, tuple[tuple[
           "weights": (shape, jnp.float32)}
 
 
-TASK = step_lib.Task(batch_spec=_batch_spec,
-                     example_input=lambda info: ((info["seq_len"],), jnp.int32),
-                     loss=loss_fn, tokens_per_example=lambda info: info["seq_len"])
+TASK = tasks.Task(batch_spec=_batch_spec,
+                  example_input=lambda info: ((info["seq_len"],), jnp.int32),
+                  loss=loss_fn, tokens_per_example=lambda info: info["seq_len"])
 
 
 # -------------------------------------------------------------------------------- generation
@@ -1031,4 +1031,4 @@ def count_params(model: Model, seq_len: int = 8) -> int:
   """Parameters of `model`, from `jax.eval_shape` (nothing allocated)."""
   shapes = jax.eval_shape(lambda: model.clone(mesh=None).init(
       jax.random.key(0), np.zeros((1, seq_len), np.int32)))
-  return step_lib.count_params(shapes["params"])
+  return tasks.count_params(shapes["params"])
