@@ -38,7 +38,7 @@ from ml_collections import config_flags
 
 from big_attn import catalog, compat, data, evaluators, models, pretrained
 from big_attn.parallel import mesh as mesh_lib
-from big_attn.train import checkpoint as ckpt_lib
+from big_attn import checkpoint_io as ckpt_lib
 from big_attn.train import config_lib
 from big_attn.train import metrics as metrics_lib
 from big_attn.train import optim
@@ -426,7 +426,7 @@ def _train_and_evaluate(config: Any, workdir: str, stop: StopRequest) -> dict[st
 
   # ---------------------------------------------------------------------------------- Checkpoint
   checkpointer = ckpt_lib.Checkpointer(
-      os.path.join(os.path.abspath(workdir), "checkpoints"), every=config.ckpt_every,
+      ckpt_lib.checkpoints_dir(workdir), every=config.ckpt_every,
       max_to_keep=config.max_to_keep)
   restored = checkpointer.restore_latest(abstract_state)
   if restored is None:

@@ -38,11 +38,11 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from big_attn import data  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from big_attn import checkpoint_io  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from big_attn import data  # noqa: E402
 from big_attn import main as main_lib  # noqa: E402
 from big_attn import models  # noqa: E402
 from big_attn.parallel import blockwise  # noqa: E402
@@ -100,8 +100,8 @@ class Runs:
       with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
         metrics = [json.loads(line) for line in f]
       last_eval = [m for m in metrics if "eval/accuracy" in m][-1]
-      state = ocp.StandardCheckpointer().restore(
-          os.path.join(workdir, "checkpoints", str(self.steps), "state"))
+      _, state = checkpoint_io.read_state(checkpoint_io.checkpoints_dir(workdir),
+                                          step=self.steps)
       self._done[run_key] = dict(accuracy=float(last_eval["eval/accuracy"]),
                                  loss=float(last_eval["eval/loss"]), params=state["params"],
                                  config=config)

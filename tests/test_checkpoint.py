@@ -13,8 +13,8 @@ import sys
 import numpy as np
 import pytest
 
+from big_attn import checkpoint_io as ckpt_lib
 from big_attn import main as main_lib
-from big_attn.train import checkpoint as ckpt_lib
 from big_attn.train import config_lib
 from tests.test_train import ROOT, _read_events, losses, read_metrics, tiny_config
 

@@ -15,13 +15,13 @@ import numpy as np
 import optax
 import pytest
 
+from big_attn import checkpoint_io as ckpt_lib
 from big_attn import main as main_lib
 from big_attn import pretrained
 from big_attn.models import vit
 from big_attn.pretrained import ConversionError, load_weights, read_checkpoint, save_npz
 from big_attn.pretrained import __main__ as cli
 from big_attn.pretrained import loading
-from big_attn.train import checkpoint as ckpt_lib
 from big_attn.train import config_lib
 from tests.test_train import _config_module
 
@@ -66,8 +66,7 @@ def test_finetune_config_loads_the_checkpoint_then_resume_wins(hf_vit_dir, tmp_p
     assert main_lib.train_and_evaluate(config, str(tmp_path))["step"] == 2
   assert "initialised fresh (not taken from the checkpoint): head/bias, head/kernel" in caplog.text
   assert "22 parameters loaded from" in caplog.text
-  checkpoints = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints"), every=1, max_to_keep=None)
-  saved = flat(checkpoints.restore_as_saved()[1]["params"])
+  saved = flat(ckpt_lib.read_state(ckpt_lib.checkpoints_dir(tmp_path))[1]["params"])
   converted = flat(read_checkpoint(config.init_from)[1])
   assert converted["head/kernel"].shape == (16, 7) and saved["head/kernel"].shape == (16, 10)
   for key in set(saved) - {"head/kernel", "head/bias"}:

@@ -26,12 +26,12 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
+from big_attn import checkpoint_io as ckpt_lib
 from big_attn import data
 from big_attn import layers
 from big_attn import main as main_lib
 from big_attn import models
 from big_attn.parallel import mesh as mesh_lib
-from big_attn.train import checkpoint as ckpt_lib
 from big_attn.train import config_lib
 from big_attn.train import metrics as metrics_lib
 from big_attn.train import optim

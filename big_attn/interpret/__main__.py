@@ -25,18 +25,16 @@ import os
 from typing import Any
 
 from absl import app, flags
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 
-from big_attn import data, models
+from big_attn import checkpoint_io, data, models, tasks
 from big_attn import main as main_lib
 from big_attn.interpret import capture, lrp, plots, relevance
 from big_attn.parallel import mesh as mesh_lib
 from big_attn.train import config_lib
-from big_attn.train import optim
-from big_attn.train import step as step_lib
 
 # --config and --workdir are big_attn.main's flags (imported above), read the same way.
 _IMAGE = flags.DEFINE_integer("image", None, "Index of the test image to explain.")
@@ -47,13 +45,13 @@ _FLOW_MAX_TOKENS = flags.DEFINE_integer(
 
 
 def _is_image_classifier(model_name: str) -> bool:
-  task = getattr(models.get(model_name), "TASK", step_lib.CLASSIFICATION)
-  return task.batch_spec is step_lib.CLASSIFICATION.batch_spec
+  task = getattr(models.get(model_name), "TASK", tasks.CLASSIFICATION)
+  return task.batch_spec is tasks.CLASSIFICATION.batch_spec
 
 
 def check_supported(config: Any) -> None:
   """Raises `ValueError` unless the run's model is an image classifier (its batches are
-  `step_lib.CLASSIFICATION`'s images and labels), naming the model families that are."""
+  `tasks.CLASSIFICATION`'s images and labels), naming the model families that are."""
   if config.model_name not in models.names() or not _is_image_classifier(config.model_name):
     classifiers = [name for name in models.names() if _is_image_classifier(name)]
     raise ValueError(
@@ -63,34 +61,20 @@ def check_supported(config: Any) -> None:
 
 
 def load_run(config: Any, workdir: str) -> tuple[Any, Any, int, dict[str, Any]]:
-  """`(model, params, step, dataset info)` from the newest checkpoint in `workdir/checkpoints`."""
+  """`(model, params, step, dataset info)` from the newest checkpoint in `workdir/checkpoints`
+  (its params only, read by `checkpoint_io.read_state`; nothing in the workdir changes)."""
   input_config = {k: v for k, v in config.input.items() if k != "batch_size"}
   info = data.dataset_info(input_config)
   model_module = models.get(config.model_name)
-  task = getattr(model_module, "TASK", step_lib.CLASSIFICATION)
+  task = getattr(model_module, "TASK", tasks.CLASSIFICATION)
   mesh = mesh_lib.make_mesh([("data", 1)])
   model = model_module.Model(**main_lib.model_kwargs(
       config, info, model_module.Model, mesh))
-  tx = optim.make_optimizer(config.optax_name, config.optax.to_dict(),
-                            optim.make_schedule(config.lr, config.schedule, config.total_steps),
-                            config.grad_clip_norm)
   input_shape, input_dtype = task.example_input(info)
-  boxed = step_lib.abstract_state(model, tx, input_shape, input_dtype)
-  abstract = step_lib.with_shardings(boxed, step_lib.state_shardings(
-      boxed, mesh, mesh_lib.check_rules(config.sharding_rules)))
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"no checkpoints in {workdir!r} (expected {directory})")
-  manager = ocp.CheckpointManager(directory,
-                                  item_handlers={"state": ocp.StandardCheckpointHandler()})
-  try:
-    step = manager.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"no finished checkpoint in {directory}")
-    state = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract)))["state"]
-  finally:
-    manager.close()
+  params = nn.unbox(jax.eval_shape(lambda rng: tasks.init_model_variables(
+      model, rng, input_shape, input_dtype)["params"], jax.random.key(0)))
+  step, state = checkpoint_io.read_state(checkpoint_io.checkpoints_dir(workdir),
+                                         {"params": params})
   return model, state["params"], step, info
 
 

@@ -20,7 +20,7 @@ Hard-label distillation (the paper's best): with `teacher` logits Z_t,
 dict `dict(model_name=..., model={...}, workdir=DIR)` naming a classifier trained by
 `big_attn.main` in `DIR` (its `config.model_name` and `config.model`; `num_classes` defaults to
 the student's). The loop restores that teacher's parameters (and BatchNorm statistics) once
-(`TASK.constants`, orbax) and passes them to every step as arguments, so they are neither
+(`TASK.constants`, `big_attn.checkpoint_io`) and passes them to every step as arguments, so they are neither
 trained nor compiled into the step.
 Without a teacher the distillation head is trained on the labels (`y` in both terms), and a
 warning says so. With `distilled=False` the model is the plain DeiT (class token, one head).
@@ -43,17 +43,14 @@ allocated) against the paper's Table 1 (and the distilled model of Table 5):
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
-import orbax.checkpoint as ocp
 
-from big_attn import models, tasks
+from big_attn import checkpoint_io, models, tasks
 from big_attn.models import vit
 
 decode_variant = vit.decode_variant  # DeiT-Ti/S/B are ViT-Ti/S/B (the paper's Table 1)
@@ -177,29 +174,20 @@ def restore_teacher(teacher: Any, num_classes: int, image_shape: tuple[int, ...]
   """Variables of a teacher dict's model from the newest checkpoint of its workdir:
   `{"params": ...}`, plus `"batch_stats"` for a teacher with BatchNorm (MaxViT, CvT).
 
-  Only those entries of the saved train state are read (orbax partial restore), as host
+  Only those entries of the saved train state are read (`checkpoint_io.read_state`), as host
   arrays. Raises `FileNotFoundError` when the workdir holds no checkpoint.
   """
   module, workdir = _teacher_spec(teacher, num_classes)
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-  manager = ocp.CheckpointManager(directory, item_handlers={
-      "state": ocp.PyTreeCheckpointHandler()})
+  item = nn.unbox(jax.eval_shape(
+      lambda rng: tasks.init_model_variables(module, rng, image_shape), jax.random.key(0)))
+  directory = checkpoint_io.checkpoints_dir(workdir)
   try:
-    step = manager.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"teacher workdir {workdir!r} has no checkpoint in {directory}")
-    item = nn.unbox(jax.eval_shape(
-        lambda rng: tasks.init_model_variables(module, rng, image_shape),
-        jax.random.key(0)))
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=item,
-        restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item),
-        partial_restore=True)))
-  finally:
-    manager.close()
+    step, variables = checkpoint_io.read_state(directory, item)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"teacher workdir {workdir!r}: {e}") from None
   logging.info("DeiT teacher %s restored from step %d of %s", type(module).__module__, step,
                directory)
-  return restored["state"]
+  return variables
 
 
 def teacher_constants(model: Model, info: dict[str, Any]) -> Any:

@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from big_attn import checkpoint_io as ckpt_lib
 from big_attn.pretrained._common import ConversionError
-from big_attn.train import checkpoint as ckpt_lib
 from big_attn.train import step as step_lib
 
 SOURCES = ("transformers", "timm", "big_attn")
@@ -116,7 +116,7 @@ def read_variables(init_from: Any) -> tuple[Any, dict[str, Any]]:
   source, path = init_from["source"], init_from["path"]
   if source == "big_attn":
     if os.path.isdir(path):
-      _, state = ckpt_lib.Checkpointer(path, every=1, max_to_keep=None).restore_as_saved()
+      _, state = ckpt_lib.read_state(path)
       return None, {k: v for k, v in state.items() if k in ("params", step_lib.BATCH_STATS)}
     if not path.endswith(".npz"):
       raise ValueError(f"config.init_from.path {path!r}: source='big_attn' reads a .npz file "
