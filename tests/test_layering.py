@@ -9,6 +9,9 @@ import os
 import subprocess
 import sys
 
+from big_attn import tasks
+from big_attn.train import step
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -69,6 +72,13 @@ def test_kernels_import_nothing_of_big_attn_but_compat():
 def test_models_do_not_import_the_training_loop():
   assert _violations(os.path.join("big_attn", "models"),
                      ["big_attn.train", "big_attn.main"]) == {}
+
+
+def test_the_training_step_keeps_the_task_names():
+  for name in ("BATCH_STATS", "CLASSIFICATION", "Task", "classification_loss",
+               "classification_loss_with_stats", "classification_losses", "count_params",
+               "init_model_variables"):
+    assert getattr(step, name) is getattr(tasks, name), name
 
 
 _BLOCKED_OPS_RUN = r"""

@@ -56,5 +56,6 @@ def test_the_wheel_holds_every_module(tmp_path):
     in_wheel = {n for n in archive.namelist() if n.endswith(".py")}
   expected = _source_modules()
   assert "big_attn/train/step.py" in expected and "pallas_kernels/common.py" in expected
-  assert not expected - in_wheel, f"modules missing from {wheel.name}: {sorted(expected - in_wheel)}"
+  missing = sorted(expected - in_wheel)
+  assert not missing, f"modules missing from {wheel.name}: {missing}"
   assert not {n for n in in_wheel if n.split("/")[0] in PACKAGES} - expected

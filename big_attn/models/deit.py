@@ -20,8 +20,8 @@ Hard-label distillation (the paper's best): with `teacher` logits Z_t,
 dict `dict(model_name=..., model={...}, workdir=DIR)` naming a classifier trained by
 `big_attn.main` in `DIR` (its `config.model_name` and `config.model`; `num_classes` defaults to
 the student's). The loop restores that teacher's parameters (and BatchNorm statistics) once
-(`TASK.constants`, `big_attn.checkpoint_io`) and passes them to every step as arguments, so they are neither
-trained nor compiled into the step.
+(`TASK.constants`, `big_attn.checkpoint_io`) and passes them to every step as arguments, so
+they are neither trained nor compiled into the step.
 Without a teacher the distillation head is trained on the labels (`y` in both terms), and a
 warning says so. With `distilled=False` the model is the plain DeiT (class token, one head).
 
