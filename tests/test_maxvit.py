@@ -237,8 +237,8 @@ def test_bad_arguments():
     with pytest.raises(error, match=match):
       _abstract(bad, images)
   explicit = maxvit.Model(num_classes=2, variant="T", depths=(1, 1, 1, 1), head_hidden=0)
-  assert explicit.sizes() == dict(embed_dims=(64, 128, 256, 512), depths=(1, 1, 1, 1),
-                                  stem_width=64, head_hidden=0)
+  assert (explicit.embed_dims, explicit.depths, explicit.stem_width, explicit.head_hidden) == (
+      (64, 128, 256, 512), (1, 1, 1, 1), 64, 0)
 
 
 def test_every_config_builds():

@@ -197,7 +197,7 @@ def test_bad_arguments():
   with pytest.raises(ValueError, match="equally long"):
     build(dims=(8, 16, 32))
   with pytest.raises(ValueError, match="needs a variant"):
-    metaformer.Model(num_classes=2).sizes()
+    metaformer.Model(num_classes=2)
   with pytest.raises(ValueError, match="drop_path"):
     build(drop_path=1.0)
   with pytest.raises(ValueError, match="images must be"):
@@ -228,7 +228,7 @@ def test_every_config_builds():
     assert _count(model, config.input.image_size) > 0
   config = i1k.get_config("variant=S24")
   assert config.model.variant == "S24" and config.model.drop_path == 0.1
-  assert metaformer.Model(**config.model.to_dict()).sizes()["depths"] == (4, 4, 12, 4)
+  assert metaformer.Model(**config.model.to_dict()).depths == (4, 4, 12, 4)
   local = i1k.get_config("runlocal")
   assert _count(metaformer.Model(**local.model.to_dict()), 32) > 0
   for module, bad in ((digits, "mixer=pool+conv"), (i1k, "variant=S13"), (i1k, "foo=1")):
