@@ -158,7 +158,7 @@ def test_per_stage_mixers_caformer_layout():
   x = ref.normal(0, (2, 32, 32, 3))
   model = metaformer.Model(num_classes=0, depths=(1, 1, 1, 1), dims=(8, 16, 16, 16),
                            mixers=("conv", "conv", "attention", "attention"),
-                           mixer_args=dict(attention=dict(op="sigmoid", head_dim=8)))
+                           attention="sigmoid", mixer_args=dict(attention=dict(head_dim=8)))
   shapes = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), x)))["params"]
   assert "pwconv1" in shapes["stage_1_block_0"]["mixer"]
   assert "attention" in shapes["stage_2_block_0"]["mixer"]
@@ -207,7 +207,7 @@ def test_bad_arguments():
   with pytest.raises(ValueError, match="divisible by head_dim"):
     build(mixers="attention", mixer_args=dict(attention=dict(head_dim=5)))
   with pytest.raises(KeyError, match="unknown attention op"):
-    build(mixers="attention", mixer_args=dict(attention=dict(op="no_such_op", head_dim=8)))
+    build(mixers="attention", attention="no_such_op", mixer_args=dict(attention=dict(head_dim=8)))
   with pytest.raises(TypeError, match="unexpected keyword"):
     build(mixer_args=dict(pool=dict(size=3)))
 
