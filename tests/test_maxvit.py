@@ -216,9 +216,10 @@ def test_bad_arguments():
   def model(**overrides):
     return maxvit.Model(num_classes=2, **{**TINY, **overrides})
 
+  for sizes, match in ((dict(variant="M"), "T, S, B, L"), ({}, "embed_dims, depths")):
+    with pytest.raises(ValueError, match=match):  # when the model is built
+      maxvit.Model(num_classes=2, **sizes)
   cases = [
-      (maxvit.Model(num_classes=2, variant="M"), x, ValueError, "T, S, B, L"),
-      (maxvit.Model(num_classes=2), x, ValueError, "embed_dims, depths"),
       (model(depths=(1,)), x, ValueError, "equal length"),
       (model(embed_dims=(12, 32)), x, ValueError, "multiples of head_dim"),
       (model(head_dim=0), x, ValueError, "multiples of head_dim"),
