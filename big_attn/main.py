@@ -367,6 +367,8 @@ def _train_and_evaluate(config: Any, workdir: str, stop: StopRequest) -> dict[st
   except TypeError as e:
     raise config_lib.ConfigError(
         f"config.model does not fit {config.model_name}.Model: {e}") from None
+  except ValueError as e:  # sizes: an unknown variant, a size neither it nor a field gives
+    raise config_lib.ConfigError(f"config.model: {e}") from None
   with config_lib.naming("config.optax"):
     schedule = optim.make_schedule(config.lr, config.schedule, config.total_steps)
     tx = optim.make_optimizer(config.optax_name, config.optax.to_dict(), schedule,

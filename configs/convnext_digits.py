@@ -21,4 +21,4 @@ def get_config(arg=None):
 
   config.model_name = "convnext"
   config.model = dict(MODEL)
-  return config
+  return config_lib.declare_model_settings(config)

@@ -21,4 +21,4 @@ def get_config(arg=None):
   config.model = dict(dims=(32, 64, 64), num_heads=(1, 2, 2), depths=(1, 1, 2),
                       patch_size=(3, 3, 3), patch_stride=(2, 2, 2), patch_padding=(1, 1, 1),
                       attention=arg.attention, drop_path_rate=0.0, dtype="float32")
-  return config
+  return config_lib.declare_model_settings(config)

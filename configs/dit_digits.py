@@ -21,9 +21,9 @@ after 1500 steps at batch 128: 0.81 (t=1), 0.31 (t=100), 0.097 (t=300), 0.007 (t
 """
 from big_attn.train import config_lib
 
-_CONDITIONING = {"adaln": dict(class_adaln=True, cross_attention=False),
-                 "cross": dict(class_adaln=False, cross_attention=True),
-                 "both": dict(class_adaln=True, cross_attention=True)}
+_CONDITIONING = {"adaln": dict(class_adaln=True, cross_attention=None),
+                 "cross": dict(class_adaln=False, cross_attention="softmax"),
+                 "both": dict(class_adaln=True, cross_attention="softmax")}
 
 
 def get_config(arg=None):
@@ -59,4 +59,4 @@ def get_config(arg=None):
   config.evals.eval = dict(type="diffusion", every=config.total_steps // 3 or 1, split="test",
                            batch_size=100, guidance_scale=2.0, sample_steps=50,
                            clip_denoised=True, sample_dir=arg.sample_dir or None)
-  return config
+  return config_lib.declare_model_settings(config)

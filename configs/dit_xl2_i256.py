@@ -40,8 +40,9 @@ def get_config(arg=None):
 
   config.model_name = "dit"
   config.model = dict(num_classes=1000, variant="S/8" if arg.runlocal else arg.variant,
-                      learn_sigma=True, class_dropout=0.1, cross_attention=arg.cross_attention,
-                      attention=arg.attention, remat_policy="none", dtype="bfloat16")
+                      learn_sigma=True, class_dropout=0.1, attention=arg.attention,
+                      cross_attention="softmax" if arg.cross_attention else None,
+                      remat_policy="none", dtype="bfloat16")
 
   config.mesh = [("data", -1)]
   config.optax_name = "adamw"
@@ -56,4 +57,4 @@ def get_config(arg=None):
   config.evals.eval = dict(type="diffusion", every=5 if arg.runlocal else 10_000,
                            split="validation", batch_size=8 if arg.runlocal else 256,
                            max_batches=1 if arg.runlocal else 50)
-  return config
+  return config_lib.declare_model_settings(config)

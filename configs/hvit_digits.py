@@ -4,7 +4,8 @@ r"""A tiny hierarchical local-global ViT (big_attn/models/hvit.py) on the embedd
 
 Args (`--config=configs/hvit_digits.py:family=rmt,steps=500`):
   family: davit, twins_svt, dinat, biformer or rmt (each with its own ops and layers).
-  local_op, global_op: registry names replacing the family's ops ("" keeps them).
+  local_attention, global_attention: registry names replacing the family's ops ("" keeps
+    them; `local_op`, `global_op` are their deprecated names).
   steps: training steps.
   runlocal: a few steps only, for smoke tests.
 16x16 images, stem stride 2, so the four stages see 8x8, 4x4, 2x2 and 1x1 maps; windows,
@@ -24,8 +25,8 @@ FAMILY_ARGS = {
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, family="davit", local_op="", global_op="", steps=1000,
-                             runlocal=False)
+  arg = config_lib.parse_arg(arg, family="davit", local_attention="", global_attention="",
+                             steps=1000, runlocal=False, renamed=hvit.RENAMED)
   if arg.family not in hvit.FAMILIES:
     raise ValueError(f"config arg family must be one of {hvit.FAMILIES}, got {arg.family!r}")
   config = config_lib.digits_config(arg)
@@ -33,9 +34,7 @@ def get_config(arg=None):
   config.model_name = "hvit"
   config.model = dict(family=arg.family, embed_dims=(16, 32, 48, 64), depths=(2, 2, 2, 2),
                       num_heads=(2, 2, 4, 4), mlp_ratios=2, patch_size=2, drop_path=0.0,
-                      dtype="float32", **FAMILY_ARGS[arg.family])
-  if arg.local_op:
-    config.model["local_op"] = arg.local_op
-  if arg.global_op:
-    config.model["global_op"] = arg.global_op
-  return config
+                      local_attention=arg.local_attention or None,
+                      global_attention=arg.global_attention or None, dtype="float32",
+                      **FAMILY_ARGS[arg.family])
+  return config_lib.declare_model_settings(config)

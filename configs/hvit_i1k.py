@@ -9,8 +9,9 @@ training code is DeiT's), mixup, gradient clipping at norm 5, stochastic depth p
 the authors' configs.
 
 Args: variant (davit_t, davit_s, davit_b, twins_svt_s/b/l, dinat_m/t/s/b, biformer_t/s/b,
-rmt_t/s/b/l; see `big_attn.models.hvit.decode_variant`), local_op / global_op (registry names
-replacing the family's ops, "" keeps them), epochs, runlocal (a narrow model of the variant's
+rmt_t/s/b/l; see `big_attn.models.hvit.decode_variant`), local_attention / global_attention
+(registry names replacing the family's ops, "" keeps them; deprecated: local_op / global_op),
+epochs, runlocal (a narrow model of the variant's
 family, few steps, small batch: for a laptop check of the pipeline).
 """
 from big_attn.models import hvit
@@ -26,8 +27,8 @@ DROP_PATH = {"davit_t": 0.1, "davit_s": 0.2, "davit_b": 0.4,
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, variant="davit_t", local_op="", global_op="", epochs=300,
-                             runlocal=False)
+  arg = config_lib.parse_arg(arg, variant="davit_t", local_attention="", global_attention="",
+                             epochs=300, runlocal=False, renamed=hvit.RENAMED)
   family = hvit.decode_variant(arg.variant)["family"]
   config = config_lib.base_config()
 
@@ -40,14 +41,11 @@ def get_config(arg=None):
   config.model_name = "hvit"
   config.model = dict(num_classes=1000, variant=arg.variant,
                       drop_path=0.0 if arg.runlocal else DROP_PATH[arg.variant],
-                      dtype="bfloat16")
+                      local_attention=arg.local_attention or None,
+                      global_attention=arg.global_attention or None, dtype="bfloat16")
   if arg.runlocal:
     config.model.update(embed_dims=(16, 32, 64, 64), depths=(2, 2, 2, 2),
                         num_heads=(2, 2, 4, 4), dtype="float32")
-  if arg.local_op:
-    config.model["local_op"] = arg.local_op
-  if arg.global_op:
-    config.model["global_op"] = arg.global_op
 
   config.mesh = [("data", -1)]
   config.optax_name = "adamw"
@@ -64,4 +62,4 @@ def get_config(arg=None):
   config.max_to_keep = 3
   config.evals.eval = dict(type="classification", every=5 if arg.runlocal else 1000,
                            split="validation", batch_size=8 if arg.runlocal else 1024)
-  return config
+  return config_lib.declare_model_settings(config)

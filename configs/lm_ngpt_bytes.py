@@ -48,4 +48,4 @@ def get_config(arg=None):
   config.evals.eval = dict(type="lm", every=config.total_steps // 4 or 1, split="test",
                            batch_size=16, max_batches=2 if arg.runlocal else 16,
                            sample_prompt="")
-  return config
+  return config_lib.declare_model_settings(config)

@@ -25,4 +25,4 @@ def get_config(arg=None):
   config.model = dict(embed_dims=(32, 64), depths=(1, 1), stem_width=32, head_hidden=64,
                       head_dim=16, partition_size=2, block_attention=arg.block_attention,
                       grid_attention=arg.grid_attention, drop_path=0.0, dtype="float32")
-  return config
+  return config_lib.declare_model_settings(config)

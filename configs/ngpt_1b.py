@@ -58,4 +58,4 @@ def get_config(arg=None):
   config.max_to_keep = 3
   config.evals.eval = dict(type="lm", every=5000, split="test", batch_size=arg.batch,
                            max_batches=8)
-  return config
+  return config_lib.declare_model_settings(config)

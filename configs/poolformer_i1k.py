@@ -34,7 +34,7 @@ def get_config(arg=None):
 
   config.model_name = "metaformer"
   config.model = dict(num_classes=1000, mixers=mixers[0] if len(mixers) == 1 else tuple(mixers),
-                      mixer_args=dict(attention=dict(op=arg.attention)), dtype="bfloat16")
+                      attention=arg.attention, dtype="bfloat16")
   if arg.runlocal:
     config.model.update(depths=(1, 1, 1, 1), dims=(16, 32, 64, 64))
   else:
@@ -54,4 +54,4 @@ def get_config(arg=None):
   config.max_to_keep = 3
   config.evals.eval = dict(type="classification", every=5 if arg.runlocal else 1000,
                            split="validation", batch_size=8 if arg.runlocal else 1024)
-  return config
+  return config_lib.declare_model_settings(config)

@@ -48,4 +48,4 @@ def get_config(arg=None):
   config.max_to_keep = 3
   config.evals.eval = dict(type="classification", every=5000, split="validation",
                            batch_size=1024)
-  return config
+  return config_lib.declare_model_settings(config)

@@ -43,4 +43,4 @@ def get_config(arg=None):
   config.model = dict(width=64, depth=4, mlp_dim=128, num_heads=4, patch_size=(4, 4),
                       posemb="learn", pool_type="cls", norm_eps=1e-12, approximate_gelu=False,
                       attention=arg.attention, dropout=0.0, dtype="float32")
-  return config
+  return config_lib.declare_model_settings(config)

@@ -40,4 +40,4 @@ def get_config(arg=None):
   config.max_to_keep = 3
   config.evals.eval = dict(type="classification", every=5 if arg.runlocal else 1000,
                            split="validation", batch_size=8 if arg.runlocal else 1024)
-  return config
+  return config_lib.declare_model_settings(config)

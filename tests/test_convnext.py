@@ -207,7 +207,7 @@ def test_bad_arguments():
   with pytest.raises(ValueError, match="unknown ConvNeXt variant"):
     abstract(convnext.Model(num_classes=2, variant="Q"), x)
   explicit = convnext.Model(num_classes=2, variant="B", depths=(1, 1, 1, 1))
-  assert explicit.sizes() == dict(depths=(1, 1, 1, 1), dims=(128, 256, 512, 1024))
+  assert (explicit.depths, explicit.dims) == ((1, 1, 1, 1), (128, 256, 512, 1024))
 
 
 def test_every_config_builds():

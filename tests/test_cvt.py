@@ -185,7 +185,7 @@ def test_bad_arguments():
     layer = cvt.ConvProjectionAttention(num_heads=1, num_prefix=1)
     jax.eval_shape(lambda: layer.init(jax.random.key(0), jnp.zeros((1, 16, 4)), (4, 4)))
   explicit = cvt.Model(num_classes=2, variant="CvT-13", depths=(1, 1, 1))
-  assert explicit.sizes()["depths"] == (1, 1, 1) and explicit.sizes()["dims"] == (64, 192, 384)
+  assert explicit.depths == (1, 1, 1) and explicit.dims == (64, 192, 384)
 
 
 def test_every_config_builds():

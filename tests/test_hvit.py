@@ -141,13 +141,13 @@ def test_forward_and_train_step(family):
 
 def test_ops_are_swappable_and_grids_filled():
   images = jnp.zeros((1, 16, 16, 3))
-  model = _tiny("davit", local_op="neighborhood", local_op_args={"kernel_size": 1},
-                global_op="softmax")
+  model = _tiny("davit", local_attention="neighborhood",
+                local_attention_args={"kernel_size": 1}, global_attention="softmax")
   out = jax.eval_shape(lambda: model.init_with_output(jax.random.key(0), images))[0]
   assert out.shape == (1, 10)
   # Twins with the op's own depthwise reduction instead of the layer's conv.
-  model = _tiny("twins_svt", sr_ratios=1, global_op="spatial_reduction",
-                global_op_args={"reduction": 1, "method": "conv"})
+  model = _tiny("twins_svt", sr_ratios=1, global_attention="spatial_reduction",
+                global_attention_args={"reduction": 1, "method": "conv"})
   params = _abstract(model, images)
   assert "sr" not in params["stage0_block1"]
   assert "op_params" in params["stage0_block1"]["attention"]
@@ -199,7 +199,7 @@ def test_configs_build():
     config = i1k.get_config(f"variant={variant}")
     main_lib.check_config(config)
     assert hvit.Model(**config.model).spec()["depths"] == hvit.decode_variant(variant)["depths"]
-  swapped = digits.get_config("family=rmt,global_op=softmax").model
+  swapped = digits.get_config("family=rmt,global_attention=softmax").model
   assert hvit.Model(num_classes=10, **swapped).spec()["ops"] == ("retention", "softmax")
   for bad in ("family=swin", "variant=davit_t"):
     with pytest.raises(ValueError):
@@ -226,8 +226,8 @@ def test_bad_arguments():
       (dict(variant="dinat_t", patch_size=3), "power of two"),
       (dict(variant="biformer_t", topks=(1, 0, 2, -1)), "topks"),
       (dict(variant="rmt_t", decays=(2, 4)), "decays"),
-      (dict(variant="davit_t", local_op="no_such_op"), "unknown attention op"),
-      (dict(variant="davit_t", global_op_args=[1]), "dicts"),
+      (dict(variant="davit_t", local_attention="no_such_op"), "unknown attention op"),
+      (dict(variant="davit_t", global_attention_args=[1]), "dicts"),
   ]
   for kwargs, match in cases:
     with pytest.raises((ValueError, TypeError), match=match):

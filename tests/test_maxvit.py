@@ -216,9 +216,10 @@ def test_bad_arguments():
   def model(**overrides):
     return maxvit.Model(num_classes=2, **{**TINY, **overrides})
 
+  for sizes, match in ((dict(variant="M"), "T, S, B, L"), ({}, "embed_dims, depths")):
+    with pytest.raises(ValueError, match=match):  # when the model is built
+      maxvit.Model(num_classes=2, **sizes)
   cases = [
-      (maxvit.Model(num_classes=2, variant="M"), x, ValueError, "T, S, B, L"),
-      (maxvit.Model(num_classes=2), x, ValueError, "embed_dims, depths"),
       (model(depths=(1,)), x, ValueError, "equal length"),
       (model(embed_dims=(12, 32)), x, ValueError, "multiples of head_dim"),
       (model(head_dim=0), x, ValueError, "multiples of head_dim"),
@@ -237,8 +238,8 @@ def test_bad_arguments():
     with pytest.raises(error, match=match):
       _abstract(bad, images)
   explicit = maxvit.Model(num_classes=2, variant="T", depths=(1, 1, 1, 1), head_hidden=0)
-  assert explicit.sizes() == dict(embed_dims=(64, 128, 256, 512), depths=(1, 1, 1, 1),
-                                  stem_width=64, head_hidden=0)
+  assert (explicit.embed_dims, explicit.depths, explicit.stem_width, explicit.head_hidden) == (
+      (64, 128, 256, 512), (1, 1, 1, 1), 64, 0)
 
 
 def test_every_config_builds():

@@ -158,7 +158,7 @@ def test_per_stage_mixers_caformer_layout():
   x = ref.normal(0, (2, 32, 32, 3))
   model = metaformer.Model(num_classes=0, depths=(1, 1, 1, 1), dims=(8, 16, 16, 16),
                            mixers=("conv", "conv", "attention", "attention"),
-                           mixer_args=dict(attention=dict(op="sigmoid", head_dim=8)))
+                           attention="sigmoid", mixer_args=dict(attention=dict(head_dim=8)))
   shapes = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), x)))["params"]
   assert "pwconv1" in shapes["stage_1_block_0"]["mixer"]
   assert "attention" in shapes["stage_2_block_0"]["mixer"]
@@ -197,7 +197,7 @@ def test_bad_arguments():
   with pytest.raises(ValueError, match="equally long"):
     build(dims=(8, 16, 32))
   with pytest.raises(ValueError, match="needs a variant"):
-    metaformer.Model(num_classes=2).sizes()
+    metaformer.Model(num_classes=2)
   with pytest.raises(ValueError, match="drop_path"):
     build(drop_path=1.0)
   with pytest.raises(ValueError, match="images must be"):
@@ -207,7 +207,7 @@ def test_bad_arguments():
   with pytest.raises(ValueError, match="divisible by head_dim"):
     build(mixers="attention", mixer_args=dict(attention=dict(head_dim=5)))
   with pytest.raises(KeyError, match="unknown attention op"):
-    build(mixers="attention", mixer_args=dict(attention=dict(op="no_such_op", head_dim=8)))
+    build(mixers="attention", attention="no_such_op", mixer_args=dict(attention=dict(head_dim=8)))
   with pytest.raises(TypeError, match="unexpected keyword"):
     build(mixer_args=dict(pool=dict(size=3)))
 
@@ -228,7 +228,7 @@ def test_every_config_builds():
     assert _count(model, config.input.image_size) > 0
   config = i1k.get_config("variant=S24")
   assert config.model.variant == "S24" and config.model.drop_path == 0.1
-  assert metaformer.Model(**config.model.to_dict()).sizes()["depths"] == (4, 4, 12, 4)
+  assert metaformer.Model(**config.model.to_dict()).depths == (4, 4, 12, 4)
   local = i1k.get_config("runlocal")
   assert _count(metaformer.Model(**local.model.to_dict()), 32) > 0
   for module, bad in ((digits, "mixer=pool+conv"), (i1k, "variant=S13"), (i1k, "foo=1")):

@@ -275,5 +275,6 @@ def test_bad_arguments():
     _abstract(vit.Model(num_classes=2, posemb="rope", **TINY), x)
   explicit = vit.Model(num_classes=2, variant="B/16", depth=1, width=64, num_heads=2,
                        patch_size=8)
-  assert explicit.sizes() == dict(width=64, depth=1, mlp_dim=3072, num_heads=2,
-                                  patch_size=(8, 8))
+  # The variant's sizes fill the fields left at None when the model is built.
+  assert (explicit.width, explicit.depth, explicit.mlp_dim, explicit.num_heads,
+          explicit.patch_size) == (64, 1, 3072, 2, (8, 8))

@@ -13,7 +13,7 @@ The run's config is read from `WORKDIR/config.json` (saved by `big_attn.main`); 
   token_norms.png     every token's output norm per block (CLS, patch indices, registers);
   summary.json        prediction, the numbers behind the figures and the high-norm tokens.
 Each figure's title names the true and the predicted class; heat maps have colour bars.
-Models are ViT-like image classifiers (`Model.sizes()` gives `patch_size`; a class token when
+Models are ViT-like image classifiers (a `patch_size` pair of fields; a class token when
 `pool_type` is "cls"/"tok"; `num_registers` register tokens at the end); another run (a language
 model, a diffusion model) is refused with a message saying so.
 """
@@ -56,7 +56,7 @@ def check_supported(config: Any) -> None:
     classifiers = [name for name in models.names() if _is_image_classifier(name)]
     raise ValueError(
         f"the run trains model_name={config.model_name!r}, which big_attn.interpret does not "
-        "explain: it explains ViT-like image classifiers (Model.sizes() gives a patch_size), of "
+        "explain: it explains ViT-like image classifiers (Model has a patch_size pair), of "
         f"the image-classification families {', '.join(classifiers)}")
 
 
@@ -90,11 +90,11 @@ def load_test_image(config: Any, index: int, num_test: int) -> dict[str, np.ndar
 
 def token_layout(model: Any, image_shape: tuple[int, ...]) -> dict[str, Any]:
   """Patch grid, patch size, class-token prefix and total token count of a ViT-like model."""
-  sizes = model.sizes() if hasattr(model, "sizes") else {}
-  if "patch_size" not in sizes:
-    raise ValueError(f"{type(model).__module__}.Model has no patch grid (sizes() gives no "
-                     "patch_size): big_attn.interpret explains ViT-like image classifiers")
-  ph, pw = sizes["patch_size"]
+  patch = getattr(model, "patch_size", None)
+  if not (isinstance(patch, tuple) and len(patch) == 2):
+    raise ValueError(f"{type(model).__module__}.Model has no patch grid (no patch_size pair, "
+                     f"got {patch!r}): big_attn.interpret explains ViT-like image classifiers")
+  ph, pw = patch
   grid = (image_shape[0] // ph, image_shape[1] // pw)
   num_prefix = int(getattr(model, "pool_type", "gap") in ("cls", "tok"))
   num_registers = getattr(model, "num_registers", 0)

@@ -135,7 +135,7 @@ def unsupported(model: Any) -> str | None:
       "attention": (model.attention != "softmax", f"the softmax op, got {model.attention!r}"),
       "attention_args": (bool(model.attention_args), "no op arguments"),
       "qk_norm": (model.qk_norm, "qk_norm=False"),
-      "num_kv_heads": (model.num_kv_heads not in (None, model.sizes()["num_heads"]),
+      "num_kv_heads": (model.num_kv_heads not in (None, model.num_heads),
                        "as many key/value heads as query heads"),
       "pool_type": (model.pool_type not in ("gap", "cls", "tok"), "'gap' or 'cls'"),
       "scan_layers": (model.scan_layers, "scan_layers=False (the same parameters with the "
@@ -228,7 +228,6 @@ def lrp_pass(model: vit.Model, variables: Any, images: Any, target: Any, *,
   `target`: a class index or one per image. One compiled call.
   """
   images, target = _check(model, images, target)
-  sizes = model.sizes()
 
   @jax.jit
   def run(variables, images, target):
@@ -236,7 +235,7 @@ def lrp_pass(model: vit.Model, variables: Any, images: Any, target: Any, *,
     p = jax.tree.map(lambda t: jnp.asarray(t, jnp.float32),
                      nn.meta.unbox(variables["params"]))
     x = x.astype(jnp.float32)
-    blocks = [p["Transformer"][f"encoderblock_{i}"] for i in range(sizes["depth"])]
+    blocks = [p["Transformer"][f"encoderblock_{i}"] for i in range(model.depth)]
     acts = []
     for bp in blocks:
       acts.append(_block_forward(bp, x))
@@ -286,7 +285,7 @@ def transformer_attribution(model: vit.Model, variables: Any, images: Any, targe
   target_fn = lambda out: jnp.take_along_axis(out, target_[:, None], axis=1).sum()
   _, grads = capture.attention_gradients(model, variables, target_fn, images, train=False)
   rollout = relevance.gradient_rollout(list(maps.values()), [grads[path] for path in maps])
-  (ph, pw), (h, w) = model.sizes()["patch_size"], images.shape[1:3]
+  (ph, pw), (h, w) = model.patch_size, images.shape[1:3]
   cls = model.pool_type in ("cls", "tok")
   return relevance.token_relevance(rollout, query=0 if cls else None, num_prefix=int(cls),
                                    num_patches=(h // ph) * (w // pw))

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from big_attn.layers import layer_norm
+from big_attn.models import common
 
 _DEPTHS = {"T": (3, 3, 9, 3), "S": (3, 3, 27, 3), "B": (3, 3, 27, 3), "L": (3, 3, 27, 3),
            "XL": (3, 3, 27, 3)}
@@ -127,23 +128,16 @@ class Model(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
-  def sizes(self) -> dict[str, tuple[int, ...]]:
-    """The resolved `depths` and `dims` (variant, then explicit fields)."""
-    sizes = decode_variant(self.variant) if self.variant is not None else {}
-    if self.depths is not None:
-      sizes["depths"] = tuple(self.depths)
-    if self.dims is not None:
-      sizes["dims"] = tuple(self.dims)
-    if "depths" not in sizes or "dims" not in sizes:
-      raise ValueError("ConvNeXt Model needs a variant or explicit depths and dims")
-    depths, dims = sizes["depths"], sizes["dims"]
+  def __post_init__(self):
+    common.resolve_variant(self, decode_variant, required=("depths", "dims"))
+    super().__post_init__()
+
+  def _check(self, images):
+    depths, dims = self.depths, self.dims
     if (not depths or len(depths) != len(dims)
         or not all(isinstance(v, int) and v > 0 for v in depths + dims)):
       raise ValueError(f"depths and dims must be equally long, non-empty tuples of positive "
                        f"ints, got depths={depths}, dims={dims}")
-    return sizes
-
-  def _check(self, images, depths):
     if not 0.0 <= self.drop_path_rate < 1.0:
       raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
     for name in ("stem_size", "kernel_size"):
@@ -159,9 +153,8 @@ class Model(nn.Module):
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
-    sizes = self.sizes()
-    depths, dims = sizes["depths"], sizes["dims"]
-    self._check(images, depths)
+    self._check(images)
+    depths, dims = self.depths, self.dims
     deterministic = not train
     norm = lambda name: layer_norm(self.dtype, self.param_dtype, name)
     conv = lambda features, size, name: _conv(  # pylint: disable=g-long-lambda

@@ -47,6 +47,7 @@ from big_attn.layers import MlpBlock, conv_norm, layer_norm
 from big_attn.layers.norm import CONV_NORMS
 from big_attn.layers import op_params
 from big_attn.layers.attention import Projection
+from big_attn.models import common
 
 _DIMS = {"13": (64, 192, 384), "21": (64, 192, 384), "W24": (192, 768, 1024)}
 _HEADS = {"13": (1, 3, 6), "21": (1, 3, 6), "W24": (3, 12, 16)}
@@ -241,29 +242,20 @@ class Model(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
-  def sizes(self) -> dict[str, tuple[int, ...]]:
-    """The resolved per-stage `dims`, `num_heads`, `depths` and token embedding sizes."""
-    sizes = decode_variant(self.variant) if self.variant is not None else {}
-    explicit = dict(dims=self.dims, num_heads=self.num_heads, depths=self.depths)
-    sizes.update({k: tuple(v) for k, v in explicit.items() if v is not None})
-    missing = [k for k in explicit if k not in sizes]
-    if missing:
-      raise ValueError(f"CvT Model needs a variant or explicit {', '.join(missing)}")
-    sizes.update(patch_size=tuple(self.patch_size), patch_stride=tuple(self.patch_stride),
-                 patch_padding=tuple(self.patch_padding))
-    stages = len(sizes["dims"])
-    for key, value in sizes.items():
-      low = 0 if key == "patch_padding" else 1
+  def __post_init__(self):
+    common.resolve_variant(self, decode_variant, required=("dims", "num_heads", "depths"))
+    super().__post_init__()
+
+  def _check(self, images):
+    stages = len(self.dims)
+    for key in ("dims", "num_heads", "depths", "patch_size", "patch_stride", "patch_padding"):
+      value, low = tuple(getattr(self, key)), 0 if key == "patch_padding" else 1
       if len(value) != stages or not all(isinstance(v, int) and v >= low for v in value):
         raise ValueError(f"{key} must be {stages} ints >= {low} (one per stage, as dims), got "
                          f"{value}")
-    for dim, heads in zip(sizes["dims"], sizes["num_heads"]):
+    for dim, heads in zip(self.dims, self.num_heads):
       if dim % heads:
-        raise ValueError(f"dims {sizes['dims']} must be divisible by num_heads "
-                         f"{sizes['num_heads']}")
-    return sizes
-
-  def _check(self, images):
+        raise ValueError(f"dims {self.dims} must be divisible by num_heads {self.num_heads}")
     if images.ndim != 4:
       raise ValueError(f"images must be [batch, height, width, channels], got shape "
                        f"{images.shape}")
@@ -284,15 +276,14 @@ class Model(nn.Module):
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
-    sizes = self.sizes()
     self._check(images)
     ops.get(self.attention)  # an unknown op name raises here, before any tracing
     deterministic = not train
-    stages = len(sizes["dims"])
+    stages = len(self.dims)
     x = jnp.asarray(images, self.dtype)
     for stage in range(stages):
-      dim, size = sizes["dims"][stage], sizes["patch_size"][stage]
-      stride, pad = sizes["patch_stride"][stage], sizes["patch_padding"][stage]
+      dim, size = self.dims[stage], self.patch_size[stage]
+      stride, pad = self.patch_stride[stage], self.patch_padding[stage]
       x = nn.Conv(dim, (size, size), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
                   dtype=self.dtype, param_dtype=self.param_dtype, name=f"stage_{stage}_embed",
                   kernel_init=nn.with_logical_partitioning(
@@ -311,11 +302,11 @@ class Model(nn.Module):
         x = jnp.concatenate([cls, x], axis=1)
         num_prefix = 1
       x = nn.Dropout(rate=self.dropout)(x, deterministic)
-      depth = sizes["depths"][stage]
+      depth = self.depths[stage]
       rates = (np.linspace(0.0, self.drop_path_rate, depth) if stage == stages - 1
                else np.zeros(depth))
       attention_args = dict(
-          num_heads=sizes["num_heads"][stage], op=self.attention,
+          num_heads=self.num_heads[stage], op=self.attention,
           op_args=None if self.attention_args is None else dict(self.attention_args),
           implementation=self.attention_impl, kernel_size=self.kernel_size,
           stride_kv=self.stride_kv, num_prefix=num_prefix, conv_norm=self.conv_norm,

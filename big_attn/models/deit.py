@@ -98,9 +98,11 @@ class Model(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
-  sizes = vit.Model.sizes  # the same fields, resolved the same way
+  def __post_init__(self):
+    vit.resolve_sizes(self)  # the same fields, resolved the same way
+    super().__post_init__()
 
-  def _check(self, images, sizes):
+  def _check(self, images):
     if not isinstance(self.num_classes, int) or self.num_classes < 1:
       raise ValueError(f"num_classes must be a positive int, got {self.num_classes!r}")
     if not (self.teacher is None or callable(self.teacher) or hasattr(self.teacher, "keys")):
@@ -108,13 +110,12 @@ class Model(nn.Module):
                       f"{type(self.teacher).__name__}")
     if self.teacher is not None and not self.distilled:
       raise ValueError("a teacher needs distilled=True (the distillation token learns from it)")
-    vit.check_encoder_inputs(self, images, sizes)
+    vit.check_encoder_inputs(self, images)
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
-    sizes = self.sizes()
-    self._check(images, sizes)
-    width, patch = sizes["width"], sizes["patch_size"]
+    self._check(images)
+    width, patch = self.width, self.patch_size
     deterministic = not train
 
     x = vit.embed_patches(images, width, patch, self.posemb, self.dtype, self.param_dtype)
@@ -127,14 +128,14 @@ class Model(nn.Module):
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     x = nn.Dropout(rate=self.dropout)(x, deterministic)
 
-    block_args = dict(num_heads=sizes["num_heads"], mlp_dim=sizes["mlp_dim"],
+    block_args = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim,
                       num_kv_heads=self.num_kv_heads, attention=self.attention,
                       attention_args=None if self.attention_args is None
                       else dict(self.attention_args),
                       attention_impl=self.attention_impl, qk_norm=self.qk_norm,
                       dropout=self.dropout, norm_eps=self.norm_eps,
                       approximate_gelu=self.approximate_gelu)
-    x = vit.Encoder(depth=sizes["depth"], block_args=block_args, remat_policy=self.remat_policy,
+    x = vit.Encoder(depth=self.depth, block_args=block_args, remat_policy=self.remat_policy,
                     scan_layers=self.scan_layers, dtype=self.dtype,
                     param_dtype=self.param_dtype, name="Transformer")(x, deterministic)
 

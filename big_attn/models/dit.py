@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from typing import Any
 
 import flax.linen as nn
@@ -68,6 +69,7 @@ import numpy as np
 
 from big_attn.layers import Attention, MlpBlock, posemb_sincos_2d
 from big_attn.layers.attention import Projection
+from big_attn.models import common
 from big_attn.models.vit import REMAT_POLICIES
 from big_attn import tasks
 
@@ -135,8 +137,8 @@ class DiTBlock(nn.Module):
   attention_args: Any = None
   attention_impl: str | None = None
   qk_norm: bool = False
-  cross_attention: bool = False
-  cross_attention_op: str = "softmax"
+  cross_attention: str | None = None
+  cross_attention_args: Any = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -152,8 +154,8 @@ class DiTBlock(nn.Module):
     x = constrain(x + gate1[:, None] * y)
     if self.cross_attention:
       mask = None if cond_mask is None else cond_mask[:, None, None, :]
-      x = constrain(x + _CrossAttention(op=self.cross_attention_op, name="cross_attn", **attn)(
-          x, cond, mask=mask))
+      x = constrain(x + _CrossAttention(op=self.cross_attention, op_args=self.cross_attention_args,
+                                        name="cross_attn", **attn)(x, cond, mask=mask))
     y = MlpBlock(mlp_dim=self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype,
                  bias_init=nn.initializers.zeros_init(), name="mlp")(
                      _modulate(_norm(x, self.dtype), shift2, scale2))
@@ -173,14 +175,17 @@ class Model(nn.Module):
     learn_sigma: output the variance interpolation too (DiT's default).
     class_dropout: probability of replacing the condition by the null one in training.
     class_adaln: add the class embedding to the timestep embedding (DiT).
-    cross_attention: a cross-attention layer after every self-attention (PixArt-α).
-    cross_attention_op: the registry op of the cross-attention.
+    cross_attention: a cross-attention layer after every self-attention (PixArt-α) with this
+      registry op (True: "softmax"; None or False: no cross-attention).
+    cross_attention_args: dict of the cross-attention op's keyword arguments.
+    cross_attention_op: deprecated name of the cross-attention op (use `cross_attention`).
     num_cond_tokens: learned condition tokens per class, or the length of the null condition
       with `cond_dim`.
     cond_dim: width of caller-given `cond_tokens` (None: learned per-class tokens).
     adaln_single: PixArt-α's shared adaLN (see the module docstring).
     num_timesteps: diffusion steps of the noise schedule.
-    attention, attention_args, attention_impl, qk_norm: the self-attention op, as in ViT.
+    attention, attention_args, attention_impl, qk_norm: the self-attention op, as in ViT
+      (`qk_norm` applies to the cross-attention too).
     remat_policy: "none" or a `jax.checkpoint_policies` name applied to every block.
     dtype, param_dtype: compute and parameter dtypes.
   Parameters carry the logical axis names embed, mlp, heads, head_dim, patch_h, patch_w,
@@ -196,8 +201,8 @@ class Model(nn.Module):
   learn_sigma: bool = True
   class_dropout: float = 0.1
   class_adaln: bool = True
-  cross_attention: bool = False
-  cross_attention_op: str = "softmax"
+  cross_attention: bool | str | None = None
+  cross_attention_args: Any = None
   num_cond_tokens: int = 1
   cond_dim: int | None = None
   adaln_single: bool = False
@@ -209,31 +214,33 @@ class Model(nn.Module):
   remat_policy: str = "none"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  cross_attention_op: str | None = None  # deprecated: `cross_attention` names the op
 
-  def sizes(self) -> dict[str, Any]:
-    """The resolved `width, depth, num_heads, mlp_dim, patch_size` (variant, then fields)."""
-    sizes = dict(mlp_dim=None, patch_size=(2, 2))
-    if self.variant is not None:
-      sizes.update(decode_variant(self.variant))
-    explicit = dict(width=self.width, depth=self.depth, num_heads=self.num_heads,
-                    mlp_dim=self.mlp_dim, patch_size=self.patch_size)
-    sizes.update({k: v for k, v in explicit.items() if v is not None})
-    missing = [k for k in ("width", "depth", "num_heads") if sizes.get(k) is None]
-    if missing:
-      raise ValueError(f"DiT Model needs a variant or explicit {', '.join(missing)}")
-    sizes["mlp_dim"] = sizes["mlp_dim"] or 4 * sizes["width"]
-    patch = sizes["patch_size"]
-    patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
-    if len(patch) != 2 or not all(isinstance(p, int) and p > 0 for p in patch):
-      raise ValueError(f"patch_size must be a positive int or a pair of them, got {patch!r}")
-    sizes["patch_size"] = patch
-    return sizes
+  def __post_init__(self):
+    common.resolve_variant(self, decode_variant, required=("width", "depth", "num_heads"),
+                           defaults=dict(mlp_dim=lambda sizes: 4 * sizes["width"],
+                                         patch_size=(2, 2)))
+    patch = self.patch_size
+    common.set_fields(self, patch_size=(patch, patch) if isinstance(patch, int) else patch)
+    if self.cross_attention_op is not None:
+      warnings.warn("dit.Model(cross_attention_op=...) is deprecated; use cross_attention=OP",
+                    DeprecationWarning, stacklevel=4)
+      if self.cross_attention not in (True, self.cross_attention_op, False, None):
+        raise ValueError(f"cross_attention_op={self.cross_attention_op!r} (deprecated) and "
+                         f"cross_attention={self.cross_attention!r} disagree; set "
+                         "cross_attention only")
+      if self.cross_attention:
+        common.set_fields(self, cross_attention=self.cross_attention_op)
+      common.set_fields(self, cross_attention_op=None)
+    if self.cross_attention is True:
+      common.set_fields(self, cross_attention="softmax")
+    super().__post_init__()
 
   @property
   def has_null_class(self) -> bool:
     return self.class_dropout > 0
 
-  def _check(self, images, t, labels, cond_tokens, sizes):
+  def _check(self, images, t, labels, cond_tokens):
     if not isinstance(self.num_classes, int) or self.num_classes < 1:
       raise ValueError(f"num_classes must be a positive int, got {self.num_classes!r}")
     if not 0.0 <= self.class_dropout < 1.0:
@@ -245,12 +252,20 @@ class Model(nn.Module):
       raise ValueError(f"num_cond_tokens must be >= 1, got {self.num_cond_tokens}")
     if self.cond_dim is not None and not self.cross_attention:
       raise ValueError("cond_dim needs cross_attention=True (condition tokens enter through it)")
-    if self.attention_args is not None and not hasattr(self.attention_args, "keys"):
-      raise TypeError(f"attention_args must be a dict, got {type(self.attention_args).__name__}")
+    if self.cross_attention not in (False, None) and not isinstance(self.cross_attention, str):
+      raise TypeError(f"cross_attention must be a bool or a registry op name, got "
+                      f"{self.cross_attention!r}")
+    for name in ("attention_args", "cross_attention_args"):
+      if getattr(self, name) is not None and not hasattr(getattr(self, name), "keys"):
+        raise TypeError(f"{name} must be a dict, got {type(getattr(self, name)).__name__}")
     if images.ndim != 4:
       raise ValueError(f"images must be [batch, height, width, channels], got shape "
                        f"{images.shape}")
-    (ph, pw), (h, w) = sizes["patch_size"], images.shape[1:3]
+    patch = self.patch_size
+    if not isinstance(patch, tuple) or len(patch) != 2 or not all(
+        isinstance(p, int) and p > 0 for p in patch):
+      raise ValueError(f"patch_size must be a positive int or a pair of them, got {patch!r}")
+    (ph, pw), (h, w) = patch, images.shape[1:3]
     if h % ph or w % pw:
       raise ValueError(f"image size {(h, w)} must be divisible by patch_size {(ph, pw)}")
     b = images.shape[0]
@@ -313,9 +328,8 @@ class Model(nn.Module):
     """`t` defaults to 0 and `labels` to the null class (init); `force_drop` `[b]` bool
     replaces those examples' condition by the null one (the unconditional branch of
     classifier-free guidance)."""
-    sizes = self.sizes()
-    self._check(images, t, labels, cond_tokens, sizes)
-    width, patch = sizes["width"], sizes["patch_size"]
+    self._check(images, t, labels, cond_tokens)
+    width, patch = self.width, self.patch_size
     b, h, w, channels = images.shape
     if t is None:
       t = jnp.zeros((b,), jnp.int32)
@@ -360,15 +374,16 @@ class Model(nn.Module):
     block_cls = DiTBlock
     if self.remat_policy != "none":
       block_cls = nn.remat(block_cls, policy=getattr(jax.checkpoint_policies, self.remat_policy))
-    block_args = dict(num_heads=sizes["num_heads"], mlp_dim=sizes["mlp_dim"],
+    block_args = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim,
                       attention=self.attention,
                       attention_args=None if self.attention_args is None
                       else dict(self.attention_args),
                       attention_impl=self.attention_impl, qk_norm=self.qk_norm,
-                      cross_attention=self.cross_attention,
-                      cross_attention_op=self.cross_attention_op, dtype=self.dtype,
+                      cross_attention=self.cross_attention or None,
+                      cross_attention_args=None if self.cross_attention_args is None
+                      else dict(self.cross_attention_args), dtype=self.dtype,
                       param_dtype=self.param_dtype)
-    for i in range(sizes["depth"]):
+    for i in range(self.depth):
       if self.adaln_single:
         table = self.param(f"scale_shift_table_{i}", nn.with_logical_partitioning(
             nn.initializers.normal(stddev=width ** -0.5), (None, "embed")), (6, width),

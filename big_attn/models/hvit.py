@@ -20,8 +20,9 @@ it is a valid input side. Block `j` of a stage attends with op `ops[j % 2]` (loc
 |             | Transformers                               | decomposed along H, W where marked   |
 
 Every attention is `big_attn.layers.Attention(op=..., op_args=...)` with the stage's `grid`
-filled in (for ops that take one), so a config can swap either op (`local_op`, `global_op`,
-`local_op_args`, `global_op_args`). Per family, following the authors' code:
+filled in (for ops that take one), so a config can swap either op (`local_attention`,
+`global_attention`, `local_attention_args`, `global_attention_args`). Per family, following the
+authors' code:
 - DaViT: conv position encoding (depthwise 3x3, residual) before the attention and before the
   MLP of every block; stem conv (2p−1)x(2p−1) stride p (7x7/4) + LN; downsampling LN + 2x2
   conv stride 2; windows of 7 without relative position bias; channel groups = heads.
@@ -31,7 +32,7 @@ filled in (for ops that take one), so a config can swap either op (`local_op`, `
   The `spatial_reduction` op reduces after the projections with depthwise weights (its
   docstring leaves the Twins conv to the layer); that conv holds 1.8M of SVT-S's 24M
   parameters, so Twins' global op is dense softmax on the conv-reduced tokens (a config may
-  set `global_op="spatial_reduction"` with `sr_ratios=1`). PEG (depthwise 3x3, residual)
+  set `global_attention="spatial_reduction"` with `sr_ratios=1`). PEG (depthwise 3x3, residual)
   after the first block of every stage.
 - DiNAT: two 3x3 stride-2 convs + LN; downsampling 3x3 stride-2 conv (no bias) + LN; kernel 7
   with a relative position bias per block (passed to the op); odd blocks dilated by
@@ -101,9 +102,13 @@ import numpy as np
 from big_attn import ops
 from big_attn.layers import Attention, MlpBlock, conv_norm, layer_norm
 from big_attn.layers.norm import CONV_NORMS
+from big_attn.models import common
 from big_attn.ops import retention as retention_lib
 
 FAMILIES = ("davit", "twins_svt", "dinat", "biformer", "rmt")
+# Deprecated Model fields -> their names since issue #14 (kept for one release).
+RENAMED = {"local_op": "local_attention", "global_op": "global_attention",
+           "local_op_args": "local_attention_args", "global_op_args": "global_attention_args"}
 
 # The authors' settings shared by every size of a family (a variant or the Model's fields
 # override them). Per-stage tuples have four entries.
@@ -265,7 +270,8 @@ class Block(nn.Module):
 
   Attributes:
     num_heads, mlp_dim: attention heads and FFN hidden width.
-    op, op_args: the attention op (registry name) and its arguments (`grid` is filled in).
+    op, op_args: the attention op (registry name) and its arguments (`grid` is filled in);
+      implementation: its `implementation`.
     cpe: depthwise 3x3 residual position encoding before the attention (DaViT, BiFormer, RMT).
     cpe_mlp: another one before the FFN (DaViT).
     kv_reduction: sub-sample keys/values by an r x r stride-r conv + LN before their
@@ -283,6 +289,7 @@ class Block(nn.Module):
   mlp_dim: int
   op: str
   op_args: Any = None
+  implementation: str | None = None
   cpe: bool = False
   cpe_mlp: bool = False
   kv_reduction: int = 1
@@ -350,7 +357,8 @@ class Block(nn.Module):
         return out
       return call
 
-    y = Attention(num_heads=self.num_heads, op=self.op, op_args=op_args, use_bias=True,
+    y = Attention(num_heads=self.num_heads, op=self.op, op_args=op_args,
+                  implementation=self.implementation, use_bias=True,
                   rope_base=self.rope_base, op_wrapper=wrapper, dtype=dt, param_dtype=pdt,
                   kernel_init=nn.initializers.xavier_uniform(), name="attention")(
                       y.reshape(b, h * w, c), kv)
@@ -399,9 +407,11 @@ class Model(nn.Module):
       rows, then columns.
     layer_scale: initial layer scale, a float or one per stage (None: none).
     head_projection: RMT's Dense width before the pooling (None: none).
-    local_op, global_op: registry names replacing the family's ops of even / odd blocks;
-      local_op_args, global_op_args: their extra arguments (merged over the family's when the
-      op is the family's own); the stage's `grid` is filled in for ops that take one.
+    local_attention, global_attention: registry names replacing the family's ops of even / odd
+      blocks; local_attention_args, global_attention_args: their extra arguments (merged over
+      the family's when the op is the family's own); the stage's `grid` is filled in for ops
+      that take one. attention_impl: the ops' `implementation` (None, "xla", "pallas",
+      "cudnn"). `local_op`, `global_op`, `local_op_args`, `global_op_args`: deprecated names.
     drop_path: stochastic depth rate of the last block (linear from 0).
     approximate_gelu: tanh-approximate GELU in the FFNs; False: exact (timm's weights).
     conv_norm: BiFormer's and RMT's stem, downsampling and final norms, "batch" (their
@@ -429,16 +439,25 @@ class Model(nn.Module):
   decomposed: Any = None
   layer_scale: Any = None
   head_projection: int | None = None
-  local_op: str | None = None
-  global_op: str | None = None
-  local_op_args: Any = None
-  global_op_args: Any = None
+  local_attention: str | None = None
+  global_attention: str | None = None
+  local_attention_args: Any = None
+  global_attention_args: Any = None
+  attention_impl: str | None = None
   drop_path: float = 0.0
   approximate_gelu: bool = True
   conv_norm: str = "batch"
   head_zeroinit: bool = True
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  local_op: str | None = None  # deprecated names of the four fields above
+  global_op: str | None = None
+  local_op_args: Any = None
+  global_op_args: Any = None
+
+  def __post_init__(self):
+    common.rename_fields(self, RENAMED)
+    super().__post_init__()
 
   def _norm(self, spec, name: str, train: bool):
     """The family's stem / downsampling / final norm: BatchNorm for BiFormer and RMT (with
@@ -519,14 +538,15 @@ class Model(nn.Module):
         raise ValueError(f"embed_dims[{i}] = {dim} must be divisible by num_heads[{i}] = "
                          f"{heads}")
     ops_ = list(spec["ops"])
-    for slot, (op, op_args) in enumerate(((self.local_op, self.local_op_args),
-                                          (self.global_op, self.global_op_args))):
+    for slot, (op, op_args) in enumerate(
+        ((self.local_attention, self.local_attention_args),
+         (self.global_attention, self.global_attention_args))):
       if op is not None:
         if op not in ops.names():
           raise ValueError(f"unknown attention op {op!r}; known: {', '.join(ops.names())}")
         ops_[slot] = op
       if op_args is not None and not hasattr(op_args, "keys"):
-        raise TypeError(f"local_op_args/global_op_args must be dicts, got "
+        raise TypeError(f"local_attention_args/global_attention_args must be dicts, got "
                         f"{type(op_args).__name__}")
     spec["ops"] = tuple(ops_)
     return spec
@@ -562,7 +582,7 @@ class Model(nn.Module):
         init_value, heads_range = spec["decays"][stage]
         args = dict(gamma=retention_lib.rmt_gammas(spec["num_heads"][stage], init_value,
                                                    heads_range).astype(np.float32))
-    args.update((self.global_op_args if slot else self.local_op_args) or {})
+    args.update((self.global_attention_args if slot else self.local_attention_args) or {})
     return args
 
   def _stem(self, spec, x, train):
@@ -635,7 +655,7 @@ class Model(nn.Module):
         kernel = (spec["kernel_size"],) * 2 if family == "dinat" else None
         x = Block(
             num_heads=heads, mlp_dim=dim * ratio, op=op,
-            op_args=self._op_args(spec, slot, stage, grid),
+            op_args=self._op_args(spec, slot, stage, grid), implementation=self.attention_impl,
             cpe=family in ("davit", "biformer", "rmt"), cpe_mlp=family == "davit",
             kv_reduction=spec["sr_ratios"][stage] if family == "twins_svt" and slot else 1,
             rpb_size=None if kernel is None else tuple(

@@ -78,6 +78,7 @@ from jax.sharding import PartitionSpec as P
 
 from big_attn import compat, ops, parallel
 from big_attn.layers import Attention, apply_rope
+from big_attn.models import common as models_common
 from big_attn.ops import experts as experts_ops
 from big_attn.ops import ngpt as ngpt_ops
 from big_attn import tasks
@@ -721,32 +722,13 @@ class Model(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
-  def sizes(self) -> dict[str, int]:
-    """The resolved width, depth, mlp_dim, num_heads, num_kv_heads and head_dim."""
-    sizes = dict(mlp_dim=None, num_kv_heads=None)
-    if self.variant is not None:
-      sizes.update(decode_variant(self.variant))
-    explicit = dict(width=self.width, depth=self.depth, mlp_dim=self.mlp_dim,
-                    num_heads=self.num_heads, num_kv_heads=self.num_kv_heads)
-    sizes.update({k: v for k, v in explicit.items() if v is not None})
-    missing = [k for k in ("width", "depth", "num_heads") if sizes.get(k) is None]
-    if missing:
-      raise ValueError(f"LM Model needs a variant or explicit {', '.join(missing)}")
-    if sizes["mlp_dim"] is None:
-      sizes["mlp_dim"] = -(-8 * sizes["width"] // 3 // 128) * 128
-    sizes["num_kv_heads"] = sizes["num_kv_heads"] or sizes["num_heads"]
-    if sizes["num_heads"] % sizes["num_kv_heads"]:
-      raise ValueError(f"num_heads ({sizes['num_heads']}) must be divisible by num_kv_heads "
-                       f"({sizes['num_kv_heads']})")
-    head_dim = self.head_dim or sizes["width"] // sizes["num_heads"]
-    if head_dim % 2:
-      raise ValueError(f"head_dim must be even for RoPE, got {head_dim}")
-    sizes["head_dim"] = head_dim
-    group = self.layer_group_size
-    if group is not None and (not isinstance(group, int) or group < 1 or sizes["depth"] % group):
-      raise ValueError(f"layer_group_size must be a positive divisor of depth "
-                       f"{sizes['depth']}, got {group!r}")
-    return sizes
+  def __post_init__(self):
+    models_common.resolve_variant(
+        self, decode_variant, required=("width", "depth", "num_heads"),
+        defaults=dict(mlp_dim=lambda sizes: -(-8 * sizes["width"] // 3 // 128) * 128,
+                      num_kv_heads=lambda sizes: sizes["num_heads"],
+                      head_dim=lambda sizes: sizes["width"] // sizes["num_heads"]))
+    super().__post_init__()
 
   def moe_sizes(self) -> dict[str, Any]:
     """`moe` completed with `MOE_DEFAULTS` and checked (block="moeut")."""
@@ -782,6 +764,17 @@ class Model(nn.Module):
     return sp if sp.num_shards > 1 and not self.decode else None
 
   def _check(self, tokens, sp):
+    if not isinstance(self.num_kv_heads, int) or self.num_kv_heads < 1:
+      raise ValueError(f"num_kv_heads must be a positive int, got {self.num_kv_heads!r}")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"num_heads ({self.num_heads}) must be divisible by num_kv_heads "
+                       f"({self.num_kv_heads})")
+    if self.head_dim % 2:
+      raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+    group = self.layer_group_size
+    if group is not None and (not isinstance(group, int) or group < 1 or self.depth % group):
+      raise ValueError(f"layer_group_size must be a positive divisor of depth {self.depth}, "
+                       f"got {group!r}")
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
       raise ValueError(f"tokens must be integers [batch, length], got {tokens.dtype} "
                        f"{tokens.shape}")
@@ -833,8 +826,7 @@ class Model(nn.Module):
     """
     sp = self.seq_parallel()
     self._check(tokens, sp)
-    sizes = self.sizes()
-    width = sizes["width"]
+    width = self.width
     if positions is None:
       if self.decode:
         raise ValueError("decoding needs the positions of the new tokens")
@@ -849,7 +841,7 @@ class Model(nn.Module):
     x = embed(tokens)
     if sp is not None:
       x = sp.constrain(x)
-    block, block_args = self._block(sizes, sp)
+    block, block_args = self._block(sp)
     if self.remat_policy != "none" and not self.decode:
       block = nn.remat(block, prevent_cse=not self.scan_layers, static_argnums=(4,),
                        policy=getattr(jax.checkpoint_policies, self.remat_policy))
@@ -859,19 +851,19 @@ class Model(nn.Module):
       group = self.layer_group_size
       stack = nn.scan(_BlockGroup, variable_broadcast="params", variable_axes={"cache": 0},
                       split_rngs={"params": False, "dropout": True}, in_axes=in_axes,
-                      length=sizes["depth"] // group)
+                      length=self.depth // group)
       x, aux = stack(block=block, size=group, block_args=block_args, name="layers")(
           x, positions, segment_ids, deterministic)           # aux: G dicts of [repeats, ...]
     elif self.scan_layers:
       stack = nn.scan(block, variable_axes={"params": 0, "cache": 0},
                       split_rngs={"params": True, "dropout": True},
-                      in_axes=in_axes, length=sizes["depth"],
+                      in_axes=in_axes, length=self.depth,
                       metadata_params={nn.PARTITION_NAME: "layers"})
       x, stacked = stack(name="layers", **block_args)(x, positions, segment_ids, deterministic)
-      aux = [jax.tree.map(lambda a, i=i: a[i:i + 1], stacked) for i in range(sizes["depth"])]
+      aux = [jax.tree.map(lambda a, i=i: a[i:i + 1], stacked) for i in range(self.depth)]
     else:
       aux = []
-      for i in range(sizes["depth"]):
+      for i in range(self.depth):
         x, a = block(name=f"layers_{i}", **block_args)(x, positions, segment_ids,
                                                        deterministic)
         aux.append(jax.tree.map(lambda y: y[None], a))
@@ -894,19 +886,19 @@ class Model(nn.Module):
       logits = logits * _restored(self, "s_z", self.vocab_size, NGPT_S_Z, width, "vocab")
     return logits
 
-  def _block(self, sizes, sp):
+  def _block(self, sp):
     """The block class of `self.block` and its arguments."""
     common = dict(seq_parallel=sp, decode=self.decode, cache_len=self.cache_len,
                   dtype=self.dtype, param_dtype=self.param_dtype, rope_base=self.rope_base)
     if self.block == "moeut":
-      if sizes["num_kv_heads"] != sizes["num_heads"]:
+      if self.num_kv_heads != self.num_heads:
         raise ValueError("block='moeut' has one key/value head per head (SwitchHead), got "
-                         f"num_kv_heads={sizes['num_kv_heads']}")
-      return MoEUTBlock, dict(num_heads=sizes["num_heads"], head_dim=sizes["head_dim"],
+                         f"num_kv_heads={self.num_kv_heads}")
+      return MoEUTBlock, dict(num_heads=self.num_heads, head_dim=self.head_dim,
                               moe=self.moe_sizes(), dropout=self.dropout,
-                              init_scale=(2 / sizes["depth"]) ** 0.5, **common)
-    args = dict(num_heads=sizes["num_heads"], num_kv_heads=sizes["num_kv_heads"],
-                head_dim=sizes["head_dim"], mlp_dim=sizes["mlp_dim"], attention=self.attention,
+                              init_scale=(2 / self.depth) ** 0.5, **common)
+    args = dict(num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+                head_dim=self.head_dim, mlp_dim=self.mlp_dim, attention=self.attention,
                 attention_args=None if self.attention_args is None else dict(self.attention_args),
                 attention_impl=self.attention_impl, **common)
     if self.block == "ngpt":

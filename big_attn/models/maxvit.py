@@ -54,7 +54,7 @@ import jax.numpy as jnp
 from big_attn import ops
 from big_attn.layers import Attention, MlpBlock, conv_norm, layer_norm
 from big_attn.layers.norm import CONV_NORMS
-from big_attn.models import vit
+from big_attn.models import common, vit
 
 # MaxViT Section 3.4; stem widths as the authors' maxvit/models/hp/vision.py.
 _EMBED_DIMS = {"T": (64, 128, 256, 512), "S": (96, 192, 384, 768), "B": (96, 192, 384, 768),
@@ -164,6 +164,7 @@ class PartitionAttention(nn.Module):
   num_heads: int
   op: str
   op_args: Any
+  implementation: str | None = None
   mlp_ratio: float = 4.0
   drop_path: float = 0.0
   layer_norm_eps: float = 1e-6
@@ -177,7 +178,8 @@ class PartitionAttention(nn.Module):
     norm = lambda name: layer_norm(self.dtype, self.param_dtype, name,
                                    epsilon=self.layer_norm_eps)
     y = norm("LayerNorm_0")(x)
-    y = Attention(num_heads=self.num_heads, op=self.op, op_args=self.op_args, use_bias=True,
+    y = Attention(num_heads=self.num_heads, op=self.op, op_args=self.op_args,
+                  implementation=self.implementation, use_bias=True,
                   dtype=self.dtype, param_dtype=self.param_dtype,
                   kernel_init=nn.initializers.xavier_uniform(), name="MultiHeadAttention")(y)
     x = x + _drop_path(self.drop_path, y, deterministic)
@@ -210,6 +212,7 @@ class MaxViTBlock(nn.Module):
   block_attention_args: Any
   grid_attention: str
   grid_attention_args: Any
+  attention_impl: str | None = None
   expansion: float = 4.0
   se_ratio: float = 0.25
   mlp_ratio: float = 4.0
@@ -220,17 +223,17 @@ class MaxViTBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
-    common = dict(drop_path=self.drop_path, dtype=self.dtype, param_dtype=self.param_dtype)
+    shared = dict(drop_path=self.drop_path, dtype=self.dtype, param_dtype=self.param_dtype)
     x = MBConv(self.features, self.strides, self.expansion, self.se_ratio, name="MBConv",
-               norm_args=self.norm_args, **common)(x, deterministic)
+               norm_args=self.norm_args, **shared)(x, deterministic)
     grid = x.shape[1:3]
     for kind, op, args in (("block", self.block_attention, self.block_attention_args),
                            ("grid", self.grid_attention, self.grid_attention_args)):
       x = PartitionAttention(self.num_heads, op, _op_args(op, args, grid, self.partition),
-                             self.mlp_ratio, name=f"{kind}_attention",
+                             self.attention_impl, self.mlp_ratio, name=f"{kind}_attention",
                              layer_norm_eps=dict(self.norm_args or {}).get("layer_norm_eps",
                                                                            1e-6),
-                             **common)(x, deterministic)
+                             **shared)(x, deterministic)
     return x
 
 
@@ -249,7 +252,8 @@ class Model(nn.Module):
     partition_size: P of the P x P windows and the G x G grid (int or pair): 7 at 224x224. It
       must divide every stage's feature map.
     block_attention, grid_attention: registry names of the two attention ops ("window",
-      "grid"); `*_attention_args` are their extra op arguments. Every op that takes `grid`,
+      "grid"); `*_attention_args` are their extra op arguments; attention_impl: their
+      `implementation` (None, "xla", "pallas" or "cudnn"). Every op that takes `grid`,
       `window_size` or `grid_size` gets the stage's feature map `(h, w)` and the partition
       size from the model (so those three keys may not be given).
     expansion, se_ratio: MBConv expansion and squeeze-excitation ratios (4, 0.25).
@@ -277,6 +281,7 @@ class Model(nn.Module):
   block_attention_args: Any = None
   grid_attention: str = "grid"
   grid_attention_args: Any = None
+  attention_impl: str | None = None
   expansion: float = 4.0
   se_ratio: float = 0.25
   mlp_ratio: float = 4.0
@@ -290,33 +295,10 @@ class Model(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
-  def sizes(self) -> dict[str, Any]:
-    """The resolved `embed_dims, depths, stem_width, head_hidden` (variant, then fields)."""
-    sizes = dict(stem_width=None, head_hidden=0)
-    if self.variant is not None:
-      sizes.update(decode_variant(self.variant))
-    explicit = dict(embed_dims=self.embed_dims, depths=self.depths, stem_width=self.stem_width,
-                    head_hidden=self.head_hidden)
-    sizes.update({k: v for k, v in explicit.items() if v is not None})
-    missing = [k for k in ("embed_dims", "depths") if sizes.get(k) is None]
-    if missing:
-      raise ValueError(f"MaxViT Model needs a variant or explicit {', '.join(missing)}")
-    dims, depths = tuple(sizes["embed_dims"]), tuple(sizes["depths"])
-    if not dims or len(dims) != len(depths):
-      raise ValueError(f"embed_dims {dims} and depths {depths} must be non-empty and of equal "
-                       "length (one entry per stage)")
-    if not all(_positive_int(v) for v in dims + depths):
-      raise ValueError(f"embed_dims {dims} and depths {depths} must hold positive ints")
-    if not _positive_int(self.head_dim) or any(d % self.head_dim for d in dims):
-      raise ValueError(f"embed_dims {dims} must be multiples of head_dim {self.head_dim!r}")
-    sizes.update(embed_dims=dims, depths=depths)
-    if sizes["stem_width"] is None:
-      sizes["stem_width"] = dims[0]
-    if not _positive_int(sizes["stem_width"]):
-      raise ValueError(f"stem_width must be a positive int, got {sizes['stem_width']!r}")
-    if not _positive_int(sizes["head_hidden"]) and sizes["head_hidden"] != 0:
-      raise ValueError(f"head_hidden must be a non-negative int, got {sizes['head_hidden']!r}")
-    return sizes
+  def __post_init__(self):
+    common.resolve_variant(self, decode_variant, required=("embed_dims", "depths"),
+                           defaults=dict(head_hidden=0))
+    super().__post_init__()
 
   def _partition(self) -> tuple[int, int]:
     p = self.partition_size
@@ -326,7 +308,19 @@ class Model(nn.Module):
       raise ValueError(f"partition_size must be a positive int or a pair of them, got {p!r}")
     return tuple(pair)
 
-  def _check(self, images, sizes, partition):
+  def _check(self, images, partition):
+    dims, depths = self.embed_dims, self.depths
+    if not dims or len(dims) != len(depths):
+      raise ValueError(f"embed_dims {dims} and depths {depths} must be non-empty and of equal "
+                       "length (one entry per stage)")
+    if not all(_positive_int(v) for v in dims + depths):
+      raise ValueError(f"embed_dims {dims} and depths {depths} must hold positive ints")
+    if not _positive_int(self.head_dim) or any(d % self.head_dim for d in dims):
+      raise ValueError(f"embed_dims {dims} must be multiples of head_dim {self.head_dim!r}")
+    if self.stem_width is not None and not _positive_int(self.stem_width):
+      raise ValueError(f"stem_width must be a positive int, got {self.stem_width!r}")
+    if not _positive_int(self.head_hidden) and self.head_hidden != 0:
+      raise ValueError(f"head_hidden must be a non-negative int, got {self.head_hidden!r}")
     if self.remat_policy not in vit.REMAT_POLICIES:
       raise ValueError(f"unknown remat_policy {self.remat_policy!r}; expected one of "
                        f"{vit.REMAT_POLICIES}")
@@ -356,7 +350,7 @@ class Model(nn.Module):
                        f"{images.shape}")
     h, w = images.shape[1:3]
     h, w = -(-h // 2), -(-w // 2)  # the stem, then the first block of each stage, stride 2
-    for stage in range(len(sizes["depths"])):
+    for stage in range(len(depths)):
       h, w = -(-h // 2), -(-w // 2)
       if h % partition[0] or w % partition[1]:
         raise ValueError(
@@ -365,20 +359,20 @@ class Model(nn.Module):
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
-    sizes = self.sizes()
     partition = self._partition()
-    self._check(images, sizes, partition)
+    self._check(images, partition)
     deterministic = not train
-    dims, depths = sizes["embed_dims"], sizes["depths"]
+    dims, depths = self.embed_dims, self.depths
+    stem_width = dims[0] if self.stem_width is None else self.stem_width
 
     norm_args = dict(kind=self.conv_norm, batch_norm_eps=self.batch_norm_eps,
                      batch_norm_momentum=self.batch_norm_momentum,
                      layer_norm_eps=self.layer_norm_eps)
     x = jnp.asarray(images, self.dtype)
-    x = _conv(sizes["stem_width"], (2, 2), ("conv_height", "conv_width", "channels_in", "embed"),
+    x = _conv(stem_width, (2, 2), ("conv_height", "conv_width", "channels_in", "embed"),
               self.dtype, self.param_dtype, "stem_conv_0")(x)
     x = nn.gelu(_norm(norm_args, deterministic, self.dtype, self.param_dtype, "stem_norm")(x))
-    x = _conv(sizes["stem_width"], (1, 1), ("conv_height", "conv_width", "channels_in", "embed"),
+    x = _conv(stem_width, (1, 1), ("conv_height", "conv_width", "channels_in", "embed"),
               self.dtype, self.param_dtype, "stem_conv_1")(x)
 
     block = MaxViTBlock
@@ -392,20 +386,21 @@ class Model(nn.Module):
                   partition=partition, block_attention=self.block_attention,
                   block_attention_args=self.block_attention_args,
                   grid_attention=self.grid_attention,
-                  grid_attention_args=self.grid_attention_args, expansion=self.expansion,
+                  grid_attention_args=self.grid_attention_args,
+                  attention_impl=self.attention_impl, expansion=self.expansion,
                   se_ratio=self.se_ratio, mlp_ratio=self.mlp_ratio, drop_path=rates[stage][i],
                   norm_args=norm_args, dtype=self.dtype, param_dtype=self.param_dtype,
                   name=f"stage_{stage}_block_{i}")(x, deterministic)
 
     x = jnp.mean(x, axis=(1, 2))
     x = layer_norm(self.dtype, self.param_dtype, "head_norm", epsilon=self.layer_norm_eps)(x)
-    if sizes["head_hidden"]:
-      x = jnp.tanh(_dense(sizes["head_hidden"], ("embed", "mlp"), self.dtype, self.param_dtype,
+    if self.head_hidden:
+      x = jnp.tanh(_dense(self.head_hidden, ("embed", "mlp"), self.dtype, self.param_dtype,
                           "pre_logits")(x))
     if self.num_classes:
       kernel_init = (nn.initializers.zeros_init() if self.head_zeroinit
                      else nn.initializers.lecun_normal())
-      axes = ("mlp" if sizes["head_hidden"] else "embed", "classes")
+      axes = ("mlp" if self.head_hidden else "embed", "classes")
       x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="head",
                    kernel_init=nn.with_logical_partitioning(kernel_init, axes),
                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(),

@@ -41,6 +41,7 @@ against Table 1 of MetaFormer Is Actually What You Need for Vision:
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -48,6 +49,7 @@ import jax.numpy as jnp
 
 from big_attn import ops
 from big_attn.layers import Attention, HyenaOperator, MlpBlock, layer_norm
+from big_attn.models import common
 
 _DEPTHS = {"S12": (2, 2, 6, 2), "S24": (4, 4, 12, 4), "S36": (6, 6, 18, 6),
            "M36": (6, 6, 18, 6), "M48": (8, 8, 24, 8)}
@@ -228,10 +230,12 @@ class HyenaMixer(Mixer):
 
 @register_mixer("attention")
 class AttentionMixer(Mixer):
-  """Self-attention over the h·w tokens with the registered op `op` (`op_args`), heads of
+  """Self-attention over the h·w tokens with the registered op `op` (`op_args`,
+  `implementation`; the Model's `attention`, `attention_args`, `attention_impl`), heads of
   `head_dim` (32, as CAFormer), no projection biases; an op taking `grid` gets `(h, w)`."""
   op: str = "softmax"
   op_args: Any = None
+  implementation: str | None = None
   head_dim: int = 32
   qk_norm: bool = False
 
@@ -245,7 +249,7 @@ class AttentionMixer(Mixer):
     if ops.accepts(self.op, "grid"):
       op_args.setdefault("grid", (h, w))
     y = Attention(num_heads=c // self.head_dim, op=self.op, op_args=op_args or None,
-                  qk_norm=self.qk_norm, dtype=self.dtype, param_dtype=self.param_dtype,
+                  implementation=self.implementation, qk_norm=self.qk_norm, dtype=self.dtype, param_dtype=self.param_dtype,
                   name="attention")(x.reshape(b, h * w, c))
     return y.reshape(b, h, w, c)
 
@@ -313,7 +317,10 @@ class Model(nn.Module):
     depths, dims: blocks and channels per stage (needed without a variant).
     mlp_ratio: MLP hidden width over channels (4).
     mixers: a mixer name for every stage, or one name per stage (`mixer_names()`).
-    mixer_args: `{mixer name: dict of its options}`, e.g. `{"attention": {"op": "sigmoid"}}`.
+    mixer_args: `{mixer name: dict of its options}`, e.g. `{"attention": {"head_dim": 16}}`.
+    attention, attention_args, attention_impl: the attention mixer's op by registry name, its
+      arguments and `implementation` (`mixer_args={"attention": {"op": ..., "op_args": ...}}`
+      is deprecated).
     layer_scale_init: initial layer scale (1e-5, PoolFormer).
     drop_path: stochastic depth rate of the last block (linear from 0 over the blocks).
     approximate_gelu: tanh-approximate GELU in the MLPs; False: exact (PoolFormer's, timm's).
@@ -331,6 +338,9 @@ class Model(nn.Module):
   mlp_ratio: float | None = None
   mixers: Any = "pool"
   mixer_args: Any = None
+  attention: str = "softmax"
+  attention_args: Any = None
+  attention_impl: str | None = None
   layer_scale_init: float = 1e-5
   drop_path: float = 0.0
   approximate_gelu: bool = True
@@ -339,17 +349,29 @@ class Model(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
-  def sizes(self) -> dict[str, Any]:
-    """The resolved `depths, dims, mlp_ratio, mixers` (variant, then fields), checked."""
-    sizes = dict(mlp_ratio=4.0)
-    if self.variant is not None:
-      sizes.update(decode_variant(self.variant))
-    explicit = dict(depths=self.depths, dims=self.dims, mlp_ratio=self.mlp_ratio)
-    sizes.update({k: v for k, v in explicit.items() if v is not None})
-    missing = [k for k in ("depths", "dims") if sizes.get(k) is None]
-    if missing:
-      raise ValueError(f"MetaFormer Model needs a variant or explicit {', '.join(missing)}")
-    depths, dims = tuple(sizes["depths"]), tuple(sizes["dims"])
+  def __post_init__(self):
+    common.resolve_variant(self, decode_variant, required=("depths", "dims"),
+                           defaults=dict(mlp_ratio=4.0))
+    legacy = dict(self.mixer_args or {}).get("attention")
+    if hasattr(legacy, "keys") and {"op", "op_args"} & set(legacy):
+      warnings.warn('metaformer.Model(mixer_args={"attention": {"op": ..., "op_args": ...}}) '
+                    "is deprecated; use attention=..., attention_args=...", DeprecationWarning,
+                    stacklevel=4)
+      legacy = dict(legacy)
+      for key, new in (("op", "attention"), ("op_args", "attention_args")):
+        if key not in legacy:
+          continue
+        value, default = legacy.pop(key), type(self).__dataclass_fields__[new].default
+        if getattr(self, new) not in (default, value):
+          raise ValueError(f'mixer_args["attention"][{key!r}]={value!r} (deprecated) and '
+                           f"{new}={getattr(self, new)!r} disagree; set {new} only")
+        common.set_fields(self, **{new: value})
+      common.set_fields(self, mixer_args={**self.mixer_args, "attention": legacy})
+    super().__post_init__()
+
+  def _mixers(self) -> tuple[str, ...]:
+    """The checked mixer name of every stage."""
+    depths, dims = self.depths, self.dims
     if len(depths) != len(dims) or not depths or not all(
         isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in depths + dims):
       raise ValueError(f"depths and dims must be equally long tuples of positive ints, got "
@@ -367,23 +389,27 @@ class Model(nn.Module):
     for name, value in args.items():
       if not hasattr(value, "keys"):
         raise TypeError(f"mixer_args[{name!r}] must be a dict, got {type(value).__name__}")
+    if self.attention_args is not None and not hasattr(self.attention_args, "keys"):
+      raise TypeError(f"attention_args must be a dict, got {type(self.attention_args).__name__}")
     if not 0.0 <= self.drop_path < 1.0:
       raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path!r}")
     if self.head_norm not in ("group", "layer"):
       raise ValueError(f"unknown head_norm {self.head_norm!r}; expected 'group' or 'layer'")
-    return dict(depths=depths, dims=dims, mlp_ratio=sizes["mlp_ratio"], mixers=mixers)
+    return mixers
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
-    sizes = self.sizes()
+    mixers = self._mixers()
     if images.ndim != 4:
       raise ValueError(f"images must be [batch, height, width, channels], got shape "
                        f"{images.shape}")
-    depths, dims = sizes["depths"], sizes["dims"]
+    depths, dims = self.depths, self.dims
     args = dict(self.mixer_args or {})
+    args["attention"] = dict(args.get("attention", {}), op=self.attention,
+                             op_args=self.attention_args, implementation=self.attention_impl)
     total, index = sum(depths), 0
     x = jnp.asarray(images, self.dtype)
-    for stage, (depth, dim, mixer) in enumerate(zip(depths, dims, sizes["mixers"])):
+    for stage, (depth, dim, mixer) in enumerate(zip(depths, dims, mixers)):
       if stage == 0:
         x = _embedding(dim, 7, 4, 2, self.dtype, self.param_dtype, "stem")(x)
       else:
@@ -391,7 +417,7 @@ class Model(nn.Module):
       for i in range(depth):
         rate = self.drop_path * index / max(total - 1, 1)
         x = MetaFormerBlock(
-            mixer=mixer, mixer_args=dict(args.get(mixer, {})), mlp_ratio=sizes["mlp_ratio"],
+            mixer=mixer, mixer_args=dict(args.get(mixer, {})), mlp_ratio=self.mlp_ratio,
             layer_scale_init=self.layer_scale_init, drop_path=rate,
             approximate_gelu=self.approximate_gelu, dtype=self.dtype,
             param_dtype=self.param_dtype, name=f"stage_{stage}_block_{i}")(x, not train)

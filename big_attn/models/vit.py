@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from big_attn.layers import Attention, MlpBlock, PositionEmbedding, layer_norm
+from big_attn.models import common
 
 # Sizes as in big_vision's `decode_variant` (ViT-G/g from Scaling Vision Transformers,
 # So400m from "Getting ViT in Shape", ViT-e from PaLI).
@@ -197,7 +198,17 @@ def embed_patches(images, width: int, patch: tuple[int, int], posemb: str, dtype
                                name="posemb")((gh, gw), width)[None]
 
 
-def check_encoder_inputs(model: nn.Module, images, sizes: dict[str, Any]) -> None:
+def resolve_sizes(model: nn.Module) -> None:
+  """A ViT-like `model`'s sizes from its variant and fields (`common.resolve_variant`):
+  `mlp_dim` 4·width and `patch_size` (16, 16) unless given, an int patch as a pair."""
+  common.resolve_variant(model, decode_variant, required=("width", "depth", "num_heads"),
+                         defaults=dict(mlp_dim=lambda sizes: 4 * sizes["width"],
+                                       patch_size=(16, 16)))
+  patch = model.patch_size
+  common.set_fields(model, patch_size=(patch, patch) if isinstance(patch, int) else patch)
+
+
+def check_encoder_inputs(model: nn.Module, images) -> None:
   """The checks a ViT-like `model` (remat_policy, attention_args fields) makes of its images."""
   if model.remat_policy not in REMAT_POLICIES:
     raise ValueError(f"unknown remat_policy {model.remat_policy!r}; expected one of "
@@ -207,7 +218,11 @@ def check_encoder_inputs(model: nn.Module, images, sizes: dict[str, Any]) -> Non
   if images.ndim != 4:
     raise ValueError(f"images must be [batch, height, width, channels], got shape "
                      f"{images.shape}")
-  (ph, pw), (h, w) = sizes["patch_size"], images.shape[1:3]
+  patch = model.patch_size
+  if not isinstance(patch, tuple) or len(patch) != 2 or not all(
+      isinstance(p, int) and p > 0 for p in patch):
+    raise ValueError(f"patch_size must be a positive int or a pair of them, got {patch!r}")
+  (ph, pw), (h, w) = patch, images.shape[1:3]
   if h % ph or w % pw:
     raise ValueError(f"image size {(h, w)} must be divisible by patch_size {(ph, pw)}")
 
@@ -217,7 +232,8 @@ class Model(nn.Module):
 
   Attributes:
     num_classes: logits width; 0 returns the pooled pre-logits `[batch, width]`.
-    variant: size name for `decode_variant` ("B/16"); explicit fields below override it.
+    variant: size name for `decode_variant` ("B/16"); explicit fields below override it, and
+      the fields left at None hold the variant's sizes once the model is built.
     width, depth, mlp_dim, num_heads, patch_size: the sizes (`mlp_dim` defaults to 4·width,
       `patch_size` to (16, 16)); `width`, `depth` and `num_heads` are needed without a variant.
     posemb: "learn" or "sincos2d".
@@ -266,38 +282,21 @@ class Model(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
-  def sizes(self) -> dict[str, Any]:
-    """The resolved `width, depth, mlp_dim, num_heads, patch_size` (variant, then fields)."""
-    sizes = dict(mlp_dim=None, patch_size=(16, 16))
-    if self.variant is not None:
-      sizes.update(decode_variant(self.variant))
-    explicit = dict(width=self.width, depth=self.depth, mlp_dim=self.mlp_dim,
-                    num_heads=self.num_heads, patch_size=self.patch_size)
-    sizes.update({k: v for k, v in explicit.items() if v is not None})
-    missing = [k for k in ("width", "depth", "num_heads") if sizes.get(k) is None]
-    if missing:
-      raise ValueError(f"ViT Model needs a variant or explicit {', '.join(missing)}")
-    if sizes["mlp_dim"] is None:
-      sizes["mlp_dim"] = 4 * sizes["width"]
-    patch = sizes["patch_size"]
-    patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
-    if len(patch) != 2 or not all(isinstance(p, int) and p > 0 for p in patch):
-      raise ValueError(f"patch_size must be a positive int or a pair of them, got {patch!r}")
-    sizes["patch_size"] = patch
-    return sizes
+  def __post_init__(self):
+    resolve_sizes(self)
+    super().__post_init__()
 
-  def _check(self, images, sizes):
+  def _check(self, images):
     if self.pool_type not in POOL_TYPES:
       raise ValueError(f"unknown pool_type {self.pool_type!r}; expected one of {POOL_TYPES}")
     if self.num_registers < 0:
       raise ValueError(f"num_registers must be >= 0, got {self.num_registers}")
-    check_encoder_inputs(self, images, sizes)
+    check_encoder_inputs(self, images)
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
-    sizes = self.sizes()
-    self._check(images, sizes)
-    width, patch = sizes["width"], sizes["patch_size"]
+    self._check(images)
+    width, patch = self.width, self.patch_size
     deterministic = not train
     param = lambda name, init, shape, axes: jnp.asarray(  # pylint: disable=g-long-lambda
         self.param(name, nn.with_logical_partitioning(init, axes), shape, self.param_dtype),
@@ -318,7 +317,7 @@ class Model(nn.Module):
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     x = nn.Dropout(rate=self.dropout)(x, deterministic)
 
-    block_args = dict(num_heads=sizes["num_heads"], mlp_dim=sizes["mlp_dim"],
+    block_args = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim,
                       num_kv_heads=self.num_kv_heads, attention=self.attention,
                       attention_args=None if self.attention_args is None
                       else dict(self.attention_args),
@@ -326,14 +325,14 @@ class Model(nn.Module):
                       dropout=self.dropout, norm_eps=self.norm_eps,
                       approximate_gelu=self.approximate_gelu,
                       layer_scale_init=self.layer_scale_init)
-    x = Encoder(depth=sizes["depth"], block_args=block_args, remat_policy=self.remat_policy,
+    x = Encoder(depth=self.depth, block_args=block_args, remat_policy=self.remat_policy,
                 scan_layers=self.scan_layers, final_norm=not self.fc_norm, dtype=self.dtype,
                 param_dtype=self.param_dtype, name="Transformer")(x, deterministic)
     if self.num_registers:
       x = x[:, :-self.num_registers]
 
     if self.pool_type == "map":
-      x = MAPHead(num_heads=sizes["num_heads"], mlp_dim=sizes["mlp_dim"],
+      x = MAPHead(num_heads=self.num_heads, mlp_dim=self.mlp_dim,
                   approximate_gelu=self.approximate_gelu, dtype=self.dtype,
                   param_dtype=self.param_dtype, name="MAPHead")(x[:, num_prefix:])
     elif self.pool_type == "gap":

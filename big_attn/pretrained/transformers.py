@@ -356,12 +356,11 @@ def to_transformers(model: Any, variables: Any) -> Any:
                             "Llama-family equivalent")
   if model.out_bias and not model.qkv_bias:
     raise ConversionError("lm.Model.out_bias=True without qkv_bias has no transformers class")
-  sizes = model.sizes()
-  width, heads, kv_heads, head_dim = (sizes["width"], sizes["num_heads"], sizes["num_kv_heads"],
-                                      sizes["head_dim"])
+  width, heads, kv_heads, head_dim = (model.width, model.num_heads, model.num_kv_heads,
+                                      model.head_dim)
   rope = dict(model.rope_scaling or {"rope_type": "default"}, rope_theta=float(model.rope_base))
   kwargs = dict(vocab_size=model.vocab_size, hidden_size=width,
-                intermediate_size=sizes["mlp_dim"], num_hidden_layers=sizes["depth"],
+                intermediate_size=model.mlp_dim, num_hidden_layers=model.depth,
                 num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
                 rms_norm_eps=model.norm_eps, tie_word_embeddings=model.tie_embeddings,
                 max_position_embeddings=int(rope.pop("max_position_embeddings", 4096)),
@@ -382,7 +381,7 @@ def to_transformers(model: Any, variables: Any) -> Any:
   tensor = lambda x: torch.tensor(np.array(x, np.float32))  # pylint: disable=unnecessary-lambda-assignment
   state = {"model.embed_tokens.weight": tensor(params["embedding"]["embedding"]),
            "model.norm.weight": tensor(params["final_norm"]["scale"])}
-  for i in range(sizes["depth"]):
+  for i in range(model.depth):
     layer, p = params[f"layers_{i}"], f"model.layers.{i}"
     state[f"{p}.input_layernorm.weight"] = tensor(layer["attention_norm"]["scale"])
     state[f"{p}.post_attention_layernorm.weight"] = tensor(layer["mlp_norm"]["scale"])

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import dataclasses
 import difflib
 import importlib.util
 import json
 import os
 import traceback
+import warnings
 from typing import Any, Callable
 
 import ml_collections
@@ -54,17 +56,23 @@ def _convert(key: str, value: str, default: Any) -> Any:
 _SEEN_ARG_DEFAULTS: list[dict[str, Any]] = []  # what `parse_arg` got, while `arg_defaults` runs
 
 
-def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+def parse_arg(arg: str | None, *, renamed: dict[str, str] | None = None,
+              **defaults: Any) -> ml_collections.ConfigDict:
   """`"variant=B/16,runlocal"` -> ConfigDict of `defaults` with those keys replaced.
 
   Values take the type of their default; a bare key sets a bool to True; an unknown key raises
-  `ValueError` listing the known ones (as big_vision's `parse_arg`).
+  `ValueError` listing the known ones (as big_vision's `parse_arg`). `renamed` maps deprecated
+  keys to their new names (read as the new key, with a `DeprecationWarning`).
   """
   _SEEN_ARG_DEFAULTS.append(dict(defaults))
   out = dict(defaults)
   for item in filter(None, (arg or "").split(",")):
     key, _, value = item.partition("=")
     key = key.strip()
+    if key in (renamed or {}):
+      warnings.warn(f"config arg {key!r} is deprecated; use {renamed[key]!r}", DeprecationWarning,
+                    stacklevel=2)
+      key = renamed[key]
     if key not in defaults:
       raise ValueError(f"unknown config arg {key!r}; known args: {', '.join(sorted(defaults))}")
     try:
@@ -239,6 +247,22 @@ def check_overrides(config: ml_collections.ConfigDict,
     read_override(key, text, holder)
 
 
+def declare_model_settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` with every setting of `config.model_name`'s Model that defaults to None and names
+  an attention op or arguments (`attention_args`, `attention_impl`, `<role>_attention`,
+  `<role>_attention_args`, any other `*_args`) declared as None in `config.model` where the
+  config leaves it out, so that the locked config takes `--config.model.KEY=VALUE` (a dict as
+  a Python literal). Every config returns through it; deprecated names are left out."""
+  from big_attn import models  # pylint: disable=g-import-not-at-top  # models import jax
+  module = models.get(config.model_name)
+  deprecated = set(getattr(module, "RENAMED", {}))
+  for field in dataclasses.fields(module.Model):
+    if (field.name.endswith(("_args", "attention", "attention_impl")) and field.default is None
+        and field.name not in deprecated and field.name not in config.model):
+      config.model[field.name] = None
+  return config
+
+
 def check_sequence_parallel_arg(arg: ml_collections.ConfigDict) -> None:
   """Checks the `seq_shards`, `strategy` and `seq_len` options of a sequence-parallel config."""
   if arg.strategy not in STRATEGIES:
@@ -303,14 +327,15 @@ def config_changes(old: Any, new: Any) -> list[tuple[str, Any, Any]]:
   """`[(key, old value, new value)]` for each differing key outside `RESUMABLE_KEYS`.
 
   Both configs are compared as their JSON form (`load_config`'s view of a saved config), so
-  tuples and lists are equal; a key absent from one side shows as `<absent>`.
+  tuples and lists are equal; a key absent from one side shows as `<absent>`, and is no change
+  where the other side holds None (a setting declared by `declare_model_settings`).
   """
   as_json = lambda c: _flatten(json.loads(c.to_json_best_effort()))  # pylint: disable=unnecessary-lambda-assignment
   old_flat, new_flat = as_json(old), as_json(new)
   resumable = lambda k: any(k == r or k.startswith(r + ".") for r in RESUMABLE_KEYS)  # pylint: disable=unnecessary-lambda-assignment
   return [(k, old_flat.get(k, "<absent>"), new_flat.get(k, "<absent>"))
           for k in sorted(set(old_flat) | set(new_flat))
-          if not resumable(k) and old_flat.get(k, "<absent>") != new_flat.get(k, "<absent>")]
+          if not resumable(k) and old_flat.get(k) != new_flat.get(k)]
 
 
 CONFIG_FILE = "config.json"
