@@ -330,7 +330,9 @@ def state_form(name: str, query: Array, key: Array, value: Array, **op_args) -> 
         f"op {name!r} has no recurrent state form: its causal output at a token is not a "
         "function of a fixed-size state of the earlier tokens (softmax-family ops need all "
         f"earlier keys and values: a KV cache). Ops with a state form: {', '.join(STATE_FORMS)}")
-  for arg in ("mask", "segment_ids", "is_causal", "grid"):
+  if op_args.pop("is_causal", True) is not True:
+    raise ValueError(f"{name} state form: is_causal must be True (it is the causal recurrence)")
+  for arg in ("mask", "segment_ids", "grid"):
     if op_args.get(arg) is not None:
       raise ValueError(f"{name} state form: {arg}={op_args[arg]!r} is not supported (the state "
                        "is of one unmasked causal 1-D sequence)")
