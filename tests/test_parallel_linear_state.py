@@ -146,6 +146,8 @@ def test_refusals_name_the_op():
   with pytest.raises(ValueError, match="is_causal must be True"):
     linear_state.linear_state_attention(q, k, v, op="lightning", axis_name="seq",
                                         is_causal=False)
+  with pytest.raises(ValueError, match="retention state form: is_causal must be True"):
+    recurrent.state_form("retention", q, k, v, is_causal=False)
   with pytest.raises(ValueError, match="axis_name 'seq' is not a bound mesh axis"):
     linear_state.linear_state_attention(q, k, v, op="lightning", axis_name="seq")
   # The op's own argument checks apply.
