@@ -258,13 +258,15 @@ def agent_attention(query, key, value, *, mask=None, is_causal=False, scale=None
   return common.apply_row_mask(out, common.make_mask(dims, mask=mask), dims).astype(query.dtype)
 
 
-def _latte_causal(probs_l, logits, valid, value, chunk_size):
+def _latte_causal(probs_l, logits, valid, value, chunk_size, initial=None):
   """Chunked causal Latte in grouped layout, linear in the sequence length.
 
   probs_l: `[b, t, k, g, L]` softmax over latents of the queries; logits: `[b, t, k, g, L]`
   key-latent logits; valid: `[b|1, t, k|1, g|1, 1]` usable keys; value: `[b, t, k, dv]`.
   The carry holds, per latent, the running max m, Σ exp(z_s − m) v_s and Σ exp(z_s − m).
   Inside a chunk every (t, l) gets its own running max, so nothing under- or overflows.
+  `initial` is that carry after earlier tokens (empty when None); returns the output
+  `[b, t, k, g, dv]` and the carry after the last token.
   """
   b, t, k, g, num_latents = logits.shape
   dv = value.shape[-1]
@@ -303,12 +305,25 @@ def _latte_causal(probs_l, logits, valid, value, chunk_size):
              + jnp.einsum("bskgl,bskd->bkgld", weights[:, -1], v_c.astype(jnp.float32)))
     return (m_run[:, -1], s_new, denom[:, -1]), out
 
-  init = (jnp.full((b, k, g, num_latents), common.MASKED_LOGIT, jnp.float32),
-          jnp.zeros((b, k, g, num_latents, dv), jnp.float32),
-          jnp.zeros((b, k, g, num_latents), jnp.float32))
-  _, out = jax.lax.scan(step, init, (chunks(probs_l), chunks(logits), chunks(value)))
+  if initial is None:
+    initial = (jnp.full((b, k, g, num_latents), common.MASKED_LOGIT, jnp.float32),
+               jnp.zeros((b, k, g, num_latents, dv), jnp.float32),
+               jnp.zeros((b, k, g, num_latents), jnp.float32))
+  final, out = jax.lax.scan(step, initial, (chunks(probs_l), chunks(logits), chunks(value)))
   out = jnp.moveaxis(out, 0, 1).reshape(b, n_chunks * c, k, g, dv)
-  return out[:, :t]
+  return out[:, :t], final
+
+
+def _latte_logits(query: Array, key: Array, latents: Array, scale: float) -> tuple[Array, Array]:
+  """Latte's softmax over latents of the queries `[b, t, k, g, L]` and key-latent logits
+  `[b, s, k, g, L]` (float32) for latents `[num_heads, L, head_dim]`."""
+  k_heads = key.shape[2]
+  w = latents.reshape(k_heads, latents.shape[0] // k_heads, *latents.shape[1:])
+  q_logits = jnp.einsum("btkgd,kgld->btkgl", common.group_query(query, k_heads), w,
+                        preferred_element_type=jnp.float32) * jnp.float32(scale)
+  k_logits = jnp.einsum("bskd,kgld->bskgl", key, w,
+                        preferred_element_type=jnp.float32) * jnp.float32(scale)
+  return jax.nn.softmax(q_logits, axis=-1), k_logits
 
 
 @register("latte")
@@ -362,13 +377,7 @@ def latte_attention(query, key, value, *, mask=None, is_causal=False, scale=None
     raise ValueError(
         f"causal latte needs q_len == kv_len, got {dims.q_len} and {dims.kv_len}")
 
-  k_heads, g = dims.num_kv_heads, dims.groups
-  w = latents.reshape(k_heads, g, latents.shape[1], dims.head_dim)
-  q_logits = jnp.einsum("btkgd,kgld->btkgl", common.group_query(query, k_heads), w,
-                        preferred_element_type=jnp.float32) * jnp.float32(scale)
-  probs_l = jax.nn.softmax(q_logits, axis=-1)
-  k_logits = jnp.einsum("bskd,kgld->bskgl", key, w,
-                        preferred_element_type=jnp.float32) * jnp.float32(scale)
+  probs_l, k_logits = _latte_logits(query, key, latents, scale)
   key_mask = _grouped_key_mask(_key_mask(mask, dims, "latte", is_causal), dims)
 
   if is_causal:
@@ -376,7 +385,7 @@ def latte_attention(query, key, value, *, mask=None, is_causal=False, scale=None
       valid = jnp.ones((1, dims.kv_len, 1, 1, 1), bool)
     else:
       valid = jnp.moveaxis(key_mask, -1, 1)[..., None]
-    out = _latte_causal(probs_l, k_logits, valid, value, int(chunk_size))
+    out, _ = _latte_causal(probs_l, k_logits, valid, value, int(chunk_size))
     row_mask = common.make_mask(dims, mask=mask, is_causal=True)
   else:
     key_probs = common.masked_softmax(

@@ -78,8 +78,8 @@ def _plan_masks(dims: common.Dims, mask, is_causal: bool, segment_ids) -> _Masks
                               valid.shape[2] // kv_heads), None)
 
 
-def _stable_key_features(log_phi_k: Array, key_valid: Array | None, is_causal: bool
-                         ) -> tuple[Array, Array | None]:
+def _stable_key_features(log_phi_k: Array, key_valid: Array | None, is_causal: bool,
+                         prefix_max: Array | None = None) -> tuple[Array, Array | None]:
   """φ_k = exp(log φ_k − M) for `[b, s, k, m]` key log-features, and M for the causal form.
 
   Non-causal: M is one constant per (batch, kv head), the max over valid keys and features;
@@ -87,7 +87,8 @@ def _stable_key_features(log_phi_k: Array, key_valid: Array | None, is_causal: b
   would see the future, so M_j is the prefix max over valid keys 0..j, `[b, s, k, 1]` (None
   is returned for the non-causal constant); `_linear_attention` then weighs key j for query i
   by exp(M_j − M_i) ≤ 1, and the per-row factor exp(M_i) cancels. Masked keys give M_j =
-  `common.MASKED_LOGIT` until the first valid one.
+  `common.MASKED_LOGIT` until the first valid one. `prefix_max` `[b, k]` (causal only) is the
+  max over earlier tokens not in `log_phi_k` (a carried state), MASKED_LOGIT if none.
   """
   if key_valid is not None:
     valid = jnp.any(key_valid, axis=-1)[..., None]
@@ -95,6 +96,8 @@ def _stable_key_features(log_phi_k: Array, key_valid: Array | None, is_causal: b
   if is_causal:
     top = jax.lax.cummax(jnp.max(log_phi_k, axis=3, keepdims=True,
                                  initial=common.MASKED_LOGIT), axis=1)
+    if prefix_max is not None:
+      top = jnp.maximum(top, prefix_max[:, None, :, None])
     top = jax.lax.stop_gradient(top)
     # Only masked keys exceed M (where M is still MASKED_LOGIT): 0, not an overflow.
     return jnp.exp(jnp.where(log_phi_k <= top, log_phi_k - top, 0.0)), top
@@ -155,30 +158,43 @@ def _linear_attention(phi_q: Array, phi_k: Array, value: Array, dims: common.Dim
   Returns:
     `[b, t, n, dv]` in the features' dtype.
   """
-  b, t, k, g, m = phi_q.shape
-  groups = 1  # G: how many of a kv head's query heads need their own state.
-  if masks.key_valid is not None:
-    groups = max(groups, masks.key_valid.shape[-1])
-  if log_decay is not None:
-    groups = max(groups, log_decay.shape[-1])
-    log_decay = jnp.broadcast_to(log_decay, (k, groups))
-  phi_q = phi_q.reshape(b, t, k, groups, g // groups, m)
-  phi_k = phi_k[:, :, :, None, :]
-  if masks.key_valid is not None:
-    phi_k = jnp.where(masks.key_valid[..., None], phi_k, jnp.zeros((), phi_k.dtype))
-  phi_k = jnp.broadcast_to(phi_k, (b, dims.kv_len, k, groups, m))
-
+  b, t = phi_q.shape[:2]
+  phi_q, phi_k, log_decay = _group_features(phi_q, phi_k, masks.key_valid, log_decay)
   if key_log_max is not None and dims.kv_len == 0:
     key_log_max = None  # No keys: nothing to weigh.
   if masks.full is not None:
     num, den = _quadratic(phi_q, phi_k, value, masks.full, dims, log_decay, key_log_max)
   elif is_causal:
-    num, den = _chunked(phi_q, phi_k, value, log_decay, chunk_size, key_log_max)
+    num, den, _ = _chunked(phi_q, phi_k, value, log_decay, chunk_size, key_log_max)
   else:
     num, den = _global(phi_q, phi_k, value)
   if normalize:
-    num = num / jnp.where(den == 0, jnp.ones((), den.dtype), den)[..., None]
+    num = _divide_rows(num, den)
   return num.reshape(b, t, dims.num_heads, dims.value_dim)
+
+
+def _group_features(phi_q: Array, phi_k: Array, key_valid: Array | None,
+                    log_decay: Array | None) -> tuple[Array, Array, Array | None]:
+  """`[b, t, k, g, m]` queries -> `[b, t, k, G, g/G, m]`, `[b, s, k, m]` keys -> `[b, s, k, G, m]`
+  (masked keys zeroed), log λ -> `[k, G]`: G is how many of a kv head's query heads need their
+  own state (a per-head decay or a per-head key mask)."""
+  b, t, k, g, m = phi_q.shape
+  groups = 1
+  if key_valid is not None:
+    groups = max(groups, key_valid.shape[-1])
+  if log_decay is not None:
+    groups = max(groups, log_decay.shape[-1])
+    log_decay = jnp.broadcast_to(log_decay, (k, groups))
+  phi_q = phi_q.reshape(b, t, k, groups, g // groups, m)
+  phi_k = phi_k[:, :, :, None, :]
+  if key_valid is not None:
+    phi_k = jnp.where(key_valid[..., None], phi_k, jnp.zeros((), phi_k.dtype))
+  return phi_q, jnp.broadcast_to(phi_k, (b, phi_k.shape[1], k, groups, m)), log_decay
+
+
+def _divide_rows(num: Array, den: Array) -> Array:
+  """num / den over the last axis of `num`, rows with den = 0 (no key) giving num (zeros)."""
+  return num / jnp.where(den == 0, jnp.ones((), den.dtype), den)[..., None]
 
 
 def _global(phi_q, phi_k, value):
@@ -209,11 +225,15 @@ def _quadratic(phi_q, phi_k, value, full_mask, dims, log_decay, key_log_max):
   return num, den
 
 
-def _chunked(phi_q, phi_k, value, log_decay, chunk, key_log_max=None):
+def _chunked(phi_q, phi_k, value, log_decay, chunk, key_log_max=None, initial=None):
   """Causal form: masked quadratic inside chunks, a state scanned across chunks.
 
   With `key_log_max` M the state is kept relative to M at the end of the last chunk and
   rescaled by exp(M_old − M_new) ≤ 1 as the prefix max grows (as an online softmax).
+  `initial` is the carry `(S [b, k, G, m, dv], z [b, k, G, m], M [b, k])` of earlier tokens
+  (zeros and MASKED_LOGIT when None). Returns num, den and the carry after the last chunk; with
+  `log_decay` and a length that is not a multiple of `chunk` that carry is decayed over the
+  padding too (λ^pad too small).
   """
   b, t, k, groups, h, m = phi_q.shape
   s, dv = value.shape[1], value.shape[-1]
@@ -271,12 +291,13 @@ def _chunked(phi_q, phi_k, value, log_decay, chunk, key_log_max=None):
     norm = norm + jnp.sum(kk, axis=1)
     return (state, norm, m_old), (num, den)
 
-  init = (jnp.zeros((b, k, groups, m, dv), dtype), jnp.zeros((b, k, groups, m), dtype),
-          jnp.full((b, k), common.MASKED_LOGIT, dtype))
-  _, (inter_num, inter_den) = jax.lax.scan(step, init, (qc_state, kc_state, vc, mc))
+  if initial is None:
+    initial = (jnp.zeros((b, k, groups, m, dv), dtype), jnp.zeros((b, k, groups, m), dtype),
+               jnp.full((b, k), common.MASKED_LOGIT, dtype))
+  final, (inter_num, inter_den) = jax.lax.scan(step, initial, (qc_state, kc_state, vc, mc))
   num = jnp.moveaxis(intra_num + inter_num, 0, 1).reshape(b, length, k, groups, h, dv)
   den = jnp.moveaxis(intra_den + inter_den, 0, 1).reshape(b, length, k, groups, h)
-  return num[:, :t], den[:, :t]
+  return num[:, :t], den[:, :t], final
 
 
 def _grouped_qk(query: Array, key: Array, dims: common.Dims, dtype) -> tuple[Array, Array]:
@@ -399,18 +420,26 @@ def performer_attention(query, key, value, *, mask=None, is_causal=False, scale=
   masks = _plan_masks(dims, mask, is_causal, segment_ids)
   dtype = _compute_dtype(query, key, value)
   q, k = _grouped_qk(query, key, dims, dtype)
-  w = w.astype(dtype)
+  phi_q, phi_k, key_log_max = _favor_features(q, k, w.astype(dtype), scale,
+                                                 masks.key_valid, is_causal)
+  out = _linear_attention(phi_q, phi_k, value.astype(dtype), dims, masks, is_causal=is_causal,
+                          chunk_size=chunk_size, key_log_max=key_log_max)
+  return out.astype(query.dtype)
+
+
+def _favor_features(q: Array, k: Array, w: Array, scale: float, key_valid: Array | None,
+                       is_causal: bool, prefix_max: Array | None = None
+                       ) -> tuple[Array, Array, Array | None]:
+  """FAVOR+ features φ(q) `[b, t, k, g, m]`, φ(k) `[b, s, k, m]` of grouped queries and keys
+  (stabilised as `_stable_key_features`, which also returns the causal key max M)."""
   root = math.sqrt(scale)
   q, k = q * root, k * root
   log_q = jnp.einsum("btkgd,md->btkgm", q, w) - 0.5 * jnp.sum(q * q, -1, keepdims=True)
   log_k = jnp.einsum("bskd,md->bskm", k, w) - 0.5 * jnp.sum(k * k, -1, keepdims=True)
   log_q = log_q - jax.lax.stop_gradient(jnp.max(log_q, axis=-1, keepdims=True))
-  phi_k, key_log_max = _stable_key_features(log_k, masks.key_valid, is_causal)
+  phi_k, key_log_max = _stable_key_features(log_k, key_valid, is_causal, prefix_max)
   norm = 1.0 / math.sqrt(w.shape[0])
-  out = _linear_attention(jnp.exp(log_q) * norm, phi_k * norm, value.astype(dtype),
-                          dims, masks, is_causal=is_causal, chunk_size=chunk_size,
-                          key_log_max=key_log_max)
-  return out.astype(query.dtype)
+  return jnp.exp(log_q) * norm, phi_k * norm, key_log_max
 
 
 # ------------------------------------------------------------------------------------------
@@ -425,6 +454,17 @@ def _focused_map(x: Array, feature_scale: Array | None, power: float, eps: float
   # x'^p/‖x'^p‖ is unchanged by rescaling x'; dividing by the max keeps x'^p in range.
   focused = (x / jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True))) ** power
   return norm * focused / jnp.linalg.norm(focused, axis=-1, keepdims=True)
+
+
+def _focused_features(q: Array, k: Array, feature_scale: Array | None, power: float,
+                     eps: float) -> tuple[Array, Array]:
+  """φ_p of grouped queries `[b, t, k, g, d]` and keys `[b, s, k, d]`; `feature_scale` s is
+  broadcastable to `[num_kv_heads, head_dim]` (None = 1)."""
+  scale_q = scale_k = None
+  if feature_scale is not None:
+    scale_k = jnp.broadcast_to(feature_scale, k.shape[2:]).astype(k.dtype)
+    scale_q = scale_k[:, None, :]
+  return _focused_map(q, scale_q, power, eps), _focused_map(k, scale_k, power, eps)
 
 
 def _depthwise_conv(value: Array, kernel: Array, bias: Array | None, masks: _Masks,
@@ -545,17 +585,13 @@ def focused_linear_attention(query, key, value, *, mask=None, is_causal=False, s
   grid = _check_dwc(dwc_kernel, dwc_bias, dwc_kernel_size, grid, dims, is_causal)
   dtype = _compute_dtype(query, key, value)
   q, k = _grouped_qk(query, key, dims, dtype)
-  scale_q = scale_k = None
   if feature_scale is not None:
     common.check_float("feature_scale", feature_scale)
     _check_broadcast_to("feature_scale", feature_scale, (dims.num_kv_heads, dims.head_dim),
                         "[num_kv_heads, head_dim]")
-    scale_k = jnp.broadcast_to(feature_scale, (dims.num_kv_heads, dims.head_dim)).astype(dtype)
-    scale_q = scale_k[:, None, :]
   masks = _plan_masks(dims, mask, is_causal, segment_ids)
   v = value.astype(dtype)
-  out = _linear_attention(_focused_map(q, scale_q, power, eps),
-                          _focused_map(k, scale_k, power, eps), v, dims, masks,
+  out = _linear_attention(*_focused_features(q, k, feature_scale, power, eps), v, dims, masks,
                           is_causal=is_causal, chunk_size=chunk_size)
   if dwc_kernel is not None:
     conv = _depthwise_conv(v, dwc_kernel.astype(dtype), dwc_bias, masks, dims, is_causal, grid)
@@ -580,29 +616,46 @@ def _scalar(name: str, x, dtype) -> Array:
   return jnp.asarray(x, dtype)
 
 
-def _std(x: Array, is_causal: bool) -> Array:
+def _token_sums(x: Array) -> tuple[Array, Array]:
+  """Sum and sum of squares of the entries of each token of `[b, t, ...]`: two `[b, t]`."""
+  flat = x.reshape(*x.shape[:2], math.prod(x.shape[2:]))
+  return jnp.sum(flat, -1), jnp.sum(flat * flat, -1)
+
+
+def _std(x: Array, is_causal: bool, prefix: tuple[Array, Array] | None = None,
+         position: Array | int = 0) -> Array:
   """Standard deviation of all entries of each example `[b, t, ...]`: `[b, 1]`, or with
-  `is_causal` of the entries of tokens 0..i, `[b, t]` (a prefix statistic)."""
+  `is_causal` of the entries of tokens 0..i, `[b, t]` (a prefix statistic). `prefix` holds the
+  `[b]` sums of `_token_sums` over `position` earlier tokens (causal only)."""
   b, t = x.shape[:2]
-  flat = x.reshape(b, t, math.prod(x.shape[2:]))
-  total, squares = jnp.sum(flat, -1), jnp.sum(flat * flat, -1)
+  total, squares = _token_sums(x)
   if is_causal:
-    count = flat.shape[-1] * jnp.arange(1, t + 1, dtype=x.dtype)
-    mean = jnp.cumsum(total, 1) / count
-    var = jnp.cumsum(squares, 1) / count - mean * mean
+    entries = math.prod(x.shape[2:])
+    count = entries * (position + jnp.arange(1, t + 1, dtype=x.dtype))
+    total, squares = jnp.cumsum(total, 1), jnp.cumsum(squares, 1)
+    if prefix is not None:
+      total, squares = total + prefix[0][:, None], squares + prefix[1][:, None]
+    mean = total / count
+    var = squares / count - mean * mean
   else:
-    count = max(flat.shape[-1] * t, 1)
+    count = max(math.prod(x.shape[2:]) * t, 1)
     mean = jnp.sum(total, 1, keepdims=True) / count
     var = jnp.sum(squares, 1, keepdims=True) / count - mean * mean
   return jnp.sqrt(jnp.maximum(var, 0.0))
 
 
-def _lln_moments(q: Array, k: Array, scale: float, head_dim: int, is_causal: bool
+def _lln_moments(q: Array, k: Array, scale: float, head_dim: int, is_causal: bool,
+                 prefix: Array | None = None, position: Array | int = 0
                  ) -> tuple[Array, Array]:
-  """Moment-matched α `[b, t|1]` and β `[b, s|1]` of linear log-normal attention."""
+  """Moment-matched α `[b, t|1]` and β `[b, s|1]` of linear log-normal attention. `prefix`
+  `[b, 4]`: the sums and sums of squares of q's and k's entries over `position` earlier tokens
+  (causal self-attention only)."""
   tiny = jnp.finfo(q.dtype).tiny
-  sigma_q = jnp.maximum(_std(q, is_causal), tiny)
-  sigma_k = jnp.maximum(_std(k, is_causal), tiny)
+  q_prefix = k_prefix = None
+  if prefix is not None:
+    q_prefix, k_prefix = (prefix[:, 0], prefix[:, 1]), (prefix[:, 2], prefix[:, 3])
+  sigma_q = jnp.maximum(_std(q, is_causal, q_prefix, position), tiny)
+  sigma_k = jnp.maximum(_std(k, is_causal, k_prefix, position), tiny)
 
   def sigma_lln(sq, sk):
     var_sm = scale ** 2 * head_dim * sq ** 2 * sk ** 2
@@ -659,17 +712,29 @@ def lognormal_linear_attention(query, key, value, *, mask=None, is_causal=False,
   q, k = _grouped_qk(query, key, dims, dtype)
   alpha = None if alpha is None else _scalar("alpha", alpha, dtype)
   beta = None if beta is None else _scalar("beta", beta, dtype)
-  if alpha is None or beta is None:
-    matched_alpha, matched_beta = _lln_moments(q, k, scale, dims.head_dim, is_causal)
-    alpha = matched_alpha[:, :, None, None, None] if alpha is None else alpha
-    beta = matched_beta[:, :, None, None] if beta is None else beta
   masks = _plan_masks(dims, mask, is_causal, segment_ids)
-  log_q = alpha * q
-  log_q = log_q - jax.lax.stop_gradient(jnp.max(log_q, axis=-1, keepdims=True))
-  phi_k, key_log_max = _stable_key_features(beta * k, masks.key_valid, is_causal)
-  out = _linear_attention(jnp.exp(log_q), phi_k, value.astype(dtype), dims, masks,
+  phi_q, phi_k, key_log_max = _lognormal_features(q, k, alpha, beta, scale, masks.key_valid,
+                                                 is_causal)
+  out = _linear_attention(phi_q, phi_k, value.astype(dtype), dims, masks,
                           is_causal=is_causal, chunk_size=chunk_size, key_log_max=key_log_max)
   return out.astype(query.dtype)
+
+
+def _lognormal_features(q: Array, k: Array, alpha: Array | None, beta: Array | None,
+                       scale: float, key_valid: Array | None, is_causal: bool,
+                       prefix_max: Array | None = None, prefix_sums: Array | None = None,
+                       position: Array | int = 0) -> tuple[Array, Array, Array | None]:
+  """exp(α q) `[b, t, k, g, d]` and exp(β k) `[b, s, k, d]` of grouped queries and keys (α, β
+  moment-matched where None; `_lln_moments`), stabilised as `_stable_key_features`."""
+  if alpha is None or beta is None:
+    matched_alpha, matched_beta = _lln_moments(q, k, scale, k.shape[-1], is_causal,
+                                               prefix_sums, position)
+    alpha = matched_alpha[:, :, None, None, None] if alpha is None else alpha
+    beta = matched_beta[:, :, None, None] if beta is None else beta
+  log_q = alpha * q
+  log_q = log_q - jax.lax.stop_gradient(jnp.max(log_q, axis=-1, keepdims=True))
+  phi_k, key_log_max = _stable_key_features(beta * k, key_valid, is_causal, prefix_max)
+  return jnp.exp(log_q), phi_k, key_log_max
 
 
 # ------------------------------------------------------------------------------------------
@@ -741,5 +806,10 @@ def lightning_attention(query, key, value, *, mask=None, is_causal=False, scale=
   out = _linear_attention(q, k, value.astype(dtype), dims, masks, is_causal=is_causal,
                           chunk_size=block_size, log_decay=log_decay, normalize=False)
   if output_norm:
-    out = out * jax.lax.rsqrt(jnp.mean(out * out, axis=(2, 3), keepdims=True) + norm_eps)
+    out = _srms_norm(out, norm_eps)
   return out.astype(query.dtype)
+
+
+def _srms_norm(out: Array, eps: float) -> Array:
+  """TransNormerLLM's SRMSNorm x / sqrt(mean(x²) + ε) over all heads of a token `[b, t, n, d]`."""
+  return out * jax.lax.rsqrt(jnp.mean(out * out, axis=(2, 3), keepdims=True) + eps)

@@ -50,20 +50,30 @@ def _check_grid(grid, dims: common.Dims) -> tuple[int, int]:
   return h, w
 
 
-def _chunkwise_causal(query, key, value, log_gamma, dims, scale, chunk_size):
+def _chunkwise_causal(query, key, value, log_gamma, dims, scale, chunk_size, initial=None,
+                     position=0):
   """RetNet's chunkwise recurrent form of causal 1-D retention, normalisations included.
 
   The state after position e is S = Σ_{m≤e} γ^{e−m} k_m v_mᵀ (and z = Σ γ^{e−m} k_m for the row
   sums); inside a chunk the decay matrix γ^{i−j} applies, across chunks γ^{i+1}·q_i·S. Every
-  power of γ is of a non-negative exponent. `log_gamma` is `[k, g]`; returns `[b, t, k, g, dv]`.
+  power of γ is of a non-negative exponent. `log_gamma` is `[k, g]`. `initial` is the state
+  `(S [b, k, g, d, dv], z [b, k, g, d])` after `position` earlier tokens (zeros when None).
+  Returns `[b, t, k, g, dv]` and the state after the last chunk (with a length that is not a
+  multiple of `chunk_size`, decayed over the padding too).
   """
   b, t, k_heads, g, d, dv = (dims.batch, dims.q_len, dims.num_kv_heads, dims.groups,
                              dims.head_dim, dims.value_dim)
   c = min(chunk_size, t)
   pad = -t % c
   n_chunks = (t + pad) // c
-  # c_n² = Σ_{i≤n} γ^i, the row sums of the causal decay matrix.
-  row_norm = jnp.sqrt(jnp.cumsum(jnp.exp(log_gamma[..., None] * jnp.arange(t + pad)), -1))
+  # c_n² = Σ_{i≤n} γ^i, the row sums of the causal decay matrix: for n = position + i,
+  # Σ_{j<position} γ^j + γ^position·Σ_{j≤i} γ^j, the first sum (1 − γ^p)/(1 − γ) via expm1.
+  row_sum = jnp.cumsum(jnp.exp(log_gamma[..., None] * jnp.arange(t + pad)), -1)
+  if initial is not None:
+    earlier = jnp.where(log_gamma == 0, position, jnp.expm1(log_gamma * position)
+                        / jnp.expm1(jnp.where(log_gamma == 0, 1.0, log_gamma)))
+    row_sum = earlier[..., None] + jnp.exp(log_gamma * position)[..., None] * row_sum
+  row_norm = jnp.sqrt(row_sum)
   pos = np.arange(c)
   expo = pos[:, None] - pos[None, :]
   intra = jnp.where(expo >= 0, jnp.exp(log_gamma[..., None, None] * np.maximum(expo, 0)), 0.0)
@@ -93,12 +103,13 @@ def _chunkwise_causal(query, key, value, log_gamma, dims, scale, chunk_size):
     z = chunk_decay[..., None] * z + jnp.sum(k_w, axis=1)
     return (state, z), out
 
-  init = (jnp.zeros((b, k_heads, g, d, dv), jnp.float32), jnp.zeros((b, k_heads, g, d),
-                                                                   jnp.float32))
+  if initial is None:
+    initial = (jnp.zeros((b, k_heads, g, d, dv), jnp.float32),
+               jnp.zeros((b, k_heads, g, d), jnp.float32))
   norms = jnp.moveaxis(row_norm.reshape(k_heads, g, n_chunks, c), 2, 0)
-  _, out = jax.lax.scan(step, init, (chunks(common.group_query(query, k_heads)), chunks(key),
-                                     chunks(value), norms))
-  return jnp.moveaxis(out, 0, 1).reshape(b, n_chunks * c, k_heads, g, dv)[:, :t]
+  final, out = jax.lax.scan(step, initial, (chunks(common.group_query(query, k_heads)),
+                                            chunks(key), chunks(value), norms))
+  return jnp.moveaxis(out, 0, 1).reshape(b, n_chunks * c, k_heads, g, dv)[:, :t], final
 
 
 @register("retention")
@@ -153,7 +164,7 @@ def retention(query, key, value, *, mask=None, is_causal=False, scale=None, gamm
           f"q_len == kv_len; got is_causal={is_causal}, grid={grid!r}, mask "
           f"{'given' if mask is not None else None}, lengths {dims.q_len} and {dims.kv_len}")
     log_gamma = _log_gamma(gamma, dims.num_heads, retnet_gammas).reshape(k_heads, g)
-    out = _chunkwise_causal(query, key, value, log_gamma, dims, scale, int(chunk_size))
+    out, _ = _chunkwise_causal(query, key, value, log_gamma, dims, scale, int(chunk_size))
     return out.reshape(dims.batch, dims.q_len, dims.num_heads,
                        dims.value_dim).astype(query.dtype)
 
