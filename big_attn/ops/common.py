@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from big_attn.ops import checks
+
 Array = jax.Array
 
 
@@ -77,6 +79,11 @@ def check_weight(name: str, x: Any, shape: tuple[int, ...], layout: str) -> None
   check_float(name, x)
   if tuple(x.shape) != tuple(shape):
     raise ValueError(f"{name} must have shape {layout} = {tuple(shape)}, got {tuple(x.shape)}")
+
+
+def largest_divisor(n: int, at_most: int) -> int:
+  """The largest divisor of `n` that is <= `at_most`: a paper's size clipped to fit `n`."""
+  return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
 
 
 def default_scale(head_dim: int, scale: float | None) -> float:
@@ -237,8 +244,8 @@ def scores(query: Array, key: Array, value: Array, *, scale=None, bias=None, mas
   """
   dims = check_qkv(query, key, value)
   check_bias(bias, dims)
-  if logits_soft_cap is not None and logits_soft_cap <= 0:
-    raise ValueError(f"logits_soft_cap must be positive, got {logits_soft_cap}")
+  if logits_soft_cap is not None:
+    logits_soft_cap = checks.positive_float("logits_soft_cap", logits_soft_cap)
   full_mask = make_mask(dims, mask=mask, is_causal=is_causal, segment_ids=segment_ids,
                         local_window_size=local_window_size)
   logits = attention_logits(query, key, dims, default_scale(dims.head_dim, scale))
