@@ -60,7 +60,7 @@ def combiner_attention(query, key, value, *, mask=None, is_causal=False, scale=N
     raise ValueError("combiner is self-attention over one sequence: q_len must equal kv_len, "
                      f"got {dims.q_len} and {dims.kv_len}")
   if block_size is None:
-    block_size = math.isqrt(dims.q_len - 1) + 1  # ⌈√L⌉
+    block_size = math.isqrt(max(dims.q_len, 1) - 1) + 1  # ⌈√L⌉
   block_size = checks.positive_int("block_size", block_size)
   if key_pool not in KEY_POOLS:
     raise ValueError(f"key_pool must be one of {KEY_POOLS}, got {key_pool!r}")

@@ -82,8 +82,9 @@ def check_weight(name: str, x: Any, shape: tuple[int, ...], layout: str) -> None
 
 
 def largest_divisor(n: int, at_most: int) -> int:
-  """The largest divisor of `n` that is <= `at_most`: a paper's size clipped to fit `n`."""
-  return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
+  """The largest divisor of `n` that is <= `at_most` (1 for n = 0): a paper's size clipped to
+  fit `n`."""
+  return max((d for d in range(1, min(n, at_most) + 1) if n % d == 0), default=1)
 
 
 def default_scale(head_dim: int, scale: float | None) -> float:
