@@ -427,7 +427,7 @@ def test_bottleneck_given_queries_matches_reference():
 
 
 @pytest.mark.parametrize("args,match,error", [
-    (dict(), "num_tokens", ValueError),
+    (dict(num_tokens=2.0), "num_tokens", ValueError),
     (dict(num_tokens=5), "num_tokens", ValueError),
     (dict(num_tokens=0), "num_tokens", ValueError),
     (dict(bottleneck_queries=jnp.zeros((2, 3, 4, 4))), "bottleneck_queries", ValueError),
