@@ -8,7 +8,7 @@ import os
 import textwrap
 from typing import Any
 
-from big_attn import models, ops
+from big_attn import layers, models, ops
 from big_attn.train import config_lib
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -44,7 +44,7 @@ def op_rows() -> list[dict[str, Any]]:
   paragraph (the mechanism and its paper)."""
   rows = []
   for name in ops.names():
-    params = ops.params_module(name)
+    params = layers.params_module(name)
     rows.append(dict(name=name, causal=ops.has_causal_form(name),
                      params=None if params is None else params.__name__,
                      summary=summary(ops.get(name).__doc__)))
