@@ -5,8 +5,10 @@ with Convolutions, Spravil et al. 2024).
   channel, evaluated at every offset of the sequence or image (so the weights do not depend on
   the length).
 - `HyenaParams`: the weights of the `hyena` op, registered for `big_attn.layers.Attention(
-  op="hyena")` (here rather than in `big_attn.ops.hyena`: the gates are `Projection` layers): the implicit filters, the skip terms D, the short depthwise filters of the
-  projections and, for orders above 2, the extra gate projections.
+  op="hyena")`: the implicit filters, the skip terms D, the short depthwise filters of the
+  projections and, for orders above 2, the extra gate projections. It lives here, not in
+  `big_attn.ops.hyena`, because its gates are `Projection` layers (registered on importing
+  `big_attn.layers`).
 - `HyenaOperator`: the stand-alone token mixer (in-projections, Hyena, out-projection) for a
   sequence `[batch, seq, features]` or an image `[batch, height, width, features]`.
 """

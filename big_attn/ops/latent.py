@@ -393,8 +393,8 @@ def latte_attention(query, key, value, *, mask=None, is_causal=False, scale=None
 @register_params("latte")
 class LatteParams(OpParams):
   """Latent vectors w_l of Latte (Latent Attention for Linear Time Transformers, Dolga et al.
-  2024): `op_args["num_latents"]` per head (default `LATTE_NUM_LATENTS`), initialised N(0, 1) so that s·q·w_l (s = 1/√d) is
-  O(1). Returns `{"latents": [num_heads, num_latents, head_dim]}`."""
+  2024): `op_args["num_latents"]` per head (default `LATTE_NUM_LATENTS`), initialised N(0, 1)
+  so that s·q·w_l (s = 1/√d) is O(1). Returns `{"latents": [num_heads, num_latents, head_dim]}`."""
 
   @nn.compact
   def __call__(self, inputs_q, query, key, value):

@@ -269,8 +269,8 @@ def grid_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
 
 class _RelativePositionBiasParams(OpParams):
   """A relative position bias table `rpb`, `[num_heads, 2a−1, 2c−1]` for groups of `a × c`
-  tokens (`op_args[size_arg]`, default as the op's), truncated-normal initialised with std 0.02 as in Swin.
-  `op_args["rpb"] = None` asks for no bias (Twins LSA, DaViT): no table, `{}` returned."""
+  tokens (`op_args[size_arg]`, default as the op's), truncated-normal initialised with std 0.02
+  as in Swin. `op_args["rpb"] = None` asks for no bias (Twins LSA, DaViT): no table, `{}` returned."""
   size_arg = ""
 
   @nn.compact
