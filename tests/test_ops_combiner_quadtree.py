@@ -129,7 +129,7 @@ def test_combiner_bad_input():
   q, k, v = _qkv(t=8)
   op = ops.get("combiner")
   with pytest.raises(ValueError, match="block_size"):
-    op(q, k, v)
+    op(q, k, v, block_size=True)
   with pytest.raises(ValueError, match="block_size"):
     op(q, k, v, block_size=0)
   with pytest.raises(ValueError, match="key_pool"):

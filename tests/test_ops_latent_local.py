@@ -139,7 +139,7 @@ def test_agent_bad_args():
   with pytest.raises(NotImplementedError, match="agent"):
     op(q, k, v, num_agents=3, is_causal=True)
   with pytest.raises(ValueError, match="num_agents"):
-    op(q, k, v)
+    op(q, k, v, num_agents=10)  # more agents than the 9 queries
   with pytest.raises(ValueError, match="num_agents"):
     op(q, k, v, num_agents=5, grid=(3, 3))
   with pytest.raises(ValueError, match="agent_tokens"):
@@ -265,7 +265,8 @@ def test_latte_layer_inits_and_runs():
     y = jax.jit(functools.partial(layer.apply, is_causal=causal))(params, x)
     assert y.shape == x.shape and np.all(np.isfinite(np.asarray(y)))
   with pytest.raises(ValueError, match="num_latents"):
-    layers.Attention(num_heads=4, op="latte").init(jax.random.key(0), x)
+    layers.Attention(num_heads=4, op="latte", op_args=dict(num_latents=0)).init(
+        jax.random.key(0), x)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -437,7 +437,7 @@ def _qkv(t=6, s=6):
 @pytest.mark.parametrize("name, kwargs, match", [
     ("performer", dict(features=jnp.ones((8, 5))), "features"),
     ("performer", dict(features=jnp.ones((8, 4)), feature_key=0), "exactly one"),
-    ("performer", {}, "exactly one"),
+    ("performer", dict(features=jnp.ones((8, 4)), feature_key=0), "exactly one"),
     ("performer", dict(features=jnp.ones((8, 4)), num_features=4), "num_features"),
     ("performer", dict(feature_key=0, num_features=0), "num_features"),
     ("performer", dict(feature_key=0, chunk_size=0), "chunk_size"),

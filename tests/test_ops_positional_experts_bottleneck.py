@@ -224,7 +224,7 @@ def _positional_args(t=15, n=4, d=8):
     ("decomposed_relpos", dict(rel_h=None), "rel_h"),
     ("kernelized_rpe", dict(rpe_bias=jnp.zeros((4, 15))), "rpe_bias"),
     ("kernelized_rpe", dict(mask=jnp.ones((1, 1, 15, 15), bool)), "key-padding"),
-    ("kernelized_rpe", dict(feature_key=None), "features"),
+    ("kernelized_rpe", dict(features=jnp.ones((8, 8))), "features"),
 ])
 def test_positional_bad_args(name, bad, match):
   q, k, v = _qkv()
@@ -264,7 +264,7 @@ def test_gpsa_local_init_centres_heads_on_offsets():
   """The local init: v_h = (2Δx_h, 2Δy_h, −1), the 4 heads centred on the 4 offsets of a 2×2
   square around 0, and gates λ = 1."""
   params = jax.tree.map(np.asarray, flax.linen.unbox(
-      layers.op_params.GPSAParams(num_heads=4, num_kv_heads=4, head_dim=8).init(
+      ops.positional.GPSAParams(num_heads=4, num_kv_heads=4, head_dim=8).init(
           jax.random.key(0), None, None, None, None)))["params"]
   np.testing.assert_array_equal(params["gating"], 1.0)
   pos_proj = params["pos_proj"]
@@ -427,7 +427,7 @@ def test_bottleneck_given_queries_matches_reference():
 
 
 @pytest.mark.parametrize("args,match,error", [
-    (dict(), "num_tokens", ValueError),
+    (dict(num_tokens=2.0), "num_tokens", ValueError),
     (dict(num_tokens=5), "num_tokens", ValueError),
     (dict(num_tokens=0), "num_tokens", ValueError),
     (dict(bottleneck_queries=jnp.zeros((2, 3, 4, 4))), "bottleneck_queries", ValueError),
@@ -455,7 +455,7 @@ def test_gpsa_local_init_attends_around_each_heads_offset():
   """Purely positional heads (σ(λ) → 1) with the local init: at an interior token of a 5×5
   image, head h's 4 largest weights sit on the offsets {0, 1}² shifted to its centre Δ_h."""
   grid, t = (5, 5), 25
-  params = flax.linen.unbox(layers.op_params.GPSAParams(
+  params = flax.linen.unbox(ops.positional.GPSAParams(
       num_heads=4, num_kv_heads=4, head_dim=8).init(jax.random.key(0), None, None, None, None))
   pos_proj = params["params"]["pos_proj"]
   q, k, _ = _qkv(b=1, t=t, k=4)

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from big_attn import layers, ops
-from big_attn.layers import op_params
 from tests import reference
 from tests.reference import f64, full_mask, repeat_kv, x64
 
@@ -51,7 +50,7 @@ def ref_sigmoid(q, k, v, m, *, scale=None, bias=None, logit_bias=None, soft_cap=
 
 
 def ref_clipped(q, k, v, m, *, scale=None, bias=None, zeta=1.0, gamma=None):
-  gamma = -4.0 / k.shape[1] if gamma is None else gamma
+  gamma = -0.5 / k.shape[1] if gamma is None else gamma  # the documented default α = 1/2
   p = _ref_masked_softmax(_ref_scores(q, k, scale, bias), m)
   w = jnp.where(m, jnp.minimum(jnp.maximum((zeta - gamma) * p + gamma, 0.0), 1.0), 0.0)
   return _ref_apply(w, v, q.shape[2])
@@ -362,7 +361,7 @@ def test_gated_params_need_divisible_features():
   x = jnp.ones((B, T, 10))
   with pytest.raises(ValueError, match="divisible by num_heads"):
     layers.Attention(num_heads=4, head_dim=4, op="gated_attention").init(jax.random.key(0), x)
-  assert op_params.params_module("gated_attention") is op_params.GatedAttentionParams
+  assert ops.params_module("gated_attention") is ops.scoring.GatedAttentionParams
 
 
 # ----------------------------------------------------------------------------- bad input

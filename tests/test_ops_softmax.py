@@ -242,7 +242,7 @@ def test_bad_arguments_raise_naming_them():
     ops.dot_product_attention(q, k, v, local_window_size=(1, 2, 3))
   with pytest.raises(ValueError, match="implementation must be one of"):
     ops.dot_product_attention(q, k, v, implementation="triton")
-  with pytest.raises(ValueError, match="logits_soft_cap must be positive"):
+  with pytest.raises(ValueError, match="logits_soft_cap must be a positive number"):
     ops.dot_product_attention(q, k, v, logits_soft_cap=0.0)
 
 

@@ -406,7 +406,7 @@ def _bad_calls():
   return [
       (lambda: window(q, k, v, window_size=2), "grid"),
       (lambda: window(q, k, v, grid=(4, 4), window_size=2), "grid"),
-      (lambda: window(q, k, v, **g), "window_size"),
+      (lambda: window(q, k, v, window_size=0, **g), "window_size"),
       (lambda: window(q, k, v, window_size=(2, 3), **g), "window_size"),
       (lambda: window(q, k, v, window_size=(3, 2), shift=(0, 2), **g), "shift"),
       (lambda: window(q, k, v, window_size=(3, 2), shift=-1, **g), "shift"),

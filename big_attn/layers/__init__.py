@@ -3,7 +3,7 @@ from big_attn.layers.attention import Attention
 from big_attn.layers.hyena import HyenaOperator, ImplicitFilter
 from big_attn.layers.mlp import MlpBlock
 from big_attn.layers.norm import batch_norm, conv_norm, layer_norm
-from big_attn.layers.op_params import OpParams, params_module, register_params
+from big_attn.ops.registry import OpParams, params_module, register_params
 from big_attn.layers.posemb import PositionEmbedding, apply_rope, posemb_sincos_2d
 
 __all__ = ["Attention", "HyenaOperator", "ImplicitFilter", "MlpBlock", "OpParams",

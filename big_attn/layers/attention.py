@@ -142,7 +142,7 @@ class Attention(nn.Module):
       query = posemb.apply_rope(query, positions, self.rope_base, self.rope_scaling)
       key = posemb.apply_rope(key, positions, self.rope_base, self.rope_scaling)
 
-    params_cls = op_params.params_module(self.op)
+    params_cls = ops.params_module(self.op)
     if params_cls is not None:
       op_args.update(params_cls(
           num_heads=self.num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,

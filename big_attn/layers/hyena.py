@@ -6,7 +6,9 @@ with Convolutions, Spravil et al. 2024).
   the length).
 - `HyenaParams`: the weights of the `hyena` op, registered for `big_attn.layers.Attention(
   op="hyena")`: the implicit filters, the skip terms D, the short depthwise filters of the
-  projections and, for orders above 2, the extra gate projections.
+  projections and, for orders above 2, the extra gate projections. It lives here, not in
+  `big_attn.ops.hyena`, because its gates are `Projection` layers (registered on importing
+  `big_attn.layers`).
 - `HyenaOperator`: the stand-alone token mixer (in-projections, Hyena, out-projection) for a
   sequence `[batch, seq, features]` or an image `[batch, height, width, features]`.
 """
@@ -19,8 +21,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from big_attn.layers import op_params
 from big_attn.layers.attention import Attention, Projection
+from big_attn.ops import checks
+from big_attn.ops.registry import OpParams, register_params
 
 _FILTER_TARGET = 1e-2  # the window decays to 1 % at the fastest/slowest channel's reach
 
@@ -61,9 +64,7 @@ class ImplicitFilter(nn.Module):
   @nn.compact
   def __call__(self, spatial: tuple[int, ...]):
     for name in ("order", "hidden", "depth", "bands"):
-      value = getattr(self, name)
-      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"ImplicitFilter.{name} must be a positive int, got {value!r}")
+      checks.positive_int(f"ImplicitFilter.{name}", getattr(self, name))
     r = _offsets(spatial, self.max_len)
     angles = np.pi * r[..., None] * np.arange(1, self.bands + 1)  # [..., rank, bands]
     features = np.concatenate([r[..., None], np.sin(angles), np.cos(angles)], axis=-1)
@@ -88,16 +89,8 @@ class ImplicitFilter(nn.Module):
     return h.reshape(*h.shape[:-1], self.num_heads, self.head_dim)
 
 
-def _positive(op_args, name: str, default: int, allow_zero: bool = False) -> int:
-  value = op_args.get(name, default)
-  if not isinstance(value, int) or isinstance(value, bool) or value < (0 if allow_zero else 1):
-    kind = "a non-negative int" if allow_zero else "a positive int"
-    raise ValueError(f"op_args[{name!r}] must be {kind}, got {value!r}")
-  return value
-
-
-@op_params.register_params("hyena")
-class HyenaParams(op_params.OpParams):
+@register_params("hyena")
+class HyenaParams(OpParams):
   """The weights of the `hyena` op, from `op_args`: `order` N (2), `short_kernel` k (3; 0: no
   short filters), `grid` ((h, w) for image tokens), `max_len` (the longest sequence, or
   image side(s), the filters are scaled to; None: the current one).
@@ -116,10 +109,8 @@ class HyenaParams(op_params.OpParams):
   def __call__(self, inputs_q, query, key, value):
     del key, value
     op_args = dict(self.op_args or {})
-    order = _positive(op_args, "order", 2)
-    if order < 2:
-      raise ValueError(f"op_args['order'] must be >= 2, got {order}")
-    short = _positive(op_args, "short_kernel", 3, allow_zero=True)
+    order = checks.int_in_range("op_args['order']", op_args.get("order", 2), 2)
+    short = checks.int_in_range("op_args['short_kernel']", op_args.get("short_kernel", 3), 0)
     grid = op_args.get("grid")
     spatial = (query.shape[1],) if grid is None else tuple(grid)
     shape = (self.num_heads, self.head_dim)

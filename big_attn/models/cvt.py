@@ -45,7 +45,6 @@ import numpy as np
 from big_attn import ops
 from big_attn.layers import MlpBlock, conv_norm, layer_norm
 from big_attn.layers.norm import CONV_NORMS
-from big_attn.layers import op_params
 from big_attn.layers.attention import Projection
 from big_attn.models import common
 
@@ -145,7 +144,7 @@ class ConvProjectionAttention(nn.Module):
 
     op_fn = ops.get(self.op)
     op_args = dict(self.op_args or {})
-    params_cls = op_params.params_module(self.op)
+    params_cls = ops.params_module(self.op)
     if params_cls is not None:
       op_args.update(params_cls(
           num_heads=self.num_heads, num_kv_heads=self.num_heads, head_dim=head_dim,

@@ -16,7 +16,7 @@ head is global average pooling, LayerNorm, a pre-logits Dense + tanh (the paper'
 as in the released weights) and the classifier. Block and grid attention go through
 `big_attn.layers.Attention` with ops `window` and `grid` (registry names, so any op can be
 swapped in by config) and own a relative position bias per head ([heads, 2P−1, 2P−1], through
-`big_attn.layers.op_params`). The partition size P = G is 7 at 224x224 (the feature maps are
+`big_attn.ops.windowed`'s parameter modules). The partition size P = G is 7 at 224x224 (the feature maps are
 56, 28, 14, 7).
 
 Normalisation: the MBConv and stem norms are BatchNorm as in the paper (`conv_norm="batch"`,

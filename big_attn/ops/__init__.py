@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from big_attn.ops import common
 from big_attn.ops.registry import accepts, get, has_causal_form, names, register
+from big_attn.ops.registry import OpParams, params_module, register_params
 from big_attn.ops.softmax import dot_product_attention
 
 # Importing a family module registers its ops.
@@ -120,3 +121,4 @@ def as_attention_fn(name: str, **mechanism_args) -> Callable:
 
 __all__ = ["accepts", "as_attention_fn", "dot_product_attention", "get", "has_causal_form", "names",
            "register"]
+__all__ += ["OpParams", "params_module", "register_params"]

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from big_attn.ops import checks
 from big_attn.ops import common
 from big_attn.ops.registry import register
 from big_attn.ops.softmax import dot_product_attention
 
 Array = jax.Array
+
+
+# LookupViT's compressed tokens: a 7 x 7 grid.
+LOOKUP_TOKENS = 49
 
 
 def _pooled_queries(query: Array, num_tokens: int) -> Array:
@@ -55,9 +59,10 @@ def bottleneck_attention(query, key, value, *, mask=None, is_causal=False, scale
       when the bottleneck gathers; a batch row without valid keys returns zeros.
     is_causal: must be False (the bottleneck mixes all positions).
     scale: logit scale s of the three attentions; `1/sqrt(head_dim)` when None.
-    num_tokens: P; needed when `bottleneck_queries` is None (then it must divide q_len; the
+    num_tokens: P, used when `bottleneck_queries` is None (then it must divide q_len; the
       pooled means include every query token, padding too: pass `bottleneck_queries` pooled
-      over the valid tokens when the queries are padded).
+      over the valid tokens when the queries are padded). Default LookupViT's 7×7 = 49
+      compressed tokens, or the largest divisor of q_len below 49.
     bottleneck_queries: B `[batch | 1, P, num_heads, head_dim]`.
 
   Returns:
@@ -73,13 +78,11 @@ def bottleneck_attention(query, key, value, *, mask=None, is_causal=False, scale
     if full.shape[2] != 1:
       raise ValueError("bottleneck supports key-padding masks only: mask must broadcast to "
                        f"[batch, num_heads, 1, kv_len], got shape {mask.shape}")
-  if num_tokens is not None and (isinstance(num_tokens, bool) or not isinstance(
-      num_tokens, (int, np.integer)) or num_tokens < 1):
-    raise ValueError(f"num_tokens must be a positive int, got {num_tokens!r}")
+  num_tokens = checks.positive_int("num_tokens", num_tokens, optional=True)
   if bottleneck_queries is None:
     if num_tokens is None:
-      raise ValueError("bottleneck needs num_tokens (pooled queries) or bottleneck_queries")
-    tokens = _pooled_queries(query, int(num_tokens))
+      num_tokens = common.largest_divisor(dims.q_len, LOOKUP_TOKENS)
+    tokens = _pooled_queries(query, num_tokens)
   else:
     common.check_float("bottleneck_queries", bottleneck_queries)
     want = (dims.num_heads, dims.head_dim)

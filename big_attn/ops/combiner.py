@@ -7,9 +7,12 @@ every key keeps a non-zero weight (full attention support) at O(L·(c + L/c)) co
 """
 from __future__ import annotations
 
+import math
+
 import jax.numpy as jnp
 import numpy as np
 
+from big_attn.ops import checks
 from big_attn.ops import common
 from big_attn.ops.registry import register
 
@@ -46,7 +49,7 @@ def combiner_attention(query, key, value, *, mask=None, is_causal=False, scale=N
     is_causal: direct attention to the current block's keys j ≤ i, summaries of earlier
       blocks only.
     scale: logit scale s; `1/sqrt(head_dim)` when None.
-    block_size: required block length c ≥ 1.
+    block_size: block length c ≥ 1; default ⌈√L⌉, the paper's choice (O(L√L) cost).
     key_pool: "mean" or "max", the summary key k̄_r.
 
   Returns:
@@ -56,9 +59,9 @@ def combiner_attention(query, key, value, *, mask=None, is_causal=False, scale=N
   if dims.q_len != dims.kv_len:
     raise ValueError("combiner is self-attention over one sequence: q_len must equal kv_len, "
                      f"got {dims.q_len} and {dims.kv_len}")
-  if (not isinstance(block_size, (int, np.integer)) or isinstance(block_size, bool)
-      or block_size < 1):
-    raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+  if block_size is None:
+    block_size = math.isqrt(max(dims.q_len, 1) - 1) + 1  # ⌈√L⌉
+  block_size = checks.positive_int("block_size", block_size)
   if key_pool not in KEY_POOLS:
     raise ValueError(f"key_pool must be one of {KEY_POOLS}, got {key_pool!r}")
   full = common.make_mask(dims, mask=mask)

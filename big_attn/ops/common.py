@@ -16,9 +16,11 @@ from pallas_kernels.common import (MASKED_LOGIT, Array, Dims, attention_logits,
                                    group_query, grouped, make_mask, masked_softmax,
                                    normalize_segment_ids, normalize_window, weighted_values)
 
+from big_attn.ops import checks
+
 __all__ = ["MASKED_LOGIT", "Array", "Dims", "apply_row_mask", "attention_logits", "check_bias",
            "check_broadcastable", "check_float", "check_no_causal", "check_qkv", "check_weight",
-           "default_scale", "group_query", "grouped", "make_mask", "masked_softmax",
+           "default_scale", "group_query", "grouped", "largest_divisor", "make_mask", "masked_softmax",
            "normalize_segment_ids", "normalize_window", "scores", "weighted_values"]
 
 
@@ -29,6 +31,12 @@ def check_weight(name: str, x: Any, shape: tuple[int, ...], layout: str) -> None
   check_float(name, x)
   if tuple(x.shape) != tuple(shape):
     raise ValueError(f"{name} must have shape {layout} = {tuple(shape)}, got {tuple(x.shape)}")
+
+
+def largest_divisor(n: int, at_most: int) -> int:
+  """The largest divisor of `n` that is <= `at_most` (1 for n = 0): a paper's size clipped to
+  fit `n`."""
+  return max((d for d in range(1, min(n, at_most) + 1) if n % d == 0), default=1)
 
 
 def check_bias(bias: Array | None, dims: Dims) -> None:
@@ -48,8 +56,8 @@ def scores(query: Array, key: Array, value: Array, *, scale=None, bias=None, mas
   """
   dims = check_qkv(query, key, value)
   check_bias(bias, dims)
-  if logits_soft_cap is not None and logits_soft_cap <= 0:
-    raise ValueError(f"logits_soft_cap must be positive, got {logits_soft_cap}")
+  if logits_soft_cap is not None:
+    logits_soft_cap = checks.positive_float("logits_soft_cap", logits_soft_cap)
   full_mask = make_mask(dims, mask=mask, is_causal=is_causal, segment_ids=segment_ids,
                         local_window_size=local_window_size)
   logits = attention_logits(query, key, dims, default_scale(dims.head_dim, scale))

@@ -23,6 +23,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from big_attn.ops import checks
 from big_attn.ops import common
 from big_attn.ops.registry import register
 
@@ -75,8 +76,7 @@ def lean_decode_attention(query: Array, key: Array, value: Array, *, mask: Array
     entry gives zeros.
   """
   dims = common.check_qkv(query, key, value)
-  if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
-    raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+  block_size = checks.positive_int("block_size", block_size)
   if mask is not None:
     common.make_mask(dims, mask=mask)  # type and shape checks
   lengths = _valid_lengths(kv_length, dims)

@@ -5,12 +5,13 @@ values, not through the selection.
 """
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from big_attn.ops import checks
 from big_attn.ops import common
-from big_attn.ops.registry import register
+from big_attn.ops.registry import OpParams, register, register_params
 from big_attn.ops.softmax import dot_product_attention
 
 Array = jax.Array
@@ -45,7 +46,7 @@ def switchhead_attention(query, key, value, *, mask=None, is_causal=False, scale
 
   Split of responsibilities: this op receives the per-expert projected values x_j W^V_e
   (`value_experts`), the router logits and the output-expert matrices; the Linen module
-  `big_attn.layers.op_params.SwitchHeadParams` owns W^V_e, W^V_S, W^O_S and W^O_e and computes
+  `SwitchHeadParams` (below) owns W^V_e, W^V_S, W^O_S and W^O_e and computes
   the first three from `inputs_q` (self-attention). The op returns y per head; summing the heads
   gives the paper's output (`big_attn.layers.Attention` applies its shared output projection
   after it). The dense `value` argument only fixes the layout (batch, kv_len, kv heads); its
@@ -92,10 +93,9 @@ def switchhead_attention(query, key, value, *, mask=None, is_causal=False, scale
   common.check_weight("out_experts", out_experts,
                       (dims.num_heads, num, dv, out_experts.shape[-1]),
                       "[num_heads, E, value_dim, out_dim]")
-  if isinstance(topk, bool) or not isinstance(topk, (int, np.integer)) or not 1 <= topk <= num:
-    raise ValueError(f"topk must be an int in [1, {num}], got {topk!r}")
+  topk = checks.int_in_range("topk", topk, 1, num)
 
-  gate_v = sigmoid_topk_gate(router_logits_v, int(topk))
+  gate_v = sigmoid_topk_gate(router_logits_v, topk)
   mixed = jnp.einsum("bske,bsked->bskd", gate_v.astype(value_experts.dtype), value_experts,
                      preferred_element_type=jnp.float32).astype(value_experts.dtype)
   heads = dot_product_attention(query, key, mixed, mask=mask, scale=scale, is_causal=is_causal,
@@ -104,3 +104,49 @@ def switchhead_attention(query, key, value, *, mask=None, is_causal=False, scale
   out = jnp.einsum("btne,btnd,nedo->btno", gate_o, heads.astype(jnp.float32),
                    out_experts.astype(jnp.float32))
   return out.astype(query.dtype)
+
+
+@register_params("switchhead")
+class SwitchHeadParams(OpParams):
+  """The experts and routers of SwitchHead (Csordás et al. 2024; MoEUT's attention).
+
+  `op_args["num_experts"]` E (4 by default) and `op_args["topk"]` k (2 by default). Owns, per
+  head, the value experts `value_expert_kernel [features, num_kv_heads, E, head_dim]`, the
+  routers `router_v [features, num_kv_heads, E]` and `router_o [features, num_heads, E]`, and
+  the output experts `out_experts [num_heads, E, head_dim, head_dim]`, all fan-in scaled
+  normal (variance 1/fan_in). From `inputs_q` (self-attention: keys and values come from the
+  same tokens) it returns `value_experts`, `router_logits_v`, `router_logits_o` and
+  `out_experts` for the `switchhead` op. The layer's dense value projection is then unused by
+  the op, and its output projection follows the output experts.
+  """
+
+  @nn.compact
+  def __call__(self, inputs_q, query, key, value):
+    del query, value
+    op_args = self.op_args or {}
+    num = checks.positive_int("op_args['num_experts']", op_args.get("num_experts", 4))
+    topk = checks.int_in_range("op_args['topk']", op_args.get("topk", 2), 1, num)
+    if inputs_q.shape[1] != key.shape[1]:
+      raise ValueError("switchhead's parameters are computed from inputs_q: it supports "
+                       f"self-attention only, got q_len {inputs_q.shape[1]} and kv_len "
+                       f"{key.shape[1]}")
+    features, d = inputs_q.shape[-1], self.head_dim
+    init = lambda fan_in: nn.initializers.normal(stddev=fan_in ** -0.5)  # pylint: disable=g-long-lambda
+    kernel = self.param("value_expert_kernel", nn.with_logical_partitioning(
+        init(features), ("embed", "kv_heads", "experts", "head_dim")),
+                        (features, self.num_kv_heads, num, d), self.param_dtype)
+    router_v = self.param("router_v", nn.with_logical_partitioning(
+        init(features), ("embed", "kv_heads", "experts")),
+                          (features, self.num_kv_heads, num), self.param_dtype)
+    router_o = self.param("router_o", nn.with_logical_partitioning(
+        init(features), ("embed", "heads", "experts")),
+                          (features, self.num_heads, num), self.param_dtype)
+    out_experts = self.param("out_experts", nn.with_logical_partitioning(
+        init(d), ("heads", "experts", "head_dim", None)),
+                             (self.num_heads, num, d, d), self.param_dtype)
+    x, kernel, router_v, router_o, out_experts = nn.dtypes.promote_dtype(
+        inputs_q, kernel, router_v, router_o, out_experts, dtype=self.dtype)
+    return {"value_experts": jnp.einsum("bsf,fked->bsked", x, kernel),
+            "router_logits_v": jnp.einsum("bsf,fke->bske", x, router_v),
+            "router_logits_o": jnp.einsum("bsf,fne->bsne", x, router_o),
+            "out_experts": out_experts}

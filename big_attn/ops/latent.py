@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from big_attn.ops import checks
 from big_attn.ops import common
-from big_attn.ops.registry import register
+from big_attn.ops.registry import OpParams, register, register_params
 
 Array = jax.Array
 
@@ -61,17 +63,6 @@ def _grouped_key_mask(key_mask: Array | None, dims: common.Dims) -> Array | None
   return key_mask.reshape(key_mask.shape[0], dims.num_kv_heads, dims.groups, dims.kv_len)
 
 
-def _check_pair(name: str, value) -> tuple[int, int]:
-  try:
-    a, b = value
-  except (TypeError, ValueError):
-    a = b = None
-  if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1
-             for v in (a, b)):
-    raise ValueError(f"{name} must be a pair of positive ints, got {value!r}")
-  return int(a), int(b)
-
-
 def _check_bias(name: str, bias: Array | None, target: tuple[int, ...]) -> None:
   if bias is None:
     return
@@ -104,17 +95,21 @@ def adaptive_pool_matrix(length: int, size: int) -> np.ndarray:
   return out
 
 
+# Agent Attention's n = 49 agents: a 7 x 7 pool of the query image.
+AGENT_SIDE = 7
+
+
 def _agent_pool(query: Array, num_agents, grid) -> Array:
   """Adaptive average pooling of `[b, t, n, d]` queries to `[b, num_agents, n, d]` agents."""
   t = query.shape[1]
   if grid is None:
-    if not isinstance(num_agents, (int, np.integer)) or not 1 <= num_agents <= t:
-      raise ValueError(
-          f"num_agents must be an int in [1, q_len={t}] when agent_tokens is not given, "
-          f"got {num_agents!r}")
-    pool = adaptive_pool_matrix(t, int(num_agents))
+    if num_agents is None:
+      num_agents = min(AGENT_SIDE * AGENT_SIDE, t)
+    pool = adaptive_pool_matrix(t, checks.int_in_range("num_agents", num_agents, 1, t))
   else:
     h, w = grid
+    if num_agents is None:
+      num_agents = (min(AGENT_SIDE, h), min(AGENT_SIDE, w))
     if isinstance(num_agents, (int, np.integer)):
       side = math.isqrt(int(num_agents))
       if side * side != num_agents:
@@ -123,7 +118,7 @@ def _agent_pool(query: Array, num_agents, grid) -> Array:
             f"agents) or a pair (rows, cols), got {num_agents!r}")
       ph = pw = side
     else:
-      ph, pw = _check_pair("num_agents", num_agents)
+      ph, pw = checks.int_tuple("num_agents", num_agents, allow_int=False)
     if not (1 <= ph <= h and 1 <= pw <= w):
       raise ValueError(f"num_agents grid {(ph, pw)} must fit in grid {(h, w)}")
     pool = np.kron(adaptive_pool_matrix(h, ph), adaptive_pool_matrix(w, pw))
@@ -194,6 +189,8 @@ def agent_attention(query, key, value, *, mask=None, is_causal=False, scale=None
     scale: logit scale `s`; `1/sqrt(head_dim)` when None.
     num_agents: number of pooled agents (int; with `grid` a perfect square p² for a p×p pool or
       a pair `(rows, cols)`); with `agent_tokens` it is optional and checked against them.
+      Default the paper's n = 49: a 7×7 pool with `grid` (each side at most the grid's), else
+      min(49, q_len).
     agent_tokens: `[batch, num_agents, num_heads, head_dim]` agents used instead of pooling.
     grid: `(height, width)` of the token grid (row-major tokens) for 2-D pooling and DWC.
     query_agent_bias: B₁, broadcastable to `[batch, num_heads, q_len, num_agents]`.
@@ -210,7 +207,7 @@ def agent_attention(query, key, value, *, mask=None, is_causal=False, scale=None
   dims = common.check_qkv(query, key, value)
   scale = common.default_scale(dims.head_dim, scale)
   if grid is not None:
-    grid = _check_pair("grid", grid)
+    grid = checks.int_tuple("grid", grid, allow_int=False)
     if grid[0] * grid[1] != dims.q_len:
       raise ValueError(f"grid {grid} must have q_len = {dims.q_len} cells")
 
@@ -326,6 +323,11 @@ def _latte_logits(query: Array, key: Array, latents: Array, scale: float) -> tup
   return jax.nn.softmax(q_logits, axis=-1), k_logits
 
 
+# Latte's latent states per head when a layer creates them (`LatteParams`): L = 64 (the
+# number benchmarked in experiments/results/cpu_paths.md).
+LATTE_NUM_LATENTS = 64
+
+
 @register("latte")
 def latte_attention(query, key, value, *, mask=None, is_causal=False, scale=None, latents=None,
                     num_latents=None, chunk_size=16):
@@ -371,8 +373,7 @@ def latte_attention(query, key, value, *, mask=None, is_causal=False, scale=None
   if num_latents is not None and num_latents != latents.shape[1]:
     raise ValueError(f"num_latents={num_latents!r} disagrees with latents of shape "
                      f"{latents.shape}")
-  if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
-    raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+  chunk_size = checks.positive_int("chunk_size", chunk_size)
   if is_causal and dims.q_len != dims.kv_len:
     raise ValueError(
         f"causal latte needs q_len == kv_len, got {dims.q_len} and {dims.kv_len}")
@@ -396,3 +397,23 @@ def latte_attention(query, key, value, *, mask=None, is_causal=False, scale=None
     row_mask = common.make_mask(dims, mask=mask)
   out = out.reshape(dims.batch, dims.q_len, dims.num_heads, dims.value_dim)
   return common.apply_row_mask(out, row_mask, dims).astype(query.dtype)
+
+
+@register_params("latte")
+class LatteParams(OpParams):
+  """Latent vectors w_l of Latte (Latent Attention for Linear Time Transformers, Dolga et al.
+  2024): `op_args["num_latents"]` per head (default `LATTE_NUM_LATENTS`), initialised N(0, 1)
+  so that s·q·w_l (s = 1/√d) is O(1). Returns `{"latents": [num_heads, num_latents, head_dim]}`."""
+
+  @nn.compact
+  def __call__(self, inputs_q, query, key, value):
+    del inputs_q, query, key, value
+    num_latents = checks.positive_int("op_args['num_latents']", (self.op_args or {}).get(
+        "num_latents", LATTE_NUM_LATENTS))
+    latents = self.param(
+        "latents",
+        nn.with_logical_partitioning(nn.initializers.normal(stddev=1.0),
+                                     ("heads", "latents", "head_dim")),
+        (self.num_heads, num_latents, self.head_dim), self.param_dtype)
+    (latents,) = nn.dtypes.promote_dtype(latents, dtype=self.dtype)
+    return {"latents": latents}

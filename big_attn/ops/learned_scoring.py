@@ -1,17 +1,19 @@
 """Attention whose scores come from a small learned network of (q_i, k_j) instead of q·k.
 
 Both ops materialise a `[batch, heads, q_len, kv_len, hidden]` tensor (memory n²·hidden) and
-take their weights as arguments; `big_attn.layers.op_params` owns them for the `Attention`
-layer. Masks, `is_causal`, `segment_ids` and `local_window_size` combine as in
+take their weights as arguments; `NeuralAttentionParams` and `GATv2Params` below own them for
+the `Attention` layer. Masks, `is_causal`, `segment_ids` and `local_window_size` combine as in
 `dot_product_attention`; masked keys get weight 0 and fully masked rows return zeros.
 """
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from big_attn.ops import checks
 from big_attn.ops import common
-from big_attn.ops.registry import register
+from big_attn.ops.registry import OpParams, register, register_params
 
 ACTIVATIONS = {"relu": jax.nn.relu, "gelu": jax.nn.gelu, "tanh": jnp.tanh}
 NONLINEARITIES = ("leaky_relu", "tanh")
@@ -118,8 +120,7 @@ def gatv2_attention(query, key, value, *, mask=None, is_causal=False, scale=None
   dims = common.check_qkv(query, key, value)
   if nonlinearity not in NONLINEARITIES:
     raise ValueError(f"nonlinearity must be one of {NONLINEARITIES}, got {nonlinearity!r}")
-  if not negative_slope >= 0:
-    raise ValueError(f"negative_slope must be non-negative, got {negative_slope}")
+  negative_slope = checks.non_negative_float("negative_slope", negative_slope)
   k, g, d = dims.num_kv_heads, dims.groups, dims.head_dim
   attn_vec = _weight("attn_vec", attn_vec, (dims.num_heads, d), "[num_heads, head_dim]")
   q = common.group_query(query, k).astype(jnp.float32)
@@ -132,3 +133,49 @@ def gatv2_attention(query, key, value, *, mask=None, is_causal=False, scale=None
   logits = jnp.einsum("bkgtsd,kgd->bkgts", act, attn_vec.reshape(k, g, d))
   return _attend(logits, value, dims, query.dtype, mask, is_causal, segment_ids,
                  local_window_size, scale)
+
+
+@register_params("neural_attention")
+class NeuralAttentionParams(OpParams):
+  """The scoring MLP of Neural Attention (DiGiugno & Mahmood 2025), per head: `w1 [num_heads,
+  2·head_dim, hidden]`, `b1 [num_heads, hidden]` (zeros), `w2 [num_heads, hidden]`, with
+  `hidden = op_args["hidden_dim"]` (head_dim when absent). Weights use PyTorch's default
+  `Linear` initialisation (U(±1/√fan_in)), as the authors' code. Returns `{"w1", "b1", "w2"}`.
+  """
+
+  @nn.compact
+  def __call__(self, inputs_q, query, key, value):
+    del inputs_q, query, key, value
+    hidden = checks.positive_int("op_args['hidden_dim']",
+                                 (self.op_args or {}).get("hidden_dim") or self.head_dim)
+    init = lambda in_axis, out_axis: nn.initializers.variance_scaling(  # pylint: disable=g-long-lambda
+        1.0 / 3.0, "fan_in", "uniform", in_axis=in_axis, out_axis=out_axis, batch_axis=0)
+    w1 = self.param("w1", nn.with_logical_partitioning(init(-2, -1), ("heads", None, "mlp")),
+                    (self.num_heads, 2 * self.head_dim, hidden), self.param_dtype)
+    b1 = self.param("b1", nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                       ("heads", "mlp")),
+                    (self.num_heads, hidden), self.param_dtype)
+    w2 = self.param("w2", nn.with_logical_partitioning(init(-1, ()), ("heads", "mlp")),
+                    (self.num_heads, hidden), self.param_dtype)
+    w1, b1, w2 = nn.dtypes.promote_dtype(w1, b1, w2, dtype=self.dtype)
+    return {"w1": w1, "b1": b1, "w2": w2}
+
+
+@register_params("gatv2")
+class GATv2Params(OpParams):
+  """The attention vector a of GATv2 / additive attention (How Attentive are Graph Attention
+  Networks?, Brody et al. 2022), `[num_heads, head_dim]`, initialised U(±√(3/head_dim)) so
+  that aᵀφ(q + k) is O(1). Returns `{"attn_vec"}`."""
+
+  @nn.compact
+  def __call__(self, inputs_q, query, key, value):
+    del inputs_q, query, key, value
+    attn_vec = self.param(
+        "attn_vec",
+        nn.with_logical_partitioning(
+            nn.initializers.variance_scaling(1.0, "fan_in", "uniform", in_axis=-1,
+                                             out_axis=(), batch_axis=0),
+            ("heads", "head_dim")),
+        (self.num_heads, self.head_dim), self.param_dtype)
+    (attn_vec,) = nn.dtypes.promote_dtype(attn_vec, dtype=self.dtype)
+    return {"attn_vec": attn_vec}

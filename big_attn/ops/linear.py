@@ -25,12 +25,14 @@ import functools
 import math
 from typing import NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from big_attn.ops import checks
 from big_attn.ops import common
-from big_attn.ops.registry import register
+from big_attn.ops.registry import OpParams, register, register_params
 
 Array = jax.Array
 
@@ -38,12 +40,6 @@ Array = jax.Array
 # ------------------------------------------------------------------------------------------
 # Argument checks.
 # ------------------------------------------------------------------------------------------
-def _positive_int(name: str, value) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-    raise ValueError(f"{name} must be a positive int, got {value!r}")
-  return int(value)
-
-
 def _check_broadcast_to(name: str, x: Array, target: tuple[int, ...], layout: str) -> None:
   if x.ndim > len(target) or any(
       size not in (1, want) for size, want in zip(x.shape[::-1], target[::-1])):
@@ -309,7 +305,7 @@ def _grouped_qk(query: Array, key: Array, dims: common.Dims, dtype) -> tuple[Arr
 # ------------------------------------------------------------------------------------------
 def default_num_features(head_dim: int) -> int:
   """m = max(d, ⌈d·ln d⌉), the d·log d features the Performer paper recommends (267 for d=64)."""
-  head_dim = _positive_int("head_dim", head_dim)
+  head_dim = checks.positive_int("head_dim", head_dim)
   return max(head_dim, math.ceil(head_dim * math.log(head_dim)))
 
 
@@ -328,8 +324,8 @@ def orthogonal_random_features(key, num_features: int, head_dim: int, *,
     head_dim: d, the number of columns.
     dtype: of the result.
   """
-  num_features = _positive_int("num_features", num_features)
-  head_dim = _positive_int("head_dim", head_dim)
+  num_features = checks.positive_int("num_features", num_features)
+  head_dim = checks.positive_int("head_dim", head_dim)
   if isinstance(key, (int, np.integer)):
     # A seed fixes W: drawn while tracing, so a jitted caller holds a constant instead of
     # running the QR on every call (at 512 tokens that QR cost as much as the attention).
@@ -352,12 +348,18 @@ def _orthogonal_random_features(key, num_features, head_dim, dtype):
   return (rows * norms[:, None]).astype(dtype)
 
 
+# The seed of Performer's random features W when neither `features` nor `feature_key` is given:
+# the same W on every call and in every process (a fixed draw, as a model's buffer would be).
+DEFAULT_FEATURE_SEED = 0
+
+
 def _performer_features(features, feature_key, num_features, head_dim: int) -> Array:
-  if (features is None) == (feature_key is None):
+  if features is not None and feature_key is not None:
     raise ValueError("performer needs exactly one of features ([num_features, head_dim] "
-                     "matrix W) or feature_key (a PRNG key or int seed to draw W)")
+                     "matrix W) or feature_key (a PRNG key or int seed to draw W), got both")
   if features is None:
-    num = default_num_features(head_dim) if num_features is None else _positive_int(
+    feature_key = DEFAULT_FEATURE_SEED if feature_key is None else feature_key
+    num = default_num_features(head_dim) if num_features is None else checks.positive_int(
         "num_features", num_features)
     return orthogonal_random_features(feature_key, num, head_dim)
   common.check_float("features", features)
@@ -396,7 +398,9 @@ def performer_attention(query, key, value, *, mask=None, is_causal=False, scale=
     is_causal: query i attends keys j <= i (chunked prefix sums).
     scale: s of the estimated kernel exp(s·q·k); `1/sqrt(head_dim)` when None.
     features: W `[num_features, head_dim]` (e.g. `orthogonal_random_features`); or
-    feature_key: PRNG key (or int seed) from which W is drawn on each call.
+    feature_key: PRNG key (or int seed) from which W is drawn on each call; with neither
+      `features` nor `feature_key`, the fixed seed `DEFAULT_FEATURE_SEED` = 0 (the same W on
+      every call).
     num_features: m when drawing W; `default_num_features(head_dim)` = max(d, ⌈d ln d⌉).
     chunk_size: chunk length of the causal form.
     segment_ids: as in `dot_product_attention` (quadratic form).
@@ -412,7 +416,7 @@ def performer_attention(query, key, value, *, mask=None, is_causal=False, scale=
     `[batch, q_len, num_heads, value_dim]` in the query's dtype.
   """
   dims = common.check_qkv(query, key, value)
-  chunk_size = _positive_int("chunk_size", chunk_size)
+  chunk_size = checks.positive_int("chunk_size", chunk_size)
   scale = common.default_scale(dims.head_dim, scale)
   if scale <= 0:
     raise ValueError(f"performer estimates exp(scale·q·k) and needs scale > 0, got {scale}")
@@ -506,7 +510,7 @@ def _check_dwc(kernel, bias, kernel_size, grid, dims: common.Dims, is_causal: bo
         f"[kh, kw, kv_heads|1, value_dim] (2-D, with grid) with kv_heads={target[0]}, "
         f"value_dim={target[1]}, got shape {kernel.shape}")
   if kernel_size is not None:
-    size = _positive_int("dwc_kernel_size", kernel_size)
+    size = checks.positive_int("dwc_kernel_size", kernel_size)
     if any(n != size for n in kernel.shape[:-2]):
       raise ValueError(
           f"dwc_kernel_size={size} disagrees with dwc_kernel of shape {kernel.shape}")
@@ -526,7 +530,7 @@ def _check_dwc(kernel, bias, kernel_size, grid, dims: common.Dims, is_causal: bo
                      "value_dim] kernel with is_causal=True")
   if not isinstance(grid, (tuple, list)) or len(grid) != 2:
     raise ValueError(f"a 2-D dwc_kernel needs grid=(height, width), got {grid!r}")
-  height, width = (_positive_int("grid", n) for n in grid)
+  height, width = (checks.positive_int("grid", n) for n in grid)
   if height * width != dims.kv_len:
     raise ValueError(f"grid={grid!r} has {height * width} tokens, the sequence has "
                      f"{dims.kv_len}")
@@ -574,14 +578,12 @@ def focused_linear_attention(query, key, value, *, mask=None, is_causal=False, s
     `[batch, q_len, num_heads, value_dim]` in the query's dtype.
   """
   dims = common.check_qkv(query, key, value)
-  chunk_size = _positive_int("chunk_size", chunk_size)
+  chunk_size = checks.positive_int("chunk_size", chunk_size)
   if scale is not None:
     raise ValueError("focused_linear takes no scale: the focused kernel is invariant to a "
                      f"scalar scale of q and k (use feature_scale), got scale={scale!r}")
-  if isinstance(power, bool) or not isinstance(power, (int, float)) or power <= 0:
-    raise ValueError(f"power must be a positive number, got {power!r}")
-  if not isinstance(eps, (int, float)) or eps <= 0:
-    raise ValueError(f"eps must be a positive number, got {eps!r}")
+  power = checks.positive_float("power", power)
+  eps = checks.positive_float("eps", eps)
   grid = _check_dwc(dwc_kernel, dwc_bias, dwc_kernel_size, grid, dims, is_causal)
   dtype = _compute_dtype(query, key, value)
   q, k = _grouped_qk(query, key, dims, dtype)
@@ -706,7 +708,7 @@ def lognormal_linear_attention(query, key, value, *, mask=None, is_causal=False,
     `[batch, q_len, num_heads, value_dim]` in the query's dtype.
   """
   dims = common.check_qkv(query, key, value)
-  chunk_size = _positive_int("chunk_size", chunk_size)
+  chunk_size = checks.positive_int("chunk_size", chunk_size)
   scale = common.default_scale(dims.head_dim, scale)
   dtype = _compute_dtype(query, key, value)
   q, k = _grouped_qk(query, key, dims, dtype)
@@ -745,8 +747,7 @@ def _log_decay(decay, dims: common.Dims, dtype) -> Array | None:
   if decay is None:
     return None
   if isinstance(decay, (int, float, np.floating, np.integer)) and not isinstance(decay, bool):
-    if not 0.0 < decay <= 1.0:
-      raise ValueError(f"decay must be in (0, 1], got {decay!r}")
+    checks.unit_interval("decay", decay)
     return jnp.full((1, 1), math.log(decay), dtype)
   common.check_float("decay", decay)
   if decay.ndim == 0:
@@ -793,7 +794,7 @@ def lightning_attention(query, key, value, *, mask=None, is_causal=False, scale=
     `[batch, q_len, num_heads, value_dim]` in the query's dtype.
   """
   dims = common.check_qkv(query, key, value)
-  block_size = _positive_int("block_size", block_size)
+  block_size = checks.positive_int("block_size", block_size)
   dtype = _compute_dtype(query, key, value)
   log_decay = _log_decay(decay, dims, dtype)
   if log_decay is not None and not is_causal:
@@ -813,3 +814,42 @@ def lightning_attention(query, key, value, *, mask=None, is_causal=False, scale=
 def _srms_norm(out: Array, eps: float) -> Array:
   """TransNormerLLM's SRMSNorm x / sqrt(mean(x²) + ε) over all heads of a token `[b, t, n, d]`."""
   return out * jax.lax.rsqrt(jnp.mean(out * out, axis=(2, 3), keepdims=True) + eps)
+
+
+@register_params("focused_linear")
+class FocusedLinearParams(OpParams):
+  """Weights of focused linear attention (FLatten Transformer, Han et al. 2023).
+
+  - `dwc_kernel`, `dwc_bias`: the rank-restoring depthwise convolution of V, shared across
+    heads as in the official code: `[k, 1, head_dim]` over the sequence, or `[k, k, 1, head_dim]`
+    when `op_args["grid"] = (height, width)` (image tokens); `k = op_args["dwc_kernel_size"]`,
+    5 by default as the paper. PyTorch's Conv default init (U(±1/√fan_in)), zero bias.
+  - `feature_scale`: the learnable per-channel scale s of the focused map, `[num_kv_heads,
+    head_dim]`, stored as a zero-initialised parameter and returned through softplus (ln 2 at
+    init), as the paper.
+  """
+
+  @nn.compact
+  def __call__(self, inputs_q, query, key, value):
+    del inputs_q, query, key
+    op_args = dict(self.op_args or {})
+    size = checks.positive_int("op_args['dwc_kernel_size']", op_args.get("dwc_kernel_size", 5))
+    image = op_args.get("grid") is not None
+    spatial, names = ((size, size), ("conv_height", "conv_width")) if image else (
+        (size,), ("conv_width",))
+    value_dim = value.shape[-1]
+    kernel = self.param(
+        "dwc_kernel",
+        nn.with_logical_partitioning(
+            nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"),
+            names + (None, "head_dim")),
+        spatial + (1, value_dim), self.param_dtype)
+    bias = self.param(
+        "dwc_bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), (None, "head_dim")),
+        (1, value_dim), self.param_dtype)
+    scale = self.param(
+        "feature_scale",
+        nn.with_logical_partitioning(nn.initializers.zeros_init(), ("kv_heads", "head_dim")),
+        (self.num_kv_heads, self.head_dim), self.param_dtype)
+    kernel, bias, scale = nn.dtypes.promote_dtype(kernel, bias, scale, dtype=self.dtype)
+    return {"dwc_kernel": kernel, "dwc_bias": bias, "feature_scale": nn.softplus(scale)}

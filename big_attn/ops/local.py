@@ -4,22 +4,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from big_attn.ops import checks
 from big_attn.ops import common
 from big_attn.ops.registry import register
-
-
-def _as_pair(name: str, value, rank: int) -> tuple[int, ...]:
-  """An int (repeated) or a `rank`-tuple of positive ints."""
-  values = (value,) * rank if isinstance(value, (int, np.integer)) else value
-  try:
-    values = tuple(values)
-  except TypeError:
-    values = ()
-  if len(values) != rank or not all(
-      isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1 for v in values):
-    kind = "a positive int" if rank == 1 else f"a positive int or a {rank}-tuple of them"
-    raise ValueError(f"{name} must be {kind}, got {value!r}")
-  return tuple(int(v) for v in values)
 
 
 def neighbourhood_indices(length: int, kernel_size: int, dilation: int, is_causal: bool
@@ -109,15 +96,15 @@ def neighborhood_attention(query, key, value, *, mask=None, is_causal=False, sca
   if grid is None:
     shape = (dims.q_len,)
   else:
-    shape = _as_pair("grid", grid, 2)
+    shape = checks.int_tuple("grid", grid, 2)
     if shape[0] * shape[1] != dims.q_len:
       raise ValueError(f"grid {shape} must have seq = {dims.q_len} cells")
     if is_causal:
       raise NotImplementedError(
           "op 'neighborhood' has no causal form on a 2-D grid (is_causal=True with grid)")
   rank = len(shape)
-  kernel = _as_pair("kernel_size", kernel_size, rank)
-  dil = _as_pair("dilation", dilation, rank)
+  kernel = checks.int_tuple("kernel_size", kernel_size, rank)
+  dil = checks.int_tuple("dilation", dilation, rank)
   for length, k, d in zip(shape, kernel, dil):
     if k % 2 == 0:
       raise ValueError(f"kernel_size must be odd (as in NAT), got {kernel_size!r}")

@@ -5,11 +5,12 @@ al., 2024), Section 2.3.
 """
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from big_attn.ops import common
-from big_attn.ops.registry import register
+from big_attn.ops.registry import OpParams, register, register_params
 from big_attn.ops.softmax import dot_product_attention
 
 Array = jax.Array
@@ -71,7 +72,7 @@ def ngpt_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
       o_i = Σ_j softmax_j(√d_k · q̂_i·k̂_j) v_j,
 
   per head; s_qk is a learned `[heads, head_dim]` (or `[head_dim]`) scaling, restored by the
-  caller as s_qk·(s_qk_init/s_qk_scale) (`big_attn.layers.op_params.NGPTParams` owns it). The
+  caller as s_qk·(s_qk_init/s_qk_scale) (`NGPTParams` below owns it). The
   softmax scale is √d_k instead of 1/√d_k because q̂·k̂ is a cosine (times s_qk²).
 
   Args:
@@ -93,3 +94,27 @@ def ngpt_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
   return dot_product_attention(q, k, value, mask=mask, is_causal=is_causal,
                                segment_ids=segment_ids, scale=ngpt_scale(dims.head_dim, scale),
                                implementation="xla")
+
+
+@register_params("ngpt")
+class NGPTParams(OpParams):
+  """nGPT's query/key scaling s_qk (Loshchilov et al. 2024, Section 2.3), `[num_heads,
+  head_dim]`, stored as s_qk_scale = 1/√features and restored as s_qk·(s_qk_init/s_qk_scale)
+  with s_qk_init = 1 (the paper's reparametrisation). With grouped-query attention a second
+  `s_k [num_kv_heads, head_dim]` scales the keys. Returns `{"s_qk"}` (and `{"s_k"}`).
+  """
+
+  @nn.compact
+  def __call__(self, inputs_q, query, key, value):
+    del query, key, value
+    scale = inputs_q.shape[-1] ** -0.5
+    out = {}
+    for name, heads in (("s_qk", self.num_heads), ("s_k", self.num_kv_heads)):
+      if name == "s_k" and heads == self.num_heads:
+        break
+      s = self.param(name, nn.with_logical_partitioning(nn.initializers.constant(scale),
+                                                        ("heads", "head_dim")),
+                     (heads, self.head_dim), self.param_dtype)
+      (s,) = nn.dtypes.promote_dtype(s / scale, dtype=self.dtype)
+      out[name] = s
+    return out

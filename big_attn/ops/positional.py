@@ -11,6 +11,7 @@ Image tokens are row-major: token i sits at `(y_i, x_i) = (i // w, i % w)`.
 """
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,7 +19,7 @@ import numpy as np
 from big_attn.ops import common
 from big_attn.ops import linear
 from big_attn.ops import windowed
-from big_attn.ops.registry import register
+from big_attn.ops.registry import OpParams, register, register_params
 from big_attn.ops.softmax import dot_product_attention
 
 Array = jax.Array
@@ -56,7 +57,7 @@ def gpsa_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
 
   With v_h = α(2Δx_h, 2Δy_h, −1) the positional term is ∝ exp(−α‖δ − Δ_h‖²): a soft
   convolution kernel centred at offset Δ_h with locality strength α (the paper's local
-  initialisation, done by `big_attn.layers.op_params.GPSAParams`). The mask applies to both
+  initialisation, done by `GPSAParams` below). The mask applies to both
   softmaxes; a row with nothing to attend to gives zeros.
 
   Args:
@@ -217,7 +218,8 @@ def kernelized_rpe_attention(query, key, value, *, mask=None, is_causal=False, s
     rpe_bias: b `[num_heads, 2·seq − 1]`, `rpe_bias[:, seq − 1 + r]` = b_r for r = i − j.
     features: W `[num_features, head_dim]` (`big_attn.ops.linear.orthogonal_random_features`);
       or
-    feature_key: PRNG key (or int seed) from which W is drawn on each call.
+    feature_key: PRNG key (or int seed) from which W is drawn on each call; with neither,
+      `performer`'s fixed default seed.
     num_features: m when drawing W; `linear.default_num_features(head_dim)` when None.
 
   Returns:
@@ -284,3 +286,85 @@ def _any_valid_key(key_valid: Array, dims: common.Dims, is_causal: bool) -> Arra
   seen = jnp.broadcast_to(seen, key_valid.shape)
   return jnp.swapaxes(seen, 1, 2).reshape(
       key_valid.shape[0], dims.q_len, dims.num_kv_heads, dims.groups)
+
+
+@register_params("gpsa")
+class GPSAParams(OpParams):
+  """Weights of ConViT's gated positional self-attention (d'Ascoli et al. 2021), initialised
+  "locally" as in the paper (locality strength α = 1): `pos_proj [num_heads, 3]` weighs the
+  offsets (δx, δy, δx² + δy²) with v_h = α(2Δx_h, 2Δy_h, −1), so head h attends around its own
+  offset Δ_h on a √heads × √heads square centred at 0 (heads beyond that square reuse its
+  offsets in order), and `gating [num_heads]` = 1 (the paper's λ init). Returns both.
+  """
+
+  @nn.compact
+  def __call__(self, inputs_q, query, key, value):
+    del inputs_q, query, key, value
+    side = max(1, int(self.num_heads ** 0.5))
+    center = (side - 1) / 2
+
+    def local_init(rng, shape, dtype):
+      del rng
+      heads = jnp.arange(shape[0]) % (side * side)
+      dy, dx = heads // side - center, heads % side - center
+      return jnp.stack([2 * dx, 2 * dy, -jnp.ones_like(dx)], -1).astype(dtype)
+
+    pos_proj = self.param("pos_proj", nn.with_logical_partitioning(local_init, ("heads", None)),
+                          (self.num_heads, 3), self.param_dtype)
+    gating = self.param("gating", nn.with_logical_partitioning(nn.initializers.ones_init(),
+                                                               ("heads",)),
+                        (self.num_heads,), self.param_dtype)
+    pos_proj, gating = nn.dtypes.promote_dtype(pos_proj, gating, dtype=self.dtype)
+    return {"pos_proj": pos_proj, "gating": gating}
+
+
+@register_params("levit_bias")
+class LeViTBiasParams(OpParams):
+  """LeViT's per-head attention bias table `attention_bias [num_heads, h, w]` over the absolute
+  offsets of the `op_args["grid"] = (h, w)` image, zero-initialised as in LeViT."""
+
+  @nn.compact
+  def __call__(self, inputs_q, query, key, value):
+    del inputs_q, key, value
+    h, w = windowed.check_grid((self.op_args or {}).get("grid"), query.shape[1])
+    table = self.param("attention_bias", nn.with_logical_partitioning(
+        nn.initializers.zeros_init(), ("heads", None, None)),
+                       (self.num_heads, h, w), self.param_dtype)
+    (table,) = nn.dtypes.promote_dtype(table, dtype=self.dtype)
+    return {"attention_bias": table}
+
+
+@register_params("decomposed_relpos")
+class DecomposedRelPosParams(OpParams):
+  """MViTv2's decomposed relative position tables `rel_h [2h − 1, head_dim]` and
+  `rel_w [2w − 1, head_dim]` for the `op_args["grid"] = (h, w)` image, shared by the heads and
+  truncated-normal initialised with std 0.02 as in MViTv2."""
+
+  @nn.compact
+  def __call__(self, inputs_q, query, key, value):
+    del inputs_q, key, value
+    h, w = windowed.check_grid((self.op_args or {}).get("grid"), query.shape[1])
+    init = nn.with_logical_partitioning(nn.initializers.truncated_normal(stddev=0.02),
+                                        (None, "head_dim"))
+    rel_h = self.param("rel_h", init, (2 * h - 1, self.head_dim), self.param_dtype)
+    rel_w = self.param("rel_w", init, (2 * w - 1, self.head_dim), self.param_dtype)
+    rel_h, rel_w = nn.dtypes.promote_dtype(rel_h, rel_w, dtype=self.dtype)
+    return {"rel_h": rel_h, "rel_w": rel_w}
+
+
+@register_params("kernelized_rpe")
+class KernelizedRPEParams(OpParams):
+  """The relative positional encoding `rpe_bias [num_heads, 2·seq − 1]` of kernelized attention
+  with RPE (Luo et al. 2021), sized by the query length (a fixed-length model), zero-initialised
+  (no positional preference at the start). The random features come from
+  `op_args["feature_key"]` (or `"features"`; neither: a fixed seed), as for `performer`."""
+
+  @nn.compact
+  def __call__(self, inputs_q, query, key, value):
+    del inputs_q, key, value
+    length = query.shape[1]
+    rpe = self.param("rpe_bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                              ("heads", None)),
+                     (self.num_heads, 2 * length - 1), self.param_dtype)
+    (rpe,) = nn.dtypes.promote_dtype(rpe, dtype=self.dtype)
+    return {"rpe_bias": rpe}

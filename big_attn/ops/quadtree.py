@@ -11,17 +11,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from big_attn.ops import checks
 from big_attn.ops import common
 from big_attn.ops import windowed
 from big_attn.ops.registry import register
 
 
-def _check_int(name: str, value, low: int, high: int | None = None) -> int:
-  if (not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low
-      or (high is not None and value > high)):
-    bound = f"[{low}, {high}]" if high is not None else f">= {low}"
-    raise ValueError(f"{name} must be an int in {bound}, got {value!r}")
-  return int(value)
+# QuadTree Attention's defaults: K = 8 patches kept per level, pyramids of up to 3 levels.
+QUADTREE_TOPK = 8
+QUADTREE_LEVELS = 3
 
 
 def _pool(x, grid: tuple[int, int], factor: int):
@@ -66,9 +64,10 @@ def quadtree_attention(query, key, value, *, mask=None, is_causal=False, scale=N
     is_causal: must be False.
     scale: logit scale s; `1/sqrt(head_dim)` when None.
     grid: required `(h, w)` with h·w == seq; h and w divisible by 2^(levels−1).
-    levels: required number of pyramid levels ≥ 1 (1 is full softmax attention).
-    topk: required patches kept per query patch and level, in `[1, N₀]` (N₀ coarsest
-      patches); unused when levels == 1.
+    levels: number of pyramid levels ≥ 1 (1 is full softmax attention); default 3 (the
+      paper's pyramids), fewer when the grid's sides are not divisible by 4.
+    topk: patches kept per query patch and level, in `[1, N₀]` (N₀ coarsest
+      patches); unused when levels == 1; default the paper's K = 8, at most N₀.
 
   Returns:
     `[batch, seq, num_heads, value_dim]` in the query's dtype.
@@ -81,14 +80,18 @@ def quadtree_attention(query, key, value, *, mask=None, is_causal=False, scale=N
     raise ValueError("quadtree is self-attention over one image: q_len must equal kv_len, "
                      f"got {dims.q_len} and {dims.kv_len}")
   h, w = windowed.check_grid(grid, dims.q_len)
-  levels = _check_int("levels", levels, 1)
+  if levels is None:
+    levels = max(l for l in range(1, QUADTREE_LEVELS + 1)
+                 if h % 2 ** (l - 1) == 0 and w % 2 ** (l - 1) == 0)
+  levels = checks.int_in_range("levels", levels, 1)
   coarsest = 2 ** (levels - 1)
   if h % coarsest or w % coarsest:
     raise ValueError(f"grid {(h, w)} must be divisible by 2^(levels-1) = {coarsest} along both "
                      f"sides for {levels} levels")
   num_coarse = (h // coarsest) * (w // coarsest)
   if levels > 1:
-    topk = _check_int("topk", topk, 1, num_coarse)
+    topk = checks.int_in_range("topk", min(QUADTREE_TOPK, num_coarse) if topk is None else topk,
+                               1, num_coarse)
   scale = common.default_scale(dims.head_dim, scale)
   b, kh, g = dims.batch, dims.num_kv_heads, dims.groups
 

@@ -4,17 +4,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from big_attn.ops import checks
 from big_attn.ops import common
 from big_attn.ops.registry import register
 
 INT8_MAX = 127.0
 PV_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
-
-
-def _check_block(name: str, block) -> int:
-  if not isinstance(block, int) or isinstance(block, bool) or block < 1:
-    raise ValueError(f"{name} must be a positive int, got {block!r}")
-  return block
 
 
 def quantize_blocks(x: jax.Array, block: int, is_causal: bool = False
@@ -125,8 +120,8 @@ def sage_int8_attention(query, key, value, *, mask=None, is_causal=False, scale=
   """
   dims = common.check_qkv(query, key, value)
   common.check_bias(bias, dims)
-  _check_block("block_q", block_q)
-  _check_block("block_k", block_k)
+  checks.positive_int("block_q", block_q)
+  checks.positive_int("block_k", block_k)
   try:
     pv = jnp.dtype(pv_dtype)
   except TypeError:

@@ -7,13 +7,15 @@
 """
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from big_attn.ops import checks
 from big_attn.ops import common
 from big_attn.ops import windowed
-from big_attn.ops.registry import register
+from big_attn.ops.registry import OpParams, register, register_params
 from big_attn.ops.softmax import dot_product_attention
 
 METHODS = ("avg", "conv")
@@ -42,6 +44,10 @@ def _reduce(x, grid, size, kernel):
     out = jnp.einsum("bpwkc,wkc->bpkc", patches, kernel.astype(x.dtype),
                      preferred_element_type=jnp.float32)
   return out.astype(x.dtype)
+
+
+# PVT's and Twins-SVT's reduction ratio of the first stage (R = 8; 4, 2, 1 later).
+PVT_REDUCTION = 8
 
 
 @register("spatial_reduction", causal=False)
@@ -74,7 +80,8 @@ def spatial_reduction_attention(query, key, value, *, mask=None, is_causal=False
     is_causal: must be False.
     scale: logit scale `s`; `1/sqrt(head_dim)` when None.
     grid: required `(h, w)` of the key/value image.
-    reduction: required ratio r (an int or `(r_h, r_w)`) dividing `(h, w)`.
+    reduction: ratio r (an int or `(r_h, r_w)`) dividing `(h, w)`; default PVT's and Twins'
+      first-stage R = 8, per side the largest divisor of the grid's side up to 8.
     method: "avg" or "conv".
     sr_key_kernel, sr_value_kernel: `method="conv"` weights, `[r_h, r_w, channels]` (shared
       by all kv heads, as MViTv2) or `[r_h, r_w, num_kv_heads, channels]`.
@@ -86,7 +93,7 @@ def spatial_reduction_attention(query, key, value, *, mask=None, is_causal=False
   common.check_no_causal("spatial_reduction", is_causal)
   dims = common.check_qkv(query, key, value)
   grid = windowed.check_grid(grid, dims.kv_len)
-  size = windowed.check_partition("reduction", reduction, grid)
+  size = windowed.check_partition("reduction", reduction, grid, PVT_REDUCTION)
   if method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
   if method == "conv":
@@ -154,3 +161,35 @@ def channel_attention(query, key, value, *, mask=None, is_causal=False, scale=No
                    preferred_element_type=jnp.float32)
   out = out.reshape(dims.batch, dims.q_len, dims.num_heads, dims.head_dim)
   return common.apply_row_mask(out, full, dims).astype(query.dtype)
+
+
+@register_params("spatial_reduction")
+class SpatialReductionParams(OpParams):
+  """Depthwise strided reduction kernels of spatial-reduction attention with
+  `op_args["method"] == "conv"` (MViTv2 conv pooling; the PVT/Twins reduction applied to the
+  projected heads): `sr_key_kernel [r_h, r_w, head_dim]` and `sr_value_kernel [r_h, r_w,
+  value_dim]`, shared by the heads as in MViTv2, initialised to average pooling (1/(r_h·r_w)).
+  Returns `{}` for `method="avg"`, which has no weights.
+  """
+
+  @nn.compact
+  def __call__(self, inputs_q, query, key, value):
+    del inputs_q, query
+    op_args = self.op_args or {}
+    if op_args.get("method", "avg") != "conv":
+      return {}
+    reduction = op_args.get("reduction")
+    if reduction is None:  # The op's default, which depends on the grid.
+      rh, rw = windowed.check_partition(
+          "reduction", None, windowed.check_grid(op_args.get("grid"), key.shape[1]), PVT_REDUCTION)
+    else:
+      rh, rw = checks.int_tuple("op_args['reduction']", reduction)
+    init = nn.initializers.constant(1.0 / (rh * rw))
+    kernels = {}
+    for name, x in (("sr_key_kernel", key), ("sr_value_kernel", value)):
+      kernels[name] = self.param(
+          name, nn.with_logical_partitioning(init, ("conv_height", "conv_width", "head_dim")),
+          (rh, rw, x.shape[-1]), self.param_dtype)
+    key_kernel, value_kernel = nn.dtypes.promote_dtype(
+        kernels["sr_key_kernel"], kernels["sr_value_kernel"], dtype=self.dtype)
+    return {"sr_key_kernel": key_kernel, "sr_value_kernel": value_kernel}

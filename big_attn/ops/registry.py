@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
+
+import flax.linen as nn
+import jax.numpy as jnp
 
 _OPS: dict[str, Callable] = {}
 _WITHOUT_CAUSAL_FORM: set[str] = set()
@@ -66,3 +69,42 @@ def wrapped(wrap: Callable[[Callable], Callable]) -> Iterator[None]:
 def names() -> list[str]:
   """Sorted names of all registered ops."""
   return sorted(_OPS)
+
+
+# Parameter modules: the learned weights of a mechanism, registered by its op's name in the
+# op's own file, so that a mechanism is one file. `big_attn.layers.Attention` calls one as
+#   extra_args = cls(num_heads=..., num_kv_heads=..., head_dim=..., op_args=..., dtype=...,
+#                    param_dtype=...)(inputs_q, query, key, value)
+# with `query/key/value` the projected `[batch, seq, heads, head_dim]` arrays, and passes
+# `extra_args` (the weights, as keyword arguments of the op) to the op.
+
+_PARAMS: dict[str, type[nn.Module]] = {}
+
+
+class OpParams(nn.Module):
+  """Base of the parameter modules (the fields `big_attn.layers.Attention` sets)."""
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  op_args: Any = None
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+
+
+def register_params(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
+  """Class decorator registering the Linen module that owns op `name`'s weights; a second
+  registration of a name raises."""
+
+  def decorator(cls: type[nn.Module]) -> type[nn.Module]:
+    if name in _PARAMS:
+      raise ValueError(f"parameters for op {name!r} are already registered "
+                       f"({_PARAMS[name].__module__})")
+    _PARAMS[name] = cls
+    return cls
+
+  return decorator
+
+
+def params_module(name: str) -> type[nn.Module] | None:
+  """The module owning op `name`'s weights, or None for a mechanism without weights."""
+  return _PARAMS.get(name)

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from big_attn.ops import checks
 from big_attn.ops import common
 from big_attn.ops.registry import register
 
@@ -27,8 +28,7 @@ def _log_gamma(gamma, num_heads: int, default) -> Array:
   if gamma is None:
     return jnp.asarray(np.log(default(num_heads)), jnp.float32)
   if isinstance(gamma, (float, int, np.floating, np.integer)) and not isinstance(gamma, bool):
-    if not 0.0 < gamma <= 1.0:
-      raise ValueError(f"gamma must be in (0, 1], got {gamma!r}")
+    checks.unit_interval("gamma", gamma)
     return jnp.full((num_heads,), np.log(gamma), jnp.float32)
   if not hasattr(gamma, "shape") or not jnp.issubdtype(gamma.dtype, jnp.floating):
     raise TypeError(f"gamma must be a float or a floating [num_heads] array, got {gamma!r}")
@@ -39,13 +39,10 @@ def _log_gamma(gamma, num_heads: int, default) -> Array:
 
 
 def _check_grid(grid, dims: common.Dims) -> tuple[int, int]:
-  try:
-    h, w = (int(g) for g in grid)
-  except (TypeError, ValueError):
-    raise ValueError(f"grid must be a pair (height, width), got {grid!r}") from None
-  if h < 1 or w < 1 or h * w != dims.q_len or dims.kv_len != dims.q_len:
+  h, w = checks.int_tuple("grid", grid, allow_int=False)
+  if h * w != dims.q_len or dims.kv_len != dims.q_len:
     raise ValueError(
-        f"grid {grid!r} must be positive with height*width = q_len = kv_len, got q_len "
+        f"grid {grid!r} must have height*width = q_len = kv_len, got q_len "
         f"{dims.q_len} and kv_len {dims.kv_len}")
   return h, w
 
@@ -156,8 +153,7 @@ def retention(query, key, value, *, mask=None, is_causal=False, scale=None, gamm
   k_heads, g = dims.num_kv_heads, dims.groups
 
   if chunk_size is not None:
-    if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
-      raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    chunk_size = checks.positive_int("chunk_size", chunk_size)
     if not is_causal or grid is not None or mask is not None or dims.q_len != dims.kv_len:
       raise ValueError(
           "chunk_size (the chunkwise form) needs is_causal=True, no grid, no mask and "

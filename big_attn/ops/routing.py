@@ -9,23 +9,26 @@ through the selection.
 """
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from big_attn.ops import checks
 from big_attn.ops import common
 from big_attn.ops import windowed
-from big_attn.ops.registry import register
+from big_attn.ops.registry import OpParams, register, register_params
 from big_attn.ops.softmax import dot_product_attention
 
 GATE_SCALINGS = ("paper", "official")
 
 
-def _check_int(name: str, value, low: int, high: int) -> int:
-  if (not isinstance(value, (int, np.integer)) or isinstance(value, bool)
-      or not low <= value <= high):
-    raise ValueError(f"{name} must be an int in [{low}, {high}], got {value!r}")
-  return int(value)
+# BiFormer's defaults: an S x S = 7 x 7 grid of regions, k = 4 routed regions (its second
+# stage; the stages use 1, 4, 16 and all regions).
+BIFORMER_REGIONS = 7
+BIFORMER_TOPK = 4
+# MoH's default: 75% of the routed heads active per token (MoH-ViT-B, MoH-LLaMA3).
+MOH_ACTIVE_FRACTION = 0.75
 
 
 def _routed_mask(full, tokens, gathered, dims):
@@ -71,8 +74,10 @@ def bilevel_routing_attention(query, key, value, *, mask=None, is_causal=False, 
     is_causal: must be False.
     scale: logit scale `s`; `1/sqrt(head_dim)` when None.
     grid: required `(h, w)`, `h·w == seq`.
-    num_regions: required `(S_h, S_w)` (or an int) dividing `(h, w)`.
-    topk: required number of routed regions per query region, in `[1, S_h·S_w]`.
+    num_regions: `(S_h, S_w)` (or an int) dividing `(h, w)`; default BiFormer's S = 7, per side
+      the largest divisor of the grid's side up to 7.
+    topk: number of routed regions per query region, in `[1, S_h·S_w]`; default BiFormer's
+      k = 4 (its second stage), at most S_h·S_w.
 
   Returns:
     `[batch, seq, num_heads, value_dim]` in the query's dtype.
@@ -83,9 +88,10 @@ def bilevel_routing_attention(query, key, value, *, mask=None, is_causal=False, 
     raise ValueError("bilevel_routing is self-attention over one image: q_len must equal "
                      f"kv_len, got {dims.q_len} and {dims.kv_len}")
   grid = windowed.check_grid(grid, dims.q_len)
-  regions = windowed.check_partition("num_regions", num_regions, grid)
+  regions = windowed.check_partition("num_regions", num_regions, grid, BIFORMER_REGIONS)
   num_regions_total = regions[0] * regions[1]
-  topk = _check_int("topk", topk, 1, num_regions_total)
+  topk = checks.int_in_range("topk", min(BIFORMER_TOPK, num_regions_total) if topk is None
+                             else topk, 1, num_regions_total)
   scale = common.default_scale(dims.head_dim, scale)
   full = common.make_mask(dims, mask=mask)
   size = (grid[0] // regions[0], grid[1] // regions[1])  # tokens per region, per axis
@@ -177,7 +183,8 @@ def mixture_of_heads_attention(query, key, value, *, mask=None, is_causal=False,
       `dot_product_attention`.
     router_logits: required `[batch, q_len, num_heads]`: shared heads' logits, then routed.
     shared_heads: number h_s of always-on heads (the first ones), in `[0, num_heads]`.
-    topk: routed heads kept per token, in `[1, num_heads − h_s]` (unused when h_s = num_heads).
+    topk: routed heads kept per token, in `[1, num_heads − h_s]` (unused when h_s = num_heads);
+      default 75% of them (rounded, at least 1), MoH's setting for MoH-ViT-B and MoH-LLaMA3.
     head_mix_logits: `[batch, q_len, 2]` logits of α, required when there are both shared and
       routed heads.
     gate_scaling: "paper" or "official".
@@ -186,10 +193,12 @@ def mixture_of_heads_attention(query, key, value, *, mask=None, is_causal=False,
     `[batch, q_len, num_heads, value_dim]` in the query's dtype.
   """
   dims = common.check_qkv(query, key, value)
-  shared_heads = _check_int("shared_heads", shared_heads, 0, dims.num_heads)
+  shared_heads = checks.int_in_range("shared_heads", shared_heads, 0, dims.num_heads)
   num_routed = dims.num_heads - shared_heads
   if num_routed:
-    topk = _check_int("topk", topk, 1, num_routed)
+    if topk is None:
+      topk = max(1, round(MOH_ACTIVE_FRACTION * num_routed))
+    topk = checks.int_in_range("topk", topk, 1, num_routed)
   elif topk not in (None, 0):
     raise ValueError(f"topk must be None or 0 when every head is shared, got {topk!r}")
   if gate_scaling not in GATE_SCALINGS:
@@ -207,3 +216,32 @@ def mixture_of_heads_attention(query, key, value, *, mask=None, is_causal=False,
       query, key, value, bias, mask, scale=scale, is_causal=is_causal, segment_ids=segment_ids,
       local_window_size=local_window_size, implementation=implementation)
   return (weights[..., None] * out.astype(jnp.float32)).astype(query.dtype)
+
+
+@register_params("mixture_of_heads")
+class MixtureOfHeadsParams(OpParams):
+  """The routers of MoH (Multi-Head Attention as Mixture-of-Head Attention, Jin et al. 2024):
+  `router [features, num_heads]` (W_s for the `op_args["shared_heads"]` first heads, then W_r)
+  and, when there are both shared and routed heads, `head_mix [features, 2]` (W_h). Linear maps
+  of `inputs_q` without bias, PyTorch's default `Linear` initialisation (U(±1/√fan_in)) as the
+  authors' code. Returns `{"router_logits": [batch, q_len, num_heads]}` and, with both kinds of
+  heads, `"head_mix_logits": [batch, q_len, 2]`.
+  """
+
+  @nn.compact
+  def __call__(self, inputs_q, query, key, value):
+    del query, key, value
+    shared = checks.int_in_range("op_args['shared_heads']",
+                                 (self.op_args or {}).get("shared_heads", 0), 0, self.num_heads)
+    init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+    features = inputs_q.shape[-1]
+    router = self.param("router", nn.with_logical_partitioning(init, ("embed", "heads")),
+                        (features, self.num_heads), self.param_dtype)
+    x, router = nn.dtypes.promote_dtype(inputs_q, router, dtype=self.dtype)
+    out = {"router_logits": x @ router}
+    if 0 < shared < self.num_heads:
+      head_mix = self.param("head_mix", nn.with_logical_partitioning(init, ("embed", None)),
+                            (features, 2), self.param_dtype)
+      (head_mix,) = nn.dtypes.promote_dtype(head_mix, dtype=self.dtype)
+      out["head_mix_logits"] = x @ head_mix
+    return out

@@ -7,15 +7,18 @@ with nothing to attend to.
 """
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from big_attn.ops import checks
 from big_attn.ops import common
-from big_attn.ops.registry import register
+from big_attn.ops.registry import OpParams, register, register_params
 from big_attn.ops.softmax import dot_product_attention
 
 NORMALIZATIONS = ("standardize", "scale")
-DEFAULT_CLIP_ALPHA = 4.0
+# α of clipped softmax's γ = -α/T when neither `gamma` nor `alpha` is given (its docstring).
+DEFAULT_CLIP_ALPHA = 0.5
 
 
 def _per_head(name: str, x, dims: common.Dims) -> jax.Array:
@@ -44,15 +47,22 @@ def clipped_softmax_attention(query, key, value, *, mask=None, is_causal=False, 
   The stretch lets a weight reach exactly 0 (or 1) with finite scores, so heads can "do
   nothing" without pushing the softmax input to extremes. The paper sets ζ = 1 and
   γ = -α/T with T the sequence length (here `kv_len`) and α tuned per model (about 3 for
-  BERT-base at T = 128, 12 for OPT); `gamma=None` uses that rule with `alpha` (4 when None).
-  Masked keys get weight 0 and do not enter the softmax.
+  BERT-base at T = 128, 12 for OPT); `gamma=None` uses that rule with `alpha`.
+
+  Default α = 1/2 (`DEFAULT_CLIP_ALPHA`): at initialisation attention is near uniform
+  (p ≈ 1/T), and every α ≥ T/(T − 1) clips all those weights to 0, leaving no gradient
+  (α = 4 with CvT's 5 reduced keys). With α = 1/2 the uniform weight stays (1 + 1/T)/(2T) > 0
+  and only weights p < 1/(2T + 1) (about half the uniform one) are clipped, for every T; pass
+  `alpha` (or `gamma`) for the paper's tuned values. Masked keys get weight 0 and do not
+  enter the softmax.
 
   Args:
     query, key, value: `[batch, seq, heads, head_dim]`; key/value heads divide query heads.
     mask, is_causal, scale, bias, segment_ids, local_window_size: as `dot_product_attention`.
     zeta: upper stretch factor ζ ≥ 1.
     gamma: lower stretch factor γ ≤ 0; `-alpha / kv_len` when None (`-alpha` for no keys).
-    alpha: α of the rule γ = -α/T (4 when None); give `gamma` or `alpha`, not both.
+    alpha: α of the rule γ = -α/T (1/2 when None, see above); give `gamma` or `alpha`, not
+      both.
 
   Returns:
     `[batch, q_len, num_heads, value_dim]` in the query's dtype.
@@ -64,8 +74,7 @@ def clipped_softmax_attention(query, key, value, *, mask=None, is_causal=False, 
     raise ValueError("pass either gamma or alpha (gamma = -alpha / kv_len), not both")
   if gamma is None:
     alpha = DEFAULT_CLIP_ALPHA if alpha is None else alpha
-    if alpha < 0:
-      raise ValueError(f"alpha must be non-negative, got {alpha}")
+    alpha = checks.non_negative_float("alpha", alpha)
     gamma = -alpha / max(dims.kv_len, 1)  # No keys (kv_len 0): an empty sum, any γ.
   if gamma > 0:
     raise ValueError(f"gamma must be <= 0, got {gamma}")
@@ -88,7 +97,7 @@ def gated_attention(query, key, value, *, mask=None, is_causal=False, scale=None
   out_{t,h} = σ(G(x)_{t,h}) · softmax(s·QKᵀ + B)_{t,h} V
 
   One gate per token and head lets a head switch its update off without extreme softmax
-  inputs. The op takes the gate's logits G(x); `big_attn.layers.op_params.GatedAttentionParams`
+  inputs. The op takes the gate's logits G(x); `GatedAttentionParams` (below)
   owns the paper's per-head linear map that produces them. The inner attention is
   `dot_product_attention` with the same arguments (so `implementation` picks its backend).
 
@@ -159,7 +168,7 @@ def normalized_attention(query, key, value, *, mask=None, is_causal=False, scale
 
   with μ_i, σ_i the mean and (population) standard deviation of row i over its n_i unmasked
   keys, g = `gain` and β = `shift` (per head; learned in the paper, initialised to 1 and 0 by
-  `big_attn.layers.op_params.NormalizedParams`). Weights are not confined to the probability
+  `NormalizedParams` below). Weights are not confined to the probability
   simplex; masked keys get weight 0 and are excluded from μ, σ and n.
 
   Args:
@@ -175,8 +184,7 @@ def normalized_attention(query, key, value, *, mask=None, is_causal=False, scale
   """
   if normalization not in NORMALIZATIONS:
     raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
-  if epsilon <= 0:
-    raise ValueError(f"epsilon must be positive, got {epsilon}")
+  epsilon = checks.positive_float("epsilon", epsilon)
   dims, logits, gmask = common.scores(query, key, value, mask=mask, is_causal=is_causal,
                                       scale=scale, segment_ids=segment_ids,
                                       local_window_size=local_window_size)
@@ -200,3 +208,63 @@ def normalized_attention(query, key, value, *, mask=None, is_causal=False, scale
     normed = centered / (std + epsilon)
   weights = (g * normed + beta) * keep
   return common.weighted_values(weights, value, dims).astype(query.dtype)
+
+
+@register_params("gated_attention")
+class GatedAttentionParams(OpParams):
+  """The gate G(x) of gated attention (Quantizable Transformers, Bondarenko et al. 2023).
+
+  As in the paper, `inputs_q` is split into `num_heads` equal chunks along the features and
+  head h's logit is a linear map (with bias) of chunk h: `G(x)_{t,h} = x_{t,h,:}·w_h + b_h`.
+  The bias starts at logit(π_init) so every gate opens to `gate_init` (π_init = 0.25, the
+  authors' setting); the kernel uses PyTorch's default `Linear` initialisation
+  (U(±1/√fan_in)), as the authors' models did. Returns `{"gate_logits": [batch, q_len,
+  num_heads]}`.
+  """
+  gate_init: float = 0.25
+
+  @nn.compact
+  def __call__(self, inputs_q, query, key, value):
+    del query, key, value
+    features = inputs_q.shape[-1]
+    if features % self.num_heads:
+      raise ValueError(
+          f"gated_attention splits inputs_q into one chunk per head: features ({features}) "
+          f"must be divisible by num_heads ({self.num_heads})")
+    checks.unit_interval("gate_init", self.gate_init, include_one=False)
+    chunk = features // self.num_heads
+    kernel = self.param(
+        "gate_kernel",
+        nn.with_logical_partitioning(
+            nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform", in_axis=-1,
+                                             out_axis=(), batch_axis=0),
+            ("heads", None)),
+        (self.num_heads, chunk), self.param_dtype)
+    bias = self.param(
+        "gate_bias",
+        nn.with_logical_partitioning(
+            nn.initializers.constant(jnp.log(self.gate_init / (1.0 - self.gate_init))),
+            ("heads",)),
+        (self.num_heads,), self.param_dtype)
+    x, kernel, bias = nn.dtypes.promote_dtype(inputs_q, kernel, bias, dtype=self.dtype)
+    x = x.reshape(*x.shape[:-1], self.num_heads, chunk)
+    return {"gate_logits": jnp.einsum("...hc,hc->...h", x, kernel) + bias}
+
+
+@register_params("normalized")
+class NormalizedParams(OpParams):
+  """Per-head gain g (ones) and shift β (zeros) of normalized attention (Normalized Attention
+  Without Probability Cage, Richter & Wattenhofer 2020). Returns `{"gain", "shift"}`, each
+  `[num_heads]`."""
+
+  @nn.compact
+  def __call__(self, inputs_q, query, key, value):
+    del inputs_q, query, key, value
+    gain = self.param("gain", nn.with_logical_partitioning(nn.initializers.ones_init(),
+                                                           ("heads",)),
+                      (self.num_heads,), self.param_dtype)
+    shift = self.param("shift", nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                             ("heads",)),
+                       (self.num_heads,), self.param_dtype)
+    gain, shift = nn.dtypes.promote_dtype(gain, shift, dtype=self.dtype)
+    return {"gain": gain, "shift": shift}

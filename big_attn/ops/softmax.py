@@ -4,6 +4,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from big_attn.ops import checks
 from big_attn.ops import common
 from big_attn.ops.registry import register
 from pallas_kernels.flash_attention import api as flash_api
@@ -193,8 +194,8 @@ def _attention(query, key, value, bias, mask, *, scale, is_causal, segment_ids,
   common.check_bias(bias, dims)
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
-  if logits_soft_cap is not None and logits_soft_cap <= 0:
-    raise ValueError(f"logits_soft_cap must be positive, got {logits_soft_cap}")
+  if logits_soft_cap is not None:
+    logits_soft_cap = checks.positive_float("logits_soft_cap", logits_soft_cap)
   scale = common.default_scale(dims.head_dim, scale)
   if implementation is None:
     implementation = default_implementation(

@@ -5,15 +5,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from big_attn.ops import checks
 from big_attn.ops import common
 from big_attn.ops.registry import register
-
-
-def _check_positive_int(name: str, x, optional: bool = False) -> None:
-  if optional and x is None:
-    return
-  if not isinstance(x, (int, np.integer)) or isinstance(x, bool) or x < 1:
-    raise ValueError(f"{name} must be a positive int{' or None' if optional else ''}, got {x!r}")
 
 
 def _pad_to(x: jax.Array, axis: int, size: int) -> jax.Array:
@@ -109,11 +103,10 @@ def sparse_blocks_attention(query, key, value, *, mask=None, is_causal=False, sc
     `[batch, q_len, num_heads, value_dim]` in the query's dtype.
   """
   dims = common.check_qkv(query, key, value)
-  _check_positive_int("block_q", block_q)
-  _check_positive_int("block_k", block_k)
-  _check_positive_int("topk_blocks", topk_blocks, optional=True)
-  if not 0.0 < cdf_threshold <= 1.0:
-    raise ValueError(f"cdf_threshold must be in (0, 1], got {cdf_threshold!r}")
+  checks.positive_int("block_q", block_q)
+  checks.positive_int("block_k", block_k)
+  checks.positive_int("topk_blocks", topk_blocks, optional=True)
+  checks.unit_interval("cdf_threshold", cdf_threshold)
   if similarity_threshold is not None and (
       not isinstance(similarity_threshold, (int, float, np.floating))
       or isinstance(similarity_threshold, bool)):

@@ -11,13 +11,14 @@ spatial-reduction ops.
 """
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from big_attn.ops import checks
 from big_attn.ops import common
-from big_attn.ops import local
-from big_attn.ops.registry import register
+from big_attn.ops.registry import OpParams, register, register_params
 
 Array = jax.Array
 
@@ -26,20 +27,25 @@ def check_grid(grid, length: int, name: str = "grid") -> tuple[int, int]:
   """`(height, width)` positive ints with `height·width == length`."""
   if grid is None:
     raise ValueError(f"{name}=(height, width) is required: tokens are a row-major image")
-  h, w = local._as_pair(name, grid, 2)  # pylint: disable=protected-access
+  h, w = checks.int_tuple(name, grid)
   if h * w != length:
     raise ValueError(f"{name} {(h, w)} has {h * w} cells but the sequence has {length} tokens")
   return h, w
 
 
-def check_partition(name: str, size, grid: tuple[int, int]) -> tuple[int, int]:
-  """`size` (an int or a pair) as a pair of positive ints dividing the grid's sides."""
+def check_partition(name: str, size, grid: tuple[int, int], default: int) -> tuple[int, int]:
+  """`size` (an int or a pair) as a pair of positive ints dividing the grid's sides; None:
+  the paper's `default` per side, clipped to the side's largest divisor <= `default`."""
   if size is None:
-    raise ValueError(f"{name}=(rows, cols) is required")
-  a, c = local._as_pair(name, size, 2)  # pylint: disable=protected-access
+    return tuple(common.largest_divisor(side, default) for side in grid)
+  a, c = checks.int_tuple(name, size)
   if grid[0] % a or grid[1] % c:
     raise ValueError(f"{name} {(a, c)} must divide the grid {grid} along both sides")
   return a, c
+
+
+# Swin's window and MaxViT's block and grid partitions: 7 x 7 tokens per group.
+PAPER_PARTITION = 7
 
 
 def to_groups(x, grid: tuple[int, int], size: tuple[int, int], dilated: bool):
@@ -199,7 +205,8 @@ def window_attention(query, key, value, *, mask=None, is_causal=False, scale=Non
     is_causal: must be False.
     scale: logit scale `s`; `1/sqrt(head_dim)` when None.
     grid: required `(h, w)`, `h·w == seq`.
-    window_size: required `(a, c)` (or an int for square windows) dividing `(h, w)`.
+    window_size: `(a, c)` (or an int for square windows) dividing `(h, w)`; default Swin's
+      and MaxViT's 7 x 7, per side the largest divisor of the grid's side up to 7.
     shift: Swin's cyclic shift, an int or `(sy, sx)` with `0 <= shift < window` per axis
       (Swin uses `window // 2` in every other block).
     rpb: relative position bias `[num_heads, 2a−1, 2c−1]`, indexed by query minus key
@@ -211,18 +218,15 @@ def window_attention(query, key, value, *, mask=None, is_causal=False, scale=Non
   common.check_no_causal("window", is_causal)
   dims = common.check_qkv(query, key, value)
   grid = check_grid(grid, dims.q_len)
-  size = check_partition("window_size", window_size, grid)
+  size = check_partition("window_size", window_size, grid, PAPER_PARTITION)
   pair = (shift, shift) if isinstance(shift, (int, np.integer)) else shift
   try:
-    sy, sx = pair
+    sy, sx = (checks.int_in_range("shift", v, 0, n - 1) for v, n in zip(pair, size, strict=True))
   except (TypeError, ValueError):
-    sy = sx = None
-  if not (all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in (sy, sx))
-          and 0 <= sy < size[0] and 0 <= sx < size[1]):
     raise ValueError(f"shift must be an int or a pair (sy, sx) with 0 <= shift < window_size "
-                     f"{size}, got {shift!r}")
+                     f"{size}, got {shift!r}") from None
   return _partitioned(query, key, value, dims, mask=mask, scale=scale, grid=grid, size=size,
-                      dilated=False, rpb=rpb, shift=(int(sy), int(sx)))
+                      dilated=False, rpb=rpb, shift=(sy, sx))
 
 
 @register("grid", causal=False)
@@ -248,8 +252,8 @@ def grid_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
     is_causal: must be False.
     scale: logit scale `s`; `1/sqrt(head_dim)` when None.
     grid: required `(h, w)`, `h·w == seq`.
-    grid_size: required `(a, c)` (or an int) dividing `(h, w)`: tokens per group along each
-      axis.
+    grid_size: `(a, c)` (or an int) dividing `(h, w)`: tokens per group along each axis;
+      default MaxViT's G = 7 x 7, per side the largest divisor of the grid's side up to 7.
     rpb: relative position bias `[num_heads, 2a−1, 2c−1]` over cell offsets (query minus key).
 
   Returns:
@@ -258,6 +262,46 @@ def grid_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
   common.check_no_causal("grid", is_causal)
   dims = common.check_qkv(query, key, value)
   grid = check_grid(grid, dims.q_len)
-  size = check_partition("grid_size", grid_size, grid)
+  size = check_partition("grid_size", grid_size, grid, PAPER_PARTITION)
   return _partitioned(query, key, value, dims, mask=mask, scale=scale, grid=grid, size=size,
                       dilated=True, rpb=rpb)
+
+
+class _RelativePositionBiasParams(OpParams):
+  """A relative position bias table `rpb`, `[num_heads, 2a−1, 2c−1]` for groups of `a × c`
+  tokens (`op_args[size_arg]`, default as the op's), truncated-normal initialised with std 0.02
+  as in Swin. `op_args["rpb"] = None` asks for no bias (Twins LSA, DaViT): no table, `{}` returned."""
+  size_arg = ""
+
+  @nn.compact
+  def __call__(self, inputs_q, query, key, value):
+    del inputs_q, key, value
+    op_args = self.op_args or {}
+    if "rpb" in op_args and op_args["rpb"] is None:
+      return {}
+    size = op_args.get(self.size_arg)
+    if size is None:  # The op's default, which depends on the grid.
+      a, c = check_partition(self.size_arg, size, check_grid(op_args.get("grid"), query.shape[1]),
+                             PAPER_PARTITION)
+    else:
+      a, c = checks.int_tuple(f"op_args[{self.size_arg!r}]", size)
+    rpb = self.param(
+        "rpb", nn.with_logical_partitioning(nn.initializers.truncated_normal(stddev=0.02),
+                                            ("heads", None, None)),
+        (self.num_heads, 2 * a - 1, 2 * c - 1), self.param_dtype)
+    (rpb,) = nn.dtypes.promote_dtype(rpb, dtype=self.dtype)
+    return {"rpb": rpb}
+
+
+@register_params("window")
+class WindowParams(_RelativePositionBiasParams):
+  """Relative position bias of window attention (Swin; MaxViT block attention), sized by
+  `op_args["window_size"]`. Returns `{"rpb": [num_heads, 2a−1, 2c−1]}`."""
+  size_arg = "window_size"
+
+
+@register_params("grid")
+class GridParams(_RelativePositionBiasParams):
+  """Relative position bias of MaxViT grid attention, sized by `op_args["grid_size"]`.
+  Returns `{"rpb": [num_heads, 2a−1, 2c−1]}`."""
+  size_arg = "grid_size"

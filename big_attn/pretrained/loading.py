@@ -34,7 +34,7 @@ from big_attn.train import step as step_lib
 SOURCES = ("transformers", "timm", "big_attn")
 KEYS = ("path", "source", "name", "model_args")
 HEADS = ("head", "head_dist")  # classifier heads: refitted to the model's number of classes
-FRESH = "op_params"  # op-specific parameters (`big_attn.layers.op_params`): initialised fresh
+FRESH = "op_params"  # op-specific parameters (`big_attn.ops.params_module`): initialised fresh
 # Model fields a fine-tuning run may set freely (the rest should agree with the checkpoint's
 # converted model; a difference is logged). Sizes show in the parameter shapes.
 _FREE_FIELDS = frozenset((
