@@ -33,7 +33,11 @@ def assert_causal_ignores_future_keys(op, q, k, v, cut):
 
 
 def assert_bfloat16_close_to_float32(op, q, k, v):
-  """`op` on bfloat16 inputs returns bfloat16 within `ref.BF16_TOL` of its float32 output."""
+  """`op` on bfloat16 inputs returns bfloat16 within `ref.BF16_TOL` of its float32 output.
+
+  `op` runs jitted: one compile per dtype costs less than running its primitives one by one.
+  """
+  op = jax.jit(op)
   out = op(*(x.astype(jnp.bfloat16) for x in (q, k, v)))
   assert out.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(out, np.float32), op(q, k, v), **ref.BF16_TOL)

@@ -61,16 +61,16 @@ def _sage_reference(q, k, v, block_q, block_k, mask, is_causal=False):
 def test_sage_int8_matches_int8_formula_and_is_close_to_softmax(is_causal):
   q, k, v = _qkv(t=45, s=45, d=32)
   k = k + 2.0  # a common key offset, which the smoothing removes
-  op = ops.get("sage_int8")
   full = ref.full_mask(2, 4, 45, 45, is_causal=is_causal)
-  kw = dict(block_q=16, block_k=8, is_causal=is_causal)
+  op = jax.jit(functools.partial(ops.get("sage_int8"), block_q=16, block_k=8,
+                                 is_causal=is_causal), static_argnames="pv_dtype")
   exact = _sage_reference(q, k, v, 16, 8, full, is_causal)
-  out32 = op(q, k, v, pv_dtype=jnp.float32, **kw)
+  out32 = op(q, k, v, pv_dtype=jnp.float32)
   np.testing.assert_allclose(np.asarray(out32, np.float64), exact, rtol=2e-3, atol=2e-3)
   with ref.x64():
     want = np.asarray(ref.softmax_attention(q, k, v, mask=full))
   for pv_dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
-    err, cosine = _rel_err_and_cosine(op(q, k, v, pv_dtype=pv_dtype, **kw), want)
+    err, cosine = _rel_err_and_cosine(op(q, k, v, pv_dtype=pv_dtype), want)
     print(f"sage_int8 vs softmax, pv {jnp.dtype(pv_dtype).name}, causal {is_causal}: "
           f"relative L2 error {err:.2e}, cosine similarity {cosine:.6f}")
     assert err < 2e-2 and cosine > 0.9998, (pv_dtype, err, cosine)
