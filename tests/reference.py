@@ -73,6 +73,46 @@ def normal(seed, shape, dtype=jnp.float32, std=1.0):
   return jnp.asarray(np.random.default_rng(seed).normal(size=shape) * std, dtype)
 
 
+def qkv(*, b=2, t, s=None, n=4, k=2, d=8, dv=None, dtype=jnp.float32, seed=0, std=1.0):
+  """Seeded query `[b, t, n, d]`, key `[b, s, k, d]` and value `[b, s, k, dv]` (s = t, dv = d
+  unless given), from seeds `seed`, `seed + 1`, `seed + 2`."""
+  s = t if s is None else s
+  dv = d if dv is None else dv
+  return (normal(seed, (b, t, n, d), dtype, std), normal(seed + 1, (b, s, k, d), dtype, std),
+          normal(seed + 2, (b, s, k, dv), dtype, std))
+
+
+def key_padding(b, s, seed=5, *, first_valid=False, invalid=None):
+  """Seeded `[b, 1, 1, s]` key-padding mask, each key valid with probability 0.7.
+
+  `first_valid` keeps key 0 of every example; then `invalid` (a NumPy index into `[b, s]`)
+  is set invalid.
+  """
+  valid = np.random.default_rng(seed).random((b, s)) > 0.3
+  if first_valid:
+    valid[:, 0] = True
+  if invalid is not None:
+    valid[invalid] = False
+  return valid[:, None, None, :]
+
+
+def masked_softmax(logits, mask):
+  """Softmax over the last axis (float64), restricted to `mask`; fully masked rows give zeros."""
+  top = jnp.where(mask, logits, -jnp.inf).max(-1, keepdims=True)
+  top = jnp.where(jnp.isfinite(top), top, 0.0)
+  e = jnp.where(mask, jnp.exp(jnp.where(mask, logits - top, 0.0)), 0.0)
+  total = e.sum(-1, keepdims=True)
+  return e / jnp.where(total > 0, total, 1.0)
+
+
+def attention_logits(q, k, scale=None):
+  """`[b, n, t, s]` scale·QKᵀ in float64, K/V heads repeated; scale defaults to 1/√d."""
+  q, k = f64(q, k)
+  k = repeat_kv(k, q.shape[2])
+  scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
+  return jnp.einsum("btnd,bsnd->bnts", q, k) * scale
+
+
 def out_and_grads(fn, arrays, seed=7):
   """`fn(*arrays)` and the gradients of `Σ fn(*arrays)·c` (c fixed, random), in one jit."""
   shape = jax.eval_shape(fn, *arrays).shape

@@ -5,7 +5,8 @@
 - batch: examples are independent (changing example 0 leaves example 1 bit-identical);
 - NaN: a NaN query, key or value gives NaN in the rows it reaches (never a finite result);
 - zero length: an empty sequence gives the empty result or a clear ValueError;
-- `jax.debug_infs`: masked and causal calls outside `jit` raise no FloatingPointError.
+- `jax.debug_infs`: masked and causal calls outside `jit` raise no FloatingPointError;
+- the registry holds every op family's names.
 
 Inputs are tiny (batch 2, 12 tokens = a 2×6 grid, 2 heads, head_dim 8), with block and chunk
 sizes that do not divide the length. `_op_args` is the one table of per-op arguments: weights
@@ -181,3 +182,15 @@ def test_masked_and_causal_calls_under_debug_infs(name):
       assert "mask" in str(e)
     else:
       np.testing.assert_array_equal(np.asarray(out[1]), 0.0)
+
+
+def test_registry_has_at_least_20_ops():
+  names = ops.names()
+  assert len(names) >= 20
+  for name in ("window", "grid", "spatial_reduction", "channel_attention", "bilevel_routing",
+               "mixture_of_heads"):
+    assert name in names
+
+
+def test_quantized_sparse_and_learned_scoring_ops_are_registered():
+  assert {"sage_int8", "sparse_blocks", "neural_attention", "gatv2"} <= set(ops.names())

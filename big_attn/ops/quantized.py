@@ -95,8 +95,8 @@ def sage_int8_attention(query, key, value, *, mask=None, is_causal=False, scale=
   The score matmul is a true int8×int8→int32 `dot_general`. Smoothing removes the large
   channel-wise offset keys share, which otherwise dominates max|K| and wastes the int8 range.
   Accuracy against float softmax attention on N(0, 1) inputs with keys offset by a shared
-  mean of 2 (`tests/test_ops_quantized_sparse_learned.py`, head_dim 32): relative L2 error 0.75-0.95% and cosine
-  similarity 0.99996-0.99997; the int8 rounding dominates, bfloat16 PV adds ~0.03%.
+  mean of 2 (`tests/test_ops_quantized.py`, head_dim 32): relative L2 error 0.75-0.95% and
+  cosine similarity 0.99996-0.99997; the int8 rounding dominates, bfloat16 PV adds ~0.03%.
 
   With `is_causal` no output depends on a later token: each token's scale δ is the max over
   its block's tokens up to itself (a prefix max, at least as fine as the block's), and the

@@ -1,9 +1,9 @@
-"""`gpsa`, `levit_bias`, `decomposed_relpos`, `kernelized_rpe`, `switchhead` and `bottleneck`
-against float64 references.
+"""`gpsa` (ConViT), `levit_bias` (LeViT), `decomposed_relpos` (MViTv2) and
+`kernelized_rpe` (Stable, Fast and Accurate: Kernelized Attention with Relative Positional
+Encoding) against float64 references.
 
 The references are written from the papers' formulas on explicit `[q, kv]` matrices: offsets on
-the grid come from loops over token positions, the RPE Toeplitz sum is the quadratic form,
-SwitchHead loops over heads and experts, the bottleneck runs its three attentions one by one.
+the grid come from loops over token positions and the RPE Toeplitz sum is the quadratic form.
 They never call `big_attn`.
 """
 import functools
@@ -19,41 +19,13 @@ from tests import reference as ref
 
 F32_TOL, BF16_TOL = ref.F32_TOL, ref.BF16_TOL
 GRID = (3, 5)
-
-
-def _qkv(b=2, t=15, s=None, n=4, k=2, d=8, dv=None, dtype=jnp.float32, seed=0):
-  s = t if s is None else s
-  dv = d if dv is None else dv
-  return (ref.normal(seed, (b, t, n, d), dtype), ref.normal(seed + 1, (b, s, k, d), dtype),
-          ref.normal(seed + 2, (b, s, k, dv), dtype))
-
-
-def _key_padding(b, t, seed=5, empty_batch=None):
-  valid = np.random.default_rng(seed).random((b, t)) > 0.3
-  valid[:, 0] = True
-  if empty_batch is not None:
-    valid[empty_batch] = False
-  return valid[:, None, None, :]
+_qkv = functools.partial(ref.qkv, t=15)
 
 
 def _positions(grid):
   """`[t, 2]` (y, x) of every token, by a loop over the row-major grid."""
   h, w = grid
   return np.array([(y, x) for y in range(h) for x in range(w)])
-
-
-def _probs(logits, mask):
-  """softmax over the last axis in float64 with a boolean mask; empty rows give zeros."""
-  logits = jnp.where(mask, logits, -1e300)
-  e = jnp.where(mask, jnp.exp(logits - logits.max(-1, keepdims=True)), 0.0)
-  return e / jnp.maximum(e.sum(-1, keepdims=True), 1e-300)
-
-
-def _content_logits(q, k, scale=None):
-  q, k = ref.f64(q, k)
-  k = ref.repeat_kv(k, q.shape[2])
-  scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
-  return jnp.einsum("btnd,bsnd->bnts", q, k) * scale
 
 
 # ----------------------------------------------------------------------------------------------
@@ -67,8 +39,8 @@ def _gpsa_ref(q, k, v, pos_proj, gating, grid, mask):
     for j in range(t):
       dy, dx = pos[j] - pos[i]
       rel[i, j] = (dx, dy, dx * dx + dy * dy)
-  content = _probs(_content_logits(q, k), mask)
-  positional = _probs(jnp.einsum("tsc,nc->nts", rel, ref.f64(pos_proj))[None], mask)
+  content = ref.masked_softmax(ref.attention_logits(q, k), mask)
+  positional = ref.masked_softmax(jnp.einsum("tsc,nc->nts", rel, ref.f64(pos_proj))[None], mask)
   gate = jax.nn.sigmoid(ref.f64(gating))[None, :, None, None]
   attn = (1 - gate) * content + gate * positional
   return jnp.einsum("bnts,bsnd->btnd", attn, ref.repeat_kv(ref.f64(v), q.shape[2]))
@@ -79,7 +51,7 @@ def test_gpsa_matches_reference(kv_heads, causal, masked):
   q, k, v = _qkv(k=kv_heads, dv=6)
   pos_proj = ref.normal(3, (4, 3), std=0.5)
   gating = ref.normal(4, (4,))
-  mask = _key_padding(2, 15, empty_batch=1) if masked else None
+  mask = ref.key_padding(2, 15, first_valid=True, invalid=1) if masked else None
   full = ref.full_mask(2, 4, 15, 15, mask=mask, is_causal=causal)
   op = functools.partial(ops.get("gpsa"), grid=GRID, mask=mask, is_causal=causal)
   out = ref.assert_matches(lambda q, k, v, p, g: op(q, k, v, pos_proj=p, gating=g),
@@ -110,11 +82,12 @@ def _levit_ref(q, k, v, table, grid, mask):
   pos = _positions(grid)
   dy = np.abs(pos[:, None, 0] - pos[None, :, 0])
   dx = np.abs(pos[:, None, 1] - pos[None, :, 1])
-  return _probs_out(_content_logits(q, k) + ref.f64(table)[:, dy, dx][None], mask, v, q.shape[2])
+  return _probs_out(ref.attention_logits(q, k) + ref.f64(table)[:, dy, dx][None], mask, v,
+                    q.shape[2])
 
 
 def _probs_out(logits, mask, v, n):
-  return jnp.einsum("bnts,bsnd->btnd", _probs(logits, mask),
+  return jnp.einsum("bnts,bsnd->btnd", ref.masked_softmax(logits, mask),
                     ref.repeat_kv(ref.f64(v), n))
 
 
@@ -122,7 +95,7 @@ def _probs_out(logits, mask, v, n):
 def test_levit_bias_matches_reference(kv_heads, causal):
   q, k, v = _qkv(k=kv_heads)
   table = ref.normal(3, (4,) + GRID)
-  mask = _key_padding(2, 15)
+  mask = ref.key_padding(2, 15, first_valid=True)
   full = ref.full_mask(2, 4, 15, 15, mask=mask, is_causal=causal)
   op = functools.partial(ops.get("levit_bias"), grid=GRID, mask=mask, is_causal=causal)
   ref.assert_matches(lambda q, k, v, tb: op(q, k, v, attention_bias=tb),
@@ -140,7 +113,7 @@ def _relpos_ref(q, k, v, rel_h, rel_w, grid, mask):
       idx_w[i, j] = pos[i][1] - pos[j][1] + w - 1
   r = rel_h[idx_h] + rel_w[idx_w]  # [t, s, d]
   bias = jnp.einsum("btnd,tsd->bnts", ref.f64(q), r)
-  return _probs_out(_content_logits(q, k) + bias, mask, v, q.shape[2])
+  return _probs_out(ref.attention_logits(q, k) + bias, mask, v, q.shape[2])
 
 
 @pytest.mark.parametrize("kv_heads,causal", [(2, False), (1, True)])
@@ -181,7 +154,7 @@ def test_kernelized_rpe_fft_matches_quadratic(t, kv_heads, causal, masked):
   q, k = q * 0.5, k * 0.5
   b = ref.normal(3, (4, 2 * t - 1))
   w = ops.linear.orthogonal_random_features(0, 16, 8)
-  mask = _key_padding(2, t, empty_batch=1) if masked else None
+  mask = ref.key_padding(2, t, first_valid=True, invalid=1) if masked else None
   full = ref.full_mask(2, 4, t, t, mask=mask, is_causal=causal)
   op = functools.partial(ops.get("kernelized_rpe"), mask=mask, is_causal=causal)
   out = ref.assert_matches(lambda q, k, v, b, w: op(q, k, v, rpe_bias=b, features=w),
@@ -271,185 +244,6 @@ def test_gpsa_local_init_centres_heads_on_offsets():
   np.testing.assert_array_equal(pos_proj[:, 2], -1.0)
   centres = {tuple(np.asarray(p[:2]) / 2) for p in pos_proj}
   assert centres == {(-0.5, -0.5), (0.5, -0.5), (-0.5, 0.5), (0.5, 0.5)}
-
-
-# ----------------------------------------------------------------------------------------------
-# SwitchHead: an explicit loop over heads, tokens and experts.
-# ----------------------------------------------------------------------------------------------
-def _switchhead_ref(q, k, value_experts, rv, ro, out_experts, pick_v, pick_o, mask):
-  """Per head h and token, the experts `pick_v`/`pick_o` (the top-k by router logit, picked
-  in NumPy by the caller), then v = Σ σ·V_e, o = softmax attention, y = Σ σ·o W^O_e."""
-  q, k, value_experts, rv, ro, out_experts = ref.f64(q, k, value_experts, rv, ro, out_experts)
-  n = q.shape[2]
-  kv_heads, num = value_experts.shape[2:4]
-  values = []
-  for h in range(kv_heads):
-    v_h = 0.0
-    for e in range(num):
-      chosen = (pick_v[:, :, h] == e).any(-1)[..., None]  # [b, s, 1]
-      v_h = v_h + jnp.where(chosen, jax.nn.sigmoid(rv[:, :, h, e])[..., None]
-                            * value_experts[:, :, h, e], 0.0)
-    values.append(v_h)
-  v = jnp.stack(values, 2)
-  heads = jnp.einsum("bnts,bsnd->btnd", _probs(_content_logits(q, k), mask),
-                     ref.repeat_kv(v, n))
-  outs = []
-  for h in range(n):
-    y_h = 0.0
-    for e in range(num):
-      chosen = (pick_o[:, :, h] == e).any(-1)[..., None]
-      y_h = y_h + jnp.where(chosen, jax.nn.sigmoid(ro[:, :, h, e])[..., None]
-                            * (heads[:, :, h] @ out_experts[h, e]), 0.0)
-    outs.append(y_h)
-  return jnp.stack(outs, 2)
-
-
-def _switchhead_inputs(t=9, s=None, n=4, k=2, num=3, dv=6, dout=5, seed=0):
-  s = t if s is None else s
-  q, key, _ = _qkv(t=t, s=s, n=n, k=k, seed=seed)
-  return (q, key, ref.normal(seed + 3, (2, s, k, num, dv)), ref.normal(seed + 4, (2, s, k, num)),
-          ref.normal(seed + 5, (2, t, n, num)), ref.normal(seed + 6, (n, num, dv, dout), std=0.4))
-
-
-@pytest.mark.parametrize("t,s,kv_heads,topk,causal", [(9, 9, 2, 2, True), (7, 11, 1, 3, False)])
-def test_switchhead_matches_expert_loop(t, s, kv_heads, topk, causal):
-  arrays = _switchhead_inputs(t=t, s=s, k=kv_heads)
-  mask = _key_padding(2, s)
-  full = ref.full_mask(2, 4, t, s, mask=mask, is_causal=causal)
-  dense_v = jnp.zeros((2, s, kv_heads, 1))
-
-  def op(q, key, ve, rv, ro, oe):
-    return ops.get("switchhead")(q, key, dense_v, mask=mask, is_causal=causal, value_experts=ve,
-                                 router_logits_v=rv, router_logits_o=ro, out_experts=oe,
-                                 topk=topk)
-
-  pick_v, pick_o = (np.argsort(-np.asarray(r), -1)[..., :topk] for r in arrays[3:5])
-  ref.assert_matches(op, lambda *a: _switchhead_ref(*a, pick_v, pick_o, full), arrays)
-
-
-def test_switchhead_causal_ignores_future_and_bf16():
-  q, key, ve, rv, ro, oe = _switchhead_inputs()
-  op = jax.jit(functools.partial(ops.get("switchhead"), is_causal=True, out_experts=oe,
-                                 num_experts=3))
-  dense_v = jnp.zeros((2, 9, 2, 1))
-  out = op(q, key, dense_v, value_experts=ve, router_logits_v=rv, router_logits_o=ro)
-  changed = op(q, key.at[:, 5:].set(2.0), dense_v, value_experts=ve.at[:, 5:].set(-1.0),
-               router_logits_v=rv.at[:, 5:].set(3.0), router_logits_o=ro)
-  np.testing.assert_allclose(out[:, :5], changed[:, :5], **F32_TOL)
-  assert not np.allclose(out[:, 5:], changed[:, 5:], atol=1e-3)
-  bf = lambda x: x.astype(jnp.bfloat16)
-  low = op(bf(q), bf(key), bf(dense_v), value_experts=bf(ve), router_logits_v=rv,
-           router_logits_o=ro)
-  assert low.dtype == jnp.bfloat16
-  np.testing.assert_allclose(np.asarray(low, np.float32), out, rtol=5e-2, atol=1e-1)
-
-
-@pytest.mark.parametrize("change,match", [
-    (dict(value_experts=None), "value_experts"),
-    (dict(value_experts=jnp.zeros((2, 9, 1, 3, 6))), "value_experts"),
-    (dict(router_logits_v=jnp.zeros((2, 9, 2, 4))), "router_logits_v"),
-    (dict(router_logits_o=jnp.zeros((2, 9, 2, 3))), "router_logits_o"),
-    (dict(out_experts=jnp.zeros((4, 3, 5, 5))), "out_experts"),
-    (dict(topk=4), "topk"),
-    (dict(topk=0), "topk"),
-    (dict(num_experts=2), "num_experts"),
-])
-def test_switchhead_bad_args(change, match):
-  q, key, ve, rv, ro, oe = _switchhead_inputs()
-  args = dict(value_experts=ve, router_logits_v=rv, router_logits_o=ro, out_experts=oe)
-  with pytest.raises(ValueError, match=match):
-    ops.get("switchhead")(q, key, jnp.zeros((2, 9, 2, 1)), **{**args, **change})
-
-
-def test_switchhead_layer():
-  x = ref.normal(0, (2, 9, 32))
-  layer = layers.Attention(num_heads=4, num_kv_heads=2, op="switchhead",
-                           op_args=dict(num_experts=3, topk=2))
-  params = jax.jit(layer.init)(jax.random.key(0), x)
-  apply = lambda p: layer.apply(p, x, is_causal=True)
-  out, grads = jax.jit(lambda p: (apply(p), jax.grad(lambda p: jnp.sum(apply(p) ** 2))(p)))(
-      params)
-  assert out.shape == x.shape and np.all(np.isfinite(np.asarray(out)))
-  assert set(params["params"]["op_params"]) == {"value_expert_kernel", "router_v", "router_o",
-                                                "out_experts"}
-  assert np.any(np.asarray(flax.linen.unbox(grads)["params"]["op_params"]["router_o"]) != 0)
-
-
-# ----------------------------------------------------------------------------------------------
-# Bottleneck tokens: the three attentions one by one.
-# ----------------------------------------------------------------------------------------------
-def _bottleneck_ref(q, k, v, bq, mask):
-  """gather Z = softmax(B Kᵀ s) V, then Z' = softmax(Z Zᵀ s) Z, then softmax(Q Z'ᵀ s) Z'."""
-  q, k, v, bq = ref.f64(q, k, v, bq)
-  n = q.shape[2]
-  k, v = ref.repeat_kv(k, n), ref.repeat_kv(v, n)
-  scale = 1.0 / np.sqrt(q.shape[-1])
-
-  def attend(a, b, c, m):
-    logits = jnp.einsum("btnd,bsnd->bnts", a, b) * scale
-    return jnp.einsum("bnts,bsnd->btnd", _probs(logits, m), c)
-
-  every = np.ones((1, 1, 1, 1), bool)
-  z = attend(bq, k, v, every if mask is None else mask)
-  z = attend(z, z, z, every)
-  return attend(q, z, z, every)
-
-
-def _segment_means(q, num):
-  """Means of `num` contiguous segments, summed token by token."""
-  seg = q.shape[1] // num
-  return jnp.stack([sum(q[:, p * seg + i] for i in range(seg)) / seg for p in range(num)], 1)
-
-
-@pytest.mark.parametrize("t,s,kv_heads,masked", [(9, 13, 2, True)])
-def test_bottleneck_pooled_matches_reference(t, s, kv_heads, masked):
-  q, k, v = _qkv(t=t, s=s, k=kv_heads)
-  mask = _key_padding(2, s, empty_batch=1) if masked else None
-  op = functools.partial(ops.get("bottleneck"), num_tokens=3, mask=mask)
-  out = ref.assert_matches(op, lambda q, k, v: _bottleneck_ref(q, k, v, _segment_means(q, 3),
-                                                               mask), (q, k, v))
-  if masked:
-    assert np.all(out[1] == 0.0)
-
-
-def test_bottleneck_given_queries_matches_reference():
-  q, k, v = _qkv(t=11, s=7, k=2)
-  bq = ref.normal(9, (1, 4, 4, 8))
-  op = ops.get("bottleneck")
-  ref.assert_matches(lambda q, k, v, b: op(q, k, v, bottleneck_queries=b),
-                     lambda q, k, v, b: _bottleneck_ref(q, k, v, jnp.broadcast_to(
-                         b, (2,) + b.shape[1:]), None), (q, k, v, bq))
-  op = jax.jit(op)
-  low = op(*(x.astype(jnp.bfloat16) for x in (q, k, v)), bottleneck_queries=bq)
-  assert low.dtype == jnp.bfloat16
-  np.testing.assert_allclose(np.asarray(low, np.float32), op(q, k, v, bottleneck_queries=bq),
-                             **BF16_TOL)
-
-
-@pytest.mark.parametrize("args,match,error", [
-    (dict(num_tokens=2.0), "num_tokens", ValueError),
-    (dict(num_tokens=5), "num_tokens", ValueError),
-    (dict(num_tokens=0), "num_tokens", ValueError),
-    (dict(bottleneck_queries=jnp.zeros((2, 3, 4, 4))), "bottleneck_queries", ValueError),
-    (dict(num_tokens=2, bottleneck_queries=jnp.zeros((2, 3, 4, 8))), "bottleneck_queries",
-     ValueError),
-    (dict(num_tokens=3, mask=jnp.ones((2, 1, 12, 12), bool)), "key-padding", ValueError),
-    (dict(num_tokens=3, is_causal=True), "causal", NotImplementedError),
-])
-def test_bottleneck_bad_args(args, match, error):
-  q, k, v = _qkv(t=12)
-  with pytest.raises(error, match=match):
-    ops.get("bottleneck")(q, k, v, **args)
-  with pytest.raises(ValueError, match="value"):
-    ops.get("bottleneck")(q, k, v[..., :4], num_tokens=3)
-
-
-def test_bottleneck_layer():
-  x = ref.normal(0, (2, 12, 32))
-  layer = layers.Attention(num_heads=4, op="bottleneck", op_args=dict(num_tokens=4))
-  out = jax.jit(layer.apply)(jax.jit(layer.init)(jax.random.key(0), x), x)
-  assert out.shape == x.shape and np.all(np.isfinite(np.asarray(out)))
-
 
 def test_gpsa_local_init_attends_around_each_heads_offset():
   """Purely positional heads (σ(λ) → 1) with the local init: at an interior token of a 5×5

@@ -1,0 +1,61 @@
+"""Checks that several op test files share: causality, bfloat16 against float32, the layer.
+
+They compare an op with itself (changed inputs, another dtype); the float64 references are in
+`tests/reference.py`.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from big_attn import layers
+from tests import reference as ref
+
+
+def assert_causal_ignores_future(op, arrays, cut):
+  """Replacing every array's tokens from `cut` on keeps `op`'s outputs before `cut` and changes
+  those after it."""
+  out = op(*arrays)
+  changed = op(*(x.at[:, cut:].set(ref.normal(20 + i, x[:, cut:].shape))
+                 for i, x in enumerate(arrays)))
+  np.testing.assert_allclose(np.asarray(out[:, :cut]), np.asarray(changed[:, :cut]), rtol=1e-6,
+                             atol=1e-6)
+  assert not np.allclose(np.asarray(out[:, cut:]), np.asarray(changed[:, cut:]))
+
+
+def assert_causal_ignores_future_keys(op, q, k, v, cut):
+  """Shifting the keys and values from `cut` on keeps the outputs of the queries before it."""
+  k2 = k.at[:, cut:].add(5.0)
+  v2 = v.at[:, cut:].add(-3.0)
+  np.testing.assert_allclose(op(q, k, v)[:, :cut], op(q, k2, v2)[:, :cut], rtol=1e-6,
+                             atol=1e-6)
+
+
+def assert_bfloat16_close_to_float32(op, q, k, v):
+  """`op` on bfloat16 inputs returns bfloat16 within `ref.BF16_TOL` of its float32 output.
+
+  `op` runs jitted: one compile per dtype costs less than running its primitives one by one.
+  """
+  op = jax.jit(op)
+  out = op(*(x.astype(jnp.bfloat16) for x in (q, k, v)))
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(out, np.float32), op(q, k, v), **ref.BF16_TOL)
+
+
+def assert_layer_runs(name, op_args, param_shapes=None, *, length=9, is_causal=True):
+  """`layers.Attention` with op `name` (4 heads, 2 K/V heads, width 16) runs on `length` tokens
+  with finite outputs; where `param_shapes` is given, the op's parameters have those shapes and
+  all receive gradient."""
+  model = layers.Attention(num_heads=4, num_kv_heads=2, op=name, op_args=op_args)
+  x = ref.normal(0, (2, length, 16))
+  params = jax.jit(model.init)(jax.random.key(0), x)
+  out = jax.jit(functools.partial(model.apply, is_causal=is_causal))(params, x)
+  assert out.shape == x.shape and np.all(np.isfinite(out))
+  if param_shapes is not None:
+    shapes = jax.tree.map(jnp.shape, params["params"]["op_params"])
+    assert {n: s.value for n, s in shapes.items()} == param_shapes
+    grads = jax.jit(jax.grad(lambda p: jnp.sum(model.apply(p, x, is_causal=is_causal) ** 2)))(
+        params)
+    for g in jax.tree.leaves(grads["params"]["op_params"]):
+      assert np.abs(np.asarray(g)).sum() > 0

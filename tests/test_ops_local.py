@@ -1,0 +1,164 @@
+"""`neighborhood` (Neighborhood Attention Transformer; Dilated Neighborhood Attention
+Transformer) against a float64 reference.
+
+The reference builds NAT's neighbour lists and relative-position-bias indices by loops over
+positions, one axis at a time, and evaluates full `[q, kv]` matrices in float64; it never calls
+`big_attn`.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from big_attn import ops
+from tests import op_checks
+from tests import reference as ref
+
+F32_TOL, BF16_TOL = ref.F32_TOL, ref.BF16_TOL
+_qkv = functools.partial(ref.qkv, t=13)
+
+
+def _nat_axis(length, kernel, dilation, causal=False):
+  """Per-position neighbour lists and bias indices along one axis, NAT's definition, by loops."""
+  neighbours, bias_idx = [], []
+  for i in range(length):
+    members = [p for p in range(length) if p % dilation == i % dilation]
+    j = members.index(i)
+    if causal:
+      window = list(range(max(0, j - kernel + 1), j + 1))
+    else:
+      start = min(max(j - kernel // 2, 0), len(members) - kernel)
+      window = list(range(start, start + kernel))
+    neighbours.append([members[m] for m in window])
+    bias_idx.append([kernel - 1 + m - j for m in window])
+  return neighbours, bias_idx
+
+
+def _nat_mask_and_bias(shape, kernel, dilation, rpb, causal=False):
+  """`[t, t]` neighbour mask and `[n, t, t]` bias (zeros off the neighbourhoods)."""
+  t = int(np.prod(shape))
+  n = 1 if rpb is None else rpb.shape[0]
+  allowed = np.zeros((t, t), bool)
+  index = []  # (query, key, *bias index)
+  if len(shape) == 1:
+    nb, bi = _nat_axis(shape[0], kernel, dilation, causal)
+    for i in range(t):
+      for key, idx in zip(nb[i], bi[i]):
+        allowed[i, key] = True
+        index.append((i, key, idx))
+  else:
+    (h, w), (kh, kw), (dh, dw) = shape, kernel, dilation
+    nby, biy = _nat_axis(h, kh, dh)
+    nbx, bix = _nat_axis(w, kw, dw)
+    for y in range(h):
+      for x in range(w):
+        for ky, iy in zip(nby[y], biy[y]):
+          for kx, ix in zip(nbx[x], bix[x]):
+            allowed[y * w + x, ky * w + kx] = True
+            index.append((y * w + x, ky * w + kx, iy, ix))
+  if rpb is None:
+    return allowed, None
+  qi, ki = np.array([e[0] for e in index]), np.array([e[1] for e in index])
+  vals = rpb[(slice(None),) + tuple(np.array([e[2 + a] for e in index])
+                                    for a in range(len(shape)))]  # [n, entries]
+  bias = jnp.zeros((n, t, t), rpb.dtype).at[:, qi, ki].set(vals)
+  return allowed, bias
+
+
+def _nat_ref(q, k, v, shape, kernel, dilation, rpb=None, causal=False, mask=None):
+  b, t, n, d = q.shape
+  allowed, bias = _nat_mask_and_bias(shape, kernel, dilation, rpb, causal)
+  logits = jnp.einsum("btnd,bsnd->bnts", q, ref.repeat_kv(k, n)) / np.sqrt(d)
+  if bias is not None:
+    logits = logits + bias[None]
+  full = np.broadcast_to(allowed, (b, n, t, t))
+  if mask is not None:
+    full = full & np.asarray(mask)
+  return jnp.einsum("bnts,bsnd->btnd", ref.masked_softmax(logits, full), ref.repeat_kv(v, n))
+
+
+@pytest.mark.parametrize("kv_heads,kernel,dilation,causal", [
+    (2, 5, 1, False), (1, 3, 3, False), (2, 3, 4, False), (1, 5, 2, True)])
+def test_neighborhood_1d_matches_reference(kv_heads, kernel, dilation, causal):
+  q, k, v = _qkv(t=13, k=kv_heads)
+  rpb = ref.normal(3, (4, 2 * kernel - 1))
+  op = ops.get("neighborhood")
+  ref.assert_matches(
+      lambda q, k, v, rpb: op(q, k, v, kernel_size=kernel, dilation=dilation, rpb=rpb,
+                              is_causal=causal),
+      lambda q, k, v, rpb: _nat_ref(q, k, v, (13,), kernel, dilation, rpb, causal),
+      [q, k, v, rpb])
+
+
+@pytest.mark.parametrize("kernel,dilation", [(3, (1, 2)), ((3, 5), 1)])
+def test_neighborhood_2d_matches_reference(kernel, dilation):
+  q, k, v = _qkv(t=35, k=2)
+  kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+  dh, dw = (dilation, dilation) if isinstance(dilation, int) else dilation
+  rpb = ref.normal(3, (4, 2 * kh - 1, 2 * kw - 1))
+  op = ops.get("neighborhood")
+  ref.assert_matches(
+      lambda q, k, v, rpb: op(q, k, v, kernel_size=kernel, dilation=dilation, grid=(5, 7),
+                              rpb=rpb),
+      lambda q, k, v, rpb: _nat_ref(q, k, v, (5, 7), (kh, kw), (dh, dw), rpb), [q, k, v, rpb])
+
+
+def test_neighborhood_windows_are_full_and_centred():
+  allowed, _ = _nat_mask_and_bias((13,), 5, 2, None)
+  assert np.all(allowed.sum(1) == 5)
+  # an interior query sees the two group members on each side of it
+  assert set(np.flatnonzero(allowed[6])) == {2, 4, 6, 8, 10}
+  # kernel = length, no dilation: plain softmax attention
+  q, k, v = _qkv(t=13, k=2)
+  out = jax.jit(functools.partial(ops.get("neighborhood"), kernel_size=13))(q, k, v)
+  with ref.x64():
+    want = np.asarray(ref.softmax_attention(q, k, v))
+  np.testing.assert_allclose(np.asarray(out), want, **F32_TOL)
+
+
+def test_neighborhood_mask_and_empty_rows():
+  q, k, v = _qkv(t=13, k=2)
+  rng = np.random.default_rng(4)
+  m = rng.random((2, 4, 13, 13)) > 0.3
+  m[0, 1, 5] = False
+  mask = jnp.asarray(m)
+  op = ops.get("neighborhood")
+  out = ref.assert_matches(lambda q, k, v: op(q, k, v, kernel_size=5, dilation=2, mask=mask),
+                        lambda q, k, v: _nat_ref(q, k, v, (13,), 5, 2, mask=mask), [q, k, v])
+  assert np.all(out[0, 5, 1] == 0.0)
+
+
+def test_neighborhood_bad_args():
+  q, k, v = _qkv(t=13, k=2)
+  op = ops.get("neighborhood")
+  q7, _, _ = _qkv(t=7, s=13, k=2)
+  with pytest.raises(ValueError, match="q_len must equal kv_len"):
+    op(q7, k, v, kernel_size=3)
+  with pytest.raises(ValueError, match="kernel_size \\* dilation"):
+    op(q, k, v, kernel_size=5, dilation=3)
+  with pytest.raises(ValueError, match="odd"):
+    op(q, k, v, kernel_size=4)
+  with pytest.raises(ValueError, match="grid"):
+    op(q, k, v, kernel_size=3, grid=(3, 4))
+  q35, k35, v35 = _qkv(t=35, k=2)
+  with pytest.raises(NotImplementedError, match="causal"):
+    op(q35, k35, v35, kernel_size=3, grid=(5, 7), is_causal=True)
+  with pytest.raises(ValueError, match="rpb"):
+    op(q35, k35, v35, kernel_size=3, grid=(5, 7), rpb=jnp.zeros((4, 5)))
+  with pytest.raises(ValueError, match="dilation"):
+    op(q, k, v, kernel_size=3, dilation=0)
+
+
+def test_neighborhood_causal_ignores_the_future():
+  op = jax.jit(functools.partial(ops.get("neighborhood"), is_causal=True, kernel_size=3,
+                                 dilation=2, rpb=ref.normal(4, (4, 5))))
+  op_checks.assert_causal_ignores_future(op, _qkv(t=13, k=2), cut=7)
+
+
+def test_neighborhood_bfloat16_inputs():
+  """bfloat16 inputs, the default dilation."""
+  q, k, v = _qkv(t=13, k=2, dtype=jnp.bfloat16)
+  ref.assert_matches(lambda q, k, v: ops.get("neighborhood")(q, k, v, kernel_size=5),
+                     lambda q, k, v: _nat_ref(q, k, v, (13,), 5, 1), [q, k, v], tol=BF16_TOL)
