@@ -1,5 +1,5 @@
 """Test set-up: 8 simulated CPU devices (set before JAX is imported), platform markers, and the
-tests marked `slow` run first."""
+tests marked `slow` or `xdist_group` run first."""
 import os
 
 os.environ["XLA_FLAGS"] = " ".join(
@@ -18,6 +18,8 @@ def pytest_collection_modifyitems(config, items):
       item.add_marker(pytest.mark.skip(reason="needs a GPU"))
     if "tpu_only" in item.keywords and platform != "tpu":
       item.add_marker(pytest.mark.skip(reason="needs a TPU"))
-  # pytest-xdist hands tests out in this order: long ones started first leave no worker running a
-  # long test alone at the end of the run.
-  items.sort(key=lambda item: "slow" not in item.keywords)
+  # `--dist=loadgroup` (pyproject.toml) hands pytest-xdist workers one test, or one `xdist_group`
+  # (tests sharing an expensive module fixture, built once on one worker), at a time in this order:
+  # long ones started first leave no worker running a long test alone at the end of the run.
+  items.sort(key=lambda item: "slow" not in item.keywords
+             and item.get_closest_marker("xdist_group") is None)

@@ -33,7 +33,7 @@ def run(name, config):
 if not os.environ.get("ONLY_PREEMPT"):
   for scenario in test_multiprocess.SCENARIOS:
     run(scenario, test_multiprocess.scenario_config(scenario))
-  run("resume_1to2", test_multiprocess.scenario_config("data", total_steps=6))
+  run("resume_1to2", test_multiprocess.scenario_config("data"))
 
 write = metrics_lib.MetricWriter.write
 
@@ -45,4 +45,4 @@ def write_then_preempt(self, step, metrics):
 
 
 metrics_lib.MetricWriter.write = write_then_preempt
-run("preempt", test_multiprocess.scenario_config("data", total_steps=6))
+run("preempt", test_multiprocess.scenario_config("data"))

@@ -18,6 +18,7 @@ from big_attn import main as main_lib
 from big_attn.train import config_lib
 from tests.test_train import ROOT, _read_events, losses, read_metrics, tiny_config
 
+pytestmark = pytest.mark.xdist_group("checkpoint")  # one worker builds `finished` once
 STEPS = 8
 
 

@@ -4,28 +4,37 @@ sequence parallelism across hosts — resume a 1-process run on 2 processes and 
 1, and stop together at one step with one checkpoint when one process gets SIGTERM.
 
 One launch of `tests/multiprocess_worker.py` runs every case; each process has a time limit.
+The runs of one config compile once: JAX's persistent compilation cache (a directory of the test
+run) serves the repeats, and process 1 takes process 0's executables (`share_binary_between_hosts`).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
+from jax.experimental.compilation_cache import compilation_cache as cc
 
 from big_attn import main as main_lib
 from tests.test_train import ROOT, _config_module, _run_steps, losses, tiny_config
 
+pytestmark = pytest.mark.xdist_group("multiprocess")  # one worker builds `runs` once
 SCENARIOS = ("data", "fsdp", "tensor", "lm_seq_striped")
 _MESHES = {"data": [("data", -1)], "fsdp": [("fsdp", -1)], "tensor": [("tensor", -1)]}
 TIMEOUT_S = 600
+STEPS = 6  # every data-parallel run (scenario, resume, preempt) is one config, so one compile
+_CACHE_EVERYTHING = {"jax_persistent_cache_min_compile_time_secs": 0,
+                     "jax_persistent_cache_min_entry_size_bytes": -1}
 
 
-def scenario_config(name: str, total_steps: int = 4) -> ml_collections.ConfigDict:
+def scenario_config(name: str) -> ml_collections.ConfigDict:
   """A tiny ViT on digits over `_MESHES[name]`, or a tiny byte LM whose sequences are split
   over all 8 devices (striped), so over both processes."""
   if name == "lm_seq_striped":
@@ -35,11 +44,10 @@ def scenario_config(name: str, total_steps: int = 4) -> ml_collections.ConfigDic
     config.model.update(width=32, depth=1, num_heads=4, num_kv_heads=2, mlp_dim=64,
                         dtype="float32")
     config.input.update(batch_size=2, max_files=40)
-    config.update(total_steps=total_steps, log_every=1, ckpt_every=100, lr=1e-2)
+    config.update(total_steps=STEPS, log_every=1, ckpt_every=100, lr=1e-2)
     config.evals = {}
     return ml_collections.ConfigDict(config.to_dict())
-  return tiny_config(mesh=_MESHES[name], mesh_subset=False, total_steps=total_steps,
-                     ckpt_every=3)
+  return tiny_config(mesh=_MESHES[name], mesh_subset=False, total_steps=STEPS, ckpt_every=3)
 
 
 def _free_port() -> int:
@@ -48,10 +56,28 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def compilation_cache(path: str):
+  """JAX's persistent compilation cache in `path`, every program cached, while the block runs."""
+  settings = dict(_CACHE_EVERYTHING, jax_compilation_cache_dir=path)
+  saved = {name: getattr(jax.config, name) for name in settings}
+  for name, value in settings.items():
+    jax.config.update(name, value)
+  cc.reset_cache()  # JAX decides once whether the cache is on
+  try:
+    yield
+  finally:
+    for name, value in saved.items():
+      jax.config.update(name, value)
+    cc.reset_cache()
+
+
 def _launch(root: str) -> list[dict[str, dict]]:
   """Runs the 2 worker processes to the end (or kills both at `TIMEOUT_S`); their results."""
   port = _free_port()
-  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+             JAX_COMPILATION_CACHE_DIR=os.path.join(root, "compilation_cache"),
+             **{name.upper(): str(value) for name, value in _CACHE_EVERYTHING.items()})
   env.pop("XLA_FLAGS", None)
   procs = [subprocess.Popen(  # pylint: disable=consider-using-with
       [sys.executable, "-m", "tests.multiprocess_worker", str(i), str(port), root], cwd=ROOT,
@@ -73,16 +99,20 @@ def _launch(root: str) -> list[dict[str, dict]]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def cache_dir(tmp_path_factory):
+  """The persistent compilation cache of this module's 1-process runs."""
+  return str(tmp_path_factory.mktemp("compilation_cache"))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, cache_dir):
   root = str(tmp_path_factory.mktemp("multiprocess"))
   reference = str(tmp_path_factory.mktemp("reference"))
-  expected = {name: losses(_train(scenario_config(name), os.path.join(reference, name)))
-              for name in SCENARIOS}
-  expected["six_steps"] = losses(_train(scenario_config("data", 6),
-                                        os.path.join(reference, "six_steps")))
-  # A 1-process run stopped after step 3, for the 2 processes to resume.
-  stopped = _run_steps(scenario_config("data", total_steps=6), os.path.join(root, "resume_1to2"),
-                       3)
+  with compilation_cache(cache_dir):
+    expected = {name: losses(_train(scenario_config(name), os.path.join(reference, name)))
+                for name in SCENARIOS}
+    # A 1-process run stopped after step 3, for the 2 processes to resume.
+    stopped = _run_steps(scenario_config("data"), os.path.join(root, "resume_1to2"), 3)
   assert stopped == {"step": 3, "preempted": True}
   return root, expected, _launch(root)
 
@@ -95,33 +125,34 @@ def _train(config, workdir):
 @pytest.mark.parametrize("name", SCENARIOS)
 def test_two_processes_train_as_one_with_eight_devices(runs, name):
   root, expected, results = runs
-  assert [r[name] for r in results] == [{"step": 4, "preempted": False}] * 2
+  assert [r[name] for r in results] == [{"step": STEPS, "preempted": False}] * 2
   got = losses(os.path.join(root, name))
-  assert sorted(got) == sorted(expected[name]) == [1, 2, 3, 4]
+  assert sorted(got) == sorted(expected[name]) == list(range(1, STEPS + 1))
   np.testing.assert_allclose([got[s] for s in sorted(got)],
                              [expected[name][s] for s in sorted(got)], rtol=1e-5)
 
 
 def test_a_one_process_run_resumes_on_two(runs):
   root, expected, results = runs
-  assert [r["resume_1to2"] for r in results] == [{"step": 6, "preempted": False}] * 2
-  got, want = losses(os.path.join(root, "resume_1to2")), expected["six_steps"]
-  assert sorted(got) == list(range(1, 7))
+  assert [r["resume_1to2"] for r in results] == [{"step": STEPS, "preempted": False}] * 2
+  got, want = losses(os.path.join(root, "resume_1to2")), expected["data"]
+  assert sorted(got) == list(range(1, STEPS + 1))
   np.testing.assert_allclose([got[s] for s in got], [want[s] for s in got], rtol=1e-5)
 
 
-def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_on_one(runs):
+def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_on_one(runs, cache_dir):
   root, expected, results = runs
   stopped = [r["preempt"] for r in results]
   assert stopped[0] == stopped[1] and stopped[0]["preempted"], stopped
   step = stopped[0]["step"]
-  assert 3 <= step < 6
+  assert 3 <= step < STEPS
   workdir = os.path.join(root, "preempt")
   assert step in [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))
                   if d.isdigit()]
   # Resumed by one process with 8 devices: the same losses as the uninterrupted run.
-  assert main_lib.train_and_evaluate(scenario_config("data", 6), workdir) == {
-      "step": 6, "preempted": False}
-  got, want = losses(workdir), expected["six_steps"]
-  assert sorted(got) == list(range(1, 7))
+  with compilation_cache(cache_dir):
+    resumed = main_lib.train_and_evaluate(scenario_config("data"), workdir)
+  assert resumed == {"step": STEPS, "preempted": False}
+  got, want = losses(workdir), expected["data"]
+  assert sorted(got) == list(range(1, STEPS + 1))
   np.testing.assert_allclose([got[s] for s in got], [want[s] for s in got], rtol=1e-5)

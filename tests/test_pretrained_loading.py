@@ -28,6 +28,7 @@ from tests.test_train import _config_module
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+pytestmark = pytest.mark.xdist_group("pretrained_loading")  # one worker builds `hf_vit_dir` once
 TINY = dict(width=16, depth=1, mlp_dim=32, num_heads=2, patch_size=(4, 4))
 
 

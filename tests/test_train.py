@@ -39,6 +39,7 @@ from big_attn.train import prefetch as prefetch_lib
 from big_attn.train import step as step_lib
 from big_attn.train import tensorboard
 
+pytestmark = pytest.mark.xdist_group("train")  # one worker builds `reference_run` once
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL_STEPS = 12
 
