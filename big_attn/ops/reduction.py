@@ -44,7 +44,7 @@ def _reduce(x, grid, size, kernel):
   return out.astype(x.dtype)
 
 
-@register("spatial_reduction", causal=False)
+@register("spatial_reduction", causal=False, implementation=True, grid=True)
 def spatial_reduction_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                                 grid=None, reduction=None, method="avg", sr_key_kernel=None,
                                 sr_value_kernel=None, implementation=None):
