@@ -38,8 +38,8 @@ from big_attn.layers.attention import Attention
 from big_attn.ops import common
 
 Array = jax.Array
-# hook(path, op_fn, query, key, value, kwargs) -> the op's output; kwargs hold mask, is_causal
-# and the op arguments exactly as the layer passed them.
+# hook(path, op_fn, query, key, value, kwargs) -> the op's output; kwargs hold mask, is_causal,
+# segment_ids (when given) and the op arguments exactly as the layer passed them to `attend`.
 OpHook = Callable[[str, Callable, Array, Array, Array, dict], Array]
 
 

@@ -75,8 +75,7 @@ import numpy as np
 import optax
 
 from big_attn import ops, parallel
-from big_attn.layers import Attention, apply_rope
-from big_attn.layers.kv_cache import KVCache
+from big_attn.layers import Attention, KVCache, apply_rope
 from big_attn.ops import experts as experts_ops
 from big_attn.ops import ngpt as ngpt_ops
 from big_attn.train import step as step_lib
@@ -673,6 +672,12 @@ class Model(nn.Module):
     if self.block == "ngpt" and (self.qk_norm or self.dropout):
       raise ValueError("block='ngpt' normalises queries and keys itself and has no dropout: set "
                        f"qk_norm=False and dropout=0 (got {self.qk_norm}, {self.dropout})")
+    if ((sp is not None or self.decode) and self.block != "moeut"
+        and ops.spec(self.attention).softmax_form is None):
+      with_form = [n for n in ops.names() if ops.spec(n).softmax_form is not None]
+      raise ValueError(f"sequence parallelism and decoding compute softmax attention (of the "
+                       f"ops registered with a softmax_form, {with_form}, or SwitchHead in "
+                       f"block='moeut'); got attention={self.attention!r}")
     if sp is not None and tokens.shape[1] % sp.num_shards:
       raise ValueError(f"sequence length {tokens.shape[1]} is not divisible by the "
                        f"{sp.num_shards} shards of mesh axis {sp.axis!r}")

@@ -68,6 +68,25 @@ def shard_attention(query: Array, key: Array, value: Array, *, axis_name, strate
                 segment_ids=segment_ids, scale=scale)
 
 
+def _working_mesh(mesh, *arrays):
+  """`mesh`, or its Auto-axes view when neither the inputs' types nor a `jax.set_mesh`
+  context carry Explicit axes.
+
+  An output typed as sharded over Explicit axes can only be used where a mesh context exists
+  (`jax.grad` builds its cotangent from the output's type), so the result's type follows the
+  caller: Explicit in, Explicit out; unsharded in (an Explicit `jax.make_mesh` passed without
+  `jax.set_mesh`), an array laid out on the mesh whose type is unsharded.
+  """
+  explicit = jax.sharding.AxisType.Explicit
+  if explicit not in tuple(getattr(mesh, "axis_types", ())):
+    return mesh
+  typed = [jax.typeof(x).sharding.mesh for x in arrays if x is not None]
+  if any(explicit in tuple(m.axis_types) for m in typed + [jax.sharding.get_abstract_mesh()]
+         if not m.empty):
+    return mesh
+  return mesh.update(axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names))
+
+
 @dataclasses.dataclass(frozen=True)
 class SeqParallel:
   """Sequence parallelism: the sequence split over mesh axis `axis` with `strategy`.
@@ -123,10 +142,13 @@ class SeqParallel:
   def attention(self, query: Array, key: Array, value: Array, *, is_causal: bool = False,
                 segment_ids: Array | None = None, scale: float | None = None) -> Array:
     """Softmax attention with the sequence split over `axis`, of arrays in the strategy's
-    token order (striped for "striped", natural otherwise): `jax.shard_map` of
-    `shard_attention`. `segment_ids`: `[batch, seq]` for self-attention, or None."""
+    token order (striped for "striped", natural otherwise): the inputs laid out by `layout`,
+    then `jax.shard_map` of `shard_attention` (Explicit or Auto mesh axes, as
+    `sequence_parallel_attention`). `segment_ids`: `[batch, seq]` for self-attention, or
+    None."""
     batch_axes, heads = self.layout(query.shape[0], query.shape[2], key.shape[2])
     qkv_spec, seg_spec = P(batch_axes, self.axis, heads, None), P(batch_axes, self.axis)
+    mesh = _working_mesh(self.mesh, query, key, value)
 
     def per_shard(q, k, v, *seg):
       return shard_attention(q, k, v, axis_name=self.axis, strategy=self.strategy,
@@ -135,27 +157,8 @@ class SeqParallel:
 
     args = (query, key, value) + (() if segment_ids is None else (segment_ids,))
     specs = (qkv_spec,) * 3 + (() if segment_ids is None else (seg_spec,))
-    return compat.shard_map(per_shard, mesh=self.mesh, in_specs=specs,
-                            out_specs=qkv_spec)(*args)
-
-
-def _working_mesh(mesh, *arrays):
-  """`mesh`, or its Auto-axes view when neither the inputs' types nor a `jax.set_mesh`
-  context carry Explicit axes.
-
-  An output typed as sharded over Explicit axes can only be used where a mesh context exists
-  (`jax.grad` builds its cotangent from the output's type), so the result's type follows the
-  caller: Explicit in, Explicit out; unsharded in (an Explicit `jax.make_mesh` passed without
-  `jax.set_mesh`), an array laid out on the mesh whose type is unsharded.
-  """
-  explicit = jax.sharding.AxisType.Explicit
-  if explicit not in tuple(getattr(mesh, "axis_types", ())):
-    return mesh
-  typed = [jax.typeof(x).sharding.mesh for x in arrays if x is not None]
-  if any(explicit in tuple(m.axis_types) for m in typed + [jax.sharding.get_abstract_mesh()]
-         if not m.empty):
-    return mesh
-  return mesh.update(axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names))
+    args = [compat.constrain(x, NamedSharding(mesh, spec)) for x, spec in zip(args, specs)]
+    return compat.shard_map(per_shard, mesh=mesh, in_specs=specs, out_specs=qkv_spec)(*args)
 
 
 def sequence_parallel_attention(query: Array, key: Array, value: Array, *, mesh,
