@@ -19,6 +19,7 @@ from big_attn.interpret import __main__ as cli
 from big_attn.interpret import plots
 from big_attn.layers import Attention
 from big_attn.models import lm, vit
+from big_attn.ops import registry
 from tests import reference
 from tests.test_train import tiny_config
 
@@ -90,14 +91,14 @@ def small_vit():
 
 def test_capture_leaves_the_output_and_registry_unchanged(small_vit):
   model, variables, x = small_vit
-  before = interpret.capture.registry.get("softmax")
+  before = registry.get("softmax")
 
   def hooked(variables, x):
     with interpret.hook_ops(lambda path, fn, q, k, v, kw: fn(q, k, v, **kw)):
       return model.apply(variables, x)
 
   out = jax.jit(hooked)(variables, x)
-  assert interpret.capture.registry.get("softmax") is before
+  assert registry.get("softmax") is before
   np.testing.assert_array_equal(out, jax.jit(model.apply)(variables, x))
   maps = interpret.capture_attention(model, variables, x)
   blocks = [f"Transformer/encoderblock_{i}/MultiHeadAttention" for i in range(2)]

@@ -4,6 +4,7 @@ cached generation equals the full forward (through the `lean_decode` op, tested 
 (8 simulated CPU devices)."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -101,9 +102,10 @@ def test_generate_with_cache_equals_full_forward(scan_layers, monkeypatch):
   params = _init(model, 8)
   prompt = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 5)), jnp.int32)
   calls = []
-  lean = registry.get("lean_decode")
+  lean = registry.spec("lean_decode")
   monkeypatch.setitem(registry._OPS, "lean_decode",  # pylint: disable=protected-access
-                      lambda *a, **k: calls.append(k["kv_length"]) or lean(*a, **k))
+                      dataclasses.replace(lean, fn=lambda *a, **k: calls.append(k["kv_length"])
+                                          or lean.fn(*a, **k)))
   tokens, logits = lm.generate(model, params, prompt, 6, temperature=0.0, return_logits=True)
   assert calls, "generate must attend through the lean_decode op"
   assert tokens.shape == (2, 11)

@@ -358,3 +358,21 @@ def test_pallas_blocks_match_reference(schedule):
   _assert_close(out, want_out, "out", tol=1e-4)
   for name, got, want in zip(("dq", "dk", "dv"), grads, want_grads):
     _assert_close(got, want, name, tol=1e-4)
+
+
+def test_seq_parallel_layout_rule():
+  """One rule: batch over data/fsdp, heads over tensor (size > 1, not the sequence axis); a size
+  they do not divide raises with strict=True (the global function) and is replicated otherwise
+  (a model initialised on one example)."""
+  sp = parallel.SeqParallel(_mesh((2, 2, 2), ("data", "tensor", "seq")), "seq", "ring")
+  assert sp.num_shards == 2
+  assert sp.layout(4, 4, 2) == (("data",), "tensor")
+  assert sp.layout(1, 3, 1) == (None, None)
+  with pytest.raises(ValueError, match="batch size 3 is not divisible"):
+    sp.layout(3, 4, 2, strict=True)
+  with pytest.raises(ValueError, match=r"head counts \(4, 1\) must be divisible by the size 2"):
+    sp.layout(2, 4, 1, strict=True)
+  fsdp = parallel.SeqParallel(_mesh((2, 1, 4), ("fsdp", "data", "seq")), "seq", "striped")
+  assert fsdp.layout(2, 1) == (("fsdp",), None)
+  with pytest.raises(ValueError, match="'sp' is not an axis of the mesh"):
+    parallel.SeqParallel(sp.mesh, "sp", "ring")

@@ -5,7 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from big_attn import ops
+import inspect
+import warnings
+
+from big_attn import ops, parallel
 from big_attn.layers import Attention
 from big_attn.ops import registry
 from tests import reference as ref
@@ -40,7 +43,6 @@ def test_duplicate_registration_raises():
 
 
 def test_every_op_has_the_common_signature_and_a_docstring():
-  import inspect  # pylint: disable=g-import-not-at-top
   for name in ops.names():
     fn = ops.get(name)
     params = inspect.signature(fn).parameters
@@ -48,6 +50,37 @@ def test_every_op_has_the_common_signature_and_a_docstring():
     for kw in ("mask", "is_causal", "scale"):
       assert kw in params and params[kw].kind == inspect.Parameter.KEYWORD_ONLY, (name, kw)
     assert fn.__doc__ and len(fn.__doc__.strip()) > 40, name
+
+
+def test_op_spec_declarations_match_the_op_signatures():
+  """The flags of `ops.register` are declared by hand: this is the check that they are right."""
+  for name in ops.names():
+    spec = ops.spec(name)
+    params = inspect.signature(spec.fn).parameters
+    assert spec.name == name and spec.fn is ops.get(name)
+    for flag in ("segment_ids", "implementation", "bias", "grid"):
+      assert getattr(spec, flag) == (flag in params), (name, flag)
+  assert sorted(n for n in ops.names() if ops.spec(n).softmax_form) == ["ngpt", "softmax"]
+  with pytest.raises(TypeError, match="segment_ids must be a bool"):
+    ops.register("test_only_flag", segment_ids="yes")
+
+
+@pytest.mark.parametrize("name", ["softmax", "ngpt"])
+def test_softmax_form_is_the_op(name):
+  """op(q, k, v, **args) = softmax(scale'·q'k'ᵀ, causal) v with (q', k', scale') its softmax
+  form, the float64 reference."""
+  q, k, v = (ref.normal(i, (2, 5, 4, 8)) for i in range(3))
+  args = {"s_qk": ref.normal(3, (4, 8)) + 2.0} if name == "ngpt" else {}
+  spec = ops.spec(name)
+  out = spec.fn(q, k, v, is_causal=True, **args)
+  q2, k2, scale = spec.softmax_form(q, k, None, **args)
+  with ref.x64():
+    want = ref.softmax_attention(q2, k2, v, scale=scale,
+                                 mask=ref.full_mask(2, 4, 5, 5, is_causal=True))
+  np.testing.assert_allclose(out, want, **ref.F32_TOL)
+  if name == "softmax":
+    with pytest.raises(ValueError, match="take no op arguments"):
+      spec.softmax_form(q, k, None, logits_soft_cap=1.0)
 
 
 def test_as_attention_fn_in_flax_multihead_attention():
@@ -190,3 +223,68 @@ def test_attention_layer_params_shard_by_logical_axes_under_a_mesh():
   assert tuple(spec) == ("fsdp", "tensor", None)
   assert tuple(params["params"]["out"]["kernel"].value.sharding.spec) == ("tensor", None, "fsdp")
   np.testing.assert_allclose(out, layer.apply(jax.device_get(params), x), atol=1e-5)
+
+
+def test_attention_context_and_deprecated_inputs_kv():
+  x, ctx = ref.normal(0, (2, 5, 16)), ref.normal(1, (2, 7, 16))
+  layer = Attention(num_heads=4)
+  params = layer.init(jax.random.key(0), x, context=ctx)
+  want = layer.apply(params, x, context=ctx)
+  with pytest.warns(DeprecationWarning, match="inputs_kv"):
+    got = layer.apply(params, x, inputs_kv=ctx)
+  np.testing.assert_array_equal(got, want)
+  with warnings.catch_warnings(), pytest.raises(ValueError, match="not both"):
+    warnings.simplefilter("ignore", DeprecationWarning)
+    layer.apply(params, x, ctx, inputs_kv=ctx)
+
+
+def test_attention_refuses_undeclared_arguments_and_forms():
+  x = jnp.ones((1, 4, 8))
+  init = lambda **kw: jax.eval_shape(  # pylint: disable=unnecessary-lambda-assignment
+      Attention(num_heads=2, **kw).init, jax.random.key(0), x)
+  with pytest.raises(ValueError, match="op 'cog' takes no `implementation` argument"):
+    init(op="cog", implementation="xla")
+  with pytest.raises(ValueError, match="op 'lightning' takes no `bias` argument"):
+    init(op="lightning", op_args={"bias": jnp.zeros((1, 1, 4, 4))})
+  with pytest.raises(ValueError, match="op 'sigmoid' has no cached form"):
+    init(op="sigmoid", decode=True, cache_len=4)
+  sp = parallel.SeqParallel(jax.make_mesh((4,), ("seq",)), "seq", "ring")
+  with pytest.raises(ValueError, match="op 'performer' has no sequence-parallel form"):
+    init(op="performer", seq_parallel=sp)
+  with pytest.raises(ValueError, match="exclusive"):
+    init(decode=True, cache_len=4, seq_parallel=sp)
+  with pytest.raises(ValueError, match="strategy must be one of"):
+    parallel.SeqParallel(sp.mesh, "seq", "zigzag")
+
+
+def test_attention_sequence_parallel_and_cached_equal_plain():
+  """`seq_parallel` (ring over 4 shards, with segments) and `decode` (prefill 5 tokens, then 1)
+  give the plain layer's outputs and gradients, for ngpt (a softmax form that transforms the
+  queries and keys; the LM tests cover softmax)."""
+  x = ref.normal(0, (2, 8, 16))
+  seg = jnp.array([[0] * 3 + [1] * 5, [0] * 8])
+  layer = Attention(num_heads=4, num_kv_heads=2, op="ngpt", rope_base=100.)
+  params = layer.init(jax.random.key(1), x)
+  sp = parallel.SeqParallel(jax.make_mesh((4,), ("seq",)), "seq", "ring")
+
+  @jax.jit
+  def outputs(params):
+    loss = lambda p, lay: jnp.sum(  # pylint: disable=g-long-lambda
+        lay.apply(p, x, is_causal=True, segment_ids=seg) ** 2)
+    grads = [jax.value_and_grad(loss)(params, lay) for lay in (layer, layer.clone(
+        seq_parallel=sp))]
+    decoder, positions = layer.clone(decode=True, cache_len=8), jnp.arange(8)
+    prefill, cache = decoder.apply(params, x[:, :5], is_causal=True, positions=positions[:5],
+                                   mutable=["cache"])
+    step, cache = decoder.apply({**params, **cache}, x[:, 5:6], is_causal=True,
+                                positions=positions[5:6], mutable=["cache"])
+    full = layer.apply(params, x, is_causal=True)
+    return grads, (prefill, step, full), cache["cache"]["cache"]["index"]
+
+  ((value, grads), (sp_value, sp_grads)), (prefill, step, full), index = outputs(params)
+  np.testing.assert_allclose(sp_value, value, rtol=1e-5)
+  for g, w in zip(jax.tree.leaves(sp_grads), jax.tree.leaves(grads)):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(prefill, full[:, :5], **ref.F32_TOL)
+  np.testing.assert_allclose(step, full[:, 5:6], **ref.F32_TOL)
+  assert index == 6

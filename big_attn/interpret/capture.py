@@ -1,10 +1,9 @@
 """Reading and steering the attention of any model built on `big_attn.layers.Attention`.
 
-Nothing in the model changes: `flax.linen.intercept_methods` tells which `Attention` layer is
-running, and within `hook_ops` every registered op is wrapped (the registry's entries are
-swapped for the duration of the context, then restored), so the op an `Attention` layer calls
-receives exactly the query, key, value, mask and op arguments the layer computed (after
-qk-norm, RoPE and the op's own parameters) and a hook may observe or replace its output.
+Nothing in the model changes: every `Attention` layer calls its op through one module method,
+`Attention.attend`, and `hook_ops` intercepts that method with `flax.linen.intercept_methods`,
+so a hook receives exactly the query, key, value, mask and op arguments the layer computed
+(after qk-norm, RoPE and the op's own parameters) and may observe or replace the output.
 
 What is captured is the op's *effective mixing matrix*: for an op linear in the values,
 `out[b, i, h] = Σ_j M[b, h, i, j] · v[b, j, h]`, found by evaluating the op on one-hot values
@@ -29,7 +28,6 @@ leading axis).
 from __future__ import annotations
 
 import contextlib
-import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -38,11 +36,10 @@ import jax.numpy as jnp
 
 from big_attn.layers.attention import Attention
 from big_attn.ops import common
-from big_attn.ops import registry
 
 Array = jax.Array
-# hook(path, op_fn, query, key, value, kwargs) -> the op's output; kwargs hold mask, is_causal
-# and the op arguments exactly as the layer passed them.
+# hook(path, op_fn, query, key, value, kwargs) -> the op's output; kwargs hold mask, is_causal,
+# segment_ids (when given) and the op arguments exactly as the layer passed them to `attend`.
 OpHook = Callable[[str, Callable, Array, Array, Array, dict], Array]
 
 
@@ -55,35 +52,34 @@ def layer_path(module: nn.Module) -> str:
 def hook_ops(hook: OpHook):
   """Within the context, the op of every `Attention` layer is called through `hook`.
 
-  Ops called outside an `Attention` layer's `__call__`, or by another op, are not hooked. The
-  registry is restored on exit (the swap is process-wide while the context is open: do not
-  trace other models in other threads meanwhile).
+  `hook(path, op_fn, query, key, value, kwargs)` gets `op_fn(query, key, value, **kwargs)`,
+  the layer's `attend` (callable several times, e.g. on one-hot values), and `kwargs` with
+  `mask`, `is_causal`, `segment_ids` (when given) and the op arguments. Only `attend` calls
+  are hooked, the outermost one where an `attend` calls another (a model's override).
   """
-  active: list[nn.Module] = []
-  inside_op = [False]
+  inside = [False]
 
   def interceptor(next_fun, args, kwargs, context):
-    if isinstance(context.module, Attention) and context.method_name == "__call__":
-      active.append(context.module)
-      try:
-        return next_fun(*args, **kwargs)
-      finally:
-        active.pop()
-    return next_fun(*args, **kwargs)
+    if (inside[0] or not isinstance(context.module, Attention)
+        or context.method_name != "attend"):
+      return next_fun(*args, **kwargs)
+    query, key, value = args
+    op_kwargs = dict(kwargs.get("op_args") or {}, mask=kwargs.get("mask"),
+                     is_causal=kwargs.get("is_causal", False))
+    if kwargs.get("segment_ids") is not None:
+      op_kwargs["segment_ids"] = kwargs["segment_ids"]
 
-  def wrap(fn):
-    @functools.wraps(fn)  # keeps the signature the layer inspects
-    def hooked(query, key, value, **kwargs):
-      if not active or inside_op[0]:
-        return fn(query, key, value, **kwargs)
-      inside_op[0] = True
-      try:
-        return hook(layer_path(active[-1]), fn, query, key, value, kwargs)
-      finally:
-        inside_op[0] = False
-    return hooked
+    def op_fn(query, key, value, *, mask=None, is_causal=False, segment_ids=None, **op_args):
+      return next_fun(query, key, value, mask=mask, is_causal=is_causal,
+                      segment_ids=segment_ids, op_args=op_args)
 
-  with registry.wrapped(wrap), nn.intercept_methods(interceptor):
+    inside[0] = True
+    try:
+      return hook(layer_path(context.module), op_fn, query, key, value, op_kwargs)
+    finally:
+      inside[0] = False
+
+  with nn.intercept_methods(interceptor):
     yield
 
 
@@ -205,9 +201,6 @@ def suppression_hook(token: Array | int, factor: float, *, num_tokens: int,
   def hook(path, op_fn, query, key, value, op_kwargs):
     if key.shape[1] != num_tokens or factor == 0.0:
       return op_fn(query, key, value, **op_kwargs)
-    if not registry.accepts(op_fn, "bias"):
-      raise ValueError(f"attention layer {path!r}: its op takes no `bias`, so AtMan cannot "
-                       "suppress a token in it")
     column = (jnp.arange(num_tokens) == token)[None, None, None, :]  # [1, 1, 1, s]
     if mode == "scores":
       dims, logits, _ = common.scores(

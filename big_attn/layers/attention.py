@@ -2,15 +2,16 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from big_attn import ops
+from big_attn import ops, parallel
 from big_attn.ops import common
-from big_attn.layers import op_params
+from big_attn.layers import kv_cache
 from big_attn.layers import posemb
 
 
@@ -51,13 +52,20 @@ class Projection(nn.Module):
 class Attention(nn.Module):
   """Self- or cross-attention with projections, GQA, optional qk-norm and any registered op.
 
+  The op is called in one module method, `attend`; sequence parallelism and the decoding cache
+  are its fields (ops with a `softmax_form` in the registry run in both), and tools observe or
+  steer it with Flax's method interception (`big_attn.interpret.hook_ops`). A model changes
+  what happens around the op by overriding `attend`.
+
   Attributes:
     num_heads: query heads.
     num_kv_heads: key/value heads (GQA); `num_heads` when None.
     head_dim: per-head width; `features // num_heads` when None.
     op: registry name of the attention mechanism (`big_attn.ops.names()`).
     op_args: keyword arguments of the op (mechanism hyper-parameters).
-    implementation: passed to ops that take it ("xla", "pallas", "cudnn" or None).
+    implementation: passed to ops registered with `implementation=True` ("xla", "pallas",
+      "cudnn" or None); a `ValueError` for other ops. The sequence-parallel and cached paths
+      compute with their own kernels (ring/striped blocks, `lean_decode`).
     qk_norm: RMS-normalise queries and keys per head before the op.
     use_bias: biases on the projections.
     out_bias: bias on the output projection; None: `use_bias` (Qwen2 has query/key/value
@@ -66,8 +74,10 @@ class Attention(nn.Module):
       base, at the `positions` given to the call (self-attention); None: no RoPE.
     rope_scaling: RoPE frequency scaling for long contexts (`posemb.rope_frequencies`: None or
       a dict with `rope_type` "linear", "dynamic" or "llama3").
-    op_wrapper: optional `op_fn -> op_fn` applied to the registered op before it is called (the
-      LM's sequence-parallel `shard_map`, or its key/value cache in decoding).
+    seq_parallel: a `big_attn.parallel.SeqParallel`: the op runs with the sequence split over
+      its mesh axis (`SeqParallel.attention`, inputs in the strategy's token order); None: off.
+    decode: attend over the key/value cache of `kv_cache.KVCache` (collection "cache").
+    cache_len: cache entries per sequence when `decode`.
     kernel_init: projection initialiser, called with the 2-D `(fan_in, fan_out)` shape.
   Parameters carry logical axis names (`embed`, `heads`, `kv_heads`, `head_dim`, `norm`).
   """
@@ -82,7 +92,9 @@ class Attention(nn.Module):
   out_bias: bool | None = None
   rope_base: float | None = None
   rope_scaling: Any = None
-  op_wrapper: Any = None
+  seq_parallel: parallel.SeqParallel | None = None
+  decode: bool = False
+  cache_len: int = 0
   dtype: Any = None
   param_dtype: Any = jnp.float32
   kernel_init: Any = nn.initializers.lecun_normal()
@@ -93,20 +105,46 @@ class Attention(nn.Module):
                       dtype=self.dtype, param_dtype=self.param_dtype,
                       kernel_init=self.kernel_init, name=name)
 
+  def _check_op(self) -> None:
+    """The op's declared capabilities against the layer's fields, before any computation."""
+    spec = ops.spec(self.op)
+    if self.implementation is not None and not spec.implementation:
+      raise ValueError(f"attention op {self.op!r} takes no `implementation` argument, got "
+                       f"implementation={self.implementation!r}")
+    if self.decode and self.seq_parallel is not None:
+      raise ValueError("Attention: decode=True and seq_parallel are exclusive (decoding runs "
+                       "on one device per sequence)")
+    mode = ("cached" if self.decode else
+            "sequence-parallel" if self.seq_parallel is not None else None)
+    if mode is not None and spec.softmax_form is None:
+      with_form = [name for name in ops.names() if ops.spec(name).softmax_form is not None]
+      raise ValueError(
+          f"attention op {self.op!r} has no {mode} form: sequence parallelism and decoding "
+          f"compute softmax attention of transformed queries and keys (ops registered with a "
+          f"softmax_form: {', '.join(with_form)})")
+
   @nn.compact
-  def __call__(self, inputs_q, inputs_kv=None, *, mask=None, is_causal=False,
-               segment_ids=None, positions=None):
-    """`inputs_q: [batch, q_len, features]`; `inputs_kv` (cross-attention) defaults to it.
+  def __call__(self, inputs_q, context=None, *, mask=None, is_causal=False,
+               segment_ids=None, positions=None, inputs_kv=None):
+    """`inputs_q: [batch, q_len, features]`; `context` (cross-attention) defaults to it.
 
     `mask` is boolean, broadcastable to `[batch, heads, q_len, kv_len]`; `segment_ids` as in
     `big_attn.ops.dot_product_attention`; `positions` (`[batch, q_len]` ints, default
-    0..q_len-1) are the token positions RoPE uses.
+    0..q_len-1) are the token positions RoPE uses. `inputs_kv` is the deprecated name of
+    `context`.
     """
+    if inputs_kv is not None:
+      warnings.warn("Attention(...)(inputs_q, inputs_kv=...) is deprecated; pass context=",
+                    DeprecationWarning, stacklevel=2)
+      if context is not None:
+        raise ValueError("pass context or its deprecated name inputs_kv, not both")
+      context = inputs_kv
+    self._check_op()
     if inputs_q.ndim != 3:
       raise ValueError(f"inputs_q must be [batch, seq, features], got shape {inputs_q.shape}")
-    inputs_kv = inputs_q if inputs_kv is None else inputs_kv
-    if inputs_kv.ndim != 3:
-      raise ValueError(f"inputs_kv must be [batch, seq, features], got shape {inputs_kv.shape}")
+    context = inputs_q if context is None else context
+    if context.ndim != 3:
+      raise ValueError(f"context must be [batch, seq, features], got shape {context.shape}")
     features = inputs_q.shape[-1]
     num_kv_heads = self.num_kv_heads or self.num_heads
     if self.num_heads % num_kv_heads:
@@ -117,26 +155,23 @@ class Attention(nn.Module):
           f"features ({features}) must be divisible by num_heads ({self.num_heads}) "
           "when head_dim is not given")
     head_dim = self.head_dim or features // self.num_heads
-    op_fn = ops.get(self.op)
-    if self.op_wrapper is not None:
-      op_fn = self.op_wrapper(op_fn)
     op_args = dict(self.op_args or {})
 
-    kv_features = inputs_kv.shape[-1]
+    kv_features = context.shape[-1]
     query = self._projection((features, self.num_heads, head_dim),
                              ("embed", "heads", "head_dim"), "query")(inputs_q)
     key = self._projection((kv_features, num_kv_heads, head_dim),
-                           ("embed", "kv_heads", "head_dim"), "key")(inputs_kv)
+                           ("embed", "kv_heads", "head_dim"), "key")(context)
     value = self._projection((kv_features, num_kv_heads, head_dim),
-                             ("embed", "kv_heads", "head_dim"), "value")(inputs_kv)
+                             ("embed", "kv_heads", "head_dim"), "value")(context)
     if self.qk_norm:
       norm = lambda name: nn.RMSNorm(  # pylint: disable=g-long-lambda
           dtype=self.dtype, param_dtype=self.param_dtype, name=name,
           scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)))
       query, key = norm("query_norm")(query), norm("key_norm")(key)
     if self.rope_base is not None:
-      if inputs_kv is not inputs_q:
-        raise ValueError("rope_base is for self-attention; got a separate inputs_kv")
+      if context is not inputs_q:
+        raise ValueError("rope_base is for self-attention; got a separate context")
       if positions is None:
         positions = jnp.arange(inputs_q.shape[1])
       query = posemb.apply_rope(query, positions, self.rope_base, self.rope_scaling)
@@ -148,20 +183,49 @@ class Attention(nn.Module):
           num_heads=self.num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
           op_args=dict(self.op_args or {}), dtype=self.dtype, param_dtype=self.param_dtype,
           name="op_params")(inputs_q, query, key, value))
-
-    if segment_ids is not None and not ops.accepts(op_fn, "segment_ids"):
-      dims = common.check_qkv(query, key, value)
-      mask = common.make_mask(dims, mask=mask, segment_ids=segment_ids)
-      segment_ids = None
-    if segment_ids is not None:
-      op_args["segment_ids"] = segment_ids
     if self.implementation is not None:
-      if not ops.accepts(op_fn, "implementation"):
-        raise ValueError(f"attention op {self.op!r} takes no implementation argument, "
-                         f"got implementation={self.implementation!r}")
       op_args["implementation"] = self.implementation
-    out = op_fn(query, key, value, mask=mask, is_causal=is_causal, **op_args)
+    out = self.attend(query, key, value, mask=mask, is_causal=is_causal,
+                      segment_ids=segment_ids, op_args=op_args)
 
     return self._projection((self.num_heads, head_dim, features),
                             ("heads", "head_dim", "embed"), "out", contract=2,
                             use_bias=self.out_bias)(out)
+
+  def attend(self, query, key, value, *, mask=None, is_causal=False, segment_ids=None,
+             op_args=None):
+    """The op on projected queries `[batch, q_len, heads, dim]`, keys and values `[batch,
+    kv_len, kv_heads, dim]` -> `[batch, q_len, heads, value_dim]`.
+
+    Plain: the registered op with `op_args` (`segment_ids` passed to ops declaring them,
+    folded into the mask otherwise). With `seq_parallel` or `decode`: the op's softmax form
+    (`ops.spec(op).softmax_form`), then `SeqParallel.attention` or the `KVCache`; these take
+    `segment_ids` (sequence parallelism) and `is_causal`, not a mask.
+    """
+    spec = ops.spec(self.op)
+    op_args = dict(op_args or {})
+    for name in ("implementation", "bias"):
+      if name in op_args and not getattr(spec, name):
+        raise ValueError(f"attention op {self.op!r} takes no `{name}` argument (it is not "
+                         f"registered with {name}=True)")
+    if self.decode or self.seq_parallel is not None:
+      if mask is not None:
+        raise ValueError("sequence-parallel and cached attention take segment_ids and "
+                         "is_causal, not a mask")
+      op_args.pop("implementation", None)
+      window = op_args.pop("local_window_size", None) if self.decode else None
+      query, key, scale = spec.softmax_form(query, key, op_args.pop("scale", None), **op_args)
+      if self.decode:
+        if segment_ids is not None:
+          raise ValueError("decoding takes one document per sequence: no segment_ids")
+        return kv_cache.KVCache(self.cache_len, name="cache")(
+            query, key, value, is_causal=is_causal, scale=scale, local_window_size=window)
+      return self.seq_parallel.attention(query, key, value, is_causal=is_causal,
+                                         segment_ids=segment_ids, scale=scale)
+    if segment_ids is not None:
+      if spec.segment_ids:
+        op_args["segment_ids"] = segment_ids
+      else:
+        mask = common.make_mask(common.check_qkv(query, key, value), mask=mask,
+                                segment_ids=segment_ids)
+    return spec.fn(query, key, value, mask=mask, is_causal=is_causal, **op_args)

@@ -91,6 +91,7 @@ rmt_s, rmt_b, rmt_l. Depths count attention blocks (a DaViT "dual block" is two)
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -240,10 +241,6 @@ def _drop_path(rate: float, x, deterministic: bool):
   return nn.Dropout(rate=rate, broadcast_dims=tuple(range(1, x.ndim)))(x, deterministic)
 
 
-def _takes_grid(op: str) -> bool:
-  return ops.accepts(op, "grid")
-
-
 def _decomposed(op_fn, query, key, value, grid, **kwargs):
   """RMT's decomposed Manhattan attention: `op_fn` along each row (grid (1, w)), then along
   each column (grid (h, 1)) of the first pass's output, with the same queries and keys."""
@@ -262,6 +259,38 @@ def _decomposed(op_fn, query, key, value, grid, **kwargs):
               grid=(h, 1), **kwargs)
   out = out.reshape(b, w, h, *out.shape[2:]).swapaxes(1, 2)
   return out.reshape(b, h * w, *out.shape[3:])
+
+
+class _BlockAttention(Attention):
+  """`Attention` with the extras of the hierarchical ViTs around the op (`attend`): arrays
+  added to the op's arguments (NAT's relative position bias), RMT's decomposed passes and the
+  local context enhancement `lce` (`(kernel, bias)` of a depthwise conv of V, laid out as the
+  `[h, w]` map `map_size`, added to the op's output: BiFormer and RMT)."""
+  extra_args: Any = None
+  decomposed: bool = False
+  lce: Any = None
+  map_size: tuple[int, int] | None = None
+
+  def attend(self, query, key, value, *, mask=None, is_causal=False, segment_ids=None,
+             op_args=None):
+    op_args = dict(op_args or {}, **(self.extra_args or {}))
+    call = functools.partial(super().attend, mask=mask, is_causal=is_causal,
+                             segment_ids=segment_ids)
+    if self.decomposed:
+      grid = op_args.pop("grid")
+      out = _decomposed(lambda q, k, v, **kw: call(q, k, v, op_args=kw), query, key, value,
+                        grid, **op_args)
+    else:
+      out = call(query, key, value, op_args=op_args)
+    if self.lce is not None:  # [b, h·w, heads, d] values as a [b, h, w, c] map
+      h, w = self.map_size
+      kernel, bias = (jnp.asarray(t, value.dtype) for t in self.lce)
+      v = value.reshape(value.shape[0], h, w, -1)
+      ctx = jax.lax.conv_general_dilated(
+          v, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+          feature_group_count=v.shape[-1]) + bias
+      out = out + ctx.reshape(out.shape).astype(out.dtype)
+    return out
 
 
 class Block(nn.Module):
@@ -320,7 +349,7 @@ class Block(nn.Module):
       kv_grid = kv.shape[1:3]
       kv = kv.reshape(b, -1, c)
     op_args = dict(self.op_args or {})
-    if _takes_grid(self.op):
+    if ops.spec(self.op).grid:
       op_args["grid"] = kv_grid
     extra = {}
     if self.rpb_size is not None and self.op == "neighborhood":
@@ -338,30 +367,12 @@ class Block(nn.Module):
       bias = self.param("lce_bias", nn.with_logical_partitioning(
           nn.initializers.zeros_init(), ("embed",)), (c,), pdt)
       lce = (kernel, bias)
-    decomposed = self.decomposed
-
-    def wrapper(op_fn):
-      def call(query, key, value, **kwargs):
-        kwargs.update(extra)
-        if decomposed:
-          out = _decomposed(op_fn, query, key, value, kwargs.pop("grid"), **kwargs)
-        else:
-          out = op_fn(query, key, value, **kwargs)
-        if lce is not None:  # [b, h·w, heads, d] values as a [b, h, w, c] map
-          kernel, bias = (jnp.asarray(t, value.dtype) for t in lce)
-          v = value.reshape(b, h, w, -1)
-          ctx = jax.lax.conv_general_dilated(
-              v, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
-              feature_group_count=v.shape[-1]) + bias
-          out = out + ctx.reshape(out.shape).astype(out.dtype)
-        return out
-      return call
-
-    y = Attention(num_heads=self.num_heads, op=self.op, op_args=op_args,
-                  implementation=self.implementation, use_bias=True,
-                  rope_base=self.rope_base, op_wrapper=wrapper, dtype=dt, param_dtype=pdt,
-                  kernel_init=nn.initializers.xavier_uniform(), name="attention")(
-                      y.reshape(b, h * w, c), kv)
+    y = _BlockAttention(num_heads=self.num_heads, op=self.op, op_args=op_args,
+                        implementation=self.implementation, use_bias=True,
+                        rope_base=self.rope_base, extra_args=extra, decomposed=self.decomposed,
+                        lce=lce, map_size=(h, w), dtype=dt, param_dtype=pdt,
+                        kernel_init=nn.initializers.xavier_uniform(), name="attention")(
+                            y.reshape(b, h * w, c), kv)
     x = x + _drop_path(self.drop_path, self._scale("gamma1", y.reshape(b, h, w, c)),
                        deterministic)
     if self.cpe_mlp:

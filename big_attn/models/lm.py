@@ -13,14 +13,17 @@ attention, optional qk-norm, and the attention op picked by registry name throug
 are kept apart by `segment_ids` (a token attends only to earlier tokens of its own segment).
 
 Sequence parallelism (`mesh` with an axis `seq_axis` of size P > 1 and `seq_strategy`): every
-attention runs inside `shard_map` over the sequence shards, "striped" with `striped_attention`
+attention runs inside `shard_map` over the sequence shards (`Attention(seq_parallel=...)`, that
+is `big_attn.parallel.SeqParallel.attention`), "striped" with `striped_attention`
 (Brandon et al. 2023), "ring" with `ring_attention` (Liu et al. 2023), "all_gather" by gathering
 keys/values. For "striped" the model's per-token inputs and its logits are in striped order:
 stripe tokens, positions, segment ids, targets and weights once at the input (`stripe_batch`,
 as `loss_fn` does); nothing is permuted between layers. Activations stay sharded over `seq_axis`.
 
 Decoding (`decode=True`, used by `generate`): a key/value cache of `cache_len` entries per layer
-(collection "cache") and the split-KV decode op `lean_decode` (Lean Attention) over it.
+(`big_attn.layers.kv_cache.KVCache`, collection "cache") and the split-KV decode op
+`lean_decode` (Lean Attention) over it. Both work for the ops registered with a `softmax_form`
+(softmax, ngpt) and for SwitchHead in block='moeut'.
 
 Block families (`block`):
 - "pre_norm": the block above.
@@ -63,9 +66,6 @@ configs/moeut_244m.py; checked in tests/test_lm_ngpt_moeut.py):
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
-import math
 from typing import Any
 
 import flax.linen as nn
@@ -73,11 +73,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from big_attn import compat, ops, parallel
-from big_attn.layers import Attention, apply_rope
+from big_attn import ops, parallel
+from big_attn.layers import Attention, KVCache, apply_rope
 from big_attn.models import common as models_common
 from big_attn.ops import experts as experts_ops
 from big_attn.ops import ngpt as ngpt_ops
@@ -117,135 +115,8 @@ def _rms_norm(dtype, param_dtype, name, epsilon=1e-6):
                                                             ("norm",)))
 
 
-# ------------------------------------------------------------------------ sequence parallelism
-@dataclasses.dataclass(frozen=True)
-class SeqParallel:
-  """Where the sequence is split: `mesh` axis `axis` (size > 1) with `strategy`."""
-  mesh: Any
-  axis: str
-  strategy: str
-
-  @property
-  def num_shards(self) -> int:
-    return self.mesh.shape[self.axis]
-
-  def batch_axes(self, batch: int):
-    """The data-like mesh axes that split a batch of `batch` (None if they do not divide it)."""
-    axes = tuple(a for a in parallel.BATCH_AXES
-                 if a in self.mesh.axis_names and a != self.axis and self.mesh.shape[a] > 1)
-    return axes if axes and batch % math.prod(self.mesh.shape[a] for a in axes) == 0 else None
-
-  def head_axis(self, *num_heads: int):
-    axis = parallel.HEAD_AXIS
-    if axis not in self.mesh.axis_names or axis == self.axis or self.mesh.shape[axis] == 1:
-      return None
-    return axis if all(n % self.mesh.shape[axis] == 0 for n in num_heads) else None
-
-  def constrain(self, x):
-    """`[batch, length, ...]` activations sharded over the batch axes and the sequence axis."""
-    spec = P(self.batch_axes(x.shape[0]), self.axis, *([None] * (x.ndim - 2)))
-    return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
-
-
-def _ngpt_prepare(query, key, scale, **op_args):
-  query, key = ngpt_ops.normalize_qk(query, key, **op_args)
-  return query, key, ngpt_ops.ngpt_scale(query.shape[-1], scale)
-
-
-# Ops that are softmax attention of transformed queries and keys, with the transformation
-# `(query, key, scale, **op_args) -> (query, key, scale)`: these run sequence-parallel and in
-# decoding (the ring / the cache see the transformed queries and keys).
-SOFTMAX_FORMS = {"softmax": None, "ngpt": _ngpt_prepare}
-
-
-def _prepared(query, key, scale, op_args, prepare):
-  if prepare is None:
-    if op_args:
-      raise ValueError(f"softmax attention takes no op arguments, got {sorted(op_args)}")
-    return query, key, scale
-  return prepare(query, key, scale, **op_args)
-
-
-def _sequence_parallel_op(op_fn, *, sp: SeqParallel, prepare=None):
-  """`Attention.op_wrapper`: softmax attention of the sequence shards inside `shard_map`.
-
-  The registered op (`op_fn`, softmax or one of `SOFTMAX_FORMS` whose query/key transform is
-  `prepare`) is replaced by its sequence-parallel form; the activations arrive already in the
-  strategy's order (striped or contiguous).
-  """
-  del op_fn  # the model checks the op; the ring computes softmax shard by shard
-
-  def attend(query, key, value, *, mask=None, is_causal=False, segment_ids=None, scale=None,
-             **op_args):
-    if mask is not None:
-      raise ValueError("sequence-parallel attention takes segment_ids and is_causal, not a mask")
-    query, key, scale = _prepared(query, key, scale, op_args, prepare)
-    batch_axes = sp.batch_axes(query.shape[0])
-    heads = sp.head_axis(query.shape[2], key.shape[2])
-    qkv_spec, seg_spec = P(batch_axes, sp.axis, heads, None), P(batch_axes, sp.axis)
-
-    def per_shard(q, k, v, *seg):
-      q_seg, kv_seg = (seg[0], seg[0]) if seg else (None, None)
-      if sp.strategy == "all_gather":
-        return parallel._all_gather_attention(  # pylint: disable=protected-access
-            q, k, v, q_seg, kv_seg, axis_name=sp.axis, is_causal=is_causal, scale=scale)
-      attend_shard = (parallel.striped_attention if sp.strategy == "striped"
-                      else parallel.ring_attention)
-      return attend_shard(q, k, v, axis_name=sp.axis, is_causal=is_causal,
-                          segment_ids=None if q_seg is None else (q_seg, kv_seg), scale=scale)
-
-    args = (query, key, value) + (() if segment_ids is None else (segment_ids,))
-    specs = (qkv_spec,) * 3 + (() if segment_ids is None else (seg_spec,))
-    return compat.shard_map(per_shard, mesh=sp.mesh, in_specs=specs,
-                            out_specs=qkv_spec)(*args)
-
-  return attend
-
-
-# -------------------------------------------------------------------------------------- cache
-def _cached_decode_op(op_fn, *, cache_key, cache_value, index, prepare=None):
-  """`Attention.op_wrapper` in decoding: appends the new keys/values to the cache variables and
-  attends the new queries to the valid cache with the split-KV op `lean_decode` (keys and
-  queries transformed by `prepare` first, see `SOFTMAX_FORMS`)."""
-  del op_fn  # softmax, computed over the cache by lean_decode
-
-  def attend(query, key, value, *, mask=None, is_causal=False, segment_ids=None, scale=None,
-             **op_args):
-    if mask is not None or segment_ids is not None:
-      raise ValueError("decoding takes one document per sequence: no mask or segment_ids")
-    window = op_args.pop("local_window_size", None)  # (left, 0): the LM's sliding window
-    query, key, scale = _prepared(query, key, scale, op_args, prepare)
-    start = index.value
-    if window is not None:
-      query_pos = start + jnp.arange(query.shape[1])[:, None]
-      visible = jnp.arange(cache_key.value.shape[1])[None, :] >= query_pos - window[0]
-      mask = visible[None, None]
-    cache_key.value = jax.lax.dynamic_update_slice(
-        cache_key.value, key.astype(cache_key.value.dtype), (0, start, 0, 0))
-    cache_value.value = jax.lax.dynamic_update_slice(
-        cache_value.value, value.astype(cache_value.value.dtype), (0, start, 0, 0))
-    index.value = start + query.shape[1]
-    return ops.get("lean_decode")(query, cache_key.value, cache_value.value, mask=mask,
-                                  is_causal=is_causal, scale=scale, kv_length=index.value)
-
-  return attend
-
-
-def _op_wrapper(module: nn.Module, *, num_kv_heads: int, head_dim: int, value_dim: int,
-                batch: int, prepare=None):
-  """The `Attention.op_wrapper` of a block (`module`, inside its compact call): the sequence-
-  parallel form, or in decoding the cache variables of this layer and the cached op."""
-  if module.decode:
-    def cache(name, dim):
-      return module.variable("cache", name, jnp.zeros,
-                             (batch, module.cache_len, num_kv_heads, dim), module.dtype)
-    return functools.partial(
-        _cached_decode_op, cache_key=cache("key", head_dim), cache_value=cache("value", value_dim),
-        index=module.variable("cache", "index", lambda: jnp.zeros((), jnp.int32)),
-        prepare=prepare)
-  if module.seq_parallel is not None:
-    return functools.partial(_sequence_parallel_op, sp=module.seq_parallel, prepare=prepare)
-  return None
+# Sequence parallelism is `big_attn.parallel`'s (re-exported here for configs and tests).
+SeqParallel = parallel.SeqParallel
 
 
 def _constrain(module: nn.Module):
@@ -319,9 +190,6 @@ class DecoderBlock(nn.Module):
   @nn.compact
   def __call__(self, x, positions, segment_ids, deterministic: bool = True):
     constrain = _constrain(self)
-    op_wrapper = _op_wrapper(self, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
-                             value_dim=self.head_dim, batch=x.shape[0],
-                             prepare=SOFTMAX_FORMS.get(self.attention))
     op_args = self.attention_args
     if self.sliding_window is not None:
       op_args = dict(op_args or {}, local_window_size=(self.sliding_window - 1, 0))
@@ -330,7 +198,8 @@ class DecoderBlock(nn.Module):
                   head_dim=self.head_dim, op=self.attention, op_args=op_args,
                   implementation=self.attention_impl, qk_norm=self.qk_norm,
                   use_bias=self.qkv_bias, out_bias=self.out_bias, rope_base=self.rope_base,
-                  rope_scaling=self.rope_scaling, op_wrapper=op_wrapper, dtype=self.dtype,
+                  rope_scaling=self.rope_scaling, seq_parallel=self.seq_parallel,
+                  decode=self.decode, cache_len=self.cache_len, dtype=self.dtype,
                   param_dtype=self.param_dtype, name="attention")(
                       y, is_causal=True, segment_ids=segment_ids, positions=positions)
     x = constrain(x + nn.Dropout(rate=self.dropout)(y, deterministic))
@@ -375,13 +244,11 @@ class NGPTBlock(nn.Module):
   def __call__(self, x, positions, segment_ids, deterministic: bool = True):
     del deterministic  # no dropout in nGPT
     constrain = _constrain(self)
-    op_wrapper = _op_wrapper(self, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
-                             value_dim=self.head_dim, batch=x.shape[0],
-                             prepare=SOFTMAX_FORMS.get(self.attention))
     y = Attention(num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
                   head_dim=self.head_dim, op=self.attention, op_args=self.attention_args,
                   implementation=self.attention_impl, rope_base=self.rope_base,
-                  op_wrapper=op_wrapper, dtype=self.dtype, param_dtype=self.param_dtype,
+                  seq_parallel=self.seq_parallel, decode=self.decode, cache_len=self.cache_len,
+                  dtype=self.dtype, param_dtype=self.param_dtype,
                   name="attention")(x, is_causal=True, segment_ids=segment_ids,
                                     positions=positions)
     x = constrain(_interpolate(self, "alpha_attention", x, y))
@@ -482,8 +349,9 @@ class SwitchHeadAttention(nn.Module):
   the paper's weights: dense queries/keys from LN(x), per-head value experts of the raw residual
   x (peri-layernorm), routers from LN(x), output experts W^O_e `[heads, E, head_dim, width]`
   mapping straight to the residual (no shared output projection), RoPE on half the head dims,
-  logit scale 1/√head_dim. The values are mixed before attention, so the softmax part can run
-  sequence-parallel or over a key/value cache (`op_wrapper`). Returns `(y, (logits_v,
+  logit scale 1/√head_dim. The values are mixed before attention, so the softmax part runs
+  sequence-parallel (`seq_parallel`: `SeqParallel.attention`) or over a key/value cache
+  (`decode`: `KVCache`) as in `big_attn.layers.Attention`. Returns `(y, (logits_v,
   logits_o))` with the router logits `[batch, seq, heads, E]`.
   """
   num_heads: int
@@ -492,11 +360,14 @@ class SwitchHeadAttention(nn.Module):
   topk: int
   rope_base: float = 10_000.
   init_scale: float = 1.0
+  seq_parallel: SeqParallel | None = None
+  decode: bool = False
+  cache_len: int = 0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x_norm, x, positions, segment_ids, op_wrapper=None):
+  def __call__(self, x_norm, x, positions, segment_ids):
     d, h, hd, num = x.shape[-1], self.num_heads, self.head_dim, self.num_experts
     normal = lambda fan_in: nn.initializers.normal(  # pylint: disable=g-long-lambda
         self.init_scale * fan_in ** -0.5)
@@ -526,11 +397,16 @@ class SwitchHeadAttention(nn.Module):
     logits_o = jnp.einsum("btd,dhe->bthe", x_norm, ro)
     gate_v = experts_ops.sigmoid_topk_gate(logits_v, self.topk).astype(x.dtype)
     value = jnp.einsum("btd,dhek,bthe->bthk", x, wv, gate_v)
-    attend = functools.partial(ops.dot_product_attention, implementation="xla")
-    if op_wrapper is not None:
-      attend = op_wrapper(attend)
-    heads = attend(query, key, value, is_causal=True, segment_ids=segment_ids,
-                   scale=hd ** -0.5)
+    if self.decode:
+      heads = KVCache(self.cache_len, name="cache")(query, key, value, is_causal=True,
+                                                    scale=hd ** -0.5)
+    elif self.seq_parallel is not None:
+      heads = self.seq_parallel.attention(query, key, value, is_causal=True,
+                                          segment_ids=segment_ids, scale=hd ** -0.5)
+    else:
+      heads = ops.dot_product_attention(query, key, value, is_causal=True,
+                                        segment_ids=segment_ids, scale=hd ** -0.5,
+                                        implementation="xla")
     gate_o = experts_ops.sigmoid_topk_gate(logits_o, self.topk).astype(x.dtype)
     return jnp.einsum("bthe,bthk,hekd->btd", gate_o, heads, wo), (logits_v, logits_o)
 
@@ -568,15 +444,14 @@ class MoEUTBlock(nn.Module):
   @nn.compact
   def __call__(self, x, positions, segment_ids, deterministic: bool = True):
     constrain = _constrain(self)
-    op_wrapper = _op_wrapper(self, num_kv_heads=self.num_heads, head_dim=self.head_dim,
-                             value_dim=self.head_dim, batch=x.shape[0])
     norm = lambda name: nn.LayerNorm(  # pylint: disable=g-long-lambda
         dtype=self.dtype, param_dtype=self.param_dtype, name=name)
     y, (logits_v, logits_o) = SwitchHeadAttention(
         self.num_heads, self.head_dim, self.moe["att_experts"], self.moe["att_topk"],
-        rope_base=self.rope_base, init_scale=self.init_scale, dtype=self.dtype,
+        rope_base=self.rope_base, init_scale=self.init_scale, seq_parallel=self.seq_parallel,
+        decode=self.decode, cache_len=self.cache_len, dtype=self.dtype,
         param_dtype=self.param_dtype, name="attention")(
-            norm("attention_norm")(x), x, positions, segment_ids, op_wrapper)
+            norm("attention_norm")(x), x, positions, segment_ids)
     x = constrain(x + nn.Dropout(rate=self.dropout)(y, deterministic))
     y, logits_f = SigmaMoE(self.moe["num_experts"], self.moe["expert_dim"], self.moe["topk"],
                            init_scale=self.init_scale, dtype=self.dtype,
@@ -667,7 +542,8 @@ class Model(nn.Module):
     qk_norm: RMS-normalise queries and keys per head.
     tie_embeddings: the output projection is the transposed input embedding.
     attention, attention_args, attention_impl: the op by registry name, its arguments and
-      `implementation` (sequence parallelism and decoding need "softmax").
+      `implementation` (sequence parallelism and decoding need an op with a `softmax_form`:
+      softmax or ngpt).
     dropout: residual dropout rate in training.
     mesh, seq_axis, seq_strategy: sequence parallelism over the mesh axis `seq_axis` with
       strategy "striped", "ring" or "all_gather" (None: off); active when that axis has size > 1.
@@ -789,11 +665,12 @@ class Model(nn.Module):
     if self.block == "ngpt" and (self.qk_norm or self.dropout):
       raise ValueError("block='ngpt' normalises queries and keys itself and has no dropout: set "
                        f"qk_norm=False and dropout=0 (got {self.qk_norm}, {self.dropout})")
-    if (sp is not None or self.decode) and not (self.attention in SOFTMAX_FORMS or
-                                                self.block == "moeut"):
-      raise ValueError(f"sequence parallelism and decoding compute softmax attention (of "
-                       f"{sorted(SOFTMAX_FORMS)} or SwitchHead in block='moeut'); got "
-                       f"attention={self.attention!r}")
+    if ((sp is not None or self.decode) and self.block != "moeut"
+        and ops.spec(self.attention).softmax_form is None):
+      with_form = [n for n in ops.names() if ops.spec(n).softmax_form is not None]
+      raise ValueError(f"sequence parallelism and decoding compute softmax attention (of the "
+                       f"ops registered with a softmax_form, {with_form}, or SwitchHead in "
+                       f"block='moeut'); got attention={self.attention!r}")
     if sp is not None and tokens.shape[1] % sp.num_shards:
       raise ValueError(f"sequence length {tokens.shape[1]} is not divisible by the "
                        f"{sp.num_shards} shards of mesh axis {sp.axis!r}")

@@ -190,15 +190,19 @@ class PartitionAttention(nn.Module):
     return jnp.reshape(x, (b, h, w, c))
 
 
+# The partition argument of MaxViT's own partition ops: block ("window") and grid attention.
+_PARTITION_ARGS = {"window": "window_size", "grid": "grid_size"}
+
+
 def _op_args(op: str, user_args: Any, grid: tuple[int, int], partition: tuple[int, int]
              ) -> dict[str, Any]:
-  """`user_args` plus `grid=(h, w)` and `window_size`/`grid_size=partition` for an op taking
-  them."""
+  """`user_args` plus `grid=(h, w)` for an op declaring `grid` and the partition size for the
+  partition ops (`_PARTITION_ARGS`)."""
   args = dict(user_args or {})
-  op_fn = ops.get(op)
-  for name, value in (("grid", grid), ("window_size", partition), ("grid_size", partition)):
-    if ops.accepts(op_fn, name):
-      args[name] = value
+  if ops.spec(op).grid:
+    args["grid"] = grid
+  if op in _PARTITION_ARGS:
+    args[_PARTITION_ARGS[op]] = partition
   return args
 
 

@@ -246,7 +246,7 @@ class AttentionMixer(Mixer):
       raise ValueError(f"attention mixer: channels ({c}) must be divisible by head_dim "
                        f"({self.head_dim})")
     op_args = dict(self.op_args or {})
-    if ops.accepts(self.op, "grid"):
+    if ops.spec(self.op).grid:
       op_args.setdefault("grid", (h, w))
     y = Attention(num_heads=c // self.head_dim, op=self.op, op_args=op_args or None,
                   implementation=self.implementation, qk_norm=self.qk_norm, dtype=self.dtype, param_dtype=self.param_dtype,

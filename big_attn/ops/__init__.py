@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from big_attn.ops import common
-from big_attn.ops.registry import accepts, get, has_causal_form, names, register
+from big_attn.ops.registry import OpSpec, get, has_causal_form, names, register, spec
 from big_attn.ops.registry import OpParams, params_module, register_params
 from big_attn.ops.softmax import dot_product_attention
 
@@ -67,8 +67,8 @@ def as_attention_fn(name: str, **mechanism_args) -> Callable:
   it is the op's output for one-hot values (row i is the op's weights over the keys), so they
   apply to ops whose output is a weighted sum of the values, and cost O(q_len·kv_len).
   """
-  op = get(name)
-  accepts_bias = accepts(op, "bias")
+  op_spec = spec(name)
+  op = op_spec.fn
 
   def attention_fn(query, key, value, bias=None, mask=None, broadcast_dropout=True,
                    dropout_rng=None, dropout_rate=0.0, deterministic=False, dtype=None,
@@ -87,7 +87,7 @@ def as_attention_fn(name: str, **mechanism_args) -> Callable:
                        f"{key.shape} and {value.shape}")
     kwargs = dict(mechanism_args)
     if bias is not None:
-      if not accepts_bias:
+      if not op_spec.bias:
         raise ValueError(f"attention op {name!r} takes no additive bias")
       kwargs["bias"] = _flatten_batch(bias, batch_shape, 3)
     if mask is not None:
@@ -119,6 +119,6 @@ def as_attention_fn(name: str, **mechanism_args) -> Callable:
   return attention_fn
 
 
-__all__ = ["accepts", "as_attention_fn", "dot_product_attention", "get", "has_causal_form", "names",
-           "register"]
+__all__ = ["OpSpec", "as_attention_fn", "dot_product_attention", "get", "has_causal_form",
+           "names", "register", "spec"]
 __all__ += ["OpParams", "params_module", "register_params"]

@@ -28,7 +28,7 @@ def sigmoid_topk_gate(logits: Array, topk: int) -> Array:
   return scores * selected
 
 
-@register("switchhead")
+@register("switchhead", segment_ids=True)
 def switchhead_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                          value_experts=None, router_logits_v=None, router_logits_o=None,
                          out_experts=None, topk=2, num_experts=None, segment_ids=None):

@@ -90,7 +90,7 @@ def _key_padding(mask, dims: common.Dims) -> Array | None:
   return jnp.transpose(mask, (0, 3, 1, 2))
 
 
-@register("hyena")
+@register("hyena", grid=True)
 def hyena(query, key, value, *, mask=None, is_causal=False, scale=None, filters=None,
           filter_bias=None, short_filters=None, gates=None, grid=None, order=None,
           short_kernel=None, max_len=None):

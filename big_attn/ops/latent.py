@@ -165,7 +165,7 @@ def _depthwise_conv(value: Array, kernel: Array, bias: Array | None, grid) -> Ar
   return out.reshape(b, s, k, dv)
 
 
-@register("agent", causal=False)
+@register("agent", causal=False, grid=True)
 def agent_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                     num_agents=None, agent_tokens=None, grid=None, query_agent_bias=None,
                     agent_key_bias=None, dwc_kernel=None, dwc_bias=None):

@@ -39,7 +39,7 @@ def _attend(logits, value, dims, query_dtype, mask, is_causal, segment_ids, loca
   return common.weighted_values(probs, value, dims).astype(query_dtype)
 
 
-@register("neural_attention")
+@register("neural_attention", segment_ids=True)
 def neural_attention(query, key, value, *, mask=None, is_causal=False, scale=None, w1=None,
                      b1=None, w2=None, hidden_dim=None, activation="relu", segment_ids=None,
                      local_window_size=None):
@@ -89,7 +89,7 @@ def neural_attention(query, key, value, *, mask=None, is_causal=False, scale=Non
                  local_window_size, scale)
 
 
-@register("gatv2")
+@register("gatv2", segment_ids=True)
 def gatv2_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                     attn_vec=None, nonlinearity="leaky_relu", negative_slope=0.2,
                     segment_ids=None, local_window_size=None):

@@ -372,7 +372,7 @@ def _performer_features(features, feature_key, num_features, head_dim: int) -> A
   return features
 
 
-@register("performer")
+@register("performer", segment_ids=True)
 def performer_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                         features=None, feature_key=None, num_features=None, chunk_size=64,
                         segment_ids=None):
@@ -537,7 +537,7 @@ def _check_dwc(kernel, bias, kernel_size, grid, dims: common.Dims, is_causal: bo
   return height, width
 
 
-@register("focused_linear")
+@register("focused_linear", segment_ids=True, grid=True)
 def focused_linear_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                              power=3.0, feature_scale=None, eps=1e-6, dwc_kernel=None,
                              dwc_bias=None, dwc_kernel_size=None, grid=None, chunk_size=64,
@@ -673,7 +673,7 @@ def _lln_moments(q: Array, k: Array, scale: float, head_dim: int, is_causal: boo
   return jax.lax.stop_gradient(alpha), jax.lax.stop_gradient(beta)
 
 
-@register("lognormal_linear")
+@register("lognormal_linear", segment_ids=True)
 def lognormal_linear_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                                alpha=None, beta=None, chunk_size=64, segment_ids=None):
   """Linear log-normal attention (Linear Log-Normal Attention with Unbiased Concentration,
@@ -758,7 +758,7 @@ def _log_decay(decay, dims: common.Dims, dtype) -> Array | None:
   return jnp.log(decay.astype(dtype)).reshape(dims.num_kv_heads, dims.groups)
 
 
-@register("lightning")
+@register("lightning", segment_ids=True)
 def lightning_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                         decay=None, block_size=64, output_norm=False, norm_eps=1e-6,
                         segment_ids=None):

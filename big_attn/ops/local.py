@@ -54,7 +54,7 @@ def _neighbours(shape, kernel, dilation, is_causal):
   return keys, np.ones(keys.shape, bool), (rel_y, rel_x)
 
 
-@register("neighborhood")
+@register("neighborhood", grid=True)
 def neighborhood_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                            kernel_size=7, dilation=1, grid=None, rpb=None):
   """(Dilated) Neighborhood Attention: Neighborhood Attention Transformer (Hassani et al.,

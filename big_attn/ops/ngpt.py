@@ -62,7 +62,13 @@ def ngpt_scale(head_dim: int, scale: float | None) -> float:
   return head_dim ** 0.5 if scale is None else scale
 
 
-@register("ngpt")
+def _ngpt_form(query, key, scale, **op_args):
+  """nGPT attention as softmax attention: `normalize_qk` queries and keys, scale √d_k."""
+  query, key = normalize_qk(query, key, **op_args)
+  return query, key, ngpt_scale(query.shape[-1], scale)
+
+
+@register("ngpt", segment_ids=True, softmax_form=_ngpt_form)
 def ngpt_attention(query, key, value, *, mask=None, is_causal=False, scale=None, s_qk=None,
                    s_k=None, segment_ids=None):
   """nGPT attention (Loshchilov et al., 2024, "nGPT: Normalized Transformer with Representation

@@ -43,7 +43,7 @@ def _offsets(grid: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
 # ------------------------------------------------------------------------------------------
 # ConViT gated positional self-attention.
 # ------------------------------------------------------------------------------------------
-@register("gpsa")
+@register("gpsa", grid=True)
 def gpsa_attention(query, key, value, *, mask=None, is_causal=False, scale=None, grid=None,
                    pos_proj=None, gating=None):
   """Gated positional self-attention: ConViT, Improving Vision Transformers with Soft
@@ -93,7 +93,7 @@ def gpsa_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
 # ------------------------------------------------------------------------------------------
 # Positional-bias hooks around softmax attention.
 # ------------------------------------------------------------------------------------------
-@register("levit_bias")
+@register("levit_bias", grid=True)
 def levit_bias_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                          grid=None, attention_bias=None):
   """Softmax attention with LeViT's attention bias: LeViT, a Vision Transformer in ConvNet's
@@ -126,7 +126,7 @@ def levit_bias_attention(query, key, value, *, mask=None, is_causal=False, scale
                                is_causal=is_causal, implementation="xla")
 
 
-@register("decomposed_relpos")
+@register("decomposed_relpos", grid=True)
 def decomposed_relpos_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                                 grid=None, rel_h=None, rel_w=None):
   """Softmax attention with MViTv2's decomposed relative position embeddings: MViTv2, Improved

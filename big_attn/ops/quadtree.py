@@ -35,7 +35,7 @@ def _gather(x, index):
   return jnp.take_along_axis(x[:, :, None], index[..., None], axis=3)
 
 
-@register("quadtree", causal=False)
+@register("quadtree", causal=False, grid=True)
 def quadtree_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                        grid=None, levels=None, topk=None):
   """QuadTree-B attention (QuadTree Attention for Vision Transformers, Tang et al. 2022).

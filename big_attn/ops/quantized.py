@@ -78,7 +78,7 @@ def _int8_attention(query, key, value, bias, gmask, dims, scale, block_q, block_
   return out.astype(query.dtype)
 
 
-@register("sage_int8")
+@register("sage_int8", segment_ids=True, bias=True)
 def sage_int8_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                         bias=None, segment_ids=None, local_window_size=None, block_q=128,
                         block_k=64, pv_dtype=jnp.bfloat16):

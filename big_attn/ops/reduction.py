@@ -50,7 +50,7 @@ def _reduce(x, grid, size, kernel):
 PVT_REDUCTION = 8
 
 
-@register("spatial_reduction", causal=False)
+@register("spatial_reduction", causal=False, implementation=True, grid=True)
 def spatial_reduction_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                                 grid=None, reduction=None, method="avg", sr_key_kernel=None,
                                 sr_value_kernel=None, implementation=None):

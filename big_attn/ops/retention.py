@@ -109,7 +109,7 @@ def _chunkwise_causal(query, key, value, log_gamma, dims, scale, chunk_size, ini
   return jnp.moveaxis(out, 0, 1).reshape(b, n_chunks * c, k_heads, g, dv)[:, :t], final
 
 
-@register("retention")
+@register("retention", grid=True)
 def retention(query, key, value, *, mask=None, is_causal=False, scale=None, gamma=None,
               grid=None, renormalize=True, chunk_size=None):
   """Retention: Retentive Network (Sun et al., 2023) and RMT: Retentive Networks Meet Vision

@@ -47,7 +47,7 @@ def _routed_mask(full, tokens, gathered, dims):
   return windowed.grouped_group_mask(picked, dims)
 
 
-@register("bilevel_routing", causal=False)
+@register("bilevel_routing", causal=False, grid=True)
 def bilevel_routing_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                               grid=None, num_regions=None, topk=None):
   """Bi-level routing attention: BiFormer, Vision Transformer with Bi-Level Routing Attention
@@ -152,7 +152,7 @@ def head_weights(router_logits, head_mix_logits, shared_heads: int, topk: int,
   return jnp.concatenate(parts, axis=-1)
 
 
-@register("mixture_of_heads")
+@register("mixture_of_heads", segment_ids=True, implementation=True, bias=True)
 def mixture_of_heads_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                                router_logits=None, shared_heads=0, topk=None,
                                head_mix_logits=None, gate_scaling="paper", bias=None,

@@ -35,7 +35,7 @@ def _per_head(name: str, x, dims: common.Dims) -> jax.Array:
   return x.astype(jnp.float32).reshape(1, dims.num_kv_heads, dims.groups, 1, 1)
 
 
-@register("clipped_softmax")
+@register("clipped_softmax", segment_ids=True, bias=True)
 def clipped_softmax_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                               bias=None, zeta=1.0, gamma=None, alpha=None, segment_ids=None,
                               local_window_size=None):
@@ -87,7 +87,7 @@ def clipped_softmax_attention(query, key, value, *, mask=None, is_causal=False, 
   return common.weighted_values(weights, value, dims).astype(query.dtype)
 
 
-@register("gated_attention")
+@register("gated_attention", segment_ids=True, implementation=True, bias=True)
 def gated_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                     gate_logits=None, bias=None, segment_ids=None, local_window_size=None,
                     logits_soft_cap=None, implementation=None):
@@ -129,7 +129,7 @@ def gated_attention(query, key, value, *, mask=None, is_causal=False, scale=None
   return (gate * out.astype(jnp.float32)).astype(query.dtype)
 
 
-@register("cog")
+@register("cog", segment_ids=True)
 def cog_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                   segment_ids=None, local_window_size=None):
   """Cog attention (More Expressive Attention with Negative Weights, Lv et al. 2024).
@@ -154,7 +154,7 @@ def cog_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
   return common.weighted_values(weights, value, dims).astype(query.dtype)
 
 
-@register("normalized")
+@register("normalized", segment_ids=True)
 def normalized_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                          gain=1.0, shift=0.0, normalization="standardize", epsilon=1e-3,
                          segment_ids=None, local_window_size=None):

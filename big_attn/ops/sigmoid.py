@@ -26,7 +26,7 @@ def _check_logit_bias(logit_bias, kv_len: int) -> jax.Array:
   return b.astype(jnp.float32)
 
 
-@register("sigmoid")
+@register("sigmoid", segment_ids=True, bias=True)
 def sigmoid_attention(query, key, value, *, mask=None, is_causal=False, scale=None, bias=None,
                       logit_bias=None, segment_ids=None, local_window_size=None,
                       logits_soft_cap=None):

@@ -218,7 +218,17 @@ def _attention(query, key, value, bias, mask, *, scale, is_causal, segment_ids,
   return common.weighted_values(probs, value, dims).astype(query.dtype)
 
 
-@register("softmax")
+def _softmax_form(query, key, scale, **op_args):
+  """Softmax is its own softmax form: queries, keys and scale unchanged (no op arguments: the
+  sequence-parallel and cached paths compute plain softmax attention)."""
+  if op_args:
+    raise ValueError(f"the sequence-parallel and cached forms of softmax attention take no op "
+                     f"arguments, got {sorted(op_args)}")
+  return query, key, scale
+
+
+@register("softmax", segment_ids=True, implementation=True, bias=True,
+          softmax_form=_softmax_form)
 def softmax_attention(query, key, value, *, mask=None, is_causal=False, scale=None, bias=None,
                       segment_ids=None, local_window_size=None, logits_soft_cap=None,
                       implementation=None):

@@ -54,7 +54,7 @@ def _index(size: int, full: int, axis: int, ndim: int) -> jax.Array:
   return ix.reshape(shape)
 
 
-@register("sparse_blocks")
+@register("sparse_blocks", segment_ids=True)
 def sparse_blocks_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                             block_q=64, block_k=64, cdf_threshold=0.95, topk_blocks=None,
                             similarity_threshold=None, segment_ids=None,

@@ -180,7 +180,7 @@ def _partitioned(query, key, value, dims, *, mask, scale, grid, size, dilated, r
   return out.astype(query.dtype)
 
 
-@register("window", causal=False)
+@register("window", causal=False, grid=True)
 def window_attention(query, key, value, *, mask=None, is_causal=False, scale=None, grid=None,
                      window_size=None, shift=0, rpb=None):
   """Window attention: Swin Transformer (Liu et al., 2021), MaxViT block attention (Tu et al.,
@@ -229,7 +229,7 @@ def window_attention(query, key, value, *, mask=None, is_causal=False, scale=Non
                       dilated=False, rpb=rpb, shift=(sy, sx))
 
 
-@register("grid", causal=False)
+@register("grid", causal=False, grid=True)
 def grid_attention(query, key, value, *, mask=None, is_causal=False, scale=None, grid=None,
                    grid_size=None, rpb=None):
   """Grid attention: MaxViT, Multi-Axis Vision Transformer (Tu et al., 2022).

@@ -1,0 +1,58 @@
+"""The key/value cache of decoding: `KVCache`, the cached form of softmax attention."""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from big_attn import ops
+
+Array = jax.Array
+
+
+class KVCache(nn.Module):
+  """Softmax attention of new queries over a key/value cache of `length` tokens.
+
+  Each call writes the new keys and values at the cache's index and attends the new queries to
+  the valid part of the cache with the split-KV op `lean_decode` (Lean Attention). The cache is
+  in the collection "cache" (`key`, `value` `[batch, length, kv_heads, dim]` and the int
+  `index`); apply with `mutable=["cache"]`. Queries and keys arrive already in their softmax
+  form (`ops.spec(op).softmax_form`).
+
+  Attributes:
+    length: cache entries per sequence (prompt plus generated tokens).
+  """
+  length: int
+
+  @nn.compact
+  def __call__(self, query: Array, key: Array, value: Array, *, is_causal: bool = False,
+               scale: float | None = None, local_window_size: Any = None) -> Array:
+    """`[batch, new, heads, dim]` queries over the cache after appending `key`/`value`.
+
+    `local_window_size` `(left, 0)`: a query at position p sees cache entries >= p - left
+    (a sliding window)."""
+    if not isinstance(self.length, int) or self.length < 1:
+      raise ValueError(f"KVCache length must be a positive int, got {self.length!r}")
+    batch, _, kv_heads, _ = key.shape
+
+    def cache(name, like):
+      return self.variable("cache", name, jnp.zeros, (batch, self.length, kv_heads,
+                                                      like.shape[-1]), like.dtype)
+
+    cached_key, cached_value = cache("key", key), cache("value", value)
+    index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+    start = index.value
+    mask = None
+    if local_window_size is not None:
+      query_pos = start + jnp.arange(query.shape[1])[:, None]
+      visible = jnp.arange(self.length)[None, :] >= query_pos - local_window_size[0]
+      mask = visible[None, None]
+    cached_key.value = jax.lax.dynamic_update_slice(
+        cached_key.value, key.astype(cached_key.value.dtype), (0, start, 0, 0))
+    cached_value.value = jax.lax.dynamic_update_slice(
+        cached_value.value, value.astype(cached_value.value.dtype), (0, start, 0, 0))
+    index.value = start + query.shape[1]
+    return ops.get("lean_decode")(query, cached_key.value, cached_value.value, mask=mask,
+                                  is_causal=is_causal, scale=scale, kv_length=index.value)

@@ -1,0 +1,261 @@
+"""Sequence parallelism in one place: the layout rule, the per-shard strategies and the global
+wrapper.
+
+- `SeqParallel(mesh, axis, strategy)`: where the sequence is split, the one rule for the other
+  dimensions (batch over the mesh axes "data" and "fsdp", heads over "tensor") and
+  `SeqParallel.attention` for arrays already in the strategy's token order (a model stripes its
+  inputs once; `big_attn.layers.Attention(seq_parallel=...)` calls it).
+- `shard_attention`: the strategy switch for the per-shard function inside `jax.shard_map`
+  ("ring", "striped" or "all_gather").
+- `sequence_parallel_attention`: global arrays in natural order in and out.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from big_attn import compat
+from big_attn.ops import common
+from big_attn.ops.softmax import dot_product_attention
+from big_attn.parallel.ring import ring_attention
+from big_attn.parallel.striped import striped_attention
+
+Array = jax.Array
+
+STRATEGIES = ("ring", "striped", "all_gather")
+BATCH_AXES = ("data", "fsdp")
+HEAD_AXIS = "tensor"
+
+
+def all_gather_attention(query: Array, key: Array, value: Array, *, axis_name,
+                         is_causal: bool = False, segment_ids=None,
+                         scale: float | None = None) -> Array:
+  """Per-shard softmax attention of the local queries against all keys/values gathered over
+  `axis_name` (contiguous shards; call inside `jax.shard_map`). `segment_ids`: None or the
+  local `(q_segment_ids, kv_segment_ids)`."""
+  t = query.shape[1]
+  gather = lambda x: lax.all_gather(x, axis_name, axis=1, tiled=True)
+  key, value = gather(key), gather(value)
+  mask = None
+  if is_causal:
+    q_pos = lax.axis_index(axis_name) * t + jnp.arange(t)
+    mask = (jnp.arange(key.shape[1])[None, :] <= q_pos[:, None])[None, None]
+  segments = None if segment_ids is None else (segment_ids[0], gather(segment_ids[1]))
+  return dot_product_attention(query, key, value, mask=mask, scale=scale, is_causal=False,
+                               segment_ids=segments, implementation="xla")
+
+
+def shard_attention(query: Array, key: Array, value: Array, *, axis_name, strategy: str,
+                    is_causal: bool = False, segment_ids=None,
+                    scale: float | None = None) -> Array:
+  """The per-shard function of `strategy` inside `jax.shard_map` over `axis_name`:
+  `ring_attention` ("ring", contiguous shards), `striped_attention` ("striped", striped token
+  order) or `all_gather_attention` ("all_gather", contiguous shards). `segment_ids`: None or
+  the local `(q_segment_ids, kv_segment_ids)`."""
+  if strategy not in STRATEGIES:
+    raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+  attend = {"ring": ring_attention, "striped": striped_attention,
+            "all_gather": all_gather_attention}[strategy]
+  return attend(query, key, value, axis_name=axis_name, is_causal=is_causal,
+                segment_ids=segment_ids, scale=scale)
+
+
+def _working_mesh(mesh, *arrays):
+  """`mesh`, or its Auto-axes view when neither the inputs' types nor a `jax.set_mesh`
+  context carry Explicit axes.
+
+  An output typed as sharded over Explicit axes can only be used where a mesh context exists
+  (`jax.grad` builds its cotangent from the output's type), so the result's type follows the
+  caller: Explicit in, Explicit out; unsharded in (an Explicit `jax.make_mesh` passed without
+  `jax.set_mesh`), an array laid out on the mesh whose type is unsharded.
+  """
+  explicit = jax.sharding.AxisType.Explicit
+  if explicit not in tuple(getattr(mesh, "axis_types", ())):
+    return mesh
+  typed = [jax.typeof(x).sharding.mesh for x in arrays if x is not None]
+  if any(explicit in tuple(m.axis_types) for m in typed + [jax.sharding.get_abstract_mesh()]
+         if not m.empty):
+    return mesh
+  return mesh.update(axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names))
+
+
+@dataclasses.dataclass(frozen=True)
+class SeqParallel:
+  """Sequence parallelism: the sequence split over mesh axis `axis` with `strategy`.
+
+  The one layout rule (`layout`): the batch is split over the mesh axes "data" and "fsdp", the
+  heads over "tensor" (those present with size > 1, other than `axis`); every other mesh axis
+  replicates.
+  """
+  mesh: Any
+  axis: str = "seq"
+  strategy: str = "striped"
+
+  def __post_init__(self):
+    if self.strategy not in STRATEGIES:
+      raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+    if self.axis not in self.mesh.axis_names:
+      raise ValueError(f"seq_axis {self.axis!r} is not an axis of the mesh (axes "
+                       f"{tuple(self.mesh.axis_names)})")
+
+  @property
+  def num_shards(self) -> int:
+    return self.mesh.shape[self.axis]
+
+  def _used(self, axis: str) -> bool:
+    return axis in self.mesh.axis_names and axis != self.axis and self.mesh.shape[axis] > 1
+
+  def layout(self, batch: int, *num_heads: int, strict: bool = False):
+    """`(batch_axes or None, head_axis or None)` for a batch of `batch` and head counts
+    `num_heads` (queries, keys/values). A size that the mesh axes do not divide raises a
+    `ValueError` with `strict`, and is replicated otherwise (a model initialised on one
+    example)."""
+    batch_axes = tuple(a for a in BATCH_AXES if self._used(a))
+    num_batch = math.prod(self.mesh.shape[a] for a in batch_axes)
+    if batch % num_batch:
+      if strict:
+        raise ValueError(f"batch size {batch} is not divisible by the mesh axes {batch_axes} "
+                         f"it is sharded over (size {num_batch})")
+      batch_axes = ()
+    head_axis = HEAD_AXIS if self._used(HEAD_AXIS) else None
+    if head_axis is not None and any(n % self.mesh.shape[head_axis] for n in num_heads):
+      if strict:
+        raise ValueError(f"head counts {num_heads} must be divisible by the size "
+                         f"{self.mesh.shape[head_axis]} of mesh axis {head_axis!r} they are "
+                         "sharded over")
+      head_axis = None
+    return batch_axes or None, head_axis
+
+  def constrain(self, x: Array) -> Array:
+    """`[batch, length, ...]` activations sharded over the batch axes and the sequence axis."""
+    spec = P(self.layout(x.shape[0])[0], self.axis, *([None] * (x.ndim - 2)))
+    return lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
+
+  def attention(self, query: Array, key: Array, value: Array, *, is_causal: bool = False,
+                segment_ids: Array | None = None, scale: float | None = None) -> Array:
+    """Softmax attention with the sequence split over `axis`, of arrays in the strategy's
+    token order (striped for "striped", natural otherwise): the inputs laid out by `layout`,
+    then `jax.shard_map` of `shard_attention` (Explicit or Auto mesh axes, as
+    `sequence_parallel_attention`). `segment_ids`: `[batch, seq]` for self-attention, or
+    None."""
+    batch_axes, heads = self.layout(query.shape[0], query.shape[2], key.shape[2])
+    qkv_spec, seg_spec = P(batch_axes, self.axis, heads, None), P(batch_axes, self.axis)
+    mesh = _working_mesh(self.mesh, query, key, value)
+
+    def per_shard(q, k, v, *seg):
+      return shard_attention(q, k, v, axis_name=self.axis, strategy=self.strategy,
+                             is_causal=is_causal, segment_ids=(seg[0], seg[0]) if seg else None,
+                             scale=scale)
+
+    args = (query, key, value) + (() if segment_ids is None else (segment_ids,))
+    specs = (qkv_spec,) * 3 + (() if segment_ids is None else (seg_spec,))
+    args = [compat.constrain(x, NamedSharding(mesh, spec)) for x, spec in zip(args, specs)]
+    return compat.shard_map(per_shard, mesh=mesh, in_specs=specs, out_specs=qkv_spec)(*args)
+
+
+def sequence_parallel_attention(query: Array, key: Array, value: Array, *, mesh,
+                                seq_axis: str = "seq", strategy: str = "striped",
+                                is_causal: bool = True, segment_ids=None,
+                                scale: float | None = None) -> Array:
+  """Softmax attention of global arrays with the sequence split over the mesh axis `seq_axis`.
+
+  out = softmax(s·QKᵀ, masked) V, exactly as `big_attn.ops.dot_product_attention`, computed by
+  - "ring": `ring_attention` (Liu et al. 2023) on contiguous shards;
+  - "striped": `striped_attention` (Brandon et al. 2023): the tokens are laid out in striped
+    order for the computation (shard j holds tokens j, j+P, ...) and the output is returned in
+    natural order, so causal work is balanced over the devices;
+  - "all_gather": each device gathers all keys/values and attends its local queries.
+
+  Layout: the sequence dimension is sharded over `seq_axis`; the batch and heads as
+  `SeqParallel.layout` says (batch over "data"/"fsdp", heads over "tensor"; sizes must divide);
+  every other mesh axis replicates. The output has the same layout. For "striped", the striped
+  order is a sharding of the sequence viewed as `[seq / P, P]` with the P dimension over
+  `seq_axis`, so no separate permutation is materialised (in a model, `stripe` the tokens once
+  at the input and use `SeqParallel.attention` instead).
+
+  Args:
+    query: `[batch, q_len, num_heads, head_dim]`, natural token order.
+    key: `[batch, kv_len, num_kv_heads, head_dim]` (GQA: num_heads % num_kv_heads == 0).
+    value: `[batch, kv_len, num_kv_heads, value_dim]`.
+    mesh: a `jax.sharding.Mesh` with the axis `seq_axis` (Auto or Explicit axes).
+    seq_axis: the mesh axis that splits the sequence; both lengths must be divisible by it.
+    strategy: "ring", "striped" or "all_gather".
+    is_causal: query i attends keys j <= i (needs q_len == kv_len).
+    segment_ids: `[batch, seq]` ints or a pair `(q_segment_ids, kv_segment_ids)`.
+    scale: logit scale; `1/sqrt(head_dim)` when None.
+
+  Returns:
+    `[batch, q_len, num_heads, value_dim]` in the query's dtype, natural order.
+  """
+  sp = SeqParallel(mesh, seq_axis, strategy)
+  dims = common.check_qkv(query, key, value)
+  segments = common.normalize_segment_ids(segment_ids, dims)
+  if is_causal and dims.q_len != dims.kv_len:
+    raise ValueError(
+        f"is_causal=True needs q_len == kv_len, got {dims.q_len} and {dims.kv_len}")
+  for name, length in (("query", dims.q_len), ("key/value", dims.kv_len)):
+    if length % sp.num_shards:
+      raise ValueError(
+          f"{name} sequence length {length} is not divisible by the size {sp.num_shards} of "
+          f"mesh axis {seq_axis!r}")
+  batch_axes, head_axis = sp.layout(dims.batch, dims.num_heads, dims.num_kv_heads, strict=True)
+  return _sharded_attention(
+      query, key, value, segments, mesh=_working_mesh(mesh, query, key, value),
+      seq_axis=seq_axis, strategy=strategy, is_causal=is_causal,
+      scale=common.default_scale(dims.head_dim, scale), batch_axes=batch_axes,
+      head_axis=head_axis)
+
+
+# Jitted so that a call outside `jax.jit` compiles the `shard_map` once instead of running its
+# body op by op; under an outer `jit` it is inlined.
+@functools.partial(jax.jit, static_argnames=("mesh", "seq_axis", "strategy", "is_causal",
+                                             "scale", "batch_axes", "head_axis"))
+def _sharded_attention(query, key, value, segments, *, mesh, seq_axis, strategy, is_causal,
+                       scale, batch_axes, head_axis):
+  """`sequence_parallel_attention` after its checks: the shard_map and the layout around it."""
+  dims = common.check_qkv(query, key, value)
+  num_shards = mesh.shape[seq_axis]
+
+  # The sequence viewed as [shard, token] (contiguous) or [token, shard] (striped); the shard
+  # dimension is the one split over seq_axis.
+  shard_dim = 2 if strategy == "striped" else 1
+  def split(x, with_heads=True):
+    b, length = x.shape[:2]
+    pair = (length // num_shards, num_shards) if shard_dim == 2 else (num_shards,
+                                                                       length // num_shards)
+    rest = [head_axis, None] if with_heads else []
+    spec = [batch_axes, None, None] + rest
+    spec[shard_dim] = seq_axis
+    spec = P(*spec)
+    # Contiguous over seq_axis first: the gradient's way back to the input's layout.
+    x = compat.constrain(x, NamedSharding(mesh, P(batch_axes, seq_axis, *rest)))
+    x = compat.reshape_with_sharding(x, (b,) + pair + x.shape[2:], NamedSharding(mesh, spec))
+    return x, spec
+
+  local = lambda x: x.reshape(x.shape[0], -1, *x.shape[3:])
+  (q, q_spec), (k, kv_spec), (v, _) = split(query), split(key), split(value)
+  q_seg = kv_seg = seg_spec = None
+  if segments is not None:
+    (q_seg, seg_spec), (kv_seg, _) = (split(s, with_heads=False) for s in segments)
+
+  def per_shard(q, k, v, q_seg, kv_seg):
+    out_shape = q.shape[:3] + (q.shape[3], v.shape[4])
+    segs = None if q_seg is None else (local(q_seg), local(kv_seg))
+    out = shard_attention(local(q), local(k), local(v), axis_name=seq_axis, strategy=strategy,
+                          is_causal=is_causal, segment_ids=segs, scale=scale)
+    return out.reshape(out_shape)
+
+  out = compat.shard_map(per_shard, mesh=mesh,
+                         in_specs=(q_spec, kv_spec, kv_spec, seg_spec, seg_spec),
+                         out_specs=q_spec)(q, k, v, q_seg, kv_seg)
+  out_sharding = NamedSharding(mesh, P(batch_axes, seq_axis, head_axis, None))
+  return compat.reshape_with_sharding(
+      out, (dims.batch, dims.q_len, dims.num_heads, dims.value_dim), out_sharding)
