@@ -125,7 +125,7 @@ class SwitchHeadParams(OpParams):
     del query, value
     op_args = self.op_args or {}
     num = checks.positive_int("op_args['num_experts']", op_args.get("num_experts", 4))
-    topk = checks.int_in_range("op_args['topk']", op_args.get("topk", 2), 1, num)
+    checks.int_in_range("op_args['topk']", op_args.get("topk", 2), 1, num)
     if inputs_q.shape[1] != key.shape[1]:
       raise ValueError("switchhead's parameters are computed from inputs_q: it supports "
                        f"self-attention only, got q_len {inputs_q.shape[1]} and kv_len "
