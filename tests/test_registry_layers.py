@@ -249,8 +249,8 @@ def test_attention_refuses_undeclared_arguments_and_forms():
   with pytest.raises(ValueError, match="op 'sigmoid' has no cached form"):
     init(op="sigmoid", decode=True, cache_len=4)
   sp = parallel.SeqParallel(jax.make_mesh((4,), ("seq",)), "seq", "ring")
-  with pytest.raises(ValueError, match="op 'performer' has no sequence-parallel form"):
-    init(op="performer", seq_parallel=sp)
+  with pytest.raises(ValueError, match="op 'cog' has no sequence-parallel form"):
+    init(op="cog", seq_parallel=sp)
   with pytest.raises(ValueError, match="exclusive"):
     init(decode=True, cache_len=4, seq_parallel=sp)
   with pytest.raises(ValueError, match="strategy must be one of"):
@@ -288,3 +288,38 @@ def test_attention_sequence_parallel_and_cached_equal_plain():
   np.testing.assert_allclose(prefill, full[:, :5], **ref.F32_TOL)
   np.testing.assert_allclose(step, full[:, 5:6], **ref.F32_TOL)
   assert index == 6
+
+
+@pytest.mark.parametrize("op", ["latte", "retention"])
+def test_attention_recurrent_ops_run_sequence_parallel_and_cached(op):
+  """Ops with a recurrent state form: `seq_parallel` (LASP over 4 contiguous shards) gives the
+  plain layer's outputs and gradients (latte's latents included), and `decode` (prefill 5
+  tokens, then 1, then 2) the full causal forward; striped order and packed rows are refused."""
+  x = ref.normal(0, (2, 8, 16))
+  layer = Attention(num_heads=4, num_kv_heads=2, op=op)
+  params = layer.init(jax.random.key(1), x)
+  sp = parallel.SeqParallel(jax.make_mesh((4,), ("seq",)), "seq", "ring")
+
+  @jax.jit
+  def outputs(params):
+    loss = lambda p, lay: jnp.sum(lay.apply(p, x, is_causal=True) ** 2)  # noqa: E731
+    grads = [jax.value_and_grad(loss)(params, lay) for lay in (layer, layer.clone(
+        seq_parallel=sp))]
+    decoder = layer.clone(decode=True)
+    outs, cache = [], {}
+    for lo, hi in ((0, 5), (5, 6), (6, 8)):
+      out, cache = decoder.apply({**params, **cache}, x[:, lo:hi], is_causal=True,
+                                 mutable=["cache"])
+      outs.append(out)
+    return grads, jnp.concatenate(outs, axis=1), layer.apply(params, x, is_causal=True)
+
+  ((value, grads), (sp_value, sp_grads)), decoded, full = outputs(params)
+  np.testing.assert_allclose(sp_value, value, rtol=1e-4)
+  for g, w in zip(jax.tree.leaves(sp_grads), jax.tree.leaves(grads)):
+    np.testing.assert_allclose(g, w, rtol=1e-3, atol=1e-5)
+  np.testing.assert_allclose(decoded, full, rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match=f"{op}.*'striped'"):
+    layer.clone(seq_parallel=parallel.SeqParallel(sp.mesh, "seq", "striped")).apply(params, x)
+  with pytest.raises(ValueError, match="packed sequences"):
+    layer.clone(seq_parallel=sp).apply(params, x, is_causal=True,
+                                       segment_ids=jnp.zeros((2, 8), jnp.int32))

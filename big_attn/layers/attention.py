@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from big_attn import ops, parallel
 from big_attn.ops import common
+from big_attn.ops import recurrent
 from big_attn.layers import kv_cache
 from big_attn.layers import posemb
 
@@ -116,12 +117,19 @@ class Attention(nn.Module):
                        "on one device per sequence)")
     mode = ("cached" if self.decode else
             "sequence-parallel" if self.seq_parallel is not None else None)
-    if mode is not None and spec.softmax_form is None:
+    if mode is not None and spec.softmax_form is None and self.op not in recurrent.STATE_FORMS:
       with_form = [name for name in ops.names() if ops.spec(name).softmax_form is not None]
       raise ValueError(
           f"attention op {self.op!r} has no {mode} form: sequence parallelism and decoding "
-          f"compute softmax attention of transformed queries and keys (ops registered with a "
-          f"softmax_form: {', '.join(with_form)})")
+          f"run softmax attention of transformed queries and keys (ops registered with a "
+          f"softmax_form: {', '.join(with_form)}) or pass a recurrent state (ops with a state "
+          f"form: {', '.join(sorted(recurrent.STATE_FORMS))})")
+    if (self.seq_parallel is not None and spec.softmax_form is None
+        and self.seq_parallel.strategy == "striped"):
+      raise ValueError(
+          f"attention op {self.op!r} runs sequence-parallel by passing its recurrent state "
+          "between contiguous shards (LASP); strategy 'striped' breaks the token order it "
+          "needs: use 'ring' or 'all_gather'")
 
   @nn.compact
   def __call__(self, inputs_q, context=None, *, mask=None, is_causal=False,
@@ -200,7 +208,10 @@ class Attention(nn.Module):
     Plain: the registered op with `op_args` (`segment_ids` passed to ops declaring them,
     folded into the mask otherwise). With `seq_parallel` or `decode`: the op's softmax form
     (`ops.spec(op).softmax_form`), then `SeqParallel.attention` or the `KVCache`; these take
-    `segment_ids` (sequence parallelism) and `is_causal`, not a mask.
+    `segment_ids` (sequence parallelism) and `is_causal`, not a mask. An op with a recurrent
+    state form (`ops.recurrent.STATE_FORMS`) instead passes its state between contiguous
+    shards (`SeqParallel.linear_state`) or keeps it in a `kv_cache.RecurrentCache` (causal,
+    one unmasked sequence per row).
     """
     spec = ops.spec(self.op)
     op_args = dict(op_args or {})
@@ -213,6 +224,15 @@ class Attention(nn.Module):
         raise ValueError("sequence-parallel and cached attention take segment_ids and "
                          "is_causal, not a mask")
       op_args.pop("implementation", None)
+      if spec.softmax_form is None:  # a recurrent state form (`_check_op`)
+        if segment_ids is not None:
+          raise ValueError(f"attention op {self.op!r} passes one recurrent state per row: "
+                           "packed sequences (segment_ids) are not supported in sequence-"
+                           "parallel or cached form")
+        if self.decode:
+          return kv_cache.RecurrentCache(self.op, name="cache")(query, key, value, **op_args)
+        return self.seq_parallel.linear_state(self.op, query, key, value,
+                                              is_causal=is_causal, **op_args)
       window = op_args.pop("local_window_size", None) if self.decode else None
       query, key, scale = spec.softmax_form(query, key, op_args.pop("scale", None), **op_args)
       if self.decode:

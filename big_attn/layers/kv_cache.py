@@ -1,4 +1,5 @@
-"""The key/value cache of decoding: `KVCache`, the cached form of softmax attention."""
+"""The caches of decoding: `KVCache` (softmax attention's keys and values) and
+`RecurrentCache` (the constant-size state of an op with a recurrent state form)."""
 from __future__ import annotations
 
 from typing import Any
@@ -8,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from big_attn import ops
+from big_attn.ops import recurrent
 
 Array = jax.Array
 
@@ -56,3 +58,25 @@ class KVCache(nn.Module):
     index.value = start + query.shape[1]
     return ops.get("lean_decode")(query, cached_key.value, cached_value.value, mask=mask,
                                   is_causal=is_causal, scale=scale, kv_length=index.value)
+
+
+class RecurrentCache(nn.Module):
+  """Causal op `op` over new tokens after the tokens seen before, from a state of constant size.
+
+  The state (`big_attn.ops.recurrent.RecurrentState`: the decayed sum of phi(k) v^T, its
+  normaliser and the statistics later tokens depend on) is the variable `state` of the
+  collection "cache"; each call appends the new tokens with the op's `StateForm.append` and
+  returns their causal outputs, equal to the full causal op at those positions. Apply with
+  `mutable=["cache"]`.
+
+  Attributes:
+    op: a registered op with a state form (`recurrent.STATE_FORMS`).
+  """
+  op: str
+
+  @nn.compact
+  def __call__(self, query: Array, key: Array, value: Array, **op_args) -> Array:
+    form = recurrent.state_form(self.op, query, key, value, **op_args)
+    state = self.variable("cache", "state", lambda: form.initial)
+    out, state.value = form.append(state.value, query, key, value)
+    return out

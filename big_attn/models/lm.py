@@ -75,6 +75,7 @@ import numpy as np
 import optax
 
 from big_attn import ops, parallel
+from big_attn.ops import recurrent
 from big_attn.layers import Attention, KVCache, apply_rope
 from big_attn.models import common as models_common
 from big_attn.ops import experts as experts_ops
@@ -666,11 +667,13 @@ class Model(nn.Module):
       raise ValueError("block='ngpt' normalises queries and keys itself and has no dropout: set "
                        f"qk_norm=False and dropout=0 (got {self.qk_norm}, {self.dropout})")
     if ((sp is not None or self.decode) and self.block != "moeut"
-        and ops.spec(self.attention).softmax_form is None):
+        and ops.spec(self.attention).softmax_form is None
+        and self.attention not in recurrent.STATE_FORMS):
       with_form = [n for n in ops.names() if ops.spec(n).softmax_form is not None]
       raise ValueError(f"sequence parallelism and decoding compute softmax attention (of the "
                        f"ops registered with a softmax_form, {with_form}, or SwitchHead in "
-                       f"block='moeut'); got attention={self.attention!r}")
+                       f"block='moeut') or pass a recurrent state (ops "
+                       f"{sorted(recurrent.STATE_FORMS)}); got attention={self.attention!r}")
     if sp is not None and tokens.shape[1] % sp.num_shards:
       raise ValueError(f"sequence length {tokens.shape[1]} is not divisible by the "
                        f"{sp.num_shards} shards of mesh axis {sp.axis!r}")

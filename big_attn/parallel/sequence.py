@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -25,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 from big_attn import compat
 from big_attn.ops import common
 from big_attn.ops.softmax import dot_product_attention
+from big_attn.parallel.linear_state import linear_state_attention
 from big_attn.parallel.ring import ring_attention
 from big_attn.parallel.striped import striped_attention
 
@@ -159,6 +161,32 @@ class SeqParallel:
     specs = (qkv_spec,) * 3 + (() if segment_ids is None else (seg_spec,))
     args = [compat.constrain(x, NamedSharding(mesh, spec)) for x, spec in zip(args, specs)]
     return compat.shard_map(per_shard, mesh=mesh, in_specs=specs, out_specs=qkv_spec)(*args)
+
+  def linear_state(self, op: str, query: Array, key: Array, value: Array, *,
+                   is_causal: bool = True, **op_args) -> Array:
+    """Causal op `op` with a recurrent state form (`big_attn.ops.recurrent`) with the sequence
+    split over `axis` in contiguous shards: `linear_state_attention` (LASP) inside
+    `jax.shard_map`. The batch is laid out by `layout`; heads and the op's array arguments
+    (its weights) are replicated. The "striped" strategy is refused: the recurrence runs in
+    token order (see `big_attn.parallel.linear_state`)."""
+    if self.strategy == "striped":
+      raise ValueError(
+          f"attention op {op!r} runs sequence-parallel by passing its recurrent state between "
+          "contiguous shards (LASP); strategy 'striped' breaks the token order it needs: use "
+          "strategy 'ring' or 'all_gather'")
+    batch_axes, _ = self.layout(query.shape[0])
+    qkv_spec = P(batch_axes, self.axis, None, None)
+    mesh = _working_mesh(self.mesh, query, key, value)
+    weights = {k: v for k, v in op_args.items() if isinstance(v, (jax.Array, np.ndarray))}
+    static = {k: v for k, v in op_args.items() if k not in weights}
+
+    def per_shard(q, k, v, w):
+      return linear_state_attention(q, k, v, op=op, axis_name=self.axis, is_causal=is_causal,
+                                    **w, **static)
+
+    args = [compat.constrain(x, NamedSharding(mesh, qkv_spec)) for x in (query, key, value)]
+    return compat.shard_map(per_shard, mesh=mesh, in_specs=(qkv_spec,) * 3 + (P(),),
+                            out_specs=qkv_spec)(*args, weights)
 
 
 def sequence_parallel_attention(query: Array, key: Array, value: Array, *, mesh,
