@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from big_attn import ops
 from big_attn.ops import common
+from big_attn.ops import spatial
 from big_attn.layers import op_params
 from big_attn.layers import posemb
 
@@ -160,7 +161,7 @@ class Attention(nn.Module):
         raise ValueError(f"attention op {self.op!r} takes no implementation argument, "
                          f"got implementation={self.implementation!r}")
       op_args["implementation"] = self.implementation
-    out = op_fn(query, key, value, mask=mask, is_causal=is_causal, **op_args)
+    out = spatial.attend(op_fn, query, key, value, mask=mask, is_causal=is_causal, **op_args)
 
     return self._projection((self.num_heads, head_dim, features),
                             ("heads", "head_dim", "embed"), "out", contract=2,

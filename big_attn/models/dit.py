@@ -69,6 +69,7 @@ import numpy as np
 from big_attn.layers import Attention, MlpBlock, posemb_sincos_2d
 from big_attn.layers.attention import Projection
 from big_attn.models.vit import REMAT_POLICIES
+from big_attn.ops import spatial
 from big_attn.train import step as step_lib
 
 # DiT Table 1 (models.py of facebookresearch/DiT): width, depth, heads.
@@ -247,6 +248,7 @@ class Model(nn.Module):
       raise ValueError("cond_dim needs cross_attention=True (condition tokens enter through it)")
     if self.attention_args is not None and not hasattr(self.attention_args, "keys"):
       raise TypeError(f"attention_args must be a dict, got {type(self.attention_args).__name__}")
+    spatial.check_op(self.attention, "DiT")
     if images.ndim != 4:
       raise ValueError(f"images must be [batch, height, width, channels], got shape "
                        f"{images.shape}")
@@ -362,8 +364,8 @@ class Model(nn.Module):
       block_cls = nn.remat(block_cls, policy=getattr(jax.checkpoint_policies, self.remat_policy))
     block_args = dict(num_heads=sizes["num_heads"], mlp_dim=sizes["mlp_dim"],
                       attention=self.attention,
-                      attention_args=None if self.attention_args is None
-                      else dict(self.attention_args),
+                      attention_args=spatial.op_args(self.attention, self.attention_args,
+                                                     (gh, gw)),
                       attention_impl=self.attention_impl, qk_norm=self.qk_norm,
                       cross_attention=self.cross_attention,
                       cross_attention_op=self.cross_attention_op, dtype=self.dtype,

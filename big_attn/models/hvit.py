@@ -102,6 +102,7 @@ from big_attn import ops
 from big_attn.layers import Attention, MlpBlock, conv_norm, layer_norm
 from big_attn.layers.norm import CONV_NORMS
 from big_attn.ops import retention as retention_lib
+from big_attn.ops import spatial
 
 FAMILIES = ("davit", "twins_svt", "dinat", "biformer", "rmt")
 
@@ -235,10 +236,6 @@ def _drop_path(rate: float, x, deterministic: bool):
   return nn.Dropout(rate=rate, broadcast_dims=tuple(range(1, x.ndim)))(x, deterministic)
 
 
-def _takes_grid(op: str) -> bool:
-  return ops.accepts(op, "grid")
-
-
 def _decomposed(op_fn, query, key, value, grid, **kwargs):
   """RMT's decomposed Manhattan attention: `op_fn` along each row (grid (1, w)), then along
   each column (grid (h, 1)) of the first pass's output, with the same queries and keys."""
@@ -313,7 +310,7 @@ class Block(nn.Module):
       kv_grid = kv.shape[1:3]
       kv = kv.reshape(b, -1, c)
     op_args = dict(self.op_args or {})
-    if _takes_grid(self.op):
+    if spatial.takes_grid(self.op):
       op_args["grid"] = kv_grid
     extra = {}
     if self.rpb_size is not None and self.op == "neighborhood":
@@ -534,36 +531,30 @@ class Model(nn.Module):
   def _op_args(self, spec, slot: int, stage: int, grid: tuple[int, int]) -> dict[str, Any]:
     """The family's arguments of the op in `slot` (0 local, 1 global) at `stage`, then the
     config's."""
-    family, op, (h, w) = spec["family"], spec["ops"][slot], grid
+    family, op = spec["family"], spec["ops"][slot]
     args = {}
     if op == _FAMILY[family]["ops"][slot]:
       if op == "window":
-        win = (min(spec["window_size"], h), min(spec["window_size"], w))
-        if h % win[0] or w % win[1]:
-          raise ValueError(f"window_size {spec['window_size']} must divide the stage-{stage} "
-                           f"map {grid} (or exceed it)")
-        args = dict(window_size=win, rpb=None)
+        args = dict(window_size=spec["window_size"], rpb=None)
       elif op == "neighborhood":
         kernel = tuple(min(spec["kernel_size"], s - 1 + s % 2) for s in grid)
         dilation = tuple(max(1, s // k) for s, k in zip(grid, kernel)) if slot else (1, 1)
         args = dict(kernel_size=kernel, dilation=dilation)
       elif op == "bilevel_routing":
         topk = spec["topks"][stage]
-        regions = (min(spec["num_regions"], h), min(spec["num_regions"], w))
         if topk == -1:
           args = dict(num_regions=1, topk=1)
-        elif h % regions[0] or w % regions[1]:
-          raise ValueError(f"num_regions {spec['num_regions']} must divide the stage-{stage} "
-                           f"map {grid} (or exceed it)")
         else:
-          args = dict(num_regions=regions, topk=min(topk, regions[0] * regions[1]),
+          args = dict(num_regions=spec["num_regions"], topk=topk,
                       scale=spec["embed_dims"][stage] ** -0.5)
       elif op == "retention":
         init_value, heads_range = spec["decays"][stage]
         args = dict(gamma=retention_lib.rmt_gammas(spec["num_heads"][stage], init_value,
                                                    heads_range).astype(np.float32))
     args.update((self.global_op_args if slot else self.local_op_args) or {})
-    return args
+    if family == "twins_svt" and slot:  # keys and values on the sr-reduced map
+      spatial.check_op(op, "hvit", same_grid=spec["sr_ratios"][stage] == 1)
+    return spatial.op_args(op, args, grid) or {}
 
   def _stem(self, spec, x, train):
     family, p, dim = spec["family"], spec["patch_size"], spec["embed_dims"][0]

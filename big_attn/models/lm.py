@@ -80,6 +80,7 @@ from big_attn import compat, ops, parallel
 from big_attn.layers import Attention, apply_rope
 from big_attn.ops import experts as experts_ops
 from big_attn.ops import ngpt as ngpt_ops
+from big_attn.ops import spatial
 from big_attn.train import step as step_lib
 
 _VARIANTS = {  # width, depth, mlp_dim, num_heads, num_kv_heads
@@ -790,6 +791,7 @@ class Model(nn.Module):
                        f"{REMAT_POLICIES}")
     if self.block not in BLOCKS:
       raise ValueError(f"block must be one of {BLOCKS}, got {self.block!r}")
+    spatial.check_op(self.attention, "LM", causal=True, grid=False)
     if self.block == "moeut" and self.attention != "switchhead":
       raise ValueError(f"block='moeut' computes SwitchHead attention: set "
                        f"attention='switchhead', got {self.attention!r}")
