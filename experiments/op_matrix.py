@@ -198,13 +198,26 @@ def main(argv=None) -> None:
   parser.add_argument("--models", default=",".join(MODELS))
   parser.add_argument("--ops", default="")
   parser.add_argument("--no-write", action="store_true", help="print only")
+  parser.add_argument("--save", default="", help="also dump the cells run to this JSON file")
+  parser.add_argument("--load", default="",
+                      help="comma-separated JSON dumps (--save) to write instead of running")
   args = parser.parse_args(argv)
   model_names = [m for m in args.models.split(",") if m]
   op_names = [o for o in args.ops.split(",") if o] or ops.names()
   start = time.perf_counter()
-  cells = run(model_names, op_names)
+  if args.load:
+    cells = {}
+    for path in args.load.split(","):
+      with open(path, encoding="utf-8") as f:
+        cells.update(json.load(f))
+    cells = {m: cells[m] for m in MODELS if m in cells}
+  else:
+    cells = run(model_names, op_names)
+  if args.save:
+    with open(args.save, "w", encoding="utf-8") as f:
+      json.dump(cells, f)
   for m, c in counts(cells).items():
-    print(f"{m}: {c['ok']} ok, {c['refused']} refused, {c['fail']} fail of {len(op_names)}")
+    print(f"{m}: {c['ok']} ok, {c['refused']} refused, {c['fail']} fail of {len(cells[m])}")
   if not args.no_write:
     now = datetime.datetime.now(datetime.timezone.utc)
     write(cells, f"jax {jax.__version__}, {now:%Y-%m-%d %H:%M} UTC, "

@@ -57,7 +57,8 @@ class Attention(nn.Module):
     num_kv_heads: key/value heads (GQA); `num_heads` when None.
     head_dim: per-head width; `features // num_heads` when None.
     op: registry name of the attention mechanism (`big_attn.ops.names()`).
-    op_args: keyword arguments of the op (mechanism hyper-parameters).
+    op_args: keyword arguments of the op (mechanism hyper-parameters); `extra_tokens`, for a
+      2-D op, makes the first tokens global softmax tokens around it (`ops.spatial.attend`).
     implementation: passed to ops that take it ("xla", "pallas", "cudnn" or None).
     qk_norm: RMS-normalise queries and keys per head before the op.
     use_bias: biases on the projections.

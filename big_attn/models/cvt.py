@@ -203,7 +203,9 @@ class Model(nn.Module):
     kernel_size, stride_kv: convolutional projection (3, and 2 for keys and values).
     mlp_ratio: MLP width over the stage width (4).
     attention: registry name of the attention op (`big_attn.ops.names()`); attention_args its
-      keyword arguments; attention_impl its `implementation`.
+      keyword arguments; attention_impl its `implementation`. A 2-D op gets the stage's
+      `grid` and the class token as `extra_tokens` (`big_attn.ops.spatial`); one that needs
+      queries and keys on one grid is refused unless `stride_kv=1`.
     dropout: rate on the attention and MLP outputs.
     drop_path_rate: stochastic depth rate, rising linearly over the last stage's blocks (the
       official configs use 0 in the earlier stages).

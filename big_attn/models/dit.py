@@ -181,7 +181,8 @@ class Model(nn.Module):
     cond_dim: width of caller-given `cond_tokens` (None: learned per-class tokens).
     adaln_single: PixArt-α's shared adaLN (see the module docstring).
     num_timesteps: diffusion steps of the noise schedule.
-    attention, attention_args, attention_impl, qk_norm: the self-attention op, as in ViT.
+    attention, attention_args, attention_impl, qk_norm: the self-attention op, as in ViT (a
+      2-D op gets the patch `grid`, `big_attn.ops.spatial`).
     remat_policy: "none" or a `jax.checkpoint_policies` name applied to every block.
     dtype, param_dtype: compute and parameter dtypes.
   Parameters carry the logical axis names embed, mlp, heads, head_dim, patch_h, patch_w,

@@ -387,7 +387,8 @@ class Model(nn.Module):
     mlp_ratios: FFN width / embed dim (an int for all stages, or four).
     patch_size: stride of the stem (4 in the papers; a power of two for the conv stems of
       dinat, biformer and rmt); the total stride is 8·patch_size.
-    window_size: DaViT / Twins LSA windows (clipped to small maps; must divide them).
+    window_size: DaViT / Twins LSA windows (on a smaller map or one it does not divide: the
+      largest divisor of the map's side below it).
     sr_ratios: Twins GSA key/value sub-sampling per stage.
     kernel_size: DiNAT neighbourhood (clipped to the largest odd size a map holds).
     num_regions, topks: BiFormer regions per side and routed regions per stage (topk -1: the
@@ -398,7 +399,8 @@ class Model(nn.Module):
     head_projection: RMT's Dense width before the pooling (None: none).
     local_op, global_op: registry names replacing the family's ops of even / odd blocks;
       local_op_args, global_op_args: their extra arguments (merged over the family's when the
-      op is the family's own); the stage's `grid` is filled in for ops that take one.
+      op is the family's own); a 2-D op gets the stage's `grid` and its sizes clipped to
+      the map (`big_attn.ops.spatial`).
     drop_path: stochastic depth rate of the last block (linear from 0).
     approximate_gelu: tanh-approximate GELU in the FFNs; False: exact (timm's weights).
     conv_norm: BiFormer's and RMT's stem, downsampling and final norms, "batch" (their
@@ -526,6 +528,9 @@ class Model(nn.Module):
         raise TypeError(f"local_op_args/global_op_args must be dicts, got "
                         f"{type(op_args).__name__}")
     spec["ops"] = tuple(ops_)
+    # Twins' global attention has its keys and values on the sr-reduced map.
+    same_grid = family != "twins_svt" or all(r == 1 for r in spec["sr_ratios"])
+    spatial.check_op(spec["ops"][1], "hvit", same_grid=same_grid)
     return spec
 
   def _op_args(self, spec, slot: int, stage: int, grid: tuple[int, int]) -> dict[str, Any]:
@@ -552,8 +557,6 @@ class Model(nn.Module):
         args = dict(gamma=retention_lib.rmt_gammas(spec["num_heads"][stage], init_value,
                                                    heads_range).astype(np.float32))
     args.update((self.global_op_args if slot else self.local_op_args) or {})
-    if family == "twins_svt" and slot:  # keys and values on the sr-reduced map
-      spatial.check_op(op, "hvit", same_grid=spec["sr_ratios"][stage] == 1)
     return spatial.op_args(op, args, grid) or {}
 
   def _stem(self, spec, x, train):

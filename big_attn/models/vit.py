@@ -237,6 +237,9 @@ class Model(nn.Module):
     num_registers: learned register tokens appended to the sequence and dropped at the output.
     attention: registry name of the attention op (`big_attn.ops.names()`).
     attention_args: dict of op keyword arguments; attention_impl: the op's `implementation`.
+      A 2-D op also gets the patch `grid`, the class and register tokens as `extra_tokens`
+      and its sizes clipped to the grid (`big_attn.ops.spatial`; registers then sit after the
+      class token inside the encoder).
     qk_norm, num_kv_heads: as in `big_attn.layers.Attention`.
     dropout: rate after the embeddings and inside every block.
     norm_eps: epsilon of the LayerNorms (1e-6; Hugging Face's ViT uses 1e-12).
