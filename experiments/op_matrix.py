@@ -94,14 +94,23 @@ def _attention_grad_norm(grads) -> float:
   return max((float(jnp.max(jnp.abs(x))) for x in leaves), default=0.0)
 
 
-def run_cell(model_name: str, op: str, jit: bool = False) -> tuple[str, str]:
+def run_cell(model_name: str, op: str, jit: bool = False, trace_only: bool = False
+             ) -> tuple[str, str]:
   """`(status, reason)` of op `op` in model `model_name`: "ok", "refused" or "fail". Eager
-  (`jit=False`) shares the compiled primitives across cells, which is faster at tiny sizes."""
+  (`jit=False`) shares the compiled primitives across cells, which is faster at tiny sizes.
+  `trace_only` traces init, forward and gradient (`jax.eval_shape`) without running them:
+  "ok" then says that every argument check passed (reason "traced, not run")."""
   make_model, make_inputs, kwargs = _tiny_models()[model_name]
   rng_init, rng_in, rng_noise, rng_target = jax.random.split(jax.random.key(0), 4)
   try:
     model = make_model(op)
     inputs = make_inputs(rng_in)
+    if trace_only:
+      variables = jax.eval_shape(lambda: model.init(rng_init, *inputs, **kwargs))
+      jax.eval_shape(jax.grad(lambda params: jnp.sum(jnp.concatenate([jnp.ravel(o) for o in (
+          jax.tree.leaves(model.apply(dict(variables, params=params), *inputs, **kwargs,
+                                      rngs={"dropout": rng_init})))]))), variables["params"])
+      return "ok", "traced, not run"
     variables = model.init(rng_init, *inputs, **kwargs)
     leaves, tree = jax.tree.flatten(variables["params"])
     keys = jax.random.split(rng_noise, len(leaves))
@@ -136,14 +145,14 @@ def _first_line(e: Exception) -> str:
   return re.sub(r"\s+", " ", text[0] if text else "")[:200]
 
 
-def run(model_names, op_names, log=print) -> dict[str, dict[str, list[str]]]:
+def run(model_names, op_names, log=print, trace_only=False) -> dict[str, dict[str, list[str]]]:
   """`{model: {op: [status, reason]}}` of every cell."""
   cells: dict[str, dict[str, list[str]]] = {}
   for model_name in model_names:
     cells[model_name] = {}
     for op in op_names:
       start = time.perf_counter()
-      status, reason = run_cell(model_name, op)
+      status, reason = run_cell(model_name, op, trace_only=trace_only)
       cells[model_name][op] = [status, reason]
       log(f"{model_name:10s} {op:18s} {status:7s} {time.perf_counter() - start:5.1f}s {reason}")
   return cells
@@ -198,9 +207,12 @@ def main(argv=None) -> None:
   parser.add_argument("--models", default=",".join(MODELS))
   parser.add_argument("--ops", default="")
   parser.add_argument("--no-write", action="store_true", help="print only")
+  parser.add_argument("--trace-only", action="store_true",
+                      help="trace the cells (argument checks, shapes) without running them")
   parser.add_argument("--save", default="", help="also dump the cells run to this JSON file")
   parser.add_argument("--load", default="",
-                      help="comma-separated JSON dumps (--save) to write instead of running")
+                      help="comma-separated JSON dumps (--save) to write instead of running; "
+                      "a later file's cells replace an earlier's")
   args = parser.parse_args(argv)
   model_names = [m for m in args.models.split(",") if m]
   op_names = [o for o in args.ops.split(",") if o] or ops.names()
@@ -209,10 +221,11 @@ def main(argv=None) -> None:
     cells = {}
     for path in args.load.split(","):
       with open(path, encoding="utf-8") as f:
-        cells.update(json.load(f))
+        for model_name, row in json.load(f).items():
+          cells.setdefault(model_name, {}).update(row)
     cells = {m: cells[m] for m in MODELS if m in cells}
   else:
-    cells = run(model_names, op_names)
+    cells = run(model_names, op_names, trace_only=args.trace_only)
   if args.save:
     with open(args.save, "w", encoding="utf-8") as f:
       json.dump(cells, f)
