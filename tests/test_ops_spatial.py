@@ -96,7 +96,10 @@ def test_grid_lookup_and_refusals():
     spatial.check_op("agent", "LM", causal=True, grid=False)
   with pytest.raises(spatial.OpRefused, match="'window' needs queries and keys on one"):
     spatial.check_op("window", "CvT", same_grid=False)
+  with pytest.raises(spatial.OpRefused, match="'combiner' attends within one sequence"):
+    spatial.check_op("combiner", "CvT", same_grid=False)
   spatial.check_op("spatial_reduction", "CvT", same_grid=False)
+  spatial.check_op("combiner", "MaxViT")
   spatial.check_op("neighborhood", "LM", causal=True, grid=False)
   with pytest.raises(KeyError, match="no_such_op"):
     spatial.check_op("no_such_op", "LM")

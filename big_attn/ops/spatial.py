@@ -43,6 +43,8 @@ GRID_OPS = {
 # Ops whose grid is that of the keys and values (any query length); the other grid ops need
 # queries and keys on one grid.
 KV_GRID_OPS = frozenset({"spatial_reduction"})
+# Non-2-D ops that attend within one sequence (q_len == kv_len).
+SELF_ATTENTION_OPS = frozenset({"channel_attention", "combiner", "kernelized_rpe"})
 # The papers' stage-dependent sizes, used where the op arguments give none.
 PAPER_SIZES = {("window", "window_size"): 7, ("grid", "grid_size"): 7,
                ("neighborhood", "kernel_size"): 7, ("bilevel_routing", "num_regions"): 7}
@@ -68,7 +70,7 @@ def check_op(op: str, model: str, *, causal: bool = False, grid: bool = True,
   """Raises `OpRefused` naming `op` and `model` when the op is not meaningful there: a model
   without a token grid (`grid=False`) and an op that needs one, a causal model and an op
   without a causal form, or keys on another grid than the queries (`same_grid=False`) and a
-  2-D op that needs them on one grid."""
+  2-D op that needs them on one grid or an op of `SELF_ATTENTION_OPS`."""
   get(op)
   if not grid and needs_grid(op):
     raise OpRefused(f"{model}: attention op {op!r} works on a 2-D grid of image tokens; the "
@@ -79,6 +81,9 @@ def check_op(op: str, model: str, *, causal: bool = False, grid: bool = True,
   if not same_grid and takes_grid(op) and op not in KV_GRID_OPS:
     raise OpRefused(f"{model}: attention op {op!r} needs queries and keys on one token grid; "
                     f"the {model}'s keys are on a reduced grid")
+  if not same_grid and op in SELF_ATTENTION_OPS:
+    raise OpRefused(f"{model}: attention op {op!r} attends within one sequence (q_len == "
+                    f"kv_len); the {model}'s keys are a reduced sequence")
 
 
 def _divisor_at_most(size: int, side: int) -> int:
@@ -178,5 +183,5 @@ def attend(op_fn: Callable, query, key, value, *, mask=None, is_causal: bool = F
   return jnp.concatenate([out_extra, merged.astype(out_patch.dtype)], axis=1)
 
 
-__all__ = ["GRID_OPS", "KV_GRID_OPS", "OpRefused", "PAPER_SIZES", "attend", "check_op",
-           "needs_grid", "op_args", "stage_sizes", "takes_grid"]
+__all__ = ["GRID_OPS", "KV_GRID_OPS", "OpRefused", "PAPER_SIZES", "SELF_ATTENTION_OPS", "attend",
+           "check_op", "needs_grid", "op_args", "stage_sizes", "takes_grid"]
