@@ -40,6 +40,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "experiments", "results")
 README = os.path.join(ROOT, "README.md")
 MARKERS = ("<!-- op-matrix:start -->", "<!-- op-matrix:end -->")
+# Ops working by name alone before models passed their grid and extra tokens (issue 20's table,
+# the digits configs on commit 57662f2; this script reproduces vit/deit/dit there).
+BEFORE = {"vit": 20, "deit": 20, "dit": 20, "cvt": 15, "maxvit": 24, "hvit": 22,
+          "metaformer": 22, "lm": 18}
 
 
 def _image(shape):
@@ -185,8 +189,9 @@ def write(cells, header: str) -> None:
     f.write("\n")
   total = counts(cells)
   lines = ["# Every op in every model (`python experiments/op_matrix.py`)", "", header, "",
-           "| model | works | refused | fails |", "|---|---|---|---|"]
-  lines += [f"| {m} | {c['ok']} | {c['refused']} | {c['fail']} |" for m, c in total.items()]
+           "| model | works | refused | fails | works before |", "|---|---|---|---|---|"]
+  lines += [f"| {m} | {c['ok']} | {c['refused']} | {c['fail']} | {BEFORE.get(m, '')} |"
+            for m, c in total.items()]
   lines += ["", readme_table(cells), "", "## Refusals and failures", ""]
   for m, row in cells.items():
     for op, (status, reason) in row.items():
@@ -217,7 +222,10 @@ def main(argv=None) -> None:
   model_names = [m for m in args.models.split(",") if m]
   op_names = [o for o in args.ops.split(",") if o] or ops.names()
   start = time.perf_counter()
+  header = "jax {version}, {now:%Y-%m-%d %H:%M} UTC, {seconds:.0f} s on {cores} cores."
   if args.load:
+    header = ("jax {version}, {now:%Y-%m-%d %H:%M} UTC, merged from runs of parts of the matrix; "
+              "a cell whose reason is \"traced, not run\" was traced (`--trace-only`).")
     cells = {}
     for path in args.load.split(","):
       with open(path, encoding="utf-8") as f:
@@ -232,9 +240,9 @@ def main(argv=None) -> None:
   for m, c in counts(cells).items():
     print(f"{m}: {c['ok']} ok, {c['refused']} refused, {c['fail']} fail of {len(cells[m])}")
   if not args.no_write:
-    now = datetime.datetime.now(datetime.timezone.utc)
-    write(cells, f"jax {jax.__version__}, {now:%Y-%m-%d %H:%M} UTC, "
-                 f"{time.perf_counter() - start:.0f} s on {os.cpu_count()} cores.")
+    write(cells, header.format(version=jax.__version__,
+                               now=datetime.datetime.now(datetime.timezone.utc),
+                               seconds=time.perf_counter() - start, cores=os.cpu_count()))
 
 
 if __name__ == "__main__":
