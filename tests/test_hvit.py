@@ -236,8 +236,12 @@ def test_bad_arguments():
     init(_tiny("davit"), jnp.zeros((1, 24, 16, 3)))
   with pytest.raises(ValueError, match=r"images must be \[batch"):
     init(_tiny("davit"), jnp.zeros((16, 16, 3)))
-  with pytest.raises(ValueError, match="window_size 3 must divide"):
-    init(_tiny("twins_svt", window_size=3))
+  model = _tiny("twins_svt", window_size=3)  # clipped to a divisor of every stage's map
+  spec = model.spec()
+  assert [model._op_args(spec, 0, stage, (side, side))["window_size"]  # pylint: disable=protected-access
+          for stage, side in enumerate((8, 4, 2, 1))] == [(2, 2), (2, 2), (2, 2), (1, 1)]
+  with pytest.raises(ValueError, match="'window' needs queries and keys on one token grid"):
+    _tiny("twins_svt", global_op="window").spec()
   with pytest.raises(ValueError, match="even head_dim"):
     init(_tiny("rmt", num_heads=(8, 2, 4, 4)))
 

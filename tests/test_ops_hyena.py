@@ -173,7 +173,7 @@ def test_bad_arguments():
     op(q, q, q, filters=filters, order=3)
   with pytest.raises(ValueError, match="no scale"):
     op(q, q, q, filters=filters, scale=0.5)
-  with pytest.raises(ValueError, match="same shape"):
+  with pytest.raises(ValueError, match="same length and head_dim"):
     op(q, q[:, :, :1], q[:, :, :1], filters=filters)
   with pytest.raises(ValueError, match="key-padding"):
     op(q, q, q, filters=filters, mask=jnp.ones((1, 1, 6, 6), bool))
@@ -191,6 +191,19 @@ def test_bad_arguments():
     op(q, q, q, filters=filters, max_len=5)
   with pytest.raises(TypeError, match="filters"):
     op(q, q, q, filters=filters.astype(jnp.int32))
+
+
+def test_grouped_kv_heads_gate_their_query_heads():
+  op = ops.get("hyena")
+  q, kv = ref.normal(0, (1, 6, 4, 3)), ref.normal(1, (1, 6, 2, 3))
+  filters = ref.normal(2, (2, 11, 4, 3))
+  repeated = jnp.repeat(kv, 2, axis=2)
+  np.testing.assert_allclose(op(q, kv, kv * 0.5, filters=filters),
+                             op(q, repeated, repeated * 0.5, filters=filters), rtol=1e-6)
+  grad = jax.grad(lambda k: jnp.sum(op(q, k, kv, filters=filters) ** 2))(kv)
+  grad_ref = jax.grad(lambda k: jnp.sum(op(q, jnp.repeat(k, 2, axis=2), repeated,
+                                           filters=filters) ** 2))(kv)
+  np.testing.assert_allclose(grad, grad_ref, rtol=1e-5, atol=1e-6)
 
 
 def test_implicit_filter_is_the_windowed_sine_network():

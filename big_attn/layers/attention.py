@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from big_attn import ops, parallel
 from big_attn.ops import common
 from big_attn.ops import recurrent
+from big_attn.ops import spatial
 from big_attn.layers import kv_cache
 from big_attn.layers import posemb
 
@@ -63,7 +64,8 @@ class Attention(nn.Module):
     num_kv_heads: key/value heads (GQA); `num_heads` when None.
     head_dim: per-head width; `features // num_heads` when None.
     op: registry name of the attention mechanism (`big_attn.ops.names()`).
-    op_args: keyword arguments of the op (mechanism hyper-parameters).
+    op_args: keyword arguments of the op (mechanism hyper-parameters); `extra_tokens`, for a
+      2-D op, makes the first tokens global softmax tokens around it (`ops.spatial.attend`).
     implementation: passed to ops registered with `implementation=True` ("xla", "pallas",
       "cudnn" or None); a `ValueError` for other ops. The sequence-parallel and cached paths
       compute with their own kernels (ring/striped blocks, `lean_decode`).
@@ -248,4 +250,4 @@ class Attention(nn.Module):
       else:
         mask = common.make_mask(common.check_qkv(query, key, value), mask=mask,
                                 segment_ids=segment_ids)
-    return spec.fn(query, key, value, mask=mask, is_causal=is_causal, **op_args)
+    return spatial.attend(spec.fn, query, key, value, mask=mask, is_causal=is_causal, **op_args)

@@ -47,6 +47,7 @@ from big_attn.layers import MlpBlock, conv_norm, layer_norm
 from big_attn.layers.norm import CONV_NORMS
 from big_attn.layers.attention import Projection
 from big_attn.models import common
+from big_attn.ops import spatial
 
 _DIMS = {"13": (64, 192, 384), "21": (64, 192, 384), "W24": (192, 768, 1024)}
 _HEADS = {"13": (1, 3, 6), "21": (1, 3, 6), "W24": (3, 12, 16)}
@@ -152,7 +153,7 @@ class ConvProjectionAttention(nn.Module):
           name="op_params")(inputs_q, query, key, value))
     if self.implementation is not None:
       op_args["implementation"] = self.implementation
-    out = op_fn(query, key, value, **op_args)
+    out = spatial.attend(op_fn, query, key, value, **op_args)
     return Projection(shape=(self.num_heads, head_dim, dim),
                       logical_axes=("heads", "head_dim", "embed"), contract=2, use_bias=True,
                       dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_INIT,
@@ -202,7 +203,9 @@ class Model(nn.Module):
     kernel_size, stride_kv: convolutional projection (3, and 2 for keys and values).
     mlp_ratio: MLP width over the stage width (4).
     attention: registry name of the attention op (`big_attn.ops.names()`); attention_args its
-      keyword arguments; attention_impl its `implementation`.
+      keyword arguments; attention_impl its `implementation`. A 2-D op gets the stage's
+      `grid` and the class token as `extra_tokens` (`big_attn.ops.spatial`); one that needs
+      queries and keys on one grid is refused unless `stride_kv=1`.
     dropout: rate on the attention and MLP outputs.
     drop_path_rate: stochastic depth rate, rising linearly over the last stage's blocks (the
       official configs use 0 in the earlier stages).
@@ -276,7 +279,7 @@ class Model(nn.Module):
   @nn.compact
   def __call__(self, images, *, train: bool = False):
     self._check(images)
-    ops.get(self.attention)  # an unknown op name raises here, before any tracing
+    spatial.check_op(self.attention, "CvT", same_grid=self.stride_kv == 1)
     deterministic = not train
     stages = len(self.dims)
     x = jnp.asarray(images, self.dtype)
@@ -304,9 +307,13 @@ class Model(nn.Module):
       depth = self.depths[stage]
       rates = (np.linspace(0.0, self.drop_path_rate, depth) if stage == stages - 1
                else np.zeros(depth))
+      # Keys and values come from the stride_kv convolution of the map (padding k // 2).
+      kv_grid = tuple((s + 2 * (self.kernel_size // 2) - self.kernel_size) // self.stride_kv + 1
+                      for s in (h, w))
+      op_grid = kv_grid if self.attention in spatial.KV_GRID_OPS else (h, w)
       attention_args = dict(
           num_heads=self.num_heads[stage], op=self.attention,
-          op_args=None if self.attention_args is None else dict(self.attention_args),
+          op_args=spatial.op_args(self.attention, self.attention_args, op_grid, num_prefix),
           implementation=self.attention_impl, kernel_size=self.kernel_size,
           stride_kv=self.stride_kv, num_prefix=num_prefix, conv_norm=self.conv_norm,
           batch_norm_eps=self.batch_norm_eps, batch_norm_momentum=self.batch_norm_momentum,

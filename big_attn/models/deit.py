@@ -130,8 +130,7 @@ class Model(nn.Module):
 
     block_args = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim,
                       num_kv_heads=self.num_kv_heads, attention=self.attention,
-                      attention_args=None if self.attention_args is None
-                      else dict(self.attention_args),
+                      attention_args=vit.encoder_op_args(self, images, patch, len(tokens)),
                       attention_impl=self.attention_impl, qk_norm=self.qk_norm,
                       dropout=self.dropout, norm_eps=self.norm_eps,
                       approximate_gelu=self.approximate_gelu)

@@ -72,6 +72,7 @@ from big_attn.layers.attention import Projection
 from big_attn.models import common
 from big_attn.models.vit import REMAT_POLICIES
 from big_attn import tasks
+from big_attn.ops import spatial
 
 # DiT Table 1 (models.py of facebookresearch/DiT): width, depth, heads.
 _SIZES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
@@ -184,8 +185,8 @@ class Model(nn.Module):
     cond_dim: width of caller-given `cond_tokens` (None: learned per-class tokens).
     adaln_single: PixArt-α's shared adaLN (see the module docstring).
     num_timesteps: diffusion steps of the noise schedule.
-    attention, attention_args, attention_impl, qk_norm: the self-attention op, as in ViT
-      (`qk_norm` applies to the cross-attention too).
+    attention, attention_args, attention_impl, qk_norm: the self-attention op, as in ViT (a
+      2-D op gets the patch `grid`, `big_attn.ops.spatial`).
     remat_policy: "none" or a `jax.checkpoint_policies` name applied to every block.
     dtype, param_dtype: compute and parameter dtypes.
   Parameters carry the logical axis names embed, mlp, heads, head_dim, patch_h, patch_w,
@@ -258,6 +259,7 @@ class Model(nn.Module):
     for name in ("attention_args", "cross_attention_args"):
       if getattr(self, name) is not None and not hasattr(getattr(self, name), "keys"):
         raise TypeError(f"{name} must be a dict, got {type(getattr(self, name)).__name__}")
+    spatial.check_op(self.attention, "DiT")
     if images.ndim != 4:
       raise ValueError(f"images must be [batch, height, width, channels], got shape "
                        f"{images.shape}")
@@ -376,8 +378,8 @@ class Model(nn.Module):
       block_cls = nn.remat(block_cls, policy=getattr(jax.checkpoint_policies, self.remat_policy))
     block_args = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim,
                       attention=self.attention,
-                      attention_args=None if self.attention_args is None
-                      else dict(self.attention_args),
+                      attention_args=spatial.op_args(self.attention, self.attention_args,
+                                                     (gh, gw)),
                       attention_impl=self.attention_impl, qk_norm=self.qk_norm,
                       cross_attention=self.cross_attention or None,
                       cross_attention_args=None if self.cross_attention_args is None

@@ -105,6 +105,7 @@ from big_attn.layers import Attention, MlpBlock, conv_norm, layer_norm
 from big_attn.layers.norm import CONV_NORMS
 from big_attn.models import common
 from big_attn.ops import retention as retention_lib
+from big_attn.ops import spatial
 
 FAMILIES = ("davit", "twins_svt", "dinat", "biformer", "rmt")
 # Deprecated Model fields -> their names since issue #14 (kept for one release).
@@ -349,7 +350,7 @@ class Block(nn.Module):
       kv_grid = kv.shape[1:3]
       kv = kv.reshape(b, -1, c)
     op_args = dict(self.op_args or {})
-    if ops.spec(self.op).grid:
+    if spatial.takes_grid(self.op):
       op_args["grid"] = kv_grid
     extra = {}
     if self.rpb_size is not None and self.op == "neighborhood":
@@ -409,7 +410,8 @@ class Model(nn.Module):
     mlp_ratios: FFN width / embed dim (an int for all stages, or four).
     patch_size: stride of the stem (4 in the papers; a power of two for the conv stems of
       dinat, biformer and rmt); the total stride is 8·patch_size.
-    window_size: DaViT / Twins LSA windows (clipped to small maps; must divide them).
+    window_size: DaViT / Twins LSA windows (on a smaller map or one it does not divide: the
+      largest divisor of the map's side below it).
     sr_ratios: Twins GSA key/value sub-sampling per stage.
     kernel_size: DiNAT neighbourhood (clipped to the largest odd size a map holds).
     num_regions, topks: BiFormer regions per side and routed regions per stage (topk -1: the
@@ -420,9 +422,10 @@ class Model(nn.Module):
     head_projection: RMT's Dense width before the pooling (None: none).
     local_attention, global_attention: registry names replacing the family's ops of even / odd
       blocks; local_attention_args, global_attention_args: their extra arguments (merged over
-      the family's when the op is the family's own); the stage's `grid` is filled in for ops
-      that take one. attention_impl: the ops' `implementation` (None, "xla", "pallas",
-      "cudnn"). `local_op`, `global_op`, `local_op_args`, `global_op_args`: deprecated names.
+      the family's when the op is the family's own); a 2-D op gets the stage's `grid` and its
+      sizes clipped to the map (`big_attn.ops.spatial`). attention_impl: the ops'
+      `implementation` (None, "xla", "pallas", "cudnn"). `local_op`, `global_op`,
+      `local_op_args`, `global_op_args`: deprecated names.
     drop_path: stochastic depth rate of the last block (linear from 0).
     approximate_gelu: tanh-approximate GELU in the FFNs; False: exact (timm's weights).
     conv_norm: BiFormer's and RMT's stem, downsampling and final norms, "batch" (their
@@ -560,41 +563,36 @@ class Model(nn.Module):
         raise TypeError(f"local_attention_args/global_attention_args must be dicts, got "
                         f"{type(op_args).__name__}")
     spec["ops"] = tuple(ops_)
+    # Twins' global attention has its keys and values on the sr-reduced map.
+    same_grid = family != "twins_svt" or all(r == 1 for r in spec["sr_ratios"])
+    spatial.check_op(spec["ops"][1], "hvit", same_grid=same_grid)
     return spec
 
   def _op_args(self, spec, slot: int, stage: int, grid: tuple[int, int]) -> dict[str, Any]:
     """The family's arguments of the op in `slot` (0 local, 1 global) at `stage`, then the
     config's."""
-    family, op, (h, w) = spec["family"], spec["ops"][slot], grid
+    family, op = spec["family"], spec["ops"][slot]
     args = {}
     if op == _FAMILY[family]["ops"][slot]:
       if op == "window":
-        win = (min(spec["window_size"], h), min(spec["window_size"], w))
-        if h % win[0] or w % win[1]:
-          raise ValueError(f"window_size {spec['window_size']} must divide the stage-{stage} "
-                           f"map {grid} (or exceed it)")
-        args = dict(window_size=win, rpb=None)
+        args = dict(window_size=spec["window_size"], rpb=None)
       elif op == "neighborhood":
         kernel = tuple(min(spec["kernel_size"], s - 1 + s % 2) for s in grid)
         dilation = tuple(max(1, s // k) for s, k in zip(grid, kernel)) if slot else (1, 1)
         args = dict(kernel_size=kernel, dilation=dilation)
       elif op == "bilevel_routing":
         topk = spec["topks"][stage]
-        regions = (min(spec["num_regions"], h), min(spec["num_regions"], w))
         if topk == -1:
           args = dict(num_regions=1, topk=1)
-        elif h % regions[0] or w % regions[1]:
-          raise ValueError(f"num_regions {spec['num_regions']} must divide the stage-{stage} "
-                           f"map {grid} (or exceed it)")
         else:
-          args = dict(num_regions=regions, topk=min(topk, regions[0] * regions[1]),
+          args = dict(num_regions=spec["num_regions"], topk=topk,
                       scale=spec["embed_dims"][stage] ** -0.5)
       elif op == "retention":
         init_value, heads_range = spec["decays"][stage]
         args = dict(gamma=retention_lib.rmt_gammas(spec["num_heads"][stage], init_value,
                                                    heads_range).astype(np.float32))
     args.update((self.global_attention_args if slot else self.local_attention_args) or {})
-    return args
+    return spatial.op_args(op, args, grid) or {}
 
   def _stem(self, spec, x, train):
     family, p, dim = spec["family"], spec["patch_size"], spec["embed_dims"][0]

@@ -81,6 +81,7 @@ from big_attn.models import common as models_common
 from big_attn.ops import experts as experts_ops
 from big_attn.ops import ngpt as ngpt_ops
 from big_attn import tasks
+from big_attn.ops import spatial
 
 _VARIANTS = {  # width, depth, mlp_dim, num_heads, num_kv_heads
     "tiny": (128, 4, 384, 4, 2),
@@ -660,6 +661,7 @@ class Model(nn.Module):
                        f"{REMAT_POLICIES}")
     if self.block not in BLOCKS:
       raise ValueError(f"block must be one of {BLOCKS}, got {self.block!r}")
+    spatial.check_op(self.attention, "LM", causal=True, grid=False)
     if self.block == "moeut" and self.attention != "switchhead":
       raise ValueError(f"block='moeut' computes SwitchHead attention: set "
                        f"attention='switchhead', got {self.attention!r}")

@@ -51,10 +51,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from big_attn import ops
 from big_attn.layers import Attention, MlpBlock, conv_norm, layer_norm
 from big_attn.layers.norm import CONV_NORMS
 from big_attn.models import common, vit
+from big_attn.ops import spatial
 
 # MaxViT Section 3.4; stem widths as the authors' maxvit/models/hp/vision.py.
 _EMBED_DIMS = {"T": (64, 128, 256, 512), "S": (96, 192, 384, 768), "B": (96, 192, 384, 768),
@@ -65,6 +65,7 @@ _STEM_WIDTH = {"T": 64, "S": 64, "B": 64, "L": 128}
 # maxvit/models/hp/vision_i1k.py).
 DROP_PATH = {"T": 0.2, "S": 0.3, "B": 0.4, "L": 0.6}
 # Filled in by the model per stage: the feature map and the partition size.
+_PARTITION_ARGS = {"window": "window_size", "grid": "grid_size"}
 _SPATIAL_ARGS = ("grid", "window_size", "grid_size")
 
 
@@ -195,15 +196,14 @@ _PARTITION_ARGS = {"window": "window_size", "grid": "grid_size"}
 
 
 def _op_args(op: str, user_args: Any, grid: tuple[int, int], partition: tuple[int, int]
-             ) -> dict[str, Any]:
-  """`user_args` plus `grid=(h, w)` for an op declaring `grid` and the partition size for the
-  partition ops (`_PARTITION_ARGS`)."""
+             ) -> dict[str, Any] | None:
+  """`user_args` plus, for a 2-D op, the stage's `grid=(h, w)`, the partition size as the
+  `window_size` of `window` or the `grid_size` of `grid`, and the op's other sizes clipped to
+  the map (`big_attn.ops.spatial.op_args`)."""
   args = dict(user_args or {})
-  if ops.spec(op).grid:
-    args["grid"] = grid
   if op in _PARTITION_ARGS:
     args[_PARTITION_ARGS[op]] = partition
-  return args
+  return spatial.op_args(op, args, grid)
 
 
 class MaxViTBlock(nn.Module):
@@ -257,9 +257,10 @@ class Model(nn.Module):
       must divide every stage's feature map.
     block_attention, grid_attention: registry names of the two attention ops ("window",
       "grid"); `*_attention_args` are their extra op arguments; attention_impl: their
-      `implementation` (None, "xla", "pallas" or "cudnn"). Every op that takes `grid`,
-      `window_size` or `grid_size` gets the stage's feature map `(h, w)` and the partition
-      size from the model (so those three keys may not be given).
+      `implementation` (None, "xla", "pallas" or "cudnn"). A 2-D op gets the stage's
+      feature map as `grid=(h, w)` and its sizes clipped to it (`big_attn.ops.spatial`);
+      `window` and `grid` get the partition size as `window_size` / `grid_size` (so those
+      three keys may not be given).
     expansion, se_ratio: MBConv expansion and squeeze-excitation ratios (4, 0.25).
     mlp_ratio: the attention blocks' MLP width over the embed dim (4).
     drop_path: stochastic depth rate of the last block, linearly rising from 0 at the first
@@ -339,7 +340,7 @@ class Model(nn.Module):
     if not 0.0 <= self.batch_norm_momentum < 1.0:
       raise ValueError(f"batch_norm_momentum must be in [0, 1), got {self.batch_norm_momentum!r}")
     for name in ("block_attention", "grid_attention"):
-      ops.get(getattr(self, name))  # a KeyError listing the registered ops
+      spatial.check_op(getattr(self, name), "MaxViT")  # a KeyError for an unknown op
       args = getattr(self, f"{name}_args")
       if args is None:
         continue

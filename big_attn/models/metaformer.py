@@ -47,9 +47,9 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax.numpy as jnp
 
-from big_attn import ops
 from big_attn.layers import Attention, HyenaOperator, MlpBlock, layer_norm
 from big_attn.models import common
+from big_attn.ops import spatial
 
 _DEPTHS = {"S12": (2, 2, 6, 2), "S24": (4, 4, 12, 4), "S36": (6, 6, 18, 6),
            "M36": (6, 6, 18, 6), "M48": (8, 8, 24, 8)}
@@ -232,7 +232,8 @@ class HyenaMixer(Mixer):
 class AttentionMixer(Mixer):
   """Self-attention over the h·w tokens with the registered op `op` (`op_args`,
   `implementation`; the Model's `attention`, `attention_args`, `attention_impl`), heads of
-  `head_dim` (32, as CAFormer), no projection biases; an op taking `grid` gets `(h, w)`."""
+  `head_dim` (32, as CAFormer), no projection biases; a 2-D op gets `grid=(h, w)` and its
+  sizes clipped to the map (`big_attn.ops.spatial.op_args`)."""
   op: str = "softmax"
   op_args: Any = None
   implementation: str | None = None
@@ -245,11 +246,11 @@ class AttentionMixer(Mixer):
     if c % self.head_dim:
       raise ValueError(f"attention mixer: channels ({c}) must be divisible by head_dim "
                        f"({self.head_dim})")
-    op_args = dict(self.op_args or {})
-    if ops.spec(self.op).grid:
-      op_args.setdefault("grid", (h, w))
-    y = Attention(num_heads=c // self.head_dim, op=self.op, op_args=op_args or None,
-                  implementation=self.implementation, qk_norm=self.qk_norm, dtype=self.dtype, param_dtype=self.param_dtype,
+    spatial.check_op(self.op, "MetaFormer")
+    y = Attention(num_heads=c // self.head_dim, op=self.op,
+                  op_args=spatial.op_args(self.op, self.op_args, (h, w)),
+                  implementation=self.implementation, qk_norm=self.qk_norm, dtype=self.dtype,
+                  param_dtype=self.param_dtype,
                   name="attention")(x.reshape(b, h * w, c))
     return y.reshape(b, h, w, c)
 

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 
 from big_attn.layers import Attention, MlpBlock, PositionEmbedding, layer_norm
 from big_attn.models import common
+from big_attn.ops import spatial
 
 # Sizes as in big_vision's `decode_variant` (ViT-G/g from Scaling Vision Transformers,
 # So400m from "Getting ViT in Shape", ViT-e from PaLI).
@@ -225,6 +226,15 @@ def check_encoder_inputs(model: nn.Module, images) -> None:
   (ph, pw), (h, w) = patch, images.shape[1:3]
   if h % ph or w % pw:
     raise ValueError(f"image size {(h, w)} must be divisible by patch_size {(ph, pw)}")
+  spatial.check_op(model.attention, type(model).__module__.rsplit(".", 1)[-1])
+
+
+def encoder_op_args(model: nn.Module, images, patch: tuple[int, int], extra_tokens: int):
+  """The op arguments of a ViT-like `model`'s blocks: its `attention_args`, plus the patch
+  grid, the `extra_tokens` before the patches and clipped sizes for a 2-D op
+  (`big_attn.ops.spatial.op_args`)."""
+  grid = (images.shape[1] // patch[0], images.shape[2] // patch[1])
+  return spatial.op_args(model.attention, model.attention_args, grid, extra_tokens)
 
 
 class Model(nn.Module):
@@ -243,6 +253,9 @@ class Model(nn.Module):
     num_registers: learned register tokens appended to the sequence and dropped at the output.
     attention: registry name of the attention op (`big_attn.ops.names()`).
     attention_args: dict of op keyword arguments; attention_impl: the op's `implementation`.
+      A 2-D op also gets the patch `grid`, the class and register tokens as `extra_tokens`
+      and its sizes clipped to the grid (`big_attn.ops.spatial`; registers then sit after the
+      class token inside the encoder).
     qk_norm, num_kv_heads: as in `big_attn.layers.Attention`.
     dropout: rate after the embeddings and inside every block.
     norm_eps: epsilon of the LayerNorms (1e-6; Hugging Face's ViT uses 1e-12).
@@ -310,17 +323,22 @@ class Model(nn.Module):
       cls = param("cls", nn.initializers.zeros_init(), (1, width), (None, "embed"))
       x = jnp.concatenate([jnp.broadcast_to(cls[None], (n, 1, width)), x], axis=1)
       num_prefix = 1
+    # Registers follow the patches; for a 2-D op they join the extra tokens before them
+    # (timm's order) inside the encoder.
+    registers_first = bool(self.num_registers) and spatial.takes_grid(self.attention)
     if self.num_registers:
       reg = param("registers", nn.initializers.normal(stddev=0.02),
                   (self.num_registers, width), (None, "embed"))
-      x = jnp.concatenate([x, jnp.broadcast_to(reg[None], (n,) + reg.shape)], axis=1)
+      reg = jnp.broadcast_to(reg[None], (n,) + reg.shape)
+      x = jnp.concatenate([x[:, :num_prefix], reg, x[:, num_prefix:]] if registers_first
+                          else [x, reg], axis=1)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     x = nn.Dropout(rate=self.dropout)(x, deterministic)
 
     block_args = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim,
                       num_kv_heads=self.num_kv_heads, attention=self.attention,
-                      attention_args=None if self.attention_args is None
-                      else dict(self.attention_args),
+                      attention_args=encoder_op_args(self, images, patch,
+                                                     num_prefix + self.num_registers),
                       attention_impl=self.attention_impl, qk_norm=self.qk_norm,
                       dropout=self.dropout, norm_eps=self.norm_eps,
                       approximate_gelu=self.approximate_gelu,
@@ -328,6 +346,9 @@ class Model(nn.Module):
     x = Encoder(depth=self.depth, block_args=block_args, remat_policy=self.remat_policy,
                 scan_layers=self.scan_layers, final_norm=not self.fc_norm, dtype=self.dtype,
                 param_dtype=self.param_dtype, name="Transformer")(x, deterministic)
+    if registers_first:
+      extra = num_prefix + self.num_registers
+      x = jnp.concatenate([x[:, :num_prefix], x[:, extra:], x[:, num_prefix:extra]], axis=1)
     if self.num_registers:
       x = x[:, :-self.num_registers]
 

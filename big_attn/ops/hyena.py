@@ -110,7 +110,8 @@ def hyena(query, key, value, *, mask=None, is_causal=False, scale=None, filters=
   (`short_filters`, the paper's short filters on the projections).
 
   Args:
-    query, key, value: `[batch, seq, heads, head_dim]`, all with the same heads and widths.
+    query, key, value: `[batch, seq, heads, head_dim]` of one length and width; key and value
+      may have fewer heads (GQA: each gates the query heads of its group).
     mask: key-padding mask `[batch|1, heads|1, 1, seq]` (True = token present): padded tokens
       are zeroed on input, before every long convolution and in the output.
     is_causal: causal convolutions (decoder LMs).
@@ -130,11 +131,12 @@ def hyena(query, key, value, *, mask=None, is_causal=False, scale=None, filters=
     `[batch, seq, heads, head_dim]` in the query's dtype.
   """
   dims = common.check_qkv(query, key, value)
-  if dims.q_len != dims.kv_len or dims.num_heads != dims.num_kv_heads or (
-      dims.value_dim != dims.head_dim):
+  if dims.q_len != dims.kv_len or dims.value_dim != dims.head_dim:
     raise ValueError(
-        "hyena gates channel by channel: query, key and value must have the same shape, got "
-        f"{query.shape}, {key.shape} and {value.shape}")
+        "hyena gates channel by channel: query, key and value must have the same length and "
+        f"head_dim, got {query.shape}, {key.shape} and {value.shape}")
+  # Grouped-query heads: a key/value head gates every query head of its group.
+  key, value = (jnp.repeat(x, dims.groups, axis=2) for x in (key, value))
   if scale is not None:
     raise ValueError(f"hyena has no scale, got scale={scale!r}")
   if filters is None:
