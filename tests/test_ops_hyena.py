@@ -174,7 +174,7 @@ def test_bad_arguments():
   with pytest.raises(ValueError, match="no scale"):
     op(q, q, q, filters=filters, scale=0.5)
   with pytest.raises(ValueError, match="same length and head_dim"):
-    op(q, q[:, :, :1], q[:, :, :1], filters=filters)
+    op(q, q[:, :4], q[:, :4], filters=filters)
   with pytest.raises(ValueError, match="key-padding"):
     op(q, q, q, filters=filters, mask=jnp.ones((1, 1, 6, 6), bool))
   with pytest.raises(ValueError, match="gates"):

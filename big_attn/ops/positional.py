@@ -326,7 +326,7 @@ class LeViTBiasParams(OpParams):
   @nn.compact
   def __call__(self, inputs_q, query, key, value):
     del inputs_q, key, value
-    h, w = windowed.check_grid((self.op_args or {}).get("grid"), query.shape[1])
+    h, w = windowed.patch_grid(self.op_args, query.shape[1])
     table = self.param("attention_bias", nn.with_logical_partitioning(
         nn.initializers.zeros_init(), ("heads", None, None)),
                        (self.num_heads, h, w), self.param_dtype)
@@ -343,7 +343,7 @@ class DecomposedRelPosParams(OpParams):
   @nn.compact
   def __call__(self, inputs_q, query, key, value):
     del inputs_q, key, value
-    h, w = windowed.check_grid((self.op_args or {}).get("grid"), query.shape[1])
+    h, w = windowed.patch_grid(self.op_args, query.shape[1])
     init = nn.with_logical_partitioning(nn.initializers.truncated_normal(stddev=0.02),
                                         (None, "head_dim"))
     rel_h = self.param("rel_h", init, (2 * h - 1, self.head_dim), self.param_dtype)

@@ -181,7 +181,7 @@ class SpatialReductionParams(OpParams):
     reduction = op_args.get("reduction")
     if reduction is None:  # The op's default, which depends on the grid.
       rh, rw = windowed.check_partition(
-          "reduction", None, windowed.check_grid(op_args.get("grid"), key.shape[1]), PVT_REDUCTION)
+          "reduction", None, windowed.patch_grid(op_args, key.shape[1]), PVT_REDUCTION)
     else:
       rh, rw = checks.int_tuple("op_args['reduction']", reduction)
     init = nn.initializers.constant(1.0 / (rh * rw))

@@ -33,6 +33,13 @@ def check_grid(grid, length: int, name: str = "grid") -> tuple[int, int]:
   return h, w
 
 
+def patch_grid(op_args, length: int) -> tuple[int, int]:
+  """`op_args["grid"]` checked against the `length` tokens a parameter module sees, less the
+  `op_args["extra_tokens"]` before the patches (`big_attn.ops.spatial.attend`)."""
+  op_args = op_args or {}
+  return check_grid(op_args.get("grid"), length - op_args.get("extra_tokens", 0))
+
+
 def check_partition(name: str, size, grid: tuple[int, int], default: int) -> tuple[int, int]:
   """`size` (an int or a pair) as a pair of positive ints dividing the grid's sides; None:
   the paper's `default` per side, clipped to the side's largest divisor <= `default`."""
@@ -281,7 +288,7 @@ class _RelativePositionBiasParams(OpParams):
       return {}
     size = op_args.get(self.size_arg)
     if size is None:  # The op's default, which depends on the grid.
-      a, c = check_partition(self.size_arg, size, check_grid(op_args.get("grid"), query.shape[1]),
+      a, c = check_partition(self.size_arg, size, patch_grid(op_args, query.shape[1]),
                              PAPER_PARTITION)
     else:
       a, c = checks.int_tuple(f"op_args[{self.size_arg!r}]", size)
