@@ -26,6 +26,8 @@ from big_attn.ops.registry import OpParams, register, register_params
 
 Array = jax.Array
 
+LATTE_CHUNK_SIZE = 16  # latte's causal chunk length (shared with its recurrent state form)
+
 
 def _key_mask(mask: Array | None, dims: common.Dims, name: str,
               is_causal: bool = False) -> Array | None:
@@ -330,7 +332,7 @@ LATTE_NUM_LATENTS = 64
 
 @register("latte")
 def latte_attention(query, key, value, *, mask=None, is_causal=False, scale=None, latents=None,
-                    num_latents=None, chunk_size=16):
+                    num_latents=None, chunk_size=LATTE_CHUNK_SIZE):
   """Latte: Latent Attention for Linear Time Transformers (Dolga et al., 2024).
 
   Attention factorised through L latent states l, p(s|t) = Σ_l p(l|t) p(s|l):

@@ -36,6 +36,13 @@ from big_attn.ops.registry import OpParams, register, register_params
 
 Array = jax.Array
 
+# Defaults shared by the ops and their recurrent state forms (`big_attn.ops.recurrent`).
+CHUNK_SIZE = 64  # chunk length of the causal forms
+FOCUSED_POWER = 3.0  # focused_linear's focusing power p (FLatten Transformer)
+FOCUSED_EPS = 1e-6
+LIGHTNING_BLOCK_SIZE = 64  # Lightning Attention-2's intra/inter block size
+SRMS_EPS = 1e-6  # TransNormerLLM's SRMSNorm epsilon
+
 
 # ------------------------------------------------------------------------------------------
 # Argument checks.
@@ -374,7 +381,7 @@ def _performer_features(features, feature_key, num_features, head_dim: int) -> A
 
 @register("performer", segment_ids=True)
 def performer_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
-                        features=None, feature_key=None, num_features=None, chunk_size=64,
+                        features=None, feature_key=None, num_features=None, chunk_size=CHUNK_SIZE,
                         segment_ids=None):
   """Performer attention, FAVOR+ (Rethinking Attention with Performers, Choromanski et al. 2021).
 
@@ -539,9 +546,9 @@ def _check_dwc(kernel, bias, kernel_size, grid, dims: common.Dims, is_causal: bo
 
 @register("focused_linear", segment_ids=True, grid=True)
 def focused_linear_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
-                             power=3.0, feature_scale=None, eps=1e-6, dwc_kernel=None,
-                             dwc_bias=None, dwc_kernel_size=None, grid=None, chunk_size=64,
-                             segment_ids=None):
+                             power=FOCUSED_POWER, feature_scale=None, eps=FOCUSED_EPS,
+                             dwc_kernel=None, dwc_bias=None, dwc_kernel_size=None, grid=None,
+                             chunk_size=CHUNK_SIZE, segment_ids=None):
   """Focused linear attention (FLatten Transformer: Vision Transformer using Focused Linear
   Attention, Han et al. 2023).
 
@@ -675,7 +682,7 @@ def _lln_moments(q: Array, k: Array, scale: float, head_dim: int, is_causal: boo
 
 @register("lognormal_linear", segment_ids=True)
 def lognormal_linear_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
-                               alpha=None, beta=None, chunk_size=64, segment_ids=None):
+                               alpha=None, beta=None, chunk_size=CHUNK_SIZE, segment_ids=None):
   """Linear log-normal attention (Linear Log-Normal Attention with Unbiased Concentration,
   Nahshan et al. 2023).
 
@@ -760,8 +767,8 @@ def _log_decay(decay, dims: common.Dims, dtype) -> Array | None:
 
 @register("lightning", segment_ids=True)
 def lightning_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
-                        decay=None, block_size=64, output_norm=False, norm_eps=1e-6,
-                        segment_ids=None):
+                        decay=None, block_size=LIGHTNING_BLOCK_SIZE, output_norm=False,
+                        norm_eps=SRMS_EPS, segment_ids=None):
   """Lightning attention (Various Lengths, Constant Speed: Efficient Language Modeling with
   Lightning Attention, Qin et al. 2024; Lightning Attention-2).
 

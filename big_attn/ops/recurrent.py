@@ -197,8 +197,8 @@ def _linear_form(name: str, query, key, value, features: Callable, *, num_featur
                    log_decay)
 
 
-def _lightning(query, key, value, *, scale=None, decay=None, block_size=64,
-               output_norm=False, norm_eps=1e-6) -> StateForm:
+def _lightning(query, key, value, *, scale=None, decay=None, block_size=linear.LIGHTNING_BLOCK_SIZE,
+               output_norm=False, norm_eps=linear.SRMS_EPS) -> StateForm:
   dims = common.check_qkv(query, key, value)
   dtype = linear._compute_dtype(query, key, value)
 
@@ -214,7 +214,7 @@ def _lightning(query, key, value, *, scale=None, decay=None, block_size=64,
 
 
 def _performer(query, key, value, *, scale=None, features=None, feature_key=None,
-               num_features=None, chunk_size=64) -> StateForm:
+               num_features=None, chunk_size=linear.CHUNK_SIZE) -> StateForm:
   dims = common.check_qkv(query, key, value)
   dtype = linear._compute_dtype(query, key, value)
   scale = common.default_scale(dims.head_dim, scale)
@@ -228,9 +228,9 @@ def _performer(query, key, value, *, scale=None, features=None, feature_key=None
                       chunk=chunk_size)
 
 
-def _focused_linear(query, key, value, *, power=3.0, feature_scale=None, eps=1e-6,
-                    dwc_kernel=None, dwc_bias=None, dwc_kernel_size=None, chunk_size=64
-                    ) -> StateForm:
+def _focused_linear(query, key, value, *, power=linear.FOCUSED_POWER, feature_scale=None,
+                    eps=linear.FOCUSED_EPS, dwc_kernel=None, dwc_bias=None,
+                    dwc_kernel_size=None, chunk_size=linear.CHUNK_SIZE) -> StateForm:
   del dwc_kernel_size  # Checked by the op.
   dims = common.check_qkv(query, key, value)
 
@@ -243,8 +243,8 @@ def _focused_linear(query, key, value, *, power=3.0, feature_scale=None, eps=1e-
                       dwc=None if dwc_kernel is None else (dwc_kernel, dwc_bias))
 
 
-def _lognormal_linear(query, key, value, *, scale=None, alpha=None, beta=None, chunk_size=64
-                      ) -> StateForm:
+def _lognormal_linear(query, key, value, *, scale=None, alpha=None, beta=None,
+                      chunk_size=linear.CHUNK_SIZE) -> StateForm:
   dims = common.check_qkv(query, key, value)
   dtype = linear._compute_dtype(query, key, value)
   scale = common.default_scale(dims.head_dim, scale)
@@ -282,10 +282,12 @@ def _retention(query, key, value, *, scale=None, gamma=None, renormalize=True,
     out = out.reshape(b, n, dims.num_heads, dims.value_dim).astype(q.dtype)
     return out, state._replace(kv=kv, norm=norm, position=state.position + n)
 
-  return StateForm(initial, _appender("retention", run, chunk_size or 64), None, log_gamma)
+  return StateForm(initial, _appender("retention", run, chunk_size or linear.CHUNK_SIZE), None,
+                   log_gamma)
 
 
-def _latte(query, key, value, *, scale=None, latents=None, num_latents=None, chunk_size=16
+def _latte(query, key, value, *, scale=None, latents=None, num_latents=None,
+           chunk_size=latent.LATTE_CHUNK_SIZE
            ) -> StateForm:
   del num_latents  # Checked by the op.
   dims = common.check_qkv(query, key, value)
