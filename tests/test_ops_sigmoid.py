@@ -1,6 +1,7 @@
 """`sigmoid` (Theory, Analysis, and Best Practices for Sigmoid Self-Attention) against a
 float64 reference (`tests/score_checks.py`, written from the paper's formula).
 """
+import functools
 import os
 import subprocess
 import sys
@@ -86,3 +87,32 @@ def test_fresh_import():
   result = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
                           text=True, timeout=120, check=False)
   assert result.returncode == 0, result.stderr
+
+
+def test_pallas_implementation_is_the_flash_sigmoid_kernel():
+  """implementation="pallas" (the FlashSigmoid kernel, interpreted on CPU) equals the XLA path,
+  forward and gradients, with GQA, an odd length, causal + window, segments and a soft cap."""
+  q = jax.random.normal(jax.random.key(0), (1, 13, 4, 16))
+  k, v = (jax.random.normal(jax.random.key(i), (1, 13, 2, 16)) for i in (1, 2))
+  seg = jnp.array([[0] * 6 + [1] * 7])
+  op = ops.get("sigmoid")
+
+  def loss(impl, q, k, v):
+    out = op(q, k, v, is_causal=True, segment_ids=seg, local_window_size=(5, 0),
+             logits_soft_cap=20.0, logit_bias=-1.5, implementation=impl)
+    return jnp.sum(out * jnp.cos(out)), out
+
+  (_, want), want_grads = jax.value_and_grad(functools.partial(loss, "xla"), argnums=(0, 1, 2),
+                                             has_aux=True)(q, k, v)
+  (_, got), grads = jax.jit(jax.value_and_grad(functools.partial(loss, "pallas"),
+                                               argnums=(0, 1, 2), has_aux=True))(q, k, v)
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+  for g, w in zip(grads, want_grads):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+  assert ops.spec("sigmoid").implementation
+  with pytest.raises(ValueError, match="does not support a mask"):
+    op(q, k, v, mask=jnp.ones((1, 1, 13, 13), bool), implementation="pallas")
+  with pytest.raises(TypeError, match="logit_bias as a Python number"):
+    op(q, k, v, logit_bias=jnp.float32(-1.0), implementation="pallas")
+  with pytest.raises(ValueError, match="implementation must be one of"):
+    op(q, k, v, implementation="cudnn")

@@ -8,6 +8,9 @@ import jax.numpy as jnp
 
 from big_attn.ops import common
 from big_attn.ops.registry import register
+from pallas_kernels.flash_attention import api as flash_api
+
+IMPLEMENTATIONS = (None, "xla", "pallas")
 
 
 def _check_logit_bias(logit_bias, kv_len: int) -> jax.Array:
@@ -26,10 +29,28 @@ def _check_logit_bias(logit_bias, kv_len: int) -> jax.Array:
   return b.astype(jnp.float32)
 
 
-@register("sigmoid", segment_ids=True, bias=True)
+def _flash_sigmoid(query, key, value, *, mask, bias, logit_bias, scale, **kwargs):
+  """`sigmoid_attention` through the FlashSigmoid kernel of `pallas_kernels.flash_attention`."""
+  for name, x in (("mask", mask), ("bias", bias)):
+    if x is not None:
+      raise ValueError(
+          f"sigmoid implementation='pallas' does not support a {name} array; express the mask "
+          "with is_causal, segment_ids or local_window_size, or use implementation='xla'")
+  if logit_bias is not None and (isinstance(logit_bias, bool)
+                                 or not isinstance(logit_bias, (int, float))):
+    raise TypeError("sigmoid implementation='pallas' takes logit_bias as a Python number, got "
+                    f"{type(logit_bias).__name__}")
+  dims = common.check_qkv(query, key, value)
+  return flash_api.flash_attention(
+      query, key, value, scale=common.default_scale(dims.head_dim, scale), normalizer="sigmoid",
+      sigmoid_bias=None if logit_bias is None else float(logit_bias),
+      interpret=jax.default_backend() == "cpu", **kwargs)
+
+
+@register("sigmoid", segment_ids=True, implementation=True, bias=True)
 def sigmoid_attention(query, key, value, *, mask=None, is_causal=False, scale=None, bias=None,
                       logit_bias=None, segment_ids=None, local_window_size=None,
-                      logits_soft_cap=None):
+                      logits_soft_cap=None, implementation=None):
   """Sigmoid attention (Theory, Analysis, and Best Practices for Sigmoid Self-Attention).
 
   out_i = Σ_j m_ij σ(cap·tanh(s·q_i·k_j/cap) + B_ij + b) v_j, with b = -log n
@@ -55,10 +76,21 @@ def sigmoid_attention(query, key, value, *, mask=None, is_causal=False, scale=No
     segment_ids: `[batch, seq]` ints or a pair `(q_segment_ids, kv_segment_ids)`.
     local_window_size: int or `(left, right)`: query i attends keys in `[i-left, i+right]`.
     logits_soft_cap: if set, logits become `cap * tanh(logits / cap)` (before the biases).
+    implementation: None or "xla": the XLA computation; "pallas": the FlashSigmoid kernel
+      (`pallas_kernels.flash_attention(normalizer="sigmoid")`, FlashSigmoid, Ramapuram et al.
+      2024; in the Pallas interpreter on CPU), which takes `logit_bias` as a Python number and
+      expresses masks as `is_causal`, `segment_ids` and `local_window_size` (no `mask` or
+      `bias` array).
 
   Returns:
     `[batch, q_len, num_heads, value_dim]` in the query's dtype.
   """
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+  if implementation == "pallas":
+    return _flash_sigmoid(query, key, value, mask=mask, bias=bias, is_causal=is_causal,
+                          scale=scale, logit_bias=logit_bias, segment_ids=segment_ids,
+                          local_window_size=local_window_size, logits_soft_cap=logits_soft_cap)
   dims, logits, gmask = common.scores(
       query, key, value, scale=scale, bias=bias, mask=mask, is_causal=is_causal,
       segment_ids=segment_ids, local_window_size=local_window_size,
