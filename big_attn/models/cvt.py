@@ -45,7 +45,7 @@ import numpy as np
 from big_attn import ops
 from big_attn.layers import MlpBlock, conv_norm, layer_norm
 from big_attn.layers.norm import CONV_NORMS
-from big_attn.layers.attention import Projection
+from big_attn.layers.attention import Attention, Projection
 from big_attn.models import common
 from big_attn.ops import spatial
 
@@ -81,7 +81,8 @@ class ConvProjectionAttention(nn.Module):
   of the map (stride `stride_q` for q, `stride_kv` for k and v; no bias), `conv_norm`
   (BatchNorm: batch statistics unless `deterministic`), flatten, prefix tokens prepended
   unconvolved, then a linear projection to `[.., heads, head_dim]`. The
-  op `op` (registry name, with `op_args`) attends and a linear layer maps the heads back.
+  op `op` (registry name, with `op_args`) attends through `layers.Attention.attend` and a
+  linear layer maps the heads back.
   `attention_scale="width"` multiplies the queries by sqrt(head_dim / width), so that the op's
   1/sqrt(head_dim) logit scale becomes the official code's 1/sqrt(width).
   """
@@ -143,7 +144,6 @@ class ConvProjectionAttention(nn.Module):
     key = proj("key")(self._conv_proj(prefix, x_map, self.stride_kv, "k", deterministic))
     value = proj("value")(self._conv_proj(prefix, x_map, self.stride_kv, "v", deterministic))
 
-    op_fn = ops.get(self.op)
     op_args = dict(self.op_args or {})
     params_cls = ops.params_module(self.op)
     if params_cls is not None:
@@ -153,7 +153,9 @@ class ConvProjectionAttention(nn.Module):
           name="op_params")(inputs_q, query, key, value))
     if self.implementation is not None:
       op_args["implementation"] = self.implementation
-    out = spatial.attend(op_fn, query, key, value, **op_args)
+    # The op through the one method every attention layer calls it with (interpret sees it).
+    out = Attention(num_heads=self.num_heads, op=self.op, name="attention_op").attend(
+        query, key, value, op_args=op_args)
     return Projection(shape=(self.num_heads, head_dim, dim),
                       logical_axes=("heads", "head_dim", "embed"), contract=2, use_bias=True,
                       dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_INIT,
