@@ -34,12 +34,14 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from big_attn import models  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from big_attn import ops  # noqa: E402
+from big_attn.ops import recurrent  # noqa: E402
 from big_attn.ops import spatial  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "experiments", "results")
 README = os.path.join(ROOT, "README.md")
 MARKERS = ("<!-- op-matrix:start -->", "<!-- op-matrix:end -->")
+FORM_MARKERS = ("<!-- op-forms:start -->", "<!-- op-forms:end -->")
 # Ops working by name alone before models passed their grid and extra tokens (issue 20's table,
 # the digits configs on commit 57662f2; this script reproduces vit/deit/dit there).
 BEFORE = {"vit": 20, "deit": 20, "dit": 20, "cvt": 15, "maxvit": 24, "hvit": 22,
@@ -182,6 +184,38 @@ def readme_table(cells) -> str:
   return "\n".join(lines)
 
 
+def forms_table() -> str:
+  """Per op, from the registry's declarations: its causal form, how it runs with the sequence
+  split over devices and in decoding, and the fused kernel it reaches (tested in
+  tests/test_registry_layers.py, tests/test_parallel_linear_state.py and the LM tests)."""
+  lines = ["| op | causal | sequence-parallel | decoding | kernel |", "|---|---|---|---|---|"]
+  kernels = {"softmax": "flash softmax, cuDNN", "sigmoid": "FlashSigmoid"}
+  for op in ops.names():
+    spec = ops.spec(op)
+    if spec.softmax_form is not None:
+      parallel, decode = "ring / striped / all_gather", "KV cache"
+    elif op in recurrent.STATE_FORMS:
+      parallel, decode = "state passing (LASP), contiguous", "recurrent state"
+    else:
+      parallel = decode = "–"
+    kernel = kernels.get(op, "via softmax" if spec.implementation else "–")
+    lines.append(f"| `{op}` | {'✓' if spec.causal else '–'} | {parallel} | {decode} | "
+                 f"{kernel} |")
+  return "\n".join(lines)
+
+
+def _replace_between(text: str, markers: tuple[str, str], table: str) -> str:
+  start, end = (text.index(m) for m in markers)
+  return text[:start + len(markers[0])] + "\n" + table + "\n" + text[end:]
+
+
+def write_forms() -> None:
+  with open(README, encoding="utf-8") as f:
+    text = f.read()
+  with open(README, "w", encoding="utf-8") as f:
+    f.write(_replace_between(text, FORM_MARKERS, forms_table()))
+
+
 def write(cells, header: str) -> None:
   os.makedirs(RESULTS, exist_ok=True)
   with open(os.path.join(RESULTS, "op_matrix.json"), "w", encoding="utf-8") as f:
@@ -201,10 +235,9 @@ def write(cells, header: str) -> None:
     f.write("\n".join(lines) + "\n")
   with open(README, encoding="utf-8") as f:
     text = f.read()
-  start, end = (text.index(m) for m in MARKERS)
-  text = text[:start + len(MARKERS[0])] + "\n" + readme_table(cells) + "\n" + text[end:]
   with open(README, "w", encoding="utf-8") as f:
-    f.write(text)
+    f.write(_replace_between(text, MARKERS, readme_table(cells)))
+  write_forms()
 
 
 def main(argv=None) -> None:
@@ -212,6 +245,8 @@ def main(argv=None) -> None:
   parser.add_argument("--models", default=",".join(MODELS))
   parser.add_argument("--ops", default="")
   parser.add_argument("--no-write", action="store_true", help="print only")
+  parser.add_argument("--forms-only", action="store_true",
+                      help="only rewrite the README's table of forms (from the registry)")
   parser.add_argument("--trace-only", action="store_true",
                       help="trace the cells (argument checks, shapes) without running them")
   parser.add_argument("--save", default="", help="also dump the cells run to this JSON file")
@@ -219,6 +254,9 @@ def main(argv=None) -> None:
                       help="comma-separated JSON dumps (--save) to write instead of running; "
                       "a later file's cells replace an earlier's")
   args = parser.parse_args(argv)
+  if args.forms_only:
+    write_forms()
+    return
   model_names = [m for m in args.models.split(",") if m]
   op_names = [o for o in args.ops.split(",") if o] or ops.names()
   start = time.perf_counter()

@@ -44,3 +44,12 @@ def test_recorded_refusals_are_refused_up_front():
 def test_sampled_cells_work(model_name, op):
   assert EXPECTED[model_name][op][0] == "ok"
   assert op_matrix.run_cell(model_name, op, jit=True) == ("ok", "")
+
+
+def test_readme_forms_table_is_the_registry_s():
+  """The README's table of sequence-parallel, decoding and kernel forms is the one the script
+  derives from the registry (regenerate with `python experiments/op_matrix.py --forms-only`)."""
+  with open(op_matrix.README, encoding="utf-8") as f:
+    text = f.read()
+  start, end = (text.index(m) for m in op_matrix.FORM_MARKERS)
+  assert text[start + len(op_matrix.FORM_MARKERS[0]):end].strip() == op_matrix.forms_table()
