@@ -39,6 +39,8 @@ FRESH = "op_params"  # op-specific parameters (`big_attn.ops.params_module`): in
 # converted model; a difference is logged). Sizes show in the parameter shapes.
 _FREE_FIELDS = frozenset((
     "parent", "name", "num_classes", "variant", "attention", "attention_args", "attention_impl",
+    "local_attention", "local_attention_args", "global_attention", "global_attention_args",
+    "block_attention", "block_attention_args", "grid_attention", "grid_attention_args",
     "dropout", "drop_path_rate", "head_zeroinit", "head_init_scale", "remat_policy",
     "scan_layers", "dtype", "param_dtype", "mesh", "seq_axis", "seq_strategy", "decode",
     "cache_len", "teacher", "width", "depth", "mlp_dim", "num_heads", "num_kv_heads",
