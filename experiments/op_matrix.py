@@ -76,11 +76,12 @@ def _tiny_models() -> dict[str, tuple[Callable[[str], Any], Callable, dict[str, 
                  _image((2, 16, 16, 1)), {}),
       "hvit": (lambda op: models.get("hvit").Model(
           num_classes=3, family="davit", embed_dims=(8, 8, 16, 16), depths=(1, 1, 1, 1),
-          num_heads=(1, 1, 2, 2), mlp_ratios=2, patch_size=2, local_op=op, global_op=op),
+          num_heads=(1, 1, 2, 2), mlp_ratios=2, patch_size=2, local_attention=op,
+          global_attention=op),
                _image((2, 32, 32, 1)), {}),
       "metaformer": (lambda op: models.get("metaformer").Model(
           num_classes=3, depths=(1, 1, 1, 1), dims=(8, 8, 16, 16), mixers="attention",
-          mixer_args=dict(attention=dict(op=op, head_dim=8))),
+          attention=op, mixer_args=dict(attention=dict(head_dim=8))),
                      _image((2, 32, 32, 1)), {}),
       "lm": (lambda op: models.get("lm").Model(
           vocab_size=11, width=16, depth=1, num_heads=2, num_kv_heads=1, qk_norm=True,
