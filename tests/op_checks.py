@@ -8,8 +8,9 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from big_attn import layers
+from big_attn import layers, ops
 from tests import reference as ref
 
 
@@ -59,3 +60,17 @@ def assert_layer_runs(name, op_args, param_shapes=None, *, length=9, is_causal=T
         params)
     for g in jax.tree.leaves(grads["params"]["op_params"]):
       assert np.abs(np.asarray(g)).sum() > 0
+
+
+def assert_bad_call_raises(bad_calls, case):
+  """Case `case` of `bad_calls()` (pairs `(call, argument)`) raises a ValueError naming the
+  argument."""
+  call, name = bad_calls()[case]
+  with pytest.raises(ValueError, match=name):
+    call()
+
+
+def assert_no_causal_form(name, q, k, v, **args):
+  """Op `name` raises a NotImplementedError naming itself for `is_causal=True`."""
+  with pytest.raises(NotImplementedError, match=name):
+    ops.get(name)(q, k, v, is_causal=True, **args)

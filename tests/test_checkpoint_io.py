@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from big_attn import checkpoint_io
+from tests.test_checkpoint import _snapshot
 
 
 def _state(step: int) -> dict:
@@ -21,16 +22,6 @@ def _state(step: int) -> dict:
                                "bias": rng.normal(size=(5,)).astype(np.float32)}},
           "batch_stats": {"norm": {"mean": rng.normal(size=(5,)).astype(np.float32)}},
           "opt_state": {"mu": rng.normal(size=(7, 2)).astype(np.float64)}}
-
-
-def _snapshot(root) -> dict[str, str]:
-  """Every file under `root` with its SHA-256: what "nothing was touched" compares."""
-  out = {}
-  for directory, _, names in os.walk(root):
-    for name in names:
-      path = os.path.join(directory, name)
-      out[os.path.relpath(path, root)] = checkpoint_io.sha256(path)
-  return out
 
 
 def _shapes(tree):
