@@ -126,12 +126,8 @@ class Attention(nn.Module):
           f"run softmax attention of transformed queries and keys (ops registered with a "
           f"softmax_form: {', '.join(with_form)}) or pass a recurrent state (ops with a state "
           f"form: {', '.join(sorted(recurrent.STATE_FORMS))})")
-    if (self.seq_parallel is not None and spec.softmax_form is None
-        and self.seq_parallel.strategy == "striped"):
-      raise ValueError(
-          f"attention op {self.op!r} runs sequence-parallel by passing its recurrent state "
-          "between contiguous shards (LASP); strategy 'striped' breaks the token order it "
-          "needs: use 'ring' or 'all_gather'")
+    if self.seq_parallel is not None and spec.softmax_form is None:
+      self.seq_parallel.check_linear_state(self.op)
 
   @nn.compact
   def __call__(self, inputs_q, context=None, *, mask=None, is_causal=False,

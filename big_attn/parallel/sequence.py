@@ -162,6 +162,15 @@ class SeqParallel:
     args = [compat.constrain(x, NamedSharding(mesh, spec)) for x, spec in zip(args, specs)]
     return compat.shard_map(per_shard, mesh=mesh, in_specs=specs, out_specs=qkv_spec)(*args)
 
+  def check_linear_state(self, op: str) -> None:
+    """A `ValueError` naming op `op` unless the strategy keeps the contiguous token order that
+    passing a recurrent state needs (not "striped")."""
+    if self.strategy == "striped":
+      raise ValueError(
+          f"attention op {op!r} runs sequence-parallel by passing its recurrent state between "
+          "contiguous shards (LASP); strategy 'striped' breaks the token order it needs: use "
+          "strategy 'ring' or 'all_gather'")
+
   def linear_state(self, op: str, query: Array, key: Array, value: Array, *,
                    is_causal: bool = True, **op_args) -> Array:
     """Causal op `op` with a recurrent state form (`big_attn.ops.recurrent`) with the sequence
@@ -169,11 +178,7 @@ class SeqParallel:
     `jax.shard_map`. The batch is laid out by `layout`; heads and the op's array arguments
     (its weights) are replicated. The "striped" strategy is refused: the recurrence runs in
     token order (see `big_attn.parallel.linear_state`)."""
-    if self.strategy == "striped":
-      raise ValueError(
-          f"attention op {op!r} runs sequence-parallel by passing its recurrent state between "
-          "contiguous shards (LASP); strategy 'striped' breaks the token order it needs: use "
-          "strategy 'ring' or 'all_gather'")
+    self.check_linear_state(op)
     batch_axes, _ = self.layout(query.shape[0])
     qkv_spec = P(batch_axes, self.axis, None, None)
     mesh = _working_mesh(self.mesh, query, key, value)
