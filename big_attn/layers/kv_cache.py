@@ -1,5 +1,7 @@
-"""The caches of decoding: `KVCache` (softmax attention's keys and values) and
-`RecurrentCache` (the constant-size state of an op with a recurrent state form)."""
+"""The caches of decoding, one per decoding form (`big_attn.ops.decoding_form`): `KVCache`
+(softmax attention's keys and values), `RecurrentCache` (the constant-size state of an op with
+a recurrent state form) and `InputCache` (the layer inputs, over which any other causal op is
+evaluated whole)."""
 from __future__ import annotations
 
 from typing import Any

@@ -551,7 +551,8 @@ class Model(nn.Module):
     dropout: residual dropout rate in training.
     mesh, seq_axis, seq_strategy: sequence parallelism over the mesh axis `seq_axis` with
       strategy "striped", "ring" or "all_gather" (None: off); active when that axis has size > 1.
-    decode, cache_len: decoding with a key/value cache of `cache_len` tokens (see `generate`).
+    decode, cache_len: decoding with a cache of `cache_len` tokens, in the op's decoding form
+      (see `generate`).
     remat_policy: "none" or a `jax.checkpoint_policies` name applied to every block.
     scan_layers: stack the blocks with `nn.scan` (parameters get a leading `layers` axis).
     block: "pre_norm" (the LLaMA-style block above), "ngpt" (`NGPTBlock`: normalised
