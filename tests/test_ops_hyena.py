@@ -261,7 +261,8 @@ def test_packed_rows_equal_each_segment_alone(is_causal):
               short_filters=ref.normal(6, (3, 3, n, d), std=0.5))
 
   def segment_args(m):
-    return dict(args, filters=filters[:, :m] if is_causal else filters[:, length - m:length + m - 1])
+    taps = slice(0, m) if is_causal else slice(length - m, length + m - 1)
+    return dict(args, filters=filters[:, taps])
 
   op_checks.assert_packed_rows_match_segments(
       ops.get("hyena"), dict(args, filters=filters), segment_args, is_causal=is_causal)

@@ -7,7 +7,7 @@ from big_attn.layers.norm import batch_norm, conv_norm, layer_norm
 from big_attn.ops.registry import OpParams, params_module, register_params
 from big_attn.layers.posemb import PositionEmbedding, apply_rope, posemb_sincos_2d
 
-__all__ = ["Attention", "HyenaOperator", "ImplicitFilter", "InputCache", "KVCache", "RecurrentCache",
-           "MlpBlock", "OpParams",
+__all__ = ["Attention", "HyenaOperator", "ImplicitFilter", "InputCache", "KVCache",
+           "RecurrentCache", "MlpBlock", "OpParams",
            "PositionEmbedding", "apply_rope", "batch_norm", "conv_norm", "layer_norm",
            "params_module", "posemb_sincos_2d", "register_params"]

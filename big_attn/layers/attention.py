@@ -55,8 +55,9 @@ class Attention(nn.Module):
 
   The op is called in one module method, `attend`; sequence parallelism and the decoding cache
   are its fields (the forms of each op: `big_attn.ops.decoding_form` and
-  `sequence_parallel_form`), and tools observe or steer it with Flax's method interception (`big_attn.interpret.hook_ops`). A model changes
-  what happens around the op by overriding `attend`.
+  `sequence_parallel_form`), and tools observe or steer it with Flax's method interception
+  (`big_attn.interpret.hook_ops`). A model changes what happens around the op by overriding
+  `attend`.
 
   Attributes:
     num_heads: query heads.
@@ -212,8 +213,8 @@ class Attention(nn.Module):
 
     Plain (also for ops decoded from an `InputCache`, which `__call__` runs over the whole
     cache): the registered op with `op_args` (`segment_ids` passed to ops declaring them,
-    folded into the mask otherwise). With `seq_parallel` or a `decode` cache: the op's softmax form
-    (`ops.spec(op).softmax_form`), then `SeqParallel.attention` or the `KVCache`; these take
+    folded into the mask otherwise). With `seq_parallel` or a `decode` cache: the op's softmax
+    form (`ops.spec(op).softmax_form`), then `SeqParallel.attention` or the `KVCache`; these take
     `segment_ids` (sequence parallelism) and `is_causal`, not a mask. An op with a recurrent
     state form (`ops.recurrent.STATE_FORMS`) instead passes its state between contiguous
     shards (`SeqParallel.linear_state`) or keeps it in a `kv_cache.RecurrentCache` (causal,

@@ -145,7 +145,8 @@ def _combiner_segments(query, key, value, full, segment_ids, dims, scale, c, key
   same_blk = same & (blk[:, :, None] == blk[:, None, :])
   first = jnp.argmax(same_blk, axis=-1)  # [b, n]: the region's first token
   shape = (dims.batch, dims.num_kv_heads, dims.groups, n, n)
-  valid = jnp.ones((1, 1, 1, n), bool) if full is None else common.grouped(full, dims)[:, :, :, 0]
+  valid = (jnp.ones((1, 1, 1, n), bool) if full is None
+           else common.grouped(full, dims)[:, :, :, 0])
   member = jnp.broadcast_to(  # [b, k, g, p, j]: key j is valid and in the region of token p
       (first[:, None, :] == jnp.arange(n)[None, :, None])[:, None, None]
       & valid[:, :, :, None, :], shape)
