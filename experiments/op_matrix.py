@@ -34,7 +34,6 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from big_attn import models  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from big_attn import ops  # noqa: E402
-from big_attn.ops import recurrent  # noqa: E402
 from big_attn.ops import spatial  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -191,14 +190,14 @@ def forms_table() -> str:
   tests/test_registry_layers.py, tests/test_parallel_linear_state.py and the LM tests)."""
   lines = ["| op | causal | sequence-parallel | decoding | kernel |", "|---|---|---|---|---|"]
   kernels = {"softmax": "flash softmax, cuDNN", "sigmoid": "FlashSigmoid"}
+  parallel_names = {"softmax": "ring / striped / all_gather",
+                    "state": "state passing (LASP), contiguous", None: "–"}
+  decode_names = {"kv_cache": "KV cache", "state": "recurrent state",
+                  "inputs": "cached layer inputs", None: "–"}
   for op in ops.names():
     spec = ops.spec(op)
-    if spec.softmax_form is not None:
-      parallel, decode = "ring / striped / all_gather", "KV cache"
-    elif op in recurrent.STATE_FORMS:
-      parallel, decode = "state passing (LASP), contiguous", "recurrent state"
-    else:
-      parallel = decode = "–"
+    parallel = parallel_names[ops.sequence_parallel_form(op)]
+    decode = decode_names[ops.decoding_form(op)]
     kernel = kernels.get(op, "via softmax" if spec.implementation else "–")
     lines.append(f"| `{op}` | {'✓' if spec.causal else '–'} | {parallel} | {decode} | "
                  f"{kernel} |")

@@ -74,3 +74,28 @@ def assert_no_causal_form(name, q, k, v, **args):
   """Op `name` raises a NotImplementedError naming itself for `is_causal=True`."""
   with pytest.raises(NotImplementedError, match=name):
     ops.get(name)(q, k, v, is_causal=True, **args)
+
+
+def assert_packed_rows_match_segments(op, row_args, segment_args, *, is_causal,
+                                      lengths=(3, 5, 4), atol=1e-5):
+  """`op` on rows packed with segments of `lengths` (`segment_ids`, arguments `row_args`)
+  equals `op` run on each segment alone (arguments `segment_args(length)`), forward and
+  gradients wrt q, k, v (to `atol`, float32); GQA heads (4 query, 2 key/value)."""
+  bounds = np.cumsum((0,) + tuple(lengths))
+  q, k, v = ref.qkv(t=int(bounds[-1]))
+  seg = jnp.broadcast_to(jnp.repeat(jnp.arange(len(lengths)), np.asarray(lengths)),
+                         q.shape[:2])
+
+  def packed(q, k, v):
+    return op(q, k, v, is_causal=is_causal, segment_ids=seg, **row_args)
+
+  def separate(q, k, v):
+    return jnp.concatenate(
+        [op(q[:, a:b], k[:, a:b], v[:, a:b], is_causal=is_causal, **segment_args(int(b - a)))
+         for a, b in zip(bounds[:-1], bounds[1:])], axis=1)
+
+  out, grads = ref.out_and_grads(packed, (q, k, v))
+  want, want_grads = ref.out_and_grads(separate, (q, k, v))
+  np.testing.assert_allclose(out, want, rtol=1e-5, atol=atol)
+  for name, g, w in zip("qkv", grads, want_grads):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=atol, err_msg=f"d{name}")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from big_attn import ops
+from tests import op_checks
 from tests import reference as ref
 
 F32_TOL = ref.F32_TOL
@@ -80,6 +81,14 @@ def test_combiner_matches_reference(t, block, causal, kv_heads, masked, pool):
   refn = lambda q, k, v: _combiner_ref(q, k, v, block_size=block, is_causal=causal,
                                        key_valid=key_valid, key_pool=pool)[0]
   ref.assert_matches(op, refn, [q, k, v])
+
+
+@pytest.mark.parametrize("causal,pool", [(True, "mean"), (False, "max")])
+def test_combiner_packed_rows_equal_each_segment_alone(causal, pool):
+  """With `segment_ids`, blocks start at each segment's start and regions stay within it."""
+  args = dict(block_size=2, key_pool=pool)
+  op_checks.assert_packed_rows_match_segments(ops.get("combiner"), args, lambda m: args,
+                                              is_causal=causal)
 
 
 def test_combiner_full_support_and_exact_limits():

@@ -15,6 +15,7 @@ import pytest
 
 from big_attn import layers, ops
 from big_attn.layers import hyena as hyena_layers
+from tests import op_checks
 from tests import reference as ref
 
 
@@ -247,3 +248,24 @@ def test_attention_layer_runs_hyena_with_its_weights():
   with pytest.raises(ValueError, match="short_kernel"):
     layers.Attention(num_heads=2, op="hyena", op_args=dict(short_kernel=-1)).init(
         jax.random.key(0), x)
+
+
+@pytest.mark.parametrize("is_causal", [True, False])
+def test_packed_rows_equal_each_segment_alone(is_causal):
+  """With `segment_ids`, the long and short convolutions stay within each segment: the packed
+  row equals each segment run alone with its filters' taps (forward and gradients)."""
+  length, n, d = 12, 4, 8
+  taps = length if is_causal else 2 * length - 1
+  filters = ref.normal(3, (2, taps, n, d), std=0.3)
+  args = dict(filter_bias=ref.normal(4, (2, n, d)),
+              short_filters=ref.normal(6, (3, 3, n, d), std=0.5))
+
+  def segment_args(m):
+    taps = slice(0, m) if is_causal else slice(length - m, length + m - 1)
+    return dict(args, filters=filters[:, taps])
+
+  op_checks.assert_packed_rows_match_segments(
+      ops.get("hyena"), dict(args, filters=filters), segment_args, is_causal=is_causal)
+  with pytest.raises(ValueError, match="segment_ids are packed 1-D sequences"):
+    ops.get("hyena")(*ref.qkv(t=4), filters=ref.normal(0, (2, 3, 3, 4, 8)), grid=(2, 2),
+                     segment_ids=jnp.zeros((2, 4), jnp.int32))

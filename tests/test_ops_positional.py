@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from big_attn import layers, ops
+from tests import op_checks
 from tests import reference as ref
 
 F32_TOL, BF16_TOL = ref.F32_TOL, ref.BF16_TOL
@@ -162,6 +163,27 @@ def test_kernelized_rpe_fft_matches_quadratic(t, kv_heads, causal, masked):
                            (q, k, v, b, w))
   if masked:
     assert np.all(out[1] == 0.0)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_kernelized_rpe_packed_rows(causal):
+  """With `segment_ids`: the quadratic reference with the segment (and key-padding) mask, and
+  each segment run alone with its offsets' biases (forward and gradients)."""
+  t = 12
+  q, k, v = _qkv(t=t, k=2, dv=6)
+  b = ref.normal(3, (4, 2 * t - 1))
+  w = ops.linear.orthogonal_random_features(0, 16, 8)
+  seg = jnp.asarray([[0] * 5 + [1] * 7, [0] * 2 + [1] * 6 + [2] * 4])
+  mask = ref.key_padding(2, t, first_valid=True, invalid=1)
+  full = ref.full_mask(2, 4, t, t, mask=mask, is_causal=causal, segment_ids=seg)
+  op = functools.partial(ops.get("kernelized_rpe"), mask=mask, is_causal=causal,
+                         segment_ids=seg)
+  ref.assert_matches(lambda q, k, v, b, w: op(q, k, v, rpe_bias=b, features=w),
+                     lambda q, k, v, b, w: _krpe_ref(q, k, v, b, w, full), (q, k, v, b, w))
+  op_checks.assert_packed_rows_match_segments(
+      ops.get("kernelized_rpe"), dict(rpe_bias=b, features=w),
+      lambda m: dict(rpe_bias=b[:, t - m:t + m - 1], features=w), is_causal=causal,
+      atol=5e-5)  # the segments alone run through the FFT, whose round-off is ~1e-5 here
 
 
 def test_kernelized_rpe_causal_ignores_future():

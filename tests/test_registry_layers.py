@@ -246,8 +246,8 @@ def test_attention_refuses_undeclared_arguments_and_forms():
     init(op="cog", implementation="xla")
   with pytest.raises(ValueError, match="op 'lightning' takes no `bias` argument"):
     init(op="lightning", op_args={"bias": jnp.zeros((1, 1, 4, 4))})
-  with pytest.raises(ValueError, match="op 'sigmoid' has no cached form"):
-    init(op="sigmoid", decode=True, cache_len=4)
+  with pytest.raises(ValueError, match="op 'agent' has no decoding form"):
+    init(op="agent", decode=True, cache_len=4)
   sp = parallel.SeqParallel(jax.make_mesh((4,), ("seq",)), "seq", "ring")
   with pytest.raises(ValueError, match="op 'cog' has no sequence-parallel form"):
     init(op="cog", seq_parallel=sp)

@@ -1,12 +1,13 @@
 """Flax Linen layers: attention with the mechanism picked by name, and its building blocks."""
 from big_attn.layers.attention import Attention
 from big_attn.layers.hyena import HyenaOperator, ImplicitFilter
-from big_attn.layers.kv_cache import KVCache, RecurrentCache
+from big_attn.layers.kv_cache import InputCache, KVCache, RecurrentCache
 from big_attn.layers.mlp import MlpBlock
 from big_attn.layers.norm import batch_norm, conv_norm, layer_norm
 from big_attn.ops.registry import OpParams, params_module, register_params
 from big_attn.layers.posemb import PositionEmbedding, apply_rope, posemb_sincos_2d
 
-__all__ = ["Attention", "HyenaOperator", "ImplicitFilter", "KVCache", "RecurrentCache", "MlpBlock", "OpParams",
+__all__ = ["Attention", "HyenaOperator", "ImplicitFilter", "InputCache", "KVCache",
+           "RecurrentCache", "MlpBlock", "OpParams",
            "PositionEmbedding", "apply_rope", "batch_norm", "conv_norm", "layer_norm",
            "params_module", "posemb_sincos_2d", "register_params"]

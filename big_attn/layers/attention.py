@@ -11,7 +11,6 @@ import jax.numpy as jnp
 
 from big_attn import ops, parallel
 from big_attn.ops import common
-from big_attn.ops import recurrent
 from big_attn.ops import spatial
 from big_attn.layers import kv_cache
 from big_attn.layers import posemb
@@ -55,9 +54,10 @@ class Attention(nn.Module):
   """Self- or cross-attention with projections, GQA, optional qk-norm and any registered op.
 
   The op is called in one module method, `attend`; sequence parallelism and the decoding cache
-  are its fields (ops with a `softmax_form` in the registry run in both), and tools observe or
-  steer it with Flax's method interception (`big_attn.interpret.hook_ops`). A model changes
-  what happens around the op by overriding `attend`.
+  are its fields (the forms of each op: `big_attn.ops.decoding_form` and
+  `sequence_parallel_form`), and tools observe or steer it with Flax's method interception
+  (`big_attn.interpret.hook_ops`). A model changes what happens around the op by overriding
+  `attend`.
 
   Attributes:
     num_heads: query heads.
@@ -79,7 +79,11 @@ class Attention(nn.Module):
       a dict with `rope_type` "linear", "dynamic" or "llama3").
     seq_parallel: a `big_attn.parallel.SeqParallel`: the op runs with the sequence split over
       its mesh axis (`SeqParallel.attention`, inputs in the strategy's token order); None: off.
-    decode: attend over the key/value cache of `kv_cache.KVCache` (collection "cache").
+    decode: causal self-attention of new tokens after the cached ones (collection "cache"), in
+      the op's `ops.decoding_form`: a `kv_cache.KVCache` of keys and values (softmax forms), a
+      `kv_cache.RecurrentCache` (recurrent state forms), or an `kv_cache.InputCache` of the
+      layer's inputs over which every other causal op is evaluated whole, the new tokens'
+      outputs kept.
     cache_len: cache entries per sequence when `decode`.
     kernel_init: projection initialiser, called with the 2-D `(fan_in, fan_out)` shape.
   Parameters carry logical axis names (`embed`, `heads`, `kv_heads`, `head_dim`, `norm`).
@@ -117,17 +121,11 @@ class Attention(nn.Module):
     if self.decode and self.seq_parallel is not None:
       raise ValueError("Attention: decode=True and seq_parallel are exclusive (decoding runs "
                        "on one device per sequence)")
-    mode = ("cached" if self.decode else
-            "sequence-parallel" if self.seq_parallel is not None else None)
-    if mode is not None and spec.softmax_form is None and self.op not in recurrent.STATE_FORMS:
-      with_form = [name for name in ops.names() if ops.spec(name).softmax_form is not None]
-      raise ValueError(
-          f"attention op {self.op!r} has no {mode} form: sequence parallelism and decoding "
-          f"run softmax attention of transformed queries and keys (ops registered with a "
-          f"softmax_form: {', '.join(with_form)}) or pass a recurrent state (ops with a state "
-          f"form: {', '.join(sorted(recurrent.STATE_FORMS))})")
-    if self.seq_parallel is not None and spec.softmax_form is None:
-      self.seq_parallel.check_linear_state(self.op)
+    if self.decode:
+      ops.check_form(self.op, "decoding")
+    if self.seq_parallel is not None:
+      if ops.check_form(self.op, "sequence-parallel") == "state":
+        self.seq_parallel.check_linear_state(self.op)
 
   @nn.compact
   def __call__(self, inputs_q, context=None, *, mask=None, is_causal=False,
@@ -148,6 +146,14 @@ class Attention(nn.Module):
     self._check_op()
     if inputs_q.ndim != 3:
       raise ValueError(f"inputs_q must be [batch, seq, features], got shape {inputs_q.shape}")
+    recompute = self.decode and ops.decoding_form(self.op) == "inputs"
+    if recompute:  # the op over all cached inputs; the new tokens' outputs are kept
+      if context is not None or mask is not None or segment_ids is not None or not is_causal:
+        raise ValueError(f"decoding attention op {self.op!r} attends causally within one "
+                         "sequence: is_causal=True, without context, mask or segment_ids")
+      new = inputs_q.shape[1]
+      inputs_q, positions, start = kv_cache.InputCache(self.cache_len, name="cache")(
+          inputs_q, positions)
     context = inputs_q if context is None else context
     if context.ndim != 3:
       raise ValueError(f"context must be [batch, seq, features], got shape {context.shape}")
@@ -193,6 +199,8 @@ class Attention(nn.Module):
       op_args["implementation"] = self.implementation
     out = self.attend(query, key, value, mask=mask, is_causal=is_causal,
                       segment_ids=segment_ids, op_args=op_args)
+    if recompute:
+      out = kv_cache.new_tokens(out, start, new)
 
     return self._projection((self.num_heads, head_dim, features),
                             ("heads", "head_dim", "embed"), "out", contract=2,
@@ -203,9 +211,10 @@ class Attention(nn.Module):
     """The op on projected queries `[batch, q_len, heads, dim]`, keys and values `[batch,
     kv_len, kv_heads, dim]` -> `[batch, q_len, heads, value_dim]`.
 
-    Plain: the registered op with `op_args` (`segment_ids` passed to ops declaring them,
-    folded into the mask otherwise). With `seq_parallel` or `decode`: the op's softmax form
-    (`ops.spec(op).softmax_form`), then `SeqParallel.attention` or the `KVCache`; these take
+    Plain (also for ops decoded from an `InputCache`, which `__call__` runs over the whole
+    cache): the registered op with `op_args` (`segment_ids` passed to ops declaring them,
+    folded into the mask otherwise). With `seq_parallel` or a `decode` cache: the op's softmax
+    form (`ops.spec(op).softmax_form`), then `SeqParallel.attention` or the `KVCache`; these take
     `segment_ids` (sequence parallelism) and `is_causal`, not a mask. An op with a recurrent
     state form (`ops.recurrent.STATE_FORMS`) instead passes its state between contiguous
     shards (`SeqParallel.linear_state`) or keeps it in a `kv_cache.RecurrentCache` (causal,
@@ -217,7 +226,8 @@ class Attention(nn.Module):
       if name in op_args and not getattr(spec, name):
         raise ValueError(f"attention op {self.op!r} takes no `{name}` argument (it is not "
                          f"registered with {name}=True)")
-    if self.decode or self.seq_parallel is not None:
+    cached = self.decode and ops.decoding_form(self.op) != "inputs"
+    if cached or self.seq_parallel is not None:
       if mask is not None:
         raise ValueError("sequence-parallel and cached attention take segment_ids and "
                          "is_causal, not a mask")
@@ -227,13 +237,13 @@ class Attention(nn.Module):
           raise ValueError(f"attention op {self.op!r} passes one recurrent state per row: "
                            "packed sequences (segment_ids) are not supported in sequence-"
                            "parallel or cached form")
-        if self.decode:
+        if cached:
           return kv_cache.RecurrentCache(self.op, name="cache")(query, key, value, **op_args)
         return self.seq_parallel.linear_state(self.op, query, key, value,
                                               is_causal=is_causal, **op_args)
-      window = op_args.pop("local_window_size", None) if self.decode else None
+      window = op_args.pop("local_window_size", None) if cached else None
       query, key, scale = spec.softmax_form(query, key, op_args.pop("scale", None), **op_args)
-      if self.decode:
+      if cached:
         if segment_ids is not None:
           raise ValueError("decoding takes one document per sequence: no segment_ids")
         return kv_cache.KVCache(self.cache_len, name="cache")(

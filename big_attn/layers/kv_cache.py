@@ -1,5 +1,7 @@
-"""The caches of decoding: `KVCache` (softmax attention's keys and values) and
-`RecurrentCache` (the constant-size state of an op with a recurrent state form)."""
+"""The caches of decoding, one per decoding form (`big_attn.ops.decoding_form`): `KVCache`
+(softmax attention's keys and values), `RecurrentCache` (the constant-size state of an op with
+a recurrent state form) and `InputCache` (the layer inputs, over which any other causal op is
+evaluated whole)."""
 from __future__ import annotations
 
 from typing import Any
@@ -80,3 +82,49 @@ class RecurrentCache(nn.Module):
     state = self.variable("cache", "state", lambda: form.initial)
     out, state.value = form.append(state.value, query, key, value)
     return out
+
+
+class InputCache(nn.Module):
+  """The inputs of a causal attention layer of `length` tokens, for ops decoded by
+  recomputation (`big_attn.ops.decoding_form` "inputs").
+
+  Each call writes the new tokens' features and positions at the cache's index and returns the
+  whole cache, which the layer then attends over causally, keeping the new tokens' outputs
+  (`new_tokens`): the entries after them are zeros that a causal op does not read. Collection
+  "cache": `inputs [batch, length, features]`, `positions [batch, length]` and the int
+  `index`; apply with `mutable=["cache"]`.
+
+  Attributes:
+    length: cache entries per sequence (prompt plus generated tokens).
+  """
+  length: int
+
+  @nn.compact
+  def __call__(self, inputs: Array, positions: Array | None = None
+               ) -> tuple[Array, Array, Array]:
+    """`inputs [batch, new, features]` and their `positions` (`[batch|1, new]` or `[new]`;
+    None: the next positions after the cached tokens) -> the cached inputs `[batch, length,
+    features]`, positions `[batch, length]` and the index of the first new token."""
+    if not isinstance(self.length, int) or self.length < 1:
+      raise ValueError(f"InputCache length must be a positive int, got {self.length!r}")
+    batch, new, features = inputs.shape
+    cached = self.variable("cache", "inputs", jnp.zeros, (batch, self.length, features),
+                           inputs.dtype)
+    cached_pos = self.variable("cache", "positions", jnp.zeros, (batch, self.length),
+                               jnp.int32)
+    index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+    start = index.value
+    if positions is None:
+      positions = start + jnp.arange(new)
+    positions = jnp.broadcast_to(jnp.asarray(positions, jnp.int32), (batch, new))
+    cached.value = jax.lax.dynamic_update_slice(cached.value, inputs.astype(cached.value.dtype),
+                                                (0, start, 0))
+    cached_pos.value = jax.lax.dynamic_update_slice(cached_pos.value, positions, (0, start))
+    index.value = start + new
+    return cached.value, cached_pos.value, start
+
+
+def new_tokens(outputs: Array, start: Array, count: int) -> Array:
+  """The `count` outputs `[batch, count, ...]` of the tokens an `InputCache` call added at
+  `start`, from the outputs `[batch, length, ...]` over the whole cache."""
+  return jax.lax.dynamic_slice_in_dim(outputs, start, count, axis=1)

@@ -20,10 +20,13 @@ keys/values. For "striped" the model's per-token inputs and its logits are in st
 stripe tokens, positions, segment ids, targets and weights once at the input (`stripe_batch`,
 as `loss_fn` does); nothing is permuted between layers. Activations stay sharded over `seq_axis`.
 
-Decoding (`decode=True`, used by `generate`): a key/value cache of `cache_len` entries per layer
-(`big_attn.layers.kv_cache.KVCache`, collection "cache") and the split-KV decode op
-`lean_decode` (Lean Attention) over it. Both work for the ops registered with a `softmax_form`
-(softmax, ngpt) and for SwitchHead in block='moeut'.
+Decoding (`decode=True`, used by `generate`) works for every causal op, in the op's
+`big_attn.ops.decoding_form` (collection "cache", `cache_len` tokens per layer): a key/value
+cache (`big_attn.layers.kv_cache.KVCache`) read by the split-KV decode op `lean_decode` (Lean
+Attention) for the ops registered with a `softmax_form` (softmax, ngpt) and for SwitchHead in
+block='moeut'; a recurrent state of constant size (`RecurrentCache`) for the linear and
+recurrent ops; the layer's inputs (`InputCache`), over which the op is evaluated whole, for the
+others. Decoding equals the full forward of `cache_len` tokens.
 
 Block families (`block`):
 - "pre_norm": the block above.
@@ -75,7 +78,6 @@ import numpy as np
 import optax
 
 from big_attn import ops, parallel
-from big_attn.ops import recurrent
 from big_attn.layers import Attention, KVCache, apply_rope
 from big_attn.models import common as models_common
 from big_attn.ops import experts as experts_ops
@@ -544,12 +546,13 @@ class Model(nn.Module):
     qk_norm: RMS-normalise queries and keys per head.
     tie_embeddings: the output projection is the transposed input embedding.
     attention, attention_args, attention_impl: the op by registry name, its arguments and
-      `implementation` (sequence parallelism and decoding need an op with a `softmax_form`:
-      softmax or ngpt).
+      `implementation` (sequence parallelism needs an op with a sequence-parallel form and
+      decoding a causal op: `big_attn.ops.sequence_parallel_form`, `decoding_form`).
     dropout: residual dropout rate in training.
     mesh, seq_axis, seq_strategy: sequence parallelism over the mesh axis `seq_axis` with
       strategy "striped", "ring" or "all_gather" (None: off); active when that axis has size > 1.
-    decode, cache_len: decoding with a key/value cache of `cache_len` tokens (see `generate`).
+    decode, cache_len: decoding with a cache of `cache_len` tokens, in the op's decoding form
+      (see `generate`).
     remat_policy: "none" or a `jax.checkpoint_policies` name applied to every block.
     scan_layers: stack the blocks with `nn.scan` (parameters get a leading `layers` axis).
     block: "pre_norm" (the LLaMA-style block above), "ngpt" (`NGPTBlock`: normalised
@@ -668,14 +671,11 @@ class Model(nn.Module):
     if self.block == "ngpt" and (self.qk_norm or self.dropout):
       raise ValueError("block='ngpt' normalises queries and keys itself and has no dropout: set "
                        f"qk_norm=False and dropout=0 (got {self.qk_norm}, {self.dropout})")
-    if ((sp is not None or self.decode) and self.block != "moeut"
-        and ops.spec(self.attention).softmax_form is None
-        and self.attention not in recurrent.STATE_FORMS):
-      with_form = [n for n in ops.names() if ops.spec(n).softmax_form is not None]
-      raise ValueError(f"sequence parallelism and decoding compute softmax attention (of the "
-                       f"ops registered with a softmax_form, {with_form}, or SwitchHead in "
-                       f"block='moeut') or pass a recurrent state (ops "
-                       f"{sorted(recurrent.STATE_FORMS)}); got attention={self.attention!r}")
+    if self.block != "moeut":  # moeut's SwitchHead runs softmax attention of mixed values
+      if self.decode:
+        ops.check_form(self.attention, "decoding")
+      if sp is not None:
+        ops.check_form(self.attention, "sequence-parallel")
     if sp is not None and tokens.shape[1] % sp.num_shards:
       raise ValueError(f"sequence length {tokens.shape[1]} is not divisible by the "
                        f"{sp.num_shards} shards of mesh axis {sp.axis!r}")
@@ -853,8 +853,9 @@ def generate(model: Model, params: Any, prompt: jax.Array, max_new_tokens: int, 
              return_logits: bool = False):
   """Continues `prompt` (int `[batch, t]`, t >= 1) by `max_new_tokens` sampled tokens.
 
-  The prompt fills a key/value cache of `t + max_new_tokens` entries in one pass (prefill);
-  then one token at a time attends to the cache with the split-KV op `lean_decode`.
+  The prompt fills a cache of `t + max_new_tokens` tokens in one pass (prefill); then one token
+  at a time attends to it (`Model`'s decoding: keys and values read by the split-KV op
+  `lean_decode`, a recurrent state, or the cached layer inputs, by the op's decoding form).
   `temperature=0` is greedy decoding; `top_k` keeps the k most likely tokens.
 
   Returns:

@@ -41,6 +41,7 @@ from big_attn.ops import combiner as _combiner  # noqa: F401
 from big_attn.ops import quadtree as _quadtree  # noqa: F401
 from big_attn.ops import ngpt as _ngpt  # noqa: F401
 from big_attn.ops import hyena as _hyena  # noqa: F401
+from big_attn.ops.forms import check_form, decoding_form, sequence_parallel_form
 
 
 def _flatten_batch(x, batch_shape, trailing: int):
@@ -122,3 +123,4 @@ def as_attention_fn(name: str, **mechanism_args) -> Callable:
 __all__ = ["OpSpec", "as_attention_fn", "dot_product_attention", "get", "has_causal_form",
            "names", "register", "spec"]
 __all__ += ["OpParams", "params_module", "register_params"]
+__all__ += ["check_form", "decoding_form", "sequence_parallel_form"]

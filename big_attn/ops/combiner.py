@@ -19,9 +19,9 @@ from big_attn.ops.registry import register
 KEY_POOLS = ("mean", "max")
 
 
-@register("combiner")
+@register("combiner", segment_ids=True)
 def combiner_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
-                       block_size=None, key_pool="mean"):
+                       segment_ids=None, block_size=None, key_pool="mean"):
   """Combiner-Fixed attention (Combiner: Full Attention Transformer with Sparse Computation
   Cost, Ren et al. 2021).
 
@@ -49,6 +49,9 @@ def combiner_attention(query, key, value, *, mask=None, is_causal=False, scale=N
     is_causal: direct attention to the current block's keys j ≤ i, summaries of earlier
       blocks only.
     scale: logit scale s; `1/sqrt(head_dim)` when None.
+    segment_ids: `[batch, seq]` ints of packed sequences: blocks are counted from each
+      segment's start and a query sees its own segment's keys and regions only, as each segment
+      alone with this `block_size`; computed densely, O(L²).
     block_size: block length c ≥ 1; default ⌈√L⌉, the paper's choice (O(L√L) cost).
     key_pool: "mean" or "max", the summary key k̄_r.
 
@@ -70,6 +73,9 @@ def combiner_attention(query, key, value, *, mask=None, is_causal=False, scale=N
                      f"kv_len]; got a mask of shape {mask.shape} that varies over queries")
   scale = common.default_scale(dims.head_dim, scale)
   length, c = dims.q_len, int(block_size)
+  if segment_ids is not None:
+    return _combiner_segments(query, key, value, full, segment_ids, dims, scale, c, key_pool,
+                              is_causal)
   num_blocks = -(-length // c)
   pad = num_blocks * c - length
 
@@ -127,3 +133,48 @@ def combiner_attention(query, key, value, *, mask=None, is_causal=False, scale=N
          + jnp.einsum("bSkgir,brkgd->bSikgd", probs[..., c:], v_sum))
   out = out.reshape(dims.batch, num_blocks * c, dims.num_heads, dims.value_dim)[:, :length]
   return out.astype(query.dtype)
+
+
+def _combiner_segments(query, key, value, full, segment_ids, dims, scale, c, key_pool,
+                       is_causal):
+  """Combiner-Fixed over packed segments, densely: a token's block is its index within its
+  segment // c, and each region (segment, block) is represented by its first token p."""
+  n = dims.q_len
+  same, local = common.segment_layout(segment_ids, dims)  # [b, t, s], [b, n]
+  blk = local // c
+  same_blk = same & (blk[:, :, None] == blk[:, None, :])
+  first = jnp.argmax(same_blk, axis=-1)  # [b, n]: the region's first token
+  shape = (dims.batch, dims.num_kv_heads, dims.groups, n, n)
+  valid = (jnp.ones((1, 1, 1, n), bool) if full is None
+           else common.grouped(full, dims)[:, :, :, 0])
+  member = jnp.broadcast_to(  # [b, k, g, p, j]: key j is valid and in the region of token p
+      (first[:, None, :] == jnp.arange(n)[None, :, None])[:, None, None]
+      & valid[:, :, :, None, :], shape)
+  count = jnp.sum(member, axis=-1)  # [b, k, g, p]
+  has_key = count > 0
+  k, v = key.astype(jnp.float32), value.astype(jnp.float32)
+  mean = member / jnp.maximum(count, 1)[..., None]
+  if key_pool == "mean":
+    k_sum = jnp.einsum("bkgpj,bjkd->bkgpd", mean, k)
+  else:
+    k_sum = jnp.max(jnp.where(member[..., None], jnp.moveaxis(k, 1, 2)[:, :, None, None],
+                              common.MASKED_LOGIT), axis=-2)
+    k_sum = jnp.where(has_key[..., None], k_sum, 0.0)
+  v_sum = jnp.einsum("bkgpj,bjkd->bkgpd", mean, v)
+
+  q = common.group_query(query, dims.num_kv_heads).astype(jnp.float32)  # [b, t, k, g, d]
+  direct = jnp.einsum("btkgd,bskd->bkgts", q, k) * scale
+  summary = jnp.einsum("btkgd,bkgpd->bkgtp", q, k_sum) * scale
+  before = jnp.arange(n)[None, :] <= jnp.arange(n)[:, None]
+  direct_mask = (same_blk & before if is_causal else same_blk)[:, None, None] & valid[
+      :, :, :, None, :]
+  region_seen = (blk[:, None, :] < blk[:, :, None] if is_causal
+                 else blk[:, None, :] != blk[:, :, None])  # [b, t, p]
+  summary_mask = (same & region_seen)[:, None, None] & has_key[:, :, :, None, :]
+  probs = common.masked_softmax(
+      jnp.concatenate([direct, summary], axis=-1),
+      jnp.concatenate([jnp.broadcast_to(direct_mask, shape),
+                       jnp.broadcast_to(summary_mask, shape)], axis=-1))
+  out = (jnp.einsum("bkgts,bskd->btkgd", probs[..., :n], v)
+         + jnp.einsum("bkgtp,bkgpd->btkgd", probs[..., n:], v_sum))
+  return out.reshape(dims.batch, n, dims.num_heads, dims.value_dim).astype(query.dtype)

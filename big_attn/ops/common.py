@@ -21,7 +21,8 @@ from big_attn.ops import checks
 __all__ = ["MASKED_LOGIT", "Array", "Dims", "apply_row_mask", "attention_logits", "check_bias",
            "check_broadcastable", "check_float", "check_no_causal", "check_qkv", "check_weight",
            "default_scale", "group_query", "grouped", "largest_divisor", "make_mask", "masked_softmax",
-           "normalize_segment_ids", "normalize_window", "scores", "weighted_values"]
+           "normalize_segment_ids", "normalize_window", "scores", "segment_layout",
+           "weighted_values"]
 
 
 def check_weight(name: str, x: Any, shape: tuple[int, ...], layout: str) -> None:
@@ -82,3 +83,14 @@ def apply_row_mask(out: Array, mask: Array | None, dims: Dims) -> Array:
 def check_no_causal(name: str, is_causal: bool) -> None:
   if is_causal:
     raise NotImplementedError(f"op {name!r} has no causal form (is_causal=True)")
+
+
+def segment_layout(segment_ids, dims: Dims) -> tuple[Array, Array]:
+  """Packed rows of a self-attention op (q_len == kv_len): `same [b, t, s]`, whether query t
+  and key s share a segment, and `local [b, seq]`, each token's index within its segment (the
+  number of earlier tokens with its id), so that a segment computes as if run alone."""
+  q_seg, kv_seg = normalize_segment_ids(segment_ids, dims)
+  same = q_seg[:, :, None] == kv_seg[:, None, :]
+  earlier = jnp.tril(jnp.ones((dims.kv_len, dims.kv_len), bool), -1)
+  local = jnp.sum((kv_seg[:, :, None] == kv_seg[:, None, :]) & earlier, axis=-1)
+  return same, local

@@ -61,6 +61,40 @@ def _long_conv(z: Array, filt: Array, spatial: tuple[int, ...], causal_taps: boo
   return y[(slice(None),) + tuple(slice(s, s + n) for s, n in zip(start, spatial))]
 
 
+def _long_conv_segments(z: Array, filt: Array, causal_taps: bool, is_causal: bool,
+                        same: Array) -> Array:
+  """`_long_conv` over a 1-D sequence of packed segments: `(h * z)_t = Σ_s h_{t−s} z_s` over
+  the tokens s of t's segment (`same [b, t, s]`), as a dense Toeplitz product, O(n²) per
+  channel."""
+  n = z.shape[1]
+  if is_causal and not causal_taps:
+    filt = filt[n - 1:]
+    causal_taps = True
+  offset = jnp.arange(n)[:, None] - jnp.arange(n)[None, :]  # r = t − s
+  index = offset if causal_taps else offset + n - 1
+  reach = (offset >= 0) if causal_taps else jnp.ones((n, n), bool)
+  taps = filt[jnp.clip(index, 0, filt.shape[0] - 1)]  # [t, s, heads, head_dim]
+  weights = jnp.where((reach & same)[..., None, None], taps, 0.0)  # [b, t, s, heads, head_dim]
+  return jnp.einsum("btsnd,bsnd->btnd", weights, z)
+
+
+def _short_conv_segments(x: Array, kernel: Array, is_causal: bool, seg: Array) -> Array:
+  """`_short_conv` over a 1-D sequence of packed segments: taps reaching into another segment
+  (`seg [b, seq]`) read zeros, as at the ends of a sequence."""
+  size, n = kernel.shape[0], x.shape[1]
+  left = size - 1 if is_causal else (size - 1) // 2
+  pad = [(0, 0), (left, size - 1 - left)]
+  x_pad = jnp.pad(x, pad + [(0, 0)] * 2)
+  seg_pad = jnp.pad(seg, pad)
+  inside = jnp.pad(jnp.ones(seg.shape, bool), pad)
+  out = jnp.zeros_like(x)
+  for j in range(size):  # tap j reads token t + j − left
+    keep = inside[:, j:j + n] & (seg_pad[:, j:j + n] == seg)
+    out = out + kernel[j].astype(x.dtype) * jnp.where(keep[..., None, None],
+                                                      x_pad[:, j:j + n], 0.0)
+  return out
+
+
 def _short_conv(x: Array, kernel: Array, is_causal: bool) -> Array:
   """Depthwise `y_t = Σ_j w_j x_{t+j−p}` per channel, p = k − 1 (causal) or ⌊(k − 1)/2⌋.
 
@@ -90,8 +124,9 @@ def _key_padding(mask, dims: common.Dims) -> Array | None:
   return jnp.transpose(mask, (0, 3, 1, 2))
 
 
-@register("hyena", grid=True)
-def hyena(query, key, value, *, mask=None, is_causal=False, scale=None, filters=None,
+@register("hyena", grid=True, segment_ids=True)
+def hyena(query, key, value, *, mask=None, is_causal=False, scale=None, segment_ids=None,
+          filters=None,
           filter_bias=None, short_filters=None, gates=None, grid=None, order=None,
           short_kernel=None, max_len=None):
   """The order-N Hyena operator (Hyena Hierarchy, Poli et al. 2023, Def. 3.1; HyenaPixel).
@@ -116,6 +151,9 @@ def hyena(query, key, value, *, mask=None, is_causal=False, scale=None, filters=
       are zeroed on input, before every long convolution and in the output.
     is_causal: causal convolutions (decoder LMs).
     scale: unused by Hyena; must be None.
+    segment_ids: `[batch, seq]` ints of packed 1-D sequences: every convolution (long and
+      short) stays within a segment, each segment computing as if run alone (the long
+      convolutions then run as dense Toeplitz products, O(seq²) per channel).
     filters: `[N, *f, heads, head_dim]`, the filters h_1..h_N with f = 2n − 1 per token axis
       of size n (offset r at index n − 1 + r); with `is_causal`, also f = n (offset r at r).
     filter_bias: optional `[N, heads, head_dim]`, the skip terms D_n.
@@ -148,6 +186,11 @@ def hyena(query, key, value, *, mask=None, is_causal=False, scale=None, filters=
   if n_order < 2:
     raise ValueError(f"hyena needs order >= 2 (filters.shape[0]), got {n_order}")
   spatial = _spatial(grid, dims.q_len)
+  if segment_ids is not None:
+    if grid is not None:
+      raise ValueError(f"hyena: segment_ids are packed 1-D sequences; got grid={grid!r}")
+    same, _ = common.segment_layout(segment_ids, dims)
+    seg = common.normalize_segment_ids(segment_ids, dims)[1]
   shape = (dims.num_heads, dims.head_dim)
   causal_taps = _filter_layout(filters, n_order, spatial, *shape, is_causal)
   if filter_bias is not None:
@@ -188,14 +231,19 @@ def hyena(query, key, value, *, mask=None, is_causal=False, scale=None, filters=
   inputs = [value, key] + ([] if gates is None else list(gates)) + [query]
   inputs = [prepare(x) for x in inputs]
   if short_filters is not None:
-    inputs = [_short_conv(x, w.astype(dtype), is_causal) for x, w in zip(inputs, short_filters)]
+    inputs = [_short_conv(x, w.astype(dtype), is_causal) if segment_ids is None else
+              _short_conv_segments(x, w.astype(dtype), is_causal, seg)
+              for x, w in zip(inputs, short_filters)]
   if valid is not None:
     token_valid = valid.reshape(valid.shape[0], *spatial, *valid.shape[2:])
     inputs = [jnp.where(token_valid, x, 0.0) for x in inputs]
   z, gate_list = inputs[0], inputs[1:]
   filters = filters.astype(dtype)
   for n, x_n in enumerate(gate_list):
-    conv = _long_conv(z, filters[n], spatial, causal_taps, is_causal)
+    if segment_ids is None:
+      conv = _long_conv(z, filters[n], spatial, causal_taps, is_causal)
+    else:
+      conv = _long_conv_segments(z, filters[n], causal_taps, is_causal, same)
     if filter_bias is not None:
       conv = conv + filter_bias[n].astype(dtype) * z
     z = x_n * conv  # x_n is zero at padded tokens, so z is too

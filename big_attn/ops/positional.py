@@ -188,9 +188,10 @@ def _toeplitz_matmul(coeffs: Array, x: Array) -> Array:
   return jnp.fft.irfft(x_f * column_f, n=size, axis=1)[:, :n]
 
 
-@register("kernelized_rpe")
+@register("kernelized_rpe", segment_ids=True)
 def kernelized_rpe_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
-                             rpe_bias=None, features=None, feature_key=None, num_features=None):
+                             segment_ids=None, rpe_bias=None, features=None, feature_key=None,
+                             num_features=None):
   """Kernelized attention with relative positional encoding: Stable, Fast and Accurate:
   Kernelized Attention with Relative Positional Encoding (Luo et al., 2021).
 
@@ -215,6 +216,9 @@ def kernelized_rpe_attention(query, key, value, *, mask=None, is_causal=False, s
       no valid key returns zeros.
     is_causal: query i attends keys j <= i.
     scale: s of the estimated kernel exp(s·q·k); `1/sqrt(head_dim)` when None.
+    segment_ids: `[batch, seq]` ints of packed sequences: query i attends the keys of its
+      segment only, with b indexed by i − j as in each segment alone; the sums then run as a
+      dense product, O(seq²·m), instead of the FFT.
     rpe_bias: b `[num_heads, 2·seq − 1]`, `rpe_bias[:, seq − 1 + r]` = b_r for r = i − j.
     features: W `[num_features, head_dim]` (`big_attn.ops.linear.orthogonal_random_features`);
       or
@@ -262,6 +266,9 @@ def kernelized_rpe_attention(query, key, value, *, mask=None, is_causal=False, s
   coeffs = jnp.exp(b).reshape(dims.num_kv_heads, dims.groups, 2 * n - 1)
 
   v1 = jnp.concatenate([value.astype(dtype), jnp.ones(value.shape[:3] + (1,), dtype)], -1)
+  if segment_ids is not None:
+    return _kernelized_rpe_segments(phi_q, phi_k, v1, coeffs, key_valid, segment_ids, dims,
+                                    is_causal).astype(query.dtype)
   kv = phi_k[..., :, None] * v1[..., None, :]  # [b, s, k, m, dv + 1]
   kv = jnp.broadcast_to(kv[:, :, :, None], kv.shape[:3] + (dims.groups,) + kv.shape[3:])
   if key_valid is not None:
@@ -277,6 +284,26 @@ def kernelized_rpe_attention(query, key, value, *, mask=None, is_causal=False, s
     has_key = _any_valid_key(key_valid, dims, is_causal)[..., None]
     out = jnp.where(has_key, num / jnp.where(has_key, den, 1.0), 0.0)
   return out.reshape(dims.batch, n, dims.num_heads, dims.value_dim).astype(query.dtype)
+
+
+def _kernelized_rpe_segments(phi_q, phi_k, v1, coeffs, key_valid, segment_ids, dims, is_causal):
+  """`kernelized_rpe`'s output over packed segments, densely: weights e^{b_{i−j}} φ(q_i)ᵀφ(k_j)
+  over the allowed keys j of query i (its segment, j <= i when causal, not padded)."""
+  n = dims.q_len
+  same, _ = common.segment_layout(segment_ids, dims)  # [b, t, s]
+  offset = jnp.arange(n)[:, None] - jnp.arange(n)[None, :]
+  allowed = same[:, None] & ((offset >= 0) if is_causal else True)  # [b, 1, t, s]
+  if key_valid is not None:
+    allowed = allowed & key_valid[:, :, None, :]  # [b, heads, t, s]
+  allowed = jnp.broadcast_to(allowed, (dims.batch, dims.num_heads, n, n)).reshape(
+      dims.batch, dims.num_kv_heads, dims.groups, n, n)
+  weights = (jnp.einsum("btkgm,bskm->bkgts", phi_q, phi_k) * coeffs[:, :, offset + n - 1])
+  weights = jnp.where(allowed, weights, 0.0)
+  both = jnp.einsum("bkgts,bskc->btkgc", weights, v1)
+  has_key = jnp.moveaxis(jnp.any(allowed, axis=-1), 3, 1)[..., None]  # [b, t, k, g, 1]
+  num, den = both[..., :-1], both[..., -1:]
+  out = jnp.where(has_key, num / jnp.where(has_key, den, 1.0), 0.0)
+  return out.reshape(dims.batch, n, dims.num_heads, dims.value_dim)
 
 
 def _any_valid_key(key_valid: Array, dims: common.Dims, is_causal: bool) -> Array:

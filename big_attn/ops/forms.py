@@ -1,0 +1,72 @@
+"""How a registered op runs beyond one plain call: its decoding form and its sequence-parallel
+form, answered from the registry's declarations for every layer and model.
+
+Decoding forms (`decoding_form`), with the memory each keeps per token and layer:
+
+- "kv_cache": ops with a `softmax_form` (softmax, ngpt): the transformed keys and values,
+  `2·kv_heads·head_dim` numbers per token (`big_attn.layers.kv_cache.KVCache`).
+- "state": ops with a recurrent state form (`recurrent.STATE_FORMS`): a state of constant size,
+  nothing per token (`big_attn.layers.kv_cache.RecurrentCache`).
+- "inputs": every other causal op: the layer's input features and the token's position,
+  `features + 1` numbers per token (`big_attn.layers.kv_cache.InputCache`); each step evaluates
+  the layer's projections, its op parameters and the causal op over the whole cache and keeps
+  the new tokens' outputs, which the later (empty) cache entries cannot reach because the op is
+  causal. So the op sees the cache length as its sequence length: decoding equals the full
+  forward of `cache_len` tokens (sigmoid's b = −log n, combiner's ⌈√n⌉ blocks and Hyena's
+  filters are those of `cache_len`; kernelized_rpe's `rpe_bias` is sized by it).
+- None: ops without a causal form. Their output at a token depends on later tokens (a
+  statistic over the whole sequence or image: agent tokens, channel covariance, pooled or
+  reduced keys, routed regions, a latent bottleneck, a quadtree, windows over a 2-D grid), so
+  appending a token would change every earlier output.
+
+Sequence-parallel forms (`sequence_parallel_form`): "softmax" (ring, striped, all-gather over
+the softmax form), "state" (recurrent states passed between contiguous shards), None.
+"""
+from __future__ import annotations
+
+from big_attn.ops import recurrent
+from big_attn.ops import registry
+
+DECODING_FORMS = ("kv_cache", "state", "inputs")
+SEQUENCE_PARALLEL_FORMS = ("softmax", "state")
+
+
+def decoding_form(name: str) -> str | None:
+  """How op `name` decodes token by token: one of `DECODING_FORMS`, or None (no causal form)."""
+  spec = registry.spec(name)
+  if spec.softmax_form is not None:
+    return "kv_cache"
+  if name in recurrent.STATE_FORMS:
+    return "state"
+  return "inputs" if spec.causal else None
+
+
+def sequence_parallel_form(name: str) -> str | None:
+  """How op `name` runs with the sequence split over devices: one of
+  `SEQUENCE_PARALLEL_FORMS`, or None."""
+  if registry.spec(name).softmax_form is not None:
+    return "softmax"
+  return "state" if name in recurrent.STATE_FORMS else None
+
+
+def check_form(name: str, mode: str) -> str:
+  """The form of op `name` in `mode` ("decoding" or "sequence-parallel"); a `ValueError` naming
+  the op, the reason and the ops that have such a form when it has none."""
+  if mode == "decoding":
+    form = decoding_form(name)
+    if form is None:
+      raise ValueError(
+          f"attention op {name!r} has no decoding form: it has no causal form (its output at a "
+          "token depends on later tokens), so every appended token would change the earlier "
+          "outputs")
+    return form
+  if mode == "sequence-parallel":
+    form = sequence_parallel_form(name)
+    if form is None:
+      with_form = [n for n in registry.names() if sequence_parallel_form(n) is not None]
+      raise ValueError(
+          f"attention op {name!r} has no sequence-parallel form: sequence parallelism runs "
+          f"softmax attention of transformed queries and keys or passes a recurrent state "
+          f"(ops with a form: {', '.join(with_form)})")
+    return form
+  raise ValueError(f"mode must be 'decoding' or 'sequence-parallel', got {mode!r}")
