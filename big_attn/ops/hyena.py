@@ -61,7 +61,7 @@ def _long_conv(z: Array, filt: Array, spatial: tuple[int, ...], causal_taps: boo
   return y[(slice(None),) + tuple(slice(s, s + n) for s, n in zip(start, spatial))]
 
 
-def _short_conv(x: Array, kernel: Array, is_causal: bool) -> Array:
+def short_conv(x: Array, kernel: Array, is_causal: bool) -> Array:
   """Depthwise `y_t = Σ_j w_j x_{t+j−p}` per channel, p = k − 1 (causal) or ⌊(k − 1)/2⌋.
 
   x `[b, *spatial, heads, head_dim]`; kernel `[*k, heads, head_dim]`.
@@ -188,7 +188,7 @@ def hyena(query, key, value, *, mask=None, is_causal=False, scale=None, filters=
   inputs = [value, key] + ([] if gates is None else list(gates)) + [query]
   inputs = [prepare(x) for x in inputs]
   if short_filters is not None:
-    inputs = [_short_conv(x, w.astype(dtype), is_causal) for x, w in zip(inputs, short_filters)]
+    inputs = [short_conv(x, w.astype(dtype), is_causal) for x, w in zip(inputs, short_filters)]
   if valid is not None:
     token_valid = valid.reshape(valid.shape[0], *spatial, *valid.shape[2:])
     inputs = [jnp.where(token_valid, x, 0.0) for x in inputs]
