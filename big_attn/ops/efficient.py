@@ -8,7 +8,10 @@ single-head attention.
 """
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from big_attn.ops import checks
@@ -80,12 +83,21 @@ def cascaded_group_attention(query, key, value, *, mask=None, is_causal=False, s
       kernel = ", ".join(["k"] * len(spatial))
       raise ValueError(f"query_conv must have shape [{kernel}, num_heads, head_dim] with "
                        f"num_heads, head_dim = {(n, d)}, got {query_conv.shape}")
-    query = hyena.short_conv(query.reshape(dims.batch, *spatial, n, d), query_conv.astype(
-        query.dtype), is_causal).reshape(query.shape)
     if kernel_size is not None and query_conv.shape[0] != kernel_size:
       raise ValueError(f"kernel_size={kernel_size!r} disagrees with query_conv of shape "
                        f"{query_conv.shape}")
-  full = common.make_mask(dims, mask=mask)
+  return _cascade(query, key, value, cascade_query, cascade_key, cascade_value, query_conv,
+                  common.make_mask(dims, mask=mask), scale, spatial=_spatial(grid, dims.q_len),
+                  is_causal=bool(is_causal))
+
+
+@functools.partial(jax.jit, static_argnames=("spatial", "is_causal"))
+def _cascade(query, key, value, cascade_query, cascade_key, cascade_value, query_conv, full,
+             scale, *, spatial, is_causal):
+  """The heads of `cascaded_group_attention` one after the other, compiled once per
+  configuration."""
+  dims = common.check_qkv(query, key, value)
+  n, d = dims.num_heads, dims.head_dim
   previous = None
   outs = []
   for j in range(n):
@@ -94,6 +106,10 @@ def cascaded_group_attention(query, key, value, *, mask=None, is_causal=False, s
       q = q + jnp.einsum("btc,cd->btd", previous, cascade_query[j - 1].astype(previous.dtype))
       k = k + jnp.einsum("btc,cd->btd", previous, cascade_key[j - 1].astype(previous.dtype))
       v = v + jnp.einsum("btc,cd->btd", previous, cascade_value[j - 1].astype(previous.dtype))
+    if query_conv is not None:  # DW on the head's cascaded queries
+      q = hyena.short_conv(q.reshape(dims.batch, *spatial, 1, d),
+                           query_conv[..., j:j + 1, :].astype(q.dtype), is_causal)
+      q = q.reshape(dims.batch, dims.q_len, d)
     head_mask = None if full is None else full[:, j if full.shape[1] != 1 else 0][:, None]
     previous = dot_product_attention(q[:, :, None], k[:, :, None], v[:, :, None],
                                      mask=head_mask, is_causal=is_causal, scale=scale,
