@@ -103,10 +103,12 @@ def _bad_calls():
            "query_conv"),
           (lambda: cga(cascade_value=w, query_conv=ref.normal(0, (3, 4, 8)), kernel_size=5),
            "kernel_size"),
+          (lambda: ops.get("cascaded_group_attention")(q, k[:, :6], v[:, :6], cascade_query=w,
+                                                       cascade_key=w, cascade_value=w), "q_len"),
           (lambda: shvit(q, k, v, partial_ratio=0.0), "partial_ratio"),
           (lambda: shvit(q, k[:, :6], v[:, :6]), "q_len")]
 
 
-@pytest.mark.parametrize("case", range(5))
+@pytest.mark.parametrize("case", range(6))
 def test_bad_args_raise_value_error_naming_them(case):
   op_checks.assert_bad_call_raises(_bad_calls, case)

@@ -54,8 +54,8 @@ def cascaded_group_attention(query, key, value, *, mask=None, is_causal=False, s
 
   Args:
     query: `[batch, seq, num_heads, head_dim]`.
-    key, value: `[batch, kv_len, num_kv_heads, head_dim | value_dim]`.
-    mask: boolean, broadcastable to `[batch, num_heads, seq, kv_len]`.
+    key, value: `[batch, seq, num_kv_heads, head_dim | value_dim]` (self-attention).
+    mask: boolean, broadcastable to `[batch, num_heads, seq, seq]`.
     is_causal: query i attends keys j <= i; the query convolution sees tokens up to i.
     scale: logit scale s; `1/sqrt(head_dim)` when None.
     cascade_query, cascade_key: C^Q, C^K `[num_heads − 1, value_dim, head_dim]`.
@@ -70,6 +70,9 @@ def cascaded_group_attention(query, key, value, *, mask=None, is_causal=False, s
   """
   dims = common.check_qkv(query, key, value)
   n, d, dv = dims.num_heads, dims.head_dim, dims.value_dim
+  if dims.q_len != dims.kv_len:
+    raise ValueError("cascaded_group_attention adds a head's output to the next head's keys and "
+                     f"values: q_len must equal kv_len, got {dims.q_len} and {dims.kv_len}")
   layout = "[num_heads − 1, value_dim, {}]"
   common.check_weight("cascade_query", cascade_query, (n - 1, dv, d), layout.format("head_dim"))
   common.check_weight("cascade_key", cascade_key, (n - 1, dv, d), layout.format("head_dim"))
