@@ -32,7 +32,13 @@ def _op_args(name, t, weight, token):
       "agent": lambda: dict(num_agents=4),
       "bilevel_routing": lambda: dict(grid=grid, num_regions=(1, 2), topk=1),
       "bottleneck": lambda: dict(num_tokens=3),
+      "cascaded_group_attention": lambda: dict(
+          grid=grid, query_conv=weight((3, 3, N, D), 0.3), cascade_query=weight((N - 1, D, D), 0.3),
+          cascade_key=weight((N - 1, D, D), 0.3), cascade_value=weight((N - 1, D, D), 0.3)),
       "combiner": lambda: dict(block_size=5),
+      "deformable_attention": lambda: dict(
+          grid=grid, offset_dw_kernel=weight((3, 3, D), 0.3), offset_pw_kernel=weight((D, 2)),
+          rpb=weight((N, max(2 * grid[0] - 1, 0), 2 * WIDTH - 1))),
       "decomposed_relpos": lambda: dict(grid=grid, rel_h=weight((max(2 * grid[0] - 1, 0), D)),
                                          rel_w=weight((2 * WIDTH - 1, D))),
       "focused_linear": lambda: dict(chunk_size=5),
@@ -52,15 +58,18 @@ def _op_args(name, t, weight, token):
       "neighborhood": lambda: dict(kernel_size=3),
       "neural_attention": lambda: dict(w1=weight((N, 2 * D, 5), 0.3), b1=weight((N, 5), 0.3),
                                        w2=weight((N, 5), 0.5)),
+      "outlook_attention": lambda: dict(grid=grid, outlook_kernel=weight((N, D, 81), 0.3)),
       "performer": lambda: dict(features=weight((16, D)), chunk_size=5),
       "quadtree": lambda: dict(grid=grid, levels=2, topk=2),
       "sage_int8": lambda: dict(block_q=5, block_k=3),
       "sparse_blocks": lambda: dict(block_q=5, block_k=2, cdf_threshold=0.3),
+      "serialized_patch_attention": lambda: dict(grid=grid, patch_size=5, order="hilbert"),
       "spatial_reduction": lambda: dict(grid=grid, reduction=2),
       "switchhead": lambda: dict(value_experts=token((B, t, N, 3, D)),
                                  router_logits_v=token((B, t, N, 3)),
                                  router_logits_o=token((B, t, N, 3)),
                                  out_experts=weight((N, 3, D, D), 0.4)),
+      "gta_attention": lambda: dict(grid=grid),
       "window": lambda: dict(grid=grid, window_size=(1, 3)),
   }
   return table.get(name, dict)()

@@ -41,6 +41,11 @@ from big_attn.ops import combiner as _combiner  # noqa: F401
 from big_attn.ops import quadtree as _quadtree  # noqa: F401
 from big_attn.ops import ngpt as _ngpt  # noqa: F401
 from big_attn.ops import hyena as _hyena  # noqa: F401
+from big_attn.ops import deformable as _deformable  # noqa: F401
+from big_attn.ops import outlook as _outlook  # noqa: F401
+from big_attn.ops import efficient as _efficient  # noqa: F401
+from big_attn.ops import serialized as _serialized  # noqa: F401
+from big_attn.ops import geometric as _geometric  # noqa: F401
 from big_attn.ops.forms import check_form, decoding_form, sequence_parallel_form
 
 

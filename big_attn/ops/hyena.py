@@ -79,7 +79,7 @@ def _long_conv_segments(z: Array, filt: Array, causal_taps: bool, is_causal: boo
 
 
 def _short_conv_segments(x: Array, kernel: Array, is_causal: bool, seg: Array) -> Array:
-  """`_short_conv` over a 1-D sequence of packed segments: taps reaching into another segment
+  """`short_conv` over a 1-D sequence of packed segments: taps reaching into another segment
   (`seg [b, seq]`) read zeros, as at the ends of a sequence."""
   size, n = kernel.shape[0], x.shape[1]
   left = size - 1 if is_causal else (size - 1) // 2
@@ -95,7 +95,7 @@ def _short_conv_segments(x: Array, kernel: Array, is_causal: bool, seg: Array) -
   return out
 
 
-def _short_conv(x: Array, kernel: Array, is_causal: bool) -> Array:
+def short_conv(x: Array, kernel: Array, is_causal: bool) -> Array:
   """Depthwise `y_t = Σ_j w_j x_{t+j−p}` per channel, p = k − 1 (causal) or ⌊(k − 1)/2⌋.
 
   x `[b, *spatial, heads, head_dim]`; kernel `[*k, heads, head_dim]`.
@@ -231,7 +231,7 @@ def hyena(query, key, value, *, mask=None, is_causal=False, scale=None, segment_
   inputs = [value, key] + ([] if gates is None else list(gates)) + [query]
   inputs = [prepare(x) for x in inputs]
   if short_filters is not None:
-    inputs = [_short_conv(x, w.astype(dtype), is_causal) if segment_ids is None else
+    inputs = [short_conv(x, w.astype(dtype), is_causal) if segment_ids is None else
               _short_conv_segments(x, w.astype(dtype), is_causal, seg)
               for x, w in zip(inputs, short_filters)]
   if valid is not None:

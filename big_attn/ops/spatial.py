@@ -37,11 +37,13 @@ from big_attn.ops.softmax import dot_product_attention
 # 1-D form: they need the grid.
 GRID_ONLY_OPS = frozenset({"bilevel_routing", "decomposed_relpos", "gpsa", "grid", "levit_bias",
                            "quadtree", "spatial_reduction", "window"})
+GRID_ONLY_OPS |= {"deformable_attention", "outlook_attention", "serialized_patch_attention"}
 # Ops whose grid is that of the keys and values (any query length); the other grid ops need
 # queries and keys on one grid.
 KV_GRID_OPS = frozenset({"spatial_reduction"})
 # Non-2-D ops that attend within one sequence (q_len == kv_len).
 SELF_ATTENTION_OPS = frozenset({"channel_attention", "combiner", "kernelized_rpe", "switchhead"})
+SELF_ATTENTION_OPS |= {"single_head_attention"}
 # The papers' stage-dependent sizes, used where the op arguments give none.
 PAPER_SIZES = {("window", "window_size"): 7, ("grid", "grid_size"): 7,
                ("neighborhood", "kernel_size"): 7, ("bilevel_routing", "num_regions"): 7}

@@ -1,0 +1,207 @@
+"""Memory-efficient vision attention: EfficientViT's cascaded group attention and SHViT's
+single-head attention.
+
+- `cascaded_group_attention`: EfficientViT (Liu et al., 2023): head j attends with its own
+  projections plus the output of head j−1, and a depthwise convolution on its queries.
+- `single_head_attention`: SHViT (Yun and Ro, 2024): one head over a fraction of the channels,
+  the others passed through.
+"""
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from big_attn.ops import checks
+from big_attn.ops import common
+from big_attn.ops import hyena
+from big_attn.ops import windowed
+from big_attn.ops.registry import OpParams, register, register_params
+from big_attn.ops.softmax import dot_product_attention
+
+# EfficientViT's depthwise kernel on the queries (kernels=[5, 5, 5, 5] in every stage).
+CGA_KERNEL = 5
+# SHViT's partial ratio: the attended channels are C / 4.67 of the C channels.
+SHVIT_RATIO = 1 / 4.67
+
+
+def _spatial(grid, length: int) -> tuple[int, ...]:
+  return (length,) if grid is None else windowed.check_grid(grid, length)
+
+
+@register("cascaded_group_attention", grid=True)
+def cascaded_group_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
+                             cascade_query=None, cascade_key=None, cascade_value=None,
+                             query_conv=None, grid=None, kernel_size=None):
+  """Cascaded group attention: EfficientViT: Memory Efficient Vision Transformer with
+  Cascaded Group Attention (Liu et al., 2023).
+
+  Head j sees its own split of the features plus the output of head j−1 (EfficientViT's
+  X'_j = X_j + X̃_{j−1}, then per-head projections W_j). With the layer's projections
+  q_j = X W^Q_j (and k_j, v_j), the cascade adds the previous head's output through per-head
+  maps C_j:
+
+      q'_j = DW(q_j + õ_{j−1} C^Q_j),  k'_j = k_j + õ_{j−1} C^K_j,  v'_j = v_j + õ_{j−1} C^V_j,
+      õ_j = softmax(s·q'_j k'_jᵀ) v'_j,      õ_{−1} = 0,
+
+  with DW a depthwise convolution of the queries over the tokens (EfficientViT's token
+  interaction: 5 x 5 on the `grid=(h, w)` image, 1-D over a sequence; causal padding with
+  `is_causal`). The heads run one after the other; the output is [õ_0, ..., õ_{n−1}] (the
+  layer's output projection follows). Key/value heads are shared across a query group (GQA)
+  before the cascade makes them per head.
+
+  Args:
+    query: `[batch, seq, num_heads, head_dim]`.
+    key, value: `[batch, seq, num_kv_heads, head_dim | value_dim]` (self-attention).
+    mask: boolean, broadcastable to `[batch, num_heads, seq, seq]`.
+    is_causal: query i attends keys j <= i; the query convolution sees tokens up to i.
+    scale: logit scale s; `1/sqrt(head_dim)` when None.
+    cascade_query, cascade_key: C^Q, C^K `[num_heads − 1, value_dim, head_dim]`.
+    cascade_value: C^V `[num_heads − 1, value_dim, value_dim]`.
+    query_conv: optional depthwise kernel `[k, k, num_heads, head_dim]` with a grid,
+      `[k, num_heads, head_dim]` without; None: no convolution.
+    grid: `(h, w)` of the image (`h·w == seq`) for the 2-D convolution; None: 1-D.
+    kernel_size: optional check of k (`CascadedGroupParams` sizes the kernel from it).
+
+  Returns:
+    `[batch, seq, num_heads, value_dim]` in the query's dtype.
+  """
+  dims = common.check_qkv(query, key, value)
+  n, d, dv = dims.num_heads, dims.head_dim, dims.value_dim
+  if dims.q_len != dims.kv_len:
+    raise ValueError("cascaded_group_attention adds a head's output to the next head's keys and "
+                     f"values: q_len must equal kv_len, got {dims.q_len} and {dims.kv_len}")
+  layout = "[num_heads − 1, value_dim, {}]"
+  common.check_weight("cascade_query", cascade_query, (n - 1, dv, d), layout.format("head_dim"))
+  common.check_weight("cascade_key", cascade_key, (n - 1, dv, d), layout.format("head_dim"))
+  common.check_weight("cascade_value", cascade_value, (n - 1, dv, dv),
+                      layout.format("value_dim"))
+  if query_conv is not None:
+    spatial = _spatial(grid, dims.q_len)
+    common.check_float("query_conv", query_conv)
+    if (query_conv.ndim != len(spatial) + 2 or query_conv.shape[-2:] != (n, d)
+        or len(set(query_conv.shape[:-2])) != 1):
+      kernel = ", ".join(["k"] * len(spatial))
+      raise ValueError(f"query_conv must have shape [{kernel}, num_heads, head_dim] with "
+                       f"num_heads, head_dim = {(n, d)}, got {query_conv.shape}")
+    if kernel_size is not None and query_conv.shape[0] != kernel_size:
+      raise ValueError(f"kernel_size={kernel_size!r} disagrees with query_conv of shape "
+                       f"{query_conv.shape}")
+  return _cascade(query, key, value, cascade_query, cascade_key, cascade_value, query_conv,
+                  common.make_mask(dims, mask=mask), scale, spatial=_spatial(grid, dims.q_len),
+                  is_causal=bool(is_causal))
+
+
+@functools.partial(jax.jit, static_argnames=("spatial", "is_causal"))
+def _cascade(query, key, value, cascade_query, cascade_key, cascade_value, query_conv, full,
+             scale, *, spatial, is_causal):
+  """The heads of `cascaded_group_attention` one after the other, compiled once per
+  configuration."""
+  dims = common.check_qkv(query, key, value)
+  n, d = dims.num_heads, dims.head_dim
+  previous = None
+  outs = []
+  for j in range(n):
+    q, k, v = (x[:, :, j // (1 if x is query else dims.groups)] for x in (query, key, value))
+    if previous is not None:
+      q = q + jnp.einsum("btc,cd->btd", previous, cascade_query[j - 1].astype(previous.dtype))
+      k = k + jnp.einsum("btc,cd->btd", previous, cascade_key[j - 1].astype(previous.dtype))
+      v = v + jnp.einsum("btc,cd->btd", previous, cascade_value[j - 1].astype(previous.dtype))
+    if query_conv is not None:  # DW on the head's cascaded queries
+      q = hyena.short_conv(q.reshape(dims.batch, *spatial, 1, d),
+                           query_conv[..., j:j + 1, :].astype(q.dtype), is_causal)
+      q = q.reshape(dims.batch, dims.q_len, d)
+    head_mask = None if full is None else full[:, j if full.shape[1] != 1 else 0][:, None]
+    previous = dot_product_attention(q[:, :, None], k[:, :, None], v[:, :, None],
+                                     mask=head_mask, is_causal=is_causal, scale=scale,
+                                     implementation="xla")[:, :, 0]
+    outs.append(previous)
+  return jnp.stack(outs, axis=2).astype(query.dtype)
+
+
+@register("single_head_attention")
+def single_head_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
+                          partial_ratio=SHVIT_RATIO):
+  """Single-head attention: SHViT: Single-Head Vision Transformer with Memory Efficient
+  Macro Design (Yun and Ro, 2024).
+
+  SHViT splits the C channels into C_p = C/r attended channels and C − C_p passed through
+  unchanged, then projects the concatenation. Here the split falls on head boundaries: the
+  first m = max(1, round(n/r)) of the n heads form one head of m·head_dim channels,
+
+      out[:, :m] = softmax(s·Q_p K_pᵀ) V_p      (Q_p, K_p, V_p: those heads' channels joined),
+      out[:, m:] = Q[:, m:]                     (the other heads' query channels),
+
+  with s = 1/sqrt(m·head_dim). The passed-through channels are the layer's query projection of
+  x, a learned linear map of the input as SHViT's identity-then-output-projection is; the
+  layer's output projection follows. Masks and causal attention apply to the one head; a query
+  row with nothing to attend to returns zeros in every channel. Needs q_len == kv_len and
+  value_dim == head_dim.
+
+  Args:
+    query: `[batch, seq, num_heads, head_dim]`.
+    key, value: `[batch, seq, num_kv_heads, head_dim]` (GQA: key/value heads repeated).
+    mask: boolean, broadcastable to `[batch, num_heads, seq, seq]`; only its first head is
+      read when it has one per head (there is one attention head).
+    is_causal: query i attends keys j <= i.
+    scale: logit scale s; `1/sqrt(m·head_dim)` when None.
+    partial_ratio: 1/r, the attended fraction of the channels (SHViT: 1/4.67).
+
+  Returns:
+    `[batch, seq, num_heads, head_dim]` in the query's dtype.
+  """
+  dims = common.check_qkv(query, key, value)
+  ratio = checks.unit_interval("partial_ratio", partial_ratio)
+  if dims.q_len != dims.kv_len or dims.value_dim != dims.head_dim:
+    raise ValueError("single_head_attention passes query channels through beside the attended "
+                     "ones: q_len must equal kv_len and value_dim head_dim, got "
+                     f"{query.shape}, {key.shape} and {value.shape}")
+  m = max(1, round(dims.num_heads * ratio))
+  key, value = (jnp.repeat(x[:, :, :-(-m // dims.groups)], dims.groups, axis=2)[:, :, :m]
+                for x in (key, value))
+  joined = [x.reshape(dims.batch, dims.q_len, 1, m * dims.head_dim)
+            for x in (query[:, :, :m], key, value)]
+  full = common.make_mask(dims, mask=mask)
+  head_mask = None if full is None else full[:, :1]
+  attended = dot_product_attention(*joined, mask=head_mask, is_causal=is_causal, scale=scale,
+                                   implementation="xla")
+  out = jnp.concatenate([attended.reshape(dims.batch, dims.q_len, m, dims.head_dim),
+                         query[:, :, m:]], axis=2)
+  return common.apply_row_mask(out, head_mask, dims).astype(query.dtype)
+
+
+@register_params("cascaded_group_attention")
+class CascadedGroupParams(OpParams):
+  """The cascade maps and the query convolution of cascaded group attention (EfficientViT).
+
+  `cascade_query`, `cascade_key` `[num_heads − 1, head_dim, head_dim]` and `cascade_value`
+  (the same shape: the layer's value width is head_dim) with fan-in scaled normal
+  initialisation; `query_conv [k, k, num_heads, head_dim]` on `op_args["grid"]` (`[k,
+  num_heads, head_dim]` without one), `k = op_args.get("kernel_size", 5)`, initialised to the
+  identity (a centred delta) so the cascade starts as plain per-head attention.
+  """
+
+  @nn.compact
+  def __call__(self, inputs_q, query, key, value):
+    del inputs_q, key, value
+    op_args = self.op_args or {}
+    k = checks.positive_int("op_args['kernel_size']", op_args.get("kernel_size", CGA_KERNEL))
+    rank = 1 if op_args.get("grid") is None else 2
+    n, d = self.num_heads, self.head_dim
+    init = nn.initializers.normal(stddev=d ** -0.5)
+    weights = {name: self.param(name, nn.with_logical_partitioning(
+        init, ("heads", "head_dim", None)), (n - 1, d, d), self.param_dtype)
+               for name in ("cascade_query", "cascade_key", "cascade_value")}
+
+    def delta(rng, shape, dtype):
+      del rng
+      return jnp.zeros(shape, dtype).at[(k // 2,) * rank].set(1)
+
+    axes = ("conv_height", "conv_width")[:rank] + ("heads", "head_dim")
+    weights["query_conv"] = self.param("query_conv", nn.with_logical_partitioning(delta, axes),
+                                       (k,) * rank + (n, d), self.param_dtype)
+    names = sorted(weights)
+    return dict(zip(names, nn.dtypes.promote_dtype(*(weights[x] for x in names),
+                                                    dtype=self.dtype)))
