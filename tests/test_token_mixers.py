@@ -15,8 +15,8 @@ from tests import reference as ref
 NEW = ("gnconv", "bilstm2d", "spectral_filter", "nin_gating", "glu_activator",
        "context_cluster", "large_kernel_conv", "oversized_conv", "triplet_attention", "ela",
        "residual_attention", "gaam")
-# Awkward map: odd, non-square, 16 channels.
-X = ref.normal(0, (2, 5, 6, 16))
+# Awkward map: odd, non-square (the 2x2 context-cluster centres overlap), 16 channels.
+X = ref.normal(0, (2, 3, 5, 16))
 
 
 def dense(x, p):
@@ -24,17 +24,11 @@ def dense(x, p):
 
 
 def conv(x, kernel, pad, bias=None):
-  """Stride-1 cross-correlation of `[b, h, w, ci]` with `[kh, kw, ci, co]`, zero padding `pad`
-  ((top, bottom), (left, right)); a depthwise kernel `[kh, kw, 1, c]` acts per channel."""
-  kh, kw, ci, co = kernel.shape
-  xp = jnp.pad(x, ((0, 0), *pad, (0, 0)))
-  h, w = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
-  out = 0.0
-  for i in range(kh):
-    for j in range(kw):
-      window = xp[:, i:i + h, j:j + w]
-      out = out + (window * kernel[i, j, 0] if ci == 1 and co == x.shape[-1]
-                   else window @ kernel[i, j])
+  """Stride-1 cross-correlation of `[b, h, w, ci]` with `[kh, kw, ci / groups, co]`, zero padding
+  `pad` ((top, bottom), (left, right)); a kernel `[kh, kw, 1, ci]` is depthwise."""
+  groups = x.shape[-1] // kernel.shape[2]
+  out = jax.lax.conv_general_dilated(x, kernel, (1, 1), pad, feature_group_count=groups,
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
   return out if bias is None else out + bias
 
 
@@ -144,18 +138,14 @@ def ref_context_cluster(x, p, heads=4, proposals=(2, 2)):
       rows = range(int(np.floor(i * h / ph)), int(np.ceil((i + 1) * h / ph)))
       cols = range(int(np.floor(j * w / pw)), int(np.ceil((j + 1) * w / pw)))
       regions.append([r * w + q for r in rows for q in cols])
-  out = []
-  for n in range(heads):
-    fn, vn = f[:, :, n], v[:, :, n]
-    fc = jnp.stack([fn[:, r].mean(1) for r in regions], 1)
-    vc = jnp.stack([vn[:, r].mean(1) for r in regions], 1)
-    cos = jnp.einsum("bid,bjd->bij", fn / jnp.linalg.norm(fn, axis=-1, keepdims=True),
-                     fc / jnp.linalg.norm(fc, axis=-1, keepdims=True))
-    s = sigmoid(p["alpha"] * cos + p["beta"])
-    s = s * (s == s.max(-1, keepdims=True))
-    agg = (vc + jnp.einsum("bij,bid->bjd", s, vn)) / (1 + s.sum(1))[..., None]
-    out.append(jnp.einsum("bij,bjd->bid", s, agg))
-  return dense(jnp.stack(out, 2).reshape(b, h, w, c), p["proj"])
+  fc = jnp.stack([f[:, r].mean(1) for r in regions], 1)  # [b, m, heads, d]
+  vc = jnp.stack([v[:, r].mean(1) for r in regions], 1)
+  unit = lambda y: y / jnp.linalg.norm(y, axis=-1, keepdims=True)
+  s = sigmoid(p["alpha"] * jnp.einsum("bind,bjnd->bnij", unit(f), unit(fc)) + p["beta"])
+  s = s * (s == s.max(-1, keepdims=True))
+  agg = (jnp.swapaxes(vc, 1, 2) + jnp.einsum("bnij,bind->bnjd", s, v)) / (1 + s.sum(2))[..., None]
+  out = jnp.einsum("bnij,bnjd->bind", s, agg)
+  return dense(out.reshape(b, h, w, c), p["proj"])
 
 
 def ref_large_kernel_conv(x, p):
@@ -257,3 +247,81 @@ def test_mixer_matches_its_formula_forward_and_gradient(name):
       lambda x, *leaves: module.apply({"params": jax.tree.unflatten(tree, leaves)}, x),
       lambda x, *leaves: ref_fn(x, jax.tree.unflatten(tree, leaves)), [X, *leaves],
       tol=dict(rtol=2e-4, atol=2e-4))
+
+
+def test_registered_and_in_a_tiny_metaformer():
+  assert set(NEW) <= set(metaformer.mixer_names())
+  # A stage per mixer (one compile); 32x32 images give 8x8 tokens, then 4x4, 2x2 and 1x1.
+  order = ("context_cluster", "bilstm2d", "oversized_conv", "residual_attention", "gnconv",
+           "triplet_attention", "spectral_filter", "nin_gating", "glu_activator",
+           "large_kernel_conv", "ela", "gaam")
+  assert sorted(order) == sorted(NEW)
+  x = ref.normal(0, (2, 32, 32, 3))
+  model = metaformer.Model(num_classes=3, depths=(1,) * 12, dims=(16,) * 12, mixers=order,
+                           layer_scale_init=1.0, head_zeroinit=False)
+  params = random_params(model, x, std=0.1)
+  logits = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, x)
+  assert logits.shape == (2, 3) and np.all(np.isfinite(logits))
+  assert np.abs(np.asarray(logits[0] - logits[1])).max() > 1e-6
+
+
+def test_convnext_attention_modules():
+  x = ref.normal(0, (2, 8, 8, 3))
+  model = convnext.Model(num_classes=3, depths=(1, 1, 1, 1), dims=(16,) * 4, stem_size=1,
+                         layer_scale_init=1.0,
+                         attention_module=("triplet_attention", "ela", "residual_attention",
+                                           "gaam"))
+  params = random_params(model, x, std=0.1)
+  assert set(params["stage_0_block_0"]["attention"]) == {"conv_hc", "conv_wc", "conv_hw"}
+  assert set(params["stage_3_block_0"]["attention"]) == {"mean_offset", "scale"}
+  logits = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, x)
+  assert logits.shape == (2, 3) and np.all(np.isfinite(logits))
+  # One name for every stage, with options; None per stage leaves the block as the paper's.
+  model = convnext.Model(num_classes=3, depths=(1, 1), dims=(16, 16), stem_size=1,
+                         attention_module=("ela", None), attention_module_args=dict(num_groups=4))
+  shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), x))["params"]
+  assert shapes["stage_0_block_0"]["attention"]["norm"]["scale"].shape == (16,)
+  assert "attention" not in shapes["stage_1_block_0"]
+
+
+def test_configs_reach_the_mixers_by_name():
+  from tests.test_train import _config_module  # pylint: disable=g-import-not-at-top
+  from big_attn import main as main_lib  # pylint: disable=g-import-not-at-top
+  count = lambda model, size: sum(int(np.prod(a.shape)) for a in jax.tree.leaves(
+      jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 1)))))
+  config = _config_module("metaformer_digits").get_config("mixer=gnconv+bilstm2d+ela+gaam")
+  assert count(metaformer.Model(num_classes=10, **config.model.to_dict()), 32) > 0
+  config = _config_module("convnext_digits").get_config("module=triplet_attention")
+  main_lib.check_config(config)
+  assert config.model.attention_module == "triplet_attention"
+  assert count(convnext.Model(num_classes=10, **config.model.to_dict()), 16) > 0
+
+
+@pytest.mark.parametrize("name, args, error, match", [
+    ("gnconv", dict(order=6), ValueError, "divisible by 2"),
+    ("bilstm2d", dict(hidden_ratio=0.0), ValueError, "hidden_ratio"),
+    ("nin_gating", dict(token_mlp_ratio=0.0), ValueError, "nin_gating: token_mlp_ratio"),
+    ("glu_activator", dict(token_mlp_ratio=-1.0), ValueError, "token_mlp_ratio"),
+    ("context_cluster", dict(num_heads=3), ValueError, "num_heads"),
+    ("context_cluster", dict(proposals=(0, 2)), ValueError, "proposals"),
+    ("large_kernel_conv", dict(kernel_size=0), ValueError, "kernel_size"),
+    ("ela", dict(num_groups=5), ValueError, "num_groups"),
+    ("gaam", dict(num_heads=6), ValueError, "num_heads"),
+    ("gaam", dict(num_gaussians=0), ValueError, "num_gaussians"),
+])
+def test_bad_mixer_arguments(name, args, error, match):
+  with pytest.raises(error, match=match):
+    jax.eval_shape(metaformer.get_mixer(name)(**args).init, jax.random.key(0), X)
+
+
+def test_bad_convnext_attention_module():
+  x = jnp.zeros((1, 8, 8, 3))
+  build = lambda **kw: jax.eval_shape(convnext.Model(num_classes=2, depths=(1, 1), dims=(16, 16),
+                                                     stem_size=1, **kw).init,
+                                      jax.random.key(0), x)
+  with pytest.raises(ValueError, match="attention_module must be None, one of ela, gaam"):
+    build(attention_module="pool")
+  with pytest.raises(ValueError, match=r"per stage \(2\)"):
+    build(attention_module=("ela",))
+  with pytest.raises(TypeError, match="attention_module_args must be a dict"):
+    build(attention_module="ela", attention_module_args=3)
