@@ -26,6 +26,11 @@ and timm's `poolformer_*`). The token mixer is picked per stage by name from a r
 - `hyena`: HyenaPixel, the 2-D non-causal Hyena operator (`big_attn.layers.HyenaOperator`).
 - `attention`: any op of `big_attn.ops` through `big_attn.layers.Attention` (`op`, `op_args`,
   `head_dim` 32 as CAFormer); ops that take `grid` get the stage's `(h, w)`.
+- `gnconv` (HorNet), `bilstm2d` (Sequencer), `spectral_filter` (SpectFormer), `nin_gating`
+  (NiNformer), `glu_activator` (Activator), `context_cluster` (Context Clusters),
+  `large_kernel_conv` (LKCA), `oversized_conv` (ParCNetV2) and the CNN attention modules
+  `triplet_attention`, `ela`, `residual_attention`, `gaam` (also ConvNeXt's `attention_module`);
+  each class's docstring gives its paper and formula.
 Options of a mixer come from `mixer_args[name]`.
 
 PoolFormer parameter counts (224x224x3, 1000 classes; `jax.eval_shape`, nothing allocated)
