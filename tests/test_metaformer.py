@@ -52,7 +52,7 @@ def _mixer(name, x, **args):
 def test_registries():
   assert "metaformer" in models.names() and models.get("metaformer") is metaformer
   assert set(MIXERS) <= set(metaformer.mixer_names())
-  with pytest.raises(KeyError, match="attention, conv, hyena"):
+  with pytest.raises(KeyError, match=", ".join(metaformer.mixer_names())):
     metaformer.get_mixer("no_such_mixer")
   with pytest.raises(ValueError, match="already registered"):
     metaformer.register_mixer("pool")(metaformer.IdentityMixer)
@@ -186,7 +186,7 @@ def test_bad_arguments():
     model = metaformer.Model(num_classes=2, **dict(TINY, **kwargs))
     return jax.eval_shape(lambda: model.init(jax.random.key(0), x))
 
-  with pytest.raises(ValueError, match="known mixers: attention, conv, hyena"):
+  with pytest.raises(ValueError, match="known mixers: " + ", ".join(metaformer.mixer_names())):
     build(mixers="avgpool")
   with pytest.raises(ValueError, match="one per stage"):
     build(mixers=("pool", "pool", "pool"))

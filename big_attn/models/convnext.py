@@ -13,8 +13,11 @@ then LayerNorm), then stages of blocks; between stages a LayerNorm and a 2x2 con
 with a per-channel layer scale `gamma` initialised to `layer_scale_init` (1e-6) and stochastic
 depth whose rate rises linearly from 0 to `drop_path_rate` over the blocks. The head is global
 average pooling, LayerNorm and a linear classifier. All LayerNorms act over channels (eps 1e-6).
-The network has no attention; it is here as the convnet of the literature's comparisons and as a
-distillation teacher (`big_attn.models.deit`).
+The plain network has no attention; it is here as the convnet of the literature's comparisons
+and as a distillation teacher (`big_attn.models.deit`). `attention_module` adds a CNN attention
+module to the branch of every block of a stage, before the layer scale (`ATTENTION_MODULES`:
+triplet attention, ELA, residual attention's (1 + M) ⊙ F, GAAM; the MetaFormer mixers of those
+names, options from `attention_module_args`).
 
 Parameter counts (224x224x3 input, 1000 classes; counted with `jax.eval_shape`, nothing
 allocated) against the paper's Table (ImageNet-1K results, 224²):
@@ -37,6 +40,7 @@ import numpy as np
 
 from big_attn.layers import layer_norm
 from big_attn.models import common
+from big_attn.models import metaformer
 
 _DEPTHS = {"T": (3, 3, 9, 3), "S": (3, 3, 27, 3), "B": (3, 3, 27, 3), "L": (3, 3, 27, 3),
            "XL": (3, 3, 27, 3)}
@@ -44,6 +48,9 @@ _DIMS = {"T": (96, 192, 384, 768), "S": (96, 192, 384, 768), "B": (128, 256, 512
          "L": (192, 384, 768, 1536), "XL": (256, 512, 1024, 2048)}
 
 _INIT = nn.initializers.truncated_normal(stddev=0.02)
+
+# CNN attention modules a block can apply to its branch (MetaFormer mixers of these names).
+ATTENTION_MODULES = ("ela", "gaam", "residual_attention", "triplet_attention")
 
 
 def decode_variant(variant: str) -> dict[str, Any]:
@@ -67,10 +74,13 @@ def _conv(features, size, *, groups=1, in_axis="channels_in", dtype, param_dtype
 
 
 class Block(nn.Module):
-  """x + DropPath(gamma * MLP(LN(DWConv7x7(x)))) on `[batch, H, W, C]`."""
+  """x + DropPath(gamma * A(MLP(LN(DWConv7x7(x))))) on `[batch, H, W, C]`, A the attention
+  module `attention_module` (`attention_module_args`) or the identity."""
   drop_path: float = 0.0
   layer_scale_init: float = 1e-6
   kernel_size: int = 7
+  attention_module: str | None = None
+  attention_module_args: Any = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -86,6 +96,10 @@ class Block(nn.Module):
     y = layer_norm(self.dtype, self.param_dtype, "norm")(y)
     y = nn.gelu(dense(4 * dim, ("embed", "mlp"), "pwconv1")(y), approximate=False)
     y = dense(dim, ("mlp", "embed"), "pwconv2")(y)
+    if self.attention_module is not None:
+      y = metaformer.get_mixer(self.attention_module)(
+          **dict(self.attention_module_args or {}), dtype=self.dtype,
+          param_dtype=self.param_dtype, name="attention")(y)
     if self.layer_scale_init > 0:
       gamma = self.param("gamma", nn.with_logical_partitioning(
           nn.initializers.constant(self.layer_scale_init), ("embed",)), (dim,),
@@ -108,6 +122,8 @@ class Model(nn.Module):
     kernel_size: depthwise convolution size (7).
     drop_path_rate: stochastic depth rate of the last block (linear from 0).
     layer_scale_init: initial layer scale; 0 disables it.
+    attention_module: None, a name of `ATTENTION_MODULES` for every stage, or one (or None) per
+      stage; attention_module_args: its options, e.g. `{"kernel_size": 5}`.
     head_norm_eps: epsilon of the head's LayerNorm (1e-6; Hugging Face's ConvNeXt uses 1e-12).
     head_init_scale: multiplies the initial classifier weights (1.0; the paper fine-tunes with
       0.001).
@@ -123,6 +139,8 @@ class Model(nn.Module):
   kernel_size: int = 7
   drop_path_rate: float = 0.0
   layer_scale_init: float = 1e-6
+  attention_module: Any = None
+  attention_module_args: Any = None
   head_norm_eps: float = 1e-6
   head_init_scale: float = 1.0
   dtype: Any = jnp.float32
@@ -140,6 +158,16 @@ class Model(nn.Module):
                        f"ints, got depths={depths}, dims={dims}")
     if not 0.0 <= self.drop_path_rate < 1.0:
       raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+    modules = (self.attention_module if isinstance(self.attention_module, (tuple, list))
+               else (self.attention_module,) * len(depths))
+    if len(modules) != len(depths) or any(m is not None and m not in ATTENTION_MODULES
+                                          for m in modules):
+      raise ValueError(f"attention_module must be None, one of {', '.join(ATTENTION_MODULES)} "
+                       f"or one of those (or None) per stage ({len(depths)}), got "
+                       f"{self.attention_module!r}")
+    if self.attention_module_args is not None and not hasattr(self.attention_module_args, "keys"):
+      raise TypeError(f"attention_module_args must be a dict, got "
+                      f"{type(self.attention_module_args).__name__}")
     for name in ("stem_size", "kernel_size"):
       if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
         raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
@@ -150,10 +178,11 @@ class Model(nn.Module):
     if images.shape[1] % factor or images.shape[2] % factor:
       raise ValueError(f"image size {images.shape[1:3]} must be divisible by {factor} "
                        f"(stem_size {self.stem_size} x 2 per later stage)")
+    return tuple(modules)
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
-    self._check(images)
+    modules = self._check(images)
     depths, dims = self.depths, self.dims
     deterministic = not train
     norm = lambda name: layer_norm(self.dtype, self.param_dtype, name)
@@ -164,13 +193,14 @@ class Model(nn.Module):
     x = norm("stem_norm")(conv(dims[0], self.stem_size, "stem")(x))
     rates = np.linspace(0.0, self.drop_path_rate, sum(depths))
     block = 0
-    for stage, (depth, dim) in enumerate(zip(depths, dims)):
+    for stage, (depth, dim, module) in enumerate(zip(depths, dims, modules)):
       if stage:
         x = conv(dim, 2, f"downsample_{stage}")(norm(f"downsample_norm_{stage}")(x))
       for i in range(depth):
         x = Block(drop_path=float(rates[block]), layer_scale_init=self.layer_scale_init,
-                  kernel_size=self.kernel_size, dtype=self.dtype, param_dtype=self.param_dtype,
-                  name=f"stage_{stage}_block_{i}")(x, deterministic)
+                  kernel_size=self.kernel_size, attention_module=module,
+                  attention_module_args=self.attention_module_args, dtype=self.dtype,
+                  param_dtype=self.param_dtype, name=f"stage_{stage}_block_{i}")(x, deterministic)
         block += 1
     x = layer_norm(self.dtype, self.param_dtype, "head_norm", epsilon=self.head_norm_eps)(
         jnp.mean(x, axis=(1, 2)))

@@ -26,6 +26,11 @@ and timm's `poolformer_*`). The token mixer is picked per stage by name from a r
 - `hyena`: HyenaPixel, the 2-D non-causal Hyena operator (`big_attn.layers.HyenaOperator`).
 - `attention`: any op of `big_attn.ops` through `big_attn.layers.Attention` (`op`, `op_args`,
   `head_dim` 32 as CAFormer); ops that take `grid` get the stage's `(h, w)`.
+- `gnconv` (HorNet), `bilstm2d` (Sequencer), `spectral_filter` (SpectFormer), `nin_gating`
+  (NiNformer), `glu_activator` (Activator), `context_cluster` (Context Clusters),
+  `large_kernel_conv` (LKCA), `oversized_conv` (ParCNetV2) and the CNN attention modules
+  `triplet_attention`, `ela`, `residual_attention`, `gaam` (also ConvNeXt's `attention_module`);
+  each class's docstring gives its paper and formula.
 Options of a mixer come from `mixer_args[name]`.
 
 PoolFormer parameter counts (224x224x3, 1000 classes; `jax.eval_shape`, nothing allocated)
@@ -45,7 +50,9 @@ import warnings
 from typing import Any, Callable
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from big_attn.layers import Attention, HyenaOperator, MlpBlock, layer_norm
 from big_attn.models import common
@@ -120,6 +127,34 @@ class Mixer(nn.Module):
                     bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(),
                                                            axes[1:]))
 
+  def _conv(self, x, kernel, name, *, groups=None, features=None, padding="SAME",
+            use_bias=True):
+    """A stride-1 conv of `x` with kernel shape `kernel`; depthwise unless `groups` is given
+    (`features`: output channels, default the input's)."""
+    channels = x.shape[-1]
+    features = channels if features is None else features
+    return nn.Conv(features, kernel, padding=padding,
+                   feature_group_count=channels if groups is None else groups,
+                   use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
+                   kernel_init=nn.with_logical_partitioning(
+                       nn.initializers.lecun_normal(),
+                       ("conv_height", "conv_width", None, "mlp")[-len(kernel) - 2:]),
+                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                          ("mlp",)))(x)
+
+  def _token_mlp(self, x, ratio, name, mixer):
+    """Per channel, Dense(⌈ratio·N⌉) -> GELU -> Dense(N) over the N = h·w positions of `x`
+    (the parameters `{name}_0`, `{name}_1`; `mixer` names the caller in errors)."""
+    b, h, w, c = x.shape
+    n = h * w
+    if ratio <= 0:
+      raise ValueError(f"{mixer}: token_mlp_ratio must be > 0, got {ratio!r}")
+    hidden = max(1, int(round(ratio * n)))
+    y = jnp.swapaxes(x.reshape(b, n, c), 1, 2)  # [b, c, n]
+    y = self._dense(hidden, ("position", "mlp"), f"{name}_0")(y)
+    y = self._dense(n, ("mlp", "position"), f"{name}_1")(nn.gelu(y))
+    return jnp.swapaxes(y, 1, 2).reshape(b, h, w, c)
+
 
 @register_mixer("pool")
 class PoolMixer(Mixer):
@@ -171,15 +206,7 @@ class TokenMlpMixer(Mixer):
 
   @nn.compact
   def __call__(self, x):
-    b, h, w, c = x.shape
-    n = h * w
-    if self.token_mlp_ratio <= 0:
-      raise ValueError(f"mlp_mixer: token_mlp_ratio must be > 0, got {self.token_mlp_ratio!r}")
-    hidden = max(1, int(round(self.token_mlp_ratio * n)))
-    y = jnp.swapaxes(x.reshape(b, n, c), 1, 2)  # [b, c, n]
-    y = self._dense(hidden, ("position", "mlp"), "token_0")(y)
-    y = self._dense(n, ("mlp", "position"), "token_1")(nn.gelu(y))
-    return jnp.swapaxes(y, 1, 2).reshape(b, h, w, c)
+    return self._token_mlp(x, self.token_mlp_ratio, "token", "mlp_mixer")
 
 
 @register_mixer("conv")
@@ -202,13 +229,7 @@ class ConvMixer(Mixer):
       scale = self._param("star_scale", nn.initializers.ones_init(), (), ())
       shift = self._param("star_bias", nn.initializers.zeros_init(), (), ())
       x = scale * nn.relu(x) ** 2 + shift
-    channels = x.shape[-1]
-    x = nn.Conv(channels, (k, k), padding="SAME", feature_group_count=channels,
-                use_bias=not self.separable, dtype=self.dtype, param_dtype=self.param_dtype,
-                name="dwconv",
-                kernel_init=nn.with_logical_partitioning(
-                    nn.initializers.lecun_normal(), ("conv_height", "conv_width", None, "mlp")),
-                bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("mlp",)))(x)
+    x = self._conv(x, (k, k), "dwconv", use_bias=not self.separable)
     if not self.separable:
       return nn.gelu(x)
     return self._dense(c, ("mlp", "embed"), "pwconv2", use_bias=False)(x)
@@ -253,6 +274,335 @@ class AttentionMixer(Mixer):
                   param_dtype=self.param_dtype,
                   name="attention")(x.reshape(b, h * w, c))
     return y.reshape(b, h, w, c)
+
+
+@register_mixer("gnconv")
+class GnConvMixer(Mixer):
+  """HorNet (Efficient High-Order Spatial Interactions with Recursive Gated Convolutions): gⁿConv
+  of `order` n with widths C_k = c / 2^(n-1-k):
+
+      [p_0, q_0 … q_{n-1}] = Dense_{2c}(x),   q_k = s · DWConv_{k×k}(q)_k   (s = 1/3),
+      p_{k+1} = Dense_{C_{k+1}}(p_k) ⊙ q_k … with p_1 = p_0 ⊙ q_0,   out = Dense_c(p_n)."""
+  order: int = 3
+  kernel_size: int = 7
+  scale: float = 1.0 / 3.0
+
+  @nn.compact
+  def __call__(self, x):
+    n, c = self.order, x.shape[-1]
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1 or c % 2 ** (n - 1):
+      raise ValueError(f"gnconv mixer: order must be a positive int with channels ({c}) "
+                       f"divisible by 2**(order - 1), got order={n!r}")
+    dims = [c // 2 ** (n - 1 - k) for k in range(n)]
+    y = self._dense(2 * c, ("embed", "mlp"), "proj_in")(x)
+    p, q = y[..., :dims[0]], y[..., dims[0]:]
+    q = self._conv(q, (self.kernel_size,) * 2, "dwconv") * self.scale
+    qs = jnp.split(q, np.cumsum(dims)[:-1].tolist(), axis=-1)
+    p = p * qs[0]
+    for k in range(n - 1):
+      p = self._dense(dims[k + 1], ("mlp", "mlp"), f"pw_{k}")(p) * qs[k + 1]
+    return self._dense(c, ("mlp", "embed"), "proj_out")(p)
+
+
+@register_mixer("bilstm2d")
+class BiLstm2dMixer(Mixer):
+  """Sequencer (Sequencer: Deep LSTM for Image Classification), BiLSTM2D: a bidirectional LSTM
+  of hidden size D = `hidden_ratio`·c (1/4) down every column and one along every row,
+
+      out = Dense_c([BiLSTM_v(x), BiLSTM_h(x)]),
+      LSTM: [i, f, g, o] = x_t W + h_{t-1} U + b,  c_t = σ(f)·c_{t-1} + σ(i)·tanh(g),
+            h_t = σ(o)·tanh(c_t)  (gates in PyTorch's order)."""
+  hidden_ratio: float = 0.25
+
+  def _lstm(self, x, hidden, name):
+    """[n, length, c] -> [n, length, hidden], one direction."""
+    w = self._param(f"{name}_w", nn.initializers.xavier_uniform(), (x.shape[-1], 4 * hidden),
+                    ("embed", "mlp"))
+    u = self._param(f"{name}_u", nn.initializers.orthogonal(), (hidden, 4 * hidden),
+                    (None, "mlp"))
+    b = self._param(f"{name}_b", nn.initializers.zeros_init(), (4 * hidden,), ("mlp",))
+
+    def step(carry, gates):
+      h, cell = carry
+      i, f, g, o = jnp.split(gates + h @ u, 4, axis=-1)
+      cell = nn.sigmoid(f) * cell + nn.sigmoid(i) * jnp.tanh(g)
+      h = nn.sigmoid(o) * jnp.tanh(cell)
+      return (h, cell), h
+
+    zeros = jnp.zeros((x.shape[0], hidden), w.dtype)
+    _, hs = jax.lax.scan(step, (zeros, zeros), jnp.swapaxes(jnp.asarray(x, w.dtype) @ w + b, 0, 1))
+    return jnp.swapaxes(hs, 0, 1)
+
+  def _bilstm(self, x, hidden, name):
+    return jnp.concatenate([self._lstm(x, hidden, f"{name}_fwd"),
+                            self._lstm(x[:, ::-1], hidden, f"{name}_bwd")[:, ::-1]], axis=-1)
+
+  @nn.compact
+  def __call__(self, x):
+    b, h, w, c = x.shape
+    if not self.hidden_ratio > 0:
+      raise ValueError(f"bilstm2d mixer: hidden_ratio must be > 0, got {self.hidden_ratio!r}")
+    hidden = max(1, int(round(self.hidden_ratio * c)))
+    v = self._bilstm(jnp.swapaxes(x, 1, 2).reshape(b * w, h, c), hidden, "vertical")
+    v = jnp.swapaxes(v.reshape(b, w, h, 2 * hidden), 1, 2)
+    hz = self._bilstm(x.reshape(b * h, w, c), hidden, "horizontal").reshape(b, h, w, 2 * hidden)
+    return self._dense(c, ("mlp", "embed"), "fc")(jnp.concatenate([v, hz], axis=-1))
+
+
+@register_mixer("spectral_filter")
+class SpectralFilterMixer(Mixer):
+  """SpectFormer (SpectFormer: Frequency and Attention is what you need in a Vision Transformer),
+  its spectral layer, GFNet's global filter: out = IFFT2(W ⊙ FFT2(x)) with the real 2-D FFT over
+  the stage's (h, w) (orthonormal) and a learned complex W of shape [h, ⌊w/2⌋+1, c] (so the
+  image size is fixed by the parameters), initialised N(0, 0.02²)."""
+
+  @nn.compact
+  def __call__(self, x):
+    _, h, w, c = x.shape
+    weight = self._param("filter", nn.initializers.normal(0.02), (h, w // 2 + 1, c, 2),
+                         (None, None, "embed", None)).astype(jnp.float32)
+    spectrum = jnp.fft.rfft2(x.astype(jnp.float32), axes=(1, 2), norm="ortho")
+    spectrum = spectrum * jax.lax.complex(weight[..., 0], weight[..., 1])
+    return jnp.fft.irfft2(spectrum, s=(h, w), axes=(1, 2), norm="ortho").astype(x.dtype)
+
+
+@register_mixer("nin_gating")
+class NinGatingMixer(Mixer):
+  """NiNformer (A Network in Network Transformer with Token Mixing Generated Gating Function):
+  an element-wise gate generated by an inner token-mixing MLP (MLP-Mixer's),
+
+      u = Dense_c(x),   g = TokenMLP(u),   out = Dense_c(u ⊙ g),
+
+  TokenMLP as `mlp_mixer` (Dense(⌈r·N⌉) -> GELU -> Dense(N) over the N = h·w positions,
+  r = `token_mlp_ratio` 0.5; the image size is fixed by the parameters)."""
+  token_mlp_ratio: float = 0.5
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    u = self._dense(c, ("embed", "mlp"), "proj_in")(x)
+    g = self._token_mlp(u, self.token_mlp_ratio, "token", "nin_gating")
+    return self._dense(c, ("mlp", "embed"), "proj_out")(u * g)
+
+
+@register_mixer("glu_activator")
+class GluActivatorMixer(Mixer):
+  """Activator (Activator: GLU Activations as The Core Functions of a Vision Transformer):
+  attention replaced by a token-mixing MLP with a gated linear unit, per channel over the
+  N = h·w positions (hidden ⌈r·N⌉, r = `token_mlp_ratio` 0.5; image size fixed by the
+  parameters):  out = W_o [(W_a x) ⊙ σ(W_b x)]  (GLU with the sigmoid)."""
+  token_mlp_ratio: float = 0.5
+
+  @nn.compact
+  def __call__(self, x):
+    b, h, w, c = x.shape
+    n = h * w
+    if self.token_mlp_ratio <= 0:
+      raise ValueError(f"glu_activator: token_mlp_ratio must be > 0, got "
+                       f"{self.token_mlp_ratio!r}")
+    hidden = max(1, int(round(self.token_mlp_ratio * n)))
+    y = jnp.swapaxes(x.reshape(b, n, c), 1, 2)  # [b, c, n]
+    a = self._dense(hidden, ("position", "mlp"), "value")(y)
+    g = self._dense(hidden, ("position", "mlp"), "gate")(y)
+    y = self._dense(n, ("mlp", "position"), "out")(a * nn.sigmoid(g))
+    return jnp.swapaxes(y, 1, 2).reshape(b, h, w, c)
+
+
+def _adaptive_pool_matrix(size: int, bins: int) -> np.ndarray:
+  """`[bins, size]` averaging weights of adaptive average pooling (PyTorch's bins: from
+  ⌊i·size/bins⌋ to ⌈(i+1)·size/bins⌉)."""
+  out = np.zeros((bins, size), np.float32)
+  for i in range(bins):
+    lo, hi = (i * size) // bins, -((-(i + 1) * size) // bins)
+    out[i, lo:hi] = 1.0 / (hi - lo)
+  return out
+
+
+@register_mixer("context_cluster")
+class ContextClusterMixer(Mixer):
+  """Context Clusters (Image as Set of Points), per head of c/`num_heads` channels: points
+  f = Dense(x), values v = Dense(x); M = p_h×p_w centres (`proposals`, (2, 2), clipped to the
+  map) f_c, v_c by adaptive average pooling; similarity s_ij = σ(α·cos(f_i, f_c_j) + β) (α = 1,
+  β = 0 learned), each point kept only for its most similar centre (s_ij = 0 for the others);
+  aggregate g_j = (v_c_j + Σ_i s_ij v_i) / (1 + Σ_i s_ij); dispatch out_i = Σ_j s_ij g_j;
+  then Dense_c. Clustering is over the whole map (the paper's last stages; no local regions)."""
+  proposals: tuple[int, int] = (2, 2)
+  num_heads: int = 4
+
+  @nn.compact
+  def __call__(self, x):
+    b, h, w, c = x.shape
+    heads = self.num_heads
+    if not isinstance(heads, int) or heads < 1 or c % heads:
+      raise ValueError(f"context_cluster mixer: num_heads must be a positive int dividing the "
+                       f"channels ({c}), got {heads!r}")
+    if len(self.proposals) != 2 or min(self.proposals) < 1:
+      raise ValueError(f"context_cluster mixer: proposals must be two positive ints, got "
+                       f"{self.proposals!r}")
+    ph, pw = min(self.proposals[0], h), min(self.proposals[1], w)
+    split = lambda y: y.reshape(b, h, w, heads, c // heads)
+    f = split(self._dense(c, ("embed", "mlp"), "f")(x))
+    v = split(self._dense(c, ("embed", "mlp"), "v")(x))
+    pool = lambda y: jnp.einsum("ph,qw,bhwnd->bnpqd", _adaptive_pool_matrix(h, ph),
+                                _adaptive_pool_matrix(w, pw), y).reshape(b, heads, ph * pw, -1)
+    fc, vc = pool(f), pool(v)
+    tokens = lambda y: jnp.swapaxes(y.reshape(b, h * w, heads, -1), 1, 2)  # [b, heads, n, d]
+    f, v = tokens(f), tokens(v)
+    unit = lambda y: y / jnp.maximum(jnp.linalg.norm(y, axis=-1, keepdims=True), 1e-12)
+    alpha = self._param("alpha", nn.initializers.ones_init(), (), ())
+    beta = self._param("beta", nn.initializers.zeros_init(), (), ())
+    sim = nn.sigmoid(alpha * jnp.einsum("bnid,bnjd->bnij", unit(f), unit(fc)) + beta)
+    sim = sim * jax.nn.one_hot(jnp.argmax(sim, axis=-1), ph * pw, dtype=sim.dtype)
+    agg = (vc + jnp.einsum("bnij,bnid->bnjd", sim, v)) / (1.0 + sim.sum(axis=2)[..., None])
+    out = jnp.einsum("bnij,bnjd->bind", sim, agg).reshape(b, h, w, c)
+    return self._dense(c, ("mlp", "embed"), "proj")(out)
+
+
+@register_mixer("large_kernel_conv")
+class LargeKernelConvMixer(Mixer):
+  """LKCA (LKCA: Large Kernel Convolutional Attention): attention replaced by one large-kernel
+  convolution, out_i = W_o Σ_j K_{i-j} ⊙ (W_v x_j), i.e. Dense_c -> depthwise k×k
+  (`kernel_size` 7, zero padded, our default: the abstract fixes none) -> Dense_c; the
+  kernel plays the role of the attention weights, a function of the relative position only."""
+  kernel_size: int = 7
+
+  @nn.compact
+  def __call__(self, x):
+    k, c = self.kernel_size, x.shape[-1]
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+      raise ValueError(f"large_kernel_conv mixer: kernel_size must be a positive int, got {k!r}")
+    v = self._dense(c, ("embed", "mlp"), "value")(x)
+    return self._dense(c, ("mlp", "embed"), "proj")(self._conv(v, (k, k), "dwconv"))
+
+
+@register_mixer("oversized_conv")
+class OversizedConvMixer(Mixer):
+  """ParCNetV2 (ParCNetV2: Oversized Kernel with Enhanced Attention): oversized depthwise
+  convolutions and a bifurcate gate unit,
+
+      u = Dense_c(x),  a = Dense_c(x),  a = [DWConv_{(2h-1)×1}(a_{:c/2}), DWConv_{1×(2w-1)}(a_{c/2:})],
+      out = Dense_c(u ⊙ a),
+
+  kernels twice the map (zero padded by h-1, w-1: global, position-dependent effective kernels;
+  the image size is fixed by the parameters)."""
+
+  @nn.compact
+  def __call__(self, x):
+    _, h, w, c = x.shape
+    if c < 2:
+      raise ValueError(f"oversized_conv mixer: needs at least 2 channels, got {c}")
+    u = self._dense(c, ("embed", "mlp"), "value")(x)
+    a = self._dense(c, ("embed", "mlp"), "gate")(x)
+    half = c // 2
+    a = jnp.concatenate([
+        self._conv(a[..., :half], (2 * h - 1, 1), "conv_v", padding=((h - 1, h - 1), (0, 0))),
+        self._conv(a[..., half:], (1, 2 * w - 1), "conv_h", padding=((0, 0), (w - 1, w - 1)))],
+        axis=-1)
+    return self._dense(c, ("mlp", "embed"), "proj")(u * a)
+
+
+def _z_pool(x, axis):
+  """Triplet attention's Z-pool: [max, mean] over `axis`, stacked as the last axis."""
+  return jnp.stack([x.max(axis=axis), x.mean(axis=axis)], axis=-1)
+
+
+@register_mixer("triplet_attention")
+class TripletAttentionMixer(Mixer):
+  """Triplet attention (Rotate to Attend: Convolutional Triplet Attention Module): three branches
+  each Z-pool ([max, mean]) over one axis, a k×k conv (2 -> 1, `kernel_size` 7) and a sigmoid,
+  giving gates over (h, c), (w, c) and (h, w); out = x ⊙ (g_hc + g_wc + g_hw) / 3. The conv has a
+  bias in place of the paper's BatchNorm (no batch statistics in the block)."""
+  kernel_size: int = 7
+
+  @nn.compact
+  def __call__(self, x):
+    k = (self.kernel_size,) * 2
+    gate = lambda z, name: nn.sigmoid(self._conv(z, k, name, groups=1, features=1))[..., 0]
+    g_hc = gate(_z_pool(x, 2), "conv_hc")[:, :, None, :]
+    g_wc = gate(_z_pool(x, 1), "conv_wc")[:, None, :, :]
+    g_hw = gate(_z_pool(x, 3), "conv_hw")[..., None]
+    return x * (g_hc + g_wc + g_hw) / 3.0
+
+
+@register_mixer("ela")
+class EfficientLocalAttentionMixer(Mixer):
+  """ELA (ELA: Efficient Local Attention for Deep Convolutional Neural Networks), ELA-B by
+  default: the means over rows and over columns, one shared depthwise 1-D conv (`kernel_size` 7,
+  no bias), one shared GroupNorm (`num_groups` 16) and a sigmoid,
+
+      a_h = σ(GN(Conv1d(mean_w x))),  a_w = σ(GN(Conv1d(mean_h x))),  out = x ⊙ a_h ⊙ a_w."""
+  kernel_size: int = 7
+  num_groups: int = 16
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    if not isinstance(self.num_groups, int) or self.num_groups < 1 or c % self.num_groups:
+      raise ValueError(f"ela mixer: num_groups must be a positive int dividing the channels "
+                       f"({c}), got {self.num_groups!r}")
+    conv = nn.Conv(c, (self.kernel_size,), padding="SAME", feature_group_count=c,
+                   use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name="conv",
+                   kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                            ("conv_width", None, "mlp")))
+    norm = nn.GroupNorm(num_groups=self.num_groups, epsilon=1e-5, dtype=self.dtype,
+                        param_dtype=self.param_dtype, name="norm",
+                        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(),
+                                                                ("norm",)),
+                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                               ("norm",)))
+    a_h = nn.sigmoid(norm(conv(x.mean(axis=2))))[:, :, None, :]
+    a_w = nn.sigmoid(norm(conv(x.mean(axis=1))))[:, None, :, :]
+    return x * a_h * a_w
+
+
+@register_mixer("residual_attention")
+class ResidualAttentionMixer(Mixer):
+  """Residual Attention Network: attention residual learning (1 + M(x)) ⊙ F(x), the trunk F
+  the input (in a ConvNeXt block: the block's branch), the soft mask M one bottom-up top-down
+  level:  M = σ(Dense_c(ReLU(Dense_c(Up(ReLU(DWConv_{k×k}(MaxPool_{3×3, stride 2}(x)))))))),
+  Up bilinear back to (h, w)."""
+  kernel_size: int = 3
+
+  @nn.compact
+  def __call__(self, x):
+    b, h, w, c = x.shape
+    m = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+    m = nn.relu(self._conv(m, (self.kernel_size,) * 2, "dwconv"))
+    m = jax.image.resize(m, (b, h, w, c), method="bilinear")
+    m = nn.relu(self._dense(c, ("embed", "mlp"), "mask_0")(m))
+    m = nn.sigmoid(self._dense(c, ("mlp", "embed"), "mask_1")(m))
+    return (1.0 + m) * x
+
+
+@register_mixer("gaam")
+class GaussianAdaptiveAttentionMixer(Mixer):
+  """GAAM (Gaussian Adaptive Attention is All You Need) as a feature gate: per example and
+  channel the mean μ and variance σ² over the positions; per head (c/`num_heads` channels, 4)
+  `num_gaussians` (1) learned mean offsets δ_g (0) and scales ξ_g (1),
+
+      out = x ⊙ Π_g exp(−(x − μ − δ_g)² / (2 ξ_g² (σ² + ε))),  ε = 1e-5
+
+  (head and Gaussian counts are ours; the paper varies them per task)."""
+  num_heads: int = 4
+  num_gaussians: int = 1
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    heads, count = self.num_heads, self.num_gaussians
+    if not isinstance(heads, int) or heads < 1 or c % heads:
+      raise ValueError(f"gaam mixer: num_heads must be a positive int dividing the channels "
+                       f"({c}), got {heads!r}")
+    if not isinstance(count, int) or count < 1:
+      raise ValueError(f"gaam mixer: num_gaussians must be a positive int, got {count!r}")
+    offset = jnp.repeat(self._param("mean_offset", nn.initializers.zeros_init(),
+                                    (count, heads), (None, "heads")), c // heads, axis=-1)
+    scale = jnp.repeat(self._param("scale", nn.initializers.ones_init(), (count, heads),
+                                   (None, "heads")), c // heads, axis=-1)
+    mu = x.mean(axis=(1, 2), keepdims=True)
+    var = x.var(axis=(1, 2), keepdims=True) + 1e-5
+    z = sum((x - mu - offset[g]) ** 2 / (2.0 * scale[g] ** 2 * var) for g in range(count))
+    return x * jnp.exp(-z)
 
 
 # ------------------------------------------------------------------------------------------
