@@ -1,4 +1,4 @@
-"""Linear (kernelised) attention: Performer, focused linear, log-normal and lightning attention.
+"""Linear (kernelised) attention: Performer, focused linear, log-normal, lightning and FAST.
 
 Each op uses a kernel that factorises, κ(q, k) = φ_q(q)ᵀφ_k(k) ≥ 0, and computes
 
@@ -821,6 +821,73 @@ def lightning_attention(query, key, value, *, mask=None, is_causal=False, scale=
 def _srms_norm(out: Array, eps: float) -> Array:
   """TransNormerLLM's SRMSNorm x / sqrt(mean(x²) + ε) over all heads of a token `[b, t, n, d]`."""
   return out * jax.lax.rsqrt(jnp.mean(out * out, axis=(2, 3), keepdims=True) + eps)
+
+
+# ------------------------------------------------------------------------------------------
+# FAST (FASTMax): a truncated Taylor kernel of normalised q·k.
+# ------------------------------------------------------------------------------------------
+FAST_ORDER = 2  # FASTMax's Taylor order p (the paper's default)
+FAST_EPS = 1e-6  # floor of ‖x‖ in the normalisation x / ‖x‖
+
+
+def _taylor_features(x: Array, order: int, scale: float, eps: float) -> Array:
+  """[x̂^{⊗n}·(s^n / n!)^{1/2}]_{n=0..p} of x̂ = x / max(‖x‖, ε): φ(q)ᵀφ(k) = Σ_n (s q̂·k̂)^n / n!.
+
+  `x` is `[..., d]`; the result is `[..., Σ_n d^n]` (1 + d + d² for p = 2)."""
+  norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
+  unit = x / jnp.maximum(norm, eps)
+  power = jnp.ones(x.shape[:-1] + (1,), x.dtype)
+  features = [power]
+  for n in range(1, order + 1):
+    power = (power[..., :, None] * unit[..., None, :]).reshape(
+        x.shape[:-1] + (x.shape[-1] ** n,))
+    features.append(power * math.sqrt(scale ** n / math.factorial(n)))
+  return jnp.concatenate(features, axis=-1)
+
+
+@register("fast", segment_ids=True)
+def fast_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
+                   order=FAST_ORDER, eps=FAST_EPS, chunk_size=CHUNK_SIZE, segment_ids=None):
+  """FAST (FASTMax): FAST: Factorizable Attention for Speeding up Transformers (Gerami et
+  al. 2024).
+
+  The softmax's exponential is replaced by its Taylor polynomial of order p in the cosine
+  x_ij = q̂_i·k̂_j of the normalised q̂ = q/‖q‖, k̂ = k/‖k‖:
+
+      κ(q_i, k_j) = Σ_{n=0}^{p} (s·x_ij)^n / n!,   out_i = Σ_j κ_ij v_j / Σ_j κ_ij.
+
+  The polynomial factorises, κ = φ(q)ᵀφ(k) with φ(x) = [x̂^{⊗n}·√(s^n/n!)]_{n≤p} (1 + d + d²
+  features for p = 2), so the cost is O(n·d^{p}·d_v), linear in length; the causal form
+  accumulates the factorised moments Σ_j φ(k_j)v_jᵀ and Σ_j φ(k_j) as prefix sums (chunked).
+  For p = 2, 1 + x + x²/2 > 0: the weights are positive and every row's normaliser too.
+
+  Args:
+    query, key, value: `[batch, seq, heads, dim]`; keys/values may have fewer heads (GQA).
+    mask: boolean, broadcastable to `[batch, heads, q_len, kv_len]`; key-padding masks keep the
+      linear form, others use the quadratic form of the same kernel.
+    is_causal: query i attends keys j <= i.
+    scale: s multiplying the cosine; 1 when None (the paper's normalised scores).
+    order: Taylor order p in {1, 2, 3} (2 in the paper; p = 1 gives negative weights for
+      s·x < −1).
+    eps: floor of ‖x‖ in the normalisation.
+    chunk_size: chunk length of the causal form.
+    segment_ids: as in `dot_product_attention` (quadratic form).
+
+  Returns:
+    `[batch, q_len, num_heads, value_dim]` in the query's dtype.
+  """
+  dims = common.check_qkv(query, key, value)
+  chunk_size = checks.positive_int("chunk_size", chunk_size)
+  order = checks.int_in_range("order", order, 1, 3)
+  eps = checks.positive_float("eps", eps)
+  scale = 1.0 if scale is None else checks.positive_float("scale", scale)
+  dtype = _compute_dtype(query, key, value)
+  q, k = _grouped_qk(query, key, dims, dtype)
+  masks = _plan_masks(dims, mask, is_causal, segment_ids)
+  out = _linear_attention(_taylor_features(q, order, scale, eps),
+                          _taylor_features(k, order, scale, eps), value.astype(dtype), dims,
+                          masks, is_causal=is_causal, chunk_size=chunk_size)
+  return out.astype(query.dtype)
 
 
 @register_params("focused_linear")
