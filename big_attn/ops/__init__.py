@@ -44,6 +44,7 @@ from big_attn.ops import hyena as _hyena  # noqa: F401
 from big_attn.ops import hard as _hard  # noqa: F401
 from big_attn.ops import wavelet as _wavelet  # noqa: F401
 from big_attn.ops import tree as _tree  # noqa: F401
+from big_attn.ops import sparsifiner as _sparsifiner  # noqa: F401
 
 
 def _flatten_batch(x, batch_shape, trailing: int):
