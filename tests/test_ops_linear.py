@@ -443,6 +443,22 @@ def test_registered_names():
       ops.names())
 
 
+def test_lightning_default_decay_is_transnormer_alibi():
+  """λ_h = exp(−m_h) with ALiBi's slopes (the authors' values for 8 and 6 heads) when causal;
+  no decay without is_causal; a wrong name raises."""
+  np.testing.assert_allclose(linear.alibi_slopes(8), 2.0 ** -np.arange(1, 9))
+  np.testing.assert_allclose(linear.alibi_slopes(6), 2.0 ** -np.array([2, 4, 6, 8, 1, 3]))
+  q, k, v = ref.qkv(t=7, n=4, k=2, d=4)
+  op = ops.get("lightning")
+  explicit = jnp.asarray(np.exp(-linear.alibi_slopes(4)), jnp.float32)
+  np.testing.assert_allclose(op(q, k, v, is_causal=True, block_size=3),
+                             op(q, k, v, is_causal=True, block_size=3, decay=explicit),
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(op(q, k, v), op(q, k, v, decay=None))
+  with pytest.raises(ValueError, match="decay"):
+    op(q, k, v, is_causal=True, decay="retnet")
+
+
 def test_fast_order_and_scale_match_reference(order=3):
   """Another Taylor order and a temperature s, causal with GQA, against the quadratic form."""
   q, k, v = ref.qkv(t=7, n=4, k=2, d=4, seed=order)

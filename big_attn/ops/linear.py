@@ -749,10 +749,31 @@ def _lognormal_features(q: Array, k: Array, alpha: Array | None, beta: Array | N
 # ------------------------------------------------------------------------------------------
 # Lightning attention.
 # ------------------------------------------------------------------------------------------
+LIGHTNING_DECAY = "alibi"  # TransNormerLLM's per-head decay λ_h = exp(−m_h), ALiBi slopes m_h
+
+
+def alibi_slopes(num_heads: int) -> np.ndarray:
+  """ALiBi's head slopes m_h (Train Short, Test Long, Press et al. 2022): 2^(−8h/H) for
+  h = 1..H when H is a power of two, otherwise those of the power of two below H followed by
+  every other slope of the next power of two (the authors' `get_slopes`)."""
+  num_heads = checks.positive_int("num_heads", num_heads)
+  closest = 2 ** int(math.floor(math.log2(num_heads)))
+  slopes = [2.0 ** (-8.0 * h / closest) for h in range(1, closest + 1)]
+  if closest < num_heads:
+    slopes += list(alibi_slopes(2 * closest)[0::2][:num_heads - closest])
+  return np.asarray(slopes)
+
+
 def _log_decay(decay, dims: common.Dims, dtype) -> Array | None:
-  """λ (float in (0, 1] or `[num_heads]` array) -> log λ as `[1, 1]` or `[k, g]`."""
+  """λ ("alibi", float in (0, 1] or `[num_heads]` array) -> log λ as `[1, 1]` or `[k, g]`."""
   if decay is None:
     return None
+  if isinstance(decay, str):
+    if decay != "alibi":
+      raise ValueError(f"decay must be 'alibi', None, a float in (0, 1] or a [num_heads] "
+                       f"array, got {decay!r}")
+    return jnp.asarray(-alibi_slopes(dims.num_heads), dtype).reshape(dims.num_kv_heads,
+                                                                     dims.groups)
   if isinstance(decay, (int, float, np.floating, np.integer)) and not isinstance(decay, bool):
     checks.unit_interval("decay", decay)
     return jnp.full((1, 1), math.log(decay), dtype)
@@ -767,14 +788,17 @@ def _log_decay(decay, dims: common.Dims, dtype) -> Array | None:
 
 @register("lightning", segment_ids=True)
 def lightning_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
-                        decay=None, block_size=LIGHTNING_BLOCK_SIZE, output_norm=False,
+                        decay=LIGHTNING_DECAY, block_size=LIGHTNING_BLOCK_SIZE, output_norm=False,
                         norm_eps=SRMS_EPS, segment_ids=None):
   """Lightning attention (Various Lengths, Constant Speed: Efficient Language Modeling with
   Lightning Attention, Qin et al. 2024; Lightning Attention-2).
 
   Linear attention without softmax or denominator, with TransNormerLLM's per-head decay λ:
 
-      out_t = Σ_{s≤t} λ^{t−s} (s_qk · q_t·k_s) v_s.
+      out_t = Σ_{s≤t} λ^{t−s} (s_qk · q_t·k_s) v_s,   λ_h = exp(−m_h) by default,
+
+  m_h the ALiBi slope of head h (`alibi_slopes`; TransNormerLLM further scales m_h by
+  1 − l/(L−1) in layer l of L, which the LM's TransNormerLLM block passes as `decay`).
 
   Causal: the sequence is tiled into blocks of `block_size`; the intra-block part is the
   masked quadratic form ((QKᵀ) ⊙ Λ)V, the inter-block part is λ^{c+1}·q·KV with the running
@@ -790,8 +814,9 @@ def lightning_attention(query, key, value, *, mask=None, is_causal=False, scale=
       linear form, others use the quadratic form.
     is_causal: query t attends keys s <= t.
     scale: s_qk multiplying q·k; 1 when None (the paper does not scale).
-    decay: None (λ = 1), a float in (0, 1], or a `[num_heads]` array of values in (0, 1]
-      (differentiable); needs `is_causal`.
+    decay: "alibi" (λ_h = exp(−m_h), the default; the non-causal form has no decay), None
+      (λ = 1), a float in (0, 1], or a `[num_heads]` array of values in (0, 1]
+      (differentiable); a float or an array needs `is_causal`.
     block_size: tokens per block of the causal form.
     output_norm: apply SRMSNorm to the output.
     norm_eps: ε of SRMSNorm, x / sqrt(mean(x²) + ε).
@@ -803,7 +828,8 @@ def lightning_attention(query, key, value, *, mask=None, is_causal=False, scale=
   dims = common.check_qkv(query, key, value)
   block_size = checks.positive_int("block_size", block_size)
   dtype = _compute_dtype(query, key, value)
-  log_decay = _log_decay(decay, dims, dtype)
+  alibi = isinstance(decay, str) and decay == "alibi"
+  log_decay = _log_decay(decay, dims, dtype) if is_causal or not alibi else None
   if log_decay is not None and not is_causal:
     raise ValueError("decay λ^(t−s) is defined for causal attention: pass is_causal=True or "
                      "decay=None")
