@@ -14,6 +14,8 @@ Args (`--config=configs/lm_bytes.py:seq_len=512,steps=2000`):
   seq_len: tokens (bytes) per packed training sequence.
   steps: training steps; variant: model size (`big_attn.models.lm.decode_variant`).
   attention: registry name of the attention op (sequence parallelism needs "softmax").
+  block: "pre_norm", or "transnormer" (TransNormerLLM: SRMSNorm, gated lightning attention
+    with the per-layer ALiBi decay, SGLU; sets attention="lightning" and no qk-norm).
   runlocal: a few steps on a few files, for smoke tests.
 Measured numbers are in experiments/results/lm_bytes.md.
 """
@@ -22,7 +24,8 @@ from big_attn.train import config_lib
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, seq_shards=1, strategy="striped", seq_len=256, steps=800,
-                             variant="tiny", attention="softmax", runlocal=False)
+                             variant="tiny", attention="softmax", block="pre_norm",
+                             runlocal=False)
   config_lib.check_sequence_parallel_arg(arg)
   config = config_lib.base_config()
   config.seed = 0
@@ -35,6 +38,10 @@ def get_config(arg=None):
                       attention=arg.attention, dropout=0.0,
                       seq_strategy=arg.strategy if arg.seq_shards > 1 else None,
                       dtype="float32")
+  if arg.block == "transnormer":
+    config.model.update(block="transnormer", attention="lightning", qk_norm=False)
+  elif arg.block != "pre_norm":
+    raise ValueError(f"block must be 'pre_norm' or 'transnormer', got {arg.block!r}")
 
   config.mesh = [("data", -1), ("seq", arg.seq_shards)]
   config.optax_name = "adamw"

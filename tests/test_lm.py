@@ -237,3 +237,68 @@ def test_short_lm_bytes_run_lowers_heldout_bits_per_byte(tmp_path, capsys):
     np.testing.assert_allclose(r["train/tokens_per_sec"], 64 * r["train/examples_per_sec"])
   assert 7.0 < before["bits_per_byte"] < 9.0  # about log2(259) = 8.02 at initialisation
   assert after["eval/bits_per_byte"] < before["bits_per_byte"] - 1.5
+
+
+# ------------------------------------------------------------------------ TransNormerLLM block
+def test_transnormer_decay_schedule_and_argument_checks():
+  """λ_h^(l) = exp(−m_h(1 − l/(L−1) + 1e−5)) with ALiBi's m_h; the block refuses other ops and
+  the options that lose the per-layer decay."""
+  slopes = 2.0 ** (-2.0 * np.arange(1, 5))  # ALiBi's 2^(−8h/H), 4 heads
+  np.testing.assert_allclose(lm.transnormer_decay(4, 0, 3), np.exp(-slopes * (1 + 1e-5)))
+  np.testing.assert_allclose(lm.transnormer_decay(4, 2, 3), np.exp(-slopes * 1e-5))
+  np.testing.assert_allclose(lm.transnormer_decay(4, 0, 1), np.exp(-slopes))
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  base = dict(SMALL, qk_norm=False, block="transnormer", attention="lightning")
+  for change, match in ((dict(attention="softmax"), "attention='lightning'"),
+                        (dict(scan_layers=True), "scan_layers=False"),
+                        (dict(qk_norm=True), "qk_norm=False")):
+    with pytest.raises(ValueError, match=match):
+      lm.Model(**dict(base, **change)).init(jax.random.key(0), tokens)
+
+
+def test_transnormer_block_matches_its_formula():
+  """One block against SRMSNorm, SiLU-gated lightning attention with the layer's decay and
+  SGLU written out with the block's own weights (float64 reference of the attention)."""
+  block = lm.TransNormerBlock(num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=24, layer=1,
+                              depth=3)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 7, 32)), jnp.float32)
+  params = nn.unbox(block.init(jax.random.key(0), x, None, None))["params"]
+  out, _ = jax.jit(lambda p: block.apply({"params": p}, x, None, None))(params)
+  with jax.enable_x64(True):
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    h = np.asarray(x, np.float64)
+    norm = lambda y, axes=-1: y / np.sqrt(np.mean(y * y, axis=axes, keepdims=True) + 1e-6)
+    silu = lambda y: y / (1 + np.exp(-y))
+    y = norm(h)
+    q = silu(np.einsum("btd,dhk->bthk", y, p["query"]["kernel"]))
+    k = np.repeat(silu(np.einsum("btd,dhk->bthk", y, p["key"]["kernel"])), 2, axis=2)
+    v = np.repeat(np.einsum("btd,dhk->bthk", y, p["value"]["kernel"]), 2, axis=2)
+    u = silu(np.einsum("btd,dhk->bthk", y, p["gate"]["kernel"]))
+    lam = lm.transnormer_decay(4, 1, 3)
+    dist = np.arange(7)[:, None] - np.arange(7)[None, :]
+    weights = np.where(dist >= 0, lam[:, None, None] ** np.maximum(dist, 0), 0.0)  # [h, t, s]
+    o = np.einsum("bthk,bshk,hts,bshj->bthj", q, k, weights, v)
+    o = norm(o, (2, 3)) * u
+    h = h + np.einsum("bthk,hkd->btd", o, p["out"]["kernel"])
+    y = norm(h)
+    mlp = (y @ p["wi_v"]["kernel"]) * (y @ p["wi_u"]["kernel"])
+    want = h + mlp @ p["wo"]["kernel"]
+  np.testing.assert_allclose(np.asarray(out, np.float64), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_transnormer_lm_bytes_config_trains(tmp_path):
+  """`configs/lm_bytes.py:block=transnormer` trains 10 steps through `big_attn.main` with a
+  finite, decreasing loss."""
+  config = _config_module("lm_bytes").get_config("runlocal,seq_len=32,block=transnormer")
+  assert config.model.block == "transnormer" and config.model.attention == "lightning"
+  config.model.variant = None
+  config.model.update(width=32, depth=2, num_heads=4, num_kv_heads=2, mlp_dim=64)
+  config.input.batch_size = 8
+  config.lr = 1e-2
+  config.evals = {}
+  config = ml_collections.ConfigDict(config.to_dict())
+  assert main_lib.train_and_evaluate(config, str(tmp_path))["step"] == 10
+  with open(os.path.join(tmp_path, "metrics.jsonl"), encoding="utf-8") as f:
+    losses = [r["train/loss"] for r in map(json.loads, f) if "train/loss" in r]
+  assert len(losses) == 2 and all(np.isfinite(losses)) and losses[-1] < losses[0]

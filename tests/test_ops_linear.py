@@ -61,6 +61,19 @@ def kernel_attention(phi_q, phi_k, v, mask, *, decay=None, normalize=True):
   return num / jnp.where(den == 0, 1.0, den)
 
 
+def fast_reference(q, k, v, mask, *, scale=1.0, order=2):
+  """FASTMax from the paper's formula: w_ij = Σ_{n≤p} (s·q̂_i·k̂_j)^n / n! on unit q̂, k̂,
+  masked, rows normalised (the quadratic form, no factorisation)."""
+  unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+  n = q.shape[2]
+  x = scale * jnp.einsum("btnd,bsnd->bnts", unit(q), ref.repeat_kv(unit(k), n))
+  w = sum(x ** i / math.factorial(i) for i in range(order + 1))
+  w = jnp.where(mask, w, 0.0)
+  den = w.sum(-1)[..., None]
+  out = jnp.einsum("bnts,bsnd->bntd", w / jnp.where(den == 0, 1.0, den), ref.repeat_kv(v, n))
+  return jnp.transpose(out, (0, 2, 1, 3))
+
+
 def performer_features(x, w, scale):
   x = x * math.sqrt(scale)
   return jnp.exp(x @ w.T - 0.5 * jnp.sum(x * x, -1, keepdims=True)) / math.sqrt(w.shape[0])
@@ -135,6 +148,8 @@ def reference(name, q, k, v, arrays, mask, *, is_causal=False, segment_ids=None,
     if kwargs.get("output_norm"):
       out = out / jnp.sqrt(jnp.mean(out ** 2, axis=(2, 3), keepdims=True) + 1e-6)
     return out
+  if name == "fast":
+    return fast_reference(q, k, v, full, scale=1.0 if scale is None else scale)
   assert name == "focused_linear"
   fs = arrays.get("feature_scale", jnp.ones(()))
   fs_k = jnp.broadcast_to(fs, (k.shape[2], d))
@@ -170,7 +185,7 @@ def chunk_arg(name, size):
   return {"block_size": size} if name == "lightning" else {"chunk_size": size}
 
 
-OPS = ["performer", "focused_linear", "lognormal_linear", "lightning"]
+OPS = ["performer", "focused_linear", "lognormal_linear", "lightning", "fast"]
 
 # b, lengths, heads, masking; "mask" is a callable (b, heads, t, s) -> bool mask.
 CONFIGS = {
@@ -424,7 +439,33 @@ def test_attention_layer_focused_linear_owns_dwc():
 
 
 def test_registered_names():
-  assert {"performer", "focused_linear", "lognormal_linear", "lightning"} <= set(ops.names())
+  assert {"performer", "focused_linear", "lognormal_linear", "lightning", "fast"} <= set(
+      ops.names())
+
+
+def test_lightning_default_decay_is_transnormer_alibi():
+  """λ_h = exp(−m_h) with ALiBi's slopes (the authors' values for 8 and 6 heads) when causal;
+  no decay without is_causal; a wrong name raises."""
+  np.testing.assert_allclose(linear.alibi_slopes(8), 2.0 ** -np.arange(1, 9))
+  np.testing.assert_allclose(linear.alibi_slopes(6), 2.0 ** -np.array([2, 4, 6, 8, 1, 3]))
+  q, k, v = ref.qkv(t=7, n=4, k=2, d=4)
+  op = ops.get("lightning")
+  explicit = jnp.asarray(np.exp(-linear.alibi_slopes(4)), jnp.float32)
+  np.testing.assert_allclose(op(q, k, v, is_causal=True, block_size=3),
+                             op(q, k, v, is_causal=True, block_size=3, decay=explicit),
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(op(q, k, v), op(q, k, v, decay=None))
+  with pytest.raises(ValueError, match="decay"):
+    op(q, k, v, is_causal=True, decay="retnet")
+
+
+def test_fast_order_and_scale_match_reference(order=3):
+  """Another Taylor order and a temperature s, causal with GQA, against the quadratic form."""
+  q, k, v = ref.qkv(t=7, n=4, k=2, d=4, seed=order)
+  op = lambda q, k, v: ops.get("fast")(q, k, v, is_causal=True, scale=0.8, order=order,
+                                       chunk_size=3)
+  ref.assert_matches(op, lambda q, k, v: fast_reference(
+      q, k, v, ref.full_mask(2, 4, 7, 7, is_causal=True), scale=0.8, order=order), (q, k, v))
 
 
 # ------------------------------------------------------------------------------------------
@@ -447,6 +488,10 @@ def _qkv(t=6, s=6):
     ("lightning", dict(decay=1.5, is_causal=True), "decay"),
     ("lightning", dict(decay=jnp.ones((3,)), is_causal=True), "decay"),
     ("lightning", dict(decay=0.9), "is_causal"),
+    ("fast", dict(order=0), "order"),
+    ("fast", dict(order=4), "order"),
+    ("fast", dict(scale=-1.0), "scale"),
+    ("fast", dict(chunk_size=0), "chunk_size"),
     ("lognormal_linear", dict(alpha=jnp.ones((2,))), "alpha"),
     ("lognormal_linear", dict(chunk_size=-1), "chunk_size"),
     ("focused_linear", dict(scale=0.5), "scale"),

@@ -64,6 +64,8 @@ def _op_args(name, t, weight, token):
       "sage_int8": lambda: dict(block_q=5, block_k=3),
       "sparse_blocks": lambda: dict(block_q=5, block_k=2, cdf_threshold=0.3),
       "serialized_patch_attention": lambda: dict(grid=grid, patch_size=5, order="hilbert"),
+      "sparsifiner": lambda: dict(predictor_q=weight((N, D, 2)), predictor_k=weight((N, D, 2)),
+                                  topk=3),
       "spatial_reduction": lambda: dict(grid=grid, reduction=2),
       "switchhead": lambda: dict(value_experts=token((B, t, N, 3, D)),
                                  router_logits_v=token((B, t, N, 3)),

@@ -45,6 +45,11 @@ Block families (`block`):
   layers repeated depth/G times, and the router entropy regulariser (`router_entropy_loss`)
   added by `loss_fn`. Sequence parallelism and decoding work (the cache holds the keys and the
   expert-mixed values); `layer_group_size` also applies to the other blocks.
+- "transnormer" (TransNormerLLM, Qin et al. 2023, "TransNormerLLM: A Faster and Better Large
+  Language Model with Improved TransNormer"): `TransNormerBlock`, parameter-free SRMSNorm,
+  gated linear attention with the `lightning` op and the per-layer decay schedule
+  `transnormer_decay`, and SGLU; needs attention="lightning", unrolled distinct layers, no
+  sequence parallelism or decoding.
 
 Sizes (`decode_variant`; parameters for the 259-token byte vocabulary, tied / untied
 embeddings, without qk-norm; counted with `jax.eval_shape`, nothing allocated):
@@ -81,6 +86,7 @@ from big_attn import ops, parallel
 from big_attn.layers import Attention, KVCache, apply_rope
 from big_attn.models import common as models_common
 from big_attn.ops import experts as experts_ops
+from big_attn.ops import linear as linear_ops
 from big_attn.ops import ngpt as ngpt_ops
 from big_attn import tasks
 from big_attn.ops import spatial
@@ -95,7 +101,7 @@ STRATEGIES = parallel.STRATEGIES
 REMAT_POLICIES = ("none", "nothing_saveable", "everything_saveable", "dots_saveable",
                   "dots_with_no_batch_dims_saveable")
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "weights")
-BLOCKS = ("pre_norm", "ngpt", "moeut")
+BLOCKS = ("pre_norm", "ngpt", "moeut", "transnormer")
 # nGPT's eigen learning rates and scalings, `(init, scale)`: a parameter stored as `scale` and
 # used as param·(init/scale) (Loshchilov et al. 2024, Section 2.6); None = 1/√width.
 NGPT_ALPHA = (0.05, None)
@@ -210,6 +216,69 @@ class DecoderBlock(nn.Module):
     y = _rms_norm(self.dtype, self.param_dtype, "mlp_norm", self.norm_eps)(x)
     y = SwiGLU(self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")(y)
     return constrain(x + nn.Dropout(rate=self.dropout)(y, deterministic)), {}
+
+
+def srms_norm(x, eps: float = 1e-6):
+  """TransNormerLLM's parameter-free SRMSNorm x / sqrt(mean(x²) + ε) over the features."""
+  x32 = x.astype(jnp.float32)
+  return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+def transnormer_decay(num_heads: int, layer: int, depth: int) -> np.ndarray:
+  """TransNormerLLM's decay of head h in layer l of L, λ_h = exp(−m_h·(1 − l/(L−1) + 1e−5)),
+  m_h the ALiBi slopes (`exp(−m_h)` for a one-layer model): lower layers decay faster."""
+  ratio = 1.0 if depth == 1 else 1.0 - layer / (depth - 1) + 1e-5
+  return np.exp(-linear_ops.alibi_slopes(num_heads) * ratio)
+
+
+class TransNormerBlock(nn.Module):
+  """TransNormerLLM block: x + GLA(SRMSNorm(x)) then x + SGLU(SRMSNorm(x)); returns `(x, {})`.
+
+  Gated linear attention: q = SiLU(x W_q), k = SiLU(x W_k), v = x W_v, u = SiLU(x W_u) per
+  head, o = SRMSNorm(Σ_{s≤t} λ^{t−s} q_t·k_s v_s) ⊙ u (the `lightning` op with
+  `output_norm=True` and `decay=transnormer_decay(num_heads, layer, depth)`), then W_o. Simple
+  GLU: (x W_v ⊙ x W_u) W_o, no activation. No biases. Positions enter through the decay only
+  (LRPE's rotation is not used). Segment ids are passed to the op (its quadratic form).
+  """
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  layer: int
+  depth: int
+  attention_args: Any = None
+  norm_eps: float = 1e-6
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, positions, segment_ids, deterministic: bool = True):
+    del positions
+
+    def dense(features, axes, name, contract=1):
+      return nn.DenseGeneral(features, axis=tuple(range(-contract, 0)), use_bias=False,
+                             dtype=self.dtype, param_dtype=self.param_dtype, name=name,
+                             kernel_init=nn.with_logical_partitioning(
+                                 nn.initializers.lecun_normal(), axes))
+
+    heads, kv_heads = (self.num_heads, self.head_dim), (self.num_kv_heads, self.head_dim)
+    y = srms_norm(x, self.norm_eps)
+    query = nn.silu(dense(heads, ("embed", "heads", "head_dim"), "query")(y))
+    key = nn.silu(dense(kv_heads, ("embed", "kv_heads", "head_dim"), "key")(y))
+    value = dense(kv_heads, ("embed", "kv_heads", "head_dim"), "value")(y)
+    gate = nn.silu(dense(heads, ("embed", "heads", "head_dim"), "gate")(y))
+    decay = jnp.asarray(transnormer_decay(self.num_heads, self.layer, self.depth), jnp.float32)
+    out = ops.get("lightning")(query, key, value, is_causal=True, segment_ids=segment_ids,
+                               decay=decay, output_norm=True, norm_eps=self.norm_eps,
+                               **dict(self.attention_args or {}))
+    out = dense(x.shape[-1], ("heads", "head_dim", "embed"), "out", contract=2)(out * gate)
+    x = x + nn.Dropout(rate=self.dropout)(out, deterministic)
+    y = srms_norm(x, self.norm_eps)
+    y = (dense(self.mlp_dim, ("embed", "mlp"), "wi_v")(y)
+         * dense(self.mlp_dim, ("embed", "mlp"), "wi_u")(y))
+    y = dense(x.shape[-1], ("mlp", "embed"), "wo")(y)
+    return x + nn.Dropout(rate=self.dropout)(y, deterministic), {}
 
 
 def _interpolate(module: nn.Module, name: str, h, y):
@@ -563,6 +632,8 @@ class Model(nn.Module):
       "losses" collection and added by `loss_fn`).
     moe: MoEUT sizes, dict(num_experts, expert_dim=128, topk, att_experts, att_topk=2,
       entropy_reg=0.01, att_entropy_reg=0.001).
+      "transnormer" (`TransNormerBlock`: TransNormerLLM's SRMSNorm, gated lightning attention
+      with the per-layer ALiBi decay schedule and SGLU; needs `attention="lightning"`).
     layer_group_size: G: only G distinct blocks, applied in order depth/G times with shared
       weights (MoEUT's layer grouping; G = 1 is a Universal Transformer); None: depth distinct
       blocks. The repeats run under `nn.scan` (per-repeat caches in decoding).
@@ -668,6 +739,15 @@ class Model(nn.Module):
     if self.block == "moeut" and self.attention != "switchhead":
       raise ValueError(f"block='moeut' computes SwitchHead attention: set "
                        f"attention='switchhead', got {self.attention!r}")
+    if self.block == "transnormer":
+      if self.attention != "lightning":
+        raise ValueError(f"block='transnormer' computes gated lightning attention: set "
+                         f"attention='lightning', got {self.attention!r}")
+      if (self.qk_norm or self.scan_layers or self.layer_group_size or sp is not None
+          or self.decode):
+        raise ValueError("block='transnormer' takes each layer's own decay: it needs "
+                         "qk_norm=False, scan_layers=False, layer_group_size=None and no "
+                         "sequence parallelism or decoding")
     if self.block == "ngpt" and (self.qk_norm or self.dropout):
       raise ValueError("block='ngpt' normalises queries and keys itself and has no dropout: set "
                        f"qk_norm=False and dropout=0 (got {self.qk_norm}, {self.dropout})")
@@ -746,8 +826,9 @@ class Model(nn.Module):
     else:
       aux = []
       for i in range(self.depth):
-        x, a = block(name=f"layers_{i}", **block_args)(x, positions, segment_ids,
-                                                       deterministic)
+        layer = dict(layer=i) if self.block == "transnormer" else {}
+        x, a = block(name=f"layers_{i}", **block_args, **layer)(x, positions, segment_ids,
+                                                                deterministic)
         aux.append(jax.tree.map(lambda y: y[None], a))
     if self.block == "moeut":
       self.sow("losses", "router_entropy", router_entropy_loss(aux, self.moe_sizes()))
@@ -755,6 +836,8 @@ class Model(nn.Module):
       x = _rms_norm(self.dtype, self.param_dtype, "final_norm", self.norm_eps)(x)
     elif self.block == "moeut":
       x = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="final_norm")(x)
+    elif self.block == "transnormer":
+      x = srms_norm(x, self.norm_eps)
     if self.tie_embeddings:
       logits = embed.attend(x)
     else:
@@ -785,6 +868,12 @@ class Model(nn.Module):
                 attention_impl=self.attention_impl, **common)
     if self.block == "ngpt":
       return NGPTBlock, args
+    if self.block == "transnormer":
+      return TransNormerBlock, dict(
+          num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+          mlp_dim=self.mlp_dim, attention_args=args["attention_args"], depth=self.depth,
+          norm_eps=self.norm_eps, dropout=self.dropout, dtype=self.dtype,
+          param_dtype=self.param_dtype)
     return DecoderBlock, dict(args, qk_norm=self.qk_norm, dropout=self.dropout,
                               rope_scaling=self.rope_scaling, qkv_bias=self.qkv_bias,
                               out_bias=self.out_bias, sliding_window=self.sliding_window,

@@ -46,6 +46,10 @@ from big_attn.ops import outlook as _outlook  # noqa: F401
 from big_attn.ops import efficient as _efficient  # noqa: F401
 from big_attn.ops import serialized as _serialized  # noqa: F401
 from big_attn.ops import geometric as _geometric  # noqa: F401
+from big_attn.ops import hard as _hard  # noqa: F401
+from big_attn.ops import wavelet as _wavelet  # noqa: F401
+from big_attn.ops import tree as _tree  # noqa: F401
+from big_attn.ops import sparsifiner as _sparsifiner  # noqa: F401
 from big_attn.ops.forms import check_form, decoding_form, sequence_parallel_form
 
 

@@ -1,4 +1,4 @@
-"""Linear (kernelised) attention: Performer, focused linear, log-normal and lightning attention.
+"""Linear (kernelised) attention: Performer, focused linear, log-normal, lightning and FAST.
 
 Each op uses a kernel that factorises, κ(q, k) = φ_q(q)ᵀφ_k(k) ≥ 0, and computes
 
@@ -749,10 +749,31 @@ def _lognormal_features(q: Array, k: Array, alpha: Array | None, beta: Array | N
 # ------------------------------------------------------------------------------------------
 # Lightning attention.
 # ------------------------------------------------------------------------------------------
+LIGHTNING_DECAY = "alibi"  # TransNormerLLM's per-head decay λ_h = exp(−m_h), ALiBi slopes m_h
+
+
+def alibi_slopes(num_heads: int) -> np.ndarray:
+  """ALiBi's head slopes m_h (Train Short, Test Long, Press et al. 2022): 2^(−8h/H) for
+  h = 1..H when H is a power of two, otherwise those of the power of two below H followed by
+  every other slope of the next power of two (the authors' `get_slopes`)."""
+  num_heads = checks.positive_int("num_heads", num_heads)
+  closest = 2 ** int(math.floor(math.log2(num_heads)))
+  slopes = [2.0 ** (-8.0 * h / closest) for h in range(1, closest + 1)]
+  if closest < num_heads:
+    slopes += list(alibi_slopes(2 * closest)[0::2][:num_heads - closest])
+  return np.asarray(slopes)
+
+
 def _log_decay(decay, dims: common.Dims, dtype) -> Array | None:
-  """λ (float in (0, 1] or `[num_heads]` array) -> log λ as `[1, 1]` or `[k, g]`."""
+  """λ ("alibi", float in (0, 1] or `[num_heads]` array) -> log λ as `[1, 1]` or `[k, g]`."""
   if decay is None:
     return None
+  if isinstance(decay, str):
+    if decay != "alibi":
+      raise ValueError(f"decay must be 'alibi', None, a float in (0, 1] or a [num_heads] "
+                       f"array, got {decay!r}")
+    return jnp.asarray(-alibi_slopes(dims.num_heads), dtype).reshape(dims.num_kv_heads,
+                                                                     dims.groups)
   if isinstance(decay, (int, float, np.floating, np.integer)) and not isinstance(decay, bool):
     checks.unit_interval("decay", decay)
     return jnp.full((1, 1), math.log(decay), dtype)
@@ -767,14 +788,17 @@ def _log_decay(decay, dims: common.Dims, dtype) -> Array | None:
 
 @register("lightning", segment_ids=True)
 def lightning_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
-                        decay=None, block_size=LIGHTNING_BLOCK_SIZE, output_norm=False,
+                        decay=LIGHTNING_DECAY, block_size=LIGHTNING_BLOCK_SIZE, output_norm=False,
                         norm_eps=SRMS_EPS, segment_ids=None):
   """Lightning attention (Various Lengths, Constant Speed: Efficient Language Modeling with
   Lightning Attention, Qin et al. 2024; Lightning Attention-2).
 
   Linear attention without softmax or denominator, with TransNormerLLM's per-head decay λ:
 
-      out_t = Σ_{s≤t} λ^{t−s} (s_qk · q_t·k_s) v_s.
+      out_t = Σ_{s≤t} λ^{t−s} (s_qk · q_t·k_s) v_s,   λ_h = exp(−m_h) by default,
+
+  m_h the ALiBi slope of head h (`alibi_slopes`; TransNormerLLM further scales m_h by
+  1 − l/(L−1) in layer l of L, which the LM's TransNormerLLM block passes as `decay`).
 
   Causal: the sequence is tiled into blocks of `block_size`; the intra-block part is the
   masked quadratic form ((QKᵀ) ⊙ Λ)V, the inter-block part is λ^{c+1}·q·KV with the running
@@ -790,8 +814,9 @@ def lightning_attention(query, key, value, *, mask=None, is_causal=False, scale=
       linear form, others use the quadratic form.
     is_causal: query t attends keys s <= t.
     scale: s_qk multiplying q·k; 1 when None (the paper does not scale).
-    decay: None (λ = 1), a float in (0, 1], or a `[num_heads]` array of values in (0, 1]
-      (differentiable); needs `is_causal`.
+    decay: "alibi" (λ_h = exp(−m_h), the default; the non-causal form has no decay), None
+      (λ = 1), a float in (0, 1], or a `[num_heads]` array of values in (0, 1]
+      (differentiable); a float or an array needs `is_causal`.
     block_size: tokens per block of the causal form.
     output_norm: apply SRMSNorm to the output.
     norm_eps: ε of SRMSNorm, x / sqrt(mean(x²) + ε).
@@ -803,7 +828,8 @@ def lightning_attention(query, key, value, *, mask=None, is_causal=False, scale=
   dims = common.check_qkv(query, key, value)
   block_size = checks.positive_int("block_size", block_size)
   dtype = _compute_dtype(query, key, value)
-  log_decay = _log_decay(decay, dims, dtype)
+  alibi = isinstance(decay, str) and decay == "alibi"
+  log_decay = _log_decay(decay, dims, dtype) if is_causal or not alibi else None
   if log_decay is not None and not is_causal:
     raise ValueError("decay λ^(t−s) is defined for causal attention: pass is_causal=True or "
                      "decay=None")
@@ -821,6 +847,73 @@ def lightning_attention(query, key, value, *, mask=None, is_causal=False, scale=
 def _srms_norm(out: Array, eps: float) -> Array:
   """TransNormerLLM's SRMSNorm x / sqrt(mean(x²) + ε) over all heads of a token `[b, t, n, d]`."""
   return out * jax.lax.rsqrt(jnp.mean(out * out, axis=(2, 3), keepdims=True) + eps)
+
+
+# ------------------------------------------------------------------------------------------
+# FAST (FASTMax): a truncated Taylor kernel of normalised q·k.
+# ------------------------------------------------------------------------------------------
+FAST_ORDER = 2  # FASTMax's Taylor order p (the paper's default)
+FAST_EPS = 1e-6  # floor of ‖x‖ in the normalisation x / ‖x‖
+
+
+def _taylor_features(x: Array, order: int, scale: float, eps: float) -> Array:
+  """[x̂^{⊗n}·(s^n / n!)^{1/2}]_{n=0..p} of x̂ = x / max(‖x‖, ε): φ(q)ᵀφ(k) = Σ_n (s q̂·k̂)^n / n!.
+
+  `x` is `[..., d]`; the result is `[..., Σ_n d^n]` (1 + d + d² for p = 2)."""
+  norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
+  unit = x / jnp.maximum(norm, eps)
+  power = jnp.ones(x.shape[:-1] + (1,), x.dtype)
+  features = [power]
+  for n in range(1, order + 1):
+    power = (power[..., :, None] * unit[..., None, :]).reshape(
+        x.shape[:-1] + (x.shape[-1] ** n,))
+    features.append(power * math.sqrt(scale ** n / math.factorial(n)))
+  return jnp.concatenate(features, axis=-1)
+
+
+@register("fast", segment_ids=True)
+def fast_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
+                   order=FAST_ORDER, eps=FAST_EPS, chunk_size=CHUNK_SIZE, segment_ids=None):
+  """FAST (FASTMax): FAST: Factorizable Attention for Speeding up Transformers (Gerami et
+  al. 2024).
+
+  The softmax's exponential is replaced by its Taylor polynomial of order p in the cosine
+  x_ij = q̂_i·k̂_j of the normalised q̂ = q/‖q‖, k̂ = k/‖k‖:
+
+      κ(q_i, k_j) = Σ_{n=0}^{p} (s·x_ij)^n / n!,   out_i = Σ_j κ_ij v_j / Σ_j κ_ij.
+
+  The polynomial factorises, κ = φ(q)ᵀφ(k) with φ(x) = [x̂^{⊗n}·√(s^n/n!)]_{n≤p} (1 + d + d²
+  features for p = 2), so the cost is O(n·d^{p}·d_v), linear in length; the causal form
+  accumulates the factorised moments Σ_j φ(k_j)v_jᵀ and Σ_j φ(k_j) as prefix sums (chunked).
+  For p = 2, 1 + x + x²/2 > 0: the weights are positive and every row's normaliser too.
+
+  Args:
+    query, key, value: `[batch, seq, heads, dim]`; keys/values may have fewer heads (GQA).
+    mask: boolean, broadcastable to `[batch, heads, q_len, kv_len]`; key-padding masks keep the
+      linear form, others use the quadratic form of the same kernel.
+    is_causal: query i attends keys j <= i.
+    scale: s multiplying the cosine; 1 when None (the paper's normalised scores).
+    order: Taylor order p in {1, 2, 3} (2 in the paper; p = 1 gives negative weights for
+      s·x < −1).
+    eps: floor of ‖x‖ in the normalisation.
+    chunk_size: chunk length of the causal form.
+    segment_ids: as in `dot_product_attention` (quadratic form).
+
+  Returns:
+    `[batch, q_len, num_heads, value_dim]` in the query's dtype.
+  """
+  dims = common.check_qkv(query, key, value)
+  chunk_size = checks.positive_int("chunk_size", chunk_size)
+  order = checks.int_in_range("order", order, 1, 3)
+  eps = checks.positive_float("eps", eps)
+  scale = 1.0 if scale is None else checks.positive_float("scale", scale)
+  dtype = _compute_dtype(query, key, value)
+  q, k = _grouped_qk(query, key, dims, dtype)
+  masks = _plan_masks(dims, mask, is_causal, segment_ids)
+  out = _linear_attention(_taylor_features(q, order, scale, eps),
+                          _taylor_features(k, order, scale, eps), value.astype(dtype), dims,
+                          masks, is_causal=is_causal, chunk_size=chunk_size)
+  return out.astype(query.dtype)
 
 
 @register_params("focused_linear")

@@ -197,7 +197,8 @@ def _linear_form(name: str, query, key, value, features: Callable, *, num_featur
                    log_decay)
 
 
-def _lightning(query, key, value, *, scale=None, decay=None, block_size=linear.LIGHTNING_BLOCK_SIZE,
+def _lightning(query, key, value, *, scale=None, decay=linear.LIGHTNING_DECAY,
+               block_size=linear.LIGHTNING_BLOCK_SIZE,
                output_norm=False, norm_eps=linear.SRMS_EPS) -> StateForm:
   dims = common.check_qkv(query, key, value)
   dtype = linear._compute_dtype(query, key, value)
