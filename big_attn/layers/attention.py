@@ -11,7 +11,6 @@ import jax.numpy as jnp
 
 from big_attn import ops, parallel
 from big_attn.ops import common
-from big_attn.ops import recurrent
 from big_attn.ops import spatial
 from big_attn.layers import kv_cache
 from big_attn.layers import posemb
@@ -55,7 +54,8 @@ class Attention(nn.Module):
   """Self- or cross-attention with projections, GQA, optional qk-norm and any registered op.
 
   The op is called in one module method, `attend`; sequence parallelism and the decoding cache
-  are its fields (ops with a `softmax_form` in the registry run in both), and tools observe or
+  are its fields (ops with a `block_form` in the registry run sequence-parallel, ops with a
+  `softmax_form` in both; `ops.parallel_form` says which), and tools observe or
   steer it with Flax's method interception (`big_attn.interpret.hook_ops`). A model changes
   what happens around the op by overriding `attend`.
 
@@ -119,14 +119,8 @@ class Attention(nn.Module):
                        "on one device per sequence)")
     mode = ("cached" if self.decode else
             "sequence-parallel" if self.seq_parallel is not None else None)
-    if mode is not None and spec.softmax_form is None and self.op not in recurrent.STATE_FORMS:
-      with_form = [name for name in ops.names() if ops.spec(name).softmax_form is not None]
-      raise ValueError(
-          f"attention op {self.op!r} has no {mode} form: sequence parallelism and decoding "
-          f"run softmax attention of transformed queries and keys (ops registered with a "
-          f"softmax_form: {', '.join(with_form)}) or pass a recurrent state (ops with a state "
-          f"form: {', '.join(sorted(recurrent.STATE_FORMS))})")
-    if self.seq_parallel is not None and spec.softmax_form is None:
+    form = None if mode is None else ops.parallel_form(self.op, mode)  # raises without one
+    if form == "state" and mode == "sequence-parallel":
       self.seq_parallel.check_linear_state(self.op)
 
   @nn.compact
@@ -204,8 +198,9 @@ class Attention(nn.Module):
     kv_len, kv_heads, dim]` -> `[batch, q_len, heads, value_dim]`.
 
     Plain: the registered op with `op_args` (`segment_ids` passed to ops declaring them,
-    folded into the mask otherwise). With `seq_parallel` or `decode`: the op's softmax form
-    (`ops.spec(op).softmax_form`), then `SeqParallel.attention` or the `KVCache`; these take
+    folded into the mask otherwise). With `seq_parallel`: the op's block form
+    (`ops.spec(op).block_form`, merged over key blocks by `SeqParallel.attend_form`); with
+    `decode`: its softmax form (`ops.spec(op).softmax_form`) over the `KVCache`; these take
     `segment_ids` (sequence parallelism) and `is_causal`, not a mask. An op with a recurrent
     state form (`ops.recurrent.STATE_FORMS`) instead passes its state between contiguous
     shards (`SeqParallel.linear_state`) or keeps it in a `kv_cache.RecurrentCache` (causal,
@@ -222,7 +217,8 @@ class Attention(nn.Module):
         raise ValueError("sequence-parallel and cached attention take segment_ids and "
                          "is_causal, not a mask")
       op_args.pop("implementation", None)
-      if spec.softmax_form is None:  # a recurrent state form (`_check_op`)
+      mode = "cached" if self.decode else "sequence-parallel"
+      if ops.parallel_form(self.op, mode) == "state":
         if segment_ids is not None:
           raise ValueError(f"attention op {self.op!r} passes one recurrent state per row: "
                            "packed sequences (segment_ids) are not supported in sequence-"
@@ -231,15 +227,16 @@ class Attention(nn.Module):
           return kv_cache.RecurrentCache(self.op, name="cache")(query, key, value, **op_args)
         return self.seq_parallel.linear_state(self.op, query, key, value,
                                               is_causal=is_causal, **op_args)
-      window = op_args.pop("local_window_size", None) if self.decode else None
+      if not self.decode:
+        form = spec.block_form(query, key, op_args.pop("scale", None), **op_args)
+        return self.seq_parallel.attend_form(form, value, is_causal=is_causal,
+                                             segment_ids=segment_ids)
+      window = op_args.pop("local_window_size", None)
       query, key, scale = spec.softmax_form(query, key, op_args.pop("scale", None), **op_args)
-      if self.decode:
-        if segment_ids is not None:
-          raise ValueError("decoding takes one document per sequence: no segment_ids")
-        return kv_cache.KVCache(self.cache_len, name="cache")(
-            query, key, value, is_causal=is_causal, scale=scale, local_window_size=window)
-      return self.seq_parallel.attention(query, key, value, is_causal=is_causal,
-                                         segment_ids=segment_ids, scale=scale)
+      if segment_ids is not None:
+        raise ValueError("decoding takes one document per sequence: no segment_ids")
+      return kv_cache.KVCache(self.cache_len, name="cache")(
+          query, key, value, is_causal=is_causal, scale=scale, local_window_size=window)
     if segment_ids is not None:
       if spec.segment_ids:
         op_args["segment_ids"] = segment_ids

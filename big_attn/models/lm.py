@@ -22,8 +22,10 @@ as `loss_fn` does); nothing is permuted between layers. Activations stay sharded
 
 Decoding (`decode=True`, used by `generate`): a key/value cache of `cache_len` entries per layer
 (`big_attn.layers.kv_cache.KVCache`, collection "cache") and the split-KV decode op
-`lean_decode` (Lean Attention) over it. Both work for the ops registered with a `softmax_form`
-(softmax, ngpt) and for SwitchHead in block='moeut'.
+`lean_decode` (Lean Attention) over it. It works for the ops registered with a `softmax_form`
+(softmax, ngpt) and for SwitchHead in block='moeut'; sequence parallelism for those and the ops
+with a `block_form` (sigmoid, cog, gated_attention, clipped_softmax: `big_attn.parallel.merge`)
+or a recurrent state (`ops.parallel_form`).
 
 Block families (`block`):
 - "pre_norm": the block above.
@@ -75,7 +77,6 @@ import numpy as np
 import optax
 
 from big_attn import ops, parallel
-from big_attn.ops import recurrent
 from big_attn.layers import Attention, KVCache, apply_rope
 from big_attn.models import common as models_common
 from big_attn.ops import experts as experts_ops
@@ -544,8 +545,8 @@ class Model(nn.Module):
     qk_norm: RMS-normalise queries and keys per head.
     tie_embeddings: the output projection is the transposed input embedding.
     attention, attention_args, attention_impl: the op by registry name, its arguments and
-      `implementation` (sequence parallelism and decoding need an op with a `softmax_form`:
-      softmax or ngpt).
+      `implementation` (sequence parallelism needs an op with a `block_form` or a recurrent
+      state, decoding one with a `softmax_form` or a recurrent state: `ops.parallel_form`).
     dropout: residual dropout rate in training.
     mesh, seq_axis, seq_strategy: sequence parallelism over the mesh axis `seq_axis` with
       strategy "striped", "ring" or "all_gather" (None: off); active when that axis has size > 1.
@@ -668,14 +669,10 @@ class Model(nn.Module):
     if self.block == "ngpt" and (self.qk_norm or self.dropout):
       raise ValueError("block='ngpt' normalises queries and keys itself and has no dropout: set "
                        f"qk_norm=False and dropout=0 (got {self.qk_norm}, {self.dropout})")
-    if ((sp is not None or self.decode) and self.block != "moeut"
-        and ops.spec(self.attention).softmax_form is None
-        and self.attention not in recurrent.STATE_FORMS):
-      with_form = [n for n in ops.names() if ops.spec(n).softmax_form is not None]
-      raise ValueError(f"sequence parallelism and decoding compute softmax attention (of the "
-                       f"ops registered with a softmax_form, {with_form}, or SwitchHead in "
-                       f"block='moeut') or pass a recurrent state (ops "
-                       f"{sorted(recurrent.STATE_FORMS)}); got attention={self.attention!r}")
+    if self.block != "moeut":  # SwitchHead runs softmax per expert (`MoEUTBlock`)
+      for mode, on in (("sequence-parallel", sp is not None), ("cached", self.decode)):
+        if on:
+          ops.parallel_form(self.attention, mode)
     if sp is not None and tokens.shape[1] % sp.num_shards:
       raise ValueError(f"sequence length {tokens.shape[1]} is not divisible by the "
                        f"{sp.num_shards} shards of mesh axis {sp.axis!r}")

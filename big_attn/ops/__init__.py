@@ -41,6 +41,7 @@ from big_attn.ops import combiner as _combiner  # noqa: F401
 from big_attn.ops import quadtree as _quadtree  # noqa: F401
 from big_attn.ops import ngpt as _ngpt  # noqa: F401
 from big_attn.ops import hyena as _hyena  # noqa: F401
+from big_attn.ops import recurrent as _recurrent
 
 
 def _flatten_batch(x, batch_shape, trailing: int):
@@ -119,6 +120,38 @@ def as_attention_fn(name: str, **mechanism_args) -> Callable:
   return attention_fn
 
 
-__all__ = ["OpSpec", "as_attention_fn", "dot_product_attention", "get", "has_causal_form",
+MODES = ("sequence-parallel", "cached")
+
+
+def parallel_form(name: str, mode: str) -> str:
+  """How op `name` runs in `mode`, the one check of the layer and the LM: "block" (its
+  `OpSpec.block_form`, merged over key blocks by the ring, striped and all_gather strategies;
+  cached: its `softmax_form` over a KV cache) or "state" (its recurrent state,
+  `recurrent.STATE_FORMS`, passed between contiguous shards or kept as the cache). A
+  `ValueError` naming the op and the reason otherwise."""
+  if mode not in MODES:
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+  op = spec(name)
+  if (op.block_form if mode == "sequence-parallel" else op.softmax_form) is not None:
+    return "block"
+  if name in _recurrent.STATE_FORMS:
+    return "state"
+  states = ", ".join(sorted(_recurrent.STATE_FORMS))
+  if mode == "cached":
+    with_form = ", ".join(n for n in names() if spec(n).softmax_form is not None)
+    raise ValueError(
+        f"attention op {name!r} has no cached form: decoding runs softmax attention of "
+        f"transformed queries and keys (ops registered with a softmax_form: {with_form}) or "
+        f"keeps a recurrent state (ops with a state form: {states})")
+  with_form = ", ".join(n for n in names() if spec(n).block_form is not None)
+  raise ValueError(
+      f"attention op {name!r} has no sequence-parallel form: splitting the keys into blocks "
+      "needs every weight to be a function of one query-key score and of a row statistic that "
+      "blocks merge (a sum, or a log-sum-exp), as in the ops registered with a block_form "
+      f"({with_form}), or the output to follow from a recurrent state passed between shards "
+      f"(ops with a state form: {states}); the weights of {name!r} are neither")
+
+
+__all__ = ["MODES", "OpSpec", "as_attention_fn", "parallel_form", "dot_product_attention", "get", "has_causal_form",
            "names", "register", "spec"]
 __all__ += ["OpParams", "params_module", "register_params"]

@@ -6,8 +6,9 @@ import math
 import jax
 import jax.numpy as jnp
 
+from big_attn.ops import checks
 from big_attn.ops import common
-from big_attn.ops.registry import register
+from big_attn.ops.registry import BlockForm, register
 from pallas_kernels.flash_attention import api as flash_api
 
 IMPLEMENTATIONS = (None, "xla", "pallas")
@@ -47,7 +48,21 @@ def _flash_sigmoid(query, key, value, *, mask, bias, logit_bias, scale, **kwargs
       interpret=jax.default_backend() == "cpu", **kwargs)
 
 
-@register("sigmoid", segment_ids=True, implementation=True, bias=True)
+def _sigmoid_block_form(query, key, scale, *, logit_bias=None, logits_soft_cap=None):
+  """Sigmoid attention in blocks whose outputs add (there is no normaliser); b = -log n with n
+  the whole sequence's `kv_len`, and b a Python number (a constant of the merge)."""
+  if logit_bias is not None and (isinstance(logit_bias, bool)
+                                 or not isinstance(logit_bias, (int, float))):
+    raise TypeError("sequence-parallel sigmoid attention takes logit_bias as a Python number "
+                    f"or None, got {type(logit_bias).__name__}")
+  if logits_soft_cap is not None:
+    logits_soft_cap = checks.positive_float("logits_soft_cap", logits_soft_cap)
+  b = float(_check_logit_bias(logit_bias, key.shape[1]))
+  return BlockForm("sigmoid", query, key, scale, {"logit_bias": b, "soft_cap": logits_soft_cap})
+
+
+@register("sigmoid", segment_ids=True, implementation=True, bias=True,
+          block_form=_sigmoid_block_form)
 def sigmoid_attention(query, key, value, *, mask=None, is_causal=False, scale=None, bias=None,
                       logit_bias=None, segment_ids=None, local_window_size=None,
                       logits_soft_cap=None, implementation=None):
