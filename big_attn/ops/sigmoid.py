@@ -14,11 +14,16 @@ from pallas_kernels.flash_attention import api as flash_api
 IMPLEMENTATIONS = (None, "xla", "pallas")
 
 
+def _default_logit_bias(kv_len: int) -> float:
+  """The paper's b = -log n for n keys (0 for no keys: the sum over keys is empty)."""
+  return -math.log(max(kv_len, 1))
+
+
 def _check_logit_bias(logit_bias, kv_len: int) -> jax.Array:
   """The scalar `b` as a float32 array; `-log(kv_len)` when None (0 for no keys: the sum over
   keys is empty)."""
   if logit_bias is None:
-    return jnp.float32(-math.log(max(kv_len, 1)))
+    return jnp.float32(_default_logit_bias(kv_len))
   if not isinstance(logit_bias, (int, float)) and not hasattr(logit_bias, "dtype"):
     raise TypeError(
         f"logit_bias must be a number or a scalar array, got {type(logit_bias).__name__}")
@@ -57,7 +62,7 @@ def _sigmoid_block_form(query, key, scale, *, logit_bias=None, logits_soft_cap=N
                     f"or None, got {type(logit_bias).__name__}")
   if logits_soft_cap is not None:
     logits_soft_cap = checks.positive_float("logits_soft_cap", logits_soft_cap)
-  b = float(_check_logit_bias(logit_bias, key.shape[1]))
+  b = _default_logit_bias(key.shape[1]) if logit_bias is None else float(logit_bias)
   return BlockForm("sigmoid", query, key, scale, {"logit_bias": b, "soft_cap": logits_soft_cap})
 
 
