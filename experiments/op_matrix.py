@@ -193,12 +193,13 @@ def forms_table() -> str:
   kernels = {"softmax": "flash softmax, cuDNN", "sigmoid": "FlashSigmoid"}
   for op in ops.names():
     spec = ops.spec(op)
+    parallel = decode = "–"
+    if spec.block_form is not None:
+      parallel = "ring / striped / all_gather"
     if spec.softmax_form is not None:
-      parallel, decode = "ring / striped / all_gather", "KV cache"
+      decode = "KV cache"
     elif op in recurrent.STATE_FORMS:
       parallel, decode = "state passing (LASP), contiguous", "recurrent state"
-    else:
-      parallel = decode = "–"
     kernel = kernels.get(op, "via softmax" if spec.implementation else "–")
     lines.append(f"| `{op}` | {'✓' if spec.causal else '–'} | {parallel} | {decode} | "
                  f"{kernel} |")
