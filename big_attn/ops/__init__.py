@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from big_attn.ops import common
-from big_attn.ops.registry import OpSpec, get, has_causal_form, names, register, spec
+from big_attn.ops.registry import (BLOCK_MERGES, BlockForm, OpSpec, get, has_causal_form, names,
+                                   register, spec)
 from big_attn.ops.registry import OpParams, params_module, register_params
 from big_attn.ops.softmax import dot_product_attention
 
@@ -152,6 +153,7 @@ def parallel_form(name: str, mode: str) -> str:
       f"(ops with a state form: {states}); the weights of {name!r} are neither")
 
 
-__all__ = ["MODES", "OpSpec", "as_attention_fn", "parallel_form", "dot_product_attention", "get", "has_causal_form",
-           "names", "register", "spec"]
+__all__ = ["BLOCK_MERGES", "BlockForm", "MODES", "OpSpec", "as_attention_fn",
+           "dot_product_attention", "get", "has_causal_form", "names", "parallel_form",
+           "register", "spec"]
 __all__ += ["OpParams", "params_module", "register_params"]

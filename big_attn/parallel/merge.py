@@ -12,7 +12,7 @@ left out, an op of the family is out_i = Σ_j W(t_ij; r_i) v_j with a row statis
 - "clipped_softmax": W = clip((ζ-γ)·exp(t - lse) + γ, 0, 1). The clip needs the global lse,
   so a first ring pass merges the blocks' lse and a second sums the blocks' outputs.
 
-Backward (from dW_ij = dO_i·v_j, `dV = WᵀdO`, dQ = scale·dS K, dK = scale·dSᵀQ, dS = dT ∘ t'):
+Backward, from dW_ij = dO_i·v_j (dV = WᵀdO, dQ = scale·dS K, dK = scale·dSᵀQ, dS = dT ∘ t'):
 softmax dT = P ∘ (dW - δ); cog dT = sign(t)·P ∘ (sign(t)·dW - δ) with P = exp(|t| - lse);
 both with δ_i = dO_i·O_i (FlashAttention-2), so any block's gradient is exact on its own.
 sigmoid dT = dW ∘ W(1 - W). clipped dT = P ∘ (G - c) with G = (ζ-γ)·[0 < z < 1]·dW and the
@@ -81,7 +81,8 @@ def _scores(rule: Rule, q, k, dims, scale):
 
 def _block(rule: Rule, q, k, v, scale, causal_offset, q_seg, kv_seg):
   dims = common.check_qkv(q, k, v)
-  mask = blockwise._block_mask(dims, causal_offset, 0, q_seg, kv_seg)  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  mask = blockwise._block_mask(dims, causal_offset, 0, q_seg, kv_seg)
   return (dims, mask) + _scores(rule, q, k, dims, scale)
 
 
