@@ -190,7 +190,7 @@ def forms_table() -> str:
   tests/test_registry_layers.py, tests/test_parallel_linear_state.py and the LM tests)."""
   lines = ["| op | causal | sequence-parallel | decoding | kernel |", "|---|---|---|---|---|"]
   kernels = {"softmax": "flash softmax, cuDNN", "sigmoid": "FlashSigmoid"}
-  parallel_names = {"softmax": "ring / striped / all_gather",
+  parallel_names = {"block": "ring / striped / all_gather",
                     "state": "state passing (LASP), contiguous", None: "–"}
   decode_names = {"kv_cache": "KV cache", "state": "recurrent state",
                   "inputs": "cached layer inputs", None: "–"}

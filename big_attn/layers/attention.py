@@ -55,7 +55,8 @@ class Attention(nn.Module):
 
   The op is called in one module method, `attend`; sequence parallelism and the decoding cache
   are its fields (the forms of each op: `big_attn.ops.decoding_form` and
-  `sequence_parallel_form`), and tools observe or steer it with Flax's method interception
+  `sequence_parallel_form`; ops with a `block_form` in the registry run sequence-parallel),
+  and tools observe or steer it with Flax's method interception
   (`big_attn.interpret.hook_ops`). A model changes what happens around the op by overriding
   `attend`.
 
@@ -213,8 +214,9 @@ class Attention(nn.Module):
 
     Plain (also for ops decoded from an `InputCache`, which `__call__` runs over the whole
     cache): the registered op with `op_args` (`segment_ids` passed to ops declaring them,
-    folded into the mask otherwise). With `seq_parallel` or a `decode` cache: the op's softmax
-    form (`ops.spec(op).softmax_form`), then `SeqParallel.attention` or the `KVCache`; these take
+    folded into the mask otherwise). With `seq_parallel`: the op's block form
+    (`ops.spec(op).block_form`, merged over key blocks by `SeqParallel.attend_form`); with a
+    `decode` cache: its softmax form (`ops.spec(op).softmax_form`) over the `KVCache`; these take
     `segment_ids` (sequence parallelism) and `is_causal`, not a mask. An op with a recurrent
     state form (`ops.recurrent.STATE_FORMS`) instead passes its state between contiguous
     shards (`SeqParallel.linear_state`) or keeps it in a `kv_cache.RecurrentCache` (causal,
@@ -232,7 +234,8 @@ class Attention(nn.Module):
         raise ValueError("sequence-parallel and cached attention take segment_ids and "
                          "is_causal, not a mask")
       op_args.pop("implementation", None)
-      if spec.softmax_form is None:  # a recurrent state form (`_check_op`)
+      form = ops.decoding_form(self.op) if cached else ops.sequence_parallel_form(self.op)
+      if form == "state":
         if segment_ids is not None:
           raise ValueError(f"attention op {self.op!r} passes one recurrent state per row: "
                            "packed sequences (segment_ids) are not supported in sequence-"
@@ -241,15 +244,16 @@ class Attention(nn.Module):
           return kv_cache.RecurrentCache(self.op, name="cache")(query, key, value, **op_args)
         return self.seq_parallel.linear_state(self.op, query, key, value,
                                               is_causal=is_causal, **op_args)
-      window = op_args.pop("local_window_size", None) if cached else None
+      if not cached:
+        form = spec.block_form(query, key, op_args.pop("scale", None), **op_args)
+        return self.seq_parallel.attend_form(form, value, is_causal=is_causal,
+                                             segment_ids=segment_ids)
+      window = op_args.pop("local_window_size", None)
       query, key, scale = spec.softmax_form(query, key, op_args.pop("scale", None), **op_args)
-      if cached:
-        if segment_ids is not None:
-          raise ValueError("decoding takes one document per sequence: no segment_ids")
-        return kv_cache.KVCache(self.cache_len, name="cache")(
-            query, key, value, is_causal=is_causal, scale=scale, local_window_size=window)
-      return self.seq_parallel.attention(query, key, value, is_causal=is_causal,
-                                         segment_ids=segment_ids, scale=scale)
+      if segment_ids is not None:
+        raise ValueError("decoding takes one document per sequence: no segment_ids")
+      return kv_cache.KVCache(self.cache_len, name="cache")(
+          query, key, value, is_causal=is_causal, scale=scale, local_window_size=window)
     if segment_ids is not None:
       if spec.segment_ids:
         op_args["segment_ids"] = segment_ids

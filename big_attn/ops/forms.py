@@ -19,8 +19,9 @@ Decoding forms (`decoding_form`), with the memory each keeps per token and layer
   reduced keys, routed regions, a latent bottleneck, a quadtree, windows over a 2-D grid), so
   appending a token would change every earlier output.
 
-Sequence-parallel forms (`sequence_parallel_form`): "softmax" (ring, striped, all-gather over
-the softmax form), "state" (recurrent states passed between contiguous shards), None.
+Sequence-parallel forms (`sequence_parallel_form`): "block" (ring, striped, all-gather over the
+op's `block_form`: key blocks merged by a rule of `big_attn.parallel.merge`), "state" (recurrent
+states passed between contiguous shards), None.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from big_attn.ops import recurrent
 from big_attn.ops import registry
 
 DECODING_FORMS = ("kv_cache", "state", "inputs")
-SEQUENCE_PARALLEL_FORMS = ("softmax", "state")
+SEQUENCE_PARALLEL_FORMS = ("block", "state")
 
 
 def decoding_form(name: str) -> str | None:
@@ -44,8 +45,8 @@ def decoding_form(name: str) -> str | None:
 def sequence_parallel_form(name: str) -> str | None:
   """How op `name` runs with the sequence split over devices: one of
   `SEQUENCE_PARALLEL_FORMS`, or None."""
-  if registry.spec(name).softmax_form is not None:
-    return "softmax"
+  if registry.spec(name).block_form is not None:
+    return "block"
   return "state" if name in recurrent.STATE_FORMS else None
 
 
@@ -63,10 +64,14 @@ def check_form(name: str, mode: str) -> str:
   if mode == "sequence-parallel":
     form = sequence_parallel_form(name)
     if form is None:
-      with_form = [n for n in registry.names() if sequence_parallel_form(n) is not None]
+      blocks = ", ".join(n for n in registry.names() if registry.spec(n).block_form is not None)
+      states = ", ".join(sorted(recurrent.STATE_FORMS))
       raise ValueError(
-          f"attention op {name!r} has no sequence-parallel form: sequence parallelism runs "
-          f"softmax attention of transformed queries and keys or passes a recurrent state "
-          f"(ops with a form: {', '.join(with_form)})")
+          f"attention op {name!r} has no sequence-parallel form: splitting the keys into "
+          "blocks needs every weight to be a function of one query-key score and of a row "
+          "statistic that blocks merge (a sum, or a log-sum-exp), as in the ops registered "
+          f"with a block_form ({blocks}), or the output to follow from a recurrent state "
+          f"passed between shards (ops with a state form: {states}); the weights of {name!r} "
+          "are neither")
     return form
   raise ValueError(f"mode must be 'decoding' or 'sequence-parallel', got {mode!r}")

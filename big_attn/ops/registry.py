@@ -2,10 +2,35 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+import functools
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax.numpy as jnp
+
+# Block-merge rules of `big_attn.parallel.merge`: how per-key-block results of an op combine.
+BLOCK_MERGES = ("softmax", "sigmoid", "cog", "clipped_softmax")
+
+
+class BlockForm(NamedTuple):
+  """An op as the ring and striped schedules compute it (`OpSpec.block_form` returns one).
+
+  Attributes:
+    merge: the block-merge rule (`BLOCK_MERGES`): "softmax" (log-sum-exp merge), "sigmoid"
+      (block outputs add), "cog" (log-sum-exp merge of |s|, values weighted by sign(s)),
+      "clipped_softmax" (clip((ζ-γ)p+γ, 0, 1) on the merged probabilities p).
+    query, key, scale: the (transformed) queries and keys and the logit scale.
+    params: None or a dict of the rule's static numbers: `soft_cap` (softmax, sigmoid),
+      `logit_bias` (sigmoid), `zeta`, `gamma` (clipped_softmax).
+    gate_logits: `[batch, q_len, num_heads]` logits of a gate σ(·) multiplied into the merged
+      output, or None.
+  """
+  merge: str
+  query: Any
+  key: Any
+  scale: float | None
+  params: dict | None = None
+  gate_logits: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,6 +49,10 @@ class OpSpec:
       transform `(query, key, scale, **op_args) -> (query, key, scale)`; such ops also run
       sequence-parallel and over a key/value cache (the ring and the cache see the transformed
       queries and keys). None: no such form.
+    block_form: `(query, key, scale, **op_args) -> BlockForm`: the op as blocks of keys merged
+      by a rule, the form the ring and striped schedules run (computed on the whole sequence,
+      so lengths are global). An op with a `softmax_form` has the softmax one. None: no block
+      merge exists (the op is refused sequence-parallel unless it has a recurrent state).
   """
   name: str
   fn: Callable
@@ -33,14 +62,21 @@ class OpSpec:
   bias: bool = False
   grid: bool = False
   softmax_form: Callable | None = None
+  block_form: Callable | None = None
 
 
 _OPS: dict[str, OpSpec] = {}
 
 
+def _softmax_block_form(softmax_form, query, key, scale, **op_args) -> BlockForm:
+  """The block form of an op with a `softmax_form`: softmax of its transformed queries/keys."""
+  return BlockForm("softmax", *softmax_form(query, key, scale, **op_args))
+
+
 def register(name: str, *, causal: bool = True, segment_ids: bool = False,
              implementation: bool = False, bias: bool = False, grid: bool = False,
-             softmax_form: Callable | None = None) -> Callable[[Callable], Callable]:
+             softmax_form: Callable | None = None,
+             block_form: Callable | None = None) -> Callable[[Callable], Callable]:
   """Decorator registering an op under `name` with the flags of `OpSpec`; a second
   registration of a name raises."""
   if not isinstance(name, str) or not name:
@@ -50,15 +86,18 @@ def register(name: str, *, causal: bool = True, segment_ids: bool = False,
   for flag, value in flags.items():
     if not isinstance(value, bool):
       raise TypeError(f"register({name!r}): {flag} must be a bool, got {value!r}")
-  if softmax_form is not None and not callable(softmax_form):
-    raise TypeError(f"register({name!r}): softmax_form must be None or callable, got "
-                    f"{softmax_form!r}")
+  for field, value in (("softmax_form", softmax_form), ("block_form", block_form)):
+    if value is not None and not callable(value):
+      raise TypeError(f"register({name!r}): {field} must be None or callable, got {value!r}")
+  if block_form is None and softmax_form is not None:
+    block_form = functools.partial(_softmax_block_form, softmax_form)
 
   def decorator(fn: Callable) -> Callable:
     if name in _OPS:
       raise ValueError(f"attention op {name!r} is already registered "
                        f"({_OPS[name].fn.__module__})")
-    _OPS[name] = OpSpec(name=name, fn=fn, softmax_form=softmax_form, **flags)
+    _OPS[name] = OpSpec(name=name, fn=fn, softmax_form=softmax_form, block_form=block_form,
+                        **flags)
     return fn
 
   return decorator

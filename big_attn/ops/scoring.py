@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from big_attn.ops import checks
 from big_attn.ops import common
-from big_attn.ops.registry import OpParams, register, register_params
+from big_attn.ops.registry import BlockForm, OpParams, register, register_params
 from big_attn.ops.softmax import dot_product_attention
 
 NORMALIZATIONS = ("standardize", "scale")
@@ -35,7 +35,30 @@ def _per_head(name: str, x, dims: common.Dims) -> jax.Array:
   return x.astype(jnp.float32).reshape(1, dims.num_kv_heads, dims.groups, 1, 1)
 
 
-@register("clipped_softmax", segment_ids=True, bias=True)
+def _clip_bounds(zeta, gamma, alpha, kv_len: int) -> tuple[float, float]:
+  """Clipped softmax's checked `(ζ, γ)`, with γ = -α/kv_len when `gamma` is None."""
+  if gamma is not None and alpha is not None:
+    raise ValueError("pass either gamma or alpha (gamma = -alpha / kv_len), not both")
+  if gamma is None:
+    alpha = DEFAULT_CLIP_ALPHA if alpha is None else alpha
+    alpha = checks.non_negative_float("alpha", alpha)
+    gamma = -alpha / max(kv_len, 1)  # No keys (kv_len 0): an empty sum, any γ.
+  if gamma > 0:
+    raise ValueError(f"gamma must be <= 0, got {gamma}")
+  if zeta < 1:
+    raise ValueError(f"zeta must be >= 1, got {zeta}")
+  return zeta, gamma
+
+
+def _clipped_block_form(query, key, scale, *, zeta=1.0, gamma=None, alpha=None):
+  """Clipped softmax in blocks: the softmax's log-sum-exp over all blocks first, then the
+  clipped weights of every block, which add (γ from the whole sequence's `kv_len`)."""
+  zeta, gamma = _clip_bounds(zeta, gamma, alpha, key.shape[1])
+  return BlockForm("clipped_softmax", query, key, scale,
+                   {"zeta": float(zeta), "gamma": float(gamma)})
+
+
+@register("clipped_softmax", segment_ids=True, bias=True, block_form=_clipped_block_form)
 def clipped_softmax_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                               bias=None, zeta=1.0, gamma=None, alpha=None, segment_ids=None,
                               local_window_size=None):
@@ -70,16 +93,7 @@ def clipped_softmax_attention(query, key, value, *, mask=None, is_causal=False, 
   dims, logits, gmask = common.scores(query, key, value, mask=mask, is_causal=is_causal,
                                       scale=scale, segment_ids=segment_ids,
                                       local_window_size=local_window_size, bias=bias)
-  if gamma is not None and alpha is not None:
-    raise ValueError("pass either gamma or alpha (gamma = -alpha / kv_len), not both")
-  if gamma is None:
-    alpha = DEFAULT_CLIP_ALPHA if alpha is None else alpha
-    alpha = checks.non_negative_float("alpha", alpha)
-    gamma = -alpha / max(dims.kv_len, 1)  # No keys (kv_len 0): an empty sum, any γ.
-  if gamma > 0:
-    raise ValueError(f"gamma must be <= 0, got {gamma}")
-  if zeta < 1:
-    raise ValueError(f"zeta must be >= 1, got {zeta}")
+  zeta, gamma = _clip_bounds(zeta, gamma, alpha, dims.kv_len)
   probs = common.masked_softmax(logits, gmask)
   weights = jnp.clip((zeta - gamma) * probs + gamma, 0.0, 1.0)
   if gmask is not None:
@@ -87,7 +101,32 @@ def clipped_softmax_attention(query, key, value, *, mask=None, is_causal=False, 
   return common.weighted_values(weights, value, dims).astype(query.dtype)
 
 
-@register("gated_attention", segment_ids=True, implementation=True, bias=True)
+def _check_gate_logits(gate_logits, query) -> None:
+  """`gate_logits` must be a floating `[batch, q_len, num_heads]` array (the query's)."""
+  want = tuple(query.shape[:3])
+  if gate_logits is None:
+    raise ValueError(f"gated_attention needs gate_logits of shape [batch, q_len, num_heads] = "
+                     f"{want}")
+  if not hasattr(gate_logits, "dtype") or not jnp.issubdtype(gate_logits.dtype, jnp.floating):
+    raise TypeError("gate_logits must be a floating array, got "
+                    f"{getattr(gate_logits, 'dtype', type(gate_logits).__name__)}")
+  if gate_logits.shape != want:
+    raise ValueError(f"gate_logits must have shape [batch, q_len, num_heads] = {want}, "
+                     f"got {gate_logits.shape}")
+
+
+def _gated_block_form(query, key, scale, *, gate_logits=None, logits_soft_cap=None):
+  """Gated attention in blocks: softmax blocks merged through the log-sum-exp, then the gate
+  σ(G) multiplied into the merged output."""
+  _check_gate_logits(gate_logits, query)
+  if logits_soft_cap is not None:
+    logits_soft_cap = checks.positive_float("logits_soft_cap", logits_soft_cap)
+  return BlockForm("softmax", query, key, scale, {"soft_cap": logits_soft_cap},
+                   gate_logits=gate_logits)
+
+
+@register("gated_attention", segment_ids=True, implementation=True, bias=True,
+          block_form=_gated_block_form)
 def gated_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                     gate_logits=None, bias=None, segment_ids=None, local_window_size=None,
                     logits_soft_cap=None, implementation=None):
@@ -110,17 +149,8 @@ def gated_attention(query, key, value, *, mask=None, is_causal=False, scale=None
   Returns:
     `[batch, q_len, num_heads, value_dim]` in the query's dtype.
   """
-  dims = common.check_qkv(query, key, value)
-  want = (dims.batch, dims.q_len, dims.num_heads)
-  if gate_logits is None:
-    raise ValueError(f"gated_attention needs gate_logits of shape [batch, q_len, num_heads] = "
-                     f"{want}")
-  if not hasattr(gate_logits, "dtype") or not jnp.issubdtype(gate_logits.dtype, jnp.floating):
-    raise TypeError("gate_logits must be a floating array, got "
-                    f"{getattr(gate_logits, 'dtype', type(gate_logits).__name__)}")
-  if gate_logits.shape != want:
-    raise ValueError(f"gate_logits must have shape [batch, q_len, num_heads] = {want}, "
-                     f"got {gate_logits.shape}")
+  common.check_qkv(query, key, value)
+  _check_gate_logits(gate_logits, query)
   out = dot_product_attention(
       query, key, value, bias, mask, scale=scale, is_causal=is_causal, segment_ids=segment_ids,
       local_window_size=local_window_size, logits_soft_cap=logits_soft_cap,
@@ -129,7 +159,13 @@ def gated_attention(query, key, value, *, mask=None, is_causal=False, scale=None
   return (gate * out.astype(jnp.float32)).astype(query.dtype)
 
 
-@register("cog", segment_ids=True)
+def _cog_block_form(query, key, scale) -> BlockForm:
+  """Cog attention in blocks merged through the log-sum-exp of |s|, values weighted by
+  sign(s)."""
+  return BlockForm("cog", query, key, scale)
+
+
+@register("cog", segment_ids=True, block_form=_cog_block_form)
 def cog_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                   segment_ids=None, local_window_size=None):
   """Cog attention (More Expressive Attention with Negative Weights, Lv et al. 2024).

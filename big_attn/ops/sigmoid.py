@@ -6,18 +6,24 @@ import math
 import jax
 import jax.numpy as jnp
 
+from big_attn.ops import checks
 from big_attn.ops import common
-from big_attn.ops.registry import register
+from big_attn.ops.registry import BlockForm, register
 from pallas_kernels.flash_attention import api as flash_api
 
 IMPLEMENTATIONS = (None, "xla", "pallas")
+
+
+def _default_logit_bias(kv_len: int) -> float:
+  """The paper's b = -log n for n keys (0 for no keys: the sum over keys is empty)."""
+  return -math.log(max(kv_len, 1))
 
 
 def _check_logit_bias(logit_bias, kv_len: int) -> jax.Array:
   """The scalar `b` as a float32 array; `-log(kv_len)` when None (0 for no keys: the sum over
   keys is empty)."""
   if logit_bias is None:
-    return jnp.float32(-math.log(max(kv_len, 1)))
+    return jnp.float32(_default_logit_bias(kv_len))
   if not isinstance(logit_bias, (int, float)) and not hasattr(logit_bias, "dtype"):
     raise TypeError(
         f"logit_bias must be a number or a scalar array, got {type(logit_bias).__name__}")
@@ -47,7 +53,21 @@ def _flash_sigmoid(query, key, value, *, mask, bias, logit_bias, scale, **kwargs
       interpret=jax.default_backend() == "cpu", **kwargs)
 
 
-@register("sigmoid", segment_ids=True, implementation=True, bias=True)
+def _sigmoid_block_form(query, key, scale, *, logit_bias=None, logits_soft_cap=None):
+  """Sigmoid attention in blocks whose outputs add (there is no normaliser); b = -log n with n
+  the whole sequence's `kv_len`, and b a Python number (a constant of the merge)."""
+  if logit_bias is not None and (isinstance(logit_bias, bool)
+                                 or not isinstance(logit_bias, (int, float))):
+    raise TypeError("sequence-parallel sigmoid attention takes logit_bias as a Python number "
+                    f"or None, got {type(logit_bias).__name__}")
+  if logits_soft_cap is not None:
+    logits_soft_cap = checks.positive_float("logits_soft_cap", logits_soft_cap)
+  b = _default_logit_bias(key.shape[1]) if logit_bias is None else float(logit_bias)
+  return BlockForm("sigmoid", query, key, scale, {"logit_bias": b, "soft_cap": logits_soft_cap})
+
+
+@register("sigmoid", segment_ids=True, implementation=True, bias=True,
+          block_form=_sigmoid_block_form)
 def sigmoid_attention(query, key, value, *, mask=None, is_causal=False, scale=None, bias=None,
                       logit_bias=None, segment_ids=None, local_window_size=None,
                       logits_soft_cap=None, implementation=None):

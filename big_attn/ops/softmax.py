@@ -6,7 +6,7 @@ import jax.numpy as jnp
 
 from big_attn.ops import checks
 from big_attn.ops import common
-from big_attn.ops.registry import register
+from big_attn.ops.registry import BlockForm, register
 from pallas_kernels.flash_attention import api as flash_api
 
 IMPLEMENTATIONS = (None, "xla", "pallas", "cudnn")
@@ -227,8 +227,17 @@ def _softmax_form(query, key, scale, **op_args):
   return query, key, scale
 
 
+def _softmax_block_form(query, key, scale, *, logits_soft_cap=None, **op_args) -> BlockForm:
+  """Softmax attention in blocks merged through the log-sum-exp; the soft cap
+  cap·tanh(s/cap) is applied to each block's scores."""
+  query, key, scale = _softmax_form(query, key, scale, **op_args)
+  if logits_soft_cap is not None:
+    logits_soft_cap = checks.positive_float("logits_soft_cap", logits_soft_cap)
+  return BlockForm("softmax", query, key, scale, {"soft_cap": logits_soft_cap})
+
+
 @register("softmax", segment_ids=True, implementation=True, bias=True,
-          softmax_form=_softmax_form)
+          softmax_form=_softmax_form, block_form=_softmax_block_form)
 def softmax_attention(query, key, value, *, mask=None, is_causal=False, scale=None, bias=None,
                       segment_ids=None, local_window_size=None, logits_soft_cap=None,
                       implementation=None):

@@ -6,17 +6,21 @@
 `ring_attention` and `striped_attention` are per-shard functions for use inside `jax.shard_map`;
 `shard_attention` switches between them and `all_gather_attention`; `SeqParallel` holds where
 the sequence is split and the one layout rule for the other dimensions (`sequence.py`);
-`sequence_parallel_attention` wraps it all for global arrays.
+`sequence_parallel_attention` wraps it all for global arrays. Ops of the softmax family other
+than softmax (sigmoid, cog, gated, clipped, soft-capped) run through the same schedules with
+their own block-merge rule and custom VJP (`merge.py`, `Rule`).
 """
 from __future__ import annotations
 
 from big_attn.parallel.blockwise import BlockImpl, block_plan
+from big_attn.parallel.merge import Rule, make_rule
 from big_attn.parallel.ring import ring_attention
 from big_attn.parallel.sequence import (BATCH_AXES, HEAD_AXIS, STRATEGIES, SeqParallel,
                                         all_gather_attention, sequence_parallel_attention,
                                         shard_attention)
 from big_attn.parallel.striped import stripe, striped_attention, unstripe
 
-__all__ = ["BATCH_AXES", "BlockImpl", "HEAD_AXIS", "STRATEGIES", "SeqParallel",
-           "all_gather_attention", "block_plan", "ring_attention", "sequence_parallel_attention",
-           "shard_attention", "stripe", "striped_attention", "unstripe"]
+__all__ = ["BATCH_AXES", "BlockImpl", "HEAD_AXIS", "Rule", "STRATEGIES", "SeqParallel",
+           "all_gather_attention", "block_plan", "make_rule", "ring_attention",
+           "sequence_parallel_attention", "shard_attention", "stripe", "striped_attention",
+           "unstripe"]

@@ -132,20 +132,49 @@ def _merge(acc, block):
   return out_a * w_a + out_b * w_b, lse
 
 
+def ring_reduce(cfg: RingConfig, contribution, combine, kv):
+  """`combine` over the ring of `contribution(causal_offset, kv)`, one per visible K/V block.
+
+  `kv` is the local tuple of per-key arrays that travels around the ring; blocks the plan
+  skips contribute nothing (they are not computed).
+  """
+  def first(kv):
+    return contribution(_diagonal_offset(cfg), kv), ()
+
+  def step(s, acc, travelling, kv):
+    kind, offset = _plan(cfg, s)
+    return _by_kind(cfg, kind, offset, lambda o, c: combine(c, contribution(o, kv)),
+                    acc), travelling
+
+  return _ring_loop(cfg, first, step, kv)[0]
+
+
+def ring_gradients(cfg: RingConfig, grads, kv):
+  """Float32 `(dq, dk, dv)` summed over the ring from `grads(causal_offset, kv) -> (dq, dk,
+  dv)` of each visible block; dq stays local, dk/dv travel with their block and end on its
+  owner."""
+  def first(kv):
+    dq, dk, dv = grads(_diagonal_offset(cfg), kv)
+    return dq, (dk, dv)
+
+  def step(s, dq, dkv, kv):
+    def accumulate(offset, carry):
+      (dq, (dk, dv)), (dq_b, dk_b, dv_b) = carry, grads(offset, kv)
+      return dq + dq_b, (dk + dk_b, dv + dv_b)
+    kind, offset = _plan(cfg, s)
+    return _by_kind(cfg, kind, offset, accumulate, (dq, dkv))
+
+  dq, (dk, dv) = _ring_loop(cfg, first, step, kv)
+  return dq, dk, dv
+
+
 def _forward(cfg: RingConfig, q, k, v, q_seg, kv_seg):
   def attend(offset, kv):
     k, v, kv_seg = kv
     return cfg.block.forward(q, k, v, scale=cfg.scale, causal_offset=offset,
                              q_segment_ids=q_seg, kv_segment_ids=kv_seg)
 
-  def first(kv):
-    return attend(_diagonal_offset(cfg), kv), ()
-
-  def step(s, acc, travelling, kv):
-    kind, offset = _plan(cfg, s)
-    return _by_kind(cfg, kind, offset, lambda o, c: _merge(c, attend(o, kv)), acc), travelling
-
-  (out, lse), _ = _ring_loop(cfg, first, step, (k, v, kv_seg))
+  out, lse = ring_reduce(cfg, attend, _merge, (k, v, kv_seg))
   return out.astype(q.dtype), lse
 
 
@@ -168,27 +197,16 @@ def _ring_core_bwd(cfg, residuals, dout):
     return cfg.block.backward(q, k, v, dout, lse, delta, scale=cfg.scale, causal_offset=offset,
                               q_segment_ids=q_seg, kv_segment_ids=kv_seg)
 
-  def first(kv):
-    dq, dk, dv = grads(_diagonal_offset(cfg), kv)
-    return dq, (dk, dv)
-
-  def step(s, dq, dkv, kv):
-    def accumulate(offset, carry):
-      (dq, (dk, dv)), (dq_b, dk_b, dv_b) = carry, grads(offset, kv)
-      return dq + dq_b, (dk + dk_b, dv + dv_b)
-    kind, offset = _plan(cfg, s)
-    return _by_kind(cfg, kind, offset, accumulate, (dq, dkv))
-
-  dq, (dk, dv) = _ring_loop(cfg, first, step, (k, v, kv_seg))
+  dq, dk, dv = ring_gradients(cfg, grads, (k, v, kv_seg))
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
 
 
 _ring_core.defvjp(_ring_core_fwd, _ring_core_bwd)
 
 
-def attention_over_ring(schedule: str, query: Array, key: Array, value: Array, *, axis_name,
-                        is_causal: bool, segment_ids, scale, block_impl, caller: str) -> Array:
-  """Checks the arguments of `ring_attention` / `striped_attention` and runs the ring."""
+def ring_config(schedule: str, query: Array, key: Array, value: Array, *, axis_name,
+                is_causal: bool, segment_ids, scale, block_impl, caller: str):
+  """Checks the arguments of a per-shard ring function: `(RingConfig, q_seg, kv_seg)`."""
   dims = common.check_qkv(query, key, value)
   if is_causal and dims.q_len != dims.kv_len:
     raise ValueError(
@@ -200,6 +218,15 @@ def attention_over_ring(schedule: str, query: Array, key: Array, value: Array, *
   cfg = RingConfig(axis_name, num_shards, schedule, bool(is_causal),
                    common.default_scale(dims.head_dim, scale),
                    blockwise.get_block_impl(block_impl, query, key, value, is_causal))
+  return cfg, q_seg, kv_seg
+
+
+def attention_over_ring(schedule: str, query: Array, key: Array, value: Array, *, axis_name,
+                        is_causal: bool, segment_ids, scale, block_impl, caller: str) -> Array:
+  """Checks the arguments of `ring_attention` / `striped_attention` and runs the ring."""
+  cfg, q_seg, kv_seg = ring_config(schedule, query, key, value, axis_name=axis_name,
+                                   is_causal=is_causal, segment_ids=segment_ids, scale=scale,
+                                   block_impl=block_impl, caller=caller)
   return _ring_core(cfg, query, key, value, q_seg, kv_seg)
 
 

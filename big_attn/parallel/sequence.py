@@ -24,8 +24,11 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from big_attn import compat
+from big_attn import ops
 from big_attn.ops import common
+from big_attn.ops.registry import BlockForm
 from big_attn.ops.softmax import dot_product_attention
+from big_attn.parallel import merge
 from big_attn.parallel.linear_state import linear_state_attention
 from big_attn.parallel.ring import ring_attention
 from big_attn.parallel.striped import striped_attention
@@ -56,14 +59,22 @@ def all_gather_attention(query: Array, key: Array, value: Array, *, axis_name,
 
 
 def shard_attention(query: Array, key: Array, value: Array, *, axis_name, strategy: str,
-                    is_causal: bool = False, segment_ids=None,
-                    scale: float | None = None) -> Array:
+                    is_causal: bool = False, segment_ids=None, scale: float | None = None,
+                    rule: merge.Rule | None = None) -> Array:
   """The per-shard function of `strategy` inside `jax.shard_map` over `axis_name`:
   `ring_attention` ("ring", contiguous shards), `striped_attention` ("striped", striped token
   order) or `all_gather_attention` ("all_gather", contiguous shards). `segment_ids`: None or
-  the local `(q_segment_ids, kv_segment_ids)`."""
+  the local `(q_segment_ids, kv_segment_ids)`. `rule`: the block-merge rule of a softmax-family
+  op (`merge.Rule`, `merge.rule_ring_attention` / `merge.rule_all_gather_attention`); None:
+  softmax."""
   if strategy not in STRATEGIES:
     raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+  if not merge.is_plain_softmax(rule):
+    kwargs = dict(axis_name=axis_name, rule=rule, is_causal=is_causal,
+                  segment_ids=segment_ids, scale=scale)
+    if strategy == "all_gather":
+      return merge.rule_all_gather_attention(query, key, value, **kwargs)
+    return merge.rule_ring_attention(strategy, query, key, value, **kwargs)
   attend = {"ring": ring_attention, "striped": striped_attention,
             "all_gather": all_gather_attention}[strategy]
   return attend(query, key, value, axis_name=axis_name, is_causal=is_causal,
@@ -87,6 +98,15 @@ def _working_mesh(mesh, *arrays):
          if not m.empty):
     return mesh
   return mesh.update(axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names))
+
+
+def _gated(out: Array, gate_logits: Array | None) -> Array:
+  """σ(gate_logits)[..., None] · out in float32, in out's dtype (gated attention's gate,
+  applied to the merged output)."""
+  if gate_logits is None:
+    return out
+  gate = jax.nn.sigmoid(gate_logits.astype(jnp.float32))[..., None]
+  return (gate * out.astype(jnp.float32)).astype(out.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,12 +162,14 @@ class SeqParallel:
     return lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
 
   def attention(self, query: Array, key: Array, value: Array, *, is_causal: bool = False,
-                segment_ids: Array | None = None, scale: float | None = None) -> Array:
-    """Softmax attention with the sequence split over `axis`, of arrays in the strategy's
-    token order (striped for "striped", natural otherwise): the inputs laid out by `layout`,
-    then `jax.shard_map` of `shard_attention` (Explicit or Auto mesh axes, as
-    `sequence_parallel_attention`). `segment_ids`: `[batch, seq]` for self-attention, or
-    None."""
+                segment_ids: Array | None = None, scale: float | None = None,
+                rule: merge.Rule | None = None, gate_logits: Array | None = None) -> Array:
+    """Softmax attention (or the softmax-family op of block-merge `rule`, then the gate
+    σ(`gate_logits` `[batch, q_len, num_heads]`) if given) with the sequence split over
+    `axis`, of arrays in the strategy's token order (striped for "striped", natural
+    otherwise): the inputs laid out by `layout`, then `jax.shard_map` of `shard_attention`
+    (Explicit or Auto mesh axes, as `sequence_parallel_attention`). `segment_ids`:
+    `[batch, seq]` for self-attention, or None."""
     batch_axes, heads = self.layout(query.shape[0], query.shape[2], key.shape[2])
     qkv_spec, seg_spec = P(batch_axes, self.axis, heads, None), P(batch_axes, self.axis)
     mesh = _working_mesh(self.mesh, query, key, value)
@@ -155,12 +177,21 @@ class SeqParallel:
     def per_shard(q, k, v, *seg):
       return shard_attention(q, k, v, axis_name=self.axis, strategy=self.strategy,
                              is_causal=is_causal, segment_ids=(seg[0], seg[0]) if seg else None,
-                             scale=scale)
+                             scale=scale, rule=rule)
 
     args = (query, key, value) + (() if segment_ids is None else (segment_ids,))
     specs = (qkv_spec,) * 3 + (() if segment_ids is None else (seg_spec,))
     args = [compat.constrain(x, NamedSharding(mesh, spec)) for x, spec in zip(args, specs)]
-    return compat.shard_map(per_shard, mesh=mesh, in_specs=specs, out_specs=qkv_spec)(*args)
+    out = compat.shard_map(per_shard, mesh=mesh, in_specs=specs, out_specs=qkv_spec)(*args)
+    return _gated(out, gate_logits)
+
+  def attend_form(self, form: BlockForm, value: Array, *, is_causal: bool = False,
+                  segment_ids: Array | None = None) -> Array:
+    """`attention` of an op's `BlockForm` (`ops.spec(op).block_form(...)`) and `value`."""
+    return self.attention(form.query, form.key, value, is_causal=is_causal,
+                          segment_ids=segment_ids, scale=form.scale,
+                          rule=merge.make_rule(form.merge, form.params),
+                          gate_logits=form.gate_logits)
 
   def check_linear_state(self, op: str) -> None:
     """A `ValueError` naming op `op` unless the strategy keeps the contiguous token order that
@@ -197,10 +228,15 @@ class SeqParallel:
 def sequence_parallel_attention(query: Array, key: Array, value: Array, *, mesh,
                                 seq_axis: str = "seq", strategy: str = "striped",
                                 is_causal: bool = True, segment_ids=None,
-                                scale: float | None = None) -> Array:
-  """Softmax attention of global arrays with the sequence split over the mesh axis `seq_axis`.
+                                scale: float | None = None, op: str = "softmax",
+                                **op_args) -> Array:
+  """Attention op `op` of global arrays with the sequence split over the mesh axis `seq_axis`.
 
-  out = softmax(s·QKᵀ, masked) V, exactly as `big_attn.ops.dot_product_attention`, computed by
+  For op "softmax", out = softmax(s·QKᵀ, masked) V, exactly as
+  `big_attn.ops.dot_product_attention`; any op with a `block_form` in the registry (sigmoid,
+  cog, gated_attention, clipped_softmax, ngpt, softmax with `logits_soft_cap`) gives exactly
+  `ops.get(op)` with `op_args`, its blocks merged by its rule (`big_attn.parallel.merge`).
+  Computed by
   - "ring": `ring_attention` (Liu et al. 2023) on contiguous shards;
   - "striped": `striped_attention` (Brandon et al. 2023): the tokens are laid out in striped
     order for the computation (shard j holds tokens j, j+P, ...) and the output is returned in
@@ -223,12 +259,22 @@ def sequence_parallel_attention(query: Array, key: Array, value: Array, *, mesh,
     strategy: "ring", "striped" or "all_gather".
     is_causal: query i attends keys j <= i (needs q_len == kv_len).
     segment_ids: `[batch, seq]` ints or a pair `(q_segment_ids, kv_segment_ids)`.
-    scale: logit scale; `1/sqrt(head_dim)` when None.
+    scale: logit scale; the op's default (`1/sqrt(head_dim)` for softmax) when None.
+    op: a registered op with a `block_form` (`ops.sequence_parallel_form(op)`);
+      a `ValueError` naming the op otherwise.
+    **op_args: the op's arguments (e.g. `logit_bias`, `gate_logits`, `alpha`), as for
+      `ops.get(op)`.
 
   Returns:
     `[batch, q_len, num_heads, value_dim]` in the query's dtype, natural order.
   """
   sp = SeqParallel(mesh, seq_axis, strategy)
+  if ops.check_form(op, "sequence-parallel") != "block":
+    raise ValueError(f"attention op {op!r} runs sequence-parallel by passing its recurrent "
+                     "state: call SeqParallel.linear_state (or Attention(seq_parallel=...))")
+  common.check_qkv(query, key, value)
+  form = ops.spec(op).block_form(query, key, scale, **op_args)
+  query, key, rule = form.query, form.key, merge.make_rule(form.merge, form.params)
   dims = common.check_qkv(query, key, value)
   segments = common.normalize_segment_ids(segment_ids, dims)
   if is_causal and dims.q_len != dims.kv_len:
@@ -240,19 +286,20 @@ def sequence_parallel_attention(query: Array, key: Array, value: Array, *, mesh,
           f"{name} sequence length {length} is not divisible by the size {sp.num_shards} of "
           f"mesh axis {seq_axis!r}")
   batch_axes, head_axis = sp.layout(dims.batch, dims.num_heads, dims.num_kv_heads, strict=True)
-  return _sharded_attention(
+  out = _sharded_attention(
       query, key, value, segments, mesh=_working_mesh(mesh, query, key, value),
       seq_axis=seq_axis, strategy=strategy, is_causal=is_causal,
-      scale=common.default_scale(dims.head_dim, scale), batch_axes=batch_axes,
-      head_axis=head_axis)
+      scale=common.default_scale(dims.head_dim, form.scale), batch_axes=batch_axes,
+      head_axis=head_axis, rule=rule)
+  return _gated(out, form.gate_logits)
 
 
 # Jitted so that a call outside `jax.jit` compiles the `shard_map` once instead of running its
 # body op by op; under an outer `jit` it is inlined.
 @functools.partial(jax.jit, static_argnames=("mesh", "seq_axis", "strategy", "is_causal",
-                                             "scale", "batch_axes", "head_axis"))
+                                             "scale", "batch_axes", "head_axis", "rule"))
 def _sharded_attention(query, key, value, segments, *, mesh, seq_axis, strategy, is_causal,
-                       scale, batch_axes, head_axis):
+                       scale, batch_axes, head_axis, rule):
   """`sequence_parallel_attention` after its checks: the shard_map and the layout around it."""
   dims = common.check_qkv(query, key, value)
   num_shards = mesh.shape[seq_axis]
@@ -283,7 +330,7 @@ def _sharded_attention(query, key, value, segments, *, mesh, seq_axis, strategy,
     out_shape = q.shape[:3] + (q.shape[3], v.shape[4])
     segs = None if q_seg is None else (local(q_seg), local(kv_seg))
     out = shard_attention(local(q), local(k), local(v), axis_name=seq_axis, strategy=strategy,
-                          is_causal=is_causal, segment_ids=segs, scale=scale)
+                          is_causal=is_causal, segment_ids=segs, scale=scale, rule=rule)
     return out.reshape(out_shape)
 
   out = compat.shard_map(per_shard, mesh=mesh,

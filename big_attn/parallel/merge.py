@@ -1,0 +1,287 @@
+"""Block-merge rules of the softmax family: how the ring and striped schedules combine the
+results of one query shard against each key/value block, with exact custom VJPs.
+
+With scores s = scale·QKᵀ (t = cap·tanh(s/cap) under a soft cap, else t = s) and masked keys
+left out, an op of the family is out_i = Σ_j W(t_ij; r_i) v_j with a row statistic r_i:
+
+- "softmax": W = exp(t - lse), lse the log-sum-exp of t over the row. Blocks return their
+  output normalised within the block and their lse, merged through the lse (`ring._merge`).
+- "cog" (Cog attention): W = sign(t)·exp(|t| - lse), lse of |t|: the same merge.
+- "sigmoid": W = σ(t + b), no statistic: block outputs add. b is a constant of the whole
+  sequence (-log n with n the global number of keys).
+- "clipped_softmax": W = clip((ζ-γ)·exp(t - lse) + γ, 0, 1). The clip needs the global lse,
+  so a first ring pass merges the blocks' lse and a second sums the blocks' outputs.
+
+Backward, from dW_ij = dO_i·v_j (dV = WᵀdO, dQ = scale·dS K, dK = scale·dSᵀQ, dS = dT ∘ t'):
+softmax dT = P ∘ (dW - δ); cog dT = sign(t)·P ∘ (sign(t)·dW - δ) with P = exp(|t| - lse);
+both with δ_i = dO_i·O_i (FlashAttention-2), so any block's gradient is exact on its own.
+sigmoid dT = dW ∘ W(1 - W). clipped dT = P ∘ (G - c) with G = (ζ-γ)·[0 < z < 1]·dW and the
+row sum c_i = Σ_j P_ij G_ij, which one more ring pass collects before the gradient pass. In
+every backward pass dK/dV travel around the ring with their block (`ring.ring_gradients`).
+
+A gate σ(G) (gated attention) multiplies the merged output (`SeqParallel.attention`), so its
+gradient is ordinary autodiff around the merge.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from big_attn.ops import common
+from big_attn.ops.registry import BLOCK_MERGES
+from big_attn.parallel import blockwise
+from big_attn.parallel import ring
+
+Array = jax.Array
+
+# The static numbers each rule takes (`BlockForm.params`).
+RULE_PARAMS = {"softmax": ("soft_cap",), "sigmoid": ("soft_cap", "logit_bias"), "cog": (),
+               "clipped_softmax": ("zeta", "gamma")}
+
+
+class Rule(NamedTuple):
+  """A block-merge rule and its constants (hashable: a static argument of the ring)."""
+  merge: str = "softmax"
+  soft_cap: float | None = None
+  logit_bias: float = 0.0
+  zeta: float = 1.0
+  gamma: float = 0.0
+
+
+def make_rule(merge: str, params: dict | None = None) -> Rule:
+  """The `Rule` of `merge` (one of `ops.registry.BLOCK_MERGES`) with `params` (None entries
+  take the defaults); a `ValueError` for an unknown rule or a parameter it does not take."""
+  if merge not in BLOCK_MERGES:
+    raise ValueError(f"merge must be one of {BLOCK_MERGES}, got {merge!r}")
+  params = {k: v for k, v in (params or {}).items() if v is not None}
+  unknown = sorted(set(params) - set(RULE_PARAMS[merge]))
+  if unknown:
+    raise ValueError(f"block-merge rule {merge!r} takes parameters {RULE_PARAMS[merge]}, got "
+                     f"{unknown}")
+  return Rule(merge, **{k: float(v) for k, v in params.items()})
+
+
+def is_plain_softmax(rule: Rule | None) -> bool:
+  """Whether `rule` is softmax without a soft cap (the flash blocks of `blockwise` run it)."""
+  return rule is None or rule == Rule()
+
+
+def _scores(rule: Rule, q, k, dims, scale):
+  """Grouped float32 scores t `[b, k, g, t, s]` and dt/ds (None without a soft cap)."""
+  s = common.attention_logits(q, k, dims, scale)
+  if rule.soft_cap is None:
+    return s, None
+  th = jnp.tanh(s / rule.soft_cap)
+  return rule.soft_cap * th, 1.0 - th * th
+
+
+def _block(rule: Rule, q, k, v, scale, causal_offset, q_seg, kv_seg):
+  dims = common.check_qkv(q, k, v)
+  # pylint: disable-next=protected-access
+  mask = blockwise._block_mask(dims, causal_offset, 0, q_seg, kv_seg)
+  return (dims, mask) + _scores(rule, q, k, dims, scale)
+
+
+def _exponent(rule: Rule, t, mask):
+  """The normalised rules' exponent (|t| for cog, t otherwise), -inf where masked."""
+  e = jnp.abs(t) if rule.merge == "cog" else t
+  return e if mask is None else jnp.where(mask, e, -jnp.inf)
+
+
+def _row_lse(e):
+  """log Σ_j exp(e_ij) over the last axis; -inf for a row without keys."""
+  top = jnp.max(e, axis=-1)
+  top = jnp.where(jnp.isfinite(top), top, 0.0)
+  denom = jnp.sum(jnp.exp(e - top[..., None]), axis=-1)
+  return jnp.where(denom > 0.0, top + jnp.log(jnp.where(denom > 0.0, denom, 1.0)), -jnp.inf)
+
+
+def _weights(rule: Rule, t, mask, lse):
+  """`(W, P)`: the weights and (normalised rules) P = exp(e - lse); both 0 where masked."""
+  if rule.merge == "sigmoid":
+    w = jax.nn.sigmoid(t + rule.logit_bias)
+    return (w if mask is None else jnp.where(mask, w, 0.0)), None
+  p = jnp.exp(_exponent(rule, t, mask) - jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None])
+  if rule.merge == "softmax":
+    return p, p
+  if rule.merge == "cog":
+    return jnp.sign(t) * p, p
+  w = jnp.clip((rule.zeta - rule.gamma) * p + rule.gamma, 0.0, 1.0)
+  return (w if mask is None else jnp.where(mask, w, 0.0)), p
+
+
+def _clip_grad(rule: Rule, p, dw):
+  """G = dW·∂W/∂P of clipped softmax: (ζ-γ)·dW where the clip is not active."""
+  z = (rule.zeta - rule.gamma) * p + rule.gamma
+  return jnp.where((z > 0.0) & (z < 1.0), (rule.zeta - rule.gamma) * dw, 0.0)
+
+
+def _score_grad(rule: Rule, t, w, p, dw, row):
+  """dT from dW; `row` is δ (softmax, cog) or c (clipped_softmax) per row, grouped."""
+  if rule.merge == "sigmoid":
+    return dw * w * (1.0 - w)
+  if rule.merge == "softmax":
+    return p * (dw - row[..., None])
+  if rule.merge == "cog":
+    sign = jnp.sign(t)
+    return sign * p * (sign * dw - row[..., None])
+  return p * (_clip_grad(rule, p, dw) - row[..., None])
+
+
+def _value_grads(dims, v, dout):
+  """`(dout grouped [b, t, k, g, dv], dW [b, k, g, t, s])` in float32."""
+  dout_g = common.group_query(dout, dims.num_kv_heads).astype(jnp.float32)
+  return dout_g, jnp.einsum("btkgd,bskd->bkgts", dout_g, v.astype(jnp.float32))
+
+
+def block_grads(rule: Rule, q, k, v, dout, lse, row, *, scale, causal_offset=None,
+                q_segment_ids=None, kv_segment_ids=None):
+  """Float32 `(dq, dk, dv)` of one block from the global grouped statistics `lse` (None for
+  sigmoid) and `row` (δ or c; None for sigmoid)."""
+  dims, mask, t, dt = _block(rule, q, k, v, scale, causal_offset, q_segment_ids,
+                             kv_segment_ids)
+  w, p = _weights(rule, t, mask, lse)
+  dout_g, dw = _value_grads(dims, v, dout)
+  ds = _score_grad(rule, t, w, p, dw, row)
+  if dt is not None:
+    ds = ds * dt
+  ds = ds * scale
+  dv = jnp.einsum("bkgts,btkgd->bskd", w, dout_g)
+  dq = jnp.einsum("bkgts,bskd->btkgd", ds, k.astype(jnp.float32))
+  q_g = common.group_query(q, dims.num_kv_heads).astype(jnp.float32)
+  dk = jnp.einsum("bkgts,btkgd->bskd", ds, q_g)
+  return dq.reshape(q.shape), dk, dv
+
+
+# The log-sum-exp rules (softmax with a soft cap, cog) as `blockwise.BlockImpl`s: the ring of
+# `ring.py` runs them as it runs softmax.
+
+def _lse_block_forward(rule: Rule, query, key, value, *, scale, causal_offset=None,
+                       q_segment_ids=None, kv_segment_ids=None):
+  dims, mask, t, _ = _block(rule, query, key, value, scale, causal_offset, q_segment_ids,
+                            kv_segment_ids)
+  lse = _row_lse(_exponent(rule, t, mask))
+  w, _ = _weights(rule, t, mask, lse)
+  out = common.weighted_values(w, value.astype(jnp.float32), dims)
+  return out, blockwise._heads_last(lse, dims)  # pylint: disable=protected-access
+
+
+def _lse_block_backward(rule: Rule, query, key, value, dout, lse, delta, *, scale,
+                        causal_offset=None, q_segment_ids=None, kv_segment_ids=None):
+  dims = common.check_qkv(query, key, value)
+  rows = blockwise._grouped_rows  # pylint: disable=protected-access
+  return block_grads(rule, query, key, value, dout, rows(lse, dims), rows(delta, dims),
+                     scale=scale, causal_offset=causal_offset, q_segment_ids=q_segment_ids,
+                     kv_segment_ids=kv_segment_ids)
+
+
+@functools.lru_cache(maxsize=None)
+def lse_block_impl(rule: Rule) -> blockwise.BlockImpl:
+  """The XLA `BlockImpl` of a log-sum-exp rule (one object per rule, so compiles are shared)."""
+  if rule.merge not in ("softmax", "cog"):
+    raise ValueError(f"rule {rule.merge!r} is not merged through the log-sum-exp")
+  return blockwise.BlockImpl(f"xla_{rule.merge}", functools.partial(_lse_block_forward, rule),
+                             functools.partial(_lse_block_backward, rule))
+
+
+# The additive rules (sigmoid, clipped softmax): block outputs add.
+
+def _sum_forward(cfg: ring.RingConfig, rule: Rule, q, k, v, q_seg, kv_seg):
+  def lse_of(offset, kv):
+    k, v, kv_seg = kv
+    dims, mask, t, _ = _block(rule, q, k, v, cfg.scale, offset, q_seg, kv_seg)
+    return _row_lse(_exponent(rule, t, mask))
+
+  lse = None
+  if rule.merge == "clipped_softmax":
+    lse = ring.ring_reduce(cfg, lse_of, jnp.logaddexp, (k, v, kv_seg))
+
+  def out_of(offset, kv):
+    k, v, kv_seg = kv
+    dims, mask, t, _ = _block(rule, q, k, v, cfg.scale, offset, q_seg, kv_seg)
+    return common.weighted_values(_weights(rule, t, mask, lse)[0], v.astype(jnp.float32), dims)
+
+  out = ring.ring_reduce(cfg, out_of, jnp.add, (k, v, kv_seg))
+  return out.astype(q.dtype), lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _sum_core(cfg: ring.RingConfig, rule: Rule, q, k, v, q_seg, kv_seg):
+  return _sum_forward(cfg, rule, q, k, v, q_seg, kv_seg)[0]
+
+
+def _sum_core_fwd(cfg, rule, q, k, v, q_seg, kv_seg):
+  out, lse = _sum_forward(cfg, rule, q, k, v, q_seg, kv_seg)
+  return out, (q, k, v, q_seg, kv_seg, lse)
+
+
+def _sum_core_bwd(cfg, rule, residuals, dout):
+  q, k, v, q_seg, kv_seg, lse = residuals
+
+  def rowsum_of(offset, kv):  # c_i = Σ_j P_ij G_ij of clipped softmax
+    k, v, kv_seg = kv
+    dims, mask, t, _ = _block(rule, q, k, v, cfg.scale, offset, q_seg, kv_seg)
+    _, p = _weights(rule, t, mask, lse)
+    return jnp.sum(p * _clip_grad(rule, p, _value_grads(dims, v, dout)[1]), axis=-1)
+
+  row = None
+  if rule.merge == "clipped_softmax":
+    row = ring.ring_reduce(cfg, rowsum_of, jnp.add, (k, v, kv_seg))
+
+  def grads(offset, kv):
+    k, v, kv_seg = kv
+    return block_grads(rule, q, k, v, dout, lse, row, scale=cfg.scale, causal_offset=offset,
+                       q_segment_ids=q_seg, kv_segment_ids=kv_seg)
+
+  dq, dk, dv = ring.ring_gradients(cfg, grads, (k, v, kv_seg))
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+
+
+_sum_core.defvjp(_sum_core_fwd, _sum_core_bwd)
+
+
+def rule_ring_attention(schedule: str, query: Array, key: Array, value: Array, *, axis_name,
+                        rule: Rule, is_causal: bool = False, segment_ids=None,
+                        scale: float | None = None) -> Array:
+  """Per-shard attention of the family op `rule` over the `schedule` ("ring": contiguous
+  shards, "striped": striped token order) inside `jax.shard_map` over `axis_name`; arguments
+  and result as `ring.ring_attention`. The blocks are computed in XLA."""
+  caller = f"{schedule}_attention"
+  if rule.merge in ("softmax", "cog"):
+    return ring.attention_over_ring(schedule, query, key, value, axis_name=axis_name,
+                                    is_causal=is_causal, segment_ids=segment_ids, scale=scale,
+                                    block_impl=lse_block_impl(rule), caller=caller)
+  cfg, q_seg, kv_seg = ring.ring_config(schedule, query, key, value, axis_name=axis_name,
+                                        is_causal=is_causal, segment_ids=segment_ids,
+                                        scale=scale, block_impl="xla", caller=caller)
+  return _sum_core(cfg, rule, query, key, value, q_seg, kv_seg)
+
+
+def rule_attention(rule: Rule, query: Array, key: Array, value: Array, *, scale: float,
+                   causal_offset=None, q_segment_ids=None, kv_segment_ids=None) -> Array:
+  """The family op `rule` on whole rows in one block (plain JAX, differentiated by autodiff):
+  key j is visible to query i iff j <= i + causal_offset (None: all) and segments match."""
+  dims, mask, t, _ = _block(rule, query, key, value, scale, causal_offset, q_segment_ids,
+                            kv_segment_ids)
+  lse = None if rule.merge == "sigmoid" else _row_lse(_exponent(rule, t, mask))
+  w, _ = _weights(rule, t, mask, lse)
+  return common.weighted_values(w, value, dims).astype(query.dtype)
+
+
+def rule_all_gather_attention(query: Array, key: Array, value: Array, *, axis_name, rule: Rule,
+                              is_causal: bool = False, segment_ids=None,
+                              scale: float | None = None) -> Array:
+  """Per-shard attention of the family op `rule`: the local queries against all keys/values
+  gathered over `axis_name` (contiguous shards; inside `jax.shard_map`). `segment_ids`: None
+  or the local `(q_segment_ids, kv_segment_ids)`."""
+  dims = common.check_qkv(query, key, value)
+  gather = lambda x: None if x is None else lax.all_gather(x, axis_name, axis=1, tiled=True)
+  q_seg, kv_seg = (None, None) if segment_ids is None else segment_ids
+  offset = lax.axis_index(axis_name) * dims.q_len if is_causal else None
+  return rule_attention(rule, query, gather(key), gather(value),
+                        scale=common.default_scale(dims.head_dim, scale), causal_offset=offset,
+                        q_segment_ids=q_seg, kv_segment_ids=gather(kv_seg))

@@ -1,0 +1,150 @@
+"""Sequence parallelism of the softmax-family ops (`big_attn.parallel.merge`) on simulated CPU
+devices: sigmoid, cog, clipped softmax, gated and soft-capped softmax through the ring,
+striped and all_gather strategies, forward and gradients (queries, keys, values, the gate)
+against the float64 references of `tests/score_checks.py` on the whole sequence; the layer and
+the LM reaching them by name; the up-front refusals.
+"""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from big_attn import layers, ops, parallel
+from big_attn.models import lm
+from big_attn.parallel import mesh as mesh_lib
+from tests import reference, score_checks
+from tests.test_lm import SMALL, _init, _packed_batch
+
+# Batch 2 over "data", 4 sequence shards of 5 tokens (not a multiple of the causal chunks of
+# `blockwise.TRIANGLE_CHUNKS`), 4 query heads sharing 2 key/value heads.
+B, SHARDS, LOCAL, N, K, D = 2, 4, 5, 4, 2, 8
+S = SHARDS * LOCAL
+
+
+def _segments():
+  return np.sort(np.random.default_rng(3).integers(0, 3, size=(B, S)), axis=1).astype(np.int32)
+
+
+# op -> (op arguments given the gate logits, float64 reference given mask and gate logits).
+# Defaults that depend on the length (sigmoid's b = -log n, clipped softmax's γ = -α/n) are the
+# references' whole-sequence ones.
+CASES = {
+    "sigmoid": (lambda g: {"logits_soft_cap": 3.0},
+                lambda q, k, v, m, g: score_checks.ref_sigmoid(q, k, v, m, soft_cap=3.0)),
+    "cog": (lambda g: {}, lambda q, k, v, m, g: score_checks.ref_cog(q, k, v, m)),
+    "clipped_softmax": (lambda g: {},
+                        lambda q, k, v, m, g: score_checks.ref_clipped(q, k, v, m)),
+    "gated_attention": (lambda g: {"gate_logits": g},
+                        lambda q, k, v, m, g: score_checks.ref_gated(q, k, v, m, gate_logits=g)),
+    "softmax": (lambda g: {"logits_soft_cap": 2.0},
+                lambda q, k, v, m, g: reference.softmax_attention(q, k, v, mask=m,
+                                                                  soft_cap=2.0)),
+}
+
+
+@pytest.fixture(scope="module")
+def mesh():
+  return mesh_lib.make_mesh([("data", 2), ("seq", SHARDS)])
+
+
+# Each op once in the default run (both schedules, all_gather and the non-causal case among
+# them); the rest of the product of ops, strategies and causality is marked slow.
+FAST = [("sigmoid", "striped", True), ("cog", "ring", True), ("clipped_softmax", "ring", True),
+        ("gated_attention", "striped", True), ("softmax", "ring", False),
+        ("sigmoid", "all_gather", True)]
+MATRIX = [(name, strategy, is_causal) for name in CASES
+          for strategy, is_causal in [("ring", True), ("striped", True), ("all_gather", True),
+                                      ("ring", False)]]
+
+
+@pytest.mark.parametrize("name,strategy,is_causal", FAST + [
+    pytest.param(*case, marks=pytest.mark.slow) for case in MATRIX if case not in FAST])
+def test_matches_reference(mesh, name, strategy, is_causal):
+  op_args, ref = CASES[name]
+  seg = _segments()
+  q, k, v = reference.qkv(b=B, t=S, n=N, k=K, d=D, seed=len(name))
+  gate = reference.normal(9, (B, S, N))
+  m = reference.full_mask(B, N, S, S, is_causal=is_causal, segment_ids=seg)
+
+  def op_fn(q, k, v, gate):
+    return parallel.sequence_parallel_attention(
+        q, k, v, mesh=mesh, strategy=strategy, is_causal=is_causal, segment_ids=seg, op=name,
+        **op_args(gate))
+
+  reference.assert_matches(op_fn, lambda q, k, v, gate: ref(q, k, v, m, gate), [q, k, v, gate])
+
+
+def _layer_grads(module, params, x, seg, unstripe=lambda a: a):
+  def loss(p):
+    out = unstripe(module.apply({"params": p}, x, is_causal=True, segment_ids=seg))
+    return jnp.sum(out * jnp.cos(jnp.arange(out.size).reshape(out.shape))), out
+  return jax.jit(jax.grad(loss, has_aux=True))(params)
+
+
+def test_attention_layer_by_name(mesh):
+  """`Attention(op="gated_attention", seq_parallel=...)` (striped: inputs striped once, the
+  output unstriped) equals the plain layer, the gradient of the gate's weights included."""
+  plain = layers.Attention(num_heads=N, num_kv_heads=K, op="gated_attention")
+  sp = parallel.SeqParallel(mesh, "seq", "striped")
+  x, seg = reference.normal(4, (B, S, 16)), jnp.asarray(_segments())
+  params = nn.unbox(plain.init(jax.random.key(0), x)["params"])
+  grads, out = _layer_grads(plain, params, x, seg)
+  stripe = lambda a: parallel.stripe(a, SHARDS)  # pylint: disable=unnecessary-lambda-assignment
+  sp_grads, sp_out = _layer_grads(plain.clone(seq_parallel=sp), params, stripe(x), stripe(seg),
+                                  lambda a: parallel.unstripe(a, SHARDS))
+  np.testing.assert_allclose(sp_out, out, rtol=1e-4, atol=1e-5)
+  assert set(grads["op_params"]) == {"gate_kernel", "gate_bias"}
+  for path, g in jax.tree_util.tree_leaves_with_path(grads):
+    got = sp_grads
+    for key in path:
+      got = got[key.key]
+    np.testing.assert_allclose(got, g, rtol=2e-4, atol=2e-5, err_msg=str(path))
+
+
+@pytest.mark.slow
+def test_lm_by_name_equals_single_device():
+  """The LM with `attention="cog"`, striped over 4 sequence shards: loss and gradients."""
+  model = lm.Model(**SMALL, attention="cog", tie_embeddings=False)
+  batch = _packed_batch(4, 16)
+  params = _init(model, 16)
+  loss_grad = lambda m: jax.jit(jax.value_and_grad(  # pylint: disable=g-long-lambda
+      lambda p: lm.loss_fn(m, p, batch, jax.random.key(0))))(params)
+  loss, grads = loss_grad(model)
+  sp_loss, sp_grads = loss_grad(model.clone(mesh=mesh_lib.make_mesh([("data", 2), ("seq", 4)]),
+                                            seq_strategy="striped"))
+  np.testing.assert_allclose(sp_loss, loss, rtol=1e-5)
+  for g, sp_g in zip(jax.tree.leaves(grads), jax.tree.leaves(sp_grads)):
+    np.testing.assert_allclose(sp_g, g, rtol=2e-4, atol=2e-6)
+
+
+def test_declarations_and_refusals(mesh):
+  with_form = {n for n in ops.names() if ops.spec(n).block_form is not None}
+  assert with_form == {"softmax", "ngpt", "sigmoid", "cog", "clipped_softmax",
+                       "gated_attention"}
+  assert ops.sequence_parallel_form("lightning") == "state"
+  q, k, v = reference.qkv(b=B, t=S, n=N, k=K, d=D)
+  call = lambda op, **kw: parallel.sequence_parallel_attention(  # pylint: disable=g-long-lambda
+      q, k, v, mesh=mesh, op=op, **kw)
+  with pytest.raises(ValueError, match="'normalized' has no sequence-parallel form: splitting "
+                     "the keys into blocks needs every weight to be a function of one"):
+    call("normalized")
+  with pytest.raises(ValueError, match="'window' has no sequence-parallel form"):
+    layers.Attention(num_heads=N, op="window",
+                     seq_parallel=parallel.SeqParallel(mesh)).init(
+                         jax.random.key(0), jnp.ones((B, S, 16)))
+  with pytest.raises(ValueError, match="'lightning' runs sequence-parallel by passing its "
+                     "recurrent state"):
+    call("lightning")
+  with pytest.raises(TypeError, match="logit_bias as a Python number"):
+    call("sigmoid", logit_bias=jnp.float32(-1.0))
+  with pytest.raises(ValueError, match="gate_logits of shape"):
+    call("gated_attention")
+  with pytest.raises(ValueError, match="gamma must be <= 0"):
+    call("clipped_softmax", gamma=0.5)
+  with pytest.raises(ValueError, match="logits_soft_cap"):
+    call("softmax", logits_soft_cap=-1.0)
+  with pytest.raises(ValueError, match="rule 'cog' takes parameters"):
+    parallel.make_rule("cog", {"soft_cap": 1.0})
+  with pytest.raises(ValueError, match="merge must be one of"):
+    parallel.make_rule("relu")
