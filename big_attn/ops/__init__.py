@@ -41,6 +41,10 @@ from big_attn.ops import combiner as _combiner  # noqa: F401
 from big_attn.ops import quadtree as _quadtree  # noqa: F401
 from big_attn.ops import ngpt as _ngpt  # noqa: F401
 from big_attn.ops import hyena as _hyena  # noqa: F401
+from big_attn.ops import reweighted as _reweighted  # noqa: F401
+from big_attn.ops import graph as _graph  # noqa: F401
+from big_attn.ops import probabilistic as _probabilistic  # noqa: F401
+from big_attn.ops import interpretable as _interpretable  # noqa: F401
 
 
 def _flatten_batch(x, batch_shape, trailing: int):
