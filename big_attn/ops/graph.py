@@ -38,7 +38,8 @@ def _check_token_input(name: str, x, shape: tuple[int, ...], layout: str) -> Non
 
 @register("relational_attention", segment_ids=True)
 def relational_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
-                         rel_query=None, rel_key=None, rel_out=None, segment_ids=None):
+                         rel_query=None, rel_key=None, rel_out=None, num_relations=None,
+                         relation_dim=None, segment_ids=None):
   """Relational attention (Disentangling and Integrating Relational and Sensory Information in
   Transformer Architectures, Altabaa et al. 2024): attention that retrieves the relation
   between the query and each key along with the key's sensory value.
@@ -57,6 +58,7 @@ def relational_attention(query, key, value, *, mask=None, is_causal=False, scale
     rel_query: φ_ℓ x_i, `[batch, q_len, R, P]`.
     rel_key: ψ_ℓ x_j, `[batch, kv_len, R, P]`.
     rel_out: W_r, `[num_heads, R, value_dim]`.
+    num_relations, relation_dim: optional; checked against R and P of `rel_query`.
 
   Returns:
     `[batch, q_len, num_heads, value_dim]` in the query's dtype.
@@ -64,6 +66,9 @@ def relational_attention(query, key, value, *, mask=None, is_causal=False, scale
   dims, probs = _weights(query, key, value, mask=mask, is_causal=is_causal, scale=scale,
                          segment_ids=segment_ids)
   r, p = getattr(rel_query, "shape", (None,) * 4)[2:]
+  for name, given, size in (("num_relations", num_relations, r), ("relation_dim", relation_dim, p)):
+    if given is not None and given != size:
+      raise ValueError(f"{name} ({given}) must equal its size in rel_query.shape ({size})")
   _check_token_input("rel_query", rel_query, (dims.batch, dims.q_len, r, p),
                      "[batch, q_len, R, P]")
   _check_token_input("rel_key", rel_key, (dims.batch, dims.kv_len, r, p),
@@ -122,7 +127,8 @@ def reversed_attention(query, key, value, *, mask=None, is_causal=False, scale=N
 
 @register("gin_attention", segment_ids=True)
 def gin_attention(query, key, value, *, mask=None, is_causal=False, scale=None, gin_eps=None,
-                  mlp_w1=None, mlp_b1=None, mlp_w2=None, mlp_b2=None, segment_ids=None):
+                  mlp_w1=None, mlp_b1=None, mlp_w2=None, mlp_b2=None, hidden_dim=None,
+                  segment_ids=None):
   """GIN-Attention (Graph-Aware Isomorphic Attention for Adaptive Dynamics in Transformers,
   Buehler 2025): the attention matrix as the adjacency of a Graph Isomorphism Network layer.
 
@@ -140,6 +146,7 @@ def gin_attention(query, key, value, *, mask=None, is_causal=False, scale=None, 
     gin_eps: ε `[num_heads]`.
     mlp_w1, mlp_b1: `[num_heads, value_dim, hidden]`, `[num_heads, hidden]`.
     mlp_w2, mlp_b2: `[num_heads, hidden, value_dim]`, `[num_heads, value_dim]`.
+    hidden_dim: optional; checked against `mlp_w1.shape[-1]`.
 
   Returns:
     `[batch, seq, num_heads, value_dim]` in the query's dtype.
@@ -149,6 +156,8 @@ def gin_attention(query, key, value, *, mask=None, is_causal=False, scale=None, 
   _check_self_attention("gin_attention", dims)
   n, dv = dims.num_heads, dims.value_dim
   hidden = getattr(mlp_w1, "shape", (None,))[-1]
+  if hidden_dim is not None and hidden_dim != hidden:
+    raise ValueError(f"hidden_dim ({hidden_dim}) must equal mlp_w1.shape[-1] ({hidden})")
   for name, x, shape, layout in (
       ("gin_eps", gin_eps, (n,), "[num_heads]"),
       ("mlp_w1", mlp_w1, (n, dv, hidden), "[num_heads, value_dim, hidden]"),

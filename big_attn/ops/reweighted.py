@@ -90,7 +90,7 @@ def _squared_distances(grid, t: int, s: int):
 @register("mask_reweighted", segment_ids=True, grid=True)
 def mask_reweighted_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                               form="gmm", gmm_amplitude=None, gmm_sigma=None, elm_mask=None,
-                              grid=None, segment_ids=None):
+                              num_components=None, grid=None, segment_ids=None):
   """Attention map times a learned spatial mask (Toward a Deeper Understanding: RetNet Viewed
   through Convolution, Li et al. 2023), as RetNet's decay mask on the attention matrix.
 
@@ -108,6 +108,7 @@ def mask_reweighted_attention(query, key, value, *, mask=None, is_causal=False, 
     form: "gmm" or "elm".
     gmm_amplitude, gmm_sigma: a and σ, `[num_heads, num_components]` ("gmm").
     elm_mask: `[num_heads, q_len, kv_len]` ("elm").
+    num_components: optional; checked against `gmm_amplitude.shape[-1]`.
     grid: `(h, w)` with h·w = q_len = kv_len, or None (1-D positions).
 
   Returns:
@@ -124,6 +125,9 @@ def mask_reweighted_attention(query, key, value, *, mask=None, is_causal=False, 
     multiplier = elm_mask
   else:
     components = getattr(gmm_amplitude, "shape", (None, None))[-1]
+    if num_components is not None and num_components != components:
+      raise ValueError(f"num_components ({num_components}) must equal "
+                       f"gmm_amplitude.shape[-1] ({components})")
     for name, x in (("gmm_amplitude", gmm_amplitude), ("gmm_sigma", gmm_sigma)):
       common.check_weight(name, x, (dims.num_heads, components),
                           "[num_heads, num_components]")
