@@ -65,6 +65,8 @@ def _op_args(name, t, weight, token):
                                            rel_out=weight((N, 3, D), 0.5)),
       "reversed_attention": lambda: dict(message=token((B, t, N))),
       "sage_int8": lambda: dict(block_q=5, block_k=3),
+      "skim_attention": lambda: dict(grid=grid, layout_query=token((B, t, N, 4)),
+                                     layout_key=token((B, t, N, 4)), top_k=5),
       "sparse_blocks": lambda: dict(block_q=5, block_k=2, cdf_threshold=0.3),
       "spatial_reduction": lambda: dict(grid=grid, reduction=2),
       "switchhead": lambda: dict(value_experts=token((B, t, N, 3, D)),

@@ -45,6 +45,7 @@ from big_attn.ops import reweighted as _reweighted  # noqa: F401
 from big_attn.ops import graph as _graph  # noqa: F401
 from big_attn.ops import probabilistic as _probabilistic  # noqa: F401
 from big_attn.ops import interpretable as _interpretable  # noqa: F401
+from big_attn.ops import layout as _layout  # noqa: F401
 
 
 def _flatten_batch(x, batch_shape, trailing: int):
