@@ -69,10 +69,6 @@ def test_layer_runs_and_trains_the_layout():
                                    layout_wk=(5, 2, 5)), is_causal=False)
 
 
-def test_layer_runs_mask_form_causally():
-  op_checks.assert_layer_runs("skim_attention", dict(top_k=3))
-
-
 def _bad_calls():
   q, k, v = ref.qkv(t=6)
   lq, lk = _layout(6, 6)

@@ -30,12 +30,6 @@ def _check_self_attention(name: str, dims: common.Dims) -> None:
                      f"equal kv_len, got {dims.q_len} and {dims.kv_len}")
 
 
-def _check_token_input(name: str, x, shape: tuple[int, ...], layout: str) -> None:
-  common.check_float(name, x)
-  if tuple(x.shape) != tuple(shape):
-    raise ValueError(f"{name} must have shape {layout} = {tuple(shape)}, got {tuple(x.shape)}")
-
-
 @register("relational_attention", segment_ids=True)
 def relational_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                          rel_query=None, rel_key=None, rel_out=None, num_relations=None,
@@ -69,9 +63,9 @@ def relational_attention(query, key, value, *, mask=None, is_causal=False, scale
   for name, given, size in (("num_relations", num_relations, r), ("relation_dim", relation_dim, p)):
     if given is not None and given != size:
       raise ValueError(f"{name} ({given}) must equal its size in rel_query.shape ({size})")
-  _check_token_input("rel_query", rel_query, (dims.batch, dims.q_len, r, p),
+  common.check_weight("rel_query", rel_query, (dims.batch, dims.q_len, r, p),
                      "[batch, q_len, R, P]")
-  _check_token_input("rel_key", rel_key, (dims.batch, dims.kv_len, r, p),
+  common.check_weight("rel_key", rel_key, (dims.batch, dims.kv_len, r, p),
                      "[batch, kv_len, R, P]")
   common.check_weight("rel_out", rel_out, (dims.num_heads, r, dims.value_dim),
                       "[num_heads, R, value_dim]")
@@ -117,7 +111,7 @@ def reversed_attention(query, key, value, *, mask=None, is_causal=False, scale=N
   sent = jnp.broadcast_to(value.astype(jnp.float32)[:, :, :, None],
                           (dims.batch, dims.kv_len, k, g, dims.value_dim))
   if message is not None:
-    _check_token_input("message", message, (dims.batch, dims.q_len, dims.num_heads),
+    common.check_weight("message", message, (dims.batch, dims.q_len, dims.num_heads),
                        "[batch, seq, num_heads]")
     sent = sent * message.astype(jnp.float32).reshape(dims.batch, dims.q_len, k, g, 1)
   out = jnp.einsum("bkgji,bjkgd->bikgd", probs, sent)

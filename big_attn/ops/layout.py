@@ -19,15 +19,6 @@ FORMS = ("mask", "skim")
 DEFAULT_TOP_K = 8
 
 
-def _check_layout(name: str, x, shape: tuple[int, ...], layout: str) -> None:
-  if x is None:
-    raise ValueError(f"{name} {layout} is required (SkimParams derives it from the tokens' "
-                     "positions)")
-  common.check_float(name, x)
-  if tuple(x.shape) != tuple(shape):
-    raise ValueError(f"{name} must have shape {layout} = {tuple(shape)}, got {tuple(x.shape)}")
-
-
 @register("skim_attention", segment_ids=True, grid=True)
 def skim_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                    layout_query=None, layout_key=None, layout_dim=None, form="mask", top_k=None,
@@ -72,10 +63,10 @@ def skim_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
     raise ValueError(f"layout_dim ({layout_dim}) must equal layout_query.shape[-1] "
                      f"({getattr(layout_query, 'shape', (None,))[-1]})")
   layout_dim = getattr(layout_query, "shape", (None,))[-1]
-  _check_layout("layout_query", layout_query, (dims.batch, dims.q_len, dims.num_heads,
+  common.check_weight("layout_query", layout_query, (dims.batch, dims.q_len, dims.num_heads,
                                                layout_dim),
                 "[batch, q_len, num_heads, layout_dim]")
-  _check_layout("layout_key", layout_key, (dims.batch, dims.kv_len, dims.num_kv_heads,
+  common.check_weight("layout_key", layout_key, (dims.batch, dims.kv_len, dims.num_kv_heads,
                                            layout_dim),
                 "[batch, kv_len, num_kv_heads, layout_dim]")
   layout_logits = common.attention_logits(layout_query, layout_key, dims,

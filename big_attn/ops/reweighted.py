@@ -164,7 +164,8 @@ class MaskReweightedParams(OpParams):
   "gmm": `gmm_amplitude` and `gmm_sigma`, `[num_heads, K]` with K = `op_args["num_components"]`
   (`DEFAULT_COMPONENTS` when absent); component c starts at a_c = 1/K and σ_c = c + 1 (tokens),
   a local map at several scales. "elm": `elm_mask [num_heads, q_len, kv_len]` = 1 (plain
-  attention at the start), sized at initialisation.
+  attention at the start), sized at initialisation (with `op_args["grid"]`: the h·w patch
+  tokens the op sees, without the extra tokens).
   """
 
   @nn.compact
@@ -175,9 +176,13 @@ class MaskReweightedParams(OpParams):
     if form not in FORMS:
       raise ValueError(f"op_args['form'] must be one of {FORMS}, got {form!r}")
     if form == "elm":
+      shape = (query.shape[1], key.shape[1])
+      if op_args.get("grid") is not None:  # the patch tokens, without the extra tokens
+        h, w = windowed.patch_grid(op_args, query.shape[1])
+        shape = (h * w, h * w)
       elm = self.param("elm_mask", nn.with_logical_partitioning(nn.initializers.ones_init(),
                                                                 ("heads", None, None)),
-                       (self.num_heads, query.shape[1], key.shape[1]), self.param_dtype)
+                       (self.num_heads,) + shape, self.param_dtype)
       (elm,) = nn.dtypes.promote_dtype(elm, dtype=self.dtype)
       return {"elm_mask": elm}
     k = checks.positive_int("op_args['num_components']",
