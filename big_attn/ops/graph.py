@@ -60,13 +60,14 @@ def relational_attention(query, key, value, *, mask=None, is_causal=False, scale
   dims, probs = _weights(query, key, value, mask=mask, is_causal=is_causal, scale=scale,
                          segment_ids=segment_ids)
   r, p = getattr(rel_query, "shape", (None,) * 4)[2:]
-  for name, given, size in (("num_relations", num_relations, r), ("relation_dim", relation_dim, p)):
+  for name, given, size in (("num_relations", num_relations, r),
+                            ("relation_dim", relation_dim, p)):
     if given is not None and given != size:
       raise ValueError(f"{name} ({given}) must equal its size in rel_query.shape ({size})")
   common.check_weight("rel_query", rel_query, (dims.batch, dims.q_len, r, p),
-                     "[batch, q_len, R, P]")
+                      "[batch, q_len, R, P]")
   common.check_weight("rel_key", rel_key, (dims.batch, dims.kv_len, r, p),
-                     "[batch, kv_len, R, P]")
+                      "[batch, kv_len, R, P]")
   common.check_weight("rel_out", rel_out, (dims.num_heads, r, dims.value_dim),
                       "[num_heads, R, value_dim]")
   sensory = common.weighted_values(probs, value, dims).astype(jnp.float32)
@@ -112,7 +113,7 @@ def reversed_attention(query, key, value, *, mask=None, is_causal=False, scale=N
                           (dims.batch, dims.kv_len, k, g, dims.value_dim))
   if message is not None:
     common.check_weight("message", message, (dims.batch, dims.q_len, dims.num_heads),
-                       "[batch, seq, num_heads]")
+                        "[batch, seq, num_heads]")
     sent = sent * message.astype(jnp.float32).reshape(dims.batch, dims.q_len, k, g, 1)
   out = jnp.einsum("bkgji,bjkgd->bikgd", probs, sent)
   return out.reshape(dims.batch, dims.kv_len, dims.num_heads,

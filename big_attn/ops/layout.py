@@ -59,18 +59,17 @@ def skim_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
   if grid is not None:
     windowed.check_grid(grid, dims.q_len)
     windowed.check_grid(grid, dims.kv_len)
-  if layout_dim is not None and layout_dim != getattr(layout_query, "shape", (None,))[-1]:
-    raise ValueError(f"layout_dim ({layout_dim}) must equal layout_query.shape[-1] "
-                     f"({getattr(layout_query, 'shape', (None,))[-1]})")
-  layout_dim = getattr(layout_query, "shape", (None,))[-1]
-  common.check_weight("layout_query", layout_query, (dims.batch, dims.q_len, dims.num_heads,
-                                               layout_dim),
-                "[batch, q_len, num_heads, layout_dim]")
-  common.check_weight("layout_key", layout_key, (dims.batch, dims.kv_len, dims.num_kv_heads,
-                                           layout_dim),
-                "[batch, kv_len, num_kv_heads, layout_dim]")
+  size = getattr(layout_query, "shape", (None,))[-1]
+  if layout_dim is not None and layout_dim != size:
+    raise ValueError(f"layout_dim ({layout_dim}) must equal layout_query.shape[-1] ({size})")
+  common.check_weight("layout_query", layout_query,
+                      (dims.batch, dims.q_len, dims.num_heads, size),
+                      "[batch, q_len, num_heads, layout_dim]")
+  common.check_weight("layout_key", layout_key,
+                      (dims.batch, dims.kv_len, dims.num_kv_heads, size),
+                      "[batch, kv_len, num_kv_heads, layout_dim]")
   layout_logits = common.attention_logits(layout_query, layout_key, dims,
-                                          common.default_scale(layout_dim, None))
+                                          common.default_scale(size, None))
   if form == "skim":
     probs = common.masked_softmax(layout_logits, full_mask)
   else:
