@@ -99,7 +99,6 @@ def test_reversed_has_no_causal_form():
 @pytest.mark.parametrize("name,op_args,param_shapes,is_causal", [
     ("relational_attention", dict(num_relations=3, relation_dim=2),
      dict(phi=(4, 4, 3, 2), psi=(2, 4, 3, 2), rel_out=(4, 3, 4)), True),
-    ("reversed_attention", None, None, False),
     ("gin_attention", dict(hidden_dim=6), dict(gin_eps=(4,), mlp_w1=(4, 4, 6), mlp_b1=(4, 6),
                                                mlp_w2=(4, 6, 4), mlp_b2=(4, 4)), True)])
 def test_layer_runs(name, op_args, param_shapes, is_causal):
