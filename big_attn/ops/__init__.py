@@ -51,6 +51,11 @@ from big_attn.ops import hard as _hard  # noqa: F401
 from big_attn.ops import wavelet as _wavelet  # noqa: F401
 from big_attn.ops import tree as _tree  # noqa: F401
 from big_attn.ops import sparsifiner as _sparsifiner  # noqa: F401
+from big_attn.ops import reweighted as _reweighted  # noqa: F401
+from big_attn.ops import graph as _graph  # noqa: F401
+from big_attn.ops import probabilistic as _probabilistic  # noqa: F401
+from big_attn.ops import interpretable as _interpretable  # noqa: F401
+from big_attn.ops import layout as _layout  # noqa: F401
 from big_attn.ops.forms import check_form, decoding_form, sequence_parallel_form
 
 

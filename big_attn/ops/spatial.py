@@ -42,8 +42,8 @@ GRID_ONLY_OPS |= {"deformable_attention", "outlook_attention", "serialized_patch
 # queries and keys on one grid.
 KV_GRID_OPS = frozenset({"spatial_reduction"})
 # Non-2-D ops that attend within one sequence (q_len == kv_len).
-SELF_ATTENTION_OPS = frozenset({"channel_attention", "combiner", "kernelized_rpe", "switchhead"})
-SELF_ATTENTION_OPS |= {"single_head_attention"}
+SELF_ATTENTION_OPS = frozenset({"channel_attention", "combiner", "kernelized_rpe", "switchhead",
+                                "gin_attention", "reversed_attention", "single_head_attention"})
 # The papers' stage-dependent sizes, used where the op arguments give none.
 PAPER_SIZES = {("window", "window_size"): 7, ("grid", "grid_size"): 7,
                ("neighborhood", "kernel_size"): 7, ("bilevel_routing", "num_regions"): 7}
