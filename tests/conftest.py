@@ -1,13 +1,32 @@
-"""Test set-up: 8 simulated CPU devices (set before JAX is imported), platform markers, and the
-tests marked `slow` or `xdist_group` run first."""
+"""Test set-up: 8 simulated CPU devices (set before JAX is imported), one persistent compilation
+cache for the whole run, platform markers, and the tests marked `slow` or `xdist_group` run first.
+"""
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Many tests compile the same program (a tiny training step, a model's forward) through new jitted
+# functions, which JAX's in-memory caches cannot match: XLA compiles each once per run, and the
+# tests, the pytest-xdist workers and the processes the tests start (they inherit the environment)
+# load it from this directory. The process that creates it (the first to load this file, unless
+# the variable is set) removes it at the end. Programs that compile faster than
+# JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS are not stored.
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="big_attn_test_jax_cache_")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 
 import jax  # noqa: E402  pylint: disable=g-import-not-at-top
 import pytest  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+def pytest_unconfigure(config):
+  del config
+  if _OWN_CACHE:
+    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):
