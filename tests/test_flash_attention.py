@@ -2,7 +2,7 @@
 
 Forward and gradients against the float64 references of `tests/reference.py`, on lengths that
 are not multiples of the block size (16), q_len != kv_len, GQA, every mask feature and their
-combinations, the sigmoid normalizer and bfloat16; block skipping outside the causal/window
+combinations, the sigmoid and signed (Cog) normalizers and bfloat16; block skipping outside the causal/window
 band; linear compiled memory; dispatch from `big_attn.ops.dot_product_attention`; validation.
 """
 import jax
@@ -63,6 +63,19 @@ def _sigmoid_f64(q, k, v, *, mask, scale, soft_cap, bias):
   return jnp.einsum("bnts,bsnd->btnd", w, v)
 
 
+def _signed_f64(q, k, v, *, mask, scale, soft_cap):
+  """Σ_j sign(s_ij) softmax_j(|s_ij|) v_j, s = cap·tanh(scale·q_i·k_j/cap), in float64 (Cog
+  attention, Lv et al., 2024)."""
+  q, k, v = reference.f64(q, k, v)
+  n = q.shape[2]
+  k, v = reference.repeat_kv(k, n), reference.repeat_kv(v, n)
+  s = jnp.einsum("btnd,bsnd->bnts", q, k) * scale
+  if soft_cap is not None:
+    s = soft_cap * jnp.tanh(s / soft_cap)
+  w = jnp.sign(s) * reference.masked_softmax(jnp.abs(s), mask)
+  return jnp.einsum("bnts,bsnd->btnd", w, v)
+
+
 def _reference_vjp(q, k, v, ct, *, segment_ids=None, is_causal=False, local_window_size=None,
                    logits_soft_cap=None, normalizer="softmax", sigmoid_bias=None):
   b, t, n, d = q.shape
@@ -75,6 +88,9 @@ def _reference_vjp(q, k, v, ct, *, segment_ids=None, is_causal=False, local_wind
       bias = -np.log(s) if sigmoid_bias is None else sigmoid_bias
       fn = lambda q, k, v: _sigmoid_f64(q, k, v, mask=mask, scale=scale,
                                         soft_cap=logits_soft_cap, bias=bias)
+    elif normalizer == "signed":
+      fn = lambda q, k, v: _signed_f64(q, k, v, mask=mask, scale=scale,
+                                       soft_cap=logits_soft_cap)
     else:
       fn = lambda q, k, v: reference.softmax_attention(q, k, v, mask=mask, scale=scale,
                                                        soft_cap=logits_soft_cap)
@@ -115,6 +131,10 @@ CASES = {
         (2, 45, 45, 4, 1, 16, 32),
         dict(normalizer="sigmoid", segments=True, local_window_size=(6, 2), logits_soft_cap=2.0,
              sigmoid_bias=-1.5)),
+    "signed_causal_segments_window_softcap_gqa": (
+        (2, 37, 53, 4, 2, 16, 32),
+        dict(normalizer="signed", is_causal=True, segments=True, local_window_size=(9, 0),
+             logits_soft_cap=2.0)),
 }
 
 
@@ -280,6 +300,10 @@ def test_invalid_arguments_raise():
     flash_attention(q, k, v, normalizer="sigmoid", return_residuals=True, interpret=True)
   with pytest.raises(ValueError, match="return_residuals"):
     flash_attention(q, k, v, return_residuals=True, backend="tpu", interpret=True)
+  with pytest.raises(ValueError, match="return_residuals"):
+    flash_attention(q, k, v, normalizer="signed", return_residuals=True, interpret=True)
+  with pytest.raises(ValueError, match="normalizer='signed' is implemented by the GPU kernel"):
+    flash_attention(q, k, v, normalizer="signed", backend="tpu", interpret=True)
   with pytest.raises(ValueError, match="value head_dim from 1 to 256"):
     flash_attention(q, k, jnp.zeros(v.shape[:3] + (300,)), interpret=True)
   with pytest.raises(ValueError, match="batch"):
