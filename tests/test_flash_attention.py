@@ -2,8 +2,9 @@
 
 Forward and gradients against the float64 references of `tests/reference.py`, on lengths that
 are not multiples of the block size (16), q_len != kv_len, GQA, every mask feature and their
-combinations, the sigmoid and signed (Cog) normalizers and bfloat16; block skipping outside the causal/window
-band; linear compiled memory; dispatch from `big_attn.ops.dot_product_attention`; validation.
+combinations, the sigmoid and signed (Cog) normalizers and bfloat16; block skipping outside
+the causal/window band; linear compiled memory; every op's `implementation="pallas"` against its
+XLA path, and the LM's `attention_impl`; validation.
 """
 import functools
 
