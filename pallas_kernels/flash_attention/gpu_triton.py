@@ -227,7 +227,10 @@ def _dot(a, b, *, trans_a=False, trans_b=False):
 
 def _load(ref, idx, size: int):
   """`ref[idx]` (`idx` None: the whole ref) of a tile whose last dim is padded past the array's
-  `size` columns: those read as zeros (a masked load, as in JAX's Pallas attention)."""
+  `size` columns: those read as zeros (a masked load, as in JAX's Pallas attention). Python
+  ints in `idx` become int32 scalars (the interpreter's masked load takes no literal index)."""
+  if idx is not None:
+    idx = tuple(jnp.int32(i) if isinstance(i, int) else i for i in idx)
   target = ref if idx is None else ref.at[idx]
   if ref.shape[-1] == size:
     return target[...]
