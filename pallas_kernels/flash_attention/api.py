@@ -35,7 +35,8 @@ def flash_attention(query, key, value, *, segment_ids=None, is_causal=False, sca
 
   out = softmax(S) V, σ(S + b) V for `normalizer="sigmoid"` (FlashSigmoid, Ramapuram et al.
   2024), or (sign(S) ∘ softmax(|S|)) V for `normalizer="signed"` (Cog attention, Lv et al.
-  2024; GPU kernel only), with S = cap·tanh(scale·QKᵀ/cap) (cap optional) restricted to the visible pairs. The
+  2024; GPU kernel only), with S = cap·tanh(scale·QKᵀ/cap) (cap optional) restricted to the
+  visible pairs. The
   `[q_len, kv_len]` matrix is never stored: forward and backward work tile by tile and keep
   only a float32 log-sum-exp per query row. Same semantics as
   `big_attn.ops.dot_product_attention`; a query row with nothing to attend to returns zeros.

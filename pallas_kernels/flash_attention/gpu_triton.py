@@ -19,7 +19,8 @@ no row statistics at all, and dS = (dO Vᵀ) ∘ P ∘ (1 - P).
 `normalizer="signed"` is Cog attention's signed softmax (Lv et al., 2024, "More Expressive
 Attention with Negative Weights"): the online softmax runs on |S| and the weights carry the
 signs, W = sign(S) ∘ 2^(|S|-L), O = W V; the backward uses dV = Wᵀ dO and
-dS = sign(S) ∘ P ∘ (sign(S) ∘ dO Vᵀ - Δ) with P = 2^(|S|-L) and the same Δ = rowsum(dO ∘ O).
+dS = sign(S) ∘ P ∘ (sign(S) ∘ dO Vᵀ - Δ) with P = 2^(|S|-L) and the same
+Δ = rowsum(dO ∘ O).
 
 Masks never become arrays in memory. Causal (query i sees keys j <= i, top-left aligned as in
 `jax.nn.dot_product_attention`) and local windows (`(left, right)`: keys in [i-left, i+right])
