@@ -200,7 +200,7 @@ def run_cell(model_name: str, op: str, jit: bool = False, trace_only: bool = Fal
     return "refused", str(e)
   except ValueError as e:
     if column != "single" and repr(op) in str(e):
-      return "refused", _first_line(e)
+      return "refused", " ".join(str(e).split())
     return "fail", f"{type(e).__name__}: {_first_line(e)}"
   except Exception as e:  # pylint: disable=broad-except
     return "fail", f"{type(e).__name__}: {_first_line(e)}"
