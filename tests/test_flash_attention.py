@@ -2,9 +2,12 @@
 
 Forward and gradients against the float64 references of `tests/reference.py`, on lengths that
 are not multiples of the block size (16), q_len != kv_len, GQA, every mask feature and their
-combinations, the sigmoid normalizer and bfloat16; block skipping outside the causal/window
-band; linear compiled memory; dispatch from `big_attn.ops.dot_product_attention`; validation.
+combinations, the sigmoid and signed (Cog) normalizers and bfloat16; block skipping outside
+the causal/window band; linear compiled memory; every op's `implementation="pallas"` against its
+XLA path, and the LM's `attention_impl`; validation.
 """
+import functools
+
 import jax
 from jax import export
 import jax.numpy as jnp
@@ -12,6 +15,7 @@ import numpy as np
 import pytest
 
 from big_attn import layers
+from big_attn import models
 from big_attn import ops
 from pallas_kernels import BlockSizes, flash_attention, flash_attention_reference
 from pallas_kernels import flash_block_backward, flash_block_forward
@@ -63,6 +67,19 @@ def _sigmoid_f64(q, k, v, *, mask, scale, soft_cap, bias):
   return jnp.einsum("bnts,bsnd->btnd", w, v)
 
 
+def _signed_f64(q, k, v, *, mask, scale, soft_cap):
+  """Σ_j sign(s_ij) softmax_j(|s_ij|) v_j, s = cap·tanh(scale·q_i·k_j/cap), in float64 (Cog
+  attention, Lv et al., 2024)."""
+  q, k, v = reference.f64(q, k, v)
+  n = q.shape[2]
+  k, v = reference.repeat_kv(k, n), reference.repeat_kv(v, n)
+  s = jnp.einsum("btnd,bsnd->bnts", q, k) * scale
+  if soft_cap is not None:
+    s = soft_cap * jnp.tanh(s / soft_cap)
+  w = jnp.sign(s) * reference.masked_softmax(jnp.abs(s), mask)
+  return jnp.einsum("bnts,bsnd->btnd", w, v)
+
+
 def _reference_vjp(q, k, v, ct, *, segment_ids=None, is_causal=False, local_window_size=None,
                    logits_soft_cap=None, normalizer="softmax", sigmoid_bias=None):
   b, t, n, d = q.shape
@@ -75,6 +92,9 @@ def _reference_vjp(q, k, v, ct, *, segment_ids=None, is_causal=False, local_wind
       bias = -np.log(s) if sigmoid_bias is None else sigmoid_bias
       fn = lambda q, k, v: _sigmoid_f64(q, k, v, mask=mask, scale=scale,
                                         soft_cap=logits_soft_cap, bias=bias)
+    elif normalizer == "signed":
+      fn = lambda q, k, v: _signed_f64(q, k, v, mask=mask, scale=scale,
+                                       soft_cap=logits_soft_cap)
     else:
       fn = lambda q, k, v: reference.softmax_attention(q, k, v, mask=mask, scale=scale,
                                                        soft_cap=logits_soft_cap)
@@ -96,7 +116,8 @@ def _check(q, k, v, ct, tol, blocks=BLOCKS, **kwargs):
 
 # (batch, q_len, kv_len, heads, kv_heads, head_dim, value_dim), keyword arguments.
 CASES = {
-    "plain_mha": ((1, 37, 53, 2, 2, 16, 16), {}),
+    # Head dims off the tile width (masked loads), one key head per query head.
+    "plain_mha_head_dim12": ((1, 37, 53, 2, 2, 12, 12), {}),
     "causal_gqa4:2": ((2, 37, 53, 4, 2, 16, 32), dict(is_causal=True)),
     "causal_gqa4:1_q_longer": ((1, 53, 37, 4, 1, 32, 16), dict(is_causal=True)),
     "window_gqa4:1": ((1, 45, 45, 4, 1, 16, 16), dict(local_window_size=(5, 3))),
@@ -115,6 +136,10 @@ CASES = {
         (2, 45, 45, 4, 1, 16, 32),
         dict(normalizer="sigmoid", segments=True, local_window_size=(6, 2), logits_soft_cap=2.0,
              sigmoid_bias=-1.5)),
+    "signed_causal_segments_window_softcap_gqa": (
+        (2, 37, 53, 4, 2, 16, 32),
+        dict(normalizer="signed", is_causal=True, segments=True, local_window_size=(9, 0),
+             logits_soft_cap=2.0)),
 }
 
 
@@ -227,6 +252,80 @@ def test_dot_product_attention_routes_to_the_kernel():
     ops.dot_product_attention(q, k, v, bias=jnp.zeros((1, 1, 24, 24)), implementation="pallas")
 
 
+def _op_kernel_args(seed, t, s, n):
+  """Each op registered with `implementation=True` and the arguments its kernel path is checked
+  with (`[b, t, n, 16]` queries, keys `[b, s, n/2, 16]`): every kernel option the op takes
+  (causal, packed segments, a window, a soft cap) plus its own weights."""
+  rng = np.random.default_rng(seed)
+  logits = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+  seg = _segments(seed, 2, t, s)
+  masks = dict(is_causal=True, segment_ids=seg, local_window_size=(9, 0))
+  return {
+      "softmax": dict(masks, logits_soft_cap=2.0),
+      "sigmoid": dict(masks, logits_soft_cap=2.0, logit_bias=-1.0),
+      "gated_attention": dict(masks, logits_soft_cap=2.0, gate_logits=logits(2, t, n)),
+      "mixture_of_heads": dict(masks, router_logits=logits(2, t, n), shared_heads=1,
+                               head_mix_logits=logits(2, t, 2)),
+      "cog": masks,
+      "ngpt": dict(is_causal=True, segment_ids=seg, s_qk=1.0 + logits(n, 16) / 4,
+                   s_k=1.0 + logits(n // 2, 16) / 4),
+      "spatial_reduction": dict(grid=(4, s // 4), reduction=(2, 1)),
+  }
+
+
+OP_KERNEL_SHAPE = (21, 36, 4)  # q_len, kv_len (a 4 x 9 grid), heads: no length a block multiple
+
+
+def test_every_op_with_an_implementation_has_a_kernel_case():
+  declared = {name for name in ops.names() if ops.spec(name).implementation}
+  assert declared == set(_op_kernel_args(0, *OP_KERNEL_SHAPE))
+
+
+@pytest.mark.xdist_group("flash_ops")
+@pytest.mark.parametrize("name", sorted(_op_kernel_args(0, *OP_KERNEL_SHAPE)))
+def test_op_pallas_path_matches_its_xla_path(name):
+  """`implementation="pallas"` of each op runs the kernel (a `pallas_call`, interpreted on CPU)
+  and equals the op's XLA path (itself checked against float64 references in the op's tests),
+  forward and gradient, with GQA 4:2, lengths that are not block multiples, and causal,
+  segment, window and soft-cap options where the op takes them."""
+  t, s, n = OP_KERNEL_SHAPE
+  q, k, v, ct = _inputs(11, 2, t, s, n, n // 2, 16, 16)
+  args = _op_kernel_args(11, t, s, n)[name]
+  op = ops.get(name)
+
+  def loss(impl, q, k, v):
+    out = op(q, k, v, implementation=impl, **args)
+    return jnp.sum(out * ct), out
+
+  pallas = functools.partial(loss, "pallas")
+  assert "pallas_call" in str(jax.make_jaxpr(pallas)(q, k, v))
+  both = jax.jit(lambda q, k, v: [jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+                                  for f in (pallas, functools.partial(loss, "xla"))])
+  ((_, got), got_grads), ((_, want), want_grads) = both(q, k, v)
+  assert float(jnp.max(jnp.abs(want))) > 0
+  np.testing.assert_allclose(got, want, atol=5e-5, rtol=5e-5)
+  for label, g, w in zip(("dq", "dk", "dv"), got_grads, want_grads):
+    np.testing.assert_allclose(g, w, atol=5e-5, rtol=5e-5, err_msg=label)
+
+
+def test_cog_pallas_refuses_a_mask_array():
+  q, k, v, _ = _inputs(12, 1, 8, 8, 2, 1, 16, 16)
+  with pytest.raises(ValueError, match="cog implementation='pallas' does not support a mask"):
+    ops.get("cog")(q, k, v, mask=jnp.ones((1, 1, 8, 8), bool), implementation="pallas")
+  with pytest.raises(ValueError, match="implementation must be one of"):
+    ops.get("cog")(q, k, v, implementation="cudnn")
+
+
+@pytest.mark.parametrize("attention", ["cog", "ngpt", "gated_attention"])
+def test_lm_attention_impl_reaches_the_kernel(attention):
+  """`attention_impl="pallas"` in the LM's config reaches the op's kernel path."""
+  model = models.get("lm").Model(vocab_size=11, width=16, depth=1, num_heads=2, num_kv_heads=1,
+                                 attention=attention, attention_impl="pallas")
+  tokens = jnp.zeros((1, 12), jnp.int32)
+  params = jax.eval_shape(model.init, jax.random.key(0), tokens)
+  assert "pallas_call" in str(jax.make_jaxpr(model.apply)(params, tokens))
+
+
 def test_attention_layer_with_pallas_implementation():
   x = jnp.asarray(np.random.default_rng(9).normal(size=(2, 21, 32)), jnp.float32)
   make = lambda impl: layers.Attention(num_heads=4, num_kv_heads=2, head_dim=16,
@@ -280,6 +379,10 @@ def test_invalid_arguments_raise():
     flash_attention(q, k, v, normalizer="sigmoid", return_residuals=True, interpret=True)
   with pytest.raises(ValueError, match="return_residuals"):
     flash_attention(q, k, v, return_residuals=True, backend="tpu", interpret=True)
+  with pytest.raises(ValueError, match="return_residuals"):
+    flash_attention(q, k, v, normalizer="signed", return_residuals=True, interpret=True)
+  with pytest.raises(ValueError, match="normalizer='signed' is implemented by the GPU kernel"):
+    flash_attention(q, k, v, normalizer="signed", backend="tpu", interpret=True)
   with pytest.raises(ValueError, match="value head_dim from 1 to 256"):
     flash_attention(q, k, jnp.zeros(v.shape[:3] + (300,)), interpret=True)
   with pytest.raises(ValueError, match="batch"):

@@ -242,8 +242,8 @@ def test_attention_refuses_undeclared_arguments_and_forms():
   x = jnp.ones((1, 4, 8))
   init = lambda **kw: jax.eval_shape(  # pylint: disable=unnecessary-lambda-assignment
       Attention(num_heads=2, **kw).init, jax.random.key(0), x)
-  with pytest.raises(ValueError, match="op 'cog' takes no `implementation` argument"):
-    init(op="cog", implementation="xla")
+  with pytest.raises(ValueError, match="op 'clipped_softmax' takes no `implementation` argument"):
+    init(op="clipped_softmax", implementation="xla")
   with pytest.raises(ValueError, match="op 'lightning' takes no `bias` argument"):
     init(op="lightning", op_args={"bias": jnp.zeros((1, 1, 4, 4))})
   with pytest.raises(ValueError, match="op 'agent' has no decoding form"):

@@ -68,9 +68,9 @@ def _ngpt_form(query, key, scale, **op_args):
   return query, key, ngpt_scale(query.shape[-1], scale)
 
 
-@register("ngpt", segment_ids=True, softmax_form=_ngpt_form)
+@register("ngpt", segment_ids=True, implementation=True, softmax_form=_ngpt_form)
 def ngpt_attention(query, key, value, *, mask=None, is_causal=False, scale=None, s_qk=None,
-                   s_k=None, segment_ids=None):
+                   s_k=None, segment_ids=None, implementation=None):
   """nGPT attention (Loshchilov et al., 2024, "nGPT: Normalized Transformer with Representation
   Learning on the Hypersphere", Section 2.3):
 
@@ -91,6 +91,8 @@ def ngpt_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
     s_qk: query (and by default key) scaling; None means 1 (plain cosine attention).
     s_k: separate key scaling `[num_kv_heads, head_dim]` (grouped-query attention).
     segment_ids: as in `dot_product_attention`.
+    implementation: backend of the inner `dot_product_attention` ("pallas": the flash
+      kernel on the normalised queries and keys).
 
   Returns:
     `[batch, q_len, num_heads, value_dim]` in the query's dtype.
@@ -99,7 +101,7 @@ def ngpt_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
   q, k = normalize_qk(query, key, s_qk=s_qk, s_k=s_k)
   return dot_product_attention(q, k, value, mask=mask, is_causal=is_causal,
                                segment_ids=segment_ids, scale=ngpt_scale(dims.head_dim, scale),
-                               implementation="xla")
+                               implementation=implementation)
 
 
 @register_params("ngpt")

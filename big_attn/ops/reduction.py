@@ -48,6 +48,17 @@ def _reduce(x, grid, size, kernel):
 
 # PVT's and Twins-SVT's reduction ratio of the first stage (R = 8; 4, 2, 1 later).
 PVT_REDUCTION = 8
+# The fewest reduced keys per side the default ratio leaves (a side shorter than this keeps its
+# tokens): R = 8 on a side of 4 would leave one key, and softmax over one key passes no gradient
+# to the queries.
+MIN_REDUCED_SIDE = 2
+
+
+def default_reduction(grid: tuple[int, int]) -> tuple[int, int]:
+  """PVT's R = 8 per side, clipped to the largest divisor of the side that leaves at least
+  `MIN_REDUCED_SIDE` reduced tokens along it (1 for a side shorter than that)."""
+  return tuple(common.largest_divisor(side, max(1, min(PVT_REDUCTION, side // MIN_REDUCED_SIDE)))
+               for side in grid)
 
 
 @register("spatial_reduction", causal=False, implementation=True, grid=True)
@@ -81,7 +92,9 @@ def spatial_reduction_attention(query, key, value, *, mask=None, is_causal=False
     scale: logit scale `s`; `1/sqrt(head_dim)` when None.
     grid: required `(h, w)` of the key/value image.
     reduction: ratio r (an int or `(r_h, r_w)`) dividing `(h, w)`; default PVT's and Twins'
-      first-stage R = 8, per side the largest divisor of the grid's side up to 8.
+      first-stage R = 8, per side the largest divisor of the grid's side up to 8 that leaves
+      at least 2 reduced tokens along the side (`default_reduction`: 4 on an 8 x 8 map, 2 on
+      4 x 4).
     method: "avg" or "conv".
     sr_key_kernel, sr_value_kernel: `method="conv"` weights, `[r_h, r_w, channels]` (shared
       by all kv heads, as MViTv2) or `[r_h, r_w, num_kv_heads, channels]`.
@@ -93,7 +106,8 @@ def spatial_reduction_attention(query, key, value, *, mask=None, is_causal=False
   common.check_no_causal("spatial_reduction", is_causal)
   dims = common.check_qkv(query, key, value)
   grid = windowed.check_grid(grid, dims.kv_len)
-  size = windowed.check_partition("reduction", reduction, grid, PVT_REDUCTION)
+  size = (default_reduction(grid) if reduction is None
+          else windowed.check_partition("reduction", reduction, grid, PVT_REDUCTION))
   if method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
   if method == "conv":

@@ -14,11 +14,12 @@ import jax.numpy as jnp
 from big_attn.ops import checks
 from big_attn.ops import common
 from big_attn.ops.registry import BlockForm, OpParams, register, register_params
-from big_attn.ops.softmax import dot_product_attention
+from big_attn.ops.softmax import dot_product_attention, pallas_attention
 
 NORMALIZATIONS = ("standardize", "scale")
 # α of clipped softmax's γ = -α/T when neither `gamma` nor `alpha` is given (its docstring).
 DEFAULT_CLIP_ALPHA = 0.5
+COG_IMPLEMENTATIONS = (None, "xla", "pallas")
 
 
 def _per_head(name: str, x, dims: common.Dims) -> jax.Array:
@@ -165,9 +166,9 @@ def _cog_block_form(query, key, scale) -> BlockForm:
   return BlockForm("cog", query, key, scale)
 
 
-@register("cog", segment_ids=True, block_form=_cog_block_form)
+@register("cog", segment_ids=True, implementation=True, block_form=_cog_block_form)
 def cog_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
-                  segment_ids=None, local_window_size=None):
+                  segment_ids=None, local_window_size=None, implementation=None):
   """Cog attention (More Expressive Attention with Negative Weights, Lv et al. 2024).
 
   w_ij = sign(s_ij) · exp(|s_ij|) / Σ_{j' unmasked} exp(|s_ij'|),  s = scale·QKᵀ;  out = W V
@@ -179,10 +180,23 @@ def cog_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
   Args:
     query, key, value: `[batch, seq, heads, head_dim]`; key/value heads divide query heads.
     mask, is_causal, scale, segment_ids, local_window_size: as `dot_product_attention`.
+    implementation: None or "xla": the XLA computation; "pallas": the flash kernel's signed
+      normalizer (`pallas_kernels.flash_attention(normalizer="signed")`, an online softmax of
+      |S| whose weights carry the signs; GPU kernel, in the Pallas interpreter on CPU), which
+      takes masks as `is_causal`, `segment_ids` and `local_window_size` (no `mask` array).
 
   Returns:
     `[batch, q_len, num_heads, value_dim]` in the query's dtype.
   """
+  if implementation not in COG_IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {COG_IMPLEMENTATIONS}, got "
+                     f"{implementation!r}")
+  if implementation == "pallas":
+    dims = common.check_qkv(query, key, value)
+    return pallas_attention(query, key, value, mask=mask, caller="cog ", normalizer="signed",
+                            scale=common.default_scale(dims.head_dim, scale),
+                            is_causal=is_causal, segment_ids=segment_ids,
+                            local_window_size=local_window_size)
   dims, logits, gmask = common.scores(query, key, value, mask=mask, is_causal=is_causal,
                                       scale=scale, segment_ids=segment_ids,
                                       local_window_size=local_window_size)

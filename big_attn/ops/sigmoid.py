@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from big_attn.ops import checks
 from big_attn.ops import common
 from big_attn.ops.registry import BlockForm, register
-from pallas_kernels.flash_attention import api as flash_api
+from big_attn.ops.softmax import pallas_attention
 
 IMPLEMENTATIONS = (None, "xla", "pallas")
 
@@ -37,20 +37,15 @@ def _check_logit_bias(logit_bias, kv_len: int) -> jax.Array:
 
 def _flash_sigmoid(query, key, value, *, mask, bias, logit_bias, scale, **kwargs):
   """`sigmoid_attention` through the FlashSigmoid kernel of `pallas_kernels.flash_attention`."""
-  for name, x in (("mask", mask), ("bias", bias)):
-    if x is not None:
-      raise ValueError(
-          f"sigmoid implementation='pallas' does not support a {name} array; express the mask "
-          "with is_causal, segment_ids or local_window_size, or use implementation='xla'")
   if logit_bias is not None and (isinstance(logit_bias, bool)
                                  or not isinstance(logit_bias, (int, float))):
     raise TypeError("sigmoid implementation='pallas' takes logit_bias as a Python number, got "
                     f"{type(logit_bias).__name__}")
   dims = common.check_qkv(query, key, value)
-  return flash_api.flash_attention(
-      query, key, value, scale=common.default_scale(dims.head_dim, scale), normalizer="sigmoid",
-      sigmoid_bias=None if logit_bias is None else float(logit_bias),
-      interpret=jax.default_backend() == "cpu", **kwargs)
+  return pallas_attention(
+      query, key, value, mask=mask, bias=bias, caller="sigmoid ",
+      scale=common.default_scale(dims.head_dim, scale), normalizer="sigmoid",
+      sigmoid_bias=None if logit_bias is None else float(logit_bias), **kwargs)
 
 
 def _sigmoid_block_form(query, key, scale, *, logit_bias=None, logits_soft_cap=None):

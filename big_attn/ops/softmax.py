@@ -77,15 +77,18 @@ def default_implementation(query, key, value, bias=None, mask=None, *, is_causal
   return "xla"
 
 
-def _pallas_attention(query, key, value, bias, mask, **kwargs):
-  """`pallas_kernels.flash_attention`; on CPU it runs in the Pallas interpreter (slow: tests)."""
+def pallas_attention(query, key, value, *, bias=None, mask=None, caller="", **kernel_args):
+  """`pallas_kernels.flash_attention(**kernel_args)` for an op's `implementation="pallas"`
+  (on CPU in the Pallas interpreter: slow, for tests); a `bias` or `mask` array raises a
+  ValueError naming `caller` (the kernel takes masks as is_causal, segment_ids and
+  local_window_size)."""
   for name, x in (("bias", bias), ("mask", mask)):
     if x is not None:
       raise ValueError(
-          f"implementation='pallas' does not support a {name} array; express the mask with "
-          "is_causal, segment_ids or local_window_size, or use implementation='xla'")
+          f"{caller}implementation='pallas' does not support a {name} array; express the "
+          "mask with is_causal, segment_ids or local_window_size, or use implementation='xla'")
   return flash_api.flash_attention(query, key, value, interpret=jax.default_backend() == "cpu",
-                                   **kwargs)
+                                   **kernel_args)
 
 
 def _seq_length_mask(name: str, lengths, batch: int, length: int) -> jax.Array | None:
@@ -202,8 +205,8 @@ def _attention(query, key, value, bias, mask, *, scale, is_causal, segment_ids,
         query, key, value, bias, mask, is_causal=is_causal, segment_ids=segment_ids,
         local_window_size=local_window_size, logits_soft_cap=logits_soft_cap)
   if implementation == "pallas":
-    return _pallas_attention(
-        query, key, value, bias, mask, scale=scale, is_causal=is_causal,
+    return pallas_attention(
+        query, key, value, bias=bias, mask=mask, scale=scale, is_causal=is_causal,
         segment_ids=segment_ids, local_window_size=local_window_size,
         logits_soft_cap=logits_soft_cap)
   if implementation == "cudnn":

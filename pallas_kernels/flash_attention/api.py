@@ -33,8 +33,10 @@ def flash_attention(query, key, value, *, segment_ids=None, is_causal=False, sca
                     return_residuals=False):
   """Memory-efficient exact attention (FlashAttention-2, Dao 2023) in Pallas; differentiable.
 
-  out = softmax(S) V, or σ(S + b) V for `normalizer="sigmoid"` (FlashSigmoid, Ramapuram et al.
-  2024), with S = cap·tanh(scale·QKᵀ/cap) (cap optional) restricted to the visible pairs. The
+  out = softmax(S) V, σ(S + b) V for `normalizer="sigmoid"` (FlashSigmoid, Ramapuram et al.
+  2024), or (sign(S) ∘ softmax(|S|)) V for `normalizer="signed"` (Cog attention, Lv et al.
+  2024; GPU kernel only), with S = cap·tanh(scale·QKᵀ/cap) (cap optional) restricted to the
+  visible pairs. The
   `[q_len, kv_len]` matrix is never stored: forward and backward work tile by tile and keep
   only a float32 log-sum-exp per query row. Same semantics as
   `big_attn.ops.dot_product_attention`; a query row with nothing to attend to returns zeros.
@@ -53,7 +55,7 @@ def flash_attention(query, key, value, *, segment_ids=None, is_causal=False, sca
     scale: logit scale (a Python number); `1/sqrt(head_dim)` when None.
     local_window_size: int or `(left, right)`: query i attends keys in `[i-left, i+right]`.
     logits_soft_cap: if set, logits become `cap * tanh(logits / cap)`.
-    normalizer: "softmax" or "sigmoid".
+    normalizer: "softmax", "sigmoid" or "signed".
     sigmoid_bias: the constant b of the sigmoid normalizer (a Python number); `-log(kv_len)`
       when None.
     block_sizes: the backend's tile sizes (`pallas_kernels.BlockSizes` for the GPU kernel,
@@ -76,9 +78,11 @@ def flash_attention(query, key, value, *, segment_ids=None, is_causal=False, sca
   if _resolve_backend(backend, interpret) == "triton":
     return gpu_triton.flash_attention_triton(query, key, value,
                                              return_residuals=return_residuals, **kwargs)
-  if return_residuals:
-    raise ValueError("return_residuals=True is implemented by the GPU kernel only "
-                     "(backend 'gpu'), not by the TPU kernel")
+  for name, unsupported in (("return_residuals=True", return_residuals),
+                           ("normalizer='signed'", normalizer == "signed")):
+    if unsupported:
+      raise ValueError(f"{name} is implemented by the GPU kernel only (backend 'gpu'), not by "
+                       "the TPU kernel")
   return _tpu().flash_attention_tpu(query, key, value, **kwargs)
 
 

@@ -16,6 +16,12 @@ query heads that share its key/value head (GQA without repeating K/V).
 Practices for Sigmoid Self-Attention"): P = σ(S + b), b = -log(kv_len) by default, O = P V with
 no row statistics at all, and dS = (dO Vᵀ) ∘ P ∘ (1 - P).
 
+`normalizer="signed"` is Cog attention's signed softmax (Lv et al., 2024, "More Expressive
+Attention with Negative Weights"): the online softmax runs on |S| and the weights carry the
+signs, W = sign(S) ∘ 2^(|S|-L), O = W V; the backward uses dV = Wᵀ dO and
+dS = sign(S) ∘ P ∘ (sign(S) ∘ dO Vᵀ - Δ) with P = 2^(|S|-L) and the same
+Δ = rowsum(dO ∘ O).
+
 Masks never become arrays in memory. Causal (query i sees keys j <= i, top-left aligned as in
 `jax.nn.dot_product_attention`) and local windows (`(left, right)`: keys in [i-left, i+right])
 shorten every loop to the band of blocks that can hold a visible pair: the loop bounds are
@@ -77,7 +83,7 @@ from big_attn import compat
 from pallas_kernels import common
 
 MAX_HEAD_DIM = 256
-NORMALIZERS = ("softmax", "sigmoid")
+NORMALIZERS = ("softmax", "sigmoid", "signed")
 _LOG2E = math.log2(math.e)
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 _MIN_BLOCK = 16  # Triton's `tl.dot` needs every matmul dimension >= 16.
@@ -202,6 +208,7 @@ class _Config:
   right: int | None   # largest visible j - i (None: unbounded; 0 when causal)
   soft_cap: float | None
   sigmoid_bias: float | None  # None: softmax
+  signed: bool  # Cog's signed softmax: weights sign(S)·softmax(|S|)
   kv_padded: bool
   head_dim: int   # the arrays' sizes; tiles are `padded_head_dim` wide
   value_dim: int
@@ -221,7 +228,10 @@ def _dot(a, b, *, trans_a=False, trans_b=False):
 
 def _load(ref, idx, size: int):
   """`ref[idx]` (`idx` None: the whole ref) of a tile whose last dim is padded past the array's
-  `size` columns: those read as zeros (a masked load, as in JAX's Pallas attention)."""
+  `size` columns: those read as zeros (a masked load, as in JAX's Pallas attention). Python
+  ints in `idx` become int32 scalars (the interpreter's masked load takes no literal index)."""
+  if idx is not None:
+    idx = tuple(jnp.int32(i) if isinstance(i, int) else i for i in idx)
   target = ref if idx is None else ref.at[idx]
   if ref.shape[-1] == size:
     return target[...]
@@ -380,6 +390,9 @@ def _fwd_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, *lse_ref,
   def softmax_body(kb, carry, positions):
     acc, m, l = carry
     s2, v, mask = tile(kb, positions)
+    sign = jnp.sign(s2) if cfg.signed else None
+    if cfg.signed:
+      s2 = jnp.abs(s2)
     if mask is not None:
       s2 = jnp.where(mask, s2, _MASK_VALUE)
     m_new = jnp.maximum(m, jnp.max(s2, axis=-1))
@@ -388,7 +401,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, *lse_ref,
     if mask is not None:
       p = jnp.where(mask, p, 0.0)
     l_new = alpha * l + jnp.sum(p, axis=-1)
-    acc_new = alpha[:, None] * acc + _dot(p.astype(v.dtype), v)
+    w = p if sign is None else sign * p
+    acc_new = alpha[:, None] * acc + _dot(w.astype(v.dtype), v)
     return acc_new, m_new, l_new
 
   band = _kv_band(q_first, block_q, block_k, cfg)
@@ -443,16 +457,24 @@ def _forward(q, k, v, q_seg, kv_seg, *, cfg: _Config, blocks: BlockSizes, interp
 # Backward.
 # ---------------------------------------------------------------------------------------------
 def _grad_logits(q, k, v, do, lse, delta, mask, cfg: _Config):
-  """(P, dS) of a tile; dS is the gradient w.r.t. scale·qkᵀ (before the soft cap)."""
+  """(W, dS) of a tile: the weights W of the values (P, or sign(S)·P for the signed
+  normalizer) and dS, the gradient w.r.t. scale·qkᵀ (before the soft cap)."""
   s2, t = _logits(q, k, cfg)
   if cfg.sigmoid:
     p = _sigmoid2(s2, cfg)
   else:
-    p = jnp.exp2(s2 - lse[:, None])
+    p = jnp.exp2((jnp.abs(s2) if cfg.signed else s2) - lse[:, None])
   if mask is not None:
     p = jnp.where(mask, p, 0.0)
   dp = _dot(do, v, trans_b=True)
-  ds = dp * p * (1.0 - p) if cfg.sigmoid else p * (dp - delta[:, None])
+  if cfg.sigmoid:
+    ds = dp * p * (1.0 - p)
+  elif cfg.signed:
+    sign = jnp.sign(s2)
+    ds = sign * p * (sign * dp - delta[:, None])
+    p = sign * p
+  else:
+    ds = p * (dp - delta[:, None])
   if t is not None:
     ds = ds * (1.0 - t * t)
   return p, ds
@@ -629,7 +651,7 @@ def _pad_to(x: Any, length: int, axis: int):
 
 
 def _setup(q_len, kv_len, head_dim, value_dim, *, scale, left, right, logits_soft_cap,
-           sigmoid_bias, block_sizes):
+           sigmoid_bias, block_sizes, signed=False):
   """Tiles fitted to the lengths, the padded lengths and the kernels' `_Config`."""
   blocks = BlockSizes(
       block_q=_fit(block_sizes.block_q, q_len), block_k=_fit(block_sizes.block_k, kv_len),
@@ -641,7 +663,8 @@ def _setup(q_len, kv_len, head_dim, value_dim, *, scale, left, right, logits_sof
   q_pad = pl.cdiv(q_len, m := max(blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq)) * m
   kv_pad = pl.cdiv(kv_len, m := max(blocks.block_k, blocks.block_kv_dkv, blocks.block_kv_dq)) * m
   cfg = _Config(q_len=q_len, kv_len=kv_len, scale=scale, left=left, right=right,
-                soft_cap=logits_soft_cap, sigmoid_bias=sigmoid_bias, kv_padded=kv_pad != kv_len,
+                soft_cap=logits_soft_cap, sigmoid_bias=sigmoid_bias, signed=signed,
+                kv_padded=kv_pad != kv_len,
                 head_dim=head_dim, value_dim=value_dim)
   return blocks, q_pad, kv_pad, cfg
 
@@ -654,17 +677,17 @@ def _pad_segments(segments, q_pad: int, kv_pad: int):
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "is_causal", "scale", "window", "logits_soft_cap", "sigmoid_bias", "block_sizes",
+    "is_causal", "scale", "window", "logits_soft_cap", "sigmoid_bias", "signed", "block_sizes",
     "interpret", "return_residuals"))
 def _flash_attention(query, key, value, segments, *, is_causal, scale, window, logits_soft_cap,
-                     sigmoid_bias, block_sizes, interpret, return_residuals):
+                     sigmoid_bias, signed, block_sizes, interpret, return_residuals):
   q_len, kv_len = query.shape[1], key.shape[1]
   left, right = window if window is not None else (None, None)
   if is_causal:
     right = 0 if right is None else min(right, 0)
   blocks, q_pad, kv_pad, cfg = _setup(
       q_len, kv_len, query.shape[3], value.shape[3], scale=scale, left=left, right=right, logits_soft_cap=logits_soft_cap,
-      sigmoid_bias=sigmoid_bias, block_sizes=block_sizes)
+      sigmoid_bias=sigmoid_bias, block_sizes=block_sizes, signed=signed)
   q_seg, kv_seg = _pad_segments(segments, q_pad, kv_pad)
   out, lse2 = _flash(*_pad_inputs(query, key, value, q_pad, kv_pad), q_seg, kv_seg, cfg, blocks,
                      interpret)
@@ -692,8 +715,8 @@ def check_args(query, key, value, *, segment_ids, scale, local_window_size, logi
   if normalizer not in NORMALIZERS:
     raise ValueError(f"normalizer must be one of {NORMALIZERS}, got {normalizer!r}")
   if return_residuals and normalizer != "softmax":
-    raise ValueError("return_residuals=True needs normalizer='softmax' (the sigmoid normalizer "
-                     "has no log-sum-exp)")
+    raise ValueError("return_residuals=True needs normalizer='softmax' (the log-sum-exp is "
+                     f"that of the softmax), got normalizer={normalizer!r}")
   if logits_soft_cap is not None:
     logits_soft_cap = float(logits_soft_cap)
     if not logits_soft_cap > 0:
@@ -737,8 +760,8 @@ def flash_attention_triton(query, key, value, *, segment_ids=None, is_causal=Fal
     return (out, lse) if return_residuals else out
   return _flash_attention(
       query, key, value, segments, is_causal=bool(is_causal), scale=scale, window=window,
-      logits_soft_cap=cap, sigmoid_bias=sigmoid_bias, block_sizes=block_sizes,
-      interpret=bool(interpret), return_residuals=bool(return_residuals))
+      logits_soft_cap=cap, sigmoid_bias=sigmoid_bias, signed=normalizer == "signed",
+      block_sizes=block_sizes, interpret=bool(interpret), return_residuals=bool(return_residuals))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ def flash_attention_reference(query, key, value, *, segment_ids=None, is_causal=
                               scale=None, local_window_size=None, logits_soft_cap=None,
                               normalizer="softmax", sigmoid_bias=None, block_sizes=None,
                               backend=None, interpret=False, return_residuals=False):
-  """softmax(S) V or σ(S + b) V with S = cap·tanh(scale·QKᵀ/cap), masked, in float32.
+  """softmax(S) V, σ(S + b) V or (sign(S) ∘ softmax(|S|)) V with S = cap·tanh(scale·QKᵀ/cap),
+  masked, in float32.
 
   Masked keys get zero weight; a query row with nothing to attend to returns zeros. K/V heads
   are shared by groups of query heads (GQA) through a grouped einsum, never repeated.
@@ -44,6 +45,8 @@ def flash_attention_reference(query, key, value, *, segment_ids=None, is_causal=
     weights = jax.nn.sigmoid(logits + sigmoid_bias)
     if mask is not None:
       weights = jnp.where(mask, weights, 0.0)
+  elif normalizer == "signed":
+    weights = jnp.sign(logits) * common.masked_softmax(jnp.abs(logits), mask)
   else:
     weights = common.masked_softmax(logits, mask)
   out = common.weighted_values(weights, value, dims).astype(query.dtype)
