@@ -30,6 +30,7 @@ def _case(name):
                               dwc_kernel=normal(5, KH, D), dwc_bias=normal(KH, D)),
                          dict(chunk_size=2)),
       "lognormal_linear": ({}, dict(chunk_size=2)),
+      "fast": ({}, dict(chunk_size=2, scale=1.5)),
       "retention": (dict(gamma=decays), dict(chunk_size=2)),
       "latte": (dict(latents=normal(H, 3, D)), dict(chunk_size=2)),
   }[name]

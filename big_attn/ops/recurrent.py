@@ -1,6 +1,6 @@
 """The recurrent (state) form of the causal linear and recurrent ops, for decoding and LASP.
 
-For causal attention `lightning`, `performer`, `focused_linear`, `lognormal_linear`,
+For causal attention `lightning`, `performer`, `focused_linear`, `fast`, `lognormal_linear`,
 `retention` and `latte` need, at token t, only a fixed-size state of the tokens before it:
 
     S_t = λ·S_{t−1} + φ(k_t) v_tᵀ,   z_t = λ·z_{t−1} + φ(k_t),   out_t = φ(q_t)ᵀS_t / φ(q_t)ᵀz_t
@@ -244,6 +244,21 @@ def _focused_linear(query, key, value, *, power=linear.FOCUSED_POWER, feature_sc
                       dwc=None if dwc_kernel is None else (dwc_kernel, dwc_bias))
 
 
+def _fast(query, key, value, *, scale=None, order=linear.FAST_ORDER, eps=linear.FAST_EPS,
+          chunk_size=linear.CHUNK_SIZE) -> StateForm:
+  dims = common.check_qkv(query, key, value)
+  scale = 1.0 if scale is None else scale
+
+  def features(qg, kg, state):
+    del state
+    return (linear._taylor_features(qg, order, scale, eps),
+            linear._taylor_features(kg, order, scale, eps), None)
+
+  return _linear_form("fast", query, key, value, features,
+                      num_features=sum(dims.head_dim ** n for n in range(order + 1)),
+                      chunk=chunk_size)
+
+
 def _lognormal_linear(query, key, value, *, scale=None, alpha=None, beta=None,
                       chunk_size=linear.CHUNK_SIZE) -> StateForm:
   dims = common.check_qkv(query, key, value)
@@ -313,6 +328,7 @@ STATE_FORMS: dict[str, Callable[..., StateForm]] = {
     "lightning": _lightning,
     "performer": _performer,
     "focused_linear": _focused_linear,
+    "fast": _fast,
     "lognormal_linear": _lognormal_linear,
     "retention": _retention,
     "latte": _latte,
