@@ -41,11 +41,18 @@ def test_expectation_covers_every_op_in_every_model():
 
 
 def test_recorded_refusals_are_refused_up_front():
-  refused = [(key, op) for key, row in EXPECTED.items() for op, (status, _) in row.items()
+  """Every refusal on one device (the model's up-front check of the op), and the first two (by
+  op name) of each other path, whose refusals come from one registry check each
+  (`ops.check_form`, the kernel's argument check) and cost a traced initialisation apiece."""
+  refused = [(key, op) for key, row in EXPECTED.items() for op, (status, _) in sorted(row.items())
              if status == "refused"]
   assert {op_matrix.split_key(key)[1] for key, _ in refused} >= {"single", "kernel"}
+  checked = {}
   for key, op in refused:
     model_name, column = op_matrix.split_key(key)
+    if column != "single" and checked.setdefault(key, 0) >= 2:
+      continue
+    checked[key] = checked.get(key, 0) + 1
     status, reason = op_matrix.run_cell(model_name, op, trace_only=True, column=column)
     assert status == "refused", (key, op, status, reason)
     assert repr(op) in reason, reason
