@@ -21,6 +21,7 @@ of any floating dtype are computed in (at least) float32 and returned in the que
 """
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import math
 from typing import NamedTuple
@@ -334,12 +335,19 @@ def orthogonal_random_features(key, num_features: int, head_dim: int, *,
   num_features = checks.positive_int("num_features", num_features)
   head_dim = checks.positive_int("head_dim", head_dim)
   if isinstance(key, (int, np.integer)):
-    # A seed fixes W: drawn while tracing, so a jitted caller holds a constant instead of
-    # running the QR on every call (at 512 tokens that QR cost as much as the attention).
-    with jax.ensure_compile_time_eval():
-      return _orthogonal_random_features(jax.random.key(int(key)), num_features, head_dim,
-                                         jnp.dtype(dtype))
+    return _seeded_features(int(key), num_features, head_dim, jnp.dtype(dtype).name)
   return _orthogonal_random_features(key, num_features, head_dim, jnp.dtype(dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def _seeded_features(seed: int, num_features: int, head_dim: int, dtype: str) -> np.ndarray:
+  """A seed fixes W: drawn once, as a NumPy constant, so a jitted caller holds a constant
+  instead of running the QR on every call (at 512 tokens that QR cost as much as the
+  attention). Drawn on a thread of its own: JAX's trace and mesh contexts are per thread, so
+  the draw is concrete also when the caller is being traced (inside `jit` or `shard_map`)."""
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    return pool.submit(lambda: np.asarray(_orthogonal_random_features(
+        jax.random.key(seed), num_features, head_dim, jnp.dtype(dtype)))).result()
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
