@@ -212,18 +212,18 @@ def _temp_bytes(fn, seq_len):
 
 
 def test_compiled_memory_grows_linearly():
-  """Forward + backward temporaries at 512 and 2048 tokens: 4x for the kernel (tiles and
-  per-row statistics), 16x for the reference that builds the [q_len, kv_len] matrix. The
+  """Forward + backward temporaries at 512 and 1024 tokens: 2x for the kernel (tiles and
+  per-row statistics), 4x for the reference that builds the [q_len, kv_len] matrix. The
   interpreter lowers the kernels to XLA loops over the grid with block-sized buffers, so its
   temporaries are the ones a compiled kernel would hold per program, times nothing else."""
   blocks = BlockSizes(64, 64, 64, 64, 64, 64)
   kernel = lambda q, k, v: flash_attention(q, k, v, is_causal=True, block_sizes=blocks,
                                            interpret=True)
   ref = lambda q, k, v: flash_attention_reference(q, k, v, is_causal=True)
-  kernel_growth = _temp_bytes(kernel, 2048) / _temp_bytes(kernel, 512)
-  ref_growth = _temp_bytes(ref, 2048) / _temp_bytes(ref, 512)
-  assert kernel_growth < 5.0, kernel_growth
-  assert ref_growth > 12.0, ref_growth
+  kernel_growth = _temp_bytes(kernel, 1024) / _temp_bytes(kernel, 512)
+  ref_growth = _temp_bytes(ref, 1024) / _temp_bytes(ref, 512)
+  assert kernel_growth < 2.5, kernel_growth
+  assert ref_growth > 3.5, ref_growth
 
 
 def test_reference_matches_float64():
