@@ -164,12 +164,7 @@ MASKED_LOGIT = -0.7 * float(np.finfo(np.float32).max)
 
 def masked_softmax(logits: Array, mask: Array | None) -> Array:
   """Softmax over the last axis in float32; rows with nothing to attend to give zeros."""
-  logits = logits.astype(jnp.float32)
-  if logits.ndim == 5 and logits.shape[2] == 1:
-    # Grouped logits `[b, k, 1, t, s]` without GQA: the 4-D chain fuses with the q·k matmul
-    # of `attention_logits` (XLA:CPU copies the 5-D logits once more before the max).
-    return _masked_softmax(logits[:, :, 0], None if mask is None else mask[:, :, 0])[:, :, None]
-  return _masked_softmax(logits, mask)
+  return _masked_softmax(logits.astype(jnp.float32), mask)
 
 
 @jax.custom_jvp
@@ -209,16 +204,11 @@ def _to_grouped_mask(m: Array, dims: Dims) -> Array:
 
 def attention_logits(query: Array, key: Array, dims: Dims, scale: float) -> Array:
   """Scaled `q·k` in float32, grouped: `[b, k, g, t, s]` (no copy of K per query head)."""
-  scale = jnp.float32(scale)
-  if dims.groups == 1:
-    # Without GQA, the 4-D product (as jax.nn's) lets XLA fuse it with the softmax that follows.
-    logits = jnp.einsum("btkd,bskd->bkts", query, key, preferred_element_type=jnp.float32)
-    return (logits * scale)[:, :, None]
   # Query in the logits' order [b, k, g, t, d] first (a transpose of the small array), so the
   # matmul writes [b, k, g, t, s] directly, and the scale fuses into it.
   q = jnp.transpose(group_query(query, dims.num_kv_heads), (0, 2, 3, 1, 4))
   logits = jnp.einsum("bkgtd,bskd->bkgts", q, key, preferred_element_type=jnp.float32)
-  return logits * scale
+  return logits * jnp.float32(scale)
 
 
 def grouped(x: Array | None, dims: Dims) -> Array | None:
