@@ -228,14 +228,14 @@ class Attention(nn.Module):
       if name in op_args and not getattr(spec, name):
         raise ValueError(f"attention op {self.op!r} takes no `{name}` argument (it is not "
                          f"registered with {name}=True)")
-    cached = self.decode and ops.decoding_form(self.op) != "inputs"
+    decoding = ops.decoding_form(self.op) if self.decode else None
+    cached = decoding in ("kv_cache", "state")
     if cached or self.seq_parallel is not None:
       if mask is not None:
         raise ValueError("sequence-parallel and cached attention take segment_ids and "
                          "is_causal, not a mask")
       op_args.pop("implementation", None)
-      form = ops.decoding_form(self.op) if cached else ops.sequence_parallel_form(self.op)
-      if form == "state":
+      if (decoding if cached else ops.sequence_parallel_form(self.op)) == "state":
         if segment_ids is not None:
           raise ValueError(f"attention op {self.op!r} passes one recurrent state per row: "
                            "packed sequences (segment_ids) are not supported in sequence-"
@@ -245,8 +245,8 @@ class Attention(nn.Module):
         return self.seq_parallel.linear_state(self.op, query, key, value,
                                               is_causal=is_causal, **op_args)
       if not cached:
-        form = spec.block_form(query, key, op_args.pop("scale", None), **op_args)
-        return self.seq_parallel.attend_form(form, value, is_causal=is_causal,
+        block = spec.block_form(query, key, op_args.pop("scale", None), **op_args)
+        return self.seq_parallel.attend_form(block, value, is_causal=is_causal,
                                              segment_ids=segment_ids)
       window = op_args.pop("local_window_size", None)
       query, key, scale = spec.softmax_form(query, key, op_args.pop("scale", None), **op_args)
