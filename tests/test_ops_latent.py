@@ -209,6 +209,24 @@ def test_latte_causal_ignores_the_future():
   op_checks.assert_causal_ignores_future(op, _qkv(t=13, k=2), cut=7)
 
 
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_latte_packed_rows_equal_separate_segments(is_causal):
+  args = dict(latents=ref.normal(3, (4, 5, 8)), chunk_size=4)  # runs cross chunk borders
+  op_checks.assert_packed_rows_match_segments(ops.get("latte"), args, lambda n: args,
+                                              is_causal=is_causal, lengths=(3, 6, 4))
+
+
+def test_latte_causal_segments_must_be_runs():
+  q, k, v = _qkv(t=6, k=2)
+  w = ref.normal(3, (4, 5, 8))
+  op = ops.get("latte")
+  with pytest.raises(ValueError, match="runs of equal ids"):
+    op(q, k, v, latents=w, is_causal=True, segment_ids=jnp.asarray([[0, 0, 1, 1, 0, 0]] * 2))
+  seg = jnp.zeros((2, 6), jnp.int32)
+  with pytest.raises(ValueError, match="one \\[batch, seq\\] array"):
+    op(q, k, v, latents=w, is_causal=True, segment_ids=(seg, seg))
+
+
 def test_latte_bad_args():
   q, k, v = _qkv(t=9, k=2)
   op = ops.get("latte")

@@ -257,7 +257,7 @@ def agent_attention(query, key, value, *, mask=None, is_causal=False, scale=None
   return common.apply_row_mask(out, common.make_mask(dims, mask=mask), dims).astype(query.dtype)
 
 
-def _latte_causal(probs_l, logits, valid, value, chunk_size, initial=None):
+def _latte_causal(probs_l, logits, valid, value, chunk_size, initial=None, segment_ids=None):
   """Chunked causal Latte in grouped layout, linear in the sequence length.
 
   probs_l: `[b, t, k, g, L]` softmax over latents of the queries; logits: `[b, t, k, g, L]`
@@ -266,6 +266,10 @@ def _latte_causal(probs_l, logits, valid, value, chunk_size, initial=None):
   Inside a chunk every (t, l) gets its own running max, so nothing under- or overflows.
   `initial` is that carry after earlier tokens (empty when None); returns the output
   `[b, t, k, g, dv]` and the carry after the last token.
+
+  `segment_ids` `[b, t]` (packed rows, each segment a run of equal ids): a token attends to the
+  earlier tokens of its run only; the carry holds the run of the chunk's last token, and a
+  token of another run starts from an empty state.
   """
   b, t, k, g, num_latents = logits.shape
   dv = value.shape[-1]
@@ -276,6 +280,8 @@ def _latte_causal(probs_l, logits, valid, value, chunk_size, initial=None):
     probs_l, logits, value = padding(probs_l), padding(logits), padding(value)
     valid = jnp.pad(jnp.broadcast_to(valid, (valid.shape[0], t) + valid.shape[2:]),
                     [(0, 0), (0, pad), (0, 0), (0, 0), (0, 0)])
+    if segment_ids is not None:  # padding continues the last run: the carry stays its state
+      segment_ids = jnp.pad(segment_ids, [(0, 0), (0, pad)], mode="edge")
   n_chunks = (t + pad) // c
   logits = jnp.where(valid, logits, common.MASKED_LOGIT)
 
@@ -286,14 +292,22 @@ def _latte_causal(probs_l, logits, valid, value, chunk_size, initial=None):
 
   @jax.checkpoint
   def step(carry, xs):
-    m_old, s_old, d_old = carry  # [b,k,g,L], [b,k,g,L,dv], [b,k,g,L]
-    p_c, z_c, v_c = xs  # [b,c,k,g,L], [b,c,k,g,L], [b,c,k,dv]
-    m_run = jax.lax.stop_gradient(
-        jnp.maximum(m_old[:, None], jax.lax.cummax(z_c, axis=1)))  # [b,c,k,g,L]
+    m_old, s_old, d_old, seg_old = carry  # [b,k,g,L], [b,k,g,L,dv], [b,k,g,L], [b]
+    p_c, z_c, v_c, seg_c = xs  # [b,c,k,g,L], [b,c,k,g,L], [b,c,k,dv], [b,c]
+    if segment_ids is None:
+      m_prev = m_old[:, None]  # [b,1,k,g,L]
+      allowed = tri
+      m_chunk = jax.lax.cummax(z_c, axis=1)
+    else:  # the carry counts only for tokens of its run; keys only within a token's run
+      same_run = (seg_c == seg_old[:, None])[:, :, None, None, None]  # [b,c,1,1,1]
+      m_prev = jnp.where(same_run, m_old[:, None], common.MASKED_LOGIT)
+      allowed = tri & (seg_c[:, :, None] == seg_c[:, None, :])[..., None, None, None]
+      m_chunk = jnp.max(jnp.where(allowed, z_c[:, None], common.MASKED_LOGIT), axis=2)
+    m_run = jax.lax.stop_gradient(jnp.maximum(m_prev, m_chunk))  # [b,c,k,g,L]
     # MASKED_LOGIT stands for -inf (finite for jax.debug_infs): no usable key yet.
     m_t = jnp.where(m_run > common.MASKED_LOGIT, m_run, 0.0)
-    decay = jnp.exp(m_old[:, None] - m_t)  # 0 before the first usable key
-    arg = jnp.where(tri, z_c[:, None] - m_t[:, :, None], common.MASKED_LOGIT)  # [b,t,s,k,g,L]
+    decay = jnp.exp(m_prev - m_t)  # 0 before the first usable key
+    arg = jnp.where(allowed, z_c[:, None] - m_t[:, :, None], common.MASKED_LOGIT)  # [b,t,s,k,g,L]
     weights = jnp.exp(arg)
     denom = decay * d_old[:, None] + jnp.sum(weights, axis=2)  # [b,c,k,g,L]
     coef = jnp.where(denom > 0, p_c / jnp.where(denom > 0, denom, 1.0), 0.0)
@@ -302,15 +316,33 @@ def _latte_causal(probs_l, logits, valid, value, chunk_size, initial=None):
            + jnp.einsum("btskg,bskd->btkgd", scores, v_c.astype(jnp.float32)))
     s_new = (decay[:, -1, ..., None] * s_old
              + jnp.einsum("bskgl,bskd->bkgld", weights[:, -1], v_c.astype(jnp.float32)))
-    return (m_run[:, -1], s_new, denom[:, -1]), out
+    return (m_run[:, -1], s_new, denom[:, -1], seg_c[:, -1]), out
 
   if initial is None:
     initial = (jnp.full((b, k, g, num_latents), common.MASKED_LOGIT, jnp.float32),
                jnp.zeros((b, k, g, num_latents, dv), jnp.float32),
                jnp.zeros((b, k, g, num_latents), jnp.float32))
-  final, out = jax.lax.scan(step, initial, (chunks(probs_l), chunks(logits), chunks(value)))
+  seg = (jnp.zeros((b, n_chunks * c), jnp.int32) if segment_ids is None
+         else segment_ids.astype(jnp.int32))
+  carry = (*initial, seg[:, 0])  # the first run continues no carry unless one is given
+  (*final, _), out = jax.lax.scan(
+      step, carry, (chunks(probs_l), chunks(logits), chunks(value), chunks(seg)))
   out = jnp.moveaxis(out, 0, 1).reshape(b, n_chunks * c, k, g, dv)
-  return out[:, :t], final
+  return out[:, :t], tuple(final)
+
+
+def _check_runs(segment_ids: Array) -> None:
+  """A concrete `[batch, seq]` of segment ids must be runs of equal ids: an id that recurs
+  after another one would be one segment to `dot_product_attention` but two to the scan."""
+  try:
+    seg = np.asarray(segment_ids)
+  except jax.errors.TracerArrayConversionError:
+    return
+  for row in seg:
+    runs = row[np.r_[True, row[1:] != row[:-1]]]
+    if len(runs) != len(np.unique(runs)):
+      raise ValueError(f"causal latte needs segment_ids whose segments are runs of equal ids "
+                       f"(packed rows); got a row whose ids recur: {runs.tolist()}")
 
 
 def _latte_logits(query: Array, key: Array, latents: Array, scale: float) -> tuple[Array, Array]:
@@ -330,9 +362,9 @@ def _latte_logits(query: Array, key: Array, latents: Array, scale: float) -> tup
 LATTE_NUM_LATENTS = 64
 
 
-@register("latte")
+@register("latte", segment_ids=True)
 def latte_attention(query, key, value, *, mask=None, is_causal=False, scale=None, latents=None,
-                    num_latents=None, chunk_size=LATTE_CHUNK_SIZE):
+                    num_latents=None, chunk_size=LATTE_CHUNK_SIZE, segment_ids=None):
   """Latte: Latent Attention for Linear Time Transformers (Dolga et al., 2024).
 
   Attention factorised through L latent states l, p(s|t) = Σ_l p(l|t) p(s|l):
@@ -359,6 +391,11 @@ def latte_attention(query, key, value, *, mask=None, is_causal=False, scale=None
       at 512 tokens, its [chunk, chunk, L] weights outgrowing the cache; with 16 it breaks
       even there (0.94x forward, 1.0x forward+backward, 0.1x at 4096; 64 latents,
       experiments/results/cpu_paths.md).
+    segment_ids: packed rows, as in `dot_product_attention`: the key softmax of each latent
+      runs over the query's segment only. Causal: one `[batch, seq]` array whose segments are
+      runs of equal ids (as packing makes them), still a linear-time scan that restarts its
+      state at each run. Bidirectional: an array or a pair `(q_segment_ids, kv_segment_ids)`,
+      computed in the exact quadratic form (memory ∝ q_len·kv_len·L).
 
   Returns:
     `[batch, q_len, num_heads, value_dim]` in the query's dtype.
@@ -380,6 +417,13 @@ def latte_attention(query, key, value, *, mask=None, is_causal=False, scale=None
     raise ValueError(
         f"causal latte needs q_len == kv_len, got {dims.q_len} and {dims.kv_len}")
 
+  segments = common.normalize_segment_ids(segment_ids, dims)
+  if is_causal and segments is not None:
+    if isinstance(segment_ids, (tuple, list)):
+      raise ValueError("causal latte takes segment_ids as one [batch, seq] array (packed rows), "
+                       "not a (q_segment_ids, kv_segment_ids) pair")
+    _check_runs(segment_ids)
+
   probs_l, k_logits = _latte_logits(query, key, latents, scale)
   key_mask = _grouped_key_mask(_key_mask(mask, dims, "latte", is_causal), dims)
 
@@ -388,15 +432,23 @@ def latte_attention(query, key, value, *, mask=None, is_causal=False, scale=None
       valid = jnp.ones((1, dims.kv_len, 1, 1, 1), bool)
     else:
       valid = jnp.moveaxis(key_mask, -1, 1)[..., None]
-    out, _ = _latte_causal(probs_l, k_logits, valid, value, int(chunk_size))
-    row_mask = common.make_mask(dims, mask=mask, is_causal=True)
+    out, _ = _latte_causal(probs_l, k_logits, valid, value, int(chunk_size),
+                           segment_ids=segment_ids)
+  elif segments is not None:  # a key softmax per query over its segment: [b, k, g, t, L, s]
+    q_seg, kv_seg = segments
+    allowed = (q_seg[:, :, None] == kv_seg[:, None, :])[:, None, None, :, None, :]
+    if key_mask is not None:
+      allowed = allowed & key_mask[:, :, :, None, None, :]
+    key_probs = common.masked_softmax(jnp.moveaxis(k_logits, 1, -1)[:, :, :, None], allowed)
+    out = jnp.einsum("btkgl,bkgtls,bskd->btkgd", probs_l, key_probs, value,
+                     preferred_element_type=jnp.float32)
   else:
     key_probs = common.masked_softmax(
         jnp.moveaxis(k_logits, 1, -1),
         None if key_mask is None else key_mask[:, :, :, None, :])  # [b, k, g, L, s]
     state = jnp.einsum("bkgls,bskd->bkgld", key_probs, value, preferred_element_type=jnp.float32)
     out = jnp.einsum("btkgl,bkgld->btkgd", probs_l, state)
-    row_mask = common.make_mask(dims, mask=mask)
+  row_mask = common.make_mask(dims, mask=mask, is_causal=is_causal, segment_ids=segment_ids)
   out = out.reshape(dims.batch, dims.q_len, dims.num_heads, dims.value_dim)
   return common.apply_row_mask(out, row_mask, dims).astype(query.dtype)
 
