@@ -260,6 +260,9 @@ def test_concept_attention_matches_numpy(tiny_dit):
   np.testing.assert_allclose(saliency, want, rtol=1e-3, atol=2e-5)
   with pytest.raises(ValueError, match="concepts must be"):
     interpret.concept_attention(model, variables, concepts[:, :8], x, t, labels)
+  with pytest.raises(TypeError, match="dit.Model"):
+    interpret.concept_attention(vit.Model(num_classes=3, variant="Ti/16"), variables, concepts,
+                                x, t, labels)
 
 
 def test_attention_similarity_across_layers_and_steps(tiny_dit):
