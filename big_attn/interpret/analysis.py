@@ -49,13 +49,16 @@ def _check_once(path: str, seen: dict[str, Any]) -> None:
                      "layer); analyse a model without nn.scan")
 
 
-def _layer_tensors(model: nn.Module, variables: Any, args, kwargs) -> dict[str, dict[str, Any]]:
-  """`{layer path: {query, key, value, inputs}}` of every `Attention` layer, in execution order.
+def _layer_tensors(model: nn.Module, variables: Any, args, kwargs
+                   ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+  """`({layer path: {query, key, value, inputs, map}}, {layer path: capture.map_error})` of
+  every `Attention` layer, in execution order.
 
   `query` `[b, t, heads, d]`, `key` and `value` `[b, s, heads, d]` as the op receives them
   (after the projections, qk-norm, RoPE and the op's own parameters; key/value heads repeated
   for their query group), `inputs` `[b, s, features]` the layer's key/value input (its
-  `context`, else its `inputs_q`). One compiled call; `kwargs` are static.
+  `context`, else its `inputs_q`), `map` the op's `[b, heads, t, s]` mixing matrix
+  (`capture.mixing_matrix`). One compiled call, shared by the analyses; `kwargs` are static.
   """
   order: list[str] = []
   inputs: dict[str, Any] = {}
@@ -69,22 +72,26 @@ def _layer_tensors(model: nn.Module, variables: Any, args, kwargs) -> dict[str, 
 
   def run(variables, args):
     tensors: dict[str, Any] = {}
+    errors: dict[str, Any] = {}
 
     def hook(path, op_fn, query, key, value, op_kwargs):
       _check_once(path, tensors)
+      out = op_fn(query, key, value, **op_kwargs)
+      weights = capture.mixing_matrix(op_fn, query, key, value, op_kwargs)
+      errors[path] = capture.map_error(weights, query, key, value, out)
       group = query.shape[2] // key.shape[2]
       tensors[path] = dict(query=query, key=jnp.repeat(key, group, axis=2),
-                           value=jnp.repeat(value, group, axis=2))
+                           value=jnp.repeat(value, group, axis=2), map=weights)
       order.append(path)
-      return op_fn(query, key, value, **op_kwargs)
+      return out
 
     inputs.clear()
     with nn.intercept_methods(interceptor):
       capture.apply_with_hook(model, variables, hook, *args, **kwargs)
-    return {path: dict(t, inputs=inputs[path]) for path, t in tensors.items()}
+    return {path: dict(t, inputs=inputs[path]) for path, t in tensors.items()}, errors
 
-  tensors = jax.jit(run)(variables, args)
-  return {path: tensors[path] for path in order}
+  tensors, errors = jax.jit(run)(variables, args)
+  return {path: tensors[path] for path in order}, errors
 
 
 # ------------------------------------------------------------------------------ head importance
@@ -135,7 +142,7 @@ def query_key_vectors(model: nn.Module, variables: Any, *args, **kwargs
   call (`kwargs` static); layers in execution order.
   """
   return {path: (t["query"], t["key"])
-          for path, t in _layer_tensors(model, variables, args, kwargs).items()}
+          for path, t in _layer_tensors(model, variables, args, kwargs)[0].items()}
 
 
 def _check_query_key(query: Any, key: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -212,14 +219,19 @@ def transformation_effects(model: nn.Module, variables: Any, *args, **kwargs
   h's slice of the output projection, bias-free), so token j enters with length change
   `‖T_h(x_j)‖ / ‖x_j‖` and direction change `cos(x_j, T_h(x_j))`, x_j the layer's key/value
   input. The effect is `E_hj = ‖T_h(x_j)‖ / ‖x_j‖ · (exp(cos) - e⁻¹) / (e - e⁻¹)`: the length
-  ratio times the normalised exponential of the cosine, in [0, 1] (1 for an unrotated
-  token). The paper's exact direction weight is not in its abstract; this one is monotone in
-  the cosine and zero only for opposite directions.
+  ratio times the normalised exponential of the cosine, a direction factor in [0, 1] (1 for
+  an unrotated token, 0 for a reversed one). The paper's exact direction weight is not in its
+  abstract; this one is monotone in the cosine.
   """
-  tensors = _layer_tensors(model, variables, args, kwargs)
+  return _effects(variables, _layer_tensors(model, variables, args, kwargs)[0])
+
+
+def _effects(variables: Any, tensors: dict[str, dict[str, Any]]) -> dict[str, np.ndarray]:
+  """`transformation_effects` from the tensors of `_layer_tensors`."""
   effects = {}
-  for path, t in tensors.items():
-    x, v = (np.asarray(t[n], np.float64) for n in ("inputs", "value"))  # [b,s,f], [b,s,h,d]
+  for path, captured in tensors.items():
+    # x: [b, s, f] the layer's key/value input, v: [b, s, heads, d]
+    x, v = (np.asarray(captured[n], np.float64) for n in ("inputs", "value"))
     w_out = _param(variables, path.split("/") + ["out", "kernel"])  # [h, d, f]
     t = np.einsum("bshd,hdf->bhsf", v, w_out)
     norm_x = np.linalg.norm(x, axis=-1)[:, None]  # [b, 1, s]
@@ -232,7 +244,7 @@ def transformation_effects(model: nn.Module, variables: Any, *args, **kwargs
 
 
 def tokentm(model: nn.Module, variables: Any, *args, residual: float = 0.5,
-            **kwargs) -> np.ndarray:
+            tolerance: float | None = 1e-3, **kwargs) -> np.ndarray:
   """TokenTM relevance `[batch, n, n]`: attention weighted by token transformation effects,
   aggregated over the layers as attention rollout.
 
@@ -244,10 +256,13 @@ def tokentm(model: nn.Module, variables: Any, *args, residual: float = 0.5,
   weight and its initialisation and aggregation rules are not in its abstract; this is the
   documented core, rollout of effect-weighted attention, with the weighted rows renormalised
   to sum to 1 before the residual. Layers are the self-attention layers of the most common
-  token count (`relevance.self_attention_maps`), maps from `capture.capture_attention`.
+  token count (`relevance.self_attention_maps`), maps as `capture.capture_attention` finds
+  them (`tolerance` as there: an op not linear in the values raises `ValueError`).
   """
-  maps = capture.capture_attention(model, variables, *args, **kwargs)
-  effects = transformation_effects(model, variables, *args, **kwargs)
+  tensors, errors = _layer_tensors(model, variables, args, kwargs)
+  capture.check_linear(errors, tolerance)
+  maps = {path: t["map"] for path, t in tensors.items()}
+  effects = _effects(variables, tensors)
   chosen = relevance.self_attention_maps(maps)
   weighted = []
   for path, m in maps.items():
@@ -277,6 +292,7 @@ def concept_attention(model: dit.Model, variables: Any, concepts: Any, images: A
   gate) for image patches and concepts, saliency = softmax over concepts of mean over `layers`
   (block indices; default all) of o_c·o_xᵀ: `[batch, num_concepts, gh, gw]` on the patch grid.
   The self-attention op must not take a patch grid; blocks must not be rematerialised.
+  `kwargs` (e.g. `cond_tokens`) go to `model.apply`; one compiled call.
   """
   if not isinstance(model, dit.Model):
     raise TypeError(f"model must be a big_attn.models.dit.Model, got {type(model).__name__}")
