@@ -125,7 +125,7 @@ def test_attentionviz_keeps_softmax_and_matches_numpy_pca(tiny_vit):
   inputs = _layer_inputs(observed, variables, x)
   assert list(vectors) == LAYERS
   for path in LAYERS:
-    q, k = (np.asarray(a, np.float64) for a in vectors[path])
+    q, k, m = (np.asarray(vectors[path][n], np.float64) for n in ("query", "key", "map"))
     assert q.shape == k.shape == (2, 17, 4, 8)
     p = _params(variables, path)
     proj = lambda name: (np.einsum("bnf,fhd->bnhd", inputs[path], p[name]["kernel"])
@@ -133,12 +133,13 @@ def test_attentionviz_keeps_softmax_and_matches_numpy_pca(tiny_vit):
     np.testing.assert_allclose(q, proj("query"), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(k, np.repeat(proj("key"), 2, 2), rtol=1e-5, atol=1e-5)  # GQA
     scores = lambda q, k: _softmax(np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(8))
+    np.testing.assert_allclose(m, scores(q, k), atol=2e-6)
     qn, kn = interpret.normalize_queries_keys(q, k)
     np.testing.assert_allclose(scores(qn, kn), scores(q, k), atol=1e-12)
     np.testing.assert_allclose(np.linalg.norm(qn, axis=-1).mean((0, 1)),
                                np.linalg.norm(kn, axis=-1).mean((0, 1)), rtol=1e-12)
 
-  q, k = (np.asarray(a, np.float64) for a in vectors[LAYERS[1]])
+  q, k = (np.asarray(vectors[LAYERS[1]][n], np.float64) for n in ("query", "key"))
   qn, kn = interpret.normalize_queries_keys(q, k)
   q2, k2 = interpret.joint_query_key_embedding(q, k)
   assert q2.shape == (2, 17, 4, 2) and k2.shape == (2, 17, 4, 2)

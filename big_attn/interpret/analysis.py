@@ -1,8 +1,8 @@
 """Analyses of heads, queries and keys, token transformations, concepts and map similarity.
 
     imp = analysis.head_importance(vit, variables, loss_fn, images)    # {layer: [heads]}
-    qk = analysis.query_key_vectors(vit, variables, images)            # {layer: (q, k)}
-    q2, k2 = analysis.joint_query_key_embedding(*qk[path])             # AttentionViz, 2-D
+    qk = analysis.query_key_vectors(vit, variables, images)[path]      # query, key, map
+    q2, k2 = analysis.joint_query_key_embedding(qk["query"], qk["key"])  # AttentionViz, 2-D
     rel = analysis.tokentm(vit, variables, images)                     # [b, n, n] relevance
     out, sal = analysis.concept_attention(dit, variables, concepts, x_t, t, labels)
     sim = analysis.attention_similarity(list(maps.values()))           # per head [L, L]
@@ -133,16 +133,21 @@ def head_importance(model: nn.Module, variables: Any, loss_fn: Callable[[Any], j
 
 
 # -------------------------------------------------------------------------------- AttentionViz
-def query_key_vectors(model: nn.Module, variables: Any, *args, **kwargs
-                      ) -> dict[str, tuple[jax.Array, jax.Array]]:
-  """`{layer path: (query [b, t, heads, d], key [b, s, heads, d])}` as every op receives them.
+def query_key_vectors(model: nn.Module, variables: Any, *args, tolerance: float | None = 1e-3,
+                      **kwargs) -> dict[str, dict[str, jax.Array]]:
+  """`{layer path: {"query", "key", "map"}}`: what AttentionViz embeds and draws, per layer.
 
-  After the projections, qk-norm, RoPE and the op's own parameters; key heads are repeated
-  for their query group (GQA), so key h is the one query head h scores against. One compiled
-  call (`kwargs` static); layers in execution order.
+  `query` `[b, t, heads, d]` and `key` `[b, s, heads, d]` as the op receives them (after the
+  projections, qk-norm, RoPE and the op's own parameters; key heads repeated for their query
+  group, so key h is the one query head h scores against), and `map` the `[b, heads, t, s]`
+  attention between them (`capture.capture_attention`'s map, `tolerance` as there), which
+  AttentionViz shows as lines between query and key points. One compiled call (`kwargs`
+  static); layers in execution order.
   """
-  return {path: (t["query"], t["key"])
-          for path, t in _layer_tensors(model, variables, args, kwargs)[0].items()}
+  tensors, errors = _layer_tensors(model, variables, args, kwargs)
+  capture.check_linear(errors, tolerance)
+  return {path: {name: t[name] for name in ("query", "key", "map")}
+          for path, t in tensors.items()}
 
 
 def _check_query_key(query: Any, key: Any) -> tuple[np.ndarray, np.ndarray]:
