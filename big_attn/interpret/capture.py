@@ -106,6 +106,23 @@ def mix(weights: Array, query: Array, key: Array, value: Array) -> Array:
   return common.weighted_values(common.grouped(weights, dims), value, dims)
 
 
+def map_error(weights: Array, query: Array, key: Array, value: Array, out: Array
+              ) -> tuple[Array, Array]:
+  """`(max|M·v - out|, max|out|)` of a layer's map M and its op's output, in float32."""
+  out32 = out.astype(jnp.float32)
+  return (jnp.max(jnp.abs(mix(weights, query, key, value.astype(jnp.float32)) - out32)),
+          jnp.max(jnp.abs(out32)))
+
+
+def check_linear(errors: dict[str, tuple[Any, Any]], tolerance: float | None) -> None:
+  """Raises `ValueError` naming the first layer whose `map_error` exceeds `tolerance`."""
+  for path, (err, size) in errors.items():
+    if tolerance is not None and float(err) > tolerance * max(float(size), 1e-30):
+      raise ValueError(f"attention layer {path!r}: its op is not linear in the values "
+                       f"(|M·v - out| = {float(err):.3g} for |out| = {float(size):.3g}); no "
+                       "exact map")
+
+
 def _apply(model: nn.Module, variables: Any, args, kwargs, hook: OpHook):
   with hook_ops(hook):
     return model.apply(variables, *args, **kwargs)
@@ -132,20 +149,14 @@ def capture_attention(model: nn.Module, variables: Any, *args, tolerance: float 
                          "layer); capture from a model without nn.scan")
       maps[path] = mixing_matrix(op_fn, query, key, value, op_kwargs)
       order.append(path)
-      out32 = out.astype(jnp.float32)
-      errors[path] = (jnp.max(jnp.abs(mix(maps[path], query, key, value.astype(jnp.float32))
-                                      - out32)), jnp.max(jnp.abs(out32)))
+      errors[path] = map_error(maps[path], query, key, value, out)
       return out
 
     _apply(model, variables, args, kwargs, hook)
     return maps, errors
 
   maps, errors = jax.jit(run)(variables, args)
-  for path, (err, size) in errors.items():
-    if tolerance is not None and float(err) > tolerance * max(float(size), 1e-30):
-      raise ValueError(f"attention layer {path!r}: its op is not linear in the values "
-                       f"(|M·v - out| = {float(err):.3g} for |out| = {float(size):.3g}); no "
-                       "exact map")
+  check_linear(errors, tolerance)
   return {path: maps[path] for path in order}
 
 
