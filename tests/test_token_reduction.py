@@ -1,6 +1,7 @@
 """Token reduction (`big_attn.layers.token_reduction`: EViT, ToMe, MCTF) against float64 NumPy
 references written from the papers' formulas with loops over tokens, and inside tiny ViT and
 DeiT models with two attention ops: token counts per block, gradients, the config checks."""
+import functools
 import math
 
 import flax.linen as nn
@@ -26,6 +27,13 @@ def _data(seed, n=N):
   size = rng.integers(1, 4, size=(B, n)).astype(np.float32)
   attn = rng.uniform(0.01, 1.0, size=(B, n)).astype(np.float32)
   return x, size, attn
+
+
+def _compiled(fn, *arrays, **static):
+  """`fn(*arrays, **static)` jitted (one compile with XLA's optimisations off, far cheaper here
+  than running it op by op)."""
+  return jax.jit(functools.partial(fn, **static)).lower(*arrays).compile(
+      compiler_options={"xla_backend_optimization_level": 0})(*arrays)
 
 
 # ------------------------------------------------------------------------- NumPy references
@@ -122,7 +130,8 @@ def test_evit_matches_reference(p, keep_rate, fuse):
   x, size, attn = _data(0)
   attn[:, 0] = 0.0  # the class token's own weight is lowest: it stays anyway
   attn[0, 5] = attn[0, 7]  # a tie: the lower index first
-  out, out_size = tr.evit(x, size, attn, keep_rate, num_protected=p, fuse_token=fuse)
+  out, out_size = _compiled(tr.evit, x, size, attn, keep_rate=keep_rate, num_protected=p,
+                            fuse_token=fuse)
   want, want_size = evit_ref(x, size, attn, keep_rate, p, fuse)
   np.testing.assert_allclose(out, want, rtol=TOL, atol=TOL)
   np.testing.assert_array_equal(out_size, want_size)
@@ -130,8 +139,8 @@ def test_evit_matches_reference(p, keep_rate, fuse):
   # One-hot tokens: the kept indices themselves.
   if keep_rate == 1:
     return
-  ids, _ = tr.evit(np.eye(N, dtype=np.float32)[None].repeat(B, 0), size, attn, keep_rate,
-                   num_protected=p, fuse_token=False)
+  ids, _ = _compiled(tr.evit, np.eye(N, dtype=np.float32)[None].repeat(B, 0), size, attn,
+                     keep_rate=keep_rate, num_protected=p, fuse_token=False)
   want_ids = [[p_ for p_ in range(p)] + sorted(range(p, N), key=lambda j, b=b: (-attn[b, j], j))
               [:math.ceil(keep_rate * (N - p))] for b in range(B)]
   np.testing.assert_array_equal(np.argmax(ids, -1), want_ids)
@@ -142,7 +151,7 @@ def test_tome_matches_reference(p, r):
   x, size, _ = _data(1)
   metric = np.array(ref.normal(2, (B, N, 3)))
   metric[:, :p] = metric[:, p:p + 1]  # protected tokens identical to a patch: never merged
-  out, out_size = tr.tome(x, size, metric, r, num_protected=p)
+  out, out_size = _compiled(tr.tome, x, size, metric, r=r, num_protected=p)
   want, want_size = tome_ref(x, size, metric, r, p)
   assert out.shape == (B, N - min(r, (N - p) // 2), C)
   np.testing.assert_allclose(out, want, rtol=TOL, atol=TOL)
@@ -155,8 +164,9 @@ def test_tome_matches_reference(p, r):
     (1, 4, (1.0, 20.0, 40.0), True), (2, 5, (2.0, 0.0, 1.0), False)])
 def test_mctf_matches_reference(p, r, taus, bidirectional):
   x, size, attn = _data(3)
-  out, out_size = tr.mctf(x, size, attn, r, tau_sim=taus[0], tau_info=taus[1],
-                          tau_size=taus[2], bidirectional=bidirectional, num_protected=p)
+  x[:, :p] = x[:, p:p + 1]  # protected tokens identical to a patch: never merged
+  out, out_size = _compiled(tr.mctf, x, size, attn, r=r, tau_sim=taus[0], tau_info=taus[1],
+                            tau_size=taus[2], bidirectional=bidirectional, num_protected=p)
   want, want_size = mctf_ref(x, size, attn, r, p, *[t if t else np.inf for t in taus],
                              bidirectional)
   assert out.shape == (B, N - r, C)
@@ -173,10 +183,11 @@ def test_attention_maps_match_softmax_reference():
   probs = np.exp(logits - logits.max(-1, keepdims=True))
   probs /= probs.sum(-1, keepdims=True)
   want_cls, want_recv = probs[:, :, 0].mean(1), probs.mean((1, 2))
-  np.testing.assert_allclose(tr.class_attention(q, k, scale=0.3, size=size), want_cls,
-                             rtol=TOL, atol=1e-6)
-  np.testing.assert_allclose(tr.received_attention(q, k, scale=0.3, size=size), want_recv,
-                             rtol=TOL, atol=1e-6)
+  maps = lambda q, k, size: (tr.class_attention(q, k, scale=0.3, size=size),  # noqa: E731
+                             tr.received_attention(q, k, scale=0.3, size=size))
+  got_cls, got_recv = _compiled(maps, q, k, size)
+  np.testing.assert_allclose(got_cls, want_cls, rtol=TOL, atol=1e-6)
+  np.testing.assert_allclose(got_recv, want_recv, rtol=TOL, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------- in the models
@@ -244,33 +255,28 @@ def test_model_trains_through_the_reduction(runs, name):
              > 0 for i in range(2))
 
 
-@pytest.mark.parametrize("op,takes_bias", [("softmax", True), ("performer", False)])
-def test_proportional_attention_is_the_ops_bias(op, takes_bias):
+def test_proportional_attention_is_the_ops_bias():
   # Under `observe_attention`, the op gets `bias = log size` (ToMe's proportional attention)
-  # where it takes a bias, nothing otherwise.
+  # where it takes a bias (softmax); performer takes none, and none is passed.
   x = np.asarray(ref.normal(1, (2, 6, 8)))
   size = np.array(_data(6, n=6)[1])
-  layer = Attention(num_heads=2, op=op)
-  params = layer.init(jax.random.key(0), x)
-  spec = tr.resolve(dict(method="tome"), 2, op=op)
-  with tr.observe_attention(op, spec, size) as seen:
-    got = layer.apply(params, x)
-  assert seen["query"].shape == (2, 6, 2, 4) and seen["key"].shape == (2, 6, 2, 4)
-  args = dict(op_args={"bias": np.log(size)[:, None, None, :]}) if takes_bias else {}
-  want = Attention(num_heads=2, op=op, **args).apply(params, x)
+  layer = Attention(num_heads=2)
+  spec = tr.resolve(dict(method="tome"), 2)
+  assert spec.bias_for("softmax") and not spec.bias_for("performer")
+  shapes = []
+
+  def outputs(rng, x, size):
+    params = layer.init(rng, x)
+    with tr.observe_attention("softmax", spec, size) as seen:
+      got = layer.apply(params, x)
+    shapes.extend([seen["query"].shape, seen["key"].shape])
+    biased = Attention(num_heads=2, op_args={"bias": jnp.log(size)[:, None, None, :]})
+    return got, biased.apply(params, x), layer.apply(params, x)
+
+  got, want, plain = _compiled(outputs, jax.random.key(0), x, size)
+  assert shapes == [(2, 6, 2, 4)] * 2
   np.testing.assert_allclose(got, want, rtol=TOL, atol=TOL)
-  assert takes_bias == (np.abs(got - layer.apply(params, x)).max() > 1e-3)
-
-
-def test_class_token_is_kept():
-  # The class token with the lowest attention and the highest similarity stays first, intact.
-  x, size, attn = _data(5)
-  attn[:, 0] = 0.0
-  metric = np.repeat(x[:, 1:2], N, axis=1)
-  for out, _ in (tr.evit(x, size, attn, 0.7, num_protected=1),
-                 tr.tome(x, size, metric[..., :3], 3, num_protected=1),
-                 tr.mctf(x, size, attn, 4, num_protected=1)):
-    np.testing.assert_array_equal(out[:, 0], x[:, 0])
+  assert np.abs(got - plain).max() > 1e-3
 
 
 @pytest.mark.parametrize("config,kwargs,match", [

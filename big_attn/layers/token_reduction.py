@@ -102,10 +102,10 @@ def resolve(config: Any, depth: int, *, op: str = "softmax",
   an unknown method, key or value, for EViT without a class token and for a 2-D `op`."""
   if config is None:
     return None
-  if not isinstance(config, Mapping):
+  if not hasattr(config, "keys"):
     raise TypeError(f"token_reduction must be a dict such as {{'method': 'tome', 'r': 8}} or "
                     f"None, got {type(config).__name__}")
-  config = dict(config)
+  config = {key: config[key] for key in config.keys()}
   method = config.pop("method", None)
   if method not in METHODS:
     raise ValueError(f"token_reduction['method'] must be one of {METHODS}, got {method!r}")
