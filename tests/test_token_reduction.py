@@ -195,8 +195,9 @@ IMAGES = np.asarray(ref.normal(0, (2, 16, 16, 3)))  # 4x4 patches: 16 patch toke
 TINY = dict(num_classes=3, width=8, depth=2, num_heads=2, mlp_dim=8, patch_size=4,
             head_zeroinit=False)
 CASES = {  # name: (model, token counts seen by the blocks' attention)
-    "evit_softmax": (vit.Model(**TINY, pool_type="cls", token_reduction=dict(
-        method="evit", keep_rate=0.5, layers=(0, 1))), [17, 10]),
+    "evit_softmax": (vit.Model(**TINY, pool_type="cls", remat_policy="nothing_saveable",
+                               token_reduction=dict(method="evit", keep_rate=0.5,
+                                                    layers=(0, 1))), [17, 10]),
     "mctf_performer_registers": (vit.Model(**TINY, attention="performer", num_registers=1,
                                            token_reduction=dict(method="mctf", r=3)), [17, 14]),
     "deit_tome_sigmoid": (deit.Model(**TINY, attention="sigmoid",
@@ -322,3 +323,5 @@ def test_defaults_and_config_override():
   # Settable from the command line: `--config.model.token_reduction="{'method': 'tome'}"`.
   config = config_lib.declare_model_settings(_config_module("vit_digits").get_config("runlocal"))
   assert "token_reduction" in config.model
+  assert config_lib.read_override("model.token_reduction", "{'method': 'tome', 'r': 2}",
+                                  None) == {"method": "tome", "r": 2}

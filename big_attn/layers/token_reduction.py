@@ -17,12 +17,13 @@ Methods (`METHODS`; the keys of each, with the papers' defaults, in `DEFAULTS`):
   Output order: the unmerged tokens of A (in their order), then B.
 - "mctf": Multi-criteria Token Fusion with One-step-ahead Attention for Efficient Vision
   Transformers (Lee et al., 2024). Bipartite matching on the attraction
-  `W_ij = W^sim_ij · W^info_ij · W^size_ij` with `W^sim = ((cos(x_i, x_j) + 1) / 2)^(1/τ_sim)`,
-  `W^info = (ã_i ã_j)^(1/τ_info)`, `ã = (1/a) / max(1/a)` where `a_j` is the attention token j
-  receives (averaged over heads and queries), and `W^size = (s̃_i s̃_j)^(1/τ_size)`,
-  `s̃ = (1/s) / max(1/s)` (a τ of 0 drops the criterion). Bidirectional: ⌊r/2⌋ tokens of A merge
-  into B, then ⌈r/2⌉ tokens of B into the unmerged A (output: A then B); fusion weights each
-  token by `a_i s_i`: `x = Σ a_i s_i x_i / Σ a_i s_i`, sizes add.
+  `W_ij = W^sim_ij · W^info_ij · W^size_ij` with `W^sim = ((cos(x_i, x_j) + 1) / 2)^(1/τ_sim)`
+  (similarity of the tokens), `W^info = (ã_i ã_j)^(1/τ_info)`, `ã = (1/a) / max(1/a)` where
+  `a_j` is the attention token j receives (averaged over heads and queries), and
+  `W^size = (s̃_i s̃_j)^(1/τ_size)`, `s̃ = (1/s) / max(1/s)` (a τ of 0 drops the criterion).
+  Bidirectional: ⌊r/2⌋ tokens of A merge into B, then ⌈r/2⌉ tokens of B into the unmerged A
+  (output: A then B); fusion weights each token by `a_i s_i`: `x = Σ a_i s_i x_i / Σ a_i s_i`,
+  sizes add. The matching and the fusion weights carry no gradient.
 
 Tokens before the patches (class, distillation and register tokens: `num_protected`) are never
 reduced and stay first. ToMe and MCTF merge `min(r, N // 2)` of the N other tokens per layer.
@@ -30,10 +31,11 @@ reduced and stay first. ToMe and MCTF merge `min(r, N // 2)` of the N other toke
 Op-agnostic: the reduction reads the block's projected queries and keys by intercepting
 `Attention.attend` (`flax.linen.intercept_methods`, as `big_attn.interpret.capture` does), and
 computes the attention maps it needs (EViT's class-token row, MCTF's received attention) with
-plain softmax `softmax(q·kᵀ·scale + log s)` over the current tokens, whatever the op. Proportional
-attention (ToMe, MCTF: `log s_j` added to the logits so a merged token counts for its size) is
-passed to the op as its `bias` where the op takes one (`ops.spec(op).bias`: softmax, sigmoid,
-clipped_softmax, gated_attention, mixture_of_heads, sage_int8) and skipped for other ops.
+plain softmax `softmax(q·kᵀ·scale + log s)` over the current tokens, whatever the op.
+Proportional attention (ToMe, MCTF: `log s_j` added to the logits so a merged token counts for
+its size) is passed to the op as its `bias` where the op takes one (`ops.spec(op).bias`:
+softmax, sigmoid, clipped_softmax, gated_attention, mixture_of_heads, sage_int8) and skipped for
+other ops.
 
 Not implemented: MCTF's one-step-ahead attention (the next layer's attention; here the current
 layer's, the paper's ablation without it) and its token-reduction consistency loss (training).
@@ -59,8 +61,9 @@ Array = jax.Array
 
 METHODS = ("evit", "tome", "mctf")
 # The papers' settings: EViT keeps 70% at the 4th, 7th and 10th of 12 layers (DeiT-S); ToMe's
-# r = 16 on every layer (its timm patch); MCTF r = 16, τ_sim 1, τ_info 20, τ_size 40, bidirectional
-# (DeiT-S). `layers=None`: EViT's layers scaled to the depth, every layer for ToMe and MCTF.
+# r = 16 on every layer (its timm patch); MCTF r = 16, τ_sim 1, τ_info 20, τ_size 40,
+# bidirectional (DeiT-S). `layers=None`: EViT's layers scaled to the depth, every layer for
+# ToMe and MCTF.
 DEFAULTS = {
     "evit": dict(keep_rate=0.7, layers=None, fuse_token=True),
     "tome": dict(r=16, layers=None, prop_attn=True),
