@@ -51,6 +51,7 @@ import jax
 import jax.numpy as jnp
 
 from big_attn import checkpoint_io, models, tasks
+from big_attn.layers import token_reduction as token_reduction_lib
 from big_attn.models import vit
 
 decode_variant = vit.decode_variant  # DeiT-Ti/S/B are ViT-Ti/S/B (the paper's Table 1)
@@ -71,8 +72,9 @@ class Model(nn.Module):
       callable `images -> logits`, or `dict(model_name=..., model={...}, workdir=DIR)`.
     posemb: "learn" or "sincos2d" (patch position embedding).
     attention, attention_args, attention_impl, qk_norm, num_kv_heads, dropout, norm_eps,
-      approximate_gelu, head_zeroinit, remat_policy, scan_layers, dtype, param_dtype: as in
-      `big_attn.models.vit.Model`.
+      approximate_gelu, head_zeroinit, remat_policy, scan_layers, token_reduction, dtype,
+      param_dtype: as in `big_attn.models.vit.Model` (token reduction keeps the class and
+      distillation tokens).
   """
   num_classes: int
   variant: str | None = None
@@ -95,6 +97,7 @@ class Model(nn.Module):
   head_zeroinit: bool = True
   remat_policy: str = "none"
   scan_layers: bool = False
+  token_reduction: Any = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -111,10 +114,11 @@ class Model(nn.Module):
     if self.teacher is not None and not self.distilled:
       raise ValueError("a teacher needs distilled=True (the distillation token learns from it)")
     vit.check_encoder_inputs(self, images)
+    return token_reduction_lib.resolve(self.token_reduction, self.depth, op=self.attention)
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
-    self._check(images)
+    reduction = self._check(images)
     width, patch = self.width, self.patch_size
     deterministic = not train
 
@@ -135,7 +139,8 @@ class Model(nn.Module):
                       dropout=self.dropout, norm_eps=self.norm_eps,
                       approximate_gelu=self.approximate_gelu)
     x = vit.Encoder(depth=self.depth, block_args=block_args, remat_policy=self.remat_policy,
-                    scan_layers=self.scan_layers, dtype=self.dtype,
+                    scan_layers=self.scan_layers, token_reduction=reduction,
+                    num_protected=len(tokens), dtype=self.dtype,
                     param_dtype=self.param_dtype, name="Transformer")(x, deterministic)
 
     kernel_init = (nn.initializers.zeros_init() if self.head_zeroinit

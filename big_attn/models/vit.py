@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from big_attn.layers import Attention, MlpBlock, PositionEmbedding, layer_norm
+from big_attn.layers import token_reduction as token_reduction_lib
 from big_attn.models import common
 from big_attn.ops import spatial
 
@@ -79,10 +80,15 @@ def decode_variant(variant: str) -> dict[str, Any]:
 
 
 class Encoder1DBlock(nn.Module):
-  """x + Dropout(Attn(LN(x))), then x + Dropout(MLP(LN(x))); returns `(x, None)` for `nn.scan`.
+  """x + Dropout(Attn(LN(x))), then x + Dropout(MLP(LN(x))); returns `(x, size)` (`(x, None)`
+  for `nn.scan`).
 
   With `layer_scale_init` each branch is first multiplied by a learned per-channel scale
   initialised to it (LayerScale of "Going deeper with Image Transformers"; DeiT III, DINOv2).
+  With `token_reduction` (a `big_attn.layers.token_reduction.TokenReduction`) the call takes the
+  token sizes `size: [batch, tokens]`, gives the op proportional attention where the method
+  has it, and with `reduce_tokens` reduces the tokens after the first `num_protected` between
+  the attention and the MLP.
   """
   num_heads: int
   mlp_dim: int
@@ -95,6 +101,9 @@ class Encoder1DBlock(nn.Module):
   norm_eps: float = 1e-6
   approximate_gelu: bool = True
   layer_scale_init: float | None = None
+  token_reduction: Any = None
+  reduce_tokens: bool = False
+  num_protected: int = 0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -107,33 +116,44 @@ class Encoder1DBlock(nn.Module):
     return y * jnp.asarray(gamma, y.dtype)
 
   @nn.compact
-  def __call__(self, x, deterministic: bool = True):
+  def __call__(self, x, deterministic: bool = True, size=None):
     constrain = lambda y: nn.with_logical_constraint(y, ("batch", "length", "embed"))
     x = constrain(x)
     y = layer_norm(self.dtype, self.param_dtype, "LayerNorm_0", epsilon=self.norm_eps)(x)
-    y = Attention(
-        num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, op=self.attention,
-        op_args=self.attention_args, implementation=self.attention_impl, qk_norm=self.qk_norm,
-        use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=nn.initializers.xavier_uniform(), name="MultiHeadAttention")(y)
+    with token_reduction_lib.observe_attention(self.attention, self.token_reduction,
+                                               size) as seen:
+      y = Attention(
+          num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, op=self.attention,
+          op_args=self.attention_args, implementation=self.attention_impl,
+          qk_norm=self.qk_norm, use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype,
+          kernel_init=nn.initializers.xavier_uniform(), name="MultiHeadAttention")(y)
     y = nn.Dropout(rate=self.dropout)(y, deterministic)
     x = constrain(x + self._scale("layer_scale_1", y))
+    if self.reduce_tokens:
+      x, size = token_reduction_lib.reduce_tokens(self.token_reduction, x, size, seen,
+                                                  num_protected=self.num_protected)
     y = layer_norm(self.dtype, self.param_dtype, "LayerNorm_1", epsilon=self.norm_eps)(x)
     y = MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout,
                  approximate_gelu=self.approximate_gelu, dtype=self.dtype,
                  param_dtype=self.param_dtype, name="MlpBlock")(y, deterministic)
     y = nn.Dropout(rate=self.dropout)(y, deterministic)
-    return constrain(x + self._scale("layer_scale_2", y)), None
+    return constrain(x + self._scale("layer_scale_2", y)), size
 
 
 class Encoder(nn.Module):
   """`depth` blocks (a Python loop, or `nn.scan` with a leading `layers` axis) and a final LN
-  (`final_norm=False`: none)."""
+  (`final_norm=False`: none).
+
+  `token_reduction`, a resolved `big_attn.layers.token_reduction.TokenReduction`, reduces the
+  tokens after the first `num_protected` in the blocks of its `layers` (Python loop only).
+  """
   depth: int
   block_args: Any
   remat_policy: str = "none"
   scan_layers: bool = False
   final_norm: bool = True
+  token_reduction: Any = None
+  num_protected: int = 0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -144,6 +164,10 @@ class Encoder(nn.Module):
       block = nn.remat(block, prevent_cse=not self.scan_layers, static_argnums=(2,),
                        policy=getattr(jax.checkpoint_policies, self.remat_policy))
     kwargs = dict(self.block_args, dtype=self.dtype, param_dtype=self.param_dtype)
+    reduction = self.token_reduction
+    if reduction is not None and self.scan_layers:
+      raise ValueError("token_reduction changes the token count between blocks: it needs "
+                       "scan_layers=False")
     if self.scan_layers:
       stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True,
                                                                       "dropout": True},
@@ -151,8 +175,12 @@ class Encoder(nn.Module):
                       metadata_params={nn.PARTITION_NAME: "layers"})
       x, _ = stack(name="encoderblock", **kwargs)(x, deterministic)
     else:
+      size = None if reduction is None else jnp.ones(x.shape[:2], jnp.float32)
       for i in range(self.depth):
-        x, _ = block(name=f"encoderblock_{i}", **kwargs)(x, deterministic)
+        if reduction is not None:
+          kwargs.update(token_reduction=reduction, reduce_tokens=i in reduction.layers,
+                        num_protected=self.num_protected)
+        x, size = block(name=f"encoderblock_{i}", **kwargs)(x, deterministic, size)
     if not self.final_norm:
       return x
     return layer_norm(self.dtype, self.param_dtype, "encoder_norm",
@@ -265,6 +293,12 @@ class Model(nn.Module):
     head_zeroinit: zero-initialised classifier head (as big_vision).
     remat_policy: "none" or a `jax.checkpoint_policies` name applied to every block.
     scan_layers: stack the blocks with `nn.scan` (parameters get a leading `layers` axis).
+    token_reduction: None, or a dict `{"method": "evit" | "tome" | "mctf", ...}` of the
+      method's settings (`big_attn.layers.token_reduction.DEFAULTS`, e.g. `{"method": "evit",
+      "keep_rate": 0.7, "layers": (3, 6, 9)}`): the patch tokens are pruned or merged between
+      the attention and the MLP of those blocks, the class and register tokens never (registers
+      then sit after the class token inside the encoder). Needs `scan_layers=False` and an op
+      without a patch grid; "evit" needs pool_type "cls".
     dtype: compute dtype (e.g. bfloat16); param_dtype: parameter dtype.
   Parameters carry the logical axis names embed, mlp, heads, kv_heads, head_dim, norm,
   patch_h, patch_w, channels_in, position, classes and layers.
@@ -292,6 +326,7 @@ class Model(nn.Module):
   head_zeroinit: bool = True
   remat_policy: str = "none"
   scan_layers: bool = False
+  token_reduction: Any = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -305,10 +340,12 @@ class Model(nn.Module):
     if self.num_registers < 0:
       raise ValueError(f"num_registers must be >= 0, got {self.num_registers}")
     check_encoder_inputs(self, images)
+    return token_reduction_lib.resolve(self.token_reduction, self.depth, op=self.attention,
+                                       has_class_token=self.pool_type in ("cls", "tok"))
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
-    self._check(images)
+    reduction = self._check(images)
     width, patch = self.width, self.patch_size
     deterministic = not train
     param = lambda name, init, shape, axes: jnp.asarray(  # pylint: disable=g-long-lambda
@@ -323,9 +360,10 @@ class Model(nn.Module):
       cls = param("cls", nn.initializers.zeros_init(), (1, width), (None, "embed"))
       x = jnp.concatenate([jnp.broadcast_to(cls[None], (n, 1, width)), x], axis=1)
       num_prefix = 1
-    # Registers follow the patches; for a 2-D op they join the extra tokens before them
-    # (timm's order) inside the encoder.
-    registers_first = bool(self.num_registers) and spatial.takes_grid(self.attention)
+    # Registers follow the patches; for a 2-D op or with token reduction they join the extra
+    # tokens before them (timm's order) inside the encoder.
+    registers_first = bool(self.num_registers) and (spatial.takes_grid(self.attention)
+                                                    or reduction is not None)
     if self.num_registers:
       reg = param("registers", nn.initializers.normal(stddev=0.02),
                   (self.num_registers, width), (None, "embed"))
@@ -344,8 +382,10 @@ class Model(nn.Module):
                       approximate_gelu=self.approximate_gelu,
                       layer_scale_init=self.layer_scale_init)
     x = Encoder(depth=self.depth, block_args=block_args, remat_policy=self.remat_policy,
-                scan_layers=self.scan_layers, final_norm=not self.fc_norm, dtype=self.dtype,
-                param_dtype=self.param_dtype, name="Transformer")(x, deterministic)
+                scan_layers=self.scan_layers, final_norm=not self.fc_norm,
+                token_reduction=reduction, num_protected=num_prefix + self.num_registers,
+                dtype=self.dtype, param_dtype=self.param_dtype, name="Transformer")(
+                    x, deterministic)
     if registers_first:
       extra = num_prefix + self.num_registers
       x = jnp.concatenate([x[:, :num_prefix], x[:, extra:], x[:, num_prefix:extra]], axis=1)

@@ -250,14 +250,16 @@ def check_overrides(config: ml_collections.ConfigDict,
 def declare_model_settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """`config` with every setting of `config.model_name`'s Model that defaults to None and names
   an attention op or arguments (`attention_args`, `attention_impl`, `<role>_attention`,
-  `<role>_attention_args`, any other `*_args`) declared as None in `config.model` where the
-  config leaves it out, so that the locked config takes `--config.model.KEY=VALUE` (a dict as
-  a Python literal). Every config returns through it; deprecated names are left out."""
+  `<role>_attention_args`, any other `*_args`) or the `token_reduction` dict declared as None
+  in `config.model` where the config leaves it out, so that the locked config takes
+  `--config.model.KEY=VALUE` (a dict as a Python literal). Every config returns through it;
+  deprecated names are left out."""
   from big_attn import models  # pylint: disable=g-import-not-at-top  # models import jax
   module = models.get(config.model_name)
   deprecated = set(getattr(module, "RENAMED", {}))
   for field in dataclasses.fields(module.Model):
-    if (field.name.endswith(("_args", "attention", "attention_impl")) and field.default is None
+    if (field.name.endswith(("_args", "attention", "attention_impl", "token_reduction"))
+        and field.default is None
         and field.name not in deprecated and field.name not in config.model):
       config.model[field.name] = None
   return config

@@ -1,0 +1,327 @@
+"""Token reduction (`big_attn.layers.token_reduction`: EViT, ToMe, MCTF) against float64 NumPy
+references written from the papers' formulas with loops over tokens, and inside tiny ViT and
+DeiT models with two attention ops: token counts per block, gradients, the config checks."""
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from big_attn.layers import token_reduction as tr
+from big_attn.layers.attention import Attention
+from big_attn.models import deit, vit
+from big_attn.train import config_lib
+from tests import reference as ref
+from tests.test_train import _config_module
+
+TOL = 1e-5
+B, N, C = 2, 12, 5  # 12 tokens: the first `P` protected, 11 or 10 others (odd and even sets)
+
+
+def _data(seed, n=N):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(B, n, C)).astype(np.float32)
+  size = rng.integers(1, 4, size=(B, n)).astype(np.float32)
+  attn = rng.uniform(0.01, 1.0, size=(B, n)).astype(np.float32)
+  return x, size, attn
+
+
+def _compiled(fn, *arrays, **static):
+  """`fn(*arrays, **static)` jitted (one compile with XLA's optimisations off, far cheaper here
+  than running it op by op)."""
+  return jax.jit(functools.partial(fn, **static)).lower(*arrays).compile(
+      compiler_options={"xla_backend_optimization_level": 0})(*arrays)
+
+
+# ------------------------------------------------------------------------- NumPy references
+def evit_ref(x, size, cls_attn, keep_rate, p, fuse):
+  """Per row: the patches sorted by class attention (ties: lower index first), the first
+  ⌈ρN⌉ kept, the rest summed with their attention as weights; nothing changes when all stay."""
+  if math.ceil(keep_rate * (x.shape[1] - p)) == x.shape[1] - p:
+    return x, size
+  xs, ss = [], []
+  for xb, sb, ab in zip(x.astype(np.float64), size, cls_attn.astype(np.float64)):
+    patches = list(range(p, len(xb)))
+    order = sorted(patches, key=lambda j: (-ab[j], j))
+    keep = math.ceil(keep_rate * len(patches))
+    rows, sizes = [xb[j] for j in range(p)] + [xb[j] for j in order[:keep]], list(sb[:p])
+    sizes += [sb[j] for j in order[:keep]]
+    if fuse and keep < len(patches):
+      rows.append(sum(ab[j] * xb[j] for j in order[keep:]))
+      sizes.append(sum(sb[j] for j in order[keep:]))
+    xs.append(rows)
+    ss.append(sizes)
+  return np.array(xs), np.array(ss)
+
+
+def _groups_of_matching(scores, r):
+  """Bipartite soft matching on a score matrix (rows A, columns B): `(unmerged rows in index
+  order, {row: column} for the r rows of largest best score)`."""
+  best = [max(range(scores.shape[1]), key=lambda j: (scores[i, j], -j))
+          for i in range(scores.shape[0])]
+  order = sorted(range(scores.shape[0]), key=lambda i: (-scores[i, best[i]], i))
+  return sorted(order[r:]), {i: best[i] for i in order[:r]}
+
+
+def _fused(xb, sb, wb, groups):
+  """Each group of token indices fused: `Σ w x / Σ w`, sizes summed."""
+  return ([sum(wb[i] * xb[i] for i in g) / sum(wb[i] for i in g) for g in groups],
+          [sum(sb[i] for i in g) for g in groups])
+
+
+def _cos(m):
+  m = m / np.linalg.norm(m, axis=-1, keepdims=True)
+  return m @ m.T
+
+
+def tome_ref(x, size, metric, r, p):
+  xs, ss = [], []
+  for xb, sb, mb in zip(x.astype(np.float64), size.astype(np.float64),
+                        metric.astype(np.float64)):
+    body = list(range(p, len(xb)))
+    a, b = body[0::2], body[1::2]
+    r_ = min(r, len(body) // 2)
+    cos = _cos(mb)
+    unm, dst = _groups_of_matching(cos[np.ix_(a, b)], r_)
+    groups = [[a[i]] for i in unm] + [[b[j]] + [a[i] for i in dst if dst[i] == j]
+                                      for j in range(len(b))]
+    fx, fs = _fused(xb, sb, sb, groups)
+    xs.append([xb[i] for i in range(p)] + fx)
+    ss.append(list(sb[:p]) + fs)
+  return np.array(xs), np.array(ss)
+
+
+def mctf_ref(x, size, attn, r, p, tau_sim, tau_info, tau_size, bidirectional):
+  xs, ss = [], []
+  for xb, sb, ab in zip(x.astype(np.float64), size.astype(np.float64),
+                        attn.astype(np.float64)):
+    body = list(range(p, len(xb)))
+    a, b = body[0::2], body[1::2]
+    r_ = min(r, len(body) // 2)
+    inv_a = (1 / ab[p:]) / np.max(1 / ab[p:])
+    inv_s = (1 / sb[p:]) / np.max(1 / sb[p:])
+    w = np.zeros((len(a), len(b)))
+    for i, ti in enumerate(a):
+      for j, tj in enumerate(b):
+        sim = (_cos(xb)[ti, tj] + 1) / 2
+        w[i, j] = (sim ** (1 / tau_sim) * (inv_a[ti - p] * inv_a[tj - p]) ** (1 / tau_info)
+                   * (inv_s[ti - p] * inv_s[tj - p]) ** (1 / tau_size))
+    r1 = r_ // 2 if bidirectional else r_
+    unm, dst = _groups_of_matching(w, r1)
+    groups_a = [[a[i]] for i in unm]
+    groups_b = [[b[j]] + [a[i] for i in dst if dst[i] == j] for j in range(len(b))]
+    if r_ - r1:
+      unm2, dst2 = _groups_of_matching(w[unm].T, r_ - r1)
+      for j, k in dst2.items():
+        groups_a[k] += groups_b[j]
+      groups_b = [groups_b[j] for j in unm2]
+    fx, fs = _fused(xb, sb, ab * sb, groups_a + groups_b)
+    xs.append([xb[i] for i in range(p)] + fx)
+    ss.append(list(sb[:p]) + fs)
+  return np.array(xs), np.array(ss)
+
+
+# ------------------------------------------------------------------------------ the functions
+@pytest.mark.parametrize("p,keep_rate,fuse", [(1, 0.7, True), (1, 1.0, True), (2, 0.5, False)])
+def test_evit_matches_reference(p, keep_rate, fuse):
+  x, size, attn = _data(0)
+  attn[:, 0] = 0.0  # the class token's own weight is lowest: it stays anyway
+  attn[0, 5] = attn[0, 7]  # a tie: the lower index first
+  out, out_size = _compiled(tr.evit, x, size, attn, keep_rate=keep_rate, num_protected=p,
+                            fuse_token=fuse)
+  want, want_size = evit_ref(x, size, attn, keep_rate, p, fuse)
+  np.testing.assert_allclose(out, want, rtol=TOL, atol=TOL)
+  np.testing.assert_array_equal(out_size, want_size)
+  np.testing.assert_array_equal(out[:, :p], x[:, :p])
+  # One-hot tokens: the kept indices themselves.
+  if keep_rate == 1:
+    return
+  ids, _ = _compiled(tr.evit, np.eye(N, dtype=np.float32)[None].repeat(B, 0), size, attn,
+                     keep_rate=keep_rate, num_protected=p, fuse_token=False)
+  want_ids = [[p_ for p_ in range(p)] + sorted(range(p, N), key=lambda j, b=b: (-attn[b, j], j))
+              [:math.ceil(keep_rate * (N - p))] for b in range(B)]
+  np.testing.assert_array_equal(np.argmax(ids, -1), want_ids)
+
+
+@pytest.mark.parametrize("p,r", [(1, 3), (0, 100)])
+def test_tome_matches_reference(p, r):
+  x, size, _ = _data(1)
+  metric = np.array(ref.normal(2, (B, N, 3)))
+  metric[:, :p] = metric[:, p:p + 1]  # protected tokens identical to a patch: never merged
+  out, out_size = _compiled(tr.tome, x, size, metric, r=r, num_protected=p)
+  want, want_size = tome_ref(x, size, metric, r, p)
+  assert out.shape == (B, N - min(r, (N - p) // 2), C)
+  np.testing.assert_allclose(out, want, rtol=TOL, atol=TOL)
+  np.testing.assert_allclose(out_size, want_size)
+  np.testing.assert_array_equal(out[:, :p], x[:, :p])
+  np.testing.assert_allclose(out_size.sum(1), size.sum(1))  # sizes add up
+
+
+@pytest.mark.parametrize("p,r,taus,bidirectional", [
+    (1, 4, (1.0, 20.0, 40.0), True), (2, 5, (2.0, 0.0, 1.0), False)])
+def test_mctf_matches_reference(p, r, taus, bidirectional):
+  x, size, attn = _data(3)
+  x[:, :p] = x[:, p:p + 1]  # protected tokens identical to a patch: never merged
+  out, out_size = _compiled(tr.mctf, x, size, attn, r=r, tau_sim=taus[0], tau_info=taus[1],
+                            tau_size=taus[2], bidirectional=bidirectional, num_protected=p)
+  want, want_size = mctf_ref(x, size, attn, r, p, *[t if t else np.inf for t in taus],
+                             bidirectional)
+  assert out.shape == (B, N - r, C)
+  np.testing.assert_allclose(out, want, rtol=TOL, atol=TOL)
+  np.testing.assert_allclose(out_size, want_size)
+  np.testing.assert_array_equal(out[:, :p], x[:, :p])
+
+
+def test_attention_maps_match_softmax_reference():
+  q, k, _ = ref.qkv(b=B, t=7, n=4, k=2, d=8)  # GQA: 4 query heads, 2 key heads
+  size = np.asarray(_data(4, n=7)[1])
+  qf, kf = np.asarray(q, np.float64), np.repeat(np.asarray(k, np.float64), 2, axis=2)
+  logits = np.einsum("bqhd,bkhd->bhqk", qf, kf) * 0.3 + np.log(size)[:, None, None, :]
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  want_cls, want_recv = probs[:, :, 0].mean(1), probs.mean((1, 2))
+  maps = lambda q, k, size: (tr.class_attention(q, k, scale=0.3, size=size),  # noqa: E731
+                             tr.received_attention(q, k, scale=0.3, size=size))
+  got_cls, got_recv = _compiled(maps, q, k, size)
+  np.testing.assert_allclose(got_cls, want_cls, rtol=TOL, atol=1e-6)
+  np.testing.assert_allclose(got_recv, want_recv, rtol=TOL, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- in the models
+IMAGES = np.asarray(ref.normal(0, (2, 16, 16, 3)))  # 4x4 patches: 16 patch tokens
+TINY = dict(num_classes=3, width=8, depth=2, num_heads=2, mlp_dim=8, patch_size=4,
+            head_zeroinit=False)
+CASES = {  # name: (model, token counts seen by the blocks' attention)
+    "evit_softmax": (vit.Model(**TINY, pool_type="cls", remat_policy="nothing_saveable",
+                               token_reduction=dict(method="evit", keep_rate=0.5,
+                                                    layers=(0, 1))), [17, 10]),
+    "mctf_performer_registers": (vit.Model(**TINY, attention="performer", num_registers=1,
+                                           token_reduction=dict(method="mctf", r=3)), [17, 14]),
+    "deit_tome_sigmoid": (deit.Model(**TINY, attention="sigmoid",
+                                     token_reduction=dict(method="tome", r=4)), [18, 14]),
+}
+
+
+# One block, reduced between its attention and MLP: the gradient through each op and method.
+GRADIENT_CASES = {
+    "evit_softmax": vit.Model(**dict(TINY, depth=1), pool_type="cls",
+                              token_reduction=dict(method="evit", layers=(0,))),
+    "mctf_performer_registers": vit.Model(**dict(TINY, depth=1), attention="performer",
+                                          num_registers=1,
+                                          token_reduction=dict(method="mctf", r=3)),
+}
+
+
+@pytest.fixture(scope="module")
+def runs():
+  """Per case: the token counts each block's op sees (recorded while tracing); for
+  `GRADIENT_CASES`, the loss and gradient at random parameters (one compile for all)."""
+  out = {}
+  for name, (model, _) in CASES.items():
+    seen = []
+
+    def interceptor(next_fun, args, kwargs, context, seen=seen):
+      if isinstance(context.module, Attention) and context.method_name == "attend":
+        seen.append(args[0].shape[1])
+      return next_fun(*args, **kwargs)
+
+    params = jax.eval_shape(model.init, jax.random.key(0), IMAGES)
+    with nn.intercept_methods(interceptor):
+      jax.eval_shape(model.apply, params, IMAGES)
+    out[name] = dict(seen=seen)
+
+  def random_params(model):  # no init to compile: normal values of the parameters' shapes
+    rng = np.random.default_rng(0)
+    abstract = jax.eval_shape(model.init, jax.random.key(0), IMAGES)["params"]
+    return jax.tree.map(lambda a: (0.5 * rng.normal(size=a.shape)).astype(a.dtype),
+                        nn.unbox(abstract))
+
+  def losses_and_grads(params):
+    return {name: jax.value_and_grad(
+        lambda p, m=model: jnp.sum(m.apply({"params": p}, IMAGES) ** 2))(params[name])
+            for name, model in GRADIENT_CASES.items()}
+
+  params = {name: random_params(model) for name, model in GRADIENT_CASES.items()}
+  compiled = jax.jit(losses_and_grads).lower(params).compile(
+      compiler_options={"xla_backend_optimization_level": 0})
+  for name, (loss, grads) in compiled(params).items():
+    out[name].update(loss=loss, grads=grads)
+  return out
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_model_reduces_tokens(runs, name):
+  assert runs[name]["seen"] == CASES[name][1]
+
+
+@pytest.mark.parametrize("name", GRADIENT_CASES)
+def test_model_trains_through_the_reduction(runs, name):
+  run = runs[name]
+  assert np.isfinite(run["loss"]) and run["loss"] > 0
+  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(run["grads"]))
+  # The queries and keys reach the loss through the op, and for EViT through the fused token's
+  # weights too.
+  block = run["grads"]["Transformer"]["encoderblock_0"]
+  assert np.abs(block["MultiHeadAttention"]["query"]["kernel"]).sum() > 0
+
+
+def test_proportional_attention_is_the_ops_bias():
+  # Under `observe_attention`, the op gets `bias = log size` (ToMe's proportional attention)
+  # where it takes a bias (softmax); performer takes none, and none is passed.
+  x = np.asarray(ref.normal(1, (2, 6, 8)))
+  size = np.array(_data(6, n=6)[1])
+  layer = Attention(num_heads=2)
+  spec = tr.resolve(dict(method="tome"), 2)
+  assert spec.bias_for("softmax") and not spec.bias_for("performer")
+  shapes = []
+
+  def outputs(rng, x, size):
+    params = layer.init(rng, x)
+    with tr.observe_attention("softmax", spec, size) as seen:
+      got = layer.apply(params, x)
+    shapes.extend([seen["query"].shape, seen["key"].shape])
+    biased = Attention(num_heads=2, op_args={"bias": jnp.log(size)[:, None, None, :]})
+    return got, biased.apply(params, x), layer.apply(params, x)
+
+  got, want, plain = _compiled(outputs, jax.random.key(0), x, size)
+  assert shapes == [(2, 6, 2, 4)] * 2
+  np.testing.assert_allclose(got, want, rtol=TOL, atol=TOL)
+  assert np.abs(got - plain).max() > 1e-3
+
+
+@pytest.mark.parametrize("config,kwargs,match", [
+    (dict(method="dynamicvit"), {}, r"token_reduction\['method'\] must be one of"),
+    (dict(method="tome", keep_rate=0.5), {}, r"unknown key\(s\) \['keep_rate'\]"),
+    (dict(method="evit", keep_rate=1.5), dict(pool_type="cls"),
+     r"token_reduction\['keep_rate'\] must be in \(0, 1\]"),
+    (dict(method="tome", r=-1), {}, r"token_reduction\['r'\] must be an int >= 0"),
+    (dict(method="mctf", layers=(0, 3)), {}, r"token_reduction\['layers'\] must hold block"),
+    (dict(method="mctf", tau_info=-1), {}, r"token_reduction\['tau_info'\]"),
+    (dict(method="mctf", bidirectional=1), {}, r"token_reduction\['bidirectional'\] must be"),
+    (dict(method="evit"), {}, "needs a class token"),
+    (dict(method="tome"), dict(attention="window"), "needs the patch grid"),
+    (dict(method="tome"), dict(scan_layers=True), "scan_layers=False"),
+    (["tome"], {}, "token_reduction must be a dict"),
+])
+def test_bad_config_raises(config, kwargs, match):
+  model = vit.Model(**dict(TINY, **kwargs), token_reduction=config)
+  error = TypeError if isinstance(config, list) else ValueError
+  with pytest.raises(error, match=match):
+    jax.eval_shape(model.init, jax.random.key(0), IMAGES)
+
+
+def test_defaults_and_config_override():
+  spec = tr.resolve(dict(method="evit"), 12)
+  assert (spec.layers, spec.keep_rate, spec.fuse_token) == ((3, 6, 9), 0.7, True)
+  assert tr.resolve(dict(method="evit"), 4).layers == (1, 2, 3)
+  spec = tr.resolve(dict(method="mctf"), 4)
+  assert (spec.layers, spec.r, spec.tau_sim, spec.tau_info, spec.tau_size) == (
+      (0, 1, 2, 3), 16, 1.0, 20.0, 40.0)
+  # Settable from the command line: `--config.model.token_reduction="{'method': 'tome'}"`.
+  config = config_lib.declare_model_settings(_config_module("vit_digits").get_config("runlocal"))
+  assert "token_reduction" in config.model
+  assert config_lib.read_override("model.token_reduction", "{'method': 'tome', 'r': 2}",
+                                  None) == {"method": "tome", "r": 2}
