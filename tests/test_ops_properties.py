@@ -219,3 +219,17 @@ def test_registry_has_at_least_20_ops():
 
 def test_quantized_sparse_and_learned_scoring_ops_are_registered():
   assert {"sage_int8", "sparse_blocks", "neural_attention", "gatv2"} <= set(ops.names())
+
+
+@pytest.mark.parametrize("name", ops.names())
+def test_zero_query_and_key_have_finite_gradients(name):
+  """A token whose query and key are exactly zero (a zero-initialised class token after a
+  LayerNorm and a bias-free projection) gives finite gradients wrt q, k and v: no norm or
+  square root of zero on the way (NaN = 0·∞)."""
+  arrays, args = _inputs(name, 0)
+  zero = np.broadcast_to(np.arange(T) == 0, (B, T))[..., None, None]
+  q, k, v = (jnp.where(zero, 0.0, x) if i < 2 else x for i, x in enumerate(arrays))
+  grads = jax.jit(jax.grad(lambda q, k, v: jnp.sum(ops.get(name)(q, k, v, **args)[:, 0]),
+                           argnums=(0, 1, 2)))(q, k, v)
+  for which, g in zip("qkv", grads):
+    assert np.isfinite(np.asarray(g)).all(), f"d{which} is not finite"

@@ -237,7 +237,8 @@ def _fuse(x: Array, size: Array, weight: Array, slot: Array, num_out: int,
 def _cosine(metric: Array) -> tuple[Array, int, int]:
   """Cosine similarities between the even (A) and odd (B) tokens of `metric: [b, N, c]`."""
   metric = metric.astype(jnp.float32)
-  metric = metric / jnp.linalg.norm(metric, axis=-1, keepdims=True)
+  squares = jnp.sum(metric * metric, axis=-1, keepdims=True)
+  metric = metric / jnp.sqrt(jnp.where(squares > 0.0, squares, 1.0))  # a zero key: cosine 0
   a, b = metric[:, ::2], metric[:, 1::2]
   return jnp.einsum("bic,bjc->bij", a, b), a.shape[1], b.shape[1]
 

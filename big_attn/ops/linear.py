@@ -868,8 +868,9 @@ def _taylor_features(x: Array, order: int, scale: float, eps: float) -> Array:
   """[x̂^{⊗n}·(s^n / n!)^{1/2}]_{n=0..p} of x̂ = x / max(‖x‖, ε): φ(q)ᵀφ(k) = Σ_n (s q̂·k̂)^n / n!.
 
   `x` is `[..., d]`; the result is `[..., Σ_n d^n]` (1 + d + d² for p = 2)."""
-  norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
-  unit = x / jnp.maximum(norm, eps)
+  # max(‖x‖, ε) as √max(‖x‖², ε²): a zero vector (a zero-initialised class token) then has a
+  # finite gradient, where √ of 0 would give 0·∞ = NaN.
+  unit = x / jnp.sqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
   power = jnp.ones(x.shape[:-1] + (1,), x.dtype)
   features = [power]
   for n in range(1, order + 1):

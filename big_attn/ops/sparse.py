@@ -39,8 +39,8 @@ def block_self_similarity(x: jax.Array, block: int, num_blocks: int) -> jax.Arra
   each block (its real tokens, pairs (i, i) included) = |Σ_i x_i/|x_i||² / count²."""
   b, t, h, d = x.shape
   x = x.astype(jnp.float32)
-  norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
-  unit = x / jnp.where(norm > 0.0, norm, 1.0)
+  squares = jnp.sum(x * x, axis=-1, keepdims=True)
+  unit = x / jnp.sqrt(jnp.where(squares > 0.0, squares, 1.0))  # finite gradient at x = 0
   sums = _pad_to(unit, 1, num_blocks * block).reshape(b, num_blocks, block, h, d).sum(axis=2)
   counts = np.minimum(block, t - block * np.arange(num_blocks)).astype(np.float32)
   return jnp.sum(sums * sums, axis=-1) / (counts * counts)[None, :, None]
