@@ -5,15 +5,9 @@ import os
 import shutil
 import tempfile
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# On the CPU, compiling dominates most tests (tiny shapes, many programs): without LLVM's
-# optimisation passes XLA compiles them about a third faster (its HLO passes, and so the
-# programs and their memory plans, are the same). The processes the tests start inherit it.
-_CPU_COMPILE_FLAGS = (["--xla_backend_optimization_level=0"]
-                      if os.environ["JAX_PLATFORMS"] == "cpu" else [])
 os.environ["XLA_FLAGS"] = " ".join(
-    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8",
-     *_CPU_COMPILE_FLAGS]).strip()
+    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Many tests compile the same program (a tiny training step, a model's forward) through new jitted
 # functions, which JAX's in-memory caches cannot match: XLA compiles each once per run, and the
 # tests, the pytest-xdist workers and the processes the tests start (they inherit the environment)

@@ -22,7 +22,6 @@ import numpy as np
 import pytest
 from jax.experimental.compilation_cache import compilation_cache as cc
 
-import tests
 from big_attn import main as main_lib
 from tests.test_train import ROOT, _config_module, _run_steps, losses, tiny_config
 
@@ -79,7 +78,7 @@ def _launch(root: str) -> list[dict[str, dict]]:
   env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
              JAX_COMPILATION_CACHE_DIR=os.path.join(root, "compilation_cache"),
              **{name.upper(): str(value) for name, value in _CACHE_EVERYTHING.items()})
-  env["XLA_FLAGS"] = tests.xla_flags_for_subprocess()  # the worker sets 4 devices
+  env.pop("XLA_FLAGS", None)
   procs = [subprocess.Popen(  # pylint: disable=consider-using-with
       [sys.executable, "-m", "tests.multiprocess_worker", str(i), str(port), root], cwd=ROOT,
       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]

@@ -11,8 +11,6 @@ import nbclient
 import nbformat
 import pytest
 
-import tests
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = os.path.join(ROOT, "experiments", "notebooks")
 
@@ -28,8 +26,8 @@ def execute(path: str, working_dir: str) -> nbformat.NotebookNode:
   notebook = nbformat.read(path, as_version=4)
   env = dict(os.environ, BIG_ATTN_NOTEBOOK_STEPS=str(STEPS), PYTHONPATH=os.pathsep.join(
       p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
-  # The kernel is a fresh process with one device: the 8-device flag of conftest.py stays here.
-  env["XLA_FLAGS"] = tests.xla_flags_for_subprocess()
+  # The kernel is a fresh process: the 8-device flag of conftest.py does not reach it.
+  env.pop("XLA_FLAGS", None)
   client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
                                    record_timing=False,
                                    resources={"metadata": {"path": working_dir}})
