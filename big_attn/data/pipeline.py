@@ -197,9 +197,14 @@ class _ArrayBatches:
       index = np.array([self._order[int(p)] for p in positions])
       mask = np.ones(n, bool)
       if self._pad or spec.flip:
+        # One generator for the batch, moved to each example's stream by setting its state
+        # (half the cost of a generator per example; local, so the reader threads share none).
+        bits = np.random.Philox(key=self._key)
+        rng, state = np.random.Generator(bits), bits.state
         for i, p in enumerate(positions):
-          rng = np.random.Generator(np.random.Philox(
-              counter=np.array([0, 0, 0, p], np.uint64), key=self._key))
+          state["state"]["counter"] = np.array([0, 0, 0, p], np.uint64)
+          state.update(buffer_pos=4, has_uint32=0, uinteger=0)  # a fresh stream's buffers
+          bits.state = state
           if self._pad:
             offsets[i] = rng.integers(0, 2 * self._pad + 1, size=2)
           flips[i] = spec.flip and rng.random() < 0.5
