@@ -106,8 +106,11 @@ def _sample(spec, seed):
   return spec(sample) if callable(spec) else sample(spec)
 
 
-# Each op once in the default run, ring and striped in turn; the other schedule `extended`.
-MAPPED_FAST = [(name, ("ring", "striped")[i % 2]) for i, name in enumerate(MAPPED)]
+# The default run: one op of each kind of map, ring and striped (values replaced, then an output
+# map; the token's own value read in striped order; transformed queries and keys; values
+# widened); the rest of the product is `extended`.
+MAPPED_FAST = [("switchhead", "ring"), ("gin_attention", "striped"),
+               ("probabilistic_attention", "ring"), ("relational_attention", "striped")]
 
 
 @pytest.mark.parametrize("name,strategy", MAPPED_FAST + [
@@ -193,6 +196,9 @@ def test_declarations_and_refusals(mesh):
   with pytest.raises(ValueError, match="'reversed_attention' has no sequence-parallel form: "
                      "splitting the keys into blocks needs every weight to be a function of one"):
     call("reversed_attention")
+  for bad in (dict(block_refusal=3), dict(block_refusal="why", causal=False)):
+    with pytest.raises(TypeError, match="block_refusal must be a string, for a causal op"):
+      ops.register("unregistered", **bad)
   with pytest.raises(ValueError, match="em_steps=1 adapts every key to all queries"):
     call("probabilistic_attention", em_steps=1)
   with pytest.raises(ValueError, match="kv_length must be None"):
