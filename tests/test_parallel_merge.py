@@ -1,9 +1,12 @@
 """Sequence parallelism of the softmax-family ops (`big_attn.parallel.merge`) on simulated CPU
 devices: sigmoid, cog, clipped softmax, gated and soft-capped softmax through the ring,
 striped and all_gather strategies, forward and gradients (queries, keys, values, the gate)
-against the float64 references of `tests/score_checks.py` on the whole sequence; the layer and
-the LM reaching them by name; the up-front refusals.
+against the float64 references of `tests/score_checks.py` on the whole sequence; the ops whose
+block form maps the values and the output of softmax blocks against the op on one device;
+the layer and the LM reaching them by name; the up-front refusals.
 """
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -74,6 +77,65 @@ def test_matches_reference(mesh, name, strategy, is_causal):
   reference.assert_matches(op_fn, lambda q, k, v, gate: ref(q, k, v, m, gate), [q, k, v, gate])
 
 
+# Ops whose block form is softmax blocks (of transformed queries and keys) with per-token value
+# and output maps: op -> (static op arguments, the op's arrays as shapes, or as functions of
+# a seeded normal sampler). Compared with the single-device op (its own tests compare it with
+# float64 references) run in float64 on the whole sequence.
+E, H, R, P = 3, 5, 2, 3
+MAPPED = {
+    "interpretable_mha": ({}, {}),
+    "mixture_of_heads": ({"shared_heads": 1, "topk": 2},
+                         {"router_logits": (B, S, N), "head_mix_logits": (B, S, 2)}),
+    "single_head_attention": ({"partial_ratio": 0.5}, {}),
+    "switchhead": ({"topk": 2}, {"value_experts": (B, S, K, E, D),
+                                 "router_logits_v": (B, S, K, E),
+                                 "router_logits_o": (B, S, N, E), "out_experts": (N, E, D, 6)}),
+    "lean_decode": ({"block_size": 7}, {}),
+    "gin_attention": ({}, {"gin_eps": (N,), "mlp_w1": (N, D, H), "mlp_b1": (N, H),
+                           "mlp_w2": (N, H, D), "mlp_b2": (N, D)}),
+    "relational_attention": ({}, {"rel_query": (B, S, R, P), "rel_key": (B, S, R, P),
+                                  "rel_out": (N, R, D)}),
+    "probabilistic_attention": ({}, {"sigma": lambda r: 1.5 + 0.2 * r((N,)),
+                                     "log_prior": (B, S, K)}),
+}
+
+
+def _sample(spec, seed):
+  """A seeded standard-normal array of shape `spec`, or `spec(sampler)`."""
+  sample = functools.partial(reference.normal, seed)
+  return spec(sample) if callable(spec) else sample(spec)
+
+
+# The default run: one op of each kind of map, ring and striped (values replaced, then an output
+# map; the token's own value read in striped order; transformed queries and keys; values
+# widened); the rest of the product is `extended`.
+MAPPED_FAST = [("switchhead", "ring"), ("gin_attention", "striped"),
+               ("probabilistic_attention", "ring"), ("relational_attention", "striped")]
+
+
+@pytest.mark.parametrize("name,strategy", MAPPED_FAST + [
+    pytest.param(name, strategy, marks=pytest.mark.extended) for name in MAPPED
+    for strategy in ("ring", "striped") if (name, strategy) not in MAPPED_FAST])
+def test_mapped_softmax_forms_match_op(mesh, name, strategy):
+  """Causal, packed segments, GQA: output and gradients (queries, keys, values and the op's
+  arrays) of the sequence-parallel op equal those of the op on one device."""
+  static, arrays = MAPPED[name]
+  seg = _segments()
+  q, k, v = reference.qkv(b=B, t=S, n=N, k=K, d=D, seed=len(name))
+  extra = [_sample(spec, 20 + i) for i, spec in enumerate(arrays.values())]
+  m = reference.full_mask(B, N, S, S, is_causal=True, segment_ids=seg)
+
+  def sp_fn(q, k, v, *extra):
+    return parallel.sequence_parallel_attention(
+        q, k, v, mesh=mesh, strategy=strategy, is_causal=True, segment_ids=seg, op=name,
+        **static, **dict(zip(arrays, extra)))
+
+  def op_fn(q, k, v, *extra):
+    return ops.get(name)(q, k, v, mask=m, **static, **dict(zip(arrays, extra)))
+
+  reference.assert_matches(sp_fn, op_fn, [q, k, v, *extra])
+
+
 def _layer_grads(module, params, x, seg, unstripe=lambda a: a):
   def loss(p):
     out = unstripe(module.apply({"params": p}, x, is_causal=True, segment_ids=seg))
@@ -120,14 +182,29 @@ def test_lm_by_name_equals_single_device():
 def test_declarations_and_refusals(mesh):
   with_form = {n for n in ops.names() if ops.spec(n).block_form is not None}
   assert with_form == {"softmax", "ngpt", "sigmoid", "cog", "clipped_softmax",
-                       "gated_attention"}
+                       "gated_attention", *MAPPED}
   assert ops.sequence_parallel_form("lightning") == "state"
   q, k, v = reference.qkv(b=B, t=S, n=N, k=K, d=D)
   call = lambda op, **kw: parallel.sequence_parallel_attention(  # pylint: disable=g-long-lambda
       q, k, v, mesh=mesh, op=op, **kw)
-  with pytest.raises(ValueError, match="'normalized' has no sequence-parallel form: splitting "
-                     "the keys into blocks needs every weight to be a function of one"):
+  # Every causal op without a form states its own reason; the others the general one.
+  assert all(ops.spec(n).block_refusal for n in ops.names()
+             if ops.spec(n).causal and ops.sequence_parallel_form(n) is None)
+  with pytest.raises(ValueError, match="'normalized' has no sequence-parallel form: its "
+                     "weights g·.* standard deviation of the row's scores over all its keys"):
     call("normalized")
+  with pytest.raises(ValueError, match="'reversed_attention' has no sequence-parallel form: "
+                     "splitting the keys into blocks needs every weight to be a function of one"):
+    call("reversed_attention")
+  for bad in (dict(block_refusal=3), dict(block_refusal="why", causal=False)):
+    with pytest.raises(TypeError, match="block_refusal must be a string, for a causal op"):
+      ops.register("unregistered", **bad)
+  with pytest.raises(ValueError, match="em_steps=1 adapts every key to all queries"):
+    call("probabilistic_attention", em_steps=1)
+  with pytest.raises(ValueError, match="kv_length must be None"):
+    call("lean_decode", kv_length=3)
+  with pytest.raises(ValueError, match="router_logits"):
+    call("mixture_of_heads")
   with pytest.raises(ValueError, match="'window' has no sequence-parallel form"):
     layers.Attention(num_heads=N, op="window",
                      seq_parallel=parallel.SeqParallel(mesh)).init(

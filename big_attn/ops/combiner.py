@@ -19,7 +19,11 @@ from big_attn.ops.registry import register
 KEY_POOLS = ("mean", "max")
 
 
-@register("combiner", segment_ids=True)
+@register("combiner", segment_ids=True,
+          block_refusal=(
+              "a query attends to the keys of its own block of ⌈√n⌉ tokens (n the whole length) "
+              "and to one summary key and value per earlier block, so what it sees follows a "
+              "partition of the whole sequence, not the key blocks of the shards"))
 def combiner_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                        segment_ids=None, block_size=None, key_pool="mean"):
   """Combiner-Fixed attention (Combiner: Full Attention Transformer with Sparse Computation

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from big_attn.ops import checks
 from big_attn.ops import common
-from big_attn.ops.registry import register
+from big_attn.ops.registry import BlockForm, register
 
 Array = jax.Array
 
@@ -49,7 +49,18 @@ def _valid_lengths(kv_length, dims: common.Dims) -> Array:
   return jnp.broadcast_to(kv_length.astype(jnp.int32), (dims.batch,))
 
 
-@register("lean_decode")
+def _lean_block_form(query, key, scale, *, kv_length=None, block_size=256) -> BlockForm:
+  """Lean attention is softmax attention merged through the log-sum-exp: its sequence-parallel
+  form is the ring's softmax blocks (the shards are its splits, so `block_size` only checked).
+  The sequence is the whole cache: `kv_length` must be None."""
+  checks.positive_int("block_size", block_size)
+  if kv_length is not None:
+    raise ValueError("lean_decode's sequence-parallel form attends the whole sequence: "
+                     f"kv_length must be None, got {kv_length!r}")
+  return BlockForm("softmax", query, key, scale)
+
+
+@register("lean_decode", block_form=_lean_block_form)
 def lean_decode_attention(query: Array, key: Array, value: Array, *, mask: Array | None = None,
                           is_causal: bool = False, scale: float | None = None,
                           kv_length=None, block_size: int = 256) -> Array:

@@ -18,7 +18,7 @@ from big_attn.ops import checks
 from big_attn.ops import common
 from big_attn.ops import hyena
 from big_attn.ops import windowed
-from big_attn.ops.registry import OpParams, register, register_params
+from big_attn.ops.registry import BlockForm, OpParams, register, register_params
 from big_attn.ops.softmax import dot_product_attention
 
 # EfficientViT's depthwise kernel on the queries (kernels=[5, 5, 5, 5] in every stage).
@@ -31,7 +31,11 @@ def _spatial(grid, length: int) -> tuple[int, ...]:
   return (length,) if grid is None else windowed.check_grid(grid, length)
 
 
-@register("cascaded_group_attention", grid=True)
+@register("cascaded_group_attention", grid=True,
+          block_refusal=(
+              "head j's queries, keys and values add head j−1's output over all keys and its "
+              "queries are convolved over neighbouring tokens, so each head needs the previous "
+              "head's complete result: the heads cannot share one pass of key blocks"))
 def cascaded_group_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                              cascade_query=None, cascade_key=None, cascade_value=None,
                              query_conv=None, grid=None, kernel_size=None):
@@ -121,7 +125,52 @@ def _cascade(query, key, value, cascade_query, cascade_key, cascade_value, query
   return jnp.stack(outs, axis=2).astype(query.dtype)
 
 
-@register("single_head_attention")
+def _attended_heads(num_heads: int, partial_ratio) -> int:
+  """SHViT's m = max(1, round(n/r)) attended heads of n."""
+  return max(1, round(num_heads * checks.unit_interval("partial_ratio", partial_ratio)))
+
+
+def _joined(x, m: int, num_heads: int):
+  """The first m (query) heads of `x` `[batch, seq, heads, d]` as one head `[batch, seq, 1,
+  m·d]`; key/value heads are repeated to the `num_heads` query heads first (GQA)."""
+  groups = num_heads // x.shape[2]
+  x = jnp.repeat(x[:, :, :-(-m // groups)], groups, axis=2)[:, :, :m]
+  return x.reshape(x.shape[0], x.shape[1], 1, m * x.shape[3])
+
+
+def _pass_through(attended, query, m: int):
+  """The attended head `[batch, seq, 1, m·d]` split back into m heads, then the query's other
+  heads: `[batch, seq, num_heads, d]`."""
+  b, t, _, d = query.shape
+  return jnp.concatenate([attended.reshape(b, t, m, d), query[:, :, m:]], axis=2)
+
+
+def _check_single_head(query, key, value_dim: int) -> None:
+  if query.shape[1] != key.shape[1] or value_dim != query.shape[3]:
+    raise ValueError("single_head_attention passes query channels through beside the attended "
+                     "ones: q_len must equal kv_len and value_dim head_dim, got query "
+                     f"{query.shape}, key {key.shape} and value_dim {value_dim}")
+
+
+def _single_head_block_form(query, key, scale, *, partial_ratio=SHVIT_RATIO) -> BlockForm:
+  """The one attended head's softmax blocks merged through the log-sum-exp; the value map
+  joins the attended value channels, the output map appends the passed-through query
+  channels."""
+  _check_single_head(query, key, query.shape[3])
+  n = query.shape[2]
+  m = _attended_heads(n, partial_ratio)
+
+  def joined_value(value):
+    _check_single_head(query, key, value.shape[3])
+    return _joined(value, m, n)
+
+  return BlockForm("softmax", _joined(query, m, n), _joined(key, m, n), scale,
+                   value_map=joined_value,
+                   output_map=lambda out, _: _pass_through(out, query, m).astype(
+                       query.dtype))
+
+
+@register("single_head_attention", block_form=_single_head_block_form)
 def single_head_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                           partial_ratio=SHVIT_RATIO):
   """Single-head attention: SHViT: Single-Head Vision Transformer with Memory Efficient
@@ -153,22 +202,14 @@ def single_head_attention(query, key, value, *, mask=None, is_causal=False, scal
     `[batch, seq, num_heads, head_dim]` in the query's dtype.
   """
   dims = common.check_qkv(query, key, value)
-  ratio = checks.unit_interval("partial_ratio", partial_ratio)
-  if dims.q_len != dims.kv_len or dims.value_dim != dims.head_dim:
-    raise ValueError("single_head_attention passes query channels through beside the attended "
-                     "ones: q_len must equal kv_len and value_dim head_dim, got "
-                     f"{query.shape}, {key.shape} and {value.shape}")
-  m = max(1, round(dims.num_heads * ratio))
-  key, value = (jnp.repeat(x[:, :, :-(-m // dims.groups)], dims.groups, axis=2)[:, :, :m]
-                for x in (key, value))
-  joined = [x.reshape(dims.batch, dims.q_len, 1, m * dims.head_dim)
-            for x in (query[:, :, :m], key, value)]
+  _check_single_head(query, key, dims.value_dim)
+  m = _attended_heads(dims.num_heads, partial_ratio)
+  joined = [_joined(x, m, dims.num_heads) for x in (query, key, value)]
   full = common.make_mask(dims, mask=mask)
   head_mask = None if full is None else full[:, :1]
   attended = dot_product_attention(*joined, mask=head_mask, is_causal=is_causal, scale=scale,
                                    implementation="xla")
-  out = jnp.concatenate([attended.reshape(dims.batch, dims.q_len, m, dims.head_dim),
-                         query[:, :, m:]], axis=2)
+  out = _pass_through(attended, query, m)
   return common.apply_row_mask(out, head_mask, dims).astype(query.dtype)
 
 

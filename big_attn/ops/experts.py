@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from big_attn.ops import checks
 from big_attn.ops import common
-from big_attn.ops.registry import OpParams, register, register_params
+from big_attn.ops.registry import BlockForm, OpParams, register, register_params
 from big_attn.ops.softmax import dot_product_attention
 
 Array = jax.Array
@@ -28,7 +28,59 @@ def sigmoid_topk_gate(logits: Array, topk: int) -> Array:
   return scores * selected
 
 
-@register("switchhead", segment_ids=True)
+def _experts(dims: common.Dims, value_experts, router_logits_v, router_logits_o, out_experts,
+             topk, num_experts):
+  """SwitchHead's mixed values v_j `[batch, kv_len, num_kv_heads, value_dim]` and output map
+  o ↦ y, after the argument checks of `switchhead_attention` against `dims`."""
+  if value_experts is None or getattr(value_experts, "ndim", 0) != 5:
+    raise ValueError("switchhead needs value_experts [batch, kv_len, num_kv_heads, E, "
+                     f"value_dim], got {getattr(value_experts, 'shape', value_experts)!r}")
+  num, dv = value_experts.shape[3:]
+  common.check_weight("value_experts", value_experts,
+                      (dims.batch, dims.kv_len, dims.num_kv_heads, num, dv),
+                      "[batch, kv_len, num_kv_heads, E, value_dim]")
+  if num_experts is not None and num_experts != num:
+    raise ValueError(f"num_experts={num_experts!r} disagrees with value_experts of shape "
+                     f"{value_experts.shape} (E = {num})")
+  common.check_weight("router_logits_v", router_logits_v,
+                      (dims.batch, dims.kv_len, dims.num_kv_heads, num),
+                      "[batch, kv_len, num_kv_heads, E]")
+  common.check_weight("router_logits_o", router_logits_o,
+                      (dims.batch, dims.q_len, dims.num_heads, num),
+                      "[batch, q_len, num_heads, E]")
+  if out_experts is None or getattr(out_experts, "ndim", 0) != 4:
+    raise ValueError("switchhead needs out_experts [num_heads, E, value_dim, out_dim], got "
+                     f"{getattr(out_experts, 'shape', out_experts)!r}")
+  common.check_weight("out_experts", out_experts,
+                      (dims.num_heads, num, dv, out_experts.shape[-1]),
+                      "[num_heads, E, value_dim, out_dim]")
+  topk = checks.int_in_range("topk", topk, 1, num)
+
+  gate_v = sigmoid_topk_gate(router_logits_v, topk)
+  mixed = jnp.einsum("bske,bsked->bskd", gate_v.astype(value_experts.dtype), value_experts,
+                     preferred_element_type=jnp.float32).astype(value_experts.dtype)
+  gate_o = sigmoid_topk_gate(router_logits_o, int(topk))
+
+  def output(heads):
+    return jnp.einsum("btne,btnd,nedo->btno", gate_o, heads.astype(jnp.float32),
+                      out_experts.astype(jnp.float32)).astype(heads.dtype)
+
+  return mixed, output
+
+
+def _switchhead_block_form(query, key, scale, *, value_experts=None, router_logits_v=None,
+                           router_logits_o=None, out_experts=None, topk=2,
+                           num_experts=None) -> BlockForm:
+  """Softmax blocks over the mixed values v_j (the value map; the dense values only fix the
+  layout, which the keys share), merged through the log-sum-exp, then the output experts of
+  each query token (the output map)."""
+  mixed, output = _experts(common.check_qkv(query, key, key), value_experts, router_logits_v,
+                           router_logits_o, out_experts, topk, num_experts)
+  return BlockForm("softmax", query, key, scale, value_map=lambda value: mixed,
+                   output_map=lambda out, _: output(out))
+
+
+@register("switchhead", segment_ids=True, block_form=_switchhead_block_form)
 def switchhead_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                          value_experts=None, router_logits_v=None, router_logits_o=None,
                          out_experts=None, topk=2, num_experts=None, segment_ids=None):
@@ -71,39 +123,11 @@ def switchhead_attention(query, key, value, *, mask=None, is_causal=False, scale
     `[batch, q_len, num_heads, out_dim]` in the query's dtype.
   """
   dims = common.check_qkv(query, key, value)
-  if value_experts is None or getattr(value_experts, "ndim", 0) != 5:
-    raise ValueError("switchhead needs value_experts [batch, kv_len, num_kv_heads, E, "
-                     f"value_dim], got {getattr(value_experts, 'shape', value_experts)!r}")
-  num, dv = value_experts.shape[3:]
-  common.check_weight("value_experts", value_experts,
-                      (dims.batch, dims.kv_len, dims.num_kv_heads, num, dv),
-                      "[batch, kv_len, num_kv_heads, E, value_dim]")
-  if num_experts is not None and num_experts != num:
-    raise ValueError(f"num_experts={num_experts!r} disagrees with value_experts of shape "
-                     f"{value_experts.shape} (E = {num})")
-  common.check_weight("router_logits_v", router_logits_v,
-                      (dims.batch, dims.kv_len, dims.num_kv_heads, num),
-                      "[batch, kv_len, num_kv_heads, E]")
-  common.check_weight("router_logits_o", router_logits_o,
-                      (dims.batch, dims.q_len, dims.num_heads, num),
-                      "[batch, q_len, num_heads, E]")
-  if out_experts is None or getattr(out_experts, "ndim", 0) != 4:
-    raise ValueError("switchhead needs out_experts [num_heads, E, value_dim, out_dim], got "
-                     f"{getattr(out_experts, 'shape', out_experts)!r}")
-  common.check_weight("out_experts", out_experts,
-                      (dims.num_heads, num, dv, out_experts.shape[-1]),
-                      "[num_heads, E, value_dim, out_dim]")
-  topk = checks.int_in_range("topk", topk, 1, num)
-
-  gate_v = sigmoid_topk_gate(router_logits_v, topk)
-  mixed = jnp.einsum("bske,bsked->bskd", gate_v.astype(value_experts.dtype), value_experts,
-                     preferred_element_type=jnp.float32).astype(value_experts.dtype)
+  mixed, output = _experts(dims, value_experts, router_logits_v, router_logits_o, out_experts,
+                           topk, num_experts)
   heads = dot_product_attention(query, key, mixed, mask=mask, scale=scale, is_causal=is_causal,
                                 segment_ids=segment_ids, implementation="xla")
-  gate_o = sigmoid_topk_gate(router_logits_o, int(topk))
-  out = jnp.einsum("btne,btnd,nedo->btno", gate_o, heads.astype(jnp.float32),
-                   out_experts.astype(jnp.float32))
-  return out.astype(query.dtype)
+  return output(heads).astype(query.dtype)
 
 
 @register_params("switchhead")

@@ -63,6 +63,9 @@ def check_form(name: str, mode: str) -> str:
     return form
   if mode == "sequence-parallel":
     form = sequence_parallel_form(name)
+    reason = registry.spec(name).block_refusal
+    if form is None and reason is not None:
+      raise ValueError(f"attention op {name!r} has no sequence-parallel form: {reason}")
     if form is None:
       blocks = ", ".join(n for n in registry.names() if registry.spec(n).block_form is not None)
       states = ", ".join(sorted(recurrent.STATE_FORMS))

@@ -55,7 +55,11 @@ def _rotate(x: Array, angles: np.ndarray) -> Array:
   return jnp.concatenate([first * cos - second * sin, first * sin + second * cos], axis=-1)
 
 
-@register("gta_attention", segment_ids=True, grid=True)
+@register("gta_attention", segment_ids=True, grid=True,
+          block_refusal=(
+              "its queries, keys, values and outputs are rotated by ρ of each token's position, "
+              "read from the token's index in the sequence, which the striped token order of "
+              "sequence parallelism permutes (its softmax blocks would merge given positions)"))
 def gta_attention(query, key, value, *, mask=None, is_causal=False, scale=None, grid=None,
                   base=GTA_BASE, segment_ids=None):
   """GTA: A Geometry-Aware Attention Mechanism for Multi-View Transformers (Miyato et al.,

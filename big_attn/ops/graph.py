@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from big_attn.ops import checks
 from big_attn.ops import common
-from big_attn.ops.registry import OpParams, register, register_params
+from big_attn.ops.registry import BlockForm, OpParams, register, register_params
 
 
 def _weights(query, key, value, *, mask, is_causal, scale, segment_ids):
@@ -30,7 +30,53 @@ def _check_self_attention(name: str, dims: common.Dims) -> None:
                      f"equal kv_len, got {dims.q_len} and {dims.kv_len}")
 
 
-@register("relational_attention", segment_ids=True)
+def _check_relational(dims: common.Dims, rel_query, rel_key, rel_out, num_relations,
+                      relation_dim) -> tuple[int, int]:
+  """`(R, P)` of the relational arguments, checked against `dims`."""
+  r, p = getattr(rel_query, "shape", (None,) * 4)[2:]
+  for name, given, size in (("num_relations", num_relations, r),
+                            ("relation_dim", relation_dim, p)):
+    if given is not None and given != size:
+      raise ValueError(f"{name} ({given}) must equal its size in rel_query.shape ({size})")
+  common.check_weight("rel_query", rel_query, (dims.batch, dims.q_len, r, p),
+                      "[batch, q_len, R, P]")
+  common.check_weight("rel_key", rel_key, (dims.batch, dims.kv_len, r, p),
+                      "[batch, kv_len, R, P]")
+  common.check_weight("rel_out", rel_out, (dims.num_heads, r, dims.value_dim),
+                      "[num_heads, R, value_dim]")
+  return r, p
+
+
+def _relational(sensory, pooled, rel_query, rel_out):
+  """Σ_j α_ij v_j + Σ_ℓ ⟨φ_ℓ x_i, Σ_j α_ij ψ_ℓ x_j⟩ (W_r)_ℓ in float32, from the pooled values
+  `sensory [b, t, n, dv]` and pooled relation keys `pooled [b, t, n, R, P]`."""
+  relations = jnp.einsum("btrp,btnrp->btnr", rel_query.astype(jnp.float32), pooled)
+  return sensory + jnp.einsum("btnr,nrd->btnd", relations, rel_out.astype(jnp.float32))
+
+
+def _relational_block_form(query, key, scale, *, rel_query=None, rel_key=None, rel_out=None,
+                           num_relations=None, relation_dim=None) -> BlockForm:
+  """Softmax blocks over the values with the relation keys ψ_ℓ x_j appended on every key head
+  (the value map), merged through the log-sum-exp; the output map splits the merged rows into
+  Σ_j α_ij v_j and Σ_j α_ij ψ_ℓ x_j and adds the relational term of the query token."""
+  def with_relation_keys(value):
+    dims = common.check_qkv(query, key, value)
+    _check_relational(dims, rel_query, rel_key, rel_out, num_relations, relation_dim)
+    b, s, k = value.shape[:3]
+    flat = rel_key.reshape(b, s, 1, -1).astype(value.dtype)
+    return jnp.concatenate([value, jnp.broadcast_to(flat, (b, s, k, flat.shape[-1]))], axis=3)
+
+  def relational_output(out, value):
+    dv = value.shape[-1]
+    pooled = out[..., dv:].astype(jnp.float32).reshape(out.shape[:3] + rel_query.shape[2:])
+    return _relational(out[..., :dv].astype(jnp.float32), pooled, rel_query,
+                       rel_out).astype(out.dtype)
+
+  return BlockForm("softmax", query, key, scale, value_map=with_relation_keys,
+                   output_map=relational_output)
+
+
+@register("relational_attention", segment_ids=True, block_form=_relational_block_form)
 def relational_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                          rel_query=None, rel_key=None, rel_out=None, num_relations=None,
                          relation_dim=None, segment_ids=None):
@@ -59,24 +105,11 @@ def relational_attention(query, key, value, *, mask=None, is_causal=False, scale
   """
   dims, probs = _weights(query, key, value, mask=mask, is_causal=is_causal, scale=scale,
                          segment_ids=segment_ids)
-  r, p = getattr(rel_query, "shape", (None,) * 4)[2:]
-  for name, given, size in (("num_relations", num_relations, r),
-                            ("relation_dim", relation_dim, p)):
-    if given is not None and given != size:
-      raise ValueError(f"{name} ({given}) must equal its size in rel_query.shape ({size})")
-  common.check_weight("rel_query", rel_query, (dims.batch, dims.q_len, r, p),
-                      "[batch, q_len, R, P]")
-  common.check_weight("rel_key", rel_key, (dims.batch, dims.kv_len, r, p),
-                      "[batch, kv_len, R, P]")
-  common.check_weight("rel_out", rel_out, (dims.num_heads, r, dims.value_dim),
-                      "[num_heads, R, value_dim]")
+  r, p = _check_relational(dims, rel_query, rel_key, rel_out, num_relations, relation_dim)
   sensory = common.weighted_values(probs, value, dims).astype(jnp.float32)
   pooled = jnp.einsum("bkgts,bsrp->btkgrp", probs, rel_key.astype(jnp.float32))
-  relations = jnp.einsum("btrp,btkgrp->btkgr", rel_query.astype(jnp.float32), pooled)
-  relational = jnp.einsum("btnr,nrd->btnd",
-                          relations.reshape(dims.batch, dims.q_len, dims.num_heads, r),
-                          rel_out.astype(jnp.float32))
-  return (sensory + relational).astype(query.dtype)
+  pooled = pooled.reshape(dims.batch, dims.q_len, dims.num_heads, r, p)
+  return _relational(sensory, pooled, rel_query, rel_out).astype(query.dtype)
 
 
 @register("reversed_attention", causal=False, segment_ids=True)
@@ -120,7 +153,49 @@ def reversed_attention(query, key, value, *, mask=None, is_causal=False, scale=N
                      dims.value_dim).astype(query.dtype)
 
 
-@register("gin_attention", segment_ids=True)
+def _check_gin(dims: common.Dims, gin_eps, mlp_w1, mlp_b1, mlp_w2, mlp_b2,
+               hidden_dim) -> None:
+  n, dv = dims.num_heads, dims.value_dim
+  hidden = getattr(mlp_w1, "shape", (None,))[-1]
+  if hidden_dim is not None and hidden_dim != hidden:
+    raise ValueError(f"hidden_dim ({hidden_dim}) must equal mlp_w1.shape[-1] ({hidden})")
+  for name, x, shape, layout in (
+      ("gin_eps", gin_eps, (n,), "[num_heads]"),
+      ("mlp_w1", mlp_w1, (n, dv, hidden), "[num_heads, value_dim, hidden]"),
+      ("mlp_b1", mlp_b1, (n, hidden), "[num_heads, hidden]"),
+      ("mlp_w2", mlp_w2, (n, hidden, dv), "[num_heads, hidden, value_dim]"),
+      ("mlp_b2", mlp_b2, (n, dv), "[num_heads, value_dim]")):
+    common.check_weight(name, x, shape, layout)
+
+
+def _gin_update(aggregated, value, gin_eps, mlp_w1, mlp_b1, mlp_w2, mlp_b2):
+  """MLP((1 + ε) v_i + aggregated_i) per head in float32; `aggregated [b, t, n, dv]`, the
+  token's own `value [b, t, kv_heads, dv]`."""
+  f32 = lambda x: x.astype(jnp.float32)
+  own = jnp.repeat(f32(value), aggregated.shape[2] // value.shape[2], axis=2)
+  nodes = (1.0 + f32(gin_eps))[:, None] * own + f32(aggregated)
+  hidden_act = jax.nn.relu(jnp.einsum("btnd,ndh->btnh", nodes, f32(mlp_w1)) + f32(mlp_b1))
+  return jnp.einsum("btnh,nhd->btnd", hidden_act, f32(mlp_w2)) + f32(mlp_b2)
+
+
+def _gin_block_form(query, key, scale, *, gin_eps=None, mlp_w1=None, mlp_b1=None, mlp_w2=None,
+                    mlp_b2=None, hidden_dim=None) -> BlockForm:
+  """Softmax blocks merged through the log-sum-exp into Σ_j A_ij v_j; the output map is the
+  GIN update of each token with its own value. With the sequence split, causal or within
+  segments, every query sees at least itself, so no row is empty."""
+  def checked(value):
+    dims = common.check_qkv(query, key, value)
+    _check_self_attention("gin_attention", dims)
+    _check_gin(dims, gin_eps, mlp_w1, mlp_b1, mlp_w2, mlp_b2, hidden_dim)
+    return value
+
+  def update(out, value):
+    return _gin_update(out, value, gin_eps, mlp_w1, mlp_b1, mlp_w2, mlp_b2).astype(out.dtype)
+
+  return BlockForm("softmax", query, key, scale, value_map=checked, output_map=update)
+
+
+@register("gin_attention", segment_ids=True, block_form=_gin_block_form)
 def gin_attention(query, key, value, *, mask=None, is_causal=False, scale=None, gin_eps=None,
                   mlp_w1=None, mlp_b1=None, mlp_w2=None, mlp_b2=None, hidden_dim=None,
                   segment_ids=None):
@@ -149,23 +224,9 @@ def gin_attention(query, key, value, *, mask=None, is_causal=False, scale=None, 
   dims, probs = _weights(query, key, value, mask=mask, is_causal=is_causal, scale=scale,
                          segment_ids=segment_ids)
   _check_self_attention("gin_attention", dims)
-  n, dv = dims.num_heads, dims.value_dim
-  hidden = getattr(mlp_w1, "shape", (None,))[-1]
-  if hidden_dim is not None and hidden_dim != hidden:
-    raise ValueError(f"hidden_dim ({hidden_dim}) must equal mlp_w1.shape[-1] ({hidden})")
-  for name, x, shape, layout in (
-      ("gin_eps", gin_eps, (n,), "[num_heads]"),
-      ("mlp_w1", mlp_w1, (n, dv, hidden), "[num_heads, value_dim, hidden]"),
-      ("mlp_b1", mlp_b1, (n, hidden), "[num_heads, hidden]"),
-      ("mlp_w2", mlp_w2, (n, hidden, dv), "[num_heads, hidden, value_dim]"),
-      ("mlp_b2", mlp_b2, (n, dv), "[num_heads, value_dim]")):
-    common.check_weight(name, x, shape, layout)
-  f32 = lambda x: x.astype(jnp.float32)
+  _check_gin(dims, gin_eps, mlp_w1, mlp_b1, mlp_w2, mlp_b2, hidden_dim)
   aggregated = common.weighted_values(probs, value, dims).astype(jnp.float32)
-  own = jnp.repeat(f32(value), dims.groups, axis=2)
-  nodes = (1.0 + f32(gin_eps))[:, None] * own + aggregated
-  hidden_act = jax.nn.relu(jnp.einsum("btnd,ndh->btnh", nodes, f32(mlp_w1)) + f32(mlp_b1))
-  out = jnp.einsum("btnh,nhd->btnd", hidden_act, f32(mlp_w2)) + f32(mlp_b2)
+  out = _gin_update(aggregated, value, gin_eps, mlp_w1, mlp_b1, mlp_w2, mlp_b2)
   full_mask = common.make_mask(dims, mask=mask, is_causal=is_causal, segment_ids=segment_ids)
   return common.apply_row_mask(out, full_mask, dims).astype(query.dtype)
 

@@ -32,7 +32,11 @@ def _one_hot_choice(scores, mask):
   return choice if mask is None else choice * jnp.any(mask, axis=-1, keepdims=True)
 
 
-@register("hard_attention", segment_ids=True)
+@register("hard_attention", segment_ids=True,
+          block_refusal=(
+              "its output is one value v_z, z drawn from (or the argmax of) the softmax over all "
+              "the row's keys, with a score-function gradient through log p_z: a sample of the "
+              "whole row is not a weighted sum that key blocks merge"))
 def hard_attention(query, key, value, *, mask=None, is_causal=False, scale=None, rng=None,
                    eval_mode="expectation", baseline="expectation", segment_ids=None):
   """Hard attention: Show, Attend and Tell: Neural Image Caption Generation with Visual

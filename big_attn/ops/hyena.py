@@ -124,7 +124,11 @@ def _key_padding(mask, dims: common.Dims) -> Array | None:
   return jnp.transpose(mask, (0, 3, 1, 2))
 
 
-@register("hyena", grid=True, segment_ids=True)
+@register("hyena", grid=True, segment_ids=True,
+          block_refusal=(
+              "it is a long convolution over the whole sequence (by FFT) gated token by token, "
+              "without query-key weights: there is no score or row statistic for key blocks to "
+              "merge"))
 def hyena(query, key, value, *, mask=None, is_causal=False, scale=None, segment_ids=None,
           filters=None,
           filter_bias=None, short_filters=None, gates=None, grid=None, order=None,

@@ -19,7 +19,11 @@ FORMS = ("mask", "skim")
 DEFAULT_TOP_K = 8
 
 
-@register("skim_attention", segment_ids=True, grid=True)
+@register("skim_attention", segment_ids=True, grid=True,
+          block_refusal=(
+              "each query keeps the top_k keys of its layout attention over all its keys (form "
+              "'mask'): a top-k over the whole row is a selection that key blocks cannot make "
+              "alone"))
 def skim_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                    layout_query=None, layout_key=None, layout_dim=None, form="mask", top_k=None,
                    grid=None, segment_ids=None):

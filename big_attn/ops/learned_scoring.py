@@ -39,7 +39,11 @@ def _attend(logits, value, dims, query_dtype, mask, is_causal, segment_ids, loca
   return common.weighted_values(probs, value, dims).astype(query_dtype)
 
 
-@register("neural_attention", segment_ids=True)
+@register("neural_attention", segment_ids=True,
+          block_refusal=(
+              "its score c·w2ᵀσ(W1[q_i; k_j] + b1) is an MLP of each query-key pair, not a dot "
+              "product of transformed queries and keys, the only score the ring's key blocks "
+              "compute"))
 def neural_attention(query, key, value, *, mask=None, is_causal=False, scale=None, w1=None,
                      b1=None, w2=None, hidden_dim=None, activation="relu", segment_ids=None,
                      local_window_size=None):
@@ -89,7 +93,11 @@ def neural_attention(query, key, value, *, mask=None, is_causal=False, scale=Non
                  local_window_size, scale)
 
 
-@register("gatv2", segment_ids=True)
+@register("gatv2", segment_ids=True,
+          block_refusal=(
+              "its score c·aᵀφ(q_i + k_j) is a non-linear function of each query-key pair, not a "
+              "dot product of transformed queries and keys, the only score the ring's key blocks "
+              "compute"))
 def gatv2_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                     attn_vec=None, nonlinearity="leaky_relu", negative_slope=0.2,
                     segment_ids=None, local_window_size=None):

@@ -54,7 +54,11 @@ def _neighbours(shape, kernel, dilation, is_causal):
   return keys, np.ones(keys.shape, bool), (rel_y, rel_x)
 
 
-@register("neighborhood", grid=True)
+@register("neighborhood", grid=True,
+          block_refusal=(
+              "each query attends to the kernel_size nearest tokens of its dilation group, a "
+              "window at global positions that the ring's key blocks (scores, segment ids and a "
+              "causal offset) cannot mask"))
 def neighborhood_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                            kernel_size=7, dilation=1, grid=None, rpb=None):
   """(Dilated) Neighborhood Attention: Neighborhood Attention Transformer (Hassani et al.,

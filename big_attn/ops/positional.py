@@ -43,7 +43,10 @@ def _offsets(grid: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
 # ------------------------------------------------------------------------------------------
 # ConViT gated positional self-attention.
 # ------------------------------------------------------------------------------------------
-@register("gpsa", grid=True)
+@register("gpsa", grid=True,
+          block_refusal=(
+              "its positional softmax of v_hᵀr_ij uses the grid offsets of the query and the key "
+              "at global positions, which the ring's key blocks do not see"))
 def gpsa_attention(query, key, value, *, mask=None, is_causal=False, scale=None, grid=None,
                    pos_proj=None, gating=None):
   """Gated positional self-attention: ConViT, Improving Vision Transformers with Soft
@@ -93,7 +96,10 @@ def gpsa_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
 # ------------------------------------------------------------------------------------------
 # Positional-bias hooks around softmax attention.
 # ------------------------------------------------------------------------------------------
-@register("levit_bias", grid=True)
+@register("levit_bias", grid=True,
+          block_refusal=(
+              "its logits add B_h[|y_i − y_j|, |x_i − x_j|] at the global grid positions of the "
+              "query and the key, which the ring's key blocks do not see"))
 def levit_bias_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                          grid=None, attention_bias=None):
   """Softmax attention with LeViT's attention bias: LeViT, a Vision Transformer in ConvNet's
@@ -126,7 +132,10 @@ def levit_bias_attention(query, key, value, *, mask=None, is_causal=False, scale
                                is_causal=is_causal, implementation="xla")
 
 
-@register("decomposed_relpos", grid=True)
+@register("decomposed_relpos", grid=True,
+          block_refusal=(
+              "its logits add q_i·R_h[y_i − y_j] + q_i·R_w[x_i − x_j] at the global grid "
+              "positions of the query and the key, which the ring's key blocks do not see"))
 def decomposed_relpos_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                                 grid=None, rel_h=None, rel_w=None):
   """Softmax attention with MViTv2's decomposed relative position embeddings: MViTv2, Improved
@@ -188,7 +197,12 @@ def _toeplitz_matmul(coeffs: Array, x: Array) -> Array:
   return jnp.fft.irfft(x_f * column_f, n=size, axis=1)[:, :n]
 
 
-@register("kernelized_rpe", segment_ids=True)
+@register("kernelized_rpe", segment_ids=True,
+          block_refusal=(
+              "its weights e^{b_{i−j}}·φ(q_i)ᵀφ(k_j) carry a relative-position factor at the "
+              "global offset i − j, computed by an FFT over the whole sequence and stabilised by "
+              "its maximum over all offsets; the ring's key blocks compute dot-product scores "
+              "only"))
 def kernelized_rpe_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                              segment_ids=None, rpe_bias=None, features=None, feature_key=None,
                              num_features=None):

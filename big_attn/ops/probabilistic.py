@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from big_attn.ops import checks
 from big_attn.ops import common
-from big_attn.ops.registry import OpParams, register, register_params
+from big_attn.ops.registry import BlockForm, OpParams, register, register_params
 
 
 def _posterior(q, keys, log_prior, precision, full_mask):
@@ -26,7 +26,44 @@ def _posterior(q, keys, log_prior, precision, full_mask):
   return common.masked_softmax(logits, full_mask)
 
 
-@register("probabilistic_attention", segment_ids=True)
+def _precision(sigma, scale, num_heads: int, head_dim: int):
+  """1/σ² `[num_heads]` (float32), or the logit scale (default 1/sqrt(head_dim)) when `sigma`
+  is None."""
+  if sigma is None:
+    return jnp.full((num_heads,), common.default_scale(head_dim, scale), jnp.float32)
+  common.check_weight("sigma", sigma, (num_heads,), "[num_heads]")
+  return 1.0 / sigma.astype(jnp.float32) ** 2
+
+
+def _check_log_prior(log_prior, key):
+  if log_prior is not None:
+    common.check_weight("log_prior", log_prior, key.shape[:3], "[batch, kv_len, num_kv_heads]")
+
+
+def _probabilistic_block_form(query, key, scale, *, sigma=None, log_prior=None, em_steps=0,
+                              key_prior_strength=1.0) -> BlockForm:
+  """The posterior is a softmax of q̃_i·k̃_j with q̃ = [q/σ², 1/σ², 1] and
+  k̃ = [k, −‖k‖²/2, log π] (scale 1; float32 transforms, in the query's dtype): softmax blocks
+  merged through the log-sum-exp. The EM steps adapt every key to all queries: `em_steps`
+  must be 0."""
+  if checks.int_in_range("em_steps", em_steps, 0):
+    raise ValueError(f"em_steps={em_steps} adapts every key to all queries, which no key "
+                     "block can do alone: use em_steps=0 sequence-parallel")
+  checks.positive_float("key_prior_strength", key_prior_strength)
+  _check_log_prior(log_prior, key)
+  precision = _precision(sigma, scale, query.shape[2], query.shape[3])[:, None]
+  q = query.astype(jnp.float32)
+  ones = jnp.ones(q.shape[:-1] + (1,), jnp.float32)
+  q_ext = jnp.concatenate([q * precision, ones * precision, ones], axis=-1)
+  k = key.astype(jnp.float32)
+  prior = (jnp.zeros(k.shape[:-1], jnp.float32) if log_prior is None
+           else log_prior.astype(jnp.float32))
+  k_ext = jnp.concatenate([k, -0.5 * jnp.sum(k * k, axis=-1, keepdims=True), prior[..., None]],
+                          axis=-1)
+  return BlockForm("softmax", q_ext.astype(query.dtype), k_ext.astype(key.dtype), 1.0)
+
+
+@register("probabilistic_attention", segment_ids=True, block_form=_probabilistic_block_form)
 def probabilistic_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                             sigma=None, log_prior=None, em_steps=0, key_prior_strength=1.0,
                             segment_ids=None):
@@ -66,14 +103,9 @@ def probabilistic_attention(query, key, value, *, mask=None, is_causal=False, sc
     raise ValueError(f"em_steps={em_steps} adapts every key to all queries, which has no "
                      "causal form: use em_steps=0 with is_causal=True")
   k, g = dims.num_kv_heads, dims.groups
-  if sigma is None:
-    precision = jnp.float32(common.default_scale(dims.head_dim, scale))
-  else:
-    common.check_weight("sigma", sigma, (dims.num_heads,), "[num_heads]")
-    precision = (1.0 / sigma.astype(jnp.float32) ** 2).reshape(1, k, g, 1, 1)
+  precision = _precision(sigma, scale, dims.num_heads, dims.head_dim).reshape(1, k, g, 1, 1)
+  _check_log_prior(log_prior, key)
   if log_prior is not None:
-    common.check_weight("log_prior", log_prior, (dims.batch, dims.kv_len, k),
-                        "[batch, kv_len, num_kv_heads]")
     log_prior = log_prior.astype(jnp.float32)
   full_mask = common.grouped(common.make_mask(dims, mask=mask, is_causal=is_causal,
                                               segment_ids=segment_ids), dims)

@@ -78,7 +78,12 @@ def _int8_attention(query, key, value, bias, gmask, dims, scale, block_q, block_
   return out.astype(query.dtype)
 
 
-@register("sage_int8", segment_ids=True, bias=True)
+@register("sage_int8", segment_ids=True, bias=True,
+          block_refusal=(
+              "its int8 scales are maxima over blocks of block_q / block_k tokens and its keys "
+              "are smoothed by prefix means over key blocks, so its result depends on how the "
+              "whole sequence is cut into quantisation blocks, which shards computing their own "
+              "blocks would not reproduce"))
 def sage_int8_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                         bias=None, segment_ids=None, local_window_size=None, block_q=128,
                         block_k=64, pv_dtype=jnp.bfloat16):

@@ -24,6 +24,13 @@ class BlockForm(NamedTuple):
       `logit_bias` (sigmoid), `zeta`, `gamma` (clipped_softmax).
     gate_logits: `[batch, q_len, num_heads]` logits of a gate σ(·) multiplied into the merged
       output, or None.
+    value_map: None or a per-token map of the op's `value` `[batch, kv_len, kv_heads, ·]` to
+      the values the blocks attend (the same batch, length and key heads).
+    output_map: None or `(out, value) -> output`: a per-token map of the merged (and gated)
+      output `[batch, q_len, heads, ·]` to the op's output; `value` is the op's own `value`
+      (in the same token order: self-attention ops read the query token's value). Both maps
+      act on each token alone, so they hold in any token order (natural or striped) and on
+      the whole or the sharded sequence.
   """
   merge: str
   query: Any
@@ -31,6 +38,8 @@ class BlockForm(NamedTuple):
   scale: float | None
   params: dict | None = None
   gate_logits: Any = None
+  value_map: Callable | None = None
+  output_map: Callable | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +62,9 @@ class OpSpec:
       by a rule, the form the ring and striped schedules run (computed on the whole sequence,
       so lengths are global). An op with a `softmax_form` has the softmax one. None: no block
       merge exists (the op is refused sequence-parallel unless it has a recurrent state).
+    block_refusal: for a causal op without a block form, the op's own reason (what in its
+      weights key blocks cannot merge), which the sequence-parallel refusal states; None: the
+      registry's general reason.
   """
   name: str
   fn: Callable
@@ -63,6 +75,7 @@ class OpSpec:
   grid: bool = False
   softmax_form: Callable | None = None
   block_form: Callable | None = None
+  block_refusal: str | None = None
 
 
 _OPS: dict[str, OpSpec] = {}
@@ -75,8 +88,8 @@ def _softmax_block_form(softmax_form, query, key, scale, **op_args) -> BlockForm
 
 def register(name: str, *, causal: bool = True, segment_ids: bool = False,
              implementation: bool = False, bias: bool = False, grid: bool = False,
-             softmax_form: Callable | None = None,
-             block_form: Callable | None = None) -> Callable[[Callable], Callable]:
+             softmax_form: Callable | None = None, block_form: Callable | None = None,
+             block_refusal: str | None = None) -> Callable[[Callable], Callable]:
   """Decorator registering an op under `name` with the flags of `OpSpec`; a second
   registration of a name raises."""
   if not isinstance(name, str) or not name:
@@ -91,13 +104,17 @@ def register(name: str, *, causal: bool = True, segment_ids: bool = False,
       raise TypeError(f"register({name!r}): {field} must be None or callable, got {value!r}")
   if block_form is None and softmax_form is not None:
     block_form = functools.partial(_softmax_block_form, softmax_form)
+  if block_refusal is not None and (not isinstance(block_refusal, str) or block_form is not None
+                                    or not causal):
+    raise TypeError(f"register({name!r}): block_refusal must be a string, for a causal op "
+                    f"without a block form, got {block_refusal!r}")
 
   def decorator(fn: Callable) -> Callable:
     if name in _OPS:
       raise ValueError(f"attention op {name!r} is already registered "
                        f"({_OPS[name].fn.__module__})")
     _OPS[name] = OpSpec(name=name, fn=fn, softmax_form=softmax_form, block_form=block_form,
-                        **flags)
+                        block_refusal=block_refusal, **flags)
     return fn
 
   return decorator

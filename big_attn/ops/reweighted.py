@@ -41,7 +41,11 @@ def _reweighted(query, key, value, multiplier, *, mask, is_causal, scale, segmen
   return common.weighted_values(probs, value, dims).astype(query.dtype)
 
 
-@register("urpe", segment_ids=True)
+@register("urpe", segment_ids=True,
+          block_refusal=(
+              "its post-softmax multiplier C_ij = c_{i−j} (and the logit bias b_{i−j}) depends on"
+              " the global offset i − j, which the ring's key blocks (scores, segment ids and a "
+              "causal offset) do not see"))
 def urpe_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                    rpe_multiplier=None, rpe_bias=None, segment_ids=None):
   """Universal RPE-based attention (Your Transformer May Not be as Powerful as You Expect,
@@ -87,7 +91,11 @@ def _squared_distances(grid, t: int, s: int):
   return ((y[:, None] - y[None, :]) ** 2 + (x[:, None] - x[None, :]) ** 2).astype(jnp.float32)
 
 
-@register("mask_reweighted", segment_ids=True, grid=True)
+@register("mask_reweighted", segment_ids=True, grid=True,
+          block_refusal=(
+              "its multiplier M_ij of the normalised weights depends on the global positions i "
+              "and j (a Gaussian mixture of their distance, or a free table sized by the whole "
+              "sequence), which the ring's key blocks do not see"))
 def mask_reweighted_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                               form="gmm", gmm_amplitude=None, gmm_sigma=None, elm_mask=None,
                               num_components=None, grid=None, segment_ids=None):

@@ -17,7 +17,7 @@ import numpy as np
 from big_attn.ops import checks
 from big_attn.ops import common
 from big_attn.ops import windowed
-from big_attn.ops.registry import OpParams, register, register_params
+from big_attn.ops.registry import BlockForm, OpParams, register, register_params
 from big_attn.ops.softmax import dot_product_attention
 
 GATE_SCALINGS = ("paper", "official")
@@ -152,7 +152,47 @@ def head_weights(router_logits, head_mix_logits, shared_heads: int, topk: int,
   return jnp.concatenate(parts, axis=-1)
 
 
-@register("mixture_of_heads", segment_ids=True, implementation=True, bias=True)
+def _checked_head_weights(query, router_logits, shared_heads, topk, head_mix_logits,
+                          gate_scaling):
+  """MoH's head weights g `[batch, q_len, num_heads]` (float32) after the argument checks of
+  `mixture_of_heads_attention` against `query` `[batch, q_len, num_heads, head_dim]`."""
+  b, t, n = query.shape[:3]
+  shared_heads = checks.int_in_range("shared_heads", shared_heads, 0, n)
+  num_routed = n - shared_heads
+  if num_routed:
+    if topk is None:
+      topk = max(1, round(MOH_ACTIVE_FRACTION * num_routed))
+    topk = checks.int_in_range("topk", topk, 1, num_routed)
+  elif topk not in (None, 0):
+    raise ValueError(f"topk must be None or 0 when every head is shared, got {topk!r}")
+  if gate_scaling not in GATE_SCALINGS:
+    raise ValueError(f"gate_scaling must be one of {GATE_SCALINGS}, got {gate_scaling!r}")
+  common.check_weight("router_logits", router_logits, (b, t, n), "[batch, q_len, num_heads]")
+  if shared_heads and num_routed:
+    common.check_weight("head_mix_logits", head_mix_logits, (b, t, 2), "[batch, q_len, 2]")
+  elif head_mix_logits is not None:
+    raise ValueError("head_mix_logits weighs shared against routed heads: it needs both, got "
+                     f"shared_heads={shared_heads} of num_heads={n}")
+  return head_weights(router_logits, head_mix_logits, shared_heads, topk, gate_scaling)
+
+
+def _weighted_heads(weights, out, dtype):
+  """g_h · out_h in float32, returned in `dtype`."""
+  return (weights[..., None] * out.astype(jnp.float32)).astype(dtype)
+
+
+def _moh_block_form(query, key, scale, *, router_logits=None, shared_heads=0, topk=None,
+                    head_mix_logits=None, gate_scaling="paper") -> BlockForm:
+  """Softmax blocks of every head merged through the log-sum-exp, then each head's merged
+  output weighted by its g_h (a per-token map)."""
+  weights = _checked_head_weights(query, router_logits, shared_heads, topk, head_mix_logits,
+                                  gate_scaling)
+  return BlockForm("softmax", query, key, scale,
+                   output_map=lambda out, _: _weighted_heads(weights, out, out.dtype))
+
+
+@register("mixture_of_heads", segment_ids=True, implementation=True, bias=True,
+          block_form=_moh_block_form)
 def mixture_of_heads_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                                router_logits=None, shared_heads=0, topk=None,
                                head_mix_logits=None, gate_scaling="paper", bias=None,
@@ -192,30 +232,13 @@ def mixture_of_heads_attention(query, key, value, *, mask=None, is_causal=False,
   Returns:
     `[batch, q_len, num_heads, value_dim]` in the query's dtype.
   """
-  dims = common.check_qkv(query, key, value)
-  shared_heads = checks.int_in_range("shared_heads", shared_heads, 0, dims.num_heads)
-  num_routed = dims.num_heads - shared_heads
-  if num_routed:
-    if topk is None:
-      topk = max(1, round(MOH_ACTIVE_FRACTION * num_routed))
-    topk = checks.int_in_range("topk", topk, 1, num_routed)
-  elif topk not in (None, 0):
-    raise ValueError(f"topk must be None or 0 when every head is shared, got {topk!r}")
-  if gate_scaling not in GATE_SCALINGS:
-    raise ValueError(f"gate_scaling must be one of {GATE_SCALINGS}, got {gate_scaling!r}")
-  common.check_weight("router_logits", router_logits, (dims.batch, dims.q_len, dims.num_heads),
-                      "[batch, q_len, num_heads]")
-  if shared_heads and num_routed:
-    common.check_weight("head_mix_logits", head_mix_logits, (dims.batch, dims.q_len, 2),
-                        "[batch, q_len, 2]")
-  elif head_mix_logits is not None:
-    raise ValueError("head_mix_logits weighs shared against routed heads: it needs both, got "
-                     f"shared_heads={shared_heads} of num_heads={dims.num_heads}")
-  weights = head_weights(router_logits, head_mix_logits, shared_heads, topk, gate_scaling)
+  common.check_qkv(query, key, value)
+  weights = _checked_head_weights(query, router_logits, shared_heads, topk, head_mix_logits,
+                                  gate_scaling)
   out = dot_product_attention(
       query, key, value, bias, mask, scale=scale, is_causal=is_causal, segment_ids=segment_ids,
       local_window_size=local_window_size, implementation=implementation)
-  return (weights[..., None] * out.astype(jnp.float32)).astype(query.dtype)
+  return _weighted_heads(weights, out, query.dtype)
 
 
 @register_params("mixture_of_heads")

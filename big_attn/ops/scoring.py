@@ -204,7 +204,11 @@ def cog_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
   return common.weighted_values(weights, value, dims).astype(query.dtype)
 
 
-@register("normalized", segment_ids=True)
+@register("normalized", segment_ids=True,
+          block_refusal=(
+              "its weights g·(s_ij − μ_i)/(σ_i + ε) + β standardise every score by the mean and "
+              "standard deviation of the row's scores over all its keys; key blocks would have to"
+              " carry the sums n, Σs, Σs², Σs·v and Σv, which no merge rule carries"))
 def normalized_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                          gain=1.0, shift=0.0, normalization="standardize", epsilon=1e-3,
                          segment_ids=None, local_window_size=None):

@@ -54,7 +54,11 @@ def _index(size: int, full: int, axis: int, ndim: int) -> jax.Array:
   return ix.reshape(shape)
 
 
-@register("sparse_blocks", segment_ids=True)
+@register("sparse_blocks", segment_ids=True,
+          block_refusal=(
+              "which key blocks a query block keeps is chosen by TopCdf on the softmax of pooled "
+              "scores over all its key blocks, a ranking of the whole row that key blocks cannot "
+              "make alone"))
 def sparse_blocks_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                             block_q=64, block_k=64, cdf_threshold=0.95, topk_blocks=None,
                             similarity_threshold=None, segment_ids=None,

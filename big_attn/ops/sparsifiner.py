@@ -29,7 +29,10 @@ def _kept_keys(approx, mask, topk: int):
   return kept if mask is None else kept & mask
 
 
-@register("sparsifiner", segment_ids=True)
+@register("sparsifiner", segment_ids=True,
+          block_refusal=(
+              "each query keeps the top-k keys of its predicted map Â over all its keys: a top-k "
+              "over the whole row is a selection that key blocks cannot make alone"))
 def sparsifiner_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                           predictor_q=None, predictor_k=None, rank=None, density=DENSITY,
                           topk=None, segment_ids=None):

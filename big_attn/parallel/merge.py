@@ -19,8 +19,9 @@ sigmoid dT = dW ∘ W(1 - W). clipped dT = P ∘ (G - c) with G = (ζ-γ)·[0 < 
 row sum c_i = Σ_j P_ij G_ij, which one more ring pass collects before the gradient pass. In
 every backward pass dK/dV travel around the ring with their block (`ring.ring_gradients`).
 
-A gate σ(G) (gated attention) multiplies the merged output (`SeqParallel.attention`), so its
-gradient is ordinary autodiff around the merge.
+A gate σ(G) (gated attention) multiplies the merged output (`SeqParallel.attention`), and a
+form's per-token value and output maps (`BlockForm.value_map`, `output_map`) act before and after
+the merge, so their gradients are ordinary autodiff around it.
 """
 from __future__ import annotations
 

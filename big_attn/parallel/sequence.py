@@ -109,6 +109,11 @@ def _gated(out: Array, gate_logits: Array | None) -> Array:
   return (gate * out.astype(jnp.float32)).astype(out.dtype)
 
 
+def _mapped(fn, x: Array) -> Array:
+  """`fn(x)`, or x when `fn` is None (a `BlockForm`'s value map)."""
+  return x if fn is None else fn(x)
+
+
 @dataclasses.dataclass(frozen=True)
 class SeqParallel:
   """Sequence parallelism: the sequence split over mesh axis `axis` with `strategy`.
@@ -187,11 +192,13 @@ class SeqParallel:
 
   def attend_form(self, form: BlockForm, value: Array, *, is_causal: bool = False,
                   segment_ids: Array | None = None) -> Array:
-    """`attention` of an op's `BlockForm` (`ops.spec(op).block_form(...)`) and `value`."""
-    return self.attention(form.query, form.key, value, is_causal=is_causal,
-                          segment_ids=segment_ids, scale=form.scale,
-                          rule=merge.make_rule(form.merge, form.params),
-                          gate_logits=form.gate_logits)
+    """`attention` of an op's `BlockForm` (`ops.spec(op).block_form(...)`) and `value`, with
+    the form's value and output maps around it."""
+    out = self.attention(form.query, form.key, _mapped(form.value_map, value),
+                         is_causal=is_causal, segment_ids=segment_ids, scale=form.scale,
+                         rule=merge.make_rule(form.merge, form.params),
+                         gate_logits=form.gate_logits)
+    return out if form.output_map is None else form.output_map(out, value)
 
   def check_linear_state(self, op: str) -> None:
     """A `ValueError` naming op `op` unless the strategy keeps the contiguous token order that
@@ -234,7 +241,9 @@ def sequence_parallel_attention(query: Array, key: Array, value: Array, *, mesh,
 
   For op "softmax", out = softmax(s·QKᵀ, masked) V, exactly as
   `big_attn.ops.dot_product_attention`; any op with a `block_form` in the registry (sigmoid,
-  cog, gated_attention, clipped_softmax, ngpt, softmax with `logits_soft_cap`) gives exactly
+  cog, gated_attention, clipped_softmax, ngpt, softmax with `logits_soft_cap`, and the
+  softmax blocks with per-token value and output maps of interpretable_mha,
+  mixture_of_heads, single_head_attention, switchhead, lean_decode) gives exactly
   `ops.get(op)` with `op_args`, its blocks merged by its rule (`big_attn.parallel.merge`).
   Computed by
   - "ring": `ring_attention` (Liu et al. 2023) on contiguous shards;
@@ -275,6 +284,7 @@ def sequence_parallel_attention(query: Array, key: Array, value: Array, *, mesh,
   common.check_qkv(query, key, value)
   form = ops.spec(op).block_form(query, key, scale, **op_args)
   query, key, rule = form.query, form.key, merge.make_rule(form.merge, form.params)
+  op_value, value = value, _mapped(form.value_map, value)
   dims = common.check_qkv(query, key, value)
   segments = common.normalize_segment_ids(segment_ids, dims)
   if is_causal and dims.q_len != dims.kv_len:
@@ -291,7 +301,8 @@ def sequence_parallel_attention(query: Array, key: Array, value: Array, *, mesh,
       seq_axis=seq_axis, strategy=strategy, is_causal=is_causal,
       scale=common.default_scale(dims.head_dim, form.scale), batch_axes=batch_axes,
       head_axis=head_axis, rule=rule)
-  return _gated(out, form.gate_logits)
+  out = _gated(out, form.gate_logits)
+  return out if form.output_map is None else form.output_map(out, op_value)
 
 
 # Jitted so that a call outside `jax.jit` compiles the `shard_map` once instead of running its
