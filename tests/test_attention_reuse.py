@@ -240,19 +240,28 @@ def _replace_attention(model, params, tokens, segment_ids, replace):
     return model.apply({"params": params}, tokens, segment_ids=segment_ids)
 
 
+def _logits_and_grads(model, params, *args, **kwargs):
+  """`((loss, output), d loss / d params)` of loss = mean(output²), in one compiled call."""
+  def loss(p):
+    out = model.apply({"params": p}, *args, **kwargs)
+    return jnp.mean(out ** 2), out
+  return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+
 def test_echoatt_shares_weights(lm_base):
   model, params, tokens, segment_ids = lm_base
   shared = model.clone(shared_attention_layers=(2, 3))
   assert lm.count_params(shared) == lm.count_params(model) - 2 * QK_PARAMS
   off = model.clone(shared_attention_layers=())
   assert lm.count_params(off) == lm.count_params(model)
-  np.testing.assert_array_equal(off.apply({"params": params}, tokens, segment_ids=segment_ids),
-                                model.apply({"params": params}, tokens, segment_ids=segment_ids))
+  np.testing.assert_array_equal(*[jax.jit(m.apply)({"params": params}, tokens,
+                                                   segment_ids=segment_ids) for m in (off, model)])
   shared_params = _without(params, [f"layers_{i}/attention/{n}/kernel" for i in (2, 3)
                                     for n in ("query", "key")])
   assert jax.tree.structure(shared_params) == jax.tree.structure(nn.meta.unbox(
       jax.eval_shape(lambda: shared.init(jax.random.key(1), tokens))["params"]))
-  got = shared.apply({"params": shared_params}, tokens, segment_ids=segment_ids)
+  (_, got), grads = _logits_and_grads(shared, shared_params, tokens,
+                                        segment_ids=segment_ids)
   b, t = tokens.shape
   mask = reference.full_mask(b, 4, t, t, is_causal=True, segment_ids=segment_ids)
 
@@ -265,8 +274,6 @@ def test_echoatt_shares_weights(lm_base):
   want = _replace_attention(model, params, tokens, segment_ids, echo)
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
-  grads = jax.grad(lambda p: jnp.mean(
-      shared.apply({"params": p}, tokens, segment_ids=segment_ids) ** 2))(shared_params)
   assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
   for path in (("layers_1", "attention", "query"), ("layers_2", "attention", "value"),
                ("layers_3", "attention", "out")):
@@ -281,7 +288,7 @@ def test_attention_free_layers(lm_base):
                                   for n in ("attention/query/kernel", "attention/key/kernel",
                                             "attention/value/kernel", "attention/out/kernel",
                                             "attention_norm/scale")])
-  got = free.apply({"params": free_params}, tokens, segment_ids=segment_ids)
+  (_, got), grads = _logits_and_grads(free, free_params, tokens, segment_ids=segment_ids)
   # The block without attention is the block whose attention outputs zeros.
   def zero(layer, q, k, v, seen):
     del k, v, seen
@@ -289,7 +296,6 @@ def test_attention_free_layers(lm_base):
 
   np.testing.assert_allclose(got, _replace_attention(model, params, tokens, segment_ids, zero),
                              rtol=1e-5, atol=1e-5)
-  grads = jax.grad(lambda p: jnp.mean(free.apply({"params": p}, tokens) ** 2))(free_params)
   assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
   assert np.abs(grads["layers_1"]["mlp"]["wo"]["kernel"]).max() > 0
   both = model.clone(attention_free_layers=(1,), shared_attention_layers=(3,))
@@ -314,7 +320,7 @@ def test_vit_attention_free_layers():
   model = vit.Model(num_classes=3, width=16, depth=3, num_heads=2, mlp_dim=32, patch_size=(4, 4),
                     head_zeroinit=False)
   images = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
-  params = nn.meta.unbox(model.init(jax.random.key(1), images)["params"])
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(1), images)["params"])
   free = model.clone(attention_free_layers=(1,))
   free_params = _without(params, ["encoderblock_1/MultiHeadAttention/" + n for n in (
       "query/kernel", "query/bias", "key/kernel", "key/bias", "value/kernel", "value/bias",
@@ -323,7 +329,7 @@ def test_vit_attention_free_layers():
   # 4 projections of 16·2·8 weights + 16 biases, and the LayerNorm's scale and bias.
   sizes = [sum(x.size for x in jax.tree.leaves(p)) for p in (params, free_params)]
   assert sizes[0] - sizes[1] == 4 * (256 + 16) + 32
-  got = free.apply({"params": free_params}, images)
+  (_, got), grads = _logits_and_grads(free, free_params, images)
 
   def interceptor(next_fun, args, kwargs, context):
     if context.method_name == "__call__" and context.module.path[-2:] == (
@@ -332,9 +338,8 @@ def test_vit_attention_free_layers():
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(interceptor):
-    want = model.apply({"params": params}, images)
+    want = jax.jit(model.apply)({"params": params}, images)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-  grads = jax.grad(lambda p: jnp.sum(free.apply({"params": p}, images) ** 2))(free_params)
   assert np.abs(grads["Transformer"]["encoderblock_1"]["MlpBlock"]["Dense_0"]["kernel"]).max() > 0
   for fields, match in ((dict(attention_free_layers=(3,)), r"\[0, 3\)"),
                         (dict(attention_free_layers=(1,), scan_layers=True), "scan_layers"),
