@@ -110,7 +110,7 @@ def _drop_attention(params, fields):
   """The trained parameters less the projections the variant does not create."""
   flat = flax.traverse_util.flatten_dict(params, sep="/")
   drop = [f"layers_{i}/attention/{n}/" for i in fields.get("shared_attention_layers", ())
-          for n in ("query", "key")]
+          for n in ("query", "key", "query_norm", "key_norm")]
   drop += [f"layers_{i}/attention/" for i in fields.get("attention_free_layers", ())]
   drop += [f"layers_{i}/attention_norm/" for i in fields.get("attention_free_layers", ())]
   return flax.traverse_util.unflatten_dict(
@@ -119,8 +119,8 @@ def _drop_attention(params, fields):
 
 def run_lm(steps: int) -> list[dict]:
   config = _config("lm_bytes", f"steps={steps}")
-  model, params = _train(config, lm.Model, text.dataset_info(config.input))
-  source = text.source(config.input, "test")
+  model, params = _train(config, lm.Model, {"vocab_size": text.VOCAB_SIZE})
+  source = text.source({k: v for k, v in config.input.items() if k != "batch_size"}, "test")
   batch = {k: jnp.asarray(np.stack([source[i][k] for i in range(8)]))
            for k in ("inputs", "targets", "positions", "segment_ids", "weights")}
   rows, full = [], None
