@@ -178,7 +178,8 @@ def report(dit_rows, lm_rows, dit_steps, lm_steps, command) -> str:
       "",
       "8 held-out rows of 256 bytes; FLOPs of the whole forward (XLA cost analysis).",
       "",
-      "| setting | parameters | forward GFLOPs (8 rows) | saved | held-out loss | logits rel. error |",
+      "| setting | parameters | forward GFLOPs (8 rows) | saved | held-out loss | "
+      "logits rel. error |",
       "|---|---|---|---|---|---|",
   ]
   for r in lm_rows:
