@@ -1,6 +1,10 @@
 r"""A small class-conditional DiT on scikit-learn's 8x8 digits: DDPM training through big_attn.main.
 
     python -m big_attn.main --config=configs/dit_digits.py --workdir=/tmp/dit_digits
+    # sample grids with Pyramid Attention Broadcast (big_attn/layers/attention_reuse.py):
+    python -m big_attn.main --config=configs/dit_digits.py --workdir=/tmp/dit_pab \
+        --config.evals.eval.sample_dir=/tmp/dit_pab/samples \
+        --config.evals.eval.attention_reuse="{'method': 'pab'}"
 
 Args (`--config=configs/dit_digits.py:conditioning=cross,attention=sigmoid,steps=500`):
   attention: registry name of the self-attention op (`big_attn.ops.names()`).
@@ -58,5 +62,6 @@ def get_config(arg=None):
   config.max_to_keep = 2
   config.evals.eval = dict(type="diffusion", every=config.total_steps // 3 or 1, split="test",
                            batch_size=100, guidance_scale=2.0, sample_steps=50,
-                           clip_denoised=True, sample_dir=arg.sample_dir or None)
+                           clip_denoised=True, sample_dir=arg.sample_dir or None,
+                           attention_reuse=None)
   return config_lib.declare_model_settings(config)

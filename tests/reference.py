@@ -4,6 +4,7 @@ Nothing here calls `big_attn`: each reference repeats K/V heads explicitly, buil
 NumPy-style comparisons and evaluates the formula in float64 under `jax.enable_x64`.
 """
 import contextlib
+import math
 
 import jax
 import jax.numpy as jnp
@@ -142,3 +143,21 @@ def assert_matches(op_fn, ref_fn, arrays, tol=F32_TOL):
     np.testing.assert_allclose(np.asarray(g, np.float64), w, err_msg=f"gradient of arg {i}",
                                **tol)
   return np.asarray(out, np.float64)
+
+
+def ddim(eps_fn, x, num_steps, num_timesteps=1000, clip=False):
+  """Deterministic DDIM (η = 0) in float64 NumPy, written from the DDIM update."""
+  betas = np.linspace(1e-4 * 1000 / num_timesteps, 0.02 * 1000 / num_timesteps, num_timesteps)
+  ab = np.cumprod(1 - betas)
+  steps = [i * num_timesteps // num_steps for i in range(num_steps)]
+  x = np.asarray(x, np.float64)
+  for i in reversed(range(num_steps)):
+    a = ab[steps[i]]
+    a_prev = ab[steps[i - 1]] if i > 0 else 1.0
+    eps = np.asarray(eps_fn(jnp.asarray(x, jnp.float32), steps[i]), np.float64)
+    x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
+    if clip:
+      x0 = np.clip(x0, -1, 1)
+      eps = (x - math.sqrt(a) * x0) / math.sqrt(1 - a)
+    x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
+  return x

@@ -299,24 +299,6 @@ def test_train_steps_lower_the_loss():
   assert spec == {"image": ((4, 8, 8, 1), jnp.float32), "labels": ((4, 10), jnp.float32)}
 
 
-def _ddim_reference(eps_fn, x, num_steps, num_timesteps=1000, clip=False):
-  """Deterministic DDIM (η = 0) in float64 NumPy, written from the DDIM update."""
-  betas = np.linspace(1e-4 * 1000 / num_timesteps, 0.02 * 1000 / num_timesteps, num_timesteps)
-  ab = np.cumprod(1 - betas)
-  steps = [i * num_timesteps // num_steps for i in range(num_steps)]
-  x = np.asarray(x, np.float64)
-  for i in reversed(range(num_steps)):
-    a = ab[steps[i]]
-    a_prev = ab[steps[i - 1]] if i > 0 else 1.0
-    eps = np.asarray(eps_fn(jnp.asarray(x, jnp.float32), steps[i]), np.float64)
-    x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
-    if clip:
-      x0 = np.clip(x0, -1, 1)
-      eps = (x - math.sqrt(a) * x0) / math.sqrt(1 - a)
-    x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
-  return x
-
-
 def test_sampler_guidance():
   model = dit.Model(num_classes=3, **TINY)
   x = _images(batch=2)
@@ -329,11 +311,11 @@ def test_sampler_guidance():
 
   one = dit.sample(model, params, labels, rng, 4, 1.0, image_shape=(8, 8, 1))
   assert one.shape == (2, 8, 8, 1)
-  np.testing.assert_allclose(one, _ddim_reference(eps, x_t, 4), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(one, reference.ddim(eps, x_t, 4), rtol=1e-4, atol=1e-4)
   guided = dit.sample(model, params, labels, rng, 4, 3.0, image_shape=(8, 8, 1),
                       clip_denoised=True)
   drop = jnp.array([True, True])
-  want = _ddim_reference(lambda x, t: eps(x, t, force_drop=drop) + 3.0 * (
+  want = reference.ddim(lambda x, t: eps(x, t, force_drop=drop) + 3.0 * (
       eps(x, t) - eps(x, t, force_drop=drop)), x_t, 4, clip=True)
   np.testing.assert_allclose(guided, want, rtol=1e-4, atol=1e-4)
   assert np.abs(guided).max() <= 1.0 + 1e-5
@@ -422,7 +404,8 @@ def test_digits_config_through_main(tmp_path):
   config.ckpt_every = 10
   sample_dir = str(tmp_path / "samples")
   config.evals.eval.update(every=10, batch_size=100, sample_steps=2, samples_per_class=2,
-                           sample_dir=sample_dir)
+                           sample_dir=sample_dir,
+                           attention_reuse={"method": "pab", "timesteps": (-1, 1000)})
   config = ml_collections.ConfigDict(config.to_dict())
   out = main_lib.train_and_evaluate(config, str(tmp_path / "work"))
   assert out["step"] == 10

@@ -28,14 +28,15 @@ class Evaluator:
   the same t and ε and the numbers are comparable across steps. With `sample_dir`, each run also
   writes a PNG grid (`samples_STEP.png`: one row per class, `samples_per_class` columns) of
   DDIM samples (`sample_steps` steps, `guidance_scale`, x̂_0 clipped to [-1, 1] with
-  `clip_denoised`); pixel images in [-1, 1] only.
+  `clip_denoised`, attention reused across steps by `attention_reuse`, a
+  `big_attn.layers.attention_reuse` dict); pixel images in [-1, 1] only.
   """
 
   def __init__(self, model: nn.Module, *, input_config: Any, batch_size: int, mesh: Mesh,
                rules: Any, split: str = "test", max_batches: int | None = None,
                sample_dir: str | None = None, samples_per_class: int = 8,
                sample_steps: int = 50, guidance_scale: float = 1.0, clip_denoised: bool = True,
-               seed: int = 0):
+               attention_reuse: Any = None, seed: int = 0):
     if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 1):
       raise ValueError(f"max_batches must be None or a positive int, got {max_batches!r}")
     if not isinstance(samples_per_class, int) or samples_per_class < 1:
@@ -44,6 +45,7 @@ class Evaluator:
     self.model, self.max_batches, self.seed = model, max_batches, seed
     self.sample_args = (sample_dir, samples_per_class, sample_steps, guidance_scale,
                         clip_denoised)
+    self.attention_reuse = None if attention_reuse is None else dict(attention_reuse)
     self.held_out = _base.HeldOut(input_config=input_config, batch_size=batch_size, mesh=mesh,
                                   rules=rules, split=split, seed=seed)
 
@@ -90,7 +92,8 @@ class Evaluator:
     classes = self.model.num_classes
     labels = np.repeat(np.arange(classes), per_class)
     images = dit.sample(self.model, state["params"], labels, jax.random.key(self.seed + 1),
-                        num_steps, guidance, image_shape=shape, clip_denoised=clip)
+                        num_steps, guidance, image_shape=shape, clip_denoised=clip,
+                        attention_reuse=self.attention_reuse)
     images = np.clip((np.asarray(jax.device_get(images)) + 1.0) / 2.0, 0.0, 1.0)
     h, w, c = shape
     grid = images.reshape(classes, per_class, h, w, c).transpose(0, 2, 1, 3, 4)

@@ -53,6 +53,7 @@ import jax
 import jax.numpy as jnp
 
 from big_attn import ops
+from big_attn.layers import settings as settings_lib
 from big_attn.layers.attention import Attention
 from big_attn.ops import checks
 from big_attn.ops import spatial
@@ -103,26 +104,17 @@ def resolve(config: Any, depth: int, *, op: str = "softmax",
   """The `token_reduction` config dict of a ViT of `depth` blocks, checked, with the defaults of
   `DEFAULTS`; None for None. Raises `TypeError` for a non-dict and `ValueError` naming the key for
   an unknown method, key or value, for EViT without a class token and for a 2-D `op`."""
-  if config is None:
+  parsed = settings_lib.method_settings("token_reduction", config, DEFAULTS,
+                                        "{'method': 'tome', 'r': 8}")
+  if parsed is None:
     return None
-  if not hasattr(config, "keys"):
-    raise TypeError(f"token_reduction must be a dict such as {{'method': 'tome', 'r': 8}} or "
-                    f"None, got {type(config).__name__}")
-  config = {key: config[key] for key in config.keys()}
-  method = config.pop("method", None)
-  if method not in METHODS:
-    raise ValueError(f"token_reduction['method'] must be one of {METHODS}, got {method!r}")
-  unknown = sorted(set(config) - set(DEFAULTS[method]))
-  if unknown:
-    raise ValueError(f"token_reduction: unknown key(s) {unknown} for method {method!r}; "
-                     f"expected {sorted(DEFAULTS[method])}")
+  method, settings = parsed
   if spatial.takes_grid(op):
     raise ValueError(f"token_reduction: attention op {op!r} needs the patch grid, which token "
                      "reduction does not keep")
   if method == "evit" and not has_class_token:
     raise ValueError("token_reduction method 'evit' ranks the patches by the class token's "
                      "attention: the model needs a class token (ViT pool_type 'cls' or 'tok')")
-  settings = dict(DEFAULTS[method], **config)
   name = lambda key: f"token_reduction[{key!r}]"  # pylint: disable=unnecessary-lambda-assignment
   layers = settings.pop("layers")
   if layers is None:

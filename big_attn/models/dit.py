@@ -5,6 +5,7 @@
     out = model.apply({"params": params}, x_t, t, labels)             # [b, 32, 32, 8]: ε, σ
     images = sample(model, params, labels, rng, num_steps=50, guidance_scale=4.0,
                     image_shape=(32, 32, 4))
+    images = sample(..., attention_reuse={"method": "pab"})  # big_attn.layers.attention_reuse
 
 The noised image `[b, H, W, C]` is cut into p x p patches (a strided convolution), a fixed 2-D
 sine-cosine position embedding is added, and `depth` DiT blocks with adaLN-Zero conditioning
@@ -68,6 +69,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from big_attn.layers import Attention, MlpBlock, posemb_sincos_2d
+from big_attn.layers import attention_reuse as attention_reuse_lib
 from big_attn.layers.attention import Projection
 from big_attn.models import common
 from big_attn.models.vit import REMAT_POLICIES
@@ -543,7 +545,8 @@ def ddim_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
 def sample(model: Model, params: Any, labels: jax.Array, rng: jax.Array, num_steps: int = 50,
            guidance_scale: float = 1.0, *, image_shape: tuple[int, int, int],
            cond_tokens: jax.Array | None = None, cond_mask: jax.Array | None = None,
-           eta: float = 0.0, clip_denoised: bool = False) -> jax.Array:
+           eta: float = 0.0, clip_denoised: bool = False, attention_reuse: Any = None,
+           return_stats: bool = False) -> jax.Array | tuple[jax.Array, dict[str, Any]]:
   """DDIM samples `[b, *image_shape]` for class `labels` `[b]`, with classifier-free guidance.
 
   From x_T ~ N(0, I), each visited step τ_i -> τ_{i-1} computes ε̂ (guided:
@@ -552,6 +555,11 @@ def sample(model: Model, params: Any, labels: jax.Array, rng: jax.Array, num_ste
   x' = √ᾱ' x̂_0 + √(1 - ᾱ' - σ²) ε̂ + σ z (ᾱ' = 1 after the last step). η = 1 is DDPM-like.
   `clip_denoised` clips x̂_0 to [-1, 1] and recomputes ε̂ from it (pixel data; DiT's latents
   are not clipped).
+
+  `attention_reuse` (a dict, `big_attn.layers.attention_reuse`: Pyramid Attention Broadcast,
+  DiTFastAttn) reuses attention outputs across steps instead of computing them at every step.
+  `return_stats` also returns, per attention kind ("self", "cross"), the attention calls the
+  run computed and their FLOPs (`{"self": {"calls": ..., "flops": ...}, ...}`).
   """
   labels = jnp.asarray(labels, jnp.int32)
   if labels.ndim != 1:
@@ -571,6 +579,13 @@ def sample(model: Model, params: Any, labels: jax.Array, rng: jax.Array, num_ste
   ab_prev = np.append(1.0, ab[:-1])
   b, channels = labels.shape[0], image_shape[-1]
   guided = guidance_scale != 1.0
+  plan = attention_reuse_lib.resolve(attention_reuse, timesteps=steps[::-1],
+                                     num_timesteps=model.num_timesteps, depth=model.depth)
+  if plan is None:
+    plan = attention_reuse_lib.full_plan(num_steps, model.depth)
+  if plan.uses_cfg and not guided:
+    raise ValueError("attention_reuse: a plan with 'asc' (sharing across classifier-free "
+                     "guidance) needs guidance_scale != 1")
 
   def eps_fn(params, x, t):
     if not guided:
@@ -589,10 +604,16 @@ def sample(model: Model, params: Any, labels: jax.Array, rng: jax.Array, num_ste
   def run(params, rng):
     rng, init_rng = jax.random.split(rng)
     x = jax.random.normal(init_rng, (b, *image_shape), jnp.float32)
+    with attention_reuse_lib.record_shapes() as shapes:
+      jax.eval_shape(eps_fn, params, x, jnp.zeros((b,), jnp.int32))
+    state = attention_reuse_lib.init_state(plan, shapes)
+    index = attention_reuse_lib.step_indices(plan, state)
 
-    def body(x, xs):
-      t, a, a_prev, key = xs
-      eps = eps_fn(params, x, jnp.full((b,), t, jnp.int32))
+    def body(carry, xs):
+      x, state = carry
+      t, a, a_prev, key, index = xs
+      with attention_reuse_lib.apply_step(plan, index, state) as state:
+        eps = eps_fn(params, x, jnp.full((b,), t, jnp.int32))
       x0 = (x - jnp.sqrt(1.0 - a) * eps) / jnp.sqrt(a)
       if clip_denoised:
         x0 = jnp.clip(x0, -1.0, 1.0)
@@ -600,13 +621,15 @@ def sample(model: Model, params: Any, labels: jax.Array, rng: jax.Array, num_ste
       sigma = eta * jnp.sqrt((1.0 - a_prev) / (1.0 - a)) * jnp.sqrt(1.0 - a / a_prev)
       x = (jnp.sqrt(a_prev) * x0 + jnp.sqrt(1.0 - a_prev - sigma ** 2) * eps
            + sigma * jax.random.normal(key, x.shape, jnp.float32))
-      return x, None
+      return (x, state), None
 
     xs = (jnp.asarray(steps[::-1], jnp.int32), jnp.asarray(ab[::-1], jnp.float32),
-          jnp.asarray(ab_prev[::-1], jnp.float32), jax.random.split(rng, num_steps))
-    return jax.lax.scan(body, x, xs)[0]
+          jnp.asarray(ab_prev[::-1], jnp.float32), jax.random.split(rng, num_steps), index)
+    x, state = jax.lax.scan(body, (x, state), xs)[0]
+    return x, state["stats"]
 
-  return jax.jit(run)(params, rng)
+  images, stats = jax.jit(run)(params, rng)
+  return (images, stats) if return_stats else images
 
 
 def count_params(model: Model, image_shape: tuple[int, int, int] = (32, 32, 4)) -> int:

@@ -87,6 +87,8 @@ import optax
 
 from big_attn import ops, parallel
 from big_attn.layers import Attention, KVCache, apply_rope
+from big_attn.layers import attention_reuse
+from big_attn.layers import settings
 from big_attn.models import common as models_common
 from big_attn.ops import experts as experts_ops
 from big_attn.ops import linear as linear_ops
@@ -177,8 +179,15 @@ class SwiGLU(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-  """x + Attn(RMSNorm(x)) then x + SwiGLU(RMSNorm(x)); returns `(x, {})` for `nn.scan` (the
-  second output holds per-layer auxiliary values, here none)."""
+  """x + Attn(RMSNorm(x)) then x + SwiGLU(RMSNorm(x)); returns `(x, aux)` for `nn.scan` (the
+  second output holds per-layer auxiliary values: with `emit_weights`, the attention weights
+  under "attention_weights").
+
+  `attention_free` drops the attention sublayer (MLP Can Be A Good Transformer Learner);
+  `share_weights` computes the attention with the `weights` passed in and no query or key
+  projection (EchoAtt, `attention_reuse.EchoAttention`); `emit_weights` returns this layer's
+  softmax weights for the next layer (`attention_reuse.record_weights`).
+  """
   num_heads: int
   num_kv_heads: int
   head_dim: int
@@ -197,28 +206,43 @@ class DecoderBlock(nn.Module):
   seq_parallel: SeqParallel | None = None
   decode: bool = False
   cache_len: int = 0
+  attention_free: bool = False
+  share_weights: bool = False
+  emit_weights: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, positions, segment_ids, deterministic: bool = True):
+  def __call__(self, x, positions, segment_ids, deterministic: bool = True, weights=None):
     constrain = _constrain(self)
-    op_args = self.attention_args
-    if self.sliding_window is not None:
-      op_args = dict(op_args or {}, local_window_size=(self.sliding_window - 1, 0))
-    y = _rms_norm(self.dtype, self.param_dtype, "attention_norm", self.norm_eps)(x)
-    y = Attention(num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
-                  head_dim=self.head_dim, op=self.attention, op_args=op_args,
-                  implementation=self.attention_impl, qk_norm=self.qk_norm,
-                  use_bias=self.qkv_bias, out_bias=self.out_bias, rope_base=self.rope_base,
-                  rope_scaling=self.rope_scaling, seq_parallel=self.seq_parallel,
-                  decode=self.decode, cache_len=self.cache_len, dtype=self.dtype,
-                  param_dtype=self.param_dtype, name="attention")(
-                      y, is_causal=True, segment_ids=segment_ids, positions=positions)
-    x = constrain(x + nn.Dropout(rate=self.dropout)(y, deterministic))
+    aux = {}
+    if not self.attention_free:
+      op_args = self.attention_args
+      if self.sliding_window is not None:
+        op_args = dict(op_args or {}, local_window_size=(self.sliding_window - 1, 0))
+      y = _rms_norm(self.dtype, self.param_dtype, "attention_norm", self.norm_eps)(x)
+      if self.share_weights:
+        y = attention_reuse.EchoAttention(
+            num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+            use_bias=self.qkv_bias, out_bias=self.out_bias, dtype=self.dtype,
+            param_dtype=self.param_dtype, name="attention")(y, weights)
+      else:
+        with attention_reuse.record_weights(self.emit_weights) as seen:
+          y = Attention(num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+                        head_dim=self.head_dim, op=self.attention, op_args=op_args,
+                        implementation=self.attention_impl, qk_norm=self.qk_norm,
+                        use_bias=self.qkv_bias, out_bias=self.out_bias,
+                        rope_base=self.rope_base, rope_scaling=self.rope_scaling,
+                        seq_parallel=self.seq_parallel, decode=self.decode,
+                        cache_len=self.cache_len, dtype=self.dtype,
+                        param_dtype=self.param_dtype, name="attention")(
+                            y, is_causal=True, segment_ids=segment_ids, positions=positions)
+        if self.emit_weights:
+          aux["attention_weights"] = seen["weights"]
+      x = constrain(x + nn.Dropout(rate=self.dropout)(y, deterministic))
     y = _rms_norm(self.dtype, self.param_dtype, "mlp_norm", self.norm_eps)(x)
     y = SwiGLU(self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")(y)
-    return constrain(x + nn.Dropout(rate=self.dropout)(y, deterministic)), {}
+    return constrain(x + nn.Dropout(rate=self.dropout)(y, deterministic)), aux
 
 
 def srms_norm(x, eps: float = 1e-6):
@@ -640,6 +664,13 @@ class Model(nn.Module):
     layer_group_size: G: only G distinct blocks, applied in order depth/G times with shared
       weights (MoEUT's layer grouping; G = 1 is a Universal Transformer); None: depth distinct
       blocks. The repeats run under `nn.scan` (per-repeat caches in decoding).
+    shared_attention_layers: block indices whose attention reuses the attention weights of the
+      block before (EchoAtt, `big_attn.layers.attention_reuse.EchoAttention`: no query or key
+      projection); needs block="pre_norm", attention="softmax", unrolled distinct layers
+      (no scan_layers or layer_group_size), no sequence parallelism or decoding.
+    attention_free_layers: block indices without an attention sublayer (MLP Can Be A Good
+      Transformer Learner: x + SwiGLU(RMSNorm(x)) only); needs block="pre_norm" and unrolled
+      distinct layers.
     dtype: compute dtype; param_dtype: parameter dtype.
   Parameters carry the logical axis names vocab, embed, mlp, heads, kv_heads, head_dim, norm
   and layers.
@@ -674,6 +705,8 @@ class Model(nn.Module):
   block: str = "pre_norm"
   moe: Any = None
   layer_group_size: int | None = None
+  shared_attention_layers: Any = None
+  attention_free_layers: Any = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -717,6 +750,28 @@ class Model(nn.Module):
       return None
     sp = SeqParallel(self.mesh, self.seq_axis, self.seq_strategy)
     return sp if sp.num_shards > 1 and not self.decode else None
+
+  def reuse_layers(self) -> tuple[frozenset[int], frozenset[int]]:
+    """`(shared_attention_layers, attention_free_layers)` as checked sets of block indices."""
+    shared, free = (settings.block_indices(name, getattr(self, name), self.depth)
+                    for name in ("shared_attention_layers", "attention_free_layers"))
+    if not shared and not free:
+      return shared, free
+    if self.block != "pre_norm" or self.scan_layers or self.layer_group_size is not None:
+      raise ValueError("shared_attention_layers and attention_free_layers need block="
+                       "'pre_norm' with unrolled distinct layers (scan_layers=False, "
+                       f"layer_group_size=None), got block={self.block!r}, scan_layers="
+                       f"{self.scan_layers}, layer_group_size={self.layer_group_size}")
+    if shared:
+      if 0 in shared or shared & free or any(i - 1 in free for i in shared):
+        raise ValueError(f"shared_attention_layers {sorted(shared)}: each reuses the weights of "
+                         "the block before, which must have attention (block 0 has none before "
+                         f"it; attention_free_layers {sorted(free)})")
+      if self.attention != "softmax" or self.decode or self.seq_parallel() is not None:
+        raise ValueError("shared_attention_layers reuse softmax weights over the whole sequence: "
+                         f"they need attention='softmax' (got {self.attention!r}) without "
+                         "decoding or sequence parallelism")
+    return shared, free
 
   def _check(self, tokens, sp):
     if not isinstance(self.num_kv_heads, int) or self.num_kv_heads < 1:
@@ -791,6 +846,7 @@ class Model(nn.Module):
     """
     sp = self.seq_parallel()
     self._check(tokens, sp)
+    self.reuse_layers()
     width = self.width
     if positions is None:
       if self.decode:
@@ -827,11 +883,17 @@ class Model(nn.Module):
       x, stacked = stack(name="layers", **block_args)(x, positions, segment_ids, deterministic)
       aux = [jax.tree.map(lambda a, i=i: a[i:i + 1], stacked) for i in range(self.depth)]
     else:
-      aux = []
+      aux, weights = [], None
+      shared, free = self.reuse_layers()
       for i in range(self.depth):
         layer = dict(layer=i) if self.block == "transnormer" else {}
-        x, a = block(name=f"layers_{i}", **block_args, **layer)(x, positions, segment_ids,
-                                                                deterministic)
+        if shared or free:
+          layer = dict(attention_free=i in free, share_weights=i in shared,
+                       emit_weights=i + 1 in shared and i not in shared)
+        x, a = block(name=f"layers_{i}", **block_args, **layer)(
+            x, positions, segment_ids, deterministic, *([weights] if shared else []))
+        # A run of sharing blocks passes on the weights of the last block that computed them.
+        weights = a.pop("attention_weights", weights if i in shared else None)
         aux.append(jax.tree.map(lambda y: y[None], a))
     if self.block == "moeut":
       self.sow("losses", "router_entropy", router_entropy_loss(aux, self.moe_sizes()))

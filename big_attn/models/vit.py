@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from big_attn.layers import Attention, MlpBlock, PositionEmbedding, layer_norm
+from big_attn.layers import settings
 from big_attn.layers import token_reduction as token_reduction_lib
 from big_attn.models import common
 from big_attn.ops import spatial
@@ -88,7 +89,8 @@ class Encoder1DBlock(nn.Module):
   With `token_reduction` (a `big_attn.layers.token_reduction.TokenReduction`) the call takes the
   token sizes `size: [batch, tokens]`, gives the op proportional attention where the method
   has it, and with `reduce_tokens` reduces the tokens after the first `num_protected` between
-  the attention and the MLP.
+  the attention and the MLP. With `attention_free` the block has no attention branch
+  (x + Dropout(MLP(LN(x))) only; MLP Can Be A Good Transformer Learner).
   """
   num_heads: int
   mlp_dim: int
@@ -104,6 +106,7 @@ class Encoder1DBlock(nn.Module):
   token_reduction: Any = None
   reduce_tokens: bool = False
   num_protected: int = 0
+  attention_free: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -119,16 +122,21 @@ class Encoder1DBlock(nn.Module):
   def __call__(self, x, deterministic: bool = True, size=None):
     constrain = lambda y: nn.with_logical_constraint(y, ("batch", "length", "embed"))
     x = constrain(x)
-    y = layer_norm(self.dtype, self.param_dtype, "LayerNorm_0", epsilon=self.norm_eps)(x)
-    with token_reduction_lib.observe_attention(self.attention, self.token_reduction,
-                                               size) as seen:
-      y = Attention(
-          num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, op=self.attention,
-          op_args=self.attention_args, implementation=self.attention_impl,
-          qk_norm=self.qk_norm, use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype,
-          kernel_init=nn.initializers.xavier_uniform(), name="MultiHeadAttention")(y)
-    y = nn.Dropout(rate=self.dropout)(y, deterministic)
-    x = constrain(x + self._scale("layer_scale_1", y))
+    if self.attention_free and self.reduce_tokens:
+      raise ValueError("token reduction reads the block's attention: a block in "
+                       "attention_free_layers cannot reduce tokens")
+    if not self.attention_free:
+      y = layer_norm(self.dtype, self.param_dtype, "LayerNorm_0", epsilon=self.norm_eps)(x)
+      with token_reduction_lib.observe_attention(self.attention, self.token_reduction,
+                                                 size) as seen:
+        y = Attention(
+            num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, op=self.attention,
+            op_args=self.attention_args, implementation=self.attention_impl,
+            qk_norm=self.qk_norm, use_bias=True, dtype=self.dtype,
+            param_dtype=self.param_dtype, kernel_init=nn.initializers.xavier_uniform(),
+            name="MultiHeadAttention")(y)
+      y = nn.Dropout(rate=self.dropout)(y, deterministic)
+      x = constrain(x + self._scale("layer_scale_1", y))
     if self.reduce_tokens:
       x, size = token_reduction_lib.reduce_tokens(self.token_reduction, x, size, seen,
                                                   num_protected=self.num_protected)
@@ -146,6 +154,7 @@ class Encoder(nn.Module):
 
   `token_reduction`, a resolved `big_attn.layers.token_reduction.TokenReduction`, reduces the
   tokens after the first `num_protected` in the blocks of its `layers` (Python loop only).
+  The blocks of `attention_free_layers` have no attention branch (Python loop only).
   """
   depth: int
   block_args: Any
@@ -154,6 +163,7 @@ class Encoder(nn.Module):
   final_norm: bool = True
   token_reduction: Any = None
   num_protected: int = 0
+  attention_free_layers: Any = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -168,6 +178,11 @@ class Encoder(nn.Module):
     if reduction is not None and self.scan_layers:
       raise ValueError("token_reduction changes the token count between blocks: it needs "
                        "scan_layers=False")
+    free = settings.block_indices("attention_free_layers", self.attention_free_layers,
+                                  self.depth)
+    if free and self.scan_layers:
+      raise ValueError("attention_free_layers makes the blocks differ: it needs "
+                       "scan_layers=False")
     if self.scan_layers:
       stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True,
                                                                       "dropout": True},
@@ -180,6 +195,8 @@ class Encoder(nn.Module):
         if reduction is not None:
           kwargs.update(token_reduction=reduction, reduce_tokens=i in reduction.layers,
                         num_protected=self.num_protected)
+        if free:
+          kwargs.update(attention_free=i in free)
         x, size = block(name=f"encoderblock_{i}", **kwargs)(x, deterministic, size)
     if not self.final_norm:
       return x
@@ -299,6 +316,8 @@ class Model(nn.Module):
       the attention and the MLP of those blocks, the class and register tokens never (registers
       then sit after the class token inside the encoder). Needs `scan_layers=False` and an op
       without a patch grid; "evit" needs pool_type "cls".
+    attention_free_layers: block indices without an attention branch (MLP Can Be A Good
+      Transformer Learner: x + MLP(LN(x)) only); needs `scan_layers=False`.
     dtype: compute dtype (e.g. bfloat16); param_dtype: parameter dtype.
   Parameters carry the logical axis names embed, mlp, heads, kv_heads, head_dim, norm,
   patch_h, patch_w, channels_in, position, classes and layers.
@@ -327,6 +346,7 @@ class Model(nn.Module):
   remat_policy: str = "none"
   scan_layers: bool = False
   token_reduction: Any = None
+  attention_free_layers: Any = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -384,6 +404,7 @@ class Model(nn.Module):
     x = Encoder(depth=self.depth, block_args=block_args, remat_policy=self.remat_policy,
                 scan_layers=self.scan_layers, final_norm=not self.fc_norm,
                 token_reduction=reduction, num_protected=num_prefix + self.num_registers,
+                attention_free_layers=self.attention_free_layers,
                 dtype=self.dtype, param_dtype=self.param_dtype, name="Transformer")(
                     x, deterministic)
     if registers_first:

@@ -250,7 +250,8 @@ def check_overrides(config: ml_collections.ConfigDict,
 def declare_model_settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """`config` with every setting of `config.model_name`'s Model that defaults to None and names
   an attention op or arguments (`attention_args`, `attention_impl`, `<role>_attention`,
-  `<role>_attention_args`, any other `*_args`) or the `token_reduction` dict declared as None
+  `<role>_attention_args`, any other `*_args`), the `token_reduction` dict or the block lists
+  `shared_attention_layers` and `attention_free_layers` declared as None
   in `config.model` where the config leaves it out, so that the locked config takes
   `--config.model.KEY=VALUE` (a dict as a Python literal). Every config returns through it;
   deprecated names are left out."""
@@ -258,7 +259,8 @@ def declare_model_settings(config: ml_collections.ConfigDict) -> ml_collections.
   module = models.get(config.model_name)
   deprecated = set(getattr(module, "RENAMED", {}))
   for field in dataclasses.fields(module.Model):
-    if (field.name.endswith(("_args", "attention", "attention_impl", "token_reduction"))
+    if (field.name.endswith(("_args", "attention", "attention_impl", "token_reduction",
+                             "attention_layers", "attention_free_layers"))
         and field.default is None
         and field.name not in deprecated and field.name not in config.model):
       config.model[field.name] = None
