@@ -846,7 +846,7 @@ class Model(nn.Module):
     """
     sp = self.seq_parallel()
     self._check(tokens, sp)
-    self.reuse_layers()
+    shared, free = self.reuse_layers()
     width = self.width
     if positions is None:
       if self.decode:
@@ -884,7 +884,6 @@ class Model(nn.Module):
       aux = [jax.tree.map(lambda a, i=i: a[i:i + 1], stacked) for i in range(self.depth)]
     else:
       aux, weights = [], None
-      shared, free = self.reuse_layers()
       for i in range(self.depth):
         layer = dict(layer=i) if self.block == "transnormer" else {}
         if shared or free:

@@ -240,11 +240,10 @@ def sequence_parallel_attention(query: Array, key: Array, value: Array, *, mesh,
   """Attention op `op` of global arrays with the sequence split over the mesh axis `seq_axis`.
 
   For op "softmax", out = softmax(s·QKᵀ, masked) V, exactly as
-  `big_attn.ops.dot_product_attention`; any op with a `block_form` in the registry (sigmoid,
-  cog, gated_attention, clipped_softmax, ngpt, softmax with `logits_soft_cap`, and the
-  softmax blocks with per-token value and output maps of interpretable_mha,
-  mixture_of_heads, single_head_attention, switchhead, lean_decode) gives exactly
-  `ops.get(op)` with `op_args`, its blocks merged by its rule (`big_attn.parallel.merge`).
+  `big_attn.ops.dot_product_attention`; any op with a `block_form` in the registry (its merge
+  rule, with the form's per-token value and output maps around it; the README's table of op
+  forms lists them) gives exactly `ops.get(op)` with `op_args`, its blocks merged by its rule
+  (`big_attn.parallel.merge`).
   Computed by
   - "ring": `ring_attention` (Liu et al. 2023) on contiguous shards;
   - "striped": `striped_attention` (Brandon et al. 2023): the tokens are laid out in striped
