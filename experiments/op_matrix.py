@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import re
@@ -175,8 +176,10 @@ def run_cell(model_name: str, op: str, jit: bool = False, trace_only: bool = Fal
              column: str = "single") -> tuple[str, str]:
   """`(status, reason)` of op `op` in model `model_name` on path `column`: "ok", "refused" or
   "fail". Eager (`jit=False`) shares the compiled primitives across cells, which is faster at
-  tiny sizes. `trace_only` traces init, forward and gradient (`jax.eval_shape`) without running
-  them: "ok" then says that every argument check passed (reason "traced, not run")."""
+  tiny sizes; `jit` compiles the initialisation, the parameters' perturbation, the gradient and
+  its single-device reference as whole programs (one compile each, not one per primitive).
+  `trace_only` traces init, forward and gradient (`jax.eval_shape`) without running them: "ok"
+  then says that every argument check passed (reason "traced, not run")."""
   if column not in COLUMNS:
     raise ValueError(f"column must be one of {COLUMNS}, got {column!r}")
   if model_name not in COLUMN_MODELS[column]:
@@ -197,7 +200,7 @@ def run_cell(model_name: str, op: str, jit: bool = False, trace_only: bool = Fal
     if trace_only:
       variables = jax.eval_shape(lambda: model.init(rng_init, *inputs, **kwargs))
     else:
-      variables = model.init(rng_init, *inputs, **kwargs)
+      variables = (jax.jit(model.init) if jit else model.init)(rng_init, *inputs, **kwargs)
   except spatial.OpRefused as e:
     return "refused", str(e)
   except ValueError as e:
@@ -212,7 +215,7 @@ def run_cell(model_name: str, op: str, jit: bool = False, trace_only: bool = Fal
           jax.tree.leaves(model.apply(dict(variables, params=params), *inputs, **kwargs,
                                       rngs={"dropout": rng_init})))]))), variables["params"])
       return "ok", "traced, not run"
-    params = _perturbed(variables["params"], rng_noise)
+    params = (jax.jit(_perturbed) if jit else _perturbed)(variables["params"], rng_noise)
     if column == "decode":
       return _check_decode(model, params, inputs[0])
     others = {k: v for k, v in variables.items() if k != "params"}
@@ -229,7 +232,8 @@ def run_cell(model_name: str, op: str, jit: bool = False, trace_only: bool = Fal
     if column in ("seq_parallel", "kernel"):
       if column == "kernel" and "pallas_call" not in str(jax.make_jaxpr(loss)(params)):
         return "fail", "no pallas_call: the kernel is not reached"
-      (_, want), want_grads = grad_fn(params, make_model(op))
+      reference = functools.partial(grad_fn, model=make_model(op))
+      (_, want), want_grads = (jax.jit(reference) if jit else reference)(params)
       if not _close(out, want):
         return "fail", f"output differs from the single-device XLA model's by " \
                        f"{float(jnp.max(jnp.abs(out - want))):.2g}"
