@@ -139,7 +139,9 @@ class Encoder1DBlock(nn.Module):
       x = constrain(x + self._scale("layer_scale_1", y))
     if self.reduce_tokens:
       x, size = token_reduction_lib.reduce_tokens(self.token_reduction, x, size, seen,
-                                                  num_protected=self.num_protected)
+                                                  num_protected=self.num_protected,
+                                                  dtype=self.dtype,
+                                                  param_dtype=self.param_dtype)
     y = layer_norm(self.dtype, self.param_dtype, "LayerNorm_1", epsilon=self.norm_eps)(x)
     y = MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout,
                  approximate_gelu=self.approximate_gelu, dtype=self.dtype,
@@ -310,10 +312,11 @@ class Model(nn.Module):
     head_zeroinit: zero-initialised classifier head (as big_vision).
     remat_policy: "none" or a `jax.checkpoint_policies` name applied to every block.
     scan_layers: stack the blocks with `nn.scan` (parameters get a leading `layers` axis).
-    token_reduction: None, or a dict `{"method": "evit" | "tome" | "mctf", ...}` of the
-      method's settings (`big_attn.layers.token_reduction.DEFAULTS`, e.g. `{"method": "evit",
-      "keep_rate": 0.7, "layers": (3, 6, 9)}`): the patch tokens are pruned or merged between
-      the attention and the MLP of those blocks, the class and register tokens never (registers
+    token_reduction: None, or a dict `{"method": NAME, ...}` of the method's settings (NAME
+      one of `big_attn.layers.token_reduction.METHODS`: evit, tome, mctf, stvit, sit, spa,
+      dependencyvit, lookupvit; settings in its `DEFAULTS`, e.g. `{"method": "evit",
+      "keep_rate": 0.7, "layers": (3, 6, 9)}`): the patch tokens are pruned, merged or replaced
+      between the attention and the MLP of those blocks, the class and register tokens never (registers
       then sit after the class token inside the encoder). Needs `scan_layers=False` and an op
       without a patch grid; "evit" needs pool_type "cls".
     attention_free_layers: block indices without an attention branch (MLP Can Be A Good
