@@ -50,28 +50,18 @@ Methods (`METHODS`; the keys of each, with the papers' defaults, in `DEFAULTS`):
   `reversed_attention` op's message controller, 1 for other ops). The leaves, tokens of lowest
   score, are pruned: the ⌈keep_rate·N⌉ of largest score stay, in their order.
 - "lookupvit": LookupViT: Compressing visual information to a limited number of tokens (Koner
-  et al., 2024). At its one layer the N lookup tokens (a square grid) are pooled into
-  `num_tokens` compressed tokens `Z₀ = P x`, which gather the lookup tokens' information with
-  the multi-head cross-attention `Z = Z₀ + MHA(LN(Z₀), LN(x))` and replace them in every later
-  block. LookupViT's blocks keep the lookup tokens to the end, updated through the same
-  attention map transposed (the other direction of its bidirectional cross-attention) and a
-  small MLP; the ViT here continues on the compressed tokens only, so that direction is not
-  computed.
+  et al., 2024). Before the block of `layers` (one index) the N patch tokens (a square grid),
+  now lookup tokens, are pooled into `num_tokens` compressed tokens (`grid_pool`); from that
+  block on every block is a LookupViT block (`LookupExchange`): the compressed tokens gather
+  from the lookup tokens by cross-attention, go through the block's attention and MLP (with
+  the protected tokens; only they reach the op), and the lookup tokens receive from them
+  through the same attention logits transposed (the bidirectional cross-attention), then a
+  MLP `mlp_reduction` times narrower than the block's. After the last block the lookup
+  tokens are dropped: the head reads the class token or the mean of the compressed tokens.
 
-Tokens before the patches (class, distillation and register tokens: `num_protected`) are never
-reduced and stay first. ToMe and MCTF merge `min(r, N // 2)` of the N other tokens per layer.
-
-Op-agnostic: the reduction reads the block's projected queries and keys by intercepting
-`Attention.attend` (`flax.linen.intercept_methods`, as `big_attn.interpret.capture` does), and
-computes the attention maps it needs (EViT's class-token row, MCTF's received attention) with
-plain softmax `softmax(q·kᵀ·scale + log s)` over the current tokens, whatever the op.
-Proportional attention (ToMe, MCTF: `log s_j` added to the logits so a merged token counts for
-its size) is passed to the op as its `bias` where the op takes one (`ops.spec(op).bias`:
-softmax, sigmoid, clipped_softmax, gated_attention, mixture_of_heads, sage_int8) and skipped for
-other ops.
-
-The learned modules (STViT's and LookupViT's cross-attention, SiT's slimming MLP, SPA's gate)
-are the parameters `token_reduction` of the reducing block.
+The learned modules (STViT's cross-attention, SiT's slimming MLP, SPA's gate) are the
+parameters `token_reduction` of the reducing block; LookupViT's are `lookup_exchange` of each
+LookupViT block.
 
 Not implemented: MCTF's one-step-ahead attention (the next layer's attention; here the current
 layer's, the paper's ablation without it) and its token-reduction consistency loss (training).
@@ -93,6 +83,7 @@ from big_attn import ops
 from big_attn.layers import settings as settings_lib
 from big_attn.layers.attention import Attention
 from big_attn.layers.attention import Projection
+from big_attn.layers.mlp import MlpBlock
 from big_attn.layers.norm import layer_norm
 from big_attn.ops import checks
 from big_attn.ops import spatial
@@ -103,7 +94,7 @@ METHODS = ("evit", "tome", "mctf", "stvit", "sit", "spa", "dependencyvit", "look
 # The papers' settings: EViT keeps 70% at the 4th, 7th and 10th of 12 layers (DeiT-S); ToMe's
 # r = 16 on every layer (its timm patch); MCTF r = 16, τ_sim 1, τ_info 20, τ_size 40,
 # bidirectional (DeiT-S); STViT 16 semantic tokens on DeiT; LookupViT's 5x5 compressed
-# tokens. `layers=None`: the 4th, 7th and 10th of 12 layers scaled to the depth for EViT and
+# tokens, lookup MLP 4x narrower (our reading). `layers=None`: the 4th, 7th and 10th of 12 layers scaled to the depth for EViT and
 # the other pruning methods (SiT, SPA, DependencyViT-Lite: our choice of layers and rates, the
 # papers' vary by model), every layer for ToMe and MCTF, the 5th of 12 for STViT (our reading
 # of where its semantic tokens start) and the first for LookupViT (compressed from the start).
@@ -116,10 +107,10 @@ DEFAULTS = {
     "sit": dict(keep_rate=0.5, layers=None, tau=1.0),
     "spa": dict(keep_rate=0.7, layers=None),
     "dependencyvit": dict(keep_rate=0.7, layers=None),
-    "lookupvit": dict(num_tokens=25, layers=None),
+    "lookupvit": dict(num_tokens=25, layers=None, mlp_reduction=4),
 }
 _EVIT_LAYERS_OF_12 = (3, 6, 9)
-_ONE_LAYER = ("stvit", "lookupvit")  # the image tokens are replaced once
+_ONE_LAYER = ("stvit", "lookupvit")  # the patch tokens are replaced once
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +128,7 @@ class TokenReduction:
   bidirectional: bool = False
   num_tokens: int = 0
   tau: float = 1.0
+  mlp_reduction: int = 1
 
   def bias_for(self, op: str) -> bool:
     """Whether proportional attention reaches `op` (as its `bias`)."""
@@ -179,7 +171,7 @@ def resolve(config: Any, depth: int, *, op: str = "softmax",
     raise ValueError(f"{name('layers')} must hold block indices in [0, {depth}), got {layers}")
   if method in _ONE_LAYER and len(layers) != 1:
     raise ValueError(f"{name('layers')} of method {method!r} must hold one block index (the "
-                     f"image tokens are replaced once), got {layers}")
+                     f"patch tokens are replaced once), got {layers}")
   out = {}
   for key, value in settings.items():
     if key == "keep_rate":
@@ -190,6 +182,8 @@ def resolve(config: Any, depth: int, *, op: str = "softmax",
       out[key] = checks.positive_int(name(key), value)
       if math.isqrt(value) ** 2 != value:
         raise ValueError(f"{name(key)} must be a square (a grid of pooled tokens), got {value}")
+    elif key == "mlp_reduction":
+      out[key] = checks.positive_int(name(key), value)
     elif key == "tau":
       out[key] = checks.positive_float(name(key), value)
     elif key.startswith("tau_"):
@@ -423,28 +417,99 @@ def grid_pool(num_in: int, num_out: int) -> np.ndarray:
   return pool / pool.sum(1, keepdims=True)
 
 
-class PooledCrossAttention(nn.Module):
-  """STViT's semantic tokens and LookupViT's compressed tokens: `num_tokens` tokens pooled from
-  the square grid `x: [b, n, c]` (`grid_pool`) attend, after one LayerNorm, with learned
-  softmax multi-head attention to themselves and the tokens (`with_pooled`, STViT) or to the
-  tokens only (LookupViT): `(S₀ + MHA(LN(S₀), LN(context)), sizes summed over the bins)`."""
+def _pooled(x: Array, size: Array, num_tokens: int) -> tuple[Array, Array, Array]:
+  """`(P x, P, sizes summed over the bins)` for the pooling `P = grid_pool` of `x: [b, n, c]`."""
+  pool = grid_pool(x.shape[1], num_tokens)
+  return (jnp.einsum("mn,bnc->bmc", pool.astype(x.dtype), x), pool,
+          jnp.einsum("mn,bn->bm", (pool > 0).astype(size.dtype), size))
+
+
+class SemanticTokens(nn.Module):
+  """STViT's semantic tokens: `num_tokens` tokens pooled from the square grid `x: [b, n, c]`
+  (`grid_pool`) attend, after one LayerNorm, with learned softmax multi-head attention to
+  themselves and the tokens: `(S₀ + MHA(LN(S₀), LN([S₀; x])), sizes summed over the bins)`."""
   num_tokens: int
   num_heads: int
-  with_pooled: bool
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array, size: Array) -> tuple[Array, Array]:
-    pool = grid_pool(x.shape[1], self.num_tokens)
-    pooled = jnp.einsum("mn,bnc->bmc", pool.astype(x.dtype), x)
+    pooled, _, pooled_size = _pooled(x, size, self.num_tokens)
     norm = layer_norm(self.dtype, self.param_dtype, "LayerNorm")
-    context = jnp.concatenate([pooled, x], axis=1) if self.with_pooled else x
     out = pooled + Attention(num_heads=self.num_heads, use_bias=True, dtype=self.dtype,
                              param_dtype=self.param_dtype,
                              kernel_init=nn.initializers.xavier_uniform(),
-                             name="MultiHeadAttention")(norm(pooled), norm(context))
-    return out, jnp.einsum("mn,bn->bm", (pool > 0).astype(size.dtype), size)
+                             name="MultiHeadAttention")(
+                                 norm(pooled), norm(jnp.concatenate([pooled, x], axis=1)))
+    return out, pooled_size
+
+
+def compress(x: Array, size: Array, num_tokens: int, *,
+             num_protected: int = 0) -> tuple[Array, Array]:
+  """LookupViT's compressed tokens: `[protected, Z₀ = P x, x]` for the tokens `x` after the
+  first `num_protected` (a square grid, `grid_pool`), and their sizes."""
+  p = num_protected
+  pooled, _, pooled_size = _pooled(x[:, p:], size[:, p:], num_tokens)
+  return (jnp.concatenate([x[:, :p], pooled, x[:, p:]], axis=1),
+          jnp.concatenate([size[:, :p], pooled_size, size[:, p:]], axis=1))
+
+
+class LookupExchange(nn.Module):
+  """LookupViT's bidirectional cross-attention between the compressed tokens `z: [b, m, c]`
+  and the lookup tokens `x: [b, n, c]`, one similarity per head shared by both directions:
+
+    L = (LN(z) W_q)(LN(x) W_k)ᵀ / √d                                      [b, h, m, n]
+    gather:    z ← z + Σ_h softmax_n(L) (LN(x) W_v) W_o
+    propagate: x ← x + Σ_h softmax_m(L)ᵀ (LN'(z) W'_v) W'_o,  x ← x + MLP(LN''(x))
+
+  (projections with biases, the MLP's hidden width `mlp_dim`). Call `gather` before the
+  block's attention and `propagate` after its MLP.
+  """
+  features: int
+  num_heads: int
+  mlp_dim: int
+  dropout: float = 0.0
+  approximate_gelu: bool = True
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def setup(self):
+    c, h = self.features, self.num_heads
+    if c % h:
+      raise ValueError(f"lookupvit: the width ({c}) must be divisible by num_heads ({h})")
+    d = c // h
+    dense = lambda shape, axes, contract=1: Projection(  # pylint: disable=g-long-lambda
+        shape, axes, contract=contract, use_bias=True, dtype=self.dtype,
+        param_dtype=self.param_dtype, kernel_init=nn.initializers.xavier_uniform())
+    into, out = ((c, h, d), ("embed", "heads", "head_dim")), ((h, d, c),
+                                                             ("heads", "head_dim", "embed"))
+    self.norm_compressed = layer_norm(self.dtype, self.param_dtype)
+    self.norm_lookup = layer_norm(self.dtype, self.param_dtype)
+    self.query, self.key, self.value = dense(*into), dense(*into), dense(*into)
+    self.out = dense(*out, contract=2)
+    self.norm_back = layer_norm(self.dtype, self.param_dtype)
+    self.value_back, self.out_back = dense(*into), dense(*out, contract=2)
+    self.norm_mlp = layer_norm(self.dtype, self.param_dtype)
+    self.mlp = MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout,
+                        approximate_gelu=self.approximate_gelu, dtype=self.dtype,
+                        param_dtype=self.param_dtype)
+
+  def gather(self, z: Array, x: Array) -> tuple[Array, Array]:
+    """`(z + Σ_h softmax_n(L) V_x W_o, L)`; L float32 `[b, h, m, n]`."""
+    lookup = self.norm_lookup(x)
+    query, key = self.query(self.norm_compressed(z)), self.key(lookup)
+    logits = jnp.einsum("bmhd,bnhd->bhmn", query.astype(jnp.float32),
+                        key.astype(jnp.float32)) / math.sqrt(query.shape[-1])
+    probs = jax.nn.softmax(logits, axis=-1).astype(z.dtype)
+    return z + self.out(jnp.einsum("bhmn,bnhd->bmhd", probs, self.value(lookup))), logits
+
+  def propagate(self, x: Array, z: Array, logits: Array, deterministic: bool = True) -> Array:
+    """`x + Σ_h softmax_m(L)ᵀ V'_z W'_o`, then its MLP residual."""
+    probs = jax.nn.softmax(logits, axis=-2).astype(x.dtype)
+    x = x + self.out_back(jnp.einsum("bhmn,bmhd->bnhd", probs,
+                                     self.value_back(self.norm_back(z))))
+    return x + self.mlp(self.norm_mlp(x), deterministic)
 
 
 class TokenSlimming(nn.Module):
@@ -527,11 +592,10 @@ def reduce_tokens(spec: TokenReduction, x: Array, size: Array, seen: Mapping[str
   if spec.method == "dependencyvit":
     score = dependency_scores(query, key, scale=scale, message=seen["message"])
     return prune(x, size, score, spec.keep_rate, num_protected=p)
-  if spec.method in ("sit",) + _ONE_LAYER:  # the patch tokens replaced by new ones
+  if spec.method in ("sit", "stvit"):  # the patch tokens replaced by new ones
     module = (TokenSlimming(math.ceil(spec.keep_rate * (x.shape[1] - p)), spec.tau, **learned)
               if spec.method == "sit" else
-              PooledCrossAttention(spec.num_tokens, query.shape[2],
-                                   with_pooled=spec.method == "stvit", **learned))
+              SemanticTokens(spec.num_tokens, query.shape[2], **learned))
     body, body_size = module(x[:, p:], size[:, p:])
     return (jnp.concatenate([x[:, :p], body], axis=1),
             jnp.concatenate([size[:, :p], body_size.astype(size.dtype)], axis=1))
