@@ -247,22 +247,19 @@ def test_select_and_pack_matches_reference():
   idx = [sorted(range(p, N), key=lambda j, b=b: (-gate[b, j], j))[:keep] for b in range(B)]
 
   def reference(x, gate):  # g_j x_j for the selected j, in decreasing gate order
-    return jnp.concatenate([x[:, :p], jnp.stack(
-        [x[b, np.array(i)] * gate[b, np.array(i)][:, None] for b, i in enumerate(idx)])], 1)
+    return np.concatenate([x[:, :p], np.stack(
+        [x[b, i] * gate[b, i][:, None] for b, i in enumerate(idx)])], 1)
 
-  def run(x, gate):
-    return tr.select_and_pack(x, size, gate, keep_rate, num_protected=p)[0]
-
-  def out_and_grads(x, gate, cot, select):
-    out, vjp = jax.vjp(select, x, gate)
+  def out_and_grads(x, gate, cot):
+    out, vjp = jax.vjp(lambda x, g: tr.select_and_pack(x, size, g, keep_rate,
+                                                       num_protected=p)[0], x, gate)
     return out, vjp(cot)
 
-  cot = ref.normal(13, (B, p + keep, C))
-  out, grads = _compiled(out_and_grads, x, gate, cot, select=run)
-  with ref.x64():
-    want, want_grads = _compiled(out_and_grads, *ref.f64(x, gate, cot), select=reference)
-  np.testing.assert_allclose(out, want, rtol=TOL, atol=TOL)
-  for g, w in zip(grads, want_grads):
+  cot = np.asarray(ref.normal(13, (B, p + keep, C)))
+  out, grads = _compiled(out_and_grads, x, gate, cot)
+  args = (np.asarray(x, np.float64), np.asarray(gate, np.float64))
+  np.testing.assert_allclose(out, reference(*args), rtol=TOL, atol=TOL)
+  for g, w in zip(grads, numerical_grads(reference, args, cot)):
     np.testing.assert_allclose(g, w, rtol=TOL, atol=TOL)
   _, out_size = tr.select_and_pack(x, size, gate, keep_rate, num_protected=p)
   np.testing.assert_array_equal(out_size[:, p:], [size[b, i] for b, i in enumerate(idx)])
@@ -450,6 +447,25 @@ CASES = {  # name: (model, token counts seen by the blocks' attention)
                                            token_reduction=dict(method="mctf", r=3)), [17, 14]),
     "deit_tome_sigmoid": (deit.Model(**TINY, attention="sigmoid",
                                      token_reduction=dict(method="tome", r=4)), [18, 14]),
+    "stvit_softmax_registers": (vit.Model(**TINY, pool_type="cls", num_registers=1,
+                                          token_reduction=dict(method="stvit", num_tokens=4,
+                                                               layers=(0,))),
+                                # 4: the semantic tokens' cross-attention
+                                [18, 4, 6]),
+    "deit_sit_performer": (deit.Model(**TINY, attention="performer",
+                                      token_reduction=dict(method="sit", keep_rate=0.5,
+                                                           layers=(0, 1))), [18, 10]),
+    "spa_gap": (vit.Model(**TINY, token_reduction=dict(method="spa", keep_rate=0.5,
+                                                       layers=(0,))), [16, 8]),
+    "dependencyvit_reversed": (vit.Model(**TINY, attention="reversed_attention",
+                                         pool_type="cls",
+                                         token_reduction=dict(method="dependencyvit",
+                                                              keep_rate=0.5, layers=(0,))),
+                               [17, 9]),
+    # The attention sees the class, distillation and 4 compressed tokens from block 1 on.
+    "deit_lookupvit": (deit.Model(**TINY, token_reduction=dict(method="lookupvit",
+                                                               num_tokens=4, layers=(1,))),
+                       [18, 6]),
 }
 
 
@@ -516,6 +532,25 @@ def test_model_trains_through_the_reduction(runs, name):
   assert np.abs(block["MultiHeadAttention"]["query"]["kernel"]).sum() > 0
 
 
+
+@pytest.mark.extended
+def test_lookupvit_model_trains():
+  # Compressed before block 0, then two LookupViT blocks: the lookup tokens reach the loss
+  # through the compressed tokens' gathering, and block 0's lookup update through block 1's.
+  model = deit.Model(**TINY, token_reduction=dict(method="lookupvit", num_tokens=4))
+  abstract = jax.eval_shape(model.init, jax.random.key(0), IMAGES)["params"]
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda a: (0.5 * rng.normal(size=a.shape)).astype(a.dtype),
+                        nn.unbox(abstract))
+  loss, grads = _compiled(jax.value_and_grad(
+      lambda p: jnp.sum(model.apply({"params": p}, IMAGES) ** 2)), params)
+  assert np.isfinite(loss) and loss > 0
+  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+  blocks = grads["Transformer"]
+  assert np.abs(blocks["encoderblock_0"]["lookup_exchange"]["mlp"]["Dense_0"]["kernel"]).sum() > 0
+  assert np.abs(blocks["encoderblock_1"]["lookup_exchange"]["key"]["kernel"]).sum() > 0
+
+
 def test_proportional_attention_is_the_ops_bias():
   # Under `observe_attention`, the op gets `bias = log size` (ToMe's proportional attention)
   # where it takes a bias (softmax); performer takes none, and none is passed.
@@ -553,6 +588,13 @@ def test_proportional_attention_is_the_ops_bias():
     (dict(method="tome"), dict(attention="window"), "needs the patch grid"),
     (dict(method="tome"), dict(scan_layers=True), "scan_layers=False"),
     (["tome"], {}, "token_reduction must be a dict"),
+    (dict(method="stvit", num_tokens=5), {}, r"token_reduction\['num_tokens'\] must be a square"),
+    (dict(method="lookupvit", num_tokens=25), {}, "square grid of patch tokens"),
+    (dict(method="stvit", layers=(0, 1)), {}, "must hold one block index"),
+    (dict(method="sit", tau=0), {}, r"token_reduction\['tau'\] must be a positive number"),
+    (dict(method="lookupvit", mlp_reduction=0), {},
+     r"token_reduction\['mlp_reduction'\] must be a positive int"),
+    (dict(method="spa", r=2), {}, r"unknown key\(s\) \['r'\] for method 'spa'"),
 ])
 def test_bad_config_raises(config, kwargs, match):
   model = vit.Model(**dict(TINY, **kwargs), token_reduction=config)
@@ -568,6 +610,12 @@ def test_defaults_and_config_override():
   spec = tr.resolve(dict(method="mctf"), 4)
   assert (spec.layers, spec.r, spec.tau_sim, spec.tau_info, spec.tau_size) == (
       (0, 1, 2, 3), 16, 1.0, 20.0, 40.0)
+  assert tr.resolve(dict(method="stvit"), 12).layers == (4,)
+  assert tr.resolve(dict(method="stvit"), 12).num_tokens == 16
+  assert tr.resolve(dict(method="lookupvit"), 12).layers == (0,)
+  spec = tr.resolve(dict(method="sit"), 12)
+  assert (spec.layers, spec.keep_rate, spec.tau) == ((3, 6, 9), 0.5, 1.0)
+  assert tr.resolve(dict(method="dependencyvit"), 4).layers == (1, 2, 3)
   # Settable from the command line: `--config.model.token_reduction="{'method': 'tome'}"`.
   config = config_lib.declare_model_settings(_config_module("vit_digits").get_config("runlocal"))
   assert "token_reduction" in config.model
