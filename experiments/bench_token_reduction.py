@@ -5,9 +5,9 @@
   python experiments/bench_token_reduction.py --methods=none,stvit,lookupvit
   python experiments/bench_token_reduction.py --flops_only --out=/tmp/tr   # seconds a method
 
-Each method of `big_attn.layers.token_reduction` (and none; `--methods`: a subset) trains `configs/vit_digits.py`
-(width 64, depth 4, 16 patch tokens of 4x4 pixels on 16x16 digits) with a class token
-(`pool_type="cls"`, as EViT needs) for `--steps` steps through `big_attn.main`, then:
+Each method of `big_attn.layers.token_reduction` (and none; `--methods`: a subset) trains
+`configs/vit_digits.py` (width 64, depth 4, 16 patch tokens of 4x4 pixels on 16x16 digits)
+with a class token (`pool_type="cls"`, as EViT needs) for `--steps` steps through `big_attn.main`, then:
 - accuracy: the held-out top-1 accuracy of the run's last evaluation;
 - forward GFLOPs per image: XLA's cost analysis of the jitted inference forward at batch 64
   (`lowered.cost_analysis()["flops"]` / 64, as `big_attn.main.step_flops` counts a step), and the
@@ -16,8 +16,7 @@ Each method of `big_attn.layers.token_reduction` (and none; `--methods`: a subse
   `--rounds` timed calls) and of training (`train/examples_per_sec` of the run's metrics).
 The tokens each `Attention` sees are listed per method (STViT's semantic tokens' cross-attention
 included). `--flops_only`: the token counts and forward FLOPs alone, from the lowered forward
-(nothing compiled, trained or timed). Writes
-`--out`/token_reduction.md (default experiments/results/).
+(nothing compiled, trained or timed). Writes `--out`/token_reduction.md (default experiments/results/).
 """
 from __future__ import annotations
 

@@ -342,8 +342,8 @@ def gate_ref(params, x):
 
 
 def lookup_ref(params, z, x):
-  """One shared L = Q_z K_xᵀ/√d: z' = z + softmax_n(L) V_x W_o; x' = x + softmax_m(L)ᵀ V'_z' W'_o,
-  then x' + MLP(LN(x')) (tanh GELU). Returns [z'; x'']."""
+  """One shared L = Q_z K_xᵀ/√d: z' = z + softmax_n(L) V_x W_o;
+  x' = x + softmax_m(L)ᵀ V'_z' W'_o, then x' + MLP(LN(x')) (tanh GELU). Returns [z'; x'']."""
   q = _proj(_ln(z, params["norm_compressed"]), params["query"])
   lookup = _ln(x, params["norm_lookup"])
   k, v = _proj(lookup, params["key"]), _proj(lookup, params["value"])

@@ -94,9 +94,10 @@ METHODS = ("evit", "tome", "mctf", "stvit", "sit", "spa", "dependencyvit", "look
 # The papers' settings: EViT keeps 70% at the 4th, 7th and 10th of 12 layers (DeiT-S); ToMe's
 # r = 16 on every layer (its timm patch); MCTF r = 16, τ_sim 1, τ_info 20, τ_size 40,
 # bidirectional (DeiT-S); STViT 16 semantic tokens on DeiT; LookupViT's 5x5 compressed
-# tokens, lookup MLP 4x narrower (our reading). `layers=None`: the 4th, 7th and 10th of 12 layers scaled to the depth for EViT and
-# the other pruning methods (SiT, SPA, DependencyViT-Lite: our choice of layers and rates, the
-# papers' vary by model), every layer for ToMe and MCTF, the 5th of 12 for STViT (our reading
+# tokens, lookup MLP 4x narrower (our reading). `layers=None`: the 4th, 7th and 10th of 12
+# layers scaled to the depth for EViT and the other pruning methods (SiT, SPA,
+# DependencyViT-Lite: our choice of layers and rates, the papers' vary by model), every layer
+# for ToMe and MCTF, the 5th of 12 for STViT (our reading
 # of where its semantic tokens start) and the first for LookupViT (compressed from the start).
 DEFAULTS = {
     "evit": dict(keep_rate=0.7, layers=None, fuse_token=True),

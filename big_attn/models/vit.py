@@ -345,10 +345,12 @@ class Model(nn.Module):
     token_reduction: None, or a dict `{"method": NAME, ...}` of the method's settings (NAME
       one of `big_attn.layers.token_reduction.METHODS`: evit, tome, mctf, stvit, sit, spa,
       dependencyvit, lookupvit; settings in its `DEFAULTS`, e.g. `{"method": "evit",
-      "keep_rate": 0.7, "layers": (3, 6, 9)}`): the patch tokens are pruned, merged or replaced
-      between the attention and the MLP of those blocks, the class and register tokens never (registers
-      then sit after the class token inside the encoder). Needs `scan_layers=False` and an op
-      without a patch grid; "evit" needs pool_type "cls".
+      "keep_rate": 0.7, "layers": (3, 6, 9)}`): the patch tokens are pruned, merged or
+      replaced between the attention and the MLP of those blocks (LookupViT: before its block,
+      then exchanged with in every later block), the class and register tokens never
+      (registers then sit after the class token inside the encoder). Needs
+      `scan_layers=False` and an op without a patch grid; "evit" needs pool_type "cls";
+      "stvit" and "lookupvit" a square patch grid.
     attention_free_layers: block indices without an attention branch (MLP Can Be A Good
       Transformer Learner: x + MLP(LN(x)) only); needs `scan_layers=False`.
     dtype: compute dtype (e.g. bfloat16); param_dtype: parameter dtype.
