@@ -53,9 +53,9 @@ Methods (`METHODS`; the keys of each, with the papers' defaults, in `DEFAULTS`):
   et al., 2024). Before the block of `layers` (one index) the N patch tokens (a square grid),
   now lookup tokens, are pooled into `num_tokens` compressed tokens (`grid_pool`); from that
   block on every block is a LookupViT block (`LookupExchange`): the compressed tokens gather
-  from the lookup tokens by cross-attention, go through the block's attention and MLP (with
-  the protected tokens; only they reach the op), and the lookup tokens receive from them
-  through the same attention logits transposed (the bidirectional cross-attention), then a
+  from the lookup tokens by cross-attention, go through the block's attention and MLP together
+  with the protected tokens (the op sees only these), and the lookup tokens receive from them
+  through the same attention logits transposed (the bidirectional cross-attention), then an
   MLP `mlp_reduction` times narrower than the block's. After the last block the lookup
   tokens are dropped: the head reads the class token or the mean of the compressed tokens.
 
