@@ -1,6 +1,8 @@
-"""Token reduction (`big_attn.layers.token_reduction`: EViT, ToMe, MCTF) against float64 NumPy
-references written from the papers' formulas with loops over tokens, and inside tiny ViT and
-DeiT models with two attention ops: token counts per block, gradients, the config checks."""
+"""Token reduction (`big_attn.layers.token_reduction`: EViT, ToMe, MCTF, STViT, SiT, SPA,
+DependencyViT-Lite, LookupViT) against float64 references written from the papers' formulas
+(NumPy loops over tokens for the selections and merges; plain JAX in float64 for the learned
+modules, forward and gradient), and inside tiny ViT and DeiT models with several attention ops:
+token counts per block, gradients, the config checks."""
 import functools
 import math
 
@@ -190,6 +192,249 @@ def test_attention_maps_match_softmax_reference():
   np.testing.assert_allclose(got_recv, want_recv, rtol=TOL, atol=1e-6)
 
 
+def prune_ref(x, size, score, keep_rate, p):
+  """The protected tokens, then the ⌈ρN⌉ others of largest score (ties: lower index) in their
+  order."""
+  keep = math.ceil(keep_rate * (x.shape[1] - p))
+  idx = [list(range(p)) + sorted(sorted(range(p, x.shape[1]), key=lambda j, b=b: (-score[b, j], j))
+                                 [:keep]) for b in range(x.shape[0])]
+  return np.stack([x[b, i] for b, i in enumerate(idx)]), np.stack(
+      [size[b, i] for b, i in enumerate(idx)])
+
+
+def dependency_ref(q, k, scale, message):
+  """d_i = mean_h Σ_j m_jh softmax_i(scale q_jh·k_ih), float64, kv heads repeated."""
+  q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
+  k = np.repeat(k, q.shape[2] // k.shape[2], axis=2)
+  out = np.zeros(q.shape[:2])
+  for b in range(q.shape[0]):
+    for h in range(q.shape[2]):
+      for j in range(q.shape[1]):
+        logits = scale * k[b, :, h] @ q[b, j, h]
+        probs = np.exp(logits - logits.max())
+        out[b] += message[b, j, h] * probs / probs.sum() / q.shape[2]
+  return out
+
+
+def test_dependency_pruning_matches_reference():
+  q, k, _ = ref.qkv(b=B, t=N, n=4, k=2, d=8, seed=8)  # GQA
+  message = np.random.default_rng(9).uniform(0.1, 1.0, size=(B, N, 4)).astype(np.float32)
+  x, size, _ = _data(10)
+  keep_rate, p = 0.6, 1
+
+  def run(q, k, message, x, size):
+    score = tr.dependency_scores(q, k, scale=0.4, message=message)
+    return score, tr.dependency_scores(q, k), tr.prune(x, size, score, keep_rate,
+                                                        num_protected=p)
+
+  score, plain, (out, out_size) = _compiled(run, q, k, message, x, size)
+  want = dependency_ref(q, k, 0.4, message)
+  np.testing.assert_allclose(score, want, rtol=TOL, atol=TOL)
+  np.testing.assert_allclose(plain, dependency_ref(q, k, 1 / math.sqrt(8), np.ones((B, N, 4))),
+                             rtol=TOL, atol=TOL)
+  np.testing.assert_allclose(np.sum(plain, 1), N, rtol=TOL)  # each child sends one unit
+  want_x, want_size = prune_ref(x, size, np.asarray(score), keep_rate, p)
+  assert out.shape == (B, p + math.ceil(keep_rate * (N - p)), C)
+  np.testing.assert_array_equal(out, want_x)
+  np.testing.assert_array_equal(out_size, want_size)
+
+
+def test_select_and_pack_matches_reference():
+  x, size, gate = _data(12)
+  gate[1, 4] = gate[1, 9]  # a tie: the lower index first
+  keep_rate, p = 0.5, 2
+  keep = math.ceil(keep_rate * (N - p))
+  idx = [sorted(range(p, N), key=lambda j, b=b: (-gate[b, j], j))[:keep] for b in range(B)]
+
+  def reference(x, gate):  # g_j x_j for the selected j, in decreasing gate order
+    return np.concatenate([x[:, :p], np.stack(
+        [x[b, i] * gate[b, i][:, None] for b, i in enumerate(idx)])], 1)
+
+  def out_and_grads(x, gate, cot):
+    out, vjp = jax.vjp(lambda x, g: tr.select_and_pack(x, size, g, keep_rate,
+                                                       num_protected=p)[0], x, gate)
+    return out, vjp(cot)
+
+  cot = np.asarray(ref.normal(13, (B, p + keep, C)))
+  out, grads = _compiled(out_and_grads, x, gate, cot)
+  args = (np.asarray(x, np.float64), np.asarray(gate, np.float64))
+  np.testing.assert_allclose(out, reference(*args), rtol=TOL, atol=TOL)
+  for g, w in zip(grads, numerical_grads(reference, args, cot)):
+    np.testing.assert_allclose(g, w, rtol=TOL, atol=TOL)
+  _, out_size = tr.select_and_pack(x, size, gate, keep_rate, num_protected=p)
+  np.testing.assert_array_equal(out_size[:, p:], [size[b, i] for b, i in enumerate(idx)])
+
+
+def pool_ref(num_in, num_out):
+  """Adaptive average pooling (as PyTorch's `adaptive_avg_pool2d`) of an s×s grid into o×o:
+  output (r, c) averages the grid rows and columns overlapping [r·s/o, (r+1)·s/o)."""
+  s, o = math.isqrt(num_in), math.isqrt(num_out)
+  pool = np.zeros((num_out, num_in))
+  for r in range(o):
+    for c in range(o):
+      cells = [(i, j) for i in range(s) for j in range(s)
+               if r * s / o - 1 < i < (r + 1) * s / o and c * s / o - 1 < j < (c + 1) * s / o]
+      for i, j in cells:
+        pool[r * o + c, i * s + j] = 1 / len(cells)
+  return pool
+
+
+def test_grid_pool():
+  # 3x3 into 2x2: overlapping bins {0, 1} and {1, 2} in each direction.
+  np.testing.assert_allclose(tr.grid_pool(9, 4)[0], [.25, .25, 0, .25, .25, 0, 0, 0, 0])
+  np.testing.assert_allclose(tr.grid_pool(9, 4)[3], [0, 0, 0, 0, .25, .25, 0, .25, .25])
+  for num_in, num_out in ((16, 4), (25, 9), (16, 16), (49, 4)):
+    np.testing.assert_allclose(tr.grid_pool(num_in, num_out), pool_ref(num_in, num_out))
+  for num_in, num_out in ((12, 4), (16, 25), (16, 5)):
+    with pytest.raises(ValueError, match="square grid of patch tokens"):
+      tr.grid_pool(num_in, num_out)
+
+
+# The learned modules against float64 NumPy written from the papers' formulas, with the
+# modules' parameters; gradients against central differences of the reference. 3x3 = 9 tokens
+# of width 8, 2 heads.
+HEADS, WIDTH = 2, 8
+
+
+def _ln(x, p):
+  mean = x.mean(-1, keepdims=True)
+  var = ((x - mean) ** 2).mean(-1, keepdims=True)
+  return (x - mean) / np.sqrt(var + 1e-6) * p["scale"] + p["bias"]
+
+
+def _softmax(x, axis):
+  e = np.exp(x - x.max(axis, keepdims=True))
+  return e / e.sum(axis, keepdims=True)
+
+
+def _proj(x, p):
+  return np.einsum("bnc,chd->bnhd", x, p["kernel"]) + p["bias"]
+
+
+def _heads_out(y, p):
+  return np.einsum("bnhd,hdc->bnc", y, p["kernel"]) + p["bias"]
+
+
+def stvit_ref(params, x):
+  """S₀ = P x; S = S₀ + MHA(LN(S₀), LN([S₀; x])), softmax over all tokens."""
+  s0 = np.einsum("mn,bnc->bmc", pool_ref(9, 4), x)
+  ln = params["LayerNorm"]
+  mha = params["MultiHeadAttention"]
+  q = _proj(_ln(s0, ln), mha["query"])
+  context = _ln(np.concatenate([s0, x], 1), ln)
+  k, v = _proj(context, mha["key"]), _proj(context, mha["value"])
+  probs = _softmax(np.einsum("bmhd,bnhd->bhmn", q, k) / np.sqrt(q.shape[-1]), -1)
+  return s0 + _heads_out(np.einsum("bhmn,bnhd->bmhd", probs, v), mha["out"])
+
+
+def sit_ref(params, x, tau):
+  """x̂ = softmax_N(Wᵀ / τ) x, W = MLP(LN(x)) with exact GELU."""
+  h = _ln(x, params["LayerNorm"]) @ params["hidden"]["kernel"] + params["hidden"]["bias"]
+  h = 0.5 * h * (1 + np.vectorize(math.erf)(h / np.sqrt(2)))
+  w = h @ params["weights"]["kernel"] + params["weights"]["bias"]  # [b, n, m]
+  return np.einsum("bmn,bnc->bmc", _softmax(np.swapaxes(w, 1, 2) / tau, -1), x)
+
+
+def gate_ref(params, x):
+  """g = sigmoid(w·LN(x) + b)."""
+  return 1 / (1 + np.exp(-(_ln(x, params["LayerNorm"]) @ params["gate"]["kernel"]
+                           + params["gate"]["bias"])))
+
+
+def lookup_ref(params, z, x):
+  """One shared L = Q_z K_xᵀ/√d: z' = z + softmax_n(L) V_x W_o;
+  x' = x + softmax_m(L)ᵀ V'_z' W'_o, then x' + MLP(LN(x')) (tanh GELU). Returns [z'; x'']."""
+  q = _proj(_ln(z, params["norm_compressed"]), params["query"])
+  lookup = _ln(x, params["norm_lookup"])
+  k, v = _proj(lookup, params["key"]), _proj(lookup, params["value"])
+  logits = np.einsum("bmhd,bnhd->bhmn", q, k) / np.sqrt(q.shape[-1])
+  z = z + _heads_out(np.einsum("bhmn,bnhd->bmhd", _softmax(logits, -1), v), params["out"])
+  back = _proj(_ln(z, params["norm_back"]), params["value_back"])
+  x = x + _heads_out(np.einsum("bhmn,bmhd->bnhd", _softmax(logits, -2), back),
+                     params["out_back"])
+  mlp = params["mlp"]
+  h = _ln(x, params["norm_mlp"]) @ mlp["Dense_0"]["kernel"] + mlp["Dense_0"]["bias"]
+  h = 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h ** 3)))
+  return np.concatenate([z, x + h @ mlp["Dense_1"]["kernel"] + mlp["Dense_1"]["bias"]], 1)
+
+
+def _exchange(module, z, x):
+  gathered, logits = module.gather(z, x)
+  return jnp.concatenate([gathered, module.propagate(x, gathered, logits)], 1)
+
+
+MODULES = {  # name: (module, its output from (z, x), reference)
+    "stvit": (tr.SemanticTokens(4, HEADS), lambda m, z, x: m(x, jnp.ones(x.shape[:2]))[0],
+              lambda p, z, x: stvit_ref(p, x)),
+    "sit": (tr.TokenSlimming(5, tau=0.7), lambda m, z, x: m(x, jnp.ones(x.shape[:2]))[0],
+            lambda p, z, x: sit_ref(p, x, 0.7)),
+    "spa_gate": (tr.TokenGate(), lambda m, z, x: m(x), lambda p, z, x: gate_ref(p, x)),
+    "lookupvit": (tr.LookupExchange(WIDTH, HEADS, 6), _exchange, lookup_ref),
+}
+
+
+def numerical_grads(fn, args, cot, eps=1e-6):
+  """Central differences of `Σ fn(*args)·cot` in float64 with respect to every entry of the
+  pytree `args`."""
+  leaves, tree = jax.tree.flatten(args)
+  leaves = [np.array(a, np.float64) for a in leaves]
+  loss = lambda: np.sum(fn(*jax.tree.unflatten(tree, leaves)) * cot)
+  grads = []
+  for leaf in leaves:
+    grad = np.zeros_like(leaf)
+    for i in np.ndindex(leaf.shape):
+      leaf[i] += eps
+      up = loss()
+      leaf[i] -= 2 * eps
+      grad[i] = (up - loss()) / (2 * eps)
+      leaf[i] += eps
+    grads.append(grad)
+  return grads
+
+
+@pytest.fixture(scope="module")
+def module_runs():
+  """Per learned module: random parameters, inputs, a cotangent, and the module's output and
+  gradients of Σ output·cotangent with respect to (params, z, x) (one compile for all)."""
+  z, x = ref.normal(14, (B, 4, WIDTH)), ref.normal(15, (B, 9, WIDTH))
+  rng = np.random.default_rng(16)
+  cases = {}
+  for name, (module, call, _) in MODULES.items():
+    abstract = jax.eval_shape(lambda k, m=module, c=call: m.init(k, z, x, method=c),
+                              jax.random.key(0))["params"]
+    params = jax.tree.map(lambda a: (0.5 * rng.normal(size=a.shape)).astype(np.float32),
+                          nn.unbox(abstract))
+    shape = jax.eval_shape(lambda p, m=module, c=call: m.apply({"params": p}, z, x, method=c),
+                           params).shape
+    cases[name] = dict(params=params, cot=rng.normal(size=shape).astype(np.float32))
+
+  def run(cases, z, x):
+    out = {}
+    for name, (module, call, _) in MODULES.items():
+      fn = lambda p, z, x, m=module, c=call: m.apply({"params": p}, z, x, method=c)
+      value, vjp = jax.vjp(fn, cases[name]["params"], z, x)
+      out[name] = (value, vjp(cases[name]["cot"]))
+    return out
+
+  results = _compiled(run, cases, z, x)
+  return {name: dict(cases[name], z=np.asarray(z), x=np.asarray(x), out=results[name][0],
+                     grads=results[name][1]) for name in MODULES}
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_learned_module_matches_reference(module_runs, name):
+  run = module_runs[name]
+  args = jax.tree.map(lambda a: np.asarray(a, np.float64), (run["params"], run["z"], run["x"]))
+  reference = MODULES[name][2]
+  assert run["out"].dtype == np.float32
+  np.testing.assert_allclose(run["out"], reference(*args), rtol=1e-4, atol=1e-4)
+  want_grads = numerical_grads(reference, args, np.asarray(run["cot"], np.float64))
+  got_grads = jax.tree.leaves(run["grads"])
+  assert len(got_grads) == len(want_grads)
+  for got, want in zip(got_grads, want_grads):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
 # ---------------------------------------------------------------------------- in the models
 IMAGES = np.asarray(ref.normal(0, (2, 16, 16, 3)))  # 4x4 patches: 16 patch tokens
 TINY = dict(num_classes=3, width=8, depth=2, num_heads=2, mlp_dim=8, patch_size=4,
@@ -202,6 +447,25 @@ CASES = {  # name: (model, token counts seen by the blocks' attention)
                                            token_reduction=dict(method="mctf", r=3)), [17, 14]),
     "deit_tome_sigmoid": (deit.Model(**TINY, attention="sigmoid",
                                      token_reduction=dict(method="tome", r=4)), [18, 14]),
+    "stvit_softmax_registers": (vit.Model(**TINY, pool_type="cls", num_registers=1,
+                                          token_reduction=dict(method="stvit", num_tokens=4,
+                                                               layers=(0,))),
+                                # 4: the semantic tokens' cross-attention
+                                [18, 4, 6]),
+    "deit_sit_performer": (deit.Model(**TINY, attention="performer",
+                                      token_reduction=dict(method="sit", keep_rate=0.5,
+                                                           layers=(0, 1))), [18, 10]),
+    "spa_gap": (vit.Model(**TINY, token_reduction=dict(method="spa", keep_rate=0.5,
+                                                       layers=(0,))), [16, 8]),
+    "dependencyvit_reversed": (vit.Model(**TINY, attention="reversed_attention",
+                                         pool_type="cls",
+                                         token_reduction=dict(method="dependencyvit",
+                                                              keep_rate=0.5, layers=(0,))),
+                               [17, 9]),
+    # The attention sees the class, distillation and 4 compressed tokens from block 1 on.
+    "deit_lookupvit": (deit.Model(**TINY, token_reduction=dict(method="lookupvit",
+                                                               num_tokens=4, layers=(1,))),
+                       [18, 6]),
 }
 
 
@@ -268,6 +532,25 @@ def test_model_trains_through_the_reduction(runs, name):
   assert np.abs(block["MultiHeadAttention"]["query"]["kernel"]).sum() > 0
 
 
+
+@pytest.mark.extended
+def test_lookupvit_model_trains():
+  # Compressed before block 0, then two LookupViT blocks: the lookup tokens reach the loss
+  # through the compressed tokens' gathering, and block 0's lookup update through block 1's.
+  model = deit.Model(**TINY, token_reduction=dict(method="lookupvit", num_tokens=4))
+  abstract = jax.eval_shape(model.init, jax.random.key(0), IMAGES)["params"]
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda a: (0.5 * rng.normal(size=a.shape)).astype(a.dtype),
+                        nn.unbox(abstract))
+  loss, grads = _compiled(jax.value_and_grad(
+      lambda p: jnp.sum(model.apply({"params": p}, IMAGES) ** 2)), params)
+  assert np.isfinite(loss) and loss > 0
+  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+  blocks = grads["Transformer"]
+  assert np.abs(blocks["encoderblock_0"]["lookup_exchange"]["mlp"]["Dense_0"]["kernel"]).sum() > 0
+  assert np.abs(blocks["encoderblock_1"]["lookup_exchange"]["key"]["kernel"]).sum() > 0
+
+
 def test_proportional_attention_is_the_ops_bias():
   # Under `observe_attention`, the op gets `bias = log size` (ToMe's proportional attention)
   # where it takes a bias (softmax); performer takes none, and none is passed.
@@ -305,6 +588,13 @@ def test_proportional_attention_is_the_ops_bias():
     (dict(method="tome"), dict(attention="window"), "needs the patch grid"),
     (dict(method="tome"), dict(scan_layers=True), "scan_layers=False"),
     (["tome"], {}, "token_reduction must be a dict"),
+    (dict(method="stvit", num_tokens=5), {}, r"token_reduction\['num_tokens'\] must be a square"),
+    (dict(method="lookupvit", num_tokens=25), {}, "square grid of patch tokens"),
+    (dict(method="stvit", layers=(0, 1)), {}, "must hold one block index"),
+    (dict(method="sit", tau=0), {}, r"token_reduction\['tau'\] must be a positive number"),
+    (dict(method="lookupvit", mlp_reduction=0), {},
+     r"token_reduction\['mlp_reduction'\] must be a positive int"),
+    (dict(method="spa", r=2), {}, r"unknown key\(s\) \['r'\] for method 'spa'"),
 ])
 def test_bad_config_raises(config, kwargs, match):
   model = vit.Model(**dict(TINY, **kwargs), token_reduction=config)
@@ -320,6 +610,12 @@ def test_defaults_and_config_override():
   spec = tr.resolve(dict(method="mctf"), 4)
   assert (spec.layers, spec.r, spec.tau_sim, spec.tau_info, spec.tau_size) == (
       (0, 1, 2, 3), 16, 1.0, 20.0, 40.0)
+  assert tr.resolve(dict(method="stvit"), 12).layers == (4,)
+  assert tr.resolve(dict(method="stvit"), 12).num_tokens == 16
+  assert tr.resolve(dict(method="lookupvit"), 12).layers == (0,)
+  spec = tr.resolve(dict(method="sit"), 12)
+  assert (spec.layers, spec.keep_rate, spec.tau) == ((3, 6, 9), 0.5, 1.0)
+  assert tr.resolve(dict(method="dependencyvit"), 4).layers == (1, 2, 3)
   # Settable from the command line: `--config.model.token_reduction="{'method': 'tome'}"`.
   config = config_lib.declare_model_settings(_config_module("vit_digits").get_config("runlocal"))
   assert "token_reduction" in config.model

@@ -24,18 +24,44 @@ Methods (`METHODS`; the keys of each, with the papers' defaults, in `DEFAULTS`):
   Bidirectional: ⌊r/2⌋ tokens of A merge into B, then ⌈r/2⌉ tokens of B into the unmerged A
   (output: A then B); fusion weights each token by `a_i s_i`: `x = Σ a_i s_i x_i / Σ a_i s_i`,
   sizes add. The matching and the fusion weights carry no gradient.
+- "stvit": Making Vision Transformers Efficient from A Token Sparsification View (Chang et al.,
+  2023), semantic tokens. At its one layer the N patch tokens (a square grid, unreduced) are
+  average-pooled into `num_tokens` (a square) semantic tokens `S₀ = P x` (adaptive pooling bins,
+  `grid_pool`), which attend to all tokens, themselves and the image tokens:
+  `S = S₀ + MHA(LN(S₀), LN([S₀; x]))` (softmax, learned projections); S replaces the image
+  tokens in every later block. The paper's STGM is two blocks whose queries are the pooled and
+  then the semantic tokens; here one cross-attention between the block's attention and its MLP.
+  Its recovery module (STViT-R, image tokens re-attending to the semantic tokens) serves dense
+  prediction and is not implemented: the classifier reads the class token or the mean.
+- "sit": Self-slimmed Vision Transformer (Zong et al., 2022), token slimming module: the N
+  tokens become ⌈keep_rate·N⌉ soft clusters `x̂ = A x`, `A = softmax_N(Wᵀ / tau)`, with
+  `W = MLP(LN(x)) [N, N̂]` (C -> C/2 GELU -> N̂, learned); sizes `A s`. Its feature
+  recalibration distillation (a teacher and the reverse module, training) is not implemented.
+- "spa": Context-Aware Token Selection and Packing for Enhanced Vision Transformer (Select and
+  Pack Attention). A gating layer scores each token `g_j = sigmoid(w·LN(x_j) + b)`; the
+  ⌈keep_rate·N⌉ tokens of largest gate are packed (in decreasing gate order) and scaled by their
+  gate, so the gate learns from the task loss. The paper's selection labels (supervision of the
+  gate) and its packing of a variable number of tokens per image into new batches are not
+  implemented: with static shapes every image keeps the same number of tokens.
+- "dependencyvit": Visual Dependency Transformers: Dependency Tree Emerges from Reversed
+  Attention (Ding et al., 2023), DependencyViT-Lite pruning. Each child token j distributes its
+  message `m_j` over its parents, `A_ji = softmax_i(q_j·k_i·scale)`; the dependency score of
+  token i is what it receives, `d_i = Σ_j A_ji m_j` (averaged over heads; `m` is the
+  `reversed_attention` op's message controller, 1 for other ops). The leaves, tokens of lowest
+  score, are pruned: the ⌈keep_rate·N⌉ of largest score stay, in their order.
+- "lookupvit": LookupViT: Compressing visual information to a limited number of tokens (Koner
+  et al., 2024). Before the block of `layers` (one index) the N patch tokens (a square grid),
+  now lookup tokens, are pooled into `num_tokens` compressed tokens (`grid_pool`); from that
+  block on every block is a LookupViT block (`LookupExchange`): the compressed tokens gather
+  from the lookup tokens by cross-attention, go through the block's attention and MLP together
+  with the protected tokens (the op sees only these), and the lookup tokens receive from them
+  through the same attention logits transposed (the bidirectional cross-attention), then an
+  MLP `mlp_reduction` times narrower than the block's. After the last block the lookup
+  tokens are dropped: the head reads the class token or the mean of the compressed tokens.
 
-Tokens before the patches (class, distillation and register tokens: `num_protected`) are never
-reduced and stay first. ToMe and MCTF merge `min(r, N // 2)` of the N other tokens per layer.
-
-Op-agnostic: the reduction reads the block's projected queries and keys by intercepting
-`Attention.attend` (`flax.linen.intercept_methods`, as `big_attn.interpret.capture` does), and
-computes the attention maps it needs (EViT's class-token row, MCTF's received attention) with
-plain softmax `softmax(q·kᵀ·scale + log s)` over the current tokens, whatever the op.
-Proportional attention (ToMe, MCTF: `log s_j` added to the logits so a merged token counts for
-its size) is passed to the op as its `bias` where the op takes one (`ops.spec(op).bias`:
-softmax, sigmoid, clipped_softmax, gated_attention, mixture_of_heads, sage_int8) and skipped for
-other ops.
+The learned modules (STViT's cross-attention, SiT's slimming MLP, SPA's gate) are the
+parameters `token_reduction` of the reducing block; LookupViT's are `lookup_exchange` of each
+LookupViT block.
 
 Not implemented: MCTF's one-step-ahead attention (the next layer's attention; here the current
 layer's, the paper's ablation without it) and its token-reduction consistency loss (training).
@@ -51,27 +77,41 @@ from typing import Any, Iterator, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from big_attn import ops
 from big_attn.layers import settings as settings_lib
 from big_attn.layers.attention import Attention
+from big_attn.layers.attention import Projection
+from big_attn.layers.mlp import MlpBlock
+from big_attn.layers.norm import layer_norm
 from big_attn.ops import checks
 from big_attn.ops import spatial
 
 Array = jax.Array
 
-METHODS = ("evit", "tome", "mctf")
+METHODS = ("evit", "tome", "mctf", "stvit", "sit", "spa", "dependencyvit", "lookupvit")
 # The papers' settings: EViT keeps 70% at the 4th, 7th and 10th of 12 layers (DeiT-S); ToMe's
 # r = 16 on every layer (its timm patch); MCTF r = 16, τ_sim 1, τ_info 20, τ_size 40,
-# bidirectional (DeiT-S). `layers=None`: EViT's layers scaled to the depth, every layer for
-# ToMe and MCTF.
+# bidirectional (DeiT-S); STViT 16 semantic tokens on DeiT; LookupViT's 5x5 compressed
+# tokens, lookup MLP 4x narrower (our reading). `layers=None`: the 4th, 7th and 10th of 12
+# layers scaled to the depth for EViT and the other pruning methods (SiT, SPA,
+# DependencyViT-Lite: our choice of layers and rates, the papers' vary by model), every layer
+# for ToMe and MCTF, the 5th of 12 for STViT (our reading
+# of where its semantic tokens start) and the first for LookupViT (compressed from the start).
 DEFAULTS = {
     "evit": dict(keep_rate=0.7, layers=None, fuse_token=True),
     "tome": dict(r=16, layers=None, prop_attn=True),
     "mctf": dict(r=16, layers=None, prop_attn=True, tau_sim=1.0, tau_info=20.0, tau_size=40.0,
                  bidirectional=True),
+    "stvit": dict(num_tokens=16, layers=None),
+    "sit": dict(keep_rate=0.5, layers=None, tau=1.0),
+    "spa": dict(keep_rate=0.7, layers=None),
+    "dependencyvit": dict(keep_rate=0.7, layers=None),
+    "lookupvit": dict(num_tokens=25, layers=None, mlp_reduction=4),
 }
 _EVIT_LAYERS_OF_12 = (3, 6, 9)
+_ONE_LAYER = ("stvit", "lookupvit")  # the patch tokens are replaced once
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +127,9 @@ class TokenReduction:
   tau_info: float = 0.0
   tau_size: float = 0.0
   bidirectional: bool = False
+  num_tokens: int = 0
+  tau: float = 1.0
+  mlp_reduction: int = 1
 
   def bias_for(self, op: str) -> bool:
     """Whether proportional attention reaches `op` (as its `bias`)."""
@@ -118,20 +161,32 @@ def resolve(config: Any, depth: int, *, op: str = "softmax",
   name = lambda key: f"token_reduction[{key!r}]"  # pylint: disable=unnecessary-lambda-assignment
   layers = settings.pop("layers")
   if layers is None:
-    layers = (sorted({min(depth - 1, round(i * depth / 12)) for i in _EVIT_LAYERS_OF_12})
-              if method == "evit" else range(depth))
+    layers = {"tome": range(depth), "mctf": range(depth), "stvit": (round(4 * depth / 12),),
+              "lookupvit": (0,)}.get(method, sorted(
+                  {min(depth - 1, round(i * depth / 12)) for i in _EVIT_LAYERS_OF_12}))
   if isinstance(layers, int) or not all(
       isinstance(i, int) and not isinstance(i, bool) for i in layers):
     raise ValueError(f"{name('layers')} must be a sequence of block indices, got {layers!r}")
   layers = tuple(sorted(set(layers)))
   if layers and not 0 <= layers[0] <= layers[-1] < depth:
     raise ValueError(f"{name('layers')} must hold block indices in [0, {depth}), got {layers}")
+  if method in _ONE_LAYER and len(layers) != 1:
+    raise ValueError(f"{name('layers')} of method {method!r} must hold one block index (the "
+                     f"patch tokens are replaced once), got {layers}")
   out = {}
   for key, value in settings.items():
     if key == "keep_rate":
       out[key] = checks.unit_interval(name(key), value)
     elif key == "r":
       out[key] = checks.int_in_range(name(key), value, 0)
+    elif key == "num_tokens":
+      out[key] = checks.positive_int(name(key), value)
+      if math.isqrt(value) ** 2 != value:
+        raise ValueError(f"{name(key)} must be a square (a grid of pooled tokens), got {value}")
+    elif key == "mlp_reduction":
+      out[key] = checks.positive_int(name(key), value)
+    elif key == "tau":
+      out[key] = checks.positive_float(name(key), value)
     elif key.startswith("tau_"):
       out[key] = checks.non_negative_float(name(key), value)
     else:
@@ -303,6 +358,197 @@ def mctf(x: Array, size: Array, attn: Array, r: int, *, tau_sim: float = 1.0,
   return _fuse(x, size, attn * size, _interleave(slot_a, slot_b), num_out, p)
 
 
+def _top(score: Array, keep: int) -> Array:
+  """The indices of the `keep` largest entries of each row of `score: [b, n]`, largest first
+  (ties: the lower index first)."""
+  return jax.lax.top_k(score, keep)[1]
+
+
+def dependency_scores(query: Array, key: Array, *, scale: float | None = None,
+                      message: Array | None = None) -> Array:
+  """DependencyViT's dependency score `d_i = Σ_j m_j softmax_i(q_j·k_i·scale)` of each token
+  (the message it receives as a parent), averaged over heads: `[batch, n]`; `message`
+  `[batch, n, heads]` (None: 1)."""
+  probs = jax.nn.softmax(_logits(query, key, scale, None), axis=-1)  # [b, h, child, parent]
+  if message is not None:
+    probs = probs * jnp.swapaxes(message.astype(jnp.float32), 1, 2)[..., None]
+  return jnp.mean(jnp.sum(probs, axis=2), axis=1)
+
+
+def prune(x: Array, size: Array, score: Array, keep_rate: float, *,
+          num_protected: int = 0) -> tuple[Array, Array]:
+  """The first `num_protected` tokens of `x: [b, n, c]` and, of the others, the
+  ⌈keep_rate·N⌉ of largest `score: [b, n]`, in their order; returns `(x, size)`."""
+  p = num_protected
+  n = x.shape[1] - p
+  keep = math.ceil(keep_rate * n)
+  if keep >= n:
+    return x, size
+  idx = jnp.sort(_top(jax.lax.stop_gradient(score[:, p:]), keep), axis=-1)
+  return (jnp.concatenate([x[:, :p], _gather(x[:, p:], idx)], axis=1),
+          jnp.concatenate([size[:, :p], _gather(size[:, p:], idx)], axis=1))
+
+
+def select_and_pack(x: Array, size: Array, gate: Array, keep_rate: float, *,
+                    num_protected: int = 0) -> tuple[Array, Array]:
+  """SPA's selection: of the tokens after the first `num_protected` of `x: [b, n, c]`, the
+  ⌈keep_rate·N⌉ of largest `gate: [b, n]` (in (0, 1)), packed in decreasing gate order and
+  scaled by their gate `g_j x_j`; returns `(x, size)`."""
+  p = num_protected
+  idx = _top(jax.lax.stop_gradient(gate[:, p:]), math.ceil(keep_rate * (x.shape[1] - p)))
+  kept = _gather(x[:, p:], idx) * _gather(gate[:, p:], idx)[..., None].astype(x.dtype)
+  return (jnp.concatenate([x[:, :p], kept], axis=1),
+          jnp.concatenate([size[:, :p], _gather(size[:, p:], idx)], axis=1))
+
+
+def grid_pool(num_in: int, num_out: int) -> np.ndarray:
+  """The `[num_out, num_in]` adaptive average pooling of a square grid of `num_in` tokens
+  (raster order) into a square grid of `num_out`: output (r, c) of the o×o grid averages the
+  rows ⌊r·s/o⌋ .. ⌈(r+1)·s/o⌉ - 1 and the same columns of the s×s grid."""
+  side, out = math.isqrt(num_in), math.isqrt(num_out)
+  if side * side != num_in or out * out != num_out or out > side:
+    raise ValueError(f"token_reduction pools a square grid of patch tokens into "
+                     f"num_tokens={num_out} (a square at most the grid): got {num_in} tokens")
+  pool = np.zeros((out, out, side, side))
+  for r in range(out):
+    rows = slice(r * side // out, -(-(r + 1) * side // out))
+    for c in range(out):
+      pool[r, c, rows, c * side // out:-(-(c + 1) * side // out)] = 1
+  pool = pool.reshape(num_out, num_in)
+  return pool / pool.sum(1, keepdims=True)
+
+
+def _pooled(x: Array, size: Array, num_tokens: int) -> tuple[Array, Array, Array]:
+  """`(P x, P, sizes summed over the bins)` for the pooling `P = grid_pool` of `x: [b, n, c]`."""
+  pool = grid_pool(x.shape[1], num_tokens)
+  return (jnp.einsum("mn,bnc->bmc", pool.astype(x.dtype), x), pool,
+          jnp.einsum("mn,bn->bm", (pool > 0).astype(size.dtype), size))
+
+
+class SemanticTokens(nn.Module):
+  """STViT's semantic tokens: `num_tokens` tokens pooled from the square grid `x: [b, n, c]`
+  (`grid_pool`) attend, after one LayerNorm, with learned softmax multi-head attention to
+  themselves and the tokens: `(S₀ + MHA(LN(S₀), LN([S₀; x])), sizes summed over the bins)`."""
+  num_tokens: int
+  num_heads: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, size: Array) -> tuple[Array, Array]:
+    pooled, _, pooled_size = _pooled(x, size, self.num_tokens)
+    norm = layer_norm(self.dtype, self.param_dtype, "LayerNorm")
+    out = pooled + Attention(num_heads=self.num_heads, use_bias=True, dtype=self.dtype,
+                             param_dtype=self.param_dtype,
+                             kernel_init=nn.initializers.xavier_uniform(),
+                             name="MultiHeadAttention")(
+                                 norm(pooled), norm(jnp.concatenate([pooled, x], axis=1)))
+    return out, pooled_size
+
+
+def compress(x: Array, size: Array, num_tokens: int, *,
+             num_protected: int = 0) -> tuple[Array, Array]:
+  """LookupViT's compressed tokens: `[protected, Z₀ = P x, x]` for the tokens `x` after the
+  first `num_protected` (a square grid, `grid_pool`), and their sizes."""
+  p = num_protected
+  pooled, _, pooled_size = _pooled(x[:, p:], size[:, p:], num_tokens)
+  return (jnp.concatenate([x[:, :p], pooled, x[:, p:]], axis=1),
+          jnp.concatenate([size[:, :p], pooled_size, size[:, p:]], axis=1))
+
+
+class LookupExchange(nn.Module):
+  """LookupViT's bidirectional cross-attention between the compressed tokens `z: [b, m, c]`
+  and the lookup tokens `x: [b, n, c]`, one similarity per head shared by both directions:
+
+    L = (LN(z) W_q)(LN(x) W_k)ᵀ / √d                                      [b, h, m, n]
+    gather:    z ← z + Σ_h softmax_n(L) (LN(x) W_v) W_o
+    propagate: x ← x + Σ_h softmax_m(L)ᵀ (LN'(z) W'_v) W'_o,  x ← x + MLP(LN''(x))
+
+  (projections with biases, the MLP's hidden width `mlp_dim`). Call `gather` before the
+  block's attention and `propagate` after its MLP.
+  """
+  features: int
+  num_heads: int
+  mlp_dim: int
+  dropout: float = 0.0
+  approximate_gelu: bool = True
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def setup(self):
+    c, h = self.features, self.num_heads
+    if c % h:
+      raise ValueError(f"lookupvit: the width ({c}) must be divisible by num_heads ({h})")
+    d = c // h
+    dense = lambda shape, axes, contract=1: Projection(  # pylint: disable=g-long-lambda
+        shape, axes, contract=contract, use_bias=True, dtype=self.dtype,
+        param_dtype=self.param_dtype, kernel_init=nn.initializers.xavier_uniform())
+    into, out = ((c, h, d), ("embed", "heads", "head_dim")), ((h, d, c),
+                                                             ("heads", "head_dim", "embed"))
+    self.norm_compressed = layer_norm(self.dtype, self.param_dtype)
+    self.norm_lookup = layer_norm(self.dtype, self.param_dtype)
+    self.query, self.key, self.value = dense(*into), dense(*into), dense(*into)
+    self.out = dense(*out, contract=2)
+    self.norm_back = layer_norm(self.dtype, self.param_dtype)
+    self.value_back, self.out_back = dense(*into), dense(*out, contract=2)
+    self.norm_mlp = layer_norm(self.dtype, self.param_dtype)
+    self.mlp = MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout,
+                        approximate_gelu=self.approximate_gelu, dtype=self.dtype,
+                        param_dtype=self.param_dtype)
+
+  def gather(self, z: Array, x: Array) -> tuple[Array, Array]:
+    """`(z + Σ_h softmax_n(L) V_x W_o, L)`; L float32 `[b, h, m, n]`."""
+    lookup = self.norm_lookup(x)
+    query, key = self.query(self.norm_compressed(z)), self.key(lookup)
+    logits = jnp.einsum("bmhd,bnhd->bhmn", query.astype(jnp.float32),
+                        key.astype(jnp.float32)) / math.sqrt(query.shape[-1])
+    probs = jax.nn.softmax(logits, axis=-1).astype(z.dtype)
+    return z + self.out(jnp.einsum("bhmn,bnhd->bmhd", probs, self.value(lookup))), logits
+
+  def propagate(self, x: Array, z: Array, logits: Array, deterministic: bool = True) -> Array:
+    """`x + Σ_h softmax_m(L)ᵀ V'_z W'_o`, then its MLP residual."""
+    probs = jax.nn.softmax(logits, axis=-2).astype(x.dtype)
+    x = x + self.out_back(jnp.einsum("bhmn,bmhd->bnhd", probs,
+                                     self.value_back(self.norm_back(z))))
+    return x + self.mlp(self.norm_mlp(x), deterministic)
+
+
+class TokenSlimming(nn.Module):
+  """SiT's token slimming module: `x: [b, n, c]` into `num_out` tokens `A x` with
+  `A = softmax_n(MLP(LN(x))ᵀ / tau)` (MLP C -> max(C/2, 1) exact GELU -> num_out, biases);
+  sizes `A s`."""
+  num_out: int
+  tau: float = 1.0
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, size: Array) -> tuple[Array, Array]:
+    c = x.shape[-1]
+    hidden = max(c // 2, 1)
+    dense = lambda shape, axes, name: Projection(  # pylint: disable=g-long-lambda
+        shape, axes, use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    h = layer_norm(self.dtype, self.param_dtype, "LayerNorm")(x)
+    h = nn.gelu(dense((c, hidden), ("embed", "mlp"), "hidden")(h), approximate=False)
+    logits = dense((hidden, self.num_out), ("mlp", None), "weights")(h)
+    attn = jax.nn.softmax(jnp.swapaxes(logits, 1, 2).astype(jnp.float32) / self.tau, axis=-1)
+    return (jnp.einsum("bmn,bnc->bmc", attn.astype(x.dtype), x),
+            jnp.einsum("bmn,bn->bm", attn, size.astype(jnp.float32)))
+
+
+class TokenGate(nn.Module):
+  """SPA's gating layer: `g_j = sigmoid(w·LN(x_j) + b)`, `[b, n]` float32."""
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    h = layer_norm(self.dtype, self.param_dtype, "LayerNorm")(x)
+    logits = Projection((x.shape[-1],), ("embed",), use_bias=True, dtype=self.dtype,
+                        param_dtype=self.param_dtype, name="gate")(h)
+    return jax.nn.sigmoid(logits.astype(jnp.float32))
+
+
 # --------------------------------------------------------------------------------- In a block
 @contextlib.contextmanager
 def observe_attention(op: str, spec: TokenReduction | None,
@@ -320,7 +566,8 @@ def observe_attention(op: str, spec: TokenReduction | None,
       return next_fun(*args, **kwargs)
     query, key = args[:2]
     op_args = dict(kwargs.get("op_args") or {})
-    seen.update(query=query, key=key, scale=op_args.get("scale"))
+    seen.update(query=query, key=key, scale=op_args.get("scale"),
+                message=op_args.get("message"))
     if spec.bias_for(op):
       log_size = jnp.log(size).astype(query.dtype)[:, None, None, :]
       op_args["bias"] = log_size + op_args["bias"] if "bias" in op_args else log_size
@@ -332,11 +579,27 @@ def observe_attention(op: str, spec: TokenReduction | None,
 
 
 def reduce_tokens(spec: TokenReduction, x: Array, size: Array, seen: Mapping[str, Any], *,
-                  num_protected: int) -> tuple[Array, Array]:
+                  num_protected: int, dtype: Any = jnp.float32,
+                  param_dtype: Any = jnp.float32) -> tuple[Array, Array]:
   """`spec`'s method on a block's tokens `x: [b, n, c]` (after the attention's residual) and
-  sizes, from the queries and keys `observe_attention` recorded; returns `(x, size)`."""
+  sizes, from the queries and keys `observe_attention` recorded; returns `(x, size)`. Called
+  inside a compact method, it creates the learned methods' module `token_reduction` there."""
   query, key, scale = seen["query"], seen["key"], seen["scale"]
   prop = size if spec.prop_attn else None
+  p = num_protected
+  learned = dict(dtype=dtype, param_dtype=param_dtype, name="token_reduction")
+  if spec.method == "spa":
+    return select_and_pack(x, size, TokenGate(**learned)(x), spec.keep_rate, num_protected=p)
+  if spec.method == "dependencyvit":
+    score = dependency_scores(query, key, scale=scale, message=seen["message"])
+    return prune(x, size, score, spec.keep_rate, num_protected=p)
+  if spec.method in ("sit", "stvit"):  # the patch tokens replaced by new ones
+    module = (TokenSlimming(math.ceil(spec.keep_rate * (x.shape[1] - p)), spec.tau, **learned)
+              if spec.method == "sit" else
+              SemanticTokens(spec.num_tokens, query.shape[2], **learned))
+    body, body_size = module(x[:, p:], size[:, p:])
+    return (jnp.concatenate([x[:, :p], body], axis=1),
+            jnp.concatenate([size[:, :p], body_size.astype(size.dtype)], axis=1))
   if spec.method == "evit":  # the fused token's weights carry gradients, as in EViT
     attn = class_attention(query, key, scale=scale)
     return evit(x, size, attn, spec.keep_rate, num_protected=num_protected,

@@ -89,7 +89,11 @@ class Encoder1DBlock(nn.Module):
   With `token_reduction` (a `big_attn.layers.token_reduction.TokenReduction`) the call takes the
   token sizes `size: [batch, tokens]`, gives the op proportional attention where the method
   has it, and with `reduce_tokens` reduces the tokens after the first `num_protected` between
-  the attention and the MLP. With `attention_free` the block has no attention branch
+  the attention and the MLP; with `lookup_block` it is a LookupViT block on
+  `x = [protected, compressed, lookup]` (`big_attn.layers.token_reduction.LookupExchange`:
+  the compressed tokens gather from the lookup tokens, the attention and the MLP see the
+  protected and compressed tokens, the lookup tokens receive from them after the MLP). With
+  `attention_free` the block has no attention branch
   (x + Dropout(MLP(LN(x))) only; MLP Can Be A Good Transformer Learner).
   """
   num_heads: int
@@ -105,6 +109,7 @@ class Encoder1DBlock(nn.Module):
   layer_scale_init: float | None = None
   token_reduction: Any = None
   reduce_tokens: bool = False
+  lookup_block: bool = False
   num_protected: int = 0
   attention_free: bool = False
   dtype: Any = jnp.float32
@@ -125,6 +130,17 @@ class Encoder1DBlock(nn.Module):
     if self.attention_free and self.reduce_tokens:
       raise ValueError("token reduction reads the block's attention: a block in "
                        "attention_free_layers cannot reduce tokens")
+    p = self.num_protected
+    if self.lookup_block:  # LookupViT: the compressed tokens gather from the lookup tokens
+      split = p + self.token_reduction.num_tokens
+      x, lookup, size, lookup_size = x[:, :split], x[:, split:], size[:, :split], size[:, split:]
+      exchange = token_reduction_lib.LookupExchange(
+          features=x.shape[-1], num_heads=self.num_heads,
+          mlp_dim=max(self.mlp_dim // self.token_reduction.mlp_reduction, 1),
+          dropout=self.dropout, approximate_gelu=self.approximate_gelu, dtype=self.dtype,
+          param_dtype=self.param_dtype, name="lookup_exchange")
+      compressed, logits = exchange.gather(x[:, p:], lookup)
+      x = jnp.concatenate([x[:, :p], compressed], axis=1)
     if not self.attention_free:
       y = layer_norm(self.dtype, self.param_dtype, "LayerNorm_0", epsilon=self.norm_eps)(x)
       with token_reduction_lib.observe_attention(self.attention, self.token_reduction,
@@ -139,13 +155,19 @@ class Encoder1DBlock(nn.Module):
       x = constrain(x + self._scale("layer_scale_1", y))
     if self.reduce_tokens:
       x, size = token_reduction_lib.reduce_tokens(self.token_reduction, x, size, seen,
-                                                  num_protected=self.num_protected)
+                                                  num_protected=p,
+                                                  dtype=self.dtype,
+                                                  param_dtype=self.param_dtype)
     y = layer_norm(self.dtype, self.param_dtype, "LayerNorm_1", epsilon=self.norm_eps)(x)
     y = MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout,
                  approximate_gelu=self.approximate_gelu, dtype=self.dtype,
                  param_dtype=self.param_dtype, name="MlpBlock")(y, deterministic)
     y = nn.Dropout(rate=self.dropout)(y, deterministic)
-    return constrain(x + self._scale("layer_scale_2", y)), size
+    x = constrain(x + self._scale("layer_scale_2", y))
+    if self.lookup_block:
+      lookup = exchange.propagate(lookup, x[:, p:], logits, deterministic)
+      x, size = jnp.concatenate([x, lookup], axis=1), jnp.concatenate([size, lookup_size], 1)
+    return x, size
 
 
 class Encoder(nn.Module):
@@ -153,7 +175,10 @@ class Encoder(nn.Module):
   (`final_norm=False`: none).
 
   `token_reduction`, a resolved `big_attn.layers.token_reduction.TokenReduction`, reduces the
-  tokens after the first `num_protected` in the blocks of its `layers` (Python loop only).
+  tokens after the first `num_protected` in the blocks of its `layers` (Python loop only); for
+  LookupViT the patch tokens are pooled into the compressed tokens before the block of its
+  `layers`, the blocks from there on are LookupViT blocks and the lookup tokens are dropped
+  after the last.
   The blocks of `attention_free_layers` have no attention branch (Python loop only).
   """
   depth: int
@@ -191,13 +216,20 @@ class Encoder(nn.Module):
       x, _ = stack(name="encoderblock", **kwargs)(x, deterministic)
     else:
       size = None if reduction is None else jnp.ones(x.shape[:2], jnp.float32)
+      lookup = reduction is not None and reduction.method == "lookupvit"
       for i in range(self.depth):
+        if lookup and i == reduction.layers[0]:
+          x, size = token_reduction_lib.compress(x, size, reduction.num_tokens,
+                                                 num_protected=self.num_protected)
         if reduction is not None:
-          kwargs.update(token_reduction=reduction, reduce_tokens=i in reduction.layers,
-                        num_protected=self.num_protected)
+          kwargs.update(token_reduction=reduction, num_protected=self.num_protected,
+                        reduce_tokens=i in reduction.layers and not lookup,
+                        lookup_block=lookup and i >= reduction.layers[0])
         if free:
           kwargs.update(attention_free=i in free)
         x, size = block(name=f"encoderblock_{i}", **kwargs)(x, deterministic, size)
+      if lookup:
+        x = x[:, :self.num_protected + reduction.num_tokens]
     if not self.final_norm:
       return x
     return layer_norm(self.dtype, self.param_dtype, "encoder_norm",
@@ -310,12 +342,15 @@ class Model(nn.Module):
     head_zeroinit: zero-initialised classifier head (as big_vision).
     remat_policy: "none" or a `jax.checkpoint_policies` name applied to every block.
     scan_layers: stack the blocks with `nn.scan` (parameters get a leading `layers` axis).
-    token_reduction: None, or a dict `{"method": "evit" | "tome" | "mctf", ...}` of the
-      method's settings (`big_attn.layers.token_reduction.DEFAULTS`, e.g. `{"method": "evit",
-      "keep_rate": 0.7, "layers": (3, 6, 9)}`): the patch tokens are pruned or merged between
-      the attention and the MLP of those blocks, the class and register tokens never (registers
-      then sit after the class token inside the encoder). Needs `scan_layers=False` and an op
-      without a patch grid; "evit" needs pool_type "cls".
+    token_reduction: None, or a dict `{"method": NAME, ...}` of the method's settings (NAME
+      one of `big_attn.layers.token_reduction.METHODS`: evit, tome, mctf, stvit, sit, spa,
+      dependencyvit, lookupvit; settings in its `DEFAULTS`, e.g. `{"method": "evit",
+      "keep_rate": 0.7, "layers": (3, 6, 9)}`): the patch tokens are pruned, merged or
+      replaced between the attention and the MLP of those blocks (LookupViT: before its block,
+      then exchanged with in every later block), the class and register tokens never
+      (registers then sit after the class token inside the encoder). Needs
+      `scan_layers=False` and an op without a patch grid; "evit" needs pool_type "cls";
+      "stvit" and "lookupvit" a square patch grid.
     attention_free_layers: block indices without an attention branch (MLP Can Be A Good
       Transformer Learner: x + MLP(LN(x)) only); needs `scan_layers=False`.
     dtype: compute dtype (e.g. bfloat16); param_dtype: parameter dtype.
