@@ -1,12 +1,17 @@
-"""Test set-up: 8 simulated CPU devices (set before JAX is imported), one persistent compilation
-cache for the whole run, platform markers, and the tests marked `slow` or `xdist_group` run first.
+"""Test set-up: 8 simulated CPU devices and unoptimised code generation (set before JAX is
+imported), one persistent compilation cache for the whole run, platform markers, and the tests
+marked `slow` or `xdist_group` run first.
 """
 import os
 import shutil
 import tempfile
 
+# The tests' programs are tiny: compiling them costs far more than running them, so XLA compiles
+# them at backend optimisation level 0 (LLVM does not optimise the generated code; fast-math is off
+# at every level): 25-40% less CPU time per test file. Set XLA_FLAGS to override.
 os.environ["XLA_FLAGS"] = " ".join(
-    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]).strip()
+    [os.environ.get("XLA_FLAGS", "--xla_backend_optimization_level=0"),
+     "--xla_force_host_platform_device_count=8"]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Many tests compile the same program (a tiny training step, a model's forward) through new jitted
 # functions, which JAX's in-memory caches cannot match: XLA compiles each once per run, and the
