@@ -26,8 +26,10 @@ def execute(path: str, working_dir: str) -> nbformat.NotebookNode:
   notebook = nbformat.read(path, as_version=4)
   env = dict(os.environ, BIG_ATTN_NOTEBOOK_STEPS=str(STEPS), PYTHONPATH=os.pathsep.join(
       p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
-  # The kernel is a fresh process: the 8-device flag of conftest.py does not reach it.
-  env.pop("XLA_FLAGS", None)
+  # The kernel is a fresh process with one device, as a user's; conftest.py's other XLA flags
+  # (cheaper compiles) reach it.
+  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                              if not f.startswith("--xla_force_host_platform_device_count"))
   client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
                                    record_timing=False,
                                    resources={"metadata": {"path": working_dir}})
