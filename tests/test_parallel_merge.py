@@ -98,6 +98,16 @@ MAPPED = {
     "probabilistic_attention": ({}, {"sigma": lambda r: 1.5 + 0.2 * r((N,)),
                                      "log_prior": (B, S, K)}),
 }
+# Ops whose blocks read terms of the global query and key positions (`ops.PairTerms`): op ->
+# (static op arguments, the op's arrays), as `MAPPED`.
+POSITIONAL = {
+    "urpe": ({}, {"rpe_multiplier": lambda r: 1.0 + 0.3 * r((N, 2 * S - 1)),
+                  "rpe_bias": (N, 2 * S - 1)}),
+    "mask_reweighted": ({}, {"gmm_amplitude": (N, 2), "gmm_sigma": lambda r: 2.0 + r((N, 2))}),
+    "mask_reweighted_elm": ({"form": "elm"}, {"elm_mask": (N, S, S)}),
+    "neighborhood": ({"kernel_size": 5, "dilation": 2}, {"rpb": (N, 9)}),
+    "kernelized_rpe": ({}, {"rpe_bias": lambda r: 0.5 * r((N, 2 * S - 1))}),
+}
 
 
 def _sample(spec, seed):
@@ -132,6 +142,38 @@ def test_mapped_softmax_forms_match_op(mesh, name, strategy):
 
   def op_fn(q, k, v, *extra):
     return ops.get(name)(q, k, v, mask=m, **static, **dict(zip(arrays, extra)))
+
+  reference.assert_matches(sp_fn, op_fn, [q, k, v, *extra])
+
+
+# The default run: URPE (bias and multiplier) on the ring; the rest of the product is
+# `extended`.
+POSITIONAL_FAST = [("urpe", "ring")]
+
+
+@pytest.mark.parametrize("name,strategy", POSITIONAL_FAST + [
+    pytest.param(name, strategy, marks=pytest.mark.extended) for name in POSITIONAL
+    for strategy in ("ring", "striped", "all_gather") if (name, strategy) not in POSITIONAL_FAST])
+def test_positional_forms_match_op(mesh, name, strategy):
+  """Causal, packed segments, GQA: output and gradients (queries, keys, values and the op's
+  arrays) of the sequence-parallel op, whose blocks read their global positions, equal those
+  of the op on one device."""
+  static, arrays = POSITIONAL[name]
+  op = name.removesuffix("_elm")
+  seg = _segments()
+  q, k, v = reference.qkv(b=B, t=S, n=N, k=K, d=D, seed=len(name))
+  extra = [_sample(spec, 20 + i) for i, spec in enumerate(arrays.values())]
+  m = reference.full_mask(B, N, S, S, is_causal=True, segment_ids=seg)
+  # kernelized_rpe takes key-padding masks only: packed segments as segment ids.
+  masking = {"segment_ids": seg} if op == "kernelized_rpe" else {"mask": m}
+
+  def sp_fn(q, k, v, *extra):
+    return parallel.sequence_parallel_attention(
+        q, k, v, mesh=mesh, strategy=strategy, is_causal=True, segment_ids=seg, op=op,
+        **static, **dict(zip(arrays, extra)))
+
+  def op_fn(q, k, v, *extra):
+    return ops.get(op)(q, k, v, is_causal=True, **masking, **static, **dict(zip(arrays, extra)))
 
   reference.assert_matches(sp_fn, op_fn, [q, k, v, *extra])
 
