@@ -2,7 +2,9 @@
 devices: sigmoid, cog, clipped softmax, gated and soft-capped softmax through the ring,
 striped and all_gather strategies, forward and gradients (queries, keys, values, the gate)
 against the float64 references of `tests/score_checks.py` on the whole sequence; the ops whose
-block form maps the values and the output of softmax blocks against the op on one device;
+block form maps the values and the output of softmax blocks, and those whose blocks read terms
+of their global positions (urpe, mask_reweighted, neighborhood, kernelized_rpe), against the op
+on one device;
 the layer and the LM reaching them by name; the up-front refusals.
 """
 import functools
@@ -178,6 +180,41 @@ def test_positional_forms_match_op(mesh, name, strategy):
   reference.assert_matches(sp_fn, op_fn, [q, k, v, *extra])
 
 
+# Non-causal position terms: NATTEN's shifted windows (1-D dilated, and on a 4×5 grid) and the
+# GMM distance on a grid.
+GRID = (4, 5)
+POSITIONAL_NON_CAUSAL = {
+    "neighborhood": ({"kernel_size": 3, "dilation": 3}, {"rpb": (N, 5)}),
+    "neighborhood_grid": ({"kernel_size": 3, "dilation": (1, 1), "grid": GRID},
+                          {"rpb": (N, 5, 5)}),
+    "mask_reweighted_grid": ({"grid": GRID}, {"gmm_amplitude": (N, 2),
+                                              "gmm_sigma": lambda r: 1.0 + r((N, 2))}),
+}
+
+
+@pytest.mark.extended
+@pytest.mark.parametrize("name", POSITIONAL_NON_CAUSAL)
+@pytest.mark.parametrize("strategy", ["ring", "striped"])
+def test_positional_forms_non_causal(mesh, name, strategy):
+  """Non-causal, packed segments, GQA: as `test_positional_forms_match_op`."""
+  static, arrays = POSITIONAL_NON_CAUSAL[name]
+  op = name.removesuffix("_grid")
+  seg = _segments()
+  q, k, v = reference.qkv(b=B, t=S, n=N, k=K, d=D, seed=len(name))
+  extra = [_sample(spec, 30 + i) for i, spec in enumerate(arrays.values())]
+  m = reference.full_mask(B, N, S, S, is_causal=False, segment_ids=seg)
+
+  def sp_fn(q, k, v, *extra):
+    return parallel.sequence_parallel_attention(
+        q, k, v, mesh=mesh, strategy=strategy, is_causal=False, segment_ids=seg, op=op,
+        **static, **dict(zip(arrays, extra)))
+
+  def op_fn(q, k, v, *extra):
+    return ops.get(op)(q, k, v, mask=m, **static, **dict(zip(arrays, extra)))
+
+  reference.assert_matches(sp_fn, op_fn, [q, k, v, *extra])
+
+
 def _layer_grads(module, params, x, seg, unstripe=lambda a: a):
   def loss(p):
     out = unstripe(module.apply({"params": p}, x, is_causal=True, segment_ids=seg))
@@ -224,7 +261,8 @@ def test_lm_by_name_equals_single_device():
 def test_declarations_and_refusals(mesh):
   with_form = {n for n in ops.names() if ops.spec(n).block_form is not None}
   assert with_form == {"softmax", "ngpt", "sigmoid", "cog", "clipped_softmax",
-                       "gated_attention", *MAPPED}
+                       "gated_attention", *MAPPED, "urpe", "mask_reweighted", "neighborhood",
+                       "kernelized_rpe"}
   assert ops.sequence_parallel_form("lightning") == "state"
   q, k, v = reference.qkv(b=B, t=S, n=N, k=K, d=D)
   call = lambda op, **kw: parallel.sequence_parallel_attention(  # pylint: disable=g-long-lambda
@@ -266,3 +304,12 @@ def test_declarations_and_refusals(mesh):
     parallel.make_rule("cog", {"soft_cap": 1.0})
   with pytest.raises(ValueError, match="merge must be one of"):
     parallel.make_rule("relu")
+  terms = ops.PairTerms(lambda arrays, q_pos, k_pos, *, is_causal: (None, None, None))
+  with pytest.raises(ValueError, match=r"position terms \(pair\) need a rule of"):
+    parallel.make_rule("cog", pair=terms)
+  with pytest.raises(ValueError, match=r"position terms \(pair\) need a rule of"):
+    parallel.make_rule("softmax", {"soft_cap": 2.0}, pair=terms)
+  with pytest.raises(NotImplementedError, match="'neighborhood' has no causal form on a 2-D"):
+    call("neighborhood", kernel_size=3, grid=(4, 5), is_causal=True)
+  with pytest.raises(ValueError, match=r"rpe_multiplier \[num_heads, q_len \+ kv_len − 1\]"):
+    call("urpe")
