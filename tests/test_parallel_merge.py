@@ -118,6 +118,28 @@ def _sample(spec, seed):
   return spec(sample) if callable(spec) else sample(spec)
 
 
+def _assert_matches_op(mesh, op, strategy, is_causal, static, arrays, *, seed,
+                       segment_ids=False):
+  """Output and gradients (queries, keys, values and the op's `arrays`, sampled by `_sample`)
+  of op `op` sequence-parallel on packed segments with GQA equal those of the op on one device,
+  given the full mask (or, with `segment_ids`, the segment ids and `is_causal`)."""
+  seg = _segments()
+  q, k, v = reference.qkv(b=B, t=S, n=N, k=K, d=D, seed=seed)
+  extra = [_sample(spec, 20 + i) for i, spec in enumerate(arrays.values())]
+  masking = {"segment_ids": seg, "is_causal": is_causal} if segment_ids else {
+      "mask": reference.full_mask(B, N, S, S, is_causal=is_causal, segment_ids=seg)}
+
+  def sp_fn(q, k, v, *extra):
+    return parallel.sequence_parallel_attention(
+        q, k, v, mesh=mesh, strategy=strategy, is_causal=is_causal, segment_ids=seg, op=op,
+        **static, **dict(zip(arrays, extra)))
+
+  def op_fn(q, k, v, *extra):
+    return ops.get(op)(q, k, v, **masking, **static, **dict(zip(arrays, extra)))
+
+  reference.assert_matches(sp_fn, op_fn, [q, k, v, *extra])
+
+
 # The default run: one op of each kind of map, ring and striped (values replaced, then an output
 # map; the token's own value read in striped order; transformed queries and keys; values
 # widened); the rest of the product is `extended`.
@@ -131,21 +153,7 @@ MAPPED_FAST = [("switchhead", "ring"), ("gin_attention", "striped"),
 def test_mapped_softmax_forms_match_op(mesh, name, strategy):
   """Causal, packed segments, GQA: output and gradients (queries, keys, values and the op's
   arrays) of the sequence-parallel op equal those of the op on one device."""
-  static, arrays = MAPPED[name]
-  seg = _segments()
-  q, k, v = reference.qkv(b=B, t=S, n=N, k=K, d=D, seed=len(name))
-  extra = [_sample(spec, 20 + i) for i, spec in enumerate(arrays.values())]
-  m = reference.full_mask(B, N, S, S, is_causal=True, segment_ids=seg)
-
-  def sp_fn(q, k, v, *extra):
-    return parallel.sequence_parallel_attention(
-        q, k, v, mesh=mesh, strategy=strategy, is_causal=True, segment_ids=seg, op=name,
-        **static, **dict(zip(arrays, extra)))
-
-  def op_fn(q, k, v, *extra):
-    return ops.get(name)(q, k, v, mask=m, **static, **dict(zip(arrays, extra)))
-
-  reference.assert_matches(sp_fn, op_fn, [q, k, v, *extra])
+  _assert_matches_op(mesh, name, strategy, True, *MAPPED[name], seed=len(name))
 
 
 # The default run: URPE (bias and multiplier) on the ring; the rest of the product is
@@ -160,24 +168,10 @@ def test_positional_forms_match_op(mesh, name, strategy):
   """Causal, packed segments, GQA: output and gradients (queries, keys, values and the op's
   arrays) of the sequence-parallel op, whose blocks read their global positions, equal those
   of the op on one device."""
-  static, arrays = POSITIONAL[name]
   op = name.removesuffix("_elm")
-  seg = _segments()
-  q, k, v = reference.qkv(b=B, t=S, n=N, k=K, d=D, seed=len(name))
-  extra = [_sample(spec, 20 + i) for i, spec in enumerate(arrays.values())]
-  m = reference.full_mask(B, N, S, S, is_causal=True, segment_ids=seg)
   # kernelized_rpe takes key-padding masks only: packed segments as segment ids.
-  masking = {"segment_ids": seg} if op == "kernelized_rpe" else {"mask": m}
-
-  def sp_fn(q, k, v, *extra):
-    return parallel.sequence_parallel_attention(
-        q, k, v, mesh=mesh, strategy=strategy, is_causal=True, segment_ids=seg, op=op,
-        **static, **dict(zip(arrays, extra)))
-
-  def op_fn(q, k, v, *extra):
-    return ops.get(op)(q, k, v, is_causal=True, **masking, **static, **dict(zip(arrays, extra)))
-
-  reference.assert_matches(sp_fn, op_fn, [q, k, v, *extra])
+  _assert_matches_op(mesh, op, strategy, True, *POSITIONAL[name], seed=len(name),
+                     segment_ids=op == "kernelized_rpe")
 
 
 # Non-causal position terms: NATTEN's shifted windows (1-D dilated, and on a 4×5 grid) and the
@@ -197,22 +191,8 @@ POSITIONAL_NON_CAUSAL = {
 @pytest.mark.parametrize("strategy", ["ring", "striped"])
 def test_positional_forms_non_causal(mesh, name, strategy):
   """Non-causal, packed segments, GQA: as `test_positional_forms_match_op`."""
-  static, arrays = POSITIONAL_NON_CAUSAL[name]
-  op = name.removesuffix("_grid")
-  seg = _segments()
-  q, k, v = reference.qkv(b=B, t=S, n=N, k=K, d=D, seed=len(name))
-  extra = [_sample(spec, 30 + i) for i, spec in enumerate(arrays.values())]
-  m = reference.full_mask(B, N, S, S, is_causal=False, segment_ids=seg)
-
-  def sp_fn(q, k, v, *extra):
-    return parallel.sequence_parallel_attention(
-        q, k, v, mesh=mesh, strategy=strategy, is_causal=False, segment_ids=seg, op=op,
-        **static, **dict(zip(arrays, extra)))
-
-  def op_fn(q, k, v, *extra):
-    return ops.get(op)(q, k, v, mask=m, **static, **dict(zip(arrays, extra)))
-
-  reference.assert_matches(sp_fn, op_fn, [q, k, v, *extra])
+  _assert_matches_op(mesh, name.removesuffix("_grid"), strategy, False,
+                     *POSITIONAL_NON_CAUSAL[name], seed=len(name))
 
 
 def _layer_grads(module, params, x, seg, unstripe=lambda a: a):
