@@ -170,7 +170,11 @@ def block_grads(rule: Rule, q, k, v, dout, lse, row, *, scale, causal_offset=Non
   ds = _score_grad(rule, t, w, p, dw, row)
   if dt is not None:
     ds = ds * dt
-  ds = ds * scale
+  return _input_grads(dims, q, k, w, ds * scale, dout_g)
+
+
+def _input_grads(dims, q, k, w, ds, dout_g):
+  """Float32 `(dq, dk, dv)` of a block from its weights `w`, the scaled dS and grouped dO."""
   dv = jnp.einsum("bkgts,btkgd->bskd", w, dout_g)
   dq = jnp.einsum("bkgts,bskd->btkgd", ds, k.astype(jnp.float32))
   q_g = common.group_query(q, dims.num_kv_heads).astype(jnp.float32)
@@ -311,7 +315,9 @@ def _pair_block(rule: Rule, scale, is_causal, arrays, q, q_pos, q_seg, offset, k
   w = _pair_weights(rule, t, mask, lse)
   w = w if multiplier is None else w * multiplier
   out = common.weighted_values(w, v.astype(jnp.float32), dims)
-  return out if lse is None else (out, blockwise._heads_last(lse, dims))  # pylint: disable=protected-access
+  if lse is None:
+    return out
+  return out, blockwise._heads_last(lse, dims)  # pylint: disable=protected-access
 
 
 def _pair_kv(cfg: ring.RingConfig, q, k, v, kv_seg):
@@ -326,9 +332,9 @@ def _pair_forward(cfg: ring.RingConfig, rule: Rule, arrays, q, k, v, q_seg, kv_s
   q_pos, kv = _pair_kv(cfg, q, k, v, kv_seg)
   block = lambda offset, kv: _pair_block(rule, cfg.scale, cfg.is_causal, arrays, q, q_pos,
                                          q_seg, offset, kv)
-  merged = ring.ring_reduce(cfg, block, jnp.add if rule.merge == "linear" else ring._merge,  # pylint: disable=protected-access
-                            kv)
-  return (merged, None) if rule.merge == "linear" else merged
+  if rule.merge == "linear":
+    return ring.ring_reduce(cfg, block, jnp.add, kv), None
+  return ring.ring_reduce(cfg, block, ring._merge, kv)  # pylint: disable=protected-access
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -367,11 +373,7 @@ def _pair_core_bwd(cfg, rule, residuals, dout):
       ds = p * (dp - delta[..., None])
     (darrays,) = pull((None if bias is None else jnp.sum(ds, axis=0),
                        None if multiplier is None else jnp.sum(p * dw, axis=0)))
-    ds = ds * cfg.scale
-    dq = jnp.einsum("bkgts,bskd->btkgd", ds, k.astype(jnp.float32)).reshape(q.shape)
-    q_g = common.group_query(q, dims.num_kv_heads).astype(jnp.float32)
-    dk = jnp.einsum("bkgts,btkgd->bskd", ds, q_g)
-    dv = jnp.einsum("bkgts,btkgd->bskd", w, dout_g)
+    dq, dk, dv = _input_grads(dims, q, k, w, ds * cfg.scale, dout_g)
     return (dq, darrays), dk, dv
 
   (dq, darrays), dk, dv = ring.ring_gradients(cfg, grads, kv)
