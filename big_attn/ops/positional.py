@@ -5,7 +5,9 @@ decomposed relative positions, and kernelized attention with relative positional
   and a purely positional attention over 2-D offsets.
 - `levit_bias`, `decomposed_relpos`: softmax attention whose logits get a learned bias of the
   relative position of query and key on the `grid=(h, w)` image (the positional-bias hooks).
-- `kernelized_rpe`: Performer features times `exp(b_{i−j})`, the Toeplitz sum done by FFT.
+- `kernelized_rpe`: Performer features times `exp(b_{i−j})`, the Toeplitz sum done by FFT;
+  sequence-parallel, dense blocks of the features times `exp(b_{i−j})` read at the blocks'
+  global offsets (`PairTerms`), summed over `[v, 1]` and divided.
 
 Image tokens are row-major: token i sits at `(y_i, x_i) = (i // w, i % w)`.
 """
