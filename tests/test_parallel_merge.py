@@ -122,11 +122,11 @@ def _assert_matches_op(mesh, op, strategy, is_causal, static, arrays, *, seed,
                        segment_ids=False):
   """Output and gradients (queries, keys, values and the op's `arrays`, sampled by `_sample`)
   of op `op` sequence-parallel on packed segments with GQA equal those of the op on one device,
-  given the full mask (or, with `segment_ids`, the segment ids and `is_causal`)."""
+  given `is_causal` and the full mask (or, with `segment_ids`, the segment ids)."""
   seg = _segments()
   q, k, v = reference.qkv(b=B, t=S, n=N, k=K, d=D, seed=seed)
   extra = [_sample(spec, 20 + i) for i, spec in enumerate(arrays.values())]
-  masking = {"segment_ids": seg, "is_causal": is_causal} if segment_ids else {
+  masking = {"segment_ids": seg} if segment_ids else {
       "mask": reference.full_mask(B, N, S, S, is_causal=is_causal, segment_ids=seg)}
 
   def sp_fn(q, k, v, *extra):
@@ -135,7 +135,8 @@ def _assert_matches_op(mesh, op, strategy, is_causal, static, arrays, *, seed,
         **static, **dict(zip(arrays, extra)))
 
   def op_fn(q, k, v, *extra):
-    return ops.get(op)(q, k, v, **masking, **static, **dict(zip(arrays, extra)))
+    return ops.get(op)(q, k, v, is_causal=is_causal, **masking, **static,
+                       **dict(zip(arrays, extra)))
 
   reference.assert_matches(sp_fn, op_fn, [q, k, v, *extra])
 
