@@ -162,3 +162,27 @@ def test_neighborhood_bfloat16_inputs():
   q, k, v = _qkv(t=13, k=2, dtype=jnp.bfloat16)
   ref.assert_matches(lambda q, k, v: ops.get("neighborhood")(q, k, v, kernel_size=5),
                      lambda q, k, v: _nat_ref(q, k, v, (13,), 5, 1), [q, k, v], tol=BF16_TOL)
+
+
+@pytest.mark.parametrize("length,grid,kernel,dilation,causal", [
+    (13, None, 5, 2, False), (13, None, 3, 4, True), (30, (5, 6), (3, 3), (1, 2), False)])
+def test_neighborhood_block_terms_at_any_positions(length, grid, kernel, dilation, causal):
+  """The sequence-parallel block form's window and bias, read at shuffled query and key
+  positions (as a striped block sees them), equal NAT's loop-built ones at those positions."""
+  shape = (length,) if grid is None else grid
+  n = 2
+  rpb = ref.normal(5, (n,) + tuple(2 * k - 1 for k in np.atleast_1d(kernel)))
+  q, k, _ = ref.qkv(b=1, t=length, n=n, k=n, d=4)
+  form = ops.spec("neighborhood").block_form(q, k, None, kernel_size=kernel, dilation=dilation,
+                                             grid=grid, rpb=rpb)
+  allowed, bias = _nat_mask_and_bias(shape, kernel, dilation, rpb, causal)
+  rng = np.random.default_rng(length)
+  q_pos, k_pos = rng.permutation(length)[:7], rng.permutation(length)
+  got_bias, multiplier, visible = jax.jit(functools.partial(
+      form.pair_terms.fn, is_causal=causal, **dict(form.pair_terms.static)))(
+          form.pair_arrays, jnp.asarray(q_pos, jnp.int32), jnp.asarray(k_pos, jnp.int32))
+  want = allowed[np.ix_(q_pos, k_pos)]
+  assert multiplier is None
+  np.testing.assert_array_equal(visible, want)
+  np.testing.assert_allclose(np.where(want, got_bias, 0.0),
+                             np.asarray(bias)[:, q_pos][:, :, k_pos], rtol=1e-6)

@@ -2,7 +2,9 @@
 devices: sigmoid, cog, clipped softmax, gated and soft-capped softmax through the ring,
 striped and all_gather strategies, forward and gradients (queries, keys, values, the gate)
 against the float64 references of `tests/score_checks.py` on the whole sequence; the ops whose
-block form maps the values and the output of softmax blocks against the op on one device;
+block form maps the values and the output of softmax blocks, and those whose blocks read terms
+of their global positions (urpe, mask_reweighted, neighborhood, kernelized_rpe), against the op
+on one device;
 the layer and the LM reaching them by name; the up-front refusals.
 """
 import functools
@@ -98,12 +100,45 @@ MAPPED = {
     "probabilistic_attention": ({}, {"sigma": lambda r: 1.5 + 0.2 * r((N,)),
                                      "log_prior": (B, S, K)}),
 }
+# Ops whose blocks read terms of the global query and key positions (`ops.PairTerms`): op ->
+# (static op arguments, the op's arrays), as `MAPPED`.
+POSITIONAL = {
+    "urpe": ({}, {"rpe_multiplier": lambda r: 1.0 + 0.3 * r((N, 2 * S - 1)),
+                  "rpe_bias": (N, 2 * S - 1)}),
+    "mask_reweighted": ({}, {"gmm_amplitude": (N, 2), "gmm_sigma": lambda r: 2.0 + r((N, 2))}),
+    "mask_reweighted_elm": ({"form": "elm"}, {"elm_mask": (N, S, S)}),
+    "neighborhood": ({"kernel_size": 5, "dilation": 2}, {"rpb": (N, 9)}),
+    "kernelized_rpe": ({}, {"rpe_bias": lambda r: 0.5 * r((N, 2 * S - 1))}),
+}
 
 
 def _sample(spec, seed):
   """A seeded standard-normal array of shape `spec`, or `spec(sampler)`."""
   sample = functools.partial(reference.normal, seed)
   return spec(sample) if callable(spec) else sample(spec)
+
+
+def _assert_matches_op(mesh, op, strategy, is_causal, static, arrays, *, seed,
+                       segment_ids=False):
+  """Output and gradients (queries, keys, values and the op's `arrays`, sampled by `_sample`)
+  of op `op` sequence-parallel on packed segments with GQA equal those of the op on one device,
+  given `is_causal` and the full mask (or, with `segment_ids`, the segment ids)."""
+  seg = _segments()
+  q, k, v = reference.qkv(b=B, t=S, n=N, k=K, d=D, seed=seed)
+  extra = [_sample(spec, 20 + i) for i, spec in enumerate(arrays.values())]
+  masking = {"segment_ids": seg} if segment_ids else {
+      "mask": reference.full_mask(B, N, S, S, is_causal=is_causal, segment_ids=seg)}
+
+  def sp_fn(q, k, v, *extra):
+    return parallel.sequence_parallel_attention(
+        q, k, v, mesh=mesh, strategy=strategy, is_causal=is_causal, segment_ids=seg, op=op,
+        **static, **dict(zip(arrays, extra)))
+
+  def op_fn(q, k, v, *extra):
+    return ops.get(op)(q, k, v, is_causal=is_causal, **masking, **static,
+                       **dict(zip(arrays, extra)))
+
+  reference.assert_matches(sp_fn, op_fn, [q, k, v, *extra])
 
 
 # The default run: one op of each kind of map, ring and striped (values replaced, then an output
@@ -119,21 +154,46 @@ MAPPED_FAST = [("switchhead", "ring"), ("gin_attention", "striped"),
 def test_mapped_softmax_forms_match_op(mesh, name, strategy):
   """Causal, packed segments, GQA: output and gradients (queries, keys, values and the op's
   arrays) of the sequence-parallel op equal those of the op on one device."""
-  static, arrays = MAPPED[name]
-  seg = _segments()
-  q, k, v = reference.qkv(b=B, t=S, n=N, k=K, d=D, seed=len(name))
-  extra = [_sample(spec, 20 + i) for i, spec in enumerate(arrays.values())]
-  m = reference.full_mask(B, N, S, S, is_causal=True, segment_ids=seg)
+  _assert_matches_op(mesh, name, strategy, True, *MAPPED[name], seed=len(name))
 
-  def sp_fn(q, k, v, *extra):
-    return parallel.sequence_parallel_attention(
-        q, k, v, mesh=mesh, strategy=strategy, is_causal=True, segment_ids=seg, op=name,
-        **static, **dict(zip(arrays, extra)))
 
-  def op_fn(q, k, v, *extra):
-    return ops.get(name)(q, k, v, mask=m, **static, **dict(zip(arrays, extra)))
+# The default run: URPE (bias and multiplier) on the ring; the rest of the product is
+# `extended`.
+POSITIONAL_FAST = [("urpe", "ring")]
 
-  reference.assert_matches(sp_fn, op_fn, [q, k, v, *extra])
+
+@pytest.mark.parametrize("name,strategy", POSITIONAL_FAST + [
+    pytest.param(name, strategy, marks=pytest.mark.extended) for name in POSITIONAL
+    for strategy in ("ring", "striped", "all_gather") if (name, strategy) not in POSITIONAL_FAST])
+def test_positional_forms_match_op(mesh, name, strategy):
+  """Causal, packed segments, GQA: output and gradients (queries, keys, values and the op's
+  arrays) of the sequence-parallel op, whose blocks read their global positions, equal those
+  of the op on one device."""
+  op = name.removesuffix("_elm")
+  # kernelized_rpe takes key-padding masks only: packed segments as segment ids.
+  _assert_matches_op(mesh, op, strategy, True, *POSITIONAL[name], seed=len(name),
+                     segment_ids=op == "kernelized_rpe")
+
+
+# Non-causal position terms: NATTEN's shifted windows (1-D dilated, and on a 4×5 grid) and the
+# GMM distance on a grid.
+GRID = (4, 5)
+POSITIONAL_NON_CAUSAL = {
+    "neighborhood": ({"kernel_size": 3, "dilation": 3}, {"rpb": (N, 5)}),
+    "neighborhood_grid": ({"kernel_size": 3, "dilation": (1, 1), "grid": GRID},
+                          {"rpb": (N, 5, 5)}),
+    "mask_reweighted_grid": ({"grid": GRID}, {"gmm_amplitude": (N, 2),
+                                              "gmm_sigma": lambda r: 1.0 + r((N, 2))}),
+}
+
+
+@pytest.mark.extended
+@pytest.mark.parametrize("name", POSITIONAL_NON_CAUSAL)
+@pytest.mark.parametrize("strategy", ["ring", "striped"])
+def test_positional_forms_non_causal(mesh, name, strategy):
+  """Non-causal, packed segments, GQA: as `test_positional_forms_match_op`."""
+  _assert_matches_op(mesh, name.removesuffix("_grid"), strategy, False,
+                     *POSITIONAL_NON_CAUSAL[name], seed=len(name))
 
 
 def _layer_grads(module, params, x, seg, unstripe=lambda a: a):
@@ -182,7 +242,8 @@ def test_lm_by_name_equals_single_device():
 def test_declarations_and_refusals(mesh):
   with_form = {n for n in ops.names() if ops.spec(n).block_form is not None}
   assert with_form == {"softmax", "ngpt", "sigmoid", "cog", "clipped_softmax",
-                       "gated_attention", *MAPPED}
+                       "gated_attention", *MAPPED, "urpe", "mask_reweighted", "neighborhood",
+                       "kernelized_rpe"}
   assert ops.sequence_parallel_form("lightning") == "state"
   q, k, v = reference.qkv(b=B, t=S, n=N, k=K, d=D)
   call = lambda op, **kw: parallel.sequence_parallel_attention(  # pylint: disable=g-long-lambda
@@ -224,3 +285,12 @@ def test_declarations_and_refusals(mesh):
     parallel.make_rule("cog", {"soft_cap": 1.0})
   with pytest.raises(ValueError, match="merge must be one of"):
     parallel.make_rule("relu")
+  terms = ops.PairTerms(lambda arrays, q_pos, k_pos, *, is_causal: (None, None, None))
+  with pytest.raises(ValueError, match=r"position terms \(pair\) need a rule of"):
+    parallel.make_rule("cog", pair=terms)
+  with pytest.raises(ValueError, match=r"position terms \(pair\) need a rule of"):
+    parallel.make_rule("softmax", {"soft_cap": 2.0}, pair=terms)
+  with pytest.raises(NotImplementedError, match="'neighborhood' has no causal form on a 2-D"):
+    call("neighborhood", kernel_size=3, grid=(4, 5), is_causal=True)
+  with pytest.raises(ValueError, match=r"rpe_multiplier \[num_heads, q_len \+ kv_len − 1\]"):
+    call("urpe")

@@ -71,8 +71,9 @@ def check_form(name: str, mode: str) -> str:
       states = ", ".join(sorted(recurrent.STATE_FORMS))
       raise ValueError(
           f"attention op {name!r} has no sequence-parallel form: splitting the keys into "
-          "blocks needs every weight to be a function of one query-key score and of a row "
-          "statistic that blocks merge (a sum, or a log-sum-exp), as in the ops registered "
+          "blocks needs every weight to be a function of one query-key score, of the two "
+          "tokens' global positions and of a row statistic that blocks merge (a sum, or a "
+          "log-sum-exp), as in the ops registered "
           f"with a block_form ({blocks}), or the output to follow from a recurrent state "
           f"passed between shards (ops with a state form: {states}); the weights of {name!r} "
           "are neither")

@@ -1,4 +1,8 @@
-"""Local attention over token neighbourhoods: (dilated) neighborhood attention, 1-D and 2-D."""
+"""Local attention over token neighbourhoods: (dilated) neighborhood attention, 1-D and 2-D.
+
+Sequence-parallel, the op runs as softmax blocks that mask the pairs outside each query's
+window and add the relative position bias, both read at the blocks' global positions
+(`PairTerms`, `_window_terms`)."""
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -6,7 +10,16 @@ import numpy as np
 
 from big_attn.ops import checks
 from big_attn.ops import common
-from big_attn.ops.registry import register
+from big_attn.ops.registry import BlockForm, PairTerms, register
+
+
+def _window_start(member, group_len, kernel_size: int, is_causal: bool, xp=np):
+  """Index (within its dilation group) of the first neighbour of the group member `member`:
+  the window of `kernel_size` members centred on it and shifted inside the group's
+  `group_len` members, or its `kernel_size` most recent members when causal."""
+  if is_causal:
+    return member - (kernel_size - 1)
+  return xp.clip(member - kernel_size // 2, 0, group_len - kernel_size)
 
 
 def neighbourhood_indices(length: int, kernel_size: int, dilation: int, is_causal: bool
@@ -25,15 +38,10 @@ def neighbourhood_indices(length: int, kernel_size: int, dilation: int, is_causa
   i = np.arange(length)
   group, j = i % dilation, i // dilation
   offsets = np.arange(kernel_size)
-  if is_causal:
-    members = j[:, None] - (kernel_size - 1) + offsets
-    valid = members >= 0
-    members = np.maximum(members, 0)
-  else:
-    group_len = (length - group + dilation - 1) // dilation
-    start = np.clip(j - kernel_size // 2, 0, group_len - kernel_size)
-    members = start[:, None] + offsets
-    valid = np.ones(members.shape, bool)
+  group_len = (length - group + dilation - 1) // dilation
+  members = _window_start(j, group_len, kernel_size, is_causal)[:, None] + offsets
+  valid = members >= 0
+  members = np.maximum(members, 0)
   keys = group[:, None] + dilation * members
   rel = members - j[:, None] + kernel_size - 1
   return keys, valid, rel
@@ -54,11 +62,86 @@ def _neighbours(shape, kernel, dilation, is_causal):
   return keys, np.ones(keys.shape, bool), (rel_y, rel_x)
 
 
-@register("neighborhood", grid=True,
-          block_refusal=(
-              "each query attends to the kernel_size nearest tokens of its dilation group, a "
-              "window at global positions that the ring's key blocks (scores, segment ids and a "
-              "causal offset) cannot mask"))
+def _check_causal_grid(shape, is_causal: bool) -> None:
+  if is_causal and len(shape) == 2:
+    raise NotImplementedError(
+        "op 'neighborhood' has no causal form on a 2-D grid (is_causal=True with grid)")
+
+
+def _check_window(length: int, kv_len: int, num_heads: int, kernel_size, dilation, grid, rpb,
+                  is_causal):
+  """`(shape, kernel, dilation)` per axis of the token layout after the checks of the op's
+  arguments."""
+  if length != kv_len:
+    raise ValueError("neighborhood attention is self-attention: q_len must equal kv_len, got "
+                     f"{length} and {kv_len}")
+  if grid is None:
+    shape = (length,)
+  else:
+    shape = checks.int_tuple("grid", grid, 2)
+    if shape[0] * shape[1] != length:
+      raise ValueError(f"grid {shape} must have seq = {length} cells")
+  _check_causal_grid(shape, is_causal)
+  rank = len(shape)
+  kernel = checks.int_tuple("kernel_size", kernel_size, rank)
+  dil = checks.int_tuple("dilation", dilation, rank)
+  for size, k, d in zip(shape, kernel, dil):
+    if k % 2 == 0:
+      raise ValueError(f"kernel_size must be odd (as in NAT), got {kernel_size!r}")
+    if k * d > size:
+      raise ValueError(
+          f"kernel_size * dilation = {k} * {d} exceeds the length {size} along an axis "
+          f"of shape {shape}")
+  if rpb is not None:
+    common.check_float("rpb", rpb)
+    want = (num_heads,) + tuple(2 * k - 1 for k in kernel)
+    if rpb.shape != want:
+      layout = "[num_heads, 2k-1]" if rank == 1 else "[num_heads, 2kh-1, 2kw-1]"
+      raise ValueError(f"rpb must have shape {layout} = {want}, got {rpb.shape}")
+  return shape, kernel, dil
+
+
+def _axis_window(q_pos, k_pos, length: int, kernel_size: int, dilation: int, is_causal: bool):
+  """`(visible, rel)` `[t, s]` along one axis of `length` positions: whether key position
+  `k_pos[j]` is a neighbour of query position `q_pos[i]`, and its bias index
+  `(kernel_size − 1) + (k_member − q_member)` (as `neighbourhood_indices`)."""
+  q_pos, k_pos = q_pos[:, None], k_pos[None, :]
+  group, member, k_member = q_pos % dilation, q_pos // dilation, k_pos // dilation
+  start = _window_start(member, (length - group + dilation - 1) // dilation, kernel_size,
+                        is_causal, xp=jnp)
+  visible = (k_pos % dilation == group) & (k_member >= start) & (k_member < start + kernel_size)
+  return visible, k_member - member + kernel_size - 1
+
+
+def _window_terms(arrays, q_pos, k_pos, *, is_causal, shape, kernel, dilation):
+  """Neighborhood attention's `PairTerms`: the visible pairs (each query's window) and the
+  relative position bias `rpb` (if given) at these positions of the row-major `shape`."""
+  _check_causal_grid(shape, is_causal)
+  if len(shape) == 1:
+    axes = [(q_pos, k_pos)]
+  else:
+    axes = [(q_pos // shape[1], k_pos // shape[1]), (q_pos % shape[1], k_pos % shape[1])]
+  visible, rels = None, []
+  for (q_axis, k_axis), length, k, d in zip(axes, shape, kernel, dilation):
+    seen, rel = _axis_window(q_axis, k_axis, length, k, d, is_causal)
+    visible = seen if visible is None else visible & seen
+    rels.append(jnp.clip(rel, 0, 2 * k - 2))
+  rpb = arrays.get("rpb")
+  return None if rpb is None else rpb[(slice(None),) + tuple(rels)], None, visible
+
+
+def _neighborhood_block_form(query, key, scale, *, kernel_size=7, dilation=1, grid=None,
+                             rpb=None) -> BlockForm:
+  """Softmax blocks masked to each query's window, with its bias, at global positions; a
+  causal 2-D grid is refused when the blocks are computed."""
+  shape, kernel, dil = _check_window(query.shape[1], key.shape[1], query.shape[2], kernel_size,
+                                     dilation, grid, rpb, False)
+  terms = PairTerms(_window_terms, (("shape", shape), ("kernel", kernel), ("dilation", dil)))
+  return BlockForm("softmax", query, key, scale, pair_terms=terms,
+                   pair_arrays={} if rpb is None else {"rpb": rpb})
+
+
+@register("neighborhood", grid=True, block_form=_neighborhood_block_form)
 def neighborhood_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                            kernel_size=7, dilation=1, grid=None, rpb=None):
   """(Dilated) Neighborhood Attention: Neighborhood Attention Transformer (Hassani et al.,
@@ -92,36 +175,9 @@ def neighborhood_attention(query, key, value, *, mask=None, is_causal=False, sca
     `[batch, seq, num_heads, value_dim]` in the query's dtype.
   """
   dims = common.check_qkv(query, key, value)
-  if dims.q_len != dims.kv_len:
-    raise ValueError(
-        "neighborhood attention is self-attention: q_len must equal kv_len, got "
-        f"{dims.q_len} and {dims.kv_len}")
   scale = common.default_scale(dims.head_dim, scale)
-  if grid is None:
-    shape = (dims.q_len,)
-  else:
-    shape = checks.int_tuple("grid", grid, 2)
-    if shape[0] * shape[1] != dims.q_len:
-      raise ValueError(f"grid {shape} must have seq = {dims.q_len} cells")
-    if is_causal:
-      raise NotImplementedError(
-          "op 'neighborhood' has no causal form on a 2-D grid (is_causal=True with grid)")
-  rank = len(shape)
-  kernel = checks.int_tuple("kernel_size", kernel_size, rank)
-  dil = checks.int_tuple("dilation", dilation, rank)
-  for length, k, d in zip(shape, kernel, dil):
-    if k % 2 == 0:
-      raise ValueError(f"kernel_size must be odd (as in NAT), got {kernel_size!r}")
-    if k * d > length:
-      raise ValueError(
-          f"kernel_size * dilation = {k} * {d} exceeds the length {length} along an axis "
-          f"of shape {shape}")
-  if rpb is not None:
-    common.check_float("rpb", rpb)
-    want = (dims.num_heads,) + tuple(2 * k - 1 for k in kernel)
-    if rpb.shape != want:
-      layout = "[num_heads, 2k-1]" if rank == 1 else "[num_heads, 2kh-1, 2kw-1]"
-      raise ValueError(f"rpb must have shape {layout} = {want}, got {rpb.shape}")
+  shape, kernel, dil = _check_window(dims.q_len, dims.kv_len, dims.num_heads, kernel_size,
+                                     dilation, grid, rpb, is_causal)
   keys, valid, rel = _neighbours(shape, kernel, dil, is_causal)
 
   k_heads, g = dims.num_kv_heads, dims.groups

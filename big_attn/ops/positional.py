@@ -5,7 +5,9 @@ decomposed relative positions, and kernelized attention with relative positional
   and a purely positional attention over 2-D offsets.
 - `levit_bias`, `decomposed_relpos`: softmax attention whose logits get a learned bias of the
   relative position of query and key on the `grid=(h, w)` image (the positional-bias hooks).
-- `kernelized_rpe`: Performer features times `exp(b_{i−j})`, the Toeplitz sum done by FFT.
+- `kernelized_rpe`: Performer features times `exp(b_{i−j})`, the Toeplitz sum done by FFT;
+  sequence-parallel, dense blocks of the features times `exp(b_{i−j})` read at the blocks'
+  global offsets (`PairTerms`), summed over `[v, 1]` and divided.
 
 Image tokens are row-major: token i sits at `(y_i, x_i) = (i // w, i % w)`.
 """
@@ -19,7 +21,7 @@ import numpy as np
 from big_attn.ops import common
 from big_attn.ops import linear
 from big_attn.ops import windowed
-from big_attn.ops.registry import OpParams, register, register_params
+from big_attn.ops.registry import BlockForm, OpParams, PairTerms, register, register_params
 from big_attn.ops.softmax import dot_product_attention
 
 Array = jax.Array
@@ -197,12 +199,81 @@ def _toeplitz_matmul(coeffs: Array, x: Array) -> Array:
   return jnp.fft.irfft(x_f * column_f, n=size, axis=1)[:, :n]
 
 
-@register("kernelized_rpe", segment_ids=True,
-          block_refusal=(
-              "its weights e^{b_{i−j}}·φ(q_i)ᵀφ(k_j) carry a relative-position factor at the "
-              "global offset i − j, computed by an FFT over the whole sequence and stabilised by "
-              "its maximum over all offsets; the ring's key blocks compute dot-product scores "
-              "only"))
+def _check_kernelized_rpe(dims: common.Dims, rpe_bias, scale) -> float:
+  """The scale of `kernelized_rpe` after the checks of its arguments."""
+  if dims.q_len != dims.kv_len:
+    raise ValueError("kernelized_rpe indexes b by i − j within one sequence: q_len must equal "
+                     f"kv_len, got {dims.q_len} and {dims.kv_len}")
+  n = dims.q_len
+  common.check_weight("rpe_bias", rpe_bias, (dims.num_heads, 2 * n - 1),
+                      "[num_heads, 2·seq − 1]")
+  scale = common.default_scale(dims.head_dim, scale)
+  if scale <= 0:
+    raise ValueError(f"kernelized_rpe estimates exp(scale·q·k) and needs scale > 0, got {scale}")
+  return scale
+
+
+def _kernel_features(query, key, scale, features, feature_key, num_features, dims, dtype):
+  """Performer's positive features `(φ(q) [b, t, k, g, m], φ(k) [b, s, k, m])` in `dtype`,
+  stabilised by the maximum of each query's exponents and of each key head's over the whole
+  sequence (constants that cancel in the ratio; the 1/√m factors too)."""
+  w = linear._performer_features(  # pylint: disable=protected-access
+      features, feature_key, num_features, dims.head_dim)
+  root = jnp.sqrt(jnp.asarray(scale, dtype))
+  q = common.group_query(query, dims.num_kv_heads).astype(dtype) * root  # [b, t, k, g, d]
+  k = key.astype(dtype) * root
+  w = w.astype(dtype)
+  log_q = jnp.einsum("btkgd,md->btkgm", q, w) - 0.5 * jnp.sum(q * q, -1, keepdims=True)
+  log_k = jnp.einsum("bskd,md->bskm", k, w) - 0.5 * jnp.sum(k * k, -1, keepdims=True)
+  log_q = log_q - jax.lax.stop_gradient(jnp.max(log_q, axis=-1, keepdims=True))
+  log_k = log_k - jax.lax.stop_gradient(jnp.max(log_k, axis=(1, 3), keepdims=True))
+  return jnp.exp(log_q), jnp.exp(log_k)
+
+
+def _rpe_coefficients(rpe_bias, length: int, is_causal: bool, dtype):
+  """e^{b_r − max b} `[num_heads, 2·length − 1]` (future offsets r < 0 are 0 when causal): the
+  relative-position factors, stabilised by the maximum over the offsets a query can see."""
+  b = rpe_bias.astype(dtype)
+  if is_causal:  # offsets r = i − j < 0 are the future.
+    b = jnp.where(jnp.arange(2 * length - 1) >= length - 1, b, common.MASKED_LOGIT)
+  return jnp.exp(b - jax.lax.stop_gradient(jnp.max(b, axis=-1, keepdims=True)))
+
+
+def _with_ones(value, dtype):
+  """`[value, 1]` in `dtype`: the values and the normaliser's column of ones."""
+  return jnp.concatenate([value.astype(dtype), jnp.ones(value.shape[:3] + (1,), dtype)], -1)
+
+
+def _ratio(both, has_key):
+  """Numerator over the last column (the normaliser) where a query has a key, 0 elsewhere."""
+  num, den = both[..., :-1], both[..., -1:]
+  return jnp.where(has_key, num / jnp.where(has_key, den, 1.0), 0.0)
+
+
+def _rpe_terms(arrays, q_pos, k_pos, *, is_causal, length):
+  """`kernelized_rpe`'s `PairTerms`: the multiplier e^{b_{i−j} − max b} at these positions."""
+  coeffs = _rpe_coefficients(arrays["rpe_bias"], length, is_causal, jnp.float32)
+  return None, coeffs[:, q_pos[:, None] - k_pos[None, :] + length - 1], None
+
+
+def _kernelized_rpe_block_form(query, key, scale, *, rpe_bias=None, features=None,
+                               feature_key=None, num_features=None) -> BlockForm:
+  """Linear blocks of the features, weights e^{b_{i−j}}·φ(q_i)ᵀφ(k_j) at global positions,
+  summed over [v, 1]; the output map divides by the normaliser."""
+  dims = common.check_qkv(query, key, key)
+  scale = _check_kernelized_rpe(dims, rpe_bias, scale)
+  dtype = jnp.promote_types(jnp.float32, jnp.result_type(query, key))
+  phi_q, phi_k = _kernel_features(query, key, scale, features, feature_key, num_features, dims,
+                                  dtype)
+  phi_q = phi_q.reshape(dims.batch, dims.q_len, dims.num_heads, phi_q.shape[-1])
+  return BlockForm(
+      "linear", phi_q, phi_k, 1.0, value_map=lambda value: _with_ones(value, dtype),
+      output_map=lambda out, value: _ratio(out, out[..., -1:] > 0).astype(value.dtype),
+      pair_terms=PairTerms(_rpe_terms, (("length", dims.q_len),)),
+      pair_arrays={"rpe_bias": rpe_bias})
+
+
+@register("kernelized_rpe", segment_ids=True, block_form=_kernelized_rpe_block_form)
 def kernelized_rpe_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                              segment_ids=None, rpe_bias=None, features=None, feature_key=None,
                              num_features=None):
@@ -244,15 +315,8 @@ def kernelized_rpe_attention(query, key, value, *, mask=None, is_causal=False, s
     `[batch, seq, num_heads, value_dim]` in the query's dtype.
   """
   dims = common.check_qkv(query, key, value)
-  if dims.q_len != dims.kv_len:
-    raise ValueError("kernelized_rpe indexes b by i − j within one sequence: q_len must equal "
-                     f"kv_len, got {dims.q_len} and {dims.kv_len}")
+  scale = _check_kernelized_rpe(dims, rpe_bias, scale)
   n = dims.q_len
-  common.check_weight("rpe_bias", rpe_bias, (dims.num_heads, 2 * n - 1),
-                      "[num_heads, 2·seq − 1]")
-  scale = common.default_scale(dims.head_dim, scale)
-  if scale <= 0:
-    raise ValueError(f"kernelized_rpe estimates exp(scale·q·k) and needs scale > 0, got {scale}")
   key_valid = None
   if mask is not None:
     full = common.make_mask(dims, mask=mask)
@@ -260,26 +324,12 @@ def kernelized_rpe_attention(query, key, value, *, mask=None, is_causal=False, s
       raise ValueError("kernelized_rpe supports key-padding masks only: mask must broadcast to "
                        f"[batch, num_heads, 1, seq], got shape {mask.shape}")
     key_valid = jnp.broadcast_to(full[:, :, 0, :], (full.shape[0], dims.num_heads, n))
-  w = linear._performer_features(  # pylint: disable=protected-access
-      features, feature_key, num_features, dims.head_dim)
   dtype = jnp.promote_types(jnp.float32, jnp.result_type(query, key, value))
-  root = jnp.sqrt(jnp.asarray(scale, dtype))
-  q = common.group_query(query, dims.num_kv_heads).astype(dtype) * root  # [b, t, k, g, d]
-  k = key.astype(dtype) * root
-  w = w.astype(dtype)
-  log_q = jnp.einsum("btkgd,md->btkgm", q, w) - 0.5 * jnp.sum(q * q, -1, keepdims=True)
-  log_k = jnp.einsum("bskd,md->bskm", k, w) - 0.5 * jnp.sum(k * k, -1, keepdims=True)
-  log_q = log_q - jax.lax.stop_gradient(jnp.max(log_q, axis=-1, keepdims=True))
-  log_k = log_k - jax.lax.stop_gradient(jnp.max(log_k, axis=(1, 3), keepdims=True))
-  phi_q, phi_k = jnp.exp(log_q), jnp.exp(log_k)  # the 1/√m factors cancel in the ratio
-
-  b = rpe_bias.astype(dtype)
-  if is_causal:  # offsets r = i − j < 0 are the future.
-    b = jnp.where(jnp.arange(2 * n - 1) >= n - 1, b, common.MASKED_LOGIT)
-  b = b - jax.lax.stop_gradient(jnp.max(b, axis=-1, keepdims=True))
-  coeffs = jnp.exp(b).reshape(dims.num_kv_heads, dims.groups, 2 * n - 1)
-
-  v1 = jnp.concatenate([value.astype(dtype), jnp.ones(value.shape[:3] + (1,), dtype)], -1)
+  phi_q, phi_k = _kernel_features(query, key, scale, features, feature_key, num_features, dims,
+                                  dtype)
+  coeffs = _rpe_coefficients(rpe_bias, n, is_causal, dtype).reshape(
+      dims.num_kv_heads, dims.groups, 2 * n - 1)
+  v1 = _with_ones(value, dtype)
   if segment_ids is not None:
     return _kernelized_rpe_segments(phi_q, phi_k, v1, coeffs, key_valid, segment_ids, dims,
                                     is_causal).astype(query.dtype)
@@ -291,12 +341,10 @@ def kernelized_rpe_attention(query, key, value, *, mask=None, is_causal=False, s
     kv = jnp.where(valid[..., None, None], kv, 0.0)
   mixed = _toeplitz_matmul(coeffs[..., None, None, :], kv)  # [b, t, k, g, m, dv + 1]
   both = jnp.einsum("btkgm,btkgmc->btkgc", phi_q, mixed)
-  num, den = both[..., :-1], both[..., -1:]
   if key_valid is None:
-    out = num / den
+    out = both[..., :-1] / both[..., -1:]
   else:
-    has_key = _any_valid_key(key_valid, dims, is_causal)[..., None]
-    out = jnp.where(has_key, num / jnp.where(has_key, den, 1.0), 0.0)
+    out = _ratio(both, _any_valid_key(key_valid, dims, is_causal)[..., None])
   return out.reshape(dims.batch, n, dims.num_heads, dims.value_dim).astype(query.dtype)
 
 
@@ -315,8 +363,7 @@ def _kernelized_rpe_segments(phi_q, phi_k, v1, coeffs, key_valid, segment_ids, d
   weights = jnp.where(allowed, weights, 0.0)
   both = jnp.einsum("bkgts,bskc->btkgc", weights, v1)
   has_key = jnp.moveaxis(jnp.any(allowed, axis=-1), 3, 1)[..., None]  # [b, t, k, g, 1]
-  num, den = both[..., :-1], both[..., -1:]
-  out = jnp.where(has_key, num / jnp.where(has_key, den, 1.0), 0.0)
+  out = _ratio(both, has_key)
   return out.reshape(dims.batch, n, dims.num_heads, dims.value_dim)
 
 

@@ -9,7 +9,23 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 # Block-merge rules of `big_attn.parallel.merge`: how per-key-block results of an op combine.
-BLOCK_MERGES = ("softmax", "sigmoid", "cog", "clipped_softmax")
+BLOCK_MERGES = ("softmax", "sigmoid", "cog", "clipped_softmax", "linear")
+
+
+class PairTerms(NamedTuple):
+  """A block's terms that depend on the global positions of its queries and keys (hashable:
+  part of the static block-merge rule).
+
+  `fn(arrays, q_pos, k_pos, *, is_causal, **dict(static)) -> (bias, multiplier, allowed)`:
+  `arrays` the op's arrays (`BlockForm.pair_arrays`, each with the heads as leading axis, so a
+  schedule splits them with the heads), `q_pos [t]` and `k_pos [s]` the int32 global
+  positions of the block's queries and keys; each result is None or broadcastable to
+  `[heads, t, s]`: a logit bias added to the scores, a multiplier of the normalised weights,
+  a boolean mask of the visible pairs. Written in jnp on position arrays (any order, any
+  block), so the same function serves the whole sequence and every block of a schedule.
+  """
+  fn: Callable
+  static: tuple = ()
 
 
 class BlockForm(NamedTuple):
@@ -18,7 +34,8 @@ class BlockForm(NamedTuple):
   Attributes:
     merge: the block-merge rule (`BLOCK_MERGES`): "softmax" (log-sum-exp merge), "sigmoid"
       (block outputs add), "cog" (log-sum-exp merge of |s|, values weighted by sign(s)),
-      "clipped_softmax" (clip((ζ-γ)p+γ, 0, 1) on the merged probabilities p).
+      "clipped_softmax" (clip((ζ-γ)p+γ, 0, 1) on the merged probabilities p), "linear" (the
+      scores themselves as weights, block outputs add).
     query, key, scale: the (transformed) queries and keys and the logit scale.
     params: None or a dict of the rule's static numbers: `soft_cap` (softmax, sigmoid),
       `logit_bias` (sigmoid), `zeta`, `gamma` (clipped_softmax).
@@ -31,6 +48,9 @@ class BlockForm(NamedTuple):
       (in the same token order: self-attention ops read the query token's value). Both maps
       act on each token alone, so they hold in any token order (natural or striped) and on
       the whole or the sharded sequence.
+    pair_terms: None or the `PairTerms` of a block's global positions ("softmax": bias,
+      multiplier and visible pairs; "linear": multiplier and visible pairs).
+    pair_arrays: the arrays `pair_terms` reads (a dict), differentiated with the op.
   """
   merge: str
   query: Any
@@ -40,6 +60,8 @@ class BlockForm(NamedTuple):
   gate_logits: Any = None
   value_map: Callable | None = None
   output_map: Callable | None = None
+  pair_terms: PairTerms | None = None
+  pair_arrays: Any = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,6 +7,10 @@ of the tokens' distance or a free element-wise mask (RetNet viewed through convo
 multiplies the normalised weights, so rows no longer sum to one (that is the point of both
 papers). Masked keys get weight 0 and a fully masked row returns zeros. The weights are
 arguments; `URPEParams` and `MaskReweightedParams` own them for the `Attention` layer.
+
+Both run sequence-parallel as softmax blocks whose bias and multiplier are read at the blocks'
+global positions (`PairTerms`): M multiplies each block's numerator, the log-sum-exp merge
+normalises.
 """
 from __future__ import annotations
 
@@ -16,17 +20,47 @@ import jax.numpy as jnp
 from big_attn.ops import checks
 from big_attn.ops import common
 from big_attn.ops import windowed
-from big_attn.ops.registry import OpParams, register, register_params
+from big_attn.ops.registry import BlockForm, OpParams, PairTerms, register, register_params
 
 FORMS = ("gmm", "elm")
 # Gaussian components of the GMM mask where `op_args` give no `num_components`.
 DEFAULT_COMPONENTS = 3
 
 
-def _toeplitz(table, t: int, s: int):
-  """`[n, t + s − 1]` table -> `[n, t, s]`, entry (i, j) = `table[:, i − j + s − 1]`."""
-  offsets = jnp.arange(t)[:, None] - jnp.arange(s)[None, :] + s - 1
-  return table[:, offsets]
+def _toeplitz(table, q_pos, k_pos, kv_len: int):
+  """`[n, t + s − 1]` table -> `[n, len(q_pos), len(k_pos)]`, entry (i, j) =
+  `table[:, q_pos[i] − k_pos[j] + kv_len − 1]`."""
+  return table[:, q_pos[:, None] - k_pos[None, :] + kv_len - 1]
+
+
+def _positions(length: int):
+  return jnp.arange(length, dtype=jnp.int32)
+
+
+def _urpe_terms(arrays, q_pos, k_pos, *, is_causal, kv_len):
+  """URPE's `PairTerms`: the bias b_{i−j} (if given) and the multiplier c_{i−j}."""
+  del is_causal  # the schedule masks the future keys
+  bias = arrays.get("rpe_bias")
+  return (None if bias is None else _toeplitz(bias, q_pos, k_pos, kv_len),
+          _toeplitz(arrays["rpe_multiplier"], q_pos, k_pos, kv_len), None)
+
+
+def _check_urpe(num_heads: int, q_len: int, kv_len: int, rpe_multiplier, rpe_bias) -> dict:
+  """URPE's tables after their checks, as a dict (without a missing `rpe_bias`)."""
+  size, layout = (num_heads, q_len + kv_len - 1), "[num_heads, q_len + kv_len − 1]"
+  common.check_weight("rpe_multiplier", rpe_multiplier, size, layout)
+  if rpe_bias is not None:
+    common.check_weight("rpe_bias", rpe_bias, size, layout)
+  tables = {"rpe_multiplier": rpe_multiplier, "rpe_bias": rpe_bias}
+  return {k: v for k, v in tables.items() if v is not None}
+
+
+def _urpe_block_form(query, key, scale, *, rpe_multiplier=None, rpe_bias=None) -> BlockForm:
+  """Softmax blocks with URPE's Toeplitz bias and multiplier at global offsets."""
+  tables = _check_urpe(query.shape[2], query.shape[1], key.shape[1], rpe_multiplier, rpe_bias)
+  return BlockForm("softmax", query, key, scale,
+                   pair_terms=PairTerms(_urpe_terms, (("kv_len", key.shape[1]),)),
+                   pair_arrays=tables)
 
 
 def _reweighted(query, key, value, multiplier, *, mask, is_causal, scale, segment_ids,
@@ -41,11 +75,7 @@ def _reweighted(query, key, value, multiplier, *, mask, is_causal, scale, segmen
   return common.weighted_values(probs, value, dims).astype(query.dtype)
 
 
-@register("urpe", segment_ids=True,
-          block_refusal=(
-              "its post-softmax multiplier C_ij = c_{i−j} (and the logit bias b_{i−j}) depends on"
-              " the global offset i − j, which the ring's key blocks (scores, segment ids and a "
-              "causal offset) do not see"))
+@register("urpe", segment_ids=True, block_form=_urpe_block_form)
 def urpe_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                    rpe_multiplier=None, rpe_bias=None, segment_ids=None):
   """Universal RPE-based attention (Your Transformer May Not be as Powerful as You Expect,
@@ -68,34 +98,66 @@ def urpe_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
     `[batch, q_len, num_heads, value_dim]` in the query's dtype.
   """
   dims = common.check_qkv(query, key, value)
-  size, layout = (dims.num_heads, dims.q_len + dims.kv_len - 1), "[num_heads, q_len + kv_len − 1]"
-  common.check_weight("rpe_multiplier", rpe_multiplier, size, layout)
-  if rpe_bias is not None:
-    common.check_weight("rpe_bias", rpe_bias, size, layout)
-    rpe_bias = _toeplitz(rpe_bias, dims.q_len, dims.kv_len)
-  return _reweighted(query, key, value, _toeplitz(rpe_multiplier, dims.q_len, dims.kv_len),
-                     mask=mask, is_causal=is_causal, scale=scale, segment_ids=segment_ids,
-                     bias=rpe_bias)
+  tables = _check_urpe(dims.num_heads, dims.q_len, dims.kv_len, rpe_multiplier, rpe_bias)
+  bias, multiplier, _ = _urpe_terms(tables, _positions(dims.q_len), _positions(dims.kv_len),
+                                    is_causal=is_causal, kv_len=dims.kv_len)
+  return _reweighted(query, key, value, multiplier, mask=mask, is_causal=is_causal, scale=scale,
+                     segment_ids=segment_ids, bias=bias)
 
 
-def _squared_distances(grid, t: int, s: int):
-  """`[t, s]` squared distances of the tokens: on the row-major `grid` (t = s = h·w), or of the
-  1-D positions 0..t−1 and 0..s−1 when `grid` is None."""
+def _squared_distances(grid, q_pos, k_pos):
+  """`[len(q_pos), len(k_pos)]` squared distances of the tokens at these positions: on the
+  row-major `grid` `(h, w)`, or of the 1-D positions when `grid` is None."""
   if grid is None:
-    return (jnp.arange(t)[:, None] - jnp.arange(s)[None, :]).astype(jnp.float32) ** 2
-  h, w = windowed.check_grid(grid, t)
-  if s != t:
+    return (q_pos[:, None] - k_pos[None, :]).astype(jnp.float32) ** 2
+  (yq, xq), (yk, xk) = jnp.divmod(q_pos, grid[1]), jnp.divmod(k_pos, grid[1])
+  return ((yq[:, None] - yk[None, :]) ** 2 + (xq[:, None] - xk[None, :]) ** 2).astype(
+      jnp.float32)
+
+
+def _mask_terms(arrays, q_pos, k_pos, *, is_causal, form, grid):
+  """`mask_reweighted`'s `PairTerms`: the multiplier M at these positions."""
+  del is_causal  # the schedule masks the future keys
+  if form == "elm":
+    return None, arrays["elm_mask"][:, q_pos[:, None], k_pos[None, :]], None
+  dist2 = _squared_distances(grid, q_pos, k_pos)
+  sigma2 = arrays["gmm_sigma"].astype(jnp.float32)[:, :, None, None] ** 2
+  return None, jnp.sum(arrays["gmm_amplitude"].astype(jnp.float32)[:, :, None, None]
+                       * jnp.exp(-dist2 / (2.0 * sigma2)), axis=1), None
+
+
+def _check_mask_args(num_heads, t, s, form, gmm_amplitude, gmm_sigma, elm_mask, num_components,
+                     grid) -> tuple[dict, tuple[int, int] | None]:
+  """`(weights, grid)`: `mask_reweighted`'s weights of `form` as a dict and the `(h, w)` grid
+  (or None), after their checks."""
+  if form not in FORMS:
+    raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+  grid = None if grid is None else windowed.check_grid(grid, t)
+  if form == "elm":
+    common.check_weight("elm_mask", elm_mask, (num_heads, t, s), "[num_heads, q_len, kv_len]")
+    return {"elm_mask": elm_mask}, grid
+  components = getattr(gmm_amplitude, "shape", (None, None))[-1]
+  if num_components is not None and num_components != components:
+    raise ValueError(f"num_components ({num_components}) must equal "
+                     f"gmm_amplitude.shape[-1] ({components})")
+  for name, x in (("gmm_amplitude", gmm_amplitude), ("gmm_sigma", gmm_sigma)):
+    common.check_weight(name, x, (num_heads, components), "[num_heads, num_components]")
+  if grid is not None and s != t:
     raise ValueError(f"mask_reweighted with a grid needs keys on the queries' grid: kv_len "
                      f"must be {t}, got {s}")
-  y, x = jnp.divmod(jnp.arange(h * w), w)
-  return ((y[:, None] - y[None, :]) ** 2 + (x[:, None] - x[None, :]) ** 2).astype(jnp.float32)
+  return {"gmm_amplitude": gmm_amplitude, "gmm_sigma": gmm_sigma}, grid
 
 
-@register("mask_reweighted", segment_ids=True, grid=True,
-          block_refusal=(
-              "its multiplier M_ij of the normalised weights depends on the global positions i "
-              "and j (a Gaussian mixture of their distance, or a free table sized by the whole "
-              "sequence), which the ring's key blocks do not see"))
+def _mask_block_form(query, key, scale, *, form="gmm", gmm_amplitude=None, gmm_sigma=None,
+                     elm_mask=None, num_components=None, grid=None) -> BlockForm:
+  """Softmax blocks whose normalised weights are multiplied by M at global positions."""
+  arrays, grid = _check_mask_args(query.shape[2], query.shape[1], key.shape[1], form,
+                                  gmm_amplitude, gmm_sigma, elm_mask, num_components, grid)
+  return BlockForm("softmax", query, key, scale, pair_arrays=arrays,
+                   pair_terms=PairTerms(_mask_terms, (("form", form), ("grid", grid))))
+
+
+@register("mask_reweighted", segment_ids=True, grid=True, block_form=_mask_block_form)
 def mask_reweighted_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                               form="gmm", gmm_amplitude=None, gmm_sigma=None, elm_mask=None,
                               num_components=None, grid=None, segment_ids=None):
@@ -123,26 +185,10 @@ def mask_reweighted_attention(query, key, value, *, mask=None, is_causal=False, 
     `[batch, q_len, num_heads, value_dim]` in the query's dtype.
   """
   dims = common.check_qkv(query, key, value)
-  if form not in FORMS:
-    raise ValueError(f"form must be one of {FORMS}, got {form!r}")
-  if form == "elm":
-    if grid is not None:
-      windowed.check_grid(grid, dims.q_len)
-    common.check_weight("elm_mask", elm_mask, (dims.num_heads, dims.q_len, dims.kv_len),
-                        "[num_heads, q_len, kv_len]")
-    multiplier = elm_mask
-  else:
-    components = getattr(gmm_amplitude, "shape", (None, None))[-1]
-    if num_components is not None and num_components != components:
-      raise ValueError(f"num_components ({num_components}) must equal "
-                       f"gmm_amplitude.shape[-1] ({components})")
-    for name, x in (("gmm_amplitude", gmm_amplitude), ("gmm_sigma", gmm_sigma)):
-      common.check_weight(name, x, (dims.num_heads, components),
-                          "[num_heads, num_components]")
-    dist2 = _squared_distances(grid, dims.q_len, dims.kv_len)
-    sigma2 = gmm_sigma.astype(jnp.float32)[:, :, None, None] ** 2
-    multiplier = jnp.sum(gmm_amplitude.astype(jnp.float32)[:, :, None, None]
-                         * jnp.exp(-dist2 / (2.0 * sigma2)), axis=1)
+  arrays, grid = _check_mask_args(dims.num_heads, dims.q_len, dims.kv_len, form, gmm_amplitude,
+                                  gmm_sigma, elm_mask, num_components, grid)
+  _, multiplier, _ = _mask_terms(arrays, _positions(dims.q_len), _positions(dims.kv_len),
+                                 is_causal=is_causal, form=form, grid=grid)
   return _reweighted(query, key, value, multiplier, mask=mask, is_causal=is_causal,
                      scale=scale, segment_ids=segment_ids)
 

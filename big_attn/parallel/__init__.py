@@ -8,7 +8,9 @@
 the sequence is split and the one layout rule for the other dimensions (`sequence.py`);
 `sequence_parallel_attention` wraps it all for global arrays. Ops of the softmax family other
 than softmax (sigmoid, cog, gated, clipped, soft-capped) run through the same schedules with
-their own block-merge rule and custom VJP (`merge.py`, `Rule`).
+their own block-merge rule and custom VJP (`merge.py`, `Rule`), as do ops whose block terms
+depend on the global positions of the queries and keys (`ops.PairTerms`: urpe, mask_reweighted,
+neighborhood, kernelized_rpe).
 """
 from __future__ import annotations
 

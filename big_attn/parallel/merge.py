@@ -11,10 +11,22 @@ left out, an op of the family is out_i = Σ_j W(t_ij; r_i) v_j with a row statis
   sequence (-log n with n the global number of keys).
 - "clipped_softmax": W = clip((ζ-γ)·exp(t - lse) + γ, 0, 1). The clip needs the global lse,
   so a first ring pass merges the blocks' lse and a second sums the blocks' outputs.
+- "linear": W = t (the scores of feature maps, scale 1): block outputs add; a form divides by
+  a summed normaliser in its output map.
+
+Terms of the global positions (`PairTerms`: a bias B_ij, a multiplier M_ij, visible pairs) are
+computed per block from the positions of its queries and keys, which the ring and striped
+layouts know (`ring.shard_positions`; key positions travel with their block). Softmax then has
+W = M ∘ exp(t + B - lse): the numerator carries M, the normaliser lse does not, and the
+log-sum-exp merge of block outputs normalised within the block stays exact; linear has
+W = M ∘ t.
 
 Backward, from dW_ij = dO_i·v_j (dV = WᵀdO, dQ = scale·dS K, dK = scale·dSᵀQ, dS = dT ∘ t'):
 softmax dT = P ∘ (dW - δ); cog dT = sign(t)·P ∘ (sign(t)·dW - δ) with P = exp(|t| - lse);
 both with δ_i = dO_i·O_i (FlashAttention-2), so any block's gradient is exact on its own.
+With position terms, softmax dT = dB = P ∘ (M ∘ dW - δ) (still δ_i = dO_i·O_i, as O_i =
+Σ_j P_ij M_ij v_j) and dM = P ∘ dW; linear dT = M ∘ dW, dM = t ∘ dW; dB and dM go back to the
+op's arrays through the position function's VJP, summed over blocks and devices.
 sigmoid dT = dW ∘ W(1 - W). clipped dT = P ∘ (G - c) with G = (ζ-γ)·[0 < z < 1]·dW and the
 row sum c_i = Σ_j P_ij G_ij, which one more ring pass collects before the gradient pass. In
 every backward pass dK/dV travel around the ring with their block (`ring.ring_gradients`).
@@ -33,7 +45,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from big_attn.ops import common
-from big_attn.ops.registry import BLOCK_MERGES
+from big_attn.ops.registry import BLOCK_MERGES, PairTerms
 from big_attn.parallel import blockwise
 from big_attn.parallel import ring
 
@@ -41,7 +53,9 @@ Array = jax.Array
 
 # The static numbers each rule takes (`BlockForm.params`).
 RULE_PARAMS = {"softmax": ("soft_cap",), "sigmoid": ("soft_cap", "logit_bias"), "cog": (),
-               "clipped_softmax": ("zeta", "gamma")}
+               "clipped_softmax": ("zeta", "gamma"), "linear": ()}
+# The rules that take position terms (`Rule.pair`).
+PAIR_MERGES = ("softmax", "linear")
 
 
 class Rule(NamedTuple):
@@ -51,11 +65,14 @@ class Rule(NamedTuple):
   logit_bias: float = 0.0
   zeta: float = 1.0
   gamma: float = 0.0
+  pair: PairTerms | None = None
 
 
-def make_rule(merge: str, params: dict | None = None) -> Rule:
+def make_rule(merge: str, params: dict | None = None, pair: PairTerms | None = None) -> Rule:
   """The `Rule` of `merge` (one of `ops.registry.BLOCK_MERGES`) with `params` (None entries
-  take the defaults); a `ValueError` for an unknown rule or a parameter it does not take."""
+  take the defaults) and the position terms `pair`; a `ValueError` for an unknown rule, a
+  parameter it does not take, or position terms on a rule other than `PAIR_MERGES` (softmax
+  without a soft cap)."""
   if merge not in BLOCK_MERGES:
     raise ValueError(f"merge must be one of {BLOCK_MERGES}, got {merge!r}")
   params = {k: v for k, v in (params or {}).items() if v is not None}
@@ -63,7 +80,10 @@ def make_rule(merge: str, params: dict | None = None) -> Rule:
   if unknown:
     raise ValueError(f"block-merge rule {merge!r} takes parameters {RULE_PARAMS[merge]}, got "
                      f"{unknown}")
-  return Rule(merge, **{k: float(v) for k, v in params.items()})
+  if pair is not None and (merge not in PAIR_MERGES or params):
+    raise ValueError(f"position terms (pair) need a rule of {PAIR_MERGES} without parameters, "
+                     f"got {merge!r} with {params}")
+  return Rule(merge, **{k: float(v) for k, v in params.items()}, pair=pair)
 
 
 def is_plain_softmax(rule: Rule | None) -> bool:
@@ -150,7 +170,11 @@ def block_grads(rule: Rule, q, k, v, dout, lse, row, *, scale, causal_offset=Non
   ds = _score_grad(rule, t, w, p, dw, row)
   if dt is not None:
     ds = ds * dt
-  ds = ds * scale
+  return _input_grads(dims, q, k, w, ds * scale, dout_g)
+
+
+def _input_grads(dims, q, k, w, ds, dout_g):
+  """Float32 `(dq, dk, dv)` of a block from its weights `w`, the scaled dS and grouped dO."""
   dv = jnp.einsum("bkgts,btkgd->bskd", w, dout_g)
   dq = jnp.einsum("bkgts,bskd->btkgd", ds, k.astype(jnp.float32))
   q_g = common.group_query(q, dims.num_kv_heads).astype(jnp.float32)
@@ -245,13 +269,149 @@ def _sum_core_bwd(cfg, rule, residuals, dout):
 _sum_core.defvjp(_sum_core_fwd, _sum_core_bwd)
 
 
+# Rules with terms of the global positions (`Rule.pair`): softmax (lse merge) and linear (sum).
+
+def _position_terms(rule: Rule, dims, q_pos, k_pos, is_causal: bool, arrays):
+  """`((bias, multiplier), visible)` of a block, each None or float32 (bool) grouped
+  `[k, g, t, s]`: the rule's `PairTerms` at query positions `q_pos` and key positions `k_pos`
+  (differentiable in `arrays`)."""
+  if rule.pair is None:
+    return (None, None), None
+  terms = rule.pair.fn(arrays, q_pos, k_pos, is_causal=is_causal, **dict(rule.pair.static))
+  shape = (dims.num_kv_heads, dims.groups, dims.q_len, dims.kv_len)
+  grouped = lambda x: None if x is None else jnp.broadcast_to(  # pylint: disable=g-long-lambda
+      x, (dims.num_heads,) + shape[2:]).reshape(shape)
+  bias, multiplier, visible = (grouped(x) for x in terms)
+  if bias is not None and rule.merge == "linear":
+    raise ValueError("the linear rule's weights are the scores themselves: its position terms "
+                     "take a multiplier and visible pairs, not a logit bias")
+  as_float = lambda x: None if x is None else x.astype(jnp.float32)
+  return (as_float(bias), as_float(multiplier)), visible
+
+
+def _pair_scores(rule: Rule, q, k, v, scale, offset, q_seg, kv_seg, bias, visible):
+  """`(dims, mask, t)` of a block: scores with the position bias, mask with visible pairs."""
+  dims, mask, t, _ = _block(rule, q, k, v, scale, offset, q_seg, kv_seg)
+  if visible is not None:
+    mask = visible if mask is None else jnp.logical_and(mask, visible)
+  return dims, mask, (t if bias is None else t + bias)
+
+
+def _pair_weights(rule: Rule, t, mask, lse):
+  """The weights before the multiplier: softmax exp(t - lse), linear t; 0 where masked."""
+  if rule.merge == "linear":
+    return t if mask is None else jnp.where(mask, t, 0.0)
+  return _weights(rule, t, mask, lse)[1]
+
+
+def _pair_block(rule: Rule, scale, is_causal, arrays, q, q_pos, q_seg, offset, kv):
+  """One block's float32 output (softmax: normalised within the block, with its lse); `kv`
+  is `(key, value, kv_segment_ids, key_positions)`."""
+  k, v, kv_seg, k_pos = kv
+  dims = common.check_qkv(q, k, v)
+  (bias, multiplier), visible = _position_terms(rule, dims, q_pos, k_pos, is_causal, arrays)
+  dims, mask, t = _pair_scores(rule, q, k, v, scale, offset, q_seg, kv_seg, bias, visible)
+  lse = None if rule.merge == "linear" else _row_lse(_exponent(rule, t, mask))
+  w = _pair_weights(rule, t, mask, lse)
+  w = w if multiplier is None else w * multiplier
+  out = common.weighted_values(w, v.astype(jnp.float32), dims)
+  if lse is None:
+    return out
+  return out, blockwise._heads_last(lse, dims)  # pylint: disable=protected-access
+
+
+def _pair_kv(cfg: ring.RingConfig, q, k, v, kv_seg):
+  """`(q_pos, kv)`: the local query positions and the travelling key block with its
+  positions."""
+  shard = lax.axis_index(cfg.axis_name)
+  return (ring.shard_positions(cfg, shard, q.shape[1]),
+          (k, v, kv_seg, ring.shard_positions(cfg, shard, k.shape[1])))
+
+
+def _pair_forward(cfg: ring.RingConfig, rule: Rule, arrays, q, k, v, q_seg, kv_seg):
+  q_pos, kv = _pair_kv(cfg, q, k, v, kv_seg)
+  block = lambda offset, kv: _pair_block(rule, cfg.scale, cfg.is_causal, arrays, q, q_pos,
+                                         q_seg, offset, kv)
+  if rule.merge == "linear":
+    return ring.ring_reduce(cfg, block, jnp.add, kv), None
+  return ring.ring_reduce(cfg, block, ring._merge, kv)  # pylint: disable=protected-access
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _pair_core(cfg: ring.RingConfig, rule: Rule, arrays, q, k, v, q_seg, kv_seg):
+  return _pair_forward(cfg, rule, arrays, q, k, v, q_seg, kv_seg)[0].astype(q.dtype)
+
+
+def _pair_core_fwd(cfg, rule, arrays, q, k, v, q_seg, kv_seg):
+  out, lse = _pair_forward(cfg, rule, arrays, q, k, v, q_seg, kv_seg)
+  return out.astype(q.dtype), (arrays, q, k, v, q_seg, kv_seg, out, lse)
+
+
+def _pair_core_bwd(cfg, rule, residuals, dout):
+  arrays, q, k, v, q_seg, kv_seg, out, lse = residuals
+  dims = common.check_qkv(q, k, v)
+  q_pos, kv = _pair_kv(cfg, q, k, v, kv_seg)
+  rows = blockwise._grouped_rows  # pylint: disable=protected-access
+  delta = None
+  if lse is not None:
+    lse = rows(lse, dims)
+    delta = rows(jnp.einsum("btnd,btnd->bnt", dout.astype(jnp.float32), out), dims)
+
+  def grads(offset, kv):
+    k, v, kv_seg, k_pos = kv
+    dims = common.check_qkv(q, k, v)
+    terms = lambda a: _position_terms(rule, dims, q_pos, k_pos, cfg.is_causal, a)
+    (bias, multiplier), pull, visible = jax.vjp(terms, arrays, has_aux=True)
+    dims, mask, t = _pair_scores(rule, q, k, v, cfg.scale, offset, q_seg, kv_seg, bias,
+                                 visible)
+    p = _pair_weights(rule, t, mask, lse)
+    dout_g, dw = _value_grads(dims, v, dout)
+    w, dp = (p, dw) if multiplier is None else (p * multiplier, dw * multiplier)
+    if rule.merge == "linear":
+      ds = dp if mask is None else jnp.where(mask, dp, 0.0)
+    else:
+      ds = p * (dp - delta[..., None])
+    (darrays,) = pull((None if bias is None else jnp.sum(ds, axis=0),
+                       None if multiplier is None else jnp.sum(p * dw, axis=0)))
+    dq, dk, dv = _input_grads(dims, q, k, w, ds * cfg.scale, dout_g)
+    return (dq, darrays), dk, dv
+
+  (dq, darrays), dk, dv = ring.ring_gradients(cfg, grads, kv)
+  return (darrays, dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None)
+
+
+_pair_core.defvjp(_pair_core_fwd, _pair_core_bwd)
+
+
+def _varying_like(tree, like):
+  """`tree` cast to vary over the manual mesh axes `like` varies over, so that its gradient
+  (different on every device) is summed over them by the cast's transpose."""
+  def axes(x):
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)
+    return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
+
+  def cast(x):
+    missing = tuple(sorted(axes(like) - axes(x)))
+    return lax.pcast(x, missing, to="varying") if missing else x
+
+  return jax.tree.map(cast, tree)
+
+
 def rule_ring_attention(schedule: str, query: Array, key: Array, value: Array, *, axis_name,
                         rule: Rule, is_causal: bool = False, segment_ids=None,
-                        scale: float | None = None) -> Array:
+                        scale: float | None = None, pair_arrays=None) -> Array:
   """Per-shard attention of the family op `rule` over the `schedule` ("ring": contiguous
   shards, "striped": striped token order) inside `jax.shard_map` over `axis_name`; arguments
-  and result as `ring.ring_attention`. The blocks are computed in XLA."""
+  and result as `ring.ring_attention`; `pair_arrays`: the arrays of the rule's position terms
+  (replicated over `axis_name`). The blocks are computed in XLA."""
   caller = f"{schedule}_attention"
+  if rule.pair is not None or rule.merge == "linear":
+    cfg, q_seg, kv_seg = ring.ring_config(schedule, query, key, value, axis_name=axis_name,
+                                          is_causal=is_causal, segment_ids=segment_ids,
+                                          scale=scale, block_impl="xla", caller=caller)
+    return _pair_core(cfg, rule, _varying_like(pair_arrays, query), query, key, value, q_seg,
+                      kv_seg)
   if rule.merge in ("softmax", "cog"):
     return ring.attention_over_ring(schedule, query, key, value, axis_name=axis_name,
                                     is_causal=is_causal, segment_ids=segment_ids, scale=scale,
@@ -275,14 +435,22 @@ def rule_attention(rule: Rule, query: Array, key: Array, value: Array, *, scale:
 
 def rule_all_gather_attention(query: Array, key: Array, value: Array, *, axis_name, rule: Rule,
                               is_causal: bool = False, segment_ids=None,
-                              scale: float | None = None) -> Array:
+                              scale: float | None = None, pair_arrays=None) -> Array:
   """Per-shard attention of the family op `rule`: the local queries against all keys/values
   gathered over `axis_name` (contiguous shards; inside `jax.shard_map`). `segment_ids`: None
-  or the local `(q_segment_ids, kv_segment_ids)`."""
+  or the local `(q_segment_ids, kv_segment_ids)`; `pair_arrays`: the arrays of the rule's
+  position terms."""
   dims = common.check_qkv(query, key, value)
   gather = lambda x: None if x is None else lax.all_gather(x, axis_name, axis=1, tiled=True)
   q_seg, kv_seg = (None, None) if segment_ids is None else segment_ids
-  offset = lax.axis_index(axis_name) * dims.q_len if is_causal else None
-  return rule_attention(rule, query, gather(key), gather(value),
-                        scale=common.default_scale(dims.head_dim, scale), causal_offset=offset,
-                        q_segment_ids=q_seg, kv_segment_ids=gather(kv_seg))
+  scale = common.default_scale(dims.head_dim, scale)
+  shard = lax.axis_index(axis_name)
+  offset = shard * dims.q_len if is_causal else None
+  key, value, kv_seg = gather(key), gather(value), gather(kv_seg)
+  if rule.pair is not None or rule.merge == "linear":
+    q_pos = shard * dims.q_len + jnp.arange(dims.q_len, dtype=jnp.int32)
+    kv = (key, value, kv_seg, jnp.arange(key.shape[1], dtype=jnp.int32))
+    out = _pair_block(rule, scale, is_causal, pair_arrays, query, q_pos, q_seg, offset, kv)
+    return (out if rule.merge == "linear" else out[0]).astype(query.dtype)
+  return rule_attention(rule, query, key, value, scale=scale, causal_offset=offset,
+                        q_segment_ids=q_seg, kv_segment_ids=kv_seg)

@@ -149,10 +149,20 @@ def ring_reduce(cfg: RingConfig, contribution, combine, kv):
   return _ring_loop(cfg, first, step, kv)[0]
 
 
+def shard_positions(cfg: RingConfig, shard, length: int):
+  """Int32 global positions `[length]` of the tokens of shard `shard` in the schedule's token
+  order: i·t + a (contiguous shards) or a·P + i (striped)."""
+  local = jnp.arange(length, dtype=jnp.int32)
+  shard = jnp.asarray(shard, jnp.int32)
+  if cfg.schedule == "striped":
+    return local * cfg.num_shards + shard
+  return shard * length + local
+
+
 def ring_gradients(cfg: RingConfig, grads, kv):
   """Float32 `(dq, dk, dv)` summed over the ring from `grads(causal_offset, kv) -> (dq, dk,
-  dv)` of each visible block; dq stays local, dk/dv travel with their block and end on its
-  owner."""
+  dv)` of each visible block; dq (an array or a tree of local gradients) stays local, dk/dv
+  travel with their block and end on its owner."""
   def first(kv):
     dq, dk, dv = grads(_diagonal_offset(cfg), kv)
     return dq, (dk, dv)
@@ -160,7 +170,7 @@ def ring_gradients(cfg: RingConfig, grads, kv):
   def step(s, dq, dkv, kv):
     def accumulate(offset, carry):
       (dq, (dk, dv)), (dq_b, dk_b, dv_b) = carry, grads(offset, kv)
-      return dq + dq_b, (dk + dk_b, dv + dv_b)
+      return jax.tree.map(jnp.add, dq, dq_b), (dk + dk_b, dv + dv_b)
     kind, offset = _plan(cfg, s)
     return _by_kind(cfg, kind, offset, accumulate, (dq, dkv))
 

@@ -60,18 +60,18 @@ def all_gather_attention(query: Array, key: Array, value: Array, *, axis_name,
 
 def shard_attention(query: Array, key: Array, value: Array, *, axis_name, strategy: str,
                     is_causal: bool = False, segment_ids=None, scale: float | None = None,
-                    rule: merge.Rule | None = None) -> Array:
+                    rule: merge.Rule | None = None, pair_arrays=None) -> Array:
   """The per-shard function of `strategy` inside `jax.shard_map` over `axis_name`:
   `ring_attention` ("ring", contiguous shards), `striped_attention` ("striped", striped token
   order) or `all_gather_attention` ("all_gather", contiguous shards). `segment_ids`: None or
   the local `(q_segment_ids, kv_segment_ids)`. `rule`: the block-merge rule of a softmax-family
   op (`merge.Rule`, `merge.rule_ring_attention` / `merge.rule_all_gather_attention`); None:
-  softmax."""
+  softmax. `pair_arrays`: the local arrays of the rule's position terms (`Rule.pair`)."""
   if strategy not in STRATEGIES:
     raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
   if not merge.is_plain_softmax(rule):
     kwargs = dict(axis_name=axis_name, rule=rule, is_causal=is_causal,
-                  segment_ids=segment_ids, scale=scale)
+                  segment_ids=segment_ids, scale=scale, pair_arrays=pair_arrays)
     if strategy == "all_gather":
       return merge.rule_all_gather_attention(query, key, value, **kwargs)
     return merge.rule_ring_attention(strategy, query, key, value, **kwargs)
@@ -168,26 +168,29 @@ class SeqParallel:
 
   def attention(self, query: Array, key: Array, value: Array, *, is_causal: bool = False,
                 segment_ids: Array | None = None, scale: float | None = None,
-                rule: merge.Rule | None = None, gate_logits: Array | None = None) -> Array:
+                rule: merge.Rule | None = None, gate_logits: Array | None = None,
+                pair_arrays=None) -> Array:
     """Softmax attention (or the softmax-family op of block-merge `rule`, then the gate
     σ(`gate_logits` `[batch, q_len, num_heads]`) if given) with the sequence split over
     `axis`, of arrays in the strategy's token order (striped for "striped", natural
     otherwise): the inputs laid out by `layout`, then `jax.shard_map` of `shard_attention`
     (Explicit or Auto mesh axes, as `sequence_parallel_attention`). `segment_ids`:
-    `[batch, seq]` for self-attention, or None."""
+    `[batch, seq]` for self-attention, or None. `pair_arrays`: the arrays of the rule's
+    position terms (heads leading), split with the heads."""
     batch_axes, heads = self.layout(query.shape[0], query.shape[2], key.shape[2])
     qkv_spec, seg_spec = P(batch_axes, self.axis, heads, None), P(batch_axes, self.axis)
     mesh = _working_mesh(self.mesh, query, key, value)
 
-    def per_shard(q, k, v, *seg):
+    def per_shard(q, k, v, pair, *seg):
       return shard_attention(q, k, v, axis_name=self.axis, strategy=self.strategy,
                              is_causal=is_causal, segment_ids=(seg[0], seg[0]) if seg else None,
-                             scale=scale, rule=rule)
+                             scale=scale, rule=rule, pair_arrays=pair)
 
     args = (query, key, value) + (() if segment_ids is None else (segment_ids,))
     specs = (qkv_spec,) * 3 + (() if segment_ids is None else (seg_spec,))
     args = [compat.constrain(x, NamedSharding(mesh, spec)) for x, spec in zip(args, specs)]
-    out = compat.shard_map(per_shard, mesh=mesh, in_specs=specs, out_specs=qkv_spec)(*args)
+    out = compat.shard_map(per_shard, mesh=mesh, in_specs=specs[:3] + (P(heads),) + specs[3:],
+                           out_specs=qkv_spec)(*args[:3], pair_arrays, *args[3:])
     return _gated(out, gate_logits)
 
   def attend_form(self, form: BlockForm, value: Array, *, is_causal: bool = False,
@@ -196,8 +199,8 @@ class SeqParallel:
     the form's value and output maps around it."""
     out = self.attention(form.query, form.key, _mapped(form.value_map, value),
                          is_causal=is_causal, segment_ids=segment_ids, scale=form.scale,
-                         rule=merge.make_rule(form.merge, form.params),
-                         gate_logits=form.gate_logits)
+                         rule=merge.make_rule(form.merge, form.params, form.pair_terms),
+                         gate_logits=form.gate_logits, pair_arrays=form.pair_arrays)
     return out if form.output_map is None else form.output_map(out, value)
 
   def check_linear_state(self, op: str) -> None:
@@ -282,7 +285,8 @@ def sequence_parallel_attention(query: Array, key: Array, value: Array, *, mesh,
                      "state: call SeqParallel.linear_state (or Attention(seq_parallel=...))")
   common.check_qkv(query, key, value)
   form = ops.spec(op).block_form(query, key, scale, **op_args)
-  query, key, rule = form.query, form.key, merge.make_rule(form.merge, form.params)
+  query, key = form.query, form.key
+  rule = merge.make_rule(form.merge, form.params, form.pair_terms)
   op_value, value = value, _mapped(form.value_map, value)
   dims = common.check_qkv(query, key, value)
   segments = common.normalize_segment_ids(segment_ids, dims)
@@ -299,7 +303,7 @@ def sequence_parallel_attention(query: Array, key: Array, value: Array, *, mesh,
       query, key, value, segments, mesh=_working_mesh(mesh, query, key, value),
       seq_axis=seq_axis, strategy=strategy, is_causal=is_causal,
       scale=common.default_scale(dims.head_dim, form.scale), batch_axes=batch_axes,
-      head_axis=head_axis, rule=rule)
+      head_axis=head_axis, rule=rule, pair_arrays=form.pair_arrays)
   out = _gated(out, form.gate_logits)
   return out if form.output_map is None else form.output_map(out, op_value)
 
@@ -308,8 +312,8 @@ def sequence_parallel_attention(query: Array, key: Array, value: Array, *, mesh,
 # body op by op; under an outer `jit` it is inlined.
 @functools.partial(jax.jit, static_argnames=("mesh", "seq_axis", "strategy", "is_causal",
                                              "scale", "batch_axes", "head_axis", "rule"))
-def _sharded_attention(query, key, value, segments, *, mesh, seq_axis, strategy, is_causal,
-                       scale, batch_axes, head_axis, rule):
+def _sharded_attention(query, key, value, segments, pair_arrays=None, *, mesh, seq_axis,
+                       strategy, is_causal, scale, batch_axes, head_axis, rule):
   """`sequence_parallel_attention` after its checks: the shard_map and the layout around it."""
   dims = common.check_qkv(query, key, value)
   num_shards = mesh.shape[seq_axis]
@@ -336,16 +340,17 @@ def _sharded_attention(query, key, value, segments, *, mesh, seq_axis, strategy,
   if segments is not None:
     (q_seg, seg_spec), (kv_seg, _) = (split(s, with_heads=False) for s in segments)
 
-  def per_shard(q, k, v, q_seg, kv_seg):
+  def per_shard(q, k, v, q_seg, kv_seg, pair):
     out_shape = q.shape[:3] + (q.shape[3], v.shape[4])
     segs = None if q_seg is None else (local(q_seg), local(kv_seg))
     out = shard_attention(local(q), local(k), local(v), axis_name=seq_axis, strategy=strategy,
-                          is_causal=is_causal, segment_ids=segs, scale=scale, rule=rule)
+                          is_causal=is_causal, segment_ids=segs, scale=scale, rule=rule,
+                          pair_arrays=pair)
     return out.reshape(out_shape)
 
   out = compat.shard_map(per_shard, mesh=mesh,
-                         in_specs=(q_spec, kv_spec, kv_spec, seg_spec, seg_spec),
-                         out_specs=q_spec)(q, k, v, q_seg, kv_seg)
+                         in_specs=(q_spec, kv_spec, kv_spec, seg_spec, seg_spec, P(head_axis)),
+                         out_specs=q_spec)(q, k, v, q_seg, kv_seg, pair_arrays)
   out_sharding = NamedSharding(mesh, P(batch_axes, seq_axis, head_axis, None))
   return compat.reshape_with_sharding(
       out, (dims.batch, dims.q_len, dims.num_heads, dims.value_dim), out_sharding)
