@@ -164,28 +164,39 @@ MASKED_LOGIT = -0.7 * float(np.finfo(np.float32).max)
 
 def masked_softmax(logits: Array, mask: Array | None) -> Array:
   """Softmax over the last axis in float32; rows with nothing to attend to give zeros."""
-  return _masked_softmax(logits.astype(jnp.float32), mask)
+  logits = logits.astype(jnp.float32)
+  shape = logits.shape if mask is None else jnp.broadcast_shapes(logits.shape, mask.shape)
+  # Computed on `[rows, last]`: XLA's CPU layout assignment gives a size-1 axis between longer
+  # leading axes (the group axis of `[b, k, 1, t, s]` logits without GQA) a layout that costs
+  # a copy of the logits and keeps their matmul from fusing with the max; rows have none.
+  def rows(x, last):
+    return jnp.broadcast_to(x, (*shape[:-1], last)).reshape(math.prod(shape[:-1]), last)
+  if mask is None:
+    probs = _masked_softmax(rows(logits, shape[-1]), None, None)
+  else:  # The row flag is read off the mask before it is broadcast (a constant mask folds).
+    probs = _masked_softmax(rows(logits, shape[-1]), rows(mask, shape[-1]),
+                            rows(jnp.any(mask, axis=-1, keepdims=True), 1))
+  return probs.reshape(shape)
 
 
 @jax.custom_jvp
-def _masked_softmax(logits: Array, mask: Array | None) -> Array:
+def _masked_softmax(logits: Array, mask: Array | None, any_key: Array | None) -> Array:
   # The max/exp/sum/divide chain of `jax.nn.softmax`, which XLA fuses into one pass over the
-  # logits; the empty rows are zeroed by a row flag read off the mask (their masked logits
-  # are all MASKED_LOGIT, a uniform row before the flag).
+  # logits; the empty rows (`any_key` False) are zeroed (their masked logits are all
+  # MASKED_LOGIT, a uniform row before the flag).
   if mask is not None:
     logits = jnp.where(mask, logits, MASKED_LOGIT)
   unnormalized = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True, initial=-jnp.inf))
   probs = unnormalized / jnp.sum(unnormalized, axis=-1, keepdims=True)
-  return probs if mask is None else probs * jnp.any(mask, axis=-1, keepdims=True)
+  return probs if any_key is None else probs * any_key
 
 
 @_masked_softmax.defjvp
 def _masked_softmax_jvp(primals, tangents):
   # Keeps only the probabilities for the backward pass (zero where masked, so masked logits
   # get zero gradient): one [.., q, kv] residual where autodiff of the chain above keeps three.
-  logits, mask = primals
-  logits_dot, _ = tangents
-  probs = _masked_softmax(logits, mask)
+  logits_dot = tangents[0]
+  probs = _masked_softmax(*primals)
   return probs, probs * (logits_dot - jnp.sum(probs * logits_dot, axis=-1, keepdims=True))
 
 

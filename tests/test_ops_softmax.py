@@ -180,6 +180,45 @@ def test_fully_masked_rows_give_zeros_and_finite_grads():
   assert np.all(np.asarray(grads[0][0, 2]) == 0.0)
 
 
+
+def test_masked_softmax_broadcasts_logits_and_mask():
+  # The softmax runs on [rows, kv] rows: logits and mask broadcast against each other first,
+  # rows with nothing to attend to stay zero, the gradient flows through the broadcast.
+  rng = np.random.default_rng(4)
+  logits = jnp.asarray(rng.normal(size=(1, 3, 1, 5, 6)), jnp.float32)
+  mask = rng.random((2, 1, 1, 5, 6)) > 0.4
+  mask[1, 0, 0, 2] = False
+  mask = jnp.asarray(mask)
+  cot = jnp.asarray(rng.normal(size=(2, 3, 1, 5, 6)), jnp.float32)
+
+  @jax.jit
+  def run(x):
+    softmax = ops.common.masked_softmax if x.dtype == jnp.float32 else ref.masked_softmax
+    return jax.vjp(lambda x: softmax(x, mask), x)[1](cot.astype(x.dtype))[0], softmax(x, mask)
+
+  grad, probs = run(logits)
+  with ref.x64():
+    want_grad, want_probs = run(ref.f64(logits))
+  assert probs.shape == (2, 3, 1, 5, 6) and probs.dtype == jnp.float32
+  assert np.all(np.asarray(probs[1, :, 0, 2]) == 0.0)
+  np.testing.assert_allclose(probs, want_probs, atol=1e-6)
+  np.testing.assert_allclose(grad, want_grad, atol=1e-5)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's fusions")
+def test_xla_path_compiles_to_no_more_fusions_than_jax_nn():
+  # Without GQA the grouped logits [b, k, 1, t, s] have a size-1 axis inside; their softmax
+  # must not cost a copy of the logits that jax.nn's program does not have.
+  q, k, v = _qkv(b=1, t=32, s=32, n=4, k=4, d=16)
+
+  def fusions(fn):
+    text = jax.jit(fn).lower(q, k, v).compile().as_text()
+    return text[text.index("ENTRY"):].count(" fusion(")
+
+  ours = fusions(lambda q, k, v: ops.dot_product_attention(q, k, v, implementation="xla"))
+  assert ours <= fusions(lambda q, k, v: jax.nn.dot_product_attention(
+      q, k, v, implementation="xla"))
+
 def test_bf16_uses_float32_statistics():
   q, k, v = _qkv(t=33, s=33, k=2, dtype=jnp.bfloat16)
   out = ops.dot_product_attention(q, k, v, is_causal=True)
