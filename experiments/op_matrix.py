@@ -200,7 +200,8 @@ def run_cell(model_name: str, op: str, jit: bool = False, trace_only: bool = Fal
     if trace_only:
       variables = jax.eval_shape(lambda: model.init(rng_init, *inputs, **kwargs))
     else:
-      variables = (jax.jit(model.init) if jit else model.init)(rng_init, *inputs, **kwargs)
+      init = functools.partial(model.init, **kwargs)  # static keywords (train=True)
+      variables = (jax.jit(init) if jit else init)(rng_init, *inputs)
   except spatial.OpRefused as e:
     return "refused", str(e)
   except ValueError as e:
