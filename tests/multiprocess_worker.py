@@ -2,9 +2,10 @@
 
     python -m tests.multiprocess_worker PROCESS_ID PORT ROOT
 
-Runs every scenario of `test_multiprocess.SCENARIOS` in `ROOT/<name>`, then resumes
-`ROOT/resume_1to2` (stopped by a 1-process run), then runs `ROOT/preempt`, in which process 1
-receives SIGTERM after step 3. Prints one `RESULT <name> <json>` line per run.
+Its `XLA_FLAGS` (from the test) set the 4 CPU devices. Runs every scenario of
+`test_multiprocess.SCENARIOS` in `ROOT/<name>`, then resumes `ROOT/resume_1to2` (stopped by a
+1-process run), then runs `ROOT/preempt`, in which process 1 receives SIGTERM after step 3.
+Prints one `RESULT <name> <json>` line per run.
 """
 import json
 import os
@@ -12,7 +13,6 @@ import signal
 import sys
 
 process_id, port, root = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402  pylint: disable=g-import-not-at-top

@@ -25,6 +25,7 @@ import pytest
 from jax.experimental.compilation_cache import compilation_cache as cc
 
 from big_attn import main as main_lib
+from tests import processes
 from tests.test_train import ROOT, _config_module, _run_steps, losses, tiny_config
 
 pytestmark = pytest.mark.xdist_group("multiprocess")  # one worker builds `runs` once
@@ -85,8 +86,8 @@ def _launch(root: str) -> list[dict[str, dict]]:
   port = _free_port()
   env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
              JAX_COMPILATION_CACHE_DIR=os.path.join(root, "compilation_cache"),
+             XLA_FLAGS=processes.xla_flags(device_count=4),
              **{name.upper(): str(value) for name, value in _CACHE_EVERYTHING.items()})
-  env.pop("XLA_FLAGS", None)
   # Output to files, not pipes: a process blocked on a full pipe would stall the collectives.
   logs = [os.path.join(root, f"process_{i}.log") for i in range(2)]
   with contextlib.ExitStack() as stack:

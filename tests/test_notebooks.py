@@ -11,6 +11,8 @@ import nbclient
 import nbformat
 import pytest
 
+from tests import processes
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = os.path.join(ROOT, "experiments", "notebooks")
 
@@ -28,8 +30,7 @@ def execute(path: str, working_dir: str) -> nbformat.NotebookNode:
       p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
   # The kernel is a fresh process with one device, as a user's; conftest.py's other XLA flags
   # (cheaper compiles) reach it.
-  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                              if not f.startswith("--xla_force_host_platform_device_count"))
+  env["XLA_FLAGS"] = processes.xla_flags()
   client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
                                    record_timing=False,
                                    resources={"metadata": {"path": working_dir}})
