@@ -50,9 +50,10 @@ class BlockForm(NamedTuple):
       (block outputs add), "cog" (log-sum-exp merge of |s|, values weighted by sign(s)),
       "clipped_softmax" (clip((ζ-γ)p+γ, 0, 1) on the merged probabilities p), "linear" (the
       scores themselves as weights, block outputs add), "moments" (blocks return the sums
-      Σv, Σs·v, n, Σs, Σs² over their visible keys, concatenated on the last axis of the
-      output, `[batch, q_len, heads, 2·value_dim + 3]`; the sums add, and `output_map` forms
-      the op's output from them).
+      Σv, Σs'·v, n, Σs', Σs'² over their visible keys of the scores s' = s − c about the
+      row's mean c, and c, concatenated on the last axis of the output, `[batch, q_len, heads,
+      2·value_dim + 4]`; `output_map` forms the op's output from them, a value that must not
+      depend on c).
     query, key, scale: the (transformed) queries and keys and the logit scale.
     params: None or a dict of the rule's static numbers: `soft_cap` (softmax, sigmoid),
       `logit_bias` (sigmoid), `zeta`, `gamma` (clipped_softmax).

@@ -221,17 +221,17 @@ def _nonzero_std(var):
 
 
 def _from_moments(gain, shift, normalization, epsilon, sums, value):
-  """Normalized attention from the "moments" sums `[b, t, n, 2·dv + 3]` (Σv, Σs·v, n, Σs, Σs²
-  over the visible keys): out_i = g/(σ_i+ε)·(Σ s_ij v_j − μ_i Σ v_j) + β Σ v_j
-  ("standardize"), g/√n_i·Σ s_ij v_j + β Σ v_j ("scale")."""
+  """Normalized attention from the "moments" sums `[b, t, n, 2·dv + 4]` (Σv, Σs'·v, n, Σs',
+  Σs'² over the visible keys, s' = s − c, and c): out_i = g/(σ_i+ε)·Σ_j (s_ij − μ_i) v_j +
+  β Σ v_j ("standardize"), g/√n_i·Σ s_ij v_j + β Σ v_j ("scale")."""
   dv = value.shape[-1]
   sum_v, sum_sv = sums[..., :dv], sums[..., dv:2 * dv]
-  count, sum_s, sum_ss = (sums[..., 2 * dv + i, None] for i in range(3))
+  count, sum_s, sum_ss, center = (sums[..., 2 * dv + i, None] for i in range(4))
   count = jnp.maximum(count, 1.0)
   heads = lambda x: x if x.ndim == 0 else x.reshape(1, 1, -1, 1)
   gain, shift = heads(gain), heads(shift)
   if normalization == "scale":
-    out = gain * sum_sv * jax.lax.rsqrt(count) + shift * sum_v
+    out = gain * (sum_sv + center * sum_v) * jax.lax.rsqrt(count) + shift * sum_v
   else:
     mean = sum_s / count
     std = _nonzero_std(jnp.maximum(sum_ss / count - mean * mean, 0.0))
@@ -244,8 +244,8 @@ def _from_moments(gain, shift, normalization, epsilon, sums, value):
 def _normalized_block_form(query, key, scale, *, gain=1.0, shift=0.0,
                            normalization="standardize", epsilon=1e-3,
                            local_window_size=None) -> BlockForm:
-  """Blocks of the sums Σv, Σs·v, n, Σs, Σs² ("moments"), which add over key blocks; the
-  output map standardises with the row's μ and σ from them."""
+  """Blocks of the sums Σv, Σs·v, n, Σs, Σs² about the row's mean ("moments"), which add
+  over key blocks; the output map standardises with the row's μ and σ from them."""
   dims = common.check_qkv(query, key, key)
   epsilon = _check_normalized(normalization, epsilon)
   if local_window_size is not None:

@@ -13,12 +13,12 @@ left out, an op of the family is out_i = Σ_j W(t_ij; r_i) v_j with a row statis
   so a first ring pass merges the blocks' lse and a second sums the blocks' outputs.
 - "linear": W = t (the scores of feature maps, scale 1): block outputs add; a form divides by
   a summed normaliser in its output map.
-- "moments": no weights of their own: blocks return the sums Σv, Σs·v, n, Σs, Σs² of their
-  visible keys, which add; a form's output map turns them into the output (normalized
-  attention: out_i = g/(σ_i+ε)·(Σ s_ij v_j − μ_i Σ v_j) + β Σ v_j, μ and σ from n, Σs, Σs²).
-  The scores are taken about the row's mean μ_i, which a first ring pass sums (n, Σs), so the
-  sums keep their precision; outputs that, like the standardisation, do not change when every
-  score of a row shifts by the same amount do not depend on this center.
+- "moments": no weights of their own: blocks return the sums Σv, Σs'·v, n, Σs', Σs'² of
+  their visible keys, with the scores s' = s − c_i about the row's mean c_i = μ_i (a first
+  ring pass sums n and Σs), so the sums keep their precision; the sums add, and c_i is
+  appended as the last column. A form's output map turns them into the output (normalized
+  attention: out_i = g/(σ_i+ε)·Σ_j (s_ij − μ_i) v_j + β Σ v_j), as a function of the sums and
+  c whose value does not depend on c (Σs·v = Σs'·v + c·Σv).
 
 Scores that are not a dot product (`PairScores`: a function of each block's queries and keys,
 as GATv2's aᵀφ(q_i + k_j)) replace scale·QKᵀ in the softmax and linear rules; their gradient
@@ -38,8 +38,8 @@ With position terms, softmax dT = dB = P ∘ (M ∘ dW - δ) (still δ_i = dO_i�
 Σ_j P_ij M_ij v_j) and dM = P ∘ dW; linear dT = M ∘ dW, dM = t ∘ dW; dB and dM go back to the
 op's arrays through the position function's VJP, summed over blocks and devices.
 moments: the block's sums are a differentiable function of its queries, keys and values (the
-center held fixed), and they add, so each block's gradient is the VJP of its sums at the
-output's cotangent.
+center c held fixed, exact as the output does not depend on c), and they add, so each block's
+gradient is the VJP of its sums at the output's cotangent.
 sigmoid dT = dW ∘ W(1 - W). clipped dT = P ∘ (G - c) with G = (ζ-γ)·[0 < z < 1]·dW and the
 row sum c_i = Σ_j P_ij G_ij, which one more ring pass collects before the gradient pass. In
 every backward pass dK/dV travel around the ring with their block (`ring.ring_gradients`).
@@ -329,15 +329,22 @@ def _moment_block(q, k, v, scale, offset, q_seg, kv_seg, center):
                           common.weighted_values(ks, v, dims), sums], axis=-1)
 
 
+def _with_center(sums, center):
+  """The sums `[b, t, n, ·]` and the center (grouped `[b, k, g, t]`) as their last column."""
+  center = jnp.moveaxis(center, 3, 1).reshape(sums.shape[:3] + (1,))
+  return jnp.concatenate([sums, center], axis=-1)
+
+
 def _moment_forward(cfg: ring.RingConfig, q, k, v, q_seg, kv_seg):
-  """`(sums, center)`: a first ring pass for the rows' means, a second for the sums."""
+  """`(sums and center, center)`: a first ring pass for the rows' means, a second for the
+  sums about them."""
   kv = (k, v, kv_seg)
   center = _row_mean(ring.ring_reduce(
       cfg, lambda offset, kv: _count_and_sum(q, *kv[:2], cfg.scale, offset, q_seg, kv[2]),
       jnp.add, kv))
   block = lambda offset, kv: _moment_block(q, kv[0], kv[1], cfg.scale, offset, q_seg, kv[2],
                                            center)
-  return ring.ring_reduce(cfg, block, jnp.add, kv), center
+  return _with_center(ring.ring_reduce(cfg, block, jnp.add, kv), center), center
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -357,7 +364,7 @@ def _moment_core_bwd(cfg, residuals, dout):
   def grads(offset, kv):  # the center is held fixed: the output does not depend on it
     k, v, kv_seg = kv
     sums = lambda q, k, v: _moment_block(q, k, v, cfg.scale, offset, q_seg, kv_seg, center)
-    return jax.vjp(sums, as_float(q), as_float(k), as_float(v))[1](dout)
+    return jax.vjp(sums, as_float(q), as_float(k), as_float(v))[1](dout[..., :-1])
 
   dq, dk, dv = ring.ring_gradients(cfg, grads, (k, v, kv_seg))
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
@@ -527,7 +534,8 @@ def rule_ring_attention(schedule: str, query: Array, key: Array, value: Array, *
                         scale: float | None = None, pair_arrays=None) -> Array:
   """Per-shard attention of the family op `rule` over the `schedule` ("ring": contiguous
   shards, "striped": striped token order) inside `jax.shard_map` over `axis_name`; arguments
-  and result as `ring.ring_attention` ("moments": the float32 sums of `_moment_block`);
+  and result as `ring.ring_attention` ("moments": the float32 sums of `_moment_block` and the
+  center);
   `pair_arrays`: the arrays of the rule's position terms and pairwise scores (replicated over
   `axis_name`). The blocks are computed in XLA."""
   caller = f"{schedule}_attention"
@@ -573,7 +581,8 @@ def rule_all_gather_attention(query: Array, key: Array, value: Array, *, axis_na
   key, value, kv_seg = gather(key), gather(value), gather(kv_seg)
   if rule.merge == "moments":
     args = (query, key, value, scale, offset, q_seg, kv_seg)
-    return _moment_block(*args, lax.stop_gradient(_row_mean(_count_and_sum(*args))))
+    center = lax.stop_gradient(_row_mean(_count_and_sum(*args)))
+    return _with_center(_moment_block(*args, center), center)
   if _on_pair_core(rule):
     q_pos = shard * dims.q_len + jnp.arange(dims.q_len, dtype=jnp.int32)
     kv = (key, value, kv_seg, jnp.arange(key.shape[1], dtype=jnp.int32))
