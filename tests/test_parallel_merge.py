@@ -283,7 +283,8 @@ def test_declarations_and_refusals(mesh):
   with_form = {n for n in ops.names() if ops.spec(n).block_form is not None}
   assert with_form == {"softmax", "ngpt", "sigmoid", "cog", "clipped_softmax",
                        "gated_attention", *MAPPED, "urpe", "mask_reweighted", "neighborhood",
-                       "kernelized_rpe"}
+                       "kernelized_rpe", "gatv2", "neural_attention", "normalized",
+                       "gta_attention"}
   assert ops.sequence_parallel_form("lightning") == "state"
   q, k, v = reference.qkv(b=B, t=S, n=N, k=K, d=D)
   call = lambda op, **kw: parallel.sequence_parallel_attention(  # pylint: disable=g-long-lambda
@@ -291,9 +292,13 @@ def test_declarations_and_refusals(mesh):
   # Every causal op without a form states its own reason; the others the general one.
   assert all(ops.spec(n).block_refusal for n in ops.names()
              if ops.spec(n).causal and ops.sequence_parallel_form(n) is None)
-  with pytest.raises(ValueError, match="'normalized' has no sequence-parallel form: its "
-                     "weights g·.* standard deviation of the row's scores over all its keys"):
-    call("normalized")
+  with pytest.raises(ValueError, match="'hard_attention' has no sequence-parallel form: its "
+                     "output is one value v_z, z drawn from"):
+    call("hard_attention")
+  with pytest.raises(ValueError, match="learned pairwise scores takes no local_window_size"):
+    call("gatv2", attn_vec=jnp.ones((N, D)), local_window_size=3)
+  with pytest.raises(ValueError, match="normalized attention takes no local_window_size"):
+    call("normalized", local_window_size=3)
   with pytest.raises(ValueError, match="'reversed_attention' has no sequence-parallel form: "
                      "splitting the keys into blocks needs every weight to be a function of one"):
     call("reversed_attention")
@@ -330,6 +335,9 @@ def test_declarations_and_refusals(mesh):
     parallel.make_rule("cog", pair=terms)
   with pytest.raises(ValueError, match=r"position terms \(pair\) need a rule of"):
     parallel.make_rule("softmax", {"soft_cap": 2.0}, pair=terms)
+  scores = ops.PairScores(lambda arrays, q, k: None)
+  with pytest.raises(ValueError, match=r"pairwise scores \(score\) need a rule of"):
+    parallel.make_rule("moments", score=scores)
   with pytest.raises(NotImplementedError, match="'neighborhood' has no causal form on a 2-D"):
     call("neighborhood", kernel_size=3, grid=(4, 5), is_causal=True)
   with pytest.raises(ValueError, match=r"rpe_multiplier \[num_heads, q_len \+ kv_len − 1\]"):
