@@ -411,7 +411,8 @@ def _pair_scores(rule: Rule, q, k, v, scale, offset, q_seg, kv_seg, bias, visibl
     dims, mask, t, _ = _block(rule, q, k, v, scale, offset, q_seg, kv_seg)
   else:
     dims = common.check_qkv(q, k, v)
-    mask = blockwise._block_mask(dims, offset, 0, q_seg, kv_seg)  # pylint: disable=protected-access
+    # pylint: disable-next=protected-access
+    mask = blockwise._block_mask(dims, offset, 0, q_seg, kv_seg)
     t = scores * jnp.float32(scale)
   if visible is not None:
     mask = visible if mask is None else jnp.logical_and(mask, visible)
@@ -535,9 +536,8 @@ def rule_ring_attention(schedule: str, query: Array, key: Array, value: Array, *
   """Per-shard attention of the family op `rule` over the `schedule` ("ring": contiguous
   shards, "striped": striped token order) inside `jax.shard_map` over `axis_name`; arguments
   and result as `ring.ring_attention` ("moments": the float32 sums of `_moment_block` and the
-  center);
-  `pair_arrays`: the arrays of the rule's position terms and pairwise scores (replicated over
-  `axis_name`). The blocks are computed in XLA."""
+  center); `pair_arrays`: the arrays of the rule's position terms and pairwise scores
+  (replicated over `axis_name`). The blocks are computed in XLA."""
   caller = f"{schedule}_attention"
   if rule.merge in ("softmax", "cog") and not _on_pair_core(rule):
     return ring.attention_over_ring(schedule, query, key, value, axis_name=axis_name,
