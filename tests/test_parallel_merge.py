@@ -3,8 +3,10 @@ devices: sigmoid, cog, clipped softmax, gated and soft-capped softmax through th
 striped and all_gather strategies, forward and gradients (queries, keys, values, the gate)
 against the float64 references of `tests/score_checks.py` on the whole sequence; the ops whose
 block form maps the values and the output of softmax blocks, and those whose blocks read terms
-of their global positions (urpe, mask_reweighted, neighborhood, kernelized_rpe), against the op
-on one device;
+of their global positions (urpe, mask_reweighted, neighborhood, kernelized_rpe), and those
+whose blocks compute pairwise scores (gatv2, neural_attention), carry score moments
+(normalized) or map tokens at their global positions (gta_attention), against the op on one
+device;
 the layer and the LM reaching them by name; the up-front refusals.
 """
 import functools
