@@ -3,8 +3,10 @@ devices: sigmoid, cog, clipped softmax, gated and soft-capped softmax through th
 striped and all_gather strategies, forward and gradients (queries, keys, values, the gate)
 against the float64 references of `tests/score_checks.py` on the whole sequence; the ops whose
 block form maps the values and the output of softmax blocks, and those whose blocks read terms
-of their global positions (urpe, mask_reweighted, neighborhood, kernelized_rpe), against the op
-on one device;
+of their global positions (urpe, mask_reweighted, neighborhood, kernelized_rpe), and those
+whose blocks compute pairwise scores (gatv2, neural_attention), carry score moments
+(normalized) or map tokens at their global positions (gta_attention), against the op on one
+device;
 the layer and the LM reaching them by name; the up-front refusals.
 """
 import functools
@@ -119,17 +121,28 @@ def _sample(spec, seed):
 
 
 def _assert_matches_op(mesh, op, strategy, is_causal, static, arrays, *, seed,
-                       segment_ids=False):
+                       segment_ids=False, in_layer_order=False):
   """Output and gradients (queries, keys, values and the op's `arrays`, sampled by `_sample`)
   of op `op` sequence-parallel on packed segments with GQA equal those of the op on one device,
-  given `is_causal` and the full mask (or, with `segment_ids`, the segment ids)."""
+  given `is_causal` and the full mask (or, with `segment_ids`, the segment ids).
+  `in_layer_order`: through `SeqParallel.attend_form` on inputs in the strategy's token order
+  (striped once, as a model does), not `sequence_parallel_attention`."""
   seg = _segments()
   q, k, v = reference.qkv(b=B, t=S, n=N, k=K, d=D, seed=seed)
   extra = [_sample(spec, 20 + i) for i, spec in enumerate(arrays.values())]
   masking = {"segment_ids": seg} if segment_ids else {
       "mask": reference.full_mask(B, N, S, S, is_causal=is_causal, segment_ids=seg)}
+  striped = strategy == "striped"
+  order = (lambda a: parallel.stripe(a, SHARDS)) if striped else (lambda a: a)
+  natural = (lambda a: parallel.unstripe(a, SHARDS)) if striped else (lambda a: a)
 
   def sp_fn(q, k, v, *extra):
+    if in_layer_order:
+      form = ops.spec(op).block_form(order(q), order(k), None, **static,
+                                     **dict(zip(arrays, extra)))
+      sp = parallel.SeqParallel(mesh, "seq", strategy)
+      return natural(sp.attend_form(form, order(v), is_causal=is_causal,
+                                    segment_ids=order(jnp.asarray(seg))))
     return parallel.sequence_parallel_attention(
         q, k, v, mesh=mesh, strategy=strategy, is_causal=is_causal, segment_ids=seg, op=op,
         **static, **dict(zip(arrays, extra)))
@@ -173,6 +186,35 @@ def test_positional_forms_match_op(mesh, name, strategy):
   # kernelized_rpe takes key-padding masks only: packed segments as segment ids.
   _assert_matches_op(mesh, op, strategy, True, *POSITIONAL[name], seed=len(name),
                      segment_ids=op == "kernelized_rpe")
+
+
+# Ops whose blocks compute pairwise scores of their queries and keys (`ops.PairScores`), carry
+# the sums of the "moments" rule, or take per-token maps at their global positions
+# (`BlockForm.at_positions`): op -> (static op arguments, the op's arrays), as `MAPPED`.
+HOOKED = {
+    "gatv2": ({}, {"attn_vec": (N, D)}),
+    "gatv2_tanh": ({"nonlinearity": "tanh"}, {"attn_vec": (N, D)}),
+    "neural_attention": ({}, {"w1": (N, 2 * D, H), "b1": (N, H), "w2": (N, H)}),
+    "normalized": ({}, {"gain": lambda r: 1.0 + 0.3 * r((N,)), "shift": (N,)}),
+    "normalized_scale": ({"normalization": "scale"}, {"gain": (N,), "shift": (N,)}),
+    "gta_attention": ({}, {}),
+}
+# The default run: one case per op, in the strategy's token order as a model runs it (GTA
+# striped: its rotations read the tokens' positions in that order); the rest is `extended`.
+HOOKED_FAST = [("gatv2", "ring"), ("neural_attention", "all_gather"), ("normalized", "ring"),
+               ("gta_attention", "striped")]
+
+
+@pytest.mark.parametrize("name,strategy", HOOKED_FAST + [
+    pytest.param(name, strategy, marks=pytest.mark.extended) for name in HOOKED
+    for strategy in ("ring", "striped", "all_gather") if (name, strategy) not in HOOKED_FAST])
+def test_hooked_forms_match_op(mesh, name, strategy):
+  """Causal, packed segments, GQA, inputs in the strategy's token order: output and gradients
+  (queries, keys, values and the op's arrays) of the sequence-parallel op equal those of the
+  op on one device."""
+  op = name.removesuffix("_tanh").removesuffix("_scale")
+  _assert_matches_op(mesh, op, strategy, True, *HOOKED[name], seed=len(name),
+                     in_layer_order=True)
 
 
 # Non-causal position terms: NATTEN's shifted windows (1-D dilated, and on a 4×5 grid) and the
@@ -243,7 +285,8 @@ def test_declarations_and_refusals(mesh):
   with_form = {n for n in ops.names() if ops.spec(n).block_form is not None}
   assert with_form == {"softmax", "ngpt", "sigmoid", "cog", "clipped_softmax",
                        "gated_attention", *MAPPED, "urpe", "mask_reweighted", "neighborhood",
-                       "kernelized_rpe"}
+                       "kernelized_rpe", "gatv2", "neural_attention", "normalized",
+                       "gta_attention"}
   assert ops.sequence_parallel_form("lightning") == "state"
   q, k, v = reference.qkv(b=B, t=S, n=N, k=K, d=D)
   call = lambda op, **kw: parallel.sequence_parallel_attention(  # pylint: disable=g-long-lambda
@@ -251,9 +294,13 @@ def test_declarations_and_refusals(mesh):
   # Every causal op without a form states its own reason; the others the general one.
   assert all(ops.spec(n).block_refusal for n in ops.names()
              if ops.spec(n).causal and ops.sequence_parallel_form(n) is None)
-  with pytest.raises(ValueError, match="'normalized' has no sequence-parallel form: its "
-                     "weights g·.* standard deviation of the row's scores over all its keys"):
-    call("normalized")
+  with pytest.raises(ValueError, match="'hard_attention' has no sequence-parallel form: its "
+                     "output is one value v_z, z drawn from"):
+    call("hard_attention")
+  with pytest.raises(ValueError, match="learned pairwise scores takes no local_window_size"):
+    call("gatv2", attn_vec=jnp.ones((N, D)), local_window_size=3)
+  with pytest.raises(ValueError, match="normalized attention takes no local_window_size"):
+    call("normalized", local_window_size=3)
   with pytest.raises(ValueError, match="'reversed_attention' has no sequence-parallel form: "
                      "splitting the keys into blocks needs every weight to be a function of one"):
     call("reversed_attention")
@@ -290,6 +337,9 @@ def test_declarations_and_refusals(mesh):
     parallel.make_rule("cog", pair=terms)
   with pytest.raises(ValueError, match=r"position terms \(pair\) need a rule of"):
     parallel.make_rule("softmax", {"soft_cap": 2.0}, pair=terms)
+  scores = ops.PairScores(lambda arrays, q, k: None)
+  with pytest.raises(ValueError, match=r"pairwise scores \(score\) need a rule of"):
+    parallel.make_rule("moments", score=scores)
   with pytest.raises(NotImplementedError, match="'neighborhood' has no causal form on a 2-D"):
     call("neighborhood", kernel_size=3, grid=(4, 5), is_causal=True)
   with pytest.raises(ValueError, match=r"rpe_multiplier \[num_heads, q_len \+ kv_len − 1\]"):

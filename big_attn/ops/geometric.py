@@ -7,6 +7,8 @@ queries, keys, values and outputs.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +16,7 @@ import numpy as np
 from big_attn.ops import checks
 from big_attn.ops import common
 from big_attn.ops import windowed
-from big_attn.ops.registry import register
+from big_attn.ops.registry import BlockForm, register
 from big_attn.ops.softmax import dot_product_attention
 
 Array = jax.Array
@@ -24,13 +26,14 @@ Array = jax.Array
 GTA_BASE = 100.0
 
 
-def _positions(length: int, grid) -> np.ndarray:
-  """`[length, axes]` token coordinates: `(y, x)` on the row-major `grid`, else `(t,)`."""
+def _coordinates(positions: np.ndarray, grid) -> np.ndarray:
+  """`[length, axes]` coordinates of the tokens at the global `positions [length]`: `(y, x)`
+  on the row-major `grid`, else `(t,)`."""
+  positions = np.asarray(positions)
   if grid is None:
-    return np.arange(length, dtype=np.float64)[:, None]
-  h, w = windowed.check_grid(grid, length)
-  pos = np.arange(length)
-  return np.stack([pos // w, pos % w], axis=-1).astype(np.float64)
+    return positions.astype(np.float64)[:, None]
+  _, w = windowed.check_grid(grid, positions.shape[0])
+  return np.stack([positions // w, positions % w], axis=-1).astype(np.float64)
 
 
 def _angles(positions: np.ndarray, width: int, base: float, name: str) -> np.ndarray:
@@ -55,11 +58,37 @@ def _rotate(x: Array, angles: np.ndarray) -> Array:
   return jnp.concatenate([first * cos - second * sin, first * sin + second * cos], axis=-1)
 
 
-@register("gta_attention", segment_ids=True, grid=True,
-          block_refusal=(
-              "its queries, keys, values and outputs are rotated by ρ of each token's position, "
-              "read from the token's index in the sequence, which the striped token order of "
-              "sequence parallelism permutes (its softmax blocks would merge given positions)"))
+def _gta_form_at(query, key, scale, grid, base, q_pos, k_pos) -> BlockForm:
+  """GTA as softmax blocks for tokens at the global positions `q_pos`, `k_pos`: queries and
+  keys turned by ρ(g)⁻¹, the value map ρ(g_j)⁻¹ v_j, the output map ρ(g_i) out_i."""
+  q_at, k_at = _coordinates(q_pos, grid), _coordinates(k_pos, grid)
+  turn = lambda at, x, name: _angles(at, x.shape[-1], base, name)
+
+  def value_map(value):
+    return _rotate(value, -turn(k_at, value, "value_dim")).astype(value.dtype)
+
+  def output_map(out, value):
+    del value
+    return _rotate(out, turn(q_at, out, "value_dim")).astype(out.dtype)
+
+  return BlockForm("softmax", _rotate(query, -turn(q_at, query, "head_dim")).astype(query.dtype),
+                   _rotate(key, -turn(k_at, key, "head_dim")).astype(key.dtype), scale,
+                   value_map=value_map, output_map=output_map)
+
+
+def _gta_block_form(query, key, scale, *, grid=None, base=GTA_BASE) -> BlockForm:
+  """GTA's `BlockForm` (natural token order) and, as `at_positions`, the form at any global
+  positions (the rotations follow each token's own position in a striped order)."""
+  dims = common.check_qkv(query, key, key)
+  base = checks.positive_float("base", base)
+  if grid is not None and dims.q_len != dims.kv_len:
+    raise ValueError("gta on a grid needs queries and keys on one image: q_len must equal "
+                     f"kv_len, got {dims.q_len} and {dims.kv_len}")
+  at = functools.partial(_gta_form_at, query, key, scale, grid, base)
+  return at(np.arange(dims.q_len), np.arange(dims.kv_len))._replace(at_positions=at)
+
+
+@register("gta_attention", segment_ids=True, grid=True, block_form=_gta_block_form)
 def gta_attention(query, key, value, *, mask=None, is_causal=False, scale=None, grid=None,
                   base=GTA_BASE, segment_ids=None):
   """GTA: A Geometry-Aware Attention Mechanism for Multi-View Transformers (Miyato et al.,
@@ -92,18 +121,9 @@ def gta_attention(query, key, value, *, mask=None, is_causal=False, scale=None, 
   Returns:
     `[batch, q_len, num_heads, value_dim]` in the query's dtype.
   """
-  dims = common.check_qkv(query, key, value)
-  base = checks.positive_float("base", base)
-  if grid is not None and dims.q_len != dims.kv_len:
-    raise ValueError("gta on a grid needs queries and keys on one image: q_len must equal "
-                     f"kv_len, got {dims.q_len} and {dims.kv_len}")
-  q_pos, k_pos = _positions(dims.q_len, grid), _positions(dims.kv_len, grid)
-  q_turn = _angles(q_pos, dims.head_dim, base, "head_dim")
-  k_turn = _angles(k_pos, dims.head_dim, base, "head_dim")
-  v_turn = _angles(k_pos, dims.value_dim, base, "value_dim")
-  o_turn = _angles(q_pos, dims.value_dim, base, "value_dim")
-  out = dot_product_attention(
-      _rotate(query, -q_turn).astype(query.dtype), _rotate(key, -k_turn).astype(key.dtype),
-      _rotate(value, -v_turn).astype(value.dtype), mask=mask, is_causal=is_causal, scale=scale,
-      segment_ids=segment_ids, implementation="xla")
-  return _rotate(out, o_turn).astype(query.dtype)
+  common.check_qkv(query, key, value)
+  form = _gta_block_form(query, key, scale, grid=grid, base=base)
+  out = dot_product_attention(form.query, form.key, form.value_map(value), mask=mask,
+                              is_causal=is_causal, scale=scale, segment_ids=segment_ids,
+                              implementation="xla")
+  return form.output_map(out, value).astype(query.dtype)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from big_attn.ops import checks
 from big_attn.ops import common
-from big_attn.ops.registry import OpParams, register, register_params
+from big_attn.ops.registry import BlockForm, OpParams, PairScores, register, register_params
 
 ACTIVATIONS = {"relu": jax.nn.relu, "gelu": jax.nn.gelu, "tanh": jnp.tanh}
 NONLINEARITIES = ("leaky_relu", "tanh")
@@ -32,6 +32,8 @@ def _weight(name: str, x, shape: tuple[int, ...], what: str) -> jax.Array:
 
 def _attend(logits, value, dims, query_dtype, mask, is_causal, segment_ids, local_window_size,
             scale):
+  """softmax_j(scale·logits, masked) V of the scores `logits [b, n, t, s]`."""
+  logits = logits.reshape(dims.batch, dims.num_kv_heads, dims.groups, dims.q_len, dims.kv_len)
   full_mask = common.make_mask(dims, mask=mask, is_causal=is_causal, segment_ids=segment_ids,
                                local_window_size=local_window_size)
   logits = logits * jnp.float32(1.0 if scale is None else scale)
@@ -39,11 +41,54 @@ def _attend(logits, value, dims, query_dtype, mask, is_causal, segment_ids, loca
   return common.weighted_values(probs, value, dims).astype(query_dtype)
 
 
-@register("neural_attention", segment_ids=True,
-          block_refusal=(
-              "its score c·w2ᵀσ(W1[q_i; k_j] + b1) is an MLP of each query-key pair, not a dot "
-              "product of transformed queries and keys, the only score the ring's key blocks "
-              "compute"))
+def _block_form(query, key, scale, scores: PairScores, arrays: dict,
+                local_window_size) -> BlockForm:
+  """Softmax blocks of the pairwise `scores` times c = `scale` (1 when None)."""
+  if local_window_size is not None:
+    raise ValueError("the sequence-parallel form of learned pairwise scores takes no "
+                     f"local_window_size, got {local_window_size!r}")
+  return BlockForm("softmax", query, key, 1.0 if scale is None else scale, pair_scores=scores,
+                   pair_arrays=arrays)
+
+
+def _neural_weights(dims, w1, b1, w2, hidden_dim, activation) -> dict:
+  """Neural Attention's checked weights `{"w1", "b1", "w2"}` in float32."""
+  if activation not in ACTIVATIONS:
+    raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
+  n, d = dims.num_heads, dims.head_dim
+  hidden = getattr(w1, "shape", (None,))[-1]
+  if hidden_dim is not None and hidden_dim != hidden:
+    raise ValueError(f"hidden_dim ({hidden_dim}) must equal w1.shape[-1] ({hidden})")
+  return {"w1": _weight("w1", w1, (n, 2 * d, hidden), "[num_heads, 2*head_dim, hidden]"),
+          "b1": _weight("b1", b1, (n, hidden), "[num_heads, hidden]"),
+          "w2": _weight("w2", w2, (n, hidden), "[num_heads, hidden]")}
+
+
+def _neural_scores(arrays, query, key, *, activation):
+  """Neural Attention's `PairScores`: w2ᵀσ(W1_q q_i + W1_k k_j + b1), float32 `[b, n, t, s]`."""
+  w1, b1, w2 = arrays["w1"], arrays["b1"], arrays["w2"]
+  (b, t, n, d), (s, k), hidden = query.shape, key.shape[1:3], w1.shape[-1]
+  g = n // k
+  w1 = w1.reshape(k, g, 2 * d, hidden)
+  q = common.group_query(query, k).astype(jnp.float32)
+  from_q = jnp.einsum("btkgd,kgdh->bkgth", q, w1[:, :, :d]) + b1.reshape(1, k, g, 1, hidden)
+  from_k = jnp.einsum("bskd,kgdh->bkgsh", key.astype(jnp.float32), w1[:, :, d:])
+  hidden_act = ACTIVATIONS[activation](from_q[:, :, :, :, None] + from_k[:, :, :, None])
+  return jnp.einsum("bkgtsh,kgh->bkgts", hidden_act, w2.reshape(k, g, hidden)).reshape(
+      b, n, t, s)
+
+
+def _neural_block_form(query, key, scale, *, w1=None, b1=None, w2=None, hidden_dim=None,
+                       activation="relu", local_window_size=None) -> BlockForm:
+  """Softmax blocks of Neural Attention's MLP scores of each block's (q_i, k_j) pairs."""
+  arrays = _neural_weights(common.check_qkv(query, key, key), w1, b1, w2, hidden_dim,
+                           activation)
+  return _block_form(query, key, scale,
+                     PairScores(_neural_scores, (("activation", activation),)), arrays,
+                     local_window_size)
+
+
+@register("neural_attention", segment_ids=True, block_form=_neural_block_form)
 def neural_attention(query, key, value, *, mask=None, is_causal=False, scale=None, w1=None,
                      b1=None, w2=None, hidden_dim=None, activation="relu", segment_ids=None,
                      local_window_size=None):
@@ -73,31 +118,50 @@ def neural_attention(query, key, value, *, mask=None, is_causal=False, scale=Non
     `[batch, q_len, num_heads, value_dim]` in the query's dtype.
   """
   dims = common.check_qkv(query, key, value)
-  if activation not in ACTIVATIONS:
-    raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
-  n, d = dims.num_heads, dims.head_dim
-  hidden = getattr(w1, "shape", (None,))[-1]
-  if hidden_dim is not None and hidden_dim != hidden:
-    raise ValueError(f"hidden_dim ({hidden_dim}) must equal w1.shape[-1] ({hidden})")
-  w1 = _weight("w1", w1, (n, 2 * d, hidden), "[num_heads, 2*head_dim, hidden]")
-  b1 = _weight("b1", b1, (n, hidden), "[num_heads, hidden]")
-  w2 = _weight("w2", w2, (n, hidden), "[num_heads, hidden]")
-  k, g = dims.num_kv_heads, dims.groups
-  w1 = w1.reshape(k, g, 2 * d, hidden)
-  q = common.group_query(query, k).astype(jnp.float32)
-  from_q = jnp.einsum("btkgd,kgdh->bkgth", q, w1[:, :, :d]) + b1.reshape(1, k, g, 1, hidden)
-  from_k = jnp.einsum("bskd,kgdh->bkgsh", key.astype(jnp.float32), w1[:, :, d:])
-  hidden_act = ACTIVATIONS[activation](from_q[:, :, :, :, None] + from_k[:, :, :, None])
-  logits = jnp.einsum("bkgtsh,kgh->bkgts", hidden_act, w2.reshape(k, g, hidden))
+  arrays = _neural_weights(dims, w1, b1, w2, hidden_dim, activation)
+  logits = _neural_scores(arrays, query, key, activation=activation)
   return _attend(logits, value, dims, query.dtype, mask, is_causal, segment_ids,
                  local_window_size, scale)
 
 
-@register("gatv2", segment_ids=True,
-          block_refusal=(
-              "its score c·aᵀφ(q_i + k_j) is a non-linear function of each query-key pair, not a "
-              "dot product of transformed queries and keys, the only score the ring's key blocks "
-              "compute"))
+def _gatv2_static(nonlinearity, negative_slope) -> tuple:
+  """GATv2's checked static arguments, as `PairScores.static`."""
+  if nonlinearity not in NONLINEARITIES:
+    raise ValueError(f"nonlinearity must be one of {NONLINEARITIES}, got {nonlinearity!r}")
+  return (("nonlinearity", nonlinearity),
+          ("negative_slope", checks.non_negative_float("negative_slope", negative_slope)))
+
+
+def _gatv2_weights(dims, attn_vec) -> dict:
+  """GATv2's checked vector a, `{"attn_vec"}` in float32."""
+  return {"attn_vec": _weight("attn_vec", attn_vec, (dims.num_heads, dims.head_dim),
+                              "[num_heads, head_dim]")}
+
+
+def _gatv2_scores(arrays, query, key, *, nonlinearity, negative_slope):
+  """GATv2's `PairScores`: aᵀφ(q_i + k_j), float32 `[b, n, t, s]`."""
+  (b, t, n, d), (s, k) = query.shape, key.shape[1:3]
+  q = common.group_query(query, k).astype(jnp.float32)
+  pre = (jnp.transpose(q, (0, 2, 3, 1, 4))[:, :, :, :, None]
+         + jnp.transpose(key.astype(jnp.float32), (0, 2, 1, 3))[:, :, None, None])
+  if nonlinearity == "tanh":
+    act = jnp.tanh(pre)
+  else:
+    act = jax.nn.leaky_relu(pre, negative_slope)
+  return jnp.einsum("bkgtsd,kgd->bkgts", act,
+                    arrays["attn_vec"].reshape(k, n // k, d)).reshape(b, n, t, s)
+
+
+def _gatv2_block_form(query, key, scale, *, attn_vec=None, nonlinearity="leaky_relu",
+                      negative_slope=0.2, local_window_size=None) -> BlockForm:
+  """Softmax blocks of GATv2's scores aᵀφ(q_i + k_j) of each block's pairs."""
+  arrays = _gatv2_weights(common.check_qkv(query, key, key), attn_vec)
+  return _block_form(query, key, scale,
+                     PairScores(_gatv2_scores, _gatv2_static(nonlinearity, negative_slope)),
+                     arrays, local_window_size)
+
+
+@register("gatv2", segment_ids=True, block_form=_gatv2_block_form)
 def gatv2_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                     attn_vec=None, nonlinearity="leaky_relu", negative_slope=0.2,
                     segment_ids=None, local_window_size=None):
@@ -126,19 +190,8 @@ def gatv2_attention(query, key, value, *, mask=None, is_causal=False, scale=None
     `[batch, q_len, num_heads, value_dim]` in the query's dtype.
   """
   dims = common.check_qkv(query, key, value)
-  if nonlinearity not in NONLINEARITIES:
-    raise ValueError(f"nonlinearity must be one of {NONLINEARITIES}, got {nonlinearity!r}")
-  negative_slope = checks.non_negative_float("negative_slope", negative_slope)
-  k, g, d = dims.num_kv_heads, dims.groups, dims.head_dim
-  attn_vec = _weight("attn_vec", attn_vec, (dims.num_heads, d), "[num_heads, head_dim]")
-  q = common.group_query(query, k).astype(jnp.float32)
-  pre = (jnp.transpose(q, (0, 2, 3, 1, 4))[:, :, :, :, None]
-         + jnp.transpose(key.astype(jnp.float32), (0, 2, 1, 3))[:, :, None, None])
-  if nonlinearity == "tanh":
-    act = jnp.tanh(pre)
-  else:
-    act = jax.nn.leaky_relu(pre, negative_slope)
-  logits = jnp.einsum("bkgtsd,kgd->bkgts", act, attn_vec.reshape(k, g, d))
+  static = _gatv2_static(nonlinearity, negative_slope)
+  logits = _gatv2_scores(_gatv2_weights(dims, attn_vec), query, key, **dict(static))
   return _attend(logits, value, dims, query.dtype, mask, is_causal, segment_ids,
                  local_window_size, scale)
 

@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 # Block-merge rules of `big_attn.parallel.merge`: how per-key-block results of an op combine.
-BLOCK_MERGES = ("softmax", "sigmoid", "cog", "clipped_softmax", "linear")
+BLOCK_MERGES = ("softmax", "sigmoid", "cog", "clipped_softmax", "linear", "moments")
 
 
 class PairTerms(NamedTuple):
@@ -28,6 +28,20 @@ class PairTerms(NamedTuple):
   static: tuple = ()
 
 
+class PairScores(NamedTuple):
+  """A block's scores as a function of each (query, key) pair, for ops whose score is not a dot
+  product (hashable: part of the static block-merge rule).
+
+  `fn(arrays, query, key, **dict(static)) -> scores`: `arrays` the op's arrays
+  (`BlockForm.pair_arrays`, heads leading), `query [batch, t, heads, dim]` and `key [batch, s,
+  kv_heads, dim]` a block's queries and keys; the float32 scores `[batch, heads, t, s]` before
+  the form's scale. Differentiable in all three (the schedules pull the scores' gradient back
+  through `jax.vjp`); the same function serves the whole sequence and every block.
+  """
+  fn: Callable
+  static: tuple = ()
+
+
 class BlockForm(NamedTuple):
   """An op as the ring and striped schedules compute it (`OpSpec.block_form` returns one).
 
@@ -35,7 +49,11 @@ class BlockForm(NamedTuple):
     merge: the block-merge rule (`BLOCK_MERGES`): "softmax" (log-sum-exp merge), "sigmoid"
       (block outputs add), "cog" (log-sum-exp merge of |s|, values weighted by sign(s)),
       "clipped_softmax" (clip((ζ-γ)p+γ, 0, 1) on the merged probabilities p), "linear" (the
-      scores themselves as weights, block outputs add).
+      scores themselves as weights, block outputs add), "moments" (blocks return the sums
+      Σv, Σs'·v, n, Σs', Σs'² over their visible keys of the scores s' = s − c about the
+      row's mean c, and c, concatenated on the last axis of the output, `[batch, q_len, heads,
+      2·value_dim + 4]`; `output_map` forms the op's output from them, a value that must not
+      depend on c).
     query, key, scale: the (transformed) queries and keys and the logit scale.
     params: None or a dict of the rule's static numbers: `soft_cap` (softmax, sigmoid),
       `logit_bias` (sigmoid), `zeta`, `gamma` (clipped_softmax).
@@ -50,7 +68,15 @@ class BlockForm(NamedTuple):
       the whole or the sharded sequence.
     pair_terms: None or the `PairTerms` of a block's global positions ("softmax": bias,
       multiplier and visible pairs; "linear": multiplier and visible pairs).
-    pair_arrays: the arrays `pair_terms` reads (a dict), differentiated with the op.
+    pair_arrays: the arrays `pair_terms` and `pair_scores` read (a dict), differentiated with
+      the op.
+    pair_scores: None (scores scale·q_i·k_j) or the `PairScores` of a block's queries and keys
+      (rules "softmax" and "linear").
+    at_positions: None, or for forms whose per-token maps depend on each token's global
+      position, `(q_pos, k_pos) -> BlockForm`: the form for queries and keys at the global
+      positions `q_pos [q_len]`, `k_pos [kv_len]` (NumPy ints, in the order of the arrays the
+      schedule attends: striped for the striped schedule). The form's own fields are those of
+      the natural order.
   """
   merge: str
   query: Any
@@ -62,6 +88,8 @@ class BlockForm(NamedTuple):
   output_map: Callable | None = None
   pair_terms: PairTerms | None = None
   pair_arrays: Any = None
+  pair_scores: PairScores | None = None
+  at_positions: Callable | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,6 +7,8 @@ with nothing to attend to.
 """
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -204,11 +206,57 @@ def cog_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
   return common.weighted_values(weights, value, dims).astype(query.dtype)
 
 
-@register("normalized", segment_ids=True,
-          block_refusal=(
-              "its weights g·(s_ij − μ_i)/(σ_i + ε) + β standardise every score by the mean and "
-              "standard deviation of the row's scores over all its keys; key blocks would have to"
-              " carry the sums n, Σs, Σs², Σs·v and Σv, which no merge rule carries"))
+def _check_normalized(normalization, epsilon) -> float:
+  """Normalized attention's checked ε (after its `normalization`)."""
+  if normalization not in NORMALIZATIONS:
+    raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+  return checks.positive_float("epsilon", epsilon)
+
+
+def _nonzero_std(var):
+  """√var where var > 0, else 0 (sqrt has an infinite slope at 0: one unmasked key, or equal
+  scores), with finite gradients."""
+  positive = var > 0.0
+  return jnp.where(positive, jnp.sqrt(jnp.where(positive, var, 1.0)), 0.0)
+
+
+def _from_moments(gain, shift, normalization, epsilon, sums, value):
+  """Normalized attention from the "moments" sums `[b, t, n, 2·dv + 4]` (Σv, Σs'·v, n, Σs',
+  Σs'² over the visible keys, s' = s − c, and c): out_i = g/(σ_i+ε)·Σ_j (s_ij − μ_i) v_j +
+  β Σ v_j ("standardize"), g/√n_i·Σ s_ij v_j + β Σ v_j ("scale")."""
+  dv = value.shape[-1]
+  sum_v, sum_sv = sums[..., :dv], sums[..., dv:2 * dv]
+  count, sum_s, sum_ss, center = (sums[..., 2 * dv + i, None] for i in range(4))
+  count = jnp.maximum(count, 1.0)
+  heads = lambda x: x if x.ndim == 0 else x.reshape(1, 1, -1, 1)
+  gain, shift = heads(gain), heads(shift)
+  if normalization == "scale":
+    out = gain * (sum_sv + center * sum_v) * jax.lax.rsqrt(count) + shift * sum_v
+  else:
+    mean = sum_s / count
+    std = _nonzero_std(jnp.maximum(sum_ss / count - mean * mean, 0.0))
+    # Σ(s − μ)v, exactly 0 (and so its gradient) in a row of one key.
+    centred = jnp.where(count > 1.0, sum_sv - mean * sum_v, 0.0)
+    out = gain / (std + epsilon) * centred + shift * sum_v
+  return out.astype(value.dtype)
+
+
+def _normalized_block_form(query, key, scale, *, gain=1.0, shift=0.0,
+                           normalization="standardize", epsilon=1e-3,
+                           local_window_size=None) -> BlockForm:
+  """Blocks of the sums Σv, Σs·v, n, Σs, Σs² about the row's mean ("moments"), which add
+  over key blocks; the output map standardises with the row's μ and σ from them."""
+  dims = common.check_qkv(query, key, key)
+  epsilon = _check_normalized(normalization, epsilon)
+  if local_window_size is not None:
+    raise ValueError("the sequence-parallel form of normalized attention takes no "
+                     f"local_window_size, got {local_window_size!r}")
+  gain, shift = _per_head("gain", gain, dims), _per_head("shift", shift, dims)
+  return BlockForm("moments", query, key, scale, output_map=functools.partial(
+      _from_moments, gain, shift, normalization, epsilon))
+
+
+@register("normalized", segment_ids=True, block_form=_normalized_block_form)
 def normalized_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                          gain=1.0, shift=0.0, normalization="standardize", epsilon=1e-3,
                          segment_ids=None, local_window_size=None):
@@ -236,9 +284,7 @@ def normalized_attention(query, key, value, *, mask=None, is_causal=False, scale
   Returns:
     `[batch, q_len, num_heads, value_dim]` in the query's dtype.
   """
-  if normalization not in NORMALIZATIONS:
-    raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
-  epsilon = checks.positive_float("epsilon", epsilon)
+  epsilon = _check_normalized(normalization, epsilon)
   dims, logits, gmask = common.scores(query, key, value, mask=mask, is_causal=is_causal,
                                       scale=scale, segment_ids=segment_ids,
                                       local_window_size=local_window_size)
@@ -256,9 +302,7 @@ def normalized_attention(query, key, value, *, mask=None, is_causal=False, scale
     mean = jnp.sum(logits * keep, axis=-1, keepdims=True) / count
     centered = (logits - mean) * keep
     var = jnp.sum(centered * centered, axis=-1, keepdims=True) / count
-    # sqrt has an infinite slope at 0 (one unmasked key, or equal scores): keep grads finite.
-    positive = var > 0.0
-    std = jnp.where(positive, jnp.sqrt(jnp.where(positive, var, 1.0)), 0.0)
+    std = _nonzero_std(var)
     normed = centered / (std + epsilon)
   weights = (g * normed + beta) * keep
   return common.weighted_values(weights, value, dims).astype(query.dtype)

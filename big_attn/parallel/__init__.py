@@ -10,7 +10,9 @@ the sequence is split and the one layout rule for the other dimensions (`sequenc
 than softmax (sigmoid, cog, gated, clipped, soft-capped) run through the same schedules with
 their own block-merge rule and custom VJP (`merge.py`, `Rule`), as do ops whose block terms
 depend on the global positions of the queries and keys (`ops.PairTerms`: urpe, mask_reweighted,
-neighborhood, kernelized_rpe).
+neighborhood, kernelized_rpe), whose scores are a function of each query-key pair
+(`ops.PairScores`: gatv2, neural_attention) or whose blocks carry sums of score moments (rule
+"moments": normalized).
 """
 from __future__ import annotations
 

@@ -13,6 +13,16 @@ left out, an op of the family is out_i = Σ_j W(t_ij; r_i) v_j with a row statis
   so a first ring pass merges the blocks' lse and a second sums the blocks' outputs.
 - "linear": W = t (the scores of feature maps, scale 1): block outputs add; a form divides by
   a summed normaliser in its output map.
+- "moments": no weights of their own: blocks return the sums Σv, Σs'·v, n, Σs', Σs'² of
+  their visible keys, with the scores s' = s − c_i about the row's mean c_i = μ_i (a first
+  ring pass sums n and Σs), so the sums keep their precision; the sums add, and c_i is
+  appended as the last column. A form's output map turns them into the output (normalized
+  attention: out_i = g/(σ_i+ε)·Σ_j (s_ij − μ_i) v_j + β Σ v_j), as a function of the sums and
+  c whose value does not depend on c (Σs·v = Σs'·v + c·Σv).
+
+Scores that are not a dot product (`PairScores`: a function of each block's queries and keys,
+as GATv2's aᵀφ(q_i + k_j)) replace scale·QKᵀ in the softmax and linear rules; their gradient
+goes back to the queries, keys and the op's arrays through the function's VJP.
 
 Terms of the global positions (`PairTerms`: a bias B_ij, a multiplier M_ij, visible pairs) are
 computed per block from the positions of its queries and keys, which the ring and striped
@@ -27,6 +37,9 @@ both with δ_i = dO_i·O_i (FlashAttention-2), so any block's gradient is exact 
 With position terms, softmax dT = dB = P ∘ (M ∘ dW - δ) (still δ_i = dO_i·O_i, as O_i =
 Σ_j P_ij M_ij v_j) and dM = P ∘ dW; linear dT = M ∘ dW, dM = t ∘ dW; dB and dM go back to the
 op's arrays through the position function's VJP, summed over blocks and devices.
+moments: the block's sums are a differentiable function of its queries, keys and values (the
+center c held fixed, exact as the output does not depend on c), and they add, so each block's
+gradient is the VJP of its sums at the output's cotangent.
 sigmoid dT = dW ∘ W(1 - W). clipped dT = P ∘ (G - c) with G = (ζ-γ)·[0 < z < 1]·dW and the
 row sum c_i = Σ_j P_ij G_ij, which one more ring pass collects before the gradient pass. In
 every backward pass dK/dV travel around the ring with their block (`ring.ring_gradients`).
@@ -45,7 +58,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from big_attn.ops import common
-from big_attn.ops.registry import BLOCK_MERGES, PairTerms
+from big_attn.ops.registry import BLOCK_MERGES, PairScores, PairTerms
 from big_attn.parallel import blockwise
 from big_attn.parallel import ring
 
@@ -53,8 +66,8 @@ Array = jax.Array
 
 # The static numbers each rule takes (`BlockForm.params`).
 RULE_PARAMS = {"softmax": ("soft_cap",), "sigmoid": ("soft_cap", "logit_bias"), "cog": (),
-               "clipped_softmax": ("zeta", "gamma"), "linear": ()}
-# The rules that take position terms (`Rule.pair`).
+               "clipped_softmax": ("zeta", "gamma"), "linear": (), "moments": ()}
+# The rules that take position terms (`Rule.pair`) and pairwise scores (`Rule.score`).
 PAIR_MERGES = ("softmax", "linear")
 
 
@@ -66,13 +79,15 @@ class Rule(NamedTuple):
   zeta: float = 1.0
   gamma: float = 0.0
   pair: PairTerms | None = None
+  score: PairScores | None = None
 
 
-def make_rule(merge: str, params: dict | None = None, pair: PairTerms | None = None) -> Rule:
+def make_rule(merge: str, params: dict | None = None, pair: PairTerms | None = None,
+              score: PairScores | None = None) -> Rule:
   """The `Rule` of `merge` (one of `ops.registry.BLOCK_MERGES`) with `params` (None entries
-  take the defaults) and the position terms `pair`; a `ValueError` for an unknown rule, a
-  parameter it does not take, or position terms on a rule other than `PAIR_MERGES` (softmax
-  without a soft cap)."""
+  take the defaults), the position terms `pair` and the pairwise scores `score`; a
+  `ValueError` for an unknown rule, a parameter it does not take, or position terms or
+  pairwise scores on a rule other than `PAIR_MERGES` (softmax without a soft cap)."""
   if merge not in BLOCK_MERGES:
     raise ValueError(f"merge must be one of {BLOCK_MERGES}, got {merge!r}")
   params = {k: v for k, v in (params or {}).items() if v is not None}
@@ -80,10 +95,16 @@ def make_rule(merge: str, params: dict | None = None, pair: PairTerms | None = N
   if unknown:
     raise ValueError(f"block-merge rule {merge!r} takes parameters {RULE_PARAMS[merge]}, got "
                      f"{unknown}")
-  if pair is not None and (merge not in PAIR_MERGES or params):
-    raise ValueError(f"position terms (pair) need a rule of {PAIR_MERGES} without parameters, "
-                     f"got {merge!r} with {params}")
-  return Rule(merge, **{k: float(v) for k, v in params.items()}, pair=pair)
+  for field, value in (("position terms (pair)", pair), ("pairwise scores (score)", score)):
+    if value is not None and (merge not in PAIR_MERGES or params):
+      raise ValueError(f"{field} need a rule of {PAIR_MERGES} without parameters, got "
+                       f"{merge!r} with {params}")
+  return Rule(merge, **{k: float(v) for k, v in params.items()}, pair=pair, score=score)
+
+
+def _on_pair_core(rule: Rule) -> bool:
+  """Whether `rule` runs through `_pair_core` (position terms, pairwise scores, linear)."""
+  return rule.pair is not None or rule.score is not None or rule.merge == "linear"
 
 
 def is_plain_softmax(rule: Rule | None) -> bool:
@@ -173,9 +194,14 @@ def block_grads(rule: Rule, q, k, v, dout, lse, row, *, scale, causal_offset=Non
   return _input_grads(dims, q, k, w, ds * scale, dout_g)
 
 
+def _value_grad(w, dout_g):
+  """dV `[b, s, k, dv]` of a block from its weights `w` and grouped dO."""
+  return jnp.einsum("bkgts,btkgd->bskd", w, dout_g)
+
+
 def _input_grads(dims, q, k, w, ds, dout_g):
   """Float32 `(dq, dk, dv)` of a block from its weights `w`, the scaled dS and grouped dO."""
-  dv = jnp.einsum("bkgts,btkgd->bskd", w, dout_g)
+  dv = _value_grad(w, dout_g)
   dq = jnp.einsum("bkgts,bskd->btkgd", ds, k.astype(jnp.float32))
   q_g = common.group_query(q, dims.num_kv_heads).astype(jnp.float32)
   dk = jnp.einsum("bkgts,btkgd->bskd", ds, q_g)
@@ -269,6 +295,84 @@ def _sum_core_bwd(cfg, rule, residuals, dout):
 _sum_core.defvjp(_sum_core_fwd, _sum_core_bwd)
 
 
+# The moments rule: blocks return sums of their visible keys, which add.
+
+def _moment_scores(q, k, v, scale, offset, q_seg, kv_seg, center=None):
+  """`(dims, keep, s)` of a block: the float32 visible pairs (1 or 0) and the scores
+  s = scale·q·k − center (`center` None or grouped `[b, k, g, t]`), grouped."""
+  dims, mask, s, _ = _block(Rule("moments"), q, k, v, scale, offset, q_seg, kv_seg)
+  keep = jnp.ones_like(s) if mask is None else jnp.broadcast_to(mask, s.shape).astype(s.dtype)
+  return dims, keep, s if center is None else s - center[..., None]
+
+
+def _count_and_sum(q, k, v, scale, offset, q_seg, kv_seg):
+  """Grouped float32 `[2, b, k, g, t]`: n and Σs of one block over its visible keys."""
+  _, keep, s = _moment_scores(q, k, v, scale, offset, q_seg, kv_seg)
+  return jnp.stack([keep.sum(axis=-1), (keep * s).sum(axis=-1)])
+
+
+def _row_mean(sums):
+  """μ = Σs/n of `_count_and_sum`'s sums (0 in a row without keys)."""
+  return sums[1] / jnp.maximum(sums[0], 1.0)
+
+
+def _moment_block(q, k, v, scale, offset, q_seg, kv_seg, center):
+  """Float32 `[b, t, n, 2·dv + 3]`: Σv, Σs·v, n, Σs, Σs² of one block over its visible keys,
+  with s = scale·q·k − center (the row's mean: the sums about it keep their precision; the
+  output map's standardisation does not depend on the center)."""
+  dims, keep, s = _moment_scores(q, k, v, scale, offset, q_seg, kv_seg, center)
+  ks = keep * s
+  v = v.astype(jnp.float32)
+  sums = jnp.stack([keep, ks, ks * s], axis=-1).sum(axis=-2)  # [b, k, g, t, 3]
+  sums = jnp.moveaxis(sums, 3, 1).reshape(dims.batch, dims.q_len, dims.num_heads, 3)
+  return jnp.concatenate([common.weighted_values(keep, v, dims),
+                          common.weighted_values(ks, v, dims), sums], axis=-1)
+
+
+def _with_center(sums, center):
+  """The sums `[b, t, n, ·]` and the center (grouped `[b, k, g, t]`) as their last column."""
+  center = jnp.moveaxis(center, 3, 1).reshape(sums.shape[:3] + (1,))
+  return jnp.concatenate([sums, center], axis=-1)
+
+
+def _moment_forward(cfg: ring.RingConfig, q, k, v, q_seg, kv_seg):
+  """`(sums and center, center)`: a first ring pass for the rows' means, a second for the
+  sums about them."""
+  kv = (k, v, kv_seg)
+  center = _row_mean(ring.ring_reduce(
+      cfg, lambda offset, kv: _count_and_sum(q, *kv[:2], cfg.scale, offset, q_seg, kv[2]),
+      jnp.add, kv))
+  block = lambda offset, kv: _moment_block(q, kv[0], kv[1], cfg.scale, offset, q_seg, kv[2],
+                                           center)
+  return _with_center(ring.ring_reduce(cfg, block, jnp.add, kv), center), center
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _moment_core(cfg: ring.RingConfig, q, k, v, q_seg, kv_seg):
+  return _moment_forward(cfg, q, k, v, q_seg, kv_seg)[0]
+
+
+def _moment_core_fwd(cfg, q, k, v, q_seg, kv_seg):
+  sums, center = _moment_forward(cfg, q, k, v, q_seg, kv_seg)
+  return sums, (q, k, v, q_seg, kv_seg, center)
+
+
+def _moment_core_bwd(cfg, residuals, dout):
+  q, k, v, q_seg, kv_seg, center = residuals
+  as_float = lambda x: x.astype(jnp.float32)
+
+  def grads(offset, kv):  # the center is held fixed: the output does not depend on it
+    k, v, kv_seg = kv
+    sums = lambda q, k, v: _moment_block(q, k, v, cfg.scale, offset, q_seg, kv_seg, center)
+    return jax.vjp(sums, as_float(q), as_float(k), as_float(v))[1](dout[..., :-1])
+
+  dq, dk, dv = ring.ring_gradients(cfg, grads, (k, v, kv_seg))
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+
+
+_moment_core.defvjp(_moment_core_fwd, _moment_core_bwd)
+
+
 # Rules with terms of the global positions (`Rule.pair`): softmax (lse merge) and linear (sum).
 
 def _position_terms(rule: Rule, dims, q_pos, k_pos, is_causal: bool, arrays):
@@ -289,9 +393,27 @@ def _position_terms(rule: Rule, dims, q_pos, k_pos, is_causal: bool, arrays):
   return (as_float(bias), as_float(multiplier)), visible
 
 
-def _pair_scores(rule: Rule, q, k, v, scale, offset, q_seg, kv_seg, bias, visible):
-  """`(dims, mask, t)` of a block: scores with the position bias, mask with visible pairs."""
-  dims, mask, t, _ = _block(rule, q, k, v, scale, offset, q_seg, kv_seg)
+def _rule_scores(rule: Rule, dims, arrays, q, k):
+  """The rule's pairwise scores of a block, float32 grouped `[b, k, g, t, s]` (before the
+  scale), or None for scores q·k."""
+  if rule.score is None:
+    return None
+  scores = rule.score.fn(arrays, q, k, **dict(rule.score.static))
+  return scores.astype(jnp.float32).reshape(dims.batch, dims.num_kv_heads, dims.groups,
+                                            dims.q_len, dims.kv_len)
+
+
+def _pair_scores(rule: Rule, q, k, v, scale, offset, q_seg, kv_seg, bias, visible,
+                 scores=None):
+  """`(dims, mask, t)` of a block: scores (scale·QKᵀ, or scale·`scores`, the rule's pairwise
+  scores) with the position bias, mask with visible pairs."""
+  if scores is None:
+    dims, mask, t, _ = _block(rule, q, k, v, scale, offset, q_seg, kv_seg)
+  else:
+    dims = common.check_qkv(q, k, v)
+    # pylint: disable-next=protected-access
+    mask = blockwise._block_mask(dims, offset, 0, q_seg, kv_seg)
+    t = scores * jnp.float32(scale)
   if visible is not None:
     mask = visible if mask is None else jnp.logical_and(mask, visible)
   return dims, mask, (t if bias is None else t + bias)
@@ -310,7 +432,9 @@ def _pair_block(rule: Rule, scale, is_causal, arrays, q, q_pos, q_seg, offset, k
   k, v, kv_seg, k_pos = kv
   dims = common.check_qkv(q, k, v)
   (bias, multiplier), visible = _position_terms(rule, dims, q_pos, k_pos, is_causal, arrays)
-  dims, mask, t = _pair_scores(rule, q, k, v, scale, offset, q_seg, kv_seg, bias, visible)
+  scores = _rule_scores(rule, dims, arrays, q.astype(jnp.float32), k.astype(jnp.float32))
+  dims, mask, t = _pair_scores(rule, q, k, v, scale, offset, q_seg, kv_seg, bias, visible,
+                               scores)
   lse = None if rule.merge == "linear" else _row_lse(_exponent(rule, t, mask))
   w = _pair_weights(rule, t, mask, lse)
   w = w if multiplier is None else w * multiplier
@@ -362,8 +486,12 @@ def _pair_core_bwd(cfg, rule, residuals, dout):
     dims = common.check_qkv(q, k, v)
     terms = lambda a: _position_terms(rule, dims, q_pos, k_pos, cfg.is_causal, a)
     (bias, multiplier), pull, visible = jax.vjp(terms, arrays, has_aux=True)
+    scores = pull_scores = None
+    if rule.score is not None:
+      scores, pull_scores = jax.vjp(lambda q, k, a: _rule_scores(rule, dims, a, q, k),
+                                    q.astype(jnp.float32), k.astype(jnp.float32), arrays)
     dims, mask, t = _pair_scores(rule, q, k, v, cfg.scale, offset, q_seg, kv_seg, bias,
-                                 visible)
+                                 visible, scores)
     p = _pair_weights(rule, t, mask, lse)
     dout_g, dw = _value_grads(dims, v, dout)
     w, dp = (p, dw) if multiplier is None else (p * multiplier, dw * multiplier)
@@ -373,7 +501,11 @@ def _pair_core_bwd(cfg, rule, residuals, dout):
       ds = p * (dp - delta[..., None])
     (darrays,) = pull((None if bias is None else jnp.sum(ds, axis=0),
                        None if multiplier is None else jnp.sum(p * dw, axis=0)))
-    dq, dk, dv = _input_grads(dims, q, k, w, ds * cfg.scale, dout_g)
+    if pull_scores is None:
+      dq, dk, dv = _input_grads(dims, q, k, w, ds * cfg.scale, dout_g)
+    else:
+      dq, dk, dscores = pull_scores(ds * cfg.scale)
+      dv, darrays = _value_grad(w, dout_g), jax.tree.map(jnp.add, darrays, dscores)
     return (dq, darrays), dk, dv
 
   (dq, darrays), dk, dv = ring.ring_gradients(cfg, grads, kv)
@@ -403,22 +535,22 @@ def rule_ring_attention(schedule: str, query: Array, key: Array, value: Array, *
                         scale: float | None = None, pair_arrays=None) -> Array:
   """Per-shard attention of the family op `rule` over the `schedule` ("ring": contiguous
   shards, "striped": striped token order) inside `jax.shard_map` over `axis_name`; arguments
-  and result as `ring.ring_attention`; `pair_arrays`: the arrays of the rule's position terms
+  and result as `ring.ring_attention` ("moments": the float32 sums of `_moment_block` and the
+  center); `pair_arrays`: the arrays of the rule's position terms and pairwise scores
   (replicated over `axis_name`). The blocks are computed in XLA."""
   caller = f"{schedule}_attention"
-  if rule.pair is not None or rule.merge == "linear":
-    cfg, q_seg, kv_seg = ring.ring_config(schedule, query, key, value, axis_name=axis_name,
-                                          is_causal=is_causal, segment_ids=segment_ids,
-                                          scale=scale, block_impl="xla", caller=caller)
-    return _pair_core(cfg, rule, _varying_like(pair_arrays, query), query, key, value, q_seg,
-                      kv_seg)
-  if rule.merge in ("softmax", "cog"):
+  if rule.merge in ("softmax", "cog") and not _on_pair_core(rule):
     return ring.attention_over_ring(schedule, query, key, value, axis_name=axis_name,
                                     is_causal=is_causal, segment_ids=segment_ids, scale=scale,
                                     block_impl=lse_block_impl(rule), caller=caller)
   cfg, q_seg, kv_seg = ring.ring_config(schedule, query, key, value, axis_name=axis_name,
                                         is_causal=is_causal, segment_ids=segment_ids,
                                         scale=scale, block_impl="xla", caller=caller)
+  if rule.merge == "moments":
+    return _moment_core(cfg, query, key, value, q_seg, kv_seg)
+  if _on_pair_core(rule):
+    return _pair_core(cfg, rule, _varying_like(pair_arrays, query), query, key, value, q_seg,
+                      kv_seg)
   return _sum_core(cfg, rule, query, key, value, q_seg, kv_seg)
 
 
@@ -439,7 +571,7 @@ def rule_all_gather_attention(query: Array, key: Array, value: Array, *, axis_na
   """Per-shard attention of the family op `rule`: the local queries against all keys/values
   gathered over `axis_name` (contiguous shards; inside `jax.shard_map`). `segment_ids`: None
   or the local `(q_segment_ids, kv_segment_ids)`; `pair_arrays`: the arrays of the rule's
-  position terms."""
+  position terms and pairwise scores."""
   dims = common.check_qkv(query, key, value)
   gather = lambda x: None if x is None else lax.all_gather(x, axis_name, axis=1, tiled=True)
   q_seg, kv_seg = (None, None) if segment_ids is None else segment_ids
@@ -447,7 +579,11 @@ def rule_all_gather_attention(query: Array, key: Array, value: Array, *, axis_na
   shard = lax.axis_index(axis_name)
   offset = shard * dims.q_len if is_causal else None
   key, value, kv_seg = gather(key), gather(value), gather(kv_seg)
-  if rule.pair is not None or rule.merge == "linear":
+  if rule.merge == "moments":
+    args = (query, key, value, scale, offset, q_seg, kv_seg)
+    center = lax.stop_gradient(_row_mean(_count_and_sum(*args)))
+    return _with_center(_moment_block(*args, center), center)
+  if _on_pair_core(rule):
     q_pos = shard * dims.q_len + jnp.arange(dims.q_len, dtype=jnp.int32)
     kv = (key, value, kv_seg, jnp.arange(key.shape[1], dtype=jnp.int32))
     out = _pair_block(rule, scale, is_causal, pair_arrays, query, q_pos, q_seg, offset, kv)

@@ -31,7 +31,7 @@ from big_attn.ops.softmax import dot_product_attention
 from big_attn.parallel import merge
 from big_attn.parallel.linear_state import linear_state_attention
 from big_attn.parallel.ring import ring_attention
-from big_attn.parallel.striped import striped_attention
+from big_attn.parallel.striped import stripe, striped_attention
 
 Array = jax.Array
 
@@ -193,13 +193,23 @@ class SeqParallel:
                            out_specs=qkv_spec)(*args[:3], pair_arrays, *args[3:])
     return _gated(out, gate_logits)
 
+  def positions(self, length: int) -> np.ndarray:
+    """The global positions `[length]` of a sequence in the strategy's token order."""
+    natural = np.arange(length)
+    return stripe(natural, self.num_shards, axis=0) if self.strategy == "striped" else natural
+
   def attend_form(self, form: BlockForm, value: Array, *, is_causal: bool = False,
                   segment_ids: Array | None = None) -> Array:
     """`attention` of an op's `BlockForm` (`ops.spec(op).block_form(...)`) and `value`, with
-    the form's value and output maps around it."""
+    the form's value and output maps around it; a form that depends on its tokens' global
+    positions (`BlockForm.at_positions`) is taken at those of the strategy's token order."""
+    if form.at_positions is not None:
+      q_pos, k_pos = (self.positions(x.shape[1]) for x in (form.query, form.key))
+      form = form.at_positions(q_pos, k_pos)
     out = self.attention(form.query, form.key, _mapped(form.value_map, value),
                          is_causal=is_causal, segment_ids=segment_ids, scale=form.scale,
-                         rule=merge.make_rule(form.merge, form.params, form.pair_terms),
+                         rule=merge.make_rule(form.merge, form.params, form.pair_terms,
+                                              form.pair_scores),
                          gate_logits=form.gate_logits, pair_arrays=form.pair_arrays)
     return out if form.output_map is None else form.output_map(out, value)
 
@@ -286,7 +296,7 @@ def sequence_parallel_attention(query: Array, key: Array, value: Array, *, mesh,
   common.check_qkv(query, key, value)
   form = ops.spec(op).block_form(query, key, scale, **op_args)
   query, key = form.query, form.key
-  rule = merge.make_rule(form.merge, form.params, form.pair_terms)
+  rule = merge.make_rule(form.merge, form.params, form.pair_terms, form.pair_scores)
   op_value, value = value, _mapped(form.value_map, value)
   dims = common.check_qkv(query, key, value)
   segments = common.normalize_segment_ids(segment_ids, dims)
