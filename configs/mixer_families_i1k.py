@@ -9,7 +9,8 @@ Each paper's recipe: 300 epochs of AdamW (weight decay 0.05) with cosine decay a
 HorNet as ConvNeXt (batch 4096, lr 4e-3, 20 warm-up epochs, stochastic depth 0.2/0.4/0.5),
 Sequencer2D (batch 2048, lr 2e-3, 20 warm-up epochs, stochastic depth 0.1/0.2/0.4),
 SpectFormer as GFNet/DeiT (batch 1024, lr 1e-3, 5 warm-up epochs, exact GELU; `vit` has no
-stochastic depth, so their 0.1 is not applied). RandAugment, random erasing, label smoothing, CutMix and EMA are not part of it.
+stochastic depth, so their 0.1 is not applied); no gradient clipping. RandAugment, random
+erasing, label smoothing, CutMix and EMA are not part of it.
 
 Args: variant (hornet_t/s/b: `convnext`; sequencer2d_s/m/l: `metaformer`; spectformer_t/xs/
 s/b: `vit`), attention (SpectFormer's attention op, `big_attn.ops.names()`), epochs, runlocal

@@ -1,7 +1,7 @@
-"""HorNet (`convnext` with gⁿConv), Sequencer2D (`metaformer` with BiLSTM2D) and SpectFormer (`vit`
-with spectral blocks): the papers' parameter counts, each block against a float64 reference of
-its formula (forward and gradients), a forward and train step per family, bad arguments, the
-configs, and the digits config through `big_attn.main`."""
+"""HorNet (`convnext` with gⁿConv), Sequencer2D (`metaformer` with BiLSTM2D) and SpectFormer
+(`vit` with spectral blocks): the papers' parameter counts, each block against a float64
+reference of its formula (forward and gradients), a forward and train step per family, bad
+arguments, the configs, and the digits config through `big_attn.main`."""
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -238,10 +238,10 @@ def _train_digits_config(workdir, family):
 
 
 def test_digits_config_trains_through_main(tmp_path):
-  _train_digits_config(tmp_path, "hornet")
+  _train_digits_config(tmp_path, "spectformer")  # the family that compiles fastest
 
 
 @pytest.mark.extended
-@pytest.mark.parametrize("family", ["sequencer", "spectformer"])
+@pytest.mark.parametrize("family", ["hornet", "sequencer"])
 def test_digits_config_of_every_family_trains_through_main(tmp_path, family):
   _train_digits_config(tmp_path, family)

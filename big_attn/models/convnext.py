@@ -23,7 +23,8 @@ HorNet (HorNet: Efficient High-Order Spatial Interactions with Recursive Gated C
 this network with a token mixer per stage (`mixers`, a MetaFormer mixer name; `gnconv` of order
 2, 3, 4, 5 in the paper's stages, 7x7 depthwise, s = 1/3): its block is
 
-    x + DropPath(gamma_1 * Mixer(LN(x))),   then x + DropPath(gamma_2 * Dense(GELU(Dense_4C(LN(x))))),
+    x + DropPath(gamma_1 * Mixer(LN(x))),
+    then x + DropPath(gamma_2 * Dense(GELU(Dense_4C(LN(x))))),
 
 the rest (stem, downsampling, head, layer scale 1e-6) as ConvNeXt's.
 

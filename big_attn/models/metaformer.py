@@ -83,8 +83,8 @@ _DIMS = {"S12": (64, 128, 320, 512), "S24": (64, 128, 320, 512), "S36": (64, 128
 _SEQUENCER_DEPTHS = {"sequencer2d_s": (4, 3, 8, 3), "sequencer2d_m": (4, 3, 14, 3),
                      "sequencer2d_l": (8, 8, 16, 4)}
 _SEQUENCER = dict(dims=(192, 384, 384, 384), mlp_ratio=3.0, mixers="bilstm2d", norm="layer",
-                  patch_embeddings=((7, 7, 0), (2, 2, 0), (1, 1, 0), (1, 1, 0)), layer_scale_init=0.0,
-                  approximate_gelu=False, head_norm="token_layer")
+                  patch_embeddings=((7, 7, 0), (2, 2, 0), (1, 1, 0), (1, 1, 0)),
+                  layer_scale_init=0.0, approximate_gelu=False, head_norm="token_layer")
 # The defaults of the fields a Sequencer variant sets: PoolFormer's.
 _POOLFORMER = dict(mlp_ratio=4.0, mixers="pool", norm="group", layer_scale_init=1e-5,
                    approximate_gelu=True, head_norm="group")
