@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from big_attn import main as main_lib
+from big_attn.interpret import lrp
 from big_attn.models import convnext, metaformer, vit
 from tests import reference as ref
 from tests.test_convnext import abstract, count, full_size_count, random_params, train_steps
@@ -193,6 +194,7 @@ def test_bad_arguments():
     build(vit.Model(**dict(spect, spectral_layers=(2,))))
   with pytest.raises(ValueError, match="spectformer_t, spectformer_xs"):
     vit.decode_variant("spectformer_l")
+  assert "model.spectral_layers" in lrp.unsupported(vit.Model(**spect))
 
 
 def test_every_config_builds():
