@@ -1,13 +1,14 @@
-r"""Small HorNet, Sequencer2D or SpectFormer on scikit-learn's handwritten digits (16x16).
+r"""Small HorNet, Sequencer2D, SpectFormer or MobileViT on scikit-learn's handwritten digits
+(16x16).
 
     python -m big_attn.main --config=configs/mixer_families_digits.py:family=hornet \
         --workdir=/tmp/hornet_digits
 
 Args (`--config=configs/mixer_families_digits.py:family=spectformer,attention=sigmoid`):
   family: hornet (`convnext` with gⁿConv of orders 2, 3, 4), sequencer (`metaformer` with
-    BiLSTM2D, Sequencer2D's layout) or spectformer (`vit`, spectral filters in the first 2 of 4
-    blocks).
-  attention: registry name of SpectFormer's attention op (`big_attn.ops.names()`).
+    BiLSTM2D, Sequencer2D's layout), spectformer (`vit`, spectral filters in the first 2 of 4
+    blocks) or mobilevit (`mobilevit`, strides 1, 1, 2, 1, 2, 1).
+  attention: registry name of SpectFormer's or MobileViT's attention op (`big_attn.ops.names()`).
   steps: training steps.
   runlocal: a few steps only, for smoke tests.
 """
@@ -23,6 +24,9 @@ _MODELS = {
         layer_scale_init=0.0, approximate_gelu=False, head_norm="token_layer")),
     "spectformer": ("vit", dict(width=64, depth=4, mlp_dim=128, num_heads=4, patch_size=(4, 4),
                                 spectral_layers=(0, 1), pool_type="gap", approximate_gelu=False)),
+    "mobilevit": ("mobilevit", dict(channels=(8, 8, 16, 16, 16), dims=(16, 16, 16), expansion=2,
+                                    head_channels=32, depths=(1, 1, 1),
+                                    strides=(1, 1, 2, 1, 2, 1))),
 }
 
 
@@ -35,6 +39,6 @@ def get_config(arg=None):
   config = config_lib.digits_config(arg, weight_decay=0.05)
   config.model_name, model = _MODELS[arg.family]
   config.model = dict(model, dtype="float32")
-  if arg.family == "spectformer":
+  if arg.family in ("spectformer", "mobilevit"):
     config.model["attention"] = arg.attention
   return config_lib.declare_model_settings(config)

@@ -1,4 +1,4 @@
-r"""HorNet, Sequencer2D and SpectFormer on ImageNet-2012, the variant picking the family.
+r"""HorNet, Sequencer2D, SpectFormer and MobileViT on ImageNet-2012, the variant picking the family.
 
     python -m big_attn.main --config=configs/mixer_families_i1k.py:variant=hornet_t \
         --workdir=DIR --config.input.data_dir=gs://BUCKET/tensorflow_datasets
@@ -9,11 +9,13 @@ Each paper's recipe: 300 epochs of AdamW (weight decay 0.05) with cosine decay a
 HorNet as ConvNeXt (batch 4096, lr 4e-3, 20 warm-up epochs, stochastic depth 0.2/0.4/0.5),
 Sequencer2D (batch 2048, lr 2e-3, 20 warm-up epochs, stochastic depth 0.1/0.2/0.4),
 SpectFormer as GFNet/DeiT (batch 1024, lr 1e-3, 5 warm-up epochs, exact GELU; `vit` has no
-stochastic depth, so their 0.1 is not applied); no gradient clipping. RandAugment, random
+stochastic depth, so their 0.1 is not applied), MobileViT at 256x256 (batch 1024, lr 2e-3, 3
+warm-up epochs, weight decay 0.01, dropout 0.1); no gradient clipping. RandAugment, random
 erasing, label smoothing, CutMix and EMA are not part of it.
 
 Args: variant (hornet_t/s/b: `convnext`; sequencer2d_s/m/l: `metaformer`; spectformer_t/xs/
-s/b: `vit`), attention (SpectFormer's attention op, `big_attn.ops.names()`), epochs, runlocal
+s/b: `vit`; mobilevit_xxs/xs/s: `mobilevit`), attention (SpectFormer's and MobileViT's attention
+op, `big_attn.ops.names()`), epochs, runlocal
 (a narrow model of the family, few steps, small batch: a laptop check of the pipeline).
 """
 from big_attn.train import config_lib
@@ -31,12 +33,17 @@ _RECIPES = {
     "spectformer_xs": ("vit", 1024, 1e-3, 5, None),
     "spectformer_s": ("vit", 1024, 1e-3, 5, None),
     "spectformer_b": ("vit", 1024, 1e-3, 5, None),
+    "mobilevit_xxs": ("mobilevit", 1024, 2e-3, 3, None),
+    "mobilevit_xs": ("mobilevit", 1024, 2e-3, 3, None),
+    "mobilevit_s": ("mobilevit", 1024, 2e-3, 3, None),
 }
 _DROP_PATH_FIELD = {"convnext": "drop_path_rate", "metaformer": "drop_path"}
 # runlocal: a narrow model of the variant's family.
 _RUNLOCAL = {"convnext": dict(depths=(1, 1, 1, 1), dims=(16, 32, 64, 128)),
              "metaformer": dict(depths=(1, 1, 1, 1), dims=(16, 32, 32, 32)),
-             "vit": dict(width=32, depth=2, num_heads=2, mlp_dim=64, spectral_layers=(0,))}
+             "vit": dict(width=32, depth=2, num_heads=2, mlp_dim=64, spectral_layers=(0,)),
+             "mobilevit": dict(channels=(8, 8, 16, 16, 16), dims=(16, 16, 16),
+                               head_channels=32, depths=(1, 1, 1))}
 
 
 def get_config(arg=None):
@@ -49,7 +56,7 @@ def get_config(arg=None):
   config = config_lib.base_config()
 
   config.input.name = "tfds:imagenet2012"
-  config.input.image_size = 224
+  config.input.image_size = 256 if model_name == "mobilevit" else 224
   config.input.batch_size = 8 if arg.runlocal else batch
   config.input.augment = dict(crop_padding=0, flip=True)
   config.input.mixup = 0.0 if arg.runlocal else 0.8
@@ -58,6 +65,9 @@ def get_config(arg=None):
   config.model = dict(num_classes=1000, variant=arg.variant, dtype="bfloat16")
   if model_name == "vit":
     config.model.update(attention=arg.attention, approximate_gelu=False, pool_type="gap")
+  elif model_name == "mobilevit":
+    config.model.update(variant=arg.variant.split("_")[1].upper(), attention=arg.attention,
+                        dropout=0.0 if arg.runlocal else 0.1)
   else:
     config.model[_DROP_PATH_FIELD[model_name]] = 0.0 if arg.runlocal else drop
   if arg.runlocal:
@@ -65,7 +75,7 @@ def get_config(arg=None):
 
   config.mesh = [("data", -1)]
   config.optax_name = "adamw"
-  config.optax = dict(b2=0.999, weight_decay=0.05)
+  config.optax = dict(b2=0.999, weight_decay=0.01 if model_name == "mobilevit" else 0.05)
   config.lr = lr
   steps_per_epoch = _TRAIN_EXAMPLES // config.input.batch_size
   config.schedule = dict(warmup_steps=2 if arg.runlocal else warmup_epochs * steps_per_epoch,

@@ -1,5 +1,5 @@
-"""HorNet (`convnext` with gⁿConv), Sequencer2D (`metaformer` with BiLSTM2D) and SpectFormer
-(`vit` with spectral blocks): the papers' parameter counts, each block against a float64
+"""HorNet (`convnext` with gⁿConv), Sequencer2D (`metaformer` with BiLSTM2D), SpectFormer
+(`vit` with spectral blocks) and MobileViT (`mobilevit`): the papers' parameter counts, each block against a float64
 reference of its formula (forward and gradients), a forward and train step per family, bad
 arguments, the configs, and the digits config through `big_attn.main`."""
 import jax
@@ -10,10 +10,11 @@ import pytest
 
 from big_attn import main as main_lib
 from big_attn.interpret import lrp
-from big_attn.models import convnext, metaformer, vit
+from big_attn.models import convnext, metaformer, mobilevit, vit
 from tests import reference as ref
-from tests.test_convnext import abstract, count, full_size_count, random_params, train_steps
-from tests.test_token_mixers import dense, ref_gnconv, ref_spectral_filter
+from tests.test_convnext import (abstract, count, full_size_count, init_batch_stats,
+                                 random_params, train_steps)
+from tests.test_token_mixers import conv, dense, ref_gnconv, ref_spectral_filter, same
 from tests.test_train import _config_module, losses
 
 TOL = dict(rtol=2e-4, atol=2e-4)
@@ -50,26 +51,30 @@ PAPER = {"hornet_t": (convnext, 22e6), "hornet_s": (convnext, 50e6),
          "hornet_b": (convnext, 87e6), "sequencer2d_s": (metaformer, 28e6),
          "sequencer2d_m": (metaformer, 38e6), "sequencer2d_l": (metaformer, 54e6),
          "spectformer_t": (vit, 9e6), "spectformer_xs": (vit, None), "spectformer_s": (vit, 32e6),
-         "spectformer_b": (vit, 57e6)}
-REPRESENTATIVES = ("hornet_t", "sequencer2d_s", "spectformer_s")
+         "spectformer_b": (vit, 57e6), "XXS": (mobilevit, 1.3e6), "XS": (mobilevit, 2.3e6),
+         "S": (mobilevit, 5.6e6)}
+REPRESENTATIVES = ("hornet_t", "sequencer2d_s", "spectformer_s", "S")
 
 
 def _assert_count(variant, params):
   n, expected = count(params), PAPER[variant][1]
   if expected is None:
     assert n == 20_028_520
+  elif PAPER[variant][0] is mobilevit:  # MobileViT reports one decimal (XXS 1.27M is 2.2% off)
+    assert round(n / 1e6, 1) == expected / 1e6, (variant, n)
   else:
     assert abs(n - expected) / expected < 0.02, (variant, n)
 
 
 def _full_size(variant):
-  return abstract(PAPER[variant][0].Model(num_classes=1000, variant=variant),
-                  jnp.zeros((1, 224, 224, 3)))
+  family = PAPER[variant][0]
+  side = 256 if family is mobilevit else 224
+  return abstract(family.Model(num_classes=1000, variant=variant), jnp.zeros((1, side, side, 3)))
 
 
 def test_parameter_counts_and_layouts_of_one_variant_per_family():
-  hornet, seq, spect = (_full_size(v) for v in REPRESENTATIVES)
-  for variant, params in zip(REPRESENTATIVES, (hornet, seq, spect)):
+  hornet, seq, spect, mvit = (_full_size(v) for v in REPRESENTATIVES)
+  for variant, params in zip(REPRESENTATIVES, (hornet, seq, spect, mvit)):
     _assert_count(variant, params)
   # Orders 2 and 5: the depthwise conv over Σ C_k = c + c/2 channels, then 4 pointwise.
   assert hornet["stage_0_block_0"]["mixer"]["dwconv"]["kernel"].value.shape == (7, 7, 1, 96)
@@ -83,6 +88,9 @@ def test_parameter_counts_and_layouts_of_one_variant_per_family():
   assert [("SpectralFilter" in blocks[f"encoderblock_{i}"]) for i in range(19)] == (
       [True] * 4 + [False] * 15)
   assert blocks["encoderblock_0"]["SpectralFilter"]["filter"].value.shape == (14, 8, 384, 2)
+  assert [k for k in mvit if k.endswith("_vit")] == ["layer_3_vit", "layer_4_vit", "layer_5_vit"]
+  assert mvit["layer_4_vit"]["layer_3_ffn_0"]["kernel"].value.shape == (192, 384)
+  assert mvit["layer_2_mv2_2"]["expand"]["conv"]["kernel"].value.shape == (1, 1, 64, 256)
 
 
 @pytest.mark.extended
@@ -134,6 +142,50 @@ def test_spectformer_spectral_block_matches_its_formula():
   assert "MultiHeadAttention" not in params
 
 
+def _conv_bn(x, p, kernel, act=True):
+  """Conv (no bias), BatchNorm at its initial statistics (mean 0, variance 1), SiLU."""
+  y = conv(x, p["conv"]["kernel"], same(kernel))
+  y = y / jnp.sqrt(1.0 + 1e-5) * p["norm"]["scale"] + p["norm"]["bias"]
+  return jax.nn.silu(y) if act else y
+
+
+def ref_mobilevit_block(x, p, depth):
+  b, h, w, c = x.shape
+  y = conv(_conv_bn(x, p["local"], 3), p["to_tokens"]["conv"]["kernel"], same(1))
+  d = y.shape[-1]
+  offsets = [(i, j) for i in range(2) for j in range(2)]
+  # The pixels at offset (i, j) of every 2x2 patch (patches row-major), one sequence per offset.
+  s = jnp.concatenate([y[:, i::2, j::2].reshape(b, -1, d) for i, j in offsets], axis=0)
+  for layer in range(depth):
+    a = p[f"layer_{layer}_attention"]
+    z = _layer_norm(s, p[f"layer_{layer}_norm1"], 1e-5)
+    q, k, v = (jnp.einsum("bte,ehd->bthd", z, a[n]["kernel"]) + a[n]["bias"]
+               for n in ("query", "key", "value"))
+    s = s + jnp.einsum("bthd,hde->bte", ref.softmax_attention(q, k, v),
+                       a["out"]["kernel"]) + a["out"]["bias"]
+    z = _layer_norm(s, p[f"layer_{layer}_norm2"], 1e-5)
+    s = s + dense(jax.nn.silu(dense(z, p[f"layer_{layer}_ffn_0"])), p[f"layer_{layer}_ffn_1"])
+  s = _layer_norm(s, p["norm"], 1e-5).reshape(4, b, h // 2, w // 2, d)
+  out = jnp.zeros((b, h, w, d), y.dtype)
+  for n, (i, j) in enumerate(offsets):
+    out = out.at[:, i::2, j::2].set(s[n])
+  y = _conv_bn(out, p["from_tokens"], 1)
+  return _conv_bn(jnp.concatenate([x, y], axis=-1), p["fusion"], 3)
+
+
+def test_mobilevit_block_matches_its_formula():
+  # Width 6 -> d 8, a 4x6 map (a 2x3 patch grid), 2 transformer layers of 2 heads; eval mode.
+  x = ref.normal(4, (2, 4, 6, 6))
+  block = mobilevit.MobileViTBlock(dim=8, depth=2, num_heads=2)
+  stats = init_batch_stats(block, x)["batch_stats"]
+  leaves, tree = jax.tree.flatten(random_params(block, x))
+  ref.assert_matches(
+      lambda x, *leaves: block.apply({"params": jax.tree.unflatten(tree, leaves),
+                                      "batch_stats": stats}, x),
+      lambda x, *leaves: ref_mobilevit_block(x, jax.tree.unflatten(tree, leaves), 2),
+      [x, *leaves], tol=TOL)
+
+
 TINY = {
     "hornet": convnext.Model(num_classes=3, depths=(1, 1), dims=(8, 16), stem_size=2,
                              mixers="gnconv", mixer_args=({"order": 2}, {"order": 3})),
@@ -142,6 +194,9 @@ TINY = {
     "spectformer": vit.Model(num_classes=3, variant="spectformer_t", width=16, depth=2,
                              num_heads=2, mlp_dim=32, patch_size=(2, 4), spectral_layers=(0,),
                              head_zeroinit=False),
+    "mobilevit": mobilevit.Model(num_classes=3, channels=(8, 8, 16, 16, 16), dims=(8, 8, 8),
+                                 expansion=2, head_channels=16, depths=(1, 1, 1),
+                                 strides=(1, 1, 2, 1, 1, 1)),
 }
 
 
@@ -195,31 +250,44 @@ def test_bad_arguments():
   with pytest.raises(ValueError, match="spectformer_t, spectformer_xs"):
     vit.decode_variant("spectformer_l")
   assert "model.spectral_layers" in lrp.unsupported(vit.Model(**spect))
+  with pytest.raises(ValueError, match="unknown MobileViT variant 'M'; expected one of XXS"):
+    mobilevit.decode_variant("M")
+  tiny = dict(num_classes=2, variant="XXS")
+  with pytest.raises(ValueError, match=r"must be divisible by the strides"):
+    build(mobilevit.Model(**tiny))  # 8x8 images under strides 2^5 (the paper's 256x256)
+  with pytest.raises(ValueError, match="strides must be 6 positive ints"):
+    build(mobilevit.Model(**tiny, strides=(1, 1, 1)))
+  with pytest.raises(ValueError, match=r"dims \(64, 80, 96\) must be divisible by num_heads"):
+    build(mobilevit.Model(**tiny, num_heads=7))
 
 
 def test_every_config_builds():
   digits = _config_module("mixer_families_digits")
   i1k = _config_module("mixer_families_i1k")
-  families = dict(convnext=convnext, metaformer=metaformer, vit=vit)
-  for arg in ("family=hornet", "family=sequencer", "family=spectformer,attention=sigmoid"):
+  families = dict(convnext=convnext, metaformer=metaformer, vit=vit, mobilevit=mobilevit)
+  for arg in ("family=hornet", "family=sequencer", "family=spectformer,attention=sigmoid",
+              "family=mobilevit"):
     config = digits.get_config(arg)
     model = families[config.model_name].Model(num_classes=10, **config.model.to_dict())
     assert count(abstract(model, jnp.zeros((1, 16, 16, 3)))) > 0
   for variant, name in (("hornet_s", "convnext"), ("sequencer2d_l", "metaformer"),
-                        ("spectformer_b", "vit")):
+                        ("spectformer_b", "vit"), ("mobilevit_xs", "mobilevit")):
     config = i1k.get_config(f"variant={variant}")
-    assert config.model_name == name and config.model.variant == variant
+    assert config.model_name == name and config.model.variant in (variant, "XS")
     model = families[name].Model(**config.model.to_dict())
     if name == "vit":
       assert model.spectral_layers == (0, 1, 2, 3) and not model.approximate_gelu
+    elif name == "mobilevit":
+      assert model.dims == (96, 120, 144) and model.dropout == 0.1
     else:
       assert len(model.depths) == 4
     local = i1k.get_config(f"variant={variant},runlocal")
+    side = local.input.image_size
     assert count(abstract(families[name].Model(**local.model.to_dict()),
-                          jnp.zeros((1, 224, 224, 3)))) > 0
+                          jnp.zeros((1, side, side, 3)))) > 0
   assert i1k.get_config("variant=hornet_b").model.drop_path_rate == 0.5
   assert i1k.get_config("variant=sequencer2d_m").model.drop_path == 0.2
-  for module, bad in ((digits, "family=mobilevit"), (i1k, "variant=hornet_l"),
+  for module, bad in ((digits, "family=resnet"), (i1k, "variant=hornet_l"),
                       (i1k, "foo=1")):
     with pytest.raises(ValueError):
       module.get_config(bad)
@@ -244,6 +312,6 @@ def test_digits_config_trains_through_main(tmp_path):
 
 
 @pytest.mark.extended
-@pytest.mark.parametrize("family", ["hornet", "sequencer"])
+@pytest.mark.parametrize("family", ["hornet", "sequencer", "mobilevit"])
 def test_digits_config_of_every_family_trains_through_main(tmp_path, family):
   _train_digits_config(tmp_path, family)
