@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from big_attn import main as main_lib
+from big_attn import models
 from big_attn.interpret import lrp
 from big_attn.models import convnext, metaformer, mobilevit, vit
 from tests import reference as ref
@@ -265,6 +266,7 @@ def test_every_config_builds():
   digits = _config_module("mixer_families_digits")
   i1k = _config_module("mixer_families_i1k")
   families = dict(convnext=convnext, metaformer=metaformer, vit=vit, mobilevit=mobilevit)
+  assert all(models.get(name) is module for name, module in families.items())
   for arg in ("family=hornet", "family=sequencer", "family=spectformer,attention=sigmoid",
               "family=mobilevit"):
     config = digits.get_config(arg)
