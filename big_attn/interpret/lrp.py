@@ -141,6 +141,8 @@ def unsupported(model: Any) -> str | None:
       "scan_layers": (model.scan_layers, "scan_layers=False (the same parameters with the "
                       "'layers' axis unstacked)"),
       "num_classes": (not model.num_classes, "a classifier head (num_classes > 0)"),
+      "spectral_layers": (bool(model.spectral_layers), "attention in every block, no spectral "
+                          "blocks"),
   }
   for name, (bad, expected) in requirements.items():
     if bad:

@@ -19,6 +19,15 @@ module to the branch of every block of a stage, before the layer scale (`ATTENTI
 triplet attention, ELA, residual attention's (1 + M) ⊙ F, GAAM; the MetaFormer mixers of those
 names, options from `attention_module_args`).
 
+HorNet (HorNet: Efficient High-Order Spatial Interactions with Recursive Gated Convolutions) is
+this network with a token mixer per stage (`mixers`, a MetaFormer mixer name; `gnconv` of order
+2, 3, 4, 5 in the paper's stages, 7x7 depthwise, s = 1/3): its block is
+
+    x + DropPath(gamma_1 * Mixer(LN(x))),
+    then x + DropPath(gamma_2 * Dense(GELU(Dense_4C(LN(x))))),
+
+the rest (stem, downsampling, head, layer scale 1e-6) as ConvNeXt's.
+
 Parameter counts (224x224x3 input, 1000 classes; counted with `jax.eval_shape`, nothing
 allocated) against the paper's Table (ImageNet-1K results, 224²):
 
@@ -29,6 +38,14 @@ allocated) against the paper's Table (ImageNet-1K results, 224²):
 | B       | (3, 3, 27, 3) | (128, 256, 512, 1024) |  88,591,464 |  88.6M |
 | L       | (3, 3, 27, 3) | (192, 384, 768, 1536) | 197,767,336 | 197.8M |
 | XL      | (3, 3, 27, 3) | (256, 512, 1024, 2048)| 350,196,968 | 350.2M |
+
+HorNet (7x7 gⁿConv, orders 2, 3, 4, 5) against the paper's Table 1 (ImageNet-1K, 224²):
+
+| variant  | depths        | dims                  | parameters  | paper |
+|----------|---------------|-----------------------|-------------|-------|
+| hornet_t | (2, 3, 18, 2) | (64, 128, 256, 512)   |  22,409,512 |   22M |
+| hornet_s | (2, 3, 18, 2) | (96, 192, 384, 768)   |  49,528,264 |   50M |
+| hornet_b | (2, 3, 18, 2) | (128, 256, 512, 1024) |  87,256,680 |   87M |
 """
 from __future__ import annotations
 
@@ -47,6 +64,9 @@ _DEPTHS = {"T": (3, 3, 9, 3), "S": (3, 3, 27, 3), "B": (3, 3, 27, 3), "L": (3, 3
 _DIMS = {"T": (96, 192, 384, 768), "S": (96, 192, 384, 768), "B": (128, 256, 512, 1024),
          "L": (192, 384, 768, 1536), "XL": (256, 512, 1024, 2048)}
 
+_HORNET_DIMS = {"hornet_t": 64, "hornet_s": 96, "hornet_b": 128}
+_HORNET_ORDERS = ({"order": 2}, {"order": 3}, {"order": 4}, {"order": 5})
+
 _INIT = nn.initializers.truncated_normal(stddev=0.02)
 
 # CNN attention modules a block can apply to its branch (MetaFormer mixers of these names).
@@ -54,10 +74,15 @@ ATTENTION_MODULES = ("ela", "gaam", "residual_attention", "triplet_attention")
 
 
 def decode_variant(variant: str) -> dict[str, Any]:
-  """"T" -> dict(depths=(3, 3, 9, 3), dims=(96, 192, 384, 768)); sizes T, S, B, L, XL."""
+  """"T" -> dict(depths=(3, 3, 9, 3), dims=(96, 192, 384, 768)); sizes T, S, B, L, XL, and
+  HorNet's hornet_t, hornet_s, hornet_b (7x7 gⁿConv: also `mixers` and `mixer_args`)."""
+  if isinstance(variant, str) and variant in _HORNET_DIMS:
+    base = _HORNET_DIMS[variant]
+    return dict(depths=(2, 3, 18, 2), dims=(base, 2 * base, 4 * base, 8 * base),
+                mixers="gnconv", mixer_args=_HORNET_ORDERS)
   if not isinstance(variant, str) or variant not in _DEPTHS:
     raise ValueError(f"unknown ConvNeXt variant {variant!r}; expected one of "
-                     f"{', '.join(_DEPTHS)}")
+                     f"{', '.join((*_DEPTHS, *_HORNET_DIMS))}")
   return dict(depths=_DEPTHS[variant], dims=_DIMS[variant])
 
 
@@ -75,10 +100,14 @@ def _conv(features, size, *, groups=1, in_axis="channels_in", dtype, param_dtype
 
 class Block(nn.Module):
   """x + DropPath(gamma * A(MLP(LN(DWConv7x7(x))))) on `[batch, H, W, C]`, A the attention
-  module `attention_module` (`attention_module_args`) or the identity."""
+  module `attention_module` (`attention_module_args`) or the identity; with a token `mixer`
+  (`mixer_args`) x + DropPath(gamma_1 * Mixer(LN(x))) first and no depthwise conv in the MLP
+  branch (HorNet's block)."""
   drop_path: float = 0.0
   layer_scale_init: float = 1e-6
   kernel_size: int = 7
+  mixer: str | None = None
+  mixer_args: Any = None
   attention_module: str | None = None
   attention_module_args: Any = None
   dtype: Any = jnp.float32
@@ -91,8 +120,25 @@ class Block(nn.Module):
         width, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
         kernel_init=nn.with_logical_partitioning(_INIT, axes),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[1:]))
-    y = _conv(dim, self.kernel_size, groups=dim, in_axis=None, dtype=self.dtype,
-              param_dtype=self.param_dtype, name="dwconv")(x)
+
+    def residual(x, y, name):
+      if self.layer_scale_init > 0:
+        gamma = self.param(name, nn.with_logical_partitioning(
+            nn.initializers.constant(self.layer_scale_init), ("embed",)), (dim,),
+                           self.param_dtype)
+        y = y * jnp.asarray(gamma, self.dtype)
+      # Stochastic depth: the whole residual branch of an example is dropped (and the kept
+      # ones rescaled by 1 / (1 - rate)), i.e. dropout broadcast over every non-batch axis.
+      return x + nn.Dropout(rate=self.drop_path, broadcast_dims=(1, 2, 3))(y, deterministic)
+
+    if self.mixer is None:
+      y = _conv(dim, self.kernel_size, groups=dim, in_axis=None, dtype=self.dtype,
+                param_dtype=self.param_dtype, name="dwconv")(x)
+    else:
+      y = metaformer.get_mixer(self.mixer)(
+          **dict(self.mixer_args or {}), dtype=self.dtype, param_dtype=self.param_dtype,
+          name="mixer")(layer_norm(self.dtype, self.param_dtype, "mixer_norm")(x))
+      x = y = residual(x, y, "mixer_gamma")
     y = layer_norm(self.dtype, self.param_dtype, "norm")(y)
     y = nn.gelu(dense(4 * dim, ("embed", "mlp"), "pwconv1")(y), approximate=False)
     y = dense(dim, ("mlp", "embed"), "pwconv2")(y)
@@ -100,15 +146,7 @@ class Block(nn.Module):
       y = metaformer.get_mixer(self.attention_module)(
           **dict(self.attention_module_args or {}), dtype=self.dtype,
           param_dtype=self.param_dtype, name="attention")(y)
-    if self.layer_scale_init > 0:
-      gamma = self.param("gamma", nn.with_logical_partitioning(
-          nn.initializers.constant(self.layer_scale_init), ("embed",)), (dim,),
-                         self.param_dtype)
-      y = y * jnp.asarray(gamma, self.dtype)
-    # Stochastic depth: the whole residual branch of an example is dropped (and the kept ones
-    # rescaled by 1 / (1 - rate)), i.e. dropout broadcast over every non-batch axis.
-    y = nn.Dropout(rate=self.drop_path, broadcast_dims=(1, 2, 3))(y, deterministic)
-    return x + y
+    return residual(x, y, "gamma")
 
 
 class Model(nn.Module):
@@ -124,6 +162,9 @@ class Model(nn.Module):
     layer_scale_init: initial layer scale; 0 disables it.
     attention_module: None, a name of `ATTENTION_MODULES` for every stage, or one (or None) per
       stage; attention_module_args: its options, e.g. `{"kernel_size": 5}`.
+    mixers: None (ConvNeXt's block), or a token mixer (`metaformer.mixer_names()`) for every
+      stage or one (or None) per stage: HorNet's block; mixer_args: the mixer's options, one
+      dict for every stage or one per stage (HorNet: `({"order": 2}, ..., {"order": 5})`).
     head_norm_eps: epsilon of the head's LayerNorm (1e-6; Hugging Face's ConvNeXt uses 1e-12).
     head_init_scale: multiplies the initial classifier weights (1.0; the paper fine-tunes with
       0.001).
@@ -141,6 +182,8 @@ class Model(nn.Module):
   layer_scale_init: float = 1e-6
   attention_module: Any = None
   attention_module_args: Any = None
+  mixers: Any = None
+  mixer_args: Any = None
   head_norm_eps: float = 1e-6
   head_init_scale: float = 1.0
   dtype: Any = jnp.float32
@@ -168,6 +211,18 @@ class Model(nn.Module):
     if self.attention_module_args is not None and not hasattr(self.attention_module_args, "keys"):
       raise TypeError(f"attention_module_args must be a dict, got "
                       f"{type(self.attention_module_args).__name__}")
+    mixers = (tuple(self.mixers) if isinstance(self.mixers, (tuple, list))
+              else (self.mixers,) * len(depths))
+    known = metaformer.mixer_names()
+    if len(mixers) != len(depths) or any(m is not None and m not in known for m in mixers):
+      raise ValueError(f"mixers must be None, a token mixer name ({', '.join(known)}) or one "
+                       f"of those (or None) per stage ({len(depths)}), got {self.mixers!r}")
+    mixer_args = (tuple(self.mixer_args) if isinstance(self.mixer_args, (tuple, list))
+                  else (self.mixer_args,) * len(depths))
+    if len(mixer_args) != len(depths) or not all(a is None or hasattr(a, "keys")
+                                                 for a in mixer_args):
+      raise TypeError(f"mixer_args must be a dict or one dict per stage ({len(depths)}), got "
+                      f"{self.mixer_args!r}")
     for name in ("stem_size", "kernel_size"):
       if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
         raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
@@ -178,11 +233,11 @@ class Model(nn.Module):
     if images.shape[1] % factor or images.shape[2] % factor:
       raise ValueError(f"image size {images.shape[1:3]} must be divisible by {factor} "
                        f"(stem_size {self.stem_size} x 2 per later stage)")
-    return tuple(modules)
+    return tuple(modules), mixers, mixer_args
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
-    modules = self._check(images)
+    modules, mixers, mixer_args = self._check(images)
     depths, dims = self.depths, self.dims
     deterministic = not train
     norm = lambda name: layer_norm(self.dtype, self.param_dtype, name)
@@ -193,13 +248,15 @@ class Model(nn.Module):
     x = norm("stem_norm")(conv(dims[0], self.stem_size, "stem")(x))
     rates = np.linspace(0.0, self.drop_path_rate, sum(depths))
     block = 0
-    for stage, (depth, dim, module) in enumerate(zip(depths, dims, modules)):
+    for stage, (depth, dim, module, mixer, args) in enumerate(
+        zip(depths, dims, modules, mixers, mixer_args)):
       if stage:
         x = conv(dim, 2, f"downsample_{stage}")(norm(f"downsample_norm_{stage}")(x))
       for i in range(depth):
         x = Block(drop_path=float(rates[block]), layer_scale_init=self.layer_scale_init,
                   kernel_size=self.kernel_size, attention_module=module,
-                  attention_module_args=self.attention_module_args, dtype=self.dtype,
+                  attention_module_args=self.attention_module_args, mixer=mixer,
+                  mixer_args=args, dtype=self.dtype,
                   param_dtype=self.param_dtype, name=f"stage_{stage}_block_{i}")(x, deterministic)
         block += 1
     x = layer_norm(self.dtype, self.param_dtype, "head_norm", epsilon=self.head_norm_eps)(

@@ -43,6 +43,19 @@ against Table 1 of MetaFormer Is Actually What You Need for Vision:
 | S36     | 6, 6, 18, 6   | 64, 128, 320, 512  | 30,862,760 | 30.9M |
 | M36     | 6, 6, 18, 6   | 96, 192, 384, 768  | 56,172,520 | 56.1M |
 | M48     | 8, 8, 24, 8   | 96, 192, 384, 768  | 73,473,448 | 73.4M |
+
+Sequencer2D (Sequencer: Deep LSTM for Image Classification) is this network with the `bilstm2d`
+mixer (hidden size c/4) in every stage, LayerNorm (`norm="layer"`), no layer scale, MLP ratio 3
+with exact GELU, a 7x7 stride-7 patch embedding, one 2x2 downsampling and 1x1 embeddings before
+stages 3 and 4 (`patch_embeddings`), LayerNorm on every position before pooling
+(`head_norm="token_layer"`). Against the paper's Table 1 (one LSTM bias per gate where PyTorch
+has two: 24,576 fewer parameters for S):
+
+| variant       | depths       | dims                | parameters | paper |
+|---------------|--------------|---------------------|------------|-------|
+| sequencer2d_s | 4, 3, 8, 3   | 192, 384, 384, 384  | 27,627,112 |   28M |
+| sequencer2d_m | 4, 3, 14, 3  | 192, 384, 384, 384  | 38,273,896 |   38M |
+| sequencer2d_l | 8, 8, 16, 4  | 192, 384, 384, 384  | 54,249,064 |   54M |
 """
 from __future__ import annotations
 
@@ -64,12 +77,30 @@ _DIMS = {"S12": (64, 128, 320, 512), "S24": (64, 128, 320, 512), "S36": (64, 128
          "M36": (96, 192, 384, 768), "M48": (96, 192, 384, 768)}
 
 
+# Sequencer2D (Sequencer: Deep LSTM for Image Classification, Table 1): 7x7 patches, one 2x2
+# downsampling, 1x1 embeddings before the last two stages (the authors' code); BiLSTM2D hidden
+# size c/4, MLP ratio 3, LayerNorm, no layer scale.
+_SEQUENCER_DEPTHS = {"sequencer2d_s": (4, 3, 8, 3), "sequencer2d_m": (4, 3, 14, 3),
+                     "sequencer2d_l": (8, 8, 16, 4)}
+_SEQUENCER = dict(dims=(192, 384, 384, 384), mlp_ratio=3.0, mixers="bilstm2d", norm="layer",
+                  patch_embeddings=((7, 7, 0), (2, 2, 0), (1, 1, 0), (1, 1, 0)),
+                  layer_scale_init=0.0, approximate_gelu=False, head_norm="token_layer")
+# The defaults of the fields a Sequencer variant sets: PoolFormer's.
+_POOLFORMER = dict(mlp_ratio=4.0, mixers="pool", norm="group", layer_scale_init=1e-5,
+                   approximate_gelu=True, head_norm="group")
+NORMS = ("group", "layer")
+HEAD_NORMS = ("group", "layer", "token_layer")
+
+
 def decode_variant(variant: str) -> dict[str, Any]:
   """"S12" -> dict(depths=(2, 2, 6, 2), dims=(64, 128, 320, 512), mlp_ratio=4.0) (PoolFormer
-  sizes S12, S24, S36, M36, M48)."""
+  sizes S12, S24, S36, M36, M48); sequencer2d_s, sequencer2d_m, sequencer2d_l give Sequencer2D's
+  whole layout (mixers, norm, patch_embeddings, ...)."""
+  if isinstance(variant, str) and variant in _SEQUENCER_DEPTHS:
+    return dict(_SEQUENCER, depths=_SEQUENCER_DEPTHS[variant])
   if not isinstance(variant, str) or variant not in _DEPTHS:
     raise ValueError(f"unknown MetaFormer variant {variant!r}; expected one of "
-                     f"{', '.join(_DEPTHS)}")
+                     f"{', '.join((*_DEPTHS, *_SEQUENCER_DEPTHS))}")
   return dict(depths=_DEPTHS[variant], dims=_DIMS[variant], mlp_ratio=4.0)
 
 
@@ -300,7 +331,7 @@ class GnConvMixer(Mixer):
     qs = jnp.split(q, np.cumsum(dims)[:-1].tolist(), axis=-1)
     p = p * qs[0]
     for k in range(n - 1):
-      p = self._dense(dims[k + 1], ("mlp", "mlp"), f"pw_{k}")(p) * qs[k + 1]
+      p = self._dense(dims[k + 1], (None, "mlp"), f"pw_{k}")(p) * qs[k + 1]
     return self._dense(c, ("mlp", "embed"), "proj_out")(p)
 
 
@@ -629,10 +660,13 @@ def _embedding(features, kernel, stride, pad, dtype, param_dtype, name):
 
 
 class MetaFormerBlock(nn.Module):
-  """x + LS(Mixer(GN(x))), then x + LS(MLP(GN(x))), with stochastic depth `drop_path`."""
+  """x + LS(Mixer(N(x))), then x + LS(MLP(N(x))), with stochastic depth `drop_path`; N GroupNorm(1)
+  (`norm="group"`) or LayerNorm over channels (eps 1e-6, "layer"); no LS with
+  `layer_scale_init=0`."""
   mixer: str
   mixer_args: Any = None
   mlp_ratio: float = 4.0
+  norm: str = "group"
   layer_scale_init: float = 1e-5
   drop_path: float = 0.0
   approximate_gelu: bool = True
@@ -643,17 +677,21 @@ class MetaFormerBlock(nn.Module):
   def __call__(self, x, deterministic: bool = True):
     c = x.shape[-1]
 
+    norm = _group_norm if self.norm == "group" else layer_norm
+
     def residual(y, name):
-      scale = self.param(name, nn.with_logical_partitioning(
-          nn.initializers.constant(self.layer_scale_init), ("embed",)), (c,), self.param_dtype)
-      y = y * jnp.asarray(scale, y.dtype)
+      if self.layer_scale_init:
+        scale = self.param(name, nn.with_logical_partitioning(
+            nn.initializers.constant(self.layer_scale_init), ("embed",)), (c,),
+                           self.param_dtype)
+        y = y * jnp.asarray(scale, y.dtype)
       return x + nn.Dropout(self.drop_path, broadcast_dims=(1, 2, 3))(y, deterministic)
 
-    y = _group_norm(self.dtype, self.param_dtype, "norm1")(x)
+    y = norm(self.dtype, self.param_dtype, "norm1")(x)
     y = get_mixer(self.mixer)(**dict(self.mixer_args or {}), dtype=self.dtype,
                               param_dtype=self.param_dtype, name="mixer")(y)
     x = residual(y, "layer_scale1")
-    y = _group_norm(self.dtype, self.param_dtype, "norm2")(x)
+    y = norm(self.dtype, self.param_dtype, "norm2")(x)
     y = MlpBlock(mlp_dim=int(self.mlp_ratio * c), approximate_gelu=self.approximate_gelu,
                  dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")(y)
     return residual(y, "layer_scale2")
@@ -664,15 +702,21 @@ class Model(nn.Module):
 
   Attributes:
     num_classes: logits width; 0 returns the pooled features `[batch, dims[-1]]`.
-    variant: PoolFormer size for `decode_variant` ("S12"); explicit fields override it.
+    variant: PoolFormer size or Sequencer2D variant for `decode_variant` ("S12",
+      "sequencer2d_s"); explicit fields override it.
     depths, dims: blocks and channels per stage (needed without a variant).
     mlp_ratio: MLP hidden width over channels (4).
-    mixers: a mixer name for every stage, or one name per stage (`mixer_names()`).
+    mixers: a mixer name for every stage, or one name per stage (`mixer_names()`; "pool").
+    norm: the blocks' norm, "group" (GroupNorm(1), PoolFormer) or "layer" (LayerNorm over
+      channels, eps 1e-6: Sequencer).
+    patch_embeddings: per stage `(kernel, stride, padding)` of its strided-conv embedding, or
+      None for none (the stage then keeps the previous stage's channels); default PoolFormer's
+      (7, 4, 2), then (3, 2, 1). Sequencer2D: ((7, 7, 0), (2, 2, 0), (1, 1, 0), (1, 1, 0)).
     mixer_args: `{mixer name: dict of its options}`, e.g. `{"attention": {"head_dim": 16}}`.
     attention, attention_args, attention_impl: the attention mixer's op by registry name, its
       arguments and `implementation` (`mixer_args={"attention": {"op": ..., "op_args": ...}}`
       is deprecated).
-    layer_scale_init: initial layer scale (1e-5, PoolFormer).
+    layer_scale_init: initial layer scale (1e-5, PoolFormer); 0: none (Sequencer).
     drop_path: stochastic depth rate of the last block (linear from 0 over the blocks).
     approximate_gelu: tanh-approximate GELU in the MLPs; False: exact (PoolFormer's, timm's).
     head_norm: "group" (GroupNorm of the last map, then pooling: PoolFormer) or "layer"
@@ -687,22 +731,24 @@ class Model(nn.Module):
   depths: tuple[int, ...] | None = None
   dims: tuple[int, ...] | None = None
   mlp_ratio: float | None = None
-  mixers: Any = "pool"
+  mixers: Any = None
+  norm: str | None = None
+  patch_embeddings: Any = None
   mixer_args: Any = None
   attention: str = "softmax"
   attention_args: Any = None
   attention_impl: str | None = None
-  layer_scale_init: float = 1e-5
+  layer_scale_init: float | None = None
   drop_path: float = 0.0
-  approximate_gelu: bool = True
-  head_norm: str = "group"
+  approximate_gelu: bool | None = None
+  head_norm: str | None = None
   head_zeroinit: bool = True
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   def __post_init__(self):
     common.resolve_variant(self, decode_variant, required=("depths", "dims"),
-                           defaults=dict(mlp_ratio=4.0))
+                           defaults=_POOLFORMER)
     legacy = dict(self.mixer_args or {}).get("attention")
     if hasattr(legacy, "keys") and {"op", "op_args"} & set(legacy):
       warnings.warn('metaformer.Model(mixer_args={"attention": {"op": ..., "op_args": ...}}) '
@@ -744,13 +790,36 @@ class Model(nn.Module):
       raise TypeError(f"attention_args must be a dict, got {type(self.attention_args).__name__}")
     if not 0.0 <= self.drop_path < 1.0:
       raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path!r}")
-    if self.head_norm not in ("group", "layer"):
-      raise ValueError(f"unknown head_norm {self.head_norm!r}; expected 'group' or 'layer'")
-    return mixers
+    if self.head_norm not in HEAD_NORMS:
+      raise ValueError(f"unknown head_norm {self.head_norm!r}; expected one of {HEAD_NORMS}")
+    if self.norm not in NORMS:
+      raise ValueError(f"unknown norm {self.norm!r}; expected one of {NORMS}")
+    return mixers, self._patch_embeddings()
+
+  def _patch_embeddings(self) -> tuple[Any, ...]:
+    """The checked `(kernel, stride, padding)` or None of every stage."""
+    depths, dims = self.depths, self.dims
+    embeddings = self.patch_embeddings
+    if embeddings is None:
+      return ((7, 4, 2),) + ((3, 2, 1),) * (len(depths) - 1)
+    embeddings = tuple(None if e is None else tuple(e) for e in embeddings)
+    ok = len(embeddings) == len(depths) and embeddings[0] is not None and all(
+        e is None or (len(e) == 3 and all(isinstance(v, int) and not isinstance(v, bool)
+                                          for v in e) and min(e[:2]) >= 1 and e[2] >= 0)
+        for e in embeddings)
+    if not ok:
+      raise ValueError(f"patch_embeddings must give per stage ({len(depths)}) a (kernel, "
+                       f"stride, padding) of ints or None, the first stage's not None, got "
+                       f"{self.patch_embeddings!r}")
+    for stage, e in enumerate(embeddings):
+      if e is None and dims[stage] != dims[stage - 1]:
+        raise ValueError(f"patch_embeddings[{stage}] is None but dims change from "
+                         f"{dims[stage - 1]} to {dims[stage]}: the stage needs an embedding")
+    return embeddings
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
-    mixers = self._mixers()
+    mixers, embeddings = self._mixers()
     if images.ndim != 4:
       raise ValueError(f"images must be [batch, height, width, channels], got shape "
                        f"{images.shape}")
@@ -760,21 +829,23 @@ class Model(nn.Module):
                              op_args=self.attention_args, implementation=self.attention_impl)
     total, index = sum(depths), 0
     x = jnp.asarray(images, self.dtype)
-    for stage, (depth, dim, mixer) in enumerate(zip(depths, dims, mixers)):
-      if stage == 0:
-        x = _embedding(dim, 7, 4, 2, self.dtype, self.param_dtype, "stem")(x)
-      else:
-        x = _embedding(dim, 3, 2, 1, self.dtype, self.param_dtype, f"downsample_{stage}")(x)
+    for stage, (depth, dim, mixer, embedding) in enumerate(zip(depths, dims, mixers,
+                                                                embeddings)):
+      if embedding is not None:
+        x = _embedding(dim, *embedding, self.dtype, self.param_dtype,
+                       f"downsample_{stage}" if stage else "stem")(x)
       for i in range(depth):
         rate = self.drop_path * index / max(total - 1, 1)
         x = MetaFormerBlock(
             mixer=mixer, mixer_args=dict(args.get(mixer, {})), mlp_ratio=self.mlp_ratio,
-            layer_scale_init=self.layer_scale_init, drop_path=rate,
+            norm=self.norm, layer_scale_init=self.layer_scale_init, drop_path=rate,
             approximate_gelu=self.approximate_gelu, dtype=self.dtype,
             param_dtype=self.param_dtype, name=f"stage_{stage}_block_{i}")(x, not train)
         index += 1
     if self.head_norm == "group":
       x = jnp.mean(_group_norm(self.dtype, self.param_dtype, "norm")(x), axis=(1, 2))
+    elif self.head_norm == "token_layer":
+      x = jnp.mean(layer_norm(self.dtype, self.param_dtype, "norm")(x), axis=(1, 2))
     else:
       x = layer_norm(self.dtype, self.param_dtype, "norm")(jnp.mean(x, axis=(1, 2)))
     if self.num_classes:

@@ -28,6 +28,25 @@ Transformers reports 1,843M for ViT-G/14.
 | g/14      |  1408 |    40 |    6144 |    16 | 1,012,608,616 |
 | G/14      |  1664 |    48 |    8192 |    16 | 1,844,437,352 |
 | e/14      |  1792 |    56 |   15360 |    16 | 3,807,210,728 |
+
+SpectFormer (SpectFormer: Frequency and Attention is what you need in a Vision Transformer) is
+this ViT with GFNet's spectral block in its first α = 4 blocks (`spectral_layers`):
+
+    x + DropPath(MLP(LN(IFFT2(W ⊙ FFT2(LN(x))))))      (`metaformer`'s `spectral_filter`),
+
+attention blocks (any op) after them; patches 16x16, learned position embedding, no class
+token, mean pooling. The paper's vanilla variants (its Table 2 / model zoo), exact GELU:
+
+| variant        | width | depth | heads | parameters | paper |
+|----------------|-------|-------|-------|------------|-------|
+| spectformer_t  |   256 |    12 |     4 |  9,158,376 |    9M |
+| spectformer_xs |   384 |    12 |     6 | 20,028,520 |   22M |
+| spectformer_s  |   384 |    19 |     6 | 32,449,768 |   32M |
+| spectformer_b  |   512 |    19 |     8 | 57,159,656 |   57M |
+
+The authors' code fixes 6 heads (512 is not divisible by 6: B has 8 here); the parameter count
+does not depend on them. Their XS entry (22M) is 20.0M in their own layout (width 384, depth 12,
+α = 4; GFNet-XS is 16M), as counted here. The hierarchical SpectFormer-H variants are not built.
 """
 from __future__ import annotations
 
@@ -42,6 +61,7 @@ from big_attn.layers import Attention, MlpBlock, PositionEmbedding, layer_norm
 from big_attn.layers import settings
 from big_attn.layers import token_reduction as token_reduction_lib
 from big_attn.models import common
+from big_attn.models import metaformer
 from big_attn.ops import spatial
 
 # Sizes as in big_vision's `decode_variant` (ViT-G/g from Scaling Vision Transformers,
@@ -62,16 +82,28 @@ REMAT_POLICIES = ("none", "nothing_saveable", "everything_saveable", "dots_savea
                   "checkpoint_dots_with_no_batch_dims")
 
 
+# SpectFormer's vanilla variants: GFNet's sizes (width, depth) with heads of 64 channels.
+_SPECTFORMER = {"spectformer_t": (256, 12, 4), "spectformer_xs": (384, 12, 6),
+                "spectformer_s": (384, 19, 6), "spectformer_b": (512, 19, 8)}
+SPECTFORMER_ALPHA = 4
+
+
 def decode_variant(variant: str) -> dict[str, Any]:
   """"B/16" -> dict(width=768, depth=12, mlp_dim=3072, num_heads=12, patch_size=(16, 16)).
 
   The patch part is optional ("B" gives no `patch_size`); sizes are Ti, S, M, B, L, So400m, H,
-  g, G, e.
+  g, G, e. SpectFormer's spectformer_t, spectformer_xs, spectformer_s, spectformer_b also give
+  `spectral_layers` (the first 4 blocks) and 16x16 patches.
   """
+  if isinstance(variant, str) and variant in _SPECTFORMER:
+    width, depth, heads = _SPECTFORMER[variant]
+    return dict(width=width, depth=depth, mlp_dim=4 * width, num_heads=heads,
+                patch_size=(16, 16), spectral_layers=tuple(range(SPECTFORMER_ALPHA)))
   match = re.fullmatch(r"([A-Za-z0-9]+?)(?:/(\d+))?", variant) if isinstance(variant, str) else None
   if match is None or match.group(1) not in _WIDTH:
     raise ValueError(f"unknown ViT variant {variant!r}; expected SIZE or SIZE/PATCH with SIZE in "
-                     f"{', '.join(_WIDTH)} (e.g. 'B/16', 'G/14')")
+                     f"{', '.join(_WIDTH)} (e.g. 'B/16', 'G/14'), or one of "
+                     f"{', '.join(_SPECTFORMER)}")
   size, patch = match.groups()
   out = dict(width=_WIDTH[size], depth=_DEPTH[size], mlp_dim=_MLP_DIM[size],
              num_heads=_NUM_HEADS[size])
@@ -94,7 +126,10 @@ class Encoder1DBlock(nn.Module):
   the compressed tokens gather from the lookup tokens, the attention and the MLP see the
   protected and compressed tokens, the lookup tokens receive from them after the MLP). With
   `attention_free` the block has no attention branch
-  (x + Dropout(MLP(LN(x))) only; MLP Can Be A Good Transformer Learner).
+  (x + Dropout(MLP(LN(x))) only; MLP Can Be A Good Transformer Learner). With `spectral_grid`
+  `(h, w)` (the tokens are exactly that patch grid) it is GFNet's spectral block,
+  x + Dropout(MLP(LN(Filter(LN(x))))) with the global filter `metaformer`'s `spectral_filter`
+  (SpectFormer's first blocks).
   """
   num_heads: int
   mlp_dim: int
@@ -112,6 +147,7 @@ class Encoder1DBlock(nn.Module):
   lookup_block: bool = False
   num_protected: int = 0
   attention_free: bool = False
+  spectral_grid: tuple[int, int] | None = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -141,6 +177,8 @@ class Encoder1DBlock(nn.Module):
           param_dtype=self.param_dtype, name="lookup_exchange")
       compressed, logits = exchange.gather(x[:, p:], lookup)
       x = jnp.concatenate([x[:, :p], compressed], axis=1)
+    if self.spectral_grid is not None:
+      return self._spectral(x, deterministic), size
     if not self.attention_free:
       y = layer_norm(self.dtype, self.param_dtype, "LayerNorm_0", epsilon=self.norm_eps)(x)
       with token_reduction_lib.observe_attention(self.attention, self.token_reduction,
@@ -169,6 +207,21 @@ class Encoder1DBlock(nn.Module):
       x, size = jnp.concatenate([x, lookup], axis=1), jnp.concatenate([size, lookup_size], 1)
     return x, size
 
+  def _spectral(self, x, deterministic):
+    """GFNet's block: x + Dropout(MLP(LN(Filter(LN(x))))) over the `spectral_grid`."""
+    (b, n, c), (gh, gw) = x.shape, self.spectral_grid
+    y = layer_norm(self.dtype, self.param_dtype, "LayerNorm_0", epsilon=self.norm_eps)(x)
+    y = metaformer.get_mixer("spectral_filter")(
+        dtype=self.dtype, param_dtype=self.param_dtype, name="SpectralFilter")(
+            y.reshape(b, gh, gw, c)).reshape(b, n, c)
+    y = layer_norm(self.dtype, self.param_dtype, "LayerNorm_1", epsilon=self.norm_eps)(y)
+    y = MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout,
+                 approximate_gelu=self.approximate_gelu, dtype=self.dtype,
+                 param_dtype=self.param_dtype, name="MlpBlock")(y, deterministic)
+    y = nn.Dropout(rate=self.dropout)(y, deterministic)
+    return nn.with_logical_constraint(x + self._scale("layer_scale_2", y),
+                                      ("batch", "length", "embed"))
+
 
 class Encoder(nn.Module):
   """`depth` blocks (a Python loop, or `nn.scan` with a leading `layers` axis) and a final LN
@@ -179,7 +232,8 @@ class Encoder(nn.Module):
   LookupViT the patch tokens are pooled into the compressed tokens before the block of its
   `layers`, the blocks from there on are LookupViT blocks and the lookup tokens are dropped
   after the last.
-  The blocks of `attention_free_layers` have no attention branch (Python loop only).
+  The blocks of `attention_free_layers` have no attention branch, those of `spectral_layers`
+  are GFNet's spectral blocks over the token grid `grid` (Python loop only).
   """
   depth: int
   block_args: Any
@@ -189,6 +243,8 @@ class Encoder(nn.Module):
   token_reduction: Any = None
   num_protected: int = 0
   attention_free_layers: Any = None
+  spectral_layers: Any = None
+  grid: tuple[int, int] | None = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -205,9 +261,10 @@ class Encoder(nn.Module):
                        "scan_layers=False")
     free = settings.block_indices("attention_free_layers", self.attention_free_layers,
                                   self.depth)
-    if free and self.scan_layers:
-      raise ValueError("attention_free_layers makes the blocks differ: it needs "
-                       "scan_layers=False")
+    spectral = settings.block_indices("spectral_layers", self.spectral_layers, self.depth)
+    for name, value in (("attention_free_layers", free), ("spectral_layers", spectral)):
+      if value and self.scan_layers:
+        raise ValueError(f"{name} makes the blocks differ: it needs scan_layers=False")
     if self.scan_layers:
       stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True,
                                                                       "dropout": True},
@@ -227,6 +284,8 @@ class Encoder(nn.Module):
                         lookup_block=lookup and i >= reduction.layers[0])
         if free:
           kwargs.update(attention_free=i in free)
+        if spectral:
+          kwargs.update(spectral_grid=self.grid if i in spectral else None)
         x, size = block(name=f"encoderblock_{i}", **kwargs)(x, deterministic, size)
       if lookup:
         x = x[:, :self.num_protected + reduction.num_tokens]
@@ -353,6 +412,9 @@ class Model(nn.Module):
       "stvit" and "lookupvit" a square patch grid.
     attention_free_layers: block indices without an attention branch (MLP Can Be A Good
       Transformer Learner: x + MLP(LN(x)) only); needs `scan_layers=False`.
+    spectral_layers: block indices that are GFNet's spectral blocks (SpectFormer: the first 4;
+      the spectformer_* variants set it); needs `scan_layers=False`, pool_type "gap" or "map",
+      no registers and no token reduction (the tokens must be the patch grid).
     dtype: compute dtype (e.g. bfloat16); param_dtype: parameter dtype.
   Parameters carry the logical axis names embed, mlp, heads, kv_heads, head_dim, norm,
   patch_h, patch_w, channels_in, position, classes and layers.
@@ -382,6 +444,7 @@ class Model(nn.Module):
   scan_layers: bool = False
   token_reduction: Any = None
   attention_free_layers: Any = None
+  spectral_layers: Any = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -395,6 +458,12 @@ class Model(nn.Module):
     if self.num_registers < 0:
       raise ValueError(f"num_registers must be >= 0, got {self.num_registers}")
     check_encoder_inputs(self, images)
+    if self.spectral_layers and (self.pool_type in ("cls", "tok") or self.num_registers
+                                 or self.token_reduction is not None):
+      raise ValueError(f"spectral_layers filter the patch grid: they need pool_type 'gap' or "
+                       f"'map', no registers and no token_reduction, got pool_type "
+                       f"{self.pool_type!r}, num_registers {self.num_registers}, "
+                       f"token_reduction {self.token_reduction!r}")
     return token_reduction_lib.resolve(self.token_reduction, self.depth, op=self.attention,
                                        has_class_token=self.pool_type in ("cls", "tok"))
 
@@ -440,6 +509,8 @@ class Model(nn.Module):
                 scan_layers=self.scan_layers, final_norm=not self.fc_norm,
                 token_reduction=reduction, num_protected=num_prefix + self.num_registers,
                 attention_free_layers=self.attention_free_layers,
+                spectral_layers=self.spectral_layers,
+                grid=(images.shape[1] // patch[0], images.shape[2] // patch[1]),
                 dtype=self.dtype, param_dtype=self.param_dtype, name="Transformer")(
                     x, deterministic)
     if registers_first:
