@@ -6,8 +6,9 @@ within each, and the LM's striped sequence parallelism across hosts — resume a
 One launch of `tests/multiprocess_worker.py` runs every case; each process has a time limit.
 The ViT scenarios are one model on one batch: the mesh changes the sharding, not the math
 (their losses agree to 1e-7 on 8 local devices), so one 1-process run is their reference.
-The runs of one config compile once: JAX's persistent compilation cache (a directory of the test
-run) serves the repeats, and process 1 takes process 0's executables (`share_binary_between_hosts`).
+JAX's persistent compilation cache (a directory of the test run) serves the repeats of one config
+to the 1-process runs and to process 0. Process 1 compiles each run itself: JAX writes the cache
+from process 0 only, and a program's key differs between the processes.
 """
 from __future__ import annotations
 
