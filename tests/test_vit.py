@@ -312,6 +312,19 @@ def check_trains(model, x, classes=3):
   return params
 
 
+def check_affine_map(fn, reference, x, tol=1e-5):
+  """`fn` (JAX) against its float64 NumPy `reference` at `x`, forward and gradient, for a map
+  that is affine in `x` (a convolution and its bias): the gradient of `<g, fn(x)>` is the
+  transposed Jacobian, built from the reference on unit vectors, times `g`."""
+  np.testing.assert_allclose(fn(x), reference(np.asarray(x, np.float64)), rtol=tol, atol=tol)
+  out = reference(np.zeros(x.shape))
+  g = np.asarray(jax.random.normal(jax.random.key(1), out.shape), np.float64)
+  grad = jax.grad(lambda t: jnp.sum(fn(t) * g))(x)
+  eye = np.eye(x.size).reshape((x.size,) + x.shape)
+  jac = np.stack([(reference(e) - out).ravel() for e in eye])  # [inputs, outputs]
+  np.testing.assert_allclose(grad, (jac @ g.ravel()).reshape(x.shape), rtol=tol, atol=tol)
+
+
 def _peg_reference(x, kernel, bias, grid, start):
   """float64 NumPy: x with its h·w tokens from `start` on, as an image, plus their depthwise
   3x3 zero-padded convolution (cross-correlation, as Flax and PyTorch) with bias."""
@@ -356,16 +369,8 @@ def test_peg_matches_numpy_forward_and_gradient():
   params = _init(peg, x)
   kernel, bias = params["proj"]["kernel"], params["proj"]["bias"]
   assert kernel.shape == (3, 3, 1, d)
-  out = peg.apply({"params": params}, x)
-  np.testing.assert_allclose(out, _peg_reference(x, kernel, bias, grid, start), rtol=1e-5,
-                             atol=1e-5)
-  # The map is affine in x: its Jacobian from the reference on unit vectors.
-  g = np.asarray(jax.random.normal(jax.random.key(1), x.shape), np.float64)
-  grad = jax.grad(lambda t: jnp.sum(peg.apply({"params": params}, t) * g))(x)
-  base = _peg_reference(np.zeros(x.shape), kernel, bias, grid, start)
-  eye = np.eye(x.size).reshape((x.size,) + x.shape)
-  jac = np.stack([(_peg_reference(e, kernel, bias, grid, start) - base).ravel() for e in eye])
-  np.testing.assert_allclose(grad, (jac @ g.ravel()).reshape(x.shape), rtol=1e-5, atol=1e-5)
+  check_affine_map(lambda t: peg.apply({"params": params}, t),
+                   lambda t: _peg_reference(t, kernel, bias, grid, start), x)
   with pytest.raises(ValueError, match="do not fit"):
     vit.PEG(grid=(4, 4), start=1).init(jax.random.key(0), x)
 
