@@ -17,7 +17,7 @@ from big_attn.train import config_lib
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, attention="softmax", family="", steps=1500, runlocal=False)
+  arg = config_lib.parse_arg(arg, attention="softmax", steps=1500, runlocal=False, family="")
   config = config_lib.digits_config(arg)
 
   config.model_name = "vit"

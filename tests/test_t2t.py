@@ -152,10 +152,11 @@ def test_every_config_builds():
 
 
 @pytest.mark.extended
-@pytest.mark.parametrize("name,arg,model", [
-    ("t2t_digits", "runlocal", dict(width=16, depth=1, num_heads=2, mlp_dim=32, token_dim=8)),
-    ("vit_digits", "runlocal,family=convit", dict(width=16, num_heads=2, mlp_dim=32)),
-    ("vit_digits", "runlocal,family=cpvt", dict(width=16, depth=2, num_heads=2, mlp_dim=32)),
+@pytest.mark.parametrize("name,arg,steps,model", [
+    ("t2t_digits", "runlocal", 10,
+     dict(width=16, depth=1, num_heads=2, mlp_dim=32, token_dim=8)),
+    ("vit_digits", "runlocal,family=convit", 6, dict(width=16, num_heads=2, mlp_dim=32)),
+    ("vit_digits", "runlocal,family=cpvt", 6, dict(width=16, depth=2, num_heads=2, mlp_dim=32)),
 ])
-def test_new_digits_configs_train_through_main(tmp_path, name, arg, model):
-  run_tiny_config(name, tmp_path, steps=6, arg=arg, head_zeroinit=False, **model)
+def test_new_digits_configs_train_through_main(tmp_path, name, arg, steps, model):
+  run_tiny_config(name, tmp_path, steps=steps, arg=arg, head_zeroinit=False, **model)

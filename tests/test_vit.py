@@ -441,3 +441,23 @@ def test_convit_and_cpvt_bad_arguments():
     _abstract(vit.Model(num_classes=2, posemb="peg2", **TINY), x)
   with pytest.raises(KeyError, match="no_such_op"):
     _abstract(vit.Model(num_classes=2, local_layers=1, local_attention="no_such_op", **TINY), x)
+
+
+def test_family_configs_build():
+  from big_attn import main as main_lib  # pylint: disable=g-import-not-at-top
+  from tests.test_train import _config_module  # pylint: disable=g-import-not-at-top
+  digits = _config_module("vit_digits")
+  for arg, fields in (("family=convit", dict(local_layers=2, pool_type="cls")),
+                      ("runlocal,family=cpvt", dict(posemb="peg", pool_type="gap"))):
+    config = digits.get_config(arg)
+    main_lib.check_config(config)
+    assert {k: config.model[k] for k in fields} == fields
+  assert "family=convit" in digits.__doc__
+  config = _config_module("vit_i1k").get_config("variant=ConViT-S/16")
+  main_lib.check_config(config)
+  model = vit.Model(**dict(config.model.to_dict(), dtype=jnp.bfloat16))
+  assert (model.local_layers, model.pool_type, model.scan_layers) == (10, "cls", False)
+  assert _abstract(model, jnp.zeros((1, 32, 32, 3)))["head"]["kernel"].value.shape == (
+      432, 1000)
+  with pytest.raises(ValueError, match="unknown family 'swin'"):
+    digits.get_config("family=swin")
