@@ -104,7 +104,8 @@ class TokenTransformer(nn.Module):
     y = layer_norm(self.dtype, self.param_dtype, "LayerNorm_0", epsilon=self.norm_eps)(x)
     proj = lambda name: Projection(  # pylint: disable=g-long-lambda
         shape=(x.shape[-1], 1, self.features), logical_axes=("embed", "heads", "head_dim"),
-        dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_INIT, name=name)
+        dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=nn.initializers.xavier_uniform(), name=name)
     query, key, value = proj("query")(y), proj("key")(y), proj("value")(y)
     op_args = dict(self.op_args or {})
     params_cls = ops.params_module(self.op)
@@ -120,7 +121,7 @@ class TokenTransformer(nn.Module):
     x = value[:, :, 0] + Projection(
         shape=(1, self.features, self.features), logical_axes=("heads", "head_dim", "embed"),
         contract=2, use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=_INIT, name="out")(out)
+        kernel_init=nn.initializers.xavier_uniform(), name="out")(out)
     y = layer_norm(self.dtype, self.param_dtype, "LayerNorm_1", epsilon=self.norm_eps)(x)
     return x + MlpBlock(mlp_dim=int(self.features * self.mlp_ratio),
                         approximate_gelu=self.approximate_gelu, dtype=self.dtype,
@@ -219,7 +220,8 @@ class Model(nn.Module):
             param_dtype=self.param_dtype, name=f"t2t_{i}")(x)
         x = jnp.reshape(x, (n, *grid, self.token_dim))
     x = nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype, name="project",
-                 kernel_init=nn.with_logical_partitioning(_INIT, ("channels_in", "embed")),
+                 kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                          ("channels_in", "embed")),
                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(),
                                                         ("embed",)))(x)
     x = x + posemb_sincos_2d(*grid, self.width, dtype=self.dtype)[None]
