@@ -350,8 +350,12 @@ def test_family_variants_and_parameter_counts():
   for bad in ("ConViT-L/16", "Swin-B/16", "-B/16"):
     with pytest.raises(ValueError, match="ConViT sizes Ti, S, B"):
       vit.decode_variant(bad)
-  model = vit.Model(num_classes=10, variant="ConViT-Ti/16", pool_type="gap")
-  assert (model.pool_type, model.local_layers, model.posemb) == ("gap", 10, "learn")
+  # The family's options fill the fields left at their defaults; others override them.
+  model = vit.Model(num_classes=10, variant="ConViT-Ti/16", pool_type="map")
+  assert (model.pool_type, model.local_layers, model.posemb) == ("map", 10, "learn")
+  model = vit.Model(num_classes=10, variant="CPVT-Ti/16", local_layers=2)
+  assert (model.pool_type, model.local_layers, model.posemb) == ("gap", 2, "peg")
+  assert model.clone() == model
   # ConViT's Table 1 prints 6M, 27M, 86M; the authors' code (timm's convit_tiny/small/base)
   # counts 5,710,512, 27,777,322, 86,540,040. CPVT's GAP variants: 5.7M, 22M, 86M.
   expected = {"ConViT-Ti/16": 5_710_512, "ConViT-S/16": 27_777_322,
@@ -441,6 +445,10 @@ def test_convit_and_cpvt_bad_arguments():
     _abstract(vit.Model(num_classes=2, posemb="peg2", **TINY), x)
   with pytest.raises(KeyError, match="no_such_op"):
     _abstract(vit.Model(num_classes=2, local_layers=1, local_attention="no_such_op", **TINY), x)
+  # Relevance propagation recomputes softmax blocks only: it refuses GPSA blocks and a PEG.
+  from big_attn.interpret import lrp  # pylint: disable=g-import-not-at-top
+  assert "local_layers" in lrp.unsupported(vit.Model(num_classes=2, local_layers=1, **TINY))
+  assert "model.posemb" in lrp.unsupported(vit.Model(num_classes=2, posemb="peg", **TINY))
 
 
 def test_family_configs_build():

@@ -52,6 +52,7 @@ whole millions:
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any
 
@@ -86,6 +87,7 @@ _FAMILIES = {
     "CPVT": dict(sizes={"Ti": (192, 3), "S": (384, 6), "B": (768, 12)},
                  options=dict(posemb="peg", pool_type="gap")),
 }
+FAMILY_OPTIONS = ("local_layers", "pool_type", "posemb")
 POOL_TYPES = ("gap", "cls", "tok", "map")
 POSEMB_TYPES = ("learn", "sincos2d", "peg")
 # `jax.checkpoint_policies` usable as they are (the others are factories taking names).
@@ -380,13 +382,12 @@ def embed_patches(images, width: int, patch: tuple[int, int], posemb: str, dtype
                                name="posemb")((gh, gw), width)[None]
 
 
-def resolve_sizes(model: nn.Module, **defaults: Any) -> None:
+def resolve_sizes(model: nn.Module) -> None:
   """A ViT-like `model`'s sizes from its variant and fields (`common.resolve_variant`):
-  `mlp_dim` 4·width and `patch_size` (16, 16) unless given, an int patch as a pair; `defaults`
-  of further fields the variant may set."""
+  `mlp_dim` 4·width and `patch_size` (16, 16) unless given, an int patch as a pair."""
   common.resolve_variant(model, decode_variant, required=("width", "depth", "num_heads"),
                          defaults=dict(mlp_dim=lambda sizes: 4 * sizes["width"],
-                                       patch_size=(16, 16), **defaults))
+                                       patch_size=(16, 16)))
   patch = model.patch_size
   common.set_fields(model, patch_size=(patch, patch) if isinstance(patch, int) else patch)
 
@@ -428,8 +429,9 @@ class Model(nn.Module):
   Attributes:
     num_classes: logits width; 0 returns the pooled pre-logits `[batch, width]`.
     variant: size name for `decode_variant` ("B/16", "ConViT-S/16", "CPVT-Ti/16"); explicit
-      fields below override it, and the fields left at None hold the variant's values (sizes;
-      a family's posemb, pool_type, local_layers) once the model is built.
+      fields below override it, and the fields left at None hold the variant's sizes once the
+      model is built. A family's options (posemb, pool_type, local_layers) fill those fields
+      left at their defaults.
     width, depth, mlp_dim, num_heads, patch_size: the sizes (`mlp_dim` defaults to 4·width,
       `patch_size` to (16, 16)); `width`, `depth` and `num_heads` are needed without a variant.
     posemb: "learn" (default), "sincos2d", or "peg": no absolute position embedding and a
@@ -479,8 +481,8 @@ class Model(nn.Module):
   mlp_dim: int | None = None
   num_heads: int | None = None
   patch_size: tuple[int, int] | None = None
-  posemb: str | None = None
-  pool_type: str | None = None
+  posemb: str = "learn"
+  pool_type: str = "gap"
   fc_norm: bool = False
   num_registers: int = 0
   attention: str = "softmax"
@@ -497,13 +499,18 @@ class Model(nn.Module):
   scan_layers: bool = False
   token_reduction: Any = None
   attention_free_layers: Any = None
-  local_layers: int | None = None
+  local_layers: int = 0
   local_attention: str = "gpsa"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   def __post_init__(self):
-    resolve_sizes(self, posemb="learn", pool_type="gap", local_layers=0)
+    if self.variant is not None:  # a family's options fill the fields left at their defaults
+      defaults = {f.name: f.default for f in dataclasses.fields(self)}
+      options = {name: value for name, value in decode_variant(self.variant).items()
+                 if name in FAMILY_OPTIONS and getattr(self, name) == defaults[name]}
+      common.set_fields(self, **options)
+    resolve_sizes(self)
     super().__post_init__()
 
   def _check(self, images):
