@@ -49,13 +49,14 @@ def test_registry_and_decode_variant():
 
 def test_parameter_counts_of_the_variants():
   # The paper's Table 2: PiT-Ti 4.9M, XS 10.6M, S 23.5M, B 73.8M.
+  counts = {}
   for variant, expected in {"Ti": 4.9e6, "XS": 10.6e6, "S": 23.5e6, "B": 73.8e6}.items():
-    n = full_size_count(pit.Model(num_classes=1000, variant=variant))
-    assert abs(n - expected) / expected < 0.02, (variant, n)
-  assert full_size_count(pit.Model(num_classes=1000, variant="S")) == 23_461_912  # timm's
+    counts[variant] = full_size_count(pit.Model(num_classes=1000, variant=variant))
+    assert abs(counts[variant] - expected) / expected < 0.02, (variant, counts[variant])
+  assert counts["S"] == 23_461_912  # timm's pit_s_224, the authors' code
 
 
-@pytest.mark.parametrize("grid", [(4, 4), (5, 3)])
+@pytest.mark.parametrize("grid", [(5, 3), pytest.param((4, 4), marks=pytest.mark.extended)])
 def test_pooling_matches_numpy_forward_and_gradient(grid):
   c = 2
   x = jax.random.normal(jax.random.key(0), (2, 1 + grid[0] * grid[1], c))

@@ -55,11 +55,10 @@ def test_parameter_counts_of_the_variants():
   for variant, expected in {"14": 21.5e6, "19": 39.2e6, "24": 64.1e6}.items():
     n = full_size_count(t2t.Model(num_classes=1000, variant=variant))
     assert abs(n - expected) / expected < 0.02, (variant, n)
-  performer = t2t.Model(num_classes=1000, variant="14", token_attention="performer")
-  assert full_size_count(performer) == 21_481_550
 
 
-@pytest.mark.parametrize("kernel,stride,padding,size", [(7, 4, 2, (9, 11)), (3, 2, 1, (5, 4))])
+@pytest.mark.parametrize("kernel,stride,padding,size", [
+    (7, 4, 2, (9, 11)), pytest.param(3, 2, 1, (5, 4), marks=pytest.mark.extended)])
 def test_soft_split_matches_unfold_forward_and_gradient(kernel, stride, padding, size):
   x = jax.random.normal(jax.random.key(0), (2, *size, 3))
   out, grid = t2t.soft_split(x, kernel, stride, padding)
