@@ -2,8 +2,13 @@ r"""A small ViT on scikit-learn's handwritten digits: the embedded default, minu
 
     python -m big_attn.main --config=configs/vit_digits.py --workdir=/tmp/vit_digits
 
+    python -m big_attn.main --config=configs/vit_digits.py:family=convit --workdir=/tmp/convit
+
 Args (`--config=configs/vit_digits.py:attention=sigmoid,steps=500`):
   attention: registry name of the attention op (`big_attn.ops.names()`).
+  family: "" (plain ViT), "convit" (the first 2 of the 4 blocks GPSA, the class token after
+    them; ConViT) or "cpvt" (a PEG after the first block, no absolute position embedding;
+    CPVT's GAP variant).
   steps: training steps.
   runlocal: a few steps only, for smoke tests.
 Measured numbers are in experiments/results/vit_digits.md.
@@ -12,11 +17,17 @@ from big_attn.train import config_lib
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, attention="softmax", steps=1500, runlocal=False)
+  arg = config_lib.parse_arg(arg, attention="softmax", steps=1500, runlocal=False, family="")
   config = config_lib.digits_config(arg)
 
   config.model_name = "vit"
   config.model = dict(width=64, depth=4, mlp_dim=128, num_heads=4, patch_size=(4, 4),
                       posemb="learn", pool_type="gap", attention=arg.attention, dropout=0.0,
                       dtype="float32")
+  if arg.family == "convit":
+    config.model.update(local_layers=2, pool_type="cls")
+  elif arg.family == "cpvt":
+    config.model.update(posemb="peg")
+  elif arg.family:
+    raise ValueError(f"unknown family {arg.family!r}; expected '', 'convit' or 'cpvt'")
   return config_lib.declare_model_settings(config)

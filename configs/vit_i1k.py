@@ -3,7 +3,11 @@ r"""ViT-B/16 on ImageNet-2012 (big_vision's vit_i1k recipe: 300 epochs, AdamW, R
     python -m big_attn.main --config=configs/vit_i1k.py --workdir=DIR \
         --config.input.data_dir=gs://BUCKET/tensorflow_datasets
 
-Args: variant (default B/16), attention (registry op name), epochs, runlocal (tiny model, few
+    python -m big_attn.main --config=configs/vit_i1k.py:variant=ConViT-S/16 --workdir=DIR \
+        --config.input.data_dir=gs://BUCKET/tensorflow_datasets
+
+Args: variant (default B/16; a family's variant such as ConViT-S/16 or CPVT-Ti/16 brings its
+options: `big_attn.models.vit.decode_variant`), attention (registry op name), epochs, runlocal (tiny model, few
 steps, small batch: for a laptop check of the pipeline).
 """
 from big_attn.train import config_lib
@@ -23,9 +27,12 @@ def get_config(arg=None):
   config.input.mixup = 0.0 if arg.runlocal else 0.2
 
   config.model_name = "vit"
-  config.model = dict(num_classes=1000, variant="Ti/16" if arg.runlocal else arg.variant,
-                      posemb="learn", pool_type="gap", attention=arg.attention, dropout=0.0,
-                      remat_policy="none", scan_layers=True, dtype="bfloat16")
+  variant = "Ti/16" if arg.runlocal else arg.variant
+  family = "-" in variant  # ConViT's and CPVT's blocks differ: a Python loop of blocks
+  config.model = dict(num_classes=1000, variant=variant, attention=arg.attention, dropout=0.0,
+                      remat_policy="none", scan_layers=not family, dtype="bfloat16")
+  if not family:
+    config.model.update(posemb="learn", pool_type="gap")
 
   config.mesh = [("data", -1)]
   config.optax_name = "adamw"

@@ -278,3 +278,193 @@ def test_bad_arguments():
   # The variant's sizes fill the fields left at None when the model is built.
   assert (explicit.width, explicit.depth, explicit.mlp_dim, explicit.num_heads,
           explicit.patch_size) == (64, 1, 3072, 2, (8, 8))
+
+
+# ---------------------------------------------------------------------------- ConViT and CPVT
+def forward_and_step(model, x, labels, lr=1e-2):
+  """One compile: the training forward's logits, the loss and the parameters after one Adam
+  step. Returns (params, logits, loss, new params)."""
+  params = _init(model, x, seed=2)
+  tx = optax.adam(lr)
+
+  def loss_fn(p):
+    logits = model.apply({"params": p}, x, train=True, rngs={"dropout": jax.random.key(0)})
+    return optax.softmax_cross_entropy(logits, labels).mean(), logits
+
+  @jax.jit
+  def run(p):
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(p)
+    new = optax.apply_updates(p, tx.update(grads, tx.init(p))[0])
+    return logits, loss, new
+
+  return (params, *run(params))
+
+
+def check_trains(model, x, classes=3):
+  """Forward and one training step of `model` on `x` (one compile): finite logits of the right
+  shape and loss, every parameter updated (a gradient reaches each). Returns the parameters."""
+  labels = jax.nn.one_hot(jnp.arange(x.shape[0]) % classes, classes)
+  params, logits, loss, new = forward_and_step(model, x, labels)
+  assert logits.shape == (x.shape[0], classes) and np.all(np.isfinite(logits))
+  assert np.isfinite(loss) and loss > 0
+  changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), params, new)
+  assert all(jax.tree.leaves(changed)), changed
+  return params
+
+
+def check_affine_map(fn, reference, x, tol=1e-5):
+  """`fn` (JAX) against its float64 NumPy `reference` at `x`, forward and gradient, for a map
+  that is affine in `x` (a convolution and its bias): the gradient of `<g, fn(x)>` is the
+  transposed Jacobian, built from the reference on unit vectors, times `g`."""
+  np.testing.assert_allclose(fn(x), reference(np.asarray(x, np.float64)), rtol=tol, atol=tol)
+  out = reference(np.zeros(x.shape))
+  g = np.asarray(jax.random.normal(jax.random.key(1), out.shape), np.float64)
+  grad = jax.grad(lambda t: jnp.sum(fn(t) * g))(x)
+  eye = np.eye(x.size).reshape((x.size,) + x.shape)
+  jac = np.stack([(reference(e) - out).ravel() for e in eye])  # [inputs, outputs]
+  np.testing.assert_allclose(grad, (jac @ g.ravel()).reshape(x.shape), rtol=tol, atol=tol)
+
+
+def _peg_reference(x, kernel, bias, grid, start):
+  """float64 NumPy: x with its h·w tokens from `start` on, as an image, plus their depthwise
+  3x3 zero-padded convolution (cross-correlation, as Flax and PyTorch) with bias."""
+  x = np.asarray(x, np.float64)
+  h, w = grid
+  n, _, d = x.shape
+  img = np.pad(x[:, start:start + h * w].reshape(n, h, w, d), ((0, 0), (1, 1), (1, 1), (0, 0)))
+  conv = np.zeros((n, h, w, d)) + np.asarray(bias, np.float64)
+  for dy in range(3):
+    for dx in range(3):
+      conv += img[:, dy:dy + h, dx:dx + w] * np.asarray(kernel, np.float64)[dy, dx, 0]
+  out = x.copy()
+  out[:, start:start + h * w] += conv.reshape(n, h * w, d)
+  return out
+
+
+def test_family_variants_and_parameter_counts():
+  assert vit.decode_variant("ConViT-S/16") == dict(
+      width=432, depth=12, mlp_dim=1728, num_heads=9, local_layers=10, pool_type="cls",
+      patch_size=(16, 16))
+  assert vit.decode_variant("CPVT-Ti") == dict(width=192, depth=12, mlp_dim=768, num_heads=3,
+                                               posemb="peg", pool_type="gap")
+  for bad in ("ConViT-L/16", "Swin-B/16", "-B/16"):
+    with pytest.raises(ValueError, match="ConViT sizes Ti, S, B"):
+      vit.decode_variant(bad)
+  # The family's options fill the fields left at their defaults; others override them.
+  model = vit.Model(num_classes=10, variant="ConViT-Ti/16", pool_type="map")
+  assert (model.pool_type, model.local_layers, model.posemb) == ("map", 10, "learn")
+  model = vit.Model(num_classes=10, variant="CPVT-Ti/16", local_layers=2)
+  assert (model.pool_type, model.local_layers, model.posemb) == ("gap", 2, "peg")
+  assert model.clone() == model
+  # ConViT's Table 1 prints 6M, 27M, 86M; the authors' code (timm's convit_tiny/small/base)
+  # counts 5,710,512, 27,777,322, 86,540,040. CPVT's GAP variants: 5.7M, 22M, 86M.
+  expected = {"ConViT-Ti/16": 5_710_512, "ConViT-S/16": 27_777_322,
+              "ConViT-B/16": 86_540_040, "CPVT-Ti/16": 5.7e6, "CPVT-S/16": 22e6,
+              "CPVT-B/16": 86e6}
+  for variant, n in expected.items():
+    count = _abstract_count(vit.Model(num_classes=1000, variant=variant), 224)
+    assert abs(count - n) / n < 0.02, (variant, count)
+
+
+def test_peg_matches_numpy_forward_and_gradient():
+  grid, start, d = (3, 4), 1, 2
+  x = jax.random.normal(jax.random.key(0), (2, start + 12 + 2, d))  # class, patches, registers
+  peg = vit.PEG(grid=grid, start=start)
+  params = _init(peg, x)
+  kernel, bias = params["proj"]["kernel"], params["proj"]["bias"]
+  assert kernel.shape == (3, 3, 1, d)
+  check_affine_map(lambda t: peg.apply({"params": params}, t),
+                   lambda t: _peg_reference(t, kernel, bias, grid, start), x)
+  with pytest.raises(ValueError, match="do not fit"):
+    vit.PEG(grid=(4, 4), start=1).init(jax.random.key(0), x)
+
+
+def _block_inputs(model, x):
+  """(op, token count) of every encoder block's call, traced only (`jax.eval_shape`)."""
+  seen = []
+
+  def interceptor(next_fun, args, kwargs, context):
+    if isinstance(context.module, vit.Encoder1DBlock) and context.method_name == "__call__":
+      seen.append((context.module.attention, args[0].shape[1]))
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(interceptor):
+    jax.eval_shape(lambda: model.init(jax.random.key(0), x))
+  return seen
+
+
+def test_convit_class_token_joins_after_the_gpsa_blocks_and_trains():
+  x = _images(batch=3, size=8)
+  tiny = dict(width=16, depth=2, num_heads=4, mlp_dim=16, patch_size=4)
+  model = vit.Model(num_classes=3, local_layers=1, pool_type="cls", **tiny)
+  assert _block_inputs(model.clone(depth=3, local_layers=2), x) == [
+      ("gpsa", 4), ("gpsa", 4), ("softmax", 5)]
+  assert _block_inputs(model.clone(num_registers=2), x) == [("gpsa", 6), ("softmax", 7)]
+  params = check_trains(model, x)
+  gpsa = params["Transformer"]["encoderblock_0"]["MultiHeadAttention"]["op_params"]
+  assert gpsa["pos_proj"].shape == (4, 3) and gpsa["gating"].shape == (4,)
+  assert "op_params" not in params["Transformer"]["encoderblock_1"]["MultiHeadAttention"]
+
+
+def test_cpvt_peg_after_the_first_block_and_trains():
+  x = _images(batch=3, size=8)
+  model = vit.Model(num_classes=3, posemb="peg", **dict(TINY, depth=1, width=16, mlp_dim=16))
+  params = check_trains(model, x)
+  assert "posemb" not in params
+  assert set(params["Transformer"]) == {"encoderblock_0", "peg", "encoder_norm"}
+  # The PEG reads the first block's output on the patch grid.
+  seen = {}
+
+  def interceptor(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if context.method_name == "__call__" and isinstance(context.module, vit.Encoder1DBlock):
+      seen.setdefault("block", out[0])
+    if context.method_name == "__call__" and isinstance(context.module, vit.PEG):
+      seen["peg"] = (args[0], context.module.grid)
+    return out
+
+  with nn.intercept_methods(interceptor):
+    model.apply({"params": params}, x)
+  np.testing.assert_array_equal(seen["peg"][0], seen["block"])
+  assert seen["peg"][1] == (2, 2)
+
+
+def test_convit_and_cpvt_bad_arguments():
+  x = _images(size=8)
+  with pytest.raises(ValueError, match="local_layers must be an int in \\[0, depth=2\\]"):
+    _abstract(vit.Model(num_classes=2, local_layers=3, **TINY), x)
+  with pytest.raises(ValueError, match="scan_layers=False"):
+    _abstract(vit.Model(num_classes=2, posemb="peg", scan_layers=True, **TINY), x)
+  with pytest.raises(ValueError, match="scan_layers=False"):
+    _abstract(vit.Model(num_classes=2, local_layers=1, scan_layers=True, **TINY), x)
+  with pytest.raises(ValueError, match="does not combine with local_layers"):
+    _abstract(vit.Model(num_classes=2, local_layers=1, pool_type="cls",
+                        token_reduction={"method": "tome"}, **TINY), x)
+  with pytest.raises(ValueError, match="unknown posemb"):
+    _abstract(vit.Model(num_classes=2, posemb="peg2", **TINY), x)
+  with pytest.raises(KeyError, match="no_such_op"):
+    _abstract(vit.Model(num_classes=2, local_layers=1, local_attention="no_such_op", **TINY), x)
+  # Relevance propagation recomputes softmax blocks only: it refuses GPSA blocks and a PEG.
+  from big_attn.interpret import lrp  # pylint: disable=g-import-not-at-top
+  assert "local_layers" in lrp.unsupported(vit.Model(num_classes=2, local_layers=1, **TINY))
+  assert "model.posemb" in lrp.unsupported(vit.Model(num_classes=2, posemb="peg", **TINY))
+
+
+def test_family_configs_build():
+  from big_attn import main as main_lib  # pylint: disable=g-import-not-at-top
+  from tests.test_train import _config_module  # pylint: disable=g-import-not-at-top
+  digits = _config_module("vit_digits")
+  for arg, fields in (("family=convit", dict(local_layers=2, pool_type="cls")),
+                      ("runlocal,family=cpvt", dict(posemb="peg", pool_type="gap"))):
+    config = digits.get_config(arg)
+    main_lib.check_config(config)
+    assert {k: config.model[k] for k in fields} == fields
+  assert "family=convit" in digits.__doc__
+  config = _config_module("vit_i1k").get_config("variant=ConViT-S/16")
+  main_lib.check_config(config)
+  model = vit.Model(**dict(config.model.to_dict(), dtype=jnp.bfloat16))
+  assert (model.local_layers, model.pool_type, model.scan_layers) == (10, "cls", False)
+  assert _abstract(model, jnp.zeros((1, 32, 32, 3)))["head"]["kernel"].value.shape == (
+      432, 1000)
+  with pytest.raises(ValueError, match="unknown family 'swin'"):
+    digits.get_config("family=swin")

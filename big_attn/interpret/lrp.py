@@ -138,6 +138,9 @@ def unsupported(model: Any) -> str | None:
       "num_kv_heads": (model.num_kv_heads not in (None, model.num_heads),
                        "as many key/value heads as query heads"),
       "pool_type": (model.pool_type not in ("gap", "cls", "tok"), "'gap' or 'cls'"),
+      "local_layers": (model.local_layers > 0, "every block on the softmax op (local_layers=0)"),
+      "posemb": (model.posemb == "peg", "no PEG between the blocks (posemb 'learn' or "
+                 "'sincos2d')"),
       "scan_layers": (model.scan_layers, "scan_layers=False (the same parameters with the "
                       "'layers' axis unstacked)"),
       "num_classes": (not model.num_classes, "a classifier head (num_classes > 0)"),

@@ -11,6 +11,13 @@ pre-LayerNorm blocks x + Attn(LN(x)), x + MLP(LN(x)) and a final LayerNorm. The 
 mechanism is any op of `big_attn.ops` by name. Pooling: "gap" (mean of the patch tokens),
 "cls"/"tok" (the class token), "map" (multihead attention pooling with a learned probe).
 
+Two families are ViT plus options, sized by `decode_variant("ConViT-S/16")` / `("CPVT-Ti/16")`:
+ConViT (Improving Vision Transformers with Soft Convolutional Inductive Biases) runs the first
+`local_layers=10` blocks with gated positional self-attention (`local_attention="gpsa"`) on the
+patch tokens and inserts the class token after them; CPVT (Conditional Positional Encodings
+for Vision Transformers, `posemb="peg"`) has no absolute position embedding and a `PEG`
+(depthwise 3x3 convolution of the patch grid, added) after the first block.
+
 Parameter counts (224x224x3 input, 1000 classes, pool "gap", learned position embedding;
 counted with `jax.eval_shape`, nothing allocated). A class token adds `width`; a MAP head adds
 a block's worth (ViT-B/16 "cls": 86,566,888; ViT-G/14 "map": 1,882,797,416). Scaling Vision
@@ -47,9 +54,24 @@ token, mean pooling. The paper's vanilla variants (its Table 2 / model zoo), exa
 The authors' code fixes 6 heads (512 is not divisible by 6: B has 8 here); the parameter count
 does not depend on them. Their XS entry (22M) is 20.0M in their own layout (width 384, depth 12,
 α = 4; GFNet-XS is 16M), as counted here. The hierarchical SpectFormer-H variants are not built.
+
+The families' variants (width 48 per head for ConViT; CPVT the GAP variant), against their
+papers' tables and the authors' code (ConViT's in timm: 5,710,512 / 27,777,322 / 86,540,040;
+ours has query/key/value biases and no constant positional bias); ConViT's Table 1 prints
+whole millions:
+
+| variant      | width | heads | parameters | paper |
+|--------------|-------|-------|------------|-------|
+| ConViT-Ti/16 |   192 |     4 |  5,717,384 |  6M   |
+| ConViT-S/16  |   432 |     9 | 27,792,784 |  27M  |
+| ConViT-B/16  |   768 |    16 | 86,567,528 |  86M  |
+| CPVT-Ti/16   |   192 |     3 |  5,681,320 |  5.7M |
+| CPVT-S/16    |   384 |     6 | 21,978,472 |  22M  |
+| CPVT-B/16    |   768 |    12 | 86,423,272 |  86M  |
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any
 
@@ -75,7 +97,19 @@ _MLP_DIM = {"Ti": 768, "S": 1536, "M": 2048, "B": 3072, "L": 4096, "So400m": 430
 _NUM_HEADS = {"Ti": 3, "S": 6, "M": 8, "B": 12, "L": 16, "So400m": 16, "H": 16, "g": 16, "G": 16,
               "e": 16}
 
+# Families that are a ViT plus options (`FAMILY-SIZE/PATCH`): ConViT's sizes are 48 per head
+# (its Table 1: 4, 9 and 16 heads for Ti, S, B), GPSA in the first 10 blocks and a class token
+# inserted after them; CPVT is DeiT's sizes with a PEG after the first block and no absolute
+# position embedding (its GAP variant).
+_FAMILIES = {
+    "ConViT": dict(sizes={"Ti": (192, 4), "S": (432, 9), "B": (768, 16)},
+                   options=dict(local_layers=10, pool_type="cls")),
+    "CPVT": dict(sizes={"Ti": (192, 3), "S": (384, 6), "B": (768, 12)},
+                 options=dict(posemb="peg", pool_type="gap")),
+}
+FAMILY_OPTIONS = ("local_layers", "pool_type", "posemb")
 POOL_TYPES = ("gap", "cls", "tok", "map")
+POSEMB_TYPES = ("learn", "sincos2d", "peg")
 # `jax.checkpoint_policies` usable as they are (the others are factories taking names).
 REMAT_POLICIES = ("none", "nothing_saveable", "everything_saveable", "dots_saveable",
                   "dots_with_no_batch_dims_saveable", "checkpoint_dots",
@@ -93,20 +127,31 @@ def decode_variant(variant: str) -> dict[str, Any]:
 
   The patch part is optional ("B" gives no `patch_size`); sizes are Ti, S, M, B, L, So400m, H,
   g, G, e. SpectFormer's spectformer_t, spectformer_xs, spectformer_s, spectformer_b also give
-  `spectral_layers` (the first 4 blocks) and 16x16 patches.
+  `spectral_layers` (the first 4 blocks) and 16x16 patches. A family prefix gives that family's sizes and options: "ConViT-S/16" (Ti, S, B:
+  `local_layers=10`, `pool_type="cls"`), "CPVT-Ti/16" (Ti, S, B: `posemb="peg"`,
+  `pool_type="gap"`).
   """
   if isinstance(variant, str) and variant in _SPECTFORMER:
     width, depth, heads = _SPECTFORMER[variant]
     return dict(width=width, depth=depth, mlp_dim=4 * width, num_heads=heads,
                 patch_size=(16, 16), spectral_layers=tuple(range(SPECTFORMER_ALPHA)))
-  match = re.fullmatch(r"([A-Za-z0-9]+?)(?:/(\d+))?", variant) if isinstance(variant, str) else None
-  if match is None or match.group(1) not in _WIDTH:
+  match = (re.fullmatch(r"(?:([A-Za-z]+)-)?([A-Za-z0-9]+?)(?:/(\d+))?", variant)
+           if isinstance(variant, str) else None)
+  family, size, patch = match.groups() if match else (None, None, None)
+  sizes = _FAMILIES[family]["sizes"] if family in _FAMILIES else _WIDTH
+  if match is None or (family is not None and family not in _FAMILIES) or size not in sizes:
     raise ValueError(f"unknown ViT variant {variant!r}; expected SIZE or SIZE/PATCH with SIZE in "
-                     f"{', '.join(_WIDTH)} (e.g. 'B/16', 'G/14'), or one of "
-                     f"{', '.join(_SPECTFORMER)}")
-  size, patch = match.groups()
-  out = dict(width=_WIDTH[size], depth=_DEPTH[size], mlp_dim=_MLP_DIM[size],
-             num_heads=_NUM_HEADS[size])
+                     f"{', '.join(_WIDTH)} (e.g. 'B/16', 'G/14'), or FAMILY-SIZE/PATCH with "
+                     + "; ".join(f"{name} sizes {', '.join(f['sizes'])}"
+                                 for name, f in _FAMILIES.items()) + " (e.g. 'ConViT-S/16'), or one of "
+                     + ", ".join(_SPECTFORMER))
+  if family is None:
+    out = dict(width=_WIDTH[size], depth=_DEPTH[size], mlp_dim=_MLP_DIM[size],
+               num_heads=_NUM_HEADS[size])
+  else:
+    width, heads = _FAMILIES[family]["sizes"][size]
+    out = dict(width=width, depth=12, mlp_dim=4 * width, num_heads=heads,
+               **_FAMILIES[family]["options"])
   if patch is not None:
     out["patch_size"] = (int(patch), int(patch))
   return out
@@ -223,6 +268,39 @@ class Encoder1DBlock(nn.Module):
                                       ("batch", "length", "embed"))
 
 
+class PEG(nn.Module):
+  """Positional encoding generator: Conditional Positional Encodings for Vision Transformers
+  (Chu et al., 2021). The `h·w` patch tokens from `start` on, as a `grid=(h, w)` image, get a
+  depthwise 3x3 convolution of themselves added (zero padding, with bias):
+
+      x_p <- x_p + DWConv3x3(x_p),
+
+  so each token's encoding depends on its neighbourhood and on the image border; tokens
+  before `start` and after the patches pass unchanged. `[batch, tokens, width]` in and out.
+  """
+  grid: tuple[int, int]
+  start: int = 0
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    (h, w), start = self.grid, self.start
+    n, tokens, d = x.shape
+    if start < 0 or start + h * w > tokens:
+      raise ValueError(f"PEG: tokens {start}..{start + h * w} of grid {self.grid} do not fit "
+                       f"in {tokens} tokens")
+    patches = x[:, start:start + h * w].reshape(n, h, w, d)
+    y = nn.Conv(d, (3, 3), padding="SAME", feature_group_count=d, dtype=self.dtype,
+                param_dtype=self.param_dtype, name="proj",
+                kernel_init=nn.with_logical_partitioning(
+                    nn.initializers.lecun_normal(), ("patch_h", "patch_w", None, "embed")),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",))
+                )(patches)
+    patches = (patches + y.astype(patches.dtype)).reshape(n, h * w, d)
+    return jnp.concatenate([x[:, :start], patches, x[:, start + h * w:]], axis=1)
+
+
 class Encoder(nn.Module):
   """`depth` blocks (a Python loop, or `nn.scan` with a leading `layers` axis) and a final LN
   (`final_norm=False`: none).
@@ -234,6 +312,11 @@ class Encoder(nn.Module):
   after the last.
   The blocks of `attention_free_layers` have no attention branch, those of `spectral_layers`
   are GFNet's spectral blocks over the token grid `grid` (Python loop only).
+  The first `local_layers` blocks take `local_block_args` (ConViT's GPSA blocks) and the
+  `late_tokens` given to the call are prepended after them (ConViT's class token). With
+  `peg_grid=(h, w)` a `PEG` follows the first block, on the `h·w` patch tokens that follow the
+  first `num_protected` tokens (less the late tokens before those are in). Both need
+  `scan_layers=False`.
   """
   depth: int
   block_args: Any
@@ -245,11 +328,14 @@ class Encoder(nn.Module):
   attention_free_layers: Any = None
   spectral_layers: Any = None
   grid: tuple[int, int] | None = None
+  local_layers: int = 0
+  local_block_args: Any = None
+  peg_grid: tuple[int, int] | None = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, deterministic: bool = True):
+  def __call__(self, x, deterministic: bool = True, late_tokens=None):
     block = Encoder1DBlock
     if self.remat_policy != "none":
       block = nn.remat(block, prevent_cse=not self.scan_layers, static_argnums=(2,),
@@ -265,6 +351,15 @@ class Encoder(nn.Module):
     for name, value in (("attention_free_layers", free), ("spectral_layers", spectral)):
       if value and self.scan_layers:
         raise ValueError(f"{name} makes the blocks differ: it needs scan_layers=False")
+    if (self.local_layers or self.peg_grid is not None) and self.scan_layers:
+      raise ValueError("local_layers and a PEG make the blocks differ: they need "
+                       "scan_layers=False")
+    if self.local_layers and reduction is not None:
+      raise ValueError("token_reduction needs every token from the first block: it does not "
+                       "combine with local_layers")
+    if late_tokens is not None and not 0 < self.local_layers < self.depth:
+      raise ValueError(f"late_tokens are inserted after the local layers: local_layers must be "
+                       f"in (0, depth={self.depth}), got {self.local_layers}")
     if self.scan_layers:
       stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True,
                                                                       "dropout": True},
@@ -274,7 +369,10 @@ class Encoder(nn.Module):
     else:
       size = None if reduction is None else jnp.ones(x.shape[:2], jnp.float32)
       lookup = reduction is not None and reduction.method == "lookupvit"
+      late = 0 if late_tokens is None else late_tokens.shape[1]
       for i in range(self.depth):
+        if late and i == self.local_layers:
+          x = jnp.concatenate([late_tokens.astype(x.dtype), x], axis=1)
         if lookup and i == reduction.layers[0]:
           x, size = token_reduction_lib.compress(x, size, reduction.num_tokens,
                                                  num_protected=self.num_protected)
@@ -286,7 +384,13 @@ class Encoder(nn.Module):
           kwargs.update(attention_free=i in free)
         if spectral:
           kwargs.update(spectral_grid=self.grid if i in spectral else None)
-        x, size = block(name=f"encoderblock_{i}", **kwargs)(x, deterministic, size)
+        local = dict(self.local_block_args or {}) if i < self.local_layers else {}
+        x, size = block(name=f"encoderblock_{i}", **dict(kwargs, **local))(x, deterministic,
+                                                                            size)
+        if i == 0 and self.peg_grid is not None:
+          start = self.num_protected - late
+          x = PEG(grid=self.peg_grid, start=start, dtype=self.dtype,
+                  param_dtype=self.param_dtype, name="peg")(x)
       if lookup:
         x = x[:, :self.num_protected + reduction.num_tokens]
     if not self.final_norm:
@@ -322,7 +426,7 @@ class MAPHead(nn.Module):
 def embed_patches(images, width: int, patch: tuple[int, int], posemb: str, dtype: Any,
                   param_dtype: Any):
   """`[b, H, W, C]` -> `[b, patches, width]`: strided-conv patch embedding plus the position
-  embedding. Called inside a compact method, it creates the caller's `embedding` and `posemb`."""
+  embedding ("learn", "sincos2d"; "peg": none, the encoder's `PEG` gives positions). Called inside a compact method, it creates the caller's `embedding` and `posemb`."""
   x = nn.Conv(width, patch, strides=patch, padding="VALID", dtype=dtype, param_dtype=param_dtype,
               name="embedding",
               kernel_init=nn.with_logical_partitioning(
@@ -331,6 +435,8 @@ def embed_patches(images, width: int, patch: tuple[int, int], posemb: str, dtype
               )(jnp.asarray(images, dtype))
   n, gh, gw, _ = x.shape
   x = jnp.reshape(x, (n, gh * gw, width))
+  if posemb == "peg":  # CPVT: the encoder's PEG encodes positions
+    return x
   return x + PositionEmbedding(posemb, dtype=dtype, param_dtype=param_dtype,
                                name="posemb")((gh, gw), width)[None]
 
@@ -365,12 +471,15 @@ def check_encoder_inputs(model: nn.Module, images) -> None:
   spatial.check_op(model.attention, type(model).__module__.rsplit(".", 1)[-1])
 
 
-def encoder_op_args(model: nn.Module, images, patch: tuple[int, int], extra_tokens: int):
-  """The op arguments of a ViT-like `model`'s blocks: its `attention_args`, plus the patch
-  grid, the `extra_tokens` before the patches and clipped sizes for a 2-D op
-  (`big_attn.ops.spatial.op_args`)."""
+def encoder_op_args(model: nn.Module, images, patch: tuple[int, int], extra_tokens: int,
+                    op: str | None = None, op_args: Any = None):
+  """The op arguments of a ViT-like `model`'s blocks: its `attention_args` (or `op_args` of
+  `op`), plus the patch grid, the `extra_tokens` before the patches and clipped sizes for a 2-D
+  op (`big_attn.ops.spatial.op_args`)."""
   grid = (images.shape[1] // patch[0], images.shape[2] // patch[1])
-  return spatial.op_args(model.attention, model.attention_args, grid, extra_tokens)
+  if op is None:
+    op, op_args = model.attention, model.attention_args
+  return spatial.op_args(op, op_args, grid, extra_tokens)
 
 
 class Model(nn.Module):
@@ -378,12 +487,15 @@ class Model(nn.Module):
 
   Attributes:
     num_classes: logits width; 0 returns the pooled pre-logits `[batch, width]`.
-    variant: size name for `decode_variant` ("B/16"); explicit fields below override it, and
-      the fields left at None hold the variant's sizes once the model is built.
+    variant: size name for `decode_variant` ("B/16", "ConViT-S/16", "CPVT-Ti/16"); explicit
+      fields below override it, and the fields left at None hold the variant's sizes once the
+      model is built. A family's options (posemb, pool_type, local_layers) fill those fields
+      left at their defaults.
     width, depth, mlp_dim, num_heads, patch_size: the sizes (`mlp_dim` defaults to 4·width,
       `patch_size` to (16, 16)); `width`, `depth` and `num_heads` are needed without a variant.
-    posemb: "learn" or "sincos2d".
-    pool_type: "gap", "cls" (alias "tok", big_vision's name) or "map".
+    posemb: "learn" (default), "sincos2d", or "peg": no absolute position embedding and a
+      `PEG` after the first block (CPVT; needs `scan_layers=False`).
+    pool_type: "gap" (default), "cls" (alias "tok", big_vision's name) or "map".
     fc_norm: the final LayerNorm after pooling (`fc_norm`) instead of on every token before it
       (timm's default for "gap", MAE's).
     num_registers: learned register tokens appended to the sequence and dropped at the output.
@@ -415,6 +527,11 @@ class Model(nn.Module):
     spectral_layers: block indices that are GFNet's spectral blocks (SpectFormer: the first 4;
       the spectformer_* variants set it); needs `scan_layers=False`, pool_type "gap" or "map",
       no registers and no token reduction (the tokens must be the patch grid).
+    local_layers: the first blocks run `local_attention` (default 0); with a class token and
+      `0 < local_layers < depth` the class token joins after them (ConViT: 10 GPSA blocks).
+      Needs `scan_layers=False` and no token reduction.
+    local_attention: registry name of the local blocks' op ("gpsa", ConViT's); a 2-D op gets
+      the patch grid as the main op does.
     dtype: compute dtype (e.g. bfloat16); param_dtype: parameter dtype.
   Parameters carry the logical axis names embed, mlp, heads, kv_heads, head_dim, norm,
   patch_h, patch_w, channels_in, position, classes and layers.
@@ -445,18 +562,31 @@ class Model(nn.Module):
   token_reduction: Any = None
   attention_free_layers: Any = None
   spectral_layers: Any = None
+  local_layers: int = 0
+  local_attention: str = "gpsa"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   def __post_init__(self):
+    if self.variant is not None:  # a family's options fill the fields left at their defaults
+      defaults = {f.name: f.default for f in dataclasses.fields(self)}
+      options = {name: value for name, value in decode_variant(self.variant).items()
+                 if name in FAMILY_OPTIONS and getattr(self, name) == defaults[name]}
+      common.set_fields(self, **options)
     resolve_sizes(self)
     super().__post_init__()
 
   def _check(self, images):
     if self.pool_type not in POOL_TYPES:
       raise ValueError(f"unknown pool_type {self.pool_type!r}; expected one of {POOL_TYPES}")
+    if self.posemb not in POSEMB_TYPES:
+      raise ValueError(f"unknown posemb {self.posemb!r}; expected one of {POSEMB_TYPES}")
     if self.num_registers < 0:
       raise ValueError(f"num_registers must be >= 0, got {self.num_registers}")
+    if (not isinstance(self.local_layers, int) or isinstance(self.local_layers, bool)
+        or not 0 <= self.local_layers <= self.depth):
+      raise ValueError(f"local_layers must be an int in [0, depth={self.depth}], got "
+                       f"{self.local_layers!r}")
     check_encoder_inputs(self, images)
     if self.spectral_layers and (self.pool_type in ("cls", "tok") or self.num_registers
                                  or self.token_reduction is not None):
@@ -464,6 +594,8 @@ class Model(nn.Module):
                        f"'map', no registers and no token_reduction, got pool_type "
                        f"{self.pool_type!r}, num_registers {self.num_registers}, "
                        f"token_reduction {self.token_reduction!r}")
+    if self.local_layers:
+      spatial.check_op(self.local_attention, "vit")
     return token_reduction_lib.resolve(self.token_reduction, self.depth, op=self.attention,
                                        has_class_token=self.pool_type in ("cls", "tok"))
 
@@ -479,42 +611,55 @@ class Model(nn.Module):
     x = embed_patches(images, width, patch, self.posemb, self.dtype, self.param_dtype)
     n = x.shape[0]
 
-    num_prefix = 0
+    num_prefix, late_tokens = 0, None
     if self.pool_type in ("cls", "tok"):
       cls = param("cls", nn.initializers.zeros_init(), (1, width), (None, "embed"))
-      x = jnp.concatenate([jnp.broadcast_to(cls[None], (n, 1, width)), x], axis=1)
+      cls = jnp.broadcast_to(cls[None], (n, 1, width))
+      if 0 < self.local_layers < self.depth:  # ConViT: joins after the local blocks
+        late_tokens = cls
+      else:
+        x = jnp.concatenate([cls, x], axis=1)
       num_prefix = 1
-    # Registers follow the patches; for a 2-D op or with token reduction they join the extra
-    # tokens before them (timm's order) inside the encoder.
-    registers_first = bool(self.num_registers) and (spatial.takes_grid(self.attention)
-                                                    or reduction is not None)
+    # Registers follow the patches; for a 2-D op, with token reduction, local blocks or a PEG
+    # they join the extra tokens before them (timm's order) inside the encoder.
+    registers_first = bool(self.num_registers) and (
+        spatial.takes_grid(self.attention) or reduction is not None or self.local_layers > 0
+        or self.posemb == "peg")
     if self.num_registers:
       reg = param("registers", nn.initializers.normal(stddev=0.02),
                   (self.num_registers, width), (None, "embed"))
       reg = jnp.broadcast_to(reg[None], (n,) + reg.shape)
-      x = jnp.concatenate([x[:, :num_prefix], reg, x[:, num_prefix:]] if registers_first
+      early = num_prefix - (late_tokens is not None)
+      x = jnp.concatenate([x[:, :early], reg, x[:, early:]] if registers_first
                           else [x, reg], axis=1)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     x = nn.Dropout(rate=self.dropout)(x, deterministic)
 
+    extra = num_prefix + self.num_registers
     block_args = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim,
                       num_kv_heads=self.num_kv_heads, attention=self.attention,
-                      attention_args=encoder_op_args(self, images, patch,
-                                                     num_prefix + self.num_registers),
+                      attention_args=encoder_op_args(self, images, patch, extra),
                       attention_impl=self.attention_impl, qk_norm=self.qk_norm,
                       dropout=self.dropout, norm_eps=self.norm_eps,
                       approximate_gelu=self.approximate_gelu,
                       layer_scale_init=self.layer_scale_init)
+    local_block_args = None
+    if self.local_layers:
+      local_extra = extra - (late_tokens is not None)
+      local_block_args = dict(attention=self.local_attention, attention_impl=None,
+                              attention_args=encoder_op_args(self, images, patch, local_extra,
+                                                             op=self.local_attention))
+    grid = (images.shape[1] // patch[0], images.shape[2] // patch[1])
     x = Encoder(depth=self.depth, block_args=block_args, remat_policy=self.remat_policy,
                 scan_layers=self.scan_layers, final_norm=not self.fc_norm,
-                token_reduction=reduction, num_protected=num_prefix + self.num_registers,
+                token_reduction=reduction, num_protected=extra,
                 attention_free_layers=self.attention_free_layers,
-                spectral_layers=self.spectral_layers,
-                grid=(images.shape[1] // patch[0], images.shape[2] // patch[1]),
+                spectral_layers=self.spectral_layers, grid=grid,
+                local_layers=self.local_layers, local_block_args=local_block_args,
+                peg_grid=grid if self.posemb == "peg" else None,
                 dtype=self.dtype, param_dtype=self.param_dtype, name="Transformer")(
-                    x, deterministic)
+                    x, deterministic, late_tokens)
     if registers_first:
-      extra = num_prefix + self.num_registers
       x = jnp.concatenate([x[:, :num_prefix], x[:, extra:], x[:, num_prefix:extra]], axis=1)
     if self.num_registers:
       x = x[:, :-self.num_registers]
