@@ -146,9 +146,11 @@ def hyena(query, key, value, *, mask=None, is_causal=False, scale=None, segment_
 
   order 2 is the paper's y = q ⊙ (h_2 * (k ⊙ (h_1 * v))) (D_n = 0 without `filter_bias`). The
   convolution (h * z)_t = Σ_s h_{t−s} z_s runs over the sequence, or over the rows and columns
-  of the row-major `grid=(h, w)` image (HyenaPixel), by FFT in O(L log L). Non-causal filters
-  are centred (every token sees every other); causal ones keep offsets t − s ≥ 0 (on a grid:
-  both offsets ≥ 0, the upper-left quadrant, which lies in the raster-order past). Before the
+  of the row-major `grid=(h, w)` image (HyenaPixel), by FFT in O(L log L) (a causal sequence:
+  by divide and conquer, `toeplitz.causal_toeplitz`, O(L log² L), never reading a later
+  token). Non-causal filters are centred (every token sees every other); causal ones keep
+  offsets t − s ≥ 0 (on a grid: both offsets ≥ 0, the upper-left quadrant, which lies in the
+  raster-order past). Before the
   gating, each of v, x_1..x_N is optionally filtered by a short depthwise convolution
   (`short_filters`, the paper's short filters on the projections).
 

@@ -5,7 +5,8 @@ decomposed relative positions, and kernelized attention with relative positional
   and a purely positional attention over 2-D offsets.
 - `levit_bias`, `decomposed_relpos`: softmax attention whose logits get a learned bias of the
   relative position of query and key on the `grid=(h, w)` image (the positional-bias hooks).
-- `kernelized_rpe`: Performer features times `exp(b_{i−j})`, the Toeplitz sum done by FFT;
+- `kernelized_rpe`: Performer features times `exp(b_{i−j})`, the Toeplitz sum done by FFT
+  (causal: by divide and conquer, never reading a later token);
   sequence-parallel, dense blocks of the features times `exp(b_{i−j})` read at the blocks'
   global offsets (`PairTerms`), summed over `[v, 1]` and divided.
 
@@ -295,9 +296,13 @@ def kernelized_rpe_attention(query, key, value, *, mask=None, is_causal=False, s
       out_i = Σ_j e^{b_{i−j}} φ(q_i)ᵀφ(k_j) v_j / Σ_j e^{b_{i−j}} φ(q_i)ᵀφ(k_j).
 
   For every feature m, Σ_j e^{b_{i−j}} φ(k_j)_m [v_j, 1] is a Toeplitz matrix-vector product,
-  computed with the FFT in O(n log n) (the paper's algorithm) instead of O(n²). Causal: the
-  future offsets (j > i) get zero weight. Per query head, the exponent of b is stabilised by
-  its maximum, and the features as in `performer`; both cancel in the ratio. The FFT's
+  computed with the FFT in O(n log n) (the paper's algorithm) instead of O(n²). Causal: only
+  offsets j ≤ i, by divide and conquer (`toeplitz.causal_toeplitz`, O(n log² n)): a later
+  block gets the FFT product of the earlier blocks only, and blocks of ≤ 16 tokens are summed
+  directly, so no later token enters an earlier output, not even at round-off. Per query head,
+  the exponent of b is stabilised by its maximum and each query's features by theirs; the key
+  features by the maximum over the sequence, or when causal by the running maximum C_j up to
+  key j (key j then weighs e^{C_j − C_i} ≤ 1 for query i); all cancel in the ratio. The FFT's
   round-off is relative to the largest term: in float32, terms with e^{b − max b} below ~1e-6
   are not resolved (compute in float64 for extreme biases).
 
