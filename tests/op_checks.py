@@ -25,6 +25,19 @@ def assert_causal_ignores_future(op, arrays, cut):
   assert not np.allclose(np.asarray(out[:, cut:]), np.asarray(changed[:, cut:]))
 
 
+def assert_causal_exact_before_later_tokens(op, arrays, cut):
+  """Replacing every array's tokens from `cut` on by values of std 30, by NaN and by inf leaves
+  `op`'s outputs before `cut` bitwise unchanged (no later token enters them, even at
+  round-off)."""
+  out = np.asarray(op(*arrays))
+  for i, fill in enumerate((None, jnp.nan, jnp.inf)):
+    changed = op(*(x.at[:, cut:].set(ref.normal(20 + i + j, x[:, cut:].shape, std=30.0)
+                                     if fill is None else fill)
+                   for j, x in enumerate(arrays)))
+    np.testing.assert_array_equal(np.asarray(changed)[:, :cut], out[:, :cut],
+                                  err_msg=f"later tokens replaced by {fill or 'std 30'}")
+
+
 def assert_causal_ignores_future_keys(op, q, k, v, cut):
   """Shifting the keys and values from `cut` on keeps the outputs of the queries before it."""
   k2 = k.at[:, cut:].add(5.0)

@@ -149,7 +149,7 @@ def _krpe_ref(q, k, v, b, w, mask, scale=None):
 
 
 @pytest.mark.parametrize("t,kv_heads,causal,masked", [(13, 2, False, False), (13, 4, True, True),
-                                                      (8, 1, True, False)])
+                                                      (8, 1, True, False), (37, 2, True, True)])
 def test_kernelized_rpe_fft_matches_quadratic(t, kv_heads, causal, masked):
   q, k, v = _qkv(t=t, k=kv_heads, dv=6)
   q, k = q * 0.5, k * 0.5
@@ -195,6 +195,18 @@ def test_kernelized_rpe_causal_ignores_future():
   changed = op(q, k.at[:, 6:].set(5.0), v.at[:, 6:].set(-3.0))
   np.testing.assert_allclose(out[:, :6], changed[:, :6], **F32_TOL)
   assert not np.allclose(out[:, 6:], changed[:, 6:], atol=1e-3)
+
+
+@pytest.mark.parametrize("t", [1, 37, 64])
+def test_kernelized_rpe_causal_outputs_exact_before_later_tokens(t):
+  """Later keys and values, even 30 times larger (exponents far above the past's), NaN or inf,
+  leave the earlier outputs bitwise unchanged; 37 and 64 tokens run the divide and conquer's
+  FFT levels."""
+  q, k, v = _qkv(t=t, k=2)
+  b = ref.normal(3, (4, 2 * t - 1))
+  op = jax.jit(functools.partial(ops.get("kernelized_rpe"), rpe_bias=b, feature_key=1,
+                                 num_features=8, is_causal=True))
+  op_checks.assert_causal_exact_before_later_tokens(op, (q, k, v), cut=(t + 1) // 2)
 
 
 # ----------------------------------------------------------------------------------------------

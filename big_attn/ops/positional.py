@@ -5,7 +5,8 @@ decomposed relative positions, and kernelized attention with relative positional
   and a purely positional attention over 2-D offsets.
 - `levit_bias`, `decomposed_relpos`: softmax attention whose logits get a learned bias of the
   relative position of query and key on the `grid=(h, w)` image (the positional-bias hooks).
-- `kernelized_rpe`: Performer features times `exp(b_{i−j})`, the Toeplitz sum done by FFT;
+- `kernelized_rpe`: Performer features times `exp(b_{i−j})`, the Toeplitz sum done by FFT
+  (causal: by divide and conquer, never reading a later token);
   sequence-parallel, dense blocks of the features times `exp(b_{i−j})` read at the blocks'
   global offsets (`PairTerms`), summed over `[v, 1]` and divided.
 
@@ -20,6 +21,7 @@ import numpy as np
 
 from big_attn.ops import common
 from big_attn.ops import linear
+from big_attn.ops import toeplitz
 from big_attn.ops import windowed
 from big_attn.ops.registry import BlockForm, OpParams, PairTerms, register, register_params
 from big_attn.ops.softmax import dot_product_attention
@@ -213,10 +215,14 @@ def _check_kernelized_rpe(dims: common.Dims, rpe_bias, scale) -> float:
   return scale
 
 
-def _kernel_features(query, key, scale, features, feature_key, num_features, dims, dtype):
-  """Performer's positive features `(φ(q) [b, t, k, g, m], φ(k) [b, s, k, m])` in `dtype`,
-  stabilised by the maximum of each query's exponents and of each key head's over the whole
-  sequence (constants that cancel in the ratio; the 1/√m factors too)."""
+def _kernel_features(query, key, scale, features, feature_key, num_features, dims, dtype,
+                     is_causal=False):
+  """Performer's positive features `(φ(q) [b, t, k, g, m], φ(k) [b, s, k, m], C)` in `dtype`,
+  stabilised by the maximum of each query's exponents and, per key head, by the maximum of the
+  key exponents: over the whole sequence (C None), or when causal the running maximum
+  `C [b, s, k]` up to each key j, so a key's features never depend on later keys (the
+  product then weighs key j for query i by e^{C_j − C_i}). The constants cancel in the ratio;
+  the 1/√m factors too."""
   w = linear._performer_features(  # pylint: disable=protected-access
       features, feature_key, num_features, dims.head_dim)
   root = jnp.sqrt(jnp.asarray(scale, dtype))
@@ -226,8 +232,11 @@ def _kernel_features(query, key, scale, features, feature_key, num_features, dim
   log_q = jnp.einsum("btkgd,md->btkgm", q, w) - 0.5 * jnp.sum(q * q, -1, keepdims=True)
   log_k = jnp.einsum("bskd,md->bskm", k, w) - 0.5 * jnp.sum(k * k, -1, keepdims=True)
   log_q = log_q - jax.lax.stop_gradient(jnp.max(log_q, axis=-1, keepdims=True))
-  log_k = log_k - jax.lax.stop_gradient(jnp.max(log_k, axis=(1, 3), keepdims=True))
-  return jnp.exp(log_q), jnp.exp(log_k)
+  if not is_causal:
+    log_k = log_k - jax.lax.stop_gradient(jnp.max(log_k, axis=(1, 3), keepdims=True))
+    return jnp.exp(log_q), jnp.exp(log_k), None
+  running = jax.lax.stop_gradient(jax.lax.cummax(jnp.max(log_k, axis=-1), axis=1))
+  return jnp.exp(log_q), jnp.exp(log_k - running[..., None]), running
 
 
 def _rpe_coefficients(rpe_bias, length: int, is_causal: bool, dtype):
@@ -263,8 +272,8 @@ def _kernelized_rpe_block_form(query, key, scale, *, rpe_bias=None, features=Non
   dims = common.check_qkv(query, key, key)
   scale = _check_kernelized_rpe(dims, rpe_bias, scale)
   dtype = jnp.promote_types(jnp.float32, jnp.result_type(query, key))
-  phi_q, phi_k = _kernel_features(query, key, scale, features, feature_key, num_features, dims,
-                                  dtype)
+  phi_q, phi_k, _ = _kernel_features(query, key, scale, features, feature_key, num_features,
+                                     dims, dtype)
   phi_q = phi_q.reshape(dims.batch, dims.q_len, dims.num_heads, phi_q.shape[-1])
   return BlockForm(
       "linear", phi_q, phi_k, 1.0, value_map=lambda value: _with_ones(value, dtype),
@@ -287,9 +296,13 @@ def kernelized_rpe_attention(query, key, value, *, mask=None, is_causal=False, s
       out_i = Σ_j e^{b_{i−j}} φ(q_i)ᵀφ(k_j) v_j / Σ_j e^{b_{i−j}} φ(q_i)ᵀφ(k_j).
 
   For every feature m, Σ_j e^{b_{i−j}} φ(k_j)_m [v_j, 1] is a Toeplitz matrix-vector product,
-  computed with the FFT in O(n log n) (the paper's algorithm) instead of O(n²). Causal: the
-  future offsets (j > i) get zero weight. Per query head, the exponent of b is stabilised by
-  its maximum, and the features as in `performer`; both cancel in the ratio. The FFT's
+  computed with the FFT in O(n log n) (the paper's algorithm) instead of O(n²). Causal: only
+  offsets j ≤ i, by divide and conquer (`toeplitz.causal_toeplitz`, O(n log² n)): a later
+  block gets the FFT product of the earlier blocks only, and blocks of ≤ 16 tokens are summed
+  directly, so no later token enters an earlier output, not even at round-off. Per query head,
+  the exponent of b is stabilised by its maximum and each query's features by theirs; the key
+  features by the maximum over the sequence, or when causal by the running maximum C_j up to
+  key j (key j then weighs e^{C_j − C_i} ≤ 1 for query i); all cancel in the ratio. The FFT's
   round-off is relative to the largest term: in float32, terms with e^{b − max b} below ~1e-6
   are not resolved (compute in float64 for extreme biases).
 
@@ -325,21 +338,25 @@ def kernelized_rpe_attention(query, key, value, *, mask=None, is_causal=False, s
                        f"[batch, num_heads, 1, seq], got shape {mask.shape}")
     key_valid = jnp.broadcast_to(full[:, :, 0, :], (full.shape[0], dims.num_heads, n))
   dtype = jnp.promote_types(jnp.float32, jnp.result_type(query, key, value))
-  phi_q, phi_k = _kernel_features(query, key, scale, features, feature_key, num_features, dims,
-                                  dtype)
+  phi_q, phi_k, running = _kernel_features(query, key, scale, features, feature_key,
+                                           num_features, dims, dtype, is_causal)
   coeffs = _rpe_coefficients(rpe_bias, n, is_causal, dtype).reshape(
       dims.num_kv_heads, dims.groups, 2 * n - 1)
   v1 = _with_ones(value, dtype)
   if segment_ids is not None:
     return _kernelized_rpe_segments(phi_q, phi_k, v1, coeffs, key_valid, segment_ids, dims,
-                                    is_causal).astype(query.dtype)
+                                    running).astype(query.dtype)
   kv = phi_k[..., :, None] * v1[..., None, :]  # [b, s, k, m, dv + 1]
   kv = jnp.broadcast_to(kv[:, :, :, None], kv.shape[:3] + (dims.groups,) + kv.shape[3:])
   if key_valid is not None:
     valid = jnp.swapaxes(key_valid, 1, 2).reshape(
         key_valid.shape[0], n, dims.num_kv_heads, dims.groups)
     kv = jnp.where(valid[..., None, None], kv, 0.0)
-  mixed = _toeplitz_matmul(coeffs[..., None, None, :], kv)  # [b, t, k, g, m, dv + 1]
+  if is_causal:  # Σ_{j≤i} e^{b_{i−j}} e^{C_j − C_i} φ(k_j)[v_j, 1], no later key read
+    taps = jnp.moveaxis(coeffs[..., n - 1:], -1, 0)[..., None, None]  # [n, k, g, 1, 1]
+    mixed = toeplitz.causal_toeplitz(taps, kv, running[:, :, :, None, None, None])
+  else:
+    mixed = _toeplitz_matmul(coeffs[..., None, None, :], kv)  # [b, t, k, g, m, dv + 1]
   both = jnp.einsum("btkgm,btkgmc->btkgc", phi_q, mixed)
   if key_valid is None:
     out = both[..., :-1] / both[..., -1:]
@@ -348,10 +365,13 @@ def kernelized_rpe_attention(query, key, value, *, mask=None, is_causal=False, s
   return out.reshape(dims.batch, n, dims.num_heads, dims.value_dim).astype(query.dtype)
 
 
-def _kernelized_rpe_segments(phi_q, phi_k, v1, coeffs, key_valid, segment_ids, dims, is_causal):
+def _kernelized_rpe_segments(phi_q, phi_k, v1, coeffs, key_valid, segment_ids, dims, running):
   """`kernelized_rpe`'s output over packed segments, densely: weights e^{b_{i−j}} φ(q_i)ᵀφ(k_j)
-  over the allowed keys j of query i (its segment, j <= i when causal, not padded)."""
+  over the allowed keys j of query i (its segment, j <= i when causal, not padded); causal
+  when the key features are stabilised by the running maximum `running` C, with the factor
+  e^{C_j − C_i}."""
   n = dims.q_len
+  is_causal = running is not None
   same, _ = common.segment_layout(segment_ids, dims)  # [b, t, s]
   offset = jnp.arange(n)[:, None] - jnp.arange(n)[None, :]
   allowed = same[:, None] & ((offset >= 0) if is_causal else True)  # [b, 1, t, s]
@@ -360,6 +380,10 @@ def _kernelized_rpe_segments(phi_q, phi_k, v1, coeffs, key_valid, segment_ids, d
   allowed = jnp.broadcast_to(allowed, (dims.batch, dims.num_heads, n, n)).reshape(
       dims.batch, dims.num_kv_heads, dims.groups, n, n)
   weights = (jnp.einsum("btkgm,bskm->bkgts", phi_q, phi_k) * coeffs[:, :, offset + n - 1])
+  if is_causal:  # e^{C_j − C_i} ≤ 1 for j ≤ i; later keys are not allowed
+    gap = jnp.moveaxis(running, 1, -1)
+    weights = weights * jnp.exp(jnp.minimum(gap[:, :, None, None, :] - gap[:, :, None, :, None],
+                                            0.0))
   weights = jnp.where(allowed, weights, 0.0)
   both = jnp.einsum("bkgts,bskc->btkgc", weights, v1)
   has_key = jnp.moveaxis(jnp.any(allowed, axis=-1), 3, 1)[..., None]  # [b, t, k, g, 1]
