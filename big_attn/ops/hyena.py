@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 
 from big_attn.ops import common
-from big_attn.ops import toeplitz
 from big_attn.ops import windowed
 from big_attn.ops.registry import register
 
@@ -42,8 +41,7 @@ def _filter_layout(filters: Array, order: int, spatial: tuple[int, ...], heads: 
 
 def _long_conv(z: Array, filt: Array, spatial: tuple[int, ...], causal_taps: bool,
                is_causal: bool) -> Array:
-  """`(h * z)_t = Σ_s h_{t−s} z_s` over the token axes by FFT of size 2n per axis; a causal
-  sequence by `toeplitz.causal_toeplitz`, which never reads a later token.
+  """`(h * z)_t = Σ_s h_{t−s} z_s` over the token axes by FFT of size 2n per axis.
 
   z `[b, *spatial, heads, head_dim]`; filt `[*f, heads, head_dim]` with f = n (causal taps,
   offset r at index r) or 2n − 1 (centred, offset r at index n − 1 + r). With `is_causal` only
@@ -53,8 +51,6 @@ def _long_conv(z: Array, filt: Array, spatial: tuple[int, ...], causal_taps: boo
   if is_causal and not causal_taps:
     filt = filt[tuple(slice(n - 1, None) for n in spatial)]
     causal_taps = True
-  if is_causal and rank == 1:  # no later token read, not even at round-off
-    return toeplitz.causal_toeplitz(filt, z)
   sizes = tuple(2 * n for n in spatial)
   z_f = jnp.fft.rfftn(z, s=sizes, axes=tuple(range(1, rank + 1)))
   f_f = jnp.fft.rfftn(filt, s=sizes, axes=tuple(range(rank)))
@@ -146,11 +142,9 @@ def hyena(query, key, value, *, mask=None, is_causal=False, scale=None, segment_
 
   order 2 is the paper's y = q ⊙ (h_2 * (k ⊙ (h_1 * v))) (D_n = 0 without `filter_bias`). The
   convolution (h * z)_t = Σ_s h_{t−s} z_s runs over the sequence, or over the rows and columns
-  of the row-major `grid=(h, w)` image (HyenaPixel), by FFT in O(L log L) (a causal sequence:
-  by divide and conquer, `toeplitz.causal_toeplitz`, O(L log² L), never reading a later
-  token). Non-causal filters are centred (every token sees every other); causal ones keep
-  offsets t − s ≥ 0 (on a grid: both offsets ≥ 0, the upper-left quadrant, which lies in the
-  raster-order past). Before the
+  of the row-major `grid=(h, w)` image (HyenaPixel), by FFT in O(L log L). Non-causal filters
+  are centred (every token sees every other); causal ones keep offsets t − s ≥ 0 (on a grid:
+  both offsets ≥ 0, the upper-left quadrant, which lies in the raster-order past). Before the
   gating, each of v, x_1..x_N is optionally filtered by a short depthwise convolution
   (`short_filters`, the paper's short filters on the projections).
 

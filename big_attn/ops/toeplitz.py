@@ -1,4 +1,4 @@
-"""Causal Toeplitz products that never read the future, shared by `kernelized_rpe` and `hyena`.
+"""Causal Toeplitz products that never read the future (`kernelized_rpe`'s causal sums).
 
 One FFT of length 2n mixes every token into every output at round-off, so a causal output would
 move (or turn NaN) when a later token changes. Here the product is split by divide and conquer:
