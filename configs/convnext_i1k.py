@@ -12,7 +12,6 @@ CutMix and EMA are not part of this recipe (mixup 0.8 is).
 """
 from big_attn.train import config_lib
 
-_TRAIN_EXAMPLES = 1_281_167
 _DROP_PATH = {"T": 0.1, "S": 0.4, "B": 0.5, "L": 0.5, "XL": 0.5}
 
 
@@ -21,13 +20,9 @@ def get_config(arg=None):
   if arg.variant not in _DROP_PATH:
     raise ValueError(f"config arg variant must be one of {', '.join(_DROP_PATH)}, got "
                      f"{arg.variant!r}")
-  config = config_lib.base_config()
-
-  config.input.name = "tfds:imagenet2012"
-  config.input.image_size = 224
-  config.input.batch_size = 8 if arg.runlocal else 4096
-  config.input.augment = dict(crop_padding=0, flip=True)
-  config.input.mixup = 0.0 if arg.runlocal else 0.8
+  config = config_lib.imagenet_config(arg, batch_size=4096, weight_decay=0.05,
+                                     warmup_epochs=20)
+  config.lr = 4e-3
 
   config.model_name = "convnext"
   if arg.runlocal:
@@ -37,18 +32,4 @@ def get_config(arg=None):
     config.model = dict(num_classes=1000, variant=arg.variant,
                         drop_path_rate=_DROP_PATH[arg.variant], dtype="bfloat16")
 
-  config.mesh = [("data", -1)]
-  config.optax_name = "adamw"
-  config.optax = dict(b2=0.999, weight_decay=0.05)
-  config.lr = 4e-3
-  steps = arg.epochs * _TRAIN_EXAMPLES // config.input.batch_size
-  warmup = min(20 * _TRAIN_EXAMPLES // config.input.batch_size, steps)  # 20 epochs
-  config.schedule = dict(warmup_steps=2 if arg.runlocal else warmup, decay_type="cosine")
-  config.grad_clip_norm = 1.0
-  config.total_steps = 5 if arg.runlocal else steps
-  config.log_every = 1 if arg.runlocal else 50
-  config.ckpt_every = 5 if arg.runlocal else 1000
-  config.max_to_keep = 3
-  config.evals.eval = dict(type="classification", every=5 if arg.runlocal else 1000,
-                           split="validation", batch_size=8 if arg.runlocal else 1024)
   return config_lib.declare_model_settings(config)

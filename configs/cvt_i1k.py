@@ -13,19 +13,14 @@ RandAugment, label smoothing and CutMix are not part of this recipe (mixup 0.8 i
 """
 from big_attn.train import config_lib
 
-_TRAIN_EXAMPLES = 1_281_167
-
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, variant="CvT-13", attention="softmax", epochs=300,
                              runlocal=False)
-  config = config_lib.base_config()
-
-  config.input.name = "tfds:imagenet2012"
-  config.input.image_size = 224
-  config.input.batch_size = 8 if arg.runlocal else 2048
-  config.input.augment = dict(crop_padding=0, flip=True)
-  config.input.mixup = 0.0 if arg.runlocal else 0.8
+  config = config_lib.imagenet_config(
+      arg, batch_size=2048, weight_decay=0.05 if arg.variant == "CvT-13" else 0.1,
+      warmup_epochs=5)
+  config.lr = 2e-3
 
   config.model_name = "cvt"
   if arg.runlocal:
@@ -35,18 +30,4 @@ def get_config(arg=None):
     config.model = dict(num_classes=1000, variant=arg.variant, attention=arg.attention,
                         drop_path_rate=0.1, dtype="bfloat16")
 
-  config.mesh = [("data", -1)]
-  config.optax_name = "adamw"
-  config.optax = dict(b2=0.999, weight_decay=0.05 if arg.variant == "CvT-13" else 0.1)
-  config.lr = 2e-3
-  steps = arg.epochs * _TRAIN_EXAMPLES // config.input.batch_size
-  warmup = min(5 * _TRAIN_EXAMPLES // config.input.batch_size, steps)  # 5 epochs
-  config.schedule = dict(warmup_steps=2 if arg.runlocal else warmup, decay_type="cosine")
-  config.grad_clip_norm = 1.0
-  config.total_steps = 5 if arg.runlocal else steps
-  config.log_every = 1 if arg.runlocal else 50
-  config.ckpt_every = 5 if arg.runlocal else 1000
-  config.max_to_keep = 3
-  config.evals.eval = dict(type="classification", every=5 if arg.runlocal else 1000,
-                           split="validation", batch_size=8 if arg.runlocal else 1024)
   return config_lib.declare_model_settings(config)

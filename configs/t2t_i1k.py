@@ -13,38 +13,18 @@ runlocal (T2T-ViT-14, few steps, small batch: for a laptop check of the pipeline
 from big_attn.models import t2t
 from big_attn.train import config_lib
 
-_TRAIN_EXAMPLES = 1_281_167
-
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, variant="14", token_attention="performer",
                              attention="softmax", epochs=300, runlocal=False)
   t2t.decode_variant(arg.variant)  # a ValueError naming the sizes for an unknown variant
-  config = config_lib.base_config()
-
-  config.input.name = "tfds:imagenet2012"
-  config.input.image_size = 224
-  config.input.batch_size = 8 if arg.runlocal else 1024
-  config.input.augment = dict(crop_padding=0, flip=True)
-  config.input.mixup = 0.0 if arg.runlocal else 0.8
+  config = config_lib.imagenet_config(arg, batch_size=1024, weight_decay=0.05,
+                                     warmup_epochs=5)
+  config.lr = 5e-4 * config.input.batch_size / 512
 
   config.model_name = "t2t"
   config.model = dict(num_classes=1000, variant="14" if arg.runlocal else arg.variant,
                       token_attention=arg.token_attention, attention=arg.attention,
                       dropout=0.0, dtype="bfloat16")
 
-  config.mesh = [("data", -1)]
-  config.optax_name = "adamw"
-  config.optax = dict(b2=0.999, weight_decay=0.05)
-  config.lr = 5e-4 * config.input.batch_size / 512
-  steps = arg.epochs * _TRAIN_EXAMPLES // config.input.batch_size
-  warmup = min(5 * _TRAIN_EXAMPLES // config.input.batch_size, steps)  # 5 epochs
-  config.schedule = dict(warmup_steps=2 if arg.runlocal else warmup, decay_type="cosine")
-  config.grad_clip_norm = 1.0
-  config.total_steps = 5 if arg.runlocal else steps
-  config.log_every = 1 if arg.runlocal else 50
-  config.ckpt_every = 5 if arg.runlocal else 1000
-  config.max_to_keep = 3
-  config.evals.eval = dict(type="classification", every=5 if arg.runlocal else 1000,
-                           split="validation", batch_size=8 if arg.runlocal else 1024)
   return config_lib.declare_model_settings(config)

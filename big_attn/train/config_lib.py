@@ -401,3 +401,36 @@ def digits_config(arg: ml_collections.ConfigDict, *, image_size: int = 16,
   config.evals.eval = dict(type="classification", every=config.total_steps // 3 or 1,
                            split="test", batch_size=128)
   return config
+
+
+IMAGENET_TRAIN_EXAMPLES = 1_281_167  # ImageNet-2012's training split
+
+
+def imagenet_config(arg: ml_collections.ConfigDict, *, batch_size: int, weight_decay: float,
+                    warmup_epochs: int) -> ml_collections.ConfigDict:
+  """`base_config()` for a classifier on ImageNet-2012 (TFDS `imagenet2012` under the user's
+  `data_dir`), as the DeiT-style `*_i1k` configs share it: `arg.epochs` epochs of AdamW
+  (b2 0.999) at `batch_size`, `warmup_epochs` of warm-up (at most the run), then cosine; random
+  flips and mixup 0.8; logs every 50 steps, checkpoints and evaluates on the validation split
+  every 1000. `arg.runlocal` shrinks it to 5 steps of batch 8 without mixup (a laptop check of
+  the pipeline). The caller sets the model and the learning rate."""
+  config = base_config()
+  config.input.name = "tfds:imagenet2012"
+  config.input.image_size = 224
+  config.input.batch_size = 8 if arg.runlocal else batch_size
+  config.input.augment = dict(crop_padding=0, flip=True)
+  config.input.mixup = 0.0 if arg.runlocal else 0.8
+  config.mesh = [("data", -1)]
+  config.optax_name = "adamw"
+  config.optax = dict(b2=0.999, weight_decay=weight_decay)
+  steps = arg.epochs * IMAGENET_TRAIN_EXAMPLES // config.input.batch_size
+  warmup = min(warmup_epochs * IMAGENET_TRAIN_EXAMPLES // config.input.batch_size, steps)
+  config.schedule = dict(warmup_steps=2 if arg.runlocal else warmup, decay_type="cosine")
+  config.grad_clip_norm = 1.0
+  config.total_steps = 5 if arg.runlocal else steps
+  config.log_every = 1 if arg.runlocal else 50
+  config.ckpt_every = 5 if arg.runlocal else 1000
+  config.max_to_keep = 3
+  config.evals.eval = dict(type="classification", every=5 if arg.runlocal else 1000,
+                           split="validation", batch_size=8 if arg.runlocal else 1024)
+  return config
