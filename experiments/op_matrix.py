@@ -116,6 +116,20 @@ def _tiny_models() -> dict[str, tuple[Callable[..., Any], Callable, dict[str, An
           num_classes=3, depths=(1, 1, 1, 1), dims=(8, 8, 16, 16), mixers="attention",
           attention=op, mixer_args=dict(attention=dict(head_dim=8)), **f),
                      _image((2, 32, 32, 1)), {}),
+      "pit": (lambda op, **f: models.get("pit").Model(
+          num_classes=3, base_dim=8, num_heads=(1, 2), depths=(1, 1), patch_size=2,
+          patch_stride=2, attention=op, **f),
+              _image((2, 16, 16, 1)), {}),
+      "t2t": (lambda op, **f: models.get("t2t").Model(
+          num_classes=3, width=16, depth=1, num_heads=2, mlp_dim=32, token_dim=8,
+          split_kernels=(3, 3), split_strides=(2, 2), split_paddings=(1, 1),
+          token_attention=op, attention=op, **f),
+              _image((2, 16, 16, 1)), {}),
+      "mobilevit": (lambda op, **f: models.get("mobilevit").Model(
+          num_classes=3, channels=(8, 8, 16, 16, 16), dims=(16, 16, 16), expansion=2,
+          head_channels=16, depths=(1, 1, 1), strides=(1, 1, 2, 1, 2, 1), num_heads=2,
+          attention=op, **f),
+                    _image((2, 16, 16, 1)), {}),
       "lm": (lambda op, **f: models.get("lm").Model(
           vocab_size=11, width=16, depth=1, num_heads=2, num_kv_heads=1, qk_norm=True,
           attention=op, **f),
@@ -212,9 +226,10 @@ def run_cell(model_name: str, op: str, jit: bool = False, trace_only: bool = Fal
     return "fail", f"{type(e).__name__}: {_first_line(e)}"
   try:
     if trace_only:
-      jax.eval_shape(jax.grad(lambda params: jnp.sum(jnp.concatenate([jnp.ravel(o) for o in (
-          jax.tree.leaves(model.apply(dict(variables, params=params), *inputs, **kwargs,
-                                      rngs={"dropout": rng_init})))]))), variables["params"])
+      jax.eval_shape(jax.grad(lambda params, others: jnp.sum(jnp.concatenate([
+          jnp.ravel(o) for o in jax.tree.leaves(model.apply(
+              dict(others, params=params), *inputs, **kwargs, rngs={"dropout": rng_init}))]))),
+                     variables["params"], {k: v for k, v in variables.items() if k != "params"})
       return "ok", "traced, not run"
     params = (jax.jit(_perturbed) if jit else _perturbed)(variables["params"], rng_noise)
     if column == "decode":

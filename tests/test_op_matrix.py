@@ -19,9 +19,11 @@ op_matrix = experiments.load("op_matrix")
 with open(os.path.join(op_matrix.RESULTS, "op_matrix.json"), encoding="utf-8") as _f:
   EXPECTED = json.load(_f)
 
-# Extra tokens around a 2-D op with its own parameters; a causal op on packed rows; an op with
-# a softmax form split over 8 devices; decoding over the KV cache; the signed flash kernel.
-SAMPLE = (("deit", "levit_bias", "single"), ("lm", "retention", "single"),
+# Extra tokens around a 2-D op with its own parameters; a 2-D op on T2T-ViT's token grids (soft
+# splits, then the encoder); a causal op on packed rows; an op with a softmax form split over 8
+# devices; decoding over the KV cache; the signed flash kernel.
+SAMPLE = (("deit", "levit_bias", "single"), ("t2t", "window", "single"),
+          ("lm", "retention", "single"),
           ("lm", "ngpt", "seq_parallel"), ("lm", "softmax", "decode"),
           ("lm", "cog", "kernel"))
 
