@@ -23,7 +23,8 @@ feature maps. The state also carries what makes those outputs independent of lat
 Decoding keeps a `RecurrentState` instead of a key/value cache: memory constant in the length.
 `combine_states` joins the state of a span with that of the span after it, which sequence
 parallelism (`big_attn.parallel.linear_state`) uses to pass states between shards.
-Masks and segment ids have no state form here (the state is of one unmasked sequence).
+Masks have no state form here; packed rows (segment ids) are `big_attn.parallel.linear_state`'s
+(`append` leaves out keys by `key_valid`; latte's `append` takes the runs themselves).
 """
 from __future__ import annotations
 

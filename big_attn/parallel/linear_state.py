@@ -18,6 +18,14 @@ sequence length; memory is proportional to the local sequence. Gradients flow th
 collectives by autodiff (the transpose of `all_gather` sums the cotangents of every shard's
 prefix back onto the shard that produced each contribution).
 
+Packed rows (`segment_ids`, runs of equal ids; the state resets at each run's start): a
+shard's contribution is the state of its last run only (`append` with `key_valid`), a shard
+that is one run continuing the previous shard's last run passes the state before it on, and
+the state reaches only the shard's first run, when that run continues the previous shard's
+last. The runs that start inside a shard see no other shard's kv state: their outputs are the
+op's own packed form on the shard (after focused_linear's value window, which its convolution
+reads across runs), or latte's recurrence over runs (`StateForm.packed`).
+
 Striped token order (token t on shard t mod P) is refused: the recurrence runs in token order,
 and in striped order the tokens between two tokens of a shard lie on every other shard, so a
 shard would need the other shards' state after each of its n/P tokens, not once per shard:
@@ -75,7 +83,8 @@ def linear_state_attention(query: Array, key: Array, value: Array, *, op: str, a
 
   A per-shard function, called inside `jax.shard_map` over a mesh whose axis `axis_name`
   splits the sequence (axis 1) into equal contiguous shards. Equals
-  `ops.get(op)(query, key, value, is_causal=True, **op_args)` on the whole sequence;
+  `ops.get(op)(query, key, value, is_causal=True, segment_ids=..., **op_args)` on the whole
+  sequence;
   differentiable.
 
   Args:
@@ -85,7 +94,9 @@ def linear_state_attention(query: Array, key: Array, value: Array, *, op: str, a
     axis_name: the mesh axis that splits the sequence.
     is_causal: must be True (the state form is the causal recurrence).
     token_order: "contiguous"; "striped" is refused (module docstring).
-    **op_args: the op's arguments (no mask or segment ids).
+    segment_ids: None or the local `[batch, n]` integer ids of packed rows (runs of equal
+      ids); the op's `segment_ids` semantics (ops in `PACKED_REFUSALS` raise).
+    **op_args: the op's arguments (no mask).
 
   Returns:
     `[batch, n, heads, value_dim]`, the local shard of the output.
