@@ -19,6 +19,12 @@ left out, an op of the family is out_i = Σ_j W(t_ij; r_i) v_j with a row statis
   appended as the last column. A form's output map turns them into the output (normalized
   attention: out_i = g/(σ_i+ε)·Σ_j (s_ij − μ_i) v_j + β Σ v_j), as a function of the sums and
   c whose value does not depend on c (Σs·v = Σs'·v + c·Σv).
+- "hard" (hard attention's sample z_i = argmax_j s_ij + g_ij, Gumbel noise g of the pair's
+  global positions, or the argmax without noise): blocks return the max of s + g over their
+  visible keys with that key's value and global position, and their softmax output and lse;
+  the larger max wins (a tie: the earlier key), so the merged z is the whole row's.
+  Backward: dV_z = dO, and with noise the score-function gradient of the surrogate
+  v_z + (log p_z − sg(log p_z))·sg(v_z − b): dS_ij = c_i([j = z_i] − p_ij), c_i = dO_i·(v_z − b_i).
 
 Scores that are not a dot product (`PairScores`: a function of each block's queries and keys,
 as GATv2's aᵀφ(q_i + k_j)) replace scale·QKᵀ in the softmax and linear rules; their gradient
