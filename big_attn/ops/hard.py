@@ -12,6 +12,8 @@ import jax.numpy as jnp
 from big_attn.ops import common
 from big_attn.ops.registry import BlockForm, OpParams, register, register_params
 
+Array = jax.Array
+
 EVAL_MODES = ("expectation", "argmax")
 BASELINES = ("expectation", "none")
 
@@ -98,9 +100,9 @@ def hard_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
       z_i ~ Cat(p_i),   out_i = v_{z_i},
 
   drawn by Gumbel-max, z_i = argmax_j s_ij + g_ij, with standard Gumbel noise g_ij drawn from
-  `fold_in(rng, head, batch element, i, j)` (`pair_gumbel`): independent over pairs, so z has exactly the
-  categorical distribution, and a function of the pair's global positions, so the ring and
-  striped schedules, which merge the blocks' max of s + g, choose the same z.
+  `fold_in(rng, head, batch element, i, j)` (`pair_gumbel`): independent over pairs, so z has
+  exactly the categorical distribution, and a function of the pair's global positions, so the
+  ring and striped schedules, which merge the blocks' max of s + g, choose the same z.
 
   Training (`rng` given): the gradient is the score-function estimator of ∇E_z[L(v_z)] with
   the loss linearised at the output, L ≈ gᵀout for the incoming cotangent g:

@@ -563,9 +563,9 @@ def _hard_merge(acc, block):
   top_b, value_b, pos_b, soft_b = block
   take = (top_b > top_a) | ((top_b == top_a) & (pos_b < pos_a))
   as_rows = lambda x: jnp.transpose(x, (0, 2, 1))  # noqa: E731  [b, n, t] -> [b, t, n]
-  return (jnp.where(take, top_b, top_a),
-          jnp.where(as_rows(take)[..., None], value_b, value_a),
-          jnp.where(take, pos_b, pos_a), ring._merge(soft_a, soft_b))  # pylint: disable=protected-access
+  soft = ring._merge(soft_a, soft_b)  # pylint: disable=protected-access
+  return (jnp.where(take, top_b, top_a), jnp.where(as_rows(take)[..., None], value_b, value_a),
+          jnp.where(take, pos_b, pos_a), soft)
 
 
 def _hard_rows(rule: Rule, scale, keys, q, q_pos, q_seg, offset, kv):
@@ -581,7 +581,8 @@ def _hard_rows(rule: Rule, scale, keys, q, q_pos, q_seg, offset, kv):
   chosen = chosen if mask is None else chosen & mask
   log_p_z = jnp.sum(jnp.where(chosen, t - _row_lse(_exponent(rule, t, mask))[..., None], 0.0),
                     axis=-1)
-  log_p_z = jnp.transpose(blockwise._heads_last(log_p_z, dims), (0, 2, 1))[..., None]  # pylint: disable=protected-access
+  log_p_z = blockwise._heads_last(log_p_z, dims)  # pylint: disable=protected-access
+  log_p_z = jnp.transpose(log_p_z, (0, 2, 1))[..., None]
   base = soft if rule.baseline else jnp.zeros_like(value)
   surrogate = (log_p_z - lax.stop_gradient(log_p_z)) * lax.stop_gradient(value - base)
   return (value + surrogate).astype(q.dtype)
