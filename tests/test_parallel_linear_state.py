@@ -92,6 +92,51 @@ def test_sequence_parallel_matches_op(name):
     _assert_close(grads[3][weight], want_grads[3][weight], f"{name} d{weight}")
 
 
+# Packed rows on 4 shards of 3: runs that cross shards, one that starts at a shard boundary,
+# one that starts inside a shard, a whole shard continuing a run, one-token runs.
+SEGMENTS = np.array([[0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2], [0, 1, 1, 2, 2, 2, 3, 3, 3, 3, 3, 3]])
+# lightning (the cheapest) by default, the other ops extended (focused_linear: its DWC window
+# crosses shards; latte: its recurrence resets at runs itself, also in the layer's test).
+PACKED = [name if name == "lightning" else pytest.param(name, marks=pytest.mark.extended)
+          for name in sorted(set(recurrent.STATE_FORMS) - set(linear_state.PACKED_REFUSALS))]
+
+
+@pytest.mark.parametrize("name", PACKED)
+def test_sequence_parallel_on_packed_rows(name):
+  """LASP with segment_ids: the state resets at each run's start, as the single-device op with
+  the same segment ids; output and gradients (w.r.t. q, k, v and the weights)."""
+  weights, static = _case(name)
+  static = {arg: 3 if arg in ("chunk_size", "block_size") else x for arg, x in static.items()}
+  segments = jnp.asarray(SEGMENTS, jnp.int32)
+  spec = P(None, "seq")
+
+  def reference(q, k, v, w):
+    return ops.get(name)(q, k, v, is_causal=True, segment_ids=segments, **w, **static)
+
+  def attend(q, k, v, w):
+    per_shard = lambda q, k, v, s, w: linear_state.linear_state_attention(  # noqa: E731
+        q, k, v, op=name, axis_name="seq", segment_ids=s, **w, **static)
+    return compat.shard_map(per_shard, mesh=_mesh(explicit=False),
+                            in_specs=(spec,) * 4 + (P(),), out_specs=spec)(q, k, v, segments, w)
+
+  (_, want_out), want_grads = _loss_and_out(reference)(*_inputs(), weights)
+  (_, out), grads = _loss_and_out(attend)(*_inputs(), weights)
+  _assert_close(out, want_out, f"{name} output")
+  for arg, got, want in zip(("query", "key", "value"), grads[:3], want_grads[:3]):
+    _assert_close(got, want, f"{name} d{arg}")
+  for weight in weights:
+    _assert_close(grads[3][weight], want_grads[3][weight], f"{name} d{weight}")
+
+
+@pytest.mark.parametrize("name", sorted(linear_state.PACKED_REFUSALS))
+def test_packed_rows_refusal_states_the_reason(name):
+  weights, static = _case(name)
+  q, k, v = _inputs()
+  with pytest.raises(ValueError, match=f"linear_state_attention\\('{name}'\\): packed rows"):
+    linear_state.linear_state_attention(q, k, v, op=name, axis_name="seq",
+                                        segment_ids=jnp.asarray(SEGMENTS), **weights, **static)
+
+
 def test_sequence_parallel_on_explicit_mesh():
   """Inputs sharded over an Explicit mesh inside `jax.set_mesh` (retention: the output depends
   on the absolute position)."""

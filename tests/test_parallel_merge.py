@@ -5,8 +5,8 @@ against the float64 references of `tests/score_checks.py` on the whole sequence;
 block form maps the values and the output of softmax blocks, and those whose blocks read terms
 of their global positions (urpe, mask_reweighted, neighborhood, kernelized_rpe), and those
 whose blocks compute pairwise scores (gatv2, neural_attention), carry score moments
-(normalized) or map tokens at their global positions (gta_attention), against the op on one
-device;
+(normalized), map tokens at their global positions (gta_attention) or merge a Gumbel-max
+sample (hard_attention), against the op on one device;
 the layer and the LM reaching them by name; the up-front refusals.
 """
 import functools
@@ -198,11 +198,14 @@ HOOKED = {
     "normalized": ({}, {"gain": lambda r: 1.0 + 0.3 * r((N,)), "shift": (N,)}),
     "normalized_scale": ({"normalization": "scale"}, {"gain": (N,), "shift": (N,)}),
     "gta_attention": ({}, {}),
+    "hard_attention": ({"rng": jax.random.key(5)}, {}),
+    "hard_attention_none": ({"rng": jax.random.key(6), "baseline": "none"}, {}),
+    "hard_attention_argmax": ({"eval_mode": "argmax"}, {}),
 }
 # The default run: one case per op, in the strategy's token order as a model runs it (GTA
 # striped: its rotations read the tokens' positions in that order); the rest is `extended`.
 HOOKED_FAST = [("gatv2", "ring"), ("neural_attention", "all_gather"), ("normalized", "ring"),
-               ("gta_attention", "striped")]
+               ("gta_attention", "striped"), ("hard_attention", "striped")]
 
 
 @pytest.mark.parametrize("name,strategy", HOOKED_FAST + [
@@ -212,9 +215,24 @@ def test_hooked_forms_match_op(mesh, name, strategy):
   """Causal, packed segments, GQA, inputs in the strategy's token order: output and gradients
   (queries, keys, values and the op's arrays) of the sequence-parallel op equal those of the
   op on one device."""
-  op = name.removesuffix("_tanh").removesuffix("_scale")
+  op = name.split("_tanh")[0].split("_scale")[0].split("_none")[0].split("_argmax")[0]
   _assert_matches_op(mesh, op, strategy, True, *HOOKED[name], seed=len(name),
                      in_layer_order=True)
+
+
+@pytest.mark.extended  # the default hooked case compares the sampled values
+def test_hard_attention_samples_the_same_keys(mesh):
+  """Gumbel-max over key blocks with noise keyed by the pairs' global positions: the ring
+  chooses bit-exactly the single-device op's keys (each key's value is its own index)."""
+  q, k, _ = reference.qkv(b=B, t=S, n=N, k=K, d=D, seed=7)
+  index = jnp.broadcast_to(jnp.arange(S, dtype=jnp.float32)[None, :, None, None], (B, S, K, 1))
+  seg, rng = _segments(), jax.random.key(8)
+  got = parallel.sequence_parallel_attention(q, k, index, mesh=mesh, strategy="ring",
+                                             segment_ids=seg, op="hard_attention", rng=rng)
+  want = jax.jit(functools.partial(ops.get("hard_attention"), is_causal=True, segment_ids=seg,
+                                   rng=rng))(q, k, index)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  assert len(np.unique(np.asarray(want))) > S // 2  # many different keys chosen
 
 
 # Non-causal position terms: NATTEN's shifted windows (1-D dilated, and on a 4×5 grid) and the
@@ -286,7 +304,7 @@ def test_declarations_and_refusals(mesh):
   assert with_form == {"softmax", "ngpt", "sigmoid", "cog", "clipped_softmax",
                        "gated_attention", *MAPPED, "urpe", "mask_reweighted", "neighborhood",
                        "kernelized_rpe", "gatv2", "neural_attention", "normalized",
-                       "gta_attention"}
+                       "gta_attention", "hard_attention"}
   assert ops.sequence_parallel_form("lightning") == "state"
   q, k, v = reference.qkv(b=B, t=S, n=N, k=K, d=D)
   call = lambda op, **kw: parallel.sequence_parallel_attention(  # pylint: disable=g-long-lambda
@@ -294,9 +312,9 @@ def test_declarations_and_refusals(mesh):
   # Every causal op without a form states its own reason; the others the general one.
   assert all(ops.spec(n).block_refusal for n in ops.names()
              if ops.spec(n).causal and ops.sequence_parallel_form(n) is None)
-  with pytest.raises(ValueError, match="'hard_attention' has no sequence-parallel form: its "
-                     "output is one value v_z, z drawn from"):
-    call("hard_attention")
+  with pytest.raises(ValueError, match="'skim_attention' has no sequence-parallel form: each "
+                     "query keeps the top_k keys"):
+    call("skim_attention")
   with pytest.raises(ValueError, match="learned pairwise scores takes no local_window_size"):
     call("gatv2", attn_vec=jnp.ones((N, D)), local_window_size=3)
   with pytest.raises(ValueError, match="normalized attention takes no local_window_size"):

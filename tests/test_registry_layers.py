@@ -5,12 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import functools
 import inspect
 import warnings
 
 from big_attn import ops, parallel
 from big_attn.layers import Attention
 from big_attn.ops import registry
+from big_attn.parallel import linear_state
 from tests import reference as ref
 
 CORE_OPS = ("softmax", "sigmoid", "clipped_softmax", "gated_attention", "cog", "performer",
@@ -249,8 +251,8 @@ def test_attention_refuses_undeclared_arguments_and_forms():
   with pytest.raises(ValueError, match="op 'agent' has no decoding form"):
     init(op="agent", decode=True, cache_len=4)
   sp = parallel.SeqParallel(jax.make_mesh((4,), ("seq",)), "seq", "ring")
-  with pytest.raises(ValueError, match="op 'hard_attention' has no sequence-parallel form"):
-    init(op="hard_attention", seq_parallel=sp)
+  with pytest.raises(ValueError, match="op 'skim_attention' has no sequence-parallel form"):
+    init(op="skim_attention", seq_parallel=sp)
   with pytest.raises(ValueError, match="exclusive"):
     init(decode=True, cache_len=4, seq_parallel=sp)
   with pytest.raises(ValueError, match="strategy must be one of"):
@@ -294,7 +296,9 @@ def test_attention_sequence_parallel_and_cached_equal_plain():
 def test_attention_recurrent_ops_run_sequence_parallel_and_cached(op):
   """Ops with a recurrent state form: `seq_parallel` (LASP over 4 contiguous shards) gives the
   plain layer's outputs and gradients (latte's latents included), and `decode` (prefill 5
-  tokens, then 1, then 2) the full causal forward; striped order and packed rows are refused."""
+  tokens, then 1, then 2) the full causal forward; striped order and packed rows in decoding
+  are refused, packed rows sequence-parallel give the plain layer's (or are refused with the
+  op's reason)."""
   x = ref.normal(0, (2, 8, 16))
   layer = Attention(num_heads=4, num_kv_heads=2, op=op)
   params = layer.init(jax.random.key(1), x)
@@ -320,6 +324,15 @@ def test_attention_recurrent_ops_run_sequence_parallel_and_cached(op):
   np.testing.assert_allclose(decoded, full, rtol=1e-4, atol=1e-5)
   with pytest.raises(ValueError, match=f"{op}.*'striped'"):
     layer.clone(seq_parallel=parallel.SeqParallel(sp.mesh, "seq", "striped")).apply(params, x)
+  seg = jnp.asarray([[0, 0, 0, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 0, 1]], jnp.int32)
+  packed = lambda lay: jax.jit(functools.partial(  # noqa: E731
+      lay.apply, is_causal=True, segment_ids=seg))(params, x)
+  if op in linear_state.PACKED_REFUSALS:
+    with pytest.raises(ValueError, match=f"'{op}'\\): packed rows"):
+      packed(layer.clone(seq_parallel=sp))
+  else:  # packed rows: the state resets at each run, on every shard
+    np.testing.assert_allclose(packed(layer.clone(seq_parallel=sp)), packed(layer),
+                               rtol=1e-4, atol=1e-5)
   with pytest.raises(ValueError, match="packed sequences"):
-    layer.clone(seq_parallel=sp).apply(params, x, is_causal=True,
-                                       segment_ids=jnp.zeros((2, 8), jnp.int32))
+    layer.clone(decode=True).apply(params, x, is_causal=True, segment_ids=seg,
+                                   mutable=["cache"])

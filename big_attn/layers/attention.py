@@ -236,14 +236,14 @@ class Attention(nn.Module):
                          "is_causal, not a mask")
       op_args.pop("implementation", None)
       if (decoding if cached else ops.sequence_parallel_form(self.op)) == "state":
-        if segment_ids is not None:
-          raise ValueError(f"attention op {self.op!r} passes one recurrent state per row: "
-                           "packed sequences (segment_ids) are not supported in sequence-"
-                           "parallel or cached form")
         if cached:
+          if segment_ids is not None:
+            raise ValueError(f"attention op {self.op!r} decodes one recurrent state per row: "
+                             "packed sequences (segment_ids) are not supported in cached form")
           return kv_cache.RecurrentCache(self.op, name="cache")(query, key, value, **op_args)
         return self.seq_parallel.linear_state(self.op, query, key, value,
-                                              is_causal=is_causal, **op_args)
+                                              is_causal=is_causal, segment_ids=segment_ids,
+                                              **op_args)
       if not cached:
         block = spec.block_form(query, key, op_args.pop("scale", None), **op_args)
         return self.seq_parallel.attend_form(block, value, is_causal=is_causal,

@@ -10,7 +10,9 @@ import jax
 import jax.numpy as jnp
 
 from big_attn.ops import common
-from big_attn.ops.registry import OpParams, register, register_params
+from big_attn.ops.registry import BlockForm, OpParams, register, register_params
+
+Array = jax.Array
 
 EVAL_MODES = ("expectation", "argmax")
 BASELINES = ("expectation", "none")
@@ -24,6 +26,29 @@ def _log_probs(logits, mask):
   return log_p if mask is None else jnp.where(mask, log_p, 0.0)
 
 
+def head_keys(rng, num_heads: int, batch: int) -> Array:
+  """`[num_heads, batch, ...]` uint32 key data of `fold_in(fold_in(rng, h), b)`: the noise of
+  head h of batch element b."""
+  rng = rng if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(rng)
+  fold = lambda h, b: jax.random.key_data(  # noqa: E731
+      jax.random.fold_in(jax.random.fold_in(rng, h), b))
+  return jax.vmap(jax.vmap(fold, (None, 0)), (0, None))(jnp.arange(num_heads),
+                                                         jnp.arange(batch))
+
+
+def pair_gumbel(keys: Array, q_pos: Array, k_pos: Array) -> Array:
+  """Gumbel noise `[batch, heads, t, s]` of the pairs (query at global position q_pos[i], key at
+  k_pos[j]) of each head and batch element (`keys` from `head_keys`): a function of those and
+  the pair's global positions only, so any block of the sequence draws the same noise for a
+  pair."""
+  def one(key, i, j):
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(key), i), j)
+    return jax.random.gumbel(key, (), jnp.float32)
+  pairs = jax.vmap(jax.vmap(one, (None, None, 0)), (None, 0, None))
+  noise = jax.vmap(jax.vmap(pairs, (0, None, None)), (0, None, None))(keys, q_pos, k_pos)
+  return jnp.swapaxes(noise, 0, 1)
+
+
 def _one_hot_choice(scores, mask):
   """One-hot `[.., s]` of argmax(scores) over the allowed keys; rows without keys are 0."""
   if mask is not None:
@@ -32,11 +57,38 @@ def _one_hot_choice(scores, mask):
   return choice if mask is None else choice * jnp.any(mask, axis=-1, keepdims=True)
 
 
-@register("hard_attention", segment_ids=True,
-          block_refusal=(
-              "its output is one value v_z, z drawn from (or the argmax of) the softmax over all "
-              "the row's keys, with a score-function gradient through log p_z: a sample of the "
-              "whole row is not a weighted sum that key blocks merge"))
+def _check_rng(rng):
+  if not (isinstance(rng, jax.Array) and (jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
+                                         or (rng.dtype == jnp.uint32 and rng.shape == (2,)))):
+    raise ValueError(f"rng must be a jax.random key or None, got {rng!r}")
+
+
+def _check_modes(eval_mode, baseline):
+  if eval_mode not in EVAL_MODES:
+    raise ValueError(f"eval_mode must be one of {EVAL_MODES}, got {eval_mode!r}")
+  if baseline not in BASELINES:
+    raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
+
+
+def _block_form(query, key, scale, *, rng=None, eval_mode="expectation",
+                baseline="expectation") -> BlockForm:
+  """Softmax for the expectation; otherwise the "hard" rule: blocks keep the max of s + g over
+  their keys with its value and position, and their log-sum-exp (and softmax output for the
+  baseline); the noise g of each pair comes from `pair_gumbel` at its global positions."""
+  _check_modes(eval_mode, baseline)
+  if rng is None and eval_mode == "expectation":
+    return BlockForm("softmax", query, key, scale)
+  keys = None
+  if rng is not None:
+    _check_rng(rng)
+    keys = head_keys(rng, query.shape[2], query.shape[0])
+  return BlockForm("hard", query, key, scale,
+                   params=dict(sampled=float(rng is not None),
+                               baseline=float(rng is not None and baseline == "expectation")),
+                   pair_arrays=keys)
+
+
+@register("hard_attention", segment_ids=True, block_form=_block_form)
 def hard_attention(query, key, value, *, mask=None, is_causal=False, scale=None, rng=None,
                    eval_mode="expectation", baseline="expectation", segment_ids=None):
   """Hard attention: Show, Attend and Tell: Neural Image Caption Generation with Visual
@@ -45,7 +97,12 @@ def hard_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
 
   The alignment is a latent categorical variable, p = softmax(s·QKᵀ) (masked), and
 
-      z_i ~ Cat(p_i),   out_i = v_{z_i}.
+      z_i ~ Cat(p_i),   out_i = v_{z_i},
+
+  drawn by Gumbel-max, z_i = argmax_j s_ij + g_ij, with standard Gumbel noise g_ij drawn from
+  `fold_in(rng, head, batch element, i, j)` (`pair_gumbel`): independent over pairs, so z has
+  exactly the categorical distribution, and a function of the pair's global positions, so the
+  ring and striped schedules, which merge the blocks' max of s + g, choose the same z.
 
   Training (`rng` given): the gradient is the score-function estimator of ∇E_z[L(v_z)] with
   the loss linearised at the output, L ≈ gᵀout for the incoming cotangent g:
@@ -76,10 +133,7 @@ def hard_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
     `[batch, q_len, num_heads, value_dim]` in the query's dtype; query rows with no key to
     attend give zeros.
   """
-  if eval_mode not in EVAL_MODES:
-    raise ValueError(f"eval_mode must be one of {EVAL_MODES}, got {eval_mode!r}")
-  if baseline not in BASELINES:
-    raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
+  _check_modes(eval_mode, baseline)
   dims, logits, full_mask = common.scores(query, key, value, scale=scale, mask=mask,
                                           is_causal=is_causal, segment_ids=segment_ids)
   probs = common.masked_softmax(logits, full_mask)
@@ -91,12 +145,12 @@ def hard_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
     choice = jnp.where(jnp.isnan(probs).any(-1, keepdims=True), jnp.nan,
                        _one_hot_choice(jax.lax.stop_gradient(probs), full_mask))
     return common.weighted_values(choice, v, dims).astype(query.dtype)
-  if not (isinstance(rng, jax.Array) and (jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
-                                         or (rng.dtype == jnp.uint32 and rng.shape == (2,)))):
-    raise ValueError(f"rng must be a jax.random key or None, got {rng!r}")
+  _check_rng(rng)
   log_p = _log_probs(logits, full_mask)
-  gumbel = jax.random.gumbel(rng, logits.shape, jnp.float32)
-  choice = _one_hot_choice(jax.lax.stop_gradient(log_p) + gumbel, full_mask)
+  positions = lambda n: jnp.arange(n, dtype=jnp.int32)  # noqa: E731
+  gumbel = pair_gumbel(head_keys(rng, dims.num_heads, dims.batch), positions(dims.q_len),
+                       positions(dims.kv_len)).reshape(logits.shape)
+  choice = _one_hot_choice(jax.lax.stop_gradient(logits) + gumbel, full_mask)
   sampled = common.weighted_values(choice, v, dims)
   if baseline == "expectation":
     base = common.weighted_values(probs, v, dims)

@@ -23,7 +23,8 @@ feature maps. The state also carries what makes those outputs independent of lat
 Decoding keeps a `RecurrentState` instead of a key/value cache: memory constant in the length.
 `combine_states` joins the state of a span with that of the span after it, which sequence
 parallelism (`big_attn.parallel.linear_state`) uses to pass states between shards.
-Masks and segment ids have no state form here (the state is of one unmasked sequence).
+Masks have no state form here; packed rows (segment ids) are `big_attn.parallel.linear_state`'s
+(`append` leaves out keys by `key_valid`; latte's `append` takes the runs themselves).
 """
 from __future__ import annotations
 
@@ -65,17 +66,23 @@ class StateForm(NamedTuple):
   """The causal recurrence of one op with its arguments bound.
 
   initial: the state before the first token.
-  append: `(state, query, key, value) -> (out, state)` for `[b, n, heads, dim]` new tokens
-    (n >= 1, as many keys as queries): the op's causal outputs of those tokens after the
-    state's tokens, and the state after them.
+  append: `(state, query, key, value, key_valid=None) -> (out, state)` for `[b, n, heads,
+    dim]` new tokens (n >= 1, as many keys as queries): the op's causal outputs of those tokens
+    after the state's tokens, and the state after them. `key_valid` `[b, n]` bool: only those
+    keys enter the state and the outputs (the others' statistics that are not of the kv
+    state, lognormal_linear's moment sums and focused_linear's value window, still do).
   sums: `(query, key) -> [b, 4]` the additive statistics of a chunk that the features of later
     tokens depend on (lognormal_linear's moments), or None.
   log_decay: log λ per state row, `[k|1, G|1]`, or None (λ = 1): for `combine_states`.
+  packed: `append` also takes `segment_ids` `[b, n]` (packed rows, runs of equal ids): a token
+    attends to the earlier tokens of its run, the state continues into the first token's run
+    and is that of the last token's run after (latte).
   """
   initial: RecurrentState
   append: Callable[..., tuple[Array, RecurrentState]]
   sums: Callable[[Array, Array], Array] | None
   log_decay: Array | None
+  packed: bool = False
 
 
 def combine_states(earlier: RecurrentState, later: RecurrentState,
@@ -121,17 +128,23 @@ def _pieces(length: int, chunk: int) -> list[tuple[int, int, int]]:
 
 
 def _appender(name: str, run: Callable, chunk: int) -> Callable:
-  """`append` from `run(state, q, k, v, chunk) -> (out, state)` over one chunked piece."""
+  """`append` from `run(state, q, k, v, chunk, key_valid, **runs) -> (out, state)` over one
+  chunked piece (`key_valid` None or `[b, piece]`; `runs`: the packed forms' `segment_ids`)."""
 
-  def append(state: RecurrentState, query, key, value):
+  def append(state: RecurrentState, query, key, value, key_valid=None, **runs):
     common.check_qkv(query, key, value)
     if query.shape[1] != key.shape[1] or query.shape[1] == 0:
       raise ValueError(f"{name} state form: append takes n >= 1 new tokens with as many keys "
                        f"as queries, got q_len {query.shape[1]} and kv_len {key.shape[1]}")
+    if key_valid is not None and key_valid.shape != key.shape[:2]:
+      raise ValueError(f"{name} state form: key_valid must have shape [batch, n] = "
+                       f"{key.shape[:2]}, got {key_valid.shape}")
     outs = []
     for start, stop, size in _pieces(query.shape[1], chunk):
+      valid = None if key_valid is None else key_valid[:, start:stop]
+      piece = {arg: x[:, start:stop] for arg, x in runs.items()}
       out, state = run(state, query[:, start:stop], key[:, start:stop], value[:, start:stop],
-                       size)
+                       size, valid, **piece)
       outs.append(out)
     return jnp.concatenate(outs, axis=1), state
 
@@ -164,12 +177,13 @@ def _linear_form(name: str, query, key, value, features: Callable, *, num_featur
                    sums=None if sums is None else jnp.zeros((dims.batch, 4), dtype),
                    window=window)
 
-  def run(state, q, k, v, size):
+  def run(state, q, k, v, size, valid):
     chunk_dims = common.check_qkv(q, k, v)
     qg, kg = linear._grouped_qk(q, k, chunk_dims, dtype)
     v = v.astype(dtype)
     phi_q, phi_k, key_log_max = features(qg, kg, state)
-    phi_q, phi_k, grouped_decay = linear._group_features(phi_q, phi_k, None, log_decay)
+    phi_q, phi_k, grouped_decay = linear._group_features(
+        phi_q, phi_k, None if valid is None else valid[:, :, None, None], log_decay)
     num, den, (kv, norm, key_max) = linear._chunked(
         phi_q, phi_k, v, grouped_decay, size, key_log_max,
         initial=(state.kv, state.norm, state.key_max))
@@ -289,8 +303,10 @@ def _retention(query, key, value, *, scale=None, gamma=None, renormalize=True,
   initial = _empty(dims.batch, (dims.num_kv_heads, dims.groups, dims.head_dim, dims.value_dim),
                    (dims.num_kv_heads,), jnp.float32)
 
-  def run(state, q, k, v, size):
+  def run(state, q, k, v, size, valid):
     chunk_dims = common.check_qkv(q, k, v)
+    if valid is not None:  # The state is linear in the keys.
+      k = jnp.where(valid[:, :, None, None], k, jnp.zeros((), k.dtype))
     out, (kv, norm) = retention_ops._chunkwise_causal(
         q, k, v, log_gamma, chunk_dims, scale, size, initial=(state.kv, state.norm),
         position=state.position)
@@ -311,16 +327,18 @@ def _latte(query, key, value, *, scale=None, latents=None, num_latents=None,
   shape = (dims.num_kv_heads, dims.groups, latents.shape[1])
   initial = _empty(dims.batch, (*shape, dims.value_dim), shape, jnp.float32)
 
-  def run(state, q, k, v, size):
+  def run(state, q, k, v, size, valid, segment_ids=None):
     probs_l, k_logits = latent._latte_logits(q, k, latents, scale)
-    valid = jnp.ones((1, q.shape[1], 1, 1, 1), bool)
+    valid = (jnp.ones((1, q.shape[1], 1, 1, 1), bool) if valid is None
+             else valid[:, :, None, None, None])
     out, (key_max, kv, norm) = latent._latte_causal(
-        probs_l, k_logits, valid, v, size, initial=(state.key_max, state.kv, state.norm))
+        probs_l, k_logits, valid, v, size, initial=(state.key_max, state.kv, state.norm),
+        segment_ids=segment_ids)
     b, n = q.shape[:2]
     out = out.reshape(b, n, dims.num_heads, dims.value_dim).astype(q.dtype)
     return out, state._replace(kv=kv, norm=norm, key_max=key_max, position=state.position + n)
 
-  return StateForm(initial, _appender("latte", run, chunk_size), None, None)
+  return StateForm(initial, _appender("latte", run, chunk_size), None, None, packed=True)
 
 
 # The one name -> state form table.

@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 # Block-merge rules of `big_attn.parallel.merge`: how per-key-block results of an op combine.
-BLOCK_MERGES = ("softmax", "sigmoid", "cog", "clipped_softmax", "linear", "moments")
+BLOCK_MERGES = ("softmax", "sigmoid", "cog", "clipped_softmax", "linear", "moments", "hard")
 
 
 class PairTerms(NamedTuple):
@@ -53,7 +53,11 @@ class BlockForm(NamedTuple):
       Σv, Σs'·v, n, Σs', Σs'² over their visible keys of the scores s' = s − c about the
       row's mean c, and c, concatenated on the last axis of the output, `[batch, q_len, heads,
       2·value_dim + 4]`; `output_map` forms the op's output from them, a value that must not
-      depend on c).
+      depend on c), "hard" (hard attention's sample: blocks keep the max of s + g over their
+      keys, its value and global position, and their log-sum-exp; the max over blocks chooses
+      v_z; `params` `sampled` (1.0: Gumbel noise of `pair_arrays`, the `[heads, batch]` keys
+      of `ops.hard.pair_gumbel`, split with the heads and the batch; 0.0: the argmax) and `baseline` (1.0: the softmax output is
+      merged too, the score-function gradient's baseline)).
     query, key, scale: the (transformed) queries and keys and the logit scale.
     params: None or a dict of the rule's static numbers: `soft_cap` (softmax, sigmoid),
       `logit_bias` (sigmoid), `zeta`, `gamma` (clipped_softmax).

@@ -19,6 +19,12 @@ left out, an op of the family is out_i = Σ_j W(t_ij; r_i) v_j with a row statis
   appended as the last column. A form's output map turns them into the output (normalized
   attention: out_i = g/(σ_i+ε)·Σ_j (s_ij − μ_i) v_j + β Σ v_j), as a function of the sums and
   c whose value does not depend on c (Σs·v = Σs'·v + c·Σv).
+- "hard" (hard attention's sample z_i = argmax_j s_ij + g_ij, Gumbel noise g of the pair's
+  global positions, or the argmax without noise): blocks return the max of s + g over their
+  visible keys with that key's value and global position, and their softmax output and lse;
+  the larger max wins (a tie: the earlier key), so the merged z is the whole row's.
+  Backward: dV_z = dO, and with noise the score-function gradient of the surrogate
+  v_z + (log p_z − sg(log p_z))·sg(v_z − b): dS_ij = c_i([j = z_i] − p_ij), c_i = dO_i·(v_z − b_i).
 
 Scores that are not a dot product (`PairScores`: a function of each block's queries and keys,
 as GATv2's aᵀφ(q_i + k_j)) replace scale·QKᵀ in the softmax and linear rules; their gradient
@@ -56,8 +62,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from big_attn.ops import common
+from big_attn.ops import hard
 from big_attn.ops.registry import BLOCK_MERGES, PairScores, PairTerms
 from big_attn.parallel import blockwise
 from big_attn.parallel import ring
@@ -66,7 +74,8 @@ Array = jax.Array
 
 # The static numbers each rule takes (`BlockForm.params`).
 RULE_PARAMS = {"softmax": ("soft_cap",), "sigmoid": ("soft_cap", "logit_bias"), "cog": (),
-               "clipped_softmax": ("zeta", "gamma"), "linear": (), "moments": ()}
+               "clipped_softmax": ("zeta", "gamma"), "linear": (), "moments": (),
+               "hard": ("sampled", "baseline")}
 # The rules that take position terms (`Rule.pair`) and pairwise scores (`Rule.score`).
 PAIR_MERGES = ("softmax", "linear")
 
@@ -80,6 +89,16 @@ class Rule(NamedTuple):
   gamma: float = 0.0
   pair: PairTerms | None = None
   score: PairScores | None = None
+  sampled: float = 0.0
+  baseline: float = 0.0
+
+
+def pair_arrays_spec(rule: Rule | None, head_axis, batch_axes) -> P:
+  """How a rule's `pair_arrays` are split: with the heads (their leading axis); the hard
+  rule's noise keys `[heads, batch, ...]` also with the batch."""
+  if rule is not None and rule.merge == "hard":
+    return P(head_axis, batch_axes)
+  return P(head_axis)
 
 
 def make_rule(merge: str, params: dict | None = None, pair: PairTerms | None = None,
@@ -515,6 +534,107 @@ def _pair_core_bwd(cfg, rule, residuals, dout):
 _pair_core.defvjp(_pair_core_fwd, _pair_core_bwd)
 
 
+# The hard rule (hard attention's sample): the blocks' max of s + g merges exactly.
+
+def _hard_block(rule: Rule, scale, keys, q, q_pos, q_seg, offset, kv):
+  """One block's `(max of s + g [b, t, n], chosen value [b, t, n, dv], its global key position
+  [b, t, n], (softmax output, lse))` over its visible keys (max −inf, value 0 without any)."""
+  k, v, kv_seg, k_pos = kv
+  dims, mask, t, _ = _block(rule, q, k, v, scale, offset, q_seg, kv_seg)
+  e = t
+  if keys is not None:
+    e = t + hard.pair_gumbel(keys, q_pos, k_pos).reshape(t.shape)
+  e = e if mask is None else jnp.where(mask, e, -jnp.inf)
+  top = jnp.max(e, axis=-1)
+  choice = jax.nn.one_hot(jnp.argmax(e, axis=-1), e.shape[-1], dtype=jnp.float32)
+  choice = choice * jnp.isfinite(top)[..., None]
+  heads = lambda x: blockwise._heads_last(x, dims)  # pylint: disable=protected-access  # noqa: E731
+  position = jnp.sum(choice * k_pos.astype(jnp.float32), axis=-1)
+  lse = _row_lse(_exponent(rule, t, mask))
+  soft = common.weighted_values(_weights(Rule(), t, mask, lse)[0], v.astype(jnp.float32), dims)
+  return (heads(top), common.weighted_values(choice, v.astype(jnp.float32), dims),
+          heads(position), (soft, heads(lse)))
+
+
+def _hard_merge(acc, block):
+  """The larger max (on a tie the earlier key, as an argmax over the row) with its value and
+  position; the softmax parts merged through the log-sum-exp."""
+  top_a, value_a, pos_a, soft_a = acc
+  top_b, value_b, pos_b, soft_b = block
+  take = (top_b > top_a) | ((top_b == top_a) & (pos_b < pos_a))
+  as_rows = lambda x: jnp.transpose(x, (0, 2, 1))  # noqa: E731  [b, n, t] -> [b, t, n]
+  soft = ring._merge(soft_a, soft_b)  # pylint: disable=protected-access
+  return (jnp.where(take, top_b, top_a), jnp.where(as_rows(take)[..., None], value_b, value_a),
+          jnp.where(take, pos_b, pos_a), soft)
+
+
+def _hard_rows(rule: Rule, scale, keys, q, q_pos, q_seg, offset, kv):
+  """The hard rule on whole rows in one block (plain JAX, differentiated by autodiff through
+  the surrogate v_z + (log p_z − sg(log p_z))·sg(v_z − b))."""
+  k, v, kv_seg, _ = kv
+  _, value, position, (soft, _) = _hard_block(rule, scale, keys, q, q_pos, q_seg, offset, kv)
+  if not rule.sampled:
+    return value.astype(q.dtype)
+  dims, mask, t, _ = _block(rule, q, k, v, scale, offset, q_seg, kv_seg)
+  rows = blockwise._grouped_rows  # pylint: disable=protected-access
+  chosen = kv[3].astype(jnp.float32) == lax.stop_gradient(rows(position, dims))[..., None]
+  chosen = chosen if mask is None else chosen & mask
+  log_p_z = jnp.sum(jnp.where(chosen, t - _row_lse(_exponent(rule, t, mask))[..., None], 0.0),
+                    axis=-1)
+  log_p_z = blockwise._heads_last(log_p_z, dims)  # pylint: disable=protected-access
+  log_p_z = jnp.transpose(log_p_z, (0, 2, 1))[..., None]
+  base = soft if rule.baseline else jnp.zeros_like(value)
+  surrogate = (log_p_z - lax.stop_gradient(log_p_z)) * lax.stop_gradient(value - base)
+  return (value + surrogate).astype(q.dtype)
+
+
+def _hard_forward(cfg: ring.RingConfig, rule: Rule, keys, q, k, v, q_seg, kv_seg):
+  q_pos, kv = _pair_kv(cfg, q, k, v, kv_seg)
+  block = lambda offset, kv: _hard_block(rule, cfg.scale, keys, q, q_pos, q_seg, offset, kv)
+  return ring.ring_reduce(cfg, block, _hard_merge, kv)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _hard_core(cfg: ring.RingConfig, rule: Rule, keys, q, k, v, q_seg, kv_seg):
+  return _hard_forward(cfg, rule, keys, q, k, v, q_seg, kv_seg)[1].astype(q.dtype)
+
+
+def _hard_core_fwd(cfg, rule, keys, q, k, v, q_seg, kv_seg):
+  _, value, position, (soft, lse) = _hard_forward(cfg, rule, keys, q, k, v, q_seg, kv_seg)
+  return value.astype(q.dtype), (keys, q, k, v, q_seg, kv_seg, value, position, soft, lse)
+
+
+def _hard_core_bwd(cfg, rule, residuals, dout):
+  """dV_z = g (the chosen value); sampled: the score-function gradient of the surrogate
+  v_z + (log p_z − sg(log p_z))·sg(v_z − b), dS_ij = c_i([j = z_i] − p_ij) with
+  c_i = g_i·(v_z − b_i), b the softmax output (baseline) or 0."""
+  keys, q, k, v, q_seg, kv_seg, value, position, soft, lse = residuals
+  dims = common.check_qkv(q, k, v)
+  rows = blockwise._grouped_rows  # pylint: disable=protected-access
+  dout = dout.astype(jnp.float32)
+  base = soft if rule.baseline else jnp.zeros_like(value)
+  coef = rows(jnp.einsum("btnd,btnd->bnt", dout, value - base), dims)
+  lse, position = rows(lse, dims), rows(position, dims)
+  q_pos, kv = _pair_kv(cfg, q, k, v, kv_seg)
+
+  def grads(offset, kv):
+    k, v, kv_seg, k_pos = kv
+    dims, mask, t, _ = _block(rule, q, k, v, cfg.scale, offset, q_seg, kv_seg)
+    chosen = (k_pos.astype(jnp.float32) == position[..., None]).astype(jnp.float32)
+    chosen = chosen if mask is None else jnp.where(mask, chosen, 0.0)
+    dout_g = common.group_query(dout, dims.num_kv_heads)
+    ds = jnp.zeros_like(t)
+    if rule.sampled:
+      ds = coef[..., None] * (chosen - _weights(Rule(), t, mask, lse)[0])
+    return _input_grads(dims, q, k, chosen, ds * cfg.scale, dout_g)
+
+  dq, dk, dv = ring.ring_gradients(cfg, grads, kv)
+  return (None, dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None)
+
+
+_hard_core.defvjp(_hard_core_fwd, _hard_core_bwd)
+
+
 def _varying_like(tree, like):
   """`tree` cast to vary over the manual mesh axes `like` varies over, so that its gradient
   (different on every device) is summed over them by the cast's transpose."""
@@ -548,6 +668,9 @@ def rule_ring_attention(schedule: str, query: Array, key: Array, value: Array, *
                                         scale=scale, block_impl="xla", caller=caller)
   if rule.merge == "moments":
     return _moment_core(cfg, query, key, value, q_seg, kv_seg)
+  if rule.merge == "hard":
+    return _hard_core(cfg, rule, _varying_like(pair_arrays, query), query, key, value, q_seg,
+                      kv_seg)
   if _on_pair_core(rule):
     return _pair_core(cfg, rule, _varying_like(pair_arrays, query), query, key, value, q_seg,
                       kv_seg)
@@ -579,6 +702,10 @@ def rule_all_gather_attention(query: Array, key: Array, value: Array, *, axis_na
   shard = lax.axis_index(axis_name)
   offset = shard * dims.q_len if is_causal else None
   key, value, kv_seg = gather(key), gather(value), gather(kv_seg)
+  if rule.merge == "hard":
+    q_pos = shard * dims.q_len + jnp.arange(dims.q_len, dtype=jnp.int32)
+    kv = (key, value, kv_seg, jnp.arange(key.shape[1], dtype=jnp.int32))
+    return _hard_rows(rule, scale, pair_arrays, query, q_pos, q_seg, offset, kv)
   if rule.merge == "moments":
     args = (query, key, value, scale, offset, q_seg, kv_seg)
     center = lax.stop_gradient(_row_mean(_count_and_sum(*args)))

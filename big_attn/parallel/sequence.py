@@ -176,7 +176,8 @@ class SeqParallel:
     otherwise): the inputs laid out by `layout`, then `jax.shard_map` of `shard_attention`
     (Explicit or Auto mesh axes, as `sequence_parallel_attention`). `segment_ids`:
     `[batch, seq]` for self-attention, or None. `pair_arrays`: the arrays of the rule's
-    position terms (heads leading), split with the heads."""
+    position terms (heads leading), split with the heads (and the hard rule's keys, `[heads,
+    batch]`, with the batch too: `merge.pair_arrays_spec`)."""
     batch_axes, heads = self.layout(query.shape[0], query.shape[2], key.shape[2])
     qkv_spec, seg_spec = P(batch_axes, self.axis, heads, None), P(batch_axes, self.axis)
     mesh = _working_mesh(self.mesh, query, key, value)
@@ -189,7 +190,8 @@ class SeqParallel:
     args = (query, key, value) + (() if segment_ids is None else (segment_ids,))
     specs = (qkv_spec,) * 3 + (() if segment_ids is None else (seg_spec,))
     args = [compat.constrain(x, NamedSharding(mesh, spec)) for x, spec in zip(args, specs)]
-    out = compat.shard_map(per_shard, mesh=mesh, in_specs=specs[:3] + (P(heads),) + specs[3:],
+    pair_spec = merge.pair_arrays_spec(rule, heads, batch_axes)
+    out = compat.shard_map(per_shard, mesh=mesh, in_specs=specs[:3] + (pair_spec,) + specs[3:],
                            out_specs=qkv_spec)(*args[:3], pair_arrays, *args[3:])
     return _gated(out, gate_logits)
 
@@ -223,26 +225,31 @@ class SeqParallel:
           "strategy 'ring' or 'all_gather'")
 
   def linear_state(self, op: str, query: Array, key: Array, value: Array, *,
-                   is_causal: bool = True, **op_args) -> Array:
+                   is_causal: bool = True, segment_ids: Array | None = None,
+                   **op_args) -> Array:
     """Causal op `op` with a recurrent state form (`big_attn.ops.recurrent`) with the sequence
     split over `axis` in contiguous shards: `linear_state_attention` (LASP) inside
-    `jax.shard_map`. The batch is laid out by `layout`; heads and the op's array arguments
-    (its weights) are replicated. The "striped" strategy is refused: the recurrence runs in
-    token order (see `big_attn.parallel.linear_state`)."""
+    `jax.shard_map`. `segment_ids`: `[batch, seq]` packed rows, or None. The batch is laid out
+    by `layout`; heads and the op's array arguments (its weights) are replicated. The
+    "striped" strategy is refused: the recurrence runs in token order (see
+    `big_attn.parallel.linear_state`)."""
     self.check_linear_state(op)
     batch_axes, _ = self.layout(query.shape[0])
-    qkv_spec = P(batch_axes, self.axis, None, None)
+    qkv_spec, seg_spec = P(batch_axes, self.axis, None, None), P(batch_axes, self.axis)
     mesh = _working_mesh(self.mesh, query, key, value)
     weights = {k: v for k, v in op_args.items() if isinstance(v, (jax.Array, np.ndarray))}
     static = {k: v for k, v in op_args.items() if k not in weights}
 
-    def per_shard(q, k, v, w):
+    def per_shard(q, k, v, w, *seg):
       return linear_state_attention(q, k, v, op=op, axis_name=self.axis, is_causal=is_causal,
-                                    **w, **static)
+                                    segment_ids=seg[0] if seg else None, **w, **static)
 
     args = [compat.constrain(x, NamedSharding(mesh, qkv_spec)) for x in (query, key, value)]
-    return compat.shard_map(per_shard, mesh=mesh, in_specs=(qkv_spec,) * 3 + (P(),),
-                            out_specs=qkv_spec)(*args, weights)
+    segs, seg_specs = (), ()
+    if segment_ids is not None:
+      segs, seg_specs = (compat.constrain(segment_ids, NamedSharding(mesh, seg_spec)),), (seg_spec,)
+    return compat.shard_map(per_shard, mesh=mesh, in_specs=(qkv_spec,) * 3 + (P(),) + seg_specs,
+                            out_specs=qkv_spec)(*args, weights, *segs)
 
 
 def sequence_parallel_attention(query: Array, key: Array, value: Array, *, mesh,
@@ -359,7 +366,8 @@ def _sharded_attention(query, key, value, segments, pair_arrays=None, *, mesh, s
     return out.reshape(out_shape)
 
   out = compat.shard_map(per_shard, mesh=mesh,
-                         in_specs=(q_spec, kv_spec, kv_spec, seg_spec, seg_spec, P(head_axis)),
+                         in_specs=(q_spec, kv_spec, kv_spec, seg_spec, seg_spec,
+                                   merge.pair_arrays_spec(rule, head_axis, batch_axes)),
                          out_specs=q_spec)(q, k, v, q_seg, kv_seg, pair_arrays)
   out_sharding = NamedSharding(mesh, P(batch_axes, seq_axis, head_axis, None))
   return compat.reshape_with_sharding(
