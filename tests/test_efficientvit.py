@@ -88,7 +88,7 @@ class _Bound(nn.Module):
     return self.layer(x, self.grid)
 
 
-def test_windows_ops_and_training_step():
+def test_windows_and_ops():
   x = ref.normal(4, (4, 8, 16, 3))
   seen = []
 
@@ -105,6 +105,11 @@ def test_windows_ops_and_training_step():
   assert abstract(model, x)["stage_0_block_0_attention"].keys() == {
       "query_kernel", "query_bias", "key_kernel", "key_bias", "value_kernel", "value_bias",
       "out"}
+
+
+@pytest.mark.extended  # one compile of the whole model and its step: ~100 s on a loaded CPU
+def test_forward_and_training_step():
+  x = ref.normal(4, (4, 8, 16, 3))
   model = efficientvit.Model(num_classes=3, **TINY)
   before, after, losses = train_steps(model, x, jax.nn.one_hot(jnp.arange(4) % 3, 3), steps=2)
   assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses

@@ -67,7 +67,7 @@ def test_class_block_matches_its_formula():
   _assert_block_matches(volo.ClassBlock(num_heads=2, mlp_dim=12), x, _ref_class_block)
 
 
-def test_stages_ops_grids_and_training_step():
+def test_stages_ops_and_grids():
   x = ref.normal(4, (4, 16, 8, 3))
   seen = []
 
@@ -82,6 +82,11 @@ def test_stages_ops_grids_and_training_step():
   assert seen == [("outlook_attention", (32, 8), dict(grid=(8, 4), kernel_size=3, stride=2)),
                   ("neighborhood", (8, 16), dict(grid=(4, 2), kernel_size=(3, 1),
                                                  dilation=(1, 1)))]
+
+
+@pytest.mark.extended  # the digits config through main trains VOLO in the default run
+def test_forward_and_training_step():
+  x = ref.normal(4, (4, 16, 8, 3))
   model = volo.Model(num_classes=3, head_zeroinit=False, **TINY)
   before, after, losses = train_steps(model, x, jax.nn.one_hot(jnp.arange(4) % 3, 3), steps=2)
   assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
