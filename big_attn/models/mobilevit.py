@@ -61,7 +61,7 @@ def decode_variant(variant: str) -> dict[str, Any]:
   return dict(_SIZES[variant])
 
 
-class _ConvBN(nn.Module):
+class ConvBN(nn.Module):
   """Conv (no bias) -> BatchNorm -> SiLU (`act=False`: no SiLU; `norm=False`: neither)."""
   features: int
   kernel: int = 1
@@ -100,7 +100,7 @@ class InvertedResidual(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    conv = lambda *a, **k: _ConvBN(*a, **k, dtype=self.dtype, param_dtype=self.param_dtype)
+    conv = lambda *a, **k: ConvBN(*a, **k, dtype=self.dtype, param_dtype=self.param_dtype)
     hidden = x.shape[-1] * self.expansion
     y = conv(hidden, name="expand")(x, train) if self.expansion != 1 else x
     y = conv(hidden, 3, self.strides, groups=hidden, name="dwconv")(y, train)
@@ -122,7 +122,7 @@ class MobileViTBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    conv = lambda *a, **k: _ConvBN(*a, **k, dtype=self.dtype, param_dtype=self.param_dtype)
+    conv = lambda *a, **k: ConvBN(*a, **k, dtype=self.dtype, param_dtype=self.param_dtype)
     b, h, w, c = x.shape
     d, gh, gw = self.dim, h // 2, w // 2
     y = conv(c, 3, name="local")(x, train)
@@ -218,7 +218,7 @@ class Model(nn.Module):
   @nn.compact
   def __call__(self, images, *, train: bool = False):
     self._check(images)
-    conv = lambda *a, **k: _ConvBN(*a, **k, dtype=self.dtype, param_dtype=self.param_dtype)
+    conv = lambda *a, **k: ConvBN(*a, **k, dtype=self.dtype, param_dtype=self.param_dtype)
     x = conv(16, 3, self.strides[0], name="stem")(jnp.asarray(images, self.dtype), train)
     for layer, (features, blocks, stride) in enumerate(zip(self.channels, _BLOCKS,
                                                            self.strides[1:])):
