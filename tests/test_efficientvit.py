@@ -107,7 +107,6 @@ def test_windows_and_ops():
       "out"}
 
 
-@pytest.mark.extended  # one compile of the whole model and its step: ~100 s on a loaded CPU
 def test_forward_and_training_step():
   x = ref.normal(4, (4, 8, 16, 3))
   model = efficientvit.Model(num_classes=3, **TINY)
