@@ -148,10 +148,10 @@ def test_every_config_builds():
     _config_module("crossvit_i1k").get_config("variant=L")
 
 
-def train_digits_config(workdir, name, steps=3):
-  """`configs/{name}.py:runlocal` for `steps` steps of batch 16 on one device through main,
+def train_digits_config(workdir, name, steps=3, arg="runlocal"):
+  """`configs/{name}.py:{arg}` for `steps` steps of batch 16 on one device through main,
   without evaluation: finite losses logged at every step."""
-  config = _config_module(name).get_config("runlocal")
+  config = _config_module(name).get_config(arg)
   config.input.batch_size = 16
   config.mesh, config.mesh_subset = [("data", 1)], True
   config.total_steps, config.log_every, config.ckpt_every = steps, 1, steps
