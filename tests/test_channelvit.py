@@ -98,6 +98,7 @@ def test_digits_config_derives_channels():
     data.dataset_info(dict(config.input, channels="rgb"))
 
 
-@pytest.mark.extended
 def test_digits_config_trains_through_main(tmp_path):
+  # the one default run through main of the CrossViT, TNT and ChannelViT digits configs: the
+  # family that compiles fastest (the others are `extended`)
   train_digits_config(tmp_path, "vit_digits", arg="family=channelvit,runlocal")

@@ -163,5 +163,6 @@ def train_digits_config(workdir, name, steps=3, arg="runlocal"):
   assert sorted(loss) == list(range(1, steps + 1)) and np.all(np.isfinite(list(loss.values())))
 
 
+@pytest.mark.extended
 def test_digits_config_trains_through_main(tmp_path):
   train_digits_config(tmp_path, "crossvit_digits")
