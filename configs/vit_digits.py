@@ -8,7 +8,10 @@ Args (`--config=configs/vit_digits.py:attention=sigmoid,steps=500`):
   attention: registry name of the attention op (`big_attn.ops.names()`).
   family: "" (plain ViT), "convit" (the first 2 of the 4 blocks GPSA, the class token after
     them; ConViT) or "cpvt" (a PEG after the first block, no absolute position embedding;
-    CPVT's GAP variant).
+    CPVT's GAP variant) or "channelvit" (a token per channel and patch, a class token;
+    ChannelViT). The digits are grey: for "channelvit" the input stacks each image with its
+    horizontal and vertical gradients (`config.input.channels="derived"`), so that the three
+    channel tokens of a patch see different things.
   steps: training steps.
   runlocal: a few steps only, for smoke tests.
 Measured numbers are in experiments/results/vit_digits.md.
@@ -28,6 +31,10 @@ def get_config(arg=None):
     config.model.update(local_layers=2, pool_type="cls")
   elif arg.family == "cpvt":
     config.model.update(posemb="peg")
+  elif arg.family == "channelvit":
+    config.model.update(channel_tokens=True, pool_type="cls")
+    config.input.channels = "derived"
   elif arg.family:
-    raise ValueError(f"unknown family {arg.family!r}; expected '', 'convit' or 'cpvt'")
+    raise ValueError(f"unknown family {arg.family!r}; expected '', 'convit', 'cpvt' or "
+                     "'channelvit'")
   return config_lib.declare_model_settings(config)

@@ -10,7 +10,9 @@
     "tfds:imagenet2012", ...; ArrayRecord data prepared in `data_dir`, never downloaded).
   data_dir: the TFDS data directory (None: TFDS's default).
   image_size: output height = width (digits 32, cifar 32, imagenet2012 224).
-  channels: 3 repeats a grey image to RGB (digits have 1).
+  channels: 3 repeats a grey image to RGB (digits have 1); "derived" stacks a grey image with
+    its horizontal and vertical gradients (central differences, x2 so that each lies in
+    [-1, 1]): three channels that differ, for channel-wise models (ChannelViT).
   augment: crop_padding (zero-pad then random crop; digits 2, cifar 4), flip (random horizontal
     flip; off for digits), inception_crop (random resized crop, imagenet2012's default) with
     area_min (0.05).
@@ -54,7 +56,7 @@ class _Spec:
   name: str
   data_dir: str | None
   image_size: int
-  channels: int | None
+  channels: int | str | None
   crop_padding: int
   flip: bool
   inception_crop: bool
@@ -82,8 +84,8 @@ class _Spec:
       raise ValueError(f"config.input.image_size must be a positive int, got {image_size!r}"
                        + (" (no default for this data set)" if image_size is None else ""))
     channels = _get(cfg, "channels")
-    if channels not in (None, 1, 3):
-      raise ValueError(f"config.input.channels must be 1 or 3, got {channels!r}")
+    if channels not in (None, 1, 3, "derived"):
+      raise ValueError(f"config.input.channels must be 1, 3 or 'derived', got {channels!r}")
     spec = cls(
         name=name, data_dir=_get(cfg, "data_dir"), image_size=image_size, channels=channels,
         crop_padding=_get(augment, "crop_padding", defaults["crop_padding"]),
@@ -157,6 +159,13 @@ def _unit_image(image) -> np.ndarray:
 
 def _finish_image(spec: _Spec, image: np.ndarray) -> np.ndarray:
   """`[H, W, c]` in [0, 1] -> float32 `[H, W, channels]` in [-1, 1]."""
+  if spec.channels == "derived":
+    if image.shape[-1] != 1:
+      raise ValueError(f"config.input.channels='derived' needs grey images, got "
+                       f"{image.shape[-1]} channels")
+    gy, gx = np.gradient(image[..., 0])
+    return np.ascontiguousarray(np.concatenate(
+        [preprocess.normalize(image), 2 * gx[..., None], 2 * gy[..., None]], -1), np.float32)
   if spec.channels == 3 and image.shape[-1] == 1:
     image = np.repeat(image, 3, axis=-1)
   return np.ascontiguousarray(preprocess.normalize(image), np.float32)
@@ -278,7 +287,7 @@ def dataset_info(input_config: Any) -> dict[str, Any]:
     channels = 1
   else:
     channels = tfds_source.features(spec.tfds_name, spec.data_dir)["channels"]
-  if spec.channels == 3:
+  if spec.channels in (3, "derived"):
     channels = 3
   return dict(num_classes=_num_classes(spec),
               image_shape=(spec.image_size, spec.image_size, channels),

@@ -68,6 +68,19 @@ whole millions:
 | CPVT-Ti/16   |   192 |     3 |  5,681,320 |  5.7M |
 | CPVT-S/16    |   384 |     6 | 21,978,472 |  22M  |
 | CPVT-B/16    |   768 |    12 | 86,423,272 |  86M  |
+
+ChannelViT (Channel Vision Transformers: An Image Is Worth C x 16 x 16 Words,
+`channel_tokens=True`) embeds each of the C channels' patches with one single-channel
+projection, adds the patch's position embedding and a learned embedding of the channel
+(`embed_patches`), so a 224x224x3 image is 3·196 tokens; a class token is classified. Its
+counts (3 channels) are ViT's with a class token, less the two channels the projection no
+longer reads, plus 3 channel embeddings (hierarchical channel sampling is not built):
+
+| variant          | width | heads | parameters | ViT (cls) |
+|------------------|-------|-------|------------|-----------|
+| ChannelViT-Ti/16 |   192 |     3 |  5,619,496 | 5,717,224 |
+| ChannelViT-S/16  |   384 |     6 | 21,854,824 | 22,050,280 |
+| ChannelViT-B/16  |   768 |    12 | 86,175,976 | 86,566,888 |
 """
 from __future__ import annotations
 
@@ -100,14 +113,17 @@ _NUM_HEADS = {"Ti": 3, "S": 6, "M": 8, "B": 12, "L": 16, "So400m": 16, "H": 16, 
 # Families that are a ViT plus options (`FAMILY-SIZE/PATCH`): ConViT's sizes are 48 per head
 # (its Table 1: 4, 9 and 16 heads for Ti, S, B), GPSA in the first 10 blocks and a class token
 # inserted after them; CPVT is DeiT's sizes with a PEG after the first block and no absolute
-# position embedding (its GAP variant).
+# position embedding (its GAP variant); ChannelViT is ViT's sizes with a token per channel and
+# patch (`channel_tokens`) and a class token.
 _FAMILIES = {
     "ConViT": dict(sizes={"Ti": (192, 4), "S": (432, 9), "B": (768, 16)},
                    options=dict(local_layers=10, pool_type="cls")),
     "CPVT": dict(sizes={"Ti": (192, 3), "S": (384, 6), "B": (768, 12)},
                  options=dict(posemb="peg", pool_type="gap")),
+    "ChannelViT": dict(sizes={"Ti": (192, 3), "S": (384, 6), "B": (768, 12)},
+                       options=dict(channel_tokens=True, pool_type="cls")),
 }
-FAMILY_OPTIONS = ("local_layers", "pool_type", "posemb")
+FAMILY_OPTIONS = ("local_layers", "pool_type", "posemb", "channel_tokens")
 POOL_TYPES = ("gap", "cls", "tok", "map")
 POSEMB_TYPES = ("learn", "sincos2d", "peg")
 # `jax.checkpoint_policies` usable as they are (the others are factories taking names).
@@ -129,7 +145,7 @@ def decode_variant(variant: str) -> dict[str, Any]:
   g, G, e. SpectFormer's spectformer_t, spectformer_xs, spectformer_s, spectformer_b also give
   `spectral_layers` (the first 4 blocks) and 16x16 patches. A family prefix gives that family's sizes and options: "ConViT-S/16" (Ti, S, B:
   `local_layers=10`, `pool_type="cls"`), "CPVT-Ti/16" (Ti, S, B: `posemb="peg"`,
-  `pool_type="gap"`).
+  `pool_type="gap"`), "ChannelViT-S/16" (Ti, S, B: `channel_tokens=True`, `pool_type="cls"`).
   """
   if isinstance(variant, str) and variant in _SPECTFORMER:
     width, depth, heads = _SPECTFORMER[variant]
@@ -424,9 +440,25 @@ class MAPHead(nn.Module):
 
 
 def embed_patches(images, width: int, patch: tuple[int, int], posemb: str, dtype: Any,
-                  param_dtype: Any):
+                  param_dtype: Any, channel_tokens: bool = False):
   """`[b, H, W, C]` -> `[b, patches, width]`: strided-conv patch embedding plus the position
-  embedding ("learn", "sincos2d"; "peg": none, the encoder's `PEG` gives positions). Called inside a compact method, it creates the caller's `embedding` and `posemb`."""
+  embedding ("learn", "sincos2d"; "peg": none, the encoder's `PEG` gives positions). Called inside a compact method, it creates the caller's `embedding` and `posemb`.
+
+  With `channel_tokens` (ChannelViT) each channel is embedded on its own by the one
+  single-channel convolution, the position embedding of the patch grid added to every
+  channel's patches and a learned embedding of the channel (`channel_embedding`, `[C,
+  width]`) to all of them: `[b, C·patches, width]`, channel-major (the channels' grids
+  stacked along the height)."""
+  if channel_tokens:
+    n, h, w, c = images.shape
+    x = embed_patches(jnp.reshape(jnp.moveaxis(images, -1, 1), (n * c, h, w, 1)), width, patch,
+                      posemb, dtype, param_dtype)
+    channels = nn.Embed(c, width, dtype=dtype, param_dtype=param_dtype,
+                        name="channel_embedding",
+                        embedding_init=nn.with_logical_partitioning(
+                            nn.initializers.normal(stddev=0.02), (None, "embed")))(jnp.arange(c))
+    return jnp.reshape(jnp.reshape(x, (n, c, -1, width)) + channels[None, :, None],
+                       (n, -1, width))
   x = nn.Conv(width, patch, strides=patch, padding="VALID", dtype=dtype, param_dtype=param_dtype,
               name="embedding",
               kernel_init=nn.with_logical_partitioning(
@@ -471,12 +503,20 @@ def check_encoder_inputs(model: nn.Module, images) -> None:
   spatial.check_op(model.attention, type(model).__module__.rsplit(".", 1)[-1])
 
 
-def encoder_op_args(model: nn.Module, images, patch: tuple[int, int], extra_tokens: int,
-                    op: str | None = None, op_args: Any = None):
-  """The op arguments of a ViT-like `model`'s blocks: its `attention_args` (or `op_args` of
-  `op`), plus the patch grid, the `extra_tokens` before the patches and clipped sizes for a 2-D
-  op (`big_attn.ops.spatial.op_args`)."""
+def token_grid(images, patch: tuple[int, int], channel_tokens: bool = False) -> tuple[int, int]:
+  """The grid of the patch tokens `embed_patches` makes of `images`: the patch grid, or with
+  `channel_tokens` the channels' patch grids stacked along the height."""
   grid = (images.shape[1] // patch[0], images.shape[2] // patch[1])
+  return (images.shape[3] * grid[0], grid[1]) if channel_tokens else grid
+
+
+def encoder_op_args(model: nn.Module, images, patch: tuple[int, int], extra_tokens: int,
+                    op: str | None = None, op_args: Any = None,
+                    grid: tuple[int, int] | None = None):
+  """The op arguments of a ViT-like `model`'s blocks: its `attention_args` (or `op_args` of
+  `op`), plus the token grid (`grid`; None: the patch grid), the `extra_tokens` before the
+  patches and clipped sizes for a 2-D op (`big_attn.ops.spatial.op_args`)."""
+  grid = grid or token_grid(images, patch)
   if op is None:
     op, op_args = model.attention, model.attention_args
   return spatial.op_args(op, op_args, grid, extra_tokens)
@@ -487,9 +527,10 @@ class Model(nn.Module):
 
   Attributes:
     num_classes: logits width; 0 returns the pooled pre-logits `[batch, width]`.
-    variant: size name for `decode_variant` ("B/16", "ConViT-S/16", "CPVT-Ti/16"); explicit
+    variant: size name for `decode_variant` ("B/16", "ConViT-S/16", "CPVT-Ti/16",
+      "ChannelViT-S/16"); explicit
       fields below override it, and the fields left at None hold the variant's sizes once the
-      model is built. A family's options (posemb, pool_type, local_layers) fill those fields
+      model is built. A family's options (posemb, pool_type, local_layers, channel_tokens) fill those fields
       left at their defaults.
     width, depth, mlp_dim, num_heads, patch_size: the sizes (`mlp_dim` defaults to 4·width,
       `patch_size` to (16, 16)); `width`, `depth` and `num_heads` are needed without a variant.
@@ -532,6 +573,8 @@ class Model(nn.Module):
       Needs `scan_layers=False` and no token reduction.
     local_attention: registry name of the local blocks' op ("gpsa", ConViT's); a 2-D op gets
       the patch grid as the main op does.
+    channel_tokens: a token per channel and patch (ChannelViT, `embed_patches`); a 2-D op
+      gets the channels' patch grids stacked along the height as its grid.
     dtype: compute dtype (e.g. bfloat16); param_dtype: parameter dtype.
   Parameters carry the logical axis names embed, mlp, heads, kv_heads, head_dim, norm,
   patch_h, patch_w, channels_in, position, classes and layers.
@@ -564,6 +607,7 @@ class Model(nn.Module):
   spectral_layers: Any = None
   local_layers: int = 0
   local_attention: str = "gpsa"
+  channel_tokens: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -608,8 +652,10 @@ class Model(nn.Module):
         self.param(name, nn.with_logical_partitioning(init, axes), shape, self.param_dtype),
         self.dtype)
 
-    x = embed_patches(images, width, patch, self.posemb, self.dtype, self.param_dtype)
+    x = embed_patches(images, width, patch, self.posemb, self.dtype, self.param_dtype,
+                      self.channel_tokens)
     n = x.shape[0]
+    grid = token_grid(images, patch, self.channel_tokens)
 
     num_prefix, late_tokens = 0, None
     if self.pool_type in ("cls", "tok"):
@@ -638,7 +684,7 @@ class Model(nn.Module):
     extra = num_prefix + self.num_registers
     block_args = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim,
                       num_kv_heads=self.num_kv_heads, attention=self.attention,
-                      attention_args=encoder_op_args(self, images, patch, extra),
+                      attention_args=encoder_op_args(self, images, patch, extra, grid=grid),
                       attention_impl=self.attention_impl, qk_norm=self.qk_norm,
                       dropout=self.dropout, norm_eps=self.norm_eps,
                       approximate_gelu=self.approximate_gelu,
@@ -648,8 +694,8 @@ class Model(nn.Module):
       local_extra = extra - (late_tokens is not None)
       local_block_args = dict(attention=self.local_attention, attention_impl=None,
                               attention_args=encoder_op_args(self, images, patch, local_extra,
-                                                             op=self.local_attention))
-    grid = (images.shape[1] // patch[0], images.shape[2] // patch[1])
+                                                             op=self.local_attention,
+                                                             grid=grid))
     x = Encoder(depth=self.depth, block_args=block_args, remat_policy=self.remat_policy,
                 scan_layers=self.scan_layers, final_norm=not self.fc_norm,
                 token_reduction=reduction, num_protected=extra,
