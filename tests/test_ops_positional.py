@@ -134,7 +134,8 @@ def test_decomposed_relpos_matches_reference(kv_heads, causal):
                      (q, k, v, rel_h, rel_w))
 
 
-@pytest.mark.parametrize("grid,kv_grid", [((2, 3), (3, 5)), ((3, 5), (2, 2))])
+@pytest.mark.parametrize("grid,kv_grid", [
+    ((2, 3), (3, 5)), pytest.param((3, 5), (2, 2), marks=pytest.mark.extended)])
 def test_decomposed_relpos_keys_on_another_grid(grid, kv_grid):
   t, s = grid[0] * grid[1], kv_grid[0] * kv_grid[1]
   q, k, v = ref.qkv(t=t, s=s, k=2, dv=5)

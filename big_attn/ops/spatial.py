@@ -182,5 +182,5 @@ def attend(op_fn: Callable, query, key, value, *, mask=None, is_causal: bool = F
 
 
 __all__ = ["GRID_ONLY_OPS", "KV_GRID_OPS", "OpRefused", "PAPER_SIZES", "SELF_ATTENTION_OPS",
-           "TWO_GRID_OPS",
-           "attend", "check_op", "needs_grid", "op_args", "stage_sizes", "takes_grid"]
+           "TWO_GRID_OPS", "attend", "check_op", "needs_grid", "op_args", "stage_sizes",
+           "takes_grid"]
