@@ -103,16 +103,20 @@ def test_levit_bias_matches_reference(kv_heads, causal):
                      lambda q, k, v, tb: _levit_ref(q, k, v, tb, GRID, full), (q, k, v, table))
 
 
-def _relpos_ref(q, k, v, rel_h, rel_w, grid, mask):
-  h, w = grid
-  pos = _positions(grid)
-  t = len(pos)
-  idx_h, idx_w = np.zeros((t, t), int), np.zeros((t, t), int)
-  for i in range(t):
-    for j in range(t):
-      idx_h[i, j] = pos[i][0] - pos[j][0] + h - 1
-      idx_w[i, j] = pos[i][1] - pos[j][1] + w - 1
-  r = rel_h[idx_h] + rel_w[idx_w]  # [t, s, d]
+def _relpos_ref(q, k, v, rel_h, rel_w, grid, mask, kv_grid=None):
+  """MViTv2's offsets: positions on the finer of the query and key grids (per axis), shifted
+  by the key side; on one grid y_i − y_j + h − 1."""
+  kv_grid = kv_grid or grid
+  q_pos, k_pos = _positions(grid), _positions(kv_grid)
+  t, s = len(q_pos), len(k_pos)
+  idx = np.zeros((2, t, s), int)
+  for a in range(2):
+    q_ratio, k_ratio = max(kv_grid[a] / grid[a], 1.0), max(grid[a] / kv_grid[a], 1.0)
+    for i in range(t):
+      for j in range(s):
+        idx[a, i, j] = int(q_pos[i][a] * q_ratio - k_pos[j][a] * k_ratio
+                           + (kv_grid[a] - 1) * k_ratio)
+  r = rel_h[idx[0]] + rel_w[idx[1]]  # [t, s, d]
   bias = jnp.einsum("btnd,tsd->bnts", ref.f64(q), r)
   return _probs_out(ref.attention_logits(q, k) + bias, mask, v, q.shape[2])
 
@@ -128,6 +132,28 @@ def test_decomposed_relpos_matches_reference(kv_heads, causal):
                      lambda q, k, v, a, c: _relpos_ref(q, k, v, ref.f64(a), ref.f64(c), GRID,
                                                        full),
                      (q, k, v, rel_h, rel_w))
+
+
+@pytest.mark.parametrize("grid,kv_grid", [
+    ((2, 3), (3, 5)), pytest.param((3, 5), (2, 2), marks=pytest.mark.extended)])
+def test_decomposed_relpos_keys_on_another_grid(grid, kv_grid):
+  t, s = grid[0] * grid[1], kv_grid[0] * kv_grid[1]
+  q, k, v = ref.qkv(t=t, s=s, k=2, dv=5)
+  rows = [2 * max(a, b) - 1 for a, b in zip(grid, kv_grid)]
+  rel_h, rel_w = ref.normal(3, (rows[0], 8), std=0.5), ref.normal(4, (rows[1], 8), std=0.5)
+  mask = ref.key_padding(2, s, first_valid=True)
+  full = ref.full_mask(2, 4, t, s, mask=mask)
+  op = functools.partial(ops.get("decomposed_relpos"), grid=grid, kv_grid=kv_grid, mask=mask)
+  ref.assert_matches(lambda q, k, v, a, c: op(q, k, v, rel_h=a, rel_w=c),
+                     lambda q, k, v, a, c: _relpos_ref(q, k, v, ref.f64(a), ref.f64(c), grid,
+                                                       full, kv_grid),
+                     (q, k, v, rel_h, rel_w))
+  with pytest.raises(ValueError, match="kv_grid"):
+    ops.get("decomposed_relpos")(q, k, v, grid=grid, kv_grid=grid, rel_h=rel_h, rel_w=rel_w)
+  params = ops.params_module("decomposed_relpos")(
+      num_heads=4, num_kv_heads=2, head_dim=8, op_args=dict(grid=grid, kv_grid=kv_grid))
+  shapes = jax.eval_shape(lambda: params.init(jax.random.key(0), None, q, k, v))["params"]
+  assert shapes["rel_h"].value.shape == (rows[0], 8) and shapes["rel_w"].value.shape[0] == rows[1]
 
 
 # ----------------------------------------------------------------------------------------------

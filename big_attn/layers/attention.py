@@ -16,6 +16,23 @@ from big_attn.layers import kv_cache
 from big_attn.layers import posemb
 
 
+def learned_op_args(op: str, op_args: Any, implementation: str | None, inputs_q, query, key,
+                    value, *, dtype: Any = None, param_dtype: Any = jnp.float32) -> dict:
+  """`op_args` plus the learned arguments of op `op` (its registered parameter module, built
+  in the calling module as `op_params` from the inputs and the projected `[batch, len, heads,
+  head_dim]` queries, keys and values) and `implementation` when given."""
+  args = dict(op_args or {})
+  params_cls = ops.params_module(op)
+  if params_cls is not None:
+    args.update(params_cls(
+        num_heads=query.shape[2], num_kv_heads=key.shape[2], head_dim=query.shape[3],
+        op_args=dict(op_args or {}), dtype=dtype, param_dtype=param_dtype,
+        name="op_params")(inputs_q, query, key, value))
+  if implementation is not None:
+    args["implementation"] = implementation
+  return args
+
+
 class Projection(nn.Module):
   """`x · W (+ b)` with an N-d kernel whose every axis carries a logical name.
 
@@ -190,14 +207,8 @@ class Attention(nn.Module):
       query = posemb.apply_rope(query, positions, self.rope_base, self.rope_scaling)
       key = posemb.apply_rope(key, positions, self.rope_base, self.rope_scaling)
 
-    params_cls = ops.params_module(self.op)
-    if params_cls is not None:
-      op_args.update(params_cls(
-          num_heads=self.num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
-          op_args=dict(self.op_args or {}), dtype=self.dtype, param_dtype=self.param_dtype,
-          name="op_params")(inputs_q, query, key, value))
-    if self.implementation is not None:
-      op_args["implementation"] = self.implementation
+    op_args = learned_op_args(self.op, op_args, self.implementation, inputs_q, query, key, value,
+                              dtype=self.dtype, param_dtype=self.param_dtype)
     out = self.attend(query, key, value, mask=mask, is_causal=is_causal,
                       segment_ids=segment_ids, op_args=op_args)
     if recompute:

@@ -8,10 +8,11 @@ import jax.numpy as jnp
 
 
 class MlpBlock(nn.Module):
-  """Dense(mlp_dim) -> GELU -> dropout -> Dense(features of the input).
+  """Dense(mlp_dim) -> GELU -> dropout -> Dense(out_dim, the input's width by default).
 
   Attributes:
     mlp_dim: hidden width; 4x the input width when None.
+    out_dim: output width; the input width when None.
     dropout: dropout rate on the hidden activations.
     approximate_gelu: tanh approximation of GELU (big_vision's); False is the exact erf form
       (PyTorch's `nn.GELU()`, so timm's weights).
@@ -19,6 +20,7 @@ class MlpBlock(nn.Module):
   `("batch", "length", "mlp")`.
   """
   mlp_dim: int | None = None
+  out_dim: int | None = None
   dropout: float = 0.0
   approximate_gelu: bool = True
   dtype: Any = None
@@ -42,4 +44,4 @@ class MlpBlock(nn.Module):
       x = nn.with_logical_constraint(x, ("batch", "length", "mlp"))
     x = nn.gelu(x, approximate=self.approximate_gelu)
     x = nn.Dropout(rate=self.dropout)(x, deterministic)
-    return dense(features, ("mlp", "embed"), "Dense_1")(x)
+    return dense(self.out_dim or features, ("mlp", "embed"), "Dense_1")(x)

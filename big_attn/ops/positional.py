@@ -97,6 +97,21 @@ def gpsa_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
   return common.weighted_values(weights, value, dims).astype(query.dtype)
 
 
+def relpos_table_sizes(grid: tuple[int, int], kv_grid: tuple[int, int]) -> tuple[int, int]:
+  """Rows of `decomposed_relpos`'s tables R_h, R_w for queries on `grid` and keys on
+  `kv_grid`: 2·max(h, h') − 1 and 2·max(w, w') − 1."""
+  return tuple(2 * max(q, k) - 1 for q, k in zip(grid, kv_grid))
+
+
+def _scaled_offsets(q_size: int, k_size: int) -> np.ndarray:
+  """`[q_size, k_size]` table rows of MViTv2's relative positions along one axis: query and key
+  positions on the finer grid, shifted to be >= 0."""
+  q_ratio, k_ratio = max(k_size / q_size, 1.0), max(q_size / k_size, 1.0)
+  dist = (np.arange(q_size)[:, None] * q_ratio - np.arange(k_size)[None, :] * k_ratio
+          + (k_size - 1) * k_ratio)
+  return np.floor(dist).astype(np.int32)
+
+
 # ------------------------------------------------------------------------------------------
 # Positional-bias hooks around softmax attention.
 # ------------------------------------------------------------------------------------------
@@ -141,7 +156,7 @@ def levit_bias_attention(query, key, value, *, mask=None, is_causal=False, scale
               "its logits add q_i·R_h[y_i − y_j] + q_i·R_w[x_i − x_j] at the global grid "
               "positions of the query and the key, which the ring's key blocks do not see"))
 def decomposed_relpos_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
-                                grid=None, rel_h=None, rel_w=None):
+                                grid=None, kv_grid=None, rel_h=None, rel_w=None):
   """Softmax attention with MViTv2's decomposed relative position embeddings: MViTv2, Improved
   Multiscale Vision Transformers for Classification and Detection (Li et al., 2022).
 
@@ -154,30 +169,45 @@ def decomposed_relpos_attention(query, key, value, *, mask=None, is_causal=False
   so only 2h−1 + 2w−1 embeddings are learned instead of (2h−1)(2w−1). As in MViTv2 the tables
   are shared by the heads.
 
+  Keys on another grid (MViTv2's pooled keys, `kv_grid=(h', w')`): the offsets are measured on
+  the finer of the two grids, y_i·max(h'/h, 1) − y_j·max(h/h', 1) + (h' − 1)·max(h/h', 1)
+  rounded down (the same along the width), into tables of 2·max(h, h') − 1 and
+  2·max(w, w') − 1 rows.
+
   Args:
     query: `[batch, h·w, num_heads, head_dim]`, tokens in row-major order.
-    key, value: `[batch, h·w, num_kv_heads, head_dim | value_dim]`.
-    mask: boolean, broadcastable to `[batch, num_heads, seq, seq]`.
+    key, value: `[batch, h·w, num_kv_heads, head_dim | value_dim]` (`h'·w'` tokens with
+      `kv_grid`).
+    mask: boolean, broadcastable to `[batch, num_heads, q_len, kv_len]`.
     is_causal: query i attends keys j <= i.
     scale: logit scale s; `1/sqrt(head_dim)` when None.
-    grid: required `(h, w)`, `h·w == seq`.
-    rel_h: R_h `[2h − 1, head_dim]`.
-    rel_w: R_w `[2w − 1, head_dim]`.
+    grid: required `(h, w)` of the queries, `h·w == q_len`.
+    kv_grid: `(h', w')` of the keys, `h'·w' == kv_len`; None: the queries' grid.
+    rel_h: R_h `[2·max(h, h') − 1, head_dim]`.
+    rel_w: R_w `[2·max(w, w') − 1, head_dim]`.
 
   Returns:
-    `[batch, seq, num_heads, value_dim]` in the query's dtype.
+    `[batch, q_len, num_heads, value_dim]` in the query's dtype.
   """
   dims = common.check_qkv(query, key, value)
-  grid = _self_grid(dims, grid, "decomposed_relpos")
-  (h, w), d = grid, dims.head_dim
-  common.check_weight("rel_h", rel_h, (2 * h - 1, d), "[2h − 1, head_dim]")
-  common.check_weight("rel_w", rel_w, (2 * w - 1, d), "[2w − 1, head_dim]")
-  dy, dx = _offsets(grid)
+  if kv_grid is None:
+    grid = _self_grid(dims, grid, "decomposed_relpos")
+    kv_grid = grid
+  else:
+    grid = windowed.check_grid(grid, dims.q_len)
+    kv_grid = windowed.check_grid(kv_grid, dims.kv_len, "kv_grid")
+  rows_h, rows_w = relpos_table_sizes(grid, kv_grid)
+  common.check_weight("rel_h", rel_h, (rows_h, dims.head_dim), "[2·max(h, h') − 1, head_dim]")
+  common.check_weight("rel_w", rel_w, (rows_w, dims.head_dim), "[2·max(w, w') − 1, head_dim]")
+  dist_h, dist_w = (_scaled_offsets(q, k) for q, k in zip(grid, kv_grid))
+  ys, xs = np.divmod(np.arange(dims.q_len), grid[1])
+  ky, kx = np.divmod(np.arange(dims.kv_len), kv_grid[1])
   q = query.astype(jnp.float32)
-  q_rh = jnp.einsum("btnd,rd->bntr", q, rel_h.astype(jnp.float32))  # [b, n, t, 2h−1]
+  q_rh = jnp.einsum("btnd,rd->bntr", q, rel_h.astype(jnp.float32))  # [b, n, t, rows_h]
   q_rw = jnp.einsum("btnd,rd->bntr", q, rel_w.astype(jnp.float32))
   rows = np.arange(dims.q_len)[:, None]
-  bias = q_rh[:, :, rows, h - 1 - dy] + q_rw[:, :, rows, w - 1 - dx]  # [b, n, t, t]
+  bias = (q_rh[:, :, rows, dist_h[ys[:, None], ky[None]]]
+          + q_rw[:, :, rows, dist_w[xs[:, None], kx[None]]])  # [b, n, t, s]
   return dot_product_attention(query, key, value, bias=bias, mask=mask, scale=scale,
                                is_causal=is_causal, implementation="xla")
 
@@ -448,18 +478,22 @@ class LeViTBiasParams(OpParams):
 
 @register_params("decomposed_relpos")
 class DecomposedRelPosParams(OpParams):
-  """MViTv2's decomposed relative position tables `rel_h [2h − 1, head_dim]` and
-  `rel_w [2w − 1, head_dim]` for the `op_args["grid"] = (h, w)` image, shared by the heads and
-  truncated-normal initialised with std 0.02 as in MViTv2."""
+  """MViTv2's decomposed relative position tables `rel_h [2·max(h, h') − 1, head_dim]` and
+  `rel_w [2·max(w, w') − 1, head_dim]` for queries on the `op_args["grid"] = (h, w)` image and
+  keys on `op_args["kv_grid"] = (h', w')` (the queries' grid when absent), shared by the heads
+  and truncated-normal initialised with std 0.02 as in MViTv2."""
 
   @nn.compact
   def __call__(self, inputs_q, query, key, value):
-    del inputs_q, key, value
-    h, w = windowed.patch_grid(self.op_args, query.shape[1])
+    del inputs_q, value
+    grid = windowed.patch_grid(self.op_args, query.shape[1])
+    kv_grid = (self.op_args or {}).get("kv_grid")
+    kv_grid = grid if kv_grid is None else windowed.check_grid(kv_grid, key.shape[1], "kv_grid")
+    rows_h, rows_w = relpos_table_sizes(grid, kv_grid)
     init = nn.with_logical_partitioning(nn.initializers.truncated_normal(stddev=0.02),
                                         (None, "head_dim"))
-    rel_h = self.param("rel_h", init, (2 * h - 1, self.head_dim), self.param_dtype)
-    rel_w = self.param("rel_w", init, (2 * w - 1, self.head_dim), self.param_dtype)
+    rel_h = self.param("rel_h", init, (rows_h, self.head_dim), self.param_dtype)
+    rel_w = self.param("rel_w", init, (rows_w, self.head_dim), self.param_dtype)
     rel_h, rel_w = nn.dtypes.promote_dtype(rel_h, rel_w, dtype=self.dtype)
     return {"rel_h": rel_h, "rel_w": rel_w}
 

@@ -41,6 +41,8 @@ GRID_ONLY_OPS |= {"deformable_attention", "outlook_attention", "serialized_patch
 # Ops whose grid is that of the keys and values (any query length); the other grid ops need
 # queries and keys on one grid.
 KV_GRID_OPS = frozenset({"spatial_reduction"})
+# Grid ops that take the keys' own grid as `kv_grid=(h', w')` beside the queries' `grid`.
+TWO_GRID_OPS = frozenset({"decomposed_relpos"})
 # Non-2-D ops that attend within one sequence (q_len == kv_len).
 SELF_ATTENTION_OPS = frozenset({"channel_attention", "combiner", "kernelized_rpe", "switchhead",
                                 "gin_attention", "reversed_attention", "single_head_attention"})
@@ -64,11 +66,12 @@ def needs_grid(op: str) -> bool:
 
 
 def check_op(op: str, model: str, *, causal: bool = False, grid: bool = True,
-             same_grid: bool = True) -> None:
+             same_grid: bool = True, kv_grid: bool = False) -> None:
   """Raises `OpRefused` naming `op` and `model` when the op is not meaningful there: a model
   without a token grid (`grid=False`) and an op that needs one, a causal model and an op
   without a causal form, or keys on another grid than the queries (`same_grid=False`) and a
-  2-D op that needs them on one grid or an op of `SELF_ATTENTION_OPS`."""
+  2-D op that needs them on one grid (unless the model passes the keys' grid, `kv_grid=True`,
+  and the op takes it: `TWO_GRID_OPS`) or an op of `SELF_ATTENTION_OPS`."""
   get(op)
   if not grid and needs_grid(op):
     raise OpRefused(f"{model}: attention op {op!r} works on a 2-D grid of image tokens; the "
@@ -76,7 +79,8 @@ def check_op(op: str, model: str, *, causal: bool = False, grid: bool = True,
   if causal and not has_causal_form(op):
     raise OpRefused(f"{model}: attention op {op!r} has no causal form; the {model} attends "
                     "causally")
-  if not same_grid and takes_grid(op) and op not in KV_GRID_OPS:
+  two_grids = KV_GRID_OPS | (TWO_GRID_OPS if kv_grid else frozenset())
+  if not same_grid and takes_grid(op) and op not in two_grids:
     raise OpRefused(f"{model}: attention op {op!r} needs queries and keys on one token grid; "
                     f"the {model}'s keys are on a reduced grid")
   if not same_grid and op in SELF_ATTENTION_OPS:
@@ -178,4 +182,5 @@ def attend(op_fn: Callable, query, key, value, *, mask=None, is_causal: bool = F
 
 
 __all__ = ["GRID_ONLY_OPS", "KV_GRID_OPS", "OpRefused", "PAPER_SIZES", "SELF_ATTENTION_OPS",
-           "attend", "check_op", "needs_grid", "op_args", "stage_sizes", "takes_grid"]
+           "TWO_GRID_OPS", "attend", "check_op", "needs_grid", "op_args", "stage_sizes",
+           "takes_grid"]
