@@ -14,7 +14,7 @@ from big_attn.ops import spatial
 from big_attn.train import config_lib
 from tests import reference as ref
 from tests.test_convnext import abstract, count, full_size_count, run_tiny_config, train_steps
-from tests.test_mixer_families import TOL, _assert_block_matches, _layer_norm, _mlp
+from tests.test_mixer_families import _assert_block_matches, _layer_norm, _mlp
 from tests.test_train import _config_module
 
 # 16x8 images, stem stride 2 and 1x1 patches: an 8x4 grid for the Outlookers, 4x2 after.
