@@ -42,10 +42,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from big_attn import ops
 from big_attn.layers import MlpBlock, conv_norm, layer_norm
 from big_attn.layers.norm import CONV_NORMS
-from big_attn.layers.attention import Attention, Projection
+from big_attn.layers.attention import Attention, Projection, learned_op_args
 from big_attn.models import common
 from big_attn.ops import spatial
 
@@ -144,15 +143,8 @@ class ConvProjectionAttention(nn.Module):
     key = proj("key")(self._conv_proj(prefix, x_map, self.stride_kv, "k", deterministic))
     value = proj("value")(self._conv_proj(prefix, x_map, self.stride_kv, "v", deterministic))
 
-    op_args = dict(self.op_args or {})
-    params_cls = ops.params_module(self.op)
-    if params_cls is not None:
-      op_args.update(params_cls(
-          num_heads=self.num_heads, num_kv_heads=self.num_heads, head_dim=head_dim,
-          op_args=dict(self.op_args or {}), dtype=self.dtype, param_dtype=self.param_dtype,
-          name="op_params")(inputs_q, query, key, value))
-    if self.implementation is not None:
-      op_args["implementation"] = self.implementation
+    op_args = learned_op_args(self.op, self.op_args, self.implementation, inputs_q, query, key,
+                              value, dtype=self.dtype, param_dtype=self.param_dtype)
     # The op through the one method every attention layer calls it with (interpret sees it).
     out = Attention(num_heads=self.num_heads, op=self.op, name="attention_op").attend(
         query, key, value, op_args=op_args)

@@ -40,10 +40,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from big_attn import ops
 from big_attn.layers import MlpBlock, layer_norm
 from big_attn.layers import posemb_sincos_2d
-from big_attn.layers.attention import Attention, Projection
+from big_attn.layers.attention import Attention, Projection, learned_op_args
 from big_attn.models import common
 from big_attn.models import vit
 from big_attn.ops import checks
@@ -107,15 +106,8 @@ class TokenTransformer(nn.Module):
         dtype=self.dtype, param_dtype=self.param_dtype,
         kernel_init=nn.initializers.xavier_uniform(), name=name)
     query, key, value = proj("query")(y), proj("key")(y), proj("value")(y)
-    op_args = dict(self.op_args or {})
-    params_cls = ops.params_module(self.op)
-    if params_cls is not None:
-      op_args.update(params_cls(
-          num_heads=1, num_kv_heads=1, head_dim=self.features, op_args=dict(self.op_args or {}),
-          dtype=self.dtype, param_dtype=self.param_dtype, name="op_params")(y, query, key,
-                                                                             value))
-    if self.implementation is not None:
-      op_args["implementation"] = self.implementation
+    op_args = learned_op_args(self.op, self.op_args, self.implementation, y, query, key, value,
+                              dtype=self.dtype, param_dtype=self.param_dtype)
     out = Attention(num_heads=1, op=self.op, name="attention_op").attend(
         query, key, value, op_args=op_args)
     x = value[:, :, 0] + Projection(
