@@ -130,6 +130,27 @@ def _tiny_models() -> dict[str, tuple[Callable[..., Any], Callable, dict[str, An
           head_channels=16, depths=(1, 1, 1), strides=(1, 1, 2, 1, 2, 1), num_heads=2,
           attention=op, **f),
                     _image((2, 16, 16, 1)), {}),
+      "crossvit": (lambda op, **f: models.get("crossvit").Model(
+          num_classes=3, widths=(8, 12), num_heads=(2, 3), depths=(1, 1), num_stages=1,
+          mlp_ratio=2, patch_sizes=(2, 4), attention=op, **f),
+                   _image((2, 8, 8, 1)), {}),
+      "tnt": (lambda op, **f: models.get("tnt").Model(
+          num_classes=3, width=8, depth=1, num_heads=2, inner_width=4, inner_heads=1,
+          patch_size=4, pixel_stride=2, mlp_ratio=2, inner_mlp_ratio=2, inner_attention=op,
+          attention=op, **f),
+              _image((2, 16, 16, 1)), {}),
+      "volo": (lambda op, **f: models.get("volo").Model(
+          num_classes=3, depths=(1, 1), widths=(8, 16), num_heads=(2, 4), mlp_ratio=2,
+          stem_dim=4, patch_size=2, class_blocks=1, attention=op, **f),
+               _image((2, 16, 8, 1)), {}),
+      "efficientvit": (lambda op, **f: models.get("efficientvit").Model(
+          num_classes=3, widths=(8, 12, 16), depths=(1, 1, 1), num_heads=(2, 3, 2), key_dim=4,
+          kernel_size=3, window_size=2, patch_size=2, attention=op, **f),
+                       _image((2, 8, 16, 1)), {}),
+      "mvit": (lambda op, **f: models.get("mvit").Model(
+          num_classes=3, dims=(8, 16), num_heads=(1, 2), depths=(1, 1), patch_size=3,
+          patch_stride=2, patch_padding=1, stride_q=(1, 2), stride_kv=2, attention=op, **f),
+               _image((2, 16, 16, 1)), {}),
       "lm": (lambda op, **f: models.get("lm").Model(
           vocab_size=11, width=16, depth=1, num_heads=2, num_kv_heads=1, qk_norm=True,
           attention=op, **f),

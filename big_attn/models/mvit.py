@@ -157,8 +157,10 @@ class PoolingAttention(nn.Module):
     op_args = spatial.op_args(self.op, self.op_args, op_grid) or {}
     if self.op in spatial.TWO_GRID_OPS:
       op_args["kv_grid"] = tuple(kv_grid)
-    op_args = learned_op_args(self.op, op_args, self.implementation, x, query, key, value,
-                              dtype=self.dtype, param_dtype=self.param_dtype)
+    # A learned argument read from the query's token (a gate) reads the pooled query's.
+    pooled_tokens = query.reshape(query.shape[:2] + (-1,))
+    op_args = learned_op_args(self.op, op_args, self.implementation, pooled_tokens, query, key,
+                              value, dtype=self.dtype, param_dtype=self.param_dtype)
     out = Attention(num_heads=self.num_heads, op=self.op, name="attention_op").attend(
         query, key, value, op_args=op_args)
     if self.residual_pooling:

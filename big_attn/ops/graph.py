@@ -241,13 +241,13 @@ class RelationalAttentionParams(OpParams):
   """The relation maps of relational attention: φ_ℓ x = Φ_ℓ·(q of all heads) and ψ_ℓ x =
   Ψ_ℓ·(k of all K/V heads), linear maps of the token through the layer's query and key
   projections, `Φ [num_heads, head_dim, R, P]`, `Ψ [num_kv_heads, head_dim, R, P]`, and
-  `rel_out` W_r `[num_heads, R, head_dim]`, LeCun-normal. R = `op_args["num_relations"]`
+  `rel_out` W_r `[num_heads, R, value_dim]`, LeCun-normal. R = `op_args["num_relations"]`
   (num_heads when absent), P = `op_args["relation_dim"]` (head_dim when absent). Returns
   `{"rel_query", "rel_key", "rel_out"}`."""
 
   @nn.compact
   def __call__(self, inputs_q, query, key, value):
-    del inputs_q, value
+    del inputs_q
     op_args = self.op_args or {}
     r = checks.positive_int("op_args['num_relations']",
                             op_args.get("num_relations", self.num_heads))
@@ -257,7 +257,7 @@ class RelationalAttentionParams(OpParams):
     phi = self.param("phi", axes, (self.num_heads, self.head_dim, r, p), self.param_dtype)
     psi = self.param("psi", axes, (self.num_kv_heads, self.head_dim, r, p), self.param_dtype)
     rel_out = self.param("rel_out", nn.with_logical_partitioning(
-        _lecun(1, 2), ("heads", None, "head_dim")), (self.num_heads, r, self.head_dim),
+        _lecun(1, 2), ("heads", None, "head_dim")), (self.num_heads, r, value.shape[-1]),
                          self.param_dtype)
     query, key, phi, psi, rel_out = nn.dtypes.promote_dtype(query, key, phi, psi, rel_out,
                                                             dtype=self.dtype)
@@ -284,16 +284,16 @@ class ReversedAttentionParams(OpParams):
 @register_params("gin_attention")
 class GINAttentionParams(OpParams):
   """The GIN update of GIN-Attention per head: `gin_eps [num_heads]` = 0 (GIN's ε init), the
-  MLP `mlp_w1 [num_heads, head_dim, hidden]`, `mlp_w2 [num_heads, hidden, head_dim]`
+  MLP `mlp_w1 [num_heads, value_dim, hidden]`, `mlp_w2 [num_heads, hidden, value_dim]`
   LeCun-normal and biases zeros, hidden = `op_args["hidden_dim"]` (head_dim when absent).
   Returns the five arrays."""
 
   @nn.compact
   def __call__(self, inputs_q, query, key, value):
-    del inputs_q, query, key, value
+    del inputs_q, query, key
     hidden = checks.positive_int("op_args['hidden_dim']",
                                  (self.op_args or {}).get("hidden_dim", self.head_dim))
-    n, d = self.num_heads, self.head_dim
+    n, d = self.num_heads, value.shape[-1]
     zeros = nn.initializers.zeros_init()
     weights = {
         "gin_eps": self.param("gin_eps", nn.with_logical_partitioning(zeros, ("heads",)), (n,),
