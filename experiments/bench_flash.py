@@ -96,7 +96,12 @@ def _jax_pallas_mgpu(head_dim, causal):
       block_q=64, block_kv=128 if head_dim <= 128 else 64, max_concurrent_steps=2, causal=causal,
       block_q_dkv=64, block_kv_dkv=64, block_q_dq=64, block_kv_dq=64)
   scale = 1 / math.sqrt(head_dim)  # The kernel does not scale: fold it into q.
-  return lambda q, k, v: attention_mgpu.attention(q * jnp.asarray(scale, q.dtype), k, v, config)
+  # Its shared-memory buffers are float16 (JAX 0.11.2 refuses bfloat16 inputs with a dtype
+  # mismatch), so it runs on float16 copies; the casts are inside the timing.
+  def fn(q, k, v):
+    q, k, v = (x.astype(jnp.float16) for x in (q * jnp.asarray(scale, q.dtype), k, v))
+    return attention_mgpu.attention(q, k, v, config)
+  return fn
 
 
 def _jax_pallas_tpu(head_dim, causal):

@@ -3,7 +3,9 @@
 # (forward and gradients, all features, GQA, segments, float32 and bf16), and the speed table
 # on the headline shapes (bf16, d64/d128, causal and not, 1k-16k; vs cuDNN, XLA, JAX's bundled
 # Pallas `mha`, tokamax if it imports). Every step has its own `timeout`, so a hang costs that
-# step only; the whole run stays within 8 minutes (step limits 20+110+100+230 s = 7.7 min).
+# step only; the two test steps run side by side (6 pytest workers each: the time is Triton and
+# XLA compiles on the CPU; on an H200 each test took 7-85 s), so the whole run stays within
+# 8 minutes (step limits 20 + 200 + 230 s = 7.5 min).
 #
 #   bash experiments/gpu_check.sh [OUT_DIR]
 #
@@ -20,6 +22,10 @@ mkdir -p "$DEST"
 cd "$ROOT"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export JAX_PLATFORMS=cuda  # fail fast instead of falling back to CPU
+# tests/conftest.py's CPU code-generation flags are for the CPU suite, not for GPU compiles.
+export XLA_FLAGS="${XLA_FLAGS:-}"
+# The GPU machines' image has JAX in `python3` (no `python`); PYTHON overrides.
+PY="${PYTHON:-python3}"
 SUMMARY="$DEST/summary.txt"
 : > "$SUMMARY"
 
@@ -35,7 +41,7 @@ step() {
   tail -n 5 "$DEST/$name.log"
 }
 
-step env 20 python -c "
+step env 20 "$PY" -c "
 import jax, jaxlib
 print('jax', jax.__version__, 'jaxlib', jaxlib.__version__)
 for d in jax.devices(): print(d.platform, d.device_kind)
@@ -46,7 +52,8 @@ except ImportError as e: print('tokamax: not importable:', e)
 
 # GPU-only tests: the compiled kernels (default block sizes, bf16, ragged lengths, GQA,
 # segments, windows, soft cap, sigmoid) against the reference, forward and gradients.
-step gpu_tests 110 python -m pytest -q -m gpu_only tests/test_flash_attention.py
+TESTS=(env XLA_PYTHON_CLIENT_PREALLOCATE=false "$PY" -m pytest -q -n 6 --durations=20)
+step gpu_tests 200 "${TESTS[@]}" -m gpu_only tests/test_flash_attention.py &
 
 # Every kernel (forward, dQ, dK/dV; whole-sequence and block API) on the GPU in float32 and
 # bf16 against the float64 references (ragged lengths, GQA/MQA, causal, windows, segments, soft
@@ -54,13 +61,14 @@ step gpu_tests 110 python -m pytest -q -m gpu_only tests/test_flash_attention.py
 # comparisons, which compile the kernels when the backend is a GPU.
 CASES="float64_reference or bfloat16 or fully_masked or residuals or outside_the_band"
 CASES="$CASES or block_api_causal or blocks_merge"
-step kernel_vs_reference 100 python -m pytest -q tests/test_flash_attention.py -k "$CASES"
+step kernel_vs_reference 200 "${TESTS[@]}" tests/test_flash_attention.py -k "$CASES" &
+wait
 
 # Speed: headline shapes; each timing preceded by a correctness check on the first rows.
 # d128 first: the headline; a row is written as soon as it is measured.
-step bench_flash 230 python experiments/bench_flash.py --only=speed --out="$DEST" \
+step bench_flash 230 "$PY" experiments/bench_flash.py --only=speed --out="$DEST" \
   --head_dims=128,64 --seq_lens=1024,4096,16384 --tokens=16384 --iters=5 \
-  --impls=ours,cudnn,xla,jax_pallas_triton,tokamax,tokamax_mosaic,tokamax_triton
+  --impls=ours,ours_sigmoid,cudnn,xla,jax_pallas_triton,jax_pallas_mgpu,tokamax
 
 echo "results in $DEST"
 cat "$SUMMARY"

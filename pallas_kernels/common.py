@@ -213,12 +213,17 @@ def _to_grouped_mask(m: Array, dims: Dims) -> Array:
   return m.reshape(m.shape[0], dims.num_kv_heads, dims.groups, *m.shape[2:])
 
 
-def attention_logits(query: Array, key: Array, dims: Dims, scale: float) -> Array:
-  """Scaled `q·k` in float32, grouped: `[b, k, g, t, s]` (no copy of K per query head)."""
+def attention_logits(query: Array, key: Array, dims: Dims, scale: float,
+                     precision: jax.lax.PrecisionLike = None) -> Array:
+  """Scaled `q·k` in float32, grouped: `[b, k, g, t, s]` (no copy of K per query head).
+
+  `precision` is the matmul's (None: the backend's default, TF32 for float32 on recent GPUs).
+  """
   # Query in the logits' order [b, k, g, t, d] first (a transpose of the small array), so the
   # matmul writes [b, k, g, t, s] directly, and the scale fuses into it.
   q = jnp.transpose(group_query(query, dims.num_kv_heads), (0, 2, 3, 1, 4))
-  logits = jnp.einsum("bkgtd,bskd->bkgts", q, key, preferred_element_type=jnp.float32)
+  logits = jnp.einsum("bkgtd,bskd->bkgts", q, key, preferred_element_type=jnp.float32,
+                      precision=precision)
   return logits * jnp.float32(scale)
 
 
@@ -227,8 +232,10 @@ def grouped(x: Array | None, dims: Dims) -> Array | None:
   return None if x is None else _to_grouped_mask(x, dims)
 
 
-def weighted_values(weights: Array, value: Array, dims: Dims) -> Array:
-  """`[b, k, g, t, s]` weights times `[b, s, k, d]` values -> `[b, t, n, d]` in value's dtype."""
+def weighted_values(weights: Array, value: Array, dims: Dims,
+                    precision: jax.lax.PrecisionLike = None) -> Array:
+  """`[b, k, g, t, s]` weights times `[b, s, k, d]` values -> `[b, t, n, d]`, float32
+  accumulation (`precision` as in `attention_logits`)."""
   out = jnp.einsum("bkgts,bskd->btkgd", weights.astype(value.dtype), value,
-                   preferred_element_type=jnp.float32)
+                   preferred_element_type=jnp.float32, precision=precision)
   return out.reshape(dims.batch, dims.q_len, dims.num_heads, dims.value_dim)

@@ -40,7 +40,8 @@ Head dims. Any head dim and value dim from 1 to 256: the kernels' tiles are
 the array's head dim masked to zero and stored with them masked off, as JAX's own Pallas
 attention does; zero columns leave QKᵀ unchanged, and the head dim costs no padded copy.
 
-What only hardware shows, and what reading settled (no GPU has run this file yet):
+What only hardware shows, and what reading settled (first run on an H200 with JAX 0.11.2, 2026-12-04:
+compiled, correct, `experiments/results/gpu_2026-12-04.md`):
 - Precision: float32 operands under DEFAULT precision lower to TF32 tensor-core matmuls; the
   kernels ask for `FLOAT32_PRECISION` (IEEE float32), so float32 training gets float32 results.
 - Shared memory: `shared_memory_bytes` estimates each kernel's tiles (resident, `num_stages`
@@ -50,8 +51,9 @@ What only hardware shows, and what reading settled (no GPU has run this file yet
   default (head dim 128, 3 stages) needed ~288 KiB for float32 inputs.
 - Tile shapes: for 2-byte inputs every tensor-core matmul has >= 64 rows (one warpgroup's
   wgmma M), the backward's former [32, 128] dK/dV tiles included.
-Open until a hardware run: Triton's real allocation (it may add layout-conversion scratch),
-register pressure of the [128, d] float32 accumulators, and speed against cuDNN.
+On the H200 every default tile compiled (no shared-memory overflow). Speed: the forward is at
+0.61-0.78x cuDNN, the backward the gap (forward+backward 0.38-0.91x cuDNN, lowest at d128):
+its tiles and pipeline depth are the next thing to tune on hardware.
 
 Why Triton, and what a Mosaic GPU kernel needs. JAX 0.9+ lowers GPU `pallas_call`s through
 Mosaic GPU by default, and JAX 0.11 deprecates the Triton lowering; it still works there, and

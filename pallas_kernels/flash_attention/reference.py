@@ -1,5 +1,8 @@
 """Plain-JAX reference for `flash_attention`: float32 einsums with explicit masks.
 
+Its matmuls run at `Precision.HIGHEST`: on a GPU the default rounds float32 operands to TF32
+(10-bit mantissa), which put the reference 1e-3 away from the kernels' IEEE float32 on an H200.
+
 Same signature and semantics as `pallas_kernels.flash_attention`; it builds the full
 `[batch, heads, q_len, kv_len]` logits, so it is the correctness baseline and the XLA fallback
 for short sequences, not a long-sequence path. `block_sizes`, `backend` and `interpret` are
@@ -12,6 +15,8 @@ import jax.numpy as jnp
 
 from pallas_kernels import common
 from pallas_kernels.flash_attention import gpu_triton
+
+_PRECISION = jax.lax.Precision.HIGHEST
 
 
 def flash_attention_reference(query, key, value, *, segment_ids=None, is_causal=False,
@@ -38,7 +43,7 @@ def flash_attention_reference(query, key, value, *, segment_ids=None, is_causal=
   mask = common.make_mask(dims, is_causal=is_causal, segment_ids=segment_ids,
                           local_window_size=window)
   mask = common.grouped(mask, dims)
-  logits = common.attention_logits(query, key, dims, scale)  # [b, k, g, t, s], float32
+  logits = common.attention_logits(query, key, dims, scale, precision=_PRECISION)  # [b,k,g,t,s]
   if cap is not None:
     logits = cap * jnp.tanh(logits / cap)
   if normalizer == "sigmoid":
@@ -49,7 +54,7 @@ def flash_attention_reference(query, key, value, *, segment_ids=None, is_causal=
     weights = jnp.sign(logits) * common.masked_softmax(jnp.abs(logits), mask)
   else:
     weights = common.masked_softmax(logits, mask)
-  out = common.weighted_values(weights, value, dims).astype(query.dtype)
+  out = common.weighted_values(weights, value, dims, precision=_PRECISION).astype(query.dtype)
   if not return_residuals:
     return out
   visible = logits if mask is None else jnp.where(mask, logits, -jnp.inf)
