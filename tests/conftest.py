@@ -10,8 +10,8 @@ import tempfile
 # them at backend optimisation level 1 (LLVM optimises the generated code less): about 15% less
 # CPU time per test file. Level 0 saves 30% but changes results (a NaN in a bfloat16 gradient of
 # `retention`, FFT round-off beyond the property tests' bound). XLA's CPU fusion emitters are off:
-# the older loop emitters compile the same fusions in about 35% less time. Set XLA_FLAGS to
-# override.
+# the older loop emitters compile the same fusions in about 35% less time
+# (`experiments/results/test_times.md`). Set XLA_FLAGS to override.
 os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", "--xla_backend_optimization_level=1"
                     " --xla_cpu_use_fusion_emitters=false"),
