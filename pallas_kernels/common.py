@@ -163,32 +163,39 @@ MASKED_LOGIT = -0.7 * float(np.finfo(np.float32).max)
 
 
 def masked_softmax(logits: Array, mask: Array | None) -> Array:
-  """Softmax over the last axis in float32; rows with nothing to attend to give zeros."""
+  """Softmax over the last axis in float32; rows with nothing to attend to give zeros.
+
+  A row is empty when its largest logit after masking is at most `EMPTY_ROW_LOGIT`: no key is
+  visible, or every visible logit is below -1e38 (a `-inf` bias included).
+  """
   logits = logits.astype(jnp.float32)
   shape = logits.shape if mask is None else jnp.broadcast_shapes(logits.shape, mask.shape)
   # Computed on `[rows, last]`: XLA's CPU layout assignment gives a size-1 axis between longer
   # leading axes (the group axis of `[b, k, 1, t, s]` logits without GQA) a layout that costs
   # a copy of the logits and keeps their matmul from fusing with the max; rows have none.
-  def rows(x, last):
-    return jnp.broadcast_to(x, (*shape[:-1], last)).reshape(math.prod(shape[:-1]), last)
-  if mask is None:
-    probs = _masked_softmax(rows(logits, shape[-1]), None, None)
-  else:  # The row flag is read off the mask before it is broadcast (a constant mask folds).
-    probs = _masked_softmax(rows(logits, shape[-1]), rows(mask, shape[-1]),
-                            rows(jnp.any(mask, axis=-1, keepdims=True), 1))
+  def rows(x):
+    return jnp.broadcast_to(x, shape).reshape(math.prod(shape[:-1]), shape[-1])
+  probs = _masked_softmax(rows(logits), None if mask is None else rows(mask))
   return probs.reshape(shape)
 
 
+# Half of MASKED_LOGIT: a row whose largest masked logit is not above it has no visible key.
+EMPTY_ROW_LOGIT = 0.5 * MASKED_LOGIT
+
+
 @jax.custom_jvp
-def _masked_softmax(logits: Array, mask: Array | None, any_key: Array | None) -> Array:
+def _masked_softmax(logits: Array, mask: Array | None) -> Array:
   # The max/exp/sum/divide chain of `jax.nn.softmax`, which XLA fuses into one pass over the
-  # logits; the empty rows (`any_key` False) are zeroed (their masked logits are all
-  # MASKED_LOGIT, a uniform row before the flag).
-  if mask is not None:
-    logits = jnp.where(mask, logits, MASKED_LOGIT)
-  unnormalized = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True, initial=-jnp.inf))
-  probs = unnormalized / jnp.sum(unnormalized, axis=-1, keepdims=True)
-  return probs if any_key is None else probs * any_key
+  # logits. The max starts at EMPTY_ROW_LOGIT, so an empty row (all MASKED_LOGIT) has
+  # exp(MASKED_LOGIT - EMPTY_ROW_LOGIT) = 0 everywhere and its zero sum divides as 1: zeros,
+  # with no flag computed beside the pass. Any other row's sum is >= 1, unchanged; NaN stays NaN.
+  if mask is None:
+    unnormalized = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True, initial=-jnp.inf))
+    return unnormalized / jnp.sum(unnormalized, axis=-1, keepdims=True)
+  logits = jnp.where(mask, logits, MASKED_LOGIT)
+  top = jnp.max(logits, axis=-1, keepdims=True, initial=-jnp.inf)
+  unnormalized = jnp.exp(logits - jnp.maximum(top, EMPTY_ROW_LOGIT))
+  return unnormalized / jnp.maximum(jnp.sum(unnormalized, axis=-1, keepdims=True), 1.0)
 
 
 @_masked_softmax.defjvp
