@@ -13,10 +13,9 @@ import pytest
 
 from big_attn import layers, ops, parallel
 from big_attn.models import lm
-from big_attn.parallel import mesh as mesh_lib
 from big_attn.parallel.convolution import hyena_shard_attention
 from tests import reference
-from tests.test_lm import SMALL, _init, _packed_batch
+from tests.test_lm import SMALL, _packed_batch, assert_sequence_parallel_equals_single_device
 from tests.test_ops_hyena import hyena_ref
 
 # 8 shards of 2 tokens: the short filters' 2 earlier taps reach across a whole shard; GQA (2
@@ -143,14 +142,6 @@ def test_attention_layer_by_name(mesh):
 def test_lm_striped_equals_single_device():
   """The LM with `attention="hyena"` on packed rows, striped over 4 sequence shards (batch over
   2): loss and gradients."""
-  model = lm.Model(**SMALL, attention="hyena", tie_embeddings=False)
-  batch = _packed_batch(4, 16)
-  params = _init(model, 16)
-  loss_grad = lambda m: jax.jit(jax.value_and_grad(  # noqa: E731
-      lambda p: lm.loss_fn(m, p, batch, jax.random.key(0))))(params)
-  loss, grads = loss_grad(model)
-  sp_loss, sp_grads = loss_grad(model.clone(mesh=mesh_lib.make_mesh([("data", 2), ("seq", 4)]),
-                                            seq_strategy="striped"))
-  np.testing.assert_allclose(sp_loss, loss, rtol=1e-5)
-  for g, sp_g in zip(jax.tree.leaves(grads), jax.tree.leaves(sp_grads)):
-    np.testing.assert_allclose(sp_g, g, rtol=2e-4, atol=2e-6)
+  assert_sequence_parallel_equals_single_device(
+      lm.Model(**SMALL, attention="hyena", tie_embeddings=False), _packed_batch(4, 16), "striped",
+      [("data", 2), ("seq", 4)])
