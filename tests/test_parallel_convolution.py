@@ -111,6 +111,9 @@ def test_bad_arguments_are_refused_up_front(mesh):
       sp.convolution("softmax", q, k, v)
     with pytest.raises(ValueError, match="axis_name 'seq' is not a bound mesh axis"):
       hyena_shard_attention(q, k, v, axis_name="seq", **weights)
+    with pytest.raises(ValueError, match="passing its convolutions' inputs: call "
+                       "SeqParallel.convolution"):
+      parallel.sequence_parallel_attention(q, k, v, mesh=mesh, op="hyena", **weights)
     assert ops.sequence_parallel_form("hyena") == "convolution"
 
 

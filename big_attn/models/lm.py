@@ -29,7 +29,8 @@ recurrent ops; the layer's inputs (`InputCache`), over which the op is evaluated
 others. Decoding equals the full forward of `cache_len` tokens.
 Sequence parallelism runs the ops with a `block_form` (blocks of keys merged by a rule,
 `big_attn.parallel.merge`), those with a recurrent state and hyena, whose convolutions'
-inputs pass between shards (`big_attn.ops.sequence_parallel_form`); the README's table of op forms lists which ops have which.
+inputs pass between shards (`big_attn.ops.sequence_parallel_form`); the README's table of op
+forms lists which ops have which.
 
 Block families (`block`):
 - "pre_norm": the block above.

@@ -8,6 +8,8 @@ wrapper.
 - `shard_attention`: the strategy switch for the per-shard function inside `jax.shard_map`
   ("ring", "striped" or "all_gather").
 - `sequence_parallel_attention`: global arrays in natural order in and out.
+- `SeqParallel.linear_state` and `SeqParallel.convolution`: the ops that pass a recurrent state
+  (`linear_state.py`) or their convolutions' inputs (hyena, `convolution.py`) between shards.
 """
 from __future__ import annotations
 
@@ -334,9 +336,12 @@ def sequence_parallel_attention(query: Array, key: Array, value: Array, *, mesh,
     `[batch, q_len, num_heads, value_dim]` in the query's dtype, natural order.
   """
   sp = SeqParallel(mesh, seq_axis, strategy)
-  if ops.check_form(op, "sequence-parallel") != "block":
-    raise ValueError(f"attention op {op!r} runs sequence-parallel by passing its recurrent "
-                     "state: call SeqParallel.linear_state (or Attention(seq_parallel=...))")
+  form = ops.check_form(op, "sequence-parallel")
+  if form != "block":
+    passed, method = {"state": ("its recurrent state", "linear_state"),
+                      "convolution": ("its convolutions' inputs", "convolution")}[form]
+    raise ValueError(f"attention op {op!r} runs sequence-parallel by passing {passed}: call "
+                     f"SeqParallel.{method} (or Attention(seq_parallel=...))")
   common.check_qkv(query, key, value)
   form = ops.spec(op).block_form(query, key, scale, **op_args)
   query, key = form.query, form.key
