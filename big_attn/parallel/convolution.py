@@ -15,7 +15,8 @@ convolution: "ring" and "striped" pass them around the ring (`ppermute`, P − 1
 "all_gather" gathers them. Between two convolutions Hyena's recurrence z_{n+1} = x_n ⊙ (h_n * z_n
 + D_n ⊙ z_n) is token-wise, so every order is exact once its inputs have been passed; the short
 depthwise filters of the projections are convolutions of the same kind with k taps. Causal
-filters are zero at negative offsets, so a source block after the destination adds zero.
+filters are zero at negative offsets, so a source block after the destination adds zero (it is
+computed all the same: every shard steps through the whole ring).
 
 Communication is P − 1 blocks `[batch, n, heads, head_dim]` per convolution and shard (2N + 1
 convolutions of order N with short filters); memory is proportional to the local sequence
