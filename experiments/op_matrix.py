@@ -373,7 +373,8 @@ def forms_table() -> str:
   kernels = {"softmax": "flash softmax, cuDNN", "sigmoid": "FlashSigmoid",
              "cog": "flash signed softmax"}
   parallel_names = {"block": "ring / striped / all_gather",
-                    "state": "state passing (LASP), contiguous", None: "–"}
+                    "state": "state passing (LASP), contiguous",
+                    "convolution": "conv inputs over ring / striped / all_gather", None: "–"}
   decode_names = {"kv_cache": "KV cache", "state": "recurrent state",
                   "inputs": "cached layer inputs", None: "–"}
   for op in ops.names():

@@ -50,15 +50,10 @@ def _init(model, seq_len):
   return nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, seq_len), jnp.int32))["params"])
 
 
-@pytest.mark.parametrize("strategy,mesh_config", [
-    ("striped", [("data", 2), ("seq", 4)]),
-    ("ring", [("seq", 8)]),
-    ("all_gather", [("data", 2), ("seq", 4)]),
-])
-def test_sequence_parallel_loss_and_grads_equal_single_device(strategy, mesh_config):
-  model = lm.Model(**SMALL, tie_embeddings=False)
-  batch = _packed_batch(4, 16)
-  params = _init(model, 16)
+def assert_sequence_parallel_equals_single_device(model, batch, strategy, mesh_config):
+  """The loss of `model` on `batch` and its gradients equal those of the model split over the
+  mesh of `mesh_config` with `strategy`; returns the split model."""
+  params = _init(model, batch["inputs"].shape[1])
   loss_grad = lambda m: jax.jit(jax.value_and_grad(  # pylint: disable=g-long-lambda
       lambda p: lm.loss_fn(m, p, batch, jax.random.key(0))))(params)
   loss, grads = loss_grad(model)
@@ -72,6 +67,18 @@ def test_sequence_parallel_loss_and_grads_equal_single_device(strategy, mesh_con
     for key in path:
       got = got[key.key]
     np.testing.assert_allclose(got, g, rtol=2e-4, atol=2e-6, err_msg=str(path))
+  return sp_model
+
+
+@pytest.mark.parametrize("strategy,mesh_config", [
+    ("striped", [("data", 2), ("seq", 4)]),
+    ("ring", [("seq", 8)]),
+    ("all_gather", [("data", 2), ("seq", 4)]),
+])
+def test_sequence_parallel_loss_and_grads_equal_single_device(strategy, mesh_config):
+  model = lm.Model(**SMALL, tie_embeddings=False)
+  batch = _packed_batch(4, 16)
+  sp_model = assert_sequence_parallel_equals_single_device(model, batch, strategy, mesh_config)
   if strategy == "striped":  # logits come out in striped order
     striped = lm.stripe_batch(sp_model, batch)
     np.testing.assert_array_equal(striped["positions"][:, :4],

@@ -95,9 +95,11 @@ def test_sequence_parallel_matches_op(name):
 # Packed rows on 4 shards of 3: runs that cross shards, one that starts at a shard boundary,
 # one that starts inside a shard, a whole shard continuing a run, one-token runs.
 SEGMENTS = np.array([[0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2], [0, 1, 1, 2, 2, 2, 3, 3, 3, 3, 3, 3]])
-# lightning (the cheapest) by default, the other ops extended (focused_linear: its DWC window
+# lightning (the cheapest) and lognormal_linear (its runs inside a shard read the earlier
+# shards' moment sums) by default, the other ops extended (focused_linear: its DWC window
 # crosses shards; latte: its recurrence resets at runs itself, also in the layer's test).
-PACKED = [name if name == "lightning" else pytest.param(name, marks=pytest.mark.extended)
+PACKED = [name if name in ("lightning", "lognormal_linear")
+          else pytest.param(name, marks=pytest.mark.extended)
           for name in sorted(set(recurrent.STATE_FORMS) - set(linear_state.PACKED_REFUSALS))]
 
 

@@ -28,8 +28,9 @@ block='moeut'; a recurrent state of constant size (`RecurrentCache`) for the lin
 recurrent ops; the layer's inputs (`InputCache`), over which the op is evaluated whole, for the
 others. Decoding equals the full forward of `cache_len` tokens.
 Sequence parallelism runs the ops with a `block_form` (blocks of keys merged by a rule,
-`big_attn.parallel.merge`) and those with a recurrent state
-(`big_attn.ops.sequence_parallel_form`); the README's table of op forms lists which ops have which.
+`big_attn.parallel.merge`), those with a recurrent state and hyena, whose convolutions'
+inputs pass between shards (`big_attn.ops.sequence_parallel_form`); the README's table of op
+forms lists which ops have which.
 
 Block families (`block`):
 - "pre_norm": the block above.

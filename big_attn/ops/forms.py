@@ -21,7 +21,9 @@ Decoding forms (`decoding_form`), with the memory each keeps per token and layer
 
 Sequence-parallel forms (`sequence_parallel_form`): "block" (ring, striped, all-gather over the
 op's `block_form`: key blocks merged by a rule of `big_attn.parallel.merge`), "state" (recurrent
-states passed between contiguous shards), None.
+states passed between contiguous shards), "convolution" (`CONVOLUTION_FORMS`: gated long
+convolutions whose inputs pass around the ring or are gathered, `big_attn.parallel.convolution`),
+None.
 """
 from __future__ import annotations
 
@@ -29,7 +31,9 @@ from big_attn.ops import recurrent
 from big_attn.ops import registry
 
 DECODING_FORMS = ("kv_cache", "state", "inputs")
-SEQUENCE_PARALLEL_FORMS = ("block", "state")
+SEQUENCE_PARALLEL_FORMS = ("block", "state", "convolution")
+# Ops whose output is a token-wise gated recurrence of long convolutions over the sequence.
+CONVOLUTION_FORMS = ("hyena",)
 
 
 def decoding_form(name: str) -> str | None:
@@ -47,6 +51,8 @@ def sequence_parallel_form(name: str) -> str | None:
   `SEQUENCE_PARALLEL_FORMS`, or None."""
   if registry.spec(name).block_form is not None:
     return "block"
+  if name in CONVOLUTION_FORMS:
+    return "convolution"
   return "state" if name in recurrent.STATE_FORMS else None
 
 
@@ -75,7 +81,8 @@ def check_form(name: str, mode: str) -> str:
           "tokens' global positions and of a row statistic that blocks merge (a sum, or a "
           "log-sum-exp), as in the ops registered "
           f"with a block_form ({blocks}), or the output to follow from a recurrent state "
-          f"passed between shards (ops with a state form: {states}); the weights of {name!r} "
-          "are neither")
+          f"passed between shards (ops with a state form: {states}) or from convolutions "
+          f"whose inputs pass between shards ({', '.join(CONVOLUTION_FORMS)}); the weights of "
+          f"{name!r} are none of these")
     return form
   raise ValueError(f"mode must be 'decoding' or 'sequence-parallel', got {mode!r}")

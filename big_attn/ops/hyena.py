@@ -124,11 +124,7 @@ def _key_padding(mask, dims: common.Dims) -> Array | None:
   return jnp.transpose(mask, (0, 3, 1, 2))
 
 
-@register("hyena", grid=True, segment_ids=True,
-          block_refusal=(
-              "it is a long convolution over the whole sequence (by FFT) gated token by token, "
-              "without query-key weights: there is no score or row statistic for key blocks to "
-              "merge"))
+@register("hyena", grid=True, segment_ids=True)
 def hyena(query, key, value, *, mask=None, is_causal=False, scale=None, segment_ids=None,
           filters=None,
           filter_bias=None, short_filters=None, gates=None, grid=None, order=None,
@@ -241,14 +237,27 @@ def hyena(query, key, value, *, mask=None, is_causal=False, scale=None, segment_
   if valid is not None:
     token_valid = valid.reshape(valid.shape[0], *spatial, *valid.shape[2:])
     inputs = [jnp.where(token_valid, x, 0.0) for x in inputs]
-  z, gate_list = inputs[0], inputs[1:]
-  filters = filters.astype(dtype)
-  for n, x_n in enumerate(gate_list):
-    if segment_ids is None:
-      conv = _long_conv(z, filters[n], spatial, causal_taps, is_causal)
-    else:
-      conv = _long_conv_segments(z, filters[n], causal_taps, is_causal, same)
-    if filter_bias is not None:
-      conv = conv + filter_bias[n].astype(dtype) * z
-    z = x_n * conv  # x_n is zero at padded tokens, so z is too
+  if segment_ids is None:
+    conv = lambda z, filt: _long_conv(z, filt, spatial, causal_taps, is_causal)  # noqa: E731
+  else:
+    conv = lambda z, filt: _long_conv_segments(z, filt, causal_taps, is_causal, same)  # noqa: E731
+  z = gated_recurrence(inputs, filters.astype(dtype),
+                       None if filter_bias is None else filter_bias.astype(dtype), conv)
   return z.reshape(query.shape).astype(query.dtype)
+
+
+def gated_recurrence(inputs: list[Array], filters, filter_bias: Array | None,
+                     conv) -> Array:
+  """Hyena's recurrence z_1 = v, z_{n+1} = x_n ⊙ (h_n * z_n + D_n ⊙ z_n), y = z_{N+1}.
+
+  inputs: `[v, x_1, ..., x_N]` (after the short filters); filters: the N long filters h_n in
+  whatever layout `conv(z, h_n)` takes; filter_bias: `[N, heads, head_dim]` (D_n) or None.
+  A padded token's x_n is zero, so its z is too.
+  """
+  z = inputs[0]
+  for n, x_n in enumerate(inputs[1:]):
+    mixed = conv(z, filters[n])
+    if filter_bias is not None:
+      mixed = mixed + filter_bias[n] * z
+    z = x_n * mixed
+  return z

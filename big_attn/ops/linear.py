@@ -726,12 +726,26 @@ def lognormal_linear_attention(query, key, value, *, mask=None, is_causal=False,
   chunk_size = checks.positive_int("chunk_size", chunk_size)
   scale = common.default_scale(dims.head_dim, scale)
   dtype = _compute_dtype(query, key, value)
-  q, k = _grouped_qk(query, key, dims, dtype)
   alpha = None if alpha is None else _scalar("alpha", alpha, dtype)
   beta = None if beta is None else _scalar("beta", beta, dtype)
   masks = _plan_masks(dims, mask, is_causal, segment_ids)
+  return _lognormal_attention(query, key, value, masks, is_causal=is_causal, scale=scale,
+                              alpha=alpha, beta=beta, chunk_size=chunk_size)
+
+
+def _lognormal_attention(query: Array, key: Array, value: Array, masks: _Masks, *,
+                         is_causal: bool, scale: float, alpha: Array | None,
+                         beta: Array | None, chunk_size: int, prefix_sums: Array | None = None,
+                         position: Array | int = 0) -> Array:
+  """`lognormal_linear_attention` of checked arguments (`masks` from `_plan_masks`), its tokens
+  after `position` earlier ones whose moment sums are `prefix_sums` `[b, 4]` (causal; None: the
+  first tokens) and whose keys it does not see: the runs that start inside a sequence shard."""
+  dims = common.check_qkv(query, key, value)
+  dtype = _compute_dtype(query, key, value)
+  q, k = _grouped_qk(query, key, dims, dtype)
   phi_q, phi_k, key_log_max = _lognormal_features(q, k, alpha, beta, scale, masks.key_valid,
-                                                 is_causal)
+                                                 is_causal, prefix_sums=prefix_sums,
+                                                 position=position)
   out = _linear_attention(phi_q, phi_k, value.astype(dtype), dims, masks,
                           is_causal=is_causal, chunk_size=chunk_size, key_log_max=key_log_max)
   return out.astype(query.dtype)

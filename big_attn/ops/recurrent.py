@@ -77,12 +77,17 @@ class StateForm(NamedTuple):
   packed: `append` also takes `segment_ids` `[b, n]` (packed rows, runs of equal ids): a token
     attends to the earlier tokens of its run, the state continues into the first token's run
     and is that of the last token's run after (latte).
+  runs_inside: `(state, query, key, value, segment_ids) -> out`, the op's outputs on packed
+    rows of new tokens that see none of the state's keys but depend on its position and sums
+    (lognormal_linear: α_t, β_t are matched over the row's tokens across runs), or None (the
+    op on the new tokens alone).
   """
   initial: RecurrentState
   append: Callable[..., tuple[Array, RecurrentState]]
   sums: Callable[[Array, Array], Array] | None
   log_decay: Array | None
   packed: bool = False
+  runs_inside: Callable[..., Array] | None = None
 
 
 def combine_states(earlier: RecurrentState, later: RecurrentState,
@@ -289,8 +294,15 @@ def _lognormal_linear(query, key, value, *, scale=None, alpha=None, beta=None,
     q_sums, k_sums = linear._token_sums(qg), linear._token_sums(kg)
     return jnp.stack([jnp.sum(x, 1) for x in (*q_sums, *k_sums)], axis=-1)
 
-  return _linear_form("lognormal_linear", query, key, value, features,
+  def runs_inside(state, q, k, v, segment_ids):
+    masks = linear._plan_masks(common.check_qkv(q, k, v), None, True, segment_ids)
+    return linear._lognormal_attention(q, k, v, masks, is_causal=True, scale=scale, alpha=alpha,
+                                       beta=beta, chunk_size=chunk_size, prefix_sums=state.sums,
+                                       position=state.position)
+
+  form = _linear_form("lognormal_linear", query, key, value, features,
                       num_features=dims.head_dim, chunk=chunk_size, sums=sums)
+  return form._replace(runs_inside=runs_inside)
 
 
 def _retention(query, key, value, *, scale=None, gamma=None, renormalize=True,

@@ -12,7 +12,9 @@ their own block-merge rule and custom VJP (`merge.py`, `Rule`), as do ops whose 
 depend on the global positions of the queries and keys (`ops.PairTerms`: urpe, mask_reweighted,
 neighborhood, kernelized_rpe), whose scores are a function of each query-key pair
 (`ops.PairScores`: gatv2, neural_attention) or whose blocks carry sums of score moments (rule
-"moments": normalized).
+"moments": normalized). Hyena's gated long convolutions pass their inputs around the ring or
+gather them (`convolution.py`, `SeqParallel.convolution`); the causal linear ops pass their
+recurrent state (`linear_state.py`, `SeqParallel.linear_state`).
 """
 from __future__ import annotations
 

@@ -24,7 +24,9 @@ that is one run continuing the previous shard's last run passes the state before
 the state reaches only the shard's first run, when that run continues the previous shard's
 last. The runs that start inside a shard see no other shard's kv state: their outputs are the
 op's own packed form on the shard (after focused_linear's value window, which its convolution
-reads across runs), or latte's recurrence over runs (`StateForm.packed`).
+reads across runs), lognormal_linear's packed form at the shard's position with the earlier
+shards' moment sums (its α_t, β_t are matched over the row's tokens across runs:
+`StateForm.runs_inside`), or latte's recurrence over runs (`StateForm.packed`).
 
 Striped token order (token t on shard t mod P) is refused: the recurrence runs in token order,
 and in striped order the tokens between two tokens of a shard lie on every other shard, so a
@@ -50,11 +52,7 @@ PACKED_REFUSALS: dict[str, str] = {
         "on packed rows the single-device op is its masked form, softmax(s·QKᵀ + log γ·(i−j)) "
         "over the run's keys, whose normaliser is a row statistic of the visible keys, not "
         "the recurrence's decay sum c_t over all earlier positions"),
-    "lognormal_linear": (
-        "the single-device op matches α_t, β_t to the moments of all the row's tokens up to "
-        "t, across runs, so a run that starts inside a shard needs the earlier shards' moment "
-        "sums in a quadratic form the op does not take"),
-}
+  }
 
 
 def _exclusive_sum(local: Array, axis_name, index: Array) -> Array:
@@ -153,7 +151,10 @@ def linear_state_attention(query: Array, key: Array, value: Array, *, op: str, a
         [jnp.full(x.shape[:1] + (size,) + x.shape[2:], fill, x.dtype), x], axis=1)
     q, k, segs = pad(query, 0), pad(key, 0), pad(segment_ids, outside)
     v = jnp.concatenate([prefix.window.astype(value.dtype), value], axis=1)
-  rest = ops.get(op)(q, k, v, is_causal=True, segment_ids=segs, **op_args)
+  if form.runs_inside is not None:
+    rest = form.runs_inside(start, q, k, v, segs)
+  else:
+    rest = ops.get(op)(q, k, v, is_causal=True, segment_ids=segs, **op_args)
   in_first = (segment_ids == first[:, None])[:, :, None, None]
   return jnp.where(in_first, out, rest[:, rest.shape[1] - query.shape[1]:])
 

@@ -8,6 +8,8 @@ wrapper.
 - `shard_attention`: the strategy switch for the per-shard function inside `jax.shard_map`
   ("ring", "striped" or "all_gather").
 - `sequence_parallel_attention`: global arrays in natural order in and out.
+- `SeqParallel.linear_state` and `SeqParallel.convolution`: the ops that pass a recurrent state
+  (`linear_state.py`) or their convolutions' inputs (hyena, `convolution.py`) between shards.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from big_attn.ops import common
 from big_attn.ops.registry import BlockForm
 from big_attn.ops.softmax import dot_product_attention
 from big_attn.parallel import merge
+from big_attn.parallel.convolution import hyena_shard_attention
 from big_attn.parallel.linear_state import linear_state_attention
 from big_attn.parallel.ring import ring_attention
 from big_attn.parallel.striped import stripe, striped_attention
@@ -251,6 +254,42 @@ class SeqParallel:
     return compat.shard_map(per_shard, mesh=mesh, in_specs=(qkv_spec,) * 3 + (P(),) + seg_specs,
                             out_specs=qkv_spec)(*args, weights, *segs)
 
+  def convolution(self, op: str, query: Array, key: Array, value: Array, *,
+                  is_causal: bool = True, segment_ids: Array | None = None,
+                  **op_args) -> Array:
+    """Op `op` of `ops.forms.CONVOLUTION_FORMS` (hyena) with the sequence split over `axis`,
+    of arrays in the strategy's token order: `hyena_shard_attention` inside `jax.shard_map`,
+    its convolutions' inputs passed around the ring ("ring", "striped") or all-gathered
+    ("all_gather"). `segment_ids`: `[batch, seq]` packed rows, or None. The batch is laid out
+    by `layout`; heads and the op's weights are replicated, its `gates` `[N − 2, batch, seq,
+    heads, head_dim]` split as the tokens."""
+    if ops.sequence_parallel_form(op) != "convolution":
+      raise ValueError(f"attention op {op!r} has no convolution form (ops with one: "
+                       f"{', '.join(ops.forms.CONVOLUTION_FORMS)})")
+    batch_axes, _ = self.layout(query.shape[0])
+    qkv_spec, seg_spec = P(batch_axes, self.axis, None, None), P(batch_axes, self.axis)
+    gate_spec = P(None, batch_axes, self.axis, None, None)
+    mesh = _working_mesh(self.mesh, query, key, value)
+    gates = op_args.pop("gates", None)
+    weights = {k: v for k, v in op_args.items() if isinstance(v, (jax.Array, np.ndarray))}
+    static = {k: v for k, v in op_args.items() if k not in weights}
+
+    def per_shard(q, k, v, w, g, *seg):
+      return hyena_shard_attention(q, k, v, axis_name=self.axis, strategy=self.strategy,
+                                   is_causal=is_causal, segment_ids=seg[0] if seg else None,
+                                   gates=g, **w, **static)
+
+    args = [compat.constrain(x, NamedSharding(mesh, qkv_spec)) for x in (query, key, value)]
+    if gates is not None:
+      gates = compat.constrain(gates, NamedSharding(mesh, gate_spec))
+    segs, seg_specs = (), ()
+    if segment_ids is not None:
+      segs, seg_specs = (compat.constrain(segment_ids, NamedSharding(mesh, seg_spec)),), (seg_spec,)
+    return compat.shard_map(
+        per_shard, mesh=mesh,
+        in_specs=(qkv_spec,) * 3 + (P(), None if gates is None else gate_spec) + seg_specs,
+        out_specs=qkv_spec)(*args, weights, gates, *segs)
+
 
 def sequence_parallel_attention(query: Array, key: Array, value: Array, *, mesh,
                                 seq_axis: str = "seq", strategy: str = "striped",
@@ -297,9 +336,12 @@ def sequence_parallel_attention(query: Array, key: Array, value: Array, *, mesh,
     `[batch, q_len, num_heads, value_dim]` in the query's dtype, natural order.
   """
   sp = SeqParallel(mesh, seq_axis, strategy)
-  if ops.check_form(op, "sequence-parallel") != "block":
-    raise ValueError(f"attention op {op!r} runs sequence-parallel by passing its recurrent "
-                     "state: call SeqParallel.linear_state (or Attention(seq_parallel=...))")
+  form = ops.check_form(op, "sequence-parallel")
+  if form != "block":
+    passed, method = {"state": ("its recurrent state", "linear_state"),
+                      "convolution": ("its convolutions' inputs", "convolution")}[form]
+    raise ValueError(f"attention op {op!r} runs sequence-parallel by passing {passed}: call "
+                     f"SeqParallel.{method} (or Attention(seq_parallel=...))")
   common.check_qkv(query, key, value)
   form = ops.spec(op).block_form(query, key, scale, **op_args)
   query, key = form.query, form.key
