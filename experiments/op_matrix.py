@@ -15,7 +15,8 @@ Columns (`--columns`, `COLUMN_MODELS`): a cell is run, never read from the regis
   each new token was drawn from equal the full forward pass's.
 - "kernel": every model with `attention_impl="pallas"` (the Pallas kernels, interpreted on
   CPU): "ok" when the gradient step of "single" passes, the computation contains a
-  `pallas_call`, and the output equals the XLA model's.
+  `pallas_call`, and the output equals the XLA model's; an op without a kernel is refused by
+  name. Recorded: the tiny ViT (`vit/kernel`) and the LM (`lm/kernel`).
 In these columns a ValueError that names the op, raised while the model is initialised
 (before anything runs: a layer refusing an op without that form), is a refusal ("–").
 Row keys of the JSON: the model's name for "single", `model/column` for the others.
