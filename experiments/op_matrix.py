@@ -179,9 +179,10 @@ def split_key(key: str) -> tuple[str, str]:
 
 
 def _attention_grad_norm(grads) -> float:
-  """Largest |gradient| over the query projections (the attention's own parameters)."""
+  """Largest |gradient| over the query projections (the attention's own parameters): a `query`
+  module, or EfficientViT's per-head `query_kernel`."""
   leaves = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(grads)
-            if any(getattr(k, "key", None) == "query" for k in path)]
+            if any(getattr(k, "key", None) in ("query", "query_kernel") for k in path)]
   return max((float(jnp.max(jnp.abs(x))) for x in leaves), default=0.0)
 
 

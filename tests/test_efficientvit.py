@@ -15,8 +15,8 @@ from big_attn.models import efficientvit
 from big_attn.ops import spatial
 from big_attn.train import config_lib
 from tests import reference as ref
-from tests.test_convnext import (abstract, count, full_size_count, init_batch_stats,
-                                 random_params, run_tiny_config, train_steps)
+from tests.test_convnext import (abstract, count, full_size_count, random_params,
+                                 run_tiny_config, train_steps)
 from tests.test_mixer_families import _assert_block_matches
 from tests.test_token_mixers import conv, same
 from tests.test_train import _config_module
@@ -112,41 +112,27 @@ def test_windows_and_ops():
 
 
 def test_hooks_capture_the_attention_maps():
-  """`capture_attention` sees every block's op through `Attention.attend`; each map is the
-  float64 softmax of the layer's own projections of its (windowed) input."""
-  x = ref.normal(4, (1, 8, 16, 3))
-  model = efficientvit.Model(num_classes=3, attention="softmax", **TINY)
-  variables = {"params": random_params(model, x), **init_batch_stats(model, x)}
-
-  def layer_inputs(variables):
-    inputs = {}
-
-    def interceptor(next_fun, args, kwargs, context):
-      if isinstance(context.module, efficientvit.CascadedGroupAttention):
-        inputs[context.module.name] = args[0]
-      return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(interceptor):
-      model.apply(variables, x)
-    return inputs
-
-  inputs = jax.tree.map(lambda a: np.asarray(a, np.float64), jax.jit(layer_inputs)(variables))
-  maps = capture.capture_attention(model, variables, x, train=False)
-  names = [f"stage_{stage}_block_0_attention" for stage in range(3)]
-  assert list(maps) == [f"{name}/attention_op" for name in names]
-  for name, heads in zip(names, TINY["num_heads"]):
-    p = {k: np.asarray(a, np.float64) for k, a in variables["params"][name].items()
-         if k != "out"}
-    tokens = inputs[name].reshape(*inputs[name].shape[:2], heads, -1)
-    q, k = (np.einsum("bthc,hcd->bthd", tokens, p[f"{role}_kernel"]) + p[f"{role}_bias"]
-            for role in ("query", "key"))
-    logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(TINY["key_dim"])
-    want = np.exp(logits - logits.max(-1, keepdims=True))
-    np.testing.assert_allclose(maps[f"{name}/attention_op"], want / want.sum(-1, keepdims=True),
-                               rtol=1e-4, atol=1e-6)
+  """`capture_attention` sees the layer's op through `Attention.attend`: the map is the float64
+  softmax of the layer's own per-head projections of its tokens."""
+  grid, heads, key_dim = (3, 2), 3, 4
+  x = ref.normal(5, (2, 6, 9))
+  layer = _Bound(efficientvit.CascadedGroupAttention(num_heads=heads, key_dim=key_dim,
+                                                     attention="softmax"), grid)
+  params = random_params(layer, x)
+  maps = capture.capture_attention(layer, {"params": params}, x)
+  assert list(maps) == ["layer/attention_op"]
+  p = {k: np.asarray(a, np.float64) for k, a in params["layer"].items() if k != "out"}
+  tokens = np.asarray(x, np.float64).reshape(2, 6, heads, -1)
+  q, k = (np.einsum("bthc,hcd->bthd", tokens, p[f"{role}_kernel"]) + p[f"{role}_bias"]
+          for role in ("query", "key"))
+  logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(key_dim)
+  want = np.exp(logits - logits.max(-1, keepdims=True))
+  np.testing.assert_allclose(maps["layer/attention_op"], want / want.sum(-1, keepdims=True),
+                             rtol=1e-4, atol=1e-6)
 
 
-def test_the_cascaded_op_runs_through_the_hooks():
+def test_the_model_s_ops_run_through_the_hooks():
+  """Every block's op, the cascade's maps among its arguments, reaches the hooks."""
   x = ref.normal(4, (1, 8, 16, 3))
   model = efficientvit.Model(num_classes=3, **TINY)
   variables = jax.eval_shape(model.init, jax.random.key(0), x)
