@@ -131,6 +131,27 @@ def test_hooks_capture_the_attention_maps():
                              rtol=1e-4, atol=1e-6)
 
 
+def test_an_op_with_learned_arguments_matches_its_formula():
+  """gated_attention in the layer: its gate G(x) (`op_params`, from the layer's tokens) scales
+  each head's softmax attention; float64 reference of the layer, forward and gradient."""
+  grid, heads, key_dim = (2, 2), 2, 4
+  x = ref.normal(6, (2, 4, 6))
+  layer = _Bound(efficientvit.CascadedGroupAttention(num_heads=heads, key_dim=key_dim,
+                                                     attention="gated_attention"), grid)
+
+  def reference(x, p):
+    tokens = x.reshape(2, 4, heads, -1)
+    q, k, v = (jnp.einsum("bthc,hcd->bthd", tokens, p[f"{role}_kernel"]) + p[f"{role}_bias"]
+               for role in ("query", "key", "value"))
+    gate = jax.nn.sigmoid(jnp.einsum("bthc,hc->bth", tokens, p["op_params"]["gate_kernel"])
+                          + p["op_params"]["gate_bias"])
+    out = ref.softmax_attention(q, k, v) * gate[..., None]
+    return jax.nn.relu(out.reshape(2, 4, -1)) @ p["out"]["kernel"] + p["out"]["bias"]
+
+  params = _assert_block_matches(layer, x, lambda x, p: reference(x, p["layer"]))
+  assert params["layer"]["op_params"]["gate_kernel"].shape == (heads, 3)
+
+
 def test_the_model_s_ops_run_through_the_hooks():
   """Every block's op, the cascade's maps among its arguments, reaches the hooks."""
   x = ref.normal(4, (1, 8, 16, 3))
