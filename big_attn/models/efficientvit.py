@@ -81,8 +81,9 @@ def decode_variant(variant: str) -> dict[str, Any]:
 
 class CascadedGroupAttention(nn.Module):
   """EfficientViT's attention on `[batch, tokens, width]` tokens of a `grid=(h, w)` map (see the
-  module docstring): per-head projections of the head's channel group, the op by name, ReLU and
-  a linear layer back to `width`."""
+  module docstring): per-head projections of the head's channel group, the op by name (its
+  learned arguments by `learned_op_args`, the call through `Attention.attend`, which the
+  interpretability hooks see), ReLU and a linear layer back to `width`."""
   num_heads: int
   key_dim: int = 16
   kernel_size: int = 5
