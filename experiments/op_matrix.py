@@ -15,7 +15,8 @@ Columns (`--columns`, `COLUMN_MODELS`): a cell is run, never read from the regis
   each new token was drawn from equal the full forward pass's.
 - "kernel": every model with `attention_impl="pallas"` (the Pallas kernels, interpreted on
   CPU): "ok" when the gradient step of "single" passes, the computation contains a
-  `pallas_call`, and the output equals the XLA model's.
+  `pallas_call`, and the output equals the XLA model's; an op without a kernel is refused by
+  name. Recorded: the tiny ViT (`vit/kernel`) and the LM (`lm/kernel`).
 In these columns a ValueError that names the op, raised while the model is initialised
 (before anything runs: a layer refusing an op without that form), is a refusal ("–").
 Row keys of the JSON: the model's name for "single", `model/column` for the others.
@@ -178,9 +179,10 @@ def split_key(key: str) -> tuple[str, str]:
 
 
 def _attention_grad_norm(grads) -> float:
-  """Largest |gradient| over the query projections (the attention's own parameters)."""
+  """Largest |gradient| over the query projections (the attention's own parameters): a `query`
+  module, or EfficientViT's per-head `query_kernel`."""
   leaves = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(grads)
-            if any(getattr(k, "key", None) == "query" for k in path)]
+            if any(getattr(k, "key", None) in ("query", "query_kernel") for k in path)]
   return max((float(jnp.max(jnp.abs(x))) for x in leaves), default=0.0)
 
 

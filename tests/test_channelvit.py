@@ -11,7 +11,7 @@ from big_attn import data
 from big_attn import models
 from big_attn.models import vit
 from tests.test_convnext import full_size_count, images
-from tests.test_crossvit import encoder_grids, train_digits_config
+from tests.model_checks import encoder_grids, train_digits_config
 from tests.test_train import _config_module
 from tests.test_vit import check_affine_map, check_trains
 

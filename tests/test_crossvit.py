@@ -4,20 +4,19 @@ arguments, configs, the digits config through `big_attn.main`."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 from big_attn import main as main_lib
 from big_attn import models
 from big_attn.models import crossvit
-from big_attn.models import vit
 from big_attn.train import config_lib
 from tests import reference as ref
+from tests.model_checks import encoder_grids, train_digits_config
 from tests.test_convnext import abstract, count, full_size_count, images
 from tests.test_mixer_families import TOL, _gelu, _layer_norm
 from tests.test_token_mixers import dense
-from tests.test_train import _config_module, losses
+from tests.test_train import _config_module
 from tests.test_vit import check_trains
 
 # 8x8 images: the small branch 2x2 patches (a 4x4 grid, width 8), the large 4x4 (2x2, width 12);
@@ -86,21 +85,6 @@ def test_fusion_matches_its_formula_forward_and_gradient(widths, heads, tokens):
     fusion.apply({"params": params}, other, other)
 
 
-def encoder_grids(model, x):
-  """(token shape, op grid) that each ViT block of `model` passes its 2-D op, in call order
-  (traced by `jax.eval_shape`)."""
-  seen = []
-
-  def interceptor(next_fun, args, kwargs, context):
-    if isinstance(context.module, vit.Encoder1DBlock) and context.method_name == "__call__":
-      seen.append((args[0].shape[1:], dict(context.module.attention_args)["grid"]))
-    return next_fun(*args, **kwargs)
-
-  with nn.intercept_methods(interceptor):
-    abstract(model, x)
-  return seen
-
-
 def test_branch_grids_and_training_step():
   x = images(batch=3, size=8)
   assert encoder_grids(crossvit.Model(num_classes=3, attention="neighborhood", **TINY), x) == [
@@ -146,21 +130,6 @@ def test_every_config_builds():
   assert params["head_1"]["kernel"].value.shape == (64, 10) and count(params) > 0
   with pytest.raises(ValueError, match="Ti, S, B, 9, 15, 18"):
     _config_module("crossvit_i1k").get_config("variant=L")
-
-
-def train_digits_config(workdir, name, steps=3, arg="runlocal"):
-  """`configs/{name}.py:{arg}` for `steps` steps of batch 16 on one device through main,
-  without evaluation: finite losses logged at every step."""
-  config = _config_module(name).get_config(arg)
-  config.input.batch_size = 16
-  config.mesh, config.mesh_subset = [("data", 1)], True
-  config.total_steps, config.log_every, config.ckpt_every = steps, 1, steps
-  config.evals = {}
-  config = ml_collections.ConfigDict(config.to_dict())
-  assert main_lib.train_and_evaluate(config, str(workdir)) == {"step": steps,
-                                                               "preempted": False}
-  loss = losses(str(workdir))
-  assert sorted(loss) == list(range(1, steps + 1)) and np.all(np.isfinite(list(loss.values())))
 
 
 @pytest.mark.extended

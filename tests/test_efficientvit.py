@@ -1,6 +1,7 @@
 """EfficientViT model family: variants and parameter counts, its cascaded group attention layer
-against a float64 reference of the paper's formula, windows, a training step, bad arguments,
-configs, main."""
+against a float64 reference of the paper's formula, windows, the interpretability hooks, the
+refusal of ops that need values as wide as the keys, a training step, bad arguments, configs,
+main."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -9,10 +10,13 @@ import pytest
 
 from big_attn import main as main_lib
 from big_attn import models
+from big_attn.interpret import capture
 from big_attn.models import efficientvit
+from big_attn.ops import spatial
 from big_attn.train import config_lib
 from tests import reference as ref
-from tests.test_convnext import abstract, count, full_size_count, run_tiny_config, train_steps
+from tests.test_convnext import (abstract, count, full_size_count, random_params,
+                                 run_tiny_config, train_steps)
 from tests.test_mixer_families import _assert_block_matches
 from tests.test_token_mixers import conv, same
 from tests.test_train import _config_module
@@ -105,6 +109,76 @@ def test_windows_and_ops():
   assert abstract(model, x)["stage_0_block_0_attention"].keys() == {
       "query_kernel", "query_bias", "key_kernel", "key_bias", "value_kernel", "value_bias",
       "out"}
+
+
+def test_hooks_capture_the_attention_maps():
+  """`capture_attention` sees the layer's op through `Attention.attend`: the map is the float64
+  softmax of the layer's own per-head projections of its tokens."""
+  grid, heads, key_dim = (3, 2), 3, 4
+  x = ref.normal(5, (2, 6, 9))
+  layer = _Bound(efficientvit.CascadedGroupAttention(num_heads=heads, key_dim=key_dim,
+                                                     attention="softmax"), grid)
+  params = random_params(layer, x)
+  maps = capture.capture_attention(layer, {"params": params}, x)
+  assert list(maps) == ["layer/attention_op"]
+  p = {k: np.asarray(a, np.float64) for k, a in params["layer"].items() if k != "out"}
+  tokens = np.asarray(x, np.float64).reshape(2, 6, heads, -1)
+  q, k = (np.einsum("bthc,hcd->bthd", tokens, p[f"{role}_kernel"]) + p[f"{role}_bias"]
+          for role in ("query", "key"))
+  logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(key_dim)
+  want = np.exp(logits - logits.max(-1, keepdims=True))
+  np.testing.assert_allclose(maps["layer/attention_op"], want / want.sum(-1, keepdims=True),
+                             rtol=1e-4, atol=1e-6)
+
+
+def test_an_op_with_learned_arguments_matches_its_formula():
+  """gated_attention in the layer: its gate G(x) (`op_params`, from the layer's tokens) scales
+  each head's softmax attention; float64 reference of the layer, forward and gradient."""
+  grid, heads, key_dim = (2, 2), 2, 4
+  x = ref.normal(6, (2, 4, 6))
+  layer = _Bound(efficientvit.CascadedGroupAttention(num_heads=heads, key_dim=key_dim,
+                                                     attention="gated_attention"), grid)
+
+  def reference(x, p):
+    tokens = x.reshape(2, 4, heads, -1)
+    q, k, v = (jnp.einsum("bthc,hcd->bthd", tokens, p[f"{role}_kernel"]) + p[f"{role}_bias"]
+               for role in ("query", "key", "value"))
+    gate = jax.nn.sigmoid(jnp.einsum("bthc,hc->bth", tokens, p["op_params"]["gate_kernel"])
+                          + p["op_params"]["gate_bias"])
+    out = ref.softmax_attention(q, k, v) * gate[..., None]
+    return jax.nn.relu(out.reshape(2, 4, -1)) @ p["out"]["kernel"] + p["out"]["bias"]
+
+  params = _assert_block_matches(layer, x, lambda x, p: reference(x, p["layer"]))
+  assert params["layer"]["op_params"]["gate_kernel"].shape == (heads, 3)
+
+
+def test_the_model_s_ops_run_through_the_hooks():
+  """Every block's op, the cascade's maps among its arguments, reaches the hooks."""
+  x = ref.normal(4, (1, 8, 16, 3))
+  model = efficientvit.Model(num_classes=3, **TINY)
+  variables = jax.eval_shape(model.init, jax.random.key(0), x)
+  seen = []
+
+  def hook(path, op_fn, query, key, value, op_kwargs):
+    seen.append((path, sorted(k for k in op_kwargs if k.startswith("cascade"))))
+    return op_fn(query, key, value, **op_kwargs)
+
+  with capture.hook_ops(hook):
+    jax.eval_shape(model.apply, variables, x)
+  assert seen == [(f"stage_{stage}_block_0_attention/attention_op",
+                   ["cascade_key", "cascade_query", "cascade_value"]) for stage in range(3)]
+
+
+@pytest.mark.parametrize("op", sorted(spatial.EQUAL_WIDTH_OPS))
+def test_ops_needing_values_as_wide_as_keys(op):
+  """Refused up front, naming the op and the reason, when a stage's width / num_heads exceeds
+  key_dim; built when every stage's values are key_dim wide."""
+  x = jnp.zeros((1, 8, 16, 1))
+  with pytest.raises(spatial.OpRefused, match=f"'{op}' needs values as wide as its queries"):
+    abstract(efficientvit.Model(num_classes=2, attention=op, **TINY), x)
+  params = abstract(efficientvit.Model(num_classes=2, attention=op,
+                                       **dict(TINY, num_heads=(2, 3, 4))), x)
+  assert params["stage_2_block_0_attention"]["value_kernel"].value.shape == (4, 4, 4)
 
 
 def test_forward_and_training_step():

@@ -4,19 +4,18 @@ reference of its formula (forward and gradients), a forward and train step per f
 arguments, the configs, and the digits config through `big_attn.main`."""
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
-from big_attn import main as main_lib
 from big_attn import models
 from big_attn.interpret import lrp
 from big_attn.models import convnext, metaformer, mobilevit, vit
 from tests import reference as ref
+from tests.model_checks import train_digits_config
 from tests.test_convnext import (abstract, count, full_size_count, init_batch_stats,
                                  random_params, train_steps)
 from tests.test_token_mixers import conv, dense, ref_gnconv, ref_spectral_filter, same
-from tests.test_train import _config_module, losses
+from tests.test_train import _config_module
 
 TOL = dict(rtol=2e-4, atol=2e-4)
 
@@ -296,17 +295,7 @@ def test_every_config_builds():
 
 
 def _train_digits_config(workdir, family):
-  config = _config_module("mixer_families_digits").get_config(f"family={family},runlocal")
-  config.input.batch_size = 16
-  config.mesh, config.mesh_subset = [("data", 1)], True
-  config.total_steps = 3
-  config.log_every = 1
-  config.ckpt_every = 3
-  config.evals = {}
-  config = ml_collections.ConfigDict(config.to_dict())
-  assert main_lib.train_and_evaluate(config, str(workdir)) == {"step": 3, "preempted": False}
-  loss = losses(str(workdir))
-  assert sorted(loss) == [1, 2, 3] and all(np.isfinite(list(loss.values())))
+  train_digits_config(workdir, "mixer_families_digits", arg=f"family={family},runlocal")
 
 
 def test_digits_config_trains_through_main(tmp_path):

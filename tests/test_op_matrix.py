@@ -21,11 +21,13 @@ with open(os.path.join(op_matrix.RESULTS, "op_matrix.json"), encoding="utf-8") a
 
 # Extra tokens around a 2-D op with its own parameters; a 2-D op on T2T-ViT's token grids (soft
 # splits, then the encoder); a causal op on packed rows; an op with a softmax form split over 8
-# devices; decoding over the KV cache; the signed flash kernel.
+# devices; decoding over the KV cache; the signed flash kernel; the softmax kernel on a 2-D op's
+# reduced keys in the ViT (extended).
 SAMPLE = (("deit", "levit_bias", "single"), ("t2t", "window", "single"),
           ("lm", "retention", "single"),
           ("lm", "ngpt", "seq_parallel"), ("lm", "softmax", "decode"),
-          ("lm", "cog", "kernel"))
+          ("lm", "cog", "kernel"),
+          pytest.param("vit", "spatial_reduction", "kernel", marks=pytest.mark.extended))
 
 
 def test_expectation_covers_every_op_in_every_model():

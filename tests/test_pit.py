@@ -9,8 +9,8 @@ import pytest
 from big_attn import main as main_lib
 from big_attn import models
 from big_attn.models import pit
-from big_attn.models import vit
 from big_attn.train import config_lib
+from tests.model_checks import encoder_grids
 from tests.test_convnext import abstract, count, full_size_count, images, run_tiny_config
 from tests.test_train import _config_module
 from tests.test_vit import check_affine_map, check_trains
@@ -76,16 +76,8 @@ def test_pooling_matches_numpy_forward_and_gradient(grid):
 
 def test_stages_grids_and_training_step():
   x = images(batch=3, size=8)
-  seen = []
-
-  def interceptor(next_fun, args, kwargs, context):
-    if isinstance(context.module, vit.Encoder1DBlock) and context.method_name == "__call__":
-      seen.append((args[0].shape[1:], dict(context.module.attention_args)["grid"]))
-    return next_fun(*args, **kwargs)
-
-  with nn.intercept_methods(interceptor):  # a 2-D op sees each stage's grid
-    abstract(pit.Model(num_classes=3, attention="neighborhood", **TINY), x)
-  assert seen == [((17, 8), (4, 4)), ((5, 16), (2, 2))]
+  assert encoder_grids(pit.Model(num_classes=3, attention="neighborhood", **TINY), x) == [
+      ((17, 8), (4, 4)), ((5, 16), (2, 2))]  # a 2-D op sees each stage's grid
   params = check_trains(pit.Model(num_classes=3, head_zeroinit=False, **TINY), x)
   assert params["pool_1"]["fc"]["kernel"].shape == (8, 16)
   assert params["posemb"]["pos_embedding"].shape == (16, 8)

@@ -11,7 +11,7 @@ from big_attn import models
 from big_attn.models import tnt
 from big_attn.train import config_lib
 from tests.test_convnext import abstract, count, full_size_count, images
-from tests.test_crossvit import encoder_grids, train_digits_config
+from tests.model_checks import encoder_grids, train_digits_config
 from tests.test_train import _config_module
 from tests.test_vit import check_affine_map, check_trains
 

@@ -46,11 +46,12 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from big_attn import ops
 from big_attn.layers import batch_norm
+from big_attn.layers.attention import Attention, learned_op_args
 from big_attn.models import common
 from big_attn.models import mobilevit
 from big_attn.ops import checks
+from big_attn.ops import efficient
 from big_attn.ops import spatial
 from big_attn.ops import windowed
 
@@ -80,8 +81,9 @@ def decode_variant(variant: str) -> dict[str, Any]:
 
 class CascadedGroupAttention(nn.Module):
   """EfficientViT's attention on `[batch, tokens, width]` tokens of a `grid=(h, w)` map (see the
-  module docstring): per-head projections of the head's channel group, the op by name, ReLU and
-  a linear layer back to `width`."""
+  module docstring): per-head projections of the head's channel group, the op by name (its
+  learned arguments by `learned_op_args`, the call through `Attention.attend`, which the
+  interpretability hooks see), ReLU and a linear layer back to `width`."""
   num_heads: int
   key_dim: int = 16
   kernel_size: int = 5
@@ -109,26 +111,22 @@ class CascadedGroupAttention(nn.Module):
 
     (query, wq), (key, wk), (value, wv) = (project("query", kd), project("key", kd),
                                            project("value", dv))
-    op_args = dict(spatial.op_args(self.attention, self.attention_args, grid) or {})
+    op_args = spatial.op_args(self.attention, self.attention_args, grid)
     if self.attention == "cascaded_group_attention":  # the cascade through each head's maps
       k = self.kernel_size
-
-      def delta(rng, shape, dtype):
-        del rng
-        return jnp.zeros(shape, dtype).at[k // 2, k // 2].set(1)
-
       conv = self.param("query_conv", nn.with_logical_partitioning(
-          delta, ("conv_height", "conv_width", "heads", "head_dim")), (k, k, h, kd),
-                        self.param_dtype)
-      op_args.update(cascade_query=wq[1:], cascade_key=wk[1:], cascade_value=wv[1:],
-                     query_conv=jnp.asarray(conv, self.dtype))
-    elif ops.params_module(self.attention) is not None:
-      op_args.update(ops.params_module(self.attention)(
-          num_heads=h, num_kv_heads=h, head_dim=kd, op_args=dict(op_args), dtype=self.dtype,
-          param_dtype=self.param_dtype, name="op_params")(x, query, key, value))
-    if self.attention_impl is not None:
-      op_args["implementation"] = self.attention_impl
-    out = ops.get(self.attention)(query, key, value, **op_args)
+          efficient.centred_delta(2), ("conv_height", "conv_width", "heads", "head_dim")),
+                        (k, k, h, kd), self.param_dtype)
+      op_args = dict(op_args or {}, cascade_query=wq[1:], cascade_key=wk[1:],
+                     cascade_value=wv[1:], query_conv=jnp.asarray(conv, self.dtype))
+      if self.attention_impl is not None:
+        op_args["implementation"] = self.attention_impl
+    else:
+      op_args = learned_op_args(self.attention, op_args, self.attention_impl, x, query, key,
+                                value, dtype=self.dtype, param_dtype=self.param_dtype)
+    # The op through the one method every attention layer calls it with (interpret sees it).
+    out = Attention(num_heads=h, op=self.attention, name="attention_op").attend(
+        query, key, value, op_args=op_args)
     out = nn.relu(out.reshape(b, t, -1))
     return nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype, name="out",
                     kernel_init=nn.with_logical_partitioning(_INIT, ("mlp", "embed")),
@@ -151,7 +149,9 @@ class Model(nn.Module):
       image sides must be divisible by it.
     attention: registry name of the op (`cascaded_group_attention`, the paper's);
       attention_args its arguments; attention_impl its `implementation`. A 2-D op gets the
-      window's grid.
+      window's grid. An op that needs values as wide as its queries and keys
+      (`spatial.EQUAL_WIDTH_OPS`) is refused (`spatial.OpRefused`) unless every stage's
+      width / num_heads equals `key_dim`.
     dtype: compute dtype; param_dtype: parameter dtype.
   BatchNorm statistics live in `batch_stats`.
   """
@@ -192,7 +192,8 @@ class Model(nn.Module):
     if any(side % self.patch_size for side in images.shape[1:3]):
       raise ValueError(f"image size {images.shape[1:3]} must be divisible by patch_size "
                        f"{self.patch_size}")
-    spatial.check_op(self.attention, "EfficientViT")
+    spatial.check_op(self.attention, "EfficientViT", wide_values=any(
+        w // h != self.key_dim for w, h in zip(self.widths, self.num_heads)))
 
   def _conv(self, features, kernel=1, strides=1, groups=1, name=None):
     """Convolution without bias, then BatchNorm (MobileViT's, without its activation)."""

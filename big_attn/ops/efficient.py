@@ -9,6 +9,7 @@ single-head attention.
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -213,6 +214,17 @@ def single_head_attention(query, key, value, *, mask=None, is_causal=False, scal
   return common.apply_row_mask(out, head_mask, dims).astype(query.dtype)
 
 
+def centred_delta(rank: int) -> Callable:
+  """Initialiser of a depthwise kernel `[k, ..., k, ...]` with `rank` spatial axes: 1 at the
+  centre tap, 0 elsewhere (the identity convolution)."""
+
+  def init(rng, shape, dtype=jnp.float32):
+    del rng
+    return jnp.zeros(shape, dtype).at[tuple(size // 2 for size in shape[:rank])].set(1)
+
+  return init
+
+
 @register_params("cascaded_group_attention")
 class CascadedGroupParams(OpParams):
   """The cascade maps and the query convolution of cascaded group attention (EfficientViT).
@@ -236,12 +248,9 @@ class CascadedGroupParams(OpParams):
         init, ("heads", "head_dim", None)), (n - 1, d, d), self.param_dtype)
                for name in ("cascade_query", "cascade_key", "cascade_value")}
 
-    def delta(rng, shape, dtype):
-      del rng
-      return jnp.zeros(shape, dtype).at[(k // 2,) * rank].set(1)
-
     axes = ("conv_height", "conv_width")[:rank] + ("heads", "head_dim")
-    weights["query_conv"] = self.param("query_conv", nn.with_logical_partitioning(delta, axes),
+    weights["query_conv"] = self.param("query_conv", nn.with_logical_partitioning(
+        centred_delta(rank), axes),
                                        (k,) * rank + (n, d), self.param_dtype)
     names = sorted(weights)
     return dict(zip(names, nn.dtypes.promote_dtype(*(weights[x] for x in names),

@@ -46,6 +46,14 @@ TWO_GRID_OPS = frozenset({"decomposed_relpos"})
 # Non-2-D ops that attend within one sequence (q_len == kv_len).
 SELF_ATTENTION_OPS = frozenset({"channel_attention", "combiner", "kernelized_rpe", "switchhead",
                                 "gin_attention", "reversed_attention", "single_head_attention"})
+# Ops that need values as wide as the queries and keys, each with the reason its math needs it.
+EQUAL_WIDTH_OPS = {
+    "bottleneck": "its value tokens become the keys of its later stages",
+    "channel_attention": "its query x key channel map mixes the value channels",
+    "hyena": "it gates the values channel by channel with the queries and keys",
+    "single_head_attention": "it passes query channels through beside the attended value "
+                             "channels",
+}
 # The papers' stage-dependent sizes, used where the op arguments give none.
 PAPER_SIZES = {("window", "window_size"): 7, ("grid", "grid_size"): 7,
                ("neighborhood", "kernel_size"): 7, ("bilevel_routing", "num_regions"): 7}
@@ -66,12 +74,13 @@ def needs_grid(op: str) -> bool:
 
 
 def check_op(op: str, model: str, *, causal: bool = False, grid: bool = True,
-             same_grid: bool = True, kv_grid: bool = False) -> None:
+             same_grid: bool = True, kv_grid: bool = False, wide_values: bool = False) -> None:
   """Raises `OpRefused` naming `op` and `model` when the op is not meaningful there: a model
   without a token grid (`grid=False`) and an op that needs one, a causal model and an op
-  without a causal form, or keys on another grid than the queries (`same_grid=False`) and a
+  without a causal form, keys on another grid than the queries (`same_grid=False`) and a
   2-D op that needs them on one grid (unless the model passes the keys' grid, `kv_grid=True`,
-  and the op takes it: `TWO_GRID_OPS`) or an op of `SELF_ATTENTION_OPS`."""
+  and the op takes it: `TWO_GRID_OPS`) or an op of `SELF_ATTENTION_OPS`, or values wider than
+  the queries and keys (`wide_values=True`) and an op of `EQUAL_WIDTH_OPS`."""
   get(op)
   if not grid and needs_grid(op):
     raise OpRefused(f"{model}: attention op {op!r} works on a 2-D grid of image tokens; the "
@@ -86,6 +95,9 @@ def check_op(op: str, model: str, *, causal: bool = False, grid: bool = True,
   if not same_grid and op in SELF_ATTENTION_OPS:
     raise OpRefused(f"{model}: attention op {op!r} attends within one sequence (q_len == "
                     f"kv_len); the {model}'s keys are a reduced sequence")
+  if wide_values and op in EQUAL_WIDTH_OPS:
+    raise OpRefused(f"{model}: attention op {op!r} needs values as wide as its queries and keys "
+                    f"({EQUAL_WIDTH_OPS[op]}); the {model}'s values are wider")
 
 
 def _pair(name: str, value) -> tuple[int, int]:
@@ -181,6 +193,6 @@ def attend(op_fn: Callable, query, key, value, *, mask=None, is_causal: bool = F
   return jnp.concatenate([out_extra, merged.astype(out_patch.dtype)], axis=1)
 
 
-__all__ = ["GRID_ONLY_OPS", "KV_GRID_OPS", "OpRefused", "PAPER_SIZES", "SELF_ATTENTION_OPS",
-           "TWO_GRID_OPS", "attend", "check_op", "needs_grid", "op_args", "stage_sizes",
+__all__ = ["EQUAL_WIDTH_OPS", "GRID_ONLY_OPS", "KV_GRID_OPS", "OpRefused", "PAPER_SIZES",
+           "SELF_ATTENTION_OPS", "TWO_GRID_OPS", "attend", "check_op", "needs_grid", "op_args", "stage_sizes",
            "takes_grid"]
