@@ -496,7 +496,7 @@ def _tap_numpy(x, p, scales, grid, start):
 
 def test_token_aware_pooling_matches_numpy_and_runs_in_a_vit():
   scales, grid, start = 3, (3, 4), 1
-  tap = vit.TokenAwarePooling(scales, grid, start)
+  tap = vit.TokenAwarePooling(grid=grid, start=start, scales=scales)
   x = np.random.default_rng(0).normal(size=(2, 14, 5))  # class token, 12 patches, one more
   variables = tap.init(jax.random.key(0), jnp.asarray(x, jnp.float32))
   p = {k: np.asarray(v["kernel"], np.float64) for k, v in nn.unbox(variables)["params"].items()}
@@ -525,7 +525,7 @@ def test_token_aware_pooling_matches_numpy_and_runs_in_a_vit():
                                                                            "predictor_1"}
   assert model.apply({"params": params}, images).shape == (2, 10)
   with pytest.raises(ValueError, match="scales must be an int >= 2"):
-    vit.TokenAwarePooling(1, grid).init(jax.random.key(0), jnp.zeros((1, 12, 5)))
+    vit.TokenAwarePooling(grid=grid, scales=1).init(jax.random.key(0), jnp.zeros((1, 12, 5)))
   with pytest.raises(ValueError, match="token_pooling_scales pools the patch grid"):
     vit.Model(num_classes=10, num_registers=2, token_pooling_scales=2, **TINY).init(
         jax.random.key(0), images)

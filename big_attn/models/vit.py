@@ -248,8 +248,8 @@ class Encoder1DBlock(nn.Module):
     if not self.attention_free:
       y = x
       if self.token_pooling_scales:
-        y = TokenAwarePooling(self.token_pooling_scales, self.token_pooling_grid,
-                              self.token_pooling_start, dtype=self.dtype,
+        y = TokenAwarePooling(grid=self.token_pooling_grid, start=self.token_pooling_start,
+                              scales=self.token_pooling_scales, dtype=self.dtype,
                               param_dtype=self.param_dtype, name="token_pooling")(y)
       y = layer_norm(self.dtype, self.param_dtype, "LayerNorm_0", epsilon=self.norm_eps)(y)
       with token_reduction_lib.observe_attention(self.attention, self.token_reduction,
@@ -294,7 +294,29 @@ class Encoder1DBlock(nn.Module):
                                       ("batch", "length", "embed"))
 
 
-class PEG(nn.Module):
+class _GridTokens(nn.Module):
+  """A module on the `h·w` patch tokens from `start` on, seen as a `grid=(h, w)` image."""
+  grid: tuple[int, int]
+  start: int = 0
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def _image(self, x):
+    """The grid's tokens of `x` as a `[batch, h, w, width]` image."""
+    (h, w), (n, tokens, d), start = self.grid, x.shape, self.start
+    if start < 0 or start + h * w > tokens:
+      raise ValueError(f"{type(self).__name__}: tokens {start}..{start + h * w} of grid "
+                       f"{tuple(self.grid)} do not fit in {tokens} tokens")
+    return x[:, start:start + h * w].reshape(n, h, w, d)
+
+  def _replace(self, x, image):
+    """`x` with the grid's tokens replaced by the `[batch, h, w, width]` `image`."""
+    n, h, w, d = image.shape
+    return jnp.concatenate([x[:, :self.start], image.reshape(n, h * w, d),
+                            x[:, self.start + h * w:]], axis=1)
+
+
+class PEG(_GridTokens):
   """Positional encoding generator: Conditional Positional Encodings for Vision Transformers
   (Chu et al., 2021). The `h·w` patch tokens from `start` on, as a `grid=(h, w)` image, get a
   depthwise 3x3 convolution of themselves added (zero padding, with bias):
@@ -304,30 +326,21 @@ class PEG(nn.Module):
   so each token's encoding depends on its neighbourhood and on the image border; tokens
   before `start` and after the patches pass unchanged. `[batch, tokens, width]` in and out.
   """
-  grid: tuple[int, int]
-  start: int = 0
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    (h, w), start = self.grid, self.start
-    n, tokens, d = x.shape
-    if start < 0 or start + h * w > tokens:
-      raise ValueError(f"PEG: tokens {start}..{start + h * w} of grid {self.grid} do not fit "
-                       f"in {tokens} tokens")
-    patches = x[:, start:start + h * w].reshape(n, h, w, d)
+    patches = self._image(x)
+    d = x.shape[-1]
     y = nn.Conv(d, (3, 3), padding="SAME", feature_group_count=d, dtype=self.dtype,
                 param_dtype=self.param_dtype, name="proj",
                 kernel_init=nn.with_logical_partitioning(
                     nn.initializers.lecun_normal(), ("patch_h", "patch_w", None, "embed")),
                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",))
                 )(patches)
-    patches = (patches + y.astype(patches.dtype)).reshape(n, h * w, d)
-    return jnp.concatenate([x[:, :start], patches, x[:, start + h * w:]], axis=1)
+    return self._replace(x, patches + y.astype(patches.dtype))
 
 
-class TokenAwarePooling(nn.Module):
+class TokenAwarePooling(_GridTokens):
   """Token-aware average pooling (TAP) of Robustifying Token Attention for Vision Transformers
   (Guo, Stutz and Schiele, ICCV 2023): each patch token becomes its own learned mixture of
   average poolings of its neighbourhood at `scales` dilations,
@@ -335,28 +348,20 @@ class TokenAwarePooling(nn.Module):
       x_p <- Σ_k w_k(p)·Pool_k(x)_p,   w(p) = softmax_k(Conv3x3(Conv3x3(x))_p),
 
   Pool_0 the identity and Pool_d (d >= 1) the mean over the 3x3 neighbours at dilation d (zero
-  padding, divided by 9). The weight predictor is two bias-free 3x3 convolutions (width ->
-  scales -> scales); the paper's BatchNorm between them is left out. The `h·w` patch tokens
-  from `start` on form the `grid`; the other tokens pass unchanged. `[batch, tokens, width]`
-  in and out.
+  padding, divided by 9); `scales` is 3 by default. The weight predictor is two bias-free 3x3
+  convolutions (width -> scales -> scales); the paper's BatchNorm between them is left out.
+  The `h·w` patch tokens from `start` on form the `grid`; the other tokens pass unchanged.
+  `[batch, tokens, width]` in and out.
   """
-  scales: int
-  grid: tuple[int, int]
-  start: int = 0
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
+  scales: int = 3
 
   @nn.compact
   def __call__(self, x):
-    (h, w), start = self.grid, self.start
-    n, tokens, d = x.shape
     if not isinstance(self.scales, int) or self.scales < 2:
       raise ValueError(f"TokenAwarePooling: scales must be an int >= 2 (the identity and at "
                        f"least one pooling), got {self.scales!r}")
-    if start < 0 or start + h * w > tokens:
-      raise ValueError(f"TokenAwarePooling: tokens {start}..{start + h * w} of grid "
-                       f"{self.grid} do not fit in {tokens} tokens")
-    patches = x[:, start:start + h * w].reshape(n, h, w, d)
+    patches = self._image(x)
+    d = x.shape[-1]
     conv = lambda features, name: nn.Conv(  # pylint: disable=g-long-lambda
         features, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype,
         param_dtype=self.param_dtype, name=name,
@@ -371,8 +376,7 @@ class TokenAwarePooling(nn.Module):
           pooled[0], window, (1, 1), "SAME", rhs_dilation=(dilation, dilation),
           dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=d))
     mixed = sum(weights[..., k:k + 1] * pooled[k] for k in range(self.scales))
-    mixed = mixed.astype(x.dtype).reshape(n, h * w, d)
-    return jnp.concatenate([x[:, :start], mixed, x[:, start + h * w:]], axis=1)
+    return self._replace(x, mixed.astype(x.dtype))
 
 
 class Encoder(nn.Module):
