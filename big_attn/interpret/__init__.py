@@ -17,7 +17,8 @@ with the latest checkpoint of a `big_attn.main` run.
 from big_attn.interpret.analysis import (attention_similarity, concept_attention,
                                          dit_timestep_maps, head_importance,
                                          joint_query_key_embedding, normalize_queries_keys,
-                                         offset_local_heads, query_key_vectors, tokentm, transformation_effects)
+                                         offset_local_heads, query_key_vectors, tokentm,
+                                         transformation_effects)
 from big_attn.interpret.capture import (apply_with_hook, attention_gradients, block_outputs,
                                         capture_attention, hook_ops, mixing_matrix,
                                         suppression_hook)
@@ -32,5 +33,6 @@ __all__ = ["apply_with_hook", "atman", "attention_distance", "attention_flow",
            "capture_attention", "concept_attention", "dit_timestep_maps", "gradient_rollout",
            "head_importance", "high_norm_tokens", "hook_ops", "joint_query_key_embedding",
            "lrp_relevance", "max_flow", "mixing_matrix", "normalize_queries_keys",
-           "offset_local_heads", "query_key_vectors", "self_attention_maps", "suppression_hook", "token_norms",
-           "token_relevance", "tokentm", "transformation_effects", "transformer_attribution"]
+           "offset_local_heads", "query_key_vectors", "self_attention_maps", "suppression_hook",
+           "token_norms", "token_relevance", "tokentm", "transformation_effects",
+           "transformer_attribution"]
