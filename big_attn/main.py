@@ -43,6 +43,7 @@ from big_attn.train import config_lib
 from big_attn.train import metrics as metrics_lib
 from big_attn.train import optim
 from big_attn.train import prefetch as prefetch_lib
+from big_attn.train import regularizers
 from big_attn.train import step as step_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -388,10 +389,22 @@ def _train_and_evaluate(config: Any, workdir: str, stop: StopRequest) -> dict[st
   constants = (None if task.constants is None
                else jax.device_put(task.constants(model, info), replicated))
 
+  diversification = config.loss.attention_diversification
+  if diversification and (getattr(model, "scan_layers", False)
+                          or getattr(model, "remat_policy", "none") != "none"):
+    raise config_lib.ConfigError(
+        "config.loss.attention_diversification reads the attention maps of every layer: it "
+        "needs config.model.scan_layers=False and remat_policy='none'")
+
   def task_loss(c, loss):
-    if loss is None or task.constants is None:
+    if loss is None:
       return loss
-    return functools.partial(loss, constants=c)
+    if task.constants is not None:
+      loss = functools.partial(loss, constants=c)
+    if diversification:
+      loss = regularizers.with_attention_diversification(
+          loss, diversification, threshold=config.loss.attention_diversification_threshold)
+    return loss
 
   def update(state, batch, rng, c):
     return step_lib.make_train_step(

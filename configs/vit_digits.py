@@ -13,6 +13,9 @@ Args (`--config=configs/vit_digits.py:attention=sigmoid,steps=500`):
     horizontal and vertical gradients (`config.input.channels="derived"`), so that the three
     channel tokens of a patch see different things.
   steps: training steps.
+`--config.model.token_pooling_scales=3 --config.loss.attention_diversification=1.0` trains with
+the token-aware average pooling and the attention diversification loss of Robustifying Token
+Attention for Vision Transformers.
   runlocal: a few steps only, for smoke tests.
 Measured numbers are in experiments/results/vit_digits.md.
 """
@@ -26,7 +29,7 @@ def get_config(arg=None):
   config.model_name = "vit"
   config.model = dict(width=64, depth=4, mlp_dim=128, num_heads=4, patch_size=(4, 4),
                       posemb="learn", pool_type="gap", attention=arg.attention, dropout=0.0,
-                      dtype="float32")
+                      token_pooling_scales=0, dtype="float32")
   if arg.family == "convit":
     config.model.update(local_layers=2, pool_type="cls")
   elif arg.family == "cpvt":

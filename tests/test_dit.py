@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 
-from big_attn import evaluators, models
+from big_attn import evaluators, interpret, models
 from big_attn import main as main_lib
 from big_attn.models import dit
 from tests import reference
@@ -166,6 +166,24 @@ def test_attention_op_by_name():
   with pytest.raises(KeyError, match="softmax"):
     dit.Model(num_classes=4, attention="no_such_op", **TINY).apply({"params": params}, x, t,
                                                                   labels)
+
+
+def test_clear_circular_window_attention():
+  """CLEAR's circular local attention (`neighborhood` with `radius`): each patch of the 4x4
+  grid attends exactly to the patches within distance r of it."""
+  x = _images()
+  t, labels = jnp.array([5, 50]), jnp.array([1, 2])
+  model = dit.Model(num_classes=4, attention="neighborhood", attention_args={"radius": 1.5},
+                    **TINY)
+  params = _init(model, x)
+  maps = interpret.capture_attention(model, {"params": params}, x, t, labels)
+  coords = np.stack(np.unravel_index(np.arange(16), (4, 4)), -1)
+  inside = ((coords[:, None] - coords[None]) ** 2).sum(-1) <= 1.5 ** 2
+  assert list(maps) == ["block_0/attn", "block_1/attn"]
+  for m in maps.values():
+    assert m.shape == (2, 2, 16, 16)
+    np.testing.assert_array_equal(np.asarray(m) > 0, np.broadcast_to(inside, m.shape))
+    np.testing.assert_allclose(np.asarray(m).sum(-1), 1.0, rtol=1e-5)
 
 
 def test_cross_attention_uses_condition_tokens():

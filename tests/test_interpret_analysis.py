@@ -305,3 +305,61 @@ def test_attention_similarity_across_layers_and_steps(tiny_dit):
                                atol=2e-5)
   sim = interpret.attention_similarity(list(steps["block_1/attn"]))
   assert sim["cosine"].shape == (2, 3, 3) and np.all(sim["cosine"] <= 1 + 1e-12)
+
+
+def _offset_maps(grid, num_prefix, rng):
+  """[2, 4, n, n] rows: head 0 0.8 on the token at (0, +1), head 1 uniform, head 2 0.9 on itself,
+  head 3 0.7 on (-1, +1); the rest spread at random over the patches (queries without that
+  neighbour: all of it)."""
+  gh, gw = grid
+  n = num_prefix + gh * gw
+  maps = rng.uniform(size=(2, 4, n, n))
+  maps[:, 1] = 1.0
+  maps[..., :num_prefix] = 0.0  # no attention to the prefix: the patch weights sum to 1
+  for h, (dy, dx), weight in ((0, (0, 1), 0.8), (2, (0, 0), 0.9), (3, (-1, 1), 0.7)):
+    for p in range(gh * gw):
+      y, x = divmod(p, gw)
+      row = maps[:, h, num_prefix + p]
+      if 0 <= y + dy < gh and 0 <= x + dx < gw:
+        target = num_prefix + (y + dy) * gw + x + dx
+        row[:] = row / (row.sum(-1, keepdims=True) - row[:, target:target + 1]) * (1 - weight)
+        row[:, target] = weight
+  return maps / maps.sum(-1, keepdims=True)
+
+
+def test_offset_local_heads_on_constructed_maps():
+  grid, num_prefix, radius = (3, 4), 1, 2
+  maps = _offset_maps(grid, num_prefix, np.random.default_rng(0))
+  got = interpret.offset_local_heads(maps, grid, num_prefix=num_prefix, radius=radius)
+
+  gh, gw = grid
+  patches = maps[:, :, num_prefix:, num_prefix:]
+  patches = patches / patches.sum(-1, keepdims=True)
+  want = np.zeros((4, 5, 5))
+  for h in range(4):
+    for dy in range(-radius, radius + 1):
+      for dx in range(-radius, radius + 1):
+        values = [patches[b, h, y * gw + x, (y + dy) * gw + x + dx] for b in range(2)
+                  for y in range(gh) for x in range(gw) if 0 <= y + dy < gh and 0 <= x + dx < gw]
+        want[h, dy + radius, dx + radius] = np.mean(values)
+  np.testing.assert_allclose(got["offset_mass"], want, rtol=1e-12)
+  np.testing.assert_allclose(got["mass"][[0, 2, 3]], [0.8, 0.9, 0.7], rtol=1e-12)
+  np.testing.assert_array_equal(got["offset"][[0, 2, 3]], [[0, 1], [0, 0], [-1, 1]])
+  np.testing.assert_array_equal(got["is_offset_local"], [True, False, False, True])
+  assert not interpret.offset_local_heads(maps, grid, num_prefix=1, threshold=0.75)[
+      "is_offset_local"][3]
+  with pytest.raises(ValueError, match="radius"):
+    interpret.offset_local_heads(maps, grid, num_prefix=1, radius=4)
+  with pytest.raises(ValueError, match="num_prefix"):
+    interpret.offset_local_heads(maps, (4, 4), num_prefix=1)
+
+
+def test_offset_local_heads_of_a_vit(tiny_vit):
+  model, variables, x = tiny_vit
+  maps = interpret.capture_attention(model, variables, x)
+  for path in LAYERS:
+    got = interpret.offset_local_heads(maps[path], (4, 4), num_prefix=1)
+    assert got["offset_mass"].shape == (4, 3, 3) and got["offset"].shape == (4, 2)
+    assert np.all(got["offset_mass"] >= 0) and np.all(got["offset_mass"] <= 1)
+    assert np.all(np.abs(got["offset"]) <= 1)
+    np.testing.assert_allclose(got["mass"], got["offset_mass"].max((1, 2)), rtol=1e-12)

@@ -186,3 +186,49 @@ def test_neighborhood_block_terms_at_any_positions(length, grid, kernel, dilatio
   np.testing.assert_array_equal(visible, want)
   np.testing.assert_allclose(np.where(want, got_bias, 0.0),
                              np.asarray(bias)[:, q_pos][:, :, k_pos], rtol=1e-6)
+
+
+def _circle_ref(q, k, v, shape, radius):
+  """CLEAR's circular window by loops: query i sees the keys within distance `radius`."""
+  b, t, n, d = q.shape
+  coords = [np.unravel_index(i, shape) for i in range(t)]
+  allowed = np.array([[sum((a - c) ** 2 for a, c in zip(coords[i], coords[j])) <= radius ** 2
+                       for j in range(t)] for i in range(t)])
+  logits = jnp.einsum("btnd,bsnd->bnts", q, ref.repeat_kv(k, n)) / np.sqrt(d)
+  return jnp.einsum("bnts,bsnd->btnd",
+                    ref.masked_softmax(logits, np.broadcast_to(allowed, (b, n, t, t))),
+                    ref.repeat_kv(v, n))
+
+
+@pytest.mark.parametrize("shape,radius", [((13,), 2), ((5, 7), 1.5), ((5, 7), 2.3)])
+def test_neighborhood_circular_window_matches_reference(shape, radius):
+  q, k, v = _qkv(t=int(np.prod(shape)), k=2)
+  grid = shape if len(shape) == 2 else None
+  op = ops.get("neighborhood")
+  ref.assert_matches(lambda q, k, v: op(q, k, v, grid=grid, radius=radius),
+                     lambda q, k, v: _circle_ref(q, k, v, shape, radius), [q, k, v])
+
+  form = ops.spec("neighborhood").block_form(q, k, None, grid=grid, radius=radius)
+  rng = np.random.default_rng(0)
+  q_pos, k_pos = rng.permutation(q.shape[1])[:7], rng.permutation(q.shape[1])
+  bias, multiplier, visible = jax.jit(functools.partial(
+      form.pair_terms.fn, is_causal=False, **dict(form.pair_terms.static)))(
+          form.pair_arrays, jnp.asarray(q_pos, jnp.int32), jnp.asarray(k_pos, jnp.int32))
+  coords = np.stack(np.unravel_index(np.arange(q.shape[1]), shape), -1)
+  distance2 = ((coords[q_pos][:, None] - coords[k_pos][None]) ** 2).sum(-1)
+  assert bias is None and multiplier is None
+  np.testing.assert_array_equal(visible, distance2 <= radius ** 2)
+
+
+def test_neighborhood_circular_window_bad_args():
+  q, k, v = _qkv(t=35, k=2)
+  op = ops.get("neighborhood")
+  for kwargs, message in ((dict(kernel_size=3), "no kernel_size"),
+                          (dict(dilation=2), "no dilation"),
+                          (dict(rpb=jnp.zeros((4, 5, 5))), "no rpb")):
+    with pytest.raises(ValueError, match=message):
+      op(q, k, v, grid=(5, 7), radius=2, **kwargs)
+  with pytest.raises(ValueError, match="no is_causal"):
+    op(q, k, v, radius=2, is_causal=True)
+  with pytest.raises(ValueError, match="radius must be a positive number"):
+    op(q, k, v, grid=(5, 7), radius=0)

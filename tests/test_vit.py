@@ -468,3 +468,64 @@ def test_family_configs_build():
       432, 1000)
   with pytest.raises(ValueError, match="unknown family 'swin'"):
     digits.get_config("family=swin")
+
+
+def _tap_numpy(x, p, scales, grid, start):
+  """Token-aware average pooling in float64 NumPy from Robustifying Token Attention's formula."""
+  (h, w), (n, tokens, d) = grid, x.shape
+  patches = x[:, start:start + h * w].reshape(n, h, w, d)
+
+  def conv3x3(y, kernel, dilation=1):  # SAME zero padding
+    padded = np.pad(y, ((0, 0), (dilation, dilation), (dilation, dilation), (0, 0)))
+    out = 0.0
+    for i in range(3):
+      for j in range(3):
+        window = padded[:, i * dilation:i * dilation + h, j * dilation:j * dilation + w]
+        out = out + np.einsum("bhwc,co->bhwo", window, kernel[i, j])
+    return out
+
+  logits = conv3x3(conv3x3(patches, p["predictor_0"]), p["predictor_1"])
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  mixed = weights[..., :1] * patches
+  for k in range(1, scales):
+    pooled = conv3x3(patches, np.eye(d)[None, None].repeat(3, 0).repeat(3, 1) / 9.0, k)
+    mixed = mixed + weights[..., k:k + 1] * pooled
+  return np.concatenate([x[:, :start], mixed.reshape(n, h * w, d), x[:, start + h * w:]], 1)
+
+
+def test_token_aware_pooling_matches_numpy_and_runs_in_a_vit():
+  scales, grid, start = 3, (3, 4), 1
+  tap = vit.TokenAwarePooling(grid=grid, start=start, scales=scales)
+  x = np.random.default_rng(0).normal(size=(2, 14, 5))  # class token, 12 patches, one more
+  variables = tap.init(jax.random.key(0), jnp.asarray(x, jnp.float32))
+  p = {k: np.asarray(v["kernel"], np.float64) for k, v in nn.unbox(variables)["params"].items()}
+  got = tap.apply(variables, jnp.asarray(x, jnp.float32))
+  np.testing.assert_allclose(got, _tap_numpy(x, p, scales, grid, start), rtol=1e-5, atol=1e-5)
+
+  # Gradient of <TAP(x), r> in the predictor weights, along a random direction.
+  r = np.random.default_rng(1).normal(size=x.shape)
+  direction = {k: np.random.default_rng(2 + i).normal(size=v.shape)
+               for i, (k, v) in enumerate(sorted(p.items()))}
+  objective = lambda params: jnp.sum(tap.apply(
+      {"params": {k: {"kernel": v} for k, v in params.items()}}, jnp.asarray(x, jnp.float32))
+      * r)
+  grads = jax.grad(objective)({k: jnp.asarray(v, jnp.float32) for k, v in p.items()})
+  eps = 1e-6
+  shifted = lambda s: {k: p[k] + s * direction[k] for k in p}
+  numeric = ((_tap_numpy(x, shifted(eps), scales, grid, start)
+              - _tap_numpy(x, shifted(-eps), scales, grid, start)) * r).sum() / (2 * eps)
+  analytic = sum(float(np.sum(np.asarray(grads[k], np.float64) * direction[k])) for k in p)
+  np.testing.assert_allclose(analytic, numeric, rtol=1e-4)
+
+  model = vit.Model(num_classes=10, pool_type="cls", token_pooling_scales=2, **TINY)
+  images = jnp.ones((2, 16, 16, 1))
+  params = model.init(jax.random.key(0), images)["params"]
+  assert set(params["Transformer"]["encoderblock_1"]["token_pooling"]) == {"predictor_0",
+                                                                           "predictor_1"}
+  assert model.apply({"params": params}, images).shape == (2, 10)
+  with pytest.raises(ValueError, match="scales must be an int >= 2"):
+    vit.TokenAwarePooling(grid=grid, scales=1).init(jax.random.key(0), jnp.zeros((1, 12, 5)))
+  with pytest.raises(ValueError, match="token_pooling_scales pools the patch grid"):
+    vit.Model(num_classes=10, num_registers=2, token_pooling_scales=2, **TINY).init(
+        jax.random.key(0), images)

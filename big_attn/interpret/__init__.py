@@ -7,7 +7,8 @@
 rollout, flow, gradient-weighted rollout, AtMan, attention distances and high-norm tokens;
 `analysis` head importance (Are Sixteen Heads Really Better than One?), AttentionViz's joint
 query-key embedding, TokenTM, ConceptAttention saliency of a DiT and the cross-layer and
-cross-step similarity of attention maps (DiTFastAttn, PAB, EchoAtt);
+cross-step similarity of attention maps (DiTFastAttn, PAB, EchoAtt) and Teaching Matters's
+offset local heads;
 `lrp` the relevance propagation of Transformer Interpretability Beyond Attention
 Visualization (ViT);
 `plots` draws them (and benchmark curves). `python -m big_attn.interpret` explains a test image
@@ -16,7 +17,8 @@ with the latest checkpoint of a `big_attn.main` run.
 from big_attn.interpret.analysis import (attention_similarity, concept_attention,
                                          dit_timestep_maps, head_importance,
                                          joint_query_key_embedding, normalize_queries_keys,
-                                         query_key_vectors, tokentm, transformation_effects)
+                                         offset_local_heads, query_key_vectors, tokentm,
+                                         transformation_effects)
 from big_attn.interpret.capture import (apply_with_hook, attention_gradients, block_outputs,
                                         capture_attention, hook_ops, mixing_matrix,
                                         suppression_hook)
@@ -31,5 +33,6 @@ __all__ = ["apply_with_hook", "atman", "attention_distance", "attention_flow",
            "capture_attention", "concept_attention", "dit_timestep_maps", "gradient_rollout",
            "head_importance", "high_norm_tokens", "hook_ops", "joint_query_key_embedding",
            "lrp_relevance", "max_flow", "mixing_matrix", "normalize_queries_keys",
-           "query_key_vectors", "self_attention_maps", "suppression_hook", "token_norms",
-           "token_relevance", "tokentm", "transformation_effects", "transformer_attribution"]
+           "offset_local_heads", "query_key_vectors", "self_attention_maps", "suppression_hook",
+           "token_norms", "token_relevance", "tokentm", "transformation_effects",
+           "transformer_attribution"]

@@ -6,6 +6,7 @@
     rel = analysis.tokentm(vit, variables, images)                     # [b, n, n] relevance
     out, sal = analysis.concept_attention(dit, variables, concepts, x_t, t, labels)
     sim = analysis.attention_similarity(list(maps.values()))           # per head [L, L]
+    heads = analysis.offset_local_heads(maps[path], (gh, gw), num_prefix=1)  # Teaching Matters
 
 Every model-level analysis observes the `Attention` layers with `flax.linen.intercept_methods`
 (`capture.hook_ops` for the op calls): the model code is unchanged.
@@ -413,3 +414,45 @@ def dit_timestep_maps(model: dit.Model, variables: Any, images: Any, timesteps: 
   maps = capture.capture_attention(model, variables, x_t, t,
                                    None if labels is None else tile(labels), **kwargs)
   return {path: np.asarray(m).reshape(steps, b, *m.shape[1:]) for path, m in maps.items()}
+
+
+# ------------------------------------------------------------------------- offset local heads
+def offset_local_heads(attn: Any, grid: tuple[int, int], *, num_prefix: int = 0,
+                       radius: int = 1, threshold: float = 0.5) -> dict[str, np.ndarray]:
+  """Offset local attention heads (Teaching Matters: Investigating the Role of Supervision in
+  Vision Transformers): heads that put most of their attention on the token at one fixed,
+  non-zero grid offset from the query.
+
+  `attn` `[batch, heads, n, n]` (a `capture_attention` value), patch tokens `num_prefix ..
+  num_prefix + gh·gw` in row-major order on `grid` = (gh, gw). Each query's weights are
+  renormalised over the patches; `offset_mass[h, dy + radius, dx + radius]` is the mean over
+  the batch and over the queries p whose p + (dy, dx) lies on the grid of A[p, p + (dy, dx)],
+  for |dy|, |dx| <= radius. Returns `offset_mass` `[heads, 2r+1, 2r+1]`, `offset` `[heads, 2]`
+  (dy, dx) of its maximum, `mass` `[heads]` that maximum, and `is_offset_local` `[heads]`:
+  mass >= `threshold` at an offset other than (0, 0).
+  """
+  attn = np.asarray(attn, np.float64)
+  gh, gw = grid
+  if attn.ndim != 4 or attn.shape[-1] != attn.shape[-2] or attn.shape[-1] < num_prefix + gh * gw:
+    raise ValueError(f"attn must be [batch, heads, n, n] with n >= num_prefix + gh·gw = "
+                     f"{num_prefix + gh * gw}, got shape {attn.shape}")
+  if not 1 <= radius < max(gh, gw):
+    raise ValueError(f"radius must be in [1, {max(gh, gw)}) for grid {grid}, got {radius}")
+  patches = slice(num_prefix, num_prefix + gh * gw)
+  a = attn[:, :, patches, patches]
+  rows = a.sum(-1, keepdims=True)
+  a = (a / np.where(rows > 0, rows, 1.0)).reshape(*a.shape[:2], gh, gw, gh, gw)
+  width = 2 * radius + 1
+  mass = np.zeros((a.shape[1], width, width))
+  for dy in range(-radius, radius + 1):
+    for dx in range(-radius, radius + 1):
+      ys = np.arange(max(0, -dy), min(gh, gh - dy))
+      xs = np.arange(max(0, -dx), min(gw, gw - dx))
+      if ys.size and xs.size:
+        y, x = np.meshgrid(ys, xs, indexing="ij")
+        mass[:, dy + radius, dx + radius] = a[:, :, y, x, y + dy, x + dx].mean((0, 2, 3))
+  flat = mass.reshape(mass.shape[0], -1).argmax(-1)
+  offset = np.stack(np.unravel_index(flat, (width, width)), -1) - radius
+  peak = mass.reshape(mass.shape[0], -1).max(-1)
+  return {"offset_mass": mass, "offset": offset, "mass": peak,
+          "is_offset_local": (peak >= threshold) & np.any(offset != 0, -1)}

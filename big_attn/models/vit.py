@@ -190,7 +190,9 @@ class Encoder1DBlock(nn.Module):
   (x + Dropout(MLP(LN(x))) only; MLP Can Be A Good Transformer Learner). With `spectral_grid`
   `(h, w)` (the tokens are exactly that patch grid) it is GFNet's spectral block,
   x + Dropout(MLP(LN(Filter(LN(x))))) with the global filter `metaformer`'s `spectral_filter`
-  (SpectFormer's first blocks).
+  (SpectFormer's first blocks). With `token_pooling_scales` K the attention reads
+  `TokenAwarePooling` (TAP, K scales over `token_pooling_grid` from token
+  `token_pooling_start`) of x: x + Dropout(Attn(LN(TAP(x)))).
   """
   num_heads: int
   mlp_dim: int
@@ -209,6 +211,9 @@ class Encoder1DBlock(nn.Module):
   num_protected: int = 0
   attention_free: bool = False
   spectral_grid: tuple[int, int] | None = None
+  token_pooling_scales: int = 0
+  token_pooling_grid: tuple[int, int] | None = None
+  token_pooling_start: int = 0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -241,7 +246,12 @@ class Encoder1DBlock(nn.Module):
     if self.spectral_grid is not None:
       return self._spectral(x, deterministic), size
     if not self.attention_free:
-      y = layer_norm(self.dtype, self.param_dtype, "LayerNorm_0", epsilon=self.norm_eps)(x)
+      y = x
+      if self.token_pooling_scales:
+        y = TokenAwarePooling(grid=self.token_pooling_grid, start=self.token_pooling_start,
+                              scales=self.token_pooling_scales, dtype=self.dtype,
+                              param_dtype=self.param_dtype, name="token_pooling")(y)
+      y = layer_norm(self.dtype, self.param_dtype, "LayerNorm_0", epsilon=self.norm_eps)(y)
       with token_reduction_lib.observe_attention(self.attention, self.token_reduction,
                                                  size) as seen:
         y = Attention(
@@ -284,7 +294,29 @@ class Encoder1DBlock(nn.Module):
                                       ("batch", "length", "embed"))
 
 
-class PEG(nn.Module):
+class _GridTokens(nn.Module):
+  """A module on the `h·w` patch tokens from `start` on, seen as a `grid=(h, w)` image."""
+  grid: tuple[int, int]
+  start: int = 0
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def _image(self, x):
+    """The grid's tokens of `x` as a `[batch, h, w, width]` image."""
+    (h, w), (n, tokens, d), start = self.grid, x.shape, self.start
+    if start < 0 or start + h * w > tokens:
+      raise ValueError(f"{type(self).__name__}: tokens {start}..{start + h * w} of grid "
+                       f"{tuple(self.grid)} do not fit in {tokens} tokens")
+    return x[:, start:start + h * w].reshape(n, h, w, d)
+
+  def _replace(self, x, image):
+    """`x` with the grid's tokens replaced by the `[batch, h, w, width]` `image`."""
+    n, h, w, d = image.shape
+    return jnp.concatenate([x[:, :self.start], image.reshape(n, h * w, d),
+                            x[:, self.start + h * w:]], axis=1)
+
+
+class PEG(_GridTokens):
   """Positional encoding generator: Conditional Positional Encodings for Vision Transformers
   (Chu et al., 2021). The `h·w` patch tokens from `start` on, as a `grid=(h, w)` image, get a
   depthwise 3x3 convolution of themselves added (zero padding, with bias):
@@ -294,27 +326,57 @@ class PEG(nn.Module):
   so each token's encoding depends on its neighbourhood and on the image border; tokens
   before `start` and after the patches pass unchanged. `[batch, tokens, width]` in and out.
   """
-  grid: tuple[int, int]
-  start: int = 0
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    (h, w), start = self.grid, self.start
-    n, tokens, d = x.shape
-    if start < 0 or start + h * w > tokens:
-      raise ValueError(f"PEG: tokens {start}..{start + h * w} of grid {self.grid} do not fit "
-                       f"in {tokens} tokens")
-    patches = x[:, start:start + h * w].reshape(n, h, w, d)
+    patches = self._image(x)
+    d = x.shape[-1]
     y = nn.Conv(d, (3, 3), padding="SAME", feature_group_count=d, dtype=self.dtype,
                 param_dtype=self.param_dtype, name="proj",
                 kernel_init=nn.with_logical_partitioning(
                     nn.initializers.lecun_normal(), ("patch_h", "patch_w", None, "embed")),
                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",))
                 )(patches)
-    patches = (patches + y.astype(patches.dtype)).reshape(n, h * w, d)
-    return jnp.concatenate([x[:, :start], patches, x[:, start + h * w:]], axis=1)
+    return self._replace(x, patches + y.astype(patches.dtype))
+
+
+class TokenAwarePooling(_GridTokens):
+  """Token-aware average pooling (TAP) of Robustifying Token Attention for Vision Transformers
+  (Guo, Stutz and Schiele, ICCV 2023): each patch token becomes its own learned mixture of
+  average poolings of its neighbourhood at `scales` dilations,
+
+      x_p <- Σ_k w_k(p)·Pool_k(x)_p,   w(p) = softmax_k(Conv3x3(Conv3x3(x))_p),
+
+  Pool_0 the identity and Pool_d (d >= 1) the mean over the 3x3 neighbours at dilation d (zero
+  padding, divided by 9); `scales` is 3 by default. The weight predictor is two bias-free 3x3
+  convolutions (width -> scales -> scales); the paper's BatchNorm between them is left out.
+  The `h·w` patch tokens from `start` on form the `grid`; the other tokens pass unchanged.
+  `[batch, tokens, width]` in and out.
+  """
+  scales: int = 3
+
+  @nn.compact
+  def __call__(self, x):
+    if not isinstance(self.scales, int) or self.scales < 2:
+      raise ValueError(f"TokenAwarePooling: scales must be an int >= 2 (the identity and at "
+                       f"least one pooling), got {self.scales!r}")
+    patches = self._image(x)
+    d = x.shape[-1]
+    conv = lambda features, name: nn.Conv(  # pylint: disable=g-long-lambda
+        features, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype,
+        param_dtype=self.param_dtype, name=name,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                 ("patch_h", "patch_w", None, None)))
+    weights = jax.nn.softmax(conv(self.scales, "predictor_1")(
+        conv(self.scales, "predictor_0")(patches)).astype(jnp.float32), axis=-1)
+    pooled = [patches.astype(jnp.float32)]
+    window = jnp.full((3, 3, 1, d), 1.0 / 9.0, jnp.float32)  # depthwise 3x3 mean
+    for dilation in range(1, self.scales):
+      pooled.append(jax.lax.conv_general_dilated(
+          pooled[0], window, (1, 1), "SAME", rhs_dilation=(dilation, dilation),
+          dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=d))
+    mixed = sum(weights[..., k:k + 1] * pooled[k] for k in range(self.scales))
+    return self._replace(x, mixed.astype(x.dtype))
 
 
 class Encoder(nn.Module):
@@ -575,6 +637,10 @@ class Model(nn.Module):
       the patch grid as the main op does.
     channel_tokens: a token per channel and patch (ChannelViT, `embed_patches`); a 2-D op
       gets the channels' patch grids stacked along the height as its grid.
+    token_pooling_scales: K >= 2 puts token-aware average pooling (`TokenAwarePooling`, K
+      dilations) before the attention of every block (Robustifying Token Attention for Vision
+      Transformers); 0: none. Needs no registers, token reduction, local layers or channel
+      tokens (the tokens after the class token must be the patch grid).
     dtype: compute dtype (e.g. bfloat16); param_dtype: parameter dtype.
   Parameters carry the logical axis names embed, mlp, heads, kv_heads, head_dim, norm,
   patch_h, patch_w, channels_in, position, classes and layers.
@@ -608,6 +674,7 @@ class Model(nn.Module):
   local_layers: int = 0
   local_attention: str = "gpsa"
   channel_tokens: bool = False
+  token_pooling_scales: int = 0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -640,6 +707,13 @@ class Model(nn.Module):
                        f"token_reduction {self.token_reduction!r}")
     if self.local_layers:
       spatial.check_op(self.local_attention, "vit")
+    if self.token_pooling_scales and (self.num_registers or self.token_reduction is not None
+                                      or self.local_layers or self.channel_tokens):
+      raise ValueError(f"token_pooling_scales pools the patch grid: it needs no registers, "
+                       f"token_reduction, local_layers or channel_tokens, got num_registers "
+                       f"{self.num_registers}, token_reduction {self.token_reduction!r}, "
+                       f"local_layers {self.local_layers}, channel_tokens "
+                       f"{self.channel_tokens}")
     return token_reduction_lib.resolve(self.token_reduction, self.depth, op=self.attention,
                                        has_class_token=self.pool_type in ("cls", "tok"))
 
@@ -689,6 +763,9 @@ class Model(nn.Module):
                       dropout=self.dropout, norm_eps=self.norm_eps,
                       approximate_gelu=self.approximate_gelu,
                       layer_scale_init=self.layer_scale_init)
+    if self.token_pooling_scales:
+      block_args.update(token_pooling_scales=self.token_pooling_scales,
+                        token_pooling_grid=grid, token_pooling_start=num_prefix)
     local_block_args = None
     if self.local_layers:
       local_extra = extra - (late_tokens is not None)

@@ -62,6 +62,26 @@ def _neighbours(shape, kernel, dilation, is_causal):
   return keys, np.ones(keys.shape, bool), (rel_y, rel_x)
 
 
+def _circle_offsets(rank: int, radius: float) -> np.ndarray:
+  """`[K, rank]` offsets of every grid point within Euclidean distance `radius` of the origin."""
+  reach = int(np.floor(radius))
+  axes = np.meshgrid(*[np.arange(-reach, reach + 1)] * rank, indexing="ij")
+  offsets = np.stack([a.ravel() for a in axes], -1)
+  return offsets[(offsets ** 2).sum(-1) <= radius ** 2]
+
+
+def _circle_neighbours(shape, radius: float):
+  """CLEAR's circular window on a row-major 1-D or 2-D grid: keys and valid (each `[t, K]`),
+  the points within distance `radius` of each query, centred and cut at the borders."""
+  offsets = _circle_offsets(len(shape), radius)
+  coords = np.stack(np.unravel_index(np.arange(int(np.prod(shape))), shape), -1)  # [t, rank]
+  points = coords[:, None, :] + offsets[None]  # [t, K, rank]
+  valid = np.all((points >= 0) & (points < np.asarray(shape)), -1)
+  keys = np.ravel_multi_index(tuple(np.clip(points, 0, np.asarray(shape) - 1).transpose(2, 0, 1)),
+                              shape)
+  return keys, valid
+
+
 def _check_causal_grid(shape, is_causal: bool) -> None:
   if is_causal and len(shape) == 2:
     raise NotImplementedError(
@@ -69,9 +89,19 @@ def _check_causal_grid(shape, is_causal: bool) -> None:
 
 
 def _check_window(length: int, kv_len: int, num_heads: int, kernel_size, dilation, grid, rpb,
-                  is_causal):
+                  is_causal, radius=None):
   """`(shape, kernel, dilation)` per axis of the token layout after the checks of the op's
-  arguments."""
+  arguments (`kernel` None for a circular window of `radius`)."""
+  if radius is not None:
+    checks.positive_float("radius", radius)
+    given = [name for name, taken in (
+        ("kernel_size", kernel_size is not None),
+        ("dilation", any(d != 1 for d in np.atleast_1d(dilation))),
+        ("rpb", rpb is not None), ("is_causal", bool(is_causal))) if taken]
+    if given:
+      raise ValueError(f"radius gives a circular window (CLEAR): it takes no "
+                       f"{', '.join(given)}")
+  kernel_size = 7 if kernel_size is None else kernel_size
   if length != kv_len:
     raise ValueError("neighborhood attention is self-attention: q_len must equal kv_len, got "
                      f"{length} and {kv_len}")
@@ -82,6 +112,8 @@ def _check_window(length: int, kv_len: int, num_heads: int, kernel_size, dilatio
     if shape[0] * shape[1] != length:
       raise ValueError(f"grid {shape} must have seq = {length} cells")
   _check_causal_grid(shape, is_causal)
+  if radius is not None:
+    return shape, None, (1,) * len(shape)
   rank = len(shape)
   kernel = checks.int_tuple("kernel_size", kernel_size, rank)
   dil = checks.int_tuple("dilation", dilation, rank)
@@ -113,14 +145,20 @@ def _axis_window(q_pos, k_pos, length: int, kernel_size: int, dilation: int, is_
   return visible, k_member - member + kernel_size - 1
 
 
-def _window_terms(arrays, q_pos, k_pos, *, is_causal, shape, kernel, dilation):
-  """Neighborhood attention's `PairTerms`: the visible pairs (each query's window) and the
-  relative position bias `rpb` (if given) at these positions of the row-major `shape`."""
+def _window_terms(arrays, q_pos, k_pos, *, is_causal, shape, kernel, dilation, radius=None):
+  """Neighborhood attention's `PairTerms`: the visible pairs (each query's window, or the
+  circle of `radius`) and the relative position bias `rpb` (if given) at these positions of
+  the row-major `shape`."""
   _check_causal_grid(shape, is_causal)
   if len(shape) == 1:
     axes = [(q_pos, k_pos)]
   else:
     axes = [(q_pos // shape[1], k_pos // shape[1]), (q_pos % shape[1], k_pos % shape[1])]
+  if radius is not None:
+    if is_causal:
+      raise ValueError("radius gives a circular window (CLEAR): it takes no is_causal")
+    distance2 = sum((k_axis[None, :] - q_axis[:, None]) ** 2 for q_axis, k_axis in axes)
+    return None, None, distance2 <= radius ** 2
   visible, rels = None, []
   for (q_axis, k_axis), length, k, d in zip(axes, shape, kernel, dilation):
     seen, rel = _axis_window(q_axis, k_axis, length, k, d, is_causal)
@@ -130,20 +168,21 @@ def _window_terms(arrays, q_pos, k_pos, *, is_causal, shape, kernel, dilation):
   return None if rpb is None else rpb[(slice(None),) + tuple(rels)], None, visible
 
 
-def _neighborhood_block_form(query, key, scale, *, kernel_size=7, dilation=1, grid=None,
-                             rpb=None) -> BlockForm:
+def _neighborhood_block_form(query, key, scale, *, kernel_size=None, dilation=1, grid=None,
+                             rpb=None, radius=None) -> BlockForm:
   """Softmax blocks masked to each query's window, with its bias, at global positions; a
   causal 2-D grid is refused when the blocks are computed."""
   shape, kernel, dil = _check_window(query.shape[1], key.shape[1], query.shape[2], kernel_size,
-                                     dilation, grid, rpb, False)
-  terms = PairTerms(_window_terms, (("shape", shape), ("kernel", kernel), ("dilation", dil)))
+                                     dilation, grid, rpb, False, radius)
+  terms = PairTerms(_window_terms, (("shape", shape), ("kernel", kernel), ("dilation", dil),
+                                    ("radius", radius)))
   return BlockForm("softmax", query, key, scale, pair_terms=terms,
                    pair_arrays={} if rpb is None else {"rpb": rpb})
 
 
 @register("neighborhood", grid=True, block_form=_neighborhood_block_form)
 def neighborhood_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
-                           kernel_size=7, dilation=1, grid=None, rpb=None):
+                           kernel_size=None, dilation=1, grid=None, rpb=None, radius=None):
   """(Dilated) Neighborhood Attention: Neighborhood Attention Transformer (Hassani et al.,
   2023) and Dilated Neighborhood Attention Transformer (Hassani & Shi, 2022).
 
@@ -158,6 +197,11 @@ def neighborhood_attention(query, key, value, *, mask=None, is_causal=False, sca
   (1-D only): the `kernel_size` most recent tokens at dilation δ (i, i−δ, ..., fewer at the
   start).
 
+  With `radius` r the window is circular, as in CLEAR: Conv-Like Linearization Revs
+  Pre-Trained Diffusion Transformers Up (Liu et al., 2024): query i attends to the tokens j
+  with ‖p_j − p_i‖₂ <= r (grid positions p), centred on i and cut at the borders (fewer keys
+  there), O(seq·πr²).
+
   Args:
     query: `[batch, seq, num_heads, head_dim]`.
     key: `[batch, seq, num_kv_heads, head_dim]` (self-attention: the same seq).
@@ -166,10 +210,13 @@ def neighborhood_attention(query, key, value, *, mask=None, is_causal=False, sca
       query's neighbours; a query with no neighbour left returns zeros.
     is_causal: 1-D only; see above.
     scale: logit scale `s`; `1/sqrt(head_dim)` when None.
-    kernel_size: odd neighbourhood size (int, or an int or `(kh, kw)` pair with `grid`).
+    kernel_size: odd neighbourhood size (int, or an int or `(kh, kw)` pair with `grid`); 7
+      when None.
     dilation: δ (int, or an int or pair with `grid`); `kernel_size·δ <= length` per axis.
     grid: `(height, width)`: tokens are a row-major image, neighbourhoods are kh×kw.
     rpb: relative position bias, `[num_heads, 2k−1]` (1-D) or `[num_heads, 2kh−1, 2kw−1]`.
+    radius: a circular window of this Euclidean radius (CLEAR) instead of the kernel; takes
+      no kernel_size, dilation, rpb or is_causal.
 
   Returns:
     `[batch, seq, num_heads, value_dim]` in the query's dtype.
@@ -177,8 +224,11 @@ def neighborhood_attention(query, key, value, *, mask=None, is_causal=False, sca
   dims = common.check_qkv(query, key, value)
   scale = common.default_scale(dims.head_dim, scale)
   shape, kernel, dil = _check_window(dims.q_len, dims.kv_len, dims.num_heads, kernel_size,
-                                     dilation, grid, rpb, is_causal)
-  keys, valid, rel = _neighbours(shape, kernel, dil, is_causal)
+                                     dilation, grid, rpb, is_causal, radius)
+  if radius is None:
+    keys, valid, rel = _neighbours(shape, kernel, dil, is_causal)
+  else:
+    keys, valid = _circle_neighbours(shape, radius)
 
   k_heads, g = dims.num_kv_heads, dims.groups
   key_n = key[:, keys]  # [b, t, K, k, d]

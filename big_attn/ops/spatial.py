@@ -112,13 +112,14 @@ def stage_sizes(op: str, op_args: dict[str, Any], grid: tuple[int, int]) -> dict
   """`op_args` with the sizes of op `op` clipped to the `grid=(h, w)` map (see the module
   docstring); the papers' sizes where none is given."""
   args = dict(op_args)
+  circular = op == "neighborhood" and args.get("radius") is not None  # CLEAR: no kernel
   for (name, key), size in PAPER_SIZES.items():
-    if name == op and args.get(key) is None:
+    if name == op and args.get(key) is None and not circular:
       args[key] = size
   for key in ("window_size", "grid_size", "num_regions", "reduction"):
     if takes_grid(op) and args.get(key) is not None:
       args[key] = tuple(common.largest_divisor(g, s) for s, g in zip(_pair(key, args[key]), grid))
-  if op == "neighborhood":
+  if op == "neighborhood" and not circular:
     kernel = tuple(min(k, g - 1 + g % 2) for k, g in zip(_pair("kernel_size",
                                                                args["kernel_size"]), grid))
     dilation = _pair("dilation", args.get("dilation") or 1)
