@@ -403,7 +403,9 @@ def _train_and_evaluate(config: Any, workdir: str, stop: StopRequest) -> dict[st
       loss = functools.partial(loss, constants=c)
     if diversification:
       loss = regularizers.with_attention_diversification(
-          loss, diversification, threshold=config.loss.attention_diversification_threshold)
+          loss, diversification, threshold=(
+              regularizers.THRESHOLD if config.loss.attention_diversification_threshold is None
+              else config.loss.attention_diversification_threshold))
     return loss
 
   def update(state, batch, rng, c):

@@ -29,7 +29,7 @@ def get_config(arg=None):
   config.model_name = "vit"
   config.model = dict(width=64, depth=4, mlp_dim=128, num_heads=4, patch_size=(4, 4),
                       posemb="learn", pool_type="gap", attention=arg.attention, dropout=0.0,
-                      token_pooling_scales=0, dtype="float32")
+                      token_pooling_scales=None, dtype="float32")
   if arg.family == "convit":
     config.model.update(local_layers=2, pool_type="cls")
   elif arg.family == "cpvt":

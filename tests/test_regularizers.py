@@ -3,6 +3,8 @@ Attention for Vision Transformers against float64 NumPy from the paper's formula
 gradient), added to a ViT's loss and through `config.loss.attention_diversification`."""
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -126,3 +128,17 @@ def test_config_key_refuses_scanned_layers(tmp_path):
   scanned = tiny_config(**{"loss.attention_diversification": 1.0, "model.scan_layers": True})
   with pytest.raises(config_lib.ConfigError, match="scan_layers=False"):
     main_lib.train_and_evaluate(scanned, str(tmp_path / "scanned"))
+
+
+def test_a_run_saved_before_the_loss_keys_resumes_unchanged():
+  # The keys default to None, which `config_changes` does not count against a saved config
+  # that lacks them: a workdir of an earlier version resumes without `accept_changes`.
+  new = config_lib.load_config_file(
+      os.path.join(os.path.dirname(__file__), "..", "configs", "vit_digits.py"))
+  old = new.copy_and_resolve_references()
+  with old.unlocked():
+    del old["loss"]
+    del old.model["token_pooling_scales"]
+  assert config_lib.config_changes(old, new) == []
+  new.loss.attention_diversification = 0.5
+  assert config_lib.config_changes(old, new) == [("loss.attention_diversification", "<absent>", 0.5)]

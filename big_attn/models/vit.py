@@ -211,7 +211,7 @@ class Encoder1DBlock(nn.Module):
   num_protected: int = 0
   attention_free: bool = False
   spectral_grid: tuple[int, int] | None = None
-  token_pooling_scales: int = 0
+  token_pooling_scales: int | None = None
   token_pooling_grid: tuple[int, int] | None = None
   token_pooling_start: int = 0
   dtype: Any = jnp.float32
@@ -639,7 +639,7 @@ class Model(nn.Module):
       gets the channels' patch grids stacked along the height as its grid.
     token_pooling_scales: K >= 2 puts token-aware average pooling (`TokenAwarePooling`, K
       dilations) before the attention of every block (Robustifying Token Attention for Vision
-      Transformers); 0: none. Needs no registers, token reduction, local layers or channel
+      Transformers); None or 0: none. Needs no registers, token reduction, local layers or channel
       tokens (the tokens after the class token must be the patch grid).
     dtype: compute dtype (e.g. bfloat16); param_dtype: parameter dtype.
   Parameters carry the logical axis names embed, mlp, heads, kv_heads, head_dim, norm,
@@ -674,7 +674,7 @@ class Model(nn.Module):
   local_layers: int = 0
   local_attention: str = "gpsa"
   channel_tokens: bool = False
-  token_pooling_scales: int = 0
+  token_pooling_scales: int | None = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 

@@ -295,9 +295,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.grad_clip_norm = 1.0
   config.grad_accum_steps = 1
   # Terms added to the task's loss: λ and threshold of the attention diversification loss
-  # (`train.regularizers`, Robustifying Token Attention for Vision Transformers).
-  config.loss = ml_collections.ConfigDict(dict(attention_diversification=0.0,
-                                               attention_diversification_threshold=2.0))
+  # (`train.regularizers`, Robustifying Token Attention for Vision Transformers; None: no
+  # term, threshold 2). None, so that a run saved without these keys resumes unchanged.
+  config.loss = ml_collections.ConfigDict(dict(attention_diversification=None,
+                                               attention_diversification_threshold=None))
   config.total_steps = 1000
   config.log_every = 50
   config.ckpt_every = 500

@@ -16,7 +16,10 @@ import jax.numpy as jnp
 from big_attn.interpret import capture
 
 
-def attention_diversification_loss(maps: Sequence[jax.Array], *, threshold: float = 2.0
+THRESHOLD = 2.0  # τ·n: attention weights at or below 2/n are zeroed (the authors' code).
+
+
+def attention_diversification_loss(maps: Sequence[jax.Array], *, threshold: float = THRESHOLD
                                    ) -> jax.Array:
   """Attention diversification loss (ADL), Robustifying Token Attention for Vision Transformers.
 
@@ -47,7 +50,7 @@ def attention_diversification_loss(maps: Sequence[jax.Array], *, threshold: floa
 
 
 def with_attention_diversification(loss_fn: Callable[..., Any], weight: float, *,
-                                   threshold: float = 2.0) -> Callable[..., Any]:
+                                   threshold: float = THRESHOLD) -> Callable[..., Any]:
   """`loss_fn` (a `Task.loss` or `Task.loss_with_stats`) plus `weight`·ADL of the model's
   self-attention maps in that same forward pass.
 
