@@ -195,6 +195,7 @@ class Encoder1DBlock(nn.Module):
   num_heads: int
   mlp_dim: int
   num_kv_heads: int | None = None
+  head_dim: int | None = None
   attention: str = "softmax"
   attention_args: Any = None
   attention_impl: str | None = None
@@ -245,8 +246,8 @@ class Encoder1DBlock(nn.Module):
       with token_reduction_lib.observe_attention(self.attention, self.token_reduction,
                                                  size) as seen:
         y = Attention(
-            num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, op=self.attention,
-            op_args=self.attention_args, implementation=self.attention_impl,
+            num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+            op=self.attention, op_args=self.attention_args, implementation=self.attention_impl,
             qk_norm=self.qk_norm, use_bias=True, dtype=self.dtype,
             param_dtype=self.param_dtype, kernel_init=nn.initializers.xavier_uniform(),
             name="MultiHeadAttention")(y)
@@ -546,6 +547,10 @@ class Model(nn.Module):
       and its sizes clipped to the grid (`big_attn.ops.spatial`; registers then sit after the
       class token inside the encoder).
     qk_norm, num_kv_heads: as in `big_attn.layers.Attention`.
+    head_dim: the per-head size of the blocks' attention; None: width / num_heads; "tokens": the
+      number of tokens entering the encoder, n (Low-Rank Bottleneck in Multi-head Attention
+      Models: a head size of n lets every head express any n×n attention map, whatever the
+      number of heads).
     dropout: rate after the embeddings and inside every block.
     norm_eps: epsilon of the LayerNorms (1e-6; Hugging Face's ViT uses 1e-12).
     approximate_gelu: tanh-approximate GELU in the MLPs (big_vision's); False: exact (timm's).
@@ -595,6 +600,7 @@ class Model(nn.Module):
   attention_impl: str | None = None
   qk_norm: bool = False
   num_kv_heads: int | None = None
+  head_dim: int | str | None = None
   dropout: float = 0.0
   norm_eps: float = 1e-6
   approximate_gelu: bool = True
@@ -627,6 +633,11 @@ class Model(nn.Module):
       raise ValueError(f"unknown posemb {self.posemb!r}; expected one of {POSEMB_TYPES}")
     if self.num_registers < 0:
       raise ValueError(f"num_registers must be >= 0, got {self.num_registers}")
+    if self.head_dim is not None and self.head_dim != "tokens" and (
+        not isinstance(self.head_dim, int) or isinstance(self.head_dim, bool)
+        or self.head_dim < 1):
+      raise ValueError(f"head_dim must be None, a positive int or 'tokens', got "
+                       f"{self.head_dim!r}")
     if (not isinstance(self.local_layers, int) or isinstance(self.local_layers, bool)
         or not 0 <= self.local_layers <= self.depth):
       raise ValueError(f"local_layers must be an int in [0, depth={self.depth}], got "
@@ -682,8 +693,11 @@ class Model(nn.Module):
     x = nn.Dropout(rate=self.dropout)(x, deterministic)
 
     extra = num_prefix + self.num_registers
+    head_dim = x.shape[1] + (late_tokens is not None) if self.head_dim == "tokens" else (
+        self.head_dim)
     block_args = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim,
-                      num_kv_heads=self.num_kv_heads, attention=self.attention,
+                      num_kv_heads=self.num_kv_heads, head_dim=head_dim,
+                      attention=self.attention,
                       attention_args=encoder_op_args(self, images, patch, extra, grid=grid),
                       attention_impl=self.attention_impl, qk_norm=self.qk_norm,
                       dropout=self.dropout, norm_eps=self.norm_eps,
