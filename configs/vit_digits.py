@@ -14,6 +14,7 @@ Args (`--config=configs/vit_digits.py:attention=sigmoid,steps=500`):
     channel tokens of a patch see different things.
   head_dim: "" (width / num_heads = 16), a number, or "tokens": the head size set to the
     number of tokens, 16 (Low-Rank Bottleneck in Multi-head Attention Models).
+  parallel_block: attention and MLP in parallel from one LayerNorm (PAF).
   steps: training steps.
   runlocal: a few steps only, for smoke tests.
 Measured numbers are in experiments/results/vit_digits.md.
@@ -23,13 +24,13 @@ from big_attn.train import config_lib
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, attention="softmax", steps=1500, runlocal=False, family="",
-                             head_dim="")
+                             head_dim="", parallel_block=False)
   config = config_lib.digits_config(arg)
 
   config.model_name = "vit"
   config.model = dict(width=64, depth=4, mlp_dim=128, num_heads=4, patch_size=(4, 4),
                       posemb="learn", pool_type="gap", attention=arg.attention, dropout=0.0,
-                      dtype="float32")
+                      parallel_block=arg.parallel_block, dtype="float32")
   if arg.head_dim:
     if arg.head_dim != "tokens" and not arg.head_dim.isdigit():
       raise ValueError(f"config arg head_dim must be a positive number or 'tokens', got "

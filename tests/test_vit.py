@@ -509,11 +509,42 @@ def test_head_dim_of_the_sequence_length_lifts_the_low_rank_bottleneck():
     vit.Model(num_classes=0, head_dim="n", **tiny).init(jax.random.key(0), images)
 
 
-def test_vit_digits_head_dim_arg():
+def test_vit_digits_head_dim_and_parallel_block_args():
   from tests.test_train import _config_module  # pylint: disable=g-import-not-at-top
   digits = _config_module("vit_digits")
   assert digits.get_config("head_dim=tokens").model.head_dim == "tokens"
   assert digits.get_config("head_dim=32").model.head_dim == 32
   assert "head_dim" not in digits.get_config().model
+  assert digits.get_config("parallel_block").model.parallel_block
   with pytest.raises(ValueError, match="config arg head_dim"):
     digits.get_config("head_dim=n")
+
+
+def test_parallel_block_matches_the_paf_formula_forward_and_gradient():
+  """PAF: x + Attn(LN(x)) + MLP(LN(x)) with one LayerNorm, against float64 plain JAX."""
+  block = vit.Encoder1DBlock(num_heads=2, mlp_dim=16, parallel=True)
+  x = ref.normal(0, (2, 5, 8))
+  params = _init(block, x)
+  assert set(params) == {"LayerNorm_0", "MultiHeadAttention", "MlpBlock"}
+  leaves, tree = jax.tree.flatten(params)
+
+  def formula(x, *leaves):
+    p = jax.tree.unflatten(tree, leaves)
+    mu = x.mean(-1, keepdims=True)
+    y = (x - mu) / jnp.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + 1e-6) * p[
+        "LayerNorm_0"]["scale"] + p["LayerNorm_0"]["bias"]
+    h = y @ p["MlpBlock"]["Dense_0"]["kernel"] + p["MlpBlock"]["Dense_0"]["bias"]
+    h = 0.5 * h * (1 + jnp.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h ** 3)))
+    mlp = h @ p["MlpBlock"]["Dense_1"]["kernel"] + p["MlpBlock"]["Dense_1"]["bias"]
+    return x + _mha_reference(y, p["MultiHeadAttention"])[0] + mlp
+  ref.assert_matches(lambda x, *l: block.apply({"params": jax.tree.unflatten(tree, l)}, x)[0],
+                     formula, [x, *leaves], tol=dict(rtol=2e-4, atol=2e-4))
+  images = _images(size=8)
+  model = vit.Model(num_classes=3, parallel_block=True, attention_free_layers=(1,), **TINY)
+  params = _init(model, images)
+  assert "LayerNorm_1" not in params["Transformer"]["encoderblock_0"]
+  assert "LayerNorm_1" in params["Transformer"]["encoderblock_1"]  # an MLP-only block
+  assert np.all(np.isfinite(model.apply({"params": params}, images)))
+  with pytest.raises(ValueError, match="parallel_block .* does not combine with token_reduction"):
+    vit.Model(num_classes=3, parallel_block=True, token_reduction={"method": "tome"},
+              **TINY).init(jax.random.key(0), images)

@@ -187,7 +187,10 @@ class Encoder1DBlock(nn.Module):
   the compressed tokens gather from the lookup tokens, the attention and the MLP see the
   protected and compressed tokens, the lookup tokens receive from them after the MLP). With
   `attention_free` the block has no attention branch
-  (x + Dropout(MLP(LN(x))) only; MLP Can Be A Good Transformer Learner). With `spectral_grid`
+  (x + Dropout(MLP(LN(x))) only; MLP Can Be A Good Transformer Learner). With `parallel` the
+  two branches read the same LayerNorm and add in parallel, x + Attn(LN(x)) + MLP(LN(x))
+  (PAF: Investigating the Role of Feed-Forward Networks in Transformers Using Parallel
+  Attention and Feed-Forward Net Design). With `spectral_grid`
   `(h, w)` (the tokens are exactly that patch grid) it is GFNet's spectral block,
   x + Dropout(MLP(LN(Filter(LN(x))))) with the global filter `metaformer`'s `spectral_filter`
   (SpectFormer's first blocks).
@@ -209,6 +212,7 @@ class Encoder1DBlock(nn.Module):
   lookup_block: bool = False
   num_protected: int = 0
   attention_free: bool = False
+  parallel: bool = False
   spectral_grid: tuple[int, int] | None = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -241,8 +245,10 @@ class Encoder1DBlock(nn.Module):
       x = jnp.concatenate([x[:, :p], compressed], axis=1)
     if self.spectral_grid is not None:
       return self._spectral(x, deterministic), size
+    parallel = self.parallel and not self.attention_free
     if not self.attention_free:
-      y = layer_norm(self.dtype, self.param_dtype, "LayerNorm_0", epsilon=self.norm_eps)(x)
+      normed = layer_norm(self.dtype, self.param_dtype, "LayerNorm_0",
+                          epsilon=self.norm_eps)(x)
       with token_reduction_lib.observe_attention(self.attention, self.token_reduction,
                                                  size) as seen:
         y = Attention(
@@ -250,20 +256,23 @@ class Encoder1DBlock(nn.Module):
             op=self.attention, op_args=self.attention_args, implementation=self.attention_impl,
             qk_norm=self.qk_norm, use_bias=True, dtype=self.dtype,
             param_dtype=self.param_dtype, kernel_init=nn.initializers.xavier_uniform(),
-            name="MultiHeadAttention")(y)
-      y = nn.Dropout(rate=self.dropout)(y, deterministic)
-      x = constrain(x + self._scale("layer_scale_1", y))
+            name="MultiHeadAttention")(normed)
+      attention_branch = self._scale("layer_scale_1", nn.Dropout(rate=self.dropout)(
+          y, deterministic))
+      if not parallel:
+        x = constrain(x + attention_branch)
     if self.reduce_tokens:
       x, size = token_reduction_lib.reduce_tokens(self.token_reduction, x, size, seen,
                                                   num_protected=p,
                                                   dtype=self.dtype,
                                                   param_dtype=self.param_dtype)
-    y = layer_norm(self.dtype, self.param_dtype, "LayerNorm_1", epsilon=self.norm_eps)(x)
+    y = normed if parallel else layer_norm(self.dtype, self.param_dtype, "LayerNorm_1",
+                                           epsilon=self.norm_eps)(x)
     y = MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout,
                  approximate_gelu=self.approximate_gelu, dtype=self.dtype,
                  param_dtype=self.param_dtype, name="MlpBlock")(y, deterministic)
-    y = nn.Dropout(rate=self.dropout)(y, deterministic)
-    x = constrain(x + self._scale("layer_scale_2", y))
+    y = self._scale("layer_scale_2", nn.Dropout(rate=self.dropout)(y, deterministic))
+    x = constrain(x + y + attention_branch if parallel else x + y)
     if self.lookup_block:
       lookup = exchange.propagate(lookup, x[:, p:], logits, deterministic)
       x, size = jnp.concatenate([x, lookup], axis=1), jnp.concatenate([size, lookup_size], 1)
@@ -570,6 +579,9 @@ class Model(nn.Module):
       "stvit" and "lookupvit" a square patch grid.
     attention_free_layers: block indices without an attention branch (MLP Can Be A Good
       Transformer Learner: x + MLP(LN(x)) only); needs `scan_layers=False`.
+    parallel_block: every block computes x + Attn(LN(x)) + MLP(LN(x)), one LayerNorm for both
+      branches (PAF: Investigating the Role of Feed-Forward Networks in Transformers Using
+      Parallel Attention and Feed-Forward Net Design); no token reduction.
     spectral_layers: block indices that are GFNet's spectral blocks (SpectFormer: the first 4;
       the spectformer_* variants set it); needs `scan_layers=False`, pool_type "gap" or "map",
       no registers and no token reduction (the tokens must be the patch grid).
@@ -610,6 +622,7 @@ class Model(nn.Module):
   scan_layers: bool = False
   token_reduction: Any = None
   attention_free_layers: Any = None
+  parallel_block: bool = False
   spectral_layers: Any = None
   local_layers: int = 0
   local_attention: str = "gpsa"
@@ -633,6 +646,9 @@ class Model(nn.Module):
       raise ValueError(f"unknown posemb {self.posemb!r}; expected one of {POSEMB_TYPES}")
     if self.num_registers < 0:
       raise ValueError(f"num_registers must be >= 0, got {self.num_registers}")
+    if self.parallel_block and self.token_reduction is not None:
+      raise ValueError("parallel_block computes the attention and the MLP from the same input: "
+                       "it does not combine with token_reduction, which acts between them")
     if self.head_dim is not None and self.head_dim != "tokens" and (
         not isinstance(self.head_dim, int) or isinstance(self.head_dim, bool)
         or self.head_dim < 1):
@@ -702,7 +718,7 @@ class Model(nn.Module):
                       attention_impl=self.attention_impl, qk_norm=self.qk_norm,
                       dropout=self.dropout, norm_eps=self.norm_eps,
                       approximate_gelu=self.approximate_gelu,
-                      layer_scale_init=self.layer_scale_init)
+                      layer_scale_init=self.layer_scale_init, parallel=self.parallel_block)
     local_block_args = None
     if self.local_layers:
       local_extra = extra - (late_tokens is not None)
