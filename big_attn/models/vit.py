@@ -335,7 +335,7 @@ class Encoder(nn.Module):
   tokens after the first `num_protected` in the blocks of its `layers` (Python loop only); for
   LookupViT the patch tokens are pooled into the compressed tokens before the block of its
   `layers`, the blocks from there on are LookupViT blocks and the lookup tokens are dropped
-  after the last.
+  after the last; for HVT they are max-pooled before the blocks of its `layers`.
   The blocks of `attention_free_layers` have no attention branch, those of `spectral_layers`
   are GFNet's spectral blocks over the token grid `grid` (Python loop only).
   The first `local_layers` blocks take `local_block_args` (ConViT's GPSA blocks) and the
@@ -395,6 +395,7 @@ class Encoder(nn.Module):
     else:
       size = None if reduction is None else jnp.ones(x.shape[:2], jnp.float32)
       lookup = reduction is not None and reduction.method == "lookupvit"
+      pool = reduction is not None and reduction.method == "hvt"
       late = 0 if late_tokens is None else late_tokens.shape[1]
       for i in range(self.depth):
         if late and i == self.local_layers:
@@ -402,9 +403,13 @@ class Encoder(nn.Module):
         if lookup and i == reduction.layers[0]:
           x, size = token_reduction_lib.compress(x, size, reduction.num_tokens,
                                                  num_protected=self.num_protected)
+        if pool and i in reduction.layers:
+          x, size = token_reduction_lib.max_pool_tokens(
+              x, size, reduction.kernel_size, reduction.stride,
+              num_protected=self.num_protected)
         if reduction is not None:
           kwargs.update(token_reduction=reduction, num_protected=self.num_protected,
-                        reduce_tokens=i in reduction.layers and not lookup,
+                        reduce_tokens=i in reduction.layers and not (lookup or pool),
                         lookup_block=lookup and i >= reduction.layers[0])
         if free:
           kwargs.update(attention_free=i in free)
@@ -570,10 +575,11 @@ class Model(nn.Module):
     scan_layers: stack the blocks with `nn.scan` (parameters get a leading `layers` axis).
     token_reduction: None, or a dict `{"method": NAME, ...}` of the method's settings (NAME
       one of `big_attn.layers.token_reduction.METHODS`: evit, tome, mctf, stvit, sit, spa,
-      dependencyvit, lookupvit; settings in its `DEFAULTS`, e.g. `{"method": "evit",
+      dependencyvit, lookupvit, hvt; settings in its `DEFAULTS`, e.g. `{"method": "evit",
       "keep_rate": 0.7, "layers": (3, 6, 9)}`): the patch tokens are pruned, merged or
       replaced between the attention and the MLP of those blocks (LookupViT: before its block,
-      then exchanged with in every later block), the class and register tokens never
+      then exchanged with in every later block; HVT: max-pooled before them), the class and
+      register tokens never
       (registers then sit after the class token inside the encoder). Needs
       `scan_layers=False` and an op without a patch grid; "evit" needs pool_type "cls";
       "stvit" and "lookupvit" a square patch grid.
