@@ -119,12 +119,7 @@ class Model(nn.Module):
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"ConvMixer: {name} must be a positive int, got {value!r}")
-    if images.ndim != 4:
-      raise ValueError(f"images must be [batch, height, width, channels], got shape "
-                       f"{images.shape}")
-    if images.shape[1] % self.patch_size or images.shape[2] % self.patch_size:
-      raise ValueError(f"image size {images.shape[1:3]} must be divisible by patch_size "
-                       f"{self.patch_size}")
+    common.check_images(images, self.patch_size)
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
@@ -137,10 +132,5 @@ class Model(nn.Module):
                          name=f"layer_{i}")(z, train)
     x = jnp.mean(z, axis=(1, 2))
     if self.num_classes:
-      x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
-                   name="head",
-                   kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
-                                                            ("embed", "classes")),
-                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(),
-                                                          ("classes",)))(x)
+      x = common.classifier(self.num_classes, self.dtype, self.param_dtype)(x)
     return x.astype(jnp.float32)
