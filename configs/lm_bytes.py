@@ -14,8 +14,9 @@ Args (`--config=configs/lm_bytes.py:seq_len=512,steps=2000`):
   seq_len: tokens (bytes) per packed training sequence.
   steps: training steps; variant: model size (`big_attn.models.lm.decode_variant`).
   attention: registry name of the attention op (sequence parallelism needs "softmax").
-  block: "pre_norm", or "transnormer" (TransNormerLLM: SRMSNorm, gated lightning attention
-    with the per-layer ALiBi decay, SGLU; sets attention="lightning" and no qk-norm).
+  block: "pre_norm", "parallel" (pre_norm with attention and SwiGLU in parallel from one norm;
+    PAF) or "transnormer" (TransNormerLLM: SRMSNorm, gated lightning attention with the
+    per-layer ALiBi decay, SGLU; sets attention="lightning" and no qk-norm).
   runlocal: a few steps on a few files, for smoke tests.
 Measured numbers are in experiments/results/lm_bytes.md.
 """
@@ -40,8 +41,11 @@ def get_config(arg=None):
                       dtype="float32")
   if arg.block == "transnormer":
     config.model.update(block="transnormer", attention="lightning", qk_norm=False)
+  elif arg.block == "parallel":
+    config.model.parallel_block = True
   elif arg.block != "pre_norm":
-    raise ValueError(f"block must be 'pre_norm' or 'transnormer', got {arg.block!r}")
+    raise ValueError(f"block must be 'pre_norm', 'parallel' or 'transnormer', got "
+                     f"{arg.block!r}")
 
   config.mesh = [("data", -1), ("seq", arg.seq_shards)]
   config.optax_name = "adamw"

@@ -1,4 +1,4 @@
-r"""Small HorNet, Sequencer2D, SpectFormer or MobileViT on scikit-learn's handwritten digits
+r"""Small HorNet, Sequencer2D, SpectFormer, MobileViT or ConvMixer on scikit-learn's handwritten digits
 (16x16).
 
     python -m big_attn.main --config=configs/mixer_families_digits.py:family=hornet \
@@ -7,7 +7,8 @@ r"""Small HorNet, Sequencer2D, SpectFormer or MobileViT on scikit-learn's handwr
 Args (`--config=configs/mixer_families_digits.py:family=spectformer,attention=sigmoid`):
   family: hornet (`convnext` with gⁿConv of orders 2, 3, 4), sequencer (`metaformer` with
     BiLSTM2D, Sequencer2D's layout), spectformer (`vit`, spectral filters in the first 2 of 4
-    blocks) or mobilevit (`mobilevit`, strides 1, 1, 2, 1, 2, 1).
+    blocks), mobilevit (`mobilevit`, strides 1, 1, 2, 1, 2, 1) or convmixer (`convmixer`,
+    width 64, depth 4, kernel 5, patch 2).
   attention: registry name of SpectFormer's or MobileViT's attention op (`big_attn.ops.names()`).
   steps: training steps.
   runlocal: a few steps only, for smoke tests.
@@ -27,6 +28,7 @@ _MODELS = {
     "mobilevit": ("mobilevit", dict(channels=(8, 8, 16, 16, 16), dims=(16, 16, 16), expansion=2,
                                     head_channels=32, depths=(1, 1, 1),
                                     strides=(1, 1, 2, 1, 2, 1))),
+    "convmixer": ("convmixer", dict(dim=64, depth=4, kernel_size=5, patch_size=2)),
 }
 
 

@@ -12,6 +12,9 @@ Args (`--config=configs/vit_digits.py:attention=sigmoid,steps=500`):
     ChannelViT). The digits are grey: for "channelvit" the input stacks each image with its
     horizontal and vertical gradients (`config.input.channels="derived"`), so that the three
     channel tokens of a patch see different things.
+  head_dim: "" (width / num_heads = 16), a number, or "tokens": the head size set to the
+    number of tokens, 16 (Low-Rank Bottleneck in Multi-head Attention Models).
+  parallel_block: attention and MLP in parallel from one LayerNorm (PAF).
   steps: training steps.
 `--config.model.token_pooling_scales=3 --config.loss.attention_diversification=1.0` trains with
 the token-aware average pooling and the attention diversification loss of Robustifying Token
@@ -23,13 +26,21 @@ from big_attn.train import config_lib
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, attention="softmax", steps=1500, runlocal=False, family="")
+  arg = config_lib.parse_arg(arg, attention="softmax", steps=1500, runlocal=False, family="",
+                             head_dim="", parallel_block=False)
   config = config_lib.digits_config(arg)
 
   config.model_name = "vit"
   config.model = dict(width=64, depth=4, mlp_dim=128, num_heads=4, patch_size=(4, 4),
                       posemb="learn", pool_type="gap", attention=arg.attention, dropout=0.0,
                       token_pooling_scales=None, dtype="float32")
+  if arg.parallel_block:
+    config.model.parallel_block = True
+  if arg.head_dim:
+    if arg.head_dim != "tokens" and not arg.head_dim.isdigit():
+      raise ValueError(f"config arg head_dim must be a positive number or 'tokens', got "
+                       f"{arg.head_dim!r}")
+    config.model.head_dim = arg.head_dim if arg.head_dim == "tokens" else int(arg.head_dim)
   if arg.family == "convit":
     config.model.update(local_layers=2, pool_type="cls")
   elif arg.family == "cpvt":

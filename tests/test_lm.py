@@ -24,6 +24,7 @@ from big_attn.models import lm
 from big_attn.ops import registry
 from big_attn.parallel import mesh as mesh_lib
 from big_attn.train import step as step_lib
+from tests import reference as ref
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = dict(vocab_size=text.VOCAB_SIZE, width=32, depth=2, num_heads=4, num_kv_heads=2,
@@ -291,6 +292,43 @@ def test_transnormer_block_matches_its_formula():
     mlp = (y @ p["wi_v"]["kernel"]) * (y @ p["wi_u"]["kernel"])
     want = h + mlp @ p["wo"]["kernel"]
   np.testing.assert_allclose(np.asarray(out, np.float64), want, rtol=1e-4, atol=1e-4)
+
+
+def test_parallel_block_matches_the_paf_formula_forward_and_gradient():
+  """PAF in the LM: x + Attn(RMSNorm(x)) + SwiGLU(RMSNorm(x)), one norm, causal GQA attention
+  (no RoPE here: `apply_rope` is tested above), against float64 plain JAX."""
+  block = lm.DecoderBlock(num_heads=4, num_kv_heads=2, head_dim=4, mlp_dim=24, rope_base=None,
+                          parallel=True)
+  x = ref.normal(0, (2, 6, 16))
+  boxed = jax.eval_shape(block.init, jax.random.key(0), x, None, None)["params"]
+  assert set(boxed) == {"attention_norm", "attention", "mlp"}
+  rng = np.random.default_rng(1)
+  params = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.3, s.shape), s.dtype),
+                        nn.unbox(boxed))
+  leaves, tree = jax.tree.flatten(params)
+
+  def formula(x, *leaves):
+    p = jax.tree.unflatten(tree, leaves)
+    y = x / jnp.sqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6) * p["attention_norm"]["scale"]
+    a = p["attention"]
+    proj = lambda name: jnp.einsum("btd,dhk->bthk", y, a[name]["kernel"])
+    causal = jnp.tril(jnp.ones((6, 6), bool))
+    o = ref.softmax_attention(proj("query"), proj("key"), proj("value"), mask=causal)
+    m = p["mlp"]
+    gate = y @ m["wi_gate"]["kernel"]
+    mlp = (gate / (1 + jnp.exp(-gate)) * (y @ m["wi_up"]["kernel"])) @ m["wo"]["kernel"]
+    return x + jnp.einsum("bthk,hkd->btd", o, a["out"]["kernel"]) + mlp
+  ref.assert_matches(
+      lambda x, *l: block.apply({"params": jax.tree.unflatten(tree, l)}, x, None, None)[0],
+      formula, [x, *leaves], tol=dict(rtol=2e-4, atol=2e-4))
+  assert _config_module("lm_bytes").get_config("block=parallel").model.parallel_block
+  model = lm.Model(**SMALL, parallel_block=True)
+  tokens = jnp.zeros((2, 8), jnp.int32)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), tokens)["params"]
+  assert "mlp_norm" not in shapes["layers_0"]
+  with pytest.raises(ValueError, match="parallel_block is a form of the pre_norm block"):
+    lm.Model(**dict(SMALL, qk_norm=False), parallel_block=True, block="ngpt",
+             attention="ngpt").init(jax.random.key(0), tokens)
 
 
 @pytest.mark.slow

@@ -1,5 +1,5 @@
 """The token mixers and CNN attention modules of `big_attn.models.metaformer` beyond PoolFormer's
-(HorNet, Sequencer, SpectFormer, NiNformer, Activator, Context Clusters, LKCA, ParCNetV2, triplet
+(MLP-Mixer, ConvMixer's depthwise conv, HorNet, Sequencer, SpectFormer, NiNformer, Activator, Context Clusters, LKCA, ParCNetV2, triplet
 attention, ELA, residual attention, GAAM): each against a float64 plain-JAX reference written
 from its paper's formula, forward and gradients w.r.t. the input and every parameter, then in a
 tiny MetaFormer and (the attention modules) a tiny ConvNeXt."""
@@ -247,6 +247,51 @@ def test_mixer_matches_its_formula_forward_and_gradient(name):
       lambda x, *leaves: module.apply({"params": jax.tree.unflatten(tree, leaves)}, x),
       lambda x, *leaves: ref_fn(x, jax.tree.unflatten(tree, leaves)), [X, *leaves],
       tol=dict(rtol=2e-4, atol=2e-4))
+
+
+def ref_mlp_mixer(x, p):
+  """MLP-Mixer's token mixing: per channel, W2 GELU(W1 x) over the positions."""
+  return untoken(dense(gelu(token_dense(x, p["token_0"])), p["token_1"]), x.shape)
+
+
+def ref_conv_unseparated(x, p):
+  """ConvMixer's spatial mixing: GELU(DepthwiseConv_k(x)) with bias (exact GELU)."""
+  y = conv(x, p["dwconv"]["kernel"], same(7), p["dwconv"]["bias"])
+  return 0.5 * y * (1.0 + jax.scipy.special.erf(y / np.sqrt(2.0)))
+
+
+@pytest.mark.parametrize("name, args, ref_fn", [
+    ("mlp_mixer", {}, ref_mlp_mixer),
+    ("conv", dict(separable=False), ref_conv_unseparated)])
+def test_mlp_mixer_and_convmixer_mixers_match_their_formulas(name, args, ref_fn):
+  module = metaformer.get_mixer(name)(**args)
+  params = random_params(module, X)
+  leaves, tree = jax.tree.flatten(params)
+  ref.assert_matches(
+      lambda x, *leaves: module.apply({"params": jax.tree.unflatten(tree, leaves)}, x),
+      lambda x, *leaves: ref_fn(x, jax.tree.unflatten(tree, leaves)), [X, *leaves],
+      tol=dict(rtol=2e-4, atol=2e-4))
+
+
+def test_mixer_layer_of_mlp_mixer():
+  """MetaFormerBlock(mlp_mixer, LayerNorm, no layer scale) is MLP-Mixer's layer:
+  U = X + W2 GELU(W1 LN(X)ᵀ)ᵀ (over the patches), Y = U + W4 GELU(W3 LN(U)) (per patch)."""
+  block = metaformer.MetaFormerBlock(mixer="mlp_mixer", mixer_args=dict(token_mlp_ratio=2.0),
+                                     norm="layer", layer_scale_init=0.0)
+  params = random_params(block, X)
+  leaves, tree = jax.tree.flatten(params)
+
+  def ref_fn(x, *leaves):
+    p = jax.tree.unflatten(tree, leaves)
+    def ln(y, q):
+      mu = y.mean(-1, keepdims=True)
+      return (y - mu) / jnp.sqrt(((y - mu) ** 2).mean(-1, keepdims=True) + 1e-6) * q[
+          "scale"] + q["bias"]
+    u = x + ref_mlp_mixer(ln(x, p["norm1"]), p["mixer"])
+    return u + dense(gelu(dense(ln(u, p["norm2"]), p["mlp"]["Dense_0"])), p["mlp"]["Dense_1"])
+  ref.assert_matches(lambda x, *leaves: block.apply({"params": jax.tree.unflatten(tree, leaves)},
+                                                    x),
+                     ref_fn, [X, *leaves], tol=dict(rtol=2e-4, atol=2e-4))
 
 
 def test_registered_and_in_a_tiny_metaformer():

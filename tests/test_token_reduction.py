@@ -1,5 +1,5 @@
 """Token reduction (`big_attn.layers.token_reduction`: EViT, ToMe, MCTF, STViT, SiT, SPA,
-DependencyViT-Lite, LookupViT) against float64 references written from the papers' formulas
+DependencyViT-Lite, LookupViT, HVT) against float64 references written from the papers' formulas
 (NumPy loops over tokens for the selections and merges; plain JAX in float64 for the learned
 modules, forward and gradient), and inside tiny ViT and DeiT models with several attention ops:
 token counts per block, gradients, the config checks."""
@@ -265,6 +265,34 @@ def test_select_and_pack_matches_reference():
   np.testing.assert_array_equal(out_size[:, p:], [size[b, i] for b, i in enumerate(idx)])
 
 
+def hvt_ref(x, size, k, s, p):
+  """The protected tokens, then out_i = max_{j < k} x_{p + s·i + j} per channel for each whole
+  window; size: the window's mean size times s."""
+  n = (x.shape[1] - p - k) // s + 1
+  body = np.stack([x[:, p + s * i:p + s * i + k].max(1) for i in range(n)], 1)
+  body_size = np.stack([size[:, p + s * i:p + s * i + k].mean(1) * s for i in range(n)], 1)
+  return np.concatenate([x[:, :p], body], 1), np.concatenate([size[:, :p], body_size], 1)
+
+
+@pytest.mark.parametrize("p, k, s", [(1, 3, 2), (0, 2, 2), (2, 3, 3)])
+def test_hvt_max_pooling_matches_reference(p, k, s):
+  x, size, _ = _data(14)
+  cot = np.asarray(ref.normal(15, (B, p + (N - p - k) // s + 1, C)))
+
+  def out_and_grads(x, cot):
+    (out, out_size), vjp = jax.vjp(
+        lambda x: tr.max_pool_tokens(x, size, k, s, num_protected=p), x)
+    return out, out_size, vjp((cot, jnp.zeros_like(out_size)))[0]
+
+  out, out_size, grad = _compiled(out_and_grads, x, cot)
+  want_x, want_size = hvt_ref(np.asarray(x, np.float64), size, k, s, p)
+  np.testing.assert_allclose(out, want_x, rtol=TOL, atol=TOL)
+  np.testing.assert_allclose(out_size, want_size, rtol=TOL)
+  want_grad, = numerical_grads(lambda x: hvt_ref(x, size, k, s, p)[0],
+                               (np.asarray(x, np.float64),), cot)
+  np.testing.assert_allclose(grad, want_grad, rtol=TOL, atol=TOL)
+
+
 def pool_ref(num_in, num_out):
   """Adaptive average pooling (as PyTorch's `adaptive_avg_pool2d`) of an s×s grid into o×o:
   output (r, c) averages the grid rows and columns overlapping [r·s/o, (r+1)·s/o)."""
@@ -466,16 +494,23 @@ CASES = {  # name: (model, token counts seen by the blocks' attention)
     "deit_lookupvit": (deit.Model(**TINY, token_reduction=dict(method="lookupvit",
                                                                num_tokens=4, layers=(1,))),
                        [18, 6]),
+    # 16 patch tokens max-pooled (window 3, stride 2) into 7 before block 1.
+    "hvt_gap": (vit.Model(**TINY, token_reduction=dict(method="hvt", layers=(1,))), [16, 7]),
+    "deit_hvt_performer": (deit.Model(**TINY, attention="performer",
+                                      token_reduction=dict(method="hvt", layers=(1,))),
+                           [18, 9]),
 }
 
 
-# One block, reduced between its attention and MLP: the gradient through each op and method.
+# One block, reduced between its attention and MLP (HVT: before it): the gradient through each
+# op and method.
 GRADIENT_CASES = {
     "evit_softmax": vit.Model(**dict(TINY, depth=1), pool_type="cls",
                               token_reduction=dict(method="evit", layers=(0,))),
     "mctf_performer_registers": vit.Model(**dict(TINY, depth=1), attention="performer",
                                           num_registers=1,
                                           token_reduction=dict(method="mctf", r=3)),
+    "hvt_gap": vit.Model(**dict(TINY, depth=1), token_reduction=dict(method="hvt", layers=(0,))),
 }
 
 
@@ -595,6 +630,9 @@ def test_proportional_attention_is_the_ops_bias():
     (dict(method="lookupvit", mlp_reduction=0), {},
      r"token_reduction\['mlp_reduction'\] must be a positive int"),
     (dict(method="spa", r=2), {}, r"unknown key\(s\) \['r'\] for method 'spa'"),
+    (dict(method="hvt", kernel_size=0), {},
+     r"token_reduction\['kernel_size'\] must be a positive int"),
+    (dict(method="hvt", kernel_size=17, layers=(1,)), {}, "got 16 patch tokens"),
 ])
 def test_bad_config_raises(config, kwargs, match):
   model = vit.Model(**dict(TINY, **kwargs), token_reduction=config)
@@ -616,6 +654,8 @@ def test_defaults_and_config_override():
   spec = tr.resolve(dict(method="sit"), 12)
   assert (spec.layers, spec.keep_rate, spec.tau) == ((3, 6, 9), 0.5, 1.0)
   assert tr.resolve(dict(method="dependencyvit"), 4).layers == (1, 2, 3)
+  spec = tr.resolve(dict(method="hvt"), 12)
+  assert (spec.layers, spec.kernel_size, spec.stride) == ((3, 6, 9), 3, 2)
   # Settable from the command line: `--config.model.token_reduction="{'method': 'tome'}"`.
   config = config_lib.declare_model_settings(_config_module("vit_digits").get_config("runlocal"))
   assert "token_reduction" in config.model

@@ -9,8 +9,9 @@ import optax
 import pytest
 
 from big_attn import models
-from big_attn.layers import posemb_sincos_2d
+from big_attn.layers import Attention, posemb_sincos_2d
 from big_attn.models import vit
+from tests import reference as ref
 
 TINY = dict(width=32, depth=2, num_heads=4, mlp_dim=64, patch_size=4)
 LOGICAL_NAMES = {"embed", "mlp", "heads", "kv_heads", "head_dim", "norm", "patch_h", "patch_w",
@@ -529,3 +530,82 @@ def test_token_aware_pooling_matches_numpy_and_runs_in_a_vit():
   with pytest.raises(ValueError, match="token_pooling_scales pools the patch grid"):
     vit.Model(num_classes=10, num_registers=2, token_pooling_scales=2, **TINY).init(
         jax.random.key(0), images)
+
+
+def _mha_reference(x, p):
+  """Σ_h softmax(q_h k_hᵀ / √d_h) v_h W_o,h + b_o, with q_h = x W_q,h + b_q,h (and k, v), and
+  the per-head logits q_h k_hᵀ."""
+  proj = lambda name: jnp.einsum("btd,dhk->bthk", x, p[name]["kernel"]) + p[name]["bias"]
+  q, k, v = proj("query"), proj("key"), proj("value")
+  out = ref.softmax_attention(q, k, v)
+  return (jnp.einsum("bthk,hkd->btd", out, p["out"]["kernel"]) + p["out"]["bias"],
+          jnp.einsum("bthk,bshk->bhts", q, k))
+
+
+def test_head_dim_of_the_sequence_length_lifts_the_low_rank_bottleneck():
+  """Low-Rank Bottleneck in Multi-head Attention Models: with head size d/h < n a head's n×n
+  logits have rank d/h at most; with head size n (`head_dim="tokens"`) they have full rank n,
+  with the same 2 heads. The blocks' attention matches the formula, forward and gradient."""
+  images = _images(size=6)  # 3x3 patches of 2x2: n = 9 tokens, width 16, 2 heads: d/h = 8
+  tiny = dict(width=16, depth=1, num_heads=2, mlp_dim=32, patch_size=2)
+  for head_dim, pool_type, n in ((None, "gap", 8), ("tokens", "gap", 9), ("tokens", "cls", 10)):
+    model = vit.Model(num_classes=0, head_dim=head_dim, pool_type=pool_type, **tiny)
+    params = _init(model, images)
+    attn = params["Transformer"]["encoderblock_0"]["MultiHeadAttention"]
+    assert attn["query"]["kernel"].shape == (16, 2, n)
+    assert np.all(np.isfinite(model.apply({"params": params}, images)))
+  x = ref.normal(0, (2, 9, 16))
+  for head_dim, rank in ((None, 8), (9, 9)):
+    layer = Attention(num_heads=2, head_dim=head_dim, use_bias=True)
+    params = _init(layer, x)
+    with ref.x64():
+      logits = _mha_reference(ref.f64(x), jax.tree.map(ref.f64, params))[1]
+    assert [np.linalg.matrix_rank(np.asarray(logits[0, h]), tol=1e-6)
+            for h in range(2)] == [rank, rank]
+  leaves, tree = jax.tree.flatten(params)
+  ref.assert_matches(lambda x, *l: layer.apply({"params": jax.tree.unflatten(tree, l)}, x),
+                     lambda x, *l: _mha_reference(x, jax.tree.unflatten(tree, l))[0],
+                     [x, *leaves], tol=dict(rtol=2e-4, atol=2e-4))
+  with pytest.raises(ValueError, match="head_dim must be None, a positive int or 'tokens'"):
+    vit.Model(num_classes=0, head_dim="n", **tiny).init(jax.random.key(0), images)
+
+
+def test_vit_digits_head_dim_and_parallel_block_args():
+  from tests.test_train import _config_module  # pylint: disable=g-import-not-at-top
+  digits = _config_module("vit_digits")
+  assert digits.get_config("head_dim=tokens").model.head_dim == "tokens"
+  assert digits.get_config("head_dim=32").model.head_dim == 32
+  assert "head_dim" not in digits.get_config().model
+  assert digits.get_config("parallel_block").model.parallel_block
+  with pytest.raises(ValueError, match="config arg head_dim"):
+    digits.get_config("head_dim=n")
+
+
+def test_parallel_block_matches_the_paf_formula_forward_and_gradient():
+  """PAF: x + Attn(LN(x)) + MLP(LN(x)) with one LayerNorm, against float64 plain JAX."""
+  block = vit.Encoder1DBlock(num_heads=2, mlp_dim=16, parallel=True)
+  x = ref.normal(0, (2, 5, 8))
+  params = _init(block, x)
+  assert set(params) == {"LayerNorm_0", "MultiHeadAttention", "MlpBlock"}
+  leaves, tree = jax.tree.flatten(params)
+
+  def formula(x, *leaves):
+    p = jax.tree.unflatten(tree, leaves)
+    mu = x.mean(-1, keepdims=True)
+    y = (x - mu) / jnp.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + 1e-6) * p[
+        "LayerNorm_0"]["scale"] + p["LayerNorm_0"]["bias"]
+    h = y @ p["MlpBlock"]["Dense_0"]["kernel"] + p["MlpBlock"]["Dense_0"]["bias"]
+    h = 0.5 * h * (1 + jnp.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h ** 3)))
+    mlp = h @ p["MlpBlock"]["Dense_1"]["kernel"] + p["MlpBlock"]["Dense_1"]["bias"]
+    return x + _mha_reference(y, p["MultiHeadAttention"])[0] + mlp
+  ref.assert_matches(lambda x, *l: block.apply({"params": jax.tree.unflatten(tree, l)}, x)[0],
+                     formula, [x, *leaves], tol=dict(rtol=2e-4, atol=2e-4))
+  images = _images(size=8)
+  model = vit.Model(num_classes=3, parallel_block=True, attention_free_layers=(1,), **TINY)
+  params = _init(model, images)
+  assert "LayerNorm_1" not in params["Transformer"]["encoderblock_0"]
+  assert "LayerNorm_1" in params["Transformer"]["encoderblock_1"]  # an MLP-only block
+  assert np.all(np.isfinite(model.apply({"params": params}, images)))
+  with pytest.raises(ValueError, match="parallel_block .* does not combine with token_reduction"):
+    vit.Model(num_classes=3, parallel_block=True, token_reduction={"method": "tome"},
+              **TINY).init(jax.random.key(0), images)

@@ -5,11 +5,12 @@ from big_attn.layers.hyena import HyenaOperator, ImplicitFilter
 from big_attn.layers.kv_cache import InputCache, KVCache, RecurrentCache
 from big_attn.layers.mlp import MlpBlock
 from big_attn.layers.norm import batch_norm, conv_norm, layer_norm
+from big_attn.layers.pointer import PointerHead
 from big_attn.ops.registry import OpParams, params_module, register_params
 from big_attn.layers.posemb import PositionEmbedding, apply_rope, posemb_sincos_2d
 
 __all__ = ["Attention", "HyenaOperator", "ImplicitFilter", "InputCache", "KVCache",
-           "RecurrentCache", "MlpBlock", "OpParams",
-           "PositionEmbedding", "apply_rope", "batch_norm", "conv_norm",
-           "convolution_attention", "layer_norm",
+            "RecurrentCache", "MlpBlock", "OpParams", "PointerHead",
+            "PositionEmbedding", "apply_rope", "batch_norm", "conv_norm",
+            "convolution_attention", "layer_norm",
            "params_module", "posemb_sincos_2d", "register_params"]

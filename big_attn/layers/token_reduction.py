@@ -58,6 +58,13 @@ Methods (`METHODS`; the keys of each, with the papers' defaults, in `DEFAULTS`):
   through the same attention logits transposed (the bidirectional cross-attention), then an
   MLP `mlp_reduction` times narrower than the block's. After the last block the lookup
   tokens are dropped: the head reads the class token or the mean of the compressed tokens.
+- "hvt": Scalable Vision Transformers with Hierarchical Pooling (Pan et al., 2021). Before
+  each block of `layers` (the starts of stages) the patch tokens are max-pooled along the
+  sequence, per channel: windows of `kernel_size` (3) tokens every `stride` (2), no padding,
+  so N tokens become ⌊(N − kernel_size)/stride⌋ + 1 (`max_pool_tokens`); a pooled token's size
+  is the mean size of its window times the stride. The paper's model has no class token (its
+  head averages the tokens: `pool_type="gap"`); here the class and register tokens, when there
+  are any, are not pooled.
 
 The learned modules (STViT's cross-attention, SiT's slimming MLP, SPA's gate) are the
 parameters `token_reduction` of the reducing block; LookupViT's are `lookup_exchange` of each
@@ -90,7 +97,7 @@ from big_attn.ops import spatial
 
 Array = jax.Array
 
-METHODS = ("evit", "tome", "mctf", "stvit", "sit", "spa", "dependencyvit", "lookupvit")
+METHODS = ("evit", "tome", "mctf", "stvit", "sit", "spa", "dependencyvit", "lookupvit", "hvt")
 # The papers' settings: EViT keeps 70% at the 4th, 7th and 10th of 12 layers (DeiT-S); ToMe's
 # r = 16 on every layer (its timm patch); MCTF r = 16, τ_sim 1, τ_info 20, τ_size 40,
 # bidirectional (DeiT-S); STViT 16 semantic tokens on DeiT; LookupViT's 5x5 compressed
@@ -98,7 +105,9 @@ METHODS = ("evit", "tome", "mctf", "stvit", "sit", "spa", "dependencyvit", "look
 # layers scaled to the depth for EViT and the other pruning methods (SiT, SPA,
 # DependencyViT-Lite: our choice of layers and rates, the papers' vary by model), every layer
 # for ToMe and MCTF, the 5th of 12 for STViT (our reading
-# of where its semantic tokens start) and the first for LookupViT (compressed from the start).
+# of where its semantic tokens start) and the first for LookupViT (compressed from the start);
+# HVT pools with a window of 3 and stride 2 at the starts of its stages, the 4th, 7th and 10th
+# of 12 blocks (4 stages of 3 blocks).
 DEFAULTS = {
     "evit": dict(keep_rate=0.7, layers=None, fuse_token=True),
     "tome": dict(r=16, layers=None, prop_attn=True),
@@ -109,6 +118,7 @@ DEFAULTS = {
     "spa": dict(keep_rate=0.7, layers=None),
     "dependencyvit": dict(keep_rate=0.7, layers=None),
     "lookupvit": dict(num_tokens=25, layers=None, mlp_reduction=4),
+    "hvt": dict(kernel_size=3, stride=2, layers=None),
 }
 _EVIT_LAYERS_OF_12 = (3, 6, 9)
 _ONE_LAYER = ("stvit", "lookupvit")  # the patch tokens are replaced once
@@ -130,6 +140,8 @@ class TokenReduction:
   num_tokens: int = 0
   tau: float = 1.0
   mlp_reduction: int = 1
+  kernel_size: int = 0
+  stride: int = 0
 
   def bias_for(self, op: str) -> bool:
     """Whether proportional attention reaches `op` (as its `bias`)."""
@@ -183,7 +195,7 @@ def resolve(config: Any, depth: int, *, op: str = "softmax",
       out[key] = checks.positive_int(name(key), value)
       if math.isqrt(value) ** 2 != value:
         raise ValueError(f"{name(key)} must be a square (a grid of pooled tokens), got {value}")
-    elif key == "mlp_reduction":
+    elif key in ("mlp_reduction", "kernel_size", "stride"):
       out[key] = checks.positive_int(name(key), value)
     elif key == "tau":
       out[key] = checks.positive_float(name(key), value)
@@ -399,6 +411,23 @@ def select_and_pack(x: Array, size: Array, gate: Array, keep_rate: float, *,
   kept = _gather(x[:, p:], idx) * _gather(gate[:, p:], idx)[..., None].astype(x.dtype)
   return (jnp.concatenate([x[:, :p], kept], axis=1),
           jnp.concatenate([size[:, :p], _gather(size[:, p:], idx)], axis=1))
+
+
+def max_pool_tokens(x: Array, size: Array, kernel_size: int, stride: int, *,
+                    num_protected: int = 0) -> tuple[Array, Array]:
+  """HVT's pooling: the tokens after the first `num_protected` of `x: [b, n, c]` max-pooled
+  along the sequence per channel, windows of `kernel_size` every `stride`, no padding; sizes:
+  the mean size of each window times `stride`. Returns `(x, size)`."""
+  p = num_protected
+  n = x.shape[1] - p
+  if n < kernel_size:
+    raise ValueError(f"token_reduction 'hvt' pools windows of kernel_size={kernel_size} "
+                     f"tokens: got {n} patch tokens")
+  window = dict(window_shape=(kernel_size,), strides=(stride,), padding="VALID")
+  pooled = nn.max_pool(x[:, p:], **window)
+  pooled_size = nn.avg_pool(size[:, p:, None], **window)[..., 0] * stride
+  return (jnp.concatenate([x[:, :p], pooled], axis=1),
+          jnp.concatenate([size[:, :p], pooled_size.astype(size.dtype)], axis=1))
 
 
 def grid_pool(num_in: int, num_out: int) -> np.ndarray:

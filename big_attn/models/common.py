@@ -1,4 +1,5 @@
-"""What the model families share: sizes from a variant name, and renamed fields.
+"""What the model families share: sizes from a variant name, renamed fields, the image check
+and the linear classifier.
 
 Every `Model` resolves its sizes when it is built, as big_vision's
 `Model(variant=..., **kw)` = `_Model(**{**decode_variant(variant), **kw})`: a size field left at
@@ -11,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from typing import Any, Callable, Mapping
+
+import flax.linen as nn
 
 
 def set_fields(model: Any, **values: Any) -> None:
@@ -68,3 +71,24 @@ def rename_fields(model: Any, renamed: Mapping[str, str]) -> None:
       raise ValueError(f"{old}={value!r} (deprecated) and {new}={current!r} disagree; set "
                        f"{new} only")
     set_fields(model, **{new: value, old: None})
+
+
+def check_images(images: Any, patch_size: int) -> None:
+  """A `ValueError` unless `images` is `[batch, height, width, channels]` with sides divisible
+  by `patch_size`."""
+  if images.ndim != 4:
+    raise ValueError(f"images must be [batch, height, width, channels], got shape "
+                     f"{images.shape}")
+  if images.shape[1] % patch_size or images.shape[2] % patch_size:
+    raise ValueError(f"image size {images.shape[1:3]} must be divisible by patch_size "
+                     f"{patch_size}")
+
+
+def classifier(num_classes: int, dtype: Any, param_dtype: Any, name: str = "head") -> nn.Dense:
+  """The linear classifier over the pooled features: LeCun-normal kernel (logical axes embed,
+  classes), zero bias."""
+  return nn.Dense(num_classes, dtype=dtype, param_dtype=param_dtype, name=name,
+                  kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                           ("embed", "classes")),
+                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                         ("classes",)))

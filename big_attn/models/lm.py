@@ -187,7 +187,9 @@ class DecoderBlock(nn.Module):
   `attention_free` drops the attention sublayer (MLP Can Be A Good Transformer Learner);
   `share_weights` computes the attention with the `weights` passed in and no query or key
   projection (EchoAtt, `attention_reuse.EchoAttention`); `emit_weights` returns this layer's
-  softmax weights for the next layer (`attention_reuse.record_weights`).
+  softmax weights for the next layer (`attention_reuse.record_weights`). `parallel` computes
+  x + Attn(RMSNorm(x)) + SwiGLU(RMSNorm(x)) with one norm (PAF: Investigating the Role of
+  Feed-Forward Networks in Transformers Using Parallel Attention and Feed-Forward Net Design).
   """
   num_heads: int
   num_kv_heads: int
@@ -210,6 +212,7 @@ class DecoderBlock(nn.Module):
   attention_free: bool = False
   share_weights: bool = False
   emit_weights: bool = False
+  parallel: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -217,11 +220,12 @@ class DecoderBlock(nn.Module):
   def __call__(self, x, positions, segment_ids, deterministic: bool = True, weights=None):
     constrain = _constrain(self)
     aux = {}
+    parallel = self.parallel and not self.attention_free
     if not self.attention_free:
       op_args = self.attention_args
       if self.sliding_window is not None:
         op_args = dict(op_args or {}, local_window_size=(self.sliding_window - 1, 0))
-      y = _rms_norm(self.dtype, self.param_dtype, "attention_norm", self.norm_eps)(x)
+      y = normed = _rms_norm(self.dtype, self.param_dtype, "attention_norm", self.norm_eps)(x)
       if self.share_weights:
         y = attention_reuse.EchoAttention(
             num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
@@ -240,10 +244,14 @@ class DecoderBlock(nn.Module):
                             y, is_causal=True, segment_ids=segment_ids, positions=positions)
         if self.emit_weights:
           aux["attention_weights"] = seen["weights"]
-      x = constrain(x + nn.Dropout(rate=self.dropout)(y, deterministic))
-    y = _rms_norm(self.dtype, self.param_dtype, "mlp_norm", self.norm_eps)(x)
+      attention_branch = nn.Dropout(rate=self.dropout)(y, deterministic)
+      if not parallel:
+        x = constrain(x + attention_branch)
+    y = normed if parallel else _rms_norm(self.dtype, self.param_dtype, "mlp_norm",
+                                          self.norm_eps)(x)
     y = SwiGLU(self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")(y)
-    return constrain(x + nn.Dropout(rate=self.dropout)(y, deterministic)), aux
+    y = nn.Dropout(rate=self.dropout)(y, deterministic)
+    return constrain(x + y + attention_branch if parallel else x + y), aux
 
 
 def srms_norm(x, eps: float = 1e-6):
@@ -672,6 +680,9 @@ class Model(nn.Module):
     attention_free_layers: block indices without an attention sublayer (MLP Can Be A Good
       Transformer Learner: x + SwiGLU(RMSNorm(x)) only); needs block="pre_norm" and unrolled
       distinct layers.
+    parallel_block: every block computes x + Attn(RMSNorm(x)) + SwiGLU(RMSNorm(x)), one norm
+      for both branches (PAF: Investigating the Role of Feed-Forward Networks in Transformers
+      Using Parallel Attention and Feed-Forward Net Design); needs block="pre_norm".
     dtype: compute dtype; param_dtype: parameter dtype.
   Parameters carry the logical axis names vocab, embed, mlp, heads, kv_heads, head_dim, norm
   and layers.
@@ -708,6 +719,7 @@ class Model(nn.Module):
   layer_group_size: int | None = None
   shared_attention_layers: Any = None
   attention_free_layers: Any = None
+  parallel_block: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -794,6 +806,9 @@ class Model(nn.Module):
                        f"{REMAT_POLICIES}")
     if self.block not in BLOCKS:
       raise ValueError(f"block must be one of {BLOCKS}, got {self.block!r}")
+    if self.parallel_block and self.block != "pre_norm":
+      raise ValueError(f"parallel_block is a form of the pre_norm block: it needs block="
+                       f"'pre_norm', got {self.block!r}")
     spatial.check_op(self.attention, "LM", causal=True, grid=False)
     if self.block == "moeut" and self.attention != "switchhead":
       raise ValueError(f"block='moeut' computes SwitchHead attention: set "
@@ -942,7 +957,7 @@ class Model(nn.Module):
     return DecoderBlock, dict(args, qk_norm=self.qk_norm, dropout=self.dropout,
                               rope_scaling=self.rope_scaling, qkv_bias=self.qkv_bias,
                               out_bias=self.out_bias, sliding_window=self.sliding_window,
-                              norm_eps=self.norm_eps)
+                              norm_eps=self.norm_eps, parallel=self.parallel_block)
 
 
 # ----------------------------------------------------------------------------- training task

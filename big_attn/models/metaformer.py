@@ -22,7 +22,7 @@ and timm's `poolformer_*`). The token mixer is picked per stage by name from a r
   directions, zeros shifted in (used inside the MetaFormer block, after the norm).
 - `mlp_mixer`: MLP-Mixer's token-mixing MLP over the stage's H·W positions (fixed size).
 - `conv`: ConvFormer's separable conv (pointwise expansion x2, StarReLU, depthwise 7x7,
-  pointwise) or, with `separable=False`, ConvMixer's depthwise conv + GELU.
+  pointwise) or, with `separable=False`, ConvMixer's depthwise conv + exact GELU.
 - `hyena`: HyenaPixel, the 2-D non-causal Hyena operator (`big_attn.layers.HyenaOperator`).
 - `attention`: any op of `big_attn.ops` through `big_attn.layers.Attention` (`op`, `op_args`,
   `head_dim` 32 as CAFormer); ops that take `grid` get the stage's `(h, w)`.
@@ -244,7 +244,8 @@ class TokenMlpMixer(Mixer):
 class ConvMixer(Mixer):
   """ConvFormer's separable conv (MetaFormer Baselines): Dense(expansion·c, no bias) ->
   StarReLU s·relu(x)² + β -> depthwise k×k (no bias) -> Dense(c, no bias); with
-  `separable=False`, ConvMixer's (Patches Are All You Need?) depthwise k×k with bias -> GELU."""
+  `separable=False`, ConvMixer's (Patches Are All You Need?) depthwise k×k with bias -> exact
+  GELU (the whole ConvMixer network, BatchNorm after each GELU, is `big_attn.models.convmixer`)."""
   kernel_size: int = 7
   expansion: int = 2
   separable: bool = True
@@ -262,7 +263,7 @@ class ConvMixer(Mixer):
       x = scale * nn.relu(x) ** 2 + shift
     x = self._conv(x, (k, k), "dwconv", use_bias=not self.separable)
     if not self.separable:
-      return nn.gelu(x)
+      return nn.gelu(x, approximate=False)
     return self._dense(c, ("mlp", "embed"), "pwconv2", use_bias=False)(x)
 
 

@@ -187,7 +187,10 @@ class Encoder1DBlock(nn.Module):
   the compressed tokens gather from the lookup tokens, the attention and the MLP see the
   protected and compressed tokens, the lookup tokens receive from them after the MLP). With
   `attention_free` the block has no attention branch
-  (x + Dropout(MLP(LN(x))) only; MLP Can Be A Good Transformer Learner). With `spectral_grid`
+  (x + Dropout(MLP(LN(x))) only; MLP Can Be A Good Transformer Learner). With `parallel` the
+  two branches read the same LayerNorm and add in parallel, x + Attn(LN(x)) + MLP(LN(x))
+  (PAF: Investigating the Role of Feed-Forward Networks in Transformers Using Parallel
+  Attention and Feed-Forward Net Design). With `spectral_grid`
   `(h, w)` (the tokens are exactly that patch grid) it is GFNet's spectral block,
   x + Dropout(MLP(LN(Filter(LN(x))))) with the global filter `metaformer`'s `spectral_filter`
   (SpectFormer's first blocks). With `token_pooling_scales` K the attention reads
@@ -197,6 +200,7 @@ class Encoder1DBlock(nn.Module):
   num_heads: int
   mlp_dim: int
   num_kv_heads: int | None = None
+  head_dim: int | None = None
   attention: str = "softmax"
   attention_args: Any = None
   attention_impl: str | None = None
@@ -210,6 +214,7 @@ class Encoder1DBlock(nn.Module):
   lookup_block: bool = False
   num_protected: int = 0
   attention_free: bool = False
+  parallel: bool = False
   spectral_grid: tuple[int, int] | None = None
   token_pooling_scales: int | None = None
   token_pooling_grid: tuple[int, int] | None = None
@@ -245,34 +250,38 @@ class Encoder1DBlock(nn.Module):
       x = jnp.concatenate([x[:, :p], compressed], axis=1)
     if self.spectral_grid is not None:
       return self._spectral(x, deterministic), size
+    parallel = self.parallel and not self.attention_free
     if not self.attention_free:
       y = x
       if self.token_pooling_scales:
         y = TokenAwarePooling(grid=self.token_pooling_grid, start=self.token_pooling_start,
                               scales=self.token_pooling_scales, dtype=self.dtype,
                               param_dtype=self.param_dtype, name="token_pooling")(y)
-      y = layer_norm(self.dtype, self.param_dtype, "LayerNorm_0", epsilon=self.norm_eps)(y)
+      normed = layer_norm(self.dtype, self.param_dtype, "LayerNorm_0", epsilon=self.norm_eps)(y)
       with token_reduction_lib.observe_attention(self.attention, self.token_reduction,
                                                  size) as seen:
         y = Attention(
-            num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, op=self.attention,
-            op_args=self.attention_args, implementation=self.attention_impl,
+            num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+            op=self.attention, op_args=self.attention_args, implementation=self.attention_impl,
             qk_norm=self.qk_norm, use_bias=True, dtype=self.dtype,
             param_dtype=self.param_dtype, kernel_init=nn.initializers.xavier_uniform(),
-            name="MultiHeadAttention")(y)
-      y = nn.Dropout(rate=self.dropout)(y, deterministic)
-      x = constrain(x + self._scale("layer_scale_1", y))
+            name="MultiHeadAttention")(normed)
+      attention_branch = self._scale("layer_scale_1", nn.Dropout(rate=self.dropout)(
+          y, deterministic))
+      if not parallel:
+        x = constrain(x + attention_branch)
     if self.reduce_tokens:
       x, size = token_reduction_lib.reduce_tokens(self.token_reduction, x, size, seen,
                                                   num_protected=p,
                                                   dtype=self.dtype,
                                                   param_dtype=self.param_dtype)
-    y = layer_norm(self.dtype, self.param_dtype, "LayerNorm_1", epsilon=self.norm_eps)(x)
+    y = normed if parallel else layer_norm(self.dtype, self.param_dtype, "LayerNorm_1",
+                                           epsilon=self.norm_eps)(x)
     y = MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout,
                  approximate_gelu=self.approximate_gelu, dtype=self.dtype,
                  param_dtype=self.param_dtype, name="MlpBlock")(y, deterministic)
-    y = nn.Dropout(rate=self.dropout)(y, deterministic)
-    x = constrain(x + self._scale("layer_scale_2", y))
+    y = self._scale("layer_scale_2", nn.Dropout(rate=self.dropout)(y, deterministic))
+    x = constrain(x + y + attention_branch if parallel else x + y)
     if self.lookup_block:
       lookup = exchange.propagate(lookup, x[:, p:], logits, deterministic)
       x, size = jnp.concatenate([x, lookup], axis=1), jnp.concatenate([size, lookup_size], 1)
@@ -387,7 +396,7 @@ class Encoder(nn.Module):
   tokens after the first `num_protected` in the blocks of its `layers` (Python loop only); for
   LookupViT the patch tokens are pooled into the compressed tokens before the block of its
   `layers`, the blocks from there on are LookupViT blocks and the lookup tokens are dropped
-  after the last.
+  after the last; for HVT they are max-pooled before the blocks of its `layers`.
   The blocks of `attention_free_layers` have no attention branch, those of `spectral_layers`
   are GFNet's spectral blocks over the token grid `grid` (Python loop only).
   The first `local_layers` blocks take `local_block_args` (ConViT's GPSA blocks) and the
@@ -447,6 +456,7 @@ class Encoder(nn.Module):
     else:
       size = None if reduction is None else jnp.ones(x.shape[:2], jnp.float32)
       lookup = reduction is not None and reduction.method == "lookupvit"
+      pool = reduction is not None and reduction.method == "hvt"
       late = 0 if late_tokens is None else late_tokens.shape[1]
       for i in range(self.depth):
         if late and i == self.local_layers:
@@ -454,9 +464,13 @@ class Encoder(nn.Module):
         if lookup and i == reduction.layers[0]:
           x, size = token_reduction_lib.compress(x, size, reduction.num_tokens,
                                                  num_protected=self.num_protected)
+        if pool and i in reduction.layers:
+          x, size = token_reduction_lib.max_pool_tokens(
+              x, size, reduction.kernel_size, reduction.stride,
+              num_protected=self.num_protected)
         if reduction is not None:
           kwargs.update(token_reduction=reduction, num_protected=self.num_protected,
-                        reduce_tokens=i in reduction.layers and not lookup,
+                        reduce_tokens=i in reduction.layers and not (lookup or pool),
                         lookup_block=lookup and i >= reduction.layers[0])
         if free:
           kwargs.update(attention_free=i in free)
@@ -608,6 +622,10 @@ class Model(nn.Module):
       and its sizes clipped to the grid (`big_attn.ops.spatial`; registers then sit after the
       class token inside the encoder).
     qk_norm, num_kv_heads: as in `big_attn.layers.Attention`.
+    head_dim: the per-head size of the blocks' attention; None: width / num_heads; "tokens": the
+      number of tokens entering the encoder, n (Low-Rank Bottleneck in Multi-head Attention
+      Models: a head size of n lets every head express any n×n attention map, whatever the
+      number of heads).
     dropout: rate after the embeddings and inside every block.
     norm_eps: epsilon of the LayerNorms (1e-6; Hugging Face's ViT uses 1e-12).
     approximate_gelu: tanh-approximate GELU in the MLPs (big_vision's); False: exact (timm's).
@@ -618,15 +636,19 @@ class Model(nn.Module):
     scan_layers: stack the blocks with `nn.scan` (parameters get a leading `layers` axis).
     token_reduction: None, or a dict `{"method": NAME, ...}` of the method's settings (NAME
       one of `big_attn.layers.token_reduction.METHODS`: evit, tome, mctf, stvit, sit, spa,
-      dependencyvit, lookupvit; settings in its `DEFAULTS`, e.g. `{"method": "evit",
+      dependencyvit, lookupvit, hvt; settings in its `DEFAULTS`, e.g. `{"method": "evit",
       "keep_rate": 0.7, "layers": (3, 6, 9)}`): the patch tokens are pruned, merged or
       replaced between the attention and the MLP of those blocks (LookupViT: before its block,
-      then exchanged with in every later block), the class and register tokens never
+      then exchanged with in every later block; HVT: max-pooled before them), the class and
+      register tokens never
       (registers then sit after the class token inside the encoder). Needs
       `scan_layers=False` and an op without a patch grid; "evit" needs pool_type "cls";
       "stvit" and "lookupvit" a square patch grid.
     attention_free_layers: block indices without an attention branch (MLP Can Be A Good
       Transformer Learner: x + MLP(LN(x)) only); needs `scan_layers=False`.
+    parallel_block: every block computes x + Attn(LN(x)) + MLP(LN(x)), one LayerNorm for both
+      branches (PAF: Investigating the Role of Feed-Forward Networks in Transformers Using
+      Parallel Attention and Feed-Forward Net Design); no token reduction.
     spectral_layers: block indices that are GFNet's spectral blocks (SpectFormer: the first 4;
       the spectformer_* variants set it); needs `scan_layers=False`, pool_type "gap" or "map",
       no registers and no token reduction (the tokens must be the patch grid).
@@ -661,6 +683,7 @@ class Model(nn.Module):
   attention_impl: str | None = None
   qk_norm: bool = False
   num_kv_heads: int | None = None
+  head_dim: int | str | None = None
   dropout: float = 0.0
   norm_eps: float = 1e-6
   approximate_gelu: bool = True
@@ -670,6 +693,7 @@ class Model(nn.Module):
   scan_layers: bool = False
   token_reduction: Any = None
   attention_free_layers: Any = None
+  parallel_block: bool = False
   spectral_layers: Any = None
   local_layers: int = 0
   local_attention: str = "gpsa"
@@ -694,6 +718,14 @@ class Model(nn.Module):
       raise ValueError(f"unknown posemb {self.posemb!r}; expected one of {POSEMB_TYPES}")
     if self.num_registers < 0:
       raise ValueError(f"num_registers must be >= 0, got {self.num_registers}")
+    if self.parallel_block and self.token_reduction is not None:
+      raise ValueError("parallel_block computes the attention and the MLP from the same input: "
+                       "it does not combine with token_reduction, which acts between them")
+    if self.head_dim is not None and self.head_dim != "tokens" and (
+        not isinstance(self.head_dim, int) or isinstance(self.head_dim, bool)
+        or self.head_dim < 1):
+      raise ValueError(f"head_dim must be None, a positive int or 'tokens', got "
+                       f"{self.head_dim!r}")
     if (not isinstance(self.local_layers, int) or isinstance(self.local_layers, bool)
         or not 0 <= self.local_layers <= self.depth):
       raise ValueError(f"local_layers must be an int in [0, depth={self.depth}], got "
@@ -714,6 +746,10 @@ class Model(nn.Module):
                        f"{self.num_registers}, token_reduction {self.token_reduction!r}, "
                        f"local_layers {self.local_layers}, channel_tokens "
                        f"{self.channel_tokens}")
+    if self.token_pooling_scales and self.parallel_block:
+      raise ValueError("token_pooling_scales pools the tokens the attention reads, so it needs "
+                       "parallel_block=False (the parallel block's MLP reads the same normalised "
+                       "tokens as its attention)")
     return token_reduction_lib.resolve(self.token_reduction, self.depth, op=self.attention,
                                        has_class_token=self.pool_type in ("cls", "tok"))
 
@@ -756,13 +792,16 @@ class Model(nn.Module):
     x = nn.Dropout(rate=self.dropout)(x, deterministic)
 
     extra = num_prefix + self.num_registers
+    head_dim = x.shape[1] + (late_tokens is not None) if self.head_dim == "tokens" else (
+        self.head_dim)
     block_args = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim,
-                      num_kv_heads=self.num_kv_heads, attention=self.attention,
+                      num_kv_heads=self.num_kv_heads, head_dim=head_dim,
+                      attention=self.attention,
                       attention_args=encoder_op_args(self, images, patch, extra, grid=grid),
                       attention_impl=self.attention_impl, qk_norm=self.qk_norm,
                       dropout=self.dropout, norm_eps=self.norm_eps,
                       approximate_gelu=self.approximate_gelu,
-                      layer_scale_init=self.layer_scale_init)
+                      layer_scale_init=self.layer_scale_init, parallel=self.parallel_block)
     if self.token_pooling_scales:
       block_args.update(token_pooling_scales=self.token_pooling_scales,
                         token_pooling_grid=grid, token_pooling_start=num_prefix)

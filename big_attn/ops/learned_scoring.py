@@ -240,3 +240,38 @@ class GATv2Params(OpParams):
         (self.num_heads, self.head_dim), self.param_dtype)
     (attn_vec,) = nn.dtypes.promote_dtype(attn_vec, dtype=self.dtype)
     return {"attn_vec": attn_vec}
+
+
+def pointer_log_probs(query, key, *, attn_vec, mask=None, is_causal=False):
+  """Pointer Networks (Vinyals, Fortunato & Jaitly 2015): the attention distribution over the
+  input positions is the output.
+
+    u_ij = vᵀ tanh(q_i + k_j),   log p(C_i = j) = log softmax_j(u_ij)  over the valid j,
+
+  with q_i = W_2 d_i (decoder state) and k_j = W_1 e_j (encoder state): the additive scores of
+  `gatv2` with `nonlinearity="tanh"`, normalised over the input positions instead of weighting
+  values.
+
+  Args:
+    query: `[batch, q_len, heads, head_dim]`, the projected decoder states.
+    key: `[batch, kv_len, heads, head_dim]`, the projected encoder states (the candidates).
+    attn_vec: `[heads, head_dim]`, the vector v.
+    mask: boolean, True = may be pointed at, broadcastable to `[batch, heads, q_len, kv_len]`.
+    is_causal: step i points only at positions j <= i.
+
+  Returns:
+    float32 log-probabilities `[batch, heads, q_len, kv_len]`; −inf at masked positions (a row
+    with no valid position is −inf everywhere).
+  """
+  dims = common.check_qkv(query, key, key)
+  logits = _gatv2_scores(_gatv2_weights(dims, attn_vec), query, key, nonlinearity="tanh",
+                         negative_slope=0.0)
+  full_mask = common.make_mask(dims, mask=mask, is_causal=is_causal)
+  if full_mask is None:
+    return jax.nn.log_softmax(logits, axis=-1)
+  full_mask = jnp.broadcast_to(full_mask, logits.shape)
+  # Rows with no valid position are normalised over all positions, then masked out entirely,
+  # so that no −inf − (−inf) reaches the gradient.
+  has_valid = full_mask.any(-1, keepdims=True)
+  log_probs = jax.nn.log_softmax(jnp.where(full_mask | ~has_valid, logits, -jnp.inf), axis=-1)
+  return jnp.where(full_mask, log_probs, -jnp.inf)
