@@ -25,13 +25,13 @@ def _tent_sample(values, height, width, py, px):
   return jnp.einsum("...mc,...cd->...md", weight, values)
 
 
-def _reference(q, k, v, dw, pw, rpb, *, stride, offset_range):
+def _reference(q, k, v, dw, pw, rpb, *, stride, offset_range, offset_groups):
   q, k, v, dw, pw, rpb = ref.f64(q, k, v, dw, pw, rpb)
   (h, w), (b, t, n, d), kv = GRID, q.shape, k.shape[2]
   g = n // kv
   size = dw.shape[0]
   rows, cols = -(-h // stride), -(-w // stride)
-  x = q.reshape(b, h, w, kv, g * d)
+  x = q.reshape(b, h, w, offset_groups, n // offset_groups * d)
   xp = jnp.pad(x, ((0, 0), (size // 2,) * 2, (size // 2,) * 2, (0, 0), (0, 0)))
   conv = sum(dw[a, c] * xp[:, a:a + (rows - 1) * stride + 1:stride,
                            c:c + (cols - 1) * stride + 1:stride]
@@ -41,7 +41,8 @@ def _reference(q, k, v, dw, pw, rpb, *, stride, offset_range):
   offsets = offset_range * stride / 2 * jnp.tanh(offsets)
   centre = lambda i, side: min(i * stride + (stride - 1) / 2, side - 1)  # pylint: disable=unnecessary-lambda-assignment
   reference = np.array([[(centre(r, h), centre(c, w)) for c in range(cols)] for r in range(rows)])
-  points = (reference + offsets).reshape(b, kv, rows * cols, 2)
+  points = (reference + offsets).reshape(b, offset_groups, rows * cols, 2)
+  points = jnp.repeat(points, kv // offset_groups, axis=1)  # each key head at its group's
   py, px = points[..., 0], points[..., 1]  # [b, kv, M]
   keys = _tent_sample(jnp.moveaxis(k, 2, 1), h, w, py, px)  # [b, kv, M, d]
   values = _tent_sample(jnp.moveaxis(v, 2, 1), h, w, py, px)
@@ -57,21 +58,27 @@ def _reference(q, k, v, dw, pw, rpb, *, stride, offset_range):
   return jnp.einsum("bkgtm,bkmd->btkgd", p, values).reshape(b, t, n, -1)
 
 
-@pytest.mark.parametrize("stride,kernel", [(1, 3), (2, 5)])
-def test_deformable_attention_matches_reference(stride, kernel):
+@pytest.mark.parametrize("stride,kernel,kv_heads,offset_groups",
+                         [(1, 3, 2, None), (2, 5, 2, None), (2, 3, 4, 2), (1, 3, 4, 1)])
+def test_deformable_attention_matches_reference(stride, kernel, kv_heads, offset_groups):
   """Offsets of a few tokens (std 1 logits, range s = 2) move points across cells and off the
-  image; the gradients reach the offset network through the bilinear weights."""
-  q, k, v = ref.qkv(t=T, n=4, k=2, d=4)
-  dw = ref.normal(3, (kernel, kernel, 8), std=0.5)
-  pw = ref.normal(4, (8, 2))
+  image; the gradients reach the offset network through the bilinear weights. With
+  `offset_groups` below the key/value heads (DAT's groups), the heads of a group share its
+  points."""
+  groups = offset_groups or kv_heads
+  q, k, v = ref.qkv(t=T, n=4, k=kv_heads, d=4)
+  channels = 4 // groups * 4
+  dw = ref.normal(3, (kernel, kernel, channels), std=0.5)
+  pw = ref.normal(4, (channels, 2))
   rpb = ref.normal(5, (4, 2 * GRID[0] - 1, 2 * GRID[1] - 1))
 
   def op(q, k, v, dw, pw, rpb):
     return ops.get("deformable_attention")(q, k, v, grid=GRID, offset_dw_kernel=dw,
-                                           offset_pw_kernel=pw, rpb=rpb, stride=stride)
+                                           offset_pw_kernel=pw, rpb=rpb, stride=stride,
+                                           offset_groups=offset_groups)
 
-  ref.assert_matches(op, functools.partial(_reference, stride=stride, offset_range=2.0),
-                     [q, k, v, dw, pw, rpb])
+  ref.assert_matches(op, functools.partial(_reference, stride=stride, offset_range=2.0,
+                                           offset_groups=groups), [q, k, v, dw, pw, rpb])
 
 
 def test_layer_runs():
@@ -92,9 +99,11 @@ def _bad_calls():
           (lambda: op(offset_dw_kernel=dw, offset_pw_kernel=pw[:, :1]), "offset_pw_kernel"),
           (lambda: op(offset_dw_kernel=dw, offset_pw_kernel=pw, rpb=dw), "rpb"),
           (lambda: op(offset_dw_kernel=dw, offset_pw_kernel=pw, offset_range=-1.0),
-           "offset_range")]
+           "offset_range"),
+          (lambda: op(offset_dw_kernel=dw, offset_pw_kernel=pw, offset_groups=3),
+           "offset_groups")]
 
 
-@pytest.mark.parametrize("case", range(5))
+@pytest.mark.parametrize("case", range(6))
 def test_bad_args_raise_value_error_naming_them(case):
   op_checks.assert_bad_call_raises(_bad_calls, case)
