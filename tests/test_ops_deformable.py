@@ -25,8 +25,12 @@ def _tent_sample(values, height, width, py, px):
   return jnp.einsum("...mc,...cd->...md", weight, values)
 
 
-def _reference(q, k, v, dw, pw, rpb, *, stride, offset_range, offset_groups):
-  q, k, v, dw, pw, rpb = ref.f64(q, k, v, dw, pw, rpb)
+def _reference(q, k, v, dw, pw, rpb, *, stride, offset_range, offset_groups, dw_bias=0.0,
+               norm_scale=1.0, norm_bias=0.0):
+  """The op's formula on the `GRID` image; `dw_bias`, `norm_scale`, `norm_bias`: the offset
+  network's convolution bias and LayerNorm affine parameters."""
+  q, k, v, dw, pw, rpb, dw_bias, norm_scale, norm_bias = ref.f64(
+      q, k, v, dw, pw, rpb, dw_bias, norm_scale, norm_bias)
   (h, w), (b, t, n, d), kv = GRID, q.shape, k.shape[2]
   g = n // kv
   size = dw.shape[0]
@@ -36,9 +40,12 @@ def _reference(q, k, v, dw, pw, rpb, *, stride, offset_range, offset_groups):
   conv = sum(dw[a, c] * xp[:, a:a + (rows - 1) * stride + 1:stride,
                            c:c + (cols - 1) * stride + 1:stride]
              for a in range(size) for c in range(size))  # [b, rows, cols, kv, g·d]
+  conv = conv + dw_bias
   conv = (conv - conv.mean(-1, keepdims=True)) / jnp.sqrt(conv.var(-1, keepdims=True) + 1e-5)
+  conv = conv * norm_scale + norm_bias
   offsets = jnp.einsum("bhwkc,co->bkhwo", jax.nn.gelu(conv, approximate=False), pw)
-  offsets = offset_range * stride / 2 * jnp.tanh(offsets)
+  if offset_range is not None:
+    offsets = offset_range * stride / 2 * jnp.tanh(offsets)
   centre = lambda i, side: min(i * stride + (stride - 1) / 2, side - 1)  # pylint: disable=unnecessary-lambda-assignment
   reference = np.array([[(centre(r, h), centre(c, w)) for c in range(cols)] for r in range(rows)])
   points = (reference + offsets).reshape(b, offset_groups, rows * cols, 2)
@@ -59,7 +66,8 @@ def _reference(q, k, v, dw, pw, rpb, *, stride, offset_range, offset_groups):
 
 
 @pytest.mark.parametrize("stride,kernel,kv_heads,offset_groups",
-                         [(1, 3, 2, None), (2, 5, 2, None), (2, 3, 4, 2), (1, 3, 4, 1)])
+                         [(1, 3, 2, None), (2, 5, 2, None), (2, 3, 4, 2),
+                          pytest.param(1, 3, 4, 1, marks=pytest.mark.extended)])
 def test_deformable_attention_matches_reference(stride, kernel, kv_heads, offset_groups):
   """Offsets of a few tokens (std 1 logits, range s = 2) move points across cells and off the
   image; the gradients reach the offset network through the bilinear weights. With
