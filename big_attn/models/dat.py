@@ -23,7 +23,8 @@ groups (the heads of a group share its sampling points) and owns the offset netw
 deformable relative position bias table `[heads, 2h−1, 2w−1]`. Its keys and values are the
 projected tokens sampled bilinearly (DAT samples the features and projects them, which differs
 only in the projections' bias at points near the border and in DAT's mixing of channels that
-different groups sampled at different points).
+different groups sampled at different points); DAT++'s unbounded points are not clamped to the
+image (outside it the op samples zeros).
 
 - DAT: a 4x4/4 convolution + LayerNorm embeds the image; 2x2/2 convolutions (no bias) +
   LayerNorm downsample; stages 1-2 alternate window and shifted-window attention (L, S), stages
