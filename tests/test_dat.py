@@ -100,7 +100,7 @@ def _block_reference(x, p, heads, stride, offset_groups):
   ops = att["op_params"]
   out = deformable_reference(q, k, v, ops["offset_dw_kernel"], ops["offset_pw_kernel"],
                              ops["rpb"], stride=stride, offset_range=None,
-                             offset_groups=offset_groups, dw_bias=ops["offset_dw_bias"],
+                             offset_groups=offset_groups, clamp=True, dw_bias=ops["offset_dw_bias"],
                              norm_scale=ops["offset_norm_scale"],
                              norm_bias=ops["offset_norm_bias"])
   out = jnp.einsum("btnd,ndc->btc", out, att["out"]["kernel"]) + att["out"]["bias"]
@@ -112,11 +112,11 @@ def _block_reference(x, p, heads, stride, offset_groups):
 
 def test_deformable_block_matches_reference():
   """DAT++'s deformable block (2 heads in 1 offset group, points every 2 tokens, unbounded
-  offsets) on a 4x5 map, forward and gradient."""
+  offsets clamped to the map) on a 4x5 map, forward and gradient."""
   x = ref.normal(0, (2,) + GRID + (8,))
   block = hvit.Block(num_heads=2, mlp_dim=16, op="deformable_attention",
                      op_args=dict(grid=GRID, kernel_size=3, stride=2, offset_range=None,
-                                  offset_groups=1), cpe=True, ffn_conv_before_gelu=True,
+                                  offset_groups=1, clamp=True), cpe=True, ffn_conv_before_gelu=True,
                      norm_eps=1e-5, approximate_gelu=False)
   _assert_block_matches(block, x, lambda x, p: _block_reference(x, p, 2, 2, 1))
 
@@ -140,10 +140,10 @@ def test_block_ops_arguments_and_training_step():
       ("neighborhood", dict(kernel_size=(3, 3), dilation=(1, 1), grid=(4, 4))),
       ("window", dict(window_size=(2, 2), shift=(1, 1), grid=(4, 4))),
       ("deformable_attention", dict(kernel_size=3, stride=2, offset_range=None,
-                                    offset_groups=1, grid=(4, 4))),
+                                    offset_groups=1, clamp=True, grid=(4, 4))),
       ("window", dict(window_size=(2, 2), grid=(2, 2))),
       ("deformable_attention", dict(kernel_size=3, stride=1, offset_range=None,
-                                    offset_groups=2, grid=(2, 2)))]
+                                    offset_groups=2, clamp=True, grid=(2, 2)))]
   assert seen[0][1]["rpb"].shape == (2, 5, 5)  # the neighbourhood block's bias table
   params = check_trains(dat.Model(num_classes=3, drop_path_rate=0.1, **TINY), x)
   offsets = params["stage0_block2"]["attention"]["op_params"]

@@ -26,7 +26,7 @@ def _tent_sample(values, height, width, py, px):
 
 
 def _reference(q, k, v, dw, pw, rpb, *, stride, offset_range, offset_groups, dw_bias=0.0,
-               norm_scale=1.0, norm_bias=0.0):
+               norm_scale=1.0, norm_bias=0.0, clamp=False):
   """The op's formula on the `GRID` image; `dw_bias`, `norm_scale`, `norm_bias`: the offset
   network's convolution bias and LayerNorm affine parameters."""
   q, k, v, dw, pw, rpb, dw_bias, norm_scale, norm_bias = ref.f64(
@@ -50,6 +50,9 @@ def _reference(q, k, v, dw, pw, rpb, *, stride, offset_range, offset_groups, dw_
   reference = np.array([[(centre(r, h), centre(c, w)) for c in range(cols)] for r in range(rows)])
   points = (reference + offsets).reshape(b, offset_groups, rows * cols, 2)
   points = jnp.repeat(points, kv // offset_groups, axis=1)  # each key head at its group's
+  if clamp:
+    points = jnp.stack([jnp.clip(points[..., 0], 0, h - 1), jnp.clip(points[..., 1], 0, w - 1)],
+                       axis=-1)
   py, px = points[..., 0], points[..., 1]  # [b, kv, M]
   keys = _tent_sample(jnp.moveaxis(k, 2, 1), h, w, py, px)  # [b, kv, M, d]
   values = _tent_sample(jnp.moveaxis(v, 2, 1), h, w, py, px)
@@ -65,14 +68,16 @@ def _reference(q, k, v, dw, pw, rpb, *, stride, offset_range, offset_groups, dw_
   return jnp.einsum("bkgtm,bkmd->btkgd", p, values).reshape(b, t, n, -1)
 
 
-@pytest.mark.parametrize("stride,kernel,kv_heads,offset_groups",
-                         [(1, 3, 2, None), (2, 5, 2, None), (2, 3, 4, 2),
-                          pytest.param(1, 3, 4, 1, marks=pytest.mark.extended)])
-def test_deformable_attention_matches_reference(stride, kernel, kv_heads, offset_groups):
-  """Offsets of a few tokens (std 1 logits, range s = 2) move points across cells and off the
-  image; the gradients reach the offset network through the bilinear weights. With
-  `offset_groups` below the key/value heads (DAT's groups), the heads of a group share its
-  points."""
+@pytest.mark.parametrize("stride,kernel,kv_heads,offset_groups,offset_range,clamp", [
+    (1, 3, 2, None, 2.0, False), (2, 5, 2, None, 2.0, False), (2, 3, 4, 2, None, True),
+    pytest.param(1, 3, 4, 1, 2.0, False, marks=pytest.mark.extended),
+    pytest.param(1, 3, 2, None, None, False, marks=pytest.mark.extended)])
+def test_deformable_attention_matches_reference(stride, kernel, kv_heads, offset_groups,
+                                                offset_range, clamp):
+  """Offsets of a few tokens (std 1 logits, range s = 2, or unbounded) move points across
+  cells and off the image (or, clamped, onto its border); the gradients reach the offset
+  network through the bilinear weights. With `offset_groups` below the key/value heads (DAT's
+  groups), the heads of a group share its points."""
   groups = offset_groups or kv_heads
   q, k, v = ref.qkv(t=T, n=4, k=kv_heads, d=4)
   channels = 4 // groups * 4
@@ -83,10 +88,12 @@ def test_deformable_attention_matches_reference(stride, kernel, kv_heads, offset
   def op(q, k, v, dw, pw, rpb):
     return ops.get("deformable_attention")(q, k, v, grid=GRID, offset_dw_kernel=dw,
                                            offset_pw_kernel=pw, rpb=rpb, stride=stride,
-                                           offset_groups=offset_groups)
+                                           offset_range=offset_range,
+                                           offset_groups=offset_groups, clamp=clamp)
 
-  ref.assert_matches(op, functools.partial(_reference, stride=stride, offset_range=2.0,
-                                           offset_groups=groups), [q, k, v, dw, pw, rpb])
+  ref.assert_matches(op, functools.partial(_reference, stride=stride, offset_range=offset_range,
+                                           offset_groups=groups, clamp=clamp),
+                     [q, k, v, dw, pw, rpb])
 
 
 def test_layer_runs():
@@ -109,9 +116,10 @@ def _bad_calls():
           (lambda: op(offset_dw_kernel=dw, offset_pw_kernel=pw, offset_range=-1.0),
            "offset_range"),
           (lambda: op(offset_dw_kernel=dw, offset_pw_kernel=pw, offset_groups=3),
-           "offset_groups")]
+           "offset_groups"),
+          (lambda: op(offset_dw_kernel=dw, offset_pw_kernel=pw, clamp=1), "clamp")]
 
 
-@pytest.mark.parametrize("case", range(6))
+@pytest.mark.parametrize("case", range(7))
 def test_bad_args_raise_value_error_naming_them(case):
   op_checks.assert_bad_call_raises(_bad_calls, case)

@@ -23,8 +23,7 @@ groups (the heads of a group share its sampling points) and owns the offset netw
 deformable relative position bias table `[heads, 2h−1, 2w−1]`. Its keys and values are the
 projected tokens sampled bilinearly (DAT samples the features and projects them, which differs
 only in the projections' bias at points near the border and in DAT's mixing of channels that
-different groups sampled at different points); DAT++'s unbounded points are not clamped to the
-image (outside it the op samples zeros).
+different groups sampled at different points).
 
 - DAT: a 4x4/4 convolution + LayerNorm embeds the image; 2x2/2 convolutions (no bias) +
   LayerNorm downsample; stages 1-2 alternate window and shifted-window attention (L, S), stages
@@ -34,7 +33,8 @@ image (outside it the op samples zeros).
   3x3/2 convolutions (no bias) + LayerNorm downsample; a local perception unit (depthwise 3x3,
   residual) before every block; neighbourhood and deformable attention alternate (N, D) in
   stages 1-3 and stage 4 is all deformable, with reference points every 8, 4, 2, 1 tokens (a
-  7x7 grid of points at 224x224) and unbounded offsets; ConvFFN (Linear, + depthwise 3x3,
+  7x7 grid of points at 224x224) and unbounded offsets, the points clamped to the image;
+  ConvFFN (Linear, + depthwise 3x3,
   GELU, Linear).
 
 LayerScale (`layer_scale`) is off in the authors' configs of both. The LayerNorm'd map is
@@ -67,6 +67,8 @@ from big_attn.models import common
 from big_attn.models import hvit
 from big_attn.ops import checks
 from big_attn.ops import spatial
+
+_conv, _dense = hvit._conv, hvit._dense  # pylint: disable=protected-access
 
 LETTERS = {"L": "window", "S": "window", "N": "neighborhood", "D": "deformable_attention"}
 
@@ -111,16 +113,18 @@ def _embed(x, dim, patch_size, conv_stem, norm_eps, dtype, param_dtype):
   """DAT's patch embedding (a p x p convolution at stride p) or DAT++'s stem (log2 p 3x3/2
   convolutions, half the width before the last, GELU between), each convolution +
   LayerNorm."""
-  norm = lambda name, y: layer_norm(dtype, param_dtype, name, epsilon=norm_eps)(y)  # pylint: disable=unnecessary-lambda-assignment
+  def norm(name, y):
+    return layer_norm(dtype, param_dtype, name, epsilon=norm_eps)(y)
+
   if not conv_stem:
-    return norm("stem_norm", hvit._conv(dim, patch_size, patch_size, dtype, param_dtype, "stem",  # pylint: disable=protected-access
-                                        padding=0)(x))
+    return norm("stem_norm", _conv(dim, patch_size, patch_size, dtype, param_dtype, "stem",
+                                   padding=0)(x))
   halvings = patch_size.bit_length() - 1
   for i in range(halvings):
     if i:
       x = nn.gelu(x, approximate=False)
     width = dim if i == halvings - 1 else dim // 2
-    x = norm(f"stem_norm_{i}", hvit._conv(width, 3, 2, dtype, param_dtype, f"stem_{i}")(x))  # pylint: disable=protected-access
+    x = norm(f"stem_norm_{i}", _conv(width, 3, 2, dtype, param_dtype, f"stem_{i}")(x))
   return x
 
 
@@ -136,7 +140,8 @@ class Model(nn.Module):
     offset_groups: offset groups of each stage's deformable blocks (None: one per head).
     offset_kernels: the offset network's depthwise kernel per stage (9, 7, 5, 3, then 3).
     strides: reference-point spacing of each stage's deformable blocks.
-    offset_range: DAT's bound s of the offsets (s·(r/2)·tanh, in tokens); None: unbounded.
+    offset_range: DAT's bound s of the offsets (s·(r/2)·tanh, in tokens); None: unbounded,
+      the points clamped to the image (DAT++).
     conv_stem: DAT++'s convolutional stem and 3x3 downsampling (else DAT's 4x4 and 2x2).
     lpu: DAT++'s local perception unit (depthwise 3x3, residual) before every block.
     conv_ffn: DAT++'s ConvFFN (a residual depthwise 3x3 conv before the GELU).
@@ -195,7 +200,9 @@ class Model(nn.Module):
 
   def _check(self, images):
     stages = len(self.dims)
-    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # pylint: disable=unnecessary-lambda-assignment
+    def is_int(value):
+      return isinstance(value, int) and not isinstance(value, bool)
+
     for name in ("dims", "depths", "num_heads", "offset_kernels", "strides"):
       value = tuple(getattr(self, name))
       if len(value) != stages or not all(is_int(v) and v >= 1 for v in value):
@@ -250,7 +257,8 @@ class Model(nn.Module):
     args = {}
     if op == default == "deformable_attention":
       args = dict(kernel_size=self.offset_kernels[stage], stride=self.strides[stage],
-                  offset_range=self.offset_range, offset_groups=self.offset_groups[stage])
+                  offset_range=self.offset_range, offset_groups=self.offset_groups[stage],
+                  clamp=self.offset_range is None)
     elif op == default == "window":
       args = dict(window_size=self.window_size)
     elif op == default == "neighborhood":
@@ -272,8 +280,8 @@ class Model(nn.Module):
                                                    self.stage_spec)):
       if stage:
         kernel = 3 if self.conv_stem else 2
-        x = hvit._conv(dim, kernel, 2, dt, pdt, f"downsample_{stage}", use_bias=False,  # pylint: disable=protected-access
-                       padding=kernel // 2 if self.conv_stem else 0)(x)
+        x = _conv(dim, kernel, 2, dt, pdt, f"downsample_{stage}", use_bias=False,
+                  padding=kernel // 2 if self.conv_stem else 0)(x)
         x = layer_norm(dt, pdt, f"downsample_{stage}_norm", epsilon=self.norm_eps)(x)
       grid = tuple(x.shape[1:3])
       for j, letter in enumerate(spec):
@@ -289,5 +297,5 @@ class Model(nn.Module):
         index += 1
     x = jnp.mean(layer_norm(dt, pdt, "norm", epsilon=self.norm_eps)(x), axis=(1, 2))
     if self.num_classes:
-      x = hvit._dense(self.num_classes, ("embed", "classes"), dt, pdt, "head")(x)  # pylint: disable=protected-access
+      x = _dense(self.num_classes, ("embed", "classes"), dt, pdt, "head")(x)
     return x.astype(jnp.float32)

@@ -87,7 +87,7 @@ def deformable_attention(query, key, value, *, mask=None, is_causal=False, scale
                          grid=None, offset_dw_kernel=None, offset_pw_kernel=None,
                          offset_dw_bias=None, offset_norm_scale=None, offset_norm_bias=None,
                          rpb=None, stride=DAT_STRIDE, offset_range=DAT_OFFSET_RANGE,
-                         kernel_size=None, offset_groups=None):
+                         kernel_size=None, offset_groups=None, clamp=False):
   """Deformable attention: DAT++: Spatially Dynamic Vision Transformer with Deformable
   Attention (Xia et al., 2023), the attention of DAT (Vision Transformer with Deformable
   Attention, 2022).
@@ -104,7 +104,8 @@ def deformable_attention(query, key, value, *, mask=None, is_causal=False, scale
   with φ bilinear interpolation (sampling the projected keys and values equals projecting the
   sampled features: both are linear) and B DAT's deformable relative position bias, a
   `[2h−1, 2w−1]` table per head read at the continuous offset between query i at r_i and the
-  sampled point. `offset_range` None drops the tanh bound (Δp = θ(q)). Gradients reach the
+  sampled point. `offset_range` None drops the tanh bound (Δp = θ(q)); `clamp` moves the
+  points p + Δp into the image (DAT++'s unbounded offsets). Gradients reach the
   offsets through the bilinear weights. Cost O(seq·h'·w'); no causal form and no key mask
   (keys are sampled points, not tokens).
 
@@ -127,6 +128,7 @@ def deformable_attention(query, key, value, *, mask=None, is_causal=False, scale
     offset_groups: groups of heads sharing one set of sampling points, dividing
       num_kv_heads (DAT's `n_groups`, with key/value heads per query head); None:
       num_kv_heads, one group per key/value head.
+    clamp: clip the sampling points to `[0, h−1] x [0, w−1]` (DAT++).
 
   Returns:
     `[batch, h·w, num_heads, value_dim]` in the query's dtype.
@@ -143,6 +145,8 @@ def deformable_attention(query, key, value, *, mask=None, is_causal=False, scale
   stride = checks.positive_int("stride", stride)
   if offset_range is not None:
     offset_range = checks.positive_float("offset_range", offset_range)
+  if not isinstance(clamp, bool):
+    raise ValueError(f"clamp must be a bool, got {clamp!r}")
   if offset_groups is None:
     offset_groups = dims.num_kv_heads
   offset_groups = checks.positive_int("offset_groups", offset_groups)
@@ -168,12 +172,13 @@ def deformable_attention(query, key, value, *, mask=None, is_causal=False, scale
 
   return _deformable(query, key, value, offset_dw_kernel, offset_pw_kernel, offset_dw_bias,
                      offset_norm_scale, offset_norm_bias, rpb, scale, grid=grid, stride=stride,
-                     offset_range=offset_range, offset_groups=offset_groups)
+                     offset_range=offset_range, offset_groups=offset_groups, clamp=clamp)
 
 
-@functools.partial(jax.jit, static_argnames=("grid", "stride", "offset_range", "offset_groups"))
+@functools.partial(jax.jit, static_argnames=("grid", "stride", "offset_range", "offset_groups",
+                                             "clamp"))
 def _deformable(query, key, value, dw_kernel, pw_kernel, dw_bias, norm_scale, norm_bias, rpb,
-                scale, *, grid, stride, offset_range, offset_groups):
+                scale, *, grid, stride, offset_range, offset_groups, clamp):
   """The body of `deformable_attention` after its checks, compiled once per configuration."""
   dims = common.check_qkv(query, key, value)
   h, w = grid
@@ -187,6 +192,8 @@ def _deformable(query, key, value, dw_kernel, pw_kernel, dw_bias, norm_scale, no
   ref = np.stack(np.broadcast_arrays(ref_y[:, None], ref_x[None, :]), -1).reshape(-1, 1, 2)
   points = jnp.asarray(ref, jnp.float32) + offsets  # [b, M, offset_groups, 2]
   points = jnp.repeat(points, dims.num_kv_heads // offset_groups, axis=2)  # [b, M, k, 2]
+  if clamp:
+    points = jnp.clip(points, 0.0, jnp.asarray([h - 1, w - 1], jnp.float32))
   py, px = points[..., 0], points[..., 1]
   sampled_key = _sample(key, grid, py, px).astype(key.dtype)
   sampled_value = _sample(value, grid, py, px).astype(value.dtype)
