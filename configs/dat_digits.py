@@ -8,8 +8,9 @@ DAT++'s stem at stride 2 (one 3x3/2 convolution + LayerNorm) gives an 8x8 map, t
 every 4, 2, 1 tokens, one offset group per two heads), with the local perception unit and
 ConvFFN of DAT++.
 
-Measured (default arguments, seed 0, float32, a shared 2-core CPU): see the README's families
-table.
+Measured (default arguments, seed 0, float32, 641,638 parameters, a shared 2-core CPU, 23 min):
+train loss 0.53 at step 100 and 6e-5 at 1500 (chance: ln 10 = 2.30); held-out accuracy 98.7%
+at step 500, 99.3% at steps 1000 and 1500 (eval loss 0.065, 0.051, 0.047).
 
 Args (`--config=configs/dat_digits.py:attention=softmax,steps=500`):
   attention: registry name of the deformable blocks' op (`deformable_attention`, the paper's).
