@@ -152,6 +152,11 @@ def _tiny_models() -> dict[str, tuple[Callable[..., Any], Callable, dict[str, An
           num_classes=3, dims=(8, 16), num_heads=(1, 2), depths=(1, 1), patch_size=3,
           patch_stride=2, patch_padding=1, stride_q=(1, 2), stride_kv=2, attention=op, **f),
                _image((2, 16, 16, 1)), {}),
+      "dat": (lambda op, **f: models.get("dat").Model(
+          num_classes=3, dims=(8,), depths=(2,), num_heads=(2,), offset_groups=(1,),
+          stage_spec=("ND",), strides=(2,), offset_kernels=(3,), patch_size=2, attention=op,
+          local_attention=op, **f),
+              _image((2, 8, 8, 1)), {}),
       "lm": (lambda op, **f: models.get("lm").Model(
           vocab_size=11, width=16, depth=1, num_heads=2, num_kv_heads=1, qk_norm=True,
           attention=op, **f),

@@ -25,23 +25,34 @@ def _tent_sample(values, height, width, py, px):
   return jnp.einsum("...mc,...cd->...md", weight, values)
 
 
-def _reference(q, k, v, dw, pw, rpb, *, stride, offset_range):
-  q, k, v, dw, pw, rpb = ref.f64(q, k, v, dw, pw, rpb)
+def _reference(q, k, v, dw, pw, rpb, *, stride, offset_range, offset_groups, dw_bias=0.0,
+               norm_scale=1.0, norm_bias=0.0, clamp=False):
+  """The op's formula on the `GRID` image; `dw_bias`, `norm_scale`, `norm_bias`: the offset
+  network's convolution bias and LayerNorm affine parameters."""
+  q, k, v, dw, pw, rpb, dw_bias, norm_scale, norm_bias = ref.f64(
+      q, k, v, dw, pw, rpb, dw_bias, norm_scale, norm_bias)
   (h, w), (b, t, n, d), kv = GRID, q.shape, k.shape[2]
   g = n // kv
   size = dw.shape[0]
   rows, cols = -(-h // stride), -(-w // stride)
-  x = q.reshape(b, h, w, kv, g * d)
+  x = q.reshape(b, h, w, offset_groups, n // offset_groups * d)
   xp = jnp.pad(x, ((0, 0), (size // 2,) * 2, (size // 2,) * 2, (0, 0), (0, 0)))
   conv = sum(dw[a, c] * xp[:, a:a + (rows - 1) * stride + 1:stride,
                            c:c + (cols - 1) * stride + 1:stride]
              for a in range(size) for c in range(size))  # [b, rows, cols, kv, g·d]
+  conv = conv + dw_bias
   conv = (conv - conv.mean(-1, keepdims=True)) / jnp.sqrt(conv.var(-1, keepdims=True) + 1e-5)
+  conv = conv * norm_scale + norm_bias
   offsets = jnp.einsum("bhwkc,co->bkhwo", jax.nn.gelu(conv, approximate=False), pw)
-  offsets = offset_range * stride / 2 * jnp.tanh(offsets)
+  if offset_range is not None:
+    offsets = offset_range * stride / 2 * jnp.tanh(offsets)
   centre = lambda i, side: min(i * stride + (stride - 1) / 2, side - 1)  # pylint: disable=unnecessary-lambda-assignment
   reference = np.array([[(centre(r, h), centre(c, w)) for c in range(cols)] for r in range(rows)])
-  points = (reference + offsets).reshape(b, kv, rows * cols, 2)
+  points = (reference + offsets).reshape(b, offset_groups, rows * cols, 2)
+  points = jnp.repeat(points, kv // offset_groups, axis=1)  # each key head at its group's
+  if clamp:
+    points = jnp.stack([jnp.clip(points[..., 0], 0, h - 1), jnp.clip(points[..., 1], 0, w - 1)],
+                       axis=-1)
   py, px = points[..., 0], points[..., 1]  # [b, kv, M]
   keys = _tent_sample(jnp.moveaxis(k, 2, 1), h, w, py, px)  # [b, kv, M, d]
   values = _tent_sample(jnp.moveaxis(v, 2, 1), h, w, py, px)
@@ -57,20 +68,31 @@ def _reference(q, k, v, dw, pw, rpb, *, stride, offset_range):
   return jnp.einsum("bkgtm,bkmd->btkgd", p, values).reshape(b, t, n, -1)
 
 
-@pytest.mark.parametrize("stride,kernel", [(1, 3), (2, 5)])
-def test_deformable_attention_matches_reference(stride, kernel):
-  """Offsets of a few tokens (std 1 logits, range s = 2) move points across cells and off the
-  image; the gradients reach the offset network through the bilinear weights."""
-  q, k, v = ref.qkv(t=T, n=4, k=2, d=4)
-  dw = ref.normal(3, (kernel, kernel, 8), std=0.5)
-  pw = ref.normal(4, (8, 2))
+@pytest.mark.parametrize("stride,kernel,kv_heads,offset_groups,offset_range,clamp", [
+    (1, 3, 2, None, 2.0, False), (2, 5, 2, None, 2.0, False), (2, 3, 4, 2, None, True),
+    pytest.param(1, 3, 4, 1, 2.0, False, marks=pytest.mark.extended),
+    pytest.param(1, 3, 2, None, None, False, marks=pytest.mark.extended)])
+def test_deformable_attention_matches_reference(stride, kernel, kv_heads, offset_groups,
+                                                offset_range, clamp):
+  """Offsets of a few tokens (std 1 logits, range s = 2, or unbounded) move points across
+  cells and off the image (or, clamped, onto its border); the gradients reach the offset
+  network through the bilinear weights. With `offset_groups` below the key/value heads (DAT's
+  groups), the heads of a group share its points."""
+  groups = offset_groups or kv_heads
+  q, k, v = ref.qkv(t=T, n=4, k=kv_heads, d=4)
+  channels = 4 // groups * 4
+  dw = ref.normal(3, (kernel, kernel, channels), std=0.5)
+  pw = ref.normal(4, (channels, 2))
   rpb = ref.normal(5, (4, 2 * GRID[0] - 1, 2 * GRID[1] - 1))
 
   def op(q, k, v, dw, pw, rpb):
     return ops.get("deformable_attention")(q, k, v, grid=GRID, offset_dw_kernel=dw,
-                                           offset_pw_kernel=pw, rpb=rpb, stride=stride)
+                                           offset_pw_kernel=pw, rpb=rpb, stride=stride,
+                                           offset_range=offset_range,
+                                           offset_groups=offset_groups, clamp=clamp)
 
-  ref.assert_matches(op, functools.partial(_reference, stride=stride, offset_range=2.0),
+  ref.assert_matches(op, functools.partial(_reference, stride=stride, offset_range=offset_range,
+                                           offset_groups=groups, clamp=clamp),
                      [q, k, v, dw, pw, rpb])
 
 
@@ -92,9 +114,12 @@ def _bad_calls():
           (lambda: op(offset_dw_kernel=dw, offset_pw_kernel=pw[:, :1]), "offset_pw_kernel"),
           (lambda: op(offset_dw_kernel=dw, offset_pw_kernel=pw, rpb=dw), "rpb"),
           (lambda: op(offset_dw_kernel=dw, offset_pw_kernel=pw, offset_range=-1.0),
-           "offset_range")]
+           "offset_range"),
+          (lambda: op(offset_dw_kernel=dw, offset_pw_kernel=pw, offset_groups=3),
+           "offset_groups"),
+          (lambda: op(offset_dw_kernel=dw, offset_pw_kernel=pw, clamp=1), "clamp")]
 
 
-@pytest.mark.parametrize("case", range(5))
+@pytest.mark.parametrize("case", range(7))
 def test_bad_args_raise_value_error_naming_them(case):
   op_checks.assert_bad_call_raises(_bad_calls, case)

@@ -311,7 +311,8 @@ class Block(nn.Module):
       output, BiFormer and RMT); 0: none.
     decomposed: the op (retention) runs along rows then columns (RMT).
     rope_base: rotary embedding base of `Attention` (RMT); None: none.
-    ffn_conv: residual depthwise 3x3 conv between the FFN's layers (RMT).
+    ffn_conv: residual depthwise 3x3 conv between the FFN's layers, after the GELU (RMT).
+    ffn_conv_before_gelu: the FFN's residual conv before its GELU instead (DAT++'s ConvFFN).
     layer_scale: initial γ (per channel, learned); None: no layer scale.
     approximate_gelu: tanh-approximate GELU in the FFN; False: exact (the papers' PyTorch code).
   """
@@ -328,6 +329,7 @@ class Block(nn.Module):
   decomposed: bool = False
   rope_base: float | None = None
   ffn_conv: bool = False
+  ffn_conv_before_gelu: bool = False
   layer_scale: float | None = None
   drop_path: float = 0.0
   norm_eps: float = 1e-6
@@ -379,11 +381,13 @@ class Block(nn.Module):
     if self.cpe_mlp:
       x = x + _conv(c, 3, 1, dt, pdt, "cpe_mlp", groups=c)(x)
     y = layer_norm(dt, pdt, "norm2", epsilon=self.norm_eps)(x)
-    if self.ffn_conv:
-      y = nn.gelu(_dense(self.mlp_dim, ("embed", "mlp"), dt, pdt, "fc1")(y),
-                  approximate=self.approximate_gelu)
+    if self.ffn_conv or self.ffn_conv_before_gelu:
+      gelu = functools.partial(nn.gelu, approximate=self.approximate_gelu)
+      y = _dense(self.mlp_dim, ("embed", "mlp"), dt, pdt, "fc1")(y)
+      y = y if self.ffn_conv_before_gelu else gelu(y)
       y = y + _conv(self.mlp_dim, 3, 1, dt, pdt, "ffn_conv", groups=self.mlp_dim)(y)
-      y = _dense(c, ("mlp", "embed"), dt, pdt, "fc2")(y)
+      y = _dense(c, ("mlp", "embed"), dt, pdt, "fc2")(gelu(y) if self.ffn_conv_before_gelu
+                                                       else y)
     else:
       y = MlpBlock(mlp_dim=self.mlp_dim, approximate_gelu=self.approximate_gelu, dtype=dt,
                    param_dtype=pdt, name="mlp")(y)

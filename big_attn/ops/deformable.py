@@ -56,18 +56,19 @@ def _sample(x: Array, grid: tuple[int, int], py: Array, px: Array) -> Array:
   return out
 
 
-def _offsets(query, grid, stride, dims, dw_kernel, dw_bias, norm_scale, norm_bias, pw_kernel):
+def _offsets(query, grid, stride, offset_groups, dims, dw_kernel, dw_bias, norm_scale,
+             norm_bias, pw_kernel):
   """DAT's offset network on the query groups: depthwise k x k conv with stride r, LayerNorm,
-  GELU, pointwise conv to (Δy, Δx). `[b, h·w, n, d]` -> `[b, h'·w', num_kv_heads, 2]`."""
-  (h, w), b, kv = grid, dims.batch, dims.num_kv_heads
-  channels = dims.groups * dims.head_dim
+  GELU, pointwise conv to (Δy, Δx). `[b, h·w, n, d]` -> `[b, h'·w', offset_groups, 2]`."""
+  (h, w), b = grid, dims.batch
+  channels = dims.num_heads // offset_groups * dims.head_dim
   k = dw_kernel.shape[0]
-  x = query.astype(jnp.float32).reshape(b, h, w, kv * channels)
-  kernel = jnp.tile(dw_kernel.astype(jnp.float32), (1, 1, kv))[:, :, None, :]
+  x = query.astype(jnp.float32).reshape(b, h, w, offset_groups * channels)
+  kernel = jnp.tile(dw_kernel.astype(jnp.float32), (1, 1, offset_groups))[:, :, None, :]
   x = jax.lax.conv_general_dilated(x, kernel, (stride, stride), [(k // 2, k // 2)] * 2,
                                    dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                   feature_group_count=kv * channels)
-  x = x.reshape(*x.shape[:3], kv, channels)
+                                   feature_group_count=offset_groups * channels)
+  x = x.reshape(*x.shape[:3], offset_groups, channels)
   if dw_bias is not None:
     x = x + dw_bias.astype(jnp.float32)
   mean = jnp.mean(x, axis=-1, keepdims=True)
@@ -78,7 +79,7 @@ def _offsets(query, grid, stride, dims, dw_kernel, dw_bias, norm_scale, norm_bia
     x = x + norm_bias.astype(jnp.float32)
   x = jax.nn.gelu(x, approximate=False)
   offsets = jnp.einsum("bhwkc,co->bhwko", x, pw_kernel.astype(jnp.float32))
-  return offsets.reshape(b, -1, kv, 2)
+  return offsets.reshape(b, -1, offset_groups, 2)
 
 
 @register("deformable_attention", causal=False, grid=True)
@@ -86,7 +87,7 @@ def deformable_attention(query, key, value, *, mask=None, is_causal=False, scale
                          grid=None, offset_dw_kernel=None, offset_pw_kernel=None,
                          offset_dw_bias=None, offset_norm_scale=None, offset_norm_bias=None,
                          rpb=None, stride=DAT_STRIDE, offset_range=DAT_OFFSET_RANGE,
-                         kernel_size=None):
+                         kernel_size=None, offset_groups=None, clamp=False):
   """Deformable attention: DAT++: Spatially Dynamic Vision Transformer with Deformable
   Attention (Xia et al., 2023), the attention of DAT (Vision Transformer with Deformable
   Attention, 2022).
@@ -94,8 +95,8 @@ def deformable_attention(query, key, value, *, mask=None, is_causal=False, scale
   Reference points p form a uniform grid on the `grid=(h, w)` image, one per `stride x stride`
   cell (at the cell's centre; every token for stride 1). An offset network θ (DAT's: a
   depthwise k x k convolution with stride r over the queries, LayerNorm, GELU, a pointwise map
-  to 2 channels), shared by the offset groups (the query heads of one key/value head),
-  moves them; keys and values are sampled bilinearly there (zero outside the image):
+  to 2 channels), shared by the `offset_groups` (each reads its own query heads' channels;
+  its key/value heads are sampled at its points), moves them; keys and values are sampled bilinearly there (zero outside the image):
 
       Δp = s·(r/2)·tanh(θ(q)),   k̃ = φ(K; p + Δp),   ṽ = φ(V; p + Δp),
       out_i = Σ_m softmax_m(s_q·q_i·k̃_m + φ(B; r_i − (p_m + Δp_m))) ṽ_m,
@@ -103,7 +104,8 @@ def deformable_attention(query, key, value, *, mask=None, is_causal=False, scale
   with φ bilinear interpolation (sampling the projected keys and values equals projecting the
   sampled features: both are linear) and B DAT's deformable relative position bias, a
   `[2h−1, 2w−1]` table per head read at the continuous offset between query i at r_i and the
-  sampled point. `offset_range` None drops the tanh bound (Δp = θ(q)). Gradients reach the
+  sampled point. `offset_range` None drops the tanh bound (Δp = θ(q)); `clamp` moves the
+  points p + Δp into the image (DAT++'s unbounded offsets). Gradients reach the
   offsets through the bilinear weights. Cost O(seq·h'·w'); no causal form and no key mask
   (keys are sampled points, not tokens).
 
@@ -114,7 +116,7 @@ def deformable_attention(query, key, value, *, mask=None, is_causal=False, scale
     is_causal: must be False.
     scale: logit scale s_q; `1/sqrt(head_dim)` when None.
     grid: required `(h, w)`, `h·w == seq`.
-    offset_dw_kernel: `[k, k, G·head_dim]`, G = num_heads / num_kv_heads query heads per
+    offset_dw_kernel: `[k, k, G·head_dim]`, G = num_heads / offset_groups query heads per
       offset group, k odd.
     offset_pw_kernel: `[G·head_dim, 2]`, to (Δy, Δx) in tokens.
     offset_dw_bias, offset_norm_scale, offset_norm_bias: optional `[G·head_dim]`, the
@@ -123,6 +125,10 @@ def deformable_attention(query, key, value, *, mask=None, is_causal=False, scale
     stride: r, the reference-point spacing (DAT++: 1, one point per token).
     offset_range: s, DAT's range factor (2), or None.
     kernel_size: optional check of k.
+    offset_groups: groups of heads sharing one set of sampling points, dividing
+      num_kv_heads (DAT's `n_groups`, with key/value heads per query head); None:
+      num_kv_heads, one group per key/value head.
+    clamp: clip the sampling points to `[0, h−1] x [0, w−1]` (DAT++).
 
   Returns:
     `[batch, h·w, num_heads, value_dim]` in the query's dtype.
@@ -139,7 +145,15 @@ def deformable_attention(query, key, value, *, mask=None, is_causal=False, scale
   stride = checks.positive_int("stride", stride)
   if offset_range is not None:
     offset_range = checks.positive_float("offset_range", offset_range)
-  channels = dims.groups * dims.head_dim
+  if not isinstance(clamp, bool):
+    raise ValueError(f"clamp must be a bool, got {clamp!r}")
+  if offset_groups is None:
+    offset_groups = dims.num_kv_heads
+  offset_groups = checks.positive_int("offset_groups", offset_groups)
+  if dims.num_kv_heads % offset_groups:
+    raise ValueError(f"offset_groups must divide num_kv_heads {dims.num_kv_heads}, got "
+                     f"{offset_groups}")
+  channels = dims.num_heads // offset_groups * dims.head_dim
   k = offset_dw_kernel.shape[0] if getattr(offset_dw_kernel, "ndim", 0) == 3 else kernel_size
   if not isinstance(k, int) or k % 2 == 0 or (kernel_size is not None and k != kernel_size):
     raise ValueError(f"offset_dw_kernel must be [k, k, G·head_dim] with k odd (and equal to "
@@ -158,24 +172,28 @@ def deformable_attention(query, key, value, *, mask=None, is_causal=False, scale
 
   return _deformable(query, key, value, offset_dw_kernel, offset_pw_kernel, offset_dw_bias,
                      offset_norm_scale, offset_norm_bias, rpb, scale, grid=grid, stride=stride,
-                     offset_range=offset_range)
+                     offset_range=offset_range, offset_groups=offset_groups, clamp=clamp)
 
 
-@functools.partial(jax.jit, static_argnames=("grid", "stride", "offset_range"))
+@functools.partial(jax.jit, static_argnames=("grid", "stride", "offset_range", "offset_groups",
+                                             "clamp"))
 def _deformable(query, key, value, dw_kernel, pw_kernel, dw_bias, norm_scale, norm_bias, rpb,
-                scale, *, grid, stride, offset_range):
+                scale, *, grid, stride, offset_range, offset_groups, clamp):
   """The body of `deformable_attention` after its checks, compiled once per configuration."""
   dims = common.check_qkv(query, key, value)
   h, w = grid
-  offsets = _offsets(query, grid, stride, dims, dw_kernel, dw_bias, norm_scale, norm_bias,
-                     pw_kernel)
+  offsets = _offsets(query, grid, stride, offset_groups, dims, dw_kernel, dw_bias, norm_scale,
+                     norm_bias, pw_kernel)
   if offset_range is not None:
     offsets = offset_range * (stride / 2) * jnp.tanh(offsets)
   rows, cols = -(-h // stride), -(-w // stride)
   ref_y = np.minimum(np.arange(rows) * stride + (stride - 1) / 2, h - 1)
   ref_x = np.minimum(np.arange(cols) * stride + (stride - 1) / 2, w - 1)
   ref = np.stack(np.broadcast_arrays(ref_y[:, None], ref_x[None, :]), -1).reshape(-1, 1, 2)
-  points = jnp.asarray(ref, jnp.float32) + offsets  # [b, M, k, 2]
+  points = jnp.asarray(ref, jnp.float32) + offsets  # [b, M, offset_groups, 2]
+  points = jnp.repeat(points, dims.num_kv_heads // offset_groups, axis=2)  # [b, M, k, 2]
+  if clamp:
+    points = jnp.clip(points, 0.0, jnp.asarray([h - 1, w - 1], jnp.float32))
   py, px = points[..., 0], points[..., 1]
   sampled_key = _sample(key, grid, py, px).astype(key.dtype)
   sampled_value = _sample(value, grid, py, px).astype(value.dtype)
@@ -199,7 +217,8 @@ def _deformable(query, key, value, dw_kernel, pw_kernel, dw_bias, norm_scale, no
 class DeformableParams(OpParams):
   """DAT's offset network and deformable relative position bias.
 
-  `op_args`: `kernel_size` k (5), `grid` (for the bias table). Owns `offset_dw_kernel [k, k,
+  `op_args`: `kernel_size` k (5), `grid` (for the bias table), `offset_groups` (G =
+  num_heads / offset_groups; num_kv_heads when absent). Owns `offset_dw_kernel [k, k,
   G·head_dim]` (fan-in scaled normal) and `offset_dw_bias` (zeros), `offset_norm_scale`
   (ones) and `offset_norm_bias` (zeros), `offset_pw_kernel [G·head_dim, 2]` (normal, std
   0.01: small offsets at first) and `rpb [num_heads, 2h−1, 2w−1]` (truncated normal, std
@@ -212,7 +231,9 @@ class DeformableParams(OpParams):
     op_args = self.op_args or {}
     k = checks.positive_int("op_args['kernel_size']", op_args.get("kernel_size", DAT_KERNEL))
     h, w = windowed.patch_grid(op_args, key.shape[1])
-    channels = self.num_heads // self.num_kv_heads * self.head_dim
+    offset_groups = checks.positive_int("op_args['offset_groups']",
+                                        op_args.get("offset_groups") or self.num_kv_heads)
+    channels = self.num_heads // offset_groups * self.head_dim
     param = lambda name, init, shape, axes: self.param(  # pylint: disable=unnecessary-lambda-assignment
         name, nn.with_logical_partitioning(init, axes), shape, self.param_dtype)
     weights = {
