@@ -86,7 +86,10 @@ def _lm_inputs(length: int):
 def _tiny_models() -> dict[str, tuple[Callable[..., Any], Callable, dict[str, Any]]]:
   """name -> ((op, **fields) -> Model, rng -> call arguments, apply keyword arguments): tiny
   sizes, the digits configs' settings (LayerNorm where a family offers BatchNorm, to stay
-  stateless); `fields` are further Model fields (`attention_impl`, the LM's mesh)."""
+  stateless; EfficientViT has only BatchNorm, so it runs with `train=True` on batch
+  statistics, as in training: with the initial running statistics nothing normalises the
+  perturbed model's activations); `fields` are further Model fields (`attention_impl`, the
+  LM's mesh)."""
   vit_sizes = dict(width=16, depth=1, mlp_dim=32, num_heads=2, patch_size=(2, 2))
   return {
       "vit": (lambda op, **f: models.get("vit").Model(num_classes=3, attention=op, **vit_sizes,
@@ -147,7 +150,7 @@ def _tiny_models() -> dict[str, tuple[Callable[..., Any], Callable, dict[str, An
       "efficientvit": (lambda op, **f: models.get("efficientvit").Model(
           num_classes=3, widths=(8, 12, 16), depths=(1, 1, 1), num_heads=(2, 3, 2), key_dim=4,
           kernel_size=3, window_size=2, patch_size=2, attention=op, **f),
-                       _image((2, 8, 16, 1)), {}),
+                       _image((2, 8, 16, 1)), dict(train=True)),
       "mvit": (lambda op, **f: models.get("mvit").Model(
           num_classes=3, dims=(8, 16), num_heads=(1, 2), depths=(1, 1), patch_size=3,
           patch_stride=2, patch_padding=1, stride_q=(1, 2), stride_kv=2, attention=op, **f),
@@ -206,6 +209,14 @@ def _close(got, want) -> bool:
       got, want, rtol=TOLERANCE, atol=TOLERANCE * max(1.0, float(np.max(np.abs(want))))))
 
 
+def _apply(model, variables, inputs, kwargs, rng):
+  """`model.apply` of the cell: in training mode (`train=True`) batch statistics are computed
+  from the batch and their update dropped."""
+  mutable = ["batch_stats"] if kwargs.get("train") and "batch_stats" in variables else False
+  out = model.apply(variables, *inputs, **kwargs, rngs={"dropout": rng}, mutable=mutable)
+  return out[0] if mutable else out
+
+
 def _column_model(column: str, make_model, op: str):
   if column == "seq_parallel":
     return make_model(op, mesh=mesh_lib.make_mesh([("seq", SEQ_SHARDS)]), seq_strategy="ring")
@@ -255,8 +266,8 @@ def run_cell(model_name: str, op: str, jit: bool = False, trace_only: bool = Fal
   try:
     if trace_only:
       jax.eval_shape(jax.grad(lambda params, others: jnp.sum(jnp.concatenate([
-          jnp.ravel(o) for o in jax.tree.leaves(model.apply(
-              dict(others, params=params), *inputs, **kwargs, rngs={"dropout": rng_init}))]))),
+          jnp.ravel(o) for o in jax.tree.leaves(_apply(
+              model, dict(others, params=params), inputs, kwargs, rng_init))]))),
                      variables["params"], {k: v for k, v in variables.items() if k != "params"})
       return "ok", "traced, not run"
     params = (jax.jit(_perturbed) if jit else _perturbed)(variables["params"], rng_noise)
@@ -265,8 +276,7 @@ def run_cell(model_name: str, op: str, jit: bool = False, trace_only: bool = Fal
     others = {k: v for k, v in variables.items() if k != "params"}
 
     def loss(params, model=model):
-      out = model.apply({"params": params, **others}, *inputs, **kwargs,
-                        rngs={"dropout": rng_init})
+      out = _apply(model, {"params": params, **others}, inputs, kwargs, rng_init)
       out = jnp.concatenate([jnp.ravel(o) for o in jax.tree.leaves(out)])
       target = jax.random.normal(rng_target, out.shape, jnp.float32)
       return jnp.sum(out * target), out
