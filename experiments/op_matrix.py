@@ -149,7 +149,7 @@ def _tiny_models() -> dict[str, tuple[Callable[..., Any], Callable, dict[str, An
                _image((2, 16, 8, 1)), {}),
       "efficientvit": (lambda op, **f: models.get("efficientvit").Model(
           num_classes=3, widths=(8, 12, 16), depths=(1, 1, 1), num_heads=(2, 3, 2), key_dim=4,
-          kernel_size=3, window_size=2, patch_size=2, attention=op, **f),
+          kernel_size=3, window_size=3, patch_size=2, attention=op, **f),
                        _image((2, 8, 16, 1)), dict(train=True)),
       "mvit": (lambda op, **f: models.get("mvit").Model(
           num_classes=3, dims=(8, 16), num_heads=(1, 2), depths=(1, 1), patch_size=3,
