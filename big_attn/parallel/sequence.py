@@ -237,22 +237,39 @@ class SeqParallel:
     "striped" strategy is refused: the recurrence runs in token order (see
     `big_attn.parallel.linear_state`)."""
     self.check_linear_state(op)
+    return self._shard_map_op(
+        functools.partial(linear_state_attention, op=op, axis_name=self.axis,
+                          is_causal=is_causal), query, key, value, segment_ids, op_args)
+
+  def _shard_map_op(self, per_shard, query: Array, key: Array, value: Array,
+                    segment_ids: Array | None, op_args: dict[str, Any],
+                    token_args: tuple[str, ...] = ()) -> Array:
+    """`per_shard(q, k, v, segment_ids=..., **op_args)` inside `jax.shard_map` over the mesh:
+    query, key, value and `segment_ids` split along the sequence over `axis` (the batch by
+    `layout`); the op's arguments named in `token_args` (arrays `[n, batch, seq, ...]`) split
+    as the tokens, its other array arguments (weights) replicated, the rest static."""
     batch_axes, _ = self.layout(query.shape[0])
     qkv_spec, seg_spec = P(batch_axes, self.axis, None, None), P(batch_axes, self.axis)
     mesh = _working_mesh(self.mesh, query, key, value)
+    op_args = dict(op_args)
+    split = {k: op_args.pop(k) for k in token_args if op_args.get(k) is not None}
+    split_specs = {k: P(None, batch_axes, self.axis, *(None,) * (v.ndim - 3))
+                   for k, v in split.items()}
+    split = {k: compat.constrain(v, NamedSharding(mesh, split_specs[k]))
+             for k, v in split.items()}
     weights = {k: v for k, v in op_args.items() if isinstance(v, (jax.Array, np.ndarray))}
     static = {k: v for k, v in op_args.items() if k not in weights}
 
-    def per_shard(q, k, v, w, *seg):
-      return linear_state_attention(q, k, v, op=op, axis_name=self.axis, is_causal=is_causal,
-                                    segment_ids=seg[0] if seg else None, **w, **static)
+    def shard(q, k, v, w, t, *seg):
+      return per_shard(q, k, v, segment_ids=seg[0] if seg else None, **w, **t, **static)
 
     args = [compat.constrain(x, NamedSharding(mesh, qkv_spec)) for x in (query, key, value)]
     segs, seg_specs = (), ()
     if segment_ids is not None:
       segs, seg_specs = (compat.constrain(segment_ids, NamedSharding(mesh, seg_spec)),), (seg_spec,)
-    return compat.shard_map(per_shard, mesh=mesh, in_specs=(qkv_spec,) * 3 + (P(),) + seg_specs,
-                            out_specs=qkv_spec)(*args, weights, *segs)
+    return compat.shard_map(
+        shard, mesh=mesh, in_specs=(qkv_spec,) * 3 + (P(), split_specs) + seg_specs,
+        out_specs=qkv_spec)(*args, weights, split, *segs)
 
   def convolution(self, op: str, query: Array, key: Array, value: Array, *,
                   is_causal: bool = True, segment_ids: Array | None = None,
@@ -266,29 +283,10 @@ class SeqParallel:
     if ops.sequence_parallel_form(op) != "convolution":
       raise ValueError(f"attention op {op!r} has no convolution form (ops with one: "
                        f"{', '.join(ops.forms.CONVOLUTION_FORMS)})")
-    batch_axes, _ = self.layout(query.shape[0])
-    qkv_spec, seg_spec = P(batch_axes, self.axis, None, None), P(batch_axes, self.axis)
-    gate_spec = P(None, batch_axes, self.axis, None, None)
-    mesh = _working_mesh(self.mesh, query, key, value)
-    gates = op_args.pop("gates", None)
-    weights = {k: v for k, v in op_args.items() if isinstance(v, (jax.Array, np.ndarray))}
-    static = {k: v for k, v in op_args.items() if k not in weights}
-
-    def per_shard(q, k, v, w, g, *seg):
-      return hyena_shard_attention(q, k, v, axis_name=self.axis, strategy=self.strategy,
-                                   is_causal=is_causal, segment_ids=seg[0] if seg else None,
-                                   gates=g, **w, **static)
-
-    args = [compat.constrain(x, NamedSharding(mesh, qkv_spec)) for x in (query, key, value)]
-    if gates is not None:
-      gates = compat.constrain(gates, NamedSharding(mesh, gate_spec))
-    segs, seg_specs = (), ()
-    if segment_ids is not None:
-      segs, seg_specs = (compat.constrain(segment_ids, NamedSharding(mesh, seg_spec)),), (seg_spec,)
-    return compat.shard_map(
-        per_shard, mesh=mesh,
-        in_specs=(qkv_spec,) * 3 + (P(), None if gates is None else gate_spec) + seg_specs,
-        out_specs=qkv_spec)(*args, weights, gates, *segs)
+    return self._shard_map_op(
+        functools.partial(hyena_shard_attention, axis_name=self.axis, strategy=self.strategy,
+                          is_causal=is_causal), query, key, value, segment_ids, op_args,
+        token_args=("gates",))
 
 
 def sequence_parallel_attention(query: Array, key: Array, value: Array, *, mesh,
