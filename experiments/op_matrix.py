@@ -8,9 +8,10 @@ every path: single device, sequence parallel, decoding, fused kernel.
 
 Columns (`--columns`, `COLUMN_MODELS`): a cell is run, never read from the registry.
 - "single": every model, one device (below).
-- "seq_parallel": the LM with its sequence split over 8 devices (8 simulated CPU devices) by
-  ring attention (`seq_strategy="ring"`); "ok" when loss, logits and gradients equal the
-  single-device model's on the same parameters.
+- "seq_parallel": the LM (8 heads, 2 key/value heads) with its sequence split over 8 devices
+  (8 simulated CPU devices) with `seq_strategy="ring"` (each op in its form: block ring,
+  recurrent state, convolution inputs, or its heads split); "ok" when loss, logits and
+  gradients equal the single-device model's on the same parameters.
 - "decode": the LM's `generate` over its KV cache (greedy, 4 new tokens); "ok" when the logits
   each new token was drawn from equal the full forward pass's.
 - "kernel": every model with `attention_impl="pallas"` (the Pallas kernels, interpreted on
@@ -161,8 +162,8 @@ def _tiny_models() -> dict[str, tuple[Callable[..., Any], Callable, dict[str, An
           local_attention=op, **f),
               _image((2, 8, 8, 1)), {}),
       "lm": (lambda op, **f: models.get("lm").Model(
-          vocab_size=11, width=16, depth=1, num_heads=2, num_kv_heads=1, qk_norm=True,
-          attention=op, **f),
+          **{**dict(vocab_size=11, width=16, depth=1, num_heads=2, num_kv_heads=1,
+                    qk_norm=True), **f}, attention=op),
              *_lm_inputs(8)),
   }
 
@@ -240,6 +241,8 @@ def run_cell(model_name: str, op: str, jit: bool = False, trace_only: bool = Fal
   make_model, make_inputs, kwargs = _tiny_models()[model_name]
   if column == "seq_parallel":
     make_inputs, kwargs = _lm_inputs(2 * SEQ_SHARDS)
+    # As many heads as shards (GQA 4:1), so that ops which split their heads can.
+    make_model = functools.partial(make_model, num_heads=SEQ_SHARDS, num_kv_heads=2)
   if column in ("seq_parallel", "decode"):
     kwargs = {}  # one document a row: what decoding and state passing take (packed rows:
     # the single-device column and the tests of each path)
@@ -391,7 +394,8 @@ def forms_table() -> str:
              "cog": "flash signed softmax"}
   parallel_names = {"block": "ring / striped / all_gather",
                     "state": "state passing (LASP), contiguous",
-                    "convolution": "conv inputs over ring / striped / all_gather", None: "–"}
+                    "convolution": "conv inputs over ring / striped / all_gather",
+                    "heads": "heads split (all-to-all), any order", None: "–"}
   decode_names = {"kv_cache": "KV cache", "state": "recurrent state",
                   "inputs": "cached layer inputs", None: "–"}
   for op in ops.names():

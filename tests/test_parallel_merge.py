@@ -312,9 +312,9 @@ def test_declarations_and_refusals(mesh):
   # Every causal op without a form states its own reason; the others the general one.
   assert all(ops.spec(n).block_refusal for n in ops.names()
              if ops.spec(n).causal and ops.sequence_parallel_form(n) is None)
-  with pytest.raises(ValueError, match="'skim_attention' has no sequence-parallel form: each "
-                     "query keeps the top_k keys"):
-    call("skim_attention")
+  with pytest.raises(ValueError, match="'cascaded_group_attention' has no sequence-parallel "
+                     "form: head j's queries"):
+    call("cascaded_group_attention")
   with pytest.raises(ValueError, match="learned pairwise scores takes no local_window_size"):
     call("gatv2", attn_vec=jnp.ones((N, D)), local_window_size=3)
   with pytest.raises(ValueError, match="normalized attention takes no local_window_size"):

@@ -232,7 +232,8 @@ class Attention(nn.Module):
     state form (`ops.recurrent.STATE_FORMS`) instead passes its state between contiguous
     shards (`SeqParallel.linear_state`) or keeps it in a `kv_cache.RecurrentCache` (causal,
     one unmasked sequence per row); hyena (`ops.forms.CONVOLUTION_FORMS`) passes its
-    convolutions' inputs between shards (`SeqParallel.convolution`).
+    convolutions' inputs between shards (`SeqParallel.convolution`); ops with independent heads
+    that need the whole row split their heads instead (`SeqParallel.heads`).
     """
     spec = ops.spec(self.op)
     op_args = dict(op_args or {})
@@ -256,9 +257,11 @@ class Attention(nn.Module):
         return self.seq_parallel.linear_state(self.op, query, key, value,
                                               is_causal=is_causal, segment_ids=segment_ids,
                                               **op_args)
-      if not cached and ops.sequence_parallel_form(self.op) == "convolution":
-        return self.seq_parallel.convolution(self.op, query, key, value, is_causal=is_causal,
-                                             segment_ids=segment_ids, **op_args)
+      form = None if cached else ops.sequence_parallel_form(self.op)
+      if form in ("convolution", "heads"):
+        run = getattr(self.seq_parallel, form)
+        return run(self.op, query, key, value, is_causal=is_causal, segment_ids=segment_ids,
+                   **op_args)
       if not cached:
         block = spec.block_form(query, key, op_args.pop("scale", None), **op_args)
         return self.seq_parallel.attend_form(block, value, is_causal=is_causal,

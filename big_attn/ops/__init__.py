@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from big_attn.ops import common
-from big_attn.ops.registry import (BLOCK_MERGES, BlockForm, OpSpec, PairScores, PairTerms, get,
-                                   has_causal_form, names, register, spec)
+from big_attn.ops.registry import (BLOCK_MERGES, BlockForm, HeadArg, OpSpec, PairScores,
+                                   PairTerms, get, has_causal_form, names, register, spec)
 from big_attn.ops.registry import OpParams, params_module, register_params
 from big_attn.ops.softmax import dot_product_attention
 
@@ -136,7 +136,7 @@ def as_attention_fn(name: str, **mechanism_args) -> Callable:
   return attention_fn
 
 
-__all__ = ["BLOCK_MERGES", "BlockForm", "OpSpec", "PairScores", "PairTerms", "as_attention_fn",
+__all__ = ["BLOCK_MERGES", "BlockForm", "HeadArg", "OpSpec", "PairScores", "PairTerms", "as_attention_fn",
            "dot_product_attention", "get", "has_causal_form", "names",
            "register", "spec"]
 __all__ += ["OpParams", "params_module", "register_params"]

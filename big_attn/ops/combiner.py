@@ -19,7 +19,7 @@ from big_attn.ops.registry import register
 KEY_POOLS = ("mean", "max")
 
 
-@register("combiner", segment_ids=True,
+@register("combiner", segment_ids=True, head_args={},
           block_refusal=(
               "a query attends to the keys of its own block of ⌈√n⌉ tokens (n the whole length) "
               "and to one summary key and value per earlier block, so what it sees follows a "

@@ -36,7 +36,8 @@ def _spatial(grid, length: int) -> tuple[int, ...]:
           block_refusal=(
               "head j's queries, keys and values add head j−1's output over all keys and its "
               "queries are convolved over neighbouring tokens, so each head needs the previous "
-              "head's complete result: the heads cannot share one pass of key blocks"))
+              "head's complete result: the heads cannot share one pass of key blocks, nor be "
+              "split over devices"))
 def cascaded_group_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                              cascade_query=None, cascade_key=None, cascade_value=None,
                              query_conv=None, grid=None, kernel_size=None):

@@ -23,7 +23,9 @@ Sequence-parallel forms (`sequence_parallel_form`): "block" (ring, striped, all-
 op's `block_form`: key blocks merged by a rule of `big_attn.parallel.merge`), "state" (recurrent
 states passed between contiguous shards), "convolution" (`CONVOLUTION_FORMS`: gated long
 convolutions whose inputs pass around the ring or are gathered, `big_attn.parallel.convolution`),
-None.
+"heads" (ops with independent heads, `OpSpec.head_args`: an all-to-all trades the sequence split
+for a split of the heads, each device runs the op on the whole sequence of its heads,
+`big_attn.parallel.heads`), None.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from big_attn.ops import recurrent
 from big_attn.ops import registry
 
 DECODING_FORMS = ("kv_cache", "state", "inputs")
-SEQUENCE_PARALLEL_FORMS = ("block", "state", "convolution")
+SEQUENCE_PARALLEL_FORMS = ("block", "state", "convolution", "heads")
 # Ops whose output is a token-wise gated recurrence of long convolutions over the sequence.
 CONVOLUTION_FORMS = ("hyena",)
 
@@ -53,7 +55,9 @@ def sequence_parallel_form(name: str) -> str | None:
     return "block"
   if name in CONVOLUTION_FORMS:
     return "convolution"
-  return "state" if name in recurrent.STATE_FORMS else None
+  if name in recurrent.STATE_FORMS:
+    return "state"
+  return "heads" if registry.spec(name).head_args is not None else None
 
 
 def check_form(name: str, mode: str) -> str:
@@ -75,6 +79,7 @@ def check_form(name: str, mode: str) -> str:
     if form is None:
       blocks = ", ".join(n for n in registry.names() if registry.spec(n).block_form is not None)
       states = ", ".join(sorted(recurrent.STATE_FORMS))
+      heads = ", ".join(n for n in registry.names() if registry.spec(n).head_args is not None)
       raise ValueError(
           f"attention op {name!r} has no sequence-parallel form: splitting the keys into "
           "blocks needs every weight to be a function of one query-key score, of the two "
@@ -82,7 +87,8 @@ def check_form(name: str, mode: str) -> str:
           "log-sum-exp), as in the ops registered "
           f"with a block_form ({blocks}), or the output to follow from a recurrent state "
           f"passed between shards (ops with a state form: {states}) or from convolutions "
-          f"whose inputs pass between shards ({', '.join(CONVOLUTION_FORMS)}); the weights of "
+          f"whose inputs pass between shards ({', '.join(CONVOLUTION_FORMS)}), or its heads to "
+          f"be independent so that devices split the heads instead ({heads}); the weights of "
           f"{name!r} are none of these")
     return form
   raise ValueError(f"mode must be 'decoding' or 'sequence-parallel', got {mode!r}")

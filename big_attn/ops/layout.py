@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from big_attn.ops import checks
 from big_attn.ops import common
 from big_attn.ops import windowed
-from big_attn.ops.registry import OpParams, register, register_params
+from big_attn.ops.registry import HeadArg, OpParams, register, register_params
 
 FORMS = ("mask", "skim")
 # Keys each query keeps in the "mask" form where the arguments give no `top_k`.
@@ -20,6 +20,8 @@ DEFAULT_TOP_K = 8
 
 
 @register("skim_attention", segment_ids=True, grid=True,
+          head_args={"layout_query": HeadArg(per_token=True),
+                     "layout_key": HeadArg(per_token=True, kv=True)},
           block_refusal=(
               "each query keeps the top_k keys of its layout attention over all its keys (form "
               "'mask'): a top-k over the whole row is a selection that key blocks cannot make "

@@ -23,7 +23,8 @@ from big_attn.ops import common
 from big_attn.ops import linear
 from big_attn.ops import toeplitz
 from big_attn.ops import windowed
-from big_attn.ops.registry import BlockForm, OpParams, PairTerms, register, register_params
+from big_attn.ops.registry import (BlockForm, HeadArg, OpParams, PairTerms, register,
+                                   register_params)
 from big_attn.ops.softmax import dot_product_attention
 
 Array = jax.Array
@@ -48,6 +49,7 @@ def _offsets(grid: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
 # ConViT gated positional self-attention.
 # ------------------------------------------------------------------------------------------
 @register("gpsa", grid=True,
+          head_args={"pos_proj": HeadArg(), "gating": HeadArg()},
           block_refusal=(
               "its positional softmax of v_hᵀr_ij uses the grid offsets of the query and the key "
               "at global positions, which the ring's key blocks do not see"))
@@ -116,6 +118,7 @@ def _scaled_offsets(q_size: int, k_size: int) -> np.ndarray:
 # Positional-bias hooks around softmax attention.
 # ------------------------------------------------------------------------------------------
 @register("levit_bias", grid=True,
+          head_args={"attention_bias": HeadArg()},
           block_refusal=(
               "its logits add B_h[|y_i − y_j|, |x_i − x_j|] at the global grid positions of the "
               "query and the key, which the ring's key blocks do not see"))
@@ -151,7 +154,7 @@ def levit_bias_attention(query, key, value, *, mask=None, is_causal=False, scale
                                is_causal=is_causal, implementation="xla")
 
 
-@register("decomposed_relpos", grid=True,
+@register("decomposed_relpos", grid=True, head_args={},
           block_refusal=(
               "its logits add q_i·R_h[y_i − y_j] + q_i·R_w[x_i − x_j] at the global grid "
               "positions of the query and the key, which the ring's key blocks do not see"))

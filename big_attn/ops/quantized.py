@@ -78,7 +78,7 @@ def _int8_attention(query, key, value, bias, gmask, dims, scale, block_q, block_
   return out.astype(query.dtype)
 
 
-@register("sage_int8", segment_ids=True, bias=True,
+@register("sage_int8", segment_ids=True, bias=True, head_args={},
           block_refusal=(
               "its int8 scales are maxima over blocks of block_q / block_k tokens and its keys "
               "are smoothed by prefix means over key blocks, so its result depends on how the "

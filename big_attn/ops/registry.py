@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -26,6 +26,18 @@ class PairTerms(NamedTuple):
   """
   fn: Callable
   static: tuple = ()
+
+
+class HeadArg(NamedTuple):
+  """An op argument that holds one slice per head, which the head-parallel form
+  (`big_attn.parallel.heads`) splits with the heads.
+
+  `per_token`: a per-token array laid out as the query, `[batch, seq, heads, ...]`; otherwise a
+  weight with the heads leading, `[heads, ...]`. `kv`: indexed by the key/value heads (GQA),
+  not the query heads.
+  """
+  per_token: bool = False
+  kv: bool = False
 
 
 class PairScores(NamedTuple):
@@ -119,6 +131,11 @@ class OpSpec:
     block_refusal: for a causal op without a block form, the op's own reason (what in its
       weights key blocks cannot merge), which the sequence-parallel refusal states; None: the
       registry's general reason.
+    head_args: for a causal op without a block form whose heads are independent (each head's
+      output depends only on its own queries, keys, values and weights), its arguments that
+      hold one slice per head (`HeadArg`), by name; the op then runs sequence-parallel by
+      splitting its heads instead of its tokens (`big_attn.parallel.heads`). None: its heads
+      are not independent.
   """
   name: str
   fn: Callable
@@ -130,6 +147,7 @@ class OpSpec:
   softmax_form: Callable | None = None
   block_form: Callable | None = None
   block_refusal: str | None = None
+  head_args: Mapping[str, HeadArg] | None = None
 
 
 _OPS: dict[str, OpSpec] = {}
@@ -143,7 +161,8 @@ def _softmax_block_form(softmax_form, query, key, scale, **op_args) -> BlockForm
 def register(name: str, *, causal: bool = True, segment_ids: bool = False,
              implementation: bool = False, bias: bool = False, grid: bool = False,
              softmax_form: Callable | None = None, block_form: Callable | None = None,
-             block_refusal: str | None = None) -> Callable[[Callable], Callable]:
+             block_refusal: str | None = None,
+             head_args: Mapping[str, HeadArg] | None = None) -> Callable[[Callable], Callable]:
   """Decorator registering an op under `name` with the flags of `OpSpec`; a second
   registration of a name raises."""
   if not isinstance(name, str) or not name:
@@ -162,13 +181,18 @@ def register(name: str, *, causal: bool = True, segment_ids: bool = False,
                                     or not causal):
     raise TypeError(f"register({name!r}): block_refusal must be a string, for a causal op "
                     f"without a block form, got {block_refusal!r}")
+  if head_args is not None and (block_form is not None or not causal or not all(
+      isinstance(k, str) and isinstance(v, HeadArg) for k, v in dict(head_args).items())):
+    raise TypeError(f"register({name!r}): head_args must map argument names to HeadArg, for a "
+                    f"causal op without a block form, got {head_args!r}")
 
   def decorator(fn: Callable) -> Callable:
     if name in _OPS:
       raise ValueError(f"attention op {name!r} is already registered "
                        f"({_OPS[name].fn.__module__})")
     _OPS[name] = OpSpec(name=name, fn=fn, softmax_form=softmax_form, block_form=block_form,
-                        block_refusal=block_refusal, **flags)
+                        block_refusal=block_refusal,
+                        head_args=None if head_args is None else dict(head_args), **flags)
     return fn
 
   return decorator

@@ -54,7 +54,7 @@ def _index(size: int, full: int, axis: int, ndim: int) -> jax.Array:
   return ix.reshape(shape)
 
 
-@register("sparse_blocks", segment_ids=True,
+@register("sparse_blocks", segment_ids=True, head_args={},
           block_refusal=(
               "which key blocks a query block keeps is chosen by TopCdf on the softmax of pooled "
               "scores over all its key blocks, a ranking of the whole row that key blocks cannot "

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from big_attn.ops import checks
 from big_attn.ops import common
-from big_attn.ops.registry import OpParams, register, register_params
+from big_attn.ops.registry import HeadArg, OpParams, register, register_params
 
 DENSITY = 0.25  # fraction of the keys each query keeps
 
@@ -30,6 +30,7 @@ def _kept_keys(approx, mask, topk: int):
 
 
 @register("sparsifiner", segment_ids=True,
+          head_args={"predictor_q": HeadArg(), "predictor_k": HeadArg(kv=True)},
           block_refusal=(
               "each query keeps the top-k keys of its predicted map Â over all its keys: a top-k "
               "over the whole row is a selection that key blocks cannot make alone"))

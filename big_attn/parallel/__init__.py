@@ -14,11 +14,14 @@ neighborhood, kernelized_rpe), whose scores are a function of each query-key pai
 (`ops.PairScores`: gatv2, neural_attention) or whose blocks carry sums of score moments (rule
 "moments": normalized). Hyena's gated long convolutions pass their inputs around the ring or
 gather them (`convolution.py`, `SeqParallel.convolution`); the causal linear ops pass their
-recurrent state (`linear_state.py`, `SeqParallel.linear_state`).
+recurrent state (`linear_state.py`, `SeqParallel.linear_state`); causal ops with independent
+heads that need the whole row (skim_attention, sparsifiner, sparse_blocks, combiner, sage_int8,
+and the grid ops gpsa, levit_bias, decomposed_relpos) split their heads between two all-to-alls instead (`heads.py`, `SeqParallel.heads`).
 """
 from __future__ import annotations
 
 from big_attn.parallel.blockwise import BlockImpl, block_plan
+from big_attn.parallel.heads import head_parallel_attention
 from big_attn.parallel.merge import Rule, make_rule
 from big_attn.parallel.ring import ring_attention
 from big_attn.parallel.sequence import (BATCH_AXES, HEAD_AXIS, STRATEGIES, SeqParallel,
@@ -27,6 +30,6 @@ from big_attn.parallel.sequence import (BATCH_AXES, HEAD_AXIS, STRATEGIES, SeqPa
 from big_attn.parallel.striped import stripe, striped_attention, unstripe
 
 __all__ = ["BATCH_AXES", "BlockImpl", "HEAD_AXIS", "Rule", "STRATEGIES", "SeqParallel",
-           "all_gather_attention", "block_plan", "make_rule", "ring_attention",
+           "all_gather_attention", "block_plan", "head_parallel_attention", "make_rule", "ring_attention",
            "sequence_parallel_attention", "shard_attention", "stripe", "striped_attention",
            "unstripe"]

@@ -10,6 +10,8 @@ wrapper.
 - `sequence_parallel_attention`: global arrays in natural order in and out.
 - `SeqParallel.linear_state` and `SeqParallel.convolution`: the ops that pass a recurrent state
   (`linear_state.py`) or their convolutions' inputs (hyena, `convolution.py`) between shards.
+- `SeqParallel.heads`: ops with independent heads that need the whole row, run on a split of
+  the heads between two all-to-alls (`heads.py`).
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from big_attn.ops.registry import BlockForm
 from big_attn.ops.softmax import dot_product_attention
 from big_attn.parallel import merge
 from big_attn.parallel.convolution import hyena_shard_attention
+from big_attn.parallel.heads import head_parallel_attention
 from big_attn.parallel.linear_state import linear_state_attention
 from big_attn.parallel.ring import ring_attention
 from big_attn.parallel.striped import stripe, striped_attention
@@ -243,18 +246,20 @@ class SeqParallel:
 
   def _shard_map_op(self, per_shard, query: Array, key: Array, value: Array,
                     segment_ids: Array | None, op_args: dict[str, Any],
-                    token_args: tuple[str, ...] = ()) -> Array:
+                    token_args: dict[str, int] | None = None) -> Array:
     """`per_shard(q, k, v, segment_ids=..., **op_args)` inside `jax.shard_map` over the mesh:
     query, key, value and `segment_ids` split along the sequence over `axis` (the batch by
-    `layout`); the op's arguments named in `token_args` (arrays `[n, batch, seq, ...]`) split
-    as the tokens, its other array arguments (weights) replicated, the rest static."""
+    `layout`); the op's arguments named in `token_args` (name: the axis of their batch, which
+    their sequence follows) split as the tokens, its other array arguments (weights)
+    replicated, the rest static."""
     batch_axes, _ = self.layout(query.shape[0])
     qkv_spec, seg_spec = P(batch_axes, self.axis, None, None), P(batch_axes, self.axis)
     mesh = _working_mesh(self.mesh, query, key, value)
     op_args = dict(op_args)
+    token_args = token_args or {}
     split = {k: op_args.pop(k) for k in token_args if op_args.get(k) is not None}
-    split_specs = {k: P(None, batch_axes, self.axis, *(None,) * (v.ndim - 3))
-                   for k, v in split.items()}
+    split_specs = {k: P(*(None,) * token_args[k], batch_axes, self.axis,
+                        *(None,) * (v.ndim - token_args[k] - 2)) for k, v in split.items()}
     split = {k: compat.constrain(v, NamedSharding(mesh, split_specs[k]))
              for k, v in split.items()}
     weights = {k: v for k, v in op_args.items() if isinstance(v, (jax.Array, np.ndarray))}
@@ -286,7 +291,24 @@ class SeqParallel:
     return self._shard_map_op(
         functools.partial(hyena_shard_attention, axis_name=self.axis, strategy=self.strategy,
                           is_causal=is_causal), query, key, value, segment_ids, op_args,
-        token_args=("gates",))
+        token_args={"gates": 1})
+
+  def heads(self, op: str, query: Array, key: Array, value: Array, *, is_causal: bool = True,
+            segment_ids: Array | None = None, **op_args) -> Array:
+    """Op `op` with independent heads (registered with `head_args`) with the sequence split
+    over `axis`, of arrays in the strategy's token order: `head_parallel_attention` inside
+    `jax.shard_map`, an all-to-all to a split of the heads and back (any strategy; the
+    query heads must divide by the number of shards). `segment_ids`: `[batch, seq]` packed
+    rows, or None. The batch is laid out by `layout`; the op's per-token arguments split as the
+    tokens, its weights replicated (each device takes its heads' slice)."""
+    if ops.sequence_parallel_form(op) != "heads":
+      raise ValueError(f"attention op {op!r} has no head-parallel form (ops with one: "
+                       f"{', '.join(n for n in ops.names() if ops.spec(n).head_args is not None)})")
+    token_args = {k: 0 for k, arg in ops.spec(op).head_args.items() if arg.per_token}
+    return self._shard_map_op(
+        functools.partial(head_parallel_attention, op=op, axis_name=self.axis,
+                          striped=self.strategy == "striped", is_causal=is_causal),
+        query, key, value, segment_ids, op_args, token_args=token_args)
 
 
 def sequence_parallel_attention(query: Array, key: Array, value: Array, *, mesh,
@@ -336,9 +358,10 @@ def sequence_parallel_attention(query: Array, key: Array, value: Array, *, mesh,
   sp = SeqParallel(mesh, seq_axis, strategy)
   form = ops.check_form(op, "sequence-parallel")
   if form != "block":
-    passed, method = {"state": ("its recurrent state", "linear_state"),
-                      "convolution": ("its convolutions' inputs", "convolution")}[form]
-    raise ValueError(f"attention op {op!r} runs sequence-parallel by passing {passed}: call "
+    how, method = {"state": ("passing its recurrent state", "linear_state"),
+                   "convolution": ("passing its convolutions' inputs", "convolution"),
+                   "heads": ("splitting its heads", "heads")}[form]
+    raise ValueError(f"attention op {op!r} runs sequence-parallel by {how}: call "
                      f"SeqParallel.{method} (or Attention(seq_parallel=...))")
   common.check_qkv(query, key, value)
   form = ops.spec(op).block_form(query, key, scale, **op_args)
