@@ -8,7 +8,7 @@ every path: single device, sequence parallel, decoding, fused kernel.
 
 Columns (`--columns`, `COLUMN_MODELS`): a cell is run, never read from the registry.
 - "single": every model, one device (below).
-- "seq_parallel": the LM (8 heads, 2 key/value heads) with its sequence split over 8 devices
+- "seq_parallel": the LM (8 heads of dim 4, 2 key/value heads) with its sequence split over 8 devices
   (8 simulated CPU devices) with `seq_strategy="ring"` (each op in its form: block ring,
   recurrent state, convolution inputs, or its heads split); "ok" when loss, logits and
   gradients equal the single-device model's on the same parameters.
@@ -241,8 +241,9 @@ def run_cell(model_name: str, op: str, jit: bool = False, trace_only: bool = Fal
   make_model, make_inputs, kwargs = _tiny_models()[model_name]
   if column == "seq_parallel":
     make_inputs, kwargs = _lm_inputs(2 * SEQ_SHARDS)
-    # As many heads as shards (GQA 4:1), so that ops which split their heads can.
-    make_model = functools.partial(make_model, num_heads=SEQ_SHARDS, num_kv_heads=2)
+    # As many heads as shards (GQA 4:1), so that ops which split their heads can; head dim 4.
+    make_model = functools.partial(make_model, num_heads=SEQ_SHARDS, num_kv_heads=2,
+                                   width=4 * SEQ_SHARDS)
   if column in ("seq_parallel", "decode"):
     kwargs = {}  # one document a row: what decoding and state passing take (packed rows:
     # the single-device column and the tests of each path)
@@ -395,7 +396,9 @@ def forms_table() -> str:
   parallel_names = {"block": "ring / striped / all_gather",
                     "state": "state passing (LASP), contiguous",
                     "convolution": "conv inputs over ring / striped / all_gather",
-                    "heads": "heads split (all-to-all), any order", None: "–"}
+                    "heads": "heads split (all-to-all), any order",
+                    "cascade": "heads in turn, each over ring / striped / all_gather",
+                    None: "–"}
   decode_names = {"kv_cache": "KV cache", "state": "recurrent state",
                   "inputs": "cached layer inputs", None: "–"}
   for op in ops.names():

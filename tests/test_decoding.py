@@ -43,8 +43,8 @@ def test_every_causal_op_has_a_decoding_form_and_the_others_are_refused():
     assert (form is None) == (not ops.spec(name).causal), name
   with pytest.raises(ValueError, match="'channel_attention' has no decoding form.*later tokens"):
     ops.check_form("channel_attention", "decoding")
-  with pytest.raises(ValueError, match="'cascaded_group_attention' has no sequence-parallel"):
-    ops.check_form("cascaded_group_attention", "sequence-parallel")
+  with pytest.raises(ValueError, match="'agent' has no sequence-parallel form"):
+    ops.check_form("agent", "sequence-parallel")
   with pytest.raises(ValueError, match="mode must be"):
     ops.check_form("softmax", "parallel")
   with pytest.raises(ValueError, match="'agent' has no decoding form"):

@@ -140,8 +140,9 @@ def test_generate_and_model_argument_errors():
   with pytest.raises(ValueError, match="seq_strategy"):
     lm.Model(**SMALL, seq_strategy="zigzag").seq_parallel()
   mesh = mesh_lib.make_mesh([("seq", 4)])
-  with pytest.raises(ValueError, match="'cascaded_group_attention' has no sequence-parallel"):
-    lm.Model(**SMALL, attention="cascaded_group_attention", mesh=mesh,
+  with pytest.raises(ValueError, match="'combiner' runs sequence-parallel by splitting its "
+                     "heads over the 8 devices of the sequence axis; its 4 heads"):
+    lm.Model(**SMALL, attention="combiner", mesh=mesh_lib.make_mesh([("seq", 8)]),
              seq_strategy="ring").init(
         jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
   with pytest.raises(ValueError, match="not divisible"):

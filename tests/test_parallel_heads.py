@@ -122,8 +122,6 @@ def test_refusals_name_the_op_and_the_reason(mesh):
     head_parallel_attention(q, k, v, op="softmax", axis_name="seq")
   with pytest.raises(ValueError, match="splitting its heads: call SeqParallel.heads"):
     parallel.sequence_parallel_attention(q, k, v, mesh=mesh, op="combiner")
-  with pytest.raises(ValueError, match="nor be split over devices"):
-    ops.check_form("cascaded_group_attention", "sequence-parallel")
   for bad in (dict(head_args={"w": 0}), dict(head_args={}, causal=False)):
     with pytest.raises(TypeError, match="head_args must map argument names to HeadArg"):
       ops.register("unregistered", **bad)

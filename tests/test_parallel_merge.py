@@ -312,8 +312,8 @@ def test_declarations_and_refusals(mesh):
   # Every causal op without a form states its own reason; the others the general one.
   assert all(ops.spec(n).block_refusal for n in ops.names()
              if ops.spec(n).causal and ops.sequence_parallel_form(n) is None)
-  with pytest.raises(ValueError, match="'cascaded_group_attention' has no sequence-parallel "
-                     "form: head j's queries"):
+  with pytest.raises(ValueError, match="'cascaded_group_attention' runs sequence-parallel by "
+                     "running its heads in turn, each over the ring: call SeqParallel.cascade"):
     call("cascaded_group_attention")
   with pytest.raises(ValueError, match="learned pairwise scores takes no local_window_size"):
     call("gatv2", attn_vec=jnp.ones((N, D)), local_window_size=3)

@@ -251,8 +251,8 @@ def test_attention_refuses_undeclared_arguments_and_forms():
   with pytest.raises(ValueError, match="op 'agent' has no decoding form"):
     init(op="agent", decode=True, cache_len=4)
   sp = parallel.SeqParallel(jax.make_mesh((4,), ("seq",)), "seq", "ring")
-  with pytest.raises(ValueError, match="op 'cascaded_group_attention' has no sequence-parallel"):
-    init(op="cascaded_group_attention", seq_parallel=sp)
+  with pytest.raises(ValueError, match="op 'agent' has no sequence-parallel form"):
+    init(op="agent", seq_parallel=sp)
   with pytest.raises(ValueError, match="exclusive"):
     init(decode=True, cache_len=4, seq_parallel=sp)
   with pytest.raises(ValueError, match="strategy must be one of"):

@@ -233,7 +233,8 @@ class Attention(nn.Module):
     shards (`SeqParallel.linear_state`) or keeps it in a `kv_cache.RecurrentCache` (causal,
     one unmasked sequence per row); hyena (`ops.forms.CONVOLUTION_FORMS`) passes its
     convolutions' inputs between shards (`SeqParallel.convolution`); ops with independent heads
-    that need the whole row split their heads instead (`SeqParallel.heads`).
+    that need the whole row split their heads instead (`SeqParallel.heads`); cascaded group
+    attention runs its heads in turn over the ring (`SeqParallel.cascade`).
     """
     spec = ops.spec(self.op)
     op_args = dict(op_args or {})
@@ -258,7 +259,7 @@ class Attention(nn.Module):
                                               is_causal=is_causal, segment_ids=segment_ids,
                                               **op_args)
       form = None if cached else ops.sequence_parallel_form(self.op)
-      if form in ("convolution", "heads"):
+      if form in ("convolution", "heads", "cascade"):
         run = getattr(self.seq_parallel, form)
         return run(self.op, query, key, value, is_causal=is_causal, segment_ids=segment_ids,
                    **op_args)

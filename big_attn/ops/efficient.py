@@ -36,8 +36,7 @@ def _spatial(grid, length: int) -> tuple[int, ...]:
           block_refusal=(
               "head j's queries, keys and values add head j−1's output over all keys and its "
               "queries are convolved over neighbouring tokens, so each head needs the previous "
-              "head's complete result: the heads cannot share one pass of key blocks, nor be "
-              "split over devices"))
+              "head's complete result: the heads cannot share one pass of key blocks"))
 def cascaded_group_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                              cascade_query=None, cascade_key=None, cascade_value=None,
                              query_conv=None, grid=None, kernel_size=None):
@@ -74,6 +73,17 @@ def cascaded_group_attention(query, key, value, *, mask=None, is_causal=False, s
   Returns:
     `[batch, seq, num_heads, value_dim]` in the query's dtype.
   """
+  spatial = check_cascade(query, key, value, cascade_query, cascade_key, cascade_value,
+                          query_conv, grid=grid, kernel_size=kernel_size)
+  return _cascade(query, key, value, cascade_query, cascade_key, cascade_value, query_conv,
+                  common.make_mask(common.check_qkv(query, key, value), mask=mask), scale,
+                  spatial=spatial, is_causal=bool(is_causal))
+
+
+def check_cascade(query, key, value, cascade_query, cascade_key, cascade_value, query_conv, *,
+                  grid=None, kernel_size=None) -> tuple[int, ...]:
+  """The arguments of `cascaded_group_attention` (arrays or shapes of the whole sequence);
+  returns the token layout the query convolution runs on: `grid` or `(seq,)`."""
   dims = common.check_qkv(query, key, value)
   n, d, dv = dims.num_heads, dims.head_dim, dims.value_dim
   if dims.q_len != dims.kv_len:
@@ -84,8 +94,8 @@ def cascaded_group_attention(query, key, value, *, mask=None, is_causal=False, s
   common.check_weight("cascade_key", cascade_key, (n - 1, dv, d), layout.format("head_dim"))
   common.check_weight("cascade_value", cascade_value, (n - 1, dv, dv),
                       layout.format("value_dim"))
+  spatial = _spatial(grid, dims.q_len)
   if query_conv is not None:
-    spatial = _spatial(grid, dims.q_len)
     common.check_float("query_conv", query_conv)
     if (query_conv.ndim != len(spatial) + 2 or query_conv.shape[-2:] != (n, d)
         or len(set(query_conv.shape[:-2])) != 1):
@@ -95,36 +105,59 @@ def cascaded_group_attention(query, key, value, *, mask=None, is_causal=False, s
     if kernel_size is not None and query_conv.shape[0] != kernel_size:
       raise ValueError(f"kernel_size={kernel_size!r} disagrees with query_conv of shape "
                        f"{query_conv.shape}")
-  return _cascade(query, key, value, cascade_query, cascade_key, cascade_value, query_conv,
-                  common.make_mask(dims, mask=mask), scale, spatial=_spatial(grid, dims.q_len),
-                  is_causal=bool(is_causal))
+  return spatial
+
+
+def cascade_heads(query, key, value, cascade_query, cascade_key, cascade_value, *, attend,
+                  convolve=None):
+  """The heads of `cascaded_group_attention` one after the other, `[batch, seq, num_heads,
+  value_dim]`: head j's queries, keys and values add õ_{j−1} through C^Q_j, C^K_j, C^V_j, its
+  queries pass through `convolve(j, q)` (`[batch, seq, head_dim]`; None: no convolution), and
+  `attend(j, q, k, v)` gives õ_j `[batch, seq, value_dim]`. On one device `attend` is softmax
+  attention over the sequence; sequence-parallel (`big_attn.parallel.cascade`) it is a ring
+  over the shards and `convolve` sees the neighbouring shards' queries."""
+  groups = query.shape[2] // key.shape[2]
+  previous = None
+  outs = []
+  for j in range(query.shape[2]):
+    q, k, v = query[:, :, j], key[:, :, j // groups], value[:, :, j // groups]
+    if previous is not None:
+      q = q + jnp.einsum("btc,cd->btd", previous, cascade_query[j - 1].astype(previous.dtype))
+      k = k + jnp.einsum("btc,cd->btd", previous, cascade_key[j - 1].astype(previous.dtype))
+      v = v + jnp.einsum("btc,cd->btd", previous, cascade_value[j - 1].astype(previous.dtype))
+    if convolve is not None:  # DW on the head's cascaded queries
+      q = convolve(j, q)
+    previous = attend(j, q, k, v)
+    outs.append(previous)
+  return jnp.stack(outs, axis=2).astype(query.dtype)
+
+
+def convolve_query(j: int, q, *, query_conv, spatial: tuple[int, ...], is_causal: bool):
+  """Head j's depthwise query convolution of `q` `[batch, seq, head_dim]` laid out on
+  `spatial`."""
+  b, t, d = q.shape
+  q = hyena.short_conv(q.reshape(b, *spatial, 1, d),
+                       query_conv[..., j:j + 1, :].astype(q.dtype), is_causal)
+  return q.reshape(b, t, d)
 
 
 @functools.partial(jax.jit, static_argnames=("spatial", "is_causal"))
 def _cascade(query, key, value, cascade_query, cascade_key, cascade_value, query_conv, full,
              scale, *, spatial, is_causal):
-  """The heads of `cascaded_group_attention` one after the other, compiled once per
-  configuration."""
-  dims = common.check_qkv(query, key, value)
-  n, d = dims.num_heads, dims.head_dim
-  previous = None
-  outs = []
-  for j in range(n):
-    q, k, v = (x[:, :, j // (1 if x is query else dims.groups)] for x in (query, key, value))
-    if previous is not None:
-      q = q + jnp.einsum("btc,cd->btd", previous, cascade_query[j - 1].astype(previous.dtype))
-      k = k + jnp.einsum("btc,cd->btd", previous, cascade_key[j - 1].astype(previous.dtype))
-      v = v + jnp.einsum("btc,cd->btd", previous, cascade_value[j - 1].astype(previous.dtype))
-    if query_conv is not None:  # DW on the head's cascaded queries
-      q = hyena.short_conv(q.reshape(dims.batch, *spatial, 1, d),
-                           query_conv[..., j:j + 1, :].astype(q.dtype), is_causal)
-      q = q.reshape(dims.batch, dims.q_len, d)
+  """`cascade_heads` on one device, compiled once per configuration."""
+
+  def attend(j, q, k, v):
     head_mask = None if full is None else full[:, j if full.shape[1] != 1 else 0][:, None]
-    previous = dot_product_attention(q[:, :, None], k[:, :, None], v[:, :, None],
-                                     mask=head_mask, is_causal=is_causal, scale=scale,
-                                     implementation="xla")[:, :, 0]
-    outs.append(previous)
-  return jnp.stack(outs, axis=2).astype(query.dtype)
+    return dot_product_attention(q[:, :, None], k[:, :, None], v[:, :, None],
+                                 mask=head_mask, is_causal=is_causal, scale=scale,
+                                 implementation="xla")[:, :, 0]
+
+  convolve = None
+  if query_conv is not None:
+    convolve = functools.partial(convolve_query, query_conv=query_conv, spatial=spatial,
+                                 is_causal=is_causal)
+  return cascade_heads(query, key, value, cascade_query, cascade_key, cascade_value,
+                       attend=attend, convolve=convolve)
 
 
 def _attended_heads(num_heads: int, partial_ratio) -> int:

@@ -25,7 +25,8 @@ states passed between contiguous shards), "convolution" (`CONVOLUTION_FORMS`: ga
 convolutions whose inputs pass around the ring or are gathered, `big_attn.parallel.convolution`),
 "heads" (ops with independent heads, `OpSpec.head_args`: an all-to-all trades the sequence split
 for a split of the heads, each device runs the op on the whole sequence of its heads,
-`big_attn.parallel.heads`), None.
+`big_attn.parallel.heads`), "cascade" (`CASCADE_FORMS`: heads one after the other, each a pass
+of the ring, `big_attn.parallel.cascade`), None.
 """
 from __future__ import annotations
 
@@ -33,9 +34,11 @@ from big_attn.ops import recurrent
 from big_attn.ops import registry
 
 DECODING_FORMS = ("kv_cache", "state", "inputs")
-SEQUENCE_PARALLEL_FORMS = ("block", "state", "convolution", "heads")
+SEQUENCE_PARALLEL_FORMS = ("block", "state", "convolution", "heads", "cascade")
 # Ops whose output is a token-wise gated recurrence of long convolutions over the sequence.
 CONVOLUTION_FORMS = ("hyena",)
+# Ops whose heads run one after the other, each adding the previous head's output token-wise.
+CASCADE_FORMS = ("cascaded_group_attention",)
 
 
 def decoding_form(name: str) -> str | None:
@@ -55,6 +58,8 @@ def sequence_parallel_form(name: str) -> str | None:
     return "block"
   if name in CONVOLUTION_FORMS:
     return "convolution"
+  if name in CASCADE_FORMS:
+    return "cascade"
   if name in recurrent.STATE_FORMS:
     return "state"
   return "heads" if registry.spec(name).head_args is not None else None

@@ -16,7 +16,9 @@ neighborhood, kernelized_rpe), whose scores are a function of each query-key pai
 gather them (`convolution.py`, `SeqParallel.convolution`); the causal linear ops pass their
 recurrent state (`linear_state.py`, `SeqParallel.linear_state`); causal ops with independent
 heads that need the whole row (skim_attention, sparsifiner, sparse_blocks, combiner, sage_int8,
-and the grid ops gpsa, levit_bias, decomposed_relpos) split their heads between two all-to-alls instead (`heads.py`, `SeqParallel.heads`).
+and the grid ops gpsa, levit_bias, decomposed_relpos) split their heads between two
+all-to-alls instead (`heads.py`, `SeqParallel.heads`); cascaded group attention runs its heads
+in turn, each over the ring (`cascade.py`, `SeqParallel.cascade`).
 """
 from __future__ import annotations
 

@@ -11,7 +11,8 @@ wrapper.
 - `SeqParallel.linear_state` and `SeqParallel.convolution`: the ops that pass a recurrent state
   (`linear_state.py`) or their convolutions' inputs (hyena, `convolution.py`) between shards.
 - `SeqParallel.heads`: ops with independent heads that need the whole row, run on a split of
-  the heads between two all-to-alls (`heads.py`).
+  the heads between two all-to-alls (`heads.py`); `SeqParallel.cascade`: cascaded group
+  attention, its heads one after the other, each a pass of the ring (`cascade.py`).
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from big_attn.ops import common
 from big_attn.ops.registry import BlockForm
 from big_attn.ops.softmax import dot_product_attention
 from big_attn.parallel import merge
+from big_attn.parallel.cascade import cascade_shard_attention
 from big_attn.parallel.convolution import hyena_shard_attention
 from big_attn.parallel.heads import head_parallel_attention
 from big_attn.parallel.linear_state import linear_state_attention
@@ -293,6 +295,22 @@ class SeqParallel:
                           is_causal=is_causal), query, key, value, segment_ids, op_args,
         token_args={"gates": 1})
 
+  def cascade(self, op: str, query: Array, key: Array, value: Array, *,
+              is_causal: bool = True, segment_ids: Array | None = None, **op_args) -> Array:
+    """Op `op` of `ops.forms.CASCADE_FORMS` (cascaded_group_attention) with the sequence split
+    over `axis`, of arrays in the strategy's token order: `cascade_shard_attention` inside
+    `jax.shard_map`, each head one pass of the strategy's `shard_attention`, the query
+    convolution on all-gathered queries. `segment_ids`: `[batch, seq]` packed rows, or None.
+    The batch is laid out by `layout`; heads and the op's weights are replicated."""
+    if ops.sequence_parallel_form(op) != "cascade":
+      raise ValueError(f"attention op {op!r} has no cascade form (ops with one: "
+                       f"{', '.join(ops.forms.CASCADE_FORMS)})")
+    attend = functools.partial(shard_attention, axis_name=self.axis, strategy=self.strategy)
+    return self._shard_map_op(
+        functools.partial(cascade_shard_attention, axis_name=self.axis, shard_attend=attend,
+                          striped=self.strategy == "striped", is_causal=is_causal),
+        query, key, value, segment_ids, op_args)
+
   def heads(self, op: str, query: Array, key: Array, value: Array, *, is_causal: bool = True,
             segment_ids: Array | None = None, **op_args) -> Array:
     """Op `op` with independent heads (registered with `head_args`) with the sequence split
@@ -360,7 +378,8 @@ def sequence_parallel_attention(query: Array, key: Array, value: Array, *, mesh,
   if form != "block":
     how, method = {"state": ("passing its recurrent state", "linear_state"),
                    "convolution": ("passing its convolutions' inputs", "convolution"),
-                   "heads": ("splitting its heads", "heads")}[form]
+                   "heads": ("splitting its heads", "heads"),
+                   "cascade": ("running its heads in turn, each over the ring", "cascade")}[form]
     raise ValueError(f"attention op {op!r} runs sequence-parallel by {how}: call "
                      f"SeqParallel.{method} (or Attention(seq_parallel=...))")
   common.check_qkv(query, key, value)
@@ -421,12 +440,11 @@ def _sharded_attention(query, key, value, segments, pair_arrays=None, *, mesh, s
     (q_seg, seg_spec), (kv_seg, _) = (split(s, with_heads=False) for s in segments)
 
   def per_shard(q, k, v, q_seg, kv_seg, pair):
-    out_shape = q.shape[:3] + (q.shape[3], v.shape[4])
     segs = None if q_seg is None else (local(q_seg), local(kv_seg))
     out = shard_attention(local(q), local(k), local(v), axis_name=seq_axis, strategy=strategy,
                           is_causal=is_causal, segment_ids=segs, scale=scale, rule=rule,
                           pair_arrays=pair)
-    return out.reshape(out_shape)
+    return out.reshape(q.shape[:4] + out.shape[-1:])  # a rule's output may be wider than v
 
   out = compat.shard_map(per_shard, mesh=mesh,
                          in_specs=(q_spec, kv_spec, kv_spec, seg_spec, seg_spec,
@@ -434,4 +452,4 @@ def _sharded_attention(query, key, value, segments, pair_arrays=None, *, mesh, s
                          out_specs=q_spec)(q, k, v, q_seg, kv_seg, pair_arrays)
   out_sharding = NamedSharding(mesh, P(batch_axes, seq_axis, head_axis, None))
   return compat.reshape_with_sharding(
-      out, (dims.batch, dims.q_len, dims.num_heads, dims.value_dim), out_sharding)
+      out, (dims.batch, dims.q_len, dims.num_heads, out.shape[-1]), out_sharding)
