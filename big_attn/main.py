@@ -373,7 +373,7 @@ def _train_and_evaluate(config: Any, workdir: str, stop: StopRequest) -> dict[st
   with config_lib.naming("config.optax"):
     schedule = optim.make_schedule(config.lr, config.schedule, config.total_steps)
     tx = optim.make_optimizer(config.optax_name, config.optax.to_dict(), schedule,
-                              config.grad_clip_norm)
+                              config.grad_clip_norm, head_weight_decay=config.wd_head)
 
   # ------------------------------------------------------------------------------------ Sharding
   with config_lib.naming("config.model"):  # the model's own checks run when it is traced

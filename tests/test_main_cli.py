@@ -169,7 +169,8 @@ def test_interpret_refuses_a_language_model_run(tmp_path):
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("optax_name", "adamx", "config.optax_name must be one of ('adamw', 'lion', 'sgd')"),
+    ("optax_name", "adamx",
+     "config.optax_name must be one of ('adamw', 'lion', 'sgd', 'adafactor')"),
     ("model.attention_impl", "cuda", "config.model: implementation must be one of"),
     ("evals.eval.batch_size", 0, "config.evals.eval: batch_size must be a positive int, got 0"),
     ("model_name", "vit9", "config.model_name: unknown model 'vit9'; known models:"),

@@ -294,6 +294,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.schedule = ml_collections.ConfigDict(dict(warmup_steps=0, decay_type="cosine"))
   config.grad_clip_norm = 1.0
   config.grad_accum_steps = 1
+  # The classifier head's own weight decay (`optim.make_optimizer`); None: the body's.
+  config.wd_head = None
   # Terms added to the task's loss: λ and threshold of the attention diversification loss
   # (`train.regularizers`, Robustifying Token Attention for Vision Transformers; None: no
   # term, threshold 2). None, so that a run saved without these keys resumes unchanged.
