@@ -1,6 +1,6 @@
 """The token mixers and CNN attention modules of `big_attn.models.metaformer` beyond PoolFormer's
 (MLP-Mixer, ConvMixer's depthwise conv, HorNet, Sequencer, SpectFormer, NiNformer, Activator, Context Clusters, LKCA, ParCNetV2, triplet
-attention, ELA, residual attention, GAAM): each against a float64 plain-JAX reference written
+attention, ELA, residual attention, GAAM, DANet's position attention): each against a float64 plain-JAX reference written
 from its paper's formula, forward and gradients w.r.t. the input and every parameter, then in a
 tiny MetaFormer and (the attention modules) a tiny ConvNeXt."""
 import flax.linen as nn
@@ -14,7 +14,7 @@ from tests import reference as ref
 
 NEW = ("gnconv", "bilstm2d", "spectral_filter", "nin_gating", "glu_activator",
        "context_cluster", "large_kernel_conv", "oversized_conv", "triplet_attention", "ela",
-       "residual_attention", "gaam")
+       "residual_attention", "gaam", "position_attention")
 # Awkward map: odd, non-square (the 2x2 context-cluster centres overlap), 16 channels.
 X = ref.normal(0, (2, 3, 5, 16))
 
@@ -225,6 +225,17 @@ def ref_gaam(x, p, heads=4):
   return x * gate
 
 
+def ref_position_attention(x, p, reduction=8):
+  """DANet's position attention: x + γ·softmax_j(B_i·C_j) D_j over the h·w positions."""
+  b, h, w, c = x.shape
+  t = x.reshape(b, h * w, c)
+  assert p["query"]["kernel"].shape == (c, c // reduction)
+  logits = jnp.einsum("bid,bjd->bij", dense(t, p["query"]), dense(t, p["key"]))
+  e = jnp.exp(logits - logits.max(-1, keepdims=True))
+  s = e / e.sum(-1, keepdims=True)
+  return x + p["gamma"] * jnp.einsum("bij,bjc->bic", s, dense(t, p["value"])).reshape(x.shape)
+
+
 REFERENCES = {name: globals()[f"ref_{name}"] for name in NEW}
 
 
@@ -299,10 +310,10 @@ def test_registered_and_in_a_tiny_metaformer():
   # A stage per mixer (one compile); 32x32 images give 8x8 tokens, then 4x4, 2x2 and 1x1.
   order = ("context_cluster", "bilstm2d", "oversized_conv", "residual_attention", "gnconv",
            "triplet_attention", "spectral_filter", "nin_gating", "glu_activator",
-           "large_kernel_conv", "ela", "gaam")
+           "large_kernel_conv", "ela", "gaam", "position_attention")
   assert sorted(order) == sorted(NEW)
   x = ref.normal(0, (2, 32, 32, 3))
-  model = metaformer.Model(num_classes=3, depths=(1,) * 12, dims=(16,) * 12, mixers=order,
+  model = metaformer.Model(num_classes=3, depths=(1,) * 13, dims=(16,) * 13, mixers=order,
                            layer_scale_init=1.0, head_zeroinit=False)
   params = random_params(model, x, std=0.1)
   logits = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, x)
@@ -327,6 +338,11 @@ def test_convnext_attention_modules():
   shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), x))["params"]
   assert shapes["stage_0_block_0"]["attention"]["norm"]["scale"].shape == (16,)
   assert "attention" not in shapes["stage_1_block_0"]
+  model = convnext.Model(num_classes=3, depths=(1,), dims=(16,), stem_size=1,
+                         attention_module="position_attention",
+                         attention_module_args=dict(reduction=4))
+  shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), x))["params"]
+  assert shapes["stage_0_block_0"]["attention"]["query"]["kernel"].shape == (16, 4)
 
 
 def test_configs_reach_the_mixers_by_name():
@@ -353,6 +369,7 @@ def test_configs_reach_the_mixers_by_name():
     ("ela", dict(num_groups=5), ValueError, "num_groups"),
     ("gaam", dict(num_heads=6), ValueError, "num_heads"),
     ("gaam", dict(num_gaussians=0), ValueError, "num_gaussians"),
+    ("position_attention", dict(reduction=3), ValueError, "position_attention mixer: reduction"),
 ])
 def test_bad_mixer_arguments(name, args, error, match):
   with pytest.raises(error, match=match):

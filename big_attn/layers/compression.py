@@ -5,10 +5,10 @@ A head's logits depend on its query and key projections only through their produ
 output on its value and output projections only through theirs. With the input augmented by a
 constant 1 (so that biases are part of the weights), x̃ = [x, 1]:
 
-    logits_h = x̃ M_h x̃ᵀ / √d_h,  M_h = [W_q^h; b_q^h] [W_k^h; b_k^h]ᵀ   ((d+1) x (d+1), rank <= d_h)
-    out      = Σ_h A_h x̃ N_h + b_o,  N_h = [W_v^h; b_v^h] W_o^h          ((d+1) x d,     rank <= d_h)
+    logits_h = x̃ M_h x̃ᵀ / √d_h,  M_h = [W_q^h; b_q^h] [W_k^h; b_k^h]ᵀ   ((d+1) x (d+1))
+    out      = Σ_h A_h x̃ N_h + b_o,  N_h = [W_v^h; b_v^h] W_o^h          ((d+1) x d)
 
-(A_h's rows sum to 1, so the value bias passes through unchanged.) `comcat_attention`
+both of rank <= d_h (A_h's rows sum to 1, so the value bias passes through). `comcat_attention`
 replaces each product by its best rank-r approximation (truncated SVD, U_r S_r V_rᵀ, split as
 U_r S_r^½ and V_r S_r^½) and reads the factors back as projections of head size r: the layer
 then has 4·d·H·r weights instead of 4·d·H·d_h and computes the rank-r attention exactly (the
