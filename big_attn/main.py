@@ -373,7 +373,7 @@ def _train_and_evaluate(config: Any, workdir: str, stop: StopRequest) -> dict[st
   with config_lib.naming("config.optax"):
     schedule = optim.make_schedule(config.lr, config.schedule, config.total_steps)
     tx = optim.make_optimizer(config.optax_name, config.optax.to_dict(), schedule,
-                              config.grad_clip_norm)
+                              config.grad_clip_norm, head_weight_decay=config.wd_head)
 
   # ------------------------------------------------------------------------------------ Sharding
   with config_lib.naming("config.model"):  # the model's own checks run when it is traced
@@ -386,21 +386,46 @@ def _train_and_evaluate(config: Any, workdir: str, stop: StopRequest) -> dict[st
   # --------------------------------------------------------------------------------- Update step
   # `task.constants` (a distillation teacher's parameters) are loaded once, replicated, and
   # passed to every step as an argument.
-  constants = (None if task.constants is None
-               else jax.device_put(task.constants(model, info), replicated))
+  # An attention-transfer teacher's variables travel the same way, beside them.
+  task_constants = (None if task.constants is None
+                    else jax.device_put(task.constants(model, info), replicated))
 
   diversification = config.loss.attention_diversification
-  if diversification and (getattr(model, "scan_layers", False)
-                          or getattr(model, "remat_policy", "none") != "none"):
-    raise config_lib.ConfigError(
-        "config.loss.attention_diversification reads the attention maps of every layer: it "
-        "needs config.model.scan_layers=False and remat_policy='none'")
+  transfer = config.loss.attention_transfer
+  for key, value in (("attention_diversification", diversification),
+                     ("attention_transfer", transfer)):
+    if value and (getattr(model, "scan_layers", False)
+                  or getattr(model, "remat_policy", "none") != "none"):
+      raise config_lib.ConfigError(
+          f"config.loss.{key} reads the attention maps of every layer: it needs "
+          "config.model.scan_layers=False and remat_policy='none'")
+  teacher, teacher_variables = None, None
+  transfer_weight = (1.0 if config.loss.attention_transfer_weight is None
+                     else config.loss.attention_transfer_weight)
+  if transfer:
+    with config_lib.naming("config.loss.attention_transfer"):
+      regularizers.check_attention_transfer(transfer, transfer_weight,
+                                            config.loss.attention_transfer_layers)
+    if config.loss.attention_transfer_teacher is None:
+      raise config_lib.ConfigError("config.loss.attention_transfer needs "
+                                   "config.loss.attention_transfer_teacher (a teacher dict)")
+    with config_lib.naming("config.loss.attention_transfer_teacher"):
+      teacher, teacher_variables = regularizers.restore_attention_teacher(
+          config.loss.attention_transfer_teacher.to_dict(), info["num_classes"],
+          tuple(info["image_shape"]))
+    teacher_variables = jax.device_put(teacher_variables, replicated)
+  constants = (task_constants, teacher_variables)
 
   def task_loss(c, loss):
     if loss is None:
       return loss
+    task_c, teacher_c = c
     if task.constants is not None:
-      loss = functools.partial(loss, constants=c)
+      loss = functools.partial(loss, constants=task_c)
+    if transfer:
+      loss = regularizers.with_attention_transfer(
+          loss, teacher, teacher_c, mode=transfer, weight=transfer_weight,
+          layers=config.loss.attention_transfer_layers)
     if diversification:
       loss = regularizers.with_attention_diversification(
           loss, diversification, threshold=(

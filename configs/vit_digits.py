@@ -15,6 +15,8 @@ Args (`--config=configs/vit_digits.py:attention=sigmoid,steps=500`):
   head_dim: "" (width / num_heads = 16), a number, or "tokens": the head size set to the
     number of tokens, 16 (Low-Rank Bottleneck in Multi-head Attention Models).
   parallel_block: attention and MLP in parallel from one LayerNorm (PAF).
+  loops: T > 0 runs one weight-tied block T times with input injection instead of 4 blocks
+    (Looped Transformers as Programmable Computers); 0: none.
   steps: training steps.
 `--config.model.token_pooling_scales=3 --config.loss.attention_diversification=1.0` trains with
 the token-aware average pooling and the attention diversification loss of Robustifying Token
@@ -27,7 +29,7 @@ from big_attn.train import config_lib
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, attention="softmax", steps=1500, runlocal=False, family="",
-                             head_dim="", parallel_block=False)
+                             head_dim="", parallel_block=False, loops=0)
   config = config_lib.digits_config(arg)
 
   config.model_name = "vit"
@@ -36,6 +38,8 @@ def get_config(arg=None):
                       token_pooling_scales=None, dtype="float32")
   if arg.parallel_block:
     config.model.parallel_block = True
+  if arg.loops:
+    config.model.update(depth=1, loops=arg.loops, loop_injection=True)
   if arg.head_dim:
     if arg.head_dim != "tokens" and not arg.head_dim.isdigit():
       raise ValueError(f"config arg head_dim must be a positive number or 'tokens', got "

@@ -58,7 +58,7 @@ def test_override_errors_name_the_full_key(capsys, argv, message):
 def test_config_file_errors_give_the_cause_first(capsys, tmp_path):
   missing = str(tmp_path / "nope.py")
   assert f"config file '{missing}' not found" in _exit_message(capsys, f"--config={missing}")
-  assert ("unknown config arg 'badarg'; known args: attention, family, head_dim, "
+  assert ("unknown config arg 'badarg'; known args: attention, family, head_dim, loops, "
           "parallel_block, runlocal, steps"
           in _exit_message(capsys, f"--config={VIT_DIGITS}:badarg=1"))
   assert ("config arg 'steps': cannot read 'many' as int"
@@ -169,7 +169,8 @@ def test_interpret_refuses_a_language_model_run(tmp_path):
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("optax_name", "adamx", "config.optax_name must be one of ('adamw', 'lion', 'sgd')"),
+    ("optax_name", "adamx",
+     "config.optax_name must be one of ('adamw', 'lion', 'sgd', 'adafactor')"),
     ("model.attention_impl", "cuda", "config.model: implementation must be one of"),
     ("evals.eval.batch_size", 0, "config.evals.eval: batch_size must be a positive int, got 0"),
     ("model_name", "vit9", "config.model_name: unknown model 'vit9'; known models:"),

@@ -1,6 +1,6 @@
 """The token mixers and CNN attention modules of `big_attn.models.metaformer` beyond PoolFormer's
 (MLP-Mixer, ConvMixer's depthwise conv, HorNet, Sequencer, SpectFormer, NiNformer, Activator, Context Clusters, LKCA, ParCNetV2, triplet
-attention, ELA, residual attention, GAAM): each against a float64 plain-JAX reference written
+attention, ELA, residual attention, GAAM, DANet's position and channel attention): each against a float64 plain-JAX reference written
 from its paper's formula, forward and gradients w.r.t. the input and every parameter, then in a
 tiny MetaFormer and (the attention modules) a tiny ConvNeXt."""
 import flax.linen as nn
@@ -14,7 +14,7 @@ from tests import reference as ref
 
 NEW = ("gnconv", "bilstm2d", "spectral_filter", "nin_gating", "glu_activator",
        "context_cluster", "large_kernel_conv", "oversized_conv", "triplet_attention", "ela",
-       "residual_attention", "gaam")
+       "residual_attention", "gaam", "position_attention", "channel_self_attention")
 # Awkward map: odd, non-square (the 2x2 context-cluster centres overlap), 16 channels.
 X = ref.normal(0, (2, 3, 5, 16))
 
@@ -225,6 +225,27 @@ def ref_gaam(x, p, heads=4):
   return x * gate
 
 
+def ref_position_attention(x, p, reduction=8):
+  """DANet's position attention: x + γ·softmax_j(B_i·C_j) D_j over the h·w positions."""
+  b, h, w, c = x.shape
+  t = x.reshape(b, h * w, c)
+  assert p["query"]["kernel"].shape == (c, c // reduction)
+  logits = jnp.einsum("bid,bjd->bij", dense(t, p["query"]), dense(t, p["key"]))
+  e = jnp.exp(logits - logits.max(-1, keepdims=True))
+  s = e / e.sum(-1, keepdims=True)
+  return x + p["gamma"] * jnp.einsum("bij,bjc->bic", s, dense(t, p["value"])).reshape(x.shape)
+
+
+def ref_channel_self_attention(x, p):
+  """DANet's channel attention: x_i + β Σ_j softmax_j(max_k E_ik − E_ij) x_j, E = XᵀX."""
+  b, h, w, c = x.shape
+  t = x.reshape(b, h * w, c)
+  energy = jnp.einsum("bni,bnj->bij", t, t)
+  e = jnp.exp(energy.max(-1, keepdims=True) - energy)
+  a = e / e.sum(-1, keepdims=True)
+  return x + p["beta"] * jnp.einsum("bij,bnj->bni", a, t).reshape(x.shape)
+
+
 REFERENCES = {name: globals()[f"ref_{name}"] for name in NEW}
 
 
@@ -299,10 +320,10 @@ def test_registered_and_in_a_tiny_metaformer():
   # A stage per mixer (one compile); 32x32 images give 8x8 tokens, then 4x4, 2x2 and 1x1.
   order = ("context_cluster", "bilstm2d", "oversized_conv", "residual_attention", "gnconv",
            "triplet_attention", "spectral_filter", "nin_gating", "glu_activator",
-           "large_kernel_conv", "ela", "gaam")
+           "large_kernel_conv", "ela", "gaam", "position_attention", "channel_self_attention")
   assert sorted(order) == sorted(NEW)
   x = ref.normal(0, (2, 32, 32, 3))
-  model = metaformer.Model(num_classes=3, depths=(1,) * 12, dims=(16,) * 12, mixers=order,
+  model = metaformer.Model(num_classes=3, depths=(1,) * 14, dims=(16,) * 14, mixers=order,
                            layer_scale_init=1.0, head_zeroinit=False)
   params = random_params(model, x, std=0.1)
   logits = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, x)
@@ -327,6 +348,15 @@ def test_convnext_attention_modules():
   shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), x))["params"]
   assert shapes["stage_0_block_0"]["attention"]["norm"]["scale"].shape == (16,)
   assert "attention" not in shapes["stage_1_block_0"]
+  model = convnext.Model(num_classes=3, depths=(1,), dims=(16,), stem_size=1,
+                         attention_module="position_attention",
+                         attention_module_args=dict(reduction=4))
+  shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), x))["params"]
+  assert shapes["stage_0_block_0"]["attention"]["query"]["kernel"].shape == (16, 4)
+  model = convnext.Model(num_classes=3, depths=(1,), dims=(16,), stem_size=1,
+                         attention_module="channel_self_attention")
+  shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), x))["params"]
+  assert shapes["stage_0_block_0"]["attention"]["beta"].shape == ()
 
 
 def test_configs_reach_the_mixers_by_name():
@@ -353,6 +383,7 @@ def test_configs_reach_the_mixers_by_name():
     ("ela", dict(num_groups=5), ValueError, "num_groups"),
     ("gaam", dict(num_heads=6), ValueError, "num_heads"),
     ("gaam", dict(num_gaussians=0), ValueError, "num_gaussians"),
+    ("position_attention", dict(reduction=3), ValueError, "position_attention mixer: reduction"),
 ])
 def test_bad_mixer_arguments(name, args, error, match):
   with pytest.raises(error, match=match):
@@ -364,7 +395,8 @@ def test_bad_convnext_attention_module():
   build = lambda **kw: jax.eval_shape(convnext.Model(num_classes=2, depths=(1, 1), dims=(16, 16),
                                                      stem_size=1, **kw).init,
                                       jax.random.key(0), x)
-  with pytest.raises(ValueError, match="attention_module must be None, one of ela, gaam"):
+  with pytest.raises(ValueError, match="attention_module must be None, one of "
+                     "channel_self_attention, ela, gaam"):
     build(attention_module="pool")
   with pytest.raises(ValueError, match=r"per stage \(2\)"):
     build(attention_module=("ela",))

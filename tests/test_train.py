@@ -345,8 +345,9 @@ def test_vit_2b_dry_run_reports_parameters_memory_and_flops(capsys):
   # plus the rematerialised forward and attention: all 48 layers counted, not one scan body.
   dense = 6 * report["parameters"] * 256 * 8
   assert 0.9 * dense < report["flops"] < 2 * dense, report["flops"] / dense
-  # FSDP over 8 devices: each device holds about an eighth of the f32 params and Adam moments.
-  assert report["memory"]["argument"] < 3 * 4 * report["parameters"] / 8 * 1.3
+  # FSDP over 8 devices: each device holds about an eighth of the f32 params and of the
+  # memory-saving Adafactor's state (a bfloat16 first moment, a factored second one).
+  assert report["memory"]["argument"] < (4 + 2.1) * report["parameters"] / 8 * 1.3
 
 
 def test_warmup_longer_than_the_run_shrinks_to_a_tenth():

@@ -1,5 +1,6 @@
 """Flax Linen layers: attention with the mechanism picked by name, and its building blocks."""
 from big_attn.layers.attention import Attention
+from big_attn.layers.compression import comcat, comcat_attention
 from big_attn.layers.conv_attention import convolution_attention
 from big_attn.layers.hyena import HyenaOperator, ImplicitFilter
 from big_attn.layers.kv_cache import InputCache, KVCache, RecurrentCache
@@ -12,5 +13,5 @@ from big_attn.layers.posemb import PositionEmbedding, apply_rope, posemb_sincos_
 __all__ = ["Attention", "HyenaOperator", "ImplicitFilter", "InputCache", "KVCache",
             "RecurrentCache", "MlpBlock", "OpParams", "PointerHead",
             "PositionEmbedding", "apply_rope", "batch_norm", "conv_norm",
-            "convolution_attention", "layer_norm",
+            "comcat", "comcat_attention", "convolution_attention", "layer_norm",
            "params_module", "posemb_sincos_2d", "register_params"]

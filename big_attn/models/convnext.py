@@ -16,8 +16,8 @@ average pooling, LayerNorm and a linear classifier. All LayerNorms act over chan
 The plain network has no attention; it is here as the convnet of the literature's comparisons
 and as a distillation teacher (`big_attn.models.deit`). `attention_module` adds a CNN attention
 module to the branch of every block of a stage, before the layer scale (`ATTENTION_MODULES`:
-triplet attention, ELA, residual attention's (1 + M) ⊙ F, GAAM; the MetaFormer mixers of those
-names, options from `attention_module_args`).
+triplet attention, ELA, residual attention's (1 + M) ⊙ F, GAAM, DANet's position and channel
+attention; the MetaFormer mixers of those names, options from `attention_module_args`).
 
 HorNet (HorNet: Efficient High-Order Spatial Interactions with Recursive Gated Convolutions) is
 this network with a token mixer per stage (`mixers`, a MetaFormer mixer name; `gnconv` of order
@@ -70,7 +70,8 @@ _HORNET_ORDERS = ({"order": 2}, {"order": 3}, {"order": 4}, {"order": 5})
 _INIT = nn.initializers.truncated_normal(stddev=0.02)
 
 # CNN attention modules a block can apply to its branch (MetaFormer mixers of these names).
-ATTENTION_MODULES = ("ela", "gaam", "residual_attention", "triplet_attention")
+ATTENTION_MODULES = ("channel_self_attention", "ela", "gaam", "position_attention",
+                     "residual_attention", "triplet_attention")
 
 
 def decode_variant(variant: str) -> dict[str, Any]:

@@ -159,7 +159,7 @@ class Model(nn.Module):
 
 
 # ------------------------------------------------------------------------------------ Distillation
-def _teacher_spec(teacher: Any, num_classes: int) -> tuple[Any, str]:
+def teacher_spec(teacher: Any, num_classes: int) -> tuple[Any, str]:
   """`(teacher Model, workdir)` of a teacher dict, with `num_classes` defaulting to ours."""
   teacher = dict(teacher)
   missing = {"model_name", "model", "workdir"} - set(teacher)
@@ -182,7 +182,7 @@ def restore_teacher(teacher: Any, num_classes: int, image_shape: tuple[int, ...]
   Only those entries of the saved train state are read (`checkpoint_io.read_state`), as host
   arrays. Raises `FileNotFoundError` when the workdir holds no checkpoint.
   """
-  module, workdir = _teacher_spec(teacher, num_classes)
+  module, workdir = teacher_spec(teacher, num_classes)
   item = nn.unbox(jax.eval_shape(
       lambda rng: tasks.init_model_variables(module, rng, image_shape), jax.random.key(0)))
   directory = checkpoint_io.checkpoints_dir(workdir)
@@ -213,7 +213,7 @@ def teacher_logits(model: Model, images: jax.Array, constants: Any = None) -> ja
   else:
     if constants is None:
       raise ValueError("a teacher dict needs its restored parameters (`teacher_constants`)")
-    module, _ = _teacher_spec(model.teacher, model.num_classes)
+    module, _ = teacher_spec(model.teacher, model.num_classes)
     logits = module.apply(constants, images, train=False)
   return jax.lax.stop_gradient(jnp.asarray(logits, jnp.float32))
 

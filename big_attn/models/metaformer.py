@@ -29,7 +29,8 @@ and timm's `poolformer_*`). The token mixer is picked per stage by name from a r
 - `gnconv` (HorNet), `bilstm2d` (Sequencer), `spectral_filter` (SpectFormer), `nin_gating`
   (NiNformer), `glu_activator` (Activator), `context_cluster` (Context Clusters),
   `large_kernel_conv` (LKCA), `oversized_conv` (ParCNetV2) and the CNN attention modules
-  `triplet_attention`, `ela`, `residual_attention`, `gaam` (also ConvNeXt's `attention_module`);
+  `triplet_attention`, `ela`, `residual_attention`, `gaam`, `position_attention`,
+  `channel_self_attention` (also ConvNeXt's `attention_module`);
   each class's docstring gives its paper and formula.
 Options of a mixer come from `mixer_args[name]`.
 
@@ -69,7 +70,7 @@ import numpy as np
 
 from big_attn.layers import Attention, HyenaOperator, MlpBlock, layer_norm
 from big_attn.models import common
-from big_attn.ops import spatial
+from big_attn.ops import reduction, spatial
 
 _DEPTHS = {"S12": (2, 2, 6, 2), "S24": (4, 4, 12, 4), "S36": (6, 6, 18, 6),
            "M36": (6, 6, 18, 6), "M48": (8, 8, 24, 8)}
@@ -635,6 +636,53 @@ class GaussianAdaptiveAttentionMixer(Mixer):
     var = x.var(axis=(1, 2), keepdims=True) + 1e-5
     z = sum((x - mu - offset[g]) ** 2 / (2.0 * scale[g] ** 2 * var) for g in range(count))
     return x * jnp.exp(-z)
+
+
+@register_mixer("position_attention")
+class PositionAttentionMixer(Mixer):
+  """The position attention module of DANet (Dual Attention Network for Scene Segmentation), as
+  Multi-scale self-guided attention for medical image segmentation uses it beside channel
+  attention: with 1x1 convolutions (per-position Dense) B, C to c/`reduction` channels and D to
+  c, over the N = h·w positions
+
+      S_ij = softmax_j(B_i · C_j),   out_i = x_i + γ Σ_j S_ij D_j,
+
+  γ a learned scalar initialised to 0 (the module starts as the identity)."""
+  reduction: int = 8
+
+  @nn.compact
+  def __call__(self, x):
+    b, h, w, c = x.shape
+    if not isinstance(self.reduction, int) or self.reduction < 1 or c % self.reduction:
+      raise ValueError(f"position_attention mixer: reduction must be a positive int dividing "
+                       f"the channels ({c}), got {self.reduction!r}")
+    tokens = x.reshape(b, h * w, c)
+    query = self._dense(c // self.reduction, ("embed", "mlp"), "query")(tokens)
+    key = self._dense(c // self.reduction, ("embed", "mlp"), "key")(tokens)
+    value = self._dense(c, ("embed", "mlp"), "value")(tokens)
+    weights = jax.nn.softmax(jnp.einsum("bid,bjd->bij", query, key), axis=-1)
+    gamma = self._param("gamma", nn.initializers.zeros_init(), (), ())
+    return x + gamma * jnp.einsum("bij,bjc->bic", weights, value).reshape(b, h, w, c)
+
+
+@register_mixer("channel_self_attention")
+class ChannelSelfAttentionMixer(Mixer):
+  """The channel attention module of DANet (Dual Attention Network for Scene Segmentation), the
+  other module of Multi-scale self-guided attention for medical image segmentation: with
+  E_ij = Σ_n x_i(n) x_j(n) over the N = h·w positions ([c, c], no projections),
+
+      A_ij = softmax_j(max_k E_ik − E_ij) = softmax_j(−E_ij),   out_i = x_i + β Σ_j A_ij x_j,
+
+  β a learned scalar initialised to 0: the `channel_attention` op with queries −x, keys and
+  values x, one head and scale 1."""
+
+  @nn.compact
+  def __call__(self, x):
+    b, h, w, c = x.shape
+    tokens = x.reshape(b, h * w, 1, c)
+    mixed = reduction.channel_attention(-tokens, tokens, tokens, scale=1.0)
+    beta = self._param("beta", nn.initializers.zeros_init(), (), ())
+    return x + beta * mixed.reshape(b, h, w, c)
 
 
 # ------------------------------------------------------------------------------------------

@@ -404,6 +404,10 @@ class Encoder(nn.Module):
   `peg_grid=(h, w)` a `PEG` follows the first block, on the `h·w` patch tokens that follow the
   first `num_protected` tokens (less the late tokens before those are in). Both need
   `scan_layers=False`.
+  With `loops` T the `depth` blocks are one weight-tied stack run T times (Looped Transformers
+  as Programmable Computers), x_t = blocks(x_{t-1}); with `loop_injection` the input x_0 is
+  added before every run after the first, x_t = blocks(x_{t-1} + x_0) (input injection of
+  Looped Transformers are Better at Learning Learning Algorithms). Plain blocks only.
   """
   depth: int
   block_args: Any
@@ -418,6 +422,8 @@ class Encoder(nn.Module):
   local_layers: int = 0
   local_block_args: Any = None
   peg_grid: tuple[int, int] | None = None
+  loops: int | None = None
+  loop_injection: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -447,12 +453,26 @@ class Encoder(nn.Module):
     if late_tokens is not None and not 0 < self.local_layers < self.depth:
       raise ValueError(f"late_tokens are inserted after the local layers: local_layers must be "
                        f"in (0, depth={self.depth}), got {self.local_layers}")
+    if self.loops is not None:
+      self._check_loops(reduction, free, spectral, late_tokens)
+    elif self.loop_injection:
+      raise ValueError("loop_injection needs loops")
     if self.scan_layers:
       stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True,
                                                                       "dropout": True},
                       in_axes=nn.broadcast, length=self.depth,
                       metadata_params={nn.PARTITION_NAME: "layers"})
-      x, _ = stack(name="encoderblock", **kwargs)(x, deterministic)
+      stack = stack(name="encoderblock", **kwargs)
+      x = self._looped(lambda y: stack(y, deterministic)[0], x)
+    elif self.loops is not None:
+      blocks = [block(name=f"encoderblock_{i}", **kwargs) for i in range(self.depth)]
+
+      def run(y):
+        for b in blocks:
+          y, _ = b(y, deterministic, None)
+        return y
+
+      x = self._looped(run, x)
     else:
       size = None if reduction is None else jnp.ones(x.shape[:2], jnp.float32)
       lookup = reduction is not None and reduction.method == "lookupvit"
@@ -489,6 +509,22 @@ class Encoder(nn.Module):
       return x
     return layer_norm(self.dtype, self.param_dtype, "encoder_norm",
                       epsilon=kwargs.get("norm_eps", 1e-6))(x)
+
+  def _check_loops(self, reduction, free, spectral, late_tokens):
+    if not isinstance(self.loops, int) or isinstance(self.loops, bool) or self.loops < 1:
+      raise ValueError(f"loops must be an int >= 1 or None, got {self.loops!r}")
+    if (reduction is not None or free or spectral or self.local_layers
+        or self.peg_grid is not None or late_tokens is not None):
+      raise ValueError("loops runs the same plain blocks again: it does not combine with "
+                       "token_reduction, attention_free_layers, spectral_layers, local_layers, "
+                       "a PEG or late tokens")
+
+  def _looped(self, run, x):
+    """`run` (the blocks) applied `loops` times (once without loops), with input injection."""
+    inputs = x
+    for t in range(self.loops or 1):
+      x = run(x + inputs if self.loop_injection and t else x)
+    return x
 
 
 class MAPHead(nn.Module):
@@ -663,6 +699,10 @@ class Model(nn.Module):
       dilations) before the attention of every block (Robustifying Token Attention for Vision
       Transformers); None or 0: none. Needs no registers, token reduction, local layers or channel
       tokens (the tokens after the class token must be the patch grid).
+    loops: T runs of the `depth` weight-tied blocks (Looped Transformers as Programmable
+      Computers; parameters independent of T); None: one. `loop_injection` adds the encoder's
+      input before every run after the first. Plain blocks only (no token reduction,
+      attention-free, spectral or local layers, or PEG).
     dtype: compute dtype (e.g. bfloat16); param_dtype: parameter dtype.
   Parameters carry the logical axis names embed, mlp, heads, kv_heads, head_dim, norm,
   patch_h, patch_w, channels_in, position, classes and layers.
@@ -699,6 +739,8 @@ class Model(nn.Module):
   local_attention: str = "gpsa"
   channel_tokens: bool = False
   token_pooling_scales: int | None = None
+  loops: int | None = None
+  loop_injection: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -819,6 +861,7 @@ class Model(nn.Module):
                 spectral_layers=self.spectral_layers, grid=grid,
                 local_layers=self.local_layers, local_block_args=local_block_args,
                 peg_grid=grid if self.posemb == "peg" else None,
+                loops=self.loops, loop_injection=self.loop_injection,
                 dtype=self.dtype, param_dtype=self.param_dtype, name="Transformer")(
                     x, deterministic, late_tokens)
     if registers_first:

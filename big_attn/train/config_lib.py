@@ -294,11 +294,17 @@ def base_config() -> ml_collections.ConfigDict:
   config.schedule = ml_collections.ConfigDict(dict(warmup_steps=0, decay_type="cosine"))
   config.grad_clip_norm = 1.0
   config.grad_accum_steps = 1
+  # The classifier head's own weight decay (`optim.make_optimizer`); None: the body's.
+  config.wd_head = None
   # Terms added to the task's loss: λ and threshold of the attention diversification loss
   # (`train.regularizers`, Robustifying Token Attention for Vision Transformers; None: no
   # term, threshold 2). None, so that a run saved without these keys resumes unchanged.
-  config.loss = ml_collections.ConfigDict(dict(attention_diversification=None,
-                                               attention_diversification_threshold=None))
+  # Attention transfer from a teacher (`regularizers.with_attention_transfer`): mode "copy" or
+  # "distill", teacher dict, λ of distillation (None: 1), last layers (None: all).
+  config.loss = ml_collections.ConfigDict(dict(
+      attention_diversification=None, attention_diversification_threshold=None,
+      attention_transfer=None, attention_transfer_teacher=None, attention_transfer_weight=None,
+      attention_transfer_layers=None))
   config.total_steps = 1000
   config.log_every = 50
   config.ckpt_every = 500

@@ -1,10 +1,17 @@
-"""Loss terms computed from a model's attention maps during training.
+"""Loss terms computed from a model's attention maps during training, and attention transfer.
 
 The attention diversification loss of Robustifying Token Attention for Vision Transformers
 (Guo, Stutz and Schiele, ICCV 2023): `config.loss.attention_diversification = λ` adds
 λ·ADL to the task's loss. The maps are the mixing matrices of every `Attention` layer
 (`interpret.capture.mixing_matrix`, differentiable), read through `capture.hook_ops` while the
 task's loss runs, so no model code changes.
+
+Attention transfer (On the Surprising Effectiveness of Attention Transfer for Vision
+Transformers): `config.loss.attention_transfer = "copy" | "distill"` with
+`config.loss.attention_transfer_teacher = dict(model_name=..., model={...}, workdir=DIR)` (a
+ViT trained by `big_attn.main` in DIR, restored once and passed to every step), and for
+distillation `config.loss.attention_transfer_weight` (λ, default 1); `attention_transfer_layers`
+limits either to the last layers (`with_attention_transfer`).
 """
 from __future__ import annotations
 
@@ -14,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from big_attn.interpret import capture
+from big_attn.models import deit
 
 
 THRESHOLD = 2.0  # τ·n: attention weights at or below 2/n are zeroed (the authors' code).
@@ -64,20 +72,131 @@ def with_attention_diversification(loss_fn: Callable[..., Any], weight: float, *
 
   def regularized(model, variables, batch, rng, **kwargs):
     maps = []
-
-    def hook(path, op_fn, query, key, value, op_kwargs):
-      if query.shape[1] == key.shape[1]:
-        maps.append(capture.mixing_matrix(op_fn, query, key, value, op_kwargs))
-      return op_fn(query, key, value, **op_kwargs)
-
-    with capture.hook_ops(hook):
+    with capture.hook_ops(_self_attention_collector(maps)):
       result = loss_fn(model, variables, batch, rng, **kwargs)
     if not maps:
       raise ValueError(f"{type(model).__name__} ran no self-attention layer: the attention "
                        "diversification loss needs one")
-    penalty = weight * attention_diversification_loss(maps, threshold=threshold)
-    if isinstance(result, tuple):
-      return (result[0] + penalty, *result[1:])
-    return result + penalty
+    return _plus(result, weight * attention_diversification_loss(maps, threshold=threshold))
 
   return regularized
+
+
+def _self_attention_collector(maps: list[jax.Array]) -> capture.OpHook:
+  """An `OpHook` appending the mixing matrix of every self-attention layer to `maps`."""
+
+  def hook(path, op_fn, query, key, value, op_kwargs):
+    if query.shape[1] == key.shape[1]:
+      maps.append(capture.mixing_matrix(op_fn, query, key, value, op_kwargs))
+    return op_fn(query, key, value, **op_kwargs)
+
+  return hook
+
+
+def _plus(result: Any, penalty: jax.Array) -> Any:
+  """A loss, or the loss of a `(loss, batch_stats)` pair, plus `penalty`."""
+  if isinstance(result, tuple):
+    return (result[0] + penalty, *result[1:])
+  return result + penalty
+
+
+# ------------------------------------------------------------------------------ Attention transfer
+ATTENTION_TRANSFER_MODES = ("copy", "distill")
+
+
+def attention_distillation_loss(student_maps: Sequence[jax.Array],
+                                teacher_maps: Sequence[jax.Array]) -> jax.Array:
+  """Cross-entropy H(T, S) = -Σ_j T_ij log S_ij of the student's attention rows S against the
+  teacher's T, averaged over layers, batch, heads and rows (On the Surprising Effectiveness of
+  Attention Transfer for Vision Transformers, Li et al., NeurIPS 2024: attention distillation).
+  """
+  if not student_maps or len(student_maps) != len(teacher_maps):
+    raise ValueError(f"student_maps and teacher_maps must hold the same number (>= 1) of maps, "
+                     f"got {len(student_maps)} and {len(teacher_maps)}")
+  terms = []
+  for s, t in zip(student_maps, teacher_maps):
+    if s.ndim != 4 or s.shape != t.shape:
+      raise ValueError(f"student and teacher maps must have the same shape [batch, heads, q, k], "
+                       f"got {s.shape} and {t.shape}")
+    log_s = jnp.log(jnp.maximum(s.astype(jnp.float32), jnp.finfo(jnp.float32).tiny))
+    terms.append(jnp.mean(-jnp.sum(t.astype(jnp.float32) * log_s, axis=-1)))
+  return jnp.mean(jnp.stack(terms))
+
+
+def self_attention_maps(model: Any, variables: Any, images: jax.Array) -> list[jax.Array]:
+  """The mixing matrices of `model`'s self-attention layers on `images` (evaluation mode), in
+  the order the layers run, without gradient."""
+  maps = []
+  capture.apply_with_hook(model, variables, _self_attention_collector(maps), images, train=False)
+  return [jax.lax.stop_gradient(m) for m in maps]
+
+
+def check_attention_transfer(mode: str, weight: float, layers: int | None) -> None:
+  """Raises `ValueError` for an unknown mode, a weight <= 0 or a layer count < 1."""
+  if mode not in ATTENTION_TRANSFER_MODES:
+    raise ValueError(f"mode must be one of {ATTENTION_TRANSFER_MODES}, got {mode!r}")
+  if weight <= 0:
+    raise ValueError(f"weight must be > 0, got {weight}")
+  if layers is not None and layers < 1:
+    raise ValueError(f"layers must be >= 1 or None (all), got {layers}")
+
+
+def with_attention_transfer(loss_fn: Callable[..., Any], teacher: Any, teacher_variables: Any, *,
+                            mode: str, weight: float = 1.0, layers: int | None = None
+                            ) -> Callable[..., Any]:
+  """`loss_fn` (a `Task.loss` or `Task.loss_with_stats`) with the attention maps of a
+  pre-trained `teacher` ViT transferred to the student (On the Surprising Effectiveness of
+  Attention Transfer for Vision Transformers).
+
+  The teacher (`teacher.apply(teacher_variables, images, train=False)`) runs on the batch's
+  images; its self-attention maps T_l (`self_attention_maps`) go to the student's l-th
+  self-attention layer, for the last `layers` layers (None: all). "copy": the layer outputs
+  T_l·V with its own values V (its queries and keys are not used: attention copy); "distill":
+  the student keeps its attention and `weight`·H(T_l, S_l) (`attention_distillation_loss`) is
+  added to the loss. Teacher and student need the same number of self-attention layers, heads
+  and tokens. The student must run its layers unscanned and without remat.
+  """
+  check_attention_transfer(mode, weight, layers)
+
+  def transferred(model, variables, batch, rng, **kwargs):
+    teacher_maps = self_attention_maps(teacher, teacher_variables, batch["image"])
+    first = 0 if layers is None else max(len(teacher_maps) - layers, 0)
+    count, student_maps = [0], []
+
+    def hook(path, op_fn, query, key, value, op_kwargs):
+      if query.shape[1] != key.shape[1]:
+        return op_fn(query, key, value, **op_kwargs)
+      index = count[0]
+      count[0] += 1
+      if not first <= index < len(teacher_maps):
+        return op_fn(query, key, value, **op_kwargs)
+      target = teacher_maps[index]
+      student_shape = (query.shape[0], query.shape[2], query.shape[1], key.shape[1])
+      if target.shape != student_shape:
+        raise ValueError(f"attention transfer: the teacher's map {index} has shape "
+                         f"{target.shape}, the student's layer {path!r} [batch, heads, q, k] "
+                         f"{student_shape}")
+      if mode == "copy":
+        return capture.mix(target, query, key, value).astype(value.dtype)
+      student_maps.append(capture.mixing_matrix(op_fn, query, key, value, op_kwargs))
+      return op_fn(query, key, value, **op_kwargs)
+
+    with capture.hook_ops(hook):
+      result = loss_fn(model, variables, batch, rng, **kwargs)
+    if count[0] != len(teacher_maps):
+      raise ValueError(f"attention transfer: the teacher has {len(teacher_maps)} self-attention "
+                       f"layers, {type(model).__name__} ran {count[0]}")
+    if mode == "copy":
+      return result
+    return _plus(result, weight * attention_distillation_loss(student_maps, teacher_maps[first:]))
+
+  return transferred
+
+
+def restore_attention_teacher(teacher: Any, num_classes: int, image_shape: tuple[int, ...]
+                              ) -> tuple[Any, Any]:
+  """`(teacher Model, its variables)` of a teacher dict `dict(model_name=..., model={...},
+  workdir=DIR)` (a classifier trained by `big_attn.main` in DIR; DeiT's teacher dict, read by
+  `deit.restore_teacher` from the newest checkpoint)."""
+  module, _ = deit.teacher_spec(teacher, num_classes)
+  return module, deit.restore_teacher(teacher, num_classes, image_shape)
