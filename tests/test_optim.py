@@ -3,6 +3,7 @@ against a float64 NumPy reference of the update written from the paper's descrip
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from big_attn.train import optim
@@ -121,3 +122,19 @@ def test_head_and_body_weight_decay():
                      (dict(clip_threshold=0.0), "clip_threshold must be > 0")):
     with pytest.raises(ValueError, match=match):
       optim.make_optimizer("adafactor", bad, schedule)
+
+
+@pytest.mark.parametrize("name,kwargs", [("adamw", dict(b2=0.95, weight_decay=0.1)),
+                                         ("lion", dict(b1=0.95, weight_decay=0.1))])
+def test_adamw_and_lion_keep_optax_state_and_updates(problem, name, kwargs):
+  """Without `wd_head`, adamw and lion are `optax.adamw` / `optax.lion` with the decay mask:
+  the same state tree (so workdirs saved before resume) and the same parameters."""
+  schedule = optim.make_schedule(LR, dict(decay_type="constant"), 10)
+  ours = optim.make_optimizer(name, kwargs, schedule)
+  kwargs = dict(kwargs)
+  wd = kwargs.pop("weight_decay")
+  theirs = getattr(optax, name)(schedule, weight_decay=wd, mask=optim.decay_mask, **kwargs)
+  (p_ours, s_ours), (p_theirs, s_theirs) = (run(tx, *problem) for tx in (ours, theirs))
+  assert jax.tree.structure(s_ours) == jax.tree.structure(s_theirs)
+  for a, b in zip(jax.tree.leaves((p_ours, s_ours)), jax.tree.leaves((p_theirs, s_theirs))):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
