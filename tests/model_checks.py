@@ -1,11 +1,13 @@
 """Checks that several model test files share: the token grids a model's ViT blocks pass their
-2-D op, and a digits config trained for a few steps through `big_attn.main`."""
+2-D op, configs that build, and a digits config trained for a few steps through
+`big_attn.main`."""
 import flax.linen as nn
 import ml_collections
 import numpy as np
 
 from big_attn import main as main_lib
 from big_attn.models import vit
+from big_attn.train import config_lib
 from tests.test_convnext import abstract
 from tests.test_train import _config_module, losses
 
@@ -38,3 +40,15 @@ def train_digits_config(workdir, name, steps=3, arg="runlocal"):
                                                                "preempted": False}
   loss = losses(str(workdir))
   assert sorted(loss) == list(range(1, steps + 1)) and np.all(np.isfinite(list(loss.values())))
+
+
+def checked_configs(cases):
+  """`(name, arg, config)` of `configs/{name}.py:{arg}` for each `(name, arg)` of `cases`, each
+  passing main's check, with base_config's keys and its path in the module docstring."""
+  for name, arg in cases:
+    module = _config_module(name)
+    config = module.get_config(arg)
+    main_lib.check_config(config)
+    assert config_lib.base_config().keys() == config.keys()
+    assert f"configs/{name}.py" in module.__doc__
+    yield name, arg, config

@@ -7,13 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from big_attn import main as main_lib
 from big_attn import models
 from big_attn.models import levit
 from big_attn.ops import spatial
-from big_attn.train import config_lib
 from tests import reference as ref
-from tests.model_checks import train_digits_config
+from tests.model_checks import checked_configs, train_digits_config
 from tests.test_convnext import abstract, count, full_size_count, random_params, train_steps
 from tests.test_train import _config_module
 
@@ -257,13 +255,9 @@ def test_bad_arguments():
 
 
 def test_every_config_builds():
-  for name, arg in (("levit_digits", None), ("levit_digits", "attention=softmax,runlocal"),
-                    ("levit_i1k", None), ("levit_i1k", "variant=128S"), ("levit_i1k", "runlocal")):
-    module = _config_module(name)
-    config = module.get_config(arg)
-    main_lib.check_config(config)
-    assert config_lib.base_config().keys() == config.keys()
-    assert f"configs/{name}.py" in module.__doc__
+  cases = (("levit_digits", None), ("levit_digits", "attention=softmax,runlocal"),
+           ("levit_i1k", None), ("levit_i1k", "variant=128S"), ("levit_i1k", "runlocal"))
+  for name, arg, config in checked_configs(cases):
     model = levit.Model(**dict(dict(num_classes=10), **config.model.to_dict()))
     if "digits" in name:
       assert count(abstract(model, jnp.zeros((1, 16, 16, 1)))) > 0

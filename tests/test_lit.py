@@ -8,13 +8,11 @@ import numpy as np
 import pytest
 from jax.scipy import ndimage
 
-from big_attn import main as main_lib
 from big_attn import models
 from big_attn.layers import DeformableTokenMerging
 from big_attn.models import lit
-from big_attn.train import config_lib
 from tests import reference as ref
-from tests.model_checks import train_digits_config
+from tests.model_checks import checked_configs, train_digits_config
 from tests.test_convnext import abstract, count, full_size_count, random_params, train_steps
 from tests.test_train import _config_module
 
@@ -175,7 +173,8 @@ def test_training_step():
 def test_bad_arguments():
   x = jnp.zeros((1, 16, 16, 3))
   build = lambda **kw: abstract(lit.Model(num_classes=2, **dict(TINY, **kw)), x)
-  with pytest.raises(ValueError, match=r"divisible by patch_size · 2\^\(stages − 1\) = 32"):
+  with pytest.raises(ValueError, match=r"2\^\(stages − 1\) \(the grid halves at every "
+                                       r"merging\) = 32"):
     build(patch_size=2, widths=(4, 8, 8, 8, 8), num_heads=(1, 2, 2, 2, 2),
           depths=(1, 1, 1, 1, 1))
   with pytest.raises(ValueError, match="divisible by num_heads"):
@@ -195,13 +194,9 @@ def test_bad_arguments():
 
 
 def test_every_config_builds():
-  for name, arg in (("lit_digits", None), ("lit_digits", "attention=softmax,runlocal"),
-                    ("lit_i1k", None), ("lit_i1k", "variant=Ti"), ("lit_i1k", "runlocal")):
-    module = _config_module(name)
-    config = module.get_config(arg)
-    main_lib.check_config(config)
-    assert config_lib.base_config().keys() == config.keys()
-    assert f"configs/{name}.py" in module.__doc__
+  cases = (("lit_digits", None), ("lit_digits", "attention=softmax,runlocal"), ("lit_i1k", None),
+           ("lit_i1k", "variant=Ti"), ("lit_i1k", "runlocal"))
+  for name, arg, config in checked_configs(cases):
     model = lit.Model(**dict(dict(num_classes=10), **config.model.to_dict()))
     if "digits" in name:
       assert count(abstract(model, jnp.zeros((1, 16, 16, 1)))) > 0

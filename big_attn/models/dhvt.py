@@ -179,9 +179,7 @@ class Model(nn.Module):
   def _check(self, images):
     for name in ("width", "depth", "num_heads", "mlp_ratio", "patch_size"):
       checks.positive_int(name, getattr(self, name))
-    if self.patch_size < 2 or self.patch_size & (self.patch_size - 1):
-      raise ValueError(f"patch_size must be a power of two >= 2 (stride-2 convolutions), got "
-                       f"{self.patch_size}")
+    common.stride_two_convs(self.patch_size)
     if self.width % (self.patch_size // 2) or self.width % 4:
       raise ValueError(f"width {self.width} must be divisible by 4 and by patch_size / 2 "
                        f"({self.patch_size // 2})")
@@ -205,7 +203,7 @@ class Model(nn.Module):
     self._check(images)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = self._affine(jnp.asarray(images, self.dtype), "pre_affine")
-    convs = self.patch_size.bit_length() - 1
+    convs = common.stride_two_convs(self.patch_size)
     for i in range(convs):
       x = mobilevit.ConvBN(self.width >> (convs - 1 - i), 3, 2, act=False,
                            name=f"patch_embedding_{i}", **kw)(x, train)

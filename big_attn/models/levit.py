@@ -226,9 +226,7 @@ class Model(nn.Module):
       checks.positive_int(name, getattr(self, name))
     if not isinstance(self.distillation, bool):
       raise TypeError(f"distillation must be a bool, got {self.distillation!r}")
-    if self.patch_size < 2 or self.patch_size & (self.patch_size - 1):
-      raise ValueError(f"patch_size must be a power of two >= 2 (stride-2 convolutions), got "
-                       f"{self.patch_size}")
+    common.stride_two_convs(self.patch_size)
     if self.widths[0] % (self.patch_size // 2):
       raise ValueError(f"widths[0] ({self.widths[0]}) must be divisible by patch_size / 2 "
                        f"({self.patch_size // 2}), the stem's first width divisor")
@@ -255,7 +253,7 @@ class Model(nn.Module):
     self._check(images)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = jnp.asarray(images, self.dtype)
-    convs = self.patch_size.bit_length() - 1
+    convs = common.stride_two_convs(self.patch_size)
     for i in range(convs):
       x = mobilevit.ConvBN(self.widths[0] >> (convs - 1 - i), 3, 2, act=False,
                            name=f"stem_{i}", **kw)(x, train)

@@ -25,12 +25,14 @@ included as in PyTorch), equal to the authors' modules' (rebuilt in PyTorch from
 layer shapes). The paper's Table 1 (19M, 27M, 48M, 86M) matches the backbones, without the
 1000-class classifier, within 2%:
 
-| variant | widths                | heads          | depths        | mlp ratios   | backbone   | 1000 classes |
-|---------|-----------------------|----------------|---------------|--------------|------------|--------------|
-| Ti      | (64, 128, 320, 512)   | (1, 2, 5, 8)   | (3, 4, 6, 3)  | (8, 8, 4, 4) | 19,373,272 | 19,886,272   |
-| S       | (96, 192, 384, 768)   | (3, 6, 12, 24) | (2, 2, 6, 2)  | 4            | 27,204,720 | 27,973,720   |
-| M       | (96, 192, 384, 768)   | (3, 6, 12, 24) | (2, 2, 18, 2) | 4            | 48,603,264 | 49,372,264   |
-| B       | (128, 256, 512, 1024) | (4, 8, 16, 32) | (2, 2, 18, 2) | 4            | 86,267,384 | 87,292,384   |
+| variant | widths                | heads          | depths        | backbone   | 1000 classes |
+|---------|-----------------------|----------------|---------------|------------|--------------|
+| Ti      | (64, 128, 320, 512)   | (1, 2, 5, 8)   | (3, 4, 6, 3)  | 19,373,272 | 19,886,272   |
+| S       | (96, 192, 384, 768)   | (3, 6, 12, 24) | (2, 2, 6, 2)  | 27,204,720 | 27,973,720   |
+| M       | (96, 192, 384, 768)   | (3, 6, 12, 24) | (2, 2, 18, 2) | 48,603,264 | 49,372,264   |
+| B       | (128, 256, 512, 1024) | (4, 8, 16, 32) | (2, 2, 18, 2) | 86,267,384 | 87,292,384   |
+
+(MLP ratios 8, 8, 4, 4 in Ti, 4 in S, M, B.)
 """
 from __future__ import annotations
 
@@ -129,13 +131,8 @@ class Model(nn.Module):
       raise ValueError(f"widths {self.widths} must be divisible by num_heads {self.num_heads}")
     if self.attention_args is not None and not hasattr(self.attention_args, "keys"):
       raise TypeError(f"attention_args must be a dict, got {type(self.attention_args).__name__}")
-    if images.ndim != 4:
-      raise ValueError(f"images must be [batch, height, width, channels], got shape "
-                       f"{images.shape}")
-    stride = self.patch_size * 2 ** (stages - 1)
-    if images.shape[1] % stride or images.shape[2] % stride:
-      raise ValueError(f"image size {images.shape[1:3]} must be divisible by patch_size · "
-                       f"2^(stages − 1) = {stride} (the grid halves at every merging)")
+    common.check_images(images, self.patch_size * 2 ** (stages - 1),
+                        "patch_size · 2^(stages − 1) (the grid halves at every merging) =")
     spatial.check_op(self.attention, "LIT")
 
   def _op_args(self, grid, extra_tokens):
