@@ -10,8 +10,9 @@ import pytest
 from big_attn import models
 from big_attn.models import dhvt
 from tests import reference as ref
-from tests.model_checks import checked_configs, train_digits_config
-from tests.test_convnext import abstract, count, random_params, train_steps
+from tests.model_checks import (OnGrid, assert_matches_in_eval, check_training_step,
+                                checked_configs, train_digits_config)
+from tests.test_convnext import abstract, count
 from tests.test_token_mixers import conv, same
 from tests.test_train import _config_module
 
@@ -95,45 +96,17 @@ def _ref_daff(x, p, s, grid):
   return jnp.concatenate([x[:, :1] * gate[:, None], y.reshape(b, t - 1, c)], axis=1)
 
 
-class _Bound(nn.Module):
-  layer: nn.Module
-  grid: tuple[int, int]
-
-  def __call__(self, x):
-    return self.layer(x, self.grid)
-
-
-def _random_stats(module, x):
-  shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), x))["batch_stats"]
-  rng = np.random.default_rng(3)
-  return jax.tree_util.tree_map_with_path(
-      lambda path, s: jnp.asarray(rng.uniform(0.5, 1.5, s.shape) if path[-1].key == "var"
-                                  else rng.normal(0, 0.3, s.shape), s.dtype), shapes)
-
-
-def _assert_matches(module, x, ref_fn, with_stats=False):
-  params = random_params(module, x)
-  stats = _random_stats(module, x) if with_stats else {}
-  leaves, tree = jax.tree.flatten(params)
-  ref.assert_matches(
-      lambda x, *leaves: module.apply({"params": jax.tree.unflatten(tree, leaves), **(
-          {"batch_stats": stats} if with_stats else {})}, x),
-      lambda x, *leaves: ref_fn(x, jax.tree.unflatten(tree, leaves)["layer"],
-                                jax.tree.map(lambda s: jnp.asarray(s, jnp.float64),
-                                             stats.get("layer", {}))),
-      [x, *leaves], tol=TOL)
-
-
 def test_head_interaction_attention_matches_the_papers_formula():
   x = ref.normal(5, (2, 7, 8))
-  layer = _Bound(dhvt.HeadInteractionAttention(num_heads=2), (2, 3))
-  _assert_matches(layer, x, lambda x, p, s: _ref_head_interaction(x, p, 2))
+  layer = OnGrid(dhvt.HeadInteractionAttention(num_heads=2), (2, 3))
+  assert_matches_in_eval(layer, x, lambda x, p, s: _ref_head_interaction(x, p["layer"], 2), TOL)
 
 
 def test_daff_matches_the_papers_formula():
   x = ref.normal(6, (2, 7, 8))
-  layer = _Bound(dhvt.DAFF(mlp_ratio=2), (2, 3))
-  _assert_matches(layer, x, lambda x, p, s: _ref_daff(x, p, s, (2, 3)), with_stats=True)
+  layer = OnGrid(dhvt.DAFF(mlp_ratio=2), (2, 3))
+  assert_matches_in_eval(layer, x, lambda x, p, s: _ref_daff(x, p["layer"], s["layer"], (2, 3)),
+                         TOL)
 
 
 def test_sope_and_2d_ops():
@@ -159,12 +132,7 @@ def test_sope_and_2d_ops():
 
 
 def test_training_step():
-  x = ref.normal(4, (4, 8, 8, 3))
-  model = dhvt.Model(num_classes=3, **TINY)
-  before, after, losses = train_steps(model, x, jax.nn.one_hot(jnp.arange(4) % 3, 3), steps=2)
-  assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
-  changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), before, after)
-  assert all(jax.tree.leaves(changed)), changed
+  check_training_step(dhvt.Model(num_classes=3, **TINY), ref.normal(4, (4, 8, 8, 3)))
 
 
 def test_bad_arguments():

@@ -11,8 +11,9 @@ from big_attn import models
 from big_attn.models import levit
 from big_attn.ops import spatial
 from tests import reference as ref
-from tests.model_checks import checked_configs, train_digits_config
-from tests.test_convnext import abstract, count, full_size_count, random_params, train_steps
+from tests.model_checks import (OnGrid, assert_matches_in_eval, check_training_step,
+                                checked_configs, random_batch_stats, train_digits_config)
+from tests.test_convnext import abstract, count, full_size_count, random_params
 from tests.test_train import _config_module
 
 # 8x8 images, 2x2 stem: a 4x4 map, shrunk to 2x2 and 1x1.
@@ -117,47 +118,14 @@ def _ref_attention(x, p, stats, grid, heads, key_dim, value_dim, stride):
   return _linear_bn(out, p["out"], stats["out"])
 
 
-def _random_stats(module, x):
-  """Running BatchNorm statistics filled by NumPy (means around 0, variances in [0.5, 1.5])."""
-  shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), x))["batch_stats"]
-  rng = np.random.default_rng(3)
-  return jax.tree_util.tree_map_with_path(
-      lambda path, s: jnp.asarray(rng.uniform(0.5, 1.5, s.shape) if path[-1].key == "var"
-                                  else rng.normal(0, 0.3, s.shape), s.dtype), shapes)
-
-
-def _assert_matches(module, x, ref_fn):
-  """`module` in evaluation mode (random parameters and running statistics) against
-  `ref_fn(x, params, stats)`, forward and gradient wrt the input and every parameter."""
-  params = random_params(module, x)
-  stats = _random_stats(module, x)
-  leaves, tree = jax.tree.flatten(params)
-  ref.assert_matches(
-      lambda x, *leaves: module.apply({"params": jax.tree.unflatten(tree, leaves),
-                                       "batch_stats": stats}, x),
-      lambda x, *leaves: ref_fn(x, jax.tree.unflatten(tree, leaves),
-                                jax.tree.map(lambda s: jnp.asarray(s, jnp.float64), stats)),
-      [x, *leaves], tol=TOL)
-  return params
-
-
-class _Bound(nn.Module):
-  """The layer on a fixed grid in evaluation mode (a module of one argument)."""
-  layer: nn.Module
-  grid: tuple[int, int]
-
-  def __call__(self, x):
-    return self.layer(x, self.grid)
-
-
 @pytest.mark.parametrize("stride,grid", [(1, (3, 2)), (2, (3, 4))])
 def test_attention_matches_the_papers_formula(stride, grid):
   heads, key_dim, value_dim = 2, 3, 6 if stride == 1 else 12
   x = ref.normal(5, (2, grid[0] * grid[1], 5))
-  layer = _Bound(levit.LeViTAttention(heads, key_dim, value_dim, features=7, stride=stride),
+  layer = OnGrid(levit.LeViTAttention(heads, key_dim, value_dim, features=7, stride=stride),
                  grid)
-  params = _assert_matches(layer, x, lambda x, p, s: _ref_attention(
-      x, p["layer"], s["layer"], grid, heads, key_dim, value_dim, stride))
+  params = assert_matches_in_eval(layer, x, lambda x, p, s: _ref_attention(
+      x, p["layer"], s["layer"], grid, heads, key_dim, value_dim, stride), TOL)
   table = (params["layer"]["op_params"] if stride == 1 else params["layer"])["attention_bias"]
   assert table.shape == (heads, *grid)
 
@@ -169,7 +137,7 @@ def test_mlp_matches_its_formula():
     y = _linear_bn(x, p["expand"], s["expand"])
     return _linear_bn(y * jnp.clip(y + 3, 0, 6) / 6, p["project"], s["project"])
 
-  _assert_matches(levit.MLP(hidden=8), x, reference)
+  assert_matches_in_eval(levit.MLP(hidden=8), x, reference, TOL)
 
 
 def test_shrink_bias_and_grids():
@@ -195,7 +163,7 @@ def test_heads_and_features():
   x = ref.normal(4, (2, 8, 8, 3))
   model = levit.Model(num_classes=3, distillation=True, **TINY)
   params = random_params(model, x)
-  stats = _random_stats(model, x)
+  stats = random_batch_stats(model, x)
   variables = {"params": params, "batch_stats": stats}
   logits = jax.jit(model.apply)(variables, x)
   features = jax.jit(levit.Model(num_classes=0, **TINY).apply)(
@@ -221,12 +189,8 @@ def test_other_ops_and_refusals():
 
 
 def test_training_step():
-  x = ref.normal(4, (4, 8, 12, 3))  # a 1x2 map in the last stage: its bias table learns
-  model = levit.Model(num_classes=3, **TINY)
-  before, after, losses = train_steps(model, x, jax.nn.one_hot(jnp.arange(4) % 3, 3), steps=2)
-  assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
-  changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), before, after)
-  assert all(jax.tree.leaves(changed)), changed
+  # 8x12 images: a 1x2 map in the last stage, whose bias table learns.
+  check_training_step(levit.Model(num_classes=3, **TINY), ref.normal(4, (4, 8, 12, 3)))
 
 
 def test_bad_arguments():

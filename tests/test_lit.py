@@ -12,8 +12,9 @@ from big_attn import models
 from big_attn.layers import DeformableTokenMerging
 from big_attn.models import lit
 from tests import reference as ref
-from tests.model_checks import checked_configs, train_digits_config
-from tests.test_convnext import abstract, count, full_size_count, random_params, train_steps
+from tests.model_checks import (OnGrid, assert_matches_in_eval, check_training_step,
+                                checked_configs, train_digits_config)
+from tests.test_convnext import abstract, count, full_size_count
 from tests.test_train import _config_module
 
 # 16x16 images, 2x2 patches: an 8x8 map, merged to 4x4, 2x2 and 1x1.
@@ -82,31 +83,14 @@ def _ref_merging(x, p, stats, grid, k):
   return y.reshape(b, oh * ow, -1)
 
 
-class _Bound(nn.Module):
-  layer: nn.Module
-  grid: tuple[int, int]
-
-  def __call__(self, x):
-    return self.layer(x, self.grid)
-
-
 @pytest.mark.parametrize("k,grid", [(2, (4, 6)), pytest.param(3, (3, 6),
                                                              marks=pytest.mark.extended)])
 def test_deformable_token_merging_matches_its_formula(k, grid):
   x = ref.normal(3, (2, grid[0] * grid[1], 3))
-  layer = _Bound(DeformableTokenMerging(5, kernel_size=k), grid)
-  params = random_params(layer, x, scale=0.4)  # offsets of ±1 token: points cross the edges
-  rng = np.random.default_rng(2)
-  stats = {"layer": {"norm": {"mean": jnp.asarray(rng.normal(0, 0.3, 5), jnp.float32),
-                              "var": jnp.asarray(rng.uniform(0.5, 1.5, 5), jnp.float32)}}}
-  leaves, tree = jax.tree.flatten(params)
-  ref.assert_matches(
-      lambda x, *leaves: layer.apply({"params": jax.tree.unflatten(tree, leaves),
-                                      "batch_stats": stats}, x),
-      lambda x, *leaves: _ref_merging(
-          x, jax.tree.unflatten(tree, leaves)["layer"],
-          jax.tree.map(lambda s: jnp.asarray(s, jnp.float64), stats["layer"]), grid, k),
-      [x, *leaves], tol=TOL)
+  layer = OnGrid(DeformableTokenMerging(5, kernel_size=k), grid)
+  # Parameters of std 0.4: offsets of about a token, points that cross the edges.
+  assert_matches_in_eval(layer, x, lambda x, p, s: _ref_merging(x, p["layer"], s["layer"], grid,
+                                                                k), TOL, scale=0.4)
 
 
 def test_merging_starts_as_patch_merging_and_returns_offsets():
@@ -162,12 +146,8 @@ def test_class_token_layout():
 
 
 def test_training_step():
-  x = ref.normal(4, (4, 16, 32, 3))  # a 1x2 map in the last stage: its attention learns
-  model = lit.Model(num_classes=3, **TINY)
-  before, after, losses = train_steps(model, x, jax.nn.one_hot(jnp.arange(4) % 3, 3), steps=2)
-  assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
-  changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), before, after)
-  assert all(jax.tree.leaves(changed)), changed
+  # 16x32 images: a 1x2 map in the last stage, whose attention learns.
+  check_training_step(lit.Model(num_classes=3, **TINY), ref.normal(4, (4, 16, 32, 3)))
 
 
 def test_bad_arguments():
