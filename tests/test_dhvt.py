@@ -158,7 +158,8 @@ def test_bad_arguments():
 
 def test_every_config_builds():
   cases = (("dhvt_digits", None), ("dhvt_digits", "attention=sigmoid,runlocal"), ("dhvt_i1k", None),
-           ("dhvt_i1k", "variant=T"), ("dhvt_i1k", "runlocal"))
+           ("dhvt_i1k", "variant=T"), ("dhvt_i1k", "runlocal"), ("dhvt_cifar100", None),
+           ("dhvt_cifar100", "runlocal"))
   for name, arg, config in checked_configs(cases):
     model = dhvt.Model(**dict(dict(num_classes=10), **config.model.to_dict()))
     if "digits" in name:
@@ -167,6 +168,8 @@ def test_every_config_builds():
       assert count(abstract(model, jnp.zeros((1, 32, 32, 3)))) > 0
     else:
       assert model.width == dhvt.decode_variant(config.model.variant)["width"]
+  model = dhvt.Model(**_config_module("dhvt_cifar100").get_config("variant=T").model.to_dict())
+  assert count(abstract(model, jnp.zeros((1, 32, 32, 3)))) == 6_008_650  # the paper's 6.0M
   with pytest.raises(ValueError, match="T, S"):
     _config_module("dhvt_i1k").get_config("variant=B")
 
