@@ -7,10 +7,11 @@ from big_attn.layers.kv_cache import InputCache, KVCache, RecurrentCache
 from big_attn.layers.mlp import MlpBlock
 from big_attn.layers.norm import batch_norm, conv_norm, layer_norm
 from big_attn.layers.pointer import PointerHead
+from big_attn.layers.token_merging import DeformableTokenMerging
 from big_attn.ops.registry import OpParams, params_module, register_params
 from big_attn.layers.posemb import PositionEmbedding, apply_rope, posemb_sincos_2d
 
-__all__ = ["Attention", "HyenaOperator", "ImplicitFilter", "InputCache", "KVCache",
+__all__ = ["Attention", "DeformableTokenMerging", "HyenaOperator", "ImplicitFilter", "InputCache", "KVCache",
             "RecurrentCache", "MlpBlock", "OpParams", "PointerHead",
             "PositionEmbedding", "apply_rope", "batch_norm", "conv_norm",
             "comcat", "comcat_attention", "convolution_attention", "layer_norm",

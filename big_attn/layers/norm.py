@@ -20,20 +20,22 @@ CONV_NORMS = ("batch", "layer")
 
 
 def batch_norm(use_running_average: bool, dtype: Any = None, param_dtype: Any = jnp.float32,
-               name: str | None = None, *, epsilon: float = 1e-3, momentum: float = 0.99
-               ) -> nn.BatchNorm:
+               name: str | None = None, *, epsilon: float = 1e-3, momentum: float = 0.99,
+               zero_scale: bool = False) -> nn.BatchNorm:
   """`nn.BatchNorm` over the last axis whose scale and bias carry the logical axis name `norm`.
 
   Its running `mean` and `var` live in the `batch_stats` collection: the train step applies
   the model with `mutable=["batch_stats"]` and `use_running_average=False` (statistics of the
   global batch, updated as `momentum·old + (1 − momentum)·batch`); evaluation reads them.
   The defaults are TensorFlow's (the MaxViT authors' code); PyTorch's are eps 1e-5 and
-  momentum 0.9 in this convention.
+  momentum 0.9 in this convention. `zero_scale`: the scale starts at 0 (a residual branch that
+  starts as the identity).
   """
+  scale_init = nn.initializers.zeros_init() if zero_scale else nn.initializers.ones_init()
   return nn.BatchNorm(
       use_running_average=use_running_average, momentum=momentum, epsilon=epsilon, dtype=dtype,
       param_dtype=param_dtype, name=name,
-      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+      scale_init=nn.with_logical_partitioning(scale_init, ("norm",)),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)))
 
 

@@ -73,15 +73,25 @@ def rename_fields(model: Any, renamed: Mapping[str, str]) -> None:
     set_fields(model, **{new: value, old: None})
 
 
-def check_images(images: Any, patch_size: int) -> None:
+def check_images(images: Any, patch_size: int, divisor: str = "patch_size") -> None:
   """A `ValueError` unless `images` is `[batch, height, width, channels]` with sides divisible
-  by `patch_size`."""
+  by `patch_size` (named `divisor` in the message)."""
   if images.ndim != 4:
     raise ValueError(f"images must be [batch, height, width, channels], got shape "
                      f"{images.shape}")
   if images.shape[1] % patch_size or images.shape[2] % patch_size:
-    raise ValueError(f"image size {images.shape[1:3]} must be divisible by patch_size "
+    raise ValueError(f"image size {images.shape[1:3]} must be divisible by {divisor} "
                      f"{patch_size}")
+
+
+def stride_two_convs(patch_size: Any) -> int:
+  """How many stride-2 convolutions make a stem of stride `patch_size`; a `ValueError` unless it
+  is a power of two >= 2."""
+  if (not isinstance(patch_size, int) or isinstance(patch_size, bool) or patch_size < 2
+      or patch_size & (patch_size - 1)):
+    raise ValueError(f"patch_size must be a power of two >= 2 (stride-2 convolutions), got "
+                     f"{patch_size!r}")
+  return patch_size.bit_length() - 1
 
 
 def classifier(num_classes: int, dtype: Any, param_dtype: Any, name: str = "head") -> nn.Dense:

@@ -179,9 +179,7 @@ class Model(nn.Module):
       checks.int_tuple(name, getattr(self, name), 3, allow_int=False)
     for name in ("key_dim", "kernel_size", "window_size", "patch_size"):
       checks.positive_int(name, getattr(self, name))
-    if self.patch_size < 2 or self.patch_size & (self.patch_size - 1):
-      raise ValueError(f"patch_size must be a power of two >= 2 (stride-2 convolutions), got "
-                       f"{self.patch_size}")
+    common.stride_two_convs(self.patch_size)
     if any(w % h for w, h in zip(self.widths, self.num_heads)):
       raise ValueError(f"widths {self.widths} must be divisible by num_heads {self.num_heads}")
     if self.attention_args is not None and not hasattr(self.attention_args, "keys"):
@@ -228,7 +226,7 @@ class Model(nn.Module):
   def __call__(self, images, *, train: bool = False):
     self._check(images)
     x = jnp.asarray(images, self.dtype)
-    convs = self.patch_size.bit_length() - 1
+    convs = common.stride_two_convs(self.patch_size)
     for i in range(convs):
       x = self._conv(self.widths[0] >> (convs - 1 - i), 3, 2, name=f"stem_{i}")(x, train)
       x = nn.relu(x) if i < convs - 1 else x
