@@ -473,6 +473,9 @@ CASES = {  # name: (model, token counts seen by the blocks' attention)
                                                     layers=(0, 1))), [17, 10]),
     "mctf_performer_registers": (vit.Model(**TINY, attention="performer", num_registers=1,
                                            token_reduction=dict(method="mctf", r=3)), [17, 14]),
+    # Block 0's one-step-ahead attention: block 1's queries and keys of its 18 tokens.
+    "deit_mctf_one_step_ahead": (deit.Model(**TINY, token_reduction=dict(
+        method="mctf", r=3, one_step_ahead=True)), [18, 18, 15]),
     "deit_tome_sigmoid": (deit.Model(**TINY, attention="sigmoid",
                                      token_reduction=dict(method="tome", r=4)), [18, 14]),
     "stvit_softmax_registers": (vit.Model(**TINY, pool_type="cls", num_registers=1,
@@ -586,6 +589,38 @@ def test_lookupvit_model_trains():
   assert np.abs(blocks["encoderblock_1"]["lookup_exchange"]["key"]["kernel"]).sum() > 0
 
 
+def test_mctf_one_step_ahead_is_the_next_blocks_attention(monkeypatch):
+  # Block 0 fuses with the attention block 1 would compute on the fused tokens: block 1's
+  # LayerNorm and query/key projections on them, log sizes added (proportional attention).
+  model = vit.Model(**TINY, pool_type="cls", token_reduction=dict(
+      method="mctf", r=3, layers=(0,), one_step_ahead=True))
+  rng = np.random.default_rng(3)
+  abstract = jax.eval_shape(model.init, jax.random.key(0), IMAGES)["params"]
+  params = jax.tree.map(lambda a: (0.5 * rng.normal(size=a.shape)).astype(a.dtype),
+                        nn.unbox(abstract))
+  seen, fuse = {}, tr.mctf
+
+  def spy(x, size, attn, r, **kwargs):
+    seen.update(x=x, size=size, attn=attn)
+    return fuse(x, size, attn, r, **kwargs)
+
+  monkeypatch.setattr(tr, "mctf", spy)
+
+  def run(params, images):
+    model.apply({"params": params}, images)
+    return seen["x"], seen["size"], seen["attn"]
+
+  x, size, attn = _compiled(run, params, IMAGES)
+  nxt = jax.tree.map(lambda a: np.asarray(a, np.float64),
+                     params["Transformer"]["encoderblock_1"])
+  normed = _ln(np.asarray(x, np.float64), nxt["LayerNorm_0"])
+  q, k = (_proj(normed, nxt["MultiHeadAttention"][name]) for name in ("query", "key"))
+  logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+  want = _softmax(logits + np.log(np.asarray(size, np.float64))[:, None, None, :], -1)
+  np.testing.assert_allclose(attn, want.mean((1, 2)), rtol=1e-4, atol=1e-6)
+  assert x.shape == (2, 17, TINY["width"])  # before block 0's MLP, 16 patches + class token
+
+
 def test_proportional_attention_is_the_ops_bias():
   # Under `observe_attention`, the op gets `bias = log size` (ToMe's proportional attention)
   # where it takes a bias (softmax); performer takes none, and none is passed.
@@ -619,6 +654,9 @@ def test_proportional_attention_is_the_ops_bias():
     (dict(method="mctf", layers=(0, 3)), {}, r"token_reduction\['layers'\] must hold block"),
     (dict(method="mctf", tau_info=-1), {}, r"token_reduction\['tau_info'\]"),
     (dict(method="mctf", bidirectional=1), {}, r"token_reduction\['bidirectional'\] must be"),
+    (dict(method="mctf", one_step_ahead=1), {}, r"token_reduction\['one_step_ahead'\] must be"),
+    (dict(method="mctf", one_step_ahead=True), dict(remat_policy="nothing_saveable"),
+     "needs remat_policy='none'"),
     (dict(method="evit"), {}, "needs a class token"),
     (dict(method="tome"), dict(attention="window"), "needs the patch grid"),
     (dict(method="tome"), dict(scan_layers=True), "scan_layers=False"),

@@ -23,7 +23,14 @@ Methods (`METHODS`; the keys of each, with the papers' defaults, in `DEFAULTS`):
   `W^size = (s̃_i s̃_j)^(1/τ_size)`, `s̃ = (1/s) / max(1/s)` (a τ of 0 drops the criterion).
   Bidirectional: ⌊r/2⌋ tokens of A merge into B, then ⌈r/2⌉ tokens of B into the unmerged A
   (output: A then B); fusion weights each token by `a_i s_i`: `x = Σ a_i s_i x_i / Σ a_i s_i`,
-  sizes add. The matching and the fusion weights carry no gradient.
+  sizes add. The matching and the fusion weights carry no gradient. With `one_step_ahead`
+  (the paper's setting; off by default) `a` is the one-step-ahead attention: the attention of
+  the NEXT block, approximated on the tokens being fused (the block's MLP skipped):
+  `softmax((LN'(x) W'_q)(LN'(x) W'_k)ᵀ·scale (+ log s))` with the next block's LayerNorm and
+  projections; the last block, or one followed by an attention-free block, uses its own.
+  The paper then reuses that map, fused, as the next block's attention; here the next block
+  computes its own on the fused tokens. Its token reduction consistency loss is
+  `consistency_loss` (`config.loss.token_reduction_consistency`).
 - "stvit": Making Vision Transformers Efficient from A Token Sparsification View (Chang et al.,
   2023), semantic tokens. At its one layer the N patch tokens (a square grid, unreduced) are
   average-pooled into `num_tokens` (a square) semantic tokens `S₀ = P x` (adaptive pooling bins,
@@ -70,8 +77,6 @@ The learned modules (STViT's cross-attention, SiT's slimming MLP, SPA's gate) ar
 parameters `token_reduction` of the reducing block; LookupViT's are `lookup_exchange` of each
 LookupViT block.
 
-Not implemented: MCTF's one-step-ahead attention (the next layer's attention; here the current
-layer's, the paper's ablation without it) and its token-reduction consistency loss (training).
 Ops that need the patch grid (`big_attn.ops.spatial.takes_grid`) cannot run on reduced tokens.
 """
 from __future__ import annotations
@@ -112,7 +117,7 @@ DEFAULTS = {
     "evit": dict(keep_rate=0.7, layers=None, fuse_token=True),
     "tome": dict(r=16, layers=None, prop_attn=True),
     "mctf": dict(r=16, layers=None, prop_attn=True, tau_sim=1.0, tau_info=20.0, tau_size=40.0,
-                 bidirectional=True),
+                 bidirectional=True, one_step_ahead=False),
     "stvit": dict(num_tokens=16, layers=None),
     "sit": dict(keep_rate=0.5, layers=None, tau=1.0),
     "spa": dict(keep_rate=0.7, layers=None),
@@ -137,6 +142,7 @@ class TokenReduction:
   tau_info: float = 0.0
   tau_size: float = 0.0
   bidirectional: bool = False
+  one_step_ahead: bool = False
   num_tokens: int = 0
   tau: float = 1.0
   mlp_reduction: int = 1
@@ -608,11 +614,14 @@ def observe_attention(op: str, spec: TokenReduction | None,
 
 
 def reduce_tokens(spec: TokenReduction, x: Array, size: Array, seen: Mapping[str, Any], *,
-                  num_protected: int, dtype: Any = jnp.float32,
+                  num_protected: int, lookahead: Mapping[str, Any] | None = None,
+                  dtype: Any = jnp.float32,
                   param_dtype: Any = jnp.float32) -> tuple[Array, Array]:
   """`spec`'s method on a block's tokens `x: [b, n, c]` (after the attention's residual) and
-  sizes, from the queries and keys `observe_attention` recorded; returns `(x, size)`. Called
-  inside a compact method, it creates the learned methods' module `token_reduction` there."""
+  sizes, from the queries and keys `observe_attention` recorded; returns `(x, size)`. For MCTF,
+  `lookahead` (the next block's queries and keys of these tokens, recorded the same way) gives
+  the one-step-ahead attention. Called inside a compact method, it creates the learned
+  methods' module `token_reduction` there."""
   query, key, scale = seen["query"], seen["key"], seen["scale"]
   prop = size if spec.prop_attn else None
   p = num_protected
@@ -635,6 +644,8 @@ def reduce_tokens(spec: TokenReduction, x: Array, size: Array, seen: Mapping[str
                 fuse_token=spec.fuse_token)
   if spec.method == "tome":
     return tome(x, size, jnp.mean(key, axis=2), spec.r, num_protected=num_protected)
+  if lookahead is not None:
+    query, key, scale = lookahead["query"], lookahead["key"], lookahead["scale"]
   attn = received_attention(query, key, scale=scale, size=prop)
   return mctf(x, size, attn, spec.r, tau_sim=spec.tau_sim, tau_info=spec.tau_info,
               tau_size=spec.tau_size, bidirectional=spec.bidirectional,

@@ -231,9 +231,24 @@ class Encoder1DBlock(nn.Module):
     return y * jnp.asarray(gamma, y.dtype)
 
   @nn.compact
-  def __call__(self, x, deterministic: bool = True, size=None):
+  def __call__(self, x, deterministic: bool = True, size=None, lookahead=None,
+               probe: bool = False):
+    """With `probe`, only this block's queries and keys of `x` (`observe_attention`'s record,
+    MCTF's one-step-ahead attention of the block before); `lookahead`, a function of `(x, size)`
+    returning that record from the next block, is passed to `reduce_tokens`."""
     constrain = lambda y: nn.with_logical_constraint(y, ("batch", "length", "embed"))
     x = constrain(x)
+    attention = lambda: Attention(  # pylint: disable=g-long-lambda
+        num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+        op=self.attention, op_args=self.attention_args, implementation=self.attention_impl,
+        qk_norm=self.qk_norm, use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=nn.initializers.xavier_uniform(), name="MultiHeadAttention")
+    if probe:
+      normed = layer_norm(self.dtype, self.param_dtype, "LayerNorm_0", epsilon=self.norm_eps)(x)
+      with token_reduction_lib.observe_attention(self.attention, self.token_reduction,
+                                                 size) as seen:
+        attention()(normed)
+      return seen
     if self.attention_free and self.reduce_tokens:
       raise ValueError("token reduction reads the block's attention: a block in "
                        "attention_free_layers cannot reduce tokens")
@@ -260,12 +275,7 @@ class Encoder1DBlock(nn.Module):
       normed = layer_norm(self.dtype, self.param_dtype, "LayerNorm_0", epsilon=self.norm_eps)(y)
       with token_reduction_lib.observe_attention(self.attention, self.token_reduction,
                                                  size) as seen:
-        y = Attention(
-            num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
-            op=self.attention, op_args=self.attention_args, implementation=self.attention_impl,
-            qk_norm=self.qk_norm, use_bias=True, dtype=self.dtype,
-            param_dtype=self.param_dtype, kernel_init=nn.initializers.xavier_uniform(),
-            name="MultiHeadAttention")(normed)
+        y = attention()(normed)
       attention_branch = self._scale("layer_scale_1", nn.Dropout(rate=self.dropout)(
           y, deterministic))
       if not parallel:
@@ -273,6 +283,7 @@ class Encoder1DBlock(nn.Module):
     if self.reduce_tokens:
       x, size = token_reduction_lib.reduce_tokens(self.token_reduction, x, size, seen,
                                                   num_protected=p,
+                                                  lookahead=lookahead and lookahead(x, size),
                                                   dtype=self.dtype,
                                                   param_dtype=self.param_dtype)
     y = normed if parallel else layer_norm(self.dtype, self.param_dtype, "LayerNorm_1",
@@ -396,7 +407,9 @@ class Encoder(nn.Module):
   tokens after the first `num_protected` in the blocks of its `layers` (Python loop only); for
   LookupViT the patch tokens are pooled into the compressed tokens before the block of its
   `layers`, the blocks from there on are LookupViT blocks and the lookup tokens are dropped
-  after the last; for HVT they are max-pooled before the blocks of its `layers`.
+  after the last; for HVT they are max-pooled before the blocks of its `layers`; MCTF with
+  `one_step_ahead` reads the next block's attention of the tokens it fuses (that block called
+  with `probe=True`; needs remat_policy "none").
   The blocks of `attention_free_layers` have no attention branch, those of `spectral_layers`
   are GFNet's spectral blocks over the token grid `grid` (Python loop only).
   The first `local_layers` blocks take `local_block_args` (ConViT's GPSA blocks) and the
@@ -458,6 +471,27 @@ class Encoder(nn.Module):
       lookup = reduction is not None and reduction.method == "lookupvit"
       pool = reduction is not None and reduction.method == "hvt"
       late = 0 if late_tokens is None else late_tokens.shape[1]
+      ahead = reduction is not None and reduction.one_step_ahead
+      if ahead and self.remat_policy != "none":
+        raise ValueError("token_reduction 'one_step_ahead' calls the next block from the "
+                         "reducing one: it needs remat_policy='none'")
+      blocks = {}
+
+      def make_block(i):
+        if i not in blocks:
+          settings_i = dict(kwargs)
+          if reduction is not None:
+            settings_i.update(token_reduction=reduction, num_protected=self.num_protected,
+                              reduce_tokens=i in reduction.layers and not (lookup or pool),
+                              lookup_block=lookup and i >= reduction.layers[0])
+          if free:
+            settings_i.update(attention_free=i in free)
+          if spectral:
+            settings_i.update(spectral_grid=self.grid if i in spectral else None)
+          local = dict(self.local_block_args or {}) if i < self.local_layers else {}
+          blocks[i] = block(name=f"encoderblock_{i}", **dict(settings_i, **local))
+        return blocks[i]
+
       for i in range(self.depth):
         if late and i == self.local_layers:
           x = jnp.concatenate([late_tokens.astype(x.dtype), x], axis=1)
@@ -468,17 +502,11 @@ class Encoder(nn.Module):
           x, size = token_reduction_lib.max_pool_tokens(
               x, size, reduction.kernel_size, reduction.stride,
               num_protected=self.num_protected)
-        if reduction is not None:
-          kwargs.update(token_reduction=reduction, num_protected=self.num_protected,
-                        reduce_tokens=i in reduction.layers and not (lookup or pool),
-                        lookup_block=lookup and i >= reduction.layers[0])
-        if free:
-          kwargs.update(attention_free=i in free)
-        if spectral:
-          kwargs.update(spectral_grid=self.grid if i in spectral else None)
-        local = dict(self.local_block_args or {}) if i < self.local_layers else {}
-        x, size = block(name=f"encoderblock_{i}", **dict(kwargs, **local))(x, deterministic,
-                                                                            size)
+        extra_args = {}
+        if ahead and i in reduction.layers and i + 1 < self.depth and i + 1 not in free:
+          extra_args["lookahead"] = lambda y, s, nxt=make_block(i + 1): nxt(y, True, s,
+                                                                             probe=True)
+        x, size = make_block(i)(x, deterministic, size, **extra_args)
         if i == 0 and self.peg_grid is not None:
           start = self.num_protected - late
           x = PEG(grid=self.peg_grid, start=start, dtype=self.dtype,
