@@ -12,12 +12,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from big_attn import main as main_lib
 from big_attn.layers import token_reduction as tr
 from big_attn.layers.attention import Attention
 from big_attn.models import deit, vit
+from big_attn.tasks import classification_loss
 from big_attn.train import config_lib
+from big_attn.train import regularizers
 from tests import reference as ref
-from tests.test_train import _config_module
+from tests.test_train import _config_module, losses, tiny_config
 
 TOL = 1e-5
 B, N, C = 2, 12, 5  # 12 tokens: the first `P` protected, 11 or 10 others (odd and even sets)
@@ -699,3 +702,90 @@ def test_defaults_and_config_override():
   assert "token_reduction" in config.model
   assert config_lib.read_override("model.token_reduction", "{'method': 'tome', 'r': 2}",
                                   None) == {"method": "tome", "r": 2}
+
+
+# --------------------------------------------------- MCTF's token reduction consistency loss
+def _encoder_class_token(model, params, images, rng):
+  """The class token the model's encoder outputs, read with Flax's `capture_intermediates`."""
+  _, state = model.apply({"params": params}, images, train=True, rngs={"dropout": rng},
+                         capture_intermediates=lambda m, _: isinstance(m, vit.Encoder),
+                         mutable=["intermediates"])
+  return state["intermediates"]["Transformer"]["__call__"][0][:, 0]
+
+
+@pytest.fixture(scope="module")
+def consistency_case():
+  """A tiny MCTF ViT at r = 8 and r' = 0, random parameters, a batch."""
+  model = vit.Model(**TINY, pool_type="cls", token_reduction=dict(method="mctf", r=8))
+  rng = np.random.default_rng(5)
+  abstract = jax.eval_shape(model.init, jax.random.key(0), IMAGES)["params"]
+  leaves, tree = jax.tree.flatten(nn.unbox(abstract))
+  params = jax.tree.unflatten(tree, [(0.5 * rng.normal(size=a.shape)).astype(np.float32)
+                                     for a in leaves])
+  batch = {"image": IMAGES, "labels": jax.nn.one_hot(jnp.array([0, 2]), 3)}
+  return dict(model=model, other=model.clone(token_reduction=dict(method="mctf", r=0)),
+              params=params, batch=batch, rng=jax.random.key(1),
+              weight=0.7)
+
+
+def _mse64(a, b):
+  return np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
+
+
+def test_token_reduction_consistency_matches_reference(consistency_case):
+  # The loss at r, plus the loss at r', plus λ·mean((x_cls − x'_cls)²) of the encoder's class
+  # tokens (read with Flax's own capture), in float64.
+  c = consistency_case
+  regularized = regularizers.with_token_reduction_consistency(classification_loss,
+                                                               c["weight"], r=0)
+
+  def run(params):
+    return regularized(c["model"], params, c["batch"], c["rng"]), [
+        (classification_loss(m, params, c["batch"], c["rng"]),
+         _encoder_class_token(m, params, IMAGES, c["rng"])) for m in (c["model"], c["other"])]
+
+  loss, ((loss_r, cls_r), (loss_other, cls_other)) = _compiled(run, c["params"])
+  assert _mse64(cls_r, cls_other) > 1e-4  # the two reductions differ
+  np.testing.assert_allclose(loss, np.float64(loss_r) + np.float64(loss_other)
+                             + c["weight"] * _mse64(cls_r, cls_other), rtol=1e-5)
+
+
+def test_token_reduction_consistency_loss_value_and_gradient():
+  # mean((a − b)²) over batch and channels; gradient 2(a − b)/(batch·width) and its negative.
+  a, b = np.asarray(ref.normal(20, (3, 5))), np.asarray(ref.normal(21, (3, 5)))
+  value, grads = _compiled(jax.value_and_grad(regularizers.token_reduction_consistency_loss,
+                                              argnums=(0, 1)), a, b)
+  diff = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+  np.testing.assert_allclose(value, np.mean(diff ** 2), rtol=1e-6)
+  np.testing.assert_allclose(grads[0], 2 * diff / diff.size, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(grads[1], -2 * diff / diff.size, rtol=1e-5, atol=1e-7)
+  with pytest.raises(ValueError, match=r"class tokens must both be \[batch, width\]"):
+    regularizers.token_reduction_consistency_loss(a, b[:, :4])
+
+
+def test_token_reduction_consistency_refuses_other_models():
+  loss = regularizers.with_token_reduction_consistency(classification_loss, 1.0)
+  batch = {"image": IMAGES, "labels": jnp.zeros((2, 3))}
+  for model, match in ((vit.Model(**TINY, pool_type="cls"), "needs token_reduction"),
+                       (vit.Model(**TINY, token_reduction=dict(method="mctf")),
+                        "needs pool_type 'cls'")):
+    with pytest.raises(ValueError, match=match):
+      jax.eval_shape(lambda p, m=model: loss(m, p, batch, jax.random.key(0)),
+                     jax.eval_shape(model.init, jax.random.key(0), IMAGES)["params"])
+  with pytest.raises(ValueError, match="weight must be > 0"):
+    regularizers.with_token_reduction_consistency(classification_loss, 0.0)
+  with pytest.raises(ValueError, match="r must be None or an int >= 0"):
+    regularizers.with_token_reduction_consistency(classification_loss, 1.0, r=-1)
+
+
+@pytest.mark.extended
+def test_token_reduction_consistency_trains_through_main(tmp_path):
+  overrides = {"model.pool_type": "cls", "model.token_reduction": {"method": "mctf", "r": 1},
+               "total_steps": 1, "ckpt_every": 100}
+  plain = tiny_config(**overrides)
+  config = tiny_config(**overrides, **{"loss.token_reduction_consistency": 1.0,
+                                       "loss.token_reduction_consistency_r": 0})
+  for run, cfg in (("plain", plain), ("trc", config)):
+    assert main_lib.train_and_evaluate(cfg, str(tmp_path / run))["step"] == 1
+  (plain_loss,), (trc_loss,) = (list(losses(str(tmp_path / r)).values()) for r in ("plain", "trc"))
+  assert trc_loss > 1.5 * plain_loss  # two cross-entropies and the consistency term

@@ -5,15 +5,26 @@ The attention diversification loss of Robustifying Token Attention for Vision Tr
 λ·ADL to the task's loss. The maps are the mixing matrices of every `Attention` layer
 (`interpret.capture.mixing_matrix`, differentiable), read through `capture.hook_ops` while the
 task's loss runs, so no model code changes.
+
+The token reduction consistency of Multi-criteria Token Fusion with One-step-ahead Attention
+for Efficient Vision Transformers (Lee, Choi and Kim, CVPR 2024):
+`config.loss.token_reduction_consistency = λ` trains an MCTF model (`token_reduction` method
+"mctf", reduction number r) on the task's loss at r plus the task's loss at a second reduction
+number r' (`config.loss.token_reduction_consistency_r`; None: ⌊r/2⌋, our choice where the
+paper samples r') plus λ·‖x_cls − x'_cls‖² (mean over batch and channels) between the final
+class tokens (the encoder's output token 0) of the two passes.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from big_attn.interpret import capture
+from big_attn.layers import token_reduction
+from big_attn.models import vit
 
 
 THRESHOLD = 2.0  # τ·n: attention weights at or below 2/n are zeroed (the authors' code).
@@ -79,5 +90,70 @@ def with_attention_diversification(loss_fn: Callable[..., Any], weight: float, *
     if isinstance(result, tuple):
       return (result[0] + penalty, *result[1:])
     return result + penalty
+
+  return regularized
+
+
+def token_reduction_consistency_loss(class_token: jax.Array, other: jax.Array) -> jax.Array:
+  """MCTF's token reduction consistency: the mean squared difference of the final class tokens
+  `[batch, width]` of two passes with different reduction numbers (mean over batch and
+  channels)."""
+  if class_token.shape != other.shape or class_token.ndim != 2:
+    raise ValueError(f"class tokens must both be [batch, width], got shapes {class_token.shape} "
+                     f"and {other.shape}")
+  return jnp.mean(jnp.square(class_token.astype(jnp.float32) - other.astype(jnp.float32)))
+
+
+def _with_class_token(loss_fn, model, variables, batch, rng, **kwargs):
+  """`loss_fn`'s result and the class token the model's encoder (`vit.Encoder`) outputs."""
+  outputs = []
+
+  def interceptor(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if isinstance(context.module, vit.Encoder) and context.method_name == "__call__":
+      outputs.append(out)
+    return out
+
+  with nn.intercept_methods(interceptor):
+    result = loss_fn(model, variables, batch, rng, **kwargs)
+  if not outputs:
+    raise ValueError(f"{type(model).__name__} has no vit.Encoder: the token reduction "
+                     "consistency reads its class token")
+  return result, outputs[-1][:, 0]
+
+
+def with_token_reduction_consistency(loss_fn: Callable[..., Any], weight: float, *,
+                                     r: int | None = None) -> Callable[..., Any]:
+  """`loss_fn` (a `Task.loss` or `Task.loss_with_stats`) of an MCTF model at its reduction
+  number plus the same loss at `r` (None: ⌊model r / 2⌋) plus `weight`·
+  `token_reduction_consistency_loss` of the two passes' class tokens.
+
+  The returned function has `loss_fn`'s signature and result (the batch statistics are the
+  first pass's). The model must have a class token (ViT pool_type 'cls' or DeiT) and
+  `token_reduction` method "mctf"; raises `ValueError` otherwise.
+  """
+  if weight <= 0:
+    raise ValueError(f"weight must be > 0, got {weight}")
+  if r is not None and (not isinstance(r, int) or isinstance(r, bool) or r < 0):
+    raise ValueError(f"r must be None or an int >= 0, got {r!r}")
+
+  def regularized(model, variables, batch, rng, **kwargs):
+    reduction = getattr(model, "token_reduction", None)
+    if not isinstance(reduction, Mapping) or reduction.get("method") != "mctf":
+      raise ValueError(f"the token reduction consistency trains MCTF: the model needs "
+                       f"token_reduction {{'method': 'mctf', ...}}, got {reduction!r}")
+    if getattr(model, "pool_type", "cls") not in ("cls", "tok"):
+      raise ValueError(f"the token reduction consistency compares class tokens: the model "
+                       f"needs pool_type 'cls', got {model.pool_type!r}")
+    other_r = reduction.get("r", token_reduction.DEFAULTS["mctf"]["r"]) // 2 if r is None else r
+    other = model.clone(token_reduction=dict(reduction, r=other_r))
+    result, class_token = _with_class_token(loss_fn, model, variables, batch, rng, **kwargs)
+    other_result, other_class_token = _with_class_token(loss_fn, other, variables, batch, rng,
+                                                        **kwargs)
+    first = result[0] if isinstance(result, tuple) else result
+    second = other_result[0] if isinstance(other_result, tuple) else other_result
+    total = first + second + weight * token_reduction_consistency_loss(class_token,
+                                                                       other_class_token)
+    return (total, *result[1:]) if isinstance(result, tuple) else total
 
   return regularized
