@@ -406,6 +406,8 @@ def _train_and_evaluate(config: Any, workdir: str, stop: StopRequest) -> dict[st
           loss, diversification, threshold=(
               regularizers.THRESHOLD if config.loss.attention_diversification_threshold is None
               else config.loss.attention_diversification_threshold))
+    if config.loss.spa_selection:
+      loss = regularizers.with_spa_selection(loss, config.loss.spa_selection)
     if config.loss.token_reduction_consistency:
       loss = regularizers.with_token_reduction_consistency(
           loss, config.loss.token_reduction_consistency,

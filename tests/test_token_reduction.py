@@ -268,6 +268,79 @@ def test_select_and_pack_matches_reference():
   np.testing.assert_array_equal(out_size[:, p:], [size[b, i] for b, i in enumerate(idx)])
 
 
+def test_spa_labels_scores_and_loss_match_reference():
+  # Labels: the ⌈ρ·n_valid⌉ valid tokens of largest score (ties: lower index); the scores: the
+  # attention the valid tokens give the valid keys; the loss: BCE over the valid tokens, and
+  # its gradient d/dg = (g − y) / (g (1 − g)) / n_valid.
+  q, k, _ = ref.qkv(b=B, t=7, n=4, k=2, d=8, seed=30)
+  valid = np.ones((B, 7), bool)
+  valid[0, [2, 5]] = valid[1, 6] = False
+  score = np.asarray(_data(31, n=7)[2])
+  score[1, 3] = score[1, 1]  # a tie
+  gate = np.random.default_rng(32).uniform(0.05, 0.95, size=(B, 7)).astype(np.float32)
+  rate = 0.5
+
+  def run(q, k, valid, score, gate):
+    labels = tr.selection_labels(score, valid, rate)
+    loss, grad = jax.value_and_grad(tr.selection_loss)(gate, labels, valid)
+    return tr.received_by_valid(q, k, valid, scale=0.3), labels, loss, grad
+
+  got_score, labels, loss, grad = _compiled(run, q, k, valid, score, gate)
+  want_labels = np.zeros((B, 7))
+  for b in range(B):
+    idx = [j for j in range(7) if valid[b, j]]
+    top = sorted(idx, key=lambda j, b=b: (-score[b, j], j))[:math.ceil(rate * len(idx))]
+    want_labels[b, top] = 1
+  np.testing.assert_array_equal(labels, want_labels)
+  qf, kf = np.asarray(q, np.float64), np.repeat(np.asarray(k, np.float64), 2, axis=2)
+  want_score = np.zeros((B, 7))
+  for b in range(B):
+    idx = np.flatnonzero(valid[b])
+    logits = np.einsum("qhd,khd->hqk", qf[b][idx], kf[b][idx]) * 0.3
+    want_score[b, idx] = _softmax(logits, -1).mean((0, 1))
+  np.testing.assert_allclose(got_score, want_score, rtol=TOL, atol=1e-6)
+  g, y, n = np.asarray(gate, np.float64), want_labels, valid.sum()
+  bce = -(y * np.log(g) + (1 - y) * np.log(1 - g))
+  np.testing.assert_allclose(loss, bce[valid].sum() / n, rtol=1e-6)
+  np.testing.assert_allclose(grad, np.where(valid, (g - y) / (g * (1 - g)) / n, 0),
+                             rtol=1e-5, atol=1e-7)
+
+
+def test_spa_pack_matches_reference():
+  # The valid tokens with gate above τ first (decreasing gate, ties lower index), scaled by it;
+  # then zeros of size 0. Forward and gradient (x, gate) against float64 NumPy.
+  x, size, gate = _data(33)
+  size[0, 4] = 0  # a padding token from an earlier packing: never kept
+  gate[0, 4] = 0.99
+  gate[1, 5] = gate[1, 8]  # a tie
+  p, tau = 1, 0.4
+  kept = [sorted([j for j in range(p, N) if size[b, j] > 0 and gate[b, j] > tau],
+                 key=lambda j, b=b: (-gate[b, j], j)) for b in range(B)]
+  assert len(kept[0]) != len(kept[1])  # a variable number per image
+
+  def reference(x, gate):
+    out = np.zeros(x.shape)
+    out[:, :p] = x[:, :p]
+    for b, idx in enumerate(kept):
+      out[b, p:p + len(idx)] = x[b, idx] * gate[b, idx][:, None]
+    return out
+
+  def out_and_grads(x, gate, cot):
+    (out, out_size), vjp = jax.vjp(lambda x, g: tr.pack(x, size, g, tau, num_protected=p),
+                                   x, gate)
+    return out, out_size, vjp((cot, jnp.zeros_like(out_size)))
+
+  cot = np.asarray(ref.normal(34, (B, N, C)))
+  out, out_size, grads = _compiled(out_and_grads, x, gate, cot)
+  args = (np.asarray(x, np.float64), np.asarray(gate, np.float64))
+  np.testing.assert_allclose(out, reference(*args), rtol=TOL, atol=TOL)
+  for b, idx in enumerate(kept):
+    np.testing.assert_array_equal(out_size[b], np.r_[size[b, :p], size[b, idx],
+                                                     np.zeros(N - p - len(idx))])
+  for g, w in zip(grads, numerical_grads(reference, args, cot)):
+    np.testing.assert_allclose(g, w, rtol=TOL, atol=TOL)
+
+
 def hvt_ref(x, size, k, s, p):
   """The protected tokens, then out_i = max_{j < k} x_{p + s·i + j} per channel for each whole
   window; size: the window's mean size times s."""
@@ -399,7 +472,8 @@ MODULES = {  # name: (module, its output from (z, x), reference)
               lambda p, z, x: stvit_ref(p, x)),
     "sit": (tr.TokenSlimming(5, tau=0.7), lambda m, z, x: m(x, jnp.ones(x.shape[:2]))[0],
             lambda p, z, x: sit_ref(p, x, 0.7)),
-    "spa_gate": (tr.TokenGate(), lambda m, z, x: m(x), lambda p, z, x: gate_ref(p, x)),
+    "spa_gate": (tr.TokenGate(), lambda m, z, x: m(x, jnp.sum(x, -1), jnp.ones(x.shape[:2], bool))[0],
+                 lambda p, z, x: gate_ref(p, x)),
     "lookupvit": (tr.LookupExchange(WIDTH, HEADS, 6), _exchange, lookup_ref),
 }
 
@@ -624,6 +698,44 @@ def test_mctf_one_step_ahead_is_the_next_blocks_attention(monkeypatch):
   assert x.shape == (2, 17, TINY["width"])  # before block 0's MLP, 16 patches + class token
 
 
+def test_spa_packing_masks_the_padding_in_later_blocks():
+  # After block 0 packs each image's tokens with gate > 0.5, block 1's attention masks the
+  # padding keys: its output equals softmax attention over the valid keys alone (float64).
+  model = vit.Model(**TINY, pool_type="cls", token_reduction=dict(
+      method="spa", keep_rate=0.5, threshold=0.5, layers=(0,)))
+  rng = np.random.default_rng(35)
+  abstract = jax.eval_shape(model.init, jax.random.key(0), IMAGES)["params"]
+  params = jax.tree.map(lambda a: (0.5 * rng.normal(size=a.shape)).astype(a.dtype),
+                        nn.unbox(abstract))
+  gate = params["Transformer"]["encoderblock_0"]["token_reduction"]
+  for layer in ("LayerNorm", "gate"):  # gates centred on 1/2
+    gate[layer]["bias"] = np.zeros_like(gate[layer]["bias"])
+  seen = []
+
+  def interceptor(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if isinstance(context.module, Attention) and context.method_name == "attend":
+      seen.append((*args[:3], kwargs.get("mask"), out))
+    return out
+
+  def run(params, images):
+    with nn.intercept_methods(interceptor):
+      model.apply({"params": params}, images)
+    return seen[-1]
+
+  q, k, v, mask, out = _compiled(run, params, IMAGES)
+  valid = np.asarray(mask)[:, 0, 0]
+  counts = valid.sum(1)
+  assert valid[:, 0].all() and 1 < counts.min() and counts.max() < 17
+  assert counts[0] != counts[1]  # a variable number of tokens per image
+  for b in range(2):
+    assert valid[b, :counts[b]].all()  # kept tokens first
+    qf, kf, vf = (np.asarray(a[b], np.float64) for a in (q, k, v))
+    logits = np.einsum("qhd,khd->hqk", qf, kf[:counts[b]]) / np.sqrt(qf.shape[-1])
+    want = np.einsum("hqk,khd->qhd", _softmax(logits, -1), vf[:counts[b]])
+    np.testing.assert_allclose(out[b], want, rtol=1e-4, atol=1e-5)
+
+
 def test_proportional_attention_is_the_ops_bias():
   # Under `observe_attention`, the op gets `bias = log size` (ToMe's proportional attention)
   # where it takes a bias (softmax); performer takes none, and none is passed.
@@ -671,6 +783,9 @@ def test_proportional_attention_is_the_ops_bias():
     (dict(method="lookupvit", mlp_reduction=0), {},
      r"token_reduction\['mlp_reduction'\] must be a positive int"),
     (dict(method="spa", r=2), {}, r"unknown key\(s\) \['r'\] for method 'spa'"),
+    (dict(method="spa", threshold=1.0), dict(pool_type="cls"),
+     r"token_reduction\['threshold'\] must be in \(0, 1\)"),
+    (dict(method="spa", threshold=0.5), {}, "with a threshold pads each image's tokens"),
     (dict(method="hvt", kernel_size=0), {},
      r"token_reduction\['kernel_size'\] must be a positive int"),
     (dict(method="hvt", kernel_size=17, layers=(1,)), {}, "got 16 patch tokens"),
@@ -789,3 +904,51 @@ def test_token_reduction_consistency_trains_through_main(tmp_path):
     assert main_lib.train_and_evaluate(cfg, str(tmp_path / run))["step"] == 1
   (plain_loss,), (trc_loss,) = (list(losses(str(tmp_path / r)).values()) for r in ("plain", "trc"))
   assert trc_loss > 1.5 * plain_loss  # two cross-entropies and the consistency term
+
+
+# --------------------------------------------------------------- SPA's selection-label loss
+def test_spa_selection_loss_in_a_vits_loss():
+  # The task's loss plus λ·BCE(gate, labels) of the one gating layer (its gates and labels read
+  # with Flax's `capture_intermediates`; all its tokens valid), the BCE in float64.
+  model = vit.Model(**TINY, pool_type="cls", token_reduction=dict(
+      method="spa", keep_rate=0.5, threshold=0.5, layers=(0,)))
+  rng_np = np.random.default_rng(36)
+  abstract = jax.eval_shape(model.init, jax.random.key(0), IMAGES)["params"]
+  params = jax.tree.map(lambda a: (0.5 * rng_np.normal(size=a.shape)).astype(a.dtype),
+                        nn.unbox(abstract))
+  batch = {"image": IMAGES, "labels": jax.nn.one_hot(jnp.array([1, 2]), 3)}
+  rng, weight = jax.random.key(2), 0.3
+  regularized = regularizers.with_spa_selection(classification_loss, weight)
+
+  def run(params):
+    _, state = model.apply({"params": params}, IMAGES, train=True, rngs={"dropout": rng},
+                           capture_intermediates=lambda m, _: isinstance(m, tr.TokenGate),
+                           mutable=["intermediates"])
+    gate_out = state["intermediates"]["Transformer"]["encoderblock_0"]["token_reduction"]
+    return (regularized(model, params, batch, rng),
+            classification_loss(model, params, batch, rng), gate_out["__call__"][0])
+
+  loss, plain, (gate, labels) = _compiled(run, params)
+  g, y = np.asarray(gate, np.float64), np.asarray(labels, np.float64)
+  assert gate.shape == (2, 16) and set(np.unique(y)) == {0.0, 1.0}
+  np.testing.assert_array_equal(y.sum(1), [8, 8])  # ⌈0.5·16⌉ labelled per image
+  bce = -np.mean(y * np.log(g) + (1 - y) * np.log(1 - g))
+  np.testing.assert_allclose(loss, np.float64(plain) + weight * bce, rtol=1e-5)
+  with pytest.raises(ValueError, match="ran no SPA gating layer"):
+    jax.eval_shape(lambda p: regularized(vit.Model(**TINY), p, batch, rng),
+                   jax.eval_shape(vit.Model(**TINY).init, jax.random.key(0), IMAGES)["params"])
+  with pytest.raises(ValueError, match="weight must be > 0"):
+    regularizers.with_spa_selection(classification_loss, -1.0)
+
+
+@pytest.mark.extended
+def test_spa_packing_and_selection_train_through_main(tmp_path):
+  overrides = {"model.pool_type": "cls", "total_steps": 1, "ckpt_every": 100,
+               "model.token_reduction": {"method": "spa", "keep_rate": 0.5, "threshold": 0.5,
+                                         "layers": (0,)}}
+  plain = tiny_config(**overrides)
+  config = tiny_config(**overrides, **{"loss.spa_selection": 1.0})
+  for run, cfg in (("plain", plain), ("spa", config)):
+    assert main_lib.train_and_evaluate(cfg, str(tmp_path / run))["step"] == 1
+  (plain_loss,), (spa_loss,) = (list(losses(str(tmp_path / r)).values()) for r in ("plain", "spa"))
+  assert spa_loss > plain_loss + 0.1  # the BCE of gates near 1/2 is near log 2

@@ -45,11 +45,18 @@ Methods (`METHODS`; the keys of each, with the papers' defaults, in `DEFAULTS`):
   `W = MLP(LN(x)) [N, N̂]` (C -> C/2 GELU -> N̂, learned); sizes `A s`. Its feature
   recalibration distillation (a teacher and the reverse module, training) is not implemented.
 - "spa": Context-Aware Token Selection and Packing for Enhanced Vision Transformer (Select and
-  Pack Attention). A gating layer scores each token `g_j = sigmoid(w·LN(x_j) + b)`; the
-  ⌈keep_rate·N⌉ tokens of largest gate are packed (in decreasing gate order) and scaled by their
-  gate, so the gate learns from the task loss. The paper's selection labels (supervision of the
-  gate) and its packing of a variable number of tokens per image into new batches are not
-  implemented: with static shapes every image keeps the same number of tokens.
+  Pack Attention). A gating layer scores each token `g_j = sigmoid(w·LN(x_j) + b)` (`TokenGate`),
+  supervised by selection labels: `y_j = 1` for the ⌈keep_rate·N⌉ tokens that receive the
+  most attention in the block (softmax, averaged over heads and the valid queries; the paper
+  derives its labels from object boxes, which classification lacks), with the binary
+  cross-entropy `selection_loss` (`config.loss.spa_selection`). Without `threshold` the
+  ⌈keep_rate·N⌉ tokens of largest gate are kept (`select_and_pack`, a fixed budget); with
+  `threshold` τ each image keeps its own number, the tokens with `g_j > τ` (`pack`): they come
+  first, in decreasing gate order, the rest are padding of size 0 that every later attention
+  masks out as keys (the key-padding mask of the packed batch; shapes stay static), so it needs
+  a class token and an op that takes a mask. Kept tokens are scaled by their gate, so the
+  gate also learns from the task loss. The paper's Gumbel-softmax sampling of the selection and
+  its multi-scale labels are not built.
 - "dependencyvit": Visual Dependency Transformers: Dependency Tree Emerges from Reversed
   Attention (Ding et al., 2023), DependencyViT-Lite pruning. Each child token j distributes its
   message `m_j` over its parents, `A_ji = softmax_i(q_j·k_i·scale)`; the dependency score of
@@ -120,7 +127,7 @@ DEFAULTS = {
                  bidirectional=True, one_step_ahead=False),
     "stvit": dict(num_tokens=16, layers=None),
     "sit": dict(keep_rate=0.5, layers=None, tau=1.0),
-    "spa": dict(keep_rate=0.7, layers=None),
+    "spa": dict(keep_rate=0.7, layers=None, threshold=None),
     "dependencyvit": dict(keep_rate=0.7, layers=None),
     "lookupvit": dict(num_tokens=25, layers=None, mlp_reduction=4),
     "hvt": dict(kernel_size=3, stride=2, layers=None),
@@ -148,6 +155,12 @@ class TokenReduction:
   mlp_reduction: int = 1
   kernel_size: int = 0
   stride: int = 0
+  threshold: float | None = None
+
+  @property
+  def pads(self) -> bool:
+    """Whether the method leaves padding tokens (size 0) that later attentions mask out."""
+    return self.method == "spa" and self.threshold is not None
 
   def bias_for(self, op: str) -> bool:
     """Whether proportional attention reaches `op` (as its `bias`)."""
@@ -176,6 +189,9 @@ def resolve(config: Any, depth: int, *, op: str = "softmax",
   if method == "evit" and not has_class_token:
     raise ValueError("token_reduction method 'evit' ranks the patches by the class token's "
                      "attention: the model needs a class token (ViT pool_type 'cls' or 'tok')")
+  if method == "spa" and settings["threshold"] is not None and not has_class_token:
+    raise ValueError("token_reduction method 'spa' with a threshold pads each image's tokens: "
+                     "the model needs a class token (ViT pool_type 'cls' or 'tok') to read")
   name = lambda key: f"token_reduction[{key!r}]"  # pylint: disable=unnecessary-lambda-assignment
   layers = settings.pop("layers")
   if layers is None:
@@ -205,6 +221,9 @@ def resolve(config: Any, depth: int, *, op: str = "softmax",
       out[key] = checks.positive_int(name(key), value)
     elif key == "tau":
       out[key] = checks.positive_float(name(key), value)
+    elif key == "threshold":
+      out[key] = None if value is None else checks.unit_interval(name(key), value,
+                                                                 include_one=False)
     elif key.startswith("tau_"):
       out[key] = checks.non_negative_float(name(key), value)
     else:
@@ -419,6 +438,48 @@ def select_and_pack(x: Array, size: Array, gate: Array, keep_rate: float, *,
           jnp.concatenate([size[:, :p], _gather(size[:, p:], idx)], axis=1))
 
 
+def pack(x: Array, size: Array, gate: Array, threshold: float, *,
+         num_protected: int = 0) -> tuple[Array, Array]:
+  """SPA's packing of a variable number of tokens: of the tokens after the first
+  `num_protected` of `x: [b, n, c]`, those of size > 0 with `gate: [b, n]` above `threshold`
+  come first, in decreasing gate order, scaled by their gate `g_j x_j`; the others follow as
+  padding, zeros of size 0. Returns `(x, size)` of the same shapes."""
+  p = num_protected
+  body_gate = gate[:, p:]
+  kept = (size[:, p:] > 0) & (jax.lax.stop_gradient(body_gate) > threshold)
+  order = _top(jnp.where(kept, jax.lax.stop_gradient(body_gate), -1.0), x.shape[1] - p)
+  kept = _gather(kept, order)
+  weight = jnp.where(kept, _gather(body_gate, order), 0.0).astype(x.dtype)
+  return (jnp.concatenate([x[:, :p], _gather(x[:, p:], order) * weight[..., None]], axis=1),
+          jnp.concatenate([size[:, :p], jnp.where(kept, _gather(size[:, p:], order), 0)], 1))
+
+
+def selection_labels(score: Array, valid: Array, keep_rate: float) -> Array:
+  """SPA's selection labels: 1 for the ⌈keep_rate·n⌉ of the n valid entries of each row of
+  `score: [b, n]` (`valid` boolean) with the largest score (ties: the lower index), else 0."""
+  rank = jnp.argsort(_top(jnp.where(valid, score, -jnp.inf), score.shape[1]), axis=-1)
+  budget = jnp.ceil(keep_rate * jnp.sum(valid, axis=1, keepdims=True))
+  return (valid & (rank < budget)).astype(jnp.float32)
+
+
+def selection_loss(gate: Array, labels: Array, valid: Array) -> Array:
+  """The binary cross-entropy of the gates `[b, n]` against the selection labels, averaged over
+  the valid entries: `-mean(y log g + (1 - y) log(1 - g))`."""
+  gate = jnp.clip(gate.astype(jnp.float32), 1e-7, 1 - 1e-7)
+  bce = -(labels * jnp.log(gate) + (1 - labels) * jnp.log1p(-gate))
+  return jnp.sum(jnp.where(valid, bce, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+
+
+def received_by_valid(query: Array, key: Array, valid: Array, *,
+                      scale: float | None = None) -> Array:
+  """The softmax attention each token receives from the `valid` queries over the valid keys
+  (`valid: [b, n]` boolean), averaged over heads and those queries: `[b, n]`."""
+  probs = jax.nn.softmax(jnp.where(valid[:, None, None, :], _logits(query, key, scale, None),
+                                   -jnp.inf), axis=-1)
+  weights = valid.astype(jnp.float32) / jnp.maximum(jnp.sum(valid, 1, keepdims=True), 1)
+  return jnp.einsum("bhqk,bq->bk", probs, weights) / probs.shape[1]
+
+
 def max_pool_tokens(x: Array, size: Array, kernel_size: int, stride: int, *,
                     num_protected: int = 0) -> tuple[Array, Array]:
   """HVT's pooling: the tokens after the first `num_protected` of `x: [b, n, c]` max-pooled
@@ -572,16 +633,20 @@ class TokenSlimming(nn.Module):
 
 
 class TokenGate(nn.Module):
-  """SPA's gating layer: `g_j = sigmoid(w·LN(x_j) + b)`, `[b, n]` float32."""
+  """SPA's gating layer: `g_j = sigmoid(w·LN(x_j) + b)`, `[b, n]` float32, and its selection
+  labels (`selection_labels` of `score` among the `valid` tokens at `keep_rate`, no gradient):
+  returns `(gate, labels)`."""
+  keep_rate: float = 1.0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Array, score: Array, valid: Array) -> tuple[Array, Array]:
     h = layer_norm(self.dtype, self.param_dtype, "LayerNorm")(x)
     logits = Projection((x.shape[-1],), ("embed",), use_bias=True, dtype=self.dtype,
                         param_dtype=self.param_dtype, name="gate")(h)
-    return jax.nn.sigmoid(logits.astype(jnp.float32))
+    labels = selection_labels(jax.lax.stop_gradient(score), valid, self.keep_rate)
+    return jax.nn.sigmoid(logits.astype(jnp.float32)), labels
 
 
 # --------------------------------------------------------------------------------- In a block
@@ -627,7 +692,13 @@ def reduce_tokens(spec: TokenReduction, x: Array, size: Array, seen: Mapping[str
   p = num_protected
   learned = dict(dtype=dtype, param_dtype=param_dtype, name="token_reduction")
   if spec.method == "spa":
-    return select_and_pack(x, size, TokenGate(**learned)(x), spec.keep_rate, num_protected=p)
+    valid = size[:, p:] > 0
+    score = received_by_valid(query, key, size > 0, scale=scale)[:, p:]
+    gate, _ = TokenGate(spec.keep_rate, **learned)(x[:, p:], score, valid)
+    gate = jnp.concatenate([jnp.ones_like(size[:, :p]), gate], axis=1)
+    if spec.threshold is None:
+      return select_and_pack(x, size, gate, spec.keep_rate, num_protected=p)
+    return pack(x, size, gate, spec.threshold, num_protected=p)
   if spec.method == "dependencyvit":
     score = dependency_scores(query, key, scale=scale, message=seen["message"])
     return prune(x, size, score, spec.keep_rate, num_protected=p)

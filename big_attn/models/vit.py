@@ -185,7 +185,8 @@ class Encoder1DBlock(nn.Module):
   the attention and the MLP; with `lookup_block` it is a LookupViT block on
   `x = [protected, compressed, lookup]` (`big_attn.layers.token_reduction.LookupExchange`:
   the compressed tokens gather from the lookup tokens, the attention and the MLP see the
-  protected and compressed tokens, the lookup tokens receive from them after the MLP). With
+  protected and compressed tokens, the lookup tokens receive from them after the MLP); a
+  method that pads (SPA with a threshold) makes the attention mask out the keys of size 0. With
   `attention_free` the block has no attention branch
   (x + Dropout(MLP(LN(x))) only; MLP Can Be A Good Transformer Learner). With `parallel` the
   two branches read the same LayerNorm and add in parallel, x + Attn(LN(x)) + MLP(LN(x))
@@ -275,7 +276,8 @@ class Encoder1DBlock(nn.Module):
       normed = layer_norm(self.dtype, self.param_dtype, "LayerNorm_0", epsilon=self.norm_eps)(y)
       with token_reduction_lib.observe_attention(self.attention, self.token_reduction,
                                                  size) as seen:
-        y = attention()(normed)
+        padded = self.token_reduction is not None and self.token_reduction.pads
+        y = attention()(normed, mask=(size > 0)[:, None, None, :] if padded else None)
       attention_branch = self._scale("layer_scale_1", nn.Dropout(rate=self.dropout)(
           y, deterministic))
       if not parallel:
@@ -670,7 +672,8 @@ class Model(nn.Module):
       then exchanged with in every later block; HVT: max-pooled before them), the class and
       register tokens never
       (registers then sit after the class token inside the encoder). Needs
-      `scan_layers=False` and an op without a patch grid; "evit" needs pool_type "cls";
+      `scan_layers=False` and an op without a patch grid; "evit", and "spa" with a
+      `threshold` (a variable number of tokens per image, the rest masked), need pool_type "cls";
       "stvit" and "lookupvit" a square patch grid.
     attention_free_layers: block indices without an attention branch (MLP Can Be A Good
       Transformer Learner: x + MLP(LN(x)) only); needs `scan_layers=False`.

@@ -297,11 +297,13 @@ def base_config() -> ml_collections.ConfigDict:
   # Terms added to the task's loss: λ and threshold of the attention diversification loss
   # (`train.regularizers`, Robustifying Token Attention for Vision Transformers; None: no
   # term, threshold 2); λ and r' of MCTF's token reduction consistency (None: no term, r' =
-  # ⌊r/2⌋). None, so that a run saved without these keys resumes unchanged.
+  # ⌊r/2⌋); λ of SPA's selection-label loss. None, so that a run saved without these keys
+  # resumes unchanged.
   config.loss = ml_collections.ConfigDict(dict(attention_diversification=None,
                                                attention_diversification_threshold=None,
                                                token_reduction_consistency=None,
-                                               token_reduction_consistency_r=None))
+                                               token_reduction_consistency_r=None,
+                                               spa_selection=None))
   config.total_steps = 1000
   config.log_every = 50
   config.ckpt_every = 500

@@ -13,6 +13,11 @@ for Efficient Vision Transformers (Lee, Choi and Kim, CVPR 2024):
 number r' (`config.loss.token_reduction_consistency_r`; None: ⌊r/2⌋, our choice where the
 paper samples r') plus λ·‖x_cls − x'_cls‖² (mean over batch and channels) between the final
 class tokens (the encoder's output token 0) of the two passes.
+
+The selection labels of Context-Aware Token Selection and Packing for Enhanced Vision
+Transformer (Select and Pack Attention): `config.loss.spa_selection = λ` adds λ times the mean
+over SPA's gating layers (`token_reduction.TokenGate`) of the binary cross-entropy of their
+gates against their selection labels (`token_reduction.selection_loss`).
 """
 from __future__ import annotations
 
@@ -155,5 +160,36 @@ def with_token_reduction_consistency(loss_fn: Callable[..., Any], weight: float,
     total = first + second + weight * token_reduction_consistency_loss(class_token,
                                                                        other_class_token)
     return (total, *result[1:]) if isinstance(result, tuple) else total
+
+  return regularized
+
+
+def with_spa_selection(loss_fn: Callable[..., Any], weight: float) -> Callable[..., Any]:
+  """`loss_fn` (a `Task.loss` or `Task.loss_with_stats`) plus `weight` times the mean over the
+  model's SPA gating layers of `token_reduction.selection_loss` (gates against selection
+  labels), read while the task's loss runs; same signature and result. Raises `ValueError`
+  when the model runs no gating layer."""
+  if weight <= 0:
+    raise ValueError(f"weight must be > 0, got {weight}")
+
+  def regularized(model, variables, batch, rng, **kwargs):
+    terms = []
+
+    def interceptor(next_fun, args, kwargs, context):
+      out = next_fun(*args, **kwargs)
+      if isinstance(context.module, token_reduction.TokenGate) and (
+          context.method_name == "__call__"):
+        terms.append(token_reduction.selection_loss(*out, args[2]))
+      return out
+
+    with nn.intercept_methods(interceptor):
+      result = loss_fn(model, variables, batch, rng, **kwargs)
+    if not terms:
+      raise ValueError(f"{type(model).__name__} ran no SPA gating layer: the selection loss "
+                       "needs token_reduction {'method': 'spa', ...}")
+    penalty = weight * jnp.mean(jnp.stack(terms))
+    if isinstance(result, tuple):
+      return (result[0] + penalty, *result[1:])
+    return result + penalty
 
   return regularized
