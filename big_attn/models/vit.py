@@ -784,6 +784,16 @@ class Model(nn.Module):
     return token_reduction_lib.resolve(self.token_reduction, self.depth, op=self.attention,
                                        has_class_token=self.pool_type in ("cls", "tok"))
 
+  def removed_parameters(self) -> tuple[tuple[str, ...], ...]:
+    """The parameter subtrees a full model has and this one lacks: the attention branch
+    (`LayerNorm_0`, `MultiHeadAttention`, `layer_scale_1`) of each block of
+    `attention_free_layers`. Fine-tuning from the full model's weights (`config.init_from`)
+    drops them (MLP Can Be A Good Transformer Learner)."""
+    free = settings.block_indices("attention_free_layers", self.attention_free_layers,
+                                  self.depth)
+    return tuple(("Transformer", f"encoderblock_{i}", name) for i in sorted(free)
+                 for name in ("LayerNorm_0", "MultiHeadAttention", "layer_scale_1"))
+
   @nn.compact
   def __call__(self, images, *, train: bool = False):
     reduction = self._check(images)
