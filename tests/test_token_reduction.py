@@ -341,6 +341,61 @@ def test_spa_pack_matches_reference():
     np.testing.assert_allclose(g, w, rtol=TOL, atol=TOL)
 
 
+def test_mstm_multi_scale_fusion_matches_reference():
+  # mean over scales of each token's s×s block average (the block holding it) on the 4x4 grid.
+  x = np.asarray(ref.normal(40, (B, 17, C)))
+  out = _compiled(tr.multi_scale_fuse, x, scales=(1, 2, 4), num_protected=1)
+  grid = np.asarray(x[:, 1:], np.float64).reshape(B, 4, 4, C)
+  want = np.zeros_like(grid)
+  for r in range(4):
+    for c in range(4):
+      for s in (1, 2, 4):
+        r0, c0 = r // s * s, c // s * s
+        want[:, r, c] += grid[:, r0:r0 + s, c0:c0 + s].mean((1, 2)) / 3
+  np.testing.assert_allclose(out[:, 1:], want.reshape(B, 16, C), rtol=TOL, atol=TOL)
+  np.testing.assert_array_equal(out[:, 0], x[:, 0])
+  with pytest.raises(ValueError, match="grid side must be divisible by each scale"):
+    tr.multi_scale_fuse(x, (3,), num_protected=1)
+
+
+def test_mstm_mergence_matches_reference():
+  # The ⌈ρN⌉ most important tokens stay (decreasing importance); each other joins the kept
+  # token of most cosine-similar metric: Σ s_i x_i / Σ s_i, sizes add. Forward and gradient.
+  x, size, importance = _data(41)
+  metric = np.asarray(ref.normal(42, (B, N, 4)))
+  keep_rate, p = 0.4, 1
+  keep = math.ceil(keep_rate * (N - p))
+  groups = []
+  for b in range(B):
+    order = sorted(range(p, N), key=lambda j, b=b: (-importance[b, j], j))
+    kept, rest = order[:keep], order[keep:]
+    unit = metric[b] / np.linalg.norm(metric[b], axis=-1, keepdims=True)
+    groups.append([[k] + [j for j in rest if np.argmax([unit[j] @ unit[i] for i in kept])
+                          == kept.index(k)] for k in kept])
+
+  def reference(x):
+    out = np.zeros((B, p + keep, C))
+    out[:, :p] = x[:, :p]
+    for b, bgroups in enumerate(groups):
+      for o, g in enumerate(bgroups):
+        out[b, p + o] = (size[b, g, None] * x[b, g]).sum(0) / size[b, g].sum()
+    return out
+
+  def out_and_grad(x, cot):
+    (out, out_size), vjp = jax.vjp(lambda x: tr.merge_into_crucial(
+        x, size, importance, metric, keep_rate, num_protected=p), x)
+    return out, out_size, vjp((cot, jnp.zeros_like(out_size)))[0]
+
+  cot = np.asarray(ref.normal(43, (B, p + keep, C)))
+  out, out_size, grad = _compiled(out_and_grad, x, cot)
+  np.testing.assert_allclose(out, reference(np.asarray(x, np.float64)), rtol=TOL, atol=TOL)
+  np.testing.assert_allclose(out_size[:, p:], [[size[b, g].sum() for g in bg]
+                                               for b, bg in enumerate(groups)])
+  np.testing.assert_allclose(out_size.sum(1), size.sum(1))
+  want_grad, = numerical_grads(reference, (np.asarray(x, np.float64),), cot)
+  np.testing.assert_allclose(grad, want_grad, rtol=TOL, atol=TOL)
+
+
 def hvt_ref(x, size, k, s, p):
   """The protected tokens, then out_i = max_{j < k} x_{p + s·i + j} per channel for each whole
   window; size: the window's mean size times s."""
@@ -574,6 +629,9 @@ CASES = {  # name: (model, token counts seen by the blocks' attention)
     "deit_lookupvit": (deit.Model(**TINY, token_reduction=dict(method="lookupvit",
                                                                num_tokens=4, layers=(1,))),
                        [18, 6]),
+    # 16 multi-scale fused patch tokens, 7 of them merged into the 9 crucial ones in block 0.
+    "mstm_cls": (vit.Model(**TINY, pool_type="cls", token_reduction=dict(
+        method="mstm", keep_rate=0.5, layers=(0,), scales=(1, 2, 4))), [17, 9]),
     # 16 patch tokens max-pooled (window 3, stride 2) into 7 before block 1.
     "hvt_gap": (vit.Model(**TINY, token_reduction=dict(method="hvt", layers=(1,))), [16, 7]),
     "deit_hvt_performer": (deit.Model(**TINY, attention="performer",
@@ -585,6 +643,8 @@ CASES = {  # name: (model, token counts seen by the blocks' attention)
 # One block, reduced between its attention and MLP (HVT: before it): the gradient through each
 # op and method.
 GRADIENT_CASES = {
+    "mstm_cls": vit.Model(**dict(TINY, depth=1), pool_type="cls",
+                          token_reduction=dict(method="mstm", layers=(0,))),
     "evit_softmax": vit.Model(**dict(TINY, depth=1), pool_type="cls",
                               token_reduction=dict(method="evit", layers=(0,))),
     "mctf_performer_registers": vit.Model(**dict(TINY, depth=1), attention="performer",
@@ -786,6 +846,11 @@ def test_proportional_attention_is_the_ops_bias():
     (dict(method="spa", threshold=1.0), dict(pool_type="cls"),
      r"token_reduction\['threshold'\] must be in \(0, 1\)"),
     (dict(method="spa", threshold=0.5), {}, "with a threshold pads each image's tokens"),
+    (dict(method="mstm"), {}, "method 'mstm' ranks the patches by the class token's"),
+    (dict(method="mstm", scales=()), dict(pool_type="cls"),
+     r"token_reduction\['scales'\] must be a non-empty sequence"),
+    (dict(method="mstm", scales=(3,), layers=(0,)), dict(pool_type="cls"),
+     "grid side must be divisible"),
     (dict(method="hvt", kernel_size=0), {},
      r"token_reduction\['kernel_size'\] must be a positive int"),
     (dict(method="hvt", kernel_size=17, layers=(1,)), {}, "got 16 patch tokens"),

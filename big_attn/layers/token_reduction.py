@@ -72,6 +72,17 @@ Methods (`METHODS`; the keys of each, with the papers' defaults, in `DEFAULTS`):
   through the same attention logits transposed (the bidirectional cross-attention), then an
   MLP `mlp_reduction` times narrower than the block's. After the last block the lookup
   tokens are dropped: the head reads the class token or the mean of the compressed tokens.
+- "mstm": Multi-Scale And Token Mergence: Make Your ViT More Efficient. Before the block of
+  the first of `layers` the patch tokens (a square grid, unreduced) are fused with their
+  multi-scale versions, `x̃ = mean_{s ∈ scales} U_s P_s x` (`P_s` the s×s average pooling of
+  the grid, `U_s` its nearest upsampling; scale 1 is x itself; `multi_scale_fuse`). At each
+  block of `layers` the patch tokens are ranked by importance, the class token's attention
+  `a_j` (averaged over heads); the ⌈keep_rate·N⌉ crucial ones stay (in decreasing importance)
+  and each other token is merged into the crucial token most similar to it (cosine of the
+  keys averaged over heads), by the size-weighted average `Σ s_i x_i / Σ s_i`, sizes adding
+  (`merge_into_crucial`). Needs a class token. The choice and the assignment carry no
+  gradient. Our reading of the abstract: the multi-scale features are grid poolings fused
+  once, where the tokens still form the grid.
 - "hvt": Scalable Vision Transformers with Hierarchical Pooling (Pan et al., 2021). Before
   each block of `layers` (the starts of stages) the patch tokens are max-pooled along the
   sequence, per channel: windows of `kernel_size` (3) tokens every `stride` (2), no padding,
@@ -109,7 +120,8 @@ from big_attn.ops import spatial
 
 Array = jax.Array
 
-METHODS = ("evit", "tome", "mctf", "stvit", "sit", "spa", "dependencyvit", "lookupvit", "hvt")
+METHODS = ("evit", "tome", "mctf", "stvit", "sit", "spa", "dependencyvit", "lookupvit", "hvt",
+           "mstm")
 # The papers' settings: EViT keeps 70% at the 4th, 7th and 10th of 12 layers (DeiT-S); ToMe's
 # r = 16 on every layer (its timm patch); MCTF r = 16, τ_sim 1, τ_info 20, τ_size 40,
 # bidirectional (DeiT-S); STViT 16 semantic tokens on DeiT; LookupViT's 5x5 compressed
@@ -119,7 +131,8 @@ METHODS = ("evit", "tome", "mctf", "stvit", "sit", "spa", "dependencyvit", "look
 # for ToMe and MCTF, the 5th of 12 for STViT (our reading
 # of where its semantic tokens start) and the first for LookupViT (compressed from the start);
 # HVT pools with a window of 3 and stride 2 at the starts of its stages, the 4th, 7th and 10th
-# of 12 blocks (4 stages of 3 blocks).
+# of 12 blocks (4 stages of 3 blocks); MSTM prunes 30% at EViT's layers, its scales 1 and 2 (our
+# choice).
 DEFAULTS = {
     "evit": dict(keep_rate=0.7, layers=None, fuse_token=True),
     "tome": dict(r=16, layers=None, prop_attn=True),
@@ -131,6 +144,7 @@ DEFAULTS = {
     "dependencyvit": dict(keep_rate=0.7, layers=None),
     "lookupvit": dict(num_tokens=25, layers=None, mlp_reduction=4),
     "hvt": dict(kernel_size=3, stride=2, layers=None),
+    "mstm": dict(keep_rate=0.7, layers=None, scales=(1, 2)),
 }
 _EVIT_LAYERS_OF_12 = (3, 6, 9)
 _ONE_LAYER = ("stvit", "lookupvit")  # the patch tokens are replaced once
@@ -156,6 +170,7 @@ class TokenReduction:
   kernel_size: int = 0
   stride: int = 0
   threshold: float | None = None
+  scales: tuple[int, ...] = ()
 
   @property
   def pads(self) -> bool:
@@ -186,9 +201,10 @@ def resolve(config: Any, depth: int, *, op: str = "softmax",
   if spatial.takes_grid(op):
     raise ValueError(f"token_reduction: attention op {op!r} needs the patch grid, which token "
                      "reduction does not keep")
-  if method == "evit" and not has_class_token:
-    raise ValueError("token_reduction method 'evit' ranks the patches by the class token's "
-                     "attention: the model needs a class token (ViT pool_type 'cls' or 'tok')")
+  if method in ("evit", "mstm") and not has_class_token:
+    raise ValueError(f"token_reduction method {method!r} ranks the patches by the class "
+                     "token's attention: the model needs a class token (ViT pool_type 'cls' "
+                     "or 'tok')")
   if method == "spa" and settings["threshold"] is not None and not has_class_token:
     raise ValueError("token_reduction method 'spa' with a threshold pads each image's tokens: "
                      "the model needs a class token (ViT pool_type 'cls' or 'tok') to read")
@@ -221,6 +237,12 @@ def resolve(config: Any, depth: int, *, op: str = "softmax",
       out[key] = checks.positive_int(name(key), value)
     elif key == "tau":
       out[key] = checks.positive_float(name(key), value)
+    elif key == "scales":
+      if isinstance(value, (int, str)) or not value or not all(
+          isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
+        raise ValueError(f"{name(key)} must be a non-empty sequence of positive ints (pooling "
+                         f"sizes), got {value!r}")
+      out[key] = tuple(sorted(set(value)))
     elif key == "threshold":
       out[key] = None if value is None else checks.unit_interval(name(key), value,
                                                                  include_one=False)
@@ -341,6 +363,49 @@ def tome(x: Array, size: Array, metric: Array, r: int, *,
   slot_b = jnp.broadcast_to(jnp.arange(ta - r, ta - r + tb, dtype=jnp.int32), (x.shape[0], tb))
   slot = _interleave(_slots(unm, src, dst, ta - r), slot_b)
   return _fuse(x, size, size, slot, ta - r + tb, p)
+
+
+def multi_scale_fuse(x: Array, scales: tuple[int, ...], *, num_protected: int = 0) -> Array:
+  """MSTM's multi-scale fusion of the tokens after the first `num_protected` of `x: [b, n, c]`
+  (a square grid, raster order): `mean_{s ∈ scales} U_s P_s x`, `P_s` the s×s average pooling
+  and `U_s` its nearest upsampling (s = 1: x)."""
+  p = num_protected
+  b, n, c = x[:, p:].shape
+  side = math.isqrt(n)
+  if side * side != n or any(side % s for s in scales):
+    raise ValueError(f"token_reduction 'mstm' pools a square grid of patch tokens by scales "
+                     f"{scales}: got {n} patch tokens (the grid side must be divisible by "
+                     f"each scale)")
+  grid = x[:, p:].reshape(b, side, side, c)
+  fused = []
+  for s in scales:
+    pooled = grid.reshape(b, side // s, s, side // s, s, c).mean(axis=(2, 4))
+    fused.append(jnp.repeat(jnp.repeat(pooled, s, axis=1), s, axis=2))
+  return jnp.concatenate([x[:, :p], (sum(fused) / len(scales)).reshape(b, n, c)], axis=1)
+
+
+def merge_into_crucial(x: Array, size: Array, importance: Array, metric: Array,
+                       keep_rate: float, *, num_protected: int = 0) -> tuple[Array, Array]:
+  """MSTM's mergence: of the tokens after the first `num_protected` of `x: [b, n, c]`, the
+  ⌈keep_rate·N⌉ of largest `importance: [b, n]` stay (decreasing importance) and each other
+  one is merged into the kept token of most cosine-similar `metric: [b, n, d]`, by the
+  size-weighted average; sizes add. Returns `(x, size)`."""
+  p = num_protected
+  n = x.shape[1] - p
+  keep = math.ceil(keep_rate * n)
+  if keep >= n:
+    return x, size
+  order = _top(jax.lax.stop_gradient(importance[:, p:]), n)
+  crucial, rest = order[:, :keep], order[:, keep:]
+  metric = jax.lax.stop_gradient(metric[:, p:]).astype(jnp.float32)
+  metric = metric / jnp.maximum(jnp.linalg.norm(metric, axis=-1, keepdims=True), 1e-12)
+  destination = jnp.argmax(jnp.einsum("brd,bkd->brk", _gather(metric, rest),
+                                      _gather(metric, crucial)), axis=-1)
+  batch = jnp.arange(x.shape[0])[:, None]
+  slot = jnp.zeros((x.shape[0], n), jnp.int32)
+  slot = slot.at[batch, crucial].set(jnp.arange(keep, dtype=jnp.int32))
+  slot = slot.at[batch, rest].set(destination.astype(jnp.int32))
+  return _fuse(x, size, size, slot, keep, p)
 
 
 def _interleave(even: Array, odd: Array) -> Array:
@@ -715,6 +780,9 @@ def reduce_tokens(spec: TokenReduction, x: Array, size: Array, seen: Mapping[str
                 fuse_token=spec.fuse_token)
   if spec.method == "tome":
     return tome(x, size, jnp.mean(key, axis=2), spec.r, num_protected=num_protected)
+  if spec.method == "mstm":
+    return merge_into_crucial(x, size, class_attention(query, key, scale=scale),
+                              jnp.mean(key, axis=2), spec.keep_rate, num_protected=p)
   if lookahead is not None:
     query, key, scale = lookahead["query"], lookahead["key"], lookahead["scale"]
   attn = received_attention(query, key, scale=scale, size=prop)

@@ -409,7 +409,8 @@ class Encoder(nn.Module):
   tokens after the first `num_protected` in the blocks of its `layers` (Python loop only); for
   LookupViT the patch tokens are pooled into the compressed tokens before the block of its
   `layers`, the blocks from there on are LookupViT blocks and the lookup tokens are dropped
-  after the last; for HVT they are max-pooled before the blocks of its `layers`; MCTF with
+  after the last; for HVT they are max-pooled before the blocks of its `layers`; for MSTM
+  fused with their multi-scale poolings before the first block of its `layers`; MCTF with
   `one_step_ahead` reads the next block's attention of the tokens it fuses (that block called
   with `probe=True`; needs remat_policy "none").
   The blocks of `attention_free_layers` have no attention branch, those of `spectral_layers`
@@ -500,6 +501,9 @@ class Encoder(nn.Module):
         if lookup and i == reduction.layers[0]:
           x, size = token_reduction_lib.compress(x, size, reduction.num_tokens,
                                                  num_protected=self.num_protected)
+        if reduction is not None and reduction.scales and i == reduction.layers[0]:
+          x = token_reduction_lib.multi_scale_fuse(x, reduction.scales,
+                                                   num_protected=self.num_protected)
         if pool and i in reduction.layers:
           x, size = token_reduction_lib.max_pool_tokens(
               x, size, reduction.kernel_size, reduction.stride,
@@ -666,14 +670,15 @@ class Model(nn.Module):
     scan_layers: stack the blocks with `nn.scan` (parameters get a leading `layers` axis).
     token_reduction: None, or a dict `{"method": NAME, ...}` of the method's settings (NAME
       one of `big_attn.layers.token_reduction.METHODS`: evit, tome, mctf, stvit, sit, spa,
-      dependencyvit, lookupvit, hvt; settings in its `DEFAULTS`, e.g. `{"method": "evit",
+      dependencyvit, lookupvit, hvt, mstm; settings in its `DEFAULTS`, e.g. `{"method": "evit",
       "keep_rate": 0.7, "layers": (3, 6, 9)}`): the patch tokens are pruned, merged or
       replaced between the attention and the MLP of those blocks (LookupViT: before its block,
       then exchanged with in every later block; HVT: max-pooled before them), the class and
       register tokens never
       (registers then sit after the class token inside the encoder). Needs
       `scan_layers=False` and an op without a patch grid; "evit", and "spa" with a
-      `threshold` (a variable number of tokens per image, the rest masked), need pool_type "cls";
+      `threshold` (a variable number of tokens per image, the rest masked), and "mstm" need
+      pool_type "cls";
       "stvit" and "lookupvit" a square patch grid.
     attention_free_layers: block indices without an attention branch (MLP Can Be A Good
       Transformer Learner: x + MLP(LN(x)) only); needs `scan_layers=False`.
