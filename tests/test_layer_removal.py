@@ -13,12 +13,11 @@ from big_attn import interpret
 from big_attn import main as main_lib
 from big_attn.layers.attention import Attention
 from big_attn.models import vit
-from big_attn.pretrained import loading
-from big_attn.pretrained._common import ConversionError
+from big_attn.pretrained import ConversionError, loading
 from tests import reference as ref
+from tests.test_token_reduction import IMAGES, _random_params  # 16 patch tokens
 from tests.test_train import losses, tiny_config
 
-IMAGES = np.asarray(ref.normal(0, (2, 16, 16, 3)))  # 16 patch tokens
 TINY = dict(num_classes=3, width=8, depth=4, num_heads=2, mlp_dim=8, patch_size=4,
             head_zeroinit=False)
 
@@ -27,13 +26,6 @@ def _entropy(a):
   """float64 -Σ_j a log a (0 log 0 = 0), mean over the other axes."""
   a = np.asarray(a, np.float64)
   return -np.mean(np.sum(np.where(a > 0, a * np.log(np.where(a > 0, a, 1)), 0), -1))
-
-
-def _random_params(model, seed=0):
-  abstract = jax.eval_shape(model.init, jax.random.key(0), IMAGES)["params"]
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda a: (0.5 * rng.normal(size=a.shape)).astype(a.dtype),
-                      nn.unbox(abstract))
 
 
 def test_attention_entropy_matches_numpy():
@@ -48,7 +40,7 @@ def test_attention_entropy_matches_numpy():
 def test_entropy_guided_choice_removes_the_lowest_entropy_layers():
   # Blocks 1 and 3 get sharp attention (queries and keys scaled by 6): the lowest entropies.
   model = vit.Model(**TINY)
-  params = _random_params(model)
+  params = _random_params(model, 0)
   for i in (1, 3):
     attention = params["Transformer"][f"encoderblock_{i}"]["MultiHeadAttention"]
     for name in ("query", "key"):
@@ -86,7 +78,7 @@ def test_entropy_guided_choice_removes_the_lowest_entropy_layers():
 def test_pruned_model_loads_the_full_models_weights(tmp_path):
   # The removed blocks' attention parameters are dropped; every other parameter is the full
   # model's; a checkpoint parameter the pruned model does not declare removed still raises.
-  full = _random_params(vit.Model(**TINY, layer_scale_init=0.1))
+  full = _random_params(vit.Model(**TINY, layer_scale_init=0.1), 0)
   path = str(tmp_path / "full.npz")
   loading.save_npz(full, path)
   init_from = {"path": path, "source": "big_attn"}

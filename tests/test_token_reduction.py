@@ -597,6 +597,14 @@ def test_learned_module_matches_reference(module_runs, name):
 
 # ---------------------------------------------------------------------------- in the models
 IMAGES = np.asarray(ref.normal(0, (2, 16, 16, 3)))  # 4x4 patches: 16 patch tokens
+
+
+def _random_params(model, seed):
+  """N(0, 0.5²) values of `model`'s parameter shapes on `IMAGES` (no init to compile)."""
+  rng = np.random.default_rng(seed)
+  abstract = jax.eval_shape(model.init, jax.random.key(0), IMAGES)["params"]
+  return jax.tree.map(lambda a: (0.5 * rng.normal(size=a.shape)).astype(a.dtype),
+                      nn.unbox(abstract))
 TINY = dict(num_classes=3, width=8, depth=2, num_heads=2, mlp_dim=8, patch_size=4,
             head_zeroinit=False)
 CASES = {  # name: (model, token counts seen by the blocks' attention)
@@ -672,18 +680,12 @@ def runs():
       jax.eval_shape(model.apply, params, IMAGES)
     out[name] = dict(seen=seen)
 
-  def random_params(model):  # no init to compile: normal values of the parameters' shapes
-    rng = np.random.default_rng(0)
-    abstract = jax.eval_shape(model.init, jax.random.key(0), IMAGES)["params"]
-    return jax.tree.map(lambda a: (0.5 * rng.normal(size=a.shape)).astype(a.dtype),
-                        nn.unbox(abstract))
-
   def losses_and_grads(params):
     return {name: jax.value_and_grad(
         lambda p, m=model: jnp.sum(m.apply({"params": p}, IMAGES) ** 2))(params[name])
             for name, model in GRADIENT_CASES.items()}
 
-  params = {name: random_params(model) for name, model in GRADIENT_CASES.items()}
+  params = {name: _random_params(model, 0) for name, model in GRADIENT_CASES.items()}
   compiled = jax.jit(losses_and_grads).lower(params).compile(
       compiler_options={"xla_backend_optimization_level": 0})
   for name, (loss, grads) in compiled(params).items():
@@ -713,10 +715,7 @@ def test_lookupvit_model_trains():
   # Compressed before block 0, then two LookupViT blocks: the lookup tokens reach the loss
   # through the compressed tokens' gathering, and block 0's lookup update through block 1's.
   model = deit.Model(**TINY, token_reduction=dict(method="lookupvit", num_tokens=4))
-  abstract = jax.eval_shape(model.init, jax.random.key(0), IMAGES)["params"]
-  rng = np.random.default_rng(0)
-  params = jax.tree.map(lambda a: (0.5 * rng.normal(size=a.shape)).astype(a.dtype),
-                        nn.unbox(abstract))
+  params = _random_params(model, 0)
   loss, grads = _compiled(jax.value_and_grad(
       lambda p: jnp.sum(model.apply({"params": p}, IMAGES) ** 2)), params)
   assert np.isfinite(loss) and loss > 0
@@ -731,10 +730,7 @@ def test_mctf_one_step_ahead_is_the_next_blocks_attention(monkeypatch):
   # LayerNorm and query/key projections on them, log sizes added (proportional attention).
   model = vit.Model(**TINY, pool_type="cls", token_reduction=dict(
       method="mctf", r=3, layers=(0,), one_step_ahead=True))
-  rng = np.random.default_rng(3)
-  abstract = jax.eval_shape(model.init, jax.random.key(0), IMAGES)["params"]
-  params = jax.tree.map(lambda a: (0.5 * rng.normal(size=a.shape)).astype(a.dtype),
-                        nn.unbox(abstract))
+  params = _random_params(model, 3)
   seen, fuse = {}, tr.mctf
 
   def spy(x, size, attn, r, **kwargs):
@@ -763,10 +759,7 @@ def test_spa_packing_masks_the_padding_in_later_blocks():
   # padding keys: its output equals softmax attention over the valid keys alone (float64).
   model = vit.Model(**TINY, pool_type="cls", token_reduction=dict(
       method="spa", keep_rate=0.5, threshold=0.5, layers=(0,)))
-  rng = np.random.default_rng(35)
-  abstract = jax.eval_shape(model.init, jax.random.key(0), IMAGES)["params"]
-  params = jax.tree.map(lambda a: (0.5 * rng.normal(size=a.shape)).astype(a.dtype),
-                        nn.unbox(abstract))
+  params = _random_params(model, 35)
   gate = params["Transformer"]["encoderblock_0"]["token_reduction"]
   for layer in ("LayerNorm", "gate"):  # gates centred on 1/2
     gate[layer]["bias"] = np.zeros_like(gate[layer]["bias"])
@@ -893,29 +886,17 @@ def _encoder_class_token(model, params, images, rng):
   return state["intermediates"]["Transformer"]["__call__"][0][:, 0]
 
 
-@pytest.fixture(scope="module")
-def consistency_case():
-  """A tiny MCTF ViT at r = 8 and r' = 0, random parameters, a batch."""
-  model = vit.Model(**TINY, pool_type="cls", token_reduction=dict(method="mctf", r=8))
-  rng = np.random.default_rng(5)
-  abstract = jax.eval_shape(model.init, jax.random.key(0), IMAGES)["params"]
-  leaves, tree = jax.tree.flatten(nn.unbox(abstract))
-  params = jax.tree.unflatten(tree, [(0.5 * rng.normal(size=a.shape)).astype(np.float32)
-                                     for a in leaves])
-  batch = {"image": IMAGES, "labels": jax.nn.one_hot(jnp.array([0, 2]), 3)}
-  return dict(model=model, other=model.clone(token_reduction=dict(method="mctf", r=0)),
-              params=params, batch=batch, rng=jax.random.key(1),
-              weight=0.7)
-
-
 def _mse64(a, b):
   return np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
 
 
-def test_token_reduction_consistency_matches_reference(consistency_case):
-  # The loss at r, plus the loss at r', plus λ·mean((x_cls − x'_cls)²) of the encoder's class
-  # tokens (read with Flax's own capture), in float64.
-  c = consistency_case
+def test_token_reduction_consistency_matches_reference():
+  # The loss at r = 8, plus the loss at r' = 0, plus λ·mean((x_cls − x'_cls)²) of the encoder's
+  # class tokens (read with Flax's own capture), in float64.
+  model = vit.Model(**TINY, pool_type="cls", token_reduction=dict(method="mctf", r=8))
+  c = dict(model=model, other=model.clone(token_reduction=dict(method="mctf", r=0)),
+           batch={"image": IMAGES, "labels": jax.nn.one_hot(jnp.array([0, 2]), 3)},
+           rng=jax.random.key(1), weight=0.7)
   regularized = regularizers.with_token_reduction_consistency(classification_loss,
                                                                c["weight"], r=0)
 
@@ -924,7 +905,7 @@ def test_token_reduction_consistency_matches_reference(consistency_case):
         (classification_loss(m, params, c["batch"], c["rng"]),
          _encoder_class_token(m, params, IMAGES, c["rng"])) for m in (c["model"], c["other"])]
 
-  loss, ((loss_r, cls_r), (loss_other, cls_other)) = _compiled(run, c["params"])
+  loss, ((loss_r, cls_r), (loss_other, cls_other)) = _compiled(run, _random_params(model, 5))
   assert _mse64(cls_r, cls_other) > 1e-4  # the two reductions differ
   np.testing.assert_allclose(loss, np.float64(loss_r) + np.float64(loss_other)
                              + c["weight"] * _mse64(cls_r, cls_other), rtol=1e-5)
@@ -977,10 +958,7 @@ def test_spa_selection_loss_in_a_vits_loss():
   # with Flax's `capture_intermediates`; all its tokens valid), the BCE in float64.
   model = vit.Model(**TINY, pool_type="cls", token_reduction=dict(
       method="spa", keep_rate=0.5, threshold=0.5, layers=(0,)))
-  rng_np = np.random.default_rng(36)
-  abstract = jax.eval_shape(model.init, jax.random.key(0), IMAGES)["params"]
-  params = jax.tree.map(lambda a: (0.5 * rng_np.normal(size=a.shape)).astype(a.dtype),
-                        nn.unbox(abstract))
+  params = _random_params(model, 36)
   batch = {"image": IMAGES, "labels": jax.nn.one_hot(jnp.array([1, 2]), 3)}
   rng, weight = jax.random.key(2), 0.3
   regularized = regularizers.with_spa_selection(classification_loss, weight)

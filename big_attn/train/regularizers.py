@@ -109,22 +109,39 @@ def token_reduction_consistency_loss(class_token: jax.Array, other: jax.Array) -
   return jnp.mean(jnp.square(class_token.astype(jnp.float32) - other.astype(jnp.float32)))
 
 
-def _with_class_token(loss_fn, model, variables, batch, rng, **kwargs):
-  """`loss_fn`'s result and the class token the model's encoder (`vit.Encoder`) outputs."""
-  outputs = []
+def _loss_and_calls(loss_fn, module_type, model, variables, batch, rng, **kwargs):
+  """`loss_fn`'s result and the `(args, output)` of each call of a `module_type` module, in the
+  order they ran (read with `nn.intercept_methods`)."""
+  calls = []
 
   def interceptor(next_fun, args, kwargs, context):
     out = next_fun(*args, **kwargs)
-    if isinstance(context.module, vit.Encoder) and context.method_name == "__call__":
-      outputs.append(out)
+    if isinstance(context.module, module_type) and context.method_name == "__call__":
+      calls.append((args, out))
     return out
 
   with nn.intercept_methods(interceptor):
     result = loss_fn(model, variables, batch, rng, **kwargs)
-  if not outputs:
+  return result, calls
+
+
+def _loss_value(result):
+  """The loss of a `Task.loss` (a scalar) or `Task.loss_with_stats` (a tuple) result."""
+  return result[0] if isinstance(result, tuple) else result
+
+
+def _with_loss(result, loss):
+  """`result` with its loss replaced by `loss` (batch statistics kept)."""
+  return (loss, *result[1:]) if isinstance(result, tuple) else loss
+
+
+def _with_class_token(loss_fn, model, variables, batch, rng, **kwargs):
+  """`loss_fn`'s result and the class token the model's encoder (`vit.Encoder`) outputs."""
+  result, calls = _loss_and_calls(loss_fn, vit.Encoder, model, variables, batch, rng, **kwargs)
+  if not calls:
     raise ValueError(f"{type(model).__name__} has no vit.Encoder: the token reduction "
                      "consistency reads its class token")
-  return result, outputs[-1][:, 0]
+  return result, calls[-1][1][:, 0]
 
 
 def with_token_reduction_consistency(loss_fn: Callable[..., Any], weight: float, *,
@@ -155,11 +172,8 @@ def with_token_reduction_consistency(loss_fn: Callable[..., Any], weight: float,
     result, class_token = _with_class_token(loss_fn, model, variables, batch, rng, **kwargs)
     other_result, other_class_token = _with_class_token(loss_fn, other, variables, batch, rng,
                                                         **kwargs)
-    first = result[0] if isinstance(result, tuple) else result
-    second = other_result[0] if isinstance(other_result, tuple) else other_result
-    total = first + second + weight * token_reduction_consistency_loss(class_token,
-                                                                       other_class_token)
-    return (total, *result[1:]) if isinstance(result, tuple) else total
+    return _with_loss(result, _loss_value(result) + _loss_value(other_result) + weight
+                      * token_reduction_consistency_loss(class_token, other_class_token))
 
   return regularized
 
@@ -173,23 +187,12 @@ def with_spa_selection(loss_fn: Callable[..., Any], weight: float) -> Callable[.
     raise ValueError(f"weight must be > 0, got {weight}")
 
   def regularized(model, variables, batch, rng, **kwargs):
-    terms = []
-
-    def interceptor(next_fun, args, kwargs, context):
-      out = next_fun(*args, **kwargs)
-      if isinstance(context.module, token_reduction.TokenGate) and (
-          context.method_name == "__call__"):
-        terms.append(token_reduction.selection_loss(*out, args[2]))
-      return out
-
-    with nn.intercept_methods(interceptor):
-      result = loss_fn(model, variables, batch, rng, **kwargs)
-    if not terms:
+    result, calls = _loss_and_calls(loss_fn, token_reduction.TokenGate, model, variables,
+                                    batch, rng, **kwargs)
+    if not calls:
       raise ValueError(f"{type(model).__name__} ran no SPA gating layer: the selection loss "
                        "needs token_reduction {'method': 'spa', ...}")
-    penalty = weight * jnp.mean(jnp.stack(terms))
-    if isinstance(result, tuple):
-      return (result[0] + penalty, *result[1:])
-    return result + penalty
+    terms = [token_reduction.selection_loss(*out, args[2]) for args, out in calls]
+    return _with_loss(result, _loss_value(result) + weight * jnp.mean(jnp.stack(terms)))
 
   return regularized
