@@ -527,7 +527,8 @@ MODULES = {  # name: (module, its output from (z, x), reference)
               lambda p, z, x: stvit_ref(p, x)),
     "sit": (tr.TokenSlimming(5, tau=0.7), lambda m, z, x: m(x, jnp.ones(x.shape[:2]))[0],
             lambda p, z, x: sit_ref(p, x, 0.7)),
-    "spa_gate": (tr.TokenGate(), lambda m, z, x: m(x, jnp.sum(x, -1), jnp.ones(x.shape[:2], bool))[0],
+    "spa_gate": (tr.TokenGate(),
+                 lambda m, z, x: m(x, jnp.sum(x, -1), jnp.ones(x.shape[:2], bool))[0],
                  lambda p, z, x: gate_ref(p, x)),
     "lookupvit": (tr.LookupExchange(WIDTH, HEADS, 6), _exchange, lookup_ref),
 }
