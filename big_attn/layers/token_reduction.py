@@ -29,8 +29,9 @@ Methods (`METHODS`; the keys of each, with the papers' defaults, in `DEFAULTS`):
   `softmax((LN'(x) W'_q)(LN'(x) W'_k)ᵀ·scale (+ log s))` with the next block's LayerNorm and
   projections; the last block, or one followed by an attention-free block, uses its own.
   The paper then reuses that map, fused, as the next block's attention; here the next block
-  computes its own on the fused tokens. Its token reduction consistency loss is
-  `consistency_loss` (`config.loss.token_reduction_consistency`).
+  computes its own on the fused tokens. Its token reduction consistency (training) is
+  `big_attn.train.regularizers.with_token_reduction_consistency`
+  (`config.loss.token_reduction_consistency`).
 - "stvit": Making Vision Transformers Efficient from A Token Sparsification View (Chang et al.,
   2023), semantic tokens. At its one layer the N patch tokens (a square grid, unreduced) are
   average-pooled into `num_tokens` (a square) semantic tokens `S₀ = P x` (adaptive pooling bins,
