@@ -956,7 +956,8 @@ def test_token_reduction_consistency_trains_through_main(tmp_path):
 # --------------------------------------------------------------- SPA's selection-label loss
 def test_spa_selection_loss_in_a_vits_loss():
   # The task's loss plus λ·BCE(gate, labels) of the one gating layer (its gates and labels read
-  # with Flax's `capture_intermediates`; all its tokens valid), the BCE in float64.
+  # with Flax's `capture_intermediates`; all its tokens valid), the BCE in float64; the labels
+  # mark the 8 patches the class token attends to most (NumPy from the block's queries, keys).
   model = vit.Model(**TINY, pool_type="cls", token_reduction=dict(
       method="spa", keep_rate=0.5, threshold=0.5, layers=(0,)))
   params = _random_params(model, 36)
@@ -964,18 +965,32 @@ def test_spa_selection_loss_in_a_vits_loss():
   rng, weight = jax.random.key(2), 0.3
   regularized = regularizers.with_spa_selection(classification_loss, weight)
 
+  queries_keys = []
+
+  def interceptor(next_fun, args, kwargs, context):
+    if isinstance(context.module, Attention) and context.method_name == "attend":
+      queries_keys.append(args[:2])
+    return next_fun(*args, **kwargs)
+
   def run(params):
-    _, state = model.apply({"params": params}, IMAGES, train=True, rngs={"dropout": rng},
-                           capture_intermediates=lambda m, _: isinstance(m, tr.TokenGate),
-                           mutable=["intermediates"])
+    with nn.intercept_methods(interceptor):
+      _, state = model.apply({"params": params}, IMAGES, train=True, rngs={"dropout": rng},
+                             capture_intermediates=lambda m, _: isinstance(m, tr.TokenGate),
+                             mutable=["intermediates"])
     gate_out = state["intermediates"]["Transformer"]["encoderblock_0"]["token_reduction"]
     return (regularized(model, params, batch, rng),
-            classification_loss(model, params, batch, rng), gate_out["__call__"][0])
+            classification_loss(model, params, batch, rng), gate_out["__call__"][0],
+            queries_keys[0])
 
-  loss, plain, (gate, labels) = _compiled(run, params)
+  loss, plain, (gate, labels), (q, k) = _compiled(run, params)
   g, y = np.asarray(gate, np.float64), np.asarray(labels, np.float64)
-  assert gate.shape == (2, 16) and set(np.unique(y)) == {0.0, 1.0}
-  np.testing.assert_array_equal(y.sum(1), [8, 8])  # ⌈0.5·16⌉ labelled per image
+  q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
+  cls_attn = _softmax(np.einsum("bhd,bkhd->bhk", q[:, 0], k) / np.sqrt(q.shape[-1]),
+                      -1).mean(1)[:, 1:]
+  want = np.zeros((2, 16))
+  for b in range(2):
+    want[b, np.argsort(-cls_attn[b], kind="stable")[:8]] = 1  # ⌈0.5·16⌉ per image
+  np.testing.assert_array_equal(y, want)
   bce = -np.mean(y * np.log(g) + (1 - y) * np.log(1 - g))
   np.testing.assert_allclose(loss, np.float64(plain) + weight * bce, rtol=1e-5)
   with pytest.raises(ValueError, match="ran no SPA gating layer"):

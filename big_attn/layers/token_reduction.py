@@ -48,8 +48,9 @@ Methods (`METHODS`; the keys of each, with the papers' defaults, in `DEFAULTS`):
 - "spa": Context-Aware Token Selection and Packing for Enhanced Vision Transformer (Select and
   Pack Attention). A gating layer scores each token `g_j = sigmoid(w·LN(x_j) + b)` (`TokenGate`),
   supervised by selection labels: `y_j = 1` for the ⌈keep_rate·N⌉ tokens that receive the
-  most attention in the block (softmax, averaged over heads and the valid queries; the paper
-  derives its labels from object boxes, which classification lacks), with the binary
+  most attention in the block, from the class token when the model has one, else averaged
+  over the valid queries (softmax over the valid keys, averaged over heads; the paper derives
+  its labels from object boxes, which classification lacks), with the binary
   cross-entropy `selection_loss` (`config.loss.spa_selection`). Without `threshold` the
   ⌈keep_rate·N⌉ tokens of largest gate are kept (`select_and_pack`, a fixed budget); with
   `threshold` τ each image keeps its own number, the tokens with `g_j > τ` (`pack`): they come
@@ -153,7 +154,8 @@ _ONE_LAYER = ("stvit", "lookupvit")  # the patch tokens are replaced once
 
 @dataclasses.dataclass(frozen=True)
 class TokenReduction:
-  """A checked `token_reduction` config (`resolve`): the method and its settings."""
+  """A checked `token_reduction` config (`resolve`): the method, its settings and whether the
+  model's first token is a class token."""
   method: str
   layers: tuple[int, ...]
   keep_rate: float = 1.0
@@ -172,6 +174,7 @@ class TokenReduction:
   stride: int = 0
   threshold: float | None = None
   scales: tuple[int, ...] = ()
+  class_token: bool = True
 
   @property
   def pads(self) -> bool:
@@ -251,7 +254,7 @@ def resolve(config: Any, depth: int, *, op: str = "softmax",
       out[key] = checks.non_negative_float(name(key), value)
     else:
       out[key] = _bool(name(key), value)
-  return TokenReduction(method=method, layers=layers, **out)
+  return TokenReduction(method=method, layers=layers, class_token=has_class_token, **out)
 
 
 # ------------------------------------------------------------------------- Attention of the block
@@ -758,9 +761,10 @@ def reduce_tokens(spec: TokenReduction, x: Array, size: Array, seen: Mapping[str
   p = num_protected
   learned = dict(dtype=dtype, param_dtype=param_dtype, name="token_reduction")
   if spec.method == "spa":
-    valid = size[:, p:] > 0
-    score = received_by_valid(query, key, size > 0, scale=scale)[:, p:]
-    gate, _ = TokenGate(spec.keep_rate, **learned)(x[:, p:], score, valid)
+    valid = size > 0  # False for SPA's padding
+    score = (class_attention(query, key, scale=scale, size=valid.astype(jnp.float32))
+             if spec.class_token else received_by_valid(query, key, valid, scale=scale))
+    gate, _ = TokenGate(spec.keep_rate, **learned)(x[:, p:], score[:, p:], valid[:, p:])
     gate = jnp.concatenate([jnp.ones_like(size[:, :p]), gate], axis=1)
     if spec.threshold is None:
       return select_and_pack(x, size, gate, spec.keep_rate, num_protected=p)
