@@ -11,11 +11,10 @@ import pytest
 
 from big_attn import interpret
 from big_attn import main as main_lib
-from big_attn.layers.attention import Attention
 from big_attn.models import vit
 from big_attn.pretrained import ConversionError, loading
 from tests import reference as ref
-from tests.test_token_reduction import IMAGES, _random_params  # 16 patch tokens
+from tests.test_token_reduction import IMAGES, _random_params, attend_calls  # 16 patches
 from tests.test_train import losses, tiny_config
 
 TINY = dict(num_classes=3, width=8, depth=4, num_heads=2, mlp_dim=8, patch_size=4,
@@ -46,17 +45,11 @@ def test_entropy_guided_choice_removes_the_lowest_entropy_layers():
     for name in ("query", "key"):
       attention[name] = {k: 6 * v for k, v in attention[name].items()}
   variables = {"params": params}
-  queries_keys = []
-
-  def interceptor(next_fun, args, kwargs, context):
-    if isinstance(context.module, Attention) and context.method_name == "attend":
-      queries_keys.append(args[:2])
-    return next_fun(*args, **kwargs)
 
   def run(variables):
-    with nn.intercept_methods(interceptor):
+    with attend_calls() as calls:
       model.apply(variables, IMAGES)
-    return queries_keys
+    return [call[:2] for call in calls]
 
   queries_keys = jax.jit(run).lower(variables).compile(  # XLA's optimisations off: cheaper
       compiler_options={"xla_backend_optimization_level": 0})(variables)

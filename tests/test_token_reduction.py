@@ -3,6 +3,7 @@ DependencyViT-Lite, LookupViT, HVT) against float64 references written from the 
 (NumPy loops over tokens for the selections and merges; plain JAX in float64 for the learned
 modules, forward and gradient), and inside tiny ViT and DeiT models with several attention ops:
 token counts per block, gradients, the config checks."""
+import contextlib
 import functools
 import math
 
@@ -600,6 +601,22 @@ def test_learned_module_matches_reference(module_runs, name):
 IMAGES = np.asarray(ref.normal(0, (2, 16, 16, 3)))  # 4x4 patches: 16 patch tokens
 
 
+@contextlib.contextmanager
+def attend_calls():
+  """Within the context, the `(query, key, value, mask, output)` of every `Attention.attend`
+  call, in the yielded list."""
+  calls = []
+
+  def interceptor(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if isinstance(context.module, Attention) and context.method_name == "attend":
+      calls.append((*args[:3], kwargs.get("mask"), out))
+    return out
+
+  with nn.intercept_methods(interceptor):
+    yield calls
+
+
 def _random_params(model, seed):
   """N(0, 0.5²) values of `model`'s parameter shapes on `IMAGES` (no init to compile)."""
   rng = np.random.default_rng(seed)
@@ -764,18 +781,10 @@ def test_spa_packing_masks_the_padding_in_later_blocks():
   gate = params["Transformer"]["encoderblock_0"]["token_reduction"]
   for layer in ("LayerNorm", "gate"):  # gates centred on 1/2
     gate[layer]["bias"] = np.zeros_like(gate[layer]["bias"])
-  seen = []
-
-  def interceptor(next_fun, args, kwargs, context):
-    out = next_fun(*args, **kwargs)
-    if isinstance(context.module, Attention) and context.method_name == "attend":
-      seen.append((*args[:3], kwargs.get("mask"), out))
-    return out
-
   def run(params, images):
-    with nn.intercept_methods(interceptor):
+    with attend_calls() as calls:
       model.apply({"params": params}, images)
-    return seen[-1]
+    return calls[-1]
 
   q, k, v, mask, out = _compiled(run, params, IMAGES)
   valid = np.asarray(mask)[:, 0, 0]
@@ -965,22 +974,15 @@ def test_spa_selection_loss_in_a_vits_loss():
   rng, weight = jax.random.key(2), 0.3
   regularized = regularizers.with_spa_selection(classification_loss, weight)
 
-  queries_keys = []
-
-  def interceptor(next_fun, args, kwargs, context):
-    if isinstance(context.module, Attention) and context.method_name == "attend":
-      queries_keys.append(args[:2])
-    return next_fun(*args, **kwargs)
-
   def run(params):
-    with nn.intercept_methods(interceptor):
+    with attend_calls() as calls:
       _, state = model.apply({"params": params}, IMAGES, train=True, rngs={"dropout": rng},
                              capture_intermediates=lambda m, _: isinstance(m, tr.TokenGate),
                              mutable=["intermediates"])
     gate_out = state["intermediates"]["Transformer"]["encoderblock_0"]["token_reduction"]
     return (regularized(model, params, batch, rng),
             classification_loss(model, params, batch, rng), gate_out["__call__"][0],
-            queries_keys[0])
+            calls[0][:2])
 
   loss, plain, (gate, labels), (q, k) = _compiled(run, params)
   g, y = np.asarray(gate, np.float64), np.asarray(labels, np.float64)
