@@ -431,6 +431,12 @@ def _train_and_evaluate(config: Any, workdir: str, stop: StopRequest) -> dict[st
           loss, diversification, threshold=(
               regularizers.THRESHOLD if config.loss.attention_diversification_threshold is None
               else config.loss.attention_diversification_threshold))
+    if config.loss.spa_selection:
+      loss = regularizers.with_spa_selection(loss, config.loss.spa_selection)
+    if config.loss.token_reduction_consistency:
+      loss = regularizers.with_token_reduction_consistency(
+          loss, config.loss.token_reduction_consistency,
+          r=config.loss.token_reduction_consistency_r)
     return loss
 
   def update(state, batch, rng, c):

@@ -47,6 +47,9 @@ BATCH = 64
 # at EViT's layers scaled to depth 4 (1, 2, 3); ToMe and MCTF merge 2 tokens in every block
 # (the papers' r = 16 would halve the 16 tokens at once); STViT replaces them by 4 semantic
 # tokens after block 1's attention, LookupViT compresses them into 4 tokens before block 0.
+# "mctf_ahead" reads the next block's attention (one-step-ahead), "spa_packed" keeps each
+# image's tokens with gate > 0.5 (the rest masked), MSTM fuses scales 1 and 2 of the grid and
+# merges 30% at EViT's layers.
 METHODS = {
     "none": None,
     "evit": {"method": "evit", "keep_rate": 0.7},
@@ -57,6 +60,9 @@ METHODS = {
     "spa": {"method": "spa", "keep_rate": 0.7},
     "dependencyvit": {"method": "dependencyvit", "keep_rate": 0.7},
     "lookupvit": {"method": "lookupvit", "num_tokens": 4},
+    "mctf_ahead": {"method": "mctf", "r": 2, "one_step_ahead": True},
+    "spa_packed": {"method": "spa", "keep_rate": 0.7, "threshold": 0.5},
+    "mstm": {"method": "mstm", "keep_rate": 0.7},
 }
 
 

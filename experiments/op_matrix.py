@@ -87,8 +87,8 @@ def _lm_inputs(length: int):
 def _tiny_models() -> dict[str, tuple[Callable[..., Any], Callable, dict[str, Any]]]:
   """name -> ((op, **fields) -> Model, rng -> call arguments, apply keyword arguments): tiny
   sizes, the digits configs' settings (LayerNorm where a family offers BatchNorm, to stay
-  stateless; EfficientViT has only BatchNorm, so it runs with `train=True` on batch
-  statistics, as in training: with the initial running statistics nothing normalises the
+  stateless; EfficientViT, LeViT, LIT and DHVT have only BatchNorm, so they run with
+  `train=True` on batch statistics, as in training: with the initial running statistics nothing normalises the
   perturbed model's activations); `fields` are further Model fields (`attention_impl`, the
   LM's mesh)."""
   vit_sizes = dict(width=16, depth=1, mlp_dim=32, num_heads=2, patch_size=(2, 2))
@@ -161,6 +161,17 @@ def _tiny_models() -> dict[str, tuple[Callable[..., Any], Callable, dict[str, An
           stage_spec=("ND",), strides=(2,), offset_kernels=(3,), patch_size=2, attention=op,
           local_attention=op, **f),
               _image((2, 8, 8, 1)), {}),
+      "levit": (lambda op, **f: models.get("levit").Model(
+          num_classes=3, widths=(8, 12, 16), key_dim=4, num_heads=(2, 3, 2), depths=(1, 1, 1),
+          patch_size=2, attention=op, **f),
+                _image((2, 8, 12, 1)), dict(train=True)),
+      "lit": (lambda op, **f: models.get("lit").Model(
+          num_classes=3, widths=(4, 8, 8, 8), num_heads=(1, 2, 2, 2), depths=(1, 1, 1, 1),
+          patch_size=2, attention=op, **f),
+              _image((2, 16, 16, 1)), dict(train=True)),
+      "dhvt": (lambda op, **f: models.get("dhvt").Model(
+          num_classes=3, width=8, depth=1, num_heads=2, patch_size=2, attention=op, **f),
+               _image((2, 8, 8, 1)), dict(train=True)),
       "lm": (lambda op, **f: models.get("lm").Model(
           **{**dict(vocab_size=11, width=16, depth=1, num_heads=2, num_kv_heads=1,
                     qk_norm=True), **f}, attention=op),

@@ -3,6 +3,7 @@ DependencyViT-Lite, LookupViT, HVT) against float64 references written from the 
 (NumPy loops over tokens for the selections and merges; plain JAX in float64 for the learned
 modules, forward and gradient), and inside tiny ViT and DeiT models with several attention ops:
 token counts per block, gradients, the config checks."""
+import contextlib
 import functools
 import math
 
@@ -12,12 +13,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from big_attn import main as main_lib
 from big_attn.layers import token_reduction as tr
 from big_attn.layers.attention import Attention
 from big_attn.models import deit, vit
+from big_attn.tasks import classification_loss
 from big_attn.train import config_lib
+from big_attn.train import regularizers
 from tests import reference as ref
-from tests.test_train import _config_module
+from tests.test_train import _config_module, losses, tiny_config
 
 TOL = 1e-5
 B, N, C = 2, 12, 5  # 12 tokens: the first `P` protected, 11 or 10 others (odd and even sets)
@@ -265,6 +269,134 @@ def test_select_and_pack_matches_reference():
   np.testing.assert_array_equal(out_size[:, p:], [size[b, i] for b, i in enumerate(idx)])
 
 
+def test_spa_labels_scores_and_loss_match_reference():
+  # Labels: the ⌈ρ·n_valid⌉ valid tokens of largest score (ties: lower index); the scores: the
+  # attention the valid tokens give the valid keys; the loss: BCE over the valid tokens, and
+  # its gradient d/dg = (g − y) / (g (1 − g)) / n_valid.
+  q, k, _ = ref.qkv(b=B, t=7, n=4, k=2, d=8, seed=30)
+  valid = np.ones((B, 7), bool)
+  valid[0, [2, 5]] = valid[1, 6] = False
+  score = np.asarray(_data(31, n=7)[2])
+  score[1, 3] = score[1, 1]  # a tie
+  gate = np.random.default_rng(32).uniform(0.05, 0.95, size=(B, 7)).astype(np.float32)
+  rate = 0.5
+
+  def run(q, k, valid, score, gate):
+    labels = tr.selection_labels(score, valid, rate)
+    loss, grad = jax.value_and_grad(tr.selection_loss)(gate, labels, valid)
+    return tr.received_by_valid(q, k, valid, scale=0.3), labels, loss, grad
+
+  got_score, labels, loss, grad = _compiled(run, q, k, valid, score, gate)
+  want_labels = np.zeros((B, 7))
+  for b in range(B):
+    idx = [j for j in range(7) if valid[b, j]]
+    top = sorted(idx, key=lambda j, b=b: (-score[b, j], j))[:math.ceil(rate * len(idx))]
+    want_labels[b, top] = 1
+  np.testing.assert_array_equal(labels, want_labels)
+  qf, kf = np.asarray(q, np.float64), np.repeat(np.asarray(k, np.float64), 2, axis=2)
+  want_score = np.zeros((B, 7))
+  for b in range(B):
+    idx = np.flatnonzero(valid[b])
+    logits = np.einsum("qhd,khd->hqk", qf[b][idx], kf[b][idx]) * 0.3
+    want_score[b, idx] = _softmax(logits, -1).mean((0, 1))
+  np.testing.assert_allclose(got_score, want_score, rtol=TOL, atol=1e-6)
+  g, y, n = np.asarray(gate, np.float64), want_labels, valid.sum()
+  bce = -(y * np.log(g) + (1 - y) * np.log(1 - g))
+  np.testing.assert_allclose(loss, bce[valid].sum() / n, rtol=1e-6)
+  np.testing.assert_allclose(grad, np.where(valid, (g - y) / (g * (1 - g)) / n, 0),
+                             rtol=1e-5, atol=1e-7)
+
+
+def test_spa_pack_matches_reference():
+  # The valid tokens with gate above τ first (decreasing gate, ties lower index), scaled by it;
+  # then zeros of size 0. Forward and gradient (x, gate) against float64 NumPy.
+  x, size, gate = _data(33)
+  size[0, 4] = 0  # a padding token from an earlier packing: never kept
+  gate[0, 4] = 0.99
+  gate[1, 5] = gate[1, 8]  # a tie
+  p, tau = 1, 0.4
+  kept = [sorted([j for j in range(p, N) if size[b, j] > 0 and gate[b, j] > tau],
+                 key=lambda j, b=b: (-gate[b, j], j)) for b in range(B)]
+  assert len(kept[0]) != len(kept[1])  # a variable number per image
+
+  def reference(x, gate):
+    out = np.zeros(x.shape)
+    out[:, :p] = x[:, :p]
+    for b, idx in enumerate(kept):
+      out[b, p:p + len(idx)] = x[b, idx] * gate[b, idx][:, None]
+    return out
+
+  def out_and_grads(x, gate, cot):
+    (out, out_size), vjp = jax.vjp(lambda x, g: tr.pack(x, size, g, tau, num_protected=p),
+                                   x, gate)
+    return out, out_size, vjp((cot, jnp.zeros_like(out_size)))
+
+  cot = np.asarray(ref.normal(34, (B, N, C)))
+  out, out_size, grads = _compiled(out_and_grads, x, gate, cot)
+  args = (np.asarray(x, np.float64), np.asarray(gate, np.float64))
+  np.testing.assert_allclose(out, reference(*args), rtol=TOL, atol=TOL)
+  for b, idx in enumerate(kept):
+    np.testing.assert_array_equal(out_size[b], np.r_[size[b, :p], size[b, idx],
+                                                     np.zeros(N - p - len(idx))])
+  for g, w in zip(grads, numerical_grads(reference, args, cot)):
+    np.testing.assert_allclose(g, w, rtol=TOL, atol=TOL)
+
+
+def test_mstm_multi_scale_fusion_matches_reference():
+  # mean over scales of each token's s×s block average (the block holding it) on the 4x4 grid.
+  x = np.asarray(ref.normal(40, (B, 17, C)))
+  out = _compiled(tr.multi_scale_fuse, x, scales=(1, 2, 4), num_protected=1)
+  grid = np.asarray(x[:, 1:], np.float64).reshape(B, 4, 4, C)
+  want = np.zeros_like(grid)
+  for r in range(4):
+    for c in range(4):
+      for s in (1, 2, 4):
+        r0, c0 = r // s * s, c // s * s
+        want[:, r, c] += grid[:, r0:r0 + s, c0:c0 + s].mean((1, 2)) / 3
+  np.testing.assert_allclose(out[:, 1:], want.reshape(B, 16, C), rtol=TOL, atol=TOL)
+  np.testing.assert_array_equal(out[:, 0], x[:, 0])
+  with pytest.raises(ValueError, match="grid side must be divisible by each scale"):
+    tr.multi_scale_fuse(x, (3,), num_protected=1)
+
+
+def test_mstm_mergence_matches_reference():
+  # The ⌈ρN⌉ most important tokens stay (decreasing importance); each other joins the kept
+  # token of most cosine-similar metric: Σ s_i x_i / Σ s_i, sizes add. Forward and gradient.
+  x, size, importance = _data(41)
+  metric = np.asarray(ref.normal(42, (B, N, 4)))
+  keep_rate, p = 0.4, 1
+  keep = math.ceil(keep_rate * (N - p))
+  groups = []
+  for b in range(B):
+    order = sorted(range(p, N), key=lambda j, b=b: (-importance[b, j], j))
+    kept, rest = order[:keep], order[keep:]
+    unit = metric[b] / np.linalg.norm(metric[b], axis=-1, keepdims=True)
+    groups.append([[k] + [j for j in rest if np.argmax([unit[j] @ unit[i] for i in kept])
+                          == kept.index(k)] for k in kept])
+
+  def reference(x):
+    out = np.zeros((B, p + keep, C))
+    out[:, :p] = x[:, :p]
+    for b, bgroups in enumerate(groups):
+      for o, g in enumerate(bgroups):
+        out[b, p + o] = (size[b, g, None] * x[b, g]).sum(0) / size[b, g].sum()
+    return out
+
+  def out_and_grad(x, cot):
+    (out, out_size), vjp = jax.vjp(lambda x: tr.merge_into_crucial(
+        x, size, importance, metric, keep_rate, num_protected=p), x)
+    return out, out_size, vjp((cot, jnp.zeros_like(out_size)))[0]
+
+  cot = np.asarray(ref.normal(43, (B, p + keep, C)))
+  out, out_size, grad = _compiled(out_and_grad, x, cot)
+  np.testing.assert_allclose(out, reference(np.asarray(x, np.float64)), rtol=TOL, atol=TOL)
+  np.testing.assert_allclose(out_size[:, p:], [[size[b, g].sum() for g in bg]
+                                               for b, bg in enumerate(groups)])
+  np.testing.assert_allclose(out_size.sum(1), size.sum(1))
+  want_grad, = numerical_grads(reference, (np.asarray(x, np.float64),), cot)
+  np.testing.assert_allclose(grad, want_grad, rtol=TOL, atol=TOL)
+
+
 def hvt_ref(x, size, k, s, p):
   """The protected tokens, then out_i = max_{j < k} x_{p + s·i + j} per channel for each whole
   window; size: the window's mean size times s."""
@@ -396,7 +528,9 @@ MODULES = {  # name: (module, its output from (z, x), reference)
               lambda p, z, x: stvit_ref(p, x)),
     "sit": (tr.TokenSlimming(5, tau=0.7), lambda m, z, x: m(x, jnp.ones(x.shape[:2]))[0],
             lambda p, z, x: sit_ref(p, x, 0.7)),
-    "spa_gate": (tr.TokenGate(), lambda m, z, x: m(x), lambda p, z, x: gate_ref(p, x)),
+    "spa_gate": (tr.TokenGate(),
+                 lambda m, z, x: m(x, jnp.sum(x, -1), jnp.ones(x.shape[:2], bool))[0],
+                 lambda p, z, x: gate_ref(p, x)),
     "lookupvit": (tr.LookupExchange(WIDTH, HEADS, 6), _exchange, lookup_ref),
 }
 
@@ -465,6 +599,30 @@ def test_learned_module_matches_reference(module_runs, name):
 
 # ---------------------------------------------------------------------------- in the models
 IMAGES = np.asarray(ref.normal(0, (2, 16, 16, 3)))  # 4x4 patches: 16 patch tokens
+
+
+@contextlib.contextmanager
+def attend_calls():
+  """Within the context, the `(query, key, value, mask, output)` of every `Attention.attend`
+  call, in the yielded list."""
+  calls = []
+
+  def interceptor(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if isinstance(context.module, Attention) and context.method_name == "attend":
+      calls.append((*args[:3], kwargs.get("mask"), out))
+    return out
+
+  with nn.intercept_methods(interceptor):
+    yield calls
+
+
+def _random_params(model, seed):
+  """N(0, 0.5²) values of `model`'s parameter shapes on `IMAGES` (no init to compile)."""
+  rng = np.random.default_rng(seed)
+  abstract = jax.eval_shape(model.init, jax.random.key(0), IMAGES)["params"]
+  return jax.tree.map(lambda a: (0.5 * rng.normal(size=a.shape)).astype(a.dtype),
+                      nn.unbox(abstract))
 TINY = dict(num_classes=3, width=8, depth=2, num_heads=2, mlp_dim=8, patch_size=4,
             head_zeroinit=False)
 CASES = {  # name: (model, token counts seen by the blocks' attention)
@@ -473,6 +631,9 @@ CASES = {  # name: (model, token counts seen by the blocks' attention)
                                                     layers=(0, 1))), [17, 10]),
     "mctf_performer_registers": (vit.Model(**TINY, attention="performer", num_registers=1,
                                            token_reduction=dict(method="mctf", r=3)), [17, 14]),
+    # Block 0's one-step-ahead attention: block 1's queries and keys of its 18 tokens.
+    "deit_mctf_one_step_ahead": (deit.Model(**TINY, token_reduction=dict(
+        method="mctf", r=3, one_step_ahead=True)), [18, 18, 15]),
     "deit_tome_sigmoid": (deit.Model(**TINY, attention="sigmoid",
                                      token_reduction=dict(method="tome", r=4)), [18, 14]),
     "stvit_softmax_registers": (vit.Model(**TINY, pool_type="cls", num_registers=1,
@@ -494,6 +655,9 @@ CASES = {  # name: (model, token counts seen by the blocks' attention)
     "deit_lookupvit": (deit.Model(**TINY, token_reduction=dict(method="lookupvit",
                                                                num_tokens=4, layers=(1,))),
                        [18, 6]),
+    # 16 multi-scale fused patch tokens, 7 of them merged into the 9 crucial ones in block 0.
+    "mstm_cls": (vit.Model(**TINY, pool_type="cls", token_reduction=dict(
+        method="mstm", keep_rate=0.5, layers=(0,), scales=(1, 2, 4))), [17, 9]),
     # 16 patch tokens max-pooled (window 3, stride 2) into 7 before block 1.
     "hvt_gap": (vit.Model(**TINY, token_reduction=dict(method="hvt", layers=(1,))), [16, 7]),
     "deit_hvt_performer": (deit.Model(**TINY, attention="performer",
@@ -505,6 +669,8 @@ CASES = {  # name: (model, token counts seen by the blocks' attention)
 # One block, reduced between its attention and MLP (HVT: before it): the gradient through each
 # op and method.
 GRADIENT_CASES = {
+    "mstm_cls": vit.Model(**dict(TINY, depth=1), pool_type="cls",
+                          token_reduction=dict(method="mstm", layers=(0,))),
     "evit_softmax": vit.Model(**dict(TINY, depth=1), pool_type="cls",
                               token_reduction=dict(method="evit", layers=(0,))),
     "mctf_performer_registers": vit.Model(**dict(TINY, depth=1), attention="performer",
@@ -532,18 +698,12 @@ def runs():
       jax.eval_shape(model.apply, params, IMAGES)
     out[name] = dict(seen=seen)
 
-  def random_params(model):  # no init to compile: normal values of the parameters' shapes
-    rng = np.random.default_rng(0)
-    abstract = jax.eval_shape(model.init, jax.random.key(0), IMAGES)["params"]
-    return jax.tree.map(lambda a: (0.5 * rng.normal(size=a.shape)).astype(a.dtype),
-                        nn.unbox(abstract))
-
   def losses_and_grads(params):
     return {name: jax.value_and_grad(
         lambda p, m=model: jnp.sum(m.apply({"params": p}, IMAGES) ** 2))(params[name])
             for name, model in GRADIENT_CASES.items()}
 
-  params = {name: random_params(model) for name, model in GRADIENT_CASES.items()}
+  params = {name: _random_params(model, 0) for name, model in GRADIENT_CASES.items()}
   compiled = jax.jit(losses_and_grads).lower(params).compile(
       compiler_options={"xla_backend_optimization_level": 0})
   for name, (loss, grads) in compiled(params).items():
@@ -573,10 +733,7 @@ def test_lookupvit_model_trains():
   # Compressed before block 0, then two LookupViT blocks: the lookup tokens reach the loss
   # through the compressed tokens' gathering, and block 0's lookup update through block 1's.
   model = deit.Model(**TINY, token_reduction=dict(method="lookupvit", num_tokens=4))
-  abstract = jax.eval_shape(model.init, jax.random.key(0), IMAGES)["params"]
-  rng = np.random.default_rng(0)
-  params = jax.tree.map(lambda a: (0.5 * rng.normal(size=a.shape)).astype(a.dtype),
-                        nn.unbox(abstract))
+  params = _random_params(model, 0)
   loss, grads = _compiled(jax.value_and_grad(
       lambda p: jnp.sum(model.apply({"params": p}, IMAGES) ** 2)), params)
   assert np.isfinite(loss) and loss > 0
@@ -584,6 +741,62 @@ def test_lookupvit_model_trains():
   blocks = grads["Transformer"]
   assert np.abs(blocks["encoderblock_0"]["lookup_exchange"]["mlp"]["Dense_0"]["kernel"]).sum() > 0
   assert np.abs(blocks["encoderblock_1"]["lookup_exchange"]["key"]["kernel"]).sum() > 0
+
+
+def test_mctf_one_step_ahead_is_the_next_blocks_attention(monkeypatch):
+  # Block 0 fuses with the attention block 1 would compute on the fused tokens: block 1's
+  # LayerNorm and query/key projections on them, log sizes added (proportional attention).
+  model = vit.Model(**TINY, pool_type="cls", token_reduction=dict(
+      method="mctf", r=3, layers=(0,), one_step_ahead=True))
+  params = _random_params(model, 3)
+  seen, fuse = {}, tr.mctf
+
+  def spy(x, size, attn, r, **kwargs):
+    seen.update(x=x, size=size, attn=attn)
+    return fuse(x, size, attn, r, **kwargs)
+
+  monkeypatch.setattr(tr, "mctf", spy)
+
+  def run(params, images):
+    model.apply({"params": params}, images)
+    return seen["x"], seen["size"], seen["attn"]
+
+  x, size, attn = _compiled(run, params, IMAGES)
+  nxt = jax.tree.map(lambda a: np.asarray(a, np.float64),
+                     params["Transformer"]["encoderblock_1"])
+  normed = _ln(np.asarray(x, np.float64), nxt["LayerNorm_0"])
+  q, k = (_proj(normed, nxt["MultiHeadAttention"][name]) for name in ("query", "key"))
+  logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+  want = _softmax(logits + np.log(np.asarray(size, np.float64))[:, None, None, :], -1)
+  np.testing.assert_allclose(attn, want.mean((1, 2)), rtol=1e-4, atol=1e-6)
+  assert x.shape == (2, 17, TINY["width"])  # before block 0's MLP, 16 patches + class token
+
+
+def test_spa_packing_masks_the_padding_in_later_blocks():
+  # After block 0 packs each image's tokens with gate > 0.5, block 1's attention masks the
+  # padding keys: its output equals softmax attention over the valid keys alone (float64).
+  model = vit.Model(**TINY, pool_type="cls", token_reduction=dict(
+      method="spa", keep_rate=0.5, threshold=0.5, layers=(0,)))
+  params = _random_params(model, 35)
+  gate = params["Transformer"]["encoderblock_0"]["token_reduction"]
+  for layer in ("LayerNorm", "gate"):  # gates centred on 1/2
+    gate[layer]["bias"] = np.zeros_like(gate[layer]["bias"])
+  def run(params, images):
+    with attend_calls() as calls:
+      model.apply({"params": params}, images)
+    return calls[-1]
+
+  q, k, v, mask, out = _compiled(run, params, IMAGES)
+  valid = np.asarray(mask)[:, 0, 0]
+  counts = valid.sum(1)
+  assert valid[:, 0].all() and 1 < counts.min() and counts.max() < 17
+  assert counts[0] != counts[1]  # a variable number of tokens per image
+  for b in range(2):
+    assert valid[b, :counts[b]].all()  # kept tokens first
+    qf, kf, vf = (np.asarray(a[b], np.float64) for a in (q, k, v))
+    logits = np.einsum("qhd,khd->hqk", qf, kf[:counts[b]]) / np.sqrt(qf.shape[-1])
+    want = np.einsum("hqk,khd->qhd", _softmax(logits, -1), vf[:counts[b]])
+    np.testing.assert_allclose(out[b], want, rtol=1e-4, atol=1e-5)
 
 
 def test_proportional_attention_is_the_ops_bias():
@@ -619,6 +832,9 @@ def test_proportional_attention_is_the_ops_bias():
     (dict(method="mctf", layers=(0, 3)), {}, r"token_reduction\['layers'\] must hold block"),
     (dict(method="mctf", tau_info=-1), {}, r"token_reduction\['tau_info'\]"),
     (dict(method="mctf", bidirectional=1), {}, r"token_reduction\['bidirectional'\] must be"),
+    (dict(method="mctf", one_step_ahead=1), {}, r"token_reduction\['one_step_ahead'\] must be"),
+    (dict(method="mctf", one_step_ahead=True), dict(remat_policy="nothing_saveable"),
+     "needs remat_policy='none'"),
     (dict(method="evit"), {}, "needs a class token"),
     (dict(method="tome"), dict(attention="window"), "needs the patch grid"),
     (dict(method="tome"), dict(scan_layers=True), "scan_layers=False"),
@@ -630,6 +846,14 @@ def test_proportional_attention_is_the_ops_bias():
     (dict(method="lookupvit", mlp_reduction=0), {},
      r"token_reduction\['mlp_reduction'\] must be a positive int"),
     (dict(method="spa", r=2), {}, r"unknown key\(s\) \['r'\] for method 'spa'"),
+    (dict(method="spa", threshold=1.0), dict(pool_type="cls"),
+     r"token_reduction\['threshold'\] must be in \(0, 1\)"),
+    (dict(method="spa", threshold=0.5), {}, "with a threshold pads each image's tokens"),
+    (dict(method="mstm"), {}, "method 'mstm' ranks the patches by the class token's"),
+    (dict(method="mstm", scales=()), dict(pool_type="cls"),
+     r"token_reduction\['scales'\] must be a non-empty sequence"),
+    (dict(method="mstm", scales=(3,), layers=(0,)), dict(pool_type="cls"),
+     "grid side must be divisible"),
     (dict(method="hvt", kernel_size=0), {},
      r"token_reduction\['kernel_size'\] must be a positive int"),
     (dict(method="hvt", kernel_size=17, layers=(1,)), {}, "got 16 patch tokens"),
@@ -661,3 +885,131 @@ def test_defaults_and_config_override():
   assert "token_reduction" in config.model
   assert config_lib.read_override("model.token_reduction", "{'method': 'tome', 'r': 2}",
                                   None) == {"method": "tome", "r": 2}
+
+
+# --------------------------------------------------- MCTF's token reduction consistency loss
+def _encoder_class_token(model, params, images, rng):
+  """The class token the model's encoder outputs, read with Flax's `capture_intermediates`."""
+  _, state = model.apply({"params": params}, images, train=True, rngs={"dropout": rng},
+                         capture_intermediates=lambda m, _: isinstance(m, vit.Encoder),
+                         mutable=["intermediates"])
+  return state["intermediates"]["Transformer"]["__call__"][0][:, 0]
+
+
+def _mse64(a, b):
+  return np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
+
+
+def test_token_reduction_consistency_matches_reference():
+  # The loss at r = 8, plus the loss at r' = 0, plus λ·mean((x_cls − x'_cls)²) of the encoder's
+  # class tokens (read with Flax's own capture), in float64.
+  model = vit.Model(**TINY, pool_type="cls", token_reduction=dict(method="mctf", r=8))
+  c = dict(model=model, other=model.clone(token_reduction=dict(method="mctf", r=0)),
+           batch={"image": IMAGES, "labels": jax.nn.one_hot(jnp.array([0, 2]), 3)},
+           rng=jax.random.key(1), weight=0.7)
+  regularized = regularizers.with_token_reduction_consistency(classification_loss,
+                                                               c["weight"], r=0)
+
+  def run(params):
+    return regularized(c["model"], params, c["batch"], c["rng"]), [
+        (classification_loss(m, params, c["batch"], c["rng"]),
+         _encoder_class_token(m, params, IMAGES, c["rng"])) for m in (c["model"], c["other"])]
+
+  loss, ((loss_r, cls_r), (loss_other, cls_other)) = _compiled(run, _random_params(model, 5))
+  assert _mse64(cls_r, cls_other) > 1e-4  # the two reductions differ
+  np.testing.assert_allclose(loss, np.float64(loss_r) + np.float64(loss_other)
+                             + c["weight"] * _mse64(cls_r, cls_other), rtol=1e-5)
+
+
+def test_token_reduction_consistency_loss_value_and_gradient():
+  # mean((a − b)²) over batch and channels; gradient 2(a − b)/(batch·width) and its negative.
+  a, b = np.asarray(ref.normal(20, (3, 5))), np.asarray(ref.normal(21, (3, 5)))
+  value, grads = _compiled(jax.value_and_grad(regularizers.token_reduction_consistency_loss,
+                                              argnums=(0, 1)), a, b)
+  diff = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+  np.testing.assert_allclose(value, np.mean(diff ** 2), rtol=1e-6)
+  np.testing.assert_allclose(grads[0], 2 * diff / diff.size, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(grads[1], -2 * diff / diff.size, rtol=1e-5, atol=1e-7)
+  with pytest.raises(ValueError, match=r"class tokens must both be \[batch, width\]"):
+    regularizers.token_reduction_consistency_loss(a, b[:, :4])
+
+
+def test_token_reduction_consistency_refuses_other_models():
+  loss = regularizers.with_token_reduction_consistency(classification_loss, 1.0)
+  batch = {"image": IMAGES, "labels": jnp.zeros((2, 3))}
+  for model, match in ((vit.Model(**TINY, pool_type="cls"), "needs token_reduction"),
+                       (vit.Model(**TINY, token_reduction=dict(method="mctf")),
+                        "needs pool_type 'cls'")):
+    with pytest.raises(ValueError, match=match):
+      jax.eval_shape(lambda p, m=model: loss(m, p, batch, jax.random.key(0)),
+                     jax.eval_shape(model.init, jax.random.key(0), IMAGES)["params"])
+  with pytest.raises(ValueError, match="weight must be > 0"):
+    regularizers.with_token_reduction_consistency(classification_loss, 0.0)
+  with pytest.raises(ValueError, match="r must be None or an int >= 0"):
+    regularizers.with_token_reduction_consistency(classification_loss, 1.0, r=-1)
+
+
+@pytest.mark.extended
+def test_token_reduction_consistency_trains_through_main(tmp_path):
+  overrides = {"model.pool_type": "cls", "model.token_reduction": {"method": "mctf", "r": 1},
+               "total_steps": 1, "ckpt_every": 100}
+  plain = tiny_config(**overrides)
+  config = tiny_config(**overrides, **{"loss.token_reduction_consistency": 1.0,
+                                       "loss.token_reduction_consistency_r": 0})
+  for run, cfg in (("plain", plain), ("trc", config)):
+    assert main_lib.train_and_evaluate(cfg, str(tmp_path / run))["step"] == 1
+  (plain_loss,), (trc_loss,) = (list(losses(str(tmp_path / r)).values()) for r in ("plain", "trc"))
+  assert trc_loss > 1.5 * plain_loss  # two cross-entropies and the consistency term
+
+
+# --------------------------------------------------------------- SPA's selection-label loss
+def test_spa_selection_loss_in_a_vits_loss():
+  # The task's loss plus λ·BCE(gate, labels) of the one gating layer (its gates and labels read
+  # with Flax's `capture_intermediates`; all its tokens valid), the BCE in float64; the labels
+  # mark the 8 patches the class token attends to most (NumPy from the block's queries, keys).
+  model = vit.Model(**TINY, pool_type="cls", token_reduction=dict(
+      method="spa", keep_rate=0.5, threshold=0.5, layers=(0,)))
+  params = _random_params(model, 36)
+  batch = {"image": IMAGES, "labels": jax.nn.one_hot(jnp.array([1, 2]), 3)}
+  rng, weight = jax.random.key(2), 0.3
+  regularized = regularizers.with_spa_selection(classification_loss, weight)
+
+  def run(params):
+    with attend_calls() as calls:
+      _, state = model.apply({"params": params}, IMAGES, train=True, rngs={"dropout": rng},
+                             capture_intermediates=lambda m, _: isinstance(m, tr.TokenGate),
+                             mutable=["intermediates"])
+    gate_out = state["intermediates"]["Transformer"]["encoderblock_0"]["token_reduction"]
+    return (regularized(model, params, batch, rng),
+            classification_loss(model, params, batch, rng), gate_out["__call__"][0],
+            calls[0][:2])
+
+  loss, plain, (gate, labels), (q, k) = _compiled(run, params)
+  g, y = np.asarray(gate, np.float64), np.asarray(labels, np.float64)
+  q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
+  cls_attn = _softmax(np.einsum("bhd,bkhd->bhk", q[:, 0], k) / np.sqrt(q.shape[-1]),
+                      -1).mean(1)[:, 1:]
+  want = np.zeros((2, 16))
+  for b in range(2):
+    want[b, np.argsort(-cls_attn[b], kind="stable")[:8]] = 1  # ⌈0.5·16⌉ per image
+  np.testing.assert_array_equal(y, want)
+  bce = -np.mean(y * np.log(g) + (1 - y) * np.log(1 - g))
+  np.testing.assert_allclose(loss, np.float64(plain) + weight * bce, rtol=1e-5)
+  with pytest.raises(ValueError, match="ran no SPA gating layer"):
+    jax.eval_shape(lambda p: regularized(vit.Model(**TINY), p, batch, rng),
+                   jax.eval_shape(vit.Model(**TINY).init, jax.random.key(0), IMAGES)["params"])
+  with pytest.raises(ValueError, match="weight must be > 0"):
+    regularizers.with_spa_selection(classification_loss, -1.0)
+
+
+@pytest.mark.extended
+def test_spa_packing_and_selection_train_through_main(tmp_path):
+  overrides = {"model.pool_type": "cls", "total_steps": 1, "ckpt_every": 100,
+               "model.token_reduction": {"method": "spa", "keep_rate": 0.5, "threshold": 0.5,
+                                         "layers": (0,)}}
+  plain = tiny_config(**overrides)
+  config = tiny_config(**overrides, **{"loss.spa_selection": 1.0})
+  for run, cfg in (("plain", plain), ("spa", config)):
+    assert main_lib.train_and_evaluate(cfg, str(tmp_path / run))["step"] == 1
+  (plain_loss,), (spa_loss,) = (list(losses(str(tmp_path / r)).values()) for r in ("plain", "spa"))
+  assert spa_loss > plain_loss + 0.1  # the BCE of gates near 1/2 is near log 2

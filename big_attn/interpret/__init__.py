@@ -9,6 +9,8 @@ rollout, flow, gradient-weighted rollout, AtMan, attention distances and high-no
 query-key embedding, TokenTM, ConceptAttention saliency of a DiT and the cross-layer and
 cross-step similarity of attention maps (DiTFastAttn, PAB, EchoAtt) and Teaching Matters's
 offset local heads;
+`layer_removal` the entropy-guided choice of the attention layers to remove (MLP Can Be A Good
+Transformer Learner);
 `lrp` the relevance propagation of Transformer Interpretability Beyond Attention
 Visualization (ViT);
 `plots` draws them (and benchmark curves). `python -m big_attn.interpret` explains a test image
@@ -22,6 +24,9 @@ from big_attn.interpret.analysis import (attention_similarity, concept_attention
 from big_attn.interpret.capture import (apply_with_hook, attention_gradients, block_outputs,
                                         capture_attention, hook_ops, mixing_matrix,
                                         suppression_hook)
+from big_attn.interpret.layer_removal import (attention_entropy,
+                                              entropy_guided_attention_free_layers,
+                                              layer_attention_entropy)
 from big_attn.interpret.lrp import lrp_relevance, transformer_attribution
 from big_attn.interpret.relevance import (atman, attention_distance, attention_flow,
                                           attention_rollout, gradient_rollout, high_norm_tokens,

@@ -23,7 +23,15 @@ Methods (`METHODS`; the keys of each, with the papers' defaults, in `DEFAULTS`):
   `W^size = (s̃_i s̃_j)^(1/τ_size)`, `s̃ = (1/s) / max(1/s)` (a τ of 0 drops the criterion).
   Bidirectional: ⌊r/2⌋ tokens of A merge into B, then ⌈r/2⌉ tokens of B into the unmerged A
   (output: A then B); fusion weights each token by `a_i s_i`: `x = Σ a_i s_i x_i / Σ a_i s_i`,
-  sizes add. The matching and the fusion weights carry no gradient.
+  sizes add. The matching and the fusion weights carry no gradient. With `one_step_ahead`
+  (the paper's setting; off by default) `a` is the one-step-ahead attention: the attention of
+  the NEXT block, approximated on the tokens being fused (the block's MLP skipped):
+  `softmax((LN'(x) W'_q)(LN'(x) W'_k)ᵀ·scale (+ log s))` with the next block's LayerNorm and
+  projections; the last block, or one followed by an attention-free block, uses its own.
+  The paper then reuses that map, fused, as the next block's attention; here the next block
+  computes its own on the fused tokens. Its token reduction consistency (training) is
+  `big_attn.train.regularizers.with_token_reduction_consistency`
+  (`config.loss.token_reduction_consistency`).
 - "stvit": Making Vision Transformers Efficient from A Token Sparsification View (Chang et al.,
   2023), semantic tokens. At its one layer the N patch tokens (a square grid, unreduced) are
   average-pooled into `num_tokens` (a square) semantic tokens `S₀ = P x` (adaptive pooling bins,
@@ -38,11 +46,19 @@ Methods (`METHODS`; the keys of each, with the papers' defaults, in `DEFAULTS`):
   `W = MLP(LN(x)) [N, N̂]` (C -> C/2 GELU -> N̂, learned); sizes `A s`. Its feature
   recalibration distillation (a teacher and the reverse module, training) is not implemented.
 - "spa": Context-Aware Token Selection and Packing for Enhanced Vision Transformer (Select and
-  Pack Attention). A gating layer scores each token `g_j = sigmoid(w·LN(x_j) + b)`; the
-  ⌈keep_rate·N⌉ tokens of largest gate are packed (in decreasing gate order) and scaled by their
-  gate, so the gate learns from the task loss. The paper's selection labels (supervision of the
-  gate) and its packing of a variable number of tokens per image into new batches are not
-  implemented: with static shapes every image keeps the same number of tokens.
+  Pack Attention). A gating layer scores each token `g_j = sigmoid(w·LN(x_j) + b)` (`TokenGate`),
+  supervised by selection labels: `y_j = 1` for the ⌈keep_rate·N⌉ tokens that receive the
+  most attention in the block, from the class token when the model has one, else averaged
+  over the valid queries (softmax over the valid keys, averaged over heads; the paper derives
+  its labels from object boxes, which classification lacks), with the binary
+  cross-entropy `selection_loss` (`config.loss.spa_selection`). Without `threshold` the
+  ⌈keep_rate·N⌉ tokens of largest gate are kept (`select_and_pack`, a fixed budget); with
+  `threshold` τ each image keeps its own number, the tokens with `g_j > τ` (`pack`): they come
+  first, in decreasing gate order, the rest are padding of size 0 that every later attention
+  masks out as keys (the key-padding mask of the packed batch; shapes stay static), so it needs
+  a class token and an op that takes a mask. Kept tokens are scaled by their gate, so the
+  gate also learns from the task loss. The paper's Gumbel-softmax sampling of the selection and
+  its multi-scale labels are not built.
 - "dependencyvit": Visual Dependency Transformers: Dependency Tree Emerges from Reversed
   Attention (Ding et al., 2023), DependencyViT-Lite pruning. Each child token j distributes its
   message `m_j` over its parents, `A_ji = softmax_i(q_j·k_i·scale)`; the dependency score of
@@ -58,6 +74,17 @@ Methods (`METHODS`; the keys of each, with the papers' defaults, in `DEFAULTS`):
   through the same attention logits transposed (the bidirectional cross-attention), then an
   MLP `mlp_reduction` times narrower than the block's. After the last block the lookup
   tokens are dropped: the head reads the class token or the mean of the compressed tokens.
+- "mstm": Multi-Scale And Token Mergence: Make Your ViT More Efficient. Before the block of
+  the first of `layers` the patch tokens (a square grid, unreduced) are fused with their
+  multi-scale versions, `x̃ = mean_{s ∈ scales} U_s P_s x` (`P_s` the s×s average pooling of
+  the grid, `U_s` its nearest upsampling; scale 1 is x itself; `multi_scale_fuse`). At each
+  block of `layers` the patch tokens are ranked by importance, the class token's attention
+  `a_j` (averaged over heads); the ⌈keep_rate·N⌉ crucial ones stay (in decreasing importance)
+  and each other token is merged into the crucial token most similar to it (cosine of the
+  keys averaged over heads), by the size-weighted average `Σ s_i x_i / Σ s_i`, sizes adding
+  (`merge_into_crucial`). Needs a class token. The choice and the assignment carry no
+  gradient. Our reading of the abstract: the multi-scale features are grid poolings fused
+  once, where the tokens still form the grid.
 - "hvt": Scalable Vision Transformers with Hierarchical Pooling (Pan et al., 2021). Before
   each block of `layers` (the starts of stages) the patch tokens are max-pooled along the
   sequence, per channel: windows of `kernel_size` (3) tokens every `stride` (2), no padding,
@@ -70,8 +97,6 @@ The learned modules (STViT's cross-attention, SiT's slimming MLP, SPA's gate) ar
 parameters `token_reduction` of the reducing block; LookupViT's are `lookup_exchange` of each
 LookupViT block.
 
-Not implemented: MCTF's one-step-ahead attention (the next layer's attention; here the current
-layer's, the paper's ablation without it) and its token-reduction consistency loss (training).
 Ops that need the patch grid (`big_attn.ops.spatial.takes_grid`) cannot run on reduced tokens.
 """
 from __future__ import annotations
@@ -97,7 +122,8 @@ from big_attn.ops import spatial
 
 Array = jax.Array
 
-METHODS = ("evit", "tome", "mctf", "stvit", "sit", "spa", "dependencyvit", "lookupvit", "hvt")
+METHODS = ("evit", "tome", "mctf", "stvit", "sit", "spa", "dependencyvit", "lookupvit", "hvt",
+           "mstm")
 # The papers' settings: EViT keeps 70% at the 4th, 7th and 10th of 12 layers (DeiT-S); ToMe's
 # r = 16 on every layer (its timm patch); MCTF r = 16, τ_sim 1, τ_info 20, τ_size 40,
 # bidirectional (DeiT-S); STViT 16 semantic tokens on DeiT; LookupViT's 5x5 compressed
@@ -107,18 +133,20 @@ METHODS = ("evit", "tome", "mctf", "stvit", "sit", "spa", "dependencyvit", "look
 # for ToMe and MCTF, the 5th of 12 for STViT (our reading
 # of where its semantic tokens start) and the first for LookupViT (compressed from the start);
 # HVT pools with a window of 3 and stride 2 at the starts of its stages, the 4th, 7th and 10th
-# of 12 blocks (4 stages of 3 blocks).
+# of 12 blocks (4 stages of 3 blocks); MSTM prunes 30% at EViT's layers, its scales 1 and 2 (our
+# choice).
 DEFAULTS = {
     "evit": dict(keep_rate=0.7, layers=None, fuse_token=True),
     "tome": dict(r=16, layers=None, prop_attn=True),
     "mctf": dict(r=16, layers=None, prop_attn=True, tau_sim=1.0, tau_info=20.0, tau_size=40.0,
-                 bidirectional=True),
+                 bidirectional=True, one_step_ahead=False),
     "stvit": dict(num_tokens=16, layers=None),
     "sit": dict(keep_rate=0.5, layers=None, tau=1.0),
-    "spa": dict(keep_rate=0.7, layers=None),
+    "spa": dict(keep_rate=0.7, layers=None, threshold=None),
     "dependencyvit": dict(keep_rate=0.7, layers=None),
     "lookupvit": dict(num_tokens=25, layers=None, mlp_reduction=4),
     "hvt": dict(kernel_size=3, stride=2, layers=None),
+    "mstm": dict(keep_rate=0.7, layers=None, scales=(1, 2)),
 }
 _EVIT_LAYERS_OF_12 = (3, 6, 9)
 _ONE_LAYER = ("stvit", "lookupvit")  # the patch tokens are replaced once
@@ -126,7 +154,8 @@ _ONE_LAYER = ("stvit", "lookupvit")  # the patch tokens are replaced once
 
 @dataclasses.dataclass(frozen=True)
 class TokenReduction:
-  """A checked `token_reduction` config (`resolve`): the method and its settings."""
+  """A checked `token_reduction` config (`resolve`): the method, its settings and whether the
+  model's first token is a class token."""
   method: str
   layers: tuple[int, ...]
   keep_rate: float = 1.0
@@ -137,11 +166,20 @@ class TokenReduction:
   tau_info: float = 0.0
   tau_size: float = 0.0
   bidirectional: bool = False
+  one_step_ahead: bool = False
   num_tokens: int = 0
   tau: float = 1.0
   mlp_reduction: int = 1
   kernel_size: int = 0
   stride: int = 0
+  threshold: float | None = None
+  scales: tuple[int, ...] = ()
+  class_token: bool = True
+
+  @property
+  def pads(self) -> bool:
+    """Whether the method leaves padding tokens (size 0) that later attentions mask out."""
+    return self.method == "spa" and self.threshold is not None
 
   def bias_for(self, op: str) -> bool:
     """Whether proportional attention reaches `op` (as its `bias`)."""
@@ -167,9 +205,13 @@ def resolve(config: Any, depth: int, *, op: str = "softmax",
   if spatial.takes_grid(op):
     raise ValueError(f"token_reduction: attention op {op!r} needs the patch grid, which token "
                      "reduction does not keep")
-  if method == "evit" and not has_class_token:
-    raise ValueError("token_reduction method 'evit' ranks the patches by the class token's "
-                     "attention: the model needs a class token (ViT pool_type 'cls' or 'tok')")
+  if method in ("evit", "mstm") and not has_class_token:
+    raise ValueError(f"token_reduction method {method!r} ranks the patches by the class "
+                     "token's attention: the model needs a class token (ViT pool_type 'cls' "
+                     "or 'tok')")
+  if method == "spa" and settings["threshold"] is not None and not has_class_token:
+    raise ValueError("token_reduction method 'spa' with a threshold pads each image's tokens: "
+                     "the model needs a class token (ViT pool_type 'cls' or 'tok') to read")
   name = lambda key: f"token_reduction[{key!r}]"  # pylint: disable=unnecessary-lambda-assignment
   layers = settings.pop("layers")
   if layers is None:
@@ -199,11 +241,20 @@ def resolve(config: Any, depth: int, *, op: str = "softmax",
       out[key] = checks.positive_int(name(key), value)
     elif key == "tau":
       out[key] = checks.positive_float(name(key), value)
+    elif key == "scales":
+      if isinstance(value, (int, str)) or not value or not all(
+          isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
+        raise ValueError(f"{name(key)} must be a non-empty sequence of positive ints (pooling "
+                         f"sizes), got {value!r}")
+      out[key] = tuple(sorted(set(value)))
+    elif key == "threshold":
+      out[key] = None if value is None else checks.unit_interval(name(key), value,
+                                                                 include_one=False)
     elif key.startswith("tau_"):
       out[key] = checks.non_negative_float(name(key), value)
     else:
       out[key] = _bool(name(key), value)
-  return TokenReduction(method=method, layers=layers, **out)
+  return TokenReduction(method=method, layers=layers, class_token=has_class_token, **out)
 
 
 # ------------------------------------------------------------------------- Attention of the block
@@ -318,6 +369,49 @@ def tome(x: Array, size: Array, metric: Array, r: int, *,
   return _fuse(x, size, size, slot, ta - r + tb, p)
 
 
+def multi_scale_fuse(x: Array, scales: tuple[int, ...], *, num_protected: int = 0) -> Array:
+  """MSTM's multi-scale fusion of the tokens after the first `num_protected` of `x: [b, n, c]`
+  (a square grid, raster order): `mean_{s ∈ scales} U_s P_s x`, `P_s` the s×s average pooling
+  and `U_s` its nearest upsampling (s = 1: x)."""
+  p = num_protected
+  b, n, c = x[:, p:].shape
+  side = math.isqrt(n)
+  if side * side != n or any(side % s for s in scales):
+    raise ValueError(f"token_reduction 'mstm' pools a square grid of patch tokens by scales "
+                     f"{scales}: got {n} patch tokens (the grid side must be divisible by "
+                     f"each scale)")
+  grid = x[:, p:].reshape(b, side, side, c)
+  fused = []
+  for s in scales:
+    pooled = grid.reshape(b, side // s, s, side // s, s, c).mean(axis=(2, 4))
+    fused.append(jnp.repeat(jnp.repeat(pooled, s, axis=1), s, axis=2))
+  return jnp.concatenate([x[:, :p], (sum(fused) / len(scales)).reshape(b, n, c)], axis=1)
+
+
+def merge_into_crucial(x: Array, size: Array, importance: Array, metric: Array,
+                       keep_rate: float, *, num_protected: int = 0) -> tuple[Array, Array]:
+  """MSTM's mergence: of the tokens after the first `num_protected` of `x: [b, n, c]`, the
+  ⌈keep_rate·N⌉ of largest `importance: [b, n]` stay (decreasing importance) and each other
+  one is merged into the kept token of most cosine-similar `metric: [b, n, d]`, by the
+  size-weighted average; sizes add. Returns `(x, size)`."""
+  p = num_protected
+  n = x.shape[1] - p
+  keep = math.ceil(keep_rate * n)
+  if keep >= n:
+    return x, size
+  order = _top(jax.lax.stop_gradient(importance[:, p:]), n)
+  crucial, rest = order[:, :keep], order[:, keep:]
+  metric = jax.lax.stop_gradient(metric[:, p:]).astype(jnp.float32)
+  metric = metric / jnp.maximum(jnp.linalg.norm(metric, axis=-1, keepdims=True), 1e-12)
+  destination = jnp.argmax(jnp.einsum("brd,bkd->brk", _gather(metric, rest),
+                                      _gather(metric, crucial)), axis=-1)
+  batch = jnp.arange(x.shape[0])[:, None]
+  slot = jnp.zeros((x.shape[0], n), jnp.int32)
+  slot = slot.at[batch, crucial].set(jnp.arange(keep, dtype=jnp.int32))
+  slot = slot.at[batch, rest].set(destination.astype(jnp.int32))
+  return _fuse(x, size, size, slot, keep, p)
+
+
 def _interleave(even: Array, odd: Array) -> Array:
   """`[e0, o0, e1, o1, ...]` along axis 1 (`even` one longer than `odd` or as long)."""
   batch, ta = even.shape
@@ -411,6 +505,48 @@ def select_and_pack(x: Array, size: Array, gate: Array, keep_rate: float, *,
   kept = _gather(x[:, p:], idx) * _gather(gate[:, p:], idx)[..., None].astype(x.dtype)
   return (jnp.concatenate([x[:, :p], kept], axis=1),
           jnp.concatenate([size[:, :p], _gather(size[:, p:], idx)], axis=1))
+
+
+def pack(x: Array, size: Array, gate: Array, threshold: float, *,
+         num_protected: int = 0) -> tuple[Array, Array]:
+  """SPA's packing of a variable number of tokens: of the tokens after the first
+  `num_protected` of `x: [b, n, c]`, those of size > 0 with `gate: [b, n]` above `threshold`
+  come first, in decreasing gate order, scaled by their gate `g_j x_j`; the others follow as
+  padding, zeros of size 0. Returns `(x, size)` of the same shapes."""
+  p = num_protected
+  body_gate = gate[:, p:]
+  kept = (size[:, p:] > 0) & (jax.lax.stop_gradient(body_gate) > threshold)
+  order = _top(jnp.where(kept, jax.lax.stop_gradient(body_gate), -1.0), x.shape[1] - p)
+  kept = _gather(kept, order)
+  weight = jnp.where(kept, _gather(body_gate, order), 0.0).astype(x.dtype)
+  return (jnp.concatenate([x[:, :p], _gather(x[:, p:], order) * weight[..., None]], axis=1),
+          jnp.concatenate([size[:, :p], jnp.where(kept, _gather(size[:, p:], order), 0)], 1))
+
+
+def selection_labels(score: Array, valid: Array, keep_rate: float) -> Array:
+  """SPA's selection labels: 1 for the ⌈keep_rate·n⌉ of the n valid entries of each row of
+  `score: [b, n]` (`valid` boolean) with the largest score (ties: the lower index), else 0."""
+  rank = jnp.argsort(_top(jnp.where(valid, score, -jnp.inf), score.shape[1]), axis=-1)
+  budget = jnp.ceil(keep_rate * jnp.sum(valid, axis=1, keepdims=True))
+  return (valid & (rank < budget)).astype(jnp.float32)
+
+
+def selection_loss(gate: Array, labels: Array, valid: Array) -> Array:
+  """The binary cross-entropy of the gates `[b, n]` against the selection labels, averaged over
+  the valid entries: `-mean(y log g + (1 - y) log(1 - g))`."""
+  gate = jnp.clip(gate.astype(jnp.float32), 1e-7, 1 - 1e-7)
+  bce = -(labels * jnp.log(gate) + (1 - labels) * jnp.log1p(-gate))
+  return jnp.sum(jnp.where(valid, bce, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+
+
+def received_by_valid(query: Array, key: Array, valid: Array, *,
+                      scale: float | None = None) -> Array:
+  """The softmax attention each token receives from the `valid` queries over the valid keys
+  (`valid: [b, n]` boolean), averaged over heads and those queries: `[b, n]`."""
+  probs = jax.nn.softmax(jnp.where(valid[:, None, None, :], _logits(query, key, scale, None),
+                                   -jnp.inf), axis=-1)
+  weights = valid.astype(jnp.float32) / jnp.maximum(jnp.sum(valid, 1, keepdims=True), 1)
+  return jnp.einsum("bhqk,bq->bk", probs, weights) / probs.shape[1]
 
 
 def max_pool_tokens(x: Array, size: Array, kernel_size: int, stride: int, *,
@@ -566,16 +702,20 @@ class TokenSlimming(nn.Module):
 
 
 class TokenGate(nn.Module):
-  """SPA's gating layer: `g_j = sigmoid(w·LN(x_j) + b)`, `[b, n]` float32."""
+  """SPA's gating layer: `g_j = sigmoid(w·LN(x_j) + b)`, `[b, n]` float32, and its selection
+  labels (`selection_labels` of `score` among the `valid` tokens at `keep_rate`, no gradient):
+  returns `(gate, labels)`."""
+  keep_rate: float = 1.0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Array, score: Array, valid: Array) -> tuple[Array, Array]:
     h = layer_norm(self.dtype, self.param_dtype, "LayerNorm")(x)
     logits = Projection((x.shape[-1],), ("embed",), use_bias=True, dtype=self.dtype,
                         param_dtype=self.param_dtype, name="gate")(h)
-    return jax.nn.sigmoid(logits.astype(jnp.float32))
+    labels = selection_labels(jax.lax.stop_gradient(score), valid, self.keep_rate)
+    return jax.nn.sigmoid(logits.astype(jnp.float32)), labels
 
 
 # --------------------------------------------------------------------------------- In a block
@@ -608,17 +748,27 @@ def observe_attention(op: str, spec: TokenReduction | None,
 
 
 def reduce_tokens(spec: TokenReduction, x: Array, size: Array, seen: Mapping[str, Any], *,
-                  num_protected: int, dtype: Any = jnp.float32,
+                  num_protected: int, lookahead: Mapping[str, Any] | None = None,
+                  dtype: Any = jnp.float32,
                   param_dtype: Any = jnp.float32) -> tuple[Array, Array]:
   """`spec`'s method on a block's tokens `x: [b, n, c]` (after the attention's residual) and
-  sizes, from the queries and keys `observe_attention` recorded; returns `(x, size)`. Called
-  inside a compact method, it creates the learned methods' module `token_reduction` there."""
+  sizes, from the queries and keys `observe_attention` recorded; returns `(x, size)`. For MCTF,
+  `lookahead` (the next block's queries and keys of these tokens, recorded the same way) gives
+  the one-step-ahead attention. Called inside a compact method, it creates the learned
+  methods' module `token_reduction` there."""
   query, key, scale = seen["query"], seen["key"], seen["scale"]
   prop = size if spec.prop_attn else None
   p = num_protected
   learned = dict(dtype=dtype, param_dtype=param_dtype, name="token_reduction")
   if spec.method == "spa":
-    return select_and_pack(x, size, TokenGate(**learned)(x), spec.keep_rate, num_protected=p)
+    valid = size > 0  # False for SPA's padding
+    score = (class_attention(query, key, scale=scale, size=valid.astype(jnp.float32))
+             if spec.class_token else received_by_valid(query, key, valid, scale=scale))
+    gate, _ = TokenGate(spec.keep_rate, **learned)(x[:, p:], score[:, p:], valid[:, p:])
+    gate = jnp.concatenate([jnp.ones_like(size[:, :p]), gate], axis=1)
+    if spec.threshold is None:
+      return select_and_pack(x, size, gate, spec.keep_rate, num_protected=p)
+    return pack(x, size, gate, spec.threshold, num_protected=p)
   if spec.method == "dependencyvit":
     score = dependency_scores(query, key, scale=scale, message=seen["message"])
     return prune(x, size, score, spec.keep_rate, num_protected=p)
@@ -635,6 +785,11 @@ def reduce_tokens(spec: TokenReduction, x: Array, size: Array, seen: Mapping[str
                 fuse_token=spec.fuse_token)
   if spec.method == "tome":
     return tome(x, size, jnp.mean(key, axis=2), spec.r, num_protected=num_protected)
+  if spec.method == "mstm":
+    return merge_into_crucial(x, size, class_attention(query, key, scale=scale),
+                              jnp.mean(key, axis=2), spec.keep_rate, num_protected=p)
+  if lookahead is not None:
+    query, key, scale = lookahead["query"], lookahead["key"], lookahead["scale"]
   attn = received_attention(query, key, scale=scale, size=prop)
   return mctf(x, size, attn, spec.r, tau_sim=spec.tau_sim, tau_info=spec.tau_info,
               tau_size=spec.tau_size, bidirectional=spec.bidirectional,

@@ -185,7 +185,8 @@ class Encoder1DBlock(nn.Module):
   the attention and the MLP; with `lookup_block` it is a LookupViT block on
   `x = [protected, compressed, lookup]` (`big_attn.layers.token_reduction.LookupExchange`:
   the compressed tokens gather from the lookup tokens, the attention and the MLP see the
-  protected and compressed tokens, the lookup tokens receive from them after the MLP). With
+  protected and compressed tokens, the lookup tokens receive from them after the MLP); a
+  method that pads (SPA with a threshold) makes the attention mask out the keys of size 0. With
   `attention_free` the block has no attention branch
   (x + Dropout(MLP(LN(x))) only; MLP Can Be A Good Transformer Learner). With `parallel` the
   two branches read the same LayerNorm and add in parallel, x + Attn(LN(x)) + MLP(LN(x))
@@ -231,9 +232,24 @@ class Encoder1DBlock(nn.Module):
     return y * jnp.asarray(gamma, y.dtype)
 
   @nn.compact
-  def __call__(self, x, deterministic: bool = True, size=None):
+  def __call__(self, x, deterministic: bool = True, size=None, lookahead=None,
+               probe: bool = False):
+    """With `probe`, only this block's queries and keys of `x` (`observe_attention`'s record,
+    MCTF's one-step-ahead attention of the block before); `lookahead`, a function of `(x, size)`
+    returning that record from the next block, is passed to `reduce_tokens`."""
     constrain = lambda y: nn.with_logical_constraint(y, ("batch", "length", "embed"))
     x = constrain(x)
+    attention = lambda: Attention(  # pylint: disable=g-long-lambda
+        num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+        op=self.attention, op_args=self.attention_args, implementation=self.attention_impl,
+        qk_norm=self.qk_norm, use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=nn.initializers.xavier_uniform(), name="MultiHeadAttention")
+    if probe:
+      normed = layer_norm(self.dtype, self.param_dtype, "LayerNorm_0", epsilon=self.norm_eps)(x)
+      with token_reduction_lib.observe_attention(self.attention, self.token_reduction,
+                                                 size) as seen:
+        attention()(normed)
+      return seen
     if self.attention_free and self.reduce_tokens:
       raise ValueError("token reduction reads the block's attention: a block in "
                        "attention_free_layers cannot reduce tokens")
@@ -260,12 +276,8 @@ class Encoder1DBlock(nn.Module):
       normed = layer_norm(self.dtype, self.param_dtype, "LayerNorm_0", epsilon=self.norm_eps)(y)
       with token_reduction_lib.observe_attention(self.attention, self.token_reduction,
                                                  size) as seen:
-        y = Attention(
-            num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
-            op=self.attention, op_args=self.attention_args, implementation=self.attention_impl,
-            qk_norm=self.qk_norm, use_bias=True, dtype=self.dtype,
-            param_dtype=self.param_dtype, kernel_init=nn.initializers.xavier_uniform(),
-            name="MultiHeadAttention")(normed)
+        padded = self.token_reduction is not None and self.token_reduction.pads
+        y = attention()(normed, mask=(size > 0)[:, None, None, :] if padded else None)
       attention_branch = self._scale("layer_scale_1", nn.Dropout(rate=self.dropout)(
           y, deterministic))
       if not parallel:
@@ -273,6 +285,7 @@ class Encoder1DBlock(nn.Module):
     if self.reduce_tokens:
       x, size = token_reduction_lib.reduce_tokens(self.token_reduction, x, size, seen,
                                                   num_protected=p,
+                                                  lookahead=lookahead and lookahead(x, size),
                                                   dtype=self.dtype,
                                                   param_dtype=self.param_dtype)
     y = normed if parallel else layer_norm(self.dtype, self.param_dtype, "LayerNorm_1",
@@ -396,7 +409,10 @@ class Encoder(nn.Module):
   tokens after the first `num_protected` in the blocks of its `layers` (Python loop only); for
   LookupViT the patch tokens are pooled into the compressed tokens before the block of its
   `layers`, the blocks from there on are LookupViT blocks and the lookup tokens are dropped
-  after the last; for HVT they are max-pooled before the blocks of its `layers`.
+  after the last; for HVT they are max-pooled before the blocks of its `layers`; for MSTM
+  fused with their multi-scale poolings before the first block of its `layers`; MCTF with
+  `one_step_ahead` reads the next block's attention of the tokens it fuses (that block called
+  with `probe=True`; needs remat_policy "none").
   The blocks of `attention_free_layers` have no attention branch, those of `spectral_layers`
   are GFNet's spectral blocks over the token grid `grid` (Python loop only).
   The first `local_layers` blocks take `local_block_args` (ConViT's GPSA blocks) and the
@@ -478,27 +494,45 @@ class Encoder(nn.Module):
       lookup = reduction is not None and reduction.method == "lookupvit"
       pool = reduction is not None and reduction.method == "hvt"
       late = 0 if late_tokens is None else late_tokens.shape[1]
+      ahead = reduction is not None and reduction.one_step_ahead
+      if ahead and self.remat_policy != "none":
+        raise ValueError("token_reduction 'one_step_ahead' calls the next block from the "
+                         "reducing one: it needs remat_policy='none'")
+      blocks = {}
+
+      def make_block(i):
+        if i not in blocks:
+          settings_i = dict(kwargs)
+          if reduction is not None:
+            settings_i.update(token_reduction=reduction, num_protected=self.num_protected,
+                              reduce_tokens=i in reduction.layers and not (lookup or pool),
+                              lookup_block=lookup and i >= reduction.layers[0])
+          if free:
+            settings_i.update(attention_free=i in free)
+          if spectral:
+            settings_i.update(spectral_grid=self.grid if i in spectral else None)
+          local = dict(self.local_block_args or {}) if i < self.local_layers else {}
+          blocks[i] = block(name=f"encoderblock_{i}", **dict(settings_i, **local))
+        return blocks[i]
+
       for i in range(self.depth):
         if late and i == self.local_layers:
           x = jnp.concatenate([late_tokens.astype(x.dtype), x], axis=1)
         if lookup and i == reduction.layers[0]:
           x, size = token_reduction_lib.compress(x, size, reduction.num_tokens,
                                                  num_protected=self.num_protected)
+        if reduction is not None and reduction.scales and i == reduction.layers[0]:
+          x = token_reduction_lib.multi_scale_fuse(x, reduction.scales,
+                                                   num_protected=self.num_protected)
         if pool and i in reduction.layers:
           x, size = token_reduction_lib.max_pool_tokens(
               x, size, reduction.kernel_size, reduction.stride,
               num_protected=self.num_protected)
-        if reduction is not None:
-          kwargs.update(token_reduction=reduction, num_protected=self.num_protected,
-                        reduce_tokens=i in reduction.layers and not (lookup or pool),
-                        lookup_block=lookup and i >= reduction.layers[0])
-        if free:
-          kwargs.update(attention_free=i in free)
-        if spectral:
-          kwargs.update(spectral_grid=self.grid if i in spectral else None)
-        local = dict(self.local_block_args or {}) if i < self.local_layers else {}
-        x, size = block(name=f"encoderblock_{i}", **dict(kwargs, **local))(x, deterministic,
-                                                                            size)
+        extra_args = {}
+        if ahead and i in reduction.layers and i + 1 < self.depth and i + 1 not in free:
+          extra_args["lookahead"] = lambda y, s, nxt=make_block(i + 1): nxt(y, True, s,
+                                                                             probe=True)
+        x, size = make_block(i)(x, deterministic, size, **extra_args)
         if i == 0 and self.peg_grid is not None:
           start = self.num_protected - late
           x = PEG(grid=self.peg_grid, start=start, dtype=self.dtype,
@@ -672,13 +706,15 @@ class Model(nn.Module):
     scan_layers: stack the blocks with `nn.scan` (parameters get a leading `layers` axis).
     token_reduction: None, or a dict `{"method": NAME, ...}` of the method's settings (NAME
       one of `big_attn.layers.token_reduction.METHODS`: evit, tome, mctf, stvit, sit, spa,
-      dependencyvit, lookupvit, hvt; settings in its `DEFAULTS`, e.g. `{"method": "evit",
+      dependencyvit, lookupvit, hvt, mstm; settings in its `DEFAULTS`, e.g. `{"method": "evit",
       "keep_rate": 0.7, "layers": (3, 6, 9)}`): the patch tokens are pruned, merged or
       replaced between the attention and the MLP of those blocks (LookupViT: before its block,
       then exchanged with in every later block; HVT: max-pooled before them), the class and
       register tokens never
       (registers then sit after the class token inside the encoder). Needs
-      `scan_layers=False` and an op without a patch grid; "evit" needs pool_type "cls";
+      `scan_layers=False` and an op without a patch grid; "evit", and "spa" with a
+      `threshold` (a variable number of tokens per image, the rest masked), and "mstm" need
+      pool_type "cls";
       "stvit" and "lookupvit" a square patch grid.
     attention_free_layers: block indices without an attention branch (MLP Can Be A Good
       Transformer Learner: x + MLP(LN(x)) only); needs `scan_layers=False`.
@@ -794,6 +830,16 @@ class Model(nn.Module):
                        "tokens as its attention)")
     return token_reduction_lib.resolve(self.token_reduction, self.depth, op=self.attention,
                                        has_class_token=self.pool_type in ("cls", "tok"))
+
+  def removed_parameters(self) -> tuple[tuple[str, ...], ...]:
+    """The parameter subtrees a full model has and this one lacks: the attention branch
+    (`LayerNorm_0`, `MultiHeadAttention`, `layer_scale_1`) of each block of
+    `attention_free_layers`. Fine-tuning from the full model's weights (`config.init_from`)
+    drops them (MLP Can Be A Good Transformer Learner)."""
+    free = settings.block_indices("attention_free_layers", self.attention_free_layers,
+                                  self.depth)
+    return tuple(("Transformer", f"encoderblock_{i}", name) for i in sorted(free)
+                 for name in ("LayerNorm_0", "MultiHeadAttention", "layer_scale_1"))
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):

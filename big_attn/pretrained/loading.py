@@ -12,8 +12,9 @@
 `load_weights` fits the converted parameters to a model's own: shapes must match, except that
 a classifier head (`head`, `head_dist`) of another number of classes, or one the checkpoint
 lacks, and op-specific parameters (`op_params`, e.g. a gate of `gated_attention`) keep their
-fresh initialisation, and a checkpoint head the model has no use for is dropped; each case is
-logged. Anything else that does not fit raises `ConversionError` naming the parameter.
+fresh initialisation, and a checkpoint head the model has no use for, or a parameter under one
+of the model's `removed_parameters()` (a ViT's removed attention layers), is dropped; each case
+is logged. Anything else that does not fit raises `ConversionError` naming the parameter.
 """
 from __future__ import annotations
 
@@ -201,7 +202,10 @@ def _fit(init_from: Any, model: Any, source: Any, params: Any, heads: tuple[str,
 
   fitted = jax.tree_util.tree_map_with_path(fit, params)
   unused = [n for n in source_flat if n not in used]
-  extra = ["/".join(n) for n in unused if n[0] not in heads]
+  removed = getattr(model, "removed_parameters", None)
+  removed = removed() if callable(removed) else ()
+  extra = ["/".join(n) for n in unused
+           if n[0] not in heads and not any(n[:len(r)] == r for r in removed)]
   if extra:
     raise ConversionError(f"{init_from['path']} has {kind}s {type(model).__name__} lacks: "
                           f"{', '.join(extra[:8])}{' ...' if len(extra) > 8 else ''}")

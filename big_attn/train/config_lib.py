@@ -298,11 +298,14 @@ def base_config() -> ml_collections.ConfigDict:
   config.wd_head = None
   # Terms added to the task's loss: λ and threshold of the attention diversification loss
   # (`train.regularizers`, Robustifying Token Attention for Vision Transformers; None: no
-  # term, threshold 2). None, so that a run saved without these keys resumes unchanged.
-  # Attention transfer from a teacher (`regularizers.with_attention_transfer`): mode "copy" or
-  # "distill", teacher dict, λ of distillation (None: 1), last layers (None: all).
+  # term, threshold 2); λ and r' of MCTF's token reduction consistency (None: no term, r' =
+  # ⌊r/2⌋); λ of SPA's selection-label loss; attention transfer from a teacher
+  # (`regularizers.with_attention_transfer`): mode "copy" or "distill", teacher dict, λ of
+  # distillation (None: 1), last layers (None: all). None, so that a run saved without these
+  # keys resumes unchanged.
   config.loss = ml_collections.ConfigDict(dict(
       attention_diversification=None, attention_diversification_threshold=None,
+      token_reduction_consistency=None, token_reduction_consistency_r=None, spa_selection=None,
       attention_transfer=None, attention_transfer_teacher=None, attention_transfer_weight=None,
       attention_transfer_layers=None))
   config.total_steps = 1000

@@ -12,16 +12,31 @@ Transformers): `config.loss.attention_transfer = "copy" | "distill"` with
 ViT trained by `big_attn.main` in DIR, restored once and passed to every step), and for
 distillation `config.loss.attention_transfer_weight` (λ, default 1); `attention_transfer_layers`
 limits either to the last layers (`with_attention_transfer`).
+The token reduction consistency of Multi-criteria Token Fusion with One-step-ahead Attention
+for Efficient Vision Transformers (Lee, Choi and Kim, CVPR 2024):
+`config.loss.token_reduction_consistency = λ` trains an MCTF model (`token_reduction` method
+"mctf", reduction number r) on the task's loss at r plus the task's loss at a second reduction
+number r' (`config.loss.token_reduction_consistency_r`; None: ⌊r/2⌋, our choice where the
+paper samples r') plus λ·‖x_cls − x'_cls‖² (mean over batch and channels) between the final
+class tokens (the encoder's output token 0) of the two passes.
+
+The selection labels of Context-Aware Token Selection and Packing for Enhanced Vision
+Transformer (Select and Pack Attention): `config.loss.spa_selection = λ` adds λ times the mean
+over SPA's gating layers (`token_reduction.TokenGate`) of the binary cross-entropy of their
+gates against their selection labels (`token_reduction.selection_loss`).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from big_attn.interpret import capture
+from big_attn.layers import token_reduction
 from big_attn.models import deit
+from big_attn.models import vit
 
 
 THRESHOLD = 2.0  # τ·n: attention weights at or below 2/n are zeroed (the authors' code).
@@ -200,3 +215,100 @@ def restore_attention_teacher(teacher: Any, num_classes: int, image_shape: tuple
   `deit.restore_teacher` from the newest checkpoint)."""
   module, _ = deit.teacher_spec(teacher, num_classes)
   return module, deit.restore_teacher(teacher, num_classes, image_shape)
+def token_reduction_consistency_loss(class_token: jax.Array, other: jax.Array) -> jax.Array:
+  """MCTF's token reduction consistency: the mean squared difference of the final class tokens
+  `[batch, width]` of two passes with different reduction numbers (mean over batch and
+  channels)."""
+  if class_token.shape != other.shape or class_token.ndim != 2:
+    raise ValueError(f"class tokens must both be [batch, width], got shapes {class_token.shape} "
+                     f"and {other.shape}")
+  return jnp.mean(jnp.square(class_token.astype(jnp.float32) - other.astype(jnp.float32)))
+
+
+def _loss_and_calls(loss_fn, module_type, model, variables, batch, rng, **kwargs):
+  """`loss_fn`'s result and the `(args, output)` of each call of a `module_type` module, in the
+  order they ran (read with `nn.intercept_methods`)."""
+  calls = []
+
+  def interceptor(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if isinstance(context.module, module_type) and context.method_name == "__call__":
+      calls.append((args, out))
+    return out
+
+  with nn.intercept_methods(interceptor):
+    result = loss_fn(model, variables, batch, rng, **kwargs)
+  return result, calls
+
+
+def _loss_value(result):
+  """The loss of a `Task.loss` (a scalar) or `Task.loss_with_stats` (a tuple) result."""
+  return result[0] if isinstance(result, tuple) else result
+
+
+def _with_loss(result, loss):
+  """`result` with its loss replaced by `loss` (batch statistics kept)."""
+  return (loss, *result[1:]) if isinstance(result, tuple) else loss
+
+
+def _with_class_token(loss_fn, model, variables, batch, rng, **kwargs):
+  """`loss_fn`'s result and the class token the model's encoder (`vit.Encoder`) outputs."""
+  result, calls = _loss_and_calls(loss_fn, vit.Encoder, model, variables, batch, rng, **kwargs)
+  if not calls:
+    raise ValueError(f"{type(model).__name__} has no vit.Encoder: the token reduction "
+                     "consistency reads its class token")
+  return result, calls[-1][1][:, 0]
+
+
+def with_token_reduction_consistency(loss_fn: Callable[..., Any], weight: float, *,
+                                     r: int | None = None) -> Callable[..., Any]:
+  """`loss_fn` (a `Task.loss` or `Task.loss_with_stats`) of an MCTF model at its reduction
+  number plus the same loss at `r` (None: ⌊model r / 2⌋) plus `weight`·
+  `token_reduction_consistency_loss` of the two passes' class tokens.
+
+  The returned function has `loss_fn`'s signature and result (the batch statistics are the
+  first pass's). The model must have a class token (ViT pool_type 'cls' or DeiT) and
+  `token_reduction` method "mctf"; raises `ValueError` otherwise.
+  """
+  if weight <= 0:
+    raise ValueError(f"weight must be > 0, got {weight}")
+  if r is not None and (not isinstance(r, int) or isinstance(r, bool) or r < 0):
+    raise ValueError(f"r must be None or an int >= 0, got {r!r}")
+
+  def regularized(model, variables, batch, rng, **kwargs):
+    reduction = getattr(model, "token_reduction", None)
+    if not isinstance(reduction, Mapping) or reduction.get("method") != "mctf":
+      raise ValueError(f"the token reduction consistency trains MCTF: the model needs "
+                       f"token_reduction {{'method': 'mctf', ...}}, got {reduction!r}")
+    if getattr(model, "pool_type", "cls") not in ("cls", "tok"):
+      raise ValueError(f"the token reduction consistency compares class tokens: the model "
+                       f"needs pool_type 'cls', got {model.pool_type!r}")
+    other_r = reduction.get("r", token_reduction.DEFAULTS["mctf"]["r"]) // 2 if r is None else r
+    other = model.clone(token_reduction=dict(reduction, r=other_r))
+    result, class_token = _with_class_token(loss_fn, model, variables, batch, rng, **kwargs)
+    other_result, other_class_token = _with_class_token(loss_fn, other, variables, batch, rng,
+                                                        **kwargs)
+    return _with_loss(result, _loss_value(result) + _loss_value(other_result) + weight
+                      * token_reduction_consistency_loss(class_token, other_class_token))
+
+  return regularized
+
+
+def with_spa_selection(loss_fn: Callable[..., Any], weight: float) -> Callable[..., Any]:
+  """`loss_fn` (a `Task.loss` or `Task.loss_with_stats`) plus `weight` times the mean over the
+  model's SPA gating layers of `token_reduction.selection_loss` (gates against selection
+  labels), read while the task's loss runs; same signature and result. Raises `ValueError`
+  when the model runs no gating layer."""
+  if weight <= 0:
+    raise ValueError(f"weight must be > 0, got {weight}")
+
+  def regularized(model, variables, batch, rng, **kwargs):
+    result, calls = _loss_and_calls(loss_fn, token_reduction.TokenGate, model, variables,
+                                    batch, rng, **kwargs)
+    if not calls:
+      raise ValueError(f"{type(model).__name__} ran no SPA gating layer: the selection loss "
+                       "needs token_reduction {'method': 'spa', ...}")
+    terms = [token_reduction.selection_loss(*out, args[2]) for args, out in calls]
+    return _with_loss(result, _loss_value(result) + weight * jnp.mean(jnp.stack(terms)))
+
+  return regularized
