@@ -3,6 +3,7 @@ float64 references: the cascade written head by head with the depthwise convolut
 of shifted copies, and SHViT's split of the channels."""
 import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -90,6 +91,20 @@ def test_layers_run():
       {"cascade_query": (3, 4, 4), "cascade_key": (3, 4, 4), "cascade_value": (3, 4, 4),
        "query_conv": (5, 5, 4, 4)}, length=12, is_causal=True)
   op_checks.assert_layer_runs("single_head_attention", None, length=12, is_causal=True)
+
+
+def test_cascade_parameters_follow_wider_values():
+  """With values wider than the heads (LeViT, EfficientViT), the cascade maps read value_dim
+  channels: C^Q, C^K `[n − 1, dv, d]`, C^V `[n − 1, dv, dv]`, and the op runs on them."""
+  q, k, v = ref.qkv(t=6, n=4, k=2, d=4, dv=8)
+  module = ops.params_module("cascaded_group_attention")(num_heads=4, num_kv_heads=2,
+                                                         head_dim=4)
+  weights = module.apply(module.init(jax.random.key(0), None, q, k, v), None, q, k, v)
+  assert {n: w.shape for n, w in weights.items()} == {
+      "cascade_query": (3, 8, 4), "cascade_key": (3, 8, 4), "cascade_value": (3, 8, 8),
+      "query_conv": (5, 4, 4)}
+  out = ops.get("cascaded_group_attention")(q, k, v, is_causal=True, **weights)
+  assert out.shape == (2, 6, 4, 8) and np.all(np.isfinite(out))
 
 
 def _bad_calls():

@@ -263,24 +263,25 @@ def centred_delta(rank: int) -> Callable:
 class CascadedGroupParams(OpParams):
   """The cascade maps and the query convolution of cascaded group attention (EfficientViT).
 
-  `cascade_query`, `cascade_key` `[num_heads − 1, head_dim, head_dim]` and `cascade_value`
-  (the same shape: the layer's value width is head_dim) with fan-in scaled normal
-  initialisation; `query_conv [k, k, num_heads, head_dim]` on `op_args["grid"]` (`[k,
+  `cascade_query`, `cascade_key` `[num_heads − 1, value_dim, head_dim]` and `cascade_value`
+  `[num_heads − 1, value_dim, value_dim]` (value_dim the width of the values it is called
+  with) with fan-in scaled normal initialisation; `query_conv [k, k, num_heads, head_dim]` on `op_args["grid"]` (`[k,
   num_heads, head_dim]` without one), `k = op_args.get("kernel_size", 5)`, initialised to the
   identity (a centred delta) so the cascade starts as plain per-head attention.
   """
 
   @nn.compact
   def __call__(self, inputs_q, query, key, value):
-    del inputs_q, key, value
+    del inputs_q, key
     op_args = self.op_args or {}
     k = checks.positive_int("op_args['kernel_size']", op_args.get("kernel_size", CGA_KERNEL))
     rank = 1 if op_args.get("grid") is None else 2
-    n, d = self.num_heads, self.head_dim
-    init = nn.initializers.normal(stddev=d ** -0.5)
+    n, d, dv = self.num_heads, self.head_dim, value.shape[-1]
+    init = nn.initializers.normal(stddev=dv ** -0.5)
     weights = {name: self.param(name, nn.with_logical_partitioning(
-        init, ("heads", "head_dim", None)), (n - 1, d, d), self.param_dtype)
-               for name in ("cascade_query", "cascade_key", "cascade_value")}
+        init, ("heads", "head_dim", None)), (n - 1, dv, width), self.param_dtype)
+               for name, width in (("cascade_query", d), ("cascade_key", d),
+                                   ("cascade_value", dv))}
 
     axes = ("conv_height", "conv_width")[:rank] + ("heads", "head_dim")
     weights["query_conv"] = self.param("query_conv", nn.with_logical_partitioning(
