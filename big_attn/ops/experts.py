@@ -135,9 +135,10 @@ class SwitchHeadParams(OpParams):
   """The experts and routers of SwitchHead (Csordás et al. 2024; MoEUT's attention).
 
   `op_args["num_experts"]` E (4 by default) and `op_args["topk"]` k (2 by default). Owns, per
-  head, the value experts `value_expert_kernel [features, num_kv_heads, E, head_dim]`, the
+  head, the value experts `value_expert_kernel [features, num_kv_heads, E, value_dim]`, the
   routers `router_v [features, num_kv_heads, E]` and `router_o [features, num_heads, E]`, and
-  the output experts `out_experts [num_heads, E, head_dim, head_dim]`, all fan-in scaled
+  the output experts `out_experts [num_heads, E, value_dim, value_dim]` (value_dim the width of
+  the layer's values, head_dim in most models), all fan-in scaled
   normal (variance 1/fan_in). From `inputs_q` (self-attention: keys and values come from the
   same tokens) it returns `value_experts`, `router_logits_v`, `router_logits_o` and
   `out_experts` for the `switchhead` op. The layer's dense value projection is then unused by
@@ -146,7 +147,7 @@ class SwitchHeadParams(OpParams):
 
   @nn.compact
   def __call__(self, inputs_q, query, key, value):
-    del query, value
+    del query
     op_args = self.op_args or {}
     num = checks.positive_int("op_args['num_experts']", op_args.get("num_experts", 4))
     checks.int_in_range("op_args['topk']", op_args.get("topk", 2), 1, num)
@@ -154,7 +155,7 @@ class SwitchHeadParams(OpParams):
       raise ValueError("switchhead's parameters are computed from inputs_q: it supports "
                        f"self-attention only, got q_len {inputs_q.shape[1]} and kv_len "
                        f"{key.shape[1]}")
-    features, d = inputs_q.shape[-1], self.head_dim
+    features, d = inputs_q.shape[-1], value.shape[-1]
     init = lambda fan_in: nn.initializers.normal(stddev=fan_in ** -0.5)  # pylint: disable=g-long-lambda
     kernel = self.param("value_expert_kernel", nn.with_logical_partitioning(
         init(features), ("embed", "kv_heads", "experts", "head_dim")),
