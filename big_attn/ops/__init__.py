@@ -56,6 +56,7 @@ from big_attn.ops import graph as _graph  # noqa: F401
 from big_attn.ops import probabilistic as _probabilistic  # noqa: F401
 from big_attn.ops import interpretable as _interpretable  # noqa: F401
 from big_attn.ops import layout as _layout  # noqa: F401
+from big_attn.ops import super_attention as _super_attention  # noqa: F401
 from big_attn.ops.forms import check_form, decoding_form, sequence_parallel_form
 from big_attn.ops.learned_scoring import pointer_log_probs
 
