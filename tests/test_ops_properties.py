@@ -89,6 +89,7 @@ def _op_args(name, t, weight, token):
       "gta_attention": lambda: dict(grid=grid),
       "urpe": lambda: dict(rpe_multiplier=weight((N, max(2 * t - 1, 0))),
                            rpe_bias=weight((N, max(2 * t - 1, 0)))),
+      "variational_attention": lambda: dict(posterior_query=token((B, t, N, D))),
       "window": lambda: dict(grid=grid, window_size=(1, 3)),
   }
   return table.get(name, dict)()

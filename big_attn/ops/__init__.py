@@ -59,6 +59,7 @@ from big_attn.ops import layout as _layout  # noqa: F401
 from big_attn.ops import super_attention as _super_attention  # noqa: F401
 from big_attn.ops.forms import check_form, decoding_form, sequence_parallel_form
 from big_attn.ops.learned_scoring import pointer_log_probs
+from big_attn.ops.hard import variational_kl
 
 
 def _flatten_batch(x, batch_shape, trailing: int):
@@ -141,4 +142,5 @@ __all__ = ["BLOCK_MERGES", "BlockForm", "OpSpec", "PairScores", "PairTerms", "as
            "dot_product_attention", "get", "has_causal_form", "names",
            "register", "spec"]
 __all__ += ["OpParams", "params_module", "register_params"]
-__all__ += ["check_form", "decoding_form", "sequence_parallel_form", "pointer_log_probs"]
+__all__ += ["check_form", "decoding_form", "sequence_parallel_form", "pointer_log_probs",
+            "variational_kl"]
