@@ -77,6 +77,7 @@ def _op_args(name, t, weight, token):
       "sparse_blocks": lambda: dict(block_q=5, block_k=2, cdf_threshold=0.3),
       "sparge_attention": lambda: dict(block_q=5, block_k=2, cdf_threshold=0.3,
                                        pv_threshold=-1.0),
+      "sdm": lambda: dict(radius=3),
       "serialized_patch_attention": lambda: dict(grid=grid, patch_size=5, order="hilbert"),
       "sparsifiner": lambda: dict(predictor_q=weight((N, D, 2)), predictor_k=weight((N, D, 2)),
                                   topk=3),
