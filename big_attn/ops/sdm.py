@@ -10,6 +10,7 @@ import numpy as np
 
 from big_attn.ops import checks
 from big_attn.ops import common
+from big_attn.ops.ngpt import l2_normalize
 from big_attn.ops.registry import register
 
 
@@ -54,13 +55,6 @@ def _check_sizes(dim, radius):
   return dim, radius
 
 
-def _unit(x):
-  """L2-normalised last axis in float32 (a zero vector stays zero, with a finite gradient)."""
-  x = x.astype(jnp.float32)
-  squares = jnp.sum(x * x, axis=-1, keepdims=True)
-  return x / jnp.sqrt(jnp.where(squares > 0.0, squares, 1.0))
-
-
 @register("sdm", segment_ids=True)
 def sdm_attention(query, key, value, *, mask=None, is_causal=False, scale=None, radius=None,
                   segment_ids=None):
@@ -98,7 +92,8 @@ def sdm_attention(query, key, value, *, mask=None, is_causal=False, scale=None, 
   n = dims.head_dim
   _, radius = _check_sizes(n, n // 4 if radius is None else radius)
   full_mask = common.make_mask(dims, mask=mask, is_causal=is_causal, segment_ids=segment_ids)
-  cosine = common.attention_logits(_unit(query), _unit(key), dims, 1.0)  # [b, k, g, t, s]
+  unit = lambda x: l2_normalize(x.astype(jnp.float32))  # noqa: E731
+  cosine = common.attention_logits(unit(query), unit(key), dims, 1.0)  # [b, k, g, t, s]
   distance = 0.5 * n * (1.0 - cosine)
   reached = distance <= 2 * radius
   allowed = reached if full_mask is None else reached & common.grouped(full_mask, dims)
