@@ -13,6 +13,7 @@ from big_attn import layers, ops
 from big_attn.models import vit
 from tests import op_checks
 from tests import reference as ref
+from tests.model_checks import train_digits_config
 
 OP = ops.get("super_attention")
 SEGMENTS = np.array([[0] * 3 + [1] * 4, [0] * 7])
@@ -110,6 +111,11 @@ def test_weight_counts_are_the_papers(projections, op, count):
   biases = {None: 0, "optimised": d, "efficient": 2 * d}[projections]  # W_V, W_K biases
   assert vit_count() - vit_count(projections=projections, attention=op) == 12 * (
       4 * d * d - count(d, 196) + biases)
+
+
+def test_vit_digits_trains_with_super_attention(tmp_path):
+  """`configs/vit_digits.py:projections=super` trains through main (W_A over the 16 patches)."""
+  train_digits_config(tmp_path, "vit_digits", arg="projections=super,runlocal")
 
 
 def _bad_calls():
