@@ -4,6 +4,8 @@ r"""A small ViT on scikit-learn's handwritten digits: the embedded default, minu
 
     python -m big_attn.main --config=configs/vit_digits.py:family=convit --workdir=/tmp/convit
 
+    python -m big_attn.main --config=configs/vit_digits.py:projections=super --workdir=/tmp/super
+
 Args (`--config=configs/vit_digits.py:attention=sigmoid,steps=500`):
   attention: registry name of the attention op (`big_attn.ops.names()`).
   family: "" (plain ViT), "convit" (the first 2 of the 4 blocks GPSA, the class token after
@@ -17,6 +19,8 @@ Args (`--config=configs/vit_digits.py:attention=sigmoid,steps=500`):
   parallel_block: attention and MLP in parallel from one LayerNorm (PAF).
   loops: T > 0 runs one weight-tied block T times with input injection instead of 4 blocks
     (Looped Transformers as Programmable Computers); 0: none.
+  projections: "" (W_Q, W_K, W_V, W_O), "optimised", "efficient" or "super" (You Need to Pay
+    Better Attention: no W_V; no W_K, W_V; "efficient" with the op `super_attention`).
   steps: training steps.
 `--config.model.token_pooling_scales=3 --config.loss.attention_diversification=1.0` trains with
 the token-aware average pooling and the attention diversification loss of Robustifying Token
@@ -29,7 +33,7 @@ from big_attn.train import config_lib
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, attention="softmax", steps=1500, runlocal=False, family="",
-                             head_dim="", parallel_block=False, loops=0)
+                             head_dim="", parallel_block=False, loops=0, projections="")
   config = config_lib.digits_config(arg)
 
   config.model_name = "vit"
@@ -45,6 +49,13 @@ def get_config(arg=None):
       raise ValueError(f"config arg head_dim must be a positive number or 'tokens', got "
                        f"{arg.head_dim!r}")
     config.model.head_dim = arg.head_dim if arg.head_dim == "tokens" else int(arg.head_dim)
+  if arg.projections:
+    if arg.projections not in ("optimised", "efficient", "super"):
+      raise ValueError(f"config arg projections must be '', 'optimised', 'efficient' or "
+                       f"'super', got {arg.projections!r}")
+    config.model.projections = "efficient" if arg.projections == "super" else arg.projections
+    if arg.projections == "super":
+      config.model.attention = "super_attention"
   if arg.family == "convit":
     config.model.update(local_layers=2, pool_type="cls")
   elif arg.family == "cpvt":

@@ -65,6 +65,39 @@ def softmax_attention(q, k, v, *, bias=None, mask=None, scale=None, soft_cap=Non
   return jnp.einsum("bnts,bsnd->btnd", p, v)
 
 
+def sage_attention(q, k, v, block_q, block_k, mask, is_causal=False):
+  """SageAttention in NumPy: smoothed K, symmetric int8 per (block, head), dequantised
+  scores; float64 elsewhere.
+
+  Causal: each token's scale is the max over its block up to itself; key block r is smoothed
+  with μ_r = mean(k_0..k_{r·block_k}) and q·μ_r is added back to the scores.
+  """
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  b, s = k.shape[:2]
+  if is_causal:
+    starts = np.arange(s) // block_k * block_k
+    mean = np.stack([k[:, :p + 1].mean(axis=1) for p in starts], axis=1)
+  else:
+    mean = np.broadcast_to(k.mean(axis=1, keepdims=True), k.shape)
+
+  def quantize(x, block):
+    out = np.empty_like(x)
+    for i in range(x.shape[1]):
+      start = i // block * block
+      end = i + 1 if is_causal else start + block
+      scale = np.abs(x[:, start:end]).max(axis=(1, 3), keepdims=True) / 127.0
+      scale = np.where(scale == 0.0, 1.0, scale)  # An all-zero block stays zero.
+      out[:, i:i + 1] = np.clip(np.round(x[:, i:i + 1] / scale), -127, 127) * scale
+    return out
+
+  qd, kd = quantize(q, block_q), quantize(k - mean, block_k)
+  # Scores qd·kd + q·μ_j as one dot product over concatenated features.
+  with x64():
+    return np.asarray(softmax_attention(
+        np.concatenate([qd, q], -1), np.concatenate([kd, mean], -1), v, mask=mask,
+        scale=1.0 / np.sqrt(q.shape[-1])))
+
+
 F32_TOL = dict(rtol=1e-4, atol=1e-4)
 BF16_TOL = dict(rtol=5e-2, atol=5e-2)
 

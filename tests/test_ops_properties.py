@@ -75,10 +75,14 @@ def _op_args(name, t, weight, token):
       "skim_attention": lambda: dict(grid=grid, layout_query=token((B, t, N, 4)),
                                      layout_key=token((B, t, N, 4)), top_k=5),
       "sparse_blocks": lambda: dict(block_q=5, block_k=2, cdf_threshold=0.3),
+      "sparge_attention": lambda: dict(block_q=5, block_k=2, cdf_threshold=0.3,
+                                       pv_threshold=-1.0),
+      "sdm": lambda: dict(radius=3),
       "serialized_patch_attention": lambda: dict(grid=grid, patch_size=5, order="hilbert"),
       "sparsifiner": lambda: dict(predictor_q=weight((N, D, 2)), predictor_k=weight((N, D, 2)),
                                   topk=3),
       "spatial_reduction": lambda: dict(grid=grid, reduction=2),
+      "super_attention": lambda: dict(alignment=weight((t, t), 0.5)),
       "switchhead": lambda: dict(value_experts=token((B, t, N, 3, D)),
                                  router_logits_v=token((B, t, N, 3)),
                                  router_logits_o=token((B, t, N, 3)),
@@ -86,6 +90,7 @@ def _op_args(name, t, weight, token):
       "gta_attention": lambda: dict(grid=grid),
       "urpe": lambda: dict(rpe_multiplier=weight((N, max(2 * t - 1, 0))),
                            rpe_bias=weight((N, max(2 * t - 1, 0)))),
+      "variational_attention": lambda: dict(posterior_query=token((B, t, N, D))),
       "window": lambda: dict(grid=grid, window_size=(1, 3)),
   }
   return table.get(name, dict)()

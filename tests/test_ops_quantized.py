@@ -25,38 +25,6 @@ def _rel_err_and_cosine(out, want):
   return np.linalg.norm(out - want) / np.linalg.norm(want), cosine
 
 
-def _sage_reference(q, k, v, block_q, block_k, mask, is_causal=False):
-  """Smoothed K, symmetric int8 per (block, head), dequantised scores; float64 elsewhere.
-
-  Causal: each token's scale is the max over its block up to itself; key block r is smoothed
-  with μ_r = mean(k_0..k_{r·block_k}) and q·μ_r is added back to the scores.
-  """
-  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-  b, s = k.shape[:2]
-  if is_causal:
-    starts = np.arange(s) // block_k * block_k
-    mean = np.stack([k[:, :p + 1].mean(axis=1) for p in starts], axis=1)
-  else:
-    mean = np.broadcast_to(k.mean(axis=1, keepdims=True), k.shape)
-
-  def quantize(x, block):
-    out = np.empty_like(x)
-    for i in range(x.shape[1]):
-      start = i // block * block
-      end = i + 1 if is_causal else start + block
-      scale = np.abs(x[:, start:end]).max(axis=(1, 3), keepdims=True) / 127.0
-      scale = np.where(scale == 0.0, 1.0, scale)  # An all-zero block stays zero.
-      out[:, i:i + 1] = np.clip(np.round(x[:, i:i + 1] / scale), -127, 127) * scale
-    return out
-
-  qd, kd = quantize(q, block_q), quantize(k - mean, block_k)
-  # Scores qd·kd + q·μ_j as one dot product over concatenated features.
-  with ref.x64():
-    return np.asarray(ref.softmax_attention(
-        np.concatenate([qd, q], -1), np.concatenate([kd, mean], -1), v, mask=mask,
-        scale=1.0 / np.sqrt(q.shape[-1])))
-
-
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_sage_int8_matches_int8_formula_and_is_close_to_softmax(is_causal):
   q, k, v = _qkv(t=45, s=45, d=32)
@@ -64,7 +32,7 @@ def test_sage_int8_matches_int8_formula_and_is_close_to_softmax(is_causal):
   full = ref.full_mask(2, 4, 45, 45, is_causal=is_causal)
   op = jax.jit(functools.partial(ops.get("sage_int8"), block_q=16, block_k=8,
                                  is_causal=is_causal), static_argnames="pv_dtype")
-  exact = _sage_reference(q, k, v, 16, 8, full, is_causal)
+  exact = ref.sage_attention(q, k, v, 16, 8, full, is_causal)
   out32 = op(q, k, v, pv_dtype=jnp.float32)
   np.testing.assert_allclose(np.asarray(out32, np.float64), exact, rtol=2e-3, atol=2e-3)
   with ref.x64():

@@ -1,11 +1,12 @@
 """Head-parallel sequence parallelism (`big_attn.parallel.heads`, `SeqParallel.heads`) of the
 causal ops whose heads are independent but whose weights need the whole row (skim_attention,
-sparsifiner, sparse_blocks, combiner, sage_int8) or the whole image grid (gpsa, levit_bias,
-decomposed_relpos: packed rows as a mask), on 4 simulated CPU devices: ring (contiguous)
-and striped token orders, GQA with fewer key/value heads than devices (repeated per query head)
-and with as many, packed rows; output and gradients of queries, keys, values and the op's
-per-head arguments equal the single-device op's (float64 inputs, float32 inside the ops). The op itself is checked against its
-formula in its own test file; here the split must not change a number."""
+sparsifiner, sparse_blocks, sparge_attention, combiner, sage_int8, sdm, super_attention) or the
+whole image grid (gpsa, levit_bias, decomposed_relpos: packed rows as a mask), on 4 simulated
+CPU devices: ring (contiguous) and striped token orders, GQA with fewer key/value heads than
+devices (repeated per query head) and with as many, packed rows; output and gradients of
+queries, keys, values and the op's per-head arguments equal the single-device op's (float64
+inputs, float32 inside the ops). The op itself is checked against its formula in its own test
+file; here the split must not change a number."""
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +48,10 @@ def _op_args(op, num_kv_heads):
     return dict(pos_proj=normal(3, (N, 3)), gating=normal(4, (N,))), dict(grid=GRID)
   if op == "levit_bias":
     return dict(attention_bias=normal(3, (N, *GRID))), dict(grid=GRID)
+  if op == "super_attention":
+    return dict(alignment=normal(3, (S, S))), {}
+  if op == "sparge_attention":
+    return {}, dict(block_q=4, block_k=4, cdf_threshold=0.6, pv_threshold=-2.0)
   if op == "decomposed_relpos":
     return dict(rel_h=normal(3, (7, D)), rel_w=normal(4, (7, D))), dict(grid=GRID)
   return {}, {}
@@ -56,10 +61,13 @@ CASES = [  # (op, strategy, num_kv_heads, packed)
     ("skim_attention", "striped", 2, True), ("sparsifiner", "ring", 2, False),
     ("sparse_blocks", "ring", 4, True), ("combiner", "striped", 1, False),
     ("sage_int8", "ring", 2, True), ("gpsa", "striped", 4, True), ("levit_bias", "ring", 2, False),
-    ("decomposed_relpos", "ring", 1, True),
+    ("decomposed_relpos", "ring", 1, True), ("super_attention", "striped", 2, True),
+    ("sdm", "ring", 2, False),
     *(pytest.param(*case, marks=pytest.mark.extended) for case in [
         ("gpsa", "ring", 2, False), ("levit_bias", "striped", 4, True),
-        ("decomposed_relpos", "striped", 2, False),
+        ("decomposed_relpos", "striped", 2, False), ("sparge_attention", "ring", 2, True),
+        ("sparge_attention", "striped", 4, False), ("sdm", "striped", 4, True),
+        ("super_attention", "ring", 4, False),
         ("skim_attention", "ring", 4, False), ("sparsifiner", "striped", 4, True),
         ("sparse_blocks", "striped", 2, False), ("combiner", "ring", 2, True),
         ("sage_int8", "striped", 4, False)]),

@@ -15,6 +15,9 @@ from big_attn.ops import spatial
 from big_attn.layers import kv_cache
 from big_attn.layers import posemb
 
+# `Attention.projections`: which of the key and value projections are the context's own slices.
+PROJECTIONS = (None, "optimised", "efficient")
+
 
 def learned_op_args(op: str, op_args: Any, implementation: str | None, inputs_q, query, key,
                     value, *, dtype: Any = None, param_dtype: Any = jnp.float32) -> dict:
@@ -104,6 +107,12 @@ class Attention(nn.Module):
       outputs kept.
     cache_len: cache entries per sequence when `decode`.
     kernel_init: projection initialiser, called with the 2-D `(fan_in, fan_out)` shape.
+    projections: None (learned W_Q, W_K, W_V, W_O) or, after You Need to Pay Better Attention
+      (Hosseini & Hosseini 2024), "optimised" (no W_V: head h's values are the h-th slice of
+      the context's features, 3/4 of the weights) or "efficient" (no W_K nor W_V: keys and
+      values are those slices, 1/2 of the weights; with op "super_attention" it is the paper's
+      Super Attention). Needs `num_kv_heads` None or `num_heads`, and for "efficient"
+      `head_dim` None or the slice width.
   Parameters carry logical axis names (`embed`, `heads`, `kv_heads`, `head_dim`, `norm`).
   """
   num_heads: int
@@ -123,6 +132,7 @@ class Attention(nn.Module):
   dtype: Any = None
   param_dtype: Any = jnp.float32
   kernel_init: Any = nn.initializers.lecun_normal()
+  projections: str | None = None
 
   def _projection(self, shape, logical_axes, name, contract=1, use_bias=None):
     return Projection(shape=shape, logical_axes=logical_axes, contract=contract,
@@ -139,6 +149,12 @@ class Attention(nn.Module):
     if self.decode and self.seq_parallel is not None:
       raise ValueError("Attention: decode=True and seq_parallel are exclusive (decoding runs "
                        "on one device per sequence)")
+    if self.projections not in PROJECTIONS:
+      raise ValueError(f"projections must be one of {PROJECTIONS}, got {self.projections!r}")
+    if self.projections is not None and self.num_kv_heads not in (None, self.num_heads):
+      raise ValueError(f"projections={self.projections!r} slices the context into num_heads "
+                       f"({self.num_heads}) key/value heads: num_kv_heads must be None or "
+                       f"{self.num_heads}, got {self.num_kv_heads}")
     if self.decode:
       ops.check_form(self.op, "decoding")
     if self.seq_parallel is not None:
@@ -188,12 +204,28 @@ class Attention(nn.Module):
     op_args = dict(self.op_args or {})
 
     kv_features = context.shape[-1]
+    if self.projections is not None:
+      if kv_features % num_kv_heads:
+        raise ValueError(f"projections={self.projections!r}: the context's features "
+                         f"({kv_features}) must be divisible by num_heads ({num_kv_heads})")
+      if self.projections == "efficient" and kv_features // num_kv_heads != head_dim:
+        raise ValueError(f"projections='efficient' dots queries with the context's slices of "
+                         f"{kv_features // num_kv_heads} features: head_dim must be None or "
+                         f"that, got {head_dim}")
+      slices = context.reshape(context.shape[:2] + (num_kv_heads, -1)).astype(
+          self.dtype or jnp.result_type(context.dtype, self.param_dtype))
     query = self._projection((features, self.num_heads, head_dim),
                              ("embed", "heads", "head_dim"), "query")(inputs_q)
-    key = self._projection((kv_features, num_kv_heads, head_dim),
-                           ("embed", "kv_heads", "head_dim"), "key")(context)
-    value = self._projection((kv_features, num_kv_heads, head_dim),
-                             ("embed", "kv_heads", "head_dim"), "value")(context)
+    if self.projections == "efficient":
+      key = slices
+    else:
+      key = self._projection((kv_features, num_kv_heads, head_dim),
+                             ("embed", "kv_heads", "head_dim"), "key")(context)
+    if self.projections is None:
+      value = self._projection((kv_features, num_kv_heads, head_dim),
+                               ("embed", "kv_heads", "head_dim"), "value")(context)
+    else:
+      value = slices
     if self.qk_norm:
       norm = lambda name: nn.RMSNorm(  # pylint: disable=g-long-lambda
           dtype=self.dtype, param_dtype=self.param_dtype, name=name,
@@ -214,7 +246,7 @@ class Attention(nn.Module):
     if recompute:
       out = kv_cache.new_tokens(out, start, new)
 
-    return self._projection((self.num_heads, head_dim, features),
+    return self._projection((self.num_heads, value.shape[-1], features),
                             ("heads", "head_dim", "embed"), "out", contract=2,
                             use_bias=self.out_bias)(out)
 

@@ -206,6 +206,7 @@ class Encoder1DBlock(nn.Module):
   attention_args: Any = None
   attention_impl: str | None = None
   qk_norm: bool = False
+  projections: str | None = None
   dropout: float = 0.0
   norm_eps: float = 1e-6
   approximate_gelu: bool = True
@@ -242,8 +243,9 @@ class Encoder1DBlock(nn.Module):
     attention = lambda: Attention(  # pylint: disable=g-long-lambda
         num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
         op=self.attention, op_args=self.attention_args, implementation=self.attention_impl,
-        qk_norm=self.qk_norm, use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=nn.initializers.xavier_uniform(), name="MultiHeadAttention")
+        qk_norm=self.qk_norm, projections=self.projections, use_bias=True, dtype=self.dtype,
+        param_dtype=self.param_dtype, kernel_init=nn.initializers.xavier_uniform(),
+        name="MultiHeadAttention")
     if probe:
       normed = layer_norm(self.dtype, self.param_dtype, "LayerNorm_0", epsilon=self.norm_eps)(x)
       with token_reduction_lib.observe_attention(self.attention, self.token_reduction,
@@ -691,7 +693,9 @@ class Model(nn.Module):
       A 2-D op also gets the patch `grid`, the class and register tokens as `extra_tokens`
       and its sizes clipped to the grid (`big_attn.ops.spatial`; registers then sit after the
       class token inside the encoder).
-    qk_norm, num_kv_heads: as in `big_attn.layers.Attention`.
+    qk_norm, num_kv_heads, projections: as in `big_attn.layers.Attention` (projections
+      "optimised" / "efficient": You Need to Pay Better Attention; with attention
+      "super_attention", its Super Attention).
     head_dim: the per-head size of the blocks' attention; None: width / num_heads; "tokens": the
       number of tokens entering the encoder, n (Low-Rank Bottleneck in Multi-head Attention
       Models: a head size of n lets every head express any n×n attention map, whatever the
@@ -759,6 +763,7 @@ class Model(nn.Module):
   attention_impl: str | None = None
   qk_norm: bool = False
   num_kv_heads: int | None = None
+  projections: str | None = None
   head_dim: int | str | None = None
   dropout: float = 0.0
   norm_eps: float = 1e-6
@@ -887,7 +892,7 @@ class Model(nn.Module):
                       attention=self.attention,
                       attention_args=encoder_op_args(self, images, patch, extra, grid=grid),
                       attention_impl=self.attention_impl, qk_norm=self.qk_norm,
-                      dropout=self.dropout, norm_eps=self.norm_eps,
+                      projections=self.projections, dropout=self.dropout, norm_eps=self.norm_eps,
                       approximate_gelu=self.approximate_gelu,
                       layer_scale_init=self.layer_scale_init, parallel=self.parallel_block)
     if self.token_pooling_scales:

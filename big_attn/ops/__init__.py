@@ -56,8 +56,12 @@ from big_attn.ops import graph as _graph  # noqa: F401
 from big_attn.ops import probabilistic as _probabilistic  # noqa: F401
 from big_attn.ops import interpretable as _interpretable  # noqa: F401
 from big_attn.ops import layout as _layout  # noqa: F401
+from big_attn.ops import super_attention as _super_attention  # noqa: F401
+from big_attn.ops import sdm as _sdm  # noqa: F401
 from big_attn.ops.forms import check_form, decoding_form, sequence_parallel_form
 from big_attn.ops.learned_scoring import pointer_log_probs
+from big_attn.ops.hard import variational_kl
+from big_attn.ops.sdm import sdm_softmax_beta
 
 
 def _flatten_batch(x, batch_shape, trailing: int):
@@ -140,4 +144,5 @@ __all__ = ["BLOCK_MERGES", "BlockForm", "HeadArg", "OpSpec", "PairScores", "Pair
            "dot_product_attention", "get", "has_causal_form", "names",
            "register", "spec"]
 __all__ += ["OpParams", "params_module", "register_params"]
-__all__ += ["check_form", "decoding_form", "sequence_parallel_form", "pointer_log_probs"]
+__all__ += ["check_form", "decoding_form", "sequence_parallel_form", "pointer_log_probs",
+            "variational_kl", "sdm_softmax_beta"]

@@ -1,4 +1,5 @@
-"""Hard (stochastic) attention: one key per query, sampled from the attention distribution.
+"""Hard (stochastic) attention: one key per query, sampled from the attention distribution,
+and variational attention, which samples it from an amortised posterior.
 
 `hard_attention` draws z ~ Cat(softmax(s)) and returns v_z; its gradient is the score-function
 (REINFORCE) estimator with a baseline. Without a random key it is deterministic (the
@@ -115,8 +116,8 @@ def hard_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
   surrogate out = v_z + (log p_z − sg(log p_z))·sg(v_z − b), whose value is v_z.
   Deterministic evaluation (`rng=None`): `eval_mode="expectation"` returns E[out] = Σ_j p_ij v_j
   (differentiable exactly, as the papers' test-time soft attention) and `"argmax"` returns
-  v_{argmax_j p_ij} (gradient to the values only). The variational posterior of Deng et al.
-  needs the target and belongs to the model, not the op.
+  v_{argmax_j p_ij} (gradient to the values only). Deng et al.'s variational posterior is
+  `variational_attention`.
 
   Args:
     query: `[batch, q_len, num_heads, head_dim]`.
@@ -146,6 +147,13 @@ def hard_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                        _one_hot_choice(jax.lax.stop_gradient(probs), full_mask))
     return common.weighted_values(choice, v, dims).astype(query.dtype)
   _check_rng(rng)
+  return _reinforce_sample(logits, probs, full_mask, v, dims, rng, baseline).astype(query.dtype)
+
+
+def _reinforce_sample(logits, probs, full_mask, v, dims, rng, baseline):
+  """v_z with z ~ Cat(probs) drawn by Gumbel-max from `pair_gumbel`, as the surrogate
+  v_z + (log p_z − sg(log p_z))·sg(v_z − b) whose gradient wrt the logits is REINFORCE's with
+  the baseline b (`baseline`: "expectation", Σ_j p_j v_j, or "none"); float32 `[b, t, n, d]`."""
   log_p = _log_probs(logits, full_mask)
   positions = lambda n: jnp.arange(n, dtype=jnp.int32)  # noqa: E731
   gumbel = pair_gumbel(head_keys(rng, dims.num_heads, dims.batch), positions(dims.q_len),
@@ -159,7 +167,85 @@ def hard_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
   log_p_z = jnp.moveaxis(jnp.sum(choice * log_p, axis=-1), -1, 1)  # [b, t, k, g]
   log_p_z = log_p_z.reshape(dims.batch, dims.q_len, dims.num_heads, 1)
   surrogate = (log_p_z - jax.lax.stop_gradient(log_p_z)) * jax.lax.stop_gradient(sampled - base)
-  return (sampled + surrogate).astype(query.dtype)
+  return sampled + surrogate
+
+
+def _posterior_scores(query, key, value, posterior_query, *, scale, mask, is_causal,
+                      segment_ids):
+  """Prior and posterior `(dims, prior_logits, posterior_logits, mask)`, grouped as
+  `common.scores`; the posterior's queries `[batch, q_len, num_heads, head_dim]`."""
+  dims, prior, full_mask = common.scores(query, key, value, scale=scale, mask=mask,
+                                         is_causal=is_causal, segment_ids=segment_ids)
+  common.check_weight("posterior_query", posterior_query, query.shape,
+                      "[batch, q_len, num_heads, head_dim]")
+  posterior = common.attention_logits(posterior_query, key, dims,
+                                      common.default_scale(dims.head_dim, scale))
+  return dims, prior, posterior, full_mask
+
+
+@register("variational_attention", segment_ids=True,
+          block_refusal=(
+              "its sample is drawn from the posterior's softmax over the whole row and "
+              "returned with the REINFORCE surrogate of that row's log-probability, which the "
+              "block merges of hard attention do not form for a second set of queries"))
+def variational_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
+                          posterior_query=None, rng=None, baseline="expectation",
+                          segment_ids=None):
+  """Categorical variational attention (Latent Alignment and Variational Attention, Deng et
+  al. 2018): the alignment z_i is latent, with the prior p(z_i) = softmax(s·q_i·Kᵀ) (masked)
+  given by the queries and an amortised posterior q(z_i) = softmax(s·q̃_i·Kᵀ) whose queries q̃
+  (`posterior_query`) come from an inference network that also reads the target y. Training
+  maximises the ELBO
+
+      log p(y) ≥ E_{z~q}[log p(y | v_z)] − KL(q(z) ‖ p(z)),
+
+  and this op is its first term's alignment: with `rng`, z_i ~ q(z_i) (Gumbel-max, noise as
+  `hard_attention`'s) and out_i = v_{z_i}; the gradient wrt the posterior's logits is the
+  score-function (REINFORCE) estimator of the loss linearised at the output, with the baseline
+  b_i = Σ_j q_ij v_j (soft attention under the posterior; `baseline="none"`: 0), the values'
+  gradient pathwise. The prior's gradient comes from the KL term, `variational_kl`, which the
+  model adds to its loss. Without `rng` (evaluation: the target is unknown) the output is the
+  prior's expectation Σ_j p_ij v_j, soft attention. The paper's relaxed (Dirichlet)
+  alignments are not implemented.
+
+  Args:
+    query, key, value: `[batch, seq, heads, head_dim]`; key/value heads divide query heads.
+    mask, is_causal, scale, segment_ids: as `dot_product_attention` (prior and posterior).
+    posterior_query: q̃ `[batch, q_len, num_heads, head_dim]`, needed with `rng`.
+    rng: a `jax.random` key: sample from the posterior (training); None: the prior's mean.
+    baseline: "expectation" or "none", the REINFORCE control variate.
+
+  Returns:
+    `[batch, q_len, num_heads, value_dim]` in the query's dtype; rows with no key give zeros.
+  """
+  _check_modes("expectation", baseline)
+  if rng is None:
+    dims, logits, full_mask = common.scores(query, key, value, scale=scale, mask=mask,
+                                            is_causal=is_causal, segment_ids=segment_ids)
+    probs = common.masked_softmax(logits, full_mask)
+    return common.weighted_values(probs, value.astype(jnp.float32), dims).astype(query.dtype)
+  _check_rng(rng)
+  dims, _, posterior, full_mask = _posterior_scores(
+      query, key, value, posterior_query, scale=scale, mask=mask, is_causal=is_causal,
+      segment_ids=segment_ids)
+  probs = common.masked_softmax(posterior, full_mask)
+  return _reinforce_sample(posterior, probs, full_mask, value.astype(jnp.float32), dims, rng,
+                           baseline).astype(query.dtype)
+
+
+def variational_kl(query, key, posterior_query, *, mask=None, is_causal=False, scale=None,
+                   segment_ids=None):
+  """KL(q(z_i) ‖ p(z_i)) = Σ_j q_ij (log q_ij − log p_ij) of `variational_attention`'s
+  posterior and prior alignments, `[batch, q_len, num_heads]` float32 (0 for rows with no
+  key): the term the ELBO subtracts, differentiable in all three arrays."""
+  dims, prior, posterior, full_mask = _posterior_scores(
+      query, key, key, posterior_query, scale=scale, mask=mask, is_causal=is_causal,
+      segment_ids=segment_ids)
+  log_q, log_p = _log_probs(posterior, full_mask), _log_probs(prior, full_mask)
+  kl = jnp.sum(jnp.exp(log_q) * (log_q - log_p), axis=-1)  # [b, k, g, t]
+  if full_mask is not None:
+    kl = jnp.where(jnp.any(full_mask, axis=-1), kl, 0.0)
+  return jnp.moveaxis(kl.reshape(dims.batch, dims.num_heads, dims.q_len), 1, 2)
 
 
 @register_params("hard_attention")

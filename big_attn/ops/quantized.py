@@ -46,6 +46,18 @@ def _smoothing_mean(key: jax.Array, block_k: int, is_causal: bool) -> jax.Array:
           / (starts + 1).astype(key.dtype)[None, :, None, None])
 
 
+def quantize_query_key(query, key, block_q: int, block_k: int, is_causal: bool = False):
+  """SageAttention's quantisation of the scores' operands: `(q8, q_scale, k8, k_scale, mean)`
+  with Q ≈ q8·q_scale and K − μ ≈ k8·k_scale (`quantize_blocks` over blocks of `block_q` /
+  `block_k` tokens), μ `[b, s, h, d]` the smoothing mean of each key token
+  (`_smoothing_mean`); float32 except the int8 arrays."""
+  key = key.astype(jnp.float32)
+  mean = _smoothing_mean(key, block_k, is_causal)
+  q8, q_scale = quantize_blocks(query, block_q, is_causal)
+  k8, k_scale = quantize_blocks(key - mean, block_k, is_causal)
+  return q8, q_scale, k8, k_scale, mean
+
+
 def _float_attention(query, key, value, bias, gmask, dims, scale):
   """The float softmax attention whose backward pass the int8 op uses."""
   logits = common.attention_logits(query, key, dims, scale)
@@ -57,10 +69,7 @@ def _float_attention(query, key, value, bias, gmask, dims, scale):
 
 def _int8_attention(query, key, value, bias, gmask, dims, scale, block_q, block_k, pv_dtype,
                     is_causal):
-  key = key.astype(jnp.float32)
-  mean = _smoothing_mean(key, block_k, is_causal)
-  q8, q_scale = quantize_blocks(query, block_q, is_causal)
-  k8, k_scale = quantize_blocks(key - mean, block_k, is_causal)
+  q8, q_scale, k8, k_scale, mean = quantize_query_key(query, key, block_q, block_k, is_causal)
   q8 = common.group_query(q8, dims.num_kv_heads)
   qk = jnp.einsum("btkgd,bskd->bkgts", q8, k8, preferred_element_type=jnp.int32)
   q_scale = q_scale.reshape(dims.batch, dims.q_len, dims.num_kv_heads, dims.groups)

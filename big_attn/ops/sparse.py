@@ -1,5 +1,8 @@
-"""Block-sparse attention with a predicted block mask (SpargeAttn's first-stage filter)."""
+"""Block-sparse attention with a predicted block mask (SpargeAttn's two-stage filter, on
+SageAttention's int8 scores)."""
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +10,12 @@ import numpy as np
 
 from big_attn.ops import checks
 from big_attn.ops import common
+from big_attn.ops import quantized as quantized_ops
 from big_attn.ops.registry import register
+
+_BLOCK_REFUSAL = (
+    "which key blocks a query block keeps is chosen by TopCdf on the softmax of pooled scores "
+    "over all its key blocks, a ranking of the whole row that key blocks cannot make alone")
 
 
 def _pad_to(x: jax.Array, axis: int, size: int) -> jax.Array:
@@ -54,15 +62,51 @@ def _index(size: int, full: int, axis: int, ndim: int) -> jax.Array:
   return ix.reshape(shape)
 
 
-@register("sparse_blocks", segment_ids=True, head_args={},
-          block_refusal=(
-              "which key blocks a query block keeps is chosen by TopCdf on the softmax of pooled "
-              "scores over all its key blocks, a ranking of the whole row that key blocks cannot "
-              "make alone"))
+def skipped_pv_blocks(logits, mask, row_valid, pv_threshold, per_row):
+  """SpargeAttn's second stage: `[b, k, g, nq, (block_q,) slots]` True where the online softmax,
+  visiting a query block's key-block slots in order, skips the product P̃V of a slot.
+
+  With m_local the row max of the slot's (masked) scores and m the running max over the slots
+  so far (m_local included), the product is skipped when max over the block's valid rows of
+  (m_local − m) < λ = `pv_threshold` (per row when `per_row`). `logits` and `mask` are
+  `[b, k, g, nq, block_q, slots, block_k]`, `row_valid` `[nq, block_q]` the real query rows."""
+  local = jnp.max(jnp.where(mask, logits, common.MASKED_LOGIT), axis=-1)
+  running = jax.lax.cummax(local, axis=local.ndim - 1)
+  counted = jnp.any(mask, axis=-1) & row_valid[:, :, None]  # rows with a visible key
+  gap = jnp.where(counted, local - running, common.MASKED_LOGIT)
+  if not per_row:
+    gap = jnp.max(gap, axis=-2)
+  return jax.lax.stop_gradient(gap < pv_threshold)
+
+
+def _int8_block_logits(query, key, blocks, dims, scale, block_q, block_k, num_q_blocks,
+                       is_causal):
+  """SageAttention's int8 scores (`quantized.quantize_query_key`: smoothed keys, per-block
+  scales) of the gathered key blocks, `[b, k, g, nq, block_q, slots, block_k]` float32; under
+  `is_causal` s·q_i·μ_J of each key block's smoothing mean μ_J is added back."""
+  b, k, g, d = dims.batch, dims.num_kv_heads, dims.groups, dims.head_dim
+  q8, q_scale, k8, k_scale, mean = quantized_ops.quantize_query_key(query, key, block_q,
+                                                                    block_k, is_causal)
+  q_rows = lambda x: _pad_to(x, 1, num_q_blocks * block_q).reshape(  # noqa: E731
+      b, num_q_blocks, block_q, k, g, -1)
+  qk = jnp.einsum("bqikgd,bkgqcjd->bkgqicj", q_rows(q8), blocks(k8),
+                  preferred_element_type=jnp.int32)
+  q_scale = jnp.transpose(q_rows(q_scale[..., None])[..., 0], (0, 3, 4, 1, 2))
+  k_scale = blocks(k_scale[..., None])[..., 0]  # [b, k, g, nq, slots, block_k]
+  logits = (qk.astype(jnp.float32) * jnp.float32(scale) * q_scale[..., None, None]
+            * k_scale[:, :, :, :, None])
+  if is_causal:  # μ is constant within a key block: its first token's
+    block_mean = blocks(mean)[..., 0, :]  # [b, k, g, nq, slots, d]
+    logits = logits + jnp.einsum("bqikgd,bkgqcd->bkgqic", q_rows(query.astype(jnp.float32)),
+                                 block_mean)[..., None] * jnp.float32(scale)
+  return logits
+
+
+@register("sparse_blocks", segment_ids=True, head_args={}, block_refusal=_BLOCK_REFUSAL)
 def sparse_blocks_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                             block_q=64, block_k=64, cdf_threshold=0.95, topk_blocks=None,
                             similarity_threshold=None, segment_ids=None,
-                            local_window_size=None):
+                            local_window_size=None, pv_threshold=None, quantized=False):
   """Predicted block-sparse attention (SpargeAttn: Accurate Sparse Attention Accelerating Any
   Model Inference, Zhang et al. 2025), its first-stage filter with exact attention in the kept
   blocks.
@@ -87,9 +131,19 @@ def sparse_blocks_attention(query, key, value, *, mask=None, is_causal=False, sc
      key/value blocks gathered per query block, `[q_blocks, slots, block_q, block_k]` scores;
      slots = all key blocks, or `topk_blocks` + the safeguards when it is given: O(n·k·block).
 
-  The paper's second stage (skipping PV products of negligible online-softmax blocks) and its
-  quantisation are kernel-level optimisations not reproduced here. Differences from the
-  authors' code: it keeps the blocks whose inclusive cumulative mass is ≤ τ (at least one),
+  5. Second stage (with `pv_threshold` λ ≤ 0, `skipped_pv_blocks`): the online softmax visits
+     the kept key blocks of query block I in index order with running row max m; the product
+     P̃_IJ·V_J of block J is skipped when max over the block's rows of (rowmax S_IJ − m) < λ
+     (its weights are all below e^λ times the row's running max weight); the normaliser
+     still counts the block, as in the paper's kernel. The result is the softmax above with
+     the skipped blocks' weights set to 0. The paper decides per GPU warp (a slice of the
+     block's rows); here per query block, and per row under `is_causal` (so no output
+     depends on a later query of its block).
+  `quantized`: the scores of step 4 are SageAttention's (`sage_int8`: int8 Q̂K̂ᵀ of smoothed
+  keys with one scale per `block_q` / `block_k` tokens, `quantized.quantize_query_key`), as
+  SpargeAttn builds on it; the gradient is straight-through, that of the op with float scores
+  (as `sage_int8`'s).
+  Differences from the authors' code: it keeps the blocks whose inclusive cumulative mass is ≤ τ (at least one),
   here the mass is reached; its `topk` is a fraction of the blocks, here a count; its sink block
   is optional and it has no diagonal safeguard. The block selection has no gradient.
 
@@ -102,6 +156,8 @@ def sparse_blocks_attention(query, key, value, *, mask=None, is_causal=False, sc
     topk_blocks: optional cap on the selected key blocks per query block (safeguards extra).
     similarity_threshold: θ of the self-similarity rule; None turns it off. With θ set, the
       slots are all key blocks (a dense row or column has no bound).
+    pv_threshold: λ ≤ 0 of the second stage; None turns it off.
+    quantized: SageAttention's int8 scores in the kept blocks.
 
   Returns:
     `[batch, q_len, num_heads, value_dim]` in the query's dtype.
@@ -111,11 +167,43 @@ def sparse_blocks_attention(query, key, value, *, mask=None, is_causal=False, sc
   checks.positive_int("block_k", block_k)
   checks.positive_int("topk_blocks", topk_blocks, optional=True)
   checks.unit_interval("cdf_threshold", cdf_threshold)
+  if pv_threshold is not None and not (isinstance(pv_threshold, (int, float, np.floating))
+                                       and not isinstance(pv_threshold, bool)
+                                       and pv_threshold <= 0):
+    raise ValueError(f"pv_threshold must be a number <= 0 or None, got {pv_threshold!r}")
+  if not isinstance(quantized, bool):
+    raise ValueError(f"quantized must be a bool, got {quantized!r}")
   if similarity_threshold is not None and (
       not isinstance(similarity_threshold, (int, float, np.floating))
       or isinstance(similarity_threshold, bool)):
     raise ValueError(f"similarity_threshold must be a number or None, got "
                      f"{similarity_threshold!r}")
+  attend = functools.partial(
+      _sparse_blocks, dims=dims, mask=mask, is_causal=is_causal, scale=scale, block_q=block_q,
+      block_k=block_k, cdf_threshold=cdf_threshold, topk_blocks=topk_blocks,
+      similarity_threshold=similarity_threshold, segment_ids=segment_ids,
+      local_window_size=local_window_size, pv_threshold=pv_threshold)
+  if not quantized or not dims.q_len or not dims.kv_len:  # nothing to quantise
+    return attend(query, key, value, quantized=False)
+
+  @jax.custom_vjp
+  def int8_forward(q, k, v):
+    return attend(q, k, v, quantized=True)
+
+  def int8_forward_fwd(q, k, v):
+    return int8_forward(q, k, v), (q, k, v)
+
+  def float_backward(residuals, cotangent):
+    return jax.vjp(functools.partial(attend, quantized=False), *residuals)[1](cotangent)
+
+  int8_forward.defvjp(int8_forward_fwd, float_backward)
+  return int8_forward(query, key, value)
+
+
+def _sparse_blocks(query, key, value, *, dims, mask, is_causal, scale, block_q, block_k,
+                   cdf_threshold, topk_blocks, similarity_threshold, segment_ids,
+                   local_window_size, pv_threshold, quantized):
+  """`sparse_blocks` on checked arguments."""
   scale = common.default_scale(dims.head_dim, scale)
   b, t, s = dims.batch, dims.q_len, dims.kv_len
   k, g, dv = dims.num_kv_heads, dims.groups, dims.value_dim
@@ -179,6 +267,7 @@ def sparse_blocks_attention(query, key, value, *, mask=None, is_causal=False, sc
     slots = min(nk, topk_blocks + int(safe.sum(-1).max()))
   keep = jnp.broadcast_to(keep, (b, k, g, nq, nk))
   slot_block = jnp.argsort(jnp.where(keep, rank, rank + nk), axis=-1)[..., :slots]
+  slot_block = jnp.sort(slot_block, axis=-1)  # the online softmax visits key blocks in order
   slot_on = jnp.take_along_axis(keep, slot_block, axis=-1)  # [b, k, g, nq, slots]
   bi, ki = _index(b, b, 0, 5), _index(k, k, 1, 5)
 
@@ -200,10 +289,40 @@ def sparse_blocks_attention(query, key, value, *, mask=None, is_causal=False, sc
   q = _pad_to(query, 1, nq * block_q).reshape(b, nq, block_q, k, g, dims.head_dim)
   logits = jnp.einsum("bqikgd,bkgqcjd->bkgqicj", q, blocks(key),
                       preferred_element_type=jnp.float32) * jnp.float32(scale)
+  if quantized:
+    int8_logits = _int8_block_logits(query, key, blocks, dims, scale, block_q, block_k, nq,
+                                     is_causal)
+    logits = int8_logits
   logits = logits + undefined[:, :, :, :, None, None, None]
   flat = (b, k, g, nq, block_q, slots * block_k)
   weights = common.masked_softmax(logits.reshape(flat), slot_mask.reshape(flat))
-  out = jnp.einsum("bkgqicj,bkgqcjd->bqikgd",
-                   weights.reshape(logits.shape).astype(value.dtype), blocks(value),
+  weights = weights.reshape(logits.shape)
+  if pv_threshold is not None:
+    row_valid = (np.arange(nq * block_q) < t).reshape(nq, block_q)
+    skipped = skipped_pv_blocks(logits, slot_mask, row_valid, pv_threshold, per_row=is_causal)
+    skipped = skipped[..., None] if is_causal else skipped[:, :, :, :, None, :, None]
+    weights = jnp.where(skipped, 0.0, weights)
+  out = jnp.einsum("bkgqicj,bkgqcjd->bqikgd", weights.astype(value.dtype), blocks(value),
                    preferred_element_type=jnp.float32)
   return out.reshape(b, nq * block_q, dims.num_heads, dv)[:, :t].astype(query.dtype)
+
+
+@register("sparge_attention", segment_ids=True, head_args={},
+          block_refusal=_BLOCK_REFUSAL)
+def sparge_attention(query, key, value, *, mask=None, is_causal=False, scale=None, block_q=128,
+                     block_k=64, cdf_threshold=0.95, topk_blocks=None,
+                     similarity_threshold=None, segment_ids=None, local_window_size=None,
+                     pv_threshold=-10.0):
+  """SpargeAttn (SpargeAttn: Accurate Sparse Attention Accelerating Any Model Inference, Zhang
+  et al. 2025) with both stages of its filter on SageAttention's quantised scores:
+  `sparse_blocks` with `quantized=True` and the second stage on (`pv_threshold` λ), at the
+  paper's 128-query / 64-key blocks. λ = −10 skips a block's PV product when all its weights
+  are below e^−10 of the running row max (the paper tunes λ per model).
+
+  Args and returns: as `sparse_blocks`.
+  """
+  return sparse_blocks_attention(
+      query, key, value, mask=mask, is_causal=is_causal, scale=scale, block_q=block_q,
+      block_k=block_k, cdf_threshold=cdf_threshold, topk_blocks=topk_blocks,
+      similarity_threshold=similarity_threshold, segment_ids=segment_ids,
+      local_window_size=local_window_size, pv_threshold=pv_threshold, quantized=True)
