@@ -179,25 +179,29 @@ def sparse_blocks_attention(query, key, value, *, mask=None, is_causal=False, sc
     raise ValueError(f"similarity_threshold must be a number or None, got "
                      f"{similarity_threshold!r}")
   attend = functools.partial(
-      _sparse_blocks, dims=dims, mask=mask, is_causal=is_causal, scale=scale, block_q=block_q,
+      _sparse_blocks, dims=dims, is_causal=is_causal, scale=scale, block_q=block_q,
       block_k=block_k, cdf_threshold=cdf_threshold, topk_blocks=topk_blocks,
-      similarity_threshold=similarity_threshold, segment_ids=segment_ids,
-      local_window_size=local_window_size, pv_threshold=pv_threshold)
+      similarity_threshold=similarity_threshold, local_window_size=local_window_size,
+      pv_threshold=pv_threshold)
   if not quantized or not dims.q_len or not dims.kv_len:  # nothing to quantise
-    return attend(query, key, value, quantized=False)
+    return attend(query, key, value, mask=mask, segment_ids=segment_ids, quantized=False)
 
+  # The mask and segment ids are arguments, not closed over: a custom_vjp may not capture
+  # tracers of an enclosing transformation (jit, shard_map).
   @jax.custom_vjp
-  def int8_forward(q, k, v):
-    return attend(q, k, v, quantized=True)
+  def int8_forward(q, k, v, mask, segment_ids):
+    return attend(q, k, v, mask=mask, segment_ids=segment_ids, quantized=True)
 
-  def int8_forward_fwd(q, k, v):
-    return int8_forward(q, k, v), (q, k, v)
+  def int8_forward_fwd(q, k, v, mask, segment_ids):
+    return int8_forward(q, k, v, mask, segment_ids), (q, k, v, mask, segment_ids)
 
   def float_backward(residuals, cotangent):
-    return jax.vjp(functools.partial(attend, quantized=False), *residuals)[1](cotangent)
+    *arrays, mask, segment_ids = residuals
+    float_fn = functools.partial(attend, mask=mask, segment_ids=segment_ids, quantized=False)
+    return (*jax.vjp(float_fn, *arrays)[1](cotangent), None, None)
 
   int8_forward.defvjp(int8_forward_fwd, float_backward)
-  return int8_forward(query, key, value)
+  return int8_forward(query, key, value, mask, segment_ids)
 
 
 def _sparse_blocks(query, key, value, *, dims, mask, is_causal, scale, block_q, block_k,
