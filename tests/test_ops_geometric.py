@@ -55,17 +55,6 @@ def test_gta_layer_runs():
   op_checks.assert_layer_runs("gta_attention", dict(grid=(3, 4)), length=12, is_causal=False)
 
 
-def _rigid(seed, shape):
-  """`[*shape, 4, 4]` random SE(3) matrices [[R, t], [0, 1]], float64."""
-  rng = np.random.default_rng(seed)
-  rotation, _ = np.linalg.qr(rng.normal(size=shape + (3, 3)))
-  rotation *= np.sign(np.linalg.det(rotation))[..., None, None]
-  matrices = np.zeros(shape + (4, 4))
-  matrices[..., :3, :3], matrices[..., :3, 3] = rotation, rng.normal(size=shape + (3,)) * 0.5
-  matrices[..., 3, 3] = 1.0
-  return matrices
-
-
 def _rho_with_cameras(cameras, coords, width):
   """`[b, t, width, width]`: ρ(g) = E ⊕ … ⊕ E (width/8 copies of the token's 4x4 camera E)
   ⊕ the SO(2) blocks of `_rho` on the other width/2 channels."""
@@ -100,7 +89,7 @@ def test_gta_cameras_match_reference(grid, is_causal):
   """Three views of a 2x2 grid (or 1-D positions), each token with its view's extrinsic:
   output and gradients wrt q, k, v and the cameras."""
   q, k, v = ref.qkv(t=12, n=4, k=2, d=8, dv=16)
-  cameras = jnp.asarray(np.repeat(_rigid(1, (2, 3)), 4, axis=1), jnp.float32)
+  cameras = jnp.asarray(np.repeat(ref.rigid_transforms(1, (2, 3)), 4, axis=1), jnp.float32)
   valid = ref.key_padding(2, 12, first_valid=True)
   mask = ref.full_mask(2, 4, 12, 12, mask=valid, is_causal=is_causal)
   op = functools.partial(ops.get("gta_attention"), grid=grid, is_causal=is_causal,
@@ -114,13 +103,14 @@ def test_gta_cameras_invariant_to_the_world_frame():
   """Every extrinsic E_i ↦ E_i T (one change of world frame T) leaves the output unchanged;
   a change of one view's camera does not."""
   q, k, v = ref.qkv(t=12, n=2, k=2, d=8, seed=3)
-  cameras = np.repeat(_rigid(2, (2, 3)), 4, axis=1)
+  cameras = np.repeat(ref.rigid_transforms(2, (2, 3)), 4, axis=1)
   op = jax.jit(functools.partial(ops.get("gta_attention"), grid=(2, 2), is_causal=True))
   out = np.asarray(op(q, k, v, cameras=jnp.asarray(cameras, jnp.float32)))
-  moved = np.asarray(op(q, k, v, cameras=jnp.asarray(cameras @ _rigid(3, ()), jnp.float32)))
+  world = ref.rigid_transforms(3, ())
+  moved = np.asarray(op(q, k, v, cameras=jnp.asarray(cameras @ world, jnp.float32)))
   np.testing.assert_allclose(moved, out, atol=2e-5, rtol=2e-5)
   one_view = cameras.copy()
-  one_view[:, 8:] = one_view[:, 8:] @ _rigid(4, ())
+  one_view[:, 8:] = one_view[:, 8:] @ ref.rigid_transforms(4, ())
   changed = np.asarray(op(q, k, v, cameras=jnp.asarray(one_view, jnp.float32)))
   assert np.abs(changed - out).max() > 1e-2
 
@@ -128,7 +118,7 @@ def test_gta_cameras_invariant_to_the_world_frame():
 def _bad_calls():
   q, k, v = ref.qkv(t=12, n=2, k=2, d=6)
   q8, k8, v8 = ref.qkv(t=12, n=2, k=2, d=8)
-  cameras = jnp.asarray(np.repeat(_rigid(1, (2, 1)), 12, axis=1), jnp.float32)
+  cameras = jnp.asarray(np.repeat(ref.rigid_transforms(1, (2, 1)), 12, axis=1), jnp.float32)
   op = ops.get("gta_attention")
   return [(lambda: op(q, k, v, grid=(3, 4)), "head_dim"),
           (lambda: op(q, k, v, grid=(3, 5)), "grid"),
