@@ -116,6 +116,17 @@ def qkv(*, b=2, t, s=None, n=4, k=2, d=8, dv=None, dtype=jnp.float32, seed=0, st
           normal(seed + 2, (b, s, k, dv), dtype, std))
 
 
+def rigid_transforms(seed, shape):
+  """`[*shape, 4, 4]` random SE(3) matrices [[R, t], [0, 1]], float64."""
+  rng = np.random.default_rng(seed)
+  rotation, _ = np.linalg.qr(rng.normal(size=shape + (3, 3)))
+  rotation *= np.sign(np.linalg.det(rotation))[..., None, None]
+  matrices = np.zeros(shape + (4, 4))
+  matrices[..., :3, :3], matrices[..., :3, 3] = rotation, rng.normal(size=shape + (3,)) * 0.5
+  matrices[..., 3, 3] = 1.0
+  return matrices
+
+
 def key_padding(b, s, seed=5, *, first_valid=False, invalid=None):
   """Seeded `[b, 1, 1, s]` key-padding mask, each key valid with probability 0.7.
 
