@@ -168,7 +168,7 @@ def _tiny_models() -> dict[str, tuple[Callable[..., Any], Callable, dict[str, An
       "lit": (lambda op, **f: models.get("lit").Model(
           num_classes=3, widths=(4, 8, 8, 8), num_heads=(1, 2, 2, 2), depths=(1, 1, 1, 1),
           patch_size=2, attention=op, **f),
-              _image((2, 16, 16, 1)), dict(train=True)),
+              _image((2, 32, 32, 1)), dict(train=True)),  # attention on 4x4 and 2x2 maps
       "dhvt": (lambda op, **f: models.get("dhvt").Model(
           num_classes=3, width=8, depth=1, num_heads=2, patch_size=2, attention=op, **f),
                _image((2, 8, 8, 1)), dict(train=True)),

@@ -187,7 +187,9 @@ def _posterior_scores(query, key, value, posterior_query, *, scale, mask, is_cau
           block_refusal=(
               "its sample is drawn from the posterior's softmax over the whole row and "
               "returned with the REINFORCE surrogate of that row's log-probability, which the "
-              "block merges of hard attention do not form for a second set of queries"))
+              "block merges of hard attention do not form for a second set of queries; its "
+              "heads are independent, but its draws are keyed by the global head and batch "
+              "indices, which a device holding a slice of the heads and batch does not see"))
 def variational_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                           posterior_query=None, rng=None, baseline="expectation",
                           segment_ids=None):
