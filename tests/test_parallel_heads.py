@@ -1,12 +1,12 @@
 """Head-parallel sequence parallelism (`big_attn.parallel.heads`, `SeqParallel.heads`) of the
 causal ops whose heads are independent but whose weights need the whole row (skim_attention,
-sparsifiner, sparse_blocks, sparge_attention, combiner, sage_int8, sdm, super_attention) or the
-whole image grid (gpsa, levit_bias, decomposed_relpos: packed rows as a mask), on 4 simulated
-CPU devices: ring (contiguous) and striped token orders, GQA with fewer key/value heads than
-devices (repeated per query head) and with as many, packed rows; output and gradients of
-queries, keys, values and the op's per-head arguments equal the single-device op's (float64
-inputs, float32 inside the ops). The op itself is checked against its formula in its own test
-file; here the split must not change a number."""
+sparsifiner, sparse_blocks, sparge_attention, combiner, sage_int8, sdm, super_attention,
+variational_attention without rng) or the whole image grid (gpsa, levit_bias, decomposed_relpos:
+packed rows as a mask), on 4 simulated CPU devices: ring (contiguous) and striped token orders,
+GQA with fewer key/value heads than devices (repeated per query head) and with as many, packed
+rows; output and gradients of queries, keys, values and the op's per-head arguments equal the
+single-device op's (float64 inputs, float32 inside the ops). The op itself is checked against
+its formula in its own test file; here the split must not change a number."""
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +52,8 @@ def _op_args(op, num_kv_heads):
     return dict(alignment=normal(3, (S, S))), {}
   if op == "sparge_attention":
     return {}, dict(block_q=4, block_k=4, cdf_threshold=0.6, pv_threshold=-2.0)
+  if op == "variational_attention":
+    return dict(posterior_query=normal(3, (B, S, N, D))), {}
   if op == "decomposed_relpos":
     return dict(rel_h=normal(3, (7, D)), rel_w=normal(4, (7, D))), dict(grid=GRID)
   return {}, {}
@@ -62,7 +64,7 @@ CASES = [  # (op, strategy, num_kv_heads, packed)
     ("sparse_blocks", "ring", 4, True), ("combiner", "striped", 1, False),
     ("sage_int8", "ring", 2, True), ("gpsa", "striped", 4, True), ("levit_bias", "ring", 2, False),
     ("decomposed_relpos", "ring", 1, True), ("super_attention", "striped", 2, True),
-    ("sdm", "ring", 2, False),
+    ("sdm", "ring", 2, False), ("variational_attention", "striped", 2, True),
     *(pytest.param(*case, marks=pytest.mark.extended) for case in [
         ("gpsa", "ring", 2, False), ("levit_bias", "striped", 4, True),
         ("decomposed_relpos", "striped", 2, False), ("sparge_attention", "ring", 2, True),
@@ -128,6 +130,9 @@ def test_refusals_name_the_op_and_the_reason(mesh):
     sp.heads("softmax", q, k, v)
   with pytest.raises(ValueError, match="'softmax' has no independent heads"):
     head_parallel_attention(q, k, v, op="softmax", axis_name="seq")
+  with pytest.raises(ValueError, match="'variational_attention' draws its samples with keys"):
+    sp.heads("variational_attention", q[:, :, :4], k, v, rng=jax.random.key(0),
+             posterior_query=q[:, :, :4])
   with pytest.raises(ValueError, match="splitting its heads: call SeqParallel.heads"):
     parallel.sequence_parallel_attention(q, k, v, mesh=mesh, op="combiner")
   for bad in (dict(head_args={"w": 0}), dict(head_args={}, causal=False)):

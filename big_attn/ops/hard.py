@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from big_attn.ops import common
-from big_attn.ops.registry import BlockForm, OpParams, register, register_params
+from big_attn.ops.registry import BlockForm, HeadArg, OpParams, register, register_params
 
 Array = jax.Array
 
@@ -184,12 +184,11 @@ def _posterior_scores(query, key, value, posterior_query, *, scale, mask, is_cau
 
 
 @register("variational_attention", segment_ids=True,
+          head_args={"posterior_query": HeadArg(per_token=True)},
           block_refusal=(
               "its sample is drawn from the posterior's softmax over the whole row and "
               "returned with the REINFORCE surrogate of that row's log-probability, which the "
-              "block merges of hard attention do not form for a second set of queries; its "
-              "heads are independent, but its draws are keyed by the global head and batch "
-              "indices, which a device holding a slice of the heads and batch does not see"))
+              "block merges of hard attention do not form for a second set of queries"))
 def variational_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
                           posterior_query=None, rng=None, baseline="expectation",
                           segment_ids=None):

@@ -15,8 +15,9 @@ neighborhood, kernelized_rpe), whose scores are a function of each query-key pai
 "moments": normalized). Hyena's gated long convolutions pass their inputs around the ring or
 gather them (`convolution.py`, `SeqParallel.convolution`); the causal linear ops pass their
 recurrent state (`linear_state.py`, `SeqParallel.linear_state`); causal ops with independent
-heads that need the whole row (skim_attention, sparsifiner, sparse_blocks, combiner, sage_int8,
-and the grid ops gpsa, levit_bias, decomposed_relpos) split their heads between two
+heads that need the whole row (skim_attention, sparsifiner, sparse_blocks, sparge_attention,
+combiner, sage_int8, sdm, super_attention, variational_attention without rng, and the grid ops
+gpsa, levit_bias, decomposed_relpos) split their heads between two
 all-to-alls instead (`heads.py`, `SeqParallel.heads`); cascaded group attention runs its heads
 in turn, each over the ring (`cascade.py`, `SeqParallel.cascade`).
 """

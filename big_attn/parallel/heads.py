@@ -64,6 +64,11 @@ def head_parallel_attention(query: Array, key: Array, value: Array, *, op: str, 
   if spec.head_args is None:
     raise ValueError(f"attention op {op!r} has no independent heads (no head_args in its "
                      "registration): it cannot run head-parallel")
+  if op_args.get("rng") is not None:
+    raise ValueError(
+        f"attention op {op!r} draws its samples with keys of the global head and batch indices "
+        "(rng): its sampled form does not run with the heads split over devices; its "
+        "deterministic form (rng=None) does")
   num_shards = lax.axis_size(axis_name)
   num_heads, num_kv_heads = query.shape[2], key.shape[2]
   repeat_kv = _check_heads(op, num_heads, num_kv_heads, num_shards)
