@@ -13,10 +13,10 @@ from big_attn import ops, parallel
 from big_attn.models import lm
 from tests import reference
 from tests.test_lm import SMALL, _packed_batch, assert_sequence_parallel_equals_single_device
+from tests.test_parallel_convolution import SEGMENTS  # 16 tokens, runs across shards
 
 B, SHARDS, LOCAL, N, K, D = 2, 4, 4, 3, 1, 4
 S = SHARDS * LOCAL
-SEGMENTS = np.array([[0] * 5 + [1] * 8 + [2, 3, 3], [0] * 2 + [1] + [2] * 13], np.int32)
 
 
 @pytest.fixture(scope="module")

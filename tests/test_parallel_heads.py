@@ -18,11 +18,11 @@ from big_attn.models import lm
 from big_attn.parallel.heads import head_parallel_attention
 from tests import reference
 from tests.test_lm import SMALL, _packed_batch, assert_sequence_parallel_equals_single_device
+from tests.test_parallel_convolution import SEGMENTS  # 16 tokens, runs across shards
 
 B, SHARDS, LOCAL, N, D = 2, 4, 4, 4, 8
 S = SHARDS * LOCAL
 GRID = (4, 4)
-SEGMENTS = np.array([[0] * 5 + [1] * 8 + [2, 3, 3], [0] * 2 + [1] + [2] * 13], np.int32)
 
 
 @pytest.fixture(scope="module")
