@@ -150,6 +150,10 @@ class DenseHead(nn.Module):
 
   @nn.compact
   def __call__(self, hidden, grid, image_size, *, train: bool = False):
+    if len(hidden) != len(RESAMPLE_FACTORS) or any(g % 2 for g in grid):
+      raise ValueError(f"DenseHead needs {len(RESAMPLE_FACTORS)} blocks' tokens on a token "
+                       f"grid of even sides (the 1/2 map is upsampled back onto it), got "
+                       f"{len(hidden)} on {tuple(grid)}")
     maps = []
     for i, (tokens, dim, factor) in enumerate(zip(hidden, self.reassemble_features,
                                                   RESAMPLE_FACTORS)):
