@@ -7,7 +7,6 @@ from typing import Any, Iterator
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh
 
 from big_attn.evaluators import _base
 from big_attn.models import dpt
@@ -18,17 +17,13 @@ _KEYS = ("image", "labels", "mask")
 
 class Evaluator:
   """Pixel accuracy, accuracy at ink pixels (the class right where the digit is) and mean
-  per-pixel cross-entropy of `model` on `split` of `input_config`.
-
-    for name, value in Evaluator(model, input_config=config.input, batch_size=128, mesh=mesh,
-                                 rules=config.sharding_rules).run(state):
-      ...   # ("pixel_accuracy", 0.98), ("ink_accuracy", 0.9), ("loss", 0.05)
+  per-pixel cross-entropy of `model` on a held-out split; `held_out` are `_base.HeldOut`'s
+  arguments (input_config, batch_size, mesh, rules; split "test" and seed 0 by default). Yields
+  `("pixel_accuracy", a)`, `("ink_accuracy", a)` and `("loss", l)`.
   """
 
-  def __init__(self, model: nn.Module, *, input_config: Any, batch_size: int, mesh: Mesh,
-               rules: Any, split: str = "test", seed: int = 0):
-    self.held_out = _base.HeldOut(input_config=input_config, batch_size=batch_size, mesh=mesh,
-                                  rules=rules, split=split, seed=seed)
+  def __init__(self, model: nn.Module, **held_out: Any):
+    self.held_out = _base.HeldOut(**dict(dict(split="test", seed=0), **held_out))
 
     @jax.jit
     def eval_step(variables, batch):

@@ -21,6 +21,7 @@ where it is ink (`pixel_targets`); configs/dpt_digits.py runs it on the digits.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -140,7 +141,7 @@ class DenseHead(nn.Module):
   the coarsest map to the finest, the task head, resampled to `image_size` (fields as in
   `Model`)."""
   num_classes: int
-  reassemble_features: tuple[int, ...]
+  reassemble_features: tuple[int, ...] | None = None
   features: int = 256
   readout: str = "project"
   head: str = "segmentation"
@@ -176,8 +177,9 @@ class DenseHead(nn.Module):
     return x.astype(jnp.float32)
 
 
-class Model(nn.Module):
-  """DPT: `[b, H, W, C]` images -> dense float32 outputs `[b, H, W, channels]` (module docstring).
+class Model(DenseHead):
+  """DPT: `[b, H, W, C]` images -> dense float32 outputs `[b, H, W, channels]` (module docstring):
+  the ViT `backbone` and `DenseHead`, whose fields it has.
 
   Attributes:
     num_classes: the data's classes; head "segmentation" returns num_classes + 1 logits per
@@ -194,17 +196,9 @@ class Model(nn.Module):
     head_dropout: dropout of the segmentation head (0.1).
     dtype, param_dtype: compute and parameter dtypes.
   """
-  num_classes: int
   variant: str | None = None
   backbone: Any = None
   hooks: tuple[int, ...] | None = None
-  reassemble_features: tuple[int, ...] | None = None
-  features: int = 256
-  readout: str = "project"
-  head: str = "segmentation"
-  head_dropout: float = 0.1
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
 
   def __post_init__(self):
     if self.variant is not None:
@@ -246,13 +240,10 @@ class Model(nn.Module):
                          output_blocks=tuple(self.hooks), dtype=self.dtype,
                          param_dtype=self.param_dtype, name="backbone")
     hidden = backbone(images, train=train)
-    return DenseHead(num_classes=self.num_classes,
-                     reassemble_features=tuple(self.reassemble_features),
-                     features=self.features, readout=self.readout, head=self.head,
-                     head_dropout=self.head_dropout, dtype=self.dtype,
-                     param_dtype=self.param_dtype, name="dense_head")(
-                         hidden, vit.token_grid(images, backbone.patch_size),
-                         images.shape[1:3], train=train)
+    head_fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(DenseHead)
+                   if f.name not in ("parent", "name")}
+    return DenseHead(**head_fields, name="dense_head")(
+        hidden, vit.token_grid(images, backbone.patch_size), images.shape[1:3], train=train)
 
 
 def pixel_targets(images: jax.Array, labels: jax.Array) -> jax.Array:
