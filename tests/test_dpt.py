@@ -9,10 +9,13 @@ import numpy as np
 import optax
 import pytest
 
+from big_attn import evaluators
 from big_attn.models import dpt, vit
+from big_attn.parallel import mesh as mesh_lib
 from tests import reference as ref
 from tests.model_checks import assert_matches_in_eval, checked_configs, train_digits_config
 from tests.test_convnext import abstract, count, random_params
+from tests.test_train import _config_module
 
 TOL = dict(rtol=2e-4, atol=2e-4)
 GRID = (2, 4)
@@ -254,6 +257,34 @@ def test_model_trains_on_pixel_classes():
     params, opt, loss = step(params, opt)
     losses.append(float(loss))
   assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+
+
+def test_variants_and_the_segmentation_evaluator():
+  model = dpt.Model(num_classes=2, variant="Large", features=128)
+  assert (model.hooks, model.features) == ((4, 11, 17, 23), 128)
+  assert dict(model.backbone) == {"variant": "L/16"}
+  assert dpt.decode_variant("Base")["reassemble_features"] == (96, 192, 384, 768)
+  config = _config_module("dpt_digits").get_config("runlocal")
+  mesh = mesh_lib.make_mesh([("data", 1)], allow_subset=True)
+  model = dpt.Model(num_classes=10, **TINY)
+  images = jnp.zeros((1, 32, 32, 1))
+  params = random_params(model, images)
+  evaluator = evaluators.get("segmentation")(
+      model, input_config=config.input, batch_size=128, mesh=mesh, rules=config.sharding_rules)
+  results = dict(evaluator.run({"params": params}))
+  pixels = ink_right = ink = loss = count = 0.0
+  for batch in evaluator.held_out.dataset:  # the same pass, by hand
+    keep = np.asarray(batch["mask"], bool)
+    logits = np.asarray(model.apply({"params": params}, batch["image"]))[keep]
+    targets = np.asarray(dpt.pixel_targets(batch["image"], batch["labels"]))[keep]
+    right = logits.argmax(-1) == targets
+    pixels, count = pixels + right.mean(axis=(1, 2)).sum(), count + keep.sum()
+    ink_right, ink = ink_right + np.sum(right & (targets > 0)), ink + np.sum(targets > 0)
+    loss += np.asarray(dpt.pixel_losses(jnp.asarray(logits), jnp.asarray(targets))).sum()
+  assert set(results) == {"pixel_accuracy", "ink_accuracy", "loss"}
+  np.testing.assert_allclose(results["pixel_accuracy"], pixels / count, rtol=1e-5)
+  np.testing.assert_allclose(results["ink_accuracy"], ink_right / ink, rtol=1e-5)
+  np.testing.assert_allclose(results["loss"], loss / count, rtol=1e-4)
 
 
 def test_bad_arguments():

@@ -47,6 +47,13 @@ _VARIANTS = {
 }
 
 
+def decode_variant(variant: str) -> dict[str, Any]:
+  """The fields of DPT-`variant` ("Base" or "Large"): backbone, hooks, reassemble_features."""
+  if variant not in _VARIANTS:
+    raise ValueError(f"unknown DPT variant {variant!r}; expected one of {sorted(_VARIANTS)}")
+  return dict(_VARIANTS[variant])
+
+
 def upsample_matrix(size: int, out: int) -> np.ndarray:
   """`[out, size]` matrix of bilinear resampling with corners aligned (output i reads the input
   at i (size - 1) / (out - 1))."""
@@ -202,10 +209,7 @@ class Model(DenseHead):
 
   def __post_init__(self):
     if self.variant is not None:
-      if self.variant not in _VARIANTS:
-        raise ValueError(f"unknown DPT variant {self.variant!r}; expected one of "
-                         f"{sorted(_VARIANTS)}")
-      for name, value in _VARIANTS[self.variant].items():
+      for name, value in decode_variant(self.variant).items():
         if getattr(self, name) is None:
           object.__setattr__(self, name, value)
     for name in ("hooks", "reassemble_features"):
