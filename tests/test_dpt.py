@@ -27,8 +27,8 @@ PAPER = {"Base": 112e6, "Large": 343e6}
 
 # ------------------------------------------------------------ float64 references (the paper)
 def conv_ref(x, w, b=None, stride=1):
-  """`[b, h, w, c]` * kernel `[k, k, c, o]`, zero padding k // 2: Σ_{a,c} x[s i + a, s j + c] W[a, c]
-  over the k·k taps of the padded input."""
+  """`[b, h, w, c]` * kernel `[k, k, c, o]`, zero padding k // 2, stride s:
+  Σ_{a,c} x_padded[s i + a, s j + c] W[a, c] over the k·k taps."""
   k, p = w.shape[0], w.shape[0] // 2
   xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
   out_h = (x.shape[1] + 2 * p - k) // stride + 1

@@ -158,6 +158,16 @@ class DenseHead(nn.Module):
 
   @nn.compact
   def __call__(self, hidden, grid, image_size, *, train: bool = False):
+    if (self.reassemble_features is None
+        or len(self.reassemble_features) != len(RESAMPLE_FACTORS)):
+      raise ValueError(f"reassemble_features must hold {len(RESAMPLE_FACTORS)} values, got "
+                       f"{self.reassemble_features!r}")
+    if self.readout not in READOUTS:
+      raise ValueError(f"unknown readout {self.readout!r}; expected one of {READOUTS}")
+    if self.head not in HEADS:
+      raise ValueError(f"unknown head {self.head!r}; expected one of {HEADS}")
+    if not isinstance(self.features, int) or self.features < 2:
+      raise ValueError(f"features must be an int >= 2, got {self.features!r}")
     if len(hidden) != len(RESAMPLE_FACTORS) or any(g % 2 for g in grid):
       raise ValueError(f"DenseHead needs {len(RESAMPLE_FACTORS)} blocks' tokens on a token "
                        f"grid of even sides (the 1/2 map is upsampled back onto it), got "
@@ -226,16 +236,8 @@ class Model(DenseHead):
     reserved = sorted(set(self.backbone) & set(_BACKBONE_SET_HERE))
     if reserved:
       raise ValueError(f"backbone must not set {reserved}: DPT sets them")
-    for name in ("hooks", "reassemble_features"):
-      if len(getattr(self, name)) != len(RESAMPLE_FACTORS):
-        raise ValueError(f"{name} must hold {len(RESAMPLE_FACTORS)} values, got "
-                         f"{getattr(self, name)!r}")
-    if self.readout not in READOUTS:
-      raise ValueError(f"unknown readout {self.readout!r}; expected one of {READOUTS}")
-    if self.head not in HEADS:
-      raise ValueError(f"unknown head {self.head!r}; expected one of {HEADS}")
-    if not isinstance(self.features, int) or self.features < 2:
-      raise ValueError(f"features must be an int >= 2, got {self.features!r}")
+    if len(self.hooks) != len(RESAMPLE_FACTORS):
+      raise ValueError(f"hooks must hold {len(RESAMPLE_FACTORS)} values, got {self.hooks!r}")
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
