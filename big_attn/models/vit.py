@@ -426,6 +426,8 @@ class Encoder(nn.Module):
   as Programmable Computers), x_t = blocks(x_{t-1}); with `loop_injection` the input x_0 is
   added before every run after the first, x_t = blocks(x_{t-1} + x_0) (input injection of
   Looped Transformers are Better at Learning Learning Algorithms). Plain blocks only.
+  With `output_blocks` (block indices) it returns the list of those blocks' outputs instead,
+  without the final LN (a dense head's inputs, DPT; Python loop only).
   """
   depth: int
   block_args: Any
@@ -442,6 +444,7 @@ class Encoder(nn.Module):
   peg_grid: tuple[int, int] | None = None
   loops: int | None = None
   loop_injection: bool = False
+  output_blocks: tuple[int, ...] | None = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -475,6 +478,10 @@ class Encoder(nn.Module):
       self._check_loops(reduction, free, spectral, late_tokens)
     elif self.loop_injection:
       raise ValueError("loop_injection needs loops")
+    if self.output_blocks is not None and (self.scan_layers or self.loops is not None):
+      raise ValueError("output_blocks reads single blocks: it needs scan_layers=False and no "
+                       "loops")
+    outputs = []
     if self.scan_layers:
       stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True,
                                                                       "dropout": True},
@@ -539,6 +546,10 @@ class Encoder(nn.Module):
           start = self.num_protected - late
           x = PEG(grid=self.peg_grid, start=start, dtype=self.dtype,
                   param_dtype=self.param_dtype, name="peg")(x)
+        if self.output_blocks is not None and i in self.output_blocks:
+          outputs.append(x)
+      if self.output_blocks is not None:
+        return outputs
       if lookup:
         x = x[:, :self.num_protected + reduction.num_tokens]
     if not self.final_norm:
@@ -743,6 +754,10 @@ class Model(nn.Module):
       Computers; parameters independent of T); None: one. `loop_injection` adds the encoder's
       input before every run after the first. Plain blocks only (no token reduction,
       attention-free, spectral or local layers, or PEG).
+    output_blocks: increasing block indices; the model then returns the tuple of those blocks'
+      outputs `[batch, tokens, width]` (class token first with pool_type "cls"; no final LN,
+      pooling or head) instead of logits: the inputs of a dense head (`big_attn.models.dpt`).
+      None (default): logits. Needs no registers, token reduction or local layers.
     dtype: compute dtype (e.g. bfloat16); param_dtype: parameter dtype.
   Parameters carry the logical axis names embed, mlp, heads, kv_heads, head_dim, norm,
   patch_h, patch_w, channels_in, position, classes and layers.
@@ -782,6 +797,7 @@ class Model(nn.Module):
   token_pooling_scales: int | None = None
   loops: int | None = None
   loop_injection: bool = False
+  output_blocks: tuple[int, ...] | None = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -829,6 +845,16 @@ class Model(nn.Module):
                        f"{self.num_registers}, token_reduction {self.token_reduction!r}, "
                        f"local_layers {self.local_layers}, channel_tokens "
                        f"{self.channel_tokens}")
+    if self.output_blocks is not None:
+      blocks = self.output_blocks
+      if (not isinstance(blocks, (tuple, list)) or not blocks
+          or any(not isinstance(i, int) or isinstance(i, bool) for i in blocks)
+          or list(blocks) != sorted(set(blocks)) or not 0 <= blocks[0] <= blocks[-1] < self.depth):
+        raise ValueError(f"output_blocks must be increasing block indices in [0, depth="
+                         f"{self.depth}), got {blocks!r}")
+      if self.num_registers or self.token_reduction is not None or self.local_layers:
+        raise ValueError("output_blocks returns every block's tokens in input order: it needs "
+                         "no registers, token_reduction or local_layers")
     if self.token_pooling_scales and self.parallel_block:
       raise ValueError("token_pooling_scales pools the tokens the attention reads, so it needs "
                        "parallel_block=False (the parallel block's MLP reads the same normalised "
@@ -913,8 +939,11 @@ class Model(nn.Module):
                 local_layers=self.local_layers, local_block_args=local_block_args,
                 peg_grid=grid if self.posemb == "peg" else None,
                 loops=self.loops, loop_injection=self.loop_injection,
+                output_blocks=None if self.output_blocks is None else tuple(self.output_blocks),
                 dtype=self.dtype, param_dtype=self.param_dtype, name="Transformer")(
                     x, deterministic, late_tokens)
+    if self.output_blocks is not None:
+      return tuple(x)
     if registers_first:
       x = jnp.concatenate([x[:, :num_prefix], x[:, extra:], x[:, num_prefix:extra]], axis=1)
     if self.num_registers:
