@@ -129,8 +129,9 @@ def tree_cross_attention(query, key, value, *, mask=None, is_causal=False, scale
 
   The keys (in sequence order) are the leaves of a balanced binary tree, `leaf_size` tokens
   per leaf; every node holds a summary (k̄, v̄) of its subtree. A leaf's is the mean of its
-  tokens; a parent's is the mean of its subtree's keys and values (`aggregator="mean"`) or the
-  paper's learned aggregation of its children, per kv head
+  tokens; a parent's is the mean of its subtree's keys and values (`aggregator="mean"`) or a
+  learned aggregation of its children (the paper learns its aggregator; this linear form, per
+  kv head, is our choice)
 
       k̄_parent = (2/m)·Σ_{c nonempty} k̄_c W^k_c,   v̄_parent = (2/m)·Σ_{c nonempty} v̄_c W^v_c
 
@@ -199,7 +200,10 @@ def tree_cross_attention(query, key, value, *, mask=None, is_causal=False, scale
   levels = _build_tree(k_tok, v_tok, token_valid.astype(dtype)[..., None], leaf_size, depth,
                        aggregator)
   q = common.group_query(query, dims.num_kv_heads).astype(dtype) * scale  # [b, t, k, g, d]
-  retrieve = lambda noise: _retrieve(q, levels, k_tok, v_tok, token_valid, leaf_size, noise)  # noqa: E731
+
+  def retrieve(noise):
+    return _retrieve(q, levels, k_tok, v_tok, token_valid, leaf_size, noise)
+
   if rng is None:
     out, _ = retrieve(None)
   else:
@@ -212,6 +216,12 @@ def tree_cross_attention(query, key, value, *, mask=None, is_causal=False, scale
     score_term = (log_pi - jax.lax.stop_gradient(log_pi))[..., None]
     out = out + score_term * jax.lax.stop_gradient(out - base)
   return out.reshape(b, dims.q_len, dims.num_heads, dims.value_dim).astype(query.dtype)
+
+
+def _half_identity(rng, shape, dtype):
+  """I/2 `[..., d, d]`: the aggregator weights whose parent is the mean of its two children."""
+  del rng
+  return jnp.broadcast_to(0.5 * jnp.eye(shape[-1], dtype=dtype), shape)
 
 
 @register_params("tree_cross_attention")
@@ -228,10 +238,9 @@ class TreeCrossAttentionParams(OpParams):
     op_args = self.op_args or {}
     args = {}
     if op_args.get("aggregator", "mean") == "learned":
-      def half_identity(dim):
-        return lambda rng, shape, dtype: jnp.broadcast_to(0.5 * jnp.eye(dim, dtype=dtype), shape)
+      init = nn.with_logical_partitioning(_half_identity, ("kv_heads", None, "head_dim", None))
       args["aggregator"] = {
-          name: self.param(f"{name}_aggregator", half_identity(x.shape[-1]),
+          name: self.param(f"{name}_aggregator", init,
                            (self.num_kv_heads, 2, x.shape[-1], x.shape[-1]), self.param_dtype)
           for name, x in (("key", key), ("value", value))}
     if op_args.get("retrieval") == "policy" and self.has_rng("dropout"):
