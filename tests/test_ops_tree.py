@@ -172,15 +172,15 @@ def test_learned_aggregator_and_policy_match_reference(learned, sampled, baselin
   """Forward and gradients (q, k, v and the aggregator weights; with sampling the pathwise and
   the score-function terms) against `learned_tree_reference`: 6 keys padded to 8 with one more
   masked (empty subtrees), GQA."""
-  q, k, v = ref.qkv(b=1, t=2, s=6, n=4, k=2, d=4, seed=3)
-  wk, wv = _aggregator(4, 2, 4, 4)
+  q, k, v = ref.qkv(b=1, t=2, s=6, n=2, k=1, d=4, seed=3)
+  wk, wv = _aggregator(4, 1, 4, 4)
   valid = np.ones((1, 6), bool)
   valid[0, 4] = False
   rng = jax.random.key(11)
   depth = int(np.log2(8 // leaf_size))
   noise = None
   if sampled:
-    noise = np.asarray(hard.pair_gumbel(hard.head_keys(rng, 4, 1), jnp.arange(2),
+    noise = np.asarray(hard.pair_gumbel(hard.head_keys(rng, 2, 1), jnp.arange(2),
                                             jnp.arange(2 * depth)), np.float64)
 
   def op(q, k, v, wk, wv):
