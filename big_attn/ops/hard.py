@@ -19,7 +19,7 @@ EVAL_MODES = ("expectation", "argmax")
 BASELINES = ("expectation", "none")
 
 
-def _log_probs(logits, mask):
+def log_probs(logits, mask):
   """Masked log-softmax, 0 at masked keys (so that a one-hot weight never meets −inf)."""
   if mask is not None:
     logits = jnp.where(mask, logits, common.MASKED_LOGIT)
@@ -58,7 +58,7 @@ def _one_hot_choice(scores, mask):
   return choice if mask is None else choice * jnp.any(mask, axis=-1, keepdims=True)
 
 
-def _check_rng(rng):
+def check_rng(rng):
   if not (isinstance(rng, jax.Array) and (jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
                                          or (rng.dtype == jnp.uint32 and rng.shape == (2,)))):
     raise ValueError(f"rng must be a jax.random key or None, got {rng!r}")
@@ -81,7 +81,7 @@ def _block_form(query, key, scale, *, rng=None, eval_mode="expectation",
     return BlockForm("softmax", query, key, scale)
   keys = None
   if rng is not None:
-    _check_rng(rng)
+    check_rng(rng)
     keys = head_keys(rng, query.shape[2], query.shape[0])
   return BlockForm("hard", query, key, scale,
                    params=dict(sampled=float(rng is not None),
@@ -146,7 +146,7 @@ def hard_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
     choice = jnp.where(jnp.isnan(probs).any(-1, keepdims=True), jnp.nan,
                        _one_hot_choice(jax.lax.stop_gradient(probs), full_mask))
     return common.weighted_values(choice, v, dims).astype(query.dtype)
-  _check_rng(rng)
+  check_rng(rng)
   return _reinforce_sample(logits, probs, full_mask, v, dims, rng, baseline).astype(query.dtype)
 
 
@@ -154,7 +154,7 @@ def _reinforce_sample(logits, probs, full_mask, v, dims, rng, baseline):
   """v_z with z ~ Cat(probs) drawn by Gumbel-max from `pair_gumbel`, as the surrogate
   v_z + (log p_z − sg(log p_z))·sg(v_z − b) whose gradient wrt the logits is REINFORCE's with
   the baseline b (`baseline`: "expectation", Σ_j p_j v_j, or "none"); float32 `[b, t, n, d]`."""
-  log_p = _log_probs(logits, full_mask)
+  log_p = log_probs(logits, full_mask)
   positions = lambda n: jnp.arange(n, dtype=jnp.int32)  # noqa: E731
   gumbel = pair_gumbel(head_keys(rng, dims.num_heads, dims.batch), positions(dims.q_len),
                        positions(dims.kv_len)).reshape(logits.shape)
@@ -225,7 +225,7 @@ def variational_attention(query, key, value, *, mask=None, is_causal=False, scal
                                             is_causal=is_causal, segment_ids=segment_ids)
     probs = common.masked_softmax(logits, full_mask)
     return common.weighted_values(probs, value.astype(jnp.float32), dims).astype(query.dtype)
-  _check_rng(rng)
+  check_rng(rng)
   dims, _, posterior, full_mask = _posterior_scores(
       query, key, value, posterior_query, scale=scale, mask=mask, is_causal=is_causal,
       segment_ids=segment_ids)
@@ -242,7 +242,7 @@ def variational_kl(query, key, posterior_query, *, mask=None, is_causal=False, s
   dims, prior, posterior, full_mask = _posterior_scores(
       query, key, key, posterior_query, scale=scale, mask=mask, is_causal=is_causal,
       segment_ids=segment_ids)
-  log_q, log_p = _log_probs(posterior, full_mask), _log_probs(prior, full_mask)
+  log_q, log_p = log_probs(posterior, full_mask), log_probs(prior, full_mask)
   kl = jnp.sum(jnp.exp(log_q) * (log_q - log_p), axis=-1)  # [b, k, g, t]
   if full_mask is not None:
     kl = jnp.where(jnp.any(full_mask, axis=-1), kl, 0.0)
