@@ -1,5 +1,5 @@
 """Sequence parallelism of `cascaded_group_attention` (`big_attn.parallel.cascade`,
-`SeqParallel.cascade`) on 4 simulated CPU devices: ring, striped and all_gather, the query
+`SeqParallel.cascade`) on 8 simulated CPU devices: ring, striped and all_gather, the query
 convolution 1-D (its taps reaching into the previous shard) and 2-D on a grid, GQA, packed rows;
 output and gradients of q, k, v and every weight equal the single-device op's (float64 inputs,
 float32 softmax inside; the op itself is checked against its formula in its own tests)."""
@@ -15,7 +15,7 @@ from tests import reference
 from tests.test_lm import SMALL, _packed_batch, assert_sequence_parallel_equals_single_device
 from tests.test_parallel_convolution import SEGMENTS  # 16 tokens, runs across shards
 
-B, SHARDS, LOCAL, N, K, D = 2, 4, 4, 3, 1, 4
+B, SHARDS, LOCAL, N, K, D = 2, 8, 2, 3, 1, 4
 S = SHARDS * LOCAL
 
 

@@ -2,7 +2,7 @@
 causal ops whose heads are independent but whose weights need the whole row (skim_attention,
 sparsifiner, sparse_blocks, sparge_attention, combiner, sage_int8, sdm, super_attention,
 variational_attention without rng) or the whole image grid (gpsa, levit_bias, decomposed_relpos:
-packed rows as a mask), on 4 simulated CPU devices: ring (contiguous) and striped token orders,
+packed rows as a mask), on 8 simulated CPU devices: ring (contiguous) and striped token orders,
 GQA with fewer key/value heads than devices (repeated per query head) and with as many, packed
 rows; output and gradients of queries, keys, values and the op's per-head arguments equal the
 single-device op's (float64 inputs, float32 inside the ops). The op itself is checked against
@@ -20,7 +20,7 @@ from tests import reference
 from tests.test_lm import SMALL, _packed_batch, assert_sequence_parallel_equals_single_device
 from tests.test_parallel_convolution import SEGMENTS  # 16 tokens, runs across shards
 
-B, SHARDS, LOCAL, N, D = 2, 4, 4, 4, 8
+B, SHARDS, LOCAL, N, D = 2, 8, 2, 8, 8
 S = SHARDS * LOCAL
 GRID = (4, 4)
 
@@ -61,18 +61,18 @@ def _op_args(op, num_kv_heads):
 
 CASES = [  # (op, strategy, num_kv_heads, packed)
     ("skim_attention", "striped", 2, True), ("sparsifiner", "ring", 2, False),
-    ("sparse_blocks", "ring", 4, True), ("combiner", "striped", 1, False),
-    ("sage_int8", "ring", 2, True), ("gpsa", "striped", 4, True), ("levit_bias", "ring", 2, False),
+    ("sparse_blocks", "ring", 8, True), ("combiner", "striped", 1, False),
+    ("sage_int8", "ring", 2, True), ("gpsa", "striped", 8, True), ("levit_bias", "ring", 2, False),
     ("decomposed_relpos", "ring", 1, True), ("super_attention", "striped", 2, True),
     ("sdm", "ring", 2, False), ("variational_attention", "striped", 2, True),
     *(pytest.param(*case, marks=pytest.mark.extended) for case in [
-        ("gpsa", "ring", 2, False), ("levit_bias", "striped", 4, True),
+        ("gpsa", "ring", 2, False), ("levit_bias", "striped", 8, True),
         ("decomposed_relpos", "striped", 2, False), ("sparge_attention", "ring", 2, True),
-        ("sparge_attention", "striped", 4, False), ("sdm", "striped", 4, True),
-        ("super_attention", "ring", 4, False),
-        ("skim_attention", "ring", 4, False), ("sparsifiner", "striped", 4, True),
+        ("sparge_attention", "striped", 8, False), ("sdm", "striped", 8, True),
+        ("super_attention", "ring", 8, False),
+        ("skim_attention", "ring", 8, False), ("sparsifiner", "striped", 8, True),
         ("sparse_blocks", "striped", 2, False), ("combiner", "ring", 2, True),
-        ("sage_int8", "striped", 4, False)]),
+        ("sage_int8", "striped", 8, False)]),
 ]
 
 
@@ -124,7 +124,7 @@ def test_head_parallel_equals_single_device(mesh, op, strategy, num_kv_heads, pa
 def test_refusals_name_the_op_and_the_reason(mesh):
   q, k, v = reference.qkv(b=1, t=S, n=6, k=2, d=4)
   sp = parallel.SeqParallel(mesh, "seq", "ring")
-  with pytest.raises(ValueError, match="its 6 heads are not divisible by 4"):
+  with pytest.raises(ValueError, match="its 6 heads are not divisible by 8"):
     sp.heads("combiner", q, k, v)
   with pytest.raises(ValueError, match="'softmax' has no head-parallel form"):
     sp.heads("softmax", q, k, v)
