@@ -59,7 +59,7 @@ def test_config_file_errors_give_the_cause_first(capsys, tmp_path):
   missing = str(tmp_path / "nope.py")
   assert f"config file '{missing}' not found" in _exit_message(capsys, f"--config={missing}")
   assert ("unknown config arg 'badarg'; known args: attention, family, head_dim, loops, "
-          "parallel_block, runlocal, steps"
+          "parallel_block, projections, runlocal, steps"
           in _exit_message(capsys, f"--config={VIT_DIGITS}:badarg=1"))
   assert ("config arg 'steps': cannot read 'many' as int"
           in _exit_message(capsys, "--config", f"{VIT_DIGITS}:steps=many"))
