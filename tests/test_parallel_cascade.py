@@ -84,7 +84,7 @@ def test_refusals(mesh):
              if ops.spec(n).causal)
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_lm_striped_equals_single_device():
   """The LM with `attention="cascaded_group_attention"` on packed rows, striped over 4
   sequence shards (batch over 2): loss and gradients."""
