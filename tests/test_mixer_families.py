@@ -12,8 +12,7 @@ from big_attn.interpret import lrp
 from big_attn.models import convnext, metaformer, mobilevit, vit
 from tests import reference as ref
 from tests.model_checks import train_digits_config
-from tests.test_convnext import (abstract, count, full_size_count, init_batch_stats,
-                                 random_params, train_steps)
+from tests.test_convnext import abstract, count, init_batch_stats, random_params, train_steps
 from tests.test_token_mixers import conv, dense, ref_gnconv, ref_spectral_filter, same
 from tests.test_train import _config_module
 

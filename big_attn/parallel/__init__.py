@@ -17,9 +17,9 @@ gather them (`convolution.py`, `SeqParallel.convolution`); the causal linear ops
 recurrent state (`linear_state.py`, `SeqParallel.linear_state`); causal ops with independent
 heads that need the whole row (skim_attention, sparsifiner, sparse_blocks, sparge_attention,
 combiner, sage_int8, sdm, super_attention, variational_attention without rng, and the grid ops
-gpsa, levit_bias, decomposed_relpos) split their heads between two
-all-to-alls instead (`heads.py`, `SeqParallel.heads`); cascaded group attention runs its heads
-in turn, each over the ring (`cascade.py`, `SeqParallel.cascade`).
+gpsa, levit_bias, decomposed_relpos) split their heads between two all-to-alls instead
+(`heads.py`, `SeqParallel.heads`); cascaded group attention runs its heads in turn, each over
+the ring (`cascade.py`, `SeqParallel.cascade`).
 """
 from __future__ import annotations
 
@@ -33,6 +33,6 @@ from big_attn.parallel.sequence import (BATCH_AXES, HEAD_AXIS, STRATEGIES, SeqPa
 from big_attn.parallel.striped import stripe, striped_attention, unstripe
 
 __all__ = ["BATCH_AXES", "BlockImpl", "HEAD_AXIS", "Rule", "STRATEGIES", "SeqParallel",
-           "all_gather_attention", "block_plan", "head_parallel_attention", "make_rule", "ring_attention",
-           "sequence_parallel_attention", "shard_attention", "stripe", "striped_attention",
-           "unstripe"]
+           "all_gather_attention", "block_plan", "head_parallel_attention", "make_rule",
+           "ring_attention", "sequence_parallel_attention", "shard_attention", "stripe",
+           "striped_attention", "unstripe"]

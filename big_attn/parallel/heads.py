@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from big_attn.ops import common
 from big_attn.ops import registry
 from big_attn.parallel.striped import stripe, unstripe
 
@@ -96,14 +97,16 @@ def head_parallel_attention(query: Array, key: Array, value: Array, *, op: str, 
     if arg.kv:
       x = as_query_heads(x, 2 if arg.per_token else 0)
     args[name] = whole_sequence(x) if arg.per_token else local_heads(x)
+  query, key, value = (whole_sequence(query), whole_sequence(as_query_heads(key, 2)),
+                       whole_sequence(as_query_heads(value, 2)))
   if segment_ids is not None:
     segment_ids = lax.all_gather(segment_ids, axis_name, axis=1, tiled=True)
     segment_ids = unstripe(segment_ids, num_shards) if striped else segment_ids
     if spec.segment_ids:
       args["segment_ids"] = segment_ids
-    else:
-      args["mask"] = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
-  out = spec.fn(whole_sequence(query), whole_sequence(as_query_heads(key, 2)),
-                whole_sequence(as_query_heads(value, 2)), is_causal=is_causal, **args)
+    else:  # folded into the mask, as `Attention.attend` does on one device
+      args["mask"] = common.make_mask(common.check_qkv(query, key, value),
+                                      segment_ids=segment_ids)
+  out = spec.fn(query, key, value, is_causal=is_causal, **args)
   out = stripe(out, num_shards) if striped else out
   return lax.all_to_all(out, axis_name, split_axis=1, concat_axis=2, tiled=True)
