@@ -19,7 +19,9 @@
   mixup: Beta(α, α) parameter of batch-level mixup in training; 0 turns it off.
   train_split, test_split: split names or TFDS slices ("train[:90%]"); the test split is
     "validation" for imagenet2012 and "test" otherwise.
-  num_threads, prefetch: grain reader threads and the number of batches read ahead.
+  num_threads, prefetch: grain reader threads and the number of examples read ahead, for the
+    per-example pipelines (TFDS data, inception crops). Digits batches are made whole with
+    NumPy in the thread that reads them.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from big_attn.data import batching, digits, preprocess, tfds_source
+from big_attn.data import batching, digits, preprocess, random_streams, tfds_source
 
 _DEFAULTS = {
     "digits": dict(image_size=32, crop_padding=2, flip=False, inception_crop=False),
@@ -177,9 +179,10 @@ class _ArrayBatches:
 
   The deterministic part (unit float, resize, channels, [-1, 1]) is computed once per image and
   the zero padding of the random crop once per split (as -1, the normalised 0); a batch is then
-  one gather of its crops (flips as reversed column indices). Each example's random stream is
-  grain's `random_map` stream of its global position p (Philox with the map's seed as key and
-  counter [0, 0, 0, p]), and data order the same shuffled, repeated index stream.
+  one gather of its crops (flips as reversed column indices). Data order and each example's
+  random draws are those of the per-example pipeline (grain's shuffled, repeated index stream
+  and its `random_map` Philox stream of the example's global position), computed a whole epoch
+  or batch at a time (`random_streams`).
   """
 
   def __init__(self, spec: _Spec, source, num_classes: int, *, batch_size: int, seed: int,
@@ -193,33 +196,60 @@ class _ArrayBatches:
     self._padded = np.pad(images, pad, constant_values=np.float32(preprocess.normalize(0.0)))
     self._labels, self._train, self._seed = source.labels, train, seed
     self._mixup = spec.mixup if train else 0.0
+    self._orders: dict[int, np.ndarray] = {}  # the epochs in use (a batch may span two)
     if train:
-      self._order = grain.MapDataset.range(len(source)).shuffle(
-          seed=batching.seed(seed, 0)).repeat()
       self._key = np.random.Philox(batching.seed(seed, 1)).state["state"]["key"]
 
+  def _order(self, positions: np.ndarray) -> np.ndarray:
+    """The source indices at global positions `positions` of the shuffled, repeated stream."""
+    epochs, offsets = np.divmod(positions, len(self._labels))
+    index = np.empty(len(positions), np.int64)
+    for epoch in np.unique(epochs).tolist():
+      if epoch not in self._orders:
+        self._orders = {e: o for e, o in self._orders.items() if e > epoch - 2}
+        self._orders[epoch] = random_streams.shuffle_order(
+            len(self._labels), batching.seed(self._seed, 0), epoch)
+      here = epochs == epoch
+      index[here] = self._orders[epoch][offsets[here]]
+    return index
+
+  def _draw_one(self, position: int) -> tuple[np.ndarray, bool]:
+    """Crop offsets and flip of one example, drawn by NumPy from its Philox stream."""
+    rng = np.random.Generator(np.random.Philox(key=self._key))
+    state = rng.bit_generator.state
+    state["state"]["counter"] = np.array([0, 0, 0, position], np.uint64)
+    rng.bit_generator.state = state
+    offsets = rng.integers(0, 2 * self._pad + 1, size=2) if self._pad else np.zeros(2, int)
+    return offsets, bool(self._spec.flip and rng.random() < 0.5)
+
+  def _draws(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Crop offsets `[n, 2]` and flips `[n]`: `integers(0, 2 * pad + 1, size=2)` then
+    `random() < 0.5` of each position's stream, as `_Preprocess` draws them."""
+    n = len(positions)
+    offsets, flips = np.full((n, 2), self._pad), np.zeros(n, bool)
+    if not (self._pad or self._spec.flip):
+      return offsets, flips
+    words = random_streams.philox_first_block(self._key, positions)
+    exact = np.ones(n, bool)
+    if self._pad:
+      for axis, half in enumerate(random_streams.split_uint32(words[:, 0])):
+        offsets[:, axis], exact_axis = random_streams.bounded_uint32(half, 2 * self._pad + 1)
+        exact &= exact_axis
+    if self._spec.flip:
+      flips = random_streams.unit_double(words[:, 1 if self._pad else 0]) < 0.5
+    for i in np.flatnonzero(~exact):  # NumPy rejected a draw and took more: let it draw
+      offsets[i], flips[i] = self._draw_one(int(positions[i]))
+    return offsets, flips
+
   def _examples(self, positions: np.ndarray) -> dict[str, np.ndarray]:
-    n, spec, size = len(positions), self._spec, self._spec.image_size
-    offsets = np.full((n, 2), self._pad)
-    flips = np.zeros(n, bool)
+    n, size = len(positions), self._spec.image_size
     if self._train:
-      index = np.array([self._order[int(p)] for p in positions])
-      mask = np.ones(n, bool)
-      if self._pad or spec.flip:
-        # One generator for the batch, moved to each example's stream by setting its state
-        # (half the cost of a generator per example; local, so the reader threads share none).
-        bits = np.random.Philox(key=self._key)
-        rng, state = np.random.Generator(bits), bits.state
-        for i, p in enumerate(positions):
-          state["state"]["counter"] = np.array([0, 0, 0, p], np.uint64)
-          state.update(buffer_pos=4, has_uint32=0, uinteger=0)  # a fresh stream's buffers
-          bits.state = state
-          if self._pad:
-            offsets[i] = rng.integers(0, 2 * self._pad + 1, size=2)
-          flips[i] = spec.flip and rng.random() < 0.5
+      index, mask = self._order(positions), np.ones(n, bool)
+      offsets, flips = self._draws(positions)
     else:
       mask = positions < len(self._labels)
       index = np.where(mask, positions, 0)
+      offsets, flips = np.zeros((n, 2), int), np.zeros(n, bool)
     rows = offsets[:, :1] + np.arange(size)
     cols = offsets[:, 1:] + np.arange(size)
     cols = np.where(flips[:, None], cols[:, ::-1], cols)
@@ -326,8 +356,12 @@ def get_dataset(input_config: Any, *, split: str, batch_size: int, seed: int, tr
   if spec.name == "digits" and not spec.inception_crop:
     make = _ArrayBatches(spec, source, num_classes, batch_size=batch_size, seed=seed,
                          train=train)
+    # A batch costs a few vectorised NumPy calls: it is made in the reading thread (`main`'s
+    # prefetch thread), since grain's reader threads would cost more than they save.
     return batching.made_batches(
-        make, batch_size=batch_size, rows=rows, read=read, start_batch=start_batch if train else 0,
+        make, batch_size=batch_size, rows=rows,
+        read=grain.ReadOptions(num_threads=0, prefetch_buffer_size=0),
+        start_batch=start_batch if train else 0,
         num_batches=None if train else math.ceil(len(source) / batch_size))
   preprocess_fn = _Preprocess(spec, num_classes)
   if train:
