@@ -162,13 +162,16 @@ def make_mask(dims: Dims, *, mask: Array | None = None, is_causal: bool = False,
 MASKED_LOGIT = -0.7 * float(np.finfo(np.float32).max)
 
 
-def masked_softmax(logits: Array, mask: Array | None) -> Array:
+def masked_softmax(logits: Array, mask: Array | None, *, as_rows: bool = True) -> Array:
   """Softmax over the last axis in float32; rows with nothing to attend to give zeros.
 
   A row is empty when its largest logit after masking is at most `EMPTY_ROW_LOGIT`: no key is
-  visible, or every visible logit is below -1e38 (a `-inf` bias included).
+  visible, or every visible logit is below -1e38 (a `-inf` bias included). `as_rows=False`
+  computes it in the logits' own shape instead of `[rows, kv]` (see below).
   """
   logits = logits.astype(jnp.float32)
+  if not as_rows:
+    return _masked_softmax(logits, mask)
   shape = logits.shape if mask is None else jnp.broadcast_shapes(logits.shape, mask.shape)
   # Computed on `[rows, last]`: XLA's CPU layout assignment gives a size-1 axis between longer
   # leading axes (the group axis of `[b, k, 1, t, s]` logits without GQA) a layout that costs
@@ -193,8 +196,10 @@ def _masked_softmax(logits: Array, mask: Array | None) -> Array:
     unnormalized = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True, initial=-jnp.inf))
     return unnormalized / jnp.sum(unnormalized, axis=-1, keepdims=True)
   logits = jnp.where(mask, logits, MASKED_LOGIT)
-  top = jnp.max(logits, axis=-1, keepdims=True, initial=-jnp.inf)
-  unnormalized = jnp.exp(logits - jnp.maximum(top, EMPTY_ROW_LOGIT))
+  # The max reduction starts at EMPTY_ROW_LOGIT (max is idempotent, so XLA may start each
+  # partial reduction there): no clamp between the max and the exp, which XLA fuses.
+  top = jax.lax.reduce(logits, np.float32(EMPTY_ROW_LOGIT), jax.lax.max, (logits.ndim - 1,))
+  unnormalized = jnp.exp(logits - top[..., None])
   return unnormalized / jnp.maximum(jnp.sum(unnormalized, axis=-1, keepdims=True), 1.0)
 
 
