@@ -74,13 +74,14 @@ def test_digits_batch_redraws_rejected_rows_with_numpy(monkeypatch):
 
   monkeypatch.setattr(random_streams, "bounded_uint32", reject_odd_rows)
   calls = []
-  draw_one = pipeline._ArrayBatches._draw_one  # pylint: disable=protected-access
+  batches = pipeline._ArrayBatches  # pylint: disable=protected-access
+  draw_one = batches._draw_one  # pylint: disable=protected-access
 
   def counted(self, position):
     calls.append(position)
     return draw_one(self, position)
 
-  monkeypatch.setattr(pipeline._ArrayBatches, "_draw_one", counted)  # pylint: disable=protected-access
+  monkeypatch.setattr(batches, "_draw_one", counted)
   got = next(iter(data.get_dataset(cfg, **kwargs)))
   assert len(calls) == 8
   for key in want:

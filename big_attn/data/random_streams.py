@@ -9,6 +9,7 @@ grain's and NumPy's own, index for index and bit for bit.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -20,7 +21,7 @@ _ROUNDS = 4  # the rounds `MapDataset.shuffle` asks for
 
 
 def _seed_seq_words(seed: int, count: int) -> list[int]:
-  """`std::seed_seq{seed}.generate` of `count` 32-bit words (the algorithm of [rand.util.seedseq])."""
+  """`std::seed_seq{seed}.generate` of `count` 32-bit words ([rand.util.seedseq]'s algorithm)."""
   n, s, v = count, 1, [seed % 2**32]
   words = [0x8B8B8B8B] * n
   t = 11 if n >= 623 else 7 if n >= 68 else 5 if n >= 39 else 3 if n >= 7 else (n - 1) // 2
@@ -74,11 +75,11 @@ def shuffle_order(length: int, seed: int, epoch: int) -> np.ndarray:
   bits = math.ceil(math.log2(max_index))
   bits = max(bits + bits % 2, _MIN_BLOCK_BITS)
   keys = _seed_seq_words((seed + epoch) % 2**32, _ROUNDS)
-  encrypt = lambda x: _simon_encrypt(x, keys, bits // 2)  # pylint: disable=unnecessary-lambda-assignment
   domain = 1 << bits
   if domain > 16 * length:  # long walks: look the cipher up in a table of the whole domain
-    table = encrypt(np.arange(domain, dtype=_U64))
-    encrypt = table.__getitem__
+    encrypt = _simon_encrypt(np.arange(domain, dtype=_U64), keys, bits // 2).__getitem__
+  else:
+    encrypt = functools.partial(_simon_encrypt, keys=keys, word_bits=bits // 2)
   # Cycle walking: encrypt until the value falls inside [0, max_index].
   out = encrypt(np.arange(length, dtype=_U64))
   outside = np.flatnonzero(out > max_index)
