@@ -163,8 +163,9 @@ def test_views_of_a_tiny_vits_captured_attention(tmp_path, figures):
   plots.plot_head_view(maps, str(tmp_path / "head.png"), layer=1, labels=labels, query=0)
   for h, (_, alphas, _) in enumerate(_lines(figures["head.png"])):
     np.testing.assert_allclose(alphas, maps[1][h, 0], rtol=1e-6)
-  plots.plot_model_view(maps, str(tmp_path / "model.png"), layer_names=list(vectors))
+  plots.plot_model_view(dict(zip(vectors, maps)), str(tmp_path / "model.png"))
   assert len(figures["model.png"].axes) == 2 * 2
+  assert [t.get_text() for t in figures["model.png"].axes[2].texts] == [list(vectors)[1]]
   last = vectors[list(vectors)[-1]]
   q, k = (np.asarray(last[n][0, :, 1], np.float64) for n in ("query", "key"))  # head 1
   values = plots.neuron_view_values(q, k, 0)

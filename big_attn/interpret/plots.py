@@ -8,7 +8,7 @@ import csv
 import json
 import os
 import warnings
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from matplotlib.collections import LineCollection
@@ -174,7 +174,10 @@ def plot_token_norms(norms: dict[str, Any], path: str, *, labels: Sequence[str] 
 # ------------------------------------------------ bertviz: head, model and neuron views
 # A Multiscale Visualization of Attention in the Transformer Model (Vig, 2019).
 def _attention_layers(attention: Any) -> list[np.ndarray]:
-  """`[layers][heads, q, k]` or `[layers, heads, q, k]` -> float64 `[heads, q, k]` per layer."""
+  """`[layers][heads, q, k]`, `[layers, heads, q, k]` or `{layer: [heads, q, k]}` -> float64
+  `[heads, q, k]` per layer."""
+  if isinstance(attention, Mapping):
+    attention = list(attention.values())
   layers = [np.asarray(a, np.float64) for a in attention]
   if not layers:
     raise ValueError("attention must hold at least one layer, got none")
@@ -222,7 +225,8 @@ def plot_head_view(attention: Any, path: str, *, layer: int = 0,
   the attention of one layer as lines from each query token (left) to each key token (right),
   opacity = weight, one colour per head (`C0`, `C1`, ... by head index), the heads overlaid.
 
-  `attention`: `[layers][heads, q, k]` (or `[layers, heads, q, k]`) of one example; `heads`
+  `attention`: `[layers][heads, q, k]` (or `[layers, heads, q, k]`, or `{layer: [heads, q, k]}`)
+  of one example; `layer` its index; `heads`
   the heads to draw (default all); `labels` the k key tokens (`token_labels`), `query_labels`
   the q query tokens (default `labels`); `query` draws only that token's lines.
   """
@@ -262,12 +266,15 @@ def plot_model_view(attention: Any, path: str, *, layer_names: Sequence[str] | N
   """bertviz's model view: rows = layers, columns = heads, each cell the head view's lines of
   that head in small (query tokens left, key tokens right, opacity = weight).
 
-  `attention`: `[layers][heads, q, k]` (or `[layers, heads, q, k]`) of one example; a layer
-  with fewer heads leaves its last cells empty.
+  `attention`: `[layers][heads, q, k]` (or `[layers, heads, q, k]`, or `{layer: [heads, q, k]}`
+  whose keys name the rows unless `layer_names` does) of one example; a layer with fewer heads
+  leaves its last cells empty.
   """
   layers = _attention_layers(attention)
-  names = ([f"layer {i}" for i in range(len(layers))] if layer_names is None
-           else [str(n) for n in layer_names])
+  if layer_names is None:
+    layer_names = (list(attention) if isinstance(attention, Mapping)
+                   else [f"layer {i}" for i in range(len(layers))])
+  names = [str(n) for n in layer_names]
   if len(names) != len(layers):
     raise ValueError(f"layer_names must name the {len(layers)} layers, got {len(names)}")
   heads = max(w.shape[0] for w in layers)
