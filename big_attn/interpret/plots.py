@@ -1,6 +1,6 @@
 """PNG figures (matplotlib figures drawn off-screen, whatever the pyplot backend): attention over
 an image, relevance heat maps (each with its colour bar), attention distances per head, token
-norms, and benchmark curves from CSV/JSON rows."""
+norms, bertviz's head, model and neuron views, and benchmark curves from CSV/JSON rows."""
 from __future__ import annotations
 
 import collections
@@ -8,10 +8,13 @@ import csv
 import json
 import os
 import warnings
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
+from matplotlib.collections import LineCollection
+from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 
 def _save(fig, path: str) -> str:
@@ -165,6 +168,195 @@ def plot_token_norms(norms: dict[str, Any], path: str, *, labels: Sequence[str] 
   axes[-1, 0].set_xlabel("output token (patches in row-major order)", fontsize=7)
   if title:
     fig.suptitle(title, fontsize=8)
+  return _save(fig, path)
+
+
+# ------------------------------------------------ bertviz: head, model and neuron views
+# A Multiscale Visualization of Attention in the Transformer Model (Vig, 2019).
+def _attention_layers(attention: Any) -> list[np.ndarray]:
+  """`[layers][heads, q, k]`, `[layers, heads, q, k]` or `{layer: [heads, q, k]}` -> float64
+  `[heads, q, k]` per layer."""
+  if isinstance(attention, Mapping):
+    attention = list(attention.values())
+  layers = [np.asarray(a, np.float64) for a in attention]
+  if not layers:
+    raise ValueError("attention must hold at least one layer, got none")
+  for index, weights in enumerate(layers):
+    if weights.ndim != 3:
+      raise ValueError(f"attention must be [layers][heads, q, k]: layer {index} has shape "
+                       f"{weights.shape}")
+  return layers
+
+
+def _token_labels(labels: Sequence[str] | None, count: int, name: str) -> list[str]:
+  labels = [str(i) for i in range(count)] if labels is None else [str(t) for t in labels]
+  if len(labels) != count:
+    raise ValueError(f"{name} must name the {count} tokens, got {len(labels)}")
+  return labels
+
+
+def _check_index(value: int, size: int, name: str) -> int:
+  if not -size <= value < size:
+    raise ValueError(f"{name} {value} is out of range for {size}")
+  return value % size
+
+
+def _attention_lines(ax, weights: np.ndarray, color: str, query: int | None = None):
+  """Lines from query token i (left column, x=0, row i from the top) to key token j (right
+  column, x=1), opacity = the weight clipped to [0, 1]; only token `query`'s with an index.
+  Returns the `LineCollection`, segments in row-major (i, j) order."""
+  rows = range(weights.shape[0]) if query is None else [query]
+  segments = [[(0.0, -i), (1.0, -j)] for i in rows for j in range(weights.shape[1])]
+  colors = np.tile(to_rgba(color), (len(segments), 1))
+  colors[:, 3] = np.clip(weights[list(rows)].ravel(), 0.0, 1.0)
+  lines = LineCollection(segments, colors=colors, linewidths=1.5)
+  ax.add_collection(lines)
+  ax.set_xlim(-0.05, 1.05)
+  ax.set_ylim(-max(weights.shape) + 0.5, 0.5)
+  ax.axis("off")
+  return lines
+
+
+def plot_head_view(attention: Any, path: str, *, layer: int = 0,
+                   heads: Sequence[int] | None = None, labels: Sequence[str] | None = None,
+                   query_labels: Sequence[str] | None = None, query: int | None = None,
+                   title: str = "") -> str:
+  """bertviz's head view (A Multiscale Visualization of Attention in the Transformer Model):
+  the attention of one layer as lines from each query token (left) to each key token (right),
+  opacity = weight, one colour per head (`C0`, `C1`, ... by head index), the heads overlaid.
+
+  `attention`: `[layers][heads, q, k]` (or `[layers, heads, q, k]`, or `{layer: [heads, q, k]}`)
+  of one example; `layer` its index; `heads`
+  the heads to draw (default all); `labels` the k key tokens (`token_labels`), `query_labels`
+  the q query tokens (default `labels`); `query` draws only that token's lines.
+  """
+  layers = _attention_layers(attention)
+  layer = _check_index(layer, len(layers), "layer")
+  weights = layers[layer]
+  num_heads, num_queries, num_keys = weights.shape
+  heads = list(range(num_heads)) if heads is None else [
+      _check_index(h, num_heads, "heads: head") for h in heads]
+  keys = _token_labels(labels, num_keys, "labels")
+  if query_labels is None and labels is not None and num_queries != num_keys:
+    raise ValueError(f"query_labels must name the {num_queries} query tokens: labels names "
+                     f"{num_keys} keys")
+  queries = _token_labels(query_labels if query_labels is not None else labels, num_queries,
+                          "query_labels")
+  if query is not None:
+    query = _check_index(query, num_queries, "query")
+  fig = Figure(figsize=(3.2, 0.6 + 0.22 * max(num_queries, num_keys)), layout="constrained")
+  ax = fig.subplots()
+  for h in heads:
+    _attention_lines(ax, weights[h], f"C{h % 10}", query)
+  for i, text in enumerate(queries):
+    ax.text(-0.03, -i, text, ha="right", va="center", fontsize=6,
+            fontweight="bold" if i == query else "normal")
+  for j, text in enumerate(keys):
+    ax.text(1.03, -j, text, ha="left", va="center", fontsize=6)
+  ax.legend(handles=[Line2D([], [], color=f"C{h % 10}", label=f"head {h}") for h in heads],
+            fontsize=6, loc="upper center", bbox_to_anchor=(0.5, 0.0), frameon=False,
+            ncol=min(len(heads), 4))
+  fig.suptitle("\n".join(filter(None, [title, f"layer {layer}: query (left) to key (right)"])),
+               fontsize=8)
+  return _save(fig, path)
+
+
+def plot_model_view(attention: Any, path: str, *, layer_names: Sequence[str] | None = None,
+                    title: str = "") -> str:
+  """bertviz's model view: rows = layers, columns = heads, each cell the head view's lines of
+  that head in small (query tokens left, key tokens right, opacity = weight).
+
+  `attention`: `[layers][heads, q, k]` (or `[layers, heads, q, k]`, or `{layer: [heads, q, k]}`
+  whose keys name the rows unless `layer_names` does) of one example; a layer with fewer heads
+  leaves its last cells empty.
+  """
+  layers = _attention_layers(attention)
+  if layer_names is None:
+    layer_names = (list(attention) if isinstance(attention, Mapping)
+                   else [f"layer {i}" for i in range(len(layers))])
+  names = [str(n) for n in layer_names]
+  if len(names) != len(layers):
+    raise ValueError(f"layer_names must name the {len(layers)} layers, got {len(names)}")
+  heads = max(w.shape[0] for w in layers)
+  name_width = 0.06 * max(len(n) for n in names)
+  fig = Figure(figsize=(0.9 * heads + name_width + 0.3, 0.9 * len(layers) + 0.5),
+               layout="constrained")
+  axes = fig.subplots(len(layers), heads, squeeze=False)
+  for row, (name, weights) in enumerate(zip(names, layers)):
+    for h in range(heads):
+      ax = axes[row, h]
+      if h < weights.shape[0]:
+        _attention_lines(ax, weights[h], f"C{h % 10}")
+      ax.axis("off")
+      if row == 0:
+        ax.set_title(f"head {h}", fontsize=6)
+    axes[row, 0].text(-0.1, 0.5, name, transform=axes[row, 0].transAxes, ha="right",
+                      va="center", fontsize=6)
+  fig.suptitle("\n".join(filter(None, [title, "attention of every layer (rows) and head"])),
+               fontsize=8)
+  return _save(fig, path)
+
+
+def neuron_view_values(query: Any, key: Any, token: int, *, scale: float | None = None
+                       ) -> dict[str, np.ndarray]:
+  """What bertviz's neuron view shows for query token `token` of one head, in float64.
+
+  `query` `[q, d]`, `key` `[k, d]` (one head of `interpret.query_key_vectors`' vectors):
+  `{"query": q_i [d], "keys": k_j [k, d], "products": q_i ⊙ k_j [k, d], "scores":
+  scale·q_i·k_j [k], "weights": softmax(scores) [k]}`, `scale` 1/√d by default.
+  """
+  query, key = np.asarray(query, np.float64), np.asarray(key, np.float64)
+  if query.ndim != 2 or key.ndim != 2 or query.shape[1] != key.shape[1]:
+    raise ValueError(f"query and key must be [tokens, dim] with the same dim, got shapes "
+                     f"{query.shape} and {key.shape}")
+  token = _check_index(token, query.shape[0], "token")
+  scale = 1.0 / np.sqrt(query.shape[1]) if scale is None else float(scale)
+  products = query[token] * key
+  scores = scale * products.sum(-1)
+  weights = np.exp(scores - scores.max())
+  return dict(query=query[token], keys=key, products=products, scores=scores,
+              weights=weights / weights.sum())
+
+
+def plot_neuron_view(query: Any, key: Any, token: int, path: str, *, scale: float | None = None,
+                     labels: Sequence[str] | None = None, title: str = "") -> str:
+  """bertviz's neuron view of one head and query token i (`neuron_view_values`) as heat-map
+  strips: q_i on top; below, one row per key token j: k_j, q_i ⊙ k_j, the scaled score
+  q_i·k_j and the softmax weight (both written in their cells), each with its colour bar.
+
+  `query` `[q, d]`, `key` `[k, d]`; `labels` the k key tokens (`token_labels`).
+  """
+  values = neuron_view_values(query, key, token, scale=scale)
+  num_keys, dim = values["keys"].shape
+  keys = _token_labels(labels, num_keys, "labels")
+  fig = Figure(figsize=(2.0 + 0.12 * 2 * dim + 1.6, 0.9 + 0.2 * num_keys), layout="constrained")
+  axes = fig.subplots(2, 4, height_ratios=[1, max(num_keys, 1)],
+                      width_ratios=[dim, dim, 2, 2])
+  signed = lambda a: dict(cmap="RdBu_r", vmin=-max(np.abs(a).max(), 1e-12),
+                          vmax=max(np.abs(a).max(), 1e-12))
+  vectors = np.concatenate([values["query"], values["keys"].ravel()])
+  panels = [(axes[0, 0], values["query"][None], "query q_i", signed(vectors)),
+            (axes[1, 0], values["keys"], "keys k_j", signed(vectors)),
+            (axes[1, 1], values["products"], "q_i ⊙ k_j", signed(values["products"])),
+            (axes[1, 2], values["scores"][:, None], "q_i·k_j scaled", signed(values["scores"])),
+            (axes[1, 3], values["weights"][:, None], "softmax", dict(cmap="Blues", vmin=0,
+                                                                      vmax=1))]
+  for ax, data, name, style in panels:
+    shown = ax.imshow(data, aspect="auto", interpolation="nearest", **style)
+    _colorbar(fig, ax, shown)
+    ax.set_title(name, fontsize=7)
+    ax.set_xticks([])
+    ax.set_yticks([])
+  for ax, name in ((axes[1, 2], "scores"), (axes[1, 3], "weights")):
+    dark = np.abs(values[name]) > 0.6 * ax.images[0].get_clim()[1]
+    for j, v in enumerate(values[name]):
+      ax.text(0, j, f"{v:.2f}", ha="center", va="center", fontsize=5,
+              color="white" if dark[j] else "black")
+  axes[1, 0].set_yticks(range(num_keys), keys, fontsize=6)
+  for ax in axes[0, 1:]:
+    ax.axis("off")
+  fig.suptitle("\n".join(filter(None, [title, f"neuron view of query token {token}"])),
+               fontsize=8)
   return _save(fig, path)
 
 
