@@ -1,6 +1,8 @@
 """big_attn.interpret.analysis against float64 NumPy computations written from the papers'
 formulas: head importance (Michel et al.), AttentionViz's normalisation and joint PCA, TokenTM,
-ConceptAttention on a DiT, and the cross-layer / cross-step similarity of attention maps."""
+ConceptAttention on a DiT, the cross-layer / cross-step similarity of attention maps, offset local
+heads, and the spatial attention profiles and head-pattern autoencoder of How Does Attention Work
+in Vision Transformers? A Visual Analytics Attempt."""
 from __future__ import annotations
 
 import flax.linen as nn

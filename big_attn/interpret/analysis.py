@@ -7,6 +7,9 @@
     out, sal = analysis.concept_attention(dit, variables, concepts, x_t, t, labels)
     sim = analysis.attention_similarity(list(maps.values()))           # per head [L, L]
     heads = analysis.offset_local_heads(maps[path], (gh, gw), num_prefix=1)  # Teaching Matters
+    prof = analysis.spatial_attention_profile(maps[path], (gh, gw), num_prefix=1)  # per distance
+    ae = analysis.attention_pattern_autoencoder(
+        analysis.attention_patterns(maps[path], (gh, gw), num_prefix=1))  # ae["head_codes"]
 
 Every model-level analysis observes the `Attention` layers with `flax.linen.intercept_methods`
 (`capture.hook_ops` for the op calls): the model code is unchanged.
@@ -418,6 +421,20 @@ def dit_timestep_maps(model: dit.Model, variables: Any, images: Any, timesteps: 
 
 
 # ------------------------------------------------------------------------- offset local heads
+def _patch_maps(attn: Any, grid: tuple[int, int], num_prefix: int) -> np.ndarray:
+  """`[batch, heads, gh·gw, gh·gw]` patch-to-patch weights, each query row renormalised over
+  the patches (attention to class or register tokens left out)."""
+  attn = np.asarray(attn, np.float64)
+  gh, gw = grid
+  if attn.ndim != 4 or attn.shape[-1] != attn.shape[-2] or attn.shape[-1] < num_prefix + gh * gw:
+    raise ValueError(f"attn must be [batch, heads, n, n] with n >= num_prefix + gh·gw = "
+                     f"{num_prefix + gh * gw}, got shape {attn.shape}")
+  patches = slice(num_prefix, num_prefix + gh * gw)
+  a = attn[:, :, patches, patches]
+  rows = a.sum(-1, keepdims=True)
+  return a / np.where(rows > 0, rows, 1.0)
+
+
 def offset_local_heads(attn: Any, grid: tuple[int, int], *, num_prefix: int = 0,
                        radius: int = 1, threshold: float = 0.5) -> dict[str, np.ndarray]:
   """Offset local attention heads (Teaching Matters: Investigating the Role of Supervision in
@@ -432,17 +449,11 @@ def offset_local_heads(attn: Any, grid: tuple[int, int], *, num_prefix: int = 0,
   (dy, dx) of its maximum, `mass` `[heads]` that maximum, and `is_offset_local` `[heads]`:
   mass >= `threshold` at an offset other than (0, 0).
   """
-  attn = np.asarray(attn, np.float64)
   gh, gw = grid
-  if attn.ndim != 4 or attn.shape[-1] != attn.shape[-2] or attn.shape[-1] < num_prefix + gh * gw:
-    raise ValueError(f"attn must be [batch, heads, n, n] with n >= num_prefix + gh·gw = "
-                     f"{num_prefix + gh * gw}, got shape {attn.shape}")
+  a = _patch_maps(attn, grid, num_prefix)
   if not 1 <= radius < max(gh, gw):
     raise ValueError(f"radius must be in [1, {max(gh, gw)}) for grid {grid}, got {radius}")
-  patches = slice(num_prefix, num_prefix + gh * gw)
-  a = attn[:, :, patches, patches]
-  rows = a.sum(-1, keepdims=True)
-  a = (a / np.where(rows > 0, rows, 1.0)).reshape(*a.shape[:2], gh, gw, gh, gw)
+  a = a.reshape(*a.shape[:2], gh, gw, gh, gw)
   width = 2 * radius + 1
   mass = np.zeros((a.shape[1], width, width))
   for dy in range(-radius, radius + 1):
@@ -459,21 +470,7 @@ def offset_local_heads(attn: Any, grid: tuple[int, int], *, num_prefix: int = 0,
           "is_offset_local": (peak >= threshold) & np.any(offset != 0, -1)}
 
 
-# ------------------------------------------------ spatial profiles and patterns of heads (ViT VA)
-def _patch_maps(attn: Any, grid: tuple[int, int], num_prefix: int) -> np.ndarray:
-  """`[batch, heads, gh·gw, gh·gw]` patch-to-patch weights, each query row renormalised over
-  the patches (attention to class or register tokens left out)."""
-  attn = np.asarray(attn, np.float64)
-  gh, gw = grid
-  if attn.ndim != 4 or attn.shape[-1] != attn.shape[-2] or attn.shape[-1] < num_prefix + gh * gw:
-    raise ValueError(f"attn must be [batch, heads, n, n] with n >= num_prefix + gh·gw = "
-                     f"{num_prefix + gh * gw}, got shape {attn.shape}")
-  patches = slice(num_prefix, num_prefix + gh * gw)
-  a = attn[:, :, patches, patches]
-  rows = a.sum(-1, keepdims=True)
-  return a / np.where(rows > 0, rows, 1.0)
-
-
+# ----------------------------------------------- spatial attention profiles and head patterns
 def spatial_attention_profile(attn: Any, grid: tuple[int, int], *, num_prefix: int = 0
                               ) -> dict[str, np.ndarray]:
   """Each head's attention strength as a function of the spatial distance between patches.
