@@ -1,6 +1,8 @@
 """big_attn.interpret.analysis against float64 NumPy computations written from the papers'
 formulas: head importance (Michel et al.), AttentionViz's normalisation and joint PCA, TokenTM,
-ConceptAttention on a DiT, and the cross-layer / cross-step similarity of attention maps."""
+ConceptAttention on a DiT, the cross-layer / cross-step similarity of attention maps, offset local
+heads, and the spatial attention profiles and head-pattern autoencoder of How Does Attention Work
+in Vision Transformers? A Visual Analytics Attempt."""
 from __future__ import annotations
 
 import flax.linen as nn
@@ -363,3 +365,111 @@ def test_offset_local_heads_of_a_vit(tiny_vit):
     assert np.all(got["offset_mass"] >= 0) and np.all(got["offset_mass"] <= 1)
     assert np.all(np.abs(got["offset"]) <= 1)
     np.testing.assert_allclose(got["mass"], got["offset_mass"].max((1, 2)), rtol=1e-12)
+
+
+def test_spatial_attention_profile_matches_a_loop():
+  grid, num_prefix = (3, 5), 1
+  rng = np.random.default_rng(1)
+  maps = _softmax(rng.normal(size=(2, 3, 16, 16)) * 2)
+  maps[:, 2] = 1 / 16  # uniform head: 1/15 on every patch after renormalisation
+  got = interpret.spatial_attention_profile(maps, grid, num_prefix=num_prefix)
+
+  gh, gw = grid
+  patches = maps[:, :, 1:, 1:] / maps[:, :, 1:, 1:].sum(-1, keepdims=True)
+  bins = {}
+  for p in range(gh * gw):
+    for q in range(gh * gw):
+      (py, px), (qy, qx) = divmod(p, gw), divmod(q, gw)
+      bins.setdefault(int(round(np.sqrt((py - qy) ** 2 + (px - qx) ** 2))), []).append((p, q))
+  assert sorted(bins) == list(range(5))  # round(√(2² + 4²)) = 4
+  want = np.array([[np.mean([patches[b, h, p, q] for b in range(2) for p, q in bins[d]])
+                    for d in range(5)] for h in range(3)])
+  np.testing.assert_allclose(got["profile"], want, rtol=1e-12)
+  np.testing.assert_array_equal(got["distance"], np.arange(5))
+  np.testing.assert_array_equal(got["pairs"], [len(bins[d]) for d in range(5)])
+  np.testing.assert_allclose(got["profile"][2], 1 / 15, rtol=1e-12)
+  with pytest.raises(ValueError, match="attn must be"):
+    interpret.spatial_attention_profile(maps, (4, 4), num_prefix=1)
+
+
+def _pattern_families(gh=4, gw=4):
+  """[6, gh·gw, gh, gw] per-query maps: heads 0-2 Gaussians around the query (σ 0.6, 0.8, 1.0),
+  heads 3-5 uniform with 10% noise."""
+  ys, xs = np.divmod(np.arange(gh * gw), gw)
+  dist2 = (ys[:, None] - ys[None]) ** 2 + (xs[:, None] - xs[None]) ** 2
+  rng = np.random.default_rng(0)
+  heads = [np.exp(-dist2 / (2 * sigma ** 2)) for sigma in (0.6, 0.8, 1.0)]
+  heads += [1 + 0.1 * rng.uniform(size=dist2.shape) for _ in range(3)]
+  a = np.stack(heads)
+  return (a / a.sum(-1, keepdims=True)).reshape(6, gh * gw, gh, gw)
+
+
+def test_attention_pattern_autoencoder_separates_local_from_uniform_heads():
+  patterns = _pattern_families()
+  got = interpret.attention_pattern_autoencoder(patterns, latent_dims=2, hidden=32, steps=200)
+  assert got["codes"].shape == (6, 16, 2) and got["head_codes"].shape == (6, 2)
+  assert got["losses"].shape == (200,) and got["losses"][-1] < 0.1 * got["losses"][0]
+
+  x = patterns.reshape(6, 16, 16)
+  x = x / x.max(-1, keepdims=True)  # each pattern divided by its maximum
+  mean_pattern_error = ((x - x.reshape(-1, 16).mean(0)) ** 2).mean((1, 2))
+  assert np.all(got["error"] < 0.25 * mean_pattern_error)
+  recon = _decode(got["params"], got["codes"])
+  np.testing.assert_allclose(got["error"], ((recon - x) ** 2).mean((1, 2)), rtol=1e-4)
+
+  # the heads' codes fall to their family's centroid; per pattern, the uniform codes are a
+  # tight cluster and every local pattern (each query position) lies well outside it
+  family = np.repeat([0, 1], 3)
+  centroids = np.stack([got["head_codes"][family == f].mean(0) for f in (0, 1)])
+  nearest = np.linalg.norm(got["head_codes"][:, None] - centroids[None], axis=-1).argmin(1)
+  np.testing.assert_array_equal(nearest, family)
+  uniform = got["codes"][3:].reshape(-1, 2)
+  radius = np.linalg.norm(got["codes"] - uniform.mean(0), axis=-1)  # [heads, 16]
+  assert radius[:3].min() > 3 * radius[3:].max()
+  np.testing.assert_allclose(got["head_codes"], got["codes"].mean(1), rtol=1e-12)
+  np.testing.assert_allclose(interpret.embed_attention_patterns(got["params"], patterns),
+                             got["codes"], rtol=1e-5, atol=1e-6)
+
+
+def _decode(params, codes):
+  """The autoencoder's decoder in float64 NumPy (GELU tanh form, sigmoid output)."""
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params["params"])
+  hidden = _gelu(codes @ p["decoder_hidden"]["kernel"] + p["decoder_hidden"]["bias"])
+  return 1 / (1 + np.exp(-(hidden @ p["decoder_out"]["kernel"] + p["decoder_out"]["bias"])))
+
+
+def test_attention_pattern_autoencoder_is_deterministic_and_checks_inputs():
+  patterns = _pattern_families(3, 3)
+  run = lambda seed: interpret.attention_pattern_autoencoder(patterns, hidden=8, steps=20,
+                                                             seed=seed)
+  first, again, other = run(0), run(0), run(1)
+  np.testing.assert_array_equal(first["codes"], again["codes"])
+  np.testing.assert_array_equal(first["losses"], again["losses"])
+  assert not np.allclose(first["codes"], other["codes"])
+  for kwargs, name in ((dict(latent_dims=0), "latent_dims"), (dict(steps=1.5), "steps"),
+                       (dict(hidden=-1), "hidden"), (dict(learning_rate=0.0), "learning_rate")):
+    with pytest.raises(ValueError, match=name):
+      interpret.attention_pattern_autoencoder(patterns, **kwargs)
+  with pytest.raises(ValueError, match="patterns must be"):
+    interpret.attention_pattern_autoencoder(patterns[0, 0])
+  with pytest.raises(ValueError, match="patterns must be"):
+    interpret.attention_pattern_autoencoder(-patterns)
+  with pytest.raises(ValueError, match="9 values each"):
+    interpret.embed_attention_patterns(first["params"], _pattern_families())
+
+
+def test_attention_patterns_of_a_vit(tiny_vit):
+  model, variables, x = tiny_vit
+  maps = interpret.capture_attention(model, variables, x)
+  patterns = interpret.attention_patterns(maps[LAYERS[0]], (4, 4), num_prefix=1)
+  assert patterns.shape == (4, 32, 4, 4)  # heads, batch·queries, grid
+  m = np.asarray(maps[LAYERS[0]], np.float64)[:, :, 1:, 1:]
+  np.testing.assert_allclose(patterns[1, 16 + 5].ravel(), m[1, 1, 5] / m[1, 1, 5].sum(),
+                             rtol=1e-12)
+  got = interpret.attention_pattern_autoencoder(patterns, hidden=16, steps=50)
+  assert got["head_codes"].shape == (4, 2) and np.all(np.isfinite(got["codes"]))
+  assert got["losses"][-1] < got["losses"][0]
+  profile = interpret.spatial_attention_profile(maps[LAYERS[0]], (4, 4), num_prefix=1)
+  assert profile["profile"].shape == (4, 5)  # bins 0 .. round(√18) = 4
+  # the profile weighted by its pairs is each query's total, 1, over the 16 queries
+  np.testing.assert_allclose(profile["profile"] @ profile["pairs"], 16.0, rtol=1e-9)

@@ -7,6 +7,9 @@
     out, sal = analysis.concept_attention(dit, variables, concepts, x_t, t, labels)
     sim = analysis.attention_similarity(list(maps.values()))           # per head [L, L]
     heads = analysis.offset_local_heads(maps[path], (gh, gw), num_prefix=1)  # Teaching Matters
+    prof = analysis.spatial_attention_profile(maps[path], (gh, gw), num_prefix=1)  # per distance
+    ae = analysis.attention_pattern_autoencoder(
+        analysis.attention_patterns(maps[path], (gh, gw), num_prefix=1))  # ae["head_codes"]
 
 Every model-level analysis observes the `Attention` layers with `flax.linen.intercept_methods`
 (`capture.hook_ops` for the op calls): the model code is unchanged.
@@ -19,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from big_attn.interpret import capture
 from big_attn.interpret import relevance
@@ -417,6 +421,20 @@ def dit_timestep_maps(model: dit.Model, variables: Any, images: Any, timesteps: 
 
 
 # ------------------------------------------------------------------------- offset local heads
+def _patch_maps(attn: Any, grid: tuple[int, int], num_prefix: int) -> np.ndarray:
+  """`[batch, heads, gh·gw, gh·gw]` patch-to-patch weights, each query row renormalised over
+  the patches (attention to class or register tokens left out)."""
+  attn = np.asarray(attn, np.float64)
+  gh, gw = grid
+  if attn.ndim != 4 or attn.shape[-1] != attn.shape[-2] or attn.shape[-1] < num_prefix + gh * gw:
+    raise ValueError(f"attn must be [batch, heads, n, n] with n >= num_prefix + gh·gw = "
+                     f"{num_prefix + gh * gw}, got shape {attn.shape}")
+  patches = slice(num_prefix, num_prefix + gh * gw)
+  a = attn[:, :, patches, patches]
+  rows = a.sum(-1, keepdims=True)
+  return a / np.where(rows > 0, rows, 1.0)
+
+
 def offset_local_heads(attn: Any, grid: tuple[int, int], *, num_prefix: int = 0,
                        radius: int = 1, threshold: float = 0.5) -> dict[str, np.ndarray]:
   """Offset local attention heads (Teaching Matters: Investigating the Role of Supervision in
@@ -431,17 +449,11 @@ def offset_local_heads(attn: Any, grid: tuple[int, int], *, num_prefix: int = 0,
   (dy, dx) of its maximum, `mass` `[heads]` that maximum, and `is_offset_local` `[heads]`:
   mass >= `threshold` at an offset other than (0, 0).
   """
-  attn = np.asarray(attn, np.float64)
   gh, gw = grid
-  if attn.ndim != 4 or attn.shape[-1] != attn.shape[-2] or attn.shape[-1] < num_prefix + gh * gw:
-    raise ValueError(f"attn must be [batch, heads, n, n] with n >= num_prefix + gh·gw = "
-                     f"{num_prefix + gh * gw}, got shape {attn.shape}")
+  a = _patch_maps(attn, grid, num_prefix)
   if not 1 <= radius < max(gh, gw):
     raise ValueError(f"radius must be in [1, {max(gh, gw)}) for grid {grid}, got {radius}")
-  patches = slice(num_prefix, num_prefix + gh * gw)
-  a = attn[:, :, patches, patches]
-  rows = a.sum(-1, keepdims=True)
-  a = (a / np.where(rows > 0, rows, 1.0)).reshape(*a.shape[:2], gh, gw, gh, gw)
+  a = a.reshape(*a.shape[:2], gh, gw, gh, gw)
   width = 2 * radius + 1
   mass = np.zeros((a.shape[1], width, width))
   for dy in range(-radius, radius + 1):
@@ -456,3 +468,135 @@ def offset_local_heads(attn: Any, grid: tuple[int, int], *, num_prefix: int = 0,
   peak = mass.reshape(mass.shape[0], -1).max(-1)
   return {"offset_mass": mass, "offset": offset, "mass": peak,
           "is_offset_local": (peak >= threshold) & np.any(offset != 0, -1)}
+
+
+# ----------------------------------------------- spatial attention profiles and head patterns
+def spatial_attention_profile(attn: Any, grid: tuple[int, int], *, num_prefix: int = 0
+                              ) -> dict[str, np.ndarray]:
+  """Each head's attention strength as a function of the spatial distance between patches.
+
+  How Does Attention Work in Vision Transformers? A Visual Analytics Attempt (Li et al. 2023)
+  profiles how strongly patches attend to their spatial neighbours in each head. `attn`
+  `[batch, heads, n, n]` (a `capture_attention` value), patch tokens `num_prefix .. num_prefix
+  + gh·gw` in row-major order on `grid` = (gh, gw); each query's weights are renormalised over
+  the patches. Query patch p and key patch q are at distance bin d = round(‖p - q‖) (Euclidean,
+  in patches), d = 0 .. D = round(√((gh-1)² + (gw-1)²)), and `profile[h, d]` is the mean over
+  the batch and over all (p, q) pairs in bin d of A_h[p, q] (every bin holds a pair: a uniform
+  head's profile is 1/(gh·gw) throughout). Apply it to each layer's map for the trend across
+  layers. Returns `profile` `[heads, D + 1]`, `distance` `[D + 1]` the bins and `pairs`
+  `[D + 1]` the number of (p, q) pairs in each.
+  """
+  a = _patch_maps(attn, grid, num_prefix)
+  gh, gw = grid
+  ys, xs = np.divmod(np.arange(gh * gw), gw)
+  bins = np.rint(np.hypot(ys[:, None] - ys[None], xs[:, None] - xs[None])).astype(int)
+  pairs = np.bincount(bins.ravel())
+  sums = np.stack([np.bincount(bins.ravel(), a[:, h].sum(0).ravel(), pairs.size)
+                   for h in range(a.shape[1])])
+  return {"profile": sums / (pairs * a.shape[0]), "distance": np.arange(pairs.size),
+          "pairs": pairs}
+
+
+def attention_patterns(attn: Any, grid: tuple[int, int], *, num_prefix: int = 0) -> np.ndarray:
+  """`[heads, batch·gh·gw, gh, gw]`: every query patch's attention over the patch grid, per head
+  (rows renormalised over the patches), the input of `attention_pattern_autoencoder`."""
+  a = _patch_maps(attn, grid, num_prefix)
+  return a.transpose(1, 0, 2, 3).reshape(a.shape[1], -1, *grid)
+
+
+class _PatternAutoencoder(nn.Module):
+  """Flattened pattern -> `latent_dims` code -> pattern in [0, 1], one hidden layer each way."""
+  hidden: int
+  latent_dims: int
+  features: int
+
+  def setup(self):
+    self.encoder_hidden = nn.Dense(self.hidden)
+    self.encoder_out = nn.Dense(self.latent_dims)
+    self.decoder_hidden = nn.Dense(self.hidden)
+    self.decoder_out = nn.Dense(self.features)
+
+  def encode(self, x):
+    return self.encoder_out(nn.gelu(self.encoder_hidden(x)))
+
+  def __call__(self, x):
+    code = self.encode(x)
+    return code, nn.sigmoid(self.decoder_out(nn.gelu(self.decoder_hidden(code))))
+
+
+def _normalized_patterns(patterns: Any) -> np.ndarray:
+  """`[heads, m, ...]` patterns flattened to `[heads, m, features]` and divided by their
+  maximum (shape, not scale)."""
+  x = np.asarray(patterns, np.float64)
+  if x.ndim < 3 or x.size == 0 or not np.all(np.isfinite(x)) or np.any(x < 0):
+    raise ValueError(f"patterns must be finite non-negative attention weights [heads, "
+                     f"patterns per head, ...] (3 axes or more), got shape {x.shape}")
+  x = x.reshape(*x.shape[:2], -1)
+  peak = x.max(-1, keepdims=True)
+  return x / np.where(peak > 0, peak, 1.0)
+
+
+def _autoencoder(params: Any) -> _PatternAutoencoder:
+  hidden, latent_dims = params["params"]["encoder_out"]["kernel"].shape
+  features = params["params"]["decoder_out"]["kernel"].shape[1]
+  return _PatternAutoencoder(hidden, latent_dims, features)
+
+
+def attention_pattern_autoencoder(patterns: Any, *, latent_dims: int = 2, hidden: int = 64,
+                                  steps: int = 300, learning_rate: float = 1e-2, seed: int = 0
+                                  ) -> dict[str, Any]:
+  """An autoencoder summary of the heads' attention patterns (How Does Attention Work in Vision
+  Transformers? A Visual Analytics Attempt, Li et al. 2023).
+
+  `patterns` `[heads, m, ...]`: m patterns per head (`attention_patterns`' per-query maps, or
+  any one map per head with m = 1), each flattened and divided by its maximum. A one-hidden-
+  layer GELU encoder to `latent_dims` and a decoder with a sigmoid output are trained on all of
+  them together by full-batch Adam (`steps`, `learning_rate`) on the mean squared
+  reconstruction error, from initial parameters drawn with `seed`: the same inputs and seed give
+  the same result. Returns `codes` `[heads, m, latent_dims]`, `head_codes` `[heads,
+  latent_dims]` (the mean code of each head's patterns, the point that places the head among
+  the others), `error` `[heads]` (the mean squared error of the head's reconstructed patterns),
+  `losses` `[steps]` (the training loss before each step) and `params` (for
+  `embed_attention_patterns`). The paper's architecture and training set are not in its
+  abstract; this is the small dense version of the idea.
+  """
+  x = _normalized_patterns(patterns)
+  for name, value in (("latent_dims", latent_dims), ("hidden", hidden), ("steps", steps)):
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f"{name} must be a positive int, got {value!r}")
+  if not learning_rate > 0:
+    raise ValueError(f"learning_rate must be positive, got {learning_rate!r}")
+  heads, m, features = x.shape
+  model = _PatternAutoencoder(hidden, latent_dims, features)
+  data = jnp.asarray(x.reshape(heads * m, features), jnp.float32)
+  params = model.init(jax.random.key(seed), data[:1])
+  optimizer = optax.adam(learning_rate)
+
+  def loss_fn(params):
+    return jnp.mean((model.apply(params, data)[1] - data) ** 2)
+
+  def step(state, _):
+    params, opt_state = state
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state), loss
+
+  train = jax.jit(lambda p: jax.lax.scan(step, (p, optimizer.init(p)), length=steps))
+  (params, _), losses = train(params)
+  codes, recon = jax.jit(model.apply)(params, data)
+  error = np.mean((np.asarray(recon, np.float64) - x.reshape(heads * m, features)) ** 2, -1)
+  codes = np.asarray(codes, np.float64).reshape(heads, m, latent_dims)
+  return {"codes": codes, "head_codes": codes.mean(1), "error": error.reshape(heads, m).mean(1),
+          "losses": np.asarray(losses, np.float64), "params": params}
+
+
+def embed_attention_patterns(params: Any, patterns: Any) -> np.ndarray:
+  """`[heads, m, latent_dims]` codes of new `patterns` `[heads, m, ...]` with the `params` of
+  `attention_pattern_autoencoder` (each pattern divided by its maximum, as in training)."""
+  model = _autoencoder(params)
+  x = _normalized_patterns(patterns)
+  if x.shape[-1] != model.features:
+    raise ValueError(f"patterns must have {model.features} values each (the trained pattern "
+                     f"size), got shape {np.shape(patterns)}")
+  codes = model.apply(params, jnp.asarray(x, jnp.float32), method=_PatternAutoencoder.encode)
+  return np.asarray(codes, np.float64)
