@@ -9,7 +9,6 @@ import os
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import matplotlib.image
 import numpy as np
 import pytest
 
@@ -21,9 +20,8 @@ from big_attn.layers import Attention
 from big_attn.models import lm, vit
 from big_attn.ops import registry
 from tests import reference
+from tests.plot_checks import assert_png, keep_figures
 from tests.test_train import tiny_config
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 class _OneLayer(nn.Module):
@@ -323,13 +321,6 @@ def test_high_norm_tokens_and_block_outputs(small_vit):
                              rtol=1e-6)
 
 
-def _assert_png(path):
-  with open(path, "rb") as f:
-    assert f.read(8) == PNG_SIGNATURE
-  image = matplotlib.image.imread(path)
-  assert image.ndim == 3 and image.shape[0] > 10 and image.shape[1] > 10
-
-
 def test_plots(tmp_path):
   rows = [dict(op=op, seq=s, ms=s * (i + 1) / 100) for i, op in enumerate(["a", "b"])
           for s in (128, 512, 2048)] + [dict(op="c", seq="n/a", ms=1.0)]
@@ -340,29 +331,22 @@ def test_plots(tmp_path):
   loaded = plots.load_rows(str(csv_path))
   assert loaded[0] == dict(op="a", seq=128.0, ms=1.28)
   assert plots.load_rows(str(json_path)) == rows
-  _assert_png(plots.plot_curves(loaded, x="seq", y="ms", by="op", logx=True,
-                                path=str(tmp_path / "curves.png")))
+  assert_png(plots.plot_curves(loaded, x="seq", y="ms", by="op", logx=True,
+                               path=str(tmp_path / "curves.png")))
   with pytest.raises(ValueError, match="no row"):
     plots.plot_curves(rows, x="seq", y="missing", path=str(tmp_path / "x.png"))
   image = np.linspace(-1, 1, 64).reshape(8, 8, 1)
   maps = {"layer0": np.full((2, 4, 4), 0.25)}
-  _assert_png(plots.plot_attention_maps(image, maps, (2, 2), str(tmp_path / "maps.png")))
-  _assert_png(plots.plot_heatmaps(image, {"rollout": np.eye(2)}, str(tmp_path / "heat.png")))
-  _assert_png(plots.plot_distances([np.array([1.0, 2.0]), np.array([3.0, 1.0])],
-                                   str(tmp_path / "dist.png")))
-  _assert_png(plots.plot_token_norms({"block0": np.abs(reference.normal(0, (2, 5)))},
-                                     str(tmp_path / "norms.png")))
+  assert_png(plots.plot_attention_maps(image, maps, (2, 2), str(tmp_path / "maps.png")))
+  assert_png(plots.plot_heatmaps(image, {"rollout": np.eye(2)}, str(tmp_path / "heat.png")))
+  assert_png(plots.plot_distances([np.array([1.0, 2.0]), np.array([3.0, 1.0])],
+                                  str(tmp_path / "dist.png")))
+  assert_png(plots.plot_token_norms({"block0": np.abs(reference.normal(0, (2, 5)))},
+                                    str(tmp_path / "norms.png")))
 
 
 def test_plots_show_scales_heads_tokens_and_titles(tmp_path, monkeypatch):
-  figures = {}
-  save = plots._save  # pylint: disable=protected-access
-
-  def keep_and_save(fig, path):
-    figures[os.path.basename(path)] = fig
-    return save(fig, path)
-
-  monkeypatch.setattr(plots, "_save", keep_and_save)
+  figures = keep_figures(monkeypatch)
   image = np.linspace(-1, 1, 64).reshape(8, 8, 1)
   maps = {"layer0": np.full((2, 5, 5), 0.2), "layer1": np.full((3, 5, 5), 0.2)}
   plots.plot_attention_maps(image, maps, (2, 2), str(tmp_path / "maps.png"), num_prefix=1,
@@ -403,7 +387,7 @@ def test_cli_explains_a_checkpointed_run(tmp_path):
   assert main_lib.train_and_evaluate(config, workdir)["step"] == 4
   summary = cli.explain(None, workdir, 3, out)  # the config saved in the workdir
   for name in ("attention_maps", "relevance", "distances", "token_norms"):
-    _assert_png(os.path.join(out, f"{name}.png"))
+    assert_png(os.path.join(out, f"{name}.png"))
   with open(os.path.join(out, "summary.json"), encoding="utf-8") as f:
     written = json.load(f)
   assert written == json.loads(json.dumps(summary))

@@ -4,12 +4,10 @@ NumPy, the drawn lines' opacities against the weights, and the views of a tiny V
 attention."""
 from __future__ import annotations
 
-import os
 
 import flax.linen as nn
 import jax
 import matplotlib.colors
-import matplotlib.image
 import numpy as np
 import pytest
 
@@ -17,28 +15,13 @@ from big_attn import interpret
 from big_attn.interpret import plots
 from big_attn.models import vit
 from tests import reference
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+from tests.plot_checks import assert_png, keep_figures
 
 
 @pytest.fixture
 def figures(monkeypatch):
   """`{file name: Figure}` of every plot saved during the test."""
-  kept = {}
-  save = plots._save  # pylint: disable=protected-access
-
-  def keep_and_save(fig, path):
-    kept[os.path.basename(path)] = fig
-    return save(fig, path)
-
-  monkeypatch.setattr(plots, "_save", keep_and_save)
-  return kept
-
-
-def _assert_png(path):
-  with open(path, "rb") as f:
-    assert f.read(8) == PNG_SIGNATURE
-  assert matplotlib.image.imread(path).shape[0] > 10
+  return keep_figures(monkeypatch)
 
 
 def _softmax_rows(rng, shape):
@@ -77,8 +60,8 @@ def test_head_and_model_views_draw_the_weights(tmp_path, figures):
   rng = np.random.default_rng(1)
   attention = _softmax_rows(rng, (2, 3, 4, 4))  # [layers, heads, q, k]
   labels = plots.token_labels(4, num_prefix=1)
-  _assert_png(plots.plot_head_view(attention, str(tmp_path / "head.png"), layer=1, heads=[0, 2],
-                                   labels=labels))
+  assert_png(plots.plot_head_view(attention, str(tmp_path / "head.png"), layer=1, heads=[0, 2],
+                                  labels=labels))
   lines = _lines(figures["head.png"])
   assert len(lines) == 2
   for (segments, alphas, rgb), h in zip(lines, [0, 2]):
@@ -99,8 +82,8 @@ def test_head_and_model_views_draw_the_weights(tmp_path, figures):
     np.testing.assert_array_equal(segments[:, 0], [[0.0, -3.0]] * 4)
 
   ragged = [attention[0], attention[1, :2]]  # the second layer has 2 heads
-  _assert_png(plots.plot_model_view(ragged, str(tmp_path / "model.png"),
-                                    layer_names=["block 0", "block 1"]))
+  assert_png(plots.plot_model_view(ragged, str(tmp_path / "model.png"),
+                                   layer_names=["block 0", "block 1"]))
   fig = figures["model.png"]
   assert len(fig.axes) == 2 * 3
   for index, ax in enumerate(fig.axes):
@@ -116,8 +99,8 @@ def test_head_and_model_views_draw_the_weights(tmp_path, figures):
 def test_neuron_view_draws_its_values(tmp_path, figures):
   rng = np.random.default_rng(2)
   q, k = rng.normal(size=(3, 4)), rng.normal(size=(3, 4))
-  _assert_png(plots.plot_neuron_view(q, k, 1, str(tmp_path / "neuron.png"),
-                                     labels=["CLS", "0", "1"]))
+  assert_png(plots.plot_neuron_view(q, k, 1, str(tmp_path / "neuron.png"),
+                                    labels=["CLS", "0", "1"]))
   values = plots.neuron_view_values(q, k, 1)
   shown = [np.asarray(ax.images[0].get_array()) for ax in figures["neuron.png"].axes
            if ax.images and ax.get_label() != "<colorbar>"]
@@ -170,4 +153,4 @@ def test_views_of_a_tiny_vits_captured_attention(tmp_path, figures):
   q, k = (np.asarray(last[n][0, :, 1], np.float64) for n in ("query", "key"))  # head 1
   values = plots.neuron_view_values(q, k, 0)
   np.testing.assert_allclose(values["weights"], maps[1][1, 0], atol=2e-6)  # the captured row
-  _assert_png(plots.plot_neuron_view(q, k, 0, str(tmp_path / "neuron.png"), labels=labels))
+  assert_png(plots.plot_neuron_view(q, k, 0, str(tmp_path / "neuron.png"), labels=labels))
