@@ -12,7 +12,7 @@ import optax
 import pytest
 
 from big_attn.layers.visual_tokens import VisualTransformer
-from big_attn.models import metaformer
+from big_attn.models import convnext, metaformer
 from tests import reference as ref
 
 # Odd, non-square map, 8 channels; 4 tokens of 6 channels, 2 heads of 3.
@@ -145,7 +145,7 @@ def test_mixer_in_a_tiny_metaformer_trains():
   """Two VT modules (filter, then recurrent) in a one-block MetaFormer; one SGD step lowers the
   loss on a fixed batch."""
   assert "visual_tokens" in metaformer.mixer_names()
-  x = ref.normal(3, (4, 12, 12, 3))
+  x = ref.normal(3, (4, 8, 8, 3))
   labels = jnp.array([0, 1, 2, 1])
   model = metaformer.Model(num_classes=3, depths=(1,), dims=(8,), mixers="visual_tokens",
                            layer_scale_init=1.0, head_zeroinit=False,
@@ -159,24 +159,28 @@ def test_mixer_in_a_tiny_metaformer_trains():
     logits = model.apply({"params": p}, x)
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
-  @jax.jit
-  def step(p):
-    loss, grads = jax.value_and_grad(loss_fn)(p)
-    new_params = jax.tree.map(lambda a, g: a - 0.05 * g, p, grads)
-    return loss, loss_fn(new_params), grads
-
-  loss, new_loss, grads = step(params)
+  loss_and_grads = jax.jit(jax.value_and_grad(loss_fn))
+  loss, grads = loss_and_grads(params)
+  new_loss, _ = loss_and_grads(jax.tree.map(lambda a, g: a - 0.05 * g, params, grads))
   vt_grads = jax.tree.leaves(grads["stage_0_block_0"]["mixer"])
   assert np.isfinite(loss) and all(np.all(np.isfinite(g)) for g in vt_grads)
   assert min(float(np.abs(g).max()) for g in vt_grads) > 0  # every VT parameter is trained
   assert float(new_loss) < float(loss)
 
 
-def test_config_selects_the_mixer():
+def test_config_and_convnext_select_the_mixer():
+  """Convolutions first, VT modules in the last stage (VT-ResNet's layout): from the
+  metaformer_digits config, and as ConvNeXt's per-stage mixer."""
   from tests.test_train import _config_module  # pylint: disable=g-import-not-at-top
-  config = _config_module("metaformer_digits").get_config(
-      "mixer=pool+pool+visual_tokens+visual_tokens")
+  config = _config_module("metaformer_digits").get_config("mixer=conv+conv+conv+visual_tokens")
   model = metaformer.Model(num_classes=10, **config.model.to_dict())
   shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 1))))
   assert shapes["params"]["stage_3_block_0"]["mixer"]["vt_0"]["token_filter"]["kernel"].shape \
       == (64, 16)
+  assert "vt_0" not in shapes["params"]["stage_2_block_0"]["mixer"]
+  model = convnext.Model(num_classes=3, depths=(1, 1), dims=(8, 16), stem_size=1,
+                         mixers=(None, "visual_tokens"), mixer_args=(None, dict(num_tokens=4)))
+  shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4, 4, 3))))
+  block = shapes["params"]["stage_1_block_0"]
+  assert block["mixer"]["vt_0"]["token_filter"]["kernel"].shape == (16, 4)
+  assert "mixer" not in shapes["params"]["stage_0_block_0"]
