@@ -135,6 +135,15 @@ def test_bad_inputs(module, tokens, match):
     jax.eval_shape(module.init, jax.random.key(0), x, tokens)
 
 
+def test_the_token_transformer_takes_any_op():
+  params = random_params(VT, X)
+  softmax_out, _ = VT.apply({"params": params}, X)
+  sigmoid_vt = VisualTransformer(num_tokens=4, token_dim=6, num_heads=2, mlp_ratio=1.5,
+                                 op="sigmoid")
+  sigmoid_out, _ = sigmoid_vt.apply({"params": params}, X)
+  assert np.abs(np.asarray(sigmoid_out - softmax_out)).max() > 1e-3
+
+
 def test_bad_mixer_argument():
   with pytest.raises(ValueError, match="visual_tokens mixer: num_modules"):
     jax.eval_shape(metaformer.get_mixer("visual_tokens")(num_modules=0).init,

@@ -1,8 +1,9 @@
 """The visual transformer (VT) module of Visual Transformers: Token-based Image Representation
 and Processing for Computer Vision (Wu et al., 2020), on `[batch, H, W, C]` feature maps.
 
-    x_out, tokens = VisualTransformer(num_tokens=16)(x)           # filter-based tokenizer
-    x_out, tokens = VisualTransformer(num_tokens=16)(x_out, tokens)  # recurrent tokenizer
+    vt = VisualTransformer(num_tokens=16, num_heads=2)
+    x_out, tokens = vt.apply({"params": params_1}, x)                  # filter-based tokenizer
+    x_out, tokens = vt.apply({"params": params_2}, x_out, tokens)      # recurrent tokenizer
 
 With X the `[HW, C]` pixels of one example:
 

@@ -691,12 +691,15 @@ class VisualTokensMixer(Mixer):
   """Visual Transformers: Token-based Image Representation and Processing for Computer Vision:
   `num_modules` VT modules in a row (`big_attn.layers.visual_tokens.VisualTransformer`), the
   first with the filter-based tokenizer, the others recurrent on the previous module's tokens; each
-  returns X + softmax_L((X W_Q)(T W_K)ᵀ)(T W_V) over its `num_tokens` visual tokens."""
+  returns X + softmax_L((X W_Q)(T W_K)ᵀ)(T W_V) over its `num_tokens` visual tokens (the token
+  transformer's attention: the registered op `op`, `op_args`)."""
   num_tokens: int = 16
   token_dim: int | None = None
   num_heads: int = 1
   mlp_ratio: float = 4.0
   num_modules: int = 1
+  op: str = "softmax"
+  op_args: Any = None
 
   @nn.compact
   def __call__(self, x):
@@ -707,8 +710,8 @@ class VisualTokensMixer(Mixer):
     for i in range(count):
       x, tokens = VisualTransformer(
           num_tokens=self.num_tokens, token_dim=self.token_dim, num_heads=self.num_heads,
-          mlp_ratio=self.mlp_ratio, dtype=self.dtype, param_dtype=self.param_dtype,
-          name=f"vt_{i}")(x, tokens)
+          mlp_ratio=self.mlp_ratio, op=self.op, op_args=self.op_args, dtype=self.dtype,
+          param_dtype=self.param_dtype, name=f"vt_{i}")(x, tokens)
     return x
 
 
