@@ -69,6 +69,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from big_attn.layers import Attention, HyenaOperator, MlpBlock, layer_norm
+from big_attn.layers.visual_tokens import VisualTransformer
 from big_attn.models import common
 from big_attn.ops import reduction, spatial
 
@@ -683,6 +684,35 @@ class ChannelSelfAttentionMixer(Mixer):
     mixed = reduction.channel_attention(-tokens, tokens, tokens, scale=1.0)
     beta = self._param("beta", nn.initializers.zeros_init(), (), ())
     return x + beta * mixed.reshape(b, h, w, c)
+
+
+@register_mixer("visual_tokens")
+class VisualTokensMixer(Mixer):
+  """Visual Transformers: Token-based Image Representation and Processing for Computer Vision:
+  `num_modules` VT modules in a row (`big_attn.layers.visual_tokens.VisualTransformer`), the
+  first with the filter-based tokenizer, the others recurrent on the previous module's tokens; each
+  returns X + softmax_L((X W_Q)(T W_K)ᵀ)(T W_V) over its `num_tokens` visual tokens (the token
+  transformer's attention: the registered op `op`, `op_args`)."""
+  num_tokens: int = 16
+  token_dim: int | None = None
+  num_heads: int = 1
+  mlp_ratio: float = 4.0
+  num_modules: int = 1
+  op: str = "softmax"
+  op_args: Any = None
+
+  @nn.compact
+  def __call__(self, x):
+    count = self.num_modules
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+      raise ValueError(f"visual_tokens mixer: num_modules must be a positive int, got {count!r}")
+    tokens = None
+    for i in range(count):
+      x, tokens = VisualTransformer(
+          num_tokens=self.num_tokens, token_dim=self.token_dim, num_heads=self.num_heads,
+          mlp_ratio=self.mlp_ratio, op=self.op, op_args=self.op_args, dtype=self.dtype,
+          param_dtype=self.param_dtype, name=f"vt_{i}")(x, tokens)
+    return x
 
 
 # ------------------------------------------------------------------------------------------
