@@ -25,7 +25,7 @@ def get_config(arg=None):
   config.model_name = "metaformer"
   config.model = dict(depths=(1, 1, 2, 1), dims=(16, 32, 64, 64),
                       mixers=mixers[0] if len(mixers) == 1 else tuple(mixers),
-                      attention=arg.attention, mixer_args=dict(attention=dict(head_dim=16),
-                                      hat=dict(head_dim=16, window=4)),
+                      attention=arg.attention,
+                      mixer_args=dict(attention=dict(head_dim=16), hat=dict(head_dim=16, window=4)),
                       layer_scale_init=1e-2, drop_path=0.0, dtype="float32")
   return config_lib.declare_model_settings(config)
