@@ -1,7 +1,8 @@
 """Hierarchical Attention (FasterViT: Fast Vision Transformers with Hierarchical Attention):
 forward against a float64 NumPy reference from the paper's formulas, input gradient against
 `jax.grad` of the same reference in float64 JAX, global reach through the carrier tokens, bad
-sizes, and the `hat` MetaFormer mixer in a tiny model's forward and train step.
+sizes, and the `hat` MetaFormer mixer in a tiny model's forward and train step and in
+`configs/metaformer_digits.py`.
 """
 import math
 
@@ -166,8 +167,12 @@ def test_hat_mixer_in_metaformer_forward_and_train_step():
   assert np.isfinite(loss)
   changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), params, new)
   assert all(jax.tree.leaves(changed)), changed
-  # The digits config selects it per stage (windows of 4 there).
+
+
+def test_digits_config_selects_hat_per_stage():
+  # Stages of 8x8, 4x4, 2x2, 1x1 tokens: windows of 4, clipped to 2 and 1 in the last stages.
   config = _config_module("metaformer_digits").get_config("mixer=conv+conv+hat+hat")
   model = metaformer.Model(num_classes=10, **config.model.to_dict())
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 1)))
-  assert "hat" in nn.unbox(shapes)["params"]["stage_2_block_0"]["mixer"]
+  params = nn.unbox(shapes)["params"]
+  assert "hat" in params["stage_2_block_0"]["mixer"] and "hat" in params["stage_3_block_0"]["mixer"]
