@@ -1,6 +1,6 @@
 """Hierarchical Attention (FasterViT: Fast Vision Transformers with Hierarchical Attention):
-forward against a float64 NumPy reference from the paper's formulas, input gradient against
-`jax.grad` of the same reference in float64 JAX, global reach through the carrier tokens, bad
+forward against a float64 NumPy reference from the paper's formulas, `jax.grad` w.r.t. the input
+against central differences of that reference, global reach through the carrier tokens, bad
 sizes, and the `hat` MetaFormer mixer in a tiny model's forward and train step and in
 `configs/metaformer_digits.py`.
 """
