@@ -2,6 +2,7 @@
 from big_attn.layers.attention import Attention
 from big_attn.layers.compression import comcat, comcat_attention
 from big_attn.layers.conv_attention import convolution_attention
+from big_attn.layers.hierarchical_attention import HierarchicalAttention
 from big_attn.layers.hyena import HyenaOperator, ImplicitFilter
 from big_attn.layers.kv_cache import InputCache, KVCache, RecurrentCache
 from big_attn.layers.mlp import MlpBlock
@@ -11,7 +12,7 @@ from big_attn.layers.token_merging import DeformableTokenMerging
 from big_attn.ops.registry import OpParams, params_module, register_params
 from big_attn.layers.posemb import PositionEmbedding, apply_rope, posemb_sincos_2d
 
-__all__ = ["Attention", "DeformableTokenMerging", "HyenaOperator", "ImplicitFilter", "InputCache", "KVCache",
+__all__ = ["Attention", "DeformableTokenMerging", "HierarchicalAttention", "HyenaOperator", "ImplicitFilter", "InputCache", "KVCache",
             "RecurrentCache", "MlpBlock", "OpParams", "PointerHead",
             "PositionEmbedding", "apply_rope", "batch_norm", "conv_norm",
             "comcat", "comcat_attention", "convolution_attention", "layer_norm",

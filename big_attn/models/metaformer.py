@@ -30,7 +30,9 @@ and timm's `poolformer_*`). The token mixer is picked per stage by name from a r
   (NiNformer), `glu_activator` (Activator), `context_cluster` (Context Clusters),
   `large_kernel_conv` (LKCA), `oversized_conv` (ParCNetV2) and the CNN attention modules
   `triplet_attention`, `ela`, `residual_attention`, `gaam`, `position_attention`,
-  `channel_self_attention` (also ConvNeXt's `attention_module`);
+  `channel_self_attention` (also ConvNeXt's `attention_module`), `hat` (FasterViT's
+  Hierarchical Attention: window attention with per-window carrier tokens), `visual_tokens`
+  (Visual Transformers' tokenizer, token transformer and projector);
   each class's docstring gives its paper and formula.
 Options of a mixer come from `mixer_args[name]`.
 
@@ -68,7 +70,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from big_attn.layers import Attention, HyenaOperator, MlpBlock, layer_norm
+from big_attn.layers import (Attention, HierarchicalAttention, HyenaOperator, MlpBlock,
+                             layer_norm)
 from big_attn.layers.visual_tokens import VisualTransformer
 from big_attn.models import common
 from big_attn.ops import reduction, spatial
@@ -713,6 +716,31 @@ class VisualTokensMixer(Mixer):
           mlp_ratio=self.mlp_ratio, op=self.op, op_args=self.op_args, dtype=self.dtype,
           param_dtype=self.param_dtype, name=f"vt_{i}")(x, tokens)
     return x
+
+
+@register_mixer("hat")
+class HierarchicalAttentionMixer(Mixer):
+  """FasterViT's Hierarchical Attention (FasterViT: Fast Vision Transformers with Hierarchical
+  Attention; `big_attn.layers.HierarchicalAttention`): window attention joined to per-window
+  carrier tokens that attend globally, heads of `head_dim`, the window clipped to the map
+  (min(window, h, w)). The block adds the residual, so the mixer returns HAT(x) − x (as
+  PoolFormer's pool − x)."""
+  window: int = 7
+  carriers_per_window: int = 1
+  head_dim: int = 32
+  mlp_ratio: float = 4.0
+
+  @nn.compact
+  def __call__(self, x):
+    _, h, w, c = x.shape
+    if not isinstance(self.head_dim, int) or self.head_dim < 1 or c % self.head_dim:
+      raise ValueError(f"hat mixer: channels ({c}) must be divisible by head_dim "
+                       f"({self.head_dim!r})")
+    window = min(self.window, h, w) if isinstance(self.window, int) else self.window
+    return HierarchicalAttention(
+        num_heads=c // self.head_dim, window=window, carriers_per_window=min(
+            self.carriers_per_window, window * window), mlp_ratio=self.mlp_ratio,
+        dtype=self.dtype, param_dtype=self.param_dtype, name="hat")(x) - x
 
 
 # ------------------------------------------------------------------------------------------
