@@ -139,7 +139,7 @@ def proxy_token_indices(batch: int, grid: tuple[int, int], window: int,
 
   The `grid=(h, w)` token image is cut into `window x window` windows (row-major); each gives
   one token: a uniformly random one per example and window from `rng` (training, the paper's
-  sampling), or, with `rng=None` (evaluation, sampling), the window's centre token
+  sampling), or, with `rng=None` (evaluation and DDIM sampling), the window's centre token
   (row and column `window // 2` inside it), a fixed token of the window.
   """
   h, w = grid
@@ -311,7 +311,8 @@ class Model(nn.Module):
       the patch grid); the self-attention becomes `ProxyTokenAttention` over one proxy token
       per window (random in training, the window's centre token otherwise), with the
       `attention` op among the proxies (on their grid for a 2-D op), plus window and shifted
-      window attention (`DiTBlock`). None: DiT's global self-attention.
+      window attention (`DiTBlock`); `sample(attention_reuse=...)` does not reuse these
+      layers' outputs. None: DiT's global self-attention.
     remat_policy: "none" or a `jax.checkpoint_policies` name applied to every block.
     dtype, param_dtype: compute and parameter dtypes.
   Parameters carry the logical axis names embed, mlp, heads, head_dim, patch_h, patch_w,
