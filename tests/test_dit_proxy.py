@@ -27,16 +27,20 @@ def _random_params(module, *args, seed=1, std=0.3):
                       nn.meta.unbox(shapes))
 
 
-def _mha(xq, xkv, p, mask=None):
-  """Multi-head softmax attention with biased projections, float64 (one example)."""
+def _mha(xq, xkv, p, mask=None, op="softmax"):
+  """Multi-head softmax (or sigmoid, bias -log n) attention with biased projections, float64
+  (one example)."""
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
   q, k, v = (np.einsum("nd,dhk->nhk", x, p[n]["kernel"]) + p[n]["bias"]
              for n, x in (("query", xq), ("key", xkv), ("value", xkv)))
   logits = np.einsum("qhk,shk->hqs", q, k) / np.sqrt(q.shape[-1])
   if mask is not None:
     logits = np.where(mask[None], logits, -np.inf)
-  weights = np.exp(logits - logits.max(-1, keepdims=True))
-  weights /= weights.sum(-1, keepdims=True)
+  if op == "sigmoid":
+    weights = 1 / (1 + np.exp(np.log(k.shape[0]) - logits))
+  else:
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
   return np.einsum("hqs,shk,hkd->qd", weights, v, p["out"]["kernel"]) + p["out"]["bias"]
 
 
@@ -64,6 +68,21 @@ def _pt_dit_reference(x, params, index):
     out += _mha(xb, xb, params["shift_window_attn"], _window_mask(GRID, WINDOW, WINDOW // 2))
     outs.append(out)
   return np.stack(outs)
+
+
+def test_proxies_attend_with_the_blocks_op():
+  """The proxies' self-attention runs the given op (sigmoid here); the cross-attention back to
+  all tokens stays softmax."""
+  module = dit.ProxyTokenAttention(num_heads=HEADS, window=WINDOW, grid=GRID,
+                                   attention="sigmoid")
+  x = jax.random.normal(jax.random.key(2), (1, GRID[0] * GRID[1], WIDTH))
+  params = _random_params(module, x)
+  index = np.asarray(dit.proxy_token_indices(1, GRID, WINDOW))[0]
+  xb = np.asarray(x[0], np.float64)
+  proxies = _mha(xb[index], xb[index], params["proxy_attn"], op="sigmoid")
+  want = _mha(xb, proxies, params["proxy_cross_attn"])
+  np.testing.assert_allclose(jax.jit(module.apply)({"params": params}, x)[0], want, rtol=1e-4,
+                             atol=1e-4)
 
 
 def _window_of(index, grid, window):
