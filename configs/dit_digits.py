@@ -10,6 +10,9 @@ Args (`--config=configs/dit_digits.py:conditioning=cross,attention=sigmoid,steps
   attention: registry name of the self-attention op (`big_attn.ops.names()`).
   conditioning: where the class label enters: "adaln" (DiT's adaLN-Zero), "cross" (PixArt-α
     cross-attention to one learned token per class, adaLN sees only t) or "both".
+  proxy_tokens: PT-DiT's proxy window (Qihoo-T2X; `dit.Model(proxy_tokens=...)`): one proxy
+    token per window of the 4x4 patch grid (2: four proxies) plus (shifted) window attention
+    in every block; 0: DiT's global self-attention.
   steps: training steps.
   sample_dir: if set, every evaluation writes a grid of DDIM samples (guidance scale 2) there.
   runlocal: a few steps only, for smoke tests.
@@ -31,8 +34,8 @@ _CONDITIONING = {"adaln": dict(class_adaln=True, cross_attention=None),
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, attention="softmax", conditioning="adaln", steps=1000,
-                             sample_dir="", runlocal=False)
+  arg = config_lib.parse_arg(arg, attention="softmax", conditioning="adaln", proxy_tokens=0,
+                             steps=1000, sample_dir="", runlocal=False)
   if arg.conditioning not in _CONDITIONING:
     raise ValueError(f"config arg conditioning must be one of {sorted(_CONDITIONING)}, got "
                      f"{arg.conditioning!r}")
@@ -48,7 +51,8 @@ def get_config(arg=None):
   config.model_name = "dit"
   config.model = dict(width=64, depth=4, num_heads=4, mlp_dim=256, patch_size=(2, 2),
                       learn_sigma=False, class_dropout=0.1, attention=arg.attention,
-                      dtype="float32", **_CONDITIONING[arg.conditioning])
+                      proxy_tokens=arg.proxy_tokens or None, dtype="float32",
+                      **_CONDITIONING[arg.conditioning])
 
   config.mesh = [("data", -1)]
   config.optax_name = "adamw"

@@ -18,7 +18,10 @@ Linear(SiLU(c)) (zero-initialised, so every block starts as the identity),
 
 then a final adaLN layer and a zero-initialised linear map back to p x p x C (ε) or 2C (ε and
 the interpolation v of the learned variance, `learn_sigma`) values per patch. The self-attention
-is any op of `big_attn.ops` by name (`attention`, `attention_args`).
+is any op of `big_attn.ops` by name (`attention`, `attention_args`). With `proxy_tokens`
+it is PT-DiT's (Qihoo-T2X: An Efficiency-Focused Diffusion Transformer via Proxy Tokens for
+Text-to-Any-Task): one token sampled per window does global attention, all tokens cross-attend
+to those proxies, and window plus shifted window attention add the local detail.
 
 Conditioning. The class label (with a null class for classifier-free guidance, dropped to it
 with probability `class_dropout` in training) enters adaLN (`class_adaln`, DiT), cross-attention
@@ -129,10 +132,115 @@ class _CrossAttention(Attention):
                       kernel_init=nn.initializers.zeros_init(), name=name)
 
 
+def proxy_token_indices(batch: int, grid: tuple[int, int], window: int,
+                        rng: jax.Array | None = None) -> jax.Array:
+  """`[batch, (h/window)·(w/window)]` row-major token indices of the proxy tokens of PT-DiT
+  (Qihoo-T2X: An Efficiency-Focused Diffusion Transformer via Proxy Tokens for Text-to-Any-Task).
+
+  The `grid=(h, w)` token image is cut into `window x window` windows (row-major); each gives
+  one token: a uniformly random one per example and window from `rng` (training, the paper's
+  sampling), or, with `rng=None` (evaluation and DDIM sampling), the window's centre token
+  (row and column `window // 2` inside it), a fixed token of the window.
+  """
+  h, w = grid
+  if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+    raise ValueError(f"proxy_tokens (the proxy window) must be a positive int, got {window!r}")
+  if h % window or w % window:
+    raise ValueError(f"proxy_tokens window {window} must divide the token grid {(h, w)}")
+  rows, cols = np.meshgrid(np.arange(h // window) * window, np.arange(w // window) * window,
+                           indexing="ij")
+  corners = jnp.asarray((rows * w + cols).reshape(-1))                 # [P]
+  if rng is None:
+    offset = jnp.full((batch, corners.shape[0]), (window // 2) * (w + 1))
+  else:
+    inside = jax.random.randint(rng, (batch, corners.shape[0]), 0, window * window)
+    offset = (inside // window) * w + inside % window
+  return corners[None] + offset
+
+
+class ProxyTokenAttention(nn.Module):
+  """PT-DiT's Global Information Interaction Module (Qihoo-T2X: An Efficiency-Focused Diffusion
+  Transformer via Proxy Tokens for Text-to-Any-Task).
+
+  From the `[b, h·w, width]` tokens x of the `grid`, one proxy token per `window x window`
+  window is taken (`proxy_token_indices`: random with `sample`, else the centre token), the
+  proxies p do self-attention with the `attention` op, and every token cross-attends to them:
+
+      p' = Attn(p, p),   out = CrossAttn(x, p')          (softmax; queries: all tokens)
+
+  so the global mixing costs O(N·N/window²) instead of O(N²). The proxies' token indices are
+  sown as the intermediate "proxy_index" `[b, P]`.
+  """
+  num_heads: int
+  window: int
+  grid: tuple[int, int]
+  attention: str = "softmax"
+  attention_args: Any = None
+  attention_impl: str | None = None
+  qk_norm: bool = False
+  use_bias: bool = True
+  sample: bool = False
+  kernel_init: Any = nn.initializers.xavier_uniform()
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    rng = self.make_rng("dropout") if self.sample else None
+    index = proxy_token_indices(x.shape[0], self.grid, self.window, rng)
+    self.sow("intermediates", "proxy_index", index)
+    proxies = jnp.take_along_axis(x, index[..., None], axis=1)          # [b, P, width]
+    attn = dict(num_heads=self.num_heads, qk_norm=self.qk_norm, use_bias=self.use_bias,
+                kernel_init=self.kernel_init, dtype=self.dtype, param_dtype=self.param_dtype)
+    proxies = Attention(op=self.attention, op_args=self.attention_args,
+                        implementation=self.attention_impl, name="proxy_attn", **attn)(proxies)
+    return Attention(name="proxy_cross_attn", **attn)(x, proxies)
+
+
+class PTDiTAttention(nn.Module):
+  """PT-DiT's attention (Qihoo-T2X): the global proxy-token module plus the local texture
+  branch, window attention and shifted window attention (Swin's cyclic shift of window // 2),
+  both with `window x window` windows and no relative position bias, run on the same input
+  and summed:
+
+      out = ProxyTokenAttention(x) + WindowAttn(x) + ShiftedWindowAttn(x)
+  """
+  num_heads: int
+  window: int
+  grid: tuple[int, int]
+  attention: str = "softmax"
+  attention_args: Any = None
+  attention_impl: str | None = None
+  qk_norm: bool = False
+  use_bias: bool = True
+  sample: bool = False
+  kernel_init: Any = nn.initializers.xavier_uniform()
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    common_args = dict(num_heads=self.num_heads, qk_norm=self.qk_norm, use_bias=self.use_bias,
+                       kernel_init=self.kernel_init, dtype=self.dtype,
+                       param_dtype=self.param_dtype)
+    y = ProxyTokenAttention(window=self.window, grid=self.grid, attention=self.attention,
+                            attention_args=self.attention_args,
+                            attention_impl=self.attention_impl, sample=self.sample,
+                            name="proxy", **common_args)(x)
+    for name, shift in (("window_attn", 0), ("shift_window_attn", self.window // 2)):
+      y = y + Attention(op="window", op_args=dict(grid=self.grid, window_size=self.window,
+                                                   shift=shift, rpb=None),
+                        name=name, **common_args)(x)
+    return y
+
+
 class DiTBlock(nn.Module):
   """adaLN-Zero block: gated self-attention, optional cross-attention, gated MLP.
 
   `mod` is `[b, 6, width]`: (shift, scale, gate) of the attention, then of the MLP.
+  With `proxy_tokens` (a window size) the self-attention is PT-DiT's (`PTDiTAttention` on the
+  token `grid`, `proxy_attention_args` for the op among the proxies); `sample_proxies` samples
+  the proxies at random (training).
   """
   num_heads: int
   mlp_dim: int
@@ -142,6 +250,10 @@ class DiTBlock(nn.Module):
   qk_norm: bool = False
   cross_attention: str | None = None
   cross_attention_args: Any = None
+  proxy_tokens: int | None = None
+  proxy_attention_args: Any = None
+  grid: tuple[int, int] | None = None
+  sample_proxies: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -151,9 +263,15 @@ class DiTBlock(nn.Module):
     shift1, scale1, gate1, shift2, scale2, gate2 = (mod[:, i] for i in range(6))
     attn = dict(num_heads=self.num_heads, qk_norm=self.qk_norm, use_bias=True, dtype=self.dtype,
                 param_dtype=self.param_dtype, kernel_init=nn.initializers.xavier_uniform())
-    y = Attention(op=self.attention, op_args=self.attention_args,
-                  implementation=self.attention_impl, name="attn", **attn)(
-                      _modulate(_norm(x, self.dtype), shift1, scale1))
+    y = _modulate(_norm(x, self.dtype), shift1, scale1)
+    if self.proxy_tokens:
+      y = PTDiTAttention(window=self.proxy_tokens, grid=self.grid, attention=self.attention,
+                         attention_args=self.proxy_attention_args,
+                         attention_impl=self.attention_impl, sample=self.sample_proxies,
+                         name="pt_attn", **attn)(y)
+    else:
+      y = Attention(op=self.attention, op_args=self.attention_args,
+                    implementation=self.attention_impl, name="attn", **attn)(y)
     x = constrain(x + gate1[:, None] * y)
     if self.cross_attention:
       mask = None if cond_mask is None else cond_mask[:, None, None, :]
@@ -189,6 +307,12 @@ class Model(nn.Module):
     num_timesteps: diffusion steps of the noise schedule.
     attention, attention_args, attention_impl, qk_norm: the self-attention op, as in ViT (a
       2-D op gets the patch `grid`, `big_attn.ops.spatial`).
+    proxy_tokens: PT-DiT (Qihoo-T2X) in every block: the proxy window size (>= 2, dividing
+      the patch grid); the self-attention becomes `ProxyTokenAttention` over one proxy token
+      per window (random in training, the window's centre token otherwise), with the
+      `attention` op among the proxies (on their grid for a 2-D op), plus window and shifted
+      window attention (`DiTBlock`); `sample(attention_reuse=...)` does not reuse these
+      layers' outputs. None: DiT's global self-attention.
     remat_policy: "none" or a `jax.checkpoint_policies` name applied to every block.
     dtype, param_dtype: compute and parameter dtypes.
   Parameters carry the logical axis names embed, mlp, heads, head_dim, patch_h, patch_w,
@@ -214,6 +338,7 @@ class Model(nn.Module):
   attention_args: Any = None
   attention_impl: str | None = None
   qk_norm: bool = False
+  proxy_tokens: int | None = None
   remat_policy: str = "none"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -272,6 +397,14 @@ class Model(nn.Module):
     (ph, pw), (h, w) = patch, images.shape[1:3]
     if h % ph or w % pw:
       raise ValueError(f"image size {(h, w)} must be divisible by patch_size {(ph, pw)}")
+    window = self.proxy_tokens
+    if window is not None:
+      if not isinstance(window, int) or isinstance(window, bool) or window < 2:
+        raise ValueError(f"proxy_tokens (the proxy window) must be an int >= 2 or None, got "
+                         f"{window!r}")
+      if (h // ph) % window or (w // pw) % window:
+        raise ValueError(f"proxy_tokens window {window} must divide the patch grid "
+                         f"{(h // ph, w // pw)}")
     b = images.shape[0]
     if t is not None and jnp.shape(t) != (b,):
       raise ValueError(f"t must be [batch] = ({b},), got shape {jnp.shape(t)}")
@@ -387,6 +520,11 @@ class Model(nn.Module):
                       cross_attention_args=None if self.cross_attention_args is None
                       else dict(self.cross_attention_args), dtype=self.dtype,
                       param_dtype=self.param_dtype)
+    if self.proxy_tokens:
+      window = self.proxy_tokens
+      block_args.update(proxy_tokens=window, grid=(gh, gw), sample_proxies=train,
+                        proxy_attention_args=spatial.op_args(
+                            self.attention, self.attention_args, (gh // window, gw // window)))
     for i in range(self.depth):
       if self.adaln_single:
         table = self.param(f"scale_shift_table_{i}", nn.with_logical_partitioning(
