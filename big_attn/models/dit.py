@@ -158,19 +158,9 @@ def proxy_token_indices(batch: int, grid: tuple[int, int], window: int,
   return corners[None] + offset
 
 
-class ProxyTokenAttention(nn.Module):
-  """PT-DiT's Global Information Interaction Module (Qihoo-T2X: An Efficiency-Focused Diffusion
-  Transformer via Proxy Tokens for Text-to-Any-Task).
-
-  From the `[b, h·w, width]` tokens x of the `grid`, one proxy token per `window x window`
-  window is taken (`proxy_token_indices`: random with `sample`, else the centre token), the
-  proxies p do self-attention with the `attention` op, and every token cross-attends to them:
-
-      p' = Attn(p, p),   out = CrossAttn(x, p')          (softmax; queries: all tokens)
-
-  so the global mixing costs O(N·N/window²) instead of O(N²). The proxies' token indices are
-  sown as the intermediate "proxy_index" `[b, P]`.
-  """
+class _PTDiTSettings(nn.Module):
+  """The settings PT-DiT's attention modules share: heads, the proxy window, the token grid, the
+  proxies' op, and whether proxies are sampled at random (training) or the window centres."""
   num_heads: int
   window: int
   grid: tuple[int, int]
@@ -183,6 +173,21 @@ class ProxyTokenAttention(nn.Module):
   kernel_init: Any = nn.initializers.xavier_uniform()
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+
+
+class ProxyTokenAttention(_PTDiTSettings):
+  """PT-DiT's Global Information Interaction Module (Qihoo-T2X: An Efficiency-Focused Diffusion
+  Transformer via Proxy Tokens for Text-to-Any-Task).
+
+  From the `[b, h·w, width]` tokens x of the `grid`, one proxy token per `window x window`
+  window is taken (`proxy_token_indices`: random with `sample`, else the centre token), the
+  proxies p do self-attention with the `attention` op, and every token cross-attends to them:
+
+      p' = Attn(p, p),   out = CrossAttn(x, p')          (softmax; queries: all tokens)
+
+  so the global mixing costs O(N·N/window²) instead of O(N²). The proxies' token indices are
+  sown as the intermediate "proxy_index" `[b, P]`.
+  """
 
   @nn.compact
   def __call__(self, x):
@@ -197,7 +202,7 @@ class ProxyTokenAttention(nn.Module):
     return Attention(name="proxy_cross_attn", **attn)(x, proxies)
 
 
-class PTDiTAttention(nn.Module):
+class PTDiTAttention(_PTDiTSettings):
   """PT-DiT's attention (Qihoo-T2X): the global proxy-token module plus the local texture
   branch, window attention and shifted window attention (Swin's cyclic shift of window // 2),
   both with `window x window` windows and no relative position bias, run on the same input
@@ -205,18 +210,6 @@ class PTDiTAttention(nn.Module):
 
       out = ProxyTokenAttention(x) + WindowAttn(x) + ShiftedWindowAttn(x)
   """
-  num_heads: int
-  window: int
-  grid: tuple[int, int]
-  attention: str = "softmax"
-  attention_args: Any = None
-  attention_impl: str | None = None
-  qk_norm: bool = False
-  use_bias: bool = True
-  sample: bool = False
-  kernel_init: Any = nn.initializers.xavier_uniform()
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
