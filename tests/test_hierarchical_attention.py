@@ -40,13 +40,13 @@ def _reference(p, x, *, num_heads, window, carriers_per_window):
     return t @ q["kernel"] + q["bias"]
 
   def attention(t, q):
-    batch, n, d = t.shape[0], t.shape[1], c // num_heads
-    heads = dense(t, q["qkv"]).reshape(batch, n, 3, num_heads, d)
-    logits = np.einsum("bihd,bjhd->bhij", heads[:, :, 0], heads[:, :, 1]) / math.sqrt(d)
+    query, key, value = (np.einsum("bnc,chd->bnhd", t, q[name]["kernel"]) + q[name]["bias"]
+                         for name in ("query", "key", "value"))
+    logits = np.einsum("bihd,bjhd->bhij", query, key) / math.sqrt(c // num_heads)
     weights = np.exp(logits - logits.max(-1, keepdims=True))
     weights = weights / weights.sum(-1, keepdims=True)
-    out = np.einsum("bhij,bjhd->bihd", weights, heads[:, :, 2]).reshape(batch, n, c)
-    return dense(out, q["out"])
+    out = np.einsum("bhij,bjhd->bihd", weights, value)
+    return np.einsum("bihd,hdc->bic", out, q["out"]["kernel"]) + q["out"]["bias"]
 
   def block(t, prefix):
     t = t + attention(norm(t, p[prefix + "norm1"]), p[prefix + "attention"])

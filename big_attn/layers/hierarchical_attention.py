@@ -14,8 +14,8 @@ window (a g x g grid; L = 1: one token per window):
 
 so each local token reads the whole image's summary through its window's carriers, at the cost of
 window attention plus attention over H·W·L / window² carriers. The last line is the propagation
-FasterViT does at the end of a stage (here after the one block). MHSA: `qkv` and `out`
-projections with biases around `big_attn.ops.dot_product_attention`; MLP: Dense(mlp_ratio·C),
+FasterViT does at the end of a stage (here after the one block). MHSA: `big_attn.layers.
+Attention` (softmax, query/key/value/out projections with biases); MLP: Dense(mlp_ratio·C),
 exact GELU, Dense(C); LayerNorm eps 1e-5 (PyTorch's). Not built: FasterViT's learned relative
 position biases of the windows and carriers, layer scale and drop path (a MetaFormer block
 supplies the latter two), and padding of maps that are not multiples of the window (a ValueError).
@@ -28,32 +28,9 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from big_attn import ops
+from big_attn.layers.attention import Attention
 from big_attn.layers.mlp import MlpBlock
 from big_attn.layers.norm import layer_norm
-
-
-def _dense(features, axes, dtype, param_dtype, name):
-  return nn.Dense(features, dtype=dtype, param_dtype=param_dtype, name=name,
-                  kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(),
-                                                           axes),
-                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[1:]))
-
-
-class SelfAttention(nn.Module):
-  """Multi-head self-attention over `[batch, len, C]`: `qkv` Dense(3C), softmax attention of
-  `num_heads` heads (`big_attn.ops.dot_product_attention`), `out` Dense(C)."""
-  num_heads: int
-  dtype: Any = None
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    b, n, c = x.shape
-    qkv = _dense(3 * c, ("embed", "mlp"), self.dtype, self.param_dtype, "qkv")(x)
-    q, k, v = jnp.split(qkv.reshape(b, n, 3, self.num_heads, c // self.num_heads), 3, axis=2)
-    y = ops.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0])
-    return _dense(c, ("mlp", "embed"), self.dtype, self.param_dtype, "out")(y.reshape(b, n, c))
 
 
 class HierarchicalAttention(nn.Module):
@@ -96,7 +73,7 @@ class HierarchicalAttention(nn.Module):
   def _transformer(self, x, prefix):
     """x + MHSA(LN(x)), then x + MLP(LN(x)) over `[batch, len, C]`."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = x + SelfAttention(self.num_heads, **kw, name=f"{prefix}attention")(
+    x = x + Attention(num_heads=self.num_heads, use_bias=True, **kw, name=f"{prefix}attention")(
         layer_norm(**kw, name=f"{prefix}norm1", epsilon=1e-5)(x))
     y = layer_norm(**kw, name=f"{prefix}norm2", epsilon=1e-5)(x)
     return x + MlpBlock(mlp_dim=int(self.mlp_ratio * x.shape[-1]), approximate_gelu=False,

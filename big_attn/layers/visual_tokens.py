@@ -86,9 +86,9 @@ class VisualTransformer(nn.Module):
     else:
       filters = self._dense(c, ("mlp", "embed"), "token_recurrent")(tokens)  # W_R: [b, L, C]
       logits = jnp.einsum("bnc,blc->bnl", pixels, filters.astype(pixels.dtype))
-    maps = jax.nn.softmax(logits, axis=1)
+    maps = jax.nn.softmax(logits.astype(jnp.float32), axis=1)  # float32 statistics
     self.sow("intermediates", "token_maps", maps)
-    tokens = jnp.einsum("bnl,bnc->blc", maps, pixels)
+    tokens = jnp.einsum("bnl,bnc->blc", maps.astype(pixels.dtype), pixels)
     tokens = self._dense(token_dim, ("embed", "mlp"), "token_value")(tokens)
 
     # Transformer over the visual tokens.
@@ -104,6 +104,6 @@ class VisualTransformer(nn.Module):
     query = self._dense(token_dim, ("embed", "mlp"), "project_query")(pixels)
     key = self._dense(token_dim, ("mlp", None), "project_key")(tokens)
     value = self._dense(c, ("mlp", "embed"), "project_value")(tokens)
-    weights = jax.nn.softmax(jnp.einsum("bnd,bld->bnl", query, key), axis=-1)
-    out = pixels + jnp.einsum("bnl,blc->bnc", weights, value)
+    weights = jax.nn.softmax(jnp.einsum("bnd,bld->bnl", query, key).astype(jnp.float32), axis=-1)
+    out = pixels + jnp.einsum("bnl,blc->bnc", weights.astype(value.dtype), value)
     return out.reshape(b, h, w, c), tokens
