@@ -18,11 +18,11 @@ from pallas_kernels.common import (MASKED_LOGIT, Array, Dims, attention_logits,
 
 from big_attn.ops import checks
 
-__all__ = ["MASKED_LOGIT", "Array", "Dims", "apply_row_mask", "attention_logits", "check_bias",
-           "check_broadcastable", "check_float", "check_no_causal", "check_qkv", "check_weight",
-           "default_scale", "group_query", "grouped", "largest_divisor", "make_mask", "masked_softmax",
-           "normalize_segment_ids", "normalize_window", "scores", "segment_layout",
-           "weighted_values"]
+__all__ = ["MASKED_LOGIT", "Array", "Dims", "apply_row_mask", "attention_logits", "cap_and_bias",
+           "check_bias", "check_broadcastable", "check_float", "check_no_causal", "check_qkv",
+           "check_weight", "default_scale", "group_query", "grouped", "largest_divisor",
+           "make_mask", "masked_softmax", "normalize_segment_ids", "normalize_window", "scores",
+           "segment_layout", "weighted_values"]
 
 
 def check_weight(name: str, x: Any, shape: tuple[int, ...], layout: str) -> None:
@@ -62,11 +62,16 @@ def scores(query: Array, key: Array, value: Array, *, scale=None, bias=None, mas
   full_mask = make_mask(dims, mask=mask, is_causal=is_causal, segment_ids=segment_ids,
                         local_window_size=local_window_size)
   logits = attention_logits(query, key, dims, default_scale(dims.head_dim, scale))
+  return dims, cap_and_bias(logits, logits_soft_cap, grouped(bias, dims)), grouped(full_mask, dims)
+
+
+def cap_and_bias(logits: Array, logits_soft_cap: float | None, bias: Array | None) -> Array:
+  """cap·tanh(logits/cap) + B (either optional), the bias added in float32."""
   if logits_soft_cap is not None:
     logits = logits_soft_cap * jnp.tanh(logits / logits_soft_cap)
   if bias is not None:
-    logits = logits + grouped(bias, dims).astype(jnp.float32)
-  return dims, logits, grouped(full_mask, dims)
+    logits = logits + bias.astype(jnp.float32)
+  return logits
 
 
 def apply_row_mask(out: Array, mask: Array | None, dims: Dims) -> Array:

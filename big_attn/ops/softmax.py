@@ -234,11 +234,7 @@ def _per_head_xla(query, key, value, bias, mask, scale, logits_soft_cap):
   with several query heads per key head the grouped layout is the faster one."""
   def attend(q):
     logits = jnp.einsum("btnd,bsnd->bnts", q, key, preferred_element_type=jnp.float32)
-    logits = logits * jnp.float32(scale)
-    if logits_soft_cap is not None:
-      logits = logits_soft_cap * jnp.tanh(logits / logits_soft_cap)
-    if bias is not None:
-      logits = logits + bias.astype(jnp.float32)
+    logits = common.cap_and_bias(logits * jnp.float32(scale), logits_soft_cap, bias)
     probs = common.masked_softmax(logits, mask, as_rows=False)
     return jnp.einsum("bnts,bsnd->btnd", probs.astype(value.dtype), value,
                       preferred_element_type=jnp.float32)
