@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from big_attn.layers.attention import Attention
 from big_attn.layers.mlp import MlpBlock
 from big_attn.layers.norm import layer_norm
+from big_attn.ops import checks
 
 
 class VisualTransformer(nn.Module):
@@ -63,13 +64,8 @@ class VisualTransformer(nn.Module):
     if x.ndim != 4:
       raise ValueError(f"VisualTransformer: x must be [batch, H, W, C], got shape {x.shape}")
     b, h, w, c = x.shape
-    num_tokens, token_dim = self.num_tokens, self.token_dim or c
-    if not isinstance(num_tokens, int) or isinstance(num_tokens, bool) or num_tokens < 1:
-      raise ValueError(f"VisualTransformer: num_tokens must be a positive int, got "
-                       f"{num_tokens!r}")
-    if not isinstance(token_dim, int) or token_dim < 1:
-      raise ValueError(f"VisualTransformer: token_dim must be a positive int, got "
-                       f"{self.token_dim!r}")
+    num_tokens = checks.positive_int("VisualTransformer: num_tokens", self.num_tokens)
+    token_dim = checks.positive_int("VisualTransformer: token_dim", self.token_dim or c)
     if not isinstance(self.num_heads, int) or self.num_heads < 1 or token_dim % self.num_heads:
       raise ValueError(f"VisualTransformer: num_heads must be a positive int dividing token_dim "
                        f"({token_dim}), got {self.num_heads!r}")

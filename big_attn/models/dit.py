@@ -174,6 +174,11 @@ class _PTDiTSettings(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
+  def _attention_args(self) -> dict[str, Any]:
+    """The settings every `Attention` layer of these modules takes."""
+    return dict(num_heads=self.num_heads, qk_norm=self.qk_norm, use_bias=self.use_bias,
+                kernel_init=self.kernel_init, dtype=self.dtype, param_dtype=self.param_dtype)
+
 
 class ProxyTokenAttention(_PTDiTSettings):
   """PT-DiT's Global Information Interaction Module (Qihoo-T2X: An Efficiency-Focused Diffusion
@@ -195,8 +200,7 @@ class ProxyTokenAttention(_PTDiTSettings):
     index = proxy_token_indices(x.shape[0], self.grid, self.window, rng)
     self.sow("intermediates", "proxy_index", index)
     proxies = jnp.take_along_axis(x, index[..., None], axis=1)          # [b, P, width]
-    attn = dict(num_heads=self.num_heads, qk_norm=self.qk_norm, use_bias=self.use_bias,
-                kernel_init=self.kernel_init, dtype=self.dtype, param_dtype=self.param_dtype)
+    attn = self._attention_args()
     proxies = Attention(op=self.attention, op_args=self.attention_args,
                         implementation=self.attention_impl, name="proxy_attn", **attn)(proxies)
     return Attention(name="proxy_cross_attn", **attn)(x, proxies)
@@ -213,9 +217,7 @@ class PTDiTAttention(_PTDiTSettings):
 
   @nn.compact
   def __call__(self, x):
-    common_args = dict(num_heads=self.num_heads, qk_norm=self.qk_norm, use_bias=self.use_bias,
-                       kernel_init=self.kernel_init, dtype=self.dtype,
-                       param_dtype=self.param_dtype)
+    common_args = self._attention_args()
     y = ProxyTokenAttention(window=self.window, grid=self.grid, attention=self.attention,
                             attention_args=self.attention_args,
                             attention_impl=self.attention_impl, sample=self.sample,

@@ -74,7 +74,7 @@ from big_attn.layers import (Attention, HierarchicalAttention, HyenaOperator, Ml
                              layer_norm)
 from big_attn.layers.visual_tokens import VisualTransformer
 from big_attn.models import common
-from big_attn.ops import reduction, spatial
+from big_attn.ops import checks, reduction, spatial
 
 _DEPTHS = {"S12": (2, 2, 6, 2), "S24": (4, 4, 12, 4), "S36": (6, 6, 18, 6),
            "M36": (6, 6, 18, 6), "M48": (8, 8, 24, 8)}
@@ -706,11 +706,8 @@ class VisualTokensMixer(Mixer):
 
   @nn.compact
   def __call__(self, x):
-    count = self.num_modules
-    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-      raise ValueError(f"visual_tokens mixer: num_modules must be a positive int, got {count!r}")
     tokens = None
-    for i in range(count):
+    for i in range(checks.positive_int("visual_tokens mixer: num_modules", self.num_modules)):
       x, tokens = VisualTransformer(
           num_tokens=self.num_tokens, token_dim=self.token_dim, num_heads=self.num_heads,
           mlp_ratio=self.mlp_ratio, op=self.op, op_args=self.op_args, dtype=self.dtype,
